@@ -1,0 +1,47 @@
+"""AOTInductor backend for CPU: the same pipeline as CUDA, so CI runs every stage.
+
+The `.so` it produces is meant to run inside libtorch (the project's Python runner loads it
+with `torch._C._aoti.AOTIModelContainerRunnerCpu` after promoting `libtorch_cpu.so` to
+RTLD_GLOBAL). Every `aoti_torch_cpu_*` shim exists there, so unlike the CUDA backend no
+fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls such as
+`aoti_torch_cpu_addmm_out`. No custom passes or decompositions are needed.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, final
+
+from executorch.exir.backend.backend_details import BackendDetails
+from executorch.exir.backend.compile_spec_schema import CompileSpec
+
+from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice
+
+
+@final
+class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
+    @classmethod
+    def get_device_name(cls) -> str:
+        return TargetDevice.CPU.value
+
+    @classmethod
+    def is_supported_fallback_kernel(cls, kernel: str) -> bool:
+        return True  # the runner executes inside libtorch, where every CPU shim exists
+
+    @classmethod
+    def get_decomposition_table(cls) -> dict[Any, Any]:
+        return {}
+
+    @classmethod
+    def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:
+        return []
+
+    @classmethod
+    def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:
+        # No max_autotune: on CPU it only adds compile time (CI has two cores).
+        return {"aot_inductor.link_libtorch": False}
+
+
+@final
+class Gemma4CpuPartitioner(Gemma4AotiPartitioner):
+    backend = Gemma4CpuBackend

@@ -1,0 +1,72 @@
+"""AOTInductor backend for CUDA, over ExecuTorch 1.2's CUDA backend settings.
+
+ExecuTorch's `CudaBackend` is final, so this backend borrows its pieces instead of
+subclassing it: the Inductor options (max_autotune with Triton GEMMs only, no libtorch
+link, embedded kernel binaries), the custom passes (cond predicate to CPU, SDPA ->
+`triton::sdpa` when enabled), the conv1d decomposition, the MATH-SDPA compile context and
+the one allowed fallback kernel, `aten::_weight_int4pack_mm` (torchao int4). What differs
+is in the shared base: no weights are serialized by Inductor (the exporter writes each
+once into the `.ptd`).
+
+The Triton SDPA kernel wants bf16, no GQA and a bool mask; it is off unless the compile
+spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), so SDPA is decomposed by
+default and any dtype / head layout compiles.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, final
+
+from executorch.backends.cuda.cuda_backend import CudaBackend
+from executorch.exir.backend.backend_details import BackendDetails
+from executorch.exir.backend.compile_spec_schema import CompileSpec
+
+from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice
+
+TRITON_KERNEL_MODE = "triton_kernel_mode"
+
+
+def triton_sdpa_spec(on: bool) -> CompileSpec:
+    return CompileSpec(TRITON_KERNEL_MODE, b"ON" if on else b"OFF")
+
+
+@final
+class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
+    @classmethod
+    def get_device_name(cls) -> str:
+        return TargetDevice.CUDA.value
+
+    @classmethod
+    def move_target(cls) -> str:
+        # An explicit index: constants made on "cuda:0" (low-memory mode) and moved to
+        # plain "cuda" trip `_assert_tensor_metadata`.
+        return "cuda:0"
+
+    @classmethod
+    def get_supported_fallback_kernels(cls) -> dict[str, Any]:
+        return CudaBackend.get_supported_fallback_kernels()
+
+    @classmethod
+    def get_decomposition_table(cls) -> dict[Any, Any]:
+        return CudaBackend.get_decomposition_table()
+
+    @classmethod
+    def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:
+        specs = list(compile_specs)
+        if not any(s.key == TRITON_KERNEL_MODE for s in specs):
+            specs.append(triton_sdpa_spec(False))
+        return CudaBackend.get_custom_passes(specs)
+
+    @classmethod
+    def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:
+        return CudaBackend.get_aoti_compile_options(compile_specs)
+
+    @classmethod
+    def get_extra_aoti_compile_context_manager(cls):
+        return CudaBackend.get_extra_aoti_compile_context_manager()
+
+
+@final
+class Gemma4CudaPartitioner(Gemma4AotiPartitioner):
+    backend = Gemma4CudaBackend
