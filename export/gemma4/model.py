@@ -1,0 +1,326 @@
+"""The whole Gemma 4 text decoder in one file, written for torch.export.
+
+Numerically it follows transformers' `Gemma4ForCausalLM` (the oracle in our tests); the
+structure is ours: static shapes, KV in registered buffers updated in place, one forward
+that serves both chunked prefill (T up to `prefill_chunk`) and decode (T = 1).
+
+    model(tokens[1, T], pos[1]) -> logits[1, vocab] (fp32, last position only)
+
+writes K/V for positions pos..pos+T-1 and attends over the cache. Sliding layers keep a
+ring of `sliding_window + prefill_chunk - 1` slots (enough for a whole chunk plus the window
+behind its first token); full layers keep `ctx` slots. Parameter names follow the HF
+checkpoint minus its `model.` prefix, so loading is close to an identity key map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Gemma4Config
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, in fp32 (Gemma 4 scales by `weight`, not `1 + weight`)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        # pow(-0.5) rather than rsqrt: matches the reference bit for bit in fp32
+        y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, rotary_fraction: float) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,). With rotary_fraction < 1 ("proportional" RoPE)
+    the first int(fraction * head_dim / 2) use denominator head_dim and the rest are 0,
+    i.e. those dimension pairs are not rotated."""
+    n_rot = int(rotary_fraction * head_dim // 2)
+    inv = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.float32) / head_dim))
+    return torch.cat([inv, torch.zeros(head_dim // 2 - n_rot)])
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); cos/sin: (T, D). Rotate-half pairing (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class KVCache(nn.Module):
+    """K and V buffers (1, Hkv, S, D). A ring (sliding layers) writes position p at slot
+    p % S; a flat cache (full layers) at slot p."""
+
+    def __init__(self, kv_heads: int, slots: int, head_dim: int, ring: bool, dtype: torch.dtype):
+        super().__init__()
+        self.ring = ring
+        self.slots = slots
+        # persistent=False: not part of a checkpoint; the exporter/runner allocate them
+        self.register_buffer("k", torch.zeros(1, kv_heads, slots, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, kv_heads, slots, head_dim, dtype=dtype), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        slots = positions % self.slots if self.ring else positions
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+    def slot_positions(self, last_pos: torch.Tensor) -> torch.Tensor:
+        """Absolute position held by each slot once `last_pos` is written (S,); < 0 = empty."""
+        idx = torch.arange(self.slots, device=last_pos.device)
+        if not self.ring:
+            return idx
+        return last_pos - (last_pos - idx) % self.slots
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype):
+        super().__init__()
+        self.sliding = cfg.is_sliding(i)
+        self.window = cfg.sliding_window
+        self.head_dim = D = cfg.layer_head_dim(i)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.layer_kv_heads(i)
+        self.shared = cfg.is_kv_shared(i)
+        self.k_eq_v = cfg.uses_k_eq_v(i)
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * D, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+        if not self.shared:  # KV-shared layers read an earlier layer's cache
+            self.k_proj = nn.Linear(H, self.n_kv * D, bias=False)
+            if not self.k_eq_v:
+                self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(D, cfg.rms_norm_eps, with_scale=False)
+            self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype)
+        self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+
+    def forward(self, x, cos, sin, positions, cache: KVCache):
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, D)), cos, sin)
+        if not self.shared:
+            raw_k = self.k_proj(x).view(B, T, -1, D)
+            raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(B, T, -1, D)
+            k = apply_rope(self.k_norm(raw_k), cos, sin)
+            v = self.v_norm(raw_v)  # k_eq_v: V taken before k_norm and RoPE
+            cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
+        keys, values = cache.k, cache.v  # (1, Hkv, S, D)
+
+        # Mask (T, S) from absolute positions: causal, and for sliding layers within the window.
+        slot_pos = cache.slot_positions(positions[-1])
+        qp, kp = positions[:, None], slot_pos[None, :]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.sliding:
+            mask = mask & (qp - kp < self.window)
+
+        # GQA without copying K/V: fold each KV head's G query heads into the query axis.
+        G = self.n_heads // self.n_kv
+        q = q.transpose(1, 2).reshape(B, self.n_kv, G * T, D)  # (B, Hkv, G*T, D)
+        mask = mask.repeat(G, 1)[None, None]  # (1, 1, G*T, S)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
+        out = out.view(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, self.n_heads * D)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+
+    def forward(self, x):  # x: (N, H) -> weights (N, K) fp32, index (N, K)
+        x = self.norm(x) * self.scale * x.shape[-1] ** -0.5
+        probs = F.softmax(self.proj(x), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Expert weights as 3-D tensors, as in the checkpoint."""
+
+    def __init__(self, cfg: Gemma4Config):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x, w, idx):  # x: (N, H); w, idx: (N, K)
+        if isinstance(x.shape[0], int) and x.shape[0] == 1:
+            # decode: read only the K chosen experts
+            gu = torch.einsum("h,kih->ki", x[0], self.gate_up_proj[idx[0]])
+            gate, up = gu.chunk(2, dim=-1)
+            y = torch.einsum("ki,khi->kh", F.gelu(gate, approximate="tanh") * up, self.down_proj[idx[0]])
+            return (w[0, :, None] * y.float()).sum(0, keepdim=True).to(x.dtype)
+        # prefill (T dynamic): every expert on every token, weighted by a dense (N, E) table
+        gu = torch.einsum("nh,eih->nei", x, self.gate_up_proj)
+        gate, up = gu.chunk(2, dim=-1)
+        y = torch.einsum("nei,ehi->neh", F.gelu(gate, approximate="tanh") * up, self.down_proj)
+        dense_w = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=w.dtype, device=x.device)
+        dense_w = dense_w.scatter(1, idx, w)
+        return torch.einsum("ne,neh->nh", dense_w, y.float()).to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, i, cache_slots, dtype)
+        self.mlp = MLP(H, cfg.layer_intermediate_size(i))
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))  # persistent: in the checkpoint
+        self.moe = cfg.enable_moe_block
+        if self.moe:
+            self.router = Router(cfg)
+            self.experts = Experts(cfg)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(H, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
+        self.ple = cfg.has_ple
+        if self.ple:
+            self.per_layer_input_gate = nn.Linear(H, cfg.hidden_size_per_layer_input, bias=False)
+            self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, H, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(H, eps)
+
+    def forward(self, x, cos, sin, positions, cache, per_layer_input):
+        h = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cos, sin, positions, cache))
+
+        out = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.moe:  # the MoE block runs beside the dense MLP, both from h
+            flat = h.reshape(-1, h.shape[-1])
+            w, idx = self.router(flat)
+            moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(h.shape)
+            out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
+        h = h + self.post_feedforward_layernorm(out)
+
+        if self.ple:
+            g = F.gelu(self.per_layer_input_gate(h), approximate="tanh") * per_layer_input
+            h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return h * self.layer_scalar
+
+
+class Gemma4Model(nn.Module):
+    """Gemma 4 text decoder with static KV caches. See the module docstring."""
+
+    def __init__(self, cfg: Gemma4Config, ctx: int = 2048, prefill_chunk: int = 128,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if ctx > cfg.max_position_embeddings:
+            raise ValueError(f"ctx {ctx} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+        self.cfg, self.ctx, self.prefill_chunk = cfg, ctx, prefill_chunk
+        self.ring_size = min(cfg.sliding_window + prefill_chunk - 1, ctx)
+        H = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        # sqrt(hidden) rounded to the model dtype first (73.5 in bf16 for 31B), as the reference
+        self.embed_scale = float(torch.tensor(H**0.5, dtype=dtype))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.ring_size if cfg.is_sliding(i) else ctx, dtype)
+            for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if cfg.has_ple:
+            P, L = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
+            self.ple_scale = float(torch.tensor(P**0.5, dtype=dtype))
+            self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        self.to(dtype)
+        # RoPE frequencies stay fp32 whatever the model dtype
+        self.register_buffer("inv_freq_sliding", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("inv_freq_full", torch.empty(cfg.global_head_dim // 2), persistent=False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """(Re)compute the non-persistent buffers: RoPE frequencies (fp32) and zero KV.
+        Needed after `to_empty()` when the model was built on the meta device."""
+        cfg = self.cfg
+        self.inv_freq_sliding.copy_(rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding, 1.0))
+        self.inv_freq_full.copy_(rope_inv_freq(cfg.global_head_dim, cfg.rope_theta_full,
+                                               cfg.partial_rotary_factor_full))
+        self.reset_cache()
+
+    @torch.no_grad()
+    def reset_cache(self):
+        for m in self.modules():
+            if isinstance(m, KVCache):
+                m.k.zero_()
+                m.v.zero_()
+
+    def caches(self) -> list[KVCache]:
+        """The cache each layer attends over (KV-shared layers get their source's)."""
+        return [self.layers[self.cfg.kv_source_layer(i)].self_attn.kv_cache
+                for i in range(self.cfg.num_hidden_layers)]
+
+    def kv_cache_specs(self) -> list[dict]:
+        return [{"fqn": f"{name}.{b}", "shape": list(getattr(m, b).shape),
+                 "dtype": str(getattr(m, b).dtype).removeprefix("torch."),
+                 "kind": "sliding" if m.ring else "full"}
+                for name, m in self.named_modules() if isinstance(m, KVCache) for b in ("k", "v")]
+
+    def _rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _per_layer_inputs(self, tokens, x):
+        """PLE: token-identity table mixed with a projection of the input embeddings."""
+        cfg = self.cfg
+        B, T = tokens.shape
+        shape = (B, T, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+        ident = (self.embed_tokens_per_layer(tokens) * self.ple_scale).view(shape)
+        proj = self.per_layer_model_projection(x) * cfg.hidden_size**-0.5
+        proj = self.per_layer_projection_norm(proj.view(shape))
+        return (proj + ident) * 2.0**-0.5
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (1, T) int64, pos (1,) int64 -> logits (1, vocab) fp32 of the last token."""
+        cfg = self.cfg
+        T = tokens.shape[1]
+        positions = pos + torch.arange(T, device=tokens.device)  # (T,)
+        x = self.embed_tokens(tokens) * self.embed_scale  # (1, T, H)
+        ple = self._per_layer_inputs(tokens, x) if cfg.has_ple else None
+        rope = {True: self._rope(positions, self.inv_freq_sliding, x.dtype),
+                False: self._rope(positions, self.inv_freq_full, x.dtype)}
+        caches = self.caches()
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope[cfg.is_sliding(i)]
+            x = layer(x, cos, sin, positions, caches[i], ple[:, :, i] if ple is not None else None)
+        x = self.norm(x[:, -1, :])  # only the last position's logits are needed
+        logits = self.lm_head(x).float()
+        if cfg.final_logit_softcapping:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

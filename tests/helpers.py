@@ -1,0 +1,67 @@
+"""Test helpers: random weights that do not hide bugs, and the transformers oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from export.gemma4.config import Gemma4Config
+from export.gemma4.model import Gemma4Model, RMSNorm
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Random weights, with every weight that initialises to the identity (norm weights,
+    layer_scalar, router scales) moved away from 1 so a missing multiply shows up."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.dim() == 1:  # norms, router scales
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        if name.endswith("layer_scalar"):
+            b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=g))
+    return model
+
+
+def tiny_31b_like() -> Gemma4Config:
+    """31B's features at toy size: k_eq_v with fewer full-layer KV heads and a wider
+    full head_dim, no PLE, no KV sharing."""
+    return Gemma4Config(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1,
+        head_dim=16, global_head_dim=32, layer_types=("sliding_attention",) * 5 + ("full_attention",),
+        sliding_window=8, max_position_embeddings=4096, final_logit_softcapping=30.0,
+        attention_k_eq_v=True, hidden_size_per_layer_input=0)
+
+
+def hf_oracle(model: Gemma4Model):
+    """transformers' Gemma4ForCausalLM with the same weights (fp32, eager attention)."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = model.cfg
+    hf_cfg = Gemma4TextConfig(**cfg.to_hf_dict())
+    hf_cfg._attn_implementation = "eager"
+    hf = Gemma4ForCausalLM(hf_cfg).eval()
+    ours = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    missing, unexpected = hf.model.load_state_dict(ours, strict=False)
+    assert not unexpected, unexpected
+    assert not [k for k in missing if "rotary" not in k], missing
+    hf.lm_head.weight = hf.model.embed_tokens.weight
+    return hf
+
+
+def hf_logits_stream(hf, tokens: torch.Tensor, chunks: list[int]):
+    """Feed `tokens` (1, N) to the oracle in chunks of the given sizes; yield the last
+    position's logits after each chunk."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf.config)
+    start = 0
+    for n in chunks:
+        ids = tokens[:, start:start + n]
+        pos = torch.arange(start, start + n)[None]
+        out = hf(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        start += n
+        yield out.logits[:, -1].float()
