@@ -1,0 +1,76 @@
+"""Tokenizer handling: BOS from metadata, chat formats, streaming decode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from runtime.tokenizer import TextTokenizer
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]  # ids 0..4 like Gemma's order
+WORDS = ["hello", "world", "user", "model", "the", "cat", "sat", "\n"]
+
+
+def make_tokenizer_json(directory) -> Tokenizer:
+    """A WordLevel tokenizer whose special-token ids follow Gemma (pad 0, eos 1, bos 2)."""
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + ["<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # words and newlines are tokens, spaces are not (invert: the pattern is what is kept)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^ \n]+|\n"), "removed", invert=True)
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    tok.save(str(directory / "tokenizer.json"))
+    return tok
+
+
+@pytest.fixture
+def tok_dir(tmp_path):
+    make_tokenizer_json(tmp_path)
+    return tmp_path
+
+
+def _id(tok: TextTokenizer, text: str) -> int:
+    return tok.tokenizer.token_to_id(text)
+
+
+def test_plain_prompt_gets_exactly_one_bos(tok_dir):
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    assert tok.encode("hello world") == [2, _id(tok, "hello"), _id(tok, "world")]
+    assert tok.encode("<bos> hello") == [2, _id(tok, "hello")]  # already there: not doubled
+    assert TextTokenizer.from_dir(tok_dir, bos_token_id=None).encode("hello") == [_id(tok, "hello")]
+
+
+def test_builtin_gemma_turn_format(tok_dir):
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    assert tok.chat_template is None
+    ids = tok.encode("hello", chat=True)
+    expect = ["<bos>", "<start_of_turn>", "user", "\n", "hello", "<end_of_turn>", "\n", "<start_of_turn>", "model", "\n"]
+    assert ids == [_id(tok, t) for t in expect]
+    assert tok.end_of_turn_ids() == {_id(tok, "<end_of_turn>")}
+
+
+def test_checkpoint_chat_template_wins(tok_dir):
+    template = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }} {{ m.content }}<end_of_turn>{% endfor %}" \
+               "{% if add_generation_prompt %}<start_of_turn>model{% endif %}"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    ids = tok.encode("the cat", chat=True)
+    expect = ["<bos>", "<start_of_turn>", "user", "the", "cat", "<end_of_turn>", "<start_of_turn>", "model"]
+    assert ids == [_id(tok, t) for t in expect]  # the template's own BOS is not doubled
+    (tok_dir / "chat_template.jinja").write_text("{{ messages[0].content }} sat")
+    assert TextTokenizer.from_dir(tok_dir, 2).render_chat("cat") == "cat sat"  # .jinja beats the config
+
+
+def test_stream_decode_matches_batch_decode(tok_dir):
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    ids = tok.encode("the cat sat")[1:]
+    stream = tok.stream()
+    text = "".join(s for i in ids if (s := stream.step(tok.tokenizer, i)) is not None)
+    assert text.strip() == tok.decode(ids) == "the cat sat"
+
+
+def test_missing_tokenizer_json_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        TextTokenizer.from_dir(tmp_path, 2)
