@@ -238,7 +238,7 @@ class Gemma4Model(nn.Module):
         H = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
         # sqrt(hidden) rounded to the model dtype first (73.5 in bf16 for 31B), as the reference
-        self.embed_scale = float(torch.tensor(H**0.5, dtype=dtype))
+        self.embed_scale = _round_to(H**0.5, dtype)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, self.ring_size if cfg.is_sliding(i) else ctx, dtype)
             for i in range(cfg.num_hidden_layers))
@@ -249,7 +249,7 @@ class Gemma4Model(nn.Module):
         if cfg.has_ple:
             P, L = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
-            self.ple_scale = float(torch.tensor(P**0.5, dtype=dtype))
+            self.ple_scale = _round_to(P**0.5, dtype)
             self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
         self.to(dtype)
@@ -320,6 +320,11 @@ class Gemma4Model(nn.Module):
             cap = cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _round_to(x: float, dtype: torch.dtype) -> float:
+    """x as the model dtype would hold it (built on cpu: works under a meta device context)."""
+    return float(torch.tensor(x, dtype=dtype, device="cpu"))
 
 
 def num_params(model: nn.Module) -> int:

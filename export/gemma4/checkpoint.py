@@ -1,0 +1,201 @@
+"""Load a Hugging Face Gemma 4 checkpoint directory into `Gemma4Model`, tensor by tensor.
+
+The model is built on the meta device, so no weight memory exists until a tensor is read;
+each tensor is read from its memory-mapped safetensors shard, cast, and placed. Loading goes
+one *unit* at a time (the embeddings, each decoder layer, the final norm, the lm_head) and
+calls `on_unit_loaded(name, module)` after each, so a caller can quantize the unit and let
+the bf16 source go before the next one is read: host memory stays around one layer of
+source weights plus what the caller keeps.
+
+Key layouts: text-only checkpoints (`model.layers.0...`) and multimodal ones
+(`model.language_model.layers.0...` beside `model.vision_tower...` / audio towers, which
+are never read). KV-shared layers' k/v projections and norms are skipped when present.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import Gemma4Config
+from .model import Gemma4Model
+
+TEXT_PREFIXES = ("model.language_model.", "model.")
+UnitHook = Callable[[str, nn.Module], None]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model; the message names key, shard and fix."""
+
+
+@dataclass
+class ShardIndex:
+    """Where each tensor lives: key -> shard file, and the text-model prefix in use."""
+
+    root: Path
+    key_to_shard: dict[str, str]
+    prefix: str
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ShardIndex":
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: checkpoint directory not found (--checkpoint takes a HF model directory)")
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({s for s in weight_map.values() if not (root / s).is_file()})
+            if missing:
+                raise FileNotFoundError(f"{index}: lists shard(s) not in the directory: {', '.join(missing)}")
+        elif (root / "model.safetensors").is_file():
+            with safe_open(root / "model.safetensors", "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json")
+        prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p + "layers.") for k in weight_map)), None)
+        if prefix is None:
+            raise CheckpointError(f"{root}: no decoder layers found under {' or '.join(TEXT_PREFIXES)}")
+        return cls(root, weight_map, prefix)
+
+    def text_keys(self) -> set[str]:
+        """Our names (prefix stripped) of every text-model tensor in the checkpoint."""
+        p = self.prefix
+        keys = {k[len(p):] for k in self.key_to_shard if k.startswith(p)}
+        if p == "model.":  # the multimodal towers live under model.* too: not ours
+            keys = {k for k in keys if not k.startswith(("language_model.", "vision_tower.", "audio_tower.",
+                                                         "embed_vision.", "embed_audio."))}
+        return keys
+
+
+class ShardReader:
+    """Keeps shards open (memory-mapped) while loading; reads single tensors on demand."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self._open: dict[str, object] = {}
+
+    def shard_of(self, key: str) -> str:
+        return self.index.key_to_shard[self.index.prefix + key]
+
+    def read(self, key: str) -> torch.Tensor:
+        shard = self.shard_of(key)
+        if shard not in self._open:
+            self._open[shard] = safe_open(self.index.root / shard, "pt")
+        return self._open[shard].get_tensor(self.index.prefix + key)
+
+    def close(self):
+        self._open.clear()
+
+
+def _ignorable(cfg: Gemma4Config, key: str) -> bool:
+    """Checkpoint tensors we knowingly do not load."""
+    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+        return True
+    if key.endswith("rotary_emb.inv_freq") or key.endswith("original_inv_freq"):
+        return True
+    parts = key.split(".")
+    if parts[0] == "layers" and cfg.is_kv_shared(int(parts[1])) and parts[2] == "self_attn":
+        return parts[3] in ("k_proj", "v_proj", "k_norm", "v_norm")
+    return False
+
+
+def _units(model: Gemma4Model) -> Iterator[tuple[str, nn.Module]]:
+    """Loading order; each unit's tensors are read together, then the hook runs."""
+    for name, child in model.named_children():
+        if name == "layers":
+            for i, layer in enumerate(child):
+                yield f"layers.{i}", layer
+        elif name != "lm_head":
+            yield name, child
+    yield "lm_head", model.lm_head
+
+
+def _expected(unit_name: str, unit: nn.Module) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """Checkpoint key -> (owning module, attribute, meta tensor) for a unit's persistent state."""
+    out = {}
+    for mod_name, mod in unit.named_modules():
+        for attr, t in list(mod._parameters.items()) + [
+                (b, t) for b, t in mod._buffers.items() if b not in mod._non_persistent_buffers_set]:
+            if t is None:
+                continue
+            key = ".".join(x for x in (unit_name, mod_name, attr) if x)
+            out[key] = (mod, attr, t)
+    return out
+
+
+@torch.no_grad()
+def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtype = torch.bfloat16,
+               on_unit_loaded: UnitHook | None = None, progress: bool = False) -> Gemma4Model:
+    """Build `Gemma4Model` from a HF checkpoint directory, reading one unit at a time."""
+    index = ShardIndex.open(root)
+    cfg = Gemma4Config.from_json(root)
+    with torch.device("meta"):
+        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype)
+    tied = cfg.tie_word_embeddings
+    available = index.text_keys()
+    used: set[str] = set()
+    reader = ShardReader(index)
+    units = list(_units(model))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(units), desc="loading checkpoint", unit="unit")
+    try:
+        for unit_name, unit in units:
+            if unit_name == "lm_head" and tied:
+                # the tied head shares the embedding tensor: no read, no copy
+                model.lm_head.weight = model.embed_tokens.weight
+            else:
+                for key, (mod, attr, meta) in _expected(unit_name, unit).items():
+                    mod_attr_set(mod, attr, _read_checked(reader, available, key, meta, dtype))
+                    used.add(key)
+            if on_unit_loaded is not None:
+                on_unit_loaded(unit_name, unit)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        reader.close()
+        if bar is not None:
+            bar.close()
+    extra = sorted(k for k in available - used if not _ignorable(cfg, k))
+    if extra:
+        shard = index.key_to_shard[index.prefix + extra[0]]
+        raise CheckpointError(f"{index.root}/{shard}: unexpected tensor {index.prefix + extra[0]}"
+                              f" ({len(extra)} unexpected in all); does config.json match these weights?")
+    _materialize_runtime_buffers(model)
+    return model
+
+
+def _read_checked(reader: ShardReader, available: set[str], key: str, meta: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    index = reader.index
+    if key not in available:
+        raise CheckpointError(f"{index.root}: tensor {index.prefix + key} is missing from the checkpoint"
+                              " (is config.json for a different model size?)")
+    t = reader.read(key)
+    if tuple(t.shape) != tuple(meta.shape):
+        raise CheckpointError(f"{index.root}/{reader.shard_of(key)}: {index.prefix + key} has shape "
+                              f"{tuple(t.shape)}, the config implies {tuple(meta.shape)}")
+    return t.to(dtype if t.is_floating_point() else t.dtype)
+
+
+def mod_attr_set(mod: nn.Module, attr: str, value: torch.Tensor):
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
+def _materialize_runtime_buffers(model: Gemma4Model):
+    """KV caches and RoPE tables are not in the checkpoint: allocate and initialise them."""
+    for mod in model.modules():
+        for name, b in mod._buffers.items():
+            if b is not None and b.is_meta:
+                mod._buffers[name] = torch.empty_like(b, device="cpu")
+    model.init_buffers()

@@ -1,0 +1,146 @@
+"""Write a random-weight Gemma 4 checkpoint in Hugging Face layout.
+
+    python -m scripts.make_checkpoint --preset 31b --layers 6 --dtype bfloat16 --out ckpt/31b-6l
+
+config.json, sharded safetensors with model.safetensors.index.json, and a byte-level
+tokenizer.json sized to the vocabulary. Tensors are generated one at a time and shards are
+flushed as they fill, so a real-width slice needs about one shard of host memory.
+`--multimodal` writes the `gemma4` layout (text under `model.language_model.`) beside a
+stand-in vision tower, which a text export must never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from export.gemma4.config import PRESETS, Gemma4Config
+from export.gemma4.model import Gemma4Model
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
+    """Our key -> shape for every checkpoint tensor of this config (built on meta: free)."""
+    with torch.device("meta"):
+        model = Gemma4Model(cfg, ctx=min(cfg.max_position_embeddings, 64), prefill_chunk=1)
+    sd = model.state_dict()
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight")
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def random_tensor(key: str, shape: tuple[int, ...], seed: int, std: float = 0.02) -> torch.Tensor:
+    """Deterministic per key. 1-D weights and layer_scalar (identity at init) land in
+    [0.5, 1.5) so that a forgotten multiply changes the output."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
+    if len(shape) <= 1:
+        return torch.empty(shape).uniform_(0.5, 1.5, generator=g)
+    return torch.randn(shape, generator=g) * std
+
+
+def random_tensors(cfg: Gemma4Config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, shape in expected_shapes(cfg).items():
+        yield key, random_tensor(key, shape, seed)
+
+
+def write_checkpoint(out: str | Path, cfg: Gemma4Config, tensors: Iterable[tuple[str, torch.Tensor]],
+                     dtype: torch.dtype = torch.bfloat16, multimodal: bool = False,
+                     shard_bytes: int = 2 << 30) -> Path:
+    """Write `tensors` (our key names) as a HF checkpoint directory; returns its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = "model.language_model." if multimodal else "model."
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size, n = 0, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    extra = _vision_stand_in() if multimodal else []
+    for key, t in list(extra) + [(prefix + k, v) for k, v in tensors]:
+        t = t.to(dtype).contiguous()
+        if size and size + t.nbytes > shard_bytes:
+            flush()
+        shard[key] = t
+        size += t.nbytes
+    flush()
+    total = sum((out / s).stat().st_size for s in set(weight_map.values()))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    text = cfg.to_hf_dict()
+    config = {"model_type": "gemma4", "text_config": text, "vision_config": {"hidden_size": 8}} if multimodal else text
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    write_tokenizer(out / "tokenizer.json", cfg.vocab_size)
+    return out
+
+
+def _vision_stand_in():
+    """A few tensors where a real checkpoint keeps its vision tower."""
+    g = torch.Generator().manual_seed(0)
+    return [(f"model.vision_tower.encoder.layers.{i}.mlp.fc1.weight", torch.randn(8, 8, generator=g))
+            for i in range(2)]
+
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def write_tokenizer(path: Path, vocab_size: int):
+    """A byte-level BPE tokenizer with Gemma's special ids (pad 0, eos 1, bos 2), padded to
+    `vocab_size` with filler tokens so every id the model can emit decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer ({len(vocab)})")
+    i = 0
+    while len(vocab) < vocab_size:
+        vocab[f"<filler_{i}>"] = len(vocab)
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(path))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scripts.make_checkpoint", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model config to write")
+    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (a slice at real width)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--multimodal", action="store_true", help="gemma4 layout with a stand-in vision tower")
+    ap.add_argument("--shard-gib", type=float, default=2.0, help="shard size in GiB")
+    ap.add_argument("--out", required=True, help="output directory")
+    args = ap.parse_args(argv)
+    cfg = PRESETS[args.preset]
+    if args.layers is not None:
+        if not 1 <= args.layers <= cfg.num_hidden_layers:
+            ap.error(f"--layers must be in 1..{cfg.num_hidden_layers} for {args.preset}")
+        cfg = cfg.with_layers(args.layers)
+    out = write_checkpoint(args.out, cfg, random_tensors(cfg, args.seed), DTYPES[args.dtype],
+                           multimodal=args.multimodal, shard_bytes=int(args.shard_gib * (1 << 30)))
+    print(f"wrote {out} ({cfg.num_hidden_layers} layers, {args.dtype})")
+
+
+if __name__ == "__main__":
+    main()
