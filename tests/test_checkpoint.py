@@ -97,3 +97,20 @@ def test_make_checkpoint_cli_slice_roundtrip(tmp_path):
     from transformers import Gemma4TextConfig
     hf = Gemma4TextConfig(**json.loads((out / "config.json").read_text()))
     assert hf.num_hidden_layers == 4 and hf.layer_types[-1] == "full_attention"
+
+
+def test_unit_hook_sees_each_unit_once_in_order(tmp_path, source_model):
+    write_checkpoint(tmp_path, CFG, checkpoint_tensors(source_model), torch.float32)
+    seen = []
+
+    def hook(model, name):
+        seen.append(name)
+        # everything loaded so far is real, everything after is still on meta
+        assert not any(p.is_meta for p in model.get_submodule(name).parameters())
+        if name == "embed_tokens":  # a quantizer may replace the embedding: the tied head must still load
+            model.embed_tokens = torch.nn.Embedding(CFG.vocab_size, CFG.hidden_size)
+
+    loaded = load_model(tmp_path, ctx=64, prefill_chunk=4, dtype=torch.float32, on_unit_loaded=hook)
+    assert seen[0] == "embed_tokens" and seen[-1] == "lm_head"
+    assert seen.count("layers.0") == 1 and len(seen) == len(set(seen))
+    assert torch.equal(loaded.lm_head.weight, source_model.embed_tokens.weight)

@@ -3,8 +3,8 @@
 The model is built on the meta device, so no weight memory exists until a tensor is read;
 each tensor is read from its memory-mapped safetensors shard, cast, and placed. Loading goes
 one *unit* at a time (the embeddings, each decoder layer, the final norm, the lm_head) and
-calls `on_unit_loaded(name, module)` after each, so a caller can quantize the unit and let
-the bf16 source go before the next one is read: host memory stays around one layer of
+calls `on_unit_loaded(model, unit_name)` after each, so a caller can quantize the unit and
+let the bf16 source go before the next one is read: host memory stays around one layer of
 source weights plus what the caller keeps.
 
 Key layouts: text-only checkpoints (`model.layers.0...`) and multimodal ones
@@ -27,7 +27,7 @@ from .config import Gemma4Config
 from .model import Gemma4Model
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
-UnitHook = Callable[[str, nn.Module], None]
+UnitHook = Callable[[Gemma4Model, str], None]  # (model, unit FQN)
 
 
 class CheckpointError(ValueError):
@@ -140,6 +140,7 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
     tied = cfg.tie_word_embeddings
     available = index.text_keys()
     used: set[str] = set()
+    loaded_embedding = None
     reader = ShardReader(index)
     units = list(_units(model))
     bar = None
@@ -149,14 +150,15 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
     try:
         for unit_name, unit in units:
             if unit_name == "lm_head" and tied:
-                # the tied head shares the embedding tensor: no read, no copy
-                model.lm_head.weight = model.embed_tokens.weight
+                _tie_head(model, loaded_embedding, reader, available, dtype)
             else:
                 for key, (mod, attr, meta) in _expected(unit_name, unit).items():
                     mod_attr_set(mod, attr, _read_checked(reader, available, key, meta, dtype))
                     used.add(key)
+            if unit_name == "embed_tokens":
+                loaded_embedding = model.embed_tokens.weight
             if on_unit_loaded is not None:
-                on_unit_loaded(unit_name, unit)
+                on_unit_loaded(model, unit_name)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -183,6 +185,17 @@ def _read_checked(reader: ShardReader, available: set[str], key: str, meta: torc
         raise CheckpointError(f"{index.root}/{reader.shard_of(key)}: {index.prefix + key} has shape "
                               f"{tuple(t.shape)}, the config implies {tuple(meta.shape)}")
     return t.to(dtype if t.is_floating_point() else t.dtype)
+
+
+def _tie_head(model: Gemma4Model, loaded: torch.Tensor | None, reader: ShardReader,
+              available: set[str], dtype: torch.dtype):
+    """The tied head shares the embedding's tensor (no read, no copy) unless the hook has
+    replaced the embedding since it was loaded (e.g. int8): then it is read again."""
+    if loaded is not None and getattr(model.embed_tokens, "weight", None) is loaded:
+        model.lm_head.weight = loaded
+    else:
+        meta = model.lm_head.weight
+        mod_attr_set(model.lm_head, "weight", _read_checked(reader, available, "embed_tokens.weight", meta, dtype))
 
 
 def mod_attr_set(mod: nn.Module, attr: str, value: torch.Tensor):
