@@ -157,6 +157,7 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
                     used.add(key)
             if unit_name == "embed_tokens":
                 loaded_embedding = model.embed_tokens.weight
+            reader.close()  # unmap the shards: their touched pages would otherwise stay in RSS
             if on_unit_loaded is not None:
                 on_unit_loaded(model, unit_name)
             if bar is not None:

@@ -1,0 +1,163 @@
+"""Host memory of loading + quantizing a checkpoint: naive (whole float model, then
+quantize) against streaming (quantize each unit as it is read), each in a fresh process.
+
+    python -m scripts.bench_host_memory --checkpoint ckpt/31b-2l --checkpoint ckpt/31b-6l \
+        --device cuda --json out/host_memory.json
+
+Prints a table (peak RSS, quantized bytes, ratio) and, given checkpoints of two layer counts
+of the same model, a linear extrapolation to the full layer count. `--export` also measures
+the whole `python -m export.gemma4` run (load, quantize, compile, write) for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+def rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def tensor_bytes(t) -> int:
+    """Bytes held by a tensor, tensor subclasses (torchao) included."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "kv_cache" not in n]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+def child(mode: str, checkpoint: str, device: str, group_size: int) -> dict:
+    """Runs in a fresh process: load + quantize one way, report the peak."""
+    import torch
+
+    from export.backends import TargetDevice
+    from export.gemma4.checkpoint import load_model
+    from export.gemma4.quant import QuantRecipe, quantize_
+
+    dev = TargetDevice(device)
+    if dev is TargetDevice.CUDA:
+        torch.cuda.init()
+    baseline = rss_now()  # interpreter + torch + CUDA context: the fixed overhead
+    recipe = QuantRecipe(group_size=group_size)
+    t0 = time.perf_counter()
+    if mode == "naive":
+        model = load_model(checkpoint, ctx=1024, prefill_chunk=8, dtype=torch.bfloat16)
+        quantize_(model, recipe, dev)
+    else:
+        def hook(model, unit):
+            quantize_(model, recipe, dev, under=unit)
+        model = load_model(checkpoint, ctx=1024, prefill_chunk=8, dtype=torch.bfloat16, on_unit_loaded=hook)
+    wall = time.perf_counter() - t0
+    return {"mode": mode, "checkpoint": checkpoint, "layers": model.cfg.num_hidden_layers,
+            "peak_rss": peak_rss(), "baseline_rss": baseline, "weights_bytes": model_bytes(model),
+            "wall_s": round(wall, 2)}
+
+
+def export_child(checkpoint: str, device: str) -> dict:
+    """Runs in a fresh process: the whole CLI export as its only child, so the children's
+    rusage is that export's peak RSS alone."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "export.gemma4", "--checkpoint", checkpoint, "--device", device,
+               "--ctx", "8192", "--low-memory", "--out", os.path.join(d, "art")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"export failed:\n{proc.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"mode": "export", "checkpoint": checkpoint, "peak_rss": peak, "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def run_child(mode: str, args, checkpoint: str) -> dict:
+    cmd = [sys.executable, "-m", "scripts.bench_host_memory", "--child", mode, "--checkpoint", checkpoint,
+           "--device", args.device, "--group-size", str(args.group_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def extrapolate(rows: list[dict], full_layers: int) -> dict | None:
+    """Peak RSS = a + b * layers through the two smallest and largest slices."""
+    rows = sorted(rows, key=lambda r: r["layers"])
+    if len(rows) < 2 or rows[0]["layers"] == rows[-1]["layers"]:
+        return None
+    lo, hi = rows[0], rows[-1]
+    slope = (hi["peak_rss"] - lo["peak_rss"]) / (hi["layers"] - lo["layers"])
+    return {"per_layer_bytes": slope, "layers": full_layers,
+            "peak_rss": lo["peak_rss"] + slope * (full_layers - lo["layers"])}
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'mode':<10} {'layers':>6} {'peak RSS GiB':>13} {'weights GiB':>12} {'overhead GiB':>13} {'(peak-ovh)/w':>13} {'s':>7}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        w = r.get("weights_bytes")
+        ovh = r.get("baseline_rss")
+        ratio = (r["peak_rss"] - ovh) / w if w and ovh is not None else float("nan")
+        out.append(f"{r['mode']:<10} {r.get('layers', '-'):>6} {r['peak_rss'] / GIB:>13.2f} "
+                   f"{(w or 0) / GIB:>12.2f} {(ovh or 0) / GIB:>13.2f} {ratio:>13.2f} {r['wall_s']:>7.1f}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench_host_memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint dir (repeat for slices)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--modes", default="naive,streaming", help="comma list of naive,streaming")
+    ap.add_argument("--export", action="store_true", help="also measure the whole CLI export")
+    ap.add_argument("--full-layers", type=int, default=60, help="layer count to extrapolate to")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child == "export":
+        print(json.dumps(export_child(args.checkpoint[0], args.device)))
+        return
+    if args.child:
+        print(json.dumps(child(args.child, args.checkpoint[0], args.device, args.group_size)))
+        return
+    modes = args.modes.split(",") + (["export"] if args.export else [])
+    rows = [run_child(m, args, c) for c in args.checkpoint for m in modes]
+    print(table(rows))
+    result = {"rows": rows, "device": args.device}
+    for mode in args.modes.split(","):
+        ex = extrapolate([r for r in rows if r["mode"] == mode], args.full_layers)
+        if ex:
+            result[f"extrapolated_{mode}"] = ex
+            print(f"{mode}: {ex['per_layer_bytes'] / GIB:.3f} GiB/layer -> "
+                  f"{ex['peak_rss'] / GIB:.2f} GiB at {ex['layers']} layers (extrapolated)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
