@@ -1,0 +1,85 @@
+"""Peak memory of a run, reported honestly.
+
+`torch.cuda.max_memory_allocated` only sees the caching allocator; the AOTI container
+allocates its own constant blob and cuBLAS/Triton workspaces outside it. So on CUDA a
+background thread also samples the device's used memory through NVML (when pynvml is
+importable) and the summary shows both. On CPU the figure is the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+from dataclasses import dataclass
+
+import torch
+
+GiB = 1024**3
+
+
+@dataclass
+class MemoryPeak:
+    device: str
+    allocator_bytes: int = 0  # torch caching allocator peak (CUDA)
+    nvml_bytes: int | None = None  # device memory used, sampled (CUDA, needs pynvml)
+    host_rss_bytes: int = 0  # process peak resident set
+
+    def describe(self) -> str:
+        if self.device.startswith("cuda"):
+            nvml = "n/a" if self.nvml_bytes is None else f"{self.nvml_bytes / GiB:.2f} GiB"
+            return f"GPU peak {self.allocator_bytes / GiB:.2f} GiB allocator / {nvml} device (NVML)"
+        return f"GPU peak n/a (cpu run; host peak RSS {self.host_rss_bytes / GiB:.2f} GiB)"
+
+
+class PeakSampler:
+    """Context manager: samples NVML used memory every `period_s` while active."""
+
+    def __init__(self, device: str, period_s: float = 0.02):
+        self.device = device
+        self.period_s = period_s
+        self.peak = MemoryPeak(device)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handle = _nvml_handle(device)
+
+    def __enter__(self) -> "PeakSampler":
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self._handle is not None:
+            self._thread = threading.Thread(target=self._sample_loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample_once()
+        if self.device.startswith("cuda"):
+            self.peak.allocator_bytes = torch.cuda.max_memory_allocated(self.device)
+        self.peak.host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample_once()
+
+    def _sample_once(self) -> None:
+        if self._handle is None:
+            return
+        import pynvml
+
+        used = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        self.peak.nvml_bytes = max(self.peak.nvml_bytes or 0, used)
+
+
+def _nvml_handle(device: str):
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = torch.device(device).index or 0
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    except Exception:  # pynvml absent or no driver access: report the allocator figure only
+        return None

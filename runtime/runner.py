@@ -1,0 +1,271 @@
+"""Run an exported Gemma 4 artifact: load both methods, bind one copy of the weights and one
+KV cache to both, then prefill in chunks, decode and sample.
+
+    runner = Runner.load("out/tiny")
+    for token in runner.generate(prompt_ids, max_new_tokens=32, sampling=SamplingConfig()):
+        ...
+    print(runner.last_stats.summary())
+
+Memory model (the point of this file):
+- weights: read from the .ptd's memory map tensor by tensor. On CPU the mapped tensors are
+  bound as they are (zero copy; pages come from the page cache). On CUDA each tensor is
+  copied to the GPU and its host pages dropped, so the host never holds the whole file.
+  One tensor serves both methods (`update_constant_buffer(..., user_managed=True)`).
+- KV cache: allocated here from the metadata (sliding layers at their ring size, full layers
+  at ctx) and bound to both methods, so prefill's writes are what decode reads.
+- inputs: static, whole (16-byte-aligned) buffers filled in place: the .so copies any input
+  that is a view at an offset, with a warning, on every call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from runtime.aoti import CompiledMethod, load_method
+from runtime.artifact import Artifact, ArtifactError, Metadata
+from runtime.memory import MemoryPeak
+from runtime.sampling import SamplingConfig, make_generator, sample
+
+METHODS = ("prefill", "decode")
+
+
+class ContextOverflowError(ValueError):
+    """A prompt (plus the tokens to generate) does not fit the exported context."""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0  # prefill calls only
+    ttft_s: float = 0.0  # start of prefill -> first token id on the host
+    decode_s: float = 0.0  # decode steps (decode call + sampling), new_tokens - 1 of them
+    memory: MemoryPeak | None = None
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+    def summary(self) -> str:
+        mem = self.memory.describe() if self.memory else "GPU peak n/a"
+        return (
+            f"TTFT {self.ttft_s * 1e3:.1f} ms | prefill {self.prompt_tokens} tok at "
+            f"{self.prefill_tok_s:.1f} tok/s | decode {self.new_tokens} tok at "
+            f"{self.decode_tok_s:.1f} tok/s | {mem}"
+        )
+
+
+@dataclass
+class _Bindings:
+    """Tensors the methods point at; kept alive here because the container does not own them."""
+
+    weights: dict[tuple, torch.Tensor] = field(default_factory=dict)  # (ptd offset, dtype, shape)
+    kv: dict[str, torch.Tensor] = field(default_factory=dict)  # fqn -> buffer
+
+
+class Runner:
+    """Python API over one exported artifact (see the module docstring)."""
+
+    def __init__(self, artifact: Artifact, device: str | None = None):
+        self.artifact = artifact
+        self.meta: Metadata = artifact.metadata
+        self.device = resolve_device(self.meta.device, device)
+        self.methods: dict[str, CompiledMethod] = {m: load_method(m, artifact.so_blob(m), self.device) for m in METHODS}
+        self._bound = _Bindings()
+        self._allocate_kv()
+        for method in self.methods.values():
+            method.bind(self._constants_for(method))
+        self._inputs: dict[int, torch.Tensor] = {}  # T -> static token buffer [1, T]
+        self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.pos = 0  # next position to write
+        self.last_stats = GenerationStats()
+
+    @staticmethod
+    def load(model_dir: str | Path, device: str | None = None) -> "Runner":
+        return Runner(Artifact.open(model_dir), device)
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def ctx(self) -> int:
+        return self.meta.ctx
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._bound.kv.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._bound.weights.values())
+
+    # ---- loading ---------------------------------------------------------------------------
+    def _allocate_kv(self) -> None:
+        for buf in self.meta.kv:
+            self._bound.kv[buf.fqn] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
+
+    def _constants_for(self, method: CompiledMethod) -> dict[str, torch.Tensor]:
+        """name -> tensor for every constant of `method`: KV from our allocation, the rest
+        from the .ptd, each checked against the dtype the .so was compiled for."""
+        fqns = method.constant_fqns()
+        dtypes = method.constant_dtypes()
+        table = self.meta.method_constants.get(method.name, {})
+        out = {}
+        for name in sorted(set(fqns) | set(dtypes)):
+            key = self._resolve(method.name, name, table.get(name), fqns.get(name, ""))
+            tensor = self._bound.kv[key] if key in self._bound.kv else self._weight(key)
+            want = dtypes.get(name)
+            if want is not None and tensor.dtype != want:
+                raise ArtifactError(
+                    f"{method.name}: constant {name!r} ({key}) is {tensor.dtype} in the artifact but the "
+                    f".so was compiled for {want}; the .pte and .ptd disagree, re-export"
+                )
+            out[name] = tensor
+        return out
+
+    def _resolve(self, method: str, name: str, from_meta: str | None, fqn: str) -> str:
+        """The .ptd key (or KV fqn) of one AOTI constant: the metadata table first, then the
+        FQN the .so recorded, then the `method::name` key used for compile-made constants."""
+        ptd = self.artifact.ptd
+        for key in (from_meta, fqn, f"{method}::{name}"):
+            if key and (key in self._bound.kv or key in ptd):
+                return key
+        raise ArtifactError(
+            f"{method}: constant {name!r} (fqn {fqn!r}, metadata {from_meta!r}) is neither a KV buffer "
+            f"of the metadata nor a tensor of {ptd.path}; the files do not match, re-export"
+        )
+
+    def _weight(self, key: str) -> torch.Tensor:
+        """The bound tensor for a .ptd key; tensors sharing bytes in the file share memory."""
+        entry = self.artifact.ptd.entries[key]
+        ident = (entry.offset, entry.dtype, entry.shape)
+        if ident not in self._bound.weights:
+            host = self.artifact.ptd.tensor(key)
+            if self.device == "cpu":
+                self._bound.weights[ident] = host  # mapped, zero copy
+            else:
+                self._bound.weights[ident] = host.to(self.device)
+                self.artifact.ptd.release(key)
+        return self._bound.weights[ident]
+
+    # ---- running ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new sequence: position 0 and a zeroed cache (stale slots are masked by
+        position, but zeros keep a masked 0 * garbage from turning into NaN)."""
+        for t in self._bound.kv.values():
+            t.zero_()
+        self.pos = 0
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int = 0, start: int | None = None) -> None:
+        check_fits(self.ctx, n_prompt, max_new_tokens, self.pos if start is None else start)
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Feed `ids` from the current position in chunks of `prefill_chunk`; returns the
+        fp32 logits [vocab] of the last token."""
+        self.check_fits(len(ids))
+        chunk = self.meta.prefill_chunk
+        logits = None
+        for start in range(0, len(ids), chunk):
+            piece = ids[start : start + chunk]
+            # a lone token goes through decode: same computation, and prefill's dynamic T
+            # may have been exported with a lower bound of 2
+            logits = self.decode(piece[0]) if len(piece) == 1 else self._prefill_chunk(piece)
+        return logits
+
+    def _prefill_chunk(self, piece: Sequence[int]) -> torch.Tensor:
+        tokens = self._token_buffer(len(piece))
+        tokens.copy_(torch.tensor(piece, dtype=torch.int64).view(1, -1))
+        self._pos.fill_(self.pos)
+        (logits,) = self.methods["prefill"].run([tokens, self._pos])
+        self.pos += len(piece)
+        return logits.view(-1)
+
+    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token at the current position; returns the fp32 logits [vocab]."""
+        if self.pos >= self.ctx:
+            raise ContextOverflowError(f"position {self.pos} is past the exported context of {self.ctx} tokens")
+        buf = self._token_buffer(1)
+        if isinstance(token, torch.Tensor):
+            buf.copy_(token.view(1, 1))
+        else:
+            buf.fill_(int(token))
+        self._pos.fill_(self.pos)
+        (logits,) = self.methods["decode"].run([buf, self._pos])
+        self.pos += 1
+        return logits.view(-1)
+
+    def _token_buffer(self, T: int) -> torch.Tensor:
+        """A whole [1, T] int64 buffer per chunk length, reused across calls."""
+        if T not in self._inputs:
+            self._inputs[T] = torch.zeros((1, T), dtype=torch.int64, device=self.device)
+        return self._inputs[T]
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        stop_ids: Iterable[int] | None = None,
+    ) -> Iterator[int]:
+        """Yield up to `max_new_tokens` token ids, stopping after a stop id (eos by
+        default; the stop token is yielded). Starts a fresh sequence. Timings land in
+        `self.last_stats` (final once the iterator is exhausted)."""
+        self.check_fits(len(prompt_ids), max_new_tokens, start=0)
+        stops = set(self.meta.eos_token_ids if stop_ids is None else stop_ids)
+        self.reset()
+        gen = make_generator(sampling, self.device)
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)
+        _sync(self.device)
+        stats.prefill_s = time.perf_counter() - t0
+        token = sample(logits, sampling, gen)
+        token_id = int(token.item())
+        stats.ttft_s = time.perf_counter() - t0
+        for i in range(max_new_tokens):
+            if i:
+                t = time.perf_counter()
+                token = sample(self.decode(token), sampling, gen)
+                token_id = int(token.item())
+                stats.decode_s += time.perf_counter() - t
+            stats.new_tokens += 1
+            yield token_id
+            if token_id in stops:
+                return
+
+
+def check_fits(ctx: int, n_prompt: int, max_new_tokens: int = 0, start: int = 0) -> None:
+    """Raise ContextOverflowError unless the prompt and the new tokens fit in ctx."""
+    if n_prompt < 1:
+        raise ValueError("the prompt is empty: at least one token (BOS) is needed")
+    if start + n_prompt + max_new_tokens > ctx:
+        raise ContextOverflowError(
+            f"{n_prompt} prompt tokens + {max_new_tokens} new tokens (starting at position {start}) "
+            f"exceed the exported context of {ctx} tokens; shorten the prompt, lower "
+            f"--max-new-tokens, or re-export with a larger --ctx"
+        )
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(compiled_for: str, requested: str | None) -> str:
+    """The artifact's .so runs only on the device type it was compiled for."""
+    if requested is None:
+        return "cuda:0" if compiled_for == "cuda" else "cpu"
+    if torch.device(requested).type != compiled_for:
+        raise ArtifactError(
+            f"the artifact was compiled for {compiled_for}, not {requested}; re-export with --device "
+            f"{torch.device(requested).type}"
+        )
+    return "cuda:0" if requested == "cuda" else requested
