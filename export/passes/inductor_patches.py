@@ -1,0 +1,176 @@
+"""Inductor patches that let `torch._inductor.aot_compile` run on zero-byte constants.
+
+torch 2.11's Inductor touches constant bytes in exactly these places; each patch below is
+one small function, and `zero_byte_inductor_patches()` applies them all for one `with`
+block and restores the originals on exit (also on error):
+
+1. `_unlift_graph` clones every mutated buffer (`compile_fx.clone_preserve_strides`) to keep
+   its initial value; a zero-byte buffer is returned as is (its initial value is its
+   registered byte source, so there is nothing to protect and nothing to copy).
+2. `graph.is_same_tensor` dedups constants by storage pointer; every zero-byte storage has
+   pointer 0, so same-shape KV caches would collapse into one constant. Zero-byte tensors
+   are the same only when they share the very same storage object.
+3. `GraphLowering.get_original_value_of_constant` feeds the `.so`'s constant table and, when
+   Inductor serializes constants, the weights blob. A zero-byte constant is handed out as a
+   `ConstantStandIn`: the same metadata, a true `data_size`, and bytes produced on the host
+   only if serialization asks (zeros for KV, the host tensor for a weight).
+4. `CachingAutotuner.run` launches Triton kernels (autotuning and the GPU first pass of the
+   cpp-wrapper codegen); zero-byte arguments get zero-filled storage for that call, freed
+   after a synchronize.
+5. The GPU first pass also runs extern kernels from Python (e.g. `_weight_int4pack_mm`);
+   a dispatch mode gives their zero-byte arguments the same temporary storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from export.passes.zero_byte import host_bytes, is_zero_byte, materialized, required_nbytes
+
+
+# ---- 1. the unlift clone ------------------------------------------------------------------
+
+def keep_zero_byte_in_unlift_clone(original):
+    """`clone_preserve_strides` that leaves zero-byte tensors as they are."""
+    def clone_preserve_strides(x: torch.Tensor) -> torch.Tensor:
+        return x if is_zero_byte(x) else original(x)
+    return clone_preserve_strides
+
+
+# ---- 2. constant dedup --------------------------------------------------------------------
+
+def exclude_zero_byte_from_dedup(original):
+    """`is_same_tensor` that never merges two different zero-byte storages."""
+    def is_same_tensor(data: torch.Tensor, value: torch.Tensor) -> bool:
+        if is_zero_byte(data) or is_zero_byte(value):
+            same_storage = data.untyped_storage()._cdata == value.untyped_storage()._cdata
+            return same_storage and original(data, value)
+        return original(data, value)
+    return is_same_tensor
+
+
+# ---- 3. constant values for the .so table and the blob ------------------------------------
+
+class _HostBackedStorage:
+    """What `ConstantStandIn.untyped_storage()` returns: the true size, host bytes on demand."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._tensor = tensor  # the zero-byte constant
+
+    def nbytes(self) -> int:
+        return required_nbytes(self._tensor)
+
+    def cpu(self) -> torch.UntypedStorage:
+        return host_bytes(self._tensor)
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensor.device
+
+
+class ConstantStandIn(torch.Tensor):
+    """A zero-byte constant as Inductor's constant table and blob writer see it.
+
+    Shape, stride, dtype, device and offset are the constant's own; `untyped_storage()`
+    reports the size the real constant has (so the `.so` records the same `data_size` as a
+    stock compile) and yields its bytes on the host only when `.cpu()` is called.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def untyped_storage(self) -> _HostBackedStorage:  # type: ignore[override]
+        return _HostBackedStorage(self.as_subclass(torch.Tensor))
+
+
+def stand_in_for_zero_byte_constants(original):
+    """`get_original_value_of_constant` that wraps zero-byte constants in a stand-in."""
+    def get_original_value_of_constant(self, name: str) -> torch.Tensor:
+        value = original(self, name)
+        return value.as_subclass(ConstantStandIn) if is_zero_byte(value) else value
+    return get_original_value_of_constant
+
+
+# ---- 4. Triton launches -------------------------------------------------------------------
+
+def lend_bytes_to_kernel_args(original):
+    """`CachingAutotuner.run` whose zero-byte tensor arguments get temporary storage."""
+    def run(self, *args, **kwargs):
+        with materialized(tree_leaves((args, kwargs))):
+            return original(self, *args, **kwargs)
+    return run
+
+
+# ---- 5. extern kernels in the GPU first pass ----------------------------------------------
+
+class LendBytesToOps(TorchDispatchMode):
+    """Non-view aten ops with zero-byte tensor arguments run on temporary zero storage."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_leaves((args, kwargs))
+        if func.is_view or not any(is_zero_byte(x) for x in leaves):
+            return func(*args, **kwargs)
+        with materialized(leaves):
+            return func(*args, **kwargs)
+
+
+def lend_bytes_in_first_pass(original):
+    """`GraphLowering.compile_to_module` whose Python module runs under `LendBytesToOps`
+    when it is the cpp-wrapper first pass (AOT mode, Python wrapper, GPU)."""
+    def compile_to_module(self):
+        module = original(self)
+        if not (self.aot_mode and not self.cpp_wrapper):
+            return module
+        return _FirstPassModule(module)
+    return compile_to_module
+
+
+class _FirstPassModule:
+    """Proxy of a compiled wrapper module whose `call` runs under `LendBytesToOps`."""
+
+    def __init__(self, module: Any):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def call(self, *args, **kwargs):
+        with LendBytesToOps():
+            return self._module.call(*args, **kwargs)
+
+
+# ---- all together -------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, make) -> Iterator[None]:
+    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    unwrapped = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
+    setattr(owner, name, make(unwrapped))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def zero_byte_inductor_patches() -> Iterator[None]:
+    """Apply patches 1-5 (see the module docstring) for the duration of the block."""
+    from torch._inductor import compile_fx, config, graph
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    if config.freezing or config.aot_inductor.use_runtime_constant_folding:
+        raise RuntimeError("low-memory mode cannot freeze or fold constants: their bytes are not there")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_patched(compile_fx, "clone_preserve_strides", keep_zero_byte_in_unlift_clone))
+        stack.enter_context(_patched(graph, "is_same_tensor", exclude_zero_byte_from_dedup))
+        stack.enter_context(_patched(GraphLowering, "get_original_value_of_constant",
+                                     stand_in_for_zero_byte_constants))
+        stack.enter_context(_patched(CachingAutotuner, "run", lend_bytes_to_kernel_args))
+        stack.enter_context(_patched(GraphLowering, "compile_to_module", lend_bytes_in_first_pass))
+        yield
