@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from export.passes.zero_byte import host_bytes, is_zero_byte, materialized, required_nbytes
 
@@ -73,18 +73,43 @@ class _HostBackedStorage:
         return self._tensor.device
 
 
+# Tensor methods that only read metadata; anything else on a stand-in first gets its value.
+_METADATA_METHODS = {"size", "stride", "storage_offset", "dim", "ndimension", "numel", "nelement",
+                     "element_size", "is_contiguous", "data_ptr", "get_device", "__hash__"}
+
+
+def _is_metadata_query(func: Any) -> bool:
+    return getattr(func, "__name__", "") in _METADATA_METHODS or getattr(func, "__name__", "") == "__get__"
+
+
 class ConstantStandIn(torch.Tensor):
     """A zero-byte constant as Inductor's constant table and blob writer see it.
 
     Shape, stride, dtype, device and offset are the constant's own; `untyped_storage()`
     reports the size the real constant has (so the `.so` records the same `data_size` as a
-    stock compile) and yields its bytes on the host only when `.cpu()` is called.
+    stock compile) and yields its bytes on the host only when `.cpu()` is called. Any other
+    tensor operation (say, a caller copying the value to the CPU) runs on the real value,
+    rebuilt from its byte source for that call: a zero-byte tensor itself would crash it.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if _is_metadata_query(func):
+                return func(*args, **kwargs)
+            args, kwargs = tree_map_only(ConstantStandIn, _real_value, (args, kwargs))
+            return func(*args, **kwargs)
 
     def untyped_storage(self) -> _HostBackedStorage:  # type: ignore[override]
         return _HostBackedStorage(self.as_subclass(torch.Tensor))
+
+
+def _real_value(stand_in: ConstantStandIn) -> torch.Tensor:
+    """The constant's true value on its device, rebuilt from its registered byte source."""
+    t = stand_in.as_subclass(torch.Tensor)
+    host = torch.empty(0, dtype=t.dtype).set_(host_bytes(t), 0, (required_nbytes(t) // t.element_size(),), (1,))
+    return torch.as_strided(host, t.shape, t.stride(), t.storage_offset()).to(t.device)
 
 
 def stand_in_for_zero_byte_constants(original):

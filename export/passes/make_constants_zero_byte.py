@@ -4,9 +4,11 @@ KV-cache buffers are recognised from the program, not from names: they are the b
 the program writes in place (`graph_signature.buffers_to_mutate` of a functional program,
 or an in-place op's written argument in a not-yet-functionalized one). They get
 `ByteSource.ZEROS` (caches start empty, so their bytes are re-synthesized on demand). With
-`include_weights`, every other state-dict entry and tensor constant becomes zero-byte too,
-with its host tensor recorded as `ByteSource.HOST`; otherwise weights are left for the
-backend's `move_to_device_pass` to copy (upstream ExecuTorch's behaviour).
+`include_weights`, every other parameter and buffer becomes zero-byte too, with its host
+tensor recorded as `ByteSource.HOST`; otherwise weights are left for the backend's
+`move_to_device_pass` to copy (upstream ExecuTorch's behaviour). Lifted tensor constants
+(small tensors that tracing made, with no module FQN) keep their bytes: the artifact
+writer has no other source for them.
 
 The exported program is changed in place (like `move_to_device_pass`); the eager module
 and its tensors are never touched (dynamo cannot re-trace zero-byte parameters, and the
@@ -58,6 +60,8 @@ def make_constants_zero_byte(program: ExportedProgram, device: str,
     """Swap the program's KV buffers (and, with `include_weights`, every other constant)
     for zero-byte tensors on `device` (an indexed device such as "cuda:0")."""
     kv = mutated_buffer_fqns(program)
+    sig = program.graph_signature
+    weights = (set(sig.inputs_to_parameters.values()) | set(sig.inputs_to_buffers.values())) - kv
 
     def swap(table: dict, fqn: str) -> None:
         value = table[fqn]
@@ -65,11 +69,10 @@ def make_constants_zero_byte(program: ExportedProgram, device: str,
             return
         if fqn in kv:
             table[fqn] = zero_byte_like(value, device, ByteSource.ZEROS)
-        elif include_weights:
+        elif include_weights and fqn in weights:
             table[fqn] = zero_byte_like(value, device, ByteSource.HOST)
 
-    for fqn in list(program.state_dict):
-        swap(program._state_dict, fqn)
-    for fqn in list(program.constants):
-        swap(program._constants, fqn)
+    for table in (program._state_dict, program._constants):  # persistent / non-persistent
+        for fqn in list(table):
+            swap(table, fqn)
     return program
