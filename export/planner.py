@@ -6,7 +6,8 @@ before a 20-minute export and in CPU tests. It predicts five peaks:
     runtime GPU          weights once + KV (rings for sliding layers) + the prefill chunk's
                          working set + logits + workspace + CUDA context
     export GPU stock     every constant real on the GPU, roughly doubled while lowering
-    export GPU low-mem   every constant zero-byte: the largest one made real for an autotune call
+    export GPU low-mem   the program's constants zero-byte: the largest one made real for an
+                         autotune call (+ the eager model, which export.py keeps on the GPU)
     export GPU quantize  torchao's int4 packing of the largest linear (it runs on CUDA)
     export host          naive (whole model in RAM) or streaming (int4 + one bf16 unit)
 
@@ -17,6 +18,14 @@ items inside torch's caching allocator add up to the allocator peak
 the device figure (NVML), which is what a budget is compared with.
 
     python -m export.planner --preset 31b --ctx 131072 --gpu-budget 24GiB
+
+The export CLI wires it as (PlanInputs' defaults are the exporter's):
+
+    inputs = PlanInputs(config, ctx=1024, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant,
+                        group_size=cfg.group_size, embedding=cfg.embedding_quant,
+                        dtype="bfloat16", low_memory=cfg.low_memory)
+    ctx = resolve_ctx(inputs, args.ctx, Budget(gpu_bytes))  # "auto" or an int; DoesNotFit
+    print(render_table(plan(replace(inputs, ctx=ctx))))     # --plan
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
 from export.gemma4.config import PRESETS, Gemma4Config
@@ -100,7 +109,7 @@ figure: host peak 110.7 -> 54.9 GB for 31B once weights were streamed to disk)."
 MATH_SCORE_BUFFERS = 2
 MATH_KV_UPCAST_BUFFERS = 2
 MATH_MASK_BYTES = 4
-"""SDPA decomposed on the MATH backend (the CUDA backend's default; traced with torch 2.11):
+"""SDPA decomposed on the MATH backend (what export.py gets unless the dtype is bf16; traced with torch 2.11):
 q, K, V are copied to fp32, scores [H, T, S] fp32 get an additive fp32 mask and a
 `_safe_softmax`, so at the softmax scores and probabilities (2 fp32 buffers), the layer's
 K and V in fp32 (2 buffers) and the fp32 mask [G*T, S] can all be live. An upper envelope:
@@ -184,22 +193,23 @@ class Loader(str, Enum):
 @dataclass(frozen=True)
 class PlanInputs:
     config: Gemma4Config
-    ctx: int = 8192
+    ctx: int = 2048
     prefill_chunk: int = 128  # tokens per prefill step
     linear: LinearQuant = LinearQuant.INT4  # every nn.Linear but the MoE router; lm_head untied
     group_size: int = 32
     int4_layout: Int4Layout = Int4Layout.TINYGEMM
     experts: LinearQuant | None = None  # MoE expert stacks; None: as `linear`
-    embedding: EmbeddingQuant = EmbeddingQuant.INT8  # embed_tokens and the PLE table
+    embedding: EmbeddingQuant = EmbeddingQuant.NONE  # embed_tokens and the PLE table
     dtype: DType = DType.BF16  # unquantized weights and activations
-    kv_dtype: DType = DType.BF16
+    kv_dtype: DType | None = None  # None: the model dtype (the model's caches use it)
     attention: AttentionImpl | None = None  # None: TRITON for bf16, MATH otherwise (as export.py)
-    low_memory: bool = True
+    low_memory: bool = False
     loader: Loader = Loader.NAIVE
 
     def __post_init__(self):
         dtype = DType(self.dtype)
-        derived = {"experts": self.linear, "attention": AttentionImpl.TRITON if dtype is DType.BF16 else AttentionImpl.MATH}
+        derived = {"experts": self.linear, "kv_dtype": dtype,
+                   "attention": AttentionImpl.TRITON if dtype is DType.BF16 else AttentionImpl.MATH}
         for name, enum in (("linear", LinearQuant), ("int4_layout", Int4Layout), ("experts", LinearQuant),
                            ("embedding", EmbeddingQuant), ("dtype", DType), ("kv_dtype", DType),
                            ("attention", AttentionImpl), ("loader", Loader)):
@@ -890,17 +900,17 @@ def add_plan_arguments(parser: argparse.ArgumentParser, model_options: bool = Tr
     if not model_options:
         return
     d = PlanInputs.__dataclass_fields__
-    parser.add_argument("--ctx", default="8192", help="context length, or 'auto' (needs --gpu-budget)")
+    parser.add_argument("--ctx", default=str(d["ctx"].default), help="context length, or 'auto' (needs --gpu-budget)")
     parser.add_argument("--prefill-chunk", type=int, default=d["prefill_chunk"].default)
     parser.add_argument("--linear", choices=[e.value for e in LinearQuant], default=d["linear"].default.value)
     parser.add_argument("--group-size", type=int, default=d["group_size"].default)
     parser.add_argument("--int4-layout", choices=[e.value for e in Int4Layout], default=d["int4_layout"].default.value)
     parser.add_argument("--embedding", choices=[e.value for e in EmbeddingQuant], default=d["embedding"].default.value)
     parser.add_argument("--dtype", choices=[e.value for e in DType], default=d["dtype"].default.value)
-    parser.add_argument("--kv-dtype", choices=[e.value for e in DType], default=d["kv_dtype"].default.value)
+    parser.add_argument("--kv-dtype", choices=[e.value for e in DType], help="default: --dtype")
     parser.add_argument("--experts", choices=[e.value for e in LinearQuant], help="MoE experts (default: as --linear)")
     parser.add_argument("--attention", choices=[e.value for e in AttentionImpl], help="default: triton for bf16, else math")
-    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=d["low_memory"].default)
     parser.add_argument("--loader", choices=[e.value for e in Loader], default=d["loader"].default.value)
 
 

@@ -8,6 +8,7 @@ factors) are imported by name: the tests check how they are applied, not their v
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -19,7 +20,10 @@ V = 262144  # every real config
 
 
 def plan(name, **kw):
-    kw.setdefault("ctx", 131072)
+    """The target configuration unless a test says otherwise: int4 linears, int8
+    embedding, low-memory export, bf16, 128k."""
+    for k, v in (("ctx", 131072), ("embedding", "int8"), ("low_memory", True)):
+        kw.setdefault(k, v)
     return P.plan(P.PlanInputs(PRESETS[name], **kw))
 
 
@@ -248,12 +252,12 @@ def test_largest_ctx_monotonic_and_bounded():
 
 
 def test_largest_ctx_is_tight():
-    inputs = P.PlanInputs(PRESETS["31b"], ctx=1024)
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=1024, embedding="int8")
     budget = P.Budget(28 * GiB, export_gpu=WIDE_EXPORT)
     fit = P.fit_ctx(inputs, budget)
     assert 0 < fit.ctx < 131072 and "runtime GPU" in fit.limit
-    assert P.violations(P.plan(P.PlanInputs(PRESETS["31b"], ctx=fit.ctx)), budget) == []
-    assert P.violations(P.plan(P.PlanInputs(PRESETS["31b"], ctx=fit.ctx + 1024)), budget) != []
+    assert P.violations(P.plan(replace(inputs, ctx=fit.ctx)), budget) == []
+    assert P.violations(P.plan(replace(inputs, ctx=fit.ctx + 1024)), budget) != []
 
 
 def test_largest_ctx_stops_at_max_position_embeddings():
@@ -310,8 +314,12 @@ def test_inputs_validate():
 
 
 def test_defaults_follow_the_exporter():
-    assert P.PlanInputs(PRESETS["31b"]).attention is P.AttentionImpl.TRITON  # bf16 on CUDA
-    assert P.PlanInputs(PRESETS["31b"], dtype="float32").attention is P.AttentionImpl.MATH
+    d = P.PlanInputs(PRESETS["31b"])
+    assert (d.ctx, d.prefill_chunk, d.linear, d.group_size, d.embedding, d.low_memory) == (
+        2048, 128, P.LinearQuant.INT4, 32, P.EmbeddingQuant.NONE, False)  # ExportConfig's defaults
+    assert d.attention is P.AttentionImpl.TRITON and d.kv_dtype is P.DType.BF16  # bf16 on CUDA
+    fp32 = P.PlanInputs(PRESETS["31b"], dtype="float32")
+    assert fp32.attention is P.AttentionImpl.MATH and fp32.kv_dtype is P.DType.FP32
     assert P.PlanInputs(PRESETS["26b-a4b"], linear="none").experts is P.LinearQuant.NONE
 
 
