@@ -131,6 +131,16 @@ EMBED_INT8_SCALE_BYTES = 2
 CTX_GRANULARITY = 1024
 
 
+def model_terms() -> dict[str, float | int | bool]:
+    """The coefficients above, recorded in every JSON plan so a measurement can be refitted."""
+    names = ("CUDA_CONTEXT_BYTES", "KERNEL_WORKSPACE_BYTES", "ALLOC_SLACK_PER_LARGE_TENSOR", "STOCK_EXPORT_FACTOR",
+             "STOCK_RESERVED_SLACK", "STOCK_METHODS_RESIDENT", "LOWMEM_WORKSPACE_BYTES",
+             "QUANT_TRANSIENT_BYTES_PER_PARAM", "QUANT_ROWS_PER_CHUNK", "QUANT_RESULTS_STAY_ON_GPU",
+             "EXPORT_EAGER_MODEL_ON_GPU", "HOST_BASE_BYTES", "SERIALIZE_JOIN_COPIES", "MATH_SCORE_BUFFERS",
+             "MATH_KV_UPCAST_BUFFERS", "MATH_MASK_BYTES", "LOGITS_BUFFERS", "MLP_LIVE_WIDTHS")
+    return {n: globals()[n] for n in names}
+
+
 # ---- options -----------------------------------------------------------------------------
 
 
@@ -253,9 +263,6 @@ class Peak:
         """The device figure (GPU) or the RSS (host): what a budget is compared with."""
         return sum(i.bytes for i in self.items if not i.reference)
 
-    def largest(self) -> Item:
-        return max(self.items, key=lambda i: i.bytes)
-
     def to_dict(self) -> dict:
         return {"title": self.title, "total_bytes": self.total_bytes, "total_gib": round(self.total_bytes / GiB, 3),
                 "allocator_bytes": self.allocator_bytes, "items": [i.to_dict() for i in self.items]}
@@ -323,6 +330,7 @@ class MemoryPlan:
             "peaks": {k: p.to_dict() for k, p in self.peaks().items()},
             "export_gpu_bytes": self.export_gpu.total_bytes, "export_gpu_phase": self.export_gpu.title,
             "runtime_gpu_bytes": self.runtime_gpu.total_bytes, "export_host_bytes": self.export_host.total_bytes,
+            "model_terms": model_terms(),
         }
 
 
@@ -620,7 +628,7 @@ def _linear_shapes(inp: PlanInputs) -> list[tuple[str, int, int, int]]:
         shapes += [(f"layers.{i}.q_proj", 1, q, H), (f"layers.{i}.o_proj", 1, H, q)]
         inter = c.layer_intermediate_size(i)
         shapes += [(f"layers.{i}.mlp.gate_proj", 1, inter, H), (f"layers.{i}.mlp.down_proj", 1, H, inter)]
-    if c.enable_moe_block:
+    if c.enable_moe_block and inp.experts is LinearQuant.INT4:
         E, I = c.num_experts, c.moe_intermediate_size
         shapes += [("experts.gate_up_proj", E, 2 * I, H), ("experts.down_proj", E, H, I)]
     if c.has_ple:
