@@ -19,6 +19,10 @@ the device figure (NVML), which is what a budget is compared with.
 
     python -m export.planner --preset 31b --ctx 131072 --gpu-budget 24GiB
 
+Not modelled yet: CPU exports (the GPU peaks assume the CUDA backend), a runner that
+allocates one arena instead of a tensor per constant (drop ALLOC_SLACK), expert weights
+dequantized whole inside the graph (the model's prefill runs every expert).
+
 The export CLI wires it as (PlanInputs' defaults are the exporter's):
 
     inputs = PlanInputs(config, ctx=1024, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant,
