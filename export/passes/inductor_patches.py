@@ -18,7 +18,8 @@ block and restores the originals on exit (also on error):
    cpp-wrapper codegen); zero-byte arguments get zero-filled storage for that call, freed
    after a synchronize.
 5. The GPU first pass also runs extern kernels from Python (e.g. `_weight_int4pack_mm`);
-   a dispatch mode gives their zero-byte arguments the same temporary storage.
+   a dispatch mode gives their zero-byte arguments temporary zero storage (a fresh tensor
+   the size of the view for a read, the storage itself lent in place for a write).
 """
 
 from __future__ import annotations
@@ -132,15 +133,40 @@ def lend_bytes_to_kernel_args(original):
 
 # ---- 5. extern kernels in the GPU first pass ----------------------------------------------
 
+def _written_tensor_ids(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> set[int]:
+    """ids of the tensors an op writes (in-place self, out=), per its schema."""
+    ids = set()
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        ids.update(id(t) for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+    return ids
+
+
+def _zeros_with_layout(t: torch.Tensor) -> torch.Tensor:
+    """A fresh zero tensor with `t`'s shape and strides (not its offset: only its extent)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).zero_()
+
+
 class LendBytesToOps(TorchDispatchMode):
-    """Non-view aten ops with zero-byte tensor arguments run on temporary zero storage."""
+    """Aten ops with zero-byte tensor arguments run on temporary zero storage.
+
+    A zero-byte argument the op only reads is replaced by a fresh zero tensor of its view's
+    extent (a slice of a big constant costs the slice); one it writes gets its storage lent
+    in place, so aliases see the write. View ops pass through (they need no bytes).
+    """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        leaves = tree_leaves((args, kwargs))
-        if func.is_view or not any(is_zero_byte(x) for x in leaves):
+        if func.is_view or not any(is_zero_byte(x) for x in tree_leaves((args, kwargs))):
             return func(*args, **kwargs)
-        with materialized(leaves):
+        written = _written_tensor_ids(func, args, kwargs)
+        lent = [t for t in tree_leaves((args, kwargs)) if id(t) in written]
+        args, kwargs = tree_map_only(
+            torch.Tensor, lambda t: _zeros_with_layout(t) if is_zero_byte(t) and id(t) not in written else t,
+            (args, kwargs))
+        with materialized(lent):
             return func(*args, **kwargs)
 
 
