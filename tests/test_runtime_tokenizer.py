@@ -13,9 +13,12 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]  # id
 WORDS = ["hello", "world", "user", "model", "the", "cat", "sat", "\n"]
 
 
-def make_tokenizer_json(directory) -> Tokenizer:
-    """A WordLevel tokenizer whose special-token ids follow Gemma (pad 0, eos 1, bos 2)."""
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS + ["<unk>"])}
+def make_tokenizer_json(directory, vocab_size: int = 0) -> Tokenizer:
+    """A WordLevel tokenizer whose special-token ids follow Gemma (pad 0, eos 1, bos 2),
+    padded with filler words "w<i>" up to `vocab_size` so any model id decodes."""
+    tokens = SPECIALS + WORDS
+    tokens += [f"w{i}" for i in range(len(tokens), vocab_size - 1)] + ["<unk>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     # words and newlines are tokens, spaces are not (invert: the pattern is what is kept)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^ \n]+|\n"), "removed", invert=True)

@@ -1,0 +1,198 @@
+"""The runner on the real exported tiny artifact (CPU): parity with the eager model, sharing of
+weights and KV between methods, sampling reproducibility, stops, and clear errors.
+
+Uses the session-scoped `tiny_artifact` fixture (tests/conftest.py): compiled once per session.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.__main__ import main as cli_main
+from runtime.artifact import PAIR_ID_KEY, ArtifactError, PtdFile
+from runtime.runner import ContextOverflowError, Runner
+from runtime.sampling import SamplingConfig
+
+pytestmark = pytest.mark.slow
+
+REL_TOL = 1e-3
+
+
+def _parts(fixture) -> tuple[Path, torch.nn.Module]:
+    """(artifact dir, eager model with the same weights) from the shared fixture."""
+    if isinstance(fixture, (tuple, list)):
+        return Path(fixture[0]), fixture[1]
+    return Path(fixture.out_dir), fixture.model
+
+
+@pytest.fixture(scope="module")
+def art(request):
+    try:  # transitional: the exporter's fixture lands in tests/conftest.py with the exporter
+        fixture = request.getfixturevalue("tiny_artifact")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny_artifact fixture (tests/conftest.py) does not exist yet")
+    return _parts(fixture)
+
+
+@pytest.fixture(scope="module")
+def runner(art) -> Runner:
+    return Runner.load(art[0])
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float().view(-1) - want.float().view(-1)).norm() / want.float().norm()).item()
+
+
+def _prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.no_grad()
+def test_logits_match_eager_over_chunked_prefill_and_decode_past_the_window(runner, art):
+    _, model = art
+    meta = runner.meta
+    chunk, ring = meta.prefill_chunk, meta.raw["ring_size"]
+    n_prompt = 2 * chunk + 1  # two full chunks and a lone token (the runner sends it through decode)
+    end = max(n_prompt, ring) + 6  # decode writes wrap the sliding rings
+    assert end <= meta.ctx
+    ids = _prompt(end, meta.vocab_size)
+
+    runner.reset()
+    model.reset_cache()
+    errors = []
+    for s in range(0, n_prompt, chunk):
+        piece = ids[s : min(s + chunk, n_prompt)]
+        want = model(torch.tensor([piece]), torch.tensor([s]))
+        got = runner.prefill(piece)
+        errors.append(_rel_err(got, want))
+    for p in range(n_prompt, end):
+        want = model(torch.tensor([[ids[p]]]), torch.tensor([p]))
+        errors.append(_rel_err(runner.decode(ids[p]), want))
+    assert runner.pos == end
+    assert max(errors) <= REL_TOL, errors
+
+    # one prefill call over the whole prompt chunks it the same way
+    runner.reset()
+    model.reset_cache()
+    for s in range(0, n_prompt, chunk):
+        want = model(torch.tensor([ids[s : min(s + chunk, n_prompt)]]), torch.tensor([s]))
+    assert _rel_err(runner.prefill(ids[:n_prompt]), want) <= REL_TOL
+
+
+def test_kv_sized_from_metadata_and_shared_by_both_methods(runner):
+    meta = runner.meta
+    for buf in meta.kv:
+        seq = buf.shape[2]  # (1, Hkv, S, D)
+        assert seq == (meta.raw["ring_size"] if buf.kind == "sliding" else meta.ctx), buf
+    maps = {m: runner.methods[m].container.extract_constants_map(False) for m in ("prefill", "decode")}
+    for buf in meta.kv:  # the very tensors the runner allocated, in both methods: no copy
+        mine = runner._bound.kv[buf.fqn].data_ptr()
+        assert maps["prefill"][buf.fqn].data_ptr() == maps["decode"][buf.fqn].data_ptr() == mine
+    weight = next(k for k in maps["prefill"] if k.endswith("q_proj.weight"))
+    assert maps["prefill"][weight].data_ptr() == maps["decode"][weight].data_ptr()  # one weight copy
+
+
+def test_same_seed_same_text_and_other_seed_differs(runner):
+    prompt = _prompt(11, runner.meta.vocab_size, seed=1)
+
+    def gen(seed):
+        cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=seed)
+        return list(runner.generate(prompt, 24, cfg, stop_ids=()))
+
+    first = gen(7)
+    assert len(first) == 24
+    assert gen(7) == first
+    assert gen(8) != first
+
+
+def test_greedy_generation_stops_on_eos(runner):
+    prompt = _prompt(5, runner.meta.vocab_size, seed=2)
+    greedy = list(runner.generate(prompt, 6, stop_ids=()))
+    assert len(greedy) == 6
+    stop_at = greedy[2]
+    cut = list(runner.generate(prompt, 6, stop_ids={stop_at}))
+    assert cut == greedy[: greedy.index(stop_at) + 1]
+    stats = runner.last_stats
+    assert stats.prompt_tokens == 5 and stats.new_tokens == len(cut) and stats.ttft_s > 0
+
+
+def test_over_long_prompt_is_a_clear_error(runner):
+    ctx = runner.ctx
+    with pytest.raises(ContextOverflowError, match=f"exported context of {ctx} tokens"):
+        list(runner.generate(list(range(3, 3 + ctx + 1)), 1))
+    with pytest.raises(ContextOverflowError, match=f"{ctx - 4} prompt tokens \\+ 5 new tokens"):
+        list(runner.generate(list(range(3, ctx - 1)), 5))
+    runner.reset()
+    runner.prefill([3] * (ctx - 1))
+    runner.decode(4)  # the last slot is usable
+    with pytest.raises(ContextOverflowError, match=f"position {ctx} is past"):
+        runner.decode(5)
+
+
+def _copy_artifact(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for name in ("model.pte", "model.ptd"):
+        shutil.copyfile(src / name, dst / name)
+    return dst
+
+
+def test_missing_ptd_is_a_clear_error(art, tmp_path):
+    d = _copy_artifact(art[0], tmp_path / "a")
+    (d / "model.ptd").unlink()
+    with pytest.raises(ArtifactError, match="model.ptd not found"):
+        Runner.load(d)
+
+
+def test_mismatched_pair_is_a_clear_error(art, tmp_path):
+    """A .ptd from another export of the same model: same layout, another pair_id."""
+    d = _copy_artifact(art[0], tmp_path / "a")
+    entry = PtdFile.open(d / "model.ptd").entries[PAIR_ID_KEY]
+    with open(d / "model.ptd", "r+b") as f:
+        f.seek(entry.offset)
+        old = f.read(entry.nbytes)
+        f.seek(entry.offset)
+        f.write(bytes(b ^ 1 for b in old[:1]) + old[1:])  # same length, different id
+    with pytest.raises(ArtifactError, match="does not belong to"):
+        Runner.load(d)
+
+
+def test_truncated_ptd_is_a_clear_error(art, tmp_path):
+    d = _copy_artifact(art[0], tmp_path / "a")
+    data = (d / "model.ptd").read_bytes()
+    (d / "model.ptd").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="model.ptd is truncated"):
+        Runner.load(d)
+
+
+def runner_vocab(d: Path) -> int:
+    from runtime.artifact import Artifact
+
+    return Artifact.open(d).metadata.vocab_size
+
+
+def test_cli_streams_text_and_ends_with_one_summary(art, tmp_path, capsys):
+    from tests.test_runtime_tokenizer import make_tokenizer_json
+
+    d = _copy_artifact(art[0], tmp_path / "a")
+    make_tokenizer_json(d, runner_vocab(d))
+    rc = cli_main(["--model", str(d), "--prompt", "hello the cat", "--max-new-tokens", "6", "--chat"])
+    out = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert rc == 0
+    summary = out[-1]
+    for part in ("TTFT", "prefill", "tok/s", "decode", "GPU peak"):
+        assert part in summary, summary
+    assert sum("TTFT" in line for line in out) == 1
+
+
+def test_cli_reports_errors_without_a_traceback(art, tmp_path, capsys):
+    from tests.test_runtime_tokenizer import make_tokenizer_json
+
+    d = _copy_artifact(art[0], tmp_path / "a")
+    make_tokenizer_json(d, runner_vocab(d))
+    rc = cli_main(["--model", str(d), "--prompt", "hello " * 10_000, "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "exported context" in err
