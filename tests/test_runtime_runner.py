@@ -106,6 +106,18 @@ def test_kv_sized_from_metadata_and_shared_by_both_methods(runner):
     assert maps["prefill"][weight].data_ptr() == maps["decode"][weight].data_ptr()  # one weight copy
 
 
+def test_cpu_weights_are_views_of_the_mapped_ptd(runner):
+    """Zero copy on CPU: every bound weight points into the .ptd's memory map."""
+    ptd = runner.artifact.ptd
+    key, entry = next((k, e) for k, e in ptd.entries.items() if e.dtype is not None and e.nbytes)
+    base = ptd.tensor(key).data_ptr() - entry.offset
+    offsets = {e.offset for e in ptd.entries.values()}
+    assert runner._bound.weights
+    for t in runner._bound.weights.values():
+        assert t.data_ptr() - base in offsets
+    assert runner.weight_bytes <= ptd.file_size
+
+
 def test_same_seed_same_text_and_other_seed_differs(runner):
     prompt = _prompt(11, runner.meta.vocab_size, seed=1)
 
