@@ -8,7 +8,10 @@ or an in-place op's written argument in a not-yet-functionalized one). They get
 tensor recorded as `ByteSource.HOST`; otherwise weights are left for the backend's
 `move_to_device_pass` to copy (upstream ExecuTorch's behaviour). Lifted tensor constants
 (small tensors that tracing made, with no module FQN) keep their bytes: the artifact
-writer has no other source for them.
+writer has no other source for them. So does every constant of at most
+`SMALL_CONSTANT_BYTES`: Inductor bakes the values of scalar and short 1-D constants into
+the generated code (`GraphLowering.get_attr` inlines them) and its graph-repro string prints
+small buffers, so their bytes must be real; they weigh nothing.
 
 The exported program is changed in place (like `move_to_device_pass`); the eager module
 and its tensors are never touched (dynamo cannot re-trace zero-byte parameters, and the
@@ -21,6 +24,11 @@ import torch
 from torch.export import ExportedProgram
 
 from export.passes.zero_byte import ByteSource, zero_byte_like
+
+# Constants up to this size keep their bytes (see the module docstring): it covers what
+# torch 2.11's Inductor reads at compile time (0-d and 1-D constants of <= 8 elements,
+# repro strings of buffers of <= 4 elements) with room for a wider dtype.
+SMALL_CONSTANT_BYTES = 4096
 
 
 def _written_args(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -65,7 +73,7 @@ def make_constants_zero_byte(program: ExportedProgram, device: str,
 
     def swap(table: dict, fqn: str) -> None:
         value = table[fqn]
-        if not isinstance(value, torch.Tensor) or value.numel() == 0:
+        if not isinstance(value, torch.Tensor) or value.numel() * value.element_size() <= SMALL_CONSTANT_BYTES:
             return
         if fqn in kv:
             table[fqn] = zero_byte_like(value, device, ByteSource.ZEROS)
