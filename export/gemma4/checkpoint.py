@@ -185,7 +185,10 @@ def _read_checked(reader: ShardReader, available: set[str], key: str, meta: torc
     if tuple(t.shape) != tuple(meta.shape):
         raise CheckpointError(f"{index.root}/{reader.shard_of(key)}: {index.prefix + key} has shape "
                               f"{tuple(t.shape)}, the config implies {tuple(meta.shape)}")
-    return t.to(dtype if t.is_floating_point() else t.dtype)
+    # Always a private copy: a tensor read from safetensors views the shard's whole memory
+    # map, so keeping any one of them (a norm weight) would keep every touched page of the
+    # shard resident, including the float weights a quantizer has already replaced.
+    return t.to(dtype if t.is_floating_point() else t.dtype, copy=True)
 
 
 def _tie_head(model: Gemma4Model, loaded: torch.Tensor | None, reader: ShardReader,
