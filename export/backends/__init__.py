@@ -12,12 +12,15 @@ from export.backends.aoti_base import (
     CompiledMethod,
     CompileSpecKey,
     ConstantInfo,
+    ConstantKind,
+    PREPROCESS_LISTENERS,
     TargetDevice,
     low_memory_specs,
     method_name_spec,
 )
 
-__all__ = ["CompiledMethod", "CompileSpecKey", "ConstantInfo", "TargetDevice", "partitioner_for"]
+__all__ = ["CompiledMethod", "CompileSpecKey", "ConstantInfo", "ConstantKind", "PREPROCESS_LISTENERS",
+           "TargetDevice", "partitioner_for"]
 
 
 def partitioner_for(device: TargetDevice, method: str, *, low_memory: bool = False,

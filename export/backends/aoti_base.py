@@ -13,7 +13,8 @@ state dict, keyed by FQN (see export/artifact.py and export/ARTIFACT.md).
 Preprocess order (one method at a time):
   1. low-memory ExportedProgram passes (only with `low_memory`, see "Low-memory hook")
   2. `move_to_device_pass` to the target device
-  3. ExecuTorch's `ReplaceViewCopyWithViewPass`, then the subclass's custom passes
+  3. ExecuTorch's `ReplaceViewCopyWithViewPass` and `replace_split_copy_with_split` (no
+     op may need the proxy executor), then the subclass's custom passes
   4. the subclass's decompositions
   5. `torch._inductor.aot_compile`, inside: fallback-kernel check, no_grad, the subclass's
      extra context, the low-memory Inductor patches, and the constant-table capture.
@@ -66,6 +67,14 @@ class CompileSpecKey(str, enum.Enum):
     LOW_MEMORY_OPTION_PREFIX = "low_memory."  # free-form options handed to the hook
 
 
+class ConstantKind(str, enum.Enum):
+    """How Inductor classified a constant (same rule as its AOTI codegen)."""
+
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    TENSOR_CONSTANT = "tensor_constant"
+
+
 @dataclass(frozen=True)
 class ConstantInfo:
     """One AOTI constant of a compiled method, as the `.so` names and expects it."""
@@ -75,7 +84,10 @@ class ConstantInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    is_buffer: bool  # a registered buffer (KV cache) rather than a parameter / tensor constant
+    kind: ConstantKind
+    # For TENSOR_CONSTANT only (small tensors tracing made, with no module FQN): a CPU copy
+    # of the value, since the exporter's state dict cannot provide it.
+    value: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -142,13 +154,18 @@ def capture_constants(sink: list[ConstantInfo]) -> Iterator[None]:
     original = AotCodeCompiler.compile.__func__
 
     def compile_and_record(cls, graph, *args, **kwargs):
+        params = {normalize_name(p) for p in graph.named_parameters}
         buffers = {normalize_name(b) for b in graph.named_buffers}
         for name, value in graph.constants.items():
             if name in graph.folded_constants:
                 continue
             fqn = graph.dynamo_flat_name_to_original_fqn.get(name) or graph.allocated_constant_name.get(name, name)
+            kind = (ConstantKind.PARAMETER if name in params else
+                    ConstantKind.BUFFER if name in buffers else ConstantKind.TENSOR_CONSTANT)
+            original_value = graph.get_original_value_of_constant(name)
+            copy = original_value.detach().to("cpu", copy=True) if kind is ConstantKind.TENSOR_CONSTANT else None
             sink.append(ConstantInfo(name=name, fqn=fqn, dtype=value.dtype, shape=tuple(value.shape),
-                                     stride=tuple(value.stride()), is_buffer=name in buffers))
+                                     stride=tuple(value.stride()), kind=kind, value=copy))
         return original(cls, graph, *args, **kwargs)
 
     AotCodeCompiler.compile = classmethod(compile_and_record)
@@ -156,6 +173,60 @@ def capture_constants(sink: list[ConstantInfo]) -> Iterator[None]:
         yield
     finally:
         AotCodeCompiler.compile = classmethod(original)
+
+
+# Callables told `(method, stage)` as preprocess advances ("start", "compiled"); the
+# exporter hangs its progress bar here (to_edge_transform_and_lower offers no callback).
+PREPROCESS_LISTENERS: list[Callable[[str, str], None]] = []
+
+
+def _notify(method: str, stage: str) -> None:
+    for listener in list(PREPROCESS_LISTENERS):
+        listener(method, stage)
+
+
+def _split_copy_targets() -> dict:
+    """Multi-output `*_copy` ops that Inductor has no lowering for (it would call them through
+    the proxy executor, which a weight-free `.so` loaded on its own does not have) -> views."""
+    from executorch.exir.dialects._ops import ops
+
+    aten = torch.ops.aten
+    pairs = [("split_copy", "Tensor", "split", "Tensor"),
+             ("split_with_sizes_copy", "default", "split_with_sizes", "default"),
+             ("unbind_copy", "int", "unbind", "int")]
+    table = {}
+    for src, src_ov, dst, dst_ov in pairs:
+        table[getattr(getattr(aten, src), src_ov)] = getattr(getattr(aten, dst), dst_ov)
+        table[getattr(getattr(ops.edge.aten, src), src_ov)] = getattr(getattr(aten, dst), dst_ov)
+    return table
+
+
+def _mutates(node: torch.fx.Node, arg: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    return any(a is arg and i < len(schema.arguments) and schema.arguments[i].alias_info is not None
+               and schema.arguments[i].alias_info.is_write for i, a in enumerate(node.args))
+
+
+def replace_split_copy_with_split(gm: torch.fx.GraphModule) -> bool:
+    """Edge IR turns chunk/split into `split_copy`; make them views again (outputs are only
+    read, so aliasing is safe), as ExecuTorch's ReplaceViewCopyWithViewPass does for
+    slice/select. Returns whether the graph changed."""
+    table = _split_copy_targets()
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in table:
+            continue
+        outs = list(node.users)
+        if any(_mutates(u, o) for o in outs for u in o.users):
+            continue
+        node.target = table[node.target]
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 class Gemma4AotiBackend(AotiBackend):
@@ -224,6 +295,7 @@ class Gemma4AotiBackend(AotiBackend):
                 program = p(program)
         program = move_to_device_pass(program, cls.move_target())
         ReplaceViewCopyWithViewPass()(program.graph_module)
+        replace_split_copy_with_split(program.graph_module)
         for p in cls.get_custom_passes(specs):
             p(program) if getattr(p, "requires_exported_program", False) else p(program.graph_module)
         table = cls.get_decomposition_table()
@@ -255,6 +327,7 @@ class Gemma4AotiBackend(AotiBackend):
     @classmethod
     def preprocess(cls, edge_program: ExportedProgram, compile_specs: list[CompileSpec]) -> PreprocessResult:
         method = cls.method_name_from_compile_specs(compile_specs)
+        _notify(method, "start")
         lm_options = _low_memory_options(compile_specs)
         program = cls._prepare(edge_program, compile_specs, lm_options)
         so_path, constants = cls._compile(program, compile_specs, lm_options)
@@ -265,6 +338,7 @@ class Gemma4AotiBackend(AotiBackend):
         store.add_named_data(f"{method}_so_blob", so_data, 1, None)
         info = CompiledMethod(method=method, device=TargetDevice(cls.get_device_name()),
                               constants=tuple(constants), so_size=len(so_data))
+        _notify(method, "compiled")
         return PreprocessResult(processed_bytes=b"", debug_handle_map={},
                                 data_store_output=store.get_named_data_store_output(),
                                 _delegate_info_meta=info)

@@ -1,0 +1,441 @@
+"""Export driver: Gemma 4 -> `model.pte` + `model.ptd` compiled by AOTInductor.
+
+    cfg = ExportConfig(preset="tiny", device=DeviceChoice.CPU, out=Path("out/tiny"))
+    result = export_model(cfg)
+
+Steps (each with a tqdm bar): validate the config (before anything heavy), load or build
+the model, quantize, `torch.export` `prefill` (tokens [1, T], T dynamic in
+1..prefill_chunk) and `decode` (token [1, 1]) from ONE model instance so both name the same
+KV buffers, lower both with the target's AOTI partitioner, then write the artifact
+atomically: the `.pte` (one weight-free `.so` per method, the `metadata` constant method)
+and the `.ptd` (each weight once, keyed by its FQN). export/ARTIFACT.md is the contract.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from export.artifact import PtdTensor, atomic_output_dir, write_ptd
+from export.backends import PREPROCESS_LISTENERS, CompiledMethod, ConstantKind, TargetDevice, partitioner_for
+from export.gemma4.config import PRESETS, Gemma4Config
+from export.gemma4.quant import EmbeddingQuant, LinearQuant, QuantRecipe, QuantReport, quantize_
+
+METHODS = ("prefill", "decode")
+FORMAT_VERSION = 1
+DEFAULT_PRESET = "tiny"  # what a bare `python -m export.gemma4` exports
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+class DeviceChoice(str, enum.Enum):
+    CUDA = "cuda"
+    CPU = "cpu"
+    AUTO = "auto"  # cuda when a GPU is visible, else cpu
+
+    def resolve(self) -> TargetDevice:
+        if self is DeviceChoice.AUTO:
+            return TargetDevice.CUDA if torch.cuda.is_available() else TargetDevice.CPU
+        return TargetDevice(self.value)
+
+
+class DTypeChoice(str, enum.Enum):
+    BF16 = "bfloat16"
+    FP32 = "float32"
+    AUTO = "auto"  # bfloat16 on cuda, float32 on cpu
+
+    def resolve(self, device: TargetDevice) -> torch.dtype:
+        if self is DTypeChoice.AUTO:
+            return torch.bfloat16 if device is TargetDevice.CUDA else torch.float32
+        return getattr(torch, self.value)
+
+
+class ExportConfigError(ValueError):
+    """A bad export configuration; the message names the flag or file and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything an export depends on; fields map one-to-one onto the CLI flags."""
+
+    checkpoint: Path | None = None  # --checkpoint: HF model directory (config.json + safetensors)
+    preset: str | None = None  # --preset: a config preset with random weights ("tiny" if neither)
+    ctx: int = 2048  # --ctx: max tokens per sequence (full-attention KV length)
+    prefill_chunk: int = 128  # --prefill-chunk: max tokens per prefill call (dynamic T)
+    quant: LinearQuant = LinearQuant.INT4  # --quant: linear weights (lm_head included)
+    group_size: int = 32  # --group-size: int4 group size along K (32 or 128)
+    embedding_quant: EmbeddingQuant = EmbeddingQuant.NONE  # --embedding-quant
+    device: DeviceChoice = DeviceChoice.AUTO  # --device
+    dtype: DTypeChoice = DTypeChoice.AUTO  # --dtype: activations and unquantized weights
+    low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
+    kv_in_ptd: bool = False  # --kv-in-ptd: also store the KV buffers (zeros) in the .ptd
+    out: Path | None = None  # --out: artifact directory (default out/<preset or checkpoint name>)
+    seed: int = 0  # --seed: random weights of a preset
+
+    @property
+    def source_preset(self) -> str | None:
+        """The preset to build, or None when loading a checkpoint."""
+        if self.checkpoint is not None:
+            return self.preset  # both set: validate() rejects it
+        return self.preset or DEFAULT_PRESET
+
+    @property
+    def name(self) -> str:
+        return Path(self.checkpoint).name if self.checkpoint is not None else self.source_preset
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else Path("out") / self.name
+
+    def recipe(self) -> QuantRecipe:
+        return QuantRecipe(linear=self.quant, group_size=self.group_size, embedding=self.embedding_quant)
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    metadata: dict
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
+    sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
+
+
+# ---- validation (cheap; runs before anything is loaded or compiled) -------------------------
+
+def _fail(msg: str) -> None:
+    raise ExportConfigError(msg)
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    if not path.is_dir():
+        _fail(f"--checkpoint {path}: no such directory (pass a Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        _fail(f"--checkpoint {path}: config.json missing (pass a Hugging Face model directory)")
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        _fail(f"--checkpoint {path}: no model.safetensors or model.safetensors.index.json "
+              "(only safetensors checkpoints are supported)")
+
+
+def model_config(cfg: ExportConfig) -> Gemma4Config:
+    """The Gemma4Config the export will use, after checking where it comes from."""
+    if cfg.checkpoint is not None and cfg.preset is not None:
+        _fail("pass either --checkpoint DIR or --preset NAME, not both")
+    if cfg.checkpoint is None:
+        if cfg.source_preset not in PRESETS:
+            _fail(f"--preset {cfg.source_preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
+        return PRESETS[cfg.source_preset]
+    path = Path(cfg.checkpoint)
+    _check_checkpoint_dir(path)
+    try:
+        return Gemma4Config.from_json(path)
+    except (ValueError, KeyError, TypeError) as e:
+        _fail(f"--checkpoint {path}/config.json: {e}")
+
+
+def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype]:
+    """Every check that can fail without loading weights; raises ExportConfigError."""
+    mcfg = model_config(cfg)
+    if not 1 <= cfg.ctx <= mcfg.max_position_embeddings:
+        _fail(f"--ctx {cfg.ctx} is outside 1..{mcfg.max_position_embeddings} "
+              f"(the model's max_position_embeddings); lower --ctx")
+    if not 2 <= cfg.prefill_chunk <= cfg.ctx:
+        _fail(f"--prefill-chunk {cfg.prefill_chunk} must be in 2..ctx ({cfg.ctx}); decode covers T = 1")
+    if cfg.group_size not in (32, 128):
+        _fail(f"--group-size {cfg.group_size}: use 32 (default) or 128")
+    if cfg.device is DeviceChoice.CUDA and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+    device = cfg.device.resolve()
+    dtype = cfg.dtype.resolve(device)
+    if device is TargetDevice.CUDA and cfg.quant is LinearQuant.INT4 and dtype != torch.bfloat16:
+        _fail("--quant int4 on cuda uses torchao's bf16 int4 kernel: pass --dtype bfloat16 (or --quant none)")
+    if cfg.out is not None and Path(cfg.out).is_file():
+        _fail(f"--out {cfg.out} is a file; pass a directory path")
+    if cfg.low_memory:
+        try:
+            from export.passes import low_memory_inductor_patches, low_memory_passes  # noqa: F401
+        except ImportError as e:
+            _fail(f"--low-memory: export.passes does not provide the low-memory passes yet ({e}); drop --low-memory")
+    return mcfg, device, dtype
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def init_random_(model: nn.Module, seed: int) -> nn.Module:
+    """Deterministic random weights for presets; 1-D weights and layer_scalar are moved away
+    from 1 so a missing multiply would show in parity tests."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.dim() == 1:
+            p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        if name.endswith("layer_scalar"):
+            b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=g))
+    return model
+
+
+def build_model(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype, progress: bool = False) -> nn.Module:
+    """The eager model in float: a checkpoint's weights or a preset's seeded random ones."""
+    from export.gemma4.model import Gemma4Model
+
+    if cfg.checkpoint is not None:
+        from export.gemma4.checkpoint import load_model
+        model = load_model(cfg.checkpoint, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype,
+                           progress=progress)
+    else:
+        model = Gemma4Model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype)
+        init_random_(model, cfg.seed)
+    return model.eval()
+
+
+def prepare_model(cfg: ExportConfig, progress: bool = False) -> tuple[nn.Module, QuantReport]:
+    """Validated config -> the model exactly as exported (quantized, on the export device).
+    Tests call this too, to get an eager model with the artifact's weights."""
+    mcfg, device, dtype = validate(cfg)
+    model = build_model(cfg, mcfg, dtype, progress)
+    with _bar(progress, total=None, desc="quantizing", unit="module") as bar:
+        report = quantize_(model, cfg.recipe(), device, progress=bar.update)
+    if device is TargetDevice.CUDA:
+        model.to("cuda")
+    return model, report
+
+
+# ---- export + lowering -------------------------------------------------------------------
+
+def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = next(model.buffers()).device
+    return torch.zeros(1, T, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+
+
+@torch.no_grad()
+def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export both entry points from the same instance (same KV buffers by FQN)."""
+    T = torch.export.Dim("T", min=1, max=prefill_chunk)
+    prefill = torch.export.export(model, _example_inputs(model, prefill_chunk), dynamic_shapes=({1: T}, None),
+                                  strict=True)
+    decode = torch.export.export(model, _example_inputs(model, 1), strict=True)
+    return {"prefill": prefill, "decode": decode}
+
+
+def _EDGE_CONFIG():
+    """Edge settings for a whole-graph AOTI delegate: the graph stays aten (Inductor compiles
+    it; edge-op wrappers and dim-order ops only cost Python time, ~45% of a CPU export),
+    and int4 dequant's shift, kept from decomposition by the partitioner, is allowed."""
+    from executorch.exir import EdgeCompileConfig
+
+    return EdgeCompileConfig(_check_ir_validity=False, _use_edge_ops=False, _skip_dim_order=True,
+                             _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar])
+
+
+def lower(programs: dict, device: TargetDevice, dtype: torch.dtype, low_memory: bool, progress: bool = False):
+    """to_edge + to_backend with the target's partitioner; one AOTI delegate per method."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    partitioners = {m: [partitioner_for(device, m, low_memory=low_memory,
+                                        triton_sdpa=device is TargetDevice.CUDA and dtype == torch.bfloat16)]
+                    for m in programs}
+    with _bar(progress, total=len(programs), desc="lowering", unit="method") as bar:
+        def listener(method: str, stage: str) -> None:
+            if stage == "compiled":
+                bar.update(1)
+        PREPROCESS_LISTENERS.append(listener)
+        try:
+            return to_edge_transform_and_lower(programs, partitioner=partitioners,
+                                               compile_config=_EDGE_CONFIG(),
+                                               constant_methods={"metadata": "{}"})
+        finally:
+            PREPROCESS_LISTENERS.remove(listener)
+
+
+def compiled_methods(edge_manager) -> dict[str, CompiledMethod]:
+    """The constant tables our backend left on each method's lowered module."""
+    out = {}
+    for method in edge_manager.methods:
+        gm = edge_manager.exported_program(method).graph_module
+        infos = [getattr(gm, n.target).meta.get("_delegate_info_meta") for n in gm.graph.nodes
+                 if n.op == "get_attr" and n.target.startswith("lowered_module")]
+        infos = [i for i in infos if isinstance(i, CompiledMethod)]
+        if len(infos) != 1:
+            raise RuntimeError(f"method {method}: expected one AOTI delegate, found {len(infos)} "
+                               "(part of the graph was not lowered)")
+        out[method] = infos[0]
+    return out
+
+
+# ---- the .ptd plan: AOTI constants -> the exporter's own tensors -------------------------------
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by FQN, aliases (tied weights) included."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    return named
+
+
+def _resolve(fqn: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A constant's FQN in the model; also `weight.<inner>` of a tensor subclass (torchao)."""
+    if fqn in tensors:
+        return tensors[fqn]
+    owner, _, inner = fqn.rpartition(".")
+    t = tensors.get(owner)
+    if t is not None and hasattr(t, "__tensor_flatten__") and inner in t.__tensor_flatten__()[0]:
+        return getattr(t, inner)
+    return None
+
+
+def _check_matches(key: str, t: torch.Tensor, info) -> None:
+    if t.dtype != info.dtype or tuple(t.shape) != info.shape:
+        raise RuntimeError(f"{key}: model tensor is {tuple(t.shape)} {t.dtype}, the compiled .so expects "
+                           f"{info.shape} {info.dtype}")
+    if not t.is_contiguous() or tuple(t.stride()) != info.stride:
+        raise RuntimeError(f"{key}: the .so expects strides {info.stride}, the tensor has {tuple(t.stride())}; "
+                           "only contiguous constants are supported")
+
+
+def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set[str],
+             kv_in_ptd: bool) -> tuple[list[PtdTensor], dict[str, dict[str, str]]]:
+    """The .ptd tensors (each once, first-seen order) and, per method, constant -> .ptd key.
+
+    KV buffers map to their FQN in every method (the runner binds its own allocation) and
+    are written only with `kv_in_ptd` (as zeros).
+    """
+    tensors = model_tensors(model)
+    plan: dict[str, PtdTensor] = {}
+    mapping: dict[str, dict[str, str]] = {}
+    for method, cm in compiled.items():
+        mapping[method] = {}
+        for c in cm.constants:
+            key = c.fqn
+            if c.fqn in kv_fqns:
+                if kv_in_ptd and key not in plan:
+                    plan[key] = PtdTensor(key, c.shape, c.dtype, lambda c=c: torch.zeros(c.shape, dtype=c.dtype))
+            elif (t := _resolve(c.fqn, tensors)) is not None:
+                _check_matches(key, t, c)
+                plan.setdefault(key, PtdTensor.of(key, t))
+            elif c.kind is ConstantKind.TENSOR_CONSTANT and c.value is not None:
+                key = f"{method}::{c.name}"
+                plan[key] = PtdTensor.of(key, c.value.contiguous())
+            else:
+                raise RuntimeError(f"method {method}: AOTI constant {c.name} (FQN {c.fqn}) is not a model "
+                                   "tensor; cannot store it in the .ptd")
+            mapping[method][c.name] = key
+    return list(plan.values()), mapping
+
+
+# ---- metadata -------------------------------------------------------------------------------
+
+def _eos_ids(cfg: ExportConfig, mcfg: Gemma4Config) -> list[int]:
+    """config.json's eos ids plus generation_config.json's (instruct models add <end_of_turn>)."""
+    ids = list(mcfg.eos_token_ids)
+    gen = Path(cfg.checkpoint) / "generation_config.json" if cfg.checkpoint else None
+    if gen is not None and gen.is_file():
+        extra = json.loads(gen.read_text()).get("eos_token_id", [])
+        ids += [i for i in (extra if isinstance(extra, list) else [extra]) if i not in ids]
+    return ids
+
+
+def build_metadata(cfg: ExportConfig, mcfg: Gemma4Config, model: nn.Module, device: TargetDevice,
+                   dtype: torch.dtype, report: QuantReport, mapping: dict[str, dict[str, str]],
+                   pair_id: str) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "pair_id": pair_id,
+        "device": device.value,
+        "dtype": str(dtype).removeprefix("torch."),
+        "config": json.loads(json.dumps(asdict(mcfg))),
+        "ctx": cfg.ctx,
+        "prefill_chunk": cfg.prefill_chunk,
+        "sliding_window": mcfg.sliding_window,
+        "ring_size": model.ring_size,
+        "bos_token_id": mcfg.bos_token_id,
+        "eos_token_ids": _eos_ids(cfg, mcfg),
+        "vocab_size": mcfg.vocab_size,
+        "quant": {**cfg.recipe().summary(), "int4_modules": len(report.int4),
+                  "float_linears": sorted(report.skipped)},
+        "kv_in_ptd": cfg.kv_in_ptd,
+        "kv": model.kv_cache_specs(),
+        "methods": {m: {"constants": consts} for m, consts in mapping.items()},
+    }
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+def write_artifact(out: Path, et_program, tensors: list[PtdTensor], pair_id: str,
+                   checkpoint: Path | None, progress: bool = False) -> dict[str, int]:
+    """model.pte + model.ptd (+ tokenizer files), all or nothing; returns file sizes."""
+    with atomic_output_dir(out) as tmp:
+        with open(tmp / "model.pte", "wb") as f:
+            et_program.write_to_file(f)
+        total = sum(t.nbytes for t in tensors)
+        with _bar(progress, total=total, desc="writing model.ptd", unit="B", unit_scale=True) as bar:
+            write_ptd(tmp / "model.ptd", tensors, {"gemma4_pair_id": pair_id.encode()}, progress=bar.update)
+        for name in TOKENIZER_FILES if checkpoint else ():
+            if (Path(checkpoint) / name).is_file():
+                shutil.copyfile(Path(checkpoint) / name, tmp / name)
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+
+
+def export_model(cfg: ExportConfig, progress: bool = False,
+                 log: Callable[[str], None] = lambda s: None) -> ExportResult:
+    """The whole export; see the module docstring."""
+    from executorch.exir import ExecutorchBackendConfig
+
+    mcfg, device, dtype = validate(cfg)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, report = prepare_model(cfg, progress)
+    times["load_and_quantize"] = time.perf_counter() - t0
+    log(f"model ready: {len(report.int4)} int4 linears, {len(report.skipped)} left in {dtype}")
+
+    t = time.perf_counter()
+    programs = export_methods(model, cfg.prefill_chunk)
+    times["torch_export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    edge = lower(programs, device, dtype, cfg.low_memory, progress)
+    del programs
+    times["lower"] = time.perf_counter() - t
+
+    kv_fqns = {s["fqn"] for s in model.kv_cache_specs()}
+    tensors, mapping = plan_ptd(model, compiled_methods(edge), kv_fqns, cfg.kv_in_ptd)
+    pair_id = secrets.token_hex(16)
+    metadata = build_metadata(cfg, mcfg, model, device, dtype, report, mapping, pair_id)
+    text = json.dumps(metadata, sort_keys=True)
+    # to_edge_transform_and_lower took the constant methods before the constant tables existed;
+    # ExecuTorch 1.2 keeps them (and the named data) on these attributes until to_executorch.
+    edge._config_methods["metadata"] = text
+    edge._named_data_store.add_named_data("gemma4_metadata", text.encode(), 1, None)
+
+    t = time.perf_counter()
+    et_program = edge.to_executorch(ExecutorchBackendConfig())
+    sizes = write_artifact(cfg.out_dir, et_program, tensors, pair_id, cfg.checkpoint, progress)
+    times["write"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t0
+    return ExportResult(out_dir=cfg.out_dir, metadata=metadata, seconds=times, sizes=sizes)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _bar(enabled: bool, **kw):
+    """A tqdm bar when progress is on, else a no-op with the same interface."""
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+    return tqdm(**kw)

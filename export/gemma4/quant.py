@@ -1,0 +1,235 @@
+"""Weight quantization: a recipe is plain data, applied by one function, `quantize_`.
+
+    recipe = QuantRecipe(linear=LinearQuant.INT4, group_size=32, embedding=EmbeddingQuant.INT8)
+    report = quantize_(model, recipe, TargetDevice.CUDA)
+
+Linears (the lm_head included) become int4 weight-only, group-wise along K:
+- CUDA: torchao `Int4WeightOnlyConfig(group_size, int4_packing_format="tile_packed_to_4d")`,
+  which exports to `aten._weight_int4pack_mm` (the one fallback kernel ExecuTorch's CUDA
+  backend allows). It needs bf16 weights and a CUDA device to pack.
+- CPU: torchao's int4 weight-only does not run on CPU, so `Int4Linear` below stores packed
+  nibbles + per-group scale and offset and dequantizes in the graph with plain aten ops.
+
+The lm_head is tied to `embed_tokens` in the model; quantizing it unties it (the embedding
+keeps its own tensor, bf16 or int8, for the gather). Optional int8 embedding: per-row
+symmetric int8 + scale (`Int8Embedding`), dequantized after the gather.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.backends import TargetDevice
+
+
+class LinearQuant(str, enum.Enum):
+    NONE = "none"
+    INT4 = "int4"
+
+
+class EmbeddingQuant(str, enum.Enum):
+    NONE = "none"
+    INT8 = "int8"
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Which modules get which scheme. Module patterns are fnmatch globs on FQNs."""
+
+    linear: LinearQuant = LinearQuant.INT4
+    group_size: int = 32  # 32 (default) or 128
+    embedding: EmbeddingQuant = EmbeddingQuant.NONE
+    linears: tuple[str, ...] = ("*",)  # every nn.Linear, lm_head included...
+    skip_linears: tuple[str, ...] = ("*router.proj",)  # ...but the MoE router (tiny, sensitive)
+    embeddings: tuple[str, ...] = ("embed_tokens", "embed_tokens_per_layer")
+
+    def __post_init__(self):
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size {self.group_size}: use 32 (default) or 128")
+
+    def summary(self) -> dict:
+        return {"linear": self.linear.value, "group_size": self.group_size,
+                "embedding": self.embedding.value}
+
+
+@dataclass
+class QuantReport:
+    """What `quantize_` did, by FQN (for the metadata and for tests)."""
+
+    int4: list[str] = field(default_factory=list)
+    int8_embedding: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # fqn -> why left in float
+    untied_lm_head: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- CPU int4 linear ------------------------------------------------------------------
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W [N, K] stored as 4-bit codes, dequantized in the graph.
+
+    Tensors (N = out_features stays dim 0 of every one of them and of every intermediate):
+        qweight  uint8 [N, K/2]   byte j of row n: low nibble = code of k=2j, high = k=2j+1
+        scales   dtype [N, K/g]   per group of g consecutive k
+        offsets  dtype [N, K/g]   w = code * scale + offset  (asymmetric, codes 0..15)
+
+    Dequant chain as exported (all views use -1 for dim 0, so slicing the three constants
+    along dim 0 to [n0:n1] yields the same graph for rows n0..n1 of the output features):
+        lo = bitwise_and(qweight, 15); hi = bitwise_right_shift(qweight, 4)   [N, K/2]
+        codes = stack([lo, hi], -1).view(-1, K)                               [N, K]
+        w = codes.to(dtype).view(-1, K/g, g) * scales.unsqueeze(-1) + offsets.unsqueeze(-1)
+        y = linear(x, w.view(-1, K))                                          [.., N]
+    An N-chunking pass can therefore split a vocab-sized matmul into slices of the three
+    constants, run the chain per slice and concatenate the outputs along the last dim.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        N, K, G = out_features, in_features, in_features // group_size
+        self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(N, G, dtype=dtype))
+        self.register_buffer("offsets", torch.zeros(N, G, dtype=dtype))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, group_size: int) -> "Int4Linear":
+        N, K = weight.shape
+        m = cls(K, N, group_size, weight.dtype).to(weight.device)
+        # Row blocks bound the fp32 temporaries (a 262144-row lm_head would otherwise need
+        # several full fp32 copies of itself on the host at once).
+        rows = max(1, (64 << 20) // (4 * K))
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            w = weight[r0:r1].float().view(r1 - r0, K // group_size, group_size)
+            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp_min(1e-8)
+            codes = ((w - lo) / scale).round().clamp(0, 15).to(torch.uint8).view(r1 - r0, K)
+            m.qweight[r0:r1] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            m.scales[r0:r1] = scale.squeeze(-1)
+            m.offsets[r0:r1] = lo.squeeze(-1)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        K, g = self.in_features, self.group_size
+        lo = torch.bitwise_and(self.qweight, 15)
+        hi = torch.bitwise_right_shift(self.qweight, 4)
+        codes = torch.stack([lo, hi], dim=-1).view(-1, K)
+        w = codes.to(self.scales.dtype).view(-1, K // g, g)
+        w = w * self.scales.unsqueeze(-1) + self.offsets.unsqueeze(-1)
+        return w.view(-1, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table as int8 rows + one scale per row; rows are dequantized after the
+    gather, so only T rows are ever in float. Same call signature as nn.Embedding."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(num_embeddings, dtype=dtype))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor) -> "Int8Embedding":
+        V, D = weight.shape
+        m = cls(V, D, weight.dtype).to(weight.device)
+        scale = (weight.float().abs().amax(-1) / 127).clamp_min(1e-8)
+        m.weight.copy_((weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        m.scales.copy_(scale)
+        return m
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(tokens, self.weight).to(self.scales.dtype)
+        return rows * F.embedding(tokens, self.scales.unsqueeze(-1))
+
+
+# ---- the one entry point ----------------------------------------------------------------
+
+def _matches(fqn: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def _set_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, leaf = fqn.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _untie_lm_head(model: nn.Module, report: QuantReport) -> None:
+    """Give lm_head its own Parameter object (sharing storage, no copy), so replacing or
+    quantizing it leaves embed_tokens' tensor alone."""
+    head, emb = getattr(model, "lm_head", None), getattr(model, "embed_tokens", None)
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach(), requires_grad=False)
+        report.untied_lm_head = True
+
+
+def _linear_skip_reason(fqn: str, lin: nn.Linear, recipe: QuantRecipe, device: TargetDevice) -> str | None:
+    if lin.bias is not None:
+        return "has a bias"
+    if device is TargetDevice.CPU and lin.in_features % recipe.group_size:
+        return f"in_features {lin.in_features} is not a multiple of group_size {recipe.group_size}"
+    if device is TargetDevice.CUDA and lin.weight.dtype != torch.bfloat16:
+        return "torchao int4 (tile_packed_to_4d) needs bf16 weights"
+    return None
+
+
+def _int4_cuda_(lin: nn.Linear, group_size: int) -> None:
+    """torchao int4 in place; packing runs on the GPU, the result stays there."""
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    lin.to("cuda")
+    ao_quantize_(lin, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"))
+
+
+def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
+              under: str | None = None, progress=None) -> QuantReport:
+    """Quantize `model` in place following `recipe` for `device`; returns what was done.
+
+    `under` limits the work to one subtree (e.g. a decoder layer just loaded), so a loader
+    can quantize unit by unit; the lm_head untie happens whenever lm_head is in scope.
+    `progress(n)` is called once per module handled.
+    """
+    report = QuantReport()
+    in_scope = (lambda fqn: fqn == under or fqn.startswith(under + ".")) if under else (lambda fqn: True)
+    if recipe.linear is LinearQuant.INT4 and in_scope("lm_head"):
+        _untie_lm_head(model, report)
+    if recipe.embedding is EmbeddingQuant.INT8 and in_scope("lm_head") and not report.untied_lm_head:
+        _untie_lm_head(model, report)  # the float head must not become the int8 table
+    for fqn, mod in list(model.named_modules()):
+        if not fqn or not in_scope(fqn):
+            continue
+        if isinstance(mod, nn.Embedding) and recipe.embedding is EmbeddingQuant.INT8 and _matches(fqn, recipe.embeddings):
+            _set_module(model, fqn, Int8Embedding.from_float(mod.weight))
+            report.int8_embedding.append(fqn)
+        elif isinstance(mod, nn.Linear) and recipe.linear is LinearQuant.INT4 and _matches(fqn, recipe.linears):
+            why = "excluded by the recipe" if _matches(fqn, recipe.skip_linears) else \
+                _linear_skip_reason(fqn, mod, recipe, device)
+            if why:
+                report.skipped[fqn] = why
+            elif device is TargetDevice.CUDA:
+                _int4_cuda_(mod, recipe.group_size)
+                report.int4.append(fqn)
+            else:
+                _set_module(model, fqn, Int4Linear.from_float(mod.weight, recipe.group_size))
+                report.int4.append(fqn)
+        else:
+            continue
+        if progress:
+            progress(1)
+    return report
