@@ -291,7 +291,8 @@ class Gemma4AotiBackend(AotiBackend):
         """Steps 1-4 of the module docstring: the program Inductor will compile."""
         if lm_options is not None:
             make_passes, _ = _load_low_memory_hook()
-            for p in make_passes(lm_options):
+            # the passes place zero-byte constants where the move below would put them
+            for p in make_passes({**lm_options, "device": cls.move_target()}):
                 program = p(program)
         program = move_to_device_pass(program, cls.move_target())
         ReplaceViewCopyWithViewPass()(program.graph_module)
