@@ -204,8 +204,8 @@ def prepare_model(cfg: ExportConfig, progress: bool = False) -> tuple[nn.Module,
     model = build_model(cfg, mcfg, dtype, progress)
     with _bar(progress, total=None, desc="quantizing", unit="module") as bar:
         report = quantize_(model, cfg.recipe(), device, progress=bar.update)
-    if device is TargetDevice.CUDA:
-        model.to("cuda")
+    if device is TargetDevice.CUDA and not cfg.low_memory:
+        model.to("cuda")  # low-memory exports from the host; constants reach the GPU as zero-byte
     return model, report
 
 

@@ -189,12 +189,15 @@ def _linear_skip_reason(fqn: str, lin: nn.Linear, recipe: QuantRecipe, device: T
 
 
 def _int4_cuda_(lin: nn.Linear, group_size: int) -> None:
-    """torchao int4 in place; packing runs on the GPU, the result stays there."""
+    """torchao int4 in place; packing runs on the GPU, the result goes back where the
+    linear was (one linear on the GPU at a time; a low-memory export keeps all on the host)."""
     from torchao.quantization import Int4WeightOnlyConfig
     from torchao.quantization import quantize_ as ao_quantize_
 
+    home = lin.weight.device
     lin.to("cuda")
     ao_quantize_(lin, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"))
+    lin.to(home)
 
 
 def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
