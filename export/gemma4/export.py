@@ -41,6 +41,9 @@ class DeviceChoice(str, enum.Enum):
     CPU = "cpu"
     AUTO = "auto"  # cuda when a GPU is visible, else cpu
 
+    def __str__(self) -> str:  # CLI help and choices show the value
+        return self.value
+
     def resolve(self) -> TargetDevice:
         if self is DeviceChoice.AUTO:
             return TargetDevice.CUDA if torch.cuda.is_available() else TargetDevice.CPU
@@ -51,6 +54,9 @@ class DTypeChoice(str, enum.Enum):
     BF16 = "bfloat16"
     FP32 = "float32"
     AUTO = "auto"  # bfloat16 on cuda, float32 on cpu
+
+    def __str__(self) -> str:
+        return self.value
 
     def resolve(self, device: TargetDevice) -> torch.dtype:
         if self is DTypeChoice.AUTO:
@@ -68,6 +74,7 @@ class ExportConfig:
 
     checkpoint: Path | None = None  # --checkpoint: HF model directory (config.json + safetensors)
     preset: str | None = None  # --preset: a config preset with random weights ("tiny" if neither)
+    layers: int | None = None  # --layers: keep only the first N decoder layers (preset slices at real width)
     ctx: int = 2048  # --ctx: max tokens per sequence (full-attention KV length)
     prefill_chunk: int = 128  # --prefill-chunk: max tokens per prefill call (dynamic T)
     quant: LinearQuant = LinearQuant.INT4  # --quant: linear weights (lm_head included)
@@ -89,7 +96,9 @@ class ExportConfig:
 
     @property
     def name(self) -> str:
-        return Path(self.checkpoint).name if self.checkpoint is not None else self.source_preset
+        if self.checkpoint is not None:
+            return Path(self.checkpoint).name
+        return self.source_preset + (f"-{self.layers}l" if self.layers else "")
 
     @property
     def out_dir(self) -> Path:
@@ -130,8 +139,15 @@ def model_config(cfg: ExportConfig) -> Gemma4Config:
     if cfg.checkpoint is None:
         if cfg.source_preset not in PRESETS:
             _fail(f"--preset {cfg.source_preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
-        return PRESETS[cfg.source_preset]
+        mcfg = PRESETS[cfg.source_preset]
+        if cfg.layers is not None:
+            if not 1 <= cfg.layers <= mcfg.num_hidden_layers:
+                _fail(f"--layers {cfg.layers} is outside 1..{mcfg.num_hidden_layers} for --preset {cfg.source_preset}")
+            mcfg = mcfg.with_layers(cfg.layers)
+        return mcfg
     path = Path(cfg.checkpoint)
+    if cfg.layers is not None:
+        _fail("--layers slices a --preset; it cannot be used with --checkpoint")
     _check_checkpoint_dir(path)
     try:
         return Gemma4Config.from_json(path)
@@ -157,12 +173,37 @@ def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype
         _fail("--quant int4 on cuda uses torchao's bf16 int4 kernel: pass --dtype bfloat16 (or --quant none)")
     if cfg.out is not None and Path(cfg.out).is_file():
         _fail(f"--out {cfg.out} is a file; pass a directory path")
+    if cfg.checkpoint is None:
+        _check_preset_fits(cfg, mcfg, dtype)
     if cfg.low_memory:
         try:
             from export.passes import low_memory_inductor_patches, low_memory_passes  # noqa: F401
         except ImportError as e:
             _fail(f"--low-memory: export.passes does not provide the low-memory passes yet ({e}); drop --low-memory")
     return mcfg, device, dtype
+
+
+def _available_host_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _check_preset_fits(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype) -> None:
+    """A preset is built whole in host RAM (random weights, then quantized): refuse one that
+    cannot fit instead of letting the OOM killer end it (and maybe a neighbour) later."""
+    from export.gemma4.model import Gemma4Model
+
+    with torch.device("meta"):
+        meta = Gemma4Model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype)
+    need = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
+    have = _available_host_bytes()
+    if need > 0.8 * have:
+        _fail(f"--preset {cfg.source_preset} builds a {need / 2**30:.1f} GiB float model in host RAM "
+              f"and only {have / 2**30:.1f} GiB is available; use a smaller preset, --ctx, or "
+              "--checkpoint (loaded tensor by tensor)")
 
 
 # ---- model -----------------------------------------------------------------------------------

@@ -32,10 +32,16 @@ class LinearQuant(str, enum.Enum):
     NONE = "none"
     INT4 = "int4"
 
+    def __str__(self) -> str:  # CLI help and choices show the value
+        return self.value
+
 
 class EmbeddingQuant(str, enum.Enum):
     NONE = "none"
     INT8 = "int8"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
