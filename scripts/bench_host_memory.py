@@ -104,14 +104,26 @@ def run_child(mode: str, args, checkpoint: str) -> dict:
 
 
 def extrapolate(rows: list[dict], full_layers: int) -> dict | None:
-    """Peak RSS = a + b * layers through the two smallest and largest slices."""
-    rows = sorted(rows, key=lambda r: r["layers"])
+    """Peak RSS at `full_layers`: overhead + weights + the transient of the largest slice.
+
+    Weights grow linearly in the layer count (slope from the smallest and largest slice);
+    the transient (peak minus what is kept) is the largest slice's. A straight line through
+    the peaks themselves would be wrong: a small slice's peak is the embedding's read.
+    """
+    rows = sorted((r for r in rows if "weights_bytes" in r), key=lambda r: r["layers"])
     if len(rows) < 2 or rows[0]["layers"] == rows[-1]["layers"]:
         return None
     lo, hi = rows[0], rows[-1]
-    slope = (hi["peak_rss"] - lo["peak_rss"]) / (hi["layers"] - lo["layers"])
-    return {"per_layer_bytes": slope, "layers": full_layers,
-            "peak_rss": lo["peak_rss"] + slope * (full_layers - lo["layers"])}
+    slope = (hi["weights_bytes"] - lo["weights_bytes"]) / (hi["layers"] - lo["layers"])
+    weights = hi["weights_bytes"] + slope * (full_layers - hi["layers"])
+    transient = hi["peak_rss"] - hi["baseline_rss"] - hi["weights_bytes"]
+    kept_plus_transient = hi["baseline_rss"] + weights + max(transient, 0)
+    # a loader that holds float layers (naive) grows faster than its kept weights: take the
+    # line through the peaks too, and report the larger
+    peak_line = hi["peak_rss"] + (hi["peak_rss"] - lo["peak_rss"]) / (hi["layers"] - lo["layers"]) \
+        * (full_layers - hi["layers"])
+    return {"per_layer_bytes": slope, "layers": full_layers, "weights_bytes": weights,
+            "transient_bytes": transient, "peak_rss": max(kept_plus_transient, peak_line)}
 
 
 def table(rows: list[dict]) -> str:
@@ -152,8 +164,9 @@ def main(argv=None):
         ex = extrapolate([r for r in rows if r["mode"] == mode], args.full_layers)
         if ex:
             result[f"extrapolated_{mode}"] = ex
-            print(f"{mode}: {ex['per_layer_bytes'] / GIB:.3f} GiB/layer -> "
-                  f"{ex['peak_rss'] / GIB:.2f} GiB at {ex['layers']} layers (extrapolated)")
+            print(f"{mode}: weights {ex['per_layer_bytes'] / GIB:.3f} GiB/layer -> {ex['weights_bytes'] / GIB:.2f} GiB"
+                  f" + transient {ex['transient_bytes'] / GIB:.2f} -> peak {ex['peak_rss'] / GIB:.2f} GiB"
+                  f" at {ex['layers']} layers (extrapolated)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
