@@ -238,10 +238,10 @@ def main(argv=None) -> int:
                     args.prompt_len, args.new_tokens)
         print(f"== {case.name}: export + runtime + eager on {args.device}", file=sys.stderr, flush=True)
         rows.append(bench_case(case, args.workdir, args.model))
+        if args.json:  # after every case: a later one may run out of time
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2, default=str))
     print_table(rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
     return 0
 
 
