@@ -11,3 +11,52 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- the tiny exported artifact, compiled once per test session ---------------------------
+#
+# Exporting compiles two AOTInductor methods (~2-3 min on two CPU cores), so every test that
+# needs an artifact shares this one. Config: preset `tiny` (every Gemma 4 feature: sliding +
+# full layers, k_eq_v, PLE, KV sharing, double-wide MLP, softcap), ctx 64, prefill_chunk 8
+# (ring 15, so a few dozen tokens wrap the sliding rings), fp32, CPU, int4 g32 linears (CPU
+# dequant-in-graph module) and int8 embeddings: the quantized paths are exercised too.
+# Compare against `model` (the same quantized weights, eager), not against a float model.
+
+from dataclasses import dataclass as _dataclass  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+
+@_dataclass
+class TinyArtifact:
+    """What `tiny_artifact` yields (treat the files as read-only; copy before editing)."""
+
+    out_dir: _Path  # holds model.pte + model.ptd
+    config: "object"  # the ExportConfig used (export/gemma4/export.py)
+    metadata: dict  # the metadata JSON the export wrote
+    model: torch.nn.Module  # eager model with the artifact's weights; call reset_cache() first
+
+    def fresh_model(self) -> torch.nn.Module:
+        """A new eager model with the same weights (for tests that must not share KV state)."""
+        from export.gemma4.export import prepare_model
+
+        return prepare_model(self.config)[0]
+
+
+def tiny_export_config(out: _Path):
+    from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
+    from export.gemma4.quant import EmbeddingQuant, LinearQuant
+
+    return ExportConfig(preset="tiny", ctx=64, prefill_chunk=8, quant=LinearQuant.INT4, group_size=32,
+                        embedding_quant=EmbeddingQuant.INT8, device=DeviceChoice.CPU,
+                        dtype=DTypeChoice.FP32, out=out)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> TinyArtifact:
+    from export.gemma4.export import export_model, prepare_model
+
+    cfg = tiny_export_config(tmp_path_factory.mktemp("tiny_artifact") / "tiny")
+    result = export_model(cfg)
+    model = prepare_model(cfg)[0]
+    model.reset_cache()
+    return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)

@@ -27,7 +27,8 @@ Low-memory hook (issue 4 plugs in here without editing this file):
     - `low_memory_inductor_patches(options: dict[str, str]) -> ContextManager`
       entered around `aot_compile`.
   `options` holds every compile spec whose key starts with "low_memory." (prefix stripped,
-  values decoded as UTF-8), so new knobs travel without touching this file. If
+  values decoded as UTF-8), so new knobs travel without touching this file; the passes
+  also get `options["device"]`, the device string `move_to_device_pass` targets next. If
   `export.passes` lacks these names, preprocess raises a clear error rather than silently
   compiling the memory-hungry way.
 """

@@ -1,0 +1,135 @@
+"""The AOTI base on a toy with a mutated KV buffer and a chunk (split): the weight-free .so,
+the constant table it reports, the low-memory hook, and running the .so standalone."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import export.backends.aoti_base as aoti_base
+from export.backends import CompiledMethod, ConstantKind, TargetDevice, partitioner_for
+
+pytestmark = pytest.mark.slow
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.proj = nn.Linear(16, 32, bias=False)
+        self.register_buffer("kv", torch.zeros(1, 16, 16), persistent=False)
+
+    def forward(self, tokens, pos):
+        x = self.embed(tokens)  # (1, T, 16)
+        a, b = self.proj(x).chunk(2, dim=-1)  # edge IR makes this split_copy
+        T = tokens.shape[1]
+        self.kv.index_copy_(1, pos + torch.arange(T), a * torch.sigmoid(b))
+        return (self.kv.sum(1) @ self.embed.weight.T).float()
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    """Both methods lowered with low-memory on and a recording stand-in for export.passes."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    calls = []
+
+    def make_passes(options):
+        calls.append(("passes", dict(options)))
+
+        def record(program):
+            calls.append(("pass_ran", sorted(program.state_dict)))
+            return program
+        return [record]
+
+    @contextlib.contextmanager
+    def patches(options):
+        calls.append(("enter", dict(options)))
+        yield
+        calls.append(("exit", None))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(aoti_base, "_load_low_memory_hook", lambda: (make_passes, patches))
+    torch.manual_seed(0)
+    model = Toy().eval()
+    T = torch.export.Dim("T", min=1, max=4)
+    with torch.no_grad():
+        progs = {"prefill": torch.export.export(model, (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0])),
+                                                dynamic_shapes=({1: T}, None)),
+                 "decode": torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])))}
+    parts = {m: [partitioner_for(TargetDevice.CPU, m, low_memory=True, low_memory_options={"rows": 4})]
+             for m in progs}
+    try:
+        edge = to_edge_transform_and_lower(progs, partitioner=parts,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    finally:
+        mp.undo()
+    from export.gemma4.export import compiled_methods
+    return model, edge, compiled_methods(edge), calls, tmp_path_factory.mktemp("toy_so")
+
+
+def test_low_memory_hook_gets_options_runs_passes_and_wraps_compile(lowered):
+    calls = lowered[3]
+    per_method = [c[0] for c in calls]
+    assert per_method == ["passes", "pass_ran", "enter", "exit"] * 2
+    # the passes also learn the device move target (they place stand-ins there)
+    assert calls[0][1] == {"rows": "4", "device": "cpu"} and calls[2][1] == {"rows": "4"}
+    assert calls[1][1] == ["embed.weight", "proj.weight"]  # the pass sees the lifted weights
+
+
+def test_constant_table_names_fqns_and_kinds(lowered):
+    compiled: dict[str, CompiledMethod] = lowered[2]
+    for method, cm in compiled.items():
+        assert cm.method == method and cm.device is TargetDevice.CPU and cm.so_size > 0
+        table = {c.fqn: c for c in cm.constants}
+        assert set(table) == {"embed.weight", "proj.weight", "kv"}
+        assert table["kv"].kind is ConstantKind.BUFFER and table["proj.weight"].kind is ConstantKind.PARAMETER
+        assert table["kv"].shape == (1, 16, 16) and table["proj.weight"].stride == (16, 1)
+
+
+def test_pte_carries_only_the_so(lowered):
+    edge = lowered[1]
+    store = edge._named_data_store
+    assert set(store.pte_data) == {"prefill_so_blob", "decode_so_blob"} and not store.external_data
+
+
+@torch.no_grad()
+def test_weight_free_so_runs_standalone_with_bound_constants(lowered):
+    """No proxy executor (split_copy became split), no weights inside: bind by name and run;
+    prefill and decode share one KV tensor."""
+    model, edge, compiled, _, tmp = lowered
+    blobs = edge._named_data_store
+    lib = Path(torch.__file__).parent / "lib"
+    ctypes.CDLL(str(lib / "libtorch_cpu.so"), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    kv = torch.zeros(1, 16, 16)
+    tensors = {"embed.weight": model.embed.weight, "proj.weight": model.proj.weight, "kv": kv}
+    runners = {}
+    for method, cm in compiled.items():
+        so = tmp / f"{method}.so"
+        so.write_bytes(blobs.buffers[blobs.pte_data[f"{method}_so_blob"].buffer_index])
+        r = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
+        assert r.get_constant_names_to_original_fqns() == {c.name: c.fqn for c in cm.constants}
+        r.update_constant_buffer({c.name: tensors[c.fqn] for c in cm.constants}, False, True, True)
+        runners[method] = r
+    model.kv.zero_()
+    tok = torch.tensor([[3, 9, 27]])
+    torch.testing.assert_close(runners["prefill"].run([tok, torch.tensor([0])])[0], model(tok, torch.tensor([0])))
+    one = torch.tensor([[5]])
+    torch.testing.assert_close(runners["decode"].run([one, torch.tensor([3])])[0], model(one, torch.tensor([3])))
+    torch.testing.assert_close(kv, model.kv)
+
+
+def test_low_memory_without_passes_module_is_a_clear_error(monkeypatch):
+    import importlib
+
+    def missing(name):
+        raise ImportError("No module named 'export.passes'")
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(RuntimeError, match="--low-memory needs export.passes"):
+        aoti_base._load_low_memory_hook()

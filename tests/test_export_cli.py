@@ -1,0 +1,87 @@
+"""`python -m export.gemma4`: flags map one-to-one onto ExportConfig, and bad input fails
+clearly before anything is compiled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from export.gemma4.__main__ import build_parser, config_from_args, main
+from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
+from export.gemma4.quant import EmbeddingQuant, LinearQuant
+
+
+def test_every_config_field_is_a_flag_and_defaults_agree():
+    parser = build_parser()
+    flags = {a.dest for a in parser._actions if a.dest != "help"}
+    assert flags == {f.name for f in fields(ExportConfig)}
+    assert config_from_args(parser.parse_args([])) == ExportConfig()
+
+
+def test_no_arguments_means_tiny_on_any_device():
+    cfg = ExportConfig()
+    assert cfg.source_preset == "tiny" and cfg.device is DeviceChoice.AUTO
+    assert cfg.out_dir == Path("out/tiny")
+
+
+def test_flags_parse_into_enums():
+    cfg = config_from_args(build_parser().parse_args(
+        ["--preset", "31b", "--layers", "2", "--ctx", "8192", "--quant", "none", "--group-size", "128",
+         "--embedding-quant", "int8", "--device", "cpu", "--dtype", "bfloat16", "--low-memory", "--out", "x"]))
+    assert cfg == ExportConfig(preset="31b", layers=2, ctx=8192, quant=LinearQuant.NONE, group_size=128,
+                               embedding_quant=EmbeddingQuant.INT8, device=DeviceChoice.CPU,
+                               dtype=DTypeChoice.BF16, low_memory=True, out=Path("x"))
+    assert cfg.name == "31b-2l"
+
+
+def test_help_explains_the_artifact():
+    out = subprocess.run([sys.executable, "-m", "export.gemma4", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0
+    assert "--prefill-chunk" in out.stdout and "model.ptd" in out.stdout and "{none,int4}" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ctx", "5000"], "--ctx 5000 is outside 1..4096"),
+    (["--preset", "nope"], "--preset 'nope' is unknown"),
+    (["--checkpoint", "/no/such/dir"], "--checkpoint /no/such/dir: no such directory"),
+    (["--prefill-chunk", "1"], "--prefill-chunk 1 must be in 2..ctx"),
+    (["--layers", "99"], "--layers 99 is outside 1..6"),
+    (["--preset", "31b"], "builds a"),  # 31B float would not fit in CI's RAM: refused up front
+])
+def test_bad_input_fails_before_compiling(argv, message, capsys, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--device", "cpu", "--out", str(out)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_dir_without_weights_is_named(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--device", "cpu"])
+    assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_checkpoint_with_too_long_ctx(tmp_path, capsys):
+    from export.gemma4.config import PRESETS
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny"].to_hf_dict()))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--ctx", "8192", "--device", "cpu"])
+    assert "--ctx 8192 is outside 1..4096" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])
+    assert "no CUDA GPU is visible" in capsys.readouterr().err

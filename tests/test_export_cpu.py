@@ -1,0 +1,167 @@
+"""The tiny preset exported for CPU (session fixture `tiny_artifact`): the artifact's layout,
+each weight stored once, and the compiled .so bound from the .ptd matching eager logits.
+
+The loader below is deliberately minimal (the real runner lives in runtime/): it pulls each
+method's .so out of the .pte, loads it with `AOTIModelContainerRunnerCpu`, and binds every
+constant by name — weights from the .ptd, KV buffers from one shared allocation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.artifact import load_ptd_tensor, read_ptd_index
+from export.gemma4.export import METHODS
+
+pytestmark = pytest.mark.slow
+REL_TOL = 1e-3
+
+
+def _named_data(pte: Path) -> dict[str, bytes]:
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    nd = deserialize_pte_binary(pte.read_bytes()).named_data
+    return {k: bytes(nd.buffers[e.buffer_index]) for k, e in nd.pte_data.items()}
+
+
+class MiniRunner:
+    """Both methods of a CPU artifact, sharing weights and KV tensors (bound, not copied)."""
+
+    def __init__(self, out: Path, tmp: Path):
+        lib = Path(torch.__file__).parent / "lib"
+        ctypes.CDLL(str(lib / "libtorch_cpu.so"), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)  # the .so needs its symbols
+        self.blobs = _named_data(out / "model.pte")
+        self.meta = json.loads(self.blobs["gemma4_metadata"])
+        index = read_ptd_index(out / "model.ptd")
+        self.weights = {k: load_ptd_tensor(out / "model.ptd", e) for k, e in index.items() if e.layout is not None}
+        self.kv = {s["fqn"]: torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in self.meta["kv"]}
+        self.runners = {}
+        for method in METHODS:
+            so = tmp / f"{method}.so"
+            so.write_bytes(self.blobs[f"{method}_so_blob"])
+            runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
+            keys = self.meta["methods"][method]["constants"]
+            tensors = {name: self.kv.get(key, self.weights.get(key)) for name, key in keys.items()}
+            runner.update_constant_buffer(tensors, False, True, True)  # validate_full_update, user_managed
+            self.runners[method] = runner
+
+    def prefill(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.runners["prefill"].run([tokens.contiguous(), torch.tensor([pos])])[0]
+
+    def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        return self.runners["decode"].run([token.contiguous(), torch.tensor([pos])])[0]
+
+
+@pytest.fixture(scope="module")
+def mini(tiny_artifact, tmp_path_factory) -> MiniRunner:
+    return MiniRunner(tiny_artifact.out_dir, tmp_path_factory.mktemp("so"))
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def test_artifact_files_and_no_leftovers(tiny_artifact):
+    out = tiny_artifact.out_dir
+    assert sorted(p.name for p in out.iterdir()) == ["model.ptd", "model.pte"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_pte_holds_so_per_method_and_no_weights(mini):
+    assert set(mini.blobs) == {"prefill_so_blob", "decode_so_blob", "gemma4_metadata"}
+    # the .so files carry no weights: ExecuTorch 1.2 would add {method}_weights_blob
+    assert not any(k.endswith("_weights_blob") for k in mini.blobs)
+
+
+def test_metadata_contract(tiny_artifact, mini):
+    meta = tiny_artifact.metadata
+    assert mini.meta == meta
+    assert meta["format_version"] == 1 and meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert (meta["ctx"], meta["prefill_chunk"], meta["sliding_window"]) == (64, 8, 8)
+    assert meta["ring_size"] == 8 + 8 - 1
+    assert meta["quant"]["linear"] == "int4" and meta["quant"]["group_size"] == 32
+    assert meta["quant"]["embedding"] == "int8"
+    assert meta["eos_token_ids"] == [1] and meta["vocab_size"] == 512
+    assert meta["kv"] == tiny_artifact.model.kv_cache_specs()
+
+
+def test_metadata_constant_method_readable_by_executorch(tiny_artifact):
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(tiny_artifact.out_dir / "model.pte")
+    assert {"prefill", "decode", "metadata"} <= set(program.method_names)
+    text = program.load_method("metadata").execute([])[0]
+    assert json.loads(text) == tiny_artifact.metadata
+
+
+def test_pair_id_ties_pte_to_ptd(tiny_artifact):
+    path = tiny_artifact.out_dir / "model.ptd"
+    entry = read_ptd_index(path)["gemma4_pair_id"]
+    with open(path, "rb") as f:
+        f.seek(entry.offset)
+        assert f.read(entry.size).decode() == tiny_artifact.metadata["pair_id"]
+
+
+def test_each_weight_stored_once_serving_both_methods(tiny_artifact):
+    meta = tiny_artifact.metadata
+    index = read_ptd_index(tiny_artifact.out_dir / "model.ptd")
+    kv = {s["fqn"] for s in meta["kv"]}
+    keys = {m: set(meta["methods"][m]["constants"].values()) for m in METHODS}
+    shared = keys["prefill"] & keys["decode"]
+    assert len(shared - kv) > 40  # the same .ptd entries serve both methods
+    assert all(k in index for k in (keys["prefill"] | keys["decode"]) - kv)
+    assert not kv & set(index)  # KV buffers are the runner's, not in the .ptd
+    # no tensor bytes appear twice: segments are distinct and the file is about their sum
+    tensors = {k: e for k, e in index.items() if e.layout is not None}
+    offsets = [e.offset for e in tensors.values()]
+    assert len(set(offsets)) == len(offsets)
+    weight_bytes = sum(e.size for e in tensors.values())
+    model = tiny_artifact.model
+    model_bytes = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                      if n not in kv)
+    file_size = (tiny_artifact.out_dir / "model.ptd").stat().st_size
+    assert weight_bytes <= model_bytes + 4096
+    assert file_size < weight_bytes + (len(tensors) + 2) * 4096 + 65536  # padding only
+
+
+def test_ptd_entries_equal_model_tensors(tiny_artifact, mini):
+    state = dict(tiny_artifact.model.named_parameters(remove_duplicate=False))
+    state.update(tiny_artifact.model.named_buffers(remove_duplicate=False))
+    for key, t in mini.weights.items():
+        assert torch.equal(t, state[key].detach().cpu()), key
+    # the quantized formats really are in the file
+    assert mini.weights["layers.0.mlp.gate_proj.qweight"].dtype == torch.uint8
+    assert mini.weights["embed_tokens.weight"].dtype == torch.int8
+
+
+def test_so_constant_names_map_as_metadata_says(mini):
+    for method, runner in mini.runners.items():
+        assert runner.get_constant_names_to_original_fqns() == mini.meta["methods"][method]["constants"]
+
+
+@torch.no_grad()
+def test_so_logits_match_eager_prefill_and_decode(tiny_artifact, mini):
+    """Chunked prefill (full chunk, partial chunk) then decode past the sliding rings' wrap:
+    every step within 1e-3 relative of the eager model with the same weights."""
+    model = tiny_artifact.fresh_model()
+    model.reset_cache()
+    for t in mini.kv.values():
+        t.zero_()
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    errors = []
+    for start, end in [(0, 8), (8, 13)]:
+        piece = ids[:, start:end]
+        errors.append(_rel(mini.prefill(piece, start), model(piece, torch.tensor([start]))))
+    for p in range(13, 40):
+        tok = ids[:, p:p + 1]
+        errors.append(_rel(mini.decode(tok, p), model(tok, torch.tensor([p]))))
+    assert max(errors) < REL_TOL, errors
+    # both methods wrote the same KV tensors the runner bound (no copies)
+    layer0 = mini.kv["layers.0.self_attn.kv_cache.k"]
+    torch.testing.assert_close(layer0, model.layers[0].self_attn.kv_cache.k, rtol=1e-4, atol=1e-5)

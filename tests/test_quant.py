@@ -1,0 +1,115 @@
+"""The quantization recipe: CPU int4 packing and its in-graph dequant, int8 embeddings,
+lm_head untying, and what the recipe leaves in float (and why)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from export.backends import TargetDevice
+from export.gemma4.config import PRESETS
+from export.gemma4.export import init_random_
+from export.gemma4.model import Gemma4Model
+from export.gemma4.quant import (
+    EmbeddingQuant,
+    Int4Linear,
+    Int8Embedding,
+    LinearQuant,
+    QuantRecipe,
+    quantize_,
+)
+
+
+def _weight(n=48, k=64, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+
+
+def test_int4_codes_roundtrip_exactly():
+    """A weight already on the int4 grid of its groups dequantizes exactly (packing order,
+    nibble order, scale/offset broadcast all right)."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (8, 64), generator=g).float()
+    codes[:, ::32] = 0  # every group spans the full 0..15 range, so its scale is exactly 1/15
+    codes[:, 1::32] = 15
+    scale = torch.rand(8, 2, generator=g) + 0.5
+    offset = torch.randn(8, 2, generator=g)
+    w = (codes.view(8, 2, 32) * (scale / 15)[..., None] + offset[..., None]).view(8, 64)
+    q = Int4Linear.from_float(w, 32)
+    torch.testing.assert_close(q.dequantize(), w, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_linear_error_and_layout():
+    w = _weight()
+    q = Int4Linear.from_float(w, 32)
+    assert q.qweight.shape == (48, 32) and q.qweight.dtype == torch.uint8
+    assert q.scales.shape == q.offsets.shape == (48, 2)
+    x = torch.randn(3, 64)
+    rel = ((q(x) - x @ w.T).norm() / (x @ w.T).norm()).item()
+    assert 0.01 < rel < 0.15  # 4-bit: clearly lossy, clearly not garbage
+
+
+def test_int4_rows_slice_along_dim0():
+    """The N-chunking pass's premise: slicing qweight/scales/offsets rows gives those output
+    features, with the same graph (views use -1 for dim 0)."""
+    w = _weight(n=40)
+    q = Int4Linear.from_float(w, 32)
+    part = Int4Linear(64, 16, 32, torch.float32)
+    for name in ("qweight", "scales", "offsets"):
+        getattr(part, name).copy_(getattr(q, name)[8:24])
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(part(x), q(x)[:, 8:24])
+    ep = torch.export.export(q, (x,))
+    views = [n.args[1] for n in ep.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.view.default]
+    assert views and all(v[0] == -1 for v in views)
+
+
+def test_int8_embedding_gathers_then_dequantizes():
+    w = _weight(n=100, k=16)
+    e = Int8Embedding.from_float(w)
+    tok = torch.tensor([[0, 5, 99]])
+    torch.testing.assert_close(e(tok), w[tok], rtol=0, atol=w.abs().max().item() / 127)
+
+
+def _tiny():
+    return init_random_(Gemma4Model(PRESETS["tiny"], ctx=32, prefill_chunk=4), seed=0).eval()
+
+
+def test_quantize_unties_lm_head_and_keeps_embedding():
+    model = _tiny()
+    emb = model.embed_tokens.weight.detach().clone()
+    assert model.lm_head.weight is model.embed_tokens.weight
+    report = quantize_(model, QuantRecipe(), TargetDevice.CPU)
+    assert report.untied_lm_head and "lm_head" in report.int4
+    assert isinstance(model.lm_head, Int4Linear)
+    assert isinstance(model.embed_tokens, nn.Embedding) and torch.equal(model.embed_tokens.weight, emb)
+    # what stayed float, and why: per_layer_projection has K = 8 < group 32
+    assert set(report.skipped) == {f"layers.{i}.per_layer_projection" for i in range(6)}
+    assert all("group_size" in why for why in report.skipped.values())
+
+
+def test_quantize_int8_embedding_without_int4_keeps_a_float_head():
+    model = _tiny()
+    head = model.lm_head.weight.detach().clone()
+    report = quantize_(model, QuantRecipe(linear=LinearQuant.NONE, embedding=EmbeddingQuant.INT8), TargetDevice.CPU)
+    assert report.int8_embedding == ["embed_tokens", "embed_tokens_per_layer"]
+    assert isinstance(model.embed_tokens, Int8Embedding)
+    assert model.lm_head.weight.dtype == torch.float32 and torch.equal(model.lm_head.weight, head)
+
+
+def test_quantize_under_one_subtree():
+    model = _tiny()
+    report = quantize_(model, QuantRecipe(), TargetDevice.CPU, under="layers.1")
+    assert report.int4 and all(f.startswith("layers.1.") for f in report.int4)
+    assert isinstance(model.layers[0].mlp.gate_proj, nn.Linear)
+    assert model.lm_head.weight is model.embed_tokens.weight  # lm_head not in scope: still tied
+
+
+def test_quantized_model_still_runs_close_to_float():
+    model = _tiny()
+    ref = _tiny()
+    quantize_(model, QuantRecipe(embedding=EmbeddingQuant.INT8), TargetDevice.CPU)
+    tok = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(tok, torch.tensor([0])), ref(tok, torch.tensor([0]))
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel < 0.5 and not torch.equal(a, b)
