@@ -1,0 +1,339 @@
+"""Export memory, stock vs low-memory: the same model and ctx, each export in a fresh process.
+
+    python -m scripts.bench_export_memory --preset 31b --runs stock:6,low:6,low:2,low:4 \
+        --ctx 131072 --out out/bench --json out/bench/export_memory.json
+
+Each run `MODE:LAYERS` exports `PRESETS[preset].with_layers(LAYERS)` (random weights, int4
+g32 by default) through the real exporter (`export.gemma4.export.export_model`) in a child
+process and reports, per phase (quantize, torch.export, lower, write) and overall: the
+allocator peak (`torch.cuda.max_memory_allocated`), the device memory used sampled from a
+thread through NVML (absolute and above the idle baseline taken before CUDA starts), host
+peak RSS, wall time, and the .pte/.ptd sizes. When stock and low-memory artifacts of the
+same layer count exist, a fresh process runs both (one prompt, then decode steps) and
+reports whether the logits are identical. Table on stdout, JSON on disk; with low-memory
+peaks at two or more layer counts, a linear fit extrapolates to the model's full depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 1 << 30
+PHASES = ("quantize", "torch_export", "lower", "write")
+
+
+# ---- measurement (child process) ----------------------------------------------------------
+
+@dataclass
+class Peaks:
+    allocator: int = 0  # torch caching allocator peak, bytes
+    nvml: int | None = None  # device memory used (all processes), sampled peak, bytes
+    nvml_above_idle: int | None = None  # nvml minus the device's use before this process touched CUDA
+    host_rss: int = 0  # process RSS peak in this phase (sampled), bytes
+    seconds: float = 0.0
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Sampler:
+    """Samples NVML device memory and host RSS every `period_s`, attributing to the phase."""
+
+    def __init__(self, period_s: float = 0.01):
+        self.period_s = period_s
+        self.phase = "startup"
+        self.peaks: dict[str, Peaks] = {}
+        self._stop = threading.Event()
+        self._handle = self._nvml()
+        self.idle = self._used() if self._handle is not None else None
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _nvml():
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            return pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("BENCH_NVML_INDEX", "0")))
+        except Exception:  # no NVML (CPU machine): allocator and RSS only
+            return None
+
+    def _used(self) -> int:
+        import pynvml
+        return pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
+    def _sample(self) -> None:
+        p = self.peaks.setdefault(self.phase, Peaks())
+        p.host_rss = max(p.host_rss, _rss_now())
+        if self._handle is not None:
+            used = self._used()
+            p.nvml = max(p.nvml or 0, used)
+            p.nvml_above_idle = p.nvml - self.idle
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def start(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _phase(sampler: Sampler, name: str, fn):
+    """Wrap `fn` so its calls are measured as phase `name`."""
+    import torch
+
+    def run(*args, **kwargs):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        sampler._sample()
+        sampler.phase, t0 = name, time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            sampler._sample()
+            p = sampler.peaks.setdefault(name, Peaks())
+            p.seconds += time.perf_counter() - t0
+            if cuda:
+                p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
+            sampler.phase = "between"
+    return run
+
+
+def child(args: argparse.Namespace) -> None:
+    """One export, measured; writes its result JSON to args.result."""
+    sampler = Sampler().start()  # NVML baseline before torch touches CUDA
+    import export.gemma4.export as X
+    from export.gemma4.config import PRESETS
+    from export.gemma4.quant import EmbeddingQuant, LinearQuant
+
+    name = f"{args.preset}-{args.layers}l"
+    PRESETS[name] = PRESETS[args.preset].with_layers(args.layers)
+    for phase, attr in zip(PHASES, ("prepare_model", "export_methods", "lower", "write_artifact")):
+        setattr(X, attr, _phase(sampler, phase, getattr(X, attr)))
+    cfg = X.ExportConfig(preset=name, ctx=args.ctx, prefill_chunk=args.prefill_chunk,
+                         quant=LinearQuant(args.quant), group_size=args.group_size,
+                         embedding_quant=EmbeddingQuant(args.embedding_quant),
+                         device=X.DeviceChoice(args.device), low_memory=args.mode == "low",
+                         out=Path(args.artifact))
+    t0 = time.perf_counter()
+    result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
+    total = time.perf_counter() - t0
+    sampler.stop()
+    phases = {k: asdict(v) for k, v in sampler.peaks.items() if k in PHASES}
+    overall = {
+        "allocator": max((p["allocator"] for p in phases.values()), default=0),
+        "nvml": max((p["nvml"] or 0 for p in phases.values()), default=0) or None,
+        "nvml_above_idle": max((p["nvml_above_idle"] or 0 for p in phases.values()), default=0) or None,
+        "host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": total,
+    }
+    out = {"mode": args.mode, "layers": args.layers, "preset": args.preset, "ctx": args.ctx,
+           "prefill_chunk": args.prefill_chunk, "quant": args.quant, "group_size": args.group_size,
+           "embedding_quant": args.embedding_quant, "device": args.device,
+           "nvml_idle": sampler.idle, "phases": phases, "overall": overall,
+           "sizes": result.sizes, "artifact": str(result.out_dir), "exporter_seconds": result.seconds}
+    Path(args.result).write_text(json.dumps(out, indent=1))
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run two artifacts on the same tokens; write max |diff| of every step's logits."""
+    import torch
+    from runtime.runner import Runner
+
+    a, b = (Runner.load(p, device=args.device if args.device != "auto" else None) for p in args.compare)
+    vocab = a.meta.vocab_size
+    prompt = [2] + [(37 * i + 11) % (vocab - 3) + 3 for i in range(args.prompt_len - 1)]
+    steps = [("prefill", lambda r: r.prefill(prompt))]
+    steps += [(f"decode{i}", lambda r, t=t: r.decode(t % vocab)) for i, t in enumerate((5, 7, 11))]
+    diffs = {}
+    for label, step in steps:
+        la, lb = step(a).float().cpu(), step(b).float().cpu()
+        diffs[label] = {"max_abs": float((la - lb).abs().max()), "identical": bool(torch.equal(la, lb)),
+                        "argmax_equal": bool(la.argmax() == lb.argmax())}
+    Path(args.result).write_text(json.dumps(diffs, indent=1))
+
+
+# ---- orchestration (parent) ----------------------------------------------------------------
+
+@dataclass
+class Run:
+    mode: str
+    layers: int
+    result: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def _child_cmd(args, run: Run, result: Path, artifact: Path) -> list[str]:
+    return [sys.executable, "-m", "scripts.bench_export_memory", "--child", "--mode", run.mode,
+            "--layers", str(run.layers), "--preset", args.preset, "--ctx", str(args.ctx),
+            "--prefill-chunk", str(args.prefill_chunk), "--quant", args.quant,
+            "--group-size", str(args.group_size), "--embedding-quant", args.embedding_quant,
+            "--device", args.device, "--artifact", str(artifact), "--result", str(result)]
+
+
+def _spawn(cmd: list[str], log: Path, timeout: float) -> str | None:
+    """Run a child; None on success, else the reason (its log keeps the details)."""
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return f"timed out after {timeout:.0f} s"
+    return None if rc == 0 else f"exit {rc} (see {log})"
+
+
+def _fmt(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / GIB:6.2f}"
+
+
+def table(runs: list[Run], comparisons: dict) -> str:
+    head = (f"{'mode':6} {'L':>2} | {'lower: alloc':>12} {'nvml':>6} {'+idle':>6} | {'overall alloc':>13} "
+            f"{'nvml':>6} | {'quantize alloc':>14} | {'host RSS':>8} | {'time s':>7} | {'pte MiB':>8} {'ptd GiB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        if r.error:
+            lines.append(f"{r.mode:6} {r.layers:>2} | failed: {r.error}")
+            continue
+        ph, ov, sz = r.result["phases"], r.result["overall"], r.result["sizes"]
+        low = ph.get("lower", {})
+        lines.append(
+            f"{r.mode:6} {r.layers:>2} | {_fmt(low.get('allocator')):>12} {_fmt(low.get('nvml')):>6} "
+            f"{_fmt(low.get('nvml_above_idle')):>6} | {_fmt(ov['allocator']):>13} {_fmt(ov['nvml']):>6} | "
+            f"{_fmt(ph.get('quantize', {}).get('allocator')):>14} | {_fmt(ov['host_rss']):>8} | "
+            f"{ov['seconds']:7.0f} | {sz.get('model.pte', 0) / (1 << 20):8.1f} {sz.get('model.ptd', 0) / GIB:8.2f}")
+    lines.append("(GiB; 'lower' = to_edge + AOTInductor compile of both methods, where the passes act;"
+                 " '+idle' = NVML above the device's use before the process started)")
+    for layers, c in comparisons.items():
+        if "error" in c:
+            lines.append(f"logits stock vs low, {layers} layers: comparison failed: {c['error']}")
+            continue
+        worst = max(v["max_abs"] for v in c.values())
+        same = all(v["identical"] for v in c.values())
+        lines.append(f"logits stock vs low, {layers} layers: {'identical' if same else 'DIFFER'} "
+                     f"(max |diff| {worst:.3g} over prefill + {len(c) - 1} decode steps)")
+    return "\n".join(lines)
+
+
+def extrapolate(runs: list[Run], full_layers: int) -> dict | None:
+    """Least-squares line through low-memory lowering peaks vs layers, evaluated at full depth."""
+    pts = [(r.layers, r.result["phases"]["lower"]) for r in runs
+           if r.mode == "low" and not r.error and "lower" in r.result.get("phases", {})]
+    if len({x for x, _ in pts}) < 2:
+        return None
+    out = {"layers": full_layers, "points": {}}
+    for key in ("allocator", "nvml"):
+        xy = [(x, p[key]) for x, p in pts if p.get(key) is not None]
+        if len({x for x, _ in xy}) < 2:
+            continue
+        n = len(xy)
+        mx, my = sum(x for x, _ in xy) / n, sum(y for _, y in xy) / n
+        slope = sum((x - mx) * (y - my) for x, y in xy) / sum((x - mx) ** 2 for x, _ in xy)
+        out[key] = {"per_layer_bytes": slope, "at_full_depth_bytes": my + slope * (full_layers - mx)}
+        out["points"][key] = {str(x): y for x, y in xy}
+    return out
+
+
+def parent(args: argparse.Namespace) -> None:
+    from export.gemma4.config import PRESETS
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [Run(m, int(n)) for m, n in (spec.split(":") for spec in args.runs.split(","))]
+    t_start = time.monotonic()
+    for r in runs:
+        left = args.time_budget - (time.monotonic() - t_start)
+        if left < 60:
+            r.error = "skipped: time budget spent"
+            continue
+        result = out / f"{r.mode}_{r.layers}l.json"
+        r.error = _spawn(_child_cmd(args, r, result, out / f"{r.mode}_{r.layers}l"),
+                         out / f"{r.mode}_{r.layers}l.log", left)
+        if r.error is None:
+            r.result = json.loads(result.read_text())
+        print(f"[{time.monotonic() - t_start:5.0f} s] {r.mode}:{r.layers} {'ok' if r.error is None else r.error}",
+              flush=True)
+    comparisons = {}
+    done = {(r.mode, r.layers) for r in runs if r.error is None}
+    for layers in sorted({r.layers for r in runs}):
+        if {("stock", layers), ("low", layers)} <= done and not args.no_compare:
+            result = out / f"compare_{layers}l.json"
+            cmd = [sys.executable, "-m", "scripts.bench_export_memory", "--compare",
+                   str(out / f"stock_{layers}l"), str(out / f"low_{layers}l"), "--device", args.device,
+                   "--prompt-len", str(args.prompt_len), "--result", str(result)]
+            err = _spawn(cmd, out / f"compare_{layers}l.log", max(60.0, args.time_budget - (time.monotonic() - t_start)))
+            comparisons[layers] = json.loads(result.read_text()) if err is None else {"error": err}
+    report = {"runs": [asdict(r) for r in runs], "logits": comparisons,
+              "extrapolation": extrapolate(runs, PRESETS[args.preset].num_hidden_layers)}
+    for layers in sorted({r.layers for r in runs}):
+        pair = {r.mode: r for r in runs if r.layers == layers and r.error is None}
+        if {"stock", "low"} <= set(pair):
+            s, lo = pair["stock"].result["phases"]["lower"], pair["low"].result["phases"]["lower"]
+            report.setdefault("ratios", {})[layers] = {
+                k: (lo[k] / s[k] if s.get(k) and lo.get(k) is not None else None) for k in ("allocator", "nvml")}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(table(runs, comparisons))
+    for layers, ratio in report.get("ratios", {}).items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in ratio.items() if v is not None) or "n/a (no GPU figures)"
+        print(f"low / stock while lowering, {layers} layers: {shown}")
+    ex = report["extrapolation"]
+    if ex:
+        for key in ("allocator", "nvml"):
+            if key in ex:
+                print(f"low-memory lowering peak ({key}) extrapolated to {ex['layers']} layers: "
+                      f"{ex[key]['at_full_depth_bytes'] / GIB:.2f} GiB ({ex[key]['per_layer_bytes'] / (1 << 20):+.1f} MiB/layer)")
+    print(f"JSON: {args.json}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="31b")
+    p.add_argument("--runs", default="stock:6,low:6,low:2,low:4", help="MODE:LAYERS,... (mode stock|low)")
+    p.add_argument("--ctx", type=int, default=131072)
+    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--quant", default="int4")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--embedding-quant", default="none")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default="out/bench_export_memory")
+    p.add_argument("--json", default="out/bench_export_memory/export_memory.json")
+    p.add_argument("--time-budget", type=float, default=3600.0, help="seconds for all runs; later runs are skipped")
+    p.add_argument("--prompt-len", type=int, default=20)
+    p.add_argument("--no-compare", action="store_true")
+    # internal: one measured export / one logits comparison
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=("stock", "low"), help=argparse.SUPPRESS)
+    p.add_argument("--layers", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--artifact", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args)
+    elif args.compare:
+        compare(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
