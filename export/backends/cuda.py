@@ -8,9 +8,11 @@ the one allowed fallback kernel, `aten::_weight_int4pack_mm` (torchao int4). Wha
 is in the shared base: no weights are serialized by Inductor (the exporter writes each
 once into the `.ptd`).
 
-The Triton SDPA kernel wants bf16, no GQA and a bool mask; it is off unless the compile
-spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), so SDPA is decomposed by
-default and any dtype / head layout compiles.
+The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
+only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
+is decomposed (MATH backend) and any dtype / head layout compiles. ExecuTorch's replacement
+pass matches edge-dialect SDPA only; the exporter keeps aten ops (no edge-op wrappers), so
+`replace_sdpa_with_triton` below matches the aten op.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import typing
 from typing import Any, final
 
+import torch
 from executorch.backends.cuda.cuda_backend import CudaBackend
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
@@ -25,6 +28,21 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"
+
+
+def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
+    """aten SDPA -> `triton::sdpa` (same signature); returns whether the graph changed."""
+    import executorch.backends.cuda.triton  # noqa: F401  (registers torch.ops.triton.sdpa)
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            node.target = torch.ops.triton.sdpa.default
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
 
 
 def triton_sdpa_spec(on: bool) -> CompileSpec:
@@ -54,9 +72,10 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
     @classmethod
     def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:
         specs = list(compile_specs)
-        if not any(s.key == TRITON_KERNEL_MODE for s in specs):
-            specs.append(triton_sdpa_spec(False))
-        return CudaBackend.get_custom_passes(specs)
+        on = any(s.key == TRITON_KERNEL_MODE and s.value.upper() == b"ON" for s in specs)
+        specs = [s for s in specs if s.key != TRITON_KERNEL_MODE] + [triton_sdpa_spec(on)]
+        passes = CudaBackend.get_custom_passes(specs)  # edge-dialect SDPA, cond predicate
+        return passes + ([replace_sdpa_with_triton] if on else [])
 
     @classmethod
     def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from export.gemma4.export import (
     DTypeChoice,
     ExportConfig,
     ExportConfigError,
+    SdpaChoice,
     export_model,
     validate,
 )
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the compiled .so runs; auto = cuda if a GPU is visible (default %(default)s)")
     p.add_argument("--dtype", type=DTypeChoice, choices=list(DTypeChoice), default=d.dtype,
                    help="activations and unquantized weights; auto = bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--sdpa", type=SdpaChoice, choices=list(SdpaChoice), default=d.sdpa,
+                   help="attention on cuda: ExecuTorch's Triton kernel (bf16 only) or decomposed; "
+                        "auto = triton for cuda + bfloat16 (default %(default)s)")
     p.add_argument("--low-memory", action="store_true", default=d.low_memory,
                    help="keep compile-time memory low (export.passes: zero-byte constants during compile)")
     p.add_argument("--kv-in-ptd", action="store_true", default=d.kv_in_ptd,

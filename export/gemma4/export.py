@@ -64,6 +64,20 @@ class DTypeChoice(str, enum.Enum):
         return getattr(torch, self.value)
 
 
+class SdpaChoice(str, enum.Enum):
+    AUTO = "auto"  # triton on cuda with bfloat16, else decomposed
+    TRITON = "triton"  # ExecuTorch's Triton SDPA kernel (cuda, bfloat16 only)
+    DECOMPOSED = "decomposed"  # Inductor fuses the math ops itself
+
+    def __str__(self) -> str:
+        return self.value
+
+    def use_triton(self, device: TargetDevice, dtype: torch.dtype) -> bool:
+        if self is SdpaChoice.AUTO:
+            return device is TargetDevice.CUDA and dtype == torch.bfloat16
+        return self is SdpaChoice.TRITON
+
+
 class ExportConfigError(ValueError):
     """A bad export configuration; the message names the flag or file and what to do."""
 
@@ -82,6 +96,7 @@ class ExportConfig:
     embedding_quant: EmbeddingQuant = EmbeddingQuant.NONE  # --embedding-quant
     device: DeviceChoice = DeviceChoice.AUTO  # --device
     dtype: DTypeChoice = DTypeChoice.AUTO  # --dtype: activations and unquantized weights
+    sdpa: SdpaChoice = SdpaChoice.AUTO  # --sdpa: attention kernel on cuda
     low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
     kv_in_ptd: bool = False  # --kv-in-ptd: also store the KV buffers (zeros) in the .ptd
     out: Path | None = None  # --out: artifact directory (default out/<preset or checkpoint name>)
@@ -114,6 +129,7 @@ class ExportResult:
     metadata: dict
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
+    model: nn.Module | None = None  # the eager model exactly as exported (a parity reference)
 
 
 # ---- validation (cheap; runs before anything is loaded or compiled) -------------------------
@@ -171,6 +187,8 @@ def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype
     dtype = cfg.dtype.resolve(device)
     if device is TargetDevice.CUDA and cfg.quant is LinearQuant.INT4 and dtype != torch.bfloat16:
         _fail("--quant int4 on cuda uses torchao's bf16 int4 kernel: pass --dtype bfloat16 (or --quant none)")
+    if cfg.sdpa is SdpaChoice.TRITON and (device is not TargetDevice.CUDA or dtype != torch.bfloat16):
+        _fail("--sdpa triton needs --device cuda and --dtype bfloat16; use --sdpa auto or decomposed")
     if cfg.out is not None and Path(cfg.out).is_file():
         _fail(f"--out {cfg.out} is a file; pass a directory path")
     if cfg.checkpoint is None:
@@ -277,12 +295,11 @@ def _EDGE_CONFIG():
                              _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar])
 
 
-def lower(programs: dict, device: TargetDevice, dtype: torch.dtype, low_memory: bool, progress: bool = False):
+def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, progress: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method."""
     from executorch.exir import to_edge_transform_and_lower
 
-    partitioners = {m: [partitioner_for(device, m, low_memory=low_memory,
-                                        triton_sdpa=device is TargetDevice.CUDA and dtype == torch.bfloat16)]
+    partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa)]
                     for m in programs}
     with _bar(progress, total=len(programs), desc="lowering", unit="method") as bar:
         def listener(method: str, stage: str) -> None:
@@ -321,14 +338,30 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
-def _resolve(fqn: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """A constant's FQN in the model; also `weight.<inner>` of a tensor subclass (torchao)."""
-    if fqn in tensors:
-        return tensors[fqn]
-    owner, _, inner = fqn.rpartition(".")
-    t = tensors.get(owner)
-    if t is not None and hasattr(t, "__tensor_flatten__") and inner in t.__tensor_flatten__()[0]:
-        return getattr(t, inner)
+def _with_inner_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add `fqn.<inner>` for every tensor subclass (torchao int4: `.qdata`, `.scale_and_zero`),
+    which is how compiled graphs see a subclass weight's parts."""
+    out = dict(tensors)
+    for fqn, t in tensors.items():
+        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            for inner in t.__tensor_flatten__()[0]:
+                out[f"{fqn}.{inner}"] = getattr(t, inner)
+    return out
+
+
+def _flat(name: str) -> str:
+    """Compare names the way Inductor mangles them: dots to underscores, no export prefixes."""
+    name = name.replace(".", "_")
+    for prefix in ("L__self___", "p_", "b_"):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def _resolve(c, tensors: dict[str, torch.Tensor], flat: dict[str, str]) -> tuple[str, torch.Tensor] | None:
+    """(model FQN, tensor) for a compiled constant: its recorded FQN, else its mangled name."""
+    for candidate in (c.fqn, flat.get(_flat(c.fqn)), flat.get(_flat(c.name))):
+        if candidate is not None and candidate in tensors:
+            return candidate, tensors[candidate]
     return None
 
 
@@ -348,7 +381,8 @@ def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set
     KV buffers map to their FQN in every method (the runner binds its own allocation) and
     are written only with `kv_in_ptd` (as zeros).
     """
-    tensors = model_tensors(model)
+    tensors = _with_inner_tensors(model_tensors(model))
+    flat = {_flat(k): k for k in tensors}
     plan: dict[str, PtdTensor] = {}
     mapping: dict[str, dict[str, str]] = {}
     for method, cm in compiled.items():
@@ -358,7 +392,8 @@ def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set
             if c.fqn in kv_fqns:
                 if kv_in_ptd and key not in plan:
                     plan[key] = PtdTensor(key, c.shape, c.dtype, lambda c=c: torch.zeros(c.shape, dtype=c.dtype))
-            elif (t := _resolve(c.fqn, tensors)) is not None:
+            elif (found := _resolve(c, tensors, flat)) is not None:
+                key, t = found
                 _check_matches(key, t, c)
                 plan.setdefault(key, PtdTensor.of(key, t))
             elif c.kind is ConstantKind.TENSOR_CONSTANT and c.value is not None:
@@ -441,7 +476,7 @@ def export_model(cfg: ExportConfig, progress: bool = False,
     times["torch_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    edge = lower(programs, device, dtype, cfg.low_memory, progress)
+    edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), progress)
     del programs
     times["lower"] = time.perf_counter() - t
 
@@ -460,7 +495,7 @@ def export_model(cfg: ExportConfig, progress: bool = False,
     sizes = write_artifact(cfg.out_dir, et_program, tensors, pair_id, cfg.checkpoint, progress)
     times["write"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
-    return ExportResult(out_dir=cfg.out_dir, metadata=metadata, seconds=times, sizes=sizes)
+    return ExportResult(out_dir=cfg.out_dir, metadata=metadata, seconds=times, sizes=sizes, model=model)
 
 
 class _NullBar:
