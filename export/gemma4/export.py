@@ -288,11 +288,12 @@ def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.expo
 def _EDGE_CONFIG():
     """Edge settings for a whole-graph AOTI delegate: the graph stays aten (Inductor compiles
     it; edge-op wrappers and dim-order ops only cost Python time, ~45% of a CPU export),
-    and int4 dequant's shift, kept from decomposition by the partitioner, is allowed."""
+    and int4 dequant's shift (CPU) and torchao's _weight_int4pack_mm (CUDA) are allowed."""
     from executorch.exir import EdgeCompileConfig
 
     return EdgeCompileConfig(_check_ir_validity=False, _use_edge_ops=False, _skip_dim_order=True,
-                             _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar])
+                             _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar,
+                                                            torch.ops.aten._weight_int4pack_mm.default])
 
 
 def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, progress: bool = False):
