@@ -297,11 +297,14 @@ class Gemma4AotiBackend(AotiBackend):
                 program = p(program)
         program = move_to_device_pass(program, cls.move_target())
         ReplaceViewCopyWithViewPass()(program.graph_module)
-        replace_split_copy_with_split(program.graph_module)
         for p in cls.get_custom_passes(specs):
             p(program) if getattr(p, "requires_exported_program", False) else p(program.graph_module)
         table = cls.get_decomposition_table()
-        return program.run_decompositions(table) if table else program
+        program = program.run_decompositions(table) if table else program
+        # Last: split is a preserved view op, which ExecuTorch's verifier rejects, and both a
+        # custom pass (MoveCondPredicateToCpuPass) and run_decompositions validate the program.
+        replace_split_copy_with_split(program.graph_module)
+        return program
 
     @classmethod
     def _compile(cls, program: ExportedProgram, specs: list[CompileSpec],
