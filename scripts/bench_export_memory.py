@@ -257,27 +257,33 @@ def parent(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    artifacts = Path(args.artifacts) if args.artifacts else out
     runs = [Run(m, int(n)) for m, n in (spec.split(":") for spec in args.runs.split(","))]
+    for r in runs:
+        r.error = "not run"
     t_start = time.monotonic()
     for r in runs:
         left = args.time_budget - (time.monotonic() - t_start)
         if left < 60:
             r.error = "skipped: time budget spent"
             continue
+        r.error = None
         result = out / f"{r.mode}_{r.layers}l.json"
-        r.error = _spawn(_child_cmd(args, r, result, out / f"{r.mode}_{r.layers}l"),
+        r.error = _spawn(_child_cmd(args, r, result, artifacts / f"{r.mode}_{r.layers}l"),
                          out / f"{r.mode}_{r.layers}l.log", left)
         if r.error is None:
             r.result = json.loads(result.read_text())
         print(f"[{time.monotonic() - t_start:5.0f} s] {r.mode}:{r.layers} {'ok' if r.error is None else r.error}",
               flush=True)
+        if r.error is not None and args.stop_on_error:
+            break
     comparisons = {}
     done = {(r.mode, r.layers) for r in runs if r.error is None}
     for layers in sorted({r.layers for r in runs}):
         if {("stock", layers), ("low", layers)} <= done and not args.no_compare:
             result = out / f"compare_{layers}l.json"
             cmd = [sys.executable, "-m", "scripts.bench_export_memory", "--compare",
-                   str(out / f"stock_{layers}l"), str(out / f"low_{layers}l"), "--device", args.device,
+                   str(artifacts / f"stock_{layers}l"), str(artifacts / f"low_{layers}l"), "--device", args.device,
                    "--prompt-len", str(args.prompt_len), "--result", str(result)]
             err = _spawn(cmd, out / f"compare_{layers}l.log", max(60.0, args.time_budget - (time.monotonic() - t_start)))
             comparisons[layers] = json.loads(result.read_text()) if err is None else {"error": err}
@@ -319,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-budget", type=float, default=3600.0, help="seconds for all runs; later runs are skipped")
     p.add_argument("--prompt-len", type=int, default=20)
     p.add_argument("--no-compare", action="store_true")
+    p.add_argument("--artifacts", help="where the exported artifacts go (default: --out)")
+    p.add_argument("--stop-on-error", action="store_true", help="skip the remaining runs after a failure")
     # internal: one measured export / one logits comparison
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._C._dynamo.guards import _reinterpret_tensor
+from executorch.backends.aoti.passes.replace_view_copy_with_view import ReplaceViewCopyWithViewPass
 from torch.export.passes import move_to_device_pass
 
 from export.passes import LowMemoryOptions, kv_buffer_fqns, low_memory_inductor_patches, low_memory_passes
@@ -112,7 +113,8 @@ def compiled_toy(tmp_path_factory) -> Compiled:
     host = {k: v.detach().clone() for k, v in {**ep.state_dict, **ep.constants}.items()}
     for p in low_memory_passes(BUDGET):
         ep = p(ep)
-    ep = move_to_device_pass(ep, "cpu")
+    ep = move_to_device_pass(ep, "cpu")  # the backend's next steps (export/backends/aoti_base.py)
+    ReplaceViewCopyWithViewPass()(ep.graph_module)
     out = Compiled(so="", blob="", host=host, eager=eager)
     original = AotCodeCompiler.compile.__func__
 

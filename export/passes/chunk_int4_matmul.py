@@ -65,18 +65,25 @@ def op_name(target: Any) -> str:
     return schema.name.split("::")[-1] if schema is not None else ""
 
 
-# In an edge-dialect graph new nodes use the copy variants, as to_edge would have produced
-# (ExecuTorch's ReplaceViewCopyWithViewPass, which runs next, turns slices back into views).
-_EDGE_NAME = {"slice.Tensor": "slice_copy.Tensor", "permute.default": "permute_copy.default"}
+# In a graph written with view_copy ops (what to_edge produces, edge or aten dialect), new
+# slices and transposes use the copy variants too: ExecuTorch's verifier rejects preserved
+# view ops, and its ReplaceViewCopyWithViewPass (run after these passes) turns them back into
+# views for Inductor. A graph that uses plain views gets plain views.
+_COPY_VARIANT = {"slice.Tensor": "slice_copy.Tensor", "permute.default": "permute_copy.default"}
 
 
-def _same_dialect(template: Any, aten_op: torch._ops.OpOverload) -> Any:
-    """`aten_op` in the dialect of `template` (edge ops stay edge ops)."""
-    if _aten(template) is template:
-        return aten_op
-    from executorch.exir.dialects._ops import ops as exir_ops
+def _uses_view_copy(graph: Graph) -> bool:
+    return any(n.op == "call_function" and isinstance(_aten(n.target), torch._ops.OpOverload)
+               and torch.Tag.view_copy in _aten(n.target).tags for n in graph.nodes)
+
+
+def _same_dialect(template: Any, aten_op: torch._ops.OpOverload, copy_variant: bool) -> Any:
+    """`aten_op` (or its copy variant) in the dialect of `template` (edge or aten)."""
     key = f"{aten_op._schema.name.split('::')[-1]}.{aten_op._overloadname}"
-    name, overload = _EDGE_NAME.get(key, key).split(".")
+    name, overload = (_COPY_VARIANT.get(key, key) if copy_variant else key).split(".")
+    if _aten(template) is template:
+        return getattr(getattr(torch.ops.aten, name), overload)
+    from executorch.exir.dialects._ops import ops as exir_ops
     return getattr(getattr(exir_ops.edge.aten, name), overload)
 
 
@@ -197,10 +204,11 @@ class _Builder:
     def __init__(self, graph: Graph, anchor: Node):
         self.graph, self.anchor = graph, anchor
         self.fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes])
+        self.copy_variants = _uses_view_copy(graph)
 
     def call(self, template: Any, aten_op: Any, args: tuple, kwargs: dict | None = None,
              like: Node | None = None) -> Node:
-        target = _same_dialect(template, aten_op) if aten_op is not None else template
+        target = _same_dialect(template, aten_op, self.copy_variants) if aten_op is not None else template
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args, kwargs or {})
         fake_args = torch.fx.node.map_arg(args, _val)
