@@ -27,8 +27,8 @@ import torch
 from export.artifact import load_ptd_tensor, read_ptd_index
 from export.gemma4.export import METHODS, DeviceChoice, DTypeChoice, ExportConfig, SdpaChoice, export_model
 
-CASES = {
-    "tiny": dict(preset="tiny", ctx=64, prefill_chunk=8),
+CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
+    "tiny": dict(preset="tiny", ctx=64, prefill_chunk=8, autotune=False),
     "31b-2l": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128),
 }
 
@@ -112,7 +112,9 @@ def parity(out: Path, model: torch.nn.Module, n_decode: int = 6) -> list[float]:
     errors = []
     for method, s, e in steps:
         got = mini.run(method, ids[:, s:e], s).float()
-        want = model(ids[:, s:e].cuda(), torch.tensor([s], device="cuda")).float()
+        # MATH: model.py's `.view` after SDPA fails on the efficient kernel's output at head_dim 512
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            want = model(ids[:, s:e].cuda(), torch.tensor([s], device="cuda")).float()
         errors.append(((got - want).norm() / want.norm()).item())
     return errors
 
@@ -124,7 +126,7 @@ def measure(cfg: ExportConfig) -> dict:
         result = export_model(cfg)
     wall = time.perf_counter() - t0
     rec = {
-        "case": cfg.name, "sdpa": cfg.sdpa.value, "export_s": round(wall, 1),
+        "case": cfg.name, "sdpa": cfg.sdpa.value, "autotune": cfg.autotune, "export_s": round(wall, 1),
         "stages_s": {k: round(v, 1) for k, v in result.seconds.items()},
         "gpu_allocator_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "gpu_nvml_peak_gib": nvml.peak / 2**30, "gpu_nvml_baseline_gib": nvml.baseline / 2**30,

@@ -15,6 +15,7 @@ from export.backends.aoti_base import (
     ConstantKind,
     PREPROCESS_LISTENERS,
     TargetDevice,
+    autotune_spec,
     low_memory_specs,
     method_name_spec,
 )
@@ -25,9 +26,9 @@ __all__ = ["CompiledMethod", "CompileSpecKey", "ConstantInfo", "ConstantKind", "
 
 def partitioner_for(device: TargetDevice, method: str, *, low_memory: bool = False,
                     low_memory_options: dict[str, str] | None = None,
-                    triton_sdpa: bool = False) -> Partitioner:
+                    triton_sdpa: bool = False, autotune: bool = True) -> Partitioner:
     """The partitioner that lowers `method` whole to `device`'s AOTI backend."""
-    specs = [method_name_spec(method)]
+    specs = [method_name_spec(method), autotune_spec(autotune)]
     if low_memory:
         specs += low_memory_specs(low_memory_options)
     if device is TargetDevice.CPU:

@@ -66,6 +66,7 @@ class CompileSpecKey(str, enum.Enum):
     METHOD_NAME = "method_name"  # same key as ExecuTorch's AotiBackend
     LOW_MEMORY = "low_memory"  # b"1" turns on the export.passes hook
     LOW_MEMORY_OPTION_PREFIX = "low_memory."  # free-form options handed to the hook
+    AUTOTUNE = "autotune"  # b"0": no max_autotune (fast compiles of test artifacts)
 
 
 class ConstantKind(str, enum.Enum):
@@ -118,6 +119,14 @@ def _spec_value(compile_specs: list[CompileSpec], key: str) -> str | None:
         if spec.key == key:
             return spec.value.decode()
     return None
+
+
+def autotune_spec(on: bool) -> CompileSpec:
+    return CompileSpec(CompileSpecKey.AUTOTUNE.value, b"1" if on else b"0")
+
+
+def autotune_enabled(compile_specs: list[CompileSpec]) -> bool:
+    return _spec_value(compile_specs, CompileSpecKey.AUTOTUNE.value) != "0"
 
 
 def _low_memory_options(compile_specs: list[CompileSpec]) -> dict[str, str] | None:
@@ -255,26 +264,27 @@ class Gemma4AotiBackend(AotiBackend):
         return {}
 
     @classmethod
-    def is_supported_fallback_kernel(cls, kernel: str) -> bool:
+    def is_supported_fallback_kernel(cls, kernel: str, compile_specs: list[CompileSpec]) -> bool:
         return kernel in cls.get_supported_fallback_kernels()
 
     @classmethod
     @contextlib.contextmanager
-    def collect_unsupported_fallback_kernels(cls, missing: set[str]) -> Iterator[None]:
-        """Like ExecuTorch's, but asks `is_supported_fallback_kernel` (CPU accepts all)."""
+    def check_fallback_kernels(cls, missing: set[str], compile_specs: list[CompileSpec]) -> Iterator[None]:
+        """ExecuTorch's `collect_unsupported_fallback_kernels`, asking
+        `is_supported_fallback_kernel` (which may depend on the compile specs)."""
         from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
 
         extern = CppWrapperCpu.generate_c_shim_extern_kernel_call
         lookup = CppWrapperCpu.generate_fallback_kernel_with_runtime_lookup_aot
 
         def check_extern(self, kernel, *args, **kwargs):
-            if not cls.is_supported_fallback_kernel(kernel):
+            if not cls.is_supported_fallback_kernel(kernel, compile_specs):
                 missing.add(kernel)
             return extern(self, kernel, *args, **kwargs)
 
         def check_lookup(self, op_overload, *args, **kwargs):
             name = getattr(op_overload, "_name", str(op_overload))
-            if not cls.is_supported_fallback_kernel(name):
+            if not cls.is_supported_fallback_kernel(name, compile_specs):
                 missing.add(name)
             return lookup(self, op_overload, *args, **kwargs)
 
@@ -316,7 +326,7 @@ class Gemma4AotiBackend(AotiBackend):
         missing: set[str] = set()
         constants: list[ConstantInfo] = []
         lm_patches = _load_low_memory_hook()[1](lm_options) if lm_options is not None else contextlib.nullcontext()
-        with cls.collect_unsupported_fallback_kernels(missing), torch.no_grad(), \
+        with cls.check_fallback_kernels(missing, specs), torch.no_grad(), \
                 cls.get_extra_aoti_compile_context_manager(), lm_patches, capture_constants(constants):
             paths = torch._inductor.aot_compile(program.module(), inputs, options=options)
         method = cls.method_name_from_compile_specs(specs)

@@ -25,7 +25,7 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
         return TargetDevice.CPU.value
 
     @classmethod
-    def is_supported_fallback_kernel(cls, kernel: str) -> bool:
+    def is_supported_fallback_kernel(cls, kernel: str, compile_specs: list[CompileSpec]) -> bool:
         return True  # the runner executes inside libtorch, where every CPU shim exists
 
     @classmethod

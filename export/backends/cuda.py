@@ -8,6 +8,11 @@ the one allowed fallback kernel, `aten::_weight_int4pack_mm` (torchao int4). Wha
 is in the shared base: no weights are serialized by Inductor (the exporter writes each
 once into the `.ptd`).
 
+With the compile spec `autotune` = b"0" (exporter flag `--no-autotune`) there is no
+max_autotune and GEMMs may call cuBLAS through libtorch's shims: minutes faster for test
+artifacts, runnable by the project's Python runner (inside libtorch) but not by ExecuTorch's
+C++ CUDA runtime.
+
 The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
 only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
 is decomposed (MATH backend) and any dtype / head layout compiles. ExecuTorch's replacement
@@ -25,7 +30,7 @@ from executorch.backends.cuda.cuda_backend import CudaBackend
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
-from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice
+from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice, autotune_enabled
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"
 
@@ -66,6 +71,12 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         return CudaBackend.get_supported_fallback_kernels()
 
     @classmethod
+    def is_supported_fallback_kernel(cls, kernel: str, compile_specs: list[CompileSpec]) -> bool:
+        # Without autotune, GEMMs go to cuBLAS through libtorch's shims: fine for the
+        # project's runner (it runs inside libtorch), not for ExecuTorch's C++ CUDA runtime.
+        return not autotune_enabled(compile_specs) or kernel in cls.get_supported_fallback_kernels()
+
+    @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
         return CudaBackend.get_decomposition_table()
 
@@ -79,7 +90,11 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
 
     @classmethod
     def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:
-        return CudaBackend.get_aoti_compile_options(compile_specs)
+        options = CudaBackend.get_aoti_compile_options(compile_specs)
+        if not autotune_enabled(compile_specs):  # minutes less per test export
+            options.update({"max_autotune": False, "max_autotune_gemm_backends": "ATEN,TRITON",
+                            "max_autotune_conv_backends": "ATEN,TRITON"})
+        return options
 
     @classmethod
     def get_extra_aoti_compile_context_manager(cls):

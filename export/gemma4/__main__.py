@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa", type=SdpaChoice, choices=list(SdpaChoice), default=d.sdpa,
                    help="attention on cuda: ExecuTorch's Triton kernel (bf16 only) or decomposed; "
                         "auto = triton for cuda + bfloat16 (default %(default)s)")
+    p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=d.autotune,
+                   help="Inductor max_autotune on cuda (Triton GEMMs only, as ExecuTorch's CUDA backend); "
+                        "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)")
     p.add_argument("--low-memory", action="store_true", default=d.low_memory,
                    help="keep compile-time memory low (export.passes: zero-byte constants during compile)")
     p.add_argument("--kv-in-ptd", action="store_true", default=d.kv_in_ptd,

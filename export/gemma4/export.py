@@ -97,6 +97,7 @@ class ExportConfig:
     device: DeviceChoice = DeviceChoice.AUTO  # --device
     dtype: DTypeChoice = DTypeChoice.AUTO  # --dtype: activations and unquantized weights
     sdpa: SdpaChoice = SdpaChoice.AUTO  # --sdpa: attention kernel on cuda
+    autotune: bool = True  # --autotune/--no-autotune: Inductor max_autotune (cuda; slow compiles)
     low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
     kv_in_ptd: bool = False  # --kv-in-ptd: also store the KV buffers (zeros) in the .ptd
     out: Path | None = None  # --out: artifact directory (default out/<preset or checkpoint name>)
@@ -279,6 +280,13 @@ def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tenso
 def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
     """torch.export both entry points from the same instance (same KV buffers by FQN)."""
     T = torch.export.Dim("T", min=1, max=prefill_chunk)
+    # The graph records aten SDPA either way; MATH makes the traced output contiguous (the
+    # CUDA efficient kernel's output layout breaks model.py's `.view` at head_dim 512).
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        return _export_both(model, prefill_chunk, T)
+
+
+def _export_both(model: nn.Module, prefill_chunk: int, T) -> dict[str, torch.export.ExportedProgram]:
     prefill = torch.export.export(model, _example_inputs(model, prefill_chunk), dynamic_shapes=({1: T}, None),
                                   strict=True)
     decode = torch.export.export(model, _example_inputs(model, 1), strict=True)
@@ -296,11 +304,13 @@ def _EDGE_CONFIG():
                                                             torch.ops.aten._weight_int4pack_mm.default])
 
 
-def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, progress: bool = False):
+def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, autotune: bool = True,
+          progress: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method."""
     from executorch.exir import to_edge_transform_and_lower
 
-    partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa)]
+    partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa,
+                                        autotune=autotune)]
                     for m in programs}
     with _bar(progress, total=len(programs), desc="lowering", unit="method") as bar:
         def listener(method: str, stage: str) -> None:
@@ -477,7 +487,7 @@ def export_model(cfg: ExportConfig, progress: bool = False,
     times["torch_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), progress)
+    edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), cfg.autotune, progress)
     del programs
     times["lower"] = time.perf_counter() - t
 
