@@ -39,6 +39,7 @@ class Case:
     device: str  # "cuda" | "cpu"
     prompt_len: int
     new_tokens: int
+    autotune: bool = False  # Inductor max_autotune: minutes of compile; int4 and M=1 GEMMs gain little
     seed: int = 0
 
     @property
@@ -63,7 +64,7 @@ def export_config(case: Case, out: Path | None = None):
     _register_slice(case)
     return ExportConfig(preset=case.name, ctx=case.ctx, prefill_chunk=case.prefill_chunk,
                         quant=LinearQuant(case.quant), device=DeviceChoice(case.device),
-                        dtype=DTypeChoice(case.dtype), out=out, seed=case.seed)
+                        dtype=DTypeChoice(case.dtype), out=out, seed=case.seed, autotune=case.autotune)
 
 
 def _export_child(case: Case, out: Path, result: dict) -> None:
@@ -220,6 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quant", default="none", choices=["none", "int4"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--autotune", action="store_true", help="compile with Inductor max_autotune (slow)")
     p.add_argument("--prompt-len", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--model", type=Path, default=None, help="bench an existing artifact (one --preset) instead of exporting")
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     rows = []
     for preset, n in zip(presets, layers):
         case = Case(preset, n or None, args.ctx, args.prefill_chunk, args.quant, args.dtype, args.device,
-                    args.prompt_len, args.new_tokens)
+                    args.prompt_len, args.new_tokens, args.autotune)
         print(f"== {case.name}: export + runtime + eager on {args.device}", file=sys.stderr, flush=True)
         rows.append(bench_case(case, args.workdir, args.model))
         if args.json:  # after every case: a later one may run out of time
