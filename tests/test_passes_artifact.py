@@ -1,0 +1,77 @@
+"""Low-memory mode end to end: the tiny artifact exported with --low-memory against the stock one.
+
+`tiny_artifact` (stock) and `tiny_artifact_low_memory` (the same config with low_memory and
+kv_in_ptd) are session-scoped fixtures in tests/conftest.py. The CUDA test checks the
+N-sliced `_weight_int4pack_mm` against the unsliced kernel (no CPU kernel has that layout).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from export.passes import LowMemoryOptions
+
+PROMPT = [2, 17, 99, 4, 250, 31, 8, 77, 140, 9, 63, 201, 5, 44, 123, 18, 300, 7, 66, 12]
+
+
+def _runner(artifact):
+    from runtime.runner import Runner
+
+    return Runner.load(artifact.out_dir, device="cpu")
+
+
+def _kv_fqns(artifact) -> set[str]:
+    return {kv["fqn"] for kv in artifact.metadata["kv"]}
+
+
+def test_low_memory_artifact_gives_the_stock_logits(tiny_artifact, tiny_artifact_low_memory):
+    """Bitwise: the same kernels run; only where constant bytes lived during compile differs."""
+    stock, low = _runner(tiny_artifact), _runner(tiny_artifact_low_memory)
+    steps = [("prefill", lambda r: r.prefill(PROMPT))]  # 20 tokens: 3 chunks, wraps the rings
+    steps += [(f"decode {t}", lambda r, t=t: r.decode(t)) for t in (3, 150, 42, 7)]
+    for label, step in steps:
+        a, b = step(stock), step(low)
+        assert torch.equal(a, b), f"{label}: max |diff| {(a - b).abs().max():.3g}"
+
+
+def test_low_memory_keeps_every_constant_distinct(tiny_artifact, tiny_artifact_low_memory):
+    """Same AOTI constant table as stock: no same-shape KV buffers merged by dedup."""
+    for method in ("prefill", "decode"):
+        stock = tiny_artifact.metadata["methods"][method]["constants"]
+        low = tiny_artifact_low_memory.metadata["methods"][method]["constants"]
+        assert low == stock
+        assert _kv_fqns(tiny_artifact) <= set(low.values())
+
+
+def test_kv_bytes_are_zeros_in_the_ptd_or_left_out(tiny_artifact, tiny_artifact_low_memory):
+    from export.artifact import load_ptd_tensor, read_ptd_index
+
+    kv = _kv_fqns(tiny_artifact)
+    assert kv and not kv & set(read_ptd_index(tiny_artifact.out_dir / "model.ptd"))  # default: left out
+    index = read_ptd_index(tiny_artifact_low_memory.out_dir / "model.ptd")
+    assert kv <= set(index)  # kv_in_ptd: present...
+    for fqn in kv:
+        t = load_ptd_tensor(tiny_artifact_low_memory.out_dir / "model.ptd", index[fqn])
+        assert t.numel() > 0 and torch.count_nonzero(t) == 0  # ...as zeros
+
+
+@pytest.mark.cuda
+def test_int4pack_mm_sliced_along_n_equals_unsliced():
+    """torchao's packing (tile_packed_to_4d) and the real kernel: the pass's slices (8-row
+    blocks of the packed weight, columns of scales_and_zeros) give the unsliced result."""
+    from torch.export.passes import move_to_device_pass  # noqa: F401
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    from export.passes.chunk_int4_matmul import chunk_int4_matmul, op_name
+
+    n, k = 16384, 1024
+    lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
+    quantize_(lin, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
+    x = torch.randn(3, k, dtype=torch.bfloat16, device="cuda")
+    ep = torch.export.export(lin, (x,), strict=False).run_decompositions({})
+    ref = ep.module()(x)
+    assert chunk_int4_matmul(ep, LowMemoryOptions(matmul_chunk_mib=2)).modified
+    assert sum(op_name(nd.target) == "_weight_int4pack_mm" for nd in ep.graph.nodes) > 1
+    out = ep.module()(x)
+    assert torch.equal(out, ref), f"max |diff| {(out - ref).abs().max():.3g}"
