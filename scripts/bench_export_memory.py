@@ -134,7 +134,7 @@ def child(args: argparse.Namespace) -> None:
                          quant=LinearQuant(args.quant), group_size=args.group_size,
                          embedding_quant=EmbeddingQuant(args.embedding_quant),
                          device=X.DeviceChoice(args.device), low_memory=args.mode == "low",
-                         out=Path(args.artifact))
+                         autotune=args.autotune, out=Path(args.artifact))
     t0 = time.perf_counter()
     result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
     total = time.perf_counter() - t0
@@ -149,7 +149,7 @@ def child(args: argparse.Namespace) -> None:
     }
     out = {"mode": args.mode, "layers": args.layers, "preset": args.preset, "ctx": args.ctx,
            "prefill_chunk": args.prefill_chunk, "quant": args.quant, "group_size": args.group_size,
-           "embedding_quant": args.embedding_quant, "device": args.device,
+           "embedding_quant": args.embedding_quant, "device": args.device, "autotune": args.autotune,
            "nvml_idle": sampler.idle, "phases": phases, "overall": overall,
            "sizes": result.sizes, "artifact": str(result.out_dir), "exporter_seconds": result.seconds}
     Path(args.result).write_text(json.dumps(out, indent=1))
@@ -188,7 +188,8 @@ def _child_cmd(args, run: Run, result: Path, artifact: Path) -> list[str]:
             "--layers", str(run.layers), "--preset", args.preset, "--ctx", str(args.ctx),
             "--prefill-chunk", str(args.prefill_chunk), "--quant", args.quant,
             "--group-size", str(args.group_size), "--embedding-quant", args.embedding_quant,
-            "--device", args.device, "--artifact", str(artifact), "--result", str(result)]
+            "--device", args.device, "--artifact", str(artifact), "--result", str(result),
+            "--autotune" if args.autotune else "--no-autotune"]
 
 
 def _spawn(cmd: list[str], log: Path, timeout: float) -> str | None:
@@ -320,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--embedding-quant", default="none")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True,
+                   help="Inductor max_autotune as the exporter's default (slow: minutes per method at 31B width)")
     p.add_argument("--out", default="out/bench_export_memory")
     p.add_argument("--json", default="out/bench_export_memory/export_memory.json")
     p.add_argument("--time-budget", type=float, default=3600.0, help="seconds for all runs; later runs are skipped")
