@@ -20,6 +20,10 @@ block and restores the originals on exit (also on error):
 5. The GPU first pass also runs extern kernels from Python (e.g. `_weight_int4pack_mm`);
    a dispatch mode gives their zero-byte arguments temporary zero storage (a fresh tensor
    the size of the view for a read, the storage itself lent in place for a write).
+
+Patches 4 and 5 matter only when `triton.autotune_at_compile_time` is False (the two-pass
+GPU codegen that runs the compiled wrapper on the real constants); torch 2.11's default for
+the cpp wrapper is True, where a generated script tunes kernels on example tensors instead.
 """
 
 from __future__ import annotations
