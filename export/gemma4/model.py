@@ -126,7 +126,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2).reshape(B, self.n_kv, G * T, D)  # (B, Hkv, G*T, D)
         mask = mask.repeat(G, 1)[None, None]  # (1, 1, G*T, S)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
-        out = out.view(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, self.n_heads * D)
+        out = out.reshape(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, self.n_heads * D)  # reshape: fused kernels may return non-contiguous output
         return self.o_proj(out)
 
 
