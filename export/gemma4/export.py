@@ -280,10 +280,16 @@ def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tenso
 def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
     """torch.export both entry points from the same instance (same KV buffers by FQN)."""
     T = torch.export.Dim("T", min=1, max=prefill_chunk)
-    # The graph records aten SDPA either way; MATH makes the traced output contiguous (the
-    # CUDA efficient kernel's output layout breaks model.py's `.view` at head_dim 512).
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+    with math_sdpa():
         return _export_both(model, prefill_chunk, T)
+
+
+def math_sdpa():
+    """Trace SDPA with the MATH backend. Graphs record aten SDPA either way, but its fake
+    output takes the chosen kernel's layout: CUDA's efficient-attention output (head_dim 512)
+    is not viewable as model.py's `out.view(B, H, T, D)` asks, and every re-trace (export,
+    to_edge decompositions) hit that on the H100. MATH's output is contiguous."""
+    return torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])
 
 
 def _export_both(model: nn.Module, prefill_chunk: int, T) -> dict[str, torch.export.ExportedProgram]:
@@ -318,9 +324,10 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
                 bar.update(1)
         PREPROCESS_LISTENERS.append(listener)
         try:
-            return to_edge_transform_and_lower(programs, partitioner=partitioners,
-                                               compile_config=_EDGE_CONFIG(),
-                                               constant_methods={"metadata": "{}"})
+            with math_sdpa():  # to_edge re-traces the graphs: same reason as in export_methods
+                return to_edge_transform_and_lower(programs, partitioner=partitioners,
+                                                   compile_config=_EDGE_CONFIG(),
+                                                   constant_methods={"metadata": "{}"})
         finally:
             PREPROCESS_LISTENERS.remove(listener)
 
