@@ -88,15 +88,16 @@ bf16 input: the padded bf16 copy, int32 codes, bf16 temporaries and the packed n
 Measured on the CPU (peak RSS) running the same steps on 8192 x 5376 and 16384 x 6144:
 10.33 and 10.38 bytes per padded parameter."""
 
-QUANT_ROWS_PER_CHUNK = 0
-"""Rows of a weight quantized at once (0: the whole tensor, as torchao does). Rows quantize
-independently in the tinygemm layout, so a chunked quantizer bounds the transient."""
+QUANT_ROWS_PER_CHUNK = 16384
+"""Rows of a weight quantized at once (0: the whole tensor). export/gemma4/quant.py packs
+weights taller than 4x this (the lm_head) in row blocks (`CUDA_PACK_ROWS`), one block on the
+GPU at a time, so the transient is one block's."""
 
-QUANT_RESULTS_STAY_ON_GPU = True
+QUANT_RESULTS_STAY_ON_GPU = False
 """export/gemma4/quant.py packs each int4 weight on the GPU and leaves it there, so the
 largest weight (lm_head, quantized last) is packed beside every other int4 weight."""
 
-EXPORT_EAGER_MODEL_ON_GPU = True
+EXPORT_EAGER_MODEL_ON_GPU = False
 """export/gemma4/export.py `prepare_model` moves the quantized eager model (weights and KV)
 to the GPU for a CUDA export and keeps it through lowering; low-memory mode zeroes the
 exported program's constants, not the eager model's."""
@@ -647,9 +648,9 @@ def quantize_export_peak(inp: PlanInputs, tensors: tuple[Tensor, ...]) -> Peak:
 
     def cost(shape: tuple[str, int, int, int]) -> tuple[int, int]:
         _, stack, n, k = shape
-        rows = min(n, QUANT_ROWS_PER_CHUNK) if QUANT_ROWS_PER_CHUNK else n
+        rows = QUANT_ROWS_PER_CHUNK if QUANT_ROWS_PER_CHUNK and n > 4 * QUANT_ROWS_PER_CHUNK else n
         padded = stack * _round_up(rows, INT4_N_MULTIPLE) * _round_up(k, inp.int4_layout.k_multiple)
-        return stack * n * k * inp.dtype.bytes, round(padded * QUANT_TRANSIENT_BYTES_PER_PARAM)
+        return stack * rows * k * inp.dtype.bytes, round(padded * QUANT_TRANSIENT_BYTES_PER_PARAM)
 
     name, stack, n, k = max(_linear_shapes(inp), key=lambda s: sum(cost(s)))
     src, transient = cost((name, stack, n, k))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from export.gemma4.config import PRESETS
@@ -19,11 +19,13 @@ from export.gemma4.export import (
     DTypeChoice,
     ExportConfig,
     ExportConfigError,
+    model_config,
     SdpaChoice,
     export_model,
     validate,
 )
 from export.gemma4.quant import EmbeddingQuant, LinearQuant
+from export.planner import DoesNotFit, PlanInputs, parse_size, plan, render_table, resolve_ctx
 
 EPILOG = """\
 examples:
@@ -47,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"(default when no --checkpoint: {DEFAULT_PRESET})")
     p.add_argument("--layers", type=int, default=d.layers,
                    help="keep only the first N decoder layers of --preset (slices at real width for tests)")
-    p.add_argument("--ctx", type=int, default=d.ctx,
+    p.add_argument("--ctx", default=str(d.ctx),
                    help="max tokens per sequence = full-attention KV length (default %(default)s; "
-                        "at most the model's max_position_embeddings)")
+                        "at most the model's max_position_embeddings), or 'auto': the largest that "
+                        "fits --gpu-budget")
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                    help="max tokens per prefill call; prefill takes any T in 1..this (default %(default)s)")
     p.add_argument("--quant", type=LinearQuant, choices=list(LinearQuant), default=d.quant,
@@ -75,7 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=d.out,
                    help="artifact directory (default out/<preset or checkpoint dir name>)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of a preset's random weights (default %(default)s)")
+    p.add_argument("--gpu-budget", type=parse_size, default=None,
+                   help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
+                        "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan (runtime and export peaks, by item) and exit without exporting")
     return p
+
+
+def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
+    """The planner's view of this export (quantized unit by unit: the streaming loader)."""
+    mcfg = model_config(cfg)
+    dtype = cfg.dtype.resolve(cfg.device.resolve())
+    return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
+                      group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
+                      dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
+                      loader="streaming" if cfg.checkpoint else "naive")
+
+
+def resolve_plan(args: argparse.Namespace) -> ExportConfig:
+    """--ctx auto / --gpu-budget checks, before anything is loaded or compiled."""
+    ctx_arg = str(args.ctx)
+    if ctx_arg != "auto" and not ctx_arg.isdigit():
+        raise ExportConfigError(f"--ctx {ctx_arg!r}: give a number of tokens or 'auto'")
+    args.ctx = 1024 if ctx_arg == "auto" else int(ctx_arg)
+    cfg = config_from_args(args)
+    if ctx_arg == "auto" or args.gpu_budget is not None:
+        if ctx_arg == "auto" and args.gpu_budget is None:
+            raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
+        try:
+            ctx = resolve_ctx(_plan_inputs(cfg, args.ctx), ctx_arg, args.gpu_budget)
+        except DoesNotFit as e:
+            raise ExportConfigError(str(e)) from None
+        cfg = replace(cfg, ctx=ctx)
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
@@ -83,10 +119,27 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     return ExportConfig(**{f.name: getattr(args, f.name) for f in fields(ExportConfig)})
 
 
+def _peaks() -> dict[str, float]:
+    """Host peak RSS of this process, and the GPU allocator peak when CUDA was used."""
+    import resource
+
+    import torch
+
+    gib = float(1 << 30)
+    peaks = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib, 2)}
+    if torch.cuda.is_initialized():
+        peaks["gpu_allocator"] = round(torch.cuda.max_memory_allocated() / gib, 2)
+    return peaks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    cfg = config_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
     try:
+        cfg = resolve_plan(args)
+        if args.plan:
+            print(render_table(plan(_plan_inputs(cfg, cfg.ctx))))
+            return 0
         _, device, dtype = validate(cfg)  # before anything is loaded or compiled
         print(f"exporting {cfg.name} for {device.value} ({str(dtype).removeprefix('torch.')}, "
               f"quant {cfg.quant.value}) -> {cfg.out_dir}", file=sys.stderr)
@@ -94,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
     summary = {"out": str(result.out_dir), "files": result.sizes,
-               "seconds": {k: round(v, 1) for k, v in result.seconds.items()}}
+               "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
+               "peak_gib": _peaks()}
     print(json.dumps(summary, indent=1))
     return 0
 

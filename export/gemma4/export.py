@@ -243,27 +243,45 @@ def init_random_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def build_model(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype, progress: bool = False) -> nn.Module:
-    """The eager model in float: a checkpoint's weights or a preset's seeded random ones."""
+def build_model(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype, progress: bool = False,
+                on_unit_loaded=None) -> nn.Module:
+    """The eager model: a checkpoint's weights (handed unit by unit to `on_unit_loaded`)
+    or a preset's seeded random ones."""
     from export.gemma4.model import Gemma4Model
 
     if cfg.checkpoint is not None:
         from export.gemma4.checkpoint import load_model
         model = load_model(cfg.checkpoint, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype,
-                           progress=progress)
+                           on_unit_loaded=on_unit_loaded, progress=progress)
     else:
         model = Gemma4Model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype)
         init_random_(model, cfg.seed)
+        if on_unit_loaded is not None:
+            for name, _ in model.named_children():
+                units = [f"layers.{i}" for i in range(mcfg.num_hidden_layers)] if name == "layers" else [name]
+                for unit in units:
+                    on_unit_loaded(model, unit)
     return model.eval()
 
 
 def prepare_model(cfg: ExportConfig, progress: bool = False) -> tuple[nn.Module, QuantReport]:
     """Validated config -> the model exactly as exported (quantized, on the export device).
-    Tests call this too, to get an eager model with the artifact's weights."""
+    Tests call this too, to get an eager model with the artifact's weights.
+
+    Quantization runs unit by unit as the checkpoint is read (bounded host memory: the
+    float source of a layer is gone before the next layer is read)."""
     mcfg, device, dtype = validate(cfg)
-    model = build_model(cfg, mcfg, dtype, progress)
-    with _bar(progress, total=None, desc="quantizing", unit="module") as bar:
-        report = quantize_(model, cfg.recipe(), device, progress=bar.update)
+    recipe = cfg.recipe()
+    report = QuantReport()
+
+    def quantize_unit(model: nn.Module, unit: str) -> None:
+        r = quantize_(model, recipe, device, under=unit)
+        report.int4 += r.int4
+        report.int8_embedding += r.int8_embedding
+        report.skipped.update(r.skipped)
+        report.untied_lm_head |= r.untied_lm_head
+
+    model = build_model(cfg, mcfg, dtype, progress, on_unit_loaded=quantize_unit)
     if device is TargetDevice.CUDA and not cfg.low_memory:
         model.to("cuda")  # low-memory exports from the host; constants reach the GPU as zero-byte
     return model, report

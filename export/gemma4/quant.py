@@ -206,6 +206,38 @@ def _int4_cuda_(lin: nn.Linear, group_size: int) -> None:
     lin.to(home)
 
 
+CUDA_PACK_ROWS = 16384
+"""Rows of one weight packed at once on the GPU. torchao's packing holds ~10 bytes per
+(padded) parameter beside its input, so packing the 262144-row lm_head whole would take
+~16 GiB of GPU memory for a moment; 16384-row blocks take ~1 GiB."""
+CUDA_SPLIT_ABOVE = 65536  # only vocab-sized weights are split: each block is one more matmul
+
+
+class RowChunks(nn.Module):
+    """A Linear stored as blocks of output rows; forward concatenates the blocks' outputs.
+    Lets a vocab-sized lm_head be packed block by block (and each block is an ordinary
+    int4 matmul in the graph)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+@torch.no_grad()
+def split_rows(lin: nn.Linear, rows: int) -> RowChunks:
+    """`lin` as RowChunks of plain Linears of at most `rows` output rows (views, no copy)."""
+    parts = []
+    for r0 in range(0, lin.out_features, rows):
+        w = lin.weight[r0:r0 + rows]
+        part = nn.Linear(lin.in_features, w.shape[0], bias=False, device="meta")
+        part.weight = nn.Parameter(w, requires_grad=False)
+        parts.append(part)
+    return RowChunks(parts)
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
               under: str | None = None, progress=None) -> QuantReport:
     """Quantize `model` in place following `recipe` for `device`; returns what was done.
@@ -231,6 +263,12 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
                 _linear_skip_reason(fqn, mod, recipe, device)
             if why:
                 report.skipped[fqn] = why
+            elif device is TargetDevice.CUDA and mod.out_features > CUDA_SPLIT_ABOVE:
+                parts = split_rows(mod, CUDA_PACK_ROWS)
+                for part in parts.parts:
+                    _int4_cuda_(part, recipe.group_size)
+                _set_module(model, fqn, parts)
+                report.int4.append(fqn)
             elif device is TargetDevice.CUDA:
                 _int4_cuda_(mod, recipe.group_size)
                 report.int4.append(fqn)
