@@ -838,7 +838,7 @@ def preset_name(c: Gemma4Config) -> str:
         if preset == c:
             return name
     for name, preset in PRESETS.items():
-        if preset.with_layers(c.num_hidden_layers) == c:
+        if preset.num_hidden_layers >= c.num_hidden_layers and preset.with_layers(c.num_hidden_layers) == c:
             return f"{name} ({c.num_hidden_layers}-layer slice)"
     return "custom"
 

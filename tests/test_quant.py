@@ -83,7 +83,7 @@ def test_quantize_unties_lm_head_and_keeps_embedding():
     assert isinstance(model.lm_head, Int4Linear)
     assert isinstance(model.embed_tokens, nn.Embedding) and torch.equal(model.embed_tokens.weight, emb)
     # what stayed float, and why: per_layer_projection has K = 8 < group 32
-    assert set(report.skipped) == {f"layers.{i}.per_layer_projection" for i in range(6)}
+    assert set(report.skipped) == {f"layers.{i}.per_layer_projection" for i in range(PRESETS["tiny"].num_hidden_layers)}
     assert all("group_size" in why for why in report.skipped.values())
 
 
