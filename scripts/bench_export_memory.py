@@ -40,6 +40,7 @@ class Peaks:
     nvml_above_idle: int | None = None  # nvml minus the device's use before this process touched CUDA
     host_rss: int = 0  # process RSS peak in this phase (sampled), bytes
     seconds: float = 0.0
+    completed: bool = False  # the phase returned (a failed one still reports what it used)
 
 
 def _rss_now() -> int:
@@ -106,7 +107,9 @@ def _phase(sampler: Sampler, name: str, fn):
         sampler._sample()
         sampler.phase, t0 = name, time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            sampler.peaks.setdefault(name, Peaks()).completed = True
+            return out
         finally:
             if cuda:
                 torch.cuda.synchronize()
@@ -136,7 +139,11 @@ def child(args: argparse.Namespace) -> None:
                          device=X.DeviceChoice(args.device), low_memory=args.mode == "low",
                          autotune=args.autotune, out=Path(args.artifact))
     t0 = time.perf_counter()
-    result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
+    result, error = None, None
+    try:
+        result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
+    except Exception as e:  # keep the phases measured so far (a late failure still reports lowering)
+        error = f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0
     sampler.stop()
     phases = {k: asdict(v) for k, v in sampler.peaks.items() if k in PHASES}
@@ -150,9 +157,12 @@ def child(args: argparse.Namespace) -> None:
     out = {"mode": args.mode, "layers": args.layers, "preset": args.preset, "ctx": args.ctx,
            "prefill_chunk": args.prefill_chunk, "quant": args.quant, "group_size": args.group_size,
            "embedding_quant": args.embedding_quant, "device": args.device, "autotune": args.autotune,
-           "nvml_idle": sampler.idle, "phases": phases, "overall": overall,
-           "sizes": result.sizes, "artifact": str(result.out_dir), "exporter_seconds": result.seconds}
+           "nvml_idle": sampler.idle, "phases": phases, "overall": overall, "error": error,
+           "sizes": result.sizes if result else {}, "artifact": str(result.out_dir) if result else None,
+           "exporter_seconds": result.seconds if result else {}}
     Path(args.result).write_text(json.dumps(out, indent=1))
+    if error:
+        raise SystemExit(f"export failed after the measured phases {sorted(phases)}: {error}")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -211,9 +221,12 @@ def table(runs: list[Run], comparisons: dict) -> str:
             f"{'nvml':>6} | {'quantize alloc':>14} | {'host RSS':>8} | {'time s':>7} | {'pte MiB':>8} {'ptd GiB':>8}")
     lines = [head, "-" * len(head)]
     for r in runs:
-        if r.error:
+        if r.error and not r.result.get("phases"):
             lines.append(f"{r.mode:6} {r.layers:>2} | failed: {r.error}")
             continue
+        if r.error:
+            lines.append(f"{r.mode:6} {r.layers:>2} | failed after measuring {sorted(r.result['phases'])}: "
+                         f"{r.result.get('error') or r.error}"[:200])
         ph, ov, sz = r.result["phases"], r.result["overall"], r.result["sizes"]
         low = ph.get("lower", {})
         lines.append(
@@ -237,7 +250,7 @@ def table(runs: list[Run], comparisons: dict) -> str:
 def extrapolate(runs: list[Run], full_layers: int) -> dict | None:
     """Least-squares line through low-memory lowering peaks vs layers, evaluated at full depth."""
     pts = [(r.layers, r.result["phases"]["lower"]) for r in runs
-           if r.mode == "low" and not r.error and "lower" in r.result.get("phases", {})]
+           if r.mode == "low" and r.result.get("phases", {}).get("lower", {}).get("completed")]
     if len({x for x, _ in pts}) < 2:
         return None
     out = {"layers": full_layers, "points": {}}
@@ -272,7 +285,7 @@ def parent(args: argparse.Namespace) -> None:
         result = out / f"{r.mode}_{r.layers}l.json"
         r.error = _spawn(_child_cmd(args, r, result, artifacts / f"{r.mode}_{r.layers}l"),
                          out / f"{r.mode}_{r.layers}l.log", left)
-        if r.error is None:
+        if result.is_file():  # also after a late failure: the phases it measured
             r.result = json.loads(result.read_text())
         print(f"[{time.monotonic() - t_start:5.0f} s] {r.mode}:{r.layers} {'ok' if r.error is None else r.error}",
               flush=True)
@@ -291,7 +304,8 @@ def parent(args: argparse.Namespace) -> None:
     report = {"runs": [asdict(r) for r in runs], "logits": comparisons,
               "extrapolation": extrapolate(runs, PRESETS[args.preset].num_hidden_layers)}
     for layers in sorted({r.layers for r in runs}):
-        pair = {r.mode: r for r in runs if r.layers == layers and r.error is None}
+        pair = {r.mode: r for r in runs
+                if r.layers == layers and r.result.get("phases", {}).get("lower", {}).get("completed")}
         if {"stock", "low"} <= set(pair):
             s, lo = pair["stock"].result["phases"]["lower"], pair["low"].result["phases"]["lower"]
             report.setdefault("ratios", {})[layers] = {
