@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from export.gemma4.__main__ import build_parser, config_from_args, main
+from export.gemma4.__main__ import build_parser, main, resolve_plan
 from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
 from export.gemma4.quant import EmbeddingQuant, LinearQuant
+
+
+PLANNER_FLAGS = {"plan", "gpu_budget"}  # act before the export; not part of what is exported
 
 
 def test_every_config_field_is_a_flag_and_defaults_agree():
     parser = build_parser()
     flags = {a.dest for a in parser._actions if a.dest != "help"}
-    assert flags == {f.name for f in fields(ExportConfig)}
-    assert config_from_args(parser.parse_args([])) == ExportConfig()
+    assert flags - PLANNER_FLAGS == {f.name for f in fields(ExportConfig)}
+    assert resolve_plan(parser.parse_args([])) == ExportConfig()
 
 
 def test_no_arguments_means_tiny_on_any_device():
@@ -29,7 +32,7 @@ def test_no_arguments_means_tiny_on_any_device():
 
 
 def test_flags_parse_into_enums():
-    cfg = config_from_args(build_parser().parse_args(
+    cfg = resolve_plan(build_parser().parse_args(
         ["--preset", "31b", "--layers", "2", "--ctx", "8192", "--quant", "none", "--group-size", "128",
          "--embedding-quant", "int8", "--device", "cpu", "--dtype", "bfloat16", "--low-memory", "--out", "x"]))
     assert cfg == ExportConfig(preset="31b", layers=2, ctx=8192, quant=LinearQuant.NONE, group_size=128,
@@ -50,7 +53,7 @@ def test_help_explains_the_artifact():
     (["--preset", "nope"], "--preset 'nope' is unknown"),
     (["--checkpoint", "/no/such/dir"], "--checkpoint /no/such/dir: no such directory"),
     (["--prefill-chunk", "1"], "--prefill-chunk 1 must be in 2..ctx"),
-    (["--layers", "99"], "--layers 99 is outside 1..6"),
+    (["--layers", "99"], "--layers 99 is outside 1..4"),
     (["--preset", "31b"], "builds a"),  # 31B float would not fit in CI's RAM: refused up front
 ])
 def test_bad_input_fails_before_compiling(argv, message, capsys, tmp_path):
