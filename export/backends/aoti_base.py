@@ -13,9 +13,9 @@ state dict, keyed by FQN (see export/artifact.py and export/ARTIFACT.md).
 Preprocess order (one method at a time):
   1. low-memory ExportedProgram passes (only with `low_memory`, see "Low-memory hook")
   2. `move_to_device_pass` to the target device
-  3. ExecuTorch's `ReplaceViewCopyWithViewPass` and `replace_split_copy_with_split` (no
-     op may need the proxy executor), then the subclass's custom passes
-  4. the subclass's decompositions
+  3. ExecuTorch's `ReplaceViewCopyWithViewPass`, then the subclass's custom passes
+  4. the subclass's decompositions, then `replace_split_copy_with_split` (no op may need
+     the proxy executor; last because ExecuTorch's verifier rejects aten.split)
   5. `torch._inductor.aot_compile`, inside: fallback-kernel check, no_grad, the subclass's
      extra context, the low-memory Inductor patches, and the constant-table capture.
 
