@@ -374,15 +374,36 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
-def _with_inner_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add `fqn.<inner>` for every tensor subclass (torchao int4: `.qdata`, `.scale_and_zero`),
-    which is how compiled graphs see a subclass weight's parts."""
-    out = dict(tensors)
+def _subclass_parts(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The plain tensors inside a traceable tensor subclass with their attribute paths,
+    depth-first in `__tensor_flatten__` order: the order torch's `UnwrapTensorSubclass`
+    numbers them (`original0`, `original1`, ...). A plain tensor is its own single part."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(t):
+        return [("", t)]
+    parts = []
+    for attr in t.__tensor_flatten__()[0]:
+        parts += [(f"{attr}.{sub}" if sub else attr, plain) for sub, plain in _subclass_parts(getattr(t, attr))]
+    return parts
+
+
+def _with_inner_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors by key, subclass weights (torchao int4) split into `fqn.<inner>` parts, and
+    aliases from the FQN Inductor reports for a part to that key: aot_compile applies
+    `unwrap_tensor_subclass_parameters`, so the .so names torchao's `q_proj.weight.qdata`
+    `q_proj.parametrizations.weight.original0` (seen on the H100)."""
+    out, aliases = dict(tensors), {}
     for fqn, t in tensors.items():
-        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-            for inner in t.__tensor_flatten__()[0]:
-                out[f"{fqn}.{inner}"] = getattr(t, inner)
-    return out
+        parts = _subclass_parts(t)
+        if parts[0][0] == "":
+            continue
+        owner, _, leaf = fqn.rpartition(".")
+        prefix = f"{owner}.parametrizations.{leaf}" if owner else f"parametrizations.{leaf}"
+        for i, (path, plain) in enumerate(parts):
+            out[f"{fqn}.{path}"] = plain
+            aliases[f"{prefix}.original{i}"] = f"{fqn}.{path}"
+    return out, aliases
 
 
 def _flat(name: str) -> str:
@@ -393,11 +414,14 @@ def _flat(name: str) -> str:
     return name
 
 
-def _resolve(c, tensors: dict[str, torch.Tensor], flat: dict[str, str]) -> tuple[str, torch.Tensor] | None:
-    """(model FQN, tensor) for a compiled constant: its recorded FQN, else its mangled name."""
+def _resolve(c, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+             flat: dict[str, str]) -> tuple[str, torch.Tensor] | None:
+    """(.ptd key, tensor) for a compiled constant: its recorded FQN, else its mangled name;
+    subclass parts under their `fqn.<inner>` key."""
     for candidate in (c.fqn, flat.get(_flat(c.fqn)), flat.get(_flat(c.name))):
-        if candidate is not None and candidate in tensors:
-            return candidate, tensors[candidate]
+        key = aliases.get(candidate, candidate)
+        if key is not None and key in tensors:
+            return key, tensors[key]
     return None
 
 
@@ -417,8 +441,8 @@ def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set
     KV buffers map to their FQN in every method (the runner binds its own allocation) and
     are written only with `kv_in_ptd` (as zeros).
     """
-    tensors = _with_inner_tensors(model_tensors(model))
-    flat = {_flat(k): k for k in tensors}
+    tensors, aliases = _with_inner_tensors(model_tensors(model))
+    flat = {_flat(k): k for k in [*tensors, *aliases]}
     plan: dict[str, PtdTensor] = {}
     mapping: dict[str, dict[str, str]] = {}
     for method, cm in compiled.items():
@@ -428,7 +452,7 @@ def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set
             if c.fqn in kv_fqns:
                 if kv_in_ptd and key not in plan:
                     plan[key] = PtdTensor(key, c.shape, c.dtype, lambda c=c: torch.zeros(c.shape, dtype=c.dtype))
-            elif (found := _resolve(c, tensors, flat)) is not None:
+            elif (found := _resolve(c, tensors, aliases, flat)) is not None:
                 key, t = found
                 _check_matches(key, t, c)
                 plan.setdefault(key, PtdTensor.of(key, t))
