@@ -44,6 +44,7 @@ class PeakSampler:
 
     def __enter__(self) -> "PeakSampler":
         if self.device.startswith("cuda"):
+            torch.cuda.init()  # resetting the stats of a device not yet initialised is an error
             torch.cuda.reset_peak_memory_stats(self.device)
         if self._handle is not None:
             self._thread = threading.Thread(target=self._sample_loop, daemon=True)
