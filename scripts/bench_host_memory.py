@@ -24,16 +24,26 @@ from pathlib import Path
 GIB = 1 << 30
 
 
-def rss_now() -> int:
+def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak (VmHWM) from the current RSS, so import-time spikes do not count."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tensor_bytes(t) -> int:
@@ -65,6 +75,7 @@ def child(mode: str, checkpoint: str, device: str, group_size: int) -> dict:
     if dev is TargetDevice.CUDA:
         torch.cuda.init()
     baseline = rss_now()  # interpreter + torch + CUDA context: the fixed overhead
+    reset_peak_rss()
     recipe = QuantRecipe(group_size=group_size)
     t0 = time.perf_counter()
     if mode == "naive":

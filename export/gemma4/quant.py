@@ -112,7 +112,7 @@ class Int4Linear(nn.Module):
         m = cls(K, N, group_size, weight.dtype).to(weight.device)
         # Row blocks bound the fp32 temporaries (a 262144-row lm_head would otherwise need
         # several full fp32 copies of itself on the host at once).
-        rows = max(1, (64 << 20) // (4 * K))
+        rows = max(1, (16 << 20) // (4 * K))
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             w = weight[r0:r1].float().view(r1 - r0, K // group_size, group_size)
