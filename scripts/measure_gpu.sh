@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-machine measurements quoted in the issue notes, in the order they were run.
-#   device run: bash scripts/measure_gpu.sh runtime|host_memory   (carry .whl)
+#   device run: bash scripts/measure_gpu.sh MODE   (carry .whl; one mode per device command,
+#   each fits the 10-minute command limit)
 # Logs and JSON go to $OUT (or ./out/gpu when run by hand).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +9,21 @@ source scripts/device_env.sh || exit 1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
-runtime)  # issue 5: runner decode tok/s vs eager vs bandwidth floor; issue 3: CUDA exports
-  timeout 300 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 \
-      --workdir /tmp/bench --json "$OUT/runtime_31b_2l.json" 2>&1 | tail -25
-  timeout 200 python -m scripts.bench_runtime --preset tiny --ctx 2048 --quant none --dtype float32 \
+runtime)  # issue 5: runner decode tok/s vs eager vs bandwidth floor (tiny); issue 3: CUDA export
+  timeout 240 python -m scripts.bench_runtime --preset tiny --ctx 2048 --quant none --dtype float32 \
       --workdir /tmp/bench --json "$OUT/runtime_tiny.json" 2>&1 | tail -15
+  ;;
+runtime_31b)  # the same for the 31B 2-layer int4 slice (its CUDA export alone took > 300 s)
+  timeout 560 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 \
+      --workdir /tmp/bench --json "$OUT/runtime_31b_2l.json" 2>&1 | tail -25
+  ;;
+export_stock)  # issue 4: stock export peak of the 6-layer 31B slice at 131072
+  timeout 560 python -m scripts.bench_export_memory --runs stock:6 --no-autotune --no-compare \
+      --out /tmp/bem --json "$OUT/export_stock.json" 2>&1 | tail -20
+  ;;
+export_low)  # issue 4: low-memory peaks at 2, 4, 6 layers (compare logits against export_stock by hand)
+  timeout 560 python -m scripts.bench_export_memory --runs low:2,low:4,low:6 --no-autotune --no-compare \
+      --out /tmp/bem --json "$OUT/export_low.json" 2>&1 | tail -20
   ;;
 host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 31B slices
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
@@ -21,5 +32,5 @@ host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 
   timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
   ;;
-*) echo "usage: $0 runtime|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|runtime_31b|export_stock|export_low|host_memory" >&2; exit 2 ;;
 esac
