@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from export.gemma4.config import PRESETS, Gemma4Config
 from export.gemma4.model import Gemma4Model
+from export.gemma4.tokenizer import write_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -93,32 +94,6 @@ def _vision_stand_in():
     g = torch.Generator().manual_seed(0)
     return [(f"model.vision_tower.encoder.layers.{i}.mlp.fc1.weight", torch.randn(8, 8, generator=g))
             for i in range(2)]
-
-
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-
-
-def write_tokenizer(path: Path, vocab_size: int):
-    """A byte-level BPE tokenizer with Gemma's special ids (pad 0, eos 1, bos 2), padded to
-    `vocab_size` with filler tokens so every id the model can emit decodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    alphabet = ByteLevel.alphabet()
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    if len(vocab) > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer ({len(vocab)})")
-    i = 0
-    while len(vocab) < vocab_size:
-        vocab[f"<filler_{i}>"] = len(vocab)
-        i += 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    tok.save(str(path))
 
 
 def main(argv=None):

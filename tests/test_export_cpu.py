@@ -69,7 +69,7 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def test_artifact_files_and_no_leftovers(tiny_artifact):
     out = tiny_artifact.out_dir
-    assert sorted(p.name for p in out.iterdir()) == ["model.ptd", "model.pte"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.ptd", "model.pte", "tokenizer.json"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
@@ -165,3 +165,15 @@ def test_so_logits_match_eager_prefill_and_decode(tiny_artifact, mini):
     # both methods wrote the same KV tensors the runner bound (no copies)
     layer0 = mini.kv["layers.0.self_attn.kv_cache.k"]
     torch.testing.assert_close(layer0, model.layers[0].self_attn.kv_cache.k, rtol=1e-4, atol=1e-5)
+
+
+def test_preset_artifact_has_a_standin_tokenizer(tiny_artifact):
+    """A preset has no tokenizer of its own: the exporter writes a byte-level stand-in so
+    `python -m runtime --prompt ...` works on the default export."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_artifact.out_dir / "tokenizer.json"))
+    assert tok.get_vocab_size() == tiny_artifact.metadata["vocab_size"]
+    ids = tok.encode("héllo, Gemma").ids
+    assert ids and max(ids) < tiny_artifact.metadata["vocab_size"]
+    assert tok.decode(ids) == "héllo, Gemma"

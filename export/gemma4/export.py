@@ -29,6 +29,7 @@ from export.artifact import PtdTensor, atomic_output_dir, write_ptd
 from export.backends import PREPROCESS_LISTENERS, CompiledMethod, ConstantKind, TargetDevice, partitioner_for
 from export.gemma4.config import PRESETS, Gemma4Config
 from export.gemma4.quant import EmbeddingQuant, LinearQuant, QuantRecipe, QuantReport, quantize_
+from export.gemma4.tokenizer import MIN_STANDIN_VOCAB, write_tokenizer
 
 METHODS = ("prefill", "decode")
 FORMAT_VERSION = 1
@@ -505,7 +506,7 @@ def build_metadata(cfg: ExportConfig, mcfg: Gemma4Config, model: nn.Module, devi
 # ---- writing --------------------------------------------------------------------------------
 
 def write_artifact(out: Path, et_program, tensors: list[PtdTensor], pair_id: str,
-                   checkpoint: Path | None, progress: bool = False) -> dict[str, int]:
+                   checkpoint: Path | None, progress: bool = False, vocab_size: int | None = None) -> dict[str, int]:
     """model.pte + model.ptd (+ tokenizer files), all or nothing; returns file sizes."""
     with atomic_output_dir(out) as tmp:
         with open(tmp / "model.pte", "wb") as f:
@@ -516,6 +517,8 @@ def write_artifact(out: Path, et_program, tensors: list[PtdTensor], pair_id: str
         for name in TOKENIZER_FILES if checkpoint else ():
             if (Path(checkpoint) / name).is_file():
                 shutil.copyfile(Path(checkpoint) / name, tmp / name)
+        if checkpoint is None and vocab_size and vocab_size >= MIN_STANDIN_VOCAB:
+            write_tokenizer(tmp / "tokenizer.json", vocab_size)  # a preset has no tokenizer of its own
     return {p.name: p.stat().st_size for p in sorted(out.iterdir())}
 
 
@@ -552,7 +555,8 @@ def export_model(cfg: ExportConfig, progress: bool = False,
 
     t = time.perf_counter()
     et_program = edge.to_executorch(ExecutorchBackendConfig())
-    sizes = write_artifact(cfg.out_dir, et_program, tensors, pair_id, cfg.checkpoint, progress)
+    sizes = write_artifact(cfg.out_dir, et_program, tensors, pair_id, cfg.checkpoint, progress,
+                           vocab_size=mcfg.vocab_size)
     times["write"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     return ExportResult(out_dir=cfg.out_dir, metadata=metadata, seconds=times, sizes=sizes, model=model)
