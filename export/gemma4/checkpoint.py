@@ -105,7 +105,7 @@ def _ignorable(cfg: Gemma4Config, key: str) -> bool:
     return False
 
 
-def _units(model: Gemma4Model) -> Iterator[tuple[str, nn.Module]]:
+def units(model: Gemma4Model) -> Iterator[tuple[str, nn.Module]]:
     """Loading order; each unit's tensors are read together, then the hook runs."""
     for name, child in model.named_children():
         if name == "layers":
@@ -142,13 +142,13 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
     used: set[str] = set()
     loaded_embedding = None
     reader = ShardReader(index)
-    units = list(_units(model))
+    unit_list = list(units(model))
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(units), desc="loading checkpoint", unit="unit")
+        bar = tqdm(total=len(unit_list), desc="loading checkpoint", unit="unit")
     try:
-        for unit_name, unit in units:
+        for unit_name, unit in unit_list:
             if unit_name == "lm_head" and tied:
                 _tie_head(model, loaded_embedding, reader, available, dtype)
             else:

@@ -258,10 +258,9 @@ def build_model(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype, progr
         model = Gemma4Model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype)
         init_random_(model, cfg.seed)
         if on_unit_loaded is not None:
-            for name, _ in model.named_children():
-                units = [f"layers.{i}" for i in range(mcfg.num_hidden_layers)] if name == "layers" else [name]
-                for unit in units:
-                    on_unit_loaded(model, unit)
+            from export.gemma4.checkpoint import units
+            for name, _ in list(units(model)):  # the same units, in the same order, as a load
+                on_unit_loaded(model, name)
     return model.eval()
 
 
@@ -276,11 +275,7 @@ def prepare_model(cfg: ExportConfig, progress: bool = False) -> tuple[nn.Module,
     report = QuantReport()
 
     def quantize_unit(model: nn.Module, unit: str) -> None:
-        r = quantize_(model, recipe, device, under=unit)
-        report.int4 += r.int4
-        report.int8_embedding += r.int8_embedding
-        report.skipped.update(r.skipped)
-        report.untied_lm_head |= r.untied_lm_head
+        quantize_(model, recipe, device, under=unit, report=report)
 
     model = build_model(cfg, mcfg, dtype, progress, on_unit_loaded=quantize_unit)
     if device is TargetDevice.CUDA and not cfg.low_memory:

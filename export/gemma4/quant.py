@@ -239,14 +239,14 @@ def split_rows(lin: nn.Linear, rows: int) -> RowChunks:
 
 
 def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
-              under: str | None = None, progress=None) -> QuantReport:
+              under: str | None = None, progress=None, report: QuantReport | None = None) -> QuantReport:
     """Quantize `model` in place following `recipe` for `device`; returns what was done.
 
     `under` limits the work to one subtree (e.g. a decoder layer just loaded), so a loader
     can quantize unit by unit; the lm_head untie happens whenever lm_head is in scope.
-    `progress(n)` is called once per module handled.
+    `progress(n)` is called once per module handled. Pass `report` to accumulate over calls.
     """
-    report = QuantReport()
+    report = report if report is not None else QuantReport()
     in_scope = (lambda fqn: fqn == under or fqn.startswith(under + ".")) if under else (lambda fqn: True)
     if recipe.linear is LinearQuant.INT4 and in_scope("lm_head"):
         _untie_lm_head(model, report)
