@@ -140,11 +140,21 @@ def child(args: argparse.Namespace) -> None:
                          autotune=args.autotune, out=Path(args.artifact))
     t0 = time.perf_counter()
     result, error = None, None
+    profiler = None
+    if args.profile:  # where the minutes go (the 31B-width compiles are the device budget's main cost)
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
     except Exception as e:  # keep the phases measured so far (a late failure still reports lowering)
         error = f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0
+    if profiler is not None:
+        import pstats
+        profiler.disable()
+        profiler.dump_stats(str(Path(args.result).with_suffix(".prof")))
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(60)
     sampler.stop()
     phases = {k: asdict(v) for k, v in sampler.peaks.items() if k in PHASES}
     overall = {
@@ -199,7 +209,7 @@ def _child_cmd(args, run: Run, result: Path, artifact: Path) -> list[str]:
             "--prefill-chunk", str(args.prefill_chunk), "--quant", args.quant,
             "--group-size", str(args.group_size), "--embedding-quant", args.embedding_quant,
             "--device", args.device, "--artifact", str(artifact), "--result", str(result),
-            "--autotune" if args.autotune else "--no-autotune"]
+            "--autotune" if args.autotune else "--no-autotune"] + (["--profile"] if args.profile else [])
 
 
 def _spawn(cmd: list[str], log: Path, timeout: float) -> str | None:
@@ -344,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-compare", action="store_true")
     p.add_argument("--artifacts", help="where the exported artifacts go (default: --out)")
     p.add_argument("--stop-on-error", action="store_true", help="skip the remaining runs after a failure")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile each export: <run>.prof next to its JSON, top functions in its log")
     # internal: one measured export / one logits comparison
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)

@@ -25,6 +25,14 @@ export_low)  # issue 4: low-memory peaks at 2, 4, 6 layers (compare logits again
   timeout 560 python -m scripts.bench_export_memory --runs low:2,low:4,low:6 --no-autotune --no-compare \
       --out /tmp/bem --json "$OUT/export_low.json" 2>&1 | tail -20
   ;;
+slice_8k)  # issues 3, 5, 6: the 31B 2-layer int4 slice at ctx 8192, low-memory: measured export
+  # (phases, peaks, sizes, cProfile), then the runner vs eager vs floor on that artifact
+  timeout 380 python -m scripts.bench_export_memory --runs low:2 --ctx 8192 --no-autotune --no-compare \
+      --profile --out "$OUT/bem_8k" --artifacts /tmp/bem --json "$OUT/export_low2_8k.json" 2>&1 | tail -12
+  tail -80 "$OUT/bem_8k/low_2l.log" | head -75
+  timeout 200 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 \
+      --model /tmp/bem/low_2l --json "$OUT/runtime_31b_2l.json" 2>&1 | tail -8
+  ;;
 host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 31B slices
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
   python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 &
@@ -32,5 +40,5 @@ host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 
   timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
   ;;
-*) echo "usage: $0 runtime|runtime_31b|export_stock|export_low|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|runtime_31b|slice_8k|export_stock|export_low|host_memory" >&2; exit 2 ;;
 esac
