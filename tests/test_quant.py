@@ -4,12 +4,13 @@ lm_head untying, and what the recipe leaves in float (and why)."""
 from __future__ import annotations
 
 import torch
+
 from torch import nn
 
 from export.backends import TargetDevice
 from export.gemma4.config import PRESETS
-from export.gemma4.export import init_random_
 from export.gemma4.model import Gemma4Model
+from tests.helpers import randomize_
 from export.gemma4.quant import (
     EmbeddingQuant,
     Int4Linear,
@@ -71,7 +72,7 @@ def test_int8_embedding_gathers_then_dequantizes():
 
 
 def _tiny():
-    return init_random_(Gemma4Model(PRESETS["tiny"], ctx=32, prefill_chunk=4), seed=0).eval()
+    return randomize_(Gemma4Model(PRESETS["tiny"], ctx=32, prefill_chunk=4), seed=0).eval()
 
 
 def test_quantize_unties_lm_head_and_keeps_embedding():

@@ -10,10 +10,15 @@ source weights plus what the caller keeps.
 Key layouts: text-only checkpoints (`model.layers.0...`) and multimodal ones
 (`model.language_model.layers.0...` beside `model.vision_tower...` / audio towers, which
 are never read). KV-shared layers' k/v projections and norms are skipped when present.
+
+Presets (no checkpoint) go through the same unit loop with `RandomWeights` as the source:
+seeded random tensors per key, so exports of presets stream and quantize exactly like
+checkpoint loads (`random_model`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,6 +132,92 @@ def _expected(unit_name: str, unit: nn.Module) -> dict[str, tuple[nn.Module, str
             key = ".".join(x for x in (unit_name, mod_name, attr) if x)
             out[key] = (mod, attr, t)
     return out
+
+
+class RandomWeights:
+    """Seeded random tensors by key, standing in for a checkpoint (presets, benchmarks).
+
+    A key's values depend only on (seed, key, device type): slices (`with_layers`) share
+    weights with the full model and load order does not matter. 1-D weights and
+    `layer_scalar` are drawn from U[0.5, 1.5) (away from their identity initialisation, so a
+    missing multiply shows in parity tests), the rest from N(0, 0.05^2). Drawn on `device`
+    in blocks of at most BLOCK_ELEMS (the CPU generator is serial: ~80 s for the 31B slice's
+    2.4e9 values; a GPU takes well under a second) and returned on the CPU in `dtype`.
+    """
+
+    BLOCK_ELEMS = 1 << 26  # 64 Mi values (128 MiB bf16) per draw
+
+    def __init__(self, seed: int, device: str = "cpu"):
+        self.seed, self.device = seed, torch.device(device)
+
+    def _generator(self, key: str, block: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{self.seed}:{key}:{block}".encode()).digest()
+        return torch.Generator(self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    @torch.no_grad()
+    def read(self, key: str, meta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(meta.shape, dtype=dtype)
+        flat = out.view(-1)
+        identity_like = meta.dim() == 1 or key.endswith("layer_scalar")
+        for b, start in enumerate(range(0, flat.numel(), self.BLOCK_ELEMS)):
+            n = min(self.BLOCK_ELEMS, flat.numel() - start)
+            g = self._generator(key, b)
+            if identity_like:
+                block = torch.empty(n, device=self.device).uniform_(0.5, 1.5, generator=g)
+            else:
+                block = torch.randn(n, device=self.device, generator=g).mul_(0.05)
+            flat[start:start + n].copy_(block)
+        return out
+
+
+@torch.no_grad()
+def random_model(cfg: Gemma4Config, ctx: int, prefill_chunk: int, dtype: torch.dtype, seed: int,
+                 device: str = "cpu", on_unit_loaded: UnitHook | None = None,
+                 progress: bool = False) -> Gemma4Model:
+    """`Gemma4Model` with `RandomWeights`, built unit by unit like `load_model` (the same
+    hook, the same order), so a preset export holds one float unit at a time."""
+    with torch.device("meta"):
+        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype)
+    source = RandomWeights(seed, device)
+    unit_list = list(units(model))
+    bar = _progress_bar(progress, len(unit_list), "random weights")
+    loaded_embedding = None
+    try:
+        for unit_name, unit in unit_list:
+            if unit_name == "lm_head" and cfg.tie_word_embeddings:
+                # as _tie_head: share the table unless the hook replaced it (then draw it again:
+                # the same key gives the same values)
+                if loaded_embedding is not None and getattr(model.embed_tokens, "weight", None) is loaded_embedding:
+                    model.lm_head.weight = loaded_embedding
+                else:
+                    mod_attr_set(model.lm_head, "weight", source.read("embed_tokens.weight", model.lm_head.weight, dtype))
+            else:
+                for key, (mod, attr, meta) in _expected(unit_name, unit).items():
+                    mod_attr_set(mod, attr, source.read(key, meta, dtype if meta.is_floating_point() else meta.dtype))
+            if unit_name == "embed_tokens":
+                loaded_embedding = model.embed_tokens.weight
+            if on_unit_loaded is not None:
+                on_unit_loaded(model, unit_name)
+            bar.update(1)
+    finally:
+        bar.close()
+    _materialize_runtime_buffers(model)
+    return model
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="unit")
 
 
 @torch.no_grad()
