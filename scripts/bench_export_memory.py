@@ -38,6 +38,8 @@ class Peaks:
     allocator: int = 0  # torch caching allocator peak, bytes
     nvml: int | None = None  # device memory used (all processes), sampled peak, bytes
     nvml_above_idle: int | None = None  # nvml minus the device's use before this process touched CUDA
+    nvml_process: int | None = None  # this process's device memory (NVML per-process accounting)
+    reserved: int = 0  # torch caching allocator reserved peak (segments incl. fragmentation), bytes
     host_rss: int = 0  # process RSS peak in this phase (sampled), bytes
     seconds: float = 0.0
     completed: bool = False  # the phase returned (a failed one still reports what it used)
@@ -73,6 +75,17 @@ class Sampler:
         import pynvml
         return pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
 
+    def _process_used(self) -> int | None:
+        """This process's device memory per NVML, or None (not listed yet, or another pid
+        namespace): the figure that stays true when several exports share the GPU."""
+        import pynvml
+        try:
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except Exception:
+            return None
+        mine = [p.usedGpuMemory for p in procs if p.pid == os.getpid() and p.usedGpuMemory is not None]
+        return mine[0] if mine else None
+
     def _sample(self) -> None:
         p = self.peaks.setdefault(self.phase, Peaks())
         p.host_rss = max(p.host_rss, _rss_now())
@@ -80,6 +93,9 @@ class Sampler:
             used = self._used()
             p.nvml = max(p.nvml or 0, used)
             p.nvml_above_idle = p.nvml - self.idle
+            mine = self._process_used()
+            if mine is not None:
+                p.nvml_process = max(p.nvml_process or 0, mine)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -118,6 +134,7 @@ def _phase(sampler: Sampler, name: str, fn):
             p.seconds += time.perf_counter() - t0
             if cuda:
                 p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
+                p.reserved = max(p.reserved, torch.cuda.max_memory_reserved())
             sampler.phase = "between"
     return run
 
@@ -161,6 +178,8 @@ def child(args: argparse.Namespace) -> None:
         "allocator": max((p["allocator"] for p in phases.values()), default=0),
         "nvml": max((p["nvml"] or 0 for p in phases.values()), default=0) or None,
         "nvml_above_idle": max((p["nvml_above_idle"] or 0 for p in phases.values()), default=0) or None,
+        "nvml_process": max((p["nvml_process"] or 0 for p in phases.values()), default=0) or None,
+        "reserved": max((p["reserved"] for p in phases.values()), default=0),
         "host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "seconds": total,
     }
@@ -199,13 +218,18 @@ def compare(args: argparse.Namespace) -> None:
 class Run:
     mode: str
     layers: int
+    ctx: int
     result: dict = field(default_factory=dict)
     error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}_{self.layers}l_{self.ctx}"
 
 
 def _child_cmd(args, run: Run, result: Path, artifact: Path) -> list[str]:
     return [sys.executable, "-m", "scripts.bench_export_memory", "--child", "--mode", run.mode,
-            "--layers", str(run.layers), "--preset", args.preset, "--ctx", str(args.ctx),
+            "--layers", str(run.layers), "--preset", args.preset, "--ctx", str(run.ctx),
             "--prefill-chunk", str(args.prefill_chunk), "--quant", args.quant,
             "--group-size", str(args.group_size), "--embedding-quant", args.embedding_quant,
             "--device", args.device, "--artifact", str(artifact), "--result", str(result),
@@ -227,44 +251,47 @@ def _fmt(b: int | None) -> str:
 
 
 def table(runs: list[Run], comparisons: dict) -> str:
-    head = (f"{'mode':6} {'L':>2} | {'lower: alloc':>12} {'nvml':>6} {'+idle':>6} | {'overall alloc':>13} "
-            f"{'nvml':>6} | {'quantize alloc':>14} | {'host RSS':>8} | {'time s':>7} | {'pte MiB':>8} {'ptd GiB':>8}")
+    head = (f"{'mode':5} {'L':>2} {'ctx':>6} | {'lower: alloc':>12} {'resv':>6} {'nvml/p':>6} {'nvml':>6} | "
+            f"{'all: alloc':>10} {'nvml/p':>6} | {'host RSS':>8} | {'time s':>6} | {'pte MiB':>7} {'ptd GiB':>7}")
     lines = [head, "-" * len(head)]
     for r in runs:
+        tag = f"{r.mode:5} {r.layers:>2} {r.ctx:>6}"
         if r.error and not r.result.get("phases"):
-            lines.append(f"{r.mode:6} {r.layers:>2} | failed: {r.error}")
+            lines.append(f"{tag} | failed: {r.error}")
             continue
         if r.error:
-            lines.append(f"{r.mode:6} {r.layers:>2} | failed after measuring {sorted(r.result['phases'])}: "
+            lines.append(f"{tag} | failed after measuring {sorted(r.result['phases'])}: "
                          f"{r.result.get('error') or r.error}"[:200])
         ph, ov, sz = r.result["phases"], r.result["overall"], r.result["sizes"]
         low = ph.get("lower", {})
         lines.append(
-            f"{r.mode:6} {r.layers:>2} | {_fmt(low.get('allocator')):>12} {_fmt(low.get('nvml')):>6} "
-            f"{_fmt(low.get('nvml_above_idle')):>6} | {_fmt(ov['allocator']):>13} {_fmt(ov['nvml']):>6} | "
-            f"{_fmt(ph.get('quantize', {}).get('allocator')):>14} | {_fmt(ov['host_rss']):>8} | "
-            f"{ov['seconds']:7.0f} | {sz.get('model.pte', 0) / (1 << 20):8.1f} {sz.get('model.ptd', 0) / GIB:8.2f}")
-    lines.append("(GiB; 'lower' = to_edge + AOTInductor compile of both methods, where the passes act;"
-                 " '+idle' = NVML above the device's use before the process started)")
-    for layers, c in comparisons.items():
+            f"{tag} | {_fmt(low.get('allocator')):>12} {_fmt(low.get('reserved')):>6} {_fmt(low.get('nvml_process')):>6} "
+            f"{_fmt(low.get('nvml')):>6} | {_fmt(ov['allocator']):>10} {_fmt(ov.get('nvml_process')):>6} | "
+            f"{_fmt(ov['host_rss']):>8} | {ov['seconds']:6.0f} | {sz.get('model.pte', 0) / (1 << 20):7.1f} "
+            f"{sz.get('model.ptd', 0) / GIB:7.2f}")
+    lines.append("(GiB; 'lower' = to_edge + AOTInductor compile of both methods, where the passes act; 'resv' ="
+                 " allocator reserved; 'nvml/p' = this process per NVML (CUDA context included); 'nvml' ="
+                 " whole device, meaningful only when exports run one at a time)")
+    for key, c in comparisons.items():
         if "error" in c:
-            lines.append(f"logits stock vs low, {layers} layers: comparison failed: {c['error']}")
+            lines.append(f"logits stock vs low, {key}: comparison failed: {c['error']}")
             continue
         worst = max(v["max_abs"] for v in c.values())
         same = all(v["identical"] for v in c.values())
-        lines.append(f"logits stock vs low, {layers} layers: {'identical' if same else 'DIFFER'} "
+        lines.append(f"logits stock vs low, {key}: {'identical' if same else 'DIFFER'} "
                      f"(max |diff| {worst:.3g} over prefill + {len(c) - 1} decode steps)")
     return "\n".join(lines)
 
 
 def extrapolate(runs: list[Run], full_layers: int) -> dict | None:
     """Least-squares line through low-memory lowering peaks vs layers, evaluated at full depth."""
+    ctx = max((r.ctx for r in runs if r.mode == "low"), default=None)  # one line per ctx: the largest
     pts = [(r.layers, r.result["phases"]["lower"]) for r in runs
-           if r.mode == "low" and r.result.get("phases", {}).get("lower", {}).get("completed")]
+           if r.mode == "low" and r.ctx == ctx and r.result.get("phases", {}).get("lower", {}).get("completed")]
     if len({x for x, _ in pts}) < 2:
         return None
-    out = {"layers": full_layers, "points": {}}
-    for key in ("allocator", "nvml"):
+    out = {"layers": full_layers, "ctx": ctx, "points": {}}
+    for key in ("allocator", "reserved", "nvml_process"):
         xy = [(x, p[key]) for x, p in pts if p.get(key) is not None]
         if len({x for x, _ in xy}) < 2:
             continue
@@ -282,44 +309,69 @@ def parent(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = Path(args.artifacts) if args.artifacts else out
-    runs = [Run(m, int(n)) for m, n in (spec.split(":") for spec in args.runs.split(","))]
+    runs = []
+    for spec in args.runs.split(","):
+        mode, layers, *ctx = spec.split(":")
+        runs.append(Run(mode, int(layers), int(ctx[0]) if ctx else args.ctx))
     for r in runs:
         r.error = "not run"
     t_start = time.monotonic()
-    for r in runs:
-        left = args.time_budget - (time.monotonic() - t_start)
-        if left < 60:
-            r.error = "skipped: time budget spent"
-            continue
-        r.error = None
-        result = out / f"{r.mode}_{r.layers}l.json"
-        r.error = _spawn(_child_cmd(args, r, result, artifacts / f"{r.mode}_{r.layers}l"),
-                         out / f"{r.mode}_{r.layers}l.log", left)
-        if result.is_file():  # also after a late failure: the phases it measured
-            r.result = json.loads(result.read_text())
-        print(f"[{time.monotonic() - t_start:5.0f} s] {r.mode}:{r.layers} {'ok' if r.error is None else r.error}",
-              flush=True)
-        if r.error is not None and args.stop_on_error:
-            break
+    env = dict(os.environ)
+    if args.parallel > 1:  # several exports share the machine: split the compile workers
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(2, (os.cpu_count() or 2) // args.parallel))
+    pending, active = list(runs), {}
+    while pending or active:
+        while pending and len(active) < max(1, args.parallel):
+            r = pending.pop(0)
+            left = args.time_budget - (time.monotonic() - t_start)
+            if left < 60:
+                r.error = "skipped: time budget spent"
+                continue
+            r.error = None
+            log = open(out / f"{r.name}.log", "w")
+            cmd = _child_cmd(args, r, out / f"{r.name}.json", artifacts / r.name)
+            active[r.name] = (r, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        time.sleep(1.0)
+        for name, (r, proc, log) in list(active.items()):
+            over = time.monotonic() - t_start > args.time_budget
+            if proc.poll() is None and not over:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                r.error = f"timed out after {args.time_budget:.0f} s"
+            elif proc.returncode != 0:
+                r.error = f"exit {proc.returncode} (see {out / (r.name + '.log')})"
+            log.close()
+            del active[name]
+            result = out / f"{r.name}.json"
+            if result.is_file():  # also after a late failure: the phases it measured
+                r.result = json.loads(result.read_text())
+            print(f"[{time.monotonic() - t_start:5.0f} s] {r.mode}:{r.layers}:{r.ctx} "
+                  f"{'ok' if r.error is None else r.error}", flush=True)
+            if r.error is not None and args.stop_on_error:
+                pending.clear()
     comparisons = {}
-    done = {(r.mode, r.layers) for r in runs if r.error is None}
-    for layers in sorted({r.layers for r in runs}):
-        if {("stock", layers), ("low", layers)} <= done and not args.no_compare:
-            result = out / f"compare_{layers}l.json"
+    done = {(r.mode, r.layers, r.ctx) for r in runs if r.error is None}
+    for layers, ctx in sorted({(r.layers, r.ctx) for r in runs}):
+        if {("stock", layers, ctx), ("low", layers, ctx)} <= done and not args.no_compare:
+            key = f"{layers}l_{ctx}"
+            result = out / f"compare_{key}.json"
             cmd = [sys.executable, "-m", "scripts.bench_export_memory", "--compare",
-                   str(artifacts / f"stock_{layers}l"), str(artifacts / f"low_{layers}l"), "--device", args.device,
+                   str(artifacts / f"stock_{key}"), str(artifacts / f"low_{key}"), "--device", args.device,
                    "--prompt-len", str(args.prompt_len), "--result", str(result)]
-            err = _spawn(cmd, out / f"compare_{layers}l.log", max(60.0, args.time_budget - (time.monotonic() - t_start)))
-            comparisons[layers] = json.loads(result.read_text()) if err is None else {"error": err}
+            err = _spawn(cmd, out / f"compare_{key}.log", max(60.0, args.time_budget - (time.monotonic() - t_start)))
+            comparisons[key] = json.loads(result.read_text()) if err is None else {"error": err}
     report = {"runs": [asdict(r) for r in runs], "logits": comparisons,
               "extrapolation": extrapolate(runs, PRESETS[args.preset].num_hidden_layers)}
-    for layers in sorted({r.layers for r in runs}):
-        pair = {r.mode: r for r in runs
-                if r.layers == layers and r.result.get("phases", {}).get("lower", {}).get("completed")}
+    for layers, ctx in sorted({(r.layers, r.ctx) for r in runs}):
+        pair = {r.mode: r for r in runs if (r.layers, r.ctx) == (layers, ctx)
+                and r.result.get("phases", {}).get("lower", {}).get("completed")}
         if {"stock", "low"} <= set(pair):
             s, lo = pair["stock"].result["phases"]["lower"], pair["low"].result["phases"]["lower"]
-            report.setdefault("ratios", {})[layers] = {
-                k: (lo[k] / s[k] if s.get(k) and lo.get(k) is not None else None) for k in ("allocator", "nvml")}
+            report.setdefault("ratios", {})[f"{layers}l_{ctx}"] = {
+                k: (lo[k] / s[k] if s.get(k) and lo.get(k) is not None else None)
+                for k in ("allocator", "nvml", "nvml_process")}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))
     print(table(runs, comparisons))
@@ -328,7 +380,7 @@ def parent(args: argparse.Namespace) -> None:
         print(f"low / stock while lowering, {layers} layers: {shown}")
     ex = report["extrapolation"]
     if ex:
-        for key in ("allocator", "nvml"):
+        for key in ("allocator", "reserved", "nvml_process"):
             if key in ex:
                 print(f"low-memory lowering peak ({key}) extrapolated to {ex['layers']} layers: "
                       f"{ex[key]['at_full_depth_bytes'] / GIB:.2f} GiB ({ex[key]['per_layer_bytes'] / (1 << 20):+.1f} MiB/layer)")
@@ -338,7 +390,12 @@ def parent(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="31b")
-    p.add_argument("--runs", default="stock:6,low:6,low:2,low:4", help="MODE:LAYERS,... (mode stock|low)")
+    p.add_argument("--runs", default="stock:6,low:6,low:2,low:4",
+                   help="MODE:LAYERS[:CTX],... (mode stock|low; CTX defaults to --ctx)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="exports at once (each its own process; compile workers split between them). "
+                        "Allocator, reserved, per-process NVML and RSS peaks stay per export; the "
+                        "device-wide NVML column and wall times do not")
     p.add_argument("--ctx", type=int, default=131072)
     p.add_argument("--prefill-chunk", type=int, default=128)
     p.add_argument("--quant", default="int4")

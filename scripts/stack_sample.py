@@ -4,7 +4,8 @@
 
 Every PERIOD_S seconds one line is appended to OUT.txt (flushed, so a run killed by a
 timeout keeps its samples): elapsed seconds, the innermost frames of the main thread, and
-the innermost frame in this repository. A Python thread reading `sys._current_frames()`
+the innermost frames in this repository, then the whole stack indented
+(`grep -v '^ '` keeps the one-line summaries). A Python thread reading `sys._current_frames()`
 (faulthandler's timed dumps crashed Python 3.12 inside dynamo's frame hooks).
 """
 
@@ -34,6 +35,7 @@ def sample_forever(out, period: float, main_id: int) -> None:
                 and "stack_sample" not in f.filename]
         out.write(f"{time.perf_counter() - t0:7.1f} s | {' < '.join(_short(f) for f in stack[:4])}"
                   f" || {' < '.join(_short(f) for f in ours[:2])}\n")
+        out.write("".join(f"          {_short(f)}\n" for f in stack))  # the whole stack, indented
         out.flush()
 
 

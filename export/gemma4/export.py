@@ -13,6 +13,7 @@ and the `.ptd` (each weight once, keyed by its FQN). export/ARTIFACT.md is the c
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import secrets
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from export.artifact import PtdTensor, atomic_output_dir, write_ptd
-from export.backends import PREPROCESS_LISTENERS, CompiledMethod, ConstantKind, TargetDevice, partitioner_for
+from export.backends import PREPROCESS_LISTENERS, compile_workers, CompiledMethod, ConstantKind, TargetDevice, partitioner_for
 from export.gemma4.config import PRESETS, Gemma4Config
 from export.gemma4.quant import EmbeddingQuant, LinearQuant, QuantRecipe, QuantReport, quantize_
 from export.gemma4.tokenizer import MIN_STANDIN_VOCAB, write_tokenizer
@@ -327,7 +328,11 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
                 bar.update(1)
         PREPROCESS_LISTENERS.append(listener)
         try:
-            with math_sdpa():  # to_edge re-traces the graphs: same reason as in export_methods
+            # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods); with
+            # low_memory the programs hold zero-byte constants, which its deep copies must keep
+            from export.passes import zero_byte_deepcopy
+            copies = zero_byte_deepcopy() if low_memory else contextlib.nullcontext()
+            with math_sdpa(), copies:
                 return to_edge_transform_and_lower(programs, partitioner=partitioners,
                                                    compile_config=_EDGE_CONFIG(),
                                                    constant_methods={"metadata": "{}"})
@@ -512,6 +517,7 @@ def export_model(cfg: ExportConfig, progress: bool = False,
     from executorch.exir import ExecutorchBackendConfig
 
     mcfg, device, dtype = validate(cfg)
+    compile_workers.start()  # they import torch while the model loads and traces
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     model, report = prepare_model(cfg, progress)
@@ -520,9 +526,13 @@ def export_model(cfg: ExportConfig, progress: bool = False,
 
     t = time.perf_counter()
     programs = export_methods(model, cfg.prefill_chunk)
+    if cfg.low_memory:  # to_edge deep-copies the programs: let them hold no weight bytes
+        from export.passes import release_constant_bytes
+        programs = {m: release_constant_bytes(ep) for m, ep in programs.items()}
     times["torch_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
     edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), cfg.autotune, progress)
     del programs
     times["lower"] = time.perf_counter() - t

@@ -213,8 +213,18 @@ class _Builder:
             node = self.graph.call_function(target, args, kwargs or {})
         fake_args = torch.fx.node.map_arg(args, _val)
         fake_kwargs = torch.fx.node.map_arg(kwargs or {}, _val)
-        with self.fake_mode:
-            node.meta["val"] = _aten(target)(*fake_args, **fake_kwargs)
+        # the mode that owns these inputs' symbolic sizes (after to_edge's re-trace a graph's
+        # `val`s need not all share one mode)
+        mode = detect_fake_mode(list(torch.utils._pytree.tree_leaves((fake_args, fake_kwargs)))) or self.fake_mode
+        with mode:
+            op = _aten(target)
+            if op is torch.ops.aten.linear.default:
+                # aten.linear is CompositeImplicit: run on fake inputs outside a trace, its C++
+                # body asks numel() of a symbolic (dynamic-T) input. Its output is just this:
+                x, w = fake_args[0], fake_args[1]
+                node.meta["val"] = x.new_empty((*x.shape[:-1], w.shape[0]))
+            else:
+                node.meta["val"] = op(*fake_args, **fake_kwargs)
         src = like or self.anchor
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn"):
             if key in src.meta:
