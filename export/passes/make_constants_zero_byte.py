@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch.export import ExportedProgram
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from export.passes.zero_byte import ByteSource, zero_byte_like
 
@@ -74,6 +75,8 @@ def make_constants_zero_byte(program: ExportedProgram, device: str,
     def swap(table: dict, fqn: str) -> None:
         value = table[fqn]
         if not isinstance(value, torch.Tensor) or value.numel() * value.element_size() <= SMALL_CONSTANT_BYTES:
+            return
+        if is_traceable_wrapper_subclass(value):  # e.g. torchao int4 before to_edge unwraps it: left as is
             return
         if fqn in kv:
             table[fqn] = zero_byte_like(value, device, ByteSource.ZEROS)

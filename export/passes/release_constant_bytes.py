@@ -9,7 +9,8 @@ while lowering: the backend's `make_constants_zero_byte` swaps every constant fo
 zero-byte device tensor anyway, and the artifact writer reads weights from the eager model
 by FQN. So, right after `torch.export`, the same swap runs on the constants' own device
 (`release_constant_bytes`), and the deep copies copy no bytes. The eager model is
-untouched.
+untouched. Tensor-subclass weights (torchao's CUDA int4, unwrapped only inside to_edge)
+keep their bytes for now: ExecuTorch still copies those.
 
 `nn.Parameter.__deepcopy__` clones the data, which for a zero-byte tensor reads bytes that
 do not exist (a segfault on the host), and the verifier insists on Parameters, so lowering
