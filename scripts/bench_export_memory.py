@@ -155,6 +155,11 @@ def child(args: argparse.Namespace) -> None:
                          embedding_quant=EmbeddingQuant(args.embedding_quant),
                          device=X.DeviceChoice(args.device), low_memory=args.mode == "low",
                          autotune=args.autotune, out=Path(args.artifact))
+    if os.environ.get("BENCH_STACKS"):  # where the minutes go, even if the run is killed
+        from scripts.stack_sample import sample_forever
+        stacks = open(Path(args.result).with_suffix(".stacks"), "w")
+        threading.Thread(target=sample_forever, args=(stacks, float(os.environ["BENCH_STACKS"]),
+                                                      threading.get_ident()), daemon=True).start()
     t0 = time.perf_counter()
     result, error = None, None
     profiler = None
