@@ -21,6 +21,7 @@ import json
 import os
 import resource
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -335,7 +336,11 @@ def parent(args: argparse.Namespace) -> None:
             r.error = None
             log = open(out / f"{r.name}.log", "w")
             cmd = _child_cmd(args, r, out / f"{r.name}.json", artifacts / r.name)
-            active[r.name] = (r, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            child_env = dict(env)
+            if args.parallel > 1:  # concurrent compiles of the same kernel race in a shared cache dir
+                cache = Path(tempfile.gettempdir()) / f"bench_export_cache_{os.getpid()}_{r.name}"
+                child_env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
+            active[r.name] = (r, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env), log)
         time.sleep(1.0)
         for name, (r, proc, log) in list(active.items()):
             over = time.monotonic() - t_start > args.time_budget

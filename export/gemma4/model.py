@@ -123,10 +123,15 @@ class Attention(nn.Module):
 
         # GQA without copying K/V: fold each KV head's G query heads into the query axis.
         G = self.n_heads // self.n_kv
-        q = q.transpose(1, 2).reshape(B, self.n_kv, G * T, D)  # (B, Hkv, G*T, D)
+        # (B, Hkv, G*T, D) through an explicit copy into the (B, H, T, D) layout: a reshape of the
+        # transposed view is a view only for some T, which a dynamic-T export cannot decide
+        # (it emitted a view that failed at head_dim 512). Inductor fuses the copy into RoPE.
+        q = q.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, self.n_kv, G * T, D)
         mask = mask.repeat(G, 1)[None, None]  # (1, 1, G*T, S)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
-        out = out.reshape(B, self.n_heads, T, D).transpose(1, 2).reshape(B, T, self.n_heads * D)  # reshape: fused kernels may return non-contiguous output
+        # fused kernels may return a non-contiguous output: copy into a known layout (as for q)
+        out = out.clone(memory_format=torch.contiguous_format).view(B, self.n_heads, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)
         return self.o_proj(out)
 
 
