@@ -112,8 +112,8 @@ class Sampler:
         self._sample()
 
 
-def _phase(sampler: Sampler, name: str, fn):
-    """Wrap `fn` so its calls are measured as phase `name`."""
+def _phase(sampler: Sampler, name: str, fn, on_done=lambda: None):
+    """Wrap `fn` so its calls are measured as phase `name`; `on_done()` runs after each call."""
     import torch
 
     def run(*args, **kwargs):
@@ -137,6 +137,7 @@ def _phase(sampler: Sampler, name: str, fn):
                 p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
                 p.reserved = max(p.reserved, torch.cuda.max_memory_reserved())
             sampler.phase = "between"
+            on_done()
     return run
 
 
@@ -149,8 +150,43 @@ def child(args: argparse.Namespace) -> None:
 
     name = f"{args.preset}-{args.layers}l"
     PRESETS[name] = PRESETS[args.preset].with_layers(args.layers)
+
+    def report(result, error, total) -> dict:
+        """The result JSON as measured so far; written every 15 s, after every phase and at the end."""
+        import torch
+        live = sampler.peaks.get(sampler.phase)
+        if live is not None and torch.cuda.is_initialized():  # the phase still running
+            live.allocator = max(live.allocator, torch.cuda.max_memory_allocated())
+            live.reserved = max(live.reserved, torch.cuda.max_memory_reserved())
+        phases = {k: asdict(v) for k, v in sampler.peaks.items() if k in PHASES}
+        overall = {
+            "allocator": max((p["allocator"] for p in phases.values()), default=0),
+            "nvml": max((p["nvml"] or 0 for p in phases.values()), default=0) or None,
+            "nvml_above_idle": max((p["nvml_above_idle"] or 0 for p in phases.values()), default=0) or None,
+            "nvml_process": max((p["nvml_process"] or 0 for p in phases.values()), default=0) or None,
+            "reserved": max((p["reserved"] for p in phases.values()), default=0),
+            "host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "seconds": total,
+        }
+        out = {"mode": args.mode, "layers": args.layers, "preset": args.preset, "ctx": args.ctx,
+               "prefill_chunk": args.prefill_chunk, "quant": args.quant, "group_size": args.group_size,
+               "embedding_quant": args.embedding_quant, "device": args.device, "autotune": args.autotune,
+               "nvml_idle": sampler.idle, "phases": phases, "overall": overall, "error": error,
+               "sizes": result.sizes if result else {}, "artifact": str(result.out_dir) if result else None,
+               "exporter_seconds": result.seconds if result else {}}
+        Path(args.result).write_text(json.dumps(out, indent=1))
+        return out
+
+    t_begin = time.perf_counter()
+    unfinished = lambda: report(None, "unfinished (killed by the time budget?)", time.perf_counter() - t_begin)
     for phase, attr in zip(PHASES, ("prepare_model", "export_methods", "lower", "write_artifact")):
-        setattr(X, attr, _phase(sampler, phase, getattr(X, attr)))
+        setattr(X, attr, _phase(sampler, phase, getattr(X, attr), on_done=unfinished))
+
+    def keep_reporting():  # a run killed mid-phase keeps the peaks measured so far
+        while not sampler._stop.wait(15.0):
+            unfinished()
+    reporter = threading.Thread(target=keep_reporting, daemon=True)
+    reporter.start()
     cfg = X.ExportConfig(preset=name, ctx=args.ctx, prefill_chunk=args.prefill_chunk,
                          quant=LinearQuant(args.quant), group_size=args.group_size,
                          embedding_quant=EmbeddingQuant(args.embedding_quant),
@@ -179,25 +215,10 @@ def child(args: argparse.Namespace) -> None:
         profiler.dump_stats(str(Path(args.result).with_suffix(".prof")))
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(60)
     sampler.stop()
-    phases = {k: asdict(v) for k, v in sampler.peaks.items() if k in PHASES}
-    overall = {
-        "allocator": max((p["allocator"] for p in phases.values()), default=0),
-        "nvml": max((p["nvml"] or 0 for p in phases.values()), default=0) or None,
-        "nvml_above_idle": max((p["nvml_above_idle"] or 0 for p in phases.values()), default=0) or None,
-        "nvml_process": max((p["nvml_process"] or 0 for p in phases.values()), default=0) or None,
-        "reserved": max((p["reserved"] for p in phases.values()), default=0),
-        "host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "seconds": total,
-    }
-    out = {"mode": args.mode, "layers": args.layers, "preset": args.preset, "ctx": args.ctx,
-           "prefill_chunk": args.prefill_chunk, "quant": args.quant, "group_size": args.group_size,
-           "embedding_quant": args.embedding_quant, "device": args.device, "autotune": args.autotune,
-           "nvml_idle": sampler.idle, "phases": phases, "overall": overall, "error": error,
-           "sizes": result.sizes if result else {}, "artifact": str(result.out_dir) if result else None,
-           "exporter_seconds": result.seconds if result else {}}
-    Path(args.result).write_text(json.dumps(out, indent=1))
+    reporter.join()  # its last write must not land after the final one
+    out = report(result, error, total)
     if error:
-        raise SystemExit(f"export failed after the measured phases {sorted(phases)}: {error}")
+        raise SystemExit(f"export failed after the measured phases {sorted(out['phases'])}: {error}")
 
 
 def compare(args: argparse.Namespace) -> None:
