@@ -53,9 +53,12 @@ CUDA_CONTEXT_BYTES = round(0.60 * GiB)
 allocator peak of two low-memory compiles on an H100: 0.85 - 0.25 = 0.60 GiB (toy),
 3.28 - 2.67 = 0.61 GiB (31B-width slice)."""
 
-KERNEL_WORKSPACE_BYTES = 64 * MiB
-"""cuBLAS/Triton workspaces of the AOTI container at run time (cuBLAS keeps 32 MiB per
-handle on Hopper). An estimate: not yet measured."""
+KERNEL_WORKSPACE_BYTES = round(0.47 * GiB)
+"""Device memory the runner uses outside the caching allocator beyond the CUDA context
+(cuBLAS/Triton workspaces, the two .so's kernel images, cached blocks of libraries).
+Fitted on one run (H100, 2026-11-22, `scripts/bench_runtime.py`, 31B 2-layer int4 slice at
+ctx 8192): NVML 5.40 GiB - allocator 4.31 - context 0.60 - slack 0.02 = 0.47 GiB. It was a
+64 MiB guess before, which put the runtime total 7% under the measurement."""
 
 LARGE_ALLOC_BYTES = 10 * MiB
 ALLOC_SLACK_PER_LARGE_TENSOR = 1 * MiB
@@ -77,10 +80,17 @@ STOCK_METHODS_RESIDENT = 1
 """Methods whose GPU constants are alive at once in a stock export (prefill and decode are
 lowered one after the other). An assumption: the measurements lowered one method."""
 
-LOWMEM_WORKSPACE_BYTES = round(2.67 * GiB - 262144 * 5376 * 2)
+LOWMEM_WORKSPACE_BYTES = round(2.71 * GiB - 262144 * 5376 * 2)
 """Low-memory export: allocator peak minus the largest constant made real for an autotune
-call. Real-width slice: 2.67 GiB peak with a 262144 x 5376 bf16 (2.625 GiB) lm_head; the
-65536-vocab toy peaked at 0.25 GiB, again about its largest tensor."""
+call. Real-width slice: 2.71 GiB peak with a 262144 x 5376 bf16 (2.625 GiB) table, the same
+at 2, 4 and 6 layers and at ctx 8192 and 131072 (H100, 2026-11-22,
+`scripts/bench_export_memory.py`); an earlier run measured 2.67. The 65536-vocab toy peaked
+at 0.25 GiB, again about its largest tensor."""
+
+LOWMEM_RESERVED_SLACK_BYTES = round((4.30 - 2.71) * GiB)
+"""Low-memory export: the caching allocator's reserved-but-unallocated memory at the peak
+(freed autotune buffers it keeps cached). Same runs: reserved 4.30 vs allocated 2.71 GiB at
+2, 4 and 6 layers; with the CUDA context that gives the per-process NVML figure, 4.91 GiB."""
 
 QUANT_TRANSIENT_BYTES_PER_PARAM = 10.4
 """torchao 0.17 `Int4TilePackedTo4dTensor.from_hp` (which requires CUDA) holds, above its
@@ -139,7 +149,7 @@ CTX_GRANULARITY = 1024
 def model_terms() -> dict[str, float | int | bool]:
     """The coefficients above, recorded in every JSON plan so a measurement can be refitted."""
     names = ("CUDA_CONTEXT_BYTES", "KERNEL_WORKSPACE_BYTES", "ALLOC_SLACK_PER_LARGE_TENSOR", "STOCK_EXPORT_FACTOR",
-             "STOCK_RESERVED_SLACK", "STOCK_METHODS_RESIDENT", "LOWMEM_WORKSPACE_BYTES",
+             "STOCK_RESERVED_SLACK", "STOCK_METHODS_RESIDENT", "LOWMEM_WORKSPACE_BYTES", "LOWMEM_RESERVED_SLACK_BYTES",
              "QUANT_TRANSIENT_BYTES_PER_PARAM", "QUANT_ROWS_PER_CHUNK", "QUANT_RESULTS_STAY_ON_GPU",
              "EXPORT_EAGER_MODEL_ON_GPU", "HOST_BASE_BYTES", "SERIALIZE_JOIN_COPIES", "MATH_SCORE_BUFFERS",
              "MATH_KV_UPCAST_BUFFERS", "MATH_MASK_BYTES", "LOGITS_BUFFERS", "MLP_LIVE_WIDTHS")
@@ -591,7 +601,7 @@ def runtime_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], kv: tuple[Item, .
     items = (
         *_weights_by_kind(tensors), *counted_kv, *activation_items(inp),
         Item("logits", LOGITS_BUFFERS * c.vocab_size * 4, f"[1, {c.vocab_size}] fp32 x{LOGITS_BUFFERS}"),
-        Item("kernel workspace", KERNEL_WORKSPACE_BYTES, "cuBLAS/Triton (estimate)", in_allocator=False),
+        Item("kernel workspace", KERNEL_WORKSPACE_BYTES, "cuBLAS/Triton/kernel images (fitted)", in_allocator=False),
         Item("allocator slack", n_large * ALLOC_SLACK_PER_LARGE_TENSOR, f"{n_large} tensors > 10 MiB", in_allocator=False),
         Item("cuda context", CUDA_CONTEXT_BYTES, in_allocator=False),
     )
@@ -619,6 +629,8 @@ def low_memory_export_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], weights
         *resident,
         Item("largest constant made real", big.bytes, f"{big.name}, for an autotune call"),
         Item("autotune workspace", LOWMEM_WORKSPACE_BYTES),
+        Item("reserved slack", LOWMEM_RESERVED_SLACK_BYTES, "cached by the allocator; outside the allocator peak",
+             in_allocator=False),
         Item("cuda context", CUDA_CONTEXT_BYTES, in_allocator=False),
     ))
 
