@@ -33,6 +33,22 @@ slice_8k)  # issues 3, 5, 6: the 31B 2-layer int4 slice at ctx 8192, low-memory:
   timeout 200 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 \
       --model /tmp/bem/low_2l --json "$OUT/runtime_31b_2l.json" 2>&1 | tail -8
   ;;
+slice_8k_cli)  # issues 3, 5 (as measured 2026-11-22): CLI export of the 2-layer slice, then the runner
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/nvml.csv" &
+  timeout 430 python -m scripts.stack_sample "$OUT/stacks.txt" 5 -m export.gemma4 --preset 31b --layers 2 \
+      --ctx 8192 --device cuda --no-autotune --low-memory --out /tmp/a31 > "$OUT/export.log" 2>&1
+  tail -20 "$OUT/export.log"; sort -n "$OUT/nvml.csv" | tail -1
+  timeout 130 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 --model /tmp/a31 \
+      --json "$OUT/rt.json" 2>&1 | tail -5
+  ;;
+tiny_cuda)  # issue 3: tiny CUDA export figures (allocator, NVML, RSS, sizes) and parity vs eager
+  timeout 300 python -m tests.test_export_cuda tiny "$OUT/tiny.json" 2>&1 | tail -2
+  ;;
+export_128k)  # issue 4: low-memory 2/4/6 layers and stock 6 layers at 131072, four exports at once
+  BENCH_STACKS=20 timeout 590 python -m scripts.bench_export_memory \
+      --runs stock:6:131072,low:6:131072,low:2:131072,low:4:131072 --parallel 4 --no-autotune \
+      --time-budget 570 --out "$OUT/bem" --artifacts /tmp/bem --json "$OUT/export_memory_128k.json" 2>&1 | tail -16
+  ;;
 host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 31B slices
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
   python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 &
@@ -40,5 +56,5 @@ host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 
   timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
   ;;
-*) echo "usage: $0 runtime|runtime_31b|slice_8k|export_stock|export_low|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|runtime_31b|slice_8k|slice_8k_cli|tiny_cuda|export_128k|export_stock|export_low|host_memory" >&2; exit 2 ;;
 esac
