@@ -179,30 +179,40 @@ def random_model(cfg: Gemma4Config, ctx: int, prefill_chunk: int, dtype: torch.d
     with torch.device("meta"):
         model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype)
     source = RandomWeights(seed, device)
+    _fill_units(model, lambda key, meta: source.read(key, meta, dtype if meta.is_floating_point() else meta.dtype),
+                on_unit_loaded, progress, "random weights")
+    _materialize_runtime_buffers(model)
+    return model
+
+
+def _fill_units(model: Gemma4Model, read: Callable[[str, torch.Tensor], torch.Tensor],
+                on_unit_loaded: UnitHook | None, progress: bool, desc: str,
+                after_unit: Callable[[], None] = lambda: None) -> None:
+    """The unit loop of both sources: fill each unit's persistent tensors with
+    `read(key, meta)`, run `after_unit`, then the hook. A tied head shares the embedding's
+    tensor (no read, no copy) unless the hook has replaced the embedding since it was filled
+    (e.g. int8): then the table is read again for the head."""
     unit_list = list(units(model))
-    bar = _progress_bar(progress, len(unit_list), "random weights")
     loaded_embedding = None
+    bar = _progress_bar(progress, len(unit_list), desc)
     try:
         for unit_name, unit in unit_list:
-            if unit_name == "lm_head" and cfg.tie_word_embeddings:
-                # as _tie_head: share the table unless the hook replaced it (then draw it again:
-                # the same key gives the same values)
+            if unit_name == "lm_head" and model.cfg.tie_word_embeddings:
                 if loaded_embedding is not None and getattr(model.embed_tokens, "weight", None) is loaded_embedding:
                     model.lm_head.weight = loaded_embedding
                 else:
-                    mod_attr_set(model.lm_head, "weight", source.read("embed_tokens.weight", model.lm_head.weight, dtype))
+                    mod_attr_set(model.lm_head, "weight", read("embed_tokens.weight", model.lm_head.weight))
             else:
                 for key, (mod, attr, meta) in _expected(unit_name, unit).items():
-                    mod_attr_set(mod, attr, source.read(key, meta, dtype if meta.is_floating_point() else meta.dtype))
+                    mod_attr_set(mod, attr, read(key, meta))
             if unit_name == "embed_tokens":
                 loaded_embedding = model.embed_tokens.weight
+            after_unit()
             if on_unit_loaded is not None:
                 on_unit_loaded(model, unit_name)
             bar.update(1)
     finally:
         bar.close()
-    _materialize_runtime_buffers(model)
-    return model
 
 
 class _NoBar:
@@ -228,35 +238,18 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
     cfg = Gemma4Config.from_json(root)
     with torch.device("meta"):
         model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype)
-    tied = cfg.tie_word_embeddings
     available = index.text_keys()
     used: set[str] = set()
-    loaded_embedding = None
     reader = ShardReader(index)
-    unit_list = list(units(model))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(unit_list), desc="loading checkpoint", unit="unit")
-    try:
-        for unit_name, unit in unit_list:
-            if unit_name == "lm_head" and tied:
-                _tie_head(model, loaded_embedding, reader, available, dtype)
-            else:
-                for key, (mod, attr, meta) in _expected(unit_name, unit).items():
-                    mod_attr_set(mod, attr, _read_checked(reader, available, key, meta, dtype))
-                    used.add(key)
-            if unit_name == "embed_tokens":
-                loaded_embedding = model.embed_tokens.weight
-            reader.close()  # unmap the shards: their touched pages would otherwise stay in RSS
-            if on_unit_loaded is not None:
-                on_unit_loaded(model, unit_name)
-            if bar is not None:
-                bar.update(1)
+
+    def read(key: str, meta: torch.Tensor) -> torch.Tensor:
+        used.add(key)
+        return _read_checked(reader, available, key, meta, dtype)
+
+    try:  # after each unit, unmap the shards: their touched pages would otherwise stay in RSS
+        _fill_units(model, read, on_unit_loaded, progress, "loading checkpoint", after_unit=reader.close)
     finally:
         reader.close()
-        if bar is not None:
-            bar.close()
     extra = sorted(k for k in available - used if not _ignorable(cfg, k))
     if extra:
         shard = index.key_to_shard[index.prefix + extra[0]]
@@ -280,17 +273,6 @@ def _read_checked(reader: ShardReader, available: set[str], key: str, meta: torc
     # map, so keeping any one of them (a norm weight) would keep every touched page of the
     # shard resident, including the float weights a quantizer has already replaced.
     return t.to(dtype if t.is_floating_point() else t.dtype, copy=True)
-
-
-def _tie_head(model: Gemma4Model, loaded: torch.Tensor | None, reader: ShardReader,
-              available: set[str], dtype: torch.dtype):
-    """The tied head shares the embedding's tensor (no read, no copy) unless the hook has
-    replaced the embedding since it was loaded (e.g. int8): then it is read again."""
-    if loaded is not None and getattr(model.embed_tokens, "weight", None) is loaded:
-        model.lm_head.weight = loaded
-    else:
-        meta = model.lm_head.weight
-        mod_attr_set(model.lm_head, "weight", _read_checked(reader, available, "embed_tokens.weight", meta, dtype))
 
 
 def mod_attr_set(mod: nn.Module, attr: str, value: torch.Tensor):
