@@ -213,10 +213,7 @@ class _Builder:
             node = self.graph.call_function(target, args, kwargs or {})
         fake_args = torch.fx.node.map_arg(args, _val)
         fake_kwargs = torch.fx.node.map_arg(kwargs or {}, _val)
-        # the mode that owns these inputs' symbolic sizes (after to_edge's re-trace a graph's
-        # `val`s need not all share one mode)
-        mode = detect_fake_mode(list(torch.utils._pytree.tree_leaves((fake_args, fake_kwargs)))) or self.fake_mode
-        with mode:
+        with self.fake_mode:
             op = _aten(target)
             if op is torch.ops.aten.linear.default:
                 # aten.linear is CompositeImplicit: run on fake inputs outside a trace, its C++
