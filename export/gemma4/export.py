@@ -315,8 +315,9 @@ def _EDGE_CONFIG():
 
 
 def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, autotune: bool = True,
-          progress: bool = False):
-    """to_edge + to_backend with the target's partitioner; one AOTI delegate per method."""
+          progress: bool = False, released: bool = False):
+    """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
+    `released`: the programs went through `release_constant_bytes` (zero-byte constants)."""
     from executorch.exir import to_edge_transform_and_lower
 
     partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa,
@@ -328,10 +329,10 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
                 bar.update(1)
         PREPROCESS_LISTENERS.append(listener)
         try:
-            # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods); with
-            # low_memory the programs hold zero-byte constants, which its deep copies must keep
+            # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods); released
+            # programs hold zero-byte constants, which its deep copies must keep
             from export.passes import zero_byte_deepcopy
-            copies = zero_byte_deepcopy() if low_memory and device is TargetDevice.CPU else contextlib.nullcontext()
+            copies = zero_byte_deepcopy() if released else contextlib.nullcontext()
             with math_sdpa(), copies:
                 return to_edge_transform_and_lower(programs, partitioner=partitioners,
                                                    compile_config=_EDGE_CONFIG(),
@@ -526,7 +527,8 @@ def export_model(cfg: ExportConfig, progress: bool = False,
 
     t = time.perf_counter()
     programs = export_methods(model, cfg.prefill_chunk)
-    if cfg.low_memory and device is TargetDevice.CPU:
+    released = cfg.low_memory and device is TargetDevice.CPU
+    if released:
         # to_edge deep-copies the programs: let them hold no weight bytes (22 -> 8.7 GiB host RSS
         # for the CPU fp32 31B 2-layer slice). Not on CUDA yet: there a zero-byte host constant
         # was read while ExecuTorch ran the delegate call after lowering (H100, 2-layer slice).
@@ -535,8 +537,11 @@ def export_model(cfg: ExportConfig, progress: bool = False,
     times["torch_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
-    edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), cfg.autotune, progress)
+    waited = compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
+    if waited is not None:
+        times["compile_workers_wait"] = waited  # part of "lower"
+    edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), cfg.autotune, progress,
+                 released=released)
     del programs
     times["lower"] = time.perf_counter() - t
 
