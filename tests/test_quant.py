@@ -4,13 +4,11 @@ lm_head untying, and what the recipe leaves in float (and why)."""
 from __future__ import annotations
 
 import torch
-
 from torch import nn
 
 from export.backends import TargetDevice
 from export.gemma4.config import PRESETS
 from export.gemma4.model import Gemma4Model
-from tests.helpers import randomize_
 from export.gemma4.quant import (
     EmbeddingQuant,
     Int4Linear,
@@ -19,6 +17,7 @@ from export.gemma4.quant import (
     QuantRecipe,
     quantize_,
 )
+from tests.helpers import randomize_
 
 
 def _weight(n=48, k=64, seed=0):
