@@ -13,26 +13,6 @@ runtime)  # issue 5: runner decode tok/s vs eager vs bandwidth floor (tiny); iss
   timeout 240 python -m scripts.bench_runtime --preset tiny --ctx 2048 --quant none --dtype float32 \
       --workdir /tmp/bench --json "$OUT/runtime_tiny.json" 2>&1 | tail -15
   ;;
-runtime_31b)  # the same for the 31B 2-layer int4 slice (its CUDA export alone took > 300 s)
-  timeout 560 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 \
-      --workdir /tmp/bench --json "$OUT/runtime_31b_2l.json" 2>&1 | tail -25
-  ;;
-export_stock)  # issue 4: stock export peak of the 6-layer 31B slice at 131072
-  timeout 560 python -m scripts.bench_export_memory --runs stock:6 --no-autotune --no-compare \
-      --out /tmp/bem --json "$OUT/export_stock.json" 2>&1 | tail -20
-  ;;
-export_low)  # issue 4: low-memory peaks at 2, 4, 6 layers (compare logits against export_stock by hand)
-  timeout 560 python -m scripts.bench_export_memory --runs low:2,low:4,low:6 --no-autotune --no-compare \
-      --out /tmp/bem --json "$OUT/export_low.json" 2>&1 | tail -20
-  ;;
-slice_8k)  # issues 3, 5, 6: the 31B 2-layer int4 slice at ctx 8192, low-memory: measured export
-  # (phases, peaks, sizes, cProfile), then the runner vs eager vs floor on that artifact
-  timeout 380 python -m scripts.bench_export_memory --runs low:2 --ctx 8192 --no-autotune --no-compare \
-      --profile --out "$OUT/bem_8k" --artifacts /tmp/bem --json "$OUT/export_low2_8k.json" 2>&1 | tail -12
-  tail -80 "$OUT/bem_8k/low_2l.log" | head -75
-  timeout 200 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 \
-      --model /tmp/bem/low_2l --json "$OUT/runtime_31b_2l.json" 2>&1 | tail -8
-  ;;
 slice_8k_cli)  # issues 3, 5 (as measured 2026-11-22): CLI export of the 2-layer slice, then the runner
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/nvml.csv" &
   timeout 430 python -m scripts.stack_sample "$OUT/stacks.txt" 5 -m export.gemma4 --preset 31b --layers 2 \
@@ -56,5 +36,5 @@ host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 
   timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
   ;;
-*) echo "usage: $0 runtime|runtime_31b|slice_8k|slice_8k_cli|tiny_cuda|export_128k|export_stock|export_low|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac
