@@ -80,6 +80,7 @@ class Runner:
         self.artifact = artifact
         self.meta: Metadata = artifact.metadata
         self.device = resolve_device(self.meta.device, device)
+        check_cuda_arch(self.meta.raw, self.device)
         self.methods: dict[str, CompiledMethod] = {m: load_method(m, artifact.so_blob(m), self.device) for m in METHODS}
         self._bound = _Bindings()
         self._allocate_kv()
@@ -257,6 +258,17 @@ def check_fits(ctx: int, n_prompt: int, max_new_tokens: int = 0, start: int = 0)
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def check_cuda_arch(meta: dict, device: str) -> None:
+    """Kernels built for one GPU architecture (the exporter's default) run on that one only."""
+    arch = meta.get("cuda_arch")
+    if not device.startswith("cuda") or not arch or meta.get("multi_arch_kernels"):
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if f"{major}.{minor}" != arch:
+        raise ArtifactError(f"the artifact's kernels were compiled for compute capability {arch}, this GPU is "
+                            f"{major}.{minor}; re-export on this GPU, or export with --multi-arch-kernels")
 
 
 def resolve_device(compiled_for: str, requested: str | None) -> str:

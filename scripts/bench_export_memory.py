@@ -143,6 +143,7 @@ def _phase(sampler: Sampler, name: str, fn, on_done=lambda: None):
 
 def child(args: argparse.Namespace) -> None:
     """One export, measured; writes its result JSON to args.result."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI (export.gemma4)
     sampler = Sampler().start()  # NVML baseline before torch touches CUDA
     import export.gemma4.export as X
     from export.gemma4.config import PRESETS
@@ -191,6 +192,7 @@ def child(args: argparse.Namespace) -> None:
                          quant=LinearQuant(args.quant), group_size=args.group_size,
                          embedding_quant=EmbeddingQuant(args.embedding_quant),
                          device=X.DeviceChoice(args.device), low_memory=args.mode == "low",
+                         multi_arch_kernels=args.multi_arch_kernels,
                          autotune=args.autotune, out=Path(args.artifact))
     if os.environ.get("BENCH_STACKS"):  # where the minutes go, even if the run is killed
         from scripts.stack_sample import sample_forever
@@ -260,7 +262,8 @@ def _child_cmd(args, run: Run, result: Path, artifact: Path) -> list[str]:
             "--prefill-chunk", str(args.prefill_chunk), "--quant", args.quant,
             "--group-size", str(args.group_size), "--embedding-quant", args.embedding_quant,
             "--device", args.device, "--artifact", str(artifact), "--result", str(result),
-            "--autotune" if args.autotune else "--no-autotune"] + (["--profile"] if args.profile else [])
+            "--autotune" if args.autotune else "--no-autotune"] + (["--profile"] if args.profile else []) \
+        + (["--multi-arch-kernels"] if args.multi_arch_kernels else [])
 
 
 def _spawn(cmd: list[str], log: Path, timeout: float) -> str | None:
@@ -435,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True,
                    help="Inductor max_autotune as the exporter's default (slow: minutes per method at 31B width)")
+    p.add_argument("--multi-arch-kernels", action="store_true", help="as the exporter's flag")
     p.add_argument("--out", default="out/bench_export_memory")
     p.add_argument("--json", default="out/bench_export_memory/export_memory.json")
     p.add_argument("--time-budget", type=float, default=3600.0, help="seconds for all runs; later runs are skipped")

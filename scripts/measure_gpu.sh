@@ -21,6 +21,14 @@ slice_8k_cli)  # issues 3, 5 (as measured 2026-11-22): CLI export of the 2-layer
   timeout 130 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 --model /tmp/a31 \
       --json "$OUT/rt.json" 2>&1 | tail -5
   ;;
+tiny_diag)  # tiny CUDA export, Triton SDPA vs decomposed, in parallel, with stack samples (2 s)
+  for sdpa in auto decomposed; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$sdpa TRITON_CACHE_DIR=/tmp/tri_$sdpa TORCHINDUCTOR_COMPILE_THREADS=8 \
+      timeout 560 python -m scripts.stack_sample "$OUT/stacks_$sdpa.txt" 2 -m tests.test_export_cuda tiny \
+      "$OUT/tiny_$sdpa.json" $sdpa > "$OUT/tiny_$sdpa.log" 2>&1 &
+  done
+  wait; tail -3 "$OUT"/tiny_*.log
+  ;;
 tiny_cuda)  # issue 3: tiny CUDA export figures (allocator, NVML, RSS, sizes) and parity vs eager
   timeout 300 python -m tests.test_export_cuda tiny "$OUT/tiny.json" 2>&1 | tail -2
   ;;
@@ -29,6 +37,14 @@ export_128k)  # issue 4: low-memory 2/4/6 layers and stock 6 layers at 131072, f
       --runs stock:6:131072,low:6:131072,low:2:131072,low:4:131072 --parallel 4 --no-autotune \
       --time-budget 570 --out "$OUT/bem" --artifacts /tmp/bem --json "$OUT/export_memory_128k.json" 2>&1 | tail -16
   ;;
+pair_128k)  # issue 4: stock and low-memory 6 layers at 131072 side by side + logits; the tiny CUDA test beside
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_tiny TRITON_CACHE_DIR=/tmp/tri_tiny TORCHINDUCTOR_COMPILE_THREADS=4 \
+    timeout 560 python -m tests.test_export_cuda tiny "$OUT/tiny.json" > "$OUT/tiny.log" 2>&1 &
+  BENCH_STACKS=10 timeout 590 python -m scripts.bench_export_memory --runs stock:6:131072,low:6:131072 \
+      --parallel 2 --no-autotune --time-budget 575 --out "$OUT/bem" --artifacts /tmp/bem \
+      --json "$OUT/pair_128k.json" 2>&1 | tail -16
+  wait; tail -c 1500 "$OUT/tiny.log"
+  ;;
 host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 31B slices
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
   python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 &
@@ -36,5 +52,5 @@ host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 
   timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac

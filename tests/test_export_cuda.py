@@ -7,11 +7,15 @@ layers at real width: hidden 5376, vocab 262144; int4 g32, ctx 8192, chunk 128).
 wall time per stage, GPU peak twice (caching allocator, and NVML sampled every 10 ms from a
 thread, which also sees the CUDA context, cuBLAS/Triton workspaces and AOTI allocations),
 host peak RSS (this process; compiler subprocesses separately), file sizes, and the
-relative error of the compiled .so's logits against the eager model that was exported.
+relative errors of the compiled .so's logits and of the eager bf16 model's, both against an
+fp32 reference with the same (dequantized) weights. bf16 alone moves a tiny random model's
+logits by several percent (Inductor keeps fp32 inside fused kernels, eager rounds after
+every op), so the compiled model is held to the eager model's own distance from fp32.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import os
@@ -101,22 +105,51 @@ class CudaMini:
 
 
 @torch.no_grad()
-def parity(out: Path, model: torch.nn.Module, n_decode: int = 6) -> list[float]:
-    """Relative errors of prefill (one chunk + a partial one) and decode steps vs eager."""
+def fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in fp32 with every int4 weight dequantized: a linear applied to the identity
+    returns exactly the bf16 weights the int4 kernel multiplies with."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    ref = copy.deepcopy(model)
+    for mod in ref.modules():
+        if isinstance(mod, torch.nn.Linear) and is_traceable_wrapper_subclass(mod.weight):
+            eye = torch.eye(mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
+            w = torch.nn.functional.linear(eye, mod.weight).t().contiguous()
+            mod.weight = torch.nn.Parameter(w, requires_grad=False)
+    return ref.float()
+
+
+@torch.no_grad()
+def parity(out: Path, model: torch.nn.Module, n_decode: int = 6) -> dict[str, list[float]]:
+    """Per step (prefill: one chunk + a partial one; then decode), the relative error vs the
+    fp32 reference of the compiled .so ("compiled") and of the eager bf16 model ("eager"),
+    and compiled vs eager ("compiled_vs_eager")."""
     mini = CudaMini(out)
+    ref = fp32_reference(model)
+    ref.reset_cache()
     chunk, vocab = mini.meta["prefill_chunk"], mini.meta["vocab_size"]
     model.reset_cache()
     ids = torch.randint(3, vocab, (1, chunk + 3 + n_decode), generator=torch.Generator().manual_seed(0))
     steps = [("prefill", 0, chunk), ("prefill", chunk, chunk + 3)]
     steps += [("decode", p, p + 1) for p in range(chunk + 3, chunk + 3 + n_decode)]
-    errors = []
+    errors: dict[str, list[float]] = {"compiled": [], "eager": [], "compiled_vs_eager": []}
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     for method, s, e in steps:
         got = mini.run(method, ids[:, s:e], s).float()
-        # MATH: model.py's `.view` after SDPA fails on the efficient kernel's output at head_dim 512
-        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-            want = model(ids[:, s:e].cuda(), torch.tensor([s], device="cuda")).float()
-        errors.append(((got - want).norm() / want.norm()).item())
+        tokens, pos = ids[:, s:e].cuda(), torch.tensor([s], device="cuda")
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):  # as export traced it
+            eager = model(tokens, pos).float()
+            want = ref(tokens, pos).float()
+        errors["compiled"].append(rel(got, want))
+        errors["eager"].append(rel(eager, want))
+        errors["compiled_vs_eager"].append(rel(got, eager))
     return errors
+
+
+def parity_ok(errors: dict[str, list[float]]) -> bool:
+    """The compiled model is no further from fp32 than twice the eager bf16 model, plus 0.5%
+    (a wrong mask, cache slot or weight moves logits by tens of percent)."""
+    return all(c <= 2 * e + 5e-3 for c, e in zip(errors["compiled"], errors["eager"]))
 
 
 def measure(cfg: ExportConfig) -> dict:
@@ -137,6 +170,7 @@ def measure(cfg: ExportConfig) -> dict:
         "int4_modules": result.metadata["quant"]["int4_modules"],
     }
     rec["rel_err"] = parity(result.out_dir, result.model)
+    rec["parity_ok"] = parity_ok(rec["rel_err"])
     return rec
 
 
@@ -145,7 +179,7 @@ def measure(cfg: ExportConfig) -> dict:
 def test_tiny_cuda_int4_export_matches_eager(tmp_path):
     rec = measure(case_config("tiny", tmp_path / "tiny"))
     assert rec["int4_modules"] > 0
-    assert max(rec["rel_err"]) < 5e-2, rec["rel_err"]  # bf16, same int4 kernel in both
+    assert parity_ok(rec["rel_err"]), rec["rel_err"]
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ __all__ = ["CompiledMethod", "CompileSpecKey", "ConstantInfo", "ConstantKind", "
 
 def partitioner_for(device: TargetDevice, method: str, *, low_memory: bool = False,
                     low_memory_options: dict[str, str] | None = None,
-                    triton_sdpa: bool = False, autotune: bool = True) -> Partitioner:
+                    triton_sdpa: bool = False, autotune: bool = True, multi_arch: bool = False) -> Partitioner:
     """The partitioner that lowers `method` whole to `device`'s AOTI backend."""
     specs = [method_name_spec(method), autotune_spec(autotune)]
     if low_memory:
@@ -34,5 +34,5 @@ def partitioner_for(device: TargetDevice, method: str, *, low_memory: bool = Fal
     if device is TargetDevice.CPU:
         from export.backends.cpu import Gemma4CpuPartitioner
         return Gemma4CpuPartitioner(specs)
-    from export.backends.cuda import Gemma4CudaPartitioner, triton_sdpa_spec
-    return Gemma4CudaPartitioner(specs + [triton_sdpa_spec(triton_sdpa)])
+    from export.backends.cuda import Gemma4CudaPartitioner, multi_arch_spec, triton_sdpa_spec
+    return Gemma4CudaPartitioner(specs + [triton_sdpa_spec(triton_sdpa), multi_arch_spec(multi_arch)])

@@ -15,7 +15,11 @@ C++ CUDA runtime.
 
 The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
 only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
-is decomposed (MATH backend) and any dtype / head layout compiles. ExecuTorch's replacement
+is decomposed (MATH backend) and any dtype / head layout compiles.
+
+Kernels are compiled for the export GPU's architecture only (Triton's cubins), unless the
+compile spec `multi_arch` is b"1" (exporter flag `--multi-arch-kernels`, ExecuTorch's
+default): then each kernel is also turned into a PTX + SASS fatbin by a serial `nvcc` call. ExecuTorch's replacement
 pass matches edge-dialect SDPA only; the exporter keeps aten ops (no edge-op wrappers), so
 `replace_sdpa_with_triton` below matches the aten op.
 """
@@ -33,6 +37,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice, autotune_enabled
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"
+MULTI_ARCH = "multi_arch"  # b"1": fatbin kernels (PTX + SASS) that run on other GPU generations too
 
 
 def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
@@ -52,6 +57,14 @@ def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
 
 def triton_sdpa_spec(on: bool) -> CompileSpec:
     return CompileSpec(TRITON_KERNEL_MODE, b"ON" if on else b"OFF")
+
+
+def multi_arch_spec(on: bool) -> CompileSpec:
+    return CompileSpec(MULTI_ARCH, b"1" if on else b"0")
+
+
+def multi_arch_enabled(compile_specs: list[CompileSpec]) -> bool:
+    return any(s.key == MULTI_ARCH and s.value == b"1" for s in compile_specs)
 
 
 @final
@@ -91,9 +104,18 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
     @classmethod
     def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:
         options = CudaBackend.get_aoti_compile_options(compile_specs)
+        if not multi_arch_enabled(compile_specs):
+            # ExecuTorch asks for fatbins: one `nvcc -fatbin` per kernel, run serially after
+            # Triton compiled it (a third of a tiny export's lowering on the H100). The user
+            # exports on the GPU they run on, so the kernels stay Triton's own cubins for that
+            # arch; the metadata records it and the runner refuses another arch.
+            options["aot_inductor.emit_multi_arch_kernel"] = False
         if not autotune_enabled(compile_specs):  # minutes less per test export
             options.update({"max_autotune": False, "max_autotune_gemm_backends": "ATEN,TRITON",
-                            "max_autotune_conv_backends": "ATEN,TRITON"})
+                            "max_autotune_conv_backends": "ATEN,TRITON",
+                            # one config per pointwise kernel: AOTI compiles and benchmarks every
+                            # config serially in its compile-time tuning script
+                            "triton.autotune_pointwise": False})
         return options
 
     @classmethod

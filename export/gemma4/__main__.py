@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# Before torch starts CUDA: the caching allocator grows segments in place instead of cutting
+# new ones, so memory freed by one compile-time buffer fits the next (H100, 31B slice: 1.6 GiB
+# reserved beyond the allocator peak without it). A user's own setting wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -73,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)")
     p.add_argument("--low-memory", action="store_true", default=d.low_memory,
                    help="keep compile-time memory low (export.passes: zero-byte constants during compile)")
+    p.add_argument("--multi-arch-kernels", action="store_true", default=d.multi_arch_kernels,
+                   help="cuda: also build each kernel as a PTX+SASS fatbin (one nvcc call per kernel, slower "
+                        "export) so the artifact runs on other GPU generations; by default it runs on the "
+                        "exporting GPU's architecture only")
     p.add_argument("--kv-in-ptd", action="store_true", default=d.kv_in_ptd,
                    help="also store the KV buffers (zeros) in model.ptd; by default the runner allocates them")
     p.add_argument("--out", type=Path, default=d.out,

@@ -101,6 +101,7 @@ class ExportConfig:
     sdpa: SdpaChoice = SdpaChoice.AUTO  # --sdpa: attention kernel on cuda
     autotune: bool = True  # --autotune/--no-autotune: Inductor max_autotune (cuda; slow compiles)
     low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
+    multi_arch_kernels: bool = False  # --multi-arch-kernels: cuda kernels also as PTX fatbins (other GPUs)
     kv_in_ptd: bool = False  # --kv-in-ptd: also store the KV buffers (zeros) in the .ptd
     out: Path | None = None  # --out: artifact directory (default out/<preset or checkpoint name>)
     seed: int = 0  # --seed: random weights of a preset
@@ -315,13 +316,13 @@ def _EDGE_CONFIG():
 
 
 def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, autotune: bool = True,
-          progress: bool = False, released: bool = False):
+          progress: bool = False, released: bool = False, multi_arch: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
     `released`: the programs went through `release_constant_bytes` (zero-byte constants)."""
     from executorch.exir import to_edge_transform_and_lower
 
     partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa,
-                                        autotune=autotune)]
+                                        autotune=autotune, multi_arch=multi_arch)]
                     for m in programs}
     with _bar(progress, total=len(programs), desc="lowering", unit="method") as bar:
         def listener(method: str, stage: str) -> None:
@@ -469,6 +470,11 @@ def _eos_ids(cfg: ExportConfig, mcfg: Gemma4Config) -> list[int]:
     return ids
 
 
+def _cuda_arch() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
 def build_metadata(cfg: ExportConfig, mcfg: Gemma4Config, model: nn.Module, device: TargetDevice,
                    dtype: torch.dtype, report: QuantReport, mapping: dict[str, dict[str, str]],
                    pair_id: str) -> dict[str, Any]:
@@ -476,6 +482,9 @@ def build_metadata(cfg: ExportConfig, mcfg: Gemma4Config, model: nn.Module, devi
         "format_version": FORMAT_VERSION,
         "pair_id": pair_id,
         "device": device.value,
+        # cuda kernels run on this GPU architecture only, unless built as fatbins
+        "cuda_arch": _cuda_arch() if device is TargetDevice.CUDA else None,
+        "multi_arch_kernels": cfg.multi_arch_kernels,
         "dtype": str(dtype).removeprefix("torch."),
         "config": json.loads(json.dumps(asdict(mcfg))),
         "ctx": cfg.ctx,
@@ -541,7 +550,7 @@ def export_model(cfg: ExportConfig, progress: bool = False,
     if waited is not None:
         times["compile_workers_wait"] = waited  # part of "lower"
     edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), cfg.autotune, progress,
-                 released=released)
+                 released=released, multi_arch=cfg.multi_arch_kernels)
     del programs
     times["lower"] = time.perf_counter() - t
 
