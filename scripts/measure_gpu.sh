@@ -37,10 +37,11 @@ export_128k)  # issue 4: low-memory 2/4/6 layers and stock 6 layers at 131072, f
       --runs stock:6:131072,low:6:131072,low:2:131072,low:4:131072 --parallel 4 --no-autotune \
       --time-budget 570 --out "$OUT/bem" --artifacts /tmp/bem --json "$OUT/export_memory_128k.json" 2>&1 | tail -16
   ;;
-pair_128k)  # issue 4: stock and low-memory 6 layers at 131072 side by side + logits; the tiny CUDA test beside
+pair_128k)  # issue 4: stock and low-memory 6 layers at 131072 side by side + logits, then low 2 and 4
+  # layers as time allows; the tiny CUDA test beside
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind_tiny TRITON_CACHE_DIR=/tmp/tri_tiny TORCHINDUCTOR_COMPILE_THREADS=4 \
     timeout 560 python -m tests.test_export_cuda tiny "$OUT/tiny.json" > "$OUT/tiny.log" 2>&1 &
-  BENCH_STACKS=10 timeout 590 python -m scripts.bench_export_memory --runs stock:6:131072,low:6:131072 \
+  BENCH_STACKS=10 timeout 590 python -m scripts.bench_export_memory --runs stock:6:131072,low:6:131072,low:2:131072,low:4:131072 \
       --parallel 2 --no-autotune --time-budget 575 --out "$OUT/bem" --artifacts /tmp/bem \
       --json "$OUT/pair_128k.json" 2>&1 | tail -16
   wait; tail -c 1500 "$OUT/tiny.log"

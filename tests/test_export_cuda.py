@@ -168,6 +168,8 @@ def measure(cfg: ExportConfig) -> dict:
         "sizes": result.sizes,
         "ptd_keys": len(read_ptd_index(result.out_dir / "model.ptd")),
         "int4_modules": result.metadata["quant"]["int4_modules"],
+        # torchao turns this on process-wide unless told not to (minutes of serial tuning)
+        "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
     }
     rec["rel_err"] = parity(result.out_dir, result.model)
     rec["parity_ok"] = parity_ok(rec["rel_err"])
@@ -179,6 +181,7 @@ def measure(cfg: ExportConfig) -> dict:
 def test_tiny_cuda_int4_export_matches_eager(tmp_path):
     rec = measure(case_config("tiny", tmp_path / "tiny"))
     assert rec["int4_modules"] > 0
+    assert not rec["coordinate_descent_tuning"]
     assert parity_ok(rec["rel_err"]), rec["rel_err"]
 
 

@@ -202,7 +202,11 @@ def _int4_cuda_(lin: nn.Linear, group_size: int) -> None:
 
     home = lin.weight.device
     lin.to("cuda")
-    ao_quantize_(lin, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"))
+    # set_inductor_config=False: by default torchao switches on Inductor's coordinate-descent
+    # tuning (all directions) for the whole process, and AOTI then compiles and benchmarks
+    # dozens of configs per kernel, serially: most of a CUDA export's lowering on the H100
+    ao_quantize_(lin, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+                                           set_inductor_config=False))
     lin.to(home)
 
 
