@@ -11,7 +11,8 @@ ExecuTorch's serializer joins every segment into one in-memory `Cord` before wri
 31B that is ~17 GiB of host RAM, so this module writes the container itself: the
 flatbuffer only describes offsets and layouts, computed from shapes and dtypes up front,
 and each tensor is then materialised (`PtdTensor.load`), written in bounded chunks and
-dropped. Several keys may name one segment (tied weights are stored once).
+dropped; a weight parked in the export's spool file (export/spool.py) is copied file to
+file instead. Several keys may name one segment (tied weights are stored once).
 
 Atomicity: `atomic_output_dir` builds the artifact in a hidden temp dir next to `--out`,
 fsyncs every file and the dir, then renames it into place; a killed export leaves the
@@ -39,6 +40,8 @@ from executorch.extension.flat_tensor.serialize.serialize import (
     _serialize_to_flatbuffer,
 )
 
+from export.spool import FileRange, copy_range, file_range
+
 SEGMENT_ALIGNMENT = 4096  # page-aligned segments: each tensor can be mmap'ed / pinned alone
 CHUNK_BYTES = 64 << 20  # bound on the host copy of a device tensor while writing
 _FLATBUFFER_ALIGNMENT = 16
@@ -58,13 +61,14 @@ class PtdTensor:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
     identity: object = None
+    parked: FileRange | None = None  # bytes already in a spool file: copied file to file
 
     @staticmethod
     def of(key: str, tensor: torch.Tensor) -> "PtdTensor":
         ident = None if tensor.device.type == "meta" else (
             tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
             tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        return PtdTensor(key, tuple(tensor.shape), tensor.dtype, lambda: tensor, ident)
+        return PtdTensor(key, tuple(tensor.shape), tensor.dtype, lambda: tensor, ident, file_range(tensor))
 
     @property
     def nbytes(self) -> int:
@@ -162,6 +166,11 @@ def write_ptd(path: Path, tensors: Iterable[PtdTensor], blobs: dict[str, bytes] 
             f.write(b"\0" * (len(head) + seg.offset - f.tell()))
             if isinstance(seg.source, bytes):
                 f.write(seg.source)
+            elif seg.source.parked is not None:  # never faulted into this process
+                f.flush()
+                start = f.tell()
+                copy_range(seg.source.parked, f.fileno(), start)
+                f.seek(start + seg.source.parked.nbytes)
             else:
                 _write_tensor(f, seg.source.load(), seg.source)
             if progress:

@@ -171,7 +171,7 @@ def bench_eager(case: Case, prompt: list[int], new_tokens: int, device: str) -> 
     return {"first_logits": first, "decode_ms": mean * 1e3, "decode_tok_s": 1 / mean}
 
 
-def bench_case(case: Case, workdir: Path, model_dir: Path | None) -> dict:
+def bench_case(case: Case, workdir: Path, model_dir: Path | None, eager: bool = True) -> dict:
     out = model_dir or workdir / case.name
     export = {} if model_dir else export_artifact(case, out)
     g = torch.Generator().manual_seed(case.seed)
@@ -185,8 +185,12 @@ def bench_case(case: Case, workdir: Path, model_dir: Path | None) -> dict:
     del rt["runner"]
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    eager = bench_eager(case, prompt, case.new_tokens, device)
-    err = ((rt.pop("first_logits") - eager["first_logits"]).norm() / eager.pop("first_logits").norm()).item()
+    first = rt.pop("first_logits")
+    if eager:
+        eager = bench_eager(case, prompt, case.new_tokens, device)
+        err = ((first - eager["first_logits"]).norm() / eager.pop("first_logits").norm()).item()
+    else:  # memory runs (the planner's comparison): the runner alone
+        eager, err = {"decode_ms": float("nan"), "decode_tok_s": float("nan")}, float("nan")
     bw = copy_bandwidth(device)
     return {
         "case": asdict(case), "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -227,6 +231,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None, help="bench an existing artifact (one --preset) instead of exporting")
     p.add_argument("--workdir", type=Path, default=Path("out/bench"))
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager model (memory runs: the runner alone)")
     return p.parse_args(argv)
 
 
@@ -239,7 +244,7 @@ def main(argv=None) -> int:
         case = Case(preset, n or None, args.ctx, args.prefill_chunk, args.quant, args.dtype, args.device,
                     args.prompt_len, args.new_tokens, args.autotune)
         print(f"== {case.name}: export + runtime + eager on {args.device}", file=sys.stderr, flush=True)
-        rows.append(bench_case(case, args.workdir, args.model))
+        rows.append(bench_case(case, args.workdir, args.model, eager=not args.no_eager))
         if args.json:  # after every case: a later one may run out of time
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2, default=str))

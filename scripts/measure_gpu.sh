@@ -46,6 +46,17 @@ pair_128k)  # issue 4: stock and low-memory 6 layers at 131072 side by side + lo
       --json "$OUT/pair_128k.json" 2>&1 | tail -16
   wait; tail -c 1500 "$OUT/tiny.log"
   ;;
+ctx_sweep)  # issues 4, 6: stock + low-memory 6-layer exports at 8k/32k/128k at once (logits compared
+  # per ctx), then the runner alone on each low-memory artifact (the planner's runtime peak)
+  BENCH_STACKS=20 timeout 430 python -m scripts.bench_export_memory --parallel 6 --no-autotune \
+      --runs stock:6:131072,low:6:131072,stock:6:32768,low:6:32768,stock:6:8192,low:6:8192 \
+      --time-budget 410 --out /tmp/bemout --artifacts /tmp/bem --json "$OUT/export_ctx.json" 2>&1 | tail -24
+  for c in 8192 32768 131072; do
+    timeout 50 python -m scripts.bench_runtime --preset 31b --layers 6 --ctx $c --quant int4 --no-eager \
+        --model /tmp/bem/low_6l_$c --new-tokens 16 --json "$OUT/rt_$c.json" 2>&1 | tail -1
+  done
+  tar -czf "$OUT/logs.tgz" --exclude='*.stacks' -C /tmp bemout; tar -czf "$OUT/stacks.tgz" -C /tmp bemout
+  ;;
 host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 31B slices
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
   python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 &
@@ -53,5 +64,5 @@ host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 
   timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac

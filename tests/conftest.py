@@ -63,9 +63,10 @@ def tiny_artifact(tmp_path_factory) -> TinyArtifact:
 
 
 # ---- the same tiny artifact exported with --low-memory (issue 4), compiled once per session --
-# Same config plus low_memory (every big constant zero-byte while compiling) and kv_in_ptd
-# (KV written as zeros), so tests/test_passes_artifact.py can compare it with the stock one
-# and check both KV modes of the .ptd.
+# Same config plus low_memory (every big constant zero-byte while compiling, every weight
+# parked in the spool file and copied from there into the .ptd) and kv_in_ptd (KV written as
+# zeros), so tests/test_passes_artifact.py can compare it with the stock one and check both
+# KV modes of the .ptd.
 
 @pytest.fixture(scope="session")
 def tiny_artifact_low_memory(tmp_path_factory) -> TinyArtifact:
@@ -75,7 +76,10 @@ def tiny_artifact_low_memory(tmp_path_factory) -> TinyArtifact:
 
     cfg = replace(tiny_export_config(tmp_path_factory.mktemp("tiny_artifact_low_memory") / "tiny"),
                   low_memory=True, kv_in_ptd=True)
-    result = export_model(cfg)
+    with pytest.MonkeyPatch.context() as mp:  # park every weight on disk, however small (export/spool.py)
+        mp.setattr("export.spool.MIN_PARK_BYTES", 1)
+        result = export_model(cfg)
+    assert result.parked_bytes > 0
     model = prepare_model(cfg)[0]
     model.reset_cache()
     return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)

@@ -297,6 +297,11 @@ class Gemma4AotiBackend(AotiBackend):
             CppWrapperCpu.generate_fallback_kernel_with_runtime_lookup_aot = lookup
 
     @classmethod
+    def compile_context(cls, compile_specs: list[CompileSpec]) -> ContextManager:
+        """Entered around `aot_compile`; by default ExecuTorch's extra context manager."""
+        return cls.get_extra_aoti_compile_context_manager()
+
+    @classmethod
     def _prepare(cls, program: ExportedProgram, specs: list[CompileSpec],
                  lm_options: dict[str, str] | None) -> ExportedProgram:
         """Steps 1-4 of the module docstring: the program Inductor will compile."""
@@ -327,7 +332,7 @@ class Gemma4AotiBackend(AotiBackend):
         constants: list[ConstantInfo] = []
         lm_patches = _load_low_memory_hook()[1](lm_options) if lm_options is not None else contextlib.nullcontext()
         with cls.check_fallback_kernels(missing, specs), torch.no_grad(), \
-                cls.get_extra_aoti_compile_context_manager(), lm_patches, capture_constants(constants):
+                cls.compile_context(specs), lm_patches, capture_constants(constants):
             paths = torch._inductor.aot_compile(program.module(), inputs, options=options)
         method = cls.method_name_from_compile_specs(specs)
         if missing:

@@ -11,7 +11,8 @@ once into the `.ptd`).
 With the compile spec `autotune` = b"0" (exporter flag `--no-autotune`) there is no
 max_autotune and GEMMs may call cuBLAS through libtorch's shims: minutes faster for test
 artifacts, runnable by the project's Python runner (inside libtorch) but not by ExecuTorch's
-C++ CUDA runtime.
+C++ CUDA runtime. Nothing is chosen by timing then (Inductor's deterministic mode, one
+config per Triton SDPA kernel), so exports of one model agree bit for bit.
 
 The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
 only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
@@ -26,8 +27,10 @@ pass matches edge-dialect SDPA only; the exporter keeps aten ops (no edge-op wra
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import typing
-from typing import Any, final
+from typing import Any, Iterator, final
 
 import torch
 from executorch.backends.cuda.cuda_backend import CudaBackend
@@ -57,6 +60,26 @@ def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
 
 def triton_sdpa_spec(on: bool) -> CompileSpec:
     return CompileSpec(TRITON_KERNEL_MODE, b"ON" if on else b"OFF")
+
+
+@contextlib.contextmanager
+def one_config_per_user_kernel(module) -> Iterator[None]:
+    """Each `@triton.autotune` kernel of `module` (ExecuTorch's SDPA) keeps one config while
+    compiling: the smallest tile (it fits shared memory at any head dim), so no timing run
+    picks the tiles and with them the order of the softmax accumulation."""
+    from triton.runtime.autotuner import Autotuner
+
+    def tile(c):
+        return (c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0), c.num_stages, c.num_warps)
+
+    saved = {name: k.configs for name, k in vars(module).items() if isinstance(k, Autotuner) and len(k.configs) > 1}
+    for name, configs in saved.items():
+        getattr(module, name).configs = [min(configs, key=tile)]
+    try:
+        yield
+    finally:
+        for name, configs in saved.items():
+            getattr(module, name).configs = configs
 
 
 def multi_arch_spec(on: bool) -> CompileSpec:
@@ -115,8 +138,22 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
                             "max_autotune_conv_backends": "ATEN,TRITON",
                             # one config per pointwise kernel: AOTI compiles and benchmarks every
                             # config serially in its compile-time tuning script
-                            "triton.autotune_pointwise": False})
+                            "triton.autotune_pointwise": False,
+                            # no timing run chooses a reduction's tiles: two exports of one model
+                            # (stock and low-memory) compute bitwise the same logits
+                            "deterministic": True})
         return options
+
+    @classmethod
+    def compile_context(cls, compile_specs: list[CompileSpec]):
+        if autotune_enabled(compile_specs):
+            return cls.get_extra_aoti_compile_context_manager()
+        # the module (its package re-exports the op under the same name)
+        sdpa_kernels = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")
+        stack = contextlib.ExitStack()
+        stack.enter_context(cls.get_extra_aoti_compile_context_manager())
+        stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
+        return stack
 
     @classmethod
     def get_extra_aoti_compile_context_manager(cls):

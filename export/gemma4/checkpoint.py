@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import Gemma4Config
-from .model import Gemma4Model
+from .model import Gemma4Model, KVCache
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
 UnitHook = Callable[[Gemma4Model, str], None]  # (model, unit FQN)
@@ -283,9 +283,15 @@ def mod_attr_set(mod: nn.Module, attr: str, value: torch.Tensor):
 
 
 def _materialize_runtime_buffers(model: Gemma4Model):
-    """KV caches and RoPE tables are not in the checkpoint: allocate and initialise them."""
+    """KV caches and RoPE tables are not in the checkpoint: allocate and initialise them.
+    The caches are `lazy_zeros`: an export never writes them, so they take no host memory
+    (10 GiB for the 31B's full-attention layers at 128k) unless the eager model runs."""
+    from export.spool import lazy_zeros
+
+    kv = {id(m) for m in model.modules() if isinstance(m, KVCache)}
     for mod in model.modules():
         for name, b in mod._buffers.items():
             if b is not None and b.is_meta:
-                mod._buffers[name] = torch.empty_like(b, device="cpu")
-    model.init_buffers()
+                mod._buffers[name] = (lazy_zeros(b.shape, b.dtype) if id(mod) in kv
+                                      else torch.empty_like(b, device="cpu"))
+    model.init_buffers(zero_kv=False)

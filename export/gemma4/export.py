@@ -31,6 +31,7 @@ from export.backends import PREPROCESS_LISTENERS, compile_workers, CompiledMetho
 from export.gemma4.config import PRESETS, Gemma4Config
 from export.gemma4.quant import EmbeddingQuant, LinearQuant, QuantRecipe, QuantReport, quantize_
 from export.gemma4.tokenizer import MIN_STANDIN_VOCAB, write_tokenizer
+from export.spool import WeightSpool, shared_deepcopy
 
 METHODS = ("prefill", "decode")
 FORMAT_VERSION = 1
@@ -134,6 +135,7 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
     model: nn.Module | None = None  # the eager model exactly as exported (a parity reference)
+    parked_bytes: int = 0  # weight bytes parked on disk while compiling (low-memory)
 
 
 # ---- validation (cheap; runs before anything is loaded or compiled) -------------------------
@@ -246,18 +248,23 @@ def build_model(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype, progr
     return model.eval()
 
 
-def prepare_model(cfg: ExportConfig, progress: bool = False) -> tuple[nn.Module, QuantReport]:
+def prepare_model(cfg: ExportConfig, progress: bool = False,
+                  spool: WeightSpool | None = None) -> tuple[nn.Module, QuantReport]:
     """Validated config -> the model exactly as exported (quantized, on the export device).
     Tests call this too, to get an eager model with the artifact's weights.
 
     Quantization runs unit by unit as the checkpoint is read (bounded host memory: the
-    float source of a layer is gone before the next layer is read)."""
+    float source of a layer is gone before the next layer is read). With a `spool`, each
+    quantized unit is then parked on disk (export/spool.py), so host memory holds about
+    one unit of weights at a time."""
     mcfg, device, dtype = validate(cfg)
     recipe = cfg.recipe()
     report = QuantReport()
 
     def quantize_unit(model: nn.Module, unit: str) -> None:
         quantize_(model, recipe, device, under=unit, report=report)
+        if spool is not None:
+            spool.park_module_(model.get_submodule(unit))
 
     model = build_model(cfg, mcfg, dtype, progress, on_unit_loaded=quantize_unit)
     if device is TargetDevice.CUDA and not cfg.low_memory:
@@ -318,7 +325,9 @@ def _EDGE_CONFIG():
 def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, autotune: bool = True,
           progress: bool = False, released: bool = False, multi_arch: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
-    `released`: the programs went through `release_constant_bytes` (zero-byte constants)."""
+    `released`: the programs went through `release_constant_bytes` (zero-byte constants).
+    With `low_memory`, ExecuTorch's deep copies of the programs alias parked weights and
+    lazy-zero KV caches (`shared_deepcopy`) instead of copying them."""
     from executorch.exir import to_edge_transform_and_lower
 
     partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa,
@@ -333,8 +342,12 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
             # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods); released
             # programs hold zero-byte constants, which its deep copies must keep
             from export.passes import zero_byte_deepcopy
-            copies = zero_byte_deepcopy() if released else contextlib.nullcontext()
-            with math_sdpa(), copies:
+            with contextlib.ExitStack() as copies:
+                if low_memory:
+                    copies.enter_context(shared_deepcopy())
+                if released:  # entered second: falls back to the aliasing copy above
+                    copies.enter_context(zero_byte_deepcopy())
+                copies.enter_context(math_sdpa())
                 return to_edge_transform_and_lower(programs, partitioner=partitioners,
                                                    compile_config=_EDGE_CONFIG(),
                                                    constant_methods={"metadata": "{}"})
@@ -524,23 +537,32 @@ def write_artifact(out: Path, et_program, tensors: list[PtdTensor], pair_id: str
 def export_model(cfg: ExportConfig, progress: bool = False,
                  log: Callable[[str], None] = lambda s: None) -> ExportResult:
     """The whole export; see the module docstring."""
-    from executorch.exir import ExecutorchBackendConfig
-
     mcfg, device, dtype = validate(cfg)
     compile_workers.start()  # they import torch while the model loads and traces
+    # low-memory: quantized weights wait on disk (an unlinked file beside --out), not in RAM
+    with WeightSpool(cfg.out_dir.parent) if cfg.low_memory else contextlib.nullcontext() as spool:
+        return _export(cfg, mcfg, device, dtype, spool, progress, log)
+
+
+def _export(cfg: ExportConfig, mcfg: Gemma4Config, device: TargetDevice, dtype: torch.dtype,
+            spool: WeightSpool | None, progress: bool, log: Callable[[str], None]) -> ExportResult:
+    from executorch.exir import ExecutorchBackendConfig
+
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, report = prepare_model(cfg, progress)
+    model, report = prepare_model(cfg, progress, spool=spool)
     times["load_and_quantize"] = time.perf_counter() - t0
-    log(f"model ready: {len(report.int4)} int4 linears, {len(report.skipped)} left in {dtype}")
+    log(f"model ready: {len(report.int4)} int4 linears, {len(report.skipped)} left in {dtype}"
+        + (f"; {spool.parked_bytes / 2**30:.2f} GiB parked on disk" if spool is not None else ""))
 
     t = time.perf_counter()
     programs = export_methods(model, cfg.prefill_chunk)
     released = cfg.low_memory and device is TargetDevice.CPU
     if released:
         # to_edge deep-copies the programs: let them hold no weight bytes (22 -> 8.7 GiB host RSS
-        # for the CPU fp32 31B 2-layer slice). Not on CUDA yet: there a zero-byte host constant
-        # was read while ExecuTorch ran the delegate call after lowering (H100, 2-layer slice).
+        # for the CPU fp32 31B 2-layer slice). Not on CUDA: there a zero-byte host constant
+        # was read while ExecuTorch ran the delegate call after lowering (H100, 2-layer slice);
+        # parked weights and shared deep copies (export/spool.py) cover CUDA instead.
         from export.passes import release_constant_bytes
         programs = {m: release_constant_bytes(ep) for m, ep in programs.items()}
     times["torch_export"] = time.perf_counter() - t
@@ -570,7 +592,8 @@ def export_model(cfg: ExportConfig, progress: bool = False,
                            vocab_size=mcfg.vocab_size)
     times["write"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
-    return ExportResult(out_dir=cfg.out_dir, metadata=metadata, seconds=times, sizes=sizes, model=model)
+    return ExportResult(out_dir=cfg.out_dir, metadata=metadata, seconds=times, sizes=sizes, model=model,
+                        parked_bytes=spool.parked_bytes if spool is not None else 0)
 
 
 class _NullBar:

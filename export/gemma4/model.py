@@ -264,14 +264,16 @@ class Gemma4Model(nn.Module):
         self.init_buffers()
 
     @torch.no_grad()
-    def init_buffers(self):
-        """(Re)compute the non-persistent buffers: RoPE frequencies (fp32) and zero KV.
-        Needed after `to_empty()` when the model was built on the meta device."""
+    def init_buffers(self, zero_kv: bool = True):
+        """(Re)compute the non-persistent buffers: RoPE frequencies (fp32) and, unless the
+        caller allocated them as zeros already, zero KV. Needed after `to_empty()` when the
+        model was built on the meta device."""
         cfg = self.cfg
         self.inv_freq_sliding.copy_(rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding, 1.0))
         self.inv_freq_full.copy_(rope_inv_freq(cfg.global_head_dim, cfg.rope_theta_full,
                                                cfg.partial_rotary_factor_full))
-        self.reset_cache()
+        if zero_kv:
+            self.reset_cache()
 
     @torch.no_grad()
     def reset_cache(self):
