@@ -1,17 +1,23 @@
-"""Host memory of loading + quantizing a checkpoint: naive (whole float model, then
-quantize) against streaming (quantize each unit as it is read), each in a fresh process.
+"""Host memory of loading + quantizing a checkpoint, each way in a fresh process:
+
+- naive: the whole float model, then quantize;
+- streaming: quantize each unit as it is read (float source of one unit at a time);
+- parked: streaming, and each quantized unit then parked on disk (export/spool.py), as a
+  low-memory export does;
+- export (`--export`): the whole `python -m export.gemma4 --low-memory` run (load, quantize,
+  park, compile, write) from the checkpoint.
 
     python -m scripts.bench_host_memory --checkpoint ckpt/31b-2l --checkpoint ckpt/31b-6l \
-        --device cuda --json out/host_memory.json
+        --device cuda --export --parallel 8 --json out/host_memory.json
 
 Prints a table (peak RSS, quantized bytes, ratio) and, given checkpoints of two layer counts
-of the same model, a linear extrapolation to the full layer count. `--export` also measures
-the whole `python -m export.gemma4` run (load, quantize, compile, write) for each.
+of the same model, a linear extrapolation to the full layer count.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -78,12 +84,19 @@ def child(mode: str, checkpoint: str, device: str, group_size: int) -> dict:
     reset_peak_rss()
     recipe = QuantRecipe(group_size=group_size)
     t0 = time.perf_counter()
+    spool = None
     if mode == "naive":
         model = load_model(checkpoint, ctx=1024, prefill_chunk=8, dtype=torch.bfloat16)
         quantize_(model, recipe, dev)
     else:
+        if mode == "parked":
+            from export.spool import WeightSpool
+            spool = WeightSpool(tempfile.gettempdir())
+
         def hook(model, unit):
             quantize_(model, recipe, dev, under=unit)
+            if spool is not None:
+                spool.park_module_(model.get_submodule(unit))
         model = load_model(checkpoint, ctx=1024, prefill_chunk=8, dtype=torch.bfloat16, on_unit_loaded=hook)
     wall = time.perf_counter() - t0
     return {"mode": mode, "checkpoint": checkpoint, "layers": model.cfg.num_hidden_layers,
@@ -91,13 +104,14 @@ def child(mode: str, checkpoint: str, device: str, group_size: int) -> dict:
             "wall_s": round(wall, 2)}
 
 
-def export_child(checkpoint: str, device: str) -> dict:
+def export_child(checkpoint: str, device: str, autotune: bool, ctx: int = 8192) -> dict:
     """Runs in a fresh process: the whole CLI export as its only child, so the children's
-    rusage is that export's peak RSS alone."""
+    rusage is that export's peak RSS alone (its compile workers are smaller)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "export.gemma4", "--checkpoint", checkpoint, "--device", device,
-               "--ctx", "8192", "--low-memory", "--out", os.path.join(d, "art")]
+               "--ctx", str(ctx), "--low-memory", "--out", os.path.join(d, "art")]
+        cmd += [] if autotune else ["--no-autotune"]  # GEMM tuning does not touch host memory
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"export failed:\n{proc.stderr[-3000:]}")
@@ -107,7 +121,8 @@ def export_child(checkpoint: str, device: str) -> dict:
 
 def run_child(mode: str, args, checkpoint: str) -> dict:
     cmd = [sys.executable, "-m", "scripts.bench_host_memory", "--child", mode, "--checkpoint", checkpoint,
-           "--device", args.device, "--group-size", str(args.group_size)]
+           "--device", args.device, "--group-size", str(args.group_size), "--ctx", str(args.ctx)] \
+        + (["--autotune"] if args.autotune else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
@@ -121,10 +136,14 @@ def extrapolate(rows: list[dict], full_layers: int) -> dict | None:
     the transient (peak minus what is kept) is the largest slice's. A straight line through
     the peaks themselves would be wrong: a small slice's peak is the embedding's read.
     """
-    rows = sorted((r for r in rows if "weights_bytes" in r), key=lambda r: r["layers"])
+    rows = sorted((r for r in rows if "layers" in r), key=lambda r: r["layers"])
     if len(rows) < 2 or rows[0]["layers"] == rows[-1]["layers"]:
         return None
     lo, hi = rows[0], rows[-1]
+    if "weights_bytes" not in hi:  # whole exports: the line through the peaks
+        per_layer = (hi["peak_rss"] - lo["peak_rss"]) / (hi["layers"] - lo["layers"])
+        return {"per_layer_bytes": per_layer, "layers": full_layers, "weights_bytes": None, "transient_bytes": None,
+                "peak_rss": hi["peak_rss"] + per_layer * (full_layers - hi["layers"])}
     slope = (hi["weights_bytes"] - lo["weights_bytes"]) / (hi["layers"] - lo["layers"])
     weights = hi["weights_bytes"] + slope * (full_layers - hi["layers"])
     transient = hi["peak_rss"] - hi["baseline_rss"] - hi["weights_bytes"]
@@ -155,29 +174,47 @@ def main(argv=None):
     ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint dir (repeat for slices)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--modes", default="naive,streaming", help="comma list of naive,streaming")
+    ap.add_argument("--modes", default="naive,streaming,parked", help="comma list of naive,streaming,parked")
+    ap.add_argument("--autotune", action="store_true", help="--export: with max_autotune (slow; same host memory)")
+    ap.add_argument("--ctx", type=int, default=8192, help="--export: the exported context")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at once (each its own process; RSS is per process)")
     ap.add_argument("--export", action="store_true", help="also measure the whole CLI export")
     ap.add_argument("--full-layers", type=int, default=60, help="layer count to extrapolate to")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child == "export":
-        print(json.dumps(export_child(args.checkpoint[0], args.device)))
+        print(json.dumps(export_child(args.checkpoint[0], args.device, args.autotune, args.ctx)))
         return
     if args.child:
         print(json.dumps(child(args.child, args.checkpoint[0], args.device, args.group_size)))
         return
     modes = args.modes.split(",") + (["export"] if args.export else [])
-    rows = [run_child(m, args, c) for c in args.checkpoint for m in modes]
+    jobs = [(m, c) for c in args.checkpoint for m in modes]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
+        rows = list(pool.map(lambda job: run_child(job[0], args, job[1]), jobs))
+    for r in rows:  # an export: its checkpoint's layer count and int4 weight bytes (from a loader run)
+        same = [o for o in rows if o["checkpoint"] == r["checkpoint"] and "weights_bytes" in o]
+        if r["mode"] == "export" and same:
+            r["layers"], r["slice_int4_bytes"] = same[0]["layers"], same[0]["weights_bytes"]
     print(table(rows))
     result = {"rows": rows, "device": args.device}
-    for mode in args.modes.split(","):
+    for mode in modes:
         ex = extrapolate([r for r in rows if r["mode"] == mode], args.full_layers)
-        if ex:
+        if ex and ex["weights_bytes"] is None:
+            result[f"extrapolated_{mode}"] = ex
+            print(f"{mode}: peak {ex['per_layer_bytes'] / GIB:+.3f} GiB/layer -> {ex['peak_rss'] / GIB:.2f} GiB"
+                  f" at {ex['layers']} layers (extrapolated)")
+        elif ex:
             result[f"extrapolated_{mode}"] = ex
             print(f"{mode}: weights {ex['per_layer_bytes'] / GIB:.3f} GiB/layer -> {ex['weights_bytes'] / GIB:.2f} GiB"
                   f" + transient {ex['transient_bytes'] / GIB:.2f} -> peak {ex['peak_rss'] / GIB:.2f} GiB"
                   f" at {ex['layers']} layers (extrapolated)")
+    for r in rows:
+        if r.get("slice_int4_bytes"):
+            print(f"export {r['layers']} layers: peak RSS {r['peak_rss'] / GIB:.2f} GiB, "
+                  f"{r['peak_rss'] / r['slice_int4_bytes']:.2f} x the slice's int4 weights "
+                  f"({r['slice_int4_bytes'] / GIB:.2f} GiB)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -57,12 +57,13 @@ ctx_sweep)  # issues 4, 6: stock + low-memory 6-layer exports at 8k/32k/128k at 
   done
   tar -czf "$OUT/logs.tgz" --exclude='*.stacks' -C /tmp bemout; tar -czf "$OUT/stacks.tgz" -C /tmp bemout
   ;;
-host_memory)  # issue 7: naive vs streaming load+quantize (CUDA int4) from bf16 31B slices
+host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole low-memory export
+  # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
   python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 &
   wait
-  timeout 420 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
-      --device cuda --json "$OUT/host_memory.json" 2>&1 | tail -12
+  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
+      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
   ;;
 *) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac
