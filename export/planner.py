@@ -66,31 +66,38 @@ ALLOC_SLACK_PER_LARGE_TENSOR = 1 * MiB
 about 1 MiB reserved-but-unused per such tensor when the runner allocates each constant
 and KV buffer separately. An estimate from the allocator's rounding rule."""
 
-STOCK_EXPORT_FACTOR = 47.87 / 21.3
-"""Stock export allocator peak per byte of GPU constants (weights + KV): ExecuTorch's
-move_to_device puts them on the GPU with real bytes and lowering roughly doubles that.
-Fitted on the 31B-width slice (9.3 GiB weights + 12 GiB KV -> 47.87 GiB); the toy
-(1.0 + 0.5 GiB -> 3.07 GiB) sits 9% under the fit."""
+# Stock and low-memory export peaks: H100, 2026-11-23, `scripts/bench_export_memory.py --parallel 6
+# --no-autotune --runs stock:6:C,low:6:C` for C = 8192, 32768, 131072 (the 31B 6-layer slice,
+# int4 g32, bf16; planner weights 5.428 GiB, KV 0.150 / 0.338 / 1.088 GiB). Allocator peaks:
+# stock 21128429568 / 22135062528 / 26161594368 B, low-memory 2843811328 B at all three.
+# The factors below come from the 8k and 128k runs; 32k is the check (predicted within 0.01%).
 
-STOCK_RESERVED_SLACK = (51.71 - 47.87 - 0.60) / 47.87
-"""Stock export: reserved-but-unallocated fraction (NVML 51.71 vs allocator 47.87 GiB on
-the same slice, less the CUDA context)."""
+STOCK_KV_FACTOR = (26161594368 - 21128429568) / ((1.0878143310546875 - 0.1503143310546875) * GiB)
+"""Stock export: allocator bytes per byte of KV cache while lowering (5.00): the eager
+model's cache on the GPU, ExecuTorch's two deep copies of each program, the device move and
+Inductor's constant all hold one. From the 8k -> 128k difference."""
+
+STOCK_WEIGHT_FACTOR = (21128429568 - STOCK_KV_FACTOR * 0.1503143310546875 * GiB) / (5.427686225622892 * GiB)
+"""Stock export: allocator bytes per byte of weights while lowering (3.49; the int4
+subclasses are unwrapped once instead of deep-copied as tensors). From the 8k run, after its KV."""
+
+STOCK_RESERVED_SLACK = (21143486464 - 21128429568) / 21128429568
+"""Stock export: reserved-but-unallocated fraction at the peak (0.07%: expandable segments,
+which the CLI and the benchmark turn on)."""
 
 STOCK_METHODS_RESIDENT = 1
 """Methods whose GPU constants are alive at once in a stock export (prefill and decode are
-lowered one after the other). An assumption: the measurements lowered one method."""
+lowered one after the other); the factors above were measured over both methods."""
 
-LOWMEM_WORKSPACE_BYTES = round(2.71 * GiB - 262144 * 5376 * 2)
+LOWMEM_WORKSPACE_BYTES = 2843811328 - 262144 * 5376 * 2
 """Low-memory export: allocator peak minus the largest constant made real for an autotune
-call. Real-width slice: 2.71 GiB peak with a 262144 x 5376 bf16 (2.625 GiB) table, the same
-at 2, 4 and 6 layers and at ctx 8192 and 131072 (H100, 2026-11-22,
-`scripts/bench_export_memory.py`); an earlier run measured 2.67. The 65536-vocab toy peaked
-at 0.25 GiB, again about its largest tensor."""
+call (24 MiB): 2843811328 B with the 262144 x 5376 bf16 (2.625 GiB) table, the same at 8k,
+32k and 128k, and at 2, 4 and 6 layers (2026-11-22, before expandable segments: 2.71 GiB)."""
 
-LOWMEM_RESERVED_SLACK_BYTES = round((4.30 - 2.71) * GiB)
-"""Low-memory export: the caching allocator's reserved-but-unallocated memory at the peak
-(freed autotune buffers it keeps cached). Same runs: reserved 4.30 vs allocated 2.71 GiB at
-2, 4 and 6 layers; with the CUDA context that gives the per-process NVML figure, 4.91 GiB."""
+LOWMEM_RESERVED_SLACK_BYTES = 2856321024 - 2843811328
+"""Low-memory export: the allocator's reserved-but-unallocated bytes at the peak (12 MiB with
+expandable segments; 1.59 GiB without them). With the CUDA context that gives the
+per-process NVML figure, 3.26 GiB."""
 
 QUANT_TRANSIENT_BYTES_PER_PARAM = 10.4
 """torchao 0.17 `Int4TilePackedTo4dTensor.from_hp` (which requires CUDA) holds, above its
@@ -148,7 +155,8 @@ CTX_GRANULARITY = 1024
 
 def model_terms() -> dict[str, float | int | bool]:
     """The coefficients above, recorded in every JSON plan so a measurement can be refitted."""
-    names = ("CUDA_CONTEXT_BYTES", "KERNEL_WORKSPACE_BYTES", "ALLOC_SLACK_PER_LARGE_TENSOR", "STOCK_EXPORT_FACTOR",
+    names = ("CUDA_CONTEXT_BYTES", "KERNEL_WORKSPACE_BYTES", "ALLOC_SLACK_PER_LARGE_TENSOR", "STOCK_WEIGHT_FACTOR",
+             "STOCK_KV_FACTOR",
              "STOCK_RESERVED_SLACK", "STOCK_METHODS_RESIDENT", "LOWMEM_WORKSPACE_BYTES", "LOWMEM_RESERVED_SLACK_BYTES",
              "QUANT_TRANSIENT_BYTES_PER_PARAM", "QUANT_ROWS_PER_CHUNK", "QUANT_RESULTS_STAY_ON_GPU",
              "EXPORT_EAGER_MODEL_ON_GPU", "HOST_BASE_BYTES", "SERIALIZE_JOIN_COPIES", "MATH_SCORE_BUFFERS",
@@ -609,12 +617,11 @@ def runtime_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], kv: tuple[Item, .
 
 
 def stock_export_peak(inp: PlanInputs, weights: int, kv: int) -> Peak:
-    f = STOCK_EXPORT_FACTOR * STOCK_METHODS_RESIDENT
-    w, k = round(weights * f), round(kv * f)
-    note = f"x{f:.2f}: real bytes on the GPU, lowering copies"
+    fw, fk = STOCK_WEIGHT_FACTOR * STOCK_METHODS_RESIDENT, STOCK_KV_FACTOR * STOCK_METHODS_RESIDENT
+    w, k = round(weights * fw), round(kv * fk)
     return Peak("export GPU, stock", (
-        Item("weights on the GPU while lowering", w, note),
-        Item("kv on the GPU while lowering", k, note),
+        Item("weights on the GPU while lowering", w, f"x{fw:.2f}: real bytes on the GPU, lowering copies"),
+        Item("kv on the GPU while lowering", k, f"x{fk:.2f}: real bytes on the GPU, lowering copies"),
         Item("reserved slack", round((w + k) * STOCK_RESERVED_SLACK), f"{STOCK_RESERVED_SLACK:.1%} of the allocator peak", in_allocator=False),
         Item("cuda context", CUDA_CONTEXT_BYTES, in_allocator=False),
     ))
@@ -629,7 +636,7 @@ def low_memory_export_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], weights
         *resident,
         Item("largest constant made real", big.bytes, f"{big.name}, for an autotune call"),
         Item("autotune workspace", LOWMEM_WORKSPACE_BYTES),
-        Item("reserved slack", LOWMEM_RESERVED_SLACK_BYTES, "cached by the allocator; outside the allocator peak",
+        Item("reserved slack", LOWMEM_RESERVED_SLACK_BYTES, "cached by the allocator",
              in_allocator=False),
         Item("cuda context", CUDA_CONTEXT_BYTES, in_allocator=False),
     ))

@@ -57,6 +57,19 @@ ctx_sweep)  # issues 4, 6: stock + low-memory 6-layer exports at 8k/32k/128k at 
   done
   tar -czf "$OUT/logs.tgz" --exclude='*.stacks' -C /tmp bemout; tar -czf "$OUT/stacks.tgz" -C /tmp bemout
   ;;
+host_plan)  # issues 7 and 6 at once: the host_memory mode below, and beside it the planner's cuda test
+  # (6-layer slice at 32k under an 8 GiB cap) with the export's allocator history for the PNG
+  PLANNER_SNAPSHOT="$OUT/export_6l_32k.pickle.gz" timeout 560 python -m pytest -q -s -m cuda \
+      tests/test_planner_cuda.py > "$OUT/planner_cuda.log" 2>&1 &
+  python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 > "$OUT/mk.log" 2>&1 &
+  m2=$!
+  python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 >> "$OUT/mk.log" 2>&1 &
+  m6=$!
+  wait $m2 $m6
+  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
+      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
+  wait; tail -4 "$OUT/planner_cuda.log"
+  ;;
 host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole low-memory export
   # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
@@ -65,5 +78,5 @@ host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole 
   timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac

@@ -100,6 +100,9 @@ def samples_series(obj, label: str) -> Series:
 def load_series(path: str | Path, device: int = 0) -> list[Series]:
     path = Path(path)
     raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip (a snapshot compressed to come back from the GPU machine)
+        import gzip
+        raw = gzip.decompress(raw)
     if raw[:1] == b"\x80":  # pickle protocol 2+: an allocator snapshot
         return snapshot_series(pickle.loads(raw), device)
     try:
