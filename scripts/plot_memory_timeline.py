@@ -150,7 +150,8 @@ def plot(series: list[Series], out: str | Path, title: str = "memory timeline",
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=120)
     for s in series:
-        (line,) = ax.plot(s.t, [b / GiB for b in s.bytes], label=s.label, linewidth=1.2)
+        (line,) = ax.plot(s.t, [b / GiB for b in s.bytes], label=s.label, linewidth=1.2,
+                         drawstyle="steps-post")  # a value holds until the next event
         t, peak = s.peak
         ax.annotate(f"{peak / GiB:.2f} GiB", (t, peak / GiB), textcoords="offset points", xytext=(4, 4),
                     color=line.get_color(), fontsize=8)

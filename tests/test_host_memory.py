@@ -19,7 +19,7 @@ CFG = Gemma4Config(
 
 
 class Args:
-    device, group_size, autotune = "cpu", 32, False
+    device, group_size, autotune, ctx = "cpu", 32, False, 8192
 
 
 def test_streaming_peak_stays_near_the_int4_weights(tmp_path):

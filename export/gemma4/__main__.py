@@ -103,7 +103,7 @@ def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
     return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
                       group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
                       dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
-                      loader="streaming" if cfg.checkpoint else "naive")
+                      loader="streaming")  # presets stream through the same unit loop (RandomWeights)
 
 
 def resolve_plan(args: argparse.Namespace) -> ExportConfig:
