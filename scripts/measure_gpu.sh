@@ -70,6 +70,14 @@ host_plan)  # issues 7 and 6 at once: the host_memory mode below, and beside it 
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
   wait; tail -4 "$OUT/planner_cuda.log"
   ;;
+cuda_tests)  # every `cuda`-marked test, one process per file at once (the CPU suite runs in CI)
+  for f in $(grep -l "pytest.mark.cuda" tests/test_*.py); do
+    n=$(basename "$f" .py)
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$n TRITON_CACHE_DIR=/tmp/tri_$n TORCHINDUCTOR_COMPILE_THREADS=5 \
+      timeout 560 python -m pytest -q -s -m cuda "$f" > "$OUT/$n.log" 2>&1 &
+  done
+  wait; for f in "$OUT"/*.log; do echo "== $f"; grep -E "passed|failed|skipped|error" "$f" | tail -2; done
+  ;;
 host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole low-memory export
   # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
@@ -78,5 +86,5 @@ host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole 
   timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac
