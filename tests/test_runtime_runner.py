@@ -212,3 +212,15 @@ def test_cli_reports_errors_without_a_traceback(art, tmp_path, capsys):
     rc = cli_main(["--model", str(d), "--prompt", "hello " * 10_000, "--max-new-tokens", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "exported context" in err
+
+
+def test_cuda_kernels_for_another_gpu_generation_are_refused(monkeypatch):
+    """Kernels built for one architecture (the exporter's default) name the fix when the GPU differs."""
+    from runtime.runner import check_cuda_arch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    with pytest.raises(ArtifactError, match="--multi-arch-kernels"):
+        check_cuda_arch({"cuda_arch": "9.0", "multi_arch_kernels": False}, "cuda:0")
+    check_cuda_arch({"cuda_arch": "8.9", "multi_arch_kernels": False}, "cuda:0")  # same arch
+    check_cuda_arch({"cuda_arch": "9.0", "multi_arch_kernels": True}, "cuda:0")  # fatbins run anywhere
+    check_cuda_arch({"cuda_arch": None}, "cpu")  # CPU artifacts carry none
