@@ -78,6 +78,19 @@ cuda_tests)  # every `cuda`-marked test, one process per file at once (the CPU s
   done
   wait; for f in "$OUT"/*.log; do echo "== $f"; grep -E "passed|failed|skipped|error" "$f" | tail -2; done
   ;;
+defaults)  # the CLI's default path on CUDA (max_autotune): the tiny preset exported and run, and
+  # beside it the 31B 2-layer slice at 8k with --low-memory (time-limited: how long autotune takes)
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_t TRITON_CACHE_DIR=/tmp/tri_t TORCHINDUCTOR_COMPILE_THREADS=8 \
+    timeout 400 python -m export.gemma4 --device cuda --out /tmp/tiny_default > "$OUT/tiny_default.log" 2>&1 &
+  t=$!
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_s TRITON_CACHE_DIR=/tmp/tri_s TORCHINDUCTOR_COMPILE_THREADS=8 \
+    timeout 540 python -m export.gemma4 --preset 31b --layers 2 --ctx 8192 --device cuda --low-memory \
+    --out /tmp/s2_default > "$OUT/slice_default.log" 2>&1 &
+  s=$!
+  wait $t; tail -c 600 "$OUT/tiny_default.log"
+  timeout 60 python -m runtime --model /tmp/tiny_default --prompt "Hello" --max-new-tokens 8 2>&1 | tail -4
+  wait $s; echo "slice rc=$?"; tail -c 800 "$OUT/slice_default.log"
+  ;;
 host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole low-memory export
   # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
@@ -86,5 +99,5 @@ host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole 
   timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac
