@@ -91,6 +91,14 @@ defaults)  # the CLI's default path on CUDA (max_autotune): the tiny preset expo
   timeout 60 python -m runtime --model /tmp/tiny_default --prompt "Hello" --max-new-tokens 8 2>&1 | tail -4
   wait $s; echo "slice rc=$?"; tail -c 800 "$OUT/slice_default.log"
   ;;
+host_reads)  # issue 7 follow-up: the load modes and whole low-memory exports again, after the loader
+  # stopped memory-mapping shards (plain reads into the tensor)
+  python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 > "$OUT/mk.log" 2>&1 &
+  python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 >> "$OUT/mk.log" 2>&1 &
+  wait
+  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
+      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
+  ;;
 host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole low-memory export
   # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
   python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
@@ -99,5 +107,5 @@ host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole 
   timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|host_reads|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac
