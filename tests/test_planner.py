@@ -253,15 +253,16 @@ def test_host_peaks_31b():
     p = plan("31b", low_memory=False)
     assert p.export_host_naive.total_bytes == P.HOST_BASE_BYTES + 30_697_345_280 * 2
     assert round(30_697_345_280 * 2 / GiB) == 57  # gemma4.md: ~57 GiB of bf16 weights
-    s = p.export_host_streaming  # one unit: the bf16 table, twice while its shard pages are mapped
-    assert s.total_bytes == P.HOST_BASE_BYTES + p.weights_bytes + 2 * V * 5376 * 2
+    s = p.export_host_streaming  # one unit: the bf16 table
+    assert s.total_bytes == P.HOST_BASE_BYTES + p.weights_bytes + V * 5376 * 2
     low = plan("31b", low_memory=True).export_host_streaming  # weights parked: the table read is the peak
-    assert low.total_bytes == P.HOST_BASE_BYTES + 2 * V * 5376 * 2 < 20 * GiB
+    assert low.total_bytes == P.HOST_BASE_BYTES + round(V * 5376 * 2 * P.LOW_MEMORY_UNIT_READ_FACTOR) < 20 * GiB
 
 
 def test_low_memory_host_peak_matches_the_h100_exports():
-    # bf16 checkpoints of the 31B 2- and 6-layer slices, whole low-memory exports (H100, 2026-11-23)
-    for layers, measured in ((2, 5.92), (6, 5.94)):
+    # bf16 checkpoints of the 31B 2- and 6-layer slices, whole low-memory exports (H100,
+    # 2026-11-23); the factor was fitted on the 2-layer one, the 6-layer one checks it
+    for layers, measured in ((2, 4.560), (6, 4.625)):
         p = P.plan(P.PlanInputs(PRESETS["31b"].with_layers(layers), ctx=8192, low_memory=True, loader="streaming"))
         assert p.export_host.total_bytes / GiB == pytest.approx(measured, rel=0.05)
 
