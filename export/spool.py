@@ -49,21 +49,18 @@ class FileRange:
     nbytes: int
 
 
-# storage data pointer -> (where its bytes are, weak ref to the storage). Keyed by address so
-# any tensor, Parameter or alias on that storage resolves; the weak ref (a storage keeps one
-# Python object while alive) retires entries whose storage is gone and whose address may be reused.
-_PARKED: dict[int, tuple[FileRange, weakref.ref]] = {}
-# storage data pointers of lazy-zero buffers -> weak ref to the storage
-_LAZY: dict[int, weakref.ref] = {}
+# Storages whose bytes deep copies may share: data pointer -> (where a parked tensor's bytes
+# are, or None for lazy zeros; weak ref to the storage). Keyed by address so any tensor,
+# Parameter or alias on that storage resolves; the weak ref (a storage keeps one Python
+# object while alive) retires entries whose storage is gone and whose address may be reused.
+_SHARED: dict[int, tuple[FileRange | None, weakref.ref]] = {}
 
 
-def _alive(table: dict, key: int):
-    entry = table.get(key)
-    if entry is None:
-        return None
-    ref = entry[1] if isinstance(entry, tuple) else entry
-    if ref() is None:  # the tensor is gone; its address may be reused
-        del table[key]
+def _entry(t: torch.Tensor) -> tuple[FileRange | None, weakref.ref] | None:
+    key = t.untyped_storage().data_ptr()
+    entry = _SHARED.get(key)
+    if entry is not None and entry[1]() is None:
+        del _SHARED[key]
         return None
     return entry
 
@@ -87,7 +84,7 @@ def lazy_zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     t = _tensor_over(_mapped(nbytes), nbytes, dtype, tuple(shape))
-    _LAZY[t.untyped_storage().data_ptr()] = weakref.ref(t.untyped_storage())
+    _SHARED[t.untyped_storage().data_ptr()] = (None, weakref.ref(t.untyped_storage()))
     return t
 
 
@@ -95,8 +92,8 @@ def file_range(t: torch.Tensor) -> FileRange | None:
     """The spool file range holding exactly `t`'s bytes, or None (not parked, or a view)."""
     if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.layout != torch.strided:
         return None
-    entry = _alive(_PARKED, t.untyped_storage().data_ptr())
-    if entry is None or t.storage_offset() != 0 or not t.is_contiguous():
+    entry = _entry(t)
+    if entry is None or entry[0] is None or t.storage_offset() != 0 or not t.is_contiguous():
         return None
     rng = entry[0]
     return rng if t.numel() * t.element_size() == rng.nbytes else None
@@ -113,11 +110,8 @@ def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
 def _bytes_shared(t: torch.Tensor) -> bool:
     """Parked or lazy-zero bytes (every inner tensor of a subclass)."""
     parts = _plain_parts(t)
-    return bool(parts) and all(
-        p.device.type == "cpu" and p.layout == torch.strided and p.numel() > 0
-        and (_alive(_PARKED, p.untyped_storage().data_ptr()) is not None
-             or _alive(_LAZY, p.untyped_storage().data_ptr()) is not None)
-        for p in parts)
+    return bool(parts) and all(p.device.type == "cpu" and p.layout == torch.strided and p.numel() > 0
+                               and _entry(p) is not None for p in parts)
 
 
 class WeightSpool:
@@ -133,8 +127,8 @@ class WeightSpool:
     def close(self) -> None:
         """Close the file; parked tensors keep working (their mappings hold the pages)."""
         if self.fd >= 0:
-            for key in [k for k, (rng, _) in _PARKED.items() if rng.fd == self.fd]:
-                del _PARKED[key]
+            for key in [k for k, (rng, _) in _SHARED.items() if rng is not None and rng.fd == self.fd]:
+                del _SHARED[key]
             os.close(self.fd)
             self.fd = -1
 
@@ -172,7 +166,7 @@ class WeightSpool:
         self.end = offset + nbytes
         self.parked_bytes += nbytes
         out = _tensor_over(_mapped(nbytes, self.fd, offset), nbytes, t.dtype, tuple(t.shape))
-        _PARKED[out.untyped_storage().data_ptr()] = (FileRange(self.fd, offset, nbytes),
+        _SHARED[out.untyped_storage().data_ptr()] = (FileRange(self.fd, offset, nbytes),
                                                      weakref.ref(out.untyped_storage()))
         return out
 

@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 source scripts/device_env.sh || exit 1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+host_memory_runs() {  # naive / streaming / parked load+quantize and the whole low-memory export
+  # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
+  python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 > "$OUT/mk.log" 2>&1 &
+  local m2=$!
+  python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 >> "$OUT/mk.log" 2>&1 &
+  local m6=$!
+  wait $m2 $m6
+  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
+      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
+}
 case "${1:-}" in
 runtime)  # issue 5: runner decode tok/s vs eager vs bandwidth floor (tiny); issue 3: CUDA export
   timeout 240 python -m scripts.bench_runtime --preset tiny --ctx 2048 --quant none --dtype float32 \
@@ -57,18 +67,13 @@ ctx_sweep)  # issues 4, 6: stock + low-memory 6-layer exports at 8k/32k/128k at 
   done
   tar -czf "$OUT/logs.tgz" --exclude='*.stacks' -C /tmp bemout; tar -czf "$OUT/stacks.tgz" -C /tmp bemout
   ;;
-host_plan)  # issues 7 and 6 at once: the host_memory mode below, and beside it the planner's cuda test
+host_plan)  # issues 7 and 6 at once: host_memory_runs, and beside it the planner's cuda test
   # (6-layer slice at 32k under an 8 GiB cap) with the export's allocator history for the PNG
   PLANNER_SNAPSHOT="$OUT/export_6l_32k.pickle.gz" timeout 560 python -m pytest -q -s -m cuda \
       tests/test_planner_cuda.py > "$OUT/planner_cuda.log" 2>&1 &
-  python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 > "$OUT/mk.log" 2>&1 &
-  m2=$!
-  python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 >> "$OUT/mk.log" 2>&1 &
-  m6=$!
-  wait $m2 $m6
-  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
-      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
-  wait; tail -4 "$OUT/planner_cuda.log"
+  p=$!
+  host_memory_runs
+  wait $p; tail -4 "$OUT/planner_cuda.log"
   ;;
 cuda_tests)  # every `cuda`-marked test, one process per file at once (the CPU suite runs in CI)
   for f in $(grep -l "pytest.mark.cuda" tests/test_*.py); do
@@ -91,21 +96,8 @@ defaults)  # the CLI's default path on CUDA (max_autotune): the tiny preset expo
   timeout 60 python -m runtime --model /tmp/tiny_default --prompt "Hello" --max-new-tokens 8 2>&1 | tail -4
   wait $s; echo "slice rc=$?"; tail -c 800 "$OUT/slice_default.log"
   ;;
-host_reads)  # issue 7 follow-up: the load modes and whole low-memory exports again, after the loader
-  # stopped memory-mapping shards (plain reads into the tensor)
-  python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 > "$OUT/mk.log" 2>&1 &
-  python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 >> "$OUT/mk.log" 2>&1 &
-  wait
-  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
-      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
+host_memory)  # issue 7 (run last as `host_reads`, after the loader stopped memory-mapping shards)
+  host_memory_runs
   ;;
-host_memory)  # issue 7: naive / streaming / parked load+quantize and the whole low-memory export
-  # (CUDA int4) from bf16 31B slices of 2 and 6 layers, all at once
-  python -m scripts.make_checkpoint --preset 31b --layers 2 --out /tmp/c2 &
-  python -m scripts.make_checkpoint --preset 31b --layers 6 --out /tmp/c6 --seed 1 &
-  wait
-  timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
-      --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
-  ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|host_reads|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
 esac

@@ -16,13 +16,13 @@ config per Triton SDPA kernel), so exports of one model agree bit for bit.
 
 The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
 only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
-is decomposed (MATH backend) and any dtype / head layout compiles.
+is decomposed (MATH backend) and any dtype / head layout compiles. ExecuTorch's replacement
+pass matches edge-dialect SDPA only; the exporter keeps aten ops (no edge-op wrappers), so
+`replace_sdpa_with_triton` below matches the aten op.
 
 Kernels are compiled for the export GPU's architecture only (Triton's cubins), unless the
 compile spec `multi_arch` is b"1" (exporter flag `--multi-arch-kernels`, ExecuTorch's
-default): then each kernel is also turned into a PTX + SASS fatbin by a serial `nvcc` call. ExecuTorch's replacement
-pass matches edge-dialect SDPA only; the exporter keeps aten ops (no edge-op wrappers), so
-`replace_sdpa_with_triton` below matches the aten op.
+default): then each kernel is also turned into a PTX + SASS fatbin by a serial `nvcc` call.
 """
 
 from __future__ import annotations

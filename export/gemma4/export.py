@@ -323,9 +323,8 @@ def _EDGE_CONFIG():
 
 
 def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: bool, autotune: bool = True,
-          progress: bool = False, released: bool = False, multi_arch: bool = False):
+          progress: bool = False, multi_arch: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
-    `released`: the programs went through `release_constant_bytes` (zero-byte constants).
     With `low_memory`, ExecuTorch's deep copies of the programs alias parked weights and
     lazy-zero KV caches (`shared_deepcopy`) instead of copying them."""
     from executorch.exir import to_edge_transform_and_lower
@@ -339,15 +338,8 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
                 bar.update(1)
         PREPROCESS_LISTENERS.append(listener)
         try:
-            # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods); released
-            # programs hold zero-byte constants, which its deep copies must keep
-            from export.passes import zero_byte_deepcopy
-            with contextlib.ExitStack() as copies:
-                if low_memory:
-                    copies.enter_context(shared_deepcopy())
-                if released:  # entered second: falls back to the aliasing copy above
-                    copies.enter_context(zero_byte_deepcopy())
-                copies.enter_context(math_sdpa())
+            # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods)
+            with math_sdpa(), shared_deepcopy() if low_memory else contextlib.nullcontext():
                 return to_edge_transform_and_lower(programs, partitioner=partitioners,
                                                    compile_config=_EDGE_CONFIG(),
                                                    constant_methods={"metadata": "{}"})
@@ -557,14 +549,6 @@ def _export(cfg: ExportConfig, mcfg: Gemma4Config, device: TargetDevice, dtype: 
 
     t = time.perf_counter()
     programs = export_methods(model, cfg.prefill_chunk)
-    released = cfg.low_memory and device is TargetDevice.CPU
-    if released:
-        # to_edge deep-copies the programs: let them hold no weight bytes (22 -> 8.7 GiB host RSS
-        # for the CPU fp32 31B 2-layer slice). Not on CUDA: there a zero-byte host constant
-        # was read while ExecuTorch ran the delegate call after lowering (H100, 2-layer slice);
-        # parked weights and shared deep copies (export/spool.py) cover CUDA instead.
-        from export.passes import release_constant_bytes
-        programs = {m: release_constant_bytes(ep) for m, ep in programs.items()}
     times["torch_export"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -572,7 +556,7 @@ def _export(cfg: ExportConfig, mcfg: Gemma4Config, device: TargetDevice, dtype: 
     if waited is not None:
         times["compile_workers_wait"] = waited  # part of "lower"
     edge = lower(programs, device, cfg.low_memory, cfg.sdpa.use_triton(device, dtype), cfg.autotune, progress,
-                 released=released, multi_arch=cfg.multi_arch_kernels)
+                 multi_arch=cfg.multi_arch_kernels)
     del programs
     times["lower"] = time.perf_counter() - t
 

@@ -1,9 +1,6 @@
 """Low-memory mode for the AOTInductor backends: graph passes and Inductor patches.
 
-The exporter calls `release_constant_bytes(program)` on each exported program before
-`to_edge`, and lowers inside `zero_byte_deepcopy()` (ExecuTorch's deep copies of the
-programs then copy no weight bytes). The backend's preprocess
-(export/backends/aoti_base.py) calls, when low-memory is on:
+The backend's preprocess (export/backends/aoti_base.py) calls, when low-memory is on:
 
     for p in low_memory_passes(options):      # before move_to_device_pass
         program = p(program)
@@ -28,11 +25,10 @@ from export.passes import chunk_int4_matmul as _chunk
 from export.passes import inductor_patches as _patches
 from export.passes import make_constants_zero_byte as _zero
 from export.passes.options import LowMemoryOptions
-from export.passes.release_constant_bytes import release_constant_bytes, zero_byte_deepcopy
 from export.passes.zero_byte import is_zero_byte
 
 __all__ = ["LowMemoryOptions", "low_memory_passes", "low_memory_inductor_patches", "kv_buffer_fqns",
-           "is_zero_byte", "release_constant_bytes", "zero_byte_deepcopy"]
+           "is_zero_byte"]
 
 ProgramPass = Callable[[ExportedProgram], ExportedProgram]
 

@@ -62,9 +62,6 @@ def zero_byte_like(t: torch.Tensor, device: torch.device | str, source: ByteSour
     z.untyped_storage().resize_(0)
     _prune_registry()
     host = t.detach() if source is ByteSource.HOST else None
-    if host is not None and is_zero_byte(host):  # released earlier (release_constant_bytes): carry its source
-        found = byte_source(host)
-        host = found[1] if found else host
     _REGISTRY[_storage_key(z)] = (weakref.ref(z.untyped_storage()), source, host)
     return torch.nn.Parameter(z, requires_grad=False) if isinstance(t, torch.nn.Parameter) else z
 
@@ -91,9 +88,6 @@ def host_bytes(t: torch.Tensor) -> torch.UntypedStorage:
     nbytes = required_nbytes(t)
     if kind is ByteSource.ZEROS:
         return torch.zeros(nbytes, dtype=torch.uint8).untyped_storage()
-    if is_zero_byte(host):
-        raise RuntimeError(f"constant {tuple(t.shape)} {t.dtype}: its bytes were released before lowering "
-                           "(release_constant_bytes); the artifact writer reads weights from the eager model")
     laid_out = torch.empty_like(host, device="cpu")  # the device tensor's layout, offset 0
     laid_out.copy_(host)
     return laid_out.untyped_storage()
