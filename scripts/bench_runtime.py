@@ -215,8 +215,8 @@ def bench_case(case: Case, workdir: Path, model_dir: Path | None, eager: bool = 
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'case':<12} {'device':<22} {'rt ms/tok':>9} {'rt tok/s':>9} {'no graph':>9} {'eager ms':>9} {'floor ms':>9} " \
-           f"{'floor+kv':>9} {'TTFT ms':>8} {'prefill/s':>9} {'alloc GiB':>9} {'NVML GiB':>9} {'rel err':>8}"
+    head = f"{'case':<12} {'device':<22} {'rt ms/tok':>9} {'rt tok/s':>9} {'no graph':>9} {'eager ms':>9} " \
+           f"{'floor ms':>9} {'floor+kv':>9} {'TTFT ms':>8} {'prefill/s':>9} {'alloc GiB':>9} {'NVML GiB':>9} {'rel err':>8}"
     print(head)
     for r in rows:
         rt, nv = r["runtime"], r["runtime"]["nvml_peak_gib"]

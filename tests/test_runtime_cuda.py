@@ -86,4 +86,5 @@ def test_graph_generate_gives_the_container_tokens(cuda_runner, eager_runner):
     assert list(cuda_runner.generate(prompt, 24, stop_ids=())) == greedy
     assert cuda_runner.last_stats.new_tokens == 24 and cuda_runner.last_stats.decode_s > 0
     cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=5)
-    assert list(cuda_runner.generate(prompt, 24, cfg, stop_ids=())) == list(eager_runner.generate(prompt, 24, cfg, stop_ids=()))
+    sampled = list(eager_runner.generate(prompt, 24, cfg, stop_ids=()))
+    assert list(cuda_runner.generate(prompt, 24, cfg, stop_ids=())) == sampled
