@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     p.add_argument("--device", default=None,
                    help="device to run on, e.g. cuda:1 (default: the one the artifact was compiled for)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="decode through the compiled method's own calls instead of a replayed CUDA graph")
     return p.parse_args(argv)
 
 
@@ -59,7 +61,7 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     stops = set(meta.eos_token_ids) | (tok.end_of_turn_ids() if args.chat else set())
     check_fits(meta.ctx, len(ids), args.max_new_tokens)
     with PeakSampler(resolve_device(meta.device, args.device)) as mem:
-        runner = Runner(artifact, args.device)
+        runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         load_s = time.perf_counter() - t0
         stream = tok.stream()
         for token in runner.generate(ids, args.max_new_tokens, sampling, stops):

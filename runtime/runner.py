@@ -15,6 +15,12 @@ Memory model (the point of this file):
   at ctx) and bound to both methods, so prefill's writes are what decode reads.
 - inputs: static, whole (16-byte-aligned) buffers filled in place: the .so copies any input
   that is a view at an offset, with a warning, on every call.
+
+Decode on CUDA is replayed through a CUDA graph (runtime/graphs.py) unless `cuda_graph=False`:
+the decode container is captured once at load, after the weights and KV are bound, and then
+runs only through the graph. The next token goes from the sampler's output into the static
+token buffer on the device; the host reads one token id per step (for the caller and the
+stop check).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 
 from runtime.aoti import CompiledMethod, load_method
 from runtime.artifact import Artifact, ArtifactError, Metadata
+from runtime.graphs import DecodeGraph
 from runtime.memory import MemoryPeak
 from runtime.sampling import SamplingConfig, make_generator, sample
 
@@ -76,7 +83,7 @@ class _Bindings:
 class Runner:
     """Python API over one exported artifact (see the module docstring)."""
 
-    def __init__(self, artifact: Artifact, device: str | None = None):
+    def __init__(self, artifact: Artifact, device: str | None = None, cuda_graph: bool = True):
         self.artifact = artifact
         self.meta: Metadata = artifact.metadata
         self.device = resolve_device(self.meta.device, device)
@@ -90,10 +97,14 @@ class Runner:
         self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.pos = 0  # next position to write
         self.last_stats = GenerationStats()
+        self.graph: DecodeGraph | None = None  # set: the decode container is replay-only
+        if cuda_graph and self.device.startswith("cuda"):
+            self.graph = DecodeGraph(self.methods["decode"], self._token_buffer(1), self._pos)
+            self.reset()  # the warm-up runs wrote KV at position 0
 
     @staticmethod
-    def load(model_dir: str | Path, device: str | None = None) -> "Runner":
-        return Runner(Artifact.open(model_dir), device)
+    def load(model_dir: str | Path, device: str | None = None, cuda_graph: bool = True) -> "Runner":
+        return Runner(Artifact.open(model_dir), device, cuda_graph)
 
     # ---- properties ------------------------------------------------------------------------
     @property
@@ -191,6 +202,11 @@ class Runner:
 
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
         """Feed one token at the current position; returns the fp32 logits [vocab]."""
+        logits = self._decode(token)
+        return logits.clone() if self.graph else logits  # the graph's output is overwritten
+
+    def _decode(self, token: int | torch.Tensor) -> torch.Tensor:
+        """`decode` without the copy: with a graph, the logits live until the next decode."""
         if self.pos >= self.ctx:
             raise ContextOverflowError(f"position {self.pos} is past the exported context of {self.ctx} tokens")
         buf = self._token_buffer(1)
@@ -199,7 +215,10 @@ class Runner:
         else:
             buf.fill_(int(token))
         self._pos.fill_(self.pos)
-        (logits,) = self.methods["decode"].run([buf, self._pos])
+        if self.graph:
+            logits = self.graph.replay()
+        else:
+            (logits,) = self.methods["decode"].run([buf, self._pos])
         self.pos += 1
         return logits.view(-1)
 
@@ -234,7 +253,7 @@ class Runner:
         for i in range(max_new_tokens):
             if i:
                 t = time.perf_counter()
-                token = sample(self.decode(token), sampling, gen)
+                token = sample(self._decode(token), sampling, gen)  # the token stays on the device
                 token_id = int(token.item())
                 stats.decode_s += time.perf_counter() - t
             stats.new_tokens += 1

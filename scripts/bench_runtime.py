@@ -5,7 +5,9 @@
 
 For each case: export the artifact (in a spawned child, so the export's GPU memory is gone
 before the runtime is measured), run it through `runtime.Runner` (greedy, fixed random
-prompt, exactly --new-tokens tokens), run the eager model with the same weights (same
+prompt, exactly --new-tokens tokens; on CUDA decode is replayed through a CUDA graph and then
+timed again through the decode container's own run, `decode_ms_no_graph`; either way the host
+reads one token id per step), run the eager model with the same weights (same
 preset + seed) on the same device, and compute the floor: bytes a decode step must read
 (every bound weight except gather-only tables, plus the whole static KV cache, which the
 compiled attention reads with a mask) over the device's measured copy bandwidth. Prints a
@@ -128,8 +130,8 @@ def bench_runtime(model_dir: Path, prompt: list[int], new_tokens: int) -> dict:
     stats = runner.last_stats
     runner.reset()
     first_logits = runner.prefill(prompt).float().cpu()
-    return {
-        "runner": runner, "tokens": tokens, "first_logits": first_logits, "load_s": load_s,
+    out = {
+        "tokens": tokens, "first_logits": first_logits, "load_s": load_s, "cuda_graph": runner.graph is not None,
         "ttft_ms": stats.ttft_s * 1e3, "prefill_tok_s": stats.prefill_tok_s,
         "decode_ms": stats.decode_s / max(stats.new_tokens - 1, 1) * 1e3,
         "decode_tok_s": stats.decode_tok_s,
@@ -137,6 +139,16 @@ def bench_runtime(model_dir: Path, prompt: list[int], new_tokens: int) -> dict:
         "nvml_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / 2**30,
         "host_peak_rss_gib": mem.peak.host_rss_bytes / 2**30,
     }
+    if runner.graph is not None:  # the same decode through the container's own run, beside it
+        del runner
+        torch.cuda.empty_cache()
+        runner = Runner.load(model_dir, cuda_graph=False)
+        list(runner.generate(prompt, 4, stop_ids=()))
+        same = list(runner.generate(prompt, new_tokens, stop_ids=())) == tokens
+        nograph = runner.last_stats
+        out.update(decode_ms_no_graph=nograph.decode_s / max(nograph.new_tokens - 1, 1) * 1e3,
+                   tokens_match_no_graph=same)
+    return {"runner": runner, **out}
 
 
 @torch.no_grad()
@@ -203,13 +215,14 @@ def bench_case(case: Case, workdir: Path, model_dir: Path | None, eager: bool = 
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'case':<12} {'device':<22} {'rt ms/tok':>9} {'rt tok/s':>9} {'eager ms':>9} {'floor ms':>9} " \
-           f"{'floor+kv':>9} {'TTFT ms':>8} {'prefill/s':>9} {'alloc GiB':>9} {'NVML GiB':>9} {'rel err':>8}"
+    head = f"{'case':<12} {'device':<22} {'rt ms/tok':>9} {'rt tok/s':>9} {'no graph':>9} {'eager ms':>9} " \
+           f"{'floor ms':>9} {'floor+kv':>9} {'TTFT ms':>8} {'prefill/s':>9} {'alloc GiB':>9} {'NVML GiB':>9} {'rel err':>8}"
     print(head)
     for r in rows:
         rt, nv = r["runtime"], r["runtime"]["nvml_peak_gib"]
         print(f"{r['case']['preset'] + (str(r['case']['layers']) + 'l' if r['case']['layers'] else ''):<12} "
               f"{r['device'][:22]:<22} {rt['decode_ms']:>9.3f} {rt['decode_tok_s']:>9.1f} "
+              f"{rt.get('decode_ms_no_graph', float('nan')):>9.3f} "
               f"{r['eager']['decode_ms']:>9.3f} {r['floor_ms_weights']:>9.3f} {r['floor_ms_weights_kv']:>9.3f} "
               f"{rt['ttft_ms']:>8.1f} {rt['prefill_tok_s']:>9.0f} {rt['allocator_peak_gib']:>9.2f} "
               f"{'n/a' if nv is None else f'{nv:.2f}':>9} {r['prefill_logits_rel_err_vs_eager']:>8.1e}")

@@ -86,6 +86,7 @@ def test_logits_match_eager_over_chunked_prefill_and_decode_past_the_window(runn
 
 def test_kv_sized_from_metadata_and_shared_by_both_methods(runner):
     meta = runner.meta
+    assert runner.graph is None  # CPU: no CUDA graph, decode runs its container
     for buf in meta.kv:
         seq = buf.shape[2]  # (1, Hkv, S, D)
         assert seq == (meta.raw["ring_size"] if buf.kind == "sliding" else meta.ctx), buf
