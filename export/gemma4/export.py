@@ -173,8 +173,8 @@ def model_config(cfg: ExportConfig) -> Gemma4Config:
     _check_checkpoint_dir(path)
     try:
         return Gemma4Config.from_json(path)
-    except (ValueError, KeyError, TypeError) as e:
-        _fail(f"--checkpoint {path}/config.json: {e}")
+    except (ValueError, KeyError, TypeError) as e:  # the message names config.json and the field
+        _fail(f"--checkpoint: {e}")
 
 
 def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype]:
