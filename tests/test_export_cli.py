@@ -15,7 +15,7 @@ from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
 from export.gemma4.quant import EmbeddingQuant, LinearQuant
 
 
-PLANNER_FLAGS = {"plan", "gpu_budget"}  # act before the export; not part of what is exported
+PLANNER_FLAGS = {"plan", "gpu_budget", "debug"}  # act around the export; not part of what is exported
 
 
 def test_every_config_field_is_a_flag_and_defaults_agree():
@@ -49,7 +49,7 @@ def test_help_explains_the_artifact():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ctx", "5000"], "--ctx 5000 is outside 1..4096"),
+    (["--ctx", "5000"], "--ctx 5000 is outside 2..4096"),
     (["--preset", "nope"], "--preset 'nope' is unknown"),
     (["--checkpoint", "/no/such/dir"], "--checkpoint /no/such/dir: no such directory"),
     (["--prefill-chunk", "1"], "--prefill-chunk 1 must be in 2..ctx"),
@@ -80,7 +80,7 @@ def test_checkpoint_with_too_long_ctx(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path), "--ctx", "8192", "--device", "cpu"])
-    assert "--ctx 8192 is outside 1..4096" in capsys.readouterr().err
+    assert "--ctx 8192 is outside 2..4096" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
