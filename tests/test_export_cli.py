@@ -88,3 +88,28 @@ def test_cuda_without_gpu(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cuda"])
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_exports_find_the_packaged_flatc_whatever_path_holds(monkeypatch):
+    """ExecuTorch runs `flatc` from PATH unless FLATC_EXECUTABLE is set; an interpreter started
+    without its venv's bin/ on PATH must still find the binary shipped in the package."""
+    import os
+
+    from export.gemma4.export import use_packaged_flatc
+
+    monkeypatch.delenv("FLATC_EXECUTABLE", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_packaged_flatc()
+    flatc = Path(os.environ["FLATC_EXECUTABLE"])
+    assert flatc.name == "flatc" and "executorch" in flatc.parts and os.access(flatc, os.X_OK)
+    out = subprocess.run([str(flatc), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "flatc" in out.stdout
+    monkeypatch.setenv("FLATC_EXECUTABLE", "/opt/my/flatc")  # a user's choice wins
+    use_packaged_flatc()
+    assert os.environ["FLATC_EXECUTABLE"] == "/opt/my/flatc"
+
+
+def test_short_ctx_alone_fits_the_default_prefill_chunk():
+    assert resolve_plan(build_parser().parse_args(["--ctx", "64"])).prefill_chunk == 64
+    assert resolve_plan(build_parser().parse_args(["--ctx", "4096"])).prefill_chunk == 128
+    assert resolve_plan(build_parser().parse_args(["--ctx", "64", "--prefill-chunk", "16"])).prefill_chunk == 16

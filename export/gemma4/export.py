@@ -18,6 +18,7 @@ import enum
 import json
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -361,10 +362,16 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
     partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa,
                                         autotune=autotune, multi_arch=multi_arch)]
                     for m in programs}
-    with _bar(progress, total=len(programs), desc="lowering", unit="method") as bar:
-        def listener(method: str, stage: str) -> None:
+    with _bar(progress, total=len(programs), desc="lowering", unit="method",
+              bar_format="{desc} {n}/{total} methods [{elapsed}{postfix}]") as bar, _ticking(bar):
+        bar.set_postfix_str("to_edge: tracing to the edge dialect")
+
+        def listener(method: str, stage: str) -> None:  # from each AOTI preprocess (export/backends)
             if stage == "compiled":
                 bar.update(1)
+            done = bar.n == len(programs)
+            bar.set_postfix_str("all methods compiled" if done else
+                                f"{method}: AOTInductor compile" if stage == "start" else f"{method}: compiled")
         PREPROCESS_LISTENERS.append(listener)
         try:
             # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods)
@@ -610,7 +617,15 @@ def _export(cfg: ExportConfig, mcfg: Gemma4Config, device: TargetDevice, dtype: 
 
 
 class _NullBar:
+    n = 0
+
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
     def __enter__(self):
@@ -618,6 +633,27 @@ class _NullBar:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _ticking(bar, every_s: float = 1.0):
+    """Redraw `bar` every second, so its elapsed time moves during a minute-long compile."""
+    if isinstance(bar, _NullBar):
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every_s):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, name="progress-tick", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _bar(enabled: bool, **kw):
