@@ -159,3 +159,13 @@ def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
     out = cli("scripts.make_checkpoint", "--preset", "tiny", "--out", str(tmp_path / "f"), cwd=tmp_path)
     assert_refused(out, "--out", "is a file")
     assert files_under(tmp_path) == ["f"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scripts.bench_runtime", "--ctx", "-1"], "argument --ctx: must be a positive integer"),
+    (["scripts.bench_host_memory", "--checkpoint", "nope"], "--checkpoint nope: no such directory"),
+    (["scripts.bench_export_memory", "--parallel", "0"], "argument --parallel: must be a positive integer"),
+])
+def test_benchmark_arguments(argv, message, tmp_path):
+    assert_refused(cli(*argv, cwd=tmp_path), message)
+    assert files_under(tmp_path) == []
