@@ -82,3 +82,22 @@ def test_loads_without_towers_and_matches_transformers(saved, monkeypatch):
         start += n
         errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
     assert max(errs) <= 1e-4, errs
+
+
+@torch.no_grad()
+def test_every_prompt_position_as_the_end_of_a_prefill_chunk(saved):
+    """The model returns the last position's logits; restart the sequence so that each prompt
+    position in turn ends a prefill chunk (chunks of up to 5, the last one shorter)."""
+    path, hf = saved
+    model = load_model(path, ctx=96, prefill_chunk=5, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(5))
+    errs = []
+    for end in range(1, tokens.shape[1] + 1):
+        steps = [5] * ((end - 1) // 5) + [end - 5 * ((end - 1) // 5)]
+        model.reset_cache()
+        start = 0
+        for n, ref in zip(steps, hf_logits_stream(hf, tokens[:, :end], steps)):
+            ours = model(tokens[:, start:start + n], torch.tensor([start]))
+            start += n
+        errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
+    assert len(errs) == 16 and max(errs) <= 1e-4, errs
