@@ -135,7 +135,8 @@ class ShardReader:
             buf = out.view(-1).view(torch.uint8).numpy()
             f.seek(start + begin)
             if f.readinto(memoryview(buf)) != end - begin:
-                raise CheckpointError(f"{self.index.root / shard}: {key} is cut short (truncated shard?)")
+                raise CheckpointError(f"{self.index.root / shard}: {self.index.prefix + key} is cut short "
+                                      "(truncated shard?); download or save it again")
         return out
 
     def close(self):
