@@ -305,6 +305,6 @@ PRESETS: dict[str, Gemma4Config] = {
     "tiny": Gemma4Config(**_TINY),
     "tiny-moe": Gemma4Config(**{**_TINY, "enable_moe_block": True, "num_experts": 8,
                                 "top_k_experts": 2, "moe_intermediate_size": 24}),
-    # Real configs, as in shared/reference/gemma4_text_configs.json.
+    # Real configs, as published (tests/data/gemma4_text_configs.json; tests/test_config.py checks them).
     **_load_real(),
 }
