@@ -22,7 +22,6 @@ BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFound
 _INTERNAL_WARNINGS = (
     (FutureWarning, r".*isinstance\(treespec, LeafSpec\)"),
     (FutureWarning, r"guard_size_oblivious will be removed"),
-    (UserWarning, r".*_check_ir_validity"),
 )
 
 
