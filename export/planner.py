@@ -986,10 +986,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, help="plan the first N layers only (a slice at real width)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     add_plan_arguments(parser)
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback when something fails")
     args = parser.parse_args(argv)
-    config = Gemma4Config.from_name(args.preset) if args.preset else Gemma4Config.from_json(args.config)
-    if args.layers:
-        config = config.with_layers(args.layers)
+    try:  # a bad --config / --layers: one line naming it, exit 2
+        config = Gemma4Config.from_name(args.preset) if args.preset else Gemma4Config.from_json(args.config)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f"--config: {e}")
+    if args.layers is not None:
+        try:
+            config = config.with_layers(args.layers)
+        except ValueError as e:
+            parser.error(f"--layers: {e}")
     budget = budget_from_args(args)
     try:
         inputs = inputs_from_args(args, config)
@@ -1006,4 +1013,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from export.cli import quiet_internal_warnings, run
+
+    quiet_internal_warnings()
+    sys.exit(run(main, prog="python -m export.planner"))

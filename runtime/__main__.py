@@ -2,20 +2,64 @@
 
 Streams the reply to stdout as it is generated and ends with one summary line (time to
 first token, prefill and decode speed, peak GPU memory). Needs only the export directory
-(model.pte, model.ptd, tokenizer.json): no C++ build, no model code.
+(model.pte, model.ptd, tokenizer.json): no C++ build, no model code. Without a tokenizer.json,
+`--prompt-ids` feeds token ids and the reply is printed as ids.
+
+Bad input ends in one line naming the flag or file and exit code 2; `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from pathlib import Path
 
 from runtime.artifact import Artifact, ArtifactError
 from runtime.memory import PeakSampler
 from runtime.runner import ContextOverflowError, Runner, check_fits, resolve_device
 from runtime.sampling import SamplingConfig
 from runtime.tokenizer import TextTokenizer
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give comma-separated token ids, e.g. 2,818,5279; got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"give one or more token ids >= 0, got {text!r}")
+    return ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,19 +71,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="example: python -m runtime --model out/tiny --prompt 'Hello' --max-new-tokens 32 --chat",
     )
     p.add_argument("--model", required=True, help="export directory holding model.pte, model.ptd and tokenizer.json")
-    p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-ids", type=_token_ids,
+                        help="the prompt as comma-separated token ids (BOS included); works without a tokenizer.json")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in a user turn (the checkpoint's chat template, else Gemma's turn format)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     p.add_argument("--device", default=None,
                    help="device to run on, e.g. cuda:1 (default: the one the artifact was compiled for)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode through the compiled method's own calls instead of a replayed CUDA graph")
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback when something fails")
+    args = p.parse_args(argv)
+    if args.chat and args.prompt_ids is not None:
+        p.error("--chat wraps prompt text; with --prompt-ids give the turn tokens yourself")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,25 +98,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
         return _run(args, sampling)
-    except (ArtifactError, ContextOverflowError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ArtifactError, ContextOverflowError, OSError, ValueError) as e:
+        if args.debug:
+            raise
+        print(f"python -m runtime: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\npython -m runtime: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"python -m runtime: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     t0 = time.perf_counter()
     artifact = Artifact.open(args.model)
     meta = artifact.metadata
-    tok = TextTokenizer.from_dir(args.model, meta.bos_token_id)  # fail before loading weights
-    ids = tok.encode(args.prompt, chat=args.chat)
+    tok = None  # fail before loading weights
+    if args.prompt_ids is None or (Path(args.model) / "tokenizer.json").is_file():
+        tok = TextTokenizer.from_dir(args.model, meta.bos_token_id)
+    ids = args.prompt_ids if args.prompt_ids is not None else tok.encode(args.prompt, chat=args.chat)
+    if max(ids, default=0) >= meta.vocab_size:
+        raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {meta.vocab_size}")
     stops = set(meta.eos_token_ids) | (tok.end_of_turn_ids() if args.chat else set())
     check_fits(meta.ctx, len(ids), args.max_new_tokens)
     with PeakSampler(resolve_device(meta.device, args.device)) as mem:
         runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         load_s = time.perf_counter() - t0
-        stream = tok.stream()
+        stream = tok.stream() if tok is not None else None
         for token in runner.generate(ids, args.max_new_tokens, sampling, stops):
-            text = stream.step(tok.tokenizer, token)
+            text = stream.step(tok.tokenizer, token) if tok is not None else f"{token} "
             if text:
                 sys.stdout.write(text)
                 sys.stdout.flush()

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from export.cli import finite_float, positive_int, quiet_internal_warnings, run
 
 GIB = 1 << 30
 PHASES = ("quantize", "torch_export", "lower", "write")
@@ -426,12 +427,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="31b")
     p.add_argument("--runs", default="stock:6,low:6,low:2,low:4",
                    help="MODE:LAYERS[:CTX],... (mode stock|low; CTX defaults to --ctx)")
-    p.add_argument("--parallel", type=int, default=1,
+    p.add_argument("--parallel", type=positive_int, default=1,
                    help="exports at once (each its own process; compile workers split between them). "
                         "Allocator, reserved, per-process NVML and RSS peaks stay per export; the "
                         "device-wide NVML column and wall times do not")
-    p.add_argument("--ctx", type=int, default=131072)
-    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--ctx", type=positive_int, default=131072)
+    p.add_argument("--prefill-chunk", type=positive_int, default=128)
     p.add_argument("--quant", default="int4")
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--embedding-quant", default="none")
@@ -441,8 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multi-arch-kernels", action="store_true", help="as the exporter's flag")
     p.add_argument("--out", default="out/bench_export_memory")
     p.add_argument("--json", default="out/bench_export_memory/export_memory.json")
-    p.add_argument("--time-budget", type=float, default=3600.0, help="seconds for all runs; later runs are skipped")
-    p.add_argument("--prompt-len", type=int, default=20)
+    p.add_argument("--time-budget", type=finite_float, default=3600.0, help="seconds for all runs; later runs are skipped")
+    p.add_argument("--prompt-len", type=positive_int, default=20)
     p.add_argument("--no-compare", action="store_true")
     p.add_argument("--artifacts", help="where the exported artifacts go (default: --out)")
     p.add_argument("--stop-on-error", action="store_true", help="skip the remaining runs after a failure")
@@ -465,4 +466,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    quiet_internal_warnings()
+    raise SystemExit(run(main, prog="python -m scripts.bench_export_memory"))

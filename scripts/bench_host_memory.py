@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from export.cli import positive_int, quiet_internal_warnings, run
 
 GIB = 1 << 30
 
@@ -173,16 +174,22 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", required=True, help="checkpoint dir (repeat for slices)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--group-size", type=int, choices=(32, 128), default=32)
     ap.add_argument("--modes", default="naive,streaming,parked", help="comma list of naive,streaming,parked")
     ap.add_argument("--autotune", action="store_true", help="--export: with max_autotune (slow; same host memory)")
-    ap.add_argument("--ctx", type=int, default=8192, help="--export: the exported context")
-    ap.add_argument("--parallel", type=int, default=1, help="runs at once (each its own process; RSS is per process)")
+    ap.add_argument("--ctx", type=positive_int, default=8192, help="--export: the exported context")
+    ap.add_argument("--parallel", type=positive_int, default=1, help="runs at once (each its own process; RSS is per process)")
     ap.add_argument("--export", action="store_true", help="also measure the whole CLI export")
-    ap.add_argument("--full-layers", type=int, default=60, help="layer count to extrapolate to")
+    ap.add_argument("--full-layers", type=positive_int, default=60, help="layer count to extrapolate to")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    unknown = set(args.modes.split(",")) - {"naive", "streaming", "parked"}
+    if unknown:
+        ap.error(f"--modes: unknown {', '.join(sorted(unknown))}; use a comma list of naive,streaming,parked")
+    missing = [c for c in args.checkpoint if not Path(c).is_dir()]
+    if missing:
+        ap.error(f"--checkpoint {missing[0]}: no such directory (python -m scripts.make_checkpoint writes one)")
     if args.child == "export":
         print(json.dumps(export_child(args.checkpoint[0], args.device, args.autotune, args.ctx)))
         return
@@ -221,4 +228,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    quiet_internal_warnings()
+    raise SystemExit(run(main, prog="python -m scripts.bench_host_memory"))

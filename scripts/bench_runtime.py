@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
 
 import torch
 
@@ -231,21 +232,26 @@ def print_table(rows: list[dict]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", action="append", help="preset to export and bench (repeatable); default tiny")
-    p.add_argument("--layers", type=int, action="append",
+    p.add_argument("--layers", type=non_negative_int, action="append",
                    help="first n layers of the matching --preset (0 = all), repeat per preset")
-    p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--ctx", type=positive_int, default=2048)
+    p.add_argument("--prefill-chunk", type=positive_int, default=128)
     p.add_argument("--quant", default="none", choices=["none", "int4"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--autotune", action="store_true", help="compile with Inductor max_autotune (slow)")
-    p.add_argument("--prompt-len", type=int, default=100)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=positive_int, default=100)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--model", type=Path, default=None, help="bench an existing artifact (one --preset) instead of exporting")
     p.add_argument("--workdir", type=Path, default=Path("out/bench"))
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--no-eager", action="store_true", help="skip the eager model (memory runs: the runner alone)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model is not None and not args.model.is_dir():
+        p.error(f"--model {args.model}: no such directory (pass an export output directory)")
+    if len(args.layers or []) > len(args.preset or ["tiny"]):
+        p.error("--layers is given once per --preset: more --layers than presets")
+    return args
 
 
 def main(argv=None) -> int:
@@ -266,4 +272,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    quiet_internal_warnings()
+    sys.exit(run(main, prog="python -m scripts.bench_runtime"))

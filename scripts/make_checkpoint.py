@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from export.artifact import atomic_output_dir
+from export.cli import finite_float, non_negative_int, positive_int, run
 from export.gemma4.config import PRESETS, Gemma4Config
 from export.gemma4.model import Gemma4Model
 from export.gemma4.tokenizer import write_tokenizer
@@ -100,11 +102,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m scripts.make_checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model config to write")
-    ap.add_argument("--layers", type=int, default=None, help="keep only the first N layers (a slice at real width)")
+    ap.add_argument("--layers", type=positive_int, default=None, help="keep only the first N layers (a slice at real width)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--multimodal", action="store_true", help="gemma4 layout with a stand-in vision tower")
-    ap.add_argument("--shard-gib", type=float, default=2.0, help="shard size in GiB")
+    ap.add_argument("--shard-gib", type=finite_float, default=2.0, help="shard size in GiB")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     cfg = PRESETS[args.preset]
@@ -112,10 +114,15 @@ def main(argv=None):
         if not 1 <= args.layers <= cfg.num_hidden_layers:
             ap.error(f"--layers must be in 1..{cfg.num_hidden_layers} for {args.preset}")
         cfg = cfg.with_layers(args.layers)
-    out = write_checkpoint(args.out, cfg, random_tensors(cfg, args.seed), DTYPES[args.dtype],
-                           multimodal=args.multimodal, shard_bytes=int(args.shard_gib * (1 << 30)))
-    print(f"wrote {out} ({cfg.num_hidden_layers} layers, {args.dtype})")
+    if args.shard_gib <= 0:
+        ap.error(f"--shard-gib must be > 0, got {args.shard_gib}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a file; pass a directory path")
+    with atomic_output_dir(Path(args.out)) as tmp:  # an interrupted write leaves nothing behind
+        write_checkpoint(tmp, cfg, random_tensors(cfg, args.seed), DTYPES[args.dtype],
+                         multimodal=args.multimodal, shard_bytes=int(args.shard_gib * (1 << 30)))
+    print(f"wrote {args.out} ({cfg.num_hidden_layers} layers, {args.dtype})")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main, prog="python -m scripts.make_checkpoint"))

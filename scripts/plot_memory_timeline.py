@@ -15,8 +15,8 @@ People look at pictures of memory, not logs. Two kinds of input, told apart by c
         --plan plan.json --budget 24GiB
 
 `--plan` takes the planner's JSON (`python -m export.planner ... --json`) and draws the
-predicted peaks (device and allocator figures). matplotlib is optional for the project:
-only this script needs it, and it says so when it is missing.
+predicted peaks (device and allocator figures). matplotlib comes with the test extra
+(`pip install -e ".[test]"`); only this script needs it, and it says so when it is missing.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("plot_memory_timeline needs matplotlib, which the project does not require: "
-                         "pip install matplotlib") from None
+        raise SystemExit("plot_memory_timeline needs matplotlib: pip install matplotlib "
+                         "(or the project's test extra: pip install -e \".[test]\")") from None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

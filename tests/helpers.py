@@ -56,7 +56,7 @@ def hf_logits_stream(hf, tokens: torch.Tensor, chunks: list[int]):
     position's logits after each chunk."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=hf.config)
+    cache = DynamicCache(config=hf.config.get_text_config())
     start = 0
     for n in chunks:
         ids = tokens[:, start:start + n]

@@ -15,7 +15,7 @@ from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
 from export.gemma4.quant import EmbeddingQuant, LinearQuant
 
 
-PLANNER_FLAGS = {"plan", "gpu_budget"}  # act before the export; not part of what is exported
+PLANNER_FLAGS = {"plan", "gpu_budget", "debug"}  # act around the export; not part of what is exported
 
 
 def test_every_config_field_is_a_flag_and_defaults_agree():
@@ -49,7 +49,7 @@ def test_help_explains_the_artifact():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ctx", "5000"], "--ctx 5000 is outside 1..4096"),
+    (["--ctx", "5000"], "--ctx 5000 is outside 2..4096"),
     (["--preset", "nope"], "--preset 'nope' is unknown"),
     (["--checkpoint", "/no/such/dir"], "--checkpoint /no/such/dir: no such directory"),
     (["--prefill-chunk", "1"], "--prefill-chunk 1 must be in 2..ctx"),
@@ -80,7 +80,7 @@ def test_checkpoint_with_too_long_ctx(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path), "--ctx", "8192", "--device", "cpu"])
-    assert "--ctx 8192 is outside 1..4096" in capsys.readouterr().err
+    assert "--ctx 8192 is outside 2..4096" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
@@ -88,3 +88,28 @@ def test_cuda_without_gpu(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cuda"])
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_exports_find_the_packaged_flatc_whatever_path_holds(monkeypatch):
+    """ExecuTorch runs `flatc` from PATH unless FLATC_EXECUTABLE is set; an interpreter started
+    without its venv's bin/ on PATH must still find the binary shipped in the package."""
+    import os
+
+    from export.gemma4.export import use_packaged_flatc
+
+    monkeypatch.delenv("FLATC_EXECUTABLE", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_packaged_flatc()
+    flatc = Path(os.environ["FLATC_EXECUTABLE"])
+    assert flatc.name == "flatc" and "executorch" in flatc.parts and os.access(flatc, os.X_OK)
+    out = subprocess.run([str(flatc), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "flatc" in out.stdout
+    monkeypatch.setenv("FLATC_EXECUTABLE", "/opt/my/flatc")  # a user's choice wins
+    use_packaged_flatc()
+    assert os.environ["FLATC_EXECUTABLE"] == "/opt/my/flatc"
+
+
+def test_short_ctx_alone_fits_the_default_prefill_chunk():
+    assert resolve_plan(build_parser().parse_args(["--ctx", "64"])).prefill_chunk == 64
+    assert resolve_plan(build_parser().parse_args(["--ctx", "4096"])).prefill_chunk == 128
+    assert resolve_plan(build_parser().parse_args(["--ctx", "64", "--prefill-chunk", "16"])).prefill_chunk == 16

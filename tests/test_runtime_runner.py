@@ -212,7 +212,18 @@ def test_cli_reports_errors_without_a_traceback(art, tmp_path, capsys):
     make_tokenizer_json(d, runner_vocab(d))
     rc = cli_main(["--model", str(d), "--prompt", "hello " * 10_000, "--max-new-tokens", "4"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and "exported context" in err
+    assert rc == 2 and err.startswith("python -m runtime: error: ") and "exported context" in err
+
+
+def test_cli_runs_on_token_ids_without_a_tokenizer(art, tmp_path, capsys):
+    d = _copy_artifact(art[0], tmp_path / "a")
+    (d / "tokenizer.json").unlink(missing_ok=True)
+    rc = cli_main(["--model", str(d), "--prompt-ids", "2,17,42", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert len(out[0].split()) == 3 and all(t.isdigit() for t in out[0].split())
+    rc = cli_main(["--model", str(d), "--prompt-ids", f"2,{runner_vocab(d)}", "--max-new-tokens", "3"])
+    assert rc == 2 and "outside the model's vocabulary" in capsys.readouterr().err
 
 
 def test_cuda_kernels_for_another_gpu_generation_are_refused(monkeypatch):

@@ -49,3 +49,11 @@ def test_temperature_flattens_and_seed_reproduces():
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature=-0.5), dict(top_p=float("nan")), dict(top_k=-1),
+                                dict(top_k=1.5), dict(seed="7")])
+def test_bad_sampling_values_are_refused(kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        SamplingConfig(**kw)

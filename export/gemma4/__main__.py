@@ -18,8 +18,10 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields, replace
 from pathlib import Path
 
+from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
 from export.gemma4.config import PRESETS
 from export.gemma4.export import (
+    DEFAULT_PREFILL_CHUNK,
     DEFAULT_PRESET,
     DeviceChoice,
     DTypeChoice,
@@ -53,14 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", type=Path, help="Hugging Face model directory (config.json + *.safetensors)")
     src.add_argument("--preset", help=f"config preset with seeded random weights: {', '.join(PRESETS)} "
                                       f"(default when no --checkpoint: {DEFAULT_PRESET})")
-    p.add_argument("--layers", type=int, default=d.layers,
+    p.add_argument("--layers", type=positive_int, default=d.layers,
                    help="keep only the first N decoder layers of --preset (slices at real width for tests)")
     p.add_argument("--ctx", default=str(d.ctx),
                    help="max tokens per sequence = full-attention KV length (default %(default)s; "
                         "at most the model's max_position_embeddings), or 'auto': the largest that "
                         "fits --gpu-budget")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
-                   help="max tokens per prefill call; prefill takes any T in 1..this (default %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help=f"max tokens per prefill call; prefill takes any T in 1..this "
+                        f"(default {DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter)")
     p.add_argument("--quant", type=LinearQuant, choices=list(LinearQuant), default=d.quant,
                    help="linear weights incl. lm_head: int4 weight-only or none (default %(default)s)")
     p.add_argument("--group-size", type=int, choices=(32, 128), default=d.group_size,
@@ -87,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store the KV buffers (zeros) in model.ptd; by default the runner allocates them")
     p.add_argument("--out", type=Path, default=d.out,
                    help="artifact directory (default out/<preset or checkpoint dir name>)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of a preset's random weights (default %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of a preset's random weights (default %(default)s)")
     p.add_argument("--gpu-budget", type=parse_size, default=None,
                    help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
                         "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits)")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan (runtime and export peaks, by item) and exit without exporting")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback when the export fails")
     return p
 
 
@@ -120,7 +124,7 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
             ctx = resolve_ctx(_plan_inputs(cfg, args.ctx), ctx_arg, args.gpu_budget)
         except DoesNotFit as e:
             raise ExportConfigError(str(e)) from None
-        cfg = replace(cfg, ctx=ctx)
+        cfg = replace(cfg, ctx=ctx, prefill_chunk=args.prefill_chunk)  # None: re-fit the new ctx
     return cfg
 
 
@@ -143,19 +147,26 @@ def _peaks() -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad flags exit 2 with usage; other bad input (a checkpoint that does not match its
+    config, a truncated shard) exits 2 with one line naming the file (`export.cli.run`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_internal_warnings()
     try:
         cfg = resolve_plan(args)
         if args.plan:
             print(render_table(plan(_plan_inputs(cfg, cfg.ctx))))
             return 0
         _, device, dtype = validate(cfg)  # before anything is loaded or compiled
-        print(f"exporting {cfg.name} for {device.value} ({str(dtype).removeprefix('torch.')}, "
-              f"quant {cfg.quant.value}) -> {cfg.out_dir}", file=sys.stderr)
-        result = export_model(cfg, progress=True, log=lambda s: print(s, file=sys.stderr))
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
+    print(f"exporting {cfg.name} for {device.value} ({str(dtype).removeprefix('torch.')}, "
+          f"quant {cfg.quant.value}) -> {cfg.out_dir}", file=sys.stderr)
+    if cfg.checkpoint is not None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
+        print(f"note: {cfg.checkpoint} has no tokenizer.json, so the artifact will not either: the runner "
+              f"then takes token ids (python -m runtime --model {cfg.out_dir} --prompt-ids 2,...), or copy "
+              "the model's tokenizer.json into the artifact directory", file=sys.stderr)
+    result = export_model(cfg, progress=True, log=lambda s: print(s, file=sys.stderr))
     summary = {"out": str(result.out_dir), "files": result.sizes,
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
                "peak_gib": _peaks()}
@@ -164,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, prog="python -m export.gemma4"))

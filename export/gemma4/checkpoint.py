@@ -54,13 +54,20 @@ class ShardIndex:
             raise FileNotFoundError(f"{root}: checkpoint directory not found (--checkpoint takes a HF model directory)")
         index = root / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index (no readable weight_map: {e})") from None
             missing = sorted({s for s in weight_map.values() if not (root / s).is_file()})
             if missing:
                 raise FileNotFoundError(f"{index}: lists shard(s) not in the directory: {', '.join(missing)}")
         elif (root / "model.safetensors").is_file():
-            with safe_open(root / "model.safetensors", "pt") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}
+            try:
+                with safe_open(root / "model.safetensors", "pt") as f:
+                    weight_map = {k: "model.safetensors" for k in f.keys()}
+            except Exception as e:  # SafetensorError: a truncated or foreign file
+                raise CheckpointError(f"{root / 'model.safetensors'}: not a readable safetensors file ({e}); "
+                                      "re-download or re-save it") from None
         else:
             raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json")
         prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p + "layers.") for k in weight_map)), None)
@@ -114,7 +121,10 @@ class ShardReader:
     def read(self, key: str) -> torch.Tensor:
         shard = self.shard_of(key)
         f, start, header = self._shard(shard)
-        entry = header[self.index.prefix + key]
+        entry = header.get(self.index.prefix + key)
+        if entry is None:
+            raise CheckpointError(f"{self.index.root / shard}: {self.index.prefix + key} is listed in the index "
+                                  "but not in this shard; the index does not match the shards")
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.index.root / shard}: {key} has dtype {entry['dtype']}, "
@@ -125,7 +135,8 @@ class ShardReader:
             buf = out.view(-1).view(torch.uint8).numpy()
             f.seek(start + begin)
             if f.readinto(memoryview(buf)) != end - begin:
-                raise CheckpointError(f"{self.index.root / shard}: {key} is cut short (truncated shard?)")
+                raise CheckpointError(f"{self.index.root / shard}: {self.index.prefix + key} is cut short "
+                                      "(truncated shard?); download or save it again")
         return out
 
     def close(self):

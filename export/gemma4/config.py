@@ -1,9 +1,12 @@
 """Gemma 4 text-decoder configuration: a frozen dataclass, parsed from a raw HF config.json.
 
-We read config.json ourselves instead of going through `Gemma4TextConfig`: its
-`__post_init__` pops `global_head_dim` / `num_global_key_value_heads` into a per-layer
-table and afterwards some attributes raise. Defaults for missing keys follow
-transformers 5.17's `Gemma4TextConfig` so a sparse config.json means the same thing here.
+We read config.json ourselves instead of going through `Gemma4TextConfig` (whose per-layer
+attributes raise when read globally). Two forms exist: the one Google publishes
+(`global_head_dim`, `num_global_key_value_heads`) and the one transformers' `save_pretrained`
+writes, where full-attention layers' head_dim and KV heads sit in `per_layer_config`
+(`{"05": {"head_dim": 512, "num_key_value_heads": 4}}`; a value equal to the global one is
+left out). A field that decides a tensor shape must be present: a missing one is a
+`ConfigError` naming it, never a default. Other missing keys take transformers 5.17's defaults.
 """
 
 from __future__ import annotations
@@ -15,6 +18,22 @@ from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+
+# Fields that decide a tensor shape; the second table's fields only when its condition holds.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "layer_types", "attention_k_eq_v", "num_kv_shared_layers",
+                "hidden_size_per_layer_input")
+SHAPE_FIELDS_IF = {
+    "vocab_size_per_layer_input": lambda raw: raw["hidden_size_per_layer_input"] > 0,  # PLE table rows
+    "use_double_wide_mlp": lambda raw: raw["num_kv_shared_layers"] > 0,  # KV-shared layers' MLP width
+    "num_experts": lambda raw: bool(raw.get("enable_moe_block")),
+    "top_k_experts": lambda raw: bool(raw.get("enable_moe_block")),
+    "moe_intermediate_size": lambda raw: bool(raw.get("enable_moe_block")),
+}
+
+
+class ConfigError(ValueError):
+    """config.json lacks or misstates a field; the message names the field and the file."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +126,19 @@ class Gemma4Config:
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any]) -> "Gemma4Config":
-        """Parse a config.json dict: text-only `gemma4_text` or multimodal `gemma4`
-        (whose text part sits under `text_config`)."""
+    def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "Gemma4Config":
+        """Parse a config.json dict: text-only `gemma4_text` or multimodal `gemma4` (whose
+        text part sits under `text_config`), in either head-geometry form (module docstring)."""
+        where = source
         if "text_config" in raw and raw.get("model_type") != "gemma4_text":
-            raw = {**raw["text_config"]}
-        known = {f for f in cls.__dataclass_fields__}
+            if not isinstance(raw["text_config"], dict):
+                raise ConfigError(f"{source}: text_config is not an object")
+            raw, where = {**raw["text_config"]}, f"{source} (text_config)"
+        _require_shape_fields(raw, where)
+        known = {f for f in cls.__dataclass_fields__} - {"global_head_dim", "num_global_key_value_heads"}
         kw: dict[str, Any] = {k: raw[k] for k in known & raw.keys() if raw[k] is not None}
-        if "layer_types" in kw:
-            kw["layer_types"] = tuple(kw["layer_types"])
+        kw["layer_types"] = tuple(kw["layer_types"])
+        kw["global_head_dim"], kw["num_global_key_value_heads"] = _full_layer_geometry(raw, where)
         rope = raw.get("rope_parameters") or {}
         if SLIDING in rope:
             kw["rope_theta_sliding"] = float(rope[SLIDING].get("rope_theta", 10_000.0))
@@ -123,14 +146,17 @@ class Gemma4Config:
             kw["rope_theta_full"] = float(rope[FULL].get("rope_theta", 1_000_000.0))
             kw["partial_rotary_factor_full"] = float(rope[FULL].get("partial_rotary_factor", 1.0))
             if rope[FULL].get("rope_type", "proportional") not in ("proportional", "default"):
-                raise ValueError(f"unsupported full-attention rope_type {rope[FULL]['rope_type']!r}")
+                raise ConfigError(f"{where}: unsupported full-attention rope_type {rope[FULL]['rope_type']!r}")
         eos = raw.get("eos_token_id", 1)
         kw["eos_token_ids"] = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         if raw.get("use_bidirectional_attention") == "all":
-            raise ValueError("bidirectional Gemma 4 configs are not causal LMs; not supported")
+            raise ConfigError(f"{where}: bidirectional Gemma 4 configs are not causal LMs; not supported")
         for k in ("num_experts", "top_k_experts", "moe_intermediate_size"):
             kw.setdefault(k, 0)
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Gemma4Config":
@@ -142,8 +168,10 @@ class Gemma4Config:
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(raw)
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: not a config object")
+        return cls.from_hf_dict(raw, source=str(path))
 
     @classmethod
     def from_name(cls, name: str) -> "Gemma4Config":
@@ -177,6 +205,56 @@ class Gemma4Config:
         types = list(self.layer_types[:n])
         shared = max(0, self.num_kv_shared_layers - (self.num_hidden_layers - n))
         return replace(self, num_hidden_layers=n, layer_types=tuple(types), num_kv_shared_layers=shared)
+
+
+def _require_shape_fields(raw: dict[str, Any], where: str) -> None:
+    """Refuse a config lacking a field that decides a tensor shape (no silent default)."""
+    for name in SHAPE_FIELDS:
+        if raw.get(name) is None:
+            raise ConfigError(f"{where} lacks {name}, which decides tensor shapes; add it "
+                              "(the model's original config.json has it)")
+    ints = [k for k in SHAPE_FIELDS if k not in ("layer_types", "attention_k_eq_v")]
+    for name in ints:
+        if not isinstance(raw[name], int) or isinstance(raw[name], bool) or raw[name] < 0:
+            raise ConfigError(f"{where}: {name} must be a non-negative integer, got {raw[name]!r}")
+    if not isinstance(raw["layer_types"], list):
+        raise ConfigError(f"{where}: layer_types must be a list of attention types")
+    for name, needed in SHAPE_FIELDS_IF.items():
+        if needed(raw) and raw.get(name) is None:
+            raise ConfigError(f"{where} lacks {name}, which decides tensor shapes with these settings; add it")
+
+
+def _full_layer_geometry(raw: dict[str, Any], where: str) -> tuple[int, int | None]:
+    """(head_dim, KV heads or None) of the full-attention layers, from either form."""
+    full = [i for i, t in enumerate(raw["layer_types"]) if t == FULL]
+    full.append(len(raw["layer_types"]) - 1)  # transformers forces the last layer to full
+    if "per_layer_config" not in raw:
+        if raw.get("global_head_dim") is None:
+            raise ConfigError(f"{where} lacks global_head_dim (or per_layer_config), which decides the "
+                              "full-attention layers' shapes; add it")
+        kv = raw.get("num_global_key_value_heads") if raw["attention_k_eq_v"] else None
+        return raw["global_head_dim"], kv
+    per_layer = raw["per_layer_config"] or {}
+    try:
+        overrides = {int(k): v for k, v in per_layer.items()}
+    except (AttributeError, ValueError):
+        raise ConfigError(f"{where}: per_layer_config must map layer indices to objects") from None
+    wanted = overrides.get(full[0], {})
+    for i, o in overrides.items():
+        if set(o) - {"head_dim", "num_key_value_heads"}:
+            raise ConfigError(f"{where}: per_layer_config[{i}] sets {sorted(set(o) - {'head_dim', 'num_key_value_heads'})}; "
+                              "only head_dim and num_key_value_heads may vary per layer here")
+        if i not in full and o:
+            raise ConfigError(f"{where}: per_layer_config overrides sliding layer {i}; only full-attention "
+                              "layers may differ from the global head_dim / num_key_value_heads")
+    for i in full:
+        if overrides.get(i, {}) != wanted:
+            raise ConfigError(f"{where}: per_layer_config gives full-attention layers {full[0]} and {i} "
+                              "different geometry; all full layers must match")
+    if "num_key_value_heads" in wanted and not raw["attention_k_eq_v"]:
+        raise ConfigError(f"{where}: per_layer_config sets num_key_value_heads on full layers without "
+                          "attention_k_eq_v; not supported")
+    return wanted.get("head_dim", raw["head_dim"]), wanted.get("num_key_value_heads")
 
 
 def _pattern(n: int, period: int) -> tuple[str, ...]:
@@ -227,6 +305,6 @@ PRESETS: dict[str, Gemma4Config] = {
     "tiny": Gemma4Config(**_TINY),
     "tiny-moe": Gemma4Config(**{**_TINY, "enable_moe_block": True, "num_experts": 8,
                                 "top_k_experts": 2, "moe_intermediate_size": 24}),
-    # Real configs, as in shared/reference/gemma4_text_configs.json.
+    # Real configs, as published (tests/data/gemma4_text_configs.json; tests/test_config.py checks them).
     **_load_real(),
 }

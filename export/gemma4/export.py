@@ -18,6 +18,7 @@ import enum
 import json
 import secrets
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from export.spool import WeightSpool, shared_deepcopy
 METHODS = ("prefill", "decode")
 FORMAT_VERSION = 1
 DEFAULT_PRESET = "tiny"  # what a bare `python -m export.gemma4` exports
+DEFAULT_PREFILL_CHUNK = 128  # unless --ctx is shorter
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -93,7 +95,7 @@ class ExportConfig:
     preset: str | None = None  # --preset: a config preset with random weights ("tiny" if neither)
     layers: int | None = None  # --layers: keep only the first N decoder layers (preset slices at real width)
     ctx: int = 2048  # --ctx: max tokens per sequence (full-attention KV length)
-    prefill_chunk: int = 128  # --prefill-chunk: max tokens per prefill call (dynamic T)
+    prefill_chunk: int | None = None  # --prefill-chunk: max tokens per prefill call (dynamic T); None = min(128, ctx)
     quant: LinearQuant = LinearQuant.INT4  # --quant: linear weights (lm_head included)
     group_size: int = 32  # --group-size: int4 group size along K (32 or 128)
     embedding_quant: EmbeddingQuant = EmbeddingQuant.NONE  # --embedding-quant
@@ -106,6 +108,10 @@ class ExportConfig:
     kv_in_ptd: bool = False  # --kv-in-ptd: also store the KV buffers (zeros) in the .ptd
     out: Path | None = None  # --out: artifact directory (default out/<preset or checkpoint name>)
     seed: int = 0  # --seed: random weights of a preset
+
+    def __post_init__(self):
+        if self.prefill_chunk is None:
+            object.__setattr__(self, "prefill_chunk", max(2, min(DEFAULT_PREFILL_CHUNK, self.ctx)))
 
     @property
     def source_preset(self) -> str | None:
@@ -173,15 +179,15 @@ def model_config(cfg: ExportConfig) -> Gemma4Config:
     _check_checkpoint_dir(path)
     try:
         return Gemma4Config.from_json(path)
-    except (ValueError, KeyError, TypeError) as e:
-        _fail(f"--checkpoint {path}/config.json: {e}")
+    except (ValueError, KeyError, TypeError) as e:  # the message names config.json and the field
+        _fail(f"--checkpoint: {e}")
 
 
 def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype]:
     """Every check that can fail without loading weights; raises ExportConfigError."""
     mcfg = model_config(cfg)
-    if not 1 <= cfg.ctx <= mcfg.max_position_embeddings:
-        _fail(f"--ctx {cfg.ctx} is outside 1..{mcfg.max_position_embeddings} "
+    if not 2 <= cfg.ctx <= mcfg.max_position_embeddings:
+        _fail(f"--ctx {cfg.ctx} is outside 2..{mcfg.max_position_embeddings} "
               f"(the model's max_position_embeddings); lower --ctx")
     if not 2 <= cfg.prefill_chunk <= cfg.ctx:
         _fail(f"--prefill-chunk {cfg.prefill_chunk} must be in 2..ctx ({cfg.ctx}); decode covers T = 1")
@@ -204,7 +210,31 @@ def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype
             from export.passes import low_memory_inductor_patches, low_memory_passes  # noqa: F401
         except ImportError as e:
             _fail(f"--low-memory: export.passes does not provide the low-memory passes yet ({e}); drop --low-memory")
+    use_packaged_flatc()
     return mcfg, device, dtype
+
+
+def use_packaged_flatc() -> None:
+    """ExecuTorch's serializer runs `flatc` from PATH unless FLATC_EXECUTABLE names one; point
+    it at the binary shipped inside the executorch package, so an interpreter started without
+    its venv's bin/ on PATH still exports. A user's own FLATC_EXECUTABLE wins."""
+    import os
+
+    if os.environ.get("FLATC_EXECUTABLE"):
+        return
+    try:
+        from importlib.resources import files
+        flatc = Path(str(files("executorch.data.bin") / "flatc"))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        return  # no packaged binary: ExecuTorch looks on PATH as before
+    if not flatc.is_file():
+        return
+    if not os.access(flatc, os.X_OK):
+        try:
+            flatc.chmod(flatc.stat().st_mode | 0o111)
+        except OSError:
+            _fail(f"{flatc} is not executable: chmod +x it, or set FLATC_EXECUTABLE to a flatc binary")
+    os.environ["FLATC_EXECUTABLE"] = str(flatc)
 
 
 def _available_host_bytes() -> int:
@@ -332,10 +362,16 @@ def lower(programs: dict, device: TargetDevice, low_memory: bool, triton_sdpa: b
     partitioners = {m: [partitioner_for(device, m, low_memory=low_memory, triton_sdpa=triton_sdpa,
                                         autotune=autotune, multi_arch=multi_arch)]
                     for m in programs}
-    with _bar(progress, total=len(programs), desc="lowering", unit="method") as bar:
-        def listener(method: str, stage: str) -> None:
+    with _bar(progress, total=len(programs), desc="lowering", unit="method",
+              bar_format="{desc} {n}/{total} methods [{elapsed}{postfix}]") as bar, _ticking(bar):
+        bar.set_postfix_str("to_edge: tracing to the edge dialect")
+
+        def listener(method: str, stage: str) -> None:  # from each AOTI preprocess (export/backends)
             if stage == "compiled":
                 bar.update(1)
+            done = bar.n == len(programs)
+            bar.set_postfix_str("all methods compiled" if done else
+                                f"{method}: AOTInductor compile" if stage == "start" else f"{method}: compiled")
         PREPROCESS_LISTENERS.append(listener)
         try:
             # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods)
@@ -581,7 +617,15 @@ def _export(cfg: ExportConfig, mcfg: Gemma4Config, device: TargetDevice, dtype: 
 
 
 class _NullBar:
+    n = 0
+
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
     def __enter__(self):
@@ -589,6 +633,27 @@ class _NullBar:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _ticking(bar, every_s: float = 1.0):
+    """Redraw `bar` every second, so its elapsed time moves during a minute-long compile."""
+    if isinstance(bar, _NullBar):
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every_s):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, name="progress-tick", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _bar(enabled: bool, **kw):

@@ -1,0 +1,171 @@
+"""Bad input to every command line ends in one short line naming the flag or file and what to do,
+exit code 2, no traceback, and nothing left on disk. Each case runs the real entry point in a
+subprocess and fails before anything is compiled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.gemma4.config import PRESETS
+from scripts.make_checkpoint import random_tensors, write_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = PRESETS["tiny"]
+
+
+def cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def assert_refused(out: subprocess.CompletedProcess, *messages: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    for m in messages:
+        assert m in out.stderr, (m, out.stderr)
+
+
+def files_under(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    write_checkpoint(d, CFG, random_tensors(CFG, seed=0), torch.float32, shard_bytes=100_000)
+    return d
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+# ---- python -m export.gemma4 --------------------------------------------------------------
+
+def test_export_truncated_shard(checkpoint, tmp_path):
+    ck = copy_checkpoint(checkpoint, tmp_path / "ck")
+    shard = sorted(ck.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = files_under(tmp_path)
+    out = cli("export.gemma4", "--checkpoint", str(ck), "--device", "cpu", "--out", str(tmp_path / "art"), cwd=tmp_path)
+    assert_refused(out, shard.name, "truncated shard")
+    assert files_under(tmp_path) == before
+
+
+def test_export_tensors_disagree_with_config(checkpoint, tmp_path):
+    ck = copy_checkpoint(checkpoint, tmp_path / "ck")
+    raw = json.loads((ck / "config.json").read_text())
+    raw["intermediate_size"] += 8
+    (ck / "config.json").write_text(json.dumps(raw))
+    (ck / "tokenizer.json").unlink()
+    before = files_under(tmp_path)
+    out = cli("export.gemma4", "--checkpoint", str(ck), "--device", "cpu", "--out", str(tmp_path / "art"), cwd=tmp_path)
+    assert_refused(out, "mlp.gate_proj.weight has shape", "the config implies")
+    # the tokenizer-less checkpoint is named before loading (the runner takes --prompt-ids then)
+    assert "has no tokenizer.json" in out.stderr and "--prompt-ids" in out.stderr
+    assert files_under(tmp_path) == before
+
+
+def test_export_config_lacking_a_shape_field(checkpoint, tmp_path):
+    ck = copy_checkpoint(checkpoint, tmp_path / "ck")
+    raw = json.loads((ck / "config.json").read_text())
+    del raw["hidden_size"]
+    (ck / "config.json").write_text(json.dumps(raw))
+    before = files_under(tmp_path)
+    out = cli("export.gemma4", "--checkpoint", str(ck), "--device", "cpu", "--out", str(tmp_path / "art"), cwd=tmp_path)
+    assert_refused(out, "config.json lacks hidden_size")
+    assert files_under(tmp_path) == before
+
+
+def test_export_debug_shows_the_traceback(checkpoint, tmp_path):
+    ck = copy_checkpoint(checkpoint, tmp_path / "ck")
+    shard = sorted(ck.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    out = cli("export.gemma4", "--checkpoint", str(ck), "--device", "cpu", "--out", str(tmp_path / "art"),
+              "--debug", cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "CheckpointError" in out.stderr
+
+
+def test_export_short_ctx_fits_the_default_prefill_chunk(tmp_path):
+    out = cli("export.gemma4", "--ctx", "64", "--device", "cpu", "--plan", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and files_under(tmp_path) == []
+
+
+def test_export_bad_numbers_are_refused_by_flag(tmp_path):
+    out = cli("export.gemma4", "--layers", "-1", "--device", "cpu", cwd=tmp_path)
+    assert_refused(out, "argument --layers: must be a positive integer")
+    out = cli("export.gemma4", "--ctx", "64", "--prefill-chunk", "65", "--device", "cpu", cwd=tmp_path)
+    assert_refused(out, "--prefill-chunk 65 must be in 2..ctx (64)")
+    assert files_under(tmp_path) == []
+
+
+# ---- python -m runtime ------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0"),
+    (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
+    (["--max-new-tokens", "-3"], "argument --max-new-tokens: must be a positive integer, got -3"),
+    (["--top-p", "0"], "argument --top-p: must be in (0, 1]"),
+    (["--top-p", "nan"], "argument --top-p: must be in (0, 1]"),
+    (["--top-k", "-2"], "argument --top-k: must be 0 or more"),
+    (["--seed", "x"], "argument --seed: invalid int value"),
+])
+def test_runtime_sampling_args(argv, message, tmp_path):
+    out = cli("runtime", "--model", str(tmp_path), "--prompt", "hi", *argv, cwd=tmp_path)
+    assert_refused(out, message)
+    assert files_under(tmp_path) == []
+
+
+def test_runtime_bad_prompt_ids_and_model_dir(tmp_path):
+    out = cli("runtime", "--model", str(tmp_path), "--prompt-ids", "2,x", cwd=tmp_path)
+    assert_refused(out, "argument --prompt-ids: give comma-separated token ids")
+    out = cli("runtime", "--model", str(tmp_path / "nope"), "--prompt", "hi", cwd=tmp_path)
+    assert_refused(out, str(tmp_path / "nope"), "pass the export output directory")
+    out = cli("runtime", "--model", str(tmp_path), "--prompt", "hi", cwd=tmp_path)  # no model.pte
+    assert_refused(out, "model.pte")
+    assert files_under(tmp_path) == []
+
+
+# ---- python -m export.planner, scripts.make_checkpoint ------------------------------------
+
+def test_planner_bad_config(checkpoint, tmp_path):
+    ck = copy_checkpoint(checkpoint, tmp_path / "ck")
+    raw = json.loads((ck / "config.json").read_text())
+    del raw["num_key_value_heads"]
+    (ck / "config.json").write_text(json.dumps(raw))
+    assert_refused(cli("export.planner", "--config", str(ck), cwd=tmp_path), "--config", "lacks num_key_value_heads")
+    assert_refused(cli("export.planner", "--config", str(tmp_path / "nope"), cwd=tmp_path), "--config", "no config.json")
+    assert_refused(cli("export.planner", "--preset", "tiny", "--layers", "9", cwd=tmp_path), "--layers", "1..4")
+
+
+def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
+    out = cli("scripts.make_checkpoint", "--preset", "tiny", "--layers", "0", "--out", str(tmp_path / "c"), cwd=tmp_path)
+    assert_refused(out, "argument --layers: must be a positive integer")
+    out = cli("scripts.make_checkpoint", "--preset", "tiny", "--shard-gib", "0", "--out", str(tmp_path / "c"), cwd=tmp_path)
+    assert_refused(out, "--shard-gib must be > 0")
+    (tmp_path / "f").write_text("x")
+    out = cli("scripts.make_checkpoint", "--preset", "tiny", "--out", str(tmp_path / "f"), cwd=tmp_path)
+    assert_refused(out, "--out", "is a file")
+    assert files_under(tmp_path) == ["f"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scripts.bench_runtime", "--ctx", "-1"], "argument --ctx: must be a positive integer"),
+    (["scripts.bench_host_memory", "--checkpoint", "nope"], "--checkpoint nope: no such directory"),
+    (["scripts.bench_export_memory", "--parallel", "0"], "argument --parallel: must be a positive integer"),
+])
+def test_benchmark_arguments(argv, message, tmp_path):
+    assert_refused(cli(*argv, cwd=tmp_path), message)
+    assert files_under(tmp_path) == []
