@@ -85,6 +85,16 @@ def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return x @ dequantize_int4(qweight, scales, x.dtype).t()
 
 
+def group_size_for(k: int, group_size: int) -> int:
+    """The recipe's group size, halved (down to 32) until it divides K (MoE down_proj K=704)."""
+    g = group_size
+    while k % g and g > 32:
+        g //= 2
+    if k % g:
+        raise ValueError(f"int4: K={k} is not a multiple of 32")
+    return g
+
+
 def int4_bytes(n: int, k: int, group_size: int) -> int:
     """Stored bytes of one [n, k] weight in this layout (packed nibbles + bf16 scales)."""
     return n * k // 2 + n * (k // group_size) * 2
@@ -107,20 +117,19 @@ GEMV_CONFIGS = [
     *[_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
         (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))],
 ]
-GEMM_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 128, 8, 3), _cfg(64, 128, 128, 4, 3),
-    _cfg(128, 256, 64, 8, 3), _cfg(64, 256, 128, 8, 3), _cfg(128, 64, 128, 4, 4),
-    _cfg(128, 256, 128, 8, 3, consumer=False), _cfg(256, 128, 128, 8, 3, consumer=False),
+GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 128, 4, 2), _cfg(64, 64, 128, 4, 3), _cfg(128, 256, 64, 8, 2, consumer=False), _cfg(64, 256, 64, 8, 3, consumer=False),
 ]
 
 
-def config_smem_bytes(cfg: triton.Config, group_size: int = 128) -> int:
+def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
     """Upper estimate of a config's shared memory: each pipeline stage buffers the x tile, the
     packed weight tile and its scales; a dot also stages both bf16 operands once for the
     layout change (the M == 1 path has no dot and no staging)."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
-    dot = 0 if bm == 1 else (bm * bk + bn * bk) * 2
+    dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once
     return cfg.num_stages * per_stage + dot
 
 
@@ -180,9 +189,13 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, K_PER_SPLIT,
                  mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
+AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping many shapes
+
+
 def _autotuned(configs):
     # keyed on M's launch bucket (not M itself) so a dynamic prefill length does not re-tune
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP"])(_int4_matmul_kernel)
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP"], **AUTOTUNE_KWARGS)(
+        _int4_matmul_kernel)
 
 
 _KERNELS: dict[tuple[str, bool, int], object] = {}
@@ -252,4 +265,5 @@ def _(x, qweight, scales):
 
 @int4_linear.register_kernel("cpu")
 def _(x, qweight, scales):
+    _check(x, qweight, scales)
     return int4_linear_reference(x, qweight, scales)
