@@ -108,7 +108,7 @@ def copy_gbps() -> float:
 def _poison():
     """Fill the allocator's cached free blocks with NaN so an unwritten output shows."""
     free = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    if free > 0:
+    if free > 2**20:
         torch.full((free // 4 - 1024,), float("nan"), device="cuda")
 
 
@@ -125,7 +125,7 @@ def _tinygemm(w: torch.Tensor, group: int):
         sz = torch.stack([scale.t(), zeros.t()], -1).contiguous().bfloat16()
         return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
     except RuntimeError as e:
-        print(f"  tinygemm refuses [{w.shape[0]} x {w.shape[1]}]: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"  tinygemm refuses [{w.shape[0]} x {w.shape[1]}]: {str(e).splitlines()[0][:100]}", file=sys.stderr)
         return None
 
 

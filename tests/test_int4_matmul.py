@@ -134,3 +134,25 @@ def test_cuda_kernels_match_reference_consumer_configs(monkeypatch, m, n, k, gro
     assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
     cpu = im.int4_linear_reference(x.cpu().float(), qweight.cpu(), scales.cpu())
     assert _rel(y.cpu(), cpu) <= 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
+    """AOTInductor builds the Triton kernels into the package (no fallback op) for both paths."""
+    class Lin(torch.nn.Module):
+        def __init__(self, qweight, scales):
+            super().__init__()
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+
+        def forward(self, x):
+            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    qweight, scales = im.quantize_int4(torch.randn(640, 1024, device="cuda"), 128)
+    mod = Lin(qweight, scales)
+    for m in (1, 64):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        ep = torch.export.export(mod, (x,))
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"m{m}.pt2"))
+        y = torch._inductor.aoti_load_package(path)(x)
+        assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
