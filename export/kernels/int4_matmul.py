@@ -212,11 +212,13 @@ def _kernel(kind: str, m_bucket: int):
     return _KERNELS[key]
 
 
-def split_k(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024) -> int:
-    """K slices for the GEMV path: enough programs (at BLOCK_N = 32) for every SM of a large
-    card, each slice at least `min_k` long and a whole number of groups."""
+def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
+    """(slices, slice length) of K for the GEMV path: enough programs (at BLOCK_N = 32) for
+    every SM of a large card, each slice at least `min_k` long and a whole number of groups."""
     n_tiles = triton.cdiv(n, 32)
-    return max(1, min(triton.cdiv(target_programs, n_tiles), k // max(min_k, group_size)))
+    splits = max(1, min(triton.cdiv(target_programs, n_tiles), k // max(min_k, group_size)))
+    per_split = triton.cdiv(triton.cdiv(k, splits), group_size) * group_size
+    return triton.cdiv(k, per_split), per_split
 
 
 # ---- the op ---------------------------------------------------------------------------------
@@ -239,9 +241,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     if M <= GEMV_MAX_M:
         bm = 1 if M == 1 else 16
-        splits = split_k(N, K, G)
-        per_split = triton.cdiv(triton.cdiv(K, splits), G) * G
-        splits = triton.cdiv(K, per_split)
+        splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
         wrap_triton(_kernel("gemv", bm))[grid](
