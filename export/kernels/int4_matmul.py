@@ -26,6 +26,7 @@ CPU backend decomposes the op into it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,7 @@ from torch.library import triton_op, wrap_triton
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
+ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
 
 
 # ---- layout: pack, unpack, quantize ---------------------------------------------------------
@@ -198,16 +200,30 @@ def _autotuned(configs):
         _int4_matmul_kernel)
 
 
-_KERNELS: dict[tuple[str, bool, int], object] = {}
+_KERNELS: dict[tuple[str, bool, bool, int], object] = {}
+
+
+@contextlib.contextmanager
+def one_config():
+    """Launches traced inside keep one config per kernel (the smallest): exports without
+    autotune compile fast and two of them compute bitwise the same result."""
+    global ONE_CONFIG
+    saved, ONE_CONFIG = ONE_CONFIG, True
+    try:
+        yield
+    finally:
+        ONE_CONFIG = saved
 
 
 def _kernel(kind: str, m_bucket: int):
     """The autotuned kernel for a path ('gemv' with BLOCK_M == m_bucket, or 'gemm')."""
-    key = (kind, CONSUMER_ONLY, m_bucket)
+    key = (kind, CONSUMER_ONLY, ONE_CONFIG, m_bucket)
     if key not in _KERNELS:
         pool = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
         configs = [c for c in active_configs(pool, CONSUMER_ONLY)
                    if kind == "gemm" or c.kwargs["BLOCK_M"] == m_bucket]
+        if ONE_CONFIG:
+            configs = [min(configs, key=lambda c: (config_smem_bytes(c), c.num_warps))]
         _KERNELS[key] = _autotuned(configs)
     return _KERNELS[key]
 
