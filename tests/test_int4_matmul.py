@@ -69,13 +69,24 @@ def test_every_config_fits_consumer_shared_memory():
     assert all(c.consumer for c in im.active_configs(im.GEMM_CONFIGS, consumer_only=True))
 
 
-@pytest.mark.parametrize("n,k,group", [(5376, 21504, 128), (262144, 5376, 128), (2816, 704, 32), (40, 256, 32)])
+@pytest.mark.parametrize("n,k,group", [(5376, 21504, 128), (262144, 5376, 128), (2816, 704, 32), (2816, 704, 128),
+                                        (40, 256, 32)])
 def test_layout_bytes_equal_planner_bytes(n, k, group):
+    from export.gemma4.quant import PackedInt4Linear
     data, scales = planner_int4_bytes(n, k, group, Int4Layout.PLAIN)
-    assert data + scales == im.int4_bytes(n, k, group)
-    if n * k <= 1 << 20:  # and the tensors really are that size
-        qweight, s = im.quantize_int4(torch.randn(n, k), group)
-        assert qweight.nbytes + s.nbytes == im.int4_bytes(n, k, group)
+    mod = PackedInt4Linear(k, n, group) if n * k <= 1 << 22 else None  # the buffers the .ptd stores
+    g = im.group_size_for(k, group)
+    assert data + scales == im.int4_bytes(n, k, g)
+    if mod is not None:
+        assert mod.qweight.nbytes + mod.scales.nbytes == data + scales
+
+
+def test_31b_linears_and_lm_head_fit_the_byte_budget_at_g128():
+    from export.gemma4.config import PRESETS
+    from scripts.bench_int4 import linear_shapes
+    shapes = linear_shapes(PRESETS["31b"])
+    total = lambda g: sum(im.int4_bytes(n, k, im.group_size_for(k, g)) * c for (n, k), (_, c) in shapes.items())
+    assert total(128) <= 15.0 * 2**30 < total(32)  # g128: 14.74 GiB; g32: 16.08 GiB
 
 
 def test_group_size_for_k_not_a_multiple():
