@@ -167,3 +167,23 @@ def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"m{m}.pt2"))
         y = torch._inductor.aoti_load_package(path)(x)
         assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
+
+
+def test_cpu_backend_decomposes_the_op_into_aten():
+    from export.backends.cpu import Gemma4CpuBackend
+    qweight, scales = im.quantize_int4(torch.randn(24, 64), 32)
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+
+        def forward(self, x):
+            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    x = torch.randn(3, 64)
+    ep = torch.export.export(Lin(), (x,)).run_decompositions(Gemma4CpuBackend.get_decomposition_table())
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("gemma4" in t for t in targets) and any("bitwise" in t for t in targets)
+    assert torch.allclose(ep.module()(x), im.int4_linear_reference(x, qweight, scales))

@@ -50,10 +50,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K // 2] -> int8 [N, K] in [-8, 7]."""
-    lo = (qweight & 0xF).to(torch.int8) - 8
-    hi = (qweight >> 4).to(torch.int8) - 8
-    return torch.stack((lo, hi), dim=-1).reshape(qweight.shape[0], -1)
+    """uint8 [N, K // 2] -> int8 [N, K] in [-8, 7]. Dim 0 stays -1 in every view, so rows
+    n0..n1 of the constants give rows n0..n1 of the result (N-chunking passes slice it)."""
+    lo = torch.bitwise_and(qweight, 15).to(torch.int8) - 8
+    hi = torch.bitwise_right_shift(qweight, 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).view(-1, qweight.shape[1] * 2)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +77,10 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[N, K] in `dtype`: q * scale, rounded to `dtype` like the kernels do."""
     q = unpack_int4(qweight)
-    N, K = q.shape
+    K = q.shape[1]
     G = K // scales.shape[1]
-    w = q.to(dtype).reshape(N, K // G, G) * scales.to(dtype).unsqueeze(-1)
-    return w.reshape(N, K)
+    w = q.to(dtype).view(-1, K // G, G) * scales.to(dtype).unsqueeze(-1)
+    return w.view(-1, K)
 
 
 def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
