@@ -162,11 +162,12 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
         nbytes = int4_bytes(n, k, group) + 2 * m * (k + n)
         flops = 2 * m * n * k
         rows.append({"model": model, "name": name, "n": n, "k": k, "m": m, "us": us, "bytes": nbytes,
+                     "floor_us": nbytes / gbps / 1e3, "flops": flops,
                      "gbps": nbytes / us / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,
                      "tflops": flops / us / 1e6, "bf16_us": bf16_us, "bf16_tflops": flops / bf16_us / 1e6,
                      "tinygemm_us": tiny_us, "rel_err": err, "group_size": group})
         r = rows[-1]
-        print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {us:9.1f} {r['fraction_of_copy_bw']:6.1%} "
+        print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} {r['fraction_of_copy_bw']:6.1%} "
               f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}", flush=True)
 
 
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     for o in options:
         print(f"  g{o['group_size']:<4} zero point {str(o['zero_point']):5}  {o['bits_per_param']:.3f} bit  "
               f"{o['gib']:6.2f} GiB  rel err {o['rel_err']:.4f}")
-    print(f"{'model':8} {'shape':34} {'n':>6} {'k':>6} {'m':>5} {'us':>9} {'%copy':>6} {'TFLOP/s':>7} "
+    print(f"{'model':8} {'shape':34} {'n':>6} {'k':>6} {'m':>5} {'floor us':>8} {'us':>9} {'%copy':>6} {'TFLOP/s':>7} "
           f"{'bf16':>7} {'tiny us':>9} err")
     rows: list[dict] = []
     doc = {"device": torch.cuda.get_device_name(), "group_size": a.group_size,
