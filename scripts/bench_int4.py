@@ -167,7 +167,8 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
                      "tflops": flops / us / 1e6, "bf16_us": bf16_us, "bf16_tflops": flops / bf16_us / 1e6,
                      "tinygemm_us": tiny_us, "rel_err": err, "group_size": group})
         r = rows[-1]
-        print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} {r['fraction_of_copy_bw']:6.1%} "
+        print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} "
+              f"{r['fraction_of_copy_bw']:6.1%} "
               f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}", flush=True)
 
 

@@ -113,7 +113,7 @@ def _cfg(bm, bn, bk, warps, stages, consumer=True):
 
 
 # BLOCK_M 1: the M == 1 multiply-and-sum; 16: tensor cores with M padded. The GEMV kernel is
-# keyed on M's bucket, so a config's BLOCK_M must match it; `_gemv_configs` filters.
+# keyed on M's bucket, so a config's BLOCK_M must match it; `_kernel` filters.
 GEMV_CONFIGS = [
     *[_cfg(1, bn, bk, w, s) for bn, bk, w, s in (
         (16, 256, 4, 3), (32, 256, 4, 3), (32, 512, 4, 2), (64, 128, 4, 4), (16, 512, 4, 4), (64, 256, 8, 3))],
@@ -122,14 +122,16 @@ GEMV_CONFIGS = [
 ]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 128, 128, 4, 2), _cfg(64, 64, 128, 4, 3), _cfg(128, 256, 64, 8, 2, consumer=False), _cfg(64, 256, 64, 8, 3, consumer=False),
+    _cfg(64, 128, 128, 4, 2), _cfg(64, 64, 128, 4, 3),
+    _cfg(128, 256, 64, 8, 2, consumer=False), _cfg(64, 256, 64, 8, 3, consumer=False),
 ]
 
 
 def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
-    """Upper estimate of a config's shared memory: each pipeline stage buffers the x tile, the
-    packed weight tile and its scales; a dot also stages both bf16 operands once for the
-    layout change (the M == 1 path has no dot and no staging)."""
+    """Estimate of a config's shared memory: each pipeline stage buffers the x tile, the packed
+    weight tile and its scales; a dot also stages the dequantized bf16 weight tile once (the
+    M == 1 path has no dot). scripts/bench_int4.py checks Triton's own figure for every
+    compiled variant against the limit."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
     dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once
