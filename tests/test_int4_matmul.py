@@ -161,12 +161,15 @@ def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
 
     qweight, scales = im.quantize_int4(torch.randn(640, 1024, device="cuda"), 128)
     mod = Lin(qweight, scales)
-    for m in (1, 64):
+    M = torch.export.Dim("M", min=2, max=256)  # a prefill chunk's dynamic length: the GEMM path
+    for m, shapes in ((1, None), (64, ({0: M},))):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
-        ep = torch.export.export(mod, (x,))
+        ep = torch.export.export(mod, (x,), dynamic_shapes=shapes)
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"m{m}.pt2"))
-        y = torch._inductor.aoti_load_package(path)(x)
-        assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
+        run = torch._inductor.aoti_load_package(path)
+        for rows in ((1,) if shapes is None else (3, 64, 200)):
+            x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+            assert _rel(run(x), _fp32_ref(x, qweight, scales)) <= 1e-2, rows
 
 
 def test_cpu_backend_decomposes_the_op_into_aten():

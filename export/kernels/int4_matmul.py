@@ -32,6 +32,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
@@ -258,8 +259,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    if M <= GEMV_MAX_M:
-        bm = 1 if M == 1 else 16
+    # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
+    # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
+    if guard_or_false(M <= GEMV_MAX_M):
+        bm = 1 if guard_or_false(M == 1) else 16
         splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
@@ -269,10 +272,11 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
         out = part.sum(0).to(x.dtype)
     else:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        bucket = min(triton.next_power_of_2(M), 2048) if isinstance(M, int) else 2048
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
         wrap_triton(_kernel("gemm", 0))[grid](
             x2, qweight, scales, out, M, N, K, K, x2.stride(0), qweight.stride(0),
-            scales.stride(0), 0, out.stride(0), min(triton.next_power_of_2(M), 2048), GROUP=G)
+            scales.stride(0), 0, out.stride(0), bucket, GROUP=G)
     return out.reshape(*lead, N)
 
 
