@@ -185,8 +185,9 @@ class Int4Layout(str, Enum):
     """TINYGEMM: torchao 0.17 tile_packed_to_4d (CUDA): K padded to 1024, N to 8, a bf16
     scale and zero point per group. TINYGEMM_K128: the same packing with K padded only to
     what `_convert_weight_to_int4pack` needs (inner_k_tiles 8 x 16 = 128; a packer of our
-    own, not yet written or run). PLAIN: nibbles + one bf16 scale per group, no padding
-    (the reference's 15.34 GiB figure for 31B)."""
+    own, not yet written or run). PLAIN: nibbles + one bf16 scale per group, no padding: what
+    the CUDA recipe writes (`PackedInt4Linear`, read by `gemma4::int4_linear`); its group size
+    is halved, down to 32, where K needs it (export/kernels/int4_matmul.group_size_for)."""
 
     TINYGEMM = "tinygemm"
     TINYGEMM_K128 = "tinygemm-k128"
@@ -378,6 +379,8 @@ def int4_bytes(n_out: int, k_in: int, group_size: int, layout: Int4Layout) -> tu
     if layout.tinygemm:
         n, k, per_group = _round_up(n_out, INT4_N_MULTIPLE), _round_up(k_in, math.lcm(layout.k_multiple, group_size)), 4
     else:
+        while k_in % group_size and group_size > 32:  # as PackedInt4Linear picks it
+            group_size //= 2
         n, k, per_group = n_out, _round_up(k_in, group_size), 2  # scale only
     return n * k // 2, n * (k // group_size) * per_group  # tinygemm: a scale and a zero point per group
 

@@ -96,8 +96,16 @@ defaults)  # the CLI's default path on CUDA (max_autotune): the tiny preset expo
   timeout 60 python -m runtime --model /tmp/tiny_default --prompt "Hello" --max-new-tokens 8 2>&1 | tail -4
   wait $s; echo "slice rc=$?"; tail -c 800 "$OUT/slice_default.log"
   ;;
+int4)  # int4 linears: the kernels' cuda tests (consumer configs forced), then bench_int4 (its JSON)
+  timeout 150 python -m pytest -v -m cuda tests/test_int4_matmul.py 2>&1 | tail -30
+  timeout 300 python -m scripts.bench_int4 --out "$OUT/int4_kernels.json" > "$OUT/bench_int4.txt" 2>&1
+  echo "bench rc=$?"; grep -E "copy|GiB|^31b|FAIL|compiled" "$OUT/bench_int4.txt"
+  ;;
+int4_slice)  # int4 g128 31B 2-layer slice, low-memory export: allocator/NVML peaks, .so logits vs eager
+  timeout 560 python -m tests.test_export_cuda 31b-2l-int4 "$OUT/int4_slice.json" 2>&1 | tail -3
+  ;;
 host_memory)  # issue 7 (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice" >&2; exit 2 ;;
 esac

@@ -34,11 +34,13 @@ from export.gemma4.export import METHODS, DeviceChoice, DTypeChoice, ExportConfi
 CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "tiny": dict(preset="tiny", ctx=64, prefill_chunk=8, autotune=False),
     "31b-2l": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128),
+    # the int4 recipe the 31B's byte budget needs (g128), exported in low-memory mode
+    "31b-2l-int4": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True),
 }
 
 
 def case_config(case: str, out: Path, sdpa: SdpaChoice = SdpaChoice.AUTO) -> ExportConfig:
-    return ExportConfig(**CASES[case], group_size=32, device=DeviceChoice.CUDA, dtype=DTypeChoice.BF16,
+    return ExportConfig(**{"group_size": 32, **CASES[case]}, device=DeviceChoice.CUDA, dtype=DTypeChoice.BF16,
                         sdpa=sdpa, out=out)
 
 
@@ -110,7 +112,15 @@ def fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
     returns exactly the bf16 weights the int4 kernel multiplies with."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+    from export.gemma4.quant import PackedInt4Linear
+
     ref = copy.deepcopy(model)
+    for fqn, mod in list(ref.named_modules()):
+        if isinstance(mod, PackedInt4Linear):  # the bf16 weights gemma4::int4_linear multiplies with
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+            lin.weight = torch.nn.Parameter(mod.dequantize(torch.bfloat16), requires_grad=False)
+            parent, _, leaf = fqn.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, leaf, lin)
     for mod in ref.modules():
         if isinstance(mod, torch.nn.Linear) and is_traceable_wrapper_subclass(mod.weight):
             eye = torch.eye(mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)

@@ -410,3 +410,17 @@ def test_int4pack_mm_is_sliced_along_n():
         assert call.meta["val"].shape == (1, min((i + 1) * rows, n) - i * rows)
     out = next(iter(ep.graph.find_nodes(op="output"))).args[0][0]
     assert op_name(out.target) == "cat" and out.meta["val"].shape == (1, n)
+
+
+def test_decomposed_int4_linear_op_is_chunked():
+    """The CUDA recipe's op (`gemma4::int4_linear`), decomposed as the CPU backend does, is a
+    dequant chain the pass slices too: a low-memory CPU export of that layout stays bounded."""
+    from export.backends.cpu import Gemma4CpuBackend
+    from export.gemma4.quant import PackedInt4Linear
+
+    lin = PackedInt4Linear.from_float(torch.randn(VOCAB, K), 32)
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    ep = torch.export.export(lin, (x,), strict=False).run_decompositions(Gemma4CpuBackend.get_decomposition_table())
+    ref = ep.module()(x)
+    assert chunk_int4_matmul(ep, BUDGET).modified
+    assert torch.equal(ep.module()(x), ref)

@@ -4,7 +4,9 @@ The `.so` it produces is meant to run inside libtorch (the project's Python runn
 with `torch._C._aoti.AOTIModelContainerRunnerCpu` after promoting `libtorch_cpu.so` to
 RTLD_GLOBAL). Every `aoti_torch_cpu_*` shim exists there, so unlike the CUDA backend no
 fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls such as
-`aoti_torch_cpu_addmm_out`. No custom passes or decompositions are needed.
+`aoti_torch_cpu_addmm_out`. No custom passes; one decomposition: the int4 op of the CUDA
+recipe (`gemma4::int4_linear`) becomes its plain-aten reference, so a graph holding it compiles
+here too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import typing
 from typing import Any, final
 
+import torch
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
@@ -30,7 +33,8 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
 
     @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
-        return {}
+        from export.kernels.int4_matmul import int4_linear_reference
+        return {torch.ops.gemma4.int4_linear.default: int4_linear_reference}
 
     @classmethod
     def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:

@@ -4,7 +4,8 @@ ExecuTorch's `CudaBackend` is final, so this backend borrows its pieces instead 
 subclassing it: the Inductor options (max_autotune with Triton GEMMs only, no libtorch
 link, embedded kernel binaries), the custom passes (cond predicate to CPU, SDPA ->
 `triton::sdpa` when enabled), the conv1d decomposition, the MATH-SDPA compile context and
-the one allowed fallback kernel, `aten::_weight_int4pack_mm` (torchao int4). What differs
+the one allowed fallback kernel, `aten::_weight_int4pack_mm` (torchao int4; the int4 recipe
+now emits `gemma4::int4_linear`, whose Triton kernels compile into the `.so`). What differs
 is in the shared base: no weights are serialized by Inductor (the exporter writes each
 once into the `.ptd`).
 
@@ -12,7 +13,7 @@ With the compile spec `autotune` = b"0" (exporter flag `--no-autotune`) there is
 max_autotune and GEMMs may call cuBLAS through libtorch's shims: minutes faster for test
 artifacts, runnable by the project's Python runner (inside libtorch) but not by ExecuTorch's
 C++ CUDA runtime. Nothing is chosen by timing then (Inductor's deterministic mode, one
-config per Triton SDPA kernel), so exports of one model agree bit for bit.
+config per Triton SDPA and int4 kernel), so exports of one model agree bit for bit.
 
 The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
 only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
@@ -38,6 +39,7 @@ from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice, autotune_enabled
+from export.kernels import int4_matmul
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"
 MULTI_ARCH = "multi_arch"  # b"1": fatbin kernels (PTX + SASS) that run on other GPU generations too
@@ -153,6 +155,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         stack = contextlib.ExitStack()
         stack.enter_context(cls.get_extra_aoti_compile_context_manager())
         stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
+        stack.enter_context(int4_matmul.one_config())
         return stack
 
     @classmethod

@@ -4,11 +4,12 @@
     report = quantize_(model, recipe, TargetDevice.CUDA)
 
 Linears (the lm_head included) become int4 weight-only, group-wise along K:
-- CUDA: torchao `Int4WeightOnlyConfig(group_size, int4_packing_format="tile_packed_to_4d")`,
-  which exports to `aten._weight_int4pack_mm` (the one fallback kernel ExecuTorch's CUDA
-  backend allows). It needs bf16 weights and a CUDA device to pack.
-- CPU: torchao's int4 weight-only does not run on CPU, so `Int4Linear` below stores packed
-  nibbles + per-group scale and offset and dequantizes in the graph with plain aten ops.
+- CUDA: `PackedInt4Linear`, the layout of export/kernels/int4_matmul.py (nibbles along K, one
+  bf16 scale per group, symmetric, no padding), exported as `gemma4::int4_linear` whose Triton
+  kernels AOTInductor compiles into the `.so`. Packed on the host, row block by row block, so
+  no GPU is needed and no weight is ever whole in fp32.
+- CPU: `Int4Linear` below stores packed nibbles + per-group scale and offset and dequantizes
+  in the graph with plain aten ops.
 
 The lm_head is tied to `embed_tokens` in the model; quantizing it unties it (the embedding
 keeps its own tensor, bf16 or int8, for the gather). Optional int8 embedding: per-row
@@ -140,6 +141,43 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
+class PackedInt4Linear(nn.Module):
+    """y = gemma4::int4_linear(x, qweight, scales): W [N, K] as uint8 [N, K/2] nibbles (even k
+    in the low nibble, code + 8) and bf16 scales [N, K/g], W ~= code * scale (symmetric).
+    The group size is the recipe's, halved where K needs it (`group_size_for`)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        from export.kernels.int4_matmul import group_size_for
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = group_size_for(in_features, group_size)
+        N, K = out_features, in_features
+        self.register_buffer("qweight", torch.zeros(N, K // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(N, K // self.group_size, dtype=torch.bfloat16))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, group_size: int) -> "PackedInt4Linear":
+        from export.kernels.int4_matmul import quantize_int4
+        N, K = weight.shape
+        m = cls(K, N, group_size).to(weight.device)
+        rows = max(1, (16 << 20) // (4 * K))  # fp32 temporaries of one row block: ~16 MiB
+        for r0 in range(0, N, rows):
+            m.qweight[r0:r0 + rows], m.scales[r0:r0 + rows] = quantize_int4(weight[r0:r0 + rows], m.group_size)
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        from export.kernels.int4_matmul import dequantize_int4
+        return dequantize_int4(self.qweight, self.scales, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_linear)
+        return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
 class Int8Embedding(nn.Module):
     """Embedding table as int8 rows + one scale per row; rows are dequantized after the
     gather, so only T rows are ever in float. Same call signature as nn.Embedding."""
@@ -189,57 +227,11 @@ def _linear_skip_reason(fqn: str, lin: nn.Linear, recipe: QuantRecipe, device: T
         return "has a bias"
     if device is TargetDevice.CPU and lin.in_features % recipe.group_size:
         return f"in_features {lin.in_features} is not a multiple of group_size {recipe.group_size}"
+    if device is TargetDevice.CUDA and lin.in_features % 32:
+        return f"in_features {lin.in_features} is not a multiple of 32 (the smallest int4 group)"
     if device is TargetDevice.CUDA and lin.weight.dtype != torch.bfloat16:
-        return "torchao int4 (tile_packed_to_4d) needs bf16 weights"
+        return "the int4 CUDA kernels take bf16 activations: export with bf16 weights"
     return None
-
-
-def _int4_cuda_(lin: nn.Linear, group_size: int) -> None:
-    """torchao int4 in place; packing runs on the GPU, the result goes back where the
-    linear was (one linear on the GPU at a time; a low-memory export keeps all on the host)."""
-    from torchao.quantization import Int4WeightOnlyConfig
-    from torchao.quantization import quantize_ as ao_quantize_
-
-    home = lin.weight.device
-    lin.to("cuda")
-    # set_inductor_config=False: by default torchao switches on Inductor's coordinate-descent
-    # tuning (all directions) for the whole process, and AOTI then compiles and benchmarks
-    # dozens of configs per kernel, serially: most of a CUDA export's lowering on the H100
-    ao_quantize_(lin, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                           set_inductor_config=False))
-    lin.to(home)
-
-
-CUDA_PACK_ROWS = 16384
-"""Rows of one weight packed at once on the GPU. torchao's packing holds ~10 bytes per
-(padded) parameter beside its input, so packing the 262144-row lm_head whole would take
-~16 GiB of GPU memory for a moment; 16384-row blocks take ~1 GiB."""
-CUDA_SPLIT_ABOVE = 65536  # only vocab-sized weights are split: each block is one more matmul
-
-
-class RowChunks(nn.Module):
-    """A Linear stored as blocks of output rows; forward concatenates the blocks' outputs.
-    Lets a vocab-sized lm_head be packed block by block (and each block is an ordinary
-    int4 matmul in the graph)."""
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x) for p in self.parts], dim=-1)
-
-
-@torch.no_grad()
-def split_rows(lin: nn.Linear, rows: int) -> RowChunks:
-    """`lin` as RowChunks of plain Linears of at most `rows` output rows (views, no copy)."""
-    parts = []
-    for r0 in range(0, lin.out_features, rows):
-        w = lin.weight[r0:r0 + rows]
-        part = nn.Linear(lin.in_features, w.shape[0], bias=False, device="meta")
-        part.weight = nn.Parameter(w, requires_grad=False)
-        parts.append(part)
-    return RowChunks(parts)
 
 
 def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
@@ -267,14 +259,8 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
                 _linear_skip_reason(fqn, mod, recipe, device)
             if why:
                 report.skipped[fqn] = why
-            elif device is TargetDevice.CUDA and mod.out_features > CUDA_SPLIT_ABOVE:
-                parts = split_rows(mod, CUDA_PACK_ROWS)
-                for part in parts.parts:
-                    _int4_cuda_(part, recipe.group_size)
-                _set_module(model, fqn, parts)
-                report.int4.append(fqn)
             elif device is TargetDevice.CUDA:
-                _int4_cuda_(mod, recipe.group_size)
+                _set_module(model, fqn, PackedInt4Linear.from_float(mod.weight, recipe.group_size))
                 report.int4.append(fqn)
             else:
                 _set_module(model, fqn, Int4Linear.from_float(mod.weight, recipe.group_size))

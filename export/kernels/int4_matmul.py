@@ -1,0 +1,292 @@
+"""int4 weight-only linear: `gemma4::int4_linear(x, qweight, scales) -> x @ dequant(W).T`.
+
+Layout (one weight [N, K], no padding; K a multiple of the group size G):
+- `qweight` uint8 [N, K // 2]: row n holds W[n, :] in order, two values per byte, k = 2j in the
+  low nibble and k = 2j + 1 in the high nibble, stored as q + 8 (q in [-8, 7]). A row is one
+  contiguous run of K / 2 bytes, so a program reading BLOCK_N rows x BLOCK_K columns issues
+  BLOCK_N coalesced runs of BLOCK_K / 2 bytes.
+- `scales` bf16 [N, K // G]: symmetric, W ~= q * scale (no zero point: see `quantize_int4`).
+  Bytes per weight: 0.5 + 2 / G (g128: 4.125 bits).
+
+Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`):
+- GEMV (M <= GEMV_MAX_M, decode): K split over SPLIT_K programs as well as N over BLOCK_N, so a
+  weight with few rows still fills every SM; fp32 partials [SPLIT_K, M, N] summed by the
+  caller's graph (deterministic, no atomics). M == 1 reduces with a multiply-and-sum in
+  registers; M > 1 pads M to 16 and uses the tensor cores.
+- GEMM (prefill chunks): BLOCK_M x BLOCK_N tiles, packed weight tiles dequantized in
+  registers and fed to `tl.dot` (bf16 operands, fp32 accumulator).
+Both share one body; `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside it. Every config fits 101376
+bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
+`config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
+configs marked for those cards even on an H200, which is what the tests force.
+
+The CPU kernel of the op is `int4_linear_reference` (plain aten ops, any float dtype); the
+CPU backend decomposes the op into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.library import triton_op, wrap_triton
+
+SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
+GEMV_MAX_M = 8
+CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
+ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
+
+
+# ---- layout: pack, unpack, quantize ---------------------------------------------------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] in [-8, 7] -> uint8 [N, K // 2] (even k low nibble)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> int8 [N, K] in [-8, 7]. Dim 0 stays -1 in every view, so rows
+    n0..n1 of the constants give rows n0..n1 of the result (N-chunking passes slice it)."""
+    lo = torch.bitwise_and(qweight, 15).to(torch.int8) - 8
+    hi = torch.bitwise_right_shift(qweight, 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).view(-1, qweight.shape[1] * 2)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric group-wise int4 of a float [N, K] weight -> (qweight uint8 [N, K/2], scales bf16).
+
+    scale = max|w| / 7.5 per group, q = clamp(round(w / scale), -8, 7): the grid -8..7 covers
+    [-max, +max] with one rounding step clipped at +max. Zero points (a second bf16 per group)
+    are left out: on normal weights they lower the error ~10% for +2 / G bytes per weight,
+    see scripts/bench_int4.py's recipe table.
+    """
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4: K={K} is not a multiple of the group size {group_size}")
+    g = w.float().reshape(N, K // group_size, group_size)
+    scales = (g.abs().amax(-1, keepdim=True) / 7.5).clamp_min(1e-12).to(torch.bfloat16)
+    q = torch.clamp(torch.round(g / scales.float()), -8, 7).to(torch.int8).reshape(N, K)
+    return pack_int4(q), scales.reshape(N, K // group_size)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] in `dtype`: q * scale, rounded to `dtype` like the kernels do."""
+    q = unpack_int4(qweight)
+    K = q.shape[1]
+    G = K // scales.shape[1]
+    w = q.to(dtype).view(-1, K // G, G) * scales.to(dtype).unsqueeze(-1)
+    return w.view(-1, K)
+
+
+def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The op in plain aten ops: x [..., K] @ dequant(W).T -> [..., N] in x.dtype."""
+    return torch.nn.functional.linear(x, dequantize_int4(qweight, scales, x.dtype))  # as N-chunking matches
+
+
+def group_size_for(k: int, group_size: int) -> int:
+    """The recipe's group size, halved (down to 32) until it divides K (MoE down_proj K=704)."""
+    g = group_size
+    while k % g and g > 32:
+        g //= 2
+    if k % g:
+        raise ValueError(f"int4: K={k} is not a multiple of 32")
+    return g
+
+
+def int4_bytes(n: int, k: int, group_size: int) -> int:
+    """Stored bytes of one [n, k] weight in this layout (packed nibbles + bf16 scales)."""
+    return n * k // 2 + n * (k // group_size) * 2
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, warps, stages, consumer=True):
+    c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    c.consumer = consumer  # fits and is worth trying on sm_89 / sm_120
+    return c
+
+
+# BLOCK_M 1: the M == 1 multiply-and-sum; 16: tensor cores with M padded. The GEMV kernel is
+# keyed on M's bucket, so a config's BLOCK_M must match it; `_kernel` filters.
+GEMV_CONFIGS = [
+    *[_cfg(1, bn, bk, w, s) for bn, bk, w, s in (
+        (16, 256, 4, 3), (32, 256, 4, 3), (32, 512, 4, 2), (64, 128, 4, 4), (16, 512, 4, 4), (64, 256, 8, 3))],
+    *[_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
+        (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))],
+]
+GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 128, 4, 2), _cfg(64, 64, 128, 4, 3),
+    _cfg(128, 256, 64, 8, 2, consumer=False), _cfg(64, 256, 64, 8, 3, consumer=False),
+]
+
+
+def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
+    """Estimate of a config's shared memory: each pipeline stage buffers the x tile, the packed
+    weight tile and its scales; a dot also stages the dequantized bf16 weight tile once (the
+    M == 1 path has no dot). scripts/bench_int4.py checks Triton's own figure for every
+    compiled variant against the limit."""
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
+    dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once
+    return cfg.num_stages * per_stage + dot
+
+
+def active_configs(configs: list[triton.Config], consumer_only: bool) -> list[triton.Config]:
+    return [c for c in configs if c.consumer] if consumer_only else list(configs)
+
+
+# ---- kernel ---------------------------------------------------------------------------------
+
+
+@triton.jit
+def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, K_PER_SPLIT,
+                        stride_xm, stride_wn, stride_sn, stride_os, stride_om, M_BUCKET,
+                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_K // 2)  # packed bytes of one K step
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        k0 = k_lo + kk
+        b_ok = (k0 // 2 + offs_b) < k_hi // 2
+        p = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_b)[None, :],
+                    mask=n_ok[:, None] & b_ok[None, :], other=0)
+        lo = (p & 0xF).to(tl.int8) - 8
+        hi = (p >> 4).to(tl.int8) - 8
+        q = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K).to(tl.float32)  # k = 2j, 2j + 1 interleaved
+        if BLOCK_K >= GROUP:
+            offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + offs_g[None, :],
+                        mask=n_ok[:, None] & (offs_g * GROUP < k_hi)[None, :], other=0.0)
+            w = (q.reshape(BLOCK_N, BLOCK_K // GROUP, GROUP) * s.to(tl.float32)[:, :, None]).reshape(BLOCK_N, BLOCK_K)
+        else:
+            s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok & (k0 < k_hi), other=0.0)
+            w = q * s.to(tl.float32)[:, None]
+        k_ok = (k0 + offs_k) < k_hi
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + pid_m * stride_xm + k0 + offs_k, mask=k_ok, other=0.0)
+            acc += tl.sum(w.to(x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                        mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+    out = out_ptr + pid_k * stride_os
+    if BLOCK_M == 1:
+        tl.store(out + pid_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping many shapes
+
+
+def _autotuned(configs):
+    # keyed on M's launch bucket (not M itself) so a dynamic prefill length does not re-tune
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP"], **AUTOTUNE_KWARGS)(
+        _int4_matmul_kernel)
+
+
+_KERNELS: dict[tuple[str, bool, bool, int], object] = {}
+
+
+@contextlib.contextmanager
+def one_config():
+    """Launches traced inside keep one config per kernel (the smallest): exports without
+    autotune compile fast and two of them compute bitwise the same result."""
+    global ONE_CONFIG
+    saved, ONE_CONFIG = ONE_CONFIG, True
+    try:
+        yield
+    finally:
+        ONE_CONFIG = saved
+
+
+def _kernel(kind: str, m_bucket: int):
+    """The autotuned kernel for a path ('gemv' with BLOCK_M == m_bucket, or 'gemm')."""
+    key = (kind, CONSUMER_ONLY, ONE_CONFIG, m_bucket)
+    if key not in _KERNELS:
+        pool = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
+        configs = [c for c in active_configs(pool, CONSUMER_ONLY)
+                   if kind == "gemm" or c.kwargs["BLOCK_M"] == m_bucket]
+        if ONE_CONFIG:
+            configs = [min(configs, key=lambda c: (config_smem_bytes(c), c.num_warps))]
+        _KERNELS[key] = _autotuned(configs)
+    return _KERNELS[key]
+
+
+def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
+    """(slices, slice length) of K for the GEMV path: enough programs (at BLOCK_N = 32) for
+    every SM of a large card, each slice at least `min_k` long and a whole number of groups."""
+    n_tiles = triton.cdiv(n, 32)
+    splits = max(1, min(triton.cdiv(target_programs, n_tiles), k // max(min_k, group_size)))
+    per_split = triton.cdiv(triton.cdiv(k, splits), group_size) * group_size
+    return triton.cdiv(k, per_split), per_split
+
+
+# ---- the op ---------------------------------------------------------------------------------
+
+
+def _check(x, qweight, scales):
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if x.shape[-1] != K or scales.shape[0] != N or K % scales.shape[1]:
+        raise ValueError(f"int4_linear: x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, "
+                         f"scales {tuple(scales.shape)} do not agree")
+    return N, K, K // scales.shape[1]
+
+
+@triton_op("gemma4::int4_linear", mutates_args={})
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (bf16) @ dequant(qweight, scales).T -> [..., N] bf16 (layout: module doc)."""
+    N, K, G = _check(x, qweight, scales)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
+    # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
+    if guard_or_false(M <= GEMV_MAX_M):
+        bm = 1 if guard_or_false(M == 1) else 16
+        splits, per_split = gemv_splits(N, K, G)
+        part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
+        wrap_triton(_kernel("gemv", bm))[grid](
+            x2, qweight, scales, part, M, N, K, per_split, x2.stride(0), qweight.stride(0),
+            scales.stride(0), part.stride(0), part.stride(1), bm, GROUP=G)
+        out = part.sum(0).to(x.dtype)
+    else:
+        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        bucket = min(triton.next_power_of_2(M), 2048) if isinstance(M, int) else 2048
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
+        wrap_triton(_kernel("gemm", 0))[grid](
+            x2, qweight, scales, out, M, N, K, K, x2.stride(0), qweight.stride(0),
+            scales.stride(0), 0, out.stride(0), bucket, GROUP=G)
+    return out.reshape(*lead, N)
+
+
+@int4_linear.register_fake
+def _(x, qweight, scales):
+    N, _, _ = _check(x, qweight, scales)
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@int4_linear.register_kernel("cpu")
+def _(x, qweight, scales):
+    _check(x, qweight, scales)
+    return int4_linear_reference(x, qweight, scales)

@@ -1,0 +1,240 @@
+"""int4 linears (`gemma4::int4_linear`) against the copy bandwidth, bf16 matmul and tinygemm.
+
+    python -m scripts.bench_int4 [--models 31b,26b-a4b,e4b] [--ms 1,2,4,8,128,512,2048]
+        [--group-size 128] [--consumer] [--out scripts/measurements/int4_kernels.json]
+
+First the floors: the device-to-device copy bandwidth (bytes read + written) measured in this
+run, and each recipe option's bytes for the 31B linears + lm_head and its reconstruction error
+on random normal weights. Then every distinct linear shape of each model (from the presets) at
+each M: median time, bytes read, their fraction of the copy bandwidth,
+TFLOP/s beside torch's bf16 matmul of the same shape and tinygemm (`_weight_int4pack_mm`).
+Times are CUDA-graph replays (triton.testing.do_bench_cudagraph): the eager op paid ~70 us of
+Python dispatch per call on the H200, which the AOTInductor-compiled artifact does not.
+Every kernel result is checked first against an fp32 matmul with the dequantized weight on fresh
+random inputs, with the allocator's free memory poisoned with NaN; a relative error over 1e-2
+stops the run (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from export.gemma4.config import PRESETS, Gemma4Config
+
+REL_TOL = 1e-2
+
+
+def linear_shapes(c: Gemma4Config) -> dict[tuple[int, int], tuple[str, int]]:
+    """{(n_out, k_in): (names, count in the model)} of every linear, lm_head included."""
+    shapes: dict[tuple[int, int], list] = {}
+
+    def add(name, n, k, count=1):
+        names, total = shapes.get((n, k), ([], 0))
+        if name not in names:
+            names.append(name)
+        shapes[(n, k)] = (names, total + count)
+
+    H = c.hidden_size
+    for i in range(c.num_hidden_layers):
+        kind = "sliding" if c.is_sliding(i) else "full"
+        q = c.num_attention_heads * c.layer_head_dim(i)
+        kv = c.layer_kv_heads(i) * c.layer_head_dim(i)
+        add(f"q_proj.{kind}", q, H)
+        if not c.is_kv_shared(i):
+            add(f"k_proj.{kind}", kv, H)
+            if not c.uses_k_eq_v(i):
+                add(f"v_proj.{kind}", kv, H)
+        add(f"o_proj.{kind}", H, q)
+        inter = c.layer_intermediate_size(i)
+        add("mlp.gate_proj", inter, H)
+        add("mlp.up_proj", inter, H)
+        add("mlp.down_proj", H, inter)
+        if c.enable_moe_block:
+            add("expert.gate_up_proj", 2 * c.moe_intermediate_size, H, c.num_experts)
+            add("expert.down_proj", H, c.moe_intermediate_size, c.num_experts)
+        if c.has_ple:
+            add("per_layer_input_gate", c.hidden_size_per_layer_input, H)
+            add("per_layer_projection", H, c.hidden_size_per_layer_input)
+    if c.has_ple:
+        add("per_layer_model_projection", c.num_hidden_layers * c.hidden_size_per_layer_input, H)
+    add("lm_head", c.vocab_size, H)
+    return {s: ("+".join(names), count) for s, (names, count) in shapes.items()}
+
+
+# ---- recipe options: bytes and reconstruction error ------------------------------------------
+
+
+def _reconstruct(w: torch.Tensor, group: int, zero_point: bool) -> torch.Tensor:
+    from export.kernels.int4_matmul import dequantize_int4, quantize_int4
+    if not zero_point:
+        return dequantize_int4(*quantize_int4(w, group), torch.float32)
+    g = w.float().reshape(w.shape[0], -1, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_min(1e-12).bfloat16().float()
+    zero = torch.round(-lo / scale).clamp(0, 15).bfloat16().float()
+    q = torch.clamp(torch.round(g / scale) + zero, 0, 15)
+    return ((q - zero) * scale).reshape(w.shape)
+
+
+def recipe_options(c: Gemma4Config, device: str) -> list[dict]:
+    params = sum(n * k * count for (n, k), (_, count) in linear_shapes(c).items())
+    torch.manual_seed(0)
+    w = torch.randn(4096, 5376, device=device)
+    rows = []
+    for group in (32, 128):
+        for zero_point in (False, True):
+            bits = 4 + 16 / group * (2 if zero_point else 1)
+            err = ((_reconstruct(w, group, zero_point) - w).norm() / w.norm()).item()
+            rows.append({"group_size": group, "zero_point": zero_point, "bits_per_param": bits,
+                         "gib": params * bits / 8 / 2**30, "rel_err": err})
+    return rows
+
+
+# ---- measurements ---------------------------------------------------------------------------
+
+
+def copy_gbps() -> float:
+    from triton.testing import do_bench
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * src.numel() / ms / 1e6
+
+
+def _poison(*nbytes: int) -> None:
+    """Hand the caching allocator blocks of these sizes filled with 0xFF (NaN in bf16 and fp32)
+    and free them: the op's next allocations of those sizes get them, so an unwritten output
+    element reads NaN."""
+    blocks = [torch.full((n,), 0xFF, dtype=torch.uint8, device="cuda") for n in nbytes]
+    del blocks
+
+
+def _tinygemm(w: torch.Tensor, group: int):
+    """(x -> y) with torch core's tinygemm int4 on w, or None where its packing refuses."""
+    try:
+        N, K = w.shape
+        g = w.float().reshape(N, K // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-6)
+        q = torch.clamp(torch.round((g - lo[..., None]) / scale[..., None]), 0, 15).to(torch.int32).reshape(N, K)
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        zeros = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.t(), zeros.t()], -1).contiguous().bfloat16()
+        return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+    except RuntimeError as e:
+        print(f"  tinygemm refuses [{w.shape[0]} x {w.shape[1]}]: {str(e).splitlines()[0][:100]}", file=sys.stderr)
+        return None
+
+
+def bench_shape(model, name, n, k, ms, group, gbps, rows):
+    from triton.testing import do_bench_cudagraph
+
+    from export.kernels.int4_matmul import (GEMV_MAX_M, dequantize_int4, group_size_for, int4_bytes,
+                                            int4_linear, gemv_splits, quantize_int4)
+    group = group_size_for(k, group)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    qweight, scales = quantize_int4(w, group)
+    ref_w = dequantize_int4(qweight, scales, torch.float32)
+    tiny = _tinygemm(w, group)
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        int4_linear(x, qweight, scales)  # autotune first: its trial runs write the output
+        parts = gemv_splits(n, k, group)[0] * m * n * 4 if m <= GEMV_MAX_M else 0
+        _poison(*(b for b in (parts, m * n * 2) if b))
+        y = int4_linear(x, qweight, scales)
+        ref = x.float() @ ref_w.t()
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if not math.isfinite(err) or err > REL_TOL:
+            raise SystemExit(f"FAIL {model} {name} [{n} x {k}] m={m}: rel err {err:.3e} > {REL_TOL}")
+        # CUDA graphs: kernel time without Python's launch cost (the compiled .so has none)
+        bench = lambda f: do_bench_cudagraph(f, rep=20)
+        us = bench(lambda: int4_linear(x, qweight, scales)) * 1e3
+        bf16_us = bench(lambda: x @ w.t()) * 1e3
+        tiny_us = bench(lambda: tiny(x)) * 1e3 if tiny is not None else None
+        nbytes = int4_bytes(n, k, group) + 2 * m * (k + n)
+        flops = 2 * m * n * k
+        rows.append({"model": model, "name": name, "n": n, "k": k, "m": m, "us": us, "bytes": nbytes,
+                     "floor_us": nbytes / gbps / 1e3, "flops": flops,
+                     "gbps": nbytes / us / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,
+                     "tflops": flops / us / 1e6, "bf16_us": bf16_us, "bf16_tflops": flops / bf16_us / 1e6,
+                     "tinygemm_us": tiny_us, "rel_err": err, "group_size": group})
+        r = rows[-1]
+        print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} "
+              f"{r['fraction_of_copy_bw']:6.1%} "
+              f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}", flush=True)
+
+
+def compiled_smem() -> list[dict]:
+    """Shared memory of every kernel variant Triton compiled in this run (all autotune configs)."""
+    from export.kernels import int4_matmul
+    out = []
+    for cache in int4_matmul._int4_matmul_kernel.device_caches.values():
+        for kernel in cache[0].values():
+            md = kernel.metadata
+            out.append({"name": kernel.name, "shared": md.shared, "num_warps": md.num_warps,
+                        "num_stages": md.num_stages})
+    return out
+
+
+def _write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="31b,26b-a4b,e4b")
+    ap.add_argument("--ms", default="1,2,4,8,128,512,2048")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--consumer", action="store_true", help="autotune over the sm_89/sm_120 configs only")
+    ap.add_argument("--out", type=Path, default=Path("scripts/measurements/int4_kernels.json"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_int4: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    from export.kernels import int4_matmul
+    int4_matmul.CONSUMER_ONLY = a.consumer
+    int4_matmul.AUTOTUNE_KWARGS["do_bench"] = lambda fn, quantiles: triton.testing.do_bench(
+        fn, warmup=5, rep=20, quantiles=quantiles)
+    gbps = copy_gbps()
+    options = recipe_options(PRESETS["31b"], "cuda")
+    print(f"copy bandwidth: {gbps:.0f} GB/s ({torch.cuda.get_device_name()})")
+    print("31B linears + lm_head per recipe option (random normal weights):")
+    for o in options:
+        print(f"  g{o['group_size']:<4} zero point {str(o['zero_point']):5}  {o['bits_per_param']:.3f} bit  "
+              f"{o['gib']:6.2f} GiB  rel err {o['rel_err']:.4f}")
+    print(f"{'model':8} {'shape':34} {'n':>6} {'k':>6} {'m':>5} {'floor us':>8} {'us':>9} {'%copy':>6} {'TFLOP/s':>7} "
+          f"{'bf16':>7} {'tiny us':>9} err")
+    rows: list[dict] = []
+    doc = {"device": torch.cuda.get_device_name(), "group_size": a.group_size,
+           "consumer_configs_only": a.consumer, "copy_gbps": gbps, "recipe_options_31b": options, "rows": rows}
+    for model in a.models.split(","):
+        for (n, k), (name, _) in sorted(linear_shapes(PRESETS[model]).items()):
+            bench_shape(model, name, n, k, [int(m) for m in a.ms.split(",")], a.group_size, gbps, rows)
+        _write(a.out, doc)  # after each model: a cut-short run keeps what it measured
+    smem = compiled_smem()
+    doc["compiled_max_shared_bytes"] = max((s["shared"] for s in smem), default=None)
+    doc["compiled_kernels"] = len(smem)
+    _write(a.out, doc)
+    print(f"compiled variants: {len(smem)}, max shared memory {doc['compiled_max_shared_bytes']} B "
+          f"(limit {int4_matmul.SMEM_LIMIT_BYTES})")
+    print(f"wrote {a.out}")
+    over = [s for s in smem if s["shared"] > int4_matmul.SMEM_LIMIT_BYTES]
+    if over:
+        print(f"FAIL: {len(over)} compiled configs exceed {int4_matmul.SMEM_LIMIT_BYTES} B: {over}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

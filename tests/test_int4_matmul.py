@@ -1,0 +1,192 @@
+"""gemma4::int4_linear: layout, CPU reference, Triton kernels (interpreter on CPU, real on CUDA)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from export.kernels import int4_matmul as im
+from export.planner import Int4Layout, int4_bytes as planner_int4_bytes
+
+
+def _fp32_ref(x, qweight, scales):
+    return x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_pack_roundtrip_and_nibble_order():
+    q = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    packed = im.pack_int4(q)
+    assert packed.shape == (5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(im.unpack_int4(packed), q)
+    assert int(packed[0, 0]) == (int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4)  # even k: low nibble
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_quantize_error_within_half_a_step(group):
+    w = torch.randn(64, 512)
+    qweight, scales = im.quantize_int4(w, group)
+    assert scales.shape == (64, 512 // group) and scales.dtype == torch.bfloat16
+    err = (im.dequantize_int4(qweight, scales, torch.float32) - w).abs().reshape(64, -1, group)
+    step = scales.float().unsqueeze(-1)
+    # max|w| = 7.5 steps, so -8..7 covers it; the bf16 scale's rounding adds up to 7.5 x 2^-8 of a step
+    assert (err <= 0.53 * step).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_op_is_the_reference_and_matches_fp32(dtype):
+    w = torch.randn(40, 256)
+    qweight, scales = im.quantize_int4(w, 32)
+    x = torch.randn(2, 3, 256).to(dtype)
+    y = torch.ops.gemma4.int4_linear(x, qweight, scales)
+    assert y.shape == (2, 3, 40) and y.dtype == dtype
+    assert torch.equal(y, im.int4_linear_reference(x, qweight, scales))
+    assert _rel(y, _fp32_ref(x, qweight, scales)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_fake_shape_and_shape_check():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        y = torch.ops.gemma4.int4_linear(torch.empty(7, 256, dtype=torch.bfloat16),
+                                         torch.empty(48, 128, dtype=torch.uint8),
+                                         torch.empty(48, 2, dtype=torch.bfloat16))
+    assert y.shape == (7, 48)
+    with pytest.raises(ValueError, match="do not agree"):
+        torch.ops.gemma4.int4_linear(torch.zeros(1, 100), torch.zeros(4, 64, dtype=torch.uint8),
+                                     torch.zeros(4, 4, dtype=torch.bfloat16))
+
+
+def test_every_config_fits_consumer_shared_memory():
+    for cfg in im.GEMV_CONFIGS + im.GEMM_CONFIGS:
+        assert im.config_smem_bytes(cfg, group_size=32) <= im.SMEM_LIMIT_BYTES, cfg
+    assert im.active_configs(im.GEMM_CONFIGS, consumer_only=True)  # the forced set is not empty
+    assert all(c.consumer for c in im.active_configs(im.GEMM_CONFIGS, consumer_only=True))
+
+
+@pytest.mark.parametrize("n,k,group", [(5376, 21504, 128), (262144, 5376, 128), (2816, 704, 32), (2816, 704, 128),
+                                        (40, 256, 32)])
+def test_layout_bytes_equal_planner_bytes(n, k, group):
+    from export.gemma4.quant import PackedInt4Linear
+    data, scales = planner_int4_bytes(n, k, group, Int4Layout.PLAIN)
+    mod = PackedInt4Linear(k, n, group) if n * k <= 1 << 22 else None  # the buffers the .ptd stores
+    g = im.group_size_for(k, group)
+    assert data + scales == im.int4_bytes(n, k, g)
+    if mod is not None:
+        assert mod.qweight.nbytes + mod.scales.nbytes == data + scales
+
+
+def test_31b_linears_and_lm_head_fit_the_byte_budget_at_g128():
+    from export.gemma4.config import PRESETS
+    from scripts.bench_int4 import linear_shapes
+    shapes = linear_shapes(PRESETS["31b"])
+    total = lambda g: sum(im.int4_bytes(n, k, im.group_size_for(k, g)) * c for (n, k), (_, c) in shapes.items())
+    assert total(128) <= 15.0 * 2**30 < total(32)  # g128: 14.74 GiB; g32: 16.08 GiB
+
+
+def test_group_size_for_k_not_a_multiple():
+    assert im.group_size_for(5376, 128) == 128
+    assert im.group_size_for(704, 128) == 64  # 26B-A4B expert down_proj
+    with pytest.raises(ValueError):
+        im.group_size_for(100, 128)
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import triton.runtime.interpreter as ti
+    _orig = ti._patch_lang_tensor
+    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    ti._patch_lang_tensor = _patched
+    from export.kernels import int4_matmul as im
+    im.GEMV_CONFIGS[:] = [im._cfg(1, 16, 64, 4, 1), im._cfg(16, 16, 64, 4, 1)]
+    im.GEMM_CONFIGS[:] = [im._cfg(16, 32, 64, 4, 1)]
+    torch.manual_seed(0)
+    worst = 0.0
+    # fp32 activations: the interpreter's bf16 casts are wrong for negative values
+    for M, N, K, G in [(1, 48, 2048, 32), (3, 40, 384, 128), (20, 72, 256, 32), (5, 33, 512, 64)]:
+        qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+        x = torch.randn(M, K)
+        y = im.int4_linear._init_fn(x, qweight, scales)  # the Triton path, on CPU tensors
+        ref = x @ im.dequantize_int4(qweight, scales, torch.float32).t()
+        worst = max(worst, ((y - ref).norm() / ref.norm()).item())
+    print("worst", worst)
+""")
+
+
+def test_triton_kernels_through_the_interpreter():
+    """GEMV (M == 1 and padded dot, split-K) and GEMM paths on tiny shapes, ~10 s."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.split("worst")[-1]) < 1e-5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 3, 8, 100, 512])
+@pytest.mark.parametrize("n,k,group", [(1000, 4096, 128), (320, 704, 64), (2048, 2560, 32)])
+def test_cuda_kernels_match_reference_consumer_configs(monkeypatch, m, n, k, group):
+    monkeypatch.setattr(im, "CONSUMER_ONLY", True)
+    torch.manual_seed(m)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), group)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    torch.full((1 << 24,), float("nan"), device="cuda")  # poison the allocator's free blocks
+    y = torch.ops.gemma4.int4_linear(x, qweight, scales)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
+    cpu = im.int4_linear_reference(x.cpu().float(), qweight.cpu(), scales.cpu())
+    assert _rel(y.cpu(), cpu) <= 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
+    """AOTInductor builds the Triton kernels into the package (no fallback op) for both paths."""
+    class Lin(torch.nn.Module):
+        def __init__(self, qweight, scales):
+            super().__init__()
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+
+        def forward(self, x):
+            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    qweight, scales = im.quantize_int4(torch.randn(640, 1024, device="cuda"), 128)
+    mod = Lin(qweight, scales)
+    M = torch.export.Dim("M", min=2, max=256)  # a prefill chunk's dynamic length: the GEMM path
+    for m, shapes in ((1, None), (64, ({0: M},))):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        ep = torch.export.export(mod, (x,), dynamic_shapes=shapes)
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"m{m}.pt2"))
+        run = torch._inductor.aoti_load_package(path)
+        for rows in ((1,) if shapes is None else (3, 64, 200)):
+            x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+            assert _rel(run(x), _fp32_ref(x, qweight, scales)) <= 1e-2, rows
+
+
+def test_cpu_backend_decomposes_the_op_into_aten():
+    from export.backends.cpu import Gemma4CpuBackend
+    qweight, scales = im.quantize_int4(torch.randn(24, 64), 32)
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+
+        def forward(self, x):
+            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    x = torch.randn(3, 64)
+    ep = torch.export.export(Lin(), (x,)).run_decompositions(Gemma4CpuBackend.get_decomposition_table())
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("gemma4" in t for t in targets) and any("bitwise" in t for t in targets)
+    assert torch.allclose(ep.module()(x), im.int4_linear_reference(x, qweight, scales))
