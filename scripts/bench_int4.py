@@ -104,9 +104,10 @@ def copy_gbps() -> float:
     src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    nbytes = 2 * src.numel()  # read + written
     del src, dst
     torch.cuda.empty_cache()
-    return 2 * src.numel() / ms / 1e6
+    return nbytes / ms / 1e6
 
 
 def _poison(*nbytes: int) -> None:
