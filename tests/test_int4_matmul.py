@@ -63,7 +63,7 @@ def test_fake_shape_and_shape_check():
 
 
 def test_every_config_fits_consumer_shared_memory():
-    for cfg in im.GEMV_CONFIGS + im.GEMM_CONFIGS:
+    for cfg in im.GEMV1_CONFIGS + im.GEMV_CONFIGS + im.GEMM_CONFIGS:
         assert im.config_smem_bytes(cfg, group_size=32) <= im.SMEM_LIMIT_BYTES, cfg
     assert im.active_configs(im.GEMM_CONFIGS, consumer_only=True)  # the forced set is not empty
     assert all(c.consumer for c in im.active_configs(im.GEMM_CONFIGS, consumer_only=True))
@@ -107,12 +107,13 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _patched
     from export.kernels import int4_matmul as im
-    im.GEMV_CONFIGS[:] = [im._cfg(1, 16, 64, 4, 1), im._cfg(16, 16, 64, 4, 1)]
+    im.GEMV1_CONFIGS[:] = [im._cfg(1, 16, 32, 4, 1)]
+    im.GEMV_CONFIGS[:] = [im._cfg(16, 16, 64, 4, 1)]
     im.GEMM_CONFIGS[:] = [im._cfg(16, 32, 64, 4, 1)]
     torch.manual_seed(0)
     worst = 0.0
     # fp32 activations: the interpreter's bf16 casts are wrong for negative values
-    for M, N, K, G in [(1, 48, 2048, 32), (3, 40, 384, 128), (20, 72, 256, 32), (5, 33, 512, 64)]:
+    for M, N, K, G in [(1, 48, 2048, 32), (1, 40, 512, 128), (3, 40, 384, 128), (20, 72, 256, 32), (5, 33, 512, 64)]:
         qweight, scales = im.quantize_int4(torch.randn(N, K), G)
         x = torch.randn(M, K)
         y = im.int4_linear._init_fn(x, qweight, scales)  # the Triton path, on CPU tensors

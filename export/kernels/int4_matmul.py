@@ -11,11 +11,12 @@ Layout (one weight [N, K], no padding; K a multiple of the group size G):
 Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`):
 - GEMV (M <= GEMV_MAX_M, decode): K split over SPLIT_K programs as well as N over BLOCK_N, so a
   weight with few rows still fills every SM; fp32 partials [SPLIT_K, M, N] summed by the
-  caller's graph (deterministic, no atomics). M == 1 reduces with a multiply-and-sum in
-  registers; M > 1 pads M to 16 and uses the tensor cores.
+  caller's graph (deterministic, no atomics). M == 1 has a kernel of its own
+  (`_int4_gemv1_kernel`: multiply-and-sum in registers, nibbles turned into floats without
+  conversions); 2 <= M <= GEMV_MAX_M pads M to 16 and uses the tensor cores.
 - GEMM (prefill chunks): BLOCK_M x BLOCK_N tiles, packed weight tiles dequantized in
   registers and fed to `tl.dot` (bf16 operands, fp32 accumulator).
-Both share one body; `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside it. Every config fits 101376
+GEMV and GEMM share one body; `GEMV1_CONFIGS`, `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside them. Every config fits 101376
 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
 `config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
 configs marked for those cards even on an H200, which is what the tests force.
@@ -113,14 +114,13 @@ def _cfg(bm, bn, bk, warps, stages, consumer=True):
     return c
 
 
-# BLOCK_M 1: the M == 1 multiply-and-sum; 16: tensor cores with M padded. The GEMV kernel is
-# keyed on M's bucket, so a config's BLOCK_M must match it; `_kernel` filters.
-GEMV_CONFIGS = [
-    *[_cfg(1, bn, bk, w, s) for bn, bk, w, s in (
-        (16, 256, 4, 3), (32, 256, 4, 3), (32, 512, 4, 2), (64, 128, 4, 4), (16, 512, 4, 4), (64, 256, 8, 3))],
-    *[_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
-        (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))],
-]
+# M == 1: rows x one slice of a group per step (BLOCK_K divides the group size; `_kernel`
+# filters), no tensor cores. 2 <= M <= GEMV_MAX_M: M padded to 16 and a tensor-core dot.
+GEMV1_CONFIGS = [_cfg(1, bn, bk, w, s) for bn, bk, w, s in (
+    (32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (16, 128, 4, 4),
+    (32, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 32, 4, 4), (64, 32, 4, 4), (128, 32, 8, 4))]
+GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
+    (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
     _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
     _cfg(64, 128, 128, 4, 2), _cfg(64, 64, 128, 4, 3),
@@ -135,7 +135,7 @@ def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
     compiled variant against the limit."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
-    dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once
+    dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once (M == 1: no dot)
     return cfg.num_stages * per_stage + dot
 
 
@@ -159,10 +159,7 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, K_PER_SPLIT,
     n_ok = offs_n < N
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    if BLOCK_M == 1:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_lo + kk
         b_ok = (k0 // 2 + offs_b) < k_hi // 2
@@ -180,28 +177,52 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, K_PER_SPLIT,
             s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok & (k0 < k_hi), other=0.0)
             w = q * s.to(tl.float32)[:, None]
         k_ok = (k0 + offs_k) < k_hi
-        if BLOCK_M == 1:
-            x = tl.load(x_ptr + pid_m * stride_xm + k0 + offs_k, mask=k_ok, other=0.0)
-            acc += tl.sum(w.to(x_ptr.dtype.element_ty).to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        else:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                        mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                    mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
     out = out_ptr + pid_k * stride_os
-    if BLOCK_M == 1:
-        tl.store(out + pid_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=(offs_m < M)[:, None] & n_ok[None, :])
+    tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K_PER_SPLIT, K, stride_wn, stride_sn, stride_os,
+                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """M == 1: BLOCK_N rows x one K slice; out[pid_k, n] = partial dot in fp32.
+
+    Decode is bound by how fast the ALUs turn nibbles into floats, not by the dot: a nibble
+    becomes a float with one OR into the mantissa of 2^23 and a subtraction (no int->float
+    conversion), even and odd k meet their x directly (no interleave), a step stays inside
+    one group so the scale is one value per row, and the accumulator stays 2-D until the end
+    (no cross-thread reduction per step)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    n_ok = offs_n < N
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        p = tl.load(rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+        # (2^23 + v) - (2^23 + 8) = v - 8, exactly, for a nibble v
+        lo = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        xe = tl.load(x_ptr + k0 + 2 * offs_b).to(tl.float32)
+        xo = tl.load(x_ptr + k0 + 2 * offs_b + 1).to(tl.float32)
+        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        acc += (lo * xe[None, :] + hi * xo[None, :]) * s[:, None]
+    tl.store(out_ptr + pid_k * stride_os + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
 AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping many shapes
 
 
-def _autotuned(configs):
+def _autotuned(configs, kernel=_int4_matmul_kernel):
     # keyed on M's launch bucket (not M itself) so a dynamic prefill length does not re-tune
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "GROUP"], **AUTOTUNE_KWARGS)(
-        _int4_matmul_kernel)
+    key = ["M_BUCKET", "N", "K", "GROUP"] if kernel is _int4_matmul_kernel else ["N", "K", "GROUP"]
+    return triton.autotune(configs=configs, key=key, **AUTOTUNE_KWARGS)(kernel)
 
 
 _KERNELS: dict[tuple[str, bool, bool, int], object] = {}
@@ -219,16 +240,17 @@ def one_config():
         ONE_CONFIG = saved
 
 
-def _kernel(kind: str, m_bucket: int):
-    """The autotuned kernel for a path ('gemv' with BLOCK_M == m_bucket, or 'gemm')."""
-    key = (kind, CONSUMER_ONLY, ONE_CONFIG, m_bucket)
+def _kernel(kind: str, group: int):
+    """The autotuned kernel for a path: 'gemv1' (M == 1; configs whose BLOCK_K divides the
+    group), 'gemv' (2 <= M <= GEMV_MAX_M) or 'gemm'."""
+    key = (kind, CONSUMER_ONLY, ONE_CONFIG, group if kind == "gemv1" else 0)
     if key not in _KERNELS:
-        pool = GEMV_CONFIGS if kind == "gemv" else GEMM_CONFIGS
+        pool = {"gemv1": GEMV1_CONFIGS, "gemv": GEMV_CONFIGS, "gemm": GEMM_CONFIGS}[kind]
         configs = [c for c in active_configs(pool, CONSUMER_ONLY)
-                   if kind == "gemm" or c.kwargs["BLOCK_M"] == m_bucket]
+                   if kind != "gemv1" or group % c.kwargs["BLOCK_K"] == 0]
         if ONE_CONFIG:
             configs = [min(configs, key=lambda c: (config_smem_bytes(c), c.num_warps))]
-        _KERNELS[key] = _autotuned(configs)
+        _KERNELS[key] = _autotuned(configs, _int4_gemv1_kernel if kind == "gemv1" else _int4_matmul_kernel)
     return _KERNELS[key]
 
 
@@ -261,14 +283,21 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
-    if guard_or_false(M <= GEMV_MAX_M):
-        bm = 1 if guard_or_false(M == 1) else 16
+    if guard_or_false(M == 1):
+        splits, per_split = gemv_splits(N, K, G)
+        part = torch.empty((splits, 1, N), device=x.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
+        wrap_triton(_kernel("gemv1", G))[grid](
+            x2, qweight, scales, part, N, per_split, K, qweight.stride(0), scales.stride(0), part.stride(0),
+            GROUP=G)
+        out = part.sum(0).to(x.dtype)
+    elif guard_or_false(M <= GEMV_MAX_M):
         splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
-        wrap_triton(_kernel("gemv", bm))[grid](
+        wrap_triton(_kernel("gemv", G))[grid](
             x2, qweight, scales, part, M, N, K, per_split, x2.stride(0), qweight.stride(0),
-            scales.stride(0), part.stride(0), part.stride(1), bm, GROUP=G)
+            scales.stride(0), part.stride(0), part.stride(1), 16, GROUP=G)
         out = part.sum(0).to(x.dtype)
     else:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
