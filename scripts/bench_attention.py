@@ -90,14 +90,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="scripts/measurements/attention_kernels.json")
     ap.add_argument("--rep", type=int, default=40, help="do_bench rep (ms)")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time ExecuTorch's triton::sdpa (31B layers, fill 32k)")
+    ap.add_argument("--merge-baseline", default=None,
+                    help="copy the triton::sdpa rows from an earlier JSON of this script instead")
+    ap.add_argument("--hadamard-only", action="store_true",
+                    help="only the 4-bit Hadamard accuracy section (plain torch; runs on CPU too)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     # fewer configs than an export autotunes over: the run has minutes, not hours, to compile
-    trim = A.use_configs(lambda cs: [c for c in cs if c.num_warps == 4] or cs)
+    trim = A.use_configs(_trim)
     trim.__enter__()
+    if args.hadamard_only:
+        had = hadamard_section("cuda" if torch.cuda.is_available() else "cpu")
+        Path(args.out).write_text(json.dumps({"hadamard": had}, indent=1) + "\n")
+        return 0
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
-    sdpa = et_sdpa()
+    sdpa = et_sdpa() if args.baseline else None
     result = {"copy_gbps": bw, "device": torch.cuda.get_device_name(), "ctx": CTX, "prefill_chunk": CHUNK,
               "baseline": "ExecuTorch triton::sdpa over the whole cache" if sdpa else "none", "rows": []}
     out_path = Path(args.out)
@@ -118,8 +128,10 @@ def main(argv=None) -> int:
         for phase in ("decode", "prefill"):
             T = 1 if phase == "decode" else CHUNK
             for fill in sorted(FILLS, key=lambda f: f != 32768):  # autotune at 32k: the bandwidth regime
-                if window and fill > 8192 and phase == "prefill":
-                    continue  # a ring's work does not grow with the fill
+                if window and fill > 8192:
+                    continue  # a ring's work stops growing once it is full
+                if phase == "prefill" and not name.startswith("31b"):
+                    continue  # prefill: the 31B layers only (time on the GPU machine is scarce)
                 pos = torch.tensor([fill - T], device="cuda")
                 q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
                 n = min(fill, window + T - 1) if window else fill
@@ -160,30 +172,60 @@ def main(argv=None) -> int:
         del k, v, quant
         torch.cuda.empty_cache()
 
-    # Hadamard rotation before 4-bit quantization: attention-output error vs the bf16 cache,
-    # Gaussian K/V and K/V with a few outlier channels (as real keys have).
+    if args.merge_baseline:
+        old = json.loads(Path(args.merge_baseline).read_text())
+        for r in old["rows"]:
+            if r.get("impl") == "triton::sdpa":
+                emit({**r, "copy_gbps_of_its_run": old["copy_gbps"]})
+    result["compiled_shared_bytes_max"] = compiled_shared_max()
+    result["hadamard"] = hadamard_section("cuda")
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _trim(configs):
+    """The configs this benchmark compiles (an export autotunes over all of them)."""
+    keep = {(16, 16, 2), (16, 32, 1), (16, 64, 1), (32, 32, 1), (64, 32, 1), (32, 64, 1), (64, 64, 2)}
+    out = [c for c in configs if c.num_warps == 4
+           and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) in keep]
+    return out or configs[:1]
+
+
+def compiled_shared_max():
+    """Largest shared memory any compiled attention kernel uses (must stay <= A.SMEM_LIMIT)."""
+    try:
+        sizes = []
+        for caches in A._attn_body.device_caches.values():
+            sizes += [k.metadata.shared for k in caches[0].values()]
+        return max(sizes) if sizes else None
+    except Exception as e:  # triton internals: report, do not fail the run
+        return f"unavailable: {e!r}"
+
+
+def hadamard_section(device):
+    """Attention-output error of int8 / int4 KV against the float cache, with and without an
+    orthonormal Hadamard rotation of q, k and v (output rotated back), on Gaussian K/V and on
+    K/V with a few outlier channels (as real keys have)."""
     had = []
     D, Hkv, G, fill = 512, 4, 8, 4096
-    Hm = A.hadamard(D, device="cuda")
+    Hm = A.hadamard(D, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
     for outliers in (False, True):
-        k = torch.randn(1, Hkv, fill, D, device="cuda")
-        v = torch.randn(1, Hkv, fill, D, device="cuda")
+        k = torch.randn(1, Hkv, fill, D, device=device, generator=gen)
+        v = torch.randn(1, Hkv, fill, D, device=device, generator=gen)
         if outliers:
             k[..., :8] *= 20
             v[..., :4] *= 10
-        q = torch.randn(1, 1, Hkv * G, D, device="cuda")
-        pos = torch.tensor([fill - 1], device="cuda")
+        q = torch.randn(1, 1, Hkv * G, D, device=device, generator=gen) * 0.1
+        pos = torch.tensor([fill - 1], device=device)
         ref = A.attention_reference(q, k, v, None, None, pos, 0)
         for kv in ("int8", "int4"):
             plain = A.attention_reference(q, *_q(k, v, kv), pos, 0)
-            rq = q @ Hm
-            rot = A.attention_reference(rq, *_q(k @ Hm, v @ Hm, kv), pos, 0) @ Hm
+            rot = A.attention_reference(q @ Hm, *_q(k @ Hm, v @ Hm, kv), pos, 0) @ Hm
             had.append(dict(kv_dtype=kv, outlier_channels=outliers, rel_err=rel(plain, ref),
                             rel_err_hadamard=rel(rot, ref)))
             print(had[-1], flush=True)
-    result["hadamard"] = had
-    out_path.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return had
 
 
 def _q(k, v, kv):

@@ -130,28 +130,30 @@ def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
 # ---- kernels -------------------------------------------------------------------------------------
 
 @triton.jit
-def _block(q, m_i, l_i, acc, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
+def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
            D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax."""
+    """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
+    float / int8: qa, acc hold all D columns (qb, acc2 unused). int4: qa / acc the even columns
+    (low nibbles), qb / acc2 the odd ones (high nibbles): no in-register interleave needed."""
     kp = k0 + tl.arange(0, BLOCK_N)
     kmask = kp < end
     slot = kp % S
-    d = tl.arange(0, D)
     if KV_FMT == 2:
         dh = tl.arange(0, D // 2)
         kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
-        vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
-        kt = tl.reshape(tl.join((kb & 15).to(tl.int32) - 8, (kb >> 4).to(tl.int32) - 8), [BLOCK_N, D])
-        vt = tl.reshape(tl.join((vb & 15).to(tl.int32) - 8, (vb >> 4).to(tl.int32) - 8), [BLOCK_N, D])
-        kt = kt.to(q.dtype)
-        vt = vt.to(q.dtype)
+        ka = ((kb & 15).to(tl.int32) - 8).to(qa.dtype)
+        kz = ((kb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        if FP32:
+            s = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
+        else:
+            s = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
     else:
-        kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0).to(q.dtype)
-        vt = tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0).to(q.dtype)
-    if FP32:
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(kt))
+        d = tl.arange(0, D)
+        kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        if FP32:
+            s = tl.dot(qa, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(qa, tl.trans(kt))
     if KV_FMT != 0:
         ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
         s = s * ks[None, :]
@@ -166,19 +168,33 @@ def _block(q, m_i, l_i, acc, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, s
     if KV_FMT != 0:
         vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
         p = p * vs[None, :]
-    if FP32:
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    if not FP32:
+        p = p.to(qa.dtype)
+    if KV_FMT == 2:
+        vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
+        va = ((vb & 15).to(tl.int32) - 8).to(qa.dtype)
+        vz = ((vb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, va)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    m_i = m_new
-    return m_i, l_i, acc
+        vt = tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, vt)
+    return m_new, l_i, acc, acc2
 
 
 @triton.jit
 def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
                sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
                G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, NUM_SPLITS: tl.constexpr,
-               SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -198,32 +214,46 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
 
-    d = tl.arange(0, D)
-    q = tl.load(Q + t[:, None] * sqt + head[:, None] * sqh + d[None, :], mask=row_ok[:, None], other=0.0)
+    # columns held by the two accumulators (see _block)
+    if KV_FMT == 2:
+        ca = 2 * tl.arange(0, D // 2)
+        cb = ca + 1
+        acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    else:
+        ca = tl.arange(0, D)
+        cb = ca
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
+    qrow = Q + t[:, None] * sqt + head[:, None] * sqh
+    qa = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
+    qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
         k0 = start
         while k0 < end:
-            m_i, l_i, acc = _block(q, m_i, l_i, acc, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh,
-                                   svs, ssh, D, KV_FMT, FP32, BLOCK_N)
+            m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+                                         skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
             k0 += BLOCK_N
     else:
         for k0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc = _block(q, m_i, l_i, acc, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh,
-                                   svs, ssh, D, KV_FMT, FP32, BLOCK_N)
+            m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+                                         skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
 
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel
         base = kvh * NUM_SPLITS * G + pid_s * G + g
-        ok = g < G
-        tl.store(MP + base, m_i, mask=ok & row_ok)
-        tl.store(LP + base, l_i, mask=ok & row_ok)
-        tl.store(AP + base[:, None] * D + d[None, :], acc, mask=(ok & row_ok)[:, None])
+        ok = (g < G) & row_ok
+        tl.store(MP + base, m_i, mask=ok)
+        tl.store(LP + base, l_i, mask=ok)
+        tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
+        if KV_FMT == 2:
+            tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
     else:
-        out = acc / l_i[:, None]
-        tl.store(O + t[:, None] * sot + head[:, None] * soh + d[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None])
+        orow = O + t[:, None] * sot + head[:, None] * soh
+        tl.store(orow + ca[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        if KV_FMT == 2:
+            tl.store(orow + cb[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 _FORCE = None  # configs filter set by `use_configs`
@@ -233,11 +263,10 @@ _KERNELS: dict = {}
 def _kernel(decode: bool, head_dim: int, fmt: int):
     """The autotuned body for one phase / head dim / KV format, with only the configs that fit."""
     configs = fitting(_DECODE_ALL if decode else _PREFILL_ALL, head_dim, fmt)
-    if _FORCE is not None:
-        return triton.autotune(configs=_FORCE(configs), key=["S", "G"])(_attn_body)
-    key = (decode, head_dim, fmt)
+    key = (decode, head_dim, fmt, _FORCE)
     if key not in _KERNELS:
-        _KERNELS[key] = triton.autotune(configs=configs, key=["S", "G"])(_attn_body)
+        chosen = _FORCE(configs) if _FORCE is not None else configs
+        _KERNELS[key] = triton.autotune(configs=chosen, key=["S", "G"])(_attn_body)
     return _KERNELS[key]
 
 
