@@ -20,7 +20,7 @@ from torch import nn
 
 import export.kernels.attention  # noqa: F401  (registers torch.ops.gemma4.attention)
 
-from ..kernels.attention import quantize_kv
+from ..kernels.attention import hadamard_rotate, quantize_kv
 from .config import Gemma4Config
 
 
@@ -62,7 +62,8 @@ class KVCache(nn.Module):
     p % S; a flat cache (full layers) at slot p. With `kv_dtype` "int8" or "int4" (flat caches
     only; rings stay in the model dtype) K and V are stored quantized on write, symmetric with an
     fp16 scale per token and head in `k_scale` / `v_scale` (1, Hkv, S): int8 codes, or two int4
-    codes per byte (1, Hkv, S, D / 2); see export/kernels/attention.py."""
+    codes per byte (1, Hkv, S, D / 2); see export/kernels/attention.py. Quantized K and V are
+    Hadamard-rotated first (Attention rotates q and the output to match)."""
 
     def __init__(self, kv_heads: int, slots: int, head_dim: int, ring: bool, dtype: torch.dtype,
                  kv_dtype: str | None = None):
@@ -98,7 +99,8 @@ class KVCache(nn.Module):
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (1, Hkv, T, D) for `positions` (T,): quantized (if so configured) and written."""
         slots = positions % self.slots if self.ring else positions
-        if self.quant:
+        if self.quant:  # rotated first: spreads outlier channels over all of them before rounding
+            k, v = hadamard_rotate(k), hadamard_rotate(v)
             (k, ks), (v, vs) = quantize_kv(k, self.quant), quantize_kv(v, self.quant)
             self.k_scale.index_copy_(2, slots, ks)
             self.v_scale.index_copy_(2, slots, vs)
@@ -139,9 +141,15 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             v = self.v_norm(raw_v)  # k_eq_v: V taken before k_norm and RoPE
             cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
-        # one op reads the cache: causal / window rule from the absolute positions, GQA inside
+        # one op reads the cache: causal / window rule from the absolute positions, GQA inside.
+        # A quantized cache holds K, V rotated (Hadamard H, orthonormal, symmetric): q.k = (qH).(kH),
+        # and sum p (vH) = (sum p v) H, so q is rotated and the output rotated back.
+        if cache.quant:
+            q = hadamard_rotate(q)
         out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, positions[:1],
                                          self.window if self.sliding else 0)  # (B, T, H, D)
+        if cache.quant:
+            out = hadamard_rotate(out)
         out = out.reshape(B, T, self.n_heads * D)
         return self.o_proj(out)
 

@@ -78,6 +78,21 @@ def hadamard(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return (h / math.sqrt(n)).to(dtype=dtype, device=device)
 
 
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x @ hadamard(D) along the last dim (D a power of two) as a fast Walsh-Hadamard transform
+    in fp32 aten ops (no D x D constant; Inductor fuses it), back in x's dtype. Its own inverse."""
+    D = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.float()
+    h = 1
+    while h < D:
+        y = y.reshape(*lead, D // (2 * h), 2, h)
+        a, b = y.select(-2, 0), y.select(-2, 1)
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return (y.reshape(*lead, D) * D**-0.5).to(x.dtype)
+
+
 # ---- eager reference (the CPU kernel and the CPU backend's decomposition) -----------------------
 
 def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
