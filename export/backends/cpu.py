@@ -4,7 +4,8 @@ The `.so` it produces is meant to run inside libtorch (the project's Python runn
 with `torch._C._aoti.AOTIModelContainerRunnerCpu` after promoting `libtorch_cpu.so` to
 RTLD_GLOBAL). Every `aoti_torch_cpu_*` shim exists there, so unlike the CUDA backend no
 fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls such as
-`aoti_torch_cpu_addmm_out`. No custom passes or decompositions are needed.
+`aoti_torch_cpu_addmm_out`. The one decomposition: `gemma4::attention` into its plain-torch
+reference (export/kernels/attention.py), so the .so needs no Python op.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import typing
 from typing import Any, final
 
+import torch
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
@@ -30,7 +32,9 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
 
     @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
-        return {}
+        from export.kernels.attention import attention_reference
+
+        return {torch.ops.gemma4.attention.default: attention_reference}
 
     @classmethod
     def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:

@@ -517,6 +517,7 @@ def build_metadata(cfg: ExportConfig, mcfg: Gemma4Config, model: nn.Module, devi
         "quant": {**cfg.recipe().summary(), "int4_modules": len(report.int4),
                   "float_linears": sorted(report.skipped)},
         "kv_in_ptd": cfg.kv_in_ptd,
+        "kv_dtype": cfg.kv_dtype.value,  # full layers' cache; "kv" lists every buffer's dtype and shape
         "kv": model.kv_cache_specs(),
         "methods": {m: {"constants": consts} for m, consts in mapping.items()},
     }
