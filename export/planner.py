@@ -217,6 +217,21 @@ class DType(str, Enum):
         return 4 if self is DType.FP32 else 2
 
 
+class KvQuant(str, Enum):
+    """Quantized KV of the full-attention layers (export --kv-dtype int8 / int4): codes plus an
+    fp16 scale per token and head for K and for V; sliding rings keep the model dtype."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        return 8 if self is KvQuant.INT8 else 4
+
+
+KV_SCALE_BYTES = 2  # fp16 scale per token and head (export/kernels/attention.py quantize_kv)
+
+
 class AttentionImpl(str, Enum):
     """TRITON: `triton::sdpa` (export.py turns it on for CUDA + bf16): no score matrix, only
     the bool mask. MATH: SDPA decomposed (any other dtype): fp32 scores and K/V copies."""
@@ -244,7 +259,7 @@ class PlanInputs:
     experts: LinearQuant | None = None  # MoE expert stacks; None: as `linear`
     embedding: EmbeddingQuant = EmbeddingQuant.NONE  # embed_tokens and the PLE table
     dtype: DType = DType.BF16  # unquantized weights and activations
-    kv_dtype: DType | None = None  # None: the model dtype (the model's caches use it)
+    kv_dtype: DType | KvQuant | None = None  # None: the model dtype; int8/int4: full layers quantized
     attention: AttentionImpl | None = None  # None: TRITON for bf16, MATH otherwise (as export.py)
     low_memory: bool = False
     loader: Loader = Loader.NAIVE
@@ -257,6 +272,9 @@ class PlanInputs:
                            ("embedding", EmbeddingQuant), ("dtype", DType), ("kv_dtype", DType),
                            ("attention", AttentionImpl), ("loader", Loader)):
             value = getattr(self, name)
+            if name == "kv_dtype" and value is not None and str(getattr(value, "value", value)) in KvQuant._value2member_map_:
+                object.__setattr__(self, name, KvQuant(value))
+                continue
             object.__setattr__(self, name, enum(derived[name] if value is None else value))  # strings too
         if self.ctx < 1 or self.prefill_chunk < 1:
             raise ValueError(f"ctx ({self.ctx}) and prefill_chunk ({self.prefill_chunk}) must be positive")
@@ -517,12 +535,19 @@ def layer_slots(inp: PlanInputs, i: int) -> int:
 
 
 def kv_layer_bytes(inp: PlanInputs, i: int, slots: int | None = None) -> int:
-    """K and V of layer i: 2 x [1, kv_heads, slots, head_dim]; 0 for a KV-shared layer."""
+    """K and V of layer i: 2 x [1, kv_heads, slots, head_dim]; 0 for a KV-shared layer. With a
+    quantized kv_dtype a full layer holds head_dim codes of that width plus an fp16 scale per
+    slot and head (K and V each); sliding rings stay in the model dtype."""
     c = inp.config
     if c.is_kv_shared(i):
         return 0
     slots = layer_slots(inp, i) if slots is None else slots
-    return 2 * c.layer_kv_heads(i) * slots * c.layer_head_dim(i) * inp.kv_dtype.bytes
+    D = c.layer_head_dim(i)
+    if isinstance(inp.kv_dtype, KvQuant):
+        if c.is_sliding(i):
+            return 2 * c.layer_kv_heads(i) * slots * D * inp.dtype.bytes
+        return 2 * c.layer_kv_heads(i) * slots * (D * inp.kv_dtype.bits // 8 + KV_SCALE_BYTES)
+    return 2 * c.layer_kv_heads(i) * slots * D * inp.kv_dtype.bytes
 
 
 def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
@@ -958,7 +983,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser, model_options: bool = Tr
     parser.add_argument("--int4-layout", choices=[e.value for e in Int4Layout], default=d["int4_layout"].default.value)
     parser.add_argument("--embedding", choices=[e.value for e in EmbeddingQuant], default=d["embedding"].default.value)
     parser.add_argument("--dtype", choices=[e.value for e in DType], default=d["dtype"].default.value)
-    parser.add_argument("--kv-dtype", choices=[e.value for e in DType], help="default: --dtype")
+    parser.add_argument("--kv-dtype", choices=[e.value for e in DType] + [e.value for e in KvQuant],
+                        help="default: --dtype; int8/int4 quantize the full layers' KV")
     parser.add_argument("--experts", choices=[e.value for e in LinearQuant], help="MoE experts (default: as --linear)")
     parser.add_argument("--attention", choices=[e.value for e in AttentionImpl], help="default: triton for bf16, else math")
     parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=d["low_memory"].default)

@@ -83,3 +83,19 @@ def tiny_artifact_low_memory(tmp_path_factory) -> TinyArtifact:
     model = prepare_model(cfg)[0]
     model.reset_cache()
     return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)
+
+
+# ---- the tiny artifact with an int8 KV cache, low-memory (gemma4::attention), once per session --
+
+@pytest.fixture(scope="session")
+def tiny_artifact_int8_kv(tmp_path_factory) -> TinyArtifact:
+    from dataclasses import replace
+
+    from export.gemma4.export import KvDtype, export_model, prepare_model
+
+    cfg = replace(tiny_export_config(tmp_path_factory.mktemp("tiny_artifact_int8_kv") / "tiny"),
+                  low_memory=True, kv_dtype=KvDtype.INT8)
+    result = export_model(cfg)
+    model = prepare_model(cfg)[0]
+    model.reset_cache()
+    return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)

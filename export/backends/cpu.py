@@ -4,9 +4,9 @@ The `.so` it produces is meant to run inside libtorch (the project's Python runn
 with `torch._C._aoti.AOTIModelContainerRunnerCpu` after promoting `libtorch_cpu.so` to
 RTLD_GLOBAL). Every `aoti_torch_cpu_*` shim exists there, so unlike the CUDA backend no
 fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls such as
-`aoti_torch_cpu_addmm_out`. No custom passes; one decomposition: the int4 op of the CUDA
-recipe (`gemma4::int4_linear`) becomes its plain-aten reference, so a graph holding it compiles
-here too.
+`aoti_torch_cpu_addmm_out`. No custom passes; the decompositions turn the project's custom ops
+(export/kernels/: `gemma4::int4_linear`, `gemma4::attention`) into their plain-torch
+references, so the .so needs no Python op.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
 
     @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
+        from export.kernels.attention import attention_reference
         from export.kernels.int4_matmul import int4_linear_reference
-        return {torch.ops.gemma4.int4_linear.default: int4_linear_reference}
+
+        return {torch.ops.gemma4.int4_linear.default: int4_linear_reference,
+                torch.ops.gemma4.attention.default: attention_reference}
 
     @classmethod
     def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:

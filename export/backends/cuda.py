@@ -15,6 +15,10 @@ artifacts, runnable by the project's Python runner (inside libtorch) but not by 
 C++ CUDA runtime. Nothing is chosen by timing then (Inductor's deterministic mode, one
 config per Triton SDPA and int4 kernel), so exports of one model agree bit for bit.
 
+The model's attention is `gemma4::attention` (export/kernels/attention.py: reads only the
+filled cache, int8/int4 KV), compiled into the .so from its Triton kernels; its graphs hold no
+aten SDPA, so the SDPA swap below (`--sdpa`) finds nothing to replace there and is kept only for
+graphs that still use aten SDPA.
 The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
 only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
 is decomposed (MATH backend) and any dtype / head layout compiles. ExecuTorch's replacement
@@ -152,10 +156,13 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
             return cls.get_extra_aoti_compile_context_manager()
         # the module (its package re-exports the op under the same name)
         sdpa_kernels = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")
+        from export.kernels import attention
+
         stack = contextlib.ExitStack()
         stack.enter_context(cls.get_extra_aoti_compile_context_manager())
         stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
         stack.enter_context(int4_matmul.one_config())
+        stack.enter_context(attention.use_configs(attention.smallest))  # gemma4::attention too
         return stack
 
     @classmethod

@@ -28,6 +28,7 @@ from export.gemma4.export import (
     ExportConfig,
     ExportConfigError,
     model_config,
+    KvDtype,
     SdpaChoice,
     export_model,
     validate,
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa", type=SdpaChoice, choices=list(SdpaChoice), default=d.sdpa,
                    help="attention on cuda: ExecuTorch's Triton kernel (bf16 only) or decomposed; "
                         "auto = triton for cuda + bfloat16 (default %(default)s)")
+    p.add_argument("--kv-dtype", type=KvDtype, choices=list(KvDtype), default=d.kv_dtype,
+                   help="KV cache of the full-attention layers: int8 / int4 (fp16 scale per token and head, "
+                        "quantized on write) or bf16; auto = the model dtype. Sliding rings keep the model dtype")
     p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=d.autotune,
                    help="Inductor max_autotune on cuda (Triton GEMMs only, as ExecuTorch's CUDA backend); "
                         "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)")
@@ -107,6 +111,7 @@ def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
     return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
                       group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
                       dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
+                      kv_dtype={"auto": None, "bf16": "bfloat16"}.get(cfg.kv_dtype.value, cfg.kv_dtype.value),
                       loader="streaming")  # presets stream through the same unit loop (RandomWeights)
 
 

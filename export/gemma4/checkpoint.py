@@ -220,11 +220,11 @@ class RandomWeights:
 @torch.no_grad()
 def random_model(cfg: Gemma4Config, ctx: int, prefill_chunk: int, dtype: torch.dtype, seed: int,
                  device: str = "cpu", on_unit_loaded: UnitHook | None = None,
-                 progress: bool = False) -> Gemma4Model:
+                 progress: bool = False, kv_dtype: str | None = None) -> Gemma4Model:
     """`Gemma4Model` with `RandomWeights`, built unit by unit like `load_model` (the same
     hook, the same order), so a preset export holds one float unit at a time."""
     with torch.device("meta"):
-        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype)
+        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype, kv_dtype=kv_dtype)
     source = RandomWeights(seed, device)
     _fill_units(model, lambda key, meta: source.read(key, meta, dtype if meta.is_floating_point() else meta.dtype),
                 on_unit_loaded, progress, "random weights")
@@ -279,12 +279,13 @@ def _progress_bar(enabled: bool, total: int, desc: str):
 
 @torch.no_grad()
 def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtype = torch.bfloat16,
-               on_unit_loaded: UnitHook | None = None, progress: bool = False) -> Gemma4Model:
+               on_unit_loaded: UnitHook | None = None, progress: bool = False,
+               kv_dtype: str | None = None) -> Gemma4Model:
     """Build `Gemma4Model` from a HF checkpoint directory, reading one unit at a time."""
     index = ShardIndex.open(root)
     cfg = Gemma4Config.from_json(root)
     with torch.device("meta"):
-        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype)
+        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype, kv_dtype=kv_dtype)
     available = index.text_keys()
     used: set[str] = set()
     reader = ShardReader(index)

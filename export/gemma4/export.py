@@ -83,6 +83,18 @@ class SdpaChoice(str, enum.Enum):
         return self is SdpaChoice.TRITON
 
 
+class KvDtype(str, enum.Enum):
+    """Storage of the full-attention layers' KV cache (sliding rings keep the model dtype)."""
+
+    AUTO = "auto"  # the model dtype
+    BF16 = "bf16"
+    INT8 = "int8"  # symmetric, fp16 scale per token and head
+    INT4 = "int4"  # two codes per byte, fp16 scale per token and head
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class ExportConfigError(ValueError):
     """A bad export configuration; the message names the flag or file and what to do."""
 
@@ -102,6 +114,7 @@ class ExportConfig:
     device: DeviceChoice = DeviceChoice.AUTO  # --device
     dtype: DTypeChoice = DTypeChoice.AUTO  # --dtype: activations and unquantized weights
     sdpa: SdpaChoice = SdpaChoice.AUTO  # --sdpa: attention kernel on cuda
+    kv_dtype: KvDtype = KvDtype.AUTO  # --kv-dtype: full-attention KV cache storage (auto, bf16, int8, int4)
     autotune: bool = True  # --autotune/--no-autotune: Inductor max_autotune (cuda; slow compiles)
     low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
     multi_arch_kernels: bool = False  # --multi-arch-kernels: cuda kernels also as PTX fatbins (other GPUs)
@@ -251,7 +264,8 @@ def _check_preset_fits(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype
     from export.gemma4.model import Gemma4Model
 
     with torch.device("meta"):
-        meta = Gemma4Model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype)
+        meta = Gemma4Model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype,
+                           kv_dtype=cfg.kv_dtype.value)
     need = sum(t.numel() * t.element_size() for t in [*meta.parameters(), *meta.buffers()])
     have = _available_host_bytes()
     if need > 0.8 * have:
@@ -269,12 +283,13 @@ def build_model(cfg: ExportConfig, mcfg: Gemma4Config, dtype: torch.dtype, progr
     if cfg.checkpoint is not None:
         from export.gemma4.checkpoint import load_model
         model = load_model(cfg.checkpoint, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype,
-                           on_unit_loaded=on_unit_loaded, progress=progress)
+                           on_unit_loaded=on_unit_loaded, progress=progress, kv_dtype=cfg.kv_dtype.value)
     else:  # seeded random weights, streamed unit by unit like a checkpoint load
         from export.gemma4.checkpoint import random_model
         draw_on = "cuda" if cfg.device.resolve() is TargetDevice.CUDA else "cpu"
         model = random_model(mcfg, ctx=cfg.ctx, prefill_chunk=cfg.prefill_chunk, dtype=dtype, seed=cfg.seed,
-                             device=draw_on, on_unit_loaded=on_unit_loaded, progress=progress)
+                             device=draw_on, on_unit_loaded=on_unit_loaded, progress=progress,
+                             kv_dtype=cfg.kv_dtype.value)
     return model.eval()
 
 
@@ -538,6 +553,7 @@ def build_metadata(cfg: ExportConfig, mcfg: Gemma4Config, model: nn.Module, devi
         "quant": {**cfg.recipe().summary(), "int4_modules": len(report.int4),
                   "float_linears": sorted(report.skipped)},
         "kv_in_ptd": cfg.kv_in_ptd,
+        "kv_dtype": cfg.kv_dtype.value,  # full layers' cache; "kv" lists every buffer's dtype and shape
         "kv": model.kv_cache_specs(),
         "methods": {m: {"constants": consts} for m, consts in mapping.items()},
     }

@@ -18,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import export.kernels.attention  # noqa: F401  (registers torch.ops.gemma4.attention)
+
+from ..kernels.attention import hadamard_rotate, quantize_kv
 from .config import Gemma4Config
 
 
@@ -55,33 +58,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """K and V buffers (1, Hkv, S, D). A ring (sliding layers) writes position p at slot
-    p % S; a flat cache (full layers) at slot p."""
+    """K and V buffers (1, Hkv, S, ·). A ring (sliding layers) writes position p at slot
+    p % S; a flat cache (full layers) at slot p. With `kv_dtype` "int8" or "int4" (flat caches
+    only; rings stay in the model dtype) K and V are stored quantized on write, symmetric with an
+    fp16 scale per token and head in `k_scale` / `v_scale` (1, Hkv, S): int8 codes, or two int4
+    codes per byte (1, Hkv, S, D / 2); see export/kernels/attention.py. Quantized K and V are
+    Hadamard-rotated first (Attention rotates q and the output to match)."""
 
-    def __init__(self, kv_heads: int, slots: int, head_dim: int, ring: bool, dtype: torch.dtype):
+    def __init__(self, kv_heads: int, slots: int, head_dim: int, ring: bool, dtype: torch.dtype,
+                 kv_dtype: str | None = None):
         super().__init__()
         self.ring = ring
         self.slots = slots
+        self.quant = None if ring or kv_dtype in (None, "auto", "bf16") else kv_dtype
+        if kv_dtype == "bf16" and not ring:
+            dtype = torch.bfloat16
+        code_dtype, width = {None: (dtype, head_dim), "int8": (torch.int8, head_dim),
+                             "int4": (torch.uint8, head_dim // 2)}[self.quant]
         # persistent=False: not part of a checkpoint; the exporter/runner allocate them
-        self.register_buffer("k", torch.zeros(1, kv_heads, slots, head_dim, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(1, kv_heads, slots, head_dim, dtype=dtype), persistent=False)
+        self.register_buffer("k", torch.zeros(1, kv_heads, slots, width, dtype=code_dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(1, kv_heads, slots, width, dtype=code_dtype), persistent=False)
+        if self.quant:
+            self.register_buffer("k_scale", torch.zeros(1, kv_heads, slots, dtype=torch.float16), persistent=False)
+            self.register_buffer("v_scale", torch.zeros(1, kv_heads, slots, dtype=torch.float16), persistent=False)
+        else:
+            self.k_scale = self.v_scale = None
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def _apply(self, fn, recurse=True):
+        """Keep each buffer's storage dtype through `model.to(dtype)` (only device moves apply)."""
+        dtypes = {b: getattr(self, b).dtype for b in self.buffer_names()}
+        super()._apply(fn, recurse)
+        for b, dt in dtypes.items():
+            if getattr(self, b).dtype != dt:
+                setattr(self, b, getattr(self, b).to(dt))
+        return self
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return ("k", "v", "k_scale", "v_scale") if self.quant else ("k", "v")
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (1, Hkv, T, D) for `positions` (T,): quantized (if so configured) and written."""
         slots = positions % self.slots if self.ring else positions
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-        return self.k, self.v
-
-    def slot_positions(self, last_pos: torch.Tensor) -> torch.Tensor:
-        """Absolute position held by each slot once `last_pos` is written (S,); < 0 = empty."""
-        idx = torch.arange(self.slots, device=last_pos.device)
-        if not self.ring:
-            return idx
-        return last_pos - (last_pos - idx) % self.slots
+        if self.quant:  # rotated first: spreads outlier channels over all of them before rounding
+            k, v = hadamard_rotate(k), hadamard_rotate(v)
+            (k, ks), (v, vs) = quantize_kv(k, self.quant), quantize_kv(v, self.quant)
+            self.k_scale.index_copy_(2, slots, ks)
+            self.v_scale.index_copy_(2, slots, vs)
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype):
+    def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype,
+                 kv_dtype: str | None = None):
         super().__init__()
         self.sliding = cfg.is_sliding(i)
         self.window = cfg.sliding_window
@@ -99,7 +128,7 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(D, cfg.rms_norm_eps, with_scale=False)
-            self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype)
+            self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype, kv_dtype=kv_dtype)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
     def forward(self, x, cos, sin, positions, cache: KVCache):
@@ -112,26 +141,16 @@ class Attention(nn.Module):
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             v = self.v_norm(raw_v)  # k_eq_v: V taken before k_norm and RoPE
             cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
-        keys, values = cache.k, cache.v  # (1, Hkv, S, D)
-
-        # Mask (T, S) from absolute positions: causal, and for sliding layers within the window.
-        slot_pos = cache.slot_positions(positions[-1])
-        qp, kp = positions[:, None], slot_pos[None, :]
-        mask = (kp >= 0) & (kp <= qp)
-        if self.sliding:
-            mask = mask & (qp - kp < self.window)
-
-        # GQA without copying K/V: fold each KV head's G query heads into the query axis.
-        G = self.n_heads // self.n_kv
-        # (B, Hkv, G*T, D) through an explicit copy into the (B, H, T, D) layout: a reshape of the
-        # transposed view is a view only for some T, which a dynamic-T export cannot decide
-        # (it emitted a view that failed at head_dim 512). Inductor fuses the copy into RoPE.
-        q = q.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, self.n_kv, G * T, D)
-        mask = mask.repeat(G, 1)[None, None]  # (1, 1, G*T, S)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=1.0)
-        # fused kernels may return a non-contiguous output: copy into a known layout (as for q)
-        out = out.clone(memory_format=torch.contiguous_format).view(B, self.n_heads, T, D)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * D)
+        # one op reads the cache: causal / window rule from the absolute positions, GQA inside.
+        # A quantized cache holds K, V rotated (Hadamard H, orthonormal, symmetric): q.k = (qH).(kH),
+        # and sum p (vH) = (sum p v) H, so q is rotated and the output rotated back.
+        if cache.quant:
+            q = hadamard_rotate(q)
+        out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, positions[:1],
+                                         self.window if self.sliding else 0)  # (B, T, H, D)
+        if cache.quant:
+            out = hadamard_rotate(out)
+        out = out.reshape(B, T, self.n_heads * D)
         return self.o_proj(out)
 
 
@@ -189,10 +208,11 @@ class Experts(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype):
+    def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype,
+                 kv_dtype: str | None = None):
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, i, cache_slots, dtype)
+        self.self_attn = Attention(cfg, i, cache_slots, dtype, kv_dtype)
         self.mlp = MLP(H, cfg.layer_intermediate_size(i))
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
@@ -234,18 +254,20 @@ class Gemma4Model(nn.Module):
     """Gemma 4 text decoder with static KV caches. See the module docstring."""
 
     def __init__(self, cfg: Gemma4Config, ctx: int = 2048, prefill_chunk: int = 128,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, kv_dtype: str | None = None):
+        """kv_dtype: None / "auto" (the model dtype), "bf16", "int8" or "int4" for the full
+        layers' caches; sliding rings keep the model dtype."""
         super().__init__()
         if ctx > cfg.max_position_embeddings:
             raise ValueError(f"ctx {ctx} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
-        self.cfg, self.ctx, self.prefill_chunk = cfg, ctx, prefill_chunk
+        self.cfg, self.ctx, self.prefill_chunk, self.kv_dtype = cfg, ctx, prefill_chunk, kv_dtype
         self.ring_size = min(cfg.sliding_window + prefill_chunk - 1, ctx)
         H = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
         # sqrt(hidden) rounded to the model dtype first (73.5 in bf16 for 31B), as the reference
         self.embed_scale = _round_to(H**0.5, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.ring_size if cfg.is_sliding(i) else ctx, dtype)
+            DecoderLayer(cfg, i, self.ring_size if cfg.is_sliding(i) else ctx, dtype, kv_dtype)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
@@ -279,8 +301,8 @@ class Gemma4Model(nn.Module):
     def reset_cache(self):
         for m in self.modules():
             if isinstance(m, KVCache):
-                m.k.zero_()
-                m.v.zero_()
+                for b in m.buffer_names():
+                    getattr(m, b).zero_()
 
     def caches(self) -> list[KVCache]:
         """The cache each layer attends over (KV-shared layers get their source's)."""
@@ -291,7 +313,7 @@ class Gemma4Model(nn.Module):
         return [{"fqn": f"{name}.{b}", "shape": list(getattr(m, b).shape),
                  "dtype": str(getattr(m, b).dtype).removeprefix("torch."),
                  "kind": "sliding" if m.ring else "full"}
-                for name, m in self.named_modules() if isinstance(m, KVCache) for b in ("k", "v")]
+                for name, m in self.named_modules() if isinstance(m, KVCache) for b in m.buffer_names()]
 
     def _rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
         freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)

@@ -1,0 +1,390 @@
+"""Attention over the static KV cache that reads only the filled slots: `gemma4::attention`.
+
+    attention(q[1, T, H, D], k, v, k_scale, v_scale, pos[1], window) -> out[1, T, H, D]
+
+Query t sits at absolute position pos + t and attends to the positions p <= pos + t (and,
+with window > 0, pos + t - p < window). Position p lives at slot p % S of the cache
+(1, Hkv, S, ·): for a flat cache (S = ctx) that is slot p, for a sliding ring it is the
+ring slot, so one rule serves both and a wrapped ring needs nothing special. Scale 1.0, no
+softcap (Gemma 4). GQA: the G = H / Hkv query heads of one KV head share each K/V block.
+
+KV formats (the cache WRITE is the model's, in plain aten ops; this op only reads):
+  float  k, v (1, Hkv, S, D) in the model dtype; scales None
+  int8   k, v int8 (1, Hkv, S, D), symmetric, k_scale / v_scale fp16 (1, Hkv, S) per token and head
+  int4   k, v uint8 (1, Hkv, S, D / 2): byte j holds d = 2j (low nibble) and 2j + 1 (high), each
+         the value + 8 in [0, 15]; fp16 scales per token and head as for int8
+The quantized scores factor as (q . k_int) * k_scale, and p @ v as (p * v_scale) @ v_int, so the
+kernels dequantize by converting the integer tile and scaling the scores / probabilities.
+
+Triton path (CUDA): decode (T = 1 in the traced graph) is flash-decoding: grid
+(NUM_SPLITS, 1, Hkv); each program reads one contiguous share of the filled positions
+[lo, pos], split from the position tensor on the device (static grid for AOTInductor and
+CUDA-graph replay; shares past the fill are empty loops), and writes a partial (max, sum,
+acc); a combine kernel merges the shares. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
+Hkv), rows = (t, g) pairs of one KV head, each block walking only the positions its rows can
+see (causal and window range). The eager reference below is the CPU kernel and the CPU
+backend's decomposition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
+SPLIT_GRANULE = 64  # a decode share is a multiple of this many positions (kernel and combine agree)
+TARGET_PROGRAMS = 512  # decode programs per layer (splits x KV heads) at full fill
+QUANT_BLOCK = {torch.int8: "int8", torch.uint8: "int4"}
+KV_FORMAT = {"float": 0, "int8": 1, "int4": 2}
+
+
+# ---- quantize / dequantize (plain aten; the model's quantize-on-write uses these) ---------------
+
+def quantize_kv(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) float -> (codes, fp16 scale (...)): int8 codes, or uint8 with two int4 nibbles."""
+    xf = x.float()
+    qmax = 127.0 if kv_dtype == "int8" else 7.0
+    scale = (xf.abs().amax(-1) / qmax).clamp_min(1e-8).to(torch.float16)
+    q = torch.round(xf / scale.float()[..., None]).clamp(-qmax, qmax)
+    if kv_dtype == "int8":
+        return q.to(torch.int8), scale
+    u = (q + 8).to(torch.uint8)  # [1, 15]
+    return u[..., 0::2] | (u[..., 1::2] << 4), scale
+
+
+def dequantize_kv(codes: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return codes.to(dtype)
+    if codes.dtype == torch.int8:
+        vals = codes.float()
+    else:  # int4 pairs: interleave low / high nibbles back into d = 2j, 2j + 1
+        lo = (codes & 15).float() - 8
+        hi = (codes >> 4).float() - 8
+        vals = torch.stack((lo, hi), dim=-1).flatten(-2)
+    return (vals * scale.float()[..., None]).to(dtype)
+
+
+def hadamard(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix (n a power of two): H = H^T = H^-1."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
+
+
+def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
+    """x @ hadamard(D) along the last dim (D a power of two) as a fast Walsh-Hadamard transform
+    in fp32 aten ops (no D x D constant; Inductor fuses it), back in x's dtype. Its own inverse."""
+    D = x.shape[-1]
+    lead = x.shape[:-1]
+    y = x.float()
+    h = 1
+    while h < D:
+        y = y.reshape(*lead, D // (2 * h), 2, h)
+        a, b = y.select(-2, 0), y.select(-2, 1)
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return (y.reshape(*lead, D) * D**-0.5).to(x.dtype)
+
+
+# ---- eager reference (the CPU kernel and the CPU backend's decomposition) -----------------------
+
+def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
+    """Plain torch, traceable with dynamic T: dequantize the cache, mask by absolute position."""
+    _, T, H, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    keys = dequantize_kv(k, k_scale, torch.float32)  # (1, Hkv, S, D)
+    vals = dequantize_kv(v, v_scale, torch.float32)
+    qpos = pos + torch.arange(T, device=q.device)  # (T,)
+    last = qpos[-1]
+    idx = torch.arange(S, device=q.device)
+    slot_pos = last - (last - idx) % S  # position held by each slot (< 0: never written)
+    qp, kp = qpos[:, None], slot_pos[None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window > 0:
+        mask = mask & (qp - kp < window)
+    qf = q.float()[0].transpose(0, 1).reshape(Hkv, G * T, D)  # rows (g, t) of each KV head
+    scores = qf @ keys[0].transpose(1, 2)  # (Hkv, G*T, S), scale 1.0
+    scores = scores.masked_fill(~mask.repeat(G, 1)[None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vals[0]  # (Hkv, G*T, D)
+    return out.reshape(H, T, D).transpose(0, 1)[None].to(q.dtype).contiguous()
+
+
+# ---- configs (every one within SMEM_LIMIT; tests assert it) -------------------------------------
+
+def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2) -> int:
+    """Upper estimate of a program's shared memory: `stages` buffers of the K and V tiles as
+    stored, the converted (float) K/V operands when quantized, q, and p."""
+    stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
+    total = stages * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * 4
+    if kv_format:
+        total += 2 * block_n * head_dim * elt
+    return total
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+_DECODE_ALL = [_cfg(16, bn, w, s) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+_PREFILL_ALL = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+
+
+def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
+    return [c for c in configs if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
+                                              head_dim, kv_format) <= limit]
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+
+@triton.jit
+def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
+           D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
+    float / int8: qa, acc hold all D columns (qb, acc2 unused). int4: qa / acc the even columns
+    (low nibbles), qb / acc2 the odd ones (high nibbles): no in-register interleave needed."""
+    kp = k0 + tl.arange(0, BLOCK_N)
+    kmask = kp < end
+    slot = kp % S
+    if KV_FMT == 2:
+        dh = tl.arange(0, D // 2)
+        kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
+        ka = ((kb & 15).to(tl.int32) - 8).to(qa.dtype)
+        kz = ((kb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        if FP32:
+            s = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
+        else:
+            s = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
+    else:
+        d = tl.arange(0, D)
+        kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        if FP32:
+            s = tl.dot(qa, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(qa, tl.trans(kt))
+    if KV_FMT != 0:
+        ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        s = s * ks[None, :]
+    valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
+    if WINDOW > 0:
+        valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if KV_FMT != 0:
+        vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        p = p * vs[None, :]
+    if not FP32:
+        p = p.to(qa.dtype)
+    if KV_FMT == 2:
+        vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
+        va = ((vb & 15).to(tl.int32) - 8).to(qa.dtype)
+        vz = ((vb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, va)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
+    else:
+        vt = tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, vt)
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
+def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
+               sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
+               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+               SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    kvh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    g = rows % G
+    row_ok = t < T
+    head = kvh * G + g
+    pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
+    qpos = pos0 + t
+    t_lo = (pid_m * BLOCK_M) // G
+    t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+    hi = pos0 + t_hi  # last position any row of this block sees (inclusive)
+    lo = tl.where(WINDOW > 0, tl.maximum(pos0 + t_lo - WINDOW + 1, 0), 0)
+    n = hi - lo + 1
+    share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), 64) * 64  # SPLIT_GRANULE
+    start = lo + pid_s * share
+    end = tl.minimum(start + share, hi + 1)
+
+    # columns held by the two accumulators (see _block)
+    if KV_FMT == 2:
+        ca = 2 * tl.arange(0, D // 2)
+        cb = ca + 1
+        acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    else:
+        ca = tl.arange(0, D)
+        cb = ca
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
+    qrow = Q + t[:, None] * sqt + head[:, None] * sqh
+    qa = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
+    qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
+        k0 = start
+        while k0 < end:
+            m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+                                         skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
+            k0 += BLOCK_N
+    else:
+        for k0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+                                         skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
+
+    if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel
+        base = kvh * NUM_SPLITS * G + pid_s * G + g
+        ok = (g < G) & row_ok
+        tl.store(MP + base, m_i, mask=ok)
+        tl.store(LP + base, l_i, mask=ok)
+        tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
+        if KV_FMT == 2:
+            tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
+    else:
+        orow = O + t[:, None] * sot + head[:, None] * soh
+        tl.store(orow + ca[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        if KV_FMT == 2:
+            tl.store(orow + cb[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+_FORCE = None  # configs filter set by `use_configs`
+_KERNELS: dict = {}
+
+
+def _kernel(decode: bool, head_dim: int, fmt: int):
+    """The autotuned body for one phase / head dim / KV format, with only the configs that fit."""
+    configs = fitting(_DECODE_ALL if decode else _PREFILL_ALL, head_dim, fmt)
+    key = (decode, head_dim, fmt, _FORCE)
+    if key not in _KERNELS:
+        chosen = _FORCE(configs) if _FORCE is not None else configs
+        _KERNELS[key] = triton.autotune(configs=chosen, key=["S", "G"])(_attn_body)
+    return _KERNELS[key]
+
+
+@triton.jit
+def _combine(POS, MP, LP, AP, O, soh, WINDOW, G: tl.constexpr, D: tl.constexpr,
+             NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr):
+    h = tl.program_id(0)
+    kvh = h // G
+    g = h % G
+    pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
+    lo = tl.where(WINDOW > 0, tl.maximum(pos0 - WINDOW + 1, 0), 0)
+    n = pos0 - lo + 1
+    share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), 64) * 64
+    active = tl.cdiv(n, share)
+    s = tl.arange(0, SPLITS_P2)
+    base = kvh * NUM_SPLITS * G + g
+    m = tl.load(MP + base + s * G, mask=s < active, other=-1.0e30)
+    m_max = tl.max(m, 0)
+    l_sum = tl.sum(tl.load(LP + base + s * G, mask=s < active, other=0.0) * tl.exp(m - m_max), 0)
+    d = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, NUM_SPLITS, CHUNK):  # static bound: inactive chunks are masked
+        sc = s0 + tl.arange(0, CHUNK)
+        ok = sc < active
+        w = tl.exp(tl.load(MP + base + sc * G, mask=ok, other=-1.0e30) - m_max)
+        a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
+    tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
+
+
+# ---- launch --------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kv_format(k: torch.Tensor, k_scale: Optional[torch.Tensor]) -> int:
+    if k_scale is None:
+        return KV_FORMAT["float"]
+    return KV_FORMAT[QUANT_BLOCK[k.dtype]]
+
+
+def decode_splits(slots: int, kv_heads: int) -> int:
+    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs at full fill."""
+    return max(1, min(TARGET_PROGRAMS // kv_heads, triton.cdiv(slots, SPLIT_GRANULE)))
+
+
+def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f):
+    """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
+    Triton interpreter in tests). `decode` needs T == 1."""
+    _, T, H, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    fmt = kv_format(k, k_scale)
+    ks = k_scale if k_scale is not None else q  # unused pointers when float
+    vs = v_scale if v_scale is not None else q
+    out = torch.empty_like(q)
+    common = dict(G=G, D=D, KV_FMT=fmt, FP32=q.dtype == torch.float32, INTERPRET=_interpreting())
+    strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+               ks.stride(1) if k_scale is not None else 0, out.stride(1), out.stride(2))
+    if decode:
+        splits = decode_splits(S, Hkv)
+        mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
+        lp = torch.empty_like(mp)
+        ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float32)
+        wrap(_kernel(True, D, fmt))[(splits, 1, Hkv)](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, *strides,
+                                              NUM_SPLITS=splits, SPLIT=True, **common)
+        wrap(_combine)[(H,)](pos, mp, lp, ap, out, out.stride(2), window, G=G, D=D, NUM_SPLITS=splits,
+                             SPLITS_P2=triton.next_power_of_2(splits), CHUNK=max(1, min(8, 4096 // D)))
+    else:
+        grid = lambda meta: (1, triton.cdiv(T * G, meta["BLOCK_M"]), Hkv)  # noqa: E731
+        wrap(_kernel(False, D, fmt))[grid](q, k, v, ks, vs, pos, out, q, q, q, T, S, H, window, *strides,
+                                  NUM_SPLITS=1, SPLIT=False, **common)
+    return out
+
+
+@triton_op("gemma4::attention", mutates_args={})
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
+              v_scale: Optional[torch.Tensor], pos: torch.Tensor, window: int) -> torch.Tensor:
+    if q.device.type != "cuda":
+        return attention_reference(q, k, v, k_scale, v_scale, pos, window)
+    decode = isinstance(q.shape[1], int) and q.shape[1] == 1  # a static T of 1: the decode method
+    return launch(q, k, v, k_scale, v_scale, pos, window, decode, wrap=wrap_triton)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, k_scale, v_scale, pos, window):
+    return torch.empty_like(q)
+
+
+@contextlib.contextmanager
+def use_configs(select) -> Iterator[None]:
+    """Autotune over `select(fitting_configs)` instead (tests: a forced set; --no-autotune: one)."""
+    global _FORCE
+    saved, _FORCE = _FORCE, select
+    try:
+        yield
+    finally:
+        _FORCE = saved
+
+
+def smallest(configs):
+    """The one config a deterministic (no-autotune) export uses."""
+    return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))]

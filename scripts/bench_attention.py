@@ -1,0 +1,253 @@
+"""Benchmark `gemma4::attention` (export/kernels/attention.py) on the GPU: decode and prefill
+at several cache fills for the full and sliding layers of the 31B, 26B-A4B and E4B presets,
+per KV dtype, beside ExecuTorch's `triton::sdpa` over the whole cache (today's path).
+
+    python -m scripts.bench_attention [--out scripts/measurements/attention_kernels.json]
+
+Each row: median time (triton.testing.do_bench), the bytes of the filled slots (K, V and
+scales the step must read), that over the time as a fraction of the device-to-device copy
+bandwidth measured in the same run, and the error against an fp32 reference over the same
+(dequantized) cache. For int8/int4 also the error against the bf16 cache (the quantization
+error of the attention output), and for int4 the same with a Hadamard rotation of q, k, v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from export.gemma4.config import PRESETS
+from export.kernels import attention as A
+
+FILLS = (1024, 8192, 32768, 131072)
+CTX = 131072
+CHUNK = 128
+
+
+def copy_gbps(nbytes: int = 2 << 30) -> float:
+    import triton.testing
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def layers():
+    """(name, Hkv, G, D, slots, window) of the full and sliding layers of each preset."""
+    out = []
+    for preset in ("31b", "26b-a4b", "e4b"):
+        cfg = PRESETS[preset]
+        for sliding in (False, True):
+            i = next(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding)
+            Hkv, D = cfg.layer_kv_heads(i), cfg.layer_head_dim(i)
+            slots = min(cfg.sliding_window + CHUNK - 1, CTX) if sliding else CTX
+            out.append((f"{preset}-{'sliding' if sliding else 'full'}", Hkv, cfg.num_attention_heads // Hkv, D,
+                        slots, cfg.sliding_window if sliding else 0))
+    return out
+
+
+def et_sdpa():
+    try:
+        return importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa").sdpa
+    except Exception:
+        path = Path(__file__).resolve().parent.parent / "_et_sdpa.py"  # a copy of ExecuTorch's file
+        if not path.exists():
+            return None
+        spec = importlib.util.spec_from_file_location("_et_sdpa", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.sdpa
+
+
+def fill_cache(Hkv, S, D, fill, window):
+    """A bf16 cache as the model leaves it after writing positions 0 .. fill - 1."""
+    k = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+    return k, v
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def kv_bytes(Hkv, D, n, kv):
+    per = {"bf16": 2 * D, "int8": D + 2, "int4": D // 2 + 2}[kv]
+    return 2 * Hkv * n * per
+
+
+def main(argv=None) -> int:
+    import triton.testing
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="scripts/measurements/attention_kernels.json")
+    ap.add_argument("--rep", type=int, default=40, help="do_bench rep (ms)")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time ExecuTorch's triton::sdpa (31B layers, fill 32k)")
+    ap.add_argument("--merge-baseline", default=None,
+                    help="copy the triton::sdpa rows from an earlier JSON of this script instead")
+    ap.add_argument("--timing", choices=("graph", "events"), default="graph",
+                    help="graph: replay one CUDA graph of the op (launch overhead gone, as in the runner's "
+                         "CUDA-graph decode); events: do_bench over eager Python launches")
+    ap.add_argument("--hadamard-only", action="store_true",
+                    help="only the 4-bit Hadamard accuracy section (plain torch; runs on CPU too)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    # fewer configs than an export autotunes over: the run has minutes, not hours, to compile
+    trim = A.use_configs(_trim)
+    trim.__enter__()
+    if args.hadamard_only:
+        had = hadamard_section("cuda" if torch.cuda.is_available() else "cpu")
+        Path(args.out).write_text(json.dumps({"hadamard": had}, indent=1) + "\n")
+        return 0
+    bw = copy_gbps()
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    sdpa = et_sdpa() if args.baseline else None
+    result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name(), "ctx": CTX, "prefill_chunk": CHUNK,
+              "baseline": "ExecuTorch triton::sdpa over the whole cache" if sdpa else "none", "rows": []}
+    out_path = Path(args.out)
+
+    def emit(row):
+        result["rows"].append(row)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    for name, Hkv, G, D, S, window in layers():
+        H = Hkv * G
+        kvs = ("bf16", "int8", "int4") if window == 0 else ("bf16",)
+        if not name.startswith("31b"):
+            kvs = kvs[:2]
+        k, v = fill_cache(Hkv, S, D, CTX, window)
+        quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
+        for phase in ("decode", "prefill"):
+            T = 1 if phase == "decode" else CHUNK
+            for fill in sorted(FILLS, key=lambda f: f != 32768):  # autotune at 32k: the bandwidth regime
+                if window and fill > 8192:
+                    continue  # a ring's work stops growing once it is full
+                if phase == "prefill" and not name.startswith("31b"):
+                    continue  # prefill: the 31B layers only (time on the GPU machine is scarce)
+                pos = torch.tensor([fill - T], device="cuda")
+                q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+                n = min(fill, window + T - 1) if window else fill
+                ref_bf16 = A.attention_reference(q.float(), k.float(), v.float(), None, None, pos, window)
+                for kv in kvs:
+                    if kv == "bf16":
+                        kk, vv, ks, vs = k, v, None, None
+                    else:
+                        kk, ks, vv, vs = quant[kv]
+                    fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode")  # noqa: E731
+                    out = fn()
+                    ref = A.attention_reference(q.float(), kk, vv, ks, vs, pos, window) if ks is not None else ref_bf16
+                    err = rel(out, ref)
+                    ms = _time(fn, args)
+                    nbytes = kv_bytes(Hkv, D, n, kv)
+                    row = dict(layer=name, phase=phase, kv_dtype=kv, fill=fill, us=ms * 1e3,
+                               fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes,
+                               rel_err_vs_fp32_ref=err, finite=bool(torch.isfinite(out).all()))
+                    if ks is not None:
+                        row["rel_err_vs_bf16_cache"] = rel(out, ref_bf16)
+                    emit(row)
+                if sdpa is not None and fill == 32768 and name.startswith("31b"):
+                    # today's path: G query heads folded into the query axis, bool mask over all S slots
+                    qq = q.transpose(1, 2).reshape(1, Hkv, G * T, D)
+                    positions = pos + torch.arange(T, device="cuda")
+                    idx = torch.arange(S, device="cuda")
+                    last = positions[-1]
+                    kp = (last - (last - idx) % S)[None, :]
+                    m = (kp >= 0) & (kp <= positions[:, None])
+                    if window:
+                        m = m & (positions[:, None] - kp < window)
+                    mask = m.repeat(G, 1)[None, None].expand(1, Hkv, G * T, S).contiguous()
+                    fn = lambda: sdpa(qq, k, v, attn_mask=mask, scale=1.0)  # noqa: E731
+                    ms = triton.testing.do_bench(fn, rep=args.rep)
+                    nbytes = kv_bytes(Hkv, D, n, "bf16")
+                    emit(dict(layer=name, phase=phase, kv_dtype="bf16", fill=fill, us=ms * 1e3, impl="triton::sdpa",
+                              fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes))
+        del k, v, quant
+        torch.cuda.empty_cache()
+
+    if args.merge_baseline:
+        old = json.loads(Path(args.merge_baseline).read_text())
+        for r in old["rows"]:
+            if r.get("impl") == "triton::sdpa":
+                emit({**r, "copy_gbps_of_its_run": old["copy_gbps"]})
+    result["compiled_shared_bytes_max"] = compiled_shared_max()
+    result["hadamard"] = hadamard_section("cuda")
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _time(fn, args) -> float:
+    """Median ms of fn: replayed from a CUDA graph (autotuning already done by a first call), or
+    CUDA events around eager calls (includes Python launch overhead when the GPU waits on it)."""
+    import triton.testing
+
+    if args.timing == "events":
+        return triton.testing.do_bench(fn, rep=args.rep)
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=args.rep)
+
+
+def _trim(configs):
+    """The configs this benchmark compiles (an export autotunes over all of them)."""
+    keep = {(16, 16, 2), (16, 32, 1), (16, 64, 1), (32, 32, 1), (64, 32, 1), (32, 64, 1), (64, 64, 2)}
+    out = [c for c in configs if c.num_warps == 4
+           and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) in keep]
+    return out or configs[:1]
+
+
+def compiled_shared_max():
+    """Largest shared memory any compiled attention kernel uses (must stay <= A.SMEM_LIMIT)."""
+    try:
+        sizes = []
+        for caches in A._attn_body.device_caches.values():
+            sizes += [k.metadata.shared for k in caches[0].values()]
+        return max(sizes) if sizes else None
+    except Exception as e:  # triton internals: report, do not fail the run
+        return f"unavailable: {e!r}"
+
+
+def hadamard_section(device):
+    """Attention-output error of int8 / int4 KV against the float cache, with and without an
+    orthonormal Hadamard rotation of q, k and v (output rotated back), on Gaussian K/V and on
+    K/V with a few outlier channels (as real keys have)."""
+    had = []
+    D, Hkv, G, fill = 512, 4, 8, 4096
+    Hm = A.hadamard(D, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for outliers in (False, True):
+        k = torch.randn(1, Hkv, fill, D, device=device, generator=gen)
+        v = torch.randn(1, Hkv, fill, D, device=device, generator=gen)
+        if outliers:
+            k[..., :8] *= 20
+            v[..., :4] *= 10
+        q = torch.randn(1, 1, Hkv * G, D, device=device, generator=gen) * 0.1
+        pos = torch.tensor([fill - 1], device=device)
+        ref = A.attention_reference(q, k, v, None, None, pos, 0)
+        for kv in ("int8", "int4"):
+            plain = A.attention_reference(q, *_q(k, v, kv), pos, 0)
+            rot = A.attention_reference(q @ Hm, *_q(k @ Hm, v @ Hm, kv), pos, 0) @ Hm
+            had.append(dict(kv_dtype=kv, outlier_channels=outliers, rel_err=rel(plain, ref),
+                            rel_err_hadamard=rel(rot, ref)))
+            print(had[-1], flush=True)
+    return had
+
+
+def _q(k, v, kv):
+    kq, ks = A.quantize_kv(k, kv)
+    vq, vs = A.quantize_kv(v, kv)
+    return kq, vq, ks, vs
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""gemma4::attention (export/kernels/attention.py): the eager reference against the model's
+previous masked-SDPA attention, the Triton kernels through the Triton interpreter, config
+shared-memory bounds, quantized KV, the kv_dtype model option and planner, and (CUDA) the
+compiled kernels with the consumer config set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from export.kernels import attention as A
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def masked_sdpa(q, keys, values, pos, window, ring):
+    """The model's attention before the custom op: mask from slot positions, GQA folded into
+    the query axis, aten SDPA (fp32)."""
+    _, T, H, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    G = H // Hkv
+    positions = pos + torch.arange(T, device=q.device)
+    idx = torch.arange(S, device=q.device)
+    last = positions[-1]
+    slot_pos = last - (last - idx) % S if ring else idx
+    qp, kp = positions[:, None], slot_pos[None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window:
+        mask = mask & (qp - kp < window)
+    qq = q.transpose(1, 2).contiguous().view(1, Hkv, G * T, D)
+    out = F.scaled_dot_product_attention(qq, keys, values, attn_mask=mask.repeat(G, 1)[None, None], scale=1.0)
+    return out.contiguous().view(1, H, T, D).transpose(1, 2)
+
+
+def filled_cache(Hkv, S, D, n, ring, gen):
+    """Cache after writing positions 0..n-1 (slot p % S on a ring), garbage in unwritten slots."""
+    k = torch.randn(1, Hkv, S, D, generator=gen)
+    v = torch.randn(1, Hkv, S, D, generator=gen)
+    for p in range(n):
+        s = p % S if ring else p
+        k[:, :, s] = torch.randn(Hkv, D, generator=gen)
+        v[:, :, s] = torch.randn(Hkv, D, generator=gen)
+    return k, v
+
+
+# (H, Hkv, D, S, window): tiny-like rings and flat caches, GQA 2..8, head dims 16..512
+CASES = [(4, 2, 16, 15, 8), (4, 1, 32, 64, 0), (8, 2, 64, 40, 24), (32, 4, 512, 48, 0), (32, 16, 256, 23, 16)]
+
+
+@pytest.mark.parametrize("H,Hkv,D,S,window", CASES)
+def test_reference_matches_masked_sdpa_through_ring_wraparound(H, Hkv, D, S, window):
+    gen = torch.Generator().manual_seed(D + S)
+    ring = window > 0
+    chunk = S - window + 1 if ring else 8  # the model's ring: window + chunk - 1 slots
+    steps = [(0, min(chunk, 5)), (5, 1), (6, chunk), (6 + chunk, 1)]
+    steps += [(p, 1) for p in range(7 + chunk, 2 * S + 3 if ring else S)]  # decode far past the wrap
+    worst = 0.0
+    for pos, T in steps:
+        k, v = filled_cache(Hkv, S, D, pos + T, ring, gen)
+        q = torch.randn(1, T, H, D, generator=gen)
+        p = torch.tensor([pos])
+        want = masked_sdpa(q, k, v, p, window, ring)
+        got = A.attention_reference(q, k, v, None, None, p, window)
+        worst = max(worst, ((got - want).norm() / want.norm()).item())  # relative, fp32
+        assert torch.ops.gemma4.attention(q, k, v, None, None, p, window).equal(got)  # the op's CPU kernel
+    assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_quantize_roundtrip_and_packing(kv):
+    x = torch.randn(2, 3, 7, 64)
+    codes, scale = A.quantize_kv(x, kv)
+    assert codes.dtype == (torch.int8 if kv == "int8" else torch.uint8) and scale.dtype == torch.float16
+    assert codes.shape[-1] == (64 if kv == "int8" else 32) and scale.shape == x.shape[:-1]
+    back = A.dequantize_kv(codes, scale, torch.float32)
+    step = scale.float()[..., None]
+    assert ((back - x).abs() <= 0.5 * step + 1e-3 * x.abs()).all()  # within half a step (+ fp16 scale)
+    if kv == "int4":  # byte j: d = 2j low nibble, 2j + 1 high nibble, each code + 8
+        q = torch.round(x / step).clamp(-7, 7)
+        assert ((codes & 15).int() - 8).equal(q[..., 0::2].int())
+        assert ((codes >> 4).int() - 8).equal(q[..., 1::2].int())
+
+
+def test_hadamard_rotate_is_the_orthonormal_matrix_and_its_own_inverse():
+    x = torch.randn(3, 5, 256, dtype=torch.float64).float()
+    y = A.hadamard_rotate(x)
+    assert torch.allclose(y, x @ A.hadamard(256), atol=1e-5)
+    assert torch.allclose(A.hadamard_rotate(y), x, atol=1e-5)
+
+
+def test_every_config_fits_consumer_shared_memory():
+    for D in (16, 32, 256, 512):
+        for fmt in (0, 1, 2):
+            for table in (A._DECODE_ALL, A._PREFILL_ALL):
+                fit = A.fitting(table, D, fmt)
+                assert fit, (D, fmt)  # something always compiles
+                for c in fit:
+                    assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt) \
+                        <= A.SMEM_LIMIT == 101376
+
+
+def test_decode_splits_are_static_and_bounded():
+    assert A.decode_splits(131072, 4) == 128 and A.decode_splits(1151, 16) == 18 and A.decode_splits(15, 2) == 1
+
+
+INTERPRETED = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import filled_cache
+cm = A.use_configs(A.smallest); cm.__enter__()
+gen = torch.Generator().manual_seed(0)
+worst = {}
+# (H, Hkv, D, S, window, pos, T): rings before / after wrap, flat caches with several decode splits
+for H, Hkv, D, S, window, pos, T in [(4, 2, 16, 15, 8, 3, 1), (4, 2, 16, 15, 8, 37, 1), (4, 2, 16, 15, 8, 30, 8),
+                                     (8, 2, 32, 300, 0, 290, 1), (8, 2, 32, 300, 0, 100, 7), (8, 1, 32, 40, 24, 70, 1)]:
+    ring = window > 0
+    k, v = filled_cache(Hkv, S, D, pos + T, ring, gen)
+    q = torch.randn(1, T, H, D, generator=gen)
+    p = torch.tensor([pos])
+    for kv in ("float", "int8", "int4"):
+        if kv == "float":
+            args = (k, v, None, None)
+        else:
+            (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+            args = (kq, vq, ks, vs)
+        want = A.attention_reference(q, *args, p, window)
+        for decode in ([True, False] if T == 1 else [False]):
+            got = A.launch(q, *args, p, window, decode)
+            worst[kv] = max(worst.get(kv, 0.0), (got - want).abs().max().item())
+print(worst)
+assert max(worst.values()) <= 2e-5, worst
+"""
+
+
+def test_triton_kernels_match_reference_in_the_interpreter():
+    """Decode (several splits + combine) and prefill kernels, every KV format, on CPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "bf16"])
+def test_model_kv_dtype_buffers_and_logits(kv):
+    from export.gemma4.config import PRESETS
+    from export.gemma4.model import Gemma4Model
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    base = Gemma4Model(cfg, ctx=64, prefill_chunk=8)
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model = Gemma4Model(cfg, ctx=64, prefill_chunk=8, kv_dtype=kv)
+    model.load_state_dict(base.state_dict())
+    specs = {s["fqn"]: s for s in model.kv_cache_specs()}
+    full = [f for f, s in specs.items() if s["kind"] == "full" and f.endswith(".k")]
+    assert full
+    for f in full:
+        want = {"int8": "int8", "int4": "uint8", "bf16": "bfloat16"}[kv]
+        assert specs[f]["dtype"] == want
+        if kv != "bf16":
+            assert specs[f[:-1] + "k_scale"]["dtype"] == "float16"
+    assert all(s["dtype"] == "float32" for s in specs.values() if s["kind"] == "sliding")
+    tokens = torch.randint(0, cfg.vocab_size, (1, 40))
+
+    def run(m):
+        m.reset_cache()
+        out = [m(tokens[:, i:i + 8], torch.tensor([i])) for i in range(0, 32, 8)]
+        out += [m(tokens[:, i:i + 1], torch.tensor([i])) for i in range(32, 40)]  # rings wrapped (15 slots)
+        return torch.stack(out)
+
+    ref, got = run(base), run(model)
+    err = ((got - ref).norm() / ref.norm()).item()
+    assert err <= {"bf16": 2e-3, "int8": 5e-3, "int4": 5e-2}[kv], err
+
+
+def test_planner_quantized_kv_of_the_31b_at_128k():
+    from export.gemma4.config import PRESETS
+    from export.planner import KvQuant, PlanInputs, kv_items
+
+    def kv_gib(kv):
+        items = kv_items(PlanInputs(PRESETS["31b"], ctx=131072, kv_dtype=kv))
+        return sum(i.bytes for i in items if not i.reference) / 2**30
+
+    assert kv_gib(KvQuant.INT8) <= 5.9 and kv_gib("int4") <= 3.4
+    assert kv_gib(None) > 10.8  # bf16: 10.0 GiB full + 0.88 GiB rings
+    # rings stay bf16 either way
+    assert abs((kv_gib("int8") - kv_gib("int4")) - 10 * 131072 * 4 * 512 * 2 * 0.5 / 2**30) < 1e-9
+
+
+@pytest.mark.cuda
+def test_compiled_kernels_with_consumer_configs():
+    """Every config that the consumer limit admits compiles within it and matches the reference."""
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for H, Hkv, D, S, window in [(32, 4, 512, 4096, 0), (32, 16, 256, 1151, 1024), (8, 1, 32, 64, 0)]:
+        k = torch.randn(1, Hkv, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
+        v = torch.randn(1, Hkv, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
+        for kv in ("float", "int8", "int4") if not window else ("float",):
+            args = (k, v, None, None) if kv == "float" else (*_pair(k, v, kv),)
+            fmt = A.kv_format(args[0], args[2])
+            for decode, T, pos in ((True, 1, S - 5), (False, 37, S // 2)):
+                q = torch.randn(1, T, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
+                p = torch.tensor([pos], device=dev)
+                want = A.attention_reference(q.float(), *args, p, window)
+                configs = A.fitting(A._DECODE_ALL if decode else A._PREFILL_ALL, D, fmt)
+                for c in configs:
+                    with A.use_configs(lambda cs, c=c: [c]):
+                        got = A.launch(q, *args, p, window, decode)
+                    err = ((got.float() - want).norm() / want.norm()).item()
+                    assert err <= 1e-2, (H, D, kv, decode, c, err)
+    shared = [k.metadata.shared for caches in A._attn_body.device_caches.values() for k in caches[0].values()]
+    assert shared and max(shared) <= A.SMEM_LIMIT
+
+
+def _pair(k, v, kv):
+    (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+    return kq, vq, ks, vs
