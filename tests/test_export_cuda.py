@@ -29,13 +29,18 @@ import pytest
 import torch
 
 from export.artifact import load_ptd_tensor, read_ptd_index
-from export.gemma4.export import METHODS, DeviceChoice, DTypeChoice, ExportConfig, SdpaChoice, export_model
+from export.gemma4.export import METHODS, DeviceChoice, DTypeChoice, ExportConfig, KvDtype, SdpaChoice, export_model
 
 CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "tiny": dict(preset="tiny", ctx=64, prefill_chunk=8, autotune=False),
     "31b-2l": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128),
     # the int4 recipe the 31B's byte budget needs (g128), exported in low-memory mode
     "31b-2l-int4": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True),
+    # the same without max_autotune (one config per kernel), bf16 and int8 KV on the full layer
+    "31b-2l-int4-noat": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
+                             autotune=False),
+    "31b-2l-int4-kv8": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
+                            autotune=False, kv_dtype=KvDtype.INT8),
 }
 
 
