@@ -155,3 +155,28 @@ def test_no_autotune_compiles_sdpa_with_one_fixed_config():
             smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
             assert kept.kwargs["BLOCK_M"] * kept.kwargs["BLOCK_N"] == smallest
     assert {n: list(getattr(sdpa, n).configs) for n in before} == before
+
+
+def test_kernels_sharing_one_cubin_get_an_object_each(tmp_path):
+    """Two kernel names over one cubin (a custom kernel launched from many layers) must link
+    as two objects with their own symbols, not one object listed twice."""
+    import shutil
+    import subprocess
+
+    from torch._inductor import codecache
+    from torch._inductor.cpp_builder import get_ld_and_objcopy
+
+    from export.backends.cuda import kernel_binary_patches
+
+    if shutil.which("objcopy") is None:
+        pytest.skip("binutils' objcopy is not installed")
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(b"\x7fELF fake kernel binary")
+    ld, objcopy = get_ld_and_objcopy(False)
+    with kernel_binary_patches():
+        objs = [codecache.convert_cubin_to_obj(str(cubin), name, ld, objcopy) for name in ("kern_7", "kern_9")]
+    assert len(set(objs)) == 2
+    for obj, name in zip(objs, ("kern_7", "kern_9")):
+        symbols = subprocess.run(["nm", obj], capture_output=True, text=True, check=True).stdout
+        assert f"__{name}_start" in symbols and f"__{name}_end" in symbols
+    assert codecache.convert_cubin_to_obj.__module__ == "torch._inductor.cpp_builder"  # restored

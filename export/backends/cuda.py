@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
+import shutil
 import typing
 from typing import Any, Iterator, final
 
@@ -44,6 +46,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice, autotune_enabled
 from export.kernels import int4_matmul
+from export.passes.inductor_patches import _patched
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"
 MULTI_ARCH = "multi_arch"  # b"1": fatbin kernels (PTX + SASS) that run on other GPU generations too
@@ -62,6 +65,33 @@ def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
         gm.graph.lint()
         gm.recompile()
     return changed
+
+
+def one_object_per_kernel_name(original):
+    """Inductor's `convert_cubin_to_obj` for embedded kernel binaries (no fatbins) writes
+    `<cubin>.o` and renames its symbols to `__<kernel>_start/_end/_size`. When two kernel
+    names share one cubin (a custom Triton kernel launched from several places compiles to the
+    same binary: `gemma4::int4_linear` in every layer), the second call overwrote the first
+    object under the second name and the link listed that object twice: "multiple definition
+    of `___int4_matmul_kernel_7_start'" on the H200. Each name gets a link to the cubin of its
+    own, so each gets its own object and symbols."""
+    def convert_cubin_to_obj(cubin_file: str, kernel_name: str, ld: str, objcopy: str) -> str:
+        own = f"{cubin_file}.{kernel_name}.cubin"
+        if not os.path.exists(own):
+            try:
+                os.link(cubin_file, own)
+            except OSError:
+                shutil.copyfile(cubin_file, own)
+        return original(own, kernel_name, ld, objcopy)
+    return convert_cubin_to_obj
+
+
+@contextlib.contextmanager
+def kernel_binary_patches() -> Iterator[None]:
+    from torch._inductor import codecache
+
+    with _patched(codecache, "convert_cubin_to_obj", one_object_per_kernel_name):
+        yield
 
 
 def triton_sdpa_spec(on: bool) -> CompileSpec:
@@ -152,14 +182,15 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
 
     @classmethod
     def compile_context(cls, compile_specs: list[CompileSpec]):
+        stack = contextlib.ExitStack()
+        stack.enter_context(cls.get_extra_aoti_compile_context_manager())
+        stack.enter_context(kernel_binary_patches())
         if autotune_enabled(compile_specs):
-            return cls.get_extra_aoti_compile_context_manager()
+            return stack
         # the module (its package re-exports the op under the same name)
         sdpa_kernels = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")
         from export.kernels import attention
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(cls.get_extra_aoti_compile_context_manager())
         stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
         stack.enter_context(int4_matmul.one_config())
         stack.enter_context(attention.use_configs(attention.smallest))  # gemma4::attention too
