@@ -110,6 +110,7 @@ def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
     dtype = cfg.dtype.resolve(cfg.device.resolve())
     return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
                       group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
+                      int4_layout="plain",  # gemma4::int4_linear's layout, what quant.py writes on CUDA
                       dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
                       kv_dtype={"auto": None, "bf16": "bfloat16"}.get(cfg.kv_dtype.value, cfg.kv_dtype.value),
                       loader="streaming")  # presets stream through the same unit loop (RandomWeights)

@@ -50,7 +50,7 @@ class QuantRecipe:
     """Which modules get which scheme. Module patterns are fnmatch globs on FQNs."""
 
     linear: LinearQuant = LinearQuant.INT4
-    group_size: int = 32  # 32 (default) or 128
+    group_size: int = 128  # 128 (default) or 32; halved where K needs it (group_size_for)
     embedding: EmbeddingQuant = EmbeddingQuant.NONE
     linears: tuple[str, ...] = ("*",)  # every nn.Linear, lm_head included...
     skip_linears: tuple[str, ...] = ("*router.proj",)  # ...but the MoE router (tiny, sensitive)
@@ -58,7 +58,7 @@ class QuantRecipe:
 
     def __post_init__(self):
         if self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size {self.group_size}: use 32 (default) or 128")
+            raise ValueError(f"group_size {self.group_size}: use 128 (default) or 32")
 
     def summary(self) -> dict:
         return {"linear": self.linear.value, "group_size": self.group_size,
@@ -225,8 +225,8 @@ def _untie_lm_head(model: nn.Module, report: QuantReport) -> None:
 def _linear_skip_reason(fqn: str, lin: nn.Linear, recipe: QuantRecipe, device: TargetDevice) -> str | None:
     if lin.bias is not None:
         return "has a bias"
-    if device is TargetDevice.CPU and lin.in_features % recipe.group_size:
-        return f"in_features {lin.in_features} is not a multiple of group_size {recipe.group_size}"
+    if lin.in_features % 32:
+        return f"in_features {lin.in_features} is not a multiple of 32 (the smallest int4 group)"
     if device is TargetDevice.CUDA and lin.in_features % 32:
         return f"in_features {lin.in_features} is not a multiple of 32 (the smallest int4 group)"
     if device is TargetDevice.CUDA and lin.weight.dtype != torch.bfloat16:
@@ -263,7 +263,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
                 _set_module(model, fqn, PackedInt4Linear.from_float(mod.weight, recipe.group_size))
                 report.int4.append(fqn)
             else:
-                _set_module(model, fqn, Int4Linear.from_float(mod.weight, recipe.group_size))
+                from export.kernels.int4_matmul import group_size_for  # halved where K needs it, as on CUDA
+                group = group_size_for(mod.in_features, recipe.group_size)
+                _set_module(model, fqn, Int4Linear.from_float(mod.weight, group))
                 report.int4.append(fqn)
         else:
             continue
