@@ -241,7 +241,7 @@ class AttentionImpl(str, Enum):
 
 
 class Loader(str, Enum):
-    """NAIVE: the whole model in its dtype in host RAM. STREAMING (issue 7): quantized
+    """NAIVE: the whole model in its dtype in host RAM. STREAMING: quantized
     weights + one layer of bf16 + fixed overhead."""
 
     NAIVE = "naive"

@@ -2,7 +2,7 @@
 until written, and deep copies that share bytes instead of duplicating them.
 
 A bf16 31B checkpoint quantizes to ~20 GiB of int4 weights (bf16 embedding included): more
-than the export may hold in RAM (issue 7: <= 20 GiB host peak in all). So:
+than the export may hold in RAM (a host peak well under the weights' float size). So:
 
 - `WeightSpool.park_module_` writes each finished unit's tensors (after quantization) to one
   unlinked spool file next to the output directory and swaps them for tensors that map

@@ -62,7 +62,7 @@ def tiny_artifact(tmp_path_factory) -> TinyArtifact:
     return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)
 
 
-# ---- the same tiny artifact exported with --low-memory (issue 4), compiled once per session --
+# ---- the same tiny artifact exported with --low-memory, compiled once per session --
 # Same config plus low_memory (every big constant zero-byte while compiling, every weight
 # parked in the spool file and copied from there into the .ptd) and kv_in_ptd (KV written as
 # zeros), so tests/test_passes_artifact.py can compare it with the stock one and check both

@@ -19,7 +19,7 @@ Preprocess order (one method at a time):
   5. `torch._inductor.aot_compile`, inside: fallback-kernel check, no_grad, the subclass's
      extra context, the low-memory Inductor patches, and the constant-table capture.
 
-Low-memory hook (issue 4 plugs in here without editing this file):
+Low-memory hook (export.passes plugs in here without editing this file):
   With the compile spec `CompileSpecKey.LOW_MEMORY` set to b"1", preprocess imports
   `export.passes` and calls
     - `low_memory_passes(options: dict[str, str]) -> list[Callable[[ExportedProgram], ExportedProgram]]`
