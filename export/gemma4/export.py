@@ -211,7 +211,7 @@ def validate(cfg: ExportConfig) -> tuple[Gemma4Config, TargetDevice, torch.dtype
     device = cfg.device.resolve()
     dtype = cfg.dtype.resolve(device)
     if device is TargetDevice.CUDA and cfg.quant is LinearQuant.INT4 and dtype != torch.bfloat16:
-        _fail("--quant int4 on cuda uses torchao's bf16 int4 kernel: pass --dtype bfloat16 (or --quant none)")
+        _fail("--quant int4 on cuda runs bf16 int4 kernels: pass --dtype bfloat16 (or --quant none)")
     if cfg.sdpa is SdpaChoice.TRITON and (device is not TargetDevice.CUDA or dtype != torch.bfloat16):
         _fail("--sdpa triton needs --device cuda and --dtype bfloat16; use --sdpa auto or decomposed")
     if cfg.out is not None and Path(cfg.out).is_file():

@@ -227,8 +227,6 @@ def _linear_skip_reason(fqn: str, lin: nn.Linear, recipe: QuantRecipe, device: T
         return "has a bias"
     if lin.in_features % 32:
         return f"in_features {lin.in_features} is not a multiple of 32 (the smallest int4 group)"
-    if device is TargetDevice.CUDA and lin.in_features % 32:
-        return f"in_features {lin.in_features} is not a multiple of 32 (the smallest int4 group)"
     if device is TargetDevice.CUDA and lin.weight.dtype != torch.bfloat16:
         return "the int4 CUDA kernels take bf16 activations: export with bf16 weights"
     return None
