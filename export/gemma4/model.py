@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import export.kernels.attention  # noqa: F401  (registers torch.ops.gemma4.attention)
-
-from ..kernels.attention import hadamard_rotate, quantize_kv
+from ..kernels.attention import hadamard_rotate, quantize_kv  # importing it registers torch.ops.gemma4.attention
 from .config import Gemma4Config
 
 
