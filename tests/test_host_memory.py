@@ -39,10 +39,10 @@ def test_streaming_peak_stays_near_the_int4_weights(tmp_path):
     largest_unit = max(sum(t.numel() * 2 for k, t in tensors.items() if k.startswith(f"layers.{i}."))
                        for i in range(CFG.num_hidden_layers))
     assert above_base <= 1.3 * weights + 2 * largest_unit + 128 * MIB
-    # holding every float layer first (naive) costs at least half of the float model more, each
-    # above its own process's baseline (two fresh processes' baselines differed by ~70 MB once)
-    naive_above_base = naive["peak_rss"] - naive["baseline_rss"]
-    assert naive_above_base - above_base >= float_bytes // 2
+    # the measurement sees a float model held whole (naive): at least its bytes above the base.
+    # (Naive minus streaming peaks is not a stable figure: naive ranged 253-369 MiB and streaming
+    # 102-188 MiB above base over runs of one build, so their difference went under 87 MB once.)
+    assert naive["peak_rss"] - naive["baseline_rss"] >= float_bytes
 
 
 class ExportArgs(Args):
