@@ -104,8 +104,18 @@ int4)  # int4 linears: the kernels' cuda tests (consumer configs forced), then b
 int4_slice)  # int4 g128 31B 2-layer slice, low-memory export: allocator/NVML peaks, .so logits vs eager
   timeout 560 python -m tests.test_export_cuda 31b-2l-int4 "$OUT/int4_slice.json" 2>&1 | tail -3
   ;;
+slice_kernels)  # the 31B 2-layer int4 g128 low-memory slice with the project's kernels, bf16 and int8 KV
+  # side by side (allocator / NVML / RSS peaks, runner logits vs eager), then the attention bench
+  for c in 31b-2l-int4-noat 31b-2l-int4-kv8; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/i_$c TRITON_CACHE_DIR=/tmp/t_$c TORCHINDUCTOR_COMPILE_THREADS=7 \
+      timeout 400 python -m tests.test_export_cuda $c "$OUT/$c.json" > "$OUT/$c.log" 2>&1 &
+  done
+  wait; for c in 31b-2l-int4-noat 31b-2l-int4-kv8; do echo "== $c"; tail -c 1200 "$OUT/$c.log"; done
+  timeout 120 python -m scripts.kv_logits_error --preset 31b --layers 6 --fill 2048 --device cuda \
+      --out "$OUT/kv_logits.json" 2>&1 | tail -6
+  ;;
 host_memory)  # issue 7 (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels" >&2; exit 2 ;;
 esac
