@@ -14,6 +14,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from runtime.cli_types import non_negative_int, positive_int  # noqa: F401  (re-exported for export's CLIs)
+
 # Raised for bad input (files, configs, flags); anything else is a bug and says so.
 BAD_INPUT: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, IsADirectoryError,
                                                NotADirectoryError, PermissionError)
@@ -57,20 +59,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
 
 
 # ---- argparse types: a bad value is refused at parse time, naming the flag ----------------
-
-def positive_int(text: str) -> int:
-    value = int(text)  # argparse reports the ValueError as "invalid positive_int value"
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
+# positive_int and non_negative_int are the runtime's (re-exported here for export's CLIs)
 
 def finite_float(text: str) -> float:
     value = float(text)

@@ -18,24 +18,11 @@ import time
 from pathlib import Path
 
 from runtime.artifact import Artifact, ArtifactError
+from runtime.cli_types import non_negative_int, positive_int
 from runtime.memory import PeakSampler
 from runtime.runner import ContextOverflowError, Runner, check_fits, resolve_device
 from runtime.sampling import SamplingConfig
 from runtime.tokenizer import TextTokenizer
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def _temperature(text: str) -> float:
@@ -75,11 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-ids", type=_token_ids,
                         help="the prompt as comma-separated token ids (BOS included); works without a tokenizer.json")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in a user turn (the checkpoint's chat template, else Gemma's turn format)")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=_non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
     p.add_argument("--device", default=None,
