@@ -140,6 +140,7 @@ def parity(out: Path, model: torch.nn.Module, n_decode: int = 6) -> dict[str, li
     fp32 reference of the compiled .so ("compiled") and of the eager bf16 model ("eager"),
     and compiled vs eager ("compiled_vs_eager")."""
     mini = CudaMini(out)
+    model = model.cuda()  # a low-memory export streams its weights through host memory
     ref = fp32_reference(model)
     ref.reset_cache()
     chunk, vocab = mini.meta["prefill_chunk"], mini.meta["vocab_size"]
