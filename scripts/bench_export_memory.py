@@ -113,33 +113,39 @@ class Sampler:
         self._sample()
 
 
-def _phase(sampler: Sampler, name: str, fn, on_done=lambda: None):
-    """Wrap `fn` so its calls are measured as phase `name`; `on_done()` runs after each call."""
-    import torch
+class PhaseMeter:
+    """A stage listener (export/stages.py): each export stage of PHASES is measured as a
+    phase; `on_done()` runs after each."""
 
-    def run(*args, **kwargs):
+    def __init__(self, sampler: Sampler, on_done=lambda: None):
+        from export import stages
+
+        self.stages, self.sampler, self.on_done = stages, sampler, on_done
+        self.names = dict(zip((stages.LOAD, stages.TORCH_EXPORT, stages.LOWER, stages.WRITE), PHASES))
+
+    def __call__(self, event) -> None:
+        import torch
+
+        name = self.names.get(event.stage)
+        if name is None or event.kind not in (self.stages.START, self.stages.END):
+            return
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        sampler._sample()
-        sampler.phase, t0 = name, time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-            sampler.peaks.setdefault(name, Peaks()).completed = True
-            return out
-        finally:
+        self.sampler._sample()
+        if event.kind == self.stages.START:
             if cuda:
-                torch.cuda.synchronize()
-            sampler._sample()
-            p = sampler.peaks.setdefault(name, Peaks())
-            p.seconds += time.perf_counter() - t0
-            if cuda:
-                p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
-                p.reserved = max(p.reserved, torch.cuda.max_memory_reserved())
-            sampler.phase = "between"
-            on_done()
-    return run
+                torch.cuda.reset_peak_memory_stats()
+            self.sampler.phase = name
+            return
+        p = self.sampler.peaks.setdefault(name, Peaks())
+        p.completed = p.completed or not event.error
+        p.seconds += event.seconds or 0.0
+        if cuda:
+            p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
+            p.reserved = max(p.reserved, torch.cuda.max_memory_reserved())
+        self.sampler.phase = "between"
+        self.on_done()
 
 
 def child(args: argparse.Namespace) -> None:
@@ -181,8 +187,7 @@ def child(args: argparse.Namespace) -> None:
 
     t_begin = time.perf_counter()
     unfinished = lambda: report(None, "unfinished (killed by the time budget?)", time.perf_counter() - t_begin)
-    for phase, attr in zip(PHASES, ("prepare_model", "export_methods", "lower", "write_artifact")):
-        setattr(X, attr, _phase(sampler, phase, getattr(X, attr), on_done=unfinished))
+    meter = PhaseMeter(sampler, on_done=unfinished)
 
     def keep_reporting():  # a run killed mid-phase keeps the peaks measured so far
         while not sampler._stop.wait(15.0):
@@ -208,7 +213,12 @@ def child(args: argparse.Namespace) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
+        from export.stages import NOTE
+
+        def log(event) -> None:
+            if event.kind == NOTE:
+                print(event.detail, flush=True)
+        result = X.export_model(cfg, listeners=(meter, log))
     except Exception as e:  # keep the phases measured so far (a late failure still reports lowering)
         error = f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0

@@ -182,7 +182,7 @@ def test_model_kv_dtype_buffers_and_logits(kv):
 
 def test_planner_quantized_kv_of_the_31b_at_128k():
     from export.gemma4.config import PRESETS
-    from export.planner import KvQuant, PlanInputs, kv_items
+    from export.gemma4.planner import KvQuant, PlanInputs, kv_items
 
     def kv_gib(kv):
         items = kv_items(PlanInputs(PRESETS["31b"], ctx=131072, kv_dtype=kv))

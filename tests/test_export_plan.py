@@ -7,8 +7,8 @@ from torch import nn
 from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensorSubclass
 from torch.testing._internal.two_tensor import TwoTensor
 
-from export.backends import ConstantInfo, ConstantKind
-from export.gemma4.export import _flat, _resolve, _with_inner_tensors
+from export.constants import ConstantInfo, ConstantKind
+from export.constants import _flat, _resolve, _with_inner_tensors
 
 
 def _info(name: str, fqn: str, t: torch.Tensor) -> ConstantInfo:

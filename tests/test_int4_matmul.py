@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export.kernels import int4_matmul as im
-from export.planner import Int4Layout, int4_bytes as planner_int4_bytes
+from export.gemma4.planner import Int4Layout, int4_bytes as planner_int4_bytes
 from runtime.aoti import promote_libtorch
 
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from export import planner as P
+from export.gemma4 import planner as P
 from export.gemma4.config import PRESETS
 
 GiB = 1024**3

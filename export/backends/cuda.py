@@ -36,7 +36,6 @@ import contextlib
 import importlib
 import os
 import shutil
-import typing
 from typing import Any, Iterator, final
 
 import torch
@@ -44,12 +43,12 @@ from executorch.backends.cuda.cuda_backend import CudaBackend
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
-from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice, autotune_enabled
+from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
+from export.backends.options import BackendOptions, TargetDevice
 from export.kernels import int4_matmul
-from export.passes.inductor_patches import _patched
+from export.patches import patched
 
-TRITON_KERNEL_MODE = "triton_kernel_mode"
-MULTI_ARCH = "multi_arch"  # b"1": fatbin kernels (PTX + SASS) that run on other GPU generations too
+TRITON_KERNEL_MODE = "triton_kernel_mode"  # ExecuTorch's own compile-spec key for its SDPA swap
 
 
 def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
@@ -88,14 +87,14 @@ def one_object_per_kernel_name(original):
 
 @contextlib.contextmanager
 def kernel_binary_patches() -> Iterator[None]:
-    from torch._inductor import codecache
-
-    with _patched(codecache, "convert_cubin_to_obj", one_object_per_kernel_name):
+    with patched("convert_cubin_to_obj", one_object_per_kernel_name):
         yield
 
 
-def triton_sdpa_spec(on: bool) -> CompileSpec:
-    return CompileSpec(TRITON_KERNEL_MODE, b"ON" if on else b"OFF")
+def _executorch_specs(options: BackendOptions) -> list[CompileSpec]:
+    """The compile specs ExecuTorch's CudaBackend reads, from our options."""
+    return [CompileSpec("method_name", options.method.encode()),
+            CompileSpec(TRITON_KERNEL_MODE, b"ON" if options.triton_sdpa else b"OFF")]
 
 
 @contextlib.contextmanager
@@ -118,14 +117,6 @@ def one_config_per_user_kernel(module) -> Iterator[None]:
             getattr(module, name).configs = configs
 
 
-def multi_arch_spec(on: bool) -> CompileSpec:
-    return CompileSpec(MULTI_ARCH, b"1" if on else b"0")
-
-
-def multi_arch_enabled(compile_specs: list[CompileSpec]) -> bool:
-    return any(s.key == MULTI_ARCH and s.value == b"1" for s in compile_specs)
-
-
 @final
 class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
     @classmethod
@@ -143,34 +134,31 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         return CudaBackend.get_supported_fallback_kernels()
 
     @classmethod
-    def is_supported_fallback_kernel(cls, kernel: str, compile_specs: list[CompileSpec]) -> bool:
+    def is_supported_fallback_kernel(cls, kernel: str, options: BackendOptions) -> bool:
         # Without autotune, GEMMs go to cuBLAS through libtorch's shims: fine for the
         # project's runner (it runs inside libtorch), not for ExecuTorch's C++ CUDA runtime.
-        return not autotune_enabled(compile_specs) or kernel in cls.get_supported_fallback_kernels()
+        return not options.autotune or kernel in cls.get_supported_fallback_kernels()
 
     @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
         return CudaBackend.get_decomposition_table()
 
     @classmethod
-    def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:
-        specs = list(compile_specs)
-        on = any(s.key == TRITON_KERNEL_MODE and s.value.upper() == b"ON" for s in specs)
-        specs = [s for s in specs if s.key != TRITON_KERNEL_MODE] + [triton_sdpa_spec(on)]
-        passes = CudaBackend.get_custom_passes(specs)  # edge-dialect SDPA, cond predicate
-        return passes + ([replace_sdpa_with_triton] if on else [])
+    def target_passes(cls, options: BackendOptions) -> list:
+        passes = CudaBackend.get_custom_passes(_executorch_specs(options))  # edge-dialect SDPA, cond predicate
+        return passes + ([replace_sdpa_with_triton] if options.triton_sdpa else [])
 
     @classmethod
-    def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:
-        options = CudaBackend.get_aoti_compile_options(compile_specs)
-        if not multi_arch_enabled(compile_specs):
+    def compile_options(cls, options: BackendOptions) -> dict[str, Any]:
+        inductor = CudaBackend.get_aoti_compile_options(_executorch_specs(options))
+        if not options.multi_arch:
             # ExecuTorch asks for fatbins: one `nvcc -fatbin` per kernel, run serially after
             # Triton compiled it (a third of a tiny export's lowering on the H100). The user
             # exports on the GPU they run on, so the kernels stay Triton's own cubins for that
             # arch; the metadata records it and the runner refuses another arch.
-            options["aot_inductor.emit_multi_arch_kernel"] = False
-        if not autotune_enabled(compile_specs):  # minutes less per test export
-            options.update({"max_autotune": False, "max_autotune_gemm_backends": "ATEN,TRITON",
+            inductor["aot_inductor.emit_multi_arch_kernel"] = False
+        if not options.autotune:  # minutes less per test export
+            inductor.update({"max_autotune": False, "max_autotune_gemm_backends": "ATEN,TRITON",
                             "max_autotune_conv_backends": "ATEN,TRITON",
                             # one config per pointwise kernel: AOTI compiles and benchmarks every
                             # config serially in its compile-time tuning script
@@ -178,14 +166,14 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
                             # no timing run chooses a reduction's tiles: two exports of one model
                             # (stock and low-memory) compute bitwise the same logits
                             "deterministic": True})
-        return options
+        return inductor
 
     @classmethod
-    def compile_context(cls, compile_specs: list[CompileSpec]):
+    def compile_context(cls, options: BackendOptions):
         stack = contextlib.ExitStack()
         stack.enter_context(cls.get_extra_aoti_compile_context_manager())
         stack.enter_context(kernel_binary_patches())
-        if autotune_enabled(compile_specs):
+        if options.autotune:
             return stack
         # the module (its package re-exports the op under the same name)
         sdpa_kernels = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")

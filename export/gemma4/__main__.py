@@ -1,6 +1,6 @@
 """`python -m export.gemma4`: export a Gemma 4 text model to model.pte + model.ptd.
 
-Every flag is one field of `ExportConfig` (export/gemma4/export.py). With no arguments it
+Every flag is one field of `ExportConfig` (export/gemma4/options.py). With no arguments it
 exports the `tiny` preset (random weights) for whatever device exists into out/tiny.
 """
 
@@ -20,21 +20,22 @@ from pathlib import Path
 
 from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
 from export.gemma4.config import PRESETS
-from export.gemma4.export import (
+from export.gemma4.export import export_model
+from export.gemma4.options import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_PRESET,
     DeviceChoice,
     DTypeChoice,
     ExportConfig,
     ExportConfigError,
-    model_config,
     KvDtype,
     SdpaChoice,
-    export_model,
-    validate,
+    model_config,
+    resolve,
 )
-from export.gemma4.quant import EmbeddingQuant, LinearQuant
-from export.planner import DoesNotFit, PlanInputs, parse_size, plan, render_table, resolve_ctx
+from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant
+from export.stages import ProgressBars
+from export.gemma4.planner import DoesNotFit, PlanInputs, parse_size, plan, render_table, resolve_ctx
 
 EPILOG = """\
 examples:
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter)")
     p.add_argument("--quant", type=LinearQuant, choices=list(LinearQuant), default=d.quant,
                    help="linear weights incl. lm_head: int4 weight-only or none (default %(default)s)")
-    p.add_argument("--group-size", type=int, choices=(32, 128), default=d.group_size,
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=d.group_size,
                    help="int4 group size along the input dim (default %(default)s)")
     p.add_argument("--embedding-quant", type=EmbeddingQuant, choices=list(EmbeddingQuant),
                    default=d.embedding_quant, help="embedding tables: int8 per row or none (default %(default)s)")
@@ -163,16 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             print(render_table(plan(_plan_inputs(cfg, cfg.ctx))))
             return 0
-        _, device, dtype = validate(cfg)  # before anything is loaded or compiled
+        resolved = resolve(cfg)  # before anything is loaded or compiled
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
-    print(f"exporting {cfg.name} for {device.value} ({str(dtype).removeprefix('torch.')}, "
+    print(f"exporting {cfg.name} for {resolved.device.value} ({str(resolved.dtype).removeprefix('torch.')}, "
           f"quant {cfg.quant.value}) -> {cfg.out_dir}", file=sys.stderr)
     if cfg.checkpoint is not None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
         print(f"note: {cfg.checkpoint} has no tokenizer.json, so the artifact will not either: the runner "
               f"then takes token ids (python -m runtime --model {cfg.out_dir} --prompt-ids 2,...), or copy "
               "the model's tokenizer.json into the artifact directory", file=sys.stderr)
-    result = export_model(cfg, progress=True, log=lambda s: print(s, file=sys.stderr))
+    result = export_model(resolved, listeners=(ProgressBars(lambda s: print(s, file=sys.stderr)),))
     summary = {"out": str(result.out_dir), "files": result.sizes,
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
                "peak_gib": _peaks()}

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.backends import TargetDevice
+from export.backends.options import TargetDevice
+
+GROUP_SIZES = (32, 128)  # int4 group sizes a recipe offers (--group-size); halved where K needs it
 
 
 class LinearQuant(str, enum.Enum):
@@ -57,7 +59,7 @@ class QuantRecipe:
     embeddings: tuple[str, ...] = ("embed_tokens", "embed_tokens_per_layer")
 
     def __post_init__(self):
-        if self.group_size not in (32, 64, 128, 256):
+        if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size {self.group_size}: use 128 (default) or 32")
 
     def summary(self) -> dict:

@@ -17,7 +17,7 @@ items inside torch's caching allocator add up to the allocator peak
 (`torch.cuda.max_memory_allocated`), the others (CUDA context, reserved slack) bring it to
 the device figure (NVML), which is what a budget is compared with.
 
-    python -m export.planner --preset 31b --ctx 131072 --gpu-budget 24GiB
+    python -m export.gemma4.planner --preset 31b --ctx 131072 --gpu-budget 24GiB
 
 Not modelled yet: CPU exports (the GPU peaks assume the CUDA backend), a runner that
 allocates one arena instead of a tensor per constant (drop ALLOC_SLACK), expert weights
@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
 from export.gemma4.config import PRESETS, Gemma4Config
+from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
@@ -176,11 +177,6 @@ def model_terms() -> dict[str, float | int | bool]:
 # ---- options -----------------------------------------------------------------------------
 
 
-class LinearQuant(str, Enum):
-    INT4 = "int4"
-    NONE = "none"
-
-
 class Int4Layout(str, Enum):
     """TINYGEMM: torchao 0.17 tile_packed_to_4d (CUDA): K padded to 1024, N to 8, a bf16
     scale and zero point per group. TINYGEMM_K128: the same packing with K padded only to
@@ -200,11 +196,6 @@ class Int4Layout(str, Enum):
     @property
     def tinygemm(self) -> bool:
         return self is not Int4Layout.PLAIN
-
-
-class EmbeddingQuant(str, Enum):
-    INT8 = "int8"
-    NONE = "none"
 
 
 class DType(str, Enum):
@@ -280,8 +271,8 @@ class PlanInputs:
             raise ValueError(f"ctx ({self.ctx}) and prefill_chunk ({self.prefill_chunk}) must be positive")
         if self.ctx > self.config.max_position_embeddings:
             raise ValueError(f"ctx {self.ctx} exceeds max_position_embeddings {self.config.max_position_embeddings}")
-        if self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size {self.group_size}: int4 supports 32, 64, 128 or 256")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size {self.group_size}: int4 supports {' or '.join(map(str, GROUP_SIZES))}")
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -524,14 +515,9 @@ def _weights_by_kind(tensors: tuple[Tensor, ...]) -> tuple[Item, ...]:
 # ---- KV cache ----------------------------------------------------------------------------
 
 
-def ring_slots(c: Gemma4Config, ctx: int, prefill_chunk: int) -> int:
-    """Slots of a sliding layer's ring: a whole chunk plus the window behind its first token."""
-    return min(c.sliding_window + prefill_chunk - 1, ctx)
-
-
 def layer_slots(inp: PlanInputs, i: int) -> int:
     c = inp.config
-    return ring_slots(c, inp.ctx, inp.prefill_chunk) if c.is_sliding(i) else inp.ctx
+    return c.ring_slots(inp.ctx, inp.prefill_chunk) if c.is_sliding(i) else inp.ctx
 
 
 def kv_layer_bytes(inp: PlanInputs, i: int, slots: int | None = None) -> int:
@@ -555,7 +541,7 @@ def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
     owners = [i for i in range(c.num_hidden_layers) if not c.is_kv_shared(i)]
     sliding = [i for i in owners if c.is_sliding(i)]
     full = [i for i in owners if not c.is_sliding(i)]
-    ring = ring_slots(c, inp.ctx, inp.prefill_chunk)
+    ring = c.ring_slots(inp.ctx, inp.prefill_chunk)
     window = min(c.sliding_window, inp.ctx)
     shared = f"; {c.num_kv_shared_layers} KV-shared layers hold none" if c.num_kv_shared_layers else ""
     return (
@@ -776,7 +762,7 @@ def plan(inputs: PlanInputs) -> MemoryPlan:
     kv_bytes = sum(i.bytes for i in kv if not i.reference)
     naive, streaming = host_peaks(inputs, weights)
     return MemoryPlan(
-        inputs=inputs, ring_slots=ring_slots(inputs.config, inputs.ctx, inputs.prefill_chunk),
+        inputs=inputs, ring_slots=inputs.config.ring_slots(inputs.ctx, inputs.prefill_chunk),
         tensors=tensors, kv=kv,
         runtime_gpu=runtime_peak(inputs, tensors, kv),
         export_gpu_stock=stock_export_peak(inputs, weights, kv_bytes),
@@ -1008,7 +994,7 @@ def inputs_from_args(args: argparse.Namespace, config: Gemma4Config) -> PlanInpu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.planner", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.gemma4.planner", description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=list(PRESETS))
     src.add_argument("--config", help="a Hugging Face checkpoint directory or config.json")
@@ -1045,4 +1031,4 @@ if __name__ == "__main__":
     from export.cli import quiet_internal_warnings, run
 
     quiet_internal_warnings()
-    sys.exit(run(main, prog="python -m export.planner"))
+    sys.exit(run(main, prog="python -m export.gemma4.planner"))
