@@ -59,38 +59,6 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
-def _subclass_parts(t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The plain tensors inside a traceable tensor subclass with their attribute paths,
-    depth-first in `__tensor_flatten__` order: the order torch's `UnwrapTensorSubclass`
-    numbers them (`original0`, `original1`, ...). A plain tensor is its own single part."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if not is_traceable_wrapper_subclass(t):
-        return [("", t)]
-    parts = []
-    for attr in t.__tensor_flatten__()[0]:
-        parts += [(f"{attr}.{sub}" if sub else attr, plain) for sub, plain in _subclass_parts(getattr(t, attr))]
-    return parts
-
-
-def _with_inner_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors by key, subclass weights (torchao int4) split into `fqn.<inner>` parts, and
-    aliases from the FQN Inductor reports for a part to that key: aot_compile applies
-    `unwrap_tensor_subclass_parameters`, so the .so names torchao's `q_proj.weight.qdata`
-    `q_proj.parametrizations.weight.original0` (seen on the H100)."""
-    out, aliases = dict(tensors), {}
-    for fqn, t in tensors.items():
-        parts = _subclass_parts(t)
-        if parts[0][0] == "":
-            continue
-        owner, _, leaf = fqn.rpartition(".")
-        prefix = f"{owner}.parametrizations.{leaf}" if owner else f"parametrizations.{leaf}"
-        for i, (path, plain) in enumerate(parts):
-            out[f"{fqn}.{path}"] = plain
-            aliases[f"{prefix}.original{i}"] = f"{fqn}.{path}"
-    return out, aliases
-
-
 def _flat(name: str) -> str:
     """Compare names the way Inductor mangles them: dots to underscores, no export prefixes."""
     name = name.replace(".", "_")
@@ -99,12 +67,10 @@ def _flat(name: str) -> str:
     return name
 
 
-def _resolve(c: ConstantInfo, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+def _resolve(c: ConstantInfo, tensors: dict[str, torch.Tensor],
              flat: dict[str, str]) -> tuple[str, torch.Tensor] | None:
-    """(.ptd key, tensor) for a compiled constant: its recorded FQN, else its mangled name;
-    subclass parts under their `fqn.<inner>` key."""
-    for candidate in (c.fqn, flat.get(_flat(c.fqn)), flat.get(_flat(c.name))):
-        key = aliases.get(candidate, candidate)
+    """(.ptd key, tensor) for a compiled constant: its recorded FQN, else its mangled name."""
+    for key in (c.fqn, flat.get(_flat(c.fqn)), flat.get(_flat(c.name))):
         if key is not None and key in tensors:
             return key, tensors[key]
     return None
@@ -126,8 +92,8 @@ def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set
     KV buffers map to their FQN in every method (the runner binds its own allocation) and
     are written only with `kv_in_ptd` (as zeros).
     """
-    tensors, aliases = _with_inner_tensors(model_tensors(model))
-    flat = {_flat(k): k for k in [*tensors, *aliases]}
+    tensors = model_tensors(model)
+    flat = {_flat(k): k for k in tensors}
     plan: dict[str, PtdTensor] = {}
     mapping: dict[str, dict[str, str]] = {}
     for method, cm in compiled.items():
@@ -137,7 +103,7 @@ def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set
             if c.fqn in kv_fqns:
                 if kv_in_ptd and key not in plan:
                     plan[key] = PtdTensor(key, c.shape, c.dtype, lambda c=c: torch.zeros(c.shape, dtype=c.dtype))
-            elif (found := _resolve(c, tensors, aliases, flat)) is not None:
+            elif (found := _resolve(c, tensors, flat)) is not None:
                 key, t = found
                 _check_matches(key, t, c)
                 plan.setdefault(key, PtdTensor.of(key, t))

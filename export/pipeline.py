@@ -34,14 +34,6 @@ Deferred asserts: stride arithmetic after the GQA reshapes yields guards such as
 they become runtime asserts instead of export errors."""
 
 
-def math_sdpa():
-    """Trace SDPA with the MATH backend. Graphs record aten SDPA either way, but its fake
-    output takes the chosen kernel's layout: CUDA's efficient-attention output (head_dim 512)
-    is not viewable as model.py's `out.view(B, H, T, D)` asks, and every re-trace (export,
-    to_edge decompositions) hit that on the H100. MATH's output is contiguous."""
-    return torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])
-
-
 def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     dev = next(model.buffers()).device
     return torch.zeros(1, T, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
@@ -51,7 +43,7 @@ def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tenso
 def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
     """torch.export both entry points from the same instance (same KV buffers by FQN)."""
     T = torch.export.Dim("T", min=1, max=prefill_chunk)
-    with stages.stage(stages.TORCH_EXPORT), math_sdpa():
+    with stages.stage(stages.TORCH_EXPORT):
         prefill = torch.export.export(model, _example_inputs(model, prefill_chunk), dynamic_shapes=({1: T}, None),
                                       **EXPORT_KW)
         decode = torch.export.export(model, _example_inputs(model, 1), **EXPORT_KW)
@@ -61,30 +53,28 @@ def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.expo
 def edge_config():
     """Edge settings for a whole-graph AOTI delegate: the graph stays aten (Inductor compiles
     it; edge-op wrappers and dim-order ops only cost Python time, ~45% of a CPU export),
-    and int4 dequant's shift (CPU) and torchao's _weight_int4pack_mm (CUDA) are allowed."""
+    and int4 dequant's shift (CPU) is allowed."""
     from executorch.exir import EdgeCompileConfig
 
     return EdgeCompileConfig(_check_ir_validity=False, _use_edge_ops=False, _skip_dim_order=True,
-                             _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar,
-                                                            torch.ops.aten._weight_int4pack_mm.default])
+                             _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar])
 
 
 def lower(programs: dict, device: TargetDevice, strategy: ExportStrategy, *, autotune: bool = True,
-          multi_arch: bool = False, triton_sdpa: bool = False):
+          multi_arch: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
     The strategy's lowering context wraps ExecuTorch's deep copies of the programs."""
     from executorch.exir import to_edge_transform_and_lower
 
     partitioners = {m: [partitioner_for(device, BackendOptions(
-        method=m, autotune=autotune, multi_arch=multi_arch, triton_sdpa=triton_sdpa,
-        low_memory=strategy.backend_options()))] for m in programs}
+        method=m, autotune=autotune, multi_arch=multi_arch, low_memory=strategy.backend_options()))]
+        for m in programs}
     with stages.stage(stages.LOWER, total=len(programs), unit="method") as s:
         waited = compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
         if waited is not None:  # part of the lowering's time, reported on its own too
             stages.emit(stages.StageEvent("compile_workers_wait", stages.END, seconds=waited))
         s.detail("to_edge: tracing to the edge dialect")
-        # to_edge re-traces the graphs (MATH SDPA: same reason as in export_methods)
-        with math_sdpa(), strategy.lowering():
+        with strategy.lowering():
             return to_edge_transform_and_lower(programs, partitioner=partitioners, compile_config=edge_config(),
                                                constant_methods={"metadata": "{}"})
 

@@ -140,28 +140,6 @@ def test_weight_free_so_runs_standalone_with_bound_constants(lowered):
     torch.testing.assert_close(kv, model.kv)
 
 
-def test_no_autotune_compiles_sdpa_with_one_fixed_config():
-    """--no-autotune: ExecuTorch's Triton SDPA kernels keep one config (the smallest tile) while
-    compiling, so no timing picks their accumulation order; restored afterwards."""
-    pytest.importorskip("triton")
-    from triton.runtime.autotuner import Autotuner
-
-    import importlib
-
-    from export.backends.cuda import one_config_per_user_kernel
-
-    sdpa = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")
-
-    before = {n: list(k.configs) for n, k in vars(sdpa).items() if isinstance(k, Autotuner)}
-    assert before and all(len(c) > 1 for c in before.values())
-    with one_config_per_user_kernel(sdpa):
-        for name, configs in before.items():
-            (kept,) = getattr(sdpa, name).configs
-            smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
-            assert kept.kwargs["BLOCK_M"] * kept.kwargs["BLOCK_N"] == smallest
-    assert {n: list(getattr(sdpa, n).configs) for n in before} == before
-
-
 def test_kernels_sharing_one_cubin_get_an_object_each(tmp_path):
     """Two kernel names over one cubin (a custom kernel launched from many layers) must link
     as two objects with their own symbols, not one object listed twice."""

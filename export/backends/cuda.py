@@ -2,38 +2,28 @@
 
 ExecuTorch's `CudaBackend` is final, so this backend borrows its pieces instead of
 subclassing it: the Inductor options (max_autotune with Triton GEMMs only, no libtorch
-link, embedded kernel binaries), the custom passes (cond predicate to CPU, SDPA ->
-`triton::sdpa` when enabled), the conv1d decomposition, the MATH-SDPA compile context and
-the one allowed fallback kernel, `aten::_weight_int4pack_mm` (torchao int4; the int4 recipe
-now emits `gemma4::int4_linear`, whose Triton kernels compile into the `.so`). What differs
-is in the shared base: no weights are serialized by Inductor (the exporter writes each
-once into the `.ptd`).
+link, embedded kernel binaries), its passes (cond predicate to CPU; its SDPA swap stays
+off: the model's attention is `gemma4::attention`, export/kernels/attention.py, and its
+graphs hold no aten SDPA on any path), the conv1d decomposition, its compile context and
+its list of allowed fallback kernels. The project's ops (`gemma4::int4_linear`,
+`gemma4::attention`) are Triton kernels that compile into the `.so`. What differs is in the
+shared base: no weights are serialized by Inductor (the exporter writes each once into the
+`.ptd`).
 
-With the compile spec `autotune` = b"0" (exporter flag `--no-autotune`) there is no
-max_autotune and GEMMs may call cuBLAS through libtorch's shims: minutes faster for test
-artifacts, runnable by the project's Python runner (inside libtorch) but not by ExecuTorch's
-C++ CUDA runtime. Nothing is chosen by timing then (Inductor's deterministic mode, one
-config per Triton SDPA and int4 kernel), so exports of one model agree bit for bit.
+With `autotune` off (exporter flag `--no-autotune`) there is no max_autotune and GEMMs may
+call cuBLAS through libtorch's shims: minutes faster for test artifacts, runnable by the
+project's Python runner (inside libtorch) but not by ExecuTorch's C++ CUDA runtime. Nothing
+is chosen by timing then (Inductor's deterministic mode, one config per int4 and attention
+kernel), so exports of one model agree bit for bit.
 
-The model's attention is `gemma4::attention` (export/kernels/attention.py: reads only the
-filled cache, int8/int4 KV), compiled into the .so from its Triton kernels; its graphs hold no
-aten SDPA, so the SDPA swap below (`--sdpa`) finds nothing to replace there and is kept only for
-graphs that still use aten SDPA.
-The Triton SDPA kernel (`triton::sdpa`) wants bf16, no GQA and a bool mask; it is used
-only when the compile spec `triton_kernel_mode` is b"ON" (ExecuTorch's own key), else SDPA
-is decomposed (MATH backend) and any dtype / head layout compiles. ExecuTorch's replacement
-pass matches edge-dialect SDPA only; the exporter keeps aten ops (no edge-op wrappers), so
-`replace_sdpa_with_triton` below matches the aten op.
-
-Kernels are compiled for the export GPU's architecture only (Triton's cubins), unless the
-compile spec `multi_arch` is b"1" (exporter flag `--multi-arch-kernels`, ExecuTorch's
-default): then each kernel is also turned into a PTX + SASS fatbin by a serial `nvcc` call.
+Kernels are compiled for the export GPU's architecture only (Triton's cubins), unless
+`multi_arch` is on (exporter flag `--multi-arch-kernels`, ExecuTorch's default): then each
+kernel is also turned into a PTX + SASS fatbin by a serial `nvcc` call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import shutil
 from typing import Any, Iterator, final
@@ -48,22 +38,7 @@ from export.backends.options import BackendOptions, TargetDevice
 from export.kernels import int4_matmul
 from export.patches import patched
 
-TRITON_KERNEL_MODE = "triton_kernel_mode"  # ExecuTorch's own compile-spec key for its SDPA swap
-
-
-def replace_sdpa_with_triton(gm: torch.fx.GraphModule) -> bool:
-    """aten SDPA -> `triton::sdpa` (same signature); returns whether the graph changed."""
-    import executorch.backends.cuda.triton  # noqa: F401  (registers torch.ops.triton.sdpa)
-
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.scaled_dot_product_attention.default:
-            node.target = torch.ops.triton.sdpa.default
-            changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
+TRITON_KERNEL_MODE = "triton_kernel_mode"  # ExecuTorch's key for its SDPA swap (off: no aten SDPA here)
 
 
 def one_object_per_kernel_name(original):
@@ -94,27 +69,7 @@ def kernel_binary_patches() -> Iterator[None]:
 def _executorch_specs(options: BackendOptions) -> list[CompileSpec]:
     """The compile specs ExecuTorch's CudaBackend reads, from our options."""
     return [CompileSpec("method_name", options.method.encode()),
-            CompileSpec(TRITON_KERNEL_MODE, b"ON" if options.triton_sdpa else b"OFF")]
-
-
-@contextlib.contextmanager
-def one_config_per_user_kernel(module) -> Iterator[None]:
-    """Each `@triton.autotune` kernel of `module` (ExecuTorch's SDPA) keeps one config while
-    compiling: the smallest tile (it fits shared memory at any head dim), so no timing run
-    picks the tiles and with them the order of the softmax accumulation."""
-    from triton.runtime.autotuner import Autotuner
-
-    def tile(c):
-        return (c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0), c.num_stages, c.num_warps)
-
-    saved = {name: k.configs for name, k in vars(module).items() if isinstance(k, Autotuner) and len(k.configs) > 1}
-    for name, configs in saved.items():
-        getattr(module, name).configs = [min(configs, key=tile)]
-    try:
-        yield
-    finally:
-        for name, configs in saved.items():
-            getattr(module, name).configs = configs
+            CompileSpec(TRITON_KERNEL_MODE, b"OFF")]
 
 
 @final
@@ -145,8 +100,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
 
     @classmethod
     def target_passes(cls, options: BackendOptions) -> list:
-        passes = CudaBackend.get_custom_passes(_executorch_specs(options))  # edge-dialect SDPA, cond predicate
-        return passes + ([replace_sdpa_with_triton] if options.triton_sdpa else [])
+        return CudaBackend.get_custom_passes(_executorch_specs(options))  # cond predicate to CPU
 
     @classmethod
     def compile_options(cls, options: BackendOptions) -> dict[str, Any]:
@@ -175,11 +129,8 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         stack.enter_context(kernel_binary_patches())
         if options.autotune:
             return stack
-        # the module (its package re-exports the op under the same name)
-        sdpa_kernels = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")
         from export.kernels import attention
 
-        stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
         stack.enter_context(int4_matmul.one_config())
         stack.enter_context(attention.use_configs(attention.smallest))  # gemma4::attention too
         return stack

@@ -29,7 +29,6 @@ class BackendOptions:
     method: str  # the method this delegate compiles ("prefill", "decode")
     autotune: bool = True  # Inductor max_autotune (cuda); False: one config per kernel, deterministic
     multi_arch: bool = False  # cuda kernels also as PTX+SASS fatbins (other GPU generations)
-    triton_sdpa: bool = False  # cuda: aten SDPA -> ExecuTorch's triton::sdpa
     low_memory: LowMemoryOptions | None = None  # None: stock compile; else the low-memory passes and patches
 
     def to_specs(self) -> list:
@@ -52,4 +51,4 @@ class BackendOptions:
                    low_memory=LowMemoryOptions.from_dict(low) if low else None)
 
 
-_FLAGS = ("autotune", "multi_arch", "triton_sdpa")
+_FLAGS = ("autotune", "multi_arch")

@@ -29,7 +29,6 @@ from export.gemma4.options import (
     ExportConfig,
     ExportConfigError,
     KvDtype,
-    SdpaChoice,
     model_config,
     resolve,
 )
@@ -76,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the compiled .so runs; auto = cuda if a GPU is visible (default %(default)s)")
     p.add_argument("--dtype", type=DTypeChoice, choices=list(DTypeChoice), default=d.dtype,
                    help="activations and unquantized weights; auto = bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--sdpa", type=SdpaChoice, choices=list(SdpaChoice), default=d.sdpa,
-                   help="attention on cuda: ExecuTorch's Triton kernel (bf16 only) or decomposed; "
-                        "auto = triton for cuda + bfloat16 (default %(default)s)")
     p.add_argument("--kv-dtype", type=KvDtype, choices=list(KvDtype), default=d.kv_dtype,
                    help="KV cache of the full-attention layers: int8 / int4 (fp16 scale per token and head, "
                         "quantized on write) or bf16; auto = the model dtype. Sliding rings keep the model dtype")

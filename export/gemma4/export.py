@@ -37,13 +37,12 @@ from export.gemma4.options import (  # noqa: F401  (the export's vocabulary, imp
     ExportConfigError,
     KvDtype,
     ResolvedExport,
-    SdpaChoice,
     model_config,
     resolve,
 )
 from export.gemma4.quant import QuantReport, quantize_
 from export.gemma4.tokenizer import MIN_STANDIN_VOCAB, write_tokenizer
-from export.pipeline import EXPORT_KW, compiled_methods, export_methods, math_sdpa, use_packaged_flatc  # noqa: F401
+from export.pipeline import EXPORT_KW, compiled_methods, export_methods, use_packaged_flatc  # noqa: F401
 from runtime.artifact import METHODS  # noqa: F401
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -122,7 +121,7 @@ def _export(r: ResolvedExport, spool) -> ExportResult:
                 + (f"; {spool.parked_bytes / 2**30:.2f} GiB parked on disk" if spool is not None else ""))
     programs = export_methods(model, cfg.prefill_chunk)
     edge = pipeline.lower(programs, r.device, r.strategy, autotune=cfg.autotune,
-                          multi_arch=cfg.multi_arch_kernels, triton_sdpa=r.triton_sdpa)
+                          multi_arch=cfg.multi_arch_kernels)
     del programs
     kv_fqns = {s["fqn"] for s in model.kv_cache_specs()}
     tensors, mapping = plan_ptd(model, compiled_methods(edge), kv_fqns, cfg.kv_in_ptd)

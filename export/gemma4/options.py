@@ -50,20 +50,6 @@ class DTypeChoice(str, enum.Enum):
         return getattr(torch, self.value)
 
 
-class SdpaChoice(str, enum.Enum):
-    AUTO = "auto"  # triton on cuda with bfloat16, else decomposed
-    TRITON = "triton"  # ExecuTorch's Triton SDPA kernel (cuda, bfloat16 only)
-    DECOMPOSED = "decomposed"  # Inductor fuses the math ops itself
-
-    def __str__(self) -> str:
-        return self.value
-
-    def use_triton(self, device: TargetDevice, dtype: torch.dtype) -> bool:
-        if self is SdpaChoice.AUTO:
-            return device is TargetDevice.CUDA and dtype == torch.bfloat16
-        return self is SdpaChoice.TRITON
-
-
 class KvDtype(str, enum.Enum):
     """Storage of the full-attention layers' KV cache (sliding rings keep the model dtype)."""
 
@@ -94,7 +80,6 @@ class ExportConfig:
     embedding_quant: EmbeddingQuant = EmbeddingQuant.NONE  # --embedding-quant
     device: DeviceChoice = DeviceChoice.AUTO  # --device
     dtype: DTypeChoice = DTypeChoice.AUTO  # --dtype: activations and unquantized weights
-    sdpa: SdpaChoice = SdpaChoice.AUTO  # --sdpa: attention kernel on cuda
     kv_dtype: KvDtype = KvDtype.AUTO  # --kv-dtype: full-attention KV cache storage (auto, bf16, int8, int4)
     autotune: bool = True  # --autotune/--no-autotune: Inductor max_autotune (cuda; slow compiles)
     low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
@@ -137,10 +122,6 @@ class ResolvedExport:
     device: TargetDevice
     dtype: torch.dtype
     strategy: ExportStrategy
-
-    @property
-    def triton_sdpa(self) -> bool:
-        return self.cfg.sdpa.use_triton(self.device, self.dtype)
 
 
 def _fail(msg: str) -> None:
@@ -198,8 +179,6 @@ def resolve(cfg: ExportConfig) -> ResolvedExport:
     dtype = cfg.dtype.resolve(device)
     if device is TargetDevice.CUDA and cfg.quant is LinearQuant.INT4 and dtype != torch.bfloat16:
         _fail("--quant int4 on cuda runs bf16 int4 kernels: pass --dtype bfloat16 (or --quant none)")
-    if cfg.sdpa is SdpaChoice.TRITON and (device is not TargetDevice.CUDA or dtype != torch.bfloat16):
-        _fail("--sdpa triton needs --device cuda and --dtype bfloat16; use --sdpa auto or decomposed")
     if cfg.out is not None and Path(cfg.out).is_file():
         _fail(f"--out {cfg.out} is a file; pass a directory path")
     if cfg.checkpoint is None:

@@ -18,7 +18,7 @@ restores the originals on exit (also on error):
 4. `CachingAutotuner.run` launches Triton kernels (autotuning and the GPU first pass of the
    cpp-wrapper codegen); zero-byte arguments get zero-filled storage for that call, freed
    after a synchronize.
-5. The GPU first pass also runs extern kernels from Python (e.g. `_weight_int4pack_mm`);
+5. The GPU first pass also runs extern kernels from Python (e.g. a cuBLAS matmul);
    a dispatch mode gives their zero-byte arguments temporary zero storage (a fresh tensor
    the size of the view for a read, the storage itself lent in place for a write).
 
