@@ -18,6 +18,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields, replace
 from pathlib import Path
 
+from export.backends.options import TargetDevice
 from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
 from export.gemma4.config import PRESETS
 from export.gemma4.export import export_model
@@ -33,8 +34,8 @@ from export.gemma4.options import (
     resolve,
 )
 from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant
-from export.stages import ProgressBars
 from export.gemma4.planner import DoesNotFit, PlanInputs, parse_size, plan, render_table, resolve_ctx
+from export.stages import ProgressBars
 
 EPILOG = """\
 examples:
@@ -104,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
     """The planner's view of this export (quantized unit by unit: the streaming loader)."""
     mcfg = model_config(cfg)
-    dtype = cfg.dtype.resolve(cfg.device.resolve())
+    # the plan is for the GPU the artifact runs on: --device auto plans CUDA on any machine
+    dtype = cfg.dtype.resolve(TargetDevice.CUDA if cfg.device is DeviceChoice.AUTO else cfg.device.resolve())
     return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
                       group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
-                      int4_layout="plain",  # gemma4::int4_linear's layout, what quant.py writes on CUDA
                       dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
                       kv_dtype={"auto": None, "bf16": "bfloat16"}.get(cfg.kv_dtype.value, cfg.kv_dtype.value),
                       loader="streaming")  # presets stream through the same unit loop (RandomWeights)
