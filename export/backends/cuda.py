@@ -28,7 +28,6 @@ import os
 import shutil
 from typing import Any, Iterator, final
 
-import torch
 from executorch.backends.cuda.cuda_backend import CudaBackend
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec

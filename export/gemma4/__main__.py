@@ -18,23 +18,11 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields, replace
 from pathlib import Path
 
-from export.backends.options import TargetDevice
-from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
-from export.gemma4.config import PRESETS
+from export.cli import quiet_internal_warnings, run
 from export.gemma4.export import export_model
-from export.gemma4.options import (
-    DEFAULT_PREFILL_CHUNK,
-    DEFAULT_PRESET,
-    DeviceChoice,
-    DTypeChoice,
-    ExportConfig,
-    ExportConfigError,
-    KvDtype,
-    model_config,
-    resolve,
-)
-from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant
-from export.gemma4.planner import DoesNotFit, PlanInputs, parse_size, plan, render_table, resolve_ctx
+from export.gemma4.flags import add_export_arguments
+from export.gemma4.options import ExportConfig, ExportConfigError, model_config, resolve
+from export.gemma4.planner import DoesNotFit, PlanInputs, inputs_for, parse_size, plan, render_table, resolve_ctx
 from export.stages import ProgressBars
 
 EPILOG = """\
@@ -54,45 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.gemma4", description=__doc__.splitlines()[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path, help="Hugging Face model directory (config.json + *.safetensors)")
-    src.add_argument("--preset", help=f"config preset with seeded random weights: {', '.join(PRESETS)} "
-                                      f"(default when no --checkpoint: {DEFAULT_PRESET})")
-    p.add_argument("--layers", type=positive_int, default=d.layers,
-                   help="keep only the first N decoder layers of --preset (slices at real width for tests)")
-    p.add_argument("--ctx", default=str(d.ctx),
-                   help="max tokens per sequence = full-attention KV length (default %(default)s; "
-                        "at most the model's max_position_embeddings), or 'auto': the largest that "
-                        "fits --gpu-budget")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help=f"max tokens per prefill call; prefill takes any T in 1..this "
-                        f"(default {DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter)")
-    p.add_argument("--quant", type=LinearQuant, choices=list(LinearQuant), default=d.quant,
-                   help="linear weights incl. lm_head: int4 weight-only or none (default %(default)s)")
-    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=d.group_size,
-                   help="int4 group size along the input dim (default %(default)s)")
-    p.add_argument("--embedding-quant", type=EmbeddingQuant, choices=list(EmbeddingQuant),
-                   default=d.embedding_quant, help="embedding tables: int8 per row or none (default %(default)s)")
-    p.add_argument("--device", type=DeviceChoice, choices=list(DeviceChoice), default=d.device,
-                   help="where the compiled .so runs; auto = cuda if a GPU is visible (default %(default)s)")
-    p.add_argument("--dtype", type=DTypeChoice, choices=list(DTypeChoice), default=d.dtype,
-                   help="activations and unquantized weights; auto = bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--kv-dtype", type=KvDtype, choices=list(KvDtype), default=d.kv_dtype,
-                   help="KV cache of the full-attention layers: int8 / int4 (fp16 scale per token and head, "
-                        "quantized on write) or bf16; auto = the model dtype. Sliding rings keep the model dtype")
-    p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=d.autotune,
-                   help="Inductor max_autotune on cuda (Triton GEMMs only, as ExecuTorch's CUDA backend); "
-                        "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)")
-    p.add_argument("--low-memory", action="store_true", default=d.low_memory,
-                   help="keep compile-time memory low (export.passes: zero-byte constants during compile)")
-    p.add_argument("--multi-arch-kernels", action="store_true", default=d.multi_arch_kernels,
-                   help="cuda: also build each kernel as a PTX+SASS fatbin (one nvcc call per kernel, slower "
-                        "export) so the artifact runs on other GPU generations; by default it runs on the "
-                        "exporting GPU's architecture only")
-    p.add_argument("--kv-in-ptd", action="store_true", default=d.kv_in_ptd,
-                   help="also store the KV buffers (zeros) in model.ptd; by default the runner allocates them")
-    p.add_argument("--out", type=Path, default=d.out,
-                   help="artifact directory (default out/<preset or checkpoint dir name>)")
-    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of a preset's random weights (default %(default)s)")
+    add_export_arguments(src, ("checkpoint", "preset"))
+    add_export_arguments(p, tuple(f.name for f in fields(ExportConfig) if f.name not in ("checkpoint", "preset")),
+                         ctx=dict(type=str, default=str(d.ctx),
+                                  help="max tokens per sequence = full-attention KV length (default %(default)s; at "
+                                       "most the model's max_position_embeddings), or 'auto': the largest that fits "
+                                       "--gpu-budget"))
     p.add_argument("--gpu-budget", type=parse_size, default=None,
                    help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
                         "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits)")
@@ -103,15 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
-    """The planner's view of this export (quantized unit by unit: the streaming loader)."""
-    mcfg = model_config(cfg)
-    # the plan is for the GPU the artifact runs on: --device auto plans CUDA on any machine
-    dtype = cfg.dtype.resolve(TargetDevice.CUDA if cfg.device is DeviceChoice.AUTO else cfg.device.resolve())
-    return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
-                      group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
-                      dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
-                      kv_dtype={"auto": None, "bf16": "bfloat16"}.get(cfg.kv_dtype.value, cfg.kv_dtype.value),
-                      loader="streaming")  # presets stream through the same unit loop (RandomWeights)
+    """The planner's view of this export (quantized unit by unit: the streaming loader;
+    presets stream through the same unit loop)."""
+    return inputs_for(model_config(cfg), cfg, ctx)
 
 
 def resolve_plan(args: argparse.Namespace) -> ExportConfig:

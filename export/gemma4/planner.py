@@ -710,24 +710,23 @@ def parse_size(text: str | int) -> int:
 # ---- command line ------------------------------------------------------------------------
 
 
+PLANNED_EXPORT_FLAGS = ("prefill_chunk", "quant", "group_size", "embedding_quant", "dtype", "kv_dtype", "low_memory")
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser, model_options: bool = True) -> None:
-    """--gpu-budget/--host-budget, and with `model_options` one flag per PlanInputs field.
-    An export CLI that already has the model flags passes model_options=False."""
+    """--gpu-budget/--host-budget, and with `model_options` the export's own flags that
+    change the plan (export/gemma4/flags.py: the same names, types and defaults) plus --ctx
+    and --loader. An export CLI that already has the model flags passes model_options=False."""
     parser.add_argument("--gpu-budget", type=parse_size, help="GPU memory of the card that runs it, e.g. 24GiB")
     parser.add_argument("--export-gpu-budget", type=parse_size, help="GPU memory of the card that exports (default: --gpu-budget)")
     parser.add_argument("--host-budget", type=parse_size, help="host RAM for the export, e.g. 64GiB (default: not checked)")
     if not model_options:
         return
+    from export.gemma4.flags import add_export_arguments
+
     d = PlanInputs.__dataclass_fields__
     parser.add_argument("--ctx", default=str(d["ctx"].default), help="context length, or 'auto' (needs --gpu-budget)")
-    parser.add_argument("--prefill-chunk", type=int, default=d["prefill_chunk"].default)
-    parser.add_argument("--linear", choices=[e.value for e in LinearQuant], default=d["linear"].default.value)
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=d["group_size"].default)
-    parser.add_argument("--embedding", choices=[e.value for e in EmbeddingQuant], default=d["embedding"].default.value)
-    parser.add_argument("--dtype", choices=[e.value for e in DType], default=d["dtype"].default.value)
-    parser.add_argument("--kv-dtype", choices=[e.value for e in DType] + [e.value for e in KvQuant],
-                        help="default: --dtype; int8/int4 quantize the full layers' KV")
-    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=d["low_memory"].default)
+    add_export_arguments(parser, PLANNED_EXPORT_FLAGS)
     parser.add_argument("--loader", choices=[e.value for e in Loader], default=d["loader"].default.value)
 
 
@@ -737,14 +736,26 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
     return Budget(args.gpu_budget, args.export_gpu_budget, args.host_budget)
 
 
+def inputs_for(config: Gemma4Config, cfg: "ExportConfig", ctx: int, loader: Loader | str = Loader.STREAMING) -> PlanInputs:
+    """The planner's view of an export with options `cfg`, on the GPU it runs on (`--device
+    auto` plans CUDA on any machine)."""
+    from export.backends.options import TargetDevice
+    from export.gemma4.options import DeviceChoice, KvDtype
+
+    device = TargetDevice.CUDA if cfg.device is DeviceChoice.AUTO else cfg.device.resolve()
+    kv = {KvDtype.AUTO: None, KvDtype.BF16: "bfloat16"}.get(cfg.kv_dtype, cfg.kv_dtype.value)
+    return PlanInputs(config, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant, group_size=cfg.group_size,
+                      embedding=cfg.embedding_quant, dtype=str(cfg.dtype.resolve(device)).removeprefix("torch."),
+                      low_memory=cfg.low_memory, kv_dtype=kv, loader=loader)
+
+
 def inputs_from_args(args: argparse.Namespace, config: Gemma4Config) -> PlanInputs:
     """PlanInputs from `add_plan_arguments` flags; ctx 'auto' becomes a placeholder for resolve_ctx."""
+    from export.gemma4.flags import export_fields
+    from export.gemma4.options import ExportConfig
+
     ctx = min(CTX_GRANULARITY, config.max_position_embeddings) if str(args.ctx) == "auto" else int(args.ctx)
-    return PlanInputs(config, ctx=ctx, prefill_chunk=args.prefill_chunk, linear=args.linear,
-                      group_size=args.group_size,
-                      embedding=args.embedding,
-                      dtype=args.dtype, kv_dtype=args.kv_dtype,
-                      low_memory=args.low_memory, loader=args.loader)
+    return inputs_for(config, ExportConfig(**export_fields(args, PLANNED_EXPORT_FLAGS), ctx=ctx), ctx, args.loader)
 
 
 def main(argv: list[str] | None = None) -> int:
