@@ -15,8 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from export.artifact import PtdTensor
-from export.backends.options import TargetDevice
+
+class TargetDevice(str, enum.Enum):
+    """Where the compiled `.so` runs."""
+
+    CUDA = "cuda"
+    CPU = "cpu"
 
 
 class ConstantKind(str, enum.Enum):
@@ -86,12 +90,15 @@ def _check_matches(key: str, t: torch.Tensor, info: ConstantInfo) -> None:
 
 
 def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set[str],
-             kv_in_ptd: bool) -> tuple[list[PtdTensor], dict[str, dict[str, str]]]:
-    """The .ptd tensors (each once, first-seen order) and, per method, constant -> .ptd key.
+             kv_in_ptd: bool) -> tuple[list, dict[str, dict[str, str]]]:
+    """The .ptd tensors (`PtdTensor`s, each once, first-seen order) and, per method,
+    constant -> .ptd key.
 
     KV buffers map to their FQN in every method (the runner binds its own allocation) and
     are written only with `kv_in_ptd` (as zeros).
     """
+    from export.artifact import PtdTensor
+
     tensors = model_tensors(model)
     flat = {_flat(k): k for k in tensors}
     plan: dict[str, PtdTensor] = {}

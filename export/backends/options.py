@@ -7,17 +7,10 @@ reads them back with `BackendOptions.from_specs()`. Nothing else is parsed from 
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, fields
 
+from export.constants import TargetDevice  # noqa: F401  (re-exported: the backends' target)
 from export.passes.options import LowMemoryOptions
-
-
-class TargetDevice(str, enum.Enum):
-    """Where the compiled `.so` runs."""
-
-    CUDA = "cuda"
-    CPU = "cpu"
 
 
 METHOD_NAME = "method_name"  # the key ExecuTorch's AotiBackend reads the method from
