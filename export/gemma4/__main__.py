@@ -20,7 +20,7 @@ from pathlib import Path
 
 from export.cli import quiet_internal_warnings, run
 from export.gemma4.export import export_model
-from export.gemma4.flags import add_export_arguments
+from export.gemma4.flags import add_export_arguments, export_fields
 from export.gemma4.options import ExportConfig, ExportConfigError, model_config, resolve
 from export.gemma4.planner import DoesNotFit, PlanInputs, inputs_for, parse_size, plan, render_table, resolve_ctx
 from export.stages import ProgressBars
@@ -68,22 +68,17 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     ctx_arg = str(args.ctx)
     if ctx_arg != "auto" and not ctx_arg.isdigit():
         raise ExportConfigError(f"--ctx {ctx_arg!r}: give a number of tokens or 'auto'")
-    args.ctx = 1024 if ctx_arg == "auto" else int(ctx_arg)
-    cfg = config_from_args(args)
+    ctx = 1024 if ctx_arg == "auto" else int(ctx_arg)  # "auto": where the search starts
+    cfg = ExportConfig(**{**export_fields(args), "ctx": ctx})  # flags and fields match one-to-one
     if ctx_arg == "auto" or args.gpu_budget is not None:
         if ctx_arg == "auto" and args.gpu_budget is None:
             raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
         try:
-            ctx = resolve_ctx(_plan_inputs(cfg, args.ctx), ctx_arg, args.gpu_budget)
+            ctx = resolve_ctx(_plan_inputs(cfg, ctx), ctx_arg, args.gpu_budget)
         except DoesNotFit as e:
             raise ExportConfigError(str(e)) from None
         cfg = replace(cfg, ctx=ctx, prefill_chunk=args.prefill_chunk)  # None: re-fit the new ctx
     return cfg
-
-
-def config_from_args(args: argparse.Namespace) -> ExportConfig:
-    """argparse namespace -> ExportConfig (flags and fields match one-to-one)."""
-    return ExportConfig(**{f.name: getattr(args, f.name) for f in fields(ExportConfig)})
 
 
 def _peaks() -> dict[str, float]:
