@@ -384,3 +384,24 @@ def test_cli_prints_table_and_refuses_what_does_not_fit(capsys):
     assert json.loads(capsys.readouterr().out)["options"]["ctx"] > 0
     assert P.main(["--preset", "31b", "--layers", "6", "--ctx", "8192"]) == 0
     assert "6-layer slice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, kv", [("tiny", "int8"), ("tiny-moe", None), ("tiny", "int4")])
+def test_inventory_is_what_a_real_quantized_model_holds(name, kv):
+    """The meta-device inventory against the same model built with real (random) weights and
+    quantized by the CUDA recipe on the host: the same tensors, shapes, dtypes and bytes."""
+    torch = pytest.importorskip("torch")
+    from export.backends.options import TargetDevice
+    from export.gemma4.checkpoint import random_model
+    from export.gemma4.inventory import inventory
+    from export.gemma4.quant import EmbeddingQuant, QuantRecipe, quantize_
+
+    c, recipe = PRESETS[name], QuantRecipe(group_size=32, embedding=EmbeddingQuant.INT8)
+    model = random_model(c, ctx=1024, prefill_chunk=2, dtype=torch.bfloat16, seed=0, kv_dtype=kv)
+    quantize_(model, recipe, TargetDevice.CUDA)
+    real = {k: (tuple(t.shape), t.dtype, t.numel() * t.element_size())
+            for k, t in [*model.named_parameters(), *model.named_buffers()]}
+    weights, kv_buffers = inventory(c, "bfloat16", recipe, kv)
+    meta = {t.fqn: (t.shape, getattr(torch, t.dtype), t.nbytes) for t in [*weights, *kv_buffers]}
+    assert meta == real
+    assert any(t.dtype == "uint8" for t in weights)  # int4 nibbles
