@@ -47,6 +47,7 @@ import torch
 
 from export.gemma4.config import PRESETS, Gemma4Config
 from export.gemma4.inventory import StoredTensor, inventory, meta_model
+from export.gemma4.options import KvDtype
 from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant, QuantRecipe
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -159,12 +160,7 @@ class DType(str, Enum):
         return 4 if self is DType.FP32 else 2
 
 
-class KvQuant(str, Enum):
-    """Quantized KV of the full-attention layers (export --kv-dtype int8 / int4): codes plus an
-    fp16 scale per token and head for K and for V; sliding rings keep the model dtype."""
-
-    INT8 = "int8"
-    INT4 = "int4"
+QUANTIZED_KV = (KvDtype.INT8.value, KvDtype.INT4.value)  # full layers: codes + an fp16 scale per slot and head
 
 
 class Loader(str, Enum):
@@ -184,7 +180,7 @@ class PlanInputs:
     group_size: int = 32
     embedding: EmbeddingQuant = EmbeddingQuant.NONE  # embed_tokens and the PLE table
     dtype: DType = DType.BF16  # unquantized weights and activations
-    kv_dtype: DType | KvQuant | None = None  # None: the model dtype; bf16 (a bf16 model); int8/int4: full layers quantized
+    kv_dtype: DType | KvDtype | None = None  # None / auto: the model dtype; int8 / int4: full layers quantized
     low_memory: bool = False
     loader: Loader = Loader.NAIVE
 
@@ -194,7 +190,8 @@ class PlanInputs:
                            ("loader", Loader)):
             object.__setattr__(self, name, enum(getattr(self, name)))  # strings too
         kv = self.kv_dtype
-        kv = dtype if kv is None else KvQuant(kv) if str(getattr(kv, "value", kv)) in KvQuant._value2member_map_ else DType(kv)
+        name = {"bf16": "bfloat16"}.get(str(getattr(kv, "value", kv)), str(getattr(kv, "value", kv)))
+        kv = dtype if kv is None or name == "auto" else KvDtype(name) if name in QUANTIZED_KV else DType(name)
         if isinstance(kv, DType) and kv is not dtype:
             raise ValueError(f"kv_dtype {kv.value}: the model keeps its KV in its dtype ({dtype.value}) or in int8 / int4")
         object.__setattr__(self, "kv_dtype", kv)
@@ -211,7 +208,7 @@ class PlanInputs:
     @property
     def model_kv_dtype(self) -> str | None:
         """The model's `kv_dtype` argument for this plan."""
-        return self.kv_dtype.value if isinstance(self.kv_dtype, KvQuant) else None
+        return self.kv_dtype.value if isinstance(self.kv_dtype, KvDtype) else None
 
     def inventory(self) -> tuple[tuple[StoredTensor, ...], tuple[StoredTensor, ...]]:
         """(stored weights and constants, KV buffers) as the export builds them."""
@@ -740,13 +737,12 @@ def inputs_for(config: Gemma4Config, cfg: "ExportConfig", ctx: int, loader: Load
     """The planner's view of an export with options `cfg`, on the GPU it runs on (`--device
     auto` plans CUDA on any machine)."""
     from export.backends.options import TargetDevice
-    from export.gemma4.options import DeviceChoice, KvDtype
+    from export.gemma4.options import DeviceChoice
 
     device = TargetDevice.CUDA if cfg.device is DeviceChoice.AUTO else cfg.device.resolve()
-    kv = {KvDtype.AUTO: None, KvDtype.BF16: "bfloat16"}.get(cfg.kv_dtype, cfg.kv_dtype.value)
     return PlanInputs(config, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant, group_size=cfg.group_size,
                       embedding=cfg.embedding_quant, dtype=str(cfg.dtype.resolve(device)).removeprefix("torch."),
-                      low_memory=cfg.low_memory, kv_dtype=kv, loader=loader)
+                      low_memory=cfg.low_memory, kv_dtype=cfg.kv_dtype, loader=loader)
 
 
 def inputs_from_args(args: argparse.Namespace, config: Gemma4Config) -> PlanInputs:
