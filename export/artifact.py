@@ -41,6 +41,7 @@ from executorch.extension.flat_tensor.serialize.serialize import (
 )
 
 from export.spool import FileRange, copy_range, file_range
+from runtime.artifact import PAIR_ID_KEY, PTD_NAME, PTE_NAME
 
 SEGMENT_ALIGNMENT = 4096  # page-aligned segments: each tensor can be mmap'ed / pinned alone
 CHUNK_BYTES = 64 << 20  # bound on the host copy of a device tensor while writing
@@ -279,3 +280,18 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_artifact(out: Path, et_program, tensors: list[PtdTensor], pair_id: str,
+                   add_files: Callable[[Path], None] = lambda directory: None) -> dict[str, int]:
+    """model.pte + model.ptd (+ whatever `add_files` writes into the directory), all or
+    nothing; returns the file sizes. Progress of the .ptd goes out as stage events."""
+    from export import stages
+
+    with atomic_output_dir(out) as tmp:
+        with open(tmp / PTE_NAME, "wb") as f:
+            et_program.write_to_file(f)
+        with stages.stage("writing model.ptd", total=sum(t.nbytes for t in tensors), unit="B") as s:
+            write_ptd(tmp / PTD_NAME, tensors, {PAIR_ID_KEY: pair_id.encode()}, progress=s.advance)
+        add_files(tmp)
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir())}

@@ -195,26 +195,24 @@ class WeightSpool:
 @contextlib.contextmanager
 def shared_deepcopy() -> Iterator[None]:
     """Inside the block, deep-copying a parked or lazy-zero tensor (or Parameter) aliases it."""
-    tensor_deepcopy, param_deepcopy = torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__
+    def alias_shared(fallback):
+        def __deepcopy__(self, memo):
+            if id(self) in memo:
+                return memo[id(self)]
+            if not _bytes_shared(self):
+                return fallback(self, memo)
+            with torch.no_grad():
+                copy = self.detach()
+                if isinstance(self, nn.Parameter):
+                    copy = nn.Parameter(copy, requires_grad=self.requires_grad)
+            memo[id(self)] = copy
+            return copy
+        return __deepcopy__
 
-    def alias(self, memo, fallback):
-        if id(self) in memo:
-            return memo[id(self)]
-        if not _bytes_shared(self):
-            return fallback(self, memo)
-        with torch.no_grad():
-            copy = self.detach()
-            if isinstance(self, nn.Parameter):
-                copy = nn.Parameter(copy, requires_grad=self.requires_grad)
-        memo[id(self)] = copy
-        return copy
+    from export.patches import patched
 
-    torch.Tensor.__deepcopy__ = lambda self, memo: alias(self, memo, tensor_deepcopy)
-    nn.Parameter.__deepcopy__ = lambda self, memo: alias(self, memo, param_deepcopy)
-    try:
+    with patched("Tensor.__deepcopy__", alias_shared), patched("Parameter.__deepcopy__", alias_shared):
         yield
-    finally:
-        torch.Tensor.__deepcopy__, nn.Parameter.__deepcopy__ = tensor_deepcopy, param_deepcopy
 
 
 def copy_range(rng: FileRange, dst_fd: int, dst_offset: int) -> None:

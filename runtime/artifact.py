@@ -36,6 +36,12 @@ PTD_NAME = "model.ptd"
 METADATA_KEY = "gemma4_metadata"
 PAIR_ID_KEY = "gemma4_pair_id"
 FORMAT_VERSION = 1
+METHODS = ("prefill", "decode")  # the .pte's methods, each one AOTInductor delegate
+
+
+def so_blob_key(method: str) -> str:
+    """The .pte named data holding `method`'s compiled .so."""
+    return f"{method}_so_blob"
 
 # executorch_flatbuffer.ScalarType (schema/scalar_type.fbs) -> torch dtype
 SCALAR_TYPES: dict[int, torch.dtype] = {
@@ -401,7 +407,7 @@ class Artifact:
         return Artifact(directory, pte, ptd, meta)
 
     def so_blob(self, method: str) -> bytes:
-        return self.pte.named_bytes(f"{method}_so_blob")
+        return self.pte.named_bytes(so_blob_key(method))
 
 
 def _check_pair(pte: PteFile, ptd: PtdFile, meta: Metadata) -> None:

@@ -33,12 +33,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from runtime.aoti import CompiledMethod, load_method
-from runtime.artifact import Artifact, ArtifactError, Metadata
+from runtime.artifact import METHODS, Artifact, ArtifactError, Metadata
 from runtime.graphs import DecodeGraph
 from runtime.memory import MemoryPeak
 from runtime.sampling import SamplingConfig, make_generator, sample
-
-METHODS = ("prefill", "decode")
 
 
 class ContextOverflowError(ValueError):

@@ -31,6 +31,8 @@ from export.cli import finite_float, positive_int, quiet_internal_warnings, run
 
 GIB = 1 << 30
 PHASES = ("quantize", "torch_export", "lower", "write")
+# the exporter's own flags (export/gemma4/flags.py) this benchmark passes through
+EXPORT_FLAGS = ("ctx", "prefill_chunk", "quant", "group_size", "embedding_quant", "device", "autotune", "multi_arch_kernels")
 
 
 # ---- measurement (child process) ----------------------------------------------------------
@@ -113,33 +115,39 @@ class Sampler:
         self._sample()
 
 
-def _phase(sampler: Sampler, name: str, fn, on_done=lambda: None):
-    """Wrap `fn` so its calls are measured as phase `name`; `on_done()` runs after each call."""
-    import torch
+class PhaseMeter:
+    """A stage listener (export/stages.py): each export stage of PHASES is measured as a
+    phase; `on_done()` runs after each."""
 
-    def run(*args, **kwargs):
+    def __init__(self, sampler: Sampler, on_done=lambda: None):
+        from export import stages
+
+        self.stages, self.sampler, self.on_done = stages, sampler, on_done
+        self.names = dict(zip((stages.LOAD, stages.TORCH_EXPORT, stages.LOWER, stages.WRITE), PHASES))
+
+    def __call__(self, event) -> None:
+        import torch
+
+        name = self.names.get(event.stage)
+        if name is None or event.kind not in (self.stages.START, self.stages.END):
+            return
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        sampler._sample()
-        sampler.phase, t0 = name, time.perf_counter()
-        try:
-            out = fn(*args, **kwargs)
-            sampler.peaks.setdefault(name, Peaks()).completed = True
-            return out
-        finally:
+        self.sampler._sample()
+        if event.kind == self.stages.START:
             if cuda:
-                torch.cuda.synchronize()
-            sampler._sample()
-            p = sampler.peaks.setdefault(name, Peaks())
-            p.seconds += time.perf_counter() - t0
-            if cuda:
-                p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
-                p.reserved = max(p.reserved, torch.cuda.max_memory_reserved())
-            sampler.phase = "between"
-            on_done()
-    return run
+                torch.cuda.reset_peak_memory_stats()
+            self.sampler.phase = name
+            return
+        p = self.sampler.peaks.setdefault(name, Peaks())
+        p.completed = p.completed or not event.error
+        p.seconds += event.seconds or 0.0
+        if cuda:
+            p.allocator = max(p.allocator, torch.cuda.max_memory_allocated())
+            p.reserved = max(p.reserved, torch.cuda.max_memory_reserved())
+        self.sampler.phase = "between"
+        self.on_done()
 
 
 def child(args: argparse.Namespace) -> None:
@@ -148,7 +156,6 @@ def child(args: argparse.Namespace) -> None:
     sampler = Sampler().start()  # NVML baseline before torch touches CUDA
     import export.gemma4.export as X
     from export.gemma4.config import PRESETS
-    from export.gemma4.quant import EmbeddingQuant, LinearQuant
 
     name = f"{args.preset}-{args.layers}l"
     PRESETS[name] = PRESETS[args.preset].with_layers(args.layers)
@@ -171,8 +178,8 @@ def child(args: argparse.Namespace) -> None:
             "seconds": total,
         }
         out = {"mode": args.mode, "layers": args.layers, "preset": args.preset, "ctx": args.ctx,
-               "prefill_chunk": args.prefill_chunk, "quant": args.quant, "group_size": args.group_size,
-               "embedding_quant": args.embedding_quant, "device": args.device, "autotune": args.autotune,
+               "prefill_chunk": args.prefill_chunk, "quant": str(args.quant), "group_size": args.group_size,
+               "embedding_quant": str(args.embedding_quant), "device": str(args.device), "autotune": args.autotune,
                "nvml_idle": sampler.idle, "phases": phases, "overall": overall, "error": error,
                "sizes": result.sizes if result else {}, "artifact": str(result.out_dir) if result else None,
                "exporter_seconds": result.seconds if result else {}}
@@ -181,20 +188,17 @@ def child(args: argparse.Namespace) -> None:
 
     t_begin = time.perf_counter()
     unfinished = lambda: report(None, "unfinished (killed by the time budget?)", time.perf_counter() - t_begin)
-    for phase, attr in zip(PHASES, ("prepare_model", "export_methods", "lower", "write_artifact")):
-        setattr(X, attr, _phase(sampler, phase, getattr(X, attr), on_done=unfinished))
+    meter = PhaseMeter(sampler, on_done=unfinished)
 
     def keep_reporting():  # a run killed mid-phase keeps the peaks measured so far
         while not sampler._stop.wait(15.0):
             unfinished()
     reporter = threading.Thread(target=keep_reporting, daemon=True)
     reporter.start()
-    cfg = X.ExportConfig(preset=name, ctx=args.ctx, prefill_chunk=args.prefill_chunk,
-                         quant=LinearQuant(args.quant), group_size=args.group_size,
-                         embedding_quant=EmbeddingQuant(args.embedding_quant),
-                         device=X.DeviceChoice(args.device), low_memory=args.mode == "low",
-                         multi_arch_kernels=args.multi_arch_kernels,
-                         autotune=args.autotune, out=Path(args.artifact))
+    from export.gemma4.flags import export_fields
+
+    cfg = X.ExportConfig(**export_fields(args, EXPORT_FLAGS), preset=name, low_memory=args.mode == "low",
+                         out=Path(args.artifact))
     if os.environ.get("BENCH_STACKS"):  # where the minutes go, even if the run is killed
         from scripts.stack_sample import sample_forever
         stacks = open(Path(args.result).with_suffix(".stacks"), "w")
@@ -208,7 +212,12 @@ def child(args: argparse.Namespace) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     try:
-        result = X.export_model(cfg, progress=False, log=lambda s: print(s, flush=True))
+        from export.stages import NOTE
+
+        def log(event) -> None:
+            if event.kind == NOTE:
+                print(event.detail, flush=True)
+        result = X.export_model(cfg, listeners=(meter, log))
     except Exception as e:  # keep the phases measured so far (a late failure still reports lowering)
         error = f"{type(e).__name__}: {e}"
     total = time.perf_counter() - t0
@@ -229,7 +238,8 @@ def compare(args: argparse.Namespace) -> None:
     import torch
     from runtime.runner import Runner
 
-    a, b = (Runner.load(p, device=args.device if args.device != "auto" else None) for p in args.compare)
+    device = str(args.device)
+    a, b = (Runner.load(p, device=device if device != "auto" else None) for p in args.compare)
     vocab = a.meta.vocab_size
     prompt = [2] + [(37 * i + 11) % (vocab - 3) + 3 for i in range(args.prompt_len - 1)]
     steps = [("prefill", lambda r: r.prefill(prompt))]
@@ -260,9 +270,9 @@ class Run:
 def _child_cmd(args, run: Run, result: Path, artifact: Path) -> list[str]:
     return [sys.executable, "-m", "scripts.bench_export_memory", "--child", "--mode", run.mode,
             "--layers", str(run.layers), "--preset", args.preset, "--ctx", str(run.ctx),
-            "--prefill-chunk", str(args.prefill_chunk), "--quant", args.quant,
-            "--group-size", str(args.group_size), "--embedding-quant", args.embedding_quant,
-            "--device", args.device, "--artifact", str(artifact), "--result", str(result),
+            "--prefill-chunk", str(args.prefill_chunk), "--quant", str(args.quant),
+            "--group-size", str(args.group_size), "--embedding-quant", str(args.embedding_quant),
+            "--device", str(args.device), "--artifact", str(artifact), "--result", str(result),
             "--autotune" if args.autotune else "--no-autotune"] + (["--profile"] if args.profile else []) \
         + (["--multi-arch-kernels"] if args.multi_arch_kernels else [])
 
@@ -393,7 +403,7 @@ def parent(args: argparse.Namespace) -> None:
             key = f"{layers}l_{ctx}"
             result = out / f"compare_{key}.json"
             cmd = [sys.executable, "-m", "scripts.bench_export_memory", "--compare",
-                   str(artifacts / f"stock_{key}"), str(artifacts / f"low_{key}"), "--device", args.device,
+                   str(artifacts / f"stock_{key}"), str(artifacts / f"low_{key}"), "--device", str(args.device),
                    "--prompt-len", str(args.prompt_len), "--result", str(result)]
             err = _spawn(cmd, out / f"compare_{key}.log", max(60.0, args.time_budget - (time.monotonic() - t_start)))
             comparisons[key] = json.loads(result.read_text()) if err is None else {"error": err}
@@ -431,15 +441,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="exports at once (each its own process; compile workers split between them). "
                         "Allocator, reserved, per-process NVML and RSS peaks stay per export; the "
                         "device-wide NVML column and wall times do not")
-    p.add_argument("--ctx", type=positive_int, default=131072)
-    p.add_argument("--prefill-chunk", type=positive_int, default=128)
-    p.add_argument("--quant", default="int4")
-    p.add_argument("--group-size", type=int, default=32)
-    p.add_argument("--embedding-quant", default="none")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=True,
-                   help="Inductor max_autotune as the exporter's default (slow: minutes per method at 31B width)")
-    p.add_argument("--multi-arch-kernels", action="store_true", help="as the exporter's flag")
+    from export.gemma4.flags import add_export_arguments
+    from export.gemma4.options import DeviceChoice
+
+    add_export_arguments(p, EXPORT_FLAGS,
+                         ctx=dict(default=131072), prefill_chunk=dict(type=positive_int, default=128),
+                         group_size=dict(default=32), device=dict(default=DeviceChoice.CUDA))
     p.add_argument("--out", default="out/bench_export_memory")
     p.add_argument("--json", default="out/bench_export_memory/export_memory.json")
     p.add_argument("--time-budget", type=finite_float, default=3600.0, help="seconds for all runs; later runs are skipped")

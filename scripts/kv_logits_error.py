@@ -18,7 +18,8 @@ import sys
 import torch
 
 from export.gemma4.checkpoint import random_model
-from export.gemma4.export import ExportConfig, model_config
+from export.gemma4.flags import add_export_arguments
+from export.gemma4.options import ExportConfig, model_config
 
 
 @torch.no_grad()
@@ -34,11 +35,11 @@ def run(model, tokens, chunk, n_prompt):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="31b")
-    ap.add_argument("--layers", type=int, default=6)
+    add_export_arguments(ap, ("preset", "layers", "prefill_chunk"), preset=dict(default="31b", help="config preset"),
+                         layers=dict(default=6),
+                         prefill_chunk=dict(default=128))
     ap.add_argument("--fill", type=int, default=2048)
     ap.add_argument("--decode", type=int, default=16)
-    ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -48,9 +49,9 @@ def main(argv=None) -> int:
     tokens = torch.randint(3, mcfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(1)).to(args.device)
     logits = {}
     for kv in ("bf16", "int8", "int4"):
-        model = random_model(mcfg, ctx=ctx, prefill_chunk=args.chunk, dtype=dtype, seed=0, device=args.device,
+        model = random_model(mcfg, ctx=ctx, prefill_chunk=args.prefill_chunk, dtype=dtype, seed=0, device=args.device,
                              kv_dtype=kv).to(args.device).eval()
-        logits[kv] = run(model, tokens, args.chunk, args.fill).cpu()
+        logits[kv] = run(model, tokens, args.prefill_chunk, args.fill).cpu()
         del model
     ref = logits["bf16"]
     rows = []

@@ -19,7 +19,7 @@ host_memory_runs() {  # naive / streaming / parked load+quantize and the whole l
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
 }
 case "${1:-}" in
-runtime)  # issue 5: runner decode tok/s vs eager vs bandwidth floor (tiny); issue 3: CUDA export
+runtime)  # runner decode tok/s vs eager vs bandwidth floor (tiny); CUDA export
   timeout 240 python -m scripts.bench_runtime --preset tiny --ctx 2048 --quant none --dtype float32 \
       --workdir /tmp/bench --json "$OUT/runtime_tiny.json" 2>&1 | tail -15
   ;;
@@ -31,23 +31,20 @@ slice_8k_cli)  # issues 3, 5 (as measured 2026-11-22): CLI export of the 2-layer
   timeout 130 python -m scripts.bench_runtime --preset 31b --layers 2 --ctx 8192 --quant int4 --model /tmp/a31 \
       --json "$OUT/rt.json" 2>&1 | tail -5
   ;;
-tiny_diag)  # tiny CUDA export, Triton SDPA vs decomposed, in parallel, with stack samples (2 s)
-  for sdpa in auto decomposed; do
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$sdpa TRITON_CACHE_DIR=/tmp/tri_$sdpa TORCHINDUCTOR_COMPILE_THREADS=8 \
-      timeout 560 python -m scripts.stack_sample "$OUT/stacks_$sdpa.txt" 2 -m tests.test_export_cuda tiny \
-      "$OUT/tiny_$sdpa.json" $sdpa > "$OUT/tiny_$sdpa.log" 2>&1 &
-  done
-  wait; tail -3 "$OUT"/tiny_*.log
+tiny_diag)  # tiny CUDA export with stack samples (2 s)
+  TORCHINDUCTOR_COMPILE_THREADS=8 timeout 560 python -m scripts.stack_sample "$OUT/stacks.txt" 2 \
+      -m tests.test_export_cuda tiny "$OUT/tiny.json" > "$OUT/tiny.log" 2>&1
+  tail -3 "$OUT/tiny.log"
   ;;
-tiny_cuda)  # issue 3: tiny CUDA export figures (allocator, NVML, RSS, sizes) and parity vs eager
+tiny_cuda)  # tiny CUDA export figures (allocator, NVML, RSS, sizes) and parity vs eager
   timeout 300 python -m tests.test_export_cuda tiny "$OUT/tiny.json" 2>&1 | tail -2
   ;;
-export_128k)  # issue 4: low-memory 2/4/6 layers and stock 6 layers at 131072, four exports at once
+export_128k)  # low-memory 2/4/6 layers and stock 6 layers at 131072, four exports at once
   BENCH_STACKS=20 timeout 590 python -m scripts.bench_export_memory \
       --runs stock:6:131072,low:6:131072,low:2:131072,low:4:131072 --parallel 4 --no-autotune \
       --time-budget 570 --out "$OUT/bem" --artifacts /tmp/bem --json "$OUT/export_memory_128k.json" 2>&1 | tail -16
   ;;
-pair_128k)  # issue 4: stock and low-memory 6 layers at 131072 side by side + logits, then low 2 and 4
+pair_128k)  # stock and low-memory 6 layers at 131072 side by side + logits, then low 2 and 4
   # layers as time allows; the tiny CUDA test beside
   TORCHINDUCTOR_CACHE_DIR=/tmp/ind_tiny TRITON_CACHE_DIR=/tmp/tri_tiny TORCHINDUCTOR_COMPILE_THREADS=4 \
     timeout 560 python -m tests.test_export_cuda tiny "$OUT/tiny.json" > "$OUT/tiny.log" 2>&1 &
@@ -114,7 +111,7 @@ slice_kernels)  # the 31B 2-layer int4 g128 low-memory slice with the project's 
   timeout 120 python -m scripts.kv_logits_error --preset 31b --layers 6 --fill 2048 --device cuda \
       --out "$OUT/kv_logits.json" 2>&1 | tail -6
   ;;
-host_memory)  # issue 7 (run last as `host_reads`, after the loader stopped memory-mapping shards)
+host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
 *) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels" >&2; exit 2 ;;

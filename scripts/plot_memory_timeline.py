@@ -14,7 +14,7 @@ People look at pictures of memory, not logs. Two kinds of input, told apart by c
     python scripts/plot_memory_timeline.py export.pickle nvml.json -o timeline.png \
         --plan plan.json --budget 24GiB
 
-`--plan` takes the planner's JSON (`python -m export.planner ... --json`) and draws the
+`--plan` takes the planner's JSON (`python -m export.gemma4.planner ... --json`) and draws the
 predicted peaks (device and allocator figures). matplotlib comes with the test extra
 (`pip install -e ".[test]"`); only this script needs it, and it says so when it is missing.
 """
@@ -179,7 +179,7 @@ def plot(series: list[Series], out: str | Path, title: str = "memory timeline",
 
 def _parse_size(text: str) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, not only with -m
-    from export.planner import parse_size
+    from export.gemma4.planner import parse_size
 
     return parse_size(text)
 

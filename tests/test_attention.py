@@ -182,13 +182,14 @@ def test_model_kv_dtype_buffers_and_logits(kv):
 
 def test_planner_quantized_kv_of_the_31b_at_128k():
     from export.gemma4.config import PRESETS
-    from export.planner import KvQuant, PlanInputs, kv_items
+    from export.gemma4.options import KvDtype
+    from export.gemma4.planner import PlanInputs, kv_items
 
     def kv_gib(kv):
         items = kv_items(PlanInputs(PRESETS["31b"], ctx=131072, kv_dtype=kv))
         return sum(i.bytes for i in items if not i.reference) / 2**30
 
-    assert kv_gib(KvQuant.INT8) <= 5.9 and kv_gib("int4") <= 3.4
+    assert kv_gib(KvDtype.INT8) <= 5.9 and kv_gib("int4") <= 3.4
     assert kv_gib(None) > 10.8  # bf16: 10.0 GiB full + 0.88 GiB rings
     # rings stay bf16 either way
     assert abs((kv_gib("int8") - kv_gib("int4")) - 10 * 131072 * 4 * 512 * 2 * 0.5 / 2**30) < 1e-9

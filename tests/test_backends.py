@@ -1,5 +1,5 @@
 """The AOTI base on a toy with a mutated KV buffer and a chunk (split): the weight-free .so,
-the constant table it reports, the low-memory hook, and running the .so standalone."""
+the constant table it reports, the low-memory steps, and running the .so standalone."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import export.backends.aoti_base as aoti_base
-from export.backends import CompiledMethod, ConstantKind, TargetDevice, partitioner_for
+from export.backends import BackendOptions, TargetDevice, partitioner_for
+from export.constants import CompiledMethod, ConstantKind
 
 pytestmark = pytest.mark.slow
 
@@ -35,27 +35,33 @@ class Toy(nn.Module):
 
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
-    """Both methods lowered with low-memory on and a recording stand-in for export.passes."""
+    """Both methods lowered with low-memory on and recording stand-ins for the low-memory
+    passes and Inductor patches (the pipeline looks them up when it runs)."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from export.passes import chunk_int4_matmul, make_constants_zero_byte
+    from export.passes.options import LowMemoryOptions
 
     calls = []
 
-    def make_passes(options):
-        calls.append(("passes", dict(options)))
+    def chunk(program, options):
+        calls.append(("chunk", options))
+        calls.append(("pass_ran", sorted(program.state_dict)))
 
-        def record(program):
-            calls.append(("pass_ran", sorted(program.state_dict)))
-            return program
-        return [record]
+    def zero(program, device, include_weights=True):
+        calls.append(("zero", device))
+        return program
 
     @contextlib.contextmanager
     def patches(options):
-        calls.append(("enter", dict(options)))
+        calls.append(("enter", options))
         yield
         calls.append(("exit", None))
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(aoti_base, "_load_low_memory_hook", lambda: (make_passes, patches))
+    mp.setattr(chunk_int4_matmul, "chunk_int4_matmul", chunk)
+    mp.setattr(make_constants_zero_byte, "make_constants_zero_byte", zero)
+    mp.setattr("export.passes.low_memory_inductor_patches", patches)
     torch.manual_seed(0)
     model = Toy().eval()
     T = torch.export.Dim("T", min=1, max=4)
@@ -63,24 +69,33 @@ def lowered(tmp_path_factory):
         progs = {"prefill": torch.export.export(model, (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0])),
                                                 dynamic_shapes=({1: T}, None)),
                  "decode": torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])))}
-    parts = {m: [partitioner_for(TargetDevice.CPU, m, low_memory=True, low_memory_options={"rows": 4})]
-             for m in progs}
+    options = LowMemoryOptions(matmul_chunk_mib=4)
+    parts = {m: [partitioner_for(TargetDevice.CPU, BackendOptions(m, low_memory=options))] for m in progs}
     try:
         edge = to_edge_transform_and_lower(progs, partitioner=parts,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
     finally:
         mp.undo()
-    from export.gemma4.export import compiled_methods
+    from export.pipeline import compiled_methods
     return model, edge, compiled_methods(edge), calls, tmp_path_factory.mktemp("toy_so")
 
 
-def test_low_memory_hook_gets_options_runs_passes_and_wraps_compile(lowered):
+def test_low_memory_steps_get_options_run_before_compile_and_patches_wrap_it(lowered):
     calls = lowered[3]
     per_method = [c[0] for c in calls]
-    assert per_method == ["passes", "pass_ran", "enter", "exit"] * 2
-    # the passes also learn the device move target (they place stand-ins there)
-    assert calls[0][1] == {"rows": "4", "device": "cpu"} and calls[2][1] == {"rows": "4"}
+    assert per_method == ["chunk", "pass_ran", "zero", "enter", "exit"] * 2
+    # the passes learn the device move target (they place stand-ins there), the rest travels as given
+    assert calls[0][1].device == "cpu" and calls[0][1].matmul_chunk_mib == 4 and calls[2][1] == "cpu"
+    assert calls[3][1].matmul_chunk_mib == 4
     assert calls[1][1] == ["embed.weight", "proj.weight"]  # the pass sees the lifted weights
+
+
+def test_backend_options_round_trip_through_compile_specs():
+    from export.passes.options import LowMemoryOptions
+
+    for options in (BackendOptions("decode"), BackendOptions("prefill", autotune=False, multi_arch=True),
+                    BackendOptions("prefill", low_memory=LowMemoryOptions(device="cpu", zero_weights=False))):
+        assert BackendOptions.from_specs(options.to_specs()) == options
 
 
 def test_constant_table_names_fqns_and_kinds(lowered):
@@ -123,38 +138,6 @@ def test_weight_free_so_runs_standalone_with_bound_constants(lowered):
     one = torch.tensor([[5]])
     torch.testing.assert_close(runners["decode"].run([one, torch.tensor([3])])[0], model(one, torch.tensor([3])))
     torch.testing.assert_close(kv, model.kv)
-
-
-def test_low_memory_without_passes_module_is_a_clear_error(monkeypatch):
-    import importlib
-
-    def missing(name):
-        raise ImportError("No module named 'export.passes'")
-    monkeypatch.setattr(importlib, "import_module", missing)
-    with pytest.raises(RuntimeError, match="--low-memory needs export.passes"):
-        aoti_base._load_low_memory_hook()
-
-
-def test_no_autotune_compiles_sdpa_with_one_fixed_config():
-    """--no-autotune: ExecuTorch's Triton SDPA kernels keep one config (the smallest tile) while
-    compiling, so no timing picks their accumulation order; restored afterwards."""
-    pytest.importorskip("triton")
-    from triton.runtime.autotuner import Autotuner
-
-    import importlib
-
-    from export.backends.cuda import one_config_per_user_kernel
-
-    sdpa = importlib.import_module("executorch.backends.cuda.triton.kernels.sdpa")
-
-    before = {n: list(k.configs) for n, k in vars(sdpa).items() if isinstance(k, Autotuner)}
-    assert before and all(len(c) > 1 for c in before.values())
-    with one_config_per_user_kernel(sdpa):
-        for name, configs in before.items():
-            (kept,) = getattr(sdpa, name).configs
-            smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
-            assert kept.kwargs["BLOCK_M"] * kept.kwargs["BLOCK_N"] == smallest
-    assert {n: list(getattr(sdpa, n).configs) for n in before} == before
 
 
 def test_kernels_sharing_one_cubin_get_an_object_each(tmp_path):

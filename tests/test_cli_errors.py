@@ -138,16 +138,16 @@ def test_runtime_bad_prompt_ids_and_model_dir(tmp_path):
     assert files_under(tmp_path) == []
 
 
-# ---- python -m export.planner, scripts.make_checkpoint ------------------------------------
+# ---- python -m export.gemma4.planner, scripts.make_checkpoint ------------------------------------
 
 def test_planner_bad_config(checkpoint, tmp_path):
     ck = copy_checkpoint(checkpoint, tmp_path / "ck")
     raw = json.loads((ck / "config.json").read_text())
     del raw["num_key_value_heads"]
     (ck / "config.json").write_text(json.dumps(raw))
-    assert_refused(cli("export.planner", "--config", str(ck), cwd=tmp_path), "--config", "lacks num_key_value_heads")
-    assert_refused(cli("export.planner", "--config", str(tmp_path / "nope"), cwd=tmp_path), "--config", "no config.json")
-    assert_refused(cli("export.planner", "--preset", "tiny", "--layers", "9", cwd=tmp_path), "--layers", "1..4")
+    assert_refused(cli("export.gemma4.planner", "--config", str(ck), cwd=tmp_path), "--config", "lacks num_key_value_heads")
+    assert_refused(cli("export.gemma4.planner", "--config", str(tmp_path / "nope"), cwd=tmp_path), "--config", "no config.json")
+    assert_refused(cli("export.gemma4.planner", "--preset", "tiny", "--layers", "9", cwd=tmp_path), "--layers", "1..4")
 
 
 def test_make_checkpoint_bad_args_leave_nothing(tmp_path):

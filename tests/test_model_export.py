@@ -5,7 +5,7 @@ import torch
 from torch.export import Dim
 
 from export.gemma4.config import PRESETS
-from export.gemma4.export import EXPORT_KW, math_sdpa
+from export.pipeline import EXPORT_KW
 from export.gemma4.model import Gemma4Model
 from tests.helpers import randomize_
 
@@ -16,10 +16,9 @@ def test_export_prefill_and_decode(name):
     chunk = 8
     model = randomize_(Gemma4Model(PRESETS[name], ctx=64, prefill_chunk=chunk), seed=3).eval()
     T = Dim("T", min=1, max=chunk)
-    with math_sdpa():
-        prefill = torch.export.export(model, (torch.zeros(1, chunk, dtype=torch.long), torch.tensor([0])),
-                                      dynamic_shapes=({1: T}, None), **EXPORT_KW)
-        decode = torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])), **EXPORT_KW)
+    prefill = torch.export.export(model, (torch.zeros(1, chunk, dtype=torch.long), torch.tensor([0])),
+                                  dynamic_shapes=({1: T}, None), **EXPORT_KW)
+    decode = torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([0])), **EXPORT_KW)
     # once functionalized (as to_edge does), both programs mutate exactly the KV buffers
     kv = {s["fqn"] for s in model.kv_cache_specs()}
     for ep in (prefill, decode):

@@ -380,38 +380,6 @@ def test_small_or_activation_matmuls_are_left_alone():
     assert str(ep.graph) == before
 
 
-def test_int4pack_mm_is_sliced_along_n():
-    """torchao's CUDA form: w [N/8, K/(16*itk), 32, itk/2] by 8-row blocks, scales [K/g, N, 2]
-    along dim 1 (contiguous per slice). Structure only here (no CPU kernel for this layout);
-    the numerics are checked on the GPU (test_passes_artifact.py, cuda)."""
-    n, k, itk, g = VOCAB, 256, 8, 32
-
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("w", torch.zeros(n // 8, k // (16 * itk), 32, itk // 2, dtype=torch.int32))
-            self.register_buffer("sz", torch.zeros(k // g, n, 2, dtype=torch.bfloat16))
-
-        def forward(self, x):
-            return torch.ops.aten._weight_int4pack_mm(x, self.w, g, self.sz)
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        ep = torch.export.export(Packed(), (torch.zeros(1, k, dtype=torch.bfloat16),), strict=False)
-    opts = LowMemoryOptions(device="cpu", matmul_chunk_mib=1, matmul_chunk_align=256)
-    assert chunk_int4_matmul(ep, opts).modified
-    calls = [n_ for n_ in ep.graph.nodes if op_name(n_.target) == "_weight_int4pack_mm"]
-    rows = opts.chunk_rows(n, (n * k // 2 + k // g * n * 4) // n)
-    assert len(calls) == -(-n // rows) > 1
-    for i, call in enumerate(calls):
-        w_slice, sz = call.args[1], call.args[3]
-        assert w_slice.args[1:] == (0, i * rows // 8, min((i + 1) * rows, n) // 8)
-        assert op_name(sz.target) == "clone" and sz.args[0].args[1:] == (1, i * rows, min((i + 1) * rows, n))
-        assert call.meta["val"].shape == (1, min((i + 1) * rows, n) - i * rows)
-    out = next(iter(ep.graph.find_nodes(op="output"))).args[0][0]
-    assert op_name(out.target) == "cat" and out.meta["val"].shape == (1, n)
-
-
 def test_decomposed_int4_linear_op_is_chunked():
     """The CUDA recipe's op (`gemma4::int4_linear`), decomposed as the CPU backend does, is a
     dequant chain the pass slices too: a low-memory CPU export of that layout stays bounded."""

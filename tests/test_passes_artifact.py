@@ -1,8 +1,7 @@
 """Low-memory mode end to end: the tiny artifact exported with --low-memory against the stock one.
 
 `tiny_artifact` (stock) and `tiny_artifact_low_memory` (the same config with low_memory and
-kv_in_ptd) are session-scoped fixtures in tests/conftest.py. The CUDA test checks the
-N-sliced `_weight_int4pack_mm` against the unsliced kernel (no CPU kernel has that layout).
+kv_in_ptd) are session-scoped fixtures in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -54,24 +53,3 @@ def test_kv_bytes_are_zeros_in_the_ptd_or_left_out(tiny_artifact, tiny_artifact_
     for fqn in kv:
         t = load_ptd_tensor(tiny_artifact_low_memory.out_dir / "model.ptd", index[fqn])
         assert t.numel() > 0 and torch.count_nonzero(t) == 0  # ...as zeros
-
-
-@pytest.mark.cuda
-def test_int4pack_mm_sliced_along_n_equals_unsliced():
-    """torchao's packing (tile_packed_to_4d) and the real kernel: the pass's slices (8-row
-    blocks of the packed weight, columns of scales_and_zeros) give the unsliced result."""
-    from torch.export.passes import move_to_device_pass  # noqa: F401
-    from torchao.quantization import Int4WeightOnlyConfig, quantize_
-
-    from export.passes.chunk_int4_matmul import chunk_int4_matmul, op_name
-
-    n, k = 16384, 1024
-    lin = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
-    quantize_(lin, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"))
-    x = torch.randn(3, k, dtype=torch.bfloat16, device="cuda")
-    ep = torch.export.export(lin, (x,), strict=False).run_decompositions({})
-    ref = ep.module()(x)
-    assert chunk_int4_matmul(ep, LowMemoryOptions(matmul_chunk_mib=2)).modified
-    assert sum(op_name(nd.target) == "_weight_int4pack_mm" for nd in ep.graph.nodes) > 1
-    out = ep.module()(x)
-    assert torch.equal(out, ref), f"max |diff| {(out - ref).abs().max():.3g}"

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from export import planner as P
+from export.gemma4 import planner as P
 from export.gemma4.config import PRESETS
 
 GiB = 1024**3
@@ -74,46 +74,31 @@ def decoder_linears(p):
 
 def test_31b_int4_reference_figures():
     n = 29_286_727_680
-    # gemma4.md: group 32 with bf16 scales 15.34 GiB, with zero points 17.05, group 128 14.06
+    # gemma4.md: group 32 with bf16 scales 15.34 GiB, group 128 14.06 (the CUDA layout: nibbles
+    # and one bf16 scale per group, no padding; every K of 31B is a multiple of 128)
     plain32 = n * 0.5 + n / 32 * 2
     plain128 = n * 0.5 + n / 128 * 2
-    zeros32 = n * 0.5 + n / 32 * 4
-    assert round(plain32 / GiB, 2) == 15.34 and round(plain128 / GiB, 2) == 14.06 and round(zeros32 / GiB, 2) == 17.05
-    assert decoder_linears(plan("31b", int4_layout="plain")) == plain32
-    assert decoder_linears(plan("31b", int4_layout="plain", group_size=128)) == plain128
-    # every K of 31B is a multiple of 128: tinygemm without torchao's 1024 padding = zero points, no padding
-    assert decoder_linears(plan("31b", int4_layout="tinygemm-k128")) == zeros32
-
-
-def test_31b_int4_tinygemm_pads_k_to_1024():
-    # torchao 0.17 tile_packed_to_4d: in_features 5376 -> 6144; 8192, 16384, 21504 stay
-    sliding = (8192 + 4096 + 4096) * 6144 + 5376 * 8192
-    full = (16384 + 2048) * 6144 + 5376 * 16384
-    mlp = 2 * 21504 * 6144 + 5376 * 21504
-    padded = 50 * sliding + 10 * full + 60 * mlp
-    for g in (32, 128):
-        per_param = 0.5 + 4 / g  # nibble + bf16 scale and zero per group
-        assert decoder_linears(plan("31b", group_size=g)) == padded * per_param
-    assert round(padded * (0.5 + 4 / 32) / GiB, 2) == 18.65
+    assert round(plain32 / GiB, 2) == 15.34 and round(plain128 / GiB, 2) == 14.06
+    assert decoder_linears(plan("31b")) == plain32
+    assert decoder_linears(plan("31b", group_size=128)) == plain128
 
 
 def test_31b_head_and_embedding():
     p = plan("31b")
-    assert weights(p, "lm_head") == V * 6144 // 2 + V * (6144 // 32) * 4  # int4, untied
+    assert weights(p, "lm_head") == V * 5376 // 2 + V * (5376 // 32) * 2  # int4, untied
     assert weights(p, "embedding") == V * 5376 + V * 2  # int8 + a bf16 scale per row
     assert round(weights(p, "embedding") / GiB, 2) == 1.31  # gemma4.md: int8 1.31 GiB
     dense = plan("31b", linear="none", embedding="none")
     assert weights(dense, "embedding") == V * 5376 * 2 == 2.625 * GiB
     assert "weights: lm_head" not in [i.name for i in dense.weights]  # tied: one tensor
-    assert dense.weights_bytes == 30_697_345_280 * 2 + 60 * 2  # + layer_scalar (a buffer)
+    rope = (256 // 2 + 512 // 2) * 4  # inv_freq_sliding and inv_freq_full, fp32 buffers
+    assert dense.weights_bytes == 30_697_345_280 * 2 + 60 * 2 + rope  # + layer_scalar and RoPE (buffers)
 
 
 def test_26b_moe_expert_bytes():
-    gate_up = 128 * 1408 * 3072 // 2 + 128 * 1408 * (3072 // 32) * 4  # K 2816 -> 3072
-    down = 128 * 2816 * 1024 // 2 + 128 * 2816 * (1024 // 32) * 4  # K 704 -> 1024
-    assert weights(plan("26b-a4b"), "moe experts") == 30 * (gate_up + down)
+    # the recipe quantizes nn.Linear modules; the expert stacks are 3-D parameters and stay bf16
     bf16 = 30 * 128 * (1408 * 2816 + 2816 * 704) * 2
-    assert weights(plan("26b-a4b", experts="none"), "moe experts") == bf16
+    assert weights(plan("26b-a4b"), "moe experts") == bf16
     assert round(bf16 / GiB, 1) == 42.5  # what leaving the experts unquantized costs
     assert weights(plan("26b-a4b"), "moe router") == 30 * 128 * 2816 * 2  # kept bf16
 
@@ -124,8 +109,8 @@ def test_ple_table_and_linears():
     assert weights(plan("e2b", embedding="none"), "ple table") == 262144 * 35 * 256 * 2
     assert weights(plan("e4b"), "ple table") == 262144 * 42 * 256 + 262144 * 2  # int8 like embed_tokens
     # per_layer_model_projection [10752, 2560] + per layer gate [256, 2560], projection [2560, 256]
-    int4 = lambda n, k: n * k // 2 + n * (k // 32) * 4  # K already padded  # noqa: E731
-    expected = int4(10752, 3072) + 42 * (int4(256, 3072) + int4(2560, 1024))
+    int4 = lambda n, k: n * k // 2 + n * (k // 32) * 2  # nibbles + a bf16 scale per group  # noqa: E731
+    expected = int4(10752, 2560) + 42 * (int4(256, 2560) + int4(2560, 256))
     assert weights(plan("e4b"), "ple linears") == expected
 
 
@@ -161,7 +146,19 @@ def test_kv_sharing_e4b_e2b():
 
 def test_ring_never_exceeds_ctx_and_fp32_kv_doubles():
     assert plan("31b", ctx=512).ring_slots == 512
-    assert plan("31b", kv_dtype="float32").kv_bytes == 2 * plan("31b").kv_bytes
+    assert plan("31b", dtype="float32", linear="none").kv_bytes == 2 * plan("31b", linear="none").kv_bytes
+    with pytest.raises(ValueError, match="kv_dtype float32"):  # a bf16 model keeps a bf16 (or int8/int4) cache
+        plan("31b", kv_dtype="float32")
+
+
+def test_quantized_kv_is_the_models_buffers():
+    """int8 / int4 KV: the full layers hold codes plus an fp16 scale per slot and head for K
+    and V; sliding rings keep bf16 (31B: 10 full layers, 4 KV heads of 512)."""
+    ring = plan("31b", ctx=131072)
+    for kv, code_bytes in (("int8", 512), ("int4", 256)):
+        p = plan("31b", ctx=131072, kv_dtype=kv)
+        assert item(p.kv, "kv: full layers") == 10 * 2 * 4 * 131072 * (code_bytes + 2)
+        assert item(p.kv, "kv: sliding layers (ring)") == item(ring.kv, "kv: sliding layers (ring)")
 
 
 def test_kv_and_params_match_the_model():
@@ -178,7 +175,8 @@ def test_kv_and_params_match_the_model():
         p = P.plan(P.PlanInputs(c, ctx=ctx, linear="none", embedding="none"))
         assert p.kv_bytes == kv and p.ring_slots == m.ring_size, name
         n = sum(x.numel() for x in m.parameters()) + c.num_hidden_layers  # + layer_scalar
-        assert p.weights_bytes == 2 * n, name
+        rope = sum(b.numel() * b.element_size() for k, b in m.named_buffers() if k.startswith("inv_freq"))
+        assert p.weights_bytes == 2 * n + rope, name
 
 
 # ---- peaks ------------------------------------------------------------------------------------
@@ -193,14 +191,12 @@ def test_runtime_is_the_sum_of_its_terms():
 
 
 def test_31b_attention_working_set_at_131072():
-    # triton::sdpa (bf16): only the bool mask [G*T, S] with G = 32 / 4 for full layers
-    r = plan("31b").runtime_gpu
-    assert item(r.items, "activations: mask [1024, 131072] bool") == 8 * 128 * 131072
-    # math SDPA (fp32 model): scores and probabilities [32, 128, 131072] fp32, K and V upcast
-    m = plan("31b", dtype="float32", linear="none").runtime_gpu
-    assert item(m.items, "activations: scores + probs fp32 [32, 128, 131072] x2") == 2 * 32 * 128 * 131072 * 4 == 4 * GiB
-    assert item(m.items, "activations: K, V upcast fp32 [4, 131072, 512]") == 2 * 4 * 131072 * 512 * 4 + 32 * 128 * 512 * 4
-    assert item(m.items, "activations: mask [1024, 131072] bool + fp32") == 8 * 128 * 131072 * 5
+    # gemma4::attention reads the cache in place (no mask, no score matrix): q, k, v and the
+    # output of one full layer [T=128, 32 heads x 512] and [128, 4 x 512] in bf16
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=131072)
+    assert P.attention_block(inputs, 5, 128) == {"q, k, v, attention out": 128 * (2 * 32 * 512 + 2 * 4 * 512) * 2}
+    names = [i.name for i in plan("31b").runtime_gpu.items]
+    assert not [n for n in names if "mask" in n or "scores" in n]
 
 
 def test_export_peaks_apply_the_measured_terms():
@@ -209,18 +205,11 @@ def test_export_peaks_apply_the_measured_terms():
     stock = p.export_gpu_stock
     assert stock.allocator_bytes == round(w * P.STOCK_WEIGHT_FACTOR) + round(kv * P.STOCK_KV_FACTOR)
     low = p.export_gpu_low_memory
-    largest = V * 5376  # the int8 embedding beats the int4 lm_head (768 MiB) and a full K (512 MiB)
+    largest = V * 5376  # the int8 embedding beats the int4 lm_head (704 MiB of nibbles) and a full K (512 MiB)
     resident = w + kv if P.EXPORT_EAGER_MODEL_ON_GPU else 0
     assert low.allocator_bytes == resident + largest + P.LOWMEM_WORKSPACE_BYTES
-    q = p.export_gpu_quantize
-    # the lm_head is packed in 16384-row blocks (1.22 GB with its transient), so the MLP's
-    # gate projection [21504 x 5376], K padded to 6144, is the largest step (1.61 GB)
-    assert P.QUANT_ROWS_PER_CHUNK == 16384
-    assert item(q.items, "largest weight in bf16") == 21504 * 5376 * 2
-    assert item(q.items, "int4 packing transient") == round(21504 * 6144 * P.QUANT_TRANSIENT_BYTES_PER_PARAM)
-    assert plan("31b", linear="none").export_gpu_quantize.total_bytes == 0
-    assert p.export_gpu.total_bytes == max(low.total_bytes, q.total_bytes)
-    assert plan("31b", low_memory=False).export_gpu.total_bytes == max(stock.total_bytes, q.total_bytes)
+    assert p.export_gpu.total_bytes == low.total_bytes
+    assert plan("31b", low_memory=False).export_gpu.total_bytes == plan("31b", low_memory=False).export_gpu_stock.total_bytes
 
 
 # H100, 2026-11-23: the 31B 6-layer slice (int4 g32, bf16, prefill 128), measured by
@@ -233,6 +222,14 @@ MEASURED_6L = {  # ctx: (stock alloc, stock NVML, low alloc, low NVML, runtime a
 }
 
 
+# Those artifacts stored torchao's tile-packed int4 (K padded to 1024, a bf16 scale and zero
+# point per group): 5.428 GiB of weights for the six layers, which the planner of that day
+# counted. Today's layout (nibbles + one bf16 scale per group) stores less; the plan is held
+# against the measurements with that difference added back, once at run time and
+# STOCK_WEIGHT_FACTOR times while a stock export lowers.
+MEASURED_6L_INT4_WEIGHTS = 5.427686225622892 * GiB
+
+
 @pytest.mark.parametrize("ctx", sorted(MEASURED_6L))
 def test_plan_within_5_percent_of_the_h100_measurements(ctx):
     """The stock factors come from the 8k and 128k exports, the low-memory terms from the 8k
@@ -240,12 +237,16 @@ def test_plan_within_5_percent_of_the_h100_measurements(ctx):
     cfg = PRESETS["31b"].with_layers(6)
     stock_a, stock_n, low_a, low_n, rt_a, rt_n = MEASURED_6L[ctx]
     base = P.PlanInputs(cfg, ctx=ctx, prefill_chunk=128, linear="int4", group_size=32, embedding="none",
-                      dtype="bfloat16", low_memory=True)
+                        dtype="bfloat16", low_memory=True)
     p, s = P.plan(base), P.plan(replace(base, low_memory=False))
-    for predicted, measured in [(s.export_gpu_stock.allocator_bytes, stock_a), (s.export_gpu_stock.total_bytes, stock_n),
+    layout = MEASURED_6L_INT4_WEIGHTS - p.weights_bytes
+    assert 0.5 * GiB < layout < 0.55 * GiB  # K 5376 -> 6144 and a zero point per group
+    lowering = layout * P.STOCK_WEIGHT_FACTOR
+    for predicted, measured in [(s.export_gpu_stock.allocator_bytes + lowering, stock_a),
+                                (s.export_gpu_stock.total_bytes + lowering * (1 + P.STOCK_RESERVED_SLACK), stock_n),
                                 (p.export_gpu_low_memory.allocator_bytes, low_a),
                                 (p.export_gpu_low_memory.total_bytes, low_n),
-                                (p.runtime_gpu.allocator_bytes, rt_a), (p.runtime_gpu.total_bytes, rt_n)]:
+                                (p.runtime_gpu.allocator_bytes + layout, rt_a), (p.runtime_gpu.total_bytes + layout, rt_n)]:
         assert predicted / GiB == pytest.approx(measured, rel=0.05)
 
 
@@ -303,7 +304,7 @@ def test_nothing_fits_names_the_limit():
 
 def test_resolve_ctx():
     inputs = P.PlanInputs(PRESETS["31b"], ctx=1024)
-    budget = P.Budget(32 * GiB, export_gpu=WIDE_EXPORT)
+    budget = P.Budget(28 * GiB, export_gpu=WIDE_EXPORT)
     auto = P.resolve_ctx(inputs, "auto", budget)
     assert auto == P.fit_ctx(inputs, budget).ctx
     assert P.resolve_ctx(inputs, 8192, budget) == 8192
@@ -316,10 +317,10 @@ def test_resolve_ctx():
 
 
 def test_check_fits_message():
-    ok, msg = P.check_fits(P.PlanInputs(PRESETS["e2b"], ctx=8192, low_memory=True), 24 * GiB)
+    ok, msg = P.check_fits(P.PlanInputs(PRESETS["e2b"], ctx=8192, low_memory=True), 16 * GiB)
     assert ok and "fits" in msg
-    # a stock export holds ~3.5x the weights on the GPU while lowering: E2B's 6.8 GiB does not fit
-    ok, msg = P.check_fits(P.PlanInputs(PRESETS["e2b"], ctx=8192, low_memory=False), 24 * GiB)
+    # a stock export holds ~3.5x the weights on the GPU while lowering: E2B's 6.3 GiB does not fit
+    ok, msg = P.check_fits(P.PlanInputs(PRESETS["e2b"], ctx=8192, low_memory=False), 16 * GiB)
     assert not ok and "export GPU, stock" in msg
 
 
@@ -351,10 +352,8 @@ def test_defaults_follow_the_exporter():
     d = P.PlanInputs(PRESETS["31b"])
     assert (d.ctx, d.prefill_chunk, d.linear, d.group_size, d.embedding, d.low_memory) == (
         2048, 128, P.LinearQuant.INT4, 32, P.EmbeddingQuant.NONE, False)  # ExportConfig's defaults
-    assert d.attention is P.AttentionImpl.TRITON and d.kv_dtype is P.DType.BF16  # bf16 on CUDA
-    fp32 = P.PlanInputs(PRESETS["31b"], dtype="float32")
-    assert fp32.attention is P.AttentionImpl.MATH and fp32.kv_dtype is P.DType.FP32
-    assert P.PlanInputs(PRESETS["26b-a4b"], linear="none").experts is P.LinearQuant.NONE
+    assert d.kv_dtype is P.DType.BF16  # bf16 on CUDA
+    assert P.PlanInputs(PRESETS["31b"], dtype="float32").kv_dtype is P.DType.FP32
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -385,3 +384,24 @@ def test_cli_prints_table_and_refuses_what_does_not_fit(capsys):
     assert json.loads(capsys.readouterr().out)["options"]["ctx"] > 0
     assert P.main(["--preset", "31b", "--layers", "6", "--ctx", "8192"]) == 0
     assert "6-layer slice" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, kv", [("tiny", "int8"), ("tiny-moe", None), ("tiny", "int4")])
+def test_inventory_is_what_a_real_quantized_model_holds(name, kv):
+    """The meta-device inventory against the same model built with real (random) weights and
+    quantized by the CUDA recipe on the host: the same tensors, shapes, dtypes and bytes."""
+    torch = pytest.importorskip("torch")
+    from export.backends.options import TargetDevice
+    from export.gemma4.checkpoint import random_model
+    from export.gemma4.inventory import inventory
+    from export.gemma4.quant import EmbeddingQuant, QuantRecipe, quantize_
+
+    c, recipe = PRESETS[name], QuantRecipe(group_size=32, embedding=EmbeddingQuant.INT8)
+    model = random_model(c, ctx=1024, prefill_chunk=2, dtype=torch.bfloat16, seed=0, kv_dtype=kv)
+    quantize_(model, recipe, TargetDevice.CUDA)
+    real = {k: (tuple(t.shape), t.dtype, t.numel() * t.element_size())
+            for k, t in [*model.named_parameters(), *model.named_buffers()]}
+    weights, kv_buffers = inventory(c, "bfloat16", recipe, kv)
+    meta = {t.fqn: (t.shape, getattr(torch, t.dtype), t.nbytes) for t in [*weights, *kv_buffers]}
+    assert meta == real
+    assert any(t.dtype == "uint8" for t in weights)  # int4 nibbles

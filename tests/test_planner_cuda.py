@@ -25,7 +25,7 @@ BUDGET = 8 * GiB  # a card this size: the plan says the slice's runtime (6.9 GiB
 @pytest.mark.slow
 def test_slice_exports_and_runs_within_budget_and_plan(tmp_path):
     from export.gemma4.export import DeviceChoice, ExportConfig, export_model
-    from export.planner import CUDA_CONTEXT_BYTES, PlanInputs, plan
+    from export.gemma4.planner import CUDA_CONTEXT_BYTES, PlanInputs, plan
     from export.gemma4.config import PRESETS
     from export.gemma4.quant import LinearQuant
     from runtime.runner import Runner

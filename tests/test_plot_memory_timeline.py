@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from export import planner as P
+from export.gemma4 import planner as P
 from export.gemma4.config import PRESETS
 from scripts import plot_memory_timeline as M
 

@@ -11,14 +11,13 @@ references, so the .so needs no Python op.
 
 from __future__ import annotations
 
-import typing
 from typing import Any, final
 
 import torch
 from executorch.exir.backend.backend_details import BackendDetails
-from executorch.exir.backend.compile_spec_schema import CompileSpec
 
-from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice
+from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
+from export.backends.options import BackendOptions, TargetDevice
 
 
 @final
@@ -28,7 +27,7 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
         return TargetDevice.CPU.value
 
     @classmethod
-    def is_supported_fallback_kernel(cls, kernel: str, compile_specs: list[CompileSpec]) -> bool:
+    def is_supported_fallback_kernel(cls, kernel: str, options: BackendOptions) -> bool:
         return True  # the runner executes inside libtorch, where every CPU shim exists
 
     @classmethod
@@ -40,11 +39,7 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
                 torch.ops.gemma4.attention.default: attention_reference}
 
     @classmethod
-    def get_custom_passes(cls, compile_specs: list[CompileSpec]) -> list[typing.Any]:
-        return []
-
-    @classmethod
-    def get_aoti_compile_options(cls, compile_specs: list[CompileSpec]) -> dict[str, Any]:
+    def compile_options(cls, options: BackendOptions) -> dict[str, Any]:
         # No max_autotune: on CPU it only adds compile time (CI has two cores).
         return {"aot_inductor.link_libtorch": False}
 

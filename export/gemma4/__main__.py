@@ -1,6 +1,6 @@
 """`python -m export.gemma4`: export a Gemma 4 text model to model.pte + model.ptd.
 
-Every flag is one field of `ExportConfig` (export/gemma4/export.py). With no arguments it
+Every flag is one field of `ExportConfig` (export/gemma4/options.py). With no arguments it
 exports the `tiny` preset (random weights) for whatever device exists into out/tiny.
 """
 
@@ -18,23 +18,12 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields, replace
 from pathlib import Path
 
-from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
-from export.gemma4.config import PRESETS
-from export.gemma4.export import (
-    DEFAULT_PREFILL_CHUNK,
-    DEFAULT_PRESET,
-    DeviceChoice,
-    DTypeChoice,
-    ExportConfig,
-    ExportConfigError,
-    model_config,
-    KvDtype,
-    SdpaChoice,
-    export_model,
-    validate,
-)
-from export.gemma4.quant import EmbeddingQuant, LinearQuant
-from export.planner import DoesNotFit, PlanInputs, parse_size, plan, render_table, resolve_ctx
+from export.cli import quiet_internal_warnings, run
+from export.gemma4.export import export_model
+from export.gemma4.flags import add_export_arguments, export_fields
+from export.gemma4.options import ExportConfig, ExportConfigError, model_config, resolve
+from export.gemma4.planner import DoesNotFit, PlanInputs, inputs_for, parse_size, plan, render_table, resolve_ctx
+from export.stages import ProgressBars
 
 EPILOG = """\
 examples:
@@ -53,48 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.gemma4", description=__doc__.splitlines()[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", type=Path, help="Hugging Face model directory (config.json + *.safetensors)")
-    src.add_argument("--preset", help=f"config preset with seeded random weights: {', '.join(PRESETS)} "
-                                      f"(default when no --checkpoint: {DEFAULT_PRESET})")
-    p.add_argument("--layers", type=positive_int, default=d.layers,
-                   help="keep only the first N decoder layers of --preset (slices at real width for tests)")
-    p.add_argument("--ctx", default=str(d.ctx),
-                   help="max tokens per sequence = full-attention KV length (default %(default)s; "
-                        "at most the model's max_position_embeddings), or 'auto': the largest that "
-                        "fits --gpu-budget")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help=f"max tokens per prefill call; prefill takes any T in 1..this "
-                        f"(default {DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter)")
-    p.add_argument("--quant", type=LinearQuant, choices=list(LinearQuant), default=d.quant,
-                   help="linear weights incl. lm_head: int4 weight-only or none (default %(default)s)")
-    p.add_argument("--group-size", type=int, choices=(32, 128), default=d.group_size,
-                   help="int4 group size along the input dim (default %(default)s)")
-    p.add_argument("--embedding-quant", type=EmbeddingQuant, choices=list(EmbeddingQuant),
-                   default=d.embedding_quant, help="embedding tables: int8 per row or none (default %(default)s)")
-    p.add_argument("--device", type=DeviceChoice, choices=list(DeviceChoice), default=d.device,
-                   help="where the compiled .so runs; auto = cuda if a GPU is visible (default %(default)s)")
-    p.add_argument("--dtype", type=DTypeChoice, choices=list(DTypeChoice), default=d.dtype,
-                   help="activations and unquantized weights; auto = bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--sdpa", type=SdpaChoice, choices=list(SdpaChoice), default=d.sdpa,
-                   help="attention on cuda: ExecuTorch's Triton kernel (bf16 only) or decomposed; "
-                        "auto = triton for cuda + bfloat16 (default %(default)s)")
-    p.add_argument("--kv-dtype", type=KvDtype, choices=list(KvDtype), default=d.kv_dtype,
-                   help="KV cache of the full-attention layers: int8 / int4 (fp16 scale per token and head, "
-                        "quantized on write) or bf16; auto = the model dtype. Sliding rings keep the model dtype")
-    p.add_argument("--autotune", action=argparse.BooleanOptionalAction, default=d.autotune,
-                   help="Inductor max_autotune on cuda (Triton GEMMs only, as ExecuTorch's CUDA backend); "
-                        "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)")
-    p.add_argument("--low-memory", action="store_true", default=d.low_memory,
-                   help="keep compile-time memory low (export.passes: zero-byte constants during compile)")
-    p.add_argument("--multi-arch-kernels", action="store_true", default=d.multi_arch_kernels,
-                   help="cuda: also build each kernel as a PTX+SASS fatbin (one nvcc call per kernel, slower "
-                        "export) so the artifact runs on other GPU generations; by default it runs on the "
-                        "exporting GPU's architecture only")
-    p.add_argument("--kv-in-ptd", action="store_true", default=d.kv_in_ptd,
-                   help="also store the KV buffers (zeros) in model.ptd; by default the runner allocates them")
-    p.add_argument("--out", type=Path, default=d.out,
-                   help="artifact directory (default out/<preset or checkpoint dir name>)")
-    p.add_argument("--seed", type=non_negative_int, default=d.seed, help="seed of a preset's random weights (default %(default)s)")
+    add_export_arguments(src, ("checkpoint", "preset"))
+    add_export_arguments(p, tuple(f.name for f in fields(ExportConfig) if f.name not in ("checkpoint", "preset")),
+                         ctx=dict(type=str, default=str(d.ctx),
+                                  help="max tokens per sequence = full-attention KV length (default %(default)s; at "
+                                       "most the model's max_position_embeddings), or 'auto': the largest that fits "
+                                       "--gpu-budget"))
     p.add_argument("--gpu-budget", type=parse_size, default=None,
                    help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
                         "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits)")
@@ -105,15 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
-    """The planner's view of this export (quantized unit by unit: the streaming loader)."""
-    mcfg = model_config(cfg)
-    dtype = cfg.dtype.resolve(cfg.device.resolve())
-    return PlanInputs(mcfg, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant.value,
-                      group_size=cfg.group_size, embedding=cfg.embedding_quant.value,
-                      int4_layout="plain",  # gemma4::int4_linear's layout, what quant.py writes on CUDA
-                      dtype=str(dtype).removeprefix("torch."), low_memory=cfg.low_memory,
-                      kv_dtype={"auto": None, "bf16": "bfloat16"}.get(cfg.kv_dtype.value, cfg.kv_dtype.value),
-                      loader="streaming")  # presets stream through the same unit loop (RandomWeights)
+    """The planner's view of this export (quantized unit by unit: the streaming loader;
+    presets stream through the same unit loop)."""
+    return inputs_for(model_config(cfg), cfg, ctx)
 
 
 def resolve_plan(args: argparse.Namespace) -> ExportConfig:
@@ -121,22 +68,17 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     ctx_arg = str(args.ctx)
     if ctx_arg != "auto" and not ctx_arg.isdigit():
         raise ExportConfigError(f"--ctx {ctx_arg!r}: give a number of tokens or 'auto'")
-    args.ctx = 1024 if ctx_arg == "auto" else int(ctx_arg)
-    cfg = config_from_args(args)
+    ctx = 1024 if ctx_arg == "auto" else int(ctx_arg)  # "auto": where the search starts
+    cfg = ExportConfig(**{**export_fields(args), "ctx": ctx})  # flags and fields match one-to-one
     if ctx_arg == "auto" or args.gpu_budget is not None:
         if ctx_arg == "auto" and args.gpu_budget is None:
             raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
         try:
-            ctx = resolve_ctx(_plan_inputs(cfg, args.ctx), ctx_arg, args.gpu_budget)
+            ctx = resolve_ctx(_plan_inputs(cfg, ctx), ctx_arg, args.gpu_budget)
         except DoesNotFit as e:
             raise ExportConfigError(str(e)) from None
         cfg = replace(cfg, ctx=ctx, prefill_chunk=args.prefill_chunk)  # None: re-fit the new ctx
     return cfg
-
-
-def config_from_args(args: argparse.Namespace) -> ExportConfig:
-    """argparse namespace -> ExportConfig (flags and fields match one-to-one)."""
-    return ExportConfig(**{f.name: getattr(args, f.name) for f in fields(ExportConfig)})
 
 
 def _peaks() -> dict[str, float]:
@@ -163,16 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             print(render_table(plan(_plan_inputs(cfg, cfg.ctx))))
             return 0
-        _, device, dtype = validate(cfg)  # before anything is loaded or compiled
+        resolved = resolve(cfg)  # before anything is loaded or compiled
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
-    print(f"exporting {cfg.name} for {device.value} ({str(dtype).removeprefix('torch.')}, "
+    print(f"exporting {cfg.name} for {resolved.device.value} ({str(resolved.dtype).removeprefix('torch.')}, "
           f"quant {cfg.quant.value}) -> {cfg.out_dir}", file=sys.stderr)
     if cfg.checkpoint is not None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
         print(f"note: {cfg.checkpoint} has no tokenizer.json, so the artifact will not either: the runner "
               f"then takes token ids (python -m runtime --model {cfg.out_dir} --prompt-ids 2,...), or copy "
               "the model's tokenizer.json into the artifact directory", file=sys.stderr)
-    result = export_model(cfg, progress=True, log=lambda s: print(s, file=sys.stderr))
+    result = export_model(resolved, listeners=(ProgressBars(lambda s: print(s, file=sys.stderr)),))
     summary = {"out": str(result.out_dir), "files": result.sizes,
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
                "peak_gib": _peaks()}

@@ -28,6 +28,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from export import stages
+
 from .config import Gemma4Config
 from .model import Gemma4Model, KVCache
 
@@ -220,20 +222,20 @@ class RandomWeights:
 @torch.no_grad()
 def random_model(cfg: Gemma4Config, ctx: int, prefill_chunk: int, dtype: torch.dtype, seed: int,
                  device: str = "cpu", on_unit_loaded: UnitHook | None = None,
-                 progress: bool = False, kv_dtype: str | None = None) -> Gemma4Model:
+                 kv_dtype: str | None = None) -> Gemma4Model:
     """`Gemma4Model` with `RandomWeights`, built unit by unit like `load_model` (the same
     hook, the same order), so a preset export holds one float unit at a time."""
     with torch.device("meta"):
         model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=prefill_chunk, dtype=dtype, kv_dtype=kv_dtype)
     source = RandomWeights(seed, device)
     _fill_units(model, lambda key, meta: source.read(key, meta, dtype if meta.is_floating_point() else meta.dtype),
-                on_unit_loaded, progress, "random weights")
+                on_unit_loaded, "random weights")
     _materialize_runtime_buffers(model)
     return model
 
 
 def _fill_units(model: Gemma4Model, read: Callable[[str, torch.Tensor], torch.Tensor],
-                on_unit_loaded: UnitHook | None, progress: bool, desc: str,
+                on_unit_loaded: UnitHook | None, desc: str,
                 after_unit: Callable[[], None] = lambda: None) -> None:
     """The unit loop of both sources: fill each unit's persistent tensors with
     `read(key, meta)`, run `after_unit`, then the hook. A tied head shares the embedding's
@@ -241,8 +243,7 @@ def _fill_units(model: Gemma4Model, read: Callable[[str, torch.Tensor], torch.Te
     (e.g. int8): then the table is read again for the head."""
     unit_list = list(units(model))
     loaded_embedding = None
-    bar = _progress_bar(progress, len(unit_list), desc)
-    try:
+    with stages.stage(desc, total=len(unit_list), unit="unit") as progress:
         for unit_name, unit in unit_list:
             if unit_name == "lm_head" and model.cfg.tie_word_embeddings:
                 if loaded_embedding is not None and getattr(model.embed_tokens, "weight", None) is loaded_embedding:
@@ -257,29 +258,12 @@ def _fill_units(model: Gemma4Model, read: Callable[[str, torch.Tensor], torch.Te
             after_unit()
             if on_unit_loaded is not None:
                 on_unit_loaded(model, unit_name)
-            bar.update(1)
-    finally:
-        bar.close()
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="unit")
+            progress.advance(1)
 
 
 @torch.no_grad()
 def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtype = torch.bfloat16,
-               on_unit_loaded: UnitHook | None = None, progress: bool = False,
+               on_unit_loaded: UnitHook | None = None,
                kv_dtype: str | None = None) -> Gemma4Model:
     """Build `Gemma4Model` from a HF checkpoint directory, reading one unit at a time."""
     index = ShardIndex.open(root)
@@ -295,7 +279,7 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
         return _read_checked(reader, available, key, meta, dtype)
 
     try:  # after each unit, close the shards
-        _fill_units(model, read, on_unit_loaded, progress, "loading checkpoint", after_unit=reader.close)
+        _fill_units(model, read, on_unit_loaded, "loading checkpoint", after_unit=reader.close)
     finally:
         reader.close()
     extra = sorted(k for k in available - used if not _ignorable(cfg, k))

@@ -116,6 +116,11 @@ class Gemma4Config:
         prev = self.layer_types[: self.first_kv_shared_layer]
         return len(prev) - 1 - prev[::-1].index(self.layer_types[i])
 
+    def ring_slots(self, ctx: int, prefill_chunk: int) -> int:
+        """Slots of a sliding layer's KV ring: a whole prefill chunk plus the window behind its
+        first token, never more than the context."""
+        return min(self.sliding_window + prefill_chunk - 1, ctx)
+
     def layer_intermediate_size(self, i: int) -> int:
         wide = self.use_double_wide_mlp and self.is_kv_shared(i)
         return self.intermediate_size * (2 if wide else 1)

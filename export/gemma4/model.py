@@ -259,7 +259,7 @@ class Gemma4Model(nn.Module):
         if ctx > cfg.max_position_embeddings:
             raise ValueError(f"ctx {ctx} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
         self.cfg, self.ctx, self.prefill_chunk, self.kv_dtype = cfg, ctx, prefill_chunk, kv_dtype
-        self.ring_size = min(cfg.sliding_window + prefill_chunk - 1, ctx)
+        self.ring_size = cfg.ring_slots(ctx, prefill_chunk)
         H = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
         # sqrt(hidden) rounded to the model dtype first (73.5 in bf16 for 31B), as the reference

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.backends import TargetDevice
+from export.backends.options import TargetDevice
+
+GROUP_SIZES = (32, 128)  # int4 group sizes a recipe offers (--group-size); halved where K needs it
 
 
 class LinearQuant(str, enum.Enum):
@@ -57,7 +59,7 @@ class QuantRecipe:
     embeddings: tuple[str, ...] = ("embed_tokens", "embed_tokens_per_layer")
 
     def __post_init__(self):
-        if self.group_size not in (32, 64, 128, 256):
+        if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size {self.group_size}: use 128 (default) or 32")
 
     def summary(self) -> dict:
@@ -110,7 +112,10 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_float(cls, weight: torch.Tensor, group_size: int) -> "Int4Linear":
         N, K = weight.shape
-        m = cls(K, N, group_size, weight.dtype).to(weight.device)
+        with torch.device(weight.device):
+            m = cls(K, N, group_size, weight.dtype)
+        if weight.is_meta:  # the layout only (the planner's inventory)
+            return m
         # Row blocks bound the fp32 temporaries (a 262144-row lm_head would otherwise need
         # several full fp32 copies of itself on the host at once).
         rows = max(1, (16 << 20) // (4 * K))
@@ -160,7 +165,10 @@ class PackedInt4Linear(nn.Module):
     def from_float(cls, weight: torch.Tensor, group_size: int) -> "PackedInt4Linear":
         from export.kernels.int4_matmul import quantize_int4
         N, K = weight.shape
-        m = cls(K, N, group_size).to(weight.device)
+        with torch.device(weight.device):
+            m = cls(K, N, group_size)
+        if weight.is_meta:  # the layout only (the planner's inventory)
+            return m
         rows = max(1, (16 << 20) // (4 * K))  # fp32 temporaries of one row block: ~16 MiB
         for r0 in range(0, N, rows):
             m.qweight[r0:r0 + rows], m.scales[r0:r0 + rows] = quantize_int4(weight[r0:r0 + rows], m.group_size)
@@ -191,7 +199,10 @@ class Int8Embedding(nn.Module):
     @torch.no_grad()
     def from_float(cls, weight: torch.Tensor) -> "Int8Embedding":
         V, D = weight.shape
-        m = cls(V, D, weight.dtype).to(weight.device)
+        with torch.device(weight.device):
+            m = cls(V, D, weight.dtype)
+        if weight.is_meta:  # the layout only (the planner's inventory)
+            return m
         scale = (weight.float().abs().amax(-1) / 127).clamp_min(1e-8)
         m.weight.copy_((weight.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         m.scales.copy_(scale)

@@ -1,8 +1,10 @@
 """Low-memory mode for the AOTInductor backends: graph passes and Inductor patches.
 
-The backend's preprocess (export/backends/aoti_base.py) calls, when low-memory is on:
+The backend runs every graph rewrite through one ordered list, export/passes/pipeline.py;
+with low-memory options its first two steps are this package's passes, and the compile runs
+inside `low_memory_inductor_patches(options)`:
 
-    for p in low_memory_passes(options):      # before move_to_device_pass
+    for p in low_memory_passes(options):      # the pipeline's low-memory steps, in order
         program = p(program)
     with low_memory_inductor_patches(options):
         torch._inductor.aot_compile(program.module(), ...)
@@ -14,14 +16,12 @@ out of the `.ptd`, or to write zeros for them). Order and invariants: README.md 
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, ContextManager
 
 from torch.export import ExportedProgram
 
 # Submodules are imported as modules (a pass function named like its file would otherwise
 # shadow the submodule as an attribute of this package).
-from export.passes import chunk_int4_matmul as _chunk
 from export.passes import inductor_patches as _patches
 from export.passes import make_constants_zero_byte as _zero
 from export.passes.options import LowMemoryOptions
@@ -42,26 +42,26 @@ def kv_buffer_fqns(program: ExportedProgram) -> set[str]:
     return _zero.mutated_buffer_fqns(program)
 
 
-def _graph_pass(fn, options: LowMemoryOptions) -> ProgramPass:
-    """Adapt a `(program, options) -> PassResult` pass to the backend's program -> program."""
-    def run(program: ExportedProgram) -> ExportedProgram:
-        fn(program, options)
-        return program
-    run.__name__ = fn.__name__
-    return run
-
-
 def low_memory_passes(options: LowMemoryOptions | dict[str, str] | None = None) -> list[ProgramPass]:
-    """The ordered ExportedProgram passes; run them before the backend's device move.
+    """The low-memory steps of the pass pipeline (export/passes/pipeline.py), in its order,
+    as program -> program functions; run them before the backend's device move.
 
     1. chunk_int4_matmul: split vocab-sized int4 matmuls into N-slices (needs only metadata);
     2. make_constants_zero_byte: KV buffers (and weights, with `zero_weights`) become
        zero-byte tensors on `options.device`, so the device move copies nothing.
     """
+    from export.passes.pipeline import PIPELINE, PipelineContext
+
     opts = _options(options)
-    zero = partial(_zero.make_constants_zero_byte, device=opts.device, include_weights=opts.zero_weights)
-    zero.__name__ = "make_constants_zero_byte"  # type: ignore[attr-defined]
-    return [_graph_pass(_chunk.chunk_int4_matmul, opts), zero]
+    ctx = PipelineContext(device=opts.device, low_memory=opts)
+    return [_bound(step, ctx) for step in PIPELINE if step.low_memory_only]
+
+
+def _bound(step, ctx) -> ProgramPass:
+    def run(program: ExportedProgram) -> ExportedProgram:
+        return step.run(program, ctx)
+    run.__name__ = step.name
+    return run
 
 
 def low_memory_inductor_patches(options: LowMemoryOptions | dict[str, str] | None = None) -> ContextManager:

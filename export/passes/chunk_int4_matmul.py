@@ -4,17 +4,12 @@ A vocab-sized int4 matmul (the 262144 x 5376 lm_head) dequantizes a 2.7 GiB bf16
 at once; autotuning and the compile-time run of the compiled graph need that much scratch.
 Split along N, each slice dequantizes at most `LowMemoryOptions.matmul_chunk_bytes`.
 
-Two forms are matched, by aten ops and tensor properties only:
-
-* `_weight_int4pack_mm(x, w, group, scales_and_zeros)` (torchao, CUDA) with both operands
-  program constants: `w` [N/8, K/(16*itk), 32, itk/2] is sliced along dim 0 (8 rows per
-  block) and `scales_and_zeros` [K/g, N, 2] along dim 1 (made contiguous: the kernel reads
-  it densely). Slice sizes are multiples of 8.
-* `mm(x, t(W))` / `addmm(b, x, t(W))` / `linear(x, W[, b])` whose weight `W` [N, K] is
-  computed only from program constants through row-local ops (pointwise, dtype casts, and
-  views / unsqueeze / cat / stack / permute that keep N as dim 0): the constants are sliced
-  along dim 0 and the chain is replayed per slice, so each slice's dequantized weight is
-  bitwise the matching rows of the unsliced one.
+Matched by aten ops and tensor properties only: `mm(x, t(W))` / `addmm(b, x, t(W))` /
+`linear(x, W[, b])` whose weight `W` [N, K] is computed only from program constants through
+row-local ops (pointwise, dtype casts, and views / unsqueeze / cat / stack / permute that
+keep N as dim 0): the constants are sliced along dim 0 and the chain is replayed per slice,
+so each slice's dequantized weight is bitwise the matching rows of the unsliced one (the
+CPU int4 module, and `gemma4::int4_linear` as the CPU backend decomposes it).
 
 Each output column depends only on its weight row, so the concatenated result equals the
 unsliced matmul up to the GEMM's accumulation order for a different N (exact in practice
@@ -276,21 +271,6 @@ def _rewrite_dequant_matmul(graph: Graph, mm: Node, chain: _Chain, rows: int) ->
     return cat
 
 
-def _rewrite_int4pack(graph: Graph, mm: Node, rows: int) -> Node:
-    """_weight_int4pack_mm(x, w, g, sz) -> per-slice calls on w[r/8] and sz[:, r], cat."""
-    x, w, group, sz = mm.args[:4]
-    b = _Builder(graph, mm)
-    outs = []
-    for start, end in _chunk_bounds(_val(sz).shape[1], rows):
-        w_i = b.slice(w, 0, start // 8, end // 8)
-        sz_i = b.call(mm.target, torch.ops.aten.clone.default, (b.slice(sz, 1, start, end),),
-                      {"memory_format": torch.contiguous_format}, like=sz)
-        outs.append(b.call(mm.target, None, (x, w_i, group, sz_i)))
-    cat = b.call(mm.target, torch.ops.aten.cat.default, (outs, -1))
-    mm.replace_all_uses_with(cat)
-    return cat
-
-
 def _erase_unused(graph: Graph, nodes: list[Node]) -> None:
     """Erase `nodes` (users before producers) that nothing but metadata checks uses."""
     for node in nodes:
@@ -320,18 +300,6 @@ def chunk_int4_matmul(program: ExportedProgram, options: LowMemoryOptions) -> Pa
         if mm.op != "call_function":
             continue
         name = op_name(mm.target)
-        if name == "_weight_int4pack_mm":
-            w, sz = mm.args[1], mm.args[3]
-            if not all(isinstance(a, Node) and a.op == "placeholder" and a.name in constants for a in (w, sz)):
-                continue
-            n = _val(sz).shape[1]
-            row_bytes = (_val(w).nbytes + _val(sz).nbytes) // n
-            rows = options.chunk_rows(n, row_bytes)
-            if rows is None or n % 8:
-                continue
-            renamed[mm.name] = _rewrite_int4pack(graph, mm, rows).name
-            _erase_unused(graph, [mm])
-            continue
         if name == "linear":
             weight = mm.args[1]
         elif name in ("mm", "addmm"):

@@ -2,7 +2,8 @@
 
 torch 2.11's Inductor touches constant bytes in exactly these places; each patch below is
 one small function, and `zero_byte_inductor_patches()` applies them all for one `with`
-block and restores the originals on exit (also on error):
+block through export/patches.py (the register of every patch, with the version check) and
+restores the originals on exit (also on error):
 
 1. `_unlift_graph` clones every mutated buffer (`compile_fx.clone_preserve_strides`) to keep
    its initial value; a zero-byte buffer is returned as is (its initial value is its
@@ -17,7 +18,7 @@ block and restores the originals on exit (also on error):
 4. `CachingAutotuner.run` launches Triton kernels (autotuning and the GPU first pass of the
    cpp-wrapper codegen); zero-byte arguments get zero-filled storage for that call, freed
    after a synchronize.
-5. The GPU first pass also runs extern kernels from Python (e.g. `_weight_int4pack_mm`);
+5. The GPU first pass also runs extern kernels from Python (e.g. a cuBLAS matmul);
    a dispatch mode gives their zero-byte arguments temporary zero storage (a fresh tensor
    the size of the view for a read, the storage itself lent in place for a write).
 
@@ -35,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from export.patches import patched
 from export.passes.zero_byte import host_bytes, is_zero_byte, materialized, required_nbytes
 
 
@@ -202,30 +204,16 @@ class _FirstPassModule:
 # ---- all together -------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _patched(owner: Any, name: str, make) -> Iterator[None]:
-    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-    unwrapped = original.__func__ if isinstance(original, (classmethod, staticmethod)) else original
-    setattr(owner, name, make(unwrapped))
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-@contextlib.contextmanager
 def zero_byte_inductor_patches() -> Iterator[None]:
     """Apply patches 1-5 (see the module docstring) for the duration of the block."""
-    from torch._inductor import compile_fx, config, graph
-    from torch._inductor.graph import GraphLowering
-    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    from torch._inductor import config
 
     if config.freezing or config.aot_inductor.use_runtime_constant_folding:
         raise RuntimeError("low-memory mode cannot freeze or fold constants: their bytes are not there")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(compile_fx, "clone_preserve_strides", keep_zero_byte_in_unlift_clone))
-        stack.enter_context(_patched(graph, "is_same_tensor", exclude_zero_byte_from_dedup))
-        stack.enter_context(_patched(GraphLowering, "get_original_value_of_constant",
-                                     stand_in_for_zero_byte_constants))
-        stack.enter_context(_patched(CachingAutotuner, "run", lend_bytes_to_kernel_args))
-        stack.enter_context(_patched(GraphLowering, "compile_to_module", lend_bytes_in_first_pass))
+        stack.enter_context(patched("clone_preserve_strides", keep_zero_byte_in_unlift_clone))
+        stack.enter_context(patched("is_same_tensor", exclude_zero_byte_from_dedup))
+        stack.enter_context(patched("GraphLowering.get_original_value_of_constant", stand_in_for_zero_byte_constants))
+        stack.enter_context(patched("CachingAutotuner.run", lend_bytes_to_kernel_args))
+        stack.enter_context(patched("GraphLowering.compile_to_module", lend_bytes_in_first_pass))
         yield

@@ -26,7 +26,7 @@ class LowMemoryOptions:
     # the 31B MLP projections (21504 x 5376, 220 MiB) stay whole.
     matmul_chunk_mib: int = 256
     # Slice sizes are rounded down to a multiple of this many rows (GEMM tile friendly; a
-    # multiple of 8 as _weight_int4pack_mm packs 8 rows per block).
+    # multiple of 8).
     matmul_chunk_align: int = 256
 
     def __post_init__(self):

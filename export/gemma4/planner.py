@@ -1,14 +1,16 @@
 """Memory planner: will this export, and its artifact at run time, fit the card?
 
-Pure arithmetic over a `Gemma4Config` and the export options (no torch, no GPU), so it runs
-before a 20-minute export and in CPU tests. It predicts five peaks:
+Arithmetic over the tensors the export stores, read off the model built on the meta device
+(export/gemma4/inventory.py: every weight, buffer and KV / scale buffer with its dtype and
+shape, quantized by the export's own recipe), and over the model's geometry for the working
+sets. No weights, no GPU: it runs before a 20-minute export and in CPU tests. It predicts
+four peaks:
 
     runtime GPU          weights once + KV (rings for sliding layers) + the prefill chunk's
                          working set + logits + workspace + CUDA context
     export GPU stock     every constant real on the GPU, roughly doubled while lowering
     export GPU low-mem   the program's constants zero-byte: the largest one made real for an
-                         autotune call (+ the eager model, which export.py keeps on the GPU)
-    export GPU quantize  torchao's int4 packing of the largest linear (it runs on CUDA)
+                         autotune call
     export host          naive (whole model in RAM) or streaming (int4 + one bf16 unit)
 
 Every coefficient that is not plain tensor arithmetic is a named constant below, documented
@@ -17,11 +19,11 @@ items inside torch's caching allocator add up to the allocator peak
 (`torch.cuda.max_memory_allocated`), the others (CUDA context, reserved slack) bring it to
 the device figure (NVML), which is what a budget is compared with.
 
-    python -m export.planner --preset 31b --ctx 131072 --gpu-budget 24GiB
+    python -m export.gemma4.planner --preset 31b --ctx 131072 --gpu-budget 24GiB
 
-Not modelled yet: CPU exports (the GPU peaks assume the CUDA backend), a runner that
-allocates one arena instead of a tensor per constant (drop ALLOC_SLACK), expert weights
-dequantized whole inside the graph (the model's prefill runs every expert).
+Not modelled yet: CPU exports (the GPU peaks assume the CUDA backend and its recipe), a
+runner that allocates one arena instead of a tensor per constant (drop ALLOC_SLACK), expert
+weights dequantized whole inside the graph (the model's prefill runs every expert).
 
 The export CLI wires it as (PlanInputs' defaults are the exporter's):
 
@@ -36,13 +38,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 
+import torch
+
 from export.gemma4.config import PRESETS, Gemma4Config
+from export.gemma4.inventory import StoredTensor, inventory, meta_model
+from export.gemma4.options import KvDtype
+from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant, QuantRecipe
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 
@@ -99,21 +105,6 @@ LOWMEM_RESERVED_SLACK_BYTES = 2856321024 - 2843811328
 expandable segments; 1.59 GiB without them). With the CUDA context that gives the
 per-process NVML figure, 3.26 GiB."""
 
-QUANT_TRANSIENT_BYTES_PER_PARAM = 10.4
-"""torchao 0.17 `Int4TilePackedTo4dTensor.from_hp` (which requires CUDA) holds, above its
-bf16 input: the padded bf16 copy, int32 codes, bf16 temporaries and the packed nibbles.
-Measured on the CPU (peak RSS) running the same steps on 8192 x 5376 and 16384 x 6144:
-10.33 and 10.38 bytes per padded parameter."""
-
-QUANT_ROWS_PER_CHUNK = 16384
-"""Rows of a weight quantized at once (0: the whole tensor). export/gemma4/quant.py packs
-weights taller than 4x this (the lm_head) in row blocks (`CUDA_PACK_ROWS`), one block on the
-GPU at a time, so the transient is one block's."""
-
-QUANT_RESULTS_STAY_ON_GPU = False
-"""export/gemma4/quant.py packs each int4 weight on the GPU and leaves it there, so the
-largest weight (lm_head, quantized last) is packed beside every other int4 weight."""
-
 EXPORT_EAGER_MODEL_ON_GPU = False
 """export/gemma4/export.py `prepare_model` moves the quantized eager model (weights and KV)
 to the GPU for a CUDA export and keeps it through lowering; low-memory mode zeroes the
@@ -137,27 +128,11 @@ checkpoint (4895686656 B peak RSS, the 2.625 GiB embedding); the 6-layer export 
 is the check (H100, 2026-11-23, after the loader stopped memory-mapping shards: 5.92 and
 5.94 GiB before)."""
 
-MATH_SCORE_BUFFERS = 2
-MATH_KV_UPCAST_BUFFERS = 2
-MATH_MASK_BYTES = 4
-"""SDPA decomposed on the MATH backend (what export.py gets unless the dtype is bf16; traced with torch 2.11):
-q, K, V are copied to fp32, scores [H, T, S] fp32 get an additive fp32 mask and a
-`_safe_softmax`, so at the softmax scores and probabilities (2 fp32 buffers), the layer's
-K and V in fp32 (2 buffers) and the fp32 mask [G*T, S] can all be live. An upper envelope:
-Inductor may fuse some of them away."""
-
 LOGITS_BUFFERS = 3
 """[1, vocab]: lm_head output, its fp32 copy, the softcapped result."""
 
 MLP_LIVE_WIDTHS = 3
 """[T, intermediate] buffers live in the MLP: gate, up, gelu(gate) * up."""
-
-INT4_K_MULTIPLE, INT4_N_MULTIPLE = 1024, 8
-"""torchao 0.17 tile_packed_to_4d pads in_features to 1024 and out_features to 8 (the
-activations are padded the same way at run time)."""
-
-EMBED_INT8_SCALE_BYTES = 2
-"""int8 embedding: one bf16 scale per row."""
 
 CTX_GRANULARITY = 1024
 
@@ -167,44 +142,12 @@ def model_terms() -> dict[str, float | int | bool]:
     names = ("CUDA_CONTEXT_BYTES", "KERNEL_WORKSPACE_BYTES", "ALLOC_SLACK_PER_LARGE_TENSOR", "STOCK_WEIGHT_FACTOR",
              "STOCK_KV_FACTOR",
              "STOCK_RESERVED_SLACK", "STOCK_METHODS_RESIDENT", "LOWMEM_WORKSPACE_BYTES", "LOWMEM_RESERVED_SLACK_BYTES",
-             "QUANT_TRANSIENT_BYTES_PER_PARAM", "QUANT_ROWS_PER_CHUNK", "QUANT_RESULTS_STAY_ON_GPU",
-             "EXPORT_EAGER_MODEL_ON_GPU", "HOST_BASE_BYTES", "COMPILE_HOST_BYTES", "LOW_MEMORY_UNIT_READ_FACTOR", "MATH_SCORE_BUFFERS",
-             "MATH_KV_UPCAST_BUFFERS", "MATH_MASK_BYTES", "LOGITS_BUFFERS", "MLP_LIVE_WIDTHS")
+             "EXPORT_EAGER_MODEL_ON_GPU", "HOST_BASE_BYTES", "COMPILE_HOST_BYTES", "LOW_MEMORY_UNIT_READ_FACTOR",
+             "LOGITS_BUFFERS", "MLP_LIVE_WIDTHS")
     return {n: globals()[n] for n in names}
 
 
 # ---- options -----------------------------------------------------------------------------
-
-
-class LinearQuant(str, Enum):
-    INT4 = "int4"
-    NONE = "none"
-
-
-class Int4Layout(str, Enum):
-    """TINYGEMM: torchao 0.17 tile_packed_to_4d (CUDA): K padded to 1024, N to 8, a bf16
-    scale and zero point per group. TINYGEMM_K128: the same packing with K padded only to
-    what `_convert_weight_to_int4pack` needs (inner_k_tiles 8 x 16 = 128; a packer of our
-    own, not yet written or run). PLAIN: nibbles + one bf16 scale per group, no padding: what
-    the CUDA recipe writes (`PackedInt4Linear`, read by `gemma4::int4_linear`); its group size
-    is halved, down to 32, where K needs it (export/kernels/int4_matmul.group_size_for)."""
-
-    TINYGEMM = "tinygemm"
-    TINYGEMM_K128 = "tinygemm-k128"
-    PLAIN = "plain"
-
-    @property
-    def k_multiple(self) -> int:
-        return {Int4Layout.TINYGEMM: INT4_K_MULTIPLE, Int4Layout.TINYGEMM_K128: 128}.get(self, 1)
-
-    @property
-    def tinygemm(self) -> bool:
-        return self is not Int4Layout.PLAIN
-
-
-class EmbeddingQuant(str, Enum):
-    INT8 = "int8"
-    NONE = "none"
 
 
 class DType(str, Enum):
@@ -217,27 +160,7 @@ class DType(str, Enum):
         return 4 if self is DType.FP32 else 2
 
 
-class KvQuant(str, Enum):
-    """Quantized KV of the full-attention layers (export --kv-dtype int8 / int4): codes plus an
-    fp16 scale per token and head for K and for V; sliding rings keep the model dtype."""
-
-    INT8 = "int8"
-    INT4 = "int4"
-
-    @property
-    def bits(self) -> int:
-        return 8 if self is KvQuant.INT8 else 4
-
-
-KV_SCALE_BYTES = 2  # fp16 scale per token and head (export/kernels/attention.py quantize_kv)
-
-
-class AttentionImpl(str, Enum):
-    """TRITON: `triton::sdpa` (export.py turns it on for CUDA + bf16): no score matrix, only
-    the bool mask. MATH: SDPA decomposed (any other dtype): fp32 scores and K/V copies."""
-
-    MATH = "math"
-    TRITON = "triton"
+QUANTIZED_KV = (KvDtype.INT8.value, KvDtype.INT4.value)  # full layers: codes + an fp16 scale per slot and head
 
 
 class Loader(str, Enum):
@@ -255,33 +178,41 @@ class PlanInputs:
     prefill_chunk: int = 128  # tokens per prefill step
     linear: LinearQuant = LinearQuant.INT4  # every nn.Linear but the MoE router; lm_head untied
     group_size: int = 32
-    int4_layout: Int4Layout = Int4Layout.TINYGEMM
-    experts: LinearQuant | None = None  # MoE expert stacks; None: as `linear`
     embedding: EmbeddingQuant = EmbeddingQuant.NONE  # embed_tokens and the PLE table
     dtype: DType = DType.BF16  # unquantized weights and activations
-    kv_dtype: DType | KvQuant | None = None  # None: the model dtype; int8/int4: full layers quantized
-    attention: AttentionImpl | None = None  # None: TRITON for bf16, MATH otherwise (as export.py)
+    kv_dtype: DType | KvDtype | None = None  # None / auto: the model dtype; int8 / int4: full layers quantized
     low_memory: bool = False
     loader: Loader = Loader.NAIVE
 
     def __post_init__(self):
         dtype = DType(self.dtype)
-        derived = {"experts": self.linear, "kv_dtype": dtype,
-                   "attention": AttentionImpl.TRITON if dtype is DType.BF16 else AttentionImpl.MATH}
-        for name, enum in (("linear", LinearQuant), ("int4_layout", Int4Layout), ("experts", LinearQuant),
-                           ("embedding", EmbeddingQuant), ("dtype", DType), ("kv_dtype", DType),
-                           ("attention", AttentionImpl), ("loader", Loader)):
-            value = getattr(self, name)
-            if name == "kv_dtype" and value is not None and str(getattr(value, "value", value)) in KvQuant._value2member_map_:
-                object.__setattr__(self, name, KvQuant(value))
-                continue
-            object.__setattr__(self, name, enum(derived[name] if value is None else value))  # strings too
+        for name, enum in (("linear", LinearQuant), ("embedding", EmbeddingQuant), ("dtype", DType),
+                           ("loader", Loader)):
+            object.__setattr__(self, name, enum(getattr(self, name)))  # strings too
+        kv = self.kv_dtype
+        name = {"bf16": "bfloat16"}.get(str(getattr(kv, "value", kv)), str(getattr(kv, "value", kv)))
+        kv = dtype if kv is None or name == "auto" else KvDtype(name) if name in QUANTIZED_KV else DType(name)
+        if isinstance(kv, DType) and kv is not dtype:
+            raise ValueError(f"kv_dtype {kv.value}: the model keeps its KV in its dtype ({dtype.value}) or in int8 / int4")
+        object.__setattr__(self, "kv_dtype", kv)
         if self.ctx < 1 or self.prefill_chunk < 1:
             raise ValueError(f"ctx ({self.ctx}) and prefill_chunk ({self.prefill_chunk}) must be positive")
         if self.ctx > self.config.max_position_embeddings:
             raise ValueError(f"ctx {self.ctx} exceeds max_position_embeddings {self.config.max_position_embeddings}")
-        if self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size {self.group_size}: int4 supports 32, 64, 128 or 256")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size {self.group_size}: int4 supports {' or '.join(map(str, GROUP_SIZES))}")
+
+    def recipe(self) -> QuantRecipe:
+        return QuantRecipe(linear=self.linear, group_size=self.group_size, embedding=self.embedding)
+
+    @property
+    def model_kv_dtype(self) -> str | None:
+        """The model's `kv_dtype` argument for this plan."""
+        return self.kv_dtype.value if isinstance(self.kv_dtype, KvDtype) else None
+
+    def inventory(self) -> tuple[tuple[StoredTensor, ...], tuple[StoredTensor, ...]]:
+        """(stored weights and constants, KV buffers) as the export builds them."""
+        return inventory(self.config, self.dtype.value, self.recipe(), self.model_kv_dtype)
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -320,26 +251,15 @@ class Peak:
 
 
 @dataclass(frozen=True)
-class Tensor:
-    """`count` stored tensors of `bytes` each (a quantized linear stores two: data, scales)."""
-
-    kind: str
-    name: str
-    count: int
-    bytes: int
-    int4: bool = False  # packed int4 data or its scales
-
-
-@dataclass(frozen=True)
 class MemoryPlan:
     inputs: PlanInputs
     ring_slots: int
-    tensors: tuple[Tensor, ...]  # every stored weight tensor
+    tensors: tuple[StoredTensor, ...]  # every stored weight and constant (KV apart)
+    kv_tensors: tuple[StoredTensor, ...]  # every KV / scale buffer at this ctx
     kv: tuple[Item, ...]  # counted items, then the reference "window only" figure (not counted)
     runtime_gpu: Peak
     export_gpu_stock: Peak
     export_gpu_low_memory: Peak
-    export_gpu_quantize: Peak
     export_host_naive: Peak
     export_host_streaming: Peak
 
@@ -349,7 +269,7 @@ class MemoryPlan:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(t.count * t.bytes for t in self.tensors)
+        return sum(t.nbytes for t in self.tensors)
 
     @property
     def kv_bytes(self) -> int:
@@ -357,9 +277,8 @@ class MemoryPlan:
 
     @property
     def export_gpu(self) -> Peak:
-        """The export's GPU peak in the chosen mode: compiling or quantizing, whichever is larger."""
-        compile_peak = self.export_gpu_low_memory if self.inputs.low_memory else self.export_gpu_stock
-        return max(compile_peak, self.export_gpu_quantize, key=lambda p: p.total_bytes)
+        """The export's GPU peak in the chosen mode."""
+        return self.export_gpu_low_memory if self.inputs.low_memory else self.export_gpu_stock
 
     @property
     def export_host(self) -> Peak:
@@ -367,7 +286,7 @@ class MemoryPlan:
 
     def peaks(self) -> dict[str, Peak]:
         return {"runtime_gpu": self.runtime_gpu, "export_gpu_stock": self.export_gpu_stock,
-                "export_gpu_low_memory": self.export_gpu_low_memory, "export_gpu_quantize": self.export_gpu_quantize,
+                "export_gpu_low_memory": self.export_gpu_low_memory,
                 "export_host_naive": self.export_host_naive, "export_host_streaming": self.export_host_streaming}
 
     def to_dict(self) -> dict:
@@ -385,115 +304,12 @@ class MemoryPlan:
         }
 
 
-# ---- weights -----------------------------------------------------------------------------
+# ---- weights: counts from the unquantized model ------------------------------------------
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def int4_bytes(n_out: int, k_in: int, group_size: int, layout: Int4Layout) -> tuple[int, int]:
-    """(packed data, scales) bytes of one int4 [n_out, k_in] weight."""
-    if layout.tinygemm:
-        n, k, per_group = _round_up(n_out, INT4_N_MULTIPLE), _round_up(k_in, math.lcm(layout.k_multiple, group_size)), 4
-    else:
-        while k_in % group_size and group_size > 32:  # as PackedInt4Linear picks it
-            group_size //= 2
-        n, k, per_group = n_out, _round_up(k_in, group_size), 2  # scale only
-    return n * k // 2, n * (k // group_size) * per_group  # tinygemm: a scale and a zero point per group
-
-
-def _linear(inp: PlanInputs, kind: str, name: str, count: int, n_out: int, k_in: int, experts: int = 0) -> list[Tensor]:
-    """Stored tensors of `count` linears [n_out, k_in] (or 3-D expert stacks [experts, n_out, k_in])."""
-    stack = max(experts, 1)
-    if count == 0:
-        return []
-    if (inp.experts if experts else inp.linear) is LinearQuant.NONE:
-        return [Tensor(kind, name, count, stack * n_out * k_in * inp.dtype.bytes)]
-    data, scales = int4_bytes(n_out, k_in, inp.group_size, inp.int4_layout)
-    return [Tensor(kind, f"{name} (int4)", count, stack * data, int4=True),
-            Tensor(kind, f"{name} (scales)", count, stack * scales, int4=True)]
-
-
-def _attention_tensors(inp: PlanInputs) -> list[Tensor]:
-    c = inp.config
-    out = []
-    for kind_name, sliding in (("sliding", True), ("full", False)):
-        layers = [i for i in range(c.num_hidden_layers) if c.is_sliding(i) == sliding]
-        if not layers:
-            continue
-        i0, H = layers[0], c.hidden_size
-        q_width = c.num_attention_heads * c.layer_head_dim(i0)
-        kv_width = c.layer_kv_heads(i0) * c.layer_head_dim(i0)
-        owners = sum(1 for i in layers if not c.is_kv_shared(i))  # shared layers have no k/v
-        v_owners = 0 if c.uses_k_eq_v(i0) else owners
-        out += _linear(inp, "attention", f"q_proj {kind_name}", len(layers), q_width, H)
-        out += _linear(inp, "attention", f"k_proj {kind_name}", owners, kv_width, H)
-        out += _linear(inp, "attention", f"v_proj {kind_name}", v_owners, kv_width, H)
-        out += _linear(inp, "attention", f"o_proj {kind_name}", len(layers), H, q_width)
-    return out
-
-
-def _mlp_tensors(inp: PlanInputs) -> list[Tensor]:
-    c = inp.config
-    widths: dict[int, int] = {}
-    for i in range(c.num_hidden_layers):
-        widths[c.layer_intermediate_size(i)] = widths.get(c.layer_intermediate_size(i), 0) + 1
-    out = []
-    for inter, n in sorted(widths.items()):
-        for proj in ("gate_proj", "up_proj"):
-            out += _linear(inp, "mlp", f"{proj} {inter}", n, inter, c.hidden_size)
-        out += _linear(inp, "mlp", f"down_proj {inter}", n, c.hidden_size, inter)
-    if c.enable_moe_block:
-        L, E, I, H = c.num_hidden_layers, c.num_experts, c.moe_intermediate_size, c.hidden_size
-        out += _linear(inp, "moe experts", "experts.gate_up_proj", L, 2 * I, H, experts=E)
-        out += _linear(inp, "moe experts", "experts.down_proj", L, H, I, experts=E)
-        out.append(Tensor("moe router", "router.proj", L, E * H * inp.dtype.bytes))  # kept in dtype: tiny, accuracy
-    return out
-
-
-def _table(inp: PlanInputs, kind: str, name: str, rows: int, dim: int) -> list[Tensor]:
-    """An embedding table: int8 rows + a scale per row, or in the model dtype."""
-    if inp.embedding is EmbeddingQuant.INT8:
-        return [Tensor(kind, f"{name} (int8)", 1, rows * dim), Tensor(kind, f"{name} (scales)", 1, rows * EMBED_INT8_SCALE_BYTES)]
-    return [Tensor(kind, name, 1, rows * dim * inp.dtype.bytes)]
-
-
-def _embedding_tensors(inp: PlanInputs) -> list[Tensor]:
-    c = inp.config
-    out = _table(inp, "embedding", "embed_tokens", c.vocab_size, c.hidden_size)
-    tied_dense = c.tie_word_embeddings and inp.linear is LinearQuant.NONE and inp.embedding is EmbeddingQuant.NONE
-    if not tied_dense:  # a quantized lm_head is its own (untied) tensor
-        out += _linear(inp, "lm_head", "lm_head", 1, c.vocab_size, c.hidden_size)
-    if c.has_ple:
-        L, P, H = c.num_hidden_layers, c.hidden_size_per_layer_input, c.hidden_size
-        out += _table(inp, "ple table", "embed_tokens_per_layer", c.vocab_size_per_layer_input, L * P)
-        out += _linear(inp, "ple linears", "per_layer_model_projection", 1, L * P, H)
-        out += _linear(inp, "ple linears", "per_layer_input_gate", L, P, H)
-        out += _linear(inp, "ple linears", "per_layer_projection", L, H, P)
-    return out
-
-
-def small_param_count(c: Gemma4Config) -> int:
-    """Norm weights and router scales: the 1-D parameters, kept in the model dtype."""
-    n = c.hidden_size  # final norm
-    for i in range(c.num_hidden_layers):
-        n += 4 * c.hidden_size  # input/post-attention/pre-ff/post-ff norms
-        n += c.layer_head_dim(i) * (1 if c.is_kv_shared(i) else 2)  # q_norm (+ k_norm)
-        if c.enable_moe_block:
-            n += 3 * c.hidden_size + c.hidden_size + c.num_experts  # 3 norms, router.scale, per_expert_scale
-        if c.has_ple:
-            n += c.hidden_size  # post_per_layer_input_norm
-    if c.has_ple:
-        n += c.hidden_size_per_layer_input  # per_layer_projection_norm
-    return n
-
-
-def weight_tensors(inp: PlanInputs) -> tuple[Tensor, ...]:
-    c, a = inp.config, inp.dtype.bytes
-    small = [Tensor("norms & scalars", "norm weights, router scales", 1, small_param_count(c) * a),
-             Tensor("norms & scalars", LAYER_SCALAR, c.num_hidden_layers, a)]  # a buffer in transformers
-    return tuple(_attention_tensors(inp) + _mlp_tensors(inp) + _embedding_tensors(inp) + small)
+def _dense(c: Gemma4Config) -> tuple[StoredTensor, ...]:
+    """The unquantized model's tensors in fp32 (4 bytes a parameter), KV apart."""
+    return inventory(c, "float32", None, None)[0]
 
 
 LAYER_SCALAR = "layer_scalar"
@@ -501,107 +317,83 @@ LAYER_SCALAR = "layer_scalar"
 
 def param_count(c: Gemma4Config) -> int:
     """Parameters of the checkpoint's text model as transformers counts them: the tied
-    lm_head once, layer_scalar (a buffer there) not at all."""
-    dense = PlanInputs(c, ctx=min(1024, c.max_position_embeddings), linear=LinearQuant.NONE,
-                       embedding=EmbeddingQuant.NONE, dtype=DType.FP32)
-    return sum(t.count * t.bytes for t in weight_tensors(dense) if t.name != LAYER_SCALAR) // 4
+    lm_head once; layer_scalar and the RoPE tables (buffers there) not at all."""
+    return sum(t.nbytes for t in _dense(c)
+               if not t.fqn.endswith(LAYER_SCALAR) and t.kind != "rope tables") // 4
 
 
 def linear_param_count(c: Gemma4Config) -> int:
     """Parameters of the decoder's linears and experts (no lm_head, no embeddings)."""
-    dense = PlanInputs(c, ctx=min(1024, c.max_position_embeddings), linear=LinearQuant.NONE, dtype=DType.FP32)
     kinds = ("attention", "mlp", "moe experts", "ple linears")
-    return sum(t.count * t.bytes for t in weight_tensors(dense) if t.kind in kinds) // 4
+    return sum(t.nbytes for t in _dense(c) if t.kind in kinds and len(t.shape) >= 2) // 4
 
 
-def _weights_by_kind(tensors: tuple[Tensor, ...]) -> tuple[Item, ...]:
+def layer_param_count(c: Gemma4Config, i: int) -> int:
+    """Matrix parameters of decoder layer i (norms and scalars are `small_param_count`'s)."""
+    return sum(t.nbytes for t in _dense(c) if t.fqn.startswith(f"layers.{i}.") and len(t.shape) >= 2) // 4
+
+
+def small_param_count(c: Gemma4Config) -> int:
+    """Norm weights and router scales: the 1-D parameters, kept in the model dtype."""
+    return sum(t.nbytes for t in _dense(c) if len(t.shape) <= 1 and not t.fqn.endswith(LAYER_SCALAR)
+               and t.kind != "rope tables") // 4
+
+
+def _weights_by_kind(tensors: tuple[StoredTensor, ...]) -> tuple[Item, ...]:
     kinds: dict[str, int] = {}
     for t in tensors:
-        kinds[t.kind] = kinds.get(t.kind, 0) + t.count * t.bytes
+        kinds[t.kind] = kinds.get(t.kind, 0) + t.nbytes
     return tuple(Item(f"weights: {k}", b) for k, b in kinds.items())
 
 
 # ---- KV cache ----------------------------------------------------------------------------
 
 
-def ring_slots(c: Gemma4Config, ctx: int, prefill_chunk: int) -> int:
-    """Slots of a sliding layer's ring: a whole chunk plus the window behind its first token."""
-    return min(c.sliding_window + prefill_chunk - 1, ctx)
-
-
-def layer_slots(inp: PlanInputs, i: int) -> int:
+def kv_tensors(inp: PlanInputs, window_only: bool = False) -> tuple[StoredTensor, ...]:
+    """Every KV / scale buffer at this ctx (rings: a prefill chunk plus the window; with
+    `window_only`, held to the window)."""
     c = inp.config
-    return ring_slots(c, inp.ctx, inp.prefill_chunk) if c.is_sliding(i) else inp.ctx
-
-
-def kv_layer_bytes(inp: PlanInputs, i: int, slots: int | None = None) -> int:
-    """K and V of layer i: 2 x [1, kv_heads, slots, head_dim]; 0 for a KV-shared layer. With a
-    quantized kv_dtype a full layer holds head_dim codes of that width plus an fp16 scale per
-    slot and head (K and V each); sliding rings stay in the model dtype."""
-    c = inp.config
-    if c.is_kv_shared(i):
-        return 0
-    slots = layer_slots(inp, i) if slots is None else slots
-    D = c.layer_head_dim(i)
-    if isinstance(inp.kv_dtype, KvQuant):
-        if c.is_sliding(i):
-            return 2 * c.layer_kv_heads(i) * slots * D * inp.dtype.bytes
-        return 2 * c.layer_kv_heads(i) * slots * (D * inp.kv_dtype.bits // 8 + KV_SCALE_BYTES)
-    return 2 * c.layer_kv_heads(i) * slots * D * inp.kv_dtype.bytes
+    ring = min(c.sliding_window, inp.ctx) if window_only else c.ring_slots(inp.ctx, inp.prefill_chunk)
+    return tuple(replace(t, nbytes=t.at_slots(ring if t.ring else inp.ctx), slots=ring if t.ring else inp.ctx)
+                 for t in inp.inventory()[1])
 
 
 def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
     c = inp.config
-    owners = [i for i in range(c.num_hidden_layers) if not c.is_kv_shared(i)]
-    sliding = [i for i in owners if c.is_sliding(i)]
-    full = [i for i in owners if not c.is_sliding(i)]
-    ring = ring_slots(c, inp.ctx, inp.prefill_chunk)
-    window = min(c.sliding_window, inp.ctx)
+    kv, window = kv_tensors(inp), kv_tensors(inp, window_only=True)
+    full = [t for t in kv if not t.ring]
+    layers = lambda ts: len({t.fqn.rsplit(".kv_cache.", 1)[0] for t in ts})  # noqa: E731
+    n_full, n_ring = layers(full), layers([t for t in kv if t.ring])
     shared = f"; {c.num_kv_shared_layers} KV-shared layers hold none" if c.num_kv_shared_layers else ""
+    ring = c.ring_slots(inp.ctx, inp.prefill_chunk)
     return (
-        Item("kv: full layers", sum(kv_layer_bytes(inp, i) for i in full), f"{len(full)} x {inp.ctx} slots{shared}"),
-        Item("kv: sliding layers (ring)", sum(kv_layer_bytes(inp, i) for i in sliding), f"{len(sliding)} x {ring}-slot ring"),
-        Item("kv: sliding held to the window", sum(kv_layer_bytes(inp, i, window) for i in sliding),
-             f"reference figure, not counted: {len(sliding)} x {window} slots", reference=True),
+        Item("kv: full layers", sum(t.nbytes for t in full), f"{n_full} x {inp.ctx} slots{shared}"),
+        Item("kv: sliding layers (ring)", sum(t.nbytes for t in kv if t.ring), f"{n_ring} x {ring}-slot ring"),
+        Item("kv: sliding held to the window", sum(t.nbytes for t in window if t.ring),
+             f"reference figure, not counted: {n_ring} x {min(c.sliding_window, inp.ctx)} slots", reference=True),
     )
-
-
-def _kv_tensors(inp: PlanInputs) -> list[Tensor]:
-    c = inp.config
-    return [Tensor("kv", f"layers.{i}.kv_cache.{b}", 1, kv_layer_bytes(inp, i) // 2)
-            for i in range(c.num_hidden_layers) if not c.is_kv_shared(i) for b in ("k", "v")]
 
 
 # ---- activations -------------------------------------------------------------------------
 
 
-def _in_copy(inp: PlanInputs, T: int, k: int) -> int:
-    """tinygemm int4 linears pad their input activation (a copy)."""
-    if inp.linear is LinearQuant.NONE or not inp.int4_layout.tinygemm:
-        return 0
-    return T * _round_up(k, inp.int4_layout.k_multiple) * inp.dtype.bytes
+def layer_slots(inp: PlanInputs, i: int) -> int:
+    c = inp.config
+    return c.ring_slots(inp.ctx, inp.prefill_chunk) if c.is_sliding(i) else inp.ctx
 
 
 def attention_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
-    """Live buffers of layer i's attention for T tokens; GQA folded into the query axis."""
+    """Live buffers of layer i's attention for T tokens: `gemma4::attention` reads the cache
+    in place and keeps scores on chip, so only q, k, v and the output are buffers."""
     c, a = inp.config, inp.dtype.bytes
-    H, D, Hkv, S = c.num_attention_heads, c.layer_head_dim(i), c.layer_kv_heads(i), layer_slots(inp, i)
-    G = H // Hkv
-    parts = {"q, k, v, attention out": T * (2 * H * D + 2 * Hkv * D) * a + _in_copy(inp, T, c.hidden_size)}
-    if inp.attention is AttentionImpl.MATH:
-        parts[f"scores + probs fp32 [{H}, {T}, {S}] x{MATH_SCORE_BUFFERS}"] = MATH_SCORE_BUFFERS * H * T * S * 4
-        parts[f"K, V upcast fp32 [{Hkv}, {S}, {D}]"] = MATH_KV_UPCAST_BUFFERS * Hkv * S * D * 4 + H * T * D * 4
-        parts[f"mask [{G * T}, {S}] bool + fp32"] = G * T * S * (1 + MATH_MASK_BYTES)
-    else:
-        parts[f"mask [{G * T}, {S}] bool"] = G * T * S
-    return parts
+    H, D, Hkv = c.num_attention_heads, c.layer_head_dim(i), c.layer_kv_heads(i)
+    return {"q, k, v, attention out": T * (2 * H * D + 2 * Hkv * D) * a}
 
 
 def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     c, a = inp.config, inp.dtype.bytes
     inter = c.layer_intermediate_size(i)
-    parts = {f"mlp [{T}, {inter}] x{MLP_LIVE_WIDTHS}": T * MLP_LIVE_WIDTHS * inter * a
-             + _in_copy(inp, T, c.hidden_size) + _in_copy(inp, T, inter)}
+    parts = {f"mlp [{T}, {inter}] x{MLP_LIVE_WIDTHS}": T * MLP_LIVE_WIDTHS * inter * a}
     if c.enable_moe_block:
         E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
         n = c.top_k_experts if T == 1 else T * E  # decode gathers the top-k; prefill runs every expert
@@ -635,14 +427,15 @@ def activation_items(inp: PlanInputs) -> tuple[Item, ...]:
 # ---- peaks -------------------------------------------------------------------------------
 
 
-def _large_tensor_count(tensors: list[Tensor]) -> int:
-    return sum(t.count for t in tensors if t.bytes > LARGE_ALLOC_BYTES)
+def _large_tensor_count(tensors) -> int:
+    return sum(1 for t in tensors if t.nbytes > LARGE_ALLOC_BYTES)
 
 
-def runtime_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], kv: tuple[Item, ...]) -> Peak:
+def runtime_peak(inp: PlanInputs, tensors: tuple[StoredTensor, ...], kv_ts: tuple[StoredTensor, ...],
+                 kv: tuple[Item, ...]) -> Peak:
     c = inp.config
     counted_kv = tuple(i for i in kv if not i.reference)
-    n_large = _large_tensor_count(list(tensors) + _kv_tensors(inp))
+    n_large = _large_tensor_count([*tensors, *kv_ts])
     items = (
         *_weights_by_kind(tensors), *counted_kv, *activation_items(inp),
         Item("logits", LOGITS_BUFFERS * c.vocab_size * 4, f"[1, {c.vocab_size}] fp32 x{LOGITS_BUFFERS}"),
@@ -664,14 +457,14 @@ def stock_export_peak(inp: PlanInputs, weights: int, kv: int) -> Peak:
     ))
 
 
-def low_memory_export_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], weights: int, kv: int) -> Peak:
-    everything = list(tensors) + _kv_tensors(inp)
-    big = max(everything, key=lambda t: t.bytes)
+def low_memory_export_peak(inp: PlanInputs, tensors: tuple[StoredTensor, ...], kv_ts: tuple[StoredTensor, ...],
+                           weights: int, kv: int) -> Peak:
+    big = max([*tensors, *kv_ts], key=lambda t: t.nbytes)
     resident = ((Item("eager model on the GPU (weights + kv)", weights + kv, "export.py prepare_model"),)
                 if EXPORT_EAGER_MODEL_ON_GPU else ())
     return Peak("export GPU, low-memory", (
         *resident,
-        Item("largest constant made real", big.bytes, f"{big.name}, for an autotune call"),
+        Item("largest constant made real", big.nbytes, f"{big.fqn}, for an autotune call"),
         Item("autotune workspace", LOWMEM_WORKSPACE_BYTES),
         Item("reserved slack", LOWMEM_RESERVED_SLACK_BYTES, "cached by the allocator",
              in_allocator=False),
@@ -679,69 +472,16 @@ def low_memory_export_peak(inp: PlanInputs, tensors: tuple[Tensor, ...], weights
     ))
 
 
-def _linear_shapes(inp: PlanInputs) -> list[tuple[str, int, int, int]]:
-    """(name, stack, n_out, k_in) of every quantized weight, for the quantization transient."""
-    c = inp.config
-    H, V = c.hidden_size, c.vocab_size
-    shapes = [("lm_head", 1, V, H)]
-    for i in range(c.num_hidden_layers):
-        q = c.num_attention_heads * c.layer_head_dim(i)
-        shapes += [(f"layers.{i}.q_proj", 1, q, H), (f"layers.{i}.o_proj", 1, H, q)]
-        inter = c.layer_intermediate_size(i)
-        shapes += [(f"layers.{i}.mlp.gate_proj", 1, inter, H), (f"layers.{i}.mlp.down_proj", 1, H, inter)]
-    if c.enable_moe_block and inp.experts is LinearQuant.INT4:
-        E, I = c.num_experts, c.moe_intermediate_size
-        shapes += [("experts.gate_up_proj", E, 2 * I, H), ("experts.down_proj", E, H, I)]
-    if c.has_ple:
-        shapes.append(("per_layer_model_projection", 1, c.num_hidden_layers * c.hidden_size_per_layer_input, H))
-    return shapes
+def _largest_float_unit(inp: PlanInputs) -> tuple[str, int]:
+    """The biggest thing a streaming loader holds in its dtype at once: one of its units (a
+    layer or a table), as export/gemma4/checkpoint.py walks them."""
+    from export.gemma4.checkpoint import units
 
-
-def quantize_export_peak(inp: PlanInputs, tensors: tuple[Tensor, ...]) -> Peak:
-    """torchao packs int4 for CUDA on the GPU, one weight at a time; the largest is the worst."""
-    if inp.linear is LinearQuant.NONE or not inp.int4_layout.tinygemm:
-        return Peak("export GPU, quantize", ())
-
-    def cost(shape: tuple[str, int, int, int]) -> tuple[int, int]:
-        _, stack, n, k = shape
-        rows = QUANT_ROWS_PER_CHUNK if QUANT_ROWS_PER_CHUNK and n > 4 * QUANT_ROWS_PER_CHUNK else n
-        padded = stack * _round_up(rows, INT4_N_MULTIPLE) * _round_up(k, inp.int4_layout.k_multiple)
-        return stack * rows * k * inp.dtype.bytes, round(padded * QUANT_TRANSIENT_BYTES_PER_PARAM)
-
-    name, stack, n, k = max(_linear_shapes(inp), key=lambda s: sum(cost(s)))
-    src, transient = cost((name, stack, n, k))
-    dims = f"{stack} x {n} x {k}" if stack > 1 else f"{n} x {k}"
-    items = [Item("largest weight in bf16", src, f"{name} [{dims}]"),
-             Item("int4 packing transient", transient, f"{QUANT_TRANSIENT_BYTES_PER_PARAM} B per padded param")]
-    if QUANT_RESULTS_STAY_ON_GPU:  # worst order: the largest is packed last (lm_head is)
-        done = sum(t.count * t.bytes for t in tensors if t.int4) - stack * sum(
-            int4_bytes(n, k, inp.group_size, inp.int4_layout))
-        items.insert(0, Item("int4 weights already packed", done, "quant.py leaves them on the GPU"))
-    return Peak("export GPU, quantize", (*items, Item("cuda context", CUDA_CONTEXT_BYTES, in_allocator=False)))
-
-
-def layer_param_count(c: Gemma4Config, i: int) -> int:
-    """Parameters of decoder layer i (what a streaming loader holds unquantized at once)."""
-    H, D = c.hidden_size, c.layer_head_dim(i)
-    q, kv = c.num_attention_heads * D, c.layer_kv_heads(i) * D
-    owns_kv = not c.is_kv_shared(i)
-    n = 2 * q * H + owns_kv * kv * H * (1 if c.uses_k_eq_v(i) else 2) + 3 * H * c.layer_intermediate_size(i)
-    if c.enable_moe_block:
-        n += c.num_experts * (3 * c.moe_intermediate_size * H + H)
-    if c.has_ple:
-        n += 2 * H * c.hidden_size_per_layer_input
-    return n
-
-
-def _largest_bf16_unit(inp: PlanInputs) -> tuple[str, int]:
-    """The biggest thing a streaming loader holds in its dtype at once: a layer or a table."""
-    c, a = inp.config, inp.dtype.bytes
-    i = max(range(c.num_hidden_layers), key=lambda j: layer_param_count(c, j))
-    tables = [("embed_tokens", c.vocab_size * c.hidden_size)]
-    if c.has_ple:
-        tables.append(("embed_tokens_per_layer", c.vocab_size_per_layer_input * c.num_hidden_layers * c.hidden_size_per_layer_input))
-    name, n = max([(f"layer {i}", layer_param_count(c, i)), *tables], key=lambda t: t[1])
-    return name, n * a
+    model = meta_model(inp.config, getattr(torch, inp.dtype.value), None, None, min(1024, inp.ctx))
+    sizes = {name: sum(p.numel() * p.element_size() for p in unit.parameters())
+             for name, unit in units(model) if name != "lm_head" or not inp.config.tie_word_embeddings}
+    name = max(sizes, key=sizes.get)
+    return (f"layer {name.removeprefix('layers.')}" if name.startswith("layers.") else name), sizes[name]
 
 
 def host_peaks(inp: PlanInputs, weights: int) -> tuple[Peak, Peak]:
@@ -754,7 +494,7 @@ def host_peaks(inp: PlanInputs, weights: int) -> tuple[Peak, Peak]:
     base = Item("process base", HOST_BASE_BYTES, "imports + CUDA context (measured)")
     model = (Item(f"whole model in {inp.dtype.value}", dense, f"{param_count(c) / 1e9:.3f}e9 params")
              if dense >= weights else Item("quantized weights", weights))
-    unit_name, unit = _largest_bf16_unit(inp)
+    unit_name, unit = _largest_float_unit(inp)
     naive = Peak("export host, naive", (base, model))
     if not inp.low_memory:
         return naive, Peak("export host, streaming", (
@@ -770,18 +510,18 @@ def host_peaks(inp: PlanInputs, weights: int) -> tuple[Peak, Peak]:
 
 
 def plan(inputs: PlanInputs) -> MemoryPlan:
-    tensors = weight_tensors(inputs)
-    weights = sum(t.count * t.bytes for t in tensors)
+    tensors = inputs.inventory()[0]
+    kv_ts = kv_tensors(inputs)
+    weights = sum(t.nbytes for t in tensors)
     kv = kv_items(inputs)
     kv_bytes = sum(i.bytes for i in kv if not i.reference)
     naive, streaming = host_peaks(inputs, weights)
     return MemoryPlan(
-        inputs=inputs, ring_slots=ring_slots(inputs.config, inputs.ctx, inputs.prefill_chunk),
-        tensors=tensors, kv=kv,
-        runtime_gpu=runtime_peak(inputs, tensors, kv),
+        inputs=inputs, ring_slots=inputs.config.ring_slots(inputs.ctx, inputs.prefill_chunk),
+        tensors=tensors, kv_tensors=kv_ts, kv=kv,
+        runtime_gpu=runtime_peak(inputs, tensors, kv_ts, kv),
         export_gpu_stock=stock_export_peak(inputs, weights, kv_bytes),
-        export_gpu_low_memory=low_memory_export_peak(inputs, tensors, weights, kv_bytes),
-        export_gpu_quantize=quantize_export_peak(inputs, tensors),
+        export_gpu_low_memory=low_memory_export_peak(inputs, tensors, kv_ts, weights, kv_bytes),
         export_host_naive=naive, export_host_streaming=streaming,
     )
 
@@ -931,14 +671,14 @@ def _peak_rows(peak: Peak) -> list[str]:
 def render_table(p: MemoryPlan) -> str:
     """The breakdown as an aligned text table, GiB."""
     inp, c = p.inputs, p.inputs.config
-    quant = (f"int4 g{inp.group_size} {inp.int4_layout.value}" if inp.linear is LinearQuant.INT4 else f"none ({inp.dtype.value})")
+    quant = f"int4 g{inp.group_size}" if inp.linear is LinearQuant.INT4 else f"none ({inp.dtype.value})"
     head = [f"memory plan: {preset_name(c)}  ctx {inp.ctx}  prefill_chunk {inp.prefill_chunk}  ring {p.ring_slots}",
             f"  linears {quant}, embedding {inp.embedding.value}, kv {inp.kv_dtype.value}, "
-            f"attention {inp.attention.value}, {'low-memory' if inp.low_memory else 'stock'} export, {inp.loader.value} loader",
+            f"{'low-memory' if inp.low_memory else 'stock'} export, {inp.loader.value} loader",
             "", f"{'':<{_NAME_WIDTH + 2}}{'GiB':>9}"]
     rows = head + _section("weights", p.weights, "weights", p.weights_bytes)
     rows += _section("kv cache", p.kv, "kv", p.kv_bytes) + [""]
-    for peak in (p.runtime_gpu, p.export_gpu_stock, p.export_gpu_low_memory, p.export_gpu_quantize,
+    for peak in (p.runtime_gpu, p.export_gpu_stock, p.export_gpu_low_memory,
                  p.export_host_naive, p.export_host_streaming):
         rows += _peak_rows(peak) + [""]
     rows.append(f"runtime GPU {_gib(p.runtime_gpu.total_bytes)}; export GPU {_gib(p.export_gpu.total_bytes)} "
@@ -967,27 +707,23 @@ def parse_size(text: str | int) -> int:
 # ---- command line ------------------------------------------------------------------------
 
 
+PLANNED_EXPORT_FLAGS = ("prefill_chunk", "quant", "group_size", "embedding_quant", "dtype", "kv_dtype", "low_memory")
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser, model_options: bool = True) -> None:
-    """--gpu-budget/--host-budget, and with `model_options` one flag per PlanInputs field.
-    An export CLI that already has the model flags passes model_options=False."""
+    """--gpu-budget/--host-budget, and with `model_options` the export's own flags that
+    change the plan (export/gemma4/flags.py: the same names, types and defaults) plus --ctx
+    and --loader. An export CLI that already has the model flags passes model_options=False."""
     parser.add_argument("--gpu-budget", type=parse_size, help="GPU memory of the card that runs it, e.g. 24GiB")
     parser.add_argument("--export-gpu-budget", type=parse_size, help="GPU memory of the card that exports (default: --gpu-budget)")
     parser.add_argument("--host-budget", type=parse_size, help="host RAM for the export, e.g. 64GiB (default: not checked)")
     if not model_options:
         return
+    from export.gemma4.flags import add_export_arguments
+
     d = PlanInputs.__dataclass_fields__
     parser.add_argument("--ctx", default=str(d["ctx"].default), help="context length, or 'auto' (needs --gpu-budget)")
-    parser.add_argument("--prefill-chunk", type=int, default=d["prefill_chunk"].default)
-    parser.add_argument("--linear", choices=[e.value for e in LinearQuant], default=d["linear"].default.value)
-    parser.add_argument("--group-size", type=int, default=d["group_size"].default)
-    parser.add_argument("--int4-layout", choices=[e.value for e in Int4Layout], default=d["int4_layout"].default.value)
-    parser.add_argument("--embedding", choices=[e.value for e in EmbeddingQuant], default=d["embedding"].default.value)
-    parser.add_argument("--dtype", choices=[e.value for e in DType], default=d["dtype"].default.value)
-    parser.add_argument("--kv-dtype", choices=[e.value for e in DType] + [e.value for e in KvQuant],
-                        help="default: --dtype; int8/int4 quantize the full layers' KV")
-    parser.add_argument("--experts", choices=[e.value for e in LinearQuant], help="MoE experts (default: as --linear)")
-    parser.add_argument("--attention", choices=[e.value for e in AttentionImpl], help="default: triton for bf16, else math")
-    parser.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=d["low_memory"].default)
+    add_export_arguments(parser, PLANNED_EXPORT_FLAGS)
     parser.add_argument("--loader", choices=[e.value for e in Loader], default=d["loader"].default.value)
 
 
@@ -997,18 +733,29 @@ def budget_from_args(args: argparse.Namespace) -> Budget | None:
     return Budget(args.gpu_budget, args.export_gpu_budget, args.host_budget)
 
 
+def inputs_for(config: Gemma4Config, cfg: "ExportConfig", ctx: int, loader: Loader | str = Loader.STREAMING) -> PlanInputs:
+    """The planner's view of an export with options `cfg`, on the GPU it runs on (`--device
+    auto` plans CUDA on any machine)."""
+    from export.backends.options import TargetDevice
+    from export.gemma4.options import DeviceChoice
+
+    device = TargetDevice.CUDA if cfg.device is DeviceChoice.AUTO else cfg.device.resolve()
+    return PlanInputs(config, ctx=ctx, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant, group_size=cfg.group_size,
+                      embedding=cfg.embedding_quant, dtype=str(cfg.dtype.resolve(device)).removeprefix("torch."),
+                      low_memory=cfg.low_memory, kv_dtype=cfg.kv_dtype, loader=loader)
+
+
 def inputs_from_args(args: argparse.Namespace, config: Gemma4Config) -> PlanInputs:
     """PlanInputs from `add_plan_arguments` flags; ctx 'auto' becomes a placeholder for resolve_ctx."""
+    from export.gemma4.flags import export_fields
+    from export.gemma4.options import ExportConfig
+
     ctx = min(CTX_GRANULARITY, config.max_position_embeddings) if str(args.ctx) == "auto" else int(args.ctx)
-    return PlanInputs(config, ctx=ctx, prefill_chunk=args.prefill_chunk, linear=args.linear,
-                      group_size=args.group_size, int4_layout=args.int4_layout, experts=args.experts,
-                      embedding=args.embedding,
-                      dtype=args.dtype, kv_dtype=args.kv_dtype, attention=args.attention,
-                      low_memory=args.low_memory, loader=args.loader)
+    return inputs_for(config, ExportConfig(**export_fields(args, PLANNED_EXPORT_FLAGS), ctx=ctx), ctx, args.loader)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.planner", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m export.gemma4.planner", description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=list(PRESETS))
     src.add_argument("--config", help="a Hugging Face checkpoint directory or config.json")
@@ -1045,4 +792,4 @@ if __name__ == "__main__":
     from export.cli import quiet_internal_warnings, run
 
     quiet_internal_warnings()
-    sys.exit(run(main, prog="python -m export.planner"))
+    sys.exit(run(main, prog="python -m export.gemma4.planner"))

@@ -1,0 +1,129 @@
+"""The generic export pipeline: an eager token model -> two ExportedPrograms -> one AOTI
+delegate per method -> an ExecuTorch program carrying a metadata string.
+
+Model-agnostic: it knows the artifact's two methods (export/ARTIFACT.md: `prefill` takes
+tokens [1, T] with T dynamic, `decode` one token; both take a start position [1]) and
+nothing of Gemma 4. Progress goes out as stage events (export/stages.py).
+
+    programs = export_methods(model, prefill_chunk)
+    edge = lower(programs, device, strategy, autotune=..., multi_arch=...)
+    tables = compiled_methods(edge)           # the constant table of each method
+    program = to_executorch(edge, metadata)   # metadata: the JSON the runner reads
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export import stages
+from export.backends import BackendOptions, TargetDevice, compile_workers, partitioner_for
+from export.constants import CompiledMethod
+from export.strategy import ExportStrategy
+from runtime.artifact import METADATA_KEY, METHODS
+
+EXPORT_KW = dict(strict=False, prefer_deferred_runtime_asserts_over_guards=True)
+"""Non-strict: strict export (dynamo) caches a real clone of every parameter it meets
+(`real_value_cache`), i.e. a second copy of all weights in host memory and seconds of memcpy
+per GiB, for both methods. Non-strict traces with fake tensors and touches no weight bytes.
+Deferred asserts: stride arithmetic after the GQA reshapes yields guards such as
+`T*min(16, 32*T) == 16*T`, true for every T >= 1, that the symbolic solver cannot prove;
+they become runtime asserts instead of export errors."""
+
+
+def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = next(model.buffers()).device
+    return torch.zeros(1, T, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+
+
+@torch.no_grad()
+def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export both entry points from the same instance (same KV buffers by FQN)."""
+    T = torch.export.Dim("T", min=1, max=prefill_chunk)
+    with stages.stage(stages.TORCH_EXPORT):
+        prefill = torch.export.export(model, _example_inputs(model, prefill_chunk), dynamic_shapes=({1: T}, None),
+                                      **EXPORT_KW)
+        decode = torch.export.export(model, _example_inputs(model, 1), **EXPORT_KW)
+    return {"prefill": prefill, "decode": decode}
+
+
+def edge_config():
+    """Edge settings for a whole-graph AOTI delegate: the graph stays aten (Inductor compiles
+    it; edge-op wrappers and dim-order ops only cost Python time, ~45% of a CPU export),
+    and int4 dequant's shift (CPU) is allowed."""
+    from executorch.exir import EdgeCompileConfig
+
+    return EdgeCompileConfig(_check_ir_validity=False, _use_edge_ops=False, _skip_dim_order=True,
+                             _core_aten_ops_exception_list=[torch.ops.aten.bitwise_right_shift.Tensor_Scalar])
+
+
+def lower(programs: dict, device: TargetDevice, strategy: ExportStrategy, *, autotune: bool = True,
+          multi_arch: bool = False):
+    """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
+    The strategy's lowering context wraps ExecuTorch's deep copies of the programs."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    partitioners = {m: [partitioner_for(device, BackendOptions(
+        method=m, autotune=autotune, multi_arch=multi_arch, low_memory=strategy.backend_options()))]
+        for m in programs}
+    with stages.stage(stages.LOWER, total=len(programs), unit="method") as s:
+        waited = compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
+        if waited is not None:  # part of the lowering's time, reported on its own too
+            stages.emit(stages.StageEvent("compile_workers_wait", stages.END, seconds=waited))
+        s.detail("to_edge: tracing to the edge dialect")
+        with strategy.lowering():
+            return to_edge_transform_and_lower(programs, partitioner=partitioners, compile_config=edge_config(),
+                                               constant_methods={"metadata": "{}"})
+
+
+def compiled_methods(edge_manager) -> dict[str, CompiledMethod]:
+    """The constant tables our backend left on each method's lowered module."""
+    out = {}
+    for method in edge_manager.methods:
+        gm = edge_manager.exported_program(method).graph_module
+        infos = [getattr(gm, n.target).meta.get("_delegate_info_meta") for n in gm.graph.nodes
+                 if n.op == "get_attr" and n.target.startswith("lowered_module")]
+        infos = [i for i in infos if isinstance(i, CompiledMethod)]
+        if len(infos) != 1:
+            raise RuntimeError(f"method {method}: expected one AOTI delegate, found {len(infos)} "
+                               "(part of the graph was not lowered)")
+        out[method] = infos[0]
+    return out
+
+
+def to_executorch(edge_manager, metadata_json: str):
+    """The ExecuTorch program, with `metadata_json` as the `metadata` constant method and as
+    named data METADATA_KEY (export/ARTIFACT.md)."""
+    from executorch.exir import ExecutorchBackendConfig
+
+    assert set(edge_manager.methods) == set(METHODS), sorted(edge_manager.methods)
+    # to_edge_transform_and_lower took the constant methods before the constant tables existed;
+    # ExecuTorch 1.2 keeps them (and the named data) on these attributes until to_executorch.
+    edge_manager._config_methods["metadata"] = metadata_json
+    edge_manager._named_data_store.add_named_data(METADATA_KEY, metadata_json.encode(), 1, None)
+    return edge_manager.to_executorch(ExecutorchBackendConfig())
+
+
+def use_packaged_flatc() -> None:
+    """ExecuTorch's serializer runs `flatc` from PATH unless FLATC_EXECUTABLE names one; point
+    it at the binary shipped inside the executorch package, so an interpreter started without
+    its venv's bin/ on PATH still exports. A user's own FLATC_EXECUTABLE wins. Raises
+    ValueError when the packaged binary cannot be made executable."""
+    if os.environ.get("FLATC_EXECUTABLE"):
+        return
+    try:
+        from importlib.resources import files
+        flatc = Path(str(files("executorch.data.bin") / "flatc"))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        return  # no packaged binary: ExecuTorch looks on PATH as before
+    if not flatc.is_file():
+        return
+    if not os.access(flatc, os.X_OK):
+        try:
+            flatc.chmod(flatc.stat().st_mode | 0o111)
+        except OSError:
+            raise ValueError(f"{flatc} is not executable: chmod +x it, or set FLATC_EXECUTABLE to a flatc binary")
+    os.environ["FLATC_EXECUTABLE"] = str(flatc)
