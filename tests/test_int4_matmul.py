@@ -108,7 +108,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _patched
     from export.kernels import int4_matmul as im
-    im.GEMV1_CONFIGS[:] = [im._cfg(1, 16, 32, 4, 1)]
+    im.GEMV1_CONFIGS[:] = [im._cfg1(16, 1, 4)]
     im.GEMV_CONFIGS[:] = [im._cfg(16, 16, 64, 4, 1)]
     im.GEMM_CONFIGS[:] = [im._cfg(16, 32, 64, 4, 1)]
     torch.manual_seed(0)
