@@ -39,6 +39,7 @@ from torch.library import triton_op, wrap_triton
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
+DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
 GEMV1_TARGET_PROGRAMS = 264  # M == 1: split K until this many programs (2 per SM of an H200)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
@@ -398,6 +399,19 @@ def _check(x, qweight, scales):
     return N, K, K // scales.shape[1]
 
 
+def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ dequant(W).T through the fused GEMM (tiles dequantized in registers)."""
+    N, K, G = _check(x2, qweight, scales)
+    M = x2.shape[0]
+    out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    bucket = min(triton.next_power_of_2(M), 2048) if isinstance(M, int) else 2048
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
+    wrap_triton(_kernel("gemm", 0))[grid](
+        x2, qweight, scales, out, M, N, K, K, x2.stride(0), qweight.stride(0),
+        scales.stride(0), 0, out.stride(0), bucket, GROUP=G)
+    return out
+
+
 @triton_op("gemma4::int4_linear", mutates_args={})
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] (bf16) @ dequant(qweight, scales).T -> [..., N] bf16 (layout: module doc)."""
@@ -407,9 +421,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
-    if guard_or_false(M == 1):
+    if guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
         out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))
-    elif guard_or_false(M <= GEMV_MAX_M):
+    elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
         splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
@@ -417,13 +431,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
             x2, qweight, scales, part, M, N, K, per_split, x2.stride(0), qweight.stride(0),
             scales.stride(0), part.stride(0), part.stride(1), 16, GROUP=G)
         out = part.sum(0).to(x.dtype)
+    elif isinstance(M, int) and M >= DEQUANT_MIN_M:
+        # a concrete large M: the weight in bf16 (one bandwidth-bound pass, an [N, K] scratch)
+        # and cuBLAS beat the fused GEMM; a symbolic M (an exported prefill) never comes here
+        out = x2 @ int4_dequant(qweight, scales, x.dtype).t()
     else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        bucket = min(triton.next_power_of_2(M), 2048) if isinstance(M, int) else 2048
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
-        wrap_triton(_kernel("gemm", 0))[grid](
-            x2, qweight, scales, out, M, N, K, K, x2.stride(0), qweight.stride(0),
-            scales.stride(0), 0, out.stride(0), bucket, GROUP=G)
+        out = int4_gemm(x2, qweight, scales)
     return out.reshape(*lead, N)
 
 
