@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("int4_variants.json"))
     ap.add_argument("--quick", action="store_true", help="three M == 1 configs, one large-M shape")
     ap.add_argument("--ms", default="128,512,2048")
+    ap.add_argument("--parts", default="gemv1,gemm", help="gemv1 (M == 1 sweep), gemm (large M)")
+    ap.add_argument("--gemm-shapes", default="", help="names of the large-M shapes (default: the four largest)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("int4_variants: needs a CUDA GPU", file=sys.stderr)
@@ -145,11 +147,14 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     doc = {"copy_gbps": GBPS, "launch_us": launch_us, "rows": rows}
     try:
-        with torch._library.triton.set_wrap_triton_enabled(False):  # launch directly: no HOP dispatch
-            gemv1_sweep(shapes, GBPS, rows, a.quick)
-        big = [sh for sh in shapes if sh[1] * sh[2] >= 5376 * 16384 and sh[1] < 100000]
+        if "gemv1" in a.parts:
+            with torch._library.triton.set_wrap_triton_enabled(False):  # launch directly: no HOP dispatch
+                gemv1_sweep(shapes, GBPS, rows, a.quick)
+        big = [sh for sh in shapes if sh[1] * sh[2] >= 5376 * 16384 and sh[1] < 100000
+               and (not a.gemm_shapes or sh[0] in a.gemm_shapes.split(","))]
         with torch._library.triton.set_wrap_triton_enabled(False):
-            gemm_sweep(big[:1] if a.quick else big, [int(m) for m in a.ms.split(",")], rows)
+            if "gemm" in a.parts:
+                gemm_sweep(big[:1] if a.quick else big, [int(m) for m in a.ms.split(",")], rows)
     finally:
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0

@@ -40,7 +40,7 @@ SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
-GEMV1_TARGET_PROGRAMS = 264  # M == 1: split K until this many programs (2 per SM of an H200)
+GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
 
@@ -124,11 +124,12 @@ def _cfg1(bn, groups, warps):
 
 
 # M == 1: BLOCK_N rows x GROUPS whole groups per step, no tensor cores, no shared memory but
-# the final reduction's. Rows per thread = BLOCK_N * GROUPS * (G / 32) / (4 * 32 * warps) at
-# 16-byte loads; more rows per thread spread each x load and x's correction over more rows.
+# the final reduction's. At G = 128 a thread holds 4 words of BLOCK_N * GROUPS / (8 * warps)
+# rows: with 8 (the first three) x's loads and correction cost ~3.2 instructions per nibble
+# in all (sm_90 SASS), with 2 ~4.4.
 GEMV1_CONFIGS = [_cfg1(bn, g, w) for bn, g, w in (
-    (64, 1, 4), (32, 2, 4), (16, 4, 4), (64, 2, 4), (128, 1, 4), (32, 1, 2), (64, 1, 2), (16, 2, 1),
-    (32, 1, 1))]
+    (64, 1, 1), (128, 1, 2), (256, 1, 4), (32, 1, 1), (128, 1, 4), (64, 1, 4), (64, 2, 4), (32, 2, 4),
+    (16, 4, 4))]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -254,16 +255,16 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, KW, KW_PER_SPLIT, stride
         g_ok = (j0 + STEP // 8 + offs_g * WORDS < w_hi)[None, :, None]
         w_next = tl.load(rows + (j0 + STEP // 8 + word), mask=n_ok & g_ok, other=0)
         s_next = tl.load(srows + ((j0 + STEP // 8) // WORDS + offs_g)[None, :, None], mask=n_ok & g_ok, other=0.0)
-        part = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+        # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load; corr = sum_i (2^E_i + 8) x_i
         corr = tl.zeros((1, GROUPS, WORDS), dtype=tl.float32)
+        xs = []
+        for p in tl.static_range(4):
+            xp = tl.load(xw + ((j0 + word) * 4 + p), mask=x_ok, other=0)
+            xs = xs + [(xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)]
+        part = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
         # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
         # 5, 6, 7 from w >> 12 (two shifts per word)
         for i in tl.static_range(8):
-            if i % 2 == 0:  # x[8j + i], x[8j + i + 1]: one bf16 pair, one 32-bit load
-                xp = tl.load(xw + ((j0 + word) * 4 + i // 2), mask=x_ok, other=0)
-                xi = (xp << 16).to(tl.float32, bitcast=True)
-            else:
-                xi = (xp & -65536).to(tl.float32, bitcast=True)
             if i < 2:
                 f = _nibble_as_float(w << 8, 8 + 4 * i, ASM)
                 c = (1 << (15 - 4 * i)) + 8
@@ -273,8 +274,8 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, KW, KW_PER_SPLIT, stride
             else:
                 f = _nibble_as_float(w >> 12, 4 * i - 12, ASM)
                 c = (1 << (35 - 4 * i)) + 8
-            part += f * xi
-            corr += c * xi
+            part += f * xs[i]
+            corr += c * xs[i]
         acc += (part - corr) * s.to(tl.float32)
         w, s = w_next, s_next
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -282,10 +283,21 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, KW, KW_PER_SPLIT, stride
 
 
 @triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.constexpr):
+    """out[n] = sum_s part[s, n] in out's dtype: the K slices' fp32 partials, one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(SPLITS):
+        acc += tl.load(part_ptr + i * stride_ps + offs, mask=offs < N, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, KW, stride_ww, stride_sn, stride_on,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-    """W [N, K] = q * scale in out's dtype (bf16), BLOCK_N rows x BLOCK_W words per program,
-    rounded once like `dequantize_int4`: the large-M path's scratch for a cuBLAS matmul."""
+    """W [N, K] = q * scale in out's dtype (16-bit), BLOCK_N rows x BLOCK_W words per program,
+    rounded once like `dequantize_int4`: the large-M path's scratch for a cuBLAS matmul.
+    Written as 32-bit pairs of values."""
     pid_n, pid_w = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -293,15 +305,16 @@ def _int4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, KW, stride_ww, stride_sn, str
     w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_ww + offs_w[None, :], mask=ok, other=0)
     s = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + (offs_w // (GROUP // 8))[None, :],
                 mask=ok, other=0.0).to(tl.float32)
-    v = []
-    for i in tl.static_range(8):
-        v.append((((w >> (4 * i)) & 0xF) - 8).to(tl.float32) * s)
-    # join puts its pair last: [BN, BW, a, b, c] with v[4a + 2b + c] (k = 8j + 4a + 2b + c)
-    q = tl.join(tl.join(tl.join(v[0], v[4]), tl.join(v[2], v[6])), tl.join(tl.join(v[1], v[5]), tl.join(v[3], v[7])))
-    q = q.reshape(BLOCK_N, BLOCK_W * 8).to(out_ptr.dtype.element_ty)
-    offs_k = pid_w * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_k[None, :], q,
-             mask=(offs_n < N)[:, None] & (offs_k < KW * 8)[None, :])
+    pairs = []
+    for p in tl.static_range(4):  # k = 8j + 2p, 8j + 2p + 1 as one 32-bit word of two values
+        lo = ((((w >> (8 * p)) & 0xF) - 8).to(tl.float32) * s).to(out_ptr.dtype.element_ty)
+        hi = ((((w >> (8 * p + 4)) & 0xF) - 8).to(tl.float32) * s).to(out_ptr.dtype.element_ty)
+        pairs = pairs + [(lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)]
+    # join puts its pair last: [BN, BW, a, b] holds pairs[2a + b]
+    q = tl.join(tl.join(pairs[0], pairs[2]), tl.join(pairs[1], pairs[3])).reshape(BLOCK_N, BLOCK_W * 4)
+    offs_p = pid_w * BLOCK_W * 4 + tl.arange(0, BLOCK_W * 4)
+    tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_on // 2) + offs_p[None, :], q,
+             mask=(offs_n < N)[:, None] & (offs_p < KW * 4)[None, :])
 
 
 def int4_dequant(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
@@ -356,11 +369,10 @@ def _kernel(kind: str, group: int):
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
-    """K slices of the M == 1 kernel: one (no partials, no second kernel) unless N is so small
-    that BLOCK_N = 64 rows would leave the SMs of a large card idle; each slice keeps at least
-    2048 of K."""
+    """K slices of the M == 1 kernel: enough for ~GEMV1_TARGET_PROGRAMS programs of 64 rows
+    (one slice for the lm_head: no partials, no second kernel), each slice >= 512 of K."""
     tiles = triton.cdiv(n, 64)
-    return max(1, min(triton.cdiv(GEMV1_TARGET_PROGRAMS, tiles), k // 2048))
+    return max(1, min(triton.cdiv(GEMV1_TARGET_PROGRAMS, tiles), 16, k // max(512, group_size)))
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None):
@@ -376,7 +388,12 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         x2, words, scales, out, N, K // 8, words_per_split, words.stride(0), scales.stride(0), out.stride(0),
         GROUP=G, ASM=not _INTERPRET)
-    return out.view(1, N) if splits == 1 else out.sum(0, keepdim=True).to(x2.dtype)
+    if splits == 1:
+        return out.view(1, N)
+    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
+    launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
+    launch[(triton.cdiv(N, 1024),)](out, y, N, splits, out.stride(0), BLOCK=1024, num_warps=4)
+    return y
 
 
 def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
@@ -431,7 +448,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
             x2, qweight, scales, part, M, N, K, per_split, x2.stride(0), qweight.stride(0),
             scales.stride(0), part.stride(0), part.stride(1), 16, GROUP=G)
         out = part.sum(0).to(x.dtype)
-    elif isinstance(M, int) and M >= DEQUANT_MIN_M:
+    elif isinstance(M, int) and M >= DEQUANT_MIN_M and x.element_size() == 2:
         # a concrete large M: the weight in bf16 (one bandwidth-bound pass, an [N, K] scratch)
         # and cuBLAS beat the fused GEMM; a symbolic M (an exported prefill) never comes here
         out = x2 @ int4_dequant(qweight, scales, x.dtype).t()
