@@ -8,16 +8,25 @@ Layout (one weight [N, K], no padding; K a multiple of the group size G):
 - `scales` bf16 [N, K // G]: symmetric, W ~= q * scale (no zero point: see `quantize_int4`).
   Bytes per weight: 0.5 + 2 / G (g128: 4.125 bits).
 
-Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`):
-- GEMV (M <= GEMV_MAX_M, decode): K split over SPLIT_K programs as well as N over BLOCK_N, so a
-  weight with few rows still fills every SM; fp32 partials [SPLIT_K, M, N] summed by the
-  caller's graph (deterministic, no atomics). M == 1 has a kernel of its own
-  (`_int4_gemv1_kernel`: multiply-and-sum in registers, nibbles turned into floats without
-  conversions); 2 <= M <= GEMV_MAX_M pads M to 16 and uses the tensor cores.
-- GEMM (prefill chunks): BLOCK_M x BLOCK_N tiles, packed weight tiles dequantized in
-  registers and fed to `tl.dot` (bf16 operands, fp32 accumulator).
-GEMV and GEMM share one body; `GEMV1_CONFIGS`, `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside them. Every config fits 101376
-bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
+Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`).
+The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bits 4i..4i+3 of
+word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
+- M == 1 (decode, bf16 x): `_int4_gemv1_kernel`, CUDA cores, one lop3 and one FMA per nibble
+  (see its doc) and about one more for x and the loop; K split only where N is small, the
+  slices' fp32 partials summed by `_sum_splits_kernel`. On an H200 it is instruction-bound,
+  not bandwidth-bound: 59% of the copy bandwidth on the lm_head, less on smaller weights
+  (scripts/measurements/int4_kernels.json).
+- 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
+  split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
+- Prefill chunks (a symbolic M, or a concrete M < DEQUANT_MIN_M): BLOCK_M x BLOCK_N tiles,
+  packed weight tiles dequantized in registers and fed to `tl.dot` (bf16 operands, fp32
+  accumulator).
+- A concrete M >= DEQUANT_MIN_M with 16-bit x: `_int4_dequant_kernel` writes W in bf16 to an
+  [N, K] scratch (one bandwidth-bound pass) and torch.mm (cuBLAS) multiplies: ~90% of the bf16
+  matmul at M = 2048 where the fused GEMM reaches ~45%. An exported prefill (symbolic M) never
+  takes it, so no compiled graph holds that scratch.
+`GEMV1_CONFIGS`, `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside the kernels. Every config fits
+101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
 `config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
 configs marked for those cards even on an H200, which is what the tests force.
 
@@ -225,14 +234,14 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, KW, KW_PER_SPLIT, stride
     """M == 1: out[pid_k, n] = sum over one K slice of x[k] * W[n, k] for BLOCK_N rows (K counted
     in words of 8 nibbles: KW = K / 8).
 
-    The packed rows are read as int32 words (`w_ptr` points at them, `stride_ww` counts words):
-    word j holds k = 8j + i in bits 4i .. 4i + 3. A step reads GROUPS whole groups of BLOCK_N
-    rows, a [BLOCK_N, GROUPS, GROUP / 8] tile (16-byte loads), and loads the next step's tile
-    before using this one (Triton pipelines no loads outside a dot), so each program keeps two
-    tiles in flight. A nibble v becomes 2^E + v by masking it into a float's mantissa
-    (`_nibble_as_float`), multiplies x in fp32, and the sum over the word of (2^E + 8) x,
-    the same for every row, is taken off once per word: dot(v - 8, x) with 4 int and
-    ~1 fp instruction per nibble. The accumulator keeps the tile's shape until the end."""
+    The packed rows are read as int32 words (`w_ptr` points at them, `stride_ww` counts words).
+    A step reads GROUPS whole groups of BLOCK_N rows, a [BLOCK_N, GROUPS, GROUP / 8] tile
+    (16-byte loads), and loads the next step's tile before using this one (Triton pipelines no
+    loads outside a dot), so each program keeps two tiles in flight. Each nibble v becomes the
+    float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x in one FMA; the sum over the
+    word of (2^E + 8) x, the same for every row, is taken off once per word, leaving
+    dot(v - 8, x). x comes as bf16 pairs in 32-bit loads, turned into floats by a shift or a
+    mask. The accumulator keeps the tile's shape until the end (one cross-thread sum)."""
     WORDS: tl.constexpr = GROUP // 8
     STEP: tl.constexpr = GROUP * GROUPS
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
