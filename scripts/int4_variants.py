@@ -29,7 +29,7 @@ def _copies(nbytes: int, floor: int = 256 << 20) -> int:
     return max(1, math.ceil(floor / nbytes))
 
 
-def gemv1_sweep(shapes, gbps, rows, quick):
+def gemv1_sweep(shapes, gbps, rows, quick, split_counts=(1, 2, 4, 8)):
     from triton.testing import do_bench_cudagraph
 
     from export.kernels import int4_matmul as im
@@ -49,8 +49,8 @@ def gemv1_sweep(shapes, gbps, rows, quick):
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         results = []
         for cfg in configs:
-            for splits in (1, 2, 4, 8):
-                if splits > 1 and (k // 8) // splits < cfg.kwargs["GROUPS"] * g // 8:
+            for splits in split_counts:
+                if splits > 1 and (k // 8) // splits < g // 8:  # a slice holds a group at least
                     continue
                 kern = kernels[id(cfg)]
                 fn = lambda: [im.int4_gemv1(x, q, s, splits, kernel=kern) for q, s in ws]
@@ -58,12 +58,12 @@ def gemv1_sweep(shapes, gbps, rows, quick):
                 us = do_bench_cudagraph(fn, rep=10) * 1e3 / C
                 results.append((us, cfg, splits))
         us, cfg, splits = min(results, key=lambda r: r[0])
-        one = min(r[0] for r in results if r[2] == 1)
+        one = min((r[0] for r in results if r[2] == 1), default=float("nan"))
         kern = kernels[id(cfg)]
         q, s = ws[0]
         hot = do_bench_cudagraph(lambda: im.int4_gemv1(x, q, s, splits, kernel=kern), rep=10) * 1e3
         x2 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)  # fresh input, poisoned output
-        _poison(4 * 8 * n, 2 * n)
+        _poison(4 * splits * n, 2 * n)
         y = im.int4_gemv1(x2, q, s, splits, kernel=kern)
         err = _rel(y, x2.float() @ im.dequantize_int4(q, s, torch.float32).t())
         c = cfg.kwargs
@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ms", default="128,512,2048")
     ap.add_argument("--parts", default="gemv1,gemm", help="gemv1 (M == 1 sweep), gemm (large M)")
     ap.add_argument("--gemm-shapes", default="", help="names of the large-M shapes (default: the four largest)")
+    ap.add_argument("--gemv1-shapes", default="", help="names of the M == 1 shapes (default: every 31B shape)")
+    ap.add_argument("--splits", default="1,2,4,8", help="K split counts the M == 1 sweep tries")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("int4_variants: needs a CUDA GPU", file=sys.stderr)
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
     try:
         if "gemv1" in a.parts:
             with torch._library.triton.set_wrap_triton_enabled(False):  # launch directly: no HOP dispatch
-                gemv1_sweep(shapes, GBPS, rows, a.quick)
+                gemv1_sweep([sh for sh in shapes if not a.gemv1_shapes or sh[0] in a.gemv1_shapes.split(",")],
+                            GBPS, rows, a.quick, [int(v) for v in a.splits.split(",")])
         big = [sh for sh in shapes if sh[1] * sh[2] >= 5376 * 16384 and sh[1] < 100000
                and (not a.gemm_shapes or sh[0] in a.gemm_shapes.split(","))]
         with torch._library.triton.set_wrap_triton_enabled(False):
