@@ -108,18 +108,37 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _patched
     from export.kernels import int4_matmul as im
-    im.GEMV1_CONFIGS[:] = [im._cfg(1, 16, 32, 4, 1)]
+    im.GEMV1_CONFIGS[:] = [im._cfg1(16, 1, 4)]
     im.GEMV_CONFIGS[:] = [im._cfg(16, 16, 64, 4, 1)]
     im.GEMM_CONFIGS[:] = [im._cfg(16, 32, 64, 4, 1)]
     torch.manual_seed(0)
     worst = 0.0
-    # fp32 activations: the interpreter's bf16 casts are wrong for negative values
+    # fp32 activations: the interpreter's bf16 casts are wrong for negative values (M == 1 in
+    # fp32 takes the padded-dot GEMV)
     for M, N, K, G in [(1, 48, 2048, 32), (1, 40, 512, 128), (3, 40, 384, 128), (20, 72, 256, 32), (5, 33, 512, 64)]:
         qweight, scales = im.quantize_int4(torch.randn(N, K), G)
         x = torch.randn(M, K)
         y = im.int4_linear._init_fn(x, qweight, scales)  # the Triton path, on CPU tensors
         ref = x @ im.dequantize_int4(qweight, scales, torch.float32).t()
         worst = max(worst, ((y - ref).norm() / ref.norm()).item())
+    # the M == 1 kernel reads bf16 x (as bit patterns: no casts) into fp32 partials (2+ slices)
+    # or a bf16 output (one slice)
+    worst_bf16 = 0.0
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        for N, K, G, splits, cfg in [(48, 2048, 32, 1, (16, 2, 4)), (72, 1536, 128, 2, (32, 2, 4)),
+                                     (33, 1024, 64, 3, (16, 4, 1))]:
+            im.GEMV1_CONFIGS[:] = [im._cfg1(*cfg)]
+            im._KERNELS.clear()
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+            x = torch.randn(1, K).bfloat16()
+            y = im.int4_gemv1(x, qweight, scales, splits).float()
+            ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+            worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
+        qweight, scales = im.quantize_int4(torch.randn(33, 768), 32)
+        w = im.int4_dequant(qweight, scales, torch.bfloat16, block_n=16, block_w=16).float()
+        ref = im.dequantize_int4(qweight, scales, torch.bfloat16).float()
+        assert torch.allclose(w, ref, rtol=2 ** -7, atol=0)  # the interpreter's bf16 cast: 1 ulp off
+    print("bf16", worst_bf16)
     print("worst", worst)
 """)
 
@@ -131,6 +150,7 @@ def test_triton_kernels_through_the_interpreter():
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.split("worst")[-1]) < 1e-5
+    assert float(r.stdout.split("bf16")[-1].split()[0]) < 5e-3  # bf16 output rounding
 
 
 @pytest.mark.cuda

@@ -8,16 +8,25 @@ Layout (one weight [N, K], no padding; K a multiple of the group size G):
 - `scales` bf16 [N, K // G]: symmetric, W ~= q * scale (no zero point: see `quantize_int4`).
   Bytes per weight: 0.5 + 2 / G (g128: 4.125 bits).
 
-Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`):
-- GEMV (M <= GEMV_MAX_M, decode): K split over SPLIT_K programs as well as N over BLOCK_N, so a
-  weight with few rows still fills every SM; fp32 partials [SPLIT_K, M, N] summed by the
-  caller's graph (deterministic, no atomics). M == 1 has a kernel of its own
-  (`_int4_gemv1_kernel`: multiply-and-sum in registers, nibbles turned into floats without
-  conversions); 2 <= M <= GEMV_MAX_M pads M to 16 and uses the tensor cores.
-- GEMM (prefill chunks): BLOCK_M x BLOCK_N tiles, packed weight tiles dequantized in
-  registers and fed to `tl.dot` (bf16 operands, fp32 accumulator).
-GEMV and GEMM share one body; `GEMV1_CONFIGS`, `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside them. Every config fits 101376
-bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
+Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`).
+The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bits 4i..4i+3 of
+word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
+- M == 1 (decode, bf16 x): `_int4_gemv1_kernel`, CUDA cores, one lop3 and one FMA per nibble
+  (see its doc) and about one more for x and the loop; K split only where N is small, the
+  slices' fp32 partials summed by `_sum_splits_kernel`. On an H200 it is instruction-bound,
+  not bandwidth-bound: 59% of the copy bandwidth on the lm_head, less on smaller weights
+  (scripts/measurements/int4_kernels.json).
+- 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
+  split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
+- Prefill chunks (a symbolic M, or a concrete M < DEQUANT_MIN_M): BLOCK_M x BLOCK_N tiles,
+  packed weight tiles dequantized in registers and fed to `tl.dot` (bf16 operands, fp32
+  accumulator).
+- A concrete M >= DEQUANT_MIN_M with 16-bit x: `_int4_dequant_kernel` writes W in bf16 to an
+  [N, K] scratch (one bandwidth-bound pass) and torch.mm (cuBLAS) multiplies: ~90% of the bf16
+  matmul at M = 2048 where the fused GEMM reaches ~45%. An exported prefill (symbolic M) never
+  takes it, so no compiled graph holds that scratch.
+`GEMV1_CONFIGS`, `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside the kernels. Every config fits
+101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
 `config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
 configs marked for those cards even on an H200, which is what the tests force.
 
@@ -39,6 +48,9 @@ from torch.library import triton_op, wrap_triton
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
+DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
+GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
 
 
@@ -114,11 +126,19 @@ def _cfg(bm, bn, bk, warps, stages, consumer=True):
     return c
 
 
-# M == 1: rows x one slice of a group per step (BLOCK_K divides the group size; `_kernel`
-# filters), no tensor cores. 2 <= M <= GEMV_MAX_M: M padded to 16 and a tensor-core dot.
-GEMV1_CONFIGS = [_cfg(1, bn, bk, w, s) for bn, bk, w, s in (
-    (32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2), (16, 128, 4, 4),
-    (32, 64, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 32, 4, 4), (64, 32, 4, 4), (128, 32, 8, 4))]
+def _cfg1(bn, groups, warps):
+    c = triton.Config({"BLOCK_N": bn, "GROUPS": groups}, num_warps=warps, num_stages=1)
+    c.consumer = True  # registers only: fits any card
+    return c
+
+
+# M == 1: BLOCK_N rows x GROUPS whole groups per step, no tensor cores, no shared memory but
+# the final reduction's. At G = 128 a thread holds 4 words of BLOCK_N * GROUPS / (8 * warps)
+# rows: with 8 (the first three) x's loads and correction cost ~3.2 instructions per nibble
+# in all (sm_90 SASS), with 2 ~4.4.
+GEMV1_CONFIGS = [_cfg1(bn, g, w) for bn, g, w in (
+    (64, 1, 1), (128, 1, 2), (256, 1, 4), (32, 1, 1), (128, 1, 4), (64, 1, 4), (64, 2, 4), (32, 2, 4),
+    (16, 4, 4))]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -133,6 +153,8 @@ def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
     weight tile and its scales; a dot also stages the dequantized bf16 weight tile once (the
     M == 1 path has no dot). scripts/bench_int4.py checks Triton's own figure for every
     compiled variant against the limit."""
+    if "GROUPS" in cfg.kwargs:  # the M == 1 kernel: registers, and the final sum's scratch
+        return cfg.kwargs["BLOCK_N"] * 4 * cfg.num_warps
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
     dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once (M == 1: no dot)
@@ -186,34 +208,136 @@ def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, K_PER_SPLIT,
 
 
 @triton.jit
-def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K_PER_SPLIT, K, stride_wn, stride_sn, stride_os,
-                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """M == 1: BLOCK_N rows x one K slice; out[pid_k, n] = partial dot in fp32.
+def _nibble_as_float(h, S: tl.constexpr, ASM: tl.constexpr):
+    """The nibble at bits S .. S + 3 of each int32 word as the float 2^(23 - S) + v, with no
+    conversion instruction: masked into the mantissa of a float whose exponent gives bit S
+    the weight 1. S in 8, 12, 16 keeps the float under 2^16, so products with x lose nothing
+    that matters once the row-independent 2^(23 - S) + 8 is taken off."""
+    if ASM:  # one lop3 ((h & mask) | exponent), where the plain ops compile to two
+        if S == 8:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00000F00, 0x47000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        elif S == 12:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000F000, 0x45000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        f = (h & (0xF << S)) | ((150 - S) << 23)
+    return f.to(tl.float32, bitcast=True)
 
-    Decode is bound by how fast the ALUs turn nibbles into floats, not by the dot: a nibble
-    becomes a float with one OR into the mantissa of 2^23 and a subtraction (no int->float
-    conversion), even and odd k meet their x directly (no interleave), a step stays inside
-    one group so the scale is one value per row, and the accumulator stays 2-D until the end
-    (no cross-thread reduction per step)."""
+
+@triton.jit
+def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, KW, KW_PER_SPLIT, stride_ww, stride_sn, stride_os,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):
+    """M == 1: out[pid_k, n] = sum over one K slice of x[k] * W[n, k] for BLOCK_N rows (K counted
+    in words of 8 nibbles: KW = K / 8).
+
+    The packed rows are read as int32 words (`w_ptr` points at them, `stride_ww` counts words).
+    A step reads GROUPS whole groups of BLOCK_N rows, a [BLOCK_N, GROUPS, GROUP / 8] tile
+    (16-byte loads), and loads the next step's tile before using this one (Triton pipelines no
+    loads outside a dot), so each program keeps two tiles in flight. Each nibble v becomes the
+    float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x in one FMA; the sum over the
+    word of (2^E + 8) x, the same for every row, is taken off once per word, leaving
+    dot(v - 8, x). x comes as bf16 pairs in 32-bit loads, turned into floats by a shift or a
+    mask. The accumulator keeps the tile's shape until the end (one cross-thread sum)."""
+    WORDS: tl.constexpr = GROUP // 8
+    STEP: tl.constexpr = GROUP * GROUPS
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < N
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        p = tl.load(rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-        # (2^23 + v) - (2^23 + 8) = v - 8, exactly, for a nibble v
-        lo = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-        xe = tl.load(x_ptr + k0 + 2 * offs_b).to(tl.float32)
-        xo = tl.load(x_ptr + k0 + 2 * offs_b + 1).to(tl.float32)
-        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc += (lo * xe[None, :] + hi * xo[None, :]) * s[:, None]
-    tl.store(out_ptr + pid_k * stride_os + offs_n, tl.sum(acc, axis=1), mask=n_ok)
+    n_ok = (offs_n < N)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)
+    word = (offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :])[None, :, :]  # [1, GROUPS, WORDS]
+    rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
+    srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+    xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word
+    # in words: a slice starts at a multiple of 16 words, so the loads stay 16 bytes wide
+    w_lo = pid_k * KW_PER_SPLIT
+    w_hi = tl.minimum(w_lo + KW_PER_SPLIT, KW)
+    g_ok = (w_lo + offs_g * WORDS < w_hi)[None, :, None]  # K is a whole number of groups
+    w = tl.load(rows + (w_lo + word), mask=n_ok & g_ok, other=0)
+    s = tl.load(srows + (w_lo // WORDS + offs_g)[None, :, None], mask=n_ok & g_ok, other=0.0)
+    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    for j0 in range(w_lo, w_hi, STEP // 8):
+        x_ok = g_ok
+        g_ok = (j0 + STEP // 8 + offs_g * WORDS < w_hi)[None, :, None]
+        w_next = tl.load(rows + (j0 + STEP // 8 + word), mask=n_ok & g_ok, other=0)
+        s_next = tl.load(srows + ((j0 + STEP // 8) // WORDS + offs_g)[None, :, None], mask=n_ok & g_ok, other=0.0)
+        # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load; corr = sum_i (2^E_i + 8) x_i
+        corr = tl.zeros((1, GROUPS, WORDS), dtype=tl.float32)
+        xs = []
+        for p in tl.static_range(4):
+            xp = tl.load(xw + ((j0 + word) * 4 + p), mask=x_ok, other=0)
+            xs = xs + [(xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)]
+        part = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+        # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
+        # 5, 6, 7 from w >> 12 (two shifts per word)
+        for i in tl.static_range(8):
+            if i < 2:
+                f = _nibble_as_float(w << 8, 8 + 4 * i, ASM)
+                c = (1 << (15 - 4 * i)) + 8
+            elif i < 5:
+                f = _nibble_as_float(w, 4 * i, ASM)
+                c = (1 << (23 - 4 * i)) + 8
+            else:
+                f = _nibble_as_float(w >> 12, 4 * i - 12, ASM)
+                c = (1 << (35 - 4 * i)) + 8
+            part += f * xs[i]
+            corr += c * xs[i]
+        acc += (part - corr) * s.to(tl.float32)
+        w, s = w_next, s_next
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + pid_k * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.constexpr):
+    """out[n] = sum_s part[s, n] in out's dtype: the K slices' fp32 partials, one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(SPLITS):
+        acc += tl.load(part_ptr + i * stride_ps + offs, mask=offs < N, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def _int4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, KW, stride_ww, stride_sn, stride_on,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """W [N, K] = q * scale in out's dtype (16-bit), BLOCK_N rows x BLOCK_W words per program,
+    rounded once like `dequantize_int4`: the large-M path's scratch for a cuBLAS matmul.
+    Written as 32-bit pairs of values."""
+    pid_n, pid_w = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    ok = (offs_n < N)[:, None] & (offs_w < KW)[None, :]
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_ww + offs_w[None, :], mask=ok, other=0)
+    s = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + (offs_w // (GROUP // 8))[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    pairs = []
+    for p in tl.static_range(4):  # k = 8j + 2p, 8j + 2p + 1 as one 32-bit word of two values
+        lo = ((((w >> (8 * p)) & 0xF) - 8).to(tl.float32) * s).to(out_ptr.dtype.element_ty)
+        hi = ((((w >> (8 * p + 4)) & 0xF) - 8).to(tl.float32) * s).to(out_ptr.dtype.element_ty)
+        pairs = pairs + [(lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16)]
+    # join puts its pair last: [BN, BW, a, b] holds pairs[2a + b]
+    q = tl.join(tl.join(pairs[0], pairs[2]), tl.join(pairs[1], pairs[3])).reshape(BLOCK_N, BLOCK_W * 4)
+    offs_p = pid_w * BLOCK_W * 4 + tl.arange(0, BLOCK_W * 4)
+    tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_on // 2) + offs_p[None, :], q,
+             mask=(offs_n < N)[:, None] & (offs_p < KW * 4)[None, :])
+
+
+def int4_dequant(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                 block_n: int = 32, block_w: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """dequant(W) [N, K] in `dtype` on the GPU, one bandwidth-bound pass."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    G = K // scales.shape[1]
+    words = qweight.view(torch.int32)
+    out = torch.empty((N, K), device=qweight.device, dtype=dtype)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(K // 8, block_w))
+    launch = _int4_dequant_kernel if _INTERPRET else wrap_triton(_int4_dequant_kernel)
+    launch[grid](words, scales, out, N, K // 8, words.stride(0), scales.stride(0), out.stride(0),
+                 GROUP=G, BLOCK_N=block_n, BLOCK_W=block_w, num_warps=num_warps)
+    return out
 
 
 AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping many shapes
@@ -221,7 +345,7 @@ AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping m
 
 def _autotuned(configs, kernel=_int4_matmul_kernel):
     # keyed on M's launch bucket (not M itself) so a dynamic prefill length does not re-tune
-    key = ["M_BUCKET", "N", "K", "GROUP"] if kernel is _int4_matmul_kernel else ["N", "K", "GROUP"]
+    key = ["M_BUCKET", "N", "K", "GROUP"] if kernel is _int4_matmul_kernel else ["N", "KW", "KW_PER_SPLIT", "GROUP"]
     return triton.autotune(configs=configs, key=key, **AUTOTUNE_KWARGS)(kernel)
 
 
@@ -241,17 +365,44 @@ def one_config():
 
 
 def _kernel(kind: str, group: int):
-    """The autotuned kernel for a path: 'gemv1' (M == 1; configs whose BLOCK_K divides the
-    group), 'gemv' (2 <= M <= GEMV_MAX_M) or 'gemm'."""
+    """The autotuned kernel for a path: 'gemv1' (M == 1), 'gemv' (2 <= M <= GEMV_MAX_M) or
+    'gemm'."""
     key = (kind, CONSUMER_ONLY, ONE_CONFIG, group if kind == "gemv1" else 0)
     if key not in _KERNELS:
         pool = {"gemv1": GEMV1_CONFIGS, "gemv": GEMV_CONFIGS, "gemm": GEMM_CONFIGS}[kind]
-        configs = [c for c in active_configs(pool, CONSUMER_ONLY)
-                   if kind != "gemv1" or group % c.kwargs["BLOCK_K"] == 0]
+        configs = active_configs(pool, CONSUMER_ONLY)
         if ONE_CONFIG:
             configs = [min(configs, key=lambda c: (config_smem_bytes(c), c.num_warps))]
         _KERNELS[key] = _autotuned(configs, _int4_gemv1_kernel if kind == "gemv1" else _int4_matmul_kernel)
     return _KERNELS[key]
+
+
+def gemv1_splits(n: int, k: int, group_size: int) -> int:
+    """K slices of the M == 1 kernel: enough for ~GEMV1_TARGET_PROGRAMS programs of 64 rows
+    (one slice for the lm_head: no partials, no second kernel), each slice >= 512 of K."""
+    tiles = triton.cdiv(n, 64)
+    return max(1, min(triton.cdiv(GEMV1_TARGET_PROGRAMS, tiles), 16, k // max(512, group_size)))
+
+
+def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None):
+    """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
+    into the output with one slice of K, through fp32 partials and a sum with more."""
+    N, K, G = _check(x2, qweight, scales)
+    words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
+    words_per_split = triton.cdiv(triton.cdiv(K // 8, splits), G // 8) * (G // 8)  # whole groups
+    splits = triton.cdiv(K // 8, words_per_split)
+    dtype = x2.dtype if splits == 1 else torch.float32
+    out = torch.empty((splits, N), device=x2.device, dtype=dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
+    wrap_triton(kernel or _kernel("gemv1", G))[grid](
+        x2, words, scales, out, N, K // 8, words_per_split, words.stride(0), scales.stride(0), out.stride(0),
+        GROUP=G, ASM=not _INTERPRET)
+    if splits == 1:
+        return out.view(1, N)
+    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
+    launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
+    launch[(triton.cdiv(N, 1024),)](out, y, N, splits, out.stride(0), BLOCK=1024, num_warps=4)
+    return y
 
 
 def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
@@ -274,6 +425,19 @@ def _check(x, qweight, scales):
     return N, K, K // scales.shape[1]
 
 
+def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ dequant(W).T through the fused GEMM (tiles dequantized in registers)."""
+    N, K, G = _check(x2, qweight, scales)
+    M = x2.shape[0]
+    out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    bucket = min(triton.next_power_of_2(M), 2048) if isinstance(M, int) else 2048
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
+    wrap_triton(_kernel("gemm", 0))[grid](
+        x2, qweight, scales, out, M, N, K, K, x2.stride(0), qweight.stride(0),
+        scales.stride(0), 0, out.stride(0), bucket, GROUP=G)
+    return out
+
+
 @triton_op("gemma4::int4_linear", mutates_args={})
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] (bf16) @ dequant(qweight, scales).T -> [..., N] bf16 (layout: module doc)."""
@@ -283,15 +447,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
-    if guard_or_false(M == 1):
-        splits, per_split = gemv_splits(N, K, G)
-        part = torch.empty((splits, 1, N), device=x.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
-        wrap_triton(_kernel("gemv1", G))[grid](
-            x2, qweight, scales, part, N, per_split, K, qweight.stride(0), scales.stride(0), part.stride(0),
-            GROUP=G)
-        out = part.sum(0).to(x.dtype)
-    elif guard_or_false(M <= GEMV_MAX_M):
+    if guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
+        out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))
+    elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
         splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), splits)
@@ -299,13 +457,12 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
             x2, qweight, scales, part, M, N, K, per_split, x2.stride(0), qweight.stride(0),
             scales.stride(0), part.stride(0), part.stride(1), 16, GROUP=G)
         out = part.sum(0).to(x.dtype)
+    elif isinstance(M, int) and M >= DEQUANT_MIN_M and x.element_size() == 2:
+        # a concrete large M: the weight in bf16 (one bandwidth-bound pass, an [N, K] scratch)
+        # and cuBLAS beat the fused GEMM; a symbolic M (an exported prefill) never comes here
+        out = x2 @ int4_dequant(qweight, scales, x.dtype).t()
     else:
-        out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        bucket = min(triton.next_power_of_2(M), 2048) if isinstance(M, int) else 2048
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)
-        wrap_triton(_kernel("gemm", 0))[grid](
-            x2, qweight, scales, out, M, N, K, K, x2.stride(0), qweight.stride(0),
-            scales.stride(0), 0, out.stride(0), bucket, GROUP=G)
+        out = int4_gemm(x2, qweight, scales)
     return out.reshape(*lead, N)
 
 

@@ -1,0 +1,167 @@
+"""Sweep of the int4 kernels' variants on the 31B shapes, in one GPU call (a tuning tool).
+
+    python -m scripts.int4_variants [--out variants.json] [--quick]
+
+M == 1: every `GEMV1_CONFIGS` entry x K-split count on each 31B linear shape, timed as
+CUDA-graph replays over enough copies of the weight (>= 256 MB together) that every call
+reads its weight from device memory, not from L2 (a decode step streams 15 GB of weights);
+the best is checked against an fp32 matmul with the dequantized weight. Large M: the fused
+GEMM (autotuned) against dequantize-to-bf16 + torch.mm (cuBLAS) and torch's bf16 matmul.
+Prints a table per part; writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _rel(y, ref):
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def _copies(nbytes: int, floor: int = 256 << 20) -> int:
+    return max(1, math.ceil(floor / nbytes))
+
+
+def gemv1_sweep(shapes, gbps, rows, quick, split_counts=(1, 2, 4, 8)):
+    from triton.testing import do_bench_cudagraph
+
+    from export.kernels import int4_matmul as im
+    from scripts.bench_int4 import _poison
+    configs = im.GEMV1_CONFIGS[:3] if quick else im.GEMV1_CONFIGS
+    kernels = {id(c): im._autotuned([c], im._int4_gemv1_kernel) for c in configs}
+    print(f"\nM=1 (weights rotated over copies; us per call; % of copy bandwidth {gbps:.0f} GB/s)")
+    print(f"{'shape':22} {'n':>6} {'k':>6} {'floor':>6}  best: {'cfg (BN,GR,warps)':18} {'split':>5} {'us':>7} {'%copy':>6}"
+          f" {'hot us':>7} {'1-split us':>10} {'rel err':>8}")
+    for name, n, k in shapes:
+        g = im.group_size_for(k, 128)
+        nbytes = im.int4_bytes(n, k, g) + 2 * (k + n)
+        C = _copies(nbytes)
+        ws = [im.quantize_int4(torch.randn(n, k, device="cuda"), g) for _ in range(min(C, 2))]
+        ws = [ws[i % len(ws)] for i in range(C)]
+        ws = [(q.clone(), s.clone()) for q, s in ws]  # distinct memory for every copy
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        results = []
+        for cfg in configs:
+            for splits in split_counts:
+                if splits > 1 and (k // 8) // splits < g // 8:  # a slice holds a group at least
+                    continue
+                kern = kernels[id(cfg)]
+                fn = lambda: [im.int4_gemv1(x, q, s, splits, kernel=kern) for q, s in ws]
+                fn()
+                us = do_bench_cudagraph(fn, rep=10) * 1e3 / C
+                results.append((us, cfg, splits))
+        us, cfg, splits = min(results, key=lambda r: r[0])
+        one = min((r[0] for r in results if r[2] == 1), default=float("nan"))
+        kern = kernels[id(cfg)]
+        q, s = ws[0]
+        hot = do_bench_cudagraph(lambda: im.int4_gemv1(x, q, s, splits, kernel=kern), rep=10) * 1e3
+        x2 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)  # fresh input, poisoned output
+        _poison(4 * splits * n, 2 * n)
+        y = im.int4_gemv1(x2, q, s, splits, kernel=kern)
+        err = _rel(y, x2.float() @ im.dequantize_int4(q, s, torch.float32).t())
+        c = cfg.kwargs
+        label = f"({c['BLOCK_N']},{c['GROUPS']},{cfg.num_warps})"
+        print(f"{name[:22]:22} {n:6} {k:6} {nbytes / gbps / 1e3:6.1f}  {label:>24} {splits:5} {us:7.1f} "
+              f"{nbytes / us / 1e3 / gbps:6.1%} {hot:7.1f} {one:10.1f} {err:8.1e}", flush=True)
+        rows.append({"part": "gemv1", "name": name, "n": n, "k": k, "bytes": nbytes, "copies": C, "us": us,
+                     "fraction_of_copy_bw": nbytes / us / 1e3 / gbps, "hot_us": hot, "best_one_split_us": one,
+                     "config": {**c, "num_warps": cfg.num_warps}, "splits": splits, "rel_err": err,
+                     "all": [{"us": u, "cfg": [cc.kwargs["BLOCK_N"], cc.kwargs["GROUPS"], cc.num_warps], "splits": sp}
+                             for u, cc, sp in results]})
+        del ws
+        torch.cuda.empty_cache()
+
+
+def gemm_sweep(shapes, ms, rows):
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    from export.kernels import int4_matmul as im
+    print(f"\nlarge M (TFLOP/s; dequant+mm = dequantize to a bf16 scratch, then torch.mm)")
+    print(f"{'shape':22} {'n':>6} {'k':>6} {'m':>5} {'fused':>7} {'deq+mm':>7} {'bf16':>7} {'deq us':>7} "
+          f"{'deq %bw':>7} {'fused cfg':>22} {'err fused':>9} {'err deq':>8}")
+    for name, n, k in shapes:
+        g = im.group_size_for(k, 128)
+        w = torch.randn(n, k, device="cuda")
+        q, s = im.quantize_int4(w, g)
+        wb = w.bfloat16()
+        del w
+        ref_w = im.dequantize_int4(q, s, torch.float32)
+        deq = lambda: im.int4_dequant(q, s)
+        deq_us = do_bench(deq, rep=50, return_mode="median") * 1e3
+        deq_bytes = im.int4_bytes(n, k, g) + 2 * n * k
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = im.int4_gemm(x, q, s)  # autotunes the fused GEMM
+            ref = x.float() @ ref_w.t()
+            err_f = _rel(y, ref)
+            err_d = _rel(x @ deq().t(), ref)
+            fused = do_bench_cudagraph(lambda: im.int4_gemm(x, q, s), rep=30) * 1e3
+            dm = do_bench_cudagraph(lambda: x @ deq().t(), rep=30) * 1e3
+            bf = do_bench_cudagraph(lambda: x @ wb.t(), rep=30) * 1e3
+            fl = 2 * m * n * k
+            best = im._KERNELS[("gemm", im.CONSUMER_ONLY, False, 0)].best_config
+            print(f"{name[:22]:22} {n:6} {k:6} {m:5} {fl / fused / 1e6:7.1f} {fl / dm / 1e6:7.1f} {fl / bf / 1e6:7.1f} "
+                  f"{deq_us:7.1f} {deq_bytes / deq_us / 1e3 / GBPS:7.1%} {str(best)[:22]:>22} {err_f:9.1e} {err_d:8.1e}",
+                  flush=True)
+            rows.append({"part": "gemm", "name": name, "n": n, "k": k, "m": m, "fused_us": fused, "dequant_mm_us": dm,
+                         "bf16_us": bf, "dequant_us": deq_us, "fused_config": str(best), "rel_err_fused": err_f,
+                         "rel_err_dequant_mm": err_d})
+        del q, s, wb, ref_w
+        torch.cuda.empty_cache()
+
+
+GBPS = 0.0
+
+
+def main(argv=None) -> int:
+    global GBPS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("int4_variants.json"))
+    ap.add_argument("--quick", action="store_true", help="three M == 1 configs, one large-M shape")
+    ap.add_argument("--ms", default="128,512,2048")
+    ap.add_argument("--parts", default="gemv1,gemm", help="gemv1 (M == 1 sweep), gemm (large M)")
+    ap.add_argument("--gemm-shapes", default="", help="names of the large-M shapes (default: the four largest)")
+    ap.add_argument("--gemv1-shapes", default="", help="names of the M == 1 shapes (default: every 31B shape)")
+    ap.add_argument("--splits", default="1,2,4,8", help="K split counts the M == 1 sweep tries")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("int4_variants: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    from export.gemma4.config import PRESETS
+    from export.kernels import int4_matmul as im
+    from scripts.bench_int4 import copy_gbps, linear_shapes
+    im.AUTOTUNE_KWARGS["do_bench"] = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+    GBPS = copy_gbps()
+    # a graph of tiny launches: the per-kernel floor every small shape pays
+    t = torch.zeros(1, device="cuda")
+    launch_us = triton.testing.do_bench_cudagraph(lambda: t.add_(1), rep=10) * 1e3
+    print(f"copy {GBPS:.0f} GB/s, one tiny kernel in a graph {launch_us:.2f} us ({torch.cuda.get_device_name()})")
+    shapes = [(names, n, k) for (n, k), (names, _) in sorted(linear_shapes(PRESETS["31b"]).items())]
+    rows: list[dict] = []
+    doc = {"copy_gbps": GBPS, "launch_us": launch_us, "rows": rows}
+    try:
+        if "gemv1" in a.parts:
+            with torch._library.triton.set_wrap_triton_enabled(False):  # launch directly: no HOP dispatch
+                gemv1_sweep([sh for sh in shapes if not a.gemv1_shapes or sh[0] in a.gemv1_shapes.split(",")],
+                            GBPS, rows, a.quick, [int(v) for v in a.splits.split(",")])
+        big = [sh for sh in shapes if sh[1] * sh[2] >= 5376 * 16384 and sh[1] < 100000
+               and (not a.gemm_shapes or sh[0] in a.gemm_shapes.split(","))]
+        with torch._library.triton.set_wrap_triton_enabled(False):
+            if "gemm" in a.parts:
+                gemm_sweep(big[:1] if a.quick else big, [int(m) for m in a.ms.split(",")], rows)
+    finally:
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
