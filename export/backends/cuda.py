@@ -193,7 +193,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
 
         stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
         stack.enter_context(int4_matmul.one_config())
-        stack.enter_context(attention.use_configs(attention.smallest))  # gemma4::attention too
+        stack.enter_context(attention.use_configs(attention.one_config))  # gemma4::attention too
         return stack
 
     @classmethod
