@@ -124,10 +124,13 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
 
 def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2) -> int:
     """Upper estimate of a program's shared memory as Triton 3.6 lays it out (checked against
-    compiled kernels for sm_89 / sm_90 / sm_120): stages - 1 buffers of the K and V tiles as stored
+    compiled kernels for sm_89 / sm_90). Decode: stages - 1 buffers of the K and V tiles as stored
     (cp.async pipelining; one for the layout change when not pipelined), q and p as dot operands,
     and for int4 the V tile once more (its nibble split goes through shared memory)."""
     stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
+    if block_m > 16:  # prefill tiles: Triton keeps more (all stages, the float operands, fp32 p)
+        total = stages * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * 4
+        return total + (2 * block_n * head_dim * elt if kv_format else 0)
     total = max(stages - 1, 1) * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * elt
     if kv_format == 2:
         total += block_n * stored
