@@ -155,6 +155,25 @@ def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
 # ---- kernels -------------------------------------------------------------------------------------
 
 @triton.jit
+def _codes(x, dtype: tl.constexpr):
+    """Cache tile -> dot operand. int8 codes to fp16 without a conversion instruction (those
+    issue at a quarter of the integer rate and bound the int8 kernel): the fp16 with bits
+    0x6400 + (c + 128) is exactly 1024 + c + 128, so subtract 1152. bf16 / fp32 pass through."""
+    if x.dtype == tl.int8 and dtype == tl.float16:
+        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    return x.to(dtype)
+
+
+@triton.jit
+def _nibble(n, dtype: tl.constexpr):
+    """A 4-bit code n in [0, 15] (stored value + 8) -> value as a dot operand; fp16 via the bits
+    0x6400 + n = 1024 + n, then - 1032 (exact)."""
+    if dtype == tl.float16:
+        return (n.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    return (n.to(tl.int32) - 8).to(dtype)
+
+
+@triton.jit
 def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
            D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
@@ -166,15 +185,15 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
     if KV_FMT == 2:
         dh = tl.arange(0, D // 2)
         kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
-        ka = ((kb & 15).to(tl.int32) - 8).to(qa.dtype)
-        kz = ((kb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        ka = _nibble(kb & 15, qa.dtype)
+        kz = _nibble(kb >> 4, qa.dtype)
         if FP32:
             s = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
         else:
             s = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
     else:
         d = tl.arange(0, D)
-        kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        kt = _codes(tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0), qa.dtype)
         if FP32:
             s = tl.dot(qa, tl.trans(kt), input_precision="ieee")
         else:
@@ -197,8 +216,8 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
         p = p.to(qa.dtype)
     if KV_FMT == 2:
         vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
-        va = ((vb & 15).to(tl.int32) - 8).to(qa.dtype)
-        vz = ((vb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        va = _nibble(vb & 15, qa.dtype)
+        vz = _nibble(vb >> 4, qa.dtype)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
@@ -206,7 +225,7 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
             acc = acc * alpha[:, None] + tl.dot(p, va)
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
     else:
-        vt = tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        vt = _codes(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), qa.dtype)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
         else:
@@ -253,6 +272,9 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
     qa = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
     qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
+    if KV_FMT != 0 and not FP32:  # quantized caches: fp16 dot operands (integer codes convert exactly, see _codes)
+        qa = qa.to(tl.float16)
+        qb = qb.to(tl.float16)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
@@ -329,7 +351,7 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
     m_max = tl.max(m, 0)
     l_sum = tl.sum(l * tl.exp(m - m_max), 0)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in range(0, SPLITS_P2, CHUNK):  # static bound; empty shares' rows are not read
+    for s0 in tl.static_range(0, SPLITS_P2, CHUNK):  # unrolled: all chunks' loads in flight at once
         sc = s0 + tl.arange(0, CHUNK)
         lc = tl.load(LP + base + sc * G, mask=sc < NUM_SPLITS, other=0.0)
         ok = lc > 0
