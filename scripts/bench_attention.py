@@ -9,6 +9,7 @@ scales the step must read), that over the time as a fraction of the device-to-de
 bandwidth measured in the same run, and the error against an fp32 reference over the same
 (dequantized) cache. For int8/int4 also the error against the bf16 cache (the quantization
 error of the attention output), and for int4 the same with a Hadamard rotation of q, k, v.
+`rows` hold only this project's kernels; ExecuTorch's `triton::sdpa` goes to `baseline_rows`.
 """
 
 from __future__ import annotations
