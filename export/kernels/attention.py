@@ -18,9 +18,12 @@ kernels dequantize by converting the integer tile and scaling the scores / proba
 
 Triton path (CUDA): decode (T = 1 in the traced graph) is flash-decoding: grid
 (NUM_SPLITS, 1, Hkv); each program reads one contiguous share of the filled positions
-[lo, pos], split from the position tensor on the device (static grid for AOTInductor and
-CUDA-graph replay; shares past the fill are empty loops), and writes a partial (max, sum,
-acc); a combine kernel merges the shares. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
+[lo, pos] (whole BLOCK_N blocks, cp.async-pipelined), split from the position tensor on the
+device (static grid for AOTInductor and CUDA-graph replay; shares past the fill are empty and
+write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
+head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
+the integer codes become fp16 through their bit patterns (see _codes), not conversion
+instructions. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
 Hkv), rows = (t, g) pairs of one KV head, each block walking only the positions its rows can
 see (causal and window range). The eager reference below is the CPU kernel and the CPU
 backend's decomposition.
@@ -38,10 +41,12 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
-TARGET_PROGRAMS = 512  # decode programs per layer (splits x KV heads) at full fill
+# decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
+# longer shares beat more at every fill once the combine reads few partials)
+TARGET_PROGRAMS = 264
 # decode (head_dim, KV format) -> (BLOCK_N, num_warps, num_stages), measured best on an H200
-# (scripts/attention_variants.py); every one fits SMEM_LIMIT
-DECODE_CONFIG = {}
+# (scripts/attention_variants.py, scripts/measurements/attention_variants.json); each fits SMEM_LIMIT
+DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
 QUANT_BLOCK = {torch.int8: "int8", torch.uint8: "int4"}
 KV_FORMAT = {"float": 0, "int8": 1, "int4": 2}
