@@ -147,8 +147,9 @@ def _cfg(bm, bn, warps, stages):
 
 
 # decode: BLOCK_M 16 rows hold the G query heads of one KV head; stages >= 2 keep K/V loads in
-# flight (cp.async) while the previous block is in the dot
-_DECODE_ALL = [_cfg(16, bn, w, s) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3, 4)]
+# flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
+# every tile and KV format on the H200)
+_DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 _PREFILL_ALL = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
 
 
