@@ -170,6 +170,32 @@ assert max(worst.values()) <= 1e-2, worst
 """
 
 
+CODES_EXACT = r"""
+import torch, triton, triton.language as tl
+from export.kernels import attention as A
+
+@triton.jit
+def conv(X, Y, Z):
+    i = tl.arange(0, 256)
+    x = tl.load(X + i)
+    tl.store(Y + i, A._codes(x, tl.float16))
+    tl.store(Z + i, A._nibble(x.to(tl.uint8) & 15, tl.float16))
+
+x = torch.arange(-128, 128, dtype=torch.int8)
+y, z = torch.empty(256, dtype=torch.float16), torch.empty(256, dtype=torch.float16)
+conv[(1,)](x, y, z)
+assert y.equal(x.half()), y
+assert z.equal(((x.view(torch.uint8) & 15).int() - 8).half()), z
+"""
+
+
+def test_codes_to_fp16_through_bits_are_exact_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", CODES_EXACT], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 def test_quantized_codes_convert_exactly_with_16bit_queries_in_the_interpreter():
     """bf16 q over int8 / int4 caches: the fp16 dot operands built from the codes' bits."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
