@@ -9,6 +9,7 @@ scales the step must read), that over the time as a fraction of the device-to-de
 bandwidth measured in the same run, and the error against an fp32 reference over the same
 (dequantized) cache. For int8/int4 also the error against the bf16 cache (the quantization
 error of the attention output), and for int4 the same with a Hadamard rotation of q, k, v.
+`rows` hold only this project's kernels; ExecuTorch's `triton::sdpa` goes to `baseline_rows`.
 """
 
 from __future__ import annotations
@@ -97,10 +98,18 @@ def main(argv=None) -> int:
     ap.add_argument("--timing", choices=("graph", "events"), default="graph",
                     help="graph: replay one CUDA graph of the op (launch overhead gone, as in the runner's "
                          "CUDA-graph decode); events: do_bench over eager Python launches")
+    ap.add_argument("--choice", default=None,
+                    help="TARGET_PROGRAMS and DECODE_CONFIG from scripts/attention_variants.py (default: the module's)")
     ap.add_argument("--hadamard-only", action="store_true",
                     help="only the 4-bit Hadamard accuracy section (plain torch; runs on CPU too)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    choice = None
+    if args.choice:
+        choice = json.loads(Path(args.choice).read_text())
+        A.TARGET_PROGRAMS = choice["target_programs"]
+        for D, fmt, bn, warps, stages in choice["decode_config"]:
+            A.DECODE_CONFIG[D, fmt] = (bn, warps, stages)
     # fewer configs than an export autotunes over: the run has minutes, not hours, to compile
     trim = A.use_configs(_trim)
     trim.__enter__()
@@ -112,11 +121,14 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     sdpa = et_sdpa() if args.baseline else None
     result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name(), "ctx": CTX, "prefill_chunk": CHUNK,
-              "baseline": "ExecuTorch triton::sdpa over the whole cache" if sdpa else "none", "rows": []}
+              "baseline": "ExecuTorch triton::sdpa over the whole cache" if sdpa else "none",
+              "target_programs": A.TARGET_PROGRAMS,
+              "decode_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.DECODE_CONFIG.items())],
+              "rows": [], "baseline_rows": []}
     out_path = Path(args.out)
 
-    def emit(row):
-        result["rows"].append(row)
+    def emit(row, key="rows"):
+        result[key].append(row)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
@@ -168,10 +180,10 @@ def main(argv=None) -> int:
                         m = m & (positions[:, None] - kp < window)
                     mask = m.repeat(G, 1)[None, None].expand(1, Hkv, G * T, S).contiguous()
                     fn = lambda: sdpa(qq, k, v, attn_mask=mask, scale=1.0)  # noqa: E731
-                    ms = triton.testing.do_bench(fn, rep=args.rep)
+                    ms = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
                     nbytes = kv_bytes(Hkv, D, n, "bf16")
                     emit(dict(layer=name, phase=phase, kv_dtype="bf16", fill=fill, us=ms * 1e3, impl="triton::sdpa",
-                              fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes))
+                              fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes), "baseline_rows")
         del k, v, quant
         torch.cuda.empty_cache()
 
@@ -179,7 +191,7 @@ def main(argv=None) -> int:
         old = json.loads(Path(args.merge_baseline).read_text())
         for r in old["rows"]:
             if r.get("impl") == "triton::sdpa":
-                emit({**r, "copy_gbps_of_its_run": old["copy_gbps"]})
+                emit({**r, "copy_gbps_of_its_run": old["copy_gbps"]}, "baseline_rows")
     result["compiled_shared_bytes_max"] = compiled_shared_max()
     result["hadamard"] = hadamard_section("cuda")
     out_path.write_text(json.dumps(result, indent=1) + "\n")
@@ -192,14 +204,17 @@ def _time(fn, args) -> float:
     import triton.testing
 
     if args.timing == "events":
-        return triton.testing.do_bench(fn, rep=args.rep)
+        return triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=args.rep)
+    return triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
 
 
 def _trim(configs):
-    """The configs this benchmark compiles (an export autotunes over all of them)."""
+    """The configs this benchmark compiles (an export autotunes prefill over all of them; decode
+    has one config, first in its list)."""
+    if all(c.kwargs["BLOCK_M"] == 16 for c in configs):
+        return configs[:1]
     keep = {(16, 16, 2), (16, 32, 1), (16, 64, 1), (32, 32, 1), (64, 32, 1), (32, 64, 1), (64, 64, 2)}
     out = [c for c in configs if c.num_warps == 4
            and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) in keep]

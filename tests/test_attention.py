@@ -106,7 +106,9 @@ def test_every_config_fits_consumer_shared_memory():
 
 
 def test_decode_splits_are_static_and_bounded():
-    assert A.decode_splits(131072, 4) == 128 and A.decode_splits(1151, 16) == 18 and A.decode_splits(15, 2) == 1
+    t = A.TARGET_PROGRAMS
+    assert A.decode_splits(131072, 4) == t // 4 and A.decode_splits(1151, 16) == min(t // 16, 72)
+    assert A.decode_splits(15, 2) == 1
 
 
 INTERPRETED = r"""
@@ -143,6 +145,62 @@ def test_triton_kernels_match_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+INTERPRETED_16BIT = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import filled_cache
+cm = A.use_configs(A.smallest); cm.__enter__()
+gen = torch.Generator().manual_seed(1)
+worst = {}
+for H, Hkv, D, S, window, pos, T in [(8, 2, 32, 300, 0, 290, 1), (8, 2, 32, 300, 0, 100, 7), (4, 2, 16, 15, 8, 37, 1)]:
+    k, v = filled_cache(Hkv, S, D, pos + T, window > 0, gen)
+    q = torch.randn(1, T, H, D, generator=gen).to(torch.bfloat16)
+    p = torch.tensor([pos])
+    for kv in ("int8", "int4"):
+        (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+        want = A.attention_reference(q.float(), kq, vq, ks, vs, p, window)
+        for decode in ([True, False] if T == 1 else [False]):
+            got = A.launch(q, kq, vq, ks, vs, p, window, decode).float()
+            worst[kv] = max(worst.get(kv, 0.0), ((got - want).norm() / want.norm()).item())
+print(worst)
+assert max(worst.values()) <= 1e-2, worst
+"""
+
+
+CODES_EXACT = r"""
+import torch, triton, triton.language as tl
+from export.kernels import attention as A
+
+@triton.jit
+def conv(X, Y, Z):
+    i = tl.arange(0, 256)
+    x = tl.load(X + i)
+    tl.store(Y + i, A._codes(x, tl.float16))
+    tl.store(Z + i, A._nibble(x.to(tl.uint8) & 15, tl.float16))
+
+x = torch.arange(-128, 128, dtype=torch.int8)
+y, z = torch.empty(256, dtype=torch.float16), torch.empty(256, dtype=torch.float16)
+conv[(1,)](x, y, z)
+assert y.equal(x.half()), y
+assert z.equal(((x.view(torch.uint8) & 15).int() - 8).half()), z
+"""
+
+
+def test_codes_to_fp16_through_bits_are_exact_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", CODES_EXACT], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_quantized_codes_convert_exactly_with_16bit_queries_in_the_interpreter():
+    """bf16 q over int8 / int4 caches: the fp16 dot operands built from the codes' bits."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_16BIT], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 

@@ -131,7 +131,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         from export.kernels import attention
 
         stack.enter_context(int4_matmul.one_config())
-        stack.enter_context(attention.use_configs(attention.smallest))  # gemma4::attention too
+        stack.enter_context(attention.use_configs(attention.one_config))  # gemma4::attention too
         return stack
 
     @classmethod

@@ -18,9 +18,12 @@ kernels dequantize by converting the integer tile and scaling the scores / proba
 
 Triton path (CUDA): decode (T = 1 in the traced graph) is flash-decoding: grid
 (NUM_SPLITS, 1, Hkv); each program reads one contiguous share of the filled positions
-[lo, pos], split from the position tensor on the device (static grid for AOTInductor and
-CUDA-graph replay; shares past the fill are empty loops), and writes a partial (max, sum,
-acc); a combine kernel merges the shares. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
+[lo, pos] (whole BLOCK_N blocks, cp.async-pipelined), split from the position tensor on the
+device (static grid for AOTInductor and CUDA-graph replay; shares past the fill are empty and
+write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
+head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
+the integer codes become fp16 through their bit patterns (see _codes), not conversion
+instructions. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
 Hkv), rows = (t, g) pairs of one KV head, each block walking only the positions its rows can
 see (causal and window range). The eager reference below is the CPU kernel and the CPU
 backend's decomposition.
@@ -38,8 +41,13 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
-SPLIT_GRANULE = 64  # a decode share is a multiple of this many positions (kernel and combine agree)
-TARGET_PROGRAMS = 512  # decode programs per layer (splits x KV heads) at full fill
+# decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
+# longer shares beat more at every fill once the combine reads few partials)
+TARGET_PROGRAMS = 264
+# decode (head_dim, KV format) -> (BLOCK_N, num_warps, num_stages), measured best on an H200
+# (scripts/attention_variants.py, scripts/measurements/attention_variants.json); each fits SMEM_LIMIT
+DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
+COMBINE_BLOCK_D = 128  # head-dim columns per combine program
 QUANT_BLOCK = {torch.int8: "int8", torch.uint8: "int4"}
 KV_FORMAT = {"float": 0, "int8": 1, "int4": 2}
 
@@ -120,12 +128,17 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
 # ---- configs (every one within SMEM_LIMIT; tests assert it) -------------------------------------
 
 def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2) -> int:
-    """Upper estimate of a program's shared memory: `stages` buffers of the K and V tiles as
-    stored, the converted (float) K/V operands when quantized, q, and p."""
+    """Upper estimate of a program's shared memory as Triton 3.6 lays it out (checked against
+    compiled kernels for sm_89 / sm_90). Decode: stages - 1 buffers of the K and V tiles as stored
+    (cp.async pipelining; one for the layout change when not pipelined), q and p as dot operands,
+    and for int4 the V tile once more (its nibble split goes through shared memory)."""
     stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
-    total = stages * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * 4
-    if kv_format:
-        total += 2 * block_n * head_dim * elt
+    if block_m > 16:  # prefill tiles: Triton keeps more (all stages, the float operands, fp32 p)
+        total = stages * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * 4
+        return total + (2 * block_n * head_dim * elt if kv_format else 0)
+    total = max(stages - 1, 1) * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * elt
+    if kv_format == 2:
+        total += block_n * stored
     return total
 
 
@@ -133,8 +146,11 @@ def _cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-_DECODE_ALL = [_cfg(16, bn, w, s) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
-_PREFILL_ALL = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+# decode: BLOCK_M 16 rows hold the G query heads of one KV head; stages >= 2 keep K/V loads in
+# flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
+# every tile and KV format on the H200)
+_DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
+_PREFILL_ALL = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
@@ -143,6 +159,25 @@ def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
 
 
 # ---- kernels -------------------------------------------------------------------------------------
+
+@triton.jit
+def _codes(x, dtype: tl.constexpr):
+    """Cache tile -> dot operand. int8 codes to fp16 without a conversion instruction (those
+    issue at a quarter of the integer rate and bound the int8 kernel): the fp16 with bits
+    0x6400 + (c + 128) is exactly 1024 + c + 128, so subtract 1152. bf16 / fp32 pass through."""
+    if x.dtype == tl.int8 and dtype == tl.float16:
+        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    return x.to(dtype)
+
+
+@triton.jit
+def _nibble(n, dtype: tl.constexpr):
+    """A 4-bit code n in [0, 15] (stored value + 8) -> value as a dot operand; fp16 via the bits
+    0x6400 + n = 1024 + n, then - 1032 (exact)."""
+    if dtype == tl.float16:
+        return (n.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+    return (n.to(tl.int32) - 8).to(dtype)
+
 
 @triton.jit
 def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
@@ -156,15 +191,15 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
     if KV_FMT == 2:
         dh = tl.arange(0, D // 2)
         kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
-        ka = ((kb & 15).to(tl.int32) - 8).to(qa.dtype)
-        kz = ((kb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        ka = _nibble(kb & 15, qa.dtype)
+        kz = _nibble(kb >> 4, qa.dtype)
         if FP32:
             s = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
         else:
             s = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
     else:
         d = tl.arange(0, D)
-        kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        kt = _codes(tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0), qa.dtype)
         if FP32:
             s = tl.dot(qa, tl.trans(kt), input_precision="ieee")
         else:
@@ -187,8 +222,8 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
         p = p.to(qa.dtype)
     if KV_FMT == 2:
         vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
-        va = ((vb & 15).to(tl.int32) - 8).to(qa.dtype)
-        vz = ((vb >> 4).to(tl.int32) - 8).to(qa.dtype)
+        va = _nibble(vb & 15, qa.dtype)
+        vz = _nibble(vb >> 4, qa.dtype)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
@@ -196,7 +231,7 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
             acc = acc * alpha[:, None] + tl.dot(p, va)
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
     else:
-        vt = tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0).to(qa.dtype)
+        vt = _codes(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), qa.dtype)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
         else:
@@ -205,9 +240,9 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
 
 
 @triton.jit
-def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
+def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
-               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -225,7 +260,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
     hi = pos0 + t_hi  # last position any row of this block sees (inclusive)
     lo = tl.where(WINDOW > 0, tl.maximum(pos0 + t_lo - WINDOW + 1, 0), 0)
     n = hi - lo + 1
-    share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), 64) * 64  # SPLIT_GRANULE
+    share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per share
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
 
@@ -243,6 +278,9 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
     qa = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
     qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
+    if KV_FMT != 0 and not FP32:  # quantized caches: fp16 dot operands (integer codes convert exactly, see _codes)
+        qa = qa.to(tl.float16)
+        qb = qb.to(tl.float16)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
@@ -256,11 +294,12 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW,
             m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
                                          skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
 
-    if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel
-        base = kvh * NUM_SPLITS * G + pid_s * G + g
+    if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
+        base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok
         tl.store(MP + base, m_i, mask=ok)
         tl.store(LP + base, l_i, mask=ok)
+        ok = ok & (start < end)
         tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
         if KV_FMT == 2:
             tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
@@ -275,38 +314,54 @@ _FORCE = None  # configs filter set by `use_configs`
 _KERNELS: dict = {}
 
 
+def decode_config(head_dim: int, fmt: int) -> triton.Config:
+    """The decode config: the measured best (DECODE_CONFIG) or, for other head dims, the fitting
+    config with the most K/V bytes in flight. Decode is not autotuned: an export traces it at one
+    fill, while its speed matters at every fill."""
+    configs = fitting(_DECODE_ALL, head_dim, fmt)
+    if (head_dim, fmt) in DECODE_CONFIG:
+        bn, warps, stages = DECODE_CONFIG[head_dim, fmt]
+        for c in configs:
+            if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bn, warps, stages):
+                return c
+    return max(configs, key=lambda c: (min(c.num_stages - 1, 2) * c.kwargs["BLOCK_N"], -c.num_warps))
+
+
 def _kernel(decode: bool, head_dim: int, fmt: int):
-    """The autotuned body for one phase / head dim / KV format, with only the configs that fit."""
+    """The body for one phase / head dim / KV format: decode with its one config (first), prefill
+    autotuned over the configs that fit (smallest first)."""
     configs = fitting(_DECODE_ALL if decode else _PREFILL_ALL, head_dim, fmt)
-    key = (decode, head_dim, fmt, _FORCE)
+    if decode:
+        first = decode_config(head_dim, fmt)
+        configs = [first] + [c for c in configs if c is not first]
+    else:
+        configs = sorted(configs, key=_size)
+    key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)))
     if key not in _KERNELS:
-        chosen = _FORCE(configs) if _FORCE is not None else configs
+        chosen = _FORCE(configs) if _FORCE is not None else (configs[:1] if decode else configs)
         _KERNELS[key] = triton.autotune(configs=chosen, key=["S", "G"])(_attn_body)
     return _KERNELS[key]
 
 
 @triton.jit
-def _combine(POS, MP, LP, AP, O, soh, WINDOW, G: tl.constexpr, D: tl.constexpr,
-             NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr):
+def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
+             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
+    of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once."""
     h = tl.program_id(0)
-    kvh = h // G
-    g = h % G
-    pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
-    lo = tl.where(WINDOW > 0, tl.maximum(pos0 - WINDOW + 1, 0), 0)
-    n = pos0 - lo + 1
-    share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), 64) * 64
-    active = tl.cdiv(n, share)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    base = (h // G) * NUM_SPLITS * G + h % G
     s = tl.arange(0, SPLITS_P2)
-    base = kvh * NUM_SPLITS * G + g
-    m = tl.load(MP + base + s * G, mask=s < active, other=-1.0e30)
+    l = tl.load(LP + base + s * G, mask=s < NUM_SPLITS, other=0.0)
+    m = tl.where(l > 0, tl.load(MP + base + s * G, mask=s < NUM_SPLITS, other=-1.0e30), -1.0e30)
     m_max = tl.max(m, 0)
-    l_sum = tl.sum(tl.load(LP + base + s * G, mask=s < active, other=0.0) * tl.exp(m - m_max), 0)
-    d = tl.arange(0, D)
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, NUM_SPLITS, CHUNK):  # static bound: inactive chunks are masked
+    l_sum = tl.sum(l * tl.exp(m - m_max), 0)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in tl.static_range(0, SPLITS_P2, CHUNK):  # unrolled: all chunks' loads in flight at once
         sc = s0 + tl.arange(0, CHUNK)
-        ok = sc < active
-        w = tl.exp(tl.load(MP + base + sc * G, mask=ok, other=-1.0e30) - m_max)
+        lc = tl.load(LP + base + sc * G, mask=sc < NUM_SPLITS, other=0.0)
+        ok = lc > 0
+        w = tl.where(ok, tl.exp(tl.load(MP + base + sc * G, mask=ok, other=0.0) - m_max), 0.0)
         a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
         acc += tl.sum(a * w[:, None], 0)
     tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
@@ -327,8 +382,9 @@ def kv_format(k: torch.Tensor, k_scale: Optional[torch.Tensor]) -> int:
 
 
 def decode_splits(slots: int, kv_heads: int) -> int:
-    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs at full fill."""
-    return max(1, min(TARGET_PROGRAMS // kv_heads, triton.cdiv(slots, SPLIT_GRANULE)))
+    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs at full fill, no
+    share shorter than 16 positions (the smallest BLOCK_N)."""
+    return max(1, min(TARGET_PROGRAMS // kv_heads, triton.cdiv(slots, 16)))
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f):
@@ -349,14 +405,17 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
         lp = torch.empty_like(mp)
         ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float32)
-        wrap(_kernel(True, D, fmt))[(splits, 1, Hkv)](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, *strides,
-                                              NUM_SPLITS=splits, SPLIT=True, **common)
-        wrap(_combine)[(H,)](pos, mp, lp, ap, out, out.stride(2), window, G=G, D=D, NUM_SPLITS=splits,
-                             SPLITS_P2=triton.next_power_of_2(splits), CHUNK=max(1, min(8, 4096 // D)))
+        grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
+        wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
+                                          SPLIT=True, **common)
+        p2 = triton.next_power_of_2(splits)
+        block_d = min(D, COMBINE_BLOCK_D)
+        wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
+                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d)
     else:
         grid = lambda meta: (1, triton.cdiv(T * G, meta["BLOCK_M"]), Hkv)  # noqa: E731
-        wrap(_kernel(False, D, fmt))[grid](q, k, v, ks, vs, pos, out, q, q, q, T, S, H, window, *strides,
-                                  NUM_SPLITS=1, SPLIT=False, **common)
+        wrap(_kernel(False, D, fmt))[grid](q, k, v, ks, vs, pos, out, q, q, q, T, S, H, window, 1, *strides,
+                                           SPLIT=False, **common)
     return out
 
 
@@ -385,6 +444,16 @@ def use_configs(select) -> Iterator[None]:
         _FORCE = saved
 
 
+def _size(c):
+    return (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps)
+
+
 def smallest(configs):
-    """The one config a deterministic (no-autotune) export uses."""
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages, c.num_warps))]
+    """The smallest tiles (the Triton interpreter's tests: fastest there)."""
+    return [min(configs, key=_size)]
+
+
+def one_config(configs):
+    """The one config a deterministic (no-autotune) export uses: decode's measured best, the
+    smallest prefill tiles."""
+    return configs[:1]
