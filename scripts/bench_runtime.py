@@ -402,7 +402,24 @@ def start_exports(s: Sweep) -> dict[str, dict]:
         proc = subprocess.Popen(cmd, env=env, stdout=open(s.workdir / f"export_{kv}.json", "w"),
                                 stderr=open(s.workdir / f"export_{kv}.log", "w"), start_new_session=True)
         jobs[kv] = {"out": out, "proc": proc, "t0": time.perf_counter(), "command": " ".join(cmd[1:])}
+    _kill_on_exit([j["proc"] for j in jobs.values() if "proc" in j])
     return jobs
+
+
+def _kill_on_exit(procs: list) -> None:
+    """The exports run in sessions of their own (their compile workers with them): end them if
+    this process ends first, also when `timeout` sends it SIGTERM."""
+    import atexit
+    import os
+    import signal
+
+    def kill():
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    atexit.register(kill)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def wait_exports(jobs: dict[str, dict], deadline_s: float, clock: Clock) -> dict[str, dict]:
@@ -728,7 +745,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     state = slice_state_dict(s) if s.hf else None
     head = non_layer_model(s)
     log(f"ready beside the exports after {clock.elapsed():.0f} s")
-    reserve = 150.0 if cuda else 30.0  # the least the measurements need after the exports
+    reserve = 90.0 if cuda else 30.0  # the least the measurements need after the exports: one KV dtype, transformers
     rec["exports"] = wait_exports(jobs, s.time_budget - reserve, clock)
     save()
 
