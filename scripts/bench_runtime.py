@@ -12,6 +12,26 @@ preset + seed) on the same device, and compute the floor: bytes a decode step mu
 (every bound weight except gather-only tables, plus the whole static KV cache, which the
 compiled attention reads with a mask) over the device's measured copy bandwidth. Prints a
 table and writes JSON.
+
+The KV-dtype sweep (`--kv-dtypes`; scripts/measure_gpu.sh runtime_31b):
+
+    python -m scripts.bench_runtime --preset 31b --layers 12 --ctx 131072 --kv-dtypes int4,bf16,int8 \
+        --time-budget 515 --workdir /tmp/rt31 --json scripts/measurements/runtime_31b.json
+    python -m scripts.bench_runtime --preset tiny --layers 2 --ctx 256 --kv-dtypes int8 --device cpu \
+        --fills 16,64,192 --prompts 32,128 --new-tokens 8      # the same code path on a CPU
+
+exports the slice once per KV dtype with the export CLI (int4 linears, int8 embedding,
+--low-memory, --no-autotune unless --autotune; side by side, each with its own compiler
+caches), then per artifact: decode ms/token after prefilling to each --fills (CUDA graph, as
+the runner decodes by default), prefill tok/s per --prompts, allocator and NVML peaks against
+the planner's runtime figure, and transformers' Gemma4ForCausalLM on the same float weights
+(eager attention up to 4096 tokens, sdpa beyond: eager's score matrix would not fit).
+Whole-model figures are extrapolated per layer: the non-layer part of a step (embedding, final
+norm, lm_head, sampling, timed on its own) plus the slice's layers times (model layers / slice
+layers), valid when the slice holds the model's sliding:full pattern (the 31B's first 12
+layers: 10 + 2 of 50 + 10). What would not fit --time-budget is skipped and listed; a long
+fill that would not fit is reached by moving the position over a zeroed cache instead
+(decode time depends on the position, not the cache's values; the row says `position`).
 """
 
 from __future__ import annotations
@@ -236,7 +256,6 @@ def print_table(rows: list[dict]) -> None:
 # peaks against the planner, and beside them transformers' Gemma4ForCausalLM (bf16) on the same
 # weights. Figures for the whole model are extrapolated per layer (see `extrapolate_ms`).
 
-GREEDY = None  # set lazily: runtime.sampling.SamplingConfig() (greedy)
 HF_EAGER_MAX_PROMPT = 4096  # eager attention holds [heads, T, T] fp32 scores: 32k would need 128 GiB a layer
 
 
@@ -739,11 +758,12 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     jobs = start_exports(s)
     # beside the compiles (light on the GPU): the planner, the float weights for transformers,
     # the non-layer model
-    rec["plan_31b_131072_gib"] = plan_gib("31b", None, 131072, "int4", "int8", "cuda")["total_gib"]
-    plans = {kv: plan_gib(s.preset, s.layers, s.ctx, kv, s.embedding_quant, "cuda", s.prefill_chunk)
-             for kv in s.kv_dtypes}
-    state = slice_state_dict(s) if s.hf else None
-    head = non_layer_model(s)
+    plan = _guarded(rec, "plan", "cpu", plan_gib, "31b", None, 131072, "int4", "int8", "cuda")
+    rec["plan_31b_131072_gib"] = plan and plan["total_gib"]
+    plans = {kv: _guarded(rec, f"plan {kv}", "cpu", plan_gib, s.preset, s.layers, s.ctx, kv, s.embedding_quant, "cuda",
+                          s.prefill_chunk) or {} for kv in s.kv_dtypes}
+    state = _guarded(rec, "float weights", "cpu", slice_state_dict, s) if s.hf else None
+    head = _guarded(rec, "non-layer model", "cpu", non_layer_model, s)
     log(f"ready beside the exports after {clock.elapsed():.0f} s")
     reserve = 90.0 if cuda else 30.0  # the least the measurements need after the exports: one KV dtype, transformers
     rec["exports"] = wait_exports(jobs, s.time_budget - reserve, clock)
@@ -755,7 +775,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     bw = copy_bandwidth(device, nbytes=2 << 30 if cuda else 1 << 28)
     rec["copy_gbps"] = bw / 1e9
     _free(device)
-    rec["non_layer_ms"] = non_layer_ms(head, device)
+    rec["non_layer_ms"] = head and _guarded(rec, "non-layer part", device, non_layer_ms, head, device)
     del head
     _free(device)
     save()
@@ -763,7 +783,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     todo = [kv for kv in s.kv_dtypes if rec["exports"][kv]["ok"]]
     for i, kv in enumerate(todo):
         if i == 1 and state is not None:  # transformers after the first artifact: the comparison first
-            rec["hf"] = _hf_stage(s, state, device, clock, ours_logits)
+            rec["hf"] = _guarded(rec, "transformers", device, _hf_stage, s, state, device, clock, ours_logits)
             state = None
             _free(device)
             save()
@@ -771,24 +791,40 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
             continue
         t = time.perf_counter()
         left_after = (len(todo) - i - 1) * base_est + (40.0 if state is not None else 0.0)
-        res = bench_kv_dtype(s, kv, s.workdir / kv, clock, left_after, scale, rec["non_layer_ms"], bw)
+        res = _guarded(rec, f"runtime {kv}", device, bench_kv_dtype, s, kv, s.workdir / kv, clock, left_after, scale,
+                       rec["non_layer_ms"], bw)
+        if res is None:
+            continue
         base_est = time.perf_counter() - t - res.pop("fill_s")  # the next may skip its long fill
         _free(device)
         ours_logits[kv] = res.pop("first_logits")
         res["memory"]["plan"] = plans[kv]
         m = res["memory"]
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731 (a tiny plan rounds to 0.00)
-        m["allocator_vs_plan"] = ratio(m["allocator_peak_gib"], plans[kv]["allocator_gib"])
-        m["nvml_vs_plan"] = ratio(m["nvml_peak_gib"], plans[kv]["total_gib"])
+        m["allocator_vs_plan"] = ratio(m["allocator_peak_gib"], plans[kv].get("allocator_gib"))
+        m["nvml_vs_plan"] = ratio(m["nvml_peak_gib"], plans[kv].get("total_gib"))
         rec["decode"] += res["decode"]
         rec["prefill"] += res["prefill"]
         rec["memory"].append(m)
         save()
     if state is not None:
-        rec["hf"] = _hf_stage(s, state, device, clock, ours_logits)
+        rec["hf"] = _guarded(rec, "transformers", device, _hf_stage, s, state, device, clock, ours_logits)
     _merge_hf(rec)
     save()
     return rec
+
+
+def _guarded(rec: dict, what: str, device: str, fn, *args):
+    """fn(*args), or None with the error recorded: one failed stage leaves the others' figures."""
+    import traceback
+
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 (a one-shot device run: keep going, say what failed)
+        rec.setdefault("errors", []).append(f"{what}: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
+        log(f"{what} failed: {type(e).__name__}: {e}")
+        _free(device)
+        return None
 
 
 def _hf_stage(s: Sweep, state, device: str, clock: Clock, ours_logits: dict) -> dict | None:
@@ -819,7 +855,7 @@ def _merge_hf(rec: dict) -> None:
 
 def print_sweep(rec: dict) -> None:
     print(f"copy bandwidth {rec['copy_gbps']:.0f} GB/s (read + write); non-layer part of a decode step "
-          f"{rec.get('non_layer_ms', float('nan')):.3f} ms; {rec['extrapolated'] or 'no extrapolation'}")
+          f"{rec.get('non_layer_ms') or float('nan'):.3f} ms; {rec['extrapolated'] or 'no extrapolation'}")
     print(f"\n{'kv':<5} {'fill':>7} {'how':>8} {'slice ms':>9} {'floor':>7} {'60l ms*':>8} {'60l floor':>9} "
           f"{'of floor':>8} {'60l tok/s*':>10}")
     for r in rec["decode"]:
@@ -836,8 +872,9 @@ def print_sweep(rec: dict) -> None:
     print(f"\n{'kv':<5} {'alloc GiB':>9} {'plan':>6} {'ratio':>6} {'NVML GiB':>9} {'plan':>6} {'ratio':>6}")
     for m in rec["memory"]:
         nv = m["nvml_peak_gib"]
-        print(f"{m['kv_dtype']:<5} {m['allocator_peak_gib']:>9.2f} {m['plan']['allocator_gib']:>6.2f} "
-              f"{m['allocator_vs_plan'] or float('nan'):>6.3f} {nv or float('nan'):>9.2f} {m['plan']['total_gib']:>6.2f} "
+        nan = float("nan")
+        print(f"{m['kv_dtype']:<5} {m['allocator_peak_gib']:>9.2f} {m['plan'].get('allocator_gib', nan):>6.2f} "
+              f"{m['allocator_vs_plan'] or nan:>6.3f} {nv or nan:>9.2f} {m['plan'].get('total_gib', nan):>6.2f} "
               f"{m['nvml_vs_plan'] or float('nan'):>6.3f}")
     hf = rec.get("hf") or {}
     if hf.get("decode"):
@@ -845,6 +882,8 @@ def print_sweep(rec: dict) -> None:
     print(f"plan, full 31B at 131072, 24 GB recipe: {rec['plan_31b_131072_gib']} GiB")
     for line in rec["skipped"]:
         print(f"skipped: {line}")
+    for line in rec.get("errors", []):
+        print(f"error: {line.splitlines()[0]}")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
