@@ -557,7 +557,7 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
                 if runner.pos > x:
                     runner.reset()
                 method, est = "prefill", model.estimate(runner.pos, x)
-                if runner.pos < x and est > clock.left() - reserve_s:
+                if runner.pos < x and est > 0 and est > clock.left() - reserve_s:
                     method = "position"  # decode time depends on the position, not the KV's values
                     clock.skipped.append(f"{kv}: prefill {runner.pos}->{x} (estimated {est:.0f} s): decode at fill {x} "
                                          f"measured after moving the position there over a zeroed cache")
