@@ -576,7 +576,9 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
             row["bytes_read_slice"] = read
             row["ms_per_token_slice"] = row.pop("ms_per_token")
             if non_layer_ms is not None and scale:
+                row["layers_ms_slice"] = row["ms_per_token_slice"] - non_layer_ms  # 10 sliding + 2 full for the 31B
                 row["ms_per_token_60l"] = extrapolate_ms(row["ms_per_token_slice"], non_layer_ms, scale)
+                row["extrapolated"] = True
                 row["fraction_of_floor_60l"] = row["floor_ms_60l"] / row["ms_per_token_60l"]
             else:
                 row["ms_per_token_60l"] = None
