@@ -16,7 +16,7 @@ table and writes JSON.
 The KV-dtype sweep (`--kv-dtypes`; scripts/measure_gpu.sh runtime_31b):
 
     python -m scripts.bench_runtime --preset 31b --layers 12 --ctx 131072 --kv-dtypes int4,bf16,int8 \
-        --time-budget 515 --workdir /tmp/rt31 --json scripts/measurements/runtime_31b.json
+        --time-budget 530 --workdir /tmp/rt31 --json scripts/measurements/runtime_31b.json
     python -m scripts.bench_runtime --preset tiny --layers 2 --ctx 256 --kv-dtypes int8 --device cpu \
         --fills 16,64,192 --prompts 32,128 --new-tokens 8      # the same code path on a CPU
 
