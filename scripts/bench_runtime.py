@@ -882,6 +882,9 @@ def print_sweep(rec: dict) -> None:
     if hf.get("decode"):
         print(f"\ntransformers eager bf16 decode after {hf['decode']['fill']} tokens: {hf['decode']['ms_per_token']:.2f} ms/token (slice)")
     print(f"plan, full 31B at 131072, 24 GB recipe: {rec['plan_31b_131072_gib']} GiB")
+    print("exports: " + ", ".join(f"{kv} {'ok' if e['ok'] else 'FAILED'}"
+                                  f"{'' if e.get('seconds') is None else ' in %.0f s' % e['seconds']}"
+                                  for kv, e in rec["exports"].items()) + f"; whole run {rec.get('elapsed_s')} s")
     for line in rec["skipped"]:
         print(f"skipped: {line}")
     for line in rec.get("errors", []):
