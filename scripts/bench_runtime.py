@@ -751,7 +751,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
                                  "(the slice holds the model's sliding:full pattern)" if scale else None,
                  "memory": [], "hf": None, "exports": {}, "skipped": clock.skipped,
                  "notes": [f"exports: the export CLI, int4 g128 linears, {s.embedding_quant} embedding, --low-memory, "
-                           + ("max_autotune" if s.autotune else "--no-autotune (one config per kernel; compile time)"),
+                           + ("max_autotune" if s.autotune else "--no-autotune (to fit the compile into the run)"),
                            "decode: greedy, CUDA-graph replay on CUDA (the runner's default), one token id read per step",
                            f"transformers: eager attention up to {HF_EAGER_MAX_PROMPT} tokens, sdpa beyond (eager's "
                            "[heads, T, T] fp32 scores: 128 GiB a layer at 32k); logits of the last token only"]}
