@@ -111,8 +111,16 @@ slice_kernels)  # the 31B 2-layer int4 g128 low-memory slice with the project's 
   timeout 120 python -m scripts.kv_logits_error --preset 31b --layers 6 --fill 2048 --device cuda \
       --out "$OUT/kv_logits.json" 2>&1 | tail -6
   ;;
+runtime_31b)  # the 31B 12-layer slice (10 sliding + 2 full) at 131072, KV int4 / bf16 / int8: three
+  # low-memory exports side by side (--no-autotune), then decode per fill, prefill per prompt, memory vs plan,
+  # transformers' eager bf16 beside; --time-budget skips (and lists) what would not fit the command
+  timeout 555 python -m scripts.bench_runtime --preset 31b --layers 12 --ctx 131072 --kv-dtypes int4,bf16,int8 \
+      --time-budget 530 --workdir /tmp/rt31 --json "$OUT/runtime_31b.json" > "$OUT/runtime_31b.txt" 2> "$OUT/runtime_31b.log"
+  echo "bench rc=$?"; cat "$OUT/runtime_31b.txt"; tail -c 1500 "$OUT/runtime_31b.log"
+  tar -czf "$OUT/runtime_31b_exports.tgz" -C /tmp/rt31 $(cd /tmp/rt31 && ls export_*.log export_*.json 2>/dev/null)
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b" >&2; exit 2 ;;
 esac
