@@ -216,3 +216,78 @@ def test_cuda_kernels_match_reference(n, e, h, i, k, group):
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     want = mo.moe_experts_reference(x.float(), w, idx, *stacks)  # fp32 with the dequantized weights
     assert _rel(y, want) <= 1e-2
+
+
+# ---- the recipe: Experts -> PackedInt4Experts ----------------------------------------------
+
+
+def _tiny_moe(dtype=torch.float32):
+    from export.gemma4.config import PRESETS
+    from export.gemma4.model import Gemma4Model
+    from tests.helpers import randomize_
+    return randomize_(Gemma4Model(PRESETS["tiny-moe"], ctx=32, prefill_chunk=4), seed=0).eval().to(dtype)
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_quantize_turns_experts_into_int4_stacks_unit_by_unit(target):
+    """Both targets: every layer's Experts becomes PackedInt4Experts when its unit is quantized
+    (the streaming loader's `under`), holding the int4 layout of the float stacks."""
+    from export.backends import TargetDevice
+    from export.gemma4.quant import PackedInt4Experts, QuantRecipe, QuantReport, quantize_
+    dtype = torch.bfloat16 if target == "cuda" else torch.float32
+    model, ref = _tiny_moe(dtype), _tiny_moe(dtype)
+    report = QuantReport()
+    quantize_(model, QuantRecipe(group_size=32), TargetDevice(target), under="layers.0", report=report)
+    assert isinstance(model.layers[0].experts, PackedInt4Experts)
+    assert not isinstance(model.layers[1].experts, PackedInt4Experts)  # not yet in scope
+    for i in range(1, len(model.layers)):
+        quantize_(model, QuantRecipe(group_size=32), TargetDevice(target), under=f"layers.{i}", report=report)
+    assert {f"layers.{i}.experts" for i in range(len(model.layers))} <= set(report.int4)
+    assert not any("experts" in f for f in report.skipped)
+    ex = model.layers[1].experts
+    assert ex.gate_up_proj.qweight.shape == (8, 64, 32) and ex.down_proj.qweight.shape == (8, 64, 16)
+    assert ex.gate_up_proj.scales.dtype == torch.bfloat16
+    w = ref.layers[1].experts.down_proj.float()
+    assert _rel(ex.down_proj.dequantize(torch.float32), w) < 0.15  # int4 g32 on normal weights: ~0.1
+    assert {k for k in model.state_dict() if ".experts." in k} == {
+        f"layers.{i}.experts.{p}.{b}" for i in range(len(model.layers))
+        for p in ("gate_up_proj", "down_proj") for b in ("qweight", "scales")}
+    tok = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # on CPU tensors the ops run their references (exactness: the next test)
+        assert torch.isfinite(model(tok, torch.tensor([0]))).all()
+
+
+def test_quantized_layer_matches_float_layer_with_dequantized_experts():
+    """The MoE block through the int4 op equals the float block given the dequantized stacks."""
+    from export.backends import TargetDevice
+    from export.gemma4.quant import QuantRecipe, quantize_
+    model, ref = _tiny_moe(), _tiny_moe()
+    quantize_(model, QuantRecipe(group_size=32, linears=()), TargetDevice.CPU)  # experts only
+    with torch.no_grad():
+        for q, f in zip(model.layers, ref.layers):
+            f.experts.gate_up_proj.copy_(q.experts.gate_up_proj.dequantize(torch.float32))
+            f.experts.down_proj.copy_(q.experts.down_proj.dequantize(torch.float32))
+        tok = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(1))
+        assert _rel(model(tok, torch.tensor([0])), ref(tok, torch.tensor([0]))) < 1e-5  # prefill
+        assert _rel(model(tok[:, :1], torch.tensor([4])), ref(tok[:, :1], torch.tensor([4]))) < 1e-5  # decode
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_planner_expert_bytes_equal_the_module_bytes(group):
+    """26B-A4B: the planner's int4 expert stacks are the bytes PackedInt4Experts stores."""
+    from export.gemma4.config import PRESETS
+    from export.gemma4.quant import PackedInt4Stack
+    from export.planner import Int4Layout, PlanInputs, weight_tensors
+    cfg = PRESETS["26b-a4b"]
+    E, Hd, Id, L = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_hidden_layers
+    planned = sum(t.count * t.bytes for t in weight_tensors(PlanInputs(cfg, group_size=group, int4_layout=Int4Layout.PLAIN))
+                  if t.kind == "moe experts")
+    with torch.device("meta"):
+        stacks = (PackedInt4Stack(E, Hd, 2 * Id, group), PackedInt4Stack(E, Id, Hd, group))
+    real = L * sum(s.qweight.nbytes + s.scales.nbytes for s in stacks)
+    assert planned == real
+    assert real == L * (mo.experts_int4_bytes(E, 2 * Id, Hd, stacks[0].group_size)
+                        + mo.experts_int4_bytes(E, Hd, Id, stacks[1].group_size))
+    if group == 128:
+        assert stacks[1].group_size == 64  # I = 704 = 11 x 64
+        assert 11.0 * 2**30 < real < 11.2 * 2**30  # the 26B's experts: 11.08 GiB in int4 g128
