@@ -291,3 +291,18 @@ def test_planner_expert_bytes_equal_the_module_bytes(group):
     if group == 128:
         assert stacks[1].group_size == 64  # I = 704 = 11 x 64
         assert 11.0 * 2**30 < real < 11.2 * 2**30  # the 26B's experts: 11.08 GiB in int4 g128
+
+
+def test_bench_moe_runs_on_cpu(tmp_path):
+    """scripts/bench_moe.py at toy size on the CPU: the table's rows and the JSON keys."""
+    import json
+
+    from scripts.bench_moe import main
+    out = tmp_path / "moe.json"
+    assert main(["--device", "cpu", "--preset", "tiny-moe", "--ms", "1,4", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["copy_gbps"] > 0 and {r["op"] for r in doc["rows"]} >= {"route", "experts_int4", "moe_int4"}
+    for r in doc["rows"]:
+        assert r["us"] > 0 and r["bytes"] > 0 and 0 < r["fraction_of_copy_bw"] and r["m"] in (1, 4)
+    decode = next(r for r in doc["rows"] if r["op"] == "experts_int4" and r["m"] == 1)
+    assert decode["active_experts"] == 2 and decode["rel_err"] < 1e-5
