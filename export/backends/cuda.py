@@ -13,7 +13,7 @@ With the compile spec `autotune` = b"0" (exporter flag `--no-autotune`) there is
 max_autotune and GEMMs may call cuBLAS through libtorch's shims: minutes faster for test
 artifacts, runnable by the project's Python runner (inside libtorch) but not by ExecuTorch's
 C++ CUDA runtime. Nothing is chosen by timing then (Inductor's deterministic mode, one
-config per Triton SDPA and int4 kernel), so exports of one model agree bit for bit.
+config per Triton SDPA, int4 and MoE kernel), so exports of one model agree bit for bit.
 
 The model's attention is `gemma4::attention` (export/kernels/attention.py: reads only the
 filled cache, int8/int4 KV), compiled into the .so from its Triton kernels; its graphs hold no
@@ -45,7 +45,7 @@ from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner, TargetDevice, autotune_enabled
-from export.kernels import int4_matmul
+from export.kernels import int4_matmul, moe_int4
 from export.passes.inductor_patches import _patched
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"
@@ -193,6 +193,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
 
         stack.enter_context(one_config_per_user_kernel(sdpa_kernels))
         stack.enter_context(int4_matmul.one_config())
+        stack.enter_context(moe_int4.one_config())
         stack.enter_context(attention.use_configs(attention.smallest))  # gemma4::attention too
         return stack
 
