@@ -306,3 +306,45 @@ def test_bench_moe_runs_on_cpu(tmp_path):
         assert r["us"] > 0 and r["bytes"] > 0 and 0 < r["fraction_of_copy_bw"] and r["m"] in (1, 4)
     decode = next(r for r in doc["rows"] if r["op"] == "experts_int4" and r["m"] == 1)
     assert decode["active_experts"] == 2 and decode["rel_err"] < 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_aoti_compiles_the_moe_kernels_into_the_so(tmp_path):
+    """AOTInductor builds the routing and expert kernels into the .so (no fallback op): decode
+    (N == 1, the GEMVs) and a dynamic prefill chunk (the sort + grouped GEMMs)."""
+    from export.kernels.int4_matmul import group_size_for
+    from runtime.aoti import promote_libtorch
+    e, h, i, k = 16, 512, 128, 4
+    torch.manual_seed(0)
+
+    class Moe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", (torch.rand(h, device="cuda") + 0.5).bfloat16())
+            self.register_buffer("proj", (torch.randn(e, h, device="cuda") * 0.05).bfloat16())
+            self.register_buffer("pes", (torch.rand(e, device="cuda") + 0.5).bfloat16())
+            stacks = (*mo.quantize_experts(torch.randn(e, 2 * i, h, device="cuda") * 0.05, group_size_for(h, 128)),
+                      *mo.quantize_experts(torch.randn(e, h, i, device="cuda") * 0.05, group_size_for(i, 128)))
+            for name, t in zip(("a", "b", "c", "d"), stacks):
+                self.register_buffer(name, t)
+
+        def forward(self, x):
+            w, idx = torch.ops.gemma4.moe_route(x, self.scale, self.proj, self.pes, k, 1e-6)
+            return torch.ops.gemma4.moe_experts_int4(x, w, idx, self.a, self.b, self.c, self.d)
+
+    mod = Moe()
+    N = torch.export.Dim("N", min=1, max=256)
+    for n, shapes in ((1, None), (64, ({0: N},))):
+        x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
+        ep = torch.export.export(mod, (x,), dynamic_shapes=shapes)
+        with mo.one_config():
+            so = torch._inductor.aot_compile(ep.module(), (x,),
+                                             options={"aot_inductor.output_path": str(tmp_path / f"m{n}.so")})
+        promote_libtorch("cuda")
+        runner = torch._C._aoti.AOTIModelContainerRunnerCuda(so, 1, "cuda:0")
+        for rows in ((1,) if shapes is None else (1, 37, 200)):
+            x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16)
+            (y,) = runner.run([x])
+            w, idx = torch.ops.gemma4.moe_route(x, mod.scale, mod.proj, mod.pes, k, 1e-6)
+            want = mo.moe_experts_reference(x.float(), w, idx, mod.a, mod.b, mod.c, mod.d)
+            assert _rel(y, want) <= 1e-2, rows
