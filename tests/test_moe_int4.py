@@ -348,3 +348,59 @@ def test_cuda_aoti_compiles_the_moe_kernels_into_the_so(tmp_path):
             w, idx = torch.ops.gemma4.moe_route(x, mod.scale, mod.proj, mod.pes, k, 1e-6)
             want = mo.moe_experts_reference(x.float(), w, idx, mod.a, mod.b, mod.c, mod.d)
             assert _rel(y, want) <= 1e-2, rows
+
+
+_MUTATION_SCRIPT = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+
+    class Sm90:  # TTIR needs a target, not a GPU
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Sm90())
+    from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
+    from export.kernels import moe_int4 as mo
+    E, H, I, K, N = 128, 2816, 704, 8, 16
+    bf, z = torch.bfloat16, torch.zeros
+    x, idx, w = z(N, H, dtype=bf), z(N, K, dtype=torch.int64), z(N, K)
+    guq, gus = z(E, 2 * I, H // 2, dtype=torch.uint8), z(E, 2 * I, H // 128, dtype=bf)
+    dq, ds = z(E, H, I // 2, dtype=torch.uint8), z(E, H, I // 64, dtype=bf)
+    i32 = lambda n: z(n, dtype=torch.int32)
+    strides = dict(stride_qe=1, stride_qn=1, stride_se=1, stride_sn=1)
+    grouped = dict(sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), tile_off_ptr=i32(E + 1), w_ptr=w, E=E, TOP_K=K,
+                   FP32=False, TILE=16, E_P2=128, **strides)
+    cases = {
+        "route": (mo._autotuned("route"), dict(x_ptr=x, scale_ptr=z(H, dtype=bf), w_ptr=z(E, H, dtype=bf),
+                  out_ptr=z(N, E), N=N, H=H, E=E, eps=1e-6, inv_sqrt_h=0.01, stride_xn=H, stride_wn=H)),
+        "topk": (mo._route_topk_kernel, dict(logits_ptr=z(N, E), pes_ptr=z(E, dtype=bf), w_out_ptr=w, idx_out_ptr=idx,
+                 E=E, TOP_K=K, BLOCK_E=128, K_P2=8)),
+        "gemv_gate_up": (mo._autotuned("gemv_gate_up", 128), dict(x_ptr=x, idx_ptr=idx, q_ptr=guq, s_ptr=gus,
+                         act_ptr=z(K, I), I=I, K=H, GROUP=128, **strides)),
+        "gemv_down": (mo._autotuned("gemv_down", 64), dict(act_ptr=z(K, I), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
+                      out_ptr=x, N_OUT=H, K=I, TOP_K=K, GROUP=64, **strides)),
+        "align": (mo._align_kernel, dict(idx_ptr=idx, sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1),
+                  tile_off_ptr=i32(E + 1), NK=N * K, E=E, TILE=16, BLOCK=128, E_P2=128)),
+        "grouped_gate_up": (mo._autotuned("grouped_gate_up", 128), dict(a_ptr=x, q_ptr=guq, s_ptr=gus,
+                            out_ptr=z(N * K, I, dtype=bf), N_OUT=I, K=H, stride_am=H, stride_om=I, GATE_UP=True,
+                            GROUP=128, **grouped)),
+        "grouped_down": (mo._autotuned("grouped_down", 64), dict(a_ptr=z(N * K, I, dtype=bf), q_ptr=dq, s_ptr=ds,
+                         out_ptr=z(N * K, H), N_OUT=H, K=I, stride_am=I, stride_om=H, GATE_UP=False, GROUP=64,
+                         **grouped)),
+    }
+    for name, (kernel, kwargs) in cases.items():
+        print(name, sorted(identify_mutated_tensors(kernel, kwargs, {})))
+""")
+
+
+def test_inductor_sees_only_the_outputs_written():
+    """Inductor's mutation analysis of each kernel's TTIR (built for sm_90, no GPU needed) finds
+    only its outputs: had it failed, AOTInductor would assume every input written and copy the
+    expert stacks on every call."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
+    assert got == {"route": "['out_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
+                   "gemv_down": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr', 'tile_off_ptr']",
+                   "grouped_gate_up": "['out_ptr']", "grouped_down": "['out_ptr']"}, r.stdout + r.stderr[-2000:]
