@@ -113,8 +113,8 @@ def test_fake_shapes_and_shape_check():
         y = torch.ops.gemma4.moe_experts_int4(x, torch.empty(4, 2), torch.empty(4, 2, dtype=torch.long), *stacks)
         assert y.shape == (4, H)
     with pytest.raises(ValueError, match="do not agree"):
-        torch.ops.gemma4.moe_experts_int4(torch.zeros(2, H + 32), torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long),
-                                          *stacks)
+        bad_x = torch.zeros(2, H + 32)
+        torch.ops.gemma4.moe_experts_int4(bad_x, torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), *stacks)
 
 
 def test_every_config_fits_consumer_shared_memory():
@@ -177,8 +177,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             wk, ik = mo.launch_route(x, scale, pw, pes, K, 1e-6)
             same_ids &= torch.equal(ik, idx)
             worst = max(worst, rel(wk, w))
-            stacks = (*mo.quantize_experts(torch.randn(E, 2 * I, H), g1), *mo.quantize_experts(torch.randn(E, H, I), g2))
-            worst = max(worst, rel(mo.launch_experts_grouped(x, w, idx, *stacks), mo.moe_experts_reference(x, w, idx, *stacks)))
+            stacks = (*mo.quantize_experts(torch.randn(E, 2 * I, H), g1),
+                      *mo.quantize_experts(torch.randn(E, H, I), g2))
+            ref = mo.moe_experts_reference(x, w, idx, *stacks)
+            worst = max(worst, rel(mo.launch_experts_grouped(x, w, idx, *stacks), ref))
             one = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks)
             worst = max(worst, rel(one, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
     print("same_ids", same_ids, "worst", worst)
@@ -280,8 +282,8 @@ def test_planner_expert_bytes_equal_the_module_bytes(group):
     from export.planner import Int4Layout, PlanInputs, weight_tensors
     cfg = PRESETS["26b-a4b"]
     E, Hd, Id, L = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_hidden_layers
-    planned = sum(t.count * t.bytes for t in weight_tensors(PlanInputs(cfg, group_size=group, int4_layout=Int4Layout.PLAIN))
-                  if t.kind == "moe experts")
+    inputs = PlanInputs(cfg, group_size=group, int4_layout=Int4Layout.PLAIN)
+    planned = sum(t.count * t.bytes for t in weight_tensors(inputs) if t.kind == "moe experts")
     with torch.device("meta"):
         stacks = (PackedInt4Stack(E, Hd, 2 * Id, group), PackedInt4Stack(E, Id, Hd, group))
     real = L * sum(s.qweight.nbytes + s.scales.nbytes for s in stacks)
@@ -416,25 +418,30 @@ C = "constexpr"
 def sig(**kw): return kw
 route_t = sig(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32", N="i32", H="i32", E="i32", eps="fp32",
               inv_sqrt_h="fp32", stride_xn="i32", stride_wn="i32", BLOCK_T=C, BLOCK_E=C, BLOCK_H=C)
-topk_t = sig(logits_ptr="*fp32", pes_ptr="*bf16", w_out_ptr="*fp32", idx_out_ptr="*i64", E="i32", TOP_K=C, BLOCK_E=C, K_P2=C)
+topk_t = sig(logits_ptr="*fp32", pes_ptr="*bf16", w_out_ptr="*fp32", idx_out_ptr="*i64", E="i32", TOP_K=C,
+             BLOCK_E=C, K_P2=C)
 strides = dict(stride_qe="i32", stride_qn="i32", stride_se="i32", stride_sn="i32")
 gu_t = sig(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32", I="i32", K="i32", **strides,
            GROUP=C, BLOCK_N=C, BLOCK_K=C)
 dn_t = sig(act_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", out_ptr="*bf16", N_OUT="i32",
            K="i32", **strides, TOP_K=C, GROUP=C, BLOCK_N=C, BLOCK_K=C)
-al_t = sig(idx_ptr="*i64", sorted_ptr="*i32", row_off_ptr="*i32", tile_off_ptr="*i32", NK="i32", E="i32", TILE=C, BLOCK=C, E_P2=C)
-gr_t = lambda out: sig(a_ptr="*bf16", sorted_ptr="*i32", row_off_ptr="*i32", tile_off_ptr="*i32", q_ptr="*u8", s_ptr="*bf16",
-                       w_ptr="*fp32", out_ptr=out, N_OUT="i32", K="i32", E="i32", stride_am="i32", **strides, stride_om="i32",
+al_t = sig(idx_ptr="*i64", sorted_ptr="*i32", row_off_ptr="*i32", tile_off_ptr="*i32", NK="i32", E="i32", TILE=C,
+           BLOCK=C, E_P2=C)
+gr_t = lambda out: sig(a_ptr="*bf16", sorted_ptr="*i32", row_off_ptr="*i32", tile_off_ptr="*i32", q_ptr="*u8",
+                       s_ptr="*bf16", w_ptr="*fp32", out_ptr=out, N_OUT="i32", K="i32", E="i32", stride_am="i32",
+                       **strides, stride_om="i32",
                        GATE_UP=C, TOP_K=C, FP32=C, GROUP=C, TILE=C, E_P2=C, BLOCK_N=C, BLOCK_K=C)
-one = lambda pool, g=0: min([c for c in pool if not g or g % c.kwargs.get("BLOCK_K", 1) == 0], key=lambda c: c.num_warps)
+one = lambda pool, g=0: min([c for c in pool if not g or g % c.kwargs.get("BLOCK_K", 1) == 0],
+                            key=lambda c: c.num_warps)
+grouped = dict(TOP_K=8, FP32=False, TILE=mo.TILE_M, E_P2=128)
 cases = [
     (mo._route_logits_kernel, route_t, {}, one(mo.ROUTE_CONFIGS)),
     (mo._route_topk_kernel, topk_t, dict(TOP_K=8, BLOCK_E=128, K_P2=8), None),
     (mo._gemv_gate_up_kernel, gu_t, dict(GROUP=128), one(mo.GEMV_CONFIGS, 128)),
     (mo._gemv_down_kernel, dn_t, dict(GROUP=64, TOP_K=8), one(mo.GEMV_CONFIGS, 64)),
     (mo._align_kernel, al_t, dict(TILE=mo.TILE_M, BLOCK=mo.ALIGN_BLOCK, E_P2=128), None),
-    (mo._grouped_kernel, gr_t("*bf16"), dict(GATE_UP=True, TOP_K=8, FP32=False, GROUP=128, TILE=mo.TILE_M, E_P2=128), one(mo.GROUPED_CONFIGS, 128)),
-    (mo._grouped_kernel, gr_t("*fp32"), dict(GATE_UP=False, TOP_K=8, FP32=False, GROUP=64, TILE=mo.TILE_M, E_P2=128), one(mo.GROUPED_CONFIGS, 64)),
+    (mo._grouped_kernel, gr_t("*bf16"), dict(GATE_UP=True, GROUP=128, **grouped), one(mo.GROUPED_CONFIGS, 128)),
+    (mo._grouped_kernel, gr_t("*fp32"), dict(GATE_UP=False, GROUP=64, **grouped), one(mo.GROUPED_CONFIGS, 64)),
 ]
 for arch in map(int, sys.argv[1:]):
     for fn, types, consts, cfg in cases:
