@@ -52,7 +52,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
-from export.kernels.int4_matmul import dequantize_int4, int4_bytes
+from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int4
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 TILE_M = 16  # (token, slot) rows per grouped-GEMM program: a prefill chunk of 128 gives ~8 per expert
@@ -65,8 +65,6 @@ ONE_CONFIG = False  # compile with one config per kernel (see one_config)
 
 def quantize_experts(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """float [E, N, K] -> (uint8 [E, N, K/2], bf16 [E, N, K/G]), expert by expert (int4 layout)."""
-    from export.kernels.int4_matmul import quantize_int4
-
     E, N, K = w.shape
     q = torch.empty(E, N, K // 2, dtype=torch.uint8, device=w.device)
     s = torch.empty(E, N, K // group_size, dtype=torch.bfloat16, device=w.device)
@@ -92,7 +90,8 @@ def experts_int4_bytes(experts: int, n: int, k: int, group_size: int) -> int:
 
 def moe_route_reference(x: torch.Tensor, scale: torch.Tensor, proj_weight: torch.Tensor,
                         per_expert_scale: torch.Tensor, top_k: int, eps: float):
-    """The router's math op for op (export/gemma4/model.py's float Router did exactly this)."""
+    """Gemma 4's router in aten ops, op for op as transformers computes it (norm and scale in
+    x.dtype, the projection in x.dtype, softmax in fp32)."""
     xf = x.float()
     y = (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
     y = y * scale * x.shape[-1] ** -0.5
@@ -439,14 +438,14 @@ def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity)
     """One token (x [1, H]): two GEMV kernels over the top_k experts named by idx (on the device)."""
     H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
     g_gu, g_d = _groups(gu_s, d_s, H, I)
-    x1 = x.contiguous()
+    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
     act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]), top_k)  # noqa: E731
-    wrap(_autotuned("gemv_gate_up", g_gu))[grid](x1, idx, gu_q, gu_s, act, I, H, gu_q.stride(0), gu_q.stride(1),
+    wrap(_autotuned("gemv_gate_up", g_gu))[grid](x1, idx1, gu_q, gu_s, act, I, H, gu_q.stride(0), gu_q.stride(1),
                                                  gu_s.stride(0), gu_s.stride(1), GROUP=g_gu)
     out = torch.empty((1, H), device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
-    wrap(_autotuned("gemv_down", g_d))[grid](act, weights, idx, d_q, d_s, out, H, I, d_q.stride(0), d_q.stride(1),
+    wrap(_autotuned("gemv_down", g_d))[grid](act, w1, idx1, d_q, d_s, out, H, I, d_q.stride(0), d_q.stride(1),
                                              d_s.stride(0), d_s.stride(1), TOP_K=top_k, GROUP=g_d)
     return out
 
