@@ -114,8 +114,13 @@ slice_kernels)  # the 31B 2-layer int4 g128 low-memory slice with the project's 
   timeout 120 python -m scripts.kv_logits_error --preset 31b --layers 6 --fill 2048 --device cuda \
       --out "$OUT/kv_logits.json" 2>&1 | tail -6
   ;;
+moe)  # int4 experts: the MoE kernels' cuda tests (AOTI compile included), then bench_moe (its JSON)
+  timeout 240 python -m pytest -v -m cuda tests/test_moe_int4.py 2>&1 | tail -20
+  timeout 300 python -m scripts.bench_moe --out "$OUT/moe_kernels.json" > "$OUT/bench_moe.txt" 2>&1
+  echo "bench rc=$?"; cat "$OUT/bench_moe.txt" | tail -25
+  ;;
 host_memory)  # issue 7 (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|moe" >&2; exit 2 ;;
 esac
