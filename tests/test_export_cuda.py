@@ -117,15 +117,23 @@ def fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
     returns exactly the bf16 weights the int4 kernel multiplies with."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    from export.gemma4.quant import PackedInt4Linear
+    from export.gemma4.model import Experts
+    from export.gemma4.quant import PackedInt4Experts, PackedInt4Linear
 
     ref = copy.deepcopy(model)
     for fqn, mod in list(ref.named_modules()):
         if isinstance(mod, PackedInt4Linear):  # the bf16 weights gemma4::int4_linear multiplies with
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
             lin.weight = torch.nn.Parameter(mod.dequantize(torch.bfloat16), requires_grad=False)
-            parent, _, leaf = fqn.rpartition(".")
-            setattr(ref.get_submodule(parent) if parent else ref, leaf, lin)
+        elif isinstance(mod, PackedInt4Experts):  # float expert stacks, as gemma4::moe_experts_int4 reads them
+            with torch.device("meta"):
+                lin = Experts(model.cfg)
+            lin.gate_up_proj = torch.nn.Parameter(mod.gate_up_proj.dequantize(torch.bfloat16), requires_grad=False)
+            lin.down_proj = torch.nn.Parameter(mod.down_proj.dequantize(torch.bfloat16), requires_grad=False)
+        else:
+            continue
+        parent, _, leaf = fqn.rpartition(".")
+        setattr(ref.get_submodule(parent) if parent else ref, leaf, lin)
     for mod in ref.modules():
         if isinstance(mod, torch.nn.Linear) and is_traceable_wrapper_subclass(mod.weight):
             eye = torch.eye(mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
