@@ -41,6 +41,10 @@ CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
                              autotune=False),
     "31b-2l-int4-kv8": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
                             autotune=False, kv_dtype=KvDtype.INT8),
+    # int4 expert stacks (gemma4::moe_route / moe_experts_int4): the MoE block at toy size and at 26B-A4B width
+    "tiny-moe": dict(preset="tiny-moe", ctx=64, prefill_chunk=8, autotune=False),
+    "26b-2l-int4-noat": dict(preset="26b-a4b", layers=2, ctx=8192, prefill_chunk=128, group_size=128,
+                             low_memory=True, autotune=False),
 }
 
 
@@ -206,6 +210,14 @@ def test_tiny_cuda_int4_export_matches_eager(tmp_path):
     rec = measure(case_config("tiny", tmp_path / "tiny"))
     assert rec["int4_modules"] > 0
     assert not rec["coordinate_descent_tuning"]
+    assert parity_ok(rec["rel_err"]), rec["rel_err"]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
+    rec = measure(case_config("tiny-moe", tmp_path / "tiny-moe"))
+    assert rec["int4_modules"] > 0
     assert parity_ok(rec["rel_err"]), rec["rel_err"]
 
 
