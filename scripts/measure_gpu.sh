@@ -119,8 +119,11 @@ moe)  # int4 experts: the MoE kernels' cuda tests (AOTI compile included), then 
   timeout 300 python -m scripts.bench_moe --out "$OUT/moe_kernels.json" > "$OUT/bench_moe.txt" 2>&1
   echo "bench rc=$?"; cat "$OUT/bench_moe.txt" | tail -25
   ;;
+moe_slice)  # the 26B-A4B 2-layer int4 g128 low-memory slice (int4 experts): peaks, runner logits vs eager
+  timeout 560 python -m tests.test_export_cuda 26b-2l-int4-noat "$OUT/moe_slice.json" 2>&1 | tail -3
+  ;;
 host_memory)  # issue 7 (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|moe" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|moe|moe_slice" >&2; exit 2 ;;
 esac
