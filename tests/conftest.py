@@ -113,7 +113,7 @@ def tiny_moe_artifact(tmp_path_factory) -> TinyArtifact:
     from export.gemma4.export import export_model, prepare_model
 
     cfg = replace(tiny_export_config(tmp_path_factory.mktemp("tiny_moe_artifact") / "tiny-moe"),
-                  preset="tiny-moe", low_memory=True)
+                  preset="tiny-moe", layers=2, low_memory=True)  # 2 layers: a sliding and a full one
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("export.spool.MIN_PARK_BYTES", 1)
         result = export_model(cfg)
