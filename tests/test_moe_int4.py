@@ -181,6 +181,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                       *mo.quantize_experts(torch.randn(E, H, I), g2))
             ref = mo.moe_experts_reference(x, w, idx, *stacks)
             worst = max(worst, rel(mo.launch_experts_grouped(x, w, idx, *stacks), ref))
+            skewed = torch.arange(K).repeat(N, 1)  # every token on the same experts: several tiles each
+            ref = mo.moe_experts_reference(x, w, skewed, *stacks)
+            worst = max(worst, rel(mo.launch_experts_grouped(x, w, skewed, *stacks), ref))
             one = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks)
             worst = max(worst, rel(one, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
     print("same_ids", same_ids, "worst", worst)
