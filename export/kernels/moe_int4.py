@@ -22,8 +22,8 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   renormalize, per-expert scale), all in fp32.
 - decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
   the device and only that expert's rows of gate and up, and writes gelu(gate) * up;
-  `_gemv_down_kernel`, grid (H blocks), walks the top_k experts and sums their weighted
-  outputs in registers. Static shapes, no host sync: CUDA-graph safe.
+  `_gemv_down_kernel`, grid (H blocks), walks the top_k experts in one loop and sums their
+  weighted outputs in registers. Static shapes, no host sync: CUDA-graph safe.
 - prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
   entries per expert and writes them grouped by expert (a stable counting sort), the
   per-expert row offsets and the per-expert offsets of TILE_M-row tiles; `_grouped_kernel`
@@ -293,25 +293,26 @@ def _gemv_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, K, stride_qe,
 def _gemv_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, K, stride_qe, stride_qn, stride_se,
                       stride_sn, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr):
-    """out[n] = sum over slots of weight[slot] * (down of expert idx[slot]) @ act[slot] (one token)."""
+    """out[n] = sum over slots of weight[slot] * (down of expert idx[slot]) @ act[slot] (one token).
+    One loop over (slot, k) steps (K is a multiple of BLOCK_K) with the routing weight folded into
+    the scale: a single accumulator, and the loads pipeline across the experts."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.arange(0, BLOCK_K // 2)
     n_ok = offs_n < N_OUT
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for slot in tl.static_range(TOP_K):
+    row_off = offs_n.to(tl.int64)[:, None] * stride_qn
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for step in range(0, TOP_K * K, BLOCK_K):
+        slot = step // K
+        k0 = step - slot * K
         e = tl.load(idx_ptr + slot).to(tl.int64)
-        rows = q_ptr + e * stride_qe + offs_n.to(tl.int64)[:, None] * stride_qn
-        srow = s_ptr + e * stride_se + offs_n * stride_sn
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ae = tl.load(act_ptr + slot * K + k0 + 2 * offs_b)[None, :]
-            ao = tl.load(act_ptr + slot * K + k0 + 2 * offs_b + 1)[None, :]
-            lo, hi = _nibbles(tl.load(rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
-            s = tl.load(srow + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-            acc += (lo * ae + hi * ao) * s[:, None]
-        total += tl.load(w_ptr + slot) * tl.sum(acc, axis=1)
-    tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        ae = tl.load(act_ptr + step + 2 * offs_b)[None, :]  # act [TOP_K, K] is contiguous: row slot, column k0
+        ao = tl.load(act_ptr + step + 2 * offs_b + 1)[None, :]
+        p = tl.load(q_ptr + e * stride_qe + row_off + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0)
+        lo, hi = _nibbles(p.to(tl.int32))
+        s = tl.load(s_ptr + e * stride_se + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        acc += (lo * ae + hi * ao) * (s * tl.load(w_ptr + slot))[:, None]
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
