@@ -122,6 +122,7 @@ def test_every_config_fits_consumer_shared_memory():
                        ("grouped_gate_up", mo.GROUPED_CONFIGS), ("grouped_down", mo.GROUPED_CONFIGS)):
         for cfg in pool:
             assert mo.config_smem_bytes(cfg, kind) <= mo.SMEM_LIMIT_BYTES, (kind, cfg)
+    assert all(mo.ROUTE_H_SLICE % c.kwargs["BLOCK_H"] == 0 for c in mo.ROUTE_CONFIGS)  # slices do not overlap
     for group in (32, 64, 128):  # every group size the recipe stores has configs on every path
         assert [c for c in mo.GEMV_CONFIGS if group % c.kwargs["BLOCK_K"] == 0]
         assert [c for c in mo.GROUPED_CONFIGS if group % c.kwargs["BLOCK_K"] == 0]
@@ -167,10 +168,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     worst, same_ids = 0.0, True
     # E not a power of two, top_k 3, more entries than one counting-sort step (N * top_k > 128),
-    # the down projection's group halved (96 = 3 x 32); fp32: the interpreter's bf16 casts are wrong
-    # for negative values
+    # routing over two slices of H (the second one partial), groups of 64 and 32; fp32: the
+    # interpreter's bf16 casts are wrong for negative values
     with mo.one_config():
-        for E, H, I, K, N, g1, g2 in [(6, 128, 96, 3, 45, 64, 32), (8, 64, 32, 2, 1, 32, 32)]:
+        for E, H, I, K, N, g1, g2 in [(6, 320, 64, 3, 45, 64, 32), (8, 64, 32, 2, 1, 32, 32)]:
             x = torch.randn(N, H)
             scale, pw, pes = torch.rand(H) + 0.5, torch.randn(E, H) * 0.2, torch.rand(E) + 0.5
             w, idx = mo.moe_route_reference(x, scale, pw, pes, K, 1e-6)
@@ -377,9 +378,10 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                    FP32=False, TILE=16, E_P2=128, **strides)
     cases = {
         "route": (mo._autotuned("route"), dict(x_ptr=x, scale_ptr=z(H, dtype=bf), w_ptr=z(E, H, dtype=bf),
-                  out_ptr=z(N, E), N=N, H=H, E=E, eps=1e-6, inv_sqrt_h=0.01, stride_xn=H, stride_wn=H)),
-        "topk": (mo._route_topk_kernel, dict(logits_ptr=z(N, E), pes_ptr=z(E, dtype=bf), w_out_ptr=w, idx_out_ptr=idx,
-                 E=E, TOP_K=K, BLOCK_E=128, K_P2=8)),
+                  part_ptr=z(11, N, E), ss_ptr=z(11, N), N=N, H=H, E=E, H_SLICE=256, stride_xn=H, stride_wn=H)),
+        "topk": (mo._route_topk_kernel, dict(part_ptr=z(11, N, E), ss_ptr=z(11, N), pes_ptr=z(E, dtype=bf),
+                 w_out_ptr=w, idx_out_ptr=idx, N=N, E=E, SPLITS=11, eps=1e-6, inv_h=1 / H, inv_sqrt_h=0.02,
+                 TOP_K=K, BLOCK_E=128, K_P2=8)),
         "gemv_gate_up": (mo._autotuned("gemv_gate_up", 128), dict(x_ptr=x, idx_ptr=idx, q_ptr=guq, s_ptr=gus,
                          act_ptr=z(K, I), I=I, K=H, GROUP=128, **strides)),
         "gemv_down": (mo._autotuned("gemv_down", 64), dict(act_ptr=z(K, I), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
@@ -406,7 +408,7 @@ def test_inductor_sees_only_the_outputs_written():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-    assert got == {"route": "['out_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
+    assert got == {"route": "['part_ptr', 'ss_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
                    "gemv_down": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr', 'tile_off_ptr']",
                    "grouped_gate_up": "['out_ptr']", "grouped_down": "['out_ptr']"}, r.stdout + r.stderr[-2000:]
 
@@ -419,10 +421,10 @@ from triton.backends.compiler import GPUTarget
 from export.kernels import moe_int4 as mo
 C = "constexpr"
 def sig(**kw): return kw
-route_t = sig(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32", N="i32", H="i32", E="i32", eps="fp32",
-              inv_sqrt_h="fp32", stride_xn="i32", stride_wn="i32", BLOCK_T=C, BLOCK_E=C, BLOCK_H=C)
-topk_t = sig(logits_ptr="*fp32", pes_ptr="*bf16", w_out_ptr="*fp32", idx_out_ptr="*i64", E="i32", TOP_K=C,
-             BLOCK_E=C, K_P2=C)
+route_t = sig(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", ss_ptr="*fp32", N="i32", H="i32",
+              E="i32", H_SLICE="i32", stride_xn="i32", stride_wn="i32", BLOCK_T=C, BLOCK_E=C, BLOCK_H=C)
+topk_t = sig(part_ptr="*fp32", ss_ptr="*fp32", pes_ptr="*bf16", w_out_ptr="*fp32", idx_out_ptr="*i64", N="i32",
+             E="i32", SPLITS="i32", eps="fp32", inv_h="fp32", inv_sqrt_h="fp32", TOP_K=C, BLOCK_E=C, K_P2=C)
 strides = dict(stride_qe="i32", stride_qn="i32", stride_se="i32", stride_sn="i32")
 gu_t = sig(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32", I="i32", K="i32", **strides,
            GROUP=C, BLOCK_N=C, BLOCK_K=C)

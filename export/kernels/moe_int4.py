@@ -17,9 +17,10 @@ nibbles along K (even k low), stored q + 8, W ~= q * scale. G' is the group size
 where I needs it (`group_size_for`: I = 704 takes 64 at g128).
 
 Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`):
-- routing: `_route_logits_kernel` (tokens x expert blocks, the RMS norm folded in as one
-  scale per row at the end) and `_route_topk_kernel` (softmax, top-k by repeated argmax,
-  renormalize, per-expert scale), all in fp32.
+- routing: `_route_logits_kernel` (token blocks x expert blocks x slices of H, so one decode
+  token still spreads over ~90 programs; the RMS norm is one scale per row, applied later) and
+  `_route_topk_kernel` (sums the slices, softmax, top-k by repeated argmax, renormalize,
+  per-expert scale), all in fp32.
 - decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
   the device and only that expert's rows of gate and up, and writes gelu(gate) * up;
   `_gemv_down_kernel`, grid (H blocks), walks the top_k experts in one loop and sums their
@@ -57,6 +58,7 @@ from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 TILE_M = 16  # (token, slot) rows per grouped-GEMM program: a prefill chunk of 128 gives ~8 per expert
 ALIGN_BLOCK = 128  # entries per step of the counting sort
+ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
 ONE_CONFIG = False  # compile with one config per kernel (see one_config)
 
 
@@ -209,18 +211,20 @@ def _nibbles(p):
 
 
 @triton.jit
-def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, out_ptr, N, H, E, eps, inv_sqrt_h, stride_xn, stride_wn,
+def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr, N, H, E, H_SLICE, stride_xn, stride_wn,
                          BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
-    """logits[n, e] = (x[n] * scale) . w[e] * rstd(x[n]) * H^-0.5: the norm is one scale per row,
-    applied after the dot, so x is read once."""
-    pid_t, pid_e = tl.program_id(0), tl.program_id(1)
+    """One slice of H for a block of tokens x a block of experts: part[s, n, e] = (x[n] * scale)
+    . w[e] over slice s, and (expert block 0) ss[s, n] = sum of x[n]^2 over it. The RMS norm is
+    one scale per row, applied when the slices are summed (`_route_topk_kernel`), so x is read
+    once and a single token still spreads over H / H_SLICE x E / BLOCK_E programs."""
+    pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     t_ok, e_ok = offs_t < N, offs_e < E
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
+    for h in range(0, H_SLICE, BLOCK_H):
+        offs_h = pid_s * H_SLICE + h + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
         x = tl.load(x_ptr + offs_t[:, None] * stride_xn + offs_h[None, :], mask=t_ok[:, None] & h_ok[None, :],
                     other=0.0).to(tl.float32)
@@ -229,19 +233,24 @@ def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, out_ptr, N, H, E, eps, inv_sqr
         w = tl.load(w_ptr + offs_e[:, None] * stride_wn + offs_h[None, :], mask=e_ok[:, None] & h_ok[None, :],
                     other=0.0).to(tl.float32)
         acc = tl.dot(x * s[None, :], tl.trans(w), acc, input_precision="ieee")
-    rstd = 1.0 / tl.sqrt(ss / H + eps)
-    logits = acc * (rstd * inv_sqrt_h)[:, None]
-    tl.store(out_ptr + offs_t[:, None] * E + offs_e[None, :], logits, mask=t_ok[:, None] & e_ok[None, :])
+    tl.store(part_ptr + (pid_s * N + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+    tl.store(ss_ptr + pid_s * N + offs_t, ss, mask=t_ok & (pid_e == 0))
 
 
 @triton.jit
-def _route_topk_kernel(logits_ptr, pes_ptr, w_out_ptr, idx_out_ptr, E, TOP_K: tl.constexpr,
-                       BLOCK_E: tl.constexpr, K_P2: tl.constexpr):
-    """One token: softmax over E, the TOP_K largest by repeated argmax (descending, as topk),
-    renormalized, times per_expert_scale of each chosen expert."""
+def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, SPLITS, eps, inv_h, inv_sqrt_h,
+                       TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, K_P2: tl.constexpr):
+    """One token: sum the H slices into logits (times rstd * H^-0.5), softmax over E, the TOP_K
+    largest by repeated argmax (descending, as topk), renormalized, times per_expert_scale."""
     n = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + n * E + offs, mask=offs < E, other=float("-inf"))
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    ss = tl.zeros((1,), dtype=tl.float32)
+    for s in range(0, SPLITS):  # fixed order: deterministic
+        acc += tl.load(part_ptr + (s * N + n) * E + offs, mask=offs < E, other=0.0)
+        ss += tl.load(ss_ptr + s * N + n + tl.arange(0, 1))
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_h + eps)
+    logits = tl.where(offs < E, acc * (rstd * inv_sqrt_h), float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
     p = tl.where(offs < E, p, -1.0)
@@ -420,14 +429,16 @@ def _identity(f):
 def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float, wrap=_identity):
     N, H = x.shape
     E = proj_weight.shape[0]
-    logits = torch.empty((N, E), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]))  # noqa: E731
-    wrap(_autotuned("route"))[grid](x, scale, proj_weight, logits, N, H, E, eps, H ** -0.5, x.stride(0),
+    splits = triton.cdiv(H, ROUTE_H_SLICE)
+    part = torch.empty((splits, N, E), device=x.device, dtype=torch.float32)
+    ss = torch.empty((splits, N), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]), splits)  # noqa: E731
+    wrap(_autotuned("route"))[grid](x, scale, proj_weight, part, ss, N, H, E, ROUTE_H_SLICE, x.stride(0),
                                     proj_weight.stride(0))
     weights = torch.empty((N, top_k), device=x.device, dtype=torch.float32)
     idx = torch.empty((N, top_k), device=x.device, dtype=torch.int64)
-    wrap(_route_topk_kernel)[(N,)](logits, per_expert_scale, weights, idx, E, TOP_K=top_k,
-                                   BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k))
+    wrap(_route_topk_kernel)[(N,)](part, ss, per_expert_scale, weights, idx, N, E, splits, eps, 1.0 / H, H ** -0.5,
+                                   TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k))
     return weights, idx
 
 
