@@ -18,7 +18,7 @@ where I needs it (`group_size_for`: I = 704 takes 64 at g128).
 
 Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`):
 - routing: `_route_logits_kernel` (token blocks x expert blocks x slices of H, so one decode
-  token still spreads over ~90 programs; the RMS norm is one scale per row, applied later) and
+  token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per row, applied later) and
   `_route_topk_kernel` (sums the slices, softmax, top-k by repeated argmax, renormalize,
   per-expert scale), all in fp32.
 - decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
@@ -34,7 +34,8 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   top_k slots gives each token's output (deterministic, no atomics). No expert runs on a
   token that did not pick it.
 Every config fits 101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090
-sm_120); `config_smem_bytes` estimates it and the tests check every config.
+sm_120); `config_smem_bytes` estimates it and the tests check every config (and compile each
+kernel for sm_89 and sm_120 with Triton + ptxas, no GPU needed).
 
 The CPU kernels of the ops are `moe_route_reference` and `moe_experts_reference` (plain
 aten ops; the CPU backend decomposes the ops into them). The experts reference gathers the
