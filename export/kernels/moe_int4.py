@@ -18,9 +18,9 @@ where I needs it (`group_size_for`: I = 704 takes 64 at g128).
 
 Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`):
 - routing: `_route_logits_kernel` (token blocks x expert blocks x slices of H, so one decode
-  token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per row, applied later) and
-  `_route_topk_kernel` (sums the slices, softmax, top-k by repeated argmax, renormalize,
-  per-expert scale), all in fp32.
+  token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per
+  row, applied later) and `_route_topk_kernel` (sums the slices, softmax, top-k by repeated
+  argmax, renormalize, per-expert scale), all in fp32.
 - decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
   the device and only that expert's rows of gate and up, and writes gelu(gate) * up;
   `_gemv_down_kernel`, grid (H blocks), walks the top_k experts in one loop and sums their
