@@ -119,8 +119,16 @@ runtime_31b)  # the 31B 12-layer slice (10 sliding + 2 full) at 131072, KV int4 
   echo "bench rc=$?"; cat "$OUT/runtime_31b.txt"; tail -c 1500 "$OUT/runtime_31b.log"
   tar -czf "$OUT/runtime_31b_exports.tgz" -C /tmp/rt31 $(cd /tmp/rt31 && ls export_*.log export_*.json 2>/dev/null)
   ;;
+moe)  # int4 experts: the MoE kernels' cuda tests (AOTI compile included), then bench_moe (its JSON)
+  timeout 240 python -m pytest -v -m cuda tests/test_moe_int4.py 2>&1 | tail -20
+  timeout 300 python -m scripts.bench_moe --out "$OUT/moe_kernels.json" > "$OUT/bench_moe.txt" 2>&1
+  echo "bench rc=$?"; cat "$OUT/bench_moe.txt" | tail -25
+  ;;
+moe_slice)  # the 26B-A4B 2-layer int4 g128 low-memory slice (int4 experts): peaks, runner logits vs eager
+  timeout 560 python -m tests.test_export_cuda 26b-2l-int4-noat "$OUT/moe_slice.json" 2>&1 | tail -3
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|moe|moe_slice" >&2; exit 2 ;;
 esac

@@ -99,3 +99,24 @@ def tiny_artifact_int8_kv(tmp_path_factory) -> TinyArtifact:
     model = prepare_model(cfg)[0]
     model.reset_cache()
     return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)
+
+
+# ---- tiny-moe with int4 experts (gemma4::moe_route / moe_experts_int4), low-memory, once per session --
+# The MoE block beside the dense MLP: the CPU backend decomposes the MoE ops into their aten
+# references; low-memory with every weight parked, so the expert stacks go through the spool
+# and zero-byte constants like the linears.
+
+@pytest.fixture(scope="session")
+def tiny_moe_artifact(tmp_path_factory) -> TinyArtifact:
+    from dataclasses import replace
+
+    from export.gemma4.export import export_model, prepare_model
+
+    cfg = replace(tiny_export_config(tmp_path_factory.mktemp("tiny_moe_artifact") / "tiny-moe"),
+                  preset="tiny-moe", layers=2, low_memory=True)  # 2 layers: a sliding and a full one
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("export.spool.MIN_PARK_BYTES", 1)
+        result = export_model(cfg)
+    model = prepare_model(cfg)[0]
+    model.reset_cache()
+    return TinyArtifact(out_dir=result.out_dir, config=cfg, metadata=result.metadata, model=model)

@@ -41,6 +41,10 @@ CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
                              autotune=False),
     "31b-2l-int4-kv8": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
                             autotune=False, kv_dtype=KvDtype.INT8),
+    # int4 expert stacks (gemma4::moe_route / moe_experts_int4): the MoE block at toy size and at 26B-A4B width
+    "tiny-moe": dict(preset="tiny-moe", ctx=64, prefill_chunk=8, autotune=False),
+    "26b-2l-int4-noat": dict(preset="26b-a4b", layers=2, ctx=8192, prefill_chunk=128, group_size=128,
+                             low_memory=True, autotune=False),
 }
 
 
@@ -117,15 +121,23 @@ def fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
     returns exactly the bf16 weights the int4 kernel multiplies with."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    from export.gemma4.quant import PackedInt4Linear
+    from export.gemma4.model import Experts
+    from export.gemma4.quant import PackedInt4Experts, PackedInt4Linear
 
     ref = copy.deepcopy(model)
     for fqn, mod in list(ref.named_modules()):
         if isinstance(mod, PackedInt4Linear):  # the bf16 weights gemma4::int4_linear multiplies with
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
             lin.weight = torch.nn.Parameter(mod.dequantize(torch.bfloat16), requires_grad=False)
-            parent, _, leaf = fqn.rpartition(".")
-            setattr(ref.get_submodule(parent) if parent else ref, leaf, lin)
+        elif isinstance(mod, PackedInt4Experts):  # float expert stacks, as gemma4::moe_experts_int4 reads them
+            with torch.device("meta"):
+                lin = Experts(model.cfg)
+            lin.gate_up_proj = torch.nn.Parameter(mod.gate_up_proj.dequantize(torch.bfloat16), requires_grad=False)
+            lin.down_proj = torch.nn.Parameter(mod.down_proj.dequantize(torch.bfloat16), requires_grad=False)
+        else:
+            continue
+        parent, _, leaf = fqn.rpartition(".")
+        setattr(ref.get_submodule(parent) if parent else ref, leaf, lin)
     for mod in ref.modules():
         if isinstance(mod, torch.nn.Linear) and is_traceable_wrapper_subclass(mod.weight):
             eye = torch.eye(mod.in_features, dtype=torch.bfloat16, device=mod.weight.device)
@@ -197,6 +209,14 @@ def test_tiny_cuda_int4_export_matches_eager(tmp_path):
     rec = measure(case_config("tiny", tmp_path / "tiny"))
     assert rec["int4_modules"] > 0
     assert not rec["coordinate_descent_tuning"]
+    assert parity_ok(rec["rel_err"]), rec["rel_err"]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
+    rec = measure(case_config("tiny-moe", tmp_path / "tiny-moe"))
+    assert rec["int4_modules"] > 0
     assert parity_ok(rec["rel_err"]), rec["rel_err"]
 
 

@@ -13,8 +13,8 @@ shared base: no weights are serialized by Inductor (the exporter writes each onc
 With `autotune` off (exporter flag `--no-autotune`) there is no max_autotune and GEMMs may
 call cuBLAS through libtorch's shims: minutes faster for test artifacts, runnable by the
 project's Python runner (inside libtorch) but not by ExecuTorch's C++ CUDA runtime. Nothing
-is chosen by timing then (Inductor's deterministic mode, one config per int4 and attention
-kernel), so exports of one model agree bit for bit.
+is chosen by timing then (Inductor's deterministic mode, one config per int4, MoE and
+attention kernel), so exports of one model agree bit for bit.
 
 Kernels are compiled for the export GPU's architecture only (Triton's cubins), unless
 `multi_arch` is on (exporter flag `--multi-arch-kernels`, ExecuTorch's default): then each
@@ -34,7 +34,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
 from export.backends.options import BackendOptions, TargetDevice
-from export.kernels import int4_matmul
+from export.kernels import int4_matmul, moe_int4
 from export.patches import patched
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"  # ExecuTorch's key for its SDPA swap (off: no aten SDPA here)
@@ -131,6 +131,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         from export.kernels import attention
 
         stack.enter_context(int4_matmul.one_config())
+        stack.enter_context(moe_int4.one_config())
         stack.enter_context(attention.use_configs(attention.one_config))  # gemma4::attention too
         return stack
 

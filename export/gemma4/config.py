@@ -309,7 +309,7 @@ _TINY = dict(
 PRESETS: dict[str, Gemma4Config] = {
     "tiny": Gemma4Config(**_TINY),
     "tiny-moe": Gemma4Config(**{**_TINY, "enable_moe_block": True, "num_experts": 8,
-                                "top_k_experts": 2, "moe_intermediate_size": 24}),
+                                "top_k_experts": 2, "moe_intermediate_size": 32}),  # 32: int4 experts' smallest group
     # Real configs, as published (tests/data/gemma4_text_configs.json; tests/test_config.py checks them).
     **_load_real(),
 }

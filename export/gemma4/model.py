@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.attention import hadamard_rotate, quantize_kv  # importing it registers torch.ops.gemma4.attention
+from ..kernels import moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_route / moe_experts_int4)
 from .config import Gemma4Config
 
 
@@ -172,16 +173,16 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
-    def forward(self, x):  # x: (N, H) -> weights (N, K) fp32, index (N, K)
-        x = self.norm(x) * self.scale * x.shape[-1] ** -0.5
-        probs = F.softmax(self.proj(x), dim=-1, dtype=torch.float32)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
-        w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.per_expert_scale[idx], idx
+    def forward(self, x):  # x: (N, H) -> weights (N, K) fp32, index (N, K) int64
+        # norm(x) * scale * H^-0.5, proj, softmax, top-k, renormalize, * per_expert_scale[idx]:
+        # one op (on CUDA two small kernels in fp32; elsewhere these aten ops, export/kernels/moe_int4.py)
+        return torch.ops.gemma4.moe_route(x, self.scale, self.proj.weight, self.per_expert_scale, self.top_k,
+                                          self.norm.eps)
 
 
 class Experts(nn.Module):
-    """Expert weights as 3-D tensors, as in the checkpoint."""
+    """Expert weights as 3-D tensors, as in the checkpoint (float; the int4 recipe replaces this
+    module by quant.PackedInt4Experts, same call)."""
 
     def __init__(self, cfg: Gemma4Config):
         super().__init__()

@@ -11,6 +11,11 @@ Linears (the lm_head included) become int4 weight-only, group-wise along K:
 - CPU: `Int4Linear` below stores packed nibbles + per-group scale and offset and dequantizes
   in the graph with plain aten ops.
 
+MoE expert stacks (`model.Experts`, 3-D [E, N, K]) follow `linear`: with int4 they become
+`PackedInt4Experts` on either target, each expert in the CUDA layout above, run by
+`gemma4::moe_experts_int4` (export/kernels/moe_int4.py; the CPU backend decomposes it into
+its aten reference).
+
 The lm_head is tied to `embed_tokens` in the model; quantizing it unties it (the embedding
 keeps its own tensor, bf16 or int8, for the gather). Optional int8 embedding: per-row
 symmetric int8 + scale (`Int8Embedding`), dequantized after the gather.
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.backends.options import TargetDevice
+from export.gemma4.model import Experts
 
 GROUP_SIZES = (32, 128)  # int4 group sizes a recipe offers (--group-size); halved where K needs it
 
@@ -186,6 +192,62 @@ class PackedInt4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
+class PackedInt4Stack(nn.Module):
+    """One expert stack W [E, N, K] in the int4 layout, expert by expert: qweight uint8
+    [E, N, K/2], scales bf16 [E, N, K/g] (g: the recipe's group size, halved where K needs it)."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, group_size: int):
+        super().__init__()
+        from export.kernels.int4_matmul import group_size_for
+        self.experts, self.in_features, self.out_features = experts, in_features, out_features
+        self.group_size = group_size_for(in_features, group_size)
+        E, N, K = experts, out_features, in_features
+        self.register_buffer("qweight", torch.zeros(E, N, K // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(E, N, K // self.group_size, dtype=torch.bfloat16))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: torch.Tensor, group_size: int) -> "PackedInt4Stack":
+        from export.kernels.int4_matmul import quantize_int4
+        E, N, K = weight.shape
+        m = cls(E, K, N, group_size).to(weight.device)
+        rows = max(1, (16 << 20) // (4 * K))  # fp32 temporaries of one row block: ~16 MiB
+        for e in range(E):
+            for r0 in range(0, N, rows):
+                m.qweight[e, r0:r0 + rows], m.scales[e, r0:r0 + rows] = quantize_int4(weight[e, r0:r0 + rows],
+                                                                                       m.group_size)
+        return m
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        from export.kernels.moe_int4 import dequantize_experts
+        return dequantize_experts(self.qweight, self.scales, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}")
+
+
+class PackedInt4Experts(nn.Module):
+    """`model.Experts` with int4 stacks (same call: x [N, H], weights and ids [N, top_k]):
+    y = gemma4::moe_experts_int4(x, weights, idx, gate_up_proj.*, down_proj.*). Decode reads only
+    the chosen experts' bytes; prefill groups the tokens by expert."""
+
+    def __init__(self, gate_up_proj: PackedInt4Stack, down_proj: PackedInt4Stack):
+        super().__init__()
+        self.gate_up_proj = gate_up_proj  # [E, 2I, H]: rows 0..I-1 gate, I..2I-1 up
+        self.down_proj = down_proj  # [E, H, I]
+
+    @classmethod
+    def from_float(cls, experts: nn.Module, group_size: int) -> "PackedInt4Experts":
+        return cls(PackedInt4Stack.from_float(experts.gate_up_proj, group_size),
+                   PackedInt4Stack.from_float(experts.down_proj, group_size))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        import export.kernels.moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_experts_int4)
+        gu, down = self.gate_up_proj, self.down_proj
+        return torch.ops.gemma4.moe_experts_int4(x, w, idx, gu.qweight, gu.scales, down.qweight, down.scales)
+
+
 class Int8Embedding(nn.Module):
     """Embedding table as int8 rows + one scale per row; rows are dequantized after the
     gather, so only T rows are ever in float. Same call signature as nn.Embedding."""
@@ -243,6 +305,15 @@ def _linear_skip_reason(fqn: str, lin: nn.Linear, recipe: QuantRecipe, device: T
     return None
 
 
+def _experts_skip_reason(mod: nn.Module, device: TargetDevice) -> str | None:
+    E, I2, H = mod.gate_up_proj.shape
+    if H % 32 or (I2 // 2) % 32:
+        return f"hidden {H} / moe_intermediate {I2 // 2}: both must be multiples of 32 (the smallest int4 group)"
+    if device is TargetDevice.CUDA and mod.gate_up_proj.dtype != torch.bfloat16:
+        return "the int4 CUDA kernels take bf16 activations: export with bf16 weights"
+    return None
+
+
 def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
               under: str | None = None, progress=None, report: QuantReport | None = None) -> QuantReport:
     """Quantize `model` in place following `recipe` for `device`; returns what was done.
@@ -260,7 +331,14 @@ def quantize_(model: nn.Module, recipe: QuantRecipe, device: TargetDevice,
     for fqn, mod in list(model.named_modules()):
         if not fqn or not in_scope(fqn):
             continue
-        if isinstance(mod, nn.Embedding) and recipe.embedding is EmbeddingQuant.INT8 and _matches(fqn, recipe.embeddings):
+        if isinstance(mod, Experts) and recipe.linear is LinearQuant.INT4:
+            why = _experts_skip_reason(mod, device)
+            if why:
+                report.skipped[fqn] = why
+            else:
+                _set_module(model, fqn, PackedInt4Experts.from_float(mod, recipe.group_size))
+                report.int4.append(fqn)
+        elif isinstance(mod, nn.Embedding) and recipe.embedding is EmbeddingQuant.INT8 and _matches(fqn, recipe.embeddings):
             _set_module(model, fqn, Int8Embedding.from_float(mod.weight))
             report.int8_embedding.append(fqn)
         elif isinstance(mod, nn.Linear) and recipe.linear is LinearQuant.INT4 and _matches(fqn, recipe.linears):

@@ -63,7 +63,7 @@ def quantize_kv(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Ten
     if kv_dtype == "int8":
         return q.to(torch.int8), scale
     u = (q + 8).to(torch.uint8)  # [1, 15]
-    return u[..., 0::2] | (u[..., 1::2] << 4), scale
+    return u[..., 0::2] | (u[..., 1::2] * 16), scale
 
 
 def dequantize_kv(codes: torch.Tensor, scale: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

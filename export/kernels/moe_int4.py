@@ -1,0 +1,544 @@
+"""Mixture-of-experts over int4 expert stacks: routing and the expert MLPs as two ops.
+
+    gemma4::moe_route(x[N, H], scale[H], proj_weight[E, H], per_expert_scale[E], top_k, eps)
+        -> (weights fp32 [N, top_k], idx int64 [N, top_k])
+    gemma4::moe_experts_int4(x[N, H], weights, idx, gate_up_qweight, gate_up_scales,
+                             down_qweight, down_scales) -> y[N, H] in x.dtype
+
+Routing (Gemma 4's router): x / rms(x) * scale * H^-0.5, logits = that @ proj_weight.T,
+softmax over the E experts, the top_k largest, renormalized to sum 1, times
+per_expert_scale[idx]. Experts: each token's top_k experts run gelu_tanh(gate) * up, then
+down, and their outputs are summed with the routing weights.
+
+Expert stacks use the int4 linear's layout per expert (export/kernels/int4_matmul.py):
+    gate_up_qweight uint8 [E, 2I, H/2]  gate_up_scales bf16 [E, 2I, H/G]  (rows 0..I-1 gate, I..2I-1 up)
+    down_qweight    uint8 [E, H, I/2]   down_scales    bf16 [E, H, I/G']
+nibbles along K (even k low), stored q + 8, W ~= q * scale. G' is the group size halved
+where I needs it (`group_size_for`: I = 704 takes 64 at g128).
+
+Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`):
+- routing: `_route_logits_kernel` (token blocks x expert blocks x slices of H, so one decode
+  token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per
+  row, applied later) and `_route_topk_kernel` (sums the slices, softmax, top-k by repeated
+  argmax, renormalize, per-expert scale), all in fp32.
+- decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
+  the device and only that expert's rows of gate and up, and writes gelu(gate) * up;
+  `_gemv_down_kernel`, grid (H blocks), walks the top_k experts in one loop and sums their
+  weighted outputs in registers. Static shapes, no host sync: CUDA-graph safe.
+- prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
+  entries per expert and writes them grouped by expert (a stable counting sort), the
+  per-expert row offsets and the per-expert offsets of TILE_M-row tiles; `_grouped_kernel`
+  runs one tile of one expert per program (the program finds its expert from the tile
+  offsets), a tensor-core dot over dequantized weight tiles: gate_up writes the activations
+  in grouped order, down writes each entry's weighted output in place, and a sum over the
+  top_k slots gives each token's output (deterministic, no atomics). No expert runs on a
+  token that did not pick it.
+Every config fits 101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090
+sm_120); `config_smem_bytes` estimates it and the tests check every config (and compile each
+kernel for sm_89 and sm_120 with Triton + ptxas, no GPU needed).
+
+The CPU kernels of the ops are `moe_route_reference` and `moe_experts_reference` (plain
+aten ops; the CPU backend decomposes the ops into them). The experts reference gathers the
+top_k experts' weights for one token and runs every expert on every token otherwise (the
+float model's math: a reference, not a fast path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.library import triton_op, wrap_triton
+
+from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int4
+
+SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
+TILE_M = 16  # (token, slot) rows per grouped-GEMM program: a prefill chunk of 128 gives ~8 per expert
+ALIGN_BLOCK = 128  # entries per step of the counting sort
+ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
+ONE_CONFIG = False  # compile with one config per kernel (see one_config)
+
+
+# ---- layout helpers -------------------------------------------------------------------------
+
+
+def quantize_experts(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [E, N, K] -> (uint8 [E, N, K/2], bf16 [E, N, K/G]), expert by expert (int4 layout)."""
+    E, N, K = w.shape
+    q = torch.empty(E, N, K // 2, dtype=torch.uint8, device=w.device)
+    s = torch.empty(E, N, K // group_size, dtype=torch.bfloat16, device=w.device)
+    for e in range(E):
+        q[e], s[e] = quantize_int4(w[e], group_size)
+    return q, s
+
+
+def dequantize_experts(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., N, K/2] + [..., N, K/G] -> [..., N, K] in `dtype` (any leading dims: E, or gathered top_k)."""
+    lead, K = qweight.shape[:-1], qweight.shape[-1] * 2
+    w = dequantize_int4(qweight.reshape(-1, qweight.shape[-1]), scales.reshape(-1, scales.shape[-1]), dtype)
+    return w.view(*lead, K)
+
+
+def experts_int4_bytes(experts: int, n: int, k: int, group_size: int) -> int:
+    """Stored bytes of one expert stack [experts, n, k] (group size as stored)."""
+    return experts * int4_bytes(n, k, group_size)
+
+
+# ---- references (plain aten: the CPU kernels and the CPU backend's decompositions) -----------
+
+
+def moe_route_reference(x: torch.Tensor, scale: torch.Tensor, proj_weight: torch.Tensor,
+                        per_expert_scale: torch.Tensor, top_k: int, eps: float):
+    """Gemma 4's router in aten ops, op for op as transformers computes it (norm and scale in
+    x.dtype, the projection in x.dtype, softmax in fp32)."""
+    xf = x.float()
+    y = (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
+    y = y * scale * x.shape[-1] ** -0.5
+    probs = F.softmax(F.linear(y, proj_weight), dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w * per_expert_scale[idx], idx
+
+
+def moe_experts_reference(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales):
+    """The float Experts' math on dequantized stacks (in x.dtype): one token gathers its top_k
+    experts; more tokens run every expert and weight them by a dense (N, E) table."""
+    dt = x.dtype
+    if guard_or_false(x.shape[0] == 1):
+        e = idx[0]
+        gu = torch.einsum("h,kih->ki", x[0], dequantize_experts(gate_up_qweight[e], gate_up_scales[e], dt))
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") * up
+        y = torch.einsum("ki,khi->kh", act, dequantize_experts(down_qweight[e], down_scales[e], dt))
+        return (weights[0, :, None] * y.float()).sum(0, keepdim=True).to(dt)
+    gu = torch.einsum("nh,eih->nei", x, dequantize_experts(gate_up_qweight, gate_up_scales, dt))
+    gate, up = gu.chunk(2, dim=-1)
+    y = torch.einsum("nei,ehi->neh", F.gelu(gate, approximate="tanh") * up,
+                     dequantize_experts(down_qweight, down_scales, dt))
+    dense_w = torch.zeros(x.shape[0], gate_up_qweight.shape[0], dtype=weights.dtype, device=x.device)
+    dense_w = dense_w.scatter(1, idx, weights)
+    return torch.einsum("ne,neh->nh", dense_w, y.float()).to(dt)
+
+
+# ---- configs (every one within SMEM_LIMIT_BYTES; tests assert it) --------------------------
+
+
+def _cfg(warps, stages, **blocks):
+    return triton.Config(blocks, num_warps=warps, num_stages=stages)
+
+
+ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s in (
+    (16, 128, 4, 2), (32, 128, 4, 2), (16, 256, 4, 2), (32, 64, 4, 3))]
+GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOCK_K divides the group (filtered)
+    (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4), (32, 32, 4, 4),
+    (64, 32, 4, 4), (8, 128, 2, 3), (8, 64, 2, 4), (16, 32, 2, 4))]  # BLOCK_N 8-16: more programs for few rows
+GROUPED_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (
+    (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
+    (32, 64, 4, 4))]
+
+
+def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
+    """Upper estimate of a config's shared memory. Each pipeline stage buffers its input tiles
+    (activations, packed weights and scales; gate_up reads two weight tiles, gate and up); a dot
+    also stages the dequantized bf16 weight tiles once. Routing: fp32 tiles of x and the router
+    weight per stage, and the dot's operands once."""
+    k = cfg.kwargs
+    if kind == "route":
+        per_stage = (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
+        return cfg.num_stages * per_stage + (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
+    tiles = 2 if kind in ("gemv_gate_up", "grouped_gate_up") else 1
+    bn, bk = k["BLOCK_N"], k["BLOCK_K"]
+    weights = tiles * (bn * bk // 2 + bn * 2)
+    if kind.startswith("gemv"):  # x (or act, fp32) slice, no dot
+        return cfg.num_stages * (weights + bk * 4)
+    return cfg.num_stages * (weights + TILE_M * bk * 2) + tiles * bn * bk * 2
+
+
+_KERNELS: dict = {}
+
+
+@contextlib.contextmanager
+def one_config():
+    """Launches traced inside keep one config per kernel (the smallest): exports without
+    autotune compile fast and two of them compute bitwise the same result."""
+    global ONE_CONFIG
+    saved, ONE_CONFIG = ONE_CONFIG, True
+    try:
+        yield
+    finally:
+        ONE_CONFIG = saved
+
+
+def _autotuned(kind: str, group: int = 0):
+    """The autotuned kernel of `kind` with the configs that suit `group` (a BLOCK_K that
+    divides the group: one scale per row per step)."""
+    key = (kind, group, ONE_CONFIG)
+    if key not in _KERNELS:
+        pool, kernel, keys = {
+            "route": (ROUTE_CONFIGS, _route_logits_kernel, ["E", "H"]),
+            "gemv_gate_up": (GEMV_CONFIGS, _gemv_gate_up_kernel, ["I", "K", "GROUP"]),
+            "gemv_down": (GEMV_CONFIGS, _gemv_down_kernel, ["N_OUT", "K", "GROUP"]),
+            "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
+            "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
+        }[kind]
+        configs = [c for c in pool if kind == "route" or group % c.kwargs["BLOCK_K"] == 0]
+        if ONE_CONFIG:
+            configs = [min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
+        _KERNELS[key] = triton.autotune(configs=configs, key=keys)(kernel)
+    return _KERNELS[key]
+
+
+# ---- kernels --------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gelu_tanh(g):
+    # tanh(z) = 1 - 2 / (1 + exp(2z)), no libdevice (runs in the interpreter); tanh(20) is 1 in fp32
+    z = tl.minimum(0.7978845608028654 * (g + 0.044715 * g * g * g), 20.0)
+    return 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
+
+
+@triton.jit
+def _nibbles(p):
+    """Packed bytes (int32) -> the even-k and odd-k codes as floats: a nibble OR'ed into the
+    mantissa of 2^23 minus (2^23 + 8) is exactly the code q = nibble - 8 (no conversion)."""
+    lo = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return lo, hi
+
+
+@triton.jit
+def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr, N, H, E, H_SLICE, stride_xn, stride_wn,
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One slice of H for a block of tokens x a block of experts: part[s, n, e] = (x[n] * scale)
+    . w[e] over slice s, and (expert block 0) ss[s, n] = sum of x[n]^2 over it. The RMS norm is
+    one scale per row, applied when the slices are summed (`_route_topk_kernel`), so x is read
+    once and a single token still spreads over H / H_SLICE x E / BLOCK_E programs."""
+    pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    t_ok, e_ok = offs_t < N, offs_e < E
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for h in range(0, H_SLICE, BLOCK_H):
+        offs_h = pid_s * H_SLICE + h + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xn + offs_h[None, :], mask=t_ok[:, None] & h_ok[None, :],
+                    other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+        s = tl.load(scale_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * stride_wn + offs_h[None, :], mask=e_ok[:, None] & h_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = tl.dot(x * s[None, :], tl.trans(w), acc, input_precision="ieee")
+    tl.store(part_ptr + (pid_s * N + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+    tl.store(ss_ptr + pid_s * N + offs_t, ss, mask=t_ok & (pid_e == 0))
+
+
+@triton.jit
+def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, SPLITS, eps, inv_h, inv_sqrt_h,
+                       TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, K_P2: tl.constexpr):
+    """One token: sum the H slices into logits (times rstd * H^-0.5), softmax over E, the TOP_K
+    largest by repeated argmax (descending, as topk), renormalized, times per_expert_scale."""
+    n = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    ss = tl.zeros((1,), dtype=tl.float32)
+    for s in range(0, SPLITS):  # fixed order: deterministic
+        acc += tl.load(part_ptr + (s * N + n) * E + offs, mask=offs < E, other=0.0)
+        ss += tl.load(ss_ptr + s * N + n + tl.arange(0, 1))
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_h + eps)
+    logits = tl.where(offs < E, acc * (rstd * inv_sqrt_h), float("-inf"))
+    p = tl.exp(logits - tl.max(logits, axis=0))
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(offs < E, p, -1.0)
+    slots = tl.arange(0, K_P2)
+    vals = tl.zeros((K_P2,), dtype=tl.float32)
+    ids = tl.zeros((K_P2,), dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        at = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)  # the lowest index among ties
+        vals = tl.where(slots == k, best, vals)
+        ids = tl.where(slots == k, at, ids)
+        p = tl.where(offs == at, -1.0, p)
+    k_ok = slots < TOP_K
+    vals = tl.where(k_ok, vals, 0.0)
+    pes = tl.load(pes_ptr + ids, mask=k_ok, other=0.0).to(tl.float32)
+    tl.store(w_out_ptr + n * TOP_K + slots, vals / tl.sum(vals, axis=0) * pes, mask=k_ok)
+    tl.store(idx_out_ptr + n * TOP_K + slots, ids.to(tl.int64), mask=k_ok)
+
+
+@triton.jit
+def _gemv_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, K, stride_qe, stride_qn, stride_se,
+                         stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32)."""
+    pid_n, slot = tl.program_id(0), tl.program_id(1)
+    e = tl.load(idx_ptr + slot).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    n_ok = offs_n < I
+    gate_rows = q_ptr + e * stride_qe + offs_n.to(tl.int64)[:, None] * stride_qn
+    up_rows = gate_rows + I * stride_qn
+    gate_s = s_ptr + e * stride_se + offs_n * stride_sn
+    up_s = gate_s + I * stride_sn
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        xe = tl.load(x_ptr + k0 + 2 * offs_b).to(tl.float32)[None, :]
+        xo = tl.load(x_ptr + k0 + 2 * offs_b + 1).to(tl.float32)[None, :]
+        lo, hi = _nibbles(tl.load(gate_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
+        sg = tl.load(gate_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        acc_g += (lo * xe + hi * xo) * sg[:, None]
+        lo, hi = _nibbles(tl.load(up_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
+        su = tl.load(up_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        acc_u += (lo * xe + hi * xo) * su[:, None]
+    act = _gelu_tanh(tl.sum(acc_g, axis=1)) * tl.sum(acc_u, axis=1)
+    tl.store(act_ptr + slot * I + offs_n, act, mask=n_ok)
+
+
+@triton.jit
+def _gemv_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, K, stride_qe, stride_qn, stride_se,
+                      stride_sn, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """out[n] = sum over slots of weight[slot] * (down of expert idx[slot]) @ act[slot] (one token).
+    One loop over (slot, k) steps (K is a multiple of BLOCK_K) with the routing weight folded into
+    the scale: a single accumulator, and the loads pipeline across the experts."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    n_ok = offs_n < N_OUT
+    row_off = offs_n.to(tl.int64)[:, None] * stride_qn
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for step in range(0, TOP_K * K, BLOCK_K):
+        slot = step // K
+        k0 = step - slot * K
+        e = tl.load(idx_ptr + slot).to(tl.int64)
+        ae = tl.load(act_ptr + step + 2 * offs_b)[None, :]  # act [TOP_K, K] is contiguous: row slot, column k0
+        ao = tl.load(act_ptr + step + 2 * offs_b + 1)[None, :]
+        p = tl.load(q_ptr + e * stride_qe + row_off + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0)
+        lo, hi = _nibbles(p.to(tl.int32))
+        s = tl.load(s_ptr + e * stride_se + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        acc += (lo * ae + hi * ao) * (s * tl.load(w_ptr + slot))[:, None]
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: tl.constexpr,
+                  BLOCK: tl.constexpr, E_P2: tl.constexpr):
+    """One program: the NK entries (flat (token, slot) indices) grouped by expert id, stable.
+    row_off[e] .. row_off[e + 1] are expert e's rows of `sorted`; tile_off[e] .. tile_off[e + 1]
+    its TILE-row tiles of the grouped GEMM."""
+    ex = tl.arange(0, E_P2)
+    e_ok = ex < E
+    counts = tl.zeros((E_P2,), dtype=tl.int32)
+    for b0 in range(0, NK, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        ids = tl.load(idx_ptr + offs, mask=offs < NK, other=-1).to(tl.int32)
+        counts += tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0)
+    row_end = tl.cumsum(counts, axis=0)
+    tile_end = tl.cumsum((counts + TILE - 1) // TILE, axis=0)
+    tl.store(row_off_ptr + 1 + ex, row_end, mask=e_ok)
+    tl.store(tile_off_ptr + 1 + ex, tile_end, mask=e_ok)
+    tl.store(row_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
+    tl.store(tile_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
+    running = row_end - counts  # next free row of each expert
+    for b0 in range(0, NK, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        ok = offs < NK
+        ids = tl.load(idx_ptr + offs, mask=ok, other=-1).to(tl.int32)
+        hit = (ids[:, None] == ex[None, :]).to(tl.int32)  # [BLOCK, E_P2] one-hot
+        rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1) - 1  # earlier entries of the same expert
+        base = tl.sum(hit * running[None, :], axis=1)
+        tl.store(sorted_ptr + base + rank, offs, mask=ok & (ids >= 0) & (ids < E))
+        running += tl.sum(hit, axis=0)
+
+
+@triton.jit
+def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr,
+                    N_OUT, K, E, stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_om,
+                    GATE_UP: tl.constexpr, TOP_K: tl.constexpr, FP32: tl.constexpr, GROUP: tl.constexpr,
+                    TILE: tl.constexpr, E_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One TILE-row tile of one expert's grouped rows x BLOCK_N output columns.
+    GATE_UP: rows gather x by token, write act[row] = gelu(gate) * up in grouped order (x dtype).
+    down: rows read act in grouped order, write out[entry] = weight[entry] * (act @ down.T) (fp32)."""
+    pid_t, pid_n = tl.program_id(0), tl.program_id(1)
+    ex = tl.arange(0, E_P2)
+    ends = tl.load(tile_off_ptr + 1 + ex, mask=ex < E, other=2147483647)
+    e = tl.sum((ends <= pid_t).to(tl.int32), axis=0)  # tiles of experts 0..e-1 end at or before this one
+    if e < E:
+        first_tile = tl.load(tile_off_ptr + e)
+        row_end = tl.load(row_off_ptr + e + 1)
+        rows = tl.load(row_off_ptr + e) + (pid_t - first_tile) * TILE + tl.arange(0, TILE)
+        r_ok = rows < row_end
+        entry = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
+        a_rows = entry // TOP_K if GATE_UP else rows
+        a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N_OUT
+        offs_b = tl.arange(0, BLOCK_K // 2)
+        e64 = e.to(tl.int64)
+        w_rows = q_ptr + e64 * stride_qe + offs_n.to(tl.int64)[:, None] * stride_qn
+        s_rows = s_ptr + e64 * stride_se + offs_n * stride_sn
+        acc = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            # even and odd k meet their own nibble: two dots of BLOCK_K / 2, no interleave
+            a_even = tl.load(a_base + (k0 + 2 * offs_b)[None, :], mask=r_ok[:, None], other=0.0)
+            a_odd = tl.load(a_base + (k0 + 2 * offs_b + 1)[None, :], mask=r_ok[:, None], other=0.0)
+            p = tl.load(w_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+            s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            lo, hi = _nibbles(p)
+            lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
+            if FP32:
+                acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+                acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a_even, tl.trans(lo), acc)
+                acc = tl.dot(a_odd, tl.trans(hi), acc)
+            if GATE_UP:
+                p = tl.load(w_rows + N_OUT * stride_qn + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None],
+                            other=0).to(tl.int32)
+                s = tl.load(s_rows + N_OUT * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                lo, hi = _nibbles(p)
+                lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
+                if FP32:
+                    acc_up = tl.dot(a_even, tl.trans(lo), acc_up, input_precision="ieee")
+                    acc_up = tl.dot(a_odd, tl.trans(hi), acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(a_even, tl.trans(lo), acc_up)
+                    acc_up = tl.dot(a_odd, tl.trans(hi), acc_up)
+        mask = r_ok[:, None] & n_ok[None, :]
+        if GATE_UP:
+            act = _gelu_tanh(acc) * acc_up
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+                     act.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            wk = tl.load(w_ptr + entry, mask=r_ok, other=0.0)
+            tl.store(out_ptr + entry.to(tl.int64)[:, None] * stride_om + offs_n[None, :], acc * wk[:, None], mask=mask)
+
+
+# ---- launch (wrap = wrap_triton inside the ops; identity for the Triton interpreter) ---------
+
+
+def _identity(f):
+    return f
+
+
+def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float, wrap=_identity):
+    N, H = x.shape
+    E = proj_weight.shape[0]
+    splits = triton.cdiv(H, ROUTE_H_SLICE)
+    part = torch.empty((splits, N, E), device=x.device, dtype=torch.float32)
+    ss = torch.empty((splits, N), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]), splits)  # noqa: E731
+    wrap(_autotuned("route"))[grid](x, scale, proj_weight, part, ss, N, H, E, ROUTE_H_SLICE, x.stride(0),
+                                    proj_weight.stride(0))
+    weights = torch.empty((N, top_k), device=x.device, dtype=torch.float32)
+    idx = torch.empty((N, top_k), device=x.device, dtype=torch.int64)
+    wrap(_route_topk_kernel)[(N,)](part, ss, per_expert_scale, weights, idx, N, E, splits, eps, 1.0 / H, H ** -0.5,
+                                   TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k))
+    return weights, idx
+
+
+def _groups(gate_up_scales, down_scales, H: int, I: int) -> tuple[int, int]:
+    return H // gate_up_scales.shape[-1], I // down_scales.shape[-1]
+
+
+def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
+    """One token (x [1, H]): two GEMV kernels over the top_k experts named by idx (on the device)."""
+    H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
+    g_gu, g_d = _groups(gu_s, d_s, H, I)
+    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
+    act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]), top_k)  # noqa: E731
+    wrap(_autotuned("gemv_gate_up", g_gu))[grid](x1, idx1, gu_q, gu_s, act, I, H, gu_q.stride(0), gu_q.stride(1),
+                                                 gu_s.stride(0), gu_s.stride(1), GROUP=g_gu)
+    out = torch.empty((1, H), device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
+    wrap(_autotuned("gemv_down", g_d))[grid](act, w1, idx1, d_q, d_s, out, H, I, d_q.stride(0), d_q.stride(1),
+                                             d_s.stride(0), d_s.stride(1), TOP_K=top_k, GROUP=g_d)
+    return out
+
+
+def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
+    """Any number of tokens: sort the (token, slot) entries by expert, a grouped GEMM per
+    projection over the experts' tiles, then each token sums its top_k weighted outputs."""
+    N, H = x.shape
+    E, I, top_k = gu_q.shape[0], d_q.shape[2] * 2, idx.shape[1]
+    g_gu, g_d = _groups(gu_s, d_s, H, I)
+    NK = N * top_k
+    x1, w1 = x.contiguous(), weights.contiguous()
+    sorted_entries = torch.empty((NK,), device=x.device, dtype=torch.int32)
+    row_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
+    tile_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
+    e_p2 = triton.next_power_of_2(E)
+    wrap(_align_kernel)[(1,)](idx.contiguous(), sorted_entries, row_off, tile_off, NK, E, TILE=TILE_M,
+                              BLOCK=ALIGN_BLOCK, E_P2=e_p2)
+    max_tiles = triton.cdiv(NK, TILE_M) + E  # each expert adds at most one partial tile
+    fp32 = x.dtype == torch.float32
+    act = torch.empty((NK, I), device=x.device, dtype=x.dtype)  # grouped order
+    grid = lambda meta: (max_tiles, triton.cdiv(I, meta["BLOCK_N"]))  # noqa: E731
+    wrap(_autotuned("grouped_gate_up", g_gu))[grid](
+        x1, sorted_entries, row_off, tile_off, gu_q, gu_s, w1, act, I, H, E, x1.stride(0), gu_q.stride(0),
+        gu_q.stride(1), gu_s.stride(0), gu_s.stride(1), act.stride(0), GATE_UP=True, TOP_K=top_k, FP32=fp32,
+        GROUP=g_gu, TILE=TILE_M, E_P2=e_p2)
+    per_entry = torch.empty((NK, H), device=x.device, dtype=torch.float32)  # (token, slot) order
+    grid = lambda meta: (max_tiles, triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
+    wrap(_autotuned("grouped_down", g_d))[grid](
+        act, sorted_entries, row_off, tile_off, d_q, d_s, w1, per_entry, H, I, E, act.stride(0), d_q.stride(0),
+        d_q.stride(1), d_s.stride(0), d_s.stride(1), per_entry.stride(0), GATE_UP=False, TOP_K=top_k, FP32=fp32,
+        GROUP=g_d, TILE=TILE_M, E_P2=e_p2)
+    return per_entry.view(N, top_k, H).sum(1).to(x.dtype)
+
+
+# ---- the ops --------------------------------------------------------------------------------
+
+
+def _check_experts(x, weights, idx, gu_q, gu_s, d_q, d_s):
+    N, H = x.shape
+    E, I2, _ = gu_q.shape
+    ok = (gu_q.shape[2] * 2 == H and tuple(d_q.shape) == (E, H, I2 // 4) and gu_s.shape[:2] == gu_q.shape[:2]
+          and d_s.shape[:2] == d_q.shape[:2] and weights.shape == idx.shape and idx.shape[0] == N
+          and H % gu_s.shape[2] == 0 and (I2 // 2) % d_s.shape[2] == 0)
+    if not ok:
+        raise ValueError(f"moe_experts_int4: x {tuple(x.shape)}, weights {tuple(weights.shape)}, idx "
+                         f"{tuple(idx.shape)}, gate_up {tuple(gu_q.shape)}/{tuple(gu_s.shape)}, down "
+                         f"{tuple(d_q.shape)}/{tuple(d_s.shape)} do not agree")
+
+
+@triton_op("gemma4::moe_route", mutates_args={})
+def moe_route(x: torch.Tensor, scale: torch.Tensor, proj_weight: torch.Tensor, per_expert_scale: torch.Tensor,
+              top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] -> (routing weights fp32 [N, top_k], expert ids int64 [N, top_k])."""
+    if x.device.type != "cuda":
+        return moe_route_reference(x, scale, proj_weight, per_expert_scale, top_k, eps)
+    return launch_route(x.contiguous(), scale, proj_weight, per_expert_scale, top_k, eps, wrap=wrap_triton)
+
+
+@moe_route.register_fake
+def _(x, scale, proj_weight, per_expert_scale, top_k, eps):
+    return (x.new_empty((x.shape[0], top_k), dtype=torch.float32), x.new_empty((x.shape[0], top_k), dtype=torch.int64))
+
+
+@triton_op("gemma4::moe_experts_int4", mutates_args={})
+def moe_experts_int4(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up_qweight: torch.Tensor,
+                     gate_up_scales: torch.Tensor, down_qweight: torch.Tensor,
+                     down_scales: torch.Tensor) -> torch.Tensor:
+    """x [N, H] through each token's top_k int4 experts, summed with `weights` -> [N, H] (x.dtype)."""
+    args = (x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    _check_experts(*args)
+    if x.device.type != "cuda":
+        return moe_experts_reference(*args)
+    # decode's static N == 1 takes the GEMVs; a symbolic N (the prefill method) the grouped path
+    if guard_or_false(x.shape[0] == 1):
+        return launch_experts_decode(*args, wrap=wrap_triton)
+    return launch_experts_grouped(*args, wrap=wrap_triton)
+
+
+@moe_experts_int4.register_fake
+def _(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales):
+    _check_experts(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    return torch.empty_like(x)
