@@ -283,11 +283,12 @@ def test_planner_expert_bytes_equal_the_module_bytes(group):
     """26B-A4B: the planner's int4 expert stacks are the bytes PackedInt4Experts stores."""
     from export.gemma4.config import PRESETS
     from export.gemma4.quant import PackedInt4Stack
-    from export.planner import Int4Layout, PlanInputs, weight_tensors
+    from export.gemma4.inventory import inventory
+    from export.gemma4.quant import QuantRecipe
     cfg = PRESETS["26b-a4b"]
     E, Hd, Id, L = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_hidden_layers
-    inputs = PlanInputs(cfg, group_size=group, int4_layout=Int4Layout.PLAIN)
-    planned = sum(t.count * t.bytes for t in weight_tensors(inputs) if t.kind == "moe experts")
+    weights, _ = inventory(cfg, "bfloat16", QuantRecipe(group_size=group), None)
+    planned = sum(t.nbytes for t in weights if ".experts." in t.fqn)
     with torch.device("meta"):
         stacks = (PackedInt4Stack(E, Hd, 2 * Id, group), PackedInt4Stack(E, Id, Hd, group))
     real = L * sum(s.qweight.nbytes + s.scales.nbytes for s in stacks)
