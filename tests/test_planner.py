@@ -96,10 +96,12 @@ def test_31b_head_and_embedding():
 
 
 def test_26b_moe_expert_bytes():
-    # the recipe quantizes nn.Linear modules; the expert stacks are 3-D parameters and stay bf16
-    bf16 = 30 * 128 * (1408 * 2816 + 2816 * 704) * 2
-    assert weights(plan("26b-a4b"), "moe experts") == bf16
-    assert round(bf16 / GiB, 1) == 42.5  # what leaving the experts unquantized costs
+    # the expert stacks are int4 like the linears: per expert gate_up [1408, 2816], down [2816, 704]
+    int4 = lambda n, k: n * k // 2 + n * (k // 32) * 2  # nibbles + a bf16 scale per group  # noqa: E731
+    expected = 30 * 128 * (int4(1408, 2816) + int4(2816, 704))
+    assert weights(plan("26b-a4b"), "moe experts") == expected
+    assert round(expected / GiB, 1) == 12.0  # 42.5 GiB in bf16
+    assert weights(plan("26b-a4b", linear="none"), "moe experts") == 30 * 128 * (1408 * 2816 + 2816 * 704) * 2
     assert weights(plan("26b-a4b"), "moe router") == 30 * 128 * 2816 * 2  # kept bf16
 
 
