@@ -12,6 +12,7 @@ import torch
 from export.gemma4.config import Gemma4Config
 from export.gemma4.model import Experts, Router
 from export.kernels import moe_int4 as mo
+from export.kernels import int4_matmul
 
 E, H, I, TOP_K = 8, 64, 32, 2
 
@@ -163,14 +164,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         _orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = _patched
-    from export.kernels import moe_int4 as mo
+    from export.kernels import int4_matmul, moe_int4 as mo
     torch.manual_seed(0)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     worst, same_ids = 0.0, True
     # E not a power of two, top_k 3, more entries than one counting-sort step (N * top_k > 128),
     # routing over two slices of H (the second one partial), groups of 64 and 32; fp32: the
     # interpreter's bf16 casts are wrong for negative values
-    with mo.one_config():
+    with int4_matmul.one_config():  # the switch the MoE kernels follow
         for E, H, I, K, N, g1, g2 in [(6, 320, 64, 3, 45, 64, 32), (8, 64, 32, 2, 1, 32, 32)]:
             x = torch.randn(N, H)
             scale, pw, pes = torch.rand(H) + 0.5, torch.randn(E, H) * 0.2, torch.rand(E) + 0.5
@@ -344,7 +345,7 @@ def test_cuda_aoti_compiles_the_moe_kernels_into_the_so(tmp_path):
     for n, shapes in ((1, None), (64, ({0: N},))):
         x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
         ep = torch.export.export(mod, (x,), dynamic_shapes=shapes)
-        with mo.one_config():
+        with int4_matmul.one_config():  # the switch the MoE kernels follow
             so = torch._inductor.aot_compile(ep.module(), (x,),
                                              options={"aot_inductor.output_path": str(tmp_path / f"m{n}.so")})
         promote_libtorch("cuda")

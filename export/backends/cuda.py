@@ -34,7 +34,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
 from export.backends.options import BackendOptions, TargetDevice
-from export.kernels import int4_matmul, moe_int4
+from export.kernels import int4_matmul
 from export.patches import patched
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"  # ExecuTorch's key for its SDPA swap (off: no aten SDPA here)
@@ -130,8 +130,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
             return stack
         from export.kernels import attention
 
-        stack.enter_context(int4_matmul.one_config())
-        stack.enter_context(moe_int4.one_config())
+        stack.enter_context(int4_matmul.one_config())  # the MoE kernels follow it too
         stack.enter_context(attention.use_configs(attention.one_config))  # gemma4::attention too
         return stack
 

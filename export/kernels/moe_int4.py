@@ -45,7 +45,6 @@ float model's math: a reference, not a fast path).
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +53,13 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
+from export.kernels import int4_matmul
 from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int4
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 TILE_M = 16  # (token, slot) rows per grouped-GEMM program: a prefill chunk of 128 gives ~8 per expert
 ALIGN_BLOCK = 128  # entries per step of the counting sort
 ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
-ONE_CONFIG = False  # compile with one config per kernel (see one_config)
 
 
 # ---- layout helpers -------------------------------------------------------------------------
@@ -161,22 +160,13 @@ def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
 _KERNELS: dict = {}
 
 
-@contextlib.contextmanager
-def one_config():
-    """Launches traced inside keep one config per kernel (the smallest): exports without
-    autotune compile fast and two of them compute bitwise the same result."""
-    global ONE_CONFIG
-    saved, ONE_CONFIG = ONE_CONFIG, True
-    try:
-        yield
-    finally:
-        ONE_CONFIG = saved
 
 
 def _autotuned(kind: str, group: int = 0):
     """The autotuned kernel of `kind` with the configs that suit `group` (a BLOCK_K that
     divides the group: one scale per row per step)."""
-    key = (kind, group, ONE_CONFIG)
+    one = int4_matmul.ONE_CONFIG  # the int4 family's one-config switch holds for these kernels too
+    key = (kind, group, one)
     if key not in _KERNELS:
         pool, kernel, keys = {
             "route": (ROUTE_CONFIGS, _route_logits_kernel, ["E", "H"]),
@@ -186,7 +176,7 @@ def _autotuned(kind: str, group: int = 0):
             "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
         }[kind]
         configs = [c for c in pool if kind == "route" or group % c.kwargs["BLOCK_K"] == 0]
-        if ONE_CONFIG:
+        if one:
             configs = [min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
         _KERNELS[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _KERNELS[key]
