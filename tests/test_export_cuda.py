@@ -179,11 +179,25 @@ def parity_ok(errors: dict[str, list[float]]) -> bool:
     return all(c <= 2 * e + 5e-3 for c, e in zip(errors["compiled"], errors["eager"]))
 
 
+def stage_log(t0: float):
+    """A listener printing each stage event with the seconds since `t0` to stderr, so a run
+    stopped by its time limit still shows where its time went."""
+
+    def log(event) -> None:
+        if event.kind == "advance" and not event.detail:
+            return
+        extra = f" {event.seconds:.1f} s" if event.seconds is not None else ""
+        print(f"[{time.perf_counter() - t0:7.1f} s] {event.stage} {event.kind}{extra} {event.detail}".rstrip(),
+              file=sys.stderr, flush=True)
+
+    return log
+
+
 def measure(cfg: ExportConfig) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with NvmlPeak() as nvml:
-        result = export_model(cfg)
+        result = export_model(cfg, listeners=(stage_log(t0),))
     wall = time.perf_counter() - t0
     rec = {
         "case": cfg.name, "autotune": cfg.autotune, "export_s": round(wall, 1),
