@@ -3,6 +3,7 @@ lm_head untying, and what the recipe leaves in float (and why)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -137,3 +138,55 @@ def test_cuda_recipe_packs_on_the_host_into_the_kernel_layout():
         a, b = model(tok, torch.tensor([0])), ref(tok, torch.tensor([0]))
     # every linear of a 64-wide bf16 model at ~11% weight error: a loose bound, not parity
     assert torch.isfinite(a).all() and ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.75
+
+
+def _one_shot(weight: torch.Tensor, group: int):
+    from export.kernels.int4_matmul import quantize_int4
+    return quantize_int4(weight, group)
+
+
+def test_blockwise_quantization_equals_one_shot(monkeypatch):
+    """Row blocks (the bound on temporaries, and the unit moved to a GPU) give the codes and
+    scales of quantizing the whole weight at once, for linears, expert stacks and the int8
+    table, blocks not dividing the rows included."""
+    from export.gemma4 import quant
+    from export.gemma4.quant import PackedInt4Linear, PackedInt4Stack
+
+    monkeypatch.setattr(quant, "_rows", lambda K, work: 7)  # 7 rows per block: uneven splits
+    w = _weight(50, 64, seed=3).to(torch.bfloat16)
+    lin = PackedInt4Linear.from_float(w, 32)
+    q, s = _one_shot(w, lin.group_size)
+    assert torch.equal(lin.qweight, q) and torch.equal(lin.scales, s)
+
+    stack_w = torch.stack([_weight(10, 64, seed=e) for e in range(3)]).to(torch.bfloat16)
+    stack = PackedInt4Stack.from_float(stack_w, 32)
+    for e in range(3):
+        q, s = _one_shot(stack_w[e], stack.group_size)
+        assert torch.equal(stack.qweight[e], q) and torch.equal(stack.scales[e], s)
+
+    table = _weight(50, 64, seed=4)
+    emb = Int8Embedding.from_float(table)
+    scale = (table.abs().amax(-1) / 127).clamp_min(1e-8)
+    assert torch.equal(emb.scales, scale)
+    assert torch.equal(emb.weight, (table / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+
+
+@pytest.mark.cuda
+def test_quantizing_on_the_gpu_is_bitwise_the_hosts():
+    """A CUDA export quantizes host weights block by block on the GPU: the same codes and
+    scales, bit for bit, as the host arithmetic."""
+    from export.gemma4.quant import PackedInt4Linear, PackedInt4Stack
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = torch.device("cuda")
+    w = _weight(4096 + 13, 5376, seed=5).to(torch.bfloat16)
+    a, b = PackedInt4Linear.from_float(w, 128), PackedInt4Linear.from_float(w, 128, gpu)
+    assert a.qweight.device.type == "cpu" and b.qweight.device.type == "cpu"
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+    s = torch.randn(4, 704, 2816, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    a, b = PackedInt4Stack.from_float(s, 128), PackedInt4Stack.from_float(s, 128, gpu)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
+    t = _weight(3000, 5376, seed=7).to(torch.bfloat16)
+    a, b = Int8Embedding.from_float(t), Int8Embedding.from_float(t, gpu)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.scales, b.scales)
