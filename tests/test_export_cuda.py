@@ -184,8 +184,6 @@ def stage_log(t0: float):
     stopped by its time limit still shows where its time went."""
 
     def log(event) -> None:
-        if event.kind == "advance" and not event.detail:
-            return
         extra = f" {event.seconds:.1f} s" if event.seconds is not None else ""
         print(f"[{time.perf_counter() - t0:7.1f} s] {event.stage} {event.kind}{extra} {event.detail}".rstrip(),
               file=sys.stderr, flush=True)
