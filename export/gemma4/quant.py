@@ -294,7 +294,8 @@ class Int8Embedding(nn.Module):
 
         def rows(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             w = block.float()
-            scale = (w.abs().amax(-1) / 127).clamp_min(1e-8)
+            amax = w.abs().amax(-1)
+            scale = (amax / torch.full_like(amax, 127.0)).clamp_min(1e-8)  # tensor divisor: see quantize_int4
             return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
 
         _blockwise(weight, _rows(D, work), work, rows, (m.weight, m.scales))

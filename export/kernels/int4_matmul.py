@@ -83,7 +83,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     if K % group_size:
         raise ValueError(f"int4: K={K} is not a multiple of the group size {group_size}")
     g = w.float().reshape(N, K // group_size, group_size)
-    scales = (g.abs().amax(-1, keepdim=True) / 7.5).clamp_min(1e-12).to(torch.bfloat16)
+    amax = g.abs().amax(-1, keepdim=True)
+    # a tensor divisor, not the scalar 7.5: CUDA divides by a scalar as a multiply by its
+    # reciprocal (an ulp off at times), the host divides; tensor / tensor is IEEE on both, so
+    # a weight quantized on the GPU gets the host's codes and scales bit for bit
+    scales = (amax / torch.full_like(amax, 7.5)).clamp_min(1e-12).to(torch.bfloat16)
     q = torch.clamp(torch.round(g / scales.float()), -8, 7).to(torch.int8).reshape(N, K)
     return pack_int4(q), scales.reshape(N, K // group_size)
 
