@@ -234,6 +234,7 @@ def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
 
 if __name__ == "__main__":
     case, out_json = sys.argv[1], Path(sys.argv[2])
-    rec = measure(case_config(case, Path("/tmp") / f"art_{case}"))
+    rec = measure(case_config(case, Path("/tmp") / f"art_{case}_{os.getpid()}"))  # runs of one case side by side
+    rec["wrapper_opt_level"] = torch._inductor.config.aot_inductor.compile_wrapper_opt_level
     out_json.write_text(json.dumps(rec, indent=1))
     print(json.dumps(rec))
