@@ -450,7 +450,7 @@ def test_31b_24gb_recipe_at_131072_picks_the_largest_chunk_under_the_default_bud
     assert fit.chunk == 512 and fit.plan.inputs.prefill_chunk == 512
     assert fit.plan.runtime_gpu.total_bytes <= 22.0 * GiB
     assert P.plan(replace(inputs, prefill_chunk=1024)).runtime_gpu.total_bytes > 22.0 * GiB
-    assert "fits 22.00 GiB" in fit.reason and "1024 would need" in fit.reason
+    assert "of 22.00 GiB" in fit.reason and "1024 would need" in fit.reason
 
 
 def test_chunk_fit_never_exceeds_ctx_and_falls_back_to_the_smallest():

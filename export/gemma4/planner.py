@@ -678,7 +678,7 @@ def fit_prefill_chunk(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUD
         p = plan(replace(inputs, prefill_chunk=chunk))
         total = p.runtime_gpu.total_bytes
         if total <= gpu:
-            return ChunkFit(chunk, f"runtime plan {_gib(total)} fits {_gib(gpu)}{over}", p)
+            return ChunkFit(chunk, f"runtime plan {_gib(total)} of {_gib(gpu)}{over}", p)
         over = f" ({chunk} would need {_gib(total)})"
     return ChunkFit(chunk, f"the smallest: no chunk fits {_gib(gpu)}{over}", p)
 
@@ -834,6 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DoesNotFit, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
+    if args.prefill_chunk is None:  # as the exporter picks it (ctx first, then the chunk)
+        fit = fit_prefill_chunk(replace(inputs, ctx=ctx), budget or DEFAULT_GPU_BUDGET)
+        inputs = replace(inputs, prefill_chunk=fit.chunk)
     p = plan(replace(inputs, ctx=ctx))
     print(json.dumps(p.to_dict(), indent=1) if args.json else render_table(p))
     if budget and not args.json:
