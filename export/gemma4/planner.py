@@ -31,7 +31,8 @@ The export CLI wires it as (PlanInputs' defaults are the exporter's):
                         group_size=cfg.group_size, embedding=cfg.embedding_quant,
                         dtype="bfloat16", low_memory=cfg.low_memory)
     ctx = resolve_ctx(inputs, args.ctx, Budget(gpu_bytes))  # "auto" or an int; DoesNotFit
-    print(render_table(plan(replace(inputs, ctx=ctx))))     # --plan
+    chunk = fit_prefill_chunk(replace(inputs, ctx=ctx), gpu_bytes or DEFAULT_GPU_BUDGET).chunk  # no --prefill-chunk
+    print(render_table(plan(replace(inputs, ctx=ctx, prefill_chunk=chunk))))  # --plan
 """
 
 from __future__ import annotations
