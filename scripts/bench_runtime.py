@@ -42,7 +42,7 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from export.cli import non_negative_int, positive_int, quiet_internal_warnings, run
 
@@ -270,7 +270,7 @@ class Sweep:
     new_tokens: int
     device: str
     embedding_quant: str
-    prefill_chunk: int | None  # None: the exporter's default
+    prefill_chunk: int | None  # None: the whole model's chunk (`full_model_chunk`)
     autotune: bool
     seed: int
     time_budget: float  # seconds for the whole run, exports included
@@ -388,6 +388,20 @@ def plan_gib(preset: str, layers: int | None, ctx: int, kv: str, embedding: str,
     total = float(section.group(2))
     return {"total_gib": total, "allocator_gib": float(section.group(3) or total), "items": items,
             "command": " ".join(cmd[1:])}
+
+
+def full_model_chunk(preset: str, ctx: int, embedding: str) -> tuple[int, str]:
+    """(chunk, why): the prefill chunk the export CLI gives the whole model with the 24 GB
+    recipe (int4 KV, `embedding`, low-memory, cuda) at `ctx` and the default budget. A slice
+    exported alone would fit a larger chunk than the model it stands for, so the sweep passes
+    this one to every export."""
+    from export.gemma4.options import DeviceChoice, EmbeddingQuant, ExportConfig, KvDtype, model_config
+    from export.gemma4.planner import DEFAULT_GPU_BUDGET, fit_prefill_chunk, inputs_for
+
+    cfg = ExportConfig(preset=preset, ctx=ctx, kv_dtype=KvDtype.INT4, embedding_quant=EmbeddingQuant(embedding),
+                       low_memory=True, device=DeviceChoice.CUDA)
+    fit = fit_prefill_chunk(inputs_for(model_config(cfg), cfg, ctx), DEFAULT_GPU_BUDGET)
+    return fit.chunk, f"the whole {preset} with --kv-dtype int4 --embedding-quant {embedding} at ctx {ctx}: {fit.reason}"
 
 
 # ---- exports (the project's CLI, one process per KV dtype, side by side) ---------------------
@@ -745,7 +759,13 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     clock = Clock(s.time_budget)
     scale = slice_scale(s.preset, s.layers)
     cuda = s.device == "cuda"
+    chunk_from = "--prefill-chunk"
+    if s.prefill_chunk is None:
+        chunk, chunk_from = full_model_chunk(s.preset, s.ctx, s.embedding_quant)
+        s = replace(s, prefill_chunk=chunk)
+        log(f"prefill chunk {chunk}: {chunk_from}")
     rec: dict = {"copy_gbps": None, "decode": [], "prefill": [], "plan_31b_131072_gib": None,
+                 "prefill_chunk": s.prefill_chunk, "prefill_chunk_from": chunk_from,
                  "sweep": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
                  "extrapolated": f"whole-model figures (`*_60l`) = the non-layer part + {scale} x the slice's layers "
                                  "(the slice holds the model's sliding:full pattern)" if scale else None,
@@ -887,6 +907,7 @@ def print_sweep(rec: dict) -> None:
     if hf.get("decode"):
         print(f"\ntransformers eager bf16 decode after {hf['decode']['fill']} tokens: {hf['decode']['ms_per_token']:.2f} ms/token (slice)")
     print(f"plan, full 31B at 131072, 24 GB recipe: {rec['plan_31b_131072_gib']} GiB")
+    print(f"prefill chunk {rec['prefill_chunk']} ({rec['prefill_chunk_from']})")
     print("exports: " + ", ".join(f"{kv} {'ok' if e['ok'] else 'FAILED'}"
                                   f"{'' if e.get('seconds') is None else ' in %.0f s' % e['seconds']}"
                                   for kv, e in rec["exports"].items()) + f"; whole run {rec.get('elapsed_s')} s")
@@ -921,7 +942,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first n layers of the matching --preset (0 = all), repeat per preset")
     p.add_argument("--ctx", type=positive_int, default=2048)
     p.add_argument("--prefill-chunk", type=positive_int, default=None,
-                   help="default: 128 (cases); the exporter's default (--kv-dtypes)")
+                   help="default: 128 (cases); with --kv-dtypes the chunk the export CLI gives the whole "
+                        "model with the 24 GB recipe at --ctx (the slice's own plan would allow more)")
     p.add_argument("--quant", default="none", choices=["none", "int4"])
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

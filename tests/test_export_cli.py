@@ -22,7 +22,7 @@ def test_every_config_field_is_a_flag_and_defaults_agree():
     parser = build_parser()
     flags = {a.dest for a in parser._actions if a.dest != "help"}
     assert flags - PLANNER_FLAGS == {f.name for f in fields(ExportConfig)}
-    assert resolve_plan(parser.parse_args([])) == ExportConfig()
+    assert resolve_plan(parser.parse_args(["--device", "cpu"])) == ExportConfig(device=DeviceChoice.CPU)
 
 
 def test_no_arguments_means_tiny_on_any_device():
@@ -110,6 +110,21 @@ def test_exports_find_the_packaged_flatc_whatever_path_holds(monkeypatch):
 
 
 def test_short_ctx_alone_fits_the_default_prefill_chunk():
-    assert resolve_plan(build_parser().parse_args(["--ctx", "64"])).prefill_chunk == 64
-    assert resolve_plan(build_parser().parse_args(["--ctx", "4096"])).prefill_chunk == 128
+    for device in ("cpu", "cuda"):  # cuda: the planned chunk, never above ctx
+        assert resolve_plan(build_parser().parse_args(["--ctx", "64", "--device", device])).prefill_chunk == 64
+    assert resolve_plan(build_parser().parse_args(["--ctx", "4096", "--device", "cpu"])).prefill_chunk == 128
     assert resolve_plan(build_parser().parse_args(["--ctx", "64", "--prefill-chunk", "16"])).prefill_chunk == 16
+
+
+def test_cuda_prefill_chunk_is_fitted_to_the_budget(capsys):
+    recipe = ["--preset", "31b", "--device", "cuda", "--low-memory", "--kv-dtype", "int4", "--embedding-quant", "int8"]
+    cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072"]))
+    assert cfg.prefill_chunk == 512  # 1024 would plan 22.11 GiB against the default 22 GiB
+    assert "prefill chunk 512, fitted to the default budget" in capsys.readouterr().err
+    cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072", "--gpu-budget", "80GiB"]))
+    assert cfg.prefill_chunk == 2048
+    # ctx first (at the smallest chunk), then the largest chunk the rest of the budget allows
+    cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "auto", "--gpu-budget", "24564MiB"]))
+    assert (cfg.ctx, cfg.prefill_chunk) == (262144, 256)
+    cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072", "--prefill-chunk", "128"]))
+    assert cfg.prefill_chunk == 128

@@ -171,7 +171,8 @@ def test_cuda_kernels_match_reference_consumer_configs(monkeypatch, m, n, k, gro
 
 @pytest.mark.cuda
 def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
-    """AOTInductor builds the Triton kernels into the package (no fallback op) for both paths."""
+    """AOTInductor builds the Triton kernels into the package (no fallback op) for every path:
+    M == 1, the fused GEMM (a chunk of 256) and dequant + mm (a chunk of 1024)."""
     class Lin(torch.nn.Module):
         def __init__(self, qweight, scales):
             super().__init__()
@@ -184,7 +185,8 @@ def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
     qweight, scales = im.quantize_int4(torch.randn(640, 1024, device="cuda"), 128)
     mod = Lin(qweight, scales)
     M = torch.export.Dim("M", min=2, max=256)  # a prefill chunk's dynamic length: the GEMM path
-    for m, shapes in ((1, None), (64, ({0: M},))):
+    M_big = torch.export.Dim("M", min=2, max=1024)  # a chunk that reaches DEQUANT_MIN_M: dequant + mm
+    for m, shapes in ((1, None), (64, ({0: M},)), (1024, ({0: M_big},))):
         x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
         ep = torch.export.export(mod, (x,), dynamic_shapes=shapes)
         # as the project's backends compile and its runner loads: a bare .so in torch's
@@ -194,7 +196,7 @@ def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
                                              options={"aot_inductor.output_path": str(tmp_path / f"m{m}.so")})
         promote_libtorch("cuda")
         runner = torch._C._aoti.AOTIModelContainerRunnerCuda(so, 1, "cuda:0")
-        for rows in ((1,) if shapes is None else (3, 64, 200)):
+        for rows in ((1,) if shapes is None else (3, 64, 200) if m == 64 else (3, 600, 1024)):
             x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
             (y,) = runner.run([x])
             assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2, rows
@@ -218,3 +220,47 @@ def test_cpu_backend_decomposes_the_op_into_aten():
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("gemma4" in t for t in targets) and any("bitwise" in t for t in targets)
     assert torch.allclose(ep.module()(x), im.int4_linear_reference(x, qweight, scales))
+
+
+@pytest.mark.parametrize("chunk", [im.DEQUANT_MIN_M, im.DEQUANT_MIN_M - 1])
+def test_exported_prefill_takes_dequant_and_mm_when_its_chunk_can_reach_dequant_min_m(chunk):
+    """The graph AOTInductor compiles for a dynamic T in [2, chunk] (the triton op decomposed,
+    as Inductor does): dequant + matmul when the chunk reaches DEQUANT_MIN_M, the fused GEMM
+    below it, and T still dynamic over its whole range (no guard specialized it)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    qweight, scales = im.quantize_int4(torch.randn(48, 256), 32)
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+
+        def forward(self, x):
+            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    T = torch.export.Dim("T", min=2, max=chunk)
+    ep = torch.export.export(Lin(), (torch.randn(1, chunk, 256, dtype=torch.bfloat16),), dynamic_shapes=({1: T},))
+    ep = ep.run_decompositions({}, decompose_custom_triton_ops=True)
+    kernels = {kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+               for n in ep.graph.nodes if "kernel_idx" in n.kwargs}
+    matmuls = [n for n in ep.graph.nodes if n.target in (torch.ops.aten.matmul.default, torch.ops.aten.mm.default)]
+    if chunk >= im.DEQUANT_MIN_M:
+        assert kernels == {"_int4_dequant_kernel"} and len(matmuls) == 1
+    else:
+        assert kernels == {"_int4_matmul_kernel"} and not matmuls
+    (vr,) = ep.range_constraints.values()
+    assert (vr.lower, vr.upper) == (2, chunk)
+
+
+def test_can_reach_reads_the_value_range_without_a_guard():
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    s = env.create_unbacked_symint()
+    torch._check(s >= 2)
+    torch._check(s <= 1024)
+    assert im.can_reach(s, 512) and im.can_reach(s, 1024) and not im.can_reach(s, 1025)
+    assert im.can_reach(600, 512) and not im.can_reach(511, 512)
+    assert not env.guards

@@ -407,3 +407,56 @@ def test_inventory_is_what_a_real_quantized_model_holds(name, kv):
     meta = {t.fqn: (t.shape, getattr(torch, t.dtype), t.nbytes) for t in [*weights, *kv_buffers]}
     assert meta == real
     assert any(t.dtype == "uint8" for t in weights)  # int4 nibbles
+
+
+# ---- the prefill chunk, chosen from the plan ----------------------------------------------
+
+
+def test_dequant_scratch_from_dequant_min_m_on():
+    # a chunk that can reach DEQUANT_MIN_M runs each int4 linear as dequant + mm: the scratch is
+    # the largest decoder weight in bf16, gate/up/down [21504 x 5376] (the lm_head runs at M == 1)
+    from export.kernels.int4_matmul import DEQUANT_MIN_M
+
+    scratch = lambda p: [i.bytes for i in p.runtime_gpu.items if "dequant scratch" in i.name]  # noqa: E731
+    assert scratch(plan("31b", prefill_chunk=DEQUANT_MIN_M)) == [21504 * 5376 * 2]
+    assert scratch(plan("31b", prefill_chunk=DEQUANT_MIN_M - 1)) == []
+    assert scratch(plan("31b", prefill_chunk=2048, linear="none")) == []
+
+
+def test_quantized_kv_adds_the_rotated_q_and_out_on_full_layers():
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=131072, kv_dtype="int4")
+    assert P.attention_block(inputs, 5, 512)["rotated q, rotated out (quantized kv)"] == 512 * 2 * 32 * 512 * 2
+    assert list(P.attention_block(inputs, 0, 512)) == ["q, k, v, attention out"]  # sliding: a bf16 ring
+
+
+def test_larger_chunk_costs_its_rings_scratch_and_activations():
+    small, big = plan("31b", kv_dtype="int4", prefill_chunk=128), plan("31b", kv_dtype="int4", prefill_chunk=1024)
+    rings = 50 * (1024 - 128) * 16 * 256 * 2 * 2  # 50 sliding layers, 16 KV heads x 256, K and V, bf16
+    assert item(big.kv, "kv: sliding layers (ring)") - item(small.kv, "kv: sliding layers (ring)") == rings
+    acts = lambda p: sum(i.bytes for i in p.runtime_gpu.items if i.name.startswith("activations"))  # noqa: E731
+    # widest block at 1024: a full layer's attention (q, k, v, out + rotated q, out), hidden states, scratch
+    wide = 1024 * (2 * 32 * 512 + 2 * 4 * 512) * 2 + 1024 * 2 * 32 * 512 * 2
+    assert acts(big) == 1024 * 5376 * 8 + wide + 21504 * 5376 * 2
+    # each ring buffer crosses 10 MiB (1151 slots: 9.0 MiB, 2047: 16.0 MiB): 100 more with allocator slack
+    slack = 100 * P.ALLOC_SLACK_PER_LARGE_TENSOR
+    assert big.runtime_gpu.total_bytes - small.runtime_gpu.total_bytes == rings + acts(big) - acts(small) + slack
+
+
+def test_31b_24gb_recipe_at_131072_picks_the_largest_chunk_under_the_default_budget():
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=131072, embedding="int8", kv_dtype="int4", group_size=128,
+                          low_memory=True)
+    fit = P.fit_prefill_chunk(inputs)
+    assert P.DEFAULT_GPU_BUDGET == 22 * GiB
+    assert fit.chunk == 512 and fit.plan.inputs.prefill_chunk == 512
+    assert fit.plan.runtime_gpu.total_bytes <= 22.0 * GiB
+    assert P.plan(replace(inputs, prefill_chunk=1024)).runtime_gpu.total_bytes > 22.0 * GiB
+    assert "of 22.00 GiB" in fit.reason and "1024 would need" in fit.reason
+
+
+def test_chunk_fit_never_exceeds_ctx_and_falls_back_to_the_smallest():
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=131072, embedding="int8", kv_dtype="int4", group_size=128)
+    assert P.fit_prefill_chunk(inputs, 80 * GiB).chunk == 2048
+    assert P.fit_prefill_chunk(replace(inputs, ctx=1000), 80 * GiB).chunk == 512
+    assert P.fit_prefill_chunk(replace(inputs, ctx=64), 80 * GiB).chunk == 64
+    fit = P.fit_prefill_chunk(replace(inputs, kv_dtype="bf16"))  # 28.4 GiB at chunk 128
+    assert fit.chunk == 128 and "no chunk fits" in fit.reason

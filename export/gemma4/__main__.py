@@ -18,11 +18,22 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from dataclasses import fields, replace
 from pathlib import Path
 
+from export.backends.options import TargetDevice
 from export.cli import quiet_internal_warnings, run
 from export.gemma4.export import export_model
 from export.gemma4.flags import add_export_arguments, export_fields
 from export.gemma4.options import ExportConfig, ExportConfigError, model_config, resolve
-from export.gemma4.planner import DoesNotFit, PlanInputs, inputs_for, parse_size, plan, render_table, resolve_ctx
+from export.gemma4.planner import (
+    DEFAULT_GPU_BUDGET,
+    DoesNotFit,
+    PlanInputs,
+    fit_prefill_chunk,
+    inputs_for,
+    parse_size,
+    plan,
+    render_table,
+    resolve_ctx,
+)
 from export.stages import ProgressBars
 
 EPILOG = """\
@@ -50,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--gpu-budget"))
     p.add_argument("--gpu-budget", type=parse_size, default=None,
                    help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
-                        "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits)")
+                        "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits); "
+                        "the default --prefill-chunk is fitted to it")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan (runtime and export peaks, by item) and exit without exporting")
     p.add_argument("--debug", action="store_true", help="show the Python traceback when the export fails")
@@ -64,7 +76,9 @@ def _plan_inputs(cfg: ExportConfig, ctx: int) -> PlanInputs:
 
 
 def resolve_plan(args: argparse.Namespace) -> ExportConfig:
-    """--ctx auto / --gpu-budget checks, before anything is loaded or compiled."""
+    """--ctx auto / --gpu-budget checks and the prefill chunk, before anything is loaded or
+    compiled. The ctx comes first (at the smallest chunk): context is what the card must hold,
+    the chunk only buys prefill speed with what is left."""
     ctx_arg = str(args.ctx)
     if ctx_arg != "auto" and not ctx_arg.isdigit():
         raise ExportConfigError(f"--ctx {ctx_arg!r}: give a number of tokens or 'auto'")
@@ -78,6 +92,12 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
         except DoesNotFit as e:
             raise ExportConfigError(str(e)) from None
         cfg = replace(cfg, ctx=ctx, prefill_chunk=args.prefill_chunk)  # None: re-fit the new ctx
+    if args.prefill_chunk is None and cfg.device.resolve() is TargetDevice.CUDA:
+        budget = args.gpu_budget or DEFAULT_GPU_BUDGET
+        fit = fit_prefill_chunk(_plan_inputs(cfg, ctx), budget)
+        given = "--gpu-budget" if args.gpu_budget else "the default budget (a 24 GB card; set --gpu-budget)"
+        print(f"prefill chunk {fit.chunk}, fitted to {given}: {fit.reason}", file=sys.stderr)
+        cfg = replace(cfg, prefill_chunk=fit.chunk)
     return cfg
 
 

@@ -38,8 +38,10 @@ def _flags(d: ExportConfig) -> dict[str, dict]:
                     help="max tokens per sequence = full-attention KV length (default %(default)s; "
                          "at most the model's max_position_embeddings)"),
         "prefill_chunk": dict(type=int, default=None,
-                              help=f"max tokens per prefill call; prefill takes any T in 1..this "
-                                   f"(default {DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter)"),
+                              help=f"max tokens per prefill call; prefill takes any T in 1..this. Default on "
+                                   f"cuda: the largest of 2048, 1024, 512, 256, 128 (at most --ctx) whose planned "
+                                   f"runtime memory fits --gpu-budget (22 GiB without one); on cpu "
+                                   f"{DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter"),
         "quant": dict(type=LinearQuant, choices=list(LinearQuant), default=d.quant,
                       help="linear weights incl. lm_head: int4 weight-only or none (default %(default)s)"),
         "group_size": dict(type=int, choices=GROUP_SIZES, default=d.group_size,

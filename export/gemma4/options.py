@@ -74,7 +74,7 @@ class ExportConfig:
     preset: str | None = None  # --preset: a config preset with random weights ("tiny" if neither)
     layers: int | None = None  # --layers: keep only the first N decoder layers (preset slices at real width)
     ctx: int = 2048  # --ctx: max tokens per sequence (full-attention KV length)
-    prefill_chunk: int | None = None  # --prefill-chunk: max tokens per prefill call (dynamic T); None = min(128, ctx)
+    prefill_chunk: int | None = None  # --prefill-chunk: max tokens per prefill call; None = min(128, ctx), the CLI plans it on cuda
     quant: LinearQuant = LinearQuant.INT4  # --quant: linear weights (lm_head included)
     group_size: int = 128  # --group-size: int4 group size along K (128, or 32: +1.3 GiB on the 31B, less error)
     embedding_quant: EmbeddingQuant = EmbeddingQuant.NONE  # --embedding-quant

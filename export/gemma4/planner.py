@@ -31,7 +31,8 @@ The export CLI wires it as (PlanInputs' defaults are the exporter's):
                         group_size=cfg.group_size, embedding=cfg.embedding_quant,
                         dtype="bfloat16", low_memory=cfg.low_memory)
     ctx = resolve_ctx(inputs, args.ctx, Budget(gpu_bytes))  # "auto" or an int; DoesNotFit
-    print(render_table(plan(replace(inputs, ctx=ctx))))     # --plan
+    chunk = fit_prefill_chunk(replace(inputs, ctx=ctx), gpu_bytes or DEFAULT_GPU_BUDGET).chunk  # no --prefill-chunk
+    print(render_table(plan(replace(inputs, ctx=ctx, prefill_chunk=chunk))))  # --plan
 """
 
 from __future__ import annotations
@@ -384,10 +385,14 @@ def layer_slots(inp: PlanInputs, i: int) -> int:
 
 def attention_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     """Live buffers of layer i's attention for T tokens: `gemma4::attention` reads the cache
-    in place and keeps scores on chip, so only q, k, v and the output are buffers."""
+    in place and keeps scores on chip, so only q, k, v and the output are buffers; a quantized
+    cache adds the Hadamard-rotated q and output beside them."""
     c, a = inp.config, inp.dtype.bytes
     H, D, Hkv = c.num_attention_heads, c.layer_head_dim(i), c.layer_kv_heads(i)
-    return {"q, k, v, attention out": T * (2 * H * D + 2 * Hkv * D) * a}
+    parts = {"q, k, v, attention out": T * (2 * H * D + 2 * Hkv * D) * a}
+    if isinstance(inp.kv_dtype, KvDtype) and not c.is_sliding(i):
+        parts["rotated q, rotated out (quantized kv)"] = T * 2 * H * D * a
+    return parts
 
 
 def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
@@ -401,12 +406,31 @@ def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     return parts
 
 
+def dequant_scratch(inp: PlanInputs, T: int) -> dict[str, int]:
+    """A prefill chunk that can reach DEQUANT_MIN_M runs every int4 linear as dequant + mm
+    (export/kernels/int4_matmul.py): one [N, K] weight in the activation dtype at a time, the
+    largest one's. The lm_head runs on the last position only (M == 1), so never here."""
+    from export.kernels.int4_matmul import DEQUANT_MIN_M
+
+    if inp.linear is not LinearQuant.INT4 or inp.dtype.bytes != 2 or T < DEQUANT_MIN_M:
+        return {}
+    packed = [t for t in inp.inventory()[0] if t.fqn.endswith(".qweight") and len(t.shape) == 2
+              and t.kind != "lm_head"]
+    if not packed:
+        return {}
+    big = max(packed, key=lambda t: t.nbytes)
+    N, K = big.shape[0], big.shape[1] * 2
+    return {f"int4 dequant scratch [{N}, {K}]": N * K * inp.dtype.bytes}
+
+
 def step_activations(inp: PlanInputs, T: int) -> tuple[str, dict[str, int]]:
-    """(label, parts) of the widest block for a T-token step, plus the buffers alive across layers."""
+    """(label, parts) of the widest block for a T-token step, plus the buffers alive across
+    layers and the int4 dequant scratch."""
     c, a = inp.config, inp.dtype.bytes
     carried = {"hidden states": T * c.hidden_size * (2 * a + 4)}  # residual, normed, fp32 norm temp
     if c.has_ple:
         carried["per-layer inputs"] = 3 * T * c.num_hidden_layers * c.hidden_size_per_layer_input * a
+    carried.update(dequant_scratch(inp, T))
     best_label, best = "", {}
     for i in range(c.num_hidden_layers):
         kind = "sliding" if c.is_sliding(i) else "full"
@@ -629,6 +653,37 @@ def resolve_ctx(inputs: PlanInputs, requested: int | str, budget: Budget | int |
     return ctx
 
 
+PREFILL_CHUNKS = (2048, 1024, 512, 256, 128)
+"""The prefill chunks an export picks from when none is given, largest first."""
+
+DEFAULT_GPU_BUDGET = 22 * GiB
+"""What the prefill chunk is fitted to when no --gpu-budget is given: a 24 GB card (24564
+MiB) less about 2 GiB that a desktop session, other processes and fragmentation take."""
+
+
+@dataclass(frozen=True)
+class ChunkFit:
+    chunk: int
+    reason: str  # one line: why this chunk
+    plan: MemoryPlan  # the plan at `chunk`
+
+
+def fit_prefill_chunk(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUDGET) -> ChunkFit:
+    """The largest of PREFILL_CHUNKS (never above ctx) whose planned runtime total fits the
+    budget's GPU; the smallest when none does. A larger chunk costs its activations, the int4
+    dequant scratch and longer sliding rings (window + chunk - 1 slots)."""
+    gpu = Budget.of(budget).gpu
+    candidates = [c for c in PREFILL_CHUNKS if c <= inputs.ctx] or [max(2, inputs.ctx)]
+    over = ""
+    for chunk in candidates:
+        p = plan(replace(inputs, prefill_chunk=chunk))
+        total = p.runtime_gpu.total_bytes
+        if total <= gpu:
+            return ChunkFit(chunk, f"runtime plan {_gib(total)} of {_gib(gpu)}{over}", p)
+        over = f" ({chunk} would need {_gib(total)})"
+    return ChunkFit(chunk, f"the smallest: no chunk fits {_gib(gpu)}{over}", p)
+
+
 # ---- rendering and parsing ---------------------------------------------------------------
 
 
@@ -780,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DoesNotFit, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
+    if args.prefill_chunk is None:  # as the exporter picks it (ctx first, then the chunk)
+        fit = fit_prefill_chunk(replace(inputs, ctx=ctx), budget or DEFAULT_GPU_BUDGET)
+        inputs = replace(inputs, prefill_chunk=fit.chunk)
     p = plan(replace(inputs, ctx=ctx))
     print(json.dumps(p.to_dict(), indent=1) if args.json else render_table(p))
     if budget and not args.json:

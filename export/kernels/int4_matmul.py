@@ -18,13 +18,14 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   (scripts/measurements/int4_kernels.json).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
-- Prefill chunks (a symbolic M, or a concrete M < DEQUANT_MIN_M): BLOCK_M x BLOCK_N tiles,
-  packed weight tiles dequantized in registers and fed to `tl.dot` (bf16 operands, fp32
-  accumulator).
-- A concrete M >= DEQUANT_MIN_M with 16-bit x: `_int4_dequant_kernel` writes W in bf16 to an
+- M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
+  ends below it): BLOCK_M x BLOCK_N tiles, packed weight tiles dequantized in registers and fed
+  to `tl.dot` (bf16 operands, fp32 accumulator).
+- M that can reach DEQUANT_MIN_M, with 16-bit x: `_int4_dequant_kernel` writes W in bf16 to an
   [N, K] scratch (one bandwidth-bound pass) and torch.mm (cuBLAS) multiplies: ~90% of the bf16
-  matmul at M = 2048 where the fused GEMM reaches ~45%. An exported prefill (symbolic M) never
-  takes it, so no compiled graph holds that scratch.
+  matmul at M = 2048 where the fused GEMM reaches ~45%. An exported prefill whose chunk is
+  DEQUANT_MIN_M or more takes it for every T (its graph holds one [N, K] bf16 scratch at a time;
+  a short last chunk pays the dequant pass too: a symbolic M gets one path, without a guard).
 `GEMV1_CONFIGS`, `GEMV_CONFIGS` and `GEMM_CONFIGS` sit beside the kernels. Every config fits
 101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090 sm_120), checked by
 `config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
@@ -442,6 +443,15 @@ def int4_gemm(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
     return out
 
 
+def can_reach(M, m: int) -> bool:
+    """Whether M can be `m` or more: a concrete M is compared; a symbolic M (an exported
+    prefill's dynamic chunk length) by the upper end of its value range, the export's
+    `Dim(max=prefill_chunk)`. Reading the range adds no guard, so T stays dynamic."""
+    if isinstance(M, int):
+        return M >= m
+    return bool(M.node.shape_env.bound_sympy(M.node.expr).upper >= m)
+
+
 @triton_op("gemma4::int4_linear", mutates_args={})
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] (bf16) @ dequant(qweight, scales).T -> [..., N] bf16 (layout: module doc)."""
@@ -450,7 +460,7 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
-    # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
+    # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
     if guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
         out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
@@ -461,9 +471,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
             x2, qweight, scales, part, M, N, K, per_split, x2.stride(0), qweight.stride(0),
             scales.stride(0), part.stride(0), part.stride(1), 16, GROUP=G)
         out = part.sum(0).to(x.dtype)
-    elif isinstance(M, int) and M >= DEQUANT_MIN_M and x.element_size() == 2:
-        # a concrete large M: the weight in bf16 (one bandwidth-bound pass, an [N, K] scratch)
-        # and cuBLAS beat the fused GEMM; a symbolic M (an exported prefill) never comes here
+    elif can_reach(M, DEQUANT_MIN_M) and x.element_size() == 2:
+        # a large M: the weight in bf16 (one bandwidth-bound pass, an [N, K] scratch) and cuBLAS
+        # beat the fused GEMM
         out = x2 @ int4_dequant(qweight, scales, x.dtype).t()
     else:
         out = int4_gemm(x2, qweight, scales)
