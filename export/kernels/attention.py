@@ -49,7 +49,8 @@ TARGET_PROGRAMS = 264
 DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV)
-PREFILL_CONFIG: dict = {}
+PREFILL_CONFIG = {(512, 0): (32, 32, 8, 2, 1), (512, 1): (32, 32, 8, 2, 1), (512, 2): (32, 32, 8, 2, 2),
+                  (256, 0): (64, 32, 4, 2, 1)}
 PREFILL_TARGET_PROGRAMS = 264  # a static chunk with fewer row-block programs splits the positions
 PREFILL_MAX_SPLITS = 8
 _PREFILL_FORCE = None  # a (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) set by `use_prefill_config`
@@ -164,19 +165,26 @@ def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
 
 
 def prefill_smem_bytes(block_m: int, block_n: int, warps: int, stages: int, dv: int, head_dim: int,
-                       kv_format: int, elt: int = 2) -> int:
-    """Upper estimate of the prefill kernel's shared memory (Triton 3.6, sm_89 / sm_90 / sm_120):
-    q as a dot operand, max(stages, 1) buffers of the K tile and of this program's share of the V
-    tile as stored, p as a dot operand; quantized tiles once more as fp16 operands."""
-    stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
-    tiles = max(stages, 1) * block_n * (stored + stored // dv)
-    total = tiles + block_m * head_dim * elt + block_m * block_n * elt
-    if kv_format:
-        total += block_n * head_dim * elt * (1 + 1 / dv)
-    return int(total)
+                       kv_format: int) -> int:
+    """Upper estimate of the prefill kernel's shared memory as Triton 3.6 lays it out (checked
+    against kernels compiled for sm_90; sm_89 / sm_120 take the mma.sync path below). Tiles as
+    dot operands (16-bit; int8 / int4 tiles convert to fp16 on their way there): K of
+    BLOCK_N x D, this program's V share of BLOCK_N x D / DV, p of BLOCK_M x BLOCK_N.
+    BLOCK_M >= 64 with 4 / 8 warps runs on wgmma (sm_90): q stays in shared memory
+    (BLOCK_M x D) beside `stages` K and V buffers (one K buffer, V reusing it, unpipelined).
+    BLOCK_M < 64 (mma.sync): q goes to registers; `stages` K buffers, one fewer V (as many, and
+    8 KiB more for a split V, at BLOCK_N 16)."""
+    k = block_n * head_dim * 2
+    v = k // dv
+    p = block_m * block_n * 2
+    if block_m >= 64:
+        return block_m * head_dim * 2 + (stages * (k + v) if stages > 1 else k) + p
+    if block_n <= 16:
+        return stages * (k + v) + p + (8192 if dv > 1 else 0)
+    return stages * k + max(stages - 1, 1) * v + p
 
 
-PREFILL_CANDIDATES = [(bm, bn, w, s, dv) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8)
+PREFILL_CANDIDATES = [(bm, bn, w, s, dv) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8)
                       for s in (1, 2, 3) for dv in (1, 2)]
 
 
