@@ -174,19 +174,18 @@ def matmul_tflops(n=8192):
 
 
 def shared_bytes():
-    """Largest shared memory of the compiled prefill kernels (Triton's compiled-kernel caches)."""
+    """Shared memory of every compiled prefill kernel: (constexprs and options as Triton keys its
+    cache, bytes), and the largest."""
     from export.kernels import attention as A
 
-    sizes = {}
+    out = []
     try:
-        for key, kern in A._PREFILL_KERNELS.items():
-            fn = kern.fn
-            for caches in fn.device_caches.values():
-                for k in caches[0].values():
-                    sizes[str(key)] = max(sizes.get(str(key), 0), k.metadata.shared)
+        for caches in A._prefill_body.device_caches.values():
+            for key, k in caches[0].items():
+                out.append((str(key)[-400:], k.metadata.shared))
     except Exception as e:  # Triton internals: report, do not fail the run
         return {"unavailable": repr(e)[:200]}
-    return sizes
+    return {"max": max((b for _, b in out), default=None), "kernels": out}
 
 
 def sdpa_fn(q, k, v, pos, window):
@@ -334,7 +333,11 @@ def table(res):
     errs = [r["rel_err"] for r in res["rows"] if "rel_err" in r]
     print(f"checks {len(errs)}, worst rel err {max((e for e in errs if e is not None), default=float('nan')):.2e}, "
           f"non-finite {sum(e is None for e in errs)}, errors {sum('error' in r for r in res['rows'])}")
-    print("compiled shared bytes:", json.dumps(res.get("compiled_shared_bytes")))
+    sh = res.get("compiled_shared_bytes") or {}
+    print("compiled prefill kernels' shared bytes: max", sh.get("max"), "limit", res.get("smem_limit"))
+    for key, b in sh.get("kernels", []):
+        if b > (res.get("smem_limit") or 0):
+            print("  OVER", b, key[-200:])
 
 
 class _Poisoned:
