@@ -1,10 +1,13 @@
 """Benchmark `gemma4::attention` (export/kernels/attention.py) on the GPU: decode and prefill
 at several cache fills for the full and sliding layers of the 31B, 26B-A4B and E4B presets,
-per KV dtype, beside ExecuTorch's `triton::sdpa` over the whole cache (today's path).
+per KV dtype, beside ExecuTorch's `triton::sdpa` over the whole cache (today's path). Prefill
+(the 31B layers): chunks of T = 128, 512 and 2048 queries ending at each fill, each row with
+its `chunk` and `tflops` (useful FLOPs 4 * T * n * H * D, n = the fill, or the window for a
+sliding layer, the causal half not discounted).
 
     python -m scripts.bench_attention [--out scripts/measurements/attention_kernels.json]
 
-Each row: median time (triton.testing.do_bench), the bytes of the filled slots (K, V and
+Each row: median time (CUDA-graph replay; launches over 2 ms: CUDA events), the bytes of the filled slots (K, V and
 scales the step must read), that over the time as a fraction of the device-to-device copy
 bandwidth measured in the same run, and the error against an fp32 reference over the same
 (dequantized) cache. For int8/int4 also the error against the bf16 cache (the quantization
@@ -30,7 +33,9 @@ from export.kernels import attention as A
 
 FILLS = (1024, 8192, 32768, 131072)
 CTX = 131072
-CHUNK = 128
+CHUNK = 128  # the sliding rings' chunk for decode rows (window + CHUNK - 1 slots)
+PREFILL_CHUNKS = (128, 512, 2048)  # prefill rows: a chunk of T queries ending at each fill
+PREFILL_FILLS = (1024, 8192, 32768, 131072)  # those >= T; sliding layers up to 8192 (the ring is full)
 
 
 def copy_gbps(nbytes: int = 2 << 30) -> float:
@@ -120,7 +125,10 @@ def main(argv=None) -> int:
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     sdpa = et_sdpa() if args.baseline else None
-    result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name(), "ctx": CTX, "prefill_chunk": CHUNK,
+    result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name(), "ctx": CTX,
+              "ring_chunk_decode": CHUNK, "prefill_chunks": list(PREFILL_CHUNKS),
+              "prefill_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.PREFILL_CONFIG.items())],
+              "prefill_target_programs": A.PREFILL_TARGET_PROGRAMS,
               "baseline": "ExecuTorch triton::sdpa over the whole cache" if sdpa else "none",
               "target_programs": A.TARGET_PROGRAMS,
               "decode_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.DECODE_CONFIG.items())],
@@ -140,50 +148,56 @@ def main(argv=None) -> int:
             kvs = kvs[:2]
         k, v = fill_cache(Hkv, S, D, CTX, window)
         quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
-        for phase in ("decode", "prefill"):
-            T = 1 if phase == "decode" else CHUNK
-            for fill in sorted(FILLS, key=lambda f: f != 32768):  # autotune at 32k: the bandwidth regime
-                if window and fill > 8192:
-                    continue  # a ring's work stops growing once it is full
-                if phase == "prefill" and not name.startswith("31b"):
-                    continue  # prefill: the 31B layers only (time on the GPU machine is scarce)
-                pos = torch.tensor([fill - T], device="cuda")
-                q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
-                n = min(fill, window + T - 1) if window else fill
-                ref_bf16 = A.attention_reference(q.float(), k.float(), v.float(), None, None, pos, window)
-                for kv in kvs:
-                    if kv == "bf16":
-                        kk, vv, ks, vs = k, v, None, None
-                    else:
-                        kk, ks, vv, vs = quant[kv]
-                    fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode")  # noqa: E731
-                    out = fn()
-                    ref = A.attention_reference(q.float(), kk, vv, ks, vs, pos, window) if ks is not None else ref_bf16
-                    err = rel(out, ref)
-                    ms = _time(fn, args)
-                    nbytes = kv_bytes(Hkv, D, n, kv)
-                    row = dict(layer=name, phase=phase, kv_dtype=kv, fill=fill, us=ms * 1e3,
-                               fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes,
-                               rel_err_vs_fp32_ref=err, finite=bool(torch.isfinite(out).all()))
-                    if ks is not None:
-                        row["rel_err_vs_bf16_cache"] = rel(out, ref_bf16)
-                    emit(row)
-                if sdpa is not None and fill == 32768 and name.startswith("31b"):
-                    # today's path: G query heads folded into the query axis, bool mask over all S slots
-                    qq = q.transpose(1, 2).reshape(1, Hkv, G * T, D)
-                    positions = pos + torch.arange(T, device="cuda")
-                    idx = torch.arange(S, device="cuda")
-                    last = positions[-1]
-                    kp = (last - (last - idx) % S)[None, :]
-                    m = (kp >= 0) & (kp <= positions[:, None])
-                    if window:
-                        m = m & (positions[:, None] - kp < window)
-                    mask = m.repeat(G, 1)[None, None].expand(1, Hkv, G * T, S).contiguous()
-                    fn = lambda: sdpa(qq, k, v, attn_mask=mask, scale=1.0)  # noqa: E731
-                    ms = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
-                    nbytes = kv_bytes(Hkv, D, n, "bf16")
-                    emit(dict(layer=name, phase=phase, kv_dtype="bf16", fill=fill, us=ms * 1e3, impl="triton::sdpa",
-                              fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes), "baseline_rows")
+
+        def measure(phase, T, kk_vv, fill):
+            """One row per KV dtype: the op on a chunk of T queries ending at `fill`."""
+            k, v, quant = kk_vv
+            pos = torch.tensor([fill - T], device="cuda")
+            q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+            n = min(fill, window + T - 1) if window else fill
+            ref_bf16 = reference(q, k, v, None, None, pos, window)
+            for kv in kvs:
+                if kv == "bf16":
+                    kk, vv, ks, vs = k, v, None, None
+                else:
+                    kk, ks, vv, vs = quant[kv]
+                fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode")  # noqa: E731
+                out = fn()
+                ref = reference(q, kk, vv, ks, vs, pos, window) if ks is not None else ref_bf16
+                err = rel(out, ref)
+                ms = _time(fn, args)
+                nbytes = kv_bytes(Hkv, D, n, kv)
+                row = dict(layer=name, phase=phase, kv_dtype=kv, fill=fill, us=ms * 1e3,
+                           fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes,
+                           rel_err_vs_fp32_ref=err, finite=bool(torch.isfinite(out).all()))
+                if phase == "prefill":  # useful FLOPs: q . k and p @ v over the positions each query sees
+                    seen = min(fill, window) if window else fill
+                    row.update(chunk=T, tflops=4 * T * seen * H * D / (ms * 1e-3) / 1e12)
+                if ks is not None:
+                    row["rel_err_vs_bf16_cache"] = rel(out, ref_bf16)
+                emit(row)
+            return q, pos, n
+
+        for fill in sorted(FILLS, key=lambda f: f != 32768):
+            if window and fill > 8192:
+                continue  # a ring's work stops growing once it is full
+            q, pos, n = measure("decode", 1, (k, v, quant), fill)
+            if sdpa is not None and fill == 32768 and name.startswith("31b"):
+                baseline(sdpa, name, fill, q, k, v, pos, window, Hkv, G, S, n, "decode", emit, bw, args)
+        if not name.startswith("31b"):
+            continue  # prefill: the 31B layers only (time on the GPU machine is scarce)
+        for T in PREFILL_CHUNKS:
+            if window:  # the ring of a model exported with this chunk: window + T - 1 slots
+                del k, v, quant
+                S = window + T - 1
+                k, v = fill_cache(Hkv, S, D, CTX, window)
+                quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
+            for fill in PREFILL_FILLS:
+                if fill < T or (window and fill > 8192):
+                    continue
+                q, pos, n = measure("prefill", T, (k, v, quant), fill)
+                if sdpa is not None and fill == 32768 and T == CHUNK:
+                    baseline(sdpa, name, fill, q, k, v, pos, window, Hkv, G, S, n, "prefill", emit, bw, args)
         del k, v, quant
         torch.cuda.empty_cache()
 
@@ -198,6 +212,42 @@ def main(argv=None) -> int:
     return 0
 
 
+def reference(q, k, v, k_scale, v_scale, pos, window, rows=256):
+    """fp32 reference; a flat cache's long chunk in pieces of `rows` queries (the scores of a
+    2048-query chunk at 128k would not fit)."""
+    T = q.shape[1]
+    if window or T <= rows:
+        return A.attention_reference(q.float(), k, v, k_scale, v_scale, pos, window)
+    return torch.cat([A.attention_reference(q[:, i:i + rows].float(), k, v, k_scale, v_scale, pos + i, window)
+                      for i in range(0, T, rows)], dim=1)
+
+
+def baseline(sdpa, name, fill, q, k, v, pos, window, Hkv, G, S, n, phase, emit, bw, args):
+    """ExecuTorch's triton::sdpa (today's path): G query heads folded into the query axis, a bool
+    mask over all S slots."""
+    import triton.testing
+
+    T = q.shape[1]
+    D = q.shape[3]
+    qq = q.transpose(1, 2).reshape(1, Hkv, G * T, D)
+    positions = pos + torch.arange(T, device="cuda")
+    idx = torch.arange(S, device="cuda")
+    last = positions[-1]
+    kp = (last - (last - idx) % S)[None, :]
+    m = (kp >= 0) & (kp <= positions[:, None])
+    if window:
+        m = m & (positions[:, None] - kp < window)
+    mask = m.repeat(G, 1)[None, None].expand(1, Hkv, G * T, S).contiguous()
+    fn = lambda: sdpa(qq, k, v, attn_mask=mask, scale=1.0)  # noqa: E731
+    ms = triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
+    nbytes = kv_bytes(Hkv, D, n, "bf16")
+    row = dict(layer=name, phase=phase, kv_dtype="bf16", fill=fill, us=ms * 1e3,
+               impl="triton::sdpa", fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes)
+    if phase == "prefill":
+        row["chunk"] = T
+    emit(row, "baseline_rows")
+
+
 def _time(fn, args) -> float:
     """Median ms of fn: replayed from a CUDA graph (autotuning already done by a first call), or
     CUDA events around eager calls (includes Python launch overhead when the GPU waits on it)."""
@@ -207,6 +257,21 @@ def _time(fn, args) -> float:
         return triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
     fn()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    if first > 2.0:  # long prefill launches: launch overhead is noise; a median of a few event timings
+        times = []
+        for _ in range(max(3, min(20, int(4 * args.rep / first)))):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
     return triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
 
 
