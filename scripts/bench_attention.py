@@ -33,6 +33,8 @@ from export.kernels import attention as A
 
 FILLS = (1024, 8192, 32768, 131072)
 CTX = 131072
+DEV, DT = "cuda", torch.bfloat16  # --smoke: the CPU (Triton interpreter), fp32
+SMOKE_LAYERS = [("31b-full", 2, 8, 32, 256, 0), ("31b-sliding", 2, 2, 16, 8 + 4 - 1, 8)]
 CHUNK = 128  # the sliding rings' chunk for decode rows (window + CHUNK - 1 slots)
 PREFILL_CHUNKS = (128, 512, 2048)  # prefill rows: a chunk of T queries ending at each fill
 PREFILL_FILLS = (1024, 8192, 32768, 131072)  # those >= T; sliding layers up to 8192 (the ring is full)
@@ -41,6 +43,8 @@ PREFILL_FILLS = (1024, 8192, 32768, 131072)  # those >= T; sliding layers up to 
 def copy_gbps(nbytes: int = 2 << 30) -> float:
     import triton.testing
 
+    if DEV == "cpu":
+        return 1.0
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200)
@@ -76,8 +80,8 @@ def et_sdpa():
 
 def fill_cache(Hkv, S, D, fill, window):
     """A bf16 cache as the model leaves it after writing positions 0 .. fill - 1."""
-    k = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
+    v = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
     return k, v
 
 
@@ -105,9 +109,16 @@ def main(argv=None) -> int:
                          "CUDA-graph decode); events: do_bench over eager Python launches")
     ap.add_argument("--choice", default=None,
                     help="TARGET_PROGRAMS and DECODE_CONFIG from scripts/attention_variants.py (default: the module's)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny 31B-shaped layers on the CPU through the Triton interpreter (TRITON_INTERPRET=1): the code path")
     ap.add_argument("--hadamard-only", action="store_true",
                     help="only the 4-bit Hadamard accuracy section (plain torch; runs on CPU too)")
     args = ap.parse_args(argv)
+    global DEV, DT, FILLS, CTX, CHUNK, PREFILL_CHUNKS, PREFILL_FILLS
+    if args.smoke:
+        DEV, DT, FILLS, CTX, CHUNK = "cpu", torch.float32, (16, 64), 256, 4
+        PREFILL_CHUNKS, PREFILL_FILLS = (4, 16), (16, 64)
+        args.baseline = False
     torch.manual_seed(0)
     choice = None
     if args.choice:
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     sdpa = et_sdpa() if args.baseline else None
-    result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name(), "ctx": CTX,
+    result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "ctx": CTX,
               "ring_chunk_decode": CHUNK, "prefill_chunks": list(PREFILL_CHUNKS),
               "prefill_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.PREFILL_CONFIG.items())],
               "prefill_target_programs": A.PREFILL_TARGET_PROGRAMS,
@@ -141,7 +152,7 @@ def main(argv=None) -> int:
         out_path.write_text(json.dumps(result, indent=1) + "\n")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    for name, Hkv, G, D, S, window in layers():
+    for name, Hkv, G, D, S, window in (SMOKE_LAYERS if args.smoke else layers()):
         H = Hkv * G
         kvs = ("bf16", "int8", "int4") if window == 0 else ("bf16",)
         if not name.startswith("31b"):
@@ -152,8 +163,8 @@ def main(argv=None) -> int:
         def measure(phase, T, kk_vv, fill):
             """One row per KV dtype: the op on a chunk of T queries ending at `fill`."""
             k, v, quant = kk_vv
-            pos = torch.tensor([fill - T], device="cuda")
-            q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
+            pos = torch.tensor([fill - T], device=DEV)
+            q = torch.randn(1, T, H, D, device=DEV, dtype=DT)
             n = min(fill, window + T - 1) if window else fill
             ref_bf16 = reference(q, k, v, None, None, pos, window)
             for kv in kvs:
@@ -199,7 +210,8 @@ def main(argv=None) -> int:
                 if sdpa is not None and fill == 32768 and T == CHUNK:
                     baseline(sdpa, name, fill, q, k, v, pos, window, Hkv, G, S, n, "prefill", emit, bw, args)
         del k, v, quant
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
     if args.merge_baseline:
         old = json.loads(Path(args.merge_baseline).read_text())
@@ -207,7 +219,7 @@ def main(argv=None) -> int:
             if r.get("impl") == "triton::sdpa":
                 emit({**r, "copy_gbps_of_its_run": old["copy_gbps"]}, "baseline_rows")
     result["compiled_shared_bytes_max"] = compiled_shared_max()
-    result["hadamard"] = hadamard_section("cuda")
+    result["hadamard"] = hadamard_section(DEV)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
@@ -230,8 +242,8 @@ def baseline(sdpa, name, fill, q, k, v, pos, window, Hkv, G, S, n, phase, emit, 
     T = q.shape[1]
     D = q.shape[3]
     qq = q.transpose(1, 2).reshape(1, Hkv, G * T, D)
-    positions = pos + torch.arange(T, device="cuda")
-    idx = torch.arange(S, device="cuda")
+    positions = pos + torch.arange(T, device=DEV)
+    idx = torch.arange(S, device=DEV)
     last = positions[-1]
     kp = (last - (last - idx) % S)[None, :]
     m = (kp >= 0) & (kp <= positions[:, None])
@@ -253,6 +265,10 @@ def _time(fn, args) -> float:
     CUDA events around eager calls (includes Python launch overhead when the GPU waits on it)."""
     import triton.testing
 
+    if DEV == "cpu":  # --smoke: the code path, not a time
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     if args.timing == "events":
         return triton.testing.do_bench(fn, rep=args.rep, return_mode="median")
     fn()
