@@ -126,9 +126,6 @@ def main(argv=None) -> int:
         A.TARGET_PROGRAMS = choice["target_programs"]
         for D, fmt, bn, warps, stages in choice["decode_config"]:
             A.DECODE_CONFIG[D, fmt] = (bn, warps, stages)
-    # fewer configs than an export autotunes over: the run has minutes, not hours, to compile
-    trim = A.use_configs(_trim)
-    trim.__enter__()
     if args.hadamard_only:
         had = hadamard_section("cuda" if torch.cuda.is_available() else "cpu")
         Path(args.out).write_text(json.dumps({"hadamard": had}, indent=1) + "\n")
@@ -291,23 +288,13 @@ def _time(fn, args) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
 
 
-def _trim(configs):
-    """The configs this benchmark compiles (an export autotunes prefill over all of them; decode
-    has one config, first in its list)."""
-    if all(c.kwargs["BLOCK_M"] == 16 for c in configs):
-        return configs[:1]
-    keep = {(16, 16, 2), (16, 32, 1), (16, 64, 1), (32, 32, 1), (64, 32, 1), (32, 64, 1), (64, 64, 2)}
-    out = [c for c in configs if c.num_warps == 4
-           and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) in keep]
-    return out or configs[:1]
-
-
 def compiled_shared_max():
     """Largest shared memory any compiled attention kernel uses (must stay <= A.SMEM_LIMIT)."""
     try:
         sizes = []
-        for caches in A._attn_body.device_caches.values():
-            sizes += [k.metadata.shared for k in caches[0].values()]
+        for fn in (A._attn_body, A._prefill_body):
+            for caches in fn.device_caches.values():
+                sizes += [k.metadata.shared for k in caches[0].values()]
         return max(sizes) if sizes else None
     except Exception as e:  # triton internals: report, do not fail the run
         return f"unavailable: {e!r}"

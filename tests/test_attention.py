@@ -97,12 +97,11 @@ def test_hadamard_rotate_is_the_orthonormal_matrix_and_its_own_inverse():
 def test_every_config_fits_consumer_shared_memory():
     for D in (16, 32, 256, 512):
         for fmt in (0, 1, 2):
-            for table in (A._DECODE_ALL, A._PREFILL_ALL):
-                fit = A.fitting(table, D, fmt)
-                assert fit, (D, fmt)  # something always compiles
-                for c in fit:
-                    assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt) \
-                        <= A.SMEM_LIMIT == 101376
+            fit = A.fitting(A._DECODE_ALL, D, fmt)
+            assert fit, (D, fmt)  # something always compiles
+            for c in fit:
+                assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt) \
+                    <= A.SMEM_LIMIT == 101376
 
 
 def test_prefill_configs_fit_consumer_shared_memory():
@@ -316,8 +315,9 @@ def test_planner_quantized_kv_of_the_31b_at_128k():
 
 
 @pytest.mark.cuda
-def test_compiled_kernels_with_consumer_configs():
-    """Every config that the consumer limit admits compiles within it and matches the reference."""
+def test_compiled_kernels_with_consumer_configs(monkeypatch):
+    """Every decode config that the consumer limit admits, and each prefill config (positions in
+    one share and in several), compiles within it and matches the reference."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     for H, Hkv, D, S, window in [(32, 4, 512, 4096, 0), (32, 16, 256, 1151, 1024), (8, 1, 32, 64, 0)]:
@@ -330,13 +330,21 @@ def test_compiled_kernels_with_consumer_configs():
                 q = torch.randn(1, T, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
                 p = torch.tensor([pos], device=dev)
                 want = A.attention_reference(q.float(), *args, p, window)
-                configs = A.fitting(A._DECODE_ALL if decode else A._PREFILL_ALL, D, fmt)
-                for c in configs:
-                    with A.use_configs(lambda cs, c=c: [c]):
-                        got = A.launch(q, *args, p, window, decode)
+                if decode:
+                    for c in A.fitting(A._DECODE_ALL, D, fmt):
+                        with A.use_configs(lambda cs, c=c: [c]):
+                            got = A.launch(q, *args, p, window, decode)
+                        err = ((got.float() - want).norm() / want.norm()).item()
+                        assert err <= 1e-2, (H, D, kv, decode, c, err)
+                    continue
+                # prefill: its config, with positions in one share and in several (+ combine)
+                for target in (1, 10 ** 6):
+                    monkeypatch.setattr(A, "PREFILL_TARGET_PROGRAMS", target)
+                    got = A.launch(q, *args, p, window, decode)
                     err = ((got.float() - want).norm() / want.norm()).item()
-                    assert err <= 1e-2, (H, D, kv, decode, c, err)
-    shared = [k.metadata.shared for caches in A._attn_body.device_caches.values() for k in caches[0].values()]
+                    assert err <= 1e-2, (H, D, kv, decode, A.prefill_config(D, fmt), target, err)
+    shared = [k.metadata.shared for fn in (A._attn_body, A._prefill_body)
+              for caches in fn.device_caches.values() for k in caches[0].values()]
     assert shared and max(shared) <= A.SMEM_LIMIT
 
 

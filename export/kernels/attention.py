@@ -23,10 +23,14 @@ device (static grid for AOTInductor and CUDA-graph replay; shares past the fill 
 write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
 head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
-instructions. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
-Hkv), rows = (t, g) pairs of one KV head, each block walking only the positions its rows can
-see (causal and window range). The eager reference below is the CPU kernel and the CPU
-backend's decomposition.
+instructions. Prefill (T > 1, dynamic in the traced graph) has a kernel of its own
+(_prefill_body): grid (NUM_SPLITS, cdiv(T*G, BLOCK_M), Hkv * DV), rows = (t, g) pairs of one KV
+head, each row block walking only the positions its rows can see (causal and window range),
+unmasked but for the window's lower edge and the causal diagonal; V's columns in DV parts and,
+for a static chunk with few row blocks, the positions in NUM_SPLITS shares merged by
+_prefill_combine. BLOCK_M 32 keeps the dots on mma.sync with q in registers, so at head_dim 512
+two K/V stages fit the consumer shared-memory limit (wgmma would keep q, 64 KiB at BLOCK_M 64, in
+shared memory). The eager reference below is the CPU kernel and the CPU backend's decomposition.
 """
 
 from __future__ import annotations
@@ -135,13 +139,11 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
 
 def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2) -> int:
     """Upper estimate of a program's shared memory as Triton 3.6 lays it out (checked against
-    compiled kernels for sm_89 / sm_90). Decode: stages - 1 buffers of the K and V tiles as stored
-    (cp.async pipelining; one for the layout change when not pipelined), q and p as dot operands,
-    and for int4 the V tile once more (its nibble split goes through shared memory)."""
+    compiled kernels for sm_89 / sm_90) of the decode kernel: stages - 1 buffers of the K and V
+    tiles as stored (cp.async pipelining; one for the layout change when not pipelined), q and p
+    as dot operands, and for int4 the V tile once more (its nibble split goes through shared
+    memory). The prefill kernel's: prefill_smem_bytes."""
     stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
-    if block_m > 16:  # prefill tiles: Triton keeps more (all stages, the float operands, fp32 p)
-        total = stages * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * 4
-        return total + (2 * block_n * head_dim * elt if kv_format else 0)
     total = max(stages - 1, 1) * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * elt
     if kv_format == 2:
         total += block_n * stored
@@ -156,7 +158,6 @@ def _cfg(bm, bn, warps, stages):
 # flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
-_PREFILL_ALL = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
@@ -170,15 +171,15 @@ def prefill_smem_bytes(block_m: int, block_n: int, warps: int, stages: int, dv: 
     against kernels compiled for sm_90; sm_89 / sm_120 take the mma.sync path below). Tiles as
     dot operands (16-bit; int8 / int4 tiles convert to fp16 on their way there): K of
     BLOCK_N x D, this program's V share of BLOCK_N x D / DV, p of BLOCK_M x BLOCK_N.
-    BLOCK_M >= 64 with 4 / 8 warps runs on wgmma (sm_90): q stays in shared memory
+    BLOCK_M >= 64 with 4 / 8 warps runs on wgmma (sm_90; sm_89 / sm_120 need less): q stays in shared memory
     (BLOCK_M x D) beside `stages` K and V buffers (one K buffer, V reusing it, unpipelined).
     BLOCK_M < 64 (mma.sync): q goes to registers; `stages` K buffers, one fewer V (as many, and
     8 KiB more for a split V, at BLOCK_N 16)."""
     k = block_n * head_dim * 2
     v = k // dv
     p = block_m * block_n * 2
-    if block_m >= 64:
-        return block_m * head_dim * 2 + (stages * (k + v) if stages > 1 else k) + p
+    if block_m >= 64:  # p stays in registers (wgmma's A operand)
+        return block_m * head_dim * 2 + (stages * (k + v) if stages > 1 else k)
     if block_n <= 16:
         return stages * (k + v) + p + (8192 if dv > 1 else 0)
     return stages * k + max(stages - 1, 1) * v + p
@@ -557,17 +558,15 @@ def decode_config(head_dim: int, fmt: int) -> triton.Config:
 
 
 def _kernel(decode: bool, head_dim: int, fmt: int):
-    """The body for one phase / head dim / KV format: decode with its one config (first), prefill
-    autotuned over the configs that fit (smallest first)."""
-    configs = fitting(_DECODE_ALL if decode else _PREFILL_ALL, head_dim, fmt)
-    if decode:
-        first = decode_config(head_dim, fmt)
-        configs = [first] + [c for c in configs if c is not first]
-    else:
-        configs = sorted(configs, key=_size)
+    """The decode body for one head dim / KV format with its one config (first in the list a
+    `use_configs` filter sees). Prefill has its own kernel and config (_prefill_kernel)."""
+    assert decode, "prefill runs _prefill_body"
+    configs = fitting(_DECODE_ALL, head_dim, fmt)
+    first = decode_config(head_dim, fmt)
+    configs = [first] + [c for c in configs if c is not first]
     key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)))
     if key not in _KERNELS:
-        chosen = _FORCE(configs) if _FORCE is not None else (configs[:1] if decode else configs)
+        chosen = _FORCE(configs) if _FORCE is not None else configs[:1]
         _KERNELS[key] = triton.autotune(configs=chosen, key=["S", "G"])(_attn_body)
     return _KERNELS[key]
 
@@ -718,7 +717,8 @@ def use_prefill_config(cfg) -> Iterator[None]:
 
 @contextlib.contextmanager
 def use_configs(select) -> Iterator[None]:
-    """Autotune over `select(fitting_configs)` instead (tests: a forced set; --no-autotune: one)."""
+    """Decode: autotune over `select(fitting_configs)` instead (tests: a forced set; --no-autotune:
+    one). Prefill: use_prefill_config."""
     global _FORCE
     saved, _FORCE = _FORCE, select
     try:
@@ -737,6 +737,6 @@ def smallest(configs):
 
 
 def one_config(configs):
-    """The one config a deterministic (no-autotune) export uses: decode's measured best, the
-    smallest prefill tiles."""
+    """The one config a deterministic (no-autotune) export uses: decode's measured best (prefill
+    has one config anyway: prefill_config)."""
     return configs[:1]
