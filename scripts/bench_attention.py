@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--choice", default=None,
                     help="TARGET_PROGRAMS and DECODE_CONFIG from scripts/attention_variants.py (default: the module's)")
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny 31B-shaped layers on the CPU through the Triton interpreter (TRITON_INTERPRET=1): the code path")
+                    help="tiny 31B-shaped layers on the CPU through the Triton interpreter (TRITON_INTERPRET=1): "
+                         "the code path")
     ap.add_argument("--hadamard-only", action="store_true",
                     help="only the 4-bit Hadamard accuracy section (plain torch; runs on CPU too)")
     args = ap.parse_args(argv)
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
     bw = copy_gbps()
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     sdpa = et_sdpa() if args.baseline else None
-    result = {"copy_gbps": bw, "timing": args.timing, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "ctx": CTX,
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    result = {"copy_gbps": bw, "timing": args.timing, "device": device, "ctx": CTX,
               "ring_chunk_decode": CHUNK, "prefill_chunks": list(PREFILL_CHUNKS),
               "prefill_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.PREFILL_CONFIG.items())],
               "prefill_target_programs": A.PREFILL_TARGET_PROGRAMS,

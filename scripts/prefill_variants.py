@@ -328,7 +328,8 @@ def table(res):
     for k in keys:
         cells = []
         for n in names:
-            r = next((r for r in rows if (r["layer"], r["kv_dtype"], r["chunk"], r["fill"]) == k and r["variant"] == n), None)
+            r = next((r for r in rows
+                      if (r["layer"], r["kv_dtype"], r["chunk"], r["fill"]) == k and r["variant"] == n), None)
             bad = r is not None and r.get("rel_err") is not None and r["rel_err"] > 1e-2
             cells.append(f"{r['tflops']:6.1f}{'!' if bad else ''}" if r else f"{'-':>6}")
         print(f"{k[0]:12} {k[1]:5} {k[2]:5} {k[3]:6} " + " ".join(cells))

@@ -656,7 +656,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         if splits > 1:
             block_d = min(D, COMBINE_BLOCK_D)
             wrap(_prefill_combine)[(triton.cdiv(T * G, 16), Hkv, D // block_d)](
-                mp, lp, ap, out, T, out.stride(1), out.stride(2), NUM_SPLITS=splits, G=G, D=D, BLOCK_R=16, BLOCK_D=block_d)
+                mp, lp, ap, out, T, out.stride(1), out.stride(2), NUM_SPLITS=splits, G=G, D=D, BLOCK_R=16,
+                BLOCK_D=block_d)
     return out
 
 
