@@ -52,9 +52,12 @@ TARGET_PROGRAMS = 264
 # (scripts/attention_variants.py, scripts/measurements/attention_variants.json); each fits SMEM_LIMIT
 DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
-# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV)
-PREFILL_CONFIG = {(512, 0): (32, 32, 8, 2, 1), (512, 1): (32, 32, 8, 2, 1), (512, 2): (32, 32, 8, 2, 2),
-                  (256, 0): (64, 32, 4, 2, 1)}
+# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
+# H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
+# head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
+# (BLOCK_M 64) config that fits keeps q in shared memory and spills. head_dim 256: wgmma fits.
+PREFILL_CONFIG = {(512, 0): (32, 32, 4, 2, 2), (512, 1): (32, 32, 4, 2, 2), (512, 2): (32, 32, 4, 2, 2),
+                  (256, 0): (64, 32, 4, 2, 1), (256, 1): (64, 32, 4, 2, 1)}
 PREFILL_TARGET_PROGRAMS = 264  # a static chunk with fewer row-block programs splits the positions
 PREFILL_MAX_SPLITS = 8
 _PREFILL_FORCE = None  # a (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) set by `use_prefill_config`
