@@ -229,7 +229,21 @@ def main(argv=None) -> int:
     result["compiled_shared_bytes_max"] = compiled_shared_max()
     result["hadamard"] = hadamard_section(DEV)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
+    table(result)
     return 0
+
+
+def table(result):
+    """The rows as a table (the JSON holds more: bytes, errors against the bf16 cache)."""
+    print(f"\n{result['device']}, copy {result['copy_gbps']:.0f} GB/s; shared memory max "
+          f"{result['compiled_shared_bytes_max']} (limit {A.SMEM_LIMIT})")
+    print(f"{'layer':16} {'phase':8} {'kv':5} {'chunk':>5} {'fill':>7} {'us':>10} {'copy bw':>8} "
+          f"{'TFLOP/s':>8} {'err':>8}")
+    for r in result["rows"] + result["baseline_rows"]:
+        tf = f"{r['tflops']:8.1f}" if "tflops" in r else f"{'':8}"
+        err = f"{r['rel_err_vs_fp32_ref']:8.1e}" if "rel_err_vs_fp32_ref" in r else f"{r.get('impl', ''):>8}"
+        print(f"{r['layer']:16} {r['phase']:8} {r['kv_dtype']:5} {r.get('chunk', 1):5} {r['fill']:7} {r['us']:10.1f} "
+              f"{r['fraction_of_copy_bw']:8.3f} {tf} {err}")
 
 
 def layer_kvs(layer):
