@@ -97,12 +97,28 @@ def test_hadamard_rotate_is_the_orthonormal_matrix_and_its_own_inverse():
 def test_every_config_fits_consumer_shared_memory():
     for D in (16, 32, 256, 512):
         for fmt in (0, 1, 2):
-            for table in (A._DECODE_ALL, A._PREFILL_ALL):
-                fit = A.fitting(table, D, fmt)
-                assert fit, (D, fmt)  # something always compiles
-                for c in fit:
-                    assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt) \
-                        <= A.SMEM_LIMIT == 101376
+            fit = A.fitting(A._DECODE_ALL, D, fmt)
+            assert fit, (D, fmt)  # something always compiles
+            for c in fit:
+                assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt) \
+                    <= A.SMEM_LIMIT == 101376
+
+
+def test_prefill_configs_fit_consumer_shared_memory():
+    for D in (16, 32, 256, 512):
+        for fmt in (0, 1, 2):
+            cfg = A.prefill_config(D, fmt)
+            assert A.prefill_smem_bytes(*cfg, D, fmt) <= A.SMEM_LIMIT == 101376, (D, fmt, cfg)
+            assert D // cfg[4] >= 16 and cfg[0] >= 16  # tl.dot's smallest operand
+    for (D, fmt), cfg in A.PREFILL_CONFIG.items():
+        assert A.prefill_smem_bytes(*cfg, D, fmt) <= A.SMEM_LIMIT, (D, fmt, cfg)
+
+
+def test_prefill_splits_only_for_a_static_chunk_with_few_row_blocks():
+    t = A.PREFILL_TARGET_PROGRAMS
+    assert A.prefill_splits(128, 8, 4, 64, 2) == max(1, min(A.PREFILL_MAX_SPLITS, t // 128))  # 128 programs
+    assert A.prefill_splits(2048, 8, 4, 64, 2) == 1
+    assert A.prefill_splits(object(), 8, 4, 64, 2) == 1  # a symbolic (non-int) T: one share
 
 
 def test_decode_splits_are_static_and_bounded():
@@ -116,6 +132,7 @@ import torch
 from export.kernels import attention as A
 from tests.test_attention import filled_cache
 cm = A.use_configs(A.smallest); cm.__enter__()
+pm = A.use_prefill_config((16, 16, 4, 1, 2)); pm.__enter__()
 gen = torch.Generator().manual_seed(0)
 worst = {}
 # (H, Hkv, D, S, window, pos, T): rings before / after wrap, flat caches with several decode splits
@@ -153,6 +170,7 @@ import torch
 from export.kernels import attention as A
 from tests.test_attention import filled_cache
 cm = A.use_configs(A.smallest); cm.__enter__()
+pm = A.use_prefill_config((16, 16, 4, 1, 2)); pm.__enter__()
 gen = torch.Generator().manual_seed(1)
 worst = {}
 for H, Hkv, D, S, window, pos, T in [(8, 2, 32, 300, 0, 290, 1), (8, 2, 32, 300, 0, 100, 7), (4, 2, 16, 15, 8, 37, 1)]:
@@ -168,6 +186,49 @@ for H, Hkv, D, S, window, pos, T in [(8, 2, 32, 300, 0, 290, 1), (8, 2, 32, 300,
 print(worst)
 assert max(worst.values()) <= 1e-2, worst
 """
+
+
+INTERPRETED_PREFILL = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import filled_cache
+gen = torch.Generator().manual_seed(2)
+worst = {}
+# (H, Hkv, D, S, window, pos, T, cfg): chunks of a few hundred queries; a flat cache and a sliding
+# ring past wrap-around; V's columns in one or two parts; positions in one share or several
+cases = [(8, 2, 32, 700, 0, 300, 200, (64, 32, 4, 1, 2)), (8, 2, 32, 700, 0, 0, 96, (32, 16, 4, 1, 1)),
+         (4, 2, 16, 32 + 96 - 1, 32, 517, 96, (32, 16, 4, 1, 2))]
+for H, Hkv, D, S, window, pos, T, cfg in cases:
+    ring = window > 0
+    k, v = filled_cache(Hkv, S, D, pos + T, ring, gen)
+    q = torch.randn(1, T, H, D, generator=gen)
+    p = torch.tensor([pos])
+    for kv in ("float", "int8", "int4"):
+        if kv == "float":
+            args = (k, v, None, None)
+        else:
+            (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+            args = (kq, vq, ks, vs)
+        want = A.attention_reference(q, *args, p, window)
+        for target in (1, 10 ** 6) if kv == "float" else (10 ** 6,):
+            A.PREFILL_TARGET_PROGRAMS = target
+            with A.use_prefill_config(cfg):
+                got = A.launch(q, *args, p, window, False)
+            key = (kv, A.prefill_splits(T, H // Hkv, Hkv, cfg[0], cfg[4]) > 1)
+            worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+print(worst)
+assert (("float", True) in worst) and (("float", False) in worst)
+assert max(worst.values()) <= 2e-5, worst
+"""
+
+
+def test_prefill_kernel_matches_reference_in_the_interpreter():
+    """Prefill chunks of up to 200 queries: unmasked and masked blocks, position splits + combine,
+    V column parts, every KV format, a wrapped ring."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_PREFILL], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 CODES_EXACT = r"""
@@ -254,8 +315,9 @@ def test_planner_quantized_kv_of_the_31b_at_128k():
 
 
 @pytest.mark.cuda
-def test_compiled_kernels_with_consumer_configs():
-    """Every config that the consumer limit admits compiles within it and matches the reference."""
+def test_compiled_kernels_with_consumer_configs(monkeypatch):
+    """Every decode config that the consumer limit admits, and each prefill config (positions in
+    one share and in several), compiles within it and matches the reference."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     for H, Hkv, D, S, window in [(32, 4, 512, 4096, 0), (32, 16, 256, 1151, 1024), (8, 1, 32, 64, 0)]:
@@ -268,13 +330,21 @@ def test_compiled_kernels_with_consumer_configs():
                 q = torch.randn(1, T, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
                 p = torch.tensor([pos], device=dev)
                 want = A.attention_reference(q.float(), *args, p, window)
-                configs = A.fitting(A._DECODE_ALL if decode else A._PREFILL_ALL, D, fmt)
-                for c in configs:
-                    with A.use_configs(lambda cs, c=c: [c]):
-                        got = A.launch(q, *args, p, window, decode)
+                if decode:
+                    for c in A.fitting(A._DECODE_ALL, D, fmt):
+                        with A.use_configs(lambda cs, c=c: [c]):
+                            got = A.launch(q, *args, p, window, decode)
+                        err = ((got.float() - want).norm() / want.norm()).item()
+                        assert err <= 1e-2, (H, D, kv, decode, c, err)
+                    continue
+                # prefill: its config, with positions in one share and in several (+ combine)
+                for target in (1, 10 ** 6):
+                    monkeypatch.setattr(A, "PREFILL_TARGET_PROGRAMS", target)
+                    got = A.launch(q, *args, p, window, decode)
                     err = ((got.float() - want).norm() / want.norm()).item()
-                    assert err <= 1e-2, (H, D, kv, decode, c, err)
-    shared = [k.metadata.shared for caches in A._attn_body.device_caches.values() for k in caches[0].values()]
+                    assert err <= 1e-2, (H, D, kv, decode, A.prefill_config(D, fmt), target, err)
+    shared = [k.metadata.shared for fn in (A._attn_body, A._prefill_body)
+              for caches in fn.device_caches.values() for k in caches[0].values()]
     assert shared and max(shared) <= A.SMEM_LIMIT
 
 

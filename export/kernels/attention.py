@@ -23,10 +23,14 @@ device (static grid for AOTInductor and CUDA-graph replay; shares past the fill 
 write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
 head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
-instructions. Prefill (T dynamic): grid (1, cdiv(T*G, BLOCK_M),
-Hkv), rows = (t, g) pairs of one KV head, each block walking only the positions its rows can
-see (causal and window range). The eager reference below is the CPU kernel and the CPU
-backend's decomposition.
+instructions. Prefill (T > 1, dynamic in the traced graph) has a kernel of its own
+(_prefill_body): grid (NUM_SPLITS, cdiv(T*G, BLOCK_M), Hkv * DV), rows = (t, g) pairs of one KV
+head, each row block walking only the positions its rows can see (causal and window range),
+unmasked but for the window's lower edge and the causal diagonal; V's columns in DV parts and,
+for a static chunk with few row blocks, the positions in NUM_SPLITS shares merged by
+_prefill_combine. BLOCK_M 32 keeps the dots on mma.sync with q in registers, so at head_dim 512
+two K/V stages fit the consumer shared-memory limit (wgmma would keep q, 64 KiB at BLOCK_M 64, in
+shared memory). The eager reference below is the CPU kernel and the CPU backend's decomposition.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ TARGET_PROGRAMS = 264
 # (scripts/attention_variants.py, scripts/measurements/attention_variants.json); each fits SMEM_LIMIT
 DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
+# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
+# H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
+# head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
+# (BLOCK_M 64) config that fits keeps q in shared memory and spills. head_dim 256: wgmma fits.
+PREFILL_CONFIG = {(512, 0): (32, 32, 4, 2, 2), (512, 1): (32, 32, 4, 2, 2), (512, 2): (32, 32, 4, 2, 2),
+                  (256, 0): (64, 32, 4, 2, 1), (256, 1): (64, 32, 4, 2, 1)}
+PREFILL_TARGET_PROGRAMS = 264  # a static chunk with fewer row-block programs splits the positions
+PREFILL_MAX_SPLITS = 8
+_PREFILL_FORCE = None  # a (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) set by `use_prefill_config`
 QUANT_BLOCK = {torch.int8: "int8", torch.uint8: "int4"}
 KV_FORMAT = {"float": 0, "int8": 1, "int4": 2}
 
@@ -129,13 +142,11 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
 
 def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2) -> int:
     """Upper estimate of a program's shared memory as Triton 3.6 lays it out (checked against
-    compiled kernels for sm_89 / sm_90). Decode: stages - 1 buffers of the K and V tiles as stored
-    (cp.async pipelining; one for the layout change when not pipelined), q and p as dot operands,
-    and for int4 the V tile once more (its nibble split goes through shared memory)."""
+    compiled kernels for sm_89 / sm_90) of the decode kernel: stages - 1 buffers of the K and V
+    tiles as stored (cp.async pipelining; one for the layout change when not pipelined), q and p
+    as dot operands, and for int4 the V tile once more (its nibble split goes through shared
+    memory). The prefill kernel's: prefill_smem_bytes."""
     stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
-    if block_m > 16:  # prefill tiles: Triton keeps more (all stages, the float operands, fp32 p)
-        total = stages * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * 4
-        return total + (2 * block_n * head_dim * elt if kv_format else 0)
     total = max(stages - 1, 1) * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * elt
     if kv_format == 2:
         total += block_n * stored
@@ -150,12 +161,35 @@ def _cfg(bm, bn, warps, stages):
 # flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
-_PREFILL_ALL = [_cfg(bm, bn, w, s) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
     return [c for c in configs if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
                                               head_dim, kv_format) <= limit]
+
+
+def prefill_smem_bytes(block_m: int, block_n: int, warps: int, stages: int, dv: int, head_dim: int,
+                       kv_format: int) -> int:
+    """Upper estimate of the prefill kernel's shared memory as Triton 3.6 lays it out (checked
+    against kernels compiled for sm_90; sm_89 / sm_120 take the mma.sync path below). Tiles as
+    dot operands (16-bit; int8 / int4 tiles convert to fp16 on their way there): K of
+    BLOCK_N x D, this program's V share of BLOCK_N x D / DV, p of BLOCK_M x BLOCK_N.
+    BLOCK_M >= 64 with 4 / 8 warps runs on wgmma (sm_90; sm_89 / sm_120 need less): q stays in shared memory
+    (BLOCK_M x D) beside `stages` K and V buffers (one K buffer, V reusing it, unpipelined).
+    BLOCK_M < 64 (mma.sync): q goes to registers; `stages` K buffers, one fewer V (as many, and
+    8 KiB more for a split V, at BLOCK_N 16)."""
+    k = block_n * head_dim * 2
+    v = k // dv
+    p = block_m * block_n * 2
+    if block_m >= 64:  # p stays in registers (wgmma's A operand)
+        return block_m * head_dim * 2 + (stages * (k + v) if stages > 1 else k)
+    if block_n <= 16:
+        return stages * (k + v) + p + (8192 if dv > 1 else 0)
+    return stages * k + max(stages - 1, 1) * v + p
+
+
+PREFILL_CANDIDATES = [(bm, bn, w, s, dv) for bm in (32, 64) for bn in (16, 32, 64) for w in (4, 8)
+                      for s in (1, 2, 3) for dv in (1, 2)]
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -310,6 +344,205 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
             tl.store(orow + cb[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
+              D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Prefill: one K/V block of positions k0 .. k0 + BLOCK_N - 1 into the online softmax (base 2:
+    the scores carry log2(e)). MASK: the block holds positions some row must not see (causal
+    diagonal, window edge, past the fill): loads past `end` read 0 and the scores are masked;
+    other blocks load and score without any mask (every slot index kp % S is in the cache). V's
+    columns `vc` (stored units) are this program's share of the output."""
+    kp = k0 + tl.arange(0, BLOCK_N)
+    slot = kp % S
+    if MASK:
+        kmask = kp < end
+    if KV_FMT == 2:
+        dh = tl.arange(0, D // 2)
+        kptr = K + kvh * skh + slot[:, None] * sks + dh[None, :]
+        if MASK:
+            kb = tl.load(kptr, mask=kmask[:, None], other=136)
+        else:
+            kb = tl.load(kptr)
+        ka = _nibble(kb & 15, q.dtype)
+        kz = _nibble(kb >> 4, q.dtype)
+        if FP32:
+            s = tl.dot(q, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
+    else:
+        d = tl.arange(0, D)
+        kptr = K + kvh * skh + slot[:, None] * sks + d[None, :]
+        if MASK:
+            kt = _codes(tl.load(kptr, mask=kmask[:, None], other=0), q.dtype)
+        else:
+            kt = _codes(tl.load(kptr), q.dtype)
+        if FP32:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(kt))
+    if KV_FMT != 0:
+        ks = tl.load(KS + kvh * ssh + slot).to(tl.float32) * 1.4426950408889634
+        s = s * ks[None, :]
+    else:
+        s = s * 1.4426950408889634
+    if MASK:
+        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
+        if WINDOW > 0:
+            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if KV_FMT != 0:
+        vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
+        p = p * vs[None, :]
+    if not FP32:
+        p = p.to(q.dtype)
+    vptr = V + kvh * svh + slot[:, None] * svs + vc[None, :]
+    if KV_FMT == 2:
+        if MASK:
+            vb = tl.load(vptr, mask=kmask[:, None], other=136)
+        else:
+            vb = tl.load(vptr)
+        va = _nibble(vb & 15, q.dtype)
+        vz = _nibble(vb >> 4, q.dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, va)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
+    else:
+        if MASK:
+            vt = _codes(tl.load(vptr, mask=kmask[:, None], other=0), q.dtype)
+        else:
+            vt = _codes(tl.load(vptr), q.dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, vt)
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
+def _prefill_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, WINDOW, NUM_SPLITS,
+                  sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
+                  G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, DV: tl.constexpr,
+                  SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Prefill: grid (NUM_SPLITS, cdiv(T * G, BLOCK_M), Hkv * DV). Rows are the (t, g) pairs of
+    one KV head; the positions the rows can see, [lo, hi], are cut into NUM_SPLITS shares of
+    whole blocks (partials combined by _prefill_combine when SPLIT); V's columns into DV parts,
+    one per program (each computes the full scores, and keeps a 1 / DV accumulator). The blocks
+    every row sees whole run without masks; only the window's lower edge and the causal
+    diagonal are masked."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    kvh = tl.program_id(2) // DV
+    dv = tl.program_id(2) % DV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    g = rows % G
+    row_ok = t < T
+    head = kvh * G + g
+    pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
+    qpos = pos0 + t
+    t_lo = (pid_m * BLOCK_M) // G
+    t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+    hi = pos0 + t_hi
+    lo = tl.where(WINDOW > 0, tl.maximum(pos0 + t_lo - WINDOW + 1, 0), 0)
+    share = tl.cdiv(tl.cdiv(hi - lo + 1, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + pid_s * share
+    end = tl.minimum(start + share, hi + 1)
+    # [start, a): window edge (masked); [a, b): seen whole by every row; [b, end): diagonal (masked)
+    a = start
+    if WINDOW > 0:
+        a = start + tl.maximum(tl.cdiv(pos0 + t_hi - WINDOW + 1 - start, BLOCK_N), 0) * BLOCK_N
+    a = tl.minimum(a, end)
+    b = start + tl.maximum((pos0 + t_lo + 1 - start) // BLOCK_N, 0) * BLOCK_N
+    b = tl.maximum(tl.minimum(b, end), a)
+
+    if KV_FMT == 2:  # even columns (low nibbles) in q / acc, odd ones in qb / acc2
+        ca = 2 * tl.arange(0, D // 2)
+        cb = ca + 1
+        vc = dv * (D // 2 // DV) + tl.arange(0, D // 2 // DV)
+        oa = 2 * vc
+        acc = tl.zeros([BLOCK_M, D // 2 // DV], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 2 // DV], tl.float32)
+    else:
+        ca = tl.arange(0, D)
+        cb = ca
+        vc = dv * (D // DV) + tl.arange(0, D // DV)
+        oa = vc
+        acc = tl.zeros([BLOCK_M, D // DV], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
+    qrow = Q + t[:, None] * sqt + head[:, None] * sqh
+    q = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
+    qb = q
+    if KV_FMT == 2:
+        qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
+    if KV_FMT != 0 and not FP32:
+        q = q.to(tl.float16)
+        qb = qb.to(tl.float16)
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
+        k0 = start
+        while k0 < end:
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N,
+                                            (k0 < a) | (k0 >= b))
+            k0 += BLOCK_N
+    else:
+        for k0 in range(start, a, BLOCK_N):
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True)
+        for k0 in range(a, b, BLOCK_N):
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, False)
+        for k0 in range(b, end, BLOCK_N):
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True)
+
+    if SPLIT:  # partials (Hkv, NUM_SPLITS, T * G, ·); m in log2 units
+        base = (kvh * NUM_SPLITS + pid_s) * T * G + rows
+        tl.store(MP + base, m_i, mask=row_ok & (dv == 0))
+        tl.store(LP + base, l_i, mask=row_ok & (dv == 0))
+        tl.store(AP + base[:, None] * D + oa[None, :], acc, mask=row_ok[:, None])
+        if KV_FMT == 2:
+            tl.store(AP + base[:, None] * D + oa[None, :] + 1, acc2, mask=row_ok[:, None])
+    else:
+        orow = O + t[:, None] * sot + head[:, None] * soh
+        tl.store(orow + oa[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        if KV_FMT == 2:
+            tl.store(orow + oa[None, :] + 1, (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _prefill_combine(MP, LP, AP, O, T, sot, soh, NUM_SPLITS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t, h, d] from the prefill shares' partials; grid (cdiv(T * G, BLOCK_R), Hkv, D / BLOCK_D)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kvh = tl.program_id(1)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = rows < T * G
+    m_max = tl.full([BLOCK_R], -1.0e30, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m_max = tl.maximum(m_max, tl.load(MP + (kvh * NUM_SPLITS + s) * T * G + rows, mask=ok, other=-1.0e30))
+    l_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        base = (kvh * NUM_SPLITS + s) * T * G + rows
+        w = tl.math.exp2(tl.load(MP + base, mask=ok, other=-1.0e30) - m_max)
+        l_sum += w * tl.load(LP + base, mask=ok, other=0.0)
+        acc += w[:, None] * tl.load(AP + base[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    t = rows // G
+    head = kvh * G + rows % G
+    tl.store(O + t[:, None] * sot + head[:, None] * soh + d[None, :], (acc / l_sum[:, None]).to(O.dtype.element_ty),
+             mask=ok[:, None])
+
+
 _FORCE = None  # configs filter set by `use_configs`
 _KERNELS: dict = {}
 
@@ -328,17 +561,15 @@ def decode_config(head_dim: int, fmt: int) -> triton.Config:
 
 
 def _kernel(decode: bool, head_dim: int, fmt: int):
-    """The body for one phase / head dim / KV format: decode with its one config (first), prefill
-    autotuned over the configs that fit (smallest first)."""
-    configs = fitting(_DECODE_ALL if decode else _PREFILL_ALL, head_dim, fmt)
-    if decode:
-        first = decode_config(head_dim, fmt)
-        configs = [first] + [c for c in configs if c is not first]
-    else:
-        configs = sorted(configs, key=_size)
+    """The decode body for one head dim / KV format with its one config (first in the list a
+    `use_configs` filter sees). Prefill has its own kernel and config (_prefill_kernel)."""
+    assert decode, "prefill runs _prefill_body"
+    configs = fitting(_DECODE_ALL, head_dim, fmt)
+    first = decode_config(head_dim, fmt)
+    configs = [first] + [c for c in configs if c is not first]
     key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)))
     if key not in _KERNELS:
-        chosen = _FORCE(configs) if _FORCE is not None else (configs[:1] if decode else configs)
+        chosen = _FORCE(configs) if _FORCE is not None else configs[:1]
         _KERNELS[key] = triton.autotune(configs=chosen, key=["S", "G"])(_attn_body)
     return _KERNELS[key]
 
@@ -413,10 +644,54 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d)
     else:
-        grid = lambda meta: (1, triton.cdiv(T * G, meta["BLOCK_M"]), Hkv)  # noqa: E731
-        wrap(_kernel(False, D, fmt))[grid](q, k, v, ks, vs, pos, out, q, q, q, T, S, H, window, 1, *strides,
-                                           SPLIT=False, **common)
+        bm, bn, warps, stages, dv = prefill_config(D, fmt)
+        splits = prefill_splits(T, G, Hkv, bm, dv)
+        kern = _prefill_kernel(bm, bn, warps, stages)
+        grid = (splits, triton.cdiv(T * G, bm), Hkv * dv)
+        if splits > 1:
+            mp = torch.empty(Hkv * splits * T * G, device=q.device, dtype=torch.float32)
+            lp = torch.empty_like(mp)
+            ap = torch.empty(Hkv * splits * T * G * D, device=q.device, dtype=torch.float32)
+        else:
+            mp = lp = ap = q
+        wrap(kern)[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, window, splits, *strides, DV=dv,
+                         SPLIT=splits > 1, **common)
+        if splits > 1:
+            block_d = min(D, COMBINE_BLOCK_D)
+            wrap(_prefill_combine)[(triton.cdiv(T * G, 16), Hkv, D // block_d)](
+                mp, lp, ap, out, T, out.stride(1), out.stride(2), NUM_SPLITS=splits, G=G, D=D, BLOCK_R=16,
+                BLOCK_D=block_d)
     return out
+
+
+def prefill_config(head_dim: int, fmt: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, DV) of the prefill kernel: the measured best
+    (PREFILL_CONFIG), else the fitting one with the largest tiles."""
+    if _PREFILL_FORCE is not None:
+        return _PREFILL_FORCE
+    if (head_dim, fmt) in PREFILL_CONFIG:
+        return PREFILL_CONFIG[head_dim, fmt]
+    fits = [c for c in PREFILL_CANDIDATES if prefill_smem_bytes(*c, head_dim, fmt) <= SMEM_LIMIT]
+    return max(fits, key=lambda c: (c[0] * c[1] // c[4], -c[3])) if fits else (16, 16, 4, 1, 1)
+
+
+def prefill_splits(T, G: int, kv_heads: int, block_m: int, dv: int) -> int:
+    """Shares of the visible positions per row block: enough programs for the SMs when a static
+    chunk T gives few row blocks; one when T is symbolic (an export's dynamic chunk)."""
+    if not isinstance(T, int):
+        return 1
+    programs = triton.cdiv(T * G, block_m) * kv_heads * dv
+    return max(1, min(PREFILL_MAX_SPLITS, PREFILL_TARGET_PROGRAMS // programs))
+
+
+_PREFILL_KERNELS: dict = {}
+
+
+def _prefill_kernel(bm, bn, warps, stages):
+    key = (bm, bn, warps, stages)
+    if key not in _PREFILL_KERNELS:
+        _PREFILL_KERNELS[key] = triton.autotune(configs=[_cfg(bm, bn, warps, stages)], key=[])(_prefill_body)
+    return _PREFILL_KERNELS[key]
 
 
 @triton_op("gemma4::attention", mutates_args={})
@@ -434,8 +709,20 @@ def _attention_fake(q, k, v, k_scale, v_scale, pos, window):
 
 
 @contextlib.contextmanager
+def use_prefill_config(cfg) -> Iterator[None]:
+    """Run prefill with (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) (tests, variant sweeps)."""
+    global _PREFILL_FORCE
+    saved, _PREFILL_FORCE = _PREFILL_FORCE, tuple(cfg)
+    try:
+        yield
+    finally:
+        _PREFILL_FORCE = saved
+
+
+@contextlib.contextmanager
 def use_configs(select) -> Iterator[None]:
-    """Autotune over `select(fitting_configs)` instead (tests: a forced set; --no-autotune: one)."""
+    """Decode: autotune over `select(fitting_configs)` instead (tests: a forced set; --no-autotune:
+    one). Prefill: use_prefill_config."""
     global _FORCE
     saved, _FORCE = _FORCE, select
     try:
@@ -454,6 +741,6 @@ def smallest(configs):
 
 
 def one_config(configs):
-    """The one config a deterministic (no-autotune) export uses: decode's measured best, the
-    smallest prefill tiles."""
+    """The one config a deterministic (no-autotune) export uses: decode's measured best (prefill
+    has one config anyway: prefill_config)."""
     return configs[:1]
