@@ -301,6 +301,143 @@ def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.conste
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
+# ---- small M on the tensor cores: one mma.sync per half word --------------------------------
+#
+# A warp covers 8 weight rows x one group of 128 (16 words): lane 4g + t holds words 4t .. 4t + 3
+# of row g (one 16-byte load), which is the B operand of m16n8k16 as it stands (column g, k rows
+# 2t, 2t + 1, 2t + 8, 2t + 9 of each mma: the k order inside a group is free as long as x follows
+# it). Each word becomes four bf16 pairs v - 8 for k, k + 4: a shift, a lop3 that puts the nibble
+# in the mantissa of 128.0 and a packed fma that takes 136 off; x's rows 0 .. M - 1 are the A
+# operand (rows 8 .. 15 zero). The fp32 result of a group is scaled per row once.
+
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+
+
+def _gemv_mma_asm() -> str:
+    """One group of one lane's 4 words into its accumulator fragment: $0..$3 the new
+    accumulator (c0..c3); $4..$7 4 words of one row; $8 + 4p + i x pair p of word i; $24..$27
+    the rows' bf16 scales (zero-extended); $28..$31 the accumulator so far. The group's sum
+    starts at zero and is scaled once (c0, c1: x's rows 8 .. 15 leave c2, c3 zero)."""
+    s = ["{", ".reg .b32 q, z, one, bias, b0, b1, b2, b3, s0, s1;", ".reg .f32 d0, d1, d2, d3;",
+         "mov.b32 z, 0;", "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;"]  # bf16 pairs 1.0, -136.0
+    s += [f"mov.b32 d{i}, 0;" for i in range(4)]
+    for i in range(4):
+        w = f"${4 + i}"
+        s.append(f"lop3.b32 b0, {w}, 0x000f000f, 0x43004300, 0xea;")
+        for p in (1, 2, 3):
+            s += [f"shr.u32 q, {w}, {4 * p};", f"lop3.b32 b{p}, q, 0x000f000f, 0x43004300, 0xea;"]
+        s += [f"fma.rn.bf16x2 b{p}, b{p}, one, bias;" for p in range(4)]
+        for h in (0, 1):
+            a0, a2 = f"${8 + 4 * (2 * h) + i}", f"${8 + 4 * (2 * h + 1) + i}"
+            s.append(f"{_MMA} {{d0, d1, d2, d3}}, {{{a0}, z, {a2}, z}}, {{b{2 * h}, b{2 * h + 1}}}, {{d0, d1, d2, d3}};")
+    s += ["shl.b32 s0, $24, 16;", "shl.b32 s1, $25, 16;", "fma.rn.f32 $0, d0, s0, $28;", "fma.rn.f32 $1, d1, s1, $29;",
+          "mov.b32 $2, $30;", "mov.b32 $3, $31;"]
+    return "\n".join(s + ["}"])
+
+
+GEMV_MMA_ASM = tl.constexpr(_gemv_mma_asm())
+
+
+@triton.jit
+def _ld_u16(ptr):
+    """A 16-bit load (zero-extended to 32) in the layout of `ptr`'s consumers."""
+    return tl.inline_asm_elementwise("ld.global.nc.u16 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
+    """x's pairs for words j0 + c of row g (< M, else 0) as the A fragments:
+    X_p = (x[8w + p], x[8w + p + 4]) for p = 0 .. 3."""
+    m_ok = g < M
+    base = xw + g * stride_xw + (j0 + c) * 4
+    n0 = tl.load(base, mask=m_ok, other=0)  # (x[8w], x[8w + 1])
+    n1 = tl.load(base + 1, mask=m_ok, other=0)
+    n2 = tl.load(base + 2, mask=m_ok, other=0)
+    n3 = tl.load(base + 3, mask=m_ok, other=0)
+    if ASM:
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632;"
+            "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;",
+            "=r,=r,=r,=r,r,r,r,r", [n0, n1, n2, n3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)
+    else:
+        x0 = (n0 & 0xFFFF) | (n2 << 16)
+        x1 = ((n0 >> 16) & 0xFFFF) | (n2 & -65536)
+        x2 = (n1 & 0xFFFF) | (n3 << 16)
+        x3 = ((n1 >> 16) & 0xFFFF) | (n3 & -65536)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j0, m, c):
+    """What the mma fragments hold, in plain ops (the interpreter runs no inline PTX): at [r, c]
+    with c % 4 < 2, the group's dot of x row m with weight row rows_c, v - 8 each."""
+    j = tl.arange(0, 16)[None, None, :]
+    w = tl.load(w_ptr + rows_c.to(tl.int64)[:, :, None] * stride_ww + j0 + j,
+                mask=(rows_c < N)[:, :, None], other=0)  # [BLOCK_N, 16, 16]
+    d = tl.zeros(rows_c.shape, dtype=tl.float32)
+    for p in tl.static_range(4):
+        xp = tl.load(xw + m[:, :, None] * stride_xw + (j0 + j) * 4 + p, mask=(m < M)[:, :, None], other=0)
+        lo = (xp << 16).to(tl.float32, bitcast=True)
+        hi = (xp & -65536).to(tl.float32, bitcast=True)
+        d += tl.sum((((w >> (8 * p)) & 0xF) - 8).to(tl.float32) * lo, axis=2)
+        d += tl.sum((((w >> (8 * p + 4)) & 0xF) - 8).to(tl.float32) * hi, axis=2)
+    return d
+
+
+@triton.jit
+def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, stride_xm, stride_ww, stride_sn,
+                          stride_os, stride_om, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr, ASM: tl.constexpr):
+    """M <= 8, group 128, bf16 x: out[pid_k, m, n] = the K slice's sum of x[m, k] W[n, k] over
+    BLOCK_N rows (see the notes above `_gemv_mma_asm`). The tile is [BLOCK_N, 16] words, the
+    blocked layout Triton gives a 16-word-wide int32 load (sizePerThread [1, 4], threadsPerWarp
+    [8, 4]): lane 4g + t holds rows r with r % 8 = g. Element [r, 4t + i] of a result fragment is
+    c_i of its lane: (m = g, row r - g + 2t + i) for i < 2, x's zero rows for i >= 2. ONE_ROW
+    (M == 1): every lane gives x's row 0 (one load of x per step, not one per row), so every
+    m holds the same sums and the lanes with g = 0 store them. The next group's words load
+    before this one's mmas."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, BLOCK_N)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    rows = pid_n * BLOCK_N + r  # the row this lane's words come from
+    g = r % 8
+    rows_c = rows - g + 2 * (c // 4) + (c % 2)  # the row of result element c
+    frag = (c % 4) < 2
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    stride_xw = stride_xm // 2
+    wrow = w_ptr + rows.to(tl.int64) * stride_ww
+    w_lo = pid_k * KW_PER_SPLIT
+    w_hi = tl.minimum(w_lo + KW_PER_SPLIT, KW)
+    n_ok = rows < N
+    w = tl.load(wrow + w_lo + c, mask=n_ok & (w_lo < w_hi), other=0)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    if ASM:
+        # the scales load through inline PTX too, so that no tensor in the loop takes another
+        # layout than the words' (a layout conversion per step costs a trip through shared
+        # memory); rows past N read row N - 1 (their sums are never stored)
+        srow = s_ptr.to(tl.pointer_type(tl.int16)) + tl.minimum(rows_c, N - 1).to(tl.int64) * stride_sn
+        s = _ld_u16(srow + w_lo // 16)
+        xg = tl.zeros((1, 1), dtype=tl.int32) if ONE_ROW else g  # M == 1: one load of x per step
+        x0, x1, x2, x3 = _gemv_mma_x(xw, stride_xw, M, w_lo, xg, c, ASM)
+    for j0 in range(w_lo, w_hi, 16):
+        nxt = j0 + 16
+        w_next = tl.load(wrow + nxt + c, mask=n_ok & (nxt < w_hi), other=0)
+        if ASM:  # the next group's scales and x load before this group's mmas
+            nxt_c = tl.minimum(nxt, w_hi - 16)
+            s_next = _ld_u16(srow + nxt_c // 16)
+            y0, y1, y2, y3 = _gemv_mma_x(xw, stride_xw, M, nxt_c, xg, c, ASM)
+            acc = tl.inline_asm_elementwise(GEMV_MMA_ASM, "=f,=f,=f,=f" + ",r" * 24 + ",f,f,f,f",
+                                            [w, x0, x1, x2, x3, s, acc], dtype=tl.float32, is_pure=True, pack=4)
+            s, x0, x1, x2, x3 = s_next, y0, y1, y2, y3
+        else:
+            s = tl.load(s_ptr + rows_c.to(tl.int64) * stride_sn + j0 // 16, mask=frag & (rows_c < N), other=0.0)
+            acc += _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j0, g, c) * s.to(tl.float32)
+        w = w_next
+    m_ok = (g == 0) if ONE_ROW else (g < M)
+    tl.store(out_ptr + pid_k * stride_os + g * stride_om + rows_c, acc.to(out_ptr.dtype.element_ty),
+             mask=frag & m_ok & (rows_c < N))
+
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, KW, stride_ww, stride_sn, stride_on,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -402,6 +539,30 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
     launch[(triton.cdiv(N, 1024),)](out, y, N, splits, out.stride(0), BLOCK=1024, num_warps=4)
+    return y
+
+
+def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
+                  block_n: int = 32, num_warps: int = 4) -> torch.Tensor:
+    """x2 [M <= 8, K] bf16 @ dequant(W).T (group 128) -> [M, N] through `_int4_gemv_mma_kernel`:
+    straight into the output with one slice of K, through fp32 partials and a sum with more."""
+    N, K, G = _check(x2, qweight, scales)
+    M = x2.shape[0]
+    if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
+        raise ValueError(f"int4_gemv_mma: group 128, M <= 8 and bf16 x only (got G={G}, M={M}, {x2.dtype})")
+    words = qweight.view(torch.int32)
+    per_split = triton.cdiv(triton.cdiv(K // 8, splits), 16) * 16  # whole groups of 16 words
+    splits = triton.cdiv(K // 8, per_split)
+    out = torch.empty((splits, M, N), device=x2.device, dtype=x2.dtype if splits == 1 else torch.float32)
+    launch = _int4_gemv_mma_kernel if _INTERPRET else wrap_triton(_int4_gemv_mma_kernel)
+    launch[(triton.cdiv(N, block_n), splits)](
+        x2, words, scales, out, M, N, K // 8, per_split, x2.stride(0), words.stride(0), scales.stride(0),
+        out.stride(0), out.stride(1), BLOCK_N=block_n, ONE_ROW=M == 1, ASM=not _INTERPRET, num_warps=num_warps)
+    if splits == 1:
+        return out.view(M, N)
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
+    launch[(triton.cdiv(M * N, 1024),)](out, y, M * N, splits, out.stride(0), BLOCK=1024, num_warps=4)
     return y
 
 
