@@ -346,15 +346,27 @@ def _ld_u16(ptr):
 
 
 @triton.jit
+def _ld_b32(ptr):
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
     """x's pairs for words j0 + c of row g (< M, else 0) as the A fragments:
     X_p = (x[8w + p], x[8w + p + 4]) for p = 0 .. 3."""
-    m_ok = g < M
-    base = xw + g * stride_xw + (j0 + c) * 4
-    n0 = tl.load(base, mask=m_ok, other=0)  # (x[8w], x[8w + 1])
-    n1 = tl.load(base + 1, mask=m_ok, other=0)
-    n2 = tl.load(base + 2, mask=m_ok, other=0)
-    n3 = tl.load(base + 3, mask=m_ok, other=0)
+    if ASM:  # loaded through PTX too (see `_ld_u16`); rows past M read row M - 1, then zeroed
+        base = xw + tl.minimum(g, M - 1) * stride_xw + (j0 + c) * 4
+        n0 = tl.where(g < M, _ld_b32(base), 0)  # (x[8w], x[8w + 1])
+        n1 = tl.where(g < M, _ld_b32(base + 1), 0)
+        n2 = tl.where(g < M, _ld_b32(base + 2), 0)
+        n3 = tl.where(g < M, _ld_b32(base + 3), 0)
+    else:
+        base = xw + g * stride_xw + (j0 + c) * 4
+        n0 = tl.load(base, mask=g < M, other=0)
+        n1 = tl.load(base + 1, mask=g < M, other=0)
+        n2 = tl.load(base + 2, mask=g < M, other=0)
+        n3 = tl.load(base + 3, mask=g < M, other=0)
     if ASM:
         x0, x1, x2, x3 = tl.inline_asm_elementwise(
             "prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632;"
