@@ -382,15 +382,17 @@ def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j0, m, c):
+def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, m, c):
     """What the mma fragments hold, in plain ops (the interpreter runs no inline PTX): at [r, c]
-    with c % 4 < 2, the group's dot of x row m with weight row rows_c, v - 8 each."""
-    j = tl.arange(0, 16)[None, None, :]
-    w = tl.load(w_ptr + rows_c.to(tl.int64)[:, :, None] * stride_ww + j0 + j,
-                mask=(rows_c < N)[:, :, None], other=0)  # [BLOCK_N, 16, 16]
+    with c % 4 < 2, the group at words j of x row m with weight row rows_c, v - 8 each (0 where
+    not `ok`)."""
+    jj = tl.arange(0, 16)[None, None, :]
+    w = tl.load(w_ptr + rows_c.to(tl.int64)[:, :, None] * stride_ww + j[:, :, None] + jj,
+                mask=((rows_c < N) & ok)[:, :, None], other=0)  # [rows, 16, 16]
     d = tl.zeros(rows_c.shape, dtype=tl.float32)
     for p in tl.static_range(4):
-        xp = tl.load(xw + m[:, :, None] * stride_xw + (j0 + j) * 4 + p, mask=(m < M)[:, :, None], other=0)
+        xp = tl.load(xw + m[:, :, None] * stride_xw + (j[:, :, None] + jj) * 4 + p,
+                     mask=((m < M) & ok)[:, :, None], other=0)
         lo = (xp << 16).to(tl.float32, bitcast=True)
         hi = (xp & -65536).to(tl.float32, bitcast=True)
         d += tl.sum((((w >> (8 * p)) & 0xF) - 8).to(tl.float32) * lo, axis=2)
@@ -400,20 +402,23 @@ def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j0, m, c):
 
 @triton.jit
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, stride_xm, stride_ww, stride_sn,
-                          stride_os, stride_om, BLOCK_N: tl.constexpr, ONE_ROW: tl.constexpr, ASM: tl.constexpr):
+                          stride_os, stride_om, BLOCK_N: tl.constexpr, KS: tl.constexpr, ONE_ROW: tl.constexpr,
+                          ASM: tl.constexpr):
     """M <= 8, group 128, bf16 x: out[pid_k, m, n] = the K slice's sum of x[m, k] W[n, k] over
-    BLOCK_N rows (see the notes above `_gemv_mma_asm`). The tile is [BLOCK_N, 16] words, the
+    BLOCK_N rows (see the notes above `_gemv_mma_asm`), the slice cut again into KS parts inside
+    the program (summed at the end: no second kernel). The tile is [KS * BLOCK_N, 16] words, the
     blocked layout Triton gives a 16-word-wide int32 load (sizePerThread [1, 4], threadsPerWarp
-    [8, 4]): lane 4g + t holds rows r with r % 8 = g. Element [r, 4t + i] of a result fragment is
-    c_i of its lane: (m = g, row r - g + 2t + i) for i < 2, x's zero rows for i >= 2. ONE_ROW
-    (M == 1): every lane gives x's row 0 (one load of x per step, not one per row), so every
-    m holds the same sums and the lanes with g = 0 store them. The next group's words load
-    before this one's mmas."""
+    [8, 4]): lane 4g + t holds tile rows r with r % 8 = g, part r // BLOCK_N. Element [r, 4t + i]
+    of a result fragment is c_i of its lane: (m = g, row r - g + 2t + i) for i < 2, x's zero
+    rows for i >= 2. ONE_ROW (M == 1, KS == 1): every lane gives x's row 0 (one load of x per
+    step, not one per row), so every m holds the same sums and the lanes with g = 0 store them.
+    The next group's words, scales and x load before this one's mmas. Words past a part's end
+    read as 0x88888888 (v - 8 = 0)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    r = tl.arange(0, BLOCK_N)[:, None]
+    r = tl.arange(0, BLOCK_N * KS)[:, None]
     c = tl.arange(0, 16)[None, :]
-    rows = pid_n * BLOCK_N + r  # the row this lane's words come from
     g = r % 8
+    rows = pid_n * BLOCK_N + r % BLOCK_N  # the row this lane's words come from
     rows_c = rows - g + 2 * (c // 4) + (c % 2)  # the row of result element c
     frag = (c % 4) < 2
     xw = x_ptr.to(tl.pointer_type(tl.int32))
@@ -421,31 +426,49 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, 
     wrow = w_ptr + rows.to(tl.int64) * stride_ww
     w_lo = pid_k * KW_PER_SPLIT
     w_hi = tl.minimum(w_lo + KW_PER_SPLIT, KW)
+    per_part = tl.cdiv(tl.cdiv(w_hi - w_lo, 16), KS) * 16
+    p_lo = w_lo + (r // BLOCK_N) * per_part  # [rows, 1]: this row's part of the slice
+    p_hi = tl.minimum(p_lo + per_part, w_hi)
     n_ok = rows < N
-    w = tl.load(wrow + w_lo + c, mask=n_ok & (w_lo < w_hi), other=0)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    w = tl.load(wrow + p_lo + c, mask=n_ok & (p_lo < p_hi), other=-2004318072)  # 0x88888888
+    acc = tl.zeros((BLOCK_N * KS, 16), dtype=tl.float32)
     if ASM:
-        # the scales load through inline PTX too, so that no tensor in the loop takes another
-        # layout than the words' (a layout conversion per step costs a trip through shared
-        # memory); rows past N read row N - 1 (their sums are never stored)
+        # the scales and x load through inline PTX too, so that no tensor in the loop takes
+        # another layout than the words' (a layout conversion per step costs a trip through
+        # shared memory); rows past N, groups past the end read in-bounds stand-ins whose
+        # products are zero or never stored
         srow = s_ptr.to(tl.pointer_type(tl.int16)) + tl.minimum(rows_c, N - 1).to(tl.int64) * stride_sn
-        s = _ld_u16(srow + w_lo // 16)
-        xg = tl.zeros((1, 1), dtype=tl.int32) if ONE_ROW else g  # M == 1: one load of x per step
-        x0, x1, x2, x3 = _gemv_mma_x(xw, stride_xw, M, w_lo, xg, c, ASM)
-    for j0 in range(w_lo, w_hi, 16):
-        nxt = j0 + 16
-        w_next = tl.load(wrow + nxt + c, mask=n_ok & (nxt < w_hi), other=0)
+        jc = tl.minimum(p_lo, KW - 16)
+        s = _ld_u16(srow + jc // 16)
+        if ONE_ROW:
+            x0, x1, x2, x3 = _gemv_mma_x(xw, stride_xw, M, w_lo, tl.zeros((1, 1), dtype=tl.int32), c, ASM)
+        else:
+            x0, x1, x2, x3 = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
+    for jj in range(0, per_part, 16):
+        j = p_lo + jj
+        nxt = j + 16
+        w_next = tl.load(wrow + nxt + c, mask=n_ok & (nxt < p_hi), other=-2004318072)
         if ASM:  # the next group's scales and x load before this group's mmas
-            nxt_c = tl.minimum(nxt, w_hi - 16)
-            s_next = _ld_u16(srow + nxt_c // 16)
-            y0, y1, y2, y3 = _gemv_mma_x(xw, stride_xw, M, nxt_c, xg, c, ASM)
+            jc = tl.minimum(nxt, KW - 16)
+            s_next = _ld_u16(srow + jc // 16)
+            if ONE_ROW:
+                y0, y1, y2, y3 = _gemv_mma_x(xw, stride_xw, M, tl.minimum(w_lo + jj + 16, KW - 16),
+                                             tl.zeros((1, 1), dtype=tl.int32), c, ASM)
+            else:
+                y0, y1, y2, y3 = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
             acc = tl.inline_asm_elementwise(GEMV_MMA_ASM, "=f,=f,=f,=f" + ",r" * 24 + ",f,f,f,f",
                                             [w, x0, x1, x2, x3, s, acc], dtype=tl.float32, is_pure=True, pack=4)
             s, x0, x1, x2, x3 = s_next, y0, y1, y2, y3
         else:
-            s = tl.load(s_ptr + rows_c.to(tl.int64) * stride_sn + j0 // 16, mask=frag & (rows_c < N), other=0.0)
-            acc += _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j0, g, c) * s.to(tl.float32)
+            ok = j < p_hi
+            s = tl.load(s_ptr + rows_c.to(tl.int64) * stride_sn + j // 16, mask=frag & (rows_c < N) & ok, other=0.0)
+            acc += _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, g, c) * s.to(tl.float32)
         w = w_next
+    if KS > 1:
+        acc = tl.sum(tl.reshape(acc, (KS, BLOCK_N, 16)), axis=0)
+        r = tl.arange(0, BLOCK_N)[:, None]
+        g = r % 8
+        rows_c = pid_n * BLOCK_N + r - g + 2 * (c // 4) + (c % 2)
     m_ok = (g == 0) if ONE_ROW else (g < M)
     tl.store(out_ptr + pid_k * stride_os + g * stride_om + rows_c, acc.to(out_ptr.dtype.element_ty),
              mask=frag & m_ok & (rows_c < N))
@@ -555,9 +578,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
 
 
 def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
-                  block_n: int = 32, num_warps: int = 4) -> torch.Tensor:
+                  block_n: int = 32, num_warps: int = 4, parts: int = 1) -> torch.Tensor:
     """x2 [M <= 8, K] bf16 @ dequant(W).T (group 128) -> [M, N] through `_int4_gemv_mma_kernel`:
-    straight into the output with one slice of K, through fp32 partials and a sum with more."""
+    straight into the output with one slice of K, through fp32 partials and a sum with more.
+    `parts`: K parts inside each program (block_n * parts rows of tile, >= 8 * num_warps)."""
     N, K, G = _check(x2, qweight, scales)
     M = x2.shape[0]
     if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
@@ -569,7 +593,8 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     launch = _int4_gemv_mma_kernel if _INTERPRET else wrap_triton(_int4_gemv_mma_kernel)
     launch[(triton.cdiv(N, block_n), splits)](
         x2, words, scales, out, M, N, K // 8, per_split, x2.stride(0), words.stride(0), scales.stride(0),
-        out.stride(0), out.stride(1), BLOCK_N=block_n, ONE_ROW=M == 1, ASM=not _INTERPRET, num_warps=num_warps)
+        out.stride(0), out.stride(1), BLOCK_N=block_n, KS=parts, ONE_ROW=M == 1 and parts == 1, ASM=not _INTERPRET,
+        num_warps=num_warps)
     if splits == 1:
         return out.view(M, N)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
