@@ -79,77 +79,84 @@ def gemv1_sweep(shapes, gbps, rows, quick, split_counts=(1, 2, 4, 8)):
         torch.cuda.empty_cache()
 
 
-MMA_CONFIGS = [(32, 4), (64, 4), (128, 4), (16, 2)]  # (BLOCK_N, num_warps)
+MMA_CONFIGS = [(32, 4, 1), (64, 4, 1), (128, 4, 1), (16, 2, 1), (8, 4, 4), (16, 4, 2), (32, 8, 2)]  # (BLOCK_N, warps, parts)
 DEVICE = "cuda"  # a dry run of the sweep's logic on CPU (interpreter) sets "cpu"
+
+
+def _mma_shape(name, n, k, ms, cands_for, split_counts, gbps, rows):
+    """One shape: the op's current path and every candidate of the tensor-core GEMV at each M."""
+    from triton.testing import do_bench_cudagraph
+
+    from export.kernels import int4_matmul as im
+    from scripts.bench_int4 import _poison
+    g = im.group_size_for(k, 128)
+    w = torch.randn(n, k, device=DEVICE)
+    q0, s0 = im.quantize_int4(w, g)
+    del w
+    ref_w = im.dequantize_int4(q0, s0, torch.float32)
+    C = _copies(im.int4_bytes(n, k, g))
+    ws = [(q0.clone(), s0.clone()) for _ in range(C - 1)] + [(q0, s0)]
+    bench = lambda fn, rep=5: do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3 / C
+    for m in ms:
+        nbytes = im.int4_bytes(n, k, g) + 2 * m * (k + n)
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        torch.ops.gemma4.int4_linear(x, q0, s0)  # autotunes the current path first
+        _poison(16 * m * n * 4, 2 * m * n)
+        err_op = _rel(torch.ops.gemma4.int4_linear(x, q0, s0), x.float() @ ref_w.t())
+        op_us = bench(lambda: [torch.ops.gemma4.int4_linear(x, q, s) for q, s in ws], 10)
+        results, worst = [], err_op
+        for bn, nw, parts in cands_for(m):
+            for splits in split_counts:
+                if splits > 1 and ((k // 8) // splits < 16 * parts or -(-n // bn) * splits > 4096):
+                    continue  # a part holds a group at least; no split where the rows alone fill the GPU
+                x2 = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)  # fresh input, poisoned output
+                _poison(splits * m * n * 4, 2 * m * n)
+                err = _rel(im.int4_gemv_mma(x2, q0, s0, splits, bn, nw, parts), x2.float() @ ref_w.t())
+                worst = max(worst, err) if err == err and worst == worst else float("nan")
+                fn = lambda: [im.int4_gemv_mma(x, q, s, splits, bn, nw, parts) for q, s in ws]
+                fn()
+                results.append((bench(fn), (bn, nw, parts), splits, err))
+        results.sort(key=lambda r: r[0])
+        us, cfg, splits, err = results[0]
+        second = results[1][0] if len(results) > 1 else float("nan")
+        print(f"{name[:22]:22} {n:6} {k:6} {m:2} {nbytes / gbps / 1e3:6.1f} {op_us:7.1f} {nbytes / op_us / 1e3 / gbps:6.1%}"
+              f"  {us:7.1f} {nbytes / us / 1e3 / gbps:6.1%} {str(cfg):>14} {splits:5} {second:7.1f} {worst:8.1e}",
+              flush=True)
+        rows.append({"part": "mma", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes, "copies": C,
+                     "op_us": op_us, "op_fraction_of_copy_bw": nbytes / op_us / 1e3 / gbps, "op_rel_err": err_op,
+                     "us": us, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps, "config": list(cfg),
+                     "splits": splits, "max_rel_err": worst,
+                     "all": [{"us": u, "cfg": list(c), "splits": sp, "rel_err": e} for u, c, sp, e in results]})
+        if not worst <= 1e-2:
+            print(f"  FAIL: rel err {worst:.2e} over 1e-2 ({name}, m={m})", flush=True)
+    del ws, q0, s0, ref_w
+    torch.cuda.empty_cache()
 
 
 def mma_sweep(shapes, gbps, rows, ms=(1, 2, 4, 8), split_counts=(1, 2, 4, 8), configs=MMA_CONFIGS, top=1,
               save=lambda: None):
     """The tensor-core GEMV (`int4_gemv_mma`) beside the op's current small-M path, each timed
-    over rotated weight copies (read from device memory), every variant checked first against an
-    fp32 matmul with the dequantized weight on a fresh x with poisoned outputs. M == 1 tries every
-    config x split; M > 1 the `top` best M == 1 configs of the shape x every split."""
-    from triton.testing import do_bench_cudagraph
-
-    from export.kernels import int4_matmul as im
-    from scripts.bench_int4 import _poison
+    as CUDA-graph replays over rotated weight copies (read from device memory), every variant
+    checked first against an fp32 matmul with the dequantized weight on a fresh x with poisoned
+    outputs. M == 1 first on every shape (every config x split), then M > 1 with the `top` best
+    M == 1 configs of the shape x every split."""
     print(f"\nsmall M, tensor-core GEMV vs the current op (us per call over rotated copies; % of copy {gbps:.0f} GB/s)")
     print(f"{'shape':22} {'n':>6} {'k':>6} {'m':>2} {'floor':>6} {'op us':>7} {'op %':>6}  {'mma us':>7} {'mma %':>6}"
-          f" {'cfg (BN,warps)':>14} {'split':>5} {'2nd us':>7} {'max err':>8}")
+          f" {'cfg (BN,w,parts)':>14} {'split':>5} {'2nd us':>7} {'max err':>8}")
+    if 1 in ms:
+        for name, n, k in shapes:
+            _mma_shape(name, n, k, [1], lambda m: configs, split_counts, gbps, rows)
+            save()  # after each shape: a run cut short keeps what it measured
     for name, n, k in shapes:
-        g = im.group_size_for(k, 128)
-        w = torch.randn(n, k, device=DEVICE)
-        q0, s0 = im.quantize_int4(w, g)
-        del w
-        ref_w = im.dequantize_int4(q0, s0, torch.float32)
-        C = _copies(im.int4_bytes(n, k, g))
-        ws = [(q0.clone(), s0.clone()) for _ in range(C - 1)] + [(q0, s0)]
-        best_m1 = []
-        for m in ms:
-            nbytes = im.int4_bytes(n, k, g) + 2 * m * (k + n)
-            x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-            ref = x.float() @ ref_w.t()
-            torch.ops.gemma4.int4_linear(x, q0, s0)  # autotunes the current path first
-            _poison(16 * m * n * 4, 2 * m * n)
-            err_op = _rel(torch.ops.gemma4.int4_linear(x, q0, s0), ref)
-            op_us = do_bench_cudagraph(lambda: [torch.ops.gemma4.int4_linear(x, q, s) for q, s in ws], rep=10, return_mode="median") * 1e3 / C
-            cands = configs if m == 1 else best_m1[:top]
-            results, worst = [], err_op
-            for bn, nw in cands:
-                for splits in split_counts:
-                    if splits > 1 and (k // 8) // splits < 16:
-                        continue
-                    x2 = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)  # fresh input, poisoned output
-                    _poison(splits * m * n * 4, 2 * m * n)
-                    y = im.int4_gemv_mma(x2, q0, s0, splits, bn, nw)
-                    err = _rel(y, x2.float() @ ref_w.t())
-                    worst = max(worst, err) if err == err else float("nan")
-                    fn = lambda: [im.int4_gemv_mma(x, q, s, splits, bn, nw) for q, s in ws]
-                    fn()
-                    us = do_bench_cudagraph(fn, rep=10, return_mode="median") * 1e3 / C
-                    results.append((us, (bn, nw), splits, err))
-            results.sort(key=lambda r: r[0])
-            if m == 1:
-                seen = []
-                for r in results:
-                    if r[1] not in seen:
-                        seen.append(r[1])
-                best_m1 = seen
-            us, cfg, splits, err = results[0]
-            second = results[1][0] if len(results) > 1 else float("nan")
-            print(f"{name[:22]:22} {n:6} {k:6} {m:2} {nbytes / gbps / 1e3:6.1f} {op_us:7.1f} {nbytes / op_us / 1e3 / gbps:6.1%}"
-                  f"  {us:7.1f} {nbytes / us / 1e3 / gbps:6.1%} {str(cfg):>14} {splits:5} {second:7.1f} {worst:8.1e}",
-                  flush=True)
-            rows.append({"part": "mma", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes, "copies": C,
-                         "op_us": op_us, "op_fraction_of_copy_bw": nbytes / op_us / 1e3 / gbps, "op_rel_err": err_op,
-                         "us": us, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps, "config": list(cfg),
-                         "splits": splits, "max_rel_err": worst,
-                         "all": [{"us": u, "cfg": list(c), "splits": sp, "rel_err": e} for u, c, sp, e in results]})
-            if not (worst <= 1e-2):
-                print(f"  FAIL: rel err {worst:.2e} over 1e-2 ({name}, m={m})", flush=True)
-        del ws, q0, s0, ref_w
-        torch.cuda.empty_cache()
-        save()  # after each shape: a run cut short keeps what it measured
+        if [m for m in ms if m > 1]:
+            best = [r for r in rows if r.get("part") == "mma" and r["name"] == name and r["m"] == 1]
+            order = []
+            for r in (best[0]["all"] if best else []):
+                if tuple(r["cfg"]) not in order:
+                    order.append(tuple(r["cfg"]))
+            cands = order[:top] or configs[:1]
+            _mma_shape(name, n, k, [m for m in ms if m > 1], lambda m: cands, split_counts, gbps, rows)
+            save()
 
 
 def gemm_sweep(shapes, ms, rows):
