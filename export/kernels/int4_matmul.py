@@ -316,22 +316,27 @@ _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 def _gemv_mma_asm() -> str:
     """One group of one lane's 4 words into its accumulator fragment: $0..$3 the new
     accumulator (c0..c3); $4..$7 4 words of one row; $8 + 4p + i x pair p of word i; $24..$27
-    the rows' bf16 scales (zero-extended); $28..$31 the accumulator so far. The group's sum
-    starts at zero and is scaled once (c0, c1: x's rows 8 .. 15 leave c2, c3 zero)."""
-    s = ["{", ".reg .b32 q, z, one, bias, b0, b1, b2, b3, s0, s1;", ".reg .f32 d0, d1, d2, d3;",
-         "mov.b32 z, 0;", "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;"]  # bf16 pairs 1.0, -136.0
-    s += [f"mov.b32 d{i}, 0;" for i in range(4)]
+    the rows' bf16 scales (zero-extended); $28..$31 the accumulator so far.
+
+    The A fragment is the 4 x pairs of a word as they come, {X0, X1, X2, X3}: rows g take X0,
+    X2 (k pairs 0/4 and 2/6), rows g + 8 take X1, X3 (1/5 and 3/7), both x's row g. One mma
+    with B = the weight pairs (0/4, 2/6) sums rows g's half into P's c0, c1; one with
+    (1/5, 3/7) rows g + 8's into Q's c2, c3; the other halves of P and Q are cross terms, unused.
+    The group's sums start at zero and are scaled once: c0 += (P0 + Q2) s, c1 += (P1 + Q3) s."""
+    s = ["{", ".reg .b32 q, one, bias, b0, b1, b2, b3, s0, s1;", ".reg .f32 p0, p1, p2, p3, q0, q1, q2, q3;",
+         "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;"]  # bf16 pairs 1.0, -136.0
+    s += [f"mov.b32 p{i}, 0;" for i in range(4)] + [f"mov.b32 q{i}, 0;" for i in range(4)]
     for i in range(4):
         w = f"${4 + i}"
         s.append(f"lop3.b32 b0, {w}, 0x000f000f, 0x43004300, 0xea;")
         for p in (1, 2, 3):
             s += [f"shr.u32 q, {w}, {4 * p};", f"lop3.b32 b{p}, q, 0x000f000f, 0x43004300, 0xea;"]
         s += [f"fma.rn.bf16x2 b{p}, b{p}, one, bias;" for p in range(4)]
-        for h in (0, 1):
-            a0, a2 = f"${8 + 4 * (2 * h) + i}", f"${8 + 4 * (2 * h + 1) + i}"
-            s.append(f"{_MMA} {{d0, d1, d2, d3}}, {{{a0}, z, {a2}, z}}, {{b{2 * h}, b{2 * h + 1}}}, {{d0, d1, d2, d3}};")
-    s += ["shl.b32 s0, $24, 16;", "shl.b32 s1, $25, 16;", "fma.rn.f32 $0, d0, s0, $28;", "fma.rn.f32 $1, d1, s1, $29;",
-          "mov.b32 $2, $30;", "mov.b32 $3, $31;"]
+        a = ", ".join(f"${8 + 4 * p + i}" for p in range(4))
+        s.append(f"{_MMA} {{p0, p1, p2, p3}}, {{{a}}}, {{b0, b2}}, {{p0, p1, p2, p3}};")
+        s.append(f"{_MMA} {{q0, q1, q2, q3}}, {{{a}}}, {{b1, b3}}, {{q0, q1, q2, q3}};")
+    s += ["add.f32 p0, p0, q2;", "add.f32 p1, p1, q3;", "shl.b32 s0, $24, 16;", "shl.b32 s1, $25, 16;",
+          "fma.rn.f32 $0, p0, s0, $28;", "fma.rn.f32 $1, p1, s1, $29;", "mov.b32 $2, $30;", "mov.b32 $3, $31;"]
     return "\n".join(s + ["}"])
 
 
@@ -346,21 +351,15 @@ def _ld_u16(ptr):
 
 
 @triton.jit
-def _ld_b32(ptr):
-    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
 def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
-    """x's pairs for words j0 + c of row g (< M, else 0) as the A fragments:
-    X_p = (x[8w + p], x[8w + p + 4]) for p = 0 .. 3."""
-    if ASM:  # loaded through PTX too (see `_ld_u16`); rows past M read row M - 1, then zeroed
-        base = xw + tl.minimum(g, M - 1) * stride_xw + (j0 + c) * 4
-        n0 = tl.where(g < M, _ld_b32(base), 0)  # (x[8w], x[8w + 1])
-        n1 = tl.where(g < M, _ld_b32(base + 1), 0)
-        n2 = tl.where(g < M, _ld_b32(base + 2), 0)
-        n3 = tl.where(g < M, _ld_b32(base + 3), 0)
+    """x's pairs for words j0 + c of row g as the A fragments: X_p = (x[8w + p], x[8w + p + 4])
+    for p = 0 .. 3 (0 for rows g >= M in the plain-ops path)."""
+    if ASM:  # loaded through PTX too (see `_ld_u16`), 16 bytes a word; rows g >= M read row
+        # M - 1 (their sums are never stored)
+        n0, n1, n2, n3 = tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+            [xw + tl.minimum(g, M - 1) * stride_xw + (j0 + c) * 4], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)  # (x[8w], x[8w + 1]), (x[8w + 2], x[8w + 3]), ...
     else:
         base = xw + g * stride_xw + (j0 + c) * 4
         n0 = tl.load(base, mask=g < M, other=0)
@@ -586,6 +585,8 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     M = x2.shape[0]
     if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
         raise ValueError(f"int4_gemv_mma: group 128, M <= 8 and bf16 x only (got G={G}, M={M}, {x2.dtype})")
+    if guard_or_false(x2.storage_offset() % 8 != 0):  # x loads 16 bytes at a time
+        x2 = x2.clone()
     words = qweight.view(torch.int32)
     per_split = triton.cdiv(triton.cdiv(K // 8, splits), 16) * 16  # whole groups of 16 words
     splits = triton.cdiv(K // 8, per_split)
