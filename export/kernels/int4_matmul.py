@@ -316,22 +316,22 @@ _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 def _gemv_mma_asm() -> str:
     """One group of one lane's 4 words into its accumulator fragment: $0..$3 the new
     accumulator (c0..c3); $4..$7 4 words of one row; $8 + 4p + i x pair p of word i; $24..$27
-    the rows' bf16 scales (zero-extended); $28..$31 the accumulator so far.
+    the rows' bf16 scales (zero-extended); $28..$31 the accumulator so far; $32..$35 the
+    bias's sums (`_gemv_mma_bias_asm`), where both chains start.
 
     The A fragment is the 4 x pairs of a word as they come, {X0, X1, X2, X3}: rows g take X0,
     X2 (k pairs 0/4 and 2/6), rows g + 8 take X1, X3 (1/5 and 3/7), both x's row g. One mma
     with B = the weight pairs (0/4, 2/6) sums rows g's half into P's c0, c1; one with
     (1/5, 3/7) rows g + 8's into Q's c2, c3; the other halves of P and Q are cross terms, unused.
-    The group's sums start at zero and are scaled once: c0 += (P0 + Q2) s, c1 += (P1 + Q3) s."""
-    s = ["{", ".reg .b32 q, one, bias, b0, b1, b2, b3, s0, s1;", ".reg .f32 p0, p1, p2, p3, q0, q1, q2, q3;",
-         "mov.b32 one, 0x3F803F80;", "mov.b32 bias, 0xC308C308;"]  # bf16 pairs 1.0, -136.0
-    s += [f"mov.b32 p{i}, 0;" for i in range(4)] + [f"mov.b32 q{i}, 0;" for i in range(4)]
+    B holds 128 + v (one lop3 puts the nibble in the mantissa of 128.0); starting from
+    -136 x sum(x) leaves the sums of (v - 8) x. Scaled once: c0 += (P0 + Q2) s, c1 += (P1 + Q3) s."""
+    s = ["{", ".reg .b32 q, b0, b1, b2, b3, s0, s1;", ".reg .f32 p0, p1, p2, p3, q0, q1, q2, q3;"]
+    s += [f"mov.b32 p{i}, ${32 + i};" for i in range(4)] + [f"mov.b32 q{i}, ${32 + i};" for i in range(4)]
     for i in range(4):
         w = f"${4 + i}"
         s.append(f"lop3.b32 b0, {w}, 0x000f000f, 0x43004300, 0xea;")
         for p in (1, 2, 3):
             s += [f"shr.u32 q, {w}, {4 * p};", f"lop3.b32 b{p}, q, 0x000f000f, 0x43004300, 0xea;"]
-        s += [f"fma.rn.bf16x2 b{p}, b{p}, one, bias;" for p in range(4)]
         a = ", ".join(f"${8 + 4 * p + i}" for p in range(4))
         s.append(f"{_MMA} {{p0, p1, p2, p3}}, {{{a}}}, {{b0, b2}}, {{p0, p1, p2, p3}};")
         s.append(f"{_MMA} {{q0, q1, q2, q3}}, {{{a}}}, {{b1, b3}}, {{q0, q1, q2, q3}};")
@@ -340,6 +340,18 @@ def _gemv_mma_asm() -> str:
     return "\n".join(s + ["}"])
 
 
+def _gemv_mma_bias_asm() -> str:
+    """-136 x the group's sums of x as the fragment both chains of `_gemv_mma_asm` start from:
+    one mma a word with B = -136 (c0, c1: x0 + x2 of rows g; c2, c3: x1 + x3 of rows g + 8).
+    $0..$3 the fragment; $4 + 4p + i x pair p of word i."""
+    s = ["{", ".reg .b32 c;", "mov.b32 c, 0xC308C308;"] + [f"mov.b32 ${i}, 0;" for i in range(4)]  # bf16 -136.0 x2
+    for i in range(4):
+        a = ", ".join(f"${4 + 4 * p + i}" for p in range(4))
+        s.append(f"{_MMA} {{$0, $1, $2, $3}}, {{{a}}}, {{c, c}}, {{$0, $1, $2, $3}};")
+    return "\n".join(s + ["}"])
+
+
+GEMV_MMA_BIAS_ASM = tl.constexpr(_gemv_mma_bias_asm())
 GEMV_MMA_ASM = tl.constexpr(_gemv_mma_asm())
 
 
@@ -353,7 +365,7 @@ def _ld_u16(ptr):
 @triton.jit
 def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
     """x's pairs for words j0 + c of row g as the A fragments: X_p = (x[8w + p], x[8w + p + 4])
-    for p = 0 .. 3 (0 for rows g >= M in the plain-ops path)."""
+    for p = 0 .. 3 (0 for rows g >= M in the plain-ops path), and the bias's fragment."""
     if ASM:  # loaded through PTX too (see `_ld_u16`), 16 bytes a word; rows g >= M read row
         # M - 1 (their sums are never stored)
         n0, n1, n2, n3 = tl.inline_asm_elementwise(
@@ -372,12 +384,15 @@ def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
             "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;",
             "=r,=r,=r,=r,r,r,r,r", [n0, n1, n2, n3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
             is_pure=True, pack=1)
+        nb = tl.inline_asm_elementwise(GEMV_MMA_BIAS_ASM, "=f,=f,=f,=f" + ",r" * 16, [x0, x1, x2, x3],
+                                       dtype=tl.float32, is_pure=True, pack=4)
     else:
         x0 = (n0 & 0xFFFF) | (n2 << 16)
         x1 = ((n0 >> 16) & 0xFFFF) | (n2 & -65536)
         x2 = (n1 & 0xFFFF) | (n3 << 16)
         x3 = ((n1 >> 16) & 0xFFFF) | (n3 & -65536)
-    return x0, x1, x2, x3
+        nb = tl.zeros(x0.shape, dtype=tl.float32)
+    return x0, x1, x2, x3, nb
 
 
 @triton.jit
@@ -402,7 +417,7 @@ def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, m, 
 @triton.jit
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, stride_xm, stride_ww, stride_sn,
                           stride_os, stride_om, BLOCK_N: tl.constexpr, KS: tl.constexpr, ONE_ROW: tl.constexpr,
-                          ASM: tl.constexpr):
+                          ASM: tl.constexpr, UNROLL: tl.constexpr = 2):
     """M <= 8, group 128, bf16 x: out[pid_k, m, n] = the K slice's sum of x[m, k] W[n, k] over
     BLOCK_N rows (see the notes above `_gemv_mma_asm`), the slice cut again into KS parts inside
     the program (summed at the end: no second kernel). The tile is [KS * BLOCK_N, 16] words, the
@@ -411,8 +426,7 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, 
     of a result fragment is c_i of its lane: (m = g, row r - g + 2t + i) for i < 2, x's zero
     rows for i >= 2. ONE_ROW (M == 1, KS == 1): every lane gives x's row 0 (one load of x per
     step, not one per row), so every m holds the same sums and the lanes with g = 0 store them.
-    The next group's words, scales and x load before this one's mmas. Words past a part's end
-    read as 0x88888888 (v - 8 = 0)."""
+    The next group's words, scales and x load before this one's mmas."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, BLOCK_N * KS)[:, None]
     c = tl.arange(0, 16)[None, :]
@@ -422,47 +436,49 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, 
     frag = (c % 4) < 2
     xw = x_ptr.to(tl.pointer_type(tl.int32))
     stride_xw = stride_xm // 2
-    wrow = w_ptr + rows.to(tl.int64) * stride_ww
     w_lo = pid_k * KW_PER_SPLIT
     w_hi = tl.minimum(w_lo + KW_PER_SPLIT, KW)
     per_part = tl.cdiv(tl.cdiv(w_hi - w_lo, 16), KS) * 16
     p_lo = w_lo + (r // BLOCK_N) * per_part  # [rows, 1]: this row's part of the slice
     p_hi = tl.minimum(p_lo + per_part, w_hi)
-    n_ok = rows < N
-    w = tl.load(wrow + p_lo + c, mask=n_ok & (p_lo < p_hi), other=-2004318072)  # 0x88888888
     acc = tl.zeros((BLOCK_N * KS, 16), dtype=tl.float32)
     if ASM:
-        # the scales and x load through inline PTX too, so that no tensor in the loop takes
-        # another layout than the words' (a layout conversion per step costs a trip through
-        # shared memory); rows past N, groups past the end read in-bounds stand-ins whose
-        # products are zero or never stored
+        # no masks: rows past N read row N - 1, words past the end the last group (neither is
+        # stored, or its scale is 0); the scales and x load through inline PTX, so that no
+        # tensor in the loop takes another layout than the words' (a layout conversion per
+        # step costs a trip through shared memory)
+        wrow = w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_ww
         srow = s_ptr.to(tl.pointer_type(tl.int16)) + tl.minimum(rows_c, N - 1).to(tl.int64) * stride_sn
         jc = tl.minimum(p_lo, KW - 16)
+        w = tl.load(wrow + jc + c)
         s = _ld_u16(srow + jc // 16)
+        if KS > 1:
+            s = tl.where(p_lo < p_hi, s, 0)
         if ONE_ROW:
-            x0, x1, x2, x3 = _gemv_mma_x(xw, stride_xw, M, w_lo, tl.zeros((1, 1), dtype=tl.int32), c, ASM)
+            x0, x1, x2, x3, nb = _gemv_mma_x(xw, stride_xw, M, w_lo, tl.zeros((1, 1), dtype=tl.int32), c, ASM)
         else:
-            x0, x1, x2, x3 = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
-    for jj in range(0, per_part, 16):
-        j = p_lo + jj
-        nxt = j + 16
-        w_next = tl.load(wrow + nxt + c, mask=n_ok & (nxt < p_hi), other=-2004318072)
-        if ASM:  # the next group's scales and x load before this group's mmas
+            x0, x1, x2, x3, nb = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
+        for jj in tl.range(0, per_part, 16, loop_unroll_factor=UNROLL):  # the next group's words, scales and x load first
+            nxt = p_lo + jj + 16
             jc = tl.minimum(nxt, KW - 16)
+            w_next = tl.load(wrow + jc + c)
             s_next = _ld_u16(srow + jc // 16)
+            if KS > 1:
+                s_next = tl.where(nxt < p_hi, s_next, 0)
             if ONE_ROW:
-                y0, y1, y2, y3 = _gemv_mma_x(xw, stride_xw, M, tl.minimum(w_lo + jj + 16, KW - 16),
-                                             tl.zeros((1, 1), dtype=tl.int32), c, ASM)
+                y0, y1, y2, y3, nb_next = _gemv_mma_x(xw, stride_xw, M, tl.minimum(w_lo + jj + 16, KW - 16),
+                                                      tl.zeros((1, 1), dtype=tl.int32), c, ASM)
             else:
-                y0, y1, y2, y3 = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
-            acc = tl.inline_asm_elementwise(GEMV_MMA_ASM, "=f,=f,=f,=f" + ",r" * 24 + ",f,f,f,f",
-                                            [w, x0, x1, x2, x3, s, acc], dtype=tl.float32, is_pure=True, pack=4)
-            s, x0, x1, x2, x3 = s_next, y0, y1, y2, y3
-        else:
+                y0, y1, y2, y3, nb_next = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
+            acc = tl.inline_asm_elementwise(GEMV_MMA_ASM, "=f,=f,=f,=f" + ",r" * 24 + ",f,f,f,f,f,f,f,f",
+                                            [w, x0, x1, x2, x3, s, acc, nb], dtype=tl.float32, is_pure=True, pack=4)
+            w, s, x0, x1, x2, x3, nb = w_next, s_next, y0, y1, y2, y3, nb_next
+    else:
+        for jj in range(0, per_part, 16):
+            j = p_lo + jj
             ok = j < p_hi
             s = tl.load(s_ptr + rows_c.to(tl.int64) * stride_sn + j // 16, mask=frag & (rows_c < N) & ok, other=0.0)
             acc += _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, g, c) * s.to(tl.float32)
-        w = w_next
     if KS > 1:
         acc = tl.sum(tl.reshape(acc, (KS, BLOCK_N, 16)), axis=0)
         r = tl.arange(0, BLOCK_N)[:, None]
@@ -577,10 +593,11 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
 
 
 def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
-                  block_n: int = 32, num_warps: int = 4, parts: int = 1) -> torch.Tensor:
+                  block_n: int = 64, num_warps: int = 4, parts: int = 1, unroll: int = 1) -> torch.Tensor:
     """x2 [M <= 8, K] bf16 @ dequant(W).T (group 128) -> [M, N] through `_int4_gemv_mma_kernel`:
     straight into the output with one slice of K, through fp32 partials and a sum with more.
-    `parts`: K parts inside each program (block_n * parts rows of tile, >= 8 * num_warps)."""
+    `parts`: K parts inside each program (block_n * parts rows of tile, >= 8 * num_warps);
+    `unroll`: the group loop unrolled (fewer register moves, more registers)."""
     N, K, G = _check(x2, qweight, scales)
     M = x2.shape[0]
     if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
@@ -595,7 +612,7 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     launch[(triton.cdiv(N, block_n), splits)](
         x2, words, scales, out, M, N, K // 8, per_split, x2.stride(0), words.stride(0), scales.stride(0),
         out.stride(0), out.stride(1), BLOCK_N=block_n, KS=parts, ONE_ROW=M == 1 and parts == 1, ASM=not _INTERPRET,
-        num_warps=num_warps)
+        UNROLL=unroll, num_warps=num_warps)
     if splits == 1:
         return out.view(M, N)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
