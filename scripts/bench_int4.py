@@ -1,7 +1,11 @@
 """int4 linears (`gemma4::int4_linear`) against the copy bandwidth, bf16 matmul and tinygemm.
 
     python -m scripts.bench_int4 [--models 31b,26b-a4b,e4b] [--ms 1,2,4,8,128,512,2048]
-        [--group-size 128] [--consumer] [--out scripts/measurements/int4_kernels.json]
+        [--group-size 128] [--consumer] [--out scripts/measurements/int4_kernels.json] [--merge]
+
+`--merge` keeps the rows of --out for the models and M values not measured in this run (a run
+limited to the M values a change touched, e.g. `--ms 1,2,4,8 --merge`); `copy_gbps` becomes
+this run's, and each row carries the copy bandwidth its fraction was taken against.
 
 First the floors: the device-to-device copy bandwidth (bytes read + written) measured in this
 run, and each recipe option's bytes for the 31B linears + lm_head and its reconstruction error
@@ -175,7 +179,8 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
                      "floor_us": nbytes / gbps / 1e3, "flops": flops,
                      "gbps": nbytes / us / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,
                      "tflops": flops / us / 1e6, "bf16_us": bf16_us, "bf16_tflops": flops / bf16_us / 1e6,
-                     "tinygemm_us": tiny_us, "rel_err": err, "group_size": group, "weight_copies": len(rot)})
+                     "tinygemm_us": tiny_us, "rel_err": err, "group_size": group, "weight_copies": len(rot),
+                     "copy_gbps": gbps})
         r = rows[-1]
         print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} "
               f"{r['fraction_of_copy_bw']:6.1%} "
@@ -195,6 +200,8 @@ def compiled_smem() -> list[dict]:
 
 
 def _write(path: Path, doc: dict) -> None:
+    order = list(PRESETS)
+    doc["rows"].sort(key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order), r["n"], r["k"], r["m"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -206,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--consumer", action="store_true", help="autotune over the sm_89/sm_120 configs only")
     ap.add_argument("--out", type=Path, default=Path("scripts/measurements/int4_kernels.json"))
+    ap.add_argument("--merge", action="store_true", help="keep --out's rows for the models and M values not run here")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_int4: needs a CUDA GPU", file=sys.stderr)
@@ -226,11 +234,16 @@ def main(argv=None) -> int:
     print(f"{'model':8} {'shape':34} {'n':>6} {'k':>6} {'m':>5} {'floor us':>8} {'us':>9} {'%copy':>6} {'TFLOP/s':>7} "
           f"{'bf16':>7} {'tiny us':>9} err")
     rows: list[dict] = []
+    models, ms = a.models.split(","), [int(m) for m in a.ms.split(",")]
+    if a.merge and a.out.exists():
+        old = json.loads(a.out.read_text())
+        rows += [{"copy_gbps": old["copy_gbps"], **r} for r in old["rows"]
+                 if not (r["model"] in models and r["m"] in ms)]
     doc = {"device": torch.cuda.get_device_name(), "group_size": a.group_size,
            "consumer_configs_only": a.consumer, "copy_gbps": gbps, "recipe_options_31b": options, "rows": rows}
-    for model in a.models.split(","):
+    for model in models:
         for (n, k), (name, _) in sorted(linear_shapes(PRESETS[model]).items()):
-            bench_shape(model, name, n, k, [int(m) for m in a.ms.split(",")], a.group_size, gbps, rows)
+            bench_shape(model, name, n, k, ms, a.group_size, gbps, rows)
         _write(a.out, doc)  # after each model: a cut-short run keeps what it measured
     smem = compiled_smem()
     doc["compiled_max_shared_bytes"] = max((s["shared"] for s in smem), default=None)
