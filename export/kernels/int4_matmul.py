@@ -602,8 +602,12 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     M = x2.shape[0]
     if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
         raise ValueError(f"int4_gemv_mma: group 128, M <= 8 and bf16 x only (got G={G}, M={M}, {x2.dtype})")
+    if block_n % 8 or block_n * parts < 8 * num_warps:  # else Triton lays the tile out otherwise
+        raise ValueError(f"int4_gemv_mma: block_n {block_n} x parts {parts} must be 8 rows for each of {num_warps} warps")
     if guard_or_false(x2.storage_offset() % 8 != 0):  # x loads 16 bytes at a time
         x2 = x2.clone()
+    if guard_or_false(qweight.storage_offset() % 16 != 0):  # 16-byte word loads: the lanes' layout
+        qweight = qweight.clone()
     words = qweight.view(torch.int32)
     per_split = triton.cdiv(triton.cdiv(K // 8, splits), 16) * 16  # whole groups of 16 words
     splits = triton.cdiv(K // 8, per_split)
