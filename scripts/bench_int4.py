@@ -145,8 +145,8 @@ def _tinygemm(w: torch.Tensor, group: int):
 def bench_shape(model, name, n, k, ms, group, gbps, rows):
     from triton.testing import do_bench_cudagraph
 
-    from export.kernels.int4_matmul import (GEMV_MAX_M, dequantize_int4, gemv1_splits, gemv_splits, group_size_for,
-                                            int4_bytes, int4_linear, quantize_int4)
+    from export.kernels.int4_matmul import (GEMV_MAX_M, dequantize_int4, gemv1_splits, gemv_mma_plan, gemv_splits,
+                                            group_size_for, int4_bytes, int4_linear, quantize_int4)
     group = group_size_for(k, group)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     qweight, scales = quantize_int4(w, group)
@@ -159,7 +159,10 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         int4_linear(x, qweight, scales)  # autotune first: its trial runs write the output
-        splits = gemv1_splits(n, k, group) if m == 1 else gemv_splits(n, k, group)[0]
+        if m <= GEMV_MAX_M and group == 128:
+            splits = gemv_mma_plan(n, k, m)[0]
+        else:
+            splits = gemv1_splits(n, k, group) if m == 1 else gemv_splits(n, k, group)[0]
         parts = splits * m * n * 4 if m <= GEMV_MAX_M else 0
         _poison(*(b for b in (parts, m * n * 2) if b))
         y = int4_linear(x, qweight, scales)
@@ -188,10 +191,12 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
 
 
 def compiled_smem() -> list[dict]:
-    """Shared memory of every kernel variant Triton compiled in this run (all autotune configs)."""
+    """Shared memory of every int4 kernel variant Triton compiled in this run (all autotune configs)."""
     from export.kernels import int4_matmul
     out = []
-    for cache in int4_matmul._int4_matmul_kernel.device_caches.values():
+    fns = (int4_matmul._int4_matmul_kernel, int4_matmul._int4_gemv1_kernel, int4_matmul._int4_gemv_mma_kernel,
+           int4_matmul._int4_dequant_kernel, int4_matmul._sum_splits_kernel)
+    for cache in (c for fn in fns for c in fn.device_caches.values()):
         for kernel in cache[0].values():
             md = kernel.metadata
             out.append({"name": kernel.name, "shared": md.shared, "num_warps": md.num_warps,

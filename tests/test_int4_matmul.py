@@ -142,7 +142,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                                                 (1, 24, 1280, 1, 8, 2), (2, 40, 1792, 2, 16, 2)]:
             qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
             x = torch.randn(M, K).bfloat16()
-            y = im.int4_gemv_mma(x, qweight, scales, splits, block_n, 4, parts).float()
+            y = im.int4_gemv_mma(x, qweight, scales, splits, block_n, 1, parts).float()
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_mma = max(worst_mma, ((y - ref).norm() / ref.norm()).item())
         print("mma", worst_mma)

@@ -50,6 +50,7 @@ GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
 GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
+GEMV_MMA_TARGET_PROGRAMS = 528  # M <= 8 on the tensor cores: split K until 4 programs an SM of an H200
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
 
@@ -625,6 +626,17 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y
 
 
+def gemv_mma_plan(n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
+    """(K slices, block_n, num_warps, K parts, unroll) of `int4_gemv_mma` for an [n, k] weight at
+    M = m <= 8 (group 128)."""
+    block_n, warps, parts, unroll = 64, 4, 1, 1
+    tiles = triton.cdiv(n, block_n)
+    splits = 1
+    while tiles * splits < GEMV_MMA_TARGET_PROGRAMS and (k // 128) // (splits * 2) >= 4:
+        splits *= 2
+    return splits, block_n, warps, parts, unroll
+
+
 def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
     """(slices, slice length) of K for the GEMV path: enough programs (at BLOCK_N = 32) for
     every SM of a large card, each slice at least `min_k` long and a whole number of groups."""
@@ -667,7 +679,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
-    if guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
+    if guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # decode: tensor cores
+        out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
+    elif guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
         out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
         splits, per_split = gemv_splits(N, K, G)
