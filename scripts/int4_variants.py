@@ -79,9 +79,8 @@ def gemv1_sweep(shapes, gbps, rows, quick, split_counts=(1, 2, 4, 8)):
         torch.cuda.empty_cache()
 
 
-# (BLOCK_N, warps, K parts in a program, unroll): sm_90 registers 80, 136, 128, 200, 80, 52, 109, ~100
-MMA_CONFIGS = [(64, 4, 1, 1), (64, 4, 1, 2), (128, 4, 1, 1), (128, 4, 1, 2), (128, 8, 1, 1), (32, 4, 1, 1),
-               (8, 4, 4, 1), (16, 4, 2, 1)]
+# (BLOCK_N, warps, K parts in a program): sm_90 registers at M == 1 80, 128, 80, 52, ~100, ~100
+MMA_CONFIGS = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (32, 4, 1), (8, 4, 4), (16, 4, 2)]
 DEVICE = "cuda"  # a dry run of the sweep's logic on CPU (interpreter) sets "cpu"
 
 
@@ -107,17 +106,17 @@ def _mma_shape(name, n, k, ms, cands_for, split_counts, gbps, rows):
         err_op = _rel(torch.ops.gemma4.int4_linear(x, q0, s0), x.float() @ ref_w.t())
         op_us = bench(lambda: [torch.ops.gemma4.int4_linear(x, q, s) for q, s in ws], 10)
         results, worst = [], err_op
-        for bn, nw, parts, unroll in cands_for(m):
+        for bn, nw, parts in cands_for(m):
             for splits in split_counts:
                 if splits > 1 and ((k // 8) // splits < 16 * parts or -(-n // bn) * splits // 2 >= 4 * 132):
                     continue  # a part holds a group at least; the last split count gave 4 programs an SM
                 x2 = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)  # fresh input, poisoned output
                 _poison(splits * m * n * 4, 2 * m * n)
-                err = _rel(im.int4_gemv_mma(x2, q0, s0, splits, bn, nw, parts, unroll), x2.float() @ ref_w.t())
+                err = _rel(im.int4_gemv_mma(x2, q0, s0, splits, bn, nw, parts), x2.float() @ ref_w.t())
                 worst = max(worst, err) if err == err and worst == worst else float("nan")
-                fn = lambda: [im.int4_gemv_mma(x, q, s, splits, bn, nw, parts, unroll) for q, s in ws]
+                fn = lambda: [im.int4_gemv_mma(x, q, s, splits, bn, nw, parts) for q, s in ws]
                 fn()
-                results.append((bench(fn), (bn, nw, parts, unroll), splits, err))
+                results.append((bench(fn), (bn, nw, parts), splits, err))
         results.sort(key=lambda r: r[0])
         us, cfg, splits, err = results[0]
         second = results[1][0] if len(results) > 1 else float("nan")
@@ -144,7 +143,7 @@ def mma_sweep(shapes, gbps, rows, ms=(1, 2, 4, 8), split_counts=(1, 2, 4, 8), co
     M == 1 configs of the shape x every split."""
     print(f"\nsmall M, tensor-core GEMV vs the current op (us per call over rotated copies; % of copy {gbps:.0f} GB/s)")
     print(f"{'shape':22} {'n':>6} {'k':>6} {'m':>2} {'floor':>6} {'op us':>7} {'op %':>6}  {'mma us':>7} {'mma %':>6}"
-          f" {'BN,w,parts,unr':>14} {'split':>5} {'2nd us':>7} {'max err':>8}")
+          f" {'BN,warps,parts':>14} {'split':>5} {'2nd us':>7} {'max err':>8}")
     from export.kernels import int4_matmul as im
     from scripts.bench_int4 import _poison
     # ragged edges first (N not a multiple of the tile, K slices of unequal length), no timing

@@ -175,10 +175,10 @@ _SM90_LAYOUT_SCRIPT = textwrap.dedent("""
     sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32", "N": "i32",
            "KW": "i32", "KW_PER_SPLIT": "i32", "stride_xm": "i32", "stride_ww": "i32", "stride_sn": "i32",
            "stride_os": "i32", "stride_om": "i32", "BLOCK_N": "constexpr", "KS": "constexpr",
-           "ONE_ROW": "constexpr", "ASM": "constexpr", "UNROLL": "constexpr"}
+           "ONE_ROW": "constexpr", "ASM": "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 6, 7, 8, 9, 11)}
     src = ASTSource(im._int4_gemv_mma_kernel, sig, attrs=attrs, constexprs={
-        "BLOCK_N": block_n, "KS": parts, "ONE_ROW": bool(one_row), "ASM": True, "UNROLL": 1})
+        "BLOCK_N": block_n, "KS": parts, "ONE_ROW": bool(one_row), "ASM": True})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     print(k.asm["ttgir"])
 """)

@@ -50,7 +50,6 @@ GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
 GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
-GEMV_MMA_TARGET_PROGRAMS = 528  # M <= 8 on the tensor cores: split K until 4 programs an SM of an H200
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
 
@@ -418,7 +417,7 @@ def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, m, 
 @triton.jit
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, stride_xm, stride_ww, stride_sn,
                           stride_os, stride_om, BLOCK_N: tl.constexpr, KS: tl.constexpr, ONE_ROW: tl.constexpr,
-                          ASM: tl.constexpr, UNROLL: tl.constexpr = 2):
+                          ASM: tl.constexpr):
     """M <= 8, group 128, bf16 x: out[pid_k, m, n] = the K slice's sum of x[m, k] W[n, k] over
     BLOCK_N rows (see the notes above `_gemv_mma_asm`), the slice cut again into KS parts inside
     the program (summed at the end: no second kernel). The tile is [KS * BLOCK_N, 16] words, the
@@ -459,7 +458,9 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, 
             x0, x1, x2, x3, nb = _gemv_mma_x(xw, stride_xw, M, w_lo, tl.zeros((1, 1), dtype=tl.int32), c, ASM)
         else:
             x0, x1, x2, x3, nb = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
-        for jj in tl.range(0, per_part, 16, loop_unroll_factor=UNROLL):  # the next group's words, scales and x load first
+        # the next group's words, scales and x load first. (Unrolled by 2 through tl.range it ran
+        # as fast and gave NaN on odd group counts on an H200: left rolled.)
+        for jj in range(0, per_part, 16):
             nxt = p_lo + jj + 16
             jc = tl.minimum(nxt, KW - 16)
             w_next = tl.load(wrow + jc + c)
@@ -594,11 +595,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
 
 
 def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
-                  block_n: int = 64, num_warps: int = 4, parts: int = 1, unroll: int = 1) -> torch.Tensor:
+                  block_n: int = 64, num_warps: int = 4, parts: int = 1) -> torch.Tensor:
     """x2 [M <= 8, K] bf16 @ dequant(W).T (group 128) -> [M, N] through `_int4_gemv_mma_kernel`:
     straight into the output with one slice of K, through fp32 partials and a sum with more.
-    `parts`: K parts inside each program (block_n * parts rows of tile, >= 8 * num_warps);
-    `unroll`: the group loop unrolled (fewer register moves, more registers)."""
+    `parts`: K parts inside each program (block_n * parts rows of tile, >= 8 * num_warps)."""
     N, K, G = _check(x2, qweight, scales)
     M = x2.shape[0]
     if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
@@ -617,7 +617,7 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     launch[(triton.cdiv(N, block_n), splits)](
         x2, words, scales, out, M, N, K // 8, per_split, x2.stride(0), words.stride(0), scales.stride(0),
         out.stride(0), out.stride(1), BLOCK_N=block_n, KS=parts, ONE_ROW=M == 1 and parts == 1, ASM=not _INTERPRET,
-        UNROLL=unroll, num_warps=num_warps)
+        num_warps=num_warps)
     if splits == 1:
         return out.view(M, N)
     y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
@@ -626,15 +626,22 @@ def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y
 
 
-def gemv_mma_plan(n: int, k: int, m: int) -> tuple[int, int, int, int, int]:
-    """(K slices, block_n, num_warps, K parts, unroll) of `int4_gemv_mma` for an [n, k] weight at
-    M = m <= 8 (group 128)."""
-    block_n, warps, parts, unroll = 64, 4, 1, 1
-    tiles = triton.cdiv(n, block_n)
-    splits = 1
-    while tiles * splits < GEMV_MMA_TARGET_PROGRAMS and (k // 128) // (splits * 2) >= 4:
+def gemv_mma_plan(n: int, k: int, m: int) -> tuple[int, int, int, int]:
+    """(K slices, block_n, num_warps, K parts) of `int4_gemv_mma` for an [n, k] weight at
+    2 <= M = m <= 8 (group 128), from the H200 sweep of the 31B shapes
+    (scripts/int4_variants.py --parts mma): 16-row tiles in 2 K parts up to 2048 rows, 32-row
+    tiles up to 8192, 128-row tiles beyond; K split until the tiles x slices reach ~1024
+    programs (~256 for the 128-row tiles), at most 8 slices, each part of a slice >= one group."""
+    if n <= 2048:
+        block_n, warps, parts, target = 16, 4, 2, 1024
+    elif n <= 8192:
+        block_n, warps, parts, target = 32, 4, 1, 1024
+    else:
+        block_n, warps, parts, target = 128, 4, 1, 256
+    tiles, groups, splits = triton.cdiv(n, block_n), k // 128, 1
+    while tiles * splits < target and groups // (2 * splits) >= parts and splits < 8:
         splits *= 2
-    return splits, block_n, warps, parts, unroll
+    return splits, block_n, warps, parts
 
 
 def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
@@ -679,10 +686,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) takes the GEMM path without a guard on M.
-    if guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # decode: tensor cores
-        out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
-    elif guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
+    if guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
         out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))
+    elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
+        out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
         splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
