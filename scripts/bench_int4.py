@@ -178,16 +178,32 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
         tiny_us = bench(lambda: tiny(x)) * 1e3 if tiny is not None else None
         nbytes = int4_bytes(n, k, group) + 2 * m * (k + n)
         flops = 2 * m * n * k
+        alt = {}
+        if m == 1 and group == 128:  # the other M == 1 kernel (see M1_ON_TENSOR_CORES), same run
+            from export.kernels.int4_matmul import M1_ON_TENSOR_CORES, gemv1_splits, int4_gemv1, int4_gemv_mma
+            if M1_ON_TENSOR_CORES:
+                name_alt, f_alt = "gemv1", lambda x_, q, s: int4_gemv1(x_, q, s, gemv1_splits(n, k, group))
+            else:
+                name_alt, f_alt = "mma", lambda x_, q, s: int4_gemv_mma(x_, q, s, *gemv_mma_plan(n, k, 1))
+            x_alt = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            _poison(16 * n * 4, 2 * n)
+            err_alt = ((f_alt(x_alt, qweight, scales).float() - x_alt.float() @ ref_w.t()).norm()
+                       / (x_alt.float() @ ref_w.t()).norm()).item()
+            alt_us = bench(lambda: [f_alt(x, q, s) for q, s in rot]) * 1e3 / len(rot)
+            alt = {f"{name_alt}_us": alt_us, f"{name_alt}_fraction_of_copy_bw": nbytes / alt_us / 1e3 / gbps,
+                   f"{name_alt}_rel_err": err_alt}
         rows.append({"model": model, "name": name, "n": n, "k": k, "m": m, "us": us, "bytes": nbytes,
                      "floor_us": nbytes / gbps / 1e3, "flops": flops,
                      "gbps": nbytes / us / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,
                      "tflops": flops / us / 1e6, "bf16_us": bf16_us, "bf16_tflops": flops / bf16_us / 1e6,
                      "tinygemm_us": tiny_us, "rel_err": err, "group_size": group, "weight_copies": len(rot),
-                     "copy_gbps": gbps})
+                     "copy_gbps": gbps, **alt})
         r = rows[-1]
         print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} "
               f"{r['fraction_of_copy_bw']:6.1%} "
-              f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}", flush=True)
+              f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}"
+              + "".join(f"  {key[:-3]} {v:.1f} us {alt[key[:-3] + '_fraction_of_copy_bw']:.1%} err {alt[key[:-3] + '_rel_err']:.1e}"
+                        for key, v in alt.items() if key.endswith("_us")), flush=True)
 
 
 def compiled_smem() -> list[dict]:
@@ -249,7 +265,7 @@ def main(argv=None) -> int:
     for model in models:
         for (n, k), (name, _) in sorted(linear_shapes(PRESETS[model]).items()):
             bench_shape(model, name, n, k, ms, a.group_size, gbps, rows)
-        _write(a.out, doc)  # after each model: a cut-short run keeps what it measured
+            _write(a.out, doc)  # after each shape: a cut-short run keeps what it measured
     smem = compiled_smem()
     doc["compiled_max_shared_bytes"] = max((s["shared"] for s in smem), default=None)
     doc["compiled_kernels"] = len(smem)
