@@ -1,7 +1,11 @@
 """int4 linears (`gemma4::int4_linear`) against the copy bandwidth, bf16 matmul and tinygemm.
 
     python -m scripts.bench_int4 [--models 31b,26b-a4b,e4b] [--ms 1,2,4,8,128,512,2048]
-        [--group-size 128] [--consumer] [--out scripts/measurements/int4_kernels.json]
+        [--group-size 128] [--consumer] [--out scripts/measurements/int4_kernels.json] [--merge]
+
+`--merge` keeps the rows of --out for the models and M values not measured in this run (a run
+limited to the M values a change touched, e.g. `--ms 1,2,4,8 --merge`); `copy_gbps` becomes
+this run's, and each row carries the copy bandwidth its fraction was taken against.
 
 First the floors: the device-to-device copy bandwidth (bytes read + written) measured in this
 run, and each recipe option's bytes for the 31B linears + lm_head and its reconstruction error
@@ -141,8 +145,8 @@ def _tinygemm(w: torch.Tensor, group: int):
 def bench_shape(model, name, n, k, ms, group, gbps, rows):
     from triton.testing import do_bench_cudagraph
 
-    from export.kernels.int4_matmul import (GEMV_MAX_M, dequantize_int4, gemv1_splits, gemv_splits, group_size_for,
-                                            int4_bytes, int4_linear, quantize_int4)
+    from export.kernels.int4_matmul import (GEMV_MAX_M, dequantize_int4, gemv1_splits, gemv_mma_plan, gemv_splits,
+                                            group_size_for, int4_bytes, int4_linear, quantize_int4)
     group = group_size_for(k, group)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     qweight, scales = quantize_int4(w, group)
@@ -155,7 +159,10 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         int4_linear(x, qweight, scales)  # autotune first: its trial runs write the output
-        splits = gemv1_splits(n, k, group) if m == 1 else gemv_splits(n, k, group)[0]
+        if m <= GEMV_MAX_M and group == 128:
+            splits = gemv_mma_plan(n, k, m)[0]
+        else:
+            splits = gemv1_splits(n, k, group) if m == 1 else gemv_splits(n, k, group)[0]
         parts = splits * m * n * 4 if m <= GEMV_MAX_M else 0
         _poison(*(b for b in (parts, m * n * 2) if b))
         y = int4_linear(x, qweight, scales)
@@ -171,22 +178,41 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
         tiny_us = bench(lambda: tiny(x)) * 1e3 if tiny is not None else None
         nbytes = int4_bytes(n, k, group) + 2 * m * (k + n)
         flops = 2 * m * n * k
+        alt = {}
+        if m == 1 and group == 128:  # the other M == 1 kernel (see M1_ON_TENSOR_CORES), same run
+            from export.kernels.int4_matmul import M1_ON_TENSOR_CORES, gemv1_splits, int4_gemv1, int4_gemv_mma
+            if M1_ON_TENSOR_CORES:
+                name_alt, f_alt = "gemv1", lambda x_, q, s: int4_gemv1(x_, q, s, gemv1_splits(n, k, group))
+            else:
+                name_alt, f_alt = "mma", lambda x_, q, s: int4_gemv_mma(x_, q, s, *gemv_mma_plan(n, k, 1))
+            x_alt = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            _poison(16 * n * 4, 2 * n)
+            err_alt = ((f_alt(x_alt, qweight, scales).float() - x_alt.float() @ ref_w.t()).norm()
+                       / (x_alt.float() @ ref_w.t()).norm()).item()
+            alt_us = bench(lambda: [f_alt(x, q, s) for q, s in rot]) * 1e3 / len(rot)
+            alt = {f"{name_alt}_us": alt_us, f"{name_alt}_fraction_of_copy_bw": nbytes / alt_us / 1e3 / gbps,
+                   f"{name_alt}_rel_err": err_alt}
         rows.append({"model": model, "name": name, "n": n, "k": k, "m": m, "us": us, "bytes": nbytes,
                      "floor_us": nbytes / gbps / 1e3, "flops": flops,
                      "gbps": nbytes / us / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,
                      "tflops": flops / us / 1e6, "bf16_us": bf16_us, "bf16_tflops": flops / bf16_us / 1e6,
-                     "tinygemm_us": tiny_us, "rel_err": err, "group_size": group, "weight_copies": len(rot)})
+                     "tinygemm_us": tiny_us, "rel_err": err, "group_size": group, "weight_copies": len(rot),
+                     "copy_gbps": gbps, **alt})
         r = rows[-1]
         print(f"{model:8} {name[:34]:34} {n:6} {k:6} {m:5} {r['floor_us']:8.1f} {us:9.1f} "
               f"{r['fraction_of_copy_bw']:6.1%} "
-              f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}", flush=True)
+              f"{r['tflops']:7.1f} {r['bf16_tflops']:7.1f} {tiny_us or float('nan'):9.1f} {err:.1e}"
+              + "".join(f"  {key[:-3]} {v:.1f} us {alt[key[:-3] + '_fraction_of_copy_bw']:.1%} err {alt[key[:-3] + '_rel_err']:.1e}"
+                        for key, v in alt.items() if key.endswith("_us")), flush=True)
 
 
 def compiled_smem() -> list[dict]:
-    """Shared memory of every kernel variant Triton compiled in this run (all autotune configs)."""
+    """Shared memory of every int4 kernel variant Triton compiled in this run (all autotune configs)."""
     from export.kernels import int4_matmul
     out = []
-    for cache in int4_matmul._int4_matmul_kernel.device_caches.values():
+    fns = (int4_matmul._int4_matmul_kernel, int4_matmul._int4_gemv1_kernel, int4_matmul._int4_gemv_mma_kernel,
+           int4_matmul._int4_dequant_kernel, int4_matmul._sum_splits_kernel)
+    for cache in (c for fn in fns for c in fn.device_caches.values()):
         for kernel in cache[0].values():
             md = kernel.metadata
             out.append({"name": kernel.name, "shared": md.shared, "num_warps": md.num_warps,
@@ -195,6 +221,8 @@ def compiled_smem() -> list[dict]:
 
 
 def _write(path: Path, doc: dict) -> None:
+    order = list(PRESETS)
+    doc["rows"].sort(key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order), r["n"], r["k"], r["m"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
@@ -206,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--consumer", action="store_true", help="autotune over the sm_89/sm_120 configs only")
     ap.add_argument("--out", type=Path, default=Path("scripts/measurements/int4_kernels.json"))
+    ap.add_argument("--merge", action="store_true", help="keep --out's rows for the models and M values not run here")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_int4: needs a CUDA GPU", file=sys.stderr)
@@ -226,12 +255,17 @@ def main(argv=None) -> int:
     print(f"{'model':8} {'shape':34} {'n':>6} {'k':>6} {'m':>5} {'floor us':>8} {'us':>9} {'%copy':>6} {'TFLOP/s':>7} "
           f"{'bf16':>7} {'tiny us':>9} err")
     rows: list[dict] = []
+    models, ms = a.models.split(","), [int(m) for m in a.ms.split(",")]
+    if a.merge and a.out.exists():
+        old = json.loads(a.out.read_text())
+        rows += [{"copy_gbps": old["copy_gbps"], **r} for r in old["rows"]
+                 if not (r["model"] in models and r["m"] in ms)]
     doc = {"device": torch.cuda.get_device_name(), "group_size": a.group_size,
            "consumer_configs_only": a.consumer, "copy_gbps": gbps, "recipe_options_31b": options, "rows": rows}
-    for model in a.models.split(","):
+    for model in models:
         for (n, k), (name, _) in sorted(linear_shapes(PRESETS[model]).items()):
-            bench_shape(model, name, n, k, [int(m) for m in a.ms.split(",")], a.group_size, gbps, rows)
-        _write(a.out, doc)  # after each model: a cut-short run keeps what it measured
+            bench_shape(model, name, n, k, ms, a.group_size, gbps, rows)
+            _write(a.out, doc)  # after each shape: a cut-short run keeps what it measured
     smem = compiled_smem()
     doc["compiled_max_shared_bytes"] = max((s["shared"] for s in smem), default=None)
     doc["compiled_kernels"] = len(smem)

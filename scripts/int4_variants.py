@@ -79,6 +79,103 @@ def gemv1_sweep(shapes, gbps, rows, quick, split_counts=(1, 2, 4, 8)):
         torch.cuda.empty_cache()
 
 
+# (BLOCK_N, warps, K parts in a program): sm_90 registers at M == 1 80, 128, 80, 52, ~100, ~100
+MMA_CONFIGS = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (32, 4, 1), (8, 4, 4), (16, 4, 2)]
+DEVICE = "cuda"  # a dry run of the sweep's logic on CPU (interpreter) sets "cpu"
+
+
+def _mma_shape(name, n, k, ms, cands_for, split_counts, gbps, rows):
+    """One shape: the op's current path and every candidate of the tensor-core GEMV at each M."""
+    from triton.testing import do_bench_cudagraph
+
+    from export.kernels import int4_matmul as im
+    from scripts.bench_int4 import _poison
+    g = im.group_size_for(k, 128)
+    w = torch.randn(n, k, device=DEVICE)
+    q0, s0 = im.quantize_int4(w, g)
+    del w
+    ref_w = im.dequantize_int4(q0, s0, torch.float32)
+    C = _copies(im.int4_bytes(n, k, g))
+    ws = [(q0.clone(), s0.clone()) for _ in range(C - 1)] + [(q0, s0)]
+    bench = lambda fn, rep=5: do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3 / C
+    for m in ms:
+        nbytes = im.int4_bytes(n, k, g) + 2 * m * (k + n)
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+        torch.ops.gemma4.int4_linear(x, q0, s0)  # autotunes the current path first
+        _poison(16 * m * n * 4, 2 * m * n)
+        err_op = _rel(torch.ops.gemma4.int4_linear(x, q0, s0), x.float() @ ref_w.t())
+        op_us = bench(lambda: [torch.ops.gemma4.int4_linear(x, q, s) for q, s in ws], 10)
+        results, worst = [], err_op
+        for bn, nw, parts in cands_for(m):
+            for splits in split_counts:
+                if splits > 1 and ((k // 8) // splits < 16 * parts or -(-n // bn) * splits // 2 >= 4 * 132):
+                    continue  # a part holds a group at least; the last split count gave 4 programs an SM
+                x2 = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)  # fresh input, poisoned output
+                _poison(splits * m * n * 4, 2 * m * n)
+                err = _rel(im.int4_gemv_mma(x2, q0, s0, splits, bn, nw, parts), x2.float() @ ref_w.t())
+                worst = max(worst, err) if err == err and worst == worst else float("nan")
+                fn = lambda: [im.int4_gemv_mma(x, q, s, splits, bn, nw, parts) for q, s in ws]
+                fn()
+                results.append((bench(fn), (bn, nw, parts), splits, err))
+        results.sort(key=lambda r: r[0])
+        us, cfg, splits, err = results[0]
+        second = results[1][0] if len(results) > 1 else float("nan")
+        print(f"{name[:22]:22} {n:6} {k:6} {m:2} {nbytes / gbps / 1e3:6.1f} {op_us:7.1f} {nbytes / op_us / 1e3 / gbps:6.1%}"
+              f"  {us:7.1f} {nbytes / us / 1e3 / gbps:6.1%} {str(cfg):>14} {splits:5} {second:7.1f} {worst:8.1e}",
+              flush=True)
+        rows.append({"part": "mma", "name": name, "n": n, "k": k, "m": m, "bytes": nbytes, "copies": C,
+                     "op_us": op_us, "op_fraction_of_copy_bw": nbytes / op_us / 1e3 / gbps, "op_rel_err": err_op,
+                     "us": us, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps, "config": list(cfg),
+                     "splits": splits, "max_rel_err": worst,
+                     "all": [{"us": u, "cfg": list(c), "splits": sp, "rel_err": e} for u, c, sp, e in results]})
+        if not worst <= 1e-2:
+            print(f"  FAIL: rel err {worst:.2e} over 1e-2 ({name}, m={m})", flush=True)
+    del ws, q0, s0, ref_w
+    torch.cuda.empty_cache()
+
+
+def mma_sweep(shapes, gbps, rows, ms=(1, 2, 4, 8), split_counts=(1, 2, 4, 8), configs=MMA_CONFIGS, top=1,
+              save=lambda: None):
+    """The tensor-core GEMV (`int4_gemv_mma`) beside the op's current small-M path, each timed
+    as CUDA-graph replays over rotated weight copies (read from device memory), every variant
+    checked first against an fp32 matmul with the dequantized weight on a fresh x with poisoned
+    outputs. M == 1 first on every shape (every config x split), then M > 1 with the `top` best
+    M == 1 configs of the shape x every split."""
+    print(f"\nsmall M, tensor-core GEMV vs the current op (us per call over rotated copies; % of copy {gbps:.0f} GB/s)")
+    print(f"{'shape':22} {'n':>6} {'k':>6} {'m':>2} {'floor':>6} {'op us':>7} {'op %':>6}  {'mma us':>7} {'mma %':>6}"
+          f" {'BN,warps,parts':>14} {'split':>5} {'2nd us':>7} {'max err':>8}")
+    from export.kernels import int4_matmul as im
+    from scripts.bench_int4 import _poison
+    # ragged edges first (N not a multiple of the tile, K slices of unequal length), no timing
+    q, s = im.quantize_int4(torch.randn(1000, 4608, device=DEVICE), 128)
+    ref_w = im.dequantize_int4(q, s, torch.float32)
+    bad = []
+    for cfg in configs:
+        for m, splits in ((1, 1), (1, 3), (3, 1), (8, 5)) if cfg is configs[0] else ((1, 1), (1, 3)):
+            x = torch.randn(m, 4608, device=DEVICE, dtype=torch.bfloat16)
+            _poison(splits * m * 1000 * 4, 2 * m * 1000)
+            err = _rel(im.int4_gemv_mma(x, q, s, splits, *cfg), x.float() @ ref_w.t())
+            rows.append({"part": "mma_check", "n": 1000, "k": 4608, "m": m, "config": list(cfg), "splits": splits,
+                         "rel_err": err})
+            if not err <= 1e-2:
+                bad.append((cfg, m, splits, err))
+    print(f"ragged-edge checks (N 1000, K 4608): {'all within 1e-2' if not bad else f'FAIL {bad}'}", flush=True)
+    if 1 in ms:
+        for name, n, k in shapes:
+            _mma_shape(name, n, k, [1], lambda m: configs, split_counts, gbps, rows)
+            save()  # after each shape: a run cut short keeps what it measured
+    for name, n, k in shapes:
+        if [m for m in ms if m > 1]:
+            best = [r for r in rows if r.get("part") == "mma" and r.get("name") == name and r["m"] == 1]
+            order = []
+            for r in (best[0]["all"] if best else []):
+                if tuple(r["cfg"]) not in order:
+                    order.append(tuple(r["cfg"]))
+            cands = order[:top] or configs[:1]
+            _mma_shape(name, n, k, [m for m in ms if m > 1], lambda m: cands, split_counts, gbps, rows)
+            save()
+
+
 def gemm_sweep(shapes, ms, rows):
     from triton.testing import do_bench, do_bench_cudagraph
 
@@ -126,7 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("int4_variants.json"))
     ap.add_argument("--quick", action="store_true", help="three M == 1 configs, one large-M shape")
     ap.add_argument("--ms", default="128,512,2048")
-    ap.add_argument("--parts", default="gemv1,gemm", help="gemv1 (M == 1 sweep), gemm (large M)")
+    ap.add_argument("--parts", default="gemv1,gemm",
+                    help="gemv1 (M == 1 sweep), mma (tensor-core GEMV, M <= 8, vs the op), gemm (large M)")
+    ap.add_argument("--mma-ms", default="1,2,4,8", help="M values of the mma part")
     ap.add_argument("--gemm-shapes", default="", help="names of the large-M shapes (default: the four largest)")
     ap.add_argument("--gemv1-shapes", default="", help="names of the M == 1 shapes (default: every 31B shape)")
     ap.add_argument("--splits", default="1,2,4,8", help="K split counts the M == 1 sweep tries")
@@ -153,6 +252,11 @@ def main(argv=None) -> int:
             with torch._library.triton.set_wrap_triton_enabled(False):  # launch directly: no HOP dispatch
                 gemv1_sweep([sh for sh in shapes if not a.gemv1_shapes or sh[0] in a.gemv1_shapes.split(",")],
                             GBPS, rows, a.quick, [int(v) for v in a.splits.split(",")])
+        if "mma" in a.parts:
+            with torch._library.triton.set_wrap_triton_enabled(False):
+                mma_sweep([sh for sh in shapes if not a.gemv1_shapes or sh[0] in a.gemv1_shapes.split(",")],
+                          GBPS, rows, [int(v) for v in a.mma_ms.split(",")], [int(v) for v in a.splits.split(",")],
+                          save=lambda: a.out.write_text(json.dumps(doc, indent=1) + "\n"))
         big = [sh for sh in shapes if sh[1] * sh[2] >= 5376 * 16384 and sh[1] < 100000
                and (not a.gemm_shapes or sh[0] in a.gemm_shapes.split(","))]
         with torch._library.triton.set_wrap_triton_enabled(False):

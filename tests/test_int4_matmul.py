@@ -1,6 +1,7 @@
 """gemma4::int4_linear: layout, CPU reference, Triton kernels (interpreter on CPU, real on CUDA)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             y = im.int4_gemv1(x, qweight, scales, splits).float()
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
+        # the tensor-core small-M kernel's fragment bookkeeping (its mmas emulated): ragged N,
+        # K slices and K parts of unequal length, M = 1 (x broadcast) and M > 1 (x per lane)
+        worst_mma = 0.0
+        for M, N, K, splits, block_n, parts in [(1, 40, 512, 1, 16, 1), (3, 72, 768, 2, 32, 1), (8, 16, 256, 3, 8, 1),
+                                                (1, 24, 1280, 1, 8, 2), (2, 40, 1792, 2, 16, 2)]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x = torch.randn(M, K).bfloat16()
+            y = im.int4_gemv_mma(x, qweight, scales, splits, block_n, 1, parts).float()
+            ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+            worst_mma = max(worst_mma, ((y - ref).norm() / ref.norm()).item())
+        print("mma", worst_mma)
         qweight, scales = im.quantize_int4(torch.randn(33, 768), 32)
         w = im.int4_dequant(qweight, scales, torch.bfloat16, block_n=16, block_w=16).float()
         ref = im.dequantize_int4(qweight, scales, torch.bfloat16).float()
@@ -151,6 +163,46 @@ def test_triton_kernels_through_the_interpreter():
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.split("worst")[-1]) < 1e-5
     assert float(r.stdout.split("bf16")[-1].split()[0]) < 5e-3  # bf16 output rounding
+    assert float(r.stdout.split("mma")[-1].split()[0]) < 5e-3
+
+
+_SM90_LAYOUT_SCRIPT = textwrap.dedent("""
+    import sys, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from export.kernels import int4_matmul as im
+    block_n, warps, one_row, parts = (int(v) for v in sys.argv[1:])
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "out_ptr": "*fp32", "M": "i32", "N": "i32",
+           "KW": "i32", "KW_PER_SPLIT": "i32", "stride_xm": "i32", "stride_ww": "i32", "stride_sn": "i32",
+           "stride_os": "i32", "stride_om": "i32", "BLOCK_N": "constexpr", "KS": "constexpr",
+           "ONE_ROW": "constexpr", "ASM": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 6, 7, 8, 9, 11)}
+    src = ASTSource(im._int4_gemv_mma_kernel, sig, attrs=attrs, constexprs={
+        "BLOCK_N": block_n, "KS": parts, "ONE_ROW": bool(one_row), "ASM": True})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    print(k.asm["ttgir"])
+""")
+
+
+@pytest.mark.parametrize("block_n,warps,one_row,parts", [(64, 4, 1, 1), (8, 4, 0, 4)])
+def test_mma_gemv_lanes_hold_the_fragments_it_assumes(block_n, warps, one_row, parts):
+    """The small-M kernel's inline mma.sync reads each lane's registers as fragments: that is
+    right only in the layout Triton gives the 16-word load (sizePerThread [1, 4], threadsPerWarp
+    [8, 4], warps along rows). Compiled for sm_90 here (no GPU needed, ~5 s): every inline asm
+    of the kernel sits in that layout, and no layout conversion runs inside the loop."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", _SM90_LAYOUT_SCRIPT, str(block_n), str(warps), str(one_row), str(parts)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ttgir = r.stdout
+    want = f"sizePerThread = [1, 4], threadsPerWarp = [8, 4], warpsPerCTA = [{warps}, 1], order = [1, 0]"
+    layouts = dict(line.split(" = ", 1) for line in ttgir.splitlines() if line.startswith("#blocked"))
+    asm_layouts = {name for line in ttgir.splitlines() if "elementwise_inline_asm" in line
+                   for name in re.findall(r"#blocked\d*", line.split(" -> ", 1)[1])}
+    assert asm_layouts and all(want in layouts[name] for name in asm_layouts), (asm_layouts, layouts)
+    body = ttgir.split("scf.for", 1)[1].split("scf.yield", 1)[0]
+    assert "convert_layout" not in body and "local_alloc" not in body
 
 
 @pytest.mark.cuda

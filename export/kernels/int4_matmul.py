@@ -51,6 +51,7 @@ GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
 GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
+M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
 
@@ -306,6 +307,195 @@ def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.conste
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
+# ---- small M on the tensor cores: one mma.sync per half word --------------------------------
+#
+# A warp covers 8 weight rows x one group of 128 (16 words): lane 4g + t holds words 4t .. 4t + 3
+# of row g (one 16-byte load), which is the B operand of m16n8k16 as it stands (column g, k rows
+# 2t, 2t + 1, 2t + 8, 2t + 9 of each mma: the k order inside a group is free as long as x follows
+# it). Each word becomes four bf16 pairs v - 8 for k, k + 4: a shift, a lop3 that puts the nibble
+# in the mantissa of 128.0 and a packed fma that takes 136 off; x's rows 0 .. M - 1 are the A
+# operand (rows 8 .. 15 zero). The fp32 result of a group is scaled per row once.
+
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+
+
+def _gemv_mma_asm() -> str:
+    """One group of one lane's 4 words into its accumulator fragment: $0..$3 the new
+    accumulator (c0..c3); $4..$7 4 words of one row; $8 + 4p + i x pair p of word i; $24..$27
+    the rows' bf16 scales (zero-extended); $28..$31 the accumulator so far; $32..$35 the
+    bias's sums (`_gemv_mma_bias_asm`), where both chains start.
+
+    The A fragment is the 4 x pairs of a word as they come, {X0, X1, X2, X3}: rows g take X0,
+    X2 (k pairs 0/4 and 2/6), rows g + 8 take X1, X3 (1/5 and 3/7), both x's row g. One mma
+    with B = the weight pairs (0/4, 2/6) sums rows g's half into P's c0, c1; one with
+    (1/5, 3/7) rows g + 8's into Q's c2, c3; the other halves of P and Q are cross terms, unused.
+    B holds 128 + v (one lop3 puts the nibble in the mantissa of 128.0); starting from
+    -136 x sum(x) leaves the sums of (v - 8) x. Scaled once: c0 += (P0 + Q2) s, c1 += (P1 + Q3) s."""
+    s = ["{", ".reg .b32 q, b0, b1, b2, b3, s0, s1;", ".reg .f32 p0, p1, p2, p3, q0, q1, q2, q3;"]
+    s += [f"mov.b32 p{i}, ${32 + i};" for i in range(4)] + [f"mov.b32 q{i}, ${32 + i};" for i in range(4)]
+    for i in range(4):
+        w = f"${4 + i}"
+        s.append(f"lop3.b32 b0, {w}, 0x000f000f, 0x43004300, 0xea;")
+        for p in (1, 2, 3):
+            s += [f"shr.u32 q, {w}, {4 * p};", f"lop3.b32 b{p}, q, 0x000f000f, 0x43004300, 0xea;"]
+        a = ", ".join(f"${8 + 4 * p + i}" for p in range(4))
+        s.append(f"{_MMA} {{p0, p1, p2, p3}}, {{{a}}}, {{b0, b2}}, {{p0, p1, p2, p3}};")
+        s.append(f"{_MMA} {{q0, q1, q2, q3}}, {{{a}}}, {{b1, b3}}, {{q0, q1, q2, q3}};")
+    s += ["add.f32 p0, p0, q2;", "add.f32 p1, p1, q3;", "shl.b32 s0, $24, 16;", "shl.b32 s1, $25, 16;",
+          "fma.rn.f32 $0, p0, s0, $28;", "fma.rn.f32 $1, p1, s1, $29;", "mov.b32 $2, $30;", "mov.b32 $3, $31;"]
+    return "\n".join(s + ["}"])
+
+
+def _gemv_mma_bias_asm() -> str:
+    """-136 x the group's sums of x as the fragment both chains of `_gemv_mma_asm` start from:
+    one mma a word with B = -136 (c0, c1: x0 + x2 of rows g; c2, c3: x1 + x3 of rows g + 8).
+    $0..$3 the fragment; $4 + 4p + i x pair p of word i."""
+    s = ["{", ".reg .b32 c;", "mov.b32 c, 0xC308C308;"] + [f"mov.b32 ${i}, 0;" for i in range(4)]  # bf16 -136.0 x2
+    for i in range(4):
+        a = ", ".join(f"${4 + 4 * p + i}" for p in range(4))
+        s.append(f"{_MMA} {{$0, $1, $2, $3}}, {{{a}}}, {{c, c}}, {{$0, $1, $2, $3}};")
+    return "\n".join(s + ["}"])
+
+
+GEMV_MMA_BIAS_ASM = tl.constexpr(_gemv_mma_bias_asm())
+GEMV_MMA_ASM = tl.constexpr(_gemv_mma_asm())
+
+
+@triton.jit
+def _ld_u16(ptr):
+    """A 16-bit load (zero-extended to 32) in the layout of `ptr`'s consumers."""
+    return tl.inline_asm_elementwise("ld.global.nc.u16 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _gemv_mma_x(xw, stride_xw, M, j0, g, c, ASM: tl.constexpr):
+    """x's pairs for words j0 + c of row g as the A fragments: X_p = (x[8w + p], x[8w + p + 4])
+    for p = 0 .. 3 (0 for rows g >= M in the plain-ops path), and the bias's fragment."""
+    if ASM:  # loaded through PTX too (see `_ld_u16`), 16 bytes a word; rows g >= M read row
+        # M - 1 (their sums are never stored)
+        n0, n1, n2, n3 = tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+            [xw + tl.minimum(g, M - 1) * stride_xw + (j0 + c) * 4], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)  # (x[8w], x[8w + 1]), (x[8w + 2], x[8w + 3]), ...
+    else:
+        base = xw + g * stride_xw + (j0 + c) * 4
+        n0 = tl.load(base, mask=g < M, other=0)
+        n1 = tl.load(base + 1, mask=g < M, other=0)
+        n2 = tl.load(base + 2, mask=g < M, other=0)
+        n3 = tl.load(base + 3, mask=g < M, other=0)
+    if ASM:
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632;"
+            "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;",
+            "=r,=r,=r,=r,r,r,r,r", [n0, n1, n2, n3], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1)
+        nb = tl.inline_asm_elementwise(GEMV_MMA_BIAS_ASM, "=f,=f,=f,=f" + ",r" * 16, [x0, x1, x2, x3],
+                                       dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        x0 = (n0 & 0xFFFF) | (n2 << 16)
+        x1 = ((n0 >> 16) & 0xFFFF) | (n2 & -65536)
+        x2 = (n1 & 0xFFFF) | (n3 << 16)
+        x3 = ((n1 >> 16) & 0xFFFF) | (n3 & -65536)
+        nb = tl.zeros(x0.shape, dtype=tl.float32)
+    return x0, x1, x2, x3, nb
+
+
+@triton.jit
+def _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, m, c):
+    """What the mma fragments hold, in plain ops (the interpreter runs no inline PTX): at [r, c]
+    with c % 4 < 2, the group at words j of x row m with weight row rows_c, v - 8 each (0 where
+    not `ok`)."""
+    jj = tl.arange(0, 16)[None, None, :]
+    w = tl.load(w_ptr + rows_c.to(tl.int64)[:, :, None] * stride_ww + j[:, :, None] + jj,
+                mask=((rows_c < N) & ok)[:, :, None], other=0)  # [rows, 16, 16]
+    d = tl.zeros(rows_c.shape, dtype=tl.float32)
+    for p in tl.static_range(4):
+        xp = tl.load(xw + m[:, :, None] * stride_xw + (j[:, :, None] + jj) * 4 + p,
+                     mask=((m < M) & ok)[:, :, None], other=0)
+        lo = (xp << 16).to(tl.float32, bitcast=True)
+        hi = (xp & -65536).to(tl.float32, bitcast=True)
+        d += tl.sum((((w >> (8 * p)) & 0xF) - 8).to(tl.float32) * lo, axis=2)
+        d += tl.sum((((w >> (8 * p + 4)) & 0xF) - 8).to(tl.float32) * hi, axis=2)
+    return d
+
+
+@triton.jit
+def _int4_gemv_mma_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, KW, KW_PER_SPLIT, stride_xm, stride_ww, stride_sn,
+                          stride_os, stride_om, BLOCK_N: tl.constexpr, KS: tl.constexpr, ONE_ROW: tl.constexpr,
+                          ASM: tl.constexpr):
+    """M <= 8, group 128, bf16 x: out[pid_k, m, n] = the K slice's sum of x[m, k] W[n, k] over
+    BLOCK_N rows (see the notes above `_gemv_mma_asm`), the slice cut again into KS parts inside
+    the program (summed at the end: no second kernel). The tile is [KS * BLOCK_N, 16] words, the
+    blocked layout Triton gives a 16-word-wide int32 load (sizePerThread [1, 4], threadsPerWarp
+    [8, 4]): lane 4g + t holds tile rows r with r % 8 = g, part r // BLOCK_N. Element [r, 4t + i]
+    of a result fragment is c_i of its lane: (m = g, row r - g + 2t + i) for i < 2, x's zero
+    rows for i >= 2. ONE_ROW (M == 1, KS == 1): every lane gives x's row 0 (one load of x per
+    step, not one per row), so every m holds the same sums and the lanes with g = 0 store them.
+    The next group's words, scales and x load before this one's mmas."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    r = tl.arange(0, BLOCK_N * KS)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    g = r % 8
+    rows = pid_n * BLOCK_N + r % BLOCK_N  # the row this lane's words come from
+    rows_c = rows - g + 2 * (c // 4) + (c % 2)  # the row of result element c
+    frag = (c % 4) < 2
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    stride_xw = stride_xm // 2
+    w_lo = pid_k * KW_PER_SPLIT
+    w_hi = tl.minimum(w_lo + KW_PER_SPLIT, KW)
+    per_part = tl.cdiv(tl.cdiv(w_hi - w_lo, 16), KS) * 16
+    p_lo = w_lo + (r // BLOCK_N) * per_part  # [rows, 1]: this row's part of the slice
+    p_hi = tl.minimum(p_lo + per_part, w_hi)
+    acc = tl.zeros((BLOCK_N * KS, 16), dtype=tl.float32)
+    if ASM:
+        # no masks: rows past N read row N - 1, words past the end the last group (neither is
+        # stored, or its scale is 0); the scales and x load through inline PTX, so that no
+        # tensor in the loop takes another layout than the words' (a layout conversion per
+        # step costs a trip through shared memory)
+        wrow = w_ptr + tl.minimum(rows, N - 1).to(tl.int64) * stride_ww
+        srow = s_ptr.to(tl.pointer_type(tl.int16)) + tl.minimum(rows_c, N - 1).to(tl.int64) * stride_sn
+        jc = tl.minimum(p_lo, KW - 16)
+        w = tl.load(wrow + jc + c)
+        s = _ld_u16(srow + jc // 16)
+        if KS > 1:
+            s = tl.where(p_lo < p_hi, s, 0)
+        if ONE_ROW:
+            x0, x1, x2, x3, nb = _gemv_mma_x(xw, stride_xw, M, w_lo, tl.zeros((1, 1), dtype=tl.int32), c, ASM)
+        else:
+            x0, x1, x2, x3, nb = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
+        # the next group's words, scales and x load first. (Unrolled by 2 through tl.range it ran
+        # as fast and gave NaN on odd group counts on an H200: left rolled.)
+        for jj in range(0, per_part, 16):
+            nxt = p_lo + jj + 16
+            jc = tl.minimum(nxt, KW - 16)
+            w_next = tl.load(wrow + jc + c)
+            s_next = _ld_u16(srow + jc // 16)
+            if KS > 1:
+                s_next = tl.where(nxt < p_hi, s_next, 0)
+            if ONE_ROW:
+                y0, y1, y2, y3, nb_next = _gemv_mma_x(xw, stride_xw, M, tl.minimum(w_lo + jj + 16, KW - 16),
+                                                      tl.zeros((1, 1), dtype=tl.int32), c, ASM)
+            else:
+                y0, y1, y2, y3, nb_next = _gemv_mma_x(xw, stride_xw, M, jc, g, c, ASM)
+            acc = tl.inline_asm_elementwise(GEMV_MMA_ASM, "=f,=f,=f,=f" + ",r" * 24 + ",f,f,f,f,f,f,f,f",
+                                            [w, x0, x1, x2, x3, s, acc, nb], dtype=tl.float32, is_pure=True, pack=4)
+            w, s, x0, x1, x2, x3, nb = w_next, s_next, y0, y1, y2, y3, nb_next
+    else:
+        for jj in range(0, per_part, 16):
+            j = p_lo + jj
+            ok = j < p_hi
+            s = tl.load(s_ptr + rows_c.to(tl.int64) * stride_sn + j // 16, mask=frag & (rows_c < N) & ok, other=0.0)
+            acc += _gemv_mma_emulated(w_ptr, stride_ww, xw, stride_xw, M, N, rows_c, j, ok, g, c) * s.to(tl.float32)
+    if KS > 1:
+        acc = tl.sum(tl.reshape(acc, (KS, BLOCK_N, 16)), axis=0)
+        r = tl.arange(0, BLOCK_N)[:, None]
+        g = r % 8
+        rows_c = pid_n * BLOCK_N + r - g + 2 * (c // 4) + (c % 2)
+    m_ok = (g == 0) if ONE_ROW else (g < M)
+    tl.store(out_ptr + pid_k * stride_os + g * stride_om + rows_c, acc.to(out_ptr.dtype.element_ty),
+             mask=frag & m_ok & (rows_c < N))
+
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, KW, stride_ww, stride_sn, stride_on,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -410,6 +600,56 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     return y
 
 
+def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
+                  block_n: int = 64, num_warps: int = 4, parts: int = 1) -> torch.Tensor:
+    """x2 [M <= 8, K] bf16 @ dequant(W).T (group 128) -> [M, N] through `_int4_gemv_mma_kernel`:
+    straight into the output with one slice of K, through fp32 partials and a sum with more.
+    `parts`: K parts inside each program (block_n * parts rows of tile, >= 8 * num_warps)."""
+    N, K, G = _check(x2, qweight, scales)
+    M = x2.shape[0]
+    if G != 128 or M > 8 or x2.dtype != torch.bfloat16:
+        raise ValueError(f"int4_gemv_mma: group 128, M <= 8 and bf16 x only (got G={G}, M={M}, {x2.dtype})")
+    if block_n % 8 or block_n * parts < 8 * num_warps:  # else Triton lays the tile out otherwise
+        raise ValueError(f"int4_gemv_mma: block_n {block_n} x parts {parts} must be 8 rows for each of {num_warps} warps")
+    if guard_or_false(x2.storage_offset() % 8 != 0):  # x loads 16 bytes at a time
+        x2 = x2.clone()
+    if guard_or_false(qweight.storage_offset() % 16 != 0):  # 16-byte word loads: the lanes' layout
+        qweight = qweight.clone()
+    words = qweight.view(torch.int32)
+    per_split = triton.cdiv(triton.cdiv(K // 8, splits), 16) * 16  # whole groups of 16 words
+    splits = triton.cdiv(K // 8, per_split)
+    out = torch.empty((splits, M, N), device=x2.device, dtype=x2.dtype if splits == 1 else torch.float32)
+    launch = _int4_gemv_mma_kernel if _INTERPRET else wrap_triton(_int4_gemv_mma_kernel)
+    launch[(triton.cdiv(N, block_n), splits)](
+        x2, words, scales, out, M, N, K // 8, per_split, x2.stride(0), words.stride(0), scales.stride(0),
+        out.stride(0), out.stride(1), BLOCK_N=block_n, KS=parts, ONE_ROW=M == 1 and parts == 1, ASM=not _INTERPRET,
+        num_warps=num_warps)
+    if splits == 1:
+        return out.view(M, N)
+    y = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
+    launch[(triton.cdiv(M * N, 1024),)](out, y, M * N, splits, out.stride(0), BLOCK=1024, num_warps=4)
+    return y
+
+
+def gemv_mma_plan(n: int, k: int, m: int) -> tuple[int, int, int, int]:
+    """(K slices, block_n, num_warps, K parts) of `int4_gemv_mma` for an [n, k] weight at
+    2 <= M = m <= 8 (group 128), from the H200 sweep of the 31B shapes
+    (scripts/int4_variants.py --parts mma): 16-row tiles in 2 K parts up to 2048 rows, 32-row
+    tiles up to 8192, 128-row tiles beyond; K split until the tiles x slices reach ~1024
+    programs (~256 for the 128-row tiles), at most 8 slices, each part of a slice >= one group."""
+    if n <= 2048:
+        block_n, warps, parts, target = 16, 4, 2, 1024
+    elif n <= 8192:
+        block_n, warps, parts, target = 32, 4, 1, 1024
+    else:
+        block_n, warps, parts, target = 128, 4, 1, 256
+    tiles, groups, splits = triton.cdiv(n, block_n), k // 128, 1
+    while tiles * splits < target and groups // (2 * splits) >= parts and splits < 8:
+        splits *= 2
+    return splits, block_n, warps, parts
+
+
 def gemv_splits(n: int, k: int, group_size: int, target_programs: int = 512, min_k: int = 1024):
     """(slices, slice length) of K for the GEMV path: enough programs (at BLOCK_N = 32) for
     every SM of a large card, each slice at least `min_k` long and a whole number of groups."""
@@ -461,8 +701,10 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
-    if guard_or_false(M == 1) and x.dtype == torch.bfloat16:  # the M == 1 kernel reads x as bf16 pairs
-        out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))
+    if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
+        out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))  # reads x as bf16 pairs
+    elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
+        out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
         splits, per_split = gemv_splits(N, K, G)
         part = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
