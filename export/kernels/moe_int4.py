@@ -135,6 +135,11 @@ ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s
 GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOCK_K divides the group (filtered)
     (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4), (32, 32, 4, 4),
     (64, 32, 4, 4), (8, 128, 2, 3), (8, 64, 2, 4), (16, 32, 2, 4))]  # BLOCK_N 8-16: more programs for few rows
+WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  # GROUP / 8 words per group
+    (8, 2, 2), (8, 4, 4), (16, 2, 4), (16, 1, 2), (4, 4, 2), (8, 1, 1), (16, 4, 4), (32, 1, 4), (4, 2, 1))]
+WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
+    (8, 8, 4), (16, 4, 4), (16, 8, 4), (8, 4, 2), (32, 4, 4), (4, 8, 2), (16, 2, 2), (32, 2, 4))]
+DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (
     (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
     (32, 64, 4, 4))]
@@ -149,6 +154,8 @@ def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
     if kind == "route":
         per_stage = (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
         return cfg.num_stages * per_stage + (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
+    if kind.startswith("words"):  # registers, and the final cross-warp sum's scratch
+        return cfg.kwargs["BLOCK_N"] * cfg.kwargs["GROUPS"] * 4 * cfg.num_warps
     tiles = 2 if kind in ("gemv_gate_up", "grouped_gate_up") else 1
     bn, bk = k["BLOCK_N"], k["BLOCK_K"]
     weights = tiles * (bn * bk // 2 + bn * 2)
@@ -172,10 +179,12 @@ def _autotuned(kind: str, group: int = 0):
             "route": (ROUTE_CONFIGS, _route_logits_kernel, ["E", "H"]),
             "gemv_gate_up": (GEMV_CONFIGS, _gemv_gate_up_kernel, ["I", "K", "GROUP"]),
             "gemv_down": (GEMV_CONFIGS, _gemv_down_kernel, ["N_OUT", "K", "GROUP"]),
+            "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel, ["I", "NGROUPS", "GROUP"]),
+            "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP"]),
             "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
             "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
         }[kind]
-        configs = [c for c in pool if kind == "route" or group % c.kwargs["BLOCK_K"] == 0]
+        configs = [c for c in pool if "BLOCK_K" not in c.kwargs or group % c.kwargs["BLOCK_K"] == 0]
         if one:
             configs = [min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
         _KERNELS[key] = triton.autotune(configs=configs, key=keys)(kernel)
@@ -316,6 +325,184 @@ def _gemv_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, K, 
 
 
 @triton.jit
+def _nib(h, S: tl.constexpr, ASM: tl.constexpr):
+    """The nibble v at bits S .. S + 3 of each int32 word as the float 2^(23 - S) + v: masked into
+    the mantissa of a float whose exponent gives bit S the weight 1 (one lop3 with ASM). S 12 or
+    16 keeps the float under 2^12, so its products with bf16 x are exact and the word's sum stays
+    small next to the offset that is taken off."""
+    if ASM:
+        if S == 12:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000F000, 0x45000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        f = (h & (0xF << S)) | ((150 - S) << 23)
+    return f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
+    """sum_i (nibble_i(w) - 8) * x_i per int32 word (k = 8j + i in bits 4i .. 4i + 3): the
+    nibble pairs shifted to bits 12 and 16 (w << 12, w << 4, w >> 4, w >> 12), one lop3 and one
+    FMA per nibble; the offsets (2^(23 - S) + 8: 2056 and 136) are taken off once per word
+    against x alone, which broadcasts over the rows (no per-row cost)."""
+    a = w << 12
+    b = w << 4
+    c = w >> 4
+    d = w >> 12
+    part = _nib(a, 12, ASM) * x0
+    part += _nib(a, 16, ASM) * x1
+    part += _nib(b, 12, ASM) * x2
+    part += _nib(b, 16, ASM) * x3
+    part += _nib(c, 12, ASM) * x4
+    part += _nib(c, 16, ASM) * x5
+    part += _nib(d, 12, ASM) * x6
+    part += _nib(d, 16, ASM) * x7
+    corr = 2056.0 * (x0 + x2 + x4 + x6) + 136.0 * (x1 + x3 + x5 + x7)
+    return part - corr
+
+
+@triton.jit
+def _bf16_pairs(xw_ptr, word, mask):
+    """x[8j .. 8j + 7] of words j (bf16, four 32-bit loads of pairs) as eight fp32 tensors."""
+    p0 = tl.load(xw_ptr + word * 4, mask=mask, other=0)
+    p1 = tl.load(xw_ptr + word * 4 + 1, mask=mask, other=0)
+    p2 = tl.load(xw_ptr + word * 4 + 2, mask=mask, other=0)
+    p3 = tl.load(xw_ptr + word * 4 + 3, mask=mask, other=0)
+    return ((p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True),
+            (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True),
+            (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True),
+            (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, stride_qe, stride_qn, stride_se,
+                               stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr, X_BF16: tl.constexpr,
+                               BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):
+    """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
+    rows read as int32 words: a step reads GROUPS whole groups of
+    BLOCK_N gate rows and the same of up rows ([BLOCK_N, GROUPS, GROUP / 8] tiles, 16-byte
+    loads) and loads the next step's tiles before using these (two steps in flight)."""
+    WORDS: tl.constexpr = GROUP // 8
+    pid_n, slot = tl.program_id(0), tl.program_id(1)
+    e = tl.load(idx_ptr + slot).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = (offs_n < I)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)
+    word = (offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :])[None, :, :]  # [1, GROUPS, WORDS]
+    q = q_ptr.to(tl.pointer_type(tl.int32))  # strides count 16-byte units: rows of whole 16-byte words
+    grows = q + e * (stride_qe * 4) + offs_n.to(tl.int64)[:, None, None] * (stride_qn * 4)
+    urows = grows + I * (stride_qn * 4)
+    gsc = s_ptr + e * stride_se + offs_n.to(tl.int64)[:, None, None] * stride_sn + offs_g[None, :, None]
+    usc = gsc + I * stride_sn
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    g_ok = (offs_g < NGROUPS)[None, :, None]
+    m = n_ok & g_ok
+    wg = tl.load(grows + word, mask=m, other=0)
+    wu = tl.load(urows + word, mask=m, other=0)
+    sg = tl.load(gsc, mask=m, other=0.0)
+    su = tl.load(usc, mask=m, other=0.0)
+    acc_g = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    for g0 in range(0, NGROUPS, GROUPS):
+        x_ok = g_ok
+        g_ok = (g0 + GROUPS + offs_g < NGROUPS)[None, :, None]
+        m = n_ok & g_ok
+        nxt = (g0 + GROUPS) * WORDS
+        wg_n = tl.load(grows + nxt + word, mask=m, other=0)
+        wu_n = tl.load(urows + nxt + word, mask=m, other=0)
+        sg_n = tl.load(gsc + g0 + GROUPS, mask=m, other=0.0)
+        su_n = tl.load(usc + g0 + GROUPS, mask=m, other=0.0)
+        if X_BF16:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pairs(xw, g0 * WORDS + word, x_ok)
+        else:
+            xk = x_ptr + (g0 * WORDS + word) * 8
+            x0 = tl.load(xk, mask=x_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xk + 1, mask=x_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xk + 2, mask=x_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xk + 3, mask=x_ok, other=0.0).to(tl.float32)
+            x4 = tl.load(xk + 4, mask=x_ok, other=0.0).to(tl.float32)
+            x5 = tl.load(xk + 5, mask=x_ok, other=0.0).to(tl.float32)
+            x6 = tl.load(xk + 6, mask=x_ok, other=0.0).to(tl.float32)
+            x7 = tl.load(xk + 7, mask=x_ok, other=0.0).to(tl.float32)
+        acc_g += _word_dot(wg, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * sg.to(tl.float32)
+        acc_u += _word_dot(wu, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * su.to(tl.float32)
+        wg, wu, sg, su = wg_n, wu_n, sg_n, su_n
+    gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
+    up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+    tl.store(act_ptr + slot * I + offs_n, _gelu_tanh(gate) * up, mask=offs_n < I)
+
+
+@triton.jit
+def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, I, C_PER_SPLIT, stride_qe,
+                            stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
+                            NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            GROUPS: tl.constexpr, ASM: tl.constexpr):
+    """out[pid_s, n] = sum over one slice of the (slot, group) columns of weight[slot] * the
+    down rows of expert idx[slot] . act[slot] (one token). The top_k experts' groups form one
+    axis of TOP_K * NGROUPS columns, so a step of GROUPS columns can span two experts and one
+    program keeps the whole (slot, k) stream in flight; the routing weight rides on the scale.
+    With one slice the sum goes straight to the output (its dtype), else to fp32 partials."""
+    WORDS: tl.constexpr = GROUP // 8
+    C: tl.constexpr = TOP_K * NGROUPS
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = (offs_n < N_OUT)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)
+    wd = tl.arange(0, WORDS)[None, None, :]
+    q = q_ptr.to(tl.pointer_type(tl.int32))  # strides count 16-byte units: rows of whole 16-byte words
+    rows = q + offs_n.to(tl.int64)[:, None, None] * (stride_qn * 4) + wd
+    srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+    c_lo = pid_s * C_PER_SPLIT
+    c_hi = tl.minimum(c_lo + C_PER_SPLIT, C)
+    c = c_lo + offs_g
+    c_ok = c < c_hi
+    slot = c // NGROUPS
+    grp = c - slot * NGROUPS
+    e = tl.load(idx_ptr + slot, mask=c_ok, other=0).to(tl.int64)
+    m = n_ok & c_ok[None, :, None]
+    w = tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0)
+    s = tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0)
+    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, GROUPS):
+        x_ok = c_ok[None, :, None]
+        ak = act_ptr + (slot * I + grp * GROUP)[None, :, None] + wd * 8
+        rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
+        c = c0 + GROUPS + offs_g
+        c_ok = c < c_hi
+        slot = c // NGROUPS
+        grp = c - slot * NGROUPS
+        e = tl.load(idx_ptr + slot, mask=c_ok, other=0).to(tl.int64)
+        m = n_ok & c_ok[None, :, None]
+        w_n = tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0)
+        s_n = tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0)
+        x0 = tl.load(ak, mask=x_ok, other=0.0)
+        x1 = tl.load(ak + 1, mask=x_ok, other=0.0)
+        x2 = tl.load(ak + 2, mask=x_ok, other=0.0)
+        x3 = tl.load(ak + 3, mask=x_ok, other=0.0)
+        x4 = tl.load(ak + 4, mask=x_ok, other=0.0)
+        x5 = tl.load(ak + 5, mask=x_ok, other=0.0)
+        x6 = tl.load(ak + 6, mask=x_ok, other=0.0)
+        x7 = tl.load(ak + 7, mask=x_ok, other=0.0)
+        acc += _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * (s.to(tl.float32) * rw)
+        w, s = w_n, s_n
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
+
+
+@triton.jit
+def _sum_slices_kernel(part_ptr, out_ptr, N, SLICES: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum over the slices of part[s, n] (fp32, fixed order) in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(SLICES):
+        acc += tl.load(part_ptr + i * N + offs, mask=offs < N, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
 def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: tl.constexpr,
                   BLOCK: tl.constexpr, E_P2: tl.constexpr):
     """One program: the NK entries (flat (token, slot) indices) grouped by expert id, stable.
@@ -437,7 +624,48 @@ def _groups(gate_up_scales, down_scales, H: int, I: int) -> tuple[int, int]:
     return H // gate_up_scales.shape[-1], I // down_scales.shape[-1]
 
 
-def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
+def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity, gate_up_cfg=None, down_cfg=None,
+                          slices=None):
+    """One token (x [1, H]): gate_up over the top_k experts named by idx (on the device), then
+    down over their (slot, group) columns in `slices` slices (fp32 partials and one sum kernel
+    when more than one). `gate_up_cfg` / `down_cfg` (BLOCK_N, GROUPS, num_warps) bypass autotuning."""
+    H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
+    g_gu, g_d = _groups(gu_s, d_s, H, I)
+    slices = DOWN_SLICES if slices is None else slices
+    asm = x.device.type == "cuda"
+    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
+    act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
+    # the packed rows as int32 words: strides in words, each a multiple of 4 (16-byte rows)
+    args = (x1, idx1, gu_q, gu_s, act, I, gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0), gu_s.stride(1))
+    meta = dict(NGROUPS=H // g_gu, GROUP=g_gu, X_BF16=x.dtype == torch.bfloat16, ASM=asm)
+    if gate_up_cfg:
+        bn, gr, warps = gate_up_cfg
+        wrap(_gemv_words_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
+                                                                      num_warps=warps, num_stages=1)
+    else:
+        grid = lambda m: (triton.cdiv(I, m["BLOCK_N"]), top_k)  # noqa: E731
+        wrap(_autotuned("words_gate_up", g_gu))[grid](*args, **meta)
+    ngroups = I // g_d
+    c_per = triton.cdiv(top_k * ngroups, slices)
+    out = torch.empty((slices, H), device=x.device, dtype=x.dtype if slices == 1 else torch.float32)
+    args = (act, w1, idx1, d_q, d_s, out, H, I, c_per, d_q.stride(0) // 16, d_q.stride(1) // 16, d_s.stride(0),
+            d_s.stride(1), out.stride(0))
+    meta = dict(TOP_K=top_k, NGROUPS=ngroups, GROUP=g_d, ASM=asm)
+    if down_cfg:
+        bn, gr, warps = down_cfg
+        wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
+                                                                    num_warps=warps, num_stages=1)
+    else:
+        grid = lambda m: (triton.cdiv(H, m["BLOCK_N"]), slices)  # noqa: E731
+        wrap(_autotuned("words_down", g_d))[grid](*args, **meta)
+    if slices == 1:
+        return out
+    y = torch.empty((1, H), device=x.device, dtype=x.dtype)
+    wrap(_sum_slices_kernel)[(triton.cdiv(H, 1024),)](out, y, H, SLICES=slices, BLOCK=1024, num_warps=4)
+    return y
+
+
+def launch_experts_decode_rows(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
     """One token (x [1, H]): two GEMV kernels over the top_k experts named by idx (on the device)."""
     H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
     g_gu, g_d = _groups(gu_s, d_s, H, I)
