@@ -136,9 +136,9 @@ GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOC
     (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4), (32, 32, 4, 4),
     (64, 32, 4, 4), (8, 128, 2, 3), (8, 64, 2, 4), (16, 32, 2, 4))]  # BLOCK_N 8-16: more programs for few rows
 WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  # GROUP / 8 words per group
-    (8, 2, 2), (8, 4, 4), (16, 2, 4), (16, 1, 2), (4, 4, 2), (8, 1, 1), (16, 4, 4), (32, 1, 4), (4, 2, 1))]
+    (8, 4, 4), (8, 2, 2), (4, 4, 2), (16, 2, 4), (16, 4, 4), (4, 2, 1), (8, 1, 1), (16, 1, 2), (32, 1, 4))]
 WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
-    (8, 8, 4), (16, 4, 4), (16, 8, 4), (8, 4, 2), (32, 4, 4), (4, 8, 2), (16, 2, 2), (32, 2, 4))]
+    (8, 8, 4), (8, 16, 4), (4, 16, 2), (16, 8, 4), (4, 8, 2), (16, 4, 4), (8, 4, 2), (32, 4, 4))]
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (
     (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
@@ -179,7 +179,8 @@ def _autotuned(kind: str, group: int = 0):
             "route": (ROUTE_CONFIGS, _route_logits_kernel, ["E", "H"]),
             "gemv_gate_up": (GEMV_CONFIGS, _gemv_gate_up_kernel, ["I", "K", "GROUP"]),
             "gemv_down": (GEMV_CONFIGS, _gemv_down_kernel, ["N_OUT", "K", "GROUP"]),
-            "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel, ["I", "NGROUPS", "GROUP"]),
+            "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel,
+                              ["I", "NGROUPS", "GROUP", "DOWN_GROUP"]),
             "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP"]),
             "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
             "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
@@ -379,7 +380,8 @@ def _bf16_pairs(xw_ptr, word, mask):
 
 @triton.jit
 def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, stride_qe, stride_qn, stride_se,
-                               stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr, X_BF16: tl.constexpr,
+                               stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr, DOWN_GROUP: tl.constexpr,
+                               X_BF16: tl.constexpr,
                                BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):
     """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
     rows read as int32 words: a step reads GROUPS whole groups of
@@ -432,7 +434,10 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, stride_
         wg, wu, sg, su = wg_n, wu_n, sg_n, su_n
     gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
     up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-    tl.store(act_ptr + slot * I + offs_n, _gelu_tanh(gate) * up, mask=offs_n < I)
+    # act in the down kernel's word order: k = g * DOWN_GROUP + 8 * j + i at g * DOWN_GROUP + i * (DOWN_GROUP / 8) + j
+    r = offs_n % DOWN_GROUP
+    pos = offs_n - r + (r % 8) * (DOWN_GROUP // 8) + r // 8
+    tl.store(act_ptr + slot * I + pos, _gelu_tanh(gate) * up, mask=offs_n < I)
 
 
 @triton.jit
@@ -468,7 +473,7 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, GROUPS):
         x_ok = c_ok[None, :, None]
-        ak = act_ptr + (slot * I + grp * GROUP)[None, :, None] + wd * 8
+        ak = act_ptr + (slot * I + grp * GROUP)[None, :, None] + wd  # x_i of the words: one run (word order)
         rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
         c = c0 + GROUPS + offs_g
         c_ok = c < c_hi
@@ -479,13 +484,13 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
         w_n = tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0)
         s_n = tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0)
         x0 = tl.load(ak, mask=x_ok, other=0.0)
-        x1 = tl.load(ak + 1, mask=x_ok, other=0.0)
-        x2 = tl.load(ak + 2, mask=x_ok, other=0.0)
-        x3 = tl.load(ak + 3, mask=x_ok, other=0.0)
-        x4 = tl.load(ak + 4, mask=x_ok, other=0.0)
-        x5 = tl.load(ak + 5, mask=x_ok, other=0.0)
-        x6 = tl.load(ak + 6, mask=x_ok, other=0.0)
-        x7 = tl.load(ak + 7, mask=x_ok, other=0.0)
+        x1 = tl.load(ak + 1 * WORDS, mask=x_ok, other=0.0)
+        x2 = tl.load(ak + 2 * WORDS, mask=x_ok, other=0.0)
+        x3 = tl.load(ak + 3 * WORDS, mask=x_ok, other=0.0)
+        x4 = tl.load(ak + 4 * WORDS, mask=x_ok, other=0.0)
+        x5 = tl.load(ak + 5 * WORDS, mask=x_ok, other=0.0)
+        x6 = tl.load(ak + 6 * WORDS, mask=x_ok, other=0.0)
+        x7 = tl.load(ak + 7 * WORDS, mask=x_ok, other=0.0)
         acc += _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * (s.to(tl.float32) * rw)
         w, s = w_n, s_n
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -624,45 +629,68 @@ def _groups(gate_up_scales, down_scales, H: int, I: int) -> tuple[int, int]:
     return H // gate_up_scales.shape[-1], I // down_scales.shape[-1]
 
 
-def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity, gate_up_cfg=None, down_cfg=None,
-                          slices=None):
-    """One token (x [1, H]): gate_up over the top_k experts named by idx (on the device), then
-    down over their (slot, group) columns in `slices` slices (fp32 partials and one sum kernel
-    when more than one). `gate_up_cfg` / `down_cfg` (BLOCK_N, GROUPS, num_warps) bypass autotuning."""
-    H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
-    g_gu, g_d = _groups(gu_s, d_s, H, I)
-    slices = DOWN_SLICES if slices is None else slices
-    asm = x.device.type == "cuda"
-    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
+def decode_act_order(I: int, down_group: int) -> torch.Tensor:
+    """Where the decode's act stores k (per slot): in word order for the down kernel, k = 8j + i
+    of each group at i * (group / 8) + j (the x_i of a group's words are one contiguous run)."""
+    k = torch.arange(I)
+    r = k % down_group
+    return k - r + (r % 8) * (down_group // 8) + r // 8
+
+
+def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
+    """act fp32 [top_k, I] = gelu(gate) * up of each picked expert for one token (x [1, H]), in
+    the down kernel's word order (`decode_act_order`).
+    `cfg` (BLOCK_N, GROUPS, num_warps) bypasses autotuning."""
+    H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
+    G = H // gu_s.shape[-1]
     act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
-    # the packed rows as int32 words: strides in words, each a multiple of 4 (16-byte rows)
-    args = (x1, idx1, gu_q, gu_s, act, I, gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0), gu_s.stride(1))
-    meta = dict(NGROUPS=H // g_gu, GROUP=g_gu, X_BF16=x.dtype == torch.bfloat16, ASM=asm)
-    if gate_up_cfg:
-        bn, gr, warps = gate_up_cfg
+    # strides count 16-byte units (a row is a whole number of them: K is a multiple of G >= 32)
+    args = (x, idx, gu_q, gu_s, act, I, gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0), gu_s.stride(1))
+    meta = dict(NGROUPS=H // G, GROUP=G, DOWN_GROUP=down_group, X_BF16=x.dtype == torch.bfloat16,
+                ASM=x.device.type == "cuda")
+    if cfg:
+        bn, gr, warps = cfg
         wrap(_gemv_words_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
                                                                       num_warps=warps, num_stages=1)
     else:
         grid = lambda m: (triton.cdiv(I, m["BLOCK_N"]), top_k)  # noqa: E731
-        wrap(_autotuned("words_gate_up", g_gu))[grid](*args, **meta)
-    ngroups = I // g_d
-    c_per = triton.cdiv(top_k * ngroups, slices)
-    out = torch.empty((slices, H), device=x.device, dtype=x.dtype if slices == 1 else torch.float32)
-    args = (act, w1, idx1, d_q, d_s, out, H, I, c_per, d_q.stride(0) // 16, d_q.stride(1) // 16, d_s.stride(0),
+        wrap(_autotuned("words_gate_up", G))[grid](*args, **meta)
+    return act
+
+
+def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None):
+    """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act in
+    word order, `decode_act_order`), the
+    (slot, group) columns in `slices` slices (fp32 partials and one sum kernel when > 1)."""
+    H, I, top_k = d_q.shape[1], act.shape[1], idx.shape[1]
+    G = I // d_s.shape[-1]
+    slices = DOWN_SLICES if slices is None else slices
+    c_per = triton.cdiv(top_k * (I // G), slices)
+    out = torch.empty((slices, H), device=act.device, dtype=dtype if slices == 1 else torch.float32)
+    args = (act, weights, idx, d_q, d_s, out, H, I, c_per, d_q.stride(0) // 16, d_q.stride(1) // 16, d_s.stride(0),
             d_s.stride(1), out.stride(0))
-    meta = dict(TOP_K=top_k, NGROUPS=ngroups, GROUP=g_d, ASM=asm)
-    if down_cfg:
-        bn, gr, warps = down_cfg
+    meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda")
+    if cfg:
+        bn, gr, warps = cfg
         wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
                                                                     num_warps=warps, num_stages=1)
     else:
         grid = lambda m: (triton.cdiv(H, m["BLOCK_N"]), slices)  # noqa: E731
-        wrap(_autotuned("words_down", g_d))[grid](*args, **meta)
+        wrap(_autotuned("words_down", G))[grid](*args, **meta)
     if slices == 1:
         return out
-    y = torch.empty((1, H), device=x.device, dtype=x.dtype)
+    y = torch.empty((1, H), device=act.device, dtype=dtype)
     wrap(_sum_slices_kernel)[(triton.cdiv(H, 1024),)](out, y, H, SLICES=slices, BLOCK=1024, num_warps=4)
     return y
+
+
+def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity, gate_up_cfg=None, down_cfg=None,
+                          slices=None):
+    """One token (x [1, H]): the word GEMVs over the top_k experts named by idx (on the device):
+    static shapes, no host sync, CUDA-graph safe."""
+    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
+    act = launch_decode_gate_up(x1, idx1, gu_q, gu_s, d_q.shape[2] * 2 // d_s.shape[2], wrap, gate_up_cfg)
+    return launch_decode_down(act, w1, idx1, d_q, d_s, x.dtype, wrap, down_cfg, slices)
 
 
 def launch_experts_decode_rows(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
