@@ -162,8 +162,9 @@ def compiled_smem() -> list[dict]:
     """Shared memory of every kernel variant Triton compiled in this run."""
     from export.kernels import moe_int4
     out = []
-    for fn in (moe_int4._route_logits_kernel, moe_int4._route_topk_kernel, moe_int4._gemv_gate_up_kernel,
-               moe_int4._gemv_down_kernel, moe_int4._align_kernel, moe_int4._grouped_kernel):
+    for fn in (moe_int4._route_logits_kernel, moe_int4._route_topk_kernel, moe_int4._gemv_words_gate_up_kernel,
+               moe_int4._gemv_words_down_kernel, moe_int4._sum_slices_kernel, moe_int4._align_kernel,
+               moe_int4._grouped_kernel):
         for cache in fn.device_caches.values():
             for kernel in cache[0].values():
                 out.append({"name": kernel.name, "shared": kernel.metadata.shared,

@@ -159,7 +159,23 @@ def main(argv=None) -> int:
           f"slices {best_dn['slices']})", flush=True)
     del layer, refs
     if a.bench_out and dev == "cuda":
-        return bench_moe.main(["--preset", a.preset, "--ms", a.bench_ms, "--out", str(a.bench_out)])
+        from triton.testing import do_bench
+        n = 8192
+        p, q = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+        ms = do_bench(lambda: torch.mm(p, q), warmup=25, rep=200, return_mode="median")
+        doc["bf16_mm_tflops"] = 2 * n ** 3 / ms / 1e9
+        del p, q
+        a.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"torch bf16 mm {n}^3: {doc['bf16_mm_tflops']:.0f} TFLOP/s", flush=True)
+        rc = bench_moe.main(["--preset", a.preset, "--ms", a.bench_ms, "--out", str(a.bench_out)])
+        bench = json.loads(a.bench_out.read_text())
+        flop_per_entry = 2 * (2 * I * H + H * I)  # gate_up and down of one (token, expert)
+        for r in bench["rows"]:
+            if r["op"] == "experts_int4" and r["m"] > 1:
+                tf = r["m"] * K * flop_per_entry / r["us"] / 1e6
+                print(f"experts_int4 m={r['m']}: {tf:.1f} TFLOP/s = {tf / doc['bf16_mm_tflops']:.1%} of bf16 mm",
+                      flush=True)
+        return rc
     return 0
 
 

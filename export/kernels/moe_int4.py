@@ -21,18 +21,21 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per
   row, applied later) and `_route_topk_kernel` (sums the slices, softmax, top-k by repeated
   argmax, renormalize, per-expert scale), all in fp32.
-- decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
-  the device and only that expert's rows of gate and up, and writes gelu(gate) * up;
-  `_gemv_down_kernel`, grid (H blocks), walks the top_k experts in one loop and sums their
-  weighted outputs in registers. Static shapes, no host sync: CUDA-graph safe.
+- decode (N == 1): `_gemv_words_gate_up_kernel`, grid (I blocks, top_k), reads the expert id
+  on the device and only that expert's rows of gate and up, and writes gelu(gate) * up (fp32,
+  in the down kernel's word order); `_gemv_words_down_kernel`, grid (H blocks, slices), runs
+  over the top_k experts' groups as one axis of (slot, group) columns with the routing weight on
+  the scale (`DOWN_SLICES` > 1: fp32 partials summed by `_sum_slices_kernel`). Both read the
+  packed rows as int32 words (16-byte loads, GROUPS whole groups per step, the next step's
+  tiles loaded before this one is used) and turn each nibble into a float with one lop3 and
+  meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe.
 - prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
-  entries per expert and writes them grouped by expert (a stable counting sort), the
-  per-expert row offsets and the per-expert offsets of TILE_M-row tiles; `_grouped_kernel`
-  runs one tile of one expert per program (the program finds its expert from the tile
-  offsets), a tensor-core dot over dequantized weight tiles: gate_up writes the activations
-  in grouped order, down writes each entry's weighted output in place, and a sum over the
-  top_k slots gives each token's output (deterministic, no atomics). No expert runs on a
-  token that did not pick it.
+  entries per expert and writes them grouped by expert (a stable counting sort) and the
+  per-expert row offsets; `_grouped_kernel` runs one TILE-row tile of one expert per program
+  (TILE is a config: the program finds its expert from the row offsets), a tensor-core dot
+  over dequantized weight tiles: gate_up writes the activations in grouped order, down writes
+  each entry's weighted output in place, and a sum over the top_k slots gives each token's
+  output (deterministic, no atomics). No expert runs on a token that did not pick it.
 Every config fits 101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090
 sm_120); `config_smem_bytes` estimates it and the tests check every config (and compile each
 kernel for sm_89 and sm_120 with Triton + ptxas, no GPU needed).
@@ -57,7 +60,6 @@ from export.kernels import int4_matmul
 from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int4
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
-TILE_M = 16  # (token, slot) rows per grouped-GEMM program: a prefill chunk of 128 gives ~8 per expert
 ALIGN_BLOCK = 128  # entries per step of the counting sort
 ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
 
@@ -140,9 +142,10 @@ WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  #
 WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
     (8, 8, 4), (8, 16, 4), (4, 16, 2), (16, 8, 4), (4, 8, 2), (16, 4, 4), (8, 4, 2), (32, 4, 4))]
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
-GROUPED_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (
-    (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
-    (32, 64, 4, 4))]
+GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk) for t, bn, bk, w, s in (
+    (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 64, 32, 4, 4),
+    (32, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 64, 32, 4, 4), (128, 64, 32, 4, 3))]  # TILE: (token, slot) rows of one expert per program
 
 
 def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
@@ -161,7 +164,7 @@ def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
     weights = tiles * (bn * bk // 2 + bn * 2)
     if kind.startswith("gemv"):  # x (or act, fp32) slice, no dot
         return cfg.num_stages * (weights + bk * 4)
-    return cfg.num_stages * (weights + TILE_M * bk * 2) + tiles * bn * bk * 2
+    return cfg.num_stages * (weights + k["TILE"] * bk * 2) + tiles * bn * bk * 2
 
 
 _KERNELS: dict = {}
@@ -182,8 +185,8 @@ def _autotuned(kind: str, group: int = 0):
             "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel,
                               ["I", "NGROUPS", "GROUP", "DOWN_GROUP"]),
             "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP"]),
-            "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
-            "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
+            "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
+            "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
         }[kind]
         configs = [c for c in pool if "BLOCK_K" not in c.kwargs or group % c.kwargs["BLOCK_K"] == 0]
         if one:
@@ -508,11 +511,9 @@ def _sum_slices_kernel(part_ptr, out_ptr, N, SLICES: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: tl.constexpr,
-                  BLOCK: tl.constexpr, E_P2: tl.constexpr):
+def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, NK, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
     """One program: the NK entries (flat (token, slot) indices) grouped by expert id, stable.
-    row_off[e] .. row_off[e + 1] are expert e's rows of `sorted`; tile_off[e] .. tile_off[e + 1]
-    its TILE-row tiles of the grouped GEMM."""
+    row_off[e] .. row_off[e + 1] are expert e's rows of `sorted`."""
     ex = tl.arange(0, E_P2)
     e_ok = ex < E
     counts = tl.zeros((E_P2,), dtype=tl.int32)
@@ -521,11 +522,8 @@ def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: t
         ids = tl.load(idx_ptr + offs, mask=offs < NK, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0)
     row_end = tl.cumsum(counts, axis=0)
-    tile_end = tl.cumsum((counts + TILE - 1) // TILE, axis=0)
     tl.store(row_off_ptr + 1 + ex, row_end, mask=e_ok)
-    tl.store(tile_off_ptr + 1 + ex, tile_end, mask=e_ok)
     tl.store(row_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
-    tl.store(tile_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
     running = row_end - counts  # next free row of each expert
     for b0 in range(0, NK, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
@@ -539,21 +537,25 @@ def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: t
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr,
-                    N_OUT, K, E, stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_om,
+def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr,
+                    N_OUT, K, E, stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_om, NK_BUCKET,
                     GATE_UP: tl.constexpr, TOP_K: tl.constexpr, FP32: tl.constexpr, GROUP: tl.constexpr,
-                    TILE: tl.constexpr, E_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    E_P2: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One TILE-row tile of one expert's grouped rows x BLOCK_N output columns.
     GATE_UP: rows gather x by token, write act[row] = gelu(gate) * up in grouped order (x dtype).
     down: rows read act in grouped order, write out[entry] = weight[entry] * (act @ down.T) (fp32)."""
     pid_t, pid_n = tl.program_id(0), tl.program_id(1)
     ex = tl.arange(0, E_P2)
-    ends = tl.load(tile_off_ptr + 1 + ex, mask=ex < E, other=2147483647)
-    e = tl.sum((ends <= pid_t).to(tl.int32), axis=0)  # tiles of experts 0..e-1 end at or before this one
+    starts = tl.load(row_off_ptr + ex, mask=ex < E, other=0)
+    ends = tl.load(row_off_ptr + 1 + ex, mask=ex < E, other=0)
+    tiles = (ends - starts + TILE - 1) // TILE  # each expert's TILE-row tiles, in expert order
+    tile_end = tl.where(ex < E, tl.cumsum(tiles, axis=0), 2147483647)
+    e = tl.sum((tile_end <= pid_t).to(tl.int32), axis=0)  # tiles of experts 0..e-1 end at or before this one
     if e < E:
-        first_tile = tl.load(tile_off_ptr + e)
-        row_end = tl.load(row_off_ptr + e + 1)
-        rows = tl.load(row_off_ptr + e) + (pid_t - first_tile) * TILE + tl.arange(0, TILE)
+        here = ex == e
+        first_tile = tl.sum(tl.where(here, tile_end - tiles, 0), axis=0)
+        row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+        rows = tl.sum(tl.where(here, starts, 0), axis=0) + (pid_t - first_tile) * TILE + tl.arange(0, TILE)
         r_ok = rows < row_end
         entry = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
         a_rows = entry // TOP_K if GATE_UP else rows
@@ -719,24 +721,23 @@ def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity
     x1, w1 = x.contiguous(), weights.contiguous()
     sorted_entries = torch.empty((NK,), device=x.device, dtype=torch.int32)
     row_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
-    tile_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
     e_p2 = triton.next_power_of_2(E)
-    wrap(_align_kernel)[(1,)](idx.contiguous(), sorted_entries, row_off, tile_off, NK, E, TILE=TILE_M,
-                              BLOCK=ALIGN_BLOCK, E_P2=e_p2)
-    max_tiles = triton.cdiv(NK, TILE_M) + E  # each expert adds at most one partial tile
+    wrap(_align_kernel)[(1,)](idx.contiguous(), sorted_entries, row_off, NK, E, BLOCK=ALIGN_BLOCK, E_P2=e_p2)
+    bucket = min(triton.next_power_of_2(NK), 16384) if isinstance(NK, int) else 16384  # the autotuner's key
     fp32 = x.dtype == torch.float32
     act = torch.empty((NK, I), device=x.device, dtype=x.dtype)  # grouped order
-    grid = lambda meta: (max_tiles, triton.cdiv(I, meta["BLOCK_N"]))  # noqa: E731
+    # each expert adds at most one partial tile
+    grid = lambda meta: (triton.cdiv(NK, meta["TILE"]) + E, triton.cdiv(I, meta["BLOCK_N"]))  # noqa: E731
     wrap(_autotuned("grouped_gate_up", g_gu))[grid](
-        x1, sorted_entries, row_off, tile_off, gu_q, gu_s, w1, act, I, H, E, x1.stride(0), gu_q.stride(0),
-        gu_q.stride(1), gu_s.stride(0), gu_s.stride(1), act.stride(0), GATE_UP=True, TOP_K=top_k, FP32=fp32,
-        GROUP=g_gu, TILE=TILE_M, E_P2=e_p2)
+        x1, sorted_entries, row_off, gu_q, gu_s, w1, act, I, H, E, x1.stride(0), gu_q.stride(0),
+        gu_q.stride(1), gu_s.stride(0), gu_s.stride(1), act.stride(0), bucket, GATE_UP=True, TOP_K=top_k, FP32=fp32,
+        GROUP=g_gu, E_P2=e_p2)
     per_entry = torch.empty((NK, H), device=x.device, dtype=torch.float32)  # (token, slot) order
-    grid = lambda meta: (max_tiles, triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(NK, meta["TILE"]) + E, triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
     wrap(_autotuned("grouped_down", g_d))[grid](
-        act, sorted_entries, row_off, tile_off, d_q, d_s, w1, per_entry, H, I, E, act.stride(0), d_q.stride(0),
-        d_q.stride(1), d_s.stride(0), d_s.stride(1), per_entry.stride(0), GATE_UP=False, TOP_K=top_k, FP32=fp32,
-        GROUP=g_d, TILE=TILE_M, E_P2=e_p2)
+        act, sorted_entries, row_off, d_q, d_s, w1, per_entry, H, I, E, act.stride(0), d_q.stride(0),
+        d_q.stride(1), d_s.stride(0), d_s.stride(1), per_entry.stride(0), bucket, GATE_UP=False, TOP_K=top_k,
+        FP32=fp32, GROUP=g_d, E_P2=e_p2)
     return per_entry.view(N, top_k, H).sum(1).to(x.dtype)
 
 
