@@ -137,10 +137,15 @@ ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s
 GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOCK_K divides the group (filtered)
     (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4), (32, 32, 4, 4),
     (64, 32, 4, 4), (8, 128, 2, 3), (8, 64, 2, 4), (16, 32, 2, 4))]  # BLOCK_N 8-16: more programs for few rows
+# A thread holds 4 words (16 bytes) of a row; tiles with more rows than the threads lay out give
+# each thread several rows of the same words, which share the x loads and offsets (fewer
+# instructions per nibble) at the cost of fewer programs.
 WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  # GROUP / 8 words per group
-    (8, 4, 4), (8, 2, 2), (4, 4, 2), (16, 2, 4), (16, 4, 4), (4, 2, 1), (8, 1, 1), (16, 1, 2), (32, 1, 4))]
+    (8, 4, 4), (16, 4, 2), (32, 4, 4), (16, 4, 4), (8, 2, 2), (32, 2, 2), (4, 4, 2), (16, 2, 4), (8, 1, 1),
+    (32, 1, 4))]
 WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
-    (8, 8, 4), (8, 16, 4), (4, 16, 2), (16, 8, 4), (4, 8, 2), (16, 4, 4), (8, 4, 2), (32, 4, 4))]
+    (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (32, 4, 2), (4, 16, 2), (4, 8, 2), (16, 4, 4),
+    (8, 4, 2))]
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk) for t, bn, bk, w, s in (
     (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 64, 32, 4, 4),
