@@ -147,10 +147,12 @@ WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
     (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (32, 4, 2), (4, 16, 2), (4, 8, 2), (16, 4, 4),
     (8, 4, 2))]
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
-GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk) for t, bn, bk, w, s in (
-    (16, 64, 64, 4, 3), (16, 128, 64, 4, 3), (16, 64, 128, 4, 3), (16, 32, 128, 4, 3), (16, 64, 32, 4, 4),
-    (32, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 128, 64, 8, 3),
-    (128, 64, 64, 4, 3), (128, 128, 64, 8, 2), (64, 64, 32, 4, 4), (128, 64, 32, 4, 3))]  # TILE: (token, slot) rows of one expert per program
+GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
+    (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 128, 4, 3, False), (16, 64, 32, 4, 4, False),
+    (32, 64, 64, 4, 3, False), (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False),
+    (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False), (128, 64, 32, 4, 3, False),
+    (64, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
+# TILE: (token, slot) rows of one expert per program; JOIN: one dot over the interleaved tile
 
 
 def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
@@ -542,10 +544,37 @@ def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, NK, E, BLOCK: tl.constexpr, 
 
 
 @triton.jit
+def _grouped_step(acc, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn, row0,
+                  GROUP: tl.constexpr, FP32: tl.constexpr, JOIN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """acc += x tile @ the dequantized [BLOCK_N, BLOCK_K] weight tile from row `row0` on (JOIN: a_even
+    is the whole x tile and the nibbles are interleaved back; else two half-K dots)."""
+    p = tl.load(w_rows + row0 * stride_qn + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    s = tl.load(s_rows + row0 * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    lo, hi = _nibbles(p)
+    lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
+    if JOIN:
+        w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)
+        if FP32:
+            acc = tl.dot(a_even, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_even, tl.trans(w), acc)
+    else:
+        if FP32:
+            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_even, tl.trans(lo), acc)
+            acc = tl.dot(a_odd, tl.trans(hi), acc)
+    return acc
+
+
+@triton.jit
 def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr,
                     N_OUT, K, E, stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_om, NK_BUCKET,
                     GATE_UP: tl.constexpr, TOP_K: tl.constexpr, FP32: tl.constexpr, GROUP: tl.constexpr,
-                    E_P2: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    E_P2: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    JOIN: tl.constexpr):
     """One TILE-row tile of one expert's grouped rows x BLOCK_N output columns.
     GATE_UP: rows gather x by token, write act[row] = gelu(gate) * up in grouped order (x dtype).
     down: rows read act in grouped order, write out[entry] = weight[entry] * (act @ down.T) (fp32)."""
@@ -573,32 +602,19 @@ def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr
         s_rows = s_ptr + e64 * stride_se + offs_n * stride_sn
         acc = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
-            # even and odd k meet their own nibble: two dots of BLOCK_K / 2, no interleave
-            a_even = tl.load(a_base + (k0 + 2 * offs_b)[None, :], mask=r_ok[:, None], other=0.0)
-            a_odd = tl.load(a_base + (k0 + 2 * offs_b + 1)[None, :], mask=r_ok[:, None], other=0.0)
-            p = tl.load(w_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-            s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            lo, hi = _nibbles(p)
-            lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
-            if FP32:
-                acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-                acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_even, tl.trans(lo), acc)
-                acc = tl.dot(a_odd, tl.trans(hi), acc)
+            if JOIN:  # one x tile as stored, the weight tile interleaved back to k order (register shuffle)
+                a_all = tl.load(a_base + (k0 + offs_k)[None, :], mask=r_ok[:, None], other=0.0)
+                a_even, a_odd = a_all, a_all
+            else:  # even and odd k meet their own nibble: two dots of BLOCK_K / 2, no interleave
+                a_even = tl.load(a_base + (k0 + 2 * offs_b)[None, :], mask=r_ok[:, None], other=0.0)
+                a_odd = tl.load(a_base + (k0 + 2 * offs_b + 1)[None, :], mask=r_ok[:, None], other=0.0)
+            acc = _grouped_step(acc, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn, 0,
+                                GROUP, FP32, JOIN, BLOCK_N, BLOCK_K)
             if GATE_UP:
-                p = tl.load(w_rows + N_OUT * stride_qn + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None],
-                            other=0).to(tl.int32)
-                s = tl.load(s_rows + N_OUT * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                lo, hi = _nibbles(p)
-                lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
-                if FP32:
-                    acc_up = tl.dot(a_even, tl.trans(lo), acc_up, input_precision="ieee")
-                    acc_up = tl.dot(a_odd, tl.trans(hi), acc_up, input_precision="ieee")
-                else:
-                    acc_up = tl.dot(a_even, tl.trans(lo), acc_up)
-                    acc_up = tl.dot(a_odd, tl.trans(hi), acc_up)
+                acc_up = _grouped_step(acc_up, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn,
+                                       N_OUT, GROUP, FP32, JOIN, BLOCK_N, BLOCK_K)
         mask = r_ok[:, None] & n_ok[None, :]
         if GATE_UP:
             act = _gelu_tanh(acc) * acc_up
