@@ -141,16 +141,13 @@ GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOC
 # each thread several rows of the same words, which share the x loads and offsets (fewer
 # instructions per nibble) at the cost of fewer programs.
 WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  # GROUP / 8 words per group
-    (8, 4, 4), (16, 4, 2), (32, 4, 4), (16, 4, 4), (8, 2, 2), (32, 2, 2), (4, 4, 2), (16, 2, 4), (8, 1, 1),
-    (32, 1, 4))]
+    (8, 4, 4), (16, 4, 2), (32, 4, 4), (16, 4, 4), (8, 2, 2), (32, 2, 2), (4, 4, 2), (8, 1, 1))]
 WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
-    (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (32, 4, 2), (4, 16, 2), (4, 8, 2), (16, 4, 4),
-    (8, 4, 2))]
+    (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (32, 4, 2), (4, 16, 2), (8, 4, 2))]
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
-    (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 128, 4, 3, False), (16, 64, 32, 4, 4, False),
-    (32, 64, 64, 4, 3, False), (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False),
-    (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False), (128, 64, 32, 4, 3, False),
+    (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False), (64, 64, 64, 4, 3, False),
+    (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False),
     (64, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
 # TILE: (token, slot) rows of one expert per program; JOIN: one dot over the interleaved tile
 
