@@ -387,11 +387,11 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                  w_out_ptr=w, idx_out_ptr=idx, N=N, E=E, SPLITS=11, eps=1e-6, inv_h=1 / H, inv_sqrt_h=0.02,
                  TOP_K=K, BLOCK_E=128, K_P2=8)),
         "gemv_gate_up": (mo._autotuned("words_gate_up", 128), dict(x_ptr=x, idx_ptr=idx, q_ptr=guq, s_ptr=gus,
-                         act_ptr=z(K, I), I=I, NGROUPS=H // 128, GROUP=128, DOWN_GROUP=64, X_BF16=True, ASM=True,
-                         **strides)),
-        "gemv_down": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, I), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
-                      out_ptr=z(2, H), N_OUT=H, I=I, C_PER_SPLIT=44, TOP_K=K, NGROUPS=I // 64, GROUP=64, ASM=True,
-                      stride_os=H, **strides)),
+                         act_ptr=z(K, 800), I=I, ACT_STRIDE=800, NGROUPS=H // 128, GROUP=128, DOWN_GROUP=64,
+                         X_BF16=True, ASM=True, **strides)),
+        "gemv_down": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
+                      out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K, NGROUPS=I // 64,
+                      GROUP=64, ASM=True, stride_os=H, **strides)),
         "sum_slices": (mo._sum_slices_kernel, dict(part_ptr=z(2, H), out_ptr=x, N=H, SLICES=2, BLOCK=1024)),
         "align": (mo._align_kernel, dict(idx_ptr=idx, sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), NK=N * K, E=E,
                   BLOCK=128, E_P2=128)),
@@ -433,11 +433,12 @@ route_t = sig(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32",
 topk_t = sig(part_ptr="*fp32", ss_ptr="*fp32", pes_ptr="*bf16", w_out_ptr="*fp32", idx_out_ptr="*i64", N="i32",
              E="i32", SPLITS="i32", eps="fp32", inv_h="fp32", inv_sqrt_h="fp32", TOP_K=C, BLOCK_E=C, K_P2=C)
 strides = dict(stride_qe="i32", stride_qn="i32", stride_se="i32", stride_sn="i32")
-gu_t = sig(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32", I="i32", **strides,
+gu_t = sig(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32", I="i32", ACT_STRIDE="i32",
+           **strides,
            NGROUPS=C, GROUP=C, DOWN_GROUP=C, X_BF16=C, BLOCK_N=C, GROUPS=C, ASM=C)
 dn_t = sig(act_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", out_ptr="*bf16", N_OUT="i32",
-           I="i32", C_PER_SPLIT="i32", **strides, stride_os="i32", TOP_K=C, NGROUPS=C, GROUP=C, BLOCK_N=C, GROUPS=C,
-           ASM=C)
+           ACT_STRIDE="i32", C_PER_SPLIT="i32", **strides, stride_os="i32", TOP_K=C, NGROUPS=C, GROUP=C, BLOCK_N=C,
+           GROUPS=C, ASM=C)
 al_t = sig(idx_ptr="*i64", sorted_ptr="*i32", row_off_ptr="*i32", NK="i32", E="i32", BLOCK=C, E_P2=C)
 gr_t = lambda out: sig(a_ptr="*bf16", sorted_ptr="*i32", row_off_ptr="*i32", q_ptr="*u8",
                        s_ptr="*bf16", w_ptr="*fp32", out_ptr=out, N_OUT="i32", K="i32", E="i32", stride_am="i32",

@@ -141,7 +141,7 @@ GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOC
 # each thread several rows of the same words, which share the x loads and offsets (fewer
 # instructions per nibble) at the cost of fewer programs.
 WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  # GROUP / 8 words per group
-    (8, 4, 4), (16, 4, 2), (32, 4, 4), (16, 4, 4), (8, 2, 2), (32, 2, 2), (4, 4, 2), (8, 1, 1))]
+    (8, 4, 4), (16, 4, 2), (32, 4, 4), (16, 4, 4), (8, 2, 2), (32, 2, 2), (8, 1, 1))]  # BLOCK_N: whole words of act
 WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
     (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (32, 4, 2), (4, 16, 2), (8, 4, 2))]
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
@@ -188,7 +188,7 @@ def _autotuned(kind: str, group: int = 0):
             "gemv_down": (GEMV_CONFIGS, _gemv_down_kernel, ["N_OUT", "K", "GROUP"]),
             "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel,
                               ["I", "NGROUPS", "GROUP", "DOWN_GROUP"]),
-            "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP"]),
+            "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP", "NGROUPS"]),
             "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
             "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
         }[kind]
@@ -373,6 +373,25 @@ def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
 
 
 @triton.jit
+def _word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
+    """`_word_dot` before the offsets are taken off (the caller has them: the down kernel reads
+    them precomputed beside act)."""
+    a = w << 12
+    b = w << 4
+    c = w >> 4
+    d = w >> 12
+    part = _nib(a, 12, ASM) * x0
+    part += _nib(a, 16, ASM) * x1
+    part += _nib(b, 12, ASM) * x2
+    part += _nib(b, 16, ASM) * x3
+    part += _nib(c, 12, ASM) * x4
+    part += _nib(c, 16, ASM) * x5
+    part += _nib(d, 12, ASM) * x6
+    part += _nib(d, 16, ASM) * x7
+    return part
+
+
+@triton.jit
 def _bf16_pairs(xw_ptr, word, mask):
     """x[8j .. 8j + 7] of words j (bf16, four 32-bit loads of pairs) as eight fp32 tensors."""
     p0 = tl.load(xw_ptr + word * 4, mask=mask, other=0)
@@ -386,8 +405,9 @@ def _bf16_pairs(xw_ptr, word, mask):
 
 
 @triton.jit
-def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, stride_qe, stride_qn, stride_se,
-                               stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr, DOWN_GROUP: tl.constexpr,
+def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STRIDE, stride_qe, stride_qn,
+                               stride_se, stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr,
+                               DOWN_GROUP: tl.constexpr,
                                X_BF16: tl.constexpr,
                                BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):
     """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
@@ -441,14 +461,23 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, stride_
         wg, wu, sg, su = wg_n, wu_n, sg_n, su_n
     gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
     up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-    # act in the down kernel's word order: k = g * DOWN_GROUP + 8 * j + i at g * DOWN_GROUP + i * (DOWN_GROUP / 8) + j
-    r = offs_n % DOWN_GROUP
-    pos = offs_n - r + (r % 8) * (DOWN_GROUP // 8) + r // 8
-    tl.store(act_ptr + slot * I + pos, _gelu_tanh(gate) * up, mask=offs_n < I)
+    act = _gelu_tanh(gate) * up
+    # act in the down kernel's word order (`decode_act_pack`): group g of DOWN_GROUP k's takes 9
+    # runs of DOWN_GROUP / 8, x_i of its words (k = 8j + i) in run i and their offsets in run 8
+    DW: tl.constexpr = DOWN_GROUP // 8
+    g = offs_n // DOWN_GROUP
+    r = offs_n - g * DOWN_GROUP
+    tl.store(act_ptr + slot * ACT_STRIDE + g * (9 * DW) + (r % 8) * DW + r // 8, act, mask=offs_n < I)
+    a8 = tl.reshape(act, (BLOCK_N // 8, 8))
+    i8 = tl.arange(0, 8)
+    corr = tl.sum(a8 * tl.where(i8 % 2 == 0, 2056.0, 136.0)[None, :], axis=1)
+    kw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # word index along I
+    gw = kw // DW
+    tl.store(act_ptr + slot * ACT_STRIDE + gw * (9 * DW) + 8 * DW + (kw - gw * DW), corr, mask=kw * 8 < I)
 
 
 @triton.jit
-def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, I, C_PER_SPLIT, stride_qe,
+def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, ACT_STRIDE, C_PER_SPLIT, stride_qe,
                             stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
                             NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                             GROUPS: tl.constexpr, ASM: tl.constexpr):
@@ -480,7 +509,7 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, GROUPS):
         x_ok = c_ok[None, :, None]
-        ak = act_ptr + (slot * I + grp * GROUP)[None, :, None] + wd  # x_i of the words: one run (word order)
+        ak = act_ptr + (slot * ACT_STRIDE + grp * (9 * WORDS))[None, :, None] + wd  # run i: x_i of the words
         rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
         c = c0 + GROUPS + offs_g
         c_ok = c < c_hi
@@ -498,7 +527,8 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
         x5 = tl.load(ak + 5 * WORDS, mask=x_ok, other=0.0)
         x6 = tl.load(ak + 6 * WORDS, mask=x_ok, other=0.0)
         x7 = tl.load(ak + 7 * WORDS, mask=x_ok, other=0.0)
-        acc += _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * (s.to(tl.float32) * rw)
+        corr = tl.load(ak + 8 * WORDS, mask=x_ok, other=0.0)
+        acc += (_word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) - corr) * (s.to(tl.float32) * rw)
         w, s = w_n, s_n
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
@@ -650,23 +680,35 @@ def _groups(gate_up_scales, down_scales, H: int, I: int) -> tuple[int, int]:
     return H // gate_up_scales.shape[-1], I // down_scales.shape[-1]
 
 
-def decode_act_order(I: int, down_group: int) -> torch.Tensor:
-    """Where the decode's act stores k (per slot): in word order for the down kernel, k = 8j + i
-    of each group at i * (group / 8) + j (the x_i of a group's words are one contiguous run)."""
-    k = torch.arange(I)
-    r = k % down_group
-    return k - r + (r % 8) * (down_group // 8) + r // 8
+def decode_act_pack(act: torch.Tensor, down_group: int) -> torch.Tensor:
+    """act [top_k, I] (k order) in the decode's layout for the down kernel, [top_k, act_stride]:
+    group g of `down_group` k's at g * 9 * W (W = down_group / 8 words), x[8j + i] at i * W + j,
+    and at 8 * W + j word j's offset sum_i (2056 if i even else 136) * x[8j + i] (`_word_dot`)."""
+    top_k, I = act.shape
+    W, G = down_group // 8, I // down_group
+    x = act.view(top_k, G, W, 8)
+    corr = (x * torch.tensor([2056.0, 136.0] * 4, device=act.device, dtype=act.dtype)).sum(-1)
+    runs = torch.cat([x.permute(0, 1, 3, 2), corr[:, :, None, :]], dim=2).reshape(top_k, G * 9 * W)
+    out = torch.zeros((top_k, decode_act_stride(I)), device=act.device, dtype=act.dtype)
+    out[:, :G * 9 * W] = runs
+    return out
+
+
+def decode_act_stride(I: int) -> int:
+    """Row length of the decode's act buffer: 9 / 8 of I, rounded up to 16 elements (64 bytes)."""
+    return triton.cdiv(I * 9 // 8, 16) * 16
 
 
 def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
-    """act fp32 [top_k, I] = gelu(gate) * up of each picked expert for one token (x [1, H]), in
-    the down kernel's word order (`decode_act_order`).
+    """gelu(gate) * up of each picked expert for one token (x [1, H]), fp32 in the down kernel's
+    layout (`decode_act_pack`: words' x in runs, their offsets beside them). BLOCK_N a multiple of 8.
     `cfg` (BLOCK_N, GROUPS, num_warps) bypasses autotuning."""
     H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
     G = H // gu_s.shape[-1]
-    act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
+    act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
     # strides count 16-byte units (a row is a whole number of them: K is a multiple of G >= 32)
-    args = (x, idx, gu_q, gu_s, act, I, gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0), gu_s.stride(1))
+    args = (x, idx, gu_q, gu_s, act, I, act.stride(0), gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0),
+            gu_s.stride(1))
     meta = dict(NGROUPS=H // G, GROUP=G, DOWN_GROUP=down_group, X_BF16=x.dtype == torch.bfloat16,
                 ASM=x.device.type == "cuda")
     if cfg:
@@ -680,16 +722,16 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
 
 
 def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None):
-    """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act in
-    word order, `decode_act_order`), the
+    """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act as
+    `decode_act_pack` lays it out), the
     (slot, group) columns in `slices` slices (fp32 partials and one sum kernel when > 1)."""
-    H, I, top_k = d_q.shape[1], act.shape[1], idx.shape[1]
+    H, I, top_k = d_q.shape[1], d_q.shape[2] * 2, idx.shape[1]
     G = I // d_s.shape[-1]
     slices = DOWN_SLICES if slices is None else slices
     c_per = triton.cdiv(top_k * (I // G), slices)
     out = torch.empty((slices, H), device=act.device, dtype=dtype if slices == 1 else torch.float32)
-    args = (act, weights, idx, d_q, d_s, out, H, I, c_per, d_q.stride(0) // 16, d_q.stride(1) // 16, d_s.stride(0),
-            d_s.stride(1), out.stride(0))
+    args = (act, weights, idx, d_q, d_s, out, H, act.stride(0), c_per, d_q.stride(0) // 16, d_q.stride(1) // 16,
+            d_s.stride(0), d_s.stride(1), out.stride(0))
     meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda")
     if cfg:
         bn, gr, warps = cfg
