@@ -134,9 +134,6 @@ def _cfg(warps, stages, **blocks):
 
 ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s in (
     (16, 128, 4, 2), (32, 128, 4, 2), (16, 256, 4, 2), (32, 64, 4, 3))]
-GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOCK_K divides the group (filtered)
-    (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4), (32, 32, 4, 4),
-    (64, 32, 4, 4), (8, 128, 2, 3), (8, 64, 2, 4), (16, 32, 2, 4))]  # BLOCK_N 8-16: more programs for few rows
 # A thread holds 4 words (16 bytes) of a row; tiles with more rows than the threads lay out give
 # each thread several rows of the same words, which share the x loads and offsets (fewer
 # instructions per nibble) at the cost of fewer programs.
@@ -153,21 +150,20 @@ GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn,
 
 
 def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
-    """Upper estimate of a config's shared memory. Each pipeline stage buffers its input tiles
-    (activations, packed weights and scales; gate_up reads two weight tiles, gate and up); a dot
-    also stages the dequantized bf16 weight tiles once. Routing: fp32 tiles of x and the router
-    weight per stage, and the dot's operands once."""
+    """Upper estimate of a config's shared memory. Grouped GEMM: each pipeline stage buffers its
+    input tiles (activations, packed weights and scales; gate_up reads two weight tiles, gate and
+    up); a dot also stages the dequantized bf16 weight tiles once. Routing: fp32 tiles of x and
+    the router weight per stage, and the dot's operands once. Word GEMVs: registers, and a
+    conversion or reduction scratch."""
     k = cfg.kwargs
     if kind == "route":
         per_stage = (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
         return cfg.num_stages * per_stage + (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
-    if kind.startswith("words"):  # registers, and the final cross-warp sum's scratch
-        return cfg.kwargs["BLOCK_N"] * cfg.kwargs["GROUPS"] * 4 * cfg.num_warps
-    tiles = 2 if kind in ("gemv_gate_up", "grouped_gate_up") else 1
+    if kind.startswith("words"):  # registers; at most the fp32 tiles (16 words per group) once, for a layout
+        return 2 * k["BLOCK_N"] * k["GROUPS"] * 16 * 4  # conversion or the final cross-warp sum
+    tiles = 2 if kind == "grouped_gate_up" else 1
     bn, bk = k["BLOCK_N"], k["BLOCK_K"]
     weights = tiles * (bn * bk // 2 + bn * 2)
-    if kind.startswith("gemv"):  # x (or act, fp32) slice, no dot
-        return cfg.num_stages * (weights + bk * 4)
     return cfg.num_stages * (weights + k["TILE"] * bk * 2) + tiles * bn * bk * 2
 
 
@@ -184,8 +180,6 @@ def _autotuned(kind: str, group: int = 0):
     if key not in _KERNELS:
         pool, kernel, keys = {
             "route": (ROUTE_CONFIGS, _route_logits_kernel, ["E", "H"]),
-            "gemv_gate_up": (GEMV_CONFIGS, _gemv_gate_up_kernel, ["I", "K", "GROUP"]),
-            "gemv_down": (GEMV_CONFIGS, _gemv_down_kernel, ["N_OUT", "K", "GROUP"]),
             "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel,
                               ["I", "NGROUPS", "GROUP", "DOWN_GROUP"]),
             "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP", "NGROUPS"]),
@@ -193,8 +187,9 @@ def _autotuned(kind: str, group: int = 0):
             "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
         }[kind]
         configs = [c for c in pool if "BLOCK_K" not in c.kwargs or group % c.kwargs["BLOCK_K"] == 0]
-        if one:
-            configs = [min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
+        if one:  # the word GEMVs' first config is the measured one; elsewhere the smallest
+            configs = configs[:1] if kind.startswith("words") else [
+                min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
         _KERNELS[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _KERNELS[key]
 
@@ -276,60 +271,6 @@ def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, 
     pes = tl.load(pes_ptr + ids, mask=k_ok, other=0.0).to(tl.float32)
     tl.store(w_out_ptr + n * TOP_K + slots, vals / tl.sum(vals, axis=0) * pes, mask=k_ok)
     tl.store(idx_out_ptr + n * TOP_K + slots, ids.to(tl.int64), mask=k_ok)
-
-
-@triton.jit
-def _gemv_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, K, stride_qe, stride_qn, stride_se,
-                         stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32)."""
-    pid_n, slot = tl.program_id(0), tl.program_id(1)
-    e = tl.load(idx_ptr + slot).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < I
-    gate_rows = q_ptr + e * stride_qe + offs_n.to(tl.int64)[:, None] * stride_qn
-    up_rows = gate_rows + I * stride_qn
-    gate_s = s_ptr + e * stride_se + offs_n * stride_sn
-    up_s = gate_s + I * stride_sn
-    acc_g = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        xe = tl.load(x_ptr + k0 + 2 * offs_b).to(tl.float32)[None, :]
-        xo = tl.load(x_ptr + k0 + 2 * offs_b + 1).to(tl.float32)[None, :]
-        lo, hi = _nibbles(tl.load(gate_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
-        sg = tl.load(gate_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc_g += (lo * xe + hi * xo) * sg[:, None]
-        lo, hi = _nibbles(tl.load(up_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
-        su = tl.load(up_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc_u += (lo * xe + hi * xo) * su[:, None]
-    act = _gelu_tanh(tl.sum(acc_g, axis=1)) * tl.sum(acc_u, axis=1)
-    tl.store(act_ptr + slot * I + offs_n, act, mask=n_ok)
-
-
-@triton.jit
-def _gemv_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, K, stride_qe, stride_qn, stride_se,
-                      stride_sn, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """out[n] = sum over slots of weight[slot] * (down of expert idx[slot]) @ act[slot] (one token).
-    One loop over (slot, k) steps (K is a multiple of BLOCK_K) with the routing weight folded into
-    the scale: a single accumulator, and the loads pipeline across the experts."""
-    pid_n = tl.program_id(0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < N_OUT
-    row_off = offs_n.to(tl.int64)[:, None] * stride_qn
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for step in range(0, TOP_K * K, BLOCK_K):
-        slot = step // K
-        k0 = step - slot * K
-        e = tl.load(idx_ptr + slot).to(tl.int64)
-        ae = tl.load(act_ptr + step + 2 * offs_b)[None, :]  # act [TOP_K, K] is contiguous: row slot, column k0
-        ao = tl.load(act_ptr + step + 2 * offs_b + 1)[None, :]
-        p = tl.load(q_ptr + e * stride_qe + row_off + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0)
-        lo, hi = _nibbles(p.to(tl.int32))
-        s = tl.load(s_ptr + e * stride_se + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc += (lo * ae + hi * ao) * (s * tl.load(w_ptr + slot))[:, None]
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -754,22 +695,6 @@ def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity,
     x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
     act = launch_decode_gate_up(x1, idx1, gu_q, gu_s, d_q.shape[2] * 2 // d_s.shape[2], wrap, gate_up_cfg)
     return launch_decode_down(act, w1, idx1, d_q, d_s, x.dtype, wrap, down_cfg, slices)
-
-
-def launch_experts_decode_rows(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
-    """One token (x [1, H]): two GEMV kernels over the top_k experts named by idx (on the device)."""
-    H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
-    g_gu, g_d = _groups(gu_s, d_s, H, I)
-    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
-    act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]), top_k)  # noqa: E731
-    wrap(_autotuned("gemv_gate_up", g_gu))[grid](x1, idx1, gu_q, gu_s, act, I, H, gu_q.stride(0), gu_q.stride(1),
-                                                 gu_s.stride(0), gu_s.stride(1), GROUP=g_gu)
-    out = torch.empty((1, H), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
-    wrap(_autotuned("gemv_down", g_d))[grid](act, w1, idx1, d_q, d_s, out, H, I, d_q.stride(0), d_q.stride(1),
-                                             d_s.stride(0), d_s.stride(1), TOP_K=top_k, GROUP=g_d)
-    return out
 
 
 def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
