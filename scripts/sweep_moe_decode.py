@@ -108,12 +108,12 @@ def main(argv=None) -> int:
                "fraction_of_copy_bw": nbytes / us / 1e3 / gbps if dev == "cuda" else None}
         rows.append(row)
         frac = f"{row['fraction_of_copy_bw']:6.1%}" if dev == "cuda" else "   n/a"
-        print(f"{kind:10} {str(cfg):14} {slices:3} {us:8.2f} {frac} {err:9.2e}", flush=True)
+        print(f"{kind:10} {str(cfg):16} {slices:3} {us:8.2f} {frac} {err:9.2e}", flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
         return row
 
-    print(f"{'kind':10} {'cfg':14} {'sl':>3} {'us':>8} {'%copy':>6} {'rel err':>9}", flush=True)
+    print(f"{'kind':10} {'cfg':16} {'sl':>3} {'us':>8} {'%copy':>6} {'rel err':>9}", flush=True)
     stacks = layer["stacks"]
     # the row kernels (the op's decode before the word kernels), autotuned as the op did
     t_words = time.time()
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         if time.time() - t_words > a.budget_s * 0.4 and best_gu is not None:
             print(f"gate_up: time budget spent, {c} and later skipped", flush=True)
             break
-        cfg = (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps)
+        cfg = (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps, c.kwargs["DEPTH"])
         run = lambda r, cfg=cfg: mo.launch_decode_gate_up(xs[r], idxs[r], gu_q, gu_s, g_d, cfg=cfg)  # noqa: E731
         err = 0.0
         for r in range(R):
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         if time.time() - t_words > a.budget_s * 0.8 and best_dn is not None:
             print(f"down: time budget spent, {c} and later skipped", flush=True)
             break
-        cfg = (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps)
+        cfg = (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps, c.kwargs["DEPTH"])
         for slices in (1, 2, 4):
             run = lambda r, cfg=cfg, sl=slices: mo.launch_decode_down(  # noqa: E731
                 acts[r], ws[r], idxs[r], d_q, d_s, dtype, cfg=cfg, slices=sl)

@@ -137,10 +137,11 @@ ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s
 # A thread holds 4 words (16 bytes) of a row; tiles with more rows than the threads lay out give
 # each thread several rows of the same words, which share the x loads and offsets (fewer
 # instructions per nibble) at the cost of fewer programs.
-WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (  # GROUP / 8 words per group
-    (8, 4, 4), (16, 4, 2), (32, 4, 4), (16, 4, 4), (8, 2, 2), (32, 2, 2), (8, 1, 1))]  # BLOCK_N: whole words of act
-WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr) for bn, gr, w in (
-    (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (32, 4, 2), (4, 16, 2), (8, 4, 2))]
+WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, d in (  # GROUP / 8 words a group
+    (16, 4, 4, 1), (16, 4, 4, 2), (8, 4, 4, 2), (8, 4, 4, 1), (8, 2, 2, 2), (8, 2, 4, 2))]
+WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, d in (  # BLOCK_N: whole words of act
+    (8, 16, 4, 1), (8, 16, 4, 2), (4, 16, 2, 2), (4, 16, 2, 1), (8, 8, 4, 2), (8, 32, 4, 1))]
+# the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.txt), one-config mode's pick
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
     (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False), (64, 64, 64, 4, 3, False),
@@ -346,15 +347,39 @@ def _bf16_pairs(xw_ptr, word, mask):
 
 
 @triton.jit
+def _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, g0, NGROUPS: tl.constexpr, WORDS: tl.constexpr):
+    """The gate and up word tiles and scales of groups g0 .. g0 + GROUPS - 1 (masked past the row)."""
+    m = n_ok & (g0 + offs_g < NGROUPS)[None, :, None]
+    return (tl.load(grows + g0 * WORDS + word, mask=m, other=0), tl.load(urows + g0 * WORDS + word, mask=m, other=0),
+            tl.load(gsc + g0, mask=m, other=0.0), tl.load(usc + g0, mask=m, other=0.0))
+
+
+@triton.jit
+def _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c0, c_hi, stride_qe, stride_se, NGROUPS: tl.constexpr,
+               WORDS: tl.constexpr):
+    """The down word tile and scales of columns c0 .. c0 + GROUPS - 1 ((slot, group) pairs; each
+    column's expert read from idx on the device; masked from c_hi on)."""
+    c = c0 + offs_g
+    c_ok = c < c_hi
+    slot = c // NGROUPS
+    grp = c - slot * NGROUPS
+    e = tl.load(idx_ptr + slot, mask=c_ok, other=0).to(tl.int64)
+    m = n_ok & c_ok[None, :, None]
+    return (tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0),
+            tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0))
+
+
+@triton.jit
 def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STRIDE, stride_qe, stride_qn,
                                stride_se, stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr,
                                DOWN_GROUP: tl.constexpr,
-                               X_BF16: tl.constexpr,
-                               BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):
+                               X_BF16: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                               DEPTH: tl.constexpr, ASM: tl.constexpr):
     """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
-    rows read as int32 words: a step reads GROUPS whole groups of
-    BLOCK_N gate rows and the same of up rows ([BLOCK_N, GROUPS, GROUP / 8] tiles, 16-byte
-    loads) and loads the next step's tiles before using these (two steps in flight)."""
+    rows read as int32 words: a step reads GROUPS whole groups of BLOCK_N gate rows and the
+    same of up rows ([BLOCK_N, GROUPS, GROUP / 8] tiles, 16-byte loads); the tiles of a step are
+    loaded DEPTH steps ahead (a program's few steps would otherwise each wait out the memory
+    latency: Triton pipelines no loads outside a dot)."""
     WORDS: tl.constexpr = GROUP // 8
     pid_n, slot = tl.program_id(0), tl.program_id(1)
     e = tl.load(idx_ptr + slot).to(tl.int64)
@@ -368,23 +393,18 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
     gsc = s_ptr + e * stride_se + offs_n.to(tl.int64)[:, None, None] * stride_sn + offs_g[None, :, None]
     usc = gsc + I * stride_sn
     xw = x_ptr.to(tl.pointer_type(tl.int32))
-    g_ok = (offs_g < NGROUPS)[None, :, None]
-    m = n_ok & g_ok
-    wg = tl.load(grows + word, mask=m, other=0)
-    wu = tl.load(urows + word, mask=m, other=0)
-    sg = tl.load(gsc, mask=m, other=0.0)
-    su = tl.load(usc, mask=m, other=0.0)
+    # tiles of step t (groups t * GROUPS ..) are loaded DEPTH steps before they are used
+    wg, wu, sg, su = _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, 0, NGROUPS, WORDS)
+    if DEPTH == 2:
+        wg1, wu1, sg1, su1 = _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, GROUPS, NGROUPS, WORDS)
+    else:
+        wg1, wu1, sg1, su1 = wg, wu, sg, su
     acc_g = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
     for g0 in range(0, NGROUPS, GROUPS):
-        x_ok = g_ok
-        g_ok = (g0 + GROUPS + offs_g < NGROUPS)[None, :, None]
-        m = n_ok & g_ok
-        nxt = (g0 + GROUPS) * WORDS
-        wg_n = tl.load(grows + nxt + word, mask=m, other=0)
-        wu_n = tl.load(urows + nxt + word, mask=m, other=0)
-        sg_n = tl.load(gsc + g0 + GROUPS, mask=m, other=0.0)
-        su_n = tl.load(usc + g0 + GROUPS, mask=m, other=0.0)
+        x_ok = (g0 + offs_g < NGROUPS)[None, :, None]
+        wg_n, wu_n, sg_n, su_n = _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, g0 + DEPTH * GROUPS,
+                                               NGROUPS, WORDS)
         if X_BF16:
             x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pairs(xw, g0 * WORDS + word, x_ok)
         else:
@@ -399,7 +419,12 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
             x7 = tl.load(xk + 7, mask=x_ok, other=0.0).to(tl.float32)
         acc_g += _word_dot(wg, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * sg.to(tl.float32)
         acc_u += _word_dot(wu, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * su.to(tl.float32)
-        wg, wu, sg, su = wg_n, wu_n, sg_n, su_n
+        if DEPTH == 2:
+            wg, wu, sg, su = wg1, wu1, sg1, su1
+            wg1, wu1, sg1, su1 = wg_n, wu_n, sg_n, su_n
+        else:
+            wg, wu, sg, su = wg_n, wu_n, sg_n, su_n
+            wg1, wu1, sg1, su1 = wg_n, wu_n, sg_n, su_n
     gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
     up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
     act = _gelu_tanh(gate) * up
@@ -421,11 +446,12 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
 def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, ACT_STRIDE, C_PER_SPLIT, stride_qe,
                             stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
                             NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                            GROUPS: tl.constexpr, ASM: tl.constexpr):
+                            GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr):
     """out[pid_s, n] = sum over one slice of the (slot, group) columns of weight[slot] * the
     down rows of expert idx[slot] . act[slot] (one token). The top_k experts' groups form one
     axis of TOP_K * NGROUPS columns, so a step of GROUPS columns can span two experts and one
-    program keeps the whole (slot, k) stream in flight; the routing weight rides on the scale.
+    program keeps the whole (slot, k) stream in flight (tiles loaded DEPTH steps ahead); the
+    routing weight rides on the scale.
     With one slice the sum goes straight to the output (its dtype), else to fp32 partials."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = TOP_K * NGROUPS
@@ -439,27 +465,24 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
     srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
     c_lo = pid_s * C_PER_SPLIT
     c_hi = tl.minimum(c_lo + C_PER_SPLIT, C)
-    c = c_lo + offs_g
-    c_ok = c < c_hi
-    slot = c // NGROUPS
-    grp = c - slot * NGROUPS
-    e = tl.load(idx_ptr + slot, mask=c_ok, other=0).to(tl.int64)
-    m = n_ok & c_ok[None, :, None]
-    w = tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0)
-    s = tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0)
+    # tiles of a step are loaded DEPTH steps before they are used
+    w, s = _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c_lo, c_hi, stride_qe, stride_se, NGROUPS, WORDS)
+    if DEPTH == 2:
+        w1, s1 = _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c_lo + GROUPS, c_hi, stride_qe, stride_se, NGROUPS,
+                            WORDS)
+    else:
+        w1, s1 = w, s
     acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
     for c0 in range(c_lo, c_hi, GROUPS):
-        x_ok = c_ok[None, :, None]
-        ak = act_ptr + (slot * ACT_STRIDE + grp * (9 * WORDS))[None, :, None] + wd  # run i: x_i of the words
-        rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
-        c = c0 + GROUPS + offs_g
+        w_n, s_n = _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c0 + DEPTH * GROUPS, c_hi, stride_qe, stride_se,
+                              NGROUPS, WORDS)
+        c = c0 + offs_g
         c_ok = c < c_hi
         slot = c // NGROUPS
         grp = c - slot * NGROUPS
-        e = tl.load(idx_ptr + slot, mask=c_ok, other=0).to(tl.int64)
-        m = n_ok & c_ok[None, :, None]
-        w_n = tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0)
-        s_n = tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0)
+        x_ok = c_ok[None, :, None]
+        ak = act_ptr + (slot * ACT_STRIDE + grp * (9 * WORDS))[None, :, None] + wd  # run i: x_i of the words
+        rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
         x0 = tl.load(ak, mask=x_ok, other=0.0)
         x1 = tl.load(ak + 1 * WORDS, mask=x_ok, other=0.0)
         x2 = tl.load(ak + 2 * WORDS, mask=x_ok, other=0.0)
@@ -470,7 +493,12 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
         x7 = tl.load(ak + 7 * WORDS, mask=x_ok, other=0.0)
         corr = tl.load(ak + 8 * WORDS, mask=x_ok, other=0.0)
         acc += (_word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) - corr) * (s.to(tl.float32) * rw)
-        w, s = w_n, s_n
+        if DEPTH == 2:
+            w, s = w1, s1
+            w1, s1 = w_n, s_n
+        else:
+            w, s = w_n, s_n
+            w1, s1 = w_n, s_n
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
 
@@ -643,7 +671,7 @@ def decode_act_stride(I: int) -> int:
 def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
     """gelu(gate) * up of each picked expert for one token (x [1, H]), fp32 in the down kernel's
     layout (`decode_act_pack`: words' x in runs, their offsets beside them). BLOCK_N a multiple of 8.
-    `cfg` (BLOCK_N, GROUPS, num_warps) bypasses autotuning."""
+    `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning."""
     H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
     G = H // gu_s.shape[-1]
     act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
@@ -653,9 +681,9 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     meta = dict(NGROUPS=H // G, GROUP=G, DOWN_GROUP=down_group, X_BF16=x.dtype == torch.bfloat16,
                 ASM=x.device.type == "cuda")
     if cfg:
-        bn, gr, warps = cfg
+        bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
-                                                                      num_warps=warps, num_stages=1)
+                                                                      DEPTH=depth, num_warps=warps, num_stages=1)
     else:
         grid = lambda m: (triton.cdiv(I, m["BLOCK_N"]), top_k)  # noqa: E731
         wrap(_autotuned("words_gate_up", G))[grid](*args, **meta)
@@ -664,8 +692,8 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
 
 def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None):
     """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act as
-    `decode_act_pack` lays it out), the
-    (slot, group) columns in `slices` slices (fp32 partials and one sum kernel when > 1)."""
+    `decode_act_pack` lays it out), the (slot, group) columns in `slices` slices (fp32 partials
+    and one sum kernel when > 1). `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning."""
     H, I, top_k = d_q.shape[1], d_q.shape[2] * 2, idx.shape[1]
     G = I // d_s.shape[-1]
     slices = DOWN_SLICES if slices is None else slices
@@ -675,9 +703,9 @@ def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=N
             d_s.stride(0), d_s.stride(1), out.stride(0))
     meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda")
     if cfg:
-        bn, gr, warps = cfg
+        bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
-                                                                    num_warps=warps, num_stages=1)
+                                                                    DEPTH=depth, num_warps=warps, num_stages=1)
     else:
         grid = lambda m: (triton.cdiv(H, m["BLOCK_N"]), slices)  # noqa: E731
         wrap(_autotuned("words_down", G))[grid](*args, **meta)
