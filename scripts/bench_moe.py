@@ -13,6 +13,8 @@ gathers the top-k experts' bf16 weights; prefill runs every expert on every toke
 Every kernel result is checked first against the fp32 reference with the dequantized weights on
 fresh inputs, the allocator's free memory poisoned with NaN; a relative error over 1e-2 (or ids
 that disagree on more than 2% of the picks) stops the run (exit 1).
+A decode time is the mean over ROTATE tokens routed to different experts, run back to back in
+one timing (one token's experts, 24 MiB at 26B-A4B, would sit in the L2 between replays).
 On CUDA, times are CUDA-graph replays (the compiled artifact has no Python launch cost); on the
 CPU the ops run their aten references (a check of the script, not a kernel measurement).
 """
@@ -32,6 +34,7 @@ import torch
 from export.gemma4.config import PRESETS
 
 REL_TOL = 1e-2
+ROTATE = 8  # decode tokens per timed call (distinct routings)
 
 
 def copy_gbps(device: str) -> float:
@@ -116,16 +119,25 @@ def bench_m(preset: str, layer: dict, m: int, device: str, dtype: torch.dtype, g
     route_bytes = E * H * layer["proj"].element_size() + act_bytes // 2 + m * K * 12
     expert_bytes = active * per_expert + act_bytes + m * K * 12
     float_expert = (2 * I * H + H * I) * layer["gate_up"].element_size()
+    # decode: ROTATE tokens, each routed to its own experts, one after the other in the timed graph
+    # (their experts' bytes are several times the L2, as a decode across layers reads them)
+    rot = ROTATE if m == 1 else 1
+    sets = [(x, w, idx)]
+    for _ in range(rot - 1):
+        xr = torch.randn(m, H, device=device).to(dtype)
+        sets.append((xr, *torch.ops.gemma4.moe_route(xr, *route_args)))
+    each = lambda f: (lambda: [f(*s) for s in sets])  # noqa: E731
     variants = {
-        "route": (lambda: torch.ops.gemma4.moe_route(x, *route_args), route_bytes),
-        "route_aten": (lambda: moe_route_reference(x, *route_args), route_bytes),
-        "experts_int4": (lambda: torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks), expert_bytes),
-        "experts_float": (lambda: _float_experts(layer, x, w, idx), (K if m == 1 else E) * float_expert + act_bytes),
-        "moe_int4": (lambda: torch.ops.gemma4.moe_experts_int4(x, *torch.ops.gemma4.moe_route(x, *route_args), *stacks),
-                     route_bytes + expert_bytes),
+        "route": (each(lambda x, w, idx: torch.ops.gemma4.moe_route(x, *route_args)), route_bytes),
+        "route_aten": (each(lambda x, w, idx: moe_route_reference(x, *route_args)), route_bytes),
+        "experts_int4": (each(lambda x, w, idx: torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks)), expert_bytes),
+        "experts_float": (each(lambda x, w, idx: _float_experts(layer, x, w, idx)),
+                          (K if m == 1 else E) * float_expert + act_bytes),
+        "moe_int4": (each(lambda x, w, idx: torch.ops.gemma4.moe_experts_int4(
+            x, *torch.ops.gemma4.moe_route(x, *route_args), *stacks)), route_bytes + expert_bytes),
     }
     for name, (fn, nbytes) in variants.items():
-        us = _time_ms(fn, device) * 1e3
+        us = _time_ms(fn, device) * 1e3 / rot
         rows.append({"model": preset, "op": name, "m": m, "us": us, "bytes": nbytes, "active_experts": active,
                      "floor_us": nbytes / gbps / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,
                      "rel_err": err if "int4" in name else None, "same_ids": same if name == "route" else None})
@@ -150,8 +162,9 @@ def compiled_smem() -> list[dict]:
     """Shared memory of every kernel variant Triton compiled in this run."""
     from export.kernels import moe_int4
     out = []
-    for fn in (moe_int4._route_logits_kernel, moe_int4._route_topk_kernel, moe_int4._gemv_gate_up_kernel,
-               moe_int4._gemv_down_kernel, moe_int4._align_kernel, moe_int4._grouped_kernel):
+    for fn in (moe_int4._route_logits_kernel, moe_int4._route_topk_kernel, moe_int4._gemv_words_gate_up_kernel,
+               moe_int4._gemv_words_down_kernel, moe_int4._sum_slices_kernel, moe_int4._align_kernel,
+               moe_int4._grouped_kernel):
         for cache in fn.device_caches.values():
             for kernel in cache[0].values():
                 out.append({"name": kernel.name, "shared": kernel.metadata.shared,

@@ -21,18 +21,21 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per
   row, applied later) and `_route_topk_kernel` (sums the slices, softmax, top-k by repeated
   argmax, renormalize, per-expert scale), all in fp32.
-- decode (N == 1): `_gemv_gate_up_kernel`, grid (I blocks, top_k), reads the expert id on
-  the device and only that expert's rows of gate and up, and writes gelu(gate) * up;
-  `_gemv_down_kernel`, grid (H blocks), walks the top_k experts in one loop and sums their
-  weighted outputs in registers. Static shapes, no host sync: CUDA-graph safe.
+- decode (N == 1): `_gemv_words_gate_up_kernel`, grid (I blocks, top_k), reads the expert id
+  on the device and only that expert's rows of gate and up, and writes gelu(gate) * up (fp32,
+  in the down kernel's word order); `_gemv_words_down_kernel`, grid (H blocks, slices), runs
+  over the top_k experts' groups as one axis of (slot, group) columns with the routing weight on
+  the scale (`DOWN_SLICES` > 1: fp32 partials summed by `_sum_slices_kernel`). Both read the
+  packed rows as int32 words (16-byte loads, GROUPS whole groups per step, the next step's
+  tiles loaded before this one is used) and turn each nibble into a float with one lop3 and
+  meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe.
 - prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
-  entries per expert and writes them grouped by expert (a stable counting sort), the
-  per-expert row offsets and the per-expert offsets of TILE_M-row tiles; `_grouped_kernel`
-  runs one tile of one expert per program (the program finds its expert from the tile
-  offsets), a tensor-core dot over dequantized weight tiles: gate_up writes the activations
-  in grouped order, down writes each entry's weighted output in place, and a sum over the
-  top_k slots gives each token's output (deterministic, no atomics). No expert runs on a
-  token that did not pick it.
+  entries per expert and writes them grouped by expert (a stable counting sort) and the
+  per-expert row offsets; `_grouped_kernel` runs one TILE-row tile of one expert per program
+  (TILE is a config: the program finds its expert from the row offsets), a tensor-core dot
+  over dequantized weight tiles: gate_up writes the activations in grouped order, down writes
+  each entry's weighted output in place, and a sum over the top_k slots gives each token's
+  output (deterministic, no atomics). No expert runs on a token that did not pick it.
 Every config fits 101376 bytes of shared memory per block (RTX 4090 sm_89, RTX 5090
 sm_120); `config_smem_bytes` estimates it and the tests check every config (and compile each
 kernel for sm_89 and sm_120 with Triton + ptxas, no GPU needed).
@@ -57,7 +60,6 @@ from export.kernels import int4_matmul
 from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int4
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
-TILE_M = 16  # (token, slot) rows per grouped-GEMM program: a prefill chunk of 128 gives ~8 per expert
 ALIGN_BLOCK = 128  # entries per step of the counting sort
 ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
 
@@ -132,29 +134,38 @@ def _cfg(warps, stages, **blocks):
 
 ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s in (
     (16, 128, 4, 2), (32, 128, 4, 2), (16, 256, 4, 2), (32, 64, 4, 3))]
-GEMV_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (  # BLOCK_K divides the group (filtered)
-    (16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 64, 4, 4), (32, 32, 4, 4),
-    (64, 32, 4, 4), (8, 128, 2, 3), (8, 64, 2, 4), (16, 32, 2, 4))]  # BLOCK_N 8-16: more programs for few rows
-GROUPED_CONFIGS = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, w, s in (
-    (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4),
-    (32, 64, 4, 4))]
+# A thread holds 4 words (16 bytes) of a row; tiles with more rows than the threads lay out give
+# each thread several rows of the same words, which share the x loads and offsets (fewer
+# instructions per nibble) at the cost of fewer programs.
+WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, d in (  # GROUP / 8 words a group
+    (16, 4, 4, 1), (16, 4, 4, 2), (8, 4, 4, 2), (8, 4, 4, 1), (8, 2, 2, 2), (8, 2, 4, 2))]
+WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, d in (  # BLOCK_N: whole words of act
+    (8, 16, 4, 1), (8, 16, 4, 2), (4, 16, 2, 2), (4, 16, 2, 1), (8, 8, 4, 2), (8, 32, 4, 1))]
+# the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.txt), one-config mode's pick
+DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
+GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
+    (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False), (64, 64, 64, 4, 3, False),
+    (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False),
+    (64, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
+# TILE: (token, slot) rows of one expert per program; JOIN: one dot over the interleaved tile
 
 
 def config_smem_bytes(cfg: triton.Config, kind: str) -> int:
-    """Upper estimate of a config's shared memory. Each pipeline stage buffers its input tiles
-    (activations, packed weights and scales; gate_up reads two weight tiles, gate and up); a dot
-    also stages the dequantized bf16 weight tiles once. Routing: fp32 tiles of x and the router
-    weight per stage, and the dot's operands once."""
+    """Upper estimate of a config's shared memory. Grouped GEMM: each pipeline stage buffers its
+    input tiles (activations, packed weights and scales; gate_up reads two weight tiles, gate and
+    up); a dot also stages the dequantized bf16 weight tiles once. Routing: fp32 tiles of x and
+    the router weight per stage, and the dot's operands once. Word GEMVs: registers, and a
+    conversion or reduction scratch."""
     k = cfg.kwargs
     if kind == "route":
         per_stage = (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
         return cfg.num_stages * per_stage + (k["BLOCK_T"] + k["BLOCK_E"]) * k["BLOCK_H"] * 4
-    tiles = 2 if kind in ("gemv_gate_up", "grouped_gate_up") else 1
+    if kind.startswith("words"):  # registers; at most the fp32 tiles (16 words per group) once, for a layout
+        return 2 * k["BLOCK_N"] * k["GROUPS"] * 16 * 4  # conversion or the final cross-warp sum
+    tiles = 2 if kind == "grouped_gate_up" else 1
     bn, bk = k["BLOCK_N"], k["BLOCK_K"]
     weights = tiles * (bn * bk // 2 + bn * 2)
-    if kind.startswith("gemv"):  # x (or act, fp32) slice, no dot
-        return cfg.num_stages * (weights + bk * 4)
-    return cfg.num_stages * (weights + TILE_M * bk * 2) + tiles * bn * bk * 2
+    return cfg.num_stages * (weights + k["TILE"] * bk * 2) + tiles * bn * bk * 2
 
 
 _KERNELS: dict = {}
@@ -170,14 +181,16 @@ def _autotuned(kind: str, group: int = 0):
     if key not in _KERNELS:
         pool, kernel, keys = {
             "route": (ROUTE_CONFIGS, _route_logits_kernel, ["E", "H"]),
-            "gemv_gate_up": (GEMV_CONFIGS, _gemv_gate_up_kernel, ["I", "K", "GROUP"]),
-            "gemv_down": (GEMV_CONFIGS, _gemv_down_kernel, ["N_OUT", "K", "GROUP"]),
-            "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
-            "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP"]),
+            "words_gate_up": (WORDS_GATE_UP_CONFIGS, _gemv_words_gate_up_kernel,
+                              ["I", "NGROUPS", "GROUP", "DOWN_GROUP"]),
+            "words_down": (WORDS_DOWN_CONFIGS, _gemv_words_down_kernel, ["N_OUT", "C_PER_SPLIT", "GROUP", "NGROUPS"]),
+            "grouped_gate_up": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
+            "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
         }[kind]
-        configs = [c for c in pool if kind == "route" or group % c.kwargs["BLOCK_K"] == 0]
-        if one:
-            configs = [min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
+        configs = [c for c in pool if "BLOCK_K" not in c.kwargs or group % c.kwargs["BLOCK_K"] == 0]
+        if one:  # the word GEMVs' first config is the measured one; elsewhere the smallest
+            configs = configs[:1] if kind.startswith("words") else [
+                min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
         _KERNELS[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _KERNELS[key]
 
@@ -262,65 +275,248 @@ def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, 
 
 
 @triton.jit
-def _gemv_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, K, stride_qe, stride_qn, stride_se,
-                         stride_sn, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32)."""
+def _nib(h, S: tl.constexpr, ASM: tl.constexpr):
+    """The nibble v at bits S .. S + 3 of each int32 word as the float 2^(23 - S) + v: masked into
+    the mantissa of a float whose exponent gives bit S the weight 1 (one lop3 with ASM). S 12 or
+    16 keeps the float under 2^12, so its products with bf16 x are exact and the word's sum stays
+    small next to the offset that is taken off."""
+    if ASM:
+        if S == 12:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000F000, 0x45000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [h],
+                                          dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        f = (h & (0xF << S)) | ((150 - S) << 23)
+    return f.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
+    """sum_i (nibble_i(w) - 8) * x_i per int32 word (k = 8j + i in bits 4i .. 4i + 3): the
+    nibble pairs shifted to bits 12 and 16 (w << 12, w << 4, w >> 4, w >> 12), one lop3 and one
+    FMA per nibble; the offsets (2^(23 - S) + 8: 2056 and 136) are taken off once per word
+    against x alone, which broadcasts over the rows (no per-row cost)."""
+    a = w << 12
+    b = w << 4
+    c = w >> 4
+    d = w >> 12
+    part = _nib(a, 12, ASM) * x0
+    part += _nib(a, 16, ASM) * x1
+    part += _nib(b, 12, ASM) * x2
+    part += _nib(b, 16, ASM) * x3
+    part += _nib(c, 12, ASM) * x4
+    part += _nib(c, 16, ASM) * x5
+    part += _nib(d, 12, ASM) * x6
+    part += _nib(d, 16, ASM) * x7
+    corr = 2056.0 * (x0 + x2 + x4 + x6) + 136.0 * (x1 + x3 + x5 + x7)
+    return part - corr
+
+
+@triton.jit
+def _word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
+    """`_word_dot` before the offsets are taken off (the caller has them: the down kernel reads
+    them precomputed beside act)."""
+    a = w << 12
+    b = w << 4
+    c = w >> 4
+    d = w >> 12
+    part = _nib(a, 12, ASM) * x0
+    part += _nib(a, 16, ASM) * x1
+    part += _nib(b, 12, ASM) * x2
+    part += _nib(b, 16, ASM) * x3
+    part += _nib(c, 12, ASM) * x4
+    part += _nib(c, 16, ASM) * x5
+    part += _nib(d, 12, ASM) * x6
+    part += _nib(d, 16, ASM) * x7
+    return part
+
+
+@triton.jit
+def _bf16_pairs(xw_ptr, word, mask):
+    """x[8j .. 8j + 7] of words j (bf16, four 32-bit loads of pairs) as eight fp32 tensors."""
+    p0 = tl.load(xw_ptr + word * 4, mask=mask, other=0)
+    p1 = tl.load(xw_ptr + word * 4 + 1, mask=mask, other=0)
+    p2 = tl.load(xw_ptr + word * 4 + 2, mask=mask, other=0)
+    p3 = tl.load(xw_ptr + word * 4 + 3, mask=mask, other=0)
+    return ((p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True),
+            (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True),
+            (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True),
+            (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, g0, NGROUPS: tl.constexpr, WORDS: tl.constexpr):
+    """The gate and up word tiles and scales of groups g0 .. g0 + GROUPS - 1 (masked past the row)."""
+    m = n_ok & (g0 + offs_g < NGROUPS)[None, :, None]
+    return (tl.load(grows + g0 * WORDS + word, mask=m, other=0), tl.load(urows + g0 * WORDS + word, mask=m, other=0),
+            tl.load(gsc + g0, mask=m, other=0.0), tl.load(usc + g0, mask=m, other=0.0))
+
+
+@triton.jit
+def _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c0, c_hi, stride_qe, stride_se, NGROUPS: tl.constexpr,
+               WORDS: tl.constexpr):
+    """The down word tile and scales of columns c0 .. c0 + GROUPS - 1 ((slot, group) pairs; each
+    column's expert read from idx on the device; masked from c_hi on)."""
+    c = c0 + offs_g
+    c_ok = c < c_hi
+    slot = c // NGROUPS
+    grp = c - slot * NGROUPS
+    e = tl.load(idx_ptr + slot, mask=c_ok, other=0).to(tl.int64)
+    m = n_ok & c_ok[None, :, None]
+    return (tl.load(rows + (e * (stride_qe * 4) + grp * WORDS)[None, :, None], mask=m, other=0),
+            tl.load(srows + (e * stride_se + grp)[None, :, None], mask=m, other=0.0))
+
+
+@triton.jit
+def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STRIDE, stride_qe, stride_qn,
+                               stride_se, stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr,
+                               DOWN_GROUP: tl.constexpr,
+                               X_BF16: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                               DEPTH: tl.constexpr, ASM: tl.constexpr):
+    """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
+    rows read as int32 words: a step reads GROUPS whole groups of BLOCK_N gate rows and the
+    same of up rows ([BLOCK_N, GROUPS, GROUP / 8] tiles, 16-byte loads); the tiles of a step are
+    loaded DEPTH steps ahead (a program's few steps would otherwise each wait out the memory
+    latency: Triton pipelines no loads outside a dot)."""
+    WORDS: tl.constexpr = GROUP // 8
     pid_n, slot = tl.program_id(0), tl.program_id(1)
     e = tl.load(idx_ptr + slot).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < I
-    gate_rows = q_ptr + e * stride_qe + offs_n.to(tl.int64)[:, None] * stride_qn
-    up_rows = gate_rows + I * stride_qn
-    gate_s = s_ptr + e * stride_se + offs_n * stride_sn
-    up_s = gate_s + I * stride_sn
-    acc_g = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        xe = tl.load(x_ptr + k0 + 2 * offs_b).to(tl.float32)[None, :]
-        xo = tl.load(x_ptr + k0 + 2 * offs_b + 1).to(tl.float32)[None, :]
-        lo, hi = _nibbles(tl.load(gate_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
-        sg = tl.load(gate_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc_g += (lo * xe + hi * xo) * sg[:, None]
-        lo, hi = _nibbles(tl.load(up_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32))
-        su = tl.load(up_s + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc_u += (lo * xe + hi * xo) * su[:, None]
-    act = _gelu_tanh(tl.sum(acc_g, axis=1)) * tl.sum(acc_u, axis=1)
-    tl.store(act_ptr + slot * I + offs_n, act, mask=n_ok)
+    n_ok = (offs_n < I)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)
+    word = (offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :])[None, :, :]  # [1, GROUPS, WORDS]
+    q = q_ptr.to(tl.pointer_type(tl.int32))  # strides count 16-byte units: rows of whole 16-byte words
+    grows = q + e * (stride_qe * 4) + offs_n.to(tl.int64)[:, None, None] * (stride_qn * 4)
+    urows = grows + I * (stride_qn * 4)
+    gsc = s_ptr + e * stride_se + offs_n.to(tl.int64)[:, None, None] * stride_sn + offs_g[None, :, None]
+    usc = gsc + I * stride_sn
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    # tiles of step t (groups t * GROUPS ..) are loaded DEPTH steps before they are used
+    wg, wu, sg, su = _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, 0, NGROUPS, WORDS)
+    if DEPTH == 2:
+        wg1, wu1, sg1, su1 = _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, GROUPS, NGROUPS, WORDS)
+    else:
+        wg1, wu1, sg1, su1 = wg, wu, sg, su
+    acc_g = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    for g0 in range(0, NGROUPS, GROUPS):
+        x_ok = (g0 + offs_g < NGROUPS)[None, :, None]
+        wg_n, wu_n, sg_n, su_n = _gate_up_tile(grows, urows, gsc, usc, word, offs_g, n_ok, g0 + DEPTH * GROUPS,
+                                               NGROUPS, WORDS)
+        if X_BF16:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _bf16_pairs(xw, g0 * WORDS + word, x_ok)
+        else:
+            xk = x_ptr + (g0 * WORDS + word) * 8
+            x0 = tl.load(xk, mask=x_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(xk + 1, mask=x_ok, other=0.0).to(tl.float32)
+            x2 = tl.load(xk + 2, mask=x_ok, other=0.0).to(tl.float32)
+            x3 = tl.load(xk + 3, mask=x_ok, other=0.0).to(tl.float32)
+            x4 = tl.load(xk + 4, mask=x_ok, other=0.0).to(tl.float32)
+            x5 = tl.load(xk + 5, mask=x_ok, other=0.0).to(tl.float32)
+            x6 = tl.load(xk + 6, mask=x_ok, other=0.0).to(tl.float32)
+            x7 = tl.load(xk + 7, mask=x_ok, other=0.0).to(tl.float32)
+        acc_g += _word_dot(wg, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * sg.to(tl.float32)
+        acc_u += _word_dot(wu, x0, x1, x2, x3, x4, x5, x6, x7, ASM) * su.to(tl.float32)
+        if DEPTH == 2:
+            wg, wu, sg, su = wg1, wu1, sg1, su1
+            wg1, wu1, sg1, su1 = wg_n, wu_n, sg_n, su_n
+        else:
+            wg, wu, sg, su = wg_n, wu_n, sg_n, su_n
+            wg1, wu1, sg1, su1 = wg_n, wu_n, sg_n, su_n
+    gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
+    up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
+    act = _gelu_tanh(gate) * up
+    # act in the down kernel's word order (`decode_act_pack`): group g of DOWN_GROUP k's takes 9
+    # runs of DOWN_GROUP / 8, x_i of its words (k = 8j + i) in run i and their offsets in run 8
+    DW: tl.constexpr = DOWN_GROUP // 8
+    g = offs_n // DOWN_GROUP
+    r = offs_n - g * DOWN_GROUP
+    tl.store(act_ptr + slot * ACT_STRIDE + g * (9 * DW) + (r % 8) * DW + r // 8, act, mask=offs_n < I)
+    a8 = tl.reshape(act, (BLOCK_N // 8, 8))
+    i8 = tl.arange(0, 8)
+    corr = tl.sum(a8 * tl.where(i8 % 2 == 0, 2056.0, 136.0)[None, :], axis=1)
+    kw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # word index along I
+    gw = kw // DW
+    tl.store(act_ptr + slot * ACT_STRIDE + gw * (9 * DW) + 8 * DW + (kw - gw * DW), corr, mask=kw * 8 < I)
 
 
 @triton.jit
-def _gemv_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, K, stride_qe, stride_qn, stride_se,
-                      stride_sn, TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """out[n] = sum over slots of weight[slot] * (down of expert idx[slot]) @ act[slot] (one token).
-    One loop over (slot, k) steps (K is a multiple of BLOCK_K) with the routing weight folded into
-    the scale: a single accumulator, and the loads pipeline across the experts."""
-    pid_n = tl.program_id(0)
+def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, ACT_STRIDE, C_PER_SPLIT, stride_qe,
+                            stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
+                            NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr):
+    """out[pid_s, n] = sum over one slice of the (slot, group) columns of weight[slot] * the
+    down rows of expert idx[slot] . act[slot] (one token). The top_k experts' groups form one
+    axis of TOP_K * NGROUPS columns, so a step of GROUPS columns can span two experts and one
+    program keeps the whole (slot, k) stream in flight (tiles loaded DEPTH steps ahead); the
+    routing weight rides on the scale.
+    With one slice the sum goes straight to the output (its dtype), else to fp32 partials."""
+    WORDS: tl.constexpr = GROUP // 8
+    C: tl.constexpr = TOP_K * NGROUPS
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    n_ok = offs_n < N_OUT
-    row_off = offs_n.to(tl.int64)[:, None] * stride_qn
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-    for step in range(0, TOP_K * K, BLOCK_K):
-        slot = step // K
-        k0 = step - slot * K
-        e = tl.load(idx_ptr + slot).to(tl.int64)
-        ae = tl.load(act_ptr + step + 2 * offs_b)[None, :]  # act [TOP_K, K] is contiguous: row slot, column k0
-        ao = tl.load(act_ptr + step + 2 * offs_b + 1)[None, :]
-        p = tl.load(q_ptr + e * stride_qe + row_off + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0)
-        lo, hi = _nibbles(p.to(tl.int32))
-        s = tl.load(s_ptr + e * stride_se + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
-        acc += (lo * ae + hi * ao) * (s * tl.load(w_ptr + slot))[:, None]
-    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n_ok)
+    n_ok = (offs_n < N_OUT)[:, None, None]
+    offs_g = tl.arange(0, GROUPS)
+    wd = tl.arange(0, WORDS)[None, None, :]
+    q = q_ptr.to(tl.pointer_type(tl.int32))  # strides count 16-byte units: rows of whole 16-byte words
+    rows = q + offs_n.to(tl.int64)[:, None, None] * (stride_qn * 4) + wd
+    srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+    c_lo = pid_s * C_PER_SPLIT
+    c_hi = tl.minimum(c_lo + C_PER_SPLIT, C)
+    # tiles of a step are loaded DEPTH steps before they are used
+    w, s = _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c_lo, c_hi, stride_qe, stride_se, NGROUPS, WORDS)
+    if DEPTH == 2:
+        w1, s1 = _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c_lo + GROUPS, c_hi, stride_qe, stride_se, NGROUPS,
+                            WORDS)
+    else:
+        w1, s1 = w, s
+    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
+    for c0 in range(c_lo, c_hi, GROUPS):
+        w_n, s_n = _down_tile(rows, srows, idx_ptr, offs_g, n_ok, c0 + DEPTH * GROUPS, c_hi, stride_qe, stride_se,
+                              NGROUPS, WORDS)
+        c = c0 + offs_g
+        c_ok = c < c_hi
+        slot = c // NGROUPS
+        grp = c - slot * NGROUPS
+        x_ok = c_ok[None, :, None]
+        ak = act_ptr + (slot * ACT_STRIDE + grp * (9 * WORDS))[None, :, None] + wd  # run i: x_i of the words
+        rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
+        x0 = tl.load(ak, mask=x_ok, other=0.0)
+        x1 = tl.load(ak + 1 * WORDS, mask=x_ok, other=0.0)
+        x2 = tl.load(ak + 2 * WORDS, mask=x_ok, other=0.0)
+        x3 = tl.load(ak + 3 * WORDS, mask=x_ok, other=0.0)
+        x4 = tl.load(ak + 4 * WORDS, mask=x_ok, other=0.0)
+        x5 = tl.load(ak + 5 * WORDS, mask=x_ok, other=0.0)
+        x6 = tl.load(ak + 6 * WORDS, mask=x_ok, other=0.0)
+        x7 = tl.load(ak + 7 * WORDS, mask=x_ok, other=0.0)
+        corr = tl.load(ak + 8 * WORDS, mask=x_ok, other=0.0)
+        acc += (_word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) - corr) * (s.to(tl.float32) * rw)
+        if DEPTH == 2:
+            w, s = w1, s1
+            w1, s1 = w_n, s_n
+        else:
+            w, s = w_n, s_n
+            w1, s1 = w_n, s_n
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
 
 
 @triton.jit
-def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: tl.constexpr,
-                  BLOCK: tl.constexpr, E_P2: tl.constexpr):
+def _sum_slices_kernel(part_ptr, out_ptr, N, SLICES: tl.constexpr, BLOCK: tl.constexpr):
+    """out[n] = sum over the slices of part[s, n] (fp32, fixed order) in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(SLICES):
+        acc += tl.load(part_ptr + i * N + offs, mask=offs < N, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, NK, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
     """One program: the NK entries (flat (token, slot) indices) grouped by expert id, stable.
-    row_off[e] .. row_off[e + 1] are expert e's rows of `sorted`; tile_off[e] .. tile_off[e + 1]
-    its TILE-row tiles of the grouped GEMM."""
+    row_off[e] .. row_off[e + 1] are expert e's rows of `sorted`."""
     ex = tl.arange(0, E_P2)
     e_ok = ex < E
     counts = tl.zeros((E_P2,), dtype=tl.int32)
@@ -329,11 +525,8 @@ def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: t
         ids = tl.load(idx_ptr + offs, mask=offs < NK, other=-1).to(tl.int32)
         counts += tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0)
     row_end = tl.cumsum(counts, axis=0)
-    tile_end = tl.cumsum((counts + TILE - 1) // TILE, axis=0)
     tl.store(row_off_ptr + 1 + ex, row_end, mask=e_ok)
-    tl.store(tile_off_ptr + 1 + ex, tile_end, mask=e_ok)
     tl.store(row_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
-    tl.store(tile_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
     running = row_end - counts  # next free row of each expert
     for b0 in range(0, NK, BLOCK):
         offs = b0 + tl.arange(0, BLOCK)
@@ -347,21 +540,52 @@ def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, NK, E, TILE: t
 
 
 @triton.jit
-def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr,
-                    N_OUT, K, E, stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_om,
+def _grouped_step(acc, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn, row0,
+                  GROUP: tl.constexpr, FP32: tl.constexpr, JOIN: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """acc += x tile @ the dequantized [BLOCK_N, BLOCK_K] weight tile from row `row0` on (JOIN: a_even
+    is the whole x tile and the nibbles are interleaved back; else two half-K dots)."""
+    p = tl.load(w_rows + row0 * stride_qn + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+    s = tl.load(s_rows + row0 * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    lo, hi = _nibbles(p)
+    lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
+    if JOIN:
+        w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)
+        if FP32:
+            acc = tl.dot(a_even, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_even, tl.trans(w), acc)
+    else:
+        if FP32:
+            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_even, tl.trans(lo), acc)
+            acc = tl.dot(a_odd, tl.trans(hi), acc)
+    return acc
+
+
+@triton.jit
+def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr,
+                    N_OUT, K, E, stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_om, NK_BUCKET,
                     GATE_UP: tl.constexpr, TOP_K: tl.constexpr, FP32: tl.constexpr, GROUP: tl.constexpr,
-                    TILE: tl.constexpr, E_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    E_P2: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    JOIN: tl.constexpr):
     """One TILE-row tile of one expert's grouped rows x BLOCK_N output columns.
     GATE_UP: rows gather x by token, write act[row] = gelu(gate) * up in grouped order (x dtype).
     down: rows read act in grouped order, write out[entry] = weight[entry] * (act @ down.T) (fp32)."""
     pid_t, pid_n = tl.program_id(0), tl.program_id(1)
     ex = tl.arange(0, E_P2)
-    ends = tl.load(tile_off_ptr + 1 + ex, mask=ex < E, other=2147483647)
-    e = tl.sum((ends <= pid_t).to(tl.int32), axis=0)  # tiles of experts 0..e-1 end at or before this one
+    starts = tl.load(row_off_ptr + ex, mask=ex < E, other=0)
+    ends = tl.load(row_off_ptr + 1 + ex, mask=ex < E, other=0)
+    tiles = (ends - starts + TILE - 1) // TILE  # each expert's TILE-row tiles, in expert order
+    tile_end = tl.where(ex < E, tl.cumsum(tiles, axis=0), 2147483647)
+    e = tl.sum((tile_end <= pid_t).to(tl.int32), axis=0)  # tiles of experts 0..e-1 end at or before this one
     if e < E:
-        first_tile = tl.load(tile_off_ptr + e)
-        row_end = tl.load(row_off_ptr + e + 1)
-        rows = tl.load(row_off_ptr + e) + (pid_t - first_tile) * TILE + tl.arange(0, TILE)
+        here = ex == e
+        first_tile = tl.sum(tl.where(here, tile_end - tiles, 0), axis=0)
+        row_end = tl.sum(tl.where(here, ends, 0), axis=0)
+        rows = tl.sum(tl.where(here, starts, 0), axis=0) + (pid_t - first_tile) * TILE + tl.arange(0, TILE)
         r_ok = rows < row_end
         entry = tl.load(sorted_ptr + rows, mask=r_ok, other=0)
         a_rows = entry // TOP_K if GATE_UP else rows
@@ -374,32 +598,19 @@ def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, tile_off_ptr, q_ptr, s_ptr, 
         s_rows = s_ptr + e64 * stride_se + offs_n * stride_sn
         acc = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((TILE, BLOCK_N), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
-            # even and odd k meet their own nibble: two dots of BLOCK_K / 2, no interleave
-            a_even = tl.load(a_base + (k0 + 2 * offs_b)[None, :], mask=r_ok[:, None], other=0.0)
-            a_odd = tl.load(a_base + (k0 + 2 * offs_b + 1)[None, :], mask=r_ok[:, None], other=0.0)
-            p = tl.load(w_rows + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-            s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            lo, hi = _nibbles(p)
-            lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
-            if FP32:
-                acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-                acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a_even, tl.trans(lo), acc)
-                acc = tl.dot(a_odd, tl.trans(hi), acc)
+            if JOIN:  # one x tile as stored, the weight tile interleaved back to k order (register shuffle)
+                a_all = tl.load(a_base + (k0 + offs_k)[None, :], mask=r_ok[:, None], other=0.0)
+                a_even, a_odd = a_all, a_all
+            else:  # even and odd k meet their own nibble: two dots of BLOCK_K / 2, no interleave
+                a_even = tl.load(a_base + (k0 + 2 * offs_b)[None, :], mask=r_ok[:, None], other=0.0)
+                a_odd = tl.load(a_base + (k0 + 2 * offs_b + 1)[None, :], mask=r_ok[:, None], other=0.0)
+            acc = _grouped_step(acc, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn, 0,
+                                GROUP, FP32, JOIN, BLOCK_N, BLOCK_K)
             if GATE_UP:
-                p = tl.load(w_rows + N_OUT * stride_qn + (k0 // 2 + offs_b)[None, :], mask=n_ok[:, None],
-                            other=0).to(tl.int32)
-                s = tl.load(s_rows + N_OUT * stride_sn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                lo, hi = _nibbles(p)
-                lo, hi = (lo * s).to(a_even.dtype), (hi * s).to(a_even.dtype)
-                if FP32:
-                    acc_up = tl.dot(a_even, tl.trans(lo), acc_up, input_precision="ieee")
-                    acc_up = tl.dot(a_odd, tl.trans(hi), acc_up, input_precision="ieee")
-                else:
-                    acc_up = tl.dot(a_even, tl.trans(lo), acc_up)
-                    acc_up = tl.dot(a_odd, tl.trans(hi), acc_up)
+                acc_up = _grouped_step(acc_up, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn,
+                                       N_OUT, GROUP, FP32, JOIN, BLOCK_N, BLOCK_K)
         mask = r_ok[:, None] & n_ok[None, :]
         if GATE_UP:
             act = _gelu_tanh(acc) * acc_up
@@ -429,7 +640,8 @@ def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float
     weights = torch.empty((N, top_k), device=x.device, dtype=torch.float32)
     idx = torch.empty((N, top_k), device=x.device, dtype=torch.int64)
     wrap(_route_topk_kernel)[(N,)](part, ss, per_expert_scale, weights, idx, N, E, splits, eps, 1.0 / H, H ** -0.5,
-                                   TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k))
+                                   TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k),
+                                   num_warps=1)  # one warp: its 2 * TOP_K + 2 reductions are shuffles, no barriers
     return weights, idx
 
 
@@ -437,20 +649,80 @@ def _groups(gate_up_scales, down_scales, H: int, I: int) -> tuple[int, int]:
     return H // gate_up_scales.shape[-1], I // down_scales.shape[-1]
 
 
-def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
-    """One token (x [1, H]): two GEMV kernels over the top_k experts named by idx (on the device)."""
-    H, I, top_k = x.shape[1], d_q.shape[2] * 2, idx.shape[1]
-    g_gu, g_d = _groups(gu_s, d_s, H, I)
-    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
-    act = torch.empty((top_k, I), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(I, meta["BLOCK_N"]), top_k)  # noqa: E731
-    wrap(_autotuned("gemv_gate_up", g_gu))[grid](x1, idx1, gu_q, gu_s, act, I, H, gu_q.stride(0), gu_q.stride(1),
-                                                 gu_s.stride(0), gu_s.stride(1), GROUP=g_gu)
-    out = torch.empty((1, H), device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(H, meta["BLOCK_N"]),)  # noqa: E731
-    wrap(_autotuned("gemv_down", g_d))[grid](act, w1, idx1, d_q, d_s, out, H, I, d_q.stride(0), d_q.stride(1),
-                                             d_s.stride(0), d_s.stride(1), TOP_K=top_k, GROUP=g_d)
+def decode_act_pack(act: torch.Tensor, down_group: int) -> torch.Tensor:
+    """act [top_k, I] (k order) in the decode's layout for the down kernel, [top_k, act_stride]:
+    group g of `down_group` k's at g * 9 * W (W = down_group / 8 words), x[8j + i] at i * W + j,
+    and at 8 * W + j word j's offset sum_i (2056 if i even else 136) * x[8j + i] (`_word_dot`)."""
+    top_k, I = act.shape
+    W, G = down_group // 8, I // down_group
+    x = act.view(top_k, G, W, 8)
+    corr = (x * torch.tensor([2056.0, 136.0] * 4, device=act.device, dtype=act.dtype)).sum(-1)
+    runs = torch.cat([x.permute(0, 1, 3, 2), corr[:, :, None, :]], dim=2).reshape(top_k, G * 9 * W)
+    out = torch.zeros((top_k, decode_act_stride(I)), device=act.device, dtype=act.dtype)
+    out[:, :G * 9 * W] = runs
     return out
+
+
+def decode_act_stride(I: int) -> int:
+    """Row length of the decode's act buffer: 9 / 8 of I, rounded up to 16 elements (64 bytes)."""
+    return triton.cdiv(I * 9 // 8, 16) * 16
+
+
+def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
+    """gelu(gate) * up of each picked expert for one token (x [1, H]), fp32 in the down kernel's
+    layout (`decode_act_pack`: words' x in runs, their offsets beside them). BLOCK_N a multiple of 8.
+    `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning."""
+    H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
+    G = H // gu_s.shape[-1]
+    act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
+    # strides count 16-byte units (a row is a whole number of them: K is a multiple of G >= 32)
+    args = (x, idx, gu_q, gu_s, act, I, act.stride(0), gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0),
+            gu_s.stride(1))
+    meta = dict(NGROUPS=H // G, GROUP=G, DOWN_GROUP=down_group, X_BF16=x.dtype == torch.bfloat16,
+                ASM=x.device.type == "cuda")
+    if cfg:
+        bn, gr, warps, depth = (*cfg, 1)[:4]
+        wrap(_gemv_words_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
+                                                                      DEPTH=depth, num_warps=warps, num_stages=1)
+    else:
+        grid = lambda m: (triton.cdiv(I, m["BLOCK_N"]), top_k)  # noqa: E731
+        wrap(_autotuned("words_gate_up", G))[grid](*args, **meta)
+    return act
+
+
+def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None):
+    """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act as
+    `decode_act_pack` lays it out), the (slot, group) columns in `slices` slices (fp32 partials
+    and one sum kernel when > 1). `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning."""
+    H, I, top_k = d_q.shape[1], d_q.shape[2] * 2, idx.shape[1]
+    G = I // d_s.shape[-1]
+    slices = DOWN_SLICES if slices is None else slices
+    c_per = triton.cdiv(top_k * (I // G), slices)
+    out = torch.empty((slices, H), device=act.device, dtype=dtype if slices == 1 else torch.float32)
+    args = (act, weights, idx, d_q, d_s, out, H, act.stride(0), c_per, d_q.stride(0) // 16, d_q.stride(1) // 16,
+            d_s.stride(0), d_s.stride(1), out.stride(0))
+    meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda")
+    if cfg:
+        bn, gr, warps, depth = (*cfg, 1)[:4]
+        wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
+                                                                    DEPTH=depth, num_warps=warps, num_stages=1)
+    else:
+        grid = lambda m: (triton.cdiv(H, m["BLOCK_N"]), slices)  # noqa: E731
+        wrap(_autotuned("words_down", G))[grid](*args, **meta)
+    if slices == 1:
+        return out
+    y = torch.empty((1, H), device=act.device, dtype=dtype)
+    wrap(_sum_slices_kernel)[(triton.cdiv(H, 1024),)](out, y, H, SLICES=slices, BLOCK=1024, num_warps=4)
+    return y
+
+
+def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity, gate_up_cfg=None, down_cfg=None,
+                          slices=None):
+    """One token (x [1, H]): the word GEMVs over the top_k experts named by idx (on the device):
+    static shapes, no host sync, CUDA-graph safe."""
+    x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
+    act = launch_decode_gate_up(x1, idx1, gu_q, gu_s, d_q.shape[2] * 2 // d_s.shape[2], wrap, gate_up_cfg)
+    return launch_decode_down(act, w1, idx1, d_q, d_s, x.dtype, wrap, down_cfg, slices)
 
 
 def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
@@ -463,24 +735,23 @@ def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity
     x1, w1 = x.contiguous(), weights.contiguous()
     sorted_entries = torch.empty((NK,), device=x.device, dtype=torch.int32)
     row_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
-    tile_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
     e_p2 = triton.next_power_of_2(E)
-    wrap(_align_kernel)[(1,)](idx.contiguous(), sorted_entries, row_off, tile_off, NK, E, TILE=TILE_M,
-                              BLOCK=ALIGN_BLOCK, E_P2=e_p2)
-    max_tiles = triton.cdiv(NK, TILE_M) + E  # each expert adds at most one partial tile
+    wrap(_align_kernel)[(1,)](idx.contiguous(), sorted_entries, row_off, NK, E, BLOCK=ALIGN_BLOCK, E_P2=e_p2)
+    bucket = min(triton.next_power_of_2(NK), 16384) if isinstance(NK, int) else 16384  # the autotuner's key
     fp32 = x.dtype == torch.float32
     act = torch.empty((NK, I), device=x.device, dtype=x.dtype)  # grouped order
-    grid = lambda meta: (max_tiles, triton.cdiv(I, meta["BLOCK_N"]))  # noqa: E731
+    # each expert adds at most one partial tile
+    grid = lambda meta: (triton.cdiv(NK, meta["TILE"]) + E, triton.cdiv(I, meta["BLOCK_N"]))  # noqa: E731
     wrap(_autotuned("grouped_gate_up", g_gu))[grid](
-        x1, sorted_entries, row_off, tile_off, gu_q, gu_s, w1, act, I, H, E, x1.stride(0), gu_q.stride(0),
-        gu_q.stride(1), gu_s.stride(0), gu_s.stride(1), act.stride(0), GATE_UP=True, TOP_K=top_k, FP32=fp32,
-        GROUP=g_gu, TILE=TILE_M, E_P2=e_p2)
+        x1, sorted_entries, row_off, gu_q, gu_s, w1, act, I, H, E, x1.stride(0), gu_q.stride(0),
+        gu_q.stride(1), gu_s.stride(0), gu_s.stride(1), act.stride(0), bucket, GATE_UP=True, TOP_K=top_k, FP32=fp32,
+        GROUP=g_gu, E_P2=e_p2)
     per_entry = torch.empty((NK, H), device=x.device, dtype=torch.float32)  # (token, slot) order
-    grid = lambda meta: (max_tiles, triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(NK, meta["TILE"]) + E, triton.cdiv(H, meta["BLOCK_N"]))  # noqa: E731
     wrap(_autotuned("grouped_down", g_d))[grid](
-        act, sorted_entries, row_off, tile_off, d_q, d_s, w1, per_entry, H, I, E, act.stride(0), d_q.stride(0),
-        d_q.stride(1), d_s.stride(0), d_s.stride(1), per_entry.stride(0), GATE_UP=False, TOP_K=top_k, FP32=fp32,
-        GROUP=g_d, TILE=TILE_M, E_P2=e_p2)
+        act, sorted_entries, row_off, d_q, d_s, w1, per_entry, H, I, E, act.stride(0), d_q.stride(0),
+        d_q.stride(1), d_s.stride(0), d_s.stride(1), per_entry.stride(0), bucket, GATE_UP=False, TOP_K=top_k,
+        FP32=fp32, GROUP=g_d, E_P2=e_p2)
     return per_entry.view(N, top_k, H).sum(1).to(x.dtype)
 
 
