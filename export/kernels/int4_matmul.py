@@ -53,7 +53,7 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
-ONE_CONFIG = False  # compile with the smallest config only: no timing run picks the tiles (see one_config)
+ONE_CONFIG = False  # compile with each pool's first config only: no timing run picks the tiles (see one_config)
 
 
 # ---- layout: pack, unpack, quantize ---------------------------------------------------------
@@ -549,8 +549,9 @@ _KERNELS: dict[tuple[str, bool, bool, int], object] = {}
 
 @contextlib.contextmanager
 def one_config():
-    """Launches traced inside keep one config per kernel (the smallest): exports without
-    autotune compile fast and two of them compute bitwise the same result."""
+    """Launches traced inside keep one config per kernel, the first of its pool (the pools list
+    the measured winners first): exports without autotune compile fast, run at the measured
+    speed, and two of them compute bitwise the same result."""
     global ONE_CONFIG
     saved, ONE_CONFIG = ONE_CONFIG, True
     try:
@@ -567,7 +568,7 @@ def _kernel(kind: str, group: int):
         pool = {"gemv1": GEMV1_CONFIGS, "gemv": GEMV_CONFIGS, "gemm": GEMM_CONFIGS}[kind]
         configs = active_configs(pool, CONSUMER_ONLY)
         if ONE_CONFIG:
-            configs = [min(configs, key=lambda c: (config_smem_bytes(c), c.num_warps))]
+            configs = configs[:1]
         _KERNELS[key] = _autotuned(configs, _int4_gemv1_kernel if kind == "gemv1" else _int4_matmul_kernel)
     return _KERNELS[key]
 
