@@ -142,9 +142,12 @@ def _cfg1(bn, groups, warps):
 # the final reduction's. At G = 128 a thread holds 4 words of BLOCK_N * GROUPS / (8 * warps)
 # rows: with 8 (the first three) x's loads and correction cost ~3.2 instructions per nibble
 # in all (sm_90 SASS), with 2 ~4.4.
+# ordered by the 31B's decode step on the H200 (scripts/int4_variants.py --parts gemv1, each shape at
+# its best K split, weighted by its count per token): (32, 1, 1) 6.64 ms of linears a token,
+# (128, 1, 4) 6.93, (64, 1, 4) 7.04, ... (64, 1, 1) 8.62; the best per shape would give 6.56
 GEMV1_CONFIGS = [_cfg1(bn, g, w) for bn, g, w in (
-    (64, 1, 1), (128, 1, 2), (256, 1, 4), (32, 1, 1), (128, 1, 4), (64, 1, 4), (64, 2, 4), (32, 2, 4),
-    (16, 4, 4))]
+    (32, 1, 1), (128, 1, 4), (64, 1, 4), (128, 1, 2), (256, 1, 4), (32, 2, 4), (16, 4, 4), (64, 1, 1),
+    (64, 2, 4))]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
