@@ -1,0 +1,79 @@
+"""Where a decode step's time goes: the kernels of an exported artifact's decode, by total time.
+
+    python -m scripts.profile_decode --model ARTIFACT_DIR [--fill 1024] [--steps 32] [--json out.json]
+
+Loads the artifact with the runner (eager container runs, no CUDA graph, so the profiler sees
+every launch), prefills --fill tokens, then profiles --steps decode steps with torch.profiler.
+Prints per kernel family (the kernel's name up to its first digit run: Triton names carry
+the fused ops) the GPU time per step, its launch count per step and its share, plus the sum of
+kernel time against the step's wall time (the difference is launch gaps / host work, which a
+CUDA graph hides). A tuning tool: its JSON is for reading, not for checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+
+def family(name: str) -> str:
+    name = re.sub(r"_\d+$", "", name)  # triton_poi_fused_add_mul_3 -> triton_poi_fused_add_mul
+    return name[:90]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="artifact directory (the export's --out)")
+    ap.add_argument("--fill", type=int, default=1024, help="tokens prefilled before the profiled steps")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime.runner import Runner
+
+    runner = Runner.load(args.model, cuda_graph=False)
+    ids = torch.randint(3, 1000, (args.fill,)).tolist()
+    logits = runner.prefill(ids)
+    tok = int(logits.argmax())
+    for _ in range(4):  # warm-up
+        tok = int(runner.decode(tok).argmax())
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        tok = int(runner.decode(tok).argmax())
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) / args.steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            tok = int(runner.decode(tok).argmax())
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            f = per[family(ev.name)]
+            f[0] += ev.device_time / args.steps  # us per step
+            f[1] += 1 / args.steps
+    total = sum(v[0] for v in per.values())
+    rows = sorted(({"kernel": k, "us_per_step": v[0], "launches_per_step": v[1], "share": v[0] / total}
+                   for k, v in per.items()), key=lambda r: -r["us_per_step"])
+    print(f"decode step at fill {args.fill}: wall {wall_ms:.3f} ms without a graph, kernels {total / 1e3:.3f} ms, "
+          f"{sum(r['launches_per_step'] for r in rows):.0f} launches")
+    print(f"{'us/step':>9} {'launch':>6} {'share':>6}  kernel")
+    for r in rows[:40]:
+        print(f"{r['us_per_step']:>9.1f} {r['launches_per_step']:>6.1f} {r['share']:>6.1%}  {r['kernel']}")
+    if args.json:
+        args.json.write_text(json.dumps({"fill": args.fill, "wall_ms_no_graph": wall_ms, "kernel_ms": total / 1e3,
+                                         "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
