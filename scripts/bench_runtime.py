@@ -606,7 +606,8 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
               "nvml_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / gib,
               "host_peak_rss_gib": mem.peak.host_rss_bytes / gib,
               "bound_weights_gib": weights / gib, "kv_gib": kv_bytes / gib}
-    return {"decode": decode, "prefill": prefill, "memory": memory, "first_logits": first_logits, "fill_s": fill_s}
+    return {"decode": decode, "prefill": prefill, "memory": memory, "first_logits": first_logits, "fill_s": fill_s,
+            "skipped": clock.skipped}
 
 
 def prompt_ids(s: Sweep, vocab: int) -> list[int]:
@@ -753,6 +754,82 @@ def bench_hf(hf, prompts: tuple[int, ...], new_tokens: int, ids: list[int], devi
     return out
 
 
+# ---- one measurement per process -------------------------------------------------------------
+
+def _child_main(queue, fn, args) -> None:
+    import traceback
+
+    try:
+        queue.put(("ok", _plain(fn(*args))))
+    except BaseException as e:  # noqa: BLE001 (reported to the parent, which records it)
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+
+
+def _plain(value):
+    """Tensors as numpy arrays (by value: a tensor pickled by torch's reducers is shared memory
+    the exiting child may no longer serve)."""
+    if isinstance(value, torch.Tensor):
+        return _Array(value.detach().cpu().float().numpy())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+@dataclass
+class _Array:
+    array: object
+
+
+def _tensors(value):
+    if isinstance(value, _Array):
+        return torch.from_numpy(value.array)
+    if isinstance(value, dict):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors(v) for v in value)
+    return value
+
+
+def in_child(fn, *args):
+    """fn(*args) in a spawned process: whatever it leaves on the device (AOTI containers, CUDA
+    graphs' pools, the allocator's cache, the CUDA context) is gone when it returns, so each
+    artifact's peaks are its own and the next one starts from an empty device. The result
+    comes back pickled: tensors in it as CPU tensors."""
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    child = ctx.Process(target=_child_main, args=(q, fn, args))
+    child.start()
+    while True:
+        try:
+            status, value = q.get(timeout=5)
+            break
+        except queue_mod.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"{getattr(fn, '__name__', fn)} died in its process (exit code {child.exitcode})")
+    child.join()
+    if status != "ok":
+        raise RuntimeError(value)
+    return _tensors(value)
+
+
+def device_figures(s: "Sweep", device: str) -> dict:
+    """Copy bandwidth and the non-layer part of a decode step, in a process of their own."""
+    bw = copy_bandwidth(device, nbytes=2 << 30 if device.startswith("cuda") else 1 << 28)
+    _free(device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    head = non_layer_model(s)
+    return {"copy_bps": bw, "device": name, "non_layer_ms": non_layer_ms(head, device)}
+
+
+def hf_stage(s: "Sweep", device: str, clock: "Clock", ours_logits: dict) -> dict:
+    """transformers' model on the slice's float weights (drawn here, as the exports drew them)."""
+    return _hf_stage(s, slice_state_dict(s), device, clock, ours_logits)
+
+
 # ---- the sweep -------------------------------------------------------------------------------
 
 def run_sweep(s: Sweep, json_path: Path | None) -> dict:
@@ -783,47 +860,42 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
             json_path.write_text(json.dumps(rec, indent=1, default=str))
 
     jobs = start_exports(s)
-    # beside the compiles (light on the GPU): the planner, the float weights for transformers,
-    # the non-layer model
+    # beside the compiles: the planner (CPU). Everything that touches the device runs in a
+    # process of its own after them (in_child), so this one never holds device memory.
     plan = _guarded(rec, "plan", "cpu", plan_gib, "31b", None, 131072, "int4", "int8", "cuda")
     rec["plan_31b_131072_gib"] = plan and plan["total_gib"]
     plans = {kv: _guarded(rec, f"plan {kv}", "cpu", plan_gib, s.preset, s.layers, s.ctx, kv, s.embedding_quant, "cuda",
                           s.prefill_chunk) or {} for kv in s.kv_dtypes}
-    state = _guarded(rec, "float weights", "cpu", slice_state_dict, s) if s.hf else None
-    head = _guarded(rec, "non-layer model", "cpu", non_layer_model, s)
     log(f"ready beside the exports after {clock.elapsed():.0f} s")
     reserve = 90.0 if cuda else 30.0  # the least the measurements need after the exports: one KV dtype, transformers
     rec["exports"] = wait_exports(jobs, s.time_budget - reserve, clock)
     save()
 
     device = "cuda:0" if cuda else "cpu"
-    if cuda:
-        rec["device"] = torch.cuda.get_device_name()
-    bw = copy_bandwidth(device, nbytes=2 << 30 if cuda else 1 << 28)
+    figures = _guarded(rec, "copy bandwidth, non-layer part", "cpu", in_child, device_figures, s, device) or {}
+    bw = figures.get("copy_bps") or copy_bandwidth("cpu", nbytes=1 << 28)  # the ratios need a figure
     rec["copy_gbps"] = bw / 1e9
-    _free(device)
-    rec["non_layer_ms"] = head and _guarded(rec, "non-layer part", device, non_layer_ms, head, device)
-    del head
-    _free(device)
+    rec["device"] = figures.get("device") or rec.get("device")
+    rec["non_layer_ms"] = figures.get("non_layer_ms")
     save()
-    ours_logits, base_est = {}, 40.0 if cuda else 120.0
+    ours_logits, base_est, hf_pending = {}, 40.0 if cuda else 120.0, s.hf
     todo = [kv for kv in s.kv_dtypes if rec["exports"][kv]["ok"]]
     for i, kv in enumerate(todo):
-        if i == 1 and state is not None:  # transformers after the first artifact: the comparison first
-            rec["hf"] = _guarded(rec, "transformers", device, _hf_stage, s, state, device, clock, ours_logits)
-            state = None
-            _free(device)
+        if i == 1 and hf_pending:  # transformers after the first artifact: the comparison first
+            if clock.allows("transformers' model", 40.0 if cuda else 60.0):
+                rec["hf"] = _guarded(rec, "transformers", "cpu", in_child, hf_stage, s, device, clock, ours_logits)
+            hf_pending = False
             save()
         if not clock.allows(f"runtime {kv}", base_est):
             continue
         t = time.perf_counter()
-        left_after = (len(todo) - i - 1) * base_est + (40.0 if state is not None else 0.0)
-        res = _guarded(rec, f"runtime {kv}", device, bench_kv_dtype, s, kv, s.workdir / kv, clock, left_after, scale,
-                       rec["non_layer_ms"], bw)
+        left_after = (len(todo) - i - 1) * base_est + (40.0 if hf_pending else 0.0)
+        res = _guarded(rec, f"runtime {kv}", "cpu", in_child, bench_kv_dtype, s, kv, s.workdir / kv, clock, left_after,
+                       scale, rec["non_layer_ms"], bw)
         if res is None:
             continue
+        clock.skipped += [x for x in res.pop("skipped") if x not in clock.skipped]
         base_est = time.perf_counter() - t - res.pop("fill_s")  # the next may skip its long fill
-        _free(device)
         ours_logits[kv] = res.pop("first_logits")
         res["memory"]["plan"] = plans[kv]
         m = res["memory"]
@@ -834,8 +906,8 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
         rec["prefill"] += res["prefill"]
         rec["memory"].append(m)
         save()
-    if state is not None:
-        rec["hf"] = _guarded(rec, "transformers", device, _hf_stage, s, state, device, clock, ours_logits)
+    if hf_pending and clock.allows("transformers' model", 40.0 if cuda else 60.0):
+        rec["hf"] = _guarded(rec, "transformers", "cpu", in_child, hf_stage, s, device, clock, ours_logits)
     _merge_hf(rec)
     save()
     return rec
@@ -854,9 +926,7 @@ def _guarded(rec: dict, what: str, device: str, fn, *args):
         return None
 
 
-def _hf_stage(s: Sweep, state, device: str, clock: Clock, ours_logits: dict) -> dict | None:
-    if not clock.allows("transformers' model", 40.0 if device != "cpu" else 60.0):
-        return None
+def _hf_stage(s: Sweep, state, device: str, clock: Clock, ours_logits: dict) -> dict:
     hf = hf_model(s, state, device)
     res = bench_hf(hf, s.prompts, s.new_tokens, prompt_ids(s, hf.config.vocab_size), device)
     del hf

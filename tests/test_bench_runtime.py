@@ -75,3 +75,22 @@ def test_sweep_exports_at_the_whole_models_chunk():
     chunk, why = full_model_chunk("31b", 131072, "int8")  # the 24 GB recipe: 1024 would plan 22.11 GiB
     assert chunk == 512 and "--kv-dtype int4" in why and "of 22.00 GiB" in why
     assert full_model_chunk("31b", 1024, "int8")[0] == 1024  # never above ctx
+
+
+def _pair(n):
+    import torch
+
+    if n < 0:
+        raise ValueError("negative")
+    return {"ids": [n, n + 1], "logits": torch.arange(n, dtype=torch.bfloat16)}
+
+
+def test_in_child_returns_tensors_and_reports_errors():
+    import torch
+
+    from scripts.bench_runtime import in_child
+
+    out = in_child(_pair, 3)
+    assert out["ids"] == [3, 4] and torch.equal(out["logits"], torch.arange(3, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="ValueError: negative"):
+        in_child(_pair, -1)
