@@ -552,12 +552,21 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
     ids = prompt_ids(s, meta.vocab_size)
     decode, prefill, model = [], [], PrefillModel()
     first_logits, fill_s = None, 0.0
+    stages = {}  # where the allocator's peak is reached: (live, peak so far) after each phase
+
+    def stage(name: str) -> None:
+        if device.startswith("cuda"):
+            stages[name] = (torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30)
+
     with PeakSampler(device) as mem:
         t = time.perf_counter()
         runner = Runner(artifact)
         load_s = time.perf_counter() - t
+        stage("load")
         runner.prefill(ids[: 2 * meta.prefill_chunk + 3])  # warm-up: a whole and a partial chunk, then decode
+        stage("first prefill")
         decode_steps(runner, runner.decode(ids[0]), 4)
+        stage("first decode")
         runner.reset()
         for x in sorted(set(s.fills) | set(s.prompts)):
             if x in s.prompts:
@@ -599,13 +608,15 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
             row["fraction_of_floor_slice"] = row["floor_ms_slice"] / row["ms_per_token_slice"]
             decode.append(row)
             log(f"{kv}: fill {x}: {row['ms_per_token_slice']:.3f} ms/token (slice), floor {row['floor_ms_slice']:.3f}")
+        stage("end")
         weights, kv_bytes = runner.weight_bytes, runner.kv_bytes
         del runner
     gib = 2**30
     memory = {"kv_dtype": kv, "load_s": load_s, "allocator_peak_gib": mem.peak.allocator_bytes / gib,
               "nvml_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / gib,
               "host_peak_rss_gib": mem.peak.host_rss_bytes / gib,
-              "bound_weights_gib": weights / gib, "kv_gib": kv_bytes / gib}
+              "bound_weights_gib": weights / gib, "kv_gib": kv_bytes / gib,
+              "allocator_live_and_peak_gib_after": stages}
     return {"decode": decode, "prefill": prefill, "memory": memory, "first_logits": first_logits, "fill_s": fill_s,
             "skipped": clock.skipped}
 
