@@ -52,15 +52,16 @@ def linear_shapes(c: Gemma4Config) -> dict[tuple[int, int], tuple[str, int]]:
         kind = "sliding" if c.is_sliding(i) else "full"
         q = c.num_attention_heads * c.layer_head_dim(i)
         kv = c.layer_kv_heads(i) * c.layer_head_dim(i)
-        add(f"q_proj.{kind}", q, H)
-        if not c.is_kv_shared(i):
-            add(f"k_proj.{kind}", kv, H)
-            if not c.uses_k_eq_v(i):
-                add(f"v_proj.{kind}", kv, H)
+        # the CUDA recipe joins the linears of one input (export/gemma4/quant.py, _join_linears)
+        if c.is_kv_shared(i):
+            add(f"q_proj.{kind}", q, H)
+        elif c.uses_k_eq_v(i):
+            add(f"qk_proj.{kind}", q + kv, H)
+        else:
+            add(f"qkv_proj.{kind}", q + 2 * kv, H)
         add(f"o_proj.{kind}", H, q)
         inter = c.layer_intermediate_size(i)
-        add("mlp.gate_proj", inter, H)
-        add("mlp.up_proj", inter, H)
+        add("mlp.gate_up_proj", 2 * inter, H)
         add("mlp.down_proj", H, inter)
         if c.enable_moe_block:
             add("expert.gate_up_proj", 2 * c.moe_intermediate_size, H, c.num_experts)

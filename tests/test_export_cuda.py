@@ -129,6 +129,8 @@ def fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(mod, PackedInt4Linear):  # the bf16 weights gemma4::int4_linear multiplies with
             lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta")
             lin.weight = torch.nn.Parameter(mod.dequantize(torch.bfloat16), requires_grad=False)
+            if hasattr(mod, "split_sizes"):  # a joined linear (q/k/v, gate/up): the model splits its output
+                lin.split_sizes = mod.split_sizes
         elif isinstance(mod, PackedInt4Experts):  # float expert stacks, as gemma4::moe_experts_int4 reads them
             with torch.device("meta"):
                 lin = Experts(model.cfg)

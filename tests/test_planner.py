@@ -414,11 +414,11 @@ def test_inventory_is_what_a_real_quantized_model_holds(name, kv):
 
 def test_dequant_scratch_from_dequant_min_m_on():
     # a chunk that can reach DEQUANT_MIN_M runs each int4 linear as dequant + mm: the scratch is
-    # the largest decoder weight in bf16, gate/up/down [21504 x 5376] (the lm_head runs at M == 1)
+    # the largest decoder weight in bf16, gate/up joined [2 x 21504, 5376] (the lm_head runs at M == 1)
     from export.kernels.int4_matmul import DEQUANT_MIN_M
 
     scratch = lambda p: [i.bytes for i in p.runtime_gpu.items if "dequant scratch" in i.name]  # noqa: E731
-    assert scratch(plan("31b", prefill_chunk=DEQUANT_MIN_M)) == [21504 * 5376 * 2]
+    assert scratch(plan("31b", prefill_chunk=DEQUANT_MIN_M)) == [2 * 21504 * 5376 * 2]
     assert scratch(plan("31b", prefill_chunk=DEQUANT_MIN_M - 1)) == []
     assert scratch(plan("31b", prefill_chunk=2048, linear="none")) == []
 
@@ -436,7 +436,7 @@ def test_larger_chunk_costs_its_rings_scratch_and_activations():
     acts = lambda p: sum(i.bytes for i in p.runtime_gpu.items if i.name.startswith("activations"))  # noqa: E731
     # widest block at 1024: a full layer's attention (q, k, v, out + rotated q, out), hidden states, scratch
     wide = 1024 * (2 * 32 * 512 + 2 * 4 * 512) * 2 + 1024 * 2 * 32 * 512 * 2
-    assert acts(big) == 1024 * 5376 * 8 + wide + 21504 * 5376 * 2
+    assert acts(big) == 1024 * 5376 * 8 + wide + 2 * 21504 * 5376 * 2  # scratch: gate/up joined
     # each ring buffer crosses 10 MiB (1151 slots: 9.0 MiB, 2047: 16.0 MiB): 100 more with allocator slack
     slack = 100 * P.ALLOC_SLACK_PER_LARGE_TENSOR
     assert big.runtime_gpu.total_bytes - small.runtime_gpu.total_bytes == rings + acts(big) - acts(small) + slack

@@ -140,6 +140,37 @@ def test_cuda_recipe_packs_on_the_host_into_the_kernel_layout():
     assert torch.isfinite(a).all() and ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.75
 
 
+def test_cuda_recipe_joins_the_linears_of_one_input():
+    """q/k/v and gate/up become one PackedInt4Linear each (rows stacked: the parts' own codes
+    and scales), and the model computes what the separate linears computed."""
+    from export.gemma4 import quant
+    from export.gemma4.quant import PackedInt4Linear
+
+    model = _tiny().to(torch.bfloat16)
+    report = quantize_(model, QuantRecipe(group_size=128), TargetDevice.CUDA)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, PackedInt4Linear) and not hasattr(attn, "q_proj")
+    assert isinstance(mlp.gate_up_proj, PackedInt4Linear) and not hasattr(mlp, "up_proj")
+    assert report.joined["layers.0.mlp.gate_up_proj"] == ["layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"]
+    parts = [n for n in ("q_proj", "k_proj", "v_proj") if f"layers.0.self_attn.{n}" in report.int4]
+    assert attn.qkv_proj.split_sizes[0] == attn.n_heads * attn.head_dim and len(attn.qkv_proj.split_sizes) == len(parts)
+
+    separate = _tiny().to(torch.bfloat16)
+    orig = quant._join_linears
+    try:
+        quant._join_linears = lambda *a: None
+        quantize_(separate, QuantRecipe(group_size=128), TargetDevice.CUDA)
+    finally:
+        quant._join_linears = orig
+    sep_mlp = separate.layers[0].mlp
+    assert torch.equal(mlp.gate_up_proj.qweight, torch.cat([sep_mlp.gate_proj.qweight, sep_mlp.up_proj.qweight]))
+    assert torch.equal(mlp.gate_up_proj.scales, torch.cat([sep_mlp.gate_proj.scales, sep_mlp.up_proj.scales]))
+    tok = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(tok, torch.tensor([0])).float(), separate(tok, torch.tensor([0])).float()
+    assert ((a - b).norm() / b.norm()).item() < 1e-2  # bf16 outputs of the same products
+
+
 def _one_shot(weight: torch.Tensor, group: int):
     from export.kernels.int4_matmul import quantize_int4
     return quantize_int4(weight, group)

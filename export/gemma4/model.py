@@ -107,7 +107,19 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
 
 
+def project(module: nn.Module, x: torch.Tensor, joined: str, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The projections `names` of x (those the module has, in order). Quantization may have
+    joined them into one linear `joined` (their weights stacked by rows, `split_sizes`): one
+    matmul reads x once and, at decode, one GEMV streams all the rows; same values."""
+    fused = getattr(module, joined, None)
+    if fused is not None:
+        return list(fused(x).split(fused.split_sizes, dim=-1))
+    return [getattr(module, n)(x) for n in names if hasattr(module, n)]
+
+
 class Attention(nn.Module):
+    JOINABLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # linears of one input (see `project`)
+
     def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype,
                  kv_dtype: str | None = None):
         super().__init__()
@@ -133,10 +145,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, cache: KVCache):
         B, T, _ = x.shape
         D = self.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, D)), cos, sin)
+        rows = project(self, x, "qkv_proj", self.JOINABLE["qkv_proj"])  # q[, k[, v]]
+        q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
-            raw_k = self.k_proj(x).view(B, T, -1, D)
-            raw_v = raw_k if self.k_eq_v else self.v_proj(x).view(B, T, -1, D)
+            raw_k = rows[1].view(B, T, -1, D)
+            raw_v = raw_k if self.k_eq_v else rows[2].view(B, T, -1, D)
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             v = self.v_norm(raw_v)  # k_eq_v: V taken before k_norm and RoPE
             cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
@@ -154,6 +167,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    JOINABLE = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
@@ -161,7 +176,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(self, x, "gate_up_proj", self.JOINABLE["gate_up_proj"])
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Router(nn.Module):
