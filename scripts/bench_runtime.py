@@ -552,11 +552,12 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
     ids = prompt_ids(s, meta.vocab_size)
     decode, prefill, model = [], [], PrefillModel()
     first_logits, fill_s = None, 0.0
-    stages = {}  # where the allocator's peak is reached: (live, peak so far) after each phase
+    stages = {}  # where the allocator's peak is reached: (live, peak, reserved peak so far) after each phase
 
     def stage(name: str) -> None:
         if device.startswith("cuda"):
-            stages[name] = (torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30)
+            stages[name] = (torch.cuda.memory_allocated(device) / 2**30, torch.cuda.max_memory_allocated(device) / 2**30,
+                            torch.cuda.max_memory_reserved(device) / 2**30)
 
     with PeakSampler(device) as mem:
         t = time.perf_counter()
@@ -616,7 +617,7 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
               "nvml_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / gib,
               "host_peak_rss_gib": mem.peak.host_rss_bytes / gib,
               "bound_weights_gib": weights / gib, "kv_gib": kv_bytes / gib,
-              "allocator_live_and_peak_gib_after": stages}
+              "allocator_live_peak_reserved_gib_after": stages}
     return {"decode": decode, "prefill": prefill, "memory": memory, "first_logits": first_logits, "fill_s": fill_s,
             "skipped": clock.skipped}
 
