@@ -85,6 +85,8 @@ def _codes2(x, dtype: tl.constexpr, CODES: tl.constexpr):
     if CODES == 1 and x.dtype == tl.int8 and dtype == tl.float16:
         u = (x ^ -128).to(tl.uint8, bitcast=True)
         return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    if CODES == 2 and x.dtype == tl.int8 and dtype == tl.float16:  # c + 1152, exact; the caller subtracts
+        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
     return A._codes(x, dtype)
 
 
@@ -121,10 +123,10 @@ def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, dtype: tl.conste
 
 
 @triton.jit
-def _var_step(q0, q1, q2, q3, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
+def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
               ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr,
               KSPLIT: tl.constexpr, VMODE: tl.constexpr, VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr,
-              dtype: tl.constexpr, CODES: tl.constexpr):
+              dtype: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr):
     """One K/V block into the online softmax. int4: q0 / q1 are q's even / odd columns (K's
     nibble planes, as in the module kernel); else q0..q3 its KSPLIT parts."""
     kp = k0 + tl.arange(0, BLOCK_N)
@@ -151,8 +153,15 @@ def _var_step(q0, q1, q2, q3, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS,
         if KSPLIT >= 4:
             s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, dtype, FP32, CODES)
             s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, dtype, FP32, CODES)
+        if CODES == 2 and KV_FMT == 1 and not FP32:
+            s = s - qbias[:, None]
     if KV_FMT != 0:
-        ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        if SPF:
+            ks = ks_c
+            vs = vs_c
+        else:
+            ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+            vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
         s = s * ks[None, :]
     valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
     if WINDOW > 0:
@@ -163,14 +172,19 @@ def _var_step(q0, q1, q2, q3, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS,
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FMT != 0:
-        vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
         p = p * vs[None, :]
     p = p.to(dtype)
     DV: tl.constexpr = D // VSPLIT
-    acc = acc * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VMODE, FP32, dtype, CODES)
+    acc = acc * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VMODE, FP32, dtype, CODES % 2)
     if VSPLIT == 2:
-        acc2 = acc2 * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VMODE, FP32, dtype, CODES)
-    return m_new, l_i, acc, acc2
+        acc2 = acc2 * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VMODE, FP32, dtype, CODES % 2)
+    if SPF and KV_FMT != 0:  # the next block's scales, loaded while this one finishes
+        kn = kp + BLOCK_N
+        nslot = (k0 + BLOCK_N) % S + tl.arange(0, BLOCK_N)
+        nslot = tl.where(nslot >= S, nslot - S, nslot)
+        ks_c = tl.load(KS + kvh * ssh + nslot, mask=kn < end, other=0.0).to(tl.float32)
+        vs_c = tl.load(VS + kvh * ssh + nslot, mask=kn < end, other=0.0).to(tl.float32)
+    return m_new, l_i, acc, acc2, ks_c, vs_c
 
 
 @triton.jit
@@ -178,7 +192,7 @@ def _var_body(Q, K, V, KS, VS, POS, MP, LP, AP, S, WINDOW, NUM_SPLITS,
               sqh, skh, sks, svh, svs, ssh,
               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VMODE: tl.constexpr,
-              VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr, CODES: tl.constexpr):
+              VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr):
     """Decode split kernel (T = 1): grid (NUM_SPLITS, 1, Hkv); writes the partials the module's
     _combine merges. int4 needs VMODE 1 and KSPLIT 1."""
     pid_s = tl.program_id(0)
@@ -220,18 +234,32 @@ def _var_body(Q, K, V, KS, VS, POS, MP, LP, AP, S, WINDOW, NUM_SPLITS,
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    qbias = tl.zeros([BLOCK_M], tl.float32)
+    if CODES == 2:  # K codes biased by 1152: q . (k + 1152) - 1152 * sum(q), the sum of q as the dot sees it
+        qbias = 1152.0 * tl.sum(q0.to(tl.float32), 1)
+        if KSPLIT >= 2:
+            qbias += 1152.0 * tl.sum(q1.to(tl.float32), 1)
+        if KSPLIT >= 4:
+            qbias += 1152.0 * (tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
+    sl0 = start % S + tl.arange(0, BLOCK_N)
+    sl0 = tl.where(sl0 >= S, sl0 - S, sl0)
+    ks_c = tl.zeros([BLOCK_N], tl.float32)
+    vs_c = tl.zeros([BLOCK_N], tl.float32)
+    if SPF and KV_FMT != 0:
+        ks_c = tl.load(KS + kvh * ssh + sl0, mask=start + tl.arange(0, BLOCK_N) < end, other=0.0).to(tl.float32)
+        vs_c = tl.load(VS + kvh * ssh + sl0, mask=start + tl.arange(0, BLOCK_N) < end, other=0.0).to(tl.float32)
     if INTERPRET:
         k0 = start
         while k0 < end:
-            m_i, l_i, acc, acc2 = _var_step(q0, q1, q2, q3, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S,
+            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S,
                                             WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE,
-                                            VSPLIT, CHEAPMOD, dtype, CODES)
+                                            VSPLIT, CHEAPMOD, dtype, CODES, SPF)
             k0 += BLOCK_N
     else:
         for k0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc, acc2 = _var_step(q0, q1, q2, q3, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S,
+            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S,
                                             WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE,
-                                            VSPLIT, CHEAPMOD, dtype, CODES)
+                                            VSPLIT, CHEAPMOD, dtype, CODES, SPF)
     base = kvh * NUM_SPLITS * G + pid_s * G + g
     tl.store(MP + base, m_i, mask=row_ok)
     tl.store(LP + base, l_i, mask=row_ok)
@@ -263,7 +291,7 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
         v.stride(2), ks.stride(1) if ks is not None else 0, G=G, D=D, KV_FMT=fmt, FP32=q.dtype == torch.float32,
         INTERPRET=DEV == "cpu", BLOCK_M=16, BLOCK_N=var["bn"], KSPLIT=var.get("ksplit", 1), VMODE=var.get("vmode", 0),
         VSPLIT=var.get("vsplit", 1), CHEAPMOD=var.get("cheapmod", 1), CODES=var.get("codes", 0),
-        num_warps=var["w"], num_stages=var["s"])
+        SPF=var.get("spf", 0), num_warps=var["w"], num_stages=var["s"])
     p2 = triton.next_power_of_2(splits)
     block_d = min(D, A.COMBINE_BLOCK_D)
     A._combine[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
@@ -285,7 +313,7 @@ def name_of(var):
     if var.get("module"):
         return "module"
     return (f"n{var['bn']}w{var['w']}s{var['s']}k{var.get('ksplit', 1)}v{var.get('vmode', 0)}"
-            f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}")
+            f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}p{var.get('spf', 0)}")
 
 
 def V_(bn, w, s, **k):
@@ -293,20 +321,23 @@ def V_(bn, w, s, **k):
 
 
 MODULE = dict(module=True, bn=0, w=0, s=0)
+# t: programs per layer (splits x KV heads); registers / shared memory allow 2 programs of 4 warps per
+# SM for most, 1 for n64 w8 (250 registers), 3 for n16 s4 (66 KB)
 VARIANTS = {
-    "int8": [MODULE, V_(32, 4, 3, cheapmod=0), V_(32, 4, 3), V_(32, 4, 3, ksplit=2), V_(32, 4, 3, ksplit=4),
-             V_(32, 4, 3, codes=1), V_(32, 8, 3, ksplit=2), V_(64, 4, 2), V_(64, 4, 2, ksplit=2), V_(64, 8, 2),
-             V_(64, 8, 2, ksplit=2), V_(16, 4, 4, ksplit=2),
-             V_(32, 4, 2, vmode=1), V_(32, 4, 2, vmode=1, ksplit=2), V_(32, 4, 3, vmode=1, vsplit=2),
-             V_(32, 4, 3, vmode=1, vsplit=2, ksplit=2), V_(16, 4, 4, vmode=1), V_(16, 4, 4, vmode=1, ksplit=2),
-             V_(32, 8, 2, vmode=1, ksplit=2), V_(64, 8, 2, vmode=1, vsplit=2)],
-    "int4": [MODULE, V_(32, 4, 2, vmode=1), V_(32, 4, 3, vmode=1), V_(32, 4, 3, vmode=1, vsplit=2),
-             V_(64, 4, 2, vmode=1), V_(64, 8, 2, vmode=1), V_(64, 8, 3, vmode=1, vsplit=2), V_(16, 4, 4, vmode=1)],
+    "int8": [MODULE, V_(32, 4, 3), V_(32, 4, 3, ksplit=2), V_(32, 4, 3, ksplit=4), V_(32, 4, 3, ksplit=4, codes=2, spf=1),
+             V_(32, 4, 3, codes=2, spf=1), V_(32, 8, 3, ksplit=2), V_(32, 8, 3, ksplit=2, codes=2, spf=1),
+             V_(64, 4, 2, ksplit=2), V_(64, 8, 2, ksplit=2, t=132), V_(64, 8, 2, ksplit=2, codes=2, spf=1),
+             V_(16, 4, 4, ksplit=2), V_(16, 4, 4, ksplit=2, t=396), V_(32, 4, 2, vmode=1),
+             V_(32, 4, 2, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 4, 3, vmode=1, vsplit=2, ksplit=2),
+             V_(16, 4, 4, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 8, 2, vmode=1, ksplit=2),
+             V_(32, 8, 2, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 8, 3, vmode=1, vsplit=2, ksplit=2, spf=1)],
+    "int4": [MODULE, V_(32, 4, 2, vmode=1), V_(32, 4, 2, vmode=1, spf=1), V_(32, 4, 3, vmode=1, vsplit=2, spf=1),
+             V_(64, 4, 2, vmode=1), V_(64, 8, 2, vmode=1, spf=1), V_(32, 8, 2, vmode=1, spf=1),
+             V_(16, 4, 4, vmode=1, spf=1)],
     "bf16": [MODULE, V_(32, 4, 2), V_(32, 4, 2, ksplit=2), V_(32, 4, 2, ksplit=4), V_(32, 8, 2, ksplit=2),
              V_(16, 4, 3, ksplit=2)],
 }
 SLIDING_VARIANTS = [MODULE, V_(32, 4, 2), V_(32, 4, 2, ksplit=2), V_(16, 4, 3), V_(16, 4, 3, ksplit=2)]
-TARGETS = {"int8": (264,), "int4": (264,), "bf16": (264,)}
 
 
 def caches(layer, kvs):
@@ -423,7 +454,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
 
-    plan = [(FULL, kv, var, t) for kv, vs in VARIANTS.items() for var in vs for t in TARGETS[kv]]
+    plan = [(FULL, kv, var, var.get("t", 264)) for kv, vs in VARIANTS.items() for var in vs]
     plan += [(SLIDING, "bf16", var, 528) for var in SLIDING_VARIANTS]
     if DEV == "cuda" and args.jobs > 0:
         import multiprocessing as mp
