@@ -102,6 +102,11 @@ def test_every_config_fits_consumer_shared_memory():
             for c in fit:
                 assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt,
                                     vwords=c.kwargs["VWORDS"], vsplit=c.kwargs["VSPLIT"]) <= A.SMEM_LIMIT == 101376
+    for (D, fmt), cfg in A.DECODE_CONFIG.items():  # the measured configs, with their knobs, fit (else unused)
+        c = A.decode_config(D, fmt)
+        assert (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == tuple(cfg), (D, fmt, cfg)
+        assert A.smem_bytes(16, c.kwargs["BLOCK_N"], c.num_stages, D, fmt, vwords=c.kwargs["VWORDS"],
+                            vsplit=c.kwargs["VSPLIT"]) <= A.SMEM_LIMIT, (D, fmt, cfg)
 
 
 def test_prefill_configs_fit_consumer_shared_memory():

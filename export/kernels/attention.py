@@ -55,6 +55,7 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3
 # that many independent dot chains; VWORDS V from 32-bit words split in registers; VSPLIT V's
 # columns in parts; KBIAS int8 K codes biased by 1152; SCALES_AHEAD the scales a block ahead
 DECODE_KNOBS: dict = {}
+DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
 # H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
@@ -710,12 +711,11 @@ def decode_config(head_dim: int, fmt: int) -> triton.Config:
     """The decode config: the measured best (DECODE_CONFIG) or, for other head dims, the fitting
     config with the most K/V bytes in flight. Decode is not autotuned: an export traces it at one
     fill, while its speed matters at every fill."""
-    configs = fitting(_DECODE_ALL, head_dim, fmt)
     if (head_dim, fmt) in DECODE_CONFIG:
-        bn, warps, stages = DECODE_CONFIG[head_dim, fmt]
-        for c in configs:
-            if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bn, warps, stages):
-                return c
+        fit = fitting([_cfg(16, *DECODE_CONFIG[head_dim, fmt])], head_dim, fmt)
+        if fit:
+            return fit[0]
+    configs = fitting(_DECODE_ALL, head_dim, fmt)
     return max(configs, key=lambda c: (min(c.num_stages - 1, 2) * c.kwargs["BLOCK_N"], -c.num_warps))
 
 
@@ -723,10 +723,9 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
     """The decode body for one head dim / KV format with its one config (first in the list a
     `use_configs` filter sees). Prefill has its own kernel and config (_prefill_kernel)."""
     assert decode, "prefill runs _prefill_body"
-    configs = fitting(_DECODE_ALL, head_dim, fmt)
     first = decode_config(head_dim, fmt)
-    configs = [first] + [c for c in configs if c is not first]
-    key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)),
+    configs = [first] + fitting(_DECODE_ALL, head_dim, fmt)
+    key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)), SMEM_LIMIT,
            tuple(sorted(DECODE_KNOBS.get((head_dim, fmt), {}).items())))
     if key not in _KERNELS:
         chosen = _FORCE(configs) if _FORCE is not None else configs[:1]
@@ -773,10 +772,12 @@ def kv_format(k: torch.Tensor, k_scale: Optional[torch.Tensor]) -> int:
     return KV_FORMAT[QUANT_BLOCK[k.dtype]]
 
 
-def decode_splits(slots: int, kv_heads: int) -> int:
-    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs at full fill, no
-    share shorter than 16 positions (the smallest BLOCK_N)."""
-    return max(1, min(TARGET_PROGRAMS // kv_heads, triton.cdiv(slots, 16)))
+def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) -> int:
+    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs (DECODE_TARGET's
+    for a head dim / KV format it lists) at full fill, no share shorter than 16 positions (the
+    smallest BLOCK_N)."""
+    target = DECODE_TARGET.get((head_dim, fmt), TARGET_PROGRAMS)
+    return max(1, min(target // kv_heads, triton.cdiv(slots, 16)))
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f):
@@ -793,7 +794,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
                ks.stride(1) if k_scale is not None else 0, out.stride(1), out.stride(2))
     if decode:
-        splits = decode_splits(S, Hkv)
+        splits = decode_splits(S, Hkv, D, fmt)
         mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
         lp = torch.empty_like(mp)
         ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float32)
