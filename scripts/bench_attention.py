@@ -6,6 +6,8 @@ its `chunk` and `tflops` (useful FLOPs 4 * T * n * H * D, n = the fill, or the w
 sliding layer, the causal half not discounted).
 
     python -m scripts.bench_attention [--out scripts/measurements/attention_kernels.json]
+    python -m scripts.bench_attention --decode-only OLD.json --no-baseline --merge-baseline OLD.json
+        (decode rows re-timed; prefill and triton::sdpa rows kept from OLD.json with their copy bandwidth)
 
 Each row: median time (CUDA-graph replay; launches over 2 ms: CUDA events), the bytes of the filled slots (K, V and
 scales the step must read), that over the time as a fraction of the device-to-device copy
