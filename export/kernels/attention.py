@@ -53,12 +53,17 @@ SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4
 # longer shares beat more at every fill once the combine reads few partials)
 TARGET_PROGRAMS = 264
 # decode (head_dim, KV format) -> (BLOCK_N, num_warps, num_stages), measured best on an H200
-# (scripts/attention_variants.py, scripts/measurements/attention_variants.json); each fits SMEM_LIMIT
+# (scripts/attention_variants.py, scripts/decode_kv8_variants.py and their JSON in
+# scripts/measurements/); each fits SMEM_LIMIT with its knobs
 DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
 # decode (head_dim, KV format) -> code knobs of _attn_body (KNOB_DEFAULTS otherwise): KSPLIT q . k as
 # that many independent dot chains; VWORDS V from 32-bit words split in registers; VSPLIT V's
-# columns in parts; KBIAS int8 K codes biased by 1152; SCALES_AHEAD the scales a block ahead
-DECODE_KNOBS: dict = {}
+# columns in parts; KBIAS int8 K codes biased by 1152; SCALES_AHEAD the scales a block ahead.
+# H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json): int8 76 / 257
+# us before, 62 / 198 us with these (one modulo per block alone: 67 / 220; V from words, 8 warps,
+# BLOCK_N 64 or 16 were slower); int4 86 / 290 -> 81 / 282; bf16 76 / 256 -> 75 / 253
+DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2}, (512, 1): {"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1},
+                      (512, 2): {"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
