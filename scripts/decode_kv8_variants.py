@@ -21,6 +21,12 @@ partials and output) and timed by CUDA-graph replay (median) at fills 1k, 32k an
 31B full layer (Hkv 4, G 8, D 512), int8 / int4 / bf16, and the sliding layer (bf16) at 8k, as
 fractions of the device-to-device copy bandwidth measured in the same run.
 
+Outcome (H200, scripts/measurements/decode_kv8_variants.json; 31B full layer, int8, fill 32k / 128k):
+the kernel as it was 76 / 257 us; one modulo per block 67 / 220; with q . k in four chains, biased
+K codes and the scales a block ahead 62 / 198 (0.54 / 0.67 of the copy bandwidth). V from words
+(fewer shared loads, but a conversion through shared memory), 8 warps, BLOCK_N 16 or 64, and more
+programs per SM were all slower.
+
     python -m scripts.decode_kv8_variants --out sweep.json [--jobs 14]
     TRITON_INTERPRET=1 python -m scripts.decode_kv8_variants --smoke   # CPU, tiny shapes
 """
@@ -123,8 +129,8 @@ def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, dtype: tl.conste
 
 
 @triton.jit
-def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
-              ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+              skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr,
               KSPLIT: tl.constexpr, VMODE: tl.constexpr, VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr,
               dtype: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr):
     """One K/V block into the online softmax. int4: q0 / q1 are q's even / odd columns (K's
@@ -185,7 +191,8 @@ def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, q
     DV: tl.constexpr = D // VSPLIT
     acc = acc * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VMODE, FP32, dtype, CODES % 2)
     if VSPLIT == 2:
-        acc2 = acc2 * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VMODE, FP32, dtype, CODES % 2)
+        acc2 = acc2 * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VMODE, FP32, dtype,
+                                             CODES % 2)
     return m_new, l_i, acc, acc2, ks_n, vs_n
 
 
@@ -253,15 +260,17 @@ def _var_body(Q, K, V, KS, VS, POS, MP, LP, AP, S, WINDOW, NUM_SPLITS,
     if INTERPRET:
         k0 = start
         while k0 < end:
-            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE,
-                                            VSPLIT, CHEAPMOD, dtype, CODES, SPF)
+            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0,
+                                                        end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
+                                                        ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE, VSPLIT, CHEAPMOD,
+                                                        dtype, CODES, SPF)
             k0 += BLOCK_N
     else:
         for k0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE,
-                                            VSPLIT, CHEAPMOD, dtype, CODES, SPF)
+            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0,
+                                                        end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
+                                                        ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE, VSPLIT, CHEAPMOD,
+                                                        dtype, CODES, SPF)
     base = kvh * NUM_SPLITS * G + pid_s * G + g
     tl.store(MP + base, m_i, mask=row_ok)
     tl.store(LP + base, l_i, mask=row_ok)
@@ -326,8 +335,9 @@ MODULE = dict(module=True, bn=0, w=0, s=0)
 # t: programs per layer (splits x KV heads); registers / shared memory allow 2 programs of 4 warps per
 # SM for most, 1 for n64 w8 (250 registers), 3 for n16 s4 (66 KB)
 VARIANTS = {
-    "int8": [MODULE, V_(32, 4, 3), V_(32, 4, 3, ksplit=2), V_(32, 4, 3, ksplit=4), V_(32, 4, 3, ksplit=4, codes=2, spf=1),
-             V_(32, 4, 3, codes=2, spf=1), V_(32, 8, 3, ksplit=2), V_(32, 8, 3, ksplit=2, codes=2, spf=1),
+    "int8": [MODULE, V_(32, 4, 3), V_(32, 4, 3, ksplit=2), V_(32, 4, 3, ksplit=4),
+             V_(32, 4, 3, ksplit=4, codes=2, spf=1), V_(32, 4, 3, codes=2, spf=1), V_(32, 8, 3, ksplit=2),
+             V_(32, 8, 3, ksplit=2, codes=2, spf=1),
              V_(64, 4, 2, ksplit=2), V_(64, 8, 2, ksplit=2, t=132), V_(64, 8, 2, ksplit=2, codes=2, spf=1, t=132),
              V_(16, 4, 4, ksplit=2), V_(16, 4, 4, ksplit=2, t=396), V_(32, 4, 2, vmode=1),
              V_(32, 4, 2, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 4, 3, vmode=1, vsplit=2, ksplit=2),

@@ -27,7 +27,8 @@ instructions; per head dim / KV format, DECODE_KNOBS picks code variants measure
 (scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D, V read as
 32-bit words and split in registers (the 8-bit tile is the transposed operand of p @ v, which
 has no 8-bit ldmatrix: read as is it costs a shared load per byte), int8 K codes biased so
-the per-element subtraction becomes one per score, the scales a block ahead. Prefill (T > 1, dynamic in the traced graph) has a kernel of its own
+the per-element subtraction becomes one per score, the scales a block ahead. Prefill (T > 1,
+dynamic in the traced graph) has a kernel of its own
 (_prefill_body): grid (NUM_SPLITS, cdiv(T*G, BLOCK_M), Hkv * DV), rows = (t, g) pairs of one KV
 head, each row block walking only the positions its rows can see (causal and window range),
 unmasked but for the window's lower edge and the causal diagonal; V's columns in DV parts and,
