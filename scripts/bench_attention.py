@@ -6,6 +6,8 @@ its `chunk` and `tflops` (useful FLOPs 4 * T * n * H * D, n = the fill, or the w
 sliding layer, the causal half not discounted).
 
     python -m scripts.bench_attention [--out scripts/measurements/attention_kernels.json]
+    python -m scripts.bench_attention --decode-only OLD.json --no-baseline --merge-baseline OLD.json
+        (decode rows re-timed; prefill and triton::sdpa rows kept from OLD.json with their copy bandwidth)
 
 Each row: median time (CUDA-graph replay; launches over 2 ms: CUDA events), the bytes of the filled slots (K, V and
 scales the step must read), that over the time as a fraction of the device-to-device copy
@@ -111,6 +113,9 @@ def main(argv=None) -> int:
                     help="TARGET_PROGRAMS and DECODE_CONFIG from scripts/attention_variants.py (default: the module's)")
     ap.add_argument("--jobs", type=int, default=12,
                     help="processes that compile the kernels first (Triton's disk cache then serves this one); 0: none")
+    ap.add_argument("--decode-only", default=None, metavar="JSON",
+                    help="time decode only and keep the prefill rows (and their copy bandwidth) of this earlier "
+                         "JSON of this script")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny 31B-shaped layers on the CPU through the Triton interpreter (TRITON_INTERPRET=1): "
                          "the code path")
@@ -122,6 +127,13 @@ def main(argv=None) -> int:
         DEV, DT, FILLS, CTX, CHUNK = "cpu", torch.float32, (16, 64), 256, 4
         PREFILL_CHUNKS, PREFILL_FILLS = (4, 16), (16, 64)
         args.baseline = False
+    kept_prefill = []
+    if args.decode_only:
+        old = json.loads(Path(args.decode_only).read_text())
+        kept_prefill = [{"chunk": old.get("prefill_chunk", CHUNK), **r,
+                         "copy_gbps_of_its_run": r.get("copy_gbps_of_its_run", old["copy_gbps"])}
+                        for r in old["rows"] if r["phase"] == "prefill"]
+        PREFILL_CHUNKS = ()
     torch.manual_seed(0)
     choice = None
     if args.choice:
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
     the_layers = SMOKE_LAYERS if args.smoke else layers()
     if DEV == "cuda" and args.jobs > 0:
         t0 = time.time()
-        jobs = [(layer, kv, choice) for layer in the_layers for kv in layer_kvs(layer)]
+        jobs = [(layer, kv, choice, PREFILL_CHUNKS) for layer in the_layers for kv in layer_kvs(layer)]
         n = warm(jobs, args.jobs)
         print(f"compiled the kernels of {n} layer / KV dtype pairs in {time.time() - t0:.0f}s", flush=True)
     bw = copy_gbps()
@@ -144,11 +156,15 @@ def main(argv=None) -> int:
     sdpa = et_sdpa() if args.baseline else None
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     result = {"copy_gbps": bw, "timing": args.timing, "device": device, "ctx": CTX,
-              "ring_chunk_decode": CHUNK, "prefill_chunks": list(PREFILL_CHUNKS),
+              "ring_chunk_decode": CHUNK,
+              "prefill_chunks": list(PREFILL_CHUNKS) if not args.decode_only else old.get("prefill_chunks"),
               "prefill_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.PREFILL_CONFIG.items())],
               "prefill_target_programs": A.PREFILL_TARGET_PROGRAMS,
               "baseline": "ExecuTorch triton::sdpa over the whole cache" if sdpa else "none",
               "target_programs": A.TARGET_PROGRAMS,
+              "decode_target": [[D, fmt, t] for (D, fmt), t in sorted(A.DECODE_TARGET.items())],
+              "decode_knobs": [[D, fmt, k] for (D, fmt), k in sorted(A.DECODE_KNOBS.items())],
+              "prefill_rows_from": args.decode_only,
               "decode_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.DECODE_CONFIG.items())],
               "rows": [], "baseline_rows": []}
     out_path = Path(args.out)
@@ -218,6 +234,8 @@ def main(argv=None) -> int:
         if DEV == "cuda":
             torch.cuda.empty_cache()
 
+    for r in kept_prefill:
+        emit(r)
     if args.merge_baseline:
         old = json.loads(Path(args.merge_baseline).read_text())
         for r in old["rows"] + old.get("baseline_rows", []):
@@ -257,13 +275,13 @@ def _warm(jobs):
     """Worker: compile one layer / KV dtype's kernels (decode; prefill at every chunk) by running
     each once on an unfilled cache of the benchmark's shapes."""
     torch.cuda.set_device(0)
-    for layer, kv, choice in jobs:
+    for layer, kv, choice, chunks in jobs:
         if choice:
             A.TARGET_PROGRAMS = choice["target_programs"]
             for D, fmt, bn, warps, stages in choice["decode_config"]:
                 A.DECODE_CONFIG[D, fmt] = (bn, warps, stages)
         name, Hkv, G, D, S, window = layer
-        for T in (1,) + (PREFILL_CHUNKS if name.startswith("31b") else ()):
+        for T in (1,) + (chunks if name.startswith("31b") else ()):
             slots = window + T - 1 if window and T > 1 else S
             k = torch.zeros(1, Hkv, slots, D, device="cuda", dtype=torch.bfloat16)
             if kv == "bf16":

@@ -100,8 +100,13 @@ def test_every_config_fits_consumer_shared_memory():
             fit = A.fitting(A._DECODE_ALL, D, fmt)
             assert fit, (D, fmt)  # something always compiles
             for c in fit:
-                assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt) \
-                    <= A.SMEM_LIMIT == 101376
+                assert A.smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, D, fmt,
+                                    vwords=c.kwargs["VWORDS"], vsplit=c.kwargs["VSPLIT"]) <= A.SMEM_LIMIT == 101376
+    for (D, fmt), cfg in A.DECODE_CONFIG.items():  # the measured configs, with their knobs, fit (else unused)
+        c = A.decode_config(D, fmt)
+        assert (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == tuple(cfg), (D, fmt, cfg)
+        assert A.smem_bytes(16, c.kwargs["BLOCK_N"], c.num_stages, D, fmt, vwords=c.kwargs["VWORDS"],
+                            vsplit=c.kwargs["VSPLIT"]) <= A.SMEM_LIMIT, (D, fmt, cfg)
 
 
 def test_prefill_configs_fit_consumer_shared_memory():
@@ -186,6 +191,53 @@ for H, Hkv, D, S, window, pos, T in [(8, 2, 32, 300, 0, 290, 1), (8, 2, 32, 300,
 print(worst)
 assert max(worst.values()) <= 1e-2, worst
 """
+
+
+INTERPRETED_KNOBS = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import filled_cache
+cm = A.use_configs(A.smallest); cm.__enter__()
+A.TARGET_PROGRAMS = 4  # two shares per KV head: each program walks several blocks
+gen = torch.Generator().manual_seed(3)
+KNOBS = [dict(KSPLIT=2, SCALES_AHEAD=1), dict(VWORDS=1, VSPLIT=2, KBIAS=1),
+         dict(KSPLIT=4, VWORDS=1, KBIAS=1, SCALES_AHEAD=1)]
+worst = {}
+# a flat cache and a wrapped ring; fp32 q (exact dots) and bf16 q (fp16 dots, integer codes by their bits)
+for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70)]:
+    k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
+    for dt in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 1, H, D, generator=gen).to(dt)
+        p = torch.tensor([pos])
+        for kv in ("float", "int8", "int4"):
+            if kv == "float" and dt != torch.float32:
+                continue  # the interpreter's bf16 dots are not numpy's
+            if kv == "float":
+                args = (k, v, None, None)
+            else:
+                (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+                args = (kq, vq, ks, vs)
+            fmt = A.kv_format(args[0], args[2])
+            want = A.attention_reference(q.float(), *args, p, window)
+            for knobs in KNOBS:
+                A.DECODE_KNOBS[D, fmt] = knobs
+                got = A.launch(q, *args, p, window, True).float()
+                err = ((got - want).norm() / want.norm()).item()
+                key = (kv, str(dt), tuple(knobs))
+                worst[key] = max(worst.get(key, 0.0), err)
+print(worst)
+for (kv, dt, knobs), err in worst.items():
+    assert err <= (1e-5 if dt == "torch.float32" else 1e-2), (kv, dt, knobs, err)
+"""
+
+
+def test_decode_code_knobs_match_reference_in_the_interpreter():
+    """Every decode knob (q . k chains, V from words, V in parts, biased int8 K, scales a block
+    ahead) against the reference, fp32 and 16-bit dots, flat cache and wrapped ring, on CPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_KNOBS], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
 INTERPRETED_PREFILL = r"""

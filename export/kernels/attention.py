@@ -23,7 +23,12 @@ device (static grid for AOTInductor and CUDA-graph replay; shares past the fill 
 write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
 head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
-instructions. Prefill (T > 1, dynamic in the traced graph) has a kernel of its own
+instructions; per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
+(scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D, V read as
+32-bit words and split in registers (the 8-bit tile is the transposed operand of p @ v, which
+has no 8-bit ldmatrix: read as is it costs a shared load per byte), int8 K codes biased so
+the per-element subtraction becomes one per score, the scales a block ahead. Prefill (T > 1,
+dynamic in the traced graph) has a kernel of its own
 (_prefill_body): grid (NUM_SPLITS, cdiv(T*G, BLOCK_M), Hkv * DV), rows = (t, g) pairs of one KV
 head, each row block walking only the positions its rows can see (causal and window range),
 unmasked but for the window's lower edge and the causal diagonal; V's columns in DV parts and,
@@ -49,8 +54,18 @@ SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4
 # longer shares beat more at every fill once the combine reads few partials)
 TARGET_PROGRAMS = 264
 # decode (head_dim, KV format) -> (BLOCK_N, num_warps, num_stages), measured best on an H200
-# (scripts/attention_variants.py, scripts/measurements/attention_variants.json); each fits SMEM_LIMIT
+# (scripts/attention_variants.py, scripts/decode_kv8_variants.py and their JSON in
+# scripts/measurements/); each fits SMEM_LIMIT with its knobs
 DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
+# decode (head_dim, KV format) -> code knobs of _attn_body (KNOB_DEFAULTS otherwise): KSPLIT q . k as
+# that many independent dot chains; VWORDS V from 32-bit words split in registers; VSPLIT V's
+# columns in parts; KBIAS int8 K codes biased by 1152; SCALES_AHEAD the scales a block ahead.
+# H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json): int8 76 / 257
+# us before, 62 / 198 us with these (one modulo per block alone: 67 / 220; V from words, 8 warps,
+# BLOCK_N 64 or 16 were slower); int4 86 / 290 -> 81 / 282; bf16 76 / 256 -> 75 / 253
+DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2}, (512, 1): {"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1},
+                      (512, 2): {"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1}}
+DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
 # H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
@@ -140,15 +155,19 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
 
 # ---- configs (every one within SMEM_LIMIT; tests assert it) -------------------------------------
 
-def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2) -> int:
+def smem_bytes(block_m: int, block_n: int, stages: int, head_dim: int, kv_format: int, elt: int = 2,
+               vwords: int = 0, vsplit: int = 1) -> int:
     """Upper estimate of a program's shared memory as Triton 3.6 lays it out (checked against
     compiled kernels for sm_89 / sm_90) of the decode kernel: stages - 1 buffers of the K and V
     tiles as stored (cp.async pipelining; one for the layout change when not pipelined), q and p
-    as dot operands, and for int4 the V tile once more (its nibble split goes through shared
-    memory). The prefill kernel's: prefill_smem_bytes."""
+    as dot operands, and the fp16 V tile (its part, vsplit) that V's words pass through, or for
+    int4 without them the V tile once more (its nibble split goes through shared memory). The
+    prefill kernel's: prefill_smem_bytes."""
     stored = {0: head_dim * elt, 1: head_dim, 2: head_dim // 2}[kv_format]
     total = max(stages - 1, 1) * block_n * stored * 2 + block_m * head_dim * elt + block_m * block_n * elt
-    if kv_format == 2:
+    if vwords and kv_format != 0:
+        total += block_n * head_dim // vsplit * 2
+    elif kv_format == 2:
         total += block_n * stored
     return total
 
@@ -161,11 +180,31 @@ def _cfg(bm, bn, warps, stages):
 # flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
+KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0}
+
+
+def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
+    """c with the decode kernel's code knobs for this head dim / KV format (DECODE_KNOBS; those
+    already in c win)."""
+    knobs = {**KNOB_DEFAULTS, **DECODE_KNOBS.get((head_dim, kv_format), {}), **c.kwargs}
+    if kv_format != 1:
+        knobs["KBIAS"] = 0  # int8 codes only
+    if kv_format == 2:
+        knobs["KSPLIT"] = 1  # int4 K: the nibble planes
+    if kv_format == 0:
+        knobs["VWORDS"] = knobs["SCALES_AHEAD"] = 0
+    return triton.Config(knobs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
-    return [c for c in configs if smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages,
-                                              head_dim, kv_format) <= limit]
+    """The configs (with their knobs) whose shared memory fits `limit`."""
+    out = []
+    for c in configs:
+        k = with_knobs(c, head_dim, kv_format)
+        if smem_bytes(k.kwargs["BLOCK_M"], k.kwargs["BLOCK_N"], k.num_stages, head_dim, kv_format,
+                      vwords=k.kwargs["VWORDS"], vsplit=k.kwargs["VSPLIT"]) <= limit:
+            out.append(k)
+    return out
 
 
 def prefill_smem_bytes(block_m: int, block_n: int, warps: int, stages: int, dv: int, head_dim: int,
@@ -214,32 +253,121 @@ def _nibble(n, dtype: tl.constexpr):
 
 
 @triton.jit
-def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
-           D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+def _words(w, KV_FMT: tl.constexpr, dtype: tl.constexpr):
+    """[N, C] int32 words of cache rows -> [N, C * per_word] values as dot operands, in column
+    order (int8: 4 bytes a word, little-endian; int4: 8 nibbles, each value + 8). Split by shifts
+    in registers and put back in order (join + reshape): the dot then takes an fp16 tile through
+    shared memory (16-byte stores, ldmatrix.trans) instead of reading the 8-bit tile byte by byte
+    in the transposed operand layout."""
+    if KV_FMT == 1:
+        e0 = (w << 24) >> 24
+        e1 = (w << 16) >> 24
+        e2 = (w << 8) >> 24
+        e3 = w >> 24
+        x = tl.join(tl.join(e0, e2), tl.join(e1, e3))  # [N, C, 2, 2]: byte 2i + h at [.., i, h]
+        x = tl.reshape(x, (x.shape[0], x.shape[1] * 4))
+        if dtype == tl.float16:  # as _codes: bits 0x6400 + c + 128 are 1152 + c
+            return (x + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+        return x.to(dtype)
+    else:
+        e0 = w & 15
+        e1 = (w >> 4) & 15
+        e2 = (w >> 8) & 15
+        e3 = (w >> 12) & 15
+        e4 = (w >> 16) & 15
+        e5 = (w >> 20) & 15
+        e6 = (w >> 24) & 15
+        e7 = (w >> 28) & 15
+        x = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7)))
+        x = tl.reshape(x, (x.shape[0], x.shape[1] * 8))  # nibble 4i + 2j + h at [.., i, j, h]
+        if dtype == tl.float16:
+            return (x | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+        return (x - 8).to(dtype)
+
+
+@triton.jit
+def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.constexpr, FP32: tl.constexpr):
+    """q . K[slots, c0 : c0 + DK] (float / int8). KBIAS: int8 codes as c + 1152 (exact in fp16,
+    no subtraction per element; the caller takes 1152 * sum(q) off each score)."""
+    d = c0 + tl.arange(0, DK)
+    kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0)
+    if KBIAS:
+        kt = (kt.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
+    else:
+        kt = _codes(kt, q.dtype)
+    if FP32:
+        return tl.dot(q, tl.trans(kt), input_precision="ieee")
+    return tl.dot(q, tl.trans(kt))
+
+
+@triton.jit
+def _pv(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.constexpr, VWORDS: tl.constexpr,
+        FP32: tl.constexpr):
+    """p @ V[slots, c0 : c0 + DP] (float / int8 as loaded; VWORDS: int8 / int4 from 32-bit words)."""
+    if VWORDS:
+        PER: tl.constexpr = 4 if KV_FMT == 1 else 8  # values per word
+        W = V.to(tl.pointer_type(tl.int32))
+        wc = c0 // PER + tl.arange(0, DP // PER)
+        w = tl.load(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], mask=kmask[:, None],
+                    other=0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
+        vt = _words(w, KV_FMT, p.dtype)
+    else:
+        d = c0 + tl.arange(0, DP)
+        vt = _codes(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), p.dtype)
+    if FP32:
+        return tl.dot(p, vt, input_precision="ieee")
+    return tl.dot(p, vt)
+
+
+@triton.jit
+def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+           skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
+           BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
+           KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
-    float / int8: qa, acc hold all D columns (qb, acc2 unused). int4: qa / acc the even columns
-    (low nibbles), qb / acc2 the odd ones (high nibbles): no in-register interleave needed."""
+    float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
+    output columns (acc2 the second half when VSPLIT = 2). int4: q0 / q1 hold q's even / odd
+    columns (K's low / high nibbles); without VWORDS acc / acc2 hold the even / odd output
+    columns (V's nibbles, no interleave), with it acc all of them. SCALES_AHEAD: ks_c / vs_c are
+    this block's scales, loaded during the previous block; the next block's are requested here."""
     kp = k0 + tl.arange(0, BLOCK_N)
     kmask = kp < end
-    slot = kp % S
+    slot = k0 % S + tl.arange(0, BLOCK_N)  # one modulo a block: the valid positions span <= S slots
+    slot = tl.where(slot >= S, slot - S, slot)
+    ks_n = ks_c
+    vs_n = vs_c
+    if SCALES_AHEAD:
+        nslot = (k0 + BLOCK_N) % S + tl.arange(0, BLOCK_N)
+        nslot = tl.where(nslot >= S, nslot - S, nslot)
+        nmask = kp + BLOCK_N < end
+        ks_n = tl.load(KS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
+        vs_n = tl.load(VS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
     if KV_FMT == 2:
         dh = tl.arange(0, D // 2)
         kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
-        ka = _nibble(kb & 15, qa.dtype)
-        kz = _nibble(kb >> 4, qa.dtype)
+        ka = _nibble(kb & 15, q0.dtype)
+        kz = _nibble(kb >> 4, q0.dtype)
         if FP32:
-            s = tl.dot(qa, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
+            s = tl.dot(q0, tl.trans(ka), input_precision="ieee") + tl.dot(q1, tl.trans(kz), input_precision="ieee")
         else:
-            s = tl.dot(qa, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
+            s = tl.dot(q0, tl.trans(ka)) + tl.dot(q1, tl.trans(kz))
     else:
-        d = tl.arange(0, D)
-        kt = _codes(tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0), qa.dtype)
-        if FP32:
-            s = tl.dot(qa, tl.trans(kt), input_precision="ieee")
-        else:
-            s = tl.dot(qa, tl.trans(kt))
+        DK: tl.constexpr = D // KSPLIT
+        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, KBIAS, FP32)
+        if KSPLIT >= 2:
+            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, KBIAS, FP32)
+        if KSPLIT >= 4:
+            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, KBIAS, FP32)
+            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, KBIAS, FP32)
+        if KBIAS:
+            s = s - qbias[:, None]
     if KV_FMT != 0:
-        ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        if SCALES_AHEAD:
+            ks = ks_c
+            vs = vs_c
+        else:
+            ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+            vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
         s = s * ks[None, :]
     valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
     if WINDOW > 0:
@@ -250,14 +378,12 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FMT != 0:
-        vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
         p = p * vs[None, :]
-    if not FP32:
-        p = p.to(qa.dtype)
-    if KV_FMT == 2:
+    p = p.to(q0.dtype)
+    if KV_FMT == 2 and not VWORDS:
         vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
-        va = _nibble(vb & 15, qa.dtype)
-        vz = _nibble(vb >> 4, qa.dtype)
+        va = _nibble(vb & 15, q0.dtype)
+        vz = _nibble(vb >> 4, q0.dtype)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
@@ -265,12 +391,11 @@ def _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WIN
             acc = acc * alpha[:, None] + tl.dot(p, va)
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
     else:
-        vt = _codes(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), qa.dtype)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, vt)
-    return m_new, l_i, acc, acc2
+        DV: tl.constexpr = D // VSPLIT
+        acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32)
+        if VSPLIT == 2:
+            acc2 = acc2 * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VWORDS, FP32)
+    return m_new, l_i, acc, acc2, ks_n, vs_n
 
 
 @triton.jit
@@ -278,7 +403,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
                G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
+               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -298,36 +424,80 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
 
-    # columns held by the two accumulators (see _block)
-    if KV_FMT == 2:
+    dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
+    qrow = Q + t[:, None] * sqt + head[:, None] * sqh
+    PLANES: tl.constexpr = KV_FMT == 2 and not VWORDS  # int4 V as nibble planes: acc / acc2 even / odd columns
+    if KV_FMT == 2:  # K's nibble planes: q's even / odd columns
         ca = 2 * tl.arange(0, D // 2)
-        cb = ca + 1
+        q0 = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        q1 = tl.load(qrow + ca[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
+        q2 = q0
+        q3 = q0
+    else:
+        DK: tl.constexpr = D // KSPLIT
+        dk = tl.arange(0, DK)
+        q0 = tl.load(qrow + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if KSPLIT >= 2:
+            q1 = tl.load(qrow + DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        if KSPLIT >= 4:
+            q2 = tl.load(qrow + 2 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+            q3 = tl.load(qrow + 3 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+    if PLANES:
+        acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
+    elif VSPLIT == 2:
         acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
         acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
     else:
-        ca = tl.arange(0, D)
-        cb = ca
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
-    qrow = Q + t[:, None] * sqt + head[:, None] * sqh
-    qa = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
-    qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
-    if KV_FMT != 0 and not FP32:  # quantized caches: fp16 dot operands (integer codes convert exactly, see _codes)
-        qa = qa.to(tl.float16)
-        qb = qb.to(tl.float16)
+    KB: tl.constexpr = KBIAS and not FP32  # fp32 dots take the codes as they are
+    qbias = tl.zeros([BLOCK_M], tl.float32)
+    if KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
+        qbias = 1152.0 * tl.sum(q0.to(tl.float32), 1)
+        if KSPLIT >= 2:
+            qbias += 1152.0 * tl.sum(q1.to(tl.float32), 1)
+        if KSPLIT >= 4:
+            qbias += 1152.0 * (tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
+    ks_c = tl.zeros([BLOCK_N], tl.float32)
+    vs_c = tl.zeros([BLOCK_N], tl.float32)
+    if SCALES_AHEAD:  # the first block's scales
+        slot0 = start % S + tl.arange(0, BLOCK_N)
+        slot0 = tl.where(slot0 >= S, slot0 - S, slot0)
+        mask0 = start + tl.arange(0, BLOCK_N) < end
+        ks_c = tl.load(KS + kvh * ssh + slot0, mask=mask0, other=0.0).to(tl.float32)
+        vs_c = tl.load(VS + kvh * ssh + slot0, mask=mask0, other=0.0).to(tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
         k0 = start
         while k0 < end:
-            m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
-                                         skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
+            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
+                                                     qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
+                                                     KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
+                                                     SCALES_AHEAD)
             k0 += BLOCK_N
     else:
         for k0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc, acc2 = _block(qa, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
-                                         skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N)
+            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
+                                                     qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
+                                                     KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
+                                                     SCALES_AHEAD)
 
+    # output columns of acc / acc2: even / odd (int4 planes), first / second half (VSPLIT 2), or all
+    if PLANES:
+        ca = 2 * tl.arange(0, D // 2)
+        cb = ca + 1
+    elif VSPLIT == 2:
+        ca = tl.arange(0, D // 2)
+        cb = ca + D // 2
+    else:
+        ca = tl.arange(0, D)
+        cb = ca
+    TWO: tl.constexpr = PLANES or VSPLIT == 2
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
         base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok
@@ -335,12 +505,12 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         tl.store(LP + base, l_i, mask=ok)
         ok = ok & (start < end)
         tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
-        if KV_FMT == 2:
+        if TWO:
             tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
     else:
         orow = O + t[:, None] * sot + head[:, None] * soh
         tl.store(orow + ca[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-        if KV_FMT == 2:
+        if TWO:
             tl.store(orow + cb[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -551,12 +721,11 @@ def decode_config(head_dim: int, fmt: int) -> triton.Config:
     """The decode config: the measured best (DECODE_CONFIG) or, for other head dims, the fitting
     config with the most K/V bytes in flight. Decode is not autotuned: an export traces it at one
     fill, while its speed matters at every fill."""
-    configs = fitting(_DECODE_ALL, head_dim, fmt)
     if (head_dim, fmt) in DECODE_CONFIG:
-        bn, warps, stages = DECODE_CONFIG[head_dim, fmt]
-        for c in configs:
-            if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bn, warps, stages):
-                return c
+        fit = fitting([_cfg(16, *DECODE_CONFIG[head_dim, fmt])], head_dim, fmt)
+        if fit:
+            return fit[0]
+    configs = fitting(_DECODE_ALL, head_dim, fmt)
     return max(configs, key=lambda c: (min(c.num_stages - 1, 2) * c.kwargs["BLOCK_N"], -c.num_warps))
 
 
@@ -564,12 +733,13 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
     """The decode body for one head dim / KV format with its one config (first in the list a
     `use_configs` filter sees). Prefill has its own kernel and config (_prefill_kernel)."""
     assert decode, "prefill runs _prefill_body"
-    configs = fitting(_DECODE_ALL, head_dim, fmt)
     first = decode_config(head_dim, fmt)
-    configs = [first] + [c for c in configs if c is not first]
-    key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)))
+    configs = [first] + fitting(_DECODE_ALL, head_dim, fmt)
+    key = (decode, head_dim, fmt, _FORCE, DECODE_CONFIG.get((head_dim, fmt)), SMEM_LIMIT,
+           tuple(sorted(DECODE_KNOBS.get((head_dim, fmt), {}).items())))
     if key not in _KERNELS:
         chosen = _FORCE(configs) if _FORCE is not None else configs[:1]
+        chosen = [with_knobs(c, head_dim, fmt) for c in chosen]
         _KERNELS[key] = triton.autotune(configs=chosen, key=["S", "G"])(_attn_body)
     return _KERNELS[key]
 
@@ -612,10 +782,12 @@ def kv_format(k: torch.Tensor, k_scale: Optional[torch.Tensor]) -> int:
     return KV_FORMAT[QUANT_BLOCK[k.dtype]]
 
 
-def decode_splits(slots: int, kv_heads: int) -> int:
-    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs at full fill, no
-    share shorter than 16 positions (the smallest BLOCK_N)."""
-    return max(1, min(TARGET_PROGRAMS // kv_heads, triton.cdiv(slots, 16)))
+def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) -> int:
+    """Static number of decode shares per KV head: ~TARGET_PROGRAMS programs (DECODE_TARGET's
+    for a head dim / KV format it lists) at full fill, no share shorter than 16 positions (the
+    smallest BLOCK_N)."""
+    target = DECODE_TARGET.get((head_dim, fmt), TARGET_PROGRAMS)
+    return max(1, min(target // kv_heads, triton.cdiv(slots, 16)))
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f):
@@ -632,7 +804,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
                ks.stride(1) if k_scale is not None else 0, out.stride(1), out.stride(2))
     if decode:
-        splits = decode_splits(S, Hkv)
+        splits = decode_splits(S, Hkv, D, fmt)
         mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
         lp = torch.empty_like(mp)
         ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float32)
