@@ -368,8 +368,12 @@ def prewarm(count):
     ps = [ctx.Process(target=_prewarm_worker, args=(i, count)) for i in range(count)]
     for p in ps:
         p.start()
+    deadline = time.time() + 45
     for p in ps:
-        p.join(timeout=60)
+        p.join(timeout=max(1.0, deadline - time.time()))
+    for p in ps:
+        if p.is_alive():  # what it did not compile, the sweep compiles itself
+            p.terminate()
     print(f"prewarm: {count} processes compiled the variants in {time.time() - t0:.1f} s", flush=True)
 
 
@@ -401,7 +405,10 @@ def main(argv=None) -> int:
         print("gemv1_variants: needs a CUDA GPU", file=sys.stderr)
         return 2
     if a.prewarm and not _INTERPRET:
-        prewarm(a.prewarm)
+        try:
+            prewarm(a.prewarm)
+        except Exception as e:  # an optimisation only
+            print(f"prewarm: {type(e).__name__}: {e}", flush=True)
     from export.gemma4.config import PRESETS
     from scripts.bench_int4 import linear_shapes
     gbps = 1000.0 if _INTERPRET else copy_gbps()
