@@ -126,13 +126,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     # or a bf16 output (one slice)
     worst_bf16 = 0.0
     with torch._library.triton.set_wrap_triton_enabled(False):
-        for N, K, G, splits, cfg in [(48, 2048, 32, 1, (16, 2, 4)), (72, 1536, 128, 2, (32, 2, 4)),
-                                     (33, 1024, 64, 3, (16, 4, 1))]:
+        # (BLOCK_N, GROUPS, warps, K parts, register prefetch depth, tl.range stages), split
+        # reduction: 0 partials + sum kernel, 2 the last program of a row block sums them
+        for N, K, G, splits, cfg, red in [(48, 2048, 32, 1, (16, 2, 4), 0), (72, 1536, 128, 2, (32, 2, 4), 0),
+                                          (33, 1024, 64, 3, (16, 4, 1), 0), (40, 2304, 128, 3, (8, 1, 4, 4, 2), 2),
+                                          (72, 1536, 128, 1, (16, 1, 4, 4, 3), 0), (33, 2560, 128, 4, (32, 1, 1, 1, 0, 3), 2),
+                                          (40, 1280, 128, 1, (16, 2, 4, 2, 0, 2), 0)]:
             im.GEMV1_CONFIGS[:] = [im._cfg1(*cfg)]
             im._KERNELS.clear()
             qweight, scales = im.quantize_int4(torch.randn(N, K), G)
             x = torch.randn(1, K).bfloat16()
-            y = im.int4_gemv1(x, qweight, scales, splits).float()
+            y = im.int4_gemv1(x, qweight, scales, splits, red=red).float()
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
         # the tensor-core small-M kernel's fragment bookkeeping (its mmas emulated): ragged N,
