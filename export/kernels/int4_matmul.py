@@ -12,10 +12,12 @@ Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them int
 The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bits 4i..4i+3 of
 word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
 - M == 1 (decode, bf16 x): `_int4_gemv1_kernel`, CUDA cores, one lop3 and one FMA per nibble
-  (see its doc) and about one more for x and the loop; K split only where N is small, the
-  slices' fp32 partials summed by `_sum_splits_kernel`. On an H200 it is instruction-bound,
-  not bandwidth-bound: 59% of the copy bandwidth on the lm_head, less on smaller weights
-  (scripts/measurements/int4_kernels.json).
+  (see `_gemv1_tile`) and about one more for x and the loop; a config and K split per weight
+  shape (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size
+  weights split K with the slices' fp32 partials summed by `_sum_splits_kernel`, the lm_head
+  one slice. On an H200 neither bound alone: the same loads without the nibble arithmetic run
+  ~1.5x faster, and a plain streaming read of the bytes ~1.3x faster again
+  (scripts/gemv1_variants.py, scripts/measurements/int4_gemv1_variants.json).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -133,25 +135,23 @@ def _cfg(bm, bn, bk, warps, stages, consumer=True):
     return c
 
 
-def _cfg1(bn, groups, warps, parts=1, depth=1, stages=1):
+def _cfg1(bn, groups, warps, parts=1, depth=1):
     """An M == 1 config: BLOCK_N rows x PARTS K parts x GROUPS adjacent groups a step, DEPTH
-    tiles loaded ahead in registers (0: `tl.range` stages them through shared memory, STAGES)."""
-    c = triton.Config({"BLOCK_N": bn, "GROUPS": groups, "PARTS": parts, "DEPTH": depth, "STAGES": stages},
-                      num_warps=warps, num_stages=1)
-    c.consumer = True  # fits any card (`config_smem_bytes`)
+    tiles loaded ahead in registers."""
+    c = triton.Config({"BLOCK_N": bn, "GROUPS": groups, "PARTS": parts, "DEPTH": depth}, num_warps=warps,
+                      num_stages=1)
+    c.consumer = True  # registers only: fits any card
     return c
 
 
-# M == 1: BLOCK_N rows x GROUPS whole groups per step, no tensor cores, no shared memory but
-# the final reduction's. At G = 128 a thread holds 4 words of BLOCK_N * GROUPS / (8 * warps)
-# rows: with 8 (the first three) x's loads and correction cost ~3.2 instructions per nibble
-# in all (sm_90 SASS), with 2 ~4.4.
-# ordered by the 31B's decode step on the H200 (scripts/int4_variants.py --parts gemv1, each shape at
-# its best K split, weighted by its count per token): (32, 1, 1) 6.64 ms of linears a token,
-# (128, 1, 4) 6.93, (64, 1, 4) 7.04, ... (64, 1, 1) 8.62; the best per shape would give 6.56
-GEMV1_CONFIGS = [_cfg1(bn, g, w) for bn, g, w in (
-    (32, 1, 1), (128, 1, 4), (64, 1, 4), (128, 1, 2), (256, 1, 4), (32, 2, 4), (16, 4, 4), (64, 1, 1),
-    (64, 2, 4))]
+# M == 1, from the H200 sweep of the 31B decode step (scripts/gemv1_variants.py; us per call, weights
+# from device memory): `gemv1_plan` takes one of these per weight shape. 32 rows, one warp, one
+# tile ahead, K split for ~1024 programs of 64 rows: the projections between 5376 and 21504 rows
+# (as fast as any variant there); 8 rows x 8 K parts, 8 warps, two tiles ahead, K not split:
+# up to 4096 rows (k_proj 2048 x 5376 9.0 -> 5.8, k/v 4096 x 5376 11.0 -> 9.3: no partials,
+# no second kernel); 32 rows, two warps, two tiles ahead, K not split: the lm_head
+# (262144 x 5376 372 -> 301). The first is the pool's first (the one an autotuned call starts from).
+GEMV1_CONFIGS = [_cfg1(32, 1, 1), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 1, 2, depth=2)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -166,12 +166,8 @@ def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
     weight tile and its scales; a dot also stages the dequantized bf16 weight tile once (the
     M == 1 path has no dot). scripts/bench_int4.py checks Triton's own figure for every
     compiled variant against the limit."""
-    if "GROUPS" in cfg.kwargs:  # the M == 1 kernel: the final sum's scratch, and the staged tiles
-        kw = cfg.kwargs
-        c = kw["PARTS"] * kw["GROUPS"]
-        words = 16  # per group of 128 (the largest group: the most bytes per tile)
-        tile = kw["BLOCK_N"] * c * (words * 4 + 2) + c * words * 16  # packed words, scales, x's 4 pair loads
-        return kw["BLOCK_N"] * 4 * cfg.num_warps + (kw["STAGES"] * tile if kw["DEPTH"] == 0 else 0)
+    if "GROUPS" in cfg.kwargs:  # the M == 1 kernel: registers, and the final sums' scratch (at most
+        return cfg.kwargs["BLOCK_N"] * cfg.kwargs["PARTS"] * cfg.kwargs["GROUPS"] * 16 * 4  # the fp32 tile)
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
     dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once (M == 1: no dot)
@@ -281,17 +277,17 @@ def _gemv1_tile(w, s, xw, g0, lane, ok, ASM: tl.constexpr):
 def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
-                       DEPTH: tl.constexpr, STAGES: tl.constexpr, RED: tl.constexpr, ASM: tl.constexpr):
+                       DEPTH: tl.constexpr, RED: tl.constexpr, ASM: tl.constexpr):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
     The packed rows are read as int32 words (`w_ptr` points at them, `stride_ww` counts words).
     The slice is cut into PARTS parts, far apart in the row, each streamed in order; a step reads
     GROUPS adjacent whole groups of each part for BLOCK_N rows, a [BLOCK_N, PARTS * GROUPS,
-    GROUP / 8] tile (16-byte loads). DEPTH tiles are loaded ahead in registers (Triton pipelines
-    no loads outside a dot by itself); DEPTH 0 leaves the loop to `tl.range(num_stages=STAGES)`,
-    which stages the tiles through shared memory with cp.async. The accumulator keeps the
-    tile's shape until the end (one cross-thread sum).
+    GROUP / 8] tile (16-byte loads). DEPTH (1 to 3) tiles are loaded ahead in registers (Triton
+    pipelines no loads outside a dot by itself; its `tl.range(num_stages=...)` staging through
+    shared memory measured slower, scripts/gemv1_variants.py). The accumulator keeps the tile's
+    shape until the end (one cross-thread sum).
 
     One slice (SPLITS == 1) writes y (x's dtype). Several: RED 0 writes fp32 partials
     part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter,
@@ -315,47 +311,39 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS
     srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
     xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word
     acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
-    if DEPTH == 0:
-        for tg in tl.range(0, gpp, GROUPS, num_stages=STAGES):
-            g0 = start + tg * WORDS
-            ok = g0 < hi
-            w = tl.load(rows + (g0 + lane), mask=n_ok & ok, other=0)
-            s = tl.load(srows + g0 // WORDS, mask=n_ok & ok, other=0.0)
-            acc += _gemv1_tile(w, s, xw, g0, lane, ok, ASM)
-    else:
-        w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
-        s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
-        w1 = w0
-        s1 = s0
-        w2 = w0
-        s2 = s0
-        if DEPTH >= 2:
-            w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
-            s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
-        if DEPTH >= 3:
-            w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
-            s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
-        for tg in range(0, gpp, GROUPS):
-            g0 = start + tg * WORDS
-            gn = g0 + DEPTH * STEP
-            wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
-            sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
-            acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
-            if DEPTH == 1:
-                w0 = wn
-                s0 = sn
-            elif DEPTH == 2:
-                w0 = w1
-                s0 = s1
-                w1 = wn
-                s1 = sn
-            else:
-                w0 = w1
-                s0 = s1
-                w1 = w2
-                s1 = s2
-                w2 = wn
-                s2 = sn
+    w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
+    s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
+    w1 = w0
+    s1 = s0
+    w2 = w0
+    s2 = s0
+    if DEPTH >= 2:
+        w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
+        s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
+    if DEPTH >= 3:
+        w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
+        s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+    for tg in range(0, gpp, GROUPS):
+        g0 = start + tg * WORDS
+        gn = g0 + DEPTH * STEP
+        wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
+        sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
+        acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
+        if DEPTH == 1:
+            w0 = wn
+            s0 = sn
+        elif DEPTH == 2:
+            w0 = w1
+            s0 = s1
+            w1 = wn
+            s1 = sn
+        else:
+            w0 = w1
+            s0 = s1
+            w1 = w2
+            s1 = s2
+            w2 = wn
+            s2 = sn
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if SPLITS == 1:
@@ -653,11 +641,41 @@ def _kernel(kind: str, group: int):
     return _KERNELS[key]
 
 
+GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
+GEMV1_LARGE_N = 65536  # and from this many (the lm_head): 32 rows, two warps, one slice
+
+
+def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
+    """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
+
+    Few rows: 8-row programs that read K in 8 parts, one slice. Many (the lm_head): 32-row
+    programs, one slice. Between: 32-row programs, K split for ~GEMV1_TARGET_PROGRAMS programs
+    of 64 rows (each slice >= 512 of K), and at least 8 slices past 16384 rows (21504 x 5376:
+    29.6 us at 8 slices, 34.0 at 4, on two H200 sweeps; 16384 x 5376 is best at 4)."""
+    if n <= GEMV1_SMALL_N:
+        return GEMV1_CONFIGS[1], 1
+    if n >= GEMV1_LARGE_N:
+        return GEMV1_CONFIGS[2], 1
+    splits = triton.cdiv(GEMV1_TARGET_PROGRAMS, triton.cdiv(n, 64))
+    if n > 16384:
+        splits = max(splits, 8)
+    return GEMV1_CONFIGS[0], max(1, min(splits, 16, k // max(512, group_size)))
+
+
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
-    """K slices of the M == 1 kernel: enough for ~GEMV1_TARGET_PROGRAMS programs of 64 rows
-    (one slice for the lm_head: no partials, no second kernel), each slice >= 512 of K."""
-    tiles = triton.cdiv(n, 64)
-    return max(1, min(triton.cdiv(GEMV1_TARGET_PROGRAMS, tiles), 16, k // max(512, group_size)))
+    """K slices of the M == 1 kernel for an [n, k] weight (`gemv1_plan`)."""
+    return gemv1_plan(n, k, group_size)[1]
+
+
+_GEMV1_KERNELS: dict[tuple, object] = {}
+
+
+def _gemv1_kernel(cfg: triton.Config):
+    """The M == 1 kernel with one config (no timing run): what `gemv1_plan` picks."""
+    key = (cfg.num_warps, tuple(sorted(cfg.kwargs.items())))
+    if key not in _GEMV1_KERNELS:
+        _GEMV1_KERNELS[key] = _autotuned([cfg], _int4_gemv1_kernel)
+    return _GEMV1_KERNELS[key]
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
@@ -673,9 +691,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     red = (GEMV1_RED if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
-    min_bn = min(c.kwargs["BLOCK_N"] for c in GEMV1_CONFIGS)
-    cnt = (torch.zeros if red == 2 else torch.empty)(
-        (triton.cdiv(N, min_bn) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
+    cnt = (torch.zeros if red == 2 else torch.empty)(  # a counter for each row block of >= 4 rows
+        (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         x2, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0), part.stride(0),
@@ -788,7 +805,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
     if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
-        out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))  # reads x as bf16 pairs
+        cfg, splits = gemv1_plan(N, K, G)  # one config per shape, no timing run
+        out = int4_gemv1(x2, qweight, scales, splits, kernel=_gemv1_kernel(cfg))  # reads x as bf16 pairs
     elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
         out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
