@@ -10,9 +10,10 @@ groups per step; DEPTH tiles loaded ahead in registers (0: none, the loop left t
 2 the last program of a row block (atomic counter) sums the partials in-kernel and writes bf16
 (counters zeroed each call, or `persist`: one buffer the kernel resets itself). LOADONLY
 variants replace the nibble arithmetic by one convert a word: the bound of the access pattern.
-Beside them: the op's current kernel (first config at `gemv1_splits`, as --no-autotune exports
-run, and the last sweep's best config x split per shape) and a plain streaming read of the
-same bytes. Every variant is checked against an fp32 matmul on the dequantized weight (fresh x,
+Beside them: the op's M == 1 path (`gemv1_plan`), the op's kernel at the best (config, split)
+of the sweep before (scripts/measurements/int4_gemv1_sweep.json), and a plain streaming read of
+the same bytes. (The first run, scripts/measurements/int4_gemv1_variants.json, timed the kernel
+before `gemv1_plan` as "op": (32, 1, 1) at the old `gemv1_splits`.) Every variant is checked against an fp32 matmul on the dequantized weight (fresh x,
 NaN-filled outputs) on a ragged shape and on each shape; timed as CUDA-graph replays over
 rotated weight copies (>= 256 MB, so weights come from HBM), median; copy bandwidth measured in
 the same run. Prints a table per shape, writes everything as one JSON.
