@@ -150,6 +150,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             y = im.int4_gemv1(x, qweight, scales, splits, red=red).float()
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
+        # the op's M == 1 plan: K parts unsplit (few rows), then the split tile (rows over the limit)
+        im.GEMV1_CONFIGS[:] = [im._cfg1(32, 1, 1), im._cfg1(8, 1, 8, parts=8, depth=2), im._cfg1(32, 1, 2, depth=2)]
+        for N, K, G, small in [(40, 2560, 32, 4096), (33, 704, 64, 8), (72, 1536, 128, 8)]:
+            im.GEMV1_SMALL_N = small
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+            x = torch.randn(1, K).bfloat16()
+            y = im.int4_linear._init_fn(x, qweight, scales).float()
+            ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+            worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
         # the tensor-core small-M kernel's fragment bookkeeping (its mmas emulated): ragged N,
         # K slices and K parts of unequal length, M = 1 (x broadcast) and M > 1 (x per lane)
         worst_mma = 0.0
