@@ -13,10 +13,22 @@ variants replace the nibble arithmetic by one convert a word: the bound of the a
 Beside them: the op's M == 1 path (`gemv1_plan`), the op's kernel at the best (config, split)
 of the sweep before (scripts/measurements/int4_gemv1_sweep.json), and a plain streaming read of
 the same bytes. (The first run, scripts/measurements/int4_gemv1_variants.json, timed the kernel
-before `gemv1_plan` as "op": (32, 1, 1) at the old `gemv1_splits`.) Every variant is checked against an fp32 matmul on the dequantized weight (fresh x,
-NaN-filled outputs) on a ragged shape and on each shape; timed as CUDA-graph replays over
-rotated weight copies (>= 256 MB, so weights come from HBM), median; copy bandwidth measured in
-the same run. Prints a table per shape, writes everything as one JSON.
+before `gemv1_plan` as "op": (32, 1, 1) at the old `gemv1_splits`.) Every variant is checked
+against an fp32 matmul on the dequantized weight (fresh x, NaN-filled outputs) on a ragged
+shape and on each shape; timed as CUDA-graph replays over rotated weight copies (>= 256 MB, so
+weights come from HBM), median; copy bandwidth measured in the same run. Prints a table per
+shape, writes everything as one JSON.
+
+What the first run said (H200): a streaming read of the same bytes takes ~0.6x the best GEMV on
+every shape, and the best load-only pattern (8 rows x 4 K parts, 4 warps) ~0.65x; the same
+pattern with the nibble arithmetic is the slowest of the good ones on large weights (~2x its
+load-only time: each thread holds one row, so x's loads and conversions are not shared between
+rows), while 32-row one-warp tiles (4 rows a thread) lose less to arithmetic but their loads
+alone are already slower. Deeper register prefetch (2-3 tiles) and Triton's cp.async staging
+(`tl.range(num_stages=3..5)`) gained nothing over one tile ahead; an in-kernel split reduction
+gains only with counters that need no zeroing launch (`persist`, ~0.5-1 us on mid shapes),
+not with a zeroed buffer per call (RED 1/2). Wins: K parts unsplit for <= 4096 rows, one slice
+for the lm_head, 8 slices for 21504 x 5376 (`gemv1_plan`).
 """
 
 from __future__ import annotations

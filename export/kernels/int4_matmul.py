@@ -56,7 +56,9 @@ GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per
 GEMV1_RED = 0  # M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel)
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
-ONE_CONFIG = False  # compile with each pool's first config only: no timing run picks the tiles (see one_config)
+# compile with each pool's first config only: no timing run picks the tiles (see one_config);
+# M == 1 follows `gemv1_plan` either way
+ONE_CONFIG = False
 
 
 # ---- layout: pack, unpack, quantize ---------------------------------------------------------
