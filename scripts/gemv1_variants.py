@@ -19,7 +19,7 @@ shape and on each shape; timed as CUDA-graph replays over rotated weight copies 
 weights come from HBM), median; copy bandwidth measured in the same run. Prints a table per
 shape, writes everything as one JSON.
 
-What the first run said (H200): a streaming read of the same bytes takes ~0.6x the best GEMV on
+What the first run said (H200): a streaming read of the same bytes takes 0.5-0.7x the best GEMV on
 every shape, and the best load-only pattern (8 rows x 4 K parts, 4 warps) ~0.65x; the same
 pattern with the nibble arithmetic is the slowest of the good ones on large weights (~2x its
 load-only time: each thread holds one row, so x's loads and conversions are not shared between
