@@ -91,6 +91,17 @@ def test_31b_linears_and_lm_head_fit_the_byte_budget_at_g128():
     assert total(128) <= 15.0 * 2**30 < total(32)  # g128: 14.74 GiB; g32: 16.08 GiB
 
 
+def test_gemv1_plan_takes_pool_configs_and_whole_groups():
+    for n, k in [(2048, 5376), (4096, 5376), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
+                 (262144, 5376), (1000, 704), (100000, 256)]:
+        g = im.group_size_for(k, 128)
+        cfg, splits = im.gemv1_plan(n, k, g)
+        assert any(cfg is c for c in im.GEMV1_CONFIGS) and 1 <= splits <= min(16, k // g)
+        assert im.gemv1_splits(n, k, g) == splits
+    assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1)  # K parts, no second kernel
+    assert im.gemv1_plan(262144, 5376, 128)[1] == 1
+
+
 def test_group_size_for_k_not_a_multiple():
     assert im.group_size_for(5376, 128) == 128
     assert im.group_size_for(704, 128) == 64  # 26B-A4B expert down_proj
@@ -126,13 +137,26 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     # or a bf16 output (one slice)
     worst_bf16 = 0.0
     with torch._library.triton.set_wrap_triton_enabled(False):
-        for N, K, G, splits, cfg in [(48, 2048, 32, 1, (16, 2, 4)), (72, 1536, 128, 2, (32, 2, 4)),
-                                     (33, 1024, 64, 3, (16, 4, 1))]:
+        # (BLOCK_N, GROUPS, warps, K parts, tiles loaded ahead); the split reduction: 0 partials
+        # + sum kernel, 2 the last program of a row block sums them
+        for N, K, G, splits, cfg, red in [(48, 2048, 32, 1, (16, 2, 4), 0), (72, 1536, 128, 2, (32, 2, 4), 0),
+                                          (33, 1024, 64, 3, (16, 4, 1), 0), (40, 2304, 128, 3, (8, 1, 4, 4, 2), 2),
+                                          (72, 1536, 128, 1, (16, 1, 4, 4, 3), 0), (33, 2560, 128, 4, (32, 1, 1, 1, 2), 2),
+                                          (40, 1280, 128, 1, (8, 1, 8, 8, 2), 0)]:
             im.GEMV1_CONFIGS[:] = [im._cfg1(*cfg)]
             im._KERNELS.clear()
             qweight, scales = im.quantize_int4(torch.randn(N, K), G)
             x = torch.randn(1, K).bfloat16()
-            y = im.int4_gemv1(x, qweight, scales, splits).float()
+            y = im.int4_gemv1(x, qweight, scales, splits, red=red).float()
+            ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+            worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
+        # the op's M == 1 plan: K parts unsplit (few rows), then the split tile (rows over the limit)
+        im.GEMV1_CONFIGS[:] = [im._cfg1(32, 1, 1), im._cfg1(8, 1, 8, parts=8, depth=2), im._cfg1(32, 1, 2, depth=2)]
+        for N, K, G, small in [(40, 2560, 32, 4096), (33, 704, 64, 8), (72, 1536, 128, 8)]:
+            im.GEMV1_SMALL_N = small
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+            x = torch.randn(1, K).bfloat16()
+            y = im.int4_linear._init_fn(x, qweight, scales).float()
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
         # the tensor-core small-M kernel's fragment bookkeeping (its mmas emulated): ragged N,

@@ -12,10 +12,12 @@ Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them int
 The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bits 4i..4i+3 of
 word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
 - M == 1 (decode, bf16 x): `_int4_gemv1_kernel`, CUDA cores, one lop3 and one FMA per nibble
-  (see its doc) and about one more for x and the loop; K split only where N is small, the
-  slices' fp32 partials summed by `_sum_splits_kernel`. On an H200 it is instruction-bound,
-  not bandwidth-bound: 59% of the copy bandwidth on the lm_head, less on smaller weights
-  (scripts/measurements/int4_kernels.json).
+  (see `_gemv1_tile`) and about one more for x and the loop; a config and K split per weight
+  shape (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size
+  weights split K with the slices' fp32 partials summed by `_sum_splits_kernel`, the lm_head
+  one slice. On an H200 neither bound alone: the same loads without the nibble arithmetic run
+  ~1.5x faster, and a plain streaming read of the bytes ~1.3x faster again
+  (scripts/gemv1_variants.py, scripts/measurements/int4_gemv1_variants.json).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -51,9 +53,12 @@ GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
 GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
+GEMV1_RED = 0  # M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel)
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
-ONE_CONFIG = False  # compile with each pool's first config only: no timing run picks the tiles (see one_config)
+# compile with each pool's first config only: no timing run picks the tiles (see one_config);
+# M == 1 follows `gemv1_plan` either way
+ONE_CONFIG = False
 
 
 # ---- layout: pack, unpack, quantize ---------------------------------------------------------
@@ -132,22 +137,23 @@ def _cfg(bm, bn, bk, warps, stages, consumer=True):
     return c
 
 
-def _cfg1(bn, groups, warps):
-    c = triton.Config({"BLOCK_N": bn, "GROUPS": groups}, num_warps=warps, num_stages=1)
+def _cfg1(bn, groups, warps, parts=1, depth=1):
+    """An M == 1 config: BLOCK_N rows x PARTS K parts x GROUPS adjacent groups a step, DEPTH
+    tiles loaded ahead in registers."""
+    c = triton.Config({"BLOCK_N": bn, "GROUPS": groups, "PARTS": parts, "DEPTH": depth}, num_warps=warps,
+                      num_stages=1)
     c.consumer = True  # registers only: fits any card
     return c
 
 
-# M == 1: BLOCK_N rows x GROUPS whole groups per step, no tensor cores, no shared memory but
-# the final reduction's. At G = 128 a thread holds 4 words of BLOCK_N * GROUPS / (8 * warps)
-# rows: with 8 (the first three) x's loads and correction cost ~3.2 instructions per nibble
-# in all (sm_90 SASS), with 2 ~4.4.
-# ordered by the 31B's decode step on the H200 (scripts/int4_variants.py --parts gemv1, each shape at
-# its best K split, weighted by its count per token): (32, 1, 1) 6.64 ms of linears a token,
-# (128, 1, 4) 6.93, (64, 1, 4) 7.04, ... (64, 1, 1) 8.62; the best per shape would give 6.56
-GEMV1_CONFIGS = [_cfg1(bn, g, w) for bn, g, w in (
-    (32, 1, 1), (128, 1, 4), (64, 1, 4), (128, 1, 2), (256, 1, 4), (32, 2, 4), (16, 4, 4), (64, 1, 1),
-    (64, 2, 4))]
+# M == 1, from the H200 sweep of the 31B decode step (scripts/gemv1_variants.py; us per call, weights
+# from device memory): `gemv1_plan` takes one of these per weight shape. 32 rows, one warp, one
+# tile ahead, K split for ~1024 programs of 64 rows: the projections between 5376 and 21504 rows
+# (as fast as any variant there); 8 rows x 8 K parts, 8 warps, two tiles ahead, K not split:
+# up to 4096 rows (k_proj 2048 x 5376 9.0 -> 5.8, k/v 4096 x 5376 11.0 -> 9.3: no partials,
+# no second kernel); 32 rows, two warps, two tiles ahead, K not split: the lm_head
+# (262144 x 5376 372 -> 301). The first is the pool's first (the one an autotuned call starts from).
+GEMV1_CONFIGS = [_cfg1(32, 1, 1), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 1, 2, depth=2)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -162,8 +168,8 @@ def config_smem_bytes(cfg: triton.Config, group_size: int = 32) -> int:
     weight tile and its scales; a dot also stages the dequantized bf16 weight tile once (the
     M == 1 path has no dot). scripts/bench_int4.py checks Triton's own figure for every
     compiled variant against the limit."""
-    if "GROUPS" in cfg.kwargs:  # the M == 1 kernel: registers, and the final sum's scratch
-        return cfg.kwargs["BLOCK_N"] * 4 * cfg.num_warps
+    if "GROUPS" in cfg.kwargs:  # the M == 1 kernel: registers, and the final sums' scratch (at most
+        return cfg.kwargs["BLOCK_N"] * cfg.kwargs["PARTS"] * cfg.kwargs["GROUPS"] * 16 * 4  # the fp32 tile)
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     per_stage = bm * bk * 2 + bn * bk // 2 + bn * max(bk // group_size, 1) * 2
     dot = 0 if bm == 1 else bn * bk * 2  # the dequantized bf16 weight tile, once (M == 1: no dot)
@@ -238,66 +244,127 @@ def _nibble_as_float(h, S: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, KW, KW_PER_SPLIT, stride_ww, stride_sn, stride_os,
-                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr):
-    """M == 1: out[pid_k, n] = sum over one K slice of x[k] * W[n, k] for BLOCK_N rows (K counted
-    in words of 8 nibbles: KW = K / 8).
+def _gemv1_tile(w, s, xw, g0, lane, ok, ASM: tl.constexpr):
+    """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
+    words `w` whose groups start at words `g0` ([1, C, 1]).
+
+    Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
+    in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
+    per word, leaving dot(v - 8, x). x comes as bf16 pairs in 32-bit loads, turned into floats
+    by a shift or a mask."""
+    corr = tl.zeros(g0.shape, dtype=tl.float32)
+    xs = []
+    for p in tl.static_range(4):  # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load
+        xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
+        xs = xs + [(xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)]
+    part = tl.zeros(w.shape, dtype=tl.float32)
+    # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
+    # 5, 6, 7 from w >> 12 (two shifts per word)
+    for i in tl.static_range(8):
+        if i < 2:
+            f = _nibble_as_float(w << 8, 8 + 4 * i, ASM)
+            c = (1 << (15 - 4 * i)) + 8
+        elif i < 5:
+            f = _nibble_as_float(w, 4 * i, ASM)
+            c = (1 << (23 - 4 * i)) + 8
+        else:
+            f = _nibble_as_float(w >> 12, 4 * i - 12, ASM)
+            c = (1 << (35 - 4 * i)) + 8
+        part += f * xs[i]
+        corr += c * xs[i]
+    return (part - corr) * s.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
+def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
+                       stride_ww, stride_sn, stride_ps,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
+                       DEPTH: tl.constexpr, RED: tl.constexpr, ASM: tl.constexpr):
+    """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
+    groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
     The packed rows are read as int32 words (`w_ptr` points at them, `stride_ww` counts words).
-    A step reads GROUPS whole groups of BLOCK_N rows, a [BLOCK_N, GROUPS, GROUP / 8] tile
-    (16-byte loads), and loads the next step's tile before using this one (Triton pipelines no
-    loads outside a dot), so each program keeps two tiles in flight. Each nibble v becomes the
-    float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x in one FMA; the sum over the
-    word of (2^E + 8) x, the same for every row, is taken off once per word, leaving
-    dot(v - 8, x). x comes as bf16 pairs in 32-bit loads, turned into floats by a shift or a
-    mask. The accumulator keeps the tile's shape until the end (one cross-thread sum)."""
+    The slice is cut into PARTS parts, far apart in the row, each streamed in order; a step reads
+    GROUPS adjacent whole groups of each part for BLOCK_N rows, a [BLOCK_N, PARTS * GROUPS,
+    GROUP / 8] tile (16-byte loads). DEPTH (1 to 3) tiles are loaded ahead in registers (Triton
+    pipelines no loads outside a dot by itself; its `tl.range(num_stages=...)` staging through
+    shared memory measured slower, scripts/gemv1_variants.py). The accumulator keeps the tile's
+    shape until the end (one cross-thread sum).
+
+    One slice (SPLITS == 1) writes y (x's dtype). Several: RED 0 writes fp32 partials
+    part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter,
+    and the program that arrives last sums the partials in slice order (deterministic) into y
+    and resets the counter to 0."""
     WORDS: tl.constexpr = GROUP // 8
-    STEP: tl.constexpr = GROUP * GROUPS
+    C: tl.constexpr = PARTS * GROUPS
+    STEP: tl.constexpr = GROUPS * WORDS
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (offs_n < N)[:, None, None]
-    offs_g = tl.arange(0, GROUPS)
-    word = (offs_g[:, None] * WORDS + tl.arange(0, WORDS)[None, :])[None, :, :]  # [1, GROUPS, WORDS]
+    gpp = (GPS + PARTS - 1) // PARTS  # groups per part
+    col = tl.arange(0, C)
+    pcol = col // GROUPS
+    w_lo = pid_k * GPS * WORDS  # slices and parts start at whole groups: the loads stay 16 bytes wide
+    w_hi = tl.minimum(w_lo + GPS * WORDS, KW)
+    start = (w_lo + pcol * (gpp * WORDS) + (col % GROUPS) * WORDS)[None, :, None]  # [1, C, 1]
+    hi = tl.minimum(w_lo + (pcol + 1) * (gpp * WORDS), w_hi)[None, :, None]
+    lane = tl.arange(0, WORDS)[None, None, :]
     rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
     srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
     xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word
-    # in words: a slice starts at a multiple of 16 words, so the loads stay 16 bytes wide
-    w_lo = pid_k * KW_PER_SPLIT
-    w_hi = tl.minimum(w_lo + KW_PER_SPLIT, KW)
-    g_ok = (w_lo + offs_g * WORDS < w_hi)[None, :, None]  # K is a whole number of groups
-    w = tl.load(rows + (w_lo + word), mask=n_ok & g_ok, other=0)
-    s = tl.load(srows + (w_lo // WORDS + offs_g)[None, :, None], mask=n_ok & g_ok, other=0.0)
-    acc = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
-    for j0 in range(w_lo, w_hi, STEP // 8):
-        x_ok = g_ok
-        g_ok = (j0 + STEP // 8 + offs_g * WORDS < w_hi)[None, :, None]
-        w_next = tl.load(rows + (j0 + STEP // 8 + word), mask=n_ok & g_ok, other=0)
-        s_next = tl.load(srows + ((j0 + STEP // 8) // WORDS + offs_g)[None, :, None], mask=n_ok & g_ok, other=0.0)
-        # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load; corr = sum_i (2^E_i + 8) x_i
-        corr = tl.zeros((1, GROUPS, WORDS), dtype=tl.float32)
-        xs = []
-        for p in tl.static_range(4):
-            xp = tl.load(xw + ((j0 + word) * 4 + p), mask=x_ok, other=0)
-            xs = xs + [(xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)]
-        part = tl.zeros((BLOCK_N, GROUPS, WORDS), dtype=tl.float32)
-        # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
-        # 5, 6, 7 from w >> 12 (two shifts per word)
-        for i in tl.static_range(8):
-            if i < 2:
-                f = _nibble_as_float(w << 8, 8 + 4 * i, ASM)
-                c = (1 << (15 - 4 * i)) + 8
-            elif i < 5:
-                f = _nibble_as_float(w, 4 * i, ASM)
-                c = (1 << (23 - 4 * i)) + 8
-            else:
-                f = _nibble_as_float(w >> 12, 4 * i - 12, ASM)
-                c = (1 << (35 - 4 * i)) + 8
-            part += f * xs[i]
-            corr += c * xs[i]
-        acc += (part - corr) * s.to(tl.float32)
-        w, s = w_next, s_next
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    tl.store(out_ptr + pid_k * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+    acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
+    w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
+    s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
+    w1 = w0
+    s1 = s0
+    w2 = w0
+    s2 = s0
+    if DEPTH >= 2:
+        w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
+        s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
+    if DEPTH >= 3:
+        w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
+        s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+    for tg in range(0, gpp, GROUPS):
+        g0 = start + tg * WORDS
+        gn = g0 + DEPTH * STEP
+        wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
+        sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
+        acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
+        if DEPTH == 1:
+            w0 = wn
+            s0 = sn
+        elif DEPTH == 2:
+            w0 = w1
+            s0 = s1
+            w1 = wn
+            s1 = sn
+        else:
+            w0 = w1
+            s0 = s1
+            w1 = w2
+            s1 = s2
+            w2 = wn
+            s2 = sn
+    val = tl.sum(tl.sum(acc, axis=2), axis=1)
+    nm = offs_n < N
+    if SPLITS == 1:
+        tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
+    elif RED == 0:
+        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
+    else:
+        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
+        if ASM:  # every thread's partials visible device-wide before the count goes up
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [offs_n], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(SPLITS):
+                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
+            tl.store(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -543,7 +610,7 @@ AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping m
 
 def _autotuned(configs, kernel=_int4_matmul_kernel):
     # keyed on M's launch bucket (not M itself) so a dynamic prefill length does not re-tune
-    key = ["M_BUCKET", "N", "K", "GROUP"] if kernel is _int4_matmul_kernel else ["N", "KW", "KW_PER_SPLIT", "GROUP"]
+    key = ["M_BUCKET", "N", "K", "GROUP"] if kernel is _int4_matmul_kernel else ["N", "KW", "GPS", "RED", "GROUP"]
     return triton.autotune(configs=configs, key=key, **AUTOTUNE_KWARGS)(kernel)
 
 
@@ -576,31 +643,65 @@ def _kernel(kind: str, group: int):
     return _KERNELS[key]
 
 
+GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
+GEMV1_LARGE_N = 65536  # and from this many (the lm_head): 32 rows, two warps, one slice
+
+
+def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
+    """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
+
+    Few rows: 8-row programs that read K in 8 parts, one slice. Many (the lm_head): 32-row
+    programs, one slice. Between: 32-row programs, K split for ~GEMV1_TARGET_PROGRAMS programs
+    of 64 rows (each slice >= 512 of K), and at least 8 slices past 16384 rows (21504 x 5376:
+    29.6 us at 8 slices, 34.0 at 4, on two H200 sweeps; 16384 x 5376 is best at 4)."""
+    if n <= GEMV1_SMALL_N:
+        return GEMV1_CONFIGS[1], 1
+    if n >= GEMV1_LARGE_N:
+        return GEMV1_CONFIGS[2], 1
+    splits = triton.cdiv(GEMV1_TARGET_PROGRAMS, triton.cdiv(n, 64))
+    if n > 16384:
+        splits = max(splits, 8)
+    return GEMV1_CONFIGS[0], max(1, min(splits, 16, k // max(512, group_size)))
+
+
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
-    """K slices of the M == 1 kernel: enough for ~GEMV1_TARGET_PROGRAMS programs of 64 rows
-    (one slice for the lm_head: no partials, no second kernel), each slice >= 512 of K."""
-    tiles = triton.cdiv(n, 64)
-    return max(1, min(triton.cdiv(GEMV1_TARGET_PROGRAMS, tiles), 16, k // max(512, group_size)))
+    """K slices of the M == 1 kernel for an [n, k] weight (`gemv1_plan`)."""
+    return gemv1_plan(n, k, group_size)[1]
 
 
-def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None):
+_GEMV1_KERNELS: dict[tuple, object] = {}
+
+
+def _gemv1_kernel(cfg: triton.Config):
+    """The M == 1 kernel with one config (no timing run): what `gemv1_plan` picks."""
+    key = (cfg.num_warps, tuple(sorted(cfg.kwargs.items())))
+    if key not in _GEMV1_KERNELS:
+        _GEMV1_KERNELS[key] = _autotuned([cfg], _int4_gemv1_kernel)
+    return _GEMV1_KERNELS[key]
+
+
+def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
+               red: int | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
-    into the output with one slice of K, through fp32 partials and a sum with more."""
+    into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
+    (red 0) or by the last program of each row block (red 2, counters zeroed here)."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
-    words_per_split = triton.cdiv(triton.cdiv(K // 8, splits), G // 8) * (G // 8)  # whole groups
-    splits = triton.cdiv(K // 8, words_per_split)
-    dtype = x2.dtype if splits == 1 else torch.float32
-    out = torch.empty((splits, N), device=x2.device, dtype=dtype)
+    groups = K // G
+    gps = triton.cdiv(groups, splits)  # whole groups per slice
+    splits = triton.cdiv(groups, gps)
+    red = (GEMV1_RED if red is None else red) if splits > 1 else 0
+    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
+    part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
+    cnt = (torch.zeros if red == 2 else torch.empty)(  # a counter for each row block of >= 4 rows
+        (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
-        x2, words, scales, out, N, K // 8, words_per_split, words.stride(0), scales.stride(0), out.stride(0),
-        GROUP=G, ASM=not _INTERPRET)
-    if splits == 1:
-        return out.view(1, N)
-    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
-    launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
-    launch[(triton.cdiv(N, 1024),)](out, y, N, splits, out.stride(0), BLOCK=1024, num_warps=4)
+        x2, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0), part.stride(0),
+        GROUP=G, RED=red, ASM=not _INTERPRET)
+    if red == 0 and splits > 1:
+        launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
+        launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
     return y
 
 
@@ -706,7 +807,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
     if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
-        out = int4_gemv1(x2, qweight, scales, gemv1_splits(N, K, G))  # reads x as bf16 pairs
+        cfg, splits = gemv1_plan(N, K, G)  # one config per shape, no timing run
+        out = int4_gemv1(x2, qweight, scales, splits, kernel=_gemv1_kernel(cfg))  # reads x as bf16 pairs
     elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
         out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too

@@ -1,0 +1,581 @@
+"""Sweep of M == 1 int4 GEMV variants on the 31B shapes, in one GPU call (a tuning tool).
+
+    python -m scripts.gemv1_variants [--out gemv1_variants.json] [--budget 110] [--prewarm 8]
+
+One variant kernel (`_gemv1x_kernel`) with every knob the M == 1 path might want:
+BLOCK_N rows x PARTS K parts (far apart in the row, each streamed in order) x GROUPS adjacent
+groups per step; DEPTH tiles loaded ahead in registers (0: none, the loop left to
+`tl.range(num_stages=STAGES)`); the K split over programs reduced by RED: 0 fp32 partials +
+`_sum_splits_kernel` (the op today), 1 fp32 `atomic_add` into a zeroed buffer + a convert,
+2 the last program of a row block (atomic counter) sums the partials in-kernel and writes bf16
+(counters zeroed each call, or `persist`: one buffer the kernel resets itself). LOADONLY
+variants replace the nibble arithmetic by one convert a word: the bound of the access pattern.
+Beside them: the op's M == 1 path (`gemv1_plan`), the op's kernel at the best (config, split)
+of the sweep before (scripts/measurements/int4_gemv1_sweep.json), and a plain streaming read of
+the same bytes. (The first run, scripts/measurements/int4_gemv1_variants.json, timed the kernel
+before `gemv1_plan` as "op": (32, 1, 1) at the old `gemv1_splits`.) Every variant is checked
+against an fp32 matmul on the dequantized weight (fresh x, NaN-filled outputs) on a ragged
+shape and on each shape; timed as CUDA-graph replays over rotated weight copies (>= 256 MB, so
+weights come from HBM), median; copy bandwidth measured in the same run. Prints a table per
+shape, writes everything as one JSON.
+
+What the first run said (H200): a streaming read of the same bytes takes 0.5-0.7x the best GEMV on
+every shape, and the best load-only pattern (8 rows x 4 K parts, 4 warps) ~0.65x; the same
+pattern with the nibble arithmetic is the slowest of the good ones on large weights (~2x its
+load-only time: each thread holds one row, so x's loads and conversions are not shared between
+rows), while 32-row one-warp tiles (4 rows a thread) lose less to arithmetic but their loads
+alone are already slower. Deeper register prefetch (2-3 tiles) and Triton's cp.async staging
+(`tl.range(num_stages=3..5)`) gained nothing over one tile ahead; an in-kernel split reduction
+gains only with counters that need no zeroing launch (`persist`, ~0.5-1 us on mid shapes),
+not with a zeroed buffer per call (RED 1/2). Wins: K parts unsplit for <= 4096 rows, one slice
+for the lm_head, 8 slices for 21504 x 5376 (`gemv1_plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from export.kernels import int4_matmul as im
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if _INTERPRET else "cuda"
+
+
+@triton.jit
+def _tile_dot(w, s, xw, g0, lane, ok, ASM: tl.constexpr, LOADONLY: tl.constexpr):
+    """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BN, C, WORDS] tile."""
+    if LOADONLY:
+        return w.to(tl.float32) * s.to(tl.float32)
+    corr = tl.zeros(g0.shape, dtype=tl.float32)
+    xs = []
+    for p in tl.static_range(4):
+        xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
+        xs = xs + [(xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)]
+    part = tl.zeros(w.shape, dtype=tl.float32)
+    for i in tl.static_range(8):
+        if i < 2:
+            f = im._nibble_as_float(w << 8, 8 + 4 * i, ASM)
+            c = (1 << (15 - 4 * i)) + 8
+        elif i < 5:
+            f = im._nibble_as_float(w, 4 * i, ASM)
+            c = (1 << (23 - 4 * i)) + 8
+        else:
+            f = im._nibble_as_float(w >> 12, 4 * i - 12, ASM)
+            c = (1 << (35 - 4 * i)) + 8
+        part += f * xs[i]
+        corr += c * xs[i]
+    return (part - corr) * s.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["N", "KW", "GPS", "GPP", "SPLITS", "stride_sn", "stride_ps"])
+def _gemv1x_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, GPP, SPLITS,
+                   stride_ww, stride_sn, stride_ps,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
+                   DEPTH: tl.constexpr, STAGES: tl.constexpr, RED: tl.constexpr, LOADONLY: tl.constexpr,
+                   ASM: tl.constexpr):
+    WORDS: tl.constexpr = GROUP // 8
+    C: tl.constexpr = PARTS * GROUPS
+    STEP: tl.constexpr = GROUPS * WORDS
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = (offs_n < N)[:, None, None]
+    col = tl.arange(0, C)
+    pcol = col // GROUPS
+    w_lo = pid_k * GPS * WORDS  # slices and parts start at whole groups: 16-byte loads
+    w_hi = tl.minimum(w_lo + GPS * WORDS, KW)
+    start = (w_lo + pcol * (GPP * WORDS) + (col % GROUPS) * WORDS)[None, :, None]  # [1, C, 1]
+    hi = tl.minimum(w_lo + (pcol + 1) * (GPP * WORDS), w_hi)[None, :, None]
+    lane = tl.arange(0, WORDS)[None, None, :]
+    rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
+    srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
+    if DEPTH == 0:
+        for tg in tl.range(0, GPP, GROUPS, num_stages=STAGES):
+            g0 = start + tg * WORDS
+            ok = g0 < hi
+            w = tl.load(rows + (g0 + lane), mask=n_ok & ok, other=0)
+            s = tl.load(srows + g0 // WORDS, mask=n_ok & ok, other=0.0)
+            acc += _tile_dot(w, s, xw, g0, lane, ok, ASM, LOADONLY)
+    else:
+        w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
+        s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
+        w1 = w0
+        s1 = s0
+        w2 = w0
+        s2 = s0
+        if DEPTH >= 2:
+            w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
+            s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
+        if DEPTH >= 3:
+            w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
+            s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+        for tg in range(0, GPP, GROUPS):
+            g0 = start + tg * WORDS
+            gn = g0 + DEPTH * STEP
+            wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
+            sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
+            acc += _tile_dot(w0, s0, xw, g0, lane, g0 < hi, ASM, LOADONLY)
+            if DEPTH == 1:
+                w0 = wn
+                s0 = sn
+            elif DEPTH == 2:
+                w0 = w1
+                s0 = s1
+                w1 = wn
+                s1 = sn
+            else:
+                w0 = w1
+                s0 = s1
+                w1 = w2
+                s1 = s2
+                w2 = wn
+                s2 = sn
+    val = tl.sum(tl.sum(acc, axis=2), axis=1)
+    nm = offs_n < N
+    if RED == 0:
+        if SPLITS == 1:
+            tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
+        else:
+            tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
+    elif RED == 1:
+        tl.atomic_add(part_ptr + offs_n, val, mask=nm, sem="relaxed")
+    else:
+        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
+        if ASM:  # every thread's partials visible device-wide before the count goes up
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [offs_n], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(SPLITS):
+                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
+            tl.store(cnt_ptr + pid_n, 0)  # reset: a buffer kept across calls needs no zeroing
+
+
+@triton.jit
+def _stream_read_kernel(src_ptr, out_ptr, NW, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Reads CHUNK int32 words per program in BLOCK-word steps, writes one word: a read ceiling."""
+    base = tl.program_id(0).to(tl.int64) * CHUNK
+    acc = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(0, CHUNK, BLOCK):
+        offs = base + i + tl.arange(0, BLOCK)
+        acc ^= tl.load(src_ptr + offs, mask=offs < NW, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+_DUMMY: dict = {}
+
+
+def _dummy(dtype):
+    if dtype not in _DUMMY:
+        _DUMMY[dtype] = torch.zeros(16, dtype=dtype, device=DEVICE)
+    return _DUMMY[dtype]
+
+
+class V:
+    """A variant of `_gemv1x_kernel`: tile and pipelining knobs (constexpr, one compile each)."""
+
+    def __init__(self, bn, parts, groups, warps, depth, stages=1, red=0, loadonly=False, persist=False):
+        self.bn, self.parts, self.groups, self.warps, self.depth, self.stages = bn, parts, groups, warps, depth, stages
+        self.red, self.loadonly, self.persist = red, loadonly, persist
+        self.cnt = None
+
+    @property
+    def label(self):
+        s = f"x{self.bn}p{self.parts}g{self.groups}w{self.warps}d{self.depth}"
+        s += f"s{self.stages}" if self.depth == 0 else ""
+        s += f"r{self.red}" + ("P" if self.persist else "") + ("LO" if self.loadonly else "")
+        return s
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in ("bn", "parts", "groups", "warps", "depth", "stages", "red", "loadonly",
+                                              "persist")}
+
+    def __call__(self, x2, q, s, splits, poison=False):
+        N, K = q.shape[0], q.shape[1] * 2
+        G = K // s.shape[1]
+        W, KW = G // 8, K // 8
+        groups = K // G
+        gps = triton.cdiv(groups, splits)
+        splits = triton.cdiv(groups, gps)
+        gpp = triton.cdiv(gps, self.parts)
+        words = q.view(torch.int32)
+        tiles = triton.cdiv(N, self.bn)
+        new = (lambda shape, dt: torch.full(shape, float("nan"), dtype=dt, device=x2.device)) if poison else \
+            (lambda shape, dt: torch.empty(shape, dtype=dt, device=x2.device))
+        y = new((1, N), x2.dtype)
+        cnt = _dummy(torch.int32)
+        if self.red == 1 and splits > 1:
+            part = torch.zeros((1, N), dtype=torch.float32, device=x2.device)
+        elif splits > 1:
+            part = new((splits, N), torch.float32)
+        else:
+            part = _dummy(torch.float32)
+        red = self.red if splits > 1 else 0
+        if red == 2:
+            if self.persist:
+                if self.cnt is None or self.cnt.numel() < tiles:
+                    self.cnt = torch.zeros(tiles, dtype=torch.int32, device=x2.device)
+                cnt = self.cnt
+            else:
+                cnt = torch.zeros(tiles, dtype=torch.int32, device=x2.device)
+        _gemv1x_kernel[(tiles, splits)](
+            x2, words, s, part, y, cnt, N, KW, gps, gpp, splits, words.stride(0), s.stride(0), part.stride(0),
+            GROUP=G, BLOCK_N=self.bn, PARTS=self.parts, GROUPS=self.groups, DEPTH=self.depth, STAGES=self.stages,
+            RED=red, LOADONLY=self.loadonly, ASM=not _INTERPRET, num_warps=self.warps, num_stages=1)
+        if red == 0 and splits > 1:
+            im._sum_splits_kernel[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024,
+                                                             num_warps=4)
+        elif red == 1:
+            y = part.to(x2.dtype)  # the convert a consumer could fuse
+        return y
+
+
+class Cur:
+    """The op's current kernel with one config (BLOCK_N, GROUPS, warps)."""
+
+    def __init__(self, bn, groups, warps):
+        cfg = im._cfg1(bn, groups, warps)
+        self.kern = im._autotuned([cfg], im._int4_gemv1_kernel)
+        self.label = f"cur{bn},{groups},{warps}"
+        self.cfg = (bn, groups, warps)
+
+    def as_dict(self):
+        return {"current": list(self.cfg)}
+
+    def __call__(self, x2, q, s, splits, poison=False):
+        return im.int4_gemv1(x2, q, s, splits, kernel=self.kern)
+
+
+class Op:
+    """The op's M == 1 path: `gemv1_plan`'s config and K split for the shape (splits ignored)."""
+    label = "op"
+
+    def as_dict(self):
+        return {"current": "plan"}
+
+    def __call__(self, x2, q, s, splits, poison=False):
+        N, K = q.shape[0], q.shape[1] * 2
+        cfg, sp = im.gemv1_plan(N, K, K // s.shape[1])
+        return im.int4_gemv1(x2, q, s, sp, kernel=im._gemv1_kernel(cfg))
+
+
+def variants(quick=False):
+    """(name, variant, split counts) of the sweep."""
+    vs = [
+        # the op today's tile with deeper register prefetch
+        V(32, 1, 1, 1, 1), V(32, 1, 1, 1, 2), V(32, 1, 1, 1, 3),
+        V(64, 1, 1, 4, 1), V(64, 1, 1, 4, 2), V(64, 1, 1, 4, 3), V(128, 1, 1, 4, 2), V(128, 1, 1, 8, 2),
+        V(64, 1, 2, 4, 2), V(16, 1, 4, 4, 2), V(32, 1, 2, 4, 2), V(32, 1, 1, 2, 2),
+        # in-program K parts: few rows, many warps, no split needed
+        V(8, 4, 1, 4, 2), V(16, 4, 1, 4, 2), V(8, 8, 1, 8, 2), V(4, 8, 1, 4, 2), V(16, 2, 1, 4, 2),
+        V(32, 4, 1, 8, 2), V(8, 4, 1, 4, 3), V(16, 8, 1, 8, 2),
+        # Triton's own pipelining of the loads
+        V(32, 1, 1, 1, 0, 3), V(64, 1, 1, 4, 0, 4), V(8, 4, 1, 4, 0, 3), V(32, 1, 1, 1, 0, 5), V(64, 1, 1, 4, 0, 3),
+        V(16, 1, 4, 4, 0, 3), V(32, 1, 2, 4, 0, 4), V(128, 1, 1, 4, 0, 3), V(16, 4, 1, 4, 0, 3),
+        # in-kernel split reduction
+        V(32, 1, 1, 1, 2, red=1), V(64, 1, 1, 4, 2, red=1), V(16, 4, 1, 4, 2, red=1),
+        V(32, 1, 1, 1, 2, red=2), V(64, 1, 1, 4, 2, red=2), V(16, 4, 1, 4, 2, red=2),
+        V(32, 1, 1, 1, 2, red=2, persist=True), V(64, 1, 1, 4, 2, red=2, persist=True),
+        V(16, 4, 1, 4, 2, red=2, persist=True),
+        # the access pattern's own bound (no nibble arithmetic; not a result)
+        V(32, 1, 1, 1, 1, loadonly=True), V(32, 1, 1, 1, 2, loadonly=True), V(64, 1, 1, 4, 2, loadonly=True),
+        V(8, 4, 1, 4, 2, loadonly=True), V(16, 8, 1, 8, 2, loadonly=True), V(32, 1, 1, 1, 0, 4, loadonly=True),
+        V(64, 1, 1, 4, 0, 4, loadonly=True),
+    ]
+    if quick:
+        vs = [v for v in vs if v.bn == 32 and v.parts == 1 and v.groups == 1 and v.warps == 1] + [vs[12]]
+    return vs
+
+
+def current_variants():
+    cur = [Cur(*c) for c in ((32, 1, 1), (16, 4, 4), (64, 2, 4), (64, 1, 4), (128, 1, 4))]
+    return cur
+
+
+# the last sweep's best (config, split) per shape of the current kernel
+PREV_BEST = {(2048, 5376): ((16, 4, 4), 4), (4096, 5376): ((64, 2, 4), 8), (5376, 8192): ((32, 1, 1), 8),
+             (5376, 16384): ((64, 1, 4), 8), (5376, 21504): ((32, 1, 1), 8), (8192, 5376): ((32, 1, 1), 8),
+             (16384, 5376): ((128, 1, 4), 4), (21504, 5376): ((32, 1, 1), 8), (262144, 5376): ((64, 1, 4), 1)}
+
+
+def _rel(y, ref):
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def _splits_for(v, n, k):
+    if isinstance(v, V) and v.red in (1, 2):
+        return (2, 4, 8)
+    if isinstance(v, V) and v.parts >= 4:
+        return (1, 2)
+    return (1, 2, 4, 8)
+
+
+def bench_graph(fn, copies, reps=15):
+    """Median us per call of fn (which makes `copies` calls) as CUDA-graph replays."""
+    if _INTERPRET:  # a dry run of the sweep's logic on CPU
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6 / copies
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    ts = sorted(a.elapsed_time(b) for a, b in ev)
+    del g
+    return ts[len(ts) // 2] * 1e3 / copies
+
+
+def ragged_checks(vs, rows, n=1000, k=4608):
+    """Every variant at each split on a shape no tile divides (N 1000, K 36 groups, split 3 and 5)."""
+    q, s = im.quantize_int4(torch.randn(n, k, device=DEVICE), 128)
+    ref_w = im.dequantize_int4(q, s, torch.float32)
+    bad = []
+    for v in vs:
+        if getattr(v, "loadonly", False):
+            continue
+        for splits in (1, 3, 5, 8):
+            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+            try:
+                err = _rel(v(x, q, s, splits, poison=True), x.float() @ ref_w.t())
+            except Exception as e:  # a variant that fails to compile or run is reported, not fatal
+                err = float("nan")
+                print(f"  {v.label} split {splits}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            rows.append({"part": "ragged", "variant": v.label, "n": n, "k": k, "splits": splits, "rel_err": err})
+            if not err <= 1e-2:
+                bad.append((v.label, splits, err))
+    print(f"ragged checks (N {n}, K {k}, splits 1/3/5/8): {'all within 1e-2' if not bad else f'FAIL {bad}'}",
+          flush=True)
+    return {b[0] for b in bad}
+
+
+def _prewarm_worker(idx, count):
+    """Compiles every variant (Triton's disk cache) in one of `count` processes."""
+    torch.manual_seed(idx)
+    allv = variants() + current_variants() + [Op()]
+    mine = allv[idx::count]
+    for k in (5376, 8192):
+        q, s = im.quantize_int4(torch.randn(256, k, device=DEVICE), 128)
+        x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+        for v in mine:
+            for splits in (1, 2):
+                try:
+                    v(x, q, s, splits)
+                except Exception:
+                    pass
+    torch.cuda.synchronize()
+
+
+def prewarm(count):
+    import multiprocessing as mp
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    ps = [ctx.Process(target=_prewarm_worker, args=(i, count)) for i in range(count)]
+    for p in ps:
+        p.start()
+    deadline = time.time() + 45
+    for p in ps:
+        p.join(timeout=max(1.0, deadline - time.time()))
+    for p in ps:
+        if p.is_alive():  # what it did not compile, the sweep compiles itself
+            p.terminate()
+    print(f"prewarm: {count} processes compiled the variants in {time.time() - t0:.1f} s", flush=True)
+
+
+def _device_name():
+    return "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
+
+
+def copy_gbps():
+    """bench_int4's figure (eager copy, do_bench): a copy captured in a CUDA graph becomes a memcpy
+    node, which ran at 2771 GB/s on the H200 where the eager copy runs at ~4240."""
+    from scripts.bench_int4 import copy_gbps as eager
+    return eager()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("gemv1_variants.json"))
+    ap.add_argument("--budget", type=float, default=110.0, help="seconds; shapes left when it runs out are skipped")
+    ap.add_argument("--prewarm", type=int, default=8, help="processes compiling the variants first (0: none)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shapes", default="", help="names of the shapes (default: every 31B shape)")
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
+    nowrap.__enter__()
+    if not torch.cuda.is_available() and not _INTERPRET:
+        print("gemv1_variants: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if a.prewarm and not _INTERPRET:
+        try:
+            prewarm(a.prewarm)
+        except Exception as e:  # an optimisation only
+            print(f"prewarm: {type(e).__name__}: {e}", flush=True)
+    from export.gemma4.config import PRESETS
+    from scripts.bench_int4 import linear_shapes
+    gbps = 1000.0 if _INTERPRET else copy_gbps()
+    t = torch.zeros(1, device=DEVICE)
+    launch_us = bench_graph(lambda: [t.add_(1) for _ in range(20)], 20)
+    print(f"copy {gbps:.0f} GB/s, tiny kernel in a graph {launch_us:.2f} us ({_device_name()})", flush=True)
+    vs = variants(a.quick)
+    curs = current_variants()
+    rows: list[dict] = []
+    doc = {"device": _device_name(), "copy_gbps": gbps, "launch_us": launch_us, "rows": rows}
+    save = lambda: a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    broken = ragged_checks(vs + curs[:1], rows, *((40, 640) if _INTERPRET else ()))
+    print(f"checks done at {time.time() - t_start:.1f} s", flush=True)
+    shapes = [(names, n, k) for (n, k), (names, _) in sorted(linear_shapes(PRESETS["31b"]).items())]
+    if _INTERPRET:  # the logic on two tiny shapes standing in for two 31B ones
+        shapes = [(shapes[0][0], 48, 512), (shapes[-1][0], 80, 768)]
+        counts_override = {(48, 512): 1, (80, 768): 1}
+    if a.shapes:
+        shapes = [sh for sh in shapes if sh[0] in a.shapes.split(",")]
+    # smaller weights first, the lm_head last (its copies cost the most time)
+    shapes.sort(key=lambda sh: sh[1] * sh[2])
+    summary = []
+    try:
+        for name, n, k in shapes:
+            if time.time() - t_start > a.budget:
+                print(f"budget spent: {name} skipped", flush=True)
+                continue
+            g = 128
+            nbytes = im.int4_bytes(n, k, g) + 2 * (k + n)
+            C = 2 if _INTERPRET else max(1, math.ceil((256 << 20) / nbytes))
+            q0, s0 = im.quantize_int4(torch.randn(n, k, device=DEVICE), g)
+            ref_w = im.dequantize_int4(q0, s0, torch.float32)
+            ws = [(q0.clone(), s0.clone()) for _ in range(C - 1)] + [(q0, s0)]
+            x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+            res = []
+
+            def one(v, splits, label_extra=""):
+                xc = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+                try:
+                    err = _rel(v(xc, q0, s0, splits, poison=True), xc.float() @ ref_w.t())
+                    us = bench_graph(lambda: [v(x, q, s, splits) for q, s in ws], C)
+                except Exception as e:
+                    print(f"  {v.label} split {splits}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    return None
+                r = {"variant": v.label, **v.as_dict(), "splits": splits, "us": us,
+                     "fraction_of_copy_bw": nbytes / us / 1e3 / gbps, "rel_err": err}
+                res.append(r)
+                return r
+
+            op = one(Op(), 0)  # the op's M == 1 path (`gemv1_plan`)
+            prev_cfg, prev_split = PREV_BEST.get((n, k), ((32, 1, 1), 8))
+            prev = one(next(c for c in curs if c.cfg == prev_cfg), prev_split)
+            # streaming read of the packed bytes (a ceiling for one launch of this size)
+            wsz = q0.numel() // 4
+            chunk = 16384
+            sink = torch.empty(triton.cdiv(wsz, chunk), dtype=torch.int32, device=DEVICE)
+            try:
+                rd_us = bench_graph(lambda: [_stream_read_kernel[(triton.cdiv(wsz, chunk),)](
+                    q.view(torch.int32), sink, wsz, CHUNK=chunk, BLOCK=2048, num_warps=8) for q, _ in ws], C)
+            except Exception as e:
+                print(f"  stream read: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                rd_us = float("nan")
+            rd_frac = q0.numel() / rd_us / 1e3 / gbps
+            for v in vs:
+                if v.label in broken:
+                    continue
+                for splits in _splits_for(v, n, k):
+                    if splits > 1 and (k // g) // splits < 2:
+                        continue
+                    one(v, splits)
+            good = [r for r in res if not r.get("loadonly") and r["rel_err"] <= 1e-2 and "current" not in r]
+            good.sort(key=lambda r: r["us"])
+            lo = [r for r in res if r.get("loadonly")]
+            lo_best = min(lo, key=lambda r: r["us"]) if lo else None
+            worst = max((r["rel_err"] for r in res if not r.get("loadonly")), default=float("nan"))
+            nan = [r["variant"] for r in res if not r.get("loadonly") and not r["rel_err"] <= 1e-2]
+            print(f"\n{name} [{n} x {k}] {nbytes / 1e6:.1f} MB, floor {nbytes / gbps / 1e3:.1f} us, {C} copies; "
+                  f"read-only {rd_us:.1f} us ({rd_frac:.0%}); op {op['us'] if op else float('nan'):.1f} us "
+                  f"({op['fraction_of_copy_bw'] if op else float('nan'):.0%}); last sweep's best "
+                  f"{prev['us'] if prev else float('nan'):.1f}; worst err {worst:.1e}"
+                  + (f"; FAIL {nan}" if nan else ""), flush=True)
+            if lo_best:
+                print(f"  load-only best {lo_best['variant']} split {lo_best['splits']} {lo_best['us']:.1f} us "
+                      f"({lo_best['fraction_of_copy_bw']:.0%})", flush=True)
+            for r in good[:8]:
+                print(f"  {r['variant']:22} split {r['splits']} {r['us']:7.1f} us {r['fraction_of_copy_bw']:5.0%}"
+                      f" err {r['rel_err']:.1e}", flush=True)
+            best_by_red = {}
+            for r in good:
+                best_by_red.setdefault((r["red"], r["depth"]), r)
+            print("  best per (red, depth): " + ", ".join(
+                f"r{kk[0]}d{kk[1]} {r['us']:.1f} ({r['variant']}/{r['splits']})" for kk, r in sorted(best_by_red.items())),
+                flush=True)
+            rows.append({"part": "shape", "name": name, "n": n, "k": k, "bytes": nbytes, "copies": C,
+                         "read_only_us": rd_us, "read_only_fraction": rd_frac, "op": op, "prev_best": prev,
+                         "all": res})
+            summary.append((name, n, k, nbytes, op, prev, good[0] if good else None))
+            save()
+            del ws, q0, s0, ref_w
+            if not _INTERPRET:
+                torch.cuda.empty_cache()
+    finally:
+        save()
+    print(f"\n{'shape':26} {'floor':>6} {'op us':>7} {'op%':>5} {'prev':>7} {'best us':>7} {'best%':>5}  variant/split")
+    for name, n, k, nbytes, op, prev, b in summary:
+        f = lambda r: r["us"] if r else float("nan")
+        print(f"{name[:26]:26} {nbytes / gbps / 1e3:6.1f} {f(op):7.1f} {nbytes / f(op) / 1e3 / gbps:5.0%} "
+              f"{f(prev):7.1f} {f(b):7.1f} {nbytes / f(b) / 1e3 / gbps:5.0%}  "
+              f"{b['variant'] if b else '-'}/{b['splits'] if b else '-'}")
+    # one pool config across all shapes: the total of a decode step's per-shape times
+    from scripts.bench_int4 import linear_shapes as ls
+    counts = {nk: cnt for nk, (_, cnt) in ls(PRESETS["31b"]).items()}
+    if _INTERPRET:
+        counts = counts_override
+    tot = {}
+    for r in rows:
+        if r.get("part") != "shape":
+            continue
+        per = {}
+        for x in r["all"]:
+            if x.get("loadonly") or not x["rel_err"] <= 1e-2 or "current" in x:
+                continue
+            per[x["variant"]] = min(per.get(x["variant"], 1e9), x["us"])
+        for lab, us in per.items():
+            tot.setdefault(lab, []).append(us * counts[(r["n"], r["k"])])
+    nshapes = len([r for r in rows if r.get("part") == "shape"])
+    ranked = sorted(((sum(v), lab) for lab, v in tot.items() if len(v) == nshapes))
+    op_tot = sum(r["op"]["us"] * counts[(r["n"], r["k"])] for r in rows if r.get("part") == "shape" and r["op"])
+    print(f"\ndecode step's linears (31B, {nshapes} shapes, each variant at its best split per shape): "
+          f"op {op_tot / 1e3:.2f} ms; " + ", ".join(f"{lab} {t / 1e3:.2f}" for t, lab in ranked[:8]))
+    doc["step_totals_ms"] = {lab: t / 1e3 for t, lab in ranked}
+    doc["op_step_ms"] = op_tot / 1e3
+    try:
+        smem = [k.metadata.shared for c in _gemv1x_kernel.device_caches.values() for k in c[0].values()]
+        doc["compiled_max_shared_bytes"] = max(smem, default=None)
+        print(f"compiled variants {len(smem)}, max shared memory {max(smem, default=0)} B "
+              f"(limit {im.SMEM_LIMIT_BYTES})")
+    except Exception as e:
+        print(f"shared memory report: {type(e).__name__}: {e}")
+    save()
+    print(f"total {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
