@@ -18,6 +18,12 @@ retraces it up to four times before Inductor traces it once more itself:
 A retrace by a table that matches no op returns the same operators in the same order (the
 tests compare the op sequences); Inductor then compiles the same graph, so the artifact's
 logits stay bitwise the same.
+
+Every retrace also records each node's provenance (`node.meta["from_node"]`, torch.fx's
+`NodeSource` chain, two levels per decomposition) by deep-copying the whole chain of the
+node it replays: a cost per node that grows with every pass the graph went through (~10% of
+a CPU lowering under cProfile). `drop_provenance` clears it before the backend's passes and
+Inductor: it names where a node came from for debugging only; nothing compiled reads it.
 """
 
 from __future__ import annotations
@@ -59,6 +65,14 @@ def decomposes_nothing(program: ExportedProgram, table: dict) -> bool:
 def op_sequence(program: ExportedProgram) -> list[str]:
     """The operators of the top-level graph in order (what a no-op retrace must preserve)."""
     return [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+
+
+def drop_provenance(program: ExportedProgram) -> ExportedProgram:
+    """Clear `node.meta["from_node"]` on every node (nested graphs included), in place."""
+    for gm in _graph_modules(program):
+        for node in gm.graph.nodes:
+            node.meta.pop("from_node", None)
+    return program
 
 
 def skip_identity_retrace(produced: "weakref.WeakSet[ExportedProgram]"):

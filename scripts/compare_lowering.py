@@ -1,4 +1,4 @@
-"""The lowering's retrace skips (export/retrace.py) change no logit: one config exported
+"""The lowering's retrace skips and dropped provenance (export/retrace.py) change no logit: one config exported
 with them and without them in one process, both artifacts run on the same tokens, logits
 compared bit for bit; each export's stage times side by side.
 
@@ -31,15 +31,17 @@ import torch  # noqa: E402
 @contextlib.contextmanager
 def without_skips():
     """The lowering as it was: every retrace runs."""
+    import export.backends.aoti_base as aoti_base
     import export.pipeline as pipeline
     import export.retrace as retrace
 
-    saved = pipeline.skip_identity_decompositions, retrace.decomposes_nothing
+    saved = pipeline.skip_identity_decompositions, retrace.decomposes_nothing, aoti_base.drop_provenance
     pipeline.skip_identity_decompositions, retrace.decomposes_nothing = contextlib.nullcontext, lambda *a: False
+    aoti_base.drop_provenance = lambda program: program
     try:
         yield
     finally:
-        pipeline.skip_identity_decompositions, retrace.decomposes_nothing = saved
+        pipeline.skip_identity_decompositions, retrace.decomposes_nothing, aoti_base.drop_provenance = saved
 
 
 def logits(out: Path, device: str, chunk: int, vocab: int, n_decode: int = 4) -> list[torch.Tensor]:
