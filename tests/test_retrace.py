@@ -66,3 +66,26 @@ def test_a_table_that_matches_an_op_is_run():
         assert not decomposes_nothing(first, table)
         out = first.run_decompositions(table)
     assert out is not first and "aten.linear.default" not in op_sequence(out)
+
+
+def test_pipeline_skips_a_target_table_without_a_matching_op():
+    from export.passes.pipeline import PipelineContext, _decompose
+
+    first = _program().run_decompositions({})
+    conv_only = PipelineContext(device="cpu", decompositions={torch.ops.aten.conv1d.default: lambda *a: None})
+    assert _decompose(first, conv_only) is first
+    linear = PipelineContext(device="cpu", decompositions={
+        torch.ops.aten.linear.default: lambda x, w, b=None: torch.matmul(x, w.t()) + b})
+    assert "aten.linear.default" not in op_sequence(_decompose(first, linear))
+
+
+def test_dropped_provenance_leaves_the_ops_and_values():
+    from export.retrace import drop_provenance
+
+    first = _program().run_decompositions({}).run_decompositions({})
+    assert any("from_node" in n.meta for n in first.graph.nodes)
+    ops, x = op_sequence(first), torch.randn(1, 8)
+    want = first.module()(x, torch.tensor([3]))
+    assert drop_provenance(first) is first and not any("from_node" in n.meta for n in first.graph.nodes)
+    assert op_sequence(first) == ops
+    torch.testing.assert_close(first.module()(x, torch.tensor([3])), want, rtol=0, atol=0)
