@@ -95,12 +95,16 @@ LOWERING_PHASES = (
     ("aot_export_module", "Inductor: tracing"),
     ("_recursive_joint_graph_passes", "Inductor: graph passes"),
     ("_recursive_post_grad_passes", "Inductor: graph passes"),
+    ("additional_fake_tensor_prop", "Inductor: shape propagation"),
     ("GraphLowering.run", "Inductor: lowering to IR"),
+    ("GraphLowering.codegen_with_cpp_wrapper", "Inductor: code generation"),
     ("Scheduler.__init__", "Inductor: fusion"),
     ("Scheduler.codegen", "Inductor: kernel codegen"),
     ("PythonWrapperCodegen.generate", "Inductor: wrapper codegen"),
     ("AsyncCompile.wait", "Inductor: waiting for kernel compiles"),
     ("AotCodeCompiler.compile", "Inductor: C++ compile and link"),
+    ("CppBuilder.build", "Inductor: C++ compile"),
+    ("to_executorch", "ExecuTorch program"),
 )
 
 
