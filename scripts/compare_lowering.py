@@ -81,6 +81,8 @@ def export_variant(args) -> None:
         result = export_model(cfg, listeners=(log,))
     rec = {k: round(v, 2) for k, v in result.seconds.items()}
     rec["wall"] = round(time.perf_counter() - t0, 2)
+    # the lowering's own work: less the waits for the compile workers and the ISA probe
+    rec["lower_own"] = round(rec["lower"] - rec.get("compile_workers_wait", 0) - rec.get("isa_probe_wait", 0), 2)
     (args.root / f"{args.variant}.json").write_text(json.dumps({"stages": rec, "vocab_size": result.metadata["vocab_size"]}))
 
 
