@@ -161,12 +161,12 @@ class Heartbeat:
     inside right now (export/pipeline.py `lowering_phase`)."""
 
     def __init__(self, print_line: Callable[[str], None] = print, every_s: float = 60.0,
-                 stages_: tuple[str, ...] = (LOWER,), where: Callable[[int], str] | None = None):
-        self.print_line, self.every_s, self.stages, self.where = print_line, every_s, stages_, where
+                 watch: tuple[str, ...] = (LOWER,), where: Callable[[int], str] | None = None):
+        self.print_line, self.every_s, self.watch, self.where = print_line, every_s, watch, where
         self.running: dict[str, tuple[threading.Event, dict]] = {}
 
     def __call__(self, event: StageEvent) -> None:
-        if event.stage not in self.stages:
+        if event.stage not in self.watch:
             return
         if event.kind == START:
             state = {"t0": time.perf_counter(), "detail": event.detail, "thread": threading.get_ident()}

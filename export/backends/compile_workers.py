@@ -55,8 +55,8 @@ def wait_ready(timeout_s: float = 90.0) -> float | None:
 #
 # Inductor picks the C++ wrapper's vector ISA (`cpu_vec_isa.pick_vec_isa`, also on CUDA: the
 # wrapper is built with its flags) by compiling a probe per candidate ISA and loading each
-# in a fresh Python that imports torch: seconds per candidate, once per process (~30 s on the
-# GPU machine), serially inside the first method's compile. The probe's answer depends only
+# in a fresh Python that imports torch: seconds per candidate, once per process (38 s on the
+# H200 machine), serially inside the first method's compile. The probe's answer depends only
 # on the host, so it runs on a thread from the start of the export (its subprocesses wait
 # outside the GIL) and lowering joins it; the ISA Inductor picks is the same.
 
