@@ -47,6 +47,9 @@ PATCHES: dict[str, Patch] = {p.target.split(":")[1]: p for p in (
           "Triton launches at compile time get zero-filled storage for zero-byte arguments"),
     Patch("torch._inductor.graph:GraphLowering.compile_to_module", "torch",
           "extern ops of the GPU first pass get temporary storage for zero-byte arguments"),
+    # retraces that change nothing are skipped (export/retrace.py)
+    Patch("torch.export.exported_program:ExportedProgram.run_decompositions", "torch",
+          "a decomposition matching no op of a program it already produced returns that program"),
     # ExecuTorch's deep copies of the programs alias parked weights (export/spool.py)
     Patch("torch:Tensor.__deepcopy__", "torch", "a parked or lazy-zero tensor is aliased, not copied"),
     Patch("torch.nn:Parameter.__deepcopy__", "torch", "a parked or lazy-zero parameter is aliased, not copied"),

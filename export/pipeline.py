@@ -22,6 +22,7 @@ from torch import nn
 from export import stages
 from export.backends import BackendOptions, TargetDevice, compile_workers, partitioner_for
 from export.constants import CompiledMethod
+from export.retrace import skip_identity_decompositions
 from export.strategy import ExportStrategy
 from runtime.artifact import METADATA_KEY, METHODS
 
@@ -63,7 +64,8 @@ def edge_config():
 def lower(programs: dict, device: TargetDevice, strategy: ExportStrategy, *, autotune: bool = True,
           multi_arch: bool = False):
     """to_edge + to_backend with the target's partitioner; one AOTI delegate per method.
-    The strategy's lowering context wraps ExecuTorch's deep copies of the programs."""
+    The strategy's lowering context wraps ExecuTorch's deep copies of the programs; retraces
+    that would change nothing are skipped (export/retrace.py)."""
     from executorch.exir import to_edge_transform_and_lower
 
     partitioners = {m: [partitioner_for(device, BackendOptions(
@@ -73,10 +75,52 @@ def lower(programs: dict, device: TargetDevice, strategy: ExportStrategy, *, aut
         waited = compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
         if waited is not None:  # part of the lowering's time, reported on its own too
             stages.emit(stages.StageEvent("compile_workers_wait", stages.END, seconds=waited))
+        waited = compile_workers.wait_isa_probe()
+        if waited is not None:
+            stages.emit(stages.StageEvent("isa_probe_wait", stages.END, seconds=waited))
         s.detail("to_edge: tracing to the edge dialect")
-        with strategy.lowering():
+        with strategy.lowering(), skip_identity_decompositions():
             return to_edge_transform_and_lower(programs, partitioner=partitioners, compile_config=edge_config(),
                                                constant_methods={"metadata": "{}"})
+
+
+# Where a lowering thread is, by the innermost of these functions on its stack (qualified
+# names, Python 3.11+), for the export's heartbeat lines (export/stages.py `Heartbeat`).
+LOWERING_PHASES = (
+    ("_gen_edge_manager_for_partitioners", "ExecuTorch to_edge"),
+    ("ExportedProgram.run_decompositions", "whole-graph retrace (decompositions)"),
+    ("_generate_edge_program", "ExecuTorch edge passes"),
+    ("run_pipeline", "our graph passes"),
+    ("aot_compile", "Inductor"),
+    ("aot_export_module", "Inductor: tracing"),
+    ("_recursive_joint_graph_passes", "Inductor: graph passes"),
+    ("_recursive_post_grad_passes", "Inductor: graph passes"),
+    ("additional_fake_tensor_prop", "Inductor: shape propagation"),
+    ("GraphLowering.run", "Inductor: lowering to IR"),
+    ("GraphLowering.codegen_with_cpp_wrapper", "Inductor: code generation"),
+    ("Scheduler.__init__", "Inductor: fusion"),
+    ("Scheduler.codegen", "Inductor: kernel codegen"),
+    ("PythonWrapperCodegen.generate", "Inductor: wrapper codegen"),
+    ("AsyncCompile.wait", "Inductor: waiting for kernel compiles"),
+    ("AotCodeCompiler.compile", "Inductor: C++ compile and link"),
+    ("CppBuilder.build", "Inductor: C++ compile"),
+    ("to_executorch", "ExecuTorch program"),
+)
+
+
+def lowering_phase(thread_id: int, phases=LOWERING_PHASES) -> str:
+    """The phase the thread `thread_id` is in ("" when none matches)."""
+    import sys
+
+    frame = sys._current_frames().get(thread_id)
+    names = dict(phases)
+    while frame is not None:  # innermost first: the first match is the most specific
+        code = frame.f_code
+        label = names.get(getattr(code, "co_qualname", code.co_name)) or names.get(code.co_name)
+        if label:
+            return label
+        frame = frame.f_back
+    return ""
 
 
 def compiled_methods(edge_manager) -> dict[str, CompiledMethod]:

@@ -152,3 +152,41 @@ class ProgressBars:
         thread = threading.Thread(target=tick, name="progress-tick", daemon=True)
         thread.start()
         self.bars[event.stage] = (bar, stop, thread)
+
+
+class Heartbeat:
+    """A line every `every_s` while a long stage runs, so a log shows where a many-minute
+    lowering is: the stage, its elapsed time, its last detail ("prefill: AOTInductor
+    compile") and, from `where(thread_id)`, what the thread that started the stage is
+    inside right now (export/pipeline.py `lowering_phase`)."""
+
+    def __init__(self, print_line: Callable[[str], None] = print, every_s: float = 60.0,
+                 watch: tuple[str, ...] = (LOWER,), where: Callable[[int], str] | None = None):
+        self.print_line, self.every_s, self.watch, self.where = print_line, every_s, watch, where
+        self.running: dict[str, tuple[threading.Event, dict]] = {}
+
+    def __call__(self, event: StageEvent) -> None:
+        if event.stage not in self.watch:
+            return
+        if event.kind == START:
+            state = {"t0": time.perf_counter(), "detail": event.detail, "thread": threading.get_ident()}
+            stop = threading.Event()
+            self.running[event.stage] = (stop, state)
+            threading.Thread(target=self._beat, args=(event.stage, stop, state), name="heartbeat", daemon=True).start()
+        elif event.stage in self.running:
+            stop, state = self.running[event.stage]
+            if event.detail:
+                state["detail"] = event.detail
+            if event.kind == END:
+                stop.set()
+                del self.running[event.stage]
+
+    def line(self, stage_name: str, state: dict) -> str:
+        minutes, seconds = divmod(int(time.perf_counter() - state["t0"]), 60)
+        where = self.where(state["thread"]) if self.where else ""
+        return (f"{stage_name}: {minutes}m{seconds:02d}s, {state['detail'] or 'running'}"
+                + (f" ({where})" if where else ""))
+
+    def _beat(self, stage_name: str, stop: threading.Event, state: dict) -> None:
+        while not stop.wait(self.every_s):
+            self.print_line(self.line(stage_name, state))

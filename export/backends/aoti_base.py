@@ -36,6 +36,7 @@ from export import stages
 from export.backends.options import BackendOptions, TargetDevice
 from export.constants import CompiledMethod, ConstantInfo, ConstantKind
 from export.passes.pipeline import PipelineContext, run_pipeline
+from export.retrace import drop_provenance
 from export.patches import patched
 from runtime.artifact import so_blob_key
 
@@ -147,7 +148,7 @@ class Gemma4AotiBackend(AotiBackend):
         ctx = PipelineContext(device=cls.move_target(), low_memory=options.low_memory,
                               target_passes=cls.target_passes(options),
                               decompositions=cls.get_decomposition_table())
-        return run_pipeline(program, ctx)
+        return run_pipeline(drop_provenance(program), ctx)
 
     @classmethod
     def _compile(cls, program: ExportedProgram, options: BackendOptions) -> tuple[str, list[ConstantInfo]]:

@@ -16,6 +16,7 @@ lowering. Quiescing is turned off for this process.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -47,4 +48,34 @@ def wait_ready(timeout_s: float = 90.0) -> float | None:
     except Exception as e:  # a pool that cannot start must not fail the export
         log.warning("Inductor compile workers not ready after %.0f s (%s); compiling in-process", timeout_s, e)
         return None
+    return time.perf_counter() - t0
+
+
+# ---- the host's vector ISA, probed while the model loads -----------------------------------
+#
+# Inductor picks the C++ wrapper's vector ISA (`cpu_vec_isa.pick_vec_isa`, also on CUDA: the
+# wrapper is built with its flags) by compiling a probe per candidate ISA and loading each
+# in a fresh Python that imports torch: seconds per candidate, once per process (38 s on the
+# H200 machine), serially inside the first method's compile. The probe's answer depends only
+# on the host, so it runs on a thread from the start of the export (its subprocesses wait
+# outside the GIL) and lowering joins it; the ISA Inductor picks is the same.
+
+_isa_probe: threading.Thread | None = None
+
+
+def start_isa_probe() -> None:
+    global _isa_probe
+    from torch._inductor import cpu_vec_isa
+
+    if _isa_probe is None:
+        _isa_probe = threading.Thread(target=cpu_vec_isa.valid_vec_isa_list, name="inductor-isa-probe", daemon=True)
+        _isa_probe.start()
+
+
+def wait_isa_probe() -> float | None:
+    """Join the probe (its result is cached for the process); seconds waited, None if none ran."""
+    if _isa_probe is None:
+        return None
+    t0 = time.perf_counter()
+    _isa_probe.join()
     return time.perf_counter() - t0

@@ -34,7 +34,8 @@ from export.gemma4.planner import (
     render_table,
     resolve_ctx,
 )
-from export.stages import ProgressBars
+from export.pipeline import lowering_phase
+from export.stages import Heartbeat, ProgressBars
 
 EPILOG = """\
 examples:
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {cfg.checkpoint} has no tokenizer.json, so the artifact will not either: the runner "
               f"then takes token ids (python -m runtime --model {cfg.out_dir} --prompt-ids 2,...), or copy "
               "the model's tokenizer.json into the artifact directory", file=sys.stderr)
-    result = export_model(resolved, listeners=(ProgressBars(lambda s: print(s, file=sys.stderr)),))
+    err = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    result = export_model(resolved, listeners=(ProgressBars(err), Heartbeat(err, where=lowering_phase)))
     summary = {"out": str(result.out_dir), "files": result.sizes,
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()},
                "peak_gib": _peaks()}

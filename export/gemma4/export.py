@@ -45,7 +45,8 @@ from export.pipeline import EXPORT_KW, compiled_methods, export_methods, use_pac
 from runtime.artifact import METHODS  # noqa: F401
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-REPORTED_STAGES = (stages.LOAD, stages.TORCH_EXPORT, "compile_workers_wait", stages.LOWER, stages.WRITE)
+REPORTED_STAGES = (stages.LOAD, stages.TORCH_EXPORT, "compile_workers_wait", "isa_probe_wait", stages.LOWER,
+                   stages.WRITE)
 
 
 @dataclass
@@ -104,6 +105,7 @@ def export_model(cfg: ExportConfig | ResolvedExport, listeners: tuple = ()) -> E
     r = _resolved(cfg)
     timings = stages.Timings()
     compile_workers.start()  # they import torch while the model loads and traces
+    compile_workers.start_isa_probe()  # Inductor's host ISA probe, likewise
     with stages.Stages(timings, *listeners).active(), r.strategy.spool(r.cfg.out_dir.parent) as spool:
         t0 = time.perf_counter()
         result = _export(r, spool)

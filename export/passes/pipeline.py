@@ -12,7 +12,7 @@ place in this order and nowhere else:
 3. move_to_device             constants and graph onto the target device
 4. replace_view_copy_with_view  ExecuTorch's view_copy -> view
 5. target_passes              the target's own rewrites
-6. decompose                  the target's decomposition table
+6. decompose                  the target's decomposition table (skipped when it matches no op)
 7. replace_split_copy_with_split  last: split is a preserved view op the verifier rejects
 
 Order and invariants: README.md here.
@@ -90,6 +90,10 @@ def _target_passes(program: ExportedProgram, ctx: PipelineContext) -> ExportedPr
 
 
 def _decompose(program: ExportedProgram, ctx: PipelineContext) -> ExportedProgram:
+    from export.retrace import decomposes_nothing
+
+    if decomposes_nothing(program, ctx.decompositions):  # a whole-graph retrace for nothing
+        return program
     return program.run_decompositions(ctx.decompositions)
 
 
