@@ -434,9 +434,10 @@ def test_larger_chunk_costs_its_rings_scratch_and_activations():
     rings = 50 * (1024 - 128) * 16 * 256 * 2 * 2  # 50 sliding layers, 16 KV heads x 256, K and V, bf16
     assert item(big.kv, "kv: sliding layers (ring)") - item(small.kv, "kv: sliding layers (ring)") == rings
     acts = lambda p: sum(i.bytes for i in p.runtime_gpu.items if i.name.startswith("activations"))  # noqa: E731
-    # widest block at 1024: a full layer's attention (q, k, v, out + rotated q, out), hidden states, scratch
-    wide = 1024 * (2 * 32 * 512 + 2 * 4 * 512) * 2 + 1024 * 2 * 32 * 512 * 2
-    assert acts(big) == 1024 * 5376 * 8 + wide + 2 * 21504 * 5376 * 2  # scratch: gate/up joined
+    # widest layer at 1024: a full layer's attention (q, k, v, out + rotated q, out) and its MLP
+    # (3 x [T, 21504]) together, hidden states, the joined gate/up's dequant scratch and mm output
+    wide = 1024 * (2 * 32 * 512 + 2 * 4 * 512) * 2 + 1024 * 2 * 32 * 512 * 2 + 1024 * 3 * 21504 * 2
+    assert acts(big) == 1024 * 5376 * 8 + wide + 2 * 21504 * 5376 * 2 + 1024 * 2 * 21504 * 2
     # each ring buffer crosses 10 MiB (1151 slots: 9.0 MiB, 2047: 16.0 MiB): 100 more with allocator slack
     slack = 100 * P.ALLOC_SLACK_PER_LARGE_TENSOR
     assert big.runtime_gpu.total_bytes - small.runtime_gpu.total_bytes == rings + acts(big) - acts(small) + slack
