@@ -74,8 +74,8 @@ def export_variant(args) -> None:
     def log(event) -> None:
         if event.kind != "advance" or event.stage == "lower":
             extra = f" {event.seconds:.1f} s" if event.seconds is not None else ""
-            print(f"[{args.variant} {time.perf_counter() - t0:6.1f} s] {event.stage} {event.kind}{extra} {event.detail}",
-                  file=sys.stderr, flush=True)
+            when = f"{args.variant} {time.perf_counter() - t0:6.1f} s"
+            print(f"[{when}] {event.stage} {event.kind}{extra} {event.detail}", file=sys.stderr, flush=True)
 
     with contextlib.nullcontext() if args.variant == "skips" else without_skips():
         result = export_model(cfg, listeners=(log,))
@@ -83,7 +83,8 @@ def export_variant(args) -> None:
     rec["wall"] = round(time.perf_counter() - t0, 2)
     # the lowering's own work: less the waits for the compile workers and the ISA probe
     rec["lower_own"] = round(rec["lower"] - rec.get("compile_workers_wait", 0) - rec.get("isa_probe_wait", 0), 2)
-    (args.root / f"{args.variant}.json").write_text(json.dumps({"stages": rec, "vocab_size": result.metadata["vocab_size"]}))
+    record = {"stages": rec, "vocab_size": result.metadata["vocab_size"]}
+    (args.root / f"{args.variant}.json").write_text(json.dumps(record))
 
 
 def main(argv=None) -> int:
