@@ -24,6 +24,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
+
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
 SLIDING = ("31b-sliding", 16, 2, 256, 1024, 1024)  # slots: window + T - 1 (set per chunk)
 CHUNKS = (512, 2048, 128)  # the target chunks first: a run cut short by its budget still has them
@@ -343,20 +345,6 @@ def table(res):
             print("  OVER", b, key[-200:])
 
 
-class _Poisoned:
-    """Stands in for `torch` inside the attention module: empty buffers come back NaN-filled."""
-
-    def __init__(self, real):
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def empty(self, *a, **k):
-        return self._real.empty(*a, **k).fill_(float("nan"))
-
-    def empty_like(self, *a, **k):
-        return self._real.empty_like(*a, **k).fill_(float("nan"))
 
 
 def _poison(A):
