@@ -87,6 +87,14 @@ def test_quantize_roundtrip_and_packing(kv):
         assert ((codes >> 4).int() - 8).equal(q[..., 1::2].int())
 
 
+def cache_args(k, v, kv):
+    """The op's (k, v, k_scale, v_scale) for a float cache, or one quantized as `kv`."""
+    if kv == "float":
+        return k, v, None, None
+    (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+    return kq, vq, ks, vs
+
+
 def test_hadamard_rotate_is_the_orthonormal_matrix_and_its_own_inverse():
     x = torch.randn(3, 5, 256, dtype=torch.float64).float()
     y = A.hadamard_rotate(x)
@@ -135,7 +143,7 @@ def test_decode_splits_are_static_and_bounded():
 INTERPRETED = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import filled_cache
+from tests.test_attention import cache_args, filled_cache
 cm = A.use_configs(A.smallest); cm.__enter__()
 pm = A.use_prefill_config((16, 16, 4, 1, 2)); pm.__enter__()
 gen = torch.Generator().manual_seed(0)
@@ -148,11 +156,7 @@ for H, Hkv, D, S, window, pos, T in [(4, 2, 16, 15, 8, 3, 1), (4, 2, 16, 15, 8, 
     q = torch.randn(1, T, H, D, generator=gen)
     p = torch.tensor([pos])
     for kv in ("float", "int8", "int4"):
-        if kv == "float":
-            args = (k, v, None, None)
-        else:
-            (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
-            args = (kq, vq, ks, vs)
+        args = cache_args(k, v, kv)
         want = A.attention_reference(q, *args, p, window)
         for decode in ([True, False] if T == 1 else [False]):
             got = A.launch(q, *args, p, window, decode)
@@ -173,7 +177,7 @@ def test_triton_kernels_match_reference_in_the_interpreter():
 INTERPRETED_16BIT = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import filled_cache
+from tests.test_attention import cache_args, filled_cache
 cm = A.use_configs(A.smallest); cm.__enter__()
 pm = A.use_prefill_config((16, 16, 4, 1, 2)); pm.__enter__()
 gen = torch.Generator().manual_seed(1)
@@ -196,7 +200,7 @@ assert max(worst.values()) <= 1e-2, worst
 INTERPRETED_KNOBS = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import filled_cache
+from tests.test_attention import cache_args, filled_cache
 cm = A.use_configs(A.smallest); cm.__enter__()
 A.TARGET_PROGRAMS = 4  # two shares per KV head: each program walks several blocks
 gen = torch.Generator().manual_seed(3)
@@ -212,11 +216,7 @@ for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70
         for kv in ("float", "int8", "int4"):
             if kv == "float" and dt != torch.float32:
                 continue  # the interpreter's bf16 dots are not numpy's
-            if kv == "float":
-                args = (k, v, None, None)
-            else:
-                (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
-                args = (kq, vq, ks, vs)
+            args = cache_args(k, v, kv)
             fmt = A.kv_format(args[0], args[2])
             want = A.attention_reference(q.float(), *args, p, window)
             for knobs in KNOBS:
@@ -243,7 +243,7 @@ def test_decode_code_knobs_match_reference_in_the_interpreter():
 INTERPRETED_PREFILL = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import filled_cache
+from tests.test_attention import cache_args, filled_cache
 gen = torch.Generator().manual_seed(2)
 worst = {}
 # (H, Hkv, D, S, window, pos, T, cfg): chunks of a few hundred queries; a flat cache and a sliding
@@ -256,11 +256,7 @@ for H, Hkv, D, S, window, pos, T, cfg in cases:
     q = torch.randn(1, T, H, D, generator=gen)
     p = torch.tensor([pos])
     for kv in ("float", "int8", "int4"):
-        if kv == "float":
-            args = (k, v, None, None)
-        else:
-            (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
-            args = (kq, vq, ks, vs)
+        args = cache_args(k, v, kv)
         want = A.attention_reference(q, *args, p, window)
         for target in (1, 10 ** 6) if kv == "float" else (10 ** 6,):
             A.PREFILL_TARGET_PROGRAMS = target
@@ -376,7 +372,7 @@ def test_compiled_kernels_with_consumer_configs(monkeypatch):
         k = torch.randn(1, Hkv, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
         v = torch.randn(1, Hkv, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
         for kv in ("float", "int8", "int4") if not window else ("float",):
-            args = (k, v, None, None) if kv == "float" else (*_pair(k, v, kv),)
+            args = cache_args(k, v, kv)
             fmt = A.kv_format(args[0], args[2])
             for decode, T, pos in ((True, 1, S - 5), (False, 37, min(S // 2, S - 37))):  # in the cache
                 q = torch.randn(1, T, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
@@ -398,8 +394,3 @@ def test_compiled_kernels_with_consumer_configs(monkeypatch):
     shared = [k.metadata.shared for fn in (A._attn_body, A._prefill_body)
               for caches in fn.device_caches.values() for k in caches[0].values()]
     assert shared and max(shared) <= A.SMEM_LIMIT
-
-
-def _pair(k, v, kv):
-    (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
-    return kq, vq, ks, vs
