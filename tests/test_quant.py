@@ -140,7 +140,7 @@ def test_cuda_recipe_packs_on_the_host_into_the_kernel_layout():
     assert torch.isfinite(a).all() and ((a.float() - b.float()).norm() / b.float().norm()).item() < 0.75
 
 
-def test_cuda_recipe_joins_the_linears_of_one_input():
+def test_cuda_recipe_joins_the_linears_of_one_input(monkeypatch):
     """q/k/v and gate/up become one PackedInt4Linear each (rows stacked: the parts' own codes
     and scales), and the model computes what the separate linears computed."""
     from export.gemma4 import quant
@@ -156,12 +156,8 @@ def test_cuda_recipe_joins_the_linears_of_one_input():
     assert attn.qkv_proj.split_sizes[0] == attn.n_heads * attn.head_dim and len(attn.qkv_proj.split_sizes) == len(parts)
 
     separate = _tiny().to(torch.bfloat16)
-    orig = quant._join_linears
-    try:
-        quant._join_linears = lambda *a: None
-        quantize_(separate, QuantRecipe(group_size=128), TargetDevice.CUDA)
-    finally:
-        quant._join_linears = orig
+    monkeypatch.setattr(quant, "_join_linears", lambda *a: None)
+    quantize_(separate, QuantRecipe(group_size=128), TargetDevice.CUDA)
     sep_mlp = separate.layers[0].mlp
     assert torch.equal(mlp.gate_up_proj.qweight, torch.cat([sep_mlp.gate_proj.qweight, sep_mlp.up_proj.qweight]))
     assert torch.equal(mlp.gate_up_proj.scales, torch.cat([sep_mlp.gate_proj.scales, sep_mlp.up_proj.scales]))

@@ -107,14 +107,14 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
 
 
-def project(module: nn.Module, x: torch.Tensor, joined: str, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """The projections `names` of x (those the module has, in order). Quantization may have
-    joined them into one linear `joined` (their weights stacked by rows, `split_sizes`): one
-    matmul reads x once and, at decode, one GEMV streams all the rows; same values."""
+def project(module: nn.Module, x: torch.Tensor, joined: str) -> list[torch.Tensor]:
+    """The projections `module.JOINABLE[joined]` of x (those the module has, in order).
+    Quantization may have joined them into one linear `joined` (their weights stacked by rows,
+    `split_sizes`): one matmul reads x once and, at decode, one GEMV streams all the rows."""
     fused = getattr(module, joined, None)
     if fused is not None:
         return list(fused(x).split(fused.split_sizes, dim=-1))
-    return [getattr(module, n)(x) for n in names if hasattr(module, n)]
+    return [getattr(module, n)(x) for n in module.JOINABLE[joined] if hasattr(module, n)]
 
 
 class Attention(nn.Module):
@@ -145,7 +145,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, cache: KVCache):
         B, T, _ = x.shape
         D = self.head_dim
-        rows = project(self, x, "qkv_proj", self.JOINABLE["qkv_proj"])  # q[, k[, v]]
+        rows = project(self, x, "qkv_proj")  # q[, k[, v]]
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
             raw_k = rows[1].view(B, T, -1, D)
@@ -176,7 +176,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x):
-        gate, up = project(self, x, "gate_up_proj", self.JOINABLE["gate_up_proj"])
+        gate, up = project(self, x, "gate_up_proj")
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
