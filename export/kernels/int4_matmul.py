@@ -619,9 +619,9 @@ _KERNELS: dict[tuple[str, bool, bool, int], object] = {}
 
 @contextlib.contextmanager
 def one_config():
-    """Launches traced inside keep one config per kernel, the first of its pool (the pools list
-    the measured winners first): exports without autotune compile fast, run at the measured
-    speed, and two of them compute bitwise the same result."""
+    """Launches traced inside keep one config per autotuned kernel, the first of its pool (each
+    pool lists first the config to run without timing; M == 1 takes `gemv1_plan` anyway):
+    exports without autotune compile fast and two of them compute bitwise the same result."""
     global ONE_CONFIG
     saved, ONE_CONFIG = ONE_CONFIG, True
     try:
