@@ -833,13 +833,11 @@ def device_figures(s: "Sweep", device: str) -> dict:
     bw = copy_bandwidth(device, nbytes=2 << 30 if device.startswith("cuda") else 1 << 28)
     _free(device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else None
-    head = non_layer_model(s)
-    return {"copy_bps": bw, "device": name, "non_layer_ms": non_layer_ms(head, device)}
-
-
-def hf_stage(s: "Sweep", device: str, clock: "Clock", ours_logits: dict) -> dict:
-    """transformers' model on the slice's float weights (drawn here, as the exports drew them)."""
-    return _hf_stage(s, slice_state_dict(s), device, clock, ours_logits)
+    try:  # the extrapolation needs it; the slice's own figures do not
+        ms, error = non_layer_ms(non_layer_model(s), device), None
+    except Exception as e:  # noqa: BLE001 (recorded by the sweep)
+        ms, error = None, f"non-layer part: {type(e).__name__}: {e}"
+    return {"copy_bps": bw, "device": name, "non_layer_ms": ms, "error": error}
 
 
 # ---- the sweep -------------------------------------------------------------------------------
@@ -884,18 +882,20 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     save()
 
     device = "cuda:0" if cuda else "cpu"
-    figures = _guarded(rec, "copy bandwidth, non-layer part", "cpu", in_child, device_figures, s, device) or {}
-    bw = figures.get("copy_bps") or copy_bandwidth("cpu", nbytes=1 << 28)  # the ratios need a figure
+    figures = in_child(device_figures, s, device)  # every ratio needs its copy bandwidth: no figure, no run
+    if figures["error"]:
+        rec.setdefault("errors", []).append(figures["error"])
+    bw = figures["copy_bps"]
     rec["copy_gbps"] = bw / 1e9
-    rec["device"] = figures.get("device") or rec.get("device")
-    rec["non_layer_ms"] = figures.get("non_layer_ms")
+    rec["device"] = figures["device"]
+    rec["non_layer_ms"] = figures["non_layer_ms"]
     save()
     ours_logits, base_est, hf_pending = {}, 40.0 if cuda else 120.0, s.hf
     todo = [kv for kv in s.kv_dtypes if rec["exports"][kv]["ok"]]
     for i, kv in enumerate(todo):
         if i == 1 and hf_pending:  # transformers after the first artifact: the comparison first
             if clock.allows("transformers' model", 40.0 if cuda else 60.0):
-                rec["hf"] = _guarded(rec, "transformers", "cpu", in_child, hf_stage, s, device, clock, ours_logits)
+                rec["hf"] = _guarded(rec, "transformers", "cpu", in_child, hf_stage, s, device, ours_logits)
             hf_pending = False
             save()
         if not clock.allows(f"runtime {kv}", base_est):
@@ -919,7 +919,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
         rec["memory"].append(m)
         save()
     if hf_pending and clock.allows("transformers' model", 40.0 if cuda else 60.0):
-        rec["hf"] = _guarded(rec, "transformers", "cpu", in_child, hf_stage, s, device, clock, ours_logits)
+        rec["hf"] = _guarded(rec, "transformers", "cpu", in_child, hf_stage, s, device, ours_logits)
     _merge_hf(rec)
     save()
     return rec
@@ -938,8 +938,9 @@ def _guarded(rec: dict, what: str, device: str, fn, *args):
         return None
 
 
-def _hf_stage(s: Sweep, state, device: str, clock: Clock, ours_logits: dict) -> dict:
-    hf = hf_model(s, state, device)
+def hf_stage(s: Sweep, device: str, ours_logits: dict) -> dict:
+    """transformers' model on the slice's float weights (drawn here, as the exports drew them)."""
+    hf = hf_model(s, slice_state_dict(s), device)
     res = bench_hf(hf, s.prompts, s.new_tokens, prompt_ids(s, hf.config.vocab_size), device)
     del hf
     first = res["prefill"][0].pop("last_logits")  # eager, the shortest prompt
