@@ -150,6 +150,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             y = im.int4_gemv1(x, qweight, scales, splits, red=red).float()
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_bf16 = max(worst_bf16, ((y - ref).norm() / ref.norm()).item())
+        # x as two int8 levels (quantize kernel + dp4a tiles), fp32 x here (the interpreter's bf16
+        # casts): within max|x| / 64516 per element, so ~1e-5 of the output; a zero group of x too
+        worst_xq = 0.0
+        for N, K, G, splits, cfg, red in [(40, 1024, 128, 1, (8, 1, 4, 2, 1), 0), (40, 2304, 128, 3, (8, 1, 4, 4, 2), 2),
+                                          (33, 768, 128, 2, (32, 1, 1, 1, 2), 0), (24, 512, 32, 1, (8, 2, 4), 0)]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+            x = torch.randn(1, K)
+            x[0, G:2 * G] = 0
+            kern = im._autotuned([im._cfg1(*cfg)], im._int4_gemv1_kernel)
+            y = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, red=red, xq=True)
+            ref = x @ im.dequantize_int4(qweight, scales, torch.float32).t()
+            worst_xq = max(worst_xq, ((y - ref).norm() / ref.norm()).item())
+        print("xq", worst_xq)
         # the op's M == 1 plan: K parts unsplit (few rows), then the split tile (rows over the limit)
         im.GEMV1_CONFIGS[:] = [im._cfg1(32, 1, 1), im._cfg1(8, 1, 8, parts=8, depth=2), im._cfg1(32, 1, 2, depth=2)]
         for N, K, G, small in [(40, 2560, 32, 4096), (33, 704, 64, 8), (72, 1536, 128, 8)]:
@@ -188,6 +201,7 @@ def test_triton_kernels_through_the_interpreter():
     assert float(r.stdout.split("worst")[-1]) < 1e-5
     assert float(r.stdout.split("bf16")[-1].split()[0]) < 5e-3  # bf16 output rounding
     assert float(r.stdout.split("mma")[-1].split()[0]) < 5e-3
+    assert float(r.stdout.split("xq")[-1].split()[0]) < 1e-4  # x's two int8 levels
 
 
 _SM90_LAYOUT_SCRIPT = textwrap.dedent("""
@@ -243,6 +257,24 @@ def test_cuda_kernels_match_reference_consumer_configs(monkeypatch, m, n, k, gro
     assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
     cpu = im.int4_linear_reference(x.cpu().float(), qweight.cpu(), scales.cpu())
     assert _rel(y.cpu(), cpu) <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("xq", [False, True])
+@pytest.mark.parametrize("n,k,group", [(1000, 4608, 128), (320, 704, 64), (2048, 2560, 32), (16384, 5376, 128),
+                                       (5376, 21504, 128)])
+def test_cuda_m1_bf16_and_two_level_x(monkeypatch, xq, n, k, group):
+    """Both M == 1 paths (bf16 x with FMAs; x as two int8 levels with dp4a) at `gemv1_plan`'s
+    config and split, fresh x with an all-zero group, poisoned outputs."""
+    monkeypatch.setattr(im, "GEMV1_XQ", xq)
+    torch.manual_seed(n + k)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), group)
+    for _ in range(3):
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 3
+        x[0, :group] = 0
+        torch.full((1 << 24,), float("nan"), device="cuda")
+        y = torch.ops.gemma4.int4_linear(x, qweight, scales)
+        assert torch.isfinite(y).all() and _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
 
 
 @pytest.mark.cuda

@@ -11,13 +11,15 @@ Layout (one weight [N, K], no padding; K a multiple of the group size G):
 Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`).
 The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bits 4i..4i+3 of
 word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
-- M == 1 (decode, bf16 x): `_int4_gemv1_kernel`, CUDA cores, one lop3 and one FMA per nibble
-  (see `_gemv1_tile`) and about one more for x and the loop; a config and K split per weight
-  shape (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size
-  weights split K with the slices' fp32 partials summed by `_sum_splits_kernel`, the lm_head
-  one slice. On an H200 neither bound alone: the same loads without the nibble arithmetic run
-  ~1.5x faster, and a plain streaming read of the bytes ~1.3x faster again
-  (scripts/gemv1_variants.py, scripts/measurements/int4_gemv1_variants.json).
+- M == 1 (decode, bf16 x): `_quant_x_kernel` turns x into two int8 levels per group
+  (x ~= s (h + l / 254)), then `_int4_gemv1_kernel` (GEMV1_XQ) multiplies on the CUDA cores
+  with four dp4a per word of 8 nibbles and both levels (`_gemv1_tile_q`), integer sums per
+  group, one conversion and the scales per group and row. With bf16 x (GEMV1_XQ off) a nibble
+  costs a lop3 and an FMA (`_gemv1_tile`), which bounded the kernel at ~50% of the copy
+  bandwidth on the H200 where the same loads without the arithmetic ran ~1.5x faster
+  (scripts/measurements/int4_gemv1_variants.json). A config and K split per weight shape
+  (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size weights split
+  K with the slices' fp32 partials summed by `_sum_splits_kernel`, the largest one slice.
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -52,8 +54,9 @@ SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
-GEMV1_TARGET_PROGRAMS = 1024  # M == 1: split K until ~this many programs (8 per SM of an H200)
 GEMV1_RED = 0  # M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel)
+GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_tile_q`) instead of bf16 and FMAs
+QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 # compile with each pool's first config only: no timing run picks the tiles (see one_config);
@@ -146,14 +149,15 @@ def _cfg1(bn, groups, warps, parts=1, depth=1):
     return c
 
 
-# M == 1, from the H200 sweep of the 31B decode step (scripts/gemv1_variants.py; us per call, weights
-# from device memory): `gemv1_plan` takes one of these per weight shape. 32 rows, one warp, one
-# tile ahead, K split for ~1024 programs of 64 rows: the projections between 5376 and 21504 rows
-# (as fast as any variant there); 8 rows x 8 K parts, 8 warps, two tiles ahead, K not split:
-# up to 4096 rows (k_proj 2048 x 5376 9.0 -> 5.8, k/v 4096 x 5376 11.0 -> 9.3: no partials,
-# no second kernel); 32 rows, two warps, two tiles ahead, K not split: the lm_head
-# (262144 x 5376 372 -> 301). The first is the pool's first (the one an autotuned call starts from).
-GEMV1_CONFIGS = [_cfg1(32, 1, 1), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 1, 2, depth=2)]
+# M == 1, from H200 sweeps of the 31B decode step's joined shapes (us per call, weights from device
+# memory; scripts/gemv1_xq_variants.py, scripts/measurements/int4_gemv1_xq_variants.json):
+# `gemv1_plan` takes one of these per weight shape. 64 rows, two adjacent groups a step (128
+# contiguous bytes of a row), four warps, one tile ahead, with x as two int8 levels (GEMV1_XQ):
+# the lm_head 341 -> 212 us (one slice), gate/up 43008 x 5376 57 -> 43 (one slice), the
+# projections between 5376 and 21504 rows 5-12% faster at 8 slices; 8 rows x 8 K parts, 8 warps,
+# two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3 in the bf16-x sweep,
+# scripts/measurements/int4_gemv1_variants.json: no partials, no second kernel).
+GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -275,11 +279,84 @@ def _gemv1_tile(w, s, xw, g0, lane, ok, ASM: tl.constexpr):
     return (part - corr) * s.to(tl.float32)
 
 
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the dot of a's four unsigned bytes with b's four signed bytes (int32 lanes)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for t in tl.static_range(4):
+            c += ((a >> (8 * t)) & 0xFF) * ((b << (24 - 8 * t)) >> 24)
+        return c
+
+
+@triton.jit
+def _gemv1_tile_q(w, s, xq, xf, xc, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.constexpr):
+    """`_gemv1_tile` on integer units: x as two int8 levels per element (`_quant_x_kernel`),
+    one dp4a per four nibbles and level. Returns [BLOCK_N, C, 1].
+
+    A word's low nibbles (k = 8j + 0, 2, 4, 6) are `w & 0x0F0F0F0F` and its high ones
+    `(w >> 4) & 0x0F0F0F0F`, four unsigned bytes each; x's word j of each level packs the same
+    k as signed bytes. Per word 254 h.v + l.v in int32 (exact), summed over the group, less the
+    group's 8 (254 H + L) (v is stored as q + 8), then one conversion and the scales."""
+    base = (g0 + lane) * 4
+    he = tl.load(xq + base, mask=ok, other=0)
+    ho = tl.load(xq + base + 1, mask=ok, other=0)
+    le = tl.load(xq + base + 2, mask=ok, other=0)
+    lo_ = tl.load(xq + base + 3, mask=ok, other=0)
+    lo = w & 0x0F0F0F0F
+    hi = (w >> 4) & 0x0F0F0F0F
+    a = _dp4a(hi, ho, _dp4a(lo, he, tl.zeros_like(w), ASM), ASM)
+    i = _dp4a(hi, lo_, _dp4a(lo, le, a * 254, ASM), ASM)
+    tot = tl.sum(i, axis=2, keep_dims=True)
+    gi = g0 // WORDS
+    f = tl.load(xf + gi, mask=ok, other=0.0)
+    c = tl.load(xc + gi, mask=ok, other=0)
+    return (tot - c).to(tl.float32) * (s.to(tl.float32) * f)
+
+
+@triton.jit
+def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, NG, GROUP: tl.constexpr, GB: tl.constexpr):
+    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`, GB groups a
+    program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
+    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per word of 8 elements:
+    h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same;
+    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32)."""
+    W: tl.constexpr = GROUP // 8
+    g = tl.program_id(0) * GB + tl.arange(0, GB)
+    g4 = g[:, None, None, None]
+    j = tl.arange(0, W)[None, :, None, None]
+    t = tl.arange(0, 4)[None, None, :, None]
+    e = tl.arange(0, 2)[None, None, None, :]
+    ok = g4 < NG
+    x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    tt = x * inv[:, None, None, None]
+    h = tl.floor(tt + 0.5)
+    l = tl.floor((tt - h) * 254.0 + 0.5)
+    hi = h.to(tl.int32)
+    li = l.to(tl.int32)
+    hw = tl.sum((hi & 0xFF) << (t * 8), axis=2)  # [GB, W, 2]: disjoint bytes, so the sum is an or
+    lw = tl.sum((li & 0xFF) << (t * 8), axis=2)
+    g3 = g[:, None, None]
+    j3 = tl.arange(0, W)[None, :, None]
+    e3 = tl.arange(0, 2)[None, None, :]
+    out = xq_ptr + (g3 * W + j3) * 4 + e3
+    tl.store(out, hw, mask=g3 < NG)
+    tl.store(out + 2, lw, mask=g3 < NG)
+    hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
+    ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
+    tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
+    tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
-def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
+def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
-                       DEPTH: tl.constexpr, RED: tl.constexpr, ASM: tl.constexpr):
+                       DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -294,7 +371,11 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS
     One slice (SPLITS == 1) writes y (x's dtype). Several: RED 0 writes fp32 partials
     part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter,
     and the program that arrives last sums the partials in slice order (deterministic) into y
-    and resets the counter to 0."""
+    and resets the counter to 0.
+
+    XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
+    per-group factor and correction) and a tile costs ~1 integer op per nibble pair
+    (`_gemv1_tile_q`); else x is bf16 and xf_ptr / xc_ptr are unused."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
@@ -311,8 +392,11 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS
     lane = tl.arange(0, WORDS)[None, None, :]
     rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
     srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
-    xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word
-    acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
+    xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
+    if XQ:
+        acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
     w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
     s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
     w1 = w0
@@ -330,7 +414,10 @@ def _int4_gemv1_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS
         gn = g0 + DEPTH * STEP
         wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
         sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
-        acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
+        if XQ:
+            acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, g0, lane, g0 < hi, WORDS, ASM)
+        else:
+            acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
         if DEPTH == 1:
             w0 = wn
             s0 = sn
@@ -644,24 +731,22 @@ def _kernel(kind: str, group: int):
 
 
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
-GEMV1_LARGE_N = 65536  # and from this many (the lm_head): 32 rows, two warps, one slice
+GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
+GEMV1_MID_SPLITS = 8  # K slices between the two
 
 
 def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
     """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
 
-    Few rows: 8-row programs that read K in 8 parts, one slice. Many (the lm_head): 32-row
-    programs, one slice. Between: 32-row programs, K split for ~GEMV1_TARGET_PROGRAMS programs
-    of 64 rows (each slice >= 512 of K), and at least 8 slices past 16384 rows (21504 x 5376:
-    29.6 us at 8 slices, 34.0 at 4, on two H200 sweeps; 16384 x 5376 is best at 4)."""
+    Few rows: 8-row programs that read K in 8 parts, one slice. Many (gate/up, the lm_head):
+    64-row programs, one slice (no partials, no second kernel). Between: 64-row programs, K in
+    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by `_sum_splits_kernel`: 5376 .. 18432
+    rows make only 84 .. 288 row blocks for the H200's 132 SMs."""
     if n <= GEMV1_SMALL_N:
         return GEMV1_CONFIGS[1], 1
     if n >= GEMV1_LARGE_N:
-        return GEMV1_CONFIGS[2], 1
-    splits = triton.cdiv(GEMV1_TARGET_PROGRAMS, triton.cdiv(n, 64))
-    if n > 16384:
-        splits = max(splits, 8)
-    return GEMV1_CONFIGS[0], max(1, min(splits, 16, k // max(512, group_size)))
+        return GEMV1_CONFIGS[0], 1
+    return GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size)))
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
@@ -681,24 +766,34 @@ def _gemv1_kernel(cfg: triton.Config):
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
-               red: int | None = None):
+               red: int | None = None, xq: bool | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
-    (red 0) or by the last program of each row block (red 2, counters zeroed here)."""
+    (red 0) or by the last program of each row block (red 2, counters zeroed here). xq: x turned
+    into two int8 levels first (`_quant_x_kernel`, one more launch) and multiplied with dp4a."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
     splits = triton.cdiv(groups, gps)
     red = (GEMV1_RED if red is None else red) if splits > 1 else 0
+    xq = GEMV1_XQ if xq is None else xq
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
     cnt = (torch.zeros if red == 2 else torch.empty)(  # a counter for each row block of >= 4 rows
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
+    xin, xf, xc = x2, x2, x2
+    if xq:
+        xin = torch.empty((K // 2,), device=x2.device, dtype=torch.int32)
+        xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
+        xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
+        launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
+        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, groups, GROUP=G, GB=QUANT_X_GROUPS,
+                                                         num_warps=4)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
-        x2, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0), part.stride(0),
-        GROUP=G, RED=red, ASM=not _INTERPRET)
+        xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
+        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET)
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
