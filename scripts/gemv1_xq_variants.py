@@ -68,11 +68,11 @@ def rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def check(c, n, k, splits, xq, ws_ref):
+def check(c, n, k, splits, xq, ws_ref, red=None):
     q, s, ref_w = ws_ref
     x = torch.randn(1, k, device=DEVICE, dtype=torch.float32 if _INTERPRET else torch.bfloat16)
     poison(n)
-    y = im.int4_gemv1(x, q, s, splits, kernel=kern(c), xq=xq)
+    y = im.int4_gemv1(x, q, s, splits, kernel=kern(c), xq=xq, red=red)
     return rel(y, x.float() @ ref_w.t())
 
 
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     worst = 0.0
     for c in CONFIGS:
         for sp in (1, 3, 5) if _INTERPRET else (1, 3, 5, 8):
-            worst = max(worst, check(c, rn, rk, sp, True, wr))
+            for red in (0, 2):
+                worst = max(worst, check(c, rn, rk, sp, True, wr, red))
     print(f"ragged checks: worst rel err {worst:.2e}", flush=True)
     doc["ragged_worst_rel_err"] = worst
     shapes = sorted(((names if isinstance(names, str) else "+".join(names), n, k)
@@ -154,15 +155,16 @@ def main(argv=None) -> int:
         floor_us = nbytes / gbps / 1e3
         res = []
 
-        def timed(tag, c, splits, xq):
+        def timed(tag, c, splits, xq, red=None):
             try:
-                err = check(c, n, k, splits, xq, wref)
-                us = bench_graph(lambda: [im.int4_gemv1(x, qq, ss, splits, kernel=kern(c), xq=xq) for qq, ss in ws],
-                                 len(ws))
+                err = check(c, n, k, splits, xq, wref, red)
+                us = bench_graph(lambda: [im.int4_gemv1(x, qq, ss, splits, kernel=kern(c), xq=xq, red=red)
+                                          for qq, ss in ws], len(ws))
             except Exception as e:
                 print(f"  {tag} {label(c, xq)} split {splits}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 return None
-            r = {"shape": names, "n": n, "k": k, "tag": tag, "variant": label(c, xq), "splits": splits,
+            r = {"shape": names, "n": n, "k": k, "tag": tag, "variant": label(c, xq) + ("r0" if red == 0 else ""),
+                 "splits": splits,
                  "us": us, "rel_err": err, "fraction_of_copy_bw": floor_us / us}
             res.append(r)
             rows.append(r)
@@ -175,13 +177,16 @@ def main(argv=None) -> int:
             timed("bf16x", pc, sp, False)  # the plan's config and split with bf16 x
         for c in CONFIGS:
             for s_ in splits_for(c):
-                timed("xq", c, s_, True)
+                timed("xq", c, s_, True)  # K slices summed in-kernel (GEMV1_RED_XQ)
+        for c in CONFIGS[:2]:
+            for s_ in (4, 8, 12):
+                timed("xq_red0", c, s_, True, red=0)  # the same with `_sum_splits_kernel`
         # the quantize kernel alone, and the streaming read of the same bytes
         xin = torch.empty(k // 2, device=DEVICE, dtype=torch.int32)
         xf = torch.empty(k // g, device=DEVICE)
         xc = torch.empty(k // g, device=DEVICE, dtype=torch.int32)
         qk = lambda: im._quant_x_kernel[(triton.cdiv(k // g, im.QUANT_X_GROUPS),)](
-            x, xin, xf, xc, k // g, GROUP=g, GB=im.QUANT_X_GROUPS, num_warps=4)
+            x, xin, xf, xc, xc, k // g, 0, GROUP=g, GB=im.QUANT_X_GROUPS, num_warps=4)
         quant_us = bench_graph(lambda: [qk() for _ in range(20)], 20)
         words = [qq.view(torch.int32).view(-1) for qq, _ in ws]
         sink = torch.empty(4096, device=DEVICE, dtype=torch.int32)

@@ -272,7 +272,8 @@ def test_cuda_m1_bf16_and_two_level_x(monkeypatch, xq, n, k, group):
     for _ in range(3):
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 3
         x[0, :group] = 0
-        torch.full((1 << 24,), float("nan"), device="cuda")
+        torch.full((1 << 24,), float("nan"), device="cuda")  # outputs and partials
+        torch.full((1 << 14,), 7, dtype=torch.int32, device="cuda")  # the split sum's counters (small pool)
         y = torch.ops.gemma4.int4_linear(x, qweight, scales)
         assert torch.isfinite(y).all() and _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
 

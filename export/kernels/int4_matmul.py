@@ -55,6 +55,7 @@ GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
 GEMV1_RED = 0  # M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel)
+GEMV1_RED_XQ = 2  # the same with x as two int8 levels (the quantize kernel zeroes the counters)
 GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_tile_q`) instead of bf16 and FMAs
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -317,12 +318,17 @@ def _gemv1_tile_q(w, s, xq, xf, xc, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, NG, GROUP: tl.constexpr, GB: tl.constexpr):
+def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per word of 8 elements:
     h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same;
-    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32)."""
+    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
+    NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
+    otherwise take a launch of their own."""
+    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
+        offs = i + tl.arange(0, 1024)
+        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
     W: tl.constexpr = GROUP // 8
     g = tl.program_id(0) * GB + tl.arange(0, GB)
     g4 = g[:, None, None, None]
@@ -776,11 +782,12 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
     splits = triton.cdiv(groups, gps)
-    red = (GEMV1_RED if red is None else red) if splits > 1 else 0
     xq = GEMV1_XQ if xq is None else xq
+    red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
-    cnt = (torch.zeros if red == 2 else torch.empty)(  # a counter for each row block of >= 4 rows
+    # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
+    cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
     xin, xf, xc = x2, x2, x2
     if xq:
@@ -788,8 +795,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
         xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
         launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
-        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, groups, GROUP=G, GB=QUANT_X_GROUPS,
-                                                         num_warps=4)
+        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, cnt.numel() if red == 2 else 0,
+                                                         GROUP=G, GB=QUANT_X_GROUPS, num_warps=4)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
