@@ -2,12 +2,15 @@
 
 `torch.cuda.max_memory_allocated` only sees the caching allocator; the AOTI container
 allocates its own constant blob and cuBLAS/Triton workspaces outside it. So on CUDA a
-background thread also samples the device's used memory through NVML (when pynvml is
-importable) and the summary shows both. On CPU the figure is the process's peak RSS.
+background thread also samples NVML (when pynvml is importable): the device's used memory
+(which also counts what the driver reserves and any other process) and this process's own
+(what a card must hold for this run: context, allocator, everything outside it); the summary
+shows them. On CPU the figure is the process's peak RSS.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 from dataclasses import dataclass
@@ -22,12 +25,14 @@ class MemoryPeak:
     device: str
     allocator_bytes: int = 0  # torch caching allocator peak (CUDA)
     nvml_bytes: int | None = None  # device memory used, sampled (CUDA, needs pynvml)
+    nvml_process_bytes: int | None = None  # this process's device memory per NVML, sampled
     host_rss_bytes: int = 0  # process peak resident set
 
     def describe(self) -> str:
         if self.device.startswith("cuda"):
             nvml = "n/a" if self.nvml_bytes is None else f"{self.nvml_bytes / GiB:.2f} GiB"
-            return f"GPU peak {self.allocator_bytes / GiB:.2f} GiB allocator / {nvml} device (NVML)"
+            mine = "" if self.nvml_process_bytes is None else f" / {self.nvml_process_bytes / GiB:.2f} GiB this process"
+            return f"GPU peak {self.allocator_bytes / GiB:.2f} GiB allocator / {nvml} device (NVML){mine}"
         return f"GPU peak n/a (cpu run; host peak RSS {self.host_rss_bytes / GiB:.2f} GiB)"
 
 
@@ -71,6 +76,14 @@ class PeakSampler:
 
         used = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
         self.peak.nvml_bytes = max(self.peak.nvml_bytes or 0, used)
+        try:
+            procs = pynvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except Exception:  # not supported here: the device figure only
+            return
+        # absent when the process is not listed yet or NVML sees another pid namespace
+        mine = [p.usedGpuMemory for p in procs if p.pid == os.getpid() and p.usedGpuMemory is not None]
+        if mine:
+            self.peak.nvml_process_bytes = max(self.peak.nvml_process_bytes or 0, mine[0])
 
 
 def _nvml_handle(device: str):

@@ -158,6 +158,7 @@ def bench_runtime(model_dir: Path, prompt: list[int], new_tokens: int) -> dict:
         "decode_tok_s": stats.decode_tok_s,
         "allocator_peak_gib": mem.peak.allocator_bytes / 2**30,
         "nvml_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / 2**30,
+        "nvml_process_peak_gib": None if mem.peak.nvml_process_bytes is None else mem.peak.nvml_process_bytes / 2**30,
         "host_peak_rss_gib": mem.peak.host_rss_bytes / 2**30,
     }
     if runner.graph is not None:  # the same decode through the container's own run, beside it
@@ -615,6 +616,7 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
     gib = 2**30
     memory = {"kv_dtype": kv, "load_s": load_s, "allocator_peak_gib": mem.peak.allocator_bytes / gib,
               "nvml_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / gib,
+              "nvml_process_peak_gib": None if mem.peak.nvml_process_bytes is None else mem.peak.nvml_process_bytes / gib,
               "host_peak_rss_gib": mem.peak.host_rss_bytes / gib,
               "bound_weights_gib": weights / gib, "kv_gib": kv_bytes / gib,
               "allocator_live_peak_reserved_gib_after": stages}
@@ -914,6 +916,8 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731 (a tiny plan rounds to 0.00)
         m["allocator_vs_plan"] = ratio(m["allocator_peak_gib"], plans[kv].get("allocator_gib"))
         m["nvml_vs_plan"] = ratio(m["nvml_peak_gib"], plans[kv].get("total_gib"))
+        # this process's own device memory: the device figure also counts the driver's reserve
+        m["nvml_process_vs_plan"] = ratio(m.get("nvml_process_peak_gib"), plans[kv].get("total_gib"))
         rec["decode"] += res["decode"]
         rec["prefill"] += res["prefill"]
         rec["memory"].append(m)
@@ -979,13 +983,16 @@ def print_sweep(rec: dict) -> None:
         hf = r.get("hf_eager_tok_s")
         print(f"{r['kv_dtype']:<5} {r['prompt']:>7} {r['tok_s']:>9.0f} {hf or float('nan'):>9.0f} "
               f"{r.get('hf_attn') or '-':>7} {r.get('vs_hf') or float('nan'):>6.2f}")
-    print(f"\n{'kv':<5} {'alloc GiB':>9} {'plan':>6} {'ratio':>6} {'NVML GiB':>9} {'plan':>6} {'ratio':>6}")
+    print(f"\n{'kv':<5} {'alloc GiB':>9} {'plan':>6} {'ratio':>6} {'NVML GiB':>9} {'plan':>6} {'ratio':>6} "
+          f"{'process':>8} {'ratio':>6}")
     for m in rec["memory"]:
         nv = m["nvml_peak_gib"]
         nan = float("nan")
         print(f"{m['kv_dtype']:<5} {m['allocator_peak_gib']:>9.2f} {m['plan'].get('allocator_gib', nan):>6.2f} "
               f"{m['allocator_vs_plan'] or nan:>6.3f} {nv or nan:>9.2f} {m['plan'].get('total_gib', nan):>6.2f} "
-              f"{m['nvml_vs_plan'] or float('nan'):>6.3f}")
+              f"{m['nvml_vs_plan'] or float('nan'):>6.3f} {m.get('nvml_process_peak_gib') or nan:>8.2f} "
+              f"{m.get('nvml_process_vs_plan') or nan:>6.3f}")
+    print("NVML: the device's used memory (also the driver's reserve); process: this process's own per NVML")
     hf = rec.get("hf") or {}
     if hf.get("decode"):
         print(f"\ntransformers eager bf16 decode after {hf['decode']['fill']} tokens: {hf['decode']['ms_per_token']:.2f} ms/token (slice)")
