@@ -65,6 +65,42 @@ def kernel_binary_patches() -> Iterator[None]:
         yield
 
 
+ROW_PERSISTENT_MAX = 8192  # one row reduced in registers up to this many elements (decode's norms)
+
+
+def _row_reduction_choices():
+    """Inductor's heuristics, except that a reduction with one output row (a decode step's
+    RMSNorm over the hidden size, with the residual add fused in) of up to ROW_PERSISTENT_MAX
+    elements is a persistent reduction (the row read once into registers) instead of Inductor's
+    looped one (the row read twice in RBLOCK steps by one program): Inductor's bound is 1024
+    elements, sized for many rows per program; one row of 5376 bf16 spread over a program's
+    warps is 21 values a thread at 8 warps."""
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class RowReductionChoices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            sizes = V.graph.sizevars
+            return (config.triton.persistent_reductions and not cooperative_reduction
+                    and sizes.statically_known_equals(features.numel, 1)
+                    and sizes.statically_known_leq(features.reduction_numel, ROW_PERSISTENT_MAX))
+
+    return RowReductionChoices()
+
+
+@contextlib.contextmanager
+def row_reductions_in_registers() -> Iterator[None]:
+    """`_row_reduction_choices` for the compiles inside the block (this thread)."""
+    from torch._inductor.virtualized import V
+
+    with V.set_choices_handler(_row_reduction_choices()):
+        yield
+
+
 def _executorch_specs(options: BackendOptions) -> list[CompileSpec]:
     """The compile specs ExecuTorch's CudaBackend reads, from our options."""
     return [CompileSpec("method_name", options.method.encode()),
@@ -126,6 +162,8 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         stack = contextlib.ExitStack()
         stack.enter_context(cls.get_extra_aoti_compile_context_manager())
         stack.enter_context(kernel_binary_patches())
+        if ROW_PERSISTENT_MAX:
+            stack.enter_context(row_reductions_in_registers())
         if options.autotune:
             return stack
         from export.kernels import attention
