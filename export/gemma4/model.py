@@ -176,8 +176,6 @@ class Attention(nn.Module):
                 fresh = (k.transpose(1, 2), v.transpose(1, 2))
             else:
                 cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
-        if not chunk_beside_ring:
-            fresh = None
         # one op reads the cache: causal / window rule from the absolute positions, GQA inside.
         # A quantized cache holds K, V rotated (Hadamard H, orthonormal, symmetric): q.k = (qH).(kH),
         # and sum p (vH) = (sum p v) H, so q is rotated and the output rotated back.
