@@ -1,12 +1,16 @@
 """Attention over the static KV cache that reads only the filled slots: `gemma4::attention`.
 
-    attention(q[1, T, H, D], k, v, k_scale, v_scale, pos[1], window) -> out[1, T, H, D]
+    attention(q[1, T, H, D], k, v, k_scale, v_scale, pos[1], window, k_new=None, v_new=None)
+        -> out[1, T, H, D]
 
 Query t sits at absolute position pos + t and attends to the positions p <= pos + t (and,
 with window > 0, pos + t - p < window). Position p lives at slot p % S of the cache
 (1, Hkv, S, ·): for a flat cache (S = ctx) that is slot p, for a sliding ring it is the
-ring slot, so one rule serves both and a wrapped ring needs nothing special. Scale 1.0, no
-softcap (Gemma 4). GQA: the G = H / Hkv query heads of one KV head share each K/V block.
+ring slot, so one rule serves both and a wrapped ring needs nothing special. With k_new /
+v_new (1, Hkv, T, D) (a prefill chunk's own K/V, float cache only), positions pos.. are read
+from them and the cache holds those before pos: a sliding ring of the window then serves a
+chunk of any length. Scale 1.0, no softcap (Gemma 4). GQA: the G = H / Hkv query heads of one
+KV head share each K/V block.
 
 KV formats (the cache WRITE is the model's, in plain aten ops; this op only reads):
   float  k, v (1, Hkv, S, D) in the model dtype; scales None
