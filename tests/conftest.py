@@ -17,8 +17,9 @@ def pytest_collection_modifyitems(config, items):
 #
 # Exporting compiles two AOTInductor methods (~2-3 min on two CPU cores), so every test that
 # needs an artifact shares this one. Config: preset `tiny` (every Gemma 4 feature: sliding +
-# full layers, k_eq_v, PLE, KV sharing, double-wide MLP, softcap), ctx 64, prefill_chunk 8
-# (ring 15, so a few dozen tokens wrap the sliding rings), fp32, CPU, int4 g32 linears (CPU
+# full layers, k_eq_v, PLE, KV sharing, double-wide MLP, softcap), ctx 64, prefill_chunk 12
+# (longer than the window of 8, which is the ring: a chunk attends across the ring and
+# overwrites all of it; a few dozen tokens wrap the rings), fp32, CPU, int4 g32 linears (CPU
 # dequant-in-graph module) and int8 embeddings: the quantized paths are exercised too.
 # Compare against `model` (the same quantized weights, eager), not against a float model.
 
@@ -46,7 +47,7 @@ def tiny_export_config(out: _Path):
     from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
     from export.gemma4.quant import EmbeddingQuant, LinearQuant
 
-    return ExportConfig(preset="tiny", ctx=64, prefill_chunk=8, quant=LinearQuant.INT4, group_size=32,
+    return ExportConfig(preset="tiny", ctx=64, prefill_chunk=12, quant=LinearQuant.INT4, group_size=32,
                         embedding_quant=EmbeddingQuant.INT8, device=DeviceChoice.CPU,
                         dtype=DTypeChoice.FP32, out=out)
 

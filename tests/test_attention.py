@@ -49,6 +49,37 @@ def filled_cache(Hkv, S, D, n, ring, gen):
     return k, v
 
 
+def ring_and_chunk(Hkv, W, D, pos, T, gen):
+    """K/V of positions pos - W .. pos + T - 1 laid out as the model keeps them now, a ring of W
+    slots holding those before pos plus the chunk's own (1, Hkv, T, D), and as one ring of
+    W + T - 1 slots holding every position a query sees. Returns (ring, chunk, whole) pairs."""
+    p = torch.arange(pos - W, pos + T)
+    kv = [torch.randn(1, Hkv, W + T, D, generator=gen) for _ in range(2)]
+    ring = [torch.randn(1, Hkv, W, D, generator=gen) for _ in range(2)]  # noise where nothing was written
+    whole = [torch.randn(1, Hkv, W + T - 1, D, generator=gen) for _ in range(2)]
+    before, seen = (p >= 0) & (p < pos), (p >= 0) & (p > pos - W)
+    for r, w, x in zip(ring, whole, kv):
+        r[:, :, p[before] % W] = x[:, :, before]
+        w[:, :, p[seen] % (W + T - 1)] = x[:, :, seen]
+    return ring, [x[:, :, W:] for x in kv], whole
+
+
+@pytest.mark.parametrize("T", [1, 5, 8, 21, 40])
+def test_reference_with_the_chunks_own_kv_matches_one_ring_holding_everything(T):
+    """A chunk (shorter or longer than the window) attending a window-sized ring plus its own K/V
+    gives what it gave over a ring of window + T - 1 slots holding both (masked SDPA)."""
+    gen = torch.Generator().manual_seed(T)
+    H, Hkv, D, W = 4, 2, 16, 8
+    for pos in (0, 3, 8, 29):
+        ring, chunk, whole = ring_and_chunk(Hkv, W, D, pos, T, gen)
+        q = torch.randn(1, T, H, D, generator=gen)
+        p = torch.tensor([pos])
+        want = masked_sdpa(q, *whole, p, W, ring=True)
+        got = A.attention_reference(q, *ring, None, None, p, W, *chunk)
+        assert ((got - want).norm() / want.norm()).item() <= 1e-5, (T, pos)
+        assert torch.ops.gemma4.attention(q, *ring, None, None, p, W, *chunk).equal(got)  # the op's CPU kernel
+
+
 # (H, Hkv, D, S, window): tiny-like rings and flat caches, GQA 2..8, head dims 16..512
 CASES = [(4, 2, 16, 15, 8), (4, 1, 32, 64, 0), (8, 2, 64, 40, 24), (32, 4, 512, 48, 0), (32, 16, 256, 23, 16)]
 
@@ -264,15 +295,32 @@ for H, Hkv, D, S, window, pos, T, cfg in cases:
                 got = A.launch(q, *args, p, window, False)
             key = (kv, A.prefill_splits(T, H // Hkv, Hkv, cfg[0], cfg[4]) > 1)
             worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+# the chunk's own K/V beside a window-sized ring: chunks longer and shorter than the window,
+# before and after the ring wraps, positions in one share or several
+from tests.test_attention import ring_and_chunk
+for H, Hkv, D, W, pos, T, cfg in [(4, 2, 16, 32, 517, 96, (32, 16, 4, 1, 2)), (8, 2, 32, 24, 0, 50, (32, 16, 4, 1, 1)),
+                                  (4, 2, 16, 32, 40, 7, (16, 16, 4, 1, 1))]:
+    ring, chunk, _ = ring_and_chunk(Hkv, W, D, pos, T, gen)
+    q = torch.randn(1, T, H, D, generator=gen)
+    p = torch.tensor([pos])
+    want = A.attention_reference(q, *ring, None, None, p, W, *chunk)
+    for target in (1, 10 ** 6):
+        A.PREFILL_TARGET_PROGRAMS = target
+        with A.use_prefill_config(cfg):
+            got = A.launch(q, *ring, None, None, p, W, False, k_new=chunk[0], v_new=chunk[1])
+        key = ("chunk beside ring", A.prefill_splits(T, H // Hkv, Hkv, cfg[0], cfg[4]) > 1)
+        worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
 print(worst)
 assert (("float", True) in worst) and (("float", False) in worst)
+assert (("chunk beside ring", True) in worst) and (("chunk beside ring", False) in worst)
 assert max(worst.values()) <= 2e-5, worst
 """
 
 
 def test_prefill_kernel_matches_reference_in_the_interpreter():
     """Prefill chunks of up to 200 queries: unmasked and masked blocks, position splits + combine,
-    V column parts, every KV format, a wrapped ring."""
+    V column parts, every KV format, a wrapped ring; and a chunk's own K/V beside a window-sized
+    ring (chunks longer than the window)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", INTERPRETED_PREFILL], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -339,7 +387,7 @@ def test_model_kv_dtype_buffers_and_logits(kv):
     def run(m):
         m.reset_cache()
         out = [m(tokens[:, i:i + 8], torch.tensor([i])) for i in range(0, 32, 8)]
-        out += [m(tokens[:, i:i + 1], torch.tensor([i])) for i in range(32, 40)]  # rings wrapped (15 slots)
+        out += [m(tokens[:, i:i + 1], torch.tensor([i])) for i in range(32, 40)]  # rings wrapped (8 slots)
         return torch.stack(out)
 
     ref, got = run(base), run(model)
@@ -357,7 +405,7 @@ def test_planner_quantized_kv_of_the_31b_at_128k():
         return sum(i.bytes for i in items if not i.reference) / 2**30
 
     assert kv_gib(KvDtype.INT8) <= 5.9 and kv_gib("int4") <= 3.4
-    assert kv_gib(None) > 10.8  # bf16: 10.0 GiB full + 0.88 GiB rings
+    assert round(kv_gib(None), 2) == 10.78  # bf16: 10.0 GiB full + 0.78 GiB rings (the window)
     # rings stay bf16 either way
     assert abs((kv_gib("int8") - kv_gib("int4")) - 10 * 131072 * 4 * 512 * 2 * 0.5 / 2**30) < 1e-9
 
@@ -391,6 +439,19 @@ def test_compiled_kernels_with_consumer_configs(monkeypatch):
                     got = A.launch(q, *args, p, window, decode)
                     err = ((got.float() - want).norm() / want.norm()).item()
                     assert err <= 1e-2, (H, D, kv, decode, A.prefill_config(D, fmt), target, err)
+    # the 31B sliding layer's chunk beside its window-sized ring, chunks longer than the window
+    H, Hkv, D, W = 32, 16, 256, 1024
+    for pos, T in ((0, 2048), (30720, 2048), (4000, 300)):
+        ring, chunk, _ = ring_and_chunk(Hkv, W, D, pos, T, torch.Generator().manual_seed(pos))
+        ring, chunk = [x.to(dev, torch.bfloat16) for x in ring], [x.to(dev, torch.bfloat16) for x in chunk]
+        q = torch.randn(1, T, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
+        p = torch.tensor([pos], device=dev)
+        want = A.attention_reference(q.float(), *ring, None, None, p, W, *chunk)
+        for target in (1, 10 ** 6):
+            monkeypatch.setattr(A, "PREFILL_TARGET_PROGRAMS", target)
+            got = A.launch(q, *ring, None, None, p, W, False, k_new=chunk[0], v_new=chunk[1])
+            err = ((got.float() - want).norm() / want.norm()).item()
+            assert err <= 1e-2, (pos, T, target, err)
     shared = [k.metadata.shared for fn in (A._attn_body, A._prefill_body)
               for caches in fn.device_caches.values() for k in caches[0].values()]
     assert shared and max(shared) <= A.SMEM_LIMIT

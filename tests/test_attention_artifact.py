@@ -17,6 +17,7 @@ def test_int8_kv_artifact_matches_eager(tiny_artifact_int8_kv):
     art = tiny_artifact_int8_kv
     meta = art.metadata
     assert meta["kv_dtype"] == "int8"
+    assert meta["prefill_chunk"] > meta["sliding_window"] == meta["ring_size"]  # chunks attend beside the ring
     kinds = {(b["kind"], b["dtype"]) for b in meta["kv"]}
     assert ("full", "int8") in kinds and ("full", "float16") in kinds and ("sliding", "float32") in kinds
     runner = Runner.load(art.out_dir)

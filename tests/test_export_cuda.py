@@ -32,7 +32,7 @@ from export.artifact import load_ptd_tensor, read_ptd_index
 from export.gemma4.export import METHODS, DeviceChoice, DTypeChoice, ExportConfig, KvDtype, export_model
 
 CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
-    "tiny": dict(preset="tiny", ctx=64, prefill_chunk=8, autotune=False),
+    "tiny": dict(preset="tiny", ctx=64, prefill_chunk=12, autotune=False),  # chunk > window (8)
     "31b-2l": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128),
     # the int4 recipe the 31B's byte budget needs (g128), exported in low-memory mode
     "31b-2l-int4": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True),
@@ -42,7 +42,7 @@ CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "31b-2l-int4-kv8": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
                             autotune=False, kv_dtype=KvDtype.INT8),
     # int4 expert stacks (gemma4::moe_route / moe_experts_int4): the MoE block at toy size and at 26B-A4B width
-    "tiny-moe": dict(preset="tiny-moe", ctx=64, prefill_chunk=8, autotune=False),
+    "tiny-moe": dict(preset="tiny-moe", ctx=64, prefill_chunk=12, autotune=False),
     "26b-2l-int4-noat": dict(preset="26b-a4b", layers=2, ctx=8192, prefill_chunk=128, group_size=128,
                              low_memory=True, autotune=False),
 }

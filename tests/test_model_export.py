@@ -13,7 +13,7 @@ from tests.helpers import randomize_
 @pytest.mark.parametrize("name", ["tiny-moe"])  # tiny-moe has every feature of tiny and MoE
 @torch.no_grad()
 def test_export_prefill_and_decode(name):
-    chunk = 8
+    chunk = 12  # longer than the window (8): a chunk attends its own K/V beside the ring
     model = randomize_(Gemma4Model(PRESETS[name], ctx=64, prefill_chunk=chunk), seed=3).eval()
     T = Dim("T", min=1, max=chunk)
     prefill = torch.export.export(model, (torch.zeros(1, chunk, dtype=torch.long), torch.tensor([0])),
@@ -25,7 +25,7 @@ def test_export_prefill_and_decode(name):
         assert set(ep.run_decompositions({}).graph_signature.buffers_to_mutate.values()) == kv
 
     # the exported programs compute what the eager model computes
-    tokens = torch.randint(0, PRESETS[name].vocab_size, (1, 7))
+    tokens = torch.randint(0, PRESETS[name].vocab_size, (1, 12))
     ref_model = randomize_(Gemma4Model(PRESETS[name], ctx=64, prefill_chunk=chunk), seed=3).eval()
     pm, dm = prefill.module(), decode.module()
     for m in (pm, dm):
@@ -34,7 +34,7 @@ def test_export_prefill_and_decode(name):
     # prefill module and decode module hold separate buffer copies after .module(): share them
     for b in kv:
         dm.get_submodule(b.rsplit(".", 1)[0]).register_buffer(b.rsplit(".", 1)[1], pm.get_buffer(b), persistent=False)
-    got = [pm(tokens[:, :6], torch.tensor([0])), dm(tokens[:, 6:7], torch.tensor([6]))]
-    want = [ref_model(tokens[:, :6], torch.tensor([0])), ref_model(tokens[:, 6:7], torch.tensor([6]))]
+    got = [pm(tokens[:, :11], torch.tensor([0])), dm(tokens[:, 11:12], torch.tensor([11]))]
+    want = [ref_model(tokens[:, :11], torch.tensor([0])), ref_model(tokens[:, 11:12], torch.tensor([11]))]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

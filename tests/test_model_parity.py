@@ -1,5 +1,6 @@
 """Our decoder against transformers' Gemma4ForCausalLM on random fp32 weights: chunked
-prefill, then decode far enough to wrap every sliding ring several times."""
+prefill (chunks shorter and longer than the sliding window), then decode far enough to wrap
+every sliding ring several times."""
 
 import pytest
 import torch
@@ -15,14 +16,20 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+# prefill chunks (the last of each list is prefill_chunk's size): within the window (8), and
+# longer than it, so a chunk attends across the ring's wrap and overwrites all of it
+PROMPTS = {"short": [5, 3, 5, 1], "long": [19, 3, 19, 1, 11]}
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
 @pytest.mark.parametrize("name", list(CONFIGS))
 @torch.no_grad()
-def test_matches_transformers(name):
+def test_matches_transformers(name, prompt):
     cfg = CONFIGS[name]
-    chunk = 5
-    model = randomize_(Gemma4Model(cfg, ctx=96, prefill_chunk=chunk), seed=1).eval()
+    prompt_chunks = PROMPTS[prompt]
+    chunk = max(prompt_chunks)
+    model = randomize_(Gemma4Model(cfg, ctx=128, prefill_chunk=chunk), seed=1).eval()
     hf = hf_oracle(model)
-    prompt_chunks = [5, 3, 5, 1]  # several chunks, some shorter than prefill_chunk
     n_decode = 3 * model.ring_size + 4  # wraps each sliding ring more than three times
     steps = prompt_chunks + [1] * n_decode
     tokens = torch.randint(0, cfg.vocab_size, (1, sum(steps)), generator=torch.Generator().manual_seed(2))
@@ -32,7 +39,7 @@ def test_matches_transformers(name):
         ours = model(tokens[:, start:start + n], torch.tensor([start]))
         start += n
         errs.append(rel_err(ours, ref))
-    print(f"{name}: {len(errs)} steps, max rel err {max(errs):.2e}")
+    print(f"{name} {prompt}: {len(errs)} steps, max rel err {max(errs):.2e}")
     assert max(errs) <= 1e-4, errs
     assert start > cfg.sliding_window * 3
 

@@ -21,7 +21,7 @@ def tiny_cuda(tmp_path_factory):
     from export.gemma4.quant import LinearQuant
 
     cfg = ExportConfig(preset="tiny", device=DeviceChoice.CUDA, dtype=DTypeChoice.FP32, quant=LinearQuant.NONE,
-                       ctx=64, prefill_chunk=8, autotune=False,  # max_autotune: minutes for a test
+                       ctx=64, prefill_chunk=12, autotune=False,  # max_autotune: minutes for a test
                        out=tmp_path_factory.mktemp("tiny_cuda") / "tiny")
     export_model(cfg)
     model, _ = prepare_model(cfg)

@@ -116,10 +116,10 @@ class Gemma4Config:
         prev = self.layer_types[: self.first_kv_shared_layer]
         return len(prev) - 1 - prev[::-1].index(self.layer_types[i])
 
-    def ring_slots(self, ctx: int, prefill_chunk: int) -> int:
-        """Slots of a sliding layer's KV ring: a whole prefill chunk plus the window behind its
-        first token, never more than the context."""
-        return min(self.sliding_window + prefill_chunk - 1, ctx)
+    def ring_slots(self, ctx: int) -> int:
+        """Slots of a sliding layer's KV ring: the window, never more than the context (a
+        prefill chunk attends to its own K/V beside the ring; export/gemma4/model.py)."""
+        return min(self.sliding_window, ctx)
 
     def layer_intermediate_size(self, i: int) -> int:
         wide = self.use_double_wide_mlp and self.is_kv_shared(i)

@@ -6,10 +6,13 @@ that serves both chunked prefill (T up to `prefill_chunk`) and decode (T = 1).
 
     model(tokens[1, T], pos[1]) -> logits[1, vocab] (fp32, last position only)
 
-writes K/V for positions pos..pos+T-1 and attends over the cache. Sliding layers keep a
-ring of `sliding_window + prefill_chunk - 1` slots (enough for a whole chunk plus the window
-behind its first token); full layers keep `ctx` slots. Parameter names follow the HF
-checkpoint minus its `model.` prefix, so loading is close to an identity key map.
+writes K/V for positions pos..pos+T-1 and attends over the cache. Full layers keep `ctx` slots
+and attend after the write. Sliding layers keep a ring of `sliding_window` slots whatever the
+chunk: decode (T = 1) writes its slot, then attends; a prefill chunk attends over the ring (the
+window before pos) plus its own fresh K/V, and only then is the ring overwritten with the
+chunk's last `sliding_window` positions (by the model, after the last layer that reads that
+ring). Parameter names follow the HF checkpoint minus its `model.` prefix, so loading is close
+to an identity key map.
 """
 
 from __future__ import annotations
@@ -106,6 +109,19 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, slots, k.to(self.k.dtype))
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
 
+    def write_window(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Ring after a prefill chunk, k, v (1, Hkv, T, D) for `positions` (T,): every slot
+        takes the chunk's newest position that maps to it, if any (the last S positions win;
+        static in S, whatever T)."""
+        S = self.slots
+        last = positions[-1]
+        held = last - (last - torch.arange(S, device=k.device)) % S  # position each slot holds after (S,)
+        row = held - positions[0]  # its row in the chunk (< 0: an older position, kept)
+        take = (row >= 0)[:, None]
+        row = row.clamp(min=0)
+        self.k.copy_(torch.where(take, k.index_select(2, row).to(self.k.dtype), self.k))
+        self.v.copy_(torch.where(take, v.index_select(2, row).to(self.v.dtype), self.v))
+
 
 def project(module: nn.Module, x: torch.Tensor, joined: str) -> list[torch.Tensor]:
     """The projections `module.JOINABLE[joined]` of x (those the module has, in order).
@@ -142,9 +158,13 @@ class Attention(nn.Module):
             self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype, kv_dtype=kv_dtype)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache):
+    def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None):
+        """-> (out, fresh): for a sliding layer's prefill chunk, `fresh` is the chunk's own K/V
+        (1, Hkv, T, D) each, attended here beside the ring; the model writes them into the ring
+        afterwards (a KV-shared layer gets its source layer's). Otherwise None (written already)."""
         B, T, _ = x.shape
         D = self.head_dim
+        chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
         rows = project(self, x, "qkv_proj")  # q[, k[, v]]
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
@@ -152,18 +172,22 @@ class Attention(nn.Module):
             raw_v = raw_k if self.k_eq_v else rows[2].view(B, T, -1, D)
             k = apply_rope(self.k_norm(raw_k), cos, sin)
             v = self.v_norm(raw_v)  # k_eq_v: V taken before k_norm and RoPE
-            cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
+            if chunk_beside_ring:  # the ring still holds the window before pos: not overwritten yet
+                fresh = (k.transpose(1, 2), v.transpose(1, 2))
+            else:
+                cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
         # one op reads the cache: causal / window rule from the absolute positions, GQA inside.
         # A quantized cache holds K, V rotated (Hadamard H, orthonormal, symmetric): q.k = (qH).(kH),
         # and sum p (vH) = (sum p v) H, so q is rotated and the output rotated back.
         if cache.quant:
             q = hadamard_rotate(q)
+        k_new, v_new = fresh if fresh is not None else (None, None)
         out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, positions[:1],
-                                         self.window if self.sliding else 0)  # (B, T, H, D)
+                                         self.window if self.sliding else 0, k_new, v_new)  # (B, T, H, D)
         if cache.quant:
             out = hadamard_rotate(out)
         out = out.reshape(B, T, self.n_heads * D)
-        return self.o_proj(out)
+        return self.o_proj(out), fresh
 
 
 class MLP(nn.Module):
@@ -247,9 +271,10 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, H, bias=False)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
 
-    def forward(self, x, cos, sin, positions, cache, per_layer_input):
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, positions, cache))
+    def forward(self, x, cos, sin, positions, cache, per_layer_input, fresh=None):
+        """-> (x, fresh): see Attention.forward."""
+        attn, fresh = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, fresh)
+        h = x + self.post_attention_layernorm(attn)
 
         out = self.mlp(self.pre_feedforward_layernorm(h))
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
@@ -262,7 +287,7 @@ class DecoderLayer(nn.Module):
         if self.ple:
             g = F.gelu(self.per_layer_input_gate(h), approximate="tanh") * per_layer_input
             h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
-        return h * self.layer_scalar
+        return h * self.layer_scalar, fresh
 
 
 class Gemma4Model(nn.Module):
@@ -276,7 +301,7 @@ class Gemma4Model(nn.Module):
         if ctx > cfg.max_position_embeddings:
             raise ValueError(f"ctx {ctx} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
         self.cfg, self.ctx, self.prefill_chunk, self.kv_dtype = cfg, ctx, prefill_chunk, kv_dtype
-        self.ring_size = cfg.ring_slots(ctx, prefill_chunk)
+        self.ring_size = cfg.ring_slots(ctx)
         H = cfg.hidden_size
         self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
         # sqrt(hidden) rounded to the model dtype first (73.5 in bf16 for 31B), as the reference
@@ -355,9 +380,18 @@ class Gemma4Model(nn.Module):
         rope = {True: self._rope(positions, self.inv_freq_sliding, x.dtype),
                 False: self._rope(positions, self.inv_freq_full, x.dtype)}
         caches = self.caches()
+        # a sliding layer's chunk K/V, kept until the last layer reading its ring has attended
+        fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        last_reader = {cfg.kv_source_layer(i): i for i in range(cfg.num_hidden_layers)}
         for i, layer in enumerate(self.layers):
             cos, sin = rope[cfg.is_sliding(i)]
-            x = layer(x, cos, sin, positions, caches[i], ple[:, :, i] if ple is not None else None)
+            src = cfg.kv_source_layer(i)
+            x, kv = layer(x, cos, sin, positions, caches[i], ple[:, :, i] if ple is not None else None,
+                          fresh.get(src))
+            if kv is not None:
+                fresh[src] = kv
+            if last_reader[src] == i and src in fresh:
+                caches[i].write_window(positions, *fresh.pop(src))
         x = self.norm(x[:, -1, :])  # only the last position's logits are needed
         logits = self.lm_head(x).float()
         if cfg.final_logit_softcapping:

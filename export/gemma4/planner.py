@@ -257,7 +257,7 @@ class MemoryPlan:
     ring_slots: int
     tensors: tuple[StoredTensor, ...]  # every stored weight and constant (KV apart)
     kv_tensors: tuple[StoredTensor, ...]  # every KV / scale buffer at this ctx
-    kv: tuple[Item, ...]  # counted items, then the reference "window only" figure (not counted)
+    kv: tuple[Item, ...]  # full layers' caches, sliding layers' rings
     runtime_gpu: Peak
     export_gpu_stock: Peak
     export_gpu_low_memory: Peak
@@ -350,28 +350,26 @@ def _weights_by_kind(tensors: tuple[StoredTensor, ...]) -> tuple[Item, ...]:
 # ---- KV cache ----------------------------------------------------------------------------
 
 
-def kv_tensors(inp: PlanInputs, window_only: bool = False) -> tuple[StoredTensor, ...]:
-    """Every KV / scale buffer at this ctx (rings: a prefill chunk plus the window; with
-    `window_only`, held to the window)."""
+def kv_tensors(inp: PlanInputs) -> tuple[StoredTensor, ...]:
+    """Every KV / scale buffer at this ctx (rings: the window, whatever the prefill chunk)."""
     c = inp.config
-    ring = min(c.sliding_window, inp.ctx) if window_only else c.ring_slots(inp.ctx, inp.prefill_chunk)
+    ring = c.ring_slots(inp.ctx)
     return tuple(replace(t, nbytes=t.at_slots(ring if t.ring else inp.ctx), slots=ring if t.ring else inp.ctx)
                  for t in inp.inventory()[1])
 
 
 def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
     c = inp.config
-    kv, window = kv_tensors(inp), kv_tensors(inp, window_only=True)
+    kv = kv_tensors(inp)
     full = [t for t in kv if not t.ring]
     layers = lambda ts: len({t.fqn.rsplit(".kv_cache.", 1)[0] for t in ts})  # noqa: E731
     n_full, n_ring = layers(full), layers([t for t in kv if t.ring])
     shared = f"; {c.num_kv_shared_layers} KV-shared layers hold none" if c.num_kv_shared_layers else ""
-    ring = c.ring_slots(inp.ctx, inp.prefill_chunk)
+    ring = c.ring_slots(inp.ctx)
     return (
         Item("kv: full layers", sum(t.nbytes for t in full), f"{n_full} x {inp.ctx} slots{shared}"),
-        Item("kv: sliding layers (ring)", sum(t.nbytes for t in kv if t.ring), f"{n_ring} x {ring}-slot ring"),
-        Item("kv: sliding held to the window", sum(t.nbytes for t in window if t.ring),
-             f"reference figure, not counted: {n_ring} x {min(c.sliding_window, inp.ctx)} slots", reference=True),
+        Item("kv: sliding layers (ring)", sum(t.nbytes for t in kv if t.ring),
+             f"{n_ring} x {ring}-slot ring (the window; a chunk attends its own K/V beside it)"),
     )
 
 
@@ -380,18 +378,21 @@ def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
 
 def layer_slots(inp: PlanInputs, i: int) -> int:
     c = inp.config
-    return c.ring_slots(inp.ctx, inp.prefill_chunk) if c.is_sliding(i) else inp.ctx
+    return c.ring_slots(inp.ctx) if c.is_sliding(i) else inp.ctx
 
 
 def attention_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     """Live buffers of layer i's attention for T tokens: `gemma4::attention` reads the cache
     in place and keeps scores on chip, so only q, k, v and the output are buffers; a quantized
-    cache adds the Hadamard-rotated q and output beside them."""
+    cache adds the Hadamard-rotated q and output beside them. A sliding layer's prefill chunk
+    then writes its last window into the ring through one ring-sized K and V each."""
     c, a = inp.config, inp.dtype.bytes
     H, D, Hkv = c.num_attention_heads, c.layer_head_dim(i), c.layer_kv_heads(i)
     parts = {"q, k, v, attention out": T * (2 * H * D + 2 * Hkv * D) * a}
     if isinstance(inp.kv_dtype, KvDtype) and not c.is_sliding(i):
         parts["rotated q, rotated out (quantized kv)"] = T * 2 * H * D * a
+    if c.is_sliding(i) and T > 1:
+        parts["ring write (new K, V of the ring's size)"] = 2 * c.ring_slots(inp.ctx) * Hkv * D * a
     return parts
 
 
@@ -434,6 +435,8 @@ def step_activations(inp: PlanInputs, T: int) -> tuple[str, dict[str, int]]:
     carried = {"hidden states": T * c.hidden_size * (2 * a + 4)}  # residual, normed, fp32 norm temp
     if c.has_ple:
         carried["per-layer inputs"] = 3 * T * c.num_hidden_layers * c.hidden_size_per_layer_input * a
+    if c.num_kv_shared_layers and T > 1:  # a shared ring's chunk K/V wait for its last reader
+        carried["chunk K/V of a shared sliding ring"] = 2 * T * c.num_key_value_heads * c.head_dim * a
     carried.update(dequant_scratch(inp, T))
     best_label, best = "", {}
     for i in range(c.num_hidden_layers):
@@ -545,7 +548,7 @@ def plan(inputs: PlanInputs) -> MemoryPlan:
     kv_bytes = sum(i.bytes for i in kv if not i.reference)
     naive, streaming = host_peaks(inputs, weights)
     return MemoryPlan(
-        inputs=inputs, ring_slots=inputs.config.ring_slots(inputs.ctx, inputs.prefill_chunk),
+        inputs=inputs, ring_slots=inputs.config.ring_slots(inputs.ctx),
         tensors=tensors, kv_tensors=kv_ts, kv=kv,
         runtime_gpu=runtime_peak(inputs, tensors, kv_ts, kv),
         export_gpu_stock=stock_export_peak(inputs, weights, kv_bytes),
@@ -674,8 +677,8 @@ class ChunkFit:
 
 def fit_prefill_chunk(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUDGET) -> ChunkFit:
     """The largest of PREFILL_CHUNKS (never above ctx) whose planned runtime total fits the
-    budget's GPU; the smallest when none does. A larger chunk costs its activations, the int4
-    dequant scratch and longer sliding rings (window + chunk - 1 slots)."""
+    budget's GPU; the smallest when none does. A larger chunk costs its activations and the
+    int4 dequant scratch's matmul output (the sliding rings hold the window whatever the chunk)."""
     gpu = Budget.of(budget).gpu
     candidates = [c for c in PREFILL_CHUNKS if c <= inputs.ctx] or [max(2, inputs.ctx)]
     over = ""

@@ -1,12 +1,16 @@
 """Attention over the static KV cache that reads only the filled slots: `gemma4::attention`.
 
-    attention(q[1, T, H, D], k, v, k_scale, v_scale, pos[1], window) -> out[1, T, H, D]
+    attention(q[1, T, H, D], k, v, k_scale, v_scale, pos[1], window, k_new=None, v_new=None)
+        -> out[1, T, H, D]
 
 Query t sits at absolute position pos + t and attends to the positions p <= pos + t (and,
 with window > 0, pos + t - p < window). Position p lives at slot p % S of the cache
 (1, Hkv, S, ·): for a flat cache (S = ctx) that is slot p, for a sliding ring it is the
-ring slot, so one rule serves both and a wrapped ring needs nothing special. Scale 1.0, no
-softcap (Gemma 4). GQA: the G = H / Hkv query heads of one KV head share each K/V block.
+ring slot, so one rule serves both and a wrapped ring needs nothing special. With k_new /
+v_new (1, Hkv, T, D) (a prefill chunk's own K/V, float cache only), positions pos.. are read
+from them and the cache holds those before pos: a sliding ring of the window then serves a
+chunk of any length. Scale 1.0, no softcap (Gemma 4). GQA: the G = H / Hkv query heads of one
+KV head share each K/V block.
 
 KV formats (the cache WRITE is the model's, in plain aten ops; this op only reads):
   float  k, v (1, Hkv, S, D) in the model dtype; scales None
@@ -131,23 +135,29 @@ def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
 
 # ---- eager reference (the CPU kernel and the CPU backend's decomposition) -----------------------
 
-def attention_reference(q, k, v, k_scale, v_scale, pos, window: int):
-    """Plain torch, traceable with dynamic T: dequantize the cache, mask by absolute position."""
+def attention_reference(q, k, v, k_scale, v_scale, pos, window: int, k_new=None, v_new=None):
+    """Plain torch, traceable with dynamic T: dequantize the cache, mask by absolute position.
+    With k_new / v_new (1, Hkv, T, D), the chunk's own K/V: positions pos.. come from them and
+    the cache holds only positions before pos (slot p % S)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     keys = dequantize_kv(k, k_scale, torch.float32)  # (1, Hkv, S, D)
     vals = dequantize_kv(v, v_scale, torch.float32)
     qpos = pos + torch.arange(T, device=q.device)  # (T,)
-    last = qpos[-1]
+    last = qpos[-1] if k_new is None else pos[0] - 1  # the cache's newest position
     idx = torch.arange(S, device=q.device)
     slot_pos = last - (last - idx) % S  # position held by each slot (< 0: never written)
+    if k_new is not None:  # the chunk's positions after the cache's slots
+        keys = torch.cat((keys, k_new.float()), dim=2)
+        vals = torch.cat((vals, v_new.float()), dim=2)
+        slot_pos = torch.cat((slot_pos, qpos))
     qp, kp = qpos[:, None], slot_pos[None, :]
     mask = (kp >= 0) & (kp <= qp)
     if window > 0:
         mask = mask & (qp - kp < window)
     qf = q.float()[0].transpose(0, 1).reshape(Hkv, G * T, D)  # rows (g, t) of each KV head
-    scores = qf @ keys[0].transpose(1, 2)  # (Hkv, G*T, S), scale 1.0
+    scores = qf @ keys[0].transpose(1, 2)  # (Hkv, G*T, S [+ T]), scale 1.0
     scores = scores.masked_fill(~mask.repeat(G, 1)[None], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vals[0]  # (Hkv, G*T, D)
     return out.reshape(H, T, D).transpose(0, 1)[None].to(q.dtype).contiguous()
@@ -516,14 +526,19 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
 
 @triton.jit
 def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
-              D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+              D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+              FRESH: tl.constexpr):
     """Prefill: one K/V block of positions k0 .. k0 + BLOCK_N - 1 into the online softmax (base 2:
     the scores carry log2(e)). MASK: the block holds positions some row must not see (causal
     diagonal, window edge, past the fill): loads past `end` read 0 and the scores are masked;
-    other blocks load and score without any mask (every slot index kp % S is in the cache). V's
-    columns `vc` (stored units) are this program's share of the output."""
+    other blocks load and score without any mask (every slot index is in the cache). Position p
+    is at slot p % S of the cache, or with FRESH at row p - S of the chunk's own K/V (S = pos).
+    V's columns `vc` (stored units) are this program's share of the output."""
     kp = k0 + tl.arange(0, BLOCK_N)
-    slot = kp % S
+    if FRESH:
+        slot = kp - S
+    else:
+        slot = kp % S
     if MASK:
         kmask = kp < end
     if KV_FMT == 2:
@@ -596,17 +611,52 @@ def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, 
 
 
 @triton.jit
-def _prefill_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, WINDOW, NUM_SPLITS,
-                  sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
+def _pf_range(q, qb, m_i, l_i, acc, acc2, start, end, pos0, t_lo, t_hi, qpos, kvh, vc, K, V, KS, VS, S, WINDOW,
+              skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
+              INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, FRESH: tl.constexpr):
+    """Prefill: positions [start, end) of one source (the cache, or with FRESH the chunk's own
+    K/V) in blocks from `start`: [start, a) cut by the window's lower edge (masked), [a, b) seen
+    whole by every row (unmasked), [b, end) the causal diagonal or the range's end (masked)."""
+    a = start
+    if WINDOW > 0:
+        a = start + tl.maximum(tl.cdiv(pos0 + t_hi - WINDOW + 1 - start, BLOCK_N), 0) * BLOCK_N
+    a = tl.minimum(a, end)
+    b = start + tl.maximum((tl.minimum(pos0 + t_lo + 1, end) - start) // BLOCK_N, 0) * BLOCK_N
+    b = tl.maximum(tl.minimum(b, end), a)
+    if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
+        k0 = start
+        while k0 < end:
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N,
+                                            (k0 < a) | (k0 >= b), FRESH)
+            k0 += BLOCK_N
+    else:
+        for k0 in range(start, a, BLOCK_N):
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True, FRESH)
+        for k0 in range(a, b, BLOCK_N):
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, False, FRESH)
+        for k0 in range(b, end, BLOCK_N):
+            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True, FRESH)
+    return m_i, l_i, acc, acc2
+
+
+@triton.jit
+def _prefill_body(Q, K, V, KS, VS, KN, VN, POS, O, MP, LP, AP, T, S, WINDOW, NUM_SPLITS,
+                  sqt, sqh, skh, sks, svh, svs, ssh, sot, soh, snkh, snkt, snvh, snvt,
                   G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, DV: tl.constexpr,
                   SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, FRESH: tl.constexpr):
     """Prefill: grid (NUM_SPLITS, cdiv(T * G, BLOCK_M), Hkv * DV). Rows are the (t, g) pairs of
     one KV head; the positions the rows can see, [lo, hi], are cut into NUM_SPLITS shares of
     whole blocks (partials combined by _prefill_combine when SPLIT); V's columns into DV parts,
     one per program (each computes the full scores, and keeps a 1 / DV accumulator). The blocks
     every row sees whole run without masks; only the window's lower edge and the causal
-    diagonal are masked."""
+    diagonal are masked. FRESH: positions from pos on are read from the chunk's own K/V
+    (KN, VN: (1, Hkv, T, D), float), those before it from the cache (a ring holding the window
+    before the chunk); a share's two sources each walk their own blocks (_pf_range)."""
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2) // DV
@@ -625,14 +675,6 @@ def _prefill_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, WINDOW, NUM_SPLITS,
     share = tl.cdiv(tl.cdiv(hi - lo + 1, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
-    # [start, a): window edge (masked); [a, b): seen whole by every row; [b, end): diagonal (masked)
-    a = start
-    if WINDOW > 0:
-        a = start + tl.maximum(tl.cdiv(pos0 + t_hi - WINDOW + 1 - start, BLOCK_N), 0) * BLOCK_N
-    a = tl.minimum(a, end)
-    b = start + tl.maximum((pos0 + t_lo + 1 - start) // BLOCK_N, 0) * BLOCK_N
-    b = tl.maximum(tl.minimum(b, end), a)
-
     if KV_FMT == 2:  # even columns (low nibbles) in q / acc, odd ones in qb / acc2
         ca = 2 * tl.arange(0, D // 2)
         cb = ca + 1
@@ -657,23 +699,17 @@ def _prefill_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, WINDOW, NUM_SPLITS,
         qb = qb.to(tl.float16)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
-        k0 = start
-        while k0 < end:
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N,
-                                            (k0 < a) | (k0 >= b))
-            k0 += BLOCK_N
+    if FRESH:  # positions before pos0 from the cache, the rest from the chunk's own K/V
+        m_i, l_i, acc, acc2 = _pf_range(q, qb, m_i, l_i, acc, acc2, start, tl.minimum(end, pos0), pos0, t_lo, t_hi,
+                                        qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT,
+                                        FP32, INTERPRET, BLOCK_N, False)
+        m_i, l_i, acc, acc2 = _pf_range(q, qb, m_i, l_i, acc, acc2, tl.maximum(start, pos0), end, pos0, t_lo, t_hi,
+                                        qpos, kvh, vc, KN, VN, KS, VS, pos0, WINDOW, snkh, snkt, snvh, snvt, ssh, D,
+                                        KV_FMT, FP32, INTERPRET, BLOCK_N, True)
     else:
-        for k0 in range(start, a, BLOCK_N):
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True)
-        for k0 in range(a, b, BLOCK_N):
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, False)
-        for k0 in range(b, end, BLOCK_N):
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True)
+        m_i, l_i, acc, acc2 = _pf_range(q, qb, m_i, l_i, acc, acc2, start, end, pos0, t_lo, t_hi, qpos, kvh, vc,
+                                        K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32,
+                                        INTERPRET, BLOCK_N, False)
 
     if SPLIT:  # partials (Hkv, NUM_SPLITS, T * G, ·); m in log2 units
         base = (kvh * NUM_SPLITS + pid_s) * T * G + rows
@@ -790,9 +826,10 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
     return max(1, min(target // kv_heads, triton.cdiv(slots, 16)))
 
 
-def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f):
+def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
-    Triton interpreter in tests). `decode` needs T == 1."""
+    Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
+    the chunk's own K/V, the cache holding the positions before it."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -826,8 +863,12 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
             ap = torch.empty(Hkv * splits * T * G * D, device=q.device, dtype=torch.float32)
         else:
             mp = lp = ap = q
-        wrap(kern)[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, window, splits, *strides, DV=dv,
-                         SPLIT=splits > 1, **common)
+        fresh = k_new is not None
+        assert not fresh or fmt == 0, "the chunk's own K/V go with a float cache (a sliding ring)"
+        kn, vn = (k_new, v_new) if fresh else (k, v)  # unused pointers without them
+        fresh_strides = (kn.stride(1), kn.stride(2), vn.stride(1), vn.stride(2))
+        wrap(kern)[grid](q, k, v, ks, vs, kn, vn, pos, out, mp, lp, ap, T, S, window, splits, *strides,
+                         *fresh_strides, DV=dv, SPLIT=splits > 1, FRESH=fresh, **common)
         if splits > 1:
             block_d = min(D, COMBINE_BLOCK_D)
             wrap(_prefill_combine)[(triton.cdiv(T * G, 16), Hkv, D // block_d)](
@@ -868,15 +909,16 @@ def _prefill_kernel(bm, bn, warps, stages):
 
 @triton_op("gemma4::attention", mutates_args={})
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
-              v_scale: Optional[torch.Tensor], pos: torch.Tensor, window: int) -> torch.Tensor:
+              v_scale: Optional[torch.Tensor], pos: torch.Tensor, window: int, k_new: Optional[torch.Tensor] = None,
+              v_new: Optional[torch.Tensor] = None) -> torch.Tensor:
     if q.device.type != "cuda":
-        return attention_reference(q, k, v, k_scale, v_scale, pos, window)
-    decode = isinstance(q.shape[1], int) and q.shape[1] == 1  # a static T of 1: the decode method
-    return launch(q, k, v, k_scale, v_scale, pos, window, decode, wrap=wrap_triton)
+        return attention_reference(q, k, v, k_scale, v_scale, pos, window, k_new, v_new)
+    decode = isinstance(q.shape[1], int) and q.shape[1] == 1 and k_new is None  # the decode method
+    return launch(q, k, v, k_scale, v_scale, pos, window, decode, wrap=wrap_triton, k_new=k_new, v_new=v_new)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, k_scale, v_scale, pos, window):
+def _attention_fake(q, k, v, k_scale, v_scale, pos, window, k_new=None, v_new=None):
     return torch.empty_like(q)
 
 
