@@ -204,6 +204,52 @@ def test_triton_kernels_through_the_interpreter():
     assert float(r.stdout.split("xq")[-1].split()[0]) < 1e-4  # x's two int8 levels
 
 
+_MUTATION_SCRIPT = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
+    from export.kernels import int4_matmul as im
+
+    class Target:  # TTIR needs a target only, no GPU
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Target())
+    N, K, G = 16384, 5376, 128
+    for xq in (True, False):
+        red = im.GEMV1_RED_XQ if xq else im.GEMV1_RED
+        for splits in (1, 8):
+            cfg, _ = im.gemv1_plan(N, K, G)
+            args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
+                        xc_ptr=torch.empty(K // G, dtype=torch.int32), w_ptr=torch.empty(N, K // 8, dtype=torch.int32),
+                        s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
+                        y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
+                        N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
+                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, **cfg.kwargs)
+            print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
+    args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
+                xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
+                cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS)
+    print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
+""")
+
+
+def test_op_kernels_write_only_their_outputs():
+    """torch's analysis of which arguments a wrapped Triton kernel writes must read the M == 1
+    kernels as the op launches them: an op it cannot read (inline PTX with a side effect) makes it
+    take every argument as written, and the compiled graph then clones the weight before each
+    call. The analysis runs on TTIR (no GPU)."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
+    assert len(lines) == 5, r.stdout
+    for ln in lines:
+        written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
+        assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
+    assert any(ln[0] == "gemv1" and ln[2] == "8" and "'part_ptr'" in " ".join(ln[3:]) for ln in lines), lines
+
+
 _SM90_LAYOUT_SCRIPT = textwrap.dedent("""
     import sys, triton
     from triton.backends.compiler import GPUTarget

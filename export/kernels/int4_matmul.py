@@ -54,8 +54,14 @@ SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
-GEMV1_RED = 0  # M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel)
-GEMV1_RED_XQ = 2  # the same with x as two int8 levels (the quantize kernel zeroes the counters)
+# M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel;
+# with x as two int8 levels the quantize kernel zeroes its counters). The op takes 0: RED 2's
+# release fence is inline PTX with a side effect, which torch's mutation analysis of a wrapped
+# Triton kernel cannot read, so it takes every argument as written and the compiled graph
+# clones the weight before each call (a 2-layer 31B slice's decode step spent 305 us in those
+# copies on the H200). `test_op_kernels_write_only_their_outputs` holds this.
+GEMV1_RED = 0
+GEMV1_RED_XQ = 0
 GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_tile_q`) instead of bf16 and FMAs
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
