@@ -403,18 +403,31 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
 
 
 def launch_module(q, k, v, ks, vs, pos, window, var, target):
-    """The module's kernel as it stands (DECODE_CONFIG), at `target` programs."""
-    saved = A.TARGET_PROGRAMS
+    """The module's kernel (A.launch) at `target` programs: as it stands, or with var's `knobs`
+    (DECODE_KNOBS) and `cfg` (DECODE_CONFIG's (BLOCK_N, warps, stages)) for this head dim / format."""
+    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG)
     A.TARGET_PROGRAMS = target
+    key = (q.shape[-1], A.kv_format(k, ks))
+    if "knobs" in var:
+        A.DECODE_KNOBS[key] = var["knobs"]
+    if "cfg" in var:
+        A.DECODE_CONFIG[key] = var["cfg"]
     try:
         return A.launch(q, k, v, ks, vs, pos, window, True)
     finally:
-        A.TARGET_PROGRAMS = saved
+        A.TARGET_PROGRAMS = saved[0]
+        A.DECODE_KNOBS.clear()
+        A.DECODE_KNOBS.update(saved[1])
+        A.DECODE_CONFIG.clear()
+        A.DECODE_CONFIG.update(saved[2])
 
 
 def name_of(var):
     if var.get("module"):
-        return "module"
+        short = dict(KSPLIT="k", KBIAS="b", VWORDS="w", VSPLIT="x", VPAIRS="v", PTX="a", TAIL="t", SCALES_AHEAD="p")
+        knobs = "".join(f"{short[k]}{v}" for k, v in sorted(var.get("knobs", {}).items()))
+        cfg = "n{}w{}s{}".format(*var["cfg"]) if "cfg" in var else ""
+        return "module" + (f"-{cfg}{knobs}" if knobs or cfg else "")
     return (f"n{var['bn']}w{var['w']}s{var['s']}k{var.get('ksplit', 1)}v{var.get('vmode', 0)}"
             f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}p{var.get('spf', 0)}"
             + (f"t{var['tail']}" if var.get("tail") else "") + ("a" if var.get("vasm") else "") + ("-split" if var.get("nocomb") else ""))
@@ -427,20 +440,27 @@ def V_(bn, w, s, **k):
 MODULE = dict(module=True, bn=0, w=0, s=0)
 OLD = dict(ksplit=4, codes=2, spf=1)  # the module's int8 knobs (DECODE_KNOBS) as a variant
 NEW = dict(ksplit=4, codes=3, spf=1, vmode=2, vasm=1)  # V as code pairs, both conversions in PTX
+# the module's kernel with the candidate int8 knobs (what would be committed)
+MOD8 = dict(MODULE, knobs={"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1})
+MOD8T = dict(MODULE, knobs={**MOD8["knobs"], "TAIL": 1})
+MOD8W = dict(MODULE, knobs={**MOD8["knobs"], "TAIL": 2})
 # t: programs per layer (splits x KV heads); registers / shared memory allow 2 programs of 4 warps per
 # SM at BLOCK_N 32 with 3 stages (83 KB), 3 at <= 168 registers and <= 75 KB
 VARIANTS = {
-    "int8": [MODULE, V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1),
+    "int8": [MODULE, MOD8, MOD8T, MOD8W, dict(MOD8, knobs={**MOD8["knobs"], "KSPLIT": 1}, cfg=(32, 4, 2), t=396),
+             dict(MOD8, knobs={**MOD8["knobs"], "KSPLIT": 1}, cfg=(16, 4, 4), t=396),
+             V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1),
              V_(32, 4, 3, ksplit=4, codes=2, spf=1, vmode=2), V_(32, 4, 3, ksplit=4, codes=2, spf=1, vmode=2, vasm=1),
              V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1), V_(32, 4, 3, **NEW, tail=1),
              V_(32, 4, 3, **{**NEW, "ksplit": 1}), V_(32, 4, 3, **{**NEW, "ksplit": 2}),
              V_(32, 4, 3, **{**NEW, "spf": 0}), V_(32, 4, 3, **NEW, t=132), V_(32, 4, 3, **NEW, t=528),
              V_(32, 8, 3, **NEW), V_(64, 4, 2, **NEW), V_(16, 4, 4, **NEW),
              V_(32, 4, 2, **{**NEW, "ksplit": 1}, t=396), V_(16, 4, 4, **{**NEW, "ksplit": 1}, t=396)],
-    "int4": [MODULE, V_(32, 4, 3, vmode=1, vsplit=2, spf=1)],
-    "bf16": [MODULE, V_(32, 4, 2, ksplit=2), V_(32, 4, 2, ksplit=2, tail=1)],
+    "int4": [MODULE, dict(MODULE, knobs={"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 1}),
+             dict(MODULE, knobs={"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2})],
+    "bf16": [MODULE, dict(MODULE, knobs={"KSPLIT": 2, "TAIL": 1})],
 }
-SLIDING_VARIANTS = [MODULE, V_(32, 4, 2), V_(32, 4, 2, tail=1)]
+SLIDING_VARIANTS = [MODULE, dict(MODULE, knobs={"TAIL": 1})]
 
 
 def caches(layer, kvs):

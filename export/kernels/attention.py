@@ -180,7 +180,8 @@ def _cfg(bm, bn, warps, stages):
 # flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
-KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0}
+KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
+                 "TAIL": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
@@ -188,7 +189,11 @@ def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config
     already in c win)."""
     knobs = {**KNOB_DEFAULTS, **DECODE_KNOBS.get((head_dim, kv_format), {}), **c.kwargs}
     if kv_format != 1:
-        knobs["KBIAS"] = 0  # int8 codes only
+        knobs["KBIAS"] = knobs["VPAIRS"] = knobs["PTX"] = 0  # int8 codes only
+    if knobs["VPAIRS"]:
+        knobs["VWORDS"], knobs["VSPLIT"] = 0, 1
+    if kv_format == 0 and knobs["TAIL"] == 2:
+        knobs["TAIL"] = 1  # a float cache's unwritten slots may hold NaN
     if kv_format == 2:
         knobs["KSPLIT"] = 1  # int4 K: the nibble planes
     if kv_format == 0:
@@ -286,12 +291,59 @@ def _words(w, KV_FMT: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.constexpr, FP32: tl.constexpr):
+def _biased_ptx(x):
+    """int8 codes -> fp16 1152 + c in PTX, four codes (one 32-bit register) at a time: the bytes
+    with the sign bit flipped are c + 128, and a byte permute puts 0x64 above each (fp16 bits
+    0x6400 + c + 128). Three instructions per four codes; Triton moves the elementwise op past
+    the shared-memory load, so it runs on the dot operand's registers."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, h; xor.b32 t, $2, 0x80808080; mov.b32 h, 0x64646464;"
+        " prmt.b32 $0, t, h, 0x4140; prmt.b32 $1, t, h, 0x4342; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _pairs(w, dtype: tl.constexpr, PTX: tl.constexpr):
+    """[N, C] int16 words of two int8 codes (column 2j low byte, 2j + 1 high) -> their (low,
+    high) values as [N, C] dot operands. PTX (fp16): on 32-bit registers of two words, flip the
+    sign bits, byte-permute 0x64 above the wanted bytes, one packed subtract of 1152 (the
+    compiler's 16-bit shifts unpack and repack every register)."""
+    if PTX and dtype == tl.float16:
+        lo = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, h, c; xor.b32 t, $1, 0x80808080; mov.b32 h, 0x64646464; mov.b32 c, 0x64806480;"
+            " prmt.b32 t, t, h, 0x4240; sub.rn.f16x2 $0, t, c; }",
+            "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, h, c; xor.b32 t, $1, 0x80808080; mov.b32 h, 0x64646464; mov.b32 c, 0x64806480;"
+            " prmt.b32 t, t, h, 0x4341; sub.rn.f16x2 $0, t, c; }",
+            "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        return lo, hi
+    lo = (w << 8) >> 8
+    hi = w >> 8
+    if dtype == tl.float16:
+        return ((lo + 0x6480).to(tl.float16, bitcast=True) - 1152.0,
+                (hi + 0x6480).to(tl.float16, bitcast=True) - 1152.0)
+    return lo.to(dtype), hi.to(dtype)
+
+
+@triton.jit
+def _tile(ptrs, kmask, MASK: tl.constexpr, other):
+    """A [N, C] cache tile; rows past the share masked (MASK) or, for a whole block, not."""
+    if MASK:
+        return tl.load(ptrs, mask=kmask[:, None], other=other)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.constexpr, FP32: tl.constexpr,
+        MASK: tl.constexpr, PTX: tl.constexpr):
     """q . K[slots, c0 : c0 + DK] (float / int8). KBIAS: int8 codes as c + 1152 (exact in fp16,
-    no subtraction per element; the caller takes 1152 * sum(q) off each score)."""
+    no subtraction per element; the caller takes 1152 * sum(q) off each score), in PTX with PTX."""
     d = c0 + tl.arange(0, DK)
-    kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0)
-    if KBIAS:
+    kt = _tile(K + kvh * skh + slot[:, None] * sks + d[None, :], kmask, MASK, 0)
+    if KBIAS and PTX:
+        kt = _biased_ptx(kt)
+    elif KBIAS:
         kt = (kt.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
     else:
         kt = _codes(kt, q.dtype)
@@ -302,18 +354,18 @@ def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.conste
 
 @triton.jit
 def _pv(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.constexpr, VWORDS: tl.constexpr,
-        FP32: tl.constexpr):
+        FP32: tl.constexpr, MASK: tl.constexpr):
     """p @ V[slots, c0 : c0 + DP] (float / int8 as loaded; VWORDS: int8 / int4 from 32-bit words)."""
     if VWORDS:
         PER: tl.constexpr = 4 if KV_FMT == 1 else 8  # values per word
         W = V.to(tl.pointer_type(tl.int32))
         wc = c0 // PER + tl.arange(0, DP // PER)
-        w = tl.load(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], mask=kmask[:, None],
-                    other=0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
+        w = _tile(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], kmask, MASK,
+                  0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
         vt = _words(w, KV_FMT, p.dtype)
     else:
         d = c0 + tl.arange(0, DP)
-        vt = _codes(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), p.dtype)
+        vt = _codes(_tile(V + kvh * svh + slot[:, None] * svs + d[None, :], kmask, MASK, 0), p.dtype)
     if FP32:
         return tl.dot(p, vt, input_precision="ieee")
     return tl.dot(p, vt)
@@ -323,13 +375,17 @@ def _pv(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.const
 def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
            skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
            BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
-           KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+           KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
+           MASK: tl.constexpr, TMASK: tl.constexpr):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
     float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
-    output columns (acc2 the second half when VSPLIT = 2). int4: q0 / q1 hold q's even / odd
-    columns (K's low / high nibbles); without VWORDS acc / acc2 hold the even / odd output
-    columns (V's nibbles, no interleave), with it acc all of them. SCALES_AHEAD: ks_c / vs_c are
-    this block's scales, loaded during the previous block; the next block's are requested here."""
+    output columns (acc2 the second half when VSPLIT = 2; acc / acc2 the even / odd ones when
+    VPAIRS). int4: q0 / q1 hold q's even / odd columns (K's low / high nibbles); without VWORDS
+    acc / acc2 hold the even / odd output columns (V's nibbles, no interleave), with it acc all of
+    them. SCALES_AHEAD: ks_c / vs_c are this block's scales, loaded during the previous block; the
+    next block's are requested here. MASK 0: a whole block of one query's (T = 1) share, every
+    position visible, no masks. TMASK 0: the K / V tiles read whole (slots past the share hold
+    finite codes of a quantized cache, and their scores are masked, their scales read as 0)."""
     kp = k0 + tl.arange(0, BLOCK_N)
     kmask = kp < end
     slot = k0 % S + tl.arange(0, BLOCK_N)  # one modulo a block: the valid positions span <= S slots
@@ -344,7 +400,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         vs_n = tl.load(VS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
     if KV_FMT == 2:
         dh = tl.arange(0, D // 2)
-        kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
+        kb = _tile(K + kvh * skh + slot[:, None] * sks + dh[None, :], kmask, TMASK, 136)
         ka = _nibble(kb & 15, q0.dtype)
         kz = _nibble(kb >> 4, q0.dtype)
         if FP32:
@@ -353,26 +409,30 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
             s = tl.dot(q0, tl.trans(ka)) + tl.dot(q1, tl.trans(kz))
     else:
         DK: tl.constexpr = D // KSPLIT
-        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, KBIAS, FP32)
+        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, KBIAS, FP32, TMASK, PTX)
         if KSPLIT >= 2:
-            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, KBIAS, FP32)
+            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, KBIAS, FP32, TMASK, PTX)
         if KSPLIT >= 4:
-            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, KBIAS, FP32)
-            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, KBIAS, FP32)
+            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, KBIAS, FP32, TMASK, PTX)
+            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, KBIAS, FP32, TMASK, PTX)
         if KBIAS:
             s = s - qbias[:, None]
     if KV_FMT != 0:
         if SCALES_AHEAD:
             ks = ks_c
             vs = vs_c
-        else:
+        elif MASK:
             ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
             vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        else:
+            ks = tl.load(KS + kvh * ssh + slot).to(tl.float32)
+            vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
         s = s * ks[None, :]
-    valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
-    if WINDOW > 0:
-        valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
-    s = tl.where(valid, s, float("-inf"))
+    if MASK:
+        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
+        if WINDOW > 0:
+            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
+        s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
@@ -381,7 +441,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         p = p * vs[None, :]
     p = p.to(q0.dtype)
     if KV_FMT == 2 and not VWORDS:
-        vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
+        vb = _tile(V + kvh * svh + slot[:, None] * svs + dh[None, :], kmask, TMASK, 136)
         va = _nibble(vb & 15, q0.dtype)
         vz = _nibble(vb >> 4, q0.dtype)
         if FP32:
@@ -390,11 +450,22 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         else:
             acc = acc * alpha[:, None] + tl.dot(p, va)
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
+    elif VPAIRS:  # int8 V as 16-bit words of code pairs: the dot operand loads are ldmatrix.trans
+        W = V.to(tl.pointer_type(tl.int16))
+        dw = tl.arange(0, D // 2)
+        ve, vo = _pairs(_tile(W + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dw[None, :], kmask, TMASK, 0),
+                        q0.dtype, PTX)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, ve, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, ve)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo)
     else:
         DV: tl.constexpr = D // VSPLIT
-        acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32)
+        acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32, TMASK)
         if VSPLIT == 2:
-            acc2 = acc2 * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VWORDS, FP32)
+            acc2 = acc2 * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VWORDS, FP32, TMASK)
     return m_new, l_i, acc, acc2, ks_n, vs_n
 
 
@@ -404,7 +475,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
-               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
+               TAIL: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -426,7 +498,9 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
 
     dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
-    PLANES: tl.constexpr = KV_FMT == 2 and not VWORDS  # int4 V as nibble planes: acc / acc2 even / odd columns
+    # int4 V as nibble planes, int8 V as code pairs: acc / acc2 hold the even / odd output columns
+    PLANES: tl.constexpr = (KV_FMT == 2 and not VWORDS) or (KV_FMT == 1 and VPAIRS)
+    ASM: tl.constexpr = PTX and not INTERPRET and not FP32  # inline PTX: compiled fp16 dots only
     if KV_FMT == 2:  # K's nibble planes: q's even / odd columns
         ca = 2 * tl.arange(0, D // 2)
         q0 = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
@@ -472,20 +546,32 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         vs_c = tl.load(VS + kvh * ssh + slot0, mask=mask0, other=0.0).to(tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    # TAIL 1 (T = 1: every position of the share is visible): the whole blocks unmasked, then the
+    # partial last one, if any, masked. TAIL 2 (quantized): every block's tiles read whole, the
+    # scores masked
+    loop_end = end
+    if TAIL == 1:
+        loop_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
         k0 = start
-        while k0 < end:
+        while k0 < loop_end:
             m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD)
+                                                     SCALES_AHEAD, VPAIRS, ASM, TAIL != 1, TAIL == 0)
             k0 += BLOCK_N
     else:
-        for k0 in range(start, end, BLOCK_N):
+        for k0 in range(start, loop_end, BLOCK_N):
             m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD)
+                                                     SCALES_AHEAD, VPAIRS, ASM, TAIL != 1, TAIL == 0)
+    if TAIL == 1:
+        if loop_end < end:
+            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, loop_end,
+                                                     end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
+                                                     D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
+                                                     SCALES_AHEAD, VPAIRS, ASM, True, True)
 
     # output columns of acc / acc2: even / odd (int4 planes), first / second half (VSPLIT 2), or all
     if PLANES:
