@@ -424,8 +424,9 @@ def launch_module(q, k, v, ks, vs, pos, window, var, target):
 
 def name_of(var):
     if var.get("module"):
-        short = dict(KSPLIT="k", KBIAS="b", VWORDS="w", VSPLIT="x", VPAIRS="v", PTX="a", TAIL="t", SCALES_AHEAD="p")
-        knobs = "".join(f"{short[k]}{v}" for k, v in sorted(var.get("knobs", {}).items()))
+        short = dict(KSPLIT="k", KBIAS="b", VWORDS="w", VSPLIT="x", VPAIRS="v", PTX="a", TAIL="t", SCALES_AHEAD="p",
+                     NIBWORDS="q")
+        knobs = "".join(f"{short.get(k, k.lower())}{v}" for k, v in sorted(var.get("knobs", {}).items()))
         cfg = "n{}w{}s{}".format(*var["cfg"]) if "cfg" in var else ""
         return "module" + (f"-{cfg}{knobs}" if knobs or cfg else "")
     return (f"n{var['bn']}w{var['w']}s{var['s']}k{var.get('ksplit', 1)}v{var.get('vmode', 0)}"
@@ -440,27 +441,30 @@ def V_(bn, w, s, **k):
 MODULE = dict(module=True, bn=0, w=0, s=0)
 OLD = dict(ksplit=4, codes=2, spf=1)  # the module's int8 knobs (DECODE_KNOBS) as a variant
 NEW = dict(ksplit=4, codes=3, spf=1, vmode=2, vasm=1)  # V as code pairs, both conversions in PTX
-# the module's kernel with the candidate int8 knobs (what would be committed)
-MOD8 = dict(MODULE, knobs={"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1})
-MOD8T = dict(MODULE, knobs={**MOD8["knobs"], "TAIL": 1})
-MOD8W = dict(MODULE, knobs={**MOD8["knobs"], "TAIL": 2})
+# the module's kernel with the candidate knobs (what would be committed)
+K8 = {"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1}
+K4 = {"NIBWORDS": 1, "KBIAS": 1, "PTX": 1, "SCALES_AHEAD": 1}
+
+
+def M_(knobs, cfg=None, t=264):
+    return dict(MODULE, knobs=knobs, t=t, **({"cfg": cfg} if cfg else {}))
+
+
+T2 = {**K8, "TAIL": 2}
 # t: programs per layer (splits x KV heads); registers / shared memory allow 2 programs of 4 warps per
 # SM at BLOCK_N 32 with 3 stages (83 KB), 3 at <= 168 registers and <= 75 KB
 VARIANTS = {
-    "int8": [MODULE, MOD8, MOD8T, MOD8W, dict(MOD8, knobs={**MOD8["knobs"], "KSPLIT": 1}, cfg=(32, 4, 2), t=396),
-             dict(MOD8, knobs={**MOD8["knobs"], "KSPLIT": 1}, cfg=(16, 4, 4), t=396),
-             V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1),
-             V_(32, 4, 3, ksplit=4, codes=2, spf=1, vmode=2), V_(32, 4, 3, ksplit=4, codes=2, spf=1, vmode=2, vasm=1),
-             V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1), V_(32, 4, 3, **NEW, tail=1),
-             V_(32, 4, 3, **{**NEW, "ksplit": 1}), V_(32, 4, 3, **{**NEW, "ksplit": 2}),
-             V_(32, 4, 3, **{**NEW, "spf": 0}), V_(32, 4, 3, **NEW, t=132), V_(32, 4, 3, **NEW, t=528),
-             V_(32, 8, 3, **NEW), V_(64, 4, 2, **NEW), V_(16, 4, 4, **NEW),
-             V_(32, 4, 2, **{**NEW, "ksplit": 1}, t=396), V_(16, 4, 4, **{**NEW, "ksplit": 1}, t=396)],
-    "int4": [MODULE, dict(MODULE, knobs={"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 1}),
-             dict(MODULE, knobs={"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2})],
-    "bf16": [MODULE, dict(MODULE, knobs={"KSPLIT": 2, "TAIL": 1})],
+    "int8": [MODULE, M_(K8), M_({**K8, "TAIL": 1}), M_(T2), M_({**T2, "KSPLIT": 2}), M_({**T2, "KSPLIT": 1}),
+             M_({**T2, "KSPLIT": 1}, (32, 4, 2), 396), M_({**T2, "KSPLIT": 1}, (16, 4, 4), 396), M_(T2, (16, 4, 4)),
+             M_(T2, (64, 4, 2)), M_(T2, t=132), M_(T2, t=528), M_(T2, (32, 8, 3)), M_({**T2, "PTX": 0}),
+             V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1), V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1),
+             V_(32, 4, 3, **NEW, tail=1), M_(T2)],
+    "int4": [MODULE, M_({"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2}), M_(K4), M_({**K4, "TAIL": 2}),
+             M_({**K4, "TAIL": 2}, (32, 4, 2), 396), M_({**K4, "TAIL": 2}, (32, 4, 4)),
+             M_({**K4, "TAIL": 2}, (64, 4, 2)), M_({**K4, "TAIL": 2}, (16, 4, 4), 396)],
+    "bf16": [MODULE, M_({"KSPLIT": 2, "TAIL": 1})],
 }
-SLIDING_VARIANTS = [MODULE, dict(MODULE, knobs={"TAIL": 1})]
+SLIDING_VARIANTS = [MODULE, M_({"TAIL": 1}, t=528)]
 
 
 def caches(layer, kvs):

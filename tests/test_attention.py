@@ -205,7 +205,9 @@ cm = A.use_configs(A.smallest); cm.__enter__()
 A.TARGET_PROGRAMS = 4  # two shares per KV head: each program walks several blocks
 gen = torch.Generator().manual_seed(3)
 KNOBS = [dict(KSPLIT=2, SCALES_AHEAD=1), dict(VWORDS=1, VSPLIT=2, KBIAS=1),
-         dict(KSPLIT=4, VWORDS=1, KBIAS=1, SCALES_AHEAD=1)]
+         dict(KSPLIT=4, VWORDS=1, KBIAS=1, SCALES_AHEAD=1),
+         dict(KSPLIT=4, KBIAS=1, SCALES_AHEAD=1, VPAIRS=1, NIBWORDS=1, PTX=1, TAIL=1),
+         dict(VPAIRS=1, NIBWORDS=1, KBIAS=1, TAIL=2)]
 worst = {}
 # a flat cache and a wrapped ring; fp32 q (exact dots) and bf16 q (fp16 dots, integer codes by their bits)
 for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70)]:

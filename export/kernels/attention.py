@@ -181,16 +181,22 @@ def _cfg(bm, bn, warps, stages):
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
-                 "TAIL": 0}
+                 "TAIL": 0, "NIBWORDS": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
     """c with the decode kernel's code knobs for this head dim / KV format (DECODE_KNOBS; those
     already in c win)."""
     knobs = {**KNOB_DEFAULTS, **DECODE_KNOBS.get((head_dim, kv_format), {}), **c.kwargs}
+    if kv_format != 2:
+        knobs["NIBWORDS"] = 0  # int4 codes only
     if kv_format != 1:
-        knobs["KBIAS"] = knobs["VPAIRS"] = knobs["PTX"] = 0  # int8 codes only
-    if knobs["VPAIRS"]:
+        knobs["VPAIRS"] = 0  # int8 codes only
+    if kv_format == 0:
+        knobs["KBIAS"] = knobs["PTX"] = 0
+    if kv_format == 2 and not knobs["NIBWORDS"]:
+        knobs["KBIAS"] = 0  # int4 bytes: nibble planes unbiased
+    if knobs["VPAIRS"] or knobs["NIBWORDS"]:
         knobs["VWORDS"], knobs["VSPLIT"] = 0, 1
     if kv_format == 0 and knobs["TAIL"] == 2:
         knobs["TAIL"] = 1  # a float cache's unwritten slots may hold NaN
@@ -327,6 +333,29 @@ def _pairs(w, dtype: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
+def _plane(w, R: tl.constexpr, BIASED: tl.constexpr, dtype: tl.constexpr, PTX: tl.constexpr):
+    """[N, C] int16 words of four int4 codes (nibble r = column 4c + r, each the value + 8) ->
+    nibble R's values as an [N, C] dot operand; BIASED: fp16 1024 + code = value + 1032 (the
+    caller takes 1032 * sum(q) off). PTX (fp16): on 32-bit registers of two words, a shift and
+    one LOP3 per two values (and a packed subtract unless BIASED)."""
+    if PTX and dtype == tl.float16:
+        if BIASED:
+            return tl.inline_asm_elementwise(
+                f"{{ .reg .b32 t; shr.b32 t, $1, {4 * R}; and.b32 t, t, 0x000F000F; or.b32 $0, t, 0x64006400; }}",
+                "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t, c; shr.b32 t, $1, {4 * R}; and.b32 t, t, 0x000F000F; or.b32 t, t, 0x64006400;"
+            " mov.b32 c, 0x64086408; sub.rn.f16x2 $0, t, c; }",
+            "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    n = (w >> (4 * R)) & 15
+    if dtype == tl.float16:
+        if BIASED:
+            return (n | 0x6400).to(tl.float16, bitcast=True)
+        return _nibble(n, dtype)
+    return (n.to(tl.int32) - 8).to(dtype)
+
+
+@triton.jit
 def _tile(ptrs, kmask, MASK: tl.constexpr, other):
     """A [N, C] cache tile; rows past the share masked (MASK) or, for a whole block, not."""
     if MASK:
@@ -372,15 +401,16 @@ def _pv(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.const
 
 
 @triton.jit
-def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
-           skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
+def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS, VS,
+           S, WINDOW, skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
            BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
            KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-           MASK: tl.constexpr, TMASK: tl.constexpr):
+           NIBWORDS: tl.constexpr, MASK: tl.constexpr, TMASK: tl.constexpr):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
     float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
     output columns (acc2 the second half when VSPLIT = 2; acc / acc2 the even / odd ones when
-    VPAIRS). int4: q0 / q1 hold q's even / odd columns (K's low / high nibbles); without VWORDS
+    VPAIRS). int4 with NIBWORDS: K and V as 16-bit words of four codes, q0..q3 and acc..acc4 the
+    columns 4c + r of nibble r. Otherwise int4: q0 / q1 hold q's even / odd columns (K's low / high nibbles); without VWORDS
     acc / acc2 hold the even / odd output columns (V's nibbles, no interleave), with it acc all of
     them. SCALES_AHEAD: ks_c / vs_c are this block's scales, loaded during the previous block; the
     next block's are requested here. MASK 0: a whole block of one query's (T = 1) share, every
@@ -398,7 +428,23 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         nmask = kp + BLOCK_N < end
         ks_n = tl.load(KS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
         vs_n = tl.load(VS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
-    if KV_FMT == 2:
+    if KV_FMT == 2 and NIBWORDS:
+        KW = K.to(tl.pointer_type(tl.int16))
+        dq = tl.arange(0, D // 4)
+        kw = _tile(KW + kvh * (skh // 2) + slot[:, None] * (sks // 2) + dq[None, :], kmask, TMASK, -30584)
+        if FP32:
+            s = tl.dot(q0, tl.trans(_plane(kw, 0, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+            s += tl.dot(q1, tl.trans(_plane(kw, 1, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+            s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+            s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+        else:
+            s = tl.dot(q0, tl.trans(_plane(kw, 0, KBIAS, q0.dtype, PTX)))
+            s += tl.dot(q1, tl.trans(_plane(kw, 1, KBIAS, q0.dtype, PTX)))
+            s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX)))
+            s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX)))
+        if KBIAS:
+            s = s - qbias[:, None]
+    elif KV_FMT == 2:
         dh = tl.arange(0, D // 2)
         kb = _tile(K + kvh * skh + slot[:, None] * sks + dh[None, :], kmask, TMASK, 136)
         ka = _nibble(kb & 15, q0.dtype)
@@ -440,7 +486,21 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
     if KV_FMT != 0:
         p = p * vs[None, :]
     p = p.to(q0.dtype)
-    if KV_FMT == 2 and not VWORDS:
+    if KV_FMT == 2 and NIBWORDS:  # the dot operand loads are ldmatrix.trans of the 16-bit words
+        VW = V.to(tl.pointer_type(tl.int16))
+        dq = tl.arange(0, D // 4)
+        vw = _tile(VW + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dq[None, :], kmask, TMASK, -30584)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, q0.dtype, PTX), input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, q0.dtype, PTX), input_precision="ieee")
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, q0.dtype, PTX), input_precision="ieee")
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, q0.dtype, PTX), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, q0.dtype, PTX))
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, q0.dtype, PTX))
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, q0.dtype, PTX))
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, q0.dtype, PTX))
+    elif KV_FMT == 2 and not VWORDS:
         vb = _tile(V + kvh * svh + slot[:, None] * svs + dh[None, :], kmask, TMASK, 136)
         va = _nibble(vb & 15, q0.dtype)
         vz = _nibble(vb >> 4, q0.dtype)
@@ -466,7 +526,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32, TMASK)
         if VSPLIT == 2:
             acc2 = acc2 * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VWORDS, FP32, TMASK)
-    return m_new, l_i, acc, acc2, ks_n, vs_n
+    return m_new, l_i, acc, acc2, acc3, acc4, ks_n, vs_n
 
 
 @triton.jit
@@ -476,7 +536,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-               TAIL: tl.constexpr):
+               TAIL: tl.constexpr, NIBWORDS: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -499,9 +559,16 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
     # int4 V as nibble planes, int8 V as code pairs: acc / acc2 hold the even / odd output columns
-    PLANES: tl.constexpr = (KV_FMT == 2 and not VWORDS) or (KV_FMT == 1 and VPAIRS)
+    PLANES: tl.constexpr = (KV_FMT == 2 and not VWORDS and not NIBWORDS) or (KV_FMT == 1 and VPAIRS)
     ASM: tl.constexpr = PTX and not INTERPRET and not FP32  # inline PTX: compiled fp16 dots only
-    if KV_FMT == 2:  # K's nibble planes: q's even / odd columns
+    QUADS: tl.constexpr = KV_FMT == 2 and NIBWORDS  # int4 as 16-bit words: four column planes 4c + r
+    if QUADS:
+        c4 = 4 * tl.arange(0, D // 4)
+        q0 = tl.load(qrow + c4[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        q1 = tl.load(qrow + c4[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
+        q2 = tl.load(qrow + c4[None, :] + 2, mask=row_ok[:, None], other=0.0).to(dtype)
+        q3 = tl.load(qrow + c4[None, :] + 3, mask=row_ok[:, None], other=0.0).to(dtype)
+    elif KV_FMT == 2:  # K's nibble planes: q's even / odd columns
         ca = 2 * tl.arange(0, D // 2)
         q0 = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
         q1 = tl.load(qrow + ca[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
@@ -519,7 +586,14 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         if KSPLIT >= 4:
             q2 = tl.load(qrow + 2 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
             q3 = tl.load(qrow + 3 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
-    if PLANES:
+    acc3 = tl.zeros([BLOCK_M, 1], tl.float32)
+    acc4 = tl.zeros([BLOCK_M, 1], tl.float32)
+    if QUADS:
+        acc = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc4 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+    elif PLANES:
         acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
         acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
     elif VSPLIT == 2:
@@ -530,7 +604,10 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
     KB: tl.constexpr = KBIAS and not FP32  # fp32 dots take the codes as they are
     qbias = tl.zeros([BLOCK_M], tl.float32)
-    if KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
+    if KB and QUADS:  # int4 K codes as value + 1032: the scores carry 1032 * sum(q)
+        qbias = 1032.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+                          + tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
+    elif KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
         qbias = 1152.0 * tl.sum(q0.to(tl.float32), 1)
         if KSPLIT >= 2:
             qbias += 1152.0 * tl.sum(q1.to(tl.float32), 1)
@@ -555,26 +632,30 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
         k0 = start
         while k0 < loop_end:
-            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
+            m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD, VPAIRS, ASM, TAIL != 1, TAIL == 0)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0)
             k0 += BLOCK_N
     else:
         for k0 in range(start, loop_end, BLOCK_N):
-            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
+            m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD, VPAIRS, ASM, TAIL != 1, TAIL == 0)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0)
     if TAIL == 1:
         if loop_end < end:
-            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, loop_end,
+            m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, loop_end,
                                                      end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
                                                      D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD, VPAIRS, ASM, True, True)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True)
 
-    # output columns of acc / acc2: even / odd (int4 planes), first / second half (VSPLIT 2), or all
-    if PLANES:
+    # output columns of acc / acc2: even / odd (int4 planes, int8 pairs), first / second half (VSPLIT 2),
+    # or all; acc..acc4 the columns 4c + r (int4 words)
+    if QUADS:
+        ca = 4 * tl.arange(0, D // 4)
+        cb = ca + 1
+    elif PLANES:
         ca = 2 * tl.arange(0, D // 2)
         cb = ca + 1
     elif VSPLIT == 2:
@@ -583,7 +664,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     else:
         ca = tl.arange(0, D)
         cb = ca
-    TWO: tl.constexpr = PLANES or VSPLIT == 2
+    TWO: tl.constexpr = PLANES or VSPLIT == 2 or QUADS
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
         base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok
@@ -593,11 +674,17 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
         if TWO:
             tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
+        if QUADS:
+            tl.store(AP + base[:, None] * D + ca[None, :] + 2, acc3, mask=ok[:, None])
+            tl.store(AP + base[:, None] * D + ca[None, :] + 3, acc4, mask=ok[:, None])
     else:
         orow = O + t[:, None] * sot + head[:, None] * soh
         tl.store(orow + ca[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         if TWO:
             tl.store(orow + cb[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        if QUADS:
+            tl.store(orow + ca[None, :] + 2, (acc3 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(orow + ca[None, :] + 3, (acc4 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
