@@ -24,10 +24,14 @@ write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread ove
 head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
 instructions; per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
-(scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D, V read as
-32-bit words and split in registers (the 8-bit tile is the transposed operand of p @ v, which
-has no 8-bit ldmatrix: read as is it costs a shared load per byte), int8 K codes biased so
-the per-element subtraction becomes one per score, the scales a block ahead. Prefill (T > 1,
+(scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D; V, the
+transposed operand of p @ v (no 8-bit ldmatrix: an 8-bit tile read as is costs a shared load
+per byte), read as 32-bit words split in registers, or as 16-bit words (int8: two codes, int4:
+four) that ldmatrix.trans loads, each code of a word feeding the dot of its own output-column
+plane; the codes converted in inline PTX (a sign flip and byte permute, or shift and mask, per
+register of two words); K codes biased so the per-element subtraction becomes one per score;
+the scales a block ahead; the tiles of a quantized cache read whole and only the scores masked
+(T = 1: every position of a share is visible). Prefill (T > 1,
 dynamic in the traced graph) has a kernel of its own
 (_prefill_body): grid (NUM_SPLITS, cdiv(T*G, BLOCK_M), Hkv * DV), rows = (t, g) pairs of one KV
 head, each row block walking only the positions its rows can see (causal and window range),
@@ -59,7 +63,11 @@ TARGET_PROGRAMS = 264
 DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
 # decode (head_dim, KV format) -> code knobs of _attn_body (KNOB_DEFAULTS otherwise): KSPLIT q . k as
 # that many independent dot chains; VWORDS V from 32-bit words split in registers; VSPLIT V's
-# columns in parts; KBIAS int8 K codes biased by 1152; SCALES_AHEAD the scales a block ahead.
+# columns in parts; KBIAS K codes biased (int8 by 1152, int4 words by 1032); SCALES_AHEAD the scales
+# a block ahead; VPAIRS int8 V as 16-bit words of two codes (even / odd column planes); NIBWORDS
+# int4 K and V as 16-bit words of four codes (four column planes); PTX the int8 / int4 code
+# conversions in inline PTX; TAIL 1 the share's whole blocks unmasked and the last one masked,
+# 2 (quantized) every block's tiles read whole and only its scores masked.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json): int8 76 / 257
 # us before, 62 / 198 us with these (one modulo per block alone: 67 / 220; V from words, 8 warps,
 # BLOCK_N 64 or 16 were slower); int4 86 / 290 -> 81 / 282; bf16 76 / 256 -> 75 / 253
