@@ -48,7 +48,7 @@ from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
 
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
 SLIDING = ("31b-sliding", 16, 2, 256, 1151, 1024)
-FILLS = (1024, 32768, 131072)
+FILLS = (1024, 8192, 32768, 131072)
 DEV, DTYPE = "cuda", torch.bfloat16
 
 
@@ -398,15 +398,16 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
     p2 = triton.next_power_of_2(splits)
     block_d = min(D, A.COMBINE_BLOCK_D)
     A._combine[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
-                                  CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d)
+                                  CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=var.get("eager", 0))
     return out
 
 
 def launch_module(q, k, v, ks, vs, pos, window, var, target):
     """The module's kernel (A.launch) at `target` programs: as it stands, or with var's `knobs`
     (DECODE_KNOBS) and `cfg` (DECODE_CONFIG's (BLOCK_N, warps, stages)) for this head dim / format."""
-    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG)
+    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG), A.COMBINE_EAGER
     A.TARGET_PROGRAMS = target
+    A.COMBINE_EAGER = var.get("eager", 0)
     key = (q.shape[-1], A.kv_format(k, ks))
     if "knobs" in var:
         A.DECODE_KNOBS[key] = var["knobs"]
@@ -416,6 +417,7 @@ def launch_module(q, k, v, ks, vs, pos, window, var, target):
         return A.launch(q, k, v, ks, vs, pos, window, True)
     finally:
         A.TARGET_PROGRAMS = saved[0]
+        A.COMBINE_EAGER = saved[3]
         A.DECODE_KNOBS.clear()
         A.DECODE_KNOBS.update(saved[1])
         A.DECODE_CONFIG.clear()
@@ -428,10 +430,11 @@ def name_of(var):
                      NIBWORDS="q")
         knobs = "".join(f"{short.get(k, k.lower())}{v}" for k, v in sorted(var.get("knobs", {}).items()))
         cfg = "n{}w{}s{}".format(*var["cfg"]) if "cfg" in var else ""
-        return "module" + (f"-{cfg}{knobs}" if knobs or cfg else "")
+        return "module" + (f"-{cfg}{knobs}" if knobs or cfg else "") + ("-eager" if var.get("eager") else "")
     return (f"n{var['bn']}w{var['w']}s{var['s']}k{var.get('ksplit', 1)}v{var.get('vmode', 0)}"
             f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}p{var.get('spf', 0)}"
-            + (f"t{var['tail']}" if var.get("tail") else "") + ("a" if var.get("vasm") else "") + ("-split" if var.get("nocomb") else ""))
+            + (f"t{var['tail']}" if var.get("tail") else "") + ("a" if var.get("vasm") else "")
+            + ("-eager" if var.get("eager") else "") + ("-split" if var.get("nocomb") else ""))
 
 
 def V_(bn, w, s, **k):
@@ -458,11 +461,12 @@ VARIANTS = {
              M_({**T2, "KSPLIT": 1}, (32, 4, 2), 396), M_({**T2, "KSPLIT": 1}, (16, 4, 4), 396), M_(T2, (16, 4, 4)),
              M_(T2, (64, 4, 2)), M_(T2, t=132), M_(T2, t=528), M_(T2, (32, 8, 3)), M_({**T2, "PTX": 0}),
              V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1), V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1),
-             V_(32, 4, 3, **NEW, tail=1), M_(T2)],
+             V_(32, 4, 3, **NEW, tail=1), dict(M_(T2), eager=1), dict(M_({**T2, "KSPLIT": 2}), eager=1), M_(T2)],
     "int4": [MODULE, M_({"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2}), M_(K4), M_({**K4, "TAIL": 2}),
              M_({**K4, "TAIL": 2}, (32, 4, 2), 396), M_({**K4, "TAIL": 2}, (32, 4, 4)),
-             M_({**K4, "TAIL": 2}, (64, 4, 2)), M_({**K4, "TAIL": 2}, (16, 4, 4), 396)],
-    "bf16": [MODULE, M_({"KSPLIT": 2, "TAIL": 1})],
+             M_({**K4, "TAIL": 2}, (64, 4, 2)), M_({**K4, "TAIL": 2}, (16, 4, 4), 396),
+             dict(M_({**K4, "TAIL": 2}), eager=1)],
+    "bf16": [MODULE, M_({"KSPLIT": 2, "TAIL": 1}), dict(M_({"KSPLIT": 2, "TAIL": 1}), eager=1)],
 }
 SLIDING_VARIANTS = [MODULE, M_({"TAIL": 1}, t=528)]
 
@@ -560,7 +564,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     if args.smoke:
-        DEV, DTYPE, FILLS = "cpu", torch.float32, (5, 40, 97)
+        DEV, DTYPE, FILLS = "cpu", torch.float32, (5, 17, 40, 97)
         FULL, SLIDING = ("31b-full", 2, 8, 32, 128, 0), ("31b-sliding", 4, 2, 16, 15, 8)
     res = {"rows": [], "shared": {}, "smem_limit": A.SMEM_LIMIT}
 
@@ -591,7 +595,7 @@ def main(argv=None) -> int:
         _, Hkv, G, D, S, window = layer
         kvs = list(VARIANTS) if layer is FULL else ["bf16"]
         cs = caches(layer, kvs)
-        fills = FILLS if layer is FULL else ((FILLS[1],) if DEV == "cuda" else FILLS[:2])
+        fills = FILLS if layer is FULL else ((FILLS[-2],) if DEV == "cuda" else FILLS[:2])
         for kv in kvs:
             vlist = [(var, t) for (l, k_, var, t) in plan if l is layer and k_ == kv]
             for var, target in vlist:

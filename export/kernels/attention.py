@@ -75,6 +75,7 @@ DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2}, (512, 1): {"KSPLIT": 4, "KBIAS": 
                       (512, 2): {"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
 COMBINE_BLOCK_D = 128  # head-dim columns per combine program
+COMBINE_EAGER = 0  # _combine's EAGER
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
 # H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
 # head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
@@ -927,9 +928,11 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 
 @triton.jit
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
-             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
-    of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once."""
+    of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
+    every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
+    dropped by a select, not a load mask that waits for l), one memory round trip instead of two."""
     h = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     base = (h // G) * NUM_SPLITS * G + h % G
@@ -944,8 +947,12 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
         lc = tl.load(LP + base + sc * G, mask=sc < NUM_SPLITS, other=0.0)
         ok = lc > 0
         w = tl.where(ok, tl.exp(tl.load(MP + base + sc * G, mask=ok, other=0.0) - m_max), 0.0)
-        a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
+        if EAGER:
+            a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=(sc < NUM_SPLITS)[:, None], other=0.0)
+            acc += tl.sum(tl.where(ok[:, None], a * w[:, None], 0.0), 0)
+        else:
+            a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
     tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
 
 
@@ -995,7 +1002,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
-                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d)
+                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER)
     else:
         bm, bn, warps, stages, dv = prefill_config(D, fmt)
         splits = prefill_splits(T, G, Hkv, bm, dv)
