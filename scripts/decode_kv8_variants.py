@@ -455,17 +455,20 @@ def M_(knobs, cfg=None, t=264):
 
 T2 = {**K8, "TAIL": 2}
 # t: programs per layer (splits x KV heads); registers / shared memory allow 2 programs of 4 warps per
-# SM at BLOCK_N 32 with 3 stages (83 KB), 3 at <= 168 registers and <= 75 KB
+# SM at BLOCK_N 32 with 3 stages (83 KB), 3 at <= 168 registers and <= 75 KB (sm_90: int8 KSPLIT 1 at
+# BLOCK_N 32, 2 stages, 155 registers), 4 at <= 128 registers and <= 57 KB (KSPLIT 1, BLOCK_N 16, 3 stages)
 VARIANTS = {
     "int8": [MODULE, M_(K8), M_({**K8, "TAIL": 1}), M_(T2), M_({**T2, "KSPLIT": 2}), M_({**T2, "KSPLIT": 1}),
-             M_({**T2, "KSPLIT": 1}, (32, 4, 2), 396), M_({**T2, "KSPLIT": 1}, (16, 4, 4), 396), M_(T2, (16, 4, 4)),
+             M_({**T2, "KSPLIT": 1}, (32, 4, 2), 396), M_({**T2, "KSPLIT": 2}, (32, 4, 2), 396),
+             M_({**T2, "KSPLIT": 1}, (16, 4, 4), 396), M_({**T2, "KSPLIT": 1}, (16, 4, 3), 528),
+             M_({**T2, "KSPLIT": 1}, (16, 4, 3), 396), M_(T2, (16, 4, 4)),
              M_(T2, (64, 4, 2)), M_(T2, t=132), M_(T2, t=528), M_(T2, (32, 8, 3)), M_({**T2, "PTX": 0}),
              V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1), V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1),
              V_(32, 4, 3, **NEW, tail=1), dict(M_(T2), eager=1), dict(M_({**T2, "KSPLIT": 2}), eager=1), M_(T2)],
     "int4": [MODULE, M_({"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2}), M_(K4), M_({**K4, "TAIL": 2}),
              M_({**K4, "TAIL": 2}, (32, 4, 2), 396), M_({**K4, "TAIL": 2}, (32, 4, 4)),
              M_({**K4, "TAIL": 2}, (64, 4, 2)), M_({**K4, "TAIL": 2}, (16, 4, 4), 396),
-             dict(M_({**K4, "TAIL": 2}), eager=1)],
+             dict(M_({**K4, "TAIL": 2}), eager=1), M_({**K4, "TAIL": 2}, t=396)],
     "bf16": [MODULE, M_({"KSPLIT": 2, "TAIL": 1}), dict(M_({"KSPLIT": 2, "TAIL": 1}), eager=1)],
 }
 SLIDING_VARIANTS = [MODULE, M_({"TAIL": 1}, t=528)]
