@@ -13,15 +13,30 @@ knobs as constexprs):
            (join + reshape) and converted to fp16 in registers: the dot operand then comes
            from an fp16 tile through shared memory (16-byte stores, ldmatrix.trans)
   VSPLIT   V's columns in VSPLIT parts per block (smaller fp16 staging tile)
+  VMODE 2  int8 V read as 16-bit words of two codes: the dot operand loads are ldmatrix.trans
+           (no byte loads), and the low / high bytes of the words feed two dots whose outputs are
+           the even / odd columns
+  VASM     VMODE 2's byte split in inline PTX (sign flip, byte permute under 0x64, one packed
+           subtract per register of two words; the compiler's 16-bit shifts unpack and repack)
+  CODES 3  int8 K codes biased (CODES 2) through PTX: three instructions per four codes
+  TAIL     the share's whole blocks unmasked (T = 1: every position visible), the last one masked
   KSPLIT   q . k as KSPLIT independent dot chains over parts of D
   CHEAPMOD slot = (k0 % S + i) wrapped once, instead of a modulo per element
 
+The second round also times the module's own kernel (export/kernels/attention.py) with the
+knobs these became there (VPAIRS, PTX, TAIL, NIBWORDS for int4: K and V as 16-bit words of four
+codes in four column planes, and _combine's EAGER loads), at 3 or 4 programs per SM where the
+registers and shared memory allow, and the split kernel alone ("-split": the combine's share).
+Compiled for sm_90 the int8 loop per warp and 32-position block went 1499 -> 908 instructions,
+int4 1649 -> 857.
+
 Each variant is checked against the fp32 reference (fresh random q and cache, NaN-poisoned
-partials and output) and timed by CUDA-graph replay (median) at fills 1k, 32k and 128k on the
-31B full layer (Hkv 4, G 8, D 512), int8 / int4 / bf16, and the sliding layer (bf16) at 8k, as
+partials and output) and timed by CUDA-graph replay (median) at fills 1k, 8k, 32k and 128k on
+the 31B full layer (Hkv 4, G 8, D 512), int8 / int4 / bf16, and the sliding layer (bf16) at 32k, as
 fractions of the device-to-device copy bandwidth measured in the same run.
 
-Outcome (H200, scripts/measurements/decode_kv8_variants.json; 31B full layer, int8, fill 32k / 128k):
+Outcome of the first round (H200, scripts/measurements/decode_kv8_variants.json before this round;
+31B full layer, int8, fill 32k / 128k):
 the kernel as it was 76 / 257 us; one modulo per block 67 / 220; with q . k in four chains, biased
 K codes and the scales a block ahead 62 / 198 (0.54 / 0.67 of the copy bandwidth). V from words
 (fewer shared loads, but a conversion through shared memory), 8 warps, BLOCK_N 16 or 64, and more
