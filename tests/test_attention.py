@@ -431,3 +431,36 @@ def test_decode_kernels_compile_for_consumer_cards_within_shared_memory():
     lines = [line.split() for line in r.stdout.strip().splitlines()]
     assert len(lines) == 2 * len(A.DECODE_CONFIG), r.stdout
     assert all(int(shared) <= A.SMEM_LIMIT for *_, shared in lines), r.stdout
+
+
+@pytest.mark.cuda
+def test_ptx_code_conversions_are_exact():
+    """The decode kernel's inline-PTX conversions over every code: int8 pairs of a 16-bit word to
+    their fp16 values, int8 codes to fp16 1152 + c, and each int4 nibble of a 16-bit word (biased
+    1032 + value, and the value)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv(W, X, LO, HI, BX, P, PB, N: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        w = tl.load(W + i)
+        lo, hi = A._pairs(w, tl.float16, True)
+        tl.store(LO + i, lo)
+        tl.store(HI + i, hi)
+        tl.store(BX + i, A._biased_ptx(tl.load(X + i)))
+        for r in tl.static_range(4):
+            tl.store(P + r * N + i, A._plane(w, r, False, tl.float16, True))
+            tl.store(PB + r * N + i, A._plane(w, r, True, tl.float16, True))
+
+    n = 65536
+    w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).cuda()
+    x = torch.arange(n, dtype=torch.int32).remainder(256).sub(128).to(torch.int8).cuda()
+    lo, hi, bx = (torch.full((n,), float("nan"), dtype=torch.float16, device="cuda") for _ in range(3))
+    p, pb = (torch.full((4, n), float("nan"), dtype=torch.float16, device="cuda") for _ in range(2))
+    conv[(n // 1024,)](w, x, lo, hi, bx, p, pb, N=n, BLOCK=1024)
+    b = w.view(torch.uint8).view(n, 2).cpu()
+    assert lo.cpu().equal(b[:, 0].view(torch.int8).half()) and hi.cpu().equal(b[:, 1].view(torch.int8).half())
+    assert bx.cpu().equal(x.cpu().half() + 1152)
+    nib = torch.stack([(w.cpu().int() >> (4 * r)) & 15 for r in range(4)])
+    assert p.cpu().equal((nib - 8).half()) and pb.cpu().equal((nib + 1024).half())
