@@ -420,9 +420,10 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
 def launch_module(q, k, v, ks, vs, pos, window, var, target):
     """The module's kernel (A.launch) at `target` programs: as it stands, or with var's `knobs`
     (DECODE_KNOBS) and `cfg` (DECODE_CONFIG's (BLOCK_N, warps, stages)) for this head dim / format."""
-    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG), A.COMBINE_EAGER
+    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG), A.COMBINE_EAGER, A.COMBINE_BLOCK_D
     A.TARGET_PROGRAMS = target
     A.COMBINE_EAGER = var.get("eager", 0)
+    A.COMBINE_BLOCK_D = var.get("cbd", A.COMBINE_BLOCK_D)
     key = (q.shape[-1], A.kv_format(k, ks))
     if "knobs" in var:
         A.DECODE_KNOBS[key] = var["knobs"]
@@ -432,7 +433,7 @@ def launch_module(q, k, v, ks, vs, pos, window, var, target):
         return A.launch(q, k, v, ks, vs, pos, window, True)
     finally:
         A.TARGET_PROGRAMS = saved[0]
-        A.COMBINE_EAGER = saved[3]
+        A.COMBINE_EAGER, A.COMBINE_BLOCK_D = saved[3], saved[4]
         A.DECODE_KNOBS.clear()
         A.DECODE_KNOBS.update(saved[1])
         A.DECODE_CONFIG.clear()
@@ -445,7 +446,8 @@ def name_of(var):
                      NIBWORDS="q")
         knobs = "".join(f"{short.get(k, k.lower())}{v}" for k, v in sorted(var.get("knobs", {}).items()))
         cfg = "n{}w{}s{}".format(*var["cfg"]) if "cfg" in var else ""
-        return "module" + (f"-{cfg}{knobs}" if knobs or cfg else "") + ("-eager" if var.get("eager") else "")
+        return ("module" + (f"-{cfg}{knobs}" if knobs or cfg else "") + ("-eager" if var.get("eager") else "")
+                + (f"-cbd{var['cbd']}" if var.get("cbd") else ""))
     return (f"n{var['bn']}w{var['w']}s{var['s']}k{var.get('ksplit', 1)}v{var.get('vmode', 0)}"
             f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}p{var.get('spf', 0)}"
             + (f"t{var['tail']}" if var.get("tail") else "") + ("a" if var.get("vasm") else "")
@@ -479,7 +481,8 @@ VARIANTS = {
              M_({**T2, "KSPLIT": 1}, (16, 4, 3), 396), M_(T2, (16, 4, 4)),
              M_(T2, (64, 4, 2)), M_(T2, t=132), M_(T2, t=528), M_(T2, (32, 8, 3)), M_({**T2, "PTX": 0}),
              V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1), V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1),
-             V_(32, 4, 3, **NEW, tail=1), dict(M_(T2), eager=1), dict(M_({**T2, "KSPLIT": 2}), eager=1), M_(T2)],
+             V_(32, 4, 3, **NEW, tail=1), dict(M_(T2), eager=1), dict(M_({**T2, "KSPLIT": 2}), eager=1),
+             dict(M_(T2), eager=1, cbd=64), dict(M_(T2), eager=1, cbd=256), M_(T2)],
     "int4": [MODULE, M_({"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2}), M_(K4), M_({**K4, "TAIL": 2}),
              M_({**K4, "TAIL": 2}, (32, 4, 2), 396), M_({**K4, "TAIL": 2}, (32, 4, 4)),
              M_({**K4, "TAIL": 2}, (64, 4, 2)), M_({**K4, "TAIL": 2}, (16, 4, 4), 396),
