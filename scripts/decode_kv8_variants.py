@@ -411,7 +411,7 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
     if var.get("nocomb"):  # timing the split kernel alone (the check runs the combine)
         return out
     p2 = triton.next_power_of_2(splits)
-    block_d = min(D, A.COMBINE_BLOCK_D)
+    block_d = min(D, var.get("cbd", 128))
     A._combine[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                   CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=var.get("eager", 0))
     return out
@@ -420,10 +420,10 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
 def launch_module(q, k, v, ks, vs, pos, window, var, target):
     """The module's kernel (A.launch) at `target` programs: as it stands, or with var's `knobs`
     (DECODE_KNOBS) and `cfg` (DECODE_CONFIG's (BLOCK_N, warps, stages)) for this head dim / format."""
-    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG), A.COMBINE_EAGER, A.COMBINE_BLOCK_D
+    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG), A.COMBINE_EAGER, A.DECODE_COMBINE_BLOCK_D
     A.TARGET_PROGRAMS = target
-    A.COMBINE_EAGER = var.get("eager", 0)
-    A.COMBINE_BLOCK_D = var.get("cbd", A.COMBINE_BLOCK_D)
+    A.COMBINE_EAGER = var.get("eager", A.COMBINE_EAGER)
+    A.DECODE_COMBINE_BLOCK_D = var.get("cbd", A.DECODE_COMBINE_BLOCK_D)
     key = (q.shape[-1], A.kv_format(k, ks))
     if "knobs" in var:
         A.DECODE_KNOBS[key] = var["knobs"]
@@ -433,7 +433,7 @@ def launch_module(q, k, v, ks, vs, pos, window, var, target):
         return A.launch(q, k, v, ks, vs, pos, window, True)
     finally:
         A.TARGET_PROGRAMS = saved[0]
-        A.COMBINE_EAGER, A.COMBINE_BLOCK_D = saved[3], saved[4]
+        A.COMBINE_EAGER, A.DECODE_COMBINE_BLOCK_D = saved[3], saved[4]
         A.DECODE_KNOBS.clear()
         A.DECODE_KNOBS.update(saved[1])
         A.DECODE_CONFIG.clear()

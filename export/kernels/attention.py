@@ -60,7 +60,7 @@ TARGET_PROGRAMS = 264
 # decode (head_dim, KV format) -> (BLOCK_N, num_warps, num_stages), measured best on an H200
 # (scripts/attention_variants.py, scripts/decode_kv8_variants.py and their JSON in
 # scripts/measurements/); each fits SMEM_LIMIT with its knobs
-DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
+DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2), (256, 0): (32, 4, 2)}
 # decode (head_dim, KV format) -> code knobs of _attn_body (KNOB_DEFAULTS otherwise): KSPLIT q . k as
 # that many independent dot chains; VWORDS V from 32-bit words split in registers; VSPLIT V's
 # columns in parts; KBIAS K codes biased (int8 by 1152, int4 words by 1032); SCALES_AHEAD the scales
@@ -68,14 +68,22 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3
 # int4 K and V as 16-bit words of four codes (four column planes); PTX the int8 / int4 code
 # conversions in inline PTX; TAIL 1 the share's whole blocks unmasked and the last one masked,
 # 2 (quantized) every block's tiles read whole and only its scores masked.
-# H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json): int8 76 / 257
-# us before, 62 / 198 us with these (one modulo per block alone: 67 / 220; V from words, 8 warps,
-# BLOCK_N 64 or 16 were slower); int4 86 / 290 -> 81 / 282; bf16 76 / 256 -> 75 / 253
-DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2}, (512, 1): {"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1},
-                      (512, 2): {"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1}}
+# H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
+# int8 76 / 257 us at first, 62 / 200 with four q . k chains, biased K and the scales ahead, 50 / 150
+# with V as code pairs and the conversions in PTX, one q . k chain, whole tiles (0.63 / 0.85 of the
+# copy bandwidth; four chains 50 / 156, 2 stages at 3 programs per SM 53 / 154, BLOCK_N 16 or 64,
+# 8 warps and 132 or 528 programs slower); int4 82 / 283 -> 47 / 135 (16-bit words of four codes,
+# BLOCK_N 64); bf16 76 / 254 (its whole blocks unmasked: no faster, the sliding layer slower)
+DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
+                      (512, 1): {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2},
+                      (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
-COMBINE_BLOCK_D = 128  # head-dim columns per combine program
-COMBINE_EAGER = 0  # _combine's EAGER
+COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
+# decode's combine (_combine): head-dim columns per program and its EAGER loads; the combine is ~5 us of
+# the 31B full layer's decode at every fill (the split kernel alone: int8 46 / 160 us at 32k / 128k);
+# 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
+DECODE_COMBINE_BLOCK_D = 64
+COMBINE_EAGER = 1
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
 # H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
 # head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
@@ -1000,7 +1008,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
                                           SPLIT=True, **common)
         p2 = triton.next_power_of_2(splits)
-        block_d = min(D, COMBINE_BLOCK_D)
+        block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER)
     else:
