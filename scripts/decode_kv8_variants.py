@@ -13,15 +13,30 @@ knobs as constexprs):
            (join + reshape) and converted to fp16 in registers: the dot operand then comes
            from an fp16 tile through shared memory (16-byte stores, ldmatrix.trans)
   VSPLIT   V's columns in VSPLIT parts per block (smaller fp16 staging tile)
+  VMODE 2  int8 V read as 16-bit words of two codes: the dot operand loads are ldmatrix.trans
+           (no byte loads), and the low / high bytes of the words feed two dots whose outputs are
+           the even / odd columns
+  VASM     VMODE 2's byte split in inline PTX (sign flip, byte permute under 0x64, one packed
+           subtract per register of two words; the compiler's 16-bit shifts unpack and repack)
+  CODES 3  int8 K codes biased (CODES 2) through PTX: three instructions per four codes
+  TAIL     the share's whole blocks unmasked (T = 1: every position visible), the last one masked
   KSPLIT   q . k as KSPLIT independent dot chains over parts of D
   CHEAPMOD slot = (k0 % S + i) wrapped once, instead of a modulo per element
 
+The second round also times the module's own kernel (export/kernels/attention.py) with the
+knobs these became there (VPAIRS, PTX, TAIL, NIBWORDS for int4: K and V as 16-bit words of four
+codes in four column planes, and _combine's EAGER loads), at 3 or 4 programs per SM where the
+registers and shared memory allow, and the split kernel alone ("-split": the combine's share).
+Compiled for sm_90 the int8 loop per warp and 32-position block went 1499 -> 908 instructions,
+int4 1649 -> 857.
+
 Each variant is checked against the fp32 reference (fresh random q and cache, NaN-poisoned
-partials and output) and timed by CUDA-graph replay (median) at fills 1k, 32k and 128k on the
-31B full layer (Hkv 4, G 8, D 512), int8 / int4 / bf16, and the sliding layer (bf16) at 8k, as
+partials and output) and timed by CUDA-graph replay (median) at fills 1k, 8k, 32k and 128k on
+the 31B full layer (Hkv 4, G 8, D 512), int8 / int4 / bf16, and the sliding layer (bf16) at 32k, as
 fractions of the device-to-device copy bandwidth measured in the same run.
 
-Outcome (H200, scripts/measurements/decode_kv8_variants.json; 31B full layer, int8, fill 32k / 128k):
+Outcome of the first round (H200, scripts/measurements/decode_kv8_variants.json before this round;
+31B full layer, int8, fill 32k / 128k):
 the kernel as it was 76 / 257 us; one modulo per block 67 / 220; with q . k in four chains, biased
 K codes and the scales a block ahead 62 / 198 (0.54 / 0.67 of the copy bandwidth). V from words
 (fewer shared loads, but a conversion through shared memory), 8 warps, BLOCK_N 16 or 64, and more
@@ -48,7 +63,7 @@ from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
 
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
 SLIDING = ("31b-sliding", 16, 2, 256, 1151, 1024)
-FILLS = (1024, 32768, 131072)
+FILLS = (1024, 8192, 32768, 131072)
 DEV, DTYPE = "cuda", torch.bfloat16
 
 
@@ -94,24 +109,25 @@ def _codes2(x, dtype: tl.constexpr, CODES: tl.constexpr):
         return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
     if CODES == 2 and x.dtype == tl.int8 and dtype == tl.float16:  # c + 1152, exact; the caller subtracts
         return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
+    if CODES == 3 and x.dtype == tl.int8 and dtype == tl.float16:  # the same through PTX
+        return _biased_asm(x)
     return A._codes(x, dtype)
 
 
 @triton.jit
 def _vdot(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.constexpr, VMODE: tl.constexpr,
-          FP32: tl.constexpr, dtype: tl.constexpr, CODES: tl.constexpr):
+          FP32: tl.constexpr, dtype: tl.constexpr, CODES: tl.constexpr, MASK: tl.constexpr):
     """p @ V[slots, c0 : c0 + DP]: VMODE 0 the int8 / float tile as loaded, 1 the 32-bit words
     split in registers (int8 / int4)."""
     if VMODE == 0:
         d = c0 + tl.arange(0, DP)
-        vt = _codes2(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), dtype,
-                    CODES)
+        vt = _codes2(_load(V + kvh * svh + slot[:, None] * svs + d[None, :], kmask, MASK, 0), dtype, CODES)
     else:
         PER: tl.constexpr = 4 if KV_FMT == 1 else 8  # values per 32-bit word
         W = V.to(tl.pointer_type(tl.int32))
         wc = c0 // PER + tl.arange(0, DP // PER)
-        w = tl.load(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], mask=kmask[:, None],
-                    other=0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
+        w = _load(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], kmask, MASK,
+                  0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
         vt = _words_to_tile(w, KV_FMT, dtype)
     if FP32:
         return tl.dot(p, vt, input_precision="ieee")
@@ -119,23 +135,71 @@ def _vdot(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.con
 
 
 @triton.jit
+def _pairs(w, dtype: tl.constexpr):
+    """[N, C] int16 words of int8 code pairs -> (low, high) byte values as [N, C] dot operands:
+    fp16 through the bits 0x6480 + c (= 1152 + c, exact), shifts on the 16-bit word."""
+    lo = (w << 8) >> 8
+    hi = w >> 8
+    if dtype == tl.float16:
+        return ((lo + 0x6480).to(tl.float16, bitcast=True) - 1152.0,
+                (hi + 0x6480).to(tl.float16, bitcast=True) - 1152.0)
+    return lo.to(dtype), hi.to(dtype)
+
+
+@triton.jit
+def _pairs_asm(w):
+    """As _pairs (fp16 operands), in PTX on 32-bit registers of two 16-bit words (pack 2): the
+    bytes flipped by 0x80 are c + 128, a byte permute puts 0x64 above each (fp16 1152 + c), one
+    packed subtract. One instruction each, no unpack / repack (the compiler's 16-bit shifts
+    split the registers)."""
+    lo = tl.inline_asm_elementwise(
+        "{ .reg .b32 t, h, c; xor.b32 t, $1, 0x80808080; mov.b32 h, 0x64646464; mov.b32 c, 0x64806480;"
+        " prmt.b32 t, t, h, 0x4240; sub.rn.f16x2 $0, t, c; }",
+        "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    hi = tl.inline_asm_elementwise(
+        "{ .reg .b32 t, h, c; xor.b32 t, $1, 0x80808080; mov.b32 h, 0x64646464; mov.b32 c, 0x64806480;"
+        " prmt.b32 t, t, h, 0x4341; sub.rn.f16x2 $0, t, c; }",
+        "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    return lo, hi
+
+
+@triton.jit
+def _biased_asm(x):
+    """int8 codes (pack 4) -> fp16 1152 + c (the caller takes 1152 * sum(q) off): flip the sign
+    bit, byte-permute 0x64 above each byte; three instructions per four codes."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, h; xor.b32 t, $2, 0x80808080; mov.b32 h, 0x64646464;"
+        " prmt.b32 $0, t, h, 0x4140; prmt.b32 $1, t, h, 0x4342; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _load(ptrs, kmask, MASK: tl.constexpr, other):
+    if MASK:
+        return tl.load(ptrs, mask=kmask[:, None], other=other)
+    return tl.load(ptrs)
+
+
+@triton.jit
 def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, dtype: tl.constexpr, FP32: tl.constexpr,
-        CODES: tl.constexpr):
+        CODES: tl.constexpr, MASK: tl.constexpr):
     d = c0 + tl.arange(0, DK)
-    kt = _codes2(tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0), dtype,
-                 CODES)
+    kt = _codes2(_load(K + kvh * skh + slot[:, None] * sks + d[None, :], kmask, MASK, 0), dtype, CODES)
     if FP32:
         return tl.dot(q, tl.trans(kt), input_precision="ieee")
     return tl.dot(q, tl.trans(kt))
 
 
 @triton.jit
-def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
+def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, kvh, K, V, KS, VS, S,
               skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr,
               KSPLIT: tl.constexpr, VMODE: tl.constexpr, VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr,
-              dtype: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr):
+              dtype: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr, MASK: tl.constexpr, VASM: tl.constexpr):
     """One K/V block into the online softmax. int4: q0 / q1 are q's even / odd columns (K's
-    nibble planes, as in the module kernel); else q0..q3 its KSPLIT parts."""
+    nibble planes, as in the module kernel); else q0..q3 its KSPLIT parts. Decode (T = 1): every
+    position of [start, end) is visible (the share starts past the window's edge and ends at pos),
+    so the only mask is `< end`, and MASK 0 (a whole block inside the share) drops it. VMODE 2:
+    acc / acc2 hold the even / odd output columns."""
     kp = k0 + tl.arange(0, BLOCK_N)
     kmask = kp < end
     if CHEAPMOD:
@@ -153,7 +217,7 @@ def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, q
         vs_n = tl.load(VS + kvh * ssh + nslot, mask=kn < end, other=0.0).to(tl.float32)
     if KV_FMT == 2:
         dh = tl.arange(0, D // 2)
-        kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
+        kb = _load(K + kvh * skh + slot[:, None] * sks + dh[None, :], kmask, MASK, 136)
         ka = A._nibble(kb & 15, dtype)
         kz = A._nibble(kb >> 4, dtype)
         if FP32:
@@ -162,26 +226,27 @@ def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, q
             s = tl.dot(q0, tl.trans(ka)) + tl.dot(q1, tl.trans(kz))
     else:
         DK: tl.constexpr = D // KSPLIT
-        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, dtype, FP32, CODES)
+        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, dtype, FP32, CODES, MASK)
         if KSPLIT >= 2:
-            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, dtype, FP32, CODES)
+            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, dtype, FP32, CODES, MASK)
         if KSPLIT >= 4:
-            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, dtype, FP32, CODES)
-            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, dtype, FP32, CODES)
-        if CODES == 2 and KV_FMT == 1 and not FP32:
+            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, dtype, FP32, CODES, MASK)
+            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, dtype, FP32, CODES, MASK)
+        if CODES >= 2 and KV_FMT == 1 and not FP32:
             s = s - qbias[:, None]
     if KV_FMT != 0:
         if SPF:
             ks = ks_c
             vs = vs_c
-        else:
+        elif MASK:
             ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
             vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        else:
+            ks = tl.load(KS + kvh * ssh + slot).to(tl.float32)
+            vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
         s = s * ks[None, :]
-    valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
-    if WINDOW > 0:
-        valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
-    s = tl.where(valid, s, float("-inf"))
+    if MASK:
+        s = tl.where(kmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
@@ -189,11 +254,27 @@ def _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, q
     if KV_FMT != 0:
         p = p * vs[None, :]
     p = p.to(dtype)
-    DV: tl.constexpr = D // VSPLIT
-    acc = acc * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VMODE, FP32, dtype, CODES % 2)
-    if VSPLIT == 2:
-        acc2 = acc2 * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VMODE, FP32, dtype,
-                                             CODES % 2)
+    if VMODE == 2:  # V as 16-bit words of code pairs: two planes (even / odd columns), both ldmatrix-able
+        W = V.to(tl.pointer_type(tl.int16))
+        j = tl.arange(0, D // 2)
+        w = _load(W + kvh * (svh // 2) + slot[:, None] * (svs // 2) + j[None, :], kmask, MASK, 0)
+        if VASM and dtype == tl.float16:
+            ve, vo = _pairs_asm(w)
+        else:
+            ve, vo = _pairs(w, dtype)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, ve, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, ve)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo)
+    else:
+        DV: tl.constexpr = D // VSPLIT
+        acc = acc * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VMODE, FP32, dtype,
+                                           CODES % 2 if CODES < 3 else 0, MASK)
+        if VSPLIT == 2:
+            acc2 = acc2 * alpha[:, None] + _vdot(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VMODE, FP32, dtype,
+                                                 CODES % 2 if CODES < 3 else 0, MASK)
     return m_new, l_i, acc, acc2, ks_n, vs_n
 
 
@@ -202,16 +283,17 @@ def _var_body(Q, K, V, KS, VS, POS, MP, LP, AP, S, WINDOW, NUM_SPLITS,
               sqh, skh, sks, svh, svs, ssh,
               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VMODE: tl.constexpr,
-              VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr):
+              VSPLIT: tl.constexpr, CHEAPMOD: tl.constexpr, CODES: tl.constexpr, SPF: tl.constexpr,
+              TAIL: tl.constexpr, VASM: tl.constexpr):
     """Decode split kernel (T = 1): grid (NUM_SPLITS, 1, Hkv); writes the partials the module's
-    _combine merges. int4 needs VMODE 1 and KSPLIT 1."""
+    _combine merges. int4 needs VMODE 1 and KSPLIT 1; VMODE 2 int8 and VSPLIT 1. TAIL: the share's
+    whole blocks unmasked, the partial last one (if any) masked after the loop."""
     pid_s = tl.program_id(0)
     kvh = tl.program_id(2)
     g = tl.arange(0, BLOCK_M)
     row_ok = g < G
     head = kvh * G + g
     pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
-    qpos = pos0 + g * 0
     hi = pos0
     lo = tl.where(WINDOW > 0, tl.maximum(pos0 - WINDOW + 1, 0), 0)
     share = tl.cdiv(tl.cdiv(hi - lo + 1, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -237,15 +319,17 @@ def _var_body(Q, K, V, KS, VS, POS, MP, LP, AP, S, WINDOW, NUM_SPLITS,
         if KSPLIT >= 4:
             q2 = tl.load(qrow + 2 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
             q3 = tl.load(qrow + 3 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
-    acc = tl.zeros([BLOCK_M, D // VSPLIT], tl.float32)
-    if VSPLIT == 2:
-        acc2 = tl.zeros([BLOCK_M, D // VSPLIT], tl.float32)
+    TWO: tl.constexpr = VSPLIT == 2 or VMODE == 2
+    if TWO:
+        acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
     else:
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     qbias = tl.zeros([BLOCK_M], tl.float32)
-    if CODES == 2:  # K codes biased by 1152: q . (k + 1152) - 1152 * sum(q), the sum of q as the dot sees it
+    if CODES >= 2 and not FP32:  # K codes biased by 1152: q . (k + 1152) - 1152 * sum(q), the sum of q as the dot sees it
         qbias = 1152.0 * tl.sum(q0.to(tl.float32), 1)
         if KSPLIT >= 2:
             qbias += 1152.0 * tl.sum(q1.to(tl.float32), 1)
@@ -258,32 +342,53 @@ def _var_body(Q, K, V, KS, VS, POS, MP, LP, AP, S, WINDOW, NUM_SPLITS,
     if SPF and KV_FMT != 0:
         ks_c = tl.load(KS + kvh * ssh + sl0, mask=start + tl.arange(0, BLOCK_N) < end, other=0.0).to(tl.float32)
         vs_c = tl.load(VS + kvh * ssh + sl0, mask=start + tl.arange(0, BLOCK_N) < end, other=0.0).to(tl.float32)
+    loop_end = end
+    if TAIL:
+        loop_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     if INTERPRET:
         k0 = start
-        while k0 < end:
+        while k0 < loop_end:
             m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0,
-                                                        end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
+                                                        end, kvh, K, V, KS, VS, S, skh, sks, svh, svs,
                                                         ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE, VSPLIT, CHEAPMOD,
-                                                        dtype, CODES, SPF)
+                                                        dtype, CODES, SPF, not TAIL, VASM)
             k0 += BLOCK_N
     else:
-        for k0 in range(start, end, BLOCK_N):
+        for k0 in range(start, loop_end, BLOCK_N):
             m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0,
-                                                        end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
+                                                        end, kvh, K, V, KS, VS, S, skh, sks, svh, svs,
                                                         ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE, VSPLIT, CHEAPMOD,
-                                                        dtype, CODES, SPF)
+                                                        dtype, CODES, SPF, not TAIL, VASM)
+    if TAIL:
+        if loop_end < end:
+            m_i, l_i, acc, acc2, ks_c, vs_c = _var_step(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2,
+                                                        loop_end, end, kvh, K, V, KS, VS, S, skh, sks, svh, svs,
+                                                        ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VMODE, VSPLIT, CHEAPMOD,
+                                                        dtype, CODES, SPF, True, VASM)
     base = kvh * NUM_SPLITS * G + pid_s * G + g
     tl.store(MP + base, m_i, mask=row_ok)
     tl.store(LP + base, l_i, mask=row_ok)
     ok = row_ok & (start < end)
-    DV: tl.constexpr = D // VSPLIT
-    dv = tl.arange(0, DV)
-    tl.store(AP + base[:, None] * D + dv[None, :], acc, mask=ok[:, None])
-    if VSPLIT == 2:
-        tl.store(AP + base[:, None] * D + DV + dv[None, :], acc2, mask=ok[:, None])
+    if VMODE == 2:  # even / odd columns back in order
+        dd = tl.arange(0, D)
+        tl.store(AP + base[:, None] * D + dd[None, :], tl.reshape(tl.join(acc, acc2), (BLOCK_M, D)), mask=ok[:, None])
+    else:
+        DV: tl.constexpr = D // VSPLIT
+        dv = tl.arange(0, DV)
+        tl.store(AP + base[:, None] * D + dv[None, :], acc, mask=ok[:, None])
+        if VSPLIT == 2:
+            tl.store(AP + base[:, None] * D + DV + dv[None, :], acc2, mask=ok[:, None])
 
 
 # ---- launch, check, time ---------------------------------------------------------------------------
+
+def constexprs_of(var, fmt, D, G, fp32=False, interpret=False):
+    """The variant's constexpr arguments of _var_body."""
+    return dict(G=G, D=D, KV_FMT=fmt, FP32=fp32, INTERPRET=interpret, BLOCK_M=16, BLOCK_N=var["bn"],
+                KSPLIT=var.get("ksplit", 1), VMODE=var.get("vmode", 0), VSPLIT=var.get("vsplit", 1),
+                CHEAPMOD=var.get("cheapmod", 1), CODES=var.get("codes", 0), SPF=var.get("spf", 0),
+                TAIL=var.get("tail", 0), VASM=var.get("vasm", 0) if not fp32 else 0)
+
 
 def launch_variant(q, k, v, ks, vs, pos, window, var, target):
     """The variant's split kernel and the module's _combine (as A.launch's decode path)."""
@@ -300,32 +405,53 @@ def launch_variant(q, k, v, ks, vs, pos, window, var, target):
     vs_ = vs if vs is not None else q
     _var_body[(splits, 1, Hkv)](
         q, k, v, ks_, vs_, pos, mp, lp, ap, S, window, splits, q.stride(2), k.stride(1), k.stride(2), v.stride(1),
-        v.stride(2), ks.stride(1) if ks is not None else 0, G=G, D=D, KV_FMT=fmt, FP32=q.dtype == torch.float32,
-        INTERPRET=DEV == "cpu", BLOCK_M=16, BLOCK_N=var["bn"], KSPLIT=var.get("ksplit", 1), VMODE=var.get("vmode", 0),
-        VSPLIT=var.get("vsplit", 1), CHEAPMOD=var.get("cheapmod", 1), CODES=var.get("codes", 0),
-        SPF=var.get("spf", 0), num_warps=var["w"], num_stages=var["s"])
+        v.stride(2), ks.stride(1) if ks is not None else 0,
+        **constexprs_of(var, fmt, D, G, fp32=q.dtype == torch.float32, interpret=DEV == "cpu"),
+        num_warps=var["w"], num_stages=var["s"])
+    if var.get("nocomb"):  # timing the split kernel alone (the check runs the combine)
+        return out
     p2 = triton.next_power_of_2(splits)
-    block_d = min(D, A.COMBINE_BLOCK_D)
+    block_d = min(D, var.get("cbd", 128))
     A._combine[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
-                                  CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d)
+                                  CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=var.get("eager", 0))
     return out
 
 
 def launch_module(q, k, v, ks, vs, pos, window, var, target):
-    """The module's kernel as it stands (DECODE_CONFIG), at `target` programs."""
-    saved = A.TARGET_PROGRAMS
+    """The module's kernel (A.launch) at `target` programs: as it stands, or with var's `knobs`
+    (DECODE_KNOBS) and `cfg` (DECODE_CONFIG's (BLOCK_N, warps, stages)) for this head dim / format."""
+    saved = A.TARGET_PROGRAMS, dict(A.DECODE_KNOBS), dict(A.DECODE_CONFIG), A.COMBINE_EAGER, A.DECODE_COMBINE_BLOCK_D
     A.TARGET_PROGRAMS = target
+    A.COMBINE_EAGER = var.get("eager", A.COMBINE_EAGER)
+    A.DECODE_COMBINE_BLOCK_D = var.get("cbd", A.DECODE_COMBINE_BLOCK_D)
+    key = (q.shape[-1], A.kv_format(k, ks))
+    if "knobs" in var:
+        A.DECODE_KNOBS[key] = var["knobs"]
+    if "cfg" in var:
+        A.DECODE_CONFIG[key] = var["cfg"]
     try:
         return A.launch(q, k, v, ks, vs, pos, window, True)
     finally:
-        A.TARGET_PROGRAMS = saved
+        A.TARGET_PROGRAMS = saved[0]
+        A.COMBINE_EAGER, A.DECODE_COMBINE_BLOCK_D = saved[3], saved[4]
+        A.DECODE_KNOBS.clear()
+        A.DECODE_KNOBS.update(saved[1])
+        A.DECODE_CONFIG.clear()
+        A.DECODE_CONFIG.update(saved[2])
 
 
 def name_of(var):
     if var.get("module"):
-        return "module"
+        short = dict(KSPLIT="k", KBIAS="b", VWORDS="w", VSPLIT="x", VPAIRS="v", PTX="a", TAIL="t", SCALES_AHEAD="p",
+                     NIBWORDS="q")
+        knobs = "".join(f"{short.get(k, k.lower())}{v}" for k, v in sorted(var.get("knobs", {}).items()))
+        cfg = "n{}w{}s{}".format(*var["cfg"]) if "cfg" in var else ""
+        return ("module" + (f"-{cfg}{knobs}" if knobs or cfg else "") + ("-eager" if var.get("eager") else "")
+                + (f"-cbd{var['cbd']}" if var.get("cbd") else ""))
     return (f"n{var['bn']}w{var['w']}s{var['s']}k{var.get('ksplit', 1)}v{var.get('vmode', 0)}"
-            f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}p{var.get('spf', 0)}")
+            f"x{var.get('vsplit', 1)}m{var.get('cheapmod', 1)}c{var.get('codes', 0)}p{var.get('spf', 0)}"
+            + (f"t{var['tail']}" if var.get("tail") else "") + ("a" if var.get("vasm") else "")
+            + ("-eager" if var.get("eager") else "") + ("-split" if var.get("nocomb") else ""))
 
 
 def V_(bn, w, s, **k):
@@ -333,24 +459,37 @@ def V_(bn, w, s, **k):
 
 
 MODULE = dict(module=True, bn=0, w=0, s=0)
+OLD = dict(ksplit=4, codes=2, spf=1)  # the module's int8 knobs (DECODE_KNOBS) as a variant
+NEW = dict(ksplit=4, codes=3, spf=1, vmode=2, vasm=1)  # V as code pairs, both conversions in PTX
+# the module's kernel with the candidate knobs (what would be committed)
+K8 = {"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1}
+K4 = {"NIBWORDS": 1, "KBIAS": 1, "PTX": 1, "SCALES_AHEAD": 1}
+
+
+def M_(knobs, cfg=None, t=264):
+    return dict(MODULE, knobs=knobs, t=t, **({"cfg": cfg} if cfg else {}))
+
+
+T2 = {**K8, "TAIL": 2}
 # t: programs per layer (splits x KV heads); registers / shared memory allow 2 programs of 4 warps per
-# SM for most, 1 for n64 w8 (250 registers), 3 for n16 s4 (66 KB)
+# SM at BLOCK_N 32 with 3 stages (83 KB), 3 at <= 168 registers and <= 75 KB (sm_90: int8 KSPLIT 1 at
+# BLOCK_N 32, 2 stages, 155 registers), 4 at <= 128 registers and <= 57 KB (KSPLIT 1, BLOCK_N 16, 3 stages)
 VARIANTS = {
-    "int8": [MODULE, V_(32, 4, 3), V_(32, 4, 3, ksplit=2), V_(32, 4, 3, ksplit=4),
-             V_(32, 4, 3, ksplit=4, codes=2, spf=1), V_(32, 4, 3, codes=2, spf=1), V_(32, 8, 3, ksplit=2),
-             V_(32, 8, 3, ksplit=2, codes=2, spf=1),
-             V_(64, 4, 2, ksplit=2), V_(64, 8, 2, ksplit=2, t=132), V_(64, 8, 2, ksplit=2, codes=2, spf=1, t=132),
-             V_(16, 4, 4, ksplit=2), V_(16, 4, 4, ksplit=2, t=396), V_(32, 4, 2, vmode=1),
-             V_(32, 4, 2, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 4, 3, vmode=1, vsplit=2, ksplit=2),
-             V_(16, 4, 4, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 8, 2, vmode=1, ksplit=2),
-             V_(32, 8, 2, vmode=1, ksplit=2, codes=2, spf=1), V_(32, 8, 3, vmode=1, vsplit=2, ksplit=2, spf=1)],
-    "int4": [MODULE, V_(32, 4, 2, vmode=1), V_(32, 4, 2, vmode=1, spf=1), V_(32, 4, 3, vmode=1, vsplit=2, spf=1),
-             V_(64, 4, 2, vmode=1), V_(64, 8, 2, vmode=1, spf=1), V_(32, 8, 2, vmode=1, spf=1),
-             V_(16, 4, 4, vmode=1, spf=1)],
-    "bf16": [MODULE, V_(32, 4, 2), V_(32, 4, 2, ksplit=2), V_(32, 4, 2, ksplit=4), V_(32, 8, 2, ksplit=2),
-             V_(16, 4, 3, ksplit=2)],
+    "int8": [MODULE, M_(K8), M_({**K8, "TAIL": 1}), M_(T2), M_({**T2, "KSPLIT": 2}), M_({**T2, "KSPLIT": 1}),
+             M_({**T2, "KSPLIT": 1}, (32, 4, 2), 396), M_({**T2, "KSPLIT": 2}, (32, 4, 2), 396),
+             M_({**T2, "KSPLIT": 1}, (16, 4, 4), 396), M_({**T2, "KSPLIT": 1}, (16, 4, 3), 528),
+             M_({**T2, "KSPLIT": 1}, (16, 4, 3), 396), M_(T2, (16, 4, 4)),
+             M_(T2, (64, 4, 2)), M_(T2, t=132), M_(T2, t=528), M_(T2, (32, 8, 3)), M_({**T2, "PTX": 0}),
+             V_(32, 4, 3, **OLD), V_(32, 4, 3, **OLD, nocomb=1), V_(32, 4, 3, **NEW), V_(32, 4, 3, **NEW, nocomb=1),
+             V_(32, 4, 3, **NEW, tail=1), dict(M_(T2), eager=1), dict(M_({**T2, "KSPLIT": 2}), eager=1),
+             dict(M_(T2), eager=1, cbd=64), dict(M_(T2), eager=1, cbd=256), M_(T2)],
+    "int4": [MODULE, M_({"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1, "TAIL": 2}), M_(K4), M_({**K4, "TAIL": 2}),
+             M_({**K4, "TAIL": 2}, (32, 4, 2), 396), M_({**K4, "TAIL": 2}, (32, 4, 4)),
+             M_({**K4, "TAIL": 2}, (64, 4, 2)), M_({**K4, "TAIL": 2}, (16, 4, 4), 396),
+             dict(M_({**K4, "TAIL": 2}), eager=1), M_({**K4, "TAIL": 2}, t=396)],
+    "bf16": [MODULE, M_({"KSPLIT": 2, "TAIL": 1}), dict(M_({"KSPLIT": 2, "TAIL": 1}), eager=1)],
 }
-SLIDING_VARIANTS = [MODULE, V_(32, 4, 2), V_(32, 4, 2, ksplit=2), V_(16, 4, 3), V_(16, 4, 3, ksplit=2)]
+SLIDING_VARIANTS = [MODULE, M_({"TAIL": 1}, t=528)]
 
 
 def caches(layer, kvs):
@@ -382,6 +521,7 @@ def check(layer, c4, var, target, fill):
     ref = A.attention_reference(q.float(), *c4, pos, window)
     real = torch
     A.torch = torch = _Poisoned(real)
+    var = {k: v for k, v in var.items() if k != "nocomb"}  # the check needs the combined output
     try:
         out = fn_of(var)(q, *c4, pos, window, var, target)
     finally:
@@ -445,7 +585,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     if args.smoke:
-        DEV, DTYPE, FILLS = "cpu", torch.float32, (5, 40, 97)
+        DEV, DTYPE, FILLS = "cpu", torch.float32, (5, 17, 40, 97)
         FULL, SLIDING = ("31b-full", 2, 8, 32, 128, 0), ("31b-sliding", 4, 2, 16, 15, 8)
     res = {"rows": [], "shared": {}, "smem_limit": A.SMEM_LIMIT}
 
@@ -476,7 +616,7 @@ def main(argv=None) -> int:
         _, Hkv, G, D, S, window = layer
         kvs = list(VARIANTS) if layer is FULL else ["bf16"]
         cs = caches(layer, kvs)
-        fills = FILLS if layer is FULL else ((FILLS[1],) if DEV == "cuda" else FILLS[:2])
+        fills = FILLS if layer is FULL else ((FILLS[-2],) if DEV == "cuda" else FILLS[:2])
         for kv in kvs:
             vlist = [(var, t) for (l, k_, var, t) in plan if l is layer and k_ == kv]
             for var, target in vlist:

@@ -236,7 +236,9 @@ cm = A.use_configs(A.smallest); cm.__enter__()
 A.TARGET_PROGRAMS = 4  # two shares per KV head: each program walks several blocks
 gen = torch.Generator().manual_seed(3)
 KNOBS = [dict(KSPLIT=2, SCALES_AHEAD=1), dict(VWORDS=1, VSPLIT=2, KBIAS=1),
-         dict(KSPLIT=4, VWORDS=1, KBIAS=1, SCALES_AHEAD=1)]
+         dict(KSPLIT=4, VWORDS=1, KBIAS=1, SCALES_AHEAD=1),
+         dict(KSPLIT=4, KBIAS=1, SCALES_AHEAD=1, VPAIRS=1, NIBWORDS=1, PTX=1, TAIL=1),
+         dict(VPAIRS=1, NIBWORDS=1, KBIAS=1, TAIL=2)]
 worst = {}
 # a flat cache and a wrapped ring; fp32 q (exact dots) and bf16 q (fp16 dots, integer codes by their bits)
 for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70)]:
@@ -455,3 +457,71 @@ def test_compiled_kernels_with_consumer_configs(monkeypatch):
     shared = [k.metadata.shared for fn in (A._attn_body, A._prefill_body)
               for caches in fn.device_caches.values() for k in caches[0].values()]
     assert shared and max(shared) <= A.SMEM_LIMIT
+
+
+DECODE_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from export.kernels import attention as A
+
+fn = A._attn_body
+elt = {0: "*bf16", 1: "*i8", 2: "*u8"}
+for arch in map(int, sys.argv[1:]):
+    for (D, fmt) in A.DECODE_CONFIG:
+        c = A.decode_config(D, fmt)
+        ptrs = dict(Q="*bf16", K=elt[fmt], V=elt[fmt], KS="*fp16", VS="*fp16", POS="*i64", O="*bf16", MP="*fp32",
+                    LP="*fp32", AP="*fp32")
+        consts = dict(G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False, **c.kwargs)
+        sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+        print(arch, D, fmt, k.metadata.shared)
+"""
+
+
+def test_decode_kernels_compile_for_consumer_cards_within_shared_memory():
+    """The decode kernel with each measured config and its code knobs (inline PTX included),
+    compiled by Triton + ptxas for sm_89 and sm_120 with no GPU present: the real compiler
+    accepts it and the shared memory it reports fits the consumer cards."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", DECODE_COMPILE, "89", "120"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line.split() for line in r.stdout.strip().splitlines()]
+    assert len(lines) == 2 * len(A.DECODE_CONFIG), r.stdout
+    assert all(int(shared) <= A.SMEM_LIMIT for *_, shared in lines), r.stdout
+
+
+@pytest.mark.cuda
+def test_ptx_code_conversions_are_exact():
+    """The decode kernel's inline-PTX conversions over every code: int8 pairs of a 16-bit word to
+    their fp16 values, int8 codes to fp16 1152 + c, and each int4 nibble of a 16-bit word (biased
+    1032 + value, and the value)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def conv(W, X, LO, HI, BX, P, PB, N: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        w = tl.load(W + i)
+        lo, hi = A._pairs(w, tl.float16, True)
+        tl.store(LO + i, lo)
+        tl.store(HI + i, hi)
+        tl.store(BX + i, A._biased_ptx(tl.load(X + i)))
+        for r in tl.static_range(4):
+            tl.store(P + r * N + i, A._plane(w, r, False, tl.float16, True))
+            tl.store(PB + r * N + i, A._plane(w, r, True, tl.float16, True))
+
+    n = 65536
+    w = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).cuda()
+    x = torch.arange(n, dtype=torch.int32).remainder(256).sub(128).to(torch.int8).cuda()
+    lo, hi, bx = (torch.full((n,), float("nan"), dtype=torch.float16, device="cuda") for _ in range(3))
+    p, pb = (torch.full((4, n), float("nan"), dtype=torch.float16, device="cuda") for _ in range(2))
+    conv[(n // 1024,)](w, x, lo, hi, bx, p, pb, N=n, BLOCK=1024)
+    b = w.view(torch.uint8).view(n, 2).cpu()
+    assert lo.cpu().equal(b[:, 0].view(torch.int8).half()) and hi.cpu().equal(b[:, 1].view(torch.int8).half())
+    assert bx.cpu().equal(x.cpu().half() + 1152)
+    nib = torch.stack([(w.cpu().int() >> (4 * r)) & 15 for r in range(4)])
+    assert p.cpu().equal((nib - 8).half()) and pb.cpu().equal((nib + 1024).half())

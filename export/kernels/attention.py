@@ -28,10 +28,14 @@ write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread ove
 head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
 instructions; per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
-(scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D, V read as
-32-bit words and split in registers (the 8-bit tile is the transposed operand of p @ v, which
-has no 8-bit ldmatrix: read as is it costs a shared load per byte), int8 K codes biased so
-the per-element subtraction becomes one per score, the scales a block ahead. Prefill (T > 1,
+(scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D; V, the
+transposed operand of p @ v (no 8-bit ldmatrix: an 8-bit tile read as is costs a shared load
+per byte), read as 32-bit words split in registers, or as 16-bit words (int8: two codes, int4:
+four) that ldmatrix.trans loads, each code of a word feeding the dot of its own output-column
+plane; the codes converted in inline PTX (a sign flip and byte permute, or shift and mask, per
+register of two words); K codes biased so the per-element subtraction becomes one per score;
+the scales a block ahead; the tiles of a quantized cache read whole and only the scores masked
+(T = 1: every position of a share is visible). Prefill (T > 1,
 dynamic in the traced graph) has a kernel of its own
 (_prefill_body): grid (NUM_SPLITS, cdiv(T*G, BLOCK_M), Hkv * DV), rows = (t, g) pairs of one KV
 head, each row block walking only the positions its rows can see (causal and window range),
@@ -60,17 +64,30 @@ TARGET_PROGRAMS = 264
 # decode (head_dim, KV format) -> (BLOCK_N, num_warps, num_stages), measured best on an H200
 # (scripts/attention_variants.py, scripts/decode_kv8_variants.py and their JSON in
 # scripts/measurements/); each fits SMEM_LIMIT with its knobs
-DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (32, 4, 3), (256, 0): (32, 4, 2)}
+DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2), (256, 0): (32, 4, 2)}
 # decode (head_dim, KV format) -> code knobs of _attn_body (KNOB_DEFAULTS otherwise): KSPLIT q . k as
 # that many independent dot chains; VWORDS V from 32-bit words split in registers; VSPLIT V's
-# columns in parts; KBIAS int8 K codes biased by 1152; SCALES_AHEAD the scales a block ahead.
-# H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json): int8 76 / 257
-# us before, 62 / 198 us with these (one modulo per block alone: 67 / 220; V from words, 8 warps,
-# BLOCK_N 64 or 16 were slower); int4 86 / 290 -> 81 / 282; bf16 76 / 256 -> 75 / 253
-DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2}, (512, 1): {"KSPLIT": 4, "KBIAS": 1, "SCALES_AHEAD": 1},
-                      (512, 2): {"VWORDS": 1, "VSPLIT": 2, "SCALES_AHEAD": 1}}
+# columns in parts; KBIAS K codes biased (int8 by 1152, int4 words by 1032); SCALES_AHEAD the scales
+# a block ahead; VPAIRS int8 V as 16-bit words of two codes (even / odd column planes); NIBWORDS
+# int4 K and V as 16-bit words of four codes (four column planes); PTX the int8 / int4 code
+# conversions in inline PTX; TAIL 1 the share's whole blocks unmasked and the last one masked,
+# 2 (quantized) every block's tiles read whole and only its scores masked.
+# H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
+# int8 76 / 257 us at first, 62 / 200 with four q . k chains, biased K and the scales ahead, 50 / 150
+# with V as code pairs and the conversions in PTX, one q . k chain, whole tiles (0.63 / 0.85 of the
+# copy bandwidth; four chains 50 / 156, 2 stages at 3 programs per SM 53 / 154, BLOCK_N 16 or 64,
+# 8 warps and 132 or 528 programs slower); int4 82 / 283 -> 47 / 135 (16-bit words of four codes,
+# BLOCK_N 64); bf16 76 / 254 (its whole blocks unmasked: no faster, the sliding layer slower)
+DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
+                      (512, 1): {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2},
+                      (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
-COMBINE_BLOCK_D = 128  # head-dim columns per combine program
+COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
+# decode's combine (_combine): head-dim columns per program and its EAGER loads; the combine is ~5 us of
+# the 31B full layer's decode at every fill (the split kernel alone: int8 46 / 160 us at 32k / 128k);
+# 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
+DECODE_COMBINE_BLOCK_D = 64
+COMBINE_EAGER = 1
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
 # H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
 # head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
@@ -190,15 +207,26 @@ def _cfg(bm, bn, warps, stages):
 # flight (cp.async) while the previous block is in the dot (one stage, or 8 warps, was slower for
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
-KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0}
+KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
+                 "TAIL": 0, "NIBWORDS": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
     """c with the decode kernel's code knobs for this head dim / KV format (DECODE_KNOBS; those
     already in c win)."""
     knobs = {**KNOB_DEFAULTS, **DECODE_KNOBS.get((head_dim, kv_format), {}), **c.kwargs}
+    if kv_format != 2:
+        knobs["NIBWORDS"] = 0  # int4 codes only
     if kv_format != 1:
-        knobs["KBIAS"] = 0  # int8 codes only
+        knobs["VPAIRS"] = 0  # int8 codes only
+    if kv_format == 0:
+        knobs["KBIAS"] = knobs["PTX"] = 0
+    if kv_format == 2 and not knobs["NIBWORDS"]:
+        knobs["KBIAS"] = 0  # int4 bytes: nibble planes unbiased
+    if knobs["VPAIRS"] or knobs["NIBWORDS"]:
+        knobs["VWORDS"], knobs["VSPLIT"] = 0, 1
+    if kv_format == 0 and knobs["TAIL"] == 2:
+        knobs["TAIL"] = 1  # a float cache's unwritten slots may hold NaN
     if kv_format == 2:
         knobs["KSPLIT"] = 1  # int4 K: the nibble planes
     if kv_format == 0:
@@ -296,12 +324,82 @@ def _words(w, KV_FMT: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.constexpr, FP32: tl.constexpr):
+def _biased_ptx(x):
+    """int8 codes -> fp16 1152 + c in PTX, four codes (one 32-bit register) at a time: the bytes
+    with the sign bit flipped are c + 128, and a byte permute puts 0x64 above each (fp16 bits
+    0x6400 + c + 128). Three instructions per four codes; Triton moves the elementwise op past
+    the shared-memory load, so it runs on the dot operand's registers."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, h; xor.b32 t, $2, 0x80808080; mov.b32 h, 0x64646464;"
+        " prmt.b32 $0, t, h, 0x4140; prmt.b32 $1, t, h, 0x4342; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _pairs(w, dtype: tl.constexpr, PTX: tl.constexpr):
+    """[N, C] int16 words of two int8 codes (column 2j low byte, 2j + 1 high) -> their (low,
+    high) values as [N, C] dot operands. PTX (fp16): on 32-bit registers of two words, flip the
+    sign bits, byte-permute 0x64 above the wanted bytes, one packed subtract of 1152 (the
+    compiler's 16-bit shifts unpack and repack every register)."""
+    if PTX and dtype == tl.float16:
+        lo = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, h, c; xor.b32 t, $1, 0x80808080; mov.b32 h, 0x64646464; mov.b32 c, 0x64806480;"
+            " prmt.b32 t, t, h, 0x4240; sub.rn.f16x2 $0, t, c; }",
+            "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, h, c; xor.b32 t, $1, 0x80808080; mov.b32 h, 0x64646464; mov.b32 c, 0x64806480;"
+            " prmt.b32 t, t, h, 0x4341; sub.rn.f16x2 $0, t, c; }",
+            "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        return lo, hi
+    lo = (w << 8) >> 8
+    hi = w >> 8
+    if dtype == tl.float16:
+        return ((lo + 0x6480).to(tl.float16, bitcast=True) - 1152.0,
+                (hi + 0x6480).to(tl.float16, bitcast=True) - 1152.0)
+    return lo.to(dtype), hi.to(dtype)
+
+
+@triton.jit
+def _plane(w, R: tl.constexpr, BIASED: tl.constexpr, dtype: tl.constexpr, PTX: tl.constexpr):
+    """[N, C] int16 words of four int4 codes (nibble r = column 4c + r, each the value + 8) ->
+    nibble R's values as an [N, C] dot operand; BIASED: fp16 1024 + code = value + 1032 (the
+    caller takes 1032 * sum(q) off). PTX (fp16): on 32-bit registers of two words, a shift and
+    one LOP3 per two values (and a packed subtract unless BIASED)."""
+    if PTX and dtype == tl.float16:
+        if BIASED:
+            return tl.inline_asm_elementwise(
+                f"{{ .reg .b32 t; shr.b32 t, $1, {4 * R}; and.b32 t, t, 0x000F000F; or.b32 $0, t, 0x64006400; }}",
+                "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t, c; shr.b32 t, $1, {4 * R}; and.b32 t, t, 0x000F000F; or.b32 t, t, 0x64006400;"
+            " mov.b32 c, 0x64086408; sub.rn.f16x2 $0, t, c; }",
+            "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    n = (w >> (4 * R)) & 15
+    if dtype == tl.float16:
+        if BIASED:
+            return (n | 0x6400).to(tl.float16, bitcast=True)
+        return _nibble(n, dtype)
+    return (n.to(tl.int32) - 8).to(dtype)
+
+
+@triton.jit
+def _tile(ptrs, kmask, MASK: tl.constexpr, other):
+    """A [N, C] cache tile; rows past the share masked (MASK) or, for a whole block, not."""
+    if MASK:
+        return tl.load(ptrs, mask=kmask[:, None], other=other)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.constexpr, FP32: tl.constexpr,
+        MASK: tl.constexpr, PTX: tl.constexpr):
     """q . K[slots, c0 : c0 + DK] (float / int8). KBIAS: int8 codes as c + 1152 (exact in fp16,
-    no subtraction per element; the caller takes 1152 * sum(q) off each score)."""
+    no subtraction per element; the caller takes 1152 * sum(q) off each score), in PTX with PTX."""
     d = c0 + tl.arange(0, DK)
-    kt = tl.load(K + kvh * skh + slot[:, None] * sks + d[None, :], mask=kmask[:, None], other=0)
-    if KBIAS:
+    kt = _tile(K + kvh * skh + slot[:, None] * sks + d[None, :], kmask, MASK, 0)
+    if KBIAS and PTX:
+        kt = _biased_ptx(kt)
+    elif KBIAS:
         kt = (kt.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
     else:
         kt = _codes(kt, q.dtype)
@@ -312,34 +410,39 @@ def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.conste
 
 @triton.jit
 def _pv(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.constexpr, VWORDS: tl.constexpr,
-        FP32: tl.constexpr):
+        FP32: tl.constexpr, MASK: tl.constexpr):
     """p @ V[slots, c0 : c0 + DP] (float / int8 as loaded; VWORDS: int8 / int4 from 32-bit words)."""
     if VWORDS:
         PER: tl.constexpr = 4 if KV_FMT == 1 else 8  # values per word
         W = V.to(tl.pointer_type(tl.int32))
         wc = c0 // PER + tl.arange(0, DP // PER)
-        w = tl.load(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], mask=kmask[:, None],
-                    other=0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
+        w = _tile(W + kvh * (svh // 4) + slot[:, None] * (svs // 4) + wc[None, :], kmask, MASK,
+                  0 if KV_FMT == 1 else -2004318072)  # int4 padding: nibbles 8 (value 0)
         vt = _words(w, KV_FMT, p.dtype)
     else:
         d = c0 + tl.arange(0, DP)
-        vt = _codes(tl.load(V + kvh * svh + slot[:, None] * svs + d[None, :], mask=kmask[:, None], other=0), p.dtype)
+        vt = _codes(_tile(V + kvh * svh + slot[:, None] * svs + d[None, :], kmask, MASK, 0), p.dtype)
     if FP32:
         return tl.dot(p, vt, input_precision="ieee")
     return tl.dot(p, vt)
 
 
 @triton.jit
-def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos, kvh, K, V, KS, VS, S, WINDOW,
-           skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
+def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS, VS,
+           S, WINDOW, skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
            BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
-           KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+           KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
+           NIBWORDS: tl.constexpr, MASK: tl.constexpr, TMASK: tl.constexpr):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
     float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
-    output columns (acc2 the second half when VSPLIT = 2). int4: q0 / q1 hold q's even / odd
-    columns (K's low / high nibbles); without VWORDS acc / acc2 hold the even / odd output
-    columns (V's nibbles, no interleave), with it acc all of them. SCALES_AHEAD: ks_c / vs_c are
-    this block's scales, loaded during the previous block; the next block's are requested here."""
+    output columns (acc2 the second half when VSPLIT = 2; acc / acc2 the even / odd ones when
+    VPAIRS). int4 with NIBWORDS: K and V as 16-bit words of four codes, q0..q3 and acc..acc4 the
+    columns 4c + r of nibble r. Otherwise int4: q0 / q1 hold q's even / odd columns (K's low / high nibbles); without VWORDS
+    acc / acc2 hold the even / odd output columns (V's nibbles, no interleave), with it acc all of
+    them. SCALES_AHEAD: ks_c / vs_c are this block's scales, loaded during the previous block; the
+    next block's are requested here. MASK 0: a whole block of one query's (T = 1) share, every
+    position visible, no masks. TMASK 0: the K / V tiles read whole (slots past the share hold
+    finite codes of a quantized cache, and their scores are masked, their scales read as 0)."""
     kp = k0 + tl.arange(0, BLOCK_N)
     kmask = kp < end
     slot = k0 % S + tl.arange(0, BLOCK_N)  # one modulo a block: the valid positions span <= S slots
@@ -352,9 +455,25 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         nmask = kp + BLOCK_N < end
         ks_n = tl.load(KS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
         vs_n = tl.load(VS + kvh * ssh + nslot, mask=nmask, other=0.0).to(tl.float32)
-    if KV_FMT == 2:
+    if KV_FMT == 2 and NIBWORDS:
+        KW = K.to(tl.pointer_type(tl.int16))
+        dq = tl.arange(0, D // 4)
+        kw = _tile(KW + kvh * (skh // 2) + slot[:, None] * (sks // 2) + dq[None, :], kmask, TMASK, -30584)
+        if FP32:
+            s = tl.dot(q0, tl.trans(_plane(kw, 0, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+            s += tl.dot(q1, tl.trans(_plane(kw, 1, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+            s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+            s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX)), input_precision="ieee")
+        else:
+            s = tl.dot(q0, tl.trans(_plane(kw, 0, KBIAS, q0.dtype, PTX)))
+            s += tl.dot(q1, tl.trans(_plane(kw, 1, KBIAS, q0.dtype, PTX)))
+            s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX)))
+            s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX)))
+        if KBIAS:
+            s = s - qbias[:, None]
+    elif KV_FMT == 2:
         dh = tl.arange(0, D // 2)
-        kb = tl.load(K + kvh * skh + slot[:, None] * sks + dh[None, :], mask=kmask[:, None], other=136)
+        kb = _tile(K + kvh * skh + slot[:, None] * sks + dh[None, :], kmask, TMASK, 136)
         ka = _nibble(kb & 15, q0.dtype)
         kz = _nibble(kb >> 4, q0.dtype)
         if FP32:
@@ -363,26 +482,30 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
             s = tl.dot(q0, tl.trans(ka)) + tl.dot(q1, tl.trans(kz))
     else:
         DK: tl.constexpr = D // KSPLIT
-        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, KBIAS, FP32)
+        s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, KBIAS, FP32, TMASK, PTX)
         if KSPLIT >= 2:
-            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, KBIAS, FP32)
+            s += _qk(q1, K, kvh, slot, kmask, skh, sks, DK, DK, KBIAS, FP32, TMASK, PTX)
         if KSPLIT >= 4:
-            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, KBIAS, FP32)
-            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, KBIAS, FP32)
+            s += _qk(q2, K, kvh, slot, kmask, skh, sks, 2 * DK, DK, KBIAS, FP32, TMASK, PTX)
+            s += _qk(q3, K, kvh, slot, kmask, skh, sks, 3 * DK, DK, KBIAS, FP32, TMASK, PTX)
         if KBIAS:
             s = s - qbias[:, None]
     if KV_FMT != 0:
         if SCALES_AHEAD:
             ks = ks_c
             vs = vs_c
-        else:
+        elif MASK:
             ks = tl.load(KS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
             vs = tl.load(VS + kvh * ssh + slot, mask=kmask, other=0.0).to(tl.float32)
+        else:
+            ks = tl.load(KS + kvh * ssh + slot).to(tl.float32)
+            vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
         s = s * ks[None, :]
-    valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
-    if WINDOW > 0:
-        valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
-    s = tl.where(valid, s, float("-inf"))
+    if MASK:
+        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
+        if WINDOW > 0:
+            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
+        s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
@@ -390,8 +513,22 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
     if KV_FMT != 0:
         p = p * vs[None, :]
     p = p.to(q0.dtype)
-    if KV_FMT == 2 and not VWORDS:
-        vb = tl.load(V + kvh * svh + slot[:, None] * svs + dh[None, :], mask=kmask[:, None], other=136)
+    if KV_FMT == 2 and NIBWORDS:  # the dot operand loads are ldmatrix.trans of the 16-bit words
+        VW = V.to(tl.pointer_type(tl.int16))
+        dq = tl.arange(0, D // 4)
+        vw = _tile(VW + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dq[None, :], kmask, TMASK, -30584)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, q0.dtype, PTX), input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, q0.dtype, PTX), input_precision="ieee")
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, q0.dtype, PTX), input_precision="ieee")
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, q0.dtype, PTX), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, q0.dtype, PTX))
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, q0.dtype, PTX))
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, q0.dtype, PTX))
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, q0.dtype, PTX))
+    elif KV_FMT == 2 and not VWORDS:
+        vb = _tile(V + kvh * svh + slot[:, None] * svs + dh[None, :], kmask, TMASK, 136)
         va = _nibble(vb & 15, q0.dtype)
         vz = _nibble(vb >> 4, q0.dtype)
         if FP32:
@@ -400,12 +537,23 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end, qpos
         else:
             acc = acc * alpha[:, None] + tl.dot(p, va)
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
+    elif VPAIRS:  # int8 V as 16-bit words of code pairs: the dot operand loads are ldmatrix.trans
+        W = V.to(tl.pointer_type(tl.int16))
+        dw = tl.arange(0, D // 2)
+        ve, vo = _pairs(_tile(W + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dw[None, :], kmask, TMASK, 0),
+                        q0.dtype, PTX)
+        if FP32:
+            acc = acc * alpha[:, None] + tl.dot(p, ve, input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, ve)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo)
     else:
         DV: tl.constexpr = D // VSPLIT
-        acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32)
+        acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32, TMASK)
         if VSPLIT == 2:
-            acc2 = acc2 * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VWORDS, FP32)
-    return m_new, l_i, acc, acc2, ks_n, vs_n
+            acc2 = acc2 * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, DV, DV, KV_FMT, VWORDS, FP32, TMASK)
+    return m_new, l_i, acc, acc2, acc3, acc4, ks_n, vs_n
 
 
 @triton.jit
@@ -414,7 +562,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
-               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr):
+               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
+               TAIL: tl.constexpr, NIBWORDS: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -436,8 +585,17 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
 
     dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
-    PLANES: tl.constexpr = KV_FMT == 2 and not VWORDS  # int4 V as nibble planes: acc / acc2 even / odd columns
-    if KV_FMT == 2:  # K's nibble planes: q's even / odd columns
+    # int4 V as nibble planes, int8 V as code pairs: acc / acc2 hold the even / odd output columns
+    PLANES: tl.constexpr = (KV_FMT == 2 and not VWORDS and not NIBWORDS) or (KV_FMT == 1 and VPAIRS)
+    ASM: tl.constexpr = PTX and not INTERPRET and not FP32  # inline PTX: compiled fp16 dots only
+    QUADS: tl.constexpr = KV_FMT == 2 and NIBWORDS  # int4 as 16-bit words: four column planes 4c + r
+    if QUADS:
+        c4 = 4 * tl.arange(0, D // 4)
+        q0 = tl.load(qrow + c4[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
+        q1 = tl.load(qrow + c4[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
+        q2 = tl.load(qrow + c4[None, :] + 2, mask=row_ok[:, None], other=0.0).to(dtype)
+        q3 = tl.load(qrow + c4[None, :] + 3, mask=row_ok[:, None], other=0.0).to(dtype)
+    elif KV_FMT == 2:  # K's nibble planes: q's even / odd columns
         ca = 2 * tl.arange(0, D // 2)
         q0 = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
         q1 = tl.load(qrow + ca[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
@@ -455,7 +613,14 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         if KSPLIT >= 4:
             q2 = tl.load(qrow + 2 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
             q3 = tl.load(qrow + 3 * DK + dk[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
-    if PLANES:
+    acc3 = tl.zeros([BLOCK_M, 1], tl.float32)
+    acc4 = tl.zeros([BLOCK_M, 1], tl.float32)
+    if QUADS:
+        acc = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+        acc4 = tl.zeros([BLOCK_M, D // 4], tl.float32)
+    elif PLANES:
         acc = tl.zeros([BLOCK_M, D // 2], tl.float32)
         acc2 = tl.zeros([BLOCK_M, D // 2], tl.float32)
     elif VSPLIT == 2:
@@ -466,7 +631,10 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
     KB: tl.constexpr = KBIAS and not FP32  # fp32 dots take the codes as they are
     qbias = tl.zeros([BLOCK_M], tl.float32)
-    if KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
+    if KB and QUADS:  # int4 K codes as value + 1032: the scores carry 1032 * sum(q)
+        qbias = 1032.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+                          + tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
+    elif KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
         qbias = 1152.0 * tl.sum(q0.to(tl.float32), 1)
         if KSPLIT >= 2:
             qbias += 1152.0 * tl.sum(q1.to(tl.float32), 1)
@@ -482,23 +650,39 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         vs_c = tl.load(VS + kvh * ssh + slot0, mask=mask0, other=0.0).to(tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    # TAIL 1 (T = 1: every position of the share is visible): the whole blocks unmasked, then the
+    # partial last one, if any, masked. TAIL 2 (quantized): every block's tiles read whole, the
+    # scores masked
+    loop_end = end
+    if TAIL == 1:
+        loop_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
         k0 = start
-        while k0 < end:
-            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
+        while k0 < loop_end:
+            m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0)
             k0 += BLOCK_N
     else:
-        for k0 in range(start, end, BLOCK_N):
-            m_i, l_i, acc, acc2, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, k0, end,
+        for k0 in range(start, loop_end, BLOCK_N):
+            m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0)
+    if TAIL == 1:
+        if loop_end < end:
+            m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, loop_end,
+                                                     end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
+                                                     D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True)
 
-    # output columns of acc / acc2: even / odd (int4 planes), first / second half (VSPLIT 2), or all
-    if PLANES:
+    # output columns of acc / acc2: even / odd (int4 planes, int8 pairs), first / second half (VSPLIT 2),
+    # or all; acc..acc4 the columns 4c + r (int4 words)
+    if QUADS:
+        ca = 4 * tl.arange(0, D // 4)
+        cb = ca + 1
+    elif PLANES:
         ca = 2 * tl.arange(0, D // 2)
         cb = ca + 1
     elif VSPLIT == 2:
@@ -507,7 +691,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     else:
         ca = tl.arange(0, D)
         cb = ca
-    TWO: tl.constexpr = PLANES or VSPLIT == 2
+    TWO: tl.constexpr = PLANES or VSPLIT == 2 or QUADS
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
         base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok
@@ -517,11 +701,17 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
         if TWO:
             tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
+        if QUADS:
+            tl.store(AP + base[:, None] * D + ca[None, :] + 2, acc3, mask=ok[:, None])
+            tl.store(AP + base[:, None] * D + ca[None, :] + 3, acc4, mask=ok[:, None])
     else:
         orow = O + t[:, None] * sot + head[:, None] * soh
         tl.store(orow + ca[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
         if TWO:
             tl.store(orow + cb[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+        if QUADS:
+            tl.store(orow + ca[None, :] + 2, (acc3 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(orow + ca[None, :] + 3, (acc4 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -782,9 +972,11 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 
 @triton.jit
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
-             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
-    of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once."""
+    of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
+    every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
+    dropped by a select, not a load mask that waits for l), one memory round trip instead of two."""
     h = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     base = (h // G) * NUM_SPLITS * G + h % G
@@ -799,8 +991,12 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
         lc = tl.load(LP + base + sc * G, mask=sc < NUM_SPLITS, other=0.0)
         ok = lc > 0
         w = tl.where(ok, tl.exp(tl.load(MP + base + sc * G, mask=ok, other=0.0) - m_max), 0.0)
-        a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
+        if EAGER:
+            a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=(sc < NUM_SPLITS)[:, None], other=0.0)
+            acc += tl.sum(tl.where(ok[:, None], a * w[:, None], 0.0), 0)
+        else:
+            a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
     tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
 
 
@@ -849,9 +1045,9 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
                                           SPLIT=True, **common)
         p2 = triton.next_power_of_2(splits)
-        block_d = min(D, COMBINE_BLOCK_D)
+        block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
-                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d)
+                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER)
     else:
         bm, bn, warps, stages, dv = prefill_config(D, fmt)
         splits = prefill_splits(T, G, Hkv, bm, dv)
