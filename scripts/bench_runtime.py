@@ -620,8 +620,29 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
               "host_peak_rss_gib": mem.peak.host_rss_bytes / gib,
               "bound_weights_gib": weights / gib, "kv_gib": kv_bytes / gib,
               "allocator_live_peak_reserved_gib_after": stages}
+    kernels = decode_kernels(artifact, ids, min(1024, max(s.fills))) if device.startswith("cuda") else None
     return {"decode": decode, "prefill": prefill, "memory": memory, "first_logits": first_logits, "fill_s": fill_s,
-            "skipped": clock.skipped}
+            "skipped": clock.skipped, "decode_kernels": kernels}
+
+
+def decode_kernels(artifact, ids: list[int], fill: int, steps: int = 16, top: int = 12) -> dict:
+    """Where a decode step's GPU time goes (scripts/profile_decode.py's table, its largest rows):
+    a runner without the CUDA graph, `fill` tokens prefilled. A change that adds kernels or copies
+    to the compiled decode shows here even where the step time alone would not say why."""
+    from runtime.runner import Runner
+    from scripts.profile_decode import kernel_profile
+
+    try:
+        runner = Runner(artifact, cuda_graph=False)
+        token = int(runner.prefill(ids[:fill]).argmax())
+        for _ in range(3):  # first calls
+            token = int(runner.decode(token).argmax())
+        prof = kernel_profile(runner, token, steps)
+        del runner
+    except Exception as e:  # noqa: BLE001 (a diagnostic: the sweep's figures stand without it)
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"fill": fill, "steps": steps, "kernel_ms": prof["kernel_ms"], "launches_per_step": prof["launches_per_step"],
+            "rows": prof["rows"][:top]}
 
 
 def prompt_ids(s: Sweep, vocab: int) -> list[int]:
@@ -911,6 +932,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
         clock.skipped += [x for x in res.pop("skipped") if x not in clock.skipped]
         base_est = time.perf_counter() - t - res.pop("fill_s")  # the next may skip its long fill
         ours_logits[kv] = res.pop("first_logits")
+        rec.setdefault("decode_kernels", {})[kv] = res.pop("decode_kernels")
         res["memory"]["plan"] = plans[kv]
         m = res["memory"]
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731 (a tiny plan rounds to 0.00)
@@ -993,6 +1015,13 @@ def print_sweep(rec: dict) -> None:
               f"{m['nvml_vs_plan'] or float('nan'):>6.3f} {m.get('nvml_process_peak_gib') or nan:>8.2f} "
               f"{m.get('nvml_process_vs_plan') or nan:>6.3f}")
     print("NVML: the device's used memory (also the driver's reserve); process: this process's own per NVML")
+    for kv, k in (rec.get("decode_kernels") or {}).items():
+        if k and "rows" in k:
+            top = ", ".join(f"{r['kernel'][:40]} {r['us_per_step']:.0f} us x{r['launches_per_step']:.0f}" for r in k["rows"][:3])
+            print(f"{kv} decode kernels (no graph, fill {k['fill']}): {k['kernel_ms']:.3f} ms, "
+                  f"{k['launches_per_step']:.0f} launches a step; largest: {top}")
+        elif k:
+            print(f"{kv} decode kernels: {k.get('error')}")
     hf = rec.get("hf") or {}
     if hf.get("decode"):
         print(f"\ntransformers eager bf16 decode after {hf['decode']['fill']} tokens: {hf['decode']['ms_per_token']:.2f} ms/token (slice)")

@@ -27,6 +27,28 @@ def family(name: str) -> str:
     return name[:90]
 
 
+def kernel_profile(runner, token: int, steps: int) -> dict:
+    """GPU time per kernel family over `steps` greedy decode steps from `token` of a runner without
+    a CUDA graph (so the profiler sees every launch): {"kernel_ms", "launches_per_step", "rows"},
+    rows by time per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = int(runner.decode(token).argmax())
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            f = per[family(ev.name)]
+            f[0] += ev.device_time / steps  # us per step
+            f[1] += 1 / steps
+    total = sum(v[0] for v in per.values())
+    rows = sorted(({"kernel": k, "us_per_step": v[0], "launches_per_step": v[1], "share": v[0] / total if total else 0.0}
+                   for k, v in per.items()), key=lambda r: -r["us_per_step"])
+    return {"kernel_ms": total / 1e3, "launches_per_step": sum(r["launches_per_step"] for r in rows), "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="artifact directory (the export's --out)")
@@ -34,8 +56,6 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-
-    from torch.profiler import ProfilerActivity, profile
 
     from runtime.runner import Runner
 
@@ -51,19 +71,8 @@ def main(argv=None) -> int:
         tok = int(runner.decode(tok).argmax())
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) / args.steps * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
-            tok = int(runner.decode(tok).argmax())
-        torch.cuda.synchronize()
-    per = collections.defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            f = per[family(ev.name)]
-            f[0] += ev.device_time / args.steps  # us per step
-            f[1] += 1 / args.steps
-    total = sum(v[0] for v in per.values())
-    rows = sorted(({"kernel": k, "us_per_step": v[0], "launches_per_step": v[1], "share": v[0] / total}
-                   for k, v in per.items()), key=lambda r: -r["us_per_step"])
+    prof = kernel_profile(runner, tok, args.steps)
+    rows, total = prof["rows"], prof["kernel_ms"] * 1e3
     print(f"decode step at fill {args.fill}: wall {wall_ms:.3f} ms without a graph, kernels {total / 1e3:.3f} ms, "
           f"{sum(r['launches_per_step'] for r in rows):.0f} launches")
     print(f"{'us/step':>9} {'launch':>6} {'share':>6}  kernel")
