@@ -36,8 +36,8 @@ from export.kernels import attention as A
 FILLS = (1024, 8192, 32768, 131072)
 CTX = 131072
 DEV, DT = "cuda", torch.bfloat16  # --smoke: the CPU (Triton interpreter), fp32
-SMOKE_LAYERS = [("31b-full", 2, 8, 32, 256, 0), ("31b-sliding", 2, 2, 16, 8 + 4 - 1, 8)]
-CHUNK = 128  # the sliding rings' chunk for decode rows (window + CHUNK - 1 slots)
+SMOKE_LAYERS = [("31b-full", 2, 8, 32, 256, 0), ("31b-sliding", 2, 2, 16, 8, 8)]
+CHUNK = 128  # the prefill chunk of the ExecuTorch baseline rows
 PREFILL_CHUNKS = (128, 512, 2048)  # prefill rows: a chunk of T queries ending at each fill
 PREFILL_FILLS = (1024, 8192, 32768, 131072)  # those >= T; sliding layers up to 8192 (the ring is full)
 
@@ -61,7 +61,7 @@ def layers():
         for sliding in (False, True):
             i = next(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding)
             Hkv, D = cfg.layer_kv_heads(i), cfg.layer_head_dim(i)
-            slots = min(cfg.sliding_window + CHUNK - 1, CTX) if sliding else CTX
+            slots = cfg.ring_slots(CTX) if sliding else CTX  # a sliding ring holds the window
             out.append((f"{preset}-{'sliding' if sliding else 'full'}", Hkv, cfg.num_attention_heads // Hkv, D,
                         slots, cfg.sliding_window if sliding else 0))
     return out
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     sdpa = et_sdpa() if args.baseline else None
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     result = {"copy_gbps": bw, "timing": args.timing, "device": device, "ctx": CTX,
-              "ring_chunk_decode": CHUNK,
+              "sliding_ring": "the window (cfg.ring_slots); a prefill chunk brings its own K/V",
               "prefill_chunks": list(PREFILL_CHUNKS) if not args.decode_only else old.get("prefill_chunks"),
               "prefill_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.PREFILL_CONFIG.items())],
               "prefill_target_programs": A.PREFILL_TARGET_PROGRAMS,
@@ -182,20 +182,25 @@ def main(argv=None) -> int:
         quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
 
         def measure(phase, T, kk_vv, fill):
-            """One row per KV dtype: the op on a chunk of T queries ending at `fill`."""
+            """One row per KV dtype: the op on a chunk of T queries ending at `fill` (a sliding
+            layer's prefill chunk brings its own K/V beside the ring, as the model does)."""
             k, v, quant = kk_vv
             pos = torch.tensor([fill - T], device=DEV)
             q = torch.randn(1, T, H, D, device=DEV, dtype=DT)
             n = min(fill, window + T - 1) if window else fill
-            ref_bf16 = reference(q, k, v, None, None, pos, window)
+            fresh = {}
+            if window and phase == "prefill":
+                fresh = dict(k_new=torch.randn(1, Hkv, T, D, device=DEV, dtype=DT),
+                             v_new=torch.randn(1, Hkv, T, D, device=DEV, dtype=DT))
+            ref_bf16 = reference(q, k, v, None, None, pos, window, **fresh)
             for kv in kvs:
                 if kv == "bf16":
                     kk, vv, ks, vs = k, v, None, None
                 else:
                     kk, ks, vv, vs = quant[kv]
-                fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode")  # noqa: E731
+                fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode", **fresh)  # noqa: E731
                 out = fn()
-                ref = reference(q, kk, vv, ks, vs, pos, window) if ks is not None else ref_bf16
+                ref = reference(q, kk, vv, ks, vs, pos, window, **fresh) if ks is not None else ref_bf16
                 err = rel(out, ref)
                 ms = _time(fn, args)
                 nbytes = kv_bytes(Hkv, D, n, kv)
@@ -219,11 +224,6 @@ def main(argv=None) -> int:
         if not name.startswith("31b"):
             continue  # prefill: the 31B layers only (time on the GPU machine is scarce)
         for T in PREFILL_CHUNKS:
-            if window:  # the ring of a model exported with this chunk: window + T - 1 slots
-                del k, v, quant
-                S = window + T - 1
-                k, v = fill_cache(Hkv, S, D, CTX, window)
-                quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
             for fill in PREFILL_FILLS:
                 if fill < T or (window and fill > 8192):
                     continue
@@ -282,15 +282,18 @@ def _warm(jobs):
                 A.DECODE_CONFIG[D, fmt] = (bn, warps, stages)
         name, Hkv, G, D, S, window = layer
         for T in (1,) + (chunks if name.startswith("31b") else ()):
-            slots = window + T - 1 if window and T > 1 else S
-            k = torch.zeros(1, Hkv, slots, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.zeros(1, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
+            fresh = {}
+            if window and T > 1:  # a sliding prefill chunk's own K/V
+                fresh = dict(k_new=torch.zeros(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16),
+                             v_new=torch.zeros(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16))
             if kv == "bf16":
                 c4 = (k, k, None, None)
             else:
                 codes, scale = A.quantize_kv(k, kv)
                 c4 = (codes, codes, scale, scale)
             q = torch.randn(1, T, Hkv * G, D, device="cuda", dtype=torch.bfloat16)
-            A.launch(q, *c4, torch.tensor([T], device="cuda"), window, T == 1)
+            A.launch(q, *c4, torch.tensor([T], device="cuda"), window, T == 1, **fresh)
     torch.cuda.synchronize()
     return len(jobs)
 
@@ -304,12 +307,12 @@ def warm(jobs, n):
         return sum(ex.map(_warm, chunks))
 
 
-def reference(q, k, v, k_scale, v_scale, pos, window, rows=256):
+def reference(q, k, v, k_scale, v_scale, pos, window, rows=256, k_new=None, v_new=None):
     """fp32 reference; a flat cache's long chunk in pieces of `rows` queries (the scores of a
     2048-query chunk at 128k would not fit)."""
     T = q.shape[1]
     if window or T <= rows:
-        return A.attention_reference(q.float(), k, v, k_scale, v_scale, pos, window)
+        return A.attention_reference(q.float(), k, v, k_scale, v_scale, pos, window, k_new, v_new)
     return torch.cat([A.attention_reference(q[:, i:i + rows].float(), k, v, k_scale, v_scale, pos + i, window)
                       for i in range(0, T, rows)], dim=1)
 

@@ -62,7 +62,7 @@ from export.kernels import attention as A
 from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
 
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
-SLIDING = ("31b-sliding", 16, 2, 256, 1151, 1024)
+SLIDING = ("31b-sliding", 16, 2, 256, 1024, 1024)  # the ring holds the window
 FILLS = (1024, 8192, 32768, 131072)
 DEV, DTYPE = "cuda", torch.bfloat16
 

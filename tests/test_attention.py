@@ -593,3 +593,20 @@ def test_inductor_sees_only_the_outputs_written():
     assert len(lines) >= 12, r.stdout + r.stderr[-2000:]  # split + combine per decode, a kernel or two per prefill
     assert all("inputs-written []" in ln for ln in lines), "\n".join(lines)
     assert any("_combine" in ln and "'O'" in ln for ln in lines), "\n".join(lines)
+
+
+def test_bench_attention_smoke_runs_the_model_s_rings(tmp_path):
+    """scripts/bench_attention.py --smoke (the Triton interpreter, tiny shapes, ~40 s): every row
+    against the fp32 reference, the sliding layer's decode over a window-sized ring and its
+    prefill chunks with their own K/V, as the model runs them."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "attention.json"
+    r = subprocess.run([sys.executable, "-m", "scripts.bench_attention", "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    sliding = [row for row in rows if row["layer"] == "31b-sliding"]
+    assert {row["phase"] for row in sliding} == {"decode", "prefill"}
+    assert all(row["finite"] and row["rel_err_vs_fp32_ref"] < 1e-5 for row in rows), rows
