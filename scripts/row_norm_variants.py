@@ -37,25 +37,6 @@ def add_norm(x, res, w):
     return h, rms(h, w)
 
 
-def graph_us(fn, args, calls=50, reps=20):
-    for _ in range(3):
-        fn(*args)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn(*args)
-    g.replay()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    ts = sorted(a.elapsed_time(b) for a, b in ev)
-    return ts[len(ts) // 2] * 1e3 / calls
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("row_norm_variants.json"))
@@ -67,6 +48,7 @@ def main(argv=None) -> int:
     from torch._inductor import config as ic
 
     from export.backends.cuda import row_reductions_in_registers
+    from scripts.gemv1_variants import bench_graph
 
     ic.fx_graph_cache = False  # the heuristic is not part of the cache key
     rows = []
@@ -85,7 +67,8 @@ def main(argv=None) -> int:
                     compiled = torch.compile(fn, dynamic=False)
                     out = compiled(*args)
                 err = max(((o.double() - r).norm() / r.norm()).item() for o, r in zip(out, ref))
-                line[variant] = {"us": graph_us(compiled, args), "rel_err": err}
+                line[variant] = {"us": bench_graph(lambda: [compiled(*args) for _ in range(50)], 50, reps=20),
+                                 "rel_err": err}
             rows.append(line)
             print(f"hidden {hidden:5} {name:18} inductor {line['inductor']['us']:5.2f} us | rows in registers "
                   f"{line['row_in_registers']['us']:5.2f} us (err {line['row_in_registers']['rel_err']:.1e} vs "
