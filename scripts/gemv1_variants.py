@@ -347,6 +347,17 @@ def bench_graph(fn, copies, reps=15):
     return ts[len(ts) // 2] * 1e3 / copies
 
 
+def rotated_weights(n: int, k: int, g: int) -> tuple[int, list, torch.Tensor]:
+    """(bytes a call reads, weight copies to rotate through, the fp32 dequantized weight) for an
+    [n, k] int4 weight: enough copies for >= 256 MB, so a graph of calls over them reads from
+    HBM, not the L2 (two in the interpreter); the last copy is the one `ref` dequantizes."""
+    nbytes = im.int4_bytes(n, k, g) + 2 * (k + n)  # + x read and y written
+    copies = 2 if _INTERPRET else max(1, math.ceil((256 << 20) / nbytes))
+    q0, s0 = im.quantize_int4(torch.randn(n, k, device=DEVICE), g)
+    ws = [(q0.clone(), s0.clone()) for _ in range(copies - 1)] + [(q0, s0)]
+    return nbytes, ws, im.dequantize_int4(q0, s0, torch.float32)
+
+
 def ragged_checks(vs, rows, n=1000, k=4608):
     """Every variant at each split on a shape no tile divides (N 1000, K 36 groups, split 3 and 5)."""
     q, s = im.quantize_int4(torch.randn(n, k, device=DEVICE), 128)
@@ -461,11 +472,9 @@ def main(argv=None) -> int:
                 print(f"budget spent: {name} skipped", flush=True)
                 continue
             g = 128
-            nbytes = im.int4_bytes(n, k, g) + 2 * (k + n)
-            C = 2 if _INTERPRET else max(1, math.ceil((256 << 20) / nbytes))
-            q0, s0 = im.quantize_int4(torch.randn(n, k, device=DEVICE), g)
-            ref_w = im.dequantize_int4(q0, s0, torch.float32)
-            ws = [(q0.clone(), s0.clone()) for _ in range(C - 1)] + [(q0, s0)]
+            nbytes, ws, ref_w = rotated_weights(n, k, g)
+            C = len(ws)
+            q0, s0 = ws[-1]
             x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
             res = []
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import _stream_read_kernel, bench_graph
+from scripts.gemv1_variants import _stream_read_kernel, bench_graph, rotated_weights
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -140,17 +139,13 @@ def main(argv=None) -> int:
                     key=lambda sh: sh[1] * sh[2])
     if _INTERPRET:
         shapes = [("tiny", 48, 512), ("tiny2", 80, 768)]
-    read = _stream_read_kernel
     for names, n, k in shapes:
         if time.time() - t0 > a.budget:
             print(f"budget spent: {names} skipped", flush=True)
             continue
         g = 128
-        nbytes = im.int4_bytes(n, k, g) + 2 * (k + n)
-        copies = 2 if _INTERPRET else max(1, math.ceil((256 << 20) / nbytes))
-        q0, s0 = im.quantize_int4(torch.randn(n, k, device=DEVICE), g)
-        wref = (q0, s0, im.dequantize_int4(q0, s0, torch.float32))
-        ws = [(q0.clone(), s0.clone()) for _ in range(copies - 1)] + [(q0, s0)]
+        nbytes, ws, ref_w = rotated_weights(n, k, g)
+        wref = (*ws[-1], ref_w)
         x = torch.randn(1, k, device=DEVICE, dtype=torch.float32 if _INTERPRET else torch.bfloat16)
         floor_us = nbytes / gbps / 1e3
         res = []
@@ -191,9 +186,9 @@ def main(argv=None) -> int:
         words = [qq.view(torch.int32).view(-1) for qq, _ in ws]
         sink = torch.empty(4096, device=DEVICE, dtype=torch.int32)
         chunk = 1 << 14
-        read_us = bench_graph(lambda: [read[(triton.cdiv(w.numel(), chunk),)](w, sink, w.numel(), CHUNK=chunk,
-                                                                               BLOCK=1024, num_warps=4)
-                                       for w in words], len(words))
+        read = lambda w: _stream_read_kernel[(triton.cdiv(w.numel(), chunk),)](  # noqa: E731
+            w, sink, w.numel(), CHUNK=chunk, BLOCK=1024, num_warps=4)
+        read_us = bench_graph(lambda: [read(w) for w in words], len(words))
         ok = [r for r in res if r["rel_err"] <= 1e-2]
         best = min(ok, key=lambda r: r["us"]) if ok else None
         bad = [(r["variant"], r["splits"], r["rel_err"]) for r in res if not r["rel_err"] <= 1e-2]
