@@ -324,19 +324,15 @@ def _gemv1_tile_q(w, s, xq, xf, xc, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
-    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`, GB groups a
-    program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
-    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per word of 8 elements:
-    h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same;
-    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
-    NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
-    otherwise take a launch of their own."""
-    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
-        offs = i + tl.arange(0, 1024)
-        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
+def _quant_x_groups(x_ptr, xq_ptr, xf_ptr, xc_ptr, g, NG, GROUP: tl.constexpr):
+    """Groups g ([GB] indices, those >= NG skipped) of x (bf16) -> two int8 levels per element
+    for `_gemv1_tile_q`. Per group s = max|x| / 127, t = x / s, h = round(t),
+    l = round(254 (t - h)): x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per
+    word of 8 elements: h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element
+    2t (+ 1)), then l the same; xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l)
+    (int32). One helper for `_quant_x_kernel` and the GEMV's own prologue (XQ 2), so both give
+    the same bits."""
     W: tl.constexpr = GROUP // 8
-    g = tl.program_id(0) * GB + tl.arange(0, GB)
     g4 = g[:, None, None, None]
     j = tl.arange(0, W)[None, :, None, None]
     t = tl.arange(0, 4)[None, None, :, None]
@@ -364,8 +360,19 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
 
 
+@triton.jit
+def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
+    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`
+    (`_quant_x_groups`), GB groups a program. It also zeroes the NCNT row-block counters of the
+    GEMV that follows (its in-kernel split sum), which would otherwise take a launch of their own."""
+    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
+        offs = i + tl.arange(0, 1024)
+        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
+    _quant_x_groups(x_ptr, xq_ptr, xf_ptr, xc_ptr, tl.program_id(0) * GB + tl.arange(0, GB), NG, GROUP)
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
-def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
+def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, xb_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr):
@@ -381,16 +388,24 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     shape until the end (one cross-thread sum).
 
     One slice (SPLITS == 1) writes y (x's dtype). Several: RED 0 writes fp32 partials
-    part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter,
-    and the program that arrives last sums the partials in slice order (deterministic) into y
-    and resets the counter to 0.
+    part[pid_k] for `_sum_splits_kernel`; RED 2 and 3 write them and bump the row block's counter
+    (zeroed before the launch), and the program that arrives last sums the partials in slice
+    order (deterministic: the bits of RED 0) into y and resets the counter to 0. The release is
+    the pattern of CUTLASS's semaphore: a barrier (every thread's partials stored), then one
+    gpu-scope acq_rel atomic; RED 2 adds a `fence.acq_rel.gpu` before the barrier, inline PTX
+    with a side effect that torch's mutation analysis cannot read (it then takes every argument
+    as written), RED 3 has none.
 
-    XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
+    XQ 1: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
     per-group factor and correction) and a tile costs ~1 integer op per nibble pair
-    (`_gemv1_tile_q`); else x is bf16 and xf_ptr / xc_ptr are unused."""
+    (`_gemv1_tile_q`). XQ 2: the same levels, made by each program for the groups of its slice
+    from bf16 x (xb_ptr) into x_ptr / xf_ptr / xc_ptr before its loop (`_quant_x_groups`, a
+    barrier, then read back): every program writes the same bits there, so no launch before it
+    and no ordering between programs is needed. XQ 0: x_ptr is bf16 x, xf_ptr / xc_ptr unused."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
+    XQ_GROUPS: tl.constexpr = 8  # groups of x per step of the XQ 2 prologue
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (offs_n < N)[:, None, None]
@@ -421,6 +436,11 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     if DEPTH >= 3:
         w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
         s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+    if XQ == 2:  # the first tiles are in flight: quantize the slice's groups of x, then read them back
+        g_hi = tl.minimum(pid_k * GPS + GPS, KW // WORDS)
+        for gb in range(pid_k * GPS, g_hi, XQ_GROUPS):
+            _quant_x_groups(xb_ptr, x_ptr, xf_ptr, xc_ptr, gb + tl.arange(0, XQ_GROUPS), g_hi, GROUP)
+        tl.debug_barrier()
     for tg in range(0, gpp, GROUPS):
         g0 = start + tg * WORDS
         gn = g0 + DEPTH * STEP
@@ -453,10 +473,10 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
     else:
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
-        if ASM:  # every thread's partials visible device-wide before the count goes up
+        if RED == 2 and ASM:  # every thread's partials visible device-wide before the count goes up
             tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [offs_n], dtype=tl.int32,
                                       is_pure=False, pack=1)
-        tl.debug_barrier()
+        tl.debug_barrier()  # every thread's partials stored; the atomic below releases them gpu-wide
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -778,34 +798,37 @@ def _gemv1_kernel(cfg: triton.Config):
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
-               red: int | None = None, xq: bool | None = None):
+               red: int | None = None, xq: int | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
-    (red 0) or by the last program of each row block (red 2, counters zeroed here). xq: x turned
-    into two int8 levels first (`_quant_x_kernel`, one more launch) and multiplied with dp4a."""
+    (red 0) or by the last program of each row block (red 2 / 3). xq 1: x turned into two int8
+    levels first (`_quant_x_kernel`, one more launch, which also zeroes red 2 / 3's counters)
+    and multiplied with dp4a; xq 2: the same levels made inside the GEMV (its counters, with a
+    split, from torch.zeros); xq 0: bf16 x."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
     splits = triton.cdiv(groups, gps)
-    xq = GEMV1_XQ if xq is None else xq
+    xq = int(GEMV1_XQ if xq is None else xq)
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
-    cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
-        (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
+    cnt = (torch.zeros if red and xq != 1 else torch.empty)(
+        (triton.cdiv(N, 4) if red else 1,), device=x2.device, dtype=torch.int32)
     xin, xf, xc = x2, x2, x2
     if xq:
         xin = torch.empty((K // 2,), device=x2.device, dtype=torch.int32)
         xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
         xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
+    if xq == 1:
         launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
-        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, cnt.numel() if red == 2 else 0,
+        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, cnt.numel() if red else 0,
                                                          GROUP=G, GB=QUANT_X_GROUPS, num_warps=4)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
-        xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
+        xin, xf, xc, x2, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET)
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
