@@ -19,7 +19,9 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   bandwidth on the H200 where the same loads without the arithmetic ran ~1.5x faster
   (scripts/measurements/int4_gemv1_variants.json). A config and K split per weight shape
   (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size weights split
-  K with the slices' fp32 partials summed by `_sum_splits_kernel`, the largest one slice.
+  K with the slices' fp32 partials summed by the last program of each row block (its counter
+  zeroed by the quantize kernel: two launches an op), the largest one slice. Quantizing x inside
+  the GEMV instead (each program the groups it reads) measured slower: gate/up 45 -> 57 us.
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -54,14 +56,16 @@ SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
-# M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel;
-# with x as two int8 levels the quantize kernel zeroes its counters). The op takes 0: RED 2's
-# release fence is inline PTX with a side effect, which torch's mutation analysis of a wrapped
-# Triton kernel cannot read, so it takes every argument as written and the compiled graph
-# clones the weight before each call (a 2-layer 31B slice's decode step spent 305 us in those
-# copies on the H200). `test_op_kernels_write_only_their_outputs` holds this.
+# M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program of a row block sums
+# them (see the kernel). With x as two int8 levels the quantize kernel zeroes the counters, so 2
+# saves a launch per mid-size weight: a sliding layer's four GEMVs as one CUDA graph 107.6 ->
+# 104.8 us, a full layer's 117.7 -> 115.8 on the H200, 8 kernels instead of 11
+# (scripts/measurements/int4_gemv1_launch_variants.json). With bf16 x its counters take a
+# torch.zeros of their own. No op of the kernel may be inline PTX with a side effect: torch's
+# mutation analysis cannot read it, takes every argument as written and the compiled graph
+# clones the weights before each call; `test_op_kernels_write_only_their_outputs` holds this.
 GEMV1_RED = 0
-GEMV1_RED_XQ = 0
+GEMV1_RED_XQ = 2
 GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_tile_q`) instead of bf16 and FMAs
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -160,11 +164,13 @@ def _cfg1(bn, groups, warps, parts=1, depth=1):
 # memory; scripts/gemv1_xq_variants.py, scripts/measurements/int4_gemv1_xq_variants.json):
 # `gemv1_plan` takes one of these per weight shape. 64 rows, two adjacent groups a step (128
 # contiguous bytes of a row), four warps, one tile ahead, with x as two int8 levels (GEMV1_XQ):
-# the lm_head 341 -> 212 us (one slice), gate/up 43008 x 5376 57 -> 43 (one slice), the
-# projections between 5376 and 21504 rows 5-12% faster at 8 slices; 8 rows x 8 K parts, 8 warps,
-# two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3 in the bf16-x sweep,
-# scripts/measurements/int4_gemv1_variants.json: no partials, no second kernel).
-GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2)]
+# the projections between 5376 and 21504 rows 5-12% faster than with bf16 x, in K slices; 8 rows
+# x 8 K parts, 8 warps, two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3
+# in the bf16-x sweep, scripts/measurements/int4_gemv1_variants.json: no partials, no second
+# kernel); 32 rows, two warps, one slice: gate/up 43008 x 5376 and the lm_head (341 us with bf16 x,
+# 212 with 64 rows, 209 with 32; gate/up 43.0 -> 41.2, and 44.8 -> 41.7 in
+# scripts/measurements/int4_gemv1_launch_variants.json).
+GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 2, 2)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -324,15 +330,19 @@ def _gemv1_tile_q(w, s, xq, xf, xc, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
-def _quant_x_groups(x_ptr, xq_ptr, xf_ptr, xc_ptr, g, NG, GROUP: tl.constexpr):
-    """Groups g ([GB] indices, those >= NG skipped) of x (bf16) -> two int8 levels per element
-    for `_gemv1_tile_q`. Per group s = max|x| / 127, t = x / s, h = round(t),
-    l = round(254 (t - h)): x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per
-    word of 8 elements: h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element
-    2t (+ 1)), then l the same; xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l)
-    (int32). One helper for `_quant_x_kernel` and the GEMV's own prologue (XQ 2), so both give
-    the same bits."""
+def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
+    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`, GB groups a
+    program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
+    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per word of 8 elements:
+    h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same;
+    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
+    NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
+    otherwise take a launch of their own."""
+    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
+        offs = i + tl.arange(0, 1024)
+        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
     W: tl.constexpr = GROUP // 8
+    g = tl.program_id(0) * GB + tl.arange(0, GB)
     g4 = g[:, None, None, None]
     j = tl.arange(0, W)[None, :, None, None]
     t = tl.arange(0, 4)[None, None, :, None]
@@ -360,19 +370,8 @@ def _quant_x_groups(x_ptr, xq_ptr, xf_ptr, xc_ptr, g, NG, GROUP: tl.constexpr):
     tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
 
 
-@triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
-    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`
-    (`_quant_x_groups`), GB groups a program. It also zeroes the NCNT row-block counters of the
-    GEMV that follows (its in-kernel split sum), which would otherwise take a launch of their own."""
-    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
-        offs = i + tl.arange(0, 1024)
-        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
-    _quant_x_groups(x_ptr, xq_ptr, xf_ptr, xc_ptr, tl.program_id(0) * GB + tl.arange(0, GB), NG, GROUP)
-
-
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
-def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, xb_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
+def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr):
@@ -388,24 +387,21 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, xb_ptr, w_ptr, s_ptr, part_ptr, y_
     shape until the end (one cross-thread sum).
 
     One slice (SPLITS == 1) writes y (x's dtype). Several: RED 0 writes fp32 partials
-    part[pid_k] for `_sum_splits_kernel`; RED 2 and 3 write them and bump the row block's counter
+    part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter
     (zeroed before the launch), and the program that arrives last sums the partials in slice
-    order (deterministic: the bits of RED 0) into y and resets the counter to 0. The release is
-    the pattern of CUTLASS's semaphore: a barrier (every thread's partials stored), then one
-    gpu-scope acq_rel atomic; RED 2 adds a `fence.acq_rel.gpu` before the barrier, inline PTX
-    with a side effect that torch's mutation analysis cannot read (it then takes every argument
-    as written), RED 3 has none.
+    order (deterministic: RED 0's bits) into y and resets the counter to 0. The release is the
+    pattern of CUTLASS's semaphore, a barrier (every thread's partials stored) and then one
+    thread's gpu-scope acq_rel atomic, with no fence in inline PTX: torch's mutation analysis
+    cannot read such an op (it would take every argument as written and the compiled graph
+    would clone the weights). Checked on the H200 bitwise against RED 0 over 1280 calls, eager
+    and in CUDA graphs (scripts/gemv1_launch_variants.py).
 
-    XQ 1: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
+    XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
     per-group factor and correction) and a tile costs ~1 integer op per nibble pair
-    (`_gemv1_tile_q`). XQ 2: the same levels, made by each program for the groups of its slice
-    from bf16 x (xb_ptr) into x_ptr / xf_ptr / xc_ptr before its loop (`_quant_x_groups`, a
-    barrier, then read back): every program writes the same bits there, so no launch before it
-    and no ordering between programs is needed. XQ 0: x_ptr is bf16 x, xf_ptr / xc_ptr unused."""
+    (`_gemv1_tile_q`); else x is bf16 and xf_ptr / xc_ptr are unused."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
-    XQ_GROUPS: tl.constexpr = 8  # groups of x per step of the XQ 2 prologue
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (offs_n < N)[:, None, None]
@@ -436,11 +432,6 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, xb_ptr, w_ptr, s_ptr, part_ptr, y_
     if DEPTH >= 3:
         w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
         s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
-    if XQ == 2:  # the first tiles are in flight: quantize the slice's groups of x, then read them back
-        g_hi = tl.minimum(pid_k * GPS + GPS, KW // WORDS)
-        for gb in range(pid_k * GPS, g_hi, XQ_GROUPS):
-            _quant_x_groups(xb_ptr, x_ptr, xf_ptr, xc_ptr, gb + tl.arange(0, XQ_GROUPS), g_hi, GROUP)
-        tl.debug_barrier()
     for tg in range(0, gpp, GROUPS):
         g0 = start + tg * WORDS
         gn = g0 + DEPTH * STEP
@@ -473,10 +464,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, xb_ptr, w_ptr, s_ptr, part_ptr, y_
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
     else:
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
-        if RED == 2 and ASM:  # every thread's partials visible device-wide before the count goes up
-            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [offs_n], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        tl.debug_barrier()  # every thread's partials stored; the atomic below releases them gpu-wide
+        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -765,20 +753,28 @@ def _kernel(kind: str, group: int):
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two
+# up to this many rows (fewer 64-row blocks than the H200 has SMs) K in GEMV1_FEW_BLOCKS_SPLITS
+# slices: 5376 rows make 84 blocks, x 11 = 924 programs, 7 whole waves of 132 SMs (x 8: 672, 5.1
+# waves); o_proj 5376 x 8192 14.0 -> 13.3 us, 5376 x 16384 22.5 -> 21.0, down 5376 x 21504 27.7 ->
+# 25.4 (scripts/measurements/int4_gemv1_launch_variants.json)
+GEMV1_FEW_BLOCKS_N = 8192
+GEMV1_FEW_BLOCKS_SPLITS = 11
 
 
 def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
     """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
 
     Few rows: 8-row programs that read K in 8 parts, one slice. Many (gate/up, the lm_head):
-    64-row programs, one slice (no partials, no second kernel). Between: 64-row programs, K in
-    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by `_sum_splits_kernel`: 5376 .. 18432
-    rows make only 84 .. 288 row blocks for the H200's 132 SMs."""
+    32-row programs, one slice (no partials). Between: 64-row programs, K in GEMV1_MID_SPLITS
+    slices (GEMV1_FEW_BLOCKS_SPLITS up to GEMV1_FEW_BLOCKS_N rows; each slice >= 512 of K)
+    summed by the last program of each row block (GEMV1_RED_XQ): 5376 .. 18432 rows make only
+    84 .. 288 row blocks for the H200's 132 SMs."""
     if n <= GEMV1_SMALL_N:
         return GEMV1_CONFIGS[1], 1
     if n >= GEMV1_LARGE_N:
-        return GEMV1_CONFIGS[0], 1
-    return GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size)))
+        return GEMV1_CONFIGS[2], 1
+    splits = GEMV1_FEW_BLOCKS_SPLITS if n <= GEMV1_FEW_BLOCKS_N else GEMV1_MID_SPLITS
+    return GEMV1_CONFIGS[0], max(1, min(splits, k // max(512, group_size)))
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
@@ -798,37 +794,35 @@ def _gemv1_kernel(cfg: triton.Config):
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
-               red: int | None = None, xq: int | None = None):
+               red: int | None = None, xq: bool | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
-    (red 0) or by the last program of each row block (red 2 / 3). xq 1: x turned into two int8
-    levels first (`_quant_x_kernel`, one more launch, which also zeroes red 2 / 3's counters)
-    and multiplied with dp4a; xq 2: the same levels made inside the GEMV (its counters, with a
-    split, from torch.zeros); xq 0: bf16 x."""
+    (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
+    kernel, or here with bf16 x). xq: x turned into two int8 levels first (`_quant_x_kernel`, one
+    more launch) and multiplied with dp4a."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
     splits = triton.cdiv(groups, gps)
-    xq = int(GEMV1_XQ if xq is None else xq)
+    xq = GEMV1_XQ if xq is None else xq
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
-    cnt = (torch.zeros if red and xq != 1 else torch.empty)(
-        (triton.cdiv(N, 4) if red else 1,), device=x2.device, dtype=torch.int32)
+    cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
+        (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
     xin, xf, xc = x2, x2, x2
     if xq:
         xin = torch.empty((K // 2,), device=x2.device, dtype=torch.int32)
         xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
         xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
-    if xq == 1:
         launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
-        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, cnt.numel() if red else 0,
+        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, cnt.numel() if red == 2 else 0,
                                                          GROUP=G, GB=QUANT_X_GROUPS, num_warps=4)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
-        xin, xf, xc, x2, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
+        xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET)
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
