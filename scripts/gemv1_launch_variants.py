@@ -19,6 +19,13 @@ lm_head 212.6 -> 210.3). Quantizing x inside the GEMV (every program the groups 
 its loop) cost more than the launch it saved: gate/up 44.8 -> 57.1 us, the lm_head 234 -> 322,
 8-row K-part programs 60-200 us; that variant is gone from the kernel.
 
+The second run (scripts/measurements/int4_gemv1_launch_plan.json, the op as it is now): every
+check bitwise again, the op itself within 1.7e-3 of fp32 on every shape; as one graph, the old
+plan's sliding layer 107.0 us (three runs alternated with the op's) against 100.6, full 117.0
+against 110.6, the lm_head 208.4 against 205.1; per shape o_proj 15.4 -> 13.3 and 23.6 -> 21.1,
+down 28.1 -> 25.0, gate/up 43.0 -> 41.3, q/k/v 16384 and 18432 rows unchanged (21.3, 24.0: the
+in-kernel sum saves the launch, the last program's sum costs as much).
+
 Correctness first: a ragged shape at several splits for every variant against an fp32 matmul on
 the dequantized weight (fresh x, NaN-poisoned outputs) and bitwise against red 0 (the same sums
 in the same order); the in-kernel sums repeated many times eagerly and as CUDA-graph replays with

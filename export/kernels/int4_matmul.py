@@ -60,7 +60,8 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 # them (see the kernel). With x as two int8 levels the quantize kernel zeroes the counters, so 2
 # saves a launch per mid-size weight: a sliding layer's four GEMVs as one CUDA graph 107.6 ->
 # 104.8 us, a full layer's 117.7 -> 115.8 on the H200, 8 kernels instead of 11
-# (scripts/measurements/int4_gemv1_launch_variants.json). With bf16 x its counters take a
+# (scripts/measurements/int4_gemv1_launch_variants.json); with `gemv1_plan`'s splits and tiles
+# 107.0 -> 100.6 and 117.0 -> 110.6 (int4_gemv1_launch_plan.json). With bf16 x its counters take a
 # torch.zeros of their own. No op of the kernel may be inline PTX with a side effect: torch's
 # mutation analysis cannot read it, takes every argument as written and the compiled graph
 # clones the weights before each call; `test_op_kernels_write_only_their_outputs` holds this.
@@ -168,8 +169,7 @@ def _cfg1(bn, groups, warps, parts=1, depth=1):
 # x 8 K parts, 8 warps, two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3
 # in the bf16-x sweep, scripts/measurements/int4_gemv1_variants.json: no partials, no second
 # kernel); 32 rows, two warps, one slice: gate/up 43008 x 5376 and the lm_head (341 us with bf16 x,
-# 212 with 64 rows, 209 with 32; gate/up 43.0 -> 41.2, and 44.8 -> 41.7 in
-# scripts/measurements/int4_gemv1_launch_variants.json).
+# 208 with 64 rows, 204 with 32; gate/up 43.0 -> 41.3: scripts/measurements/int4_gemv1_launch_plan.json).
 GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 2, 2)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
@@ -755,8 +755,8 @@ GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough progr
 GEMV1_MID_SPLITS = 8  # K slices between the two
 # up to this many rows (fewer 64-row blocks than the H200 has SMs) K in GEMV1_FEW_BLOCKS_SPLITS
 # slices: 5376 rows make 84 blocks, x 11 = 924 programs, 7 whole waves of 132 SMs (x 8: 672, 5.1
-# waves); o_proj 5376 x 8192 14.0 -> 13.3 us, 5376 x 16384 22.5 -> 21.0, down 5376 x 21504 27.7 ->
-# 25.4 (scripts/measurements/int4_gemv1_launch_variants.json)
+# waves); o_proj 5376 x 8192 14.0 -> 13.3 us, 5376 x 16384 22.4 -> 21.0, down 5376 x 21504 27.3 ->
+# 25.2 (scripts/measurements/int4_gemv1_launch_plan.json)
 GEMV1_FEW_BLOCKS_N = 8192
 GEMV1_FEW_BLOCKS_SPLITS = 11
 
