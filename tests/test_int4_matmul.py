@@ -99,7 +99,10 @@ def test_gemv1_plan_takes_pool_configs_and_whole_groups():
         assert any(cfg is c for c in im.GEMV1_CONFIGS) and 1 <= splits <= min(16, k // g)
         assert im.gemv1_splits(n, k, g) == splits
     assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1)  # K parts, no second kernel
-    assert im.gemv1_plan(262144, 5376, 128)[1] == 1
+    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[2], 1)  # 32-row tiles, one slice
+    # 84 row blocks x 11 slices = 7 waves of 132 SMs; 256 blocks x 7 slices of 6 groups
+    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 11)
+    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[0], 8)
 
 
 def test_group_size_for_k_not_a_multiple():
@@ -163,6 +166,16 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             ref = x @ im.dequantize_int4(qweight, scales, torch.float32).t()
             worst_xq = max(worst_xq, ((y - ref).norm() / ref.norm()).item())
         print("xq", worst_xq)
+        # the split summed in-kernel (red 2) gives `_sum_splits_kernel`'s bits: the same partials
+        # added in the same order; ragged N, slices of unequal length, each form of x
+        same = True
+        for N, K, G, splits, cfg in [(40, 2304, 128, 3, (8, 1, 4, 4, 2)), (33, 2560, 128, 4, (32, 1, 1, 1, 2))]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+            kern = im._autotuned([im._cfg1(*cfg)], im._int4_gemv1_kernel)
+            for xq, x in ((True, torch.randn(1, K)), (False, torch.randn(1, K).bfloat16())):
+                ys = [im.int4_gemv1(x, qweight, scales, splits, kernel=kern, red=red, xq=xq) for red in (0, 2)]
+                same = same and torch.equal(ys[0], ys[1])
+        print("same", same)
         # the op's M == 1 plan: K parts unsplit (few rows), then the split tile (rows over the limit)
         im.GEMV1_CONFIGS[:] = [im._cfg1(32, 1, 1), im._cfg1(8, 1, 8, parts=8, depth=2), im._cfg1(32, 1, 2, depth=2)]
         for N, K, G, small in [(40, 2560, 32, 4096), (33, 704, 64, 8), (72, 1536, 128, 8)]:
@@ -202,6 +215,7 @@ def test_triton_kernels_through_the_interpreter():
     assert float(r.stdout.split("bf16")[-1].split()[0]) < 5e-3  # bf16 output rounding
     assert float(r.stdout.split("mma")[-1].split()[0]) < 5e-3
     assert float(r.stdout.split("xq")[-1].split()[0]) < 1e-4  # x's two int8 levels
+    assert r.stdout.split("same")[-1].split()[0] == "True"  # red 2 gives red 0's bits
 
 
 _MUTATION_SCRIPT = textwrap.dedent("""
@@ -217,8 +231,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     triton.runtime.driver.set_active(Target())
     N, K, G = 16384, 5376, 128
     for xq in (True, False):
-        red = im.GEMV1_RED_XQ if xq else im.GEMV1_RED
-        for splits in (1, 8):
+        for splits, red in ((1, 0), (8, 0), (8, 2)):  # one slice; the split summed by a kernel or in-kernel
             cfg, _ = im.gemv1_plan(N, K, G)
             args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
                         xc_ptr=torch.empty(K // G, dtype=torch.int32), w_ptr=torch.empty(N, K // 8, dtype=torch.int32),
@@ -243,11 +256,12 @@ def test_op_kernels_write_only_their_outputs():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 5, r.stdout
+    assert len(lines) == 7, r.stdout
     for ln in lines:
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
     assert any(ln[0] == "gemv1" and ln[2] == "8" and "'part_ptr'" in " ".join(ln[3:]) for ln in lines), lines
+    assert im.GEMV1_RED_XQ in (0, 2) and im.GEMV1_RED in (0, 2)  # the modes read here
 
 
 _SM90_LAYOUT_SCRIPT = textwrap.dedent("""

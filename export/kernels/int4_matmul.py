@@ -19,7 +19,9 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   bandwidth on the H200 where the same loads without the arithmetic ran ~1.5x faster
   (scripts/measurements/int4_gemv1_variants.json). A config and K split per weight shape
   (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size weights split
-  K with the slices' fp32 partials summed by `_sum_splits_kernel`, the largest one slice.
+  K with the slices' fp32 partials summed by the last program of each row block (its counter
+  zeroed by the quantize kernel: two launches an op), the largest one slice. Quantizing x inside
+  the GEMV instead (each program the groups it reads) measured slower: gate/up 45 -> 57 us.
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -54,14 +56,17 @@ SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
 DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm (cuBLAS)
-# M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program sums (see the kernel;
-# with x as two int8 levels the quantize kernel zeroes its counters). The op takes 0: RED 2's
-# release fence is inline PTX with a side effect, which torch's mutation analysis of a wrapped
-# Triton kernel cannot read, so it takes every argument as written and the compiled graph
-# clones the weight before each call (a 2-layer 31B slice's decode step spent 305 us in those
-# copies on the H200). `test_op_kernels_write_only_their_outputs` holds this.
+# M == 1 with K split: 0 partials + `_sum_splits_kernel`, 2 the last program of a row block sums
+# them (see the kernel). With x as two int8 levels the quantize kernel zeroes the counters, so 2
+# saves a launch per mid-size weight: a sliding layer's four GEMVs as one CUDA graph 107.6 ->
+# 104.8 us, a full layer's 117.7 -> 115.8 on the H200, 8 kernels instead of 11
+# (scripts/measurements/int4_gemv1_launch_variants.json); with `gemv1_plan`'s splits and tiles
+# 107.0 -> 100.6 and 117.0 -> 110.6 (int4_gemv1_launch_plan.json). With bf16 x its counters take a
+# torch.zeros of their own. No op of the kernel may be inline PTX with a side effect: torch's
+# mutation analysis cannot read it, takes every argument as written and the compiled graph
+# clones the weights before each call; `test_op_kernels_write_only_their_outputs` holds this.
 GEMV1_RED = 0
-GEMV1_RED_XQ = 0
+GEMV1_RED_XQ = 2
 GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_tile_q`) instead of bf16 and FMAs
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -160,11 +165,12 @@ def _cfg1(bn, groups, warps, parts=1, depth=1):
 # memory; scripts/gemv1_xq_variants.py, scripts/measurements/int4_gemv1_xq_variants.json):
 # `gemv1_plan` takes one of these per weight shape. 64 rows, two adjacent groups a step (128
 # contiguous bytes of a row), four warps, one tile ahead, with x as two int8 levels (GEMV1_XQ):
-# the lm_head 341 -> 212 us (one slice), gate/up 43008 x 5376 57 -> 43 (one slice), the
-# projections between 5376 and 21504 rows 5-12% faster at 8 slices; 8 rows x 8 K parts, 8 warps,
-# two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3 in the bf16-x sweep,
-# scripts/measurements/int4_gemv1_variants.json: no partials, no second kernel).
-GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2)]
+# the projections between 5376 and 21504 rows 5-12% faster than with bf16 x, in K slices; 8 rows
+# x 8 K parts, 8 warps, two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3
+# in the bf16-x sweep, scripts/measurements/int4_gemv1_variants.json: no partials, no second
+# kernel); 32 rows, two warps, one slice: gate/up 43008 x 5376 and the lm_head (341 us with bf16 x,
+# 208 with 64 rows, 204 with 32; gate/up 43.0 -> 41.3: scripts/measurements/int4_gemv1_launch_plan.json).
+GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 2, 2)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -381,9 +387,14 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     shape until the end (one cross-thread sum).
 
     One slice (SPLITS == 1) writes y (x's dtype). Several: RED 0 writes fp32 partials
-    part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter,
-    and the program that arrives last sums the partials in slice order (deterministic) into y
-    and resets the counter to 0.
+    part[pid_k] for `_sum_splits_kernel`; RED 2 writes them and bumps the row block's counter
+    (zeroed before the launch), and the program that arrives last sums the partials in slice
+    order (deterministic: RED 0's bits) into y and resets the counter to 0. The release is the
+    pattern of CUTLASS's semaphore, a barrier (every thread's partials stored) and then one
+    thread's gpu-scope acq_rel atomic, with no fence in inline PTX: torch's mutation analysis
+    cannot read such an op (it would take every argument as written and the compiled graph
+    would clone the weights). Checked on the H200 bitwise against RED 0 over 1280 calls, eager
+    and in CUDA graphs (scripts/gemv1_launch_variants.py).
 
     XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
     per-group factor and correction) and a tile costs ~1 integer op per nibble pair
@@ -453,10 +464,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
     else:
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
-        if ASM:  # every thread's partials visible device-wide before the count goes up
-            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [offs_n], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        tl.debug_barrier()
+        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLITS - 1:
             tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -745,20 +753,28 @@ def _kernel(kind: str, group: int):
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two
+# up to this many rows (fewer 64-row blocks than the H200 has SMs) K in GEMV1_FEW_BLOCKS_SPLITS
+# slices: 5376 rows make 84 blocks, x 11 = 924 programs, 7 whole waves of 132 SMs (x 8: 672, 5.1
+# waves); o_proj 5376 x 8192 14.0 -> 13.3 us, 5376 x 16384 22.4 -> 21.0, down 5376 x 21504 27.3 ->
+# 25.2 (scripts/measurements/int4_gemv1_launch_plan.json)
+GEMV1_FEW_BLOCKS_N = 8192
+GEMV1_FEW_BLOCKS_SPLITS = 11
 
 
 def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
     """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
 
     Few rows: 8-row programs that read K in 8 parts, one slice. Many (gate/up, the lm_head):
-    64-row programs, one slice (no partials, no second kernel). Between: 64-row programs, K in
-    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by `_sum_splits_kernel`: 5376 .. 18432
-    rows make only 84 .. 288 row blocks for the H200's 132 SMs."""
+    32-row programs, one slice (no partials). Between: 64-row programs, K in GEMV1_MID_SPLITS
+    slices (GEMV1_FEW_BLOCKS_SPLITS up to GEMV1_FEW_BLOCKS_N rows; each slice >= 512 of K)
+    summed by the last program of each row block (GEMV1_RED_XQ): 5376 .. 18432 rows make only
+    84 .. 288 row blocks for the H200's 132 SMs."""
     if n <= GEMV1_SMALL_N:
         return GEMV1_CONFIGS[1], 1
     if n >= GEMV1_LARGE_N:
-        return GEMV1_CONFIGS[0], 1
-    return GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size)))
+        return GEMV1_CONFIGS[2], 1
+    splits = GEMV1_FEW_BLOCKS_SPLITS if n <= GEMV1_FEW_BLOCKS_N else GEMV1_MID_SPLITS
+    return GEMV1_CONFIGS[0], max(1, min(splits, k // max(512, group_size)))
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
@@ -781,8 +797,9 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
                red: int | None = None, xq: bool | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
-    (red 0) or by the last program of each row block (red 2, counters zeroed here). xq: x turned
-    into two int8 levels first (`_quant_x_kernel`, one more launch) and multiplied with dp4a."""
+    (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
+    kernel, or here with bf16 x). xq: x turned into two int8 levels first (`_quant_x_kernel`, one
+    more launch) and multiplied with dp4a."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
