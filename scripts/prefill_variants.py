@@ -10,12 +10,14 @@ is read back and a variant over SMEM_LIMIT is reported and not chosen. TFLOP/s a
 bf16 matmul and the copy bandwidth measured in the same run.
 
 --dk: the head_dim-512 comparison alone: the full layer at T = 2048, fills 8k / 32k (and 128k for
-the current default and the best few at 32k when the budget allows), bf16 / int8 / int4 KV, the
-current default (BLOCK_M 32, q held in registers) beside the variants with q . k over D chunks
+the previous default and the best few at 32k when the budget allows), bf16 / int8 / int4 KV, the
+previous default (BLOCK_M 32, q held in registers) beside the variants with q . k over D chunks
 (DK columns a step, q re-read from L2, BLOCK_M 64 / 128 on wgmma); registers and spills of each
-compiled kernel read back with its shared memory.
+compiled kernel read back with its shared memory. --dk-defaults --dk-chunks 128,512,2048: the
+previous default against PREFILL_CONFIG's at each chunk (short ones split the positions).
 
-    python -m scripts.prefill_variants [--out prefill_variants.json] [--jobs 12] [--smoke] [--dk]
+    python -m scripts.prefill_variants [--out prefill_variants.json] [--jobs 12] [--smoke]
+        [--dk [--dk-chunks 2048] [--dk-defaults]]
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ DK_VARIANTS = [(32, 32, 4, 2, 2),
                (64, 32, 8, 2, 2, 128, 1, 0), (64, 64, 8, 1, 2, 64, 0, 0), (64, 64, 8, 1, 2, 128, 0, 1),
                (128, 64, 8, 2, 2, 64, 1, 0), (128, 32, 8, 2, 2, 128, 1, 0), (64, 64, 8, 2, 1, 64, 1, 0),
                (64, 64, 8, 4, 2, 64, 1, 0), (64, 64, 8, 4, 2, 32, 1, 0), (32, 64, 4, 2, 2, 64, 1, 0)]
+# --dk-defaults: configs near the measured best, at the largest chunk only
+DK_REFINE = [(64, 64, 8, 3, 1, 64, 1, 0), (64, 64, 8, 2, 1, 32, 1, 0), (64, 64, 4, 3, 2, 64, 1, 0),
+             (128, 64, 8, 3, 2, 64, 1, 0), (64, 64, 4, 2, 2, 32, 1, 0)]
 DK_CHUNK, DK_FILLS, DK_KVS, DK_LONG = 2048, (8192, 32768), ("bf16", "int8", "int4"), 131072
 TARGETS = (1, 264)  # PREFILL_TARGET_PROGRAMS: 1 = never split positions
 OLD = (32, 32, 4, 1)  # the previous prefill kernel's config (BLOCK_M, BLOCK_N, warps, stages)
@@ -244,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--budget", type=float, default=135.0, help="seconds after which no new cell starts")
     ap.add_argument("--dk", action="store_true", help="only the head_dim-512 comparison (DK_VARIANTS)")
+    ap.add_argument("--dk-chunks", default=str(DK_CHUNK), help="--dk: chunk lengths T, comma-separated")
+    ap.add_argument("--dk-defaults", action="store_true",
+                    help="--dk: the previous default and PREFILL_CONFIG's (and DK_REFINE at the largest chunk)")
     args = ap.parse_args(argv)
     if args.smoke:
         DEV, DTYPE = "cpu", torch.float32
@@ -343,24 +351,37 @@ def main(argv=None) -> int:
 
 
 def dk_main(args, A, res, save, t0):
-    """--dk: the full layer's chunk at DK_FILLS for every KV format and DK_VARIANTS, then DK_LONG for
-    the first variant and the best three at the last fill (per KV format) while the budget lasts."""
-    global FULL, DK_VARIANTS, DK_CHUNK, DK_FILLS, DK_LONG
+    """--dk: the full layer's chunk(s) at DK_FILLS for every KV format, then DK_LONG at the largest
+    chunk for the first variant and the best three at the last fill (per KV format) while the
+    budget lasts. Variants: DK_VARIANTS, or with --dk-defaults the previous default, the module's
+    PREFILL_CONFIG for that KV format and (largest chunk only) DK_REFINE."""
+    global FULL, DK_VARIANTS, DK_REFINE, DK_FILLS, DK_LONG
+    chunks = tuple(int(c) for c in args.dk_chunks.split(","))
     if args.smoke:  # D 32: DK 16 / 32, the tiles the interpreter takes quickly
-        FULL, DK_CHUNK, DK_FILLS, DK_LONG = ("31b-full", 2, 8, 32, 512, 0), 24, (40, 64), 96
+        FULL, DK_FILLS, DK_LONG = ("31b-full", 2, 8, 32, 512, 0), (40,), 64
+        chunks = (8, 24) if args.dk_defaults else (24,)
         DK_VARIANTS = [(16, 16, 4, 1, 2), (32, 16, 8, 2, 2, 16, 1, 0), (16, 32, 4, 1, 1, 32, 0, 1)]
-    layer, T = FULL, DK_CHUNK
+        DK_REFINE = [(16, 16, 8, 2, 2, 32, 1, 0)]
+    layer = FULL
     _, Hkv, G, D, _, _ = layer
     H = Hkv * G
     target = A.PREFILL_TARGET_PROGRAMS
-    variants = [("new", c, target) for c in DK_VARIANTS]
+    fmt = {"bf16": 0, "int8": 1, "int4": 2}
+
+    def chosen(kv, T):
+        if not args.dk_defaults:
+            return [("new", c, target) for c in DK_VARIANTS]
+        cfgs = [DK_VARIANTS[0], A.PREFILL_CONFIG.get((D, fmt[kv]), DK_VARIANTS[1])]
+        cfgs += [c for c in DK_REFINE if c not in cfgs] if T == max(chunks) else []
+        return [("new", c, target) for c in cfgs]
+
     if DEV == "cuda":
         import multiprocessing as mp
 
-        jobs = [(layer, T, kv, var) for kv in DK_KVS for var in variants]
-        chunks = [jobs[i::args.jobs] for i in range(args.jobs) if jobs[i::args.jobs]]
-        with ProcessPoolExecutor(len(chunks), mp_context=mp.get_context("spawn")) as ex:
-            n = sum(ex.map(_warm, chunks))
+        jobs = [(layer, T, kv, var) for T in chunks for kv in DK_KVS for var in chosen(kv, T)]
+        parts = [jobs[i::args.jobs] for i in range(args.jobs) if jobs[i::args.jobs]]
+        with ProcessPoolExecutor(len(parts), mp_context=mp.get_context("spawn")) as ex:
+            n = sum(ex.map(_warm, parts))
         print(f"compiled {n}/{len(jobs)} variants in {time.time() - t0:.0f}s", flush=True)
         res["copy_gbps"], res["matmul_bf16_tflops"] = copy_gbps(), matmul_tflops()
     else:
@@ -368,20 +389,23 @@ def dk_main(args, A, res, save, t0):
     mm = res["matmul_bf16_tflops"]
     print(f"copy {res['copy_gbps']:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s", flush=True)
     torch.manual_seed(0)
-    caches = {kv: cache(layer, T, kv) for kv in DK_KVS}
+    caches = {kv: cache(layer, max(chunks), kv) for kv in DK_KVS}  # a flat cache: the same for every chunk
 
-    def cell(fill, kv, var, q, ref):
+    def pos_of(fill, T):
+        return torch.tensor([fill - T], device=DEV)
+
+    def cell(T, fill, kv, var, q, ref):
         flops = 4 * T * fill * H * D
         row = dict(layer=layer[0], kv_dtype=kv, chunk=T, fill=fill, variant=vname(var), config=list(var[1]))
         try:
             poisoned = _poison(A)
             try:
-                out = run(layer, caches[kv], q, pos_of(fill), var)
+                out = run(layer, caches[kv], q, pos_of(fill, T), var)
             finally:
                 _unpoison(A, poisoned)
             ok = bool(torch.isfinite(out).all())
             row["rel_err"] = ((out.float() - ref).norm() / ref.norm()).item() if ok else None
-            ms = time_ms(lambda: run(layer, caches[kv], q, pos_of(fill), var), least=3)
+            ms = time_ms(lambda: run(layer, caches[kv], q, pos_of(fill, T), var), least=3)
             row.update(us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12)
             row["fraction_of_matmul"] = row["tflops"] / mm
         except Exception as e:  # one broken variant must not end the sweep
@@ -389,36 +413,35 @@ def dk_main(args, A, res, save, t0):
         res["rows"].append(row)
         return row
 
-    def pos_of(fill):
-        return torch.tensor([fill - T], device=DEV)
-
     def good(r):
         return "us" in r and r["rel_err"] is not None and r["rel_err"] <= 1e-2
 
-    def sweep(fill, kv, chosen):
+    def sweep(T, fill, kv, variants):
         q = torch.randn(1, T, H, D, device=DEV, dtype=DTYPE)
-        ref = reference(A, q, caches[kv], pos_of(fill), 0)
-        rows = [cell(fill, kv, var, q, ref) for var in chosen]
+        ref = reference(A, q, caches[kv], pos_of(fill, T), 0)
+        rows = [cell(T, fill, kv, var, q, ref) for var in variants]
         base = rows[0] if good(rows[0]) else None
         best = min((r for r in rows if good(r)), key=lambda r: r["us"], default=None)
         if best:
             speed = f" ({base['us'] / best['us']:.2f}x {base['variant']})" if base else ""
-            print(f"{layer[0]} {kv:5} T{T} fill {fill:6} best {best['variant']:26} {best['us']:9.1f}us "
+            print(f"{layer[0]} {kv:5} T{T:5} fill {fill:6} best {best['variant']:26} {best['us']:9.1f}us "
                   f"{best['tflops']:6.1f} TFLOP/s ({best['fraction_of_matmul']:.2f} of matmul){speed}", flush=True)
         save()
         return rows
 
     last = {}
-    for fill in DK_FILLS:
-        for kv in DK_KVS:
-            last[kv] = sweep(fill, kv, variants)
+    for T in chunks:
+        for fill in DK_FILLS:
+            for kv in DK_KVS:
+                last[kv] = sweep(T, fill, kv, chosen(kv, T))
     for kv in DK_KVS:
         if DEV == "cuda" and time.time() - t0 > args.budget:
             print(f"time budget reached: no fill {DK_LONG} for {kv}", flush=True)
             continue
+        variants = chosen(kv, max(chunks))
         ranked = sorted((r for r in last[kv][1:] if good(r)), key=lambda r: r["us"])[:3]
         names = {r["variant"] for r in ranked}
-        sweep(DK_LONG, kv, [variants[0]] + [v for v in variants[1:] if vname(v) in names])
+        sweep(max(chunks), DK_LONG, kv, [variants[0]] + [v for v in variants[1:] if vname(v) in names])
     res["compiled_shared_bytes"] = shared_bytes()
     res["smem_limit"] = A.SMEM_LIMIT
     save()

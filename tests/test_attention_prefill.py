@@ -87,6 +87,14 @@ def test_d_chunked_configs_fit_consumer_shared_memory_by_the_estimate():
     assert A.prefill_smem_bytes((64, 32, 4, 2, 2), 512, 0) > A.SMEM_LIMIT  # q held: 64 KiB of q alone
 
 
+def test_a_split_d_chunked_launch_takes_v_in_parts_small_enough_for_its_fp32_partials():
+    dv, splits = A.prefill_parts(128, 8, 4, 512, 64, 1, 64)  # 64 row-block programs: positions split
+    assert splits > 1 and dv == 2 and 64 * 512 // dv * 4 <= A.PREFILL_PARTIAL_BYTES
+    assert A.prefill_parts(2048, 8, 4, 512, 64, 1, 64) == (1, 1)  # no split: V whole
+    assert A.prefill_parts(object(), 8, 4, 512, 64, 1, 64) == (1, 1)  # a symbolic chunk never splits
+    assert A.prefill_parts(128, 8, 4, 512, 32, 2, 0) == (2, A.prefill_splits(128, 8, 4, 32, 2))  # q held: as is
+
+
 PREFILL_COMPILE = r"""
 import sys
 import triton
@@ -99,30 +107,34 @@ elt = {0: "*bf16", 1: "*i8", 2: "*u8"}
 cfgs = [(fmt, cfg) for (D, fmt), cfg in A.PREFILL_CONFIG.items() if D == 512]
 cfgs += [(fmt, (64, 64, 8, 2, 2, 64, 1, 0)) for fmt in (0, 1, 2)]  # a D-chunked config on every format
 for arch in map(int, sys.argv[1:]):
-    for fmt, cfg in cfgs:
+    for (fmt, cfg), split in [(c, split) for c in cfgs for split in (False, True)]:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*cfg, 0, 0, 0)[:8]
+        if split:  # a chunk of 128 queries: positions in shares, fp32 partials (V parts as launch takes them)
+            dv, splits = A.prefill_parts(128, 8, 4, 512, bm, dv, dk)
+            assert splits > 1, (cfg, splits)
         ptrs = dict(Q="*bf16", K=elt[fmt], V=elt[fmt], KS="*fp16", VS="*fp16", KN="*bf16", VN="*bf16", POS="*i64",
                     O="*bf16", MP="*fp32", LP="*fp32", AP="*fp32")
-        consts = dict(G=8, D=512, KV_FMT=fmt, DV=dv, SPLIT=False, FP32=False, INTERPRET=False, BLOCK_M=bm,
+        consts = dict(G=8, D=512, KV_FMT=fmt, DV=dv, SPLIT=split, FP32=False, INTERPRET=False, BLOCK_M=bm,
                       BLOCK_N=bn, FRESH=False, DK=dk, DLOOP=dloop, VEARLY=vearly)
         sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
         # as launched: pointers and the strides / sizes the 31B has are multiples of 16
         attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in ("T", "WINDOW", "NUM_SPLITS")}
         k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps, "num_stages": stages})
-        print(arch, fmt, "-".join(map(str, cfg)), k.metadata.shared)
+        print(arch, fmt, "-".join(map(str, cfg)), split, k.metadata.shared)
 """
 
 
 def test_prefill_kernels_compile_for_consumer_cards_within_shared_memory():
     """The head_dim-512 prefill configs (and a D-chunked one for every KV format) compiled by
-    Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU present: the compiler accepts them and
-    the shared memory it reports fits the consumer cards' limit."""
+    Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU present, writing the output or (a short
+    static chunk) fp32 partials: the compiler accepts them and the shared memory it reports fits
+    the consumer cards' limit (a D-chunked config's partial tile of 64 x 512 fp32 alone would not)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", PREFILL_COMPILE, "89", "90", "120"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.strip().splitlines()]
     n = sum(D == 512 for D, _ in A.PREFILL_CONFIG) + 3
-    assert len(lines) == 3 * n, r.stdout
+    assert len(lines) == 3 * 2 * n, r.stdout
     assert all(int(shared) <= A.SMEM_LIMIT for *_, shared in lines), r.stdout

@@ -41,9 +41,11 @@ dynamic in the traced graph) has a kernel of its own
 head, each row block walking only the positions its rows can see (causal and window range),
 unmasked but for the window's lower edge and the causal diagonal; V's columns in DV parts and,
 for a static chunk with few row blocks, the positions in NUM_SPLITS shares merged by
-_prefill_combine. BLOCK_M 32 keeps the dots on mma.sync with q in registers, so at head_dim 512
-two K/V stages fit the consumer shared-memory limit (wgmma would keep q, 64 KiB at BLOCK_M 64, in
-shared memory). The eager reference below is the CPU kernel and the CPU backend's decomposition.
+_prefill_combine. At head_dim 512 q . k runs as a GEMM over D (DK columns a step, q's chunk
+re-read from L2 for every block, _pfk_block), so BLOCK_M 64 takes wgmma on sm_90 within the
+consumer shared-memory limit: held whole, q alone is 64 KiB there (the held-q path stays for
+head_dim 256, where wgmma fits with q held, and for configs without DK). The eager reference below is the CPU
+kernel and the CPU backend's decomposition.
 """
 
 from __future__ import annotations
@@ -88,12 +90,22 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 # 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
-# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
-# H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
-# head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
-# (BLOCK_M 64) config that fits keeps q in shared memory and spills. head_dim 256: wgmma fits.
-PREFILL_CONFIG = {(512, 0): (32, 32, 4, 2, 2), (512, 1): (32, 32, 4, 2, 2), (512, 2): (32, 32, 4, 2, 2),
+# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]),
+# measured best on an H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants*); each
+# fits SMEM_LIMIT. head_dim 512: q . k over D chunks of DK = 64 (q re-read per block, the chunk loop
+# pipelined: DLOOP 1) on wgmma at BLOCK_M 64; holding q (BLOCK_M 32, mma.sync, V in two column parts)
+# was the best before, and every held-q wgmma config spilled. 31B full layer, T 2048, fills 8k / 32k /
+# 128k (`prefill_variants --dk`, matmul 785 TFLOP/s): bf16 10.3 / 47.0 / 194 ms -> 7.3 / 33.4 / 135
+# (BLOCK_M 64 x BLOCK_N 64, 8 warps, V whole: DV 1), int8 11.2 / 54.4 / 235 -> 8.4 / 42.9 / 178 (same),
+# int4 14.3 / 59.6 / 248 -> 8.6 / 36.1 / 155 (4 warps, DV 2); BLOCK_M 128 (DV 2) within 2% of DV 1,
+# 3 / 4 chunk stages, DK 32 / 128, the chunks unrolled or V loaded before q . k slower. head_dim 256:
+# wgmma with q held fits.
+PREFILL_CONFIG = {(512, 0): (64, 64, 8, 2, 1, 64, 1, 0), (512, 1): (64, 64, 8, 2, 1, 64, 1, 0),
+                  (512, 2): (64, 64, 4, 2, 2, 64, 1, 0),
                   (256, 0): (64, 32, 4, 2, 1), (256, 1): (64, 32, 4, 2, 1)}
+# a split chunk's fp32 partials (BLOCK_M x D / DV) pass through shared memory on their way out: a
+# D-chunked config whose tile is larger takes V in more column parts when it splits positions
+PREFILL_PARTIAL_BYTES = 65536
 PREFILL_TARGET_PROGRAMS = 264  # a static chunk with fewer row-block programs splits the positions
 PREFILL_MAX_SPLITS = 8
 _PREFILL_FORCE = None  # a (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) set by `use_prefill_config`
@@ -1189,7 +1201,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER)
     else:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
-        splits = prefill_splits(T, G, Hkv, bm, dv)
+        dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)
         kern = _prefill_kernel(bm, bn, warps, stages)
         grid = (splits, triton.cdiv(T * G, bm), Hkv * dv)
         if splits > 1:
@@ -1231,6 +1243,16 @@ def prefill_splits(T, G: int, kv_heads: int, block_m: int, dv: int) -> int:
         return 1
     programs = triton.cdiv(T * G, block_m) * kv_heads * dv
     return max(1, min(PREFILL_MAX_SPLITS, PREFILL_TARGET_PROGRAMS // programs))
+
+
+def prefill_parts(T, G: int, kv_heads: int, head_dim: int, block_m: int, dv: int, dk: int) -> tuple[int, int]:
+    """(DV, position shares) of a prefill launch: the config's DV unless a D-chunked config splits
+    the positions with an fp32 partial tile over PREFILL_PARTIAL_BYTES (then more V parts)."""
+    splits = prefill_splits(T, G, kv_heads, block_m, dv)
+    while dk and splits > 1 and block_m * head_dim // dv * 4 > PREFILL_PARTIAL_BYTES and head_dim // dv > 64:
+        dv *= 2
+        splits = prefill_splits(T, G, kv_heads, block_m, dv)
+    return dv, splits
 
 
 _PREFILL_KERNELS: dict = {}
