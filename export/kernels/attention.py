@@ -95,11 +95,13 @@ COMBINE_EAGER = 1
 # fits SMEM_LIMIT. head_dim 512: q . k over D chunks of DK = 64 (q re-read per block, the chunk loop
 # pipelined: DLOOP 1) on wgmma at BLOCK_M 64; holding q (BLOCK_M 32, mma.sync, V in two column parts)
 # was the best before, and every held-q wgmma config spilled. 31B full layer, T 2048, fills 8k / 32k /
-# 128k (`prefill_variants --dk`, matmul 785 TFLOP/s): bf16 10.3 / 47.0 / 194 ms -> 7.3 / 33.4 / 135
-# (BLOCK_M 64 x BLOCK_N 64, 8 warps, V whole: DV 1), int8 11.2 / 54.4 / 235 -> 8.4 / 42.9 / 178 (same),
-# int4 14.3 / 59.6 / 248 -> 8.6 / 36.1 / 155 (4 warps, DV 2); BLOCK_M 128 (DV 2) within 2% of DV 1,
-# 3 / 4 chunk stages, DK 32 / 128, the chunks unrolled or V loaded before q . k slower. head_dim 256:
-# wgmma with q held fits.
+# 128k (`prefill_variants --dk`, matmul 785 TFLOP/s): bf16 11.2 / 47.2 / 194 ms -> 7.4 / 33.4 / 135
+# (BLOCK_M 64 x BLOCK_N 64, 8 warps, V whole: DV 1; 131 TFLOP/s from 32k), int8 11.4 / 54.4 / 235 ->
+# 8.4 / 43.0 / 178 (same), int4 14.3 / 59.4 / 248 -> 8.6 / 36.1 / 155 (4 warps, DV 2); BLOCK_M 128
+# (DV 2) 4% faster at 8k and 1-2% slower from 32k for bf16 / int8, 11% slower for int4; at 8 warps
+# with DV 2 more chunk bytes in flight helped (bf16 8k: 104 TFLOP/s at 2 stages, 156 at 4, 122 with DK
+# 128) but stayed below DV 1 from 32k; the chunks unrolled slower, V loaded before q . k no faster.
+# head_dim 256: wgmma with q held fits.
 PREFILL_CONFIG = {(512, 0): (64, 64, 8, 2, 1, 64, 1, 0), (512, 1): (64, 64, 8, 2, 1, 64, 1, 0),
                   (512, 2): (64, 64, 4, 2, 2, 64, 1, 0),
                   (256, 0): (64, 32, 4, 2, 1), (256, 1): (64, 32, 4, 2, 1)}
