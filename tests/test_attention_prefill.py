@@ -91,6 +91,7 @@ def test_a_split_d_chunked_launch_takes_v_in_parts_small_enough_for_its_fp32_par
     dv, splits = A.prefill_parts(128, 8, 4, 512, 64, 1, 64)  # 64 row-block programs: positions split
     assert splits > 1 and dv == 2 and 64 * 512 // dv * 4 <= A.PREFILL_PARTIAL_BYTES
     assert A.prefill_parts(2048, 8, 4, 512, 64, 1, 64) == (1, 1)  # no split: V whole
+    assert A.prefill_parts(256, 8, 4, 512, 128, 2, 64) == (2, 1)  # 4 parts would leave one share: 2, unsplit
     assert A.prefill_parts(object(), 8, 4, 512, 64, 1, 64) == (1, 1)  # a symbolic chunk never splits
     assert A.prefill_parts(128, 8, 4, 512, 32, 2, 0) == (2, A.prefill_splits(128, 8, 4, 32, 2))  # q held: as is
 

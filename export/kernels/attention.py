@@ -91,19 +91,22 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]),
-# measured best on an H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants*); each
-# fits SMEM_LIMIT. head_dim 512: q . k over D chunks of DK = 64 (q re-read per block, the chunk loop
-# pipelined: DLOOP 1) on wgmma at BLOCK_M 64; holding q (BLOCK_M 32, mma.sync, V in two column parts)
-# was the best before, and every held-q wgmma config spilled. 31B full layer, T 2048, fills 8k / 32k /
-# 128k (`prefill_variants --dk`, matmul 785 TFLOP/s): bf16 11.2 / 47.2 / 194 ms -> 7.4 / 33.4 / 135
-# (BLOCK_M 64 x BLOCK_N 64, 8 warps, V whole: DV 1; 131 TFLOP/s from 32k), int8 11.4 / 54.4 / 235 ->
-# 8.4 / 43.0 / 178 (same), int4 14.3 / 59.4 / 248 -> 8.6 / 36.1 / 155 (4 warps, DV 2); BLOCK_M 128
-# (DV 2) 4% faster at 8k and 1-2% slower from 32k for bf16 / int8, 11% slower for int4; at 8 warps
-# with DV 2 more chunk bytes in flight helped (bf16 8k: 104 TFLOP/s at 2 stages, 156 at 4, 122 with DK
-# 128) but stayed below DV 1 from 32k; the chunks unrolled slower, V loaded before q . k no faster.
+# measured best on an H200 (scripts/prefill_variants.py, scripts/measurements/prefill_*); each fits
+# SMEM_LIMIT. head_dim 512: q . k over D chunks of DK = 64 (q re-read per block, the chunk loop
+# pipelined, 3 stages: DLOOP 1) on wgmma, V in two column parts; holding q (BLOCK_M 32, mma.sync) was
+# the best before, and every held-q wgmma config spilled. 31B full layer, T 2048, fills 8k / 32k /
+# 128k (`prefill_variants --dk --dk-defaults`, matmul 755 TFLOP/s, prefill_dk_defaults.json): bf16
+# 10.7 / 47.7 / 195 ms -> 4.7 / 23.0 / 94 (BLOCK_M 64, 4 warps: 232 / 191 / 187 TFLOP/s), int8
+# 11.5 / 55.2 / 236 -> 7.2 / 31.1 / 130 and int4 14.4 / 59.5 / 252 -> 7.3 / 31.1 / 129 (BLOCK_M 128,
+# 8 warps). Within 12% of these: BLOCK_M 64 x 8 warps with V whole (DV 1) at 3 stages, and the other
+# format's pick; 2 stages 1.1-1.4x slower, DK 32 slower still; DK 128 at 2 stages below DK 64 at 3 / 4,
+# the chunks unrolled or V loaded before q . k no better (prefill_dk_variants.json). Shorter chunks
+# (position splits) were measured for BLOCK_M 64 at 2 stages only: int4 (4 warps, DV 2) 1.4-1.7x the
+# held-q kernel at T 128 / 512; bf16 / int8 with V whole 1.15-1.4x at T 512 but 0.7-0.8x at T 128
+# (a split takes DV 2 on 8 warps).
 # head_dim 256: wgmma with q held fits.
-PREFILL_CONFIG = {(512, 0): (64, 64, 8, 2, 1, 64, 1, 0), (512, 1): (64, 64, 8, 2, 1, 64, 1, 0),
-                  (512, 2): (64, 64, 4, 2, 2, 64, 1, 0),
+PREFILL_CONFIG = {(512, 0): (64, 64, 4, 3, 2, 64, 1, 0), (512, 1): (128, 64, 8, 3, 2, 64, 1, 0),
+                  (512, 2): (128, 64, 8, 3, 2, 64, 1, 0),
                   (256, 0): (64, 32, 4, 2, 1), (256, 1): (64, 32, 4, 2, 1)}
 # a split chunk's fp32 partials (BLOCK_M x D / DV) pass through shared memory on their way out: a
 # D-chunked config whose tile is larger takes V in more column parts when it splits positions
@@ -1249,12 +1252,14 @@ def prefill_splits(T, G: int, kv_heads: int, block_m: int, dv: int) -> int:
 
 def prefill_parts(T, G: int, kv_heads: int, head_dim: int, block_m: int, dv: int, dk: int) -> tuple[int, int]:
     """(DV, position shares) of a prefill launch: the config's DV unless a D-chunked config splits
-    the positions with an fp32 partial tile over PREFILL_PARTIAL_BYTES (then more V parts)."""
+    the positions with an fp32 partial tile over PREFILL_PARTIAL_BYTES: then more V parts, or the
+    config's DV in one share where the parts leave enough programs not to split."""
     splits = prefill_splits(T, G, kv_heads, block_m, dv)
-    while dk and splits > 1 and block_m * head_dim // dv * 4 > PREFILL_PARTIAL_BYTES and head_dim // dv > 64:
-        dv *= 2
-        splits = prefill_splits(T, G, kv_heads, block_m, dv)
-    return dv, splits
+    parts = dv
+    while dk and splits > 1 and block_m * head_dim // parts * 4 > PREFILL_PARTIAL_BYTES and head_dim // parts > 64:
+        parts *= 2
+        splits = prefill_splits(T, G, kv_heads, block_m, parts)
+    return (parts, splits) if splits > 1 else (dv, 1)
 
 
 _PREFILL_KERNELS: dict = {}
