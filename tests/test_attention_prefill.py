@@ -48,7 +48,8 @@ for H, Hkv, S, window, pos, T, cfg in cases:
             want = A.attention_reference(q.bfloat16().float(), *args, p, window)
             rel[kv] = max(rel.get(kv, 0.0), ((got - want).norm() / want.norm()).item())
 # a chunk's own K/V beside a window-sized ring (float), shorter and longer than the window
-for H, Hkv, W, pos, T, cfg in [(8, 2, 16, 40, 21, (16, 16, 8, 2, 2, 64, 1, 0)), (4, 1, 24, 30, 6, (16, 32, 4, 2, 1, 128, 0, 1))]:
+for H, Hkv, W, pos, T, cfg in [(8, 2, 16, 40, 21, (16, 16, 8, 2, 2, 64, 1, 0)),
+                               (4, 1, 24, 30, 6, (16, 32, 4, 2, 1, 128, 0, 1))]:
     ring, chunk, _ = ring_and_chunk(Hkv, W, D, pos, T, gen)
     q = torch.randn(1, T, H, D, generator=gen)
     p = torch.tensor([pos])
@@ -119,7 +120,8 @@ for arch in map(int, sys.argv[1:]):
                       BLOCK_N=bn, FRESH=False, DK=dk, DLOOP=dloop, VEARLY=vearly)
         sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
         # as launched: pointers and the strides / sizes the 31B has are multiples of 16
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig if n not in ("T", "WINDOW", "NUM_SPLITS")}
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in sig
+                 if n not in ("T", "WINDOW", "NUM_SPLITS")}
         k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": warps, "num_stages": stages})
         print(arch, fmt, "-".join(map(str, cfg)), split, k.metadata.shared)
