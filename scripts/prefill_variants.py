@@ -9,7 +9,15 @@ reference with fresh random q on a NaN-poisoned output; every compiled kernel's 
 is read back and a variant over SMEM_LIMIT is reported and not chosen. TFLOP/s against torch's
 bf16 matmul and the copy bandwidth measured in the same run.
 
+--dk: the head_dim-512 comparison alone: the full layer at T = 2048, fills 8k / 32k (and 128k for
+the previous default and the best few at 32k when the budget allows), bf16 / int8 / int4 KV, the
+previous default (BLOCK_M 32, q held in registers) beside the variants with q . k over D chunks
+(DK columns a step, q re-read from L2, BLOCK_M 64 / 128 on wgmma); registers and spills of each
+compiled kernel read back with its shared memory. --dk-defaults --dk-chunks 128,512,2048: the
+previous default against PREFILL_CONFIG's at each chunk (short ones split the positions).
+
     python -m scripts.prefill_variants [--out prefill_variants.json] [--jobs 12] [--smoke]
+        [--dk [--dk-chunks 2048] [--dk-defaults]]
 """
 
 from __future__ import annotations
@@ -37,6 +45,18 @@ VARIANTS = {
           (32, 32, 4, 2, 2), (64, 16, 8, 1, 2)],
     256: [(64, 32, 4, 2, 1), (64, 32, 8, 2, 1), (32, 32, 8, 2, 1), (32, 32, 4, 3, 1), (32, 64, 8, 2, 1)],
 }
+# --dk: (BLOCK_M, BLOCK_N, num_warps, num_stages, DV, DK, DLOOP, VEARLY) for head_dim 512; the first
+# is the default before the D-chunked path (q held, DK 0)
+DK_VARIANTS = [(32, 32, 4, 2, 2),
+               (64, 64, 8, 2, 2, 64, 1, 0), (64, 64, 8, 2, 2, 64, 1, 1), (64, 64, 8, 3, 2, 64, 1, 0),
+               (64, 64, 8, 3, 2, 64, 1, 1), (64, 64, 4, 2, 2, 64, 1, 0), (64, 64, 8, 2, 2, 128, 1, 0),
+               (64, 32, 8, 2, 2, 128, 1, 0), (64, 64, 8, 1, 2, 64, 0, 0), (64, 64, 8, 1, 2, 128, 0, 1),
+               (128, 64, 8, 2, 2, 64, 1, 0), (128, 32, 8, 2, 2, 128, 1, 0), (64, 64, 8, 2, 1, 64, 1, 0),
+               (64, 64, 8, 4, 2, 64, 1, 0), (64, 64, 8, 4, 2, 32, 1, 0), (32, 64, 4, 2, 2, 64, 1, 0)]
+# --dk-defaults: configs near the measured best, at the largest chunk only
+DK_REFINE = [(64, 64, 8, 3, 1, 64, 1, 0), (64, 64, 8, 2, 1, 32, 1, 0), (64, 64, 4, 3, 2, 64, 1, 0),
+             (128, 64, 8, 3, 2, 64, 1, 0), (64, 64, 4, 2, 2, 32, 1, 0)]
+DK_CHUNK, DK_FILLS, DK_KVS, DK_LONG = 2048, (8192, 32768), ("bf16", "int8", "int4"), 131072
 TARGETS = (1, 264)  # PREFILL_TARGET_PROGRAMS: 1 = never split positions
 OLD = (32, 32, 4, 1)  # the previous prefill kernel's config (BLOCK_M, BLOCK_N, warps, stages)
 DEV, DTYPE, SCALE = "cuda", torch.bfloat16, 1
@@ -115,9 +135,13 @@ def variants(D, T):
 
 
 def vname(var):
+    """m<BLOCK_M>n<BLOCK_N>w<warps>s<stages> dv<DV>[ k<DK><L loop | U unrolled>[e: V loaded early]] t<target>"""
     if var[0] == "old":
         return "old m%dn%dw%ds%d" % var[1]
-    return "m%dn%dw%ds%d dv%d t%d" % (*var[1], var[2])
+    name = "m%dn%dw%ds%d dv%d" % var[1][:5]
+    if len(var[1]) > 5 and var[1][5]:
+        name += " k%d%s%s" % (var[1][5], "L" if var[1][6] else "U", "e" if var[1][7] else "")
+    return name + " t%d" % var[2]
 
 
 def _warm(jobs):
@@ -136,8 +160,8 @@ def _warm(jobs):
     return done
 
 
-def time_ms(fn, budget_ms=60.0):
-    """Median of CUDA-event timings, as many as fit the budget (1 to 20) after a warm-up call."""
+def time_ms(fn, budget_ms=60.0, least=1):
+    """Median of CUDA-event timings, as many as fit the budget (least to 20) after a warm-up call."""
     if DEV == "cpu":
         t = time.perf_counter()
         fn()
@@ -150,7 +174,7 @@ def time_ms(fn, budget_ms=60.0):
     end.record()
     torch.cuda.synchronize()
     first = start.elapsed_time(end)
-    n = max(1, min(20, int(budget_ms / max(first, 1e-3))))
+    n = max(least, min(20, int(budget_ms / max(first, 1e-3))))
     times = []
     for _ in range(n):
         start.record()
@@ -178,17 +202,18 @@ def matmul_tflops(n=8192):
 
 def shared_bytes():
     """Shared memory of every compiled prefill kernel: (constexprs and options as Triton keys its
-    cache, bytes), and the largest."""
+    cache, bytes, registers, spilled bytes), and the largest."""
     from export.kernels import attention as A
 
     out = []
     try:
         for caches in A._prefill_body.device_caches.values():
             for key, k in caches[0].items():
-                out.append((str(key)[-400:], k.metadata.shared))
+                out.append((str(key)[-400:], k.metadata.shared, getattr(k, "n_regs", None),
+                            getattr(k, "n_spills", None)))
     except Exception as e:  # Triton internals: report, do not fail the run
         return {"unavailable": repr(e)[:200]}
-    return {"max": max((b for _, b in out), default=None), "kernels": out}
+    return {"max": max((b for _, b, _, _ in out), default=None), "kernels": out}
 
 
 def sdpa_fn(q, k, v, pos, window):
@@ -223,6 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--budget", type=float, default=135.0, help="seconds after which no new cell starts")
+    ap.add_argument("--dk", action="store_true", help="only the head_dim-512 comparison (DK_VARIANTS)")
+    ap.add_argument("--dk-chunks", default=str(DK_CHUNK), help="--dk: chunk lengths T, comma-separated")
+    ap.add_argument("--dk-defaults", action="store_true",
+                    help="--dk: the previous default and PREFILL_CONFIG's (and DK_REFINE at the largest chunk)")
     args = ap.parse_args(argv)
     if args.smoke:
         DEV, DTYPE = "cpu", torch.float32
@@ -237,6 +266,9 @@ def main(argv=None) -> int:
     def save():
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
+
+    if args.dk:
+        return dk_main(args, A, res, save, t0)
 
     # the smallest chunk has every variant; the others specialize alike (T, S: same divisibility)
     jobs = [(layer, min(CHUNKS), kv, var) for layer in (FULL, SLIDING) for kv in KVS
@@ -318,6 +350,106 @@ def main(argv=None) -> int:
     return 0
 
 
+def dk_main(args, A, res, save, t0):
+    """--dk: the full layer's chunk(s) at DK_FILLS for every KV format, then DK_LONG at the largest
+    chunk for the first variant and the best three at the last fill (per KV format) while the
+    budget lasts. Variants: DK_VARIANTS, or with --dk-defaults the previous default, the module's
+    PREFILL_CONFIG for that KV format and (largest chunk only) DK_REFINE."""
+    global FULL, DK_VARIANTS, DK_REFINE, DK_FILLS, DK_LONG
+    chunks = tuple(int(c) for c in args.dk_chunks.split(","))
+    if args.smoke:  # D 32: DK 16 / 32, the tiles the interpreter takes quickly
+        FULL, DK_FILLS, DK_LONG = ("31b-full", 2, 8, 32, 512, 0), (40,), 64
+        chunks = (8, 24) if args.dk_defaults else (24,)
+        DK_VARIANTS = [(16, 16, 4, 1, 2), (32, 16, 8, 2, 2, 16, 1, 0), (16, 32, 4, 1, 1, 32, 0, 1)]
+        DK_REFINE = [(16, 16, 8, 2, 2, 32, 1, 0)]
+    layer = FULL
+    _, Hkv, G, D, _, _ = layer
+    H = Hkv * G
+    target = A.PREFILL_TARGET_PROGRAMS
+    fmt = {"bf16": 0, "int8": 1, "int4": 2}
+
+    def chosen(kv, T):
+        if not args.dk_defaults:
+            return [("new", c, target) for c in DK_VARIANTS]
+        cfgs = [DK_VARIANTS[0], A.PREFILL_CONFIG.get((D, fmt[kv]), DK_VARIANTS[1])]
+        cfgs += [c for c in DK_REFINE if c not in cfgs] if T == max(chunks) else []
+        return [("new", c, target) for c in cfgs]
+
+    if DEV == "cuda":
+        import multiprocessing as mp
+
+        jobs = [(layer, T, kv, var) for T in chunks for kv in DK_KVS for var in chosen(kv, T)]
+        parts = [jobs[i::args.jobs] for i in range(args.jobs) if jobs[i::args.jobs]]
+        with ProcessPoolExecutor(len(parts), mp_context=mp.get_context("spawn")) as ex:
+            n = sum(ex.map(_warm, parts))
+        print(f"compiled {n}/{len(jobs)} variants in {time.time() - t0:.0f}s", flush=True)
+        res["copy_gbps"], res["matmul_bf16_tflops"] = copy_gbps(), matmul_tflops()
+    else:
+        res["copy_gbps"], res["matmul_bf16_tflops"] = 1.0, 1.0
+    mm = res["matmul_bf16_tflops"]
+    print(f"copy {res['copy_gbps']:.0f} GB/s, bf16 matmul {mm:.0f} TFLOP/s", flush=True)
+    torch.manual_seed(0)
+    caches = {kv: cache(layer, max(chunks), kv) for kv in DK_KVS}  # a flat cache: the same for every chunk
+
+    def pos_of(fill, T):
+        return torch.tensor([fill - T], device=DEV)
+
+    def cell(T, fill, kv, var, q, ref):
+        flops = 4 * T * fill * H * D
+        row = dict(layer=layer[0], kv_dtype=kv, chunk=T, fill=fill, variant=vname(var), config=list(var[1]))
+        try:
+            poisoned = _poison(A)
+            try:
+                out = run(layer, caches[kv], q, pos_of(fill, T), var)
+            finally:
+                _unpoison(A, poisoned)
+            ok = bool(torch.isfinite(out).all())
+            row["rel_err"] = ((out.float() - ref).norm() / ref.norm()).item() if ok else None
+            ms = time_ms(lambda: run(layer, caches[kv], q, pos_of(fill, T), var), least=3)
+            row.update(us=ms * 1e3, tflops=flops / (ms * 1e-3) / 1e12)
+            row["fraction_of_matmul"] = row["tflops"] / mm
+        except Exception as e:  # one broken variant must not end the sweep
+            row["error"] = repr(e)[:300]
+        res["rows"].append(row)
+        return row
+
+    def good(r):
+        return "us" in r and r["rel_err"] is not None and r["rel_err"] <= 1e-2
+
+    def sweep(T, fill, kv, variants):
+        q = torch.randn(1, T, H, D, device=DEV, dtype=DTYPE)
+        ref = reference(A, q, caches[kv], pos_of(fill, T), 0)
+        rows = [cell(T, fill, kv, var, q, ref) for var in variants]
+        base = rows[0] if good(rows[0]) else None
+        best = min((r for r in rows if good(r)), key=lambda r: r["us"], default=None)
+        if best:
+            speed = f" ({base['us'] / best['us']:.2f}x {base['variant']})" if base else ""
+            print(f"{layer[0]} {kv:5} T{T:5} fill {fill:6} best {best['variant']:26} {best['us']:9.1f}us "
+                  f"{best['tflops']:6.1f} TFLOP/s ({best['fraction_of_matmul']:.2f} of matmul){speed}", flush=True)
+        save()
+        return rows
+
+    last = {}
+    for T in chunks:
+        for fill in DK_FILLS:
+            for kv in DK_KVS:
+                last[kv] = sweep(T, fill, kv, chosen(kv, T))
+    for kv in DK_KVS:
+        if DEV == "cuda" and time.time() - t0 > args.budget:
+            print(f"time budget reached: no fill {DK_LONG} for {kv}", flush=True)
+            continue
+        variants = chosen(kv, max(chunks))
+        ranked = sorted((r for r in last[kv][1:] if good(r)), key=lambda r: r["us"])[:3]
+        names = {r["variant"] for r in ranked}
+        sweep(max(chunks), DK_LONG, kv, [variants[0]] + [v for v in variants[1:] if vname(v) in names])
+    res["compiled_shared_bytes"] = shared_bytes()
+    res["smem_limit"] = A.SMEM_LIMIT
+    save()
+    table(res)
+    print(f"total {time.time() - t0:.0f}s", flush=True)
+    return 0
+
+
 def table(res):
     rows = [r for r in res["rows"] if r.get("us")]
     print(f"\ncopy {res['copy_gbps']:.0f} GB/s, bf16 matmul {res['matmul_bf16_tflops']:.0f} TFLOP/s; "
@@ -340,9 +472,11 @@ def table(res):
           f"non-finite {sum(e is None for e in errs)}, errors {sum('error' in r for r in res['rows'])}")
     sh = res.get("compiled_shared_bytes") or {}
     print("compiled prefill kernels' shared bytes: max", sh.get("max"), "limit", res.get("smem_limit"))
-    for key, b in sh.get("kernels", []):
+    for key, b, regs, spills in sh.get("kernels", []):
         if b > (res.get("smem_limit") or 0):
             print("  OVER", b, key[-200:])
+        if spills:
+            print(f"  spills {spills} B, {regs} registers:", key[-200:])
 
 
 

@@ -153,10 +153,10 @@ def test_prefill_configs_fit_consumer_shared_memory():
     for D in (16, 32, 256, 512):
         for fmt in (0, 1, 2):
             cfg = A.prefill_config(D, fmt)
-            assert A.prefill_smem_bytes(*cfg, D, fmt) <= A.SMEM_LIMIT == 101376, (D, fmt, cfg)
+            assert A.prefill_smem_bytes(cfg, D, fmt) <= A.SMEM_LIMIT == 101376, (D, fmt, cfg)
             assert D // cfg[4] >= 16 and cfg[0] >= 16  # tl.dot's smallest operand
     for (D, fmt), cfg in A.PREFILL_CONFIG.items():
-        assert A.prefill_smem_bytes(*cfg, D, fmt) <= A.SMEM_LIMIT, (D, fmt, cfg)
+        assert A.prefill_smem_bytes(cfg, D, fmt) <= A.SMEM_LIMIT, (D, fmt, cfg)
 
 
 def test_prefill_splits_only_for_a_static_chunk_with_few_row_blocks():

@@ -41,9 +41,11 @@ dynamic in the traced graph) has a kernel of its own
 head, each row block walking only the positions its rows can see (causal and window range),
 unmasked but for the window's lower edge and the causal diagonal; V's columns in DV parts and,
 for a static chunk with few row blocks, the positions in NUM_SPLITS shares merged by
-_prefill_combine. BLOCK_M 32 keeps the dots on mma.sync with q in registers, so at head_dim 512
-two K/V stages fit the consumer shared-memory limit (wgmma would keep q, 64 KiB at BLOCK_M 64, in
-shared memory). The eager reference below is the CPU kernel and the CPU backend's decomposition.
+_prefill_combine. At head_dim 512 q . k runs as a GEMM over D (DK columns a step, q's chunk
+re-read from L2 for every block, _pfk_block), so BLOCK_M 64 takes wgmma on sm_90 within the
+consumer shared-memory limit: held whole, q alone is 64 KiB there (the held-q path stays for
+head_dim 256, where wgmma fits with q held, and for configs without DK). The eager reference below is the CPU
+kernel and the CPU backend's decomposition.
 """
 
 from __future__ import annotations
@@ -88,12 +90,27 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 # 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
-# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV), measured best on an
-# H200 (scripts/prefill_variants.py, scripts/measurements/prefill_variants.txt); each fits SMEM_LIMIT.
-# head_dim 512: BLOCK_M 32 (mma.sync, q in registers) with V in two column parts; every wgmma
-# (BLOCK_M 64) config that fits keeps q in shared memory and spills. head_dim 256: wgmma fits.
-PREFILL_CONFIG = {(512, 0): (32, 32, 4, 2, 2), (512, 1): (32, 32, 4, 2, 2), (512, 2): (32, 32, 4, 2, 2),
+# prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]),
+# measured best on an H200 (scripts/prefill_variants.py, scripts/measurements/prefill_*); each fits
+# SMEM_LIMIT. head_dim 512: q . k over D chunks of DK = 64 (q re-read per block, the chunk loop
+# pipelined, 3 stages: DLOOP 1) on wgmma, V in two column parts; holding q (BLOCK_M 32, mma.sync) was
+# the best before, and every held-q wgmma config spilled. 31B full layer, T 2048, fills 8k / 32k /
+# 128k (`prefill_variants --dk --dk-defaults`, matmul 755 TFLOP/s, prefill_dk_defaults.json): bf16
+# 10.7 / 47.7 / 195 ms -> 4.7 / 23.0 / 94 (BLOCK_M 64, 4 warps: 232 / 191 / 187 TFLOP/s), int8
+# 11.5 / 55.2 / 236 -> 7.2 / 31.1 / 130 and int4 14.4 / 59.5 / 252 -> 7.3 / 31.1 / 129 (BLOCK_M 128,
+# 8 warps). Within 12% of these: BLOCK_M 64 x 8 warps with V whole (DV 1) at 3 stages, and the other
+# format's pick; 2 stages 1.1-1.4x slower, DK 32 slower still; DK 128 at 2 stages below DK 64 at 3 / 4,
+# the chunks unrolled or V loaded before q . k no better (prefill_dk_variants.json). Shorter chunks
+# (position splits) were measured for BLOCK_M 64 at 2 stages only: int4 (4 warps, DV 2) 1.4-1.7x the
+# held-q kernel at T 128 / 512; bf16 / int8 with V whole 1.15-1.4x at T 512 but 0.7-0.8x at T 128
+# (a split takes DV 2 on 8 warps).
+# head_dim 256: wgmma with q held fits.
+PREFILL_CONFIG = {(512, 0): (64, 64, 4, 3, 2, 64, 1, 0), (512, 1): (128, 64, 8, 3, 2, 64, 1, 0),
+                  (512, 2): (128, 64, 8, 3, 2, 64, 1, 0),
                   (256, 0): (64, 32, 4, 2, 1), (256, 1): (64, 32, 4, 2, 1)}
+# a split chunk's fp32 partials (BLOCK_M x D / DV) pass through shared memory on their way out: a
+# D-chunked config whose tile is larger takes V in more column parts when it splits positions
+PREFILL_PARTIAL_BYTES = 65536
 PREFILL_TARGET_PROGRAMS = 264  # a static chunk with fewer row-block programs splits the positions
 PREFILL_MAX_SPLITS = 8
 _PREFILL_FORCE = None  # a (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) set by `use_prefill_config`
@@ -245,19 +262,26 @@ def fitting(configs, head_dim: int, kv_format: int, limit: int = SMEM_LIMIT):
     return out
 
 
-def prefill_smem_bytes(block_m: int, block_n: int, warps: int, stages: int, dv: int, head_dim: int,
-                       kv_format: int) -> int:
+def prefill_smem_bytes(cfg: tuple, head_dim: int, kv_format: int) -> int:
     """Upper estimate of the prefill kernel's shared memory as Triton 3.6 lays it out (checked
-    against kernels compiled for sm_90; sm_89 / sm_120 take the mma.sync path below). Tiles as
-    dot operands (16-bit; int8 / int4 tiles convert to fp16 on their way there): K of
-    BLOCK_N x D, this program's V share of BLOCK_N x D / DV, p of BLOCK_M x BLOCK_N.
+    against kernels compiled for sm_90; sm_89 / sm_120 take the mma.sync path below) for cfg =
+    (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]). Tiles as dot operands
+    (16-bit; int8 / int4 tiles convert to fp16 on their way there): K of BLOCK_N x D, this
+    program's V share of BLOCK_N x D / DV, p of BLOCK_M x BLOCK_N.
     BLOCK_M >= 64 with 4 / 8 warps runs on wgmma (sm_90; sm_89 / sm_120 need less): q stays in shared memory
     (BLOCK_M x D) beside `stages` K and V buffers (one K buffer, V reusing it, unpipelined).
     BLOCK_M < 64 (mma.sync): q goes to registers; `stages` K buffers, one fewer V (as many, and
-    8 KiB more for a split V, at BLOCK_N 16)."""
+    8 KiB more for a split V, at BLOCK_N 16). DK > 0 (q . k over D chunks): `stages` buffers of
+    the q and K chunks (BLOCK_M x DK, BLOCK_N x DK; two when unrolled) for the chunk loop, the V
+    share reusing them after it (beside them when loaded before the loop: VEARLY), and p
+    (BLOCK_M x BLOCK_N)."""
+    block_m, block_n, warps, stages, dv, dk, _, vearly = (*cfg, 0, 0, 0)[:8]
     k = block_n * head_dim * 2
     v = k // dv
     p = block_m * block_n * 2
+    if dk:
+        chunks = max(stages, 2) * (block_m + block_n) * dk * 2
+        return (chunks + v if vearly else max(chunks, v)) + p
     if block_m >= 64:  # p stays in registers (wgmma's A operand)
         return block_m * head_dim * 2 + (stages * (k + v) if stages > 1 else k)
     if block_n <= 16:
@@ -801,12 +825,131 @@ def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, 
 
 
 @triton.jit
+def _nibble_cols(b, dtype: tl.constexpr):
+    """[N, C] int4 pair bytes -> [N, 2C] values in column order (column 2j the low nibble of byte j,
+    2j + 1 the high one) as dot operands."""
+    x = tl.join(_nibble(b & 15, dtype), _nibble(b >> 4, dtype))
+    return tl.reshape(x, (x.shape[0], x.shape[1] * 2))
+
+
+@triton.jit
+def _pfk_qk(s, qrow, qmask, K, kvh, slot, kmask, skh, sks, c, DK: tl.constexpr, KV_FMT: tl.constexpr,
+            FP32: tl.constexpr, MASK: tl.constexpr):
+    """s += q[:, c:c+DK] . K[slot, c:c+DK]^T: one D chunk of the scores, q's chunk re-read (L2)."""
+    qc = tl.load(qrow + c + tl.arange(0, DK)[None, :], mask=qmask, other=0.0)
+    if KV_FMT != 0 and not FP32:
+        qc = qc.to(tl.float16)
+    if KV_FMT == 2:
+        kptr = K + kvh * skh + slot[:, None] * sks + c // 2 + tl.arange(0, DK // 2)[None, :]
+        if MASK:
+            kt = _nibble_cols(tl.load(kptr, mask=kmask[:, None], other=136), qc.dtype)
+        else:
+            kt = _nibble_cols(tl.load(kptr), qc.dtype)
+    else:
+        kptr = K + kvh * skh + slot[:, None] * sks + c + tl.arange(0, DK)[None, :]
+        if MASK:
+            kt = _codes(tl.load(kptr, mask=kmask[:, None], other=0), qc.dtype)
+        else:
+            kt = _codes(tl.load(kptr), qc.dtype)
+    if FP32:
+        return tl.dot(qc, tl.trans(kt), s, input_precision="ieee")
+    return tl.dot(qc, tl.trans(kt), s)
+
+
+@triton.jit
+def _pfk_block(qrow, row_ok, m_i, l_i, acc, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs,
+               ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK: tl.constexpr, FRESH: tl.constexpr, DK: tl.constexpr,
+               DLOOP: tl.constexpr, VEARLY: tl.constexpr):
+    """_pf_block with q . k as a GEMM over D: DK columns at a time, q's chunk read again for every
+    block (from L2) instead of held, so BLOCK_M 64 / 128 fits beside the K chunks (wgmma on sm_90).
+    DLOOP: the D chunks as a loop (its loads pipelined by num_stages) or unrolled. This program's
+    V part (columns vc, stored units; int4 bytes unpacked in column order) is loaded first, in
+    flight during q . k. Same masking and online softmax as _pf_block; acc in column order."""
+    kp = k0 + tl.arange(0, BLOCK_N)
+    if FRESH:
+        slot = kp - S
+    else:
+        slot = kp % S
+    kmask = kp < end
+    qmask = row_ok[:, None] & (k0 >= 0)  # depends on the block: keeps the q loads in the loop
+    vptr = V + kvh * svh + slot[:, None] * svs + vc[None, :]
+    if VEARLY:
+        if MASK:
+            vraw = tl.load(vptr, mask=kmask[:, None], other=136 if KV_FMT == 2 else 0)
+        else:
+            vraw = tl.load(vptr)
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if DLOOP:
+        for c in range(0, D, DK):
+            s = _pfk_qk(s, qrow, qmask, K, kvh, slot, kmask, skh, sks, c, DK, KV_FMT, FP32, MASK)
+    else:
+        for c in tl.static_range(0, D, DK):
+            s = _pfk_qk(s, qrow, qmask, K, kvh, slot, kmask, skh, sks, c, DK, KV_FMT, FP32, MASK)
+    if KV_FMT != 0:
+        ks = tl.load(KS + kvh * ssh + slot).to(tl.float32) * 1.4426950408889634
+        s = s * ks[None, :]
+    else:
+        s = s * 1.4426950408889634
+    if MASK:
+        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
+        if WINDOW > 0:
+            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if FP32:
+        dt: tl.constexpr = tl.float32
+    elif KV_FMT != 0:
+        dt: tl.constexpr = tl.float16
+    else:
+        dt: tl.constexpr = V.dtype.element_ty
+    if KV_FMT != 0:
+        vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
+        p = p * vs[None, :]
+    if not VEARLY:
+        if MASK:
+            vraw = tl.load(vptr, mask=kmask[:, None], other=136 if KV_FMT == 2 else 0)
+        else:
+            vraw = tl.load(vptr)
+    if KV_FMT == 2:
+        vt = _nibble_cols(vraw, dt)
+    else:
+        vt = _codes(vraw, dt)
+    if FP32:
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(dt), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _pf_step(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
+             D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+             FRESH: tl.constexpr, BLOCK_M: tl.constexpr, DK: tl.constexpr, DLOOP: tl.constexpr,
+             VEARLY: tl.constexpr):
+    """One block through _pf_block (q held) or, DK > 0, _pfk_block (q . k over D chunks)."""
+    if DK > 0:
+        m_i, l_i, acc = _pfk_block(q, qb, m_i, l_i, acc, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks,
+                                   svh, svs, ssh, D, KV_FMT, FP32, BLOCK_M, BLOCK_N, MASK, FRESH, DK, DLOOP,
+                                   VEARLY)
+    else:
+        m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW,
+                                        skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, MASK, FRESH)
+    return m_i, l_i, acc, acc2
+
+
+@triton.jit
 def _pf_range(q, qb, m_i, l_i, acc, acc2, start, end, pos0, t_lo, t_hi, qpos, kvh, vc, K, V, KS, VS, S, WINDOW,
               skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
-              INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, FRESH: tl.constexpr):
+              INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr, FRESH: tl.constexpr, BLOCK_M: tl.constexpr = 16,
+              DK: tl.constexpr = 0, DLOOP: tl.constexpr = 0, VEARLY: tl.constexpr = 0):
     """Prefill: positions [start, end) of one source (the cache, or with FRESH the chunk's own
     K/V) in blocks from `start`: [start, a) cut by the window's lower edge (masked), [a, b) seen
-    whole by every row (unmasked), [b, end) the causal diagonal or the range's end (masked)."""
+    whole by every row (unmasked), [b, end) the causal diagonal or the range's end (masked).
+    DK > 0: each block through _pfk_block (q, qb: q's row pointers and row mask; acc2 unused)."""
     a = start
     if WINDOW > 0:
         a = start + tl.maximum(tl.cdiv(pos0 + t_hi - WINDOW + 1 - start, BLOCK_N), 0) * BLOCK_N
@@ -816,20 +959,23 @@ def _pf_range(q, qb, m_i, l_i, acc, acc2, start, end, pos0, t_lo, t_hi, qpos, kv
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
         k0 = start
         while k0 < end:
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N,
-                                            (k0 < a) | (k0 >= b), FRESH)
+            m_i, l_i, acc, acc2 = _pf_step(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                           WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N,
+                                           (k0 < a) | (k0 >= b), FRESH, BLOCK_M, DK, DLOOP, VEARLY)
             k0 += BLOCK_N
     else:
         for k0 in range(start, a, BLOCK_N):
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True, FRESH)
+            m_i, l_i, acc, acc2 = _pf_step(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                           WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True, FRESH,
+                                           BLOCK_M, DK, DLOOP, VEARLY)
         for k0 in range(a, b, BLOCK_N):
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, False, FRESH)
+            m_i, l_i, acc, acc2 = _pf_step(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                           WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, False, FRESH,
+                                           BLOCK_M, DK, DLOOP, VEARLY)
         for k0 in range(b, end, BLOCK_N):
-            m_i, l_i, acc, acc2 = _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
-                                            WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True, FRESH)
+            m_i, l_i, acc, acc2 = _pf_step(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S,
+                                           WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, True, FRESH,
+                                           BLOCK_M, DK, DLOOP, VEARLY)
     return m_i, l_i, acc, acc2
 
 
@@ -838,7 +984,8 @@ def _prefill_body(Q, K, V, KS, VS, KN, VN, POS, O, MP, LP, AP, T, S, WINDOW, NUM
                   sqt, sqh, skh, sks, svh, svs, ssh, sot, soh, snkh, snkt, snvh, snvt,
                   G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr, DV: tl.constexpr,
                   SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, FRESH: tl.constexpr):
+                  BLOCK_N: tl.constexpr, FRESH: tl.constexpr, DK: tl.constexpr = 0, DLOOP: tl.constexpr = 0,
+                  VEARLY: tl.constexpr = 0):
     """Prefill: grid (NUM_SPLITS, cdiv(T * G, BLOCK_M), Hkv * DV). Rows are the (t, g) pairs of
     one KV head; the positions the rows can see, [lo, hi], are cut into NUM_SPLITS shares of
     whole blocks (partials combined by _prefill_combine when SPLIT); V's columns into DV parts,
@@ -846,7 +993,8 @@ def _prefill_body(Q, K, V, KS, VS, KN, VN, POS, O, MP, LP, AP, T, S, WINDOW, NUM
     every row sees whole run without masks; only the window's lower edge and the causal
     diagonal are masked. FRESH: positions from pos on are read from the chunk's own K/V
     (KN, VN: (1, Hkv, T, D), float), those before it from the cache (a ring holding the window
-    before the chunk); a share's two sources each walk their own blocks (_pf_range)."""
+    before the chunk); a share's two sources each walk their own blocks (_pf_range). DK > 0: q . k
+    in D chunks of DK with q re-read per block (_pfk_block), int4 unpacked in column order."""
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2) // DV
@@ -865,7 +1013,14 @@ def _prefill_body(Q, K, V, KS, VS, KN, VN, POS, O, MP, LP, AP, T, S, WINDOW, NUM
     share = tl.cdiv(tl.cdiv(hi - lo + 1, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
-    if KV_FMT == 2:  # even columns (low nibbles) in q / acc, odd ones in qb / acc2
+    if DK > 0:  # q stays in memory: its row pointers and row mask stand in for q / qb
+        vc = dv * (D // DV // (2 if KV_FMT == 2 else 1)) + tl.arange(0, D // DV // (2 if KV_FMT == 2 else 1))
+        oa = dv * (D // DV) + tl.arange(0, D // DV)
+        acc = tl.zeros([BLOCK_M, D // DV], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
+        q = Q + t[:, None] * sqt + head[:, None] * sqh
+        qb = row_ok
+    elif KV_FMT == 2:  # even columns (low nibbles) in q / acc, odd ones in qb / acc2
         ca = 2 * tl.arange(0, D // 2)
         cb = ca + 1
         vc = dv * (D // 2 // DV) + tl.arange(0, D // 2 // DV)
@@ -879,39 +1034,40 @@ def _prefill_body(Q, K, V, KS, VS, KN, VN, POS, O, MP, LP, AP, T, S, WINDOW, NUM
         oa = vc
         acc = tl.zeros([BLOCK_M, D // DV], tl.float32)
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
-    qrow = Q + t[:, None] * sqt + head[:, None] * sqh
-    q = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
-    qb = q
-    if KV_FMT == 2:
-        qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
-    if KV_FMT != 0 and not FP32:
-        q = q.to(tl.float16)
-        qb = qb.to(tl.float16)
+    if DK == 0:
+        qrow = Q + t[:, None] * sqt + head[:, None] * sqh
+        q = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0)
+        qb = q
+        if KV_FMT == 2:
+            qb = tl.load(qrow + cb[None, :], mask=row_ok[:, None], other=0.0)
+        if KV_FMT != 0 and not FP32:
+            q = q.to(tl.float16)
+            qb = qb.to(tl.float16)
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     if FRESH:  # positions before pos0 from the cache, the rest from the chunk's own K/V
         m_i, l_i, acc, acc2 = _pf_range(q, qb, m_i, l_i, acc, acc2, start, tl.minimum(end, pos0), pos0, t_lo, t_hi,
                                         qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT,
-                                        FP32, INTERPRET, BLOCK_N, False)
+                                        FP32, INTERPRET, BLOCK_N, False, BLOCK_M, DK, DLOOP, VEARLY)
         m_i, l_i, acc, acc2 = _pf_range(q, qb, m_i, l_i, acc, acc2, tl.maximum(start, pos0), end, pos0, t_lo, t_hi,
                                         qpos, kvh, vc, KN, VN, KS, VS, pos0, WINDOW, snkh, snkt, snvh, snvt, ssh, D,
-                                        KV_FMT, FP32, INTERPRET, BLOCK_N, True)
+                                        KV_FMT, FP32, INTERPRET, BLOCK_N, True, BLOCK_M, DK, DLOOP, VEARLY)
     else:
         m_i, l_i, acc, acc2 = _pf_range(q, qb, m_i, l_i, acc, acc2, start, end, pos0, t_lo, t_hi, qpos, kvh, vc,
                                         K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32,
-                                        INTERPRET, BLOCK_N, False)
+                                        INTERPRET, BLOCK_N, False, BLOCK_M, DK, DLOOP, VEARLY)
 
     if SPLIT:  # partials (Hkv, NUM_SPLITS, T * G, ·); m in log2 units
         base = (kvh * NUM_SPLITS + pid_s) * T * G + rows
         tl.store(MP + base, m_i, mask=row_ok & (dv == 0))
         tl.store(LP + base, l_i, mask=row_ok & (dv == 0))
         tl.store(AP + base[:, None] * D + oa[None, :], acc, mask=row_ok[:, None])
-        if KV_FMT == 2:
+        if KV_FMT == 2 and DK == 0:
             tl.store(AP + base[:, None] * D + oa[None, :] + 1, acc2, mask=row_ok[:, None])
     else:
         orow = O + t[:, None] * sot + head[:, None] * soh
         tl.store(orow + oa[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-        if KV_FMT == 2:
+        if KV_FMT == 2 and DK == 0:
             tl.store(orow + oa[None, :] + 1, (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -1049,8 +1205,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER)
     else:
-        bm, bn, warps, stages, dv = prefill_config(D, fmt)
-        splits = prefill_splits(T, G, Hkv, bm, dv)
+        bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
+        dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)
         kern = _prefill_kernel(bm, bn, warps, stages)
         grid = (splits, triton.cdiv(T * G, bm), Hkv * dv)
         if splits > 1:
@@ -1064,7 +1220,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         kn, vn = (k_new, v_new) if fresh else (k, v)  # unused pointers without them
         fresh_strides = (kn.stride(1), kn.stride(2), vn.stride(1), vn.stride(2))
         wrap(kern)[grid](q, k, v, ks, vs, kn, vn, pos, out, mp, lp, ap, T, S, window, splits, *strides,
-                         *fresh_strides, DV=dv, SPLIT=splits > 1, FRESH=fresh, **common)
+                         *fresh_strides, DV=dv, SPLIT=splits > 1, FRESH=fresh, DK=dk, DLOOP=dloop, VEARLY=vearly,
+                         **common)
         if splits > 1:
             block_d = min(D, COMBINE_BLOCK_D)
             wrap(_prefill_combine)[(triton.cdiv(T * G, 16), Hkv, D // block_d)](
@@ -1073,14 +1230,14 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     return out
 
 
-def prefill_config(head_dim: int, fmt: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, DV) of the prefill kernel: the measured best
-    (PREFILL_CONFIG), else the fitting one with the largest tiles."""
+def prefill_config(head_dim: int, fmt: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]) of the prefill kernel:
+    the measured best (PREFILL_CONFIG), else the fitting one with the largest tiles."""
     if _PREFILL_FORCE is not None:
         return _PREFILL_FORCE
     if (head_dim, fmt) in PREFILL_CONFIG:
         return PREFILL_CONFIG[head_dim, fmt]
-    fits = [c for c in PREFILL_CANDIDATES if prefill_smem_bytes(*c, head_dim, fmt) <= SMEM_LIMIT]
+    fits = [c for c in PREFILL_CANDIDATES if prefill_smem_bytes(c, head_dim, fmt) <= SMEM_LIMIT]
     return max(fits, key=lambda c: (c[0] * c[1] // c[4], -c[3])) if fits else (16, 16, 4, 1, 1)
 
 
@@ -1091,6 +1248,18 @@ def prefill_splits(T, G: int, kv_heads: int, block_m: int, dv: int) -> int:
         return 1
     programs = triton.cdiv(T * G, block_m) * kv_heads * dv
     return max(1, min(PREFILL_MAX_SPLITS, PREFILL_TARGET_PROGRAMS // programs))
+
+
+def prefill_parts(T, G: int, kv_heads: int, head_dim: int, block_m: int, dv: int, dk: int) -> tuple[int, int]:
+    """(DV, position shares) of a prefill launch: the config's DV unless a D-chunked config splits
+    the positions with an fp32 partial tile over PREFILL_PARTIAL_BYTES: then more V parts, or the
+    config's DV in one share where the parts leave enough programs not to split."""
+    splits = prefill_splits(T, G, kv_heads, block_m, dv)
+    parts = dv
+    while dk and splits > 1 and block_m * head_dim // parts * 4 > PREFILL_PARTIAL_BYTES and head_dim // parts > 64:
+        parts *= 2
+        splits = prefill_splits(T, G, kv_heads, block_m, parts)
+    return (parts, splits) if splits > 1 else (dv, 1)
 
 
 _PREFILL_KERNELS: dict = {}
@@ -1120,7 +1289,8 @@ def _attention_fake(q, k, v, k_scale, v_scale, pos, window, k_new=None, v_new=No
 
 @contextlib.contextmanager
 def use_prefill_config(cfg) -> Iterator[None]:
-    """Run prefill with (BLOCK_M, BLOCK_N, num_warps, num_stages, DV) (tests, variant sweeps)."""
+    """Run prefill with (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]) (tests,
+    variant sweeps)."""
     global _PREFILL_FORCE
     saved, _PREFILL_FORCE = _PREFILL_FORCE, tuple(cfg)
     try:
