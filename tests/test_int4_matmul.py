@@ -99,10 +99,10 @@ def test_gemv1_plan_takes_pool_configs_and_whole_groups():
         assert any(cfg is c for c in im.GEMV1_CONFIGS) and 1 <= splits <= min(16, k // g)
         assert im.gemv1_splits(n, k, g) == splits
     assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1)  # K parts, no second kernel
-    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[2], 1)  # 32-row tiles, one slice
-    # 84 row blocks x 11 slices = 7 waves of 132 SMs; 256 blocks x 7 slices of 6 groups
-    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 11)
-    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[0], 8)
+    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[0], 1)  # 128-row tiles, one slice
+    # 42 row blocks of 128 x 8 slices; from 8192 rows 64-row tiles x 2 slices
+    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 8)
+    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[2], 2)
 
 
 def test_group_size_for_k_not_a_multiple():

@@ -13,8 +13,9 @@ The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bit
 word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
 - M == 1 (decode, bf16 x): `_quant_x_kernel` turns x into two int8 levels per group
   (x ~= s (h + l / 254)), then `_int4_gemv1_kernel` (GEMV1_XQ) multiplies on the CUDA cores
-  with four dp4a per word of 8 nibbles and both levels (`_gemv1_tile_q`), integer sums per
-  group, one conversion and the scales per group and row. With bf16 x (GEMV1_XQ off) a nibble
+  with two masks and four dp4a per word of 8 nibbles (`_gemv1_tile_lanes`): exact integer sums
+  of each lane's 4 words, converted and scaled per lane, summed across lanes once after the
+  loop (scripts/gemv1_tile_variants.py). With bf16 x (GEMV1_XQ off) a nibble
   costs a lop3 and an FMA (`_gemv1_tile`), which bounded the kernel at ~50% of the copy
   bandwidth on the H200 where the same loads without the arithmetic ran ~1.5x faster
   (scripts/measurements/int4_gemv1_variants.json). A config and K split per weight shape
@@ -67,8 +68,9 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 # clones the weights before each call; `test_op_kernels_write_only_their_outputs` holds this.
 GEMV1_RED = 0
 GEMV1_RED_XQ = 2
-GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_tile_q`) instead of bf16 and FMAs
+GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_loop_q`) instead of bf16 and FMAs
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
+HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
 # compile with each pool's first config only: no timing run picks the tiles (see one_config);
@@ -165,12 +167,15 @@ def _cfg1(bn, groups, warps, parts=1, depth=1):
 # memory; scripts/gemv1_xq_variants.py, scripts/measurements/int4_gemv1_xq_variants.json):
 # `gemv1_plan` takes one of these per weight shape. 64 rows, two adjacent groups a step (128
 # contiguous bytes of a row), four warps, one tile ahead, with x as two int8 levels (GEMV1_XQ):
-# the projections between 5376 and 21504 rows 5-12% faster than with bf16 x, in K slices; 8 rows
-# x 8 K parts, 8 warps, two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3
-# in the bf16-x sweep, scripts/measurements/int4_gemv1_variants.json: no partials, no second
-# kernel); 32 rows, two warps, one slice: gate/up 43008 x 5376 and the lm_head (341 us with bf16 x,
-# 208 with 64 rows, 204 with 32; gate/up 43.0 -> 41.3: scripts/measurements/int4_gemv1_launch_plan.json).
-GEMV1_CONFIGS = [_cfg1(64, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(32, 2, 2)]
+# the lm_head 341 -> 212 us (one slice), gate/up 43008 x 5376 57 -> 43 (one slice), the
+# projections between 5376 and 21504 rows 5-12% faster at 8 slices; 8 rows x 8 K parts, 8 warps,
+# two tiles ahead, K not split: up to 4096 rows (k/v 4096 x 5376 11.0 -> 9.3 in the bf16-x sweep,
+# scripts/measurements/int4_gemv1_variants.json: no partials, no second kernel). With the per-lane
+# sums (`_gemv1_loop_q`, scripts/gemv1_tile_variants.py, int4_gemv1_tile_variants.json: the kernel
+# alone) 128 rows (8 a thread) x 2 groups, 4 warps: the lm_head 208 -> 184 us, gate/up 40.6 -> 35.5,
+# 5376 x 21504 22.8 -> 21.1 and 5376 x 16384 18.7 -> 16.2 at 8 slices; 16384 / 18432 x 5376 take
+# 64 rows x 2 slices (16.5 -> 16.3, 19.0 -> 17.8).
+GEMV1_CONFIGS = [_cfg1(128, 2, 4), _cfg1(8, 1, 8, parts=8, depth=2), _cfg1(64, 2, 4)]
 GEMV_CONFIGS = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in (
     (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (32, 512, 4, 2), (128, 128, 4, 3))]
 GEMM_CONFIGS = [  # consumer=False: larger tiles meant for many-SM cards (they still fit)
@@ -305,19 +310,20 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv1_tile_q(w, s, xq, xf, xc, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.constexpr):
+def _gemv1_tile_q(w, s, xq, xf, xc, XP, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.constexpr):
     """`_gemv1_tile` on integer units: x as two int8 levels per element (`_quant_x_kernel`),
-    one dp4a per four nibbles and level. Returns [BLOCK_N, C, 1].
+    one dp4a per four nibbles and level, a sum across lanes per step (the K-parts configs; one
+    part takes `_gemv1_loop_q`). Returns [BLOCK_N, C, 1].
 
     A word's low nibbles (k = 8j + 0, 2, 4, 6) are `w & 0x0F0F0F0F` and its high ones
     `(w >> 4) & 0x0F0F0F0F`, four unsigned bytes each; x's word j of each level packs the same
     k as signed bytes. Per word 254 h.v + l.v in int32 (exact), summed over the group, less the
     group's 8 (254 H + L) (v is stored as q + 8), then one conversion and the scales."""
-    base = (g0 + lane) * 4
-    he = tl.load(xq + base, mask=ok, other=0)
-    ho = tl.load(xq + base + 1, mask=ok, other=0)
-    le = tl.load(xq + base + 2, mask=ok, other=0)
-    lo_ = tl.load(xq + base + 3, mask=ok, other=0)
+    p = xq + g0 + lane  # x's planes (`_quant_x_kernel`), XP words apart
+    he = tl.load(p, mask=ok, other=0)
+    ho = tl.load(p + XP, mask=ok, other=0)
+    le = tl.load(p + 2 * XP, mask=ok, other=0)
+    lo_ = tl.load(p + 3 * XP, mask=ok, other=0)
     lo = w & 0x0F0F0F0F
     hi = (w >> 4) & 0x0F0F0F0F
     a = _dp4a(hi, ho, _dp4a(lo, he, tl.zeros_like(w), ASM), ASM)
@@ -330,11 +336,132 @@ def _gemv1_tile_q(w, s, xq, xf, xc, g0, lane, ok, WORDS: tl.constexpr, ASM: tl.c
 
 
 @triton.jit
+def _split4(t):
+    """The 4 words of each lane of a [R, C, L, 4] tile as 4 [R, C, L] tensors (in registers; the
+    same order for every tensor of the shape)."""
+    a, b = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], 2, 2)))
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, a1, b0, b1
+
+
+@triton.jit
+def _ld_b32(ptr):
+    """A 32-bit load through PTX: an elementwise op, so its tensor takes the layout of its use
+    (a `tl.load` takes its own, and a conversion through shared memory follows; see `_ld_u16`)."""
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr):
+    """x's levels (`_quant_x_kernel`'s planes) for the words g + lane ([1, C, WORDS], the weight
+    tile's own pattern: 16-byte loads in its layout) as [1, C, L, 4] each, the group's factor and
+    its correction (16x, in the group's first word only, 0 elsewhere) in the same shape."""
+    p = xq + g + lane
+    shp: tl.constexpr = (1, g.shape[1], L, 4)
+    he = tl.reshape(tl.load(p), shp)
+    ho = tl.reshape(tl.load(p + XP), shp)
+    le = tl.reshape(tl.load(p + 2 * XP), shp)
+    lo = tl.reshape(tl.load(p + 3 * XP), shp)
+    gi = tl.reshape(g // (4 * L) + lane * 0, shp)  # each word's group
+    if ASM:
+        f = _ld_b32(xf.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
+        c = _ld_b32(xc + gi)
+    else:
+        f = tl.load(xf + gi)
+        c = tl.load(xc + gi)
+    return he, ho, le, lo, tl.where(tl.reshape(lane, (1, 1, L, 4)) == 0, c * 16, 0), f * 0.0625
+
+
+@triton.jit
+def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr):
+    """[BN, C, L] fp32: x's two int8 levels (`_quant_x_kernel`) dotted with each lane's 4 words
+    of a [BN, C, L, 4] tile, exact in int32, then converted and scaled once per lane (s [BN, C, 1]
+    the group's scale, f x's factor / 16): no sum across lanes until the loop ends.
+
+    A word's low nibbles (k = 8j + 0, 2, 4, 6) are `w & 0x0F0F0F0F` (v) and its high ones stay
+    in place, `w & 0xF0F0F0F0` (16 v): four dp4a chains over the lane's words (each level with
+    each half), then 16 (254 h.lo + l.lo) + 254 h.hi + l.hi, less 16x the group's correction
+    8 (254 H + L) in its first lane (v is stored as q + 8): two masks and four dp4a a word."""
+    w0, w1, w2, w3 = _split4(w)
+    he0, he1, he2, he3 = _split4(he)
+    ho0, ho1, ho2, ho3 = _split4(ho)
+    le0, le1, le2, le3 = _split4(le)
+    lo0, lo1, lo2, lo3 = _split4(lo)
+    c0, c1, c2, c3 = _split4(c)
+    f0, _, _, _ = _split4(f)
+    z = tl.zeros(w0.shape, dtype=tl.int32)
+    hl = _dp4a(w0 & 0x0F0F0F0F, he0, z, ASM)
+    ll = _dp4a(w0 & 0x0F0F0F0F, le0, z, ASM)
+    hh = _dp4a(w0 & HI_NIBBLES, ho0, z, ASM)
+    lh = _dp4a(w0 & HI_NIBBLES, lo0, z, ASM)
+    hl = _dp4a(w1 & 0x0F0F0F0F, he1, hl, ASM)
+    ll = _dp4a(w1 & 0x0F0F0F0F, le1, ll, ASM)
+    hh = _dp4a(w1 & HI_NIBBLES, ho1, hh, ASM)
+    lh = _dp4a(w1 & HI_NIBBLES, lo1, lh, ASM)
+    hl = _dp4a(w2 & 0x0F0F0F0F, he2, hl, ASM)
+    ll = _dp4a(w2 & 0x0F0F0F0F, le2, ll, ASM)
+    hh = _dp4a(w2 & HI_NIBBLES, ho2, hh, ASM)
+    lh = _dp4a(w2 & HI_NIBBLES, lo2, lh, ASM)
+    hl = _dp4a(w3 & 0x0F0F0F0F, he3, hl, ASM)
+    ll = _dp4a(w3 & 0x0F0F0F0F, le3, ll, ASM)
+    hh = _dp4a(w3 & HI_NIBBLES, ho3, hh, ASM)
+    lh = _dp4a(w3 & HI_NIBBLES, lo3, lh, ASM)
+    tot = (hl * 254 + ll) * 16 + (hh * 254 + lh) - ((c0 + c1) + (c2 + c3))
+    return tot.to(tl.float32) * (s * f0)
+
+
+@triton.jit
+def _gemv1_scale(p, ok, ASM: tl.constexpr):
+    """The bf16 scales at p (int16 pointers, always inside the tensor) as fp32, 0 where not ok."""
+    if ASM:
+        b = _ld_u16(p)
+    else:
+        b = tl.load(p).to(tl.int32) & 0xFFFF
+    return tl.where(ok, (b << 16).to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, stride_ww, stride_sn,
+                  WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr):
+    """The XQ kernel's sums [BLOCK_N] over its columns (`_int4_gemv1_kernel`: start / hi [1, C, 1]
+    the first and end words of each column's run) with `_gemv1_tile_lanes`: each step's words
+    and scales load one step ahead, x's levels too; no masked load (rows past N read row N - 1,
+    words past a run the row's last group, and the scale of such a group is 0), the scales
+    through PTX (`_ld_u16`): nothing in the loop takes another layout than the words'."""
+    L: tl.constexpr = WORDS // 4
+    XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`): 16-byte aligned
+    lane = tl.arange(0, WORDS)[None, None, :]
+    n_ok = (offs_n < N)[:, None, None]
+    rn = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None]
+    rows = w_ptr + rn * stride_ww
+    srows = s_ptr.to(tl.pointer_type(tl.int16)) + rn * stride_sn
+    last = KW // WORDS - 1
+    gc = tl.minimum(start // WORDS, last) * WORDS  # a multiple of WORDS: 16-byte loads
+    w = tl.load(rows + (gc + lane))
+    s = _gemv1_scale(srows + gc // WORDS, n_ok & (start < hi), ASM)
+    he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM)
+    acc = tl.zeros((offs_n.shape[0], start.shape[1], L), dtype=tl.float32)
+    for tg in range(0, gpp, STEP // WORDS):
+        g1 = start + tg * WORDS + STEP
+        gc = tl.minimum(g1 // WORDS, last) * WORDS
+        w1 = tl.load(rows + (gc + lane))
+        s1 = _gemv1_scale(srows + gc // WORDS, n_ok & (g1 < hi), ASM)
+        he1, ho1, le1, lo1, c1, f1 = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM)
+        acc += _gemv1_tile_lanes(tl.reshape(w, (w.shape[0], w.shape[1], L, 4)), s, he, ho, le, lo, c, f, ASM)
+        w, s, he, ho, le, lo, c, f = w1, s1, he1, ho1, le1, lo1, c1, f1
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
 def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
-    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_q`, GB groups a
+    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
-    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 int32 per word of 8 elements:
-    h of k = 8j + 0, 2, 4, 6 and of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same;
+    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
+    word of 8 elements (word j: k = 8j .. 8j + 7), each plane padded to a multiple of 16 words:
+    h of k = 8j + 0, 2, 4, 6, h of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same
+    (a plane loads in the weight tile's own layout, `_gemv1_x_planes`);
     xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
     NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
     otherwise take a launch of their own."""
@@ -361,9 +488,10 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     g3 = g[:, None, None]
     j3 = tl.arange(0, W)[None, :, None]
     e3 = tl.arange(0, 2)[None, None, :]
-    out = xq_ptr + (g3 * W + j3) * 4 + e3
+    XP = (NG * W + 15) // 16 * 16  # the planes' stride in words (16-byte aligned planes)
+    out = xq_ptr + e3 * XP + g3 * W + j3
     tl.store(out, hw, mask=g3 < NG)
-    tl.store(out + 2, lw, mask=g3 < NG)
+    tl.store(out + 2 * XP, lw, mask=g3 < NG)
     hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
     ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
     tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
@@ -396,9 +524,10 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     would clone the weights). Checked on the H200 bitwise against RED 0 over 1280 calls, eager
     and in CUDA graphs (scripts/gemv1_launch_variants.py).
 
-    XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its words, xf_ptr / xc_ptr its
-    per-group factor and correction) and a tile costs ~1 integer op per nibble pair
-    (`_gemv1_tile_q`); else x is bf16 and xf_ptr / xc_ptr are unused."""
+    XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its planes, xf_ptr / xc_ptr its
+    per-group factor and correction) and `_gemv1_loop_q` runs the slice: two masks and four dp4a
+    a word, per-lane sums (no sum across lanes until the end); else x is bf16 and xf_ptr / xc_ptr
+    are unused."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
@@ -412,51 +541,56 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     w_hi = tl.minimum(w_lo + GPS * WORDS, KW)
     start = (w_lo + pcol * (gpp * WORDS) + (col % GROUPS) * WORDS)[None, :, None]  # [1, C, 1]
     hi = tl.minimum(w_lo + (pcol + 1) * (gpp * WORDS), w_hi)[None, :, None]
-    lane = tl.arange(0, WORDS)[None, None, :]
-    rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
-    srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
-    xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
-    if XQ:
-        acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
+    if XQ and PARTS == 1:  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH does not apply)
+        val = _gemv1_loop_q(x_ptr.to(tl.pointer_type(tl.int32)), xf_ptr, xc_ptr, w_ptr, s_ptr, offs_n, N, KW, start,
+                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM)
     else:
-        acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
-    w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
-    s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
-    w1 = w0
-    s1 = s0
-    w2 = w0
-    s2 = s0
-    if DEPTH >= 2:
-        w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
-        s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
-    if DEPTH >= 3:
-        w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
-        s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
-    for tg in range(0, gpp, GROUPS):
-        g0 = start + tg * WORDS
-        gn = g0 + DEPTH * STEP
-        wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
-        sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
+        lane = tl.arange(0, WORDS)[None, None, :]
+        rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
+        srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+        xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
         if XQ:
-            acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, g0, lane, g0 < hi, WORDS, ASM)
+            acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
         else:
-            acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
-        if DEPTH == 1:
-            w0 = wn
-            s0 = sn
-        elif DEPTH == 2:
-            w0 = w1
-            s0 = s1
-            w1 = wn
-            s1 = sn
-        else:
-            w0 = w1
-            s0 = s1
-            w1 = w2
-            s1 = s2
-            w2 = wn
-            s2 = sn
-    val = tl.sum(tl.sum(acc, axis=2), axis=1)
+            acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
+        w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
+        s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
+        w1 = w0
+        s1 = s0
+        w2 = w0
+        s2 = s0
+        if DEPTH >= 2:
+            w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
+            s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
+        if DEPTH >= 3:
+            w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
+            s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+        for tg in range(0, gpp, GROUPS):
+            g0 = start + tg * WORDS
+            gn = g0 + DEPTH * STEP
+            wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
+            sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
+            if XQ:
+                acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, (KW + 15) // 16 * 16, g0, lane, g0 < hi, WORDS,
+                                     ASM)
+            else:
+                acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
+            if DEPTH == 1:
+                w0 = wn
+                s0 = sn
+            elif DEPTH == 2:
+                w0 = w1
+                s0 = s1
+                w1 = wn
+                s1 = sn
+            else:
+                w0 = w1
+                s0 = s1
+                w1 = w2
+                s1 = s2
+                w2 = wn
+                s2 = sn
+        val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
@@ -752,29 +886,25 @@ def _kernel(kind: str, group: int):
 
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
-GEMV1_MID_SPLITS = 8  # K slices between the two
-# up to this many rows (fewer 64-row blocks than the H200 has SMs) K in GEMV1_FEW_BLOCKS_SPLITS
-# slices: 5376 rows make 84 blocks, x 11 = 924 programs, 7 whole waves of 132 SMs (x 8: 672, 5.1
-# waves); o_proj 5376 x 8192 14.0 -> 13.3 us, 5376 x 16384 22.4 -> 21.0, down 5376 x 21504 27.3 ->
-# 25.2 (scripts/measurements/int4_gemv1_launch_plan.json)
-GEMV1_FEW_BLOCKS_N = 8192
-GEMV1_FEW_BLOCKS_SPLITS = 11
+GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
+GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
 
 
 def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
     """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
 
     Few rows: 8-row programs that read K in 8 parts, one slice. Many (gate/up, the lm_head):
-    32-row programs, one slice (no partials). Between: 64-row programs, K in GEMV1_MID_SPLITS
-    slices (GEMV1_FEW_BLOCKS_SPLITS up to GEMV1_FEW_BLOCKS_N rows; each slice >= 512 of K)
-    summed by the last program of each row block (GEMV1_RED_XQ): 5376 .. 18432 rows make only
-    84 .. 288 row blocks for the H200's 132 SMs."""
+    128-row programs, one slice (no partials, no second kernel). Between: 128-row programs, K in
+    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by the last program of each row block (GEMV1_RED_XQ; 5376 rows make
+    only 42 row blocks for the H200's 132 SMs), from GEMV1_WIDE_N rows 64-row programs and 2
+    slices."""
     if n <= GEMV1_SMALL_N:
         return GEMV1_CONFIGS[1], 1
     if n >= GEMV1_LARGE_N:
-        return GEMV1_CONFIGS[2], 1
-    splits = GEMV1_FEW_BLOCKS_SPLITS if n <= GEMV1_FEW_BLOCKS_N else GEMV1_MID_SPLITS
-    return GEMV1_CONFIGS[0], max(1, min(splits, k // max(512, group_size)))
+        return GEMV1_CONFIGS[0], 1
+    if n >= GEMV1_WIDE_N:
+        return GEMV1_CONFIGS[2], max(1, min(2, k // max(512, group_size)))
+    return GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size)))
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
@@ -814,7 +944,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
     xin, xf, xc = x2, x2, x2
     if xq:
-        xin = torch.empty((K // 2,), device=x2.device, dtype=torch.int32)
+        xin = torch.empty((4 * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
         xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
         xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
         launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
