@@ -1,0 +1,54 @@
+"""scripts/gemv1_tile_variants.py's kernels on the CPU (Triton interpreter, one subprocess):
+the planar x levels are `_quant_x_kernel`'s, and the lane tiles (masked, clamped, x loaded a
+tile ahead, three tiles ahead) match an fp32 matmul on the dequantized weight on a ragged shape."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import triton.runtime.interpreter as ti
+    _orig = ti._patch_lang_tensor
+    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    ti._patch_lang_tensor = _patched
+    from export.kernels import int4_matmul as im
+    from scripts import gemv1_tile_variants as t
+    torch.manual_seed(0)
+    N, K, G = 40, 640, 128  # 5 groups: no tile of rows divides N, slices of 2 groups leave one over
+    x = torch.randn(1, K) * 3
+    xq, xf, xc = t.quant_x(x, G, planar=False)
+    planes = t.quant_x(x, G, planar=True)[:, : K // 8]
+    inter = xq.view(K // 8, 4).t()  # `_quant_x_kernel`: 4 words (h even, h odd, l even, l odd) per word of 8
+    out = {"levels_equal": bool((planes[:4] == inter).all()),
+           "correction_equal": bool((planes[4].view(-1, G // 8).sum(1) == 16 * xc).all()),
+           "factor_equal": bool((planes[5].view(torch.float32).view(-1, G // 8) == (xf / 16)[:, None]).all()),
+           "errs": {}}
+    qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+    ref_w = im.dequantize_int4(qweight, scales, torch.float32)
+    for v in (t.V(16, 2, 1, 1), t.V(16, 1, 1, 3, clamp=True), t.V(16, 2, 1, 2, xpre=True, clamp=True)):
+        for splits in (1, 3):
+            xr = torch.randn(1, K)
+            y = t.path(v, xr, qweight, scales, splits, poison=True)
+            ref = xr @ ref_w.t()
+            out["errs"][f"{v.label}/{splits}"] = ((y - ref).norm() / ref.norm()).item()
+    print(json.dumps(out))
+""")
+
+
+def test_lane_tiles_match_the_reference_in_the_interpreter():
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["levels_equal"] and out["correction_equal"] and out["factor_equal"]
+    assert len(out["errs"]) == 6
+    for name, err in out["errs"].items():
+        assert err <= 1e-4, (name, err)  # fp32 x: the two levels' error (~1e-5) and fp32 rounding
