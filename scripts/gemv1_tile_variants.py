@@ -174,17 +174,28 @@ def _clamp(g, KW, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _load_w(rows, srows, g, lane, n_ok, w_hi, KW, WORDS: tl.constexpr, CLAMP: tl.constexpr):
-    """The weight tile at words g ([1, C, 1]) and its scales [BN, C, 1]. CLAMP: the words load
-    unmasked from an address kept inside the row (a group past the slice reads the row's last
-    group; rows past N read row N - 1, see the caller) and only the scale is masked (0 there),
-    which zeroes the group's term: no register zeroed before each masked load."""
+def _load_w(rows, srows, g, lane, n_ok, w_hi, KW, WORDS: tl.constexpr, CLAMP: tl.constexpr,
+            SASM: tl.constexpr, ASM: tl.constexpr):
+    """The weight tile at words g ([1, C, 1]) and its scales [BN, C, 1] (fp32). CLAMP: the words
+    load unmasked from an address kept inside the row (a group past the slice reads the row's
+    last group; rows past N read row N - 1, see the caller) and only the scale is masked (0
+    there), which zeroes the group's term: no register zeroed before each masked load. SASM (with
+    CLAMP): the scales load through PTX (`_ld_u16`: an elementwise op, so its tensor takes the
+    layout of its use, where a `tl.load` takes its own and a conversion through shared memory,
+    with its barriers, every step); `srows` is then a bf16 pointer from the clamped rows."""
     ok = n_ok & (g < w_hi)
     if CLAMP:
         w = tl.load(rows + (_clamp(g, KW, WORDS) + lane))
     else:
         w = tl.load(rows + (g + lane), mask=ok, other=0)
-    s = tl.load(srows + g // WORDS, mask=ok, other=0.0)
+    if SASM and ASM:
+        b = im._ld_u16(srows.to(tl.pointer_type(tl.int16)) + _clamp(g, KW, WORDS) // WORDS)
+        s = tl.where(ok, (b << 16).to(tl.float32, bitcast=True), 0.0)
+    elif SASM:
+        s = tl.load(srows + _clamp(g, KW, WORDS) // WORDS)
+        s = tl.where(ok, s.to(tl.float32), 0.0)
+    else:
+        s = tl.load(srows + g // WORDS, mask=ok, other=0.0).to(tl.float32)
     return w, s
 
 
@@ -192,13 +203,14 @@ def _load_w(rows, srows, g, lane, n_ok, w_hi, KW, WORDS: tl.constexpr, CLAMP: tl
 def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride_xp, stride_ww, stride_sn,
                        stride_ps, SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        GROUPS: tl.constexpr, DEPTH: tl.constexpr, XPRE: tl.constexpr, CLAMP: tl.constexpr,
-                       LOADONLY: tl.constexpr, ASM: tl.constexpr):
+                       LOADONLY: tl.constexpr, ASM: tl.constexpr, GPS_C: tl.constexpr = 0, SASM: tl.constexpr = False):
     """M == 1 over one slice of GPS groups (program axis 1), BLOCK_N rows: y (SPLITS == 1) or
     fp32 partials part[pid_k]. x as `_quant_x_planar_kernel`'s planes. A step reads GROUPS
     adjacent groups of each row, a [BLOCK_N, GROUPS, GROUP / 8] tile of int32 words (16-byte
     loads), seen as [BLOCK_N, GROUPS, L, 4] (L lanes of 4 words a group); `_tile_lanes` turns it
     into per-lane fp32 terms, summed across lanes and groups once after the loop. DEPTH (1 to 3)
-    tiles are loaded ahead in registers."""
+    tiles are loaded ahead in registers; or GPS_C (the slice's group count, one compile per
+    count) unrolls the slice."""
     WORDS: tl.constexpr = GROUP // 8
     L: tl.constexpr = WORDS // 4
     STEP: tl.constexpr = GROUPS * WORDS
@@ -211,51 +223,59 @@ def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride
     lane = tl.arange(0, WORDS)[None, None, :]
     rn = tl.minimum(offs_n, N - 1) if CLAMP else offs_n
     rows = w_ptr + rn.to(tl.int64)[:, None, None] * stride_ww
-    srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+    srows = s_ptr + (rn if SASM else offs_n).to(tl.int64)[:, None, None] * stride_sn
     acc = tl.zeros((BLOCK_N, GROUPS, L), dtype=tl.float32)
-    w0, s0 = _load_w(rows, srows, start, lane, n_ok, w_hi, KW, WORDS, CLAMP)
-    w1 = w0
-    s1 = s0
-    w2 = w0
-    s2 = s0
-    if DEPTH >= 2:
-        w1, s1 = _load_w(rows, srows, start + STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP)
-    if DEPTH >= 3:
-        w2, s2 = _load_w(rows, srows, start + 2 * STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP)
-    xok = start < w_hi
-    xs = _clamp(start, KW, WORDS) if CLAMP else start
-    if XPRE:
-        he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, xs, lane, xok, L, CLAMP)
-    for tg in range(0, GPS, GROUPS):
-        g0 = start + tg * WORDS
-        wn, sn = _load_w(rows, srows, g0 + DEPTH * STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP)
-        if LOADONLY:
-            acc += tl.sum(_as_lanes(w0, L).to(tl.float32), axis=3) * s0.to(tl.float32)
-        elif XPRE:
-            g1 = g0 + STEP
-            he1, ho1, le1, lo1, cw1, xf1 = _load_x(xq_ptr, stride_xp, _clamp(g1, KW, WORDS) if CLAMP else g1,
-                                                   lane, g1 < w_hi, L, CLAMP)
-            acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
-            he, ho, le, lo, cw, xf = he1, ho1, le1, lo1, cw1, xf1
-        else:
-            he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0,
-                                             lane, g0 < w_hi, L, CLAMP)
-            acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
-        if DEPTH == 1:
-            w0 = wn
-            s0 = sn
-        elif DEPTH == 2:
-            w0 = w1
-            s0 = s1
-            w1 = wn
-            s1 = sn
-        else:
-            w0 = w1
-            s0 = s1
-            w1 = w2
-            s1 = s2
-            w2 = wn
-            s2 = sn
+    if GPS_C > 0:  # the slice's steps unrolled (GPS == GPS_C): every load is free to be issued early
+        for tg in tl.static_range(0, GPS_C, GROUPS):
+            g0 = start + tg * WORDS
+            w, s = _load_w(rows, srows, g0, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
+            he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0, lane,
+                                             g0 < w_hi, L, CLAMP)
+            acc += _tile_lanes(_as_lanes(w, L), s, he, ho, le, lo, cw, xf, ASM)
+    else:
+        w0, s0 = _load_w(rows, srows, start, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
+        w1 = w0
+        s1 = s0
+        w2 = w0
+        s2 = s0
+        if DEPTH >= 2:
+            w1, s1 = _load_w(rows, srows, start + STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
+        if DEPTH >= 3:
+            w2, s2 = _load_w(rows, srows, start + 2 * STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
+        xok = start < w_hi
+        xs = _clamp(start, KW, WORDS) if CLAMP else start
+        if XPRE:
+            he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, xs, lane, xok, L, CLAMP)
+        for tg in range(0, GPS, GROUPS):
+            g0 = start + tg * WORDS
+            wn, sn = _load_w(rows, srows, g0 + DEPTH * STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
+            if LOADONLY:
+                acc += tl.sum(_as_lanes(w0, L).to(tl.float32), axis=3) * s0.to(tl.float32)
+            elif XPRE:
+                g1 = g0 + STEP
+                he1, ho1, le1, lo1, cw1, xf1 = _load_x(xq_ptr, stride_xp, _clamp(g1, KW, WORDS) if CLAMP else g1,
+                                                       lane, g1 < w_hi, L, CLAMP)
+                acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
+                he, ho, le, lo, cw, xf = he1, ho1, le1, lo1, cw1, xf1
+            else:
+                he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0,
+                                                 lane, g0 < w_hi, L, CLAMP)
+                acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
+            if DEPTH == 1:
+                w0 = wn
+                s0 = sn
+            elif DEPTH == 2:
+                w0 = w1
+                s0 = s1
+                w1 = wn
+                s1 = sn
+            else:
+                w0 = w1
+                s0 = s1
+                w1 = w2
+                s1 = s2
+                w2 = wn
+                s2 = sn
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if SPLITS == 1:
@@ -267,19 +287,20 @@ def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride
 class V:
     """A variant of `_gemv1_tile_kernel` (constexpr knobs: one compile each)."""
 
-    def __init__(self, bn, groups, warps, depth, xpre=False, clamp=False, loadonly=False):
+    def __init__(self, bn, groups, warps, depth, xpre=False, clamp=False, loadonly=False, unroll=False, sasm=False):
         self.bn, self.groups, self.warps, self.depth, self.xpre = bn, groups, warps, depth, xpre
-        self.clamp, self.loadonly = clamp, loadonly
+        self.clamp, self.loadonly, self.unroll, self.sasm = clamp or sasm, loadonly, unroll, sasm
 
     @property
     def label(self):
         return (f"t{self.bn}g{self.groups}w{self.warps}d{self.depth}" + ("x" if self.xpre else "")
-                + ("c" if self.clamp else "") + ("LO" if self.loadonly else ""))
+                + ("c" if self.clamp else "") + ("s" if self.sasm else "") + ("u" if self.unroll else "")
+                + ("LO" if self.loadonly else ""))
 
-    def meta(self, splits, group=128):
-        return dict(SPLITS=1 if splits == 1 else 2, GROUP=group, BLOCK_N=self.bn, GROUPS=self.groups,
-                    DEPTH=self.depth, XPRE=self.xpre, CLAMP=self.clamp, LOADONLY=self.loadonly, num_warps=self.warps,
-                    num_stages=1)
+    def meta(self, splits, group=128, gps=0):
+        return dict(GPS_C=gps if self.unroll else 0, SASM=self.sasm, SPLITS=1 if splits == 1 else 2, GROUP=group,
+                    BLOCK_N=self.bn, GROUPS=self.groups, DEPTH=self.depth, XPRE=self.xpre, CLAMP=self.clamp,
+                    LOADONLY=self.loadonly, num_warps=self.warps, num_stages=1)
 
     planar = True  # x as `_quant_x_planar_kernel`'s planes
 
@@ -287,7 +308,7 @@ class V:
         N, KW = words.shape
         _gemv1_tile_kernel[(triton.cdiv(N, self.bn), splits)](
             xb, words, s, part, y, N, KW, gps, xb.stride(0), words.stride(0), s.stride(0), part.stride(0),
-            ASM=not _INTERPRET, **self.meta(splits, KW * 8 // s.shape[1]))
+            ASM=not _INTERPRET, **self.meta(splits, KW * 8 // s.shape[1], gps))
 
 
 class Cur:
@@ -379,9 +400,9 @@ def _compile_sm90(fn, sig: dict, const: dict, warps: int, aligned: list[str]):
                           options={"num_warps": warps, "num_stages": 1})
 
 
-def _sass_loop(cubin: bytes) -> tuple[dict, str]:
-    """Opcode counts of the kernel's main loop (the longest backward branch's body) and the
-    resource line (registers, stack) of cuobjdump."""
+def _sass_loop(cubin: bytes, whole: bool = False) -> tuple[dict, str]:
+    """Opcode counts of the kernel's main loop (the longest backward branch's body; whole: the
+    whole kernel) and the resource line (registers, stack) of cuobjdump."""
     import tempfile
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -400,6 +421,8 @@ def _sass_loop(cubin: bytes) -> tuple[dict, str]:
         if b and int(b.group(1), 16) < addr and (best is None or addr - int(b.group(1), 16) > best[1] - best[0]):
             best = (int(b.group(1), 16), addr)
     counts: dict[str, int] = {}
+    if whole:
+        best = (0, ins[-1][0]) if ins else None
     if best:
         for addr, text in ins:
             if best[0] <= addr <= best[1]:
@@ -407,6 +430,9 @@ def _sass_loop(cubin: bytes) -> tuple[dict, str]:
                 counts[op] = counts.get(op, 0) + 1
     reg = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     return counts, reg.group(0) if reg else "?"
+
+
+UNROLL_COUNT_GPS = 6  # an unrolled slice is counted whole at 6 groups (K 5376 in 7 slices)
 
 
 def count(vs) -> list[dict]:
@@ -428,13 +454,13 @@ def count(vs) -> list[dict]:
             sig = {"xq_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16",
                    "part_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "KW": "i32", "GPS": "i32", "stride_xp": "i32",
                    "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"}
-            meta = v.meta(2)
+            meta = v.meta(2, gps=UNROLL_COUNT_GPS)
             warps = meta.pop("num_warps")
             meta.pop("num_stages")
             k = _compile_sm90(_gemv1_tile_kernel, sig, {**meta, "ASM": True}, warps,
                               ["xq_ptr", "w_ptr", "s_ptr", "part_ptr", "y_ptr", "stride_ww", "stride_xp"])
-            words = v.bn * v.groups * 16
-        ops, res = _sass_loop(k.asm["cubin"])
+            words = v.bn * v.groups * 16 * (UNROLL_COUNT_GPS // v.groups if v.unroll else 1)
+        ops, res = _sass_loop(k.asm["cubin"], whole=getattr(v, "unroll", False))
         per_thread = words / (32 * warps)  # words of weights a thread reads per step
         ttgir = k.asm["ttgir"]
         kinds = {"dp4a": ops.get("IDP.4A.U8.S8", 0), "ldg": sum(n for o, n in ops.items() if o.startswith("LDG")),

@@ -1,6 +1,7 @@
 """scripts/gemv1_tile_variants.py's kernels on the CPU (Triton interpreter, one subprocess):
 the planar x levels are `_quant_x_kernel`'s, and the lane tiles (masked, clamped, x loaded a
-tile ahead, three tiles ahead) match an fp32 matmul on the dequantized weight on a ragged shape."""
+tile ahead, three tiles ahead, scales loaded unmasked, the slice unrolled) match an fp32
+matmul on the dequantized weight on a ragged shape."""
 
 import json
 import os
@@ -33,7 +34,8 @@ _SCRIPT = textwrap.dedent("""
            "errs": {}}
     qweight, scales = im.quantize_int4(torch.randn(N, K), G)
     ref_w = im.dequantize_int4(qweight, scales, torch.float32)
-    for v in (t.V(16, 2, 1, 1), t.V(16, 1, 1, 3, clamp=True), t.V(16, 2, 1, 2, xpre=True, clamp=True)):
+    for v in (t.V(16, 2, 1, 1), t.V(16, 1, 1, 3, clamp=True), t.V(16, 2, 1, 2, xpre=True, clamp=True),
+              t.V(16, 2, 1, 1, sasm=True), t.V(16, 2, 1, 1, sasm=True, unroll=True)):
         for splits in (1, 3):
             xr = torch.randn(1, K)
             y = t.path(v, xr, qweight, scales, splits, poison=True)
@@ -49,6 +51,6 @@ def test_lane_tiles_match_the_reference_in_the_interpreter():
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["levels_equal"] and out["correction_equal"] and out["factor_equal"]
-    assert len(out["errs"]) == 6
+    assert len(out["errs"]) == 10
     for name, err in out["errs"].items():
         assert err <= 1e-4, (name, err)  # fp32 x: the two levels' error (~1e-5) and fp32 rounding
