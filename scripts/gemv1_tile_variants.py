@@ -330,15 +330,16 @@ class Cur:
 
 def variants(quick: bool = False) -> list:
     """The sweep: the op's kernel (its configs, a tile deeper) and the lane tiles (c: clamped
-    addresses instead of masked loads; LO: loads only)."""
+    addresses instead of masked loads; s: the scales through PTX; LO: loads only)."""
     if quick:
         return [Cur(64, 2, 4), V(64, 2, 4, 1), V(32, 2, 2, 2, clamp=True), V(16, 1, 1, 3, clamp=True),
                 V(32, 2, 2, 2, xpre=True, clamp=True), V(32, 2, 2, 2, clamp=True, loadonly=True)]
     return [Cur(64, 2, 4), Cur(32, 2, 2), Cur(64, 2, 4, depth=2),
             V(64, 2, 4, 1), V(64, 2, 4, 1, clamp=True), V(64, 2, 4, 2, clamp=True), V(64, 2, 4, 3, clamp=True),
             V(128, 2, 4, 1, clamp=True), V(128, 2, 8, 2, clamp=True), V(32, 2, 2, 2, clamp=True),
-            V(128, 1, 4, 2, clamp=True), V(128, 1, 4, 3, clamp=True), V(64, 1, 2, 2, clamp=True),
-            V(64, 2, 4, 2, xpre=True, clamp=True), V(256, 1, 8, 2, clamp=True), V(256, 1, 4, 1, clamp=True),
+            V(128, 1, 4, 2, clamp=True), V(128, 1, 4, 3, clamp=True), V(64, 2, 4, 2, xpre=True, clamp=True),
+            V(256, 1, 4, 1, clamp=True), V(64, 2, 4, 1, sasm=True), V(128, 2, 4, 1, sasm=True),
+            V(128, 1, 4, 2, sasm=True),
             V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
 
 
