@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, rotated_weights
+from scripts.gemv1_variants import _stream_read_kernel, bench_graph, rotated_weights
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -328,19 +328,29 @@ class Cur:
             part.stride(0), GROUP=KW * 8 // s.shape[1], RED=0, XQ=True, ASM=not _INTERPRET)
 
 
-def variants(quick: bool = False) -> list:
+def variants(quick: bool = False, round_: int = 2) -> list:
     """The sweep: the op's kernel (its configs, a tile deeper) and the lane tiles (c: clamped
-    addresses instead of masked loads; s: the scales through PTX; LO: loads only)."""
+    addresses instead of masked loads; s: the scales through PTX; x: x's planes a tile ahead;
+    LO: loads only). Round 1 (scripts/measurements/int4_gemv1_tile_variants.json, "round1"):
+    without x ahead only 128-row tiles (x's loads shared by 8 rows a thread) kept up with the op;
+    round 2 takes x ahead everywhere."""
     if quick:
         return [Cur(64, 2, 4), V(64, 2, 4, 1), V(32, 2, 2, 2, clamp=True), V(16, 1, 1, 3, clamp=True),
-                V(32, 2, 2, 2, xpre=True, clamp=True), V(32, 2, 2, 2, clamp=True, loadonly=True)]
-    return [Cur(64, 2, 4), Cur(32, 2, 2), Cur(64, 2, 4, depth=2),
-            V(64, 2, 4, 1), V(64, 2, 4, 1, clamp=True), V(64, 2, 4, 2, clamp=True), V(64, 2, 4, 3, clamp=True),
-            V(128, 2, 4, 1, clamp=True), V(128, 2, 8, 2, clamp=True), V(32, 2, 2, 2, clamp=True),
-            V(128, 1, 4, 2, clamp=True), V(128, 1, 4, 3, clamp=True), V(64, 2, 4, 2, xpre=True, clamp=True),
-            V(256, 1, 4, 1, clamp=True), V(64, 2, 4, 1, sasm=True), V(128, 2, 4, 1, sasm=True),
-            V(128, 1, 4, 2, sasm=True),
-            V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
+                V(32, 2, 2, 2, xpre=True, sasm=True), V(32, 2, 2, 2, clamp=True, loadonly=True)]
+    if round_ == 1:
+        return [Cur(64, 2, 4), Cur(32, 2, 2), Cur(64, 2, 4, depth=2),
+                V(64, 2, 4, 1), V(64, 2, 4, 1, clamp=True), V(64, 2, 4, 2, clamp=True), V(64, 2, 4, 3, clamp=True),
+                V(128, 2, 4, 1, clamp=True), V(128, 2, 8, 2, clamp=True), V(32, 2, 2, 2, clamp=True),
+                V(128, 1, 4, 2, clamp=True), V(128, 1, 4, 3, clamp=True), V(64, 2, 4, 2, xpre=True, clamp=True),
+                V(256, 1, 4, 1, clamp=True), V(64, 2, 4, 1, sasm=True), V(128, 2, 4, 1, sasm=True),
+                V(128, 1, 4, 2, sasm=True),
+                V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
+    xs = lambda *a: V(*a, xpre=True, sasm=True)  # noqa: E731
+    return [Cur(64, 2, 4), Cur(32, 2, 2), V(128, 2, 4, 1, sasm=True),
+            xs(128, 2, 4, 1), xs(128, 2, 4, 2), xs(64, 2, 4, 1), xs(64, 2, 4, 2), xs(32, 2, 2, 1), xs(32, 2, 2, 2),
+            xs(128, 2, 8, 1), xs(256, 2, 8, 1), xs(64, 1, 2, 2), xs(32, 1, 1, 2), xs(64, 2, 2, 1), V(128, 2, 4, 1, xpre=True, clamp=True),
+            V(64, 2, 4, 2, xpre=True, clamp=True),
+            V(128, 2, 4, 1, sasm=True, loadonly=True), V(32, 2, 2, 2, sasm=True, loadonly=True)]
 
 
 def quant_x(x2: torch.Tensor, group: int, planar: bool):
@@ -483,8 +493,8 @@ def count(vs) -> list[dict]:
 # ---- the GPU sweep -------------------------------------------------------------------------
 
 
-def _prewarm_worker(idx, count_):
-    vs = variants()[idx::count_]  # (Triton's disk cache: the sweep finds them compiled)
+def _prewarm_worker(idx, count_, round_):
+    vs = variants(round_=round_)[idx::count_]  # (Triton's disk cache: the sweep finds them compiled)
     q, s = im.quantize_int4(torch.randn(256, 5376, device=DEVICE), 128)
     x = torch.randn(1, 5376, device=DEVICE, dtype=torch.bfloat16)
     for v in vs:
@@ -497,10 +507,10 @@ def _prewarm_worker(idx, count_):
     torch.cuda.synchronize()
 
 
-def prewarm(count_):
+def prewarm(count_, round_):
     import multiprocessing as mp
     t0 = time.time()
-    ps = [mp.get_context("spawn").Process(target=_prewarm_worker, args=(i, count_)) for i in range(count_)]
+    ps = [mp.get_context("spawn").Process(target=_prewarm_worker, args=(i, count_, round_)) for i in range(count_)]
     for p in ps:
         p.start()
     for p in ps:
@@ -522,10 +532,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prewarm", type=int, default=12)
     ap.add_argument("--count", action="store_true", help="offline: compile each variant for sm_90 and count its loop")
     ap.add_argument("--quick", action="store_true", help="a few variants (the interpreter's smoke run)")
+    ap.add_argument("--round", type=int, default=2, help="the variant set: 1 (the first run) or 2")
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.count:
-        doc = {"target": "sm_90 (offline)", "variants": count(variants(a.quick))}
+        doc = {"target": "sm_90 (offline)", "variants": count(variants(a.quick, a.round))}
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
         return 0
     if not torch.cuda.is_available() and not _INTERPRET:
@@ -534,13 +545,13 @@ def main(argv=None) -> int:
     nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
     nowrap.__enter__()
     if a.prewarm and not _INTERPRET:
-        prewarm(a.prewarm)
+        prewarm(a.prewarm, a.round)
     from scripts.bench_int4 import copy_gbps
     gbps = 1000.0 if _INTERPRET else copy_gbps()
     dev = "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
     print(f"copy {gbps:.0f} GB/s ({dev}); {time.time() - t0:.0f} s", flush=True)
     xdt = torch.float32 if _INTERPRET else torch.bfloat16  # (the interpreter's bf16 casts)
-    vs = variants(a.quick)
+    vs = variants(a.quick, a.round)
     rows: list[dict] = []
     doc = {"device": dev, "copy_gbps": gbps, "rows": rows, "summary": []}
     save = lambda: a.out.write_text(json.dumps(doc, indent=1) + "\n")  # noqa: E731
@@ -592,8 +603,16 @@ def main(argv=None) -> int:
         xc_ = torch.randn(1, k, device=DEVICE, dtype=xdt)
         err = rel(op_path(xc_, *ws[-1]), xc_.float() @ ref_w.t())
         op = rec("op_path", bench_graph(lambda: [op_path(x, qq, ss) for qq, ss in ws], len(ws)), err)
+        # a streaming read of the same packed words: the ceiling of one launch of this size
+        words = [qq.view(torch.int32).view(-1) for qq, _ in ws]
+        sink = torch.empty(4096, device=DEVICE, dtype=torch.int32)
+        chunk = 1 << 14
+        read = lambda w: _stream_read_kernel[(triton.cdiv(w.numel(), chunk),)](  # noqa: E731
+            w, sink, w.numel(), CHUNK=chunk, BLOCK=1024, num_warps=4)
+        stream = rec("stream_read", bench_graph(lambda: [read(w) for w in words], len(words)), float("nan"))
+        del words
         # K slices: one from 32768 rows (enough row blocks); more where the row blocks are few
-        split_set = (1,) if n >= im.GEMV1_LARGE_N else (4, 8, 16) if n <= 8192 else (2, 4, 8)
+        split_set = (1, 2) if n >= im.GEMV1_LARGE_N else (4, 8, 16) if n <= 8192 else (2, 4, 8, 16)
         for v in vs:
             if v.label in broken:
                 continue
@@ -634,16 +653,16 @@ def main(argv=None) -> int:
         lo = [r for r in res if "LO" in r["variant"]]
         lob = min(lo, key=lambda r: r["us"], default=None)
         bad = [(r["variant"], r["splits"], r["rel_err"]) for r in res
-               if "LO" not in r["variant"] and not r["rel_err"] <= 1e-2]
+               if "LO" not in r["variant"] and r["variant"] != "stream_read" and not r["rel_err"] <= 1e-2]
         summ = {"shape": name, "n": n, "k": k, "bytes": nbytes, "weight_bytes": wbytes, "floor_us": floor_us,
                 "op_path": op, "op_kernel_at_plan": opk[0] if opk else None, "best_op_kernel": bko,
-                "best_tile_kernel": bk, "best_path": bp, "loadonly_best": lob, "bad": bad}
+                "best_tile_kernel": bk, "best_path": bp, "loadonly_best": lob, "stream_read": stream, "bad": bad}
         doc["summary"].append(summ)
         f = lambda r: f"{r['us']:6.1f} {r['fraction_of_copy_bw']:4.0%}" if r else "   -  "  # noqa: E731
         print(f"{name[:17]:17} {floor_us:5.1f} | {f(op)} | {opk[0]['us'] if opk else float('nan'):7.1f} | "
               f"{f(bk)} {bk['variant'] if bk else '-'}/{bk['splits'] if bk else '-'} (op's best {f(bko)} "
               f"{bko['variant'] if bko else '-'}/{bko['splits'] if bko else '-'}) | {f(bp)} "
-              f"{bp['variant'] if bp else '-'}/{bp['splits'] if bp else '-'} | loads {f(lob)}"
+              f"{bp['variant'] if bp else '-'}/{bp['splits'] if bp else '-'} | loads {f(lob)} | read {f(stream)}"
               + (f"  BAD {bad}" if bad else ""), flush=True)
         for r in sorted(ok("/kernel"), key=lambda r: r["us"])[:5]:
             print(f"    {r['variant']:24} split {r['splits']} {r['us']:7.1f} us {r['fraction_of_copy_bw']:5.0%}"
