@@ -55,13 +55,14 @@ HI_MASK = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32
 
 
 @triton.jit
-def _quant_x_planar_kernel(x_ptr, xq_ptr, NG, KW, stride_xp, GROUP: tl.constexpr, GB: tl.constexpr):
+def _quant_x_planar_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, NG, KW, stride_xp, GROUP: tl.constexpr, GB: tl.constexpr):
     """x [NG * GROUP] (bf16) -> `_quant_x_kernel`'s two int8 levels in planes of KW int32 words
     (`stride_xp` apart, a multiple of 16 words so that every plane's loads stay 16 bytes wide)
     (word j: elements 8j .. 8j + 7), so that a plane loads in the weight tile's own layout (16
     contiguous words a group, no layout conversion): plane 0 h of k = 8j + 0, 2, 4, 6 (byte t =
     element 2t), 1 h of the odd k, 2 and 3 l the same; plane 4 the word's 16x correction
-    128 (254 sum h + sum l) (int32); plane 5 the group's s / (254 * 16) for each word (fp32 bits)."""
+    128 (254 sum h + sum l) (int32); plane 5 the group's s / (254 * 16) for each word (fp32 bits).
+    xf / xc: the group's s / 254 and 8 (254 sum h + sum l), as `_quant_x_kernel` writes them."""
     W: tl.constexpr = GROUP // 8
     g = tl.program_id(0) * GB + tl.arange(0, GB)
     g4 = g[:, None, None, None]
@@ -89,6 +90,9 @@ def _quant_x_planar_kernel(x_ptr, xq_ptr, NG, KW, stride_xp, GROUP: tl.constexpr
     tl.store(xq_ptr + 4 * stride_xp + word2, cw, mask=ok2)
     f = tl.zeros((GB, W), dtype=tl.float32) + (amax / (127.0 * 254.0 * 16.0))[:, None]
     tl.store(xq_ptr.to(tl.pointer_type(tl.float32)) + 5 * stride_xp + word2, f, mask=ok2)
+    tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)  # per group, as `_quant_x_kernel` (XG)
+    tl.store(xc_ptr + g, 8 * (254 * tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
+                              + tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)), mask=g < NG)
 
 
 @triton.jit
@@ -109,12 +113,34 @@ def _as_lanes(t, L: tl.constexpr):
 
 
 @triton.jit
-def _load_x(xq_ptr, XP, g0, lane, ok, L: tl.constexpr, CLAMP: tl.constexpr):
+def _ld_b32(ptr):
+    """A 32-bit load through PTX: an elementwise op, so its tensor takes the layout of its use."""
+    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _load_x(xq_ptr, XP, g0, lane, ok, L: tl.constexpr, CLAMP: tl.constexpr, xf_ptr=None, xc_ptr=None,
+            XG: tl.constexpr = False, ASM: tl.constexpr = False):
     """The planes of `_quant_x_planar_kernel` at words g0 + lane ([1, C, WORDS] pointers, the
     weight tile's pattern), each [1, C, L, 4]. CLAMP: unmasked (g0 is kept inside the planes by
     the caller; its group's scale is 0)."""
     p = xq_ptr + g0 + lane
-    if CLAMP:
+    if XG:  # the planes of the levels; the group's factor and correction per group, as the op has them
+        he = _as_lanes(tl.load(p), L)
+        ho = _as_lanes(tl.load(p + XP), L)
+        le = _as_lanes(tl.load(p + 2 * XP), L)
+        lo = _as_lanes(tl.load(p + 3 * XP), L)
+        gi = _as_lanes(g0 // (4 * L) + lane * 0, L)  # [1, C, L, 4]: each word's group
+        if ASM:
+            f = _ld_b32(xf_ptr.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
+            c = _ld_b32(xc_ptr + gi)
+        else:
+            f = tl.load(xf_ptr + gi)
+            c = tl.load(xc_ptr + gi)
+        cw = tl.where(_as_lanes(lane, L) == 0, c * 16, 0)  # in the group's first word only
+        xf = f * 0.0625
+    elif CLAMP:
         he = _as_lanes(tl.load(p), L)
         ho = _as_lanes(tl.load(p + XP), L)
         le = _as_lanes(tl.load(p + 2 * XP), L)
@@ -200,10 +226,11 @@ def _load_w(rows, srows, g, lane, n_ok, w_hi, KW, WORDS: tl.constexpr, CLAMP: tl
 
 
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "stride_sn", "stride_ps"])
-def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride_xp, stride_ww, stride_sn,
-                       stride_ps, SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gemv1_tile_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride_xp, stride_ww,
+                       stride_sn, stride_ps, SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        GROUPS: tl.constexpr, DEPTH: tl.constexpr, XPRE: tl.constexpr, CLAMP: tl.constexpr,
-                       LOADONLY: tl.constexpr, ASM: tl.constexpr, GPS_C: tl.constexpr = 0, SASM: tl.constexpr = False):
+                       LOADONLY: tl.constexpr, ASM: tl.constexpr, GPS_C: tl.constexpr = 0, SASM: tl.constexpr = False,
+                       XG: tl.constexpr = False):
     """M == 1 over one slice of GPS groups (program axis 1), BLOCK_N rows: y (SPLITS == 1) or
     fp32 partials part[pid_k]. x as `_quant_x_planar_kernel`'s planes. A step reads GROUPS
     adjacent groups of each row, a [BLOCK_N, GROUPS, GROUP / 8] tile of int32 words (16-byte
@@ -230,7 +257,7 @@ def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride
             g0 = start + tg * WORDS
             w, s = _load_w(rows, srows, g0, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
             he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0, lane,
-                                             g0 < w_hi, L, CLAMP)
+                                             g0 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
             acc += _tile_lanes(_as_lanes(w, L), s, he, ho, le, lo, cw, xf, ASM)
     else:
         w0, s0 = _load_w(rows, srows, start, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
@@ -245,7 +272,7 @@ def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride
         xok = start < w_hi
         xs = _clamp(start, KW, WORDS) if CLAMP else start
         if XPRE:
-            he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, xs, lane, xok, L, CLAMP)
+            he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, xs, lane, xok, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
         for tg in range(0, GPS, GROUPS):
             g0 = start + tg * WORDS
             wn, sn = _load_w(rows, srows, g0 + DEPTH * STEP, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
@@ -254,12 +281,12 @@ def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride
             elif XPRE:
                 g1 = g0 + STEP
                 he1, ho1, le1, lo1, cw1, xf1 = _load_x(xq_ptr, stride_xp, _clamp(g1, KW, WORDS) if CLAMP else g1,
-                                                       lane, g1 < w_hi, L, CLAMP)
+                                                       lane, g1 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
                 acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
                 he, ho, le, lo, cw, xf = he1, ho1, le1, lo1, cw1, xf1
             else:
                 he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0,
-                                                 lane, g0 < w_hi, L, CLAMP)
+                                                 lane, g0 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
                 acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
             if DEPTH == 1:
                 w0 = wn
@@ -287,27 +314,30 @@ def _gemv1_tile_kernel(xq_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N, KW, GPS, stride
 class V:
     """A variant of `_gemv1_tile_kernel` (constexpr knobs: one compile each)."""
 
-    def __init__(self, bn, groups, warps, depth, xpre=False, clamp=False, loadonly=False, unroll=False, sasm=False):
+    def __init__(self, bn, groups, warps, depth, xpre=False, clamp=False, loadonly=False, unroll=False, sasm=False,
+                 xg=False):
         self.bn, self.groups, self.warps, self.depth, self.xpre = bn, groups, warps, depth, xpre
-        self.clamp, self.loadonly, self.unroll, self.sasm = clamp or sasm, loadonly, unroll, sasm
+        self.clamp, self.loadonly, self.unroll, self.sasm, self.xg = clamp or sasm or xg, loadonly, unroll, sasm, xg
 
     @property
     def label(self):
         return (f"t{self.bn}g{self.groups}w{self.warps}d{self.depth}" + ("x" if self.xpre else "")
-                + ("c" if self.clamp else "") + ("s" if self.sasm else "") + ("u" if self.unroll else "")
+                + ("c" if self.clamp else "") + ("s" if self.sasm else "") + ("g" if self.xg else "")
+                + ("u" if self.unroll else "")
                 + ("LO" if self.loadonly else ""))
 
     def meta(self, splits, group=128, gps=0):
-        return dict(GPS_C=gps if self.unroll else 0, SASM=self.sasm, SPLITS=1 if splits == 1 else 2, GROUP=group,
-                    BLOCK_N=self.bn, GROUPS=self.groups, DEPTH=self.depth, XPRE=self.xpre, CLAMP=self.clamp,
-                    LOADONLY=self.loadonly, num_warps=self.warps, num_stages=1)
+        return dict(GPS_C=gps if self.unroll else 0, SASM=self.sasm, XG=self.xg, SPLITS=1 if splits == 1 else 2,
+                    GROUP=group, BLOCK_N=self.bn, GROUPS=self.groups, DEPTH=self.depth, XPRE=self.xpre,
+                    CLAMP=self.clamp, LOADONLY=self.loadonly, num_warps=self.warps, num_stages=1)
 
     planar = True  # x as `_quant_x_planar_kernel`'s planes
 
     def launch(self, xb, words, s, part, y, gps, splits):
         N, KW = words.shape
         _gemv1_tile_kernel[(triton.cdiv(N, self.bn), splits)](
-            xb, words, s, part, y, N, KW, gps, xb.stride(0), words.stride(0), s.stride(0), part.stride(0),
+            xb[0], xb[1], xb[2], words, s, part, y, N, KW, gps, xb[0].stride(0), words.stride(0), s.stride(0),
+            part.stride(0),
             ASM=not _INTERPRET, **self.meta(splits, KW * 8 // s.shape[1], gps))
 
 
@@ -331,9 +361,10 @@ class Cur:
 def variants(quick: bool = False, round_: int = 2) -> list:
     """The sweep: the op's kernel (its configs, a tile deeper) and the lane tiles (c: clamped
     addresses instead of masked loads; s: the scales through PTX; x: x's planes a tile ahead;
-    LO: loads only). Round 1 (scripts/measurements/int4_gemv1_tile_variants.json, "round1"):
-    without x ahead only 128-row tiles (x's loads shared by 8 rows a thread) kept up with the op;
-    round 2 takes x ahead everywhere."""
+    g: x's factor and correction per group through PTX, as the op has them; LO: loads only).
+    Round 1 (scripts/measurements/int4_gemv1_tile_variants.json, "round1"): without x ahead only
+    128-row tiles (x's loads shared by 8 rows a thread) kept up with the op; round 2 takes x
+    ahead everywhere."""
     if quick:
         return [Cur(64, 2, 4), V(64, 2, 4, 1), V(32, 2, 2, 2, clamp=True), V(16, 1, 1, 3, clamp=True),
                 V(32, 2, 2, 2, xpre=True, sasm=True), V(32, 2, 2, 2, clamp=True, loadonly=True)]
@@ -346,23 +377,28 @@ def variants(quick: bool = False, round_: int = 2) -> list:
                 V(128, 1, 4, 2, sasm=True),
                 V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
     xs = lambda *a: V(*a, xpre=True, sasm=True)  # noqa: E731
+    xg = lambda *a: V(*a, xpre=True, sasm=True, xg=True)  # noqa: E731
     return [Cur(64, 2, 4), Cur(32, 2, 2), V(128, 2, 4, 1, sasm=True),
             xs(128, 2, 4, 1), xs(128, 2, 4, 2), xs(64, 2, 4, 1), xs(64, 2, 4, 2), xs(32, 2, 2, 1), xs(32, 2, 2, 2),
-            xs(128, 2, 8, 1), xs(256, 2, 8, 1), xs(64, 1, 2, 2), xs(32, 1, 1, 2), xs(64, 2, 2, 1), V(128, 2, 4, 1, xpre=True, clamp=True),
-            V(64, 2, 4, 2, xpre=True, clamp=True),
+            xs(128, 2, 8, 1), xs(256, 2, 8, 1), xs(64, 1, 2, 2), xs(32, 1, 1, 2), xs(64, 2, 2, 1),
+            V(128, 2, 4, 1, xpre=True, clamp=True), V(64, 2, 4, 2, xpre=True, clamp=True),
+            xg(128, 2, 4, 1), xg(64, 2, 4, 1), xg(64, 2, 4, 2), xg(32, 2, 2, 1), xg(32, 2, 2, 2), xg(64, 2, 2, 1),
             V(128, 2, 4, 1, sasm=True, loadonly=True), V(32, 2, 2, 2, sasm=True, loadonly=True)]
 
 
 def quant_x(x2: torch.Tensor, group: int, planar: bool):
-    """x2 [1, K] as `_quant_x_planar_kernel`'s planes (int32 [6, K / 8]), or as `_quant_x_kernel`'s
+    """x2 [1, K] as `_quant_x_planar_kernel`'s planes (int32 [6, K / 8]) and per-group factor and
+    correction, or as `_quant_x_kernel`'s
     buffers (levels int32 [K / 2], factor fp32, correction int32)."""
     K = x2.shape[1]
     ng = K // group
     if planar:
         xq = torch.empty((6, triton.cdiv(K // 8, 16) * 16), device=x2.device, dtype=torch.int32)
-        _quant_x_planar_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, xq, ng, K // 8, xq.stride(0), GROUP=group,
-                                                                     GB=im.QUANT_X_GROUPS, num_warps=4)
-        return xq
+        xf = torch.empty(ng, device=x2.device, dtype=torch.float32)
+        xc = torch.empty(ng, device=x2.device, dtype=torch.int32)
+        _quant_x_planar_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, xq, xf, xc, ng, K // 8, xq.stride(0),
+                                                                     GROUP=group, GB=im.QUANT_X_GROUPS, num_warps=4)
+        return xq, xf, xc
     xq = torch.empty(K // 2, device=x2.device, dtype=torch.int32)
     xf = torch.empty(ng, device=x2.device, dtype=torch.float32)
     xc = torch.empty(ng, device=x2.device, dtype=torch.int32)
@@ -462,14 +498,15 @@ def count(vs) -> list[dict]:
                                "stride_ww"])
             warps, words = v.cfg.num_warps, c["BLOCK_N"] * c["PARTS"] * c["GROUPS"] * 16
         else:
-            sig = {"xq_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16",
+            sig = {"xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16",
                    "part_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "KW": "i32", "GPS": "i32", "stride_xp": "i32",
                    "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"}
             meta = v.meta(2, gps=UNROLL_COUNT_GPS)
             warps = meta.pop("num_warps")
             meta.pop("num_stages")
             k = _compile_sm90(_gemv1_tile_kernel, sig, {**meta, "ASM": True}, warps,
-                              ["xq_ptr", "w_ptr", "s_ptr", "part_ptr", "y_ptr", "stride_ww", "stride_xp"])
+                              ["xq_ptr", "xf_ptr", "xc_ptr", "w_ptr", "s_ptr", "part_ptr", "y_ptr", "stride_ww",
+                               "stride_xp"])
             words = v.bn * v.groups * 16 * (UNROLL_COUNT_GPS // v.groups if v.unroll else 1)
         ops, res = _sass_loop(k.asm["cubin"], whole=getattr(v, "unroll", False))
         per_thread = words / (32 * warps)  # words of weights a thread reads per step

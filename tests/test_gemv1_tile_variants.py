@@ -1,6 +1,6 @@
 """scripts/gemv1_tile_variants.py's kernels on the CPU (Triton interpreter, one subprocess):
 the planar x levels are `_quant_x_kernel`'s, and the lane tiles (masked, clamped, x loaded a
-tile ahead, three tiles ahead, scales loaded unmasked, the slice unrolled) match an fp32
+tile ahead, three tiles ahead, scales loaded unmasked, the slice unrolled, x's factor per group) match an fp32
 matmul on the dequantized weight on a ragged shape."""
 
 import json
@@ -26,16 +26,19 @@ _SCRIPT = textwrap.dedent("""
     N, K, G = 40, 640, 128  # 5 groups: no tile of rows divides N, slices of 2 groups leave one over
     x = torch.randn(1, K) * 3
     xq, xf, xc = t.quant_x(x, G, planar=False)
-    planes = t.quant_x(x, G, planar=True)[:, : K // 8]
+    planes, pf, pc = t.quant_x(x, G, planar=True)
+    planes = planes[:, : K // 8]
     inter = xq.view(K // 8, 4).t()  # `_quant_x_kernel`: 4 words (h even, h odd, l even, l odd) per word of 8
     out = {"levels_equal": bool((planes[:4] == inter).all()),
            "correction_equal": bool((planes[4].view(-1, G // 8).sum(1) == 16 * xc).all()),
-           "factor_equal": bool((planes[5].view(torch.float32).view(-1, G // 8) == (xf / 16)[:, None]).all()),
+           "factor_equal": bool((planes[5].view(torch.float32).view(-1, G // 8) == (xf / 16)[:, None]).all()
+                                 and (pf == xf).all() and (pc == xc).all()),
            "errs": {}}
     qweight, scales = im.quantize_int4(torch.randn(N, K), G)
     ref_w = im.dequantize_int4(qweight, scales, torch.float32)
     for v in (t.V(16, 2, 1, 1), t.V(16, 1, 1, 3, clamp=True), t.V(16, 2, 1, 2, xpre=True, clamp=True),
-              t.V(16, 2, 1, 1, sasm=True), t.V(16, 2, 1, 1, sasm=True, unroll=True)):
+              t.V(16, 2, 1, 1, sasm=True), t.V(16, 2, 1, 1, sasm=True, unroll=True),
+              t.V(16, 2, 1, 2, xpre=True, sasm=True, xg=True)):
         for splits in (1, 3):
             xr = torch.randn(1, K)
             y = t.path(v, xr, qweight, scales, splits, poison=True)
@@ -51,6 +54,6 @@ def test_lane_tiles_match_the_reference_in_the_interpreter():
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["levels_equal"] and out["correction_equal"] and out["factor_equal"]
-    assert len(out["errs"]) == 10
+    assert len(out["errs"]) == 12
     for name, err in out["errs"].items():
         assert err <= 1e-4, (name, err)  # fp32 x: the two levels' error (~1e-5) and fp32 rounding
