@@ -378,6 +378,9 @@ def variants(quick: bool = False, round_: int = 2) -> list:
                 V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
     xs = lambda *a: V(*a, xpre=True, sasm=True)  # noqa: E731
     xg = lambda *a: V(*a, xpre=True, sasm=True, xg=True)  # noqa: E731
+    if round_ == 3:  # with scripts/gemv1_tile_port.diff applied, "op..." is the ported kernel
+        return [Cur(128, 2, 4), Cur(64, 2, 4), Cur(64, 2, 2), xs(128, 2, 4, 1), xg(128, 2, 4, 1), xg(64, 2, 4, 1),
+                xg(64, 2, 2, 1), V(128, 2, 4, 1, sasm=True, loadonly=True)]
     return [Cur(64, 2, 4), Cur(32, 2, 2), V(128, 2, 4, 1, sasm=True),
             xs(128, 2, 4, 1), xs(128, 2, 4, 2), xs(64, 2, 4, 1), xs(64, 2, 4, 2), xs(32, 2, 2, 1), xs(32, 2, 2, 2),
             xs(128, 2, 8, 1), xs(256, 2, 8, 1), xs(64, 1, 2, 2), xs(32, 1, 1, 2), xs(64, 2, 2, 1),
@@ -569,7 +572,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prewarm", type=int, default=12)
     ap.add_argument("--count", action="store_true", help="offline: compile each variant for sm_90 and count its loop")
     ap.add_argument("--quick", action="store_true", help="a few variants (the interpreter's smoke run)")
-    ap.add_argument("--round", type=int, default=2, help="the variant set: 1 (the first run) or 2")
+    ap.add_argument("--round", type=int, default=2, help="the variant set: 1, 2 or 3 (see `variants`)")
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.count:
