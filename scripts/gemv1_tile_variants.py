@@ -1,34 +1,49 @@
 """Tile variants of the M == 1 int4 GEMV with x as two int8 levels (`_gemv1_tile_q`), one GPU call.
 
-    python -m scripts.gemv1_tile_variants [--out gemv1_tile_variants.json] [--budget 150]
+    python -m scripts.gemv1_tile_variants [--round 2] [--out gemv1_tile_variants.json] [--budget 150]
     python -m scripts.gemv1_tile_variants --count     # offline: compile for sm_90, count the loop
 
-Why: the op's kernel (`_int4_gemv1_kernel`, XQ) ran 1.5-1.7x slower than a kernel with the same
-grid and loads but no arithmetic on the 31B's mid shapes: per step it sums each (row, group)
-across the four lanes that hold its 16 words (two shuffles and adds), converts and scales it, and
-loads x's levels as four 32-bit loads per word, all between one tile's loads and the next.
+Why: the op's kernel (`_int4_gemv1_kernel`, XQ) spends 18.4 SASS instructions per word of 8
+nibbles in its loop (sm_90, `--count`): per step it sums each (row, group) across the four lanes
+that hold its 16 words (two shuffles), converts and scales it, loads x's levels as four 32-bit
+loads per word in a layout of their own (a conversion through shared memory, with barriers,
+every step), all between one tile's loads and the next.
 
 `_gemv1_tile_kernel` keeps the same weight loads (a lane: 4 words = 16 bytes of one row and
-group) and changes the arithmetic (`_tile_lanes`):
+group) and changes the rest (`_tile_lanes`):
 - nibbles as two masks, no shift: lo = w & 0x0F0F0F0F (v), hi = w & 0xF0F0F0F0 (16 v), so the
   high nibbles' dot comes out 16x, which the low ones' match by one multiply per lane and group;
 - four dp4a chains per lane across its 4 words (h and l levels, low and high nibbles), then
   16 (254 h.lo + l.lo) + 254 h.hi + l.hi, less 16x the group's correction in the group's first
   lane: exact int32 per lane and group;
 - converted and scaled per lane (scale * x's factor / 16) into an fp32 accumulator per lane;
-  the sum across lanes and groups once, after the loop.
+  the sum across lanes and groups once, after the loop;
+- x's levels in planes (`_quant_x_planar_kernel`), loaded with the weights' own pattern and
+  layout; the scales (and, `xg`, x's per-group factor and correction) through PTX loads, which
+  take the layout of their use: nothing in the loop goes through shared memory.
 Same numerics as the op within fp32 rounding (the 4 lanes' partials are rounded apart).
-Knobs: BLOCK_N rows x GROUPS adjacent groups a step, DEPTH tiles loaded ahead (1, 2), XPRE: x's
-levels of the next tile loaded with its weights, LOADONLY: the loads alone (a bound, not a result).
+Knobs: BLOCK_N rows x GROUPS adjacent groups a step, DEPTH tiles loaded ahead, XPRE: x's planes
+of the next tile loaded with its weights, CLAMP: unmasked loads from clamped addresses (the
+scale zeroes what falls outside), SASM / XG: the PTX loads, GPS_C: the slice unrolled,
+LOADONLY: the loads alone (a bound, not a result).
 
 Per shape (the 31B's seven M == 1 shapes): the op's path as it is (quantize x, `gemv1_plan`, the
-split sum), the op's kernel alone, the op's kernel one and two tiles deeper, and each variant at
-K splits 1 / 2 / 4 / 8 (1 / 2 from 32768 rows), each as the kernel alone (x already quantized,
-partials written) and as the full path (quantize + kernel + `_sum_splits_kernel`). Checked
-against an fp32 matmul on the dequantized weight (fresh x, NaN-poisoned outputs) on each shape
-and on a ragged one (N 1000, K 36 groups, splits 1 / 3 / 5 / 8); timed as CUDA-graph replays
-over rotated weight copies (>= 256 MB, from HBM), median (gemv1_variants.bench_graph); the copy
-bandwidth (eager copy, do_bench) measured in the same run. A table on stdout, one JSON.
+split sum), the op's kernel alone at its configs, and each variant at K splits 4 / 8 / 16 (up
+to 8192 rows), 2 / 4 / 8 / 16 (up to 32768), 1 / 2 (more), each as the kernel alone (x already
+quantized, partials written); the full path (quantize + kernel + `_sum_splits_kernel`) at the
+variant's best split; a streaming read of the same words. Checked against an fp32 matmul on the
+dequantized weight (fresh x, NaN-poisoned outputs) on each shape and on a ragged one (N 1000,
+K 36 groups, splits 1 / 3 / 5 / 8); timed as CUDA-graph replays over rotated weight copies
+(>= 256 MB, from HBM), median (gemv1_variants.bench_graph); the copy bandwidth (eager copy,
+do_bench) measured in the same run. A table on stdout, one JSON.
+
+What the H200 said (scripts/measurements/int4_gemv1_tile_variants.json, kernel alone, us): with
+x a tile ahead, 128 rows (8 a thread) x 2 groups and 4 warps at the op's splits: the lm_head
+208 -> 184 (93% of the copy bandwidth, the streaming read's 179), gate/up 40.6 -> 35.5, down
+22.8 -> 21.1, o full 18.7 -> 16.2, o sliding 10.7 -> 9.6; 16384 / 18432 x 5376 16.5 -> 16.3 and
+19.0 -> 17.8 with 64 rows x 2 slices. Without x ahead the per-lane tiles lost (x's loads on the
+critical path), except at 128 rows. The mid shapes stay at 57-68%: the same grid with the loads
+alone reaches only 61-71% there (the streaming read 65-90%).
 """
 
 from __future__ import annotations
