@@ -1,5 +1,5 @@
 """scripts/gemv1_tile_variants.py's kernels on the CPU (Triton interpreter, one subprocess):
-the planar x levels are `_quant_x_kernel`'s, and the lane tiles (masked, clamped, x loaded a
+the planar x levels are `_quant_x_kernel`'s (computed in torch), and the lane tiles (masked, clamped, x loaded a
 tile ahead, three tiles ahead, scales loaded unmasked, the slice unrolled, x's factor per group) match an fp32
 matmul on the dequantized weight on a ragged shape."""
 
@@ -25,14 +25,22 @@ _SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     N, K, G = 40, 640, 128  # 5 groups: no tile of rows divides N, slices of 2 groups leave one over
     x = torch.randn(1, K) * 3
-    xq, xf, xc = t.quant_x(x, G, planar=False)
     planes, pf, pc = t.quant_x(x, G, planar=True)
     planes = planes[:, : K // 8]
-    inter = xq.view(K // 8, 4).t()  # `_quant_x_kernel`: 4 words (h even, h odd, l even, l odd) per word of 8
-    out = {"levels_equal": bool((planes[:4] == inter).all()),
-           "correction_equal": bool((planes[4].view(-1, G // 8).sum(1) == 16 * xc).all()),
-           "factor_equal": bool((planes[5].view(torch.float32).view(-1, G // 8) == (xf / 16)[:, None]).all()
-                                 and (pf == xf).all() and (pc == xc).all()),
+    # the levels in torch, as `_quant_x_kernel` computes them (fp32, the same operations)
+    xg = x.view(-1, G)
+    amax = xg.abs().amax(1, keepdim=True)
+    tt = xg * (127.0 / amax)
+    h = torch.floor(tt + 0.5)
+    l = torch.floor((tt - h) * 254.0 + 0.5)
+    def words(v):  # [K] int levels -> [2, K / 8] words: bytes of k = 8j + 2t (+ 1)
+        b = (v.to(torch.int32).view(-1, 4, 2) & 0xFF) << (8 * torch.arange(4)).view(1, 4, 1)
+        return b.sum(1).t().to(torch.int32)  # (the sum is int64: back to the int32 bit patterns)
+    out = {"levels_equal": bool((planes[:2] == words(h.view(-1))).all() and (planes[2:4] == words(l.view(-1))).all()),
+           "correction_equal": bool((planes[4].view(-1, G // 8).sum(1) == 16 * pc).all()
+                                    and (pc == 8 * (254 * h.sum(1) + l.sum(1)).to(torch.int32)).all()),
+           "factor_equal": bool((planes[5].view(torch.float32).view(-1, G // 8) == (pf / 16)[:, None]).all()
+                                and (pf == amax.view(-1) / (127.0 * 254.0)).all()),
            "errs": {}}
     qweight, scales = im.quantize_int4(torch.randn(N, K), G)
     ref_w = im.dequantize_int4(qweight, scales, torch.float32)
