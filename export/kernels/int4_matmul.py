@@ -62,9 +62,10 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 # saves a launch per mid-size weight: a sliding layer's four GEMVs as one CUDA graph 107.6 ->
 # 104.8 us, a full layer's 117.7 -> 115.8 on the H200, 8 kernels instead of 11
 # (scripts/measurements/int4_gemv1_launch_variants.json); with `gemv1_plan`'s splits and tiles
-# 107.0 -> 100.6 and 117.0 -> 110.6 (int4_gemv1_launch_plan.json). With bf16 x its counters take a
-# torch.zeros of their own. No op of the kernel may be inline PTX with a side effect: torch's
-# mutation analysis cannot read it, takes every argument as written and the compiled graph
+# 107.0 -> 100.6 and 117.0 -> 110.6 (int4_gemv1_launch_plan.json); with the lane tile below and its plan
+# 116.3 -> 94.3 and 127.1 -> 102.3 against the first plan in one run (int4_gemv1_launch_lane_tile.json).
+# With bf16 x its counters take a torch.zeros of their own. No op of the kernel may be inline PTX
+# with a side effect: torch's mutation analysis cannot read it, takes every argument as written and the compiled graph
 # clones the weights before each call; `test_op_kernels_write_only_their_outputs` holds this.
 GEMV1_RED = 0
 GEMV1_RED_XQ = 2
