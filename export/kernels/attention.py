@@ -739,6 +739,28 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
 
 
 @triton.jit
+def _pf_softmax(s, m_i, l_i, kp, kmask, qpos, KS, kvh, ssh, slot, WINDOW, KV_FMT: tl.constexpr, MASK: tl.constexpr):
+    """Prefill: a block's raw scores s [BLOCK_M, BLOCK_N] into the online softmax (base 2: the
+    scores take log2(e), and K's scales when quantized); MASK: positions past `end` (kmask), after
+    the row's own or outside its window scored -inf. Returns (p, m_new, alpha, l_i)."""
+    if KV_FMT != 0:
+        ks = tl.load(KS + kvh * ssh + slot).to(tl.float32) * 1.4426950408889634
+        s = s * ks[None, :]
+    else:
+        s = s * 1.4426950408889634
+    if MASK:
+        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
+        if WINDOW > 0:
+            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, m_new, alpha, l_i
+
+
+@triton.jit
 def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
               D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
               FRESH: tl.constexpr):
@@ -779,20 +801,7 @@ def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, 
             s = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(kt))
-    if KV_FMT != 0:
-        ks = tl.load(KS + kvh * ssh + slot).to(tl.float32) * 1.4426950408889634
-        s = s * ks[None, :]
-    else:
-        s = s * 1.4426950408889634
-    if MASK:
-        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
-        if WINDOW > 0:
-            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
-        s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, m_new, alpha, l_i = _pf_softmax(s, m_i, l_i, kp, kp < end, qpos, KS, kvh, ssh, slot, WINDOW, KV_FMT, MASK)
     if KV_FMT != 0:
         vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
         p = p * vs[None, :]
@@ -886,20 +895,7 @@ def _pfk_block(qrow, row_ok, m_i, l_i, acc, k0, end, qpos, kvh, vc, K, V, KS, VS
     else:
         for c in tl.static_range(0, D, DK):
             s = _pfk_qk(s, qrow, qmask, K, kvh, slot, kmask, skh, sks, c, DK, KV_FMT, FP32, MASK)
-    if KV_FMT != 0:
-        ks = tl.load(KS + kvh * ssh + slot).to(tl.float32) * 1.4426950408889634
-        s = s * ks[None, :]
-    else:
-        s = s * 1.4426950408889634
-    if MASK:
-        valid = kmask[None, :] & (kp[None, :] <= qpos[:, None])
-        if WINDOW > 0:
-            valid = valid & (qpos[:, None] - kp[None, :] < WINDOW)
-        s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, m_new, alpha, l_i = _pf_softmax(s, m_i, l_i, kp, kmask, qpos, KS, kvh, ssh, slot, WINDOW, KV_FMT, MASK)
     if FP32:
         dt: tl.constexpr = tl.float32
     elif KV_FMT != 0:
