@@ -3,11 +3,13 @@
     python -m scripts.gemv1_tile_variants [--round 2] [--out gemv1_tile_variants.json] [--budget 150]
     python -m scripts.gemv1_tile_variants --count     # offline: compile for sm_90, count the loop
 
-Why: the op's kernel (`_int4_gemv1_kernel`, XQ) spends 18.4 SASS instructions per word of 8
-nibbles in its loop (sm_90, `--count`): per step it sums each (row, group) across the four lanes
-that hold its 16 words (two shuffles), converts and scales it, loads x's levels as four 32-bit
-loads per word in a layout of their own (a conversion through shared memory, with barriers,
-every step), all between one tile's loads and the next.
+Why: the op's kernel (`_int4_gemv1_kernel`, XQ) with `_gemv1_tile_q` spent 18.4 SASS instructions
+per word of 8 nibbles in its loop (sm_90, `--count`): per step it summed each (row, group) across
+the four lanes that hold its 16 words (two shuffles), converted and scaled it, loaded x's levels
+as four 32-bit loads per word in a layout of their own (a conversion through shared memory, with
+barriers, every step), all between one tile's loads and the next. The op now runs the lane tile
+below with x a tile ahead and the `xg` loads (`_gemv1_loop_q`): this script reuses its functions
+(`_gemv1_tile_lanes`, `_gemv1_x_planes`, `_quant_x_kernel`) and keeps the knobs the op has not.
 
 `_gemv1_tile_kernel` keeps the same weight loads (a lane: 4 words = 16 bytes of one row and
 group) and changes the rest (`_gemv1_tile_lanes`, now the op's):
