@@ -50,7 +50,7 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, rel, rotated_weights, spawn_prewarm
+from scripts.gemv1_variants import bench_graph, launch_directly, rel, rotated_weights, spawn_prewarm
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -254,11 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=160, help="calls per in-kernel-sum repeat check")
     a = ap.parse_args(argv)
     t0 = time.time()
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_launch_variants: needs a CUDA GPU", file=sys.stderr)
+    if not launch_directly("gemv1_launch_variants"):
         return 2
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
     torch.manual_seed(0)
     if a.prewarm and not _INTERPRET:
         prewarm(a.prewarm)

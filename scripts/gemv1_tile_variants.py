@@ -65,7 +65,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import _ahead, bench_graph, new_out, rel, rotated_weights, spawn_prewarm, stream_read_us
+from scripts.gemv1_variants import (_ahead, bench_graph, launch_directly, new_out, rel, rotated_weights, spawn_prewarm,
+                                    stream_read_us)
 from scripts.gemv1_variants import quant_x as quant_x_op
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -472,11 +473,8 @@ def main(argv=None) -> int:
         doc = {"target": "sm_90 (offline)", "variants": count(variants(a.quick, a.round))}
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
         return 0
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_tile_variants: needs a CUDA GPU (or TRITON_INTERPRET=1)", file=sys.stderr)
+    if not launch_directly("gemv1_tile_variants"):
         return 2
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
     if a.prewarm and not _INTERPRET:
         spawn_prewarm(_prewarm_worker, a.prewarm, 45, a.round)
     from scripts.bench_int4 import copy_gbps

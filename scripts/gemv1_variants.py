@@ -218,6 +218,16 @@ def quant_x(x2: torch.Tensor, group: int, planes: int = 4):
     return xq, xf, xc
 
 
+def launch_directly(name: str) -> bool:
+    """False (with a message) where there is neither a CUDA GPU nor the interpreter; else True,
+    with torch's wrap_triton off from here on (kernels launch directly: no HOP dispatch)."""
+    if not torch.cuda.is_available() and not _INTERPRET:
+        print(f"{name}: needs a CUDA GPU (or TRITON_INTERPRET=1)", file=sys.stderr)
+        return False
+    torch._library.triton.set_wrap_triton_enabled(False).__enter__()
+    return True
+
+
 def spawn_prewarm(worker, count: int, seconds: float, *args) -> None:
     """worker(idx, count, *args) in `count` spawned processes, which fill Triton's disk cache so
     that the sweep finds its variants compiled; those still running after `seconds` are ended
@@ -476,10 +486,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="names of the shapes (default: every 31B shape)")
     a = ap.parse_args(argv)
     t_start = time.time()
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_variants: needs a CUDA GPU", file=sys.stderr)
+    if not launch_directly("gemv1_variants"):
         return 2
     if a.prewarm and not _INTERPRET:
         try:

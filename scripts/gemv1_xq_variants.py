@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, quant_x, rel, rotated_weights, spawn_prewarm, stream_read_us
+from scripts.gemv1_variants import (bench_graph, launch_directly, quant_x, rel, rotated_weights, spawn_prewarm,
+                                    stream_read_us)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -95,11 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prewarm", type=int, default=8)
     a = ap.parse_args(argv)
     t0 = time.time()
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_xq_variants: needs a CUDA GPU", file=sys.stderr)
+    if not launch_directly("gemv1_xq_variants"):
         return 2
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
     if a.prewarm and not _INTERPRET:
         prewarm(a.prewarm)
     from export.gemma4.config import PRESETS
