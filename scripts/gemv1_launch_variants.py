@@ -50,7 +50,7 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, rotated_weights
+from scripts.gemv1_variants import bench_graph, launch_directly, rel, rotated_weights, spawn_prewarm
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -125,10 +125,6 @@ def candidates(n, k):
                 ("t32s8", Var((32, 2, 2, 1, 1), 8, 2)), ("t32s11", Var((32, 2, 2, 1, 1), 11, 2)),
                 ("s11r0", Var((64, 2, 4, 1, 1), 11, 0))]
     return out + [("old again", OLD)]
-
-
-def rel(y, ref):
-    return ((y.float() - ref).norm() / ref.norm()).item()
 
 
 def poison(*nbytes):
@@ -243,16 +239,7 @@ def _prewarm_worker(idx, count):
 
 
 def prewarm(count):
-    import multiprocessing as mp
-    t0 = time.time()
-    ps = [mp.get_context("spawn").Process(target=_prewarm_worker, args=(i, count)) for i in range(count)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(timeout=max(1.0, t0 + 60 - time.time()))
-        if p.is_alive():
-            p.terminate()
-    print(f"prewarm: {count} processes in {time.time() - t0:.1f} s", flush=True)
+    spawn_prewarm(_prewarm_worker, count, 60)
 
 
 LAYERS = {"sliding": ("qkv_proj.sliding", "o_proj.sliding", "mlp.gate_up_proj", "mlp.down_proj"),
@@ -267,11 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=160, help="calls per in-kernel-sum repeat check")
     a = ap.parse_args(argv)
     t0 = time.time()
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_launch_variants: needs a CUDA GPU", file=sys.stderr)
+    if not launch_directly("gemv1_launch_variants"):
         return 2
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
     torch.manual_seed(0)
     if a.prewarm and not _INTERPRET:
         prewarm(a.prewarm)

@@ -3,14 +3,16 @@
     python -m scripts.gemv1_tile_variants [--round 2] [--out gemv1_tile_variants.json] [--budget 150]
     python -m scripts.gemv1_tile_variants --count     # offline: compile for sm_90, count the loop
 
-Why: the op's kernel (`_int4_gemv1_kernel`, XQ) spends 18.4 SASS instructions per word of 8
-nibbles in its loop (sm_90, `--count`): per step it sums each (row, group) across the four lanes
-that hold its 16 words (two shuffles), converts and scales it, loads x's levels as four 32-bit
-loads per word in a layout of their own (a conversion through shared memory, with barriers,
-every step), all between one tile's loads and the next.
+Why: the op's kernel (`_int4_gemv1_kernel`, XQ) with `_gemv1_tile_q` spent 18.4 SASS instructions
+per word of 8 nibbles in its loop (sm_90, `--count`): per step it summed each (row, group) across
+the four lanes that hold its 16 words (two shuffles), converted and scaled it, loaded x's levels
+as four 32-bit loads per word in a layout of their own (a conversion through shared memory, with
+barriers, every step), all between one tile's loads and the next. The op now runs the lane tile
+below with x a tile ahead and the `xg` loads (`_gemv1_loop_q`): this script reuses its functions
+(`_gemv1_tile_lanes`, `_gemv1_x_planes`, `_quant_x_kernel`) and keeps the knobs the op has not.
 
 `_gemv1_tile_kernel` keeps the same weight loads (a lane: 4 words = 16 bytes of one row and
-group) and changes the rest (`_tile_lanes`):
+group) and changes the rest (`_gemv1_tile_lanes`, now the op's):
 - nibbles as two masks, no shift: lo = w & 0x0F0F0F0F (v), hi = w & 0xF0F0F0F0 (16 v), so the
   high nibbles' dot comes out 16x, which the low ones' match by one multiply per lane and group;
 - four dp4a chains per lane across its 4 words (h and l levels, low and high nibbles), then
@@ -18,7 +20,8 @@ group) and changes the rest (`_tile_lanes`):
   lane: exact int32 per lane and group;
 - converted and scaled per lane (scale * x's factor / 16) into an fp32 accumulator per lane;
   the sum across lanes and groups once, after the loop;
-- x's levels in planes (`_quant_x_planar_kernel`), loaded with the weights' own pattern and
+- x's levels in planes (the op's `_quant_x_kernel`; the variants without `xg` add each word's
+  correction and factor as two more planes, `_word_planes_kernel`), loaded with the weights' own pattern and
   layout; the scales (and, `xg`, x's per-group factor and correction) through PTX loads, which
   take the layout of their use: nothing in the loop goes through shared memory.
 Same numerics as the op within fp32 rounding (the 4 lanes' partials are rounded apart).
@@ -62,63 +65,32 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import _stream_read_kernel, bench_graph, rotated_weights
+from scripts.gemv1_variants import (_ahead, bench_graph, launch_directly, new_out, rel, rotated_weights, spawn_prewarm,
+                                    stream_read_us)
+from scripts.gemv1_variants import quant_x as quant_x_op
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
-HI_MASK = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32
 
 
 @triton.jit
-def _quant_x_planar_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, NG, KW, stride_xp, GROUP: tl.constexpr, GB: tl.constexpr):
-    """x [NG * GROUP] (bf16) -> `_quant_x_kernel`'s two int8 levels in planes of KW int32 words
-    (`stride_xp` apart, a multiple of 16 words so that every plane's loads stay 16 bytes wide)
-    (word j: elements 8j .. 8j + 7), so that a plane loads in the weight tile's own layout (16
-    contiguous words a group, no layout conversion): plane 0 h of k = 8j + 0, 2, 4, 6 (byte t =
-    element 2t), 1 h of the odd k, 2 and 3 l the same; plane 4 the word's 16x correction
-    128 (254 sum h + sum l) (int32); plane 5 the group's s / (254 * 16) for each word (fp32 bits).
-    xf / xc: the group's s / 254 and 8 (254 sum h + sum l), as `_quant_x_kernel` writes them."""
-    W: tl.constexpr = GROUP // 8
-    g = tl.program_id(0) * GB + tl.arange(0, GB)
-    g4 = g[:, None, None, None]
-    j = tl.arange(0, W)[None, :, None, None]
-    t = tl.arange(0, 4)[None, None, :, None]
-    e = tl.arange(0, 2)[None, None, None, :]
-    x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=g4 < NG, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    tt = x * inv[:, None, None, None]
-    h = tl.floor(tt + 0.5)
-    l = tl.floor((tt - h) * 254.0 + 0.5)
-    hi = h.to(tl.int32)
-    li = l.to(tl.int32)
-    hw = tl.sum((hi & 0xFF) << (t * 8), axis=2)  # [GB, W, 2]: disjoint bytes, so the sum is an or
-    lw = tl.sum((li & 0xFF) << (t * 8), axis=2)
-    word = g[:, None, None] * W + tl.arange(0, W)[None, :, None]
-    e3 = tl.arange(0, 2)[None, None, :]
-    ok = g[:, None, None] < NG
-    tl.store(xq_ptr + e3 * stride_xp + word, hw, mask=ok)
-    tl.store(xq_ptr + (2 + e3) * stride_xp + word, lw, mask=ok)
-    cw = 128 * (254 * tl.sum(tl.sum(hi, axis=3), axis=2) + tl.sum(tl.sum(li, axis=3), axis=2))  # [GB, W]
-    word2 = g[:, None] * W + tl.arange(0, W)[None, :]
-    ok2 = g[:, None] < NG
-    tl.store(xq_ptr + 4 * stride_xp + word2, cw, mask=ok2)
-    f = tl.zeros((GB, W), dtype=tl.float32) + (amax / (127.0 * 254.0 * 16.0))[:, None]
-    tl.store(xq_ptr.to(tl.pointer_type(tl.float32)) + 5 * stride_xp + word2, f, mask=ok2)
-    tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)  # per group, as `_quant_x_kernel` (XG)
-    tl.store(xc_ptr + g, 8 * (254 * tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
-                              + tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)), mask=g < NG)
-
-
-@triton.jit
-def _split4(t):
-    """The 4 values of t's last axis (one thread's: one 16-byte load) as 4 tensors, in an
-    order that is the same for every tensor of the shape."""
-    t5 = tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], 2, 2))
-    a, b = tl.split(t5)
-    a0, a1 = tl.split(a)
-    b0, b1 = tl.split(b)
-    return a0, a1, b0, b1
+def _word_planes_kernel(xq_ptr, xf_ptr, KW, XP, W: tl.constexpr, BLOCK: tl.constexpr):
+    """Planes 4 and 5 of x's levels for the per-word variants, from `_quant_x_kernel`'s planes 0
+    to 3 (XP words apart) and factor: plane 4 each word's 16x correction 128 (254 sum h + sum l)
+    over its 8 elements (int32), plane 5 its group's factor / 16 (fp32 bits): the loop then loads
+    them in the weight tile's layout, as it loads the levels."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < KW
+    h = tl.zeros((BLOCK,), dtype=tl.int32)
+    l = tl.zeros((BLOCK,), dtype=tl.int32)
+    for t in tl.static_range(4):  # the words' signed bytes
+        h += (tl.load(xq_ptr + offs, mask=ok, other=0) << (24 - 8 * t)) >> 24
+        h += (tl.load(xq_ptr + XP + offs, mask=ok, other=0) << (24 - 8 * t)) >> 24
+        l += (tl.load(xq_ptr + 2 * XP + offs, mask=ok, other=0) << (24 - 8 * t)) >> 24
+        l += (tl.load(xq_ptr + 3 * XP + offs, mask=ok, other=0) << (24 - 8 * t)) >> 24
+    tl.store(xq_ptr + 4 * XP + offs, 128 * (254 * h + l), mask=ok)
+    f = tl.load(xf_ptr + offs // W, mask=ok, other=0.0) * 0.0625
+    tl.store(xq_ptr.to(tl.pointer_type(tl.float32)) + 5 * XP + offs, f, mask=ok)
 
 
 @triton.jit
@@ -128,33 +100,14 @@ def _as_lanes(t, L: tl.constexpr):
 
 
 @triton.jit
-def _ld_b32(ptr):
-    """A 32-bit load through PTX: an elementwise op, so its tensor takes the layout of its use."""
-    return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
 def _load_x(xq_ptr, XP, g0, lane, ok, L: tl.constexpr, CLAMP: tl.constexpr, xf_ptr=None, xc_ptr=None,
             XG: tl.constexpr = False, ASM: tl.constexpr = False):
-    """The planes of `_quant_x_planar_kernel` at words g0 + lane ([1, C, WORDS] pointers, the
+    """x's planes (`quant_x`) at words g0 + lane ([1, C, WORDS] pointers, the
     weight tile's pattern), each [1, C, L, 4]. CLAMP: unmasked (g0 is kept inside the planes by
     the caller; its group's scale is 0)."""
     p = xq_ptr + g0 + lane
-    if XG:  # the planes of the levels; the group's factor and correction per group, as the op has them
-        he = _as_lanes(tl.load(p), L)
-        ho = _as_lanes(tl.load(p + XP), L)
-        le = _as_lanes(tl.load(p + 2 * XP), L)
-        lo = _as_lanes(tl.load(p + 3 * XP), L)
-        gi = _as_lanes(g0 // (4 * L) + lane * 0, L)  # [1, C, L, 4]: each word's group
-        if ASM:
-            f = _ld_b32(xf_ptr.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
-            c = _ld_b32(xc_ptr + gi)
-        else:
-            f = tl.load(xf_ptr + gi)
-            c = tl.load(xc_ptr + gi)
-        cw = tl.where(_as_lanes(lane, L) == 0, c * 16, 0)  # in the group's first word only
-        xf = f * 0.0625
+    if XG:  # the levels' planes, x's factor and correction per group: the op's loads
+        he, ho, le, lo, cw, xf = im._gemv1_x_planes(xq_ptr, xf_ptr, xc_ptr, XP, g0, lane, L, ASM)
     elif CLAMP:
         he = _as_lanes(tl.load(p), L)
         ho = _as_lanes(tl.load(p + XP), L)
@@ -170,41 +123,6 @@ def _load_x(xq_ptr, XP, g0, lane, ok, L: tl.constexpr, CLAMP: tl.constexpr, xf_p
         cw = _as_lanes(tl.load(p + 4 * XP, mask=ok, other=0), L)
         xf = _as_lanes(tl.load(p.to(tl.pointer_type(tl.float32)) + 5 * XP, mask=ok, other=0.0), L)
     return he, ho, le, lo, cw, xf
-
-
-@triton.jit
-def _tile_lanes(w, s, he, ho, le, lo, cw, xf, ASM: tl.constexpr):
-    """[BN, C, L] fp32: each lane's 4 words of a [BN, C, L, 4] tile dotted with x's levels,
-    exact in int32, then converted and scaled once (the group's scale s [BN, C, 1] times x's
-    factor). The high nibbles stay in place (16 v): their dots come out 16x and the low ones'
-    are multiplied by 16 once, so a word costs two masks and four dp4a."""
-    w0, w1, w2, w3 = _split4(w)
-    he0, he1, he2, he3 = _split4(he)
-    ho0, ho1, ho2, ho3 = _split4(ho)
-    le0, le1, le2, le3 = _split4(le)
-    lo0, lo1, lo2, lo3 = _split4(lo)
-    c0, c1, c2, c3 = _split4(cw)
-    f0, f1, f2, f3 = _split4(xf)
-    z = tl.zeros(w0.shape, dtype=tl.int32)
-    hl = im._dp4a(w0 & 0x0F0F0F0F, he0, z, ASM)  # h . low nibbles
-    ll = im._dp4a(w0 & 0x0F0F0F0F, le0, z, ASM)  # l . low nibbles
-    hh = im._dp4a(w0 & HI_MASK, ho0, z, ASM)  # h . 16 x high nibbles
-    lh = im._dp4a(w0 & HI_MASK, lo0, z, ASM)
-    hl = im._dp4a(w1 & 0x0F0F0F0F, he1, hl, ASM)
-    ll = im._dp4a(w1 & 0x0F0F0F0F, le1, ll, ASM)
-    hh = im._dp4a(w1 & HI_MASK, ho1, hh, ASM)
-    lh = im._dp4a(w1 & HI_MASK, lo1, lh, ASM)
-    hl = im._dp4a(w2 & 0x0F0F0F0F, he2, hl, ASM)
-    ll = im._dp4a(w2 & 0x0F0F0F0F, le2, ll, ASM)
-    hh = im._dp4a(w2 & HI_MASK, ho2, hh, ASM)
-    lh = im._dp4a(w2 & HI_MASK, lo2, lh, ASM)
-    hl = im._dp4a(w3 & 0x0F0F0F0F, he3, hl, ASM)
-    ll = im._dp4a(w3 & 0x0F0F0F0F, le3, ll, ASM)
-    hh = im._dp4a(w3 & HI_MASK, ho3, hh, ASM)
-    lh = im._dp4a(w3 & HI_MASK, lo3, lh, ASM)
-    c = (c0 + c1) + (c2 + c3)  # the lane's words' 16 x 8 (254 h + l) sums, the same for every row
-    tot = (hl * 254 + ll) * 16 + (hh * 254 + lh) - c  # 16 x (254 h.v + l.v - 8 (254 H + L)) over 4 words
-    return tot.to(tl.float32) * (s.to(tl.float32) * f0)
 
 
 @triton.jit
@@ -247,9 +165,9 @@ def _gemv1_tile_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N,
                        LOADONLY: tl.constexpr, ASM: tl.constexpr, GPS_C: tl.constexpr = 0, SASM: tl.constexpr = False,
                        XG: tl.constexpr = False):
     """M == 1 over one slice of GPS groups (program axis 1), BLOCK_N rows: y (SPLITS == 1) or
-    fp32 partials part[pid_k]. x as `_quant_x_planar_kernel`'s planes. A step reads GROUPS
+    fp32 partials part[pid_k]. x as `quant_x`'s planes. A step reads GROUPS
     adjacent groups of each row, a [BLOCK_N, GROUPS, GROUP / 8] tile of int32 words (16-byte
-    loads), seen as [BLOCK_N, GROUPS, L, 4] (L lanes of 4 words a group); `_tile_lanes` turns it
+    loads), seen as [BLOCK_N, GROUPS, L, 4] (L lanes of 4 words a group); `_gemv1_tile_lanes` turns it
     into per-lane fp32 terms, summed across lanes and groups once after the loop. DEPTH (1 to 3)
     tiles are loaded ahead in registers; or GPS_C (the slice's group count, one compile per
     count) unrolls the slice."""
@@ -273,7 +191,7 @@ def _gemv1_tile_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N,
             w, s = _load_w(rows, srows, g0, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
             he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0, lane,
                                              g0 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
-            acc += _tile_lanes(_as_lanes(w, L), s, he, ho, le, lo, cw, xf, ASM)
+            acc += im._gemv1_tile_lanes(_as_lanes(w, L), s, he, ho, le, lo, cw, xf, ASM)
     else:
         w0, s0 = _load_w(rows, srows, start, lane, n_ok, w_hi, KW, WORDS, CLAMP, SASM, ASM)
         w1 = w0
@@ -297,27 +215,13 @@ def _gemv1_tile_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N,
                 g1 = g0 + STEP
                 he1, ho1, le1, lo1, cw1, xf1 = _load_x(xq_ptr, stride_xp, _clamp(g1, KW, WORDS) if CLAMP else g1,
                                                        lane, g1 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
-                acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
+                acc += im._gemv1_tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
                 he, ho, le, lo, cw, xf = he1, ho1, le1, lo1, cw1, xf1
             else:
                 he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0,
                                                  lane, g0 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
-                acc += _tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
-            if DEPTH == 1:
-                w0 = wn
-                s0 = sn
-            elif DEPTH == 2:
-                w0 = w1
-                s0 = s1
-                w1 = wn
-                s1 = sn
-            else:
-                w0 = w1
-                s0 = s1
-                w1 = w2
-                s1 = s2
-                w2 = wn
-                s2 = sn
+                acc += im._gemv1_tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
+            w0, s0, w1, s1, w2, s2 = _ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if SPLITS == 1:
@@ -346,7 +250,9 @@ class V:
                     GROUP=group, BLOCK_N=self.bn, GROUPS=self.groups, DEPTH=self.depth, XPRE=self.xpre,
                     CLAMP=self.clamp, LOADONLY=self.loadonly, num_warps=self.warps, num_stages=1)
 
-    planar = True  # x as `_quant_x_planar_kernel`'s planes
+    @property
+    def planar(self):  # the per-word planes 4 and 5 (`quant_x`); xg takes the op's buffers as they are
+        return not self.xg
 
     def launch(self, xb, words, s, part, y, gps, splits):
         N, KW = words.shape
@@ -379,7 +285,9 @@ def variants(quick: bool = False, round_: int = 2) -> list:
     g: x's factor and correction per group through PTX, as the op has them; LO: loads only).
     Round 1 (scripts/measurements/int4_gemv1_tile_variants.json, "round1"): without x ahead only
     128-row tiles (x's loads shared by 8 rows a thread) kept up with the op; round 2 takes x
-    ahead everywhere."""
+    ahead everywhere. The op now runs the `xg` tile one step ahead (`_gemv1_loop_q`), so the
+    recorded t{BN}g{G}w{W}d1xcsg rows are measured as op{BN}g{G}w{W}p1d1 (the same kernel); the
+    `xg` variants kept are the ones the op has no knob for (two tiles ahead)."""
     if quick:
         return [Cur(64, 2, 4), V(64, 2, 4, 1), V(32, 2, 2, 2, clamp=True), V(16, 1, 1, 3, clamp=True),
                 V(32, 2, 2, 2, xpre=True, sasm=True), V(32, 2, 2, 2, clamp=True, loadonly=True)]
@@ -393,35 +301,24 @@ def variants(quick: bool = False, round_: int = 2) -> list:
                 V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
     xs = lambda *a: V(*a, xpre=True, sasm=True)  # noqa: E731
     xg = lambda *a: V(*a, xpre=True, sasm=True, xg=True)  # noqa: E731
-    if round_ == 3:  # with scripts/gemv1_tile_port.diff applied, "op..." is the ported kernel
-        return [Cur(128, 2, 4), Cur(64, 2, 4), Cur(64, 2, 2), xs(128, 2, 4, 1), xg(128, 2, 4, 1), xg(64, 2, 4, 1),
-                xg(64, 2, 2, 1), V(128, 2, 4, 1, sasm=True, loadonly=True)]
-    return [Cur(64, 2, 4), Cur(32, 2, 2), V(128, 2, 4, 1, sasm=True),
+    if round_ == 3:  # the ported tile's configs against the per-word planes
+        return [Cur(128, 2, 4), Cur(64, 2, 4), Cur(64, 2, 2), xs(128, 2, 4, 1),
+                V(128, 2, 4, 1, sasm=True, loadonly=True)]
+    return [Cur(64, 2, 4), Cur(32, 2, 2), Cur(128, 2, 4), Cur(64, 2, 2), V(128, 2, 4, 1, sasm=True),
             xs(128, 2, 4, 1), xs(128, 2, 4, 2), xs(64, 2, 4, 1), xs(64, 2, 4, 2), xs(32, 2, 2, 1), xs(32, 2, 2, 2),
             xs(128, 2, 8, 1), xs(256, 2, 8, 1), xs(64, 1, 2, 2), xs(32, 1, 1, 2), xs(64, 2, 2, 1),
             V(128, 2, 4, 1, xpre=True, clamp=True), V(64, 2, 4, 2, xpre=True, clamp=True),
-            xg(128, 2, 4, 1), xg(64, 2, 4, 1), xg(64, 2, 4, 2), xg(32, 2, 2, 1), xg(32, 2, 2, 2), xg(64, 2, 2, 1),
+            xg(64, 2, 4, 2), xg(32, 2, 2, 2),
             V(128, 2, 4, 1, sasm=True, loadonly=True), V(32, 2, 2, 2, sasm=True, loadonly=True)]
 
 
 def quant_x(x2: torch.Tensor, group: int, planar: bool):
-    """x2 [1, K] as `_quant_x_planar_kernel`'s planes (int32 [6, K / 8]) and per-group factor and
-    correction, or as `_quant_x_kernel`'s
-    buffers (levels int32 [K / 2], factor fp32, correction int32)."""
-    K = x2.shape[1]
-    ng = K // group
+    """x2 [1, K] as `_quant_x_kernel`'s planes, factor and correction (`gemv1_variants.quant_x`);
+    planar: with the per-word planes 4 and 5 (`_word_planes_kernel`), int32 [6, K / 8]."""
+    xq, xf, xc = quant_x_op(x2, group, 6 if planar else 4)
     if planar:
-        xq = torch.empty((6, triton.cdiv(K // 8, 16) * 16), device=x2.device, dtype=torch.int32)
-        xf = torch.empty(ng, device=x2.device, dtype=torch.float32)
-        xc = torch.empty(ng, device=x2.device, dtype=torch.int32)
-        _quant_x_planar_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, xq, xf, xc, ng, K // 8, xq.stride(0),
-                                                                     GROUP=group, GB=im.QUANT_X_GROUPS, num_warps=4)
-        return xq, xf, xc
-    xq = torch.empty(K // 2, device=x2.device, dtype=torch.int32)
-    xf = torch.empty(ng, device=x2.device, dtype=torch.float32)
-    xc = torch.empty(ng, device=x2.device, dtype=torch.int32)
-    im._quant_x_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, xq, xf, xc, xc, ng, 0, GROUP=group,
-                                                             GB=im.QUANT_X_GROUPS, num_warps=4)
+        kw = x2.shape[1] // 8
+        _word_planes_kernel[(triton.cdiv(kw, 1024),)](xq, xf, kw, xq.stride(0), W=group // 8, BLOCK=1024, num_warps=4)
     return xq, xf, xc
 
 
@@ -432,17 +329,12 @@ def path(v, x2, q, s, splits, poison=False):
     G = K // s.shape[1]
     gps = triton.cdiv(K // G, splits)
     splits = triton.cdiv(K // G, gps)
-    new = torch.full if poison else (lambda shape, _v, **kw: torch.empty(shape, **kw))
-    y = new((1, N), float("nan"), device=x2.device, dtype=x2.dtype)
-    part = new((splits, N) if splits > 1 else (1, 1), float("nan"), device=x2.device, dtype=torch.float32)
+    y = new_out((1, N), x2.dtype, x2.device, poison)
+    part = new_out((splits, N) if splits > 1 else (1, 1), torch.float32, x2.device, poison)
     v.launch(quant_x(x2, G, v.planar), q.view(torch.int32), s, part, y, gps, splits)
     if splits > 1:
         im._sum_splits_kernel[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
     return y
-
-
-def rel(y, ref):
-    return ((y.float() - ref).norm() / ref.norm()).item()
 
 
 def op_path(x2, q, s):
@@ -562,19 +454,6 @@ def _prewarm_worker(idx, count_, round_):
     torch.cuda.synchronize()
 
 
-def prewarm(count_, round_):
-    import multiprocessing as mp
-    t0 = time.time()
-    ps = [mp.get_context("spawn").Process(target=_prewarm_worker, args=(i, count_, round_)) for i in range(count_)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(timeout=max(1.0, t0 + 45 - time.time()))
-        if p.is_alive():
-            p.terminate()
-    print(f"prewarm: {count_} processes in {time.time() - t0:.1f} s", flush=True)
-
-
 SHAPES = [("o_proj.sliding", 5376, 8192), ("qkv_proj.sliding", 16384, 5376), ("o_proj.full", 5376, 16384),
           ("qk_proj.full", 18432, 5376), ("mlp.down_proj", 5376, 21504), ("mlp.gate_up_proj", 43008, 5376),
           ("lm_head", 262144, 5376)]
@@ -594,13 +473,10 @@ def main(argv=None) -> int:
         doc = {"target": "sm_90 (offline)", "variants": count(variants(a.quick, a.round))}
         a.out.write_text(json.dumps(doc, indent=1) + "\n")
         return 0
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_tile_variants: needs a CUDA GPU (or TRITON_INTERPRET=1)", file=sys.stderr)
+    if not launch_directly("gemv1_tile_variants"):
         return 2
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
     if a.prewarm and not _INTERPRET:
-        prewarm(a.prewarm, a.round)
+        spawn_prewarm(_prewarm_worker, a.prewarm, 45, a.round)
     from scripts.bench_int4 import copy_gbps
     gbps = 1000.0 if _INTERPRET else copy_gbps()
     dev = "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
@@ -659,13 +535,7 @@ def main(argv=None) -> int:
         err = rel(op_path(xc_, *ws[-1]), xc_.float() @ ref_w.t())
         op = rec("op_path", bench_graph(lambda: [op_path(x, qq, ss) for qq, ss in ws], len(ws)), err)
         # a streaming read of the same packed words: the ceiling of one launch of this size
-        words = [qq.view(torch.int32).view(-1) for qq, _ in ws]
-        sink = torch.empty(4096, device=DEVICE, dtype=torch.int32)
-        chunk = 1 << 14
-        read = lambda w: _stream_read_kernel[(triton.cdiv(w.numel(), chunk),)](  # noqa: E731
-            w, sink, w.numel(), CHUNK=chunk, BLOCK=1024, num_warps=4)
-        stream = rec("stream_read", bench_graph(lambda: [read(w) for w in words], len(words)), float("nan"))
-        del words
+        stream = rec("stream_read", stream_read_us([qq.view(torch.int32).view(-1) for qq, _ in ws]), float("nan"))
         # K slices: one from 32768 rows (enough row blocks); more where the row blocks are few
         split_set = (1, 2) if n >= im.GEMV1_LARGE_N else (4, 8, 16) if n <= 8192 else (2, 4, 8, 16)
         for v in vs:

@@ -77,6 +77,27 @@ def _tile_dot(w, s, xw, g0, lane, ok, ASM: tl.constexpr, LOADONLY: tl.constexpr)
     return (part - corr) * s.to(tl.float32)
 
 
+@triton.jit
+def _ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH: tl.constexpr):
+    """The queue of DEPTH tiles (words, scales) loaded ahead, one step on: wn / sn join at its end."""
+    if DEPTH == 1:
+        w0 = wn
+        s0 = sn
+    elif DEPTH == 2:
+        w0 = w1
+        s0 = s1
+        w1 = wn
+        s1 = sn
+    else:
+        w0 = w1
+        s0 = s1
+        w1 = w2
+        s1 = s2
+        w2 = wn
+        s2 = sn
+    return w0, s0, w1, s1, w2, s2
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "GPP", "SPLITS", "stride_sn", "stride_ps"])
 def _gemv1x_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, GPP, SPLITS,
                    stride_ww, stride_sn, stride_ps,
@@ -126,21 +147,7 @@ def _gemv1x_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, GP
             wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
             sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
             acc += _tile_dot(w0, s0, xw, g0, lane, g0 < hi, ASM, LOADONLY)
-            if DEPTH == 1:
-                w0 = wn
-                s0 = sn
-            elif DEPTH == 2:
-                w0 = w1
-                s0 = s1
-                w1 = wn
-                s1 = sn
-            else:
-                w0 = w1
-                s0 = s1
-                w1 = w2
-                s1 = s2
-                w2 = wn
-                s2 = sn
+            w0, s0, w1, s1, w2, s2 = _ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if RED == 0:
@@ -174,6 +181,68 @@ def _stream_read_kernel(src_ptr, out_ptr, NW, CHUNK: tl.constexpr, BLOCK: tl.con
         offs = base + i + tl.arange(0, BLOCK)
         acc ^= tl.load(src_ptr + offs, mask=offs < NW, other=0)
     tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+def stream_read_us(words: list[torch.Tensor], chunk: int = 1 << 14, block: int = 1024, warps: int = 4) -> float:
+    """`_stream_read_kernel` over each of `words` (flat int32) in turn, as one CUDA-graph replay
+    (`bench_graph`): the read ceiling of one launch of this size, us per tensor."""
+    sink = torch.empty(max(triton.cdiv(w.numel(), chunk) for w in words), device=words[0].device, dtype=torch.int32)
+    read = lambda w: _stream_read_kernel[(triton.cdiv(w.numel(), chunk),)](  # noqa: E731
+        w, sink, w.numel(), CHUNK=chunk, BLOCK=block, num_warps=warps)
+    return bench_graph(lambda: [read(w) for w in words], len(words))
+
+
+def rel(y, ref) -> float:
+    """||y - ref|| / ||ref||, y in any dtype against an fp32 reference."""
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def new_out(shape, dtype, device, poison: bool) -> torch.Tensor:
+    """An output buffer: NaN-filled when `poison` (whatever a kernel fails to write shows), else empty."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def quant_x(x2: torch.Tensor, group: int, planes: int = 4):
+    """x2 [1, K] through the op's `_quant_x_kernel`: its levels' planes (int32 [planes, XP], XP
+    = K / 8 padded to 16 words; the kernel writes planes 0 to 3, any beyond are the caller's),
+    the per-group factor (fp32) and correction (int32)."""
+    K = x2.shape[1]
+    ng = K // group
+    xq = torch.empty((planes, triton.cdiv(K // 8, 16) * 16), device=x2.device, dtype=torch.int32)
+    xf = torch.empty(ng, device=x2.device, dtype=torch.float32)
+    xc = torch.empty(ng, device=x2.device, dtype=torch.int32)
+    im._quant_x_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, xq, xf, xc, xc, ng, 0, GROUP=group,
+                                                             GB=im.QUANT_X_GROUPS, num_warps=4)
+    return xq, xf, xc
+
+
+def launch_directly(name: str) -> bool:
+    """False (with a message) where there is neither a CUDA GPU nor the interpreter; else True,
+    with torch's wrap_triton off from here on (kernels launch directly: no HOP dispatch)."""
+    if not torch.cuda.is_available() and not _INTERPRET:
+        print(f"{name}: needs a CUDA GPU (or TRITON_INTERPRET=1)", file=sys.stderr)
+        return False
+    torch._library.triton.set_wrap_triton_enabled(False).__enter__()
+    return True
+
+
+def spawn_prewarm(worker, count: int, seconds: float, *args) -> None:
+    """worker(idx, count, *args) in `count` spawned processes, which fill Triton's disk cache so
+    that the sweep finds its variants compiled; those still running after `seconds` are ended
+    (what they did not compile, the sweep compiles itself)."""
+    import multiprocessing as mp
+    t0 = time.time()
+    ps = [mp.get_context("spawn").Process(target=worker, args=(i, count, *args)) for i in range(count)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(timeout=max(1.0, t0 + seconds - time.time()))
+    for p in ps:
+        if p.is_alive():
+            p.terminate()
+    print(f"prewarm: {count} processes in {time.time() - t0:.1f} s", flush=True)
 
 
 _DUMMY: dict = {}
@@ -214,8 +283,7 @@ class V:
         gpp = triton.cdiv(gps, self.parts)
         words = q.view(torch.int32)
         tiles = triton.cdiv(N, self.bn)
-        new = (lambda shape, dt: torch.full(shape, float("nan"), dtype=dt, device=x2.device)) if poison else \
-            (lambda shape, dt: torch.empty(shape, dtype=dt, device=x2.device))
+        new = lambda shape, dt: new_out(shape, dt, x2.device, poison)  # noqa: E731
         y = new((1, N), x2.dtype)
         cnt = _dummy(torch.int32)
         if self.red == 1 and splits > 1:
@@ -312,10 +380,6 @@ PREV_BEST = {(2048, 5376): ((16, 4, 4), 4), (4096, 5376): ((64, 2, 4), 8), (5376
              (16384, 5376): ((128, 1, 4), 4), (21504, 5376): ((32, 1, 1), 8), (262144, 5376): ((64, 1, 4), 1)}
 
 
-def _rel(y, ref):
-    return ((y.float() - ref).norm() / ref.norm()).item()
-
-
 def _splits_for(v, n, k):
     if isinstance(v, V) and v.red in (1, 2):
         return (2, 4, 8)
@@ -369,7 +433,7 @@ def ragged_checks(vs, rows, n=1000, k=4608):
         for splits in (1, 3, 5, 8):
             x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
             try:
-                err = _rel(v(x, q, s, splits, poison=True), x.float() @ ref_w.t())
+                err = rel(v(x, q, s, splits, poison=True), x.float() @ ref_w.t())
             except Exception as e:  # a variant that fails to compile or run is reported, not fatal
                 err = float("nan")
                 print(f"  {v.label} split {splits}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -399,19 +463,7 @@ def _prewarm_worker(idx, count):
 
 
 def prewarm(count):
-    import multiprocessing as mp
-    t0 = time.time()
-    ctx = mp.get_context("spawn")
-    ps = [ctx.Process(target=_prewarm_worker, args=(i, count)) for i in range(count)]
-    for p in ps:
-        p.start()
-    deadline = time.time() + 45
-    for p in ps:
-        p.join(timeout=max(1.0, deadline - time.time()))
-    for p in ps:
-        if p.is_alive():  # what it did not compile, the sweep compiles itself
-            p.terminate()
-    print(f"prewarm: {count} processes compiled the variants in {time.time() - t0:.1f} s", flush=True)
+    spawn_prewarm(_prewarm_worker, count, 45)
 
 
 def _device_name():
@@ -434,10 +486,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="", help="names of the shapes (default: every 31B shape)")
     a = ap.parse_args(argv)
     t_start = time.time()
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_variants: needs a CUDA GPU", file=sys.stderr)
+    if not launch_directly("gemv1_variants"):
         return 2
     if a.prewarm and not _INTERPRET:
         try:
@@ -481,7 +530,7 @@ def main(argv=None) -> int:
             def one(v, splits, label_extra=""):
                 xc = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
                 try:
-                    err = _rel(v(xc, q0, s0, splits, poison=True), xc.float() @ ref_w.t())
+                    err = rel(v(xc, q0, s0, splits, poison=True), xc.float() @ ref_w.t())
                     us = bench_graph(lambda: [v(x, q, s, splits) for q, s in ws], C)
                 except Exception as e:
                     print(f"  {v.label} split {splits}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -495,12 +544,8 @@ def main(argv=None) -> int:
             prev_cfg, prev_split = PREV_BEST.get((n, k), ((32, 1, 1), 8))
             prev = one(next(c for c in curs if c.cfg == prev_cfg), prev_split)
             # streaming read of the packed bytes (a ceiling for one launch of this size)
-            wsz = q0.numel() // 4
-            chunk = 16384
-            sink = torch.empty(triton.cdiv(wsz, chunk), dtype=torch.int32, device=DEVICE)
             try:
-                rd_us = bench_graph(lambda: [_stream_read_kernel[(triton.cdiv(wsz, chunk),)](
-                    q.view(torch.int32), sink, wsz, CHUNK=chunk, BLOCK=2048, num_warps=8) for q, _ in ws], C)
+                rd_us = stream_read_us([q.view(torch.int32).view(-1) for q, _ in ws], block=2048, warps=8)
             except Exception as e:
                 print(f"  stream read: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 rd_us = float("nan")

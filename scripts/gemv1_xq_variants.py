@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import _stream_read_kernel, bench_graph, rotated_weights
+from scripts.gemv1_variants import (bench_graph, launch_directly, quant_x, rel, rotated_weights, spawn_prewarm,
+                                    stream_read_us)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -63,10 +63,6 @@ def poison(n):
         del blocks
 
 
-def rel(y, ref):
-    return ((y.float() - ref).norm() / ref.norm()).item()
-
-
 def check(c, n, k, splits, xq, ws_ref, red=None):
     q, s, ref_w = ws_ref
     x = torch.randn(1, k, device=DEVICE, dtype=torch.float32 if _INTERPRET else torch.bfloat16)
@@ -90,16 +86,7 @@ def _prewarm_worker(idx, count):
 
 
 def prewarm(count):
-    import multiprocessing as mp
-    t0 = time.time()
-    ps = [mp.get_context("spawn").Process(target=_prewarm_worker, args=(i, count)) for i in range(count)]
-    for p in ps:
-        p.start()
-    for p in ps:
-        p.join(timeout=max(1.0, t0 + 50 - time.time()))
-        if p.is_alive():
-            p.terminate()
-    print(f"prewarm: {count} processes in {time.time() - t0:.1f} s", flush=True)
+    spawn_prewarm(_prewarm_worker, count, 50)
 
 
 def main(argv=None) -> int:
@@ -109,11 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prewarm", type=int, default=8)
     a = ap.parse_args(argv)
     t0 = time.time()
-    if not torch.cuda.is_available() and not _INTERPRET:
-        print("gemv1_xq_variants: needs a CUDA GPU", file=sys.stderr)
+    if not launch_directly("gemv1_xq_variants"):
         return 2
-    nowrap = torch._library.triton.set_wrap_triton_enabled(False)  # launch directly: no HOP dispatch
-    nowrap.__enter__()
     if a.prewarm and not _INTERPRET:
         prewarm(a.prewarm)
     from export.gemma4.config import PRESETS
@@ -177,18 +161,8 @@ def main(argv=None) -> int:
             for s_ in (4, 8, 12):
                 timed("xq_red0", c, s_, True, red=0)  # the same with `_sum_splits_kernel`
         # the quantize kernel alone, and the streaming read of the same bytes
-        xin = torch.empty(k // 2, device=DEVICE, dtype=torch.int32)
-        xf = torch.empty(k // g, device=DEVICE)
-        xc = torch.empty(k // g, device=DEVICE, dtype=torch.int32)
-        qk = lambda: im._quant_x_kernel[(triton.cdiv(k // g, im.QUANT_X_GROUPS),)](
-            x, xin, xf, xc, xc, k // g, 0, GROUP=g, GB=im.QUANT_X_GROUPS, num_warps=4)
-        quant_us = bench_graph(lambda: [qk() for _ in range(20)], 20)
-        words = [qq.view(torch.int32).view(-1) for qq, _ in ws]
-        sink = torch.empty(4096, device=DEVICE, dtype=torch.int32)
-        chunk = 1 << 14
-        read = lambda w: _stream_read_kernel[(triton.cdiv(w.numel(), chunk),)](  # noqa: E731
-            w, sink, w.numel(), CHUNK=chunk, BLOCK=1024, num_warps=4)
-        read_us = bench_graph(lambda: [read(w) for w in words], len(words))
+        quant_us = bench_graph(lambda: [quant_x(x, g) for _ in range(20)], 20)
+        read_us = stream_read_us([qq.view(torch.int32).view(-1) for qq, _ in ws])
         ok = [r for r in res if r["rel_err"] <= 1e-2]
         best = min(ok, key=lambda r: r["us"]) if ok else None
         bad = [(r["variant"], r["splits"], r["rel_err"]) for r in res if not r["rel_err"] <= 1e-2]

@@ -11,15 +11,9 @@ import textwrap
 from pathlib import Path
 
 _SCRIPT = textwrap.dedent("""
-    import json, os
-    os.environ["TRITON_INTERPRET"] = "1"
+    import json
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
     import torch
-    import triton.runtime.interpreter as ti
-    _orig = ti._patch_lang_tensor
-    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _patched
     from export.kernels import int4_matmul as im
     from scripts import gemv1_tile_variants as t
     torch.manual_seed(0)

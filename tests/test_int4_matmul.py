@@ -113,15 +113,8 @@ def test_group_size_for_k_not_a_multiple():
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["TRITON_INTERPRET"] = "1"
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
     import torch
-    import triton.runtime.interpreter as ti
-    _orig = ti._patch_lang_tensor
-    def _patched(tensor, scope):  # numpy >= 2.4 refuses int() of a 1-element array
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    ti._patch_lang_tensor = _patched
     from export.kernels import int4_matmul as im
     im.GEMV1_CONFIGS[:] = [im._cfg1(16, 1, 4)]
     im.GEMV_CONFIGS[:] = [im._cfg(16, 16, 64, 4, 1)]
