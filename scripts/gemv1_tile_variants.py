@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (_ahead, bench_graph, launch_directly, new_out, rel, rotated_weights, spawn_prewarm,
+from scripts.gemv1_variants import (bench_graph, launch_directly, new_out, rel, rotated_weights, spawn_prewarm,
                                     stream_read_us)
 from scripts.gemv1_variants import quant_x as quant_x_op
 
@@ -221,7 +221,7 @@ def _gemv1_tile_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, N,
                 he, ho, le, lo, cw, xf = _load_x(xq_ptr, stride_xp, _clamp(g0, KW, WORDS) if CLAMP else g0,
                                                  lane, g0 < w_hi, L, CLAMP, xf_ptr, xc_ptr, XG, ASM)
                 acc += im._gemv1_tile_lanes(_as_lanes(w0, L), s0, he, ho, le, lo, cw, xf, ASM)
-            w0, s0, w1, s1, w2, s2 = _ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
+            w0, s0, w1, s1, w2, s2 = im._gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if SPLITS == 1:

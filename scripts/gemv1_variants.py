@@ -77,27 +77,6 @@ def _tile_dot(w, s, xw, g0, lane, ok, ASM: tl.constexpr, LOADONLY: tl.constexpr)
     return (part - corr) * s.to(tl.float32)
 
 
-@triton.jit
-def _ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH: tl.constexpr):
-    """The queue of DEPTH tiles (words, scales) loaded ahead, one step on: wn / sn join at its end."""
-    if DEPTH == 1:
-        w0 = wn
-        s0 = sn
-    elif DEPTH == 2:
-        w0 = w1
-        s0 = s1
-        w1 = wn
-        s1 = sn
-    else:
-        w0 = w1
-        s0 = s1
-        w1 = w2
-        s1 = s2
-        w2 = wn
-        s2 = sn
-    return w0, s0, w1, s1, w2, s2
-
-
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "GPP", "SPLITS", "stride_sn", "stride_ps"])
 def _gemv1x_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, GPP, SPLITS,
                    stride_ww, stride_sn, stride_ps,
@@ -147,7 +126,7 @@ def _gemv1x_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, GP
             wn = tl.load(rows + (gn + lane), mask=n_ok & (gn < hi), other=0)
             sn = tl.load(srows + gn // WORDS, mask=n_ok & (gn < hi), other=0.0)
             acc += _tile_dot(w0, s0, xw, g0, lane, g0 < hi, ASM, LOADONLY)
-            w0, s0, w1, s1, w2, s2 = _ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
+            w0, s0, w1, s1, w2, s2 = im._gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if RED == 0:

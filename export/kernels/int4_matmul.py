@@ -499,6 +499,27 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
 
 
+@triton.jit
+def _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH: tl.constexpr):
+    """The queue of DEPTH tiles (words, scales) loaded ahead, one step on: wn / sn join at its end."""
+    if DEPTH == 1:
+        w0 = wn
+        s0 = sn
+    elif DEPTH == 2:
+        w0 = w1
+        s0 = s1
+        w1 = wn
+        s1 = sn
+    else:
+        w0 = w1
+        s0 = s1
+        w1 = w2
+        s1 = s2
+        w2 = wn
+        s2 = sn
+    return w0, s0, w1, s1, w2, s2
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
 def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
@@ -576,21 +597,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                                      ASM)
             else:
                 acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
-            if DEPTH == 1:
-                w0 = wn
-                s0 = sn
-            elif DEPTH == 2:
-                w0 = w1
-                s0 = s1
-                w1 = wn
-                s1 = sn
-            else:
-                w0 = w1
-                s0 = s1
-                w1 = w2
-                s1 = s2
-                w2 = wn
-                s2 = sn
+            w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if SPLITS == 1:
