@@ -903,9 +903,9 @@ def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
 
     Few rows: 8-row programs that read K in 8 parts, one slice. Many (gate/up, the lm_head):
     128-row programs, one slice (no partials, no second kernel). Between: 128-row programs, K in
-    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by the last program of each row block (GEMV1_RED_XQ; 5376 rows make
-    only 42 row blocks for the H200's 132 SMs), from GEMV1_WIDE_N rows 64-row programs and 2
-    slices."""
+    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by the last program of each row block
+    (GEMV1_RED_XQ; 5376 rows make only 42 row blocks for the H200's 132 SMs); from GEMV1_WIDE_N
+    rows 64-row programs and 2 slices."""
     if n <= GEMV1_SMALL_N:
         return GEMV1_CONFIGS[1], 1
     if n >= GEMV1_LARGE_N:
