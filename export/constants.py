@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from export.chain import Chain
+
 
 class TargetDevice(str, enum.Enum):
     """Where the compiled `.so` runs."""
@@ -41,8 +43,8 @@ class ConstantInfo:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     kind: ConstantKind
-    # For TENSOR_CONSTANT only (small tensors tracing made, with no module FQN): a CPU copy
-    # of the value, since the exporter's state dict cannot provide it.
+    # For TENSOR_CONSTANT and every small constant: a CPU copy of the value (the exporter's
+    # state dict cannot provide a tensor that tracing made, with no module FQN).
     value: torch.Tensor | None = None
 
 
@@ -54,6 +56,7 @@ class CompiledMethod:
     device: TargetDevice
     constants: tuple[ConstantInfo, ...]
     so_size: int
+    inputs: tuple[int, ...] = ()  # the .so's inputs: indices into the traced program's user inputs (() = all)
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -89,36 +92,51 @@ def _check_matches(key: str, t: torch.Tensor, info: ConstantInfo) -> None:
                            "only contiguous constants are supported")
 
 
-def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set[str],
-             kv_in_ptd: bool) -> tuple[list, dict[str, dict[str, str]]]:
-    """The .ptd tensors (`PtdTensor`s, each once, first-seen order) and, per method,
-    constant -> .ptd key.
+def _input_indices(cm: CompiledMethod) -> list[int]:
+    """Which of its unit's (carry, pos) the compiled program takes."""
+    return list(cm.inputs) if cm.inputs else [0, 1]
 
-    KV buffers map to their FQN in every method (the runner binds its own allocation) and
-    are written only with `kv_in_ptd` (as zeros).
+
+def plan_ptd(model: nn.Module, compiled: dict[str, CompiledMethod], kv_fqns: set[str],
+             kv_in_ptd: bool, chain: Chain | None = None,
+             methods: tuple[str, ...] = ("prefill", "decode")) -> tuple[list, dict[str, list[dict]]]:
+    """The .ptd tensors (`PtdTensor`s, each once, first-seen order) and, per method, its steps:
+    `{"program": compiled program, "constants": {constant -> .ptd key}}` in run order.
+
+    Each step's constants are the unit's, renamed to the model's FQNs (export/chain.py), so a
+    unit compiled once binds every layer it runs as. KV buffers map to their FQN in every
+    step (the runner binds its own allocation) and are written only with `kv_in_ptd` (as zeros).
     """
     from export.artifact import PtdTensor
 
+    chain = chain if chain is not None else Chain.whole(model)
     tensors = model_tensors(model)
-    flat = {_flat(k): k for k in tensors}
+    unit_names = {u: model_tensors(m) for u, m in chain.units.items()}
+    unit_flat = {u: {_flat(k): k for k in t} for u, t in unit_names.items()}
     plan: dict[str, PtdTensor] = {}
-    mapping: dict[str, dict[str, str]] = {}
-    for method, cm in compiled.items():
-        mapping[method] = {}
-        for c in cm.constants:
-            key = c.fqn
-            if c.fqn in kv_fqns:
-                if kv_in_ptd and key not in plan:
-                    plan[key] = PtdTensor(key, c.shape, c.dtype, lambda c=c: torch.zeros(c.shape, dtype=c.dtype))
-            elif (found := _resolve(c, tensors, flat)) is not None:
-                key, t = found
-                _check_matches(key, t, c)
-                plan.setdefault(key, PtdTensor.of(key, t))
-            elif c.kind is ConstantKind.TENSOR_CONSTANT and c.value is not None:
-                key = f"{method}::{c.name}"
-                plan[key] = PtdTensor.of(key, c.value.contiguous())
-            else:
-                raise RuntimeError(f"method {method}: AOTI constant {c.name} (FQN {c.fqn}) is not a model "
-                                   "tensor; cannot store it in the .ptd")
-            mapping[method][c.name] = key
-    return list(plan.values()), mapping
+    steps: dict[str, list[dict]] = {}
+    for method in methods:
+        steps[method] = []
+        for step in chain.steps:
+            program = chain.program(method, step.unit)
+            table = {}
+            for c in compiled[program].constants:
+                found = _resolve(c, unit_names[step.unit], unit_flat[step.unit])
+                key = step.model_key(found[0] if found is not None else c.fqn)
+                if key in kv_fqns:
+                    if kv_in_ptd and key not in plan:
+                        plan[key] = PtdTensor(key, c.shape, c.dtype, lambda c=c: torch.zeros(c.shape, dtype=c.dtype))
+                elif found is not None and key in tensors:
+                    t = tensors[key]
+                    _check_matches(key, t, c)
+                    plan.setdefault(key, PtdTensor.of(key, t))
+                elif c.value is not None:  # made by tracing (no module tensor): its recorded value
+                    key = f"{program}::{c.name}"
+                    plan.setdefault(key, PtdTensor.of(key, c.value.contiguous()))
+                else:
+                    raise RuntimeError(f"{program}: AOTI constant {c.name} (FQN {c.fqn}) is not a model "
+                                       "tensor; cannot store it in the .ptd")
+                table[c.name] = key
+            steps[method].append({"program": program, "constants": table,
+                                  "inputs": _input_indices(compiled[program])})
+    return list(plan.values()), steps

@@ -1,18 +1,21 @@
-"""The generic export pipeline: an eager token model -> two ExportedPrograms -> one AOTI
-delegate per method -> an ExecuTorch program carrying a metadata string.
+"""The generic export pipeline: an eager token model, as a chain of units (export/chain.py)
+-> one ExportedProgram per unit and method -> one AOTI delegate each -> an ExecuTorch
+program carrying a metadata string.
 
-Model-agnostic: it knows the artifact's two methods (export/ARTIFACT.md: `prefill` takes
-tokens [1, T] with T dynamic, `decode` one token; both take a start position [1]) and
-nothing of Gemma 4. Progress goes out as stage events (export/stages.py).
+Model-agnostic: it knows the artifact's two methods (export/ARTIFACT.md: `prefill` runs a
+chunk of T tokens, T dynamic, `decode` one token; both from a start position [1]), each a
+chain of steps over the compiled units, and nothing of Gemma 4. Progress goes out as stage
+events (export/stages.py).
 
-    programs = export_methods(model, prefill_chunk)
+    programs = export_methods(chain, prefill_chunk)
     edge = lower(programs, device, strategy, autotune=..., multi_arch=...)
-    tables = compiled_methods(edge)           # the constant table of each method
+    tables = compiled_methods(edge)           # the constant table of each program
     program = to_executorch(edge, metadata)   # metadata: the JSON the runner reads
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from export import stages
 from export.backends import BackendOptions, TargetDevice, compile_workers, partitioner_for
+from export.chain import Chain, example_inputs
 from export.constants import CompiledMethod
 from export.retrace import skip_identity_decompositions
 from export.strategy import ExportStrategy
@@ -35,20 +39,23 @@ Deferred asserts: stride arithmetic after the GQA reshapes yields guards such as
 they become runtime asserts instead of export errors."""
 
 
-def _example_inputs(model: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = next(model.buffers()).device
-    return torch.zeros(1, T, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-
-
 @torch.no_grad()
-def export_methods(model: nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export both entry points from the same instance (same KV buffers by FQN)."""
+def export_methods(chain: Chain | nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export each unit for both methods (`Chain.program` names them), every unit from
+    the model's own tensors (so both methods name the same KV buffers). A bare module is the
+    one-unit chain."""
+    chain = chain if isinstance(chain, Chain) else Chain.whole(chain)
     T = torch.export.Dim("T", min=1, max=prefill_chunk)
-    with stages.stage(stages.TORCH_EXPORT):
-        prefill = torch.export.export(model, _example_inputs(model, prefill_chunk), dynamic_shapes=({1: T}, None),
-                                      **EXPORT_KW)
-        decode = torch.export.export(model, _example_inputs(model, 1), **EXPORT_KW)
-    return {"prefill": prefill, "decode": decode}
+    programs = {}
+    with stages.stage(stages.TORCH_EXPORT, total=2 * len(chain.units), unit="program") as s:
+        for method in METHODS:
+            for name, unit in chain.units.items():
+                n = prefill_chunk if method == "prefill" else 1
+                dynamic = ({1: T}, None) if method == "prefill" else None
+                programs[chain.program(method, name)] = torch.export.export(
+                    unit, example_inputs(unit, n), dynamic_shapes=dynamic, **EXPORT_KW)
+                s.advance()
+    return programs
 
 
 def edge_config():
@@ -124,17 +131,22 @@ def lowering_phase(thread_id: int, phases=LOWERING_PHASES) -> str:
 
 
 def compiled_methods(edge_manager) -> dict[str, CompiledMethod]:
-    """The constant tables our backend left on each method's lowered module."""
+    """The constant tables our backend left on each program's lowered module, each with the
+    program inputs its delegate takes (`inputs`: lowering drops an input the graph never reads)."""
     out = {}
     for method in edge_manager.methods:
-        gm = edge_manager.exported_program(method).graph_module
+        ep = edge_manager.exported_program(method)
+        gm = ep.graph_module
         infos = [getattr(gm, n.target).meta.get("_delegate_info_meta") for n in gm.graph.nodes
                  if n.op == "get_attr" and n.target.startswith("lowered_module")]
         infos = [i for i in infos if isinstance(i, CompiledMethod)]
-        if len(infos) != 1:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target)]
+        if len(infos) != 1 or len(calls) != 1:
             raise RuntimeError(f"method {method}: expected one AOTI delegate, found {len(infos)} "
                                "(part of the graph was not lowered)")
-        out[method] = infos[0]
+        user = list(ep.graph_signature.user_inputs)
+        taken = tuple(a.name for a in calls[0].args[1:] if isinstance(a, torch.fx.Node) and a.name in user)
+        out[method] = dataclasses.replace(infos[0], inputs=tuple(user.index(n) for n in taken))
     return out
 
 
@@ -143,7 +155,6 @@ def to_executorch(edge_manager, metadata_json: str):
     named data METADATA_KEY (export/ARTIFACT.md)."""
     from executorch.exir import ExecutorchBackendConfig
 
-    assert set(edge_manager.methods) == set(METHODS), sorted(edge_manager.methods)
     # to_edge_transform_and_lower took the constant methods before the constant tables existed;
     # ExecuTorch 1.2 keeps them (and the named data) on these attributes until to_executorch.
     edge_manager._config_methods["metadata"] = metadata_json

@@ -30,7 +30,7 @@ def promote_libtorch(device_type: str) -> None:
 
 @dataclass
 class CompiledMethod:
-    """One exported method (prefill or decode) loaded from its .so."""
+    """One compiled program (a whole method, or a unit a method's steps run) loaded from its .so."""
 
     name: str
     container: object  # torch._C._aoti.AOTIModelContainerRunner{Cpu,Cuda}
@@ -51,9 +51,13 @@ class CompiledMethod:
         return self.container.run(inputs)
 
 
-def load_method(name: str, so_blob: bytes, device: str) -> CompiledMethod:
+def load_method(name: str, so_blob: bytes, device: str, instances: int = 1) -> CompiledMethod:
     """Write the blob to a private temp file, dlopen it through the container runner, and
-    delete the file (the mapping stays valid once loaded)."""
+    delete the file (the mapping stays valid once loaded).
+
+    `instances`: model instances in the container (they share its constants). A CUDA graph
+    may capture one `run` per instance: `run` reuses an instance only after querying the
+    event its last run recorded, which fails for an event recorded while capturing."""
     device_type = torch.device(device).type
     promote_libtorch(device_type)
     with tempfile.TemporaryDirectory(prefix=f"gemma4_{name}_") as tmp:
@@ -61,9 +65,9 @@ def load_method(name: str, so_blob: bytes, device: str) -> CompiledMethod:
         with open(so_path, "wb") as f:
             f.write(so_blob)
         if device_type == "cuda":
-            container = torch._C._aoti.AOTIModelContainerRunnerCuda(so_path, 1, device)
+            container = torch._C._aoti.AOTIModelContainerRunnerCuda(so_path, instances, device)
         elif device_type == "cpu":
-            container = torch._C._aoti.AOTIModelContainerRunnerCpu(so_path, 1)
+            container = torch._C._aoti.AOTIModelContainerRunnerCpu(so_path, instances)
         else:
             raise ValueError(f"unsupported device {device!r}: the artifact runs on cuda or cpu")
     return CompiledMethod(name, container)

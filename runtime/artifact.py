@@ -4,7 +4,7 @@ Why not ExecuTorch's own loader: the pip build of ExecuTorch cannot run a CUDA d
 its Python deserializer needs the flatc binary. The runner only needs a few things, all
 reachable with a small flatbuffer reader (runtime/flatbuf.py):
 
-- from the .pte: each method's compiled `.so` (named data `"{method}_so_blob"`) and the
+- from the .pte: each program's compiled `.so` (named data `"{program}_so_blob"`) and the
   metadata JSON (named data `"gemma4_metadata"`, or the `metadata` constant method);
 - from the .ptd: an index of named tensors (key -> file offset, byte size, dtype, shape) over a
   read-only memory map, so weights are viewed one tensor at a time and host memory never
@@ -35,13 +35,14 @@ PTE_NAME = "model.pte"
 PTD_NAME = "model.ptd"
 METADATA_KEY = "gemma4_metadata"
 PAIR_ID_KEY = "gemma4_pair_id"
-FORMAT_VERSION = 1
-METHODS = ("prefill", "decode")  # the .pte's methods, each one AOTInductor delegate
+FORMAT_VERSION = 2  # 2: each method a chain of steps over compiled programs
+READABLE_VERSIONS = (1, 2)  # 1: each method one program of its own name
+METHODS = ("prefill", "decode")  # what a runner calls; each runs its steps, one AOTInductor delegate each
 
 
-def so_blob_key(method: str) -> str:
-    """The .pte named data holding `method`'s compiled .so."""
-    return f"{method}_so_blob"
+def so_blob_key(program: str) -> str:
+    """The .pte named data holding `program`'s compiled .so."""
+    return f"{program}_so_blob"
 
 # executorch_flatbuffer.ScalarType (schema/scalar_type.fbs) -> torch dtype
 SCALAR_TYPES: dict[int, torch.dtype] = {
@@ -322,6 +323,16 @@ class KVBuffer:
 
 
 @dataclass(frozen=True)
+class MethodStep:
+    """One step of a method: run `program` with its constants bound to these .ptd keys (or KV
+    fqns); it takes (carry, pos) and returns the next carry (tokens in, logits out)."""
+
+    program: str
+    constants: dict[str, str]  # aoti constant name -> ptd key
+    inputs: tuple[int, ...] = (0, 1)  # which of (carry, pos) the program takes, in order
+
+
+@dataclass(frozen=True)
 class Metadata:
     """The artifact's metadata JSON (export/ARTIFACT.md), typed."""
 
@@ -334,8 +345,12 @@ class Metadata:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     kv: tuple[KVBuffer, ...]
-    method_constants: dict[str, dict[str, str]]  # method -> {aoti constant name: ptd key}
+    method_steps: dict[str, tuple[MethodStep, ...]]  # method -> its steps, in run order
     raw: dict[str, Any]
+
+    def programs(self) -> list[str]:
+        """Every compiled program the methods run, each once."""
+        return list(dict.fromkeys(s.program for steps in self.method_steps.values() for s in steps))
 
     @staticmethod
     def parse(text: str, source: Path) -> "Metadata":
@@ -344,17 +359,25 @@ class Metadata:
         except json.JSONDecodeError as e:
             raise ArtifactError(f"{source}: metadata is not valid JSON ({e}); {REEXPORT_HINT}") from e
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"{source}: metadata format_version {version!r}, this runner reads {FORMAT_VERSION}; "
-                "use a runner from the same revision as the exporter"
+                f"{source}: metadata format_version {version!r}, this runner reads "
+                f"{' and '.join(map(str, READABLE_VERSIONS))}; use a runner from the same revision as the exporter"
             )
         try:
             kv = tuple(
                 KVBuffer(b["fqn"], tuple(b["shape"]), _dtype(b["dtype"]), b.get("kind", ""))
                 for b in d.get("kv", [])
             )
-            methods = {m: dict(v.get("constants", {})) for m, v in d.get("methods", {}).items()}
+            if version == 1:
+                methods = {m: (MethodStep(m, dict(v.get("constants", {}))),) for m, v in d.get("methods", {}).items()}
+            else:
+                methods = {m: tuple(MethodStep(str(s["program"]), dict(s["constants"]),
+                                               tuple(int(i) for i in s.get("inputs", (0, 1)))) for s in v["steps"])
+                           for m, v in d.get("methods", {}).items()}
+            missing = [m for m in METHODS if not methods.get(m)]
+            if missing:
+                raise KeyError(f"methods.{missing[0]}")
             eos = d.get("eos_token_ids", [])
             return Metadata(
                 pair_id=str(d["pair_id"]),
@@ -366,7 +389,7 @@ class Metadata:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
                 kv=kv,
-                method_constants=methods,
+                method_steps=methods,
                 raw=d,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -406,8 +429,8 @@ class Artifact:
         _check_pair(pte, ptd, meta)
         return Artifact(directory, pte, ptd, meta)
 
-    def so_blob(self, method: str) -> bytes:
-        return self.pte.named_bytes(so_blob_key(method))
+    def so_blob(self, program: str) -> bytes:
+        return self.pte.named_bytes(so_blob_key(program))
 
 
 def _check_pair(pte: PteFile, ptd: PtdFile, meta: Metadata) -> None:

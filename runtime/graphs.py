@@ -1,11 +1,14 @@
-"""Decode replayed through a CUDA graph: one capture of the decode container's `run`, then
-one `replay()` per token instead of the container's host-side work and kernel launches.
+"""Decode replayed through a CUDA graph: one capture of the decode chain's `run` (every step's
+container run, runtime/chain.py), then one `replay()` per token instead of the containers'
+host-side work and kernel launches.
 
 What the capture relies on (seen with torch 2.11's AOTIModelContainerRunnerCuda):
 - `capture_error_mode="relaxed"`: the container queries its own CUDA event inside `run`,
   which the default ("global") mode forbids while any stream is capturing.
-- After the capture, an eager `run` of the same container fails ("invalid argument"), so the
-  captured container is replay-only: every decode of its runner goes through the graph.
+- After the capture, an eager `run` of the same container fails ("invalid argument": `run`
+  queries the event its model instance recorded while capturing), so the captured chain is
+  replay-only: every decode of its runner goes through the graph. For the same reason a
+  container that several steps run holds one model instance per step (runtime/aoti.py).
 - A replay reads and writes the very tensors seen at capture: the token and position inputs
   are static buffers the caller fills in place, the weights and KV stay bound at the same
   addresses (so `reset()` zeroes the KV in place), and the logits come back in one static
@@ -16,18 +19,18 @@ from __future__ import annotations
 
 import torch
 
-from runtime.aoti import CompiledMethod
+from runtime.chain import MethodChain
 
 WARMUP_RUNS = 2  # eager runs before the capture: first-call initialisation must not be captured
 
 
 class DecodeGraph:
-    """A decode container captured once around static `tokens` [1, 1] and `pos` [1].
+    """A decode chain captured once around static `tokens` [1, 1] and `pos` [1].
 
     The warm-up runs write the KV cache at `pos`: the caller zeroes it afterwards.
     """
 
-    def __init__(self, method: CompiledMethod, tokens: torch.Tensor, pos: torch.Tensor):
+    def __init__(self, method: MethodChain, tokens: torch.Tensor, pos: torch.Tensor):
         self.method, self.tokens, self.pos = method, tokens, pos
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(tokens.device):

@@ -1,5 +1,6 @@
-"""Run an exported Gemma 4 artifact: load both methods, bind one copy of the weights and one
-KV cache to both, then prefill in chunks, decode and sample.
+"""Run an exported Gemma 4 artifact: load both methods (each a chain of compiled steps,
+runtime/chain.py), bind one copy of the weights and one KV cache to both, then prefill in
+chunks, decode and sample.
 
     runner = Runner.load("out/tiny")
     for token in runner.generate(prompt_ids, max_new_tokens=32, sampling=SamplingConfig()):
@@ -10,14 +11,15 @@ Memory model (the point of this file):
 - weights: read from the .ptd's memory map tensor by tensor. On CPU the mapped tensors are
   bound as they are (zero copy; pages come from the page cache). On CUDA each tensor is
   copied to the GPU and its host pages dropped, so the host never holds the whole file.
-  One tensor serves both methods (`update_constant_buffer(..., user_managed=True)`).
+  One tensor serves both methods and every step that names it
+  (`update_constant_buffer(..., user_managed=True)`).
 - KV cache: allocated here from the metadata (sliding layers at their ring size, full layers
   at ctx) and bound to both methods, so prefill's writes are what decode reads.
 - inputs: static, whole (16-byte-aligned) buffers filled in place: the .so copies any input
   that is a view at an offset, with a warning, on every call.
 
 Decode on CUDA is replayed through a CUDA graph (runtime/graphs.py) unless `cuda_graph=False`:
-the decode container is captured once at load, after the weights and KV are bound, and then
+the decode chain is captured once at load, after the weights and KV are bound, and then
 runs only through the graph. The next token goes from the sampler's output into the static
 token buffer on the device; the host reads one token id per step (for the caller and the
 stop check).
@@ -32,8 +34,11 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from collections import Counter
+
 from runtime.aoti import CompiledMethod, load_method
-from runtime.artifact import METHODS, Artifact, ArtifactError, Metadata
+from runtime.artifact import METHODS, Artifact, ArtifactError, Metadata, MethodStep
+from runtime.chain import MethodChain
 from runtime.graphs import DecodeGraph
 from runtime.memory import MemoryPeak
 from runtime.sampling import SamplingConfig, make_generator, sample
@@ -86,17 +91,23 @@ class Runner:
         self.meta: Metadata = artifact.metadata
         self.device = resolve_device(self.meta.device, device)
         check_cuda_arch(self.meta.raw, self.device)
-        self.methods: dict[str, CompiledMethod] = {m: load_method(m, artifact.so_blob(m), self.device) for m in METHODS}
+        graphed = cuda_graph and self.device.startswith("cuda")
+        uses = Counter(s.program for s in self.meta.method_steps["decode"]) if graphed else Counter()
+        self.programs: dict[str, CompiledMethod] = {
+            p: load_method(p, artifact.so_blob(p), self.device, instances=max(1, uses[p]))
+            for p in self.meta.programs()}
         self._bound = _Bindings()
         self._allocate_kv()
-        for method in self.methods.values():
-            method.bind(self._constants_for(method))
+        self.methods: dict[str, MethodChain] = {
+            m: MethodChain(m, [(self.programs[s.program], self._constants_for(s), s.inputs)
+                               for s in self.meta.method_steps[m]])
+            for m in METHODS}
         self._inputs: dict[int, torch.Tensor] = {}  # T -> static token buffer [1, T]
         self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.pos = 0  # next position to write
         self.last_stats = GenerationStats()
         self.graph: DecodeGraph | None = None  # set: the decode container is replay-only
-        if cuda_graph and self.device.startswith("cuda"):
+        if graphed:
             self.graph = DecodeGraph(self.methods["decode"], self._token_buffer(1), self._pos)
             self.reset()  # the warm-up runs wrote KV at position 0
 
@@ -122,34 +133,36 @@ class Runner:
         for buf in self.meta.kv:
             self._bound.kv[buf.fqn] = torch.zeros(buf.shape, dtype=buf.dtype, device=self.device)
 
-    def _constants_for(self, method: CompiledMethod) -> dict[str, torch.Tensor]:
-        """name -> tensor for every constant of `method`: KV from our allocation, the rest
-        from the .ptd, each checked against the dtype the .so was compiled for."""
-        fqns = method.constant_fqns()
-        dtypes = method.constant_dtypes()
-        table = self.meta.method_constants.get(method.name, {})
+    def _constants_for(self, step: MethodStep) -> dict[str, torch.Tensor]:
+        """name -> tensor for every constant of the step's program: KV from our allocation,
+        the rest from the .ptd, each checked against the dtype the .so was compiled for."""
+        program = self.programs[step.program]
+        fqns = program.constant_fqns()
+        dtypes = program.constant_dtypes()
         out = {}
         for name in sorted(set(fqns) | set(dtypes)):
-            key = self._resolve(method.name, name, table.get(name), fqns.get(name, ""))
+            key = self._resolve(step.program, name, step.constants.get(name), fqns.get(name, ""))
             tensor = self._bound.kv[key] if key in self._bound.kv else self._weight(key)
             want = dtypes.get(name)
             if want is not None and tensor.dtype != want:
                 raise ArtifactError(
-                    f"{method.name}: constant {name!r} ({key}) is {tensor.dtype} in the artifact but the "
+                    f"{step.program}: constant {name!r} ({key}) is {tensor.dtype} in the artifact but the "
                     f".so was compiled for {want}; the .pte and .ptd disagree, re-export"
                 )
             out[name] = tensor
         return out
 
-    def _resolve(self, method: str, name: str, from_meta: str | None, fqn: str) -> str:
-        """The .ptd key (or KV fqn) of one AOTI constant: the metadata table first, then the
-        FQN the .so recorded, then the `method::name` key used for compile-made constants."""
+    def _resolve(self, program: str, name: str, from_meta: str | None, fqn: str) -> str:
+        """The .ptd key (or KV fqn) of one AOTI constant: the step's table, else (an artifact
+        whose metadata lists none) the FQN the .so recorded, then the `program::name` key used
+        for compile-made constants. A program several steps run binds by the table only: its
+        recorded FQNs are those of the one layer it was compiled from."""
         ptd = self.artifact.ptd
-        for key in (from_meta, fqn, f"{method}::{name}"):
+        for key in (from_meta,) if from_meta else (fqn, f"{program}::{name}"):
             if key and (key in self._bound.kv or key in ptd):
                 return key
         raise ArtifactError(
-            f"{method}: constant {name!r} (fqn {fqn!r}, metadata {from_meta!r}) is neither a KV buffer "
+            f"{program}: constant {name!r} (fqn {fqn!r}, metadata {from_meta!r}) is neither a KV buffer "
             f"of the metadata nor a tensor of {ptd.path}; the files do not match, re-export"
         )
 

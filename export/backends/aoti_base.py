@@ -35,6 +35,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 from export import stages
 from export.backends.options import BackendOptions, TargetDevice
 from export.constants import CompiledMethod, ConstantInfo, ConstantKind
+from export.passes.make_constants_zero_byte import SMALL_CONSTANT_BYTES
 from export.passes.pipeline import PipelineContext, run_pipeline
 from export.retrace import drop_provenance
 from export.patches import patched
@@ -63,7 +64,10 @@ def capture_constants(sink: list[ConstantInfo]) -> Iterator[None]:
                 kind = (ConstantKind.PARAMETER if name in params else
                         ConstantKind.BUFFER if name in buffers else ConstantKind.TENSOR_CONSTANT)
                 original_value = graph.get_original_value_of_constant(name)
-                copy = original_value.detach().to("cpu", copy=True) if kind is ConstantKind.TENSOR_CONSTANT else None
+                # tensors tracing made have no module FQN: the .ptd needs their value (all small)
+                small = original_value.numel() * original_value.element_size() <= SMALL_CONSTANT_BYTES
+                copy = (original_value.detach().to("cpu", copy=True)
+                        if kind is ConstantKind.TENSOR_CONSTANT or small else None)
                 sink.append(ConstantInfo(name=name, fqn=fqn, dtype=value.dtype, shape=tuple(value.shape),
                                          stride=tuple(value.stride()), kind=kind, value=copy))
             return original(cls, graph, *args, **kwargs)
@@ -88,6 +92,10 @@ class Gemma4AotiBackend(AotiBackend):
         "aot_inductor.package_constants_in_so": False,
         "aot_inductor.package_constants_on_disk_format": None,  # serialize no weights at all
         "aot_inductor.link_libtorch": False,
+        # every constant stays a bound tensor: Inductor would otherwise bake the values of
+        # 0-d and short 1-D ones (a layer's `layer_scalar`) into the code, and a program
+        # compiled once for many layers (export/chain.py) must read each layer's own
+        "always_keep_tensor_constants": True,
     }
 
     @classmethod

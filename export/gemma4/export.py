@@ -5,9 +5,10 @@
 Steps: resolve the config once (every check that needs no weights, export/gemma4/options.py),
 build or load the model unit by unit and quantize each unit as it arrives, then the generic
 pipeline (export/pipeline.py): `torch.export` `prefill` and `decode` from ONE model instance
-(so both name the same KV buffers), lower both to one AOTI delegate each, map each compiled
-constant to a `.ptd` key (export/constants.py), and write the artifact atomically
-(export/artifact.py). How memory is spent is the config's strategy (export/strategy.py);
+(so both name the same KV buffers), each as a chain of units that compile once however many
+layers run them (export/chain.py; `--no-layer-units`: the whole graph), lower each unit to
+one AOTI delegate, map each step's compiled constants to `.ptd` keys (export/constants.py),
+and write the artifact atomically (export/artifact.py). How memory is spent is the config's strategy (export/strategy.py);
 progress and timings are stage events (export/stages.py). export/ARTIFACT.md is the contract.
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 from export import pipeline, stages
 from export.artifact import write_artifact
 from export.backends import compile_workers
+from export.chain import Chain
 from export.constants import plan_ptd
 from export.gemma4.metadata import build_metadata
 from export.gemma4.options import (  # noqa: F401  (the export's vocabulary, importable from here)
@@ -120,14 +122,15 @@ def _export(r: ResolvedExport, spool) -> ExportResult:
         model, report = prepare_model(r, spool=spool)
     stages.note(stages.LOAD, f"model ready: {len(report.int4)} int4 linears, {len(report.skipped)} left in {r.dtype}"
                 + (f"; {spool.parked_bytes / 2**30:.2f} GiB parked on disk" if spool is not None else ""))
-    programs = export_methods(model, cfg.prefill_chunk)
+    chain = model.chain() if cfg.layer_units else Chain.whole(model)
+    programs = export_methods(chain, cfg.prefill_chunk)
     edge = pipeline.lower(programs, r.device, r.strategy, autotune=cfg.autotune,
                           multi_arch=cfg.multi_arch_kernels)
     del programs
     kv_fqns = {s["fqn"] for s in model.kv_cache_specs()}
-    tensors, mapping = plan_ptd(model, compiled_methods(edge), kv_fqns, cfg.kv_in_ptd)
+    tensors, steps = plan_ptd(model, compiled_methods(edge), kv_fqns, cfg.kv_in_ptd, chain, METHODS)
     pair_id = secrets.token_hex(16)
-    metadata = build_metadata(r, model, report, mapping, pair_id)
+    metadata = build_metadata(r, model, report, steps, pair_id)
     with stages.stage(stages.WRITE):
         et_program = pipeline.to_executorch(edge, json.dumps(metadata, sort_keys=True))
         sizes = write_artifact(cfg.out_dir, et_program, tensors, pair_id,

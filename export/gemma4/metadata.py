@@ -34,7 +34,7 @@ def _cuda_arch() -> str:
 
 
 def build_metadata(r: ResolvedExport, model: nn.Module, report: QuantReport,
-                   mapping: dict[str, dict[str, str]], pair_id: str) -> dict[str, Any]:
+                   steps: dict[str, list[dict]], pair_id: str) -> dict[str, Any]:
     cfg, mcfg = r.cfg, r.model
     return {
         "format_version": FORMAT_VERSION,
@@ -57,5 +57,5 @@ def build_metadata(r: ResolvedExport, model: nn.Module, report: QuantReport,
         "kv_in_ptd": cfg.kv_in_ptd,
         "kv_dtype": cfg.kv_dtype.value,  # full layers' cache; "kv" lists every buffer's dtype and shape
         "kv": model.kv_cache_specs(),
-        "methods": {m: {"constants": consts} for m, consts in mapping.items()},
+        "methods": {m: {"steps": s} for m, s in steps.items()},
     }

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..kernels.attention import hadamard_rotate, quantize_kv  # importing it registers torch.ops.gemma4.attention
 from ..kernels import moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_route / moe_experts_int4)
+from ..chain import Chain, Step
 from .config import Gemma4Config
 
 
@@ -50,6 +51,13 @@ def rope_inv_freq(head_dim: int, theta: float, rotary_fraction: float) -> torch.
     n_rot = int(rotary_fraction * head_dim // 2)
     inv = 1.0 / (theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.float32) / head_dim))
     return torch.cat([inv, torch.zeros(head_dim // 2 - n_rot)])
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, D) for `positions` (T,)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -355,11 +363,6 @@ class Gemma4Model(nn.Module):
                  "kind": "sliding" if m.ring else "full"}
                 for name, m in self.named_modules() if isinstance(m, KVCache) for b in m.buffer_names()]
 
-    def _rope(self, positions: torch.Tensor, inv_freq: torch.Tensor, dtype):
-        freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
     def _per_layer_inputs(self, tokens, x):
         """PLE: token-identity table mixed with a projection of the input embeddings."""
         cfg = self.cfg
@@ -377,8 +380,8 @@ class Gemma4Model(nn.Module):
         positions = pos + torch.arange(T, device=tokens.device)  # (T,)
         x = self.embed_tokens(tokens) * self.embed_scale  # (1, T, H)
         ple = self._per_layer_inputs(tokens, x) if cfg.has_ple else None
-        rope = {True: self._rope(positions, self.inv_freq_sliding, x.dtype),
-                False: self._rope(positions, self.inv_freq_full, x.dtype)}
+        rope = {True: rope_tables(positions, self.inv_freq_sliding, x.dtype),
+                False: rope_tables(positions, self.inv_freq_full, x.dtype)}
         caches = self.caches()
         # a sliding layer's chunk K/V, kept until the last layer reading its ring has attended
         fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -392,12 +395,100 @@ class Gemma4Model(nn.Module):
                 fresh[src] = kv
             if last_reader[src] == i and src in fresh:
                 caches[i].write_window(positions, *fresh.pop(src))
-        x = self.norm(x[:, -1, :])  # only the last position's logits are needed
-        logits = self.lm_head(x).float()
-        if cfg.final_logit_softcapping:
-            cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return head_logits(self.norm, self.lm_head, cfg.final_logit_softcapping, x)
+
+    def chain(self) -> Chain:
+        """The model as compiled units (export/chain.py): the embedding, one unit per distinct
+        layer (same kind, same tensor shapes and dtypes: the 31B's 60 layers are 2 units) and
+        the head. A model whose layers pass more than the hidden state along (per-layer
+        embeddings, KV shared across layers) stays whole."""
+        cfg = self.cfg
+        if cfg.has_ple or any(cfg.kv_source_layer(i) != i for i in range(cfg.num_hidden_layers)):
+            return Chain.whole(self)
+        units: dict[str, nn.Module] = {"embed": EmbedUnit(self)}
+        steps = [Step("embed")]
+        seen: dict[tuple, int] = {}
+        for i in range(cfg.num_hidden_layers):
+            rep = seen.setdefault(self._layer_signature(i), i)
+            if rep == i:
+                units[f"layer{i}"] = LayerUnit(self, i)
+            steps.append(Step(f"layer{rep}", (f"layers.{rep}.", f"layers.{i}.")))
+        units["head"] = HeadUnit(self)
+        steps.append(Step("head"))
+        return Chain(units, tuple(steps))
+
+    def _layer_signature(self, i: int) -> tuple:
+        """Layers with equal signatures run the same compiled code on their own tensors."""
+        layer = self.layers[i]
+        tensors = [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False)]
+        return (self.cfg.is_sliding(i), tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+                tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
+
+
+def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (1, vocab) of the last position of x (1, T, H)."""
+    logits = lm_head(norm(x[:, -1, :])).float()  # only the last position's logits are needed
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+class EmbedUnit(nn.Module):
+    """(tokens (1, T), pos) -> x (1, T, H): the chain's first unit."""
+
+    def __init__(self, model: Gemma4Model):
+        super().__init__()
+        self.embed_tokens = model.embed_tokens
+        self.embed_scale = model.embed_scale
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens) * self.embed_scale
+
+
+class LayerUnit(nn.Module):
+    """(x (1, T, H), pos) -> x: decoder layer `i` with its KV cache, as in `Gemma4Model.forward`
+    (a sliding layer's ring is overwritten after its own attention). Held under the model's
+    name `layers.{i}`, so the unit's FQNs are the model's."""
+
+    def __init__(self, model: Gemma4Model, i: int):
+        super().__init__()
+        self.index = str(i)
+        self.layers = nn.ModuleDict({self.index: model.layers[i]})
+        self.rope_name = "inv_freq_sliding" if model.cfg.is_sliding(i) else "inv_freq_full"
+        self.register_buffer(self.rope_name, getattr(model, self.rope_name), persistent=False)
+        self.hidden = model.cfg.hidden_size
+
+    def example_carry(self, T: int) -> torch.Tensor:
+        w = getattr(self, self.rope_name)
+        dtype = self.layers[self.index].input_layernorm.weight.dtype
+        return torch.zeros(1, T, self.hidden, dtype=dtype, device=w.device)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        positions = pos + torch.arange(x.shape[1], device=x.device)
+        cos, sin = rope_tables(positions, getattr(self, self.rope_name), x.dtype)
+        layer = self.layers[self.index]
+        cache = layer.self_attn.kv_cache
+        x, fresh = layer(x, cos, sin, positions, cache, None, None)
+        if fresh is not None:
+            cache.write_window(positions, *fresh)
+        return x
+
+
+class HeadUnit(nn.Module):
+    """(x (1, T, H), pos) -> fp32 logits (1, vocab) of the last position: the chain's last unit."""
+
+    def __init__(self, model: Gemma4Model):
+        super().__init__()
+        self.norm, self.lm_head = model.norm, model.lm_head
+        self.softcap = model.cfg.final_logit_softcapping
+        self.hidden = model.cfg.hidden_size
+
+    def example_carry(self, T: int) -> torch.Tensor:
+        w = self.norm.weight
+        return torch.zeros(1, T, self.hidden, dtype=w.dtype, device=w.device)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.norm, self.lm_head, self.softcap, x)
 
 
 def _round_to(x: float, dtype: torch.dtype) -> float:

@@ -82,6 +82,7 @@ class ExportConfig:
     dtype: DTypeChoice = DTypeChoice.AUTO  # --dtype: activations and unquantized weights
     kv_dtype: KvDtype = KvDtype.AUTO  # --kv-dtype: full-attention KV cache storage (auto, bf16, int8, int4)
     autotune: bool = True  # --autotune/--no-autotune: Inductor max_autotune (cuda; slow compiles)
+    layer_units: bool = True  # --layer-units/--no-layer-units: compile each distinct layer once (export/chain.py)
     low_memory: bool = False  # --low-memory: export.passes keep compile-time memory low
     multi_arch_kernels: bool = False  # --multi-arch-kernels: cuda kernels also as PTX fatbins (other GPUs)
     kv_in_ptd: bool = False  # --kv-in-ptd: also store the KV buffers (zeros) in the .ptd
