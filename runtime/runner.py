@@ -92,10 +92,8 @@ class Runner:
         self.device = resolve_device(self.meta.device, device)
         check_cuda_arch(self.meta.raw, self.device)
         graphed = cuda_graph and self.device.startswith("cuda")
-        uses = Counter(s.program for s in self.meta.method_steps["decode"]) if graphed else Counter()
         self.programs: dict[str, CompiledMethod] = {
-            p: load_method(p, artifact.so_blob(p), self.device, instances=max(1, uses[p]))
-            for p in self.meta.programs()}
+            p: load_method(p, artifact.so_blob(p), self.device, instances=n) for p, n in self._instances(graphed).items()}
         self._bound = _Bindings()
         self._allocate_kv()
         self.methods: dict[str, MethodChain] = {
@@ -110,6 +108,19 @@ class Runner:
         if graphed:
             self.graph = DecodeGraph(self.methods["decode"], self._token_buffer(1), self._pos)
             self.reset()  # the warm-up runs wrote KV at position 0
+
+    def _instances(self, graphed: bool) -> dict[str, int]:
+        """Model instances per program. A container runs an instance again only after waiting
+        for that instance's last run, which a CUDA graph capture cannot do (runtime/aoti.py):
+        the captured decode gets one per step. Elsewhere two let the host queue a step while
+        the GPU runs the previous one of that program; each instance loads its own kernels
+        on its first run, so not one per step."""
+        out = {}
+        for method, steps in self.meta.method_steps.items():
+            uses = Counter(s.program for s in steps)
+            for p, n in uses.items():
+                out[p] = n if graphed and method == "decode" else min(n, 2) if self.device != "cpu" else 1
+        return out
 
     @staticmethod
     def load(model_dir: str | Path, device: str | None = None, cuda_graph: bool = True) -> "Runner":

@@ -16,7 +16,6 @@ every op), so the compiled model is held to the eager model's own distance from 
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import os
 import resource
@@ -28,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.artifact import load_ptd_tensor, read_ptd_index
-from export.gemma4.export import METHODS, DeviceChoice, DTypeChoice, ExportConfig, KvDtype, export_model
+from export.artifact import read_ptd_index
+from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig, KvDtype, export_model
 
 CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "tiny": dict(preset="tiny", ctx=64, prefill_chunk=12, autotune=False),  # chunk > window (8)
@@ -39,6 +38,9 @@ CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     # the same without max_autotune (one config per kernel), bf16 and int8 KV on the full layer
     "31b-2l-int4-noat": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
                              autotune=False),
+    # 5 sliding layers and a full one, each kind compiled once and run as a chain (the default)
+    "31b-6l-int4-noat": dict(preset="31b", layers=6, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
+                             autotune=False, kv_dtype=KvDtype.INT4),
     "31b-2l-int4-kv8": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
                             autotune=False, kv_dtype=KvDtype.INT8),
     # int4 expert stacks (gemma4::moe_route / moe_experts_int4): the MoE block at toy size and at 26B-A4B width
@@ -84,35 +86,18 @@ class NvmlPeak:
 
 
 class CudaMini:
-    """Both methods of a CUDA artifact, every constant bound by name (weights from the .ptd,
-    KV from one allocation shared by both methods)."""
+    """Both methods of a CUDA artifact as the runner binds and runs them (each method's steps,
+    every constant bound by name; no CUDA graph), called one chunk at a time."""
 
     def __init__(self, out: Path):
-        from executorch.exir._serialize._program import deserialize_pte_binary
+        from runtime.runner import Runner
 
-        lib = Path(torch.__file__).parent / "lib"
-        for name in ("cpu", "cuda"):  # the .so is linked without libtorch: lend it the symbols
-            ctypes.CDLL(str(lib / f"libtorch_{name}.so"), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
-        nd = deserialize_pte_binary((out / "model.pte").read_bytes()).named_data
-        blob = {k: bytes(nd.buffers[e.buffer_index]) for k, e in nd.pte_data.items()}
-        self.meta = json.loads(blob["gemma4_metadata"])
-        index = read_ptd_index(out / "model.ptd")
-        keys = {k for m in METHODS for k in self.meta["methods"][m]["constants"].values()}
-        weights = {k: load_ptd_tensor(out / "model.ptd", index[k]).cuda() for k in keys if k in index}
-        self.kv = {s["fqn"]: torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device="cuda")
-                   for s in self.meta["kv"]}
-        self.runners = {}
-        for method in METHODS:
-            so = out.parent / f".{out.name}.{method}.so"
-            so.write_bytes(blob[f"{method}_so_blob"])
-            r = torch._C._aoti.AOTIModelContainerRunnerCuda(str(so), 1, "cuda:0")
-            consts = self.meta["methods"][method]["constants"]
-            assert r.get_constant_names_to_original_fqns().keys() == consts.keys()
-            r.update_constant_buffer({n: self.kv.get(k, weights.get(k)) for n, k in consts.items()}, False, True, True)
-            self.runners[method] = r
+        self.runner = Runner.load(out, cuda_graph=False)
+        self.meta = self.runner.meta.raw
 
     def run(self, method: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.runners[method].run([tokens.cuda().contiguous(), torch.tensor([pos], device="cuda")])[0]
+        (logits,) = self.runner.methods[method].run([tokens.cuda().contiguous(), torch.tensor([pos], device="cuda")])
+        return logits
 
 
 @torch.no_grad()
@@ -212,7 +197,10 @@ def measure(cfg: ExportConfig) -> dict:
         # torchao turns this on process-wide unless told not to (minutes of serial tuning)
         "coordinate_descent_tuning": torch._inductor.config.coordinate_descent_tuning,
     }
-    rec["rel_err"] = parity(result.out_dir, result.model)
+    from export.kernels import attention, int4_matmul
+
+    with int4_matmul.one_config(), attention.use_configs(attention.one_config):  # eager: no tuning runs
+        rec["rel_err"] = parity(result.out_dir, result.model)
     rec["parity_ok"] = parity_ok(rec["rel_err"])
     return rec
 

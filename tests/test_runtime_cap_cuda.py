@@ -19,6 +19,8 @@ for its reserve: a prefill chunk's 441 MiB dequant scratch failed with 3.88 GiB 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -57,30 +59,36 @@ def _decode_logits(runner, prompt: list[int], feed: list[int]) -> list[torch.Ten
 
 
 @torch.no_grad()
-def test_graph_decode_under_the_planned_cap_gives_the_container_logits(slice_31b):
+def run_capped(out: str, cap: int, graph: bool, prompt: list[int], feed: list[int]) -> dict:
+    """One runner alone in this process under the allocator cap: every step's logits and the
+    reserved peak. (A process holds a runner's bound tensors until it exits: torch's AOTI
+    container does not give them back, so each runner gets a process of its own.)"""
     from runtime.runner import Runner
 
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    runner = Runner.load(out, cuda_graph=graph)
+    assert (runner.graph is not None) == graph
+    logits = _decode_logits(runner, prompt, feed)
+    return {"logits": torch.stack(logits), "peak": torch.cuda.max_memory_reserved()}
+
+
+def test_graph_decode_under_the_planned_cap_gives_the_container_logits(slice_31b, tmp_path):
+    import subprocess
+
+    from runtime.artifact import Artifact
+
     out, cap, plan = slice_31b
-    total = torch.cuda.get_device_properties(0).total_memory
+    meta = Artifact.open(out).metadata
     g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, meta.vocab_size, (2 * meta.prefill_chunk + 5,), generator=g).tolist()
+    feed = torch.randint(3, meta.vocab_size, (40,), generator=g).tolist()
     runs, peaks = {}, {}
-    torch.cuda.set_per_process_memory_fraction(cap / total)
-    try:
-        for graph in (True, False):  # one runner at a time: each alone must fit the cap
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            runner = Runner.load(out, cuda_graph=graph)
-            assert (runner.graph is not None) == graph
-            vocab, chunk = runner.meta.vocab_size, runner.meta.prefill_chunk
-            if not runs:
-                prompt = torch.randint(3, vocab, (2 * chunk + 5,), generator=g).tolist()
-                feed = torch.randint(3, vocab, (40,), generator=g).tolist()
-            runs[graph] = _decode_logits(runner, prompt, feed)
-            peaks[graph] = torch.cuda.max_memory_reserved()
-            del runner
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
+    for graph in (True, False):
+        args = tmp_path / f"args_{graph}.pt"
+        torch.save({"out": str(out), "cap": cap, "graph": graph, "prompt": prompt, "feed": feed}, args)
+        subprocess.run([sys.executable, "-m", "tests.test_runtime_cap_cuda", str(args)], check=True)
+        rec = torch.load(args.with_suffix(".out.pt"))
+        runs[graph], peaks[graph] = list(rec["logits"]), rec["peak"]
     errors = [((a - b).norm() / b.norm()).item() for a, b in zip(runs[True], runs[False])]
     bitwise = all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
     print(f"cap {cap / GiB:.2f} GiB (plan: device {plan['total_gib']:.2f}, allocator {plan['allocator_gib']:.2f}); "
@@ -89,3 +97,10 @@ def test_graph_decode_under_the_planned_cap_gives_the_container_logits(slice_31b
     assert max(peaks.values()) <= cap
     assert all(torch.isfinite(t).all() for t in runs[True])
     assert max(errors) <= 1e-6, errors
+
+
+if __name__ == "__main__":  # the child of the test above: python -m tests.test_runtime_cap_cuda ARGS.pt
+    from pathlib import Path
+
+    path = Path(sys.argv[1])
+    torch.save(run_capped(**torch.load(path)), path.with_suffix(".out.pt"))

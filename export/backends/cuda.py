@@ -123,11 +123,16 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
     def get_supported_fallback_kernels(cls) -> dict[str, Any]:
         return CudaBackend.get_supported_fallback_kernels()
 
+    # Inductor calls aten for a view between dtypes of different widths (the int4 ops read
+    # uint8 weights as int32 words): an alias, no kernel, and in libtorch's shims.
+    VIEW_FALLBACKS = frozenset({"at::_ops::view_dtype::call"})
+
     @classmethod
     def is_supported_fallback_kernel(cls, kernel: str, options: BackendOptions) -> bool:
         # Without autotune, GEMMs go to cuBLAS through libtorch's shims: fine for the
         # project's runner (it runs inside libtorch), not for ExecuTorch's C++ CUDA runtime.
-        return not options.autotune or kernel in cls.get_supported_fallback_kernels()
+        return (not options.autotune or kernel in cls.get_supported_fallback_kernels()
+                or kernel in cls.VIEW_FALLBACKS)
 
     @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
