@@ -78,7 +78,7 @@ def lower(programs: dict, device: TargetDevice, strategy: ExportStrategy, *, aut
     partitioners = {m: [partitioner_for(device, BackendOptions(
         method=m, autotune=autotune, multi_arch=multi_arch, low_memory=strategy.backend_options()))]
         for m in programs}
-    with stages.stage(stages.LOWER, total=len(programs), unit="method") as s:
+    with stages.stage(stages.LOWER, total=len(programs), unit="program") as s:
         waited = compile_workers.wait_ready()  # else every kernel compiles in-process, one after another
         if waited is not None:  # part of the lowering's time, reported on its own too
             stages.emit(stages.StageEvent("compile_workers_wait", stages.END, seconds=waited))

@@ -46,7 +46,9 @@ class MiniRunner:
             so = tmp / f"{method}.so"
             so.write_bytes(self.blobs[f"{method}_so_blob"])
             runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
-            keys = self.meta["methods"][method]["constants"]
+            (step,) = self.meta["methods"][method]["steps"]  # tiny stays whole (per-layer embeddings)
+            assert step["program"] == method
+            keys = step["constants"]
             tensors = {name: self.kv.get(key, self.weights.get(key)) for name, key in keys.items()}
             runner.update_constant_buffer(tensors, False, True, True)  # validate_full_update, user_managed
             self.runners[method] = runner
@@ -112,7 +114,7 @@ def test_each_weight_stored_once_serving_both_methods(tiny_artifact):
     meta = tiny_artifact.metadata
     index = read_ptd_index(tiny_artifact.out_dir / "model.ptd")
     kv = {s["fqn"] for s in meta["kv"]}
-    keys = {m: set(meta["methods"][m]["constants"].values()) for m in METHODS}
+    keys = {m: {k for step in meta["methods"][m]["steps"] for k in step["constants"].values()} for m in METHODS}
     shared = keys["prefill"] & keys["decode"]
     assert len(shared - kv) > 40  # the same .ptd entries serve both methods
     assert all(k in index for k in (keys["prefill"] | keys["decode"]) - kv)
@@ -142,7 +144,8 @@ def test_ptd_entries_equal_model_tensors(tiny_artifact, mini):
 
 def test_so_constant_names_map_as_metadata_says(mini):
     for method, runner in mini.runners.items():
-        assert runner.get_constant_names_to_original_fqns() == mini.meta["methods"][method]["constants"]
+        (step,) = mini.meta["methods"][method]["steps"]
+        assert runner.get_constant_names_to_original_fqns() == step["constants"]
 
 
 @torch.no_grad()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from runtime.artifact import Artifact, ArtifactError, PtdFile, PteFile
+from runtime.artifact import Artifact, ArtifactError, Metadata, MethodStep, PtdFile, PteFile
 
 PAIR = "0123abcd"
 
@@ -125,7 +126,25 @@ def test_artifact_pair_opens(pair):
     assert art.so_blob("prefill") == so
     assert art.metadata.ctx == 64 and art.metadata.eos_token_ids == (1,)
     assert art.metadata.kv[0].shape == (1, 2, 15, 4) and art.metadata.kv[0].dtype == torch.float32
-    assert art.metadata.method_constants["decode"] == {"w0": "w.a"}
+    assert art.metadata.method_steps["decode"] == (MethodStep("decode", {"w0": "w.a"}),)  # format 1: one step
+
+
+def test_metadata_steps_of_format_2():
+    steps = [{"program": "decode_embed", "constants": {"e": "embed.w"}, "inputs": [0]},
+             {"program": "decode_layer0", "constants": {"w": "layers.0.w"}, "inputs": [0, 1]},
+             {"program": "decode_layer0", "constants": {"w": "layers.1.w"}, "inputs": [0, 1]}]
+    meta = Metadata.parse(json.dumps(_metadata(format_version=2, methods={
+        "prefill": {"steps": [{"program": "prefill", "constants": {}}]}, "decode": {"steps": steps}})), Path("m"))
+    assert [s.program for s in meta.method_steps["decode"]] == ["decode_embed", "decode_layer0", "decode_layer0"]
+    assert meta.method_steps["decode"][0].inputs == (0,) and meta.method_steps["prefill"][0].inputs == (0, 1)
+    assert meta.method_steps["decode"][2].constants == {"w": "layers.1.w"}
+    assert meta.programs() == ["prefill", "decode_embed", "decode_layer0"]
+
+
+def test_metadata_without_a_method_is_a_clear_error():
+    text = json.dumps(_metadata(format_version=2, methods={"prefill": {"steps": [{"program": "p", "constants": {}}]}}))
+    with pytest.raises(ArtifactError, match="lacks or mistypes a field.*decode"):
+        Metadata.parse(text, Path("m"))
 
 
 def test_missing_ptd_is_a_clear_error(pair):

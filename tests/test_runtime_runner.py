@@ -90,7 +90,7 @@ def test_kv_sized_from_metadata_and_shared_by_both_methods(runner):
     for buf in meta.kv:
         seq = buf.shape[2]  # (1, Hkv, S, D)
         assert seq == (meta.raw["ring_size"] if buf.kind == "sliding" else meta.ctx), buf
-    maps = {m: runner.methods[m].container.extract_constants_map(False) for m in ("prefill", "decode")}
+    maps = {m: runner.methods[m].programs[0].container.extract_constants_map(False) for m in ("prefill", "decode")}
     for buf in meta.kv:  # the very tensors the runner allocated, in both methods: no copy
         mine = runner._bound.kv[buf.fqn].data_ptr()
         assert maps["prefill"][buf.fqn].data_ptr() == maps["decode"][buf.fqn].data_ptr() == mine
