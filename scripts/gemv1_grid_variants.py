@@ -21,6 +21,23 @@ run. First a ragged shape (N 1000, K 36 groups) at programs 1, 7, 396 and more t
 and the same call repeated (bitwise equal). Then a sliding and a full layer's four GEMVs as one
 CUDA graph: today's plan, each shape's best variant of this run, and the best single stream-K
 variant, alternated three times. A table on stdout, one JSON.
+
+What the H200 said (scripts/measurements/int4_gemv1_grid_variants.json, copy 4268 GB/s, us per
+call in a graph, quantize kernel included): stream-K at its best (the most programs resident:
+64 rows x 2 warps x 8 an SM, or 128 rows x 4 warps x 3-4) ties today's plan on the mid shapes
+(qkv 16384 x 5376 20.1 vs 19.8, o full 20.1 vs 20.2, q+k 18432 x 5376 21.0 vs 21.3, down 24.1 vs
+25.3) and loses on o sliding (13.6 vs 12.1) and gate/up (40.4 vs 38.5); one program an SM (each a
+long unbroken run) is 1.5x slower, two steps ahead (fewer programs resident) slower too. So the
+wave tail and the per-program ramp are not what holds these shapes back: the bytes in flight per
+SM are, and the plan already fills the SM as far as the registers let it. Today's kernel at other
+slices: down at 12 slices 24.0 (-5%), o sliding / o full at 12 slower; the small K-parts shapes
+(2816 x 2112, 2816 x 4096) stay fastest on today's plan (7.1, 6.7 against 7.6+), 2560 x 10240
+takes 10.6 at 64 rows x 8 slices against 11.1. A layer's four GEMVs as one graph: today 96.1
+(sliding) / 104.4 (full), each shape's best 94.9 / 102.9 (-1.3%), one stream-K variant for all
+98.6 / 105.3. No variant reaches the 5% that would change `gemv1_plan`. Against the streaming
+read of the same words (6.9 / 14.1 / 13.3 / 14.3 / 17.4 / 32.5 us) the remaining gap is 3-6 us
+a projection, about what the quantize kernel and its dependency cost in a graph (the GEMV kernel
+alone on o sliding: 9.6 us at the same tile and slices, scripts/measurements/int4_gemv1_tile_variants.json).
 """
 
 from __future__ import annotations
@@ -34,14 +51,134 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, launch_directly, new_out, rel, rotated_weights, spawn_prewarm, \
-    stream_read_us
+from scripts.gemv1_variants import bench_graph, launch_directly, rel, rotated_weights, spawn_prewarm, stream_read_us
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
 XDT = torch.float32 if _INTERPRET else torch.bfloat16  # (the interpreter's bf16 casts)
+
+@triton.jit
+def _gemv1_step(xq, xf, xc, XP, w_ptr, s16, N, KW, t, SPR, stride_ww, stride_sn, BLOCK_N: tl.constexpr,
+                GROUPS: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr):
+    """Step t of the stream kernel's work (row block t // SPR, groups GROUPS (t % SPR) ..): its
+    words [BLOCK_N, GROUPS, WORDS], scales and x's levels, as `_gemv1_loop_q` loads them (no mask:
+    rows past N read row N - 1, groups past K the row's last group, and their scales are 0)."""
+    L: tl.constexpr = WORDS // 4
+    rb = t // SPR
+    offs_n = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None]
+    g = (t - rb * SPR) * (GROUPS * WORDS) + tl.arange(0, GROUPS)[None, :, None] * WORDS  # [1, C, 1]
+    gc = tl.minimum(g // WORDS, KW // WORDS - 1) * WORDS
+    lane = tl.arange(0, WORDS)[None, None, :]
+    w = tl.load(w_ptr + rn * stride_ww + (gc + lane))
+    s = im._gemv1_scale(s16 + rn * stride_sn + gc // WORDS, (offs_n < N)[:, None, None] & (g < KW), ASM)
+    he, ho, le, lo, c, f = im._gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM)
+    return tl.reshape(w, (BLOCK_N, GROUPS, L, 4)), s, he, ho, le, lo, c, f
+
+
+@triton.jit
+def _gemv1_stream_flush(acc, t, pid, P, TOTAL, SPR, N, part_ptr, y_ptr, cnt_ptr, stride_ps, BLOCK_N: tl.constexpr):
+    """A program's sums over its part of row block t // SPR: straight into y when the block is all
+    its own, else its partial in slot pid - first (the block's first program) and the block's
+    counter bumped; the program that arrives last sums the slots in order (deterministic) into y
+    and resets the counter (`_int4_gemv1_kernel`'s RED 2 release)."""
+    rb = t // SPR
+    val = tl.sum(tl.sum(acc, axis=2), axis=1)
+    offs_n = rb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nm = offs_n < N
+    first = ((rb * SPR + 1) * P - 1) // TOTAL  # the programs that own the block's first and last steps
+    last = ((rb + 1) * SPR * P - 1) // TOTAL
+    if first == last:
+        tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
+    else:
+        tl.store(part_ptr + (pid - first) * stride_ps + offs_n, val, mask=nm)
+        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
+        arrived = tl.atomic_add(cnt_ptr + rb, 1, sem="acq_rel", scope="gpu")
+        if arrived == last - first:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(0, last - first + 1):
+                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
+            tl.store(cnt_ptr + rb, 0)
+
+
+@triton.jit(do_not_specialize=["N", "KW", "SPR", "TOTAL", "stride_sn", "stride_ps"])
+def _int4_gemv1_stream_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, SPR, TOTAL,
+                              stride_ww, stride_sn, stride_ps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                              GROUPS: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr):
+    """M == 1 over a fixed grid (a few programs per SM), the work cut evenly by steps ("stream-K"):
+    the weight is TOTAL steps, row block after row block (SPR steps of GROUPS groups x BLOCK_N
+    rows each, K in order), and program p takes steps p TOTAL / P .. (p + 1) TOTAL / P, across
+    row-block boundaries, loading AHEAD (1 or 2) steps ahead without a break between blocks. Every
+    program streams the same bytes +- one step: no wave tail, no ramp per row block. x comes as
+    `_quant_x_kernel`'s levels; a block split between programs is summed by the last of them
+    (`_gemv1_stream_flush`, counters zeroed by the quantize kernel)."""
+    WORDS: tl.constexpr = GROUP // 8
+    P = tl.num_programs(0)
+    pid = tl.program_id(0)
+    t_lo = pid * TOTAL // P
+    t_hi = (pid + 1) * TOTAL // P
+    XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`)
+    s16 = s_ptr.to(tl.pointer_type(tl.int16))
+    w, s, he, ho, le, lo, c, f = _gemv1_step(xq_ptr, xf_ptr, xc_ptr, XP, w_ptr, s16, N, KW, t_lo, SPR, stride_ww,
+                                             stride_sn, BLOCK_N, GROUPS, WORDS, ASM)
+    w1, s1, he1, ho1, le1, lo1, c1, f1 = w, s, he, ho, le, lo, c, f
+    if AHEAD == 2:
+        w1, s1, he1, ho1, le1, lo1, c1, f1 = _gemv1_step(xq_ptr, xf_ptr, xc_ptr, XP, w_ptr, s16, N, KW,
+                                                         tl.minimum(t_lo + 1, t_hi - 1), SPR, stride_ww, stride_sn,
+                                                         BLOCK_N, GROUPS, WORDS, ASM)
+    acc = tl.zeros((BLOCK_N, GROUPS, WORDS // 4), dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        # the step AHEAD on, kept inside this program's steps (the last ones reload a tile just read)
+        w2, s2, he2, ho2, le2, lo2, c2, f2 = _gemv1_step(xq_ptr, xf_ptr, xc_ptr, XP, w_ptr, s16, N, KW,
+                                                         tl.minimum(t + AHEAD, t_hi - 1), SPR, stride_ww, stride_sn,
+                                                         BLOCK_N, GROUPS, WORDS, ASM)
+        acc += im._gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM)
+        if ((t + 1) % SPR == 0) | (t == t_hi - 1):  # the end of a row block or of this program's steps
+            _gemv1_stream_flush(acc, t, pid, P, TOTAL, SPR, N, part_ptr, y_ptr, cnt_ptr, stride_ps, BLOCK_N)
+            acc = tl.zeros((BLOCK_N, GROUPS, WORDS // 4), dtype=tl.float32)
+        if AHEAD == 2:
+            w, s, he, ho, le, lo, c, f = w1, s1, he1, ho1, le1, lo1, c1, f1
+            w1, s1, he1, ho1, le1, lo1, c1, f1 = w2, s2, he2, ho2, le2, lo2, c2, f2
+        else:
+            w, s, he, ho, le, lo, c, f = w2, s2, he2, ho2, le2, lo2, c2, f2
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (4 in the interpreter)."""
+    if _INTERPRET or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def int4_gemv1_stream(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block_n: int = 128,
+                      groups_per_step: int = 2, num_warps: int = 4, per_sm: int = 3, ahead: int = 1,
+                      programs: int | None = None) -> torch.Tensor:
+    """x2 [1, K] bf16 @ dequant(W).T -> [1, N] through `_quant_x_kernel` and
+    `_int4_gemv1_stream_kernel` on per_sm programs per SM (or `programs`), each an equal run of
+    the weight's steps (block_n rows x groups_per_step groups); two launches whatever the shape."""
+    N, K, G = im._check(x2, qweight, scales)
+    words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
+    spr = triton.cdiv(K // G, groups_per_step)  # steps per row block
+    blocks = triton.cdiv(N, block_n)
+    total = blocks * spr
+    P = max(1, min(programs or per_sm * sm_count(x2.device), total))
+    if (total + 1) * P >= 2**31:
+        raise ValueError(f"int4_gemv1_stream: {total} steps x {P} programs overflow int32")
+    slots = min(spr, triton.cdiv(spr - 1, total // P) + 1)  # the most programs that share a row block
+    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
+    part = torch.empty((slots, N) if slots > 1 else (1, 1), device=x2.device, dtype=torch.float32)
+    cnt = torch.empty((blocks,), device=x2.device, dtype=torch.int32)
+    xin, xf, xc = im._quant_x(x2, G, cnt, blocks)
+    _int4_gemv1_stream_kernel[(P,)](
+        xin, xf, xc, words, scales, part, y, cnt, N, K // 8, spr, total, words.stride(0), scales.stride(0),
+        part.stride(0), GROUP=G, BLOCK_N=block_n, GROUPS=groups_per_step, AHEAD=ahead, ASM=not _INTERPRET,
+        num_warps=num_warps, num_stages=1)
+    return y
+
 
 SHAPES = [("o_proj.sliding", 5376, 8192), ("qkv_proj.sliding", 16384, 5376), ("o_proj.full", 5376, 16384),
           ("qk_proj.full", 18432, 5376), ("mlp.down_proj", 5376, 21504), ("mlp.gate_up_proj", 43008, 5376),
@@ -89,7 +226,7 @@ class Stream:
 
     def __call__(self, x, q, s):
         bn, gr, w, a = self.kern
-        return im.int4_gemv1_stream(x, q, s, block_n=bn, groups_per_step=gr, num_warps=w, ahead=a,
+        return int4_gemv1_stream(x, q, s, block_n=bn, groups_per_step=gr, num_warps=w, ahead=a,
                                     per_sm=self.per_sm or 1, programs=self.programs)
 
 
@@ -185,7 +322,7 @@ def main(argv=None) -> int:
     from scripts.bench_int4 import copy_gbps
     gbps = 1000.0 if _INTERPRET else copy_gbps()
     dev = "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
-    sms = im.sm_count(torch.device(DEVICE))
+    sms = sm_count(torch.device(DEVICE))
     print(f"copy {gbps:.0f} GB/s, {sms} SMs ({dev}); {time.time() - t0:.0f} s", flush=True)
     rows: list[dict] = []
     doc = {"device": dev, "copy_gbps": gbps, "sms": sms, "rows": rows, "best": {}}

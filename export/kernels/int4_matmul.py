@@ -626,93 +626,6 @@ def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.conste
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < N)
 
 
-@triton.jit
-def _gemv1_step(xq, xf, xc, XP, w_ptr, s16, N, KW, t, SPR, stride_ww, stride_sn, BLOCK_N: tl.constexpr,
-                GROUPS: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr):
-    """Step t of the stream kernel's work (row block t // SPR, groups GROUPS (t % SPR) ..): its
-    words [BLOCK_N, GROUPS, WORDS], scales and x's levels, as `_gemv1_loop_q` loads them (no mask:
-    rows past N read row N - 1, groups past K the row's last group, and their scales are 0)."""
-    L: tl.constexpr = WORDS // 4
-    rb = t // SPR
-    offs_n = rb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None]
-    g = (t - rb * SPR) * (GROUPS * WORDS) + tl.arange(0, GROUPS)[None, :, None] * WORDS  # [1, C, 1]
-    gc = tl.minimum(g // WORDS, KW // WORDS - 1) * WORDS
-    lane = tl.arange(0, WORDS)[None, None, :]
-    w = tl.load(w_ptr + rn * stride_ww + (gc + lane))
-    s = _gemv1_scale(s16 + rn * stride_sn + gc // WORDS, (offs_n < N)[:, None, None] & (g < KW), ASM)
-    he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM)
-    return tl.reshape(w, (BLOCK_N, GROUPS, L, 4)), s, he, ho, le, lo, c, f
-
-
-@triton.jit
-def _gemv1_stream_flush(acc, t, pid, P, TOTAL, SPR, N, part_ptr, y_ptr, cnt_ptr, stride_ps, BLOCK_N: tl.constexpr):
-    """A program's sums over its part of row block t // SPR: straight into y when the block is all
-    its own, else its partial in slot pid - first (the block's first program) and the block's
-    counter bumped; the program that arrives last sums the slots in order (deterministic) into y
-    and resets the counter (`_int4_gemv1_kernel`'s RED 2 release)."""
-    rb = t // SPR
-    val = tl.sum(tl.sum(acc, axis=2), axis=1)
-    offs_n = rb * BLOCK_N + tl.arange(0, BLOCK_N)
-    nm = offs_n < N
-    first = ((rb * SPR + 1) * P - 1) // TOTAL  # the programs that own the block's first and last steps
-    last = ((rb + 1) * SPR * P - 1) // TOTAL
-    if first == last:
-        tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
-    else:
-        tl.store(part_ptr + (pid - first) * stride_ps + offs_n, val, mask=nm)
-        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
-        arrived = tl.atomic_add(cnt_ptr + rb, 1, sem="acq_rel", scope="gpu")
-        if arrived == last - first:
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in range(0, last - first + 1):
-                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
-            tl.store(cnt_ptr + rb, 0)
-
-
-@triton.jit(do_not_specialize=["N", "KW", "SPR", "TOTAL", "stride_sn", "stride_ps"])
-def _int4_gemv1_stream_kernel(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, SPR, TOTAL,
-                              stride_ww, stride_sn, stride_ps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                              GROUPS: tl.constexpr, AHEAD: tl.constexpr, ASM: tl.constexpr):
-    """M == 1 over a fixed grid (a few programs per SM), the work cut evenly by steps ("stream-K"):
-    the weight is TOTAL steps, row block after row block (SPR steps of GROUPS groups x BLOCK_N
-    rows each, K in order), and program p takes steps p TOTAL / P .. (p + 1) TOTAL / P, across
-    row-block boundaries, loading AHEAD (1 or 2) steps ahead without a break between blocks. Every
-    program streams the same bytes +- one step: no wave tail, no ramp per row block. x comes as
-    `_quant_x_kernel`'s levels; a block split between programs is summed by the last of them
-    (`_gemv1_stream_flush`, counters zeroed by the quantize kernel)."""
-    WORDS: tl.constexpr = GROUP // 8
-    P = tl.num_programs(0)
-    pid = tl.program_id(0)
-    t_lo = pid * TOTAL // P
-    t_hi = (pid + 1) * TOTAL // P
-    XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`)
-    s16 = s_ptr.to(tl.pointer_type(tl.int16))
-    w, s, he, ho, le, lo, c, f = _gemv1_step(xq_ptr, xf_ptr, xc_ptr, XP, w_ptr, s16, N, KW, t_lo, SPR, stride_ww,
-                                             stride_sn, BLOCK_N, GROUPS, WORDS, ASM)
-    w1, s1, he1, ho1, le1, lo1, c1, f1 = w, s, he, ho, le, lo, c, f
-    if AHEAD == 2:
-        w1, s1, he1, ho1, le1, lo1, c1, f1 = _gemv1_step(xq_ptr, xf_ptr, xc_ptr, XP, w_ptr, s16, N, KW,
-                                                         tl.minimum(t_lo + 1, t_hi - 1), SPR, stride_ww, stride_sn,
-                                                         BLOCK_N, GROUPS, WORDS, ASM)
-    acc = tl.zeros((BLOCK_N, GROUPS, WORDS // 4), dtype=tl.float32)
-    for t in range(t_lo, t_hi):
-        # the step AHEAD on, kept inside this program's steps (the last ones reload a tile just read)
-        w2, s2, he2, ho2, le2, lo2, c2, f2 = _gemv1_step(xq_ptr, xf_ptr, xc_ptr, XP, w_ptr, s16, N, KW,
-                                                         tl.minimum(t + AHEAD, t_hi - 1), SPR, stride_ww, stride_sn,
-                                                         BLOCK_N, GROUPS, WORDS, ASM)
-        acc += _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM)
-        if ((t + 1) % SPR == 0) | (t == t_hi - 1):  # the end of a row block or of this program's steps
-            _gemv1_stream_flush(acc, t, pid, P, TOTAL, SPR, N, part_ptr, y_ptr, cnt_ptr, stride_ps, BLOCK_N)
-            acc = tl.zeros((BLOCK_N, GROUPS, WORDS // 4), dtype=tl.float32)
-        if AHEAD == 2:
-            w, s, he, ho, le, lo, c, f = w1, s1, he1, ho1, le1, lo1, c1, f1
-            w1, s1, he1, ho1, le1, lo1, c1, f1 = w2, s2, he2, ho2, le2, lo2, c2, f2
-        else:
-            w, s, he, ho, le, lo, c, f = w2, s2, he2, ho2, le2, lo2, c2, f2
-
-
 # ---- small M on the tensor cores: one mma.sync per half word --------------------------------
 #
 # A warp covers 8 weight rows x one group of 128 (16 words): lane 4g + t holds words 4t .. 4t + 3
@@ -1030,39 +943,6 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int):
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
                                                      num_warps=4)
     return xin, xf, xc
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the GPU a kernel runs on (4 in the interpreter)."""
-    if _INTERPRET or device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def int4_gemv1_stream(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, block_n: int = 128,
-                      groups_per_step: int = 2, num_warps: int = 4, per_sm: int = 3, ahead: int = 1,
-                      programs: int | None = None) -> torch.Tensor:
-    """x2 [1, K] bf16 @ dequant(W).T -> [1, N] through `_quant_x_kernel` and
-    `_int4_gemv1_stream_kernel` on per_sm programs per SM (or `programs`), each an equal run of
-    the weight's steps (block_n rows x groups_per_step groups); two launches whatever the shape."""
-    N, K, G = _check(x2, qweight, scales)
-    words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
-    spr = triton.cdiv(K // G, groups_per_step)  # steps per row block
-    blocks = triton.cdiv(N, block_n)
-    total = blocks * spr
-    P = max(1, min(programs or per_sm * sm_count(x2.device), total))
-    if (total + 1) * P >= 2**31:
-        raise ValueError(f"int4_gemv1_stream: {total} steps x {P} programs overflow int32")
-    slots = min(spr, triton.cdiv(spr - 1, total // P) + 1)  # the most programs that share a row block
-    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
-    part = torch.empty((slots, N) if slots > 1 else (1, 1), device=x2.device, dtype=torch.float32)
-    cnt = torch.empty((blocks,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = _quant_x(x2, G, cnt, blocks)
-    launch = _int4_gemv1_stream_kernel if _INTERPRET else wrap_triton(_int4_gemv1_stream_kernel)
-    launch[(P,)](xin, xf, xc, words, scales, part, y, cnt, N, K // 8, spr, total, words.stride(0),
-                 scales.stride(0), part.stride(0), GROUP=G, BLOCK_N=block_n, GROUPS=groups_per_step, AHEAD=ahead,
-                 ASM=not _INTERPRET, num_warps=num_warps, num_stages=1)
-    return y
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
