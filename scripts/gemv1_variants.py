@@ -203,8 +203,15 @@ def launch_directly(name: str) -> bool:
     if not torch.cuda.is_available() and not _INTERPRET:
         print(f"{name}: needs a CUDA GPU (or TRITON_INTERPRET=1)", file=sys.stderr)
         return False
-    torch._library.triton.set_wrap_triton_enabled(False).__enter__()
+    global _NO_WRAP
+    # kept: a generator context manager dropped after __enter__ is closed at once, which runs its
+    # finally and turns wrap_triton back on
+    _NO_WRAP = torch._library.triton.set_wrap_triton_enabled(False)
+    _NO_WRAP.__enter__()
     return True
+
+
+_NO_WRAP = None
 
 
 def spawn_prewarm(worker, count: int, seconds: float, *args) -> None:

@@ -931,6 +931,20 @@ def _gemv1_kernel(cfg: triton.Config):
     return _GEMV1_KERNELS[key]
 
 
+def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int):
+    """x2 [1, K] as `_quant_x_kernel`'s planes (int32), per-group factor and correction; the
+    kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
+    K = x2.shape[1]
+    groups = K // G
+    xin = torch.empty((4 * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
+    xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
+    xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
+    launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
+    launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
+                                                     num_warps=4)
+    return xin, xf, xc
+
+
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
@@ -950,14 +964,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = x2, x2, x2
-    if xq:
-        xin = torch.empty((4 * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
-        xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
-        xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
-        launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
-        launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, cnt.numel() if red == 2 else 0,
-                                                         GROUP=G, GB=QUANT_X_GROUPS, num_warps=4)
+    xin, xf, xc = _quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0) if xq else (x2, x2, x2)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
