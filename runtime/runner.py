@@ -93,7 +93,8 @@ class Runner:
         check_cuda_arch(self.meta.raw, self.device)
         graphed = cuda_graph and self.device.startswith("cuda")
         self.programs: dict[str, CompiledMethod] = {
-            p: load_method(p, artifact.so_blob(p), self.device, instances=n) for p, n in self._instances(graphed).items()}
+            p: load_method(p, artifact.so_blob(p), self.device, instances=n)
+            for p, n in self._instances(graphed).items()}
         self._bound = _Bindings()
         self._allocate_kv()
         self.methods: dict[str, MethodChain] = {

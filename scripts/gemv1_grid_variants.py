@@ -54,7 +54,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, launch_directly, rel, rotated_weights, spawn_prewarm, stream_read_us
+from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, rel, rotated_weights, spawn_prewarm,
+                                   stream_read_us)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -412,10 +413,7 @@ def main(argv=None) -> int:
                                                                 for nm in names}} for p in plans}
         print(f"{lname:18} " + " ".join(f"{' '.join(f'{t:6.1f}' for t in times[p]):>22}" for p in plans), flush=True)
         save()
-    doc["checks_passed"] = ok
-    save()
-    print(f"checks {'passed' if ok else 'FAILED'}; done in {time.time() - t0:.0f} s", flush=True)
-    return 0 if ok else 1
+    return finish_sweep(doc, ok, t0, save)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import bench_graph, launch_directly, rel, rotated_weights, spawn_prewarm
+from scripts.gemv1_variants import bench_graph, finish_sweep, launch_directly, rel, rotated_weights, spawn_prewarm
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -339,10 +339,7 @@ def main(argv=None) -> int:
         print(f"{lname:18} {fmt(times['old']):>22} {fmt(times['op']):>22}  {kern_n['old']} / {kern_n['op']}",
               flush=True)
         save()
-    doc["checks_passed"] = ok
-    save()
-    print(f"checks {'passed' if ok else 'FAILED'}; done in {time.time() - t0:.0f} s", flush=True)
-    return 0 if ok else 1
+    return finish_sweep(doc, ok, t0, save)
 
 
 if __name__ == "__main__":

@@ -374,6 +374,14 @@ def _splits_for(v, n, k):
     return (1, 2, 4, 8)
 
 
+def finish_sweep(doc: dict, ok: bool, t0: float, save) -> int:
+    """A sweep's last step: record whether every correctness check passed, save, say so."""
+    doc["checks_passed"] = ok
+    save()
+    print(f"checks {'passed' if ok else 'FAILED'}; done in {time.time() - t0:.0f} s", flush=True)
+    return 0 if ok else 1
+
+
 def bench_graph(fn, copies, reps=15):
     """Median us per call of fn (which makes `copies` calls) as CUDA-graph replays."""
     if _INTERPRET:  # a dry run of the sweep's logic on CPU

@@ -2,8 +2,8 @@
 run as every layer of its kind with that layer's own tensors.
 
 CPU: the split (which units, which renames), the units run eagerly in chain order against the
-whole model's forward (bitwise, fp32), and one low-memory artifact of a 31B-like model (int8 KV
-on the full layers) through the runner against its eager model."""
+whole model's forward (bitwise, fp32; int8 KV too), and a low-memory artifact of a 31B-like
+model through the runner against its eager model and against the same model compiled whole."""
 
 from __future__ import annotations
 
@@ -80,18 +80,37 @@ def test_units_in_chain_order_give_the_models_logits(kv_dtype):
         pos += n
 
 
-@pytest.fixture(scope="module")
-def chain_artifact(tmp_path_factory):
-    from export.gemma4.export import DeviceChoice, ExportConfig, KvDtype, export_model
+def _export(tmp_path_factory, layer_units: bool):
+    from export.gemma4.export import DeviceChoice, ExportConfig, export_model
 
     PRESETS["test-chain-31b-like"] = config()
     try:
         out = tmp_path_factory.mktemp("chain") / "art"
-        result = export_model(ExportConfig(preset="test-chain-31b-like", device=DeviceChoice.CPU, out=out, ctx=64,
-                                           prefill_chunk=12, low_memory=True, kv_dtype=KvDtype.INT8))
+        return export_model(ExportConfig(preset="test-chain-31b-like", device=DeviceChoice.CPU, out=out, ctx=64,
+                                         prefill_chunk=12, low_memory=True, layer_units=layer_units))
     finally:
         del PRESETS["test-chain-31b-like"]
-    return result
+
+
+@pytest.fixture(scope="module")
+def chain_artifact(tmp_path_factory):
+    return _export(tmp_path_factory, layer_units=True)
+
+
+@pytest.fixture(scope="module")
+def whole_artifact(tmp_path_factory):
+    return _export(tmp_path_factory, layer_units=False)
+
+
+def _logits(out, ids: list[int]) -> list[torch.Tensor]:
+    """Through the runner: 3 prefill chunks (the ring wraps), then 3 decode steps."""
+    from runtime.runner import Runner
+
+    runner, pos, out_logits = Runner.load(out), 0, []
+    for n in (12, 12, 5, 1, 1, 1):
+        out_logits.append(runner.prefill(ids[pos:pos + n]) if n > 1 else runner.decode(ids[pos]))
+        pos += n
+    return out_logits
 
 
 def test_artifact_steps_bind_each_layers_own_tensors(chain_artifact):
@@ -110,16 +129,21 @@ def test_artifact_steps_bind_each_layers_own_tensors(chain_artifact):
 
 @torch.no_grad()
 def test_artifact_chain_matches_its_eager_model(chain_artifact):
-    from runtime.runner import Runner
-
-    runner = Runner.load(chain_artifact.out_dir)
     model = chain_artifact.model
     model.reset_cache()
     ids = torch.randint(0, model.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     pos, errors = 0, []
-    for n in (12, 12, 5, 1, 1, 1):
-        got = runner.prefill(ids[pos:pos + n]) if n > 1 else runner.decode(ids[pos])
+    for n, got in zip((12, 12, 5, 1, 1, 1), _logits(chain_artifact.out_dir, ids)):
         want = model(torch.tensor([ids[pos:pos + n]]), torch.tensor([pos]))[0]
-        errors.append(((got - want).norm() / want.norm()).item())
+        errors.append(((got - want).norm() / want.norm()).item())  # a wrong layer's weights: O(1)
         pos += n
     assert max(errors) <= 1e-4, errors
+
+
+@torch.no_grad()
+def test_artifact_chain_gives_the_whole_graphs_logits(chain_artifact, whole_artifact):
+    """The same model compiled whole (`--no-layer-units`): bitwise the same logits (fp32, CPU)."""
+    assert [s["program"] for s in whole_artifact.metadata["methods"]["decode"]["steps"]] == ["decode"]
+    ids = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    for a, b in zip(_logits(chain_artifact.out_dir, ids), _logits(whole_artifact.out_dir, ids)):
+        assert torch.equal(a, b)

@@ -8,8 +8,9 @@ pipeline (export/pipeline.py): `torch.export` `prefill` and `decode` from ONE mo
 (so both name the same KV buffers), each as a chain of units that compile once however many
 layers run them (export/chain.py; `--no-layer-units`: the whole graph), lower each unit to
 one AOTI delegate, map each step's compiled constants to `.ptd` keys (export/constants.py),
-and write the artifact atomically (export/artifact.py). How memory is spent is the config's strategy (export/strategy.py);
-progress and timings are stage events (export/stages.py). export/ARTIFACT.md is the contract.
+and write the artifact atomically (export/artifact.py). How memory is spent is the config's
+strategy (export/strategy.py); progress and timings are stage events (export/stages.py).
+export/ARTIFACT.md is the contract.
 """
 
 from __future__ import annotations
