@@ -60,12 +60,20 @@ def test_models_that_pass_more_than_the_hidden_state_stay_whole():
     assert list(model.chain().units) == [WHOLE]
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def moe_config():
+    """The 26B-A4B's structure at toy size: a MoE block beside each dense MLP, no per-layer
+    embeddings, no shared KV (so it splits like the 31B)."""
+    return replace(PRESETS["tiny-moe"], num_hidden_layers=LAYERS, layer_types=_pattern(LAYERS, 6),
+                   num_kv_shared_layers=0, hidden_size_per_layer_input=0, use_double_wide_mlp=False)
+
+
+@pytest.mark.parametrize("kv_dtype,moe", [(None, False), ("int8", False), (None, True)])
 @torch.no_grad()
-def test_units_in_chain_order_give_the_models_logits(kv_dtype):
+def test_units_in_chain_order_give_the_models_logits(kv_dtype, moe):
     """Each layer as its own LayerUnit (the code a compiled unit runs), prefill chunks past the
     sliding window and decode steps: bitwise the whole forward's logits."""
-    cfg = config()
+    cfg = moe_config() if moe else config()
+    assert list(Gemma4Model(cfg, ctx=64, prefill_chunk=12).chain().units) == ["embed", "layer0", "layer5", "head"]
     whole = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=12, kv_dtype=kv_dtype), seed=1).eval()
     parts = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=12, kv_dtype=kv_dtype), seed=1).eval()
     units = [EmbedUnit(parts)] + [LayerUnit(parts, i) for i in range(LAYERS)] + [HeadUnit(parts)]
