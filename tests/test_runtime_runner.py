@@ -95,7 +95,9 @@ def test_kv_sized_from_metadata_and_shared_by_both_methods(runner):
         mine = runner._bound.kv[buf.fqn].data_ptr()
         assert maps["prefill"][buf.fqn].data_ptr() == maps["decode"][buf.fqn].data_ptr() == mine
     kv = {buf.fqn for buf in meta.kv}
-    shared = [k for k in maps["prefill"] if k in maps["decode"] and k not in kv]
+    # model tensors by name; constants tracing made are each program's own ("{program}::{name}")
+    shared = [k for k in maps["prefill"] if k in maps["decode"] and k not in kv
+              and not k.startswith("_lifted_tensor_constant")]
     assert len(shared) > 10
     for k in shared:  # one weight copy serves both methods
         assert maps["prefill"][k].data_ptr() == maps["decode"][k].data_ptr(), k
