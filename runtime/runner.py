@@ -28,13 +28,12 @@ stop check).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-
-from collections import Counter
 
 from runtime.aoti import CompiledMethod, load_method
 from runtime.artifact import METHODS, Artifact, ArtifactError, Metadata, MethodStep
@@ -105,7 +104,7 @@ class Runner:
         self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.pos = 0  # next position to write
         self.last_stats = GenerationStats()
-        self.graph: DecodeGraph | None = None  # set: the decode container is replay-only
+        self.graph: DecodeGraph | None = None  # set: the decode chain's containers are replay-only
         if graphed:
             self.graph = DecodeGraph(self.methods["decode"], self._token_buffer(1), self._pos)
             self.reset()  # the warm-up runs wrote KV at position 0
@@ -120,7 +119,12 @@ class Runner:
         for method, steps in self.meta.method_steps.items():
             uses = Counter(s.program for s in steps)
             for p, n in uses.items():
-                out[p] = n if graphed and method == "decode" else min(n, 2) if self.device != "cpu" else 1
+                if self.device == "cpu":
+                    out[p] = 1
+                elif graphed and method == "decode":
+                    out[p] = n
+                else:
+                    out[p] = min(n, 2)
         return out
 
     @staticmethod
