@@ -325,11 +325,12 @@ class KVBuffer:
 @dataclass(frozen=True)
 class MethodStep:
     """One step of a method: run `program` with its constants bound to these .ptd keys (or KV
-    fqns); it takes (carry, pos) and returns the next carry (tokens in, logits out)."""
+    fqns); it takes entries of `carry + [pos]` and its outputs replace the carry's first
+    entries (tokens in, logits out; export/ARTIFACT.md)."""
 
     program: str
     constants: dict[str, str]  # aoti constant name -> ptd key
-    inputs: tuple[int, ...] = (0, 1)  # which of (carry, pos) the program takes, in order
+    inputs: tuple[int, ...] = (0, 1)  # which of carry + [pos] the program takes, in order
 
 
 @dataclass(frozen=True)
