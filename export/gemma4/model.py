@@ -75,10 +75,11 @@ class KVCache(nn.Module):
     codes per byte (1, Hkv, S, D / 2); see export/kernels/attention.py. Quantized K and V are
     Hadamard-rotated first (Attention rotates q and the output to match).
 
-    `chunk_slots` > 0 (a ring that later KV-shared layers read): `chunk_k` / `chunk_v` (1, Hkv,
-    chunk_slots, D) hold a prefill chunk's own K/V from the layer that computed them until the
-    last reader has attended and written the window; a chain of compiled layers passes them
-    this way (export/chain.py), the whole forward passes them along as tensors."""
+    `chunk_slots` > 0 (a ring that later KV-shared layers read): `chunk_k` / `chunk_v` (1,
+    chunk_slots, Hkv, D) hold a prefill chunk's own K/V from the layer that computed them until
+    the last reader has attended and written the window; a chain of compiled layers passes them
+    this way (export/chain.py), the whole forward passes them along as tensors. Token-major, as
+    the projections make them: a chunk of any T is a contiguous prefix."""
 
     def __init__(self, kv_heads: int, slots: int, head_dim: int, ring: bool, dtype: torch.dtype,
                  kv_dtype: str | None = None, chunk_slots: int = 0):
@@ -103,7 +104,7 @@ class KVCache(nn.Module):
             if not ring:
                 raise ValueError("chunk buffers serve rings only (a flat cache is written before it is read)")
             for b in ("chunk_k", "chunk_v"):
-                self.register_buffer(b, torch.zeros(1, kv_heads, chunk_slots, width, dtype=dtype), persistent=False)
+                self.register_buffer(b, torch.zeros(1, chunk_slots, kv_heads, width, dtype=dtype), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """Keep each buffer's storage dtype through `model.to(dtype)` (only device moves apply)."""
@@ -121,12 +122,12 @@ class KVCache(nn.Module):
     def write_chunk(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """A prefill chunk's own k, v (1, Hkv, T, D) into rows 0..T-1 of the chunk buffers."""
         rows = torch.arange(k.shape[2], device=k.device)
-        self.chunk_k.index_copy_(2, rows, k.to(self.chunk_k.dtype))
-        self.chunk_v.index_copy_(2, rows, v.to(self.chunk_v.dtype))
+        self.chunk_k.index_copy_(1, rows, k.transpose(1, 2).to(self.chunk_k.dtype))
+        self.chunk_v.index_copy_(1, rows, v.transpose(1, 2).to(self.chunk_v.dtype))
 
     def chunk(self, T) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V `write_chunk` left for a chunk of T tokens."""
-        return self.chunk_k[:, :, :T], self.chunk_v[:, :, :T]
+        """The K/V (1, Hkv, T, D) `write_chunk` left for a chunk of T tokens."""
+        return self.chunk_k.narrow(1, 0, T).transpose(1, 2), self.chunk_v.narrow(1, 0, T).transpose(1, 2)
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (1, Hkv, T, D) for `positions` (T,): quantized (if so configured) and written."""
