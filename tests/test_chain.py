@@ -185,17 +185,39 @@ def test_artifact_steps_bind_each_layers_own_tensors(chain_artifact):
             assert f"layers.{i}.layer_scalar" in keys  # a per-layer scalar is bound, not baked into the code
 
 
-@torch.no_grad()
-def test_artifact_chain_matches_its_eager_model(chain_artifact):
-    model = chain_artifact.model
+def _assert_matches_eager(out, model):
     model.reset_cache()
     ids = torch.randint(0, model.cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     pos, errors = 0, []
-    for n, got in zip((12, 12, 5, 1, 1, 1), _logits(chain_artifact.out_dir, ids)):
+    for n, got in zip((12, 12, 5, 1, 1, 1), _logits(out, ids)):
         want = model(torch.tensor([ids[pos:pos + n]]), torch.tensor([pos]))[0]
         errors.append(((got - want).norm() / want.norm()).item())  # a wrong layer's weights: O(1)
         pos += n
     assert max(errors) <= 1e-4, errors
+
+
+@torch.no_grad()
+def test_artifact_chain_matches_its_eager_model(chain_artifact):
+    _assert_matches_eager(chain_artifact.out_dir, chain_artifact.model)
+
+
+@torch.no_grad()
+def test_tiny_artifact_runs_as_a_chain_with_per_layer_inputs_and_shared_kv(tiny_artifact):
+    """`tiny` (per-layer embeddings, KV shared across layers; int4, fp32) as a chain: the carry
+    is (x, per-layer inputs), the shared layers bind their source's cache (and, in prefill, the
+    ring's chunk buffers); through the runner within 1e-4 of its eager model."""
+    for method in ("prefill", "decode"):
+        steps = tiny_artifact.metadata["methods"][method]["steps"]
+        assert [s["program"] for s in steps] == [f"{method}_{u}" for u in
+                                                 ("embed", "layer0", "layer1", "layer2", "layer3", "head")]
+        assert [s["inputs"] for s in steps[1:]] == [[0, 1, 2]] * 4 + [[0]]  # (x, ple, pos); the head reads x
+        kv = {k for s in steps for k in s["constants"].values() if ".kv_cache." in k}
+        reads = {k for k in steps[3]["constants"].values() if ".kv_cache." in k}
+        assert reads and all(k.startswith("layers.0.self_attn.kv_cache.") for k in reads)
+        chunk = {"layers.0.self_attn.kv_cache.chunk_k", "layers.0.self_attn.kv_cache.chunk_v"}
+        assert (chunk <= kv) == (method == "prefill")  # decode writes and reads the ring itself
+        assert {f"layers.{i}.ple_index" for i in range(4)} <= {k for s in steps for k in s["constants"].values()}
+    _assert_matches_eager(tiny_artifact.out_dir, tiny_artifact.fresh_model())
 
 
 @torch.no_grad()
