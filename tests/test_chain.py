@@ -227,3 +227,17 @@ def test_artifact_chain_gives_the_whole_graphs_logits(chain_artifact, whole_arti
     ids = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     for a, b in zip(_logits(chain_artifact.out_dir, ids), _logits(whole_artifact.out_dir, ids)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,units", [
+    ("e2b", ["layer0", "layer4", "layer13", "layer15", "layer19", "layer33"]),
+    ("e4b", ["layer0", "layer5", "layer22", "layer24", "layer29", "layer40"])])
+def test_e2b_e4b_split_into_six_layer_units(name, units):
+    """Sliding, full (the full source of the shared layers too: a full cache is written where it
+    is computed); the sliding source (passing its chunk on); shared sliding readers and their
+    last (writing the ring); shared full layers. On the meta device: no bytes."""
+    with torch.device("meta"):
+        model = Gemma4Model(PRESETS[name], ctx=4096, prefill_chunk=128, dtype=torch.bfloat16)
+    chain = model.chain()
+    assert list(chain.units) == ["embed", *units, "head"]
+    assert len(chain.steps) == PRESETS[name].num_hidden_layers + 2

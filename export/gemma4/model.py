@@ -455,13 +455,14 @@ class Gemma4Model(nn.Module):
 
     def _layer_signature(self, i: int) -> tuple:
         """Layers with equal signatures run the same compiled code on their own tensors: same
-        kind, structure, tensor shapes and dtypes, and role towards a shared cache (its source
-        passing a chunk on, a reader, its last reader writing the ring)."""
+        kind, structure, tensor shapes and dtypes, and role towards a shared ring (its source
+        passing a chunk on, a reader, the last reader writing the ring). A full cache is written
+        where it is computed whoever reads it, so its source and readers need no role."""
         cfg, layer = self.cfg, self.layers[i]
         cache = self.caches()[i]
         tensors = [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False),
                    *(("cache." + n, t) for n, t in cache.named_buffers())]
-        role = (self.passes_chunk(i), cfg.is_kv_shared(i), self.last_reader(i) == i)
+        role = (self.passes_chunk(i), cfg.is_kv_shared(i), cfg.is_sliding(i) and self.last_reader(i) == i)
         return (cfg.is_sliding(i), role, tuple((n, type(m).__name__) for n, m in layer.named_modules()),
                 tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
 
