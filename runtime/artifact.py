@@ -319,7 +319,7 @@ class KVBuffer:
     fqn: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    kind: str  # "sliding" | "full"
+    kind: str  # "sliding" | "full" | "chunk" (a ring's prefill K/V for KV-shared readers)
 
 
 @dataclass(frozen=True)
