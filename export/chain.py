@@ -9,10 +9,14 @@ unit exported from layer 5 runs as layer 11 with `layers.5.` read as `layers.11.
 is exported and compiled once per method; the runner binds each step's weights (and KV
 buffers) by name before running it.
 
-Every unit takes `(carry, pos)` and returns the next carry: the first unit's carry is the
-token ids `[1, T]` int64, the last unit returns the logits. A unit that takes another carry
-(hidden states, say) says so with `example_carry(T)`. A whole model is the one-step chain
-`Chain.whole(model)`, compiled as before under the method's own name.
+The carry is a list of tensors, each `[1, T, ...]`: every unit takes `(*carry, pos)` and
+returns one tensor or a tuple, which replaces the carry's first entries (the carry grows when a
+unit returns more than it holds; an entry a unit does not return passes on unchanged, so no
+compiled program has to return an input). The first unit's carry is the token ids `[1, T]`
+int64; the method's result is the last unit's first output (the logits). A unit that takes
+another carry (hidden states, say; a tuple for several) says so with `example_carry(T)`. A
+whole model is the one-step chain `Chain.whole(model)`, compiled as before under the method's
+own name.
 
 Model-agnostic: the pipeline exports `units` and maps each step's constants (export/constants.py);
 the model decides how it splits (export/gemma4/model.py `Gemma4Model.chain`).
@@ -30,15 +34,18 @@ WHOLE = "whole"  # the unit name of a one-step chain: its programs keep the meth
 
 @dataclass(frozen=True)
 class Step:
-    """One run of `unit`; `rename` maps the unit's FQN prefix to the model's (None: same names)."""
+    """One run of `unit`; `rename` maps unit FQN prefixes to the model's, `(unit prefix, model
+    prefix)` pairs, the first match wins (a layer's own tensors, and the cache it reads when
+    that is another layer's: KV sharing); no match: the same name."""
 
     unit: str
-    rename: tuple[str, str] | None = None
+    rename: tuple[tuple[str, str], ...] = ()
 
     def model_key(self, unit_key: str) -> str:
         """The model's FQN of a tensor the unit calls `unit_key`."""
-        if self.rename is not None and unit_key.startswith(self.rename[0]):
-            return self.rename[1] + unit_key[len(self.rename[0]):]
+        for prefix, to in self.rename:
+            if unit_key.startswith(prefix):
+                return to + unit_key[len(prefix):]
         return unit_key
 
 
@@ -66,10 +73,25 @@ class Chain:
         return list(dict.fromkeys(self.program(method, s.unit) for s in self.steps))
 
 
-def example_inputs(unit: nn.Module, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(carry, pos) to trace `unit` with a chunk of T tokens."""
+def example_inputs(unit: nn.Module, T: int) -> tuple[torch.Tensor, ...]:
+    """(*carry, pos) to trace `unit` with a chunk of T tokens (dim 1 of each carry tensor is T)."""
     dev = next(unit.buffers(), None)
     dev = dev.device if dev is not None else next(unit.parameters()).device
     make = getattr(unit, "example_carry", None)
     carry = make(T) if make is not None else torch.zeros(1, T, dtype=torch.long, device=dev)
-    return carry, torch.zeros(1, dtype=torch.long, device=dev)
+    carry = carry if isinstance(carry, tuple) else (carry,)
+    return (*carry, torch.zeros(1, dtype=torch.long, device=dev))
+
+
+def advance(carry: list[torch.Tensor], out: torch.Tensor | tuple | list) -> list[torch.Tensor]:
+    """The carry after a unit returned `out`: its outputs replace the first entries."""
+    out = list(out) if isinstance(out, (tuple, list)) else [out]
+    return out + list(carry[len(out):])
+
+
+def run_units(units: list[nn.Module], tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Run `units` eagerly in chain order on (tokens, pos): the method's result (for tests)."""
+    carry = [tokens]
+    for unit in units:
+        carry = advance(carry, unit(*carry, pos))
+    return carry[0]

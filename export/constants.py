@@ -93,7 +93,7 @@ def _check_matches(key: str, t: torch.Tensor, info: ConstantInfo) -> None:
 
 
 def _input_indices(cm: CompiledMethod) -> list[int]:
-    """Which of its unit's (carry, pos) the compiled program takes."""
+    """Which of its unit's (*carry, pos) the compiled program takes (() = all of a one-tensor carry)."""
     return list(cm.inputs) if cm.inputs else [0, 1]
 
 

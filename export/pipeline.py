@@ -42,18 +42,18 @@ they become runtime asserts instead of export errors."""
 @torch.no_grad()
 def export_methods(chain: Chain | nn.Module, prefill_chunk: int) -> dict[str, torch.export.ExportedProgram]:
     """torch.export each unit for both methods (`Chain.program` names them), every unit from
-    the model's own tensors (so both methods name the same KV buffers). A bare module is the
-    one-unit chain."""
+    the model's own tensors (so both methods name the same KV buffers); in prefill, dim 1 of
+    every carry tensor is the dynamic T. A bare module is the one-unit chain."""
     chain = chain if isinstance(chain, Chain) else Chain.whole(chain)
     T = torch.export.Dim("T", min=1, max=prefill_chunk)
     programs = {}
     with stages.stage(stages.TORCH_EXPORT, total=2 * len(chain.units), unit="program") as s:
         for method in METHODS:
             for name, unit in chain.units.items():
-                n = prefill_chunk if method == "prefill" else 1
-                dynamic = ({1: T}, None) if method == "prefill" else None
+                args = example_inputs(unit, prefill_chunk if method == "prefill" else 1)
+                dynamic = (*({1: T} for _ in args[:-1]), None) if method == "prefill" else None
                 programs[chain.program(method, name)] = torch.export.export(
-                    unit, example_inputs(unit, n), dynamic_shapes=dynamic, **EXPORT_KW)
+                    unit, args, dynamic_shapes=dynamic, **EXPORT_KW)
                 s.advance()
     return programs
 
@@ -144,6 +144,9 @@ def compiled_methods(edge_manager) -> dict[str, CompiledMethod]:
         if len(infos) != 1 or len(calls) != 1:
             raise RuntimeError(f"method {method}: expected one AOTI delegate, found {len(infos)} "
                                "(part of the graph was not lowered)")
+        if any(getattr(o, "op", None) == "placeholder" for o in gm.graph.output_node().args[0]):
+            raise RuntimeError(f"method {method} returns an input unchanged (its .so would not): a unit returns "
+                               "only what it computes, the carry passes the rest on (export/chain.py)")
         user = list(ep.graph_signature.user_inputs)
         taken = tuple(a.name for a in calls[0].args[1:] if isinstance(a, torch.fx.Node) and a.name in user)
         out[method] = dataclasses.replace(infos[0], inputs=tuple(user.index(n) for n in taken))

@@ -319,17 +319,18 @@ class KVBuffer:
     fqn: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    kind: str  # "sliding" | "full"
+    kind: str  # "sliding" | "full" | "chunk" (a ring's prefill K/V for KV-shared readers)
 
 
 @dataclass(frozen=True)
 class MethodStep:
     """One step of a method: run `program` with its constants bound to these .ptd keys (or KV
-    fqns); it takes (carry, pos) and returns the next carry (tokens in, logits out)."""
+    fqns); it takes entries of `carry + [pos]` and its outputs replace the carry's first
+    entries (tokens in, logits out; export/ARTIFACT.md)."""
 
     program: str
     constants: dict[str, str]  # aoti constant name -> ptd key
-    inputs: tuple[int, ...] = (0, 1)  # which of (carry, pos) the program takes, in order
+    inputs: tuple[int, ...] = (0, 1)  # which of carry + [pos] the program takes, in order
 
 
 @dataclass(frozen=True)

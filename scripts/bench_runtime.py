@@ -353,6 +353,8 @@ def decode_read_bytes(runner, pos: int, window: int) -> dict[str, int]:
         if i not in gathered:
             out["layer_weights" if layer_of.get(i) is not None else "other_weights"] += t.numel() * t.element_size()
     for buf in runner.meta.kv:
+        if buf.kind == "chunk":  # a prefill chunk's K/V for KV-shared readers: decode reads none
+            continue
         t = runner._bound.kv[buf.fqn]
         slots = buf.shape[2]  # (1, Hkv, S, ·) and scales (1, Hkv, S)
         read = min(pos + 1, slots) if buf.kind == "full" else min(pos + 1, window, slots)

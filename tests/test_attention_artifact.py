@@ -33,6 +33,8 @@ def test_int8_kv_artifact_matches_eager(tiny_artifact_int8_kv):
     model_bufs = dict(art.model.named_buffers())
     flips = total = 0
     for b in meta["kv"]:
+        if b["kind"] == "chunk":  # the chain's hand-over of a prefill chunk's K/V; the whole forward has none
+            continue
         got, want = runner._bound.kv[b["fqn"]], model_bufs[b["fqn"]]
         if b["dtype"] == "int8":
             diff = (got.int() - want.int()).abs()

@@ -2,8 +2,9 @@
 each weight stored once, and the compiled .so bound from the .ptd matching eager logits.
 
 The loader below is deliberately minimal (the real runner lives in runtime/): it pulls each
-method's .so out of the .pte, loads it with `AOTIModelContainerRunnerCpu`, and binds every
-constant by name — weights from the .ptd, KV buffers from one shared allocation.
+program's .so out of the .pte, loads it with `AOTIModelContainerRunnerCpu`, and runs a method's
+steps in order, binding every constant by name before each step (weights from the .ptd, KV
+buffers from one shared allocation) and passing the carry on (export/ARTIFACT.md).
 """
 
 from __future__ import annotations
@@ -43,21 +44,29 @@ class MiniRunner:
         self.kv = {s["fqn"]: torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in self.meta["kv"]}
         self.runners = {}
         for method in METHODS:
-            so = tmp / f"{method}.so"
-            so.write_bytes(self.blobs[f"{method}_so_blob"])
-            runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
-            (step,) = self.meta["methods"][method]["steps"]  # tiny stays whole (per-layer embeddings)
-            assert step["program"] == method
-            keys = step["constants"]
-            tensors = {name: self.kv.get(key, self.weights.get(key)) for name, key in keys.items()}
+            for step in self.meta["methods"][method]["steps"]:
+                program = step["program"]
+                if program not in self.runners:
+                    so = tmp / f"{program}.so"
+                    so.write_bytes(self.blobs[f"{program}_so_blob"])
+                    self.runners[program] = torch._C._aoti.AOTIModelContainerRunnerCpu(str(so), 1)
+
+    def _run(self, method: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        carry, pos = [tokens.contiguous()], torch.tensor([pos])
+        for step in self.meta["methods"][method]["steps"]:
+            runner = self.runners[step["program"]]
+            tensors = {name: self.kv.get(key, self.weights.get(key)) for name, key in step["constants"].items()}
             runner.update_constant_buffer(tensors, False, True, True)  # validate_full_update, user_managed
-            self.runners[method] = runner
+            args = [*carry, pos]
+            out = runner.run([args[i] for i in step["inputs"]])
+            carry = list(out) + carry[len(out):]
+        return carry[0]
 
     def prefill(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.runners["prefill"].run([tokens.contiguous(), torch.tensor([pos])])[0]
+        return self._run("prefill", tokens, pos)
 
     def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.runners["decode"].run([token.contiguous(), torch.tensor([pos])])[0]
+        return self._run("decode", token, pos)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +84,10 @@ def test_artifact_files_and_no_leftovers(tiny_artifact):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def test_pte_holds_so_per_method_and_no_weights(mini):
-    assert set(mini.blobs) == {"prefill_so_blob", "decode_so_blob", "gemma4_metadata"}
+def test_pte_holds_so_per_program_and_no_weights(mini):
+    programs = {s["program"] for m in METHODS for s in mini.meta["methods"][m]["steps"]}
+    assert "decode_layer2" in programs  # tiny runs as a chain: embedding, a unit per layer role, head
+    assert set(mini.blobs) == {f"{p}_so_blob" for p in programs} | {"gemma4_metadata"}
     # the .so files carry no weights: ExecuTorch 1.2 would add {method}_weights_blob
     assert not any(k.endswith("_weights_blob") for k in mini.blobs)
 
@@ -97,7 +108,8 @@ def test_metadata_constant_method_readable_by_executorch(tiny_artifact):
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(tiny_artifact.out_dir / "model.pte")
-    assert {"prefill", "decode", "metadata"} <= set(program.method_names)
+    programs = {s["program"] for m in METHODS for s in tiny_artifact.metadata["methods"][m]["steps"]}
+    assert programs | {"metadata"} <= set(program.method_names)
     text = program.load_method("metadata").execute([])[0]
     assert json.loads(text) == tiny_artifact.metadata
 
@@ -144,13 +156,17 @@ def test_ptd_entries_equal_model_tensors(tiny_artifact, mini):
 
 
 def test_so_constant_names_map_as_metadata_says(mini):
-    for method, runner in mini.runners.items():
-        (step,) = mini.meta["methods"][method]["steps"]
-        fqns = runner.get_constant_names_to_original_fqns()
-        assert set(fqns) == set(step["constants"])
-        for n, f in fqns.items():  # a constant tracing made has no FQN: "{program}::{name}"
-            made = n.startswith("_lifted_tensor_constant")
-            assert step["constants"][n] == (f"{method}::{n}" if made else f), n
+    """Every step binds exactly its program's constants; a step that runs its unit under the
+    unit's own names (the first layer of a kind, the embedding, the head) maps each to its FQN."""
+    for method in METHODS:
+        for i, step in enumerate(mini.meta["methods"][method]["steps"]):
+            fqns = mini.runners[step["program"]].get_constant_names_to_original_fqns()
+            assert set(fqns) == set(step["constants"])
+            own = step["program"] in (f"{method}_embed", f"{method}_head", f"{method}_layer{i - 1}")
+            if own and not any(f.startswith("kv_source.") for f in fqns.values()):
+                for n, f in fqns.items():  # a constant tracing made has no FQN: "{program}::{name}"
+                    made = n.startswith("_lifted_tensor_constant")
+                    assert step["constants"][n] == (f"{step['program']}::{n}" if made else f), (step["program"], n)
 
 
 @torch.no_grad()

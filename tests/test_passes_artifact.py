@@ -36,12 +36,13 @@ def test_low_memory_artifact_gives_the_stock_logits(tiny_artifact, tiny_artifact
 
 def test_low_memory_keeps_every_constant_distinct(tiny_artifact, tiny_artifact_low_memory):
     """Same AOTI constant table as stock: no same-shape KV buffers merged by dedup."""
+    bound = set()
     for method in ("prefill", "decode"):
         stock = [s["constants"] for s in tiny_artifact.metadata["methods"][method]["steps"]]
         low = [s["constants"] for s in tiny_artifact_low_memory.metadata["methods"][method]["steps"]]
         assert low == stock
-        low = {k: v for step in low for k, v in step.items()}
-        assert _kv_fqns(tiny_artifact) <= set(low.values())
+        bound |= {v for step in low for v in step.values()}
+    assert _kv_fqns(tiny_artifact) <= bound  # (chunk buffers: prefill only)
 
 
 def test_kv_bytes_are_zeros_in_the_ptd_or_left_out(tiny_artifact, tiny_artifact_low_memory):

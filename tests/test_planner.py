@@ -138,10 +138,14 @@ def test_31b_kv_at_131072():
 
 def test_kv_sharing_e4b_e2b():
     ring = 512
+    # the last sliding layer before the shared ones keeps a prefill chunk's K/V for its readers
+    # (128 slots: the default chunk)
     e4b = plan("e4b")  # 24 layers own a cache: 20 sliding + 4 full; 18 shared hold none
-    assert e4b.kv_bytes == 20 * ring * (2 * 2 * 256 * 2) + 4 * 131072 * (2 * 2 * 512 * 2)
+    assert e4b.kv_bytes == (20 * ring + 128) * (2 * 2 * 256 * 2) + 4 * 131072 * (2 * 2 * 512 * 2)
+    assert item(e4b.kv, "kv: chunk buffers (rings KV-shared layers read)") == 128 * (2 * 2 * 256 * 2)
     e2b = plan("e2b")  # 15 own a cache: 12 sliding + 3 full; 20 shared
-    assert e2b.kv_bytes == 12 * ring * (2 * 1 * 256 * 2) + 3 * 131072 * (2 * 1 * 512 * 2)
+    assert e2b.kv_bytes == (12 * ring + 128) * (2 * 1 * 256 * 2) + 3 * 131072 * (2 * 1 * 512 * 2)
+    assert plan("e2b", prefill_chunk=512).kv_bytes - e2b.kv_bytes == (512 - 128) * (2 * 1 * 256 * 2)
 
 
 def test_ring_never_exceeds_ctx_and_fp32_kv_doubles():
@@ -175,8 +179,10 @@ def test_kv_and_params_match_the_model():
         p = P.plan(P.PlanInputs(c, ctx=ctx, linear="none", embedding="none"))
         assert p.kv_bytes == kv and p.ring_slots == m.ring_size, name
         n = sum(x.numel() for x in m.parameters()) + c.num_hidden_layers  # + layer_scalar
-        rope = sum(b.numel() * b.element_size() for k, b in m.named_buffers() if k.startswith("inv_freq"))
-        assert p.weights_bytes == 2 * n + rope, name
+        # RoPE tables, and with per-layer embeddings each layer's index into them (int64)
+        small = sum(b.numel() * b.element_size() for k, b in m.named_buffers()
+                    if k.startswith("inv_freq") or k.endswith("ple_index"))
+        assert p.weights_bytes == 2 * n + small, name
 
 
 # ---- peaks ------------------------------------------------------------------------------------

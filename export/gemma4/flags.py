@@ -60,9 +60,8 @@ def _flags(d: ExportConfig) -> dict[str, dict]:
                               "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)"),
         "layer_units": dict(action=argparse.BooleanOptionalAction, default=d.layer_units,
                             help="compile the embedding, each distinct layer and the head once and run the layers "
-                                 "as a chain: the export's lowering no longer grows with depth (models with "
-                                 "per-layer embeddings or shared KV stay whole). --no-layer-units compiles each "
-                                 "method as one graph (default on)"),
+                                 "as a chain: the export's lowering no longer grows with depth. --no-layer-units "
+                                 "compiles each method as one graph (default on)"),
         "low_memory": dict(action="store_true", default=d.low_memory,
                            help="keep compile-time memory low (export.passes: zero-byte constants during compile)"),
         "multi_arch_kernels": dict(action="store_true", default=d.multi_arch_kernels,

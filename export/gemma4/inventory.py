@@ -52,6 +52,7 @@ class StoredTensor:
     nbytes: int
     slots: int = 0  # KV only: the slot dimension at which nbytes was taken
     ring: bool = False  # KV only: a sliding layer's ring (else a full layer's cache)
+    chunk: bool = False  # KV only: a ring's chunk buffers (prefill_chunk slots; KV-shared readers)
 
     def at_slots(self, slots: int) -> int:
         """A KV buffer's bytes with `slots` slots (they grow linearly in the slot dim)."""
@@ -97,8 +98,10 @@ def inventory(config: Gemma4Config, dtype: str, recipe: QuantRecipe | None,
     weights, kv = [], []
     for t in _tensors(model):
         if t.fqn in specs:
-            ring = specs[t.fqn]["kind"] == "sliding"
-            kv.append(StoredTensor(t.fqn, "kv", t.shape, t.dtype, t.nbytes, slots=t.shape[2], ring=ring))
+            kind = specs[t.fqn]["kind"]
+            slots = t.shape[1] if kind == "chunk" else t.shape[2]  # chunk buffers are token-major
+            kv.append(StoredTensor(t.fqn, "kv", t.shape, t.dtype, t.nbytes, slots=slots, ring=kind == "sliding",
+                                   chunk=kind == "chunk"))
         else:
             weights.append(t)
     return tuple(weights), tuple(kv)

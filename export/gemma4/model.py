@@ -73,10 +73,16 @@ class KVCache(nn.Module):
     only; rings stay in the model dtype) K and V are stored quantized on write, symmetric with an
     fp16 scale per token and head in `k_scale` / `v_scale` (1, Hkv, S): int8 codes, or two int4
     codes per byte (1, Hkv, S, D / 2); see export/kernels/attention.py. Quantized K and V are
-    Hadamard-rotated first (Attention rotates q and the output to match)."""
+    Hadamard-rotated first (Attention rotates q and the output to match).
+
+    `chunk_slots` > 0 (a ring that later KV-shared layers read): `chunk_k` / `chunk_v` (1,
+    chunk_slots, Hkv, D) hold a prefill chunk's own K/V from the layer that computed them until
+    the last reader has attended and written the window; a chain of compiled layers passes them
+    this way (export/chain.py), the whole forward passes them along as tensors. Token-major, as
+    the projections make them: a chunk of any T is a contiguous prefix."""
 
     def __init__(self, kv_heads: int, slots: int, head_dim: int, ring: bool, dtype: torch.dtype,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, chunk_slots: int = 0):
         super().__init__()
         self.ring = ring
         self.slots = slots
@@ -93,6 +99,12 @@ class KVCache(nn.Module):
             self.register_buffer("v_scale", torch.zeros(1, kv_heads, slots, dtype=torch.float16), persistent=False)
         else:
             self.k_scale = self.v_scale = None
+        self.chunked = chunk_slots > 0
+        if self.chunked:
+            if not ring:
+                raise ValueError("chunk buffers serve rings only (a flat cache is written before it is read)")
+            for b in ("chunk_k", "chunk_v"):
+                self.register_buffer(b, torch.zeros(1, chunk_slots, kv_heads, width, dtype=dtype), persistent=False)
 
     def _apply(self, fn, recurse=True):
         """Keep each buffer's storage dtype through `model.to(dtype)` (only device moves apply)."""
@@ -104,7 +116,18 @@ class KVCache(nn.Module):
         return self
 
     def buffer_names(self) -> tuple[str, ...]:
-        return ("k", "v", "k_scale", "v_scale") if self.quant else ("k", "v")
+        return (("k", "v", "k_scale", "v_scale") if self.quant else ("k", "v")) + (
+            ("chunk_k", "chunk_v") if self.chunked else ())
+
+    def write_chunk(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A prefill chunk's own k, v (1, Hkv, T, D) into rows 0..T-1 of the chunk buffers."""
+        rows = torch.arange(k.shape[2], device=k.device)
+        self.chunk_k.index_copy_(1, rows, k.transpose(1, 2).to(self.chunk_k.dtype))
+        self.chunk_v.index_copy_(1, rows, v.transpose(1, 2).to(self.chunk_v.dtype))
+
+    def chunk(self, T) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V (1, Hkv, T, D) `write_chunk` left for a chunk of T tokens."""
+        return self.chunk_k.narrow(1, 0, T).transpose(1, 2), self.chunk_v.narrow(1, 0, T).transpose(1, 2)
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (1, Hkv, T, D) for `positions` (T,): quantized (if so configured) and written."""
@@ -145,7 +168,7 @@ class Attention(nn.Module):
     JOINABLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # linears of one input (see `project`)
 
     def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, chunk_slots: int = 0):
         super().__init__()
         self.sliding = cfg.is_sliding(i)
         self.window = cfg.sliding_window
@@ -163,7 +186,8 @@ class Attention(nn.Module):
                 self.v_proj = nn.Linear(H, self.n_kv * D, bias=False)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.v_norm = RMSNorm(D, cfg.rms_norm_eps, with_scale=False)
-            self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype, kv_dtype=kv_dtype)
+            self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype, kv_dtype=kv_dtype,
+                                    chunk_slots=chunk_slots)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
     def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None):
@@ -256,10 +280,10 @@ class Experts(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Gemma4Config, i: int, cache_slots: int | None, dtype: torch.dtype,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, chunk_slots: int = 0):
         super().__init__()
         H, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, i, cache_slots, dtype, kv_dtype)
+        self.self_attn = Attention(cfg, i, cache_slots, dtype, kv_dtype, chunk_slots)
         self.mlp = MLP(H, cfg.layer_intermediate_size(i))
         self.input_layernorm = RMSNorm(H, eps)
         self.post_attention_layernorm = RMSNorm(H, eps)
@@ -278,6 +302,9 @@ class DecoderLayer(nn.Module):
             self.per_layer_input_gate = nn.Linear(H, cfg.hidden_size_per_layer_input, bias=False)
             self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, H, bias=False)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
+            # which slice of the per-layer inputs is this layer's: a tensor (set by the model's
+            # init_buffers), so one compiled layer reads every layer's slice
+            self.register_buffer("ple_index", torch.tensor([i]), persistent=False)
 
     def forward(self, x, cos, sin, positions, cache, per_layer_input, fresh=None):
         """-> (x, fresh): see Attention.forward."""
@@ -315,7 +342,8 @@ class Gemma4Model(nn.Module):
         # sqrt(hidden) rounded to the model dtype first (73.5 in bf16 for 31B), as the reference
         self.embed_scale = _round_to(H**0.5, dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, self.ring_size if cfg.is_sliding(i) else ctx, dtype, kv_dtype)
+            DecoderLayer(cfg, i, self.ring_size if cfg.is_sliding(i) else ctx, dtype, kv_dtype,
+                         prefill_chunk if self.passes_chunk(i) else 0)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
@@ -342,6 +370,9 @@ class Gemma4Model(nn.Module):
         self.inv_freq_sliding.copy_(rope_inv_freq(cfg.head_dim, cfg.rope_theta_sliding, 1.0))
         self.inv_freq_full.copy_(rope_inv_freq(cfg.global_head_dim, cfg.rope_theta_full,
                                                cfg.partial_rotary_factor_full))
+        for i, layer in enumerate(self.layers):
+            if layer.ple:
+                layer.ple_index.fill_(i)
         if zero_kv:
             self.reset_cache()
 
@@ -357,21 +388,25 @@ class Gemma4Model(nn.Module):
         return [self.layers[self.cfg.kv_source_layer(i)].self_attn.kv_cache
                 for i in range(self.cfg.num_hidden_layers)]
 
+    def last_reader(self, i: int) -> int:
+        """The last layer that reads the cache layer `i` attends over (its own or its source's)."""
+        cfg, src = self.cfg, self.cfg.kv_source_layer(i)
+        return max(j for j in range(cfg.num_hidden_layers) if cfg.kv_source_layer(j) == src)
+
+    def passes_chunk(self, i: int) -> bool:
+        """Layer i is a sliding layer whose ring later (KV-shared) layers read: a prefill chunk's
+        K/V must reach them before the ring is overwritten (its cache has chunk buffers)."""
+        return self.cfg.is_sliding(i) and not self.cfg.is_kv_shared(i) and self.last_reader(i) != i
+
     def kv_cache_specs(self) -> list[dict]:
+        """Every KV buffer the runner allocates; kind "chunk": a ring's chunk buffers (KVCache)."""
         return [{"fqn": f"{name}.{b}", "shape": list(getattr(m, b).shape),
                  "dtype": str(getattr(m, b).dtype).removeprefix("torch."),
-                 "kind": "sliding" if m.ring else "full"}
+                 "kind": "chunk" if b.startswith("chunk_") else "sliding" if m.ring else "full"}
                 for name, m in self.named_modules() if isinstance(m, KVCache) for b in m.buffer_names()]
 
     def _per_layer_inputs(self, tokens, x):
-        """PLE: token-identity table mixed with a projection of the input embeddings."""
-        cfg = self.cfg
-        B, T = tokens.shape
-        shape = (B, T, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
-        ident = (self.embed_tokens_per_layer(tokens) * self.ple_scale).view(shape)
-        proj = self.per_layer_model_projection(x) * cfg.hidden_size**-0.5
-        proj = self.per_layer_projection_norm(proj.view(shape))
-        return (proj + ident) * 2.0**-0.5
+        return per_layer_inputs(self, tokens, x)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens (1, T) int64, pos (1,) int64 -> logits (1, vocab) fp32 of the last token."""
@@ -399,12 +434,10 @@ class Gemma4Model(nn.Module):
 
     def chain(self) -> Chain:
         """The model as compiled units (export/chain.py): the embedding, one unit per distinct
-        layer (same kind, same tensor shapes and dtypes: the 31B's 60 layers are 2 units) and
-        the head. A model whose layers pass more than the hidden state along (per-layer
-        embeddings, KV shared across layers) stays whole."""
+        layer (same kind, role and tensor shapes and dtypes: the 31B's 60 layers are 2 units)
+        and the head. With per-layer embeddings the carry is (x, per-layer inputs); a KV-shared
+        layer's unit reads its source's cache under `kv_source.`, renamed per step."""
         cfg = self.cfg
-        if cfg.has_ple or any(cfg.kv_source_layer(i) != i for i in range(cfg.num_hidden_layers)):
-            return Chain.whole(self)
         units: dict[str, nn.Module] = {"embed": EmbedUnit(self)}
         steps = [Step("embed")]
         seen: dict[tuple, int] = {}
@@ -412,17 +445,38 @@ class Gemma4Model(nn.Module):
             rep = seen.setdefault(self._layer_signature(i), i)
             if rep == i:
                 units[f"layer{i}"] = LayerUnit(self, i)
-            steps.append(Step(f"layer{rep}", (f"layers.{rep}.", f"layers.{i}.")))
+            rename = ((f"layers.{rep}.", f"layers.{i}."),)
+            if cfg.is_kv_shared(i):
+                rename += ((LayerUnit.SOURCE + ".", f"layers.{cfg.kv_source_layer(i)}.self_attn.kv_cache."),)
+            steps.append(Step(f"layer{rep}", rename))
         units["head"] = HeadUnit(self)
         steps.append(Step("head"))
         return Chain(units, tuple(steps))
 
     def _layer_signature(self, i: int) -> tuple:
-        """Layers with equal signatures run the same compiled code on their own tensors."""
-        layer = self.layers[i]
-        tensors = [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False)]
-        return (self.cfg.is_sliding(i), tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+        """Layers with equal signatures run the same compiled code on their own tensors: same
+        kind, structure, tensor shapes and dtypes, and role towards a shared ring (its source
+        passing a chunk on, a reader, the last reader writing the ring). A full cache is written
+        where it is computed whoever reads it, so its source and readers need no role."""
+        cfg, layer = self.cfg, self.layers[i]
+        cache = self.caches()[i]
+        tensors = [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False),
+                   *(("cache." + n, t) for n, t in cache.named_buffers())]
+        role = (self.passes_chunk(i), cfg.is_kv_shared(i), cfg.is_sliding(i) and self.last_reader(i) == i)
+        return (cfg.is_sliding(i), role, tuple((n, type(m).__name__) for n, m in layer.named_modules()),
                 tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
+
+
+def per_layer_inputs(m: nn.Module, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """PLE (1, T, layers, P): token-identity table mixed with a projection of the input
+    embeddings x. `m`: the model or its embedding unit (same attribute names)."""
+    cfg = m.cfg
+    B, T = tokens.shape
+    shape = (B, T, cfg.num_hidden_layers, cfg.hidden_size_per_layer_input)
+    ident = (m.embed_tokens_per_layer(tokens) * m.ple_scale).view(shape)
+    proj = m.per_layer_model_projection(x) * cfg.hidden_size**-0.5
+    proj = m.per_layer_projection_norm(proj.view(shape))
+    return (proj + ident) * 2.0**-0.5
 
 
 def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x: torch.Tensor) -> torch.Tensor:
@@ -434,60 +488,88 @@ def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x: t
 
 
 class EmbedUnit(nn.Module):
-    """(tokens (1, T), pos) -> x (1, T, H): the chain's first unit."""
+    """(tokens (1, T), pos) -> x (1, T, H), and with per-layer embeddings (x, ple (1, T, layers,
+    P)): the chain's first unit."""
 
     def __init__(self, model: Gemma4Model):
         super().__init__()
+        self.cfg = model.cfg
         self.embed_tokens = model.embed_tokens
         self.embed_scale = model.embed_scale
+        if model.cfg.has_ple:
+            self.embed_tokens_per_layer = model.embed_tokens_per_layer
+            self.ple_scale = model.ple_scale
+            self.per_layer_model_projection = model.per_layer_model_projection
+            self.per_layer_projection_norm = model.per_layer_projection_norm
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(tokens) * self.embed_scale
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor):
+        x = self.embed_tokens(tokens) * self.embed_scale
+        return (x, per_layer_inputs(self, tokens, x)) if self.cfg.has_ple else x
 
 
-class LayerUnit(nn.Module):
-    """(x (1, T, H), pos) -> x: decoder layer `i` with its KV cache, as in `Gemma4Model.forward`
-    (a sliding layer's ring is overwritten after its own attention). Held under the model's
-    name `layers.{i}`, so the unit's FQNs are the model's."""
+class _CarriesHidden(nn.Module):
+    """A unit whose carry is the hidden state x (1, T, H), and with PLE the per-layer inputs."""
+
+    def _carry_of(self, cfg: Gemma4Config, like: torch.Tensor) -> None:
+        self.carry_shapes = [(cfg.hidden_size,)]
+        if cfg.has_ple:
+            self.carry_shapes.append((cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
+        self.carry_dtype = like.dtype
+
+    def example_carry(self, T: int) -> tuple[torch.Tensor, ...]:
+        device = next(self.parameters()).device
+        return tuple(torch.zeros(1, T, *s, dtype=self.carry_dtype, device=device) for s in self.carry_shapes)
+
+
+class LayerUnit(_CarriesHidden):
+    """(x (1, T, H)[, ple], pos) -> x: decoder layer `i` as in `Gemma4Model.forward`, held under
+    the model's name `layers.{i}`. Its cache: its own, or a KV-shared layer's source cache under
+    `kv_source`. A prefill chunk's K/V of a sliding cache goes into the ring after the last
+    layer reading it has attended; until then it waits in the cache's chunk buffers."""
+
+    SOURCE = "kv_source"
 
     def __init__(self, model: Gemma4Model, i: int):
         super().__init__()
+        cfg = model.cfg
         self.index = str(i)
         self.layers = nn.ModuleDict({self.index: model.layers[i]})
-        self.rope_name = "inv_freq_sliding" if model.cfg.is_sliding(i) else "inv_freq_full"
+        self.shared = cfg.is_kv_shared(i)
+        if self.shared:
+            setattr(self, self.SOURCE, model.caches()[i])
+        self.last_reader = model.last_reader(i) == i  # writes the ring's window after a chunk
+        self.rope_name = "inv_freq_sliding" if cfg.is_sliding(i) else "inv_freq_full"
         self.register_buffer(self.rope_name, getattr(model, self.rope_name), persistent=False)
-        self.hidden = model.cfg.hidden_size
+        self._carry_of(cfg, model.layers[i].input_layernorm.weight)
 
-    def example_carry(self, T: int) -> torch.Tensor:
-        w = getattr(self, self.rope_name)
-        dtype = self.layers[self.index].input_layernorm.weight.dtype
-        return torch.zeros(1, T, self.hidden, dtype=dtype, device=w.device)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        positions = pos + torch.arange(x.shape[1], device=x.device)
+    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        ple, pos = (None, a) if b is None else (a, b)  # (x, pos) or (x, ple, pos)
+        T = x.shape[1]
+        positions = pos + torch.arange(T, device=x.device)
         cos, sin = rope_tables(positions, getattr(self, self.rope_name), x.dtype)
         layer = self.layers[self.index]
-        cache = layer.self_attn.kv_cache
-        x, fresh = layer(x, cos, sin, positions, cache, None, None)
-        if fresh is not None:
+        cache = getattr(self, self.SOURCE) if self.shared else layer.self_attn.kv_cache
+        per_layer = ple.index_select(2, layer.ple_index).squeeze(2) if ple is not None else None
+        chunk = cache.ring and not (isinstance(T, int) and T == 1)  # a prefill chunk beside a ring
+        x, fresh = layer(x, cos, sin, positions, cache, per_layer, cache.chunk(T) if chunk and self.shared else None)
+        if fresh is not None and self.last_reader:
             cache.write_window(positions, *fresh)
+        elif fresh is not None and not self.shared:
+            cache.write_chunk(*fresh)
         return x
 
 
-class HeadUnit(nn.Module):
-    """(x (1, T, H), pos) -> fp32 logits (1, vocab) of the last position: the chain's last unit."""
+class HeadUnit(_CarriesHidden):
+    """(x (1, T, H)[, ple], pos) -> fp32 logits (1, vocab) of the last position: the chain's last unit."""
 
     def __init__(self, model: Gemma4Model):
         super().__init__()
         self.norm, self.lm_head = model.norm, model.lm_head
         self.softcap = model.cfg.final_logit_softcapping
-        self.hidden = model.cfg.hidden_size
+        self._carry_of(model.cfg, self.norm.weight)
 
-    def example_carry(self, T: int) -> torch.Tensor:
-        w = self.norm.weight
-        return torch.zeros(1, T, self.hidden, dtype=w.dtype, device=w.device)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """(x, pos) or (x, ple, pos): reads x only."""
         return head_logits(self.norm, self.lm_head, self.softcap, x)
 
 

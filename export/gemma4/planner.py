@@ -314,13 +314,14 @@ def _dense(c: Gemma4Config) -> tuple[StoredTensor, ...]:
 
 
 LAYER_SCALAR = "layer_scalar"
+NOT_PARAMETERS = (LAYER_SCALAR, "ple_index")  # buffers (in the checkpoint, or ours) a parameter count skips
 
 
 def param_count(c: Gemma4Config) -> int:
     """Parameters of the checkpoint's text model as transformers counts them: the tied
-    lm_head once; layer_scalar and the RoPE tables (buffers there) not at all."""
-    return sum(t.nbytes for t in _dense(c)
-               if not t.fqn.endswith(LAYER_SCALAR) and t.kind != "rope tables") // 4
+    lm_head once; layer_scalar and the RoPE tables (buffers there) not at all, nor our per-layer
+    index into the per-layer inputs."""
+    return sum(t.nbytes for t in _dense(c) if not t.fqn.endswith(NOT_PARAMETERS) and t.kind != "rope tables") // 4
 
 
 def linear_param_count(c: Gemma4Config) -> int:
@@ -336,7 +337,7 @@ def layer_param_count(c: Gemma4Config, i: int) -> int:
 
 def small_param_count(c: Gemma4Config) -> int:
     """Norm weights and router scales: the 1-D parameters, kept in the model dtype."""
-    return sum(t.nbytes for t in _dense(c) if len(t.shape) <= 1 and not t.fqn.endswith(LAYER_SCALAR)
+    return sum(t.nbytes for t in _dense(c) if len(t.shape) <= 1 and not t.fqn.endswith(NOT_PARAMETERS)
                and t.kind != "rope tables") // 4
 
 
@@ -351,26 +352,35 @@ def _weights_by_kind(tensors: tuple[StoredTensor, ...]) -> tuple[Item, ...]:
 
 
 def kv_tensors(inp: PlanInputs) -> tuple[StoredTensor, ...]:
-    """Every KV / scale buffer at this ctx (rings: the window, whatever the prefill chunk)."""
+    """Every KV / scale buffer at this ctx (rings: the window, whatever the prefill chunk; a
+    ring's chunk buffers: the prefill chunk)."""
     c = inp.config
     ring = c.ring_slots(inp.ctx)
-    return tuple(replace(t, nbytes=t.at_slots(ring if t.ring else inp.ctx), slots=ring if t.ring else inp.ctx)
-                 for t in inp.inventory()[1])
+
+    def slots(t: StoredTensor) -> int:
+        return inp.prefill_chunk if t.chunk else ring if t.ring else inp.ctx
+
+    return tuple(replace(t, nbytes=t.at_slots(slots(t)), slots=slots(t)) for t in inp.inventory()[1])
 
 
 def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
     c = inp.config
     kv = kv_tensors(inp)
-    full = [t for t in kv if not t.ring]
+    full = [t for t in kv if not t.ring and not t.chunk]
+    chunk = [t for t in kv if t.chunk]
     layers = lambda ts: len({t.fqn.rsplit(".kv_cache.", 1)[0] for t in ts})  # noqa: E731
     n_full, n_ring = layers(full), layers([t for t in kv if t.ring])
     shared = f"; {c.num_kv_shared_layers} KV-shared layers hold none" if c.num_kv_shared_layers else ""
     ring = c.ring_slots(inp.ctx)
-    return (
+    items = (
         Item("kv: full layers", sum(t.nbytes for t in full), f"{n_full} x {inp.ctx} slots{shared}"),
         Item("kv: sliding layers (ring)", sum(t.nbytes for t in kv if t.ring),
              f"{n_ring} x {ring}-slot ring (the window; a chunk attends its own K/V beside it)"),
     )
+    if chunk:
+        items += (Item("kv: chunk buffers (rings KV-shared layers read)", sum(t.nbytes for t in chunk),
+                       f"{layers(chunk)} x {inp.prefill_chunk} slots (a prefill chunk's K/V, kept for its readers)"),)
+    return items
 
 
 # ---- activations -------------------------------------------------------------------------
