@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 
-def run_one(preset: str, layers: int | None, ctx: int, extra: list[str], log: Path) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="bench_export_time_")) / "artifact"
+def run_one(preset: str, layers: int | None, ctx: int, extra: list[str], log: Path, out: Path | None = None) -> dict:
+    out = out or Path(tempfile.mkdtemp(prefix="bench_export_time_")) / "artifact"
     cmd = [sys.executable, "-m", "export.gemma4", "--preset", preset, "--low-memory", "--ctx", str(ctx),
            "--out", str(out), *extra] + (["--layers", str(layers)] if layers else [])
     t0 = time.perf_counter()

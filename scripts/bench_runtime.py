@@ -340,18 +340,21 @@ def _layer_of(key: str) -> int | None:
     return None
 
 
-def decode_read_bytes(runner, pos: int, window: int) -> dict[str, int]:
+def decode_read_bytes(runner, pos: int, window: int, expert_fraction: float = 1.0) -> dict[str, int]:
     """Bytes one decode step at position `pos` must read, split into the decoder layers'
     part and the rest: every bound weight except gather-only tables (embeddings: one row),
-    and the filled KV (full layers: pos + 1 slots; sliding rings: the window)."""
+    `expert_fraction` of each MoE expert stack (top-k of E), and the filled KV (full layers:
+    pos + 1 slots; sliding rings: the window)."""
     ptd = runner.artifact.ptd
     ident = {k: (e.offset, e.dtype, e.shape) for k, e in ptd.entries.items()}
     gathered = {ident[k] for k in ident if "embed_tokens" in k} - {ident[k] for k in ident if "embed_tokens" not in k}
     layer_of = {ident[k]: _layer_of(k) for k in ident}
+    experts = {ident[k] for k in ident if ".experts." in k}
     out = {"layer_weights": 0, "other_weights": 0, "kv": 0}
     for i, t in runner._bound.weights.items():
         if i not in gathered:
-            out["layer_weights" if layer_of.get(i) is not None else "other_weights"] += t.numel() * t.element_size()
+            nbytes = t.numel() * t.element_size() * (expert_fraction if i in experts else 1.0)
+            out["layer_weights" if layer_of.get(i) is not None else "other_weights"] += int(nbytes)
     for buf in runner.meta.kv:
         if buf.kind == "chunk":  # a prefill chunk's K/V for KV-shared readers: decode reads none
             continue

@@ -49,6 +49,15 @@ def test_decode_reads_the_weights_but_the_embedding_and_the_filled_kv():
     assert decode_read_bytes(runner, pos=2, window=6)["kv"] == 3 * 2 * 4 * 2 + 3 * 4 * 2
 
 
+def test_decode_reads_only_the_chosen_experts_share_of_each_stack():
+    runner = _fake_runner()
+    entries = runner.artifact.ptd.entries
+    entries["layers.1.experts.gate_up_proj.qweight"] = SimpleNamespace(offset=400, dtype=torch.uint8, shape=(128,))
+    runner._bound.weights[(400, torch.uint8, (128,))] = torch.zeros(128, dtype=torch.uint8)
+    assert decode_read_bytes(runner, pos=2, window=6)["layer_weights"] == 30 + 128
+    assert decode_read_bytes(runner, pos=2, window=6, expert_fraction=8 / 128)["layer_weights"] == 30 + 8
+
+
 def test_prefill_model_recovers_a_linear_per_token_cost():
     a, b = 1e-4, 2e-9  # seconds per token at position p: a + b p
 

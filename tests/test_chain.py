@@ -138,14 +138,17 @@ def test_units_with_per_layer_inputs_and_shared_kv_give_the_models_logits(cfg):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
 
-def _export(tmp_path_factory, layer_units: bool):
+def _export(tmp_path_factory, layer_units: bool, cuda: bool = False):
+    """The 31B-like model exported low-memory: fp32 on the CPU, or bf16 on CUDA with the int4
+    Triton kernels and without autotune (one config per kernel, so both exports compile alike)."""
     from export.gemma4.export import DeviceChoice, ExportConfig, export_model
 
     PRESETS["test-chain-31b-like"] = config()
     try:
         out = tmp_path_factory.mktemp("chain") / "art"
-        return export_model(ExportConfig(preset="test-chain-31b-like", device=DeviceChoice.CPU, out=out, ctx=64,
-                                         prefill_chunk=12, low_memory=True, layer_units=layer_units))
+        device = dict(device=DeviceChoice.CUDA, autotune=False) if cuda else dict(device=DeviceChoice.CPU)
+        return export_model(ExportConfig(preset="test-chain-31b-like", out=out, ctx=64, prefill_chunk=12,
+                                         low_memory=True, layer_units=layer_units, **device))
     finally:
         del PRESETS["test-chain-31b-like"]
 
@@ -158,6 +161,16 @@ def chain_artifact(tmp_path_factory):
 @pytest.fixture(scope="module")
 def whole_artifact(tmp_path_factory):
     return _export(tmp_path_factory, layer_units=False)
+
+
+@pytest.fixture(scope="module")
+def cuda_chain_artifact(tmp_path_factory):
+    return _export(tmp_path_factory, layer_units=True, cuda=True)
+
+
+@pytest.fixture(scope="module")
+def cuda_whole_artifact(tmp_path_factory):
+    return _export(tmp_path_factory, layer_units=False, cuda=True)
 
 
 def _logits(out, ids: list[int]) -> list[torch.Tensor]:
@@ -227,6 +240,36 @@ def test_artifact_chain_gives_the_whole_graphs_logits(chain_artifact, whole_arti
     ids = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     for a, b in zip(_logits(chain_artifact.out_dir, ids), _logits(whole_artifact.out_dir, ids)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_artifact_chain_gives_the_whole_graphs_logits(cuda_chain_artifact, cuda_whole_artifact):
+    """On CUDA (bf16, int4 kernels, `--no-autotune`): the chain and the whole graph give bitwise the
+    same logits through the runner (CUDA-graph decode), and the chain is no further from an fp32
+    reference with the same dequantized weights than twice the eager bf16 model, plus 0.5% (bf16
+    alone moves this small random model's logits by several percent; a wrong layer, by tens)."""
+    from export.kernels import attention, int4_matmul
+    from tests.test_export_cuda import fp32_reference
+
+    assert len(cuda_chain_artifact.metadata["methods"]["decode"]["steps"]) == LAYERS + 2
+    ids = torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    chain, whole = _logits(cuda_chain_artifact.out_dir, ids), _logits(cuda_whole_artifact.out_dir, ids)
+    diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(chain, whole)]
+    assert all(d == 0 for d in diffs), diffs
+    model = cuda_chain_artifact.model.cuda()
+    ref = fp32_reference(model)
+    model.reset_cache()
+    ref.reset_cache()
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    pos, errors = 0, []
+    with int4_matmul.one_config(), attention.use_configs(attention.one_config):  # eager: no tuning runs
+        for n, got in zip((12, 12, 5, 1, 1, 1), chain):
+            x, p = torch.tensor([ids[pos:pos + n]], device="cuda"), torch.tensor([pos], device="cuda")
+            want = ref(x, p)[0].float()
+            errors.append((rel(got, want), rel(model(x, p)[0], want)))
+            pos += n
+    assert all(c <= 2 * e + 5e-3 for c, e in errors), errors
 
 
 @pytest.mark.parametrize("name,units", [

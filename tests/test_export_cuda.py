@@ -29,6 +29,7 @@ import torch
 
 from export.artifact import read_ptd_index
 from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig, KvDtype, export_model
+from export.gemma4.options import EmbeddingQuant
 
 CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "tiny": dict(preset="tiny", ctx=64, prefill_chunk=12, autotune=False),  # chunk > window (8)
@@ -47,6 +48,11 @@ CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "tiny-moe": dict(preset="tiny-moe", ctx=64, prefill_chunk=12, autotune=False),
     "26b-2l-int4-noat": dict(preset="26b-a4b", layers=2, ctx=8192, prefill_chunk=128, group_size=128,
                              low_memory=True, autotune=False),
+    # per-layer embeddings (int8 table, dequantized after the gather) at E2B / E4B width
+    "e2b-2l-int4-noat": dict(preset="e2b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
+                             autotune=False, embedding_quant=EmbeddingQuant.INT8),
+    "e4b-2l-int4-noat": dict(preset="e4b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True,
+                             autotune=False, embedding_quant=EmbeddingQuant.INT8),
 }
 
 

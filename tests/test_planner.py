@@ -256,6 +256,35 @@ def test_plan_within_5_percent_of_the_h100_measurements(ctx):
         assert predicted / GiB == pytest.approx(measured, rel=0.05)
 
 
+def _moe_activation(p) -> tuple[str, int]:
+    (item,) = [i for i in p.runtime_gpu.items if i.name.startswith("activations: moe")]
+    return item.name, item.bytes
+
+
+def test_moe_prefill_activations_follow_the_expert_kernel():
+    """int4 stacks run the chunk's T x top-k (token, expert) entries grouped by expert
+    (gemma4::moe_experts_int4); float stacks run every expert on every token."""
+    T, H, I, E, K = 2048, 2816, 704, 128, 8
+    name, nbytes = _moe_activation(plan("26b-a4b", prefill_chunk=T))
+    assert f"[{T * K}, {I}]" in name and nbytes == T * K * (I * 2 + H * 4) + T * H * 4 + T * E * 4
+    name, dense = _moe_activation(plan("26b-a4b", prefill_chunk=T, linear="none"))
+    assert f"[{T * E}, {3 * I}]" in name and dense > 20 * nbytes
+
+
+# H200, 2026-12-01: the whole 26B-A4B at ctx 262144 with the 24 GB recipe (int4 KV, int8
+# embedding, chunk 2048), `scripts/bench_variants.py` (scripts/measurements/variants.json): a 2048-token
+# prefill then 64 decode steps, this process's NVML peak and the allocator's peak (GiB).
+MEASURED_26B_262144 = (15.773, 14.723)
+
+
+def test_plan_within_5_percent_of_the_26b_runtime_peak():
+    p = P.plan(P.PlanInputs(PRESETS["26b-a4b"], ctx=262144, prefill_chunk=2048, group_size=128, embedding="int8",
+                            kv_dtype="int4", low_memory=True))
+    nvml, allocator = MEASURED_26B_262144
+    assert p.runtime_gpu.total_bytes / GiB == pytest.approx(nvml, rel=0.05)
+    assert p.runtime_gpu.allocator_bytes / GiB == pytest.approx(allocator, rel=0.05)
+
+
 def test_host_peaks_31b():
     p = plan("31b", low_memory=False)
     assert p.export_host_naive.total_bytes == P.HOST_BASE_BYTES + 30_697_345_280 * 2

@@ -411,9 +411,15 @@ def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     inter = c.layer_intermediate_size(i)
     parts = {f"mlp [{T}, {inter}] x{MLP_LIVE_WIDTHS}": T * MLP_LIVE_WIDTHS * inter * a}
     if c.enable_moe_block:
-        E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
-        n = c.top_k_experts if T == 1 else T * E  # decode gathers the top-k; prefill runs every expert
-        parts[f"moe [{n}, {3 * I}] + [{n}, {H}] fp32"] = n * (3 * I * a + H * (a + 4)) + T * E * 4
+        E, I, H, K = c.num_experts, c.moe_intermediate_size, c.hidden_size, c.top_k_experts
+        if T == 1 or inp.linear is LinearQuant.INT4:
+            # int4 stacks (gemma4::moe_experts_int4): the T * top-k (token, expert) entries only, grouped
+            # by expert: their activations, each entry's fp32 output, the fp32 sum over a token's experts
+            n = T * K
+            parts[f"moe [{n}, {I}] + [{n}, {H}] fp32 (top-k entries)"] = n * (I * a + H * 4) + T * H * 4 + T * E * 4
+        else:  # float stacks: every expert on every token
+            n = T * E
+            parts[f"moe [{n}, {3 * I}] + [{n}, {H}] fp32 (every expert)"] = n * (3 * I * a + H * (a + 4)) + T * E * 4
     return parts
 
 

@@ -1,0 +1,49 @@
+"""scripts/bench_variants.py without a GPU: stages add their fields to one record per variant,
+the ratios the issue's targets read are derived from them, and bad arguments are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scripts.bench_variants import derived, expert_fraction, main, max_ctx, merge_record
+
+
+def test_stages_merge_into_one_record_per_variant(tmp_path):
+    path = tmp_path / "variants.json"
+    merge_record(path, "e2b", {"ctx": 131072, "export_s": 300.0, "plan_gib": 5.0})
+    merge_record(path, "e4b", {"ctx": 131072, "export_s": 330.0})
+    recs = merge_record(path, "e2b", {"runtime_peak_gib": 4.9, "decode_tok_s": 300.0, "floor_tok_s": 600.0})
+    assert json.loads(path.read_text()) == recs
+    assert set(recs) == {"e2b", "e4b"} and recs["e4b"]["export_s"] == 330.0
+    e2b = recs["e2b"]
+    assert e2b["export_s"] == 300.0 and e2b["variant"] == "e2b"
+    assert e2b["peak_over_plan"] == pytest.approx(0.98) and e2b["fraction_of_floor"] == pytest.approx(0.5)
+    assert not list(tmp_path.glob("*.tmp"))  # written whole, then renamed
+
+
+def test_ratios_need_both_figures():
+    assert "peak_over_plan" not in derived({"runtime_peak_gib": 1.0})
+    assert "fraction_of_floor" not in derived({"plan_gib": 1.0})
+
+
+def test_only_moe_variants_read_a_share_of_their_experts():
+    assert expert_fraction("26b-a4b") == 8 / 128
+    assert expert_fraction("e4b") == 1.0 and expert_fraction("31b") == 1.0
+    assert max_ctx("26b-a4b") == 262144 and max_ctx("e2b") == 131072
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "e3b"], "--variant e3b: not a preset"),
+    (["--stages", "export,bench"], "--stages export,bench: expected a comma-separated subset"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main([*argv, "--json", str(tmp_path / "v.json")])
+
+
+def test_runtime_stage_without_an_artifact_says_what_to_run(tmp_path):
+    with pytest.raises(SystemExit, match="no artifact; run --stages export first"):
+        main(["--variant", "tiny", "--stages", "runtime", "--workdir", str(tmp_path), "--device", "cpu",
+              "--json", str(tmp_path / "v.json")])
