@@ -5,7 +5,9 @@ CPU: the split (which units, which renames), the units run eagerly in chain orde
 whole model's forward (bitwise, fp32; int8 KV too; per-layer embeddings and KV shared across
 layers as in E2B / E4B), a low-memory artifact of a 31B-like model through the runner against
 its eager model and against the same model compiled whole, and the `tiny` artifact (per-layer
-embeddings, shared KV) through the runner against its eager model."""
+embeddings, shared KV) through the runner against its eager model. CUDA (`cuda` marker): the
+31B-like model in bf16 with the Triton kernels, chain against whole graph (bitwise) and against
+an fp32 model with the same dequantized weights."""
 
 from __future__ import annotations
 
