@@ -160,15 +160,19 @@ def derived(rec: dict) -> dict:
 def merge_record(path: Path, preset: str, fields: dict) -> dict:
     """Read-modify-write of one variant's record under a lock (stages may run side by side)."""
     import fcntl
+    import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    lock = os.open(path.parent, os.O_RDONLY)  # the directory itself: no lock file left beside the JSON
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         recs = json.loads(path.read_text()) if path.is_file() else {}
         recs[preset] = derived({**recs.get(preset, {}), "variant": preset, **fields})
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(recs, indent=1))
         tmp.replace(path)  # a stage finished is never lost to a later one's failure
+    finally:
+        os.close(lock)
     return recs
 
 

@@ -20,7 +20,7 @@ def test_stages_merge_into_one_record_per_variant(tmp_path):
     e2b = recs["e2b"]
     assert e2b["export_s"] == 300.0 and e2b["variant"] == "e2b"
     assert e2b["peak_over_plan"] == pytest.approx(0.98) and e2b["fraction_of_floor"] == pytest.approx(0.5)
-    assert not list(tmp_path.glob("*.tmp"))  # written whole, then renamed
+    assert [f.name for f in tmp_path.iterdir()] == ["variants.json"]  # written whole, renamed; no lock file
 
 
 def test_ratios_need_both_figures():
