@@ -72,8 +72,10 @@ def export_variant(preset: str, ctx: int, out: Path, args: argparse.Namespace, l
             "export_command": rec["command"]}
 
 
-def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: float) -> dict:
-    """In a process of its own (scripts.bench_runtime.in_child): see the module docstring, step 3."""
+def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: float, snapshot: bool = False) -> dict:
+    """In a process of its own (scripts.bench_runtime.in_child): see the module docstring, step 3.
+    `snapshot`: the allocator's trace of the timed prefill and decode, reduced to the blocks alive
+    at its peak (`memory_at_peak`; slower, so its times are not the ones to quote)."""
     from runtime.artifact import Artifact
     from runtime.memory import PeakSampler
     from runtime.runner import Runner, resolve_device
@@ -90,8 +92,15 @@ def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: flo
         runner.prefill(ids[: min(prompt, 2 * meta.prefill_chunk + 3)])  # first calls: a whole and a partial chunk
         decode_steps(runner, runner.decode(ids[0]), 4)
         runner.reset()
+        if snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         logits, seconds = timed_prefill(runner, ids)
         dec = decode_steps(runner, logits, new_tokens)
+        if snapshot:
+            from scripts.plot_memory_timeline import live_at_peak
+
+            at_peak = live_at_peak(torch.cuda.memory._snapshot())
+            torch.cuda.memory._record_memory_history(enabled=None)
         read = decode_read_bytes(runner, prompt + new_tokens // 2, meta.raw["sliding_window"], fraction)
         del runner
     bw = copy_bandwidth(device, nbytes=2 << 30 if device.startswith("cuda") else 1 << 28)
@@ -106,6 +115,7 @@ def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: flo
         "runtime_peak_gib": (mem.peak.nvml_process_bytes or mem.peak.allocator_bytes) / gib,
         "runtime_allocator_peak_gib": mem.peak.allocator_bytes / gib,
         "runtime_nvml_device_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / gib,
+        **({"memory_at_peak": at_peak} if snapshot else {}),
     }
 
 
@@ -142,7 +152,8 @@ def bench_variant(preset: str, stage: str, args: argparse.Namespace, workdir: Pa
         if not (out / "model.pte").is_file():
             raise SystemExit(f"{out}: no artifact; run --stages export first with the same --workdir")
         log(f"{preset}: runtime")
-        return in_child(measure_runtime, out, args.prompt, args.new_tokens, expert_fraction(preset))
+        return in_child(measure_runtime, out, args.prompt, args.new_tokens, expert_fraction(preset),
+                        args.snapshot and args.device == "cuda")
     if preset in SLICE_CASES and args.device == "cuda":
         log(f"{preset}: 2-layer slice parity")
         return in_child(slice_parity, preset)
@@ -208,6 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autotune", action="store_true",
                    help="export with Inductor max_autotune (the CLI default; off here: it tunes every bf16 GEMM "
                         "of the prefill units, minutes per unit on the E models)")
+    p.add_argument("--snapshot", action="store_true",
+                   help="runtime stage on CUDA: record the allocator's trace and keep the blocks alive at its peak "
+                        "(`memory_at_peak`, to hold the planner's terms to); its times are slower")
     p.add_argument("--workdir", type=Path, help="artifacts and export logs (default: a new temporary directory)")
     p.add_argument("--json", type=Path, required=True)
     return p.parse_args(argv)

@@ -82,6 +82,41 @@ def snapshot_series(snapshot: dict, device: int = 0) -> list[Series]:
             Series("reserved (allocator)", t, _cumulative(events, RESERVED_DELTA, reserved_end), x_unit=unit)]
 
 
+def _where(event: dict) -> str:
+    """The innermost Python frame of an allocation outside torch (its caller in this project)."""
+    for f in event.get("frames") or []:
+        name = f.get("filename", "")
+        if name.endswith(".py") and "/torch/" not in name:
+            return f"{Path(name).name}:{f.get('line')} {f.get('name')}"
+    return ""
+
+
+def live_at_peak(snapshot: dict, device: int = 0, top: int = 20) -> dict:
+    """The blocks alive when the allocated bytes peaked within the trace, largest first, each
+    with the frame that asked for it: what a planner's activation terms are to be held to. The
+    trace starts late: what was allocated before it (bound weights, the cache) is its base, known
+    from the final state; blocks from before the trace are counted when freed but not listed."""
+    events = snapshot["device_traces"][device]
+    live: dict[int, tuple[int, str]] = {}
+    net = best = 0
+    at_best: list[tuple[int, str]] = []
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = (e["size"], _where(e))
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+        net += ALLOCATED_DELTA.get(e["action"], 0) * e["size"]
+        if net > best:
+            best, at_best = net, list(live.values())
+    segments = [s for s in snapshot.get("segments", []) if s.get("device", device) == device]
+    end = sum(b["size"] for s in segments for b in s["blocks"] if b["state"].startswith("active"))
+    base = end - net
+    blocks = sorted(at_best, key=lambda b: -b[0])
+    return {"base_bytes": base, "peak_bytes": base + best,
+            "live_blocks": [{"bytes": b, "where": w} for b, w in blocks[:top]],
+            "live_blocks_left_out": max(len(blocks) - top, 0)}
+
+
 def samples_series(obj, label: str) -> Series:
     """Samples as [[t, bytes], ...], [{"t", "bytes"}, ...] or {"samples": ..., "label", "marks"}."""
     marks = []

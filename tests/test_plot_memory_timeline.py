@@ -36,6 +36,27 @@ def test_snapshot_series_rebuilds_allocated_and_reserved():
     assert allocated.peak == (0.5, 40 * MiB)
 
 
+def test_live_at_peak_lists_the_blocks_alive_at_the_traces_peak():
+    """Base 10 MiB; the trace allocates 30 (linear.py) and 5 MiB (attention.py), frees the 30,
+    allocates 20: the peak (45 MiB) holds the 30 and the 5, not the 20 that came later."""
+    here = [{"filename": "/site/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": "/repo/export/kernels/int4_matmul.py", "line": 7, "name": "launch"}]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 30 * MiB, "frames": here},
+        {"action": "alloc", "addr": 2, "size": 5 * MiB, "frames": [{"filename": "attention.py", "line": 3, "name": "f"}]},
+        {"action": "free_requested", "addr": 1, "size": 30 * MiB},
+        {"action": "free_completed", "addr": 1, "size": 30 * MiB},
+        {"action": "alloc", "addr": 3, "size": 20 * MiB},
+    ]
+    segment = {"device": 0, "total_size": 64 * MiB,
+               "blocks": [{"size": 10 * MiB, "state": "active_allocated"}, {"size": 5 * MiB, "state": "active_allocated"},
+                          {"size": 20 * MiB, "state": "active_allocated"}]}
+    got = M.live_at_peak({"segments": [segment], "device_traces": [events]}, top=1)
+    assert got["base_bytes"] == 10 * MiB and got["peak_bytes"] == 45 * MiB
+    assert got["live_blocks"] == [{"bytes": 30 * MiB, "where": "int4_matmul.py:7 launch"}]
+    assert got["live_blocks_left_out"] == 1
+
+
 def test_snapshot_without_trace_is_a_clear_error():
     with pytest.raises(ValueError, match="_record_memory_history"):
         M.snapshot_series({"segments": [], "device_traces": [[]]})
