@@ -231,11 +231,11 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
-                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, **cfg.kwargs)
+                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=0, **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
                 xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
-                cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS)
+                cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS, PDL=0)
     print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 

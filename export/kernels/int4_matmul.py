@@ -23,6 +23,9 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   K with the slices' fp32 partials summed by the last program of each row block (its counter
   zeroed by the quantize kernel: two launches an op), the largest one slice. Quantizing x inside
   the GEMV instead (each program the groups it reads) measured slower: gate/up 45 -> 57 us.
+  Both kernels take a constexpr PDL (0, the op's: off) for programmatic dependent launch on sm_90+
+  (`_pdl_wait`): the GEMV loads its first weight tile while the quantize kernel finishes
+  (scripts/gemv1_pdl_variants.py measures it; torch's launchers do not set the attribute).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -50,6 +53,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
@@ -74,6 +78,7 @@ QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs no inline PTX
+_PTX = tl.constexpr(not _INTERPRET)  # for kernels without an ASM argument
 # compile with each pool's first config only: no timing run picks the tiles (see one_config);
 # M == 1 follows `gemv1_plan` either way
 ONE_CONFIG = False
@@ -355,10 +360,18 @@ def _ld_b32(ptr):
 
 
 @triton.jit
-def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr):
+def _ld_b32_coherent(ptr):
+    """`_ld_b32` without the non-coherent cache, which is for data no one writes while the kernel
+    runs: not so for a kernel that starts before the one writing it finishes (PDL, `_pdl_wait`)."""
+    return tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
     """x's levels (`_quant_x_kernel`'s planes) for the words g + lane ([1, C, WORDS], the weight
     tile's own pattern: 16-byte loads in its layout) as [1, C, L, 4] each, the group's factor and
-    its correction (16x, in the group's first word only, 0 elsewhere) in the same shape."""
+    its correction (16x, in the group's first word only, 0 elsewhere) in the same shape (PDL: the
+    factor and correction through coherent loads, `_ld_b32_coherent`)."""
     p = xq + g + lane
     shp: tl.constexpr = (1, g.shape[1], L, 4)
     he = tl.reshape(tl.load(p), shp)
@@ -366,7 +379,10 @@ def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr)
     le = tl.reshape(tl.load(p + 2 * XP), shp)
     lo = tl.reshape(tl.load(p + 3 * XP), shp)
     gi = tl.reshape(g // (4 * L) + lane * 0, shp)  # each word's group
-    if ASM:
+    if ASM and PDL:
+        f = _ld_b32_coherent(xf.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
+        c = _ld_b32_coherent(xc + gi)
+    elif ASM:
         f = _ld_b32(xf.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
         c = _ld_b32(xc + gi)
     else:
@@ -424,13 +440,37 @@ def _gemv1_scale(p, ok, ASM: tl.constexpr):
 
 
 @triton.jit
+def _pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
+    """Programmatic dependent launch (PDL 1 or 2; the kernel launched with `launch_pdl=True`, sm_90+):
+    `griddepcontrol.wait`, from which on the kernels before this one have finished and their writes
+    are visible, and `griddepcontrol.launch_dependents` (the next kernel's programs may start) before
+    the wait (PDL 1) or after it (PDL 2). The wait is `tl.extra.cuda.gdc_wait`'s PTX with an int32 0
+    as its result: reads that must follow it add it to their pointers, since a pure inline-PTX load
+    (`_ld_b32`) has no memory dependence and the compiler may otherwise schedule it above the wait;
+    and they go through coherent loads (`_ld_b32_coherent`), since the data changes while the
+    kernel runs. Not in the interpreter (no inline PTX; its kernels run one after another anyway):
+    0 there. The wait is inline PTX with a side effect, which torch's mutation analysis cannot read:
+    the op launches PDL 0 (`_pdl_args`), which compiles to the kernels without this code."""
+    zero = 0
+    if PDL and ASM:
+        if PDL == 1:
+            gdc_launch_dependents()
+        zero = tl.inline_asm_elementwise("griddepcontrol.wait; mov.b32 $0, 0;", "=r", [], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+        if PDL == 2:
+            gdc_launch_dependents()
+    return zero
+
+
+@triton.jit
 def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, stride_ww, stride_sn,
-                  WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr):
+                  WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
     """The XQ kernel's sums [BLOCK_N] over its columns (`_int4_gemv1_kernel`: start / hi [1, C, 1]
     the first and end words of each column's run) with `_gemv1_tile_lanes`: each step's words
     and scales load one step ahead, x's levels too; no masked load (rows past N read row N - 1,
     words past a run the row's last group, and the scale of such a group is 0), the scales
-    through PTX (`_ld_u16`): nothing in the loop takes another layout than the words'."""
+    through PTX (`_ld_u16`): nothing in the loop takes another layout than the words'.
+    PDL: the first words and scales (constants) load before `_pdl_wait`, x's levels after it."""
     L: tl.constexpr = WORDS // 4
     XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`): 16-byte aligned
     lane = tl.arange(0, WORDS)[None, None, :]
@@ -442,21 +482,25 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
     gc = tl.minimum(start // WORDS, last) * WORDS  # a multiple of WORDS: 16-byte loads
     w = tl.load(rows + (gc + lane))
     s = _gemv1_scale(srows + gc // WORDS, n_ok & (start < hi), ASM)
-    he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM)
+    if PDL:
+        z = _pdl_wait(PDL, ASM)
+        xq, xf, xc = xq + z, xf + z, xc + z
+    he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL)
     acc = tl.zeros((offs_n.shape[0], start.shape[1], L), dtype=tl.float32)
     for tg in range(0, gpp, STEP // WORDS):
         g1 = start + tg * WORDS + STEP
         gc = tl.minimum(g1 // WORDS, last) * WORDS
         w1 = tl.load(rows + (gc + lane))
         s1 = _gemv1_scale(srows + gc // WORDS, n_ok & (g1 < hi), ASM)
-        he1, ho1, le1, lo1, c1, f1 = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM)
+        he1, ho1, le1, lo1, c1, f1 = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL)
         acc += _gemv1_tile_lanes(tl.reshape(w, (w.shape[0], w.shape[1], L, 4)), s, he, ho, le, lo, c, f, ASM)
         w, s, he, ho, le, lo, c, f = w1, s1, he1, ho1, le1, lo1, c1, f1
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr):
+def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
+                    PDL: tl.constexpr = 0):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -465,7 +509,9 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     (a plane loads in the weight tile's own layout, `_gemv1_x_planes`);
     xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
     NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
-    otherwise take a launch of their own."""
+    otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing."""
+    if PDL:
+        _pdl_wait(PDL, _PTX)
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
         offs = i + tl.arange(0, 1024)
         tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
@@ -524,7 +570,8 @@ def _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH: tl.constexpr):
 def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
-                       DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr):
+                       DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -549,7 +596,11 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its planes, xf_ptr / xc_ptr its
     per-group factor and correction) and `_gemv1_loop_q` runs the slice: two masks and four dp4a
     a word, per-lane sums (no sum across lanes until the end); else x is bf16 and xf_ptr / xc_ptr
-    are unused."""
+    are unused.
+
+    PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `_pdl_wait`): the
+    XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
+    and reads x; the other paths wait first thing. Every global write comes after the wait."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
@@ -565,8 +616,10 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     hi = tl.minimum(w_lo + (pcol + 1) * (gpp * WORDS), w_hi)[None, :, None]
     if XQ and PARTS == 1:  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH does not apply)
         val = _gemv1_loop_q(x_ptr.to(tl.pointer_type(tl.int32)), xf_ptr, xc_ptr, w_ptr, s_ptr, offs_n, N, KW, start,
-                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM)
+                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL)
     else:
+        if PDL:
+            _pdl_wait(PDL, ASM)
         lane = tl.arange(0, WORDS)[None, None, :]
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
@@ -931,7 +984,15 @@ def _gemv1_kernel(cfg: triton.Config):
     return _GEMV1_KERNELS[key]
 
 
-def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int):
+def _pdl_args(pdl: int) -> dict:
+    """A launch's PDL arguments (`_pdl_wait`): the constexpr, always (torch's analysis of a wrapped
+    kernel and AOTInductor take the arguments as passed, not the kernel's defaults: without it every
+    argument reads as written), and with a mode other than 0 Triton's `launch_pdl` (a direct launch
+    on sm_90+: neither torch's wrap_triton nor AOTInductor's launcher sets the attribute)."""
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": 0}
+
+
+def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0):
     """x2 [1, K] as `_quant_x_kernel`'s planes (int32), per-group factor and correction; the
     kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
     K = x2.shape[1]
@@ -941,17 +1002,19 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int):
     xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
-                                                     num_warps=4)
+                                                     num_warps=4, **_pdl_args(pdl))
     return xin, xf, xc
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
-               red: int | None = None, xq: bool | None = None):
+               red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
     kernel, or here with bf16 x). xq: x turned into two int8 levels first (`_quant_x_kernel`, one
-    more launch) and multiplied with dp4a."""
+    more launch) and multiplied with dp4a. pdl_quant / pdl_gemv: the quantize kernel and the GEMV
+    launched with programmatic dependent launch (`_pdl_wait`'s modes; sm_90+, direct launches only,
+    scripts/gemv1_pdl_variants.py); the op passes neither."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -964,11 +1027,11 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = _quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0) if xq else (x2, x2, x2)
+    xin, xf, xc = _quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant) if xq else (x2, x2, x2)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
-        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET)
+        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, **_pdl_args(pdl_gemv))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
