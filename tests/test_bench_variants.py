@@ -47,3 +47,26 @@ def test_runtime_stage_without_an_artifact_says_what_to_run(tmp_path):
     with pytest.raises(SystemExit, match="no artifact; run --stages export first"):
         main(["--variant", "tiny", "--stages", "runtime", "--workdir", str(tmp_path), "--device", "cpu",
               "--json", str(tmp_path / "v.json")])
+
+
+def test_runtime_stage_runs_the_artifact_and_its_floor_reads_the_chosen_experts(tmp_path, tiny_moe_artifact):
+    """The runtime stage on the session's tiny-moe artifact (CPU): prefill and decode figures, and a
+    floor whose bytes count only top-k / E of each expert stack."""
+    from runtime.runner import Runner
+    from scripts.bench_runtime import decode_read_bytes
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny-moe").symlink_to(tiny_moe_artifact.out_dir)
+    path = tmp_path / "v.json"
+    main(["--variant", "tiny-moe", "--stages", "runtime", "--device", "cpu", "--ctx", "64", "--prompt", "20",
+          "--new-tokens", "4", "--workdir", str(work), "--json", str(path)])
+    rec = json.loads(path.read_text())["tiny-moe"]
+    assert rec["prompt"] == 20 and rec["prefill_tok_s"] > 0 and rec["decode_tok_s"] > 0 and rec["ctx"] == 64
+    runner = Runner.load(tiny_moe_artifact.out_dir)
+    window = tiny_moe_artifact.metadata["sliding_window"]
+    share = expert_fraction("tiny-moe")
+    assert 0 < share < 1
+    assert rec["bytes_read_per_token"] == decode_read_bytes(runner, 22, window, share)
+    assert rec["bytes_read_per_token"] != decode_read_bytes(runner, 22, window)  # the stacks' other experts
+    assert rec["floor_tok_s"] == pytest.approx(rec["copy_gbps"] * 1e9 / sum(rec["bytes_read_per_token"].values()))
