@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -77,7 +76,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import _stream_read_kernel, finish_sweep, launch_directly, spawn_prewarm
+from scripts.gemv1_variants import (_stream_read_kernel, finish_sweep, launch_directly, main_in_interpreter,
+                                    spawn_prewarm)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -438,15 +438,6 @@ def count(vs: list[Variant]) -> list[dict]:
     return out
 
 
-def smoke(argv: list[str]) -> int:
-    """This sweep in Triton's interpreter (a subprocess: scripts.triton_interpreter first)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    code = ("import sys, scripts.triton_interpreter\nfrom scripts.gemv1_layout_variants import main\n"
-            f"sys.exit(main({argv!r}))")
-    return subprocess.run([sys.executable, "-c", code], env=env).returncode
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("gemv1_layout_variants.json"))
@@ -459,7 +450,8 @@ def main(argv=None) -> int:
         a.out.write_text(json.dumps({"target": "sm_90 (offline)", "kernels": count(variants())}, indent=1) + "\n")
         return 0
     if a.smoke and not _INTERPRET:
-        return smoke([x for x in (argv if argv is not None else sys.argv[1:]) if x != "--smoke"])
+        rest = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--smoke"]
+        return main_in_interpreter("scripts.gemv1_layout_variants", rest)
     t0 = time.time()
     if not launch_directly("gemv1_layout_variants"):
         return 2

@@ -54,7 +54,8 @@ import torch
 
 from export.kernels import int4_matmul as im
 from scripts.gemv1_launch_variants import LAYERS, op_check, poison
-from scripts.gemv1_variants import bench_graph, finish_sweep, launch_directly, rel, rotated_weights, spawn_prewarm
+from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, main_in_interpreter, rel,
+                                    rotated_weights, spawn_prewarm)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -355,7 +356,8 @@ def main(argv=None) -> int:
     if a.sass:
         return sass_report(a.out)
     if a.smoke and not _INTERPRET:
-        return smoke([x for x in (argv if argv is not None else sys.argv[1:]) if x != "--smoke"])
+        rest = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--smoke"]
+        return main_in_interpreter("scripts.gemv1_pdl_variants", rest)
     t0 = time.time()
     if not launch_directly("gemv1_pdl_variants"):
         return 2
@@ -442,15 +444,6 @@ def main(argv=None) -> int:
               + " ".join(f"{fmt(times[v]):>11}" for v in names), flush=True)
         save()
     return finish_sweep(doc, ok, t0, save)
-
-
-def smoke(argv: list[str]) -> int:
-    """This run in Triton's interpreter (a subprocess: scripts.triton_interpreter first)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    code = ("import sys, scripts.triton_interpreter\nfrom scripts.gemv1_pdl_variants import main\n"
-            f"sys.exit(main({argv!r}))")
-    return subprocess.run([sys.executable, "-c", code], env=env).returncode
 
 
 if __name__ == "__main__":

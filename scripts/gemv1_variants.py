@@ -197,6 +197,17 @@ def quant_x(x2: torch.Tensor, group: int, planes: int = 4):
     return xq, xf, xc
 
 
+def main_in_interpreter(module: str, argv: list[str]) -> int:
+    """`module`.main(argv) in a subprocess under Triton's interpreter (scripts.triton_interpreter
+    imported first, before any kernel module): a sweep's CPU smoke run."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    code = f"import sys, scripts.triton_interpreter\nfrom {module} import main\nsys.exit(main({argv!r}))"
+    return subprocess.run([sys.executable, "-c", code], env=env).returncode
+
+
 def launch_directly(name: str) -> bool:
     """False (with a message) where there is neither a CUDA GPU nor the interpreter; else True,
     with torch's wrap_triton off from here on (kernels launch directly: no HOP dispatch)."""
