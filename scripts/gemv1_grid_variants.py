@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, rel, rotated_weights, spawn_prewarm,
-                                   stream_read_us)
+from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, rel, rotated_weights, stream_read_us,
+                                   sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -317,12 +317,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if not launch_directly("gemv1_grid_variants"):
         return 2
-    torch.manual_seed(0)
-    if a.prewarm and not _INTERPRET:
-        spawn_prewarm(_prewarm_worker, a.prewarm, 60)
-    from scripts.bench_int4 import copy_gbps
-    gbps = 1000.0 if _INTERPRET else copy_gbps()
-    dev = "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
+    gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 60)
     sms = sm_count(torch.device(DEVICE))
     print(f"copy {gbps:.0f} GB/s, {sms} SMs ({dev}); {time.time() - t0:.0f} s", flush=True)
     rows: list[dict] = []

@@ -77,7 +77,7 @@ import triton.language as tl
 
 from export.kernels import int4_matmul as im
 from scripts.gemv1_variants import (_stream_read_kernel, finish_sweep, launch_directly, main_in_interpreter,
-                                    spawn_prewarm)
+                                    sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -455,12 +455,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     if not launch_directly("gemv1_layout_variants"):
         return 2
-    torch.manual_seed(0)
-    if a.prewarm and not _INTERPRET:
-        spawn_prewarm(_prewarm_worker, a.prewarm, 40)
-    from scripts.bench_int4 import copy_gbps
-    gbps = 1000.0 if _INTERPRET else copy_gbps()
-    dev = "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
+    gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 40)
     print(f"copy {gbps:.0f} GB/s ({dev}); {time.time() - t0:.0f} s", flush=True)
     vs = variants(_INTERPRET)
     doc = {"device": dev, "copy_gbps": gbps, "group": GROUP, "rows": [], "stream": [], "summary": []}

@@ -55,7 +55,7 @@ import torch
 from export.kernels import int4_matmul as im
 from scripts.gemv1_launch_variants import LAYERS, op_check, poison
 from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, main_in_interpreter, rel,
-                                    rotated_weights, spawn_prewarm)
+                                    rotated_weights, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -366,12 +366,7 @@ def main(argv=None) -> int:
         print(f"gemv1_pdl_variants: {torch.cuda.get_device_name()} is sm_{cc}; programmatic dependent launch "
               "needs sm_90+ (H100 / H200 sm_90, RTX 5090 sm_120; not the RTX 4090, sm_89)", file=sys.stderr)
         return 2
-    torch.manual_seed(0)
-    if a.prewarm and not _INTERPRET:
-        spawn_prewarm(_prewarm_worker, a.prewarm, 45)
-    from scripts.bench_int4 import copy_gbps
-    gbps = 1000.0 if _INTERPRET else copy_gbps()
-    dev = "cpu (interpreter)" if _INTERPRET else torch.cuda.get_device_name()
+    gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 45)
     t = torch.zeros(1, device=DEVICE)
     launch_us = bench_graph(lambda: [t.add_(1) for _ in range(20)], 20)
     print(f"copy {gbps:.0f} GB/s, a tiny kernel in a graph {launch_us:.2f} us ({dev})", flush=True)

@@ -225,6 +225,19 @@ def launch_directly(name: str) -> bool:
 _NO_WRAP = None
 
 
+def sweep_setup(prewarm_worker, prewarm: int, seconds: float) -> tuple[float, str]:
+    """A sweep's start once its launches are direct (`launch_directly`): a fixed seed, the prewarm
+    processes (`spawn_prewarm`, none in the interpreter), then (copy bandwidth GB/s, device name)."""
+    from scripts.bench_int4 import copy_gbps
+
+    torch.manual_seed(0)
+    if prewarm and not _INTERPRET:
+        spawn_prewarm(prewarm_worker, prewarm, seconds)
+    if _INTERPRET:
+        return 1000.0, "cpu (interpreter)"
+    return copy_gbps(), torch.cuda.get_device_name()
+
+
 def spawn_prewarm(worker, count: int, seconds: float, *args) -> None:
     """worker(idx, count, *args) in `count` spawned processes, which fill Triton's disk cache so
     that the sweep finds its variants compiled; those still running after `seconds` are ended
