@@ -406,10 +406,47 @@ def attention_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     return parts
 
 
+def dequantizes(inp: PlanInputs, T: int) -> bool:
+    """Whether a T-token step runs its int4 linears as dequant + mm (export/kernels/int4_matmul.py):
+    a chunk that can reach DEQUANT_MIN_M, in a 2-byte dtype. Each such linear then holds its
+    weight in the activation dtype ([N, K]) beside its output ([T, N]) while the mm runs."""
+    from export.kernels.int4_matmul import DEQUANT_MIN_M
+
+    return inp.linear is LinearQuant.INT4 and inp.dtype.bytes == 2 and T >= DEQUANT_MIN_M
+
+
+def _packed_linears(inp: PlanInputs, prefix: str) -> dict[str, tuple[int, int]]:
+    """{name: (N, K)} of the int4 linears whose stored names start with `prefix`."""
+    return {t.fqn.removeprefix(prefix).removesuffix(".qweight"): (t.shape[0], t.shape[1] * 2)
+            for t in inp.inventory()[0]
+            if t.fqn.startswith(prefix) and t.fqn.endswith(".qweight") and len(t.shape) == 2}
+
+
+def _linear_run(name: str, N: int, K: int, T: int, a: int) -> dict[str, int]:
+    """The buffers a dequantized linear adds while its mm runs: the weight and the output."""
+    return {f"{name} dequant scratch [{N}, {K}]": N * K * a, f"{name} output [{T}, {N}]": T * N * a}
+
+
+def _widest(moments: list[dict[str, int]]) -> dict[str, int]:
+    return max(moments, key=lambda m: sum(m.values()))
+
+
 def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
+    """Live buffers of layer i's MLP at its widest moment. Float linears: the joined gate/up
+    output [T, 2 x inter] and gelu(gate) * up beside it (MLP_LIVE_WIDTHS widths). Dequantized
+    int4 linears: the widest of the gate/up mm (its weight in the activation dtype and its
+    output), the activation written from that output, and the down mm (the activation, the down
+    weight and its output); the gate/up output is the first two of the three widths, not more."""
     c, a = inp.config, inp.dtype.bytes
-    inter = c.layer_intermediate_size(i)
-    parts = {f"mlp [{T}, {inter}] x{MLP_LIVE_WIDTHS}": T * MLP_LIVE_WIDTHS * inter * a}
+    inter, H = c.layer_intermediate_size(i), c.hidden_size
+    widths = {f"mlp [{T}, {inter}] x{MLP_LIVE_WIDTHS}": T * MLP_LIVE_WIDTHS * inter * a}
+    linears = _packed_linears(inp, f"layers.{i}.mlp.") if dequantizes(inp, T) else {}
+    if {"gate_up_proj", "down_proj"} <= linears.keys():
+        gate_up, down = linears["gate_up_proj"], linears["down_proj"]
+        parts = _widest([_linear_run("mlp gate/up", *gate_up, T, a), widths,
+                         {f"mlp [{T}, {inter}]": T * inter * a, **_linear_run("mlp down", *down, T, a)}])
+    else:
+        parts = widths
     if c.enable_moe_block:
         E, I, H, K = c.num_experts, c.moe_intermediate_size, c.hidden_size, c.top_k_experts
         if T == 1 or inp.linear is LinearQuant.INT4:
@@ -423,43 +460,49 @@ def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     return parts
 
 
-def dequant_scratch(inp: PlanInputs, T: int) -> dict[str, int]:
-    """A prefill chunk that can reach DEQUANT_MIN_M runs every int4 linear as dequant + mm
-    (export/kernels/int4_matmul.py): one [N, K] weight in the activation dtype at a time, the
-    largest one's. The lm_head runs on the last position only (M == 1), so never here."""
-    from export.kernels.int4_matmul import DEQUANT_MIN_M
-
-    if inp.linear is not LinearQuant.INT4 or inp.dtype.bytes != 2 or T < DEQUANT_MIN_M:
+def attention_linears(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
+    """Buffers layer i's dequantized attention linears add beyond `attention_block`'s: the
+    widest of the q/k/v mm (its weight; its output is q, k, v) and the output projection's mm
+    (its weight and its output)."""
+    if not dequantizes(inp, T):
         return {}
-    packed = [t for t in inp.inventory()[0] if t.fqn.endswith(".qweight") and len(t.shape) == 2
-              and t.kind != "lm_head"]
-    if not packed:
-        return {}
-    big = max(packed, key=lambda t: t.nbytes)
-    N, K = big.shape[0], big.shape[1] * 2
-    return {f"int4 dequant scratch [{N}, {K}]": N * K * inp.dtype.bytes,
-            f"its matmul's output [{T}, {N}]": T * N * inp.dtype.bytes}
+    a = inp.dtype.bytes
+    runs = [{f"attention {name} dequant scratch [{N}, {K}]": N * K * a} if name != "o_proj"
+            else _linear_run("attention o_proj", N, K, T, a)
+            for name, (N, K) in _packed_linears(inp, f"layers.{i}.self_attn.").items()]
+    return _widest(runs) if runs else {}
 
 
 def step_activations(inp: PlanInputs, T: int) -> tuple[str, dict[str, int]]:
-    """(label, parts) of the widest layer for a T-token step, plus the buffers alive across
-    layers and the int4 dequant scratch. A layer's attention and MLP buffers are counted
-    together: the compiled graph keeps the attention block's buffers allocated into the MLP
-    (on the H200 a 6-layer 31B slice at chunk 2048 held hidden states + the full layer's
-    attention buffers, 0.36 GiB, when its gate/up dequant asked for 0.43 GiB more)."""
+    """(label, parts) of the widest moment of a T-token step: the buffers alive across layers
+    plus the widest layer's attention buffers and the larger of its attention linears' and its
+    MLP's moment. The attention buffers are counted into the MLP: the compiled graph keeps them
+    allocated there (on the H200 a 6-layer 31B slice at chunk 2048 held hidden states + the full
+    layer's attention buffers, 0.36 GiB, when its gate/up dequant asked for 0.43 GiB more).
+    With per-layer embeddings the model's first moment (the table's rows, the projection of the
+    embeddings and their sum, three [T, layers x P] buffers) is a candidate too; after it only
+    the sum is carried."""
     c, a = inp.config, inp.dtype.bytes
     carried = {"hidden states": T * c.hidden_size * (2 * a + 4)}  # residual, normed, fp32 norm temp
+    ple = T * c.num_hidden_layers * c.hidden_size_per_layer_input * a
     if c.has_ple:
-        carried["per-layer inputs"] = 3 * T * c.num_hidden_layers * c.hidden_size_per_layer_input * a
+        carried["per-layer inputs"] = ple
     if c.num_kv_shared_layers and T > 1:  # a shared ring's chunk K/V wait for its last reader
         carried["chunk K/V of a shared sliding ring"] = 2 * T * c.num_key_value_heads * c.head_dim * a
-    carried.update(dequant_scratch(inp, T))
-    best_label, best = "", {}
+    moments = []  # (label, parts); the model start's parts hold the PLE sum the layers find carried
+    if c.has_ple:
+        proj = _packed_linears(inp, "per_layer_model_projection").get("")
+        start = {"per-layer inputs: table rows, projection, sum": 3 * ple,
+                 **(_linear_run("per-layer projection", *proj, T, a) if proj and dequantizes(inp, T) else {})}
+        moments.append(("the per-layer inputs (model start)", start))
     for i in range(c.num_hidden_layers):
         kind = "sliding" if c.is_sliding(i) else "full"
-        parts = {**attention_block(inp, i, T), **mlp_block(inp, i, T)}
-        if sum(parts.values()) > sum(best.values()):
-            best_label, best = f"attention + mlp of {kind} layer {i}", parts
+        parts = {**attention_block(inp, i, T), **_widest([attention_linears(inp, i, T), mlp_block(inp, i, T)])}
+        moments.append((f"attention + mlp of {kind} layer {i}", parts))
+    at_start = lambda label: label.startswith("the per-layer")  # noqa: E731  (its buffers include the sum)
+    best_label, best = max(moments, key=lambda m: sum(m[1].values()) + (0 if at_start(m[0]) else ple * c.has_ple))
+    if at_start(best_label):
+        carried.pop("per-layer inputs")
     return best_label, {**carried, **best}
 
 
@@ -724,23 +767,23 @@ def preset_name(c: Gemma4Config) -> str:
     return "custom"
 
 
-def _section(title: str, items: tuple[Item, ...], total: str, total_bytes: int) -> list[str]:
+def _section(title: str, items: tuple[Item, ...], total: str, total_bytes: int, width: int) -> list[str]:
     rows = [title]
     for i in items:
         value = f"({i.bytes / GiB:.2f})" if i.reference else f"{i.bytes / GiB:.2f}"
         note = "; ".join(n for n in (i.note, "" if i.in_allocator or i.reference else "outside the allocator") if n)
-        rows.append(f"  {i.name:<{_NAME_WIDTH}}{value:>9}  {note}".rstrip())
-    rows.append(f"  {'= ' + total:<{_NAME_WIDTH}}{total_bytes / GiB:9.2f}")
+        rows.append(f"  {i.name:<{width}}{value:>9}  {note}".rstrip())
+    rows.append(f"  {'= ' + total:<{width}}{total_bytes / GiB:9.2f}")
     return rows
 
 
-_NAME_WIDTH = 52
+_NAME_WIDTH = 52  # at least; a longer item name widens the table's name column
 
 
-def _peak_rows(peak: Peak) -> list[str]:
+def _peak_rows(peak: Peak, width: int) -> list[str]:
     if not peak.items:
         return [f"{peak.title}: none (nothing to quantize)"]
-    rows = _section(peak.title, peak.items, "total", peak.total_bytes)
+    rows = _section(peak.title, peak.items, "total", peak.total_bytes, width)
     if peak.allocator_bytes != peak.total_bytes:
         rows[-1] += f"  (allocator {peak.allocator_bytes / GiB:.2f})"
     return rows
@@ -753,12 +796,13 @@ def render_table(p: MemoryPlan) -> str:
     head = [f"memory plan: {preset_name(c)}  ctx {inp.ctx}  prefill_chunk {inp.prefill_chunk}  ring {p.ring_slots}",
             f"  linears {quant}, embedding {inp.embedding.value}, kv {inp.kv_dtype.value}, "
             f"{'low-memory' if inp.low_memory else 'stock'} export, {inp.loader.value} loader",
-            "", f"{'':<{_NAME_WIDTH + 2}}{'GiB':>9}"]
-    rows = head + _section("weights", p.weights, "weights", p.weights_bytes)
-    rows += _section("kv cache", p.kv, "kv", p.kv_bytes) + [""]
-    for peak in (p.runtime_gpu, p.export_gpu_stock, p.export_gpu_low_memory,
-                 p.export_host_naive, p.export_host_streaming):
-        rows += _peak_rows(peak) + [""]
+            ""]
+    peaks = (p.runtime_gpu, p.export_gpu_stock, p.export_gpu_low_memory, p.export_host_naive, p.export_host_streaming)
+    width = max(_NAME_WIDTH, *(len(i.name) + 1 for i in (*p.weights, *p.kv, *(i for k in peaks for i in k.items))))
+    rows = head + [f"{'':<{width + 2}}{'GiB':>9}"] + _section("weights", p.weights, "weights", p.weights_bytes, width)
+    rows += _section("kv cache", p.kv, "kv", p.kv_bytes, width) + [""]
+    for peak in peaks:
+        rows += _peak_rows(peak, width) + [""]
     rows.append(f"runtime GPU {_gib(p.runtime_gpu.total_bytes)}; export GPU {_gib(p.export_gpu.total_bytes)} "
                 f"({p.export_gpu.title}); export host {_gib(p.export_host.total_bytes)} ({p.export_host.title})")
     return "\n".join(rows)
