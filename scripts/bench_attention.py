@@ -32,6 +32,7 @@ import torch
 
 from export.gemma4.config import PRESETS
 from export.kernels import attention as A
+from export.kernels.hadamard import hadamard
 
 FILLS = (1024, 8192, 32768, 131072)
 CTX = 131072
@@ -392,7 +393,7 @@ def hadamard_section(device):
     K/V with a few outlier channels (as real keys have)."""
     had = []
     D, Hkv, G, fill = 512, 4, 8, 4096
-    Hm = A.hadamard(D, device=device)
+    Hm = hadamard(D, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     for outliers in (False, True):
         k = torch.randn(1, Hkv, fill, D, device=device, generator=gen)

@@ -127,13 +127,6 @@ def cache_args(k, v, kv):
     return kq, vq, ks, vs
 
 
-def test_hadamard_rotate_is_the_orthonormal_matrix_and_its_own_inverse():
-    x = torch.randn(3, 5, 256, dtype=torch.float64).float()
-    y = A.hadamard_rotate(x)
-    assert torch.allclose(y, x @ A.hadamard(256), atol=1e-5)
-    assert torch.allclose(A.hadamard_rotate(y), x, atol=1e-5)
-
-
 def test_every_config_fits_consumer_shared_memory():
     for D in (16, 32, 256, 512):
         for fmt in (0, 1, 2):

@@ -34,11 +34,13 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
     @classmethod
     def get_decomposition_table(cls) -> dict[Any, Any]:
         from export.kernels.attention import attention_reference
+        from export.kernels.hadamard import hadamard_reference
         from export.kernels.int4_matmul import int4_linear_reference
         from export.kernels.moe_int4 import moe_experts_reference, moe_route_reference
 
         return {torch.ops.gemma4.int4_linear.default: int4_linear_reference,
                 torch.ops.gemma4.attention.default: attention_reference,
+                torch.ops.gemma4.hadamard.default: hadamard_reference,
                 torch.ops.gemma4.moe_route.default: moe_route_reference,
                 torch.ops.gemma4.moe_experts_int4.default: moe_experts_reference}
 

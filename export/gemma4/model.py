@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import hadamard_rotate, quantize_kv  # importing it registers torch.ops.gemma4.attention
+from ..kernels.attention import quantize_kv  # importing it registers torch.ops.gemma4.attention
+from ..kernels.hadamard import hadamard_rotate  # registers torch.ops.gemma4.hadamard
 from ..kernels import moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_route / moe_experts_int4)
 from ..chain import Chain, Step
 from .config import Gemma4Config

@@ -51,7 +51,6 @@ kernel and the CPU backend's decomposition.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Iterator, Optional
 
 import torch
@@ -142,29 +141,6 @@ def dequantize_kv(codes: torch.Tensor, scale: Optional[torch.Tensor], dtype: tor
         hi = (codes >> 4).float() - 8
         vals = torch.stack((lo, hi), dim=-1).flatten(-2)
     return (vals * scale.float()[..., None]).to(dtype)
-
-
-def hadamard(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix (n a power of two): H = H^T = H^-1."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return (h / math.sqrt(n)).to(dtype=dtype, device=device)
-
-
-def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
-    """x @ hadamard(D) along the last dim (D a power of two) as a fast Walsh-Hadamard transform
-    in fp32 aten ops (no D x D constant; Inductor fuses it), back in x's dtype. Its own inverse."""
-    D = x.shape[-1]
-    lead = x.shape[:-1]
-    y = x.float()
-    h = 1
-    while h < D:
-        y = y.reshape(*lead, D // (2 * h), 2, h)
-        a, b = y.select(-2, 0), y.select(-2, 1)
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return (y.reshape(*lead, D) * D**-0.5).to(x.dtype)
 
 
 # ---- eager reference (the CPU kernel and the CPU backend's decomposition) -----------------------
