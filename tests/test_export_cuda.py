@@ -15,6 +15,7 @@ every op), so the compiled model is held to the eager model's own distance from 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from export.artifact import read_ptd_index
 from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig, KvDtype, export_model
@@ -139,12 +141,30 @@ def fp32_reference(model: torch.nn.Module) -> torch.nn.Module:
     return ref.float()
 
 
+class ReferenceOps(TorchDispatchMode):
+    """The project's custom ops run as their plain-torch references (the CPU backend's
+    decompositions) on whatever device their inputs are: an eager model with the artifact's
+    weights and no Triton kernel to JIT-compile (each of the eager model's first calls would
+    compile one, minutes for a real-width slice)."""
+
+    def __init__(self):
+        super().__init__()
+        from export.backends.cpu import Gemma4CpuBackend
+
+        self.table = Gemma4CpuBackend.get_decomposition_table()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self.table.get(func, func)(*args, **(kwargs or {}))
+
+
 @torch.no_grad()
-def parity(out: Path, model: torch.nn.Module, n_decode: int = 6, fp32: bool = True) -> dict[str, list[float]]:
+def parity(out: Path, model: torch.nn.Module, n_decode: int = 6, fp32: bool = True,
+           reference_ops: bool = False) -> dict[str, list[float]]:
     """Per step (prefill: one chunk + a partial one; then decode), the relative error vs the
     fp32 reference of the compiled .so ("compiled") and of the eager bf16 model ("eager"),
     and compiled vs eager ("compiled_vs_eager"); without `fp32`, only the last (no fp32 model,
-    no fp32 kernels to compile)."""
+    no fp32 kernels to compile). `reference_ops`: the eager models run the ops' plain-torch
+    references (`ReferenceOps`) instead of the Triton kernels the artifact holds."""
     mini = CudaMini(out)
     model = model.cuda()  # a low-memory export streams its weights through host memory
     ref = fp32_reference(model) if fp32 else None
@@ -162,9 +182,10 @@ def parity(out: Path, model: torch.nn.Module, n_decode: int = 6, fp32: bool = Tr
         print(f"[parity {time.perf_counter() - t0:6.1f} s] {method} {s}:{e}", file=sys.stderr, flush=True)
         got = mini.run(method, ids[:, s:e], s).float()
         tokens, pos = ids[:, s:e].cuda(), torch.tensor([s], device="cuda")
-        eager = model(tokens, pos).float()
-        if ref is not None:
-            want = ref(tokens, pos).float()
+        with ReferenceOps() if reference_ops else contextlib.nullcontext():
+            eager = model(tokens, pos).float()
+            want = ref(tokens, pos).float() if ref is not None else None
+        if want is not None:
             errors["compiled"].append(rel(got, want))
             errors["eager"].append(rel(eager, want))
         errors["compiled_vs_eager"].append(rel(got, eager))
@@ -189,7 +210,7 @@ def stage_log(t0: float):
     return log
 
 
-def measure(cfg: ExportConfig, fp32: bool = True) -> dict:
+def measure(cfg: ExportConfig, fp32: bool = True, reference_ops: bool = False) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with NvmlPeak() as nvml:
@@ -211,7 +232,8 @@ def measure(cfg: ExportConfig, fp32: bool = True) -> dict:
     from export.kernels import attention, int4_matmul
 
     with int4_matmul.one_config(), attention.use_configs(attention.one_config):  # eager: no tuning runs
-        rec["rel_err"] = parity(result.out_dir, result.model, fp32=fp32)
+        rec["rel_err"] = parity(result.out_dir, result.model, fp32=fp32, reference_ops=reference_ops)
+    rec["eager_ops"] = "reference" if reference_ops else "triton"
     rec["parity_ok"] = parity_ok(rec["rel_err"]) if fp32 else None
     return rec
 
@@ -239,3 +261,34 @@ if __name__ == "__main__":
     rec["wrapper_opt_level"] = torch._inductor.config.aot_inductor.compile_wrapper_opt_level
     out_json.write_text(json.dumps(rec, indent=1))
     print(json.dumps(rec))
+
+
+@torch.no_grad()
+def test_reference_ops_run_every_custom_op_as_its_reference():
+    """Under ReferenceOps each gemma4 op of a model step (int4 linears, attention over an int8
+    cache, the Hadamard rotations) goes to its plain-torch reference, with the same logits."""
+    from export.gemma4.config import PRESETS
+    from export.gemma4.model import Gemma4Model
+    from export.gemma4.quant import QuantRecipe, quantize_
+    from export.backends.options import TargetDevice
+    from tests.helpers import randomize_
+
+    seen = []
+
+    class Recording(ReferenceOps):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in self.table:
+                seen.append(str(func))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    model = Gemma4Model(PRESETS["tiny"], ctx=64, prefill_chunk=8, dtype=torch.bfloat16, kv_dtype="int8")
+    model = randomize_(model, seed=2).to(torch.bfloat16).eval()
+    report = quantize_(model, QuantRecipe(group_size=32), TargetDevice.CUDA)  # the CUDA layout: gemma4::int4_linear
+    assert report.int4
+    tokens, pos = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8)), torch.tensor([0])
+    want = model(tokens, pos)
+    model.reset_cache()
+    with Recording():
+        got = model(tokens, pos)
+    assert torch.equal(got, want)
+    assert {"gemma4.int4_linear.default", "gemma4.attention.default", "gemma4.hadamard.default"} <= set(seen)
