@@ -24,6 +24,7 @@ GiB = 1024**3
 class MemoryPeak:
     device: str
     allocator_bytes: int = 0  # torch caching allocator peak (CUDA)
+    reserved_bytes: int = 0  # the allocator's reserved peak: allocated plus the blocks it keeps cached
     nvml_bytes: int | None = None  # device memory used, sampled (CUDA, needs pynvml)
     nvml_process_bytes: int | None = None  # this process's device memory per NVML, sampled
     host_rss_bytes: int = 0  # process peak resident set
@@ -63,6 +64,7 @@ class PeakSampler:
         self._sample_once()
         if self.device.startswith("cuda"):
             self.peak.allocator_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         self.peak.host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _sample_loop(self) -> None:

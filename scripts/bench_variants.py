@@ -118,6 +118,7 @@ def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: flo
         "floor_tok_s": bw / step_bytes,
         "runtime_peak_gib": (mem.peak.nvml_process_bytes or mem.peak.allocator_bytes) / gib,
         "runtime_allocator_peak_gib": mem.peak.allocator_bytes / gib,
+        "runtime_reserved_peak_gib": mem.peak.reserved_bytes / gib,
         "runtime_nvml_device_peak_gib": None if mem.peak.nvml_bytes is None else mem.peak.nvml_bytes / gib,
         **({"memory_at_peak": at_peak} if snapshot else {}),
     }

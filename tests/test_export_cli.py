@@ -119,12 +119,12 @@ def test_short_ctx_alone_fits_the_default_prefill_chunk():
 def test_cuda_prefill_chunk_is_fitted_to_the_budget(capsys):
     recipe = ["--preset", "31b", "--device", "cuda", "--low-memory", "--kv-dtype", "int4", "--embedding-quant", "int8"]
     cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072"]))
-    assert cfg.prefill_chunk == 2048  # 21.63 GiB against the default 22 GiB
+    assert cfg.prefill_chunk == 2048  # 21.97 GiB against the default 22 GiB
     assert "prefill chunk 2048, fitted to the default budget" in capsys.readouterr().err
     cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072", "--gpu-budget", "80GiB"]))
     assert cfg.prefill_chunk == 2048
     # ctx first (at the smallest chunk), then the largest chunk the rest of the budget allows
     cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "auto", "--gpu-budget", "24564MiB"]))
-    assert (cfg.ctx, cfg.prefill_chunk) == (262144, 1024)
+    assert (cfg.ctx, cfg.prefill_chunk) == (262144, 256)
     cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072", "--prefill-chunk", "128"]))
     assert cfg.prefill_chunk == 128

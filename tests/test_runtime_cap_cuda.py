@@ -6,13 +6,11 @@ The slice is the 24 GB recipe (int4 g128 linears, int8 embedding, int4 KV on the
 low-memory export) at 6 layers (5 sliding + 1 full) and ctx 8192. The cap is what a card of
 the plan's runtime size leaves torch's caching allocator: the planned device total less the
 CUDA context (with the kernel images, the one plan item outside the allocator;
-`torch.cuda.set_per_process_memory_fraction` limits the allocator only). The plan's "kernel
-workspace" stays inside the cap: it was fitted as NVML less the allocated peak, and what it
-covers is mostly the allocator's own reserve (cuBLAS workspace from torch's allocator, blocks
-reserved but not allocated: the 12-layer slice reserved 6.90 GiB for a 6.40 GiB allocated peak,
-scripts/measurements/runtime_31b.json). Taking it out of the cap left the allocator no room
-for its reserve: a prefill chunk's 441 MiB dequant scratch failed with 3.88 GiB allocated and
-0.76 GiB reserved unallocated.
+`torch.cuda.set_per_process_memory_fraction` limits the allocator only). The plan's "allocator
+reserve" (freed dequantized weights the allocator keeps cached at the prefill peak) and "kernel
+workspace" stay inside the cap: the 12-layer slice reserved 6.90 GiB for a 6.40 GiB allocated
+peak (scripts/measurements/runtime_31b.json), and a cap without room for that reserve failed a
+prefill chunk's 441 MiB dequant scratch with 3.88 GiB allocated and 0.76 GiB reserved unallocated.
 
     python -m pytest -q -s -m cuda tests/test_runtime_cap_cuda.py     # on the GPU machine
 """
