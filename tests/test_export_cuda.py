@@ -35,6 +35,8 @@ from export.gemma4.options import EmbeddingQuant
 
 CASES = {  # tiny skips max_autotune (~3 min of GEMM tuning for a test artifact)
     "tiny": dict(preset="tiny", ctx=64, prefill_chunk=12, autotune=False),  # chunk > window (8)
+    # the full layers' cache in int8: gemma4::hadamard rotates q, k, v and the output
+    "tiny-kv8": dict(preset="tiny", ctx=64, prefill_chunk=12, autotune=False, kv_dtype=KvDtype.INT8),
     "31b-2l": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128),
     # the int4 recipe the 31B's byte budget needs (g128), exported in low-memory mode
     "31b-2l-int4": dict(preset="31b", layers=2, ctx=8192, prefill_chunk=128, group_size=128, low_memory=True),
@@ -249,18 +251,17 @@ def test_tiny_cuda_int4_export_matches_eager(tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.slow
+def test_tiny_cuda_int8_kv_export_matches_eager(tmp_path):
+    rec = measure(case_config("tiny-kv8", tmp_path / "tiny-kv8"))
+    assert parity_ok(rec["rel_err"]), rec["rel_err"]
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
 def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
     rec = measure(case_config("tiny-moe", tmp_path / "tiny-moe"))
     assert rec["int4_modules"] > 0
     assert parity_ok(rec["rel_err"]), rec["rel_err"]
-
-
-if __name__ == "__main__":
-    case, out_json = sys.argv[1], Path(sys.argv[2])
-    rec = measure(case_config(case, Path("/tmp") / f"art_{case}_{os.getpid()}"))  # runs of one case side by side
-    rec["wrapper_opt_level"] = torch._inductor.config.aot_inductor.compile_wrapper_opt_level
-    out_json.write_text(json.dumps(rec, indent=1))
-    print(json.dumps(rec))
 
 
 @torch.no_grad()
@@ -292,3 +293,11 @@ def test_reference_ops_run_every_custom_op_as_its_reference():
         got = model(tokens, pos)
     assert torch.equal(got, want)
     assert {"gemma4.int4_linear.default", "gemma4.attention.default", "gemma4.hadamard.default"} <= set(seen)
+
+
+if __name__ == "__main__":
+    case, out_json = sys.argv[1], Path(sys.argv[2])
+    rec = measure(case_config(case, Path("/tmp") / f"art_{case}_{os.getpid()}"))  # runs of one case side by side
+    rec["wrapper_opt_level"] = torch._inductor.config.aot_inductor.compile_wrapper_opt_level
+    out_json.write_text(json.dumps(rec, indent=1))
+    print(json.dumps(rec))
