@@ -34,6 +34,18 @@ def test_op_on_cpu_is_the_reference_and_checks_its_last_dim():
         Hd.launch(torch.randn(3, 48))
 
 
+def test_fake_output_is_laid_out_as_the_kernels_write_it():
+    """A transposed view in (the model rotates K / V as (1, Hkv, T, D) views): contiguous out, for the
+    fake tensor export traces with as for the kernels, else the compiled graph indexes it wrongly."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(1, 3, 4, 8).transpose(1, 2)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.gemma4.hadamard(mode.from_tensor(x))
+    real = torch.ops.gemma4.hadamard(x)
+    assert fake.shape == real.shape and fake.stride() == real.stride() == (96, 24, 8, 1)
+
+
 INTERPRETED = r"""
 import torch
 from export.kernels import hadamard as Hd

@@ -110,7 +110,7 @@ def _(x):
 @hadamard_op.register_fake
 def _(x):
     _check(x)
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as both kernels return it (x may be a transposed view)
 
 
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
