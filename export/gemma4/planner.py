@@ -549,7 +549,7 @@ def runtime_peak(inp: PlanInputs, tensors: tuple[StoredTensor, ...], kv_ts: tupl
         *_weights_by_kind(tensors), *counted_kv, *activation_items(inp),
         Item("logits", LOGITS_BUFFERS * c.vocab_size * 4, f"[1, {c.vocab_size}] fp32 x{LOGITS_BUFFERS}"),
         Item("allocator reserve", allocator_reserve(inp, inp.prefill_chunk),
-             "freed dequantized weights cached at the prefill peak", in_allocator=False),
+             "freed dequantized weights kept cached at the prefill peak: reserved, not allocated", in_allocator=False),
         Item("kernel workspace", KERNEL_WORKSPACE_BYTES, "kernel images, workspaces (fitted)", in_allocator=False),
         Item("allocator slack", n_large * ALLOC_SLACK_PER_LARGE_TENSOR, f"{n_large} tensors > 10 MiB", in_allocator=False),
         Item("cuda context", CUDA_CONTEXT_BYTES, in_allocator=False),
