@@ -38,6 +38,7 @@ The export CLI wires it as (PlanInputs' defaults are the exporter's):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -418,11 +419,25 @@ def dequantizes(inp: PlanInputs, T: int) -> bool:
     return inp.linear is LinearQuant.INT4 and inp.dtype.bytes == 2 and T >= DEQUANT_MIN_M
 
 
+@functools.lru_cache(maxsize=64)
+def _packed_by_unit(config: Gemma4Config, dtype: str, recipe: QuantRecipe, kv: str | None
+                    ) -> dict[str, dict[str, tuple[int, int]]]:
+    """{unit ("layers.5", "lm_head", ...): {linear's name: (N, K)}} of the int4 linears stored."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for t in inventory(config, dtype, recipe, kv)[0]:
+        if t.fqn.endswith(".qweight") and len(t.shape) == 2:
+            parts = t.fqn.removesuffix(".qweight").split(".")
+            unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+            out.setdefault(unit, {})[t.fqn.removesuffix(".qweight")] = (t.shape[0], t.shape[1] * 2)
+    return out
+
+
 def _packed_linears(inp: PlanInputs, prefix: str) -> dict[str, tuple[int, int]]:
-    """{name: (N, K)} of the int4 linears whose stored names start with `prefix`."""
-    return {t.fqn.removeprefix(prefix).removesuffix(".qweight"): (t.shape[0], t.shape[1] * 2)
-            for t in inp.inventory()[0]
-            if t.fqn.startswith(prefix) and t.fqn.endswith(".qweight") and len(t.shape) == 2}
+    """{name: (N, K)} of the int4 linears whose stored names start with `prefix` (the name less it)."""
+    parts = prefix.split(".")
+    unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+    linears = _packed_by_unit(inp.config, inp.dtype.value, inp.recipe(), inp.model_kv_dtype).get(unit, {})
+    return {fqn.removeprefix(prefix): nk for fqn, nk in linears.items() if fqn.startswith(prefix)}
 
 
 def _linear_run(name: str, N: int, K: int, T: int, a: int) -> dict[str, int]:
@@ -586,11 +601,16 @@ def low_memory_export_peak(inp: PlanInputs, tensors: tuple[StoredTensor, ...], k
 def _largest_float_unit(inp: PlanInputs) -> tuple[str, int]:
     """The biggest thing a streaming loader holds in its dtype at once: one of its units (a
     layer or a table), as export/gemma4/checkpoint.py walks them."""
+    return _largest_unit(inp.config, inp.dtype.value, min(1024, inp.ctx))
+
+
+@functools.lru_cache(maxsize=64)
+def _largest_unit(config: Gemma4Config, dtype: str, ctx: int) -> tuple[str, int]:
     from export.gemma4.checkpoint import units
 
-    model = meta_model(inp.config, getattr(torch, inp.dtype.value), None, None, min(1024, inp.ctx))
+    model = meta_model(config, getattr(torch, dtype), None, None, ctx)
     sizes = {name: sum(p.numel() * p.element_size() for p in unit.parameters())
-             for name, unit in units(model) if name != "lm_head" or not inp.config.tie_word_embeddings}
+             for name, unit in units(model) if name != "lm_head" or not config.tie_word_embeddings}
     name = max(sizes, key=sizes.get)
     return (f"layer {name.removeprefix('layers.')}" if name.startswith("layers.") else name), sizes[name]
 
