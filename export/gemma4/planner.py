@@ -456,7 +456,7 @@ def mlp_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     output), the activation written from that output, and the down mm (the activation, the down
     weight and its output); the gate/up output is the first two of the three widths, not more."""
     c, a = inp.config, inp.dtype.bytes
-    inter, H = c.layer_intermediate_size(i), c.hidden_size
+    inter = c.layer_intermediate_size(i)
     widths = {f"mlp [{T}, {inter}] x{MLP_LIVE_WIDTHS}": T * MLP_LIVE_WIDTHS * inter * a}
     linears = _packed_linears(inp, f"layers.{i}.mlp.") if dequantizes(inp, T) else {}
     if {"gate_up_proj", "down_proj"} <= linears.keys():
