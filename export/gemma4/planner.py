@@ -507,19 +507,18 @@ def step_activations(inp: PlanInputs, T: int) -> tuple[str, dict[str, int]]:
         carried["per-layer inputs"] = ple
     if c.num_kv_shared_layers and T > 1:  # a shared ring's chunk K/V wait for its last reader
         carried["chunk K/V of a shared sliding ring"] = 2 * T * c.num_key_value_heads * c.head_dim * a
-    moments = []  # (label, parts); the model start's parts hold the PLE sum the layers find carried
+    moments = []  # (label, parts, whether the parts hold the PLE sum the layers find carried)
     if c.has_ple:
         proj = _packed_linears(inp, "per_layer_model_projection").get("")
         start = {"per-layer inputs: table rows, projection, sum": 3 * ple,
                  **(_linear_run("per-layer projection", *proj, T, a) if proj and dequantizes(inp, T) else {})}
-        moments.append(("the per-layer inputs (model start)", start))
+        moments.append(("the per-layer inputs (model start)", start, True))
     for i in range(c.num_hidden_layers):
         kind = "sliding" if c.is_sliding(i) else "full"
         parts = {**attention_block(inp, i, T), **_widest([attention_linears(inp, i, T), mlp_block(inp, i, T)])}
-        moments.append((f"attention + mlp of {kind} layer {i}", parts))
-    at_start = lambda label: label.startswith("the per-layer")  # noqa: E731  (its buffers include the sum)
-    best_label, best = max(moments, key=lambda m: sum(m[1].values()) + (0 if at_start(m[0]) else ple * c.has_ple))
-    if at_start(best_label):
+        moments.append((f"attention + mlp of {kind} layer {i}", parts, False))
+    best_label, best, holds_ple = max(moments, key=lambda m: sum(m[1].values()) + (0 if m[2] else ple * c.has_ple))
+    if holds_ple:
         carried.pop("per-layer inputs")
     return best_label, {**carried, **best}
 
