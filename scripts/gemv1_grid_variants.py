@@ -201,7 +201,7 @@ class Plan:
         self.splits, self.cfg = splits, cfg
 
     def resolve(self, n, k):
-        cfg, sp = im.gemv1_plan(n, k, im.group_size_for(k, 128))
+        cfg, sp, _ = im.gemv1_plan(n, k, im.group_size_for(k, 128))
         return (self.cfg if self.cfg is not None else cfg), (self.splits or sp)
 
     def label(self, n, k):
@@ -329,6 +329,7 @@ def main(argv=None) -> int:
     shapes = SHAPES
     if _INTERPRET:  # the logic on tiny stand-ins
         im.GEMV1_SMALL_N, im.GEMV1_WIDE_N, im.GEMV1_LARGE_N = 16, 48, 96
+        im.GEMV1_STEP_MAX_K = im.GEMV1_THIN_N = 0  # the 31B's plan: no small-weight tile
         shapes = [("o_proj.sliding", 40, 1024), ("qkv_proj.sliding", 64, 768), ("mlp.gate_up_proj", 96, 512),
                   ("mlp.down_proj", 40, 1280), ("26b.mlp.down_proj", 16, 576)]
     weights, best, stream_by_label = {}, {}, {}

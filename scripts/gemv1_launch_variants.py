@@ -66,7 +66,7 @@ def kern(c):
 
 
 def plan_cfg(n, k):
-    cfg, sp = im.gemv1_plan(n, k, 128)
+    cfg, sp, _ = im.gemv1_plan(n, k, 128)
     kw = cfg.kwargs
     return (kw["BLOCK_N"], kw["GROUPS"], cfg.num_warps, kw["PARTS"], kw["DEPTH"]), sp
 
@@ -278,6 +278,7 @@ def main(argv=None) -> int:
               for (n, k), (names, _) in linear_shapes(PRESETS["31b"]).items()}
     if _INTERPRET:  # the logic on tiny stand-ins: one slice from 96 rows, 3 slices below
         im.GEMV1_SMALL_N, im.GEMV1_LARGE_N, im.GEMV1_MID_SPLITS = 8, 96, 3
+        im.GEMV1_STEP_MAX_K = im.GEMV1_THIN_N = 0  # the 31B's plan: no small-weight tile
         shapes = {"qkv_proj.sliding": (48, 768), "o_proj.sliding": (40, 1024), "mlp.gate_up_proj": (96, 512),
                   "mlp.down_proj": (40, 1280), "qk_proj.full": (56, 768), "o_proj.full": (40, 1536),
                   "lm_head": (128, 512)}

@@ -74,7 +74,7 @@ def project(x, q, s, pdl, splits=None, cfg=None):
     """x [1, K] @ dequant(W).T as the op runs it (`gemv1_plan`, or the given tile and slices), the
     quantize kernel and the GEMV launched in PDL modes pdl = (quantize, GEMV)."""
     n, k = q.shape[0], q.shape[1] * 2
-    pc, ps = im.gemv1_plan(n, k, GROUP)
+    pc, ps, _ = im.gemv1_plan(n, k, GROUP)
     return im.int4_gemv1(x, q, s, ps if splits is None else splits, kernel=im._gemv1_kernel(cfg or pc),
                          pdl_quant=pdl[0], pdl_gemv=pdl[1])
 
@@ -335,6 +335,7 @@ def sass_report(out: Path) -> int:
 def shapes_31b() -> dict:
     if _INTERPRET:  # the logic on tiny stand-ins
         im.GEMV1_SMALL_N, im.GEMV1_LARGE_N, im.GEMV1_MID_SPLITS, im.GEMV1_WIDE_N = 8, 96, 3, 52
+        im.GEMV1_STEP_MAX_K = im.GEMV1_THIN_N = 0  # the 31B's plan: no small-weight tile
         return dict(TINY_SHAPES)
     from export.gemma4.config import PRESETS
     from scripts.bench_int4 import linear_shapes

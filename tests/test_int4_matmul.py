@@ -93,16 +93,58 @@ def test_31b_linears_and_lm_head_fit_the_byte_budget_at_g128():
 
 def test_gemv1_plan_takes_pool_configs_and_whole_groups():
     for n, k in [(2048, 5376), (4096, 5376), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
-                 (262144, 5376), (1000, 704), (100000, 256)]:
+                 (262144, 5376), (1000, 4608), (12288, 1536), (100000, 256)]:
         g = im.group_size_for(k, 128)
-        cfg, splits = im.gemv1_plan(n, k, g)
-        assert any(cfg is c for c in im.GEMV1_CONFIGS) and 1 <= splits <= min(16, k // g)
+        cfg, splits, xq = im.gemv1_plan(n, k, g)
+        assert any(cfg is c for c in im.GEMV1_CONFIGS) and 1 <= splits <= min(16, k // g) and xq == im.GEMV1_XQ
         assert im.gemv1_splits(n, k, g) == splits
-    assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1)  # K parts, no second kernel
-    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[0], 1)  # 128-row tiles, one slice
+    xq = im.GEMV1_XQ
+    assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1, xq)  # K parts, no second kernel
+    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[0], 1, xq)  # 128-row tiles, one slice
     # 42 row blocks of 128 x 8 slices; from 8192 rows 64-row tiles x 2 slices
-    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 8)
-    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[2], 2)
+    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 8, xq)
+    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[2], 2, xq)
+    # where the one-launch tiles lost on the H200 (scripts/measurements/gemv1_small_variants.json)
+    assert im.gemv1_plan(12288, 1536, 128) == (im.GEMV1_CONFIGS[2], 2, xq)
+    assert im.gemv1_plan(3072, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq)
+    assert im.gemv1_plan(2048, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq)
+
+
+def _step_label(plan):
+    kw = plan.cfg.kwargs
+    return f"{'q' if plan.xq else 'b'}{kw['BLOCK_N']}r{kw['GROUPS']}g{plan.cfg.num_warps}w/{kw['PARTS']}/{plan.splits}"
+
+
+@pytest.mark.parametrize("n,k,label", [
+    (2560, 2048, "b8r8g8w"), (1536, 2048, "b4r8g8w"), (2560, 1536, "b8r8g8w"), (2048, 1536, "b8r8g8w"),
+    (5120, 1536, "b8r8g8w"), (8960, 1536, "b8r8g8w"), (256, 2560, "b2r16g8w"), (256, 1536, "b2r8g8w"),
+    (2560, 256, "b8r2g4w"), (1536, 256, "b4r2g4w"), (2816, 704, "b8r8g8w")])
+def test_gemv1_plan_runs_small_weights_in_one_bf16_launch(n, k, label):
+    """The small models' small weights: bf16 x (no quantize launch), one slice, a step of half
+    or all of the row's groups: the H200 sweep's best tile or within 0.1 us of it."""
+    g = im.group_size_for(k, 128)
+    plan = im.gemv1_plan(n, k, g)
+    assert _step_label(plan) == f"{label}/1/1"
+    steps = -(-(k // g) // plan.cfg.kwargs["GROUPS"])
+    assert 1 <= steps <= 2
+    words = plan.cfg.kwargs["BLOCK_N"] * plan.cfg.kwargs["GROUPS"] * (g // 8) / (32 * plan.cfg.num_warps)
+    assert 1 <= words <= 64  # a step's words a thread
+    assert im.config_smem_bytes(plan.cfg, g) <= im.SMEM_LIMIT_BYTES
+
+
+def test_gemv1_step_config_is_sane_for_any_small_shape():
+    """Every shape of the small branch, tiny ones too: power-of-two tiles, K in one or two steps,
+    at most 64 words a thread, and no more warps than the tile has words for (down to one)."""
+    for n in (1, 7, 40, 512, 1024, 2048, 9216):
+        for k in (32, 64, 96, 704, 1536, 2048):
+            for group in (32, 128):
+                g = im.group_size_for(k, group)
+                plan = im.gemv1_plan(n, k, g)
+                assert plan.splits == 1 and not plan.xq
+                bn, groups, warps = plan.cfg.kwargs["BLOCK_N"], plan.cfg.kwargs["GROUPS"], plan.cfg.num_warps
+                assert bn & (bn - 1) == 0 and groups & (groups - 1) == 0 and 1 <= -(-(k // g) // groups) <= 2
+                tile = bn * groups * (g // 8)
+                assert tile <= 64 * 32 * warps and (warps == 1 or tile >= 32 * warps), (n, k, g)
 
 
 def test_group_size_for_k_not_a_multiple():
@@ -169,8 +211,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                 ys = [im.int4_gemv1(x, qweight, scales, splits, kernel=kern, red=red, xq=xq) for red in (0, 2)]
                 same = same and torch.equal(ys[0], ys[1])
         print("same", same)
-        # the op's M == 1 plan: K parts unsplit (few rows), then the split tile (rows over the limit)
+        # the op's M == 1 plan: K parts unsplit (few rows), then the split tile (rows over the limit);
+        # these shapes are small weights, taken by the pool's plan here with the one-launch tile off
         im.GEMV1_CONFIGS[:] = [im._cfg1(32, 1, 1), im._cfg1(8, 1, 8, parts=8, depth=2), im._cfg1(32, 1, 2, depth=2)]
+        im.GEMV1_STEP_MAX_K = im.GEMV1_THIN_N = 0
         for N, K, G, small in [(40, 2560, 32, 4096), (33, 704, 64, 8), (72, 1536, 128, 8)]:
             im.GEMV1_SMALL_N = small
             qweight, scales = im.quantize_int4(torch.randn(N, K), G)
@@ -211,6 +255,45 @@ def test_triton_kernels_through_the_interpreter():
     assert r.stdout.split("same")[-1].split()[0] == "True"  # red 2 gives red 0's bits
 
 
+_STEP_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+
+    def no_quantize(*args, **kwargs):
+        raise AssertionError("a small weight's GEMV quantized x (a second launch)")
+
+    im._quant_x = no_quantize
+    torch.manual_seed(0)
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        # 8, 4 and 2 rows (N ragged to the tile), K in one step or two (the second part empty:
+        # 11 or 20 groups in steps of 8 or 16), 1 to 8 warps' tiles; bf16 x read as bit patterns
+        for N, K, G in [(2052, 256, 128), (1030, 704, 64), (37, 2560, 128), (40, 96, 32), (7, 64, 32)]:
+            plan = im.gemv1_plan(N, K, G)
+            assert not plan.xq and plan.splits == 1, plan
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
+            x = (torch.randn(1, K) * 3).bfloat16()
+            x[0, :G] = 0
+            y = im.int4_linear._init_fn(x, qweight, scales)
+            ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            print("step", N, K, G, plan.cfg.kwargs["BLOCK_N"], plan.cfg.kwargs["GROUPS"], y.dtype, err)
+""")
+
+
+def test_small_weights_one_launch_through_the_interpreter():
+    """The op's M == 1 path on small weights (`gemv1_step_config`, bf16 x, one launch: the quantize
+    kernel is made to fail) matches an fp32 matmul on the dequantized weight, ~1 min on 2 cores."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _STEP_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("step")]
+    assert len(lines) == 5, r.stdout
+    assert {int(ln[4]) for ln in lines} == {2, 4, 8}  # every row count of the tile
+    for ln in lines:
+        assert ln[6] == "torch.bfloat16" and float(ln[7]) <= 1e-2, ln
+
+
 _MUTATION_SCRIPT = textwrap.dedent("""
     import torch, triton
     from triton.backends.compiler import GPUTarget
@@ -225,7 +308,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     N, K, G = 16384, 5376, 128
     for xq in (True, False):
         for splits, red in ((1, 0), (8, 0), (8, 2)):  # one slice; the split summed by a kernel or in-kernel
-            cfg, _ = im.gemv1_plan(N, K, G)
+            cfg = im.gemv1_plan(N, K, G).cfg
             args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
                         xc_ptr=torch.empty(K // G, dtype=torch.int32), w_ptr=torch.empty(N, K // 8, dtype=torch.int32),
                         s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),

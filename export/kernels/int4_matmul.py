@@ -19,10 +19,12 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   costs a lop3 and an FMA (`_gemv1_tile`), which bounded the kernel at ~50% of the copy
   bandwidth on the H200 where the same loads without the arithmetic ran ~1.5x faster
   (scripts/measurements/int4_gemv1_variants.json). A config and K split per weight shape
-  (`gemv1_plan`): few rows read K in parts inside one program (no split), mid-size weights split
-  K with the slices' fp32 partials summed by the last program of each row block (its counter
-  zeroed by the quantize kernel: two launches an op), the largest one slice. Quantizing x inside
-  the GEMV instead (each program the groups it reads) measured slower: gate/up 45 -> 57 us.
+  (`gemv1_plan`): small weights (K up to 2048 and N up to 9216, or N up to 512), where a call is
+  latency, one launch with bf16 x and a tile whose step covers K in one or two steps; few rows
+  read K in parts inside one program (no split), mid-size weights split K with the slices' fp32
+  partials summed by the last program of each row block (its counter zeroed by the quantize
+  kernel: two launches an op), the largest one slice. Quantizing x inside the GEMV instead (each
+  program the groups it reads) measured slower: gate/up 45 -> 57 us.
   Both kernels take a constexpr PDL (0, the op's: off) for programmatic dependent launch on sm_90+
   (`_pdl_wait`): the GEMV loads its first weight tile while the quantize kernel finishes
   (scripts/gemv1_pdl_variants.py measures it; torch's launchers do not set the attribute).
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -595,8 +598,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
 
     XQ: x comes as `_quant_x_kernel`'s integer levels (x_ptr its planes, xf_ptr / xc_ptr its
     per-group factor and correction) and `_gemv1_loop_q` runs the slice: two masks and four dp4a
-    a word, per-lane sums (no sum across lanes until the end); else x is bf16 and xf_ptr / xc_ptr
-    are unused.
+    a word, per-lane sums (no sum across lanes until the end); with K parts it does so at DEPTH 0
+    (each part a column of its own), at DEPTH >= 1 `_gemv1_tile_q` sums each step across lanes;
+    else x is bf16 and xf_ptr / xc_ptr are unused.
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `_pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -614,7 +618,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     w_hi = tl.minimum(w_lo + GPS * WORDS, KW)
     start = (w_lo + pcol * (gpp * WORDS) + (col % GROUPS) * WORDS)[None, :, None]  # [1, C, 1]
     hi = tl.minimum(w_lo + (pcol + 1) * (gpp * WORDS), w_hi)[None, :, None]
-    if XQ and PARTS == 1:  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH does not apply)
+    if XQ and (PARTS == 1 or DEPTH == 0):  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH 0 asks
+        # for it with K parts too, where DEPTH >= 1 takes `_gemv1_tile_q`)
         val = _gemv1_loop_q(x_ptr.to(tl.pointer_type(tl.int32)), xf_ptr, xc_ptr, w_ptr, s_ptr, offs_n, N, KW, start,
                             hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL)
     else:
@@ -945,32 +950,74 @@ def _kernel(kind: str, group: int):
     return _KERNELS[key]
 
 
+# Small weights (the E2B / E4B projections and per-layer gates): one launch with bf16 x (no
+# `_quant_x_kernel`) and a tile whose step covers K in one or two steps, one slice
+# (`gemv1_step_config`). H200, us per call, the pool's plan -> this tile
+# (scripts/gemv1_small_variants.py, scripts/measurements/gemv1_small_variants.json): 2560 x 2048
+# 5.31 -> 3.99, 1536 x 2048 4.87 -> 3.17, 2048 / 4096 / 5120 x 1536 4.82 / 5.46 / 7.21 -> 3.53 /
+# 4.79 / 5.46, 256 x 2560 5.14 -> 3.17, 256 x 1536 4.47 -> 2.31, 2560 x 256 4.24 -> 2.14,
+# 2816 x 704 (group 64) 5.24 -> 2.98; 8960 x 1536 a tie (7.97 / 7.89); an E4B sliding layer's
+# projections as one graph 46.0 -> 40.4. The plan stays ahead from 12288 x 1536 (8.49 against
+# 9.92) and with K >= 2560 from 2048 rows (3072 x 2560 5.22, 2048 x 2560 5.59, no tile of the
+# sweep faster).
+GEMV1_STEP_MAX_K = 2048  # M == 1 with K up to this and N up to GEMV1_STEP_MAX_N: `gemv1_step_config`
+GEMV1_STEP_MAX_N = 9216
+GEMV1_THIN_N = 512  # and with N up to this for K up to GEMV1_THIN_MAX_K (the per-layer gates)
+GEMV1_THIN_MAX_K = 4096
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
 GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
 
 
-def gemv1_plan(n: int, k: int, group_size: int) -> tuple[triton.Config, int]:
-    """(config, K slices) of the M == 1 kernel for an [n, k] weight (see GEMV1_CONFIGS).
+class Gemv1Plan(NamedTuple):
+    """How the op runs an M == 1 weight: `_int4_gemv1_kernel`'s config, its K slices, and x as two
+    int8 levels (`_quant_x_kernel` first, a second launch) or as bf16."""
 
-    Few rows: 8-row programs that read K in 8 parts, one slice. Many (gate/up, the lm_head):
-    128-row programs, one slice (no partials, no second kernel). Between: 128-row programs, K in
-    GEMV1_MID_SPLITS slices (each >= 512 of K) summed by the last program of each row block
-    (GEMV1_RED_XQ; 5376 rows make only 42 row blocks for the H200's 132 SMs); from GEMV1_WIDE_N
-    rows 64-row programs and 2 slices."""
+    cfg: triton.Config
+    splits: int
+    xq: bool
+
+
+def gemv1_step_config(n: int, k: int, group_size: int) -> triton.Config:
+    """The small weights' tile: 8 rows from 2048, 4 from 1024, else 2; a step of half the row's
+    groups rounded up to a power of two (all of them up to 2: K in one or two steps); 8 warps from
+    8 groups a step, else 4, fewer where the tile has under a word a thread (tiny weights)."""
+    row_groups = k // group_size
+    groups = triton.next_power_of_2(row_groups)
+    groups = groups if row_groups <= 2 else groups // 2
+    block_n = 8 if n >= 2048 else 4 if n >= 1024 else 2
+    warps = 8 if groups >= 8 else 4
+    while warps > 1 and block_n * groups * (group_size // 8) < 32 * warps:
+        warps //= 2
+    return _cfg1(block_n, groups, warps)
+
+
+def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
+    """(config, K slices, x quantized) of the M == 1 kernel for an [n, k] weight (see
+    GEMV1_CONFIGS and the notes above GEMV1_STEP_MAX_K).
+
+    Small weights (K <= GEMV1_STEP_MAX_K and N <= GEMV1_STEP_MAX_N, or N <= GEMV1_THIN_N and
+    K <= GEMV1_THIN_MAX_K): `gemv1_step_config`, one slice, bf16 x (one launch). Else x as
+    GEMV1_XQ says and the pool's configs: few rows, 8-row programs that read K in 8 parts, one
+    slice. Many (gate/up, the lm_head): 128-row programs, one slice (no partials, no second
+    kernel). Between: 128-row programs, K in GEMV1_MID_SPLITS slices (each >= 512 of K) summed by
+    the last program of each row block (GEMV1_RED_XQ; 5376 rows make only 42 row blocks for the
+    H200's 132 SMs); from GEMV1_WIDE_N rows 64-row programs and 2 slices."""
+    if (k <= GEMV1_STEP_MAX_K and n <= GEMV1_STEP_MAX_N) or (n <= GEMV1_THIN_N and k <= GEMV1_THIN_MAX_K):
+        return Gemv1Plan(gemv1_step_config(n, k, group_size), 1, False)
     if n <= GEMV1_SMALL_N:
-        return GEMV1_CONFIGS[1], 1
+        return Gemv1Plan(GEMV1_CONFIGS[1], 1, GEMV1_XQ)
     if n >= GEMV1_LARGE_N:
-        return GEMV1_CONFIGS[0], 1
+        return Gemv1Plan(GEMV1_CONFIGS[0], 1, GEMV1_XQ)
     if n >= GEMV1_WIDE_N:
-        return GEMV1_CONFIGS[2], max(1, min(2, k // max(512, group_size)))
-    return GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size)))
+        return Gemv1Plan(GEMV1_CONFIGS[2], max(1, min(2, k // max(512, group_size))), GEMV1_XQ)
+    return Gemv1Plan(GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size))), GEMV1_XQ)
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
     """K slices of the M == 1 kernel for an [n, k] weight (`gemv1_plan`)."""
-    return gemv1_plan(n, k, group_size)[1]
+    return gemv1_plan(n, k, group_size).splits
 
 
 _GEMV1_KERNELS: dict[tuple, object] = {}
@@ -1140,8 +1187,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
     if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
-        cfg, splits = gemv1_plan(N, K, G)  # one config per shape, no timing run
-        out = int4_gemv1(x2, qweight, scales, splits, kernel=_gemv1_kernel(cfg))  # reads x as bf16 pairs
+        plan = gemv1_plan(N, K, G)  # one config per shape, no timing run
+        out = int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq)
     elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
         out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
