@@ -13,6 +13,11 @@ used, a grid of WAVES x the SM count, each program a contiguous range), beside t
 reduction over the words and a device-to-device copy of them (which also writes them: its GB/s
 counts read + written bytes, as the copy bandwidth does).
 
+`--rows`: the GEMV's own walk without its arithmetic (`_rows_read_kernel`: [rows, words] tiles
+of the row-major weight, K slices, steps issued together, with and without the scales' loads)
+beside the deep read of the same words, on four 31B shapes: where the GEMV's access pattern loses
+to the contiguous read, and what its scales cost.
+
 Per size (the 31B's M == 1 weights with their scales, and one above the L2, one below): buffers
 rotated so that each read comes from HBM (>= 512 MB of copies), as one CUDA graph (median of its
 replays, us per read); every kernel's result checked against torch's xor of the words. Table on
@@ -55,6 +60,47 @@ def _deep_read_kernel(src_ptr, out_ptr, NV, PER_PROG, UNROLL: tl.constexpr, BLOC
     tl.store(out_ptr + pid, tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
 
 
+@triton.jit
+def _rows_read_kernel(w_ptr, s_ptr, out_ptr, N, KW, SPS, stride_ww, stride_sn, BLOCK_N: tl.constexpr,
+                      STEP_W: tl.constexpr, UNROLL: tl.constexpr, SCALES: tl.constexpr):
+    """The GEMV's access pattern without its arithmetic: program (pid_n, pid_k) reads rows
+    pid_n * BLOCK_N .. of a row-major [N, KW] int32 weight, words [pid_k * SPS, +SPS) in steps of
+    STEP_W words a row ([BLOCK_N, STEP_W] tiles, 16-byte loads), UNROLL steps issued before their
+    xor; SCALES: also each step's bf16 scales [BLOCK_N, STEP_W / 16] of a row-major [N, KW / 16]
+    table (read as int16). Writes one word a program."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    lo = pid_k * SPS
+    hi = tl.minimum(lo + SPS, KW)
+    c = tl.arange(0, STEP_W)[None, :]
+    cs = tl.arange(0, STEP_W // 16)[None, :]
+    acc = tl.zeros((BLOCK_N, STEP_W), dtype=tl.int32)
+    sacc = tl.zeros((BLOCK_N, STEP_W // 16), dtype=tl.int32)
+    for t in range(lo, hi, UNROLL * STEP_W):
+        for u in tl.static_range(UNROLL):
+            w0 = t + u * STEP_W
+            acc ^= tl.load(w_ptr + rows[:, None] * stride_ww + (w0 + c), mask=(w0 + c) < hi, other=0)
+            if SCALES:
+                sv = tl.load(s_ptr + rows[:, None] * stride_sn + (w0 // 16 + cs), mask=(w0 + cs * 16) < hi, other=0)
+                sacc ^= sv.to(tl.int32)
+    tot = tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0) ^ tl.xor_sum(tl.xor_sum(sacc, axis=1), axis=0)
+    tl.store(out_ptr + pid_n * tl.num_programs(1) + pid_k, tot)
+
+
+def rows_read(words: torch.Tensor, scales: torch.Tensor, sink: torch.Tensor, block_n: int, step_w: int, unroll: int,
+              warps: int, splits: int, with_scales: bool):
+    """`_rows_read_kernel` over words [N, KW] (and scales [N, KW / 16]) in `splits` K slices of whole
+    steps; its per-program words (xor them all for the check)."""
+    n, kw = words.shape
+    sps = triton.cdiv(triton.cdiv(kw, splits), step_w) * step_w
+    splits = triton.cdiv(kw, sps)
+    grid = (triton.cdiv(n, block_n), splits)
+    out = sink[:grid[0] * grid[1]]
+    _rows_read_kernel[grid](words, scales, out, n, kw, sps, words.stride(0), scales.stride(0), BLOCK_N=block_n,
+                            STEP_W=step_w, UNROLL=unroll, SCALES=with_scales, num_warps=warps)
+    return out
+
+
 def deep_read(words: torch.Tensor, sink: torch.Tensor, waves: int, unroll: int, warps: int, sms: int):
     nv = words.numel() // 4
     grid = min(sink.numel(), waves * sms)
@@ -94,10 +140,89 @@ def sizes() -> list[tuple[str, int]]:
     return out
 
 
+ROWS_SHAPES = {"o_proj.sliding": (5376, 8192), "mlp.down_proj": (5376, 21504), "qkv_proj.sliding": (16384, 5376),
+               "mlp.gate_up_proj": (43008, 5376)}
+
+
+def rows_configs() -> list[tuple[int, int, int, int, int, bool]]:
+    """(rows, words a row a step, steps issued together, warps, program waves, scales): 16-byte loads,
+    4-64 words a thread a step."""
+    out = []
+    for bn in (8, 32, 128):
+        for sw in (16, 32, 64):
+            for u in (1, 4):
+                for wp in (4, 8):
+                    if not 4 <= bn * sw / (32 * wp) <= 64:
+                        continue
+                    for waves in (4, 8):
+                        for sc in (False, True):
+                            out.append((bn, sw, u, wp, waves, sc))
+    return out
+
+
+def rows_sweep(doc: dict, save, t0: float, budget: float, gbps: float, sms: int) -> int:
+    """Per shape (ROWS_SHAPES, the GEMV's weights as [N, K / 8] int32 words and [N, K / 128] bf16
+    scales): each `rows_configs` variant's xor checked against torch's, then timed as graph replays
+    over rotated copies; K slices so that the programs come to `waves` x the SM count. What the
+    table asks: does the GEMV's tile walk, without its arithmetic, read as fast as the contiguous
+    deep read of the same bytes, and what do its scales cost."""
+    rows, ok = doc["rows"], True
+    shapes = {"tiny": (64, 4096)} if _INTERPRET else ROWS_SHAPES
+    configs = rows_configs()
+    if _INTERPRET:
+        configs = [(8, 16, 1, 1, 2, False), (8, 32, 4, 1, 1, True)]
+    sink = torch.empty(1 << 16, device=DEVICE, dtype=torch.int32)
+    print(f"{'shape':18} {'MB':>6} {'floor':>6} | {'best without scales':28} {'us':>6} {'%':>4} | "
+          f"{'best with scales':28} {'us':>6} {'%':>4} | deep w8 u4", flush=True)
+    for name, (n, k) in shapes.items():
+        if time.time() - t0 > budget:
+            print(f"budget spent: {name} skipped", flush=True)
+            continue
+        kw = k // 8
+        nbytes = n * kw * 4 + n * (k // 128) * 2
+        copies = 2 if _INTERPRET else max(2, math.ceil((256 << 20) / nbytes))
+        ws = [(torch.randint(-2**31, 2**31 - 1, (n, kw), device=DEVICE, dtype=torch.int32),
+               torch.randint(-2**15, 2**15 - 1, (n, k // 128), device=DEVICE, dtype=torch.int16)) for _ in range(copies)]
+        want_w = xor_all(ws[-1][0])
+        want_s = xor_all(ws[-1][1].to(torch.int32))
+        floor = nbytes / gbps / 1e3
+        best = {False: None, True: None}
+        for bn, sw, u, wp, waves, sc in configs:
+            splits = max(1, min(kw // sw, round(waves * sms / triton.cdiv(n, bn))))
+            label = f"b{bn} s{sw} u{u} {wp}w x{splits}{' +scales' if sc else ''}"
+            w, sv = ws[-1]
+            got = xor_all(rows_read(w, sv, sink, bn, sw, u, wp, splits, sc))
+            if got != (want_w ^ want_s if sc else want_w):
+                ok = False
+                print(f"  {label}: xor mismatch", flush=True)
+                continue
+            us = bench_graph(lambda: [rows_read(q, s_, sink, bn, sw, u, wp, splits, sc) for q, s_ in ws], copies)
+            read = nbytes if sc else n * kw * 4
+            rows.append({"size": name, "bytes": read, "variant": "rows " + label, "block_n": bn, "step_w": sw,
+                         "unroll": u, "warps": wp, "splits": splits, "programs": triton.cdiv(n, bn) * splits,
+                         "scales": sc, "us": us, "fraction_of_copy_bw": read / us / 1e3 / gbps})
+            if best[sc] is None or us < best[sc][1]:
+                best[sc] = (label, us, read / us / 1e3 / gbps)
+        flat = ws[-1][0].view(-1)
+        dsink = torch.empty(8 * sms, device=DEVICE, dtype=torch.int32)
+        deep_us = bench_graph(lambda: [deep_read(q.view(-1), dsink, 8, 4, 4, sms) for q, _ in ws], copies)
+        assert xor_all(deep_read(flat, dsink, 8, 4, 4, sms)) == want_w
+        rows.append({"size": name, "bytes": n * kw * 4, "variant": "deep w8 u4 4w", "us": deep_us,
+                     "fraction_of_copy_bw": n * kw * 4 / deep_us / 1e3 / gbps})
+        fmt = lambda b: f"{b[0]:28} {b[1]:6.1f} {b[2]:4.0%}" if b else f"{'-':28} {'-':>6} {'-':>4}"  # noqa: E731
+        print(f"{name:18} {nbytes / 1e6:6.1f} {floor:6.1f} | {fmt(best[False])} | {fmt(best[True])} | "
+              f"{deep_us:6.1f} {n * kw * 4 / deep_us / 1e3 / gbps:4.0%}", flush=True)
+        save()
+    return finish_sweep(doc, ok, t0, save)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("read_ceiling.json"))
     ap.add_argument("--budget", type=float, default=90.0, help="seconds; sizes left when it runs out are skipped")
+    ap.add_argument("--rows", action="store_true",
+                    help="the GEMV's access pattern instead: [rows, words] tiles of a row-major weight, with and "
+                         "without its scales (`rows_sweep`)")
     ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
     a = ap.parse_args(argv)
     if a.interpret and not _INTERPRET:
@@ -115,6 +240,8 @@ def main(argv=None) -> int:
     configs = [(w, u, wp) for w in (1, 2, 4, 8) for u in (1, 4, 8) for wp in (4, 8)]
     if _INTERPRET:
         configs = [(1, 1, 4), (2, 4, 4)]
+    if a.rows:
+        return rows_sweep(doc, save, t0, a.budget, gbps, sms)
     sink = torch.empty(8 * sms, device=DEVICE, dtype=torch.int32)
     ok = True
     for name, nbytes in sizes():
