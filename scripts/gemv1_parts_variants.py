@@ -13,7 +13,9 @@ tiles ahead reading the o projection at 89-92% without arithmetic, 50% with the 
 arithmetic of then (scripts/measurements/int4_gemv1_variants.json). Here `_int4_gemv1_kernel`
 itself runs such tiles with x as int8 levels through the per-lane loop (`lane`: DEPTH 0, one
 step ahead, no sum across lanes until the end), through the tile-sum path (`tileq`, DEPTH 2),
-and with bf16 x (`bf16`, DEPTH 2, one launch), beside the op's plan.
+and with bf16 x (`bf16`, DEPTH 2, one launch), beside the op's plan and the plan with x as one
+int8 level (`plan/x1`: half the dp4a and x's planes; the walk alone reads at 70-92% of the copy
+bandwidth, scripts/read_ceiling.py --rows, so the GEMV's arithmetic is what is left to cut).
 
 Per shape (the 31B's M == 1 weights but the lm_head, whose plan runs at ~90%): each variant
 checked against an fp32 matmul on the dequantized weight on two fresh x (rel err <= 1e-2), then
@@ -73,14 +75,16 @@ class Variant:
 
 
 class Plan:
-    label = "plan"
+    """The op's plan; levels 1: the same launches with x as one int8 level (half the dp4a)."""
+
+    def __init__(self, levels: int = 2):
+        self.levels = levels
+        self.label = "plan" if levels == 2 else f"plan/x{levels}"
 
     def __call__(self, x2, q, s):
         n, k = q.shape[0], q.shape[1] * 2
         p = im.gemv1_plan(n, k, GROUP)
-        cfg, splits = p[0], p[1]
-        xq = p[2] if len(p) > 2 else None
-        return im.int4_gemv1(x2, q, s, splits, kernel=im._gemv1_kernel(cfg), xq=xq)
+        return im.int4_gemv1(x2, q, s, p.splits, kernel=im._gemv1_kernel(p.cfg), xq=p.xq, levels=self.levels)
 
 
 def candidates(n: int, k: int) -> list[Variant]:
@@ -116,10 +120,10 @@ def _prewarm_worker(idx, count):
     launch_directly("prewarm")
     jobs = []
     for nm, (n, k) in me.shapes().items():
-        jobs += [(v, n, k) for v in [me.Plan(), *me.candidates(n, k)]]
+        jobs += [(v, n, k) for v in [me.Plan(), me.Plan(levels=1), *me.candidates(n, k)]]
     seen, todo = set(), []
     for v, n, k in jobs:  # one compile per config, path and K (its specialization)
-        key = (getattr(v, "label", "plan").split("/")[0], k, n if isinstance(v, me.Plan) else 0)
+        key = (v.label if isinstance(v, me.Plan) else v.label.split("/")[0], k, n if isinstance(v, me.Plan) else 0)
         if key not in seen:
             seen.add(key)
             todo.append((v, n, k))
@@ -178,9 +182,9 @@ def main(argv=None) -> int:
         nbytes, ws, ref_w = rotated_weights(n, k, GROUP)
         weights[nm] = ws
         floor = nbytes / gbps / 1e3
-        vs = [Plan(), *candidates(n, k)]
+        vs = [Plan(), Plan(levels=1), *candidates(n, k)]
         if _INTERPRET:
-            vs = vs[:1] + [v for v in vs[1:] if v.block_n == 4 and v.parts == 8 and v.groups == 1 and v.warps == 4]
+            vs = vs[:2] + [v for v in vs[2:] if v.block_n == 4 and v.parts == 8 and v.groups == 1 and v.warps == 4]
         res = []
         for v in vs:
             if time.time() - t0 > a.budget + 30:
@@ -202,12 +206,12 @@ def main(argv=None) -> int:
         timed = [(us, v) for us, v in res if us == us]
         if not timed:
             continue
-        plan_us = next((u for u, w in timed if isinstance(w, Plan)), float("nan"))
+        plan_us = next((u for u, w in timed if getattr(w, "label", "") == "plan"), float("nan"))
         us, v = min(timed, key=lambda t: t[0])
         best[nm] = v
         per_path = {}
         for u, w in timed:
-            p = getattr(w, "path", "plan")
+            p = getattr(w, "path", w.label)
             if p not in per_path or u < per_path[p][0]:
                 per_path[p] = (u, w.label)
         doc["best"][nm] = {"variant": v.label, "us": us, "plan_us": plan_us, "floor_us": floor,
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in names}
         rec = {"layer": lname, "projections": names, "best_variants": [best[nm].label for nm in names]}
         for _ in range(3):  # alternated
-            for key, pick in (("plan", lambda nm: Plan()), ("best", lambda nm: best[nm])):
+            for key, pick in (("plan", lambda nm: Plan()), ("plan_x1", lambda nm: Plan(levels=1)),
+                              ("best", lambda nm: best[nm])):
                 def run(pick=pick):
                     for i in range(copies):
                         for nm in names:
@@ -231,8 +236,9 @@ def main(argv=None) -> int:
                             pick(nm)(xs[nm], q, s)
                 rec.setdefault(f"{key}_us", []).append(bench_graph(run, copies))
         doc["layers"].append(rec)
-        print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, best per shape "
-              f"{min(rec['best_us']):.1f} us ({', '.join(rec['best_variants'])})", flush=True)
+        print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, x as one level "
+              f"{min(rec['plan_x1_us']):.1f} us, best per shape {min(rec['best_us']):.1f} us "
+              f"({', '.join(rec['best_variants'])})", flush=True)
         save()
     return finish_sweep(doc, ok, t0, save)
 

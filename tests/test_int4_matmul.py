@@ -294,6 +294,48 @@ def test_small_weights_one_launch_through_the_interpreter():
         assert ln[6] == "torch.bfloat16" and float(ln[7]) <= 1e-2, ln
 
 
+_ONE_LEVEL_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+
+    torch.manual_seed(0)
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        # the per-lane loop at the plan's 128- and 64-row tiles, one slice and three (summed in-kernel),
+        # ragged N; x with an all-zero group
+        for N, K, splits, cfg in [(200, 1024, 1, im.GEMV1_CONFIGS[0]), (72, 1536, 3, im.GEMV1_CONFIGS[2])]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x = torch.randn(1, K) * 3
+            x[0, :128] = 0
+            w = im.dequantize_int4(qweight, scales, torch.float64)
+            g = x.double().view(-1, 128)
+            f = g.abs().amax(-1, keepdim=True) / 127
+            h = torch.where(f > 0, torch.floor(g / torch.where(f > 0, f, 1) + 0.5), 0)
+            exact = (h * f).view(1, K) @ w.t()  # x as one int8 level per group, in fp64
+            ref = x.double() @ w.t()
+            for levels in (1, 2):
+                y = im.int4_gemv1(x, qweight, scales, splits, kernel=im._gemv1_kernel(cfg), xq=True, levels=levels)
+                e_fp = ((y.double() - ref).norm() / ref.norm()).item()
+                e_one = ((y.double() - exact).norm() / exact.norm()).item()
+                print("levels", levels, N, K, splits, e_fp, e_one)
+""")
+
+
+def test_one_level_x_through_the_interpreter():
+    """x as one int8 level (`_quant_x_kernel` and the per-lane loop at LEVELS 1: two dp4a a word)
+    gives exactly the matmul with x rounded to its level (fp32 sums), within 1e-2 of fp32; two
+    levels stay closer to fp32 than one."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _ONE_LEVEL_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("levels")]
+    assert len(rows) == 4, r.stdout
+    got = {(int(lv), int(n)): (float(e_fp), float(e_one)) for lv, n, k, sp, e_fp, e_one in rows}
+    for n in (200, 72):
+        assert got[(1, n)][1] <= 1e-5 and got[(1, n)][0] <= 1e-2  # the one-level matmul, exactly
+        assert got[(2, n)][0] < got[(1, n)][0]  # two levels: closer to fp32
+
+
 _MUTATION_SCRIPT = textwrap.dedent("""
     import torch, triton
     from triton.backends.compiler import GPUTarget
@@ -314,11 +356,13 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
-                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=0, **cfg.kwargs)
+                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=0, LEVELS=2,
+                        **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
                 xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
-                cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS, PDL=0)
+                cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS, PDL=0,
+                LEVELS=2)
     print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 

@@ -370,17 +370,23 @@ def _ld_b32_coherent(ptr):
 
 
 @triton.jit
-def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
+def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
+                    LEVELS: tl.constexpr = 2):
     """x's levels (`_quant_x_kernel`'s planes) for the words g + lane ([1, C, WORDS], the weight
     tile's own pattern: 16-byte loads in its layout) as [1, C, L, 4] each, the group's factor and
     its correction (16x, in the group's first word only, 0 elsewhere) in the same shape (PDL: the
-    factor and correction through coherent loads, `_ld_b32_coherent`)."""
+    factor and correction through coherent loads, `_ld_b32_coherent`). LEVELS 1: x as one level
+    (`_quant_x_kernel` at LEVELS 1), the low level's planes not read (le / lo return he / ho)."""
     p = xq + g + lane
     shp: tl.constexpr = (1, g.shape[1], L, 4)
     he = tl.reshape(tl.load(p), shp)
     ho = tl.reshape(tl.load(p + XP), shp)
-    le = tl.reshape(tl.load(p + 2 * XP), shp)
-    lo = tl.reshape(tl.load(p + 3 * XP), shp)
+    if LEVELS == 1:
+        le = he
+        lo = ho
+    else:
+        le = tl.reshape(tl.load(p + 2 * XP), shp)
+        lo = tl.reshape(tl.load(p + 3 * XP), shp)
     gi = tl.reshape(g // (4 * L) + lane * 0, shp)  # each word's group
     if ASM and PDL:
         f = _ld_b32_coherent(xf.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
@@ -395,7 +401,7 @@ def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr,
 
 
 @triton.jit
-def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr):
+def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr, LEVELS: tl.constexpr = 2):
     """[BN, C, L] fp32: x's two int8 levels (`_quant_x_kernel`) dotted with each lane's 4 words
     of a [BN, C, L, 4] tile, exact in int32, then converted and scaled once per lane (s [BN, C, 1]
     the group's scale, f x's factor / 16): no sum across lanes until the loop ends.
@@ -403,7 +409,8 @@ def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr):
     A word's low nibbles (k = 8j + 0, 2, 4, 6) are `w & 0x0F0F0F0F` (v) and its high ones stay
     in place, `w & 0xF0F0F0F0` (16 v): four dp4a chains over the lane's words (each level with
     each half), then 16 (254 h.lo + l.lo) + 254 h.hi + l.hi, less 16x the group's correction
-    8 (254 H + L) in its first lane (v is stored as q + 8): two masks and four dp4a a word."""
+    8 (254 H + L) in its first lane (v is stored as q + 8): two masks and four dp4a a word.
+    LEVELS 1 (x as one int8 level, le / lo unused): 16 h.lo + h.hi less 16 x 8 H, two dp4a a word."""
     w0, w1, w2, w3 = _split4(w)
     he0, he1, he2, he3 = _split4(he)
     ho0, ho1, ho2, ho3 = _split4(ho)
@@ -413,8 +420,17 @@ def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr):
     f0, _, _, _ = _split4(f)
     z = tl.zeros(w0.shape, dtype=tl.int32)
     hl = _dp4a(w0 & 0x0F0F0F0F, he0, z, ASM)
-    ll = _dp4a(w0 & 0x0F0F0F0F, le0, z, ASM)
     hh = _dp4a(w0 & HI_NIBBLES, ho0, z, ASM)
+    if LEVELS == 1:
+        hl = _dp4a(w1 & 0x0F0F0F0F, he1, hl, ASM)
+        hh = _dp4a(w1 & HI_NIBBLES, ho1, hh, ASM)
+        hl = _dp4a(w2 & 0x0F0F0F0F, he2, hl, ASM)
+        hh = _dp4a(w2 & HI_NIBBLES, ho2, hh, ASM)
+        hl = _dp4a(w3 & 0x0F0F0F0F, he3, hl, ASM)
+        hh = _dp4a(w3 & HI_NIBBLES, ho3, hh, ASM)
+        tot = hl * 16 + hh - ((c0 + c1) + (c2 + c3))
+        return tot.to(tl.float32) * (s * f0)
+    ll = _dp4a(w0 & 0x0F0F0F0F, le0, z, ASM)
     lh = _dp4a(w0 & HI_NIBBLES, lo0, z, ASM)
     hl = _dp4a(w1 & 0x0F0F0F0F, he1, hl, ASM)
     ll = _dp4a(w1 & 0x0F0F0F0F, le1, ll, ASM)
@@ -467,7 +483,8 @@ def _pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, stride_ww, stride_sn,
-                  WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
+                  WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
+                  LEVELS: tl.constexpr = 2):
     """The XQ kernel's sums [BLOCK_N] over its columns (`_int4_gemv1_kernel`: start / hi [1, C, 1]
     the first and end words of each column's run) with `_gemv1_tile_lanes`: each step's words
     and scales load one step ahead, x's levels too; no masked load (rows past N read row N - 1,
@@ -488,22 +505,22 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
     if PDL:
         z = _pdl_wait(PDL, ASM)
         xq, xf, xc = xq + z, xf + z, xc + z
-    he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL)
+    he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL, LEVELS)
     acc = tl.zeros((offs_n.shape[0], start.shape[1], L), dtype=tl.float32)
     for tg in range(0, gpp, STEP // WORDS):
         g1 = start + tg * WORDS + STEP
         gc = tl.minimum(g1 // WORDS, last) * WORDS
         w1 = tl.load(rows + (gc + lane))
         s1 = _gemv1_scale(srows + gc // WORDS, n_ok & (g1 < hi), ASM)
-        he1, ho1, le1, lo1, c1, f1 = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL)
-        acc += _gemv1_tile_lanes(tl.reshape(w, (w.shape[0], w.shape[1], L, 4)), s, he, ho, le, lo, c, f, ASM)
+        he1, ho1, le1, lo1, c1, f1 = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL, LEVELS)
+        acc += _gemv1_tile_lanes(tl.reshape(w, (w.shape[0], w.shape[1], L, 4)), s, he, ho, le, lo, c, f, ASM, LEVELS)
         w, s, he, ho, le, lo, c, f = w1, s1, he1, ho1, le1, lo1, c1, f1
     return tl.sum(tl.sum(acc, axis=2), axis=1)
 
 
 @triton.jit
 def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
-                    PDL: tl.constexpr = 0):
+                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -512,7 +529,9 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     (a plane loads in the weight tile's own layout, `_gemv1_x_planes`);
     xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
     NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
-    otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing."""
+    otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing.
+    LEVELS 1: h alone (x ~= s h, to within max|x| / 254, as llama.cpp's q8_1), its two planes,
+    xf = s and xc = 8 sum h."""
     if PDL:
         _pdl_wait(PDL, _PTX)
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
@@ -541,11 +560,15 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     XP = (NG * W + 15) // 16 * 16  # the planes' stride in words (16-byte aligned planes)
     out = xq_ptr + e3 * XP + g3 * W + j3
     tl.store(out, hw, mask=g3 < NG)
-    tl.store(out + 2 * XP, lw, mask=g3 < NG)
     hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
-    ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
-    tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
-    tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
+    if LEVELS == 1:
+        tl.store(xf_ptr + g, amax / 127.0, mask=g < NG)
+        tl.store(xc_ptr + g, 8 * hs, mask=g < NG)
+    else:
+        tl.store(out + 2 * XP, lw, mask=g3 < NG)
+        ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
+        tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
+        tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
 
 
 @triton.jit
@@ -574,7 +597,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
-                       PDL: tl.constexpr = 0):
+                       PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -600,7 +623,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     per-group factor and correction) and `_gemv1_loop_q` runs the slice: two masks and four dp4a
     a word, per-lane sums (no sum across lanes until the end); with K parts it does so at DEPTH 0
     (each part a column of its own), at DEPTH >= 1 `_gemv1_tile_q` sums each step across lanes;
-    else x is bf16 and xf_ptr / xc_ptr are unused.
+    else x is bf16 and xf_ptr / xc_ptr are unused. LEVELS (the per-lane loop): x as two int8
+    levels (2, the op's) or one (1: half the dp4a and x's planes, x to within max|x| / 254 per group).
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `_pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -621,8 +645,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     if XQ and (PARTS == 1 or DEPTH == 0):  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH 0 asks
         # for it with K parts too, where DEPTH >= 1 takes `_gemv1_tile_q`)
         val = _gemv1_loop_q(x_ptr.to(tl.pointer_type(tl.int32)), xf_ptr, xc_ptr, w_ptr, s_ptr, offs_n, N, KW, start,
-                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL)
+                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS)
     else:
+        tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         if PDL:
             _pdl_wait(PDL, ASM)
         lane = tl.arange(0, WORDS)[None, None, :]
@@ -1039,9 +1064,9 @@ def _pdl_args(pdl: int) -> dict:
     return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": 0}
 
 
-def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0):
-    """x2 [1, K] as `_quant_x_kernel`'s planes (int32), per-group factor and correction; the
-    kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
+def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2):
+    """x2 [1, K] as `_quant_x_kernel`'s planes (int32), per-group factor and correction (x as
+    `levels` int8 levels); the kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
     K = x2.shape[1]
     groups = K // G
     xin = torch.empty((4 * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
@@ -1049,19 +1074,21 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
-                                                     num_warps=4, **_pdl_args(pdl))
+                                                     LEVELS=levels, num_warps=4, **_pdl_args(pdl))
     return xin, xf, xc
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
-               red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0):
+               red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
+               levels: int = 2):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
     kernel, or here with bf16 x). xq: x turned into two int8 levels first (`_quant_x_kernel`, one
     more launch) and multiplied with dp4a. pdl_quant / pdl_gemv: the quantize kernel and the GEMV
     launched with programmatic dependent launch (`_pdl_wait`'s modes; sm_90+, direct launches only,
-    scripts/gemv1_pdl_variants.py); the op passes neither."""
+    scripts/gemv1_pdl_variants.py); the op passes neither. levels: x as two int8 levels (the op's)
+    or one (`_gemv1_tile_lanes`; the per-lane loop only: one K part or DEPTH 0)."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1074,11 +1101,11 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = _quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant) if xq else (x2, x2, x2)
+    xin, xf, xc = _quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels) if xq else (x2, x2, x2)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
-        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, **_pdl_args(pdl_gemv))
+        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels, **_pdl_args(pdl_gemv))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
