@@ -85,10 +85,10 @@ def counters(found: list):
     zero (cnt[:ncnt]), to read them after the GEMVs: each must be back at 0."""
     orig = im._quant_x
 
-    def recording(x2, G, cnt, ncnt, pdl=0):
+    def recording(x2, G, cnt, ncnt, pdl=0, levels=2):
         if ncnt:
             found.append(cnt[:ncnt])
-        return orig(x2, G, cnt, ncnt, pdl)
+        return orig(x2, G, cnt, ncnt, pdl, levels)
 
     im._quant_x = recording
     try:
