@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, main_in_interpreter, rel,
-                                    rotated_weights, spawn_prewarm, sweep_setup)
+from scripts.gemv1_variants import (bench_graph, check_vs_fp32, finish_sweep, launch_directly, layer_graph,
+                                    main_in_interpreter, rotated_weights, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -184,15 +184,6 @@ def _prewarm_worker(idx, count):
             pass
 
 
-def check(v, k: int, ws, ref_w) -> float:
-    q, s = ws[-1]
-    worst = 0.0
-    for _ in range(2):
-        x = torch.randn(1, k, device=DEVICE, dtype=XDT)
-        worst = max(worst, rel(v(x, q, s), x.float() @ ref_w.t()))
-    return worst
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("gemv1_cs_variants.json"))
@@ -229,7 +220,7 @@ def main(argv=None) -> int:
         res = []
         for v in vs:
             try:
-                err = check(v, k, ws, ref_w)
+                err = check_vs_fp32(v, k, ws, ref_w)
                 x = torch.randn(1, k, device=DEVICE, dtype=XDT)
                 us = bench_graph(lambda: [v(x, q, s) for q, s in ws], len(ws)) if err <= 1e-2 else float("nan")
             except Exception as e:  # a variant that fails to compile or run is reported, not fatal
@@ -263,12 +254,8 @@ def main(argv=None) -> int:
         rec = {"layer": lname, "projections": names, "best_variants": [best[nm].label for nm in names]}
         for _ in range(3):
             for key, pick in (("plan", lambda nm: Plan()), ("best", lambda nm: best[nm])):
-                def run(pick=pick):
-                    for i in range(copies):
-                        for nm in names:
-                            q, s = weights[nm][i]
-                            pick(nm)(xs[nm], q, s)
-                rec.setdefault(f"{key}_us", []).append(bench_graph(run, copies))
+                rec.setdefault(f"{key}_us", []).append(
+                    layer_graph([(pick(nm), weights[nm], xs[nm]) for nm in names], copies))
         doc["layers"].append(rec)
         print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, best per shape "
               f"{min(rec['best_us']):.1f} us ({', '.join(rec['best_variants'])})", flush=True)

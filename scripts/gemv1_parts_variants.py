@@ -39,8 +39,8 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, main_in_interpreter, rel,
-                                    rotated_weights, sweep_setup)
+from scripts.gemv1_variants import (bench_graph, check_vs_fp32, finish_sweep, launch_directly, layer_graph,
+                                    main_in_interpreter, rotated_weights, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -103,15 +103,6 @@ def candidates(n: int, k: int) -> list[Variant]:
                         if triton.cdiv(n, bn) < 1024 and path == "lane":
                             out.append(Variant(bn, parts, groups, warps, path, 2))
     return out
-
-
-def check(v, k: int, ws, ref_w) -> float:
-    q, s = ws[-1]
-    worst = 0.0
-    for _ in range(2):
-        x = torch.randn(1, k, device=DEVICE, dtype=XDT)
-        worst = max(worst, rel(v(x, q, s), x.float() @ ref_w.t()))
-    return worst
 
 
 def _prewarm_worker(idx, count):
@@ -190,7 +181,7 @@ def main(argv=None) -> int:
             if time.time() - t0 > a.budget + 30:
                 break
             try:
-                err = check(v, k, ws, ref_w)
+                err = check_vs_fp32(v, k, ws, ref_w)
                 x = torch.randn(1, k, device=DEVICE, dtype=XDT)
                 us = bench_graph(lambda: [v(x, q, s) for q, s in ws], len(ws)) if err <= 1e-2 else float("nan")
             except Exception as e:  # a variant that fails to compile or run is reported, not fatal
@@ -229,12 +220,8 @@ def main(argv=None) -> int:
         for _ in range(3):  # alternated
             for key, pick in (("plan", lambda nm: Plan()), ("plan_x1", lambda nm: Plan(levels=1)),
                               ("best", lambda nm: best[nm])):
-                def run(pick=pick):
-                    for i in range(copies):
-                        for nm in names:
-                            q, s = weights[nm][i]
-                            pick(nm)(xs[nm], q, s)
-                rec.setdefault(f"{key}_us", []).append(bench_graph(run, copies))
+                rec.setdefault(f"{key}_us", []).append(
+                    layer_graph([(pick(nm), weights[nm], xs[nm]) for nm in names], copies))
         doc["layers"].append(rec)
         print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, x as one level "
               f"{min(rec['plan_x1_us']):.1f} us, best per shape {min(rec['best_us']):.1f} us "

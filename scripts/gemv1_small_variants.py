@@ -37,8 +37,8 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (bench_graph, finish_sweep, launch_directly, main_in_interpreter, rel,
-                                    rotated_weights, stream_read_us, sweep_setup)
+from scripts.gemv1_variants import (bench_graph, check_vs_fp32, finish_sweep, launch_directly, layer_graph,
+                                    main_in_interpreter, rotated_weights, stream_read_us, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -120,28 +120,9 @@ def candidates(k: int) -> list[Variant]:
     return out
 
 
-def check(v, n: int, k: int, ws, ref_w) -> float:
-    q, s = ws[-1]
-    worst = 0.0
-    for _ in range(2):
-        x = torch.randn(1, k, device=DEVICE, dtype=XDT)
-        worst = max(worst, rel(v(x, q, s), x.float() @ ref_w.t()))
-    return worst
-
-
 def time_calls(v, ws, k: int) -> float:
     x = torch.randn(1, k, device=DEVICE, dtype=XDT)
     return bench_graph(lambda: [v(x, q, s) for q, s in ws], len(ws))
-
-
-def layer_graph(calls: list, copies: int) -> float:
-    """us of one pass over a layer's projections (each its own variant and weight copies)."""
-    def run():
-        for i in range(copies):
-            for v, ws, x in calls:
-                q, s = ws[i % len(ws)]
-                v(x, q, s)
-    return bench_graph(run, copies)
 
 
 def _prewarm_worker(idx, count):
@@ -196,7 +177,7 @@ def main(argv=None) -> int:
             vs = vs[:3] + [v for v in vs if getattr(v, "xq", False)][:1]
         for v in vs:
             try:
-                err = check(v, n, k, ws, ref_w)
+                err = check_vs_fp32(v, k, ws, ref_w)
                 us = time_calls(v, ws, k) if err <= 1e-2 else float("nan")
             except Exception as e:  # a variant that fails to compile or run is reported, not fatal
                 print(f"  {v.label}: {type(e).__name__}: {str(e)[:160]}", flush=True)

@@ -429,6 +429,28 @@ def bench_graph(fn, copies, reps=15):
     return ts[len(ts) // 2] * 1e3 / copies
 
 
+def check_vs_fp32(v, k: int, ws, ref_w, tries: int = 2) -> float:
+    """Worst rel err of a variant v(x, q, s) on the last weight copy of `ws` against x @ ref_w.T in
+    fp32, over `tries` fresh bf16 x."""
+    q, s = ws[-1]
+    worst = 0.0
+    for _ in range(tries):
+        x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+        worst = max(worst, rel(v(x, q, s), x.float() @ ref_w.t()))
+    return worst
+
+
+def layer_graph(calls: list, copies: int) -> float:
+    """us of one pass over a layer's projections as CUDA-graph replays: calls holds (variant,
+    weight copies, x) per projection, in the order a decode step runs them."""
+    def run():
+        for i in range(copies):
+            for v, ws, x in calls:
+                q, s = ws[i % len(ws)]
+                v(x, q, s)
+    return bench_graph(run, copies)
+
+
 def rotated_weights(n: int, k: int, g: int) -> tuple[int, list, torch.Tensor]:
     """(bytes a call reads, weight copies to rotate through, the fp32 dequantized weight) for an
     [n, k] int4 weight: enough copies for >= 256 MB, so a graph of calls over them reads from
