@@ -111,19 +111,13 @@ def deep_read(words: torch.Tensor, sink: torch.Tensor, waves: int, unroll: int, 
 
 
 def xor_all(t: torch.Tensor) -> int:
-    v = t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    out = 0
-    for x in v.view(-1).tolist() if _INTERPRET else [int(_xor_reduce(v.view(-1)))]:
-        out ^= x
-    return out
-
-
-def _xor_reduce(v: torch.Tensor) -> int:
+    """The xor of all of t's 32-bit words (as an unsigned int), halving the tensor until one is left."""
+    v = (t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).view(-1)
     while v.numel() > 1:
         if v.numel() % 2:
             v = torch.cat([v, v.new_zeros(1)])
         v = v[: v.numel() // 2] ^ v[v.numel() // 2:]
-    return int(v.item())
+    return int(v.item()) if v.numel() else 0
 
 
 def sizes() -> list[tuple[str, int]]:

@@ -419,6 +419,12 @@ def dequantizes(inp: PlanInputs, T: int) -> bool:
     return inp.linear is LinearQuant.INT4 and inp.dtype.bytes == 2 and T >= DEQUANT_MIN_M
 
 
+def _unit_of(name: str) -> str:
+    """The unit a stored name (or a prefix of one) belongs to: "layers.5" for "layers.5.mlp...", else its first part."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _packed_by_unit(config: Gemma4Config, dtype: str, recipe: QuantRecipe, kv: str | None
                     ) -> dict[str, dict[str, tuple[int, int]]]:
@@ -426,17 +432,14 @@ def _packed_by_unit(config: Gemma4Config, dtype: str, recipe: QuantRecipe, kv: s
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for t in inventory(config, dtype, recipe, kv)[0]:
         if t.fqn.endswith(".qweight") and len(t.shape) == 2:
-            parts = t.fqn.removesuffix(".qweight").split(".")
-            unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-            out.setdefault(unit, {})[t.fqn.removesuffix(".qweight")] = (t.shape[0], t.shape[1] * 2)
+            fqn = t.fqn.removesuffix(".qweight")
+            out.setdefault(_unit_of(fqn), {})[fqn] = (t.shape[0], t.shape[1] * 2)
     return out
 
 
 def _packed_linears(inp: PlanInputs, prefix: str) -> dict[str, tuple[int, int]]:
     """{name: (N, K)} of the int4 linears whose stored names start with `prefix` (the name less it)."""
-    parts = prefix.split(".")
-    unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-    linears = _packed_by_unit(inp.config, inp.dtype.value, inp.recipe(), inp.model_kv_dtype).get(unit, {})
+    linears = _packed_by_unit(inp.config, inp.dtype.value, inp.recipe(), inp.model_kv_dtype).get(_unit_of(prefix), {})
     return {fqn.removeprefix(prefix): nk for fqn, nk in linears.items() if fqn.startswith(prefix)}
 
 

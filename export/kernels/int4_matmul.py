@@ -1069,7 +1069,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     `levels` int8 levels); the kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
     K = x2.shape[1]
     groups = K // G
-    xin = torch.empty((4 * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
+    xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
     xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
     xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
