@@ -201,7 +201,7 @@ class Plan:
         self.splits, self.cfg = splits, cfg
 
     def resolve(self, n, k):
-        cfg, sp, _ = im.gemv1_plan(n, k, im.group_size_for(k, 128))
+        cfg, sp, *_ = im.gemv1_plan(n, k, im.group_size_for(k, 128))
         return (self.cfg if self.cfg is not None else cfg), (self.splits or sp)
 
     def label(self, n, k):

@@ -66,7 +66,7 @@ def kern(c):
 
 
 def plan_cfg(n, k):
-    cfg, sp, _ = im.gemv1_plan(n, k, 128)
+    cfg, sp, *_ = im.gemv1_plan(n, k, 128)
     kw = cfg.kwargs
     return (kw["BLOCK_N"], kw["GROUPS"], cfg.num_warps, kw["PARTS"], kw["DEPTH"]), sp
 

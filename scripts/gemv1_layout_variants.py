@@ -357,7 +357,7 @@ def _best(rows, **want):
 
 def summarize(name: str, n: int, k: int, rows: list[dict], stream: dict, floor_us: float, doc: dict) -> None:
     """The shape's line of the table and its summary in doc["summary"]."""
-    cfg, plan, _ = im.gemv1_plan(n, k, GROUP)
+    cfg, plan, *_ = im.gemv1_plan(n, k, GROUP)
     today = _best(rows, layout="rows", block_n=cfg.kwargs["BLOCK_N"], step_w=cfg.kwargs["GROUPS"] * GROUP // 8,
                   ahead=1, warps=cfg.num_warps, splits=plan)
     br, bt = _best(rows, layout="rows"), _best(rows, layout="tiled")

@@ -74,7 +74,7 @@ def project(x, q, s, pdl, splits=None, cfg=None):
     """x [1, K] @ dequant(W).T as the op runs it (`gemv1_plan`, or the given tile and slices), the
     quantize kernel and the GEMV launched in PDL modes pdl = (quantize, GEMV)."""
     n, k = q.shape[0], q.shape[1] * 2
-    pc, ps, _ = im.gemv1_plan(n, k, GROUP)
+    pc, ps, *_ = im.gemv1_plan(n, k, GROUP)
     return im.int4_gemv1(x, q, s, ps if splits is None else splits, kernel=im._gemv1_kernel(cfg or pc),
                          pdl_quant=pdl[0], pdl_gemv=pdl[1])
 

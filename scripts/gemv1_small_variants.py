@@ -96,7 +96,7 @@ class Plan:
 
     def __call__(self, x2, q, s):
         n, k = q.shape[0], q.shape[1] * 2
-        cfg, splits, xq = im.gemv1_plan(n, k, im.group_size_for(k, 128))
+        cfg, splits, xq, _ = im.gemv1_plan(n, k, im.group_size_for(k, 128))
         return im.int4_gemv1(x2, q, s, splits, kernel=im._gemv1_kernel(cfg), xq=xq)
 
 

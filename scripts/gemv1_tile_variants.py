@@ -340,7 +340,7 @@ def path(v, x2, q, s, splits, poison=False):
 def op_path(x2, q, s):
     """The op's M == 1 path as it stands (`gemv1_plan`'s config and split)."""
     N, K = q.shape[0], q.shape[1] * 2
-    cfg, sp, _ = im.gemv1_plan(N, K, K // s.shape[1])
+    cfg, sp, *_ = im.gemv1_plan(N, K, K // s.shape[1])
     return im.int4_gemv1(x2, q, s, sp, kernel=im._gemv1_kernel(cfg), xq=True)
 
 

@@ -347,7 +347,7 @@ class Op:
 
     def __call__(self, x2, q, s, splits, poison=False):
         N, K = q.shape[0], q.shape[1] * 2
-        cfg, sp, xq = im.gemv1_plan(N, K, K // s.shape[1])
+        cfg, sp, xq, _ = im.gemv1_plan(N, K, K // s.shape[1])
         return im.int4_gemv1(x2, q, s, sp, kernel=im._gemv1_kernel(cfg), xq=xq)
 
 

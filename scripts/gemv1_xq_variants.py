@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             rows.append(r)
             return r
 
-        cfg, sp, _ = im.gemv1_plan(n, k, g)
+        cfg, sp, *_ = im.gemv1_plan(n, k, g)
         pc = (cfg.kwargs["BLOCK_N"], cfg.kwargs["GROUPS"], cfg.num_warps, cfg.kwargs["PARTS"], cfg.kwargs["DEPTH"])
         timed("op", pc, sp, im.GEMV1_XQ)  # the op's M == 1 path as it stands
         if not _INTERPRET:  # (the interpreter's bf16 casts)

@@ -95,19 +95,22 @@ def test_gemv1_plan_takes_pool_configs_and_whole_groups():
     for n, k in [(2048, 5376), (4096, 5376), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
                  (262144, 5376), (1000, 4608), (12288, 1536), (100000, 256)]:
         g = im.group_size_for(k, 128)
-        cfg, splits, xq = im.gemv1_plan(n, k, g)
+        cfg, splits, xq, levels = im.gemv1_plan(n, k, g)
         assert any(cfg is c for c in im.GEMV1_CONFIGS) and 1 <= splits <= min(16, k // g) and xq == im.GEMV1_XQ
         assert im.gemv1_splits(n, k, g) == splits
-    xq = im.GEMV1_XQ
-    assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1, xq)  # K parts, no second kernel
-    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[0], 1, xq)  # 128-row tiles, one slice
+        # one level only where the per-lane loop runs (the tile sums take two)
+        lane = cfg.kwargs["PARTS"] == 1 or cfg.kwargs["DEPTH"] == 0
+        assert levels == (im.GEMV1_LEVELS if lane else 2)
+    xq, one = im.GEMV1_XQ, im.GEMV1_LEVELS
+    assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)  # K parts, no second kernel
+    assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[0], 1, xq, one)  # 128-row tiles, one slice
     # 42 row blocks of 128 x 8 slices; from 8192 rows 64-row tiles x 2 slices
-    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 8, xq)
-    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[2], 2, xq)
+    assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 8, xq, one)
+    assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[2], 2, xq, one)
     # where the one-launch tiles lost on the H200 (scripts/measurements/gemv1_small_variants.json)
-    assert im.gemv1_plan(12288, 1536, 128) == (im.GEMV1_CONFIGS[2], 2, xq)
-    assert im.gemv1_plan(3072, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq)
-    assert im.gemv1_plan(2048, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq)
+    assert im.gemv1_plan(12288, 1536, 128) == (im.GEMV1_CONFIGS[2], 2, xq, one)
+    assert im.gemv1_plan(3072, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)
+    assert im.gemv1_plan(2048, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)
 
 
 def _step_label(plan):
@@ -348,7 +351,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
 
     triton.runtime.driver.set_active(Target())
     N, K, G = 16384, 5376, 128
-    for xq in (True, False):
+    for xq, levels in ((True, 2), (True, 1), (False, 2)):  # x as two int8 levels, one, bf16
         for splits, red in ((1, 0), (8, 0), (8, 2)):  # one slice; the split summed by a kernel or in-kernel
             cfg = im.gemv1_plan(N, K, G).cfg
             args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
@@ -356,14 +359,15 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
-                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=0, LEVELS=2,
+                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=0, LEVELS=levels,
                         **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
-    args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
-                xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
-                cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS, PDL=0,
-                LEVELS=2)
-    print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
+    for levels in (2, 1):
+        args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
+                    xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
+                    cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS,
+                    PDL=0, LEVELS=levels)
+        print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 
 
@@ -376,7 +380,7 @@ def test_op_kernels_write_only_their_outputs():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 7, r.stdout
+    assert len(lines) == 11, r.stdout
     for ln in lines:
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln

@@ -77,6 +77,12 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 GEMV1_RED = 0
 GEMV1_RED_XQ = 2
 GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_loop_q`) instead of bf16 and FMAs
+# ... and where the per-lane loop runs, x as one int8 level per group instead of two (x to within
+# max|x| / 254 per group, as llama.cpp's q8_1; a weight's rounding is up to max|w| / 15): half the
+# dp4a and of x's planes. H200, 31B shapes (scripts/gemv1_parts_variants.py, gemv1_parts_variants.json):
+# o 12.0 -> 11.3 us, qkv 19.8 -> 18.8, down 24.9 -> 23.8, gate/up 37.7 -> 35.6; a sliding layer's four
+# projections as one graph 93.9 -> 89.3 us, a full layer's 101.7 -> 96.8
+GEMV1_LEVELS = 1
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -996,12 +1002,20 @@ GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
 
 
 class Gemv1Plan(NamedTuple):
-    """How the op runs an M == 1 weight: `_int4_gemv1_kernel`'s config, its K slices, and x as two
-    int8 levels (`_quant_x_kernel` first, a second launch) or as bf16."""
+    """How the op runs an M == 1 weight: `_int4_gemv1_kernel`'s config, its K slices, x as int8
+    levels (`_quant_x_kernel` first, a second launch) or as bf16, and how many levels (1 or 2)."""
 
     cfg: triton.Config
     splits: int
     xq: bool
+    levels: int = 2
+
+
+def _xq_plan(cfg: triton.Config, splits: int) -> Gemv1Plan:
+    """A plan with x as GEMV1_XQ says: GEMV1_LEVELS where the config runs the per-lane loop (one
+    K part, or DEPTH 0), two levels otherwise (the tile sums take two)."""
+    lane = cfg.kwargs["PARTS"] == 1 or cfg.kwargs["DEPTH"] == 0
+    return Gemv1Plan(cfg, splits, GEMV1_XQ, GEMV1_LEVELS if GEMV1_XQ and lane else 2)
 
 
 def gemv1_step_config(n: int, k: int, group_size: int) -> triton.Config:
@@ -1032,12 +1046,12 @@ def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
     if (k <= GEMV1_STEP_MAX_K and n <= GEMV1_STEP_MAX_N) or (n <= GEMV1_THIN_N and k <= GEMV1_THIN_MAX_K):
         return Gemv1Plan(gemv1_step_config(n, k, group_size), 1, False)
     if n <= GEMV1_SMALL_N:
-        return Gemv1Plan(GEMV1_CONFIGS[1], 1, GEMV1_XQ)
+        return _xq_plan(GEMV1_CONFIGS[1], 1)
     if n >= GEMV1_LARGE_N:
-        return Gemv1Plan(GEMV1_CONFIGS[0], 1, GEMV1_XQ)
+        return _xq_plan(GEMV1_CONFIGS[0], 1)
     if n >= GEMV1_WIDE_N:
-        return Gemv1Plan(GEMV1_CONFIGS[2], max(1, min(2, k // max(512, group_size))), GEMV1_XQ)
-    return Gemv1Plan(GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size))), GEMV1_XQ)
+        return _xq_plan(GEMV1_CONFIGS[2], max(1, min(2, k // max(512, group_size))))
+    return _xq_plan(GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size))))
 
 
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
@@ -1215,7 +1229,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
     if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
         plan = gemv1_plan(N, K, G)  # one config per shape, no timing run
-        out = int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq)
+        out = int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
+                         levels=plan.levels)
     elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
         out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
