@@ -42,7 +42,13 @@ K codes and the scales a block ahead 62 / 198 (0.54 / 0.67 of the copy bandwidth
 (fewer shared loads, but a conversion through shared memory), 8 warps, BLOCK_N 16 or 64, and more
 programs per SM were all slower.
 
-    python -m scripts.decode_kv8_variants --out sweep.json [--jobs 14]
+Third and fourth rounds (`--round 3`, `--round 4`): q . k as an int8 dot (KQ8: q in int8 codes with
+a scale a row, one level or two, against K's codes as stored, so K is not converted). One level: 31B
+full layer int8 48.0 / 156 -> 45.7 / 134-138 us at 32k / 128k, but the 31B slice's int8-KV decode
+logits 2.7% -> 4.0% from the bf16-KV model; two levels: as accurate as the fp16 dots and slower
+(51.4 / 158). The default stays the second round's kernel; KQ8 1 is the measured speed option.
+
+    python -m scripts.decode_kv8_variants --out sweep.json [--jobs 14] [--round 2|3|4]
     TRITON_INTERPRET=1 python -m scripts.decode_kv8_variants --smoke   # CPU, tiny shapes
 """
 
@@ -443,7 +449,7 @@ def launch_module(q, k, v, ks, vs, pos, window, var, target):
 def name_of(var):
     if var.get("module"):
         short = dict(KSPLIT="k", KBIAS="b", VWORDS="w", VSPLIT="x", VPAIRS="v", PTX="a", TAIL="t", SCALES_AHEAD="p",
-                     NIBWORDS="q")
+                     NIBWORDS="q", KQ8="i")
         knobs = "".join(f"{short.get(k, k.lower())}{v}" for k, v in sorted(var.get("knobs", {}).items()))
         cfg = "n{}w{}s{}".format(*var["cfg"]) if "cfg" in var else ""
         return ("module" + (f"-{cfg}{knobs}" if knobs or cfg else "") + ("-eager" if var.get("eager") else "")
@@ -490,6 +496,26 @@ VARIANTS = {
     "bf16": [MODULE, M_({"KSPLIT": 2, "TAIL": 1}), dict(M_({"KSPLIT": 2, "TAIL": 1}), eager=1)],
 }
 SLIDING_VARIANTS = [MODULE, M_({"TAIL": 1}, t=528)]
+# third round: q . k as an int8 dot (KQ8: q in int8 codes, K's codes as stored) on the second round's
+# defaults (C8), at 2 stages, at 3 programs per SM (168 registers, 75 KB at 3 stages), BLOCK_N 64 and 16.
+# Measured beside it then and dropped since (no gain): the accumulators rescaled only when a row's max
+# rose (`z1` in decode_kq8_variants.json)
+C8 = {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2}
+Q8 = {**C8, "KQ8": 1, "KBIAS": 0}
+C4 = {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}
+ROUND3 = {
+    "int8": [MODULE, M_(Q8), M_(Q8, (32, 4, 2)), M_(Q8, t=396), M_(Q8, (64, 4, 2)), M_(Q8, (16, 4, 3), 528),
+             dict(M_(Q8), cbd=128)],
+    "int4": [MODULE],
+    "bf16": [MODULE],
+}
+ROUND3_SLIDING = [MODULE]
+# fourth round: q in two int8 levels (KQ8 2; one level cost the int8-KV logits 2.7% -> 4.0%). Measured
+# beside it then and dropped since (no gain): V's codes biased by 1152 (`c1` in decode_kq8_round4.json)
+Q82 = {**Q8, "KQ8": 2}
+ROUND4 = {
+    "int8": [MODULE, M_(Q8), M_(Q82), M_(Q82, (64, 4, 2)), M_(Q82, (32, 4, 2))],
+}
 
 
 def caches(layer, kvs):
@@ -575,14 +601,21 @@ def compiled(var):
 
 
 def main(argv=None) -> int:
-    global DEV, DTYPE, FULL, SLIDING, FILLS
+    global DEV, DTYPE, FULL, SLIDING, FILLS, VARIANTS, SLIDING_VARIANTS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode_kv8_variants.json")
     ap.add_argument("--jobs", type=int, default=14)
     ap.add_argument("--rep", type=int, default=12, help="do_bench_cudagraph rep (ms)")
     ap.add_argument("--budget", type=float, default=135.0, help="seconds after which no new variant is timed")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--round", type=int, choices=(2, 3, 4), default=4,
+                    help="2: the knobs the module took (decode_kv8_variants.json); 3: q . k as an int8 dot "
+                         "(decode_kq8_variants.json); 4: q in two int8 levels (decode_kq8_round4.json)")
     args = ap.parse_args(argv)
+    if args.round == 3:
+        VARIANTS, SLIDING_VARIANTS = ROUND3, ROUND3_SLIDING
+    elif args.round == 4:
+        VARIANTS, SLIDING_VARIANTS = ROUND4, []
     t0 = time.time()
     if args.smoke:
         DEV, DTYPE, FILLS = "cpu", torch.float32, (5, 17, 40, 97)

@@ -119,6 +119,20 @@ def test_quantize_roundtrip_and_packing(kv):
         assert ((codes >> 4).int() - 8).equal(q[..., 1::2].int())
 
 
+def q_int8_levels(q, levels=1):
+    """q as the decode kernel's int8 q . k sees it (KQ8): each row (token, head) in int8 codes of
+    max |q| / 127, nearest, halves away from zero, and with two levels the remainder in 254ths
+    of a code the same way; returned in fp32 (codes times scale)."""
+    qf = q.float()
+    s = qf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127.0
+    r = qf / s
+    h = torch.where(r >= 0, r + 0.5, r - 0.5).trunc()
+    if levels == 1:
+        return h * s
+    r = (r - h) * 254.0
+    return (h + torch.where(r >= 0, r + 0.5, r - 0.5).trunc() / 254.0) * s
+
+
 def cache_args(k, v, kv):
     """The op's (k, v, k_scale, v_scale) for a float cache, or one quantized as `kv`."""
     if kv == "float":
@@ -225,14 +239,15 @@ assert max(worst.values()) <= 1e-2, worst
 INTERPRETED_KNOBS = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import cache_args, filled_cache
+from tests.test_attention import cache_args, filled_cache, q_int8_levels
 cm = A.use_configs(A.smallest); cm.__enter__()
 A.TARGET_PROGRAMS = 4  # two shares per KV head: each program walks several blocks
 gen = torch.Generator().manual_seed(3)
 KNOBS = [dict(KSPLIT=2, SCALES_AHEAD=1), dict(VWORDS=1, VSPLIT=2, KBIAS=1),
          dict(KSPLIT=4, VWORDS=1, KBIAS=1, SCALES_AHEAD=1),
          dict(KSPLIT=4, KBIAS=1, SCALES_AHEAD=1, VPAIRS=1, NIBWORDS=1, PTX=1, TAIL=1),
-         dict(VPAIRS=1, NIBWORDS=1, KBIAS=1, TAIL=2)]
+         dict(VPAIRS=1, NIBWORDS=1, KBIAS=1, TAIL=2), dict(KQ8=1, SCALES_AHEAD=1, VPAIRS=1, PTX=1, TAIL=2),
+         dict(KQ8=1, TAIL=1), dict(KQ8=2, VPAIRS=1, PTX=1, SCALES_AHEAD=1, TAIL=2)]
 worst = {}
 # a flat cache and a wrapped ring; fp32 q (exact dots) and bf16 q (fp16 dots, integer codes by their bits)
 for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70)]:
@@ -245,10 +260,13 @@ for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70
                 continue  # the interpreter's bf16 dots are not numpy's
             args = cache_args(k, v, kv)
             fmt = A.kv_format(args[0], args[2])
-            want = A.attention_reference(q.float(), *args, p, window)
+            plain = A.attention_reference(q.float(), *args, p, window)
+            rounded = {n: A.attention_reference(q_int8_levels(q, n), *args, p, window) for n in (1, 2)}  # KQ8
             for knobs in KNOBS:
                 A.DECODE_KNOBS[D, fmt] = knobs
                 got = A.launch(q, *args, p, window, True).float()
+                levels = A.with_knobs(A._cfg(16, 16, 4, 1), D, fmt).kwargs["KQ8"]
+                want = rounded[levels] if levels else plain
                 err = ((got - want).norm() / want.norm()).item()
                 key = (kv, str(dt), tuple(knobs))
                 worst[key] = max(worst.get(key, 0.0), err)
@@ -260,7 +278,8 @@ for (kv, dt, knobs), err in worst.items():
 
 def test_decode_code_knobs_match_reference_in_the_interpreter():
     """Every decode knob (q . k chains, V from words, V in parts, biased int8 K, scales a block
-    ahead) against the reference, fp32 and 16-bit dots, flat cache and wrapped ring, on CPU."""
+    ahead, int8 q . k against the reference fed q's int8 levels) against the
+    reference, fp32 and 16-bit dots, flat cache and wrapped ring, on CPU."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", INTERPRETED_KNOBS], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600)

@@ -72,13 +72,21 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # a block ahead; VPAIRS int8 V as 16-bit words of two codes (even / odd column planes); NIBWORDS
 # int4 K and V as 16-bit words of four codes (four column planes); PTX the int8 / int4 code
 # conversions in inline PTX; TAIL 1 the share's whole blocks unmasked and the last one masked,
-# 2 (quantized) every block's tiles read whole and only its scores masked.
+# 2 (quantized) every block's tiles read whole and only its scores masked; KQ8 (int8) q . k as an int8
+# dot of q's codes (1: one level a row, 2: two) with K's.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
 # int8 76 / 257 us at first, 62 / 200 with four q . k chains, biased K and the scales ahead, 50 / 150
 # with V as code pairs and the conversions in PTX, one q . k chain, whole tiles (0.63 / 0.85 of the
 # copy bandwidth; four chains 50 / 156, 2 stages at 3 programs per SM 53 / 154, BLOCK_N 16 or 64,
 # 8 warps and 132 or 528 programs slower); int4 82 / 283 -> 47 / 135 (16-bit words of four codes,
-# BLOCK_N 64); bf16 76 / 254 (its whole blocks unmasked: no faster, the sliding layer slower)
+# BLOCK_N 64); bf16 76 / 254 (its whole blocks unmasked: no faster, the sliding layer slower).
+# Third / fourth rounds (decode_kq8_variants.json, decode_kq8_round4.json): q . k as an int8 dot of q's
+# codes with K's as stored (KQ8 1: no conversion of K, the loop 948 -> 718 instructions a warp and block
+# for sm_90) 47.7 / 151 -> 45.7 / 134 us at 32k / 128k, but q in one int8 level a row puts the 31B
+# 6-layer slice's int8-KV decode logits at 4.0% from the bf16-KV model against 2.7%
+# (scripts/kv_logits_error.py), so it is not the default; q's remainder as a second level (KQ8 2, q to
+# ~16 bits, a second int8 dot) is slower than the fp16 dots (51.4 / 158). Rescaling only when a row's
+# max rose and V's codes biased (no subtract a code) paid nothing and were dropped.
 DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
                       (512, 1): {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2},
                       (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
@@ -201,7 +209,7 @@ def _cfg(bm, bn, warps, stages):
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
-                 "TAIL": 0, "NIBWORDS": 0}
+                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
@@ -211,7 +219,9 @@ def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config
     if kv_format != 2:
         knobs["NIBWORDS"] = 0  # int4 codes only
     if kv_format != 1:
-        knobs["VPAIRS"] = 0  # int8 codes only
+        knobs["VPAIRS"] = knobs["KQ8"] = 0  # int8 codes only
+    if knobs["KQ8"]:
+        knobs["KBIAS"], knobs["KSPLIT"] = 0, 1  # the int8 dot takes K's codes as stored
     if kv_format == 0:
         knobs["KBIAS"] = knobs["PTX"] = 0
     if kv_format == 2 and not knobs["NIBWORDS"]:
@@ -432,7 +442,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
            S, WINDOW, skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr, FP32: tl.constexpr,
            BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
            KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-           NIBWORDS: tl.constexpr, MASK: tl.constexpr, TMASK: tl.constexpr):
+           NIBWORDS: tl.constexpr, MASK: tl.constexpr, TMASK: tl.constexpr, K8: tl.constexpr = 0):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
     float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
     output columns (acc2 the second half when VSPLIT = 2; acc / acc2 the even / odd ones when
@@ -442,7 +452,11 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
     them. SCALES_AHEAD: ks_c / vs_c are this block's scales, loaded during the previous block; the
     next block's are requested here. MASK 0: a whole block of one query's (T = 1) share, every
     position visible, no masks. TMASK 0: the K / V tiles read whole (slots past the share hold
-    finite codes of a quantized cache, and their scores are masked, their scales read as 0)."""
+    finite codes of a quantized cache, and their scores are masked, their scales read as 0).
+    K8 (int8): q0 is q in int8 codes and qbias its row scales; q . K is one int8 dot (int32 sums,
+    exact) of the codes as stored, no conversion of K; K8 2: q1 holds a second level (q ~= scale *
+    (q0 + q1 / 254)), a second int8 dot."""
+    fdt: tl.constexpr = q0.dtype if not K8 else (tl.float32 if FP32 else tl.float16)  # p and V's operands
     kp = k0 + tl.arange(0, BLOCK_N)
     kmask = kp < end
     slot = k0 % S + tl.arange(0, BLOCK_N)  # one modulo a block: the valid positions span <= S slots
@@ -480,6 +494,13 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
             s = tl.dot(q0, tl.trans(ka), input_precision="ieee") + tl.dot(q1, tl.trans(kz), input_precision="ieee")
         else:
             s = tl.dot(q0, tl.trans(ka)) + tl.dot(q1, tl.trans(kz))
+    elif K8:
+        dk8 = tl.arange(0, D)
+        kt = _tile(K + kvh * skh + slot[:, None] * sks + dk8[None, :], kmask, TMASK, 0)
+        s = tl.dot(q0, tl.trans(kt), out_dtype=tl.int32).to(tl.float32)
+        if K8 == 2:
+            s += tl.dot(q1, tl.trans(kt), out_dtype=tl.int32).to(tl.float32) * (1.0 / 254.0)
+        s = s * qbias[:, None]
     else:
         DK: tl.constexpr = D // KSPLIT
         s = _qk(q0, K, kvh, slot, kmask, skh, sks, 0, DK, KBIAS, FP32, TMASK, PTX)
@@ -512,25 +533,25 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FMT != 0:
         p = p * vs[None, :]
-    p = p.to(q0.dtype)
+    p = p.to(fdt)
     if KV_FMT == 2 and NIBWORDS:  # the dot operand loads are ldmatrix.trans of the 16-bit words
         VW = V.to(tl.pointer_type(tl.int16))
         dq = tl.arange(0, D // 4)
         vw = _tile(VW + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dq[None, :], kmask, TMASK, -30584)
         if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, q0.dtype, PTX), input_precision="ieee")
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, q0.dtype, PTX), input_precision="ieee")
-            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, q0.dtype, PTX), input_precision="ieee")
-            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, q0.dtype, PTX), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, fdt, PTX), input_precision="ieee")
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, fdt, PTX), input_precision="ieee")
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, fdt, PTX), input_precision="ieee")
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, fdt, PTX), input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, q0.dtype, PTX))
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, q0.dtype, PTX))
-            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, q0.dtype, PTX))
-            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, q0.dtype, PTX))
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, fdt, PTX))
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, fdt, PTX))
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, fdt, PTX))
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, fdt, PTX))
     elif KV_FMT == 2 and not VWORDS:
         vb = _tile(V + kvh * svh + slot[:, None] * svs + dh[None, :], kmask, TMASK, 136)
-        va = _nibble(vb & 15, q0.dtype)
-        vz = _nibble(vb >> 4, q0.dtype)
+        va = _nibble(vb & 15, fdt)
+        vz = _nibble(vb >> 4, fdt)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
@@ -541,7 +562,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
         W = V.to(tl.pointer_type(tl.int16))
         dw = tl.arange(0, D // 2)
         ve, vo = _pairs(_tile(W + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dw[None, :], kmask, TMASK, 0),
-                        q0.dtype, PTX)
+                        fdt, PTX)
         if FP32:
             acc = acc * alpha[:, None] + tl.dot(p, ve, input_precision="ieee")
             acc2 = acc2 * alpha[:, None] + tl.dot(p, vo, input_precision="ieee")
@@ -563,7 +584,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-               TAIL: tl.constexpr, NIBWORDS: tl.constexpr):
+               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -589,6 +610,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     PLANES: tl.constexpr = (KV_FMT == 2 and not VWORDS and not NIBWORDS) or (KV_FMT == 1 and VPAIRS)
     ASM: tl.constexpr = PTX and not INTERPRET and not FP32  # inline PTX: compiled fp16 dots only
     QUADS: tl.constexpr = KV_FMT == 2 and NIBWORDS  # int4 as 16-bit words: four column planes 4c + r
+    K8: tl.constexpr = KQ8 if KV_FMT == 1 else 0  # q . k as int8 dots (1 or 2 levels of q)
     if QUADS:
         c4 = 4 * tl.arange(0, D // 4)
         q0 = tl.load(qrow + c4[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
@@ -599,6 +621,17 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         ca = 2 * tl.arange(0, D // 2)
         q0 = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
         q1 = tl.load(qrow + ca[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
+        q2 = q0
+        q3 = q0
+    elif K8:  # q as int8 codes with a scale per row (max |q| / 127), for the int8 dot with K's codes
+        qf = tl.load(qrow + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        q8s = tl.maximum(tl.max(tl.abs(qf), 1), 1.0e-30) / 127.0
+        qr = qf / q8s[:, None]
+        q0 = tl.where(qr >= 0, qr + 0.5, qr - 0.5).to(tl.int8)  # nearest, halves away from 0
+        q1 = q0
+        if K8 == 2:  # the remainder (|qr - q0| <= 1/2) in 254ths
+            qr = (qr - q0.to(tl.float32)) * 254.0
+            q1 = tl.where(qr >= 0, qr + 0.5, qr - 0.5).to(tl.int8)
         q2 = q0
         q3 = q0
     else:
@@ -631,7 +664,9 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
     KB: tl.constexpr = KBIAS and not FP32  # fp32 dots take the codes as they are
     qbias = tl.zeros([BLOCK_M], tl.float32)
-    if KB and QUADS:  # int4 K codes as value + 1032: the scores carry 1032 * sum(q)
+    if K8:
+        qbias = q8s
+    elif KB and QUADS:  # int4 K codes as value + 1032: the scores carry 1032 * sum(q)
         qbias = 1032.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
                           + tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
     elif KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
@@ -662,20 +697,20 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8)
             k0 += BLOCK_N
     else:
         for k0 in range(start, loop_end, BLOCK_N):
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end,
                                                      qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D,
                                                      KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8)
     if TAIL == 1:
         if loop_end < end:
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, loop_end,
                                                      end, qpos, kvh, K, V, KS, VS, S, WINDOW, skh, sks, svh, svs, ssh,
                                                      D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True)
+                                                     SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8)
 
     # output columns of acc / acc2: even / odd (int4 planes, int8 pairs), first / second half (VSPLIT 2),
     # or all; acc..acc4 the columns 4c + r (int4 words)
