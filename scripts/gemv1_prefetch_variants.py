@@ -26,10 +26,14 @@ Per 31B shape (the mid shapes and gate/up), as CUDA graphs over rotated weight c
 every weight comes from HBM unless prefetched): `base` (spin, then x = src * gain), `cold` (base then
 the op's GEMV), each prefetch mode (prefetch P bytes, spin, x, GEMV), `pf_base` (the prefetch kernel
 with spin and x, no GEMV: what the prefetch costs in the stream) and `nospin/bulk` (prefetch right
-before x and the GEMV: the transfer overlapping the GEMV's own start). The GEMV's share is the graph's
-time less `base`. Then a sliding and a full layer's four projections in order with a spin standing
+before x and the GEMV: the transfer overlapping the GEMV's own start), `inspin/<mode>` (the stand-in
+prefetching the weight itself, `_spin_prefetch_kernel`: the transfer beside its wait, as a prefetch
+issued from inside the attention kernel would run; `inspin_base` without the GEMV). The GEMV's share is
+the graph's time less `base`. Then a sliding and a full layer's four projections in order with a spin standing
 for attention between qkv and o: today, the o weight prefetched before the attention, and that plus
-the gate/up and down weights' heads prefetched one projection ahead. Correctness: every variant's
+the gate/up and down weights' heads prefetched one projection ahead; each also with the o weight
+prefetched by the stand-in itself (`pf_o_in`, `pf_o_in+heads`). First run (separate prefetch kernels
+only): a prefetch kernel holds the stream as long as a read of its bytes, so no overlap. Correctness: every variant's
 output bitwise the cold one's (a prefetch moves no data), the cold one within 1e-2 of an fp32
 matmul on the dequantized weight, on fresh x. Copy bandwidth measured in the same run. Table on
 stdout, one JSON (`--out`).
@@ -75,6 +79,36 @@ def _prefetch_kernel(ptr, out_ptr, NBYTES, PER_PROG, MODE: tl.constexpr, STRIDE:
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * PER_PROG
     end = tl.minimum(start + PER_PROG, NBYTES)
+    tl.store(out_ptr + pid, _prefetch_range(ptr, start, end, MODE, STRIDE, BLOCK, ASM))
+
+
+@triton.jit
+def _spin_prefetch_kernel(out_ptr, NS, w_ptr, WBYTES, s_ptr, SBYTES, PER_PROG, MODE: tl.constexpr,
+                          STRIDE: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr):
+    """The attention stand-in that prefetches the next weight itself: program 0 waits NS ns on the
+    global timer (`_spin_kernel`), programs 1.. ask the L2 for PER_PROG bytes each of the weight's
+    first WBYTES, then of its scales' first SBYTES. The transfer runs while the kernel does, as a
+    prefetch issued from inside the attention kernel would."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(out_ptr, _spin_wait(NS, ASM))
+    else:
+        j = (pid - 1).to(tl.int64)
+        wprogs = tl.cdiv(WBYTES, PER_PROG)
+        if j < wprogs:
+            start = j * PER_PROG
+            r = _prefetch_range(w_ptr, start, tl.minimum(start + PER_PROG, WBYTES), MODE, STRIDE, BLOCK, ASM)
+        else:
+            start = (j - wprogs) * PER_PROG
+            r = _prefetch_range(s_ptr, start, tl.minimum(start + PER_PROG, SBYTES), MODE, STRIDE, BLOCK, ASM)
+        tl.store(out_ptr + pid, r)
+
+
+@triton.jit
+def _prefetch_range(ptr, start, end, MODE: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                    ASM: tl.constexpr):
+    """Asks the L2 for bytes [start, end) of ptr (`_prefetch_kernel`'s modes); returns 0 (the asm's
+    results summed)."""
     acc = tl.zeros((BLOCK,), dtype=tl.int32)
     if ASM:
         for off in range(start, end, BLOCK * STRIDE):
@@ -95,12 +129,18 @@ def _prefetch_kernel(ptr, out_ptr, NBYTES, PER_PROG, MODE: tl.constexpr, STRIDE:
                     "{ .reg .pred q; setp.ne.b32 q, $2, 0; @q cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
                     "=r,l,r,r", [p, ok, size], dtype=tl.int32, is_pure=False, pack=1)
             acc += r
-    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _spin_kernel(out_ptr, NS, ASM: tl.constexpr):
     """Waits NS nanoseconds on the global timer (one program: a kernel that takes time, reads nothing)."""
+    tl.store(out_ptr, _spin_wait(NS, ASM))
+
+
+@triton.jit
+def _spin_wait(NS, ASM: tl.constexpr):
+    """Waits NS nanoseconds on the global timer; returns the time waited (0 in the interpreter)."""
     waited = 0
     if ASM:
         t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
@@ -109,7 +149,7 @@ def _spin_kernel(out_ptr, NS, ASM: tl.constexpr):
             t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
                                           pack=1)
         waited = (t - t0).to(tl.int32)
-    tl.store(out_ptr, waited)
+    return waited
 
 
 _SINK = {}
@@ -145,6 +185,20 @@ def spin(us: float) -> None:
         _spin_kernel[(1,)](_sink(1), int(us * 1000), ASM=not _INTERPRET, num_warps=1)
 
 
+def spin_prefetch(us: float, q: torch.Tensor, s: torch.Tensor, nbytes: int, mode: str, programs: int = 132) -> None:
+    """`spin` whose kernel also prefetches the weight's first rows (up to `nbytes`) and their scales
+    (`_spin_prefetch_kernel`): one launch, the transfer beside the wait."""
+    rows = min(q.shape[0], max(1, nbytes // q.shape[1]))
+    wbytes = rows * q.shape[1] * q.element_size() // 16 * 16
+    sbytes = rows * s.shape[1] * s.element_size() // 16 * 16
+    stride = BULK if mode == "bulk" else LINE
+    per_prog = triton.cdiv(triton.cdiv(wbytes + sbytes, programs), stride) * stride
+    grid = 1 + triton.cdiv(wbytes, per_prog) + triton.cdiv(sbytes, per_prog)
+    _spin_prefetch_kernel[(grid,)](_sink(grid), int(us * 1000), q.view(torch.uint8).view(-1), wbytes,
+                                   s.view(torch.uint8).view(-1), sbytes, per_prog, MODE=MODES[mode], STRIDE=stride,
+                                   BLOCK=32 if mode == "bulk" else 128, ASM=not _INTERPRET, num_warps=4)
+
+
 class Step:
     """One projection of a decode step: x = src * gain (what a norm or an activation leaves), then
     the op's M == 1 path on the given weight copy."""
@@ -166,6 +220,11 @@ class Step:
         q, s = self.ws[c % len(self.ws)]
         prefetch_weight(q, s, nbytes, mode)
 
+    def spin_pf(self, c: int, us: float, nbytes: int, mode: str):
+        """The attention stand-in prefetching this weight's head itself."""
+        q, s = self.ws[c % len(self.ws)]
+        spin_prefetch(us, q, s, nbytes, mode)
+
 
 def shape_variants(st: Step, pmax: int, spin_us: float, bulk_ok: bool) -> dict:
     """name -> fn(c) for one copy c: the per-shape graphs (module doc)."""
@@ -177,6 +236,9 @@ def shape_variants(st: Step, pmax: int, spin_us: float, bulk_ok: bool) -> dict:
     mode = "bulk" if bulk_ok else "line"
     out["pf_base"] = lambda c: (st.pf(c, pmax, mode), spin(spin_us), st.x())
     out[f"nospin/{mode}"] = lambda c: (st.pf(c, pmax, mode), st(c))
+    for m in ("line", mode):  # prefetched from inside the stand-in: the transfer beside its wait
+        out[f"inspin/{m}"] = lambda c, m=m: (st.spin_pf(c, spin_us, pmax, m), st(c))
+    out["inspin_base"] = lambda c: (st.spin_pf(c, spin_us, pmax, mode), st.x())
     return out
 
 
@@ -184,11 +246,14 @@ def layer_variants(steps: list[Step], pmax: int, head: int, spin_us: float, mode
     """name -> fn(c): a layer's projections in order, a spin for attention between the first two."""
     qkv, o, gu, dn = steps
 
-    def run(c, pf_o=False, heads=False):
+    def run(c, pf_o=False, heads=False, inside=False):
         ys = [qkv(c)]
-        if pf_o:
+        if pf_o and not inside:
             o.pf(c, pmax, mode)
-        spin(spin_us)
+        if inside:
+            o.spin_pf(c, spin_us, pmax, mode)
+        else:
+            spin(spin_us)
         if heads:
             gu.pf(c, head, mode)  # while o reads from the L2
         ys.append(o(c))
@@ -201,7 +266,8 @@ def layer_variants(steps: list[Step], pmax: int, head: int, spin_us: float, mode
         return ys
 
     return {"off": lambda c: run(c), "pf_o": lambda c: run(c, True),
-            "pf_o+heads": lambda c: run(c, True, True), "attn_only": lambda c: spin(spin_us)}
+            "pf_o+heads": lambda c: run(c, True, True), "pf_o_in": lambda c: run(c, True, inside=True),
+            "pf_o_in+heads": lambda c: run(c, True, True, inside=True), "attn_only": lambda c: spin(spin_us)}
 
 
 def graph_us(fn, copies: int, reps: int) -> float:
@@ -269,7 +335,8 @@ def main(argv=None) -> int:
     ok = True
     rounds, copies_max = (1, 2) if _INTERPRET else (2, 64)
     print(f"{'shape':18} {'N x K':>12} {'MB':>6} {'floor':>6} | {'base':>6} {'cold':>6} "
-          + " ".join(f"{m:>8}" for m in ["pf/line", "pf/line_el", "pf/bulk", "pf_base", "nospin"])
+          + " ".join(f"{m:>8}" for m in ["pf/line", "pf/line_el", "pf/bulk", "pf_base", "nospin", "in/line",
+                                         "in/bulk", "in_base"])
           + "   (GEMV us = graph - base)", flush=True)
     order = ["o_proj.sliding", "o_proj.full", "qkv_proj.sliding", "qk_proj.full", "mlp.down_proj", "mlp.gate_up_proj"]
     for nm in order:
@@ -279,7 +346,7 @@ def main(argv=None) -> int:
         st = steps[nm]
         fns = shape_variants(st, pmax, a.spin_us, bulk_ok)
         last = len(st.ws) - 1
-        gemv = {k_: f for k_, f in fns.items() if k_ not in ("base", "pf_base")}
+        gemv = {k_: f for k_, f in fns.items() if k_ not in ("base", "pf_base", "inspin_base")}
         x_ref = st.x().float()
         err, same = check(gemv, lambda f: [f(last)[-1]], [x_ref @ st.ref_w.t()])
         good = err <= 1e-2 and same
@@ -295,7 +362,8 @@ def main(argv=None) -> int:
         nospin = next(k_ for k_ in med if k_.startswith("nospin"))
         print(f"{nm:18} {st.n:6}x{st.k:<5} {st.nbytes / 1e6:6.1f} {floor:6.1f} | {med['base']:6.1f} "
               f"{med['cold'] - med['base']:6.1f} " + " ".join(col(k_) for k_ in ("pf/line", "pf/line_el", "pf/bulk"))
-              + f" {med['pf_base'] - med['base']:8.1f} {col(nospin)}   "
+              + f" {med['pf_base'] - med['base']:8.1f} {col(nospin)} {col('inspin/line')} {col('inspin/bulk')} "
+              f"{med['inspin_base'] - med['base']:8.1f}   "
               + ("bitwise = cold" if good else f"FAIL err {err:.1e} same {same}"), flush=True)
         save()
     mode = "bulk" if bulk_ok else "line"
@@ -319,7 +387,9 @@ def main(argv=None) -> int:
                                 "rel_err": err, "bitwise_off": same, "mode": mode}
         print(f"layer {lname:8} floor {floor:5.1f} us | attention stand-in {med['attn_only']:5.1f} | off "
               f"{med['off']:6.1f} pf_o {med['pf_o']:6.1f} ({med['pf_o'] - med['off']:+.1f}) pf_o+heads "
-              f"{med['pf_o+heads']:6.1f} ({med['pf_o+heads'] - med['off']:+.1f})   "
+              f"{med['pf_o+heads']:6.1f} ({med['pf_o+heads'] - med['off']:+.1f}) pf_o_in {med['pf_o_in']:6.1f} "
+              f"({med['pf_o_in'] - med['off']:+.1f}) pf_o_in+heads {med['pf_o_in+heads']:6.1f} "
+              f"({med['pf_o_in+heads'] - med['off']:+.1f})   "
               + ("bitwise = off" if good else f"FAIL err {err:.1e} same {same}"), flush=True)
         save()
     return finish_sweep(doc, ok, t0, save)

@@ -34,6 +34,20 @@ def test_spin_kernel_reads_the_global_timer():
     assert k.asm["ptx"].count("%globaltimer") >= 2  # before the loop and in it
 
 
+@pytest.mark.parametrize("mode", ["line", "bulk"])
+def test_spin_prefetch_kernel_assembles_for_sm90(mode):
+    """The stand-in that prefetches inside: the wait and the prefetch PTX in one kernel."""
+    from scripts.gemv1_tile_variants import _compile_sm90
+    bulk = mode == "bulk"
+    k = _compile_sm90(pv._spin_prefetch_kernel,
+                      {"out_ptr": "*i32", "NS": "i32", "w_ptr": "*u8", "WBYTES": "i64", "s_ptr": "*u8", "SBYTES": "i64",
+                       "PER_PROG": "i64"},
+                      {"MODE": pv.MODES[mode], "STRIDE": pv.BULK if bulk else pv.LINE, "BLOCK": 32 if bulk else 128,
+                       "ASM": True}, 4, ["out_ptr", "w_ptr", "s_ptr"])
+    ptx = k.asm["ptx"]
+    assert "%globaltimer" in ptx and ("cp.async.bulk.prefetch.L2.global" if bulk else "prefetch.global.L2 [") in ptx
+
+
 def test_prefetch_weight_asks_for_whole_rows_and_their_scales(monkeypatch):
     import torch
     asked = []
@@ -57,5 +71,6 @@ def test_sweep_runs_and_checks_in_the_interpreter(tmp_path):
     assert doc["checks_passed"] and len(doc["shapes"]) == 6 and set(doc["layers"]) == {"sliding", "full"}
     for row in doc["shapes"]:
         assert row["bitwise_cold"] and row["rel_err"] <= 1e-2
-        assert {"cold", "pf/line", "pf/line_el"} <= set(row["gemv_us"])
+        assert {"cold", "pf/line", "pf/line_el", "inspin/line"} <= set(row["gemv_us"])
     assert all(lay["bitwise_off"] for lay in doc["layers"].values())
+    assert all({"pf_o_in", "pf_o_in+heads"} <= set(lay["us"]) for lay in doc["layers"].values())
