@@ -15,14 +15,17 @@ serialization attribute may start while the kernel before it finishes: everythin
 `griddepcontrol.wait` (here the GEMV's first weight tile and scales, constants) overlaps that kernel
 (`int4_matmul._pdl_wait`). PDL is sm_90+: the H200 (sm_90) and the RTX 5090 (sm_120) have it, the
 RTX 4090 (sm_89) does not, and the script refuses such a GPU. AOTInductor's C++ launcher does not set
-the attribute (torch/_inductor/codegen/cpp_wrapper_gpu.py), nor does torch's wrap_triton: this
-measures the potential with direct Triton launches in CUDA graphs; the compiled artifact would need
-its launcher patched, later work if this pays.
+the attribute (torch/_inductor/codegen/cpp_wrapper_gpu.py), nor does torch's wrap_triton: the first
+run measured the potential with direct Triton launches in CUDA graphs (a layer's projections 3 us
+faster). `graph/after` is how the compiled artifact could have it: both kernels in mode 2 launched
+without the attribute, as AOTInductor launches them, and the captured graph's edges into them made
+programmatic before it is instantiated (scripts/graph_pdl.py). Each layer graph's edges are recorded
+by kind (`replay_checks.edges`: what capture writes for a launch with the attribute, and the edit).
 
 Variants (`VARIANTS`, (quantize, GEMV) PDL modes; mode 1 calls `griddepcontrol.launch_dependents`
 first thing, mode 2 right after the wait): `off` today's launches; `gemv` the GEMV only; `both/start`
 and `both/after` both kernels, the quantize kernel letting the GEMV's programs start at its own start
-or after its wait. The kernel before each quantize kernel is an ordinary torch elementwise kernel
+or after its wait; `graph/after` as `both/after` through an edited graph (above). The kernel before each quantize kernel is an ordinary torch elementwise kernel
 making its x (as a norm or an activation does: x = src * gain), launched without the attribute.
 Every projection runs as the op runs it (`gemv1_plan`'s tiles and K slices, the split sums in the
 GEMV's last program, its counters zeroed by the quantize kernel).
@@ -61,7 +64,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
 XDT = torch.float32 if _INTERPRET else torch.bfloat16  # (the interpreter's bf16 casts)
 GROUP = 128
-VARIANTS = {"off": (0, 0), "gemv": (0, 2), "both/start": (1, 1), "both/after": (2, 2)}
+VARIANTS = {"off": (0, 0), "gemv": (0, 2), "both/start": (1, 1), "both/after": (2, 2), "graph/after": (2, 2, "graph")}
+# "graph/after": both kernels in mode 2 launched without the attribute (as AOTInductor launches them),
+# their graph's edges into them made programmatic after capture (scripts/graph_pdl.py)
+PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")
 ROUNDS = (1, 1) if _INTERPRET else (3, 2)  # the variants' turns in a layer's graph and in a projection's
 # the 31B's M == 1 shapes in the interpreter: tiny stand-ins, `gemv1_plan`'s thresholds scaled to them
 # (one slice from 96 rows; below, 128-row tiles and 64-row ones from 52 rows, K in slices of >= 512)
@@ -72,11 +78,21 @@ TINY_SHAPES = {"qkv_proj.sliding": (48, 1024), "o_proj.sliding": (40, 1024), "ml
 
 def project(x, q, s, pdl, splits=None, cfg=None):
     """x [1, K] @ dequant(W).T as the op runs it (`gemv1_plan`, or the given tile and slices), the
-    quantize kernel and the GEMV launched in PDL modes pdl = (quantize, GEMV)."""
+    quantize kernel and the GEMV launched in PDL modes pdl = (quantize, GEMV[, "graph": without the
+    launch attribute])."""
     n, k = q.shape[0], q.shape[1] * 2
     pc, ps, *_ = im.gemv1_plan(n, k, GROUP)
     return im.int4_gemv1(x, q, s, ps if splits is None else splits, kernel=im._gemv1_kernel(cfg or pc),
-                         pdl_quant=pdl[0], pdl_gemv=pdl[1])
+                         pdl_quant=pdl[0], pdl_gemv=pdl[1], pdl_attr=len(pdl) < 3)
+
+
+def graph_edit(pdl):
+    """What a capture of these PDL modes needs before it is instantiated: for "graph" variants, the
+    edges into the quantize kernels and GEMVs made programmatic; else nothing."""
+    if len(pdl) < 3:
+        return None
+    from scripts.graph_pdl import make_programmatic
+    return lambda graph: make_programmatic(graph, PDL_KERNELS)
 
 
 @contextlib.contextmanager
@@ -85,10 +101,10 @@ def counters(found: list):
     zero (cnt[:ncnt]), to read them after the GEMVs: each must be back at 0."""
     orig = im._quant_x
 
-    def recording(x2, G, cnt, ncnt, pdl=0, levels=2):
+    def recording(x2, G, cnt, ncnt, pdl=0, levels=2, pdl_attr=True):
         if ncnt:
             found.append(cnt[:ncnt])
-        return orig(x2, G, cnt, ncnt, pdl, levels)
+        return orig(x2, G, cnt, ncnt, pdl, levels, pdl_attr)
 
     im._quant_x = recording
     try:
@@ -103,18 +119,24 @@ def counters_zero(found: list) -> bool:
 
 class Captured:
     """fn (a list of outputs) as one CUDA graph, its outputs refreshed by each replay, and the split
-    counters its launches use; in the interpreter fn itself, run again at each replay."""
+    counters its launches use; in the interpreter fn itself, run again at each replay. edit: a
+    function of the captured graph's handle, run before it is instantiated (`graph_edit`)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, edit=None):
         self.fn, self.cnt = fn, []
         if _INTERPRET:
             self.replay()
             return
         fn()
         torch.cuda.synchronize()
-        self.g = torch.cuda.CUDAGraph()
+        self.g = torch.cuda.CUDAGraph(keep_graph=True)  # its edges read (and edited) before instantiating
         with counters(self.cnt), torch.cuda.graph(self.g):
             self.out = fn()
+        self.edges = {"captured": _edge_kinds(self.g.raw_cuda_graph())}
+        if edit is not None:
+            self.edges["made_programmatic"] = edit(self.g.raw_cuda_graph())
+            self.edges["edited"] = _edge_kinds(self.g.raw_cuda_graph())
+        self.g.instantiate()
 
     def replay(self):
         if _INTERPRET:
@@ -125,6 +147,15 @@ class Captured:
             self.g.replay()
             torch.cuda.synchronize()
         return self.out
+
+
+def _edge_kinds(graph) -> dict:
+    """The graph's edges by (from port, to port, type) (scripts/graph_pdl.py), or why not."""
+    try:
+        from scripts.graph_pdl import edge_kinds
+        return edge_kinds(graph)
+    except Exception as e:  # a diagnostic: reported, not fatal
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
 def checked(pdl, q, s, ref_w, vs_off=False, splits=None, cfg=None):
@@ -197,7 +228,7 @@ def replay_checks(block: Block, refs: dict, reps: int) -> dict:
     graphs, errors = {}, {}
     for name, pdl in VARIANTS.items():
         try:
-            graphs[name] = Captured(lambda pdl=pdl: block.run(pdl, 1))
+            graphs[name] = Captured(lambda pdl=pdl: block.run(pdl, 1), graph_edit(pdl))
         except Exception as e:  # a variant that fails to capture is reported (and fails the checks), not fatal
             errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  {name}: {errors[name]}", flush=True)
@@ -216,9 +247,10 @@ def replay_checks(block: Block, refs: dict, reps: int) -> dict:
         for nm, y in zip(block.names, outs["off"]):
             worst = max(worst, rel(y, block.x(nm).float() @ refs[nm].t()))
     counts = {name: len(g.cnt) for name, g in graphs.items()}
+    edges = {name: getattr(g, "edges", None) for name, g in graphs.items()}
     del graphs
     return {"reps": reps, "mismatches": mism, "counter_not_zero": nonzero, "off_worst_rel_err": worst,
-            "counter_buffers": counts, "errors": errors}
+            "counter_buffers": counts, "errors": errors, "edges": edges}
 
 
 def median(ts: list) -> float:
@@ -226,12 +258,13 @@ def median(ts: list) -> float:
 
 
 def alternated(fns: dict, copies: int, rounds: int) -> dict:
-    """us per copy of each graph (median of its replays), the graphs timed in turn, `rounds` times."""
+    """us per copy of each graph (median of its replays), the graphs timed in turn, `rounds` times
+    (a variant's graph edited as `graph_edit` says)."""
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             try:
-                times[name].append(bench_graph(fn, copies))
+                times[name].append(bench_graph(fn, copies, edit=graph_edit(VARIANTS.get(name, (0, 0)))))
             except Exception as e:  # reported, not fatal (its checks fail first)
                 print(f"  {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 times[name].append(float("nan"))

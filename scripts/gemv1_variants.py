@@ -406,17 +406,21 @@ def finish_sweep(doc: dict, ok: bool, t0: float, save) -> int:
     return 0 if ok else 1
 
 
-def bench_graph(fn, copies, reps=15):
-    """Median us per call of fn (which makes `copies` calls) as CUDA-graph replays."""
+def bench_graph(fn, copies, reps=15, edit=None):
+    """Median us per call of fn (which makes `copies` calls) as CUDA-graph replays; edit: a function
+    of the captured graph's handle, run before the graph is instantiated."""
     if _INTERPRET:  # a dry run of the sweep's logic on CPU
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e6 / copies
     fn()
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
+    g = torch.cuda.CUDAGraph(keep_graph=edit is not None)
     with torch.cuda.graph(g):
         fn()
+    if edit is not None:
+        edit(g.raw_cuda_graph())
+        g.instantiate()
     g.replay()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for a, b in ev:

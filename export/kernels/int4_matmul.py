@@ -1070,15 +1070,18 @@ def _gemv1_kernel(cfg: triton.Config):
     return _GEMV1_KERNELS[key]
 
 
-def _pdl_args(pdl: int) -> dict:
+def _pdl_args(pdl: int, attr: bool = True) -> dict:
     """A launch's PDL arguments (`_pdl_wait`): the constexpr, always (torch's analysis of a wrapped
     kernel and AOTInductor take the arguments as passed, not the kernel's defaults: without it every
     argument reads as written), and with a mode other than 0 Triton's `launch_pdl` (a direct launch
-    on sm_90+: neither torch's wrap_triton nor AOTInductor's launcher sets the attribute)."""
-    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": 0}
+    on sm_90+: neither torch's wrap_triton nor AOTInductor's launcher sets the attribute). attr
+    False: the mode without the attribute (its `griddepcontrol.wait` returns at once), for a graph
+    whose edges are made programmatic after capture (scripts/graph_pdl.py)."""
+    return {"PDL": pdl, "launch_pdl": True} if pdl and attr else {"PDL": pdl}
 
 
-def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2):
+def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
+             pdl_attr: bool = True):
     """x2 [1, K] as `_quant_x_kernel`'s planes (int32), per-group factor and correction (x as
     `levels` int8 levels); the kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
     K = x2.shape[1]
@@ -1088,21 +1091,22 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
-                                                     LEVELS=levels, num_warps=4, **_pdl_args(pdl))
+                                                     LEVELS=levels, num_warps=4, **_pdl_args(pdl, pdl_attr))
     return xin, xf, xc
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
-               levels: int = 2):
+               levels: int = 2, pdl_attr: bool = True):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
     kernel, or here with bf16 x). xq: x turned into two int8 levels first (`_quant_x_kernel`, one
     more launch) and multiplied with dp4a. pdl_quant / pdl_gemv: the quantize kernel and the GEMV
     launched with programmatic dependent launch (`_pdl_wait`'s modes; sm_90+, direct launches only,
-    scripts/gemv1_pdl_variants.py); the op passes neither. levels: x as two int8 levels (the op's)
-    or one (`_gemv1_tile_lanes`; the per-lane loop only: one K part or DEPTH 0)."""
+    scripts/gemv1_pdl_variants.py); the op passes neither. pdl_attr False: those modes without the
+    launch attribute (`_pdl_args`). levels: x as two int8 levels or one (`_gemv1_tile_lanes`; the
+    per-lane loop only: one K part or DEPTH 0)."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1115,11 +1119,13 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = _quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels) if xq else (x2, x2, x2)
+    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr) if xq
+                   else (x2, x2, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
-        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels, **_pdl_args(pdl_gemv))
+        part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels,
+        **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
