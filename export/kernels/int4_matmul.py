@@ -77,12 +77,14 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 GEMV1_RED = 0
 GEMV1_RED_XQ = 2
 GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_loop_q`) instead of bf16 and FMAs
-# ... and where the per-lane loop runs, x as one int8 level per group instead of two (x to within
-# max|x| / 254 per group, as llama.cpp's q8_1; a weight's rounding is up to max|w| / 15): half the
-# dp4a and of x's planes. H200, 31B shapes (scripts/gemv1_parts_variants.py, gemv1_parts_variants.json):
-# o 12.0 -> 11.3 us, qkv 19.8 -> 18.8, down 24.9 -> 23.8, gate/up 37.7 -> 35.6; a sliding layer's four
-# projections as one graph 93.9 -> 89.3 us, a full layer's 101.7 -> 96.8
-GEMV1_LEVELS = 1
+# Levels of x where the per-lane loop runs (`gemv1_plan`): 2, or 1 (x to within max|x| / 254 per group
+# of 128, as llama.cpp's q8_1 per 32; half the dp4a and of x's planes). One level measured on the
+# H200 (scripts/gemv1_parts_variants.py, gemv1_parts_variants.json): o 12.0 -> 11.3 us, qkv 19.8 ->
+# 18.8, down 24.9 -> 23.8, gate/up 37.7 -> 35.6, a sliding layer's four projections 93.9 -> 89.3 us,
+# the 31B's decode 4-6% faster (runtime_31b_gemv1_x1.json); but the op's error against fp32 on plain
+# Gaussian x reaches 0.97e-2 (two levels: bf16 rounding, < 5e-3), at the 1e-2 with no room
+# for the outlier channels of real activations (one outlier sets a whole group's step). Two stay.
+GEMV1_LEVELS = 2
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
