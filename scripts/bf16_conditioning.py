@@ -8,8 +8,9 @@ norms and softcap; a smaller hidden size and vocabulary), seconds to a minute.
 Random weights draw the 1-D norm weights from U[0.5, 1.5) (scripts and tests perturb them away
 from identity). With scaling 1.0 and q / k RMS-normed, a score q . k then has a spread of
 ~sqrt(head_dim) (16-23 for head dims 256-512): the softmax is nearly one-hot and small input
-changes move it. Each run compares the bf16 model with its copy in fp32 (the same weights) twice: the q / k norm weights as drawn, and
-scaled by (3 / head_dim)^(1/4) so that scores spread ~3 as in a trained model. Reported: the
+changes move it. Each run compares the bf16 model with its copy in fp32 (the same weights)
+twice: the q / k norm weights as drawn, and scaled by (3 / head_dim)^(1/4) so that scores spread
+~3 as in a trained model. Reported: the
 relative L2 error of every step's logits (chunked prefill, then decode), and of each layer's
 attention output and layer output at the last step.
 """
@@ -57,9 +58,8 @@ def run(m, tokens, prompt: int, chunk: int):
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(m.layers):
-        hooks.append(layer.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(f"layer{i}", out[0].float())))
-        hooks.append(layer.self_attn.register_forward_hook(
-            lambda mod, inp, out, i=i: seen.__setitem__(f"attn{i}", out[0].float())))
+        for key, mod in ((f"layer{i}", layer), (f"attn{i}", layer.self_attn)):  # output[0] of each
+            hooks.append(mod.register_forward_hook(lambda _m, _in, out, key=key: seen.__setitem__(key, out[0].float())))
     m.reset_cache()
     out = [m(tokens[:, s:min(s + chunk, prompt)], torch.tensor([s])) for s in range(0, prompt, chunk)]
     out += [m(tokens[:, p:p + 1], torch.tensor([p])) for p in range(prompt, tokens.shape[1])]

@@ -25,9 +25,9 @@ by kind (`replay_checks.edges`: what capture writes for a launch with the attrib
 Variants (`VARIANTS`, (quantize, GEMV) PDL modes; mode 1 calls `griddepcontrol.launch_dependents`
 first thing, mode 2 right after the wait): `off` today's launches; `gemv` the GEMV only; `both/start`
 and `both/after` both kernels, the quantize kernel letting the GEMV's programs start at its own start
-or after its wait; `graph/after` as `both/after` through an edited graph (above). The kernel before each quantize kernel is an ordinary torch elementwise kernel
-making its x (as a norm or an activation does: x = src * gain), launched without the attribute.
-Every projection runs as the op runs it (`gemv1_plan`'s tiles and K slices, the split sums in the
+or after its wait; `graph/after` as `both/after` through an edited graph (above). The kernel
+before each quantize kernel is an ordinary torch elementwise kernel making its x (as a norm or an
+activation does: x = src * gain), launched without the attribute. Every projection runs as the op runs it (`gemv1_plan`'s tiles and K slices, the split sums in the
 GEMV's last program, its counters zeroed by the quantize kernel).
 
 Correctness first: on a ragged shape (N 1000, K 36 groups) at 1, 3 and 8 slices for each plan tile,

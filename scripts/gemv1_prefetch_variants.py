@@ -173,11 +173,18 @@ def prefetch(t: torch.Tensor, nbytes: int, mode: str, programs: int = 132) -> No
                               STRIDE=stride, BLOCK=32 if mode == "bulk" else 128, ASM=not _INTERPRET, num_warps=4)
 
 
+def head_bytes(q: torch.Tensor, s: torch.Tensor, nbytes: int) -> tuple[int, int]:
+    """Bytes of a packed weight's first whole rows (up to `nbytes` of it, at least one row) and of
+    the same rows' scales."""
+    rows = min(q.shape[0], max(1, nbytes // (q.shape[1] * q.element_size())))
+    return rows * q.shape[1] * q.element_size(), rows * s.shape[1] * s.element_size()
+
+
 def prefetch_weight(q: torch.Tensor, s: torch.Tensor, nbytes: int, mode: str) -> None:
     """The first rows of a packed weight (up to `nbytes` of it) and the same rows' scales."""
-    rows = min(q.shape[0], max(1, nbytes // q.shape[1]))
-    prefetch(q, rows * q.shape[1], mode)
-    prefetch(s, rows * s.shape[1] * s.element_size(), mode)
+    wbytes, sbytes = head_bytes(q, s, nbytes)
+    prefetch(q, wbytes, mode)
+    prefetch(s, sbytes, mode)
 
 
 def spin(us: float) -> None:
@@ -188,9 +195,7 @@ def spin(us: float) -> None:
 def spin_prefetch(us: float, q: torch.Tensor, s: torch.Tensor, nbytes: int, mode: str, programs: int = 132) -> None:
     """`spin` whose kernel also prefetches the weight's first rows (up to `nbytes`) and their scales
     (`_spin_prefetch_kernel`): one launch, the transfer beside the wait."""
-    rows = min(q.shape[0], max(1, nbytes // q.shape[1]))
-    wbytes = rows * q.shape[1] * q.element_size() // 16 * 16
-    sbytes = rows * s.shape[1] * s.element_size() // 16 * 16
+    wbytes, sbytes = (b // 16 * 16 for b in head_bytes(q, s, nbytes))
     stride = BULK if mode == "bulk" else LINE
     per_prog = triton.cdiv(triton.cdiv(wbytes + sbytes, programs), stride) * stride
     grid = 1 + triton.cdiv(wbytes, per_prog) + triton.cdiv(sbytes, per_prog)
@@ -246,11 +251,13 @@ def layer_variants(steps: list[Step], pmax: int, head: int, spin_us: float, mode
     """name -> fn(c): a layer's projections in order, a spin for attention between the first two."""
     qkv, o, gu, dn = steps
 
-    def run(c, pf_o=False, heads=False, inside=False):
+    def run(c, pf_o=None, heads=False):
+        """pf_o: the o weight prefetched by its own kernel before the stand-in ("kernel"), by the
+        stand-in itself ("inside"), or not (None)."""
         ys = [qkv(c)]
-        if pf_o and not inside:
+        if pf_o == "kernel":
             o.pf(c, pmax, mode)
-        if inside:
+        if pf_o == "inside":
             o.spin_pf(c, spin_us, pmax, mode)
         else:
             spin(spin_us)
@@ -265,9 +272,9 @@ def layer_variants(steps: list[Step], pmax: int, head: int, spin_us: float, mode
         ys.append(dn(c))
         return ys
 
-    return {"off": lambda c: run(c), "pf_o": lambda c: run(c, True),
-            "pf_o+heads": lambda c: run(c, True, True), "pf_o_in": lambda c: run(c, True, inside=True),
-            "pf_o_in+heads": lambda c: run(c, True, True, inside=True), "attn_only": lambda c: spin(spin_us)}
+    return {"off": lambda c: run(c), "pf_o": lambda c: run(c, "kernel"),
+            "pf_o+heads": lambda c: run(c, "kernel", True), "pf_o_in": lambda c: run(c, "inside"),
+            "pf_o_in+heads": lambda c: run(c, "inside", True), "attn_only": lambda c: spin(spin_us)}
 
 
 def graph_us(fn, copies: int, reps: int) -> float:

@@ -6,7 +6,8 @@ attention output (scripts/bench_attention.py).
 
 Chunked prefill of `fill` tokens, then `decode` tokens; for each KV dtype the relative L2 error
 of every step's logits against the bf16-KV model with the same weights (and of the decode steps
-alone, which run the decode kernel), and how often the argmax agrees. The slice keeps the model's 5:1 sliding:full pattern (6 layers: one full layer).
+alone, which run the decode kernel), and how often the argmax agrees. The slice keeps the
+model's 5:1 sliding:full pattern (6 layers: one full layer).
 """
 
 from __future__ import annotations
