@@ -13,11 +13,11 @@ tiles ahead reading the o projection at 89-92% without arithmetic, 50% with the 
 arithmetic of then (scripts/measurements/int4_gemv1_variants.json). Here `_int4_gemv1_kernel`
 itself runs such tiles with x as int8 levels through the per-lane loop (`lane`: DEPTH 0, one
 step ahead, no sum across lanes until the end), through the tile-sum path (`tileq`, DEPTH 2),
-and with bf16 x (`bf16`, DEPTH 2, one launch), beside the op's plan and the plan with x as one
-int8 level (`plan/x1`: half the dp4a and x's planes; 4-6% faster on every mid shape, but at the edge
-of the op's 1e-2 accuracy, so not the op's: int4_matmul.GEMV1_LEVELS). The walk alone reads at
-70-92% of the copy bandwidth (scripts/read_ceiling.py --rows), so the GEMV's arithmetic is what is
-left to cut.
+and with bf16 x (`bf16`, DEPTH 2, one launch), beside the op's plan (`plan`, x as
+int4_matmul.GEMV1_LEVELS int8 levels) and the plan with x as the other count (`plan/x1`: one level
+with a factor per 32 elements, half the dp4a and x's planes; `plan/x2`: two levels per group). The
+walk alone reads at 70-92% of the copy bandwidth (scripts/read_ceiling.py --rows), so the GEMV's
+arithmetic is what is left to cut.
 
 Per shape (the 31B's M == 1 weights but the lm_head, whose plan runs at ~90%): each variant
 checked against an fp32 matmul on the dequantized weight on two fresh x (rel err <= 1e-2), then
@@ -53,6 +53,7 @@ LAYERS = {"sliding": ["qkv_proj.sliding", "o_proj.sliding", "mlp.gate_up_proj", 
           "full": ["qk_proj.full", "o_proj.full", "mlp.gate_up_proj", "mlp.down_proj"]}
 TINY = {"qkv_proj.sliding": (48, 1024), "o_proj.sliding": (40, 2048), "mlp.gate_up_proj": (96, 1024),
         "mlp.down_proj": (40, 2048), "qk_proj.full": (56, 1024), "o_proj.full": (40, 2048)}
+OTHER = 3 - im.GEMV1_LEVELS  # the level count beside the op's (`plan/x1` or `plan/x2`)
 PATHS = {"lane": (True, 0), "tileq": (True, 2), "bf16": (False, 2)}  # (x quantized, DEPTH)
 
 
@@ -115,7 +116,7 @@ def _prewarm_worker(idx, count):
     launch_directly("prewarm")
     jobs = []
     for nm, (n, k) in me.shapes().items():
-        jobs += [(v, n, k) for v in [me.Plan(), me.Plan(levels=1), *me.candidates(n, k)]]
+        jobs += [(v, n, k) for v in [me.Plan(), me.Plan(levels=OTHER), *me.candidates(n, k)]]
     seen, todo = set(), []
     for v, n, k in jobs:  # one compile per config, path and K (its specialization)
         key = (v.label if isinstance(v, me.Plan) else v.label.split("/")[0], k, n if isinstance(v, me.Plan) else 0)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
         nbytes, ws, ref_w = rotated_weights(n, k, GROUP)
         weights[nm] = ws
         floor = nbytes / gbps / 1e3
-        vs = [Plan(), Plan(levels=1), *candidates(n, k)]
+        vs = [Plan(), Plan(levels=OTHER), *candidates(n, k)]
         if _INTERPRET:
             vs = vs[:2] + [v for v in vs[2:] if v.block_n == 4 and v.parts == 8 and v.groups == 1 and v.warps == 4]
         res = []
@@ -222,13 +223,13 @@ def main(argv=None) -> int:
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in names}
         rec = {"layer": lname, "projections": names, "best_variants": [best[nm].label for nm in names]}
         for _ in range(3):  # alternated
-            for key, pick in (("plan", lambda nm: Plan()), ("plan_x1", lambda nm: Plan(levels=1)),
+            for key, pick in (("plan", lambda nm: Plan()), (f"plan_x{OTHER}", lambda nm: Plan(levels=OTHER)),
                               ("best", lambda nm: best[nm])):
                 rec.setdefault(f"{key}_us", []).append(
                     layer_graph([(pick(nm), weights[nm], xs[nm]) for nm in names], copies))
         doc["layers"].append(rec)
-        print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, x as one level "
-              f"{min(rec['plan_x1_us']):.1f} us, best per shape {min(rec['best_us']):.1f} us "
+        print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, x as {OTHER} "
+              f"level(s) {min(rec[f'plan_x{OTHER}_us']):.1f} us, best per shape {min(rec['best_us']):.1f} us "
               f"({', '.join(rec['best_variants'])})", flush=True)
         save()
     return finish_sweep(doc, ok, t0, save)

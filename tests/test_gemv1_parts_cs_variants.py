@@ -45,7 +45,8 @@ def test_parts_sweep_checks_every_path_in_the_interpreter(tmp_path):
     assert doc["checks_passed"]
     got = {r["path"] for r in doc["rows"] if "path" in r}
     assert got == set(pv.PATHS) and all(r["rel_err"] <= 1e-2 for r in doc["rows"])
-    assert {"plan", "plan/x1"} <= {r["variant"] for r in doc["rows"]}  # x as one int8 level beside the plan
+    # x as the other level count beside the plan
+    assert {"plan", f"plan/x{pv.OTHER}"} <= {r["variant"] for r in doc["rows"]}
 
 
 def test_cs_sweep_checks_its_variants_in_the_interpreter(tmp_path):

@@ -11,9 +11,10 @@ Layout (one weight [N, K], no padding; K a multiple of the group size G):
 Kernels (Triton, launched through `wrap_triton` so AOTInductor compiles them into the `.so`).
 The row of bytes is also a row of int32 words, 8 nibbles each (k = 8j + i in bits 4i..4i+3 of
 word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte loads).
-- M == 1 (decode, bf16 x): `_quant_x_kernel` turns x into two int8 levels per group
-  (x ~= s (h + l / 254)), then `_int4_gemv1_kernel` (GEMV1_XQ) multiplies on the CUDA cores
-  with two masks and four dp4a per word of 8 nibbles (`_gemv1_tile_lanes`): exact integer sums
+- M == 1 (decode, bf16 x): `_quant_x_kernel` turns x into one int8 level with a factor per 32
+  elements (x ~= s h; GEMV1_LEVELS) or two per group (x ~= s (h + l / 254)), then
+  `_int4_gemv1_kernel` (GEMV1_XQ) multiplies on the CUDA cores with two masks and two dp4a per
+  word of 8 nibbles (four with two levels; `_gemv1_tile_lanes`): exact integer sums
   of each lane's 4 words, converted and scaled per lane, summed across lanes once after the
   loop (scripts/gemv1_tile_variants.py). With bf16 x (GEMV1_XQ off) a nibble
   costs a lop3 and an FMA (`_gemv1_tile`), which bounded the kernel at ~50% of the copy
@@ -76,15 +77,17 @@ DEQUANT_MIN_M = 512  # a concrete M from here on: dequantize to bf16 + torch.mm 
 # clones the weights before each call; `test_op_kernels_write_only_their_outputs` holds this.
 GEMV1_RED = 0
 GEMV1_RED_XQ = 2
-GEMV1_XQ = True  # M == 1: x as two int8 levels and dp4a (`_gemv1_loop_q`) instead of bf16 and FMAs
-# Levels of x where the per-lane loop runs (`gemv1_plan`): 2, or 1 (x to within max|x| / 254 per group
-# of 128, as llama.cpp's q8_1 per 32; half the dp4a and of x's planes). One level measured on the
-# H200 (scripts/gemv1_parts_variants.py, gemv1_parts_variants.json): o 12.0 -> 11.3 us, qkv 19.8 ->
-# 18.8, down 24.9 -> 23.8, gate/up 37.7 -> 35.6, a sliding layer's four projections 93.9 -> 89.3 us,
-# the 31B's decode 4-6% faster (runtime_31b_gemv1_x1.json); but the op's error against fp32 on plain
-# Gaussian x reaches 0.97e-2 (two levels: bf16 rounding, < 5e-3), at the 1e-2 the op is held to, with
-# no room for the outlier channels of real activations (one outlier sets a whole group's step). Two stay.
-GEMV1_LEVELS = 2
+GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead of bf16 and FMAs
+# Levels of x where the per-lane loop runs (`gemv1_plan`): 1, x as one int8 level with a factor per 32
+# elements (each lane's 4 words: to within max|x| / 254 of those 32, as llama.cpp's q8_1), half the dp4a
+# and of x's planes of 2 (two levels, x to within max|x| / 64516 per group). H200, 31B shapes
+# (scripts/gemv1_parts_variants.py, gemv1_parts_variants.json): o 12.1 -> 11.2 us, qkv 20.0 -> 19.1, down
+# 25.5 -> 24.3, gate/up 38.7 -> 36.6; a sliding layer's four projections as one graph 95.9 -> 90.6 us, a
+# full layer's 104.1 -> 98.6. Error against fp32 on Gaussian bf16 x: 5.7e-3 (two levels 1.7e-3, the bf16
+# output's rounding); one factor per group of 128 gave 6.7e-3 and twice the error of a factor per 32
+# next to an outlier channel. Both are small beside the int4 weight's own rounding (~10% of a row's
+# norm): the 1e-2 is against the dequantized weight.
+GEMV1_LEVELS = 1
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -384,7 +387,8 @@ def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr,
     tile's own pattern: 16-byte loads in its layout) as [1, C, L, 4] each, the group's factor and
     its correction (16x, in the group's first word only, 0 elsewhere) in the same shape (PDL: the
     factor and correction through coherent loads, `_ld_b32_coherent`). LEVELS 1: x as one level
-    (`_quant_x_kernel` at LEVELS 1), the low level's planes not read (le / lo return he / ho)."""
+    (`_quant_x_kernel` at LEVELS 1), the low level's planes not read (le / lo return he / ho), a
+    factor and correction (16x) per 32 elements, each lane's in all of its words."""
     p = xq + g + lane
     shp: tl.constexpr = (1, g.shape[1], L, 4)
     he = tl.reshape(tl.load(p), shp)
@@ -395,7 +399,10 @@ def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr,
     else:
         le = tl.reshape(tl.load(p + 2 * XP), shp)
         lo = tl.reshape(tl.load(p + 3 * XP), shp)
-    gi = tl.reshape(g // (4 * L) + lane * 0, shp)  # each word's group
+    if LEVELS == 1:
+        gi = tl.reshape((g + lane) // 4, shp)  # each word's 32 elements (its lane's: 4 words)
+    else:
+        gi = tl.reshape(g // (4 * L) + lane * 0, shp)  # each word's group
     if ASM and PDL:
         f = _ld_b32_coherent(xf.to(tl.pointer_type(tl.int32)) + gi).to(tl.float32, bitcast=True)
         c = _ld_b32_coherent(xc + gi)
@@ -405,6 +412,8 @@ def _gemv1_x_planes(xq, xf, xc, XP, g, lane, L: tl.constexpr, ASM: tl.constexpr,
     else:
         f = tl.load(xf + gi)
         c = tl.load(xc + gi)
+    if LEVELS == 1:  # a factor and correction per lane, read from its first word
+        return he, ho, le, lo, c * 16, f * 0.0625
     return he, ho, le, lo, tl.where(tl.reshape(lane, (1, 1, L, 4)) == 0, c * 16, 0), f * 0.0625
 
 
@@ -418,7 +427,8 @@ def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr, LEVELS: tl.
     in place, `w & 0xF0F0F0F0` (16 v): four dp4a chains over the lane's words (each level with
     each half), then 16 (254 h.lo + l.lo) + 254 h.hi + l.hi, less 16x the group's correction
     8 (254 H + L) in its first lane (v is stored as q + 8): two masks and four dp4a a word.
-    LEVELS 1 (x as one int8 level, le / lo unused): 16 h.lo + h.hi less 16 x 8 H, two dp4a a word."""
+    LEVELS 1 (x as one int8 level per 32 elements, le / lo unused): 16 h.lo + h.hi less 16 x 8 H
+    per lane (its 4 words are the 32 elements of one factor: c and f per lane), two dp4a a word."""
     w0, w1, w2, w3 = _split4(w)
     he0, he1, he2, he3 = _split4(he)
     ho0, ho1, ho2, ho3 = _split4(ho)
@@ -436,7 +446,7 @@ def _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM: tl.constexpr, LEVELS: tl.
         hh = _dp4a(w2 & HI_NIBBLES, ho2, hh, ASM)
         hl = _dp4a(w3 & 0x0F0F0F0F, he3, hl, ASM)
         hh = _dp4a(w3 & HI_NIBBLES, ho3, hh, ASM)
-        tot = hl * 16 + hh - ((c0 + c1) + (c2 + c3))
+        tot = hl * 16 + hh - c0
         return tot.to(tl.float32) * (s * f0)
     ll = _dp4a(w0 & 0x0F0F0F0F, le0, z, ASM)
     lh = _dp4a(w0 & HI_NIBBLES, lo0, z, ASM)
@@ -538,8 +548,8 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
     NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
     otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing.
-    LEVELS 1: h alone (x ~= s h, to within max|x| / 254, as llama.cpp's q8_1), its two planes,
-    xf = s and xc = 8 sum h."""
+    LEVELS 1: h alone with s per 32 elements (x ~= s h, to within max|x| / 254 of those 32, as
+    llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group)."""
     if PDL:
         _pdl_wait(PDL, _PTX)
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
@@ -553,9 +563,11 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     e = tl.arange(0, 2)[None, None, None, :]
     ok = g4 < NG
     x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.max(tl.abs(x), axis=3), axis=2), axis=1)
+    SUB: tl.constexpr = W // 4 if LEVELS == 1 else 1  # factors per group: per 32 elements at LEVELS 1
+    amax = tl.max(tl.reshape(tl.max(tl.max(tl.abs(x), axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    tt = x * inv[:, None, None, None]
+    inv_w = tl.reshape(tl.broadcast_to(inv[:, :, None], (GB, SUB, W // SUB)), (GB, W))  # each word's
+    tt = x * inv_w[:, :, None, None]
     h = tl.floor(tt + 0.5)
     l = tl.floor((tt - h) * 254.0 + 0.5)
     hi = h.to(tl.int32)
@@ -568,11 +580,14 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     XP = (NG * W + 15) // 16 * 16  # the planes' stride in words (16-byte aligned planes)
     out = xq_ptr + e3 * XP + g3 * W + j3
     tl.store(out, hw, mask=g3 < NG)
-    hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
     if LEVELS == 1:
-        tl.store(xf_ptr + g, amax / 127.0, mask=g < NG)
-        tl.store(xc_ptr + g, 8 * hs, mask=g < NG)
+        hs = tl.sum(tl.reshape(tl.sum(tl.sum(hi, axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
+        b = g[:, None] * SUB + tl.arange(0, SUB)[None, :]
+        tl.store(xf_ptr + b, amax / 127.0, mask=g[:, None] < NG)
+        tl.store(xc_ptr + b, 8 * hs, mask=g[:, None] < NG)
     else:
+        amax = tl.max(amax, axis=1)
+        hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
         tl.store(out + 2 * XP, lw, mask=g3 < NG)
         ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
         tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
@@ -1084,13 +1099,15 @@ def _pdl_args(pdl: int, attr: bool = True) -> dict:
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
              pdl_attr: bool = True):
-    """x2 [1, K] as `_quant_x_kernel`'s planes (int32), per-group factor and correction (x as
-    `levels` int8 levels); the kernel also zeroes cnt[:ncnt], the following GEMV's split-sum counters."""
+    """x2 [1, K] as `_quant_x_kernel`'s planes (int32), factors and corrections (x as `levels` int8
+    levels: per group at two, per 32 elements at one); the kernel also zeroes cnt[:ncnt], the
+    following GEMV's split-sum counters."""
     K = x2.shape[1]
     groups = K // G
     xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
-    xf = torch.empty((groups,), device=x2.device, dtype=torch.float32)
-    xc = torch.empty((groups,), device=x2.device, dtype=torch.int32)
+    blocks = groups * (G // 32 if levels == 1 else 1)  # one level: a factor per 32 elements
+    xf = torch.empty((blocks,), device=x2.device, dtype=torch.float32)
+    xc = torch.empty((blocks,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
                                                      LEVELS=levels, num_warps=4, **_pdl_args(pdl, pdl_attr))
