@@ -64,11 +64,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
 XDT = torch.float32 if _INTERPRET else torch.bfloat16  # (the interpreter's bf16 casts)
 GROUP = 128
-VARIANTS = {"off": (0, 0), "gemv": (0, 2), "both/start": (1, 1), "both/after": (2, 2), "graph/after": (2, 2, "graph"),
-            "graph+attr/after": (2, 2, "graph+attr")}
+VARIANTS = {"off": (0, 0), "gemv": (0, 2), "both/start": (1, 1), "both/after": (2, 2), "graph/after": (2, 2, "graph")}
 # "graph/after": both kernels in mode 2 launched without the attribute (as AOTInductor launches them),
-# their graph's edges into them made programmatic after capture (scripts/graph_pdl.py); "graph+attr/after"
-# the dependents' node attribute set too (the edges alone measured no faster than `off` on the H200)
+# their graph's edges into them made programmatic after capture (scripts/graph_pdl.py). H200, twice
+# (gemv1_pdl_graph.json): the edited graph had capture's edge kinds for `both/after` exactly, yet timed as
+# `off` (+0.1 / +0.2 us a layer where `both/after` took -3.2 / -3.5); a kernel node carries no
+# programmatic attribute of its own to set (cuGraphKernelNodeGet/SetAttribute: invalid value)
 PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")
 ROUNDS = (1, 1) if _INTERPRET else (3, 2)  # the variants' turns in a layer's graph and in a projection's
 # the 31B's M == 1 shapes in the interpreter: tiny stand-ins, `gemv1_plan`'s thresholds scaled to them
@@ -94,7 +95,7 @@ def graph_edit(pdl):
     if len(pdl) < 3:
         return None
     from scripts.graph_pdl import make_programmatic
-    return lambda graph: make_programmatic(graph, PDL_KERNELS, attribute=pdl[2] == "graph+attr")
+    return lambda graph: make_programmatic(graph, PDL_KERNELS)
 
 
 @contextlib.contextmanager

@@ -69,40 +69,21 @@ def _edges(graph):
     return list(src[:n]), list(dst[:n]), list(data[:n])
 
 
-def _pss(node) -> int:
-    """A kernel node's programmatic-stream-serialization attribute (what a launch with it records)."""
-    from cuda.bindings import driver as cu
-
-    attr = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    return int(_check(cu.cuGraphKernelNodeGetAttribute(node, attr)).programmaticStreamSerializationAllowed)
-
-
 def edge_kinds(graph) -> dict:
-    """(from_port, to_port, type) -> count over the graph's edges, the kernel edges' share, and the
-    kernel nodes by their programmatic-stream-serialization attribute ("pss": value -> count)."""
-    from cuda.bindings import driver as cu
-
+    """(from_port, to_port, type) -> count over the graph's edges, and the kernel edges' share."""
     src, dst, data = _edges(graph)
     names = _kernel_names(graph)
     kinds = Counter((int(d.from_port), int(d.to_port), int(d.type)) for d in data)
     kernel_to_kernel = sum(int(a) in names and int(b) in names for a, b in zip(src, dst))
-    out = {"edges": len(src), "kernel_to_kernel": kernel_to_kernel, "kinds": {str(k): v for k, v in kinds.items()}}
-    try:
-        n = _check(cu.cuGraphGetNodes(graph, 0))[1]
-        kernels = [nd for nd in _check(cu.cuGraphGetNodes(graph, n))[0] if int(nd) in names]
-        out["pss"] = {str(k): v for k, v in Counter(_pss(nd) for nd in kernels).items()}
-    except RuntimeError as e:  # a diagnostic only
-        out["pss"] = str(e)[:200]
-    return out
+    return {"edges": len(src), "kernel_to_kernel": kernel_to_kernel, "kinds": {str(k): v for k, v in kinds.items()}}
 
 
-def make_programmatic(graph, targets: Sequence[str], attribute: bool = False) -> int:
+def make_programmatic(graph, targets: Sequence[str]) -> int:
     """Turns every kernel -> kernel edge into a kernel named with one of `targets` into a
     programmatic edge (the dependent may launch before its predecessor finishes; it must
     `griddepcontrol.wait` before reading what that one wrote). graph: a CUgraph / cudaGraph_t
     handle (torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph() after the capture, before
-    instantiate). attribute: also set the dependents' programmatic-stream-serialization attribute,
-    as a launch with it records. Returns how many edges changed."""
+    instantiate). Returns how many edges changed."""
     from cuda.bindings import driver as cu
 
     src, dst, data = _edges(graph)
@@ -122,10 +103,4 @@ def make_programmatic(graph, targets: Sequence[str], attribute: bool = False) ->
         d.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
         new.append(d)
     _check(cu.cuGraphAddDependencies(graph, frm, to, new, len(pick)))
-    if attribute:
-        attr = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        value = cu.CUkernelNodeAttrValue()
-        value.programmaticStreamSerializationAllowed = 1
-        for node in {int(n): n for n in to}.values():
-            _check(cu.cuGraphKernelNodeSetAttribute(node, attr, value))
     return len(pick)
