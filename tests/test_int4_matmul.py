@@ -361,7 +361,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
 
     triton.runtime.driver.set_active(Target())
     N, K, G = 16384, 5376, 128
-    for xq, levels in ((True, 2), (True, 1), (False, 2)):  # x as two int8 levels, one, bf16
+    # PDL 0 and 2 (the op's mode on sm_90+: its wait is pure inline PTX, which the analysis reads)
+    for xq, levels, pdl in [(xq, lv, pdl) for xq, lv in ((True, 2), (True, 1), (False, 2)) for pdl in (0, 2)]:
         for splits, red in ((1, 0), (8, 0), (8, 2)):  # one slice; the split summed by a kernel or in-kernel
             cfg = im.gemv1_plan(N, K, G).cfg
             args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
@@ -369,14 +370,14 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
-                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=0, LEVELS=levels,
+                        stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
                         **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
-    for levels in (2, 1):
+    for levels, pdl in ((2, 0), (1, 0), (2, 2), (1, 2)):
         args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
                     xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
                     cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS,
-                    PDL=0, LEVELS=levels)
+                    PDL=pdl, LEVELS=levels)
         print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 
@@ -385,12 +386,12 @@ def test_op_kernels_write_only_their_outputs():
     """torch's analysis of which arguments a wrapped Triton kernel writes must read the M == 1
     kernels as the op launches them: an op it cannot read (inline PTX with a side effect) makes it
     take every argument as written, and the compiled graph then clones the weight before each
-    call. The analysis runs on TTIR (no GPU)."""
+    call. The analysis runs on TTIR (no GPU), in each PDL mode the op launches (0, and 2 on sm_90+)."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 11, r.stdout
+    assert len(lines) == 22, r.stdout
     for ln in lines:
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln

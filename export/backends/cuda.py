@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from typing import Any, Iterator, final
 
@@ -62,6 +63,90 @@ def one_object_per_kernel_name(original):
 @contextlib.contextmanager
 def kernel_binary_patches() -> Iterator[None]:
     with patched("convert_cubin_to_obj", one_object_per_kernel_name):
+        yield
+
+
+_PLAIN_LAUNCH = re.compile(r"CUDA_DRIVER_CHECK\(cuLaunchKernel\(\s*func, gridX, gridY, gridZ, 32\*numWarps, 1, 1, "
+                           r"sharedMemBytes, stream, args, nullptr\s*\)\);")
+
+
+PDL_OFF_ENV = "GEMMA4_PDL_OFF"  # set (to anything) when a process starts: its artifacts launch as stock AOTI does
+
+
+def _waits_on_grid_source(prefixes: tuple[str, ...]) -> str:
+    """C++: whether a kernel is one of ours that waits on the grid before it (its entry name starts
+    with one of `prefixes`), unless PDL_OFF_ENV was set when the process first launched one (for an
+    A/B of the same artifact: scripts/pdl_ab.py)."""
+    tests = " || ".join(f'n.rfind("{p}", 0) == 0' for p in prefixes)
+    return f"""
+            static inline bool gemma4WaitsOnGrid(CUfunction func) {{
+                static const bool off = std::getenv("{PDL_OFF_ENV}") != nullptr;
+                const char* name = nullptr;
+                if (off) {{
+                    return false;
+                }}
+                if (cuFuncGetName(&name, func) != CUDA_SUCCESS || name == nullptr) {{
+                    return false;
+                }}
+                const std::string n(name);
+                return {tests};
+            }}
+
+"""
+
+
+def pdl_launcher(prefixes: tuple[str, ...]):
+    """AOTInductor's kernel driver (the C++ helpers it writes into every `.so`) with `launchKernel`
+    setting the programmatic-stream-serialization attribute (`cuLaunchKernelEx`) for the kernels
+    named with `prefixes`, compiled to wait on the grid before them (int4_matmul._pdl_wait): such a
+    kernel may start while the one before it finishes (and a CUDA graph captured around the `.so`
+    records a programmatic edge), everything up to its wait overlapping that kernel. Every other
+    kernel launches as before. Stock AOTInductor sets no launch attribute; a kernel that does not
+    wait must never get this one (it would read its inputs early)."""
+    def patch(original):
+        def kernel_driver(self) -> str:
+            src = original(self)
+            found = _PLAIN_LAUNCH.findall(src)
+            if len(found) != 1 or "static inline void launchKernel(" not in src:
+                raise RuntimeError("AOTInductor's launchKernel is not the one export/backends/cuda.py patches "
+                                   "for programmatic dependent launch (torch moved it)")
+            plain = found[0]
+            pdl = ("""if (gemma4WaitsOnGrid(func)) {
+                    CUlaunchAttribute attr[1];
+                    attr[0].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                    attr[0].value.programmaticStreamSerializationAllowed = 1;
+                    CUlaunchConfig config = {};
+                    config.gridDimX = gridX;
+                    config.gridDimY = gridY;
+                    config.gridDimZ = gridZ;
+                    config.blockDimX = 32 * numWarps;
+                    config.blockDimY = 1;
+                    config.blockDimZ = 1;
+                    config.sharedMemBytes = sharedMemBytes;
+                    config.hStream = stream;
+                    config.attrs = attr;
+                    config.numAttrs = 1;
+                    CUDA_DRIVER_CHECK(cuLaunchKernelEx(&config, func, args, nullptr));
+                    return;
+                }
+                """ + plain)
+            src = src.replace(plain, pdl)
+            return src.replace("static inline void launchKernel(",
+                               _waits_on_grid_source(prefixes) + "            static inline void launchKernel(", 1)
+        return kernel_driver
+    return patch
+
+
+@contextlib.contextmanager
+def pdl_launches() -> Iterator[None]:
+    """`pdl_launcher` for the int4 op's M == 1 kernels while the block compiles, where the op
+    compiles them to wait (int4_matmul.op_pdl_mode on the export GPU); nothing elsewhere."""
+    import torch
+
+    if not torch.cuda.is_available() or not int4_matmul.op_pdl_mode(torch.device("cuda")):
+        yield
+        return
+    with patched("CUDADeviceOpOverrides.kernel_driver", pdl_launcher(int4_matmul.PDL_KERNELS)):
         yield
 
 
@@ -167,6 +252,7 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         stack = contextlib.ExitStack()
         stack.enter_context(cls.get_extra_aoti_compile_context_manager())
         stack.enter_context(kernel_binary_patches())
+        stack.enter_context(pdl_launches())
         if ROW_PERSISTENT_MAX:
             stack.enter_context(row_reductions_in_registers())
         if options.autotune:

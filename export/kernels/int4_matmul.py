@@ -57,7 +57,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
@@ -88,6 +87,14 @@ GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead o
 # next to an outlier channel. Both are small beside the int4 weight's own rounding (~10% of a row's
 # norm): the 1e-2 is against the dequantized weight.
 GEMV1_LEVELS = 1
+# M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`_pdl_wait`): launched
+# with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
+# named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
+# the GEMV loading its first weight tile and scales before it waits. H200, direct launches in CUDA
+# graphs (scripts/gemv1_pdl_variants.py, gemv1_pdl_variants.json): a layer's four projections 3.2 /
+# 3.5 us faster (sliding / full). Launched without the attribute the wait returns at once.
+OP_PDL = True
+PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`_pdl_wait`) where OP_PDL holds
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -478,24 +485,25 @@ def _gemv1_scale(p, ok, ASM: tl.constexpr):
 
 @triton.jit
 def _pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
-    """Programmatic dependent launch (PDL 1 or 2; the kernel launched with `launch_pdl=True`, sm_90+):
-    `griddepcontrol.wait`, from which on the kernels before this one have finished and their writes
-    are visible, and `griddepcontrol.launch_dependents` (the next kernel's programs may start) before
-    the wait (PDL 1) or after it (PDL 2). The wait is `tl.extra.cuda.gdc_wait`'s PTX with an int32 0
-    as its result: reads that must follow it add it to their pointers, since a pure inline-PTX load
-    (`_ld_b32`) has no memory dependence and the compiler may otherwise schedule it above the wait;
-    and they go through coherent loads (`_ld_b32_coherent`), since the data changes while the
-    kernel runs. Not in the interpreter (no inline PTX; its kernels run one after another anyway):
-    0 there. The wait is inline PTX with a side effect, which torch's mutation analysis cannot read:
-    the op launches PDL 0 (`_pdl_args`), which compiles to the kernels without this code."""
+    """Programmatic dependent launch (PDL 1 or 2, sm_90+; the kernel launched with the programmatic-
+    stream-serialization attribute: `launch_pdl=True` for a direct launch, the artifact's launcher
+    for the op, export/backends/pdl_launch.py): `griddepcontrol.wait`, from which on the kernels
+    before this one have finished and their writes are visible, and `griddepcontrol.launch_dependents`
+    (the next kernel's programs may start) before the wait (PDL 1) or after it (PDL 2). Without the
+    attribute the wait returns at once. Returns an int32 0 that every access which must follow the
+    wait adds to its pointer (every read of what kernels before wrote, every write): the PTX is one
+    pure inline-asm block (torch's mutation analysis reads a pure block as writing nothing; one with
+    side effects would make it take every argument as written, and the compiled graph would clone
+    the weights before each call), so only these data dependences order it. Reads of data that
+    changes while the kernel runs go through coherent loads (`_ld_b32_coherent`). Not in the
+    interpreter (no inline PTX; its kernels run one after another anyway): 0 there."""
     zero = 0
     if PDL and ASM:
         if PDL == 1:
-            gdc_launch_dependents()
-        zero = tl.inline_asm_elementwise("griddepcontrol.wait; mov.b32 $0, 0;", "=r", [], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-        if PDL == 2:
-            gdc_launch_dependents()
+            ptx: tl.constexpr = "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.b32 $0, 0;"
+        else:
+            ptx: tl.constexpr = "griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, 0;"
+        zero = tl.inline_asm_elementwise(ptx, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
     return zero
 
 
@@ -550,8 +558,9 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing.
     LEVELS 1: h alone with s per 32 elements (x ~= s h, to within max|x| / 254 of those 32, as
     llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group)."""
-    if PDL:
-        _pdl_wait(PDL, _PTX)
+    if PDL:  # every read and write after the wait
+        z = _pdl_wait(PDL, _PTX)
+        x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr = x_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z, cnt_ptr + z
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
         offs = i + tl.arange(0, 1024)
         tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
@@ -671,8 +680,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                             hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS)
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
-        if PDL:
-            _pdl_wait(PDL, ASM)
+        if PDL:  # x (and x's factors) read after the wait; the weights may load before it
+            z = _pdl_wait(PDL, ASM)
+            x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
         lane = tl.arange(0, WORDS)[None, None, :]
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
@@ -706,6 +716,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
+    if PDL:  # the writes after the wait (their values follow it already; the counter's address too)
+        zw = _pdl_wait(PDL, ASM)
+        y_ptr, part_ptr, cnt_ptr = y_ptr + zw, part_ptr + zw, cnt_ptr + zw
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
     elif RED == 0:
@@ -1090,11 +1103,20 @@ def _gemv1_kernel(cfg: triton.Config):
 def _pdl_args(pdl: int, attr: bool = True) -> dict:
     """A launch's PDL arguments (`_pdl_wait`): the constexpr, always (torch's analysis of a wrapped
     kernel and AOTInductor take the arguments as passed, not the kernel's defaults: without it every
-    argument reads as written), and with a mode other than 0 Triton's `launch_pdl` (a direct launch
-    on sm_90+: neither torch's wrap_triton nor AOTInductor's launcher sets the attribute). attr
-    False: the mode without the attribute (its `griddepcontrol.wait` returns at once), for a graph
-    whose edges are made programmatic after capture (scripts/graph_pdl.py)."""
+    argument reads as written), and with a mode other than 0 and attr Triton's `launch_pdl` (a direct
+    launch on sm_90+). attr False: the mode alone, as the op launches it (neither torch's wrap_triton
+    nor AOTInductor's stock launcher sets the attribute; the artifact's launcher does, for
+    PDL_KERNELS); without the attribute its `griddepcontrol.wait` returns at once."""
     return {"PDL": pdl, "launch_pdl": True} if pdl and attr else {"PDL": pdl}
+
+
+def op_pdl_mode(device: torch.device) -> int:
+    """The PDL mode the op compiles its M == 1 kernels in on `device` (`_pdl_wait`): 2 where OP_PDL
+    holds on a CUDA GPU of sm_90 or later (griddepcontrol is sm_90+: the H200, the RTX 5090; not the
+    RTX 4090), else 0."""
+    if not OP_PDL or _INTERPRET or device.type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return 2 if torch.cuda.get_device_capability(device)[0] >= 9 else 0
 
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
@@ -1254,8 +1276,9 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
     if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
         plan = gemv1_plan(N, K, G)  # one config per shape, no timing run
+        pdl = op_pdl_mode(x.device)  # the attribute comes from the artifact's launcher, not from here
         out = int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                         levels=plan.levels)
+                         levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False)
     elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
         out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too

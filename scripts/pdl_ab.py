@@ -1,0 +1,119 @@
+"""Programmatic dependent launch on and off for one artifact: the same `.so`, the same inputs, one
+process each (a measuring tool, one GPU call).
+
+    python -m scripts.pdl_ab --model DIR [--fills 1024,32768] [--steps 64] [--json out.json]
+
+Why: on sm_90+ the int4 op's M == 1 kernels are compiled to wait on the grid before them and the
+artifact's launcher gives them the programmatic-stream-serialization attribute
+(export/backends/cuda.py, int4_matmul._pdl_wait), so each may start while the kernel before it
+finishes. The launcher leaves the attribute off in a process started with GEMMA4_PDL_OFF set: the
+kernels are the same, their wait then returns at once. So the two runs differ in the launch alone,
+and must agree bit for bit: every decode step's logits and tokens, greedy, after the same prompt.
+
+Each run (a child process): load the artifact (CUDA-graph decode, the runner's default), prefill
+to each fill with fixed random ids, then `--steps` greedy decode steps, each step's time by CUDA
+events around the replay (median), every step's logits kept. The parent compares the two runs
+and writes one JSON with `on` / `off` ms per token per fill, `bitwise_equal`, and the worst
+logits difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from export.backends.cuda import PDL_OFF_ENV
+
+
+def run_child(model: str, fills: list[int], steps: int, out: str) -> None:
+    """One process's decode: {fill: {ms, tokens}} as JSON at out, the logits beside it (.pt)."""
+    import torch
+
+    from runtime.artifact import Artifact
+    from runtime.runner import Runner
+
+    vocab = Artifact.open(model).metadata.vocab_size
+    runner = Runner.load(model)  # the artifact's device (a CPU artifact: the script's dry run)
+    cuda = runner.device.startswith("cuda")
+    gen = torch.Generator().manual_seed(0)
+    res, logits_all = {}, {}
+    for fill in fills:
+        runner.reset()
+        ids = torch.randint(3, vocab, (fill,), generator=gen).tolist()
+        logits = runner.prefill(ids)
+        token = torch.argmax(logits.view(-1))
+        times, tokens, kept = [], [], []
+        for _ in range(steps):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t = time.perf_counter()
+            out_logits = runner._decode(token)
+            if cuda:
+                b.record()
+            kept.append(out_logits.float().clone())
+            token = torch.argmax(out_logits)
+            tokens.append(int(token.item()))  # waits for the step
+            times.append(a.elapsed_time(b) if cuda else (time.perf_counter() - t) * 1e3)
+        res[str(fill)] = {"median_ms": statistics.median(times), "tokens": tokens}
+        logits_all[str(fill)] = torch.stack(kept).cpu()
+    torch.save(logits_all, out + ".pt")
+    Path(out).write_text(json.dumps(res))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="an artifact exported for CUDA on an sm_90+ GPU")
+    p.add_argument("--fills", default="1024,32768", help="prompt lengths to decode after (comma-separated)")
+    p.add_argument("--steps", type=int, default=64, help="greedy decode steps per fill")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    fills = [int(f) for f in a.fills.split(",") if f]
+    if a.child:
+        run_child(a.model, fills, a.steps, a.child)
+        return 0
+    import torch
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("off", "on", "off2", "on2"):  # alternated: drift shows as on / on2 or off / off2 apart
+            env = dict(os.environ)
+            env.pop(PDL_OFF_ENV, None)
+            if name.startswith("off"):
+                env[PDL_OFF_ENV] = "1"
+            out = os.path.join(tmp, name + ".json")
+            r = subprocess.run([sys.executable, "-m", "scripts.pdl_ab", "--model", a.model, "--fills", a.fills,
+                                "--steps", str(a.steps), "--child", out], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"{name}: the run failed\n{r.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            runs[name] = (json.loads(Path(out).read_text()), torch.load(out + ".pt"))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    doc = {"model": a.model, "steps": a.steps, "device": device, "fills": {}}
+    ok = True
+    print(f"{'fill':>7} {'off ms':>8} {'on ms':>8} {'change':>8}  bitwise (logits and tokens, every step)")
+    for f in map(str, fills):
+        same = all(torch.equal(runs[n][1][f], runs["off"][1][f]) and runs[n][0][f]["tokens"] == runs["off"][0][f]["tokens"]
+                   for n in runs)
+        worst = max(float((runs[n][1][f] - runs["off"][1][f]).abs().max()) for n in runs)
+        off = [runs[n][0][f]["median_ms"] for n in ("off", "off2")]
+        on = [runs[n][0][f]["median_ms"] for n in ("on", "on2")]
+        doc["fills"][f] = {"off_ms": off, "on_ms": on, "bitwise_equal": same, "max_abs_logit_diff": worst}
+        ok = ok and same
+        print(f"{f:>7} {min(off):8.3f} {min(on):8.3f} {min(on) - min(off):+8.3f}  {same} (max |diff| {worst:.2e})")
+    doc["bitwise_equal"] = ok
+    if a.json:
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

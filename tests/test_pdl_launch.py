@@ -1,0 +1,89 @@
+"""Programmatic dependent launch in the artifact without a GPU: the launcher AOTInductor writes into
+the `.so` (export/backends/cuda.py's `pdl_launcher`) sets the attribute for the int4 op's waiting
+kernels only, and still compiles; the op's mode follows the device."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import site
+import subprocess
+
+import pytest
+import torch
+from torch._inductor.codegen.cuda.device_op_overrides import CUDADeviceOpOverrides
+
+from export.backends import cuda as backend
+from export.kernels import int4_matmul as im
+
+
+def _driver(patch: bool) -> str:
+    fn = CUDADeviceOpOverrides.kernel_driver
+    if patch:
+        fn = backend.pdl_launcher(im.PDL_KERNELS)(fn)
+    return fn(CUDADeviceOpOverrides())
+
+
+def _launch_body(src: str) -> str:
+    return src[src.index("static inline void launchKernel("):]
+
+
+def test_the_launcher_sets_the_attribute_for_the_waiting_kernels_alone():
+    stock, ours = _driver(False), _driver(True)
+    assert "cuLaunchKernelEx" not in stock and "PROGRAMMATIC_STREAM_SERIALIZATION" not in stock
+    body = _launch_body(ours)
+    # the attribute only behind the name test, and every other kernel launched as before
+    guarded, rest = body.split("if (gemma4WaitsOnGrid(func)) {", 1)[1].split("return;", 1)
+    assert "CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION" in guarded and "cuLaunchKernelEx" in guarded
+    assert "cuLaunchKernel(" in rest and "cuLaunchKernelEx" not in rest
+    test = ours[ours.index("static inline bool gemma4WaitsOnGrid"):ours.index("static inline void launchKernel(")]
+    for name in im.PDL_KERNELS:
+        assert f'n.rfind("{name}", 0) == 0' in test
+    assert test.count("rfind") == len(im.PDL_KERNELS)
+    def squeeze(text: str) -> str:
+        return "".join(text.split())
+
+    assert squeeze(ours.replace(test, "").replace(body, "")) == squeeze(stock.replace(_launch_body(stock), ""))
+
+
+def test_a_launcher_torch_moved_is_refused():
+    def moved(self):
+        return "static inline void launchKernel(CUfunction func) { cuLaunchKernel(func); }"
+
+    with pytest.raises(RuntimeError, match="torch moved it"):
+        backend.pdl_launcher(im.PDL_KERNELS)(moved)(None)
+
+
+def _cuda_include() -> str | None:
+    for sp in site.getsitepackages():
+        for path in glob.glob(os.path.join(sp, "nvidia", "*", "include", "cuda.h")):
+            return os.path.dirname(path)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_include() is None,
+                    reason="needs g++ and the CUDA driver header of the nvidia wheels")
+def test_the_patched_launcher_compiles(tmp_path):
+    """The patched helpers against the CUDA driver API's header (what AOTInductor's compile sees;
+    cudaStream_t is the runtime header's alias of CUstream)."""
+    for patch in (False, True):
+        src = tmp_path / f"driver_{patch}.cpp"
+        src.write_text("#include <cuda.h>\ntypedef struct CUstream_st *cudaStream_t;\n#include <filesystem>\n"
+                       "#include <optional>\n#include <stdexcept>\n#include <string>\n" + _driver(patch)
+                       + "\nint main() { return 0; }\n")
+        r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-I", _cuda_include(), str(src)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_the_op_compiles_waits_only_for_a_gpu_that_has_them(monkeypatch):
+    assert im.op_pdl_mode(torch.device("cpu")) == 0
+    if not torch.cuda.is_available():
+        with backend.pdl_launches():  # no GPU to export for: the launcher stays stock
+            assert "cuLaunchKernelEx" not in CUDADeviceOpOverrides().kernel_driver()
+        return
+    major = torch.cuda.get_device_capability()[0]
+    assert im.op_pdl_mode(torch.device("cuda")) == (2 if major >= 9 else 0)
+    monkeypatch.setattr(im, "OP_PDL", False)
+    assert im.op_pdl_mode(torch.device("cuda")) == 0
