@@ -26,9 +26,10 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   partials summed by the last program of each row block (its counter zeroed by the quantize
   kernel: two launches an op), the largest one slice. Quantizing x inside the GEMV instead (each
   program the groups it reads) measured slower: gate/up 45 -> 57 us.
-  Both kernels take a constexpr PDL (0, the op's: off) for programmatic dependent launch on sm_90+
-  (`_pdl_wait`): the GEMV loads its first weight tile while the quantize kernel finishes
-  (scripts/gemv1_pdl_variants.py measures it; torch's launchers do not set the attribute).
+  Both kernels take a constexpr PDL for programmatic dependent launch (`_pdl_wait`): the op
+  compiles them in mode 2 on sm_90+ (`op_pdl_mode`), where the artifact's launcher sets the
+  attribute (export/backends/cuda.py): each may start while the kernel before it finishes, the
+  GEMV loading its first weight tile then (scripts/gemv1_pdl_variants.py, scripts/pdl_ab.py).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
