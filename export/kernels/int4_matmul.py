@@ -91,9 +91,11 @@ GEMV1_LEVELS = 1
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`_pdl_wait`): launched
 # with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
-# the GEMV loading its first weight tile and scales before it waits. H200, direct launches in CUDA
-# graphs (scripts/gemv1_pdl_variants.py, gemv1_pdl_variants.json): a layer's four projections 3.2 /
-# 3.5 us faster (sliding / full). Launched without the attribute the wait returns at once.
+# the GEMV loading its first weight tile and scales before it waits. H200: direct launches in CUDA
+# graphs (scripts/gemv1_pdl_variants.py, gemv1_pdl_variants.json), a layer's four projections 3.2 /
+# 3.5 us faster (sliding / full); the 31B 12-layer slice's artifact with and without it
+# (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
+# 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
 OP_PDL = True
 PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`_pdl_wait`) where OP_PDL holds
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
@@ -488,7 +490,7 @@ def _gemv1_scale(p, ok, ASM: tl.constexpr):
 def _pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
     """Programmatic dependent launch (PDL 1 or 2, sm_90+; the kernel launched with the programmatic-
     stream-serialization attribute: `launch_pdl=True` for a direct launch, the artifact's launcher
-    for the op, export/backends/pdl_launch.py): `griddepcontrol.wait`, from which on the kernels
+    for the op, export/backends/cuda.py): `griddepcontrol.wait`, from which on the kernels
     before this one have finished and their writes are visible, and `griddepcontrol.launch_dependents`
     (the next kernel's programs may start) before the wait (PDL 1) or after it (PDL 2). Without the
     attribute the wait returns at once. Returns an int32 0 that every access which must follow the
