@@ -29,6 +29,7 @@ import re
 import shutil
 from typing import Any, Iterator, final
 
+import torch
 from executorch.backends.cuda.cuda_backend import CudaBackend
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
@@ -141,8 +142,6 @@ def pdl_launcher(prefixes: tuple[str, ...]):
 def pdl_launches() -> Iterator[None]:
     """`pdl_launcher` for the int4 op's M == 1 kernels while the block compiles, where the op
     compiles them to wait (int4_matmul.op_pdl_mode on the export GPU); nothing elsewhere."""
-    import torch
-
     if not torch.cuda.is_available() or not int4_matmul.op_pdl_mode(torch.device("cuda")):
         yield
         return
