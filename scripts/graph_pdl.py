@@ -9,10 +9,10 @@ kernel that waits (ours, compiled with a PDL mode) from another kernel becomes a
 as stream capture records for a launch with the attribute. A kernel that does not wait must keep
 its plain edges: nothing would order its reads after the kernel before it.
 
-Measured on the H200 (scripts/measurements/gemv1_pdl_graph.json): the edited edges take effect (a
-dependent that does not wait then runs early) but the edited graph is no faster than the plain one,
-where launches with the attribute are; the artifact sets the attribute at launch instead
-(export/backends/cuda.py, `pdl_launcher`).
+Measured on the H200 (scripts/measurements/gemv1_pdl_graph.json): the edited graph holds the edges
+that capture writes for launches with the attribute, yet is no faster than the plain one, where
+those launches are; the artifact sets the attribute at launch instead (export/backends/cuda.py,
+`pdl_launcher`).
 
 `make_programmatic(graph, targets)` does that for the kernels whose names start with one of
 `targets` (CUDA driver API through cuda-bindings, a dependency of torch; torch.cuda.CUDAGraph with
