@@ -12,9 +12,10 @@ and must agree bit for bit: every decode step's logits and tokens, greedy, after
 
 Each run (a child process): load the artifact (CUDA-graph decode, the runner's default), prefill
 to each fill with fixed random ids, then `--steps` greedy decode steps, each step's time by CUDA
-events around the replay (median), every step's logits kept. The parent compares the two runs
-and writes one JSON with `on` / `off` ms per token per fill, `bitwise_equal`, and the worst
-logits difference.
+events around the replay (median), every step's logits kept. The parent runs four children
+(off, on, off, on: drift shows between a mode's two runs), compares every run with the first, and
+writes one JSON with each mode's two medians per fill (`off_ms`, `on_ms`), `bitwise_equal`, and the
+worst logits difference.
 """
 
 from __future__ import annotations
