@@ -37,7 +37,10 @@ PATCHES: dict[str, Patch] = {p.target.split(":")[1]: p for p in (
     Patch("torch._inductor.codecache:convert_cubin_to_obj", "torch",
           "one object file per kernel name: two names sharing one cubin were linked twice"),
     Patch("torch._inductor.codegen.cuda.device_op_overrides:CUDADeviceOpOverrides.kernel_driver", "torch",
-          "the int4 op's M == 1 kernels (they wait on the grid) launched with programmatic dependent launch"),
+          "the kernels that wait on the grid before them launched with programmatic dependent launch"),
+    Patch("torch._inductor.codegen.triton:TritonKernel._handle_pdl_before_access", "torch",
+          "with PDL every Inductor kernel waits before its first access, not only where the kernel just "
+          "before wrote what it reads: a kernel that never waits would let the next one start early"),
     # low-memory compiles on zero-byte constants (export/passes/inductor_patches.py)
     Patch("torch._inductor.compile_fx:clone_preserve_strides", "torch",
           "the unlift clone of a mutated buffer keeps a zero-byte buffer as it is"),

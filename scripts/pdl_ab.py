@@ -1,21 +1,24 @@
 """Programmatic dependent launch on and off for one artifact: the same `.so`, the same inputs, one
 process each (a measuring tool, one GPU call).
 
-    python -m scripts.pdl_ab --model DIR [--fills 1024,32768] [--steps 64] [--json out.json]
+    python -m scripts.pdl_ab --model DIR [--fills 1024,32768] [--steps 64] [--only PREFIXES] [--json out.json]
 
-Why: on sm_90+ the int4 op's M == 1 kernels are compiled to wait on the grid before them and the
-artifact's launcher gives them the programmatic-stream-serialization attribute
-(export/backends/cuda.py, int4_matmul._pdl_wait), so each may start while the kernel before it
-finishes. The launcher leaves the attribute off in a process started with GEMMA4_PDL_OFF set: the
-kernels are the same, their wait then returns at once. So the two runs differ in the launch alone,
-and must agree bit for bit: every decode step's logits and tokens, greedy, after the same prompt.
+Why: on sm_90+ the kernels named by export/backends/cuda.py's `waiting_kernels` (the int4 op's
+M == 1 kernels, decode attention, the Hadamard rotation, Inductor's pointwise and reduction kernels)
+are compiled to wait on the grid before them and the artifact's launcher gives them the
+programmatic-stream-serialization attribute (export/kernels/pdl.py), so each may start while the
+kernel before it finishes. The launcher leaves the attribute off in a process started with
+GEMMA4_PDL_OFF set, and gives it only to the kernels whose names start with one of the prefixes in
+GEMMA4_PDL_ONLY where that is set (`--only`): the kernels are the same, their wait then returns at
+once. So the runs differ in the launch alone, and must agree bit for bit: every decode step's
+logits and tokens, greedy, after the same prompt.
 
 Each run (a child process): load the artifact (CUDA-graph decode, the runner's default), prefill
 to each fill with fixed random ids, then `--steps` greedy decode steps, each step's time by CUDA
 events around the replay (median), every step's logits kept. The parent runs four children
-(off, on, off, on: drift shows between a mode's two runs), compares every run with the first, and
-writes one JSON with each mode's two medians per fill (`off_ms`, `on_ms`), `bitwise_equal`, and the
-worst logits difference.
+(off, on, off, on: drift shows between a mode's two runs; six with `--only`: off, only, on, twice),
+compares every run with the first, and writes one JSON with each mode's two medians per fill
+(`off_ms`, `on_ms`, and `only_ms` with `--only`), `bitwise_equal`, and the worst logits difference.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from export.backends.cuda import PDL_OFF_ENV
+from export.backends.cuda import PDL_OFF_ENV, PDL_ONLY_ENV
 
 
 def run_child(model: str, fills: list[int], steps: int, out: str) -> None:
@@ -74,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="an artifact exported for CUDA on an sm_90+ GPU")
     p.add_argument("--fills", default="1024,32768", help="prompt lengths to decode after (comma-separated)")
     p.add_argument("--steps", type=int, default=64, help="greedy decode steps per fill")
+    p.add_argument("--only", help="a third mode: the attribute for the waiting kernels whose names start with "
+                                  "one of these comma-separated prefixes alone (e.g. _quant_x_kernel,_int4_gemv1_kernel)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -85,11 +90,15 @@ def main(argv=None) -> int:
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("off", "on", "off2", "on2"):  # alternated: drift shows as on / on2 or off / off2 apart
+        modes = ("off", "only", "on") if a.only else ("off", "on")
+        for name in modes + tuple(m + "2" for m in modes):  # alternated: drift shows as on / on2 or off / off2 apart
             env = dict(os.environ)
             env.pop(PDL_OFF_ENV, None)
+            env.pop(PDL_ONLY_ENV, None)
             if name.startswith("off"):
                 env[PDL_OFF_ENV] = "1"
+            elif name.startswith("only"):
+                env[PDL_ONLY_ENV] = a.only
             out = os.path.join(tmp, name + ".json")
             r = subprocess.run([sys.executable, "-m", "scripts.pdl_ab", "--model", a.model, "--fills", a.fills,
                                 "--steps", str(a.steps), "--child", out], env=env, capture_output=True, text=True)
@@ -98,9 +107,10 @@ def main(argv=None) -> int:
                 return 1
             runs[name] = (json.loads(Path(out).read_text()), torch.load(out + ".pt"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    doc = {"model": a.model, "steps": a.steps, "device": device, "fills": {}}
+    doc = {"model": a.model, "steps": a.steps, "device": device, "only": a.only, "fills": {}}
     ok = True
-    print(f"{'fill':>7} {'off ms':>8} {'on ms':>8} {'change':>8}  bitwise (logits and tokens, every step)")
+    print(f"{'fill':>7} {'off ms':>8}{' only ms' if a.only else ''} {'on ms':>8} {'change':>8}  "
+          "bitwise (logits and tokens, every step)")
     for f in map(str, fills):
         same = all(torch.equal(runs[n][1][f], runs["off"][1][f]) and runs[n][0][f]["tokens"] == runs["off"][0][f]["tokens"]
                    for n in runs)
@@ -108,8 +118,12 @@ def main(argv=None) -> int:
         off = [runs[n][0][f]["median_ms"] for n in ("off", "off2")]
         on = [runs[n][0][f]["median_ms"] for n in ("on", "on2")]
         doc["fills"][f] = {"off_ms": off, "on_ms": on, "bitwise_equal": same, "max_abs_logit_diff": worst}
+        only = ""
+        if a.only:
+            doc["fills"][f]["only_ms"] = [runs[n][0][f]["median_ms"] for n in ("only", "only2")]
+            only = f" {min(doc['fills'][f]['only_ms']):8.3f}"
         ok = ok and same
-        print(f"{f:>7} {min(off):8.3f} {min(on):8.3f} {min(on) - min(off):+8.3f}  {same} (max |diff| {worst:.2e})")
+        print(f"{f:>7} {min(off):8.3f}{only} {min(on):8.3f} {min(on) - min(off):+8.3f}  {same} (max |diff| {worst:.2e})")
     doc["bitwise_equal"] = ok
     if a.json:
         Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")

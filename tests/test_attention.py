@@ -487,7 +487,8 @@ for arch in map(int, sys.argv[1:]):
         c = A.decode_config(D, fmt)
         ptrs = dict(Q="*bf16", K=elt[fmt], V=elt[fmt], KS="*fp16", VS="*fp16", POS="*i64", O="*bf16", MP="*fp32",
                     LP="*fp32", AP="*fp32")
-        consts = dict(G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False, **c.kwargs)
+        consts = dict(G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False, **c.kwargs,
+                      PDL=2 if arch >= 90 else 0)  # its wait where the card has griddepcontrol (pdl.op_pdl_mode)
         sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
         k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": c.num_warps, "num_stages": c.num_stages})
@@ -571,10 +572,11 @@ _MUTATION_SCRIPT = textwrap.dedent("""
             kwargs = {**dict(zip(fn.arg_names, args)), **kw}
             written = identify_mutated_tensors(kernel, kwargs, {})
             bad = sorted(n for n in written if any(kwargs[n] is t for t in inputs))
-            print(name, fn.__name__, "inputs-written", bad, "written", sorted(written))
+            print(name, fn.__name__, "pdl", kwargs.get("PDL", 0), "inputs-written", bad, "written", sorted(written))
 
     torch.manual_seed(0)
     pos = torch.tensor([3000])
+    A.op_pdl_mode = lambda device: 2  # decode as on sm_90+: its kernels wait on the grid (export/kernels/pdl.py)
     for D, Hkv, H, kinds in ((512, 4, 32, ("bf16", "int8", "int4")), (256, 16, 32, ("bf16",))):
         for kv in kinds:
             raw = torch.randn(1, Hkv, 4096, D)
@@ -605,6 +607,8 @@ def test_inductor_sees_only_the_outputs_written():
     assert len(lines) >= 12, r.stdout + r.stderr[-2000:]  # split + combine per decode, a kernel or two per prefill
     assert all("inputs-written []" in ln for ln in lines), "\n".join(lines)
     assert any("_combine" in ln and "'O'" in ln for ln in lines), "\n".join(lines)
+    decode = [ln for ln in lines if ln.startswith("decode")]
+    assert decode and all(" pdl 2 " in ln for ln in decode), "\n".join(decode)  # read with their waits
 
 
 def test_bench_attention_smoke_runs_the_model_s_rings(tmp_path):

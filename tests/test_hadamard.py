@@ -82,7 +82,7 @@ from export.kernels import hadamard as Hd
 fn = Hd._hadamard_kernel
 for arch in map(int, sys.argv[1:]):
     for D in (256, 512):
-        consts = dict(D=D, LOG2D=D.bit_length() - 1, BLOCK_R=Hd.block_rows(D))
+        consts = dict(D=D, LOG2D=D.bit_length() - 1, BLOCK_R=Hd.block_rows(D), PDL=2 if arch >= 90 else 0)
         sig = {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "scale": "fp32"}
         k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": 4})

@@ -1,6 +1,8 @@
 """Programmatic dependent launch in the artifact without a GPU: the launcher AOTInductor writes into
-the `.so` (export/backends/cuda.py's `pdl_launcher`) sets the attribute for the int4 op's waiting
-kernels only, and still compiles; the op's mode follows the device."""
+the `.so` (export/backends/cuda.py's `pdl_launcher`) sets the attribute for the waiting kernels only
+(the op families' and Inductor's pointwise and reduction kernels, never its templates), and still
+compiles; Inductor's kernels are made to wait before their first access; the ops' mode follows the
+device."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch._inductor.codegen.cuda.device_op_overrides import CUDADeviceOpOverrid
 
 from export.backends import cuda as backend
 from export.kernels import int4_matmul as im
+from export.kernels import pdl
 
 
 def _driver(patch: bool) -> str:
@@ -40,7 +43,8 @@ def test_the_launcher_sets_the_attribute_for_the_waiting_kernels_alone():
     test = ours[ours.index("static inline bool gemma4WaitsOnGrid"):ours.index("static inline void launchKernel(")]
     for name in im.PDL_KERNELS:
         assert f'n.rfind("{name}", 0) == 0' in test
-    assert test.count("rfind") == len(im.PDL_KERNELS)
+    assert test.count("rfind") == len(im.PDL_KERNELS) + 1  # and the env's list (PDL_ONLY_ENV)
+    assert backend.PDL_ONLY_ENV in test and backend.PDL_OFF_ENV in test
     def squeeze(text: str) -> str:
         return "".join(text.split())
 
@@ -85,5 +89,36 @@ def test_the_op_compiles_waits_only_for_a_gpu_that_has_them(monkeypatch):
         return
     major = torch.cuda.get_device_capability()[0]
     assert im.op_pdl_mode(torch.device("cuda")) == (2 if major >= 9 else 0)
-    monkeypatch.setattr(im, "OP_PDL", False)
+    monkeypatch.setattr(pdl, "OP_PDL", False)
     assert im.op_pdl_mode(torch.device("cuda")) == 0
+
+
+def test_the_waiting_kernels_are_the_families_and_inductor_s_own(monkeypatch):
+    from export.kernels import attention, hadamard
+
+    names = backend.waiting_kernels()
+    for family in (im.PDL_KERNELS, attention.PDL_KERNELS, hadamard.PDL_KERNELS, backend.INDUCTOR_PDL_PREFIXES):
+        assert set(family) <= set(names)
+    assert not any("triton_tem_".startswith(n) or n.startswith("triton_tem") for n in names)  # no waits in templates
+    assert "_prefill_body" not in names and "_prefill_combine" not in names  # prefill's kernels do not wait
+    monkeypatch.setattr(backend, "INDUCTOR_PDL", False)
+    assert not any(n.startswith("triton_") for n in backend.waiting_kernels())
+
+
+def test_inductor_kernels_wait_as_if_first():
+    """The patched `_handle_pdl_before_access` sees no kernel before (so it always writes the wait) and
+    leaves the scheduler's `previous_node` as it was."""
+    import types
+
+    from torch._inductor.virtualized import V
+
+    seen = []
+
+    def original(self, buffer, *deps, consider_reads=False):
+        seen.append((V.graph.scheduler.previous_node, buffer, deps, consider_reads))
+
+    graph = types.SimpleNamespace(scheduler=types.SimpleNamespace(previous_node="the kernel before"))
+    with V.set_graph_handler(graph):
+        backend.inductor_waits_first(original)(None, "loads", "buf0", consider_reads=True)
+        assert graph.scheduler.previous_node == "the kernel before"
+    assert seen == [(None, "loads", ("buf0",), True)]

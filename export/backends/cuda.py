@@ -37,6 +37,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
 from export.backends.options import BackendOptions, TargetDevice
 from export.kernels import int4_matmul
+from export.kernels.pdl import op_pdl_mode
 from export.patches import patched
 
 TRITON_KERNEL_MODE = "triton_kernel_mode"  # ExecuTorch's key for its SDPA swap (off: no aten SDPA here)
@@ -72,16 +73,26 @@ _PLAIN_LAUNCH = re.compile(r"CUDA_DRIVER_CHECK\(cuLaunchKernel\(\s*func, gridX, 
 
 
 PDL_OFF_ENV = "GEMMA4_PDL_OFF"  # set (to anything) when a process starts: its artifacts launch as stock AOTI does
+# set to comma-separated name prefixes when a process starts: only the waiting kernels whose names start
+# with one of them get the attribute (an A/B of one artifact by kernel family: scripts/pdl_ab.py --only)
+PDL_ONLY_ENV = "GEMMA4_PDL_ONLY"
+# Inductor's own kernels compiled to wait on the grid (`torch._inductor.config.triton.enable_pdl`, every
+# one before its first access: `inductor_waits_first`) and launched with the attribute. Its templates
+# (triton_tem_*, the autotuned GEMMs) compile without waits and are not named here.
+INDUCTOR_PDL = True
+INDUCTOR_PDL_PREFIXES = ("triton_poi_", "triton_per_", "triton_red_")
 
 
 def _waits_on_grid_source(prefixes: tuple[str, ...]) -> str:
-    """C++: whether a kernel is one of ours that waits on the grid before it (its entry name starts
-    with one of `prefixes`), unless PDL_OFF_ENV was set when the process first launched one (for an
-    A/B of the same artifact: scripts/pdl_ab.py)."""
+    """C++: whether a kernel is one that waits on the grid before it (its entry name starts with one
+    of `prefixes`), unless PDL_OFF_ENV was set when the process first launched one, or PDL_ONLY_ENV
+    names prefixes and none of them starts the name (for an A/B of the same artifact:
+    scripts/pdl_ab.py). A kernel outside `prefixes` never gets the attribute, whatever the env says."""
     tests = " || ".join(f'n.rfind("{p}", 0) == 0' for p in prefixes)
     return f"""
             static inline bool gemma4WaitsOnGrid(CUfunction func) {{
                 static const bool off = std::getenv("{PDL_OFF_ENV}") != nullptr;
+                static const char* only = std::getenv("{PDL_ONLY_ENV}");
                 const char* name = nullptr;
                 if (off) {{
                     return false;
@@ -90,7 +101,25 @@ def _waits_on_grid_source(prefixes: tuple[str, ...]) -> str:
                     return false;
                 }}
                 const std::string n(name);
-                return {tests};
+                if (!({tests})) {{
+                    return false;
+                }}
+                if (only == nullptr) {{
+                    return true;
+                }}
+                const std::string list(only);
+                size_t begin = 0;
+                while (begin <= list.size()) {{
+                    size_t end = list.find(',', begin);
+                    if (end == std::string::npos) {{
+                        end = list.size();
+                    }}
+                    if (end > begin && n.rfind(list.substr(begin, end - begin), 0) == 0) {{
+                        return true;
+                    }}
+                    begin = end + 1;
+                }}
+                return false;
             }}
 
 """
@@ -99,7 +128,7 @@ def _waits_on_grid_source(prefixes: tuple[str, ...]) -> str:
 def pdl_launcher(prefixes: tuple[str, ...]):
     """AOTInductor's kernel driver (the C++ helpers it writes into every `.so`) with `launchKernel`
     setting the programmatic-stream-serialization attribute (`cuLaunchKernelEx`) for the kernels
-    named with `prefixes`, compiled to wait on the grid before them (int4_matmul._pdl_wait): such a
+    named with `prefixes`, compiled to wait on the grid before them (export/kernels/pdl.py): such a
     kernel may start while the one before it finishes (and a CUDA graph captured around the `.so`
     records a programmatic edge), everything up to its wait overlapping that kernel. Every other
     kernel launches as before. Stock AOTInductor sets no launch attribute; a kernel that does not
@@ -138,14 +167,51 @@ def pdl_launcher(prefixes: tuple[str, ...]):
     return patch
 
 
+def inductor_waits_first(original):
+    """Inductor's `_handle_pdl_before_access` as if no kernel came before (its `previous_node` None):
+    every kernel then waits before its first global access. Stock Inductor skips the wait where the
+    kernel just before wrote nothing it reads; such a kernel may finish before that one does, and the
+    kernel after it, which may read what the one before wrote, would then start early too. With a wait
+    in every kernel (ours wait first thing, or after loading constants) a kernel starts only once the
+    one two before has finished."""
+    def handle(self, *args, **kwargs):
+        from torch._inductor.virtualized import V
+
+        sched = V.graph.scheduler
+        if sched is None:
+            return original(self, *args, **kwargs)
+        before, sched.previous_node = sched.previous_node, None
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            sched.previous_node = before
+    return handle
+
+
+def waiting_kernels() -> tuple[str, ...]:
+    """The name prefixes of the kernels compiled to wait on the grid before them: the op families'
+    PDL_KERNELS and, with INDUCTOR_PDL, Inductor's pointwise and reduction kernels."""
+    from export.kernels import attention, hadamard
+
+    ours = int4_matmul.PDL_KERNELS + attention.PDL_KERNELS + hadamard.PDL_KERNELS
+    return ours + (INDUCTOR_PDL_PREFIXES if INDUCTOR_PDL else ())
+
+
 @contextlib.contextmanager
 def pdl_launches() -> Iterator[None]:
-    """`pdl_launcher` for the int4 op's M == 1 kernels while the block compiles, where the op
-    compiles them to wait (int4_matmul.op_pdl_mode on the export GPU); nothing elsewhere."""
-    if not torch.cuda.is_available() or not int4_matmul.op_pdl_mode(torch.device("cuda")):
+    """Where the export GPU has programmatic dependent launch (pdl.op_pdl_mode: sm_90+), while the
+    block compiles: `pdl_launcher` for `waiting_kernels`, and with INDUCTOR_PDL Inductor's kernels
+    compiled with their waits (`inductor_waits_first`); nothing elsewhere."""
+    if not torch.cuda.is_available() or not op_pdl_mode(torch.device("cuda")):
         yield
         return
-    with patched("CUDADeviceOpOverrides.kernel_driver", pdl_launcher(int4_matmul.PDL_KERNELS)):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched("CUDADeviceOpOverrides.kernel_driver", pdl_launcher(waiting_kernels())))
+        if INDUCTOR_PDL:
+            from torch._inductor import config
+
+            stack.enter_context(config.patch({"triton.enable_pdl": True}))
+            stack.enter_context(patched("TritonKernel._handle_pdl_before_access", inductor_waits_first))
         yield
 
 

@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from export.kernels.pdl import op_pdl_mode, pdl_wait
+
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
 # decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
 # longer shares beat more at every fill once the combine reads few partials)
@@ -91,6 +93,9 @@ DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
                       (512, 1): {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2},
                       (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
+# decode's two kernels wait on the grid before them (export/kernels/pdl.py) on sm_90+: the artifact's
+# launcher gives these the programmatic-stream-serialization attribute (export/backends/cuda.py)
+PDL_KERNELS = ("_attn_body", "_combine")
 COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 # decode's combine (_combine): head-dim columns per program and its EAGER loads; the combine is ~5 us of
 # the 31B full layer's decode at every fill (the split kernel alone: int8 46 / 160 us at 32k / 128k);
@@ -584,7 +589,10 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0):
+               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
+        z = pdl_wait(PDL, not INTERPRET)
+        Q, K, V, KS, VS, POS, O, MP, LP, AP = Q + z, K + z, V + z, KS + z, VS + z, POS + z, O + z, MP + z, LP + z, AP + z
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -1135,11 +1143,15 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 
 @triton.jit
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
-             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr):
+             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
     of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
     every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
-    dropped by a select, not a load mask that waits for l), one memory round trip instead of two."""
+    dropped by a select, not a load mask that waits for l), one memory round trip instead of two.
+    PDL: it waits first thing (export/kernels/pdl.py)."""
+    if PDL:
+        z = pdl_wait(PDL, True)
+        MP, LP, AP, O = MP + z, LP + z, AP + z, O + z
     h = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     base = (h // G) * NUM_SPLITS * G + h % G
@@ -1205,12 +1217,14 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         lp = torch.empty_like(mp)
         ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float32)
         grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
+        pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=True, **common)
+                                          SPLIT=True, PDL=pdl, **common)
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
-                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER)
+                                          CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER,
+                                          PDL=pdl)
     else:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
         dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)

@@ -24,6 +24,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from export.kernels.pdl import op_pdl_mode, pdl_wait
+
+# the kernel waits on the grid before it on sm_90+ (export/kernels/pdl.py); the artifact's launcher
+# gives it the programmatic-stream-serialization attribute (export/backends/cuda.py)
+PDL_KERNELS = ("_hadamard_kernel",)
 ROW_ELEMS = 2048  # values a program holds (BLOCK_R rows of D): 8 KiB of fp32, one conversion buffer in shared memory
 
 
@@ -62,7 +67,11 @@ def fwht(y, R: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, y_ptr, n_rows, scale, D: tl.constexpr, LOG2D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _hadamard_kernel(x_ptr, y_ptr, n_rows, scale, D: tl.constexpr, LOG2D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     PDL: tl.constexpr = 0):
+    if PDL:  # sm_90+ (pdl.op_pdl_mode): the read and the write after the wait
+        z = pdl_wait(PDL, True)
+        x_ptr, y_ptr = x_ptr + z, y_ptr + z
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, D)
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
@@ -91,7 +100,7 @@ def launch(x: torch.Tensor, wrap=lambda k: k) -> torch.Tensor:
     n = x2.shape[0]
     R = block_rows(D)
     wrap(_hadamard_kernel)[(triton.cdiv(n, R),)](x2, out, n, D**-0.5, D=D, LOG2D=D.bit_length() - 1, BLOCK_R=R,
-                                                  num_warps=4)
+                                                  PDL=op_pdl_mode(x.device), num_warps=4)
     return out.view(x.shape)
 
 

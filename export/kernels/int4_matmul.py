@@ -61,6 +61,10 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
+from export.kernels.pdl import op_pdl_mode
+from export.kernels.pdl import pdl_args as _pdl_args
+from export.kernels.pdl import pdl_wait as _pdl_wait
+
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
 CONSUMER_ONLY = os.environ.get("GEMMA4_INT4_CONSUMER") == "1"
@@ -88,7 +92,7 @@ GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead o
 # next to an outlier channel. Both are small beside the int4 weight's own rounding (~10% of a row's
 # norm): the 1e-2 is against the dequantized weight.
 GEMV1_LEVELS = 1
-# M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`_pdl_wait`): launched
+# M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`_pdl_wait`, export/kernels/pdl.py): launched
 # with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
 # the GEMV loading its first weight tile and scales before it waits. H200: direct launches in CUDA
@@ -96,8 +100,7 @@ GEMV1_LEVELS = 1
 # 3.5 us faster (sliding / full); the 31B 12-layer slice's artifact with and without it
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
-OP_PDL = True
-PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`_pdl_wait`) where OP_PDL holds
+PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`_pdl_wait`) where pdl.OP_PDL holds
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -484,30 +487,6 @@ def _gemv1_scale(p, ok, ASM: tl.constexpr):
     else:
         b = tl.load(p).to(tl.int32) & 0xFFFF
     return tl.where(ok, (b << 16).to(tl.float32, bitcast=True), 0.0)
-
-
-@triton.jit
-def _pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
-    """Programmatic dependent launch (PDL 1 or 2, sm_90+; the kernel launched with the programmatic-
-    stream-serialization attribute: `launch_pdl=True` for a direct launch, the artifact's launcher
-    for the op, export/backends/cuda.py): `griddepcontrol.wait`, from which on the kernels
-    before this one have finished and their writes are visible, and `griddepcontrol.launch_dependents`
-    (the next kernel's programs may start) before the wait (PDL 1) or after it (PDL 2). Without the
-    attribute the wait returns at once. Returns an int32 0 that every access which must follow the
-    wait adds to its pointer (every read of what kernels before wrote, every write): the PTX is one
-    pure inline-asm block (torch's mutation analysis reads a pure block as writing nothing; one with
-    side effects would make it take every argument as written, and the compiled graph would clone
-    the weights before each call), so only these data dependences order it. Reads of data that
-    changes while the kernel runs go through coherent loads (`_ld_b32_coherent`). Not in the
-    interpreter (no inline PTX; its kernels run one after another anyway): 0 there."""
-    zero = 0
-    if PDL and ASM:
-        if PDL == 1:
-            ptx: tl.constexpr = "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.b32 $0, 0;"
-        else:
-            ptx: tl.constexpr = "griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, 0;"
-        zero = tl.inline_asm_elementwise(ptx, "=r", [], dtype=tl.int32, is_pure=True, pack=1)
-    return zero
 
 
 @triton.jit
@@ -1101,25 +1080,6 @@ def _gemv1_kernel(cfg: triton.Config):
     if key not in _GEMV1_KERNELS:
         _GEMV1_KERNELS[key] = _autotuned([cfg], _int4_gemv1_kernel)
     return _GEMV1_KERNELS[key]
-
-
-def _pdl_args(pdl: int, attr: bool = True) -> dict:
-    """A launch's PDL arguments (`_pdl_wait`): the constexpr, always (torch's analysis of a wrapped
-    kernel and AOTInductor take the arguments as passed, not the kernel's defaults: without it every
-    argument reads as written), and with a mode other than 0 and attr Triton's `launch_pdl` (a direct
-    launch on sm_90+). attr False: the mode alone, as the op launches it (neither torch's wrap_triton
-    nor AOTInductor's stock launcher sets the attribute; the artifact's launcher does, for
-    PDL_KERNELS); without the attribute its `griddepcontrol.wait` returns at once."""
-    return {"PDL": pdl, "launch_pdl": True} if pdl and attr else {"PDL": pdl}
-
-
-def op_pdl_mode(device: torch.device) -> int:
-    """The PDL mode the op compiles its M == 1 kernels in on `device` (`_pdl_wait`): 2 where OP_PDL
-    holds on a CUDA GPU of sm_90 or later (griddepcontrol is sm_90+: the H200, the RTX 5090; not the
-    RTX 4090), else 0."""
-    if not OP_PDL or _INTERPRET or device.type != "cuda" or not torch.cuda.is_available():
-        return 0
-    return 2 if torch.cuda.get_device_capability(device)[0] >= 9 else 0
 
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,

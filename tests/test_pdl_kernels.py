@@ -1,0 +1,97 @@
+"""The kernels that wait on the grid before them (export/kernels/pdl.py), compiled offline for sm_90
+(no GPU): in PDL mode 2 each holds the wait, and its global loads and stores are the same
+instructions as without it. The wait's 0 is added to the pointers; written as a plain 0, Triton
+lost the pointers' alignment and the attention kernel's cp.async tile loads became 2-byte loads.
+Also: torch's mutation analysis reads the Hadamard kernel with its wait as writing its output alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent("""
+    import collections, re
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from export.kernels import attention as A
+    from export.kernels import hadamard as Hd
+    from export.kernels import int4_matmul as im
+
+    def compile90(fn, sig, const, warps, stages=1):
+        # pointers and the ints AOTInductor would specialize as multiples of 16
+        names = list(fn.arg_names)
+        aligned = [a for a, t in sig.items() if t.startswith("*") or a.startswith("s") or a in ("S", "H", "N", "KW")]
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+        full = {**{a: "constexpr" for a in const}, **sig}
+        k = triton.compile(ASTSource(fn, full, const, attrs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        return k.asm["ptx"]
+
+    def memory_ops(ptx):
+        ops = re.findall(r"\\b((?:ld|st)\\.global[\\w.]*|cp\\.async\\.\\w+\\.shared\\.global|ldmatrix[\\w.]*|"
+                         r"griddepcontrol\\.\\w+)", ptx)
+        return collections.Counter(op.replace(".nc", "") for op in ops)  # PDL reads x coherently (int4_matmul)
+
+    def report(name, fn, sig, const, warps, stages=1):
+        a, b = (memory_ops(compile90(fn, sig, {**const, "PDL": p}, warps, stages)) for p in (0, 2))
+        waits = b.pop("griddepcontrol.wait", 0), b.pop("griddepcontrol.launch_dependents", 0)
+        same = a == b
+        print(name, "waits", waits[0], "triggers", waits[1], "without", a.get("griddepcontrol.wait", 0),
+              "same-memory-ops", same, dict(a) if not same else "", dict(b) if not same else "")
+
+    att = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KS": "*fp16", "VS": "*fp16", "POS": "*i64", "O": "*bf16",
+           "MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "T": "i32", "S": "i32", "H": "i32", "WINDOW": "i32",
+           "NUM_SPLITS": "i32", "sqt": "i32", "sqh": "i32", "skh": "i32", "sks": "i32", "svh": "i32", "svs": "i32",
+           "ssh": "i32", "sot": "i32", "soh": "i32"}
+    for D, fmt, kv in ((512, 0, "*bf16"), (512, 1, "*i8"), (512, 2, "*u8"), (256, 0, "*bf16")):
+        cfg = A.with_knobs(A.decode_config(D, fmt), D, fmt)
+        const = dict(cfg.kwargs, G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False)
+        report(f"attn_body-{D}-{fmt}", A._attn_body, {**att, "K": kv, "V": kv}, const, cfg.num_warps, cfg.num_stages)
+    report("combine-512", A._combine, {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32",
+                                       "NUM_SPLITS": "i32"},
+           dict(G=8, D=512, SPLITS_P2=64, CHUNK=64, BLOCK_D=64, EAGER=1), 4)
+    report("hadamard-512", Hd._hadamard_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "scale": "fp32"},
+           dict(D=512, LOG2D=9, BLOCK_R=Hd.block_rows(512)), 4)
+    cfg = im.gemv1_plan(5376, 8192, 128).cfg
+    report("gemv1", im._int4_gemv1_kernel,
+           {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
+           dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=1, **cfg.kwargs), cfg.num_warps)
+    report("quant_x", im._quant_x_kernel, {"x_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32",
+                                          "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
+           dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1), 4)
+
+    from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
+
+    class Sm90:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Sm90())
+    x = torch.empty(16, 512, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, y_ptr=torch.empty_like(x), n_rows=16, scale=512 ** -0.5, D=512, LOG2D=9,
+                BLOCK_R=Hd.block_rows(512), PDL=2)
+    print("hadamard-written", sorted(identify_mutated_tensors(Hd._hadamard_kernel, args, {})))
+""")
+
+
+def test_waiting_kernels_keep_their_memory_instructions():
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
+    assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
+                         "hadamard-512", "gemv1", "quant_x"}, r.stdout
+    for name, ln in rows.items():
+        # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither
+        assert int(ln[2]) >= 1 and int(ln[4]) >= 1 and ln[6] == "0", ln
+        assert ln[8] == "True", " ".join(ln)  # the same loads and stores, as wide as without the wait
+    assert "hadamard-written ['y_ptr']" in r.stdout, r.stdout
