@@ -292,7 +292,8 @@ def test_reference_ops_run_every_custom_op_as_its_reference():
     with Recording():
         got = model(tokens, pos)
     assert torch.equal(got, want)
-    assert {"gemma4.int4_linear.default", "gemma4.attention.default", "gemma4.hadamard.default"} <= set(seen)
+    assert {"gemma4.int4_linear.default", "gemma4.int4_glu_linear.default", "gemma4.attention.default",
+            "gemma4.hadamard.default"} <= set(seen)
 
 
 if __name__ == "__main__":

@@ -349,6 +349,56 @@ def test_one_level_x_through_the_interpreter():
     assert got[(1, 200, 1)][0] <= 2e-2
 
 
+_GLU_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+
+    torch.manual_seed(0)
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        # fp32 gate / up for the quantize kernel (the interpreter's bf16 casts are wrong for negative values):
+        # its activation against the same GEMV fed the activation computed first, one slice and three; and
+        # the bf16-x plan (no quantize kernel: the activation in aten first; x read as bit patterns)
+        for N, K, splits, cfg, xq in [(200, 1024, 1, im.GEMV1_CONFIGS[0], True), (72, 1536, 3, im.GEMV1_CONFIGS[2], True),
+                                      (40, 512, 1, im._cfg1(8, 2, 4), False)]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            gate, up = torch.randn(1, K) * 2, torch.randn(1, K)
+            if not xq:
+                gate, up = gate.bfloat16(), up.bfloat16()
+            act = im.glu_reference(gate, up)
+            kern = im._gemv1_kernel(cfg)
+            fused = im.int4_gemv1(gate, qweight, scales, splits, kernel=kern, xq=xq, levels=1 if xq else 2, up=up)
+            first = im.int4_gemv1(act, qweight, scales, splits, kernel=kern, xq=xq, levels=1 if xq else 2)
+            ref = act.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
+            d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
+            e = ((fused.double() - ref).norm() / ref.norm()).item()
+            print("glu", N, K, splits, xq, d, e)
+""")
+
+
+def test_glu_in_the_quantize_kernel_through_the_interpreter():
+    """The down projection's activation computed by the quantize kernel as it reads x (`int4_gemv1`'s
+    up, the op `int4_glu_linear` at M == 1) gives the GEMV of the activation computed first (to the
+    rounding of its tanh, written with exp), within 1e-2 of fp64."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _GLU_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("glu")]
+    assert len(rows) == 3, r.stdout
+    for n, k, splits, xq, d, e in rows:
+        assert float(d) <= 1e-4 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
+
+
+def test_glu_op_on_cpu_is_the_reference_and_checks_shapes():
+    qweight, scales = im.quantize_int4(torch.randn(48, 256), 32)
+    gate, up = torch.randn(2, 3, 256).bfloat16(), torch.randn(2, 3, 256).bfloat16()
+    y = torch.ops.gemma4.int4_glu_linear(gate, up, qweight, scales)
+    assert y.shape == (2, 3, 48)
+    assert torch.equal(y, torch.ops.gemma4.int4_linear(im.glu_reference(gate, up), qweight, scales))
+    with pytest.raises(ValueError, match="differ"):
+        torch.ops.gemma4.int4_glu_linear(gate, up[..., :128], qweight, scales)
+
+
 _MUTATION_SCRIPT = textwrap.dedent("""
     import torch, triton
     from triton.backends.compiler import GPUTarget
@@ -374,10 +424,11 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl in ((2, 0), (1, 0), (2, 2), (1, 2)):
-        args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), xq_ptr=torch.empty(K // 2, dtype=torch.int32),
+        args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), u_ptr=torch.empty(K, dtype=torch.bfloat16),
+                    xq_ptr=torch.empty(K // 2, dtype=torch.int32),
                     xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
                     cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS,
-                    PDL=pdl, LEVELS=levels)
+                    PDL=pdl, LEVELS=levels, GLU=int(levels == 1))
         print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 
@@ -395,6 +446,7 @@ def test_op_kernels_write_only_their_outputs():
     for ln in lines:
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
+        assert "u_ptr" not in written, ln
     assert any(ln[0] == "gemv1" and ln[2] == "8" and "'part_ptr'" in " ".join(ln[3:]) for ln in lines), lines
     assert im.GEMV1_RED_XQ in (0, 2) and im.GEMV1_RED in (0, 2)  # the modes read here
 

@@ -64,9 +64,9 @@ _SCRIPT = textwrap.dedent("""
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
            dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=1, **cfg.kwargs), cfg.num_warps)
-    report("quant_x", im._quant_x_kernel, {"x_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32",
-                                          "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
-           dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1), 4)
+    report("quant_x", im._quant_x_kernel, {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32",
+                                          "xc_ptr": "*i32", "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
+           dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
 
     from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
 

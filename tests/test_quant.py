@@ -167,6 +167,39 @@ def test_cuda_recipe_joins_the_linears_of_one_input(monkeypatch):
     assert ((a - b).norm() / b.norm()).item() < 1e-2  # bf16 outputs of the same products
 
 
+def test_packed_down_projection_takes_the_activation_in_one_op():
+    """The MLP hands a packed int4 down projection gate and up (gemma4::int4_glu_linear): on CPU the
+    op's reference, so the MLP computes exactly down(gelu_tanh(gate) * up)."""
+    import torch.nn.functional as F
+
+    from export.gemma4.quant import PackedInt4Linear
+
+    model = _tiny().to(torch.bfloat16)
+    quantize_(model, QuantRecipe(group_size=128), TargetDevice.CUDA)
+    mlp = model.layers[0].mlp
+    assert isinstance(mlp.down_proj, PackedInt4Linear)
+    x = torch.randn(1, 3, mlp.gate_up_proj.in_features, dtype=torch.bfloat16)
+    gate, up = mlp.gate_up_proj(x).split(mlp.gate_up_proj.split_sizes, dim=-1)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), mlp.down_proj(F.gelu(gate, approximate="tanh") * up))
+    seen = []
+    with torch.no_grad(), _Ops(seen):
+        mlp(x)
+    assert "gemma4.int4_glu_linear.default" in seen and seen.count("gemma4.int4_linear.default") == 1
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a block dispatches."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def _one_shot(weight: torch.Tensor, group: int):
     from export.kernels.int4_matmul import quantize_int4
     return quantize_int4(weight, group)

@@ -228,6 +228,12 @@ class PackedInt4Linear(nn.Module):
         import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_linear)
         return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
 
+    def forward_glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """forward(gelu_tanh(gate) * up) as one op (the MLP's down projection): at M == 1 on CUDA the
+        activation is computed by the kernel that reads x, not by a kernel of its own."""
+        import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_glu_linear)
+        return torch.ops.gemma4.int4_glu_linear(gate, up, self.qweight, self.scales)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 

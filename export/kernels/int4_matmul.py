@@ -527,8 +527,15 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
-                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2):
+def _gelu_tanh(g):
+    """GELU, tanh approximation, in fp32 (tanh(y) = 1 - 2 / (exp(2y) + 1): exact at both ends)."""
+    y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    return 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+
+
+@triton.jit
+def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
+                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -539,10 +546,13 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
     otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing.
     LEVELS 1: h alone with s per 32 elements (x ~= s h, to within max|x| / 254 of those 32, as
-    llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group)."""
+    llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group).
+    GLU: x is gelu_tanh(x) * u (x_ptr the gate, u_ptr the up projection, bf16), rounded to bf16 as the
+    unfused graph's kernel leaves it, so the MLP's activation takes no launch of its own (u_ptr is
+    not read otherwise)."""
     if PDL:  # every read and write after the wait
         z = _pdl_wait(PDL, _PTX)
-        x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr = x_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z, cnt_ptr + z
+        x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z, cnt_ptr + z
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
         offs = i + tl.arange(0, 1024)
         tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
@@ -554,6 +564,9 @@ def _quant_x_kernel(x_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.
     e = tl.arange(0, 2)[None, None, None, :]
     ok = g4 < NG
     x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
+    if GLU:
+        u = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
+        x = (_gelu_tanh(x) * u).to(u_ptr.dtype.element_ty).to(tl.float32)
     SUB: tl.constexpr = W // 4 if LEVELS == 1 else 1  # factors per group: per 32 elements at LEVELS 1
     amax = tl.max(tl.reshape(tl.max(tl.max(tl.abs(x), axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
@@ -1083,10 +1096,10 @@ def _gemv1_kernel(cfg: triton.Config):
 
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
-             pdl_attr: bool = True):
+             pdl_attr: bool = True, up: torch.Tensor | None = None):
     """x2 [1, K] as `_quant_x_kernel`'s planes (int32), factors and corrections (x as `levels` int8
     levels: per group at two, per 32 elements at one); the kernel also zeroes cnt[:ncnt], the
-    following GEMV's split-sum counters."""
+    following GEMV's split-sum counters. up [1, K]: x is gelu_tanh(x2) * up (the kernel's GLU)."""
     K = x2.shape[1]
     groups = K // G
     xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
@@ -1094,14 +1107,15 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     xf = torch.empty((blocks,), device=x2.device, dtype=torch.float32)
     xc = torch.empty((blocks,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
-    launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, xin, xf, xc, cnt, groups, ncnt, GROUP=G, GB=QUANT_X_GROUPS,
-                                                     LEVELS=levels, num_warps=4, **_pdl_args(pdl, pdl_attr))
+    launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, x2 if up is None else up, xin, xf, xc, cnt, groups, ncnt,
+                                                     GROUP=G, GB=QUANT_X_GROUPS, LEVELS=levels, GLU=int(up is not None),
+                                                     num_warps=4, **_pdl_args(pdl, pdl_attr))
     return xin, xf, xc
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
-               levels: int = 2, pdl_attr: bool = True):
+               levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1110,7 +1124,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     launched with programmatic dependent launch (`_pdl_wait`'s modes; sm_90+, direct launches only,
     scripts/gemv1_pdl_variants.py); the op passes neither. pdl_attr False: those modes without the
     launch attribute (`_pdl_args`). levels: x as two int8 levels or one (`_gemv1_tile_lanes`; the
-    per-lane loop only: one K part or DEPTH 0)."""
+    per-lane loop only: one K part or DEPTH 0). up [1, K]: the input is gelu_tanh(x2) * up, computed
+    by the quantize kernel (with bf16 x, by aten ops first)."""
+    if up is not None and not (GEMV1_XQ if xq is None else xq):
+        x2, up = glu_reference(x2, up), None
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1123,7 +1140,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr) if xq
+    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up) if xq
                    else (x2, x2, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
@@ -1228,20 +1245,41 @@ def can_reach(M, m: int) -> bool:
     return bool(M.node.shape_env.bound_sympy(M.node.expr).upper >= m)
 
 
+def glu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation, gelu_tanh(gate) * up, in the inputs' dtype."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def _m1(x: torch.Tensor, G: int) -> bool:
+    """Whether the op takes the M == 1 kernels (`int4_gemv1`) for x [M, K]."""
+    return guard_or_false(x.shape[0] == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128)
+
+
+def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None):
+    """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode."""
+    N, K, G = _check(x2, qweight, scales)
+    plan = gemv1_plan(N, K, G)
+    pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
+    return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
+                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up)
+
+
 @triton_op("gemma4::int4_linear", mutates_args={})
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [..., K] (bf16) @ dequant(qweight, scales).T -> [..., N] bf16 (layout: module doc)."""
+    return _linear(x, qweight, scales)
+
+
+def _linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`int4_linear`'s body: the path for x's M (the ops' shared implementation)."""
     N, K, G = _check(x, qweight, scales)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     # Either path is right for any M; the choice is speed. A symbolic M (the prefill method's
     # dynamic chunk length, traced by AOTInductor) is decided by its value range, without a guard.
-    if guard_or_false(M == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128):
-        plan = gemv1_plan(N, K, G)  # one config per shape, no timing run
-        pdl = op_pdl_mode(x.device)  # the attribute comes from the artifact's launcher, not from here
-        out = int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                         levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False)
+    if _m1(x2, G):
+        out = _gemv1(x2, qweight, scales)
     elif guard_or_false(M <= GEMV_MAX_M) and x.dtype == torch.bfloat16 and G == 128:  # tensor-core GEMV
         out = int4_gemv_mma(x2, qweight, scales, *gemv_mma_plan(N, K, M))
     elif guard_or_false(M <= GEMV_MAX_M):  # M == 1 in another dtype too
@@ -1271,3 +1309,39 @@ def _(x, qweight, scales):
 def _(x, qweight, scales):
     _check(x, qweight, scales)
     return int4_linear_reference(x, qweight, scales)
+
+
+def _check_glu(gate, up, qweight, scales):
+    if gate.shape != up.shape:
+        raise ValueError(f"int4_glu_linear: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    return _check(gate, qweight, scales)
+
+
+def int4_glu_linear_reference(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
+                              scales: torch.Tensor) -> torch.Tensor:
+    return int4_linear_reference(glu_reference(gate, up), qweight, scales)
+
+
+@triton_op("gemma4::int4_glu_linear", mutates_args={})
+def int4_glu_linear(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(gelu_tanh(gate) * up) [..., K] @ dequant(qweight, scales).T -> [..., N]: the MLP's down
+    projection with its activation. At M == 1 the quantize kernel computes the activation as it
+    reads x (`_quant_x_kernel`'s GLU): one launch less a layer than the activation's own kernel
+    before `int4_linear`. Other M: the activation in aten ops (Inductor fuses it) and `int4_linear`."""
+    N, K, G = _check_glu(gate, up, qweight, scales)
+    g2 = gate.reshape(-1, K).contiguous()
+    if _m1(g2, G):
+        return _gemv1(g2, qweight, scales, up=up.reshape(-1, K).contiguous()).reshape(*gate.shape[:-1], N)
+    return _linear(glu_reference(gate, up), qweight, scales)
+
+
+@int4_glu_linear.register_fake
+def _(gate, up, qweight, scales):
+    N, _, _ = _check_glu(gate, up, qweight, scales)
+    return gate.new_empty((*gate.shape[:-1], N))
+
+
+@int4_glu_linear.register_kernel("cpu")
+def _(gate, up, qweight, scales):
+    _check_glu(gate, up, qweight, scales)
+    return int4_glu_linear_reference(gate, up, qweight, scales)
