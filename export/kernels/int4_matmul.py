@@ -45,8 +45,13 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
 `config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
 configs marked for those cards even on an H200, which is what the tests force.
 
-The CPU kernel of the op is `int4_linear_reference` (plain aten ops, any float dtype); the
-CPU backend decomposes the op into it.
+`gemma4::int4_glu_linear(gate, up, qweight, scales)` is the MLP's down projection with its
+activation, (gelu_tanh(gate) * up) @ dequant(W).T: at M == 1 the quantize kernel computes the
+activation as it reads x (one launch less a layer), other M take the activation in aten ops and
+`int4_linear`'s path.
+
+The CPU kernels of the ops are `int4_linear_reference` and `int4_glu_linear_reference` (plain aten
+ops, any float dtype); the CPU backend decomposes the ops into them.
 """
 
 from __future__ import annotations
