@@ -592,7 +592,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
-        Q, K, V, KS, VS, POS, O, MP, LP, AP = Q + z, K + z, V + z, KS + z, VS + z, POS + z, O + z, MP + z, LP + z, AP + z
+        Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
+        O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)

@@ -26,7 +26,7 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   partials summed by the last program of each row block (its counter zeroed by the quantize
   kernel: two launches an op), the largest one slice. Quantizing x inside the GEMV instead (each
   program the groups it reads) measured slower: gate/up 45 -> 57 us.
-  Both kernels take a constexpr PDL for programmatic dependent launch (`_pdl_wait`): the op
+  Both kernels take a constexpr PDL for programmatic dependent launch (`pdl_wait`): the op
   compiles them in mode 2 on sm_90+ (`op_pdl_mode`), where the artifact's launcher sets the
   attribute (export/backends/cuda.py): each may start while the kernel before it finishes, the
   GEMV loading its first weight tile then (scripts/gemv1_pdl_variants.py, scripts/pdl_ab.py).
@@ -68,7 +68,7 @@ from torch.library import triton_op, wrap_triton
 
 from export.kernels.pdl import op_pdl_mode
 from export.kernels.pdl import pdl_args as _pdl_args
-from export.kernels.pdl import pdl_wait as _pdl_wait
+from export.kernels.pdl import pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
@@ -97,15 +97,15 @@ GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead o
 # next to an outlier channel. Both are small beside the int4 weight's own rounding (~10% of a row's
 # norm): the 1e-2 is against the dequantized weight.
 GEMV1_LEVELS = 1
-# M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`_pdl_wait`, export/kernels/pdl.py): launched
-# with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
+# M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
+# launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
 # the GEMV loading its first weight tile and scales before it waits. H200: direct launches in CUDA
 # graphs (scripts/gemv1_pdl_variants.py, gemv1_pdl_variants.json), a layer's four projections 3.2 /
 # 3.5 us faster (sliding / full); the 31B 12-layer slice's artifact with and without it
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
-PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`_pdl_wait`) where pdl.OP_PDL holds
+PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -394,7 +394,7 @@ def _ld_b32(ptr):
 @triton.jit
 def _ld_b32_coherent(ptr):
     """`_ld_b32` without the non-coherent cache, which is for data no one writes while the kernel
-    runs: not so for a kernel that starts before the one writing it finishes (PDL, `_pdl_wait`)."""
+    runs: not so for a kernel that starts before the one writing it finishes (PDL, `pdl_wait`)."""
     return tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True, pack=1)
 
 
@@ -503,7 +503,7 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
     and scales load one step ahead, x's levels too; no masked load (rows past N read row N - 1,
     words past a run the row's last group, and the scale of such a group is 0), the scales
     through PTX (`_ld_u16`): nothing in the loop takes another layout than the words'.
-    PDL: the first words and scales (constants) load before `_pdl_wait`, x's levels after it."""
+    PDL: the first words and scales (constants) load before `pdl_wait`, x's levels after it."""
     L: tl.constexpr = WORDS // 4
     XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`): 16-byte aligned
     lane = tl.arange(0, WORDS)[None, None, :]
@@ -516,7 +516,7 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
     w = tl.load(rows + (gc + lane))
     s = _gemv1_scale(srows + gc // WORDS, n_ok & (start < hi), ASM)
     if PDL:
-        z = _pdl_wait(PDL, ASM)
+        z = pdl_wait(PDL, ASM)
         xq, xf, xc = xq + z, xf + z, xc + z
     he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL, LEVELS)
     acc = tl.zeros((offs_n.shape[0], start.shape[1], L), dtype=tl.float32)
@@ -549,15 +549,16 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     (a plane loads in the weight tile's own layout, `_gemv1_x_planes`);
     xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
     NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
-    otherwise take a launch of their own. PDL (1 or 2, `_pdl_wait`): it waits first thing.
+    otherwise take a launch of their own. PDL (1 or 2, `pdl_wait`): it waits first thing.
     LEVELS 1: h alone with s per 32 elements (x ~= s h, to within max|x| / 254 of those 32, as
     llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group).
     GLU: x is gelu_tanh(x) * u (x_ptr the gate, u_ptr the up projection, bf16), rounded to bf16 as the
     unfused graph's kernel leaves it, so the MLP's activation takes no launch of its own (u_ptr is
     not read otherwise)."""
     if PDL:  # every read and write after the wait
-        z = _pdl_wait(PDL, _PTX)
-        x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z, cnt_ptr + z
+        z = pdl_wait(PDL, _PTX)
+        x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
+        cnt_ptr = cnt_ptr + z
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
         offs = i + tl.arange(0, 1024)
         tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
@@ -658,7 +659,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     else x is bf16 and xf_ptr / xc_ptr are unused. LEVELS (the per-lane loop): x as two int8
     levels (2, the op's) or one (1: half the dp4a and x's planes, x to within max|x| / 254 per group).
 
-    PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `_pdl_wait`): the
+    PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
     and reads x; the other paths wait first thing. Every global write comes after the wait."""
     WORDS: tl.constexpr = GROUP // 8
@@ -681,7 +682,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         if PDL:  # x (and x's factors) read after the wait; the weights may load before it
-            z = _pdl_wait(PDL, ASM)
+            z = pdl_wait(PDL, ASM)
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
         lane = tl.arange(0, WORDS)[None, None, :]
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
@@ -717,7 +718,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     if PDL:  # the writes after the wait (their values follow it already; the counter's address too)
-        zw = _pdl_wait(PDL, ASM)
+        zw = pdl_wait(PDL, ASM)
         y_ptr, part_ptr, cnt_ptr = y_ptr + zw, part_ptr + zw, cnt_ptr + zw
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
@@ -1126,7 +1127,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
     kernel, or here with bf16 x). xq: x turned into two int8 levels first (`_quant_x_kernel`, one
     more launch) and multiplied with dp4a. pdl_quant / pdl_gemv: the quantize kernel and the GEMV
-    launched with programmatic dependent launch (`_pdl_wait`'s modes; sm_90+, direct launches only,
+    launched with programmatic dependent launch (`pdl_wait`'s modes; sm_90+, direct launches only,
     scripts/gemv1_pdl_variants.py); the op passes neither. pdl_attr False: those modes without the
     launch attribute (`_pdl_args`). levels: x as two int8 levels or one (`_gemv1_tile_lanes`; the
     per-lane loop only: one K part or DEPTH 0). up [1, K]: the input is gelu_tanh(x2) * up, computed
