@@ -633,7 +633,8 @@ def bench_kv_dtype(s: Sweep, kv: str, model_dir: Path, clock: Clock, reserve_s: 
 def decode_kernels(artifact, ids: list[int], fill: int, steps: int = 16, top: int = 12) -> dict:
     """Where a decode step's GPU time goes (scripts/profile_decode.py's table, its largest rows):
     a runner without the CUDA graph, `fill` tokens prefilled. A change that adds kernels or copies
-    to the compiled decode shows here even where the step time alone would not say why."""
+    to the compiled decode shows here even where the step time alone would not say why. With
+    programmatic dependent launch (sm_90+) a kernel's time includes its wait for the one before it."""
     from runtime.runner import Runner
     from scripts.profile_decode import kernel_profile
 

@@ -7,7 +7,10 @@ every launch), prefills --fill tokens, then profiles --steps decode steps with t
 Prints per kernel family (the kernel's name up to its first digit run: Triton names carry
 the fused ops) the GPU time per step, its launch count per step and its share, plus the sum of
 kernel time against the step's wall time (the difference is launch gaps / host work, which a
-CUDA graph hides). A tuning tool: its JSON is for reading, not for checks.
+CUDA graph hides). On sm_90+ the artifact's kernels launch with programmatic dependent launch
+(export/kernels/pdl.py): each starts early and waits for the one before it, and its profiled time
+includes that wait. Start the process with GEMMA4_PDL_OFF=1 for each kernel's own time. A tuning
+tool: its JSON is for reading, not for checks.
 """
 
 from __future__ import annotations
