@@ -491,6 +491,26 @@ def test_mma_gemv_lanes_hold_the_fragments_it_assumes(block_n, warps, one_row, p
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("n,k", [(5376, 21504), (1536, 6144), (256, 1024)])  # 31B / E2B down, a small-weight plan
+def test_cuda_glu_op_is_the_linear_of_the_activation(m, n, k):
+    """`int4_glu_linear` on the GPU (M == 1: the activation in the quantize kernel, or first where the
+    plan takes bf16 x; M > 1: aten, then the int4 path) against the activation computed first and fed
+    to `int4_linear`, and against fp32, on fresh random inputs."""
+    torch.manual_seed(n + m)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 128)
+    gate = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 2
+    up = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
+    got = torch.ops.gemma4.int4_glu_linear(gate, up, qweight, scales).float()
+    act = im.glu_reference(gate, up)
+    first = torch.ops.gemma4.int4_linear(act, qweight, scales).float()
+    ref = act.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+    assert torch.isfinite(got).all()
+    assert ((got - first).norm() / first.norm()).item() <= 1e-2
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 3, 8, 100, 512])
 @pytest.mark.parametrize("n,k,group", [(1000, 4096, 128), (320, 704, 64), (2048, 2560, 32)])
 def test_cuda_kernels_match_reference_consumer_configs(monkeypatch, m, n, k, group):
