@@ -25,7 +25,9 @@ Triton path (CUDA): decode (T = 1 in the traced graph) is flash-decoding: grid
 [lo, pos] (whole BLOCK_N blocks, cp.async-pipelined), split from the position tensor on the
 device (static grid for AOTInductor and CUDA-graph replay; shares past the fill are empty and
 write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
-head-dim chunks, merges the non-empty shares. With a quantized cache the dots run in fp16 and
+head-dim chunks, merges the non-empty shares. On sm_90+ both wait on the grid before them first
+thing (programmatic dependent launch, export/kernels/pdl.py: each may start while the kernel before
+it finishes). With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
 instructions; per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
 (scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D; V, the

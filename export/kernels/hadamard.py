@@ -11,8 +11,9 @@ each program loads BLOCK_R rows of D values, runs the butterflies in registers i
 (`fwht`, the same adds and subtracts in the same order as the reference, so the results agree
 bitwise), scales by D^-1/2 and stores in x's dtype.
 
-`fwht` is a jit function so other kernels can rotate a tile they hold. The CPU kernel of the op
-and the CPU backend's decomposition are `hadamard_reference`.
+`fwht` is a jit function so other kernels can rotate a tile they hold. On sm_90+ the kernel waits
+on the grid before it (programmatic dependent launch, export/kernels/pdl.py). The CPU kernel of the
+op and the CPU backend's decomposition are `hadamard_reference`.
 """
 
 from __future__ import annotations
