@@ -532,10 +532,11 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
 
 
 @triton.jit
-def _gelu_tanh(g):
-    """GELU, tanh approximation, in fp32 (tanh(y) = 1 - 2 / (exp(2y) + 1): exact at both ends)."""
-    y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    return 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
+def gelu_tanh(g):
+    """GELU, tanh approximation, in fp32 (the MLPs' activation; also export/kernels/moe_int4.py's):
+    tanh(z) = 1 - 2 / (1 + exp(2z)), no libdevice (runs in the interpreter); tanh(20) is 1 in fp32."""
+    z = tl.minimum(0.7978845608028654 * (g + 0.044715 * g * g * g), 20.0)
+    return 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
 
 
 @triton.jit
@@ -572,7 +573,7 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
     if GLU:
         u = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
-        x = (_gelu_tanh(x) * u).to(u_ptr.dtype.element_ty).to(tl.float32)
+        x = (gelu_tanh(x) * u).to(u_ptr.dtype.element_ty).to(tl.float32)
     SUB: tl.constexpr = W // 4 if LEVELS == 1 else 1  # factors per group: per 32 elements at LEVELS 1
     amax = tl.max(tl.reshape(tl.max(tl.max(tl.abs(x), axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)

@@ -57,7 +57,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
 from export.kernels import int4_matmul
-from export.kernels.int4_matmul import dequantize_int4, int4_bytes, quantize_int4
+from export.kernels.int4_matmul import dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 ALIGN_BLOCK = 128  # entries per step of the counting sort
@@ -196,13 +196,6 @@ def _autotuned(kind: str, group: int = 0):
 
 
 # ---- kernels --------------------------------------------------------------------------------
-
-
-@triton.jit
-def _gelu_tanh(g):
-    # tanh(z) = 1 - 2 / (1 + exp(2z)), no libdevice (runs in the interpreter); tanh(20) is 1 in fp32
-    z = tl.minimum(0.7978845608028654 * (g + 0.044715 * g * g * g), 20.0)
-    return 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
 
 
 @triton.jit
@@ -427,7 +420,7 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
             wg1, wu1, sg1, su1 = wg_n, wu_n, sg_n, su_n
     gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
     up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-    act = _gelu_tanh(gate) * up
+    act = gelu_tanh(gate) * up
     # act in the down kernel's word order (`decode_act_pack`): group g of DOWN_GROUP k's takes 9
     # runs of DOWN_GROUP / 8, x_i of its words (k = 8j + i) in run i and their offsets in run 8
     DW: tl.constexpr = DOWN_GROUP // 8
@@ -613,7 +606,7 @@ def _grouped_kernel(a_ptr, sorted_ptr, row_off_ptr, q_ptr, s_ptr, w_ptr, out_ptr
                                        N_OUT, GROUP, FP32, JOIN, BLOCK_N, BLOCK_K)
         mask = r_ok[:, None] & n_ok[None, :]
         if GATE_UP:
-            act = _gelu_tanh(acc) * acc_up
+            act = gelu_tanh(acc) * acc_up
             tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                      act.to(out_ptr.dtype.element_ty), mask=mask)
         else:
