@@ -234,8 +234,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(self, x, "gate_up_proj")
-        fused = getattr(self.down_proj, "forward_glu", None)  # a quantized down projection may take the
-        if fused is not None:  # activation's inputs (one op; quant.PackedInt4Linear)
+        # a packed int4 down projection takes gate and up: one op with the activation (quant.PackedInt4Linear)
+        fused = getattr(self.down_proj, "forward_glu", None)
+        if fused is not None:
             return fused(gate, up)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
