@@ -13,7 +13,7 @@ Why: a layer's four GEMVs (each `_quant_x_kernel`, ~1.5 us, then the GEMV) take 
 kernel to the launch, the ramp-up and the tail. A kernel launched with the programmatic-stream-
 serialization attribute may start while the kernel before it finishes: everything before its
 `griddepcontrol.wait` (here the GEMV's first weight tile and scales, constants) overlaps that kernel
-(`int4_matmul._pdl_wait`). PDL is sm_90+: the H200 (sm_90) and the RTX 5090 (sm_120) have it, the
+(`export.kernels.pdl.pdl_wait`). PDL is sm_90+: the H200 (sm_90) and the RTX 5090 (sm_120) have it, the
 RTX 4090 (sm_89) does not, and the script refuses such a GPU. AOTInductor's C++ launcher does not set
 the attribute (torch/_inductor/codegen/cpp_wrapper_gpu.py), nor does torch's wrap_triton: the first
 run measured the potential with direct Triton launches in CUDA graphs (a layer's projections 3 us
@@ -104,10 +104,10 @@ def counters(found: list):
     zero (cnt[:ncnt]), to read them after the GEMVs: each must be back at 0."""
     orig = im._quant_x
 
-    def recording(x2, G, cnt, ncnt, pdl=0, levels=2, pdl_attr=True):
+    def recording(x2, G, cnt, ncnt, *args, **kwargs):
         if ncnt:
             found.append(cnt[:ncnt])
-        return orig(x2, G, cnt, ncnt, pdl, levels, pdl_attr)
+        return orig(x2, G, cnt, ncnt, *args, **kwargs)
 
     im._quant_x = recording
     try:
@@ -310,10 +310,11 @@ def compile_sm90(pdl: int | None, red: int = 2) -> dict:
     ks = {"gemv": _compile_sm90(im._int4_gemv1_kernel, sig, const, cfg.num_warps,
                                 ["x_ptr", "xf_ptr", "xc_ptr", "w_ptr", "s_ptr", "part_ptr", "y_ptr", "cnt_ptr",
                                  "stride_ww"]),
-          "quant": _compile_sm90(im._quant_x_kernel, {"x_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32",
-                                                      "xc_ptr": "*i32", "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
+          "quant": _compile_sm90(im._quant_x_kernel, {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32",
+                                                      "xf_ptr": "*fp32", "xc_ptr": "*i32", "cnt_ptr": "*i32",
+                                                      "NG": "i32", "NCNT": "i32"},
                                  {"GROUP": GROUP, "GB": im.QUANT_X_GROUPS, **extra}, 4,
-                                 ["x_ptr", "xq_ptr", "xf_ptr", "xc_ptr", "cnt_ptr"])}
+                                 ["x_ptr", "u_ptr", "xq_ptr", "xf_ptr", "xc_ptr", "cnt_ptr"])}
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     out = {}
     for name, k in ks.items():

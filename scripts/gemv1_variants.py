@@ -192,7 +192,7 @@ def quant_x(x2: torch.Tensor, group: int, planes: int = 4):
     xq = torch.empty((planes, triton.cdiv(K // 8, 16) * 16), device=x2.device, dtype=torch.int32)
     xf = torch.empty(ng, device=x2.device, dtype=torch.float32)
     xc = torch.empty(ng, device=x2.device, dtype=torch.int32)
-    im._quant_x_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, xq, xf, xc, xc, ng, 0, GROUP=group,
+    im._quant_x_kernel[(triton.cdiv(ng, im.QUANT_X_GROUPS),)](x2, x2, xq, xf, xc, xc, ng, 0, GROUP=group,
                                                              GB=im.QUANT_X_GROUPS, num_warps=4)
     return xq, xf, xc
 

@@ -2,7 +2,7 @@
 
 A kernel launched with the programmatic-stream-serialization attribute may start while the kernel
 before it finishes; everything it does before `griddepcontrol.wait` overlaps that kernel
-(`export.kernels.int4_matmul._pdl_wait`; scripts/gemv1_pdl_variants.py measured a decode layer's
+(`export.kernels.pdl.pdl_wait`; scripts/gemv1_pdl_variants.py measured a decode layer's
 four projections 3 us faster so). AOTInductor's launcher does not set the attribute, but a graph
 captured around the compiled program can be edited before it is instantiated: each edge into a
 kernel that waits (ours, compiled with a PDL mode) from another kernel becomes a programmatic edge,
