@@ -114,3 +114,25 @@ def test_unit_hook_sees_each_unit_once_in_order(tmp_path, source_model):
     assert seen[0] == "embed_tokens" and seen[-1] == "lm_head"
     assert seen.count("layers.0") == 1 and len(seen) == len(set(seen))
     assert torch.equal(loaded.lm_head.weight, source_model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("head_dim", [16, 256, 512])
+def test_random_q_k_norm_weights_carry_the_score_scale(head_dim):
+    """Presets' random q_norm / k_norm weights are drawn at head_dim^-1/4 of the other norms' U[0.5, 1.5)
+    (Gemma 4's attention scaling is 1.0: at 1 random scores would have std sqrt(head_dim)); every
+    other 1-D weight stays in U[0.5, 1.5)."""
+    from export.gemma4.checkpoint import RandomWeights
+
+    src, meta = RandomWeights(3), torch.empty(head_dim, device="meta")
+    s = head_dim ** -0.25
+    for key in ("layers.0.self_attn.q_norm.weight", "layers.4.self_attn.k_norm.weight"):
+        w = src.read(key, meta, torch.float32)
+        assert 0.5 * s <= w.min() and w.max() < 1.5 * s and w.std() > 0.1 * s, key
+    w = src.read("layers.0.input_layernorm.weight", meta, torch.float32)
+    assert 0.5 <= w.min() and w.max() < 1.5
+    # the scores of random unit-variance q and k through those norms: of order 1, not sqrt(D)
+    g = torch.Generator().manual_seed(0)
+    qn = src.read("layers.0.self_attn.q_norm.weight", meta, torch.float32)
+    kn = src.read("layers.0.self_attn.k_norm.weight", meta, torch.float32)
+    scores = (torch.randn(512, head_dim, generator=g) * qn) @ (torch.randn(512, head_dim, generator=g) * kn).T
+    assert 0.5 < scores.std() < 2.0

@@ -189,7 +189,12 @@ class RandomWeights:
     A key's values depend only on (seed, key, device type): slices (`with_layers`) share
     weights with the full model and load order does not matter. 1-D weights and
     `layer_scalar` are drawn from U[0.5, 1.5) (away from their identity initialisation, so a
-    missing multiply shows in parity tests), the rest from N(0, 0.05^2). Drawn on `device`
+    missing multiply shows in parity tests), the rest from N(0, 0.05^2). The attention's
+    `q_norm` / `k_norm` weights (head dim D) are drawn from U[0.5, 1.5) * D^-1/4: with Gemma 4's
+    attention scaling of 1.0 the norms carry the score scale, and at 1 the scores of random q and
+    k have a standard deviation of sqrt(D) (16 / 22.6), a softmax so peaked that bf16 rounding
+    moves the logits by several percent; at D^-1/4 they are of order 1, as in a trained model.
+    Drawn on `device`
     in blocks of at most BLOCK_ELEMS (the CPU generator is serial: ~80 s for the 31B slice's
     2.4e9 values; a GPU takes well under a second) and returned on the CPU in `dtype`.
     """
@@ -208,11 +213,12 @@ class RandomWeights:
         out = torch.empty(meta.shape, dtype=dtype)
         flat = out.view(-1)
         identity_like = meta.dim() == 1 or key.endswith("layer_scalar")
+        scale = meta.shape[0] ** -0.25 if key.endswith(("q_norm.weight", "k_norm.weight")) else 1.0
         for b, start in enumerate(range(0, flat.numel(), self.BLOCK_ELEMS)):
             n = min(self.BLOCK_ELEMS, flat.numel() - start)
             g = self._generator(key, b)
             if identity_like:
-                block = torch.empty(n, device=self.device).uniform_(0.5, 1.5, generator=g)
+                block = torch.empty(n, device=self.device).uniform_(0.5, 1.5, generator=g).mul_(scale)
             else:
                 block = torch.randn(n, device=self.device, generator=g).mul_(0.05)
             flat[start:start + n].copy_(block)
