@@ -95,8 +95,13 @@ GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead o
 # full layer's 104.1 -> 98.6. Error against fp32 on Gaussian bf16 x: 5.7e-3 (two levels 1.7e-3, the bf16
 # output's rounding); one factor per group of 128 gave 6.7e-3 and twice the error of a factor per 32
 # next to an outlier channel. Both are small beside the int4 weight's own rounding (~10% of a row's
-# norm): the 1e-2 is against the dequantized weight.
-GEMV1_LEVELS = 1
+# norm): the 1e-2 is against the dequantized weight. End to end they are not small beside bf16: the
+# 31B 2-layer slice (random weights, scripts/bench_variants.py --stages slice, H200) with one level
+# was 1.20-1.25e-2 from the eager model with the same weights per decode step (0.93e-2 at prefill,
+# where only the lm_head's x is quantized), with two levels 0.65-0.72e-2, as close as the eager bf16
+# model is to fp32 (0.67-0.73e-2); the E4B slice 1.29e-2 -> 1.00e-2. Two levels, at the price of ~5%
+# of the mid shapes' GEMV time.
+GEMV1_LEVELS = 2
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
 # launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
