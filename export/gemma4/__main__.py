@@ -29,10 +29,10 @@ from export.gemma4.planner import (
     PlanInputs,
     fit_prefill_chunk,
     inputs_for,
-    parse_size,
     plan,
     render_table,
     resolve_ctx,
+    size_arg,
 )
 from export.pipeline import lowering_phase
 from export.stages import Heartbeat, ProgressBars
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="max tokens per sequence = full-attention KV length (default %(default)s; at "
                                        "most the model's max_position_embeddings), or 'auto': the largest that fits "
                                        "--gpu-budget"))
-    p.add_argument("--gpu-budget", type=parse_size, default=None,
+    p.add_argument("--gpu-budget", type=size_arg, default=None,
                    help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
                         "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits); "
                         "the default --prefill-chunk is fitted to it")

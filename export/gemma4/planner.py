@@ -869,6 +869,15 @@ def parse_size(text: str | int) -> int:
     return int(n)
 
 
+def size_arg(text: str) -> int:
+    """`parse_size` as an argparse type: a bad size is refused with parse_size's own message
+    (argparse turns a plain ValueError into "invalid value", dropping what a size looks like)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ---- command line ------------------------------------------------------------------------
 
 
@@ -879,9 +888,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser, model_options: bool = Tr
     """--gpu-budget/--host-budget, and with `model_options` the export's own flags that
     change the plan (export/gemma4/flags.py: the same names, types and defaults) plus --ctx
     and --loader. An export CLI that already has the model flags passes model_options=False."""
-    parser.add_argument("--gpu-budget", type=parse_size, help="GPU memory of the card that runs it, e.g. 24GiB")
-    parser.add_argument("--export-gpu-budget", type=parse_size, help="GPU memory of the card that exports (default: --gpu-budget)")
-    parser.add_argument("--host-budget", type=parse_size, help="host RAM for the export, e.g. 64GiB (default: not checked)")
+    parser.add_argument("--gpu-budget", type=size_arg, help="GPU memory of the card that runs it, e.g. 24GiB")
+    parser.add_argument("--export-gpu-budget", type=size_arg, help="GPU memory of the card that exports (default: --gpu-budget)")
+    parser.add_argument("--host-budget", type=size_arg, help="host RAM for the export, e.g. 64GiB (default: not checked)")
     if not model_options:
         return
     from export.gemma4.flags import add_export_arguments
