@@ -110,6 +110,8 @@ def test_export_bad_numbers_are_refused_by_flag(tmp_path):
     assert_refused(out, "--prefill-chunk 65 must be in 2..ctx (64)")
     out = cli("export.gemma4", "--gpu-budget", "5XB", "--plan", "--device", "cpu", cwd=tmp_path)
     assert_refused(out, "argument --gpu-budget: cannot read size '5XB': use e.g. 24GiB")
+    out = cli("export.gemma4", "--kv-dtype", "int2", "--device", "cpu", cwd=tmp_path)
+    assert_refused(out, "argument --kv-dtype: invalid choice: 'int2' (choose from auto, bf16, int8, int4)")
     out = cli("export.gemma4.planner", "--preset", "tiny", "--host-budget", "0", cwd=tmp_path)
     assert_refused(out, "argument --host-budget: size '0' must be positive")
     assert files_under(tmp_path) == []

@@ -26,6 +26,21 @@ from export.gemma4.options import (
 from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant
 
 
+def _enum(cls):
+    """argparse type of an Enum flag: a bad value is refused with the choices (argparse's own
+    message for a failed type is "invalid KvDtype value")."""
+
+    def parse(text: str):
+        try:
+            return cls(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {text!r} (choose from {', '.join(str(c.value) for c in cls)})") from None
+
+    parse.__name__ = cls.__name__
+    return parse
+
+
 def _flags(d: ExportConfig) -> dict[str, dict]:
     """field -> add_argument keywords (`default` from the config's own defaults)."""
     return {
@@ -42,17 +57,17 @@ def _flags(d: ExportConfig) -> dict[str, dict]:
                                    f"cuda: the largest of 2048, 1024, 512, 256, 128 (at most --ctx) whose planned "
                                    f"runtime memory fits --gpu-budget (22 GiB without one); on cpu "
                                    f"{DEFAULT_PREFILL_CHUNK}, or --ctx when that is shorter"),
-        "quant": dict(type=LinearQuant, choices=list(LinearQuant), default=d.quant,
+        "quant": dict(type=_enum(LinearQuant), choices=list(LinearQuant), default=d.quant,
                       help="linear weights incl. lm_head: int4 weight-only or none (default %(default)s)"),
         "group_size": dict(type=int, choices=GROUP_SIZES, default=d.group_size,
                            help="int4 group size along the input dim (default %(default)s)"),
-        "embedding_quant": dict(type=EmbeddingQuant, choices=list(EmbeddingQuant), default=d.embedding_quant,
+        "embedding_quant": dict(type=_enum(EmbeddingQuant), choices=list(EmbeddingQuant), default=d.embedding_quant,
                                 help="embedding tables: int8 per row or none (default %(default)s)"),
-        "device": dict(type=DeviceChoice, choices=list(DeviceChoice), default=d.device,
+        "device": dict(type=_enum(DeviceChoice), choices=list(DeviceChoice), default=d.device,
                        help="where the compiled .so runs; auto = cuda if a GPU is visible (default %(default)s)"),
-        "dtype": dict(type=DTypeChoice, choices=list(DTypeChoice), default=d.dtype,
+        "dtype": dict(type=_enum(DTypeChoice), choices=list(DTypeChoice), default=d.dtype,
                       help="activations and unquantized weights; auto = bfloat16 on cuda, float32 on cpu"),
-        "kv_dtype": dict(type=KvDtype, choices=list(KvDtype), default=d.kv_dtype,
+        "kv_dtype": dict(type=_enum(KvDtype), choices=list(KvDtype), default=d.kv_dtype,
                          help="KV cache of the full-attention layers: int8 / int4 (fp16 scale per token and head, "
                               "quantized on write) or bf16; auto = the model dtype. Sliding rings keep the model dtype"),
         "autotune": dict(action=argparse.BooleanOptionalAction, default=d.autotune,
