@@ -119,6 +119,24 @@ runtime_31b)  # the 31B 12-layer slice (10 sliding + 2 full) at 131072, KV int4 
   echo "bench rc=$?"; cat "$OUT/runtime_31b.txt"; tail -c 1500 "$OUT/runtime_31b.log"
   tar -czf "$OUT/runtime_31b_exports.tgz" -C /tmp/rt31 $(cd /tmp/rt31 && ls export_*.log export_*.json 2>/dev/null)
   ;;
+variant_slices)  # every variant's 2-layer slice (E2B, E4B, 26B-A4B, 31B), side by side: the runner's logits
+  # against the eager model with the same quantized weights and the fp32 model (variants.json `slice_*`; ~4 min)
+  for v in e2b e4b 26b-a4b 31b; do
+    timeout 500 python -m scripts.bench_variants --variant $v --stages slice --workdir /tmp/var \
+        --json "$OUT/variants_slice.json" > "$OUT/slice_$v.log" 2>&1 &
+    sleep 2
+  done
+  timeout 500 python -m scripts.kv_logits_error --preset 31b --layers 6 --fill 2048 --device cuda \
+      --out "$OUT/kv_logits_31b_6l.json" > "$OUT/kv_logits.log" 2>&1 &
+  wait
+  for v in e2b e4b 26b-a4b 31b; do tail -1 "$OUT/slice_$v.log"; done; tail -2 "$OUT/kv_logits.log"
+  ;;
+variant_e2b)  # E2B whole model with the 24 GB recipe: export, then the runtime alone (variants.json; ~7 min)
+  timeout 420 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
+      --json "$OUT/variants_e2b.json" > "$OUT/e2b_export.log" 2>&1
+  timeout 150 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
+      --json "$OUT/variants_e2b.json" 2>&1 | tail -3
+  ;;
 moe)  # int4 experts: the MoE kernels' cuda tests (AOTI compile included), then bench_moe (its JSON)
   timeout 240 python -m pytest -v -m cuda tests/test_moe_int4.py 2>&1 | tail -20
   timeout 300 python -m scripts.bench_moe --out "$OUT/moe_kernels.json" > "$OUT/bench_moe.txt" 2>&1
@@ -130,5 +148,5 @@ moe_slice)  # the 26B-A4B 2-layer int4 g128 low-memory slice (int4 experts): pea
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|moe|moe_slice" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice" >&2; exit 2 ;;
 esac
