@@ -382,17 +382,17 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                    NK_BUCKET=128, **strides)
     cases = {
         "route": (mo._autotuned("route"), dict(x_ptr=x, scale_ptr=z(H, dtype=bf), w_ptr=z(E, H, dtype=bf),
-                  part_ptr=z(11, N, E), ss_ptr=z(11, N), N=N, H=H, E=E, H_SLICE=256, stride_xn=H, stride_wn=H)),
+                  part_ptr=z(11, N, E), ss_ptr=z(11, N), N=N, H=H, E=E, H_SLICE=256, stride_xn=H, stride_wn=H, PDL=2)),
         "topk": (mo._route_topk_kernel, dict(part_ptr=z(11, N, E), ss_ptr=z(11, N), pes_ptr=z(E, dtype=bf),
                  w_out_ptr=w, idx_out_ptr=idx, N=N, E=E, SPLITS=11, eps=1e-6, inv_h=1 / H, inv_sqrt_h=0.02,
-                 TOP_K=K, BLOCK_E=128, K_P2=8)),
+                 TOP_K=K, BLOCK_E=128, K_P2=8, PDL=2)),
         "gemv_gate_up": (mo._autotuned("words_gate_up", 128), dict(x_ptr=x, idx_ptr=idx, q_ptr=guq, s_ptr=gus,
                          act_ptr=z(K, 800), I=I, ACT_STRIDE=800, NGROUPS=H // 128, GROUP=128, DOWN_GROUP=64,
-                         X_BF16=True, ASM=True, **strides)),
+                         X_BF16=True, ASM=True, PDL=2, **strides)),
         "gemv_down": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
                       out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K, NGROUPS=I // 64,
-                      GROUP=64, ASM=True, stride_os=H, **strides)),
-        "sum_slices": (mo._sum_slices_kernel, dict(part_ptr=z(2, H), out_ptr=x, N=H, SLICES=2, BLOCK=1024)),
+                      GROUP=64, ASM=True, stride_os=H, PDL=2, **strides)),
+        "sum_slices": (mo._sum_slices_kernel, dict(part_ptr=z(2, H), out_ptr=x, N=H, SLICES=2, BLOCK=1024, PDL=2)),
         "align": (mo._align_kernel, dict(idx_ptr=idx, sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), NK=N * K, E=E,
                   BLOCK=128, E_P2=128)),
         "grouped_gate_up": (mo._autotuned("grouped_gate_up", 128), dict(a_ptr=x, q_ptr=guq, s_ptr=gus,
@@ -410,7 +410,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
 def test_inductor_sees_only_the_outputs_written():
     """Inductor's mutation analysis of each kernel's TTIR (built for sm_90, no GPU needed) finds
     only its outputs: had it failed, AOTInductor would assume every input written and copy the
-    expert stacks on every call."""
+    expert stacks on every call. The decode kernels as the ops launch them on sm_90+, with the
+    grid wait (PDL 2)."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -429,16 +430,17 @@ from export.kernels import moe_int4 as mo
 C = "constexpr"
 def sig(**kw): return kw
 route_t = sig(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", ss_ptr="*fp32", N="i32", H="i32",
-              E="i32", H_SLICE="i32", stride_xn="i32", stride_wn="i32", BLOCK_T=C, BLOCK_E=C, BLOCK_H=C)
+              E="i32", H_SLICE="i32", stride_xn="i32", stride_wn="i32", BLOCK_T=C, BLOCK_E=C, BLOCK_H=C, PDL=C)
 topk_t = sig(part_ptr="*fp32", ss_ptr="*fp32", pes_ptr="*bf16", w_out_ptr="*fp32", idx_out_ptr="*i64", N="i32",
-             E="i32", SPLITS="i32", eps="fp32", inv_h="fp32", inv_sqrt_h="fp32", TOP_K=C, BLOCK_E=C, K_P2=C)
+             E="i32", SPLITS="i32", eps="fp32", inv_h="fp32", inv_sqrt_h="fp32", TOP_K=C, BLOCK_E=C, K_P2=C, PDL=C)
 strides = dict(stride_qe="i32", stride_qn="i32", stride_se="i32", stride_sn="i32")
 gu_t = sig(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32", I="i32", ACT_STRIDE="i32",
            **strides,
-           NGROUPS=C, GROUP=C, DOWN_GROUP=C, X_BF16=C, BLOCK_N=C, GROUPS=C, ASM=C)
+           NGROUPS=C, GROUP=C, DOWN_GROUP=C, X_BF16=C, BLOCK_N=C, GROUPS=C, ASM=C, PDL=C)
 dn_t = sig(act_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", out_ptr="*bf16", N_OUT="i32",
            ACT_STRIDE="i32", C_PER_SPLIT="i32", **strides, stride_os="i32", TOP_K=C, NGROUPS=C, GROUP=C, BLOCK_N=C,
-           GROUPS=C, ASM=C)
+           GROUPS=C, ASM=C, PDL=C)
+sum_t = sig(part_ptr="*fp32", out_ptr="*bf16", N="i32", SLICES=C, BLOCK=C, PDL=C)
 al_t = sig(idx_ptr="*i64", sorted_ptr="*i32", row_off_ptr="*i32", NK="i32", E="i32", BLOCK=C, E_P2=C)
 gr_t = lambda out: sig(a_ptr="*bf16", sorted_ptr="*i32", row_off_ptr="*i32", q_ptr="*u8",
                        s_ptr="*bf16", w_ptr="*fp32", out_ptr=out, N_OUT="i32", K="i32", E="i32", stride_am="i32",
@@ -453,6 +455,7 @@ cases = [
     (mo._gemv_words_gate_up_kernel, gu_t, dict(NGROUPS=22, GROUP=128, DOWN_GROUP=64, X_BF16=True, ASM=True),
      one(mo.WORDS_GATE_UP_CONFIGS)),
     (mo._gemv_words_down_kernel, dn_t, dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True), one(mo.WORDS_DOWN_CONFIGS)),
+    (mo._sum_slices_kernel, sum_t, dict(SLICES=2, BLOCK=1024), None),
     (mo._align_kernel, al_t, dict(BLOCK=mo.ALIGN_BLOCK, E_P2=128), None),
     (mo._grouped_kernel, gr_t("*bf16"), dict(GATE_UP=True, GROUP=128, **grouped), one(mo.GROUPED_CONFIGS, 128)),
     (mo._grouped_kernel, gr_t("*fp32"), dict(GATE_UP=False, GROUP=64, **grouped), one(mo.GROUPED_CONFIGS, 64)),
@@ -460,6 +463,8 @@ cases = [
 for arch in map(int, sys.argv[1:]):
     for fn, types, consts, cfg in cases:
         c = {**consts, **(cfg.kwargs if cfg else {})}
+        if "PDL" in types:  # the grid wait where the ops compile it (sm_90+: the RTX 5090, not the 4090)
+            c["PDL"] = 2 if arch >= 90 else 0
         opts = {"num_warps": cfg.num_warps if cfg else 4, "num_stages": cfg.num_stages if cfg else 3}
         k = triton.compile(ASTSource(fn, types, constexprs=c), target=GPUTarget("cuda", arch, 32), options=opts)
         print(arch, fn.__name__, k.metadata.shared)
@@ -475,5 +480,5 @@ def test_kernels_compile_for_consumer_cards_within_shared_memory():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.strip().splitlines()]
-    assert len(lines) == 14 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
+    assert len(lines) == 16 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
     assert all(int(shared) <= mo.SMEM_LIMIT_BYTES for _, _, shared in lines), r.stdout

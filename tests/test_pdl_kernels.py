@@ -1,4 +1,5 @@
-"""The kernels that wait on the grid before them (export/kernels/pdl.py), compiled offline for sm_90
+"""The kernels that wait on the grid before them (export/kernels/pdl.py: the int4 GEMV's, decode
+attention's, the Hadamard op's and the MoE decode's), compiled offline for sm_90
 (no GPU): in PDL mode 2 each holds the wait, and its global loads and stores are the same
 instructions as without it. The wait's 0 is added to the pointers; written as a plain 0, Triton
 lost the pointers' alignment and the attention kernel's cp.async tile loads became 2-byte loads.
@@ -22,6 +23,7 @@ _SCRIPT = textwrap.dedent("""
     from export.kernels import attention as A
     from export.kernels import hadamard as Hd
     from export.kernels import int4_matmul as im
+    from export.kernels import moe_int4 as mo
 
     def compile90(fn, sig, const, warps, stages=1):
         # pointers and the ints AOTInductor would specialize as multiples of 16
@@ -67,6 +69,28 @@ _SCRIPT = textwrap.dedent("""
     report("quant_x", im._quant_x_kernel, {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32",
                                           "xc_ptr": "*i32", "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
            dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
+    # the MoE decode's kernels at 26B-A4B width (H 2816, I 704, 128 experts, top 8)
+    cfg = mo.ROUTE_CONFIGS[0]
+    report("moe_route", mo._route_logits_kernel,
+           {"x_ptr": "*bf16", "scale_ptr": "*bf16", "w_ptr": "*bf16", "part_ptr": "*fp32", "ss_ptr": "*fp32", "N": "i32",
+            "H": "i32", "E": "i32", "H_SLICE": "i32", "stride_xn": "i32", "stride_wn": "i32"}, cfg.kwargs, cfg.num_warps)
+    report("moe_topk", mo._route_topk_kernel,
+           {"part_ptr": "*fp32", "ss_ptr": "*fp32", "pes_ptr": "*bf16", "w_out_ptr": "*fp32", "idx_out_ptr": "*i64",
+            "N": "i32", "E": "i32", "SPLITS": "i32", "eps": "fp32", "inv_h": "fp32", "inv_sqrt_h": "fp32"},
+           dict(TOP_K=8, BLOCK_E=128, K_P2=8), 1)
+    moe_strides = {"stride_qe": "i32", "stride_qn": "i32", "stride_se": "i32", "stride_sn": "i32"}
+    cfg = mo.WORDS_GATE_UP_CONFIGS[0]
+    report("moe_gate_up", mo._gemv_words_gate_up_kernel,
+           {"x_ptr": "*bf16", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "act_ptr": "*fp32", "I": "i32",
+            "ACT_STRIDE": "i32", **moe_strides},
+           dict(NGROUPS=22, GROUP=128, DOWN_GROUP=64, X_BF16=True, ASM=True, **cfg.kwargs), cfg.num_warps)
+    cfg = mo.WORDS_DOWN_CONFIGS[0]
+    report("moe_down", mo._gemv_words_down_kernel,
+           {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "out_ptr": "*fp32",
+            "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", **moe_strides, "stride_os": "i32"},
+           dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True, **cfg.kwargs), cfg.num_warps)
+    report("moe_sum_slices", mo._sum_slices_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32"},
+           dict(SLICES=2, BLOCK=1024), 4)
 
     from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
 
@@ -89,7 +113,8 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "hadamard-512", "gemv1", "quant_x"}, r.stdout
+                         "hadamard-512", "gemv1", "quant_x", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
+                         "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither
         assert int(ln[2]) >= 1 and int(ln[4]) >= 1 and ln[6] == "0", ln

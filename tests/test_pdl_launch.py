@@ -94,16 +94,17 @@ def test_the_op_compiles_waits_only_for_a_gpu_that_has_them(monkeypatch):
 
 
 def test_the_waiting_kernels_are_the_families_and_inductor_s_own(monkeypatch):
-    from export.kernels import attention, hadamard
+    from export.kernels import attention, hadamard, moe_int4
 
     names = backend.waiting_kernels()
-    for family in (im.PDL_KERNELS, attention.PDL_KERNELS, hadamard.PDL_KERNELS, backend.INDUCTOR_PDL_PREFIXES):
+    for family in (im.PDL_KERNELS, attention.PDL_KERNELS, hadamard.PDL_KERNELS, moe_int4.PDL_KERNELS,
+                   backend.INDUCTOR_PDL_PREFIXES):
         assert set(family) <= set(names)
     # kernels compiled without a wait must match no prefix: Inductor's templates, prefill attention, the
-    # other int4 and MoE kernels
+    # other int4 kernels and the MoE prefill's
     no_wait = ("triton_tem_fused_mm_0", "_prefill_body", "_prefill_combine", "_int4_matmul_kernel",
-               "_int4_dequant_kernel", "_sum_splits_kernel", "_int4_gemv_mma_kernel", "_gemv_words_gate_up_kernel",
-               "_route_logits_kernel")
+               "_int4_dequant_kernel", "_sum_splits_kernel", "_int4_gemv_mma_kernel", "_align_kernel",
+               "_grouped_kernel")
     assert not [k for k in no_wait for n in names if k.startswith(n)]
     monkeypatch.setattr(backend, "INDUCTOR_PDL", False)
     assert not any(n.startswith("triton_") for n in backend.waiting_kernels())

@@ -28,7 +28,9 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   the scale (`DOWN_SLICES` > 1: fp32 partials summed by `_sum_slices_kernel`). Both read the
   packed rows as int32 words (16-byte loads, GROUPS whole groups per step, the next step's
   tiles loaded before this one is used) and turn each nibble into a float with one lop3 and
-  meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe.
+  meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe. On sm_90+ the
+  routing's and the decode's kernels wait on the grid before them (`PDL_KERNELS`, programmatic
+  dependent launch: export/kernels/pdl.py).
 - prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
   entries per expert and writes them grouped by expert (a stable counting sort) and the
   per-expert row offsets; `_grouped_kernel` runs one TILE-row tile of one expert per program
@@ -58,10 +60,17 @@ from torch.library import triton_op, wrap_triton
 
 from export.kernels import int4_matmul
 from export.kernels.int4_matmul import dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
+from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 ALIGN_BLOCK = 128  # entries per step of the counting sort
 ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
+# a decode step's MoE kernels wait on the grid before them (export/kernels/pdl.py) on sm_90+: the
+# artifact's launcher gives these the programmatic-stream-serialization attribute (export/backends/cuda.py).
+# Each waits first thing: the expert kernels' weight addresses come from the routing's idx. The
+# prefill's grouped kernels (`_align_kernel`, `_grouped_kernel`) launch as before
+PDL_KERNELS = ("_route_logits_kernel", "_route_topk_kernel", "_gemv_words_gate_up_kernel", "_gemv_words_down_kernel",
+               "_sum_slices_kernel")
 
 
 # ---- layout helpers -------------------------------------------------------------------------
@@ -209,11 +218,15 @@ def _nibbles(p):
 
 @triton.jit
 def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr, N, H, E, H_SLICE, stride_xn, stride_wn,
-                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = 0):
     """One slice of H for a block of tokens x a block of experts: part[s, n, e] = (x[n] * scale)
     . w[e] over slice s, and (expert block 0) ss[s, n] = sum of x[n]^2 over it. The RMS norm is
     one scale per row, applied when the slices are summed (`_route_topk_kernel`), so x is read
-    once and a single token still spreads over H / H_SLICE x E / BLOCK_E programs."""
+    once and a single token still spreads over H / H_SLICE x E / BLOCK_E programs. PDL: it waits
+    first thing (export/kernels/pdl.py)."""
+    if PDL:
+        z = pdl_wait(PDL, True)
+        x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr = x_ptr + z, scale_ptr + z, w_ptr + z, part_ptr + z, ss_ptr + z
     pid_t, pid_e, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -236,9 +249,14 @@ def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr, N, H, E, H_S
 
 @triton.jit
 def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, SPLITS, eps, inv_h, inv_sqrt_h,
-                       TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, K_P2: tl.constexpr):
+                       TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, K_P2: tl.constexpr, PDL: tl.constexpr = 0):
     """One token: sum the H slices into logits (times rstd * H^-0.5), softmax over E, the TOP_K
-    largest by repeated argmax (descending, as topk), renormalized, times per_expert_scale."""
+    largest by repeated argmax (descending, as topk), renormalized, times per_expert_scale. PDL: it
+    waits first thing."""
+    if PDL:
+        z = pdl_wait(PDL, True)
+        part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr = (part_ptr + z, ss_ptr + z, pes_ptr + z, w_out_ptr + z,
+                                                             idx_out_ptr + z)
     n = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
@@ -367,12 +385,16 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
                                stride_se, stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr,
                                DOWN_GROUP: tl.constexpr,
                                X_BF16: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                               DEPTH: tl.constexpr, ASM: tl.constexpr):
+                               DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
     """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
     rows read as int32 words: a step reads GROUPS whole groups of BLOCK_N gate rows and the
     same of up rows ([BLOCK_N, GROUPS, GROUP / 8] tiles, 16-byte loads); the tiles of a step are
     loaded DEPTH steps ahead (a program's few steps would otherwise each wait out the memory
-    latency: Triton pipelines no loads outside a dot)."""
+    latency: Triton pipelines no loads outside a dot). PDL: it waits first thing (the rows it reads
+    follow idx)."""
+    if PDL:
+        z = pdl_wait(PDL, ASM)
+        x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr = x_ptr + z, idx_ptr + z, q_ptr + z, s_ptr + z, act_ptr + z
     WORDS: tl.constexpr = GROUP // 8
     pid_n, slot = tl.program_id(0), tl.program_id(1)
     e = tl.load(idx_ptr + slot).to(tl.int64)
@@ -439,13 +461,18 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
 def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, ACT_STRIDE, C_PER_SPLIT, stride_qe,
                             stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
                             NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                            GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr):
+                            GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
     """out[pid_s, n] = sum over one slice of the (slot, group) columns of weight[slot] * the
     down rows of expert idx[slot] . act[slot] (one token). The top_k experts' groups form one
     axis of TOP_K * NGROUPS columns, so a step of GROUPS columns can span two experts and one
     program keeps the whole (slot, k) stream in flight (tiles loaded DEPTH steps ahead); the
     routing weight rides on the scale.
-    With one slice the sum goes straight to the output (its dtype), else to fp32 partials."""
+    With one slice the sum goes straight to the output (its dtype), else to fp32 partials. PDL: it
+    waits first thing."""
+    if PDL:
+        z = pdl_wait(PDL, ASM)
+        act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr = (act_ptr + z, w_ptr + z, idx_ptr + z, q_ptr + z, s_ptr + z,
+                                                          out_ptr + z)
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = TOP_K * NGROUPS
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
@@ -497,8 +524,12 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
 
 
 @triton.jit
-def _sum_slices_kernel(part_ptr, out_ptr, N, SLICES: tl.constexpr, BLOCK: tl.constexpr):
-    """out[n] = sum over the slices of part[s, n] (fp32, fixed order) in out's dtype."""
+def _sum_slices_kernel(part_ptr, out_ptr, N, SLICES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    """out[n] = sum over the slices of part[s, n] (fp32, fixed order) in out's dtype. PDL: it waits
+    first thing."""
+    if PDL:
+        z = pdl_wait(PDL, True)
+        part_ptr, out_ptr = part_ptr + z, out_ptr + z
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in tl.static_range(SLICES):
@@ -628,13 +659,14 @@ def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float
     part = torch.empty((splits, N, E), device=x.device, dtype=torch.float32)
     ss = torch.empty((splits, N), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]), splits)  # noqa: E731
+    pdl = op_pdl_mode(x.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
     wrap(_autotuned("route"))[grid](x, scale, proj_weight, part, ss, N, H, E, ROUTE_H_SLICE, x.stride(0),
-                                    proj_weight.stride(0))
+                                    proj_weight.stride(0), PDL=pdl)
     weights = torch.empty((N, top_k), device=x.device, dtype=torch.float32)
     idx = torch.empty((N, top_k), device=x.device, dtype=torch.int64)
     wrap(_route_topk_kernel)[(N,)](part, ss, per_expert_scale, weights, idx, N, E, splits, eps, 1.0 / H, H ** -0.5,
                                    TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k),
-                                   num_warps=1)  # one warp: its 2 * TOP_K + 2 reductions are shuffles, no barriers
+                                   PDL=pdl, num_warps=1)  # one warp: its 2 * TOP_K + 2 reductions are shuffles, no barriers
     return weights, idx
 
 
@@ -672,7 +704,7 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     args = (x, idx, gu_q, gu_s, act, I, act.stride(0), gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0),
             gu_s.stride(1))
     meta = dict(NGROUPS=H // G, GROUP=G, DOWN_GROUP=down_group, X_BF16=x.dtype == torch.bfloat16,
-                ASM=x.device.type == "cuda")
+                ASM=x.device.type == "cuda", PDL=op_pdl_mode(x.device))
     if cfg:
         bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
@@ -694,7 +726,8 @@ def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=N
     out = torch.empty((slices, H), device=act.device, dtype=dtype if slices == 1 else torch.float32)
     args = (act, weights, idx, d_q, d_s, out, H, act.stride(0), c_per, d_q.stride(0) // 16, d_q.stride(1) // 16,
             d_s.stride(0), d_s.stride(1), out.stride(0))
-    meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda")
+    pdl = op_pdl_mode(act.device)
+    meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda", PDL=pdl)
     if cfg:
         bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
@@ -705,7 +738,7 @@ def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=N
     if slices == 1:
         return out
     y = torch.empty((1, H), device=act.device, dtype=dtype)
-    wrap(_sum_slices_kernel)[(triton.cdiv(H, 1024),)](out, y, H, SLICES=slices, BLOCK=1024, num_warps=4)
+    wrap(_sum_slices_kernel)[(triton.cdiv(H, 1024),)](out, y, H, SLICES=slices, BLOCK=1024, PDL=pdl, num_warps=4)
     return y
 
 
