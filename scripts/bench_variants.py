@@ -26,7 +26,8 @@ stages of different variants may run side by side; other variants' records are k
    Triton kernel is compiled outside the artifact): `slice_rel_err` is the worst step against the
    eager bf16 model, `slice_rel_err_steps` also holds both against the fp32 model with the same
    dequantized weights, and `slice_parity_ok` says the artifact is no further from it than twice the
-   eager bf16 model (+0.5%).
+   eager bf16 model (+0.5%); `slice_export_gpu_gib` / `slice_export_nvml_gib` the slice export's
+   allocator and device peaks.
 
 Table on stdout; JSON keyed by variant.
 """
@@ -135,6 +136,7 @@ def slice_parity(preset: str) -> dict:
     errs = rec["rel_err"]
     return {"slice_case": case, "slice_rel_err": max(errs["compiled_vs_eager"]), "slice_rel_err_steps": errs,
             "slice_parity_ok": rec["parity_ok"], "slice_export_s": rec["export_s"],
+            "slice_export_gpu_gib": rec["gpu_allocator_peak_gib"], "slice_export_nvml_gib": rec["gpu_nvml_peak_gib"],
             "slice_eager_ops": rec["eager_ops"]}
 
 
