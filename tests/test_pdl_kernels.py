@@ -66,6 +66,12 @@ _SCRIPT = textwrap.dedent("""
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
            dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=1, **cfg.kwargs), cfg.num_warps)
+    cfg = im.gemv1_plan(1536, 256, 128).cfg  # a small weight (the per-layer projection): bf16 x, the activation
+    report("gemv1-glu", im._int4_gemv1_kernel,
+           {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
+           dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=1, **cfg.kwargs), cfg.num_warps)
     report("quant_x", im._quant_x_kernel, {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32",
                                           "xc_ptr": "*i32", "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
            dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
@@ -113,7 +119,7 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "hadamard-512", "gemv1", "quant_x", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
+                         "hadamard-512", "gemv1", "gemv1-glu", "quant_x", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
                          "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither

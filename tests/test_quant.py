@@ -188,6 +188,35 @@ def test_packed_down_projection_takes_the_activation_in_one_op():
     assert "gemma4.int4_glu_linear.default" in seen and seen.count("gemma4.int4_linear.default") == 1
 
 
+def test_packed_per_layer_projection_takes_the_activation_in_one_op():
+    """A per-layer-embedding layer (E2B / E4B) hands its packed int4 projection the gate and the
+    per-layer input (gemma4::int4_glu_linear): on CPU the op's reference, so the layer computes what
+    the float path does with the same weights, exactly."""
+    import dataclasses
+
+    from export.gemma4.quant import PackedInt4Linear
+
+    cfg = dataclasses.replace(PRESETS["tiny"], hidden_size_per_layer_input=32)  # one group of 32: packed
+    assert cfg.has_ple
+    model = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=4), seed=2).to(torch.bfloat16).eval()
+    quantize_(model, QuantRecipe(group_size=32), TargetDevice.CUDA)
+    layer = model.layers[0]
+    assert isinstance(layer.per_layer_projection, PackedInt4Linear)
+    tok = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(3))
+    seen = []
+    with torch.no_grad(), _Ops(seen):
+        fused = model(tok, torch.tensor([0])).float()
+    assert seen.count("gemma4.int4_glu_linear.default") == 2 * cfg.num_hidden_layers  # the MLP's and the PLE's
+    for lyr in model.layers:  # the same weights without the fused path
+        object.__setattr__(lyr.per_layer_projection, "forward_glu", None)
+    model.reset_cache()
+    seen = []
+    with torch.no_grad(), _Ops(seen):
+        plain = model(tok, torch.tensor([0])).float()
+    assert seen.count("gemma4.int4_glu_linear.default") == cfg.num_hidden_layers
+    assert torch.equal(fused, plain)
+
+
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops a block dispatches."""
 

@@ -325,8 +325,14 @@ class DecoderLayer(nn.Module):
         h = h + self.post_feedforward_layernorm(out)
 
         if self.ple:
-            g = F.gelu(self.per_layer_input_gate(h), approximate="tanh") * per_layer_input
-            h = h + self.post_per_layer_input_norm(self.per_layer_projection(g))
+            gate = self.per_layer_input_gate(h)
+            # a packed int4 projection takes the gate and the per-layer input: one op with the activation
+            fused = getattr(self.per_layer_projection, "forward_glu", None)
+            if fused is not None:
+                p = fused(gate, per_layer_input)
+            else:
+                p = self.per_layer_projection(F.gelu(gate, approximate="tanh") * per_layer_input)
+            h = h + self.post_per_layer_input_norm(p)
         return h * self.layer_scalar, fresh
 
 

@@ -309,9 +309,20 @@ def _nibble_as_float(h, S: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _gemv1_tile(w, s, xw, g0, lane, ok, ASM: tl.constexpr):
+def _round_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), as fp32: integer arithmetic on the bits
+    (finite x), the same compiled and in the Triton interpreter (whose bf16 casts are wrong for
+    negative values)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr):
     """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
-    words `w` whose groups start at words `g0` ([1, C, 1]).
+    words `w` whose groups start at words `g0` ([1, C, 1]). GLU: x is gelu_tanh(g) * u of the
+    bf16 pairs at xw (g) and uw (u), in fp32 and rounded to bf16 once (as `_quant_x_kernel`'s GLU).
 
     Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
     in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
@@ -321,7 +332,13 @@ def _gemv1_tile(w, s, xw, g0, lane, ok, ASM: tl.constexpr):
     xs = []
     for p in tl.static_range(4):  # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load
         xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
-        xs = xs + [(xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)]
+        lo = (xp << 16).to(tl.float32, bitcast=True)
+        hi = (xp & -65536).to(tl.float32, bitcast=True)
+        if GLU:
+            up = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
+            lo = _round_bf16(gelu_tanh(lo) * (up << 16).to(tl.float32, bitcast=True))
+            hi = _round_bf16(gelu_tanh(hi) * (up & -65536).to(tl.float32, bitcast=True))
+        xs = xs + [lo, hi]
     part = tl.zeros(w.shape, dtype=tl.float32)
     # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
     # 5, 6, 7 from w >> 12 (two shifts per word)
@@ -636,7 +653,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
-                       PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2):
+                       PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -662,8 +679,10 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     per-group factor and correction) and `_gemv1_loop_q` runs the slice: two masks and four dp4a
     a word, per-lane sums (no sum across lanes until the end); with K parts it does so at DEPTH 0
     (each part a column of its own), at DEPTH >= 1 `_gemv1_tile_q` sums each step across lanes;
-    else x is bf16 and xf_ptr / xc_ptr are unused. LEVELS (the per-lane loop): x as two int8
-    levels (2, the op's) or one (1: half the dp4a and x's planes, x to within max|x| / 254 per group).
+    else x is bf16 and xf_ptr / xc_ptr are unused, or with GLU xf_ptr is u and x is
+    gelu_tanh(x) * u (`_gemv1_tile`: the activation before a small weight takes no launch of its own).
+    LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
+    x's planes, x to within max|x| / 254 per group).
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -687,6 +706,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                             hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS)
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
+        tl.static_assert(not (GLU and XQ), "with x as levels the quantize kernel computes the GLU")
         if PDL:  # x (and x's factors) read after the wait; the weights may load before it
             z = pdl_wait(PDL, ASM)
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
@@ -694,6 +714,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
         xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
+        uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs
         if XQ:
             acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
         else:
@@ -719,7 +740,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, (KW + 15) // 16 * 16, g0, lane, g0 < hi, WORDS,
                                      ASM)
             else:
-                acc += _gemv1_tile(w0, s0, xw, g0, lane, g0 < hi, ASM)
+                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU)
             w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
@@ -1137,9 +1158,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     scripts/gemv1_pdl_variants.py); the op passes neither. pdl_attr False: those modes without the
     launch attribute (`_pdl_args`). levels: x as two int8 levels or one (`_gemv1_tile_lanes`; the
     per-lane loop only: one K part or DEPTH 0). up [1, K]: the input is gelu_tanh(x2) * up, computed
-    by the quantize kernel (with bf16 x, by aten ops first)."""
-    if up is not None and not (GEMV1_XQ if xq is None else xq):
-        x2, up = glu_reference(x2, up), None
+    by the quantize kernel (with bf16 x, by the GEMV as it loads x)."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1153,12 +1172,12 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
     xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up) if xq
-                   else (x2, x2, x2))
+                   else (x2, x2 if up is None else up, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels,
-        **_pdl_args(pdl_gemv, pdl_attr))
+        GLU=int(up is not None and not xq), **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
