@@ -493,10 +493,11 @@ def test_mma_gemv_lanes_hold_the_fragments_it_assumes(block_n, warps, one_row, p
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5])
-@pytest.mark.parametrize("n,k", [(5376, 21504), (1536, 6144), (256, 1024)])  # 31B / E2B down, a small-weight plan
+# 31B / E2B down, a small-weight plan, E2B's per-layer projection (the last two: the GEMV's own activation)
+@pytest.mark.parametrize("n,k", [(5376, 21504), (1536, 6144), (256, 1024), (1536, 256)])
 def test_cuda_glu_op_is_the_linear_of_the_activation(m, n, k):
-    """`int4_glu_linear` on the GPU (M == 1: the activation in the quantize kernel, or first where the
-    plan takes bf16 x; M > 1: aten, then the int4 path) against the activation computed first and fed
+    """`int4_glu_linear` on the GPU (M == 1: the activation in the quantize kernel, or in the GEMV where
+    the plan takes bf16 x; M > 1: aten, then the int4 path) against the activation computed first and fed
     to `int4_linear`, and against fp32, on fresh random inputs."""
     torch.manual_seed(n + m)
     qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 128)
