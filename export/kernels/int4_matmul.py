@@ -1362,7 +1362,8 @@ def int4_glu_linear(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
     N, K, G = _check_glu(gate, up, qweight, scales)
     g2 = gate.reshape(-1, K).contiguous()
     if _m1(g2, G):
-        return _gemv1(g2, qweight, scales, up=up.reshape(-1, K).contiguous()).reshape(*gate.shape[:-1], N)
+        # the kernels read up as gate's dtype (bf16 pairs)
+        return _gemv1(g2, qweight, scales, up=up.reshape(-1, K).to(g2.dtype).contiguous()).reshape(*gate.shape[:-1], N)
     return _linear(glu_reference(gate, up), qweight, scales)
 
 
