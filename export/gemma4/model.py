@@ -223,6 +223,15 @@ class Attention(nn.Module):
         return self.o_proj(out), fresh
 
 
+def glu_linear(linear: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """linear(gelu_tanh(gate) * up). A packed int4 linear takes gate and up in one op with the
+    activation (quant.PackedInt4Linear.forward_glu): at decode the kernel that reads x computes it."""
+    fused = getattr(linear, "forward_glu", None)
+    if fused is not None:
+        return fused(gate, up)
+    return linear(F.gelu(gate, approximate="tanh") * up)
+
+
 class MLP(nn.Module):
     JOINABLE = {"gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -234,11 +243,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(self, x, "gate_up_proj")
-        # a packed int4 down projection takes gate and up: one op with the activation (quant.PackedInt4Linear)
-        fused = getattr(self.down_proj, "forward_glu", None)
-        if fused is not None:
-            return fused(gate, up)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return glu_linear(self.down_proj, gate, up)
 
 
 class Router(nn.Module):
@@ -325,13 +330,7 @@ class DecoderLayer(nn.Module):
         h = h + self.post_feedforward_layernorm(out)
 
         if self.ple:
-            gate = self.per_layer_input_gate(h)
-            # a packed int4 projection takes the gate and the per-layer input: one op with the activation
-            fused = getattr(self.per_layer_projection, "forward_glu", None)
-            if fused is not None:
-                p = fused(gate, per_layer_input)
-            else:
-                p = self.per_layer_projection(F.gelu(gate, approximate="tanh") * per_layer_input)
+            p = glu_linear(self.per_layer_projection, self.per_layer_input_gate(h), per_layer_input)
             h = h + self.post_per_layer_input_norm(p)
         return h * self.layer_scalar, fresh
 
