@@ -664,9 +664,10 @@ def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float
                                     proj_weight.stride(0), PDL=pdl)
     weights = torch.empty((N, top_k), device=x.device, dtype=torch.float32)
     idx = torch.empty((N, top_k), device=x.device, dtype=torch.int64)
+    # one warp: its 2 * TOP_K + 2 reductions are shuffles, no barriers
     wrap(_route_topk_kernel)[(N,)](part, ss, per_expert_scale, weights, idx, N, E, splits, eps, 1.0 / H, H ** -0.5,
                                    TOP_K=top_k, BLOCK_E=triton.next_power_of_2(E), K_P2=triton.next_power_of_2(top_k),
-                                   PDL=pdl, num_warps=1)  # one warp: its 2 * TOP_K + 2 reductions are shuffles, no barriers
+                                   PDL=pdl, num_warps=1)
     return weights, idx
 
 
