@@ -127,3 +127,58 @@ def test_inductor_kernels_wait_as_if_first():
         backend.inductor_waits_first(original)(None, "loads", "buf0", consider_reads=True)
         assert graph.scheduler.previous_node == "the kernel before"
     assert seen == [(None, "loads", ("buf0",), True)]
+
+
+def test_cuda_compiles_launch_independent_kernels_as_one():
+    """Every CUDA compile has Inductor's combo kernels (a decode layer's q / k / v paths as one launch),
+    and their pointwise-only form (`triton_for_*`) is among the kernels that wait on the grid."""
+    from export.backends.options import BackendOptions
+
+    for autotune in (True, False):
+        options = backend.Gemma4CudaBackend.compile_options(BackendOptions("decode", autotune=autotune))
+        assert options["combo_kernels"] is True
+    assert any("triton_for_fused_0".startswith(n) for n in backend.waiting_kernels())
+
+
+def _rms(x, w=None):
+    y = x.float() * torch.pow(x.float().pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+    return (y * w.float() if w is not None else y).to(x.dtype)
+
+
+def _qkv_paths(x, wq, wk):
+    """A decode layer's three independent paths after its q / k / v projection (norms, no RoPE)."""
+    q, k, v = x.split([512, 256, 256], dim=-1)
+    return _rms(q.view(1, 2, 256), wq), _rms(k.view(1, 1, 256), wk), _rms(v.view(1, 1, 256))
+
+
+@pytest.mark.cuda
+def test_a_combo_kernel_waits_in_every_part():
+    """With the export's settings on an sm_90+ GPU, Inductor launches the three paths as one combo
+    kernel, and each part of it (a range of its programs) waits on the grid before its first load: a
+    part without its wait would read the projection before the GEMV that writes it has finished."""
+    import re
+
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs an sm_90+ GPU (programmatic dependent launch)")
+    torch._dynamo.reset()
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    wq, wk = (torch.rand(256, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    with backend.pdl_launches(), config.patch({"combo_kernels": True}):
+        out, sources = run_and_get_code(torch.compile(_qkv_paths), x, wq, wk)
+    for got, want in zip(out, _qkv_paths(x, wq, wk)):
+        torch.testing.assert_close(got, want)
+    code = "\n".join(sources)
+    kernels = re.split(r"async_compile\.triton\(", code)[1:]
+    combos = [k for k in kernels if re.search(r"^\s*elif pid < ", k, re.M)]
+    assert combos, "no combo kernel: Inductor launched the three paths separately"
+    for kernel in combos:
+        preamble, *parts = re.split(r"^\s*(?:if|elif) pid < .*$", kernel, flags=re.M)
+        assert len(parts) >= 2
+        body = preamble[preamble.index("def "):]  # after the decorator's arguments
+        for part in parts:
+            first_load = part.find("tl.load(")
+            waits = "gdc_wait()" in body or 0 <= part.find("gdc_wait()") < first_load
+            assert first_load < 0 or waits, part[:600]
