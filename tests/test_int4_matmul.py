@@ -400,6 +400,66 @@ def test_glu_op_on_cpu_is_the_reference_and_checks_shapes():
         torch.ops.gemma4.int4_glu_linear(gate, up[..., :128], qweight, scales)
 
 
+_NORM_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+
+    torch.manual_seed(0)
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        # fp32 x for the quantize kernel (the interpreter's bf16 casts), one level and two, one slice and
+        # three; bf16 x and weight for the bf16-x plan (the GEMV computes the norm, as bit patterns)
+        for N, K, splits, cfg, xq, levels in [(200, 1024, 1, im.GEMV1_CONFIGS[0], True, 1),
+                                              (72, 1536, 3, im.GEMV1_CONFIGS[2], True, 2),
+                                              (40, 512, 1, im._cfg1(8, 2, 4), False, 2),
+                                              (24, 2560, 1, im._cfg1(4, 8, 4), False, 2)]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x = torch.randn(1, K) * 3
+            w = torch.rand(K) + 0.5
+            if not xq:
+                x, w = x.bfloat16(), w.bfloat16()
+            normed = im.rms_norm_reference(x, w, 1e-6)
+            kern = im._gemv1_kernel(cfg)
+            fused = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=xq, levels=levels, norm=(w, 1e-6))
+            first = im.int4_gemv1(normed, qweight, scales, splits, kernel=kern, xq=xq, levels=levels)
+            ref = normed.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
+            d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
+            e = ((fused.double() - ref).norm() / ref.norm()).item()
+            print("norm", N, K, splits, xq, d, e)
+""")
+
+
+def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
+    """The RMSNorm before a linear computed by the quantize kernel as it reads x, or with bf16 x by the
+    GEMV itself (`int4_gemv1`'s norm, the op `int4_rms_linear` at M == 1), gives the GEMV of the norm
+    computed first (to an ulp of its factor: the sum of squares runs in another order), within 1e-2 of
+    fp64."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _NORM_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("norm")]
+    assert len(rows) == 4, r.stdout
+    for n, k, splits, xq, d, e in rows:
+        assert float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
+
+
+def test_norm_op_on_cpu_is_the_reference_and_checks_shapes():
+    """`int4_rms_linear` on CPU: Gemma 4's RMSNorm (the model's module, bit for bit) then `int4_linear`."""
+    from export.gemma4.model import RMSNorm
+
+    qweight, scales = im.quantize_int4(torch.randn(48, 256), 32)
+    x = torch.randn(2, 3, 256).bfloat16() * 4
+    norm = RMSNorm(256, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    y = torch.ops.gemma4.int4_rms_linear(x, norm.weight.detach(), 1e-6, qweight, scales)
+    assert y.shape == (2, 3, 48)
+    assert torch.equal(im.rms_norm_reference(x, norm.weight.detach(), 1e-6), norm(x))
+    assert torch.equal(y, torch.ops.gemma4.int4_linear(norm(x), qweight, scales))
+    with pytest.raises(ValueError, match="norm weight"):
+        torch.ops.gemma4.int4_rms_linear(x, norm.weight.detach()[:128], 1e-6, qweight, scales)
+
+
 _MUTATION_SCRIPT = textwrap.dedent("""
     import torch, triton
     from triton.backends.compiler import GPUTarget
@@ -413,7 +473,10 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     triton.runtime.driver.set_active(Target())
     N, K, G = 16384, 5376, 128
     # PDL 0 and 2 (the op's mode on sm_90+: its wait is pure inline PTX, which the analysis reads)
-    for xq, levels, pdl in [(xq, lv, pdl) for xq, lv in ((True, 2), (True, 1), (False, 2)) for pdl in (0, 2)]:
+    # bf16 x with the activation (GLU: xf_ptr is u) or with the norm (NORM: xf_ptr is its weight)
+    cases = [(xq, lv, pdl, glu) for xq, lv, glu in ((True, 2, 0), (True, 1, 0), (False, 2, 1), (False, 2, 0))
+             for pdl in (0, 2)]
+    for xq, levels, pdl, glu in cases:
         for splits, red in ((1, 0), (8, 0), (8, 2)):  # one slice; the split summed by a kernel or in-kernel
             cfg = im.gemv1_plan(N, K, G).cfg
             args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
@@ -422,14 +485,14 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
                         stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
-                        GLU=int(not xq), **cfg.kwargs)  # bf16 x with the activation: xf_ptr is u
+                        GLU=glu, NORM=int(not xq and not glu), eps=1e-6, **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
-    for levels, pdl in ((2, 0), (1, 0), (2, 2), (1, 2)):
+    for levels, pdl, glu, norm in ((2, 0, 0, 0), (1, 0, 1, 0), (2, 2, 0, 0), (1, 2, 1, 0), (2, 2, 0, 1), (1, 0, 0, 1)):
         args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), u_ptr=torch.empty(K, dtype=torch.bfloat16),
                     xq_ptr=torch.empty(K // 2, dtype=torch.int32),
                     xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
                     cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS,
-                    PDL=pdl, LEVELS=levels, GLU=int(levels == 1))
+                    PDL=pdl, LEVELS=levels, GLU=glu, NORM=norm, eps=1e-6)
         print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 
@@ -443,7 +506,7 @@ def test_op_kernels_write_only_their_outputs():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 22, r.stdout
+    assert len(lines) == 30, r.stdout
     for ln in lines:
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
@@ -510,6 +573,27 @@ def test_cuda_glu_op_is_the_linear_of_the_activation(m, n, k):
     assert torch.isfinite(got).all()
     assert ((got - first).norm() / first.norm()).item() <= 1e-2
     assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5])
+# 31B and E4B q / k / v (x as int8 levels: the quantize kernel's norm), E2B's (bf16 x: the GEMV's own)
+@pytest.mark.parametrize("n,k", [(16384, 5376), (3072, 2560), (3072, 1536)])
+def test_cuda_norm_op_is_the_linear_of_the_norm(m, n, k):
+    """`int4_rms_linear` on the GPU (M == 1: the norm in the kernel that reads x; M > 1: aten, then the int4
+    path) against the norm computed first and fed to `int4_linear`, and against fp32, on fresh random inputs;
+    a norm weight in another dtype than x takes the aten path and agrees too."""
+    torch.manual_seed(n + m)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 32)
+    x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 5
+    for w in (torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5, torch.rand(k, device="cuda") + 0.5):
+        got = torch.ops.gemma4.int4_rms_linear(x, w, 1e-6, qweight, scales).float()
+        normed = im.rms_norm_reference(x, w, 1e-6)
+        first = torch.ops.gemma4.int4_linear(normed, qweight, scales).float()
+        ref = normed.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+        assert torch.isfinite(got).all()
+        assert ((got - first).norm() / first.norm()).item() <= 1e-2
+        assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
 
 
 @pytest.mark.cuda

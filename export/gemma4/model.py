@@ -155,14 +155,20 @@ class KVCache(nn.Module):
         self.v.copy_(torch.where(take, v.index_select(2, row).to(self.v.dtype), self.v))
 
 
-def project(module: nn.Module, x: torch.Tensor, joined: str) -> list[torch.Tensor]:
-    """The projections `module.JOINABLE[joined]` of x (those the module has, in order).
-    Quantization may have joined them into one linear `joined` (their weights stacked by rows,
-    `split_sizes`): one matmul reads x once and, at decode, one GEMV streams all the rows."""
+def project(module: nn.Module, x: torch.Tensor, joined: str, norm: nn.Module | None = None) -> list[torch.Tensor]:
+    """The projections `module.JOINABLE[joined]` of norm(x) (those the module has, in order; x itself
+    without a norm). Quantization may have joined them into one linear `joined` (their weights stacked
+    by rows, `split_sizes`): one matmul reads x once and, at decode, one GEMV streams all the rows; a
+    packed int4 one takes the norm into its op (quant.PackedInt4Linear.forward_rms: at decode the
+    kernel that reads x computes it)."""
     fused = getattr(module, joined, None)
-    if fused is not None:
-        return list(fused(x).split(fused.split_sizes, dim=-1))
-    return [getattr(module, n)(x) for n in module.JOINABLE[joined] if hasattr(module, n)]
+    linears = [fused] if fused is not None else [getattr(module, n) for n in module.JOINABLE[joined] if hasattr(module, n)]
+    if norm is not None and norm.weight is not None and all(getattr(m, "forward_rms", None) for m in linears):
+        ys = [m.forward_rms(x, norm.weight, norm.eps) for m in linears]  # each op computes the norm
+    else:
+        x = norm(x) if norm is not None else x
+        ys = [m(x) for m in linears]
+    return list(ys[0].split(fused.split_sizes, dim=-1)) if fused is not None else ys
 
 
 class Attention(nn.Module):
@@ -191,14 +197,15 @@ class Attention(nn.Module):
                                     chunk_slots=chunk_slots)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None):
-        """-> (out, fresh): for a sliding layer's prefill chunk, `fresh` is the chunk's own K/V
-        (1, Hkv, T, D) each, attended here beside the ring; the model writes them into the ring
-        afterwards (a KV-shared layer gets its source layer's). Otherwise None (written already)."""
+    def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None, norm: nn.Module | None = None):
+        """-> (out, fresh): attention of norm(x) (of x without a norm). For a sliding layer's prefill
+        chunk, `fresh` is the chunk's own K/V (1, Hkv, T, D) each, attended here beside the ring; the
+        model writes them into the ring afterwards (a KV-shared layer gets its source layer's).
+        Otherwise None (written already)."""
         B, T, _ = x.shape
         D = self.head_dim
         chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
-        rows = project(self, x, "qkv_proj")  # q[, k[, v]]
+        rows = project(self, x, "qkv_proj", norm)  # q[, k[, v]]
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
             raw_k = rows[1].view(B, T, -1, D)
@@ -318,7 +325,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, positions, cache, per_layer_input, fresh=None):
         """-> (x, fresh): see Attention.forward."""
-        attn, fresh = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, fresh)
+        attn, fresh = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm)
         h = x + self.post_attention_layernorm(attn)
 
         out = self.mlp(self.pre_feedforward_layernorm(h))

@@ -234,6 +234,12 @@ class PackedInt4Linear(nn.Module):
         import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_glu_linear)
         return torch.ops.gemma4.int4_glu_linear(gate, up, self.qweight, self.scales)
 
+    def forward_rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """forward(rms_norm(x) * weight) as one op (a layer's input norm and its q / k / v projection):
+        at M == 1 on CUDA the norm is computed by the kernel that reads x, not by a kernel of its own."""
+        import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_rms_linear)
+        return torch.ops.gemma4.int4_rms_linear(x, weight, eps, self.qweight, self.scales)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 

@@ -319,10 +319,12 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr):
+def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr = 0,
+                inv=1.0):
     """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
     words `w` whose groups start at words `g0` ([1, C, 1]). GLU: x is gelu_tanh(g) * u of the
     bf16 pairs at xw (g) and uw (u), in fp32 and rounded to bf16 once (as `_quant_x_kernel`'s GLU).
+    NORM: x is (x inv) w, uw the norm weight's bf16 pairs, rounded to bf16 once (the model's norm).
 
     Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
     in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
@@ -338,6 +340,10 @@ def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr
             up = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
             lo = _round_bf16(gelu_tanh(lo) * (up << 16).to(tl.float32, bitcast=True))
             hi = _round_bf16(gelu_tanh(hi) * (up & -65536).to(tl.float32, bitcast=True))
+        if NORM:
+            wp = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
+            lo = _round_bf16((lo * inv) * (wp << 16).to(tl.float32, bitcast=True))
+            hi = _round_bf16((hi * inv) * (wp & -65536).to(tl.float32, bitcast=True))
         xs = xs + [lo, hi]
     part = tl.zeros(w.shape, dtype=tl.float32)
     # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
@@ -561,9 +567,34 @@ def gelu_tanh(g):
     return 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
 
 
+NORM_BLOCK = tl.constexpr(1024)  # elements of x per step of `_inv_rms`
+
+
+@triton.jit
+def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0):
+    """1 / sqrt(mean(x^2) + eps) over x[0:K] (any float dtype), in fp32: the RMSNorm's factor
+    (`rms_norm_reference`; the sum in another order than torch's, so within an ulp or two of it).
+    PAIRS: x_ptr points at bf16 pairs as int32 words (K / 2 of them), widened by bit arithmetic."""
+    ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+    if PAIRS:
+        for i in range(0, K // 2, NORM_BLOCK):
+            o = i + tl.arange(0, NORM_BLOCK)
+            p = tl.load(x_ptr + o, mask=o < K // 2, other=0)
+            lo = (p << 16).to(tl.float32, bitcast=True)
+            hi = (p & -65536).to(tl.float32, bitcast=True)
+            ss += lo * lo + hi * hi
+    else:
+        for i in range(0, K, NORM_BLOCK):
+            o = i + tl.arange(0, NORM_BLOCK)
+            v = tl.load(x_ptr + o, mask=o < K, other=0.0).to(tl.float32)
+            ss += v * v
+    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + eps)
+
+
 @triton.jit
 def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
-                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0):
+                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0, NORM: tl.constexpr = 0,
+                    eps=0.0):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -577,7 +608,9 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group).
     GLU: x is gelu_tanh(x) * u (x_ptr the gate, u_ptr the up projection, bf16), rounded to bf16 as the
     unfused graph's kernel leaves it, so the MLP's activation takes no launch of its own (u_ptr is
-    not read otherwise)."""
+    not read otherwise). NORM: x is rms_norm(x) * w (u_ptr the norm's weight, eps its epsilon; `rms_norm_reference`),
+    rounded to x's dtype as the model's norm leaves it: every program sums the squares of the whole row (K
+    elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own."""
     if PDL:  # every read and write after the wait
         z = pdl_wait(PDL, _PTX)
         x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
@@ -593,6 +626,10 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     e = tl.arange(0, 2)[None, None, None, :]
     ok = g4 < NG
     x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
+    if NORM:
+        inv = _inv_rms(x_ptr, NG * GROUP, eps)
+        wn = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
+        x = ((x * inv) * wn).to(x_ptr.dtype.element_ty).to(tl.float32)
     if GLU:
         u = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
         x = (gelu_tanh(x) * u).to(u_ptr.dtype.element_ty).to(tl.float32)
@@ -653,7 +690,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        stride_ww, stride_sn, stride_ps,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
-                       PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0):
+                       PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
+                       NORM: tl.constexpr = 0, eps=0.0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -680,7 +718,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     a word, per-lane sums (no sum across lanes until the end); with K parts it does so at DEPTH 0
     (each part a column of its own), at DEPTH >= 1 `_gemv1_tile_q` sums each step across lanes;
     else x is bf16 and xf_ptr / xc_ptr are unused, or with GLU xf_ptr is u and x is
-    gelu_tanh(x) * u (`_gemv1_tile`: the activation before a small weight takes no launch of its own).
+    gelu_tanh(x) * u (`_gemv1_tile`: the activation before a small weight takes no launch of its own), or
+    with NORM xf_ptr is the RMSNorm's weight (bf16) and x is rms_norm(x) * w (each program sums the
+    squares of the whole row first, `_inv_rms`; the norm before a small weight takes no launch either).
     LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
     x's planes, x to within max|x| / 254 per group).
 
@@ -706,7 +746,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                             hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS)
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
-        tl.static_assert(not (GLU and XQ), "with x as levels the quantize kernel computes the GLU")
+        tl.static_assert(not ((GLU or NORM) and XQ), "with x as levels the quantize kernel computes the GLU / norm")
         if PDL:  # x (and x's factors) read after the wait; the weights may load before it
             z = pdl_wait(PDL, ASM)
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
@@ -714,7 +754,10 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
         xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
-        uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs
+        uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs; NORM: the norm weight's
+        inv = 1.0
+        if NORM:
+            inv = _inv_rms(xw, KW * 8, eps, 1)
         if XQ:
             acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
         else:
@@ -740,7 +783,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, (KW + 15) // 16 * 16, g0, lane, g0 < hi, WORDS,
                                      ASM)
             else:
-                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU)
+                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv)
             w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
@@ -1129,10 +1172,12 @@ def _gemv1_kernel(cfg: triton.Config):
 
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
-             pdl_attr: bool = True, up: torch.Tensor | None = None):
+             pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None):
     """x2 [1, K] as `_quant_x_kernel`'s planes (int32), factors and corrections (x as `levels` int8
     levels: per group at two, per 32 elements at one); the kernel also zeroes cnt[:ncnt], the
-    following GEMV's split-sum counters. up [1, K]: x is gelu_tanh(x2) * up (the kernel's GLU)."""
+    following GEMV's split-sum counters. up [1, K]: x is gelu_tanh(x2) * up (the kernel's GLU).
+    norm (weight [K], eps): x is rms_norm(x2) * weight (the kernel's NORM)."""
+    assert up is None or norm is None
     K = x2.shape[1]
     groups = K // G
     xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
@@ -1140,15 +1185,17 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     xf = torch.empty((blocks,), device=x2.device, dtype=torch.float32)
     xc = torch.empty((blocks,), device=x2.device, dtype=torch.int32)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
-    launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, x2 if up is None else up, xin, xf, xc, cnt, groups, ncnt,
+    u = up if up is not None else norm[0] if norm is not None else x2
+    launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, u, xin, xf, xc, cnt, groups, ncnt,
                                                      GROUP=G, GB=QUANT_X_GROUPS, LEVELS=levels, GLU=int(up is not None),
+                                                     NORM=int(norm is not None), eps=float(norm[1]) if norm else 0.0,
                                                      num_warps=4, **_pdl_args(pdl, pdl_attr))
     return xin, xf, xc
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
-               levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None):
+               levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1158,7 +1205,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     scripts/gemv1_pdl_variants.py); the op passes neither. pdl_attr False: those modes without the
     launch attribute (`_pdl_args`). levels: x as two int8 levels or one (`_gemv1_tile_lanes`; the
     per-lane loop only: one K part or DEPTH 0). up [1, K]: the input is gelu_tanh(x2) * up, computed
-    by the quantize kernel (with bf16 x, by the GEMV as it loads x)."""
+    by the quantize kernel (with bf16 x, by the GEMV as it loads x). norm (weight [K] in x2's dtype, eps):
+    the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1171,13 +1219,14 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up) if xq
-                   else (x2, x2 if up is None else up, x2))
+    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up, norm) if xq
+                   else (x2, up if up is not None else norm[0] if norm is not None else x2, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels,
-        GLU=int(up is not None and not xq), **_pdl_args(pdl_gemv, pdl_attr))
+        GLU=int(up is not None and not xq), NORM=int(norm is not None and not xq),
+        eps=float(norm[1]) if norm is not None and not xq else 0.0, **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
@@ -1286,13 +1335,14 @@ def _m1(x: torch.Tensor, G: int) -> bool:
     return guard_or_false(x.shape[0] == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128)
 
 
-def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None):
+def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
+           norm: tuple | None = None):
     """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode."""
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up)
+                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm)
 
 
 @triton_op("gemma4::int4_linear", mutates_args={})
@@ -1377,3 +1427,49 @@ def _(gate, up, qweight, scales):
 def _(gate, up, qweight, scales):
     _check_glu(gate, up, qweight, scales)
     return int4_glu_linear_reference(gate, up, qweight, scales)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma 4's RMSNorm (export/gemma4/model.py `RMSNorm`): x / rms(x) * weight in fp32, back in x's dtype."""
+    y = x.float()
+    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return (y * weight.float()).to(x.dtype)
+
+
+def _check_norm(x, weight, qweight, scales):
+    N, K, G = _check(x, qweight, scales)
+    if tuple(weight.shape) != (K,):
+        raise ValueError(f"int4_rms_linear: norm weight {tuple(weight.shape)} for x of width {K}")
+    return N, K, G
+
+
+def int4_rms_linear_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, qweight: torch.Tensor,
+                              scales: torch.Tensor) -> torch.Tensor:
+    return int4_linear_reference(rms_norm_reference(x, weight, eps), qweight, scales)
+
+
+@triton_op("gemma4::int4_rms_linear", mutates_args={})
+def int4_rms_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, qweight: torch.Tensor,
+                    scales: torch.Tensor) -> torch.Tensor:
+    """rms_norm(x, weight, eps) [..., K] @ dequant(qweight, scales).T -> [..., N]: a linear with the
+    RMSNorm before it (a layer's input norm and its q / k / v projection). At M == 1 with the weight in
+    x's dtype the kernel that reads x computes the norm (`_quant_x_kernel`'s NORM, or the GEMV's own
+    with bf16 x): one launch less a layer than the norm's kernel before `int4_linear`. Other M (and
+    other weight dtypes): the norm in aten ops (Inductor fuses it) and `int4_linear`'s path."""
+    N, K, G = _check_norm(x, weight, qweight, scales)
+    x2 = x.reshape(-1, K).contiguous()
+    if _m1(x2, G) and weight.dtype == x.dtype:
+        return _gemv1(x2, qweight, scales, norm=(weight.contiguous(), eps)).reshape(*x.shape[:-1], N)
+    return _linear(rms_norm_reference(x, weight, eps), qweight, scales)
+
+
+@int4_rms_linear.register_fake
+def _(x, weight, eps, qweight, scales):
+    N, _, _ = _check_norm(x, weight, qweight, scales)
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@int4_rms_linear.register_kernel("cpu")
+def _(x, weight, eps, qweight, scales):
+    _check_norm(x, weight, qweight, scales)
+    return int4_rms_linear_reference(x, weight, eps, qweight, scales)
