@@ -50,8 +50,15 @@ activation, (gelu_tanh(gate) * up) @ dequant(W).T: at M == 1 the quantize kernel
 activation as it reads x (one launch less a layer), other M take the activation in aten ops and
 `int4_linear`'s path.
 
-The CPU kernels of the ops are `int4_linear_reference` and `int4_glu_linear_reference` (plain aten
-ops, any float dtype); the CPU backend decomposes the ops into them.
+`gemma4::int4_rms_linear(x, weight, eps, qweight, scales)` is a layer's input norm with its q / k / v
+projection, (rms_norm(x) * weight) @ dequant(W).T: at M == 1 (weight in x's dtype) the kernel that reads
+x computes the norm, each program summing the squares of the whole row (`_inv_rms`, from the L2) before
+it scales its own part: the quantize kernel's NORM, or with bf16 x the GEMV's own. One launch less a
+layer (the norm's kernel); a layer's other norms sit between the residual adds, where Inductor's kernel
+computes the sum the residual needs anyway. Other M take the norm in aten ops and `int4_linear`'s path.
+
+The CPU kernels of the ops are `int4_linear_reference`, `int4_glu_linear_reference` and
+`int4_rms_linear_reference` (plain aten ops, any float dtype); the CPU backend decomposes the ops into them.
 """
 
 from __future__ import annotations
