@@ -426,6 +426,23 @@ _NORM_SCRIPT = textwrap.dedent("""
             d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
             e = ((fused.double() - ref).norm() / ref.norm()).item()
             print("norm", N, K, splits, xq, d, e)
+        # the residual add and both norms before the MLP in the quantize kernel (fp32, as above): h and y
+        for N, K, splits, cfg, levels in [(200, 1024, 1, im.GEMV1_CONFIGS[0], 1), (72, 1536, 3, im.GEMV1_CONFIGS[2], 2)]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x, r = torch.randn(1, K) * 3, torch.randn(1, K) * 7
+            wr, w = torch.rand(K) + 0.5, torch.rand(K) + 0.5
+            h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
+            h = torch.full_like(x, float("nan"))
+            kern = im._gemv1_kernel(cfg)
+            fused = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=True, levels=levels, norm=(w, 1e-6),
+                                  res=(r, wr, h))
+            normed = im.rms_norm_reference(h_ref, w, 1e-6)
+            first = im.int4_gemv1(normed, qweight, scales, splits, kernel=kern, xq=True, levels=levels)
+            ref = normed.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
+            dh = ((h - h_ref).norm() / h_ref.norm()).item()
+            d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
+            e = ((fused.double() - ref).norm() / ref.norm()).item()
+            print("res", N, K, splits, dh, d, e)
 """)
 
 
@@ -433,7 +450,8 @@ def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
     """The RMSNorm before a linear computed by the quantize kernel as it reads x, or with bf16 x by the
     GEMV itself (`int4_gemv1`'s norm, the op `int4_rms_linear` at M == 1), gives the GEMV of the norm
     computed first (to an ulp of its factor: the sum of squares runs in another order), within 1e-2 of
-    fp64."""
+    fp64; so does the quantize kernel's residual add before the norm (`int4_add_rms_linear`), whose h
+    (written over NaNs) is the add computed first."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _NORM_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -441,6 +459,28 @@ def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
     assert len(rows) == 4, r.stdout
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
+    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("res")]  # with the residual add (h too)
+    assert len(rows) == 2, r.stdout
+    for n, k, splits, dh, d, e in rows:
+        assert float(dh) <= 1e-6 and float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, dh, d, e)
+
+
+def test_residual_norm_op_on_cpu_is_the_reference_and_checks_shapes():
+    """`int4_add_rms_linear` on CPU: h = x + the model's RMSNorm of r, then `int4_rms_linear` of h."""
+    from export.gemma4.model import RMSNorm
+
+    qweight, scales = im.quantize_int4(torch.randn(48, 256), 32)
+    x, r = torch.randn(2, 3, 256).bfloat16(), torch.randn(2, 3, 256).bfloat16() * 4
+    post, pre = RMSNorm(256, 1e-6), RMSNorm(256, 1e-6)
+    with torch.no_grad():
+        post.weight.uniform_(0.5, 1.5)
+        pre.weight.uniform_(0.5, 1.5)
+    wr, w = post.weight.detach(), pre.weight.detach()
+    h, y = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales)
+    assert torch.equal(h, x + post(r))
+    assert torch.equal(y, torch.ops.gemma4.int4_linear(pre(x + post(r)), qweight, scales))
+    with pytest.raises(ValueError, match="int4_add_rms_linear"):
+        torch.ops.gemma4.int4_add_rms_linear(x, r[..., :128], wr, w, 1e-6, qweight, scales)
 
 
 def test_norm_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -487,13 +527,18 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
                         GLU=glu, NORM=int(not xq and not glu), eps=1e-6, **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
-    for levels, pdl, glu, norm in ((2, 0, 0, 0), (1, 0, 1, 0), (2, 2, 0, 0), (1, 2, 1, 0), (2, 2, 0, 1), (1, 0, 0, 1)):
-        args = dict(x_ptr=torch.empty(K, dtype=torch.bfloat16), u_ptr=torch.empty(K, dtype=torch.bfloat16),
+    for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),
+                                        (2, 2, 0, 1, 0), (1, 0, 0, 1, 0), (2, 2, 0, 1, 1), (2, 0, 0, 1, 1)):
+        x = torch.empty(K, dtype=torch.bfloat16)
+        args = dict(x_ptr=x, u_ptr=torch.empty(K, dtype=torch.bfloat16),
                     xq_ptr=torch.empty(K // 2, dtype=torch.int32),
                     xf_ptr=torch.empty(K // G), xc_ptr=torch.empty(K // G, dtype=torch.int32),
                     cnt_ptr=torch.empty(8, dtype=torch.int32), NG=K // G, NCNT=0, GROUP=G, GB=im.QUANT_X_GROUPS,
-                    PDL=pdl, LEVELS=levels, GLU=glu, NORM=norm, eps=1e-6)
-        print("quant", sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
+                    PDL=pdl, LEVELS=levels, GLU=glu, NORM=norm, eps=1e-6,
+                    r_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x,
+                    wr_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x,
+                    h_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x, RES=res)
+        print("quant" + ("-res" if res else ""), sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 
 
@@ -506,8 +551,11 @@ def test_op_kernels_write_only_their_outputs():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 30, r.stdout
+    assert len(lines) == 32, r.stdout
+    res = [" ".join(ln[1:]) for ln in lines if ln[0] == "quant-res"]
+    assert len(res) == 2 and all("'h_ptr'" in w and "r_ptr" not in w for w in res), res  # h written, r / wr read
     for ln in lines:
+        ln = ["quant" if ln[0] == "quant-res" else ln[0]] + [w for w in ln[1:] if w.strip("[],'") != "h_ptr"]
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
         assert "u_ptr" not in written and (ln[0] == "quant" or "xf_ptr" not in written), ln  # gemv1 reads x's
@@ -594,6 +642,30 @@ def test_cuda_norm_op_is_the_linear_of_the_norm(m, n, k):
         assert torch.isfinite(got).all()
         assert ((got - first).norm() / first.norm()).item() <= 1e-2
         assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5])
+# 31B, E2B and 26B-A4B gate / up (x as int8 levels: the quantize kernel's residual add and norms)
+@pytest.mark.parametrize("n,k", [(43008, 5376), (12288, 1536), (4224, 2816)])
+def test_cuda_residual_norm_op_is_the_add_and_the_linear_of_the_norm(m, n, k):
+    """`int4_add_rms_linear` on the GPU (M == 1: the residual add and both norms in the quantize kernel;
+    M > 1: aten, then the int4 path): h against the add computed first (to an ulp of the norm's factor),
+    y against the norm of that h fed to `int4_linear` and against fp32, on fresh random inputs."""
+    torch.manual_seed(n + m)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 32)
+    x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 3
+    r = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 9
+    wr, w = (torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    h, y = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales)
+    h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
+    assert ((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item() <= 1e-3
+    normed = im.rms_norm_reference(h_ref, w, 1e-6)
+    first = torch.ops.gemma4.int4_linear(normed, qweight, scales).float()
+    ref = normed.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+    assert torch.isfinite(y).all()
+    assert ((y.float() - first).norm() / first.norm()).item() <= 1e-2
+    assert ((y.float() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
 @pytest.mark.cuda

@@ -72,9 +72,18 @@ _SCRIPT = textwrap.dedent("""
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
            dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=1, **cfg.kwargs), cfg.num_warps)
-    report("quant_x", im._quant_x_kernel, {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32",
-                                          "xc_ptr": "*i32", "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"},
-           dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
+    report("gemv1-norm", im._int4_gemv1_kernel,  # bf16 x with the input norm (E2B's q / k / v)
+           {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp32"},
+           dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=0, NORM=1, **cfg.kwargs), cfg.num_warps)
+    quant = {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32",
+             "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"}
+    report("quant_x", im._quant_x_kernel, quant, dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
+    # the residual add, the two norms before the MLP and the quantize (RES): h written after the wait too
+    report("quant_x-res", im._quant_x_kernel,
+           {**quant, "eps": "fp32", "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16"},
+           dict(GROUP=32, GB=im.QUANT_X_GROUPS, LEVELS=2, GLU=0, NORM=1, RES=1), 4)
     # the MoE decode's kernels at 26B-A4B width (H 2816, I 704, 128 experts, top 8)
     cfg = mo.ROUTE_CONFIGS[0]
     report("moe_route", mo._route_logits_kernel,
@@ -119,7 +128,7 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "hadamard-512", "gemv1", "gemv1-glu", "quant_x", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
+                         "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
                          "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither

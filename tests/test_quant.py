@@ -217,34 +217,40 @@ def test_packed_per_layer_projection_takes_the_activation_in_one_op():
     assert torch.equal(fused, plain)
 
 
-def test_packed_qkv_projection_takes_the_input_norm_in_one_op():
-    """A layer hands its packed int4 q / k / v projection x and the input norm (gemma4::int4_rms_linear):
-    on CPU the op's reference, so the model computes what the float path does with the same weights,
-    exactly, with one op a layer instead of the norm and `int4_linear`."""
+def test_packed_projections_take_the_norms_before_them_in_their_ops():
+    """A layer hands its packed int4 q / k / v projection x and the input norm (gemma4::int4_rms_linear),
+    and its packed gate / up the residual stream, the attention output and the two norms between them
+    (gemma4::int4_add_rms_linear): on CPU the ops' references, so the model computes what the float path
+    does with the same weights, exactly, with one op where there were a norm and `int4_linear`."""
     from export.gemma4.quant import PackedInt4Linear
 
     model = _tiny().to(torch.bfloat16)
     quantize_(model, QuantRecipe(group_size=128), TargetDevice.CUDA)
     attn = model.layers[0].self_attn
     assert isinstance(attn.qkv_proj, PackedInt4Linear)
-    for layer in model.layers:  # a norm that is not all ones
+    for layer in model.layers:  # norms that are not all ones
         with torch.no_grad():
-            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm):
+                norm.weight.uniform_(0.5, 1.5)
     tok = torch.randint(0, 512, (1, 3), generator=torch.Generator().manual_seed(4))
     seen = []
     with torch.no_grad(), _Ops(seen):
         fused = model(tok, torch.tensor([0])).float()
     n = len(model.layers)
     assert seen.count("gemma4.int4_rms_linear.default") == n
-    for layer in model.layers:  # the same weights without the fused path (a KV-shared layer: q alone)
+    assert seen.count("gemma4.int4_add_rms_linear.default") == n
+    for layer in model.layers:  # the same weights without the fused paths (a KV-shared layer: q alone)
         attn = layer.self_attn
         for linear in [getattr(attn, n) for n in ("qkv_proj", "q_proj") if hasattr(attn, n)]:
             object.__setattr__(linear, "forward_rms", None)
+        object.__setattr__(layer.mlp.gate_up_proj, "forward_add_rms", None)
+        object.__setattr__(layer.mlp.gate_up_proj, "forward_rms", None)
     model.reset_cache()
     seen = []
     with torch.no_grad(), _Ops(seen):
         plain = model(tok, torch.tensor([0])).float()
     assert seen.count("gemma4.int4_rms_linear.default") == 0
+    assert seen.count("gemma4.int4_add_rms_linear.default") == 0
     assert torch.equal(fused, plain)
 
 

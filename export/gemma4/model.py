@@ -248,9 +248,24 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x):
-        gate, up = project(self, x, "gate_up_proj")
+    def forward(self, x, norm: nn.Module | None = None):
+        """The MLP of norm(x) (of x without a norm)."""
+        gate, up = project(self, x, "gate_up_proj", norm)
         return glu_linear(self.down_proj, gate, up)
+
+    def after_residual(self, x, r, post_norm: nn.Module, norm: nn.Module):
+        """(h, self(norm(h))) with h = x + post_norm(r): a residual add and the MLP after it. A packed int4
+        gate / up takes the add and both norms into its op (quant.PackedInt4Linear.forward_add_rms: at
+        decode the kernel that reads x computes them and writes h)."""
+        fused = getattr(self, "gate_up_proj", None)
+        with_add = getattr(fused, "forward_add_rms", None)
+        if (with_add is not None and post_norm.weight is not None and norm.weight is not None
+                and post_norm.eps == norm.eps):
+            h, y = with_add(x, r, post_norm.weight, norm.weight, norm.eps)
+            gate, up = y.split(fused.split_sizes, dim=-1)
+            return h, glu_linear(self.down_proj, gate, up)
+        h = x + post_norm(r)
+        return h, self(h, norm)
 
 
 class Router(nn.Module):
@@ -326,9 +341,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, positions, cache, per_layer_input, fresh=None):
         """-> (x, fresh): see Attention.forward."""
         attn, fresh = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm)
-        h = x + self.post_attention_layernorm(attn)
-
-        out = self.mlp(self.pre_feedforward_layernorm(h))
+        h, out = self.mlp.after_residual(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
             flat = h.reshape(-1, h.shape[-1])
             w, idx = self.router(flat)

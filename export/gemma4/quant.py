@@ -240,6 +240,14 @@ class PackedInt4Linear(nn.Module):
         import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_rms_linear)
         return torch.ops.gemma4.int4_rms_linear(x, weight, eps, self.qweight, self.scales)
 
+    def forward_add_rms(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, forward(rms_norm(h) * weight)) with h = x + rms_norm(r) * weight_r, as one op (the residual add
+        after attention and the MLP's norm): at M == 1 on CUDA the quantize kernel computes both norms and
+        the add and writes h, no kernel of their own."""
+        import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_add_rms_linear)
+        return torch.ops.gemma4.int4_add_rms_linear(x, r, weight_r, weight, eps, self.qweight, self.scales)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 

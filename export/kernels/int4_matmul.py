@@ -599,9 +599,31 @@ def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0):
 
 
 @triton.jit
+def _residual(x, r, wr, inv_r, DT_R: tl.constexpr, DT: tl.constexpr):
+    """x + rms_norm(r) * wr in fp32 (inv_r the norm's factor), each step rounded as the model's ops leave
+    it: the norm to r's dtype, the sum to x's."""
+    return (x + ((r * inv_r) * wr).to(DT_R).to(tl.float32)).to(DT).to(tl.float32)
+
+
+@triton.jit
+def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps):
+    """`_inv_rms` of h = x + rms_norm(r) * wr over [0:K] (`_residual`), h computed on the way."""
+    ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+    for i in range(0, K, NORM_BLOCK):
+        o = i + tl.arange(0, NORM_BLOCK)
+        m = o < K
+        h = _residual(tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32),
+                      tl.load(r_ptr + o, mask=m, other=0.0).to(tl.float32),
+                      tl.load(wr_ptr + o, mask=m, other=0.0).to(tl.float32), inv_r,
+                      r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
+        ss += h * h
+    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + eps)
+
+
+@triton.jit
 def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
                     PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0, NORM: tl.constexpr = 0,
-                    eps=0.0):
+                    eps=0.0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -617,11 +639,16 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     unfused graph's kernel leaves it, so the MLP's activation takes no launch of its own (u_ptr is
     not read otherwise). NORM: x is rms_norm(x) * w (u_ptr the norm's weight, eps its epsilon; `rms_norm_reference`),
     rounded to x's dtype as the model's norm leaves it: every program sums the squares of the whole row (K
-    elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own."""
+    elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own.
+    RES (with NORM): x_ptr is the residual stream, and the norm's input is h = x + rms_norm(r) * wr (r_ptr,
+    wr_ptr, the same eps), which the kernel also writes to h_ptr (its own groups; `_residual`): the
+    residual add and both norms before the MLP take no launch of their own either."""
     if PDL:  # every read and write after the wait
         z = pdl_wait(PDL, _PTX)
         x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
         cnt_ptr = cnt_ptr + z
+        if RES:
+            r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
         offs = i + tl.arange(0, 1024)
         tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
@@ -633,8 +660,19 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     e = tl.arange(0, 2)[None, None, None, :]
     ok = g4 < NG
     x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
+    if RES:
+        tl.static_assert(NORM == 1, "the residual's sum goes into the norm")
+        idx = g4 * GROUP + j * 8 + t * 2 + e
+        inv_r = _inv_rms(r_ptr, NG * GROUP, eps)
+        x = _residual(x, tl.load(r_ptr + idx, mask=ok, other=0.0).to(tl.float32),
+                      tl.load(wr_ptr + idx, mask=ok, other=0.0).to(tl.float32), inv_r,
+                      r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
+        tl.store(h_ptr + idx, x.to(h_ptr.dtype.element_ty), mask=ok)
     if NORM:
-        inv = _inv_rms(x_ptr, NG * GROUP, eps)
+        if RES:
+            inv = _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, NG * GROUP, eps)
+        else:
+            inv = _inv_rms(x_ptr, NG * GROUP, eps)
         wn = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
         x = ((x * inv) * wn).to(x_ptr.dtype.element_ty).to(tl.float32)
     if GLU:
@@ -1179,12 +1217,15 @@ def _gemv1_kernel(cfg: triton.Config):
 
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
-             pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None):
+             pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
+             res: tuple | None = None):
     """x2 [1, K] as `_quant_x_kernel`'s planes (int32), factors and corrections (x as `levels` int8
     levels: per group at two, per 32 elements at one); the kernel also zeroes cnt[:ncnt], the
     following GEMV's split-sum counters. up [1, K]: x is gelu_tanh(x2) * up (the kernel's GLU).
-    norm (weight [K], eps): x is rms_norm(x2) * weight (the kernel's NORM)."""
+    norm (weight [K], eps): x is rms_norm(x2) * weight (the kernel's NORM). res (r [1, K], wr [K], h [1, K]),
+    with norm: the norm's input is h = x2 + rms_norm(r) * wr, written to h (the kernel's RES)."""
     assert up is None or norm is None
+    assert res is None or norm is not None
     K = x2.shape[1]
     groups = K // G
     xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
@@ -1196,13 +1237,16 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, u, xin, xf, xc, cnt, groups, ncnt,
                                                      GROUP=G, GB=QUANT_X_GROUPS, LEVELS=levels, GLU=int(up is not None),
                                                      NORM=int(norm is not None), eps=float(norm[1]) if norm else 0.0,
+                                                     r_ptr=res[0] if res else x2, wr_ptr=res[1] if res else x2,
+                                                     h_ptr=res[2] if res else x2, RES=int(res is not None),
                                                      num_warps=4, **_pdl_args(pdl, pdl_attr))
     return xin, xf, xc
 
 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
-               levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None):
+               levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
+               res: tuple | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1213,7 +1257,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     launch attribute (`_pdl_args`). levels: x as two int8 levels or one (`_gemv1_tile_lanes`; the
     per-lane loop only: one K part or DEPTH 0). up [1, K]: the input is gelu_tanh(x2) * up, computed
     by the quantize kernel (with bf16 x, by the GEMV as it loads x). norm (weight [K] in x2's dtype, eps):
-    the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way."""
+    the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
+    norm and x as levels only: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel
+    also writes to h."""
+    assert res is None or (norm is not None and (GEMV1_XQ if xq is None else xq))
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1226,7 +1273,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up, norm) if xq
+    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up, norm, res) if xq
                    else (x2, up if up is not None else norm[0] if norm is not None else x2, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
@@ -1343,13 +1390,13 @@ def _m1(x: torch.Tensor, G: int) -> bool:
 
 
 def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
-           norm: tuple | None = None):
+           norm: tuple | None = None, res: tuple | None = None):
     """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode."""
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm)
+                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm, res=res)
 
 
 @triton_op("gemma4::int4_linear", mutates_args={})
@@ -1463,6 +1510,12 @@ def int4_rms_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, qweight: 
     x's dtype the kernel that reads x computes the norm (`_quant_x_kernel`'s NORM, or the GEMV's own
     with bf16 x): one launch less a layer than the norm's kernel before `int4_linear`. Other M (and
     other weight dtypes): the norm in aten ops (Inductor fuses it) and `int4_linear`'s path."""
+    return _rms_linear(x, weight, eps, qweight, scales)
+
+
+def _rms_linear(x: torch.Tensor, weight: torch.Tensor, eps: float, qweight: torch.Tensor,
+                scales: torch.Tensor) -> torch.Tensor:
+    """`int4_rms_linear`'s body."""
     N, K, G = _check_norm(x, weight, qweight, scales)
     x2 = x.reshape(-1, K).contiguous()
     if _m1(x2, G) and weight.dtype == x.dtype:
@@ -1480,3 +1533,48 @@ def _(x, weight, eps, qweight, scales):
 def _(x, weight, eps, qweight, scales):
     _check_norm(x, weight, qweight, scales)
     return int4_rms_linear_reference(x, weight, eps, qweight, scales)
+
+
+def _check_residual(x, r, weight_r, weight, qweight, scales):
+    N, K, G = _check_norm(x, weight, qweight, scales)
+    if r.shape != x.shape or tuple(weight_r.shape) != (K,):
+        raise ValueError(f"int4_add_rms_linear: r {tuple(r.shape)} / its norm weight {tuple(weight_r.shape)} "
+                         f"for x {tuple(x.shape)}")
+    return N, K, G
+
+
+def int4_add_rms_linear_reference(x, r, weight_r, weight, eps: float, qweight, scales):
+    h = x + rms_norm_reference(r, weight_r, eps)
+    return h, int4_rms_linear_reference(h, weight, eps, qweight, scales)
+
+
+@triton_op("gemma4::int4_add_rms_linear", mutates_args={})
+def int4_add_rms_linear(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, weight: torch.Tensor, eps: float,
+                        qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + rms_norm(r, weight_r, eps) (a residual add after a norm), y = rms_norm(h, weight,
+    eps) @ dequant(qweight, scales).T (the next norm and a linear): a layer's attention output into the
+    residual stream and its MLP's gate / up projection. At M == 1 with x as int8 levels and the weights in
+    x's dtype, the quantize kernel computes both norms and the add and writes h (`_quant_x_kernel`'s RES):
+    no kernel of their own. Otherwise aten ops for h (Inductor fuses them) and `int4_rms_linear`'s path."""
+    N, K, G = _check_residual(x, r, weight_r, weight, qweight, scales)
+    x2 = x.reshape(-1, K).contiguous()
+    if (_m1(x2, G) and gemv1_plan(N, K, G).xq and weight.dtype == x.dtype and weight_r.dtype == x.dtype
+            and r.dtype == x.dtype):
+        h = torch.empty_like(x2)
+        y = _gemv1(x2, qweight, scales, norm=(weight.contiguous(), eps),
+                   res=(r.reshape(-1, K).contiguous(), weight_r.contiguous(), h))
+        return h.reshape(x.shape), y.reshape(*x.shape[:-1], N)
+    h = x + rms_norm_reference(r, weight_r, eps)
+    return h, _rms_linear(h, weight, eps, qweight, scales)
+
+
+@int4_add_rms_linear.register_fake
+def _(x, r, weight_r, weight, eps, qweight, scales):
+    N, _, _ = _check_residual(x, r, weight_r, weight, qweight, scales)
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], N))
+
+
+@int4_add_rms_linear.register_kernel("cpu")
+def _(x, r, weight_r, weight, eps, qweight, scales):
+    _check_residual(x, r, weight_r, weight, qweight, scales)
+    return int4_add_rms_linear_reference(x, r, weight_r, weight, eps, qweight, scales)
