@@ -54,11 +54,15 @@ activation as it reads x (one launch less a layer), other M take the activation 
 projection, (rms_norm(x) * weight) @ dequant(W).T: at M == 1 (weight in x's dtype) the kernel that reads
 x computes the norm, each program summing the squares of the whole row (`_inv_rms`, from the L2) before
 it scales its own part: the quantize kernel's NORM, or with bf16 x the GEMV's own. One launch less a
-layer (the norm's kernel); a layer's other norms sit between the residual adds, where Inductor's kernel
-computes the sum the residual needs anyway. Other M take the norm in aten ops and `int4_linear`'s path.
+layer (the norm's kernel). Other M take the norm in aten ops and `int4_linear`'s path.
+`gemma4::int4_add_rms_linear(x, r, weight_r, weight, eps, qweight, scales) -> (h, y)` goes one step
+further for the MLP's gate / up: h = x + rms_norm(r) * weight_r (the attention output into the residual
+stream) and y = (rms_norm(h) * weight) @ dequant(W).T; at M == 1 with x as levels the quantize kernel
+computes both norms and the add and writes h (its RES), one more launch less a layer.
 
-The CPU kernels of the ops are `int4_linear_reference`, `int4_glu_linear_reference` and
-`int4_rms_linear_reference` (plain aten ops, any float dtype); the CPU backend decomposes the ops into them.
+The CPU kernels of the ops are `int4_linear_reference`, `int4_glu_linear_reference`,
+`int4_rms_linear_reference` and `int4_add_rms_linear_reference` (plain aten ops, any float dtype); the CPU
+backend decomposes the ops into them.
 """
 
 from __future__ import annotations
