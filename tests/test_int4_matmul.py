@@ -262,6 +262,17 @@ def test_triton_kernels_through_the_interpreter():
     assert r.stdout.split("same")[-1].split()[0] == "True"  # red 2 gives red 0's bits
 
 
+def _script_rows(script: str, *tags: str, timeout: int = 600) -> list[list[str]] | tuple[list[list[str]], ...]:
+    """Run `script` in a fresh interpreter (the repo on its path) and return, per tag, the fields after it
+    of each line the script prints starting with it (one list for one tag); a failing run fails the test
+    with its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = tuple([ln.split()[1:] for ln in r.stdout.splitlines() if ln.split()[:1] == [tag]] for tag in tags)
+    return rows[0] if len(tags) == 1 else rows
+
+
 _STEP_SCRIPT = textwrap.dedent("""
     import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
     import torch
@@ -335,11 +346,8 @@ def test_one_level_x_through_the_interpreter():
     """x as one int8 level per 32 elements (`_quant_x_kernel` and the per-lane loop at LEVELS 1:
     two dp4a a word) gives exactly the matmul with x rounded to its level (fp32 sums), within 1e-2
     of fp32, an outlier channel included; two levels stay closer to fp32 than one."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", _ONE_LEVEL_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("levels")]
-    assert len(rows) == 6, r.stdout
+    rows = _script_rows(_ONE_LEVEL_SCRIPT, "levels")
+    assert len(rows) == 6, rows
     got = {(int(lv), int(n), int(o)): (float(e_fp), float(e_one)) for lv, n, k, sp, o, e_fp, e_one in rows}
     for case in ((200, 0), (72, 0), (200, 1)):
         assert got[(1, *case)][1] <= 1e-5  # the one-level matmul, exactly
@@ -381,11 +389,8 @@ def test_glu_in_the_quantize_kernel_through_the_interpreter():
     """The down projection's activation computed by the quantize kernel as it reads x, or with bf16 x by
     the GEMV itself (`int4_gemv1`'s up, the op `int4_glu_linear` at M == 1), gives the GEMV of the
     activation computed first (to the rounding of its tanh, written with exp), within 1e-2 of fp64."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", _GLU_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("glu")]
-    assert len(rows) == 3, r.stdout
+    rows = _script_rows(_GLU_SCRIPT, "glu")
+    assert len(rows) == 3, rows
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-4 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
 
@@ -452,16 +457,11 @@ def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
     computed first (to an ulp of its factor: the sum of squares runs in another order), within 1e-2 of
     fp64; so does the quantize kernel's residual add before the norm (`int4_add_rms_linear`), whose h
     (written over NaNs) is the add computed first."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", _NORM_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("norm")]
-    assert len(rows) == 4, r.stdout
+    rows, res = _script_rows(_NORM_SCRIPT, "norm", "res")
+    assert len(rows) == 4 and len(res) == 2, (rows, res)
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
-    rows = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("res")]  # with the residual add (h too)
-    assert len(rows) == 2, r.stdout
-    for n, k, splits, dh, d, e in rows:
+    for n, k, splits, dh, d, e in res:  # with the residual add (h too)
         assert float(dh) <= 1e-6 and float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, dh, d, e)
 
 
@@ -602,6 +602,16 @@ def test_mma_gemv_lanes_hold_the_fragments_it_assumes(block_n, warps, one_row, p
     assert "convert_layout" not in body and "local_alloc" not in body
 
 
+def _matches_the_unfused_op(got: torch.Tensor, unfused_input: torch.Tensor, qweight, scales) -> None:
+    """A fused op's output against `int4_linear` of the input computed first, and against fp32."""
+    first = torch.ops.gemma4.int4_linear(unfused_input, qweight, scales).float()
+    ref = unfused_input.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
+    got = got.float()
+    assert torch.isfinite(got).all()
+    assert ((got - first).norm() / first.norm()).item() <= 1e-2
+    assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5])
 # 31B / E2B down, a small-weight plan, E2B's per-layer projection (the last two: the GEMV's own activation)
@@ -614,13 +624,8 @@ def test_cuda_glu_op_is_the_linear_of_the_activation(m, n, k):
     qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 128)
     gate = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 2
     up = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
-    got = torch.ops.gemma4.int4_glu_linear(gate, up, qweight, scales).float()
-    act = im.glu_reference(gate, up)
-    first = torch.ops.gemma4.int4_linear(act, qweight, scales).float()
-    ref = act.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
-    assert torch.isfinite(got).all()
-    assert ((got - first).norm() / first.norm()).item() <= 1e-2
-    assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
+    got = torch.ops.gemma4.int4_glu_linear(gate, up, qweight, scales)
+    _matches_the_unfused_op(got, im.glu_reference(gate, up), qweight, scales)
 
 
 @pytest.mark.cuda
@@ -635,13 +640,8 @@ def test_cuda_norm_op_is_the_linear_of_the_norm(m, n, k):
     qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 32)
     x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 5
     for w in (torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5, torch.rand(k, device="cuda") + 0.5):
-        got = torch.ops.gemma4.int4_rms_linear(x, w, 1e-6, qweight, scales).float()
-        normed = im.rms_norm_reference(x, w, 1e-6)
-        first = torch.ops.gemma4.int4_linear(normed, qweight, scales).float()
-        ref = normed.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
-        assert torch.isfinite(got).all()
-        assert ((got - first).norm() / first.norm()).item() <= 1e-2
-        assert ((got - ref).norm() / ref.norm()).item() <= 1e-2
+        got = torch.ops.gemma4.int4_rms_linear(x, w, 1e-6, qweight, scales)
+        _matches_the_unfused_op(got, im.rms_norm_reference(x, w, 1e-6), qweight, scales)
 
 
 @pytest.mark.cuda
@@ -660,12 +660,7 @@ def test_cuda_residual_norm_op_is_the_add_and_the_linear_of_the_norm(m, n, k):
     h, y = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales)
     h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
     assert ((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item() <= 1e-3
-    normed = im.rms_norm_reference(h_ref, w, 1e-6)
-    first = torch.ops.gemma4.int4_linear(normed, qweight, scales).float()
-    ref = normed.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
-    assert torch.isfinite(y).all()
-    assert ((y.float() - first).norm() / first.norm()).item() <= 1e-2
-    assert ((y.float() - ref).norm() / ref.norm()).item() <= 1e-2
+    _matches_the_unfused_op(y, im.rms_norm_reference(h_ref, w, 1e-6), qweight, scales)
 
 
 @pytest.mark.cuda
