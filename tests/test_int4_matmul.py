@@ -525,7 +525,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
                         stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
-                        GLU=glu, NORM=int(not xq and not glu), eps=1e-6, **cfg.kwargs)
+                        GLU=glu, NORM=int(not xq and not glu), eps=1e-6,
+                        NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0, **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),
                                         (2, 2, 0, 1, 0), (1, 0, 0, 1, 0), (2, 2, 0, 1, 1), (2, 0, 0, 1, 1)):
@@ -537,7 +538,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     PDL=pdl, LEVELS=levels, GLU=glu, NORM=norm, eps=1e-6,
                     r_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x,
                     wr_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x,
-                    h_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x, RES=res)
+                    h_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x, RES=res,
+                    NORM_STEPS=im.norm_steps(K) if norm else 0)
         print("quant" + ("-res" if res else ""), sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
 """)
 

@@ -76,14 +76,15 @@ _SCRIPT = textwrap.dedent("""
            {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp32"},
-           dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=0, NORM=1, **cfg.kwargs), cfg.num_warps)
+           dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=0, NORM=1, NORM_STEPS=im.norm_steps(768),
+                **cfg.kwargs), cfg.num_warps)
     quant = {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32",
              "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"}
     report("quant_x", im._quant_x_kernel, quant, dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
     # the residual add, the two norms before the MLP and the quantize (RES): h written after the wait too
     report("quant_x-res", im._quant_x_kernel,
            {**quant, "eps": "fp32", "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16"},
-           dict(GROUP=32, GB=im.QUANT_X_GROUPS, LEVELS=2, GLU=0, NORM=1, RES=1), 4)
+           dict(GROUP=32, GB=im.QUANT_X_GROUPS, LEVELS=2, GLU=0, NORM=1, RES=1, NORM_STEPS=im.norm_steps(5376)), 4)
     # the MoE decode's kernels at 26B-A4B width (H 2816, I 704, 128 experts, top 8)
     cfg = mo.ROUTE_CONFIGS[0]
     report("moe_route", mo._route_logits_kernel,

@@ -578,27 +578,42 @@ def gelu_tanh(g):
     return 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * z)))
 
 
-NORM_BLOCK = tl.constexpr(1024)  # elements of x per step of `_inv_rms`
+NORM_BLOCK = tl.constexpr(1024)  # elements (PAIRS: words) of x per step of `_inv_rms`
+
+
+def norm_steps(n: int) -> int:
+    """`_inv_rms`'s STEPS for n elements (or words): NORM_BLOCK-wide steps covering them."""
+    return triton.cdiv(n, NORM_BLOCK.value)
 
 
 @triton.jit
-def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0):
+def _squares(x_ptr, o, n, PAIRS: tl.constexpr):
+    """x^2 at offsets o (< n) in fp32; PAIRS: x_ptr points at bf16 pairs as int32 words, each word's two
+    squares summed (widened by bit arithmetic, the same in the interpreter)."""
+    if PAIRS:
+        p = tl.load(x_ptr + o, mask=o < n, other=0)
+        lo = (p << 16).to(tl.float32, bitcast=True)
+        hi = (p & -65536).to(tl.float32, bitcast=True)
+        return lo * lo + hi * hi
+    v = tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.float32)
+    return v * v
+
+
+@triton.jit
+def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0, STEPS: tl.constexpr = 0):
     """1 / sqrt(mean(x^2) + eps) over x[0:K] (any float dtype), in fp32: the RMSNorm's factor
     (`rms_norm_reference`; the sum in another order than torch's, so within an ulp or two of it).
-    PAIRS: x_ptr points at bf16 pairs as int32 words (K / 2 of them), widened by bit arithmetic."""
+    PAIRS: x_ptr points at bf16 pairs as int32 words (K / 2 of them). STEPS (`norm_steps`): the row in
+    that many NORM_BLOCK steps, unrolled, so that their loads are in flight together (one trip to the
+    L2, not one a step); 0: a loop over K."""
+    n = K // 2 if PAIRS else K
     ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
-    if PAIRS:
-        for i in range(0, K // 2, NORM_BLOCK):
-            o = i + tl.arange(0, NORM_BLOCK)
-            p = tl.load(x_ptr + o, mask=o < K // 2, other=0)
-            lo = (p << 16).to(tl.float32, bitcast=True)
-            hi = (p & -65536).to(tl.float32, bitcast=True)
-            ss += lo * lo + hi * hi
+    if STEPS:
+        for i in tl.static_range(STEPS):
+            ss += _squares(x_ptr, i * NORM_BLOCK + tl.arange(0, NORM_BLOCK), n, PAIRS)
     else:
-        for i in range(0, K, NORM_BLOCK):
-            o = i + tl.arange(0, NORM_BLOCK)
-            v = tl.load(x_ptr + o, mask=o < K, other=0.0).to(tl.float32)
-            ss += v * v
+        for i in range(0, n, NORM_BLOCK):
+            ss += _squares(x_ptr, i + tl.arange(0, NORM_BLOCK), n, PAIRS)
     return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + eps)
 
 
@@ -610,24 +625,34 @@ def _residual(x, r, wr, inv_r, DT_R: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps):
+def _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, o, K):
+    """h^2 at offsets o (< K), h = x + rms_norm(r) * wr (`_residual`)."""
+    m = o < K
+    h = _residual(tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32),
+                  tl.load(r_ptr + o, mask=m, other=0.0).to(tl.float32),
+                  tl.load(wr_ptr + o, mask=m, other=0.0).to(tl.float32), inv_r,
+                  r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
+    return h * h
+
+
+@triton.jit
+def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps, STEPS: tl.constexpr = 0):
     """`_inv_rms` of h = x + rms_norm(r) * wr over [0:K] (`_residual`), h computed on the way."""
     ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
-    for i in range(0, K, NORM_BLOCK):
-        o = i + tl.arange(0, NORM_BLOCK)
-        m = o < K
-        h = _residual(tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32),
-                      tl.load(r_ptr + o, mask=m, other=0.0).to(tl.float32),
-                      tl.load(wr_ptr + o, mask=m, other=0.0).to(tl.float32), inv_r,
-                      r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
-        ss += h * h
+    if STEPS:
+        for i in tl.static_range(STEPS):
+            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i * NORM_BLOCK + tl.arange(0, NORM_BLOCK), K)
+    else:
+        for i in range(0, K, NORM_BLOCK):
+            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i + tl.arange(0, NORM_BLOCK), K)
     return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + eps)
 
 
 @triton.jit
 def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
                     PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0, NORM: tl.constexpr = 0,
-                    eps=0.0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0):
+                    eps=0.0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0,
+                    NORM_STEPS: tl.constexpr = 0):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -646,7 +671,8 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own.
     RES (with NORM): x_ptr is the residual stream, and the norm's input is h = x + rms_norm(r) * wr (r_ptr,
     wr_ptr, the same eps), which the kernel also writes to h_ptr (its own groups; `_residual`): the
-    residual add and both norms before the MLP take no launch of their own either."""
+    residual add and both norms before the MLP take no launch of their own either. NORM_STEPS: `_inv_rms`'s
+    STEPS (`norm_steps` of the row; 0 loops)."""
     if PDL:  # every read and write after the wait
         z = pdl_wait(PDL, _PTX)
         x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
@@ -667,16 +693,16 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     if RES:
         tl.static_assert(NORM == 1, "the residual's sum goes into the norm")
         idx = g4 * GROUP + j * 8 + t * 2 + e
-        inv_r = _inv_rms(r_ptr, NG * GROUP, eps)
+        inv_r = _inv_rms(r_ptr, NG * GROUP, eps, 0, NORM_STEPS)
         x = _residual(x, tl.load(r_ptr + idx, mask=ok, other=0.0).to(tl.float32),
                       tl.load(wr_ptr + idx, mask=ok, other=0.0).to(tl.float32), inv_r,
                       r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
         tl.store(h_ptr + idx, x.to(h_ptr.dtype.element_ty), mask=ok)
     if NORM:
         if RES:
-            inv = _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, NG * GROUP, eps)
+            inv = _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, NG * GROUP, eps, NORM_STEPS)
         else:
-            inv = _inv_rms(x_ptr, NG * GROUP, eps)
+            inv = _inv_rms(x_ptr, NG * GROUP, eps, 0, NORM_STEPS)
         wn = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
         x = ((x * inv) * wn).to(x_ptr.dtype.element_ty).to(tl.float32)
     if GLU:
@@ -740,7 +766,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, eps=0.0):
+                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -806,7 +832,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs; NORM: the norm weight's
         inv = 1.0
         if NORM:
-            inv = _inv_rms(xw, KW * 8, eps, 1)
+            inv = _inv_rms(xw, KW * 8, eps, 1, NORM_STEPS)
         if XQ:
             acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
         else:
@@ -1243,6 +1269,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
                                                      NORM=int(norm is not None), eps=float(norm[1]) if norm else 0.0,
                                                      r_ptr=res[0] if res else x2, wr_ptr=res[1] if res else x2,
                                                      h_ptr=res[2] if res else x2, RES=int(res is not None),
+                                                     NORM_STEPS=norm_steps(K) if norm else 0,
                                                      num_warps=4, **_pdl_args(pdl, pdl_attr))
     return xin, xf, xc
 
@@ -1284,7 +1311,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels,
         GLU=int(up is not None and not xq), NORM=int(norm is not None and not xq),
-        eps=float(norm[1]) if norm is not None and not xq else 0.0, **_pdl_args(pdl_gemv, pdl_attr))
+        eps=float(norm[1]) if norm is not None and not xq else 0.0,
+        NORM_STEPS=norm_steps(K // 2) if norm is not None and not xq else 0, **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
