@@ -145,8 +145,14 @@ moe)  # int4 experts: the MoE kernels' cuda tests (AOTI compile included), then 
 moe_slice)  # the 26B-A4B 2-layer int4 g128 low-memory slice (int4 experts): peaks, runner logits vs eager
   timeout 560 python -m tests.test_export_cuda 26b-2l-int4-noat "$OUT/moe_slice.json" 2>&1 | tail -3
   ;;
+fused_norms)  # the norms in the int4 op's kernels against aten norms: the ops' cuda tests, then the 31B 12-layer
+  # slice exported both ways side by side (scripts/export_ab.py; ~8 min)
+  timeout 150 python -m pytest -q -m cuda tests/test_int4_matmul.py -k norm 2>&1 | tail -2
+  timeout 420 python -m scripts.export_ab --switch GEMMA4_FUSED_NORMS --a 0 --b 1 --workdir /tmp/ab \
+      --json "$OUT/fused_norms_31b.json" 2>&1 | tail -8
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms" >&2; exit 2 ;;
 esac

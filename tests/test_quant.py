@@ -217,7 +217,7 @@ def test_packed_per_layer_projection_takes_the_activation_in_one_op():
     assert torch.equal(fused, plain)
 
 
-def test_packed_projections_take_the_norms_before_them_in_their_ops():
+def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch):
     """A layer hands its packed int4 q / k / v projection x and the input norm (gemma4::int4_rms_linear),
     and its packed gate / up the residual stream, the attention output and the two norms between them
     (gemma4::int4_add_rms_linear): on CPU the ops' references, so the model computes what the float path
@@ -239,6 +239,13 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops():
     n = len(model.layers)
     assert seen.count("gemma4.int4_rms_linear.default") == n
     assert seen.count("gemma4.int4_add_rms_linear.default") == n
+    monkeypatch.setenv("GEMMA4_FUSED_NORMS", "0")  # the A/B switch: aten norms, the same logits
+    model.reset_cache()
+    seen = []
+    with torch.no_grad(), _Ops(seen):
+        switched = model(tok, torch.tensor([0])).float()
+    assert not [op for op in seen if "rms_linear" in op] and torch.equal(switched, fused)
+    monkeypatch.delenv("GEMMA4_FUSED_NORMS")
     for layer in model.layers:  # the same weights without the fused paths (a KV-shared layer: q alone)
         attn = layer.self_attn
         for linear in [getattr(attn, n) for n in ("qkv_proj", "q_proj") if hasattr(attn, n)]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -178,6 +179,16 @@ def _rows(K: int, work: torch.device | None) -> int:
     return max(1, ((128 if work is not None else 16) << 20) // (4 * K))
 
 
+FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms stay aten ops (an A/B switch)
+
+
+def fused_norms() -> bool:
+    """Whether packed int4 linears take the norms before them into their ops (`forward_rms`,
+    `forward_add_rms`): yes unless FUSED_NORMS_ENV is "0" (scripts/export_ab.py measures one against the
+    other); the model's results are the same either way."""
+    return os.environ.get(FUSED_NORMS_ENV, "1") != "0"
+
+
 class PackedInt4Linear(nn.Module):
     """y = gemma4::int4_linear(x, qweight, scales): W [N, K] as uint8 [N, K/2] nibbles (even k
     in the low nibble, code + 8) and bf16 scales [N, K/g], W ~= code * scale (symmetric).
@@ -236,16 +247,22 @@ class PackedInt4Linear(nn.Module):
 
     def forward_rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """forward(rms_norm(x) * weight) as one op (a layer's input norm and its q / k / v projection):
-        at M == 1 on CUDA the norm is computed by the kernel that reads x, not by a kernel of its own."""
-        import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_rms_linear)
+        at M == 1 on CUDA the norm is computed by the kernel that reads x, not by a kernel of its own
+        (without `fused_norms()`: the norm in aten ops, then forward)."""
+        from export.kernels.int4_matmul import rms_norm_reference  # registers torch.ops.gemma4.int4_rms_linear
+        if not fused_norms():
+            return self.forward(rms_norm_reference(x, weight, eps))
         return torch.ops.gemma4.int4_rms_linear(x, weight, eps, self.qweight, self.scales)
 
     def forward_add_rms(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, forward(rms_norm(h) * weight)) with h = x + rms_norm(r) * weight_r, as one op (the residual add
         after attention and the MLP's norm): at M == 1 on CUDA the quantize kernel computes both norms and
-        the add and writes h, no kernel of their own."""
-        import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_add_rms_linear)
+        the add and writes h, no kernel of their own (without `fused_norms()`: aten ops, then forward)."""
+        from export.kernels.int4_matmul import rms_norm_reference  # registers torch.ops.gemma4.int4_add_rms_linear
+        if not fused_norms():
+            h = x + rms_norm_reference(r, weight_r, eps)
+            return h, self.forward(rms_norm_reference(h, weight, eps))
         return torch.ops.gemma4.int4_add_rms_linear(x, r, weight_r, weight, eps, self.qweight, self.scales)
 
     def extra_repr(self) -> str:

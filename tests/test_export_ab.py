@@ -1,0 +1,30 @@
+"""scripts/export_ab.py's plumbing on the tiny CPU artifact (no GPU): two artifacts (here the same one
+twice) decoded alternately, every step's logits compared, one JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_export_ab_times_both_and_compares_their_logits(tiny_artifact, tmp_path):
+    out = tmp_path / "ab.json"
+    model = str(tiny_artifact.out_dir)
+    r = subprocess.run([sys.executable, "-m", "scripts.export_ab", "--model-a", model, "--model-b", model,
+                        "--fills", "5,9", "--steps", "3", "--rounds", "2", "--profile-fill", "0",
+                        "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc["fills"]) == {"5", "9"} and doc["switch"] == "GEMMA4_FUSED_NORMS"
+    for row in doc["fills"].values():
+        assert len(row["a_ms"]) == len(row["b_ms"]) == 2
+        assert row["bitwise_equal"] is True and row["max_abs_logit_diff"] == 0.0
+    assert "bitwise equal" in r.stdout
+
+
+def test_export_ab_wants_both_artifacts_or_none(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "scripts.export_ab", "--model-a", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--model-a and --model-b go together" in r.stderr
