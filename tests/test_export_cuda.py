@@ -266,8 +266,9 @@ def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
 
 @torch.no_grad()
 def test_reference_ops_run_every_custom_op_as_its_reference():
-    """Under ReferenceOps each gemma4 op of a model step (int4 linears, attention over an int8
-    cache, the Hadamard rotations) goes to its plain-torch reference, with the same logits."""
+    """Under ReferenceOps each gemma4 op of a model step (int4 linears, with the norms before them too,
+    attention over an int8 cache, the Hadamard rotations) goes to its plain-torch reference, with the same
+    logits."""
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
     from export.gemma4.quant import QuantRecipe, quantize_
@@ -292,8 +293,8 @@ def test_reference_ops_run_every_custom_op_as_its_reference():
     with Recording():
         got = model(tokens, pos)
     assert torch.equal(got, want)
-    assert {"gemma4.int4_linear.default", "gemma4.int4_glu_linear.default", "gemma4.attention.default",
-            "gemma4.hadamard.default"} <= set(seen)
+    assert {"gemma4.int4_linear.default", "gemma4.int4_glu_linear.default", "gemma4.int4_rms_linear.default",
+            "gemma4.int4_add_rms_linear.default", "gemma4.attention.default", "gemma4.hadamard.default"} <= set(seen)
 
 
 if __name__ == "__main__":
