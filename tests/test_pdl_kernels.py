@@ -3,7 +3,10 @@ attention's, the Hadamard op's and the MoE decode's), compiled offline for sm_90
 (no GPU): in PDL mode 2 each holds the wait, and its global loads and stores are the same
 instructions as without it. The wait's 0 is added to the pointers; written as a plain 0, Triton
 lost the pointers' alignment and the attention kernel's cp.async tile loads became 2-byte loads.
-Also: torch's mutation analysis reads the Hadamard kernel with its wait as writing its output alone."""
+Also: torch's mutation analysis reads the Hadamard kernel with its wait as writing its output alone.
+Float arguments are compiled as AOTInductor types them (fp64; Triton's own launch: fp32), and no kernel may
+then do its arithmetic in fp64: `sqrt_rn` refuses fp64 (a 31B export failed on it), and fp64 is 1/64 of
+the fp32 rate on the RTX 4090 / 5090."""
 
 from __future__ import annotations
 
@@ -25,8 +28,17 @@ _SCRIPT = textwrap.dedent("""
     from export.kernels import int4_matmul as im
     from export.kernels import moe_int4 as mo
 
+    from torch._inductor.codegen.common import SizeArg
+    from torch._inductor.codegen.triton_utils import signature_of
+
+    # the type AOTInductor gives a Python float argument of a user kernel (fp64 in torch 2.11, where
+    # Triton's own launch gives fp32): every float argument is compiled as that
+    FLOAT = signature_of(SizeArg("eps", 1e-6), size_dtype=None)
+    F64_MATH = re.compile(r"\\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|max|min|neg|abs|ex2|lg2)\\.[\\w.]*f64\\b")
+
     def compile90(fn, sig, const, warps, stages=1):
         # pointers and the ints AOTInductor would specialize as multiples of 16
+        sig = {a: FLOAT if t == "fp32" else t for a, t in sig.items()}
         names = list(fn.arg_names)
         aligned = [a for a, t in sig.items() if t.startswith("*") or a.startswith("s") or a in ("S", "H", "N", "KW")]
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
@@ -41,11 +53,13 @@ _SCRIPT = textwrap.dedent("""
         return collections.Counter(op.replace(".nc", "") for op in ops)  # PDL reads x coherently (int4_matmul)
 
     def report(name, fn, sig, const, warps, stages=1):
-        a, b = (memory_ops(compile90(fn, sig, {**const, "PDL": p}, warps, stages)) for p in (0, 2))
+        ptx = [compile90(fn, sig, {**const, "PDL": p}, warps, stages) for p in (0, 2)]
+        a, b = (memory_ops(x) for x in ptx)
         waits = b.pop("griddepcontrol.wait", 0), b.pop("griddepcontrol.launch_dependents", 0)
         same = a == b
+        f64 = sum(len(F64_MATH.findall(x)) for x in ptx)  # a float argument turned the math fp64
         print(name, "waits", waits[0], "triggers", waits[1], "without", a.get("griddepcontrol.wait", 0),
-              "same-memory-ops", same, dict(a) if not same else "", dict(b) if not same else "")
+              "same-memory-ops", same, "f64-math", f64, dict(a) if not same else "", dict(b) if not same else "")
 
     att = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KS": "*fp16", "VS": "*fp16", "POS": "*i64", "O": "*bf16",
            "MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "T": "i32", "S": "i32", "H": "i32", "WINDOW": "i32",
@@ -81,6 +95,9 @@ _SCRIPT = textwrap.dedent("""
     quant = {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32",
              "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"}
     report("quant_x", im._quant_x_kernel, quant, dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
+    # the input norm and the quantize (NORM): a layer's q / k / v
+    report("quant_x-norm", im._quant_x_kernel, {**quant, "eps": "fp32"},
+           dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=2, GLU=0, NORM=1, RES=0, NORM_STEPS=im.norm_steps(5376)), 4)
     # the residual add, the two norms before the MLP and the quantize (RES): h written after the wait too
     report("quant_x-res", im._quant_x_kernel,
            {**quant, "eps": "fp32", "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16"},
@@ -129,10 +146,11 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
+                         "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-norm", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
                          "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither
         assert int(ln[2]) >= 1 and int(ln[4]) >= 1 and ln[6] == "0", ln
         assert ln[8] == "True", " ".join(ln)  # the same loads and stores, as wide as without the wait
+        assert ln[10] == "0", " ".join(ln)  # no fp64 arithmetic from a float argument typed as AOTInductor types it
     assert "hadamard-written ['y_ptr']" in r.stdout, r.stdout

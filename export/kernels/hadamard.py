@@ -78,7 +78,7 @@ def _hadamard_kernel(x_ptr, y_ptr, n_rows, scale, D: tl.constexpr, LOG2D: tl.con
     offs = rows[:, None].to(tl.int64) * D + cols[None, :]
     ok = rows[:, None] < n_rows
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    y = fwht(x, BLOCK_R, D, LOG2D) * scale
+    y = fwht(x, BLOCK_R, D, LOG2D) * tl.cast(scale, tl.float32)  # fp32 math: AOTInductor passes a float as fp64
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 

@@ -603,6 +603,8 @@ def _squares(x_ptr, o, n, PAIRS: tl.constexpr):
 def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0, STEPS: tl.constexpr = 0):
     """1 / sqrt(mean(x^2) + eps) over x[0:K] (any float dtype), in fp32: the RMSNorm's factor
     (`rms_norm_reference`; the sum in another order than torch's, so within an ulp or two of it).
+    eps is taken as fp32: AOTInductor types a Python float argument as fp64, where Triton's launch
+    types it fp32, and `sqrt_rn` takes fp32 only.
     PAIRS: x_ptr points at bf16 pairs as int32 words (K / 2 of them). STEPS (`norm_steps`): the row in
     that many NORM_BLOCK steps, unrolled, so that their loads are in flight together (one trip to the
     L2, not one a step); 0: a loop over K."""
@@ -614,7 +616,7 @@ def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0, STEPS: tl.constexpr = 0):
     else:
         for i in range(0, n, NORM_BLOCK):
             ss += _squares(x_ptr, i + tl.arange(0, NORM_BLOCK), n, PAIRS)
-    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + eps)
+    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + tl.cast(eps, tl.float32))
 
 
 @triton.jit
@@ -645,7 +647,7 @@ def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps, STEPS: tl.constexpr =
     else:
         for i in range(0, K, NORM_BLOCK):
             ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i + tl.arange(0, NORM_BLOCK), K)
-    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + eps)
+    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + tl.cast(eps, tl.float32))
 
 
 @triton.jit

@@ -264,8 +264,9 @@ def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, 
     for s in range(0, SPLITS):  # fixed order: deterministic
         acc += tl.load(part_ptr + (s * N + n) * E + offs, mask=offs < E, other=0.0)
         ss += tl.load(ss_ptr + s * N + n + tl.arange(0, 1))
-    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_h + eps)
-    logits = tl.where(offs < E, acc * (rstd * inv_sqrt_h), float("-inf"))
+    # fp32 math: AOTInductor passes Python floats as fp64 (Triton's own launch as fp32)
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) * tl.cast(inv_h, tl.float32) + tl.cast(eps, tl.float32))
+    logits = tl.where(offs < E, acc * (rstd * tl.cast(inv_sqrt_h, tl.float32)), float("-inf"))
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
     p = tl.where(offs < E, p, -1.0)
