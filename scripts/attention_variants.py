@@ -150,7 +150,8 @@ def time_us(fn, rep):
 
 @triton.jit
 def _nothing(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
-             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr = 0, PDL: tl.constexpr = 0,
+             PART16: tl.constexpr = 0):
     """Stands in for the combine kernel to time the split kernel alone."""
     pass
 

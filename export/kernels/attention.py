@@ -104,6 +104,10 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 # 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
+# decode's partials (each share's output over its positions) in fp16 as acc / l, not fp32 acc: half of
+# the 4.3 MB the 31B full layer's 264 programs write and the combine reads. V is RMS-normed without a
+# scale in Gemma 4 (|V| <= sqrt(D)), so acc / l, a weighted mean of V's rows, stays far inside fp16
+DECODE_PARTIALS_FP16 = False
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]),
 # measured best on an H200 (scripts/prefill_variants.py, scripts/measurements/prefill_*); each fits
 # SMEM_LIMIT. head_dim 512: q . k over D chunks of DK = 64 (q re-read per block, the chunk loop
@@ -591,7 +595,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0):
+               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
+               PART16: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
@@ -744,6 +749,14 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         tl.store(MP + base, m_i, mask=ok)
         tl.store(LP + base, l_i, mask=ok)
         ok = ok & (start < end)
+        if PART16:  # the share's output acc / l in fp16 (AP is fp16): |acc / l| <= max |V|
+            inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+            acc = acc * inv_l[:, None]
+            if TWO:
+                acc2 = acc2 * inv_l[:, None]
+            if QUADS:
+                acc3 = acc3 * inv_l[:, None]
+                acc4 = acc4 * inv_l[:, None]
         tl.store(AP + base[:, None] * D + ca[None, :], acc, mask=ok[:, None])
         if TWO:
             tl.store(AP + base[:, None] * D + cb[None, :], acc2, mask=ok[:, None])
@@ -1146,11 +1159,13 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 
 @triton.jit
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
-             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0):
+             CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0,
+             PART16: tl.constexpr = 0):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
     of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
     every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
     dropped by a select, not a load mask that waits for l), one memory round trip instead of two.
+    PART16: AP holds each share's acc_s / l_s in fp16 (half the bytes), weighted by exp(m_s - m) l_s.
     PDL: it waits first thing (export/kernels/pdl.py)."""
     if PDL:
         z = pdl_wait(PDL, True)
@@ -1169,12 +1184,14 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
         lc = tl.load(LP + base + sc * G, mask=sc < NUM_SPLITS, other=0.0)
         ok = lc > 0
         w = tl.where(ok, tl.exp(tl.load(MP + base + sc * G, mask=ok, other=0.0) - m_max), 0.0)
+        if PART16:
+            w = w * lc
         if EAGER:
             a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=(sc < NUM_SPLITS)[:, None], other=0.0)
-            acc += tl.sum(tl.where(ok[:, None], a * w[:, None], 0.0), 0)
+            acc += tl.sum(tl.where(ok[:, None], a.to(tl.float32) * w[:, None], 0.0), 0)
         else:
             a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            acc += tl.sum(a * w[:, None], 0)
+            acc += tl.sum(a.to(tl.float32) * w[:, None], 0)
     tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
 
 
@@ -1200,10 +1217,14 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
     return max(1, min(target // kv_heads, triton.cdiv(slots, 16)))
 
 
-def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None):
+def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
+           part16: Optional[bool] = None, pdl_attr: bool = False):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
-    the chunk's own K/V, the cache holding the positions before it."""
+    the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
+    fp16 (DECODE_PARTIALS_FP16 by default). pdl_attr: decode's two kernels launched with the
+    programmatic-dependent-launch attribute, as the artifact's launcher launches them (direct
+    launches only: benchmarks)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1216,18 +1237,20 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                ks.stride(1) if k_scale is not None else 0, out.stride(1), out.stride(2))
     if decode:
         splits = decode_splits(S, Hkv, D, fmt)
+        part16 = DECODE_PARTIALS_FP16 if part16 is None else part16
         mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
         lp = torch.empty_like(mp)
-        ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float32)
+        ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float16 if part16 else torch.float32)
         grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
+        attr = {"launch_pdl": True} if pdl and pdl_attr else {}
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=True, PDL=pdl, **common)
+                                          SPLIT=True, PDL=pdl, PART16=int(part16), **common, **attr)
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER,
-                                          PDL=pdl)
+                                          PDL=pdl, PART16=int(part16), **attr)
     else:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
         dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)

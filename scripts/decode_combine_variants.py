@@ -1,0 +1,129 @@
+"""Decode attention's partials and launches: fp16 partials and the programmatic-dependent-launch
+attribute, on the 31B's full and sliding layers, in one GPU call (a measuring tool).
+
+    python -m scripts.decode_combine_variants [--out decode_combine_variants.json] [--rounds 3] [--rep 40]
+    python -m scripts.decode_combine_variants --smoke   # CPU: Triton's interpreter, tiny shapes, no timing
+
+Why: the 31B full layer's decode (`gemma4::attention`, export/kernels/attention.py) is the split kernel
+and `_combine`; at fill 32k with the int8 cache it reads 134.7 MB in 48 us, 66% of the copy bandwidth,
+where the same kernel's extra time from 32k to 128k runs at ~89%: ~12 us a call do not scale with the
+fill. Part of it is the combine: the 264 programs write 4.3 MB of fp32 partials (8 rows x 512 columns
+each) that the combine, a second launch, reads back. Two changes, each a switch of `attention.launch`:
+
+- `h16`: the partials as each share's output acc / l in fp16 (`DECODE_PARTIALS_FP16`), half the bytes
+  both ways; the combine weights them by exp(m_s - m) l_s.
+- `pdl`: both kernels launched with the programmatic-stream-serialization attribute, as the artifact's
+  launcher launches them (export/backends/cuda.py, `PDL_KERNELS`): the combine's launch and its first
+  instructions overlap the split kernel's tail, and the next call's split kernel the combine's. The
+  benchmarks so far launched them without it (bench_attention.py: `us` there is without).
+
+Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`: each timed as a CUDA graph of back-to-back calls
+(`triton.testing.do_bench_cudagraph`, median), the variants alternated over `--rounds` rounds (the median
+of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
+int4 caches and 1k / 32k for the sliding layer (bf16; the ring holds the window). Correctness on fresh q
+for every row: each variant against an fp32 reference over the same (dequantized) cache, and `h16`'s
+output against `op`'s. The copy bandwidth is measured in the same run. Table on stdout, JSON with
+`copy_gbps` and `rows` (`layer`, `kv_dtype`, `fill`, `bytes`, and per variant `us`,
+`fraction_of_copy_bw`, `rel_err`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {"op": dict(part16=False, pdl_attr=False), "pdl": dict(part16=False, pdl_attr=True),
+            "h16": dict(part16=True, pdl_attr=False), "h16+pdl": dict(part16=True, pdl_attr=True)}
+FULL_FILLS = (1024, 8192, 32768, 131072)
+SLIDING_FILLS = (1024, 32768)
+
+
+def layer_cases(smoke: bool):
+    """(name, Hkv, G, D, slots, window, KV dtypes, fills)."""
+    if smoke:
+        return [("tiny-full", 2, 4, 64, 256, 0, ("bf16", "int8", "int4"), (40, 256)),
+                ("tiny-sliding", 2, 2, 32, 64, 64, ("bf16",), (100,))]
+    return [("31b-full", 4, 8, 512, 131072, 0, ("bf16", "int8", "int4"), FULL_FILLS),
+            ("31b-sliding", 16, 2, 256, 1024, 1024, ("bf16",), SLIDING_FILLS)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="JSON path (default: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds per row (default %(default)s)")
+    ap.add_argument("--rep", type=int, default=40, help="do_bench_cudagraph rep in ms (default %(default)s)")
+    ap.add_argument("--smoke", action="store_true", help="Triton's interpreter on the CPU, tiny shapes, no timing")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from export.kernels import attention as A
+    from scripts import bench_attention as B
+
+    dev = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        print("decode_combine_variants: no CUDA GPU here (run with --smoke on the CPU)", file=sys.stderr)
+        return 2
+    dt = torch.float32 if args.smoke else torch.bfloat16
+    B.DEV, B.DT = dev, dt
+    torch.manual_seed(0)
+    bw = B.copy_gbps() if not args.smoke else 1.0
+    result = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (interpreter)", "copy_gbps": bw,
+              "variants": {k: v for k, v in VARIANTS.items()}, "rounds": args.rounds, "rows": []}
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    t_start = time.time()
+    for name, Hkv, G, D, S, window, kvs, fills in layer_cases(args.smoke):
+        H = Hkv * G
+        k, v = B.fill_cache(Hkv, S, D, max(fills), window)
+        quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
+        for fill in fills:
+            pos = torch.tensor([fill - 1], device=dev)
+            n = min(fill, window) if window else fill
+            for kv in kvs:
+                kk, vv, ks, vs = (k, v, None, None) if kv == "bf16" else (quant[kv][0], quant[kv][2], quant[kv][1],
+                                                                          quant[kv][3])
+                q = torch.randn(1, 1, H, D, device=dev, dtype=dt)
+                ref = B.reference(q, kk, vv, ks, vs, pos, window)
+                row = {"layer": name, "kv_dtype": kv, "fill": fill, "bytes": B.kv_bytes(Hkv, D, n, kv)}
+                fns, outs = {}, {}
+                for var, kw in VARIANTS.items():
+                    if kw["pdl_attr"] and args.smoke:
+                        continue  # no launch attribute in the interpreter
+                    fns[var] = (lambda kw=kw: A.launch(q, kk, vv, ks, vs, pos, window, True, **kw))
+                    outs[var] = fns[var]()
+                    row[f"{var}_rel_err"] = B.rel(outs[var], ref)
+                    assert torch.isfinite(outs[var]).all(), (name, kv, fill, var)
+                row["h16_vs_op"] = B.rel(outs["h16"], outs["op"])
+                if not args.smoke:
+                    times = {var: [] for var in fns}
+                    for _ in range(args.rounds):
+                        for var, fn in fns.items():
+                            times[var].append(B._time(fn, argparse.Namespace(timing="graph", rep=args.rep)) * 1e3)
+                    for var, ts in times.items():
+                        us = sorted(ts)[len(ts) // 2]
+                        row[f"{var}_us"] = us
+                        row[f"{var}_fraction_of_copy_bw"] = row["bytes"] / (us * 1e-6) / (bw * 1e9)
+                        row[f"{var}_us_rounds"] = ts
+                result["rows"].append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                               if not k.endswith("_rounds")), flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    result["seconds"] = round(time.time() - t_start, 1)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if not args.smoke:
+        print(f"\n{'layer':12} {'kv':5} {'fill':>7} " + " ".join(f"{v:>13}" for v in VARIANTS))
+        for r in result["rows"]:
+            print(f"{r['layer']:12} {r['kv_dtype']:5} {r['fill']:7d} " + " ".join(
+                f"{r[v + '_us']:6.1f} ({r[v + '_fraction_of_copy_bw']:.2f})" for v in VARIANTS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
