@@ -106,7 +106,9 @@ DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
 # decode's partials (each share's output over its positions) in fp16 as acc / l, not fp32 acc: half of
 # the 4.3 MB the 31B full layer's 264 programs write and the combine reads. V is RMS-normed without a
-# scale in Gemma 4 (|V| <= sqrt(D)), so acc / l, a weighted mean of V's rows, stays far inside fp16
+# scale in Gemma 4 (|V| <= sqrt(D)), so acc / l, a weighted mean of V's rows, stays far inside fp16.
+# Measured slower on the H200 at every fill and format (31B full layer int8 at 32k 47.7 -> 50.1 us,
+# scripts/measurements/decode_combine_variants.json): off
 DECODE_PARTIALS_FP16 = False
 # prefill (head_dim, KV format) -> (BLOCK_M, BLOCK_N, num_warps, num_stages, DV[, DK, DLOOP, VEARLY]),
 # measured best on an H200 (scripts/prefill_variants.py, scripts/measurements/prefill_*); each fits
