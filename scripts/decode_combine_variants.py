@@ -38,19 +38,8 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {"op": dict(part16=False, pdl_attr=False, prewarm=0), "pdl": dict(part16=False, pdl_attr=True, prewarm=0),
-            "h16": dict(part16=True, pdl_attr=False, prewarm=0), "h16+pdl": dict(part16=True, pdl_attr=True, prewarm=0)}
-
-
-def variants(names: str, prewarm: str) -> dict:
-    """The variants a run times: those named (comma-separated, `op` always first) and, per count n in
-    `prewarm`, `pdl+pw<n>`: `pdl` with each program asking the L2 for its share's first n blocks before
-    its wait (`attention._prewarm`)."""
-    chosen = {"op": VARIANTS["op"]}
-    chosen.update({nm: VARIANTS[nm] for nm in names.split(",") if nm and nm != "op"})
-    for n in (int(x) for x in prewarm.split(",") if x):
-        chosen[f"pdl+pw{n}"] = dict(part16=False, pdl_attr=True, prewarm=n)
-    return chosen
+VARIANTS = {"op": dict(part16=False, pdl_attr=False), "pdl": dict(part16=False, pdl_attr=True),
+            "h16": dict(part16=True, pdl_attr=False), "h16+pdl": dict(part16=True, pdl_attr=True)}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -70,11 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds per row (default %(default)s)")
     ap.add_argument("--rep", type=int, default=40, help="do_bench_cudagraph rep in ms (default %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="Triton's interpreter on the CPU, tiny shapes, no timing")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="of " + ", ".join(VARIANTS)
-                    + " (comma-separated; op always runs; default all)")
-    ap.add_argument("--prewarm", default="", help="comma-separated block counts n: adds `pdl+pw<n>` (default none)")
     args = ap.parse_args(argv)
-    chosen = variants(args.variants, args.prewarm)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     from export.kernels import attention as A
@@ -89,7 +74,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bw = B.copy_gbps() if not args.smoke else 1.0
     result = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (interpreter)", "copy_gbps": bw,
-              "variants": {k: v for k, v in chosen.items()}, "rounds": args.rounds, "rows": []}
+              "variants": {k: v for k, v in VARIANTS.items()}, "rounds": args.rounds, "rows": []}
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     t_start = time.time()
     for name, Hkv, G, D, S, window, kvs, fills in layer_cases(args.smoke):
@@ -106,16 +91,14 @@ def main(argv=None) -> int:
                 ref = B.reference(q, kk, vv, ks, vs, pos, window)
                 row = {"layer": name, "kv_dtype": kv, "fill": fill, "bytes": B.kv_bytes(Hkv, D, n, kv)}
                 fns, outs = {}, {}
-                for var, kw in chosen.items():
+                for var, kw in VARIANTS.items():
                     if kw["pdl_attr"] and args.smoke:
                         continue  # no launch attribute in the interpreter
                     fns[var] = (lambda kw=kw: A.launch(q, kk, vv, ks, vs, pos, window, True, **kw))
                     outs[var] = fns[var]()
                     row[f"{var}_rel_err"] = B.rel(outs[var], ref)
                     assert torch.isfinite(outs[var]).all(), (name, kv, fill, var)
-                for var in outs:
-                    if var != "op":
-                        row[f"{var}_vs_op"] = B.rel(outs[var], outs["op"])
+                row["h16_vs_op"] = B.rel(outs["h16"], outs["op"])
                 if not args.smoke:
                     times = {var: [] for var in fns}
                     for _ in range(args.rounds):
@@ -135,10 +118,10 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if not args.smoke:
-        print(f"\n{'layer':12} {'kv':5} {'fill':>7} " + " ".join(f"{v:>13}" for v in chosen))
+        print(f"\n{'layer':12} {'kv':5} {'fill':>7} " + " ".join(f"{v:>13}" for v in VARIANTS))
         for r in result["rows"]:
             print(f"{r['layer']:12} {r['kv_dtype']:5} {r['fill']:7d} " + " ".join(
-                f"{r[v + '_us']:6.1f} ({r[v + '_fraction_of_copy_bw']:.2f})" for v in chosen))
+                f"{r[v + '_us']:6.1f} ({r[v + '_fraction_of_copy_bw']:.2f})" for v in VARIANTS))
     return 0
 
 

@@ -65,17 +65,6 @@ DEVICE = "cpu" if _INTERPRET else "cuda"
 XDT = torch.float32 if _INTERPRET else torch.bfloat16  # (the interpreter's bf16 casts)
 GROUP = 128
 VARIANTS = {"off": (0, 0), "gemv": (0, 2), "both/start": (1, 1), "both/after": (2, 2), "graph/after": (2, 2, "graph")}
-# `--l2-steps n,..` adds "after/pw<n>": `both/after` with each GEMV program asking the L2 for n steps of
-# its weight words and scales past the first before its wait (`_gemv1_loop_q`'s PREWARM)
-
-
-def select_variants(names: str, l2_steps: str) -> dict:
-    """The variants a run compares: `off` and those named (comma-separated), then `after/pw<n>` per n."""
-    chosen = {"off": VARIANTS["off"]}
-    chosen.update({nm: VARIANTS[nm] for nm in names.split(",") if nm and nm != "off"})
-    for n in (int(x) for x in l2_steps.split(",") if x):
-        chosen[f"after/pw{n}"] = (2, 2, n)
-    return chosen
 # "graph/after": both kernels in mode 2 launched without the attribute (as AOTInductor launches them),
 # their graph's edges into them made programmatic after capture (scripts/graph_pdl.py). H200, twice
 # (gemv1_pdl_graph.json): the edited graph had capture's edge kinds for `both/after` exactly, yet timed as
@@ -96,16 +85,14 @@ def project(x, q, s, pdl, splits=None, cfg=None):
     launch attribute])."""
     n, k = q.shape[0], q.shape[1] * 2
     pc, ps, *_ = im.gemv1_plan(n, k, GROUP)
-    opts = pdl[2:]
     return im.int4_gemv1(x, q, s, ps if splits is None else splits, kernel=im._gemv1_kernel(cfg or pc),
-                         pdl_quant=pdl[0], pdl_gemv=pdl[1], pdl_attr="graph" not in opts,
-                         prewarm=next((o for o in opts if isinstance(o, int)), 0))
+                         pdl_quant=pdl[0], pdl_gemv=pdl[1], pdl_attr=len(pdl) < 3)
 
 
 def graph_edit(pdl):
     """What a capture of these PDL modes needs before it is instantiated: for "graph" variants, the
     edges into the quantize kernels and GEMVs made programmatic; else nothing."""
-    if "graph" not in pdl[2:]:
+    if len(pdl) < 3:
         return None
     from scripts.graph_pdl import make_programmatic
     return lambda graph: make_programmatic(graph, PDL_KERNELS)
@@ -394,7 +381,6 @@ def shapes_31b() -> dict:
 
 
 def main(argv=None) -> int:
-    global VARIANTS  # --variants / --l2-steps choose them
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("gemv1_pdl_variants.json"))
     ap.add_argument("--budget", type=float, default=90.0, help="seconds; what is left when it runs out is skipped")
@@ -404,11 +390,7 @@ def main(argv=None) -> int:
                     + ": these graphs and their projections' shapes only")
     ap.add_argument("--smoke", action="store_true", help="this run in Triton's interpreter on tiny shapes")
     ap.add_argument("--sass", action="store_true", help="offline: compile for sm_90, hashes and the order of loads")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="of " + ", ".join(VARIANTS)
-                    + " (comma-separated; off always runs; default all)")
-    ap.add_argument("--l2-steps", default="", help="comma-separated step counts n: adds `after/pw<n>` (default none)")
     a = ap.parse_args(argv)
-    VARIANTS = select_variants(a.variants, a.l2_steps)
     if a.sass:
         return sass_report(a.out)
     if a.smoke and not _INTERPRET:

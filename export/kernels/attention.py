@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from export.kernels.pdl import op_pdl_mode, pdl_wait, pdl_wait_after, prefetch_l2
+from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
 # decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
@@ -95,10 +95,6 @@ DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
                       (512, 1): {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2},
                       (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
-# decode with PDL (sm_90+): (head_dim, KV format) -> blocks of its share each program asks the L2 for
-# before its wait (`_prewarm`), while the kernel before it (q / k / v's norms, RoPE, cache writes) runs
-# and the HBM idles; 0 where not listed
-DECODE_PREWARM: dict = {}
 # decode's two kernels wait on the grid before them (export/kernels/pdl.py) on sm_90+: the artifact's
 # launcher gives these the programmatic-stream-serialization attribute (export/backends/cuda.py)
 PDL_KERNELS = ("_attn_body", "_combine")
@@ -595,10 +591,28 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
 
 
 @triton.jit
-def _share(POS, pid_s, pid_m, T, WINDOW, NUM_SPLITS, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Decode's share of program (pid_s, pid_m): (pos0, start, end), the positions [start, end) of
-    the visible range [lo, hi] its rows read, in whole BLOCK_N blocks."""
+def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
+               sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
+               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
+               SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
+               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
+               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
+               PART16: tl.constexpr = 0):
+    if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
+        z = pdl_wait(PDL, not INTERPRET)
+        Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
+        O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    kvh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    g = rows % G
+    row_ok = t < T
+    head = kvh * G + g
     pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
+    qpos = pos0 + t
     t_lo = (pid_m * BLOCK_M) // G
     t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
     hi = pos0 + t_hi  # last position any row of this block sees (inclusive)
@@ -607,58 +621,6 @@ def _share(POS, pid_s, pid_m, T, WINDOW, NUM_SPLITS, G: tl.constexpr, BLOCK_M: t
     share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per share
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
-    return pos0, start, end
-
-
-@triton.jit
-def _prewarm(K, V, KS, VS, kvh, start, end, S, skh, sks, svh, svs, ssh, D: tl.constexpr, KV_FMT: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
-    """Asks the L2 for the first BLOCKS blocks of a decode share [start, end) (K and V rows, the
-    scales of a quantized cache) before the wait: positions before this step's were written by
-    earlier steps, and the one this step writes is read again after the wait anyway (a prefetch
-    moves nothing into registers; the L2 is where the write lands). Returns `prefetch_l2`'s 0."""
-    ROW: tl.constexpr = D // 2 if KV_FMT == 2 else D  # stored elements a position
-    LINE: tl.constexpr = 128 // (K.dtype.element_ty.primitive_bitwidth // 8)  # elements a 128-byte line
-    LINES: tl.constexpr = (ROW + LINE - 1) // LINE
-    p = start + tl.arange(0, BLOCKS * BLOCK_N)
-    ok = p < end
-    slot = p % S
-    c = tl.arange(0, LINES) * LINE
-    r = prefetch_l2(K + kvh * skh + slot[:, None] * sks + c[None, :], ok[:, None], True)
-    r += prefetch_l2(V + kvh * svh + slot[:, None] * svs + c[None, :], ok[:, None], True)
-    if KV_FMT != 0:
-        r += prefetch_l2(KS + kvh * ssh + slot, ok, True) + prefetch_l2(VS + kvh * ssh + slot, ok, True)
-    return r
-
-
-@triton.jit
-def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
-               sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
-               G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
-               SPLIT: tl.constexpr, FP32: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
-               KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
-               TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
-               PART16: tl.constexpr = 0, PREWARM: tl.constexpr = 0):
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    kvh = tl.program_id(2)
-    if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
-        if PREWARM and not INTERPRET:  # the share's first blocks asked of the L2 while the kernel before runs
-            _, start, end = _share(POS, pid_s, pid_m, T, WINDOW, NUM_SPLITS, G, BLOCK_M, BLOCK_N)
-            dep = _prewarm(K, V, KS, VS, kvh, start, end, S, skh, sks, svh, svs, ssh, D, KV_FMT, BLOCK_N, PREWARM)
-            z = pdl_wait_after(dep, PDL, True)
-        else:
-            z = pdl_wait(PDL, not INTERPRET)
-        Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
-        O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    t = rows // G
-    g = rows % G
-    row_ok = t < T
-    head = kvh * G + g
-    pos0, start, end = _share(POS, pid_s, pid_m, T, WINDOW, NUM_SPLITS, G, BLOCK_M, BLOCK_N)
-    qpos = pos0 + t
 
     dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
@@ -1258,14 +1220,13 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
-           part16: Optional[bool] = None, pdl_attr: bool = False, prewarm: Optional[int] = None):
+           part16: Optional[bool] = None, pdl_attr: bool = False):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
     fp16 (DECODE_PARTIALS_FP16 by default). pdl_attr: decode's two kernels launched with the
     programmatic-dependent-launch attribute, as the artifact's launcher launches them (direct
-    launches only: benchmarks). prewarm: decode's blocks asked of the L2 before the wait (DECODE_PREWARM's
-    by default; with PDL only)."""
+    launches only: benchmarks)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1285,9 +1246,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         attr = {"launch_pdl": True} if pdl and pdl_attr else {}
-        prewarm = (DECODE_PREWARM.get((D, fmt), 0) if prewarm is None else prewarm) if pdl else 0
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=True, PDL=pdl, PART16=int(part16), PREWARM=prewarm, **common, **attr)
+                                          SPLIT=True, PDL=pdl, PART16=int(part16), **common, **attr)
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,

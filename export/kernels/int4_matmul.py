@@ -79,7 +79,7 @@ from torch.library import triton_op, wrap_triton
 
 from export.kernels.pdl import op_pdl_mode
 from export.kernels.pdl import pdl_args as _pdl_args
-from export.kernels.pdl import pdl_wait, pdl_wait_after, prefetch_l2
+from export.kernels.pdl import pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
@@ -122,9 +122,6 @@ GEMV1_LEVELS = 2
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
 PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
-# M == 1 with PDL: steps of weight words and scales past the first that each GEMV program asks the L2 for
-# before its wait (`_gemv1_loop_q`'s PREWARM), while the quantize kernel before it runs and the HBM idles
-GEMV1_PREWARM = 0
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -539,15 +536,13 @@ def _gemv1_scale(p, ok, ASM: tl.constexpr):
 @triton.jit
 def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, stride_ww, stride_sn,
                   WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
-                  LEVELS: tl.constexpr = 2, PREWARM: tl.constexpr = 0):
+                  LEVELS: tl.constexpr = 2):
     """The XQ kernel's sums [BLOCK_N] over its columns (`_int4_gemv1_kernel`: start / hi [1, C, 1]
     the first and end words of each column's run) with `_gemv1_tile_lanes`: each step's words
     and scales load one step ahead, x's levels too; no masked load (rows past N read row N - 1,
     words past a run the row's last group, and the scale of such a group is 0), the scales
     through PTX (`_ld_u16`): nothing in the loop takes another layout than the words'.
-    PDL: the first words and scales (constants) load before `pdl_wait`, x's levels after it; with
-    PREWARM the L2 is asked for the next PREWARM steps' words and scales too (`prefetch_l2`), while the
-    quantize kernel before it runs."""
+    PDL: the first words and scales (constants) load before `pdl_wait`, x's levels after it."""
     L: tl.constexpr = WORDS // 4
     XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`): 16-byte aligned
     lane = tl.arange(0, WORDS)[None, None, :]
@@ -559,15 +554,7 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
     gc = tl.minimum(start // WORDS, last) * WORDS  # a multiple of WORDS: 16-byte loads
     w = tl.load(rows + (gc + lane))
     s = _gemv1_scale(srows + gc // WORDS, n_ok & (start < hi), ASM)
-    if PDL and PREWARM:  # the next steps asked of the L2 before the wait
-        dep = 0
-        for j in tl.static_range(1, PREWARM + 1):
-            gj = tl.minimum((start + j * STEP) // WORDS, last) * WORDS
-            okj = n_ok & (start + j * STEP < hi)
-            dep += prefetch_l2(rows + gj, okj, ASM) + prefetch_l2(srows + gj // WORDS, okj, ASM)
-        z = pdl_wait_after(dep, PDL, ASM)
-        xq, xf, xc = xq + z, xf + z, xc + z
-    elif PDL:
+    if PDL:
         z = pdl_wait(PDL, ASM)
         xq, xf, xc = xq + z, xf + z, xc + z
     he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL, LEVELS)
@@ -781,7 +768,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, PREWARM: tl.constexpr = 0):
+                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -815,9 +802,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     x's planes, x to within max|x| / 254 per group).
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
-    XQ loop loads its first weight tile and scales while the kernel before it finishes (and asks the L2
-    for PREWARM more steps' of them), then waits and reads x; the other paths wait first thing. Every
-    global write comes after the wait."""
+    XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
+    and reads x; the other paths wait first thing. Every global write comes after the wait."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
@@ -834,7 +820,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     if XQ and (PARTS == 1 or DEPTH == 0):  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH 0 asks
         # for it with K parts too, where DEPTH >= 1 takes `_gemv1_tile_q`)
         val = _gemv1_loop_q(x_ptr.to(tl.pointer_type(tl.int32)), xf_ptr, xc_ptr, w_ptr, s_ptr, offs_n, N, KW, start,
-                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS, PREWARM)
+                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS)
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         tl.static_assert(not ((GLU or NORM) and XQ), "with x as levels the quantize kernel computes the GLU / norm")
@@ -1293,7 +1279,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-               res: tuple | None = None, prewarm: int | None = None):
+               res: tuple | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1306,7 +1292,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     by the quantize kernel (with bf16 x, by the GEMV as it loads x). norm (weight [K] in x2's dtype, eps):
     the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
     norm and x as levels only: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel
-    also writes to h. prewarm: GEMV1_PREWARM by default (steps asked of the L2 before the wait; PDL only)."""
+    also writes to h."""
     assert res is None or (norm is not None and (GEMV1_XQ if xq is None else xq))
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
@@ -1328,8 +1314,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels,
         GLU=int(up is not None and not xq), NORM=int(norm is not None and not xq),
         eps=float(norm[1]) if norm is not None and not xq else 0.0,
-        NORM_STEPS=norm_steps(K // 2) if norm is not None and not xq else 0,
-        PREWARM=(GEMV1_PREWARM if prewarm is None else prewarm) if pdl_gemv else 0, **_pdl_args(pdl_gemv, pdl_attr))
+        NORM_STEPS=norm_steps(K // 2) if norm is not None and not xq else 0, **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)

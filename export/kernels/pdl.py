@@ -7,11 +7,7 @@ finished and its writes are visible. In a CUDA graph the launch becomes a progra
 kernel does before its wait (index math, loads of constants such as weights) overlaps the kernel
 before it, and its launch latency hides behind that kernel's tail.
 
-- `pdl_wait` is the wait (and the trigger that lets the next kernel start) for a kernel of ours;
-  `pdl_wait_after` the same once a value is ready (the L2 requests of `prefetch_l2` before it).
-- `prefetch_l2` asks the L2 for lines a kernel will read after its wait (bytes no kernel of the
-  step writes, e.g. weights, or a cache's older positions): the kernel before it rarely keeps the
-  HBM busy, so the transfer is free while the wait blocks.
+- `pdl_wait` is the wait (and the trigger that lets the next kernel start) for a kernel of ours.
 - `op_pdl_mode` is the mode an op compiles its kernels in on a device: 2 on sm_90+ (the H200, the
   RTX 5090), 0 elsewhere (the RTX 4090, CPU, the interpreter).
 - `pdl_args` are a launch's arguments.
@@ -58,36 +54,6 @@ def pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
         # times 64: Triton's alignment analysis then reads the offset as a multiple of 64, so a
         # pointer plus it keeps the 16-byte alignment its vector loads need
         zero = tl.inline_asm_elementwise(ptx, "=r", [], dtype=tl.int32, is_pure=True, pack=1) * 64
-    return zero
-
-
-@triton.jit
-def pdl_wait_after(dep, PDL: tl.constexpr, ASM: tl.constexpr):
-    """`pdl_wait`, issued after `dep` (an int32 scalar, e.g. `prefetch_l2`'s 0) is computed: a block
-    without inputs may be scheduled before the instructions it should follow. Returns the same 0
-    (times 64) for the accesses after the wait."""
-    zero = dep * 0
-    if PDL and ASM:
-        if PDL == 1:
-            ptx: tl.constexpr = "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.b32 $0, 0;"
-        else:
-            ptx: tl.constexpr = "griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, 0;"
-        zero = tl.inline_asm_elementwise(ptx, "=r,r", [dep], dtype=tl.int32, is_pure=True, pack=1) * 64
-    return zero
-
-
-@triton.jit
-def prefetch_l2(ptrs, mask, ASM: tl.constexpr):
-    """Asks the L2 for the 128-byte line of each pointer where mask holds (`prefetch.global.L2`,
-    `::evict_last`: fire and forget, nothing comes back to the registers) and returns an int32 0, the
-    sum of the blocks' results, for `pdl_wait_after`: the blocks are pure (torch's mutation analysis,
-    see `pdl_wait`), so only a use of their results keeps them. Not in the interpreter: 0."""
-    zero = 0
-    if ASM:
-        r = tl.inline_asm_elementwise(
-            "{ .reg .pred q; setp.ne.b32 q, $2, 0; @q prefetch.global.L2::evict_last [$1]; mov.b32 $0, 0; }",
-            "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
-        zero = tl.sum(tl.reshape(r, [r.numel]), 0)
     return zero
 
 
