@@ -151,8 +151,25 @@ fused_norms)  # the norms in the int4 op's kernels against aten norms: the ops' 
   timeout 420 python -m scripts.export_ab --switch GEMMA4_FUSED_NORMS --a 0 --b 1 --workdir /tmp/ab \
       --json "$OUT/fused_norms_31b.json" 2>&1 | tail -8
   ;;
+slice_profiles)  # where a small variant's decode step goes: the 26B-A4B and E2B 2-layer slices exported side by side,
+  # each kernel's own time (PDL off), then the 26B-A4B slice with PDL on, off and on all but the MoE kernels (~6 min)
+  for v in 26b-a4b e2b; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v TORCHINDUCTOR_COMPILE_THREADS=7 \
+    timeout 300 python -m export.gemma4 --preset $v --layers 2 --ctx 8192 --kv-dtype int4 --embedding-quant int8 \
+        --low-memory --device cuda --no-autotune --prefill-chunk 512 --out /tmp/p_$v > "$OUT/export_$v.log" 2>&1 &
+    sleep 1
+  done
+  wait
+  for v in 26b-a4b e2b; do
+    echo "== $v"; tail -2 "$OUT/export_$v.log"
+    GEMMA4_PDL_OFF=1 timeout 60 python -m scripts.profile_decode --model /tmp/p_$v --fill 1024 --steps 24 \
+        --json "$OUT/profile_${v}_2l.json" 2>&1 | tail -24
+  done
+  timeout 120 python -m scripts.pdl_ab --model /tmp/p_26b-a4b --fills 1024 --steps 48 \
+      --only _quant_x,_int4_gemv1,_attn_body,_combine,_hadamard,triton_ --json "$OUT/pdl_ab_26b_2l.json" 2>&1 | tail -10
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles" >&2; exit 2 ;;
 esac
