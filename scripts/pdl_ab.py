@@ -1,7 +1,7 @@
 """Programmatic dependent launch on and off for one artifact: the same `.so`, the same inputs, one
 process each (a measuring tool, one GPU call).
 
-    python -m scripts.pdl_ab --model DIR [--fills 1024,32768] [--steps 64] [--only PREFIXES] [--json out.json]
+    python -m scripts.pdl_ab --model DIR [--fills 1024,32768] [--steps 64] [--only PREFIXES ...] [--json out.json]
 
 Why: on sm_90+ the kernels named by export/backends/cuda.py's `waiting_kernels` (the int4 op's
 M == 1 kernels, decode attention, the Hadamard rotation, Inductor's pointwise and reduction kernels)
@@ -18,7 +18,9 @@ to each fill with fixed random ids, then `--steps` greedy decode steps, each ste
 events around the replay (median), every step's logits kept. The parent runs four children
 (off, on, off, on: drift shows between a mode's two runs; six with `--only`: off, only, on, twice),
 compares every run with the first, and writes one JSON with each mode's two medians per fill
-(`off_ms`, `on_ms`, and `only_ms` with `--only`), `bitwise_equal`, and the worst logits difference.
+(`off_ms`, `on_ms`, and `only_ms` with one `--only`), `bitwise_equal`, and the worst logits difference.
+`--only` given more than once: a mode for each set (two runs each, alternated with the others), their
+medians under `only_sets_ms` per fill (the sets under `only_sets`), to find which kernels gain or lose from the attribute.
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="an artifact exported for CUDA on an sm_90+ GPU")
     p.add_argument("--fills", default="1024,32768", help="prompt lengths to decode after (comma-separated)")
     p.add_argument("--steps", type=int, default=64, help="greedy decode steps per fill")
-    p.add_argument("--only", help="a third mode: the attribute for the waiting kernels whose names start with "
-                                  "one of these comma-separated prefixes alone (e.g. _quant_x_kernel,_int4_gemv1_kernel)")
+    p.add_argument("--only", action="append", default=[],
+                   help="a third mode: the attribute for the waiting kernels whose names start with one of these "
+                        "comma-separated prefixes alone (e.g. _quant_x_kernel,_int4_gemv1_kernel); more than once: "
+                        "a mode for each set")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        modes = ("off", "only", "on") if a.only else ("off", "on")
+        only_names = [f"only{i}" if i else "only" for i in range(len(a.only))]
+        modes = ("off", *only_names, "on")
         for name in modes + tuple(m + "2" for m in modes):  # alternated: drift shows as on / on2 or off / off2 apart
             env = dict(os.environ)
             env.pop(PDL_OFF_ENV, None)
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
             if name.startswith("off"):
                 env[PDL_OFF_ENV] = "1"
             elif name.startswith("only"):
-                env[PDL_ONLY_ENV] = a.only
+                env[PDL_ONLY_ENV] = a.only[only_names.index(name.removesuffix("2"))]
             out = os.path.join(tmp, name + ".json")
             r = subprocess.run([sys.executable, "-m", "scripts.pdl_ab", "--model", a.model, "--fills", a.fills,
                                 "--steps", str(a.steps), "--child", out], env=env, capture_output=True, text=True)
@@ -107,9 +112,13 @@ def main(argv=None) -> int:
                 return 1
             runs[name] = (json.loads(Path(out).read_text()), torch.load(out + ".pt"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    doc = {"model": a.model, "steps": a.steps, "device": device, "only": a.only, "fills": {}}
+    doc = {"model": a.model, "steps": a.steps, "device": device, "fills": {}}
+    if len(a.only) == 1:
+        doc["only"] = a.only[0]
+    elif a.only:
+        doc["only_sets"] = a.only
     ok = True
-    print(f"{'fill':>7} {'off ms':>8}{' only ms' if a.only else ''} {'on ms':>8} {'change':>8}  "
+    print(f"{'fill':>7} {'off ms':>8}{''.join(f' {n:>8}' for n in only_names)} {'on ms':>8} {'change':>8}  "
           "bitwise (logits and tokens, every step)")
     for f in map(str, fills):
         same = all(torch.equal(runs[n][1][f], runs["off"][1][f]) and runs[n][0][f]["tokens"] == runs["off"][0][f]["tokens"]
@@ -119,9 +128,12 @@ def main(argv=None) -> int:
         on = [runs[n][0][f]["median_ms"] for n in ("on", "on2")]
         doc["fills"][f] = {"off_ms": off, "on_ms": on, "bitwise_equal": same, "max_abs_logit_diff": worst}
         only = ""
-        if a.only:
-            doc["fills"][f]["only_ms"] = [runs[n][0][f]["median_ms"] for n in ("only", "only2")]
-            only = f" {min(doc['fills'][f]['only_ms']):8.3f}"
+        sets = [[runs[n][0][f]["median_ms"] for n in (m, m + "2")] for m in only_names]
+        if len(sets) == 1:
+            doc["fills"][f]["only_ms"] = sets[0]
+        elif sets:
+            doc["fills"][f]["only_sets_ms"] = sets
+        only = "".join(f" {min(t):8.3f}" for t in sets)
         ok = ok and same
         print(f"{f:>7} {min(off):8.3f}{only} {min(on):8.3f} {min(on) - min(off):+8.3f}  {same} (max |diff| {worst:.2e})")
     doc["bitwise_equal"] = ok
