@@ -29,8 +29,8 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   packed rows as int32 words (16-byte loads, GROUPS whole groups per step, the next step's
   tiles loaded before this one is used) and turn each nibble into a float with one lop3 and
   meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe. On sm_90+ the
-  routing's and the decode's kernels wait on the grid before them (`PDL_KERNELS`, programmatic
-  dependent launch: export/kernels/pdl.py).
+  routing's and the decode's kernels are compiled to wait on the grid before them, but launched
+  without programmatic dependent launch (`PDL_KERNELS`: measured slower with it).
 - prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
   entries per expert and writes them grouped by expert (a stable counting sort) and the
   per-expert row offsets; `_grouped_kernel` runs one TILE-row tile of one expert per program
@@ -65,12 +65,15 @@ from export.kernels.pdl import op_pdl_mode, pdl_wait
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 ALIGN_BLOCK = 128  # entries per step of the counting sort
 ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
-# a decode step's MoE kernels wait on the grid before them (export/kernels/pdl.py) on sm_90+: the
-# artifact's launcher gives these the programmatic-stream-serialization attribute (export/backends/cuda.py).
-# Each waits first thing: the expert kernels' weight addresses come from the routing's idx. The
-# prefill's grouped kernels (`_align_kernel`, `_grouped_kernel`) launch as before
-PDL_KERNELS = ("_route_logits_kernel", "_route_topk_kernel", "_gemv_words_gate_up_kernel", "_gemv_words_down_kernel",
-               "_sum_slices_kernel")
+# a decode step's MoE kernels are compiled to wait on the grid before them (export/kernels/pdl.py) on
+# sm_90+, first thing (the expert kernels' weight addresses come from the routing's idx), but the
+# artifact's launcher gives none of them the programmatic-stream-serialization attribute (export/backends/
+# cuda.py), so each wait returns at once. H200, the 26B-A4B 2-layer slice's CUDA-graph decode step at fill
+# 1k (scripts/pdl_ab.py, one .so, bitwise the same logits): 0.317 ms with the attribute for every waiting
+# kernel but these, 0.319 / 0.318 / 0.317 with it for the down / sum / gate_up kernels too, 0.394 with it
+# for the two routing kernels (the whole model 2.74 -> 3.79 ms a token with the attribute for all five);
+# scripts/measurements/pdl_ab_26b_sets.json. A name listed here gets the attribute.
+PDL_KERNELS: tuple[str, ...] = ()
 
 
 # ---- layout helpers -------------------------------------------------------------------------
