@@ -63,18 +63,6 @@ def test_fake_shape_and_shape_check():
                                      torch.zeros(4, 4, dtype=torch.bfloat16))
 
 
-def test_quant_x_pdl_mode_switch(monkeypatch):
-    """The quantize kernel's PDL mode: none where the op has none, 2 by default, the switch's 1 or 2,
-    and a bad value named."""
-    monkeypatch.delenv(im.QUANT_X_PDL_ENV, raising=False)
-    assert im.quant_x_pdl_mode(0) == 0 and im.quant_x_pdl_mode(2) == 2
-    monkeypatch.setenv(im.QUANT_X_PDL_ENV, "1")
-    assert im.quant_x_pdl_mode(2) == 1 and im.quant_x_pdl_mode(0) == 0
-    monkeypatch.setenv(im.QUANT_X_PDL_ENV, "3")
-    with pytest.raises(ValueError, match=im.QUANT_X_PDL_ENV):
-        im.quant_x_pdl_mode(2)
-
-
 def test_every_config_fits_consumer_shared_memory():
     for cfg in im.GEMV1_CONFIGS + im.GEMV_CONFIGS + im.GEMM_CONFIGS:
         assert im.config_smem_bytes(cfg, group_size=32) <= im.SMEM_LIMIT_BYTES, cfg

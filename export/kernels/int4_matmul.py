@@ -122,13 +122,6 @@ GEMV1_LEVELS = 2
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
 PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
-# the quantize kernel's PDL mode where the op compiles it with one (the GEMV's is 2): 2 lets its GEMV's
-# programs start once its own have passed their wait, 1 at its start, while the kernel before it (often
-# the GEMV before) still runs, so the next GEMV's first weight tiles load in that kernel's tail. The GEMV
-# reads what the quantize kernel writes only after its own wait, which returns once the quantize kernel
-# (and so the kernel it waited on) has finished. An A/B switch in an exporting process
-# (scripts/export_ab.py --switch GEMMA4_QUANT_X_PDL --a 2 --b 1)
-QUANT_X_PDL_ENV = "GEMMA4_QUANT_X_PDL"
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -1437,19 +1430,7 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                      levels=plan.levels, pdl_quant=quant_x_pdl_mode(pdl), pdl_gemv=pdl, pdl_attr=False, up=up,
-                      norm=norm, res=res)
-
-
-def quant_x_pdl_mode(pdl: int) -> int:
-    """The quantize kernel's PDL mode in the op, given the op's (`op_pdl_mode`): 0 stays 0; else
-    QUANT_X_PDL_ENV's 1 or 2 where set, 2 otherwise."""
-    if not pdl:
-        return 0
-    mode = os.environ.get(QUANT_X_PDL_ENV, "2")
-    if mode not in ("1", "2"):
-        raise ValueError(f"{QUANT_X_PDL_ENV}={mode!r}: 1 or 2")
-    return int(mode)
+                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm, res=res)
 
 
 @triton_op("gemma4::int4_linear", mutates_args={})
