@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from export.kernels.pdl import op_pdl_mode, pdl_wait
+from export.kernels.pdl import late_pdl_mode, op_pdl_mode, pdl_trigger, pdl_wait
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
 # decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
@@ -745,6 +745,9 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         ca = tl.arange(0, D)
         cb = ca
     TWO: tl.constexpr = PLANES or VSPLIT == 2 or QUADS
+    if PDL == 3:  # the combine may start now, its programs not parked beside the loop
+        zt = pdl_trigger(tl.max(l_i.to(tl.int32, bitcast=True), 0), not INTERPRET)
+        O, MP, LP, AP = O + zt, MP + zt, LP + zt, AP + zt
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
         base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok
@@ -1247,7 +1250,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         attr = {"launch_pdl": True} if pdl and pdl_attr else {}
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=True, PDL=pdl, PART16=int(part16), **common, **attr)
+                                          SPLIT=True, PDL=late_pdl_mode(pdl), PART16=int(part16), **common, **attr)
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,

@@ -35,7 +35,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs n
 def pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
     """`griddepcontrol.wait`, from which on the kernels before this one have finished and their writes
     are visible, and `griddepcontrol.launch_dependents` (the next kernel's programs may start) before
-    the wait (PDL 1) or after it (PDL 2). PDL 0 or ASM off: nothing.
+    the wait (PDL 1) or after it (PDL 2); PDL 3: the wait alone, the kernel triggers later
+    (`pdl_trigger`). PDL 0 or ASM off: nothing.
 
     Returns an int32 0 that every access which must follow the wait adds to its pointer (every read
     of what kernels before wrote, every write). The PTX is one pure inline-asm block: torch's mutation
@@ -49,12 +50,40 @@ def pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
     if PDL and ASM:
         if PDL == 1:
             ptx: tl.constexpr = "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.b32 $0, 0;"
+        elif PDL == 3:  # the trigger comes later (`pdl_trigger`)
+            ptx: tl.constexpr = "griddepcontrol.wait; mov.b32 $0, 0;"
         else:
             ptx: tl.constexpr = "griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, 0;"
         # times 64: Triton's alignment analysis then reads the offset as a multiple of 64, so a
         # pointer plus it keeps the 16-byte alignment its vector loads need
         zero = tl.inline_asm_elementwise(ptx, "=r", [], dtype=tl.int32, is_pure=True, pack=1) * 64
     return zero
+
+
+@triton.jit
+def pdl_trigger(dep, ASM: tl.constexpr):
+    """`griddepcontrol.launch_dependents` once `dep` is computed (an int32 scalar the kernel's results
+    depend on, e.g. a bitcast max of them): the next kernel's programs may then start, not earlier,
+    so they do not sit at their wait beside this kernel's main loop (PDL mode 3). Returns an int32 0
+    (times 64, as `pdl_wait`'s) that the writes after it add to their pointers: the one pure asm
+    block then can neither move above `dep` nor be dropped. ASM off: nothing."""
+    zero = 0
+    if ASM:
+        zero = tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.b32 $0, 0;", "=r,r", [dep],
+                                         dtype=tl.int32, is_pure=True, pack=1) * 64
+    return zero
+
+
+def late_pdl_mode(pdl: int) -> int:
+    """The mode of a kernel that can trigger after its main loop (`pdl_trigger`): 3 where PDL_LATE_ENV
+    is "1" in the exporting process and the op has PDL at all, else `pdl`. An A/B switch
+    (scripts/export_ab.py --switch GEMMA4_PDL_LATE --a 0 --b 1)."""
+    if pdl and os.environ.get(PDL_LATE_ENV, "0") == "1":
+        return 3
+    return pdl
+
+
+PDL_LATE_ENV = "GEMMA4_PDL_LATE"
 
 
 def pdl_args(pdl: int, attr: bool = True) -> dict:
