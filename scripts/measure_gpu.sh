@@ -168,8 +168,13 @@ slice_profiles)  # where a small variant's decode step goes: the 26B-A4B and E2B
   timeout 120 python -m scripts.pdl_ab --model /tmp/p_26b-a4b --fills 1024 --steps 48 \
       --only _quant_x,_int4_gemv1,_attn_body,_combine,_hadamard,triton_ --json "$OUT/pdl_ab_26b_2l.json" 2>&1 | tail -10
   ;;
+pdl_late)  # the M == 1 GEMV and decode attention triggering the next kernel after their main loop (PDL mode 3)
+  # against today's trigger at their start: the 31B 12-layer slice exported both ways side by side (~5 min)
+  timeout 560 python -m scripts.export_ab --switch GEMMA4_PDL_LATE --a 0 --b 1 --workdir /tmp/ab --fills 1024,32768 \
+      --json "$OUT/pdl_late_31b.json" 2>&1 | tail -8
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_late" >&2; exit 2 ;;
 esac

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from export.kernels.pdl import late_pdl_mode, op_pdl_mode, pdl_trigger, pdl_wait
+from export.kernels.pdl import late_pdl_mode, op_pdl_mode, or_bits, pdl_trigger, pdl_wait
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
 # decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
@@ -746,8 +746,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         cb = ca
     TWO: tl.constexpr = PLANES or VSPLIT == 2 or QUADS
     if PDL == 3:  # the combine may start now, its programs not parked beside the loop
-        zt = pdl_trigger(tl.max(l_i.to(tl.int32, bitcast=True), 0), not INTERPRET)
-        O, MP, LP, AP = O + zt, MP + zt, LP + zt, AP + zt
+        l_i = or_bits(l_i, pdl_trigger(tl.max(l_i.to(tl.int32, bitcast=True), 0), not INTERPRET))
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
         base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok

@@ -65,13 +65,21 @@ def pdl_trigger(dep, ASM: tl.constexpr):
     """`griddepcontrol.launch_dependents` once `dep` is computed (an int32 scalar the kernel's results
     depend on, e.g. a bitcast max of them): the next kernel's programs may then start, not earlier,
     so they do not sit at their wait beside this kernel's main loop (PDL mode 3). Returns an int32 0
-    (times 64, as `pdl_wait`'s) that the writes after it add to their pointers: the one pure asm
-    block then can neither move above `dep` nor be dropped. ASM off: nothing."""
+    that the kernel ORs into the bits of a value it writes (`or_bits`): the one pure asm block then
+    can neither move above `dep` nor be dropped. Not into a pointer: torch's mutation analysis takes
+    every argument that reaches a store's address as written, and `dep` reaches them all. ASM off:
+    nothing."""
     zero = 0
     if ASM:
         zero = tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.b32 $0, 0;", "=r,r", [dep],
-                                         dtype=tl.int32, is_pure=True, pack=1) * 64
+                                         dtype=tl.int32, is_pure=True, pack=1)
     return zero
+
+
+@triton.jit
+def or_bits(x, z):
+    """fp32 x with the int32 z ORed into its bits: x itself, bit for bit, where z is `pdl_trigger`'s 0."""
+    return (x.to(tl.int32, bitcast=True) | z).to(tl.float32, bitcast=True)
 
 
 def late_pdl_mode(pdl: int) -> int:
