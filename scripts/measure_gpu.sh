@@ -173,8 +173,24 @@ pdl_late)  # the M == 1 GEMV and decode attention triggering the next kernel aft
   timeout 560 python -m scripts.export_ab --switch GEMMA4_PDL_LATE --a 0 --b 1 --workdir /tmp/ab --fills 1024,32768 \
       --json "$OUT/pdl_late_31b.json" 2>&1 | tail -8
   ;;
+pdl_sets)  # which kernel families gain or lose from programmatic dependent launch on the small variants: the E2B
+  # and E4B 2-layer slices exported side by side, then pdl_ab with each family left out in turn (~6 min)
+  for v in e2b e4b; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v TORCHINDUCTOR_COMPILE_THREADS=7 \
+    timeout 300 python -m export.gemma4 --preset $v --layers 2 --ctx 8192 --kv-dtype int4 --embedding-quant int8 \
+        --low-memory --device cuda --no-autotune --prefill-chunk 512 --out /tmp/p_$v > "$OUT/export_$v.log" 2>&1 &
+    sleep 1
+  done
+  wait
+  G=_quant_x,_int4_gemv1; A=_attn_body,_combine; H=_hadamard; I=triton_
+  for v in e2b e4b; do
+    echo "== $v"; tail -1 "$OUT/export_$v.log"
+    timeout 150 python -m scripts.pdl_ab --model /tmp/p_$v --fills 1024 --steps 48 --only $A,$H,$I --only $G,$H,$I \
+        --only $G,$A,$I --only $G,$A,$H --json "$OUT/pdl_sets_${v}_2l.json" 2>&1 | tail -3
+  done
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_late" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_late|pdl_sets" >&2; exit 2 ;;
 esac
