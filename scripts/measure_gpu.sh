@@ -171,9 +171,9 @@ slice_profiles)  # where a small variant's decode step goes: the 26B-A4B and E2B
 pdl_late)  # the M == 1 GEMV and decode attention triggering the next kernel after their main loop (PDL mode 3)
   # against today's trigger at their start: the 31B 12-layer slice exported both ways side by side, then decode
   # attention alone with and without it (decode_combine_variants `pdl/late`; ~7 min)
-  timeout 560 python -m scripts.export_ab --switch GEMMA4_PDL_LATE --a 0 --b 1 --workdir /tmp/ab --fills 1024,32768 \
+  timeout 350 python -m scripts.export_ab --switch GEMMA4_PDL_LATE --a 0 --b 1 --workdir /tmp/ab --fills 1024,32768 \
       --json "$OUT/pdl_late_31b.json" 2>&1 | tail -8
-  timeout 240 python -m scripts.decode_combine_variants --out "$OUT/decode_late_variants.json" 2>&1 | tail -16
+  timeout 220 python -m scripts.decode_combine_variants --out "$OUT/decode_late_variants.json" 2>&1 | tail -16
   ;;
 pdl_sets)  # which kernel families gain or lose from programmatic dependent launch on the small variants: the E2B
   # and E4B 2-layer slices exported side by side, then pdl_ab with each family left out in turn (~6 min)
