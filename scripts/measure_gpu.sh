@@ -18,6 +18,15 @@ host_memory_runs() {  # naive / streaming / parked load+quantize and the whole l
   timeout 480 python -m scripts.bench_host_memory --checkpoint /tmp/c2 --checkpoint /tmp/c6 \
       --device cuda --export --parallel 8 --json "$OUT/host_memory.json" 2>&1 | tail -16
 }
+small_slices() {  # the named variants' 2-layer slices (ctx 8192, 24 GB recipe, no autotune) side by side, to /tmp/p_V
+  for v in "$@"; do
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v TORCHINDUCTOR_COMPILE_THREADS=7 \
+    timeout 300 python -m export.gemma4 --preset $v --layers 2 --ctx 8192 --kv-dtype int4 --embedding-quant int8 \
+        --low-memory --device cuda --no-autotune --prefill-chunk 512 --out /tmp/p_$v > "$OUT/export_$v.log" 2>&1 &
+    sleep 1
+  done
+  wait
+}
 case "${1:-}" in
 runtime)  # runner decode tok/s vs eager vs bandwidth floor (tiny); CUDA export
   timeout 240 python -m scripts.bench_runtime --preset tiny --ctx 2048 --quant none --dtype float32 \
@@ -153,13 +162,7 @@ fused_norms)  # the norms in the int4 op's kernels against aten norms: the ops' 
   ;;
 slice_profiles)  # where a small variant's decode step goes: the 26B-A4B and E2B 2-layer slices exported side by side,
   # each kernel's own time (PDL off), then the 26B-A4B slice with PDL on, off and on all but the MoE kernels (~6 min)
-  for v in 26b-a4b e2b; do
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v TORCHINDUCTOR_COMPILE_THREADS=7 \
-    timeout 300 python -m export.gemma4 --preset $v --layers 2 --ctx 8192 --kv-dtype int4 --embedding-quant int8 \
-        --low-memory --device cuda --no-autotune --prefill-chunk 512 --out /tmp/p_$v > "$OUT/export_$v.log" 2>&1 &
-    sleep 1
-  done
-  wait
+  small_slices 26b-a4b e2b
   for v in 26b-a4b e2b; do
     echo "== $v"; tail -2 "$OUT/export_$v.log"
     GEMMA4_PDL_OFF=1 timeout 60 python -m scripts.profile_decode --model /tmp/p_$v --fill 1024 --steps 24 \
@@ -177,13 +180,7 @@ pdl_late)  # the M == 1 GEMV and decode attention triggering the next kernel aft
   ;;
 pdl_sets)  # which kernel families gain or lose from programmatic dependent launch on the small variants: the E2B
   # and E4B 2-layer slices exported side by side, then pdl_ab with each family left out in turn (~6 min)
-  for v in e2b e4b; do
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v TORCHINDUCTOR_COMPILE_THREADS=7 \
-    timeout 300 python -m export.gemma4 --preset $v --layers 2 --ctx 8192 --kv-dtype int4 --embedding-quant int8 \
-        --low-memory --device cuda --no-autotune --prefill-chunk 512 --out /tmp/p_$v > "$OUT/export_$v.log" 2>&1 &
-    sleep 1
-  done
-  wait
+  small_slices e2b e4b
   G=_quant_x,_int4_gemv1; A=_attn_body,_combine; H=_hadamard; I=triton_
   for v in e2b e4b; do
     echo "== $v"; tail -1 "$OUT/export_$v.log"
