@@ -7,7 +7,9 @@ finished and its writes are visible. In a CUDA graph the launch becomes a progra
 kernel does before its wait (index math, loads of constants such as weights) overlaps the kernel
 before it, and its launch latency hides behind that kernel's tail.
 
-- `pdl_wait` is the wait (and the trigger that lets the next kernel start) for a kernel of ours.
+- `pdl_wait` is the wait (and the trigger that lets the next kernel start) for a kernel of ours;
+  `pdl_trigger` a trigger of its own after a kernel's main loop (mode 3, `late_pdl_mode`: an A/B
+  switch, GEMMA4_PDL_LATE, not yet timed on a GPU).
 - `op_pdl_mode` is the mode an op compiles its kernels in on a device: 2 on sm_90+ (the H200, the
   RTX 5090), 0 elsewhere (the RTX 4090, CPU, the interpreter).
 - `pdl_args` are a launch's arguments.
