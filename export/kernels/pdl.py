@@ -84,6 +84,9 @@ def or_bits(x, z):
     return (x.to(tl.int32, bitcast=True) | z).to(tl.float32, bitcast=True)
 
 
+PDL_LATE_ENV = "GEMMA4_PDL_LATE"
+
+
 def late_pdl_mode(pdl: int) -> int:
     """The mode of a kernel that can trigger after its main loop (`pdl_trigger`): 3 where PDL_LATE_ENV
     is "1" in the exporting process and the op has PDL at all, else `pdl`. An A/B switch
@@ -91,9 +94,6 @@ def late_pdl_mode(pdl: int) -> int:
     if pdl and os.environ.get(PDL_LATE_ENV, "0") == "1":
         return 3
     return pdl
-
-
-PDL_LATE_ENV = "GEMMA4_PDL_LATE"
 
 
 def pdl_args(pdl: int, attr: bool = True) -> dict:
