@@ -74,6 +74,11 @@ def run_child(model: str, fills: list[int], steps: int, out: str) -> None:
     Path(out).write_text(json.dumps(res))
 
 
+def run_order(n_only: int) -> list[tuple]:
+    """The child runs, (mode, round): off, each `--only` set (its index), on, then all again."""
+    return [(mode, rnd) for rnd in (1, 2) for mode in ("off", *range(n_only), "on")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="an artifact exported for CUDA on an sm_90+ GPU")
@@ -92,25 +97,24 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    runs = {}
+    runs = {}  # (mode, round) -> (times and tokens, logits)
+    only_names = [f"only{i}" if i else "only" for i in range(len(a.only))]
     with tempfile.TemporaryDirectory() as tmp:
-        only_names = [f"only{i}" if i else "only" for i in range(len(a.only))]
-        modes = ("off", *only_names, "on")
-        for name in modes + tuple(m + "2" for m in modes):  # alternated: drift shows as on / on2 or off / off2 apart
+        for mode, rnd in run_order(len(a.only)):  # alternated: drift shows between a mode's two rounds
             env = dict(os.environ)
             env.pop(PDL_OFF_ENV, None)
             env.pop(PDL_ONLY_ENV, None)
-            if name.startswith("off"):
+            if mode == "off":
                 env[PDL_OFF_ENV] = "1"
-            elif name.startswith("only"):
-                env[PDL_ONLY_ENV] = a.only[only_names.index(name.removesuffix("2"))]
-            out = os.path.join(tmp, name + ".json")
+            elif mode != "on":
+                env[PDL_ONLY_ENV] = a.only[mode]
+            out = os.path.join(tmp, f"{mode}-{rnd}.json")
             r = subprocess.run([sys.executable, "-m", "scripts.pdl_ab", "--model", a.model, "--fills", a.fills,
                                 "--steps", str(a.steps), "--child", out], env=env, capture_output=True, text=True)
             if r.returncode != 0:
-                print(f"{name}: the run failed\n{r.stderr[-3000:]}", file=sys.stderr)
+                print(f"{mode} (round {rnd}): the run failed\n{r.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            runs[name] = (json.loads(Path(out).read_text()), torch.load(out + ".pt"))
+            runs[mode, rnd] = (json.loads(Path(out).read_text()), torch.load(out + ".pt"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     doc = {"model": a.model, "steps": a.steps, "device": device, "fills": {}}
     if len(a.only) == 1:
@@ -121,14 +125,15 @@ def main(argv=None) -> int:
     print(f"{'fill':>7} {'off ms':>8}{''.join(f' {n:>8}' for n in only_names)} {'on ms':>8} {'change':>8}  "
           "bitwise (logits and tokens, every step)")
     for f in map(str, fills):
-        same = all(torch.equal(runs[n][1][f], runs["off"][1][f]) and runs[n][0][f]["tokens"] == runs["off"][0][f]["tokens"]
-                   for n in runs)
-        worst = max(float((runs[n][1][f] - runs["off"][1][f]).abs().max()) for n in runs)
-        off = [runs[n][0][f]["median_ms"] for n in ("off", "off2")]
-        on = [runs[n][0][f]["median_ms"] for n in ("on", "on2")]
+        first = runs["off", 1]
+        same = all(torch.equal(run[1][f], first[1][f]) and run[0][f]["tokens"] == first[0][f]["tokens"]
+                   for run in runs.values())
+        worst = max(float((run[1][f] - first[1][f]).abs().max()) for run in runs.values())
+        off = [runs["off", r][0][f]["median_ms"] for r in (1, 2)]
+        on = [runs["on", r][0][f]["median_ms"] for r in (1, 2)]
         doc["fills"][f] = {"off_ms": off, "on_ms": on, "bitwise_equal": same, "max_abs_logit_diff": worst}
         only = ""
-        sets = [[runs[n][0][f]["median_ms"] for n in (m, m + "2")] for m in only_names]
+        sets = [[runs[i, r][0][f]["median_ms"] for r in (1, 2)] for i in range(len(a.only))]
         if len(sets) == 1:
             doc["fills"][f]["only_ms"] = sets[0]
         elif sets:

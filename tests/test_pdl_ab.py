@@ -22,3 +22,15 @@ def test_pdl_ab_runs_both_ways_and_compares_every_step(tiny_artifact, tmp_path):
     for row in doc["fills"].values():
         assert len(row["off_ms"]) == len(row["on_ms"]) == 2 and row["max_abs_logit_diff"] == 0.0
         assert [len(t) for t in row["only_sets_ms"]] == [2, 2]
+
+
+def test_every_run_is_its_own_and_each_set_gets_two():
+    """With three or more `--only` sets no run may stand for another (a set's second round once took
+    the name of the third set's first)."""
+    from scripts.pdl_ab import run_order
+
+    for n in range(5):
+        order = run_order(n)
+        assert len(order) == len(set(order)) == 2 * (n + 2)
+        for mode in ("off", "on", *range(n)):
+            assert [r for m, r in order if m == mode] == [1, 2]
