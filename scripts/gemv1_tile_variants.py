@@ -301,6 +301,10 @@ def variants(quick: bool = False, round_: int = 2) -> list:
                 V(64, 2, 4, 2, clamp=True, loadonly=True), V(128, 1, 4, 2, clamp=True, loadonly=True)]
     xs = lambda *a: V(*a, xpre=True, sasm=True)  # noqa: E731
     xg = lambda *a: V(*a, xpre=True, sasm=True, xg=True)  # noqa: E731
+    if round_ == 4:  # the op's kernel at more tiles, for shorter rows (E2B / E4B / 26B-A4B lm_heads: K 1536-2816)
+        return [Cur(128, 2, 4), Cur(64, 2, 4), Cur(64, 2, 2), Cur(32, 2, 2), Cur(128, 4, 4), Cur(64, 4, 4),
+                Cur(256, 2, 8), Cur(128, 2, 8), Cur(128, 1, 4), Cur(64, 1, 2), Cur(256, 1, 4),
+                V(128, 2, 4, 1, sasm=True, loadonly=True), V(64, 2, 4, 1, sasm=True, loadonly=True)]
     if round_ == 3:  # the ported tile's configs against the per-word planes
         return [Cur(128, 2, 4), Cur(64, 2, 4), Cur(64, 2, 2), xs(128, 2, 4, 1),
                 V(128, 2, 4, 1, sasm=True, loadonly=True)]
@@ -459,6 +463,17 @@ SHAPES = [("o_proj.sliding", 5376, 8192), ("qkv_proj.sliding", 16384, 5376), ("o
           ("lm_head", 262144, 5376)]
 
 
+def _shape_list(text: str) -> list[tuple[str, int, int]]:
+    """'name:n:k,name:n:k' -> [(name, n, k)]; K a multiple of 128 (the sweep's group)."""
+    out = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()) or int(parts[2]) % 128:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME:N:K with K a multiple of 128")
+        out.append((parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("gemv1_tile_variants.json"))
@@ -466,7 +481,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prewarm", type=int, default=12)
     ap.add_argument("--count", action="store_true", help="offline: compile each variant for sm_90 and count its loop")
     ap.add_argument("--quick", action="store_true", help="a few variants (the interpreter's smoke run)")
-    ap.add_argument("--round", type=int, default=2, help="the variant set: 1, 2 or 3 (see `variants`)")
+    ap.add_argument("--round", type=int, default=2, help="the variant set: 1-4 (see `variants`)")
+    ap.add_argument("--shapes", type=_shape_list, default=None, metavar="NAME:N:K[,...]",
+                    help="weights to sweep instead of the 31B's seven, e.g. e4b.lm_head:262144:2560")
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.count:
@@ -508,7 +525,7 @@ def main(argv=None) -> int:
     doc["ragged_worst_rel_err"], doc["ragged_bad"] = worst, bad
     print(f"ragged checks (N {rn}, K {rk}): worst rel err {worst:.1e}" + (f"; FAIL {bad}" if bad else ""), flush=True)
     broken = {b[0] for b in bad}
-    shapes = [("tiny", 48, 512), ("tiny2", 80, 768)] if _INTERPRET else SHAPES
+    shapes = a.shapes or ([("tiny", 48, 512), ("tiny2", 80, 768)] if _INTERPRET else SHAPES)
     print(f"{'shape':17} {'floor':>5} | {'op path':>12} | {'op kern':>7} | best kernel alone (us, % copy)"
           f"            | best path (us, % copy)", flush=True)
     for name, n, k in shapes:
