@@ -171,25 +171,18 @@ slice_profiles)  # where a small variant's decode step goes: the 26B-A4B and E2B
   timeout 120 python -m scripts.pdl_ab --model /tmp/p_26b-a4b --fills 1024 --steps 48 \
       --only _quant_x,_int4_gemv1,_attn_body,_combine,_hadamard,triton_ --json "$OUT/pdl_ab_26b_2l.json" 2>&1 | tail -10
   ;;
-pdl_late)  # the M == 1 GEMV and decode attention triggering the next kernel after their main loop (PDL mode 3)
-  # against today's trigger at their start: the 31B 12-layer slice exported both ways side by side, then decode
-  # attention alone with and without it (decode_combine_variants `pdl/late`; ~7 min)
-  timeout 350 python -m scripts.export_ab --switch GEMMA4_PDL_LATE --a 0 --b 1 --workdir /tmp/ab --fills 1024,32768 \
-      --json "$OUT/pdl_late_31b.json" 2>&1 | tail -8
-  timeout 220 python -m scripts.decode_combine_variants --out "$OUT/decode_late_variants.json" 2>&1 | tail -16
-  ;;
-pdl_sets)  # which kernel families gain or lose from programmatic dependent launch on the small variants: the E2B
-  # and E4B 2-layer slices exported side by side, then pdl_ab with each family left out in turn (~6 min)
-  small_slices e2b e4b
+pdl_sets)  # which kernel families gain or lose from programmatic dependent launch on a small variant ($2: e2b or
+  # e4b, one a call): its 2-layer slice (~200 s), then pdl_ab with each family left out in turn (~5 min; two variants
+  # and their exports do not fit one 10-minute command)
+  v=${2:-e4b}
+  small_slices $v
   G=_quant_x,_int4_gemv1; A=_attn_body,_combine; H=_hadamard; I=triton_
-  for v in e2b e4b; do
-    echo "== $v"; tail -1 "$OUT/export_$v.log"
-    timeout 150 python -m scripts.pdl_ab --model /tmp/p_$v --fills 1024 --steps 48 --only $A,$H,$I --only $G,$H,$I \
-        --only $G,$A,$I --only $G,$A,$H --json "$OUT/pdl_sets_${v}_2l.json" 2>&1 | tail -3
-  done
+  grep -A8 '"seconds"' "$OUT/export_$v.log" | grep total
+  timeout 360 python -m scripts.pdl_ab --model /tmp/p_$v --fills 1024 --steps 48 --only $A,$H,$I --only $G,$H,$I \
+      --only $G,$A,$I --only $G,$A,$H --json "$OUT/pdl_sets_${v}_2l.json" 2>&1 | tail -8
   ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_late|pdl_sets" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets" >&2; exit 2 ;;
 esac

@@ -1,8 +1,7 @@
 """The kernels that wait on the grid before them (export/kernels/pdl.py: the int4 GEMV's, decode
 attention's, the Hadamard op's and the MoE decode's), compiled offline for sm_90
 (no GPU): in PDL mode 2 each holds the wait, and its global loads and stores are the same
-instructions as without it; in mode 3 (the GEMV, decode attention) the trigger comes after the main
-loop and before the first store. The wait's 0 is added to the pointers; written as a plain 0, Triton
+instructions as without it. The wait's 0 is added to the pointers; written as a plain 0, Triton
 lost the pointers' alignment and the attention kernel's cp.async tile loads became 2-byte loads.
 Also: torch's mutation analysis reads the Hadamard kernel with its wait as writing its output alone.
 Float arguments are compiled as AOTInductor types them (fp64; Triton's own launch: fp32), and no kernel may
@@ -62,23 +61,6 @@ _SCRIPT = textwrap.dedent("""
         print(name, "waits", waits[0], "triggers", waits[1], "without", a.get("griddepcontrol.wait", 0),
               "same-memory-ops", same, "f64-math", f64, dict(a) if not same else "", dict(b) if not same else "")
 
-    def report_late(name, fn, sig, const, warps, stages=1):
-        # mode 3: the wait first, the trigger after the main loop's back edge and before the first
-        # store, the same loads and stores as mode 2
-        ptx = [compile90(fn, sig, {**const, "PDL": p}, warps, stages) for p in (2, 3)]
-        a, b = (memory_ops(x) for x in ptx)
-        lines = ptx[1].splitlines()
-        at = lambda pat: [i for i, ln in enumerate(lines) if re.search(pat, ln)]
-        wait, trig, store = at(r"griddepcontrol\\.wait"), at(r"griddepcontrol\\.launch_dependents"), at(r"st\\.global")
-        loops = at(r"Loop Header")  # the main loop: the first; its back edge, the last branch to its label
-        heads = [i for i in range(loops[0] + 1) if lines[i].startswith("$L__")] if loops else []
-        label = lines[heads[-1]].split(":")[0] if heads else "-"  # the label on or just before the header
-        back = [i for i, ln in enumerate(lines) if re.search(r"\\bbra(\\.uni)?\\s+" + re.escape(label) + ";", ln)]
-        order = bool(wait and trig and store and back) and wait[0] < loops[0] and back[-1] < trig[0] < store[0]
-        for c in (a, b):
-            c.pop("griddepcontrol.launch_dependents", 0), c.pop("griddepcontrol.wait", 0)
-        print(name, "late", "order", order, "same-memory-ops", a == b)
-
     att = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "KS": "*fp16", "VS": "*fp16", "POS": "*i64", "O": "*bf16",
            "MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "T": "i32", "S": "i32", "H": "i32", "WINDOW": "i32",
            "NUM_SPLITS": "i32", "sqt": "i32", "sqh": "i32", "skh": "i32", "sks": "i32", "svh": "i32", "svs": "i32",
@@ -87,8 +69,6 @@ _SCRIPT = textwrap.dedent("""
         cfg = A.with_knobs(A.decode_config(D, fmt), D, fmt)
         const = dict(cfg.kwargs, G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False)
         report(f"attn_body-{D}-{fmt}", A._attn_body, {**att, "K": kv, "V": kv}, const, cfg.num_warps, cfg.num_stages)
-        report_late(f"attn_body-{D}-{fmt}", A._attn_body, {**att, "K": kv, "V": kv}, const, cfg.num_warps,
-                    cfg.num_stages)
     report("combine-512", A._combine, {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32",
                                        "NUM_SPLITS": "i32"},
            dict(G=8, D=512, SPLITS_P2=64, CHUNK=64, BLOCK_D=64, EAGER=1), 4)
@@ -106,15 +86,6 @@ _SCRIPT = textwrap.dedent("""
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
            dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=1, **cfg.kwargs), cfg.num_warps)
-    gemv_sig = {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16",
-                "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
-                "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"}
-    cfg = im.gemv1_plan(5376, 8192, 128).cfg
-    report_late("gemv1", im._int4_gemv1_kernel, gemv_sig, dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=2,
-                **cfg.kwargs), cfg.num_warps)
-    cfg = im.gemv1_plan(1536, 256, 128).cfg
-    report_late("gemv1-glu", im._int4_gemv1_kernel, {**gemv_sig, "x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16"},
-                dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=1, **cfg.kwargs), cfg.num_warps)
     report("gemv1-norm", im._int4_gemv1_kernel,  # bf16 x with the input norm (E2B's q / k / v)
            {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
@@ -183,9 +154,3 @@ def test_waiting_kernels_keep_their_memory_instructions():
         assert ln[8] == "True", " ".join(ln)  # the same loads and stores, as wide as without the wait
         assert ln[10] == "0", " ".join(ln)  # no fp64 arithmetic from a float argument typed as AOTInductor types it
     assert "hadamard-written ['y_ptr']" in r.stdout, r.stdout
-    # PDL mode 3 (pdl.late_pdl_mode): the trigger after the main loop, before the first store, nothing else moved
-    late = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " late " in ln}
-    assert set(late) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "gemv1",
-                         "gemv1-glu"}, r.stdout
-    for ln in late.values():
-        assert ln[3] == "True" and ln[5] == "True", " ".join(ln)

@@ -183,10 +183,3 @@ def test_a_combo_kernel_waits_in_every_part():
             waits = "gdc_wait()" in body or 0 <= part.find("gdc_wait()") < first_load
             assert first_load < 0 or waits, part[:600]
 
-
-def test_late_trigger_switch(monkeypatch):
-    """PDL mode 3 (the trigger after the main loop) only where the switch asks for it and the op has PDL."""
-    monkeypatch.delenv(pdl.PDL_LATE_ENV, raising=False)
-    assert pdl.late_pdl_mode(2) == 2 and pdl.late_pdl_mode(0) == 0
-    monkeypatch.setenv(pdl.PDL_LATE_ENV, "1")
-    assert pdl.late_pdl_mode(2) == 3 and pdl.late_pdl_mode(0) == 0

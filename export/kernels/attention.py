@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from export.kernels.pdl import late_pdl_mode, op_pdl_mode, or_bits, pdl_trigger, pdl_wait
+from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
 # decode programs per layer (splits x KV heads): two resident per SM on the H200's 132 (fewer,
@@ -745,8 +745,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         ca = tl.arange(0, D)
         cb = ca
     TWO: tl.constexpr = PLANES or VSPLIT == 2 or QUADS
-    if PDL == 3:  # the combine may start now, its programs not parked beside the loop
-        l_i = or_bits(l_i, pdl_trigger(tl.max(l_i.to(tl.int32, bitcast=True), 0), not INTERPRET))
     if SPLIT:  # partials (Hkv, NUM_SPLITS, G, ·) for the combine kernel; an empty share writes
         base = kvh * NUM_SPLITS * G + pid_s * G + g  # l = 0 and no acc (the combine skips it)
         ok = (g < G) & row_ok
@@ -1222,14 +1220,13 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
-           part16: Optional[bool] = None, pdl_attr: bool = False, pdl_late: Optional[bool] = None):
+           part16: Optional[bool] = None, pdl_attr: bool = False):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
     fp16 (DECODE_PARTIALS_FP16 by default). pdl_attr: decode's two kernels launched with the
     programmatic-dependent-launch attribute, as the artifact's launcher launches them (direct
-    launches only: benchmarks). pdl_late: the split kernel lets the combine start after its main
-    loop (PDL mode 3), not at its start (`pdl.late_pdl_mode` by default)."""
+    launches only: benchmarks)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1249,9 +1246,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         attr = {"launch_pdl": True} if pdl and pdl_attr else {}
-        body_pdl = late_pdl_mode(pdl) if pdl_late is None else (3 if pdl and pdl_late else pdl)
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=True, PDL=body_pdl, PART16=int(part16), **common, **attr)
+                                          SPLIT=True, PDL=pdl, PART16=int(part16), **common, **attr)
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,

@@ -79,7 +79,7 @@ from torch.library import triton_op, wrap_triton
 
 from export.kernels.pdl import op_pdl_mode
 from export.kernels.pdl import pdl_args as _pdl_args
-from export.kernels.pdl import late_pdl_mode, or_bits, pdl_trigger, pdl_wait
+from export.kernels.pdl import pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
@@ -867,8 +867,6 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     if PDL:  # the writes after the wait (their values follow it already; the counter's address too)
         zw = pdl_wait(PDL, ASM)
         y_ptr, part_ptr, cnt_ptr = y_ptr + zw, part_ptr + zw, cnt_ptr + zw
-        if PDL == 3:  # the next kernel may start now, its programs not parked beside the loop
-            val = or_bits(val, pdl_trigger(tl.max(val.to(tl.int32, bitcast=True), 0), ASM))
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
     elif RED == 0:
@@ -1432,7 +1430,7 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=late_pdl_mode(pdl), pdl_attr=False, up=up, norm=norm,
+                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm,
                       res=res)
 
 

@@ -7,9 +7,11 @@ finished and its writes are visible. In a CUDA graph the launch becomes a progra
 kernel does before its wait (index math, loads of constants such as weights) overlaps the kernel
 before it, and its launch latency hides behind that kernel's tail.
 
-- `pdl_wait` is the wait (and the trigger that lets the next kernel start) for a kernel of ours;
-  `pdl_trigger` a trigger of its own after a kernel's main loop (mode 3, `late_pdl_mode`: an A/B
-  switch, GEMMA4_PDL_LATE, not yet timed on a GPU).
+- `pdl_wait` is the wait (and the trigger that lets the next kernel start) for a kernel of ours.
+  A trigger after the main loop instead of at the wait (the GEMV and decode attention letting the
+  next kernel start only then) was measured on the H200 and dropped: the 31B 12-layer slice's step
+  1.59 / 1.60 -> 1.61 / 1.57 ms at fill 1k, 1.68 / 1.64 -> 1.69 / 1.70 at 32k
+  (scripts/measurements/pdl_late_31b.json, decode_late_variants.json).
 - `op_pdl_mode` is the mode an op compiles its kernels in on a device: 2 on sm_90+ (the H200, the
   RTX 5090), 0 elsewhere (the RTX 4090, CPU, the interpreter).
 - `pdl_args` are a launch's arguments.
@@ -37,8 +39,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter runs n
 def pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
     """`griddepcontrol.wait`, from which on the kernels before this one have finished and their writes
     are visible, and `griddepcontrol.launch_dependents` (the next kernel's programs may start) before
-    the wait (PDL 1) or after it (PDL 2); PDL 3: the wait alone, the kernel triggers later
-    (`pdl_trigger`). PDL 0 or ASM off: nothing.
+    the wait (PDL 1) or after it (PDL 2). PDL 0 or ASM off: nothing.
 
     Returns an int32 0 that every access which must follow the wait adds to its pointer (every read
     of what kernels before wrote, every write). The PTX is one pure inline-asm block: torch's mutation
@@ -52,48 +53,12 @@ def pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
     if PDL and ASM:
         if PDL == 1:
             ptx: tl.constexpr = "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.b32 $0, 0;"
-        elif PDL == 3:  # the trigger comes later (`pdl_trigger`)
-            ptx: tl.constexpr = "griddepcontrol.wait; mov.b32 $0, 0;"
         else:
             ptx: tl.constexpr = "griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, 0;"
         # times 64: Triton's alignment analysis then reads the offset as a multiple of 64, so a
         # pointer plus it keeps the 16-byte alignment its vector loads need
         zero = tl.inline_asm_elementwise(ptx, "=r", [], dtype=tl.int32, is_pure=True, pack=1) * 64
     return zero
-
-
-@triton.jit
-def pdl_trigger(dep, ASM: tl.constexpr):
-    """`griddepcontrol.launch_dependents` once `dep` is computed (an int32 scalar the kernel's results
-    depend on, e.g. a bitcast max of them): the next kernel's programs may then start, not earlier,
-    so they do not sit at their wait beside this kernel's main loop (PDL mode 3). Returns an int32 0
-    that the kernel ORs into the bits of a value it writes (`or_bits`): the one pure asm block then
-    can neither move above `dep` nor be dropped. Not into a pointer: torch's mutation analysis takes
-    every argument that reaches a store's address as written, and `dep` reaches them all. ASM off:
-    nothing."""
-    zero = 0
-    if ASM:
-        zero = tl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.b32 $0, 0;", "=r,r", [dep],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    return zero
-
-
-@triton.jit
-def or_bits(x, z):
-    """fp32 x with the int32 z ORed into its bits: x itself, bit for bit, where z is `pdl_trigger`'s 0."""
-    return (x.to(tl.int32, bitcast=True) | z).to(tl.float32, bitcast=True)
-
-
-PDL_LATE_ENV = "GEMMA4_PDL_LATE"
-
-
-def late_pdl_mode(pdl: int) -> int:
-    """The mode of a kernel that can trigger after its main loop (`pdl_trigger`): 3 where PDL_LATE_ENV
-    is "1" in the exporting process and the op has PDL at all, else `pdl`. An A/B switch
-    (scripts/export_ab.py --switch GEMMA4_PDL_LATE --a 0 --b 1)."""
-    if pdl and os.environ.get(PDL_LATE_ENV, "0") == "1":
-        return 3
-    return pdl
 
 
 def pdl_args(pdl: int, attr: bool = True) -> dict:
