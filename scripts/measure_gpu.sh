@@ -181,8 +181,12 @@ pdl_sets)  # which kernel families gain or lose from programmatic dependent laun
   timeout 360 python -m scripts.pdl_ab --model /tmp/p_$v --fills 1024 --steps 48 --only $A,$H,$I --only $G,$H,$I \
       --only $G,$A,$I --only $G,$A,$H --json "$OUT/pdl_sets_${v}_2l.json" 2>&1 | tail -8
   ;;
+prefetch_overlap)  # the o projection's weight asked into the L2 beside decode attention (second stream), against
+  # attention then the GEMV (~2 min)
+  timeout 300 python -m scripts.prefetch_overlap --ctas 8,32,132 --out "$OUT/prefetch_overlap.json" 2>&1 | tail -12
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap" >&2; exit 2 ;;
 esac
