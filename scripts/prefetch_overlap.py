@@ -34,6 +34,14 @@ output bitwise equal to `attn+o`'s (the prefetch moves no data), and `attn+o` ag
 (attention's reference, the dequantized weight). The copy bandwidth is measured in the same run. Table
 on stdout, JSON with `copy_gbps` and `rows` (`case`, `fill`, `weight_bytes`, `kv_bytes`, per variant
 `us`, `rounds`), `saved_us` (attn+o less the best prefetch variant).
+
+What the H200 said (scripts/measurements/prefetch_overlap.json, us per iteration, the kernels launched without
+the PDL attribute): a sliding layer, attn 11.9, o 13.6, attn+o 25.6, with the prefetch beside attention 28.5-31.2
+(8 / 32 / 132 programs), o+o 24.7; a full layer at fill 1k 16.7, 20.1, 39.6, 45.1-49.2, o+o 39.5; at 32k 46.5,
+20.0, 67.2, 75.1-91.2. The prefetch cost more than it saved everywhere, and the reason is the last column: the
+sliding layer's o projection read from the L2 (its second call) still took ~11 us of its 13.6 (quantize kernel
+included), ~2 TB/s. At this size the GEMV is bound by its own latency and instruction issue, not by the HBM:
+moving its bytes earlier cannot make it much faster (the 45 MB full-layer weight does not stay in the L2).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ if "--smoke" in sys.argv[1:]:
     import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
 
 import triton  # noqa: E402
+import triton.testing  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -201,7 +210,9 @@ def main(argv=None) -> int:
             if not args.smoke:
                 for _ in range(args.rounds):
                     for var, fn in variants.items():
-                        times[var].append(B._time(fn, argparse.Namespace(timing="graph", rep=args.rep)) * 1e3 / copies)
+                        fn()  # (compiled, autotuned) before the capture
+                        torch.cuda.synchronize()
+                        times[var].append(triton.testing.do_bench_cudagraph(fn, rep=args.rep) * 1e3 / copies)
             for var, ts in times.items():
                 row[var] = {"us": sorted(ts)[len(ts) // 2] if ts else None, "rounds": ts}
             if not args.smoke:
