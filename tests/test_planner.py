@@ -432,6 +432,18 @@ def test_check_fits_message():
     # a stock export holds ~3.5x the weights on the GPU while lowering: E2B's 6.3 GiB does not fit
     ok, msg = P.check_fits(P.PlanInputs(PRESETS["e2b"], ctx=8192, low_memory=False), 16 * GiB)
     assert not ok and "export GPU, stock" in msg
+    assert "with --low-memory (weights and KV kept off the GPU while compiling) ctx up to 131072 fits" in msg
+    # too large for the budget either way: no such line
+    ok, msg = P.check_fits(P.PlanInputs(PRESETS["31b"], ctx=8192, low_memory=False), 8 * GiB)
+    assert not ok and "--low-memory" not in msg
+
+
+def test_auto_ctx_names_low_memory_where_only_it_fits():
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=1024, kv_dtype="int4")
+    with pytest.raises(P.DoesNotFit, match=r"no ctx fits[^\n]*\nwith --low-memory .* ctx up to \d+ fits"):
+        P.resolve_ctx(inputs, "auto", 24 * GiB)
+    lm = P.PlanInputs(PRESETS["31b"], ctx=1024, kv_dtype="int4", low_memory=True)
+    assert P.resolve_ctx(lm, "auto", 24 * GiB) == P.fit_ctx(lm, 24 * GiB).ctx > 0
 
 
 # ---- parsing, rendering, JSON -----------------------------------------------------------------

@@ -728,6 +728,16 @@ def largest_ctx(config: Gemma4Config, budget_bytes: Budget | int, **options) -> 
     return fit_ctx(PlanInputs(config, ctx=1, **options), budget_bytes).ctx
 
 
+def _low_memory_hint(inputs: PlanInputs, budget: Budget | int, ctx: int) -> str:
+    """A line for a user whose stock export does not fit where low-memory mode would: the largest
+    ctx with --low-memory, when it is more than `ctx` (else '')."""
+    if inputs.low_memory:
+        return ""
+    lm = fit_ctx(replace(inputs, low_memory=True), budget).ctx
+    return (f"with --low-memory (weights and KV kept off the GPU while compiling) ctx up to {lm} fits"
+            if lm > ctx else "")
+
+
 def check_fits(inputs: PlanInputs, budget: Budget | int) -> tuple[bool, str]:
     """(ok, message): the message names each peak over budget, the breakdown, and the
     largest ctx that would fit."""
@@ -738,8 +748,9 @@ def check_fits(inputs: PlanInputs, budget: Budget | int) -> tuple[bool, str]:
                       f"{p.export_gpu.title} {_gib(p.export_gpu.total_bytes)}")
     best = fit_ctx(inputs, budget)
     hint = f"the largest ctx that fits is {best.ctx}" if best.ctx else f"no ctx fits ({best.limit})"
+    lm = _low_memory_hint(inputs, budget, best.ctx)
     return False, "\n".join([f"ctx {inputs.ctx} does not fit {Budget.of(budget)}:", *(f"  {x}" for x in bad),
-                             hint, "", render_table(p)])
+                             hint, *([lm] if lm else []), "", render_table(p)])
 
 
 def resolve_ctx(inputs: PlanInputs, requested: int | str, budget: Budget | int | None) -> int:
@@ -752,7 +763,9 @@ def resolve_ctx(inputs: PlanInputs, requested: int | str, budget: Budget | int |
         best = fit_ctx(inputs, budget)
         if best.ctx == 0:
             smallest = plan(replace(inputs, ctx=min(CTX_GRANULARITY, inputs.config.max_position_embeddings)))
-            raise DoesNotFit(f"no ctx fits {Budget.of(budget)}: {best.limit}\n\n{render_table(smallest)}")
+            lm = _low_memory_hint(inputs, budget, 0)
+            raise DoesNotFit(f"no ctx fits {Budget.of(budget)}: {best.limit}" + (f"\n{lm}" if lm else "")
+                             + f"\n\n{render_table(smallest)}")
         return best.ctx
     ctx = int(requested)
     if budget is not None:
