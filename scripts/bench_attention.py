@@ -54,6 +54,21 @@ def copy_gbps(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def variant_setup(smoke: bool, tool: str) -> dict | None:
+    """What a decode variant script (decode_combine_variants, prefetch_overlap) starts from: this module's
+    DEV / DT set for the run (smoke: the CPU in fp32, Triton's interpreter), the seed, the copy bandwidth
+    measured now and the device's name; None, with a message, where a GPU run finds no CUDA GPU."""
+    global DEV, DT
+    if not smoke and not torch.cuda.is_available():
+        print(f"{tool}: no CUDA GPU here (run with --smoke on the CPU)", file=sys.stderr)
+        return None
+    DEV, DT = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    bw = copy_gbps()
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    return {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(), "copy_gbps": bw}
+
+
 def layers():
     """(name, Hkv, G, D, slots, window) of the full and sliding layers of each preset."""
     out = []

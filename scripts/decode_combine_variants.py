@@ -71,17 +71,11 @@ def main(argv=None) -> int:
     from export.kernels import attention as A
     from scripts import bench_attention as B
 
-    dev = "cpu" if args.smoke else "cuda"
-    if not args.smoke and not torch.cuda.is_available():
-        print("decode_combine_variants: no CUDA GPU here (run with --smoke on the CPU)", file=sys.stderr)
+    result = B.variant_setup(args.smoke, "decode_combine_variants")
+    if result is None:
         return 2
-    dt = torch.float32 if args.smoke else torch.bfloat16
-    B.DEV, B.DT = dev, dt
-    torch.manual_seed(0)
-    bw = B.copy_gbps() if not args.smoke else 1.0
-    result = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (interpreter)", "copy_gbps": bw,
-              "variants": {k: v for k, v in VARIANTS.items()}, "rounds": args.rounds, "rows": []}
-    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    dev, dt, bw = B.DEV, B.DT, result["copy_gbps"]
+    result.update({"variants": {k: v for k, v in VARIANTS.items()}, "rounds": args.rounds, "rows": []})
     t_start = time.time()
     for name, Hkv, G, D, S, window, kvs, fills in layer_cases(args.smoke):
         H = Hkv * G

@@ -113,17 +113,11 @@ def main(argv=None) -> int:
     from export.kernels import int4_matmul as im
     from scripts import bench_attention as B
 
-    dev = "cpu" if args.smoke else "cuda"
-    if not args.smoke and not torch.cuda.is_available():
-        print("prefetch_overlap: no CUDA GPU here (run with --smoke on the CPU)", file=sys.stderr)
+    result = B.variant_setup(args.smoke, "prefetch_overlap")
+    if result is None:
         return 2
-    dt = torch.float32 if args.smoke else torch.bfloat16
-    B.DEV, B.DT = dev, dt
-    torch.manual_seed(0)
-    bw = B.copy_gbps() if not args.smoke else 1.0
-    result = {"device": torch.cuda.get_device_name() if not args.smoke else "cpu (interpreter)", "copy_gbps": bw,
-              "rounds": args.rounds, "ctas": ctas, "rows": []}
-    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    dev, dt, bw = B.DEV, B.DT, result["copy_gbps"]
+    result.update({"rounds": args.rounds, "ctas": ctas, "rows": []})
     t0 = time.time()
     side = torch.cuda.Stream() if not args.smoke else None
     for name, Hkv, G, D, S, window, kv, fills, n_out in cases(args.smoke):
