@@ -185,8 +185,11 @@ prefetch_overlap)  # the o projection's weight asked into the L2 beside decode a
   # attention then the GEMV (~2 min)
   timeout 300 python -m scripts.prefetch_overlap --ctas 8,32,132 --out "$OUT/prefetch_overlap.json" 2>&1 | tail -12
   ;;
+selfq)  # the one-slice M == 1 GEMV quantizing its own x in its prologue against the op's two launches (~1 min)
+  timeout 200 python -m scripts.gemv1_selfq_variants --out "$OUT/gemv1_selfq_variants.json" 2>&1 | tail -8
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq" >&2; exit 2 ;;
 esac

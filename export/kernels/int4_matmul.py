@@ -651,41 +651,13 @@ def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps, STEPS: tl.constexpr =
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
-                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0, NORM: tl.constexpr = 0,
-                    eps=0.0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0,
-                    NORM_STEPS: tl.constexpr = 0):
-    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
-    program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
-    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
-    word of 8 elements (word j: k = 8j .. 8j + 7), each plane padded to a multiple of 16 words:
-    h of k = 8j + 0, 2, 4, 6, h of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same
-    (a plane loads in the weight tile's own layout, `_gemv1_x_planes`);
-    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
-    NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
-    otherwise take a launch of their own. PDL (1 or 2, `pdl_wait`): it waits first thing.
-    LEVELS 1: h alone with s per 32 elements (x ~= s h, to within max|x| / 254 of those 32, as
-    llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group).
-    GLU: x is gelu_tanh(x) * u (x_ptr the gate, u_ptr the up projection, bf16), rounded to bf16 as the
-    unfused graph's kernel leaves it, so the MLP's activation takes no launch of its own (u_ptr is
-    not read otherwise). NORM: x is rms_norm(x) * w (u_ptr the norm's weight, eps its epsilon; `rms_norm_reference`),
-    rounded to x's dtype as the model's norm leaves it: every program sums the squares of the whole row (K
-    elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own.
-    RES (with NORM): x_ptr is the residual stream, and the norm's input is h = x + rms_norm(r) * wr (r_ptr,
-    wr_ptr, the same eps), which the kernel also writes to h_ptr (its own groups; `_residual`): the
-    residual add and both norms before the MLP take no launch of their own either. NORM_STEPS: `_inv_rms`'s
-    STEPS (`norm_steps` of the row; 0 loops)."""
-    if PDL:  # every read and write after the wait
-        z = pdl_wait(PDL, _PTX)
-        x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
-        cnt_ptr = cnt_ptr + z
-        if RES:
-            r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
-    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
-        offs = i + tl.arange(0, 1024)
-        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
+def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g, NG, eps, GROUP: tl.constexpr,
+                  GB: tl.constexpr, LEVELS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
+                  NORM_STEPS: tl.constexpr):
+    """`_quant_x_kernel`'s work for the GB groups g (int32 [GB], those >= NG skipped): x's levels into the planes
+    (and the factors and corrections) of those groups, with the GLU / norm / residual as the kernel's flags say
+    (RES: h of those groups written too)."""
     W: tl.constexpr = GROUP // 8
-    g = tl.program_id(0) * GB + tl.arange(0, GB)
     g4 = g[:, None, None, None]
     j = tl.arange(0, W)[None, :, None, None]
     t = tl.arange(0, 4)[None, None, :, None]
@@ -739,6 +711,44 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
         ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
         tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
         tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
+
+
+@triton.jit
+def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
+                    PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0, NORM: tl.constexpr = 0,
+                    eps=0.0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0,
+                    NORM_STEPS: tl.constexpr = 0):
+    """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
+    program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
+    x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
+    word of 8 elements (word j: k = 8j .. 8j + 7), each plane padded to a multiple of 16 words:
+    h of k = 8j + 0, 2, 4, 6, h of 8j + 1, 3, 5, 7 (byte t = element 2t (+ 1)), then l the same
+    (a plane loads in the weight tile's own layout, `_gemv1_x_planes`);
+    xf the group's s / 254 (fp32), xc its 8 (254 sum h + sum l) (int32). It also zeroes the
+    NCNT row-block counters of the GEMV that follows (its in-kernel split sum), which would
+    otherwise take a launch of their own. PDL (1 or 2, `pdl_wait`): it waits first thing.
+    LEVELS 1: h alone with s per 32 elements (x ~= s h, to within max|x| / 254 of those 32, as
+    llama.cpp's q8_1), its two planes, xf = s and xc = 8 sum h per 32 elements (GROUP / 32 a group).
+    GLU: x is gelu_tanh(x) * u (x_ptr the gate, u_ptr the up projection, bf16), rounded to bf16 as the
+    unfused graph's kernel leaves it, so the MLP's activation takes no launch of its own (u_ptr is
+    not read otherwise). NORM: x is rms_norm(x) * w (u_ptr the norm's weight, eps its epsilon; `rms_norm_reference`),
+    rounded to x's dtype as the model's norm leaves it: every program sums the squares of the whole row (K
+    elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own.
+    RES (with NORM): x_ptr is the residual stream, and the norm's input is h = x + rms_norm(r) * wr (r_ptr,
+    wr_ptr, the same eps), which the kernel also writes to h_ptr (its own groups; `_residual`): the
+    residual add and both norms before the MLP take no launch of their own either. NORM_STEPS: `_inv_rms`'s
+    STEPS (`norm_steps` of the row; 0 loops)."""
+    if PDL:  # every read and write after the wait
+        z = pdl_wait(PDL, _PTX)
+        x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
+        cnt_ptr = cnt_ptr + z
+        if RES:
+            r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
+    for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
+        offs = i + tl.arange(0, 1024)
+        tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
+    _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, tl.program_id(0) * GB + tl.arange(0, GB),
+                  NG, eps, GROUP, GB, LEVELS, GLU, NORM, RES, NORM_STEPS)
 
 
 @triton.jit
