@@ -1,6 +1,11 @@
-"""Test helpers: random weights that do not hide bugs, and the transformers oracle."""
+"""Test helpers: random weights that do not hide bugs, the transformers oracle, and a script run in a subprocess."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -65,3 +70,11 @@ def hf_logits_stream(hf, tokens: torch.Tensor, chunks: list[int]):
         cache = out.past_key_values
         start += n
         yield out.logits[:, -1].float()
+
+
+def run_script(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root (the repository on PYTHONPATH), output captured."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -5,19 +5,13 @@ dequantized weight (fp32 x in the interpreter); a bad --qb is refused with a mes
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+from tests.helpers import run_script
 
 
 def test_smoke_selfq_is_the_op_bit_for_bit(tmp_path):
     out = tmp_path / "smoke.json"
-    r = subprocess.run([sys.executable, "-m", "scripts.gemv1_selfq_variants", "--smoke", "--qb", "4,8", "--out", str(out)],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    r = run_script("scripts.gemv1_selfq_variants", "--smoke", "--qb", "4,8", "--out", str(out), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["checks_passed"] and len(doc["rows"]) == 2, doc
@@ -27,6 +21,5 @@ def test_smoke_selfq_is_the_op_bit_for_bit(tmp_path):
 
 
 def test_bad_qb():
-    r = subprocess.run([sys.executable, "-m", "scripts.gemv1_selfq_variants", "--smoke", "--qb", "3"],
-                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    r = run_script("scripts.gemv1_selfq_variants", "--smoke", "--qb", "3", timeout=120)
     assert r.returncode == 2 and "--qb '3'" in r.stderr and "Traceback" not in r.stderr, r.stderr
