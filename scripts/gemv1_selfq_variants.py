@@ -79,14 +79,13 @@ def selfq(x2, q, s, qb: int, scratch):
     """y = x2 @ dequant(W).T in one launch at CFG (one slice)."""
     N, K = q.shape[0], q.shape[1] * 2
     G = K // s.shape[1]
-    cfg = CFG
     xq, xf, xc = scratch
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     words = q.view(torch.int32)
-    _selfq_kernel[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
+    _selfq_kernel[(triton.cdiv(N, CFG.kwargs["BLOCK_N"]),)](
         x2, xq, xf, xc, words, s, y, N, K // 8, K // G, words.stride(0), s.stride(0), GROUP=G,
-        BLOCK_N=cfg.kwargs["BLOCK_N"], GROUPS=cfg.kwargs["GROUPS"], QB=qb, ASM=not _INTERPRET,
-        num_warps=cfg.num_warps)
+        BLOCK_N=CFG.kwargs["BLOCK_N"], GROUPS=CFG.kwargs["GROUPS"], QB=qb, ASM=not _INTERPRET,
+        num_warps=CFG.num_warps)
     return y
 
 
@@ -94,9 +93,8 @@ def op_kernel(xb, q, s, y):
     """The op's GEMV alone on x already quantized (xb: the planes, factors, corrections)."""
     N, K = q.shape[0], q.shape[1] * 2
     G = K // s.shape[1]
-    cfg = CFG
     words = q.view(torch.int32)
-    im._gemv1_kernel(cfg)[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]), 1)](
+    im._gemv1_kernel(CFG)[(triton.cdiv(N, CFG.kwargs["BLOCK_N"]), 1)](
         xb[0], xb[1], xb[2], words, s, y, y, xb[2], N, K // 8, K // G, 1, words.stride(0), s.stride(0), 0,
         GROUP=G, RED=0, XQ=True, ASM=not _INTERPRET, LEVELS=2)
     return y

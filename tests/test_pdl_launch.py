@@ -182,4 +182,3 @@ def test_a_combo_kernel_waits_in_every_part():
             first_load = part.find("tl.load(")
             waits = "gdc_wait()" in body or 0 <= part.find("gdc_wait()") < first_load
             assert first_load < 0 or waits, part[:600]
-
