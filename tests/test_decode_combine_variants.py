@@ -1,5 +1,6 @@
 """scripts/decode_combine_variants.py on the CPU (Triton's interpreter, tiny shapes): every row's
-variants against the fp32 reference, the fp16 partials within fp16's rounding of the fp32 ones."""
+variants against the fp32 reference, the fp16 partials within fp16's rounding of the fp32 ones, the
+merged ones (no combine launch) as close as the op."""
 
 from __future__ import annotations
 
@@ -25,3 +26,5 @@ def test_smoke_rows_match_the_reference(tmp_path):
         assert row["op_rel_err"] < 1e-5, row  # fp32 in the interpreter: the kernels' own sums
         assert row["h16_rel_err"] < 1e-3, row  # fp16 partials: ~2^-11 of each share's output
         assert 0 < row["h16_vs_op"], row  # the partials did go through fp16
+        for var in ("m4", "m8", "m16", "mall"):  # merged by the split kernel: the same sums, other order
+            assert row[f"{var}_rel_err"] < 1e-5, (var, row)
