@@ -1,9 +1,8 @@
-"""Decode attention's partials and launches: fp16 partials, the programmatic-dependent-launch
-attribute and the partials merged without a combine launch, on the 31B's full and sliding layers, in
-one GPU call (a measuring tool).
+"""Decode attention's partials and launches: fp16 partials and the programmatic-dependent-launch
+attribute, on the 31B's full and sliding layers, in one GPU call (a measuring tool).
 
     python -m scripts.decode_combine_variants [--out decode_combine_variants.json] [--rounds 3] [--rep 40]
-                                              [--variants op,pdl,m8,...]
+                                              [--variants op,pdl,...]
     python -m scripts.decode_combine_variants --smoke   # CPU: Triton's interpreter, tiny shapes, no timing
 
 Why: the 31B full layer's decode (`gemma4::attention`, export/kernels/attention.py) is the split kernel
@@ -19,20 +18,16 @@ each) that the combine, a second launch, reads back. Two changes, each a switch 
   instructions overlap the split kernel's tail, and the next call's split kernel the combine's. The
   benchmarks so far launched them without it (bench_attention.py: `us` there is without).
 
-- `mN` (N shares a group, `all`: one group): no combine launch (`attention.launch(merge=N)`): the
-  program that finishes a group of N shares last (an atomic counter) merges their partials, and the
-  one that finishes the last group merges the groups' into the output (`_merge_tail`); the counters
-  are one persistent zeroed tensor per row, left zero by every call (checked after the timing).
-  `-split` measured the split kernel alone ~5.5 us under the combine's path at every fill
-  (decode_kv8_variants.json): what the combine's launch, its reads and its boundary cost.
-
 A third, `pdl/late` (the split kernel letting the combine start after its main loop, not at its start),
 was measured and dropped with the trigger it needed (scripts/measurements/decode_late_variants.json:
-int8 at 32k 47.1 -> 46.9 us, int4 at 8k 25.3 -> 23.6, bf16 sliding 8.1 -> 9.3).
+int8 at 32k 47.1 -> 46.9 us, int4 at 8k 25.3 -> 23.6, bf16 sliding 8.1 -> 9.3). So was `mN`, no combine
+launch: the program finishing a group of N shares last merging their partials, and the one finishing the
+last group merging the groups' (decode_merge_variants.json: 101-160 us at fill 1k against the op's 11-16;
+one program's merge of the groups' partials runs at its load latency, slower than a second launch).
 
-Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `m4`, `m8`, `m16`, `mall`, `m8+pdl`: each timed as a CUDA graph of back-to-back calls
-(`triton.testing.do_bench_cudagraph`, median), the variants alternated over `--rounds` rounds (the median
-of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
+Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl` (`--variants`: a subset): each timed as a CUDA
+graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
+`--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
 int4 caches and 1k / 32k for the sliding layer (bf16; the ring holds the window). Correctness on fresh q
 for every row: each variant against an fp32 reference over the same (dequantized) cache, and `h16`'s
 output against `op`'s. The copy bandwidth is measured in the same run. Table on stdout, JSON with
@@ -54,12 +49,7 @@ import torch
 VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "pdl": dict(part16=False, pdl_attr=True),
             "h16": dict(part16=True, pdl_attr=False),
-            "h16+pdl": dict(part16=True, pdl_attr=True),
-            "m4": dict(part16=False, pdl_attr=False, merge=4),
-            "m8": dict(part16=False, pdl_attr=False, merge=8),
-            "m16": dict(part16=False, pdl_attr=False, merge=16),
-            "mall": dict(part16=False, pdl_attr=False, merge="all"),
-            "m8+pdl": dict(part16=False, pdl_attr=True, merge=8)}
+            "h16+pdl": dict(part16=True, pdl_attr=True)}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -89,8 +79,6 @@ def main(argv=None) -> int:
         return 2
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
-    import triton
-
     from export.kernels import attention as A
     from scripts import bench_attention as B
 
@@ -113,16 +101,11 @@ def main(argv=None) -> int:
                 q = torch.randn(1, 1, H, D, device=dev, dtype=dt)
                 ref = B.reference(q, kk, vv, ks, vs, pos, window)
                 row = {"layer": name, "kv_dtype": kv, "fill": fill, "bytes": B.kv_bytes(Hkv, D, n, kv)}
-                fns, outs, counters = {}, {}, {}
+                fns, outs = {}, {}
                 for var in chosen:
-                    kw = dict(VARIANTS[var])
+                    kw = VARIANTS[var]
                     if kw["pdl_attr"] and args.smoke:
                         continue  # no launch attribute in the interpreter
-                    if kw.get("merge"):
-                        splits = A.decode_splits(S, Hkv, D, A.kv_format(kk, ks))
-                        kw["merge"] = triton.next_power_of_2(splits) if kw["merge"] == "all" else kw["merge"]
-                        kw["counters"] = counters[var] = torch.zeros(
-                            A.merge_counters(Hkv, G, splits, kw["merge"]), device=dev, dtype=torch.int32)
                     fns[var] = (lambda kw=kw: A.launch(q, kk, vv, ks, vs, pos, window, True, **kw))
                     outs[var] = fns[var]()
                     row[f"{var}_rel_err"] = B.rel(outs[var], ref)
@@ -134,8 +117,6 @@ def main(argv=None) -> int:
                     for _ in range(args.rounds):
                         for var, fn in fns.items():
                             times[var].append(B._time(fn, argparse.Namespace(timing="graph", rep=args.rep)) * 1e3)
-                    for var, cnt in counters.items():
-                        assert not cnt.any(), f"{var}: counters left nonzero"
                     for var, ts in times.items():
                         us = sorted(ts)[len(ts) // 2]
                         row[f"{var}_us"] = us

@@ -188,13 +188,8 @@ prefetch_overlap)  # the o projection's weight asked into the L2 beside decode a
 selfq)  # the one-slice M == 1 GEMV quantizing its own x in its prologue against the op's two launches (~1 min)
   timeout 200 python -m scripts.gemv1_selfq_variants --out "$OUT/gemv1_selfq_variants.json" 2>&1 | tail -8
   ;;
-merge)  # decode attention with its partials merged by the split kernel's last programs (no combine launch)
-  # against the op's two launches, with and without the launch attribute (~2 min)
-  timeout 420 python -m scripts.decode_combine_variants --variants op,pdl,m4,m8,m16,mall,m8+pdl --rounds 3 \
-      --out "$OUT/decode_merge_variants.json" 2>&1 | tail -18
-  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|merge" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq" >&2; exit 2 ;;
 esac

@@ -213,43 +213,6 @@ def test_triton_kernels_match_reference_in_the_interpreter():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-INTERPRETED_MERGE = r"""
-import torch
-from export.kernels import attention as A
-from tests.test_attention import cache_args, filled_cache
-cm = A.use_configs(A.smallest); cm.__enter__()
-gen = torch.Generator().manual_seed(4)
-worst = {}
-# a flat cache with 19 shares per KV head (groups of 4 leave one of 3), a wrapped ring, a fill in the first share
-for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 290), (8, 1, 32, 40, 24, 70), (8, 2, 32, 300, 0, 5)]:
-    k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
-    q = torch.randn(1, 1, H, D, generator=gen)
-    p = torch.tensor([pos])
-    for kv in ("float", "int8", "int4"):
-        args = cache_args(k, v, kv)
-        want = A.attention_reference(q, *args, p, window)
-        splits = A.decode_splits(S, Hkv, D, A.kv_format(args[0], args[2]))
-        for merge in (1, 4, 32):  # one share a group, several groups, one group
-            cnt = torch.zeros(A.merge_counters(Hkv, H // Hkv, splits, merge), dtype=torch.int32)
-            for _ in range(2):  # the counters the first call left serve the second
-                got = A.launch(q, *args, p, window, True, merge=merge, counters=cnt)
-                worst[kv, merge] = max(worst.get((kv, merge), 0.0), (got - want).abs().max().item())
-                assert not cnt.any(), ("counters left nonzero", kv, merge, cnt)
-print(worst)
-assert max(worst.values()) <= 2e-5, worst
-"""
-
-
-def test_decode_merge_without_combine_matches_reference_in_the_interpreter():
-    """Decode whose split kernel merges its partials itself (`launch(merge=N)`: the last program of
-    each group of shares, then of the groups; no combine launch) against the reference, every KV
-    format, flat cache and wrapped ring, the counters back at zero after every call, on CPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_MERGE], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-
-
 INTERPRETED_16BIT = r"""
 import torch
 from export.kernels import attention as A

@@ -598,13 +598,11 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
-               PART16: tl.constexpr = 0, CNT=None, MERGE: tl.constexpr = 0, MERGE_NG: tl.constexpr = 1):
+               PART16: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
         O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
-        if MERGE:
-            CNT = CNT + z
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -767,9 +765,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         if QUADS:
             tl.store(AP + base[:, None] * D + ca[None, :] + 2, acc3, mask=ok[:, None])
             tl.store(AP + base[:, None] * D + ca[None, :] + 3, acc4, mask=ok[:, None])
-        if MERGE:  # no combine kernel: the shares' last programs merge the partials (T == 1)
-            _merge_tail(MP, LP, AP, O, CNT, kvh, pid_s, pid_m, g, (g < G) & row_ok, t * sot + head * soh,
-                        NUM_SPLITS, G, D, MERGE, MERGE_NG)
     else:
         orow = O + t[:, None] * sot + head[:, None] * soh
         tl.store(orow + ca[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -778,70 +773,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         if QUADS:
             tl.store(orow + ca[None, :] + 2, (acc3 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
             tl.store(orow + ca[None, :] + 3, (acc4 / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _merge(MP, LP, AP, hbase, s, s_ok, g, g_ok, O, o_rows, into, G: tl.constexpr, D: tl.constexpr,
-           DC: tl.constexpr, FINAL: tl.constexpr):
-    """Merge the decode partials of shares s (s_ok: which exist) for rows g of one KV head (hbase:
-    its first partial row): m = max m_s, l = sum exp(m_s - m) l_s, acc = sum exp(m_s - m) acc_s, an
-    empty share (l_s = 0, acc_s unwritten) dropped by a select. FINAL: out = acc / l in O's dtype
-    at o_rows; else (m, l, acc) into share `into`'s partial. DC columns a step."""
-    idx = hbase + s[:, None] * G + g[None, :]
-    ok = s_ok[:, None] & g_ok[None, :]
-    l_s = tl.load(LP + idx, mask=ok, other=0.0, cache_modifier=".cg")
-    m_s = tl.where(l_s > 0, tl.load(MP + idx, mask=ok, other=-1.0e30, cache_modifier=".cg"), -1.0e30)
-    m = tl.max(m_s, 0)
-    w = tl.where(l_s > 0, tl.exp(m_s - m[None, :]), 0.0)
-    l = tl.sum(l_s * w, 0)
-    dst = hbase + into * G + g
-    for c0 in tl.static_range(0, D, DC):
-        c = c0 + tl.arange(0, DC)
-        a = tl.load(AP + idx[:, :, None] * D + c[None, None, :], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        acc = tl.sum(tl.where(w[:, :, None] > 0, a * w[:, :, None], 0.0), 0)
-        if FINAL:
-            tl.store(O + o_rows[:, None] + c[None, :], (acc / l[:, None]).to(O.dtype.element_ty), mask=g_ok[:, None])
-        else:
-            tl.store(AP + dst[:, None] * D + c[None, :], acc, mask=g_ok[:, None])
-    if not FINAL:
-        tl.store(MP + dst, m, mask=g_ok)
-        tl.store(LP + dst, l, mask=g_ok)
-
-
-@triton.jit
-def _merge_tail(MP, LP, AP, O, CNT, kvh, pid_s, pid_m, g, g_ok, o_rows, NUM_SPLITS, G: tl.constexpr,
-                D: tl.constexpr, MERGE: tl.constexpr, MERGE_NG: tl.constexpr):
-    """Decode without a combine launch: the shares of a KV head in groups of MERGE; the program
-    that finishes a group last (a counter per group, the GEMV's split-sum pattern: a barrier, then
-    one thread's gpu-scope acq_rel atomic) merges the group's partials into its first share's, and
-    the one that finishes the last group merges the groups' into the output. MERGE_NG: the groups
-    rounded up to a power of two (1: one group, merged straight into the output). CNT: int32
-    counters per (KV head, row block), MERGE_NG + 1 each, zero before the first call; each last
-    arriver puts its counter back to 0."""
-    BM: tl.constexpr = g.shape[0]
-    cbase = (kvh * tl.num_programs(1) + pid_m) * (MERGE_NG + 1)
-    hbase = kvh * NUM_SPLITS * G
-    gi = pid_s // MERGE
-    first = gi * MERGE
-    size = tl.minimum(MERGE, NUM_SPLITS - first)
-    tl.debug_barrier()  # every thread's partials stored; one thread's atomic releases them
-    arrived = tl.atomic_add(CNT + cbase + gi, 1, sem="acq_rel", scope="gpu")
-    if arrived == size - 1:
-        tl.store(CNT + cbase + gi, 0)
-        s = first + tl.arange(0, MERGE)
-        DC1: tl.constexpr = min(D, max(16, 8192 // (MERGE * BM)))
-        if MERGE_NG == 1:
-            _merge(MP, LP, AP, hbase, s, s < NUM_SPLITS, g, g_ok, O, o_rows, first, G, D, DC1, True)
-        else:
-            _merge(MP, LP, AP, hbase, s, s < NUM_SPLITS, g, g_ok, O, o_rows, first, G, D, DC1, False)
-            tl.debug_barrier()
-            done = tl.atomic_add(CNT + cbase + MERGE_NG, 1, sem="acq_rel", scope="gpu")
-            if done == tl.cdiv(NUM_SPLITS, MERGE) - 1:
-                tl.store(CNT + cbase + MERGE_NG, 0)
-                s2 = tl.arange(0, MERGE_NG) * MERGE
-                DC2: tl.constexpr = min(D, max(16, 8192 // (MERGE_NG * BM)))
-                _merge(MP, LP, AP, hbase, s2, s2 < NUM_SPLITS, g, g_ok, O, o_rows, 0, G, D, DC2, True)
 
 
 @triton.jit
@@ -1289,17 +1220,13 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
-           part16: Optional[bool] = None, pdl_attr: bool = False, merge: int = 0,
-           counters: Optional[torch.Tensor] = None):
+           part16: Optional[bool] = None, pdl_attr: bool = False):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
     fp16 (DECODE_PARTIALS_FP16 by default). pdl_attr: decode's two kernels launched with the
     programmatic-dependent-launch attribute, as the artifact's launcher launches them (direct
-    launches only: benchmarks). merge (decode, a power of two): no combine launch, the split
-    kernel's last programs merge the partials in groups of `merge` shares (`_merge_tail`);
-    counters: its int32 counters, `merge_counters` of them, zero (they are left zero), else a
-    fresh zeroed tensor."""
+    launches only: benchmarks)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1319,15 +1246,6 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         attr = {"launch_pdl": True} if pdl and pdl_attr else {}
-        if merge:
-            assert not part16 and merge & (merge - 1) == 0, "merge: fp32 partials, a power-of-two group"
-            ng = triton.next_power_of_2(triton.cdiv(splits, merge))
-            if counters is None:
-                counters = torch.zeros(merge_counters(Hkv, G, splits, merge), device=q.device, dtype=torch.int32)
-            wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits,
-                                              *strides, SPLIT=True, PDL=pdl, PART16=0, CNT=counters, MERGE=merge,
-                                              MERGE_NG=ng, **common, **attr)
-            return out
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
                                           SPLIT=True, PDL=pdl, PART16=int(part16), **common, **attr)
         p2 = triton.next_power_of_2(splits)
@@ -1359,12 +1277,6 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                 mp, lp, ap, out, T, out.stride(1), out.stride(2), NUM_SPLITS=splits, G=G, D=D, BLOCK_R=16,
                 BLOCK_D=block_d)
     return out
-
-
-def merge_counters(kv_heads: int, G: int, splits: int, merge: int) -> int:
-    """The int32 counters a merging decode launch uses (`launch(merge=...)`): MERGE_NG + 1 per KV
-    head and row block, sized for row blocks of one row (the most there can be)."""
-    return kv_heads * G * (triton.next_power_of_2(triton.cdiv(splits, merge)) + 1)
 
 
 def prefill_config(head_dim: int, fmt: int) -> tuple:
