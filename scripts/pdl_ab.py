@@ -15,7 +15,12 @@ logits and tokens, greedy, after the same prompt.
 
 Each run (a child process): load the artifact (CUDA-graph decode, the runner's default), prefill
 to each fill with fixed random ids, then `--steps` greedy decode steps, each step's time by CUDA
-events around the replay (median), every step's logits kept. The parent runs four children
+events around the replay (median), every step's logits kept. The steps are queued without waiting
+for their tokens (each step's argmax feeds the next on the device), so once the host is ahead of the
+GPU the events time the GPU's step alone. With a wait for each token (as until 2026-12-03) the GPU
+sat idle while the host launched the next step (the token's copy, the position's fill, the replay),
+inside the events: a part of a small slice's step (0.28 ms for the E4B 2-layer slice) that varies
+from process to process. The parent runs four children
 (off, on, off, on: drift shows between a mode's two runs; six with `--only`: off, only, on, twice),
 compares every run with the first, and writes one JSON with each mode's two medians per fill
 (`off_ms`, `on_ms`, and `only_ms` with one `--only`), `bitwise_equal`, and the worst logits difference.
@@ -55,8 +60,8 @@ def run_child(model: str, fills: list[int], steps: int, out: str) -> None:
         ids = torch.randint(3, vocab, (fill,), generator=gen).tolist()
         logits = runner.prefill(ids)
         token = torch.argmax(logits.view(-1))
-        times, tokens, kept = [], [], []
-        for _ in range(steps):
+        times, tokens, kept, events = [], [], [], []
+        for _ in range(steps):  # CUDA: no wait for a step's token, so the host queues steps ahead of the GPU
             if cuda:
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -64,10 +69,16 @@ def run_child(model: str, fills: list[int], steps: int, out: str) -> None:
             out_logits = runner._decode(token)
             if cuda:
                 b.record()
+                events.append((a, b))
             kept.append(out_logits.float().clone())
-            token = torch.argmax(out_logits)
-            tokens.append(int(token.item()))  # waits for the step
-            times.append(a.elapsed_time(b) if cuda else (time.perf_counter() - t) * 1e3)
+            token = torch.argmax(out_logits)  # the next step's input, on the device
+            tokens.append(token)
+            if not cuda:
+                times.append((time.perf_counter() - t) * 1e3)
+        if cuda:
+            torch.cuda.synchronize()
+            times = [a.elapsed_time(b) for a, b in events]
+        tokens = torch.stack(tokens).tolist()
         res[str(fill)] = {"median_ms": statistics.median(times), "tokens": tokens}
         logits_all[str(fill)] = torch.stack(kept).cpu()
     torch.save(logits_all, out + ".pt")
