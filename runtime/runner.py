@@ -22,7 +22,10 @@ Decode on CUDA is replayed through a CUDA graph (runtime/graphs.py) unless `cuda
 the decode chain is captured once at load, after the weights and KV are bound, and then
 runs only through the graph. The next token goes from the sampler's output into the static
 token buffer on the device; the host reads one token id per step (for the caller and the
-stop check).
+stop check). `generate` queues each step before it reads the token the step is fed with (the
+token's copy to the host goes first in the stream), so the GPU runs step i + 1 while the host
+reads token i, hands it to the caller and checks it; a step queued past a stop is taken back
+(its position is rewritten before anything reads it).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class GenerationStats:
     new_tokens: int = 0
     prefill_s: float = 0.0  # prefill calls only
     ttft_s: float = 0.0  # start of prefill -> first token id on the host
-    decode_s: float = 0.0  # decode steps (decode call + sampling), new_tokens - 1 of them
+    decode_s: float = 0.0  # first token id on the host -> the last one (new_tokens - 1 steps, the caller's time in)
     memory: MemoryPeak | None = None
 
     @property
@@ -103,6 +106,7 @@ class Runner:
         self._inputs: dict[int, torch.Tensor] = {}  # T -> static token buffer [1, T]
         self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.pos = 0  # next position to write
+        self._sequence = 0  # counts reset() calls
         self.last_stats = GenerationStats()
         self.graph: DecodeGraph | None = None  # set: the decode chain's containers are replay-only
         if graphed:
@@ -202,6 +206,7 @@ class Runner:
         for t in self._bound.kv.values():
             t.zero_()
         self.pos = 0
+        self._sequence += 1  # a generator of an earlier sequence no longer moves the position
 
     def check_fits(self, n_prompt: int, max_new_tokens: int = 0, start: int | None = None) -> None:
         check_fits(self.ctx, n_prompt, max_new_tokens, self.pos if start is None else start)
@@ -277,16 +282,51 @@ class Runner:
         token = sample(logits, sampling, gen)
         token_id = int(token.item())
         stats.ttft_s = time.perf_counter() - t0
-        for i in range(max_new_tokens):
-            if i:
-                t = time.perf_counter()
-                token = sample(self._decode(token), sampling, gen)  # the token stays on the device
-                token_id = int(token.item())
-                stats.decode_s += time.perf_counter() - t
-            stats.new_tokens += 1
-            yield token_id
-            if token_id in stops:
-                return
+        reader, sequence = _TokenReader(self.device), self._sequence
+        ahead = None  # the next token on the device: its step is queued before this token is read
+        try:
+            for i in range(max_new_tokens):
+                if i:
+                    token, ahead = ahead, None
+                    reader.copy(token)  # queued before the next step: reading it waits for this step alone
+                if i + 1 < max_new_tokens:  # the next step, fed from the device, runs while the host reads this one
+                    ahead = sample(self._decode(token), sampling, gen)
+                if i:
+                    token_id = reader.value()
+                    stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
+                stats.new_tokens += 1
+                yield token_id
+                if token_id in stops:
+                    return
+        finally:  # a step queued past the caller's last token is not part of the sequence
+            if ahead is not None and self._sequence == sequence:
+                self.pos -= 1
+
+
+class _TokenReader:
+    """A sampled token's id on the host without waiting for the work queued after it: on CUDA a
+    non-blocking copy into pinned memory and an event right after it (waiting on the event waits
+    for the copy alone); elsewhere the copy is the read."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        if self.cuda:
+            self.host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            self.done = torch.cuda.Event()
+        self._token: torch.Tensor | None = None
+
+    def copy(self, token: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(token.view(()), non_blocking=True)
+            self.done.record()
+        else:
+            self._token = token
+
+    def value(self) -> int:
+        if self.cuda:
+            self.done.synchronize()
+            return int(self.host)
+        return int(self._token.item())
 
 
 def check_fits(ctx: int, n_prompt: int, max_new_tokens: int = 0, start: int = 0) -> None:

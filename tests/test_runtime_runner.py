@@ -151,6 +151,33 @@ def test_greedy_generation_stops_on_eos(runner):
     assert stats.prompt_tokens == 5 and stats.new_tokens == len(cut) and stats.ttft_s > 0
 
 
+def test_generate_queues_steps_without_changing_tokens_or_the_position(runner):
+    """generate() queues step i + 1 before it reads token i: the tokens are a plain decode loop's,
+    and however the sequence ends (max tokens, a stop id, the caller leaving early) the position is
+    the prompt plus every token fed back, not the step queued past the last."""
+    prompt = _prompt(7, runner.meta.vocab_size, seed=5)
+    runner.reset()
+    token = int(torch.argmax(runner.prefill(prompt)))
+    plain = [token]
+    for _ in range(5):
+        token = int(torch.argmax(runner.decode(token)))
+        plain.append(token)
+    assert list(runner.generate(prompt, 6, stop_ids=())) == plain
+    assert runner.pos == len(prompt) + 5
+    stop_at = plain[3]
+    cut = list(runner.generate(prompt, 6, stop_ids={stop_at}))
+    assert cut == plain[: plain.index(stop_at) + 1] and runner.pos == len(prompt) + len(cut) - 1
+    for taken in runner.generate(prompt, 6, stop_ids=()):
+        break  # the caller leaves after the first token, a step queued behind it
+    assert taken == plain[0] and runner.pos == len(prompt)
+    stale = runner.generate(prompt, 6, stop_ids=())
+    next(stale)
+    assert list(runner.generate(prompt, 3, stop_ids=())) == plain[:3]
+    stale.close()  # an earlier sequence's generator, closed late: the current position stays
+    assert runner.pos == len(prompt) + 2
+    assert runner.last_stats.decode_s > 0 and runner.last_stats.new_tokens == 3
+
+
 def test_over_long_prompt_is_a_clear_error(runner):
     ctx = runner.ctx
     with pytest.raises(ContextOverflowError, match=f"exported context of {ctx} tokens"):
