@@ -317,8 +317,8 @@ class _TokenReader:
 
     def copy(self, token: torch.Tensor) -> None:
         if self.cuda:
-            self.host.copy_(token.view(()), non_blocking=True)
-            self.done.record()
+            self.host.copy_(token.view(()), non_blocking=True)  # on the token's device's current stream
+            self.done.record(torch.cuda.current_stream(token.device))
         else:
             self._token = token
 
