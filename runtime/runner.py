@@ -282,7 +282,7 @@ class Runner:
         token = sample(logits, sampling, gen)
         token_id = int(token.item())
         stats.ttft_s = time.perf_counter() - t0
-        reader, sequence = _TokenReader(self.device), self._sequence
+        reader, sequence = TokenReader(self.device), self._sequence
         ahead = None  # the next token on the device: its step is queued before this token is read
         try:
             for i in range(max_new_tokens):
@@ -303,7 +303,7 @@ class Runner:
                 self.pos -= 1
 
 
-class _TokenReader:
+class TokenReader:
     """A sampled token's id on the host without waiting for the work queued after it: on CUDA a
     non-blocking copy into pinned memory and an event right after it (waiting on the event waits
     for the copy alone); elsewhere the copy is the read."""

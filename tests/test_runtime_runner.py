@@ -178,6 +178,18 @@ def test_generate_queues_steps_without_changing_tokens_or_the_position(runner):
     assert runner.last_stats.decode_s > 0 and runner.last_stats.new_tokens == 3
 
 
+def test_benchmark_decode_steps_feed_n_tokens(runner):
+    """scripts/bench_runtime.py's decode timing takes generate's queued steps: n steps, n
+    positions, a time for each."""
+    from scripts.bench_runtime import decode_steps
+
+    prompt = _prompt(6, runner.meta.vocab_size, seed=6)
+    runner.reset()
+    row = decode_steps(runner, runner.prefill(prompt), 4)
+    assert runner.pos == len(prompt) + 4
+    assert row["ms_per_token"] > 0 and row["median_ms"] > 0
+
+
 def test_over_long_prompt_is_a_clear_error(runner):
     ctx = runner.ctx
     with pytest.raises(ContextOverflowError, match=f"exported context of {ctx} tokens"):
