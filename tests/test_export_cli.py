@@ -49,7 +49,9 @@ def test_help_explains_the_artifact():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ctx", "5000"], "--ctx 5000 is outside 2..4096"),
+    (["--ctx", "5000"], "--ctx 5000 is outside 2..4096 (the model's max_position_embeddings); lower --ctx"),
+    (["--ctx", "0"], "--ctx 0 is below 2; give --ctx 2 or more"),
+    (["--ctx", "1", "--plan"], "--ctx 1 is below 2; give --ctx 2 or more"),
     (["--preset", "nope"], "--preset 'nope' is unknown"),
     (["--checkpoint", "/no/such/dir"], "--checkpoint /no/such/dir: no such directory"),
     (["--prefill-chunk", "1"], "--prefill-chunk 1 must be in 2..ctx"),
@@ -128,3 +130,12 @@ def test_cuda_prefill_chunk_is_fitted_to_the_budget(capsys):
     assert (cfg.ctx, cfg.prefill_chunk) == (262144, 256)
     cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072", "--prefill-chunk", "128"]))
     assert cfg.prefill_chunk == 128
+
+
+@pytest.mark.parametrize("ctx, advice", [(1, "give --ctx 2 or more"), (5000, "lower --ctx")])
+def test_resolve_names_which_way_ctx_is_out_of_range(ctx, advice, tmp_path):
+    """The API's check (options.resolve) too: a ctx under 2 is not fixed by lowering it."""
+    from export.gemma4.options import ExportConfig, ExportConfigError, resolve
+
+    with pytest.raises(ExportConfigError, match=f"--ctx {ctx} is outside 2..4096 .*; {advice}"):
+        resolve(ExportConfig(ctx=ctx, out=tmp_path / "never"))

@@ -84,6 +84,8 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     if ctx_arg != "auto" and not ctx_arg.isdigit():
         raise ExportConfigError(f"--ctx {ctx_arg!r}: give a number of tokens or 'auto'")
     ctx = 1024 if ctx_arg == "auto" else int(ctx_arg)  # "auto": where the search starts
+    if ctx < 2:  # --plan too: no plan for a context an export refuses
+        raise ExportConfigError(f"--ctx {ctx} is below 2; give --ctx 2 or more")
     cfg = ExportConfig(**{**export_fields(args), "ctx": ctx})  # flags and fields match one-to-one
     if ctx_arg == "auto" or args.gpu_budget is not None:
         if ctx_arg == "auto" and args.gpu_budget is None:

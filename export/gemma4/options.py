@@ -168,8 +168,9 @@ def resolve(cfg: ExportConfig) -> ResolvedExport:
 
     mcfg = model_config(cfg)
     if not 2 <= cfg.ctx <= mcfg.max_position_embeddings:
+        fix = "lower --ctx" if cfg.ctx > mcfg.max_position_embeddings else "give --ctx 2 or more"
         _fail(f"--ctx {cfg.ctx} is outside 2..{mcfg.max_position_embeddings} "
-              f"(the model's max_position_embeddings); lower --ctx")
+              f"(the model's max_position_embeddings); {fix}")
     if not 2 <= cfg.prefill_chunk <= cfg.ctx:
         _fail(f"--prefill-chunk {cfg.prefill_chunk} must be in 2..ctx ({cfg.ctx}); decode covers T = 1")
     if cfg.group_size not in GROUP_SIZES:
