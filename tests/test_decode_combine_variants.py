@@ -4,19 +4,13 @@ variants against the fp32 reference, the fp16 partials within fp16's rounding of
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import run_script
 
 
 def test_smoke_rows_match_the_reference(tmp_path):
     out = tmp_path / "smoke.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "scripts.decode_combine_variants", "--smoke", "--out", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = run_script("scripts.decode_combine_variants", "--smoke", "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {(row["layer"], row["kv_dtype"]) for row in rows} == {
@@ -28,6 +22,5 @@ def test_smoke_rows_match_the_reference(tmp_path):
 
 
 def test_unknown_variant_is_refused_before_any_kernel_runs():
-    r = subprocess.run([sys.executable, "-m", "scripts.decode_combine_variants", "--variants", "op,nope"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run_script("scripts.decode_combine_variants", "--variants", "op,nope", timeout=120)
     assert r.returncode == 2 and "--variants: unknown ['nope']" in r.stderr, r.stderr[-2000:]
