@@ -9,10 +9,13 @@ sliding layer, the causal half not discounted).
     python -m scripts.bench_attention --decode-only OLD.json --no-baseline --merge-baseline OLD.json
         (decode rows re-timed; prefill and triton::sdpa rows kept from OLD.json with their copy bandwidth)
 
-Each row: median time (CUDA-graph replay; launches over 2 ms: CUDA events), the bytes of the filled slots (K, V and
-scales the step must read), that over the time as a fraction of the device-to-device copy
-bandwidth measured in the same run, and the error against an fp32 reference over the same
-(dequantized) cache. For int8/int4 also the error against the bf16 cache (the quantization
+Each row: median time (CUDA-graph replay; launches over 2 ms: CUDA events; decode's two kernels with
+the programmatic-dependent-launch attribute on sm_90+, as the artifact launches them, unless
+--no-pdl-attr), the bytes of the filled slots (K, V and scales the step must read), that over the
+time as a fraction of the device-to-device copy bandwidth measured in the same run, and the error
+against an fp32 reference over the same (dequantized) cache; where the decode kernel rounds q to
+int8 levels (the int8 cache's q . k as an int8 dot) that reference takes q so rounded, and
+`rel_err_vs_fp32_ref_unrounded_q` the one against q itself. For int8/int4 also the error against the bf16 cache (the quantization
 error of the attention output), and for int4 the same with a Hadamard rotation of q, k, v.
 `rows` hold only this project's kernels; ExecuTorch's `triton::sdpa` goes to `baseline_rows`.
 """
@@ -125,6 +128,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timing", choices=("graph", "events"), default="graph",
                     help="graph: replay one CUDA graph of the op (launch overhead gone, as in the runner's "
                          "CUDA-graph decode); events: do_bench over eager Python launches")
+    ap.add_argument("--pdl-attr", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode's two kernels launched with the programmatic-dependent-launch attribute, as the "
+                         "artifact's launcher launches them (sm_90+; default: on)")
     ap.add_argument("--choice", default=None,
                     help="TARGET_PROGRAMS and DECODE_CONFIG from scripts/attention_variants.py (default: the module's)")
     ap.add_argument("--jobs", type=int, default=12,
@@ -171,7 +177,7 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
     sdpa = et_sdpa() if args.baseline else None
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
-    result = {"copy_gbps": bw, "timing": args.timing, "device": device, "ctx": CTX,
+    result = {"copy_gbps": bw, "timing": args.timing, "pdl_attr": args.pdl_attr, "device": device, "ctx": CTX,
               "sliding_ring": "the window (cfg.ring_slots); a prefill chunk brings its own K/V",
               "prefill_chunks": list(PREFILL_CHUNKS) if not args.decode_only else old.get("prefill_chunks"),
               "prefill_config": [[D, fmt, *cfg] for (D, fmt), cfg in sorted(A.PREFILL_CONFIG.items())],
@@ -214,15 +220,22 @@ def main(argv=None) -> int:
                     kk, vv, ks, vs = k, v, None, None
                 else:
                     kk, ks, vv, vs = quant[kv]
-                fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode", **fresh)  # noqa: E731
+                fn = lambda: A.launch(q, kk, vv, ks, vs, pos, window, phase == "decode", pdl_attr=args.pdl_attr,  # noqa: E731
+                                      **fresh)
                 out = fn()
                 ref = reference(q, kk, vv, ks, vs, pos, window, **fresh) if ks is not None else ref_bf16
+                levels = A.decode_q_levels(D, A.kv_format(kk, ks)) if phase == "decode" else 0
+                extra = {}
+                if levels:  # the kernel's q . k takes q in int8 levels: its own arithmetic is the reference
+                    # fed those; the error against q itself is the rounding's cost as well
+                    extra = dict(q_int8_levels=levels, rel_err_vs_fp32_ref_unrounded_q=rel(out, ref))
+                    ref = reference(A.q_int8_levels(q, levels), kk, vv, ks, vs, pos, window)
                 err = rel(out, ref)
                 ms = _time(fn, args)
                 nbytes = kv_bytes(Hkv, D, n, kv)
                 row = dict(layer=name, phase=phase, kv_dtype=kv, fill=fill, us=ms * 1e3,
                            fraction_of_copy_bw=nbytes / (ms * 1e-3) / (bw * 1e9), bytes=nbytes,
-                           rel_err_vs_fp32_ref=err, finite=bool(torch.isfinite(out).all()))
+                           rel_err_vs_fp32_ref=err, finite=bool(torch.isfinite(out).all()), **extra)
                 if phase == "prefill":  # useful FLOPs: q . k and p @ v over the positions each query sees
                     seen = min(fill, window) if window else fill
                     row.update(chunk=T, tflops=4 * T * seen * H * D / (ms * 1e-3) / 1e12)

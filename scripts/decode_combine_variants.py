@@ -25,7 +25,11 @@ launch: the program finishing a group of N shares last merging their partials, a
 last group merging the groups' (decode_merge_variants.json: 101-160 us at fill 1k against the op's 11-16;
 one program's merge of the groups' partials runs at its load latency, slower than a second launch).
 
-Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl` (`--variants`: a subset): each timed as a CUDA
+`kq8` / `kq8+pdl`: the int8 cache's q . k as an int8 dot (`DECODE_KNOBS` KQ8 1 for the call; other KV
+dtypes run the op as is).
+
+Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl` (`--variants`: a subset; `--fills`,
+`--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
 int4 caches and 1k / 32k for the sliding layer (bf16; the ring holds the window). Correctness on fresh q
@@ -49,7 +53,9 @@ import torch
 VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "pdl": dict(part16=False, pdl_attr=True),
             "h16": dict(part16=True, pdl_attr=False),
-            "h16+pdl": dict(part16=True, pdl_attr=True)}
+            "h16+pdl": dict(part16=True, pdl_attr=True),
+            "kq8": dict(part16=False, pdl_attr=False, kq8=1),
+            "kq8+pdl": dict(part16=False, pdl_attr=True, kq8=1)}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -63,6 +69,21 @@ def layer_cases(smoke: bool):
             ("31b-sliding", 16, 2, 256, 1024, 1024, ("bf16",), SLIDING_FILLS)]
 
 
+def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=0, **kw):
+    """attention.launch (decode) with the int8 decode kernel's KQ8 knob set for this call only (the
+    kernel cache is keyed on the knobs: each setting compiles its own kernel)."""
+    knobs = A.DECODE_KNOBS.setdefault((D, 1), {})
+    old = knobs.get("KQ8")
+    knobs["KQ8"] = kq8
+    try:
+        return A.launch(q, kk, vv, ks, vs, pos, window, True, **kw)
+    finally:
+        if old is None:
+            knobs.pop("KQ8")
+        else:
+            knobs["KQ8"] = old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="JSON path (default: none)")
@@ -71,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="Triton's interpreter on the CPU, tiny shapes, no timing")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated, from " + ", ".join(VARIANTS) + " (default: all)")
+    ap.add_argument("--fills", default=None, help="comma-separated fills (default: every fill of each layer)")
+    ap.add_argument("--kv-dtypes", default=None, help="comma-separated, from bf16, int8, int4 (default: all)")
     args = ap.parse_args(argv)
     chosen = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -88,7 +111,13 @@ def main(argv=None) -> int:
     dev, dt, bw = B.DEV, B.DT, result["copy_gbps"]
     result.update({"variants": {k: VARIANTS[k] for k in chosen}, "rounds": args.rounds, "rows": []})
     t_start = time.time()
+    only_fills = {int(f) for f in args.fills.split(",")} if args.fills else None
+    only_kvs = set(args.kv_dtypes.split(",")) if args.kv_dtypes else None
     for name, Hkv, G, D, S, window, kvs, fills in layer_cases(args.smoke):
+        fills = tuple(f for f in fills if only_fills is None or f in only_fills or args.smoke)
+        kvs = tuple(kv for kv in kvs if only_kvs is None or kv in only_kvs)
+        if not fills or not kvs:
+            continue
         H = Hkv * G
         k, v = B.fill_cache(Hkv, S, D, max(fills), window)
         quant = {kv: (A.quantize_kv(k, kv) + A.quantize_kv(v, kv)) for kv in kvs if kv != "bf16"}
@@ -106,7 +135,7 @@ def main(argv=None) -> int:
                     kw = VARIANTS[var]
                     if kw["pdl_attr"] and args.smoke:
                         continue  # no launch attribute in the interpreter
-                    fns[var] = (lambda kw=kw: A.launch(q, kk, vv, ks, vs, pos, window, True, **kw))
+                    fns[var] = (lambda kw=kw, D=D: launch_with(A, D, q, kk, vv, ks, vs, pos, window, **kw))
                     outs[var] = fns[var]()
                     row[f"{var}_rel_err"] = B.rel(outs[var], ref)
                     assert torch.isfinite(outs[var]).all(), (name, kv, fill, var)

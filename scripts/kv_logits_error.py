@@ -43,7 +43,14 @@ def main(argv=None) -> int:
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--kq8", type=int, choices=(0, 1, 2), default=None,
+                    help="the int8 decode kernel's q . k as an int8 dot of q in this many int8 levels "
+                         "(DECODE_KNOBS KQ8; default: the module's setting)")
     args = ap.parse_args(argv)
+    if args.kq8 is not None:
+        from export.kernels import attention as A
+        for D in {d for d, _ in A.DECODE_CONFIG} | {d for d, _ in A.DECODE_KNOBS}:
+            A.DECODE_KNOBS.setdefault((D, 1), {})["KQ8"] = args.kq8
     mcfg = model_config(ExportConfig(preset=args.preset, layers=args.layers))
     ctx = args.fill + args.decode
     dtype = torch.bfloat16
@@ -67,7 +74,8 @@ def main(argv=None) -> int:
               f"argmax agrees {agree:.1%} ({args.preset} {args.layers} layers, fill {args.fill}, {args.device})")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "layers": args.layers, "fill": args.fill, "rows": rows}, f, indent=1)
+            json.dump({"preset": args.preset, "layers": args.layers, "fill": args.fill, "kq8": args.kq8,
+                       "rows": rows}, f, indent=1)
     return 0
 
 

@@ -29,7 +29,8 @@ head-dim chunks, merges the non-empty shares. On sm_90+ both wait on the grid be
 thing (programmatic dependent launch, export/kernels/pdl.py: each may start while the kernel before
 it finishes). With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
-instructions; per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
+instructions (at head_dim 512 the int8 decode's q . k is an int8 dot instead: q rounded to int8
+codes of max |q| / 127 per row, K's codes as stored; the reference does not round q); per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
 (scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D; V, the
 transposed operand of p @ v (no 8-bit ldmatrix: an 8-bit tile read as is costs a shared load
 per byte), read as 32-bit words split in registers, or as 16-bit words (int8: two codes, int4:
@@ -86,13 +87,16 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # BLOCK_N 64); bf16 76 / 254 (its whole blocks unmasked: no faster, the sliding layer slower).
 # Third / fourth rounds (decode_kq8_variants.json, decode_kq8_round4.json): q . k as an int8 dot of q's
 # codes with K's as stored (KQ8 1: no conversion of K, the loop 948 -> 718 instructions a warp and block
-# for sm_90) 47.7 / 151 -> 45.7 / 134 us at 32k / 128k, but q in one int8 level a row puts the 31B
-# 6-layer slice's int8-KV decode logits at 4.0% from the bf16-KV model against 2.7%
-# (scripts/kv_logits_error.py), so it is not the default; q's remainder as a second level (KQ8 2, q to
+# for sm_90) 47.7 / 151 -> 45.7 / 134 us at 32k / 128k; q's remainder as a second level (KQ8 2, q to
 # ~16 bits, a second int8 dot) is slower than the fp16 dots (51.4 / 158). Rescaling only when a row's
-# max rose and V's codes biased (no subtract a code) paid nothing and were dropped.
+# max rose and V's codes biased (no subtract a code) paid nothing and were dropped. KQ8 1 is the int8
+# default: q in one int8 level a row adds to the scores an error of the size K's own int8 rounding
+# puts there. The 31B 6-layer slice's int8-KV decode logits (scripts/kv_logits_error.py, bf16-KV model
+# as reference) moved 0.521% -> 0.531% with q / k norms that give scores of order 1, 2.7% -> 4.0% with
+# scores of std sqrt(D) (a softmax so peaked that any rounding shows), int4 KV being 0.91% / 34% there;
+# the op over the int8 cache 47.5 / 159.6 -> 45.9 / 143.3 us at 32k / 128k (decode_kq8_default.json).
 DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
-                      (512, 1): {"KSPLIT": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2},
+                      (512, 1): {"KSPLIT": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2, "KQ8": 1},
                       (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
 # decode's two kernels wait on the grid before them (export/kernels/pdl.py) on sm_90+: the artifact's
@@ -193,6 +197,26 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int, k_new=None,
     out = torch.softmax(scores, dim=-1) @ vals[0]  # (Hkv, G*T, D)
     return out.reshape(H, T, D).transpose(0, 1)[None].to(q.dtype).contiguous()
 
+
+
+def q_int8_levels(q: torch.Tensor, levels: int = 1) -> torch.Tensor:
+    """q as the int8 decode kernel's int8 q . k sees it (KQ8 `levels`): each row (token, head) in
+    int8 codes of max |q| / 127, nearest, halves away from zero, and with two levels the remainder
+    in 254ths of a code the same way; fp32 (codes times scale). The reference fed this is what
+    the kernel computes; fed q itself, it shows what the rounding costs."""
+    qf = q.float()
+    s = qf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127.0
+    r = qf / s
+    h = torch.where(r >= 0, r + 0.5, r - 0.5).trunc()
+    if levels == 1:
+        return h * s
+    r = (r - h) * 254.0
+    return (h + torch.where(r >= 0, r + 0.5, r - 0.5).trunc() / 254.0) * s
+
+
+def decode_q_levels(head_dim: int, kv_format: int) -> int:
+    """How many int8 levels the decode kernel rounds q to for this head dim / KV format (0: none)."""
+    return with_knobs(_cfg(16, 16, 4, 1), head_dim, kv_format).kwargs["KQ8"]
 
 # ---- configs (every one within SMEM_LIMIT; tests assert it) -------------------------------------
 
