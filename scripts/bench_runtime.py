@@ -496,28 +496,36 @@ def wait_exports(jobs: dict[str, dict], deadline_s: float, clock: Clock) -> dict
 
 # ---- the runner: prefill and decode at each fill, memory -------------------------------------
 
-def decode_steps(runner, logits, n: int) -> dict:
-    """n greedy steps as `Runner.generate` takes them (decode, argmax on the device, each step
-    queued before the host reads the token it is fed with, one token id read per step); ms per
-    token (mean and median)."""
+def queued_steps(advance, token: torch.Tensor, n: int, device: str) -> tuple[float, list[float]]:
+    """n steps as `Runner.generate` takes them: `advance(token)` (the device token id in, the next one
+    out, on the device) queued for step i + 1 before the host reads token i (`TokenReader`); the whole
+    time and each step's, in seconds."""
     from runtime.runner import TokenReader
-    from runtime.sampling import SamplingConfig, sample
 
-    greedy = SamplingConfig()
-    reader = TokenReader(runner.device)
-    token = sample(logits, greedy, None)
-    _sync(runner.device)
+    reader = TokenReader(device)
+    _sync(device)
     times, t0 = [], time.perf_counter()
-    ahead = sample(runner._decode(token), greedy, None)
+    ahead = advance(token)
     for i in range(n):
         t = time.perf_counter()
         token, ahead = ahead, None
         reader.copy(token)
         if i + 1 < n:
-            ahead = sample(runner._decode(token), greedy, None)
+            ahead = advance(token)
         reader.value()
         times.append(time.perf_counter() - t)
-    total = time.perf_counter() - t0
+    return time.perf_counter() - t0, times
+
+
+def decode_steps(runner, logits, n: int) -> dict:
+    """n greedy steps as `Runner.generate` takes them (decode, argmax on the device, each step
+    queued before the host reads the token it is fed with, one token id read per step); ms per
+    token (mean and median)."""
+    from runtime.sampling import SamplingConfig, sample
+
+    greedy = SamplingConfig()
+    total, times = queued_steps(lambda t: sample(runner._decode(t), greedy, None), sample(logits, greedy, None), n,
+                                runner.device)
     return {"ms_per_token": total / n * 1e3, "median_ms": statistics.median(times) * 1e3}
 
 
@@ -689,7 +697,8 @@ def non_layer_model(s: Sweep):
 def non_layer_ms(model, device: str, n: int = 64) -> float:
     """ms per step of what a decode step does outside the decoder layers, taken as the runner
     takes a step: token into a static buffer, embedding -> final norm -> lm_head -> softcap
-    (one CUDA graph replay on CUDA), argmax on the device, one token id read by the host."""
+    (one CUDA graph replay on CUDA), argmax on the device, one token id read by the host, the next
+    step queued before that read (`queued_steps`, as the slice's decode steps are timed)."""
     from runtime.sampling import SamplingConfig, sample
 
     model.to(device)
@@ -720,17 +729,16 @@ def non_layer_ms(model, device: str, n: int = 64) -> float:
         def step():
             graph.replay()
             return out
-    greedy, token = SamplingConfig(), torch.zeros(1, dtype=torch.int64, device=device)
-    for timed in (False, True):
-        _sync(device)
-        t = time.perf_counter()
-        for _ in range(n):
-            tok.copy_(token.view(1, 1))
-            pos.fill_(0)
-            token = sample(step(), greedy, None)
-            int(token.item())
-        _sync(device)
-    return (time.perf_counter() - t) / n * 1e3
+    greedy = SamplingConfig()
+
+    def advance(token):
+        tok.copy_(token.view(1, 1))
+        pos.fill_(0)
+        return sample(step(), greedy, None)
+
+    for timed in (False, True):  # the first pass warms up
+        total, _ = queued_steps(advance, torch.zeros(1, dtype=torch.int64, device=device), n, device)
+    return total / n * 1e3
 
 
 # ---- transformers' Gemma4ForCausalLM on the same weights -------------------------------------
