@@ -25,11 +25,14 @@ launch: the program finishing a group of N shares last merging their partials, a
 last group merging the groups' (decode_merge_variants.json: 101-160 us at fill 1k against the op's 11-16;
 one program's merge of the groups' partials runs at its load latency, slower than a second launch).
 
-`kq8` / `kq8+pdl`: the int8 cache's q . k as an int8 dot (`DECODE_KNOBS` KQ8 1 for the call; other KV
-dtypes run the op as is).
+`kq8` / `kq8+pdl`: the int8 cache's q . k as an int8 dot (`DECODE_KNOBS` KQ8 1 for the call, the default
+since; other KV dtypes run the op as is). `s<n>+pdl`: n shares per KV head instead of `decode_splits`' (~264
+programs a layer), with the attribute; `s1` launches no combine (the split kernel writes the output): for the
+small variants' layers (`--models e2b,e4b,26b-a4b`: one or two KV heads, a 512-slot ring), where the combine
+merges up to 264 mostly empty shares.
 
-Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl` (`--variants`: a subset; `--fills`,
-`--kv-dtypes`: a subset of the rows): each timed as a CUDA
+Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`
+(`--variants`: a subset; `--models`, `--fills`, `--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
 int4 caches and 1k / 32k for the sliding layer (bf16; the ring holds the window). Correctness on fresh q
@@ -55,31 +58,54 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "h16": dict(part16=True, pdl_attr=False),
             "h16+pdl": dict(part16=True, pdl_attr=True),
             "kq8": dict(part16=False, pdl_attr=False, kq8=1),
-            "kq8+pdl": dict(part16=False, pdl_attr=True, kq8=1)}
+            "kq8+pdl": dict(part16=False, pdl_attr=True, kq8=1),
+            "s1+pdl": dict(part16=False, pdl_attr=True, splits=1),
+            "s4+pdl": dict(part16=False, pdl_attr=True, splits=4),
+            "s16+pdl": dict(part16=False, pdl_attr=True, splits=16),
+            "s64+pdl": dict(part16=False, pdl_attr=True, splits=64)}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
 
-def layer_cases(smoke: bool):
-    """(name, Hkv, G, D, slots, window, KV dtypes, fills)."""
+def layer_cases(smoke: bool, models=("31b",)):
+    """(name, Hkv, G, D, slots, window, KV dtypes, fills): each model's full layer (a flat cache of
+    131072 slots; quantized caches for the 31B) and sliding layer (its window-sized ring, bf16)."""
     if smoke:
         return [("tiny-full", 2, 4, 64, 256, 0, ("bf16", "int8", "int4"), (40, 256)),
                 ("tiny-sliding", 2, 2, 32, 64, 64, ("bf16",), (100,))]
-    return [("31b-full", 4, 8, 512, 131072, 0, ("bf16", "int8", "int4"), FULL_FILLS),
-            ("31b-sliding", 16, 2, 256, 1024, 1024, ("bf16",), SLIDING_FILLS)]
+    from export.gemma4.config import PRESETS
+
+    out = []
+    for m in models:
+        cfg = PRESETS[m]
+        for sliding in (False, True):
+            i = next(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding)
+            Hkv, D = cfg.layer_kv_heads(i), cfg.layer_head_dim(i)
+            G = cfg.num_attention_heads // Hkv
+            if sliding:
+                out.append((f"{m}-sliding", Hkv, G, D, cfg.ring_slots(131072), cfg.sliding_window, ("bf16",),
+                            SLIDING_FILLS))
+            else:
+                out.append((f"{m}-full", Hkv, G, D, 131072, 0, ("bf16", "int8", "int4"), FULL_FILLS))
+    return out
 
 
-def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=0, **kw):
-    """attention.launch (decode) with the int8 decode kernel's KQ8 knob set for this call only (the
-    kernel cache is keyed on the knobs: each setting compiles its own kernel)."""
+def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=None, splits=None, **kw):
+    """attention.launch (decode) with, for this call only, the int8 decode kernel's KQ8 knob set (the
+    kernel cache is keyed on the knobs: each setting compiles its own kernel) and the shares per KV
+    head forced (`decode_splits`; one share: no combine launch)."""
     knobs = A.DECODE_KNOBS.setdefault((D, 1), {})
-    old = knobs.get("KQ8")
-    knobs["KQ8"] = kq8
+    old, old_splits = knobs.get("KQ8"), A.decode_splits
+    if kq8 is not None:
+        knobs["KQ8"] = kq8
+    if splits is not None:
+        A.decode_splits = lambda *a: splits
     try:
         return A.launch(q, kk, vv, ks, vs, pos, window, True, **kw)
     finally:
+        A.decode_splits = old_splits
         if old is None:
-            knobs.pop("KQ8")
+            knobs.pop("KQ8", None)
         else:
             knobs["KQ8"] = old
 
@@ -92,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="Triton's interpreter on the CPU, tiny shapes, no timing")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated, from " + ", ".join(VARIANTS) + " (default: all)")
+    ap.add_argument("--models", default="31b",
+                    help="comma-separated presets whose full and sliding layers to run (default: 31b)")
     ap.add_argument("--fills", default=None, help="comma-separated fills (default: every fill of each layer)")
     ap.add_argument("--kv-dtypes", default=None, help="comma-separated, from bf16, int8, int4 (default: all)")
     args = ap.parse_args(argv)
@@ -113,7 +141,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     only_fills = {int(f) for f in args.fills.split(",")} if args.fills else None
     only_kvs = set(args.kv_dtypes.split(",")) if args.kv_dtypes else None
-    for name, Hkv, G, D, S, window, kvs, fills in layer_cases(args.smoke):
+    for name, Hkv, G, D, S, window, kvs, fills in layer_cases(args.smoke, tuple(args.models.split(","))):
         fills = tuple(f for f in fills if only_fills is None or f in only_fills or args.smoke)
         kvs = tuple(kv for kv in kvs if only_kvs is None or kv in only_kvs)
         if not fills or not kvs:
@@ -133,8 +161,8 @@ def main(argv=None) -> int:
                 fns, outs = {}, {}
                 for var in chosen:
                     kw = VARIANTS[var]
-                    if kw["pdl_attr"] and args.smoke:
-                        continue  # no launch attribute in the interpreter
+                    if kw["pdl_attr"] and args.smoke and "splits" not in kw:
+                        continue  # no launch attribute in the interpreter (the forced shares run without it)
                     fns[var] = (lambda kw=kw, D=D: launch_with(A, D, q, kk, vv, ks, vs, pos, window, **kw))
                     outs[var] = fns[var]()
                     row[f"{var}_rel_err"] = B.rel(outs[var], ref)

@@ -202,6 +202,49 @@ def test_triton_kernels_match_reference_in_the_interpreter():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+INTERPRETED_ONE_SHARE = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import cache_args, filled_cache
+cm = A.use_configs(A.smallest); cm.__enter__()
+launched = []
+real_combine = A._combine
+class Spy:  # records a combine launch
+    def __getitem__(self, grid):
+        launched.append(grid)
+        return real_combine[grid]
+A._combine = Spy()
+gen = torch.Generator().manual_seed(4)
+worst = {}
+for splits in (1, 3):
+    A.decode_splits = lambda *a, splits=splits: splits
+    launched.clear()
+    # a flat cache, a wrapped ring, a ring before wrap-around; every KV format
+    for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 290), (4, 1, 16, 24, 24, 70), (4, 2, 16, 24, 24, 9)]:
+        k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
+        q = torch.randn(1, 1, H, D, generator=gen)
+        p = torch.tensor([pos])
+        for kv in ("float", "int8", "int4"):
+            args = cache_args(k, v, kv)
+            want = A.attention_reference(q, *args, p, window)
+            got = A.launch(q, *args, p, window, True)
+            worst[(splits, kv)] = max(worst.get((splits, kv), 0.0), (got - want).abs().max().item())
+    assert bool(launched) == (splits > 1), (splits, launched)
+print(worst)
+assert max(worst.values()) <= 2e-5, worst
+"""
+
+
+def test_decode_with_one_share_writes_its_output_without_a_combine():
+    """Decode with one share per KV head: the split kernel writes the output and no combine runs;
+    with three shares the combine runs. Both against the reference, every KV format, flat cache
+    and rings (the Triton interpreter, CPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_ONE_SHARE], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 INTERPRETED_16BIT = r"""
 import torch
 from export.kernels import attention as A

@@ -25,7 +25,8 @@ Triton path (CUDA): decode (T = 1 in the traced graph) is flash-decoding: grid
 [lo, pos] (whole BLOCK_N blocks, cp.async-pipelined), split from the position tensor on the
 device (static grid for AOTInductor and CUDA-graph replay; shares past the fill are empty and
 write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
-head-dim chunks, merges the non-empty shares. On sm_90+ both wait on the grid before them first
+head-dim chunks, merges the non-empty shares (with one share per KV head the kernel writes the
+output and there is no combine). On sm_90+ both wait on the grid before them first
 thing (programmatic dependent launch, export/kernels/pdl.py: each may start while the kernel before
 it finishes). With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
@@ -1264,14 +1265,19 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     if decode:
         splits = decode_splits(S, Hkv, D, fmt)
         part16 = DECODE_PARTIALS_FP16 if part16 is None else part16
-        mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
-        lp = torch.empty_like(mp)
-        ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float16 if part16 else torch.float32)
+        if splits > 1:
+            mp = torch.empty(Hkv * splits * G, device=q.device, dtype=torch.float32)
+            lp = torch.empty_like(mp)
+            ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float16 if part16 else torch.float32)
+        else:
+            mp = lp = ap = out  # unused pointers
         grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         attr = {"launch_pdl": True} if pdl and pdl_attr else {}
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=True, PDL=pdl, PART16=int(part16), **common, **attr)
+                                          SPLIT=splits > 1, PDL=pdl, PART16=int(part16), **common, **attr)
+        if splits == 1:  # one share per KV head: the kernel wrote the output itself
+            return out
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
