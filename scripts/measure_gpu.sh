@@ -188,8 +188,16 @@ prefetch_overlap)  # the o projection's weight asked into the L2 beside decode a
 selfq)  # the one-slice M == 1 GEMV quantizing its own x in its prologue against the op's two launches (~1 min)
   timeout 200 python -m scripts.gemv1_selfq_variants --out "$OUT/gemv1_selfq_variants.json" 2>&1 | tail -8
   ;;
+small_shares)  # the small variants' decode attention with forced share counts (one share: no combine launch)
+  # against the default, every variant's full and sliding layer (~3 min); then the tiny preset's cuda tests, whose
+  # sliding rings take the one-share path
+  timeout 330 python -m scripts.decode_combine_variants --models e2b,e4b,26b-a4b,31b --variants pdl,s1+pdl,s4+pdl,s16+pdl \
+      --fills 1024,32768 --rounds 3 --out "$OUT/decode_small_shares.json" > "$OUT/decode_small_shares.log" 2>&1
+  tail -22 "$OUT/decode_small_shares.log"
+  timeout 240 python -m pytest -q -m cuda tests/test_runtime_cuda.py 2>&1 | tail -2
+  ;;
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares" >&2; exit 2 ;;
 esac
