@@ -15,8 +15,9 @@ the programmatic-dependent-launch attribute on sm_90+, as the artifact launches 
 time as a fraction of the device-to-device copy bandwidth measured in the same run, and the error
 against an fp32 reference over the same (dequantized) cache; where the decode kernel rounds q to
 int8 levels (the int8 cache's q . k as an int8 dot) that reference takes q so rounded, and
-`rel_err_vs_fp32_ref_unrounded_q` the one against q itself. For int8/int4 also the error against the bf16 cache (the quantization
-error of the attention output), and for int4 the same with a Hadamard rotation of q, k, v.
+`rel_err_vs_fp32_ref_unrounded_q` the one against q itself. For int8/int4 also the error against
+the bf16 cache (the quantization error of the attention output), and for int4 the same with a
+Hadamard rotation of q, k, v.
 `rows` hold only this project's kernels; ExecuTorch's `triton::sdpa` goes to `baseline_rows`.
 """
 

@@ -31,7 +31,8 @@ thing (programmatic dependent launch, export/kernels/pdl.py: each may start whil
 it finishes). With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
 instructions (at head_dim 512 the int8 decode's q . k is an int8 dot instead: q rounded to int8
-codes of max |q| / 127 per row, K's codes as stored; the reference does not round q); per head dim / KV format, DECODE_KNOBS picks code variants measured on the H200
+codes of max |q| / 127 per row, K's codes as stored; the reference does not round q); per head
+dim / KV format, DECODE_KNOBS picks code variants measured on the H200
 (scripts/decode_kv8_variants.py): q . k as independent dot chains over parts of D; V, the
 transposed operand of p @ v (no 8-bit ldmatrix: an 8-bit tile read as is costs a shared load
 per byte), read as 32-bit words split in registers, or as 16-bit words (int8: two codes, int4:
@@ -199,7 +200,6 @@ def attention_reference(q, k, v, k_scale, v_scale, pos, window: int, k_new=None,
     return out.reshape(H, T, D).transpose(0, 1)[None].to(q.dtype).contiguous()
 
 
-
 def q_int8_levels(q: torch.Tensor, levels: int = 1) -> torch.Tensor:
     """q as the int8 decode kernel's int8 q . k sees it (KQ8 `levels`): each row (token, head) in
     int8 codes of max |q| / 127, nearest, halves away from zero, and with two levels the remainder
@@ -218,6 +218,7 @@ def q_int8_levels(q: torch.Tensor, levels: int = 1) -> torch.Tensor:
 def decode_q_levels(head_dim: int, kv_format: int) -> int:
     """How many int8 levels the decode kernel rounds q to for this head dim / KV format (0: none)."""
     return with_knobs(_cfg(16, 16, 4, 1), head_dim, kv_format).kwargs["KQ8"]
+
 
 # ---- configs (every one within SMEM_LIMIT; tests assert it) -------------------------------------
 
