@@ -94,7 +94,7 @@ def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=None, splits=None, **k
     """attention.launch (decode) with, for this call only, the int8 decode kernel's KQ8 knob set (the
     kernel cache is keyed on the knobs: each setting compiles its own kernel) and the shares per KV
     head forced (`decode_splits`; one share: no combine launch)."""
-    knobs = A.DECODE_KNOBS.setdefault((D, 1), {})
+    knobs = A.DECODE_KNOBS.setdefault((D, 1), {}) if kq8 is not None else {}
     old, old_splits = knobs.get("KQ8"), A.decode_splits
     if kq8 is not None:
         knobs["KQ8"] = kq8
@@ -104,10 +104,11 @@ def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=None, splits=None, **k
         return A.launch(q, kk, vv, ks, vs, pos, window, True, **kw)
     finally:
         A.decode_splits = old_splits
-        if old is None:
-            knobs.pop("KQ8", None)
-        else:
-            knobs["KQ8"] = old
+        if kq8 is not None:
+            if old is None:
+                knobs.pop("KQ8")
+            else:
+                knobs["KQ8"] = old
 
 
 def main(argv=None) -> int:
