@@ -188,6 +188,17 @@ prefetch_overlap)  # the o projection's weight asked into the L2 beside decode a
 selfq)  # the one-slice M == 1 GEMV quantizing its own x in its prologue against the op's two launches (~1 min)
   timeout 200 python -m scripts.gemv1_selfq_variants --out "$OUT/gemv1_selfq_variants.json" 2>&1 | tail -8
   ;;
+ncu_gemv1)  # Nsight Compute's counters of the M == 1 int4 op's kernels on the 31B's mid shapes (~2 min)
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu_bin" ] || { echo "no ncu on this machine" >&2; exit 1; }
+  timeout 300 "$ncu_bin" --profile-from-start off --set full --clock-control none --import-source no \
+      -o "$OUT/gemv1" -f python -m scripts.ncu_gemv1 --shapes "${NCU_SHAPES:-o,qkv,down,gate_up}" 2>&1 | tail -12
+  "$ncu_bin" -i "$OUT/gemv1.ncu-rep" --page details --csv > "$OUT/gemv1_details.csv"
+  "$ncu_bin" -i "$OUT/gemv1.ncu-rep" --page source --csv --print-source sass > "$OUT/gemv1_sass.csv" 2>&1
+  "$ncu_bin" -i "$OUT/gemv1.ncu-rep" --page details --print-details all > "$OUT/gemv1_details.txt" 2>&1
+  python -m scripts.ncu_gemv1 --shapes "${NCU_SHAPES:-o,qkv,down,gate_up}" --summarize "$OUT/gemv1_details.csv" \
+      "$OUT/gemv1_details.txt" "$OUT/gemv1_sass.csv" --out "$OUT/gemv1_ncu_31b.json"
+  ;;
 small_shares)  # the small variants' decode attention with forced share counts (one share: no combine launch)
   # against the default, every variant's full and sliding layer (~3 min); then the tiny preset's cuda tests, whose
   # sliding rings take the one-share path
@@ -199,5 +210,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1" >&2; exit 2 ;;
 esac
