@@ -29,9 +29,14 @@ one program's merge of the groups' partials runs at its load latency, slower tha
 since; other KV dtypes run the op as is). `s<n>+pdl`: n shares per KV head instead of `decode_splits`' (~264
 programs a layer), with the attribute; `s1` launches no combine (the split kernel writes the output): for the
 small variants' layers (`--models e2b,e4b,26b-a4b`: one or two KV heads, a 512-slot ring), where the combine
-merges up to 264 mostly empty shares.
+merges up to 264 mostly empty shares. `all+pdl` / `act+pdl`: the combine reading every share's partials
+(EAGER) / only those of the shares holding positions (`DECODE_ACTIVE_MIN_SPLITS` picks per layer); shares of
+at least 2 or 4 blocks at a small fill (fewer, longer shares) were measured slower and dropped
+(decode_active_shares.json). `hfast+pdl` / `sslow+pdl`: the split kernel's grid with the KV heads / the
+shares as its slowest axis (`DECODE_SHARES_SLOWEST`).
 
-Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`
+Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`, `all+pdl`,
+`act+pdl`, `hfast+pdl`, `sslow+pdl`
 (`--variants`: a subset; `--models`, `--fills`, `--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
@@ -62,7 +67,11 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "s1+pdl": dict(part16=False, pdl_attr=True, splits=1),
             "s4+pdl": dict(part16=False, pdl_attr=True, splits=4),
             "s16+pdl": dict(part16=False, pdl_attr=True, splits=16),
-            "s64+pdl": dict(part16=False, pdl_attr=True, splits=64)}
+            "s64+pdl": dict(part16=False, pdl_attr=True, splits=64),
+            "all+pdl": dict(part16=False, pdl_attr=True, active=False),
+            "act+pdl": dict(part16=False, pdl_attr=True, active=True),
+            "hfast+pdl": dict(part16=False, pdl_attr=True, shares_slowest=False),
+            "sslow+pdl": dict(part16=False, pdl_attr=True, shares_slowest=True)}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -162,8 +171,8 @@ def main(argv=None) -> int:
                 fns, outs = {}, {}
                 for var in chosen:
                     kw = VARIANTS[var]
-                    if kw["pdl_attr"] and args.smoke and "splits" not in kw:
-                        continue  # no launch attribute in the interpreter (the forced shares run without it)
+                    if kw["pdl_attr"] and args.smoke and not {"splits", "active", "shares_slowest"} & set(kw):
+                        continue  # no launch attribute in the interpreter (the share variants run without it)
                     fns[var] = (lambda kw=kw, D=D: launch_with(A, D, q, kk, vv, ks, vs, pos, window, **kw))
                     outs[var] = fns[var]()
                     row[f"{var}_rel_err"] = B.rel(outs[var], ref)

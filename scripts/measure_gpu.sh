@@ -199,6 +199,20 @@ ncu_gemv1)  # Nsight Compute's counters of the M == 1 int4 op's kernels on the 3
   python -m scripts.ncu_gemv1 --shapes "${NCU_SHAPES:-o,qkv,down,gate_up}" --summarize "$OUT/gemv1_details.csv" \
       "$OUT/gemv1_details.txt" "$OUT/gemv1_sass.csv" --out "$OUT/gemv1_ncu_31b.json"
   ;;
+shares_active)  # decode attention's combine over the used shares only (all / act) and the split kernel's grid
+  # order (hfast: KV heads slowest, sslow: shares slowest), the 31B's, E2B's and E4B's full and sliding layers
+  # (~3 min); then the attention cuda tests (~1.5 min). The tiny artifact's logits against the eager model took a
+  # call of their own (`tiny_parity`: its export ~3.5 min)
+  timeout 270 python -m scripts.decode_combine_variants --models 31b,e2b,e4b \
+      --variants all+pdl,act+pdl,hfast+pdl,sslow+pdl --fills 1024,8192,32768,131072 --rounds 3 \
+      --out "$OUT/decode_share_order.json" > "$OUT/decode_share_order.log" 2>&1
+  tail -43 "$OUT/decode_share_order.log"
+  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention.py > "$OUT/attention_cuda.log" 2>&1
+  tail -2 "$OUT/attention_cuda.log"
+  ;;
+tiny_parity)  # the tiny preset's CUDA artifact (fp32) against the eager model, through the runner (~4 min)
+  timeout 285 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
+  ;;
 small_shares)  # the small variants' decode attention with forced share counts (one share: no combine launch)
   # against the default, every variant's full and sliding layer (~3 min); then the tiny preset's cuda tests, whose
   # sliding rings take the one-share path
@@ -210,5 +224,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity" >&2; exit 2 ;;
 esac

@@ -245,6 +245,64 @@ def test_decode_with_one_share_writes_its_output_without_a_combine():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+INTERPRETED_ACTIVE_SHARES = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import cache_args, filled_cache
+cm = A.use_configs(A.smallest); cm.__enter__()
+gen = torch.Generator().manual_seed(6)
+A.decode_splits = lambda *a: 7
+worst = {}
+# a flat cache filled to a few positions (most shares empty) and further, a wrapped ring, every KV format
+for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 5), (8, 2, 32, 300, 0, 40), (8, 2, 32, 300, 0, 290),
+                                  (4, 1, 16, 24, 24, 70)]:
+    k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
+    q = torch.randn(1, 1, H, D, generator=gen)
+    p = torch.tensor([pos])
+    for kv in ("float", "int8", "int4"):
+        args = cache_args(k, v, kv)
+        want = A.attention_reference(q, *args, p, window)
+        for active in (False, True):
+            for slowest in (False, True):
+                got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest)
+                key = (active, slowest, kv)
+                worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+print(worst)
+assert max(worst.values()) <= 2e-5, worst
+
+# the combine alone: shares past the count the position gives hold garbage partials (l = 1, a large m, acc
+# 1e4); read only with ACTIVE 0
+G, D, NS, unit = 2, 16, 6, 4
+pos = torch.tensor([9])  # 10 positions in shares of 4 (min 1 unit): 3 shares used
+mp = torch.randn(NS * G)
+lp = torch.rand(NS * G) + 0.5
+ap = torch.randn(NS * G * D)
+mp.view(NS, G)[3:] = 50.0
+lp.view(NS, G)[3:] = 1.0
+ap.view(NS, G, D)[3:] = 1.0e4
+w = torch.exp(mp.view(NS, G)[:3] - mp.view(NS, G)[:3].max(0).values)
+want = (w[:, :, None] * ap.view(NS, G, D)[:3]).sum(0) / (w * lp.view(NS, G)[:3]).sum(0)[:, None]
+for active in (1, 0):
+    out = torch.empty(1, 1, G, D)
+    A._combine[(G, 1)](mp, lp, ap, out, out.stride(2), NS, G=G, D=D, SPLITS_P2=8, CHUNK=8, BLOCK_D=D, EAGER=1,
+                       POS=pos, WINDOW=0, ACTIVE=active, SHARE_UNIT=unit)
+    err = (out[0, 0] - want).abs().max().item()
+    print(active, err)
+    assert (err <= 1e-4) == bool(active), (active, err)
+"""
+
+
+def test_decode_combine_reads_only_the_shares_holding_positions():
+    """Decode's combine with ACTIVE reads only the shares the position fills (their count computed as the
+    split kernel cuts them): with and without it, and with either grid order, the output matches the
+    reference (flat cache at small and large fills, a wrapped ring, every KV format); and the combine
+    alone ignores garbage partials past that count with ACTIVE, not without (Triton interpreter)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", INTERPRETED_ACTIVE_SHARES], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 INTERPRETED_16BIT = r"""
 import torch
 from export.kernels import attention as A
@@ -459,8 +517,9 @@ def test_planner_quantized_kv_of_the_31b_at_128k():
 
 @pytest.mark.cuda
 def test_compiled_kernels_with_consumer_configs(monkeypatch):
-    """Every decode config that the consumer limit admits, and each prefill config (positions in
-    one share and in several), compiles within it and matches the reference."""
+    """Every decode config that the consumer limit admits (near full and at a small fill), and each
+    prefill config (positions in one share and in several), compiles within it and matches the
+    reference."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     for H, Hkv, D, S, window in [(32, 4, 512, 4096, 0), (32, 16, 256, 1151, 1024), (8, 1, 32, 64, 0)]:
@@ -469,7 +528,8 @@ def test_compiled_kernels_with_consumer_configs(monkeypatch):
         for kv in ("float", "int8", "int4") if not window else ("float",):
             args = cache_args(k, v, kv)
             fmt = A.kv_format(args[0], args[2])
-            for decode, T, pos in ((True, 1, S - 5), (False, 37, min(S // 2, S - 37))):  # in the cache
+            # decode nearly full and at a small fill (most shares empty: the combine reads the used ones)
+            for decode, T, pos in ((True, 1, S - 5), (True, 1, 40), (False, 37, min(S // 2, S - 37))):
                 q = torch.randn(1, T, H, D, device=dev, generator=gen, dtype=torch.bfloat16)
                 p = torch.tensor([pos], device=dev)
                 want = A.attention_reference(q.float(), *args, p, window)

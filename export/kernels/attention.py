@@ -21,13 +21,14 @@ The quantized scores factor as (q . k_int) * k_scale, and p @ v as (p * v_scale)
 kernels dequantize by converting the integer tile and scaling the scores / probabilities.
 
 Triton path (CUDA): decode (T = 1 in the traced graph) is flash-decoding: grid
-(NUM_SPLITS, 1, Hkv); each program reads one contiguous share of the filled positions
+(Hkv, 1, NUM_SPLITS); each program reads one contiguous share of the filled positions
 [lo, pos] (whole BLOCK_N blocks, cp.async-pipelined), split from the position tensor on the
 device (static grid for AOTInductor and CUDA-graph replay; shares past the fill are empty and
 write l = 0), and writes a partial (max, sum, acc); a combine kernel, spread over heads and
-head-dim chunks, merges the non-empty shares (with one share per KV head the kernel writes the
-output and there is no combine). On sm_90+ both wait on the grid before them first
-thing (programmatic dependent launch, export/kernels/pdl.py: each may start while the kernel before
+head-dim chunks, merges the non-empty shares (with many shares it reads only those the position
+fills; with one share per KV head the kernel writes the output and there is no combine). The
+shares are the grid's slowest axis: at a small fill the used ones are its first programs, one an
+SM. On sm_90+ both wait on the grid before them first thing (programmatic dependent launch, export/kernels/pdl.py: each may start while the kernel before
 it finishes). With a quantized cache the dots run in fp16 and
 the integer codes become fp16 through their bit patterns (see _codes), not conversion
 instructions (at head_dim 512 the int8 decode's q . k is an int8 dot instead: q rounded to int8
@@ -110,6 +111,18 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 # 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
+# decode's combine where a layer has at least this many shares a KV head: it reads only the shares holding
+# positions (their count from the position, `_decode_share`), where EAGER reads every share's partials. H200
+# (scripts/decode_combine_variants.py, decode_active_shares.json): E2B's full layer (264 shares) at fill 1k
+# 13.7 -> 11.4 us (bf16), 15.2 -> 12.8 (int8), 25.4 -> 23.0 (int4), E4B's 1 us less, no change from 8k on
+# nor on the 31B's full layer (66 shares); the sliding layers (16 / 32 shares, all holding positions)
+# 0.3 us slower (the position's load comes before the partials'). Shares of at least 2 / 4 blocks: slower
+DECODE_ACTIVE_MIN_SPLITS = 64
+# decode's grid with the shares as its slowest axis (program ids: every KV head's first share, then the
+# second ...): at a small fill the shares holding positions are the first programs and the block scheduler
+# spreads them one an SM; with the shares fastest, the 31B full layer's 4 KV heads x 66 shares put two
+# heads' used shares on the same 32 SMs at fill 1k (two programs an SM)
+DECODE_SHARES_SLOWEST = True
 # decode's partials (each share's output over its positions) in fp16 as acc / l, not fp32 acc: half of
 # the 4.3 MB the 31B full layer's 264 programs write and the combine reads. V is RMS-normed without a
 # scale in Gemma 4 (|V| <= sqrt(D)), so acc / l, a weighted mean of V's rows, stays far inside fp16.
@@ -617,6 +630,14 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
 
 
 @triton.jit
+def _decode_share(n, NUM_SPLITS, UNIT: tl.constexpr):
+    """Positions per decode share for n filled positions: n spread over NUM_SPLITS shares in whole
+    UNITs (the kernel's BLOCK_N); shares past the fill are empty. The split kernel and the combine
+    compute it alike (the combine may read the non-empty shares only)."""
+    return tl.cdiv(tl.cdiv(n, NUM_SPLITS), UNIT) * UNIT
+
+
+@triton.jit
 def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
                G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
@@ -624,14 +645,18 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
-               PART16: tl.constexpr = 0):
+               PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
         O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
-    pid_s = tl.program_id(0)
+    if SHARES_SLOWEST:  # grid (Hkv, row blocks, shares), else (shares, row blocks, Hkv)
+        pid_s = tl.program_id(2)
+        kvh = tl.program_id(0)
+    else:
+        pid_s = tl.program_id(0)
+        kvh = tl.program_id(2)
     pid_m = tl.program_id(1)
-    kvh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
     g = rows % G
@@ -644,7 +669,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     hi = pos0 + t_hi  # last position any row of this block sees (inclusive)
     lo = tl.where(WINDOW > 0, tl.maximum(pos0 + t_lo - WINDOW + 1, 0), 0)
     n = hi - lo + 1
-    share = tl.cdiv(tl.cdiv(n, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks per share
+    share = _decode_share(n, NUM_SPLITS, SHARE_UNIT)
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
 
@@ -1188,34 +1213,45 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 @triton.jit
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0,
-             PART16: tl.constexpr = 0):
+             PART16: tl.constexpr = 0, POS=None, WINDOW=0, ACTIVE: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
     of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
     every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
     dropped by a select, not a load mask that waits for l), one memory round trip instead of two.
+    ACTIVE: only the shares that hold positions are read, their count computed from the position
+    (POS, WINDOW) as the split kernel cuts its shares (`_decode_share`, SHARE_UNIT its BLOCK_N): at a
+    small fill most of the NUM_SPLITS shares are empty, and EAGER would read all of them.
     PART16: AP holds each share's acc_s / l_s in fp16 (half the bytes), weighted by exp(m_s - m) l_s.
     PDL: it waits first thing (export/kernels/pdl.py)."""
     if PDL:
         z = pdl_wait(PDL, True)
         MP, LP, AP, O = MP + z, LP + z, AP + z, O + z
+        if ACTIVE:
+            POS = POS + z
     h = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     base = (h // G) * NUM_SPLITS * G + h % G
+    used = NUM_SPLITS
+    if ACTIVE:  # decode (T = 1): the positions [lo, pos] in shares of _decode_share's length
+        pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
+        lo = tl.where(WINDOW > 0, tl.maximum(pos0 - WINDOW + 1, 0), 0)
+        n = pos0 - lo + 1
+        used = tl.minimum(tl.cdiv(n, _decode_share(n, NUM_SPLITS, SHARE_UNIT)), NUM_SPLITS)
     s = tl.arange(0, SPLITS_P2)
-    l = tl.load(LP + base + s * G, mask=s < NUM_SPLITS, other=0.0)
-    m = tl.where(l > 0, tl.load(MP + base + s * G, mask=s < NUM_SPLITS, other=-1.0e30), -1.0e30)
+    l = tl.load(LP + base + s * G, mask=s < used, other=0.0)
+    m = tl.where(l > 0, tl.load(MP + base + s * G, mask=s < used, other=-1.0e30), -1.0e30)
     m_max = tl.max(m, 0)
     l_sum = tl.sum(l * tl.exp(m - m_max), 0)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in tl.static_range(0, SPLITS_P2, CHUNK):  # unrolled: all chunks' loads in flight at once
         sc = s0 + tl.arange(0, CHUNK)
-        lc = tl.load(LP + base + sc * G, mask=sc < NUM_SPLITS, other=0.0)
+        lc = tl.load(LP + base + sc * G, mask=sc < used, other=0.0)
         ok = lc > 0
         w = tl.where(ok, tl.exp(tl.load(MP + base + sc * G, mask=ok, other=0.0) - m_max), 0.0)
         if PART16:
             w = w * lc
         if EAGER:
-            a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=(sc < NUM_SPLITS)[:, None], other=0.0)
+            a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=(sc < used)[:, None], other=0.0)
             acc += tl.sum(tl.where(ok[:, None], a.to(tl.float32) * w[:, None], 0.0), 0)
         else:
             a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
@@ -1246,13 +1282,16 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
-           part16: Optional[bool] = None, pdl_attr: bool = False):
+           part16: Optional[bool] = None, pdl_attr: bool = False, active: Optional[bool] = None,
+           shares_slowest: Optional[bool] = None):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
     fp16 (DECODE_PARTIALS_FP16 by default). pdl_attr: decode's two kernels launched with the
     programmatic-dependent-launch attribute, as the artifact's launcher launches them (direct
-    launches only: benchmarks)."""
+    launches only: benchmarks). active: decode's combine reading only the shares that hold positions
+    (by default where DECODE_ACTIVE_MIN_SPLITS says); shares_slowest: decode's grid order
+    (DECODE_SHARES_SLOWEST by default)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1272,18 +1311,26 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
             ap = torch.empty(Hkv * splits * G * D, device=q.device, dtype=torch.float16 if part16 else torch.float32)
         else:
             mp = lp = ap = out  # unused pointers
-        grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
+        slowest = DECODE_SHARES_SLOWEST if shares_slowest is None else shares_slowest
+        if slowest:
+            grid = lambda meta: (Hkv, triton.cdiv(G, meta["BLOCK_M"]), splits)  # noqa: E731
+        else:
+            grid = lambda meta: (splits, triton.cdiv(G, meta["BLOCK_M"]), Hkv)  # noqa: E731
         pdl = op_pdl_mode(q.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
         attr = {"launch_pdl": True} if pdl and pdl_attr else {}
+        unit = decode_config(D, fmt).kwargs["BLOCK_N"]  # the shares' unit, whatever config runs
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
-                                          SPLIT=splits > 1, PDL=pdl, PART16=int(part16), **common, **attr)
+                                          SPLIT=splits > 1, PDL=pdl, PART16=int(part16), SHARE_UNIT=unit,
+                                          SHARES_SLOWEST=int(slowest), **common, **attr)
         if splits == 1:  # one share per KV head: the kernel wrote the output itself
             return out
         p2 = triton.next_power_of_2(splits)
         block_d = min(D, DECODE_COMBINE_BLOCK_D)
+        act = splits >= DECODE_ACTIVE_MIN_SPLITS if active is None else active
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER,
-                                          PDL=pdl, PART16=int(part16), **attr)
+                                          PDL=pdl, PART16=int(part16), POS=pos, WINDOW=window, ACTIVE=int(act),
+                                          SHARE_UNIT=unit, **attr)
     else:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
         dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)
