@@ -4,6 +4,7 @@ attribute, on the 31B's full and sliding layers, in one GPU call (a measuring to
     python -m scripts.decode_combine_variants [--out decode_combine_variants.json] [--rounds 3] [--rep 40]
                                               [--variants op,pdl,...]
     python -m scripts.decode_combine_variants --smoke   # CPU: Triton's interpreter, tiny shapes, no timing
+    ncu --profile-from-start off ... python -m scripts.decode_combine_variants --profile-once ...   # counters
 
 Why: the 31B full layer's decode (`gemma4::attention`, export/kernels/attention.py) is the split kernel
 and `_combine`; at fill 32k with the int8 cache it reads 134.7 MB in 48 us, 66% of the copy bandwidth,
@@ -33,10 +34,11 @@ merges up to 264 mostly empty shares. `all+pdl` / `act+pdl`: the combine reading
 (EAGER) / only those of the shares holding positions (`DECODE_ACTIVE_MIN_SPLITS` picks per layer); shares of
 at least 2 or 4 blocks at a small fill (fewer, longer shares) were measured slower and dropped
 (decode_active_shares.json). `hfast+pdl` / `sslow+pdl`: the split kernel's grid with the KV heads / the
-shares as its slowest axis (`DECODE_SHARES_SLOWEST`).
+shares as its slowest axis (`DECODE_SHARES_SLOWEST`). `exit+pdl`: a share past the fill writing its l = 0 and
+returning before it loads q (the `EMPTY_EXIT` knob).
 
 Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`, `all+pdl`,
-`act+pdl`, `hfast+pdl`, `sslow+pdl`
+`act+pdl`, `hfast+pdl`, `sslow+pdl`, `exit+pdl`
 (`--variants`: a subset; `--models`, `--fills`, `--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
@@ -71,7 +73,8 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "all+pdl": dict(part16=False, pdl_attr=True, active=False),
             "act+pdl": dict(part16=False, pdl_attr=True, active=True),
             "hfast+pdl": dict(part16=False, pdl_attr=True, shares_slowest=False),
-            "sslow+pdl": dict(part16=False, pdl_attr=True, shares_slowest=True)}
+            "sslow+pdl": dict(part16=False, pdl_attr=True, shares_slowest=True),
+            "exit+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1})}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -99,25 +102,31 @@ def layer_cases(smoke: bool, models=("31b",)):
     return out
 
 
-def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=None, splits=None, **kw):
-    """attention.launch (decode) with, for this call only, the int8 decode kernel's KQ8 knob set (the
-    kernel cache is keyed on the knobs: each setting compiles its own kernel) and the shares per KV
-    head forced (`decode_splits`; one share: no combine launch)."""
-    knobs = A.DECODE_KNOBS.setdefault((D, 1), {}) if kq8 is not None else {}
-    old, old_splits = knobs.get("KQ8"), A.decode_splits
-    if kq8 is not None:
-        knobs["KQ8"] = kq8
+def launch_with(A, D, q, kk, vv, ks, vs, pos, window, kq8=None, knobs=None, splits=None, **kw):
+    """attention.launch (decode) with, for this call only, decode knobs set (`DECODE_KNOBS` of the cache's
+    head dim / format; the kernel cache is keyed on the knobs: each setting compiles its own kernel): `kq8`
+    the int8 kernel's KQ8, `knobs` any others; and the shares per KV head forced (`decode_splits`; one
+    share: no combine launch)."""
+    want = dict(knobs or {})
+    fmt = A.kv_format(kk, ks)
+    if kq8 is not None and fmt == 1:
+        want["KQ8"] = kq8
+    had = (D, fmt) in A.DECODE_KNOBS
+    table = A.DECODE_KNOBS.setdefault((D, fmt), {})
+    old = {k: table[k] for k in want if k in table}
+    old_splits = A.decode_splits
+    table.update(want)
     if splits is not None:
         A.decode_splits = lambda *a: splits
     try:
         return A.launch(q, kk, vv, ks, vs, pos, window, True, **kw)
     finally:
         A.decode_splits = old_splits
-        if kq8 is not None:
-            if old is None:
-                knobs.pop("KQ8")
-            else:
-                knobs["KQ8"] = old
+        for k in want:
+            table.pop(k)
+        table.update(old)
+        if not had:
+            A.DECODE_KNOBS.pop((D, fmt))
 
 
 def main(argv=None) -> int:
@@ -132,6 +141,9 @@ def main(argv=None) -> int:
                     help="comma-separated presets whose full and sliding layers to run (default: 31b)")
     ap.add_argument("--fills", default=None, help="comma-separated fills (default: every fill of each layer)")
     ap.add_argument("--kv-dtypes", default=None, help="comma-separated, from bf16, int8, int4 (default: all)")
+    ap.add_argument("--profile-once", action="store_true",
+                    help="no timing: each row's variants run once more between cudaProfilerStart / Stop, for "
+                         "`ncu --profile-from-start off` (their kernels in row and --variants order)")
     args = ap.parse_args(argv)
     chosen = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(chosen) - set(VARIANTS))
@@ -171,7 +183,7 @@ def main(argv=None) -> int:
                 fns, outs = {}, {}
                 for var in chosen:
                     kw = VARIANTS[var]
-                    if kw["pdl_attr"] and args.smoke and not {"splits", "active", "shares_slowest"} & set(kw):
+                    if kw["pdl_attr"] and args.smoke and not {"splits", "active", "shares_slowest", "knobs"} & set(kw):
                         continue  # no launch attribute in the interpreter (the share variants run without it)
                     fns[var] = (lambda kw=kw, D=D: launch_with(A, D, q, kk, vv, ks, vs, pos, window, **kw))
                     outs[var] = fns[var]()
@@ -179,7 +191,14 @@ def main(argv=None) -> int:
                     assert torch.isfinite(outs[var]).all(), (name, kv, fill, var)
                 if "h16" in outs and "op" in outs:
                     row["h16_vs_op"] = B.rel(outs["h16"], outs["op"])
-                if not args.smoke:
+                if args.profile_once and not args.smoke:
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.start()
+                    for fn in fns.values():
+                        fn()
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.stop()
+                elif not args.smoke:
                     times = {var: [] for var in fns}
                     for _ in range(args.rounds):
                         for var, fn in fns.items():
@@ -197,7 +216,7 @@ def main(argv=None) -> int:
     result["seconds"] = round(time.time() - t_start, 1)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    if not args.smoke:
+    if not args.smoke and not args.profile_once:
         print(f"\n{'layer':12} {'kv':5} {'fill':>7} " + " ".join(f"{v:>13}" for v in chosen))
         for r in result["rows"]:
             print(f"{r['layer']:12} {r['kv_dtype']:5} {r['fill']:7d} " + " ".join(

@@ -98,16 +98,21 @@ def main(argv=None) -> int:
                     help="no GPU: ncu's details page (CSV and --print-details all text) and SASS source page (CSV) "
                          "into a JSON summary (--out)")
     ap.add_argument("--out", type=Path, help="the summary's JSON path (with --summarize)")
+    ap.add_argument("--labels", default=None,
+                    help="with --summarize: comma-separated labels of the profiled calls in order (default: "
+                         "--shapes), each --per-label kernels long (another script's report: decode attention's)")
+    ap.add_argument("--per-label", type=int, default=2, help="kernels per label (default 2: quantize + GEMV)")
     args = ap.parse_args(argv)
     if args.summarize:
         missing = [str(p) for p in args.summarize if not p.is_file()]
         if missing or not args.out:
             ap.error(f"--summarize: no such file {', '.join(missing)}" if missing else "--summarize needs --out")
         kernels = summarize(*args.summarize)
-        names = args.shapes.split(",")  # the profiled run's --shapes: a quantize kernel and a GEMV each
+        names = (args.labels or args.shapes).split(",")  # the profiled calls: a quantize kernel and a GEMV each
+        per = max(1, args.per_label)
         for i, k in enumerate(kernels):
-            k["shape"] = names[i // 2] if i // 2 < len(names) else None
-        doc = {"source": "ncu --set full --clock-control none, `python -m scripts.ncu_gemv1`",
+            k["shape"] = names[i // per] if i // per < len(names) else None
+        doc = {"source": "ncu --set full --clock-control none" + ("" if args.labels else ", `python -m scripts.ncu_gemv1`"),
                "shapes": {n: SHAPES.get(n) for n in names}, "kernels": kernels}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         for k in doc["kernels"]:

@@ -262,11 +262,14 @@ for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 5), (8, 2, 32, 300, 0, 40),
     for kv in ("float", "int8", "int4"):
         args = cache_args(k, v, kv)
         want = A.attention_reference(q, *args, p, window)
-        for active in (False, True):
-            for slowest in (False, True):
-                got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest)
-                key = (active, slowest, kv)
-                worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+        knobs = A.DECODE_KNOBS.setdefault((D, A.kv_format(args[0], args[2])), {})
+        for active, slowest, empty_exit in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0),
+                                            (False, True, 1), (True, True, 1)):
+            knobs["EMPTY_EXIT"] = empty_exit
+            got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest)
+            key = (active, slowest, empty_exit, kv)
+            worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+        knobs.pop("EMPTY_EXIT")
 print(worst)
 assert max(worst.values()) <= 2e-5, worst
 
@@ -294,9 +297,10 @@ for active in (1, 0):
 
 def test_decode_combine_reads_only_the_shares_holding_positions():
     """Decode's combine with ACTIVE reads only the shares the position fills (their count computed as the
-    split kernel cuts them): with and without it, and with either grid order, the output matches the
-    reference (flat cache at small and large fills, a wrapped ring, every KV format); and the combine
-    alone ignores garbage partials past that count with ACTIVE, not without (Triton interpreter)."""
+    split kernel cuts them): with and without it, with either grid order and with empty shares returning
+    early (EMPTY_EXIT), the output matches the reference (flat cache at small and large fills, a wrapped
+    ring, every KV format); and the combine alone ignores garbage partials past that count with ACTIVE, not
+    without (Triton interpreter)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", INTERPRETED_ACTIVE_SHARES], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
