@@ -230,6 +230,11 @@ attn_empty)  # decode attention at small fills: empty shares returning early (ex
   python -m scripts.ncu_gemv1 --labels pdl,exit+pdl,s16+pdl --summarize "$OUT/attn_details.csv" \
       "$OUT/attn_details.txt" "$OUT/attn_sass.csv" --out "$OUT/decode_attn_ncu_31b_1k.json"
   ;;
+gemv_l2)  # the M == 1 GEMV asking the L2 for its words 1-3 steps ahead (L2_AHEAD) against today's launches, a sliding
+  # and a full layer's four projections as CUDA graphs and each projection alone (~4 min)
+  timeout 330 python -m scripts.gemv1_pdl_variants --variants off,both/after --l2-ahead 1,2,3 --layers sliding,full \
+      --budget 290 --prewarm 12 --reps 32 --out "$OUT/gemv1_l2_ahead.json" 2>&1 | tail -30
+  ;;
 small_shares)  # the small variants' decode attention with forced share counts (one share: no combine launch)
   # against the default, every variant's full and sliding layer (~3 min); then the tiny preset's cuda tests, whose
   # sliding rings take the one-share path
@@ -241,5 +246,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty|gemv_l2" >&2; exit 2 ;;
 esac
