@@ -448,6 +448,21 @@ _NORM_SCRIPT = textwrap.dedent("""
             d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
             e = ((fused.double() - ref).norm() / ref.norm()).item()
             print("res", N, K, splits, dh, d, e)
+        # bf16 x: the residual add alone, in the small weights' GEMV (the op `int4_add_linear` at M == 1)
+        for N, K, cfg in [(40, 512, im._cfg1(8, 2, 4)), (24, 2560, im._cfg1(4, 8, 4))]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x, r = (torch.randn(1, K) * 3).bfloat16(), (torch.randn(1, K) * 7).bfloat16()
+            wr = (torch.rand(K) + 0.5).bfloat16()
+            h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
+            h = torch.full_like(x, float("nan"))
+            kern = im._gemv1_kernel(cfg)
+            fused = im.int4_gemv1(x, qweight, scales, 1, kernel=kern, xq=False, res=(r, wr, h, 1e-6))
+            first = im.int4_gemv1(h_ref, qweight, scales, 1, kernel=kern, xq=False)
+            ref = h_ref.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
+            dh = ((h.double() - h_ref.double()).norm() / h_ref.double().norm()).item()
+            d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
+            e = ((fused.double() - ref).norm() / ref.norm()).item()
+            print("resb", N, K, dh, d, e)
 """)
 
 
@@ -456,13 +471,16 @@ def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
     GEMV itself (`int4_gemv1`'s norm, the op `int4_rms_linear` at M == 1), gives the GEMV of the norm
     computed first (to an ulp of its factor: the sum of squares runs in another order), within 1e-2 of
     fp64; so does the quantize kernel's residual add before the norm (`int4_add_rms_linear`), whose h
-    (written over NaNs) is the add computed first."""
-    rows, res = _script_rows(_NORM_SCRIPT, "norm", "res")
-    assert len(rows) == 4 and len(res) == 2, (rows, res)
+    (written over NaNs) is the add computed first, and the bf16-x GEMV's residual add alone
+    (`int4_add_linear`), its h within bf16 roundings of the add computed first."""
+    rows, res, resb = _script_rows(_NORM_SCRIPT, "norm", "res", "resb")
+    assert len(rows) == 4 and len(res) == 2 and len(resb) == 2, (rows, res, resb)
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
     for n, k, splits, dh, d, e in res:  # with the residual add (h too)
         assert float(dh) <= 1e-6 and float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, dh, d, e)
+    for n, k, dh, d, e in resb:  # bf16 x, the add alone in the GEMV: h within a bf16 rounding here and there
+        assert float(dh) <= 2e-3 and float(d) <= 2e-3 and float(e) <= 1e-2, (n, k, dh, d, e)
 
 
 def test_residual_norm_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -481,6 +499,22 @@ def test_residual_norm_op_on_cpu_is_the_reference_and_checks_shapes():
     assert torch.equal(y, torch.ops.gemma4.int4_linear(pre(x + post(r)), qweight, scales))
     with pytest.raises(ValueError, match="int4_add_rms_linear"):
         torch.ops.gemma4.int4_add_rms_linear(x, r[..., :128], wr, w, 1e-6, qweight, scales)
+
+
+def test_residual_op_on_cpu_is_the_reference_and_checks_shapes():
+    """`int4_add_linear` on CPU: h = x + the model's RMSNorm of r, then `int4_linear` of h (no norm of its own)."""
+    from export.gemma4.model import RMSNorm
+
+    qweight, scales = im.quantize_int4(torch.randn(48, 256), 32)
+    x, r = torch.randn(2, 3, 256).bfloat16(), torch.randn(2, 3, 256).bfloat16() * 4
+    post = RMSNorm(256, 1e-6)
+    with torch.no_grad():
+        post.weight.uniform_(0.5, 1.5)
+    h, y = torch.ops.gemma4.int4_add_linear(x, r, post.weight.detach(), 1e-6, qweight, scales)
+    assert torch.equal(h, x + post(r))
+    assert torch.equal(y, torch.ops.gemma4.int4_linear(x + post(r), qweight, scales))
+    with pytest.raises(ValueError, match="int4_add_linear"):
+        torch.ops.gemma4.int4_add_linear(x, r[..., :128], post.weight.detach(), 1e-6, qweight, scales)
 
 
 def test_norm_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -519,15 +553,29 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     for xq, levels, pdl, glu in cases:
         for splits, red in ((1, 0), (8, 0), (8, 2)):  # one slice; the split summed by a kernel or in-kernel
             cfg = im.gemv1_plan(N, K, G).cfg
-            args = dict(x_ptr=torch.empty(K // 2, dtype=torch.int32), xf_ptr=torch.empty(K // G),
+            x = torch.empty(K // 2, dtype=torch.int32)
+            args = dict(x_ptr=x, xf_ptr=torch.empty(K // G),
                         xc_ptr=torch.empty(K // G, dtype=torch.int32), w_ptr=torch.empty(N, K // 8, dtype=torch.int32),
                         s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
                         y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=torch.empty(N // 4, dtype=torch.int32),
                         N=N, KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
                         stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
                         GLU=glu, NORM=int(not xq and not glu), eps=1e-6,
-                        NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0, **cfg.kwargs)
+                        NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0,
+                        L2_AHEAD=2 if xq and pdl else 0,  # the L2 requests' inline PTX read too
+                        r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
+    # bf16 x with the residual add (RES: the small weights' GEMV writes h)
+    N2, K2 = 256, 1536
+    for pdl in (0, 2):
+        bf = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+        args = dict(x_ptr=bf(K2), xf_ptr=bf(K2), xc_ptr=bf(K2), w_ptr=torch.empty(N2, K2 // 8, dtype=torch.int32),
+                    s_ptr=bf(N2, K2 // G), part_ptr=torch.empty(1, 1), y_ptr=bf(1, N2),
+                    cnt_ptr=torch.empty(1, dtype=torch.int32), N=N2, KW=K2 // 8, GPS=K2 // G, SPLITS=1,
+                    stride_ww=K2 // 8, stride_sn=K2 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
+                    LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), L2_AHEAD=0, r_ptr=bf(K2),
+                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, **im.gemv1_plan(N2, K2, G).cfg.kwargs)
+        print("gemv1-res False 1", sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),
                                         (2, 2, 0, 1, 0), (1, 0, 0, 1, 0), (2, 2, 0, 1, 1), (2, 0, 0, 1, 1)):
         x = torch.empty(K, dtype=torch.bfloat16)
@@ -553,11 +601,12 @@ def test_op_kernels_write_only_their_outputs():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 32, r.stdout
-    res = [" ".join(ln[1:]) for ln in lines if ln[0] == "quant-res"]
-    assert len(res) == 2 and all("'h_ptr'" in w and "r_ptr" not in w for w in res), res  # h written, r / wr read
+    assert len(lines) == 34, r.stdout
+    res = [" ".join(ln[1:]) for ln in lines if ln[0] in ("quant-res", "gemv1-res")]
+    assert len(res) == 4 and all("'h_ptr'" in w and "r_ptr" not in w for w in res), res  # h written, r / wr read
     for ln in lines:
-        ln = ["quant" if ln[0] == "quant-res" else ln[0]] + [w for w in ln[1:] if w.strip("[],'") != "h_ptr"]
+        ln = [{"quant-res": "quant", "gemv1-res": "gemv1"}.get(ln[0], ln[0])] + [w for w in ln[1:]
+                                                                                if w.strip("[],'") != "h_ptr"]
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
         assert "u_ptr" not in written and (ln[0] == "quant" or "xf_ptr" not in written), ln  # gemv1 reads x's
@@ -663,6 +712,25 @@ def test_cuda_residual_norm_op_is_the_add_and_the_linear_of_the_norm(m, n, k):
     h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
     assert ((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item() <= 1e-3
     _matches_the_unfused_op(y, im.rms_norm_reference(h_ref, w, 1e-6), qweight, scales)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 5])
+# E2B / E4B per-layer-input gates (bf16 x: the GEMV's residual add) and a weight that takes x as levels
+@pytest.mark.parametrize("n,k", [(256, 1536), (256, 2560), (5376, 8192)])
+def test_cuda_residual_op_is_the_add_and_the_linear_of_h(m, n, k):
+    """`int4_add_linear` on the GPU (M == 1 on a small weight: the residual add in the bf16-x GEMV, which
+    writes h; else aten, then the int4 path): h against the add computed first, y against `int4_linear` of
+    that h and against fp32, on fresh random inputs."""
+    torch.manual_seed(n + m)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 128)
+    x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 3
+    r = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 9
+    wr = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    h, y = torch.ops.gemma4.int4_add_linear(x, r, wr, 1e-6, qweight, scales)
+    h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
+    assert ((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item() <= 2e-3
+    _matches_the_unfused_op(y, h_ref, qweight, scales)
 
 
 @pytest.mark.cuda

@@ -219,9 +219,11 @@ def test_packed_per_layer_projection_takes_the_activation_in_one_op():
 
 def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch):
     """A layer hands its packed int4 q / k / v projection x and the input norm (gemma4::int4_rms_linear),
-    and its packed gate / up the residual stream, the attention output and the two norms between them
-    (gemma4::int4_add_rms_linear): on CPU the ops' references, so the model computes what the float path
-    does with the same weights, exactly, with one op where there were a norm and `int4_linear`."""
+    its packed gate / up the residual stream, the attention output and the two norms between them
+    (gemma4::int4_add_rms_linear), and its packed per-layer-input gate the residual stream, the MLP's output
+    and its norm (gemma4::int4_add_linear): on CPU the ops' references, so the model computes what the float
+    path does with the same weights, exactly, with one op where there were a norm (and an add) and
+    `int4_linear`."""
     from export.gemma4.quant import PackedInt4Linear
 
     model = _tiny().to(torch.bfloat16)
@@ -239,12 +241,14 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
     n = len(model.layers)
     assert seen.count("gemma4.int4_rms_linear.default") == n
     assert seen.count("gemma4.int4_add_rms_linear.default") == n
+    assert isinstance(model.layers[0].per_layer_input_gate, PackedInt4Linear)  # the preset has per-layer inputs
+    assert seen.count("gemma4.int4_add_linear.default") == n  # the MLP's output added, then the gate
     monkeypatch.setenv("GEMMA4_FUSED_NORMS", "0")  # the A/B switch: aten norms, the same logits
     model.reset_cache()
     seen = []
     with torch.no_grad(), _Ops(seen):
         switched = model(tok, torch.tensor([0])).float()
-    assert not [op for op in seen if "rms_linear" in op] and torch.equal(switched, fused)
+    assert not [op for op in seen if "rms_linear" in op or "add_linear" in op] and torch.equal(switched, fused)
     monkeypatch.delenv("GEMMA4_FUSED_NORMS")
     for layer in model.layers:  # the same weights without the fused paths (a KV-shared layer: q alone)
         attn = layer.self_attn
@@ -252,12 +256,14 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
             object.__setattr__(linear, "forward_rms", None)
         object.__setattr__(layer.mlp.gate_up_proj, "forward_add_rms", None)
         object.__setattr__(layer.mlp.gate_up_proj, "forward_rms", None)
+        object.__setattr__(layer.per_layer_input_gate, "forward_add", None)
     model.reset_cache()
     seen = []
     with torch.no_grad(), _Ops(seen):
         plain = model(tok, torch.tensor([0])).float()
     assert seen.count("gemma4.int4_rms_linear.default") == 0
     assert seen.count("gemma4.int4_add_rms_linear.default") == 0
+    assert seen.count("gemma4.int4_add_linear.default") == 0
     assert torch.equal(fused, plain)
 
 

@@ -230,6 +230,16 @@ class Attention(nn.Module):
         return self.o_proj(out), fresh
 
 
+def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, linear(h)) with h = x + norm(r). A packed int4 linear takes the add into its op
+    (quant.PackedInt4Linear.forward_add: at decode a small weight's GEMV computes it and writes h)."""
+    fused = getattr(linear, "forward_add", None)
+    if fused is not None and norm.weight is not None:
+        return fused(x, r, norm.weight, norm.eps)
+    h = x + norm(r)
+    return h, linear(h)
+
+
 def glu_linear(linear: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """linear(gelu_tanh(gate) * up). A packed int4 linear takes gate and up in one op with the
     activation (quant.PackedInt4Linear.forward_glu): at decode the kernel that reads x computes it."""
@@ -347,11 +357,12 @@ class DecoderLayer(nn.Module):
             w, idx = self.router(flat)
             moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(h.shape)
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
-        h = h + self.post_feedforward_layernorm(out)
-
-        if self.ple:
-            p = glu_linear(self.per_layer_projection, self.per_layer_input_gate(h), per_layer_input)
+        if self.ple:  # the residual add and the per-layer-input gate after it
+            h, gate = add_linear(self.per_layer_input_gate, h, out, self.post_feedforward_layernorm)
+            p = glu_linear(self.per_layer_projection, gate, per_layer_input)
             h = h + self.post_per_layer_input_norm(p)
+        else:
+            h = h + self.post_feedforward_layernorm(out)
         return h * self.layer_scalar, fresh
 
 

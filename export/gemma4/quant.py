@@ -184,7 +184,7 @@ FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms
 
 def fused_norms() -> bool:
     """Whether packed int4 linears take the norms before them into their ops (`forward_rms`,
-    `forward_add_rms`): yes unless FUSED_NORMS_ENV is "0" (scripts/export_ab.py measures one against the
+    `forward_add_rms`, `forward_add`): yes unless FUSED_NORMS_ENV is "0" (scripts/export_ab.py measures one against the
     other); the model's results are the same either way."""
     return os.environ.get(FUSED_NORMS_ENV, "1") != "0"
 
@@ -264,6 +264,17 @@ class PackedInt4Linear(nn.Module):
             h = x + rms_norm_reference(r, weight_r, eps)
             return h, self.forward(rms_norm_reference(h, weight, eps))
         return torch.ops.gemma4.int4_add_rms_linear(x, r, weight_r, weight, eps, self.qweight, self.scales)
+
+    def forward_add(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, forward(h)) with h = x + rms_norm(r) * weight_r, as one op (the MLP's output into the residual
+        stream and the per-layer-input gate): at M == 1 on CUDA a small weight's GEMV computes the add and
+        writes h, no kernel of its own (without `fused_norms()`: aten ops, then forward)."""
+        from export.kernels.int4_matmul import rms_norm_reference  # registers torch.ops.gemma4.int4_add_linear
+        if not fused_norms():
+            h = x + rms_norm_reference(r, weight_r, eps)
+            return h, self.forward(h)
+        return torch.ops.gemma4.int4_add_linear(x, r, weight_r, eps, self.qweight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -59,10 +59,14 @@ layer (the norm's kernel). Other M take the norm in aten ops and `int4_linear`'s
 further for the MLP's gate / up: h = x + rms_norm(r) * weight_r (the attention output into the residual
 stream) and y = (rms_norm(h) * weight) @ dequant(W).T; at M == 1 with x as levels the quantize kernel
 computes both norms and the add and writes h (its RES), one more launch less a layer.
+`gemma4::int4_add_linear(x, r, weight_r, eps, qweight, scales) -> (h, y)` is the add alone before a small
+weight: h = x + rms_norm(r) * weight_r (the MLP's output into the residual stream) and y = h @ dequant(W).T
+(the per-layer-input gate of E2B / E4B); at M == 1 the bf16-x GEMV computes the add as it loads x and its
+first program writes h (its RES), the add's kernel gone.
 
 The CPU kernels of the ops are `int4_linear_reference`, `int4_glu_linear_reference`,
-`int4_rms_linear_reference` and `int4_add_rms_linear_reference` (plain aten ops, any float dtype); the CPU
-backend decomposes the ops into them.
+`int4_rms_linear_reference`, `int4_add_rms_linear_reference` and `int4_add_linear_reference` (plain aten ops,
+any float dtype); the CPU backend decomposes the ops into them.
 """
 
 from __future__ import annotations
@@ -335,12 +339,26 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _residual_pair(xp, rp, wp, inv_r):
+    """(lo, hi) fp32 of the bf16 pair x + rms_norm(r) * wr, from the pairs' 32-bit words (inv_r r's norm
+    factor): each step rounded to bf16 as the model's ops leave it (`_residual`), by bit arithmetic
+    (`_round_bf16`: the same in the interpreter)."""
+    lo = _round_bf16((xp << 16).to(tl.float32, bitcast=True) + _round_bf16(
+        ((rp << 16).to(tl.float32, bitcast=True) * inv_r) * (wp << 16).to(tl.float32, bitcast=True)))
+    hi = _round_bf16((xp & -65536).to(tl.float32, bitcast=True) + _round_bf16(
+        ((rp & -65536).to(tl.float32, bitcast=True) * inv_r) * (wp & -65536).to(tl.float32, bitcast=True)))
+    return lo, hi
+
+
+@triton.jit
 def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr = 0,
-                inv=1.0):
+                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0):
     """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
     words `w` whose groups start at words `g0` ([1, C, 1]). GLU: x is gelu_tanh(g) * u of the
     bf16 pairs at xw (g) and uw (u), in fp32 and rounded to bf16 once (as `_quant_x_kernel`'s GLU).
     NORM: x is (x inv) w, uw the norm weight's bf16 pairs, rounded to bf16 once (the model's norm).
+    RES: x is x + rms_norm(r) wr, r and wr bf16 pairs at rw / wrw, inv_r r's norm factor, each step
+    rounded to bf16 as the model's ops leave it (`_residual`).
 
     Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
     in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
@@ -352,6 +370,9 @@ def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr
         xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
         lo = (xp << 16).to(tl.float32, bitcast=True)
         hi = (xp & -65536).to(tl.float32, bitcast=True)
+        if RES:
+            lo, hi = _residual_pair(xp, tl.load(rw + ((g0 + lane) * 4 + p), mask=ok, other=0),
+                                    tl.load(wrw + ((g0 + lane) * 4 + p), mask=ok, other=0), inv_r)
         if GLU:
             up = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
             lo = _round_bf16(gelu_tanh(lo) * (up << 16).to(tl.float32, bitcast=True))
@@ -802,7 +823,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0):
+                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0,
+                       r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -831,7 +853,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     else x is bf16 and xf_ptr / xc_ptr are unused, or with GLU xf_ptr is u and x is
     gelu_tanh(x) * u (`_gemv1_tile`: the activation before a small weight takes no launch of its own), or
     with NORM xf_ptr is the RMSNorm's weight (bf16) and x is rms_norm(x) * w (each program sums the
-    squares of the whole row first, `_inv_rms`; the norm before a small weight takes no launch either).
+    squares of the whole row first, `_inv_rms`; the norm before a small weight takes no launch either), or
+    with RES (bf16 x, not with GLU / NORM) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the
+    residual add before a small weight), which the first program also writes to h_ptr.
     LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
     x's planes, x to within max|x| / 254 per group). L2_AHEAD (the per-lane loop): the L2 asked for
     the words that many steps ahead (`_gemv1_loop_q`; GEMV1_L2_AHEAD).
@@ -858,10 +882,13 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                             hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS, L2_AHEAD)
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
-        tl.static_assert(not ((GLU or NORM) and XQ), "with x as levels the quantize kernel computes the GLU / norm")
+        tl.static_assert(not ((GLU or NORM or RES) and XQ), "with x as levels the quantize kernel computes them")
+        tl.static_assert(not (RES and (GLU or NORM)), "RES: the residual add alone")
         if PDL:  # x (and x's factors) read after the wait; the weights may load before it
             z = pdl_wait(PDL, ASM)
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
+            if RES:
+                r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
         lane = tl.arange(0, WORDS)[None, None, :]
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
@@ -870,6 +897,21 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         inv = 1.0
         if NORM:
             inv = _inv_rms(xw, KW * 8, eps, 1, NORM_STEPS)
+        inv_r = 1.0
+        rw = xw
+        wrw = uw
+        if RES:
+            rw = r_ptr.to(tl.pointer_type(tl.int32))
+            wrw = wr_ptr.to(tl.pointer_type(tl.int32))
+            inv_r = _inv_rms(rw, KW * 8, eps, 1, NORM_STEPS)
+            if (pid_n == 0) & (pid_k == 0):  # h for the model's next ops, once: the pairs the tiles compute
+                for i in range(0, KW * 4, NORM_BLOCK):  # (values bf16 holds exactly: the casts round nothing)
+                    o = i + tl.arange(0, NORM_BLOCK)
+                    m = o < KW * 4
+                    h_lo, h_hi = _residual_pair(tl.load(xw + o, mask=m, other=0), tl.load(rw + o, mask=m, other=0),
+                                                tl.load(wrw + o, mask=m, other=0), inv_r)
+                    tl.store(h_ptr + 2 * o, h_lo.to(h_ptr.dtype.element_ty), mask=m)
+                    tl.store(h_ptr + 2 * o + 1, h_hi.to(h_ptr.dtype.element_ty), mask=m)
         if XQ:
             acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
         else:
@@ -895,7 +937,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, (KW + 15) // 16 * 16, g0, lane, g0 < hi, WORDS,
                                      ASM)
             else:
-                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv)
+                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv, RES, rw, wrw, inv_r)
             w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
@@ -1326,16 +1368,19 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     per-lane loop only: one K part or DEPTH 0). up [1, K]: the input is gelu_tanh(x2) * up, computed
     by the quantize kernel (with bf16 x, by the GEMV as it loads x). norm (weight [K] in x2's dtype, eps):
     the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
-    norm and x as levels only: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel
-    also writes to h. l2_ahead: the per-lane loop asking the L2 for the words that many steps ahead
-    (GEMV1_L2_AHEAD by default)."""
-    assert res is None or (norm is not None and (GEMV1_XQ if xq is None else xq))
+    norm and x as levels: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel also
+    writes to h; res (r, wr, h, eps) with bf16 x and neither up nor norm: the input is h (r's norm with
+    that eps), computed by the GEMV as it loads x, its first program writing h. l2_ahead: the per-lane
+    loop asking the L2 for the words that many steps ahead (GEMV1_L2_AHEAD by default)."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
     splits = triton.cdiv(groups, gps)
     xq = GEMV1_XQ if xq is None else xq
+    # res: with x as levels the quantize kernel's RES (with the norm after the add); with bf16 x the GEMV's
+    # own (the add alone)
+    assert res is None or ((norm is not None) if xq else (norm is None and up is None))
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
@@ -1349,9 +1394,12 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         xin, xf, xc, words, scales, part, y, cnt, N, K // 8, gps, splits, words.stride(0), scales.stride(0),
         part.stride(0), GROUP=G, RED=red, XQ=xq, ASM=not _INTERPRET, LEVELS=levels,
         GLU=int(up is not None and not xq), NORM=int(norm is not None and not xq),
-        eps=float(norm[1]) if norm is not None and not xq else 0.0,
-        NORM_STEPS=norm_steps(K // 2) if norm is not None and not xq else 0,
-        L2_AHEAD=GEMV1_L2_AHEAD if l2_ahead is None else l2_ahead, **_pdl_args(pdl_gemv, pdl_attr))
+        eps=float(norm[1]) if norm is not None and not xq else float(res[3]) if res is not None and not xq else 0.0,
+        NORM_STEPS=norm_steps(K // 2) if (norm is not None or res is not None) and not xq else 0,
+        L2_AHEAD=GEMV1_L2_AHEAD if l2_ahead is None else l2_ahead,
+        r_ptr=res[0] if res is not None and not xq else x2, wr_ptr=res[1] if res is not None and not xq else x2,
+        h_ptr=res[2] if res is not None and not xq else x2, RES=int(res is not None and not xq),
+        **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
@@ -1650,3 +1698,46 @@ def _(x, r, weight_r, weight, eps, qweight, scales):
 def _(x, r, weight_r, weight, eps, qweight, scales):
     _check_residual(x, r, weight_r, weight, qweight, scales)
     return int4_add_rms_linear_reference(x, r, weight_r, weight, eps, qweight, scales)
+
+
+def _check_add(x, r, weight_r, qweight, scales):
+    N, K, G = _check(x, qweight, scales)
+    if r.shape != x.shape or tuple(weight_r.shape) != (K,):
+        raise ValueError(f"int4_add_linear: r {tuple(r.shape)} / its norm weight {tuple(weight_r.shape)} "
+                         f"for x {tuple(x.shape)}")
+    return N, K, G
+
+
+def int4_add_linear_reference(x, r, weight_r, eps: float, qweight, scales):
+    h = x + rms_norm_reference(r, weight_r, eps)
+    return h, int4_linear_reference(h, qweight, scales)
+
+
+@triton_op("gemma4::int4_add_linear", mutates_args={})
+def int4_add_linear(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, eps: float, qweight: torch.Tensor,
+                    scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + rms_norm(r, weight_r, eps), y = h @ dequant(qweight, scales).T (a residual add after a
+    norm, then a linear without a norm of its own: the MLP's output into the residual stream and the
+    per-layer-input gate after it). At M == 1 where the GEMV takes bf16 x (small weights, `gemv1_plan`) and
+    the weights are in x's dtype, the GEMV computes the add as it loads x and its first program writes h:
+    no kernel of its own. Otherwise aten ops for h (Inductor fuses them) and `int4_linear`'s path."""
+    N, K, G = _check_add(x, r, weight_r, qweight, scales)
+    x2 = x.reshape(-1, K).contiguous()
+    if _m1(x2, G) and not gemv1_plan(N, K, G).xq and weight_r.dtype == x.dtype and r.dtype == x.dtype:
+        h = torch.empty_like(x2)
+        y = _gemv1(x2, qweight, scales, res=(r.reshape(-1, K).contiguous(), weight_r.contiguous(), h, eps))
+        return h.reshape(x.shape), y.reshape(*x.shape[:-1], N)
+    h = x + rms_norm_reference(r, weight_r, eps)
+    return h, _linear(h, qweight, scales)
+
+
+@int4_add_linear.register_fake
+def _(x, r, weight_r, eps, qweight, scales):
+    N, _, _ = _check_add(x, r, weight_r, qweight, scales)
+    return torch.empty_like(x), x.new_empty((*x.shape[:-1], N))
+
+
+@int4_add_linear.register_kernel("cpu")
+def _(x, r, weight_r, eps, qweight, scales):
+    _check_add(x, r, weight_r, qweight, scales)
+    return int4_add_linear_reference(x, r, weight_r, eps, qweight, scales)
