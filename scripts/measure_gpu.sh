@@ -231,7 +231,9 @@ attn_empty)  # decode attention at small fills: empty shares returning early (ex
       "$OUT/attn_details.txt" "$OUT/attn_sass.csv" --out "$OUT/decode_attn_ncu_31b_1k.json"
   ;;
 gemv_l2)  # the M == 1 GEMV asking the L2 for its words 1-3 steps ahead (L2_AHEAD) against today's launches, a sliding
-  # and a full layer's four projections as CUDA graphs and each projection alone (~4 min)
+  # and a full layer's four projections as CUDA graphs and each projection alone (~4 min); first the cuda tests of
+  # the residual add in the small weights' GEMV (`gemma4::int4_add_linear`, ~1 min)
+  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k "residual_op" 2>&1 | tail -2
   timeout 330 python -m scripts.gemv1_pdl_variants --variants off,both/after --l2-ahead 1,2,3 --layers sliding,full \
       --budget 290 --prewarm 12 --reps 32 --out "$OUT/gemv1_l2_ahead.json" 2>&1 | tail -30
   ;;
