@@ -501,6 +501,36 @@ def test_residual_norm_op_on_cpu_is_the_reference_and_checks_shapes():
         torch.ops.gemma4.int4_add_rms_linear(x, r[..., :128], wr, w, 1e-6, qweight, scales)
 
 
+_RES_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from export.kernels import int4_matmul as im
+    G = 128
+    sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
+           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
+           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
+           "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16"}
+    for n, k in ((256, 1536), (256, 2560)):  # E2B / E4B per-layer-input gates
+        plan = im.gemv1_plan(n, k, G)
+        for arch in (89, 90, 120):
+            const = {"GROUP": G, **plan.cfg.kwargs, "RED": 0, "XQ": plan.xq, "ASM": True,
+                     "PDL": 2 if arch >= 90 else 0, "LEVELS": 2, "GLU": 0, "NORM": 0,
+                     "NORM_STEPS": im.norm_steps(k // 2), "L2_AHEAD": 0, "RES": 1}
+            src = ASTSource(im._int4_gemv1_kernel, {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
+                            constexprs=const)
+            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
+            print("res", n, k, arch, kern.metadata.shared)
+""")
+
+
+def test_residual_gemv_compiles_for_the_consumer_cards_and_the_h200():
+    """The small weights' GEMV with the residual add (RES, as `int4_add_linear` launches it: bf16 x, eps typed
+    fp64 as AOTInductor passes a float) compiled by Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU."""
+    rows = _script_rows(_RES_COMPILE_SCRIPT, "res")
+    assert len(rows) == 6 and all(int(shared) <= im.SMEM_LIMIT_BYTES for *_, shared in rows), rows
+
+
 def test_residual_op_on_cpu_is_the_reference_and_checks_shapes():
     """`int4_add_linear` on CPU: h = x + the model's RMSNorm of r, then `int4_linear` of h (no norm of its own)."""
     from export.gemma4.model import RMSNorm
