@@ -35,10 +35,11 @@ merges up to 264 mostly empty shares. `all+pdl` / `act+pdl`: the combine reading
 at least 2 or 4 blocks at a small fill (fewer, longer shares) were measured slower and dropped
 (decode_active_shares.json). `hfast+pdl` / `sslow+pdl`: the split kernel's grid with the KV heads / the
 shares as its slowest axis (`DECODE_SHARES_SLOWEST`). `exit+pdl`: a share past the fill writing its l = 0 and
-returning before it loads q (the `EMPTY_EXIT` knob).
+returning before it loads q (the `EMPTY_EXIT` knob); `skip+pdl`: the combine's chunks past the shares used not
+run (`DECODE_COMBINE_SKIP`); `exit+skip+pdl` both.
 
 Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`, `all+pdl`,
-`act+pdl`, `hfast+pdl`, `sslow+pdl`, `exit+pdl`
+`act+pdl`, `hfast+pdl`, `sslow+pdl`, `exit+pdl`, `skip+pdl`, `exit+skip+pdl`
 (`--variants`: a subset; `--models`, `--fills`, `--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
@@ -74,7 +75,9 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "act+pdl": dict(part16=False, pdl_attr=True, active=True),
             "hfast+pdl": dict(part16=False, pdl_attr=True, shares_slowest=False),
             "sslow+pdl": dict(part16=False, pdl_attr=True, shares_slowest=True),
-            "exit+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1})}
+            "exit+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1}),
+            "skip+pdl": dict(part16=False, pdl_attr=True, combine_skip=True),
+            "exit+skip+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1}, combine_skip=True)}
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
                 fns, outs = {}, {}
                 for var in chosen:
                     kw = VARIANTS[var]
-                    if kw["pdl_attr"] and args.smoke and not {"splits", "active", "shares_slowest", "knobs"} & set(kw):
+                    if kw["pdl_attr"] and args.smoke and not {"splits", "active", "shares_slowest", "knobs", "combine_skip"} & set(kw):
                         continue  # no launch attribute in the interpreter (the share variants run without it)
                     fns[var] = (lambda kw=kw, D=D: launch_with(A, D, q, kk, vv, ks, vs, pos, window, **kw))
                     outs[var] = fns[var]()

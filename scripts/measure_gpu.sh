@@ -213,22 +213,24 @@ shares_active)  # decode attention's combine over the used shares only (all / ac
 tiny_parity)  # the tiny preset's CUDA artifact (fp32) against the eager model, through the runner (~4 min)
   timeout 285 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
   ;;
-attn_empty)  # decode attention at small fills: empty shares returning early (exit) against the default and 16 shares
-  # a KV head, every variant's full layer (~3 min), then Nsight Compute on the 31B full layer int4 at fill 1k
-  timeout 240 python -m scripts.decode_combine_variants --models 31b,e2b,e4b --variants pdl,exit+pdl,s16+pdl \
+attn_empty)  # decode attention at small fills: empty shares returning early (exit), the combine's unused chunks
+  # skipped (skip), both, against the default and 16 shares a KV head, the 31B's, E2B's and E4B's layers (~4 min),
+  # then Nsight Compute on E2B's full layer (264 shares, one KV head) int4 at fill 1k
+  timeout 270 python -m scripts.decode_combine_variants --models 31b,e2b,e4b \
+      --variants pdl,exit+pdl,skip+pdl,exit+skip+pdl,s16+pdl \
       --fills 1024,8192,32768 --kv-dtypes int4,int8,bf16 --rounds 3 --out "$OUT/decode_empty_exit.json" \
       > "$OUT/decode_empty_exit.log" 2>&1
   tail -30 "$OUT/decode_empty_exit.log"
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$ncu_bin" ] || { echo "no ncu on this machine" >&2; exit 1; }
   timeout 200 "$ncu_bin" --profile-from-start off --set full --clock-control none --import-source no -o "$OUT/attn" -f \
-      python -m scripts.decode_combine_variants --models 31b --variants pdl,exit+pdl,s16+pdl --fills 1024 \
+      python -m scripts.decode_combine_variants --models e2b --variants pdl,exit+skip+pdl,s16+pdl --fills 1024 \
       --kv-dtypes int4 --profile-once 2>&1 | tail -4
   "$ncu_bin" -i "$OUT/attn.ncu-rep" --page details --csv > "$OUT/attn_details.csv"
   "$ncu_bin" -i "$OUT/attn.ncu-rep" --page source --csv --print-source sass > "$OUT/attn_sass.csv" 2>&1
   "$ncu_bin" -i "$OUT/attn.ncu-rep" --page details --print-details all > "$OUT/attn_details.txt" 2>&1
-  python -m scripts.ncu_gemv1 --labels pdl,exit+pdl,s16+pdl --summarize "$OUT/attn_details.csv" \
-      "$OUT/attn_details.txt" "$OUT/attn_sass.csv" --out "$OUT/decode_attn_ncu_31b_1k.json"
+  python -m scripts.ncu_gemv1 --labels pdl,exit+skip+pdl,s16+pdl --summarize "$OUT/attn_details.csv" \
+      "$OUT/attn_details.txt" "$OUT/attn_sass.csv" --out "$OUT/decode_attn_ncu_e2b_1k.json"
   ;;
 gemv_l2)  # the M == 1 GEMV asking the L2 for its words 1-3 steps ahead (L2_AHEAD) against today's launches, a sliding
   # and a full layer's four projections as CUDA graphs and each projection alone (~4 min); first the cuda tests of

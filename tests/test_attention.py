@@ -266,7 +266,8 @@ for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 5), (8, 2, 32, 300, 0, 40),
         for active, slowest, empty_exit in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0),
                                             (False, True, 1), (True, True, 1)):
             knobs["EMPTY_EXIT"] = empty_exit
-            got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest)
+            got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest,
+                           combine_skip=empty_exit == 1)
             key = (active, slowest, empty_exit, kv)
             worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
         knobs.pop("EMPTY_EXIT")
@@ -285,22 +286,36 @@ lp.view(NS, G)[3:] = 1.0
 ap.view(NS, G, D)[3:] = 1.0e4
 w = torch.exp(mp.view(NS, G)[:3] - mp.view(NS, G)[:3].max(0).values)
 want = (w[:, :, None] * ap.view(NS, G, D)[:3]).sum(0) / (w * lp.view(NS, G)[:3]).sum(0)[:, None]
-for active in (1, 0):
+for active, chunk, skip in ((1, 8, 0), (0, 8, 0), (1, 4, 1), (1, 2, 1)):  # SKIP: chunks past the used shares not run
     out = torch.empty(1, 1, G, D)
-    A._combine[(G, 1)](mp, lp, ap, out, out.stride(2), NS, G=G, D=D, SPLITS_P2=8, CHUNK=8, BLOCK_D=D, EAGER=1,
-                       POS=pos, WINDOW=0, ACTIVE=active, SHARE_UNIT=unit)
+    A._combine[(G, 1)](mp, lp, ap, out, out.stride(2), NS, G=G, D=D, SPLITS_P2=8, CHUNK=chunk, BLOCK_D=D, EAGER=1,
+                       POS=pos, WINDOW=0, ACTIVE=active, SHARE_UNIT=unit, SKIP=skip)
     err = (out[0, 0] - want).abs().max().item()
-    print(active, err)
-    assert (err <= 1e-4) == bool(active), (active, err)
+    print(active, chunk, skip, err)
+    assert (err <= 1e-4) == bool(active), (active, chunk, skip, err)
+# every share used (24 positions in shares of 4), the chunks past the first run
+lp.view(NS, G)[3:] = torch.rand(NS - 3, G) + 0.5
+mp.view(NS, G)[3:] = torch.randn(NS - 3, G)
+ap.view(NS, G, D)[3:] = torch.randn(NS - 3, G, D)
+w = torch.exp(mp.view(NS, G) - mp.view(NS, G).max(0).values)
+want = (w[:, :, None] * ap.view(NS, G, D)).sum(0) / (w * lp.view(NS, G)).sum(0)[:, None]
+for chunk, skip in ((8, 0), (4, 1), (2, 1)):
+    out = torch.empty(1, 1, G, D)
+    A._combine[(G, 1)](mp, lp, ap, out, out.stride(2), NS, G=G, D=D, SPLITS_P2=8, CHUNK=chunk, BLOCK_D=D, EAGER=1,
+                       POS=torch.tensor([23]), WINDOW=0, ACTIVE=1, SHARE_UNIT=unit, SKIP=skip)
+    err = (out[0, 0] - want).abs().max().item()
+    print("all", chunk, skip, err)
+    assert err <= 1e-4, (chunk, skip, err)
 """
 
 
 def test_decode_combine_reads_only_the_shares_holding_positions():
     """Decode's combine with ACTIVE reads only the shares the position fills (their count computed as the
     split kernel cuts them): with and without it, with either grid order and with empty shares returning
-    early (EMPTY_EXIT), the output matches the reference (flat cache at small and large fills, a wrapped
-    ring, every KV format); and the combine alone ignores garbage partials past that count with ACTIVE, not
-    without (Triton interpreter)."""
+    early (EMPTY_EXIT) and the combine's unused chunks skipped (SKIP), the output matches the reference
+    (flat cache at small and large fills, a wrapped ring, every KV format); and the combine alone ignores
+    garbage partials past that count with ACTIVE (its chunks past them run or not), not without, and with
+    every share used sums them all in any chunking (Triton interpreter)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-c", INTERPRETED_ACTIVE_SHARES], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -120,6 +120,9 @@ COMBINE_EAGER = 1
 # nor on the 31B's full layer (66 shares); the sliding layers (16 / 32 shares, all holding positions)
 # 0.3 us slower (the position's load comes before the partials'). Shares of at least 2 / 4 blocks: slower
 DECODE_ACTIVE_MIN_SPLITS = 64
+# and with it the combine's chunks of CHUNK shares past the first run only where shares past it are used
+# (`_combine`'s SKIP): a candidate, off (E2B's full layer has 512 padded shares, 8 chunks, at fill 1k 32 used)
+DECODE_COMBINE_SKIP = False
 # decode's grid with the shares as its slowest axis (program ids: every KV head's first share, then the
 # second ...), so that at a small fill the shares holding positions are the first programs the block
 # scheduler places, spread over the SMs, rather than the KV heads' runs of mostly empty shares. H200
@@ -1224,14 +1227,18 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 @triton.jit
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0,
-             PART16: tl.constexpr = 0, POS=None, WINDOW=0, ACTIVE: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16):
+             PART16: tl.constexpr = 0, POS=None, WINDOW=0, ACTIVE: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16,
+             SKIP: tl.constexpr = 0):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
     of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
     every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
     dropped by a select, not a load mask that waits for l), one memory round trip instead of two.
     ACTIVE: only the shares that hold positions are read, their count computed from the position
     (POS, WINDOW) as the split kernel cuts its shares (`_decode_share`, SHARE_UNIT its BLOCK_N): at a
-    small fill most of the NUM_SPLITS shares are empty, and EAGER would read all of them.
+    small fill most of the NUM_SPLITS shares are empty, and EAGER would read all of them. SKIP (with
+    ACTIVE): the chunks past the first run only where shares past it are used (each chunk's loads,
+    even masked off, and its sum across the program's rows cost instructions and a shared-memory
+    round).
     PART16: AP holds each share's acc_s / l_s in fp16 (half the bytes), weighted by exp(m_s - m) l_s.
     PDL: it waits first thing (export/kernels/pdl.py)."""
     if PDL:
@@ -1254,7 +1261,21 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
     m_max = tl.max(m, 0)
     l_sum = tl.sum(l * tl.exp(m - m_max), 0)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for s0 in tl.static_range(0, SPLITS_P2, CHUNK):  # unrolled: all chunks' loads in flight at once
+    if SKIP and ACTIVE and SPLITS_P2 > CHUNK:  # the first chunk, the others only where shares past it are used
+        acc = _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, 0, CHUNK, CHUNK, EAGER, PART16)
+        if used > CHUNK:
+            acc += _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, CHUNK, SPLITS_P2, CHUNK, EAGER, PART16)
+    else:
+        acc = _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, 0, SPLITS_P2, CHUNK, EAGER, PART16)
+    tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
+
+
+@triton.jit
+def _combine_chunks(LP, MP, AP, base, G: tl.constexpr, D: tl.constexpr, d, used, m_max, FIRST: tl.constexpr,
+                    LAST: tl.constexpr, CHUNK: tl.constexpr, EAGER: tl.constexpr, PART16: tl.constexpr):
+    """`_combine`'s sum over the shares FIRST .. LAST - 1 (those below `used`), CHUNK at a time: [BLOCK_D]."""
+    acc = tl.zeros(d.shape, tl.float32)
+    for s0 in tl.static_range(FIRST, LAST, CHUNK):  # unrolled: all chunks' loads in flight at once
         sc = s0 + tl.arange(0, CHUNK)
         lc = tl.load(LP + base + sc * G, mask=sc < used, other=0.0)
         ok = lc > 0
@@ -1267,7 +1288,7 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
         else:
             a = tl.load(AP + (base + sc * G)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
             acc += tl.sum(a.to(tl.float32) * w[:, None], 0)
-    tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
+    return acc
 
 
 # ---- launch --------------------------------------------------------------------------------------
@@ -1294,7 +1315,7 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
            part16: Optional[bool] = None, pdl_attr: bool = False, active: Optional[bool] = None,
-           shares_slowest: Optional[bool] = None):
+           shares_slowest: Optional[bool] = None, combine_skip: Optional[bool] = None):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
@@ -1302,7 +1323,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     programmatic-dependent-launch attribute, as the artifact's launcher launches them (direct
     launches only: benchmarks). active: decode's combine reading only the shares that hold positions
     (by default where DECODE_ACTIVE_MIN_SPLITS says); shares_slowest: decode's grid order
-    (DECODE_SHARES_SLOWEST by default)."""
+    (DECODE_SHARES_SLOWEST by default); combine_skip: the combine's chunks past the shares used not run
+    (DECODE_COMBINE_SKIP by default; with active only)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1341,7 +1363,9 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER,
                                           PDL=pdl, PART16=int(part16), POS=pos, WINDOW=window, ACTIVE=int(act),
-                                          SHARE_UNIT=unit, **attr)
+                                          SHARE_UNIT=unit,
+                                          SKIP=int(DECODE_COMBINE_SKIP if combine_skip is None else combine_skip),
+                                          **attr)
     else:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
         dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)
