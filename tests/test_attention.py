@@ -130,6 +130,18 @@ def cache_args(k, v, kv):
     return kq, vq, ks, vs
 
 
+def decode_cases(cases, gen):
+    """(q, cache args, pos, window, kv, reference) for each (H, Hkv, D, S, window, pos) of `cases` (a ring
+    where window > 0) and every KV format: a decode step over a freshly filled cache."""
+    for H, Hkv, D, S, window, pos in cases:
+        k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
+        q = torch.randn(1, 1, H, D, generator=gen)
+        p = torch.tensor([pos])
+        for kv in ("float", "int8", "int4"):
+            args = cache_args(k, v, kv)
+            yield q, args, p, window, kv, A.attention_reference(q, *args, p, window)
+
+
 def test_every_config_fits_consumer_shared_memory():
     for D in (16, 32, 256, 512):
         for fmt in (0, 1, 2):
@@ -205,7 +217,7 @@ def test_triton_kernels_match_reference_in_the_interpreter():
 INTERPRETED_ONE_SHARE = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import cache_args, filled_cache
+from tests.test_attention import decode_cases
 cm = A.use_configs(A.smallest); cm.__enter__()
 launched = []
 real_combine = A._combine
@@ -220,15 +232,10 @@ for splits in (1, 3):
     A.decode_splits = lambda *a, splits=splits: splits
     launched.clear()
     # a flat cache, a wrapped ring, a ring before wrap-around; every KV format
-    for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 290), (4, 1, 16, 24, 24, 70), (4, 2, 16, 24, 24, 9)]:
-        k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
-        q = torch.randn(1, 1, H, D, generator=gen)
-        p = torch.tensor([pos])
-        for kv in ("float", "int8", "int4"):
-            args = cache_args(k, v, kv)
-            want = A.attention_reference(q, *args, p, window)
-            got = A.launch(q, *args, p, window, True)
-            worst[(splits, kv)] = max(worst.get((splits, kv), 0.0), (got - want).abs().max().item())
+    for q, args, p, window, kv, want in decode_cases([(8, 2, 32, 300, 0, 290), (4, 1, 16, 24, 24, 70),
+                                                      (4, 2, 16, 24, 24, 9)], gen):
+        got = A.launch(q, *args, p, window, True)
+        worst[(splits, kv)] = max(worst.get((splits, kv), 0.0), (got - want).abs().max().item())
     assert bool(launched) == (splits > 1), (splits, launched)
 print(worst)
 assert max(worst.values()) <= 2e-5, worst
@@ -248,29 +255,23 @@ def test_decode_with_one_share_writes_its_output_without_a_combine():
 INTERPRETED_ACTIVE_SHARES = r"""
 import torch
 from export.kernels import attention as A
-from tests.test_attention import cache_args, filled_cache
+from tests.test_attention import decode_cases
 cm = A.use_configs(A.smallest); cm.__enter__()
 gen = torch.Generator().manual_seed(6)
 A.decode_splits = lambda *a: 7
 worst = {}
 # a flat cache filled to a few positions (most shares empty) and further, a wrapped ring, every KV format
-for H, Hkv, D, S, window, pos in [(8, 2, 32, 300, 0, 5), (8, 2, 32, 300, 0, 40), (8, 2, 32, 300, 0, 290),
-                                  (4, 1, 16, 24, 24, 70)]:
-    k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
-    q = torch.randn(1, 1, H, D, generator=gen)
-    p = torch.tensor([pos])
-    for kv in ("float", "int8", "int4"):
-        args = cache_args(k, v, kv)
-        want = A.attention_reference(q, *args, p, window)
-        knobs = A.DECODE_KNOBS.setdefault((D, A.kv_format(args[0], args[2])), {})
-        for active, slowest, empty_exit in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0),
-                                            (False, True, 1), (True, True, 1)):
-            knobs["EMPTY_EXIT"] = empty_exit
-            got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest,
-                           combine_skip=empty_exit == 1)
-            key = (active, slowest, empty_exit, kv)
-            worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
-        knobs.pop("EMPTY_EXIT")
+for q, args, p, window, kv, want in decode_cases([(8, 2, 32, 300, 0, 5), (8, 2, 32, 300, 0, 40),
+                                                  (8, 2, 32, 300, 0, 290), (4, 1, 16, 24, 24, 70)], gen):
+    knobs = A.DECODE_KNOBS.setdefault((q.shape[-1], A.kv_format(args[0], args[2])), {})
+    for active, slowest, empty_exit in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0),
+                                        (False, True, 1), (True, True, 1)):
+        knobs["EMPTY_EXIT"] = empty_exit
+        got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest,
+                       combine_skip=empty_exit == 1)
+        key = (active, slowest, empty_exit, kv)
+        worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+    knobs.pop("EMPTY_EXIT")
 print(worst)
 assert max(worst.values()) <= 2e-5, worst
 
