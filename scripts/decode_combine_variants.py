@@ -78,6 +78,7 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "exit+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1}),
             "skip+pdl": dict(part16=False, pdl_attr=True, combine_skip=True),
             "exit+skip+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1}, combine_skip=True)}
+SHARE_KEYS = {"splits", "active", "shares_slowest", "knobs", "combine_skip"}  # what the smoke run checks without PDL
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)
 
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
                 fns, outs = {}, {}
                 for var in chosen:
                     kw = VARIANTS[var]
-                    if kw["pdl_attr"] and args.smoke and not {"splits", "active", "shares_slowest", "knobs", "combine_skip"} & set(kw):
+                    if kw["pdl_attr"] and args.smoke and not SHARE_KEYS & set(kw):
                         continue  # no launch attribute in the interpreter (the share variants run without it)
                     fns[var] = (lambda kw=kw, D=D: launch_with(A, D, q, kk, vv, ks, vs, pos, window, **kw))
                     outs[var] = fns[var]()

@@ -112,12 +112,13 @@ def main(argv=None) -> int:
         per = max(1, args.per_label)
         for i, k in enumerate(kernels):
             k["shape"] = names[i // per] if i // per < len(names) else None
-        doc = {"source": "ncu --set full --clock-control none" + ("" if args.labels else ", `python -m scripts.ncu_gemv1`"),
-               "shapes": {n: SHAPES.get(n) for n in names}, "kernels": kernels}
+        source = "ncu --set full --clock-control none" + ("" if args.labels else ", `python -m scripts.ncu_gemv1`")
+        doc = {"source": source, "shapes": {n: SHAPES.get(n) for n in names}, "kernels": kernels}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
         for k in doc["kernels"]:
-            print(f"{k['shape'] or '?':8} {k['kernel'][:20]:20} grid {k['grid']:>12} {k.get('Duration')} us  DRAM {k.get('DRAM Throughput')}%  "
-                  f"warps {k.get('Achieved Active Warps Per SM')}/{k.get('Theoretical Active Warps per SM')}  "
+            warps = f"{k.get('Achieved Active Warps Per SM')}/{k.get('Theoretical Active Warps per SM')}"
+            print(f"{k['shape'] or '?':8} {k['kernel'][:20]:20} grid {k['grid']:>12} {k.get('Duration')} us  "
+                  f"DRAM {k.get('DRAM Throughput')}%  warps {warps}  "
                   f"long scoreboard {k.get('stalls', {}).get('Long Scoreboard')} of "
                   f"{k.get('Warp Cycles Per Issued Instruction')} cycles an instruction")
         return 0
