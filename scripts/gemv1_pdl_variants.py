@@ -65,20 +65,6 @@ DEVICE = "cpu" if _INTERPRET else "cuda"
 XDT = torch.float32 if _INTERPRET else torch.bfloat16  # (the interpreter's bf16 casts)
 GROUP = 128
 VARIANTS = {"off": (0, 0), "gemv": (0, 2), "both/start": (1, 1), "both/after": (2, 2), "graph/after": (2, 2, "graph")}
-# `--l2-ahead n,..` adds "after/l2a<n>": `both/after` with the GEMV's per-lane loop asking the L2 for the words n
-# steps past the ones it loads (`int4_matmul.GEMV1_L2_AHEAD`); `--variants` runs a subset (off always)
-
-
-def select_variants(names: str, l2_ahead: str) -> dict:
-    """The variants a run compares: `off` and those named (comma-separated), then `after/l2a<n>` per n."""
-    unknown = [nm for nm in names.split(",") if nm and nm not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    chosen = {"off": VARIANTS["off"]}
-    chosen.update({nm: VARIANTS[nm] for nm in names.split(",") if nm and nm != "off"})
-    for n in (int(x) for x in l2_ahead.split(",") if x):
-        chosen[f"after/l2a{n}"] = (2, 2, n)
-    return chosen
 # "graph/after": both kernels in mode 2 launched without the attribute (as AOTInductor launches them),
 # their graph's edges into them made programmatic after capture (scripts/graph_pdl.py). H200, twice
 # (gemv1_pdl_graph.json): the edited graph had capture's edge kinds for `both/after` exactly, yet timed as
@@ -93,10 +79,24 @@ TINY_SHAPES = {"qkv_proj.sliding": (48, 1024), "o_proj.sliding": (40, 1024), "ml
                "lm_head": (128, 512)}
 
 
+def select_variants(names: str, l2_ahead: str) -> dict:
+    """The variants a run compares: `off` and those named (comma-separated, `--variants`), then per n of
+    `--l2-ahead` "after/l2a<n>": `both/after` with the GEMV's per-lane loop asking the L2 for the words n
+    steps past the ones it loads (`int4_matmul.GEMV1_L2_AHEAD`)."""
+    unknown = [nm for nm in names.split(",") if nm and nm not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    chosen = {"off": VARIANTS["off"]}
+    chosen.update({nm: VARIANTS[nm] for nm in names.split(",") if nm and nm != "off"})
+    for n in (int(x) for x in l2_ahead.split(",") if x):
+        chosen[f"after/l2a{n}"] = (2, 2, n)
+    return chosen
+
+
 def project(x, q, s, pdl, splits=None, cfg=None):
     """x [1, K] @ dequant(W).T as the op runs it (`gemv1_plan`, or the given tile and slices), the
     quantize kernel and the GEMV launched in PDL modes pdl = (quantize, GEMV[, "graph": without the
-    launch attribute])."""
+    launch attribute][, n: L2_AHEAD n])."""
     n, k = q.shape[0], q.shape[1] * 2
     pc, ps, *_ = im.gemv1_plan(n, k, GROUP)
     opts = pdl[2:]
@@ -310,7 +310,8 @@ def compile_sm90(pdl: int | None, red: int = 2, l2_ahead: int | None = None) -> 
     """Offline, no GPU: `_quant_x_kernel` and the GEMV at `gemv1_plan`'s 128-row tile (x as levels,
     split sum `red`, L2_AHEAD `l2_ahead` where given) compiled for sm_90 in PDL mode `pdl` (None: the
     argument left out, the kernels' default): {kernel: {"ptx": its code without the debug sections and
-    line marks (source line numbers), "sass": cuobjdump's, "res": its registers and stack ("REG:n STACK:m")}}."""
+    line marks (source line numbers), "sass": cuobjdump's, "res": its registers and stack ("REG:n
+    STACK:m")}}."""
     import re
     import tempfile
 

@@ -230,7 +230,8 @@ class Attention(nn.Module):
         return self.o_proj(out), fresh
 
 
-def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor,
+               norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, linear(h)) with h = x + norm(r). A packed int4 linear takes the add into its op
     (quant.PackedInt4Linear.forward_add: at decode a small weight's GEMV computes it and writes h)."""
     fused = getattr(linear, "forward_add", None)

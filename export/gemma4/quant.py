@@ -184,8 +184,8 @@ FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms
 
 def fused_norms() -> bool:
     """Whether packed int4 linears take the norms before them into their ops (`forward_rms`,
-    `forward_add_rms`, `forward_add`): yes unless FUSED_NORMS_ENV is "0" (scripts/export_ab.py measures one against the
-    other); the model's results are the same either way."""
+    `forward_add_rms`, `forward_add`): yes unless FUSED_NORMS_ENV is "0" (scripts/export_ab.py measures
+    one against the other); the model's results are the same either way."""
     return os.environ.get(FUSED_NORMS_ENV, "1") != "0"
 
 
