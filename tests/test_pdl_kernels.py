@@ -67,11 +67,12 @@ _SCRIPT = textwrap.dedent("""
            "ssh": "i32", "sot": "i32", "soh": "i32"}
     for D, fmt, kv in ((512, 0, "*bf16"), (512, 1, "*i8"), (512, 2, "*u8"), (256, 0, "*bf16")):
         cfg = A.with_knobs(A.decode_config(D, fmt), D, fmt)
-        const = dict(cfg.kwargs, G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False)
+        const = dict(cfg.kwargs, G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False,
+                     SHARE_UNIT=cfg.kwargs["BLOCK_N"], SHARES_SLOWEST=int(A.DECODE_SHARES_SLOWEST))
         report(f"attn_body-{D}-{fmt}", A._attn_body, {**att, "K": kv, "V": kv}, const, cfg.num_warps, cfg.num_stages)
     report("combine-512", A._combine, {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32",
-                                       "NUM_SPLITS": "i32"},
-           dict(G=8, D=512, SPLITS_P2=64, CHUNK=64, BLOCK_D=64, EAGER=1), 4)
+                                       "NUM_SPLITS": "i32", "POS": "*i64", "WINDOW": "i32"},
+           dict(G=8, D=512, SPLITS_P2=128, CHUNK=64, BLOCK_D=64, EAGER=1, ACTIVE=1, SHARE_UNIT=32, SKIP=1), 4)
     report("hadamard-512", Hd._hadamard_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "scale": "fp32"},
            dict(D=512, LOG2D=9, BLOCK_R=Hd.block_rows(512)), 4)
     cfg = im.gemv1_plan(5376, 8192, 128).cfg
