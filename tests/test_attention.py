@@ -130,6 +130,15 @@ def cache_args(k, v, kv):
     return kq, vq, ks, vs
 
 
+def run_interpreted(script: str, timeout: int = 600) -> None:
+    """`script` in a fresh Python with Triton's interpreter on (the repo on its path); fails the test with
+    its output if it fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+
 def decode_cases(cases, gen):
     """(q, cache args, pos, window, kv, reference) for each (H, Hkv, D, S, window, pos) of `cases` (a ring
     where window > 0) and every KV format: a decode step over a freshly filled cache."""
@@ -208,10 +217,7 @@ assert max(worst.values()) <= 2e-5, worst
 
 def test_triton_kernels_match_reference_in_the_interpreter():
     """Decode (several splits + combine) and prefill kernels, every KV format, on CPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(INTERPRETED)
 
 
 INTERPRETED_ONE_SHARE = r"""
@@ -246,10 +252,7 @@ def test_decode_with_one_share_writes_its_output_without_a_combine():
     """Decode with one share per KV head: the split kernel writes the output and no combine runs;
     with three shares the combine runs. Both against the reference, every KV format, flat cache
     and rings (the Triton interpreter, CPU)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_ONE_SHARE], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(INTERPRETED_ONE_SHARE)
 
 
 INTERPRETED_ACTIVE_SHARES = r"""
@@ -317,10 +320,7 @@ def test_decode_combine_reads_only_the_shares_holding_positions():
     (flat cache at small and large fills, a wrapped ring, every KV format); and the combine alone ignores
     garbage partials past that count with ACTIVE (its chunks past them run or not), not without, and with
     every share used sums them all in any chunking (Triton interpreter)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_ACTIVE_SHARES], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(INTERPRETED_ACTIVE_SHARES)
 
 
 INTERPRETED_16BIT = r"""
@@ -390,10 +390,7 @@ def test_decode_code_knobs_match_reference_in_the_interpreter():
     """Every decode knob (q . k chains, V from words, V in parts, biased int8 K, scales a block
     ahead, int8 q . k against the reference fed q's int8 levels) against the
     reference, fp32 and 16-bit dots, flat cache and wrapped ring, on CPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_KNOBS], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(INTERPRETED_KNOBS)
 
 
 INTERPRETED_PREFILL = r"""
@@ -446,10 +443,7 @@ def test_prefill_kernel_matches_reference_in_the_interpreter():
     """Prefill chunks of up to 200 queries: unmasked and masked blocks, position splits + combine,
     V column parts, every KV format, a wrapped ring; and a chunk's own K/V beside a window-sized
     ring (chunks longer than the window)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_PREFILL], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(INTERPRETED_PREFILL)
 
 
 CODES_EXACT = r"""
@@ -472,18 +466,12 @@ assert z.equal(((x.view(torch.uint8) & 15).int() - 8).half()), z
 
 
 def test_codes_to_fp16_through_bits_are_exact_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", CODES_EXACT], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(CODES_EXACT, timeout=300)
 
 
 def test_quantized_codes_convert_exactly_with_16bit_queries_in_the_interpreter():
     """bf16 q over int8 / int4 caches: the fp16 dot operands built from the codes' bits."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-c", INTERPRETED_16BIT], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    run_interpreted(INTERPRETED_16BIT)
 
 
 @pytest.mark.parametrize("kv", ["int8", "int4", "bf16"])
