@@ -1655,11 +1655,15 @@ def _(x, weight, eps, qweight, scales):
     return int4_rms_linear_reference(x, weight, eps, qweight, scales)
 
 
+def _check_r(op: str, x, r, weight_r, K: int) -> None:
+    """The residual r and its norm weight against x [..., K] (the residual ops' shapes)."""
+    if r.shape != x.shape or tuple(weight_r.shape) != (K,):
+        raise ValueError(f"{op}: r {tuple(r.shape)} / its norm weight {tuple(weight_r.shape)} for x {tuple(x.shape)}")
+
+
 def _check_residual(x, r, weight_r, weight, qweight, scales):
     N, K, G = _check_norm(x, weight, qweight, scales)
-    if r.shape != x.shape or tuple(weight_r.shape) != (K,):
-        raise ValueError(f"int4_add_rms_linear: r {tuple(r.shape)} / its norm weight {tuple(weight_r.shape)} "
-                         f"for x {tuple(x.shape)}")
+    _check_r("int4_add_rms_linear", x, r, weight_r, K)
     return N, K, G
 
 
@@ -1702,9 +1706,7 @@ def _(x, r, weight_r, weight, eps, qweight, scales):
 
 def _check_add(x, r, weight_r, qweight, scales):
     N, K, G = _check(x, qweight, scales)
-    if r.shape != x.shape or tuple(weight_r.shape) != (K,):
-        raise ValueError(f"int4_add_linear: r {tuple(r.shape)} / its norm weight {tuple(weight_r.shape)} "
-                         f"for x {tuple(x.shape)}")
+    _check_r("int4_add_linear", x, r, weight_r, K)
     return N, K, G
 
 
