@@ -232,6 +232,16 @@ attn_empty)  # decode attention at small fills: empty shares returning early (ex
   python -m scripts.ncu_gemv1 --labels pdl,exit+skip+pdl,s16+pdl --summarize "$OUT/attn_details.csv" \
       "$OUT/attn_details.txt" "$OUT/attn_sass.csv" --out "$OUT/decode_attn_ncu_e2b_1k.json"
   ;;
+attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
+  # default, `pdl`) against reading every chunk (`noskip`), with empty shares returning early (`exit`) and 16
+  # shares a KV head, the 31B's, E2B's and E4B's layers (~3 min); then the attention and tiny-artifact cuda tests
+  timeout 240 python -m scripts.decode_combine_variants --models 31b,e2b,e4b --variants pdl,noskip+pdl,exit+pdl,s16+pdl \
+      --fills 1024,8192,32768,131072 --kv-dtypes int4,int8,bf16 --rounds 3 --out "$OUT/decode_combine_skip.json" \
+      > "$OUT/decode_combine_skip.log" 2>&1
+  echo "variants rc=$?"; tail -40 "$OUT/decode_combine_skip.log"
+  timeout 90 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention.py 2>&1 | tail -2
+  timeout 230 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
+  ;;
 gemv_l2)  # the M == 1 GEMV asking the L2 for its words 1-3 steps ahead (L2_AHEAD) against today's launches, a sliding
   # and a full layer's four projections as CUDA graphs and each projection alone (~4 min); first the cuda tests of
   # the residual add in the small weights' GEMV (`gemma4::int4_add_linear`, ~1 min)
@@ -250,5 +260,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty|gemv_l2" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty|gemv_l2|attn_skip" >&2; exit 2 ;;
 esac

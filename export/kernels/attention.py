@@ -120,9 +120,13 @@ COMBINE_EAGER = 1
 # nor on the 31B's full layer (66 shares); the sliding layers (16 / 32 shares, all holding positions)
 # 0.3 us slower (the position's load comes before the partials'). Shares of at least 2 / 4 blocks: slower
 DECODE_ACTIVE_MIN_SPLITS = 64
-# and with it the combine's chunks of CHUNK shares past the first run only where shares past it are used
-# (`_combine`'s SKIP): a candidate, off (E2B's full layer has 512 padded shares, 8 chunks, at fill 1k 32 used)
-DECODE_COMBINE_SKIP = False
+# and with it, where the used shares fit the combine's first chunk (CHUNK shares), only that chunk is read
+# (`_combine`'s SKIP): E2B's full layer pads 264 shares to 512, 8 chunks of 64, 17 used at fill 1k. H200
+# (decode_empty_exit.json, an earlier SKIP that ran the first chunk and then the rest in a second round):
+# E2B's full layer at 1k 11.5 -> 7.5 us (bf16), 12.9 -> 8.9 (int8), 22.7 -> 13.0 (int4), E4B's 1.4-3.3 us
+# less, the 31B's 0.6-2.3 us less at 1k-32k; that earlier form cost E2B / E4B ~1 us from 8k on (two rounds
+# where all chunks run), which reading every share in one round, as without SKIP, avoids
+DECODE_COMBINE_SKIP = True
 # decode's grid with the shares as its slowest axis (program ids: every KV head's first share, then the
 # second ...), so that at a small fill the shares holding positions are the first programs the block
 # scheduler places, spread over the SMs, rather than the KV heads' runs of mostly empty shares. H200
@@ -1236,9 +1240,10 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
     ACTIVE: only the shares that hold positions are read, their count computed from the position
     (POS, WINDOW) as the split kernel cuts its shares (`_decode_share`, SHARE_UNIT its BLOCK_N): at a
     small fill most of the NUM_SPLITS shares are empty, and EAGER would read all of them. SKIP (with
-    ACTIVE): the chunks past the first run only where shares past it are used (each chunk's loads,
-    even masked off, and its sum across the program's rows cost instructions and a shared-memory
-    round).
+    ACTIVE): where the used shares fit the first chunk, only its l, m and partials are read (each
+    chunk's loads, even masked off, and its sum across the program's rows cost instructions and a
+    shared-memory round; so do the l and m of all SPLITS_P2 shares); else all of them, as without SKIP,
+    in one memory round trip.
     PART16: AP holds each share's acc_s / l_s in fp16 (half the bytes), weighted by exp(m_s - m) l_s.
     PDL: it waits first thing (export/kernels/pdl.py)."""
     if PDL:
@@ -1255,27 +1260,35 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
         lo = tl.where(WINDOW > 0, tl.maximum(pos0 - WINDOW + 1, 0), 0)
         n = pos0 - lo + 1
         used = tl.minimum(tl.cdiv(n, _decode_share(n, NUM_SPLITS, SHARE_UNIT)), NUM_SPLITS)
-    s = tl.arange(0, SPLITS_P2)
-    l = tl.load(LP + base + s * G, mask=s < used, other=0.0)
-    m = tl.where(l > 0, tl.load(MP + base + s * G, mask=s < used, other=-1.0e30), -1.0e30)
-    m_max = tl.max(m, 0)
-    l_sum = tl.sum(l * tl.exp(m - m_max), 0)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    if SKIP and ACTIVE and SPLITS_P2 > CHUNK:  # the first chunk, the others only where shares past it are used
-        acc = _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, 0, CHUNK, CHUNK, EAGER, PART16)
-        if used > CHUNK:
-            acc += _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, CHUNK, SPLITS_P2, CHUNK, EAGER, PART16)
+    if SKIP and ACTIVE and SPLITS_P2 > CHUNK:  # one chunk where the used shares fit it, else all in one round
+        if used <= CHUNK:
+            acc, l_sum = _combine_range(LP, MP, AP, base, G, D, d, used, CHUNK, CHUNK, EAGER, PART16)
+        else:
+            acc, l_sum = _combine_range(LP, MP, AP, base, G, D, d, used, SPLITS_P2, CHUNK, EAGER, PART16)
     else:
-        acc = _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, 0, SPLITS_P2, CHUNK, EAGER, PART16)
+        acc, l_sum = _combine_range(LP, MP, AP, base, G, D, d, used, SPLITS_P2, CHUNK, EAGER, PART16)
     tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
 
 
 @triton.jit
-def _combine_chunks(LP, MP, AP, base, G: tl.constexpr, D: tl.constexpr, d, used, m_max, FIRST: tl.constexpr,
-                    LAST: tl.constexpr, CHUNK: tl.constexpr, EAGER: tl.constexpr, PART16: tl.constexpr):
-    """`_combine`'s sum over the shares FIRST .. LAST - 1 (those below `used`), CHUNK at a time: [BLOCK_D]."""
+def _combine_range(LP, MP, AP, base, G: tl.constexpr, D: tl.constexpr, d, used, LAST: tl.constexpr,
+                   CHUNK: tl.constexpr, EAGER: tl.constexpr, PART16: tl.constexpr):
+    """`_combine`'s (sum of the weighted partials [BLOCK_D], sum of the weighted l) over the shares 0 .. LAST - 1
+    (those below `used`): their l and m in one load each, then the partials CHUNK shares at a time."""
+    s = tl.arange(0, LAST)
+    l = tl.load(LP + base + s * G, mask=s < used, other=0.0)
+    m = tl.where(l > 0, tl.load(MP + base + s * G, mask=s < used, other=-1.0e30), -1.0e30)
+    m_max = tl.max(m, 0)
+    l_sum = tl.sum(l * tl.exp(m - m_max), 0)
+    return _combine_chunks(LP, MP, AP, base, G, D, d, used, m_max, LAST, CHUNK, EAGER, PART16), l_sum
+
+
+@triton.jit
+def _combine_chunks(LP, MP, AP, base, G: tl.constexpr, D: tl.constexpr, d, used, m_max, LAST: tl.constexpr,
+                    CHUNK: tl.constexpr, EAGER: tl.constexpr, PART16: tl.constexpr):
+    """`_combine`'s sum over the shares 0 .. LAST - 1 (those below `used`), CHUNK at a time: [BLOCK_D]."""
     acc = tl.zeros(d.shape, tl.float32)
-    for s0 in tl.static_range(FIRST, LAST, CHUNK):  # unrolled: all chunks' loads in flight at once
+    for s0 in tl.static_range(0, LAST, CHUNK):  # unrolled: all chunks' loads in flight at once
         sc = s0 + tl.arange(0, CHUNK)
         lc = tl.load(LP + base + sc * G, mask=sc < used, other=0.0)
         ok = lc > 0
