@@ -239,7 +239,7 @@ attn_skip)  # decode attention: the combine reading only its first chunk where t
       --fills 1024,8192,32768,131072 --kv-dtypes int4,int8,bf16 --rounds 3 --out "$OUT/decode_combine_skip.json" \
       > "$OUT/decode_combine_skip.log" 2>&1
   echo "variants rc=$?"; tail -40 "$OUT/decode_combine_skip.log"
-  timeout 90 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention.py 2>&1 | tail -2
+  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention.py 2>&1 | tail -2
   timeout 230 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
   ;;
 gemv_l2)  # the M == 1 GEMV asking the L2 for its words 1-3 steps ahead (L2_AHEAD) against today's launches, a sliding
