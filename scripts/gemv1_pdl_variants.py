@@ -3,7 +3,7 @@
 does) hides the GEMV's start-up, on the 31B's layers, in one GPU call (a measuring tool).
 
     python -m scripts.gemv1_pdl_variants [--out gemv1_pdl_variants.json] [--budget 90] [--prewarm 12]
-        [--reps 64] [--layers sliding,full,lm_head] [--variants off,both/after] [--l2-ahead 1,2]
+        [--reps 64] [--layers sliding,full,lm_head] [--variants off,both/after]
     python -m scripts.gemv1_pdl_variants --smoke [--out smoke.json]  # Triton's interpreter, tiny shapes
     python -m scripts.gemv1_pdl_variants --sass [--out sass.json]  # offline sm_90 compiles, no GPU
 
@@ -79,30 +79,24 @@ TINY_SHAPES = {"qkv_proj.sliding": (48, 1024), "o_proj.sliding": (40, 1024), "ml
                "lm_head": (128, 512)}
 
 
-def select_variants(names: str, l2_ahead: str) -> dict:
-    """The variants a run compares: `off` and those named (comma-separated, `--variants`), then per n of
-    `--l2-ahead` "after/l2a<n>": `both/after` with the GEMV's per-lane loop asking the L2 for the words n
-    steps past the ones it loads (`int4_matmul.GEMV1_L2_AHEAD`)."""
+def select_variants(names: str) -> dict:
+    """The variants a run compares: `off` and those named (comma-separated, `--variants`)."""
     unknown = [nm for nm in names.split(",") if nm and nm not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     chosen = {"off": VARIANTS["off"]}
     chosen.update({nm: VARIANTS[nm] for nm in names.split(",") if nm and nm != "off"})
-    for n in (int(x) for x in l2_ahead.split(",") if x):
-        chosen[f"after/l2a{n}"] = (2, 2, n)
     return chosen
 
 
 def project(x, q, s, pdl, splits=None, cfg=None):
     """x [1, K] @ dequant(W).T as the op runs it (`gemv1_plan`, or the given tile and slices), the
     quantize kernel and the GEMV launched in PDL modes pdl = (quantize, GEMV[, "graph": without the
-    launch attribute][, n: L2_AHEAD n])."""
+    launch attribute])."""
     n, k = q.shape[0], q.shape[1] * 2
     pc, ps, *_ = im.gemv1_plan(n, k, GROUP)
-    opts = pdl[2:]
     return im.int4_gemv1(x, q, s, ps if splits is None else splits, kernel=im._gemv1_kernel(cfg or pc),
-                         pdl_quant=pdl[0], pdl_gemv=pdl[1], pdl_attr="graph" not in opts,
-                         l2_ahead=next((o for o in opts if isinstance(o, int)), 0))
+                         pdl_quant=pdl[0], pdl_gemv=pdl[1], pdl_attr="graph" not in pdl[2:])
 
 
 def graph_edit(pdl):
@@ -306,9 +300,9 @@ def _prewarm_worker(idx, count):
     torch.cuda.synchronize()
 
 
-def compile_sm90(pdl: int | None, red: int = 2, l2_ahead: int | None = None) -> dict:
+def compile_sm90(pdl: int | None, red: int = 2) -> dict:
     """Offline, no GPU: `_quant_x_kernel` and the GEMV at `gemv1_plan`'s 128-row tile (x as levels,
-    split sum `red`, L2_AHEAD `l2_ahead` where given) compiled for sm_90 in PDL mode `pdl` (None: the
+    split sum `red`) compiled for sm_90 in PDL mode `pdl` (None: the
     argument left out, the kernels' default): {kernel: {"ptx": its code without the debug sections and
     line marks (source line numbers), "sass": cuobjdump's, "res": its registers and stack ("REG:n
     STACK:m")}}."""
@@ -323,7 +317,7 @@ def compile_sm90(pdl: int | None, red: int = 2, l2_ahead: int | None = None) -> 
            "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
            "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"}
     const = {"GROUP": GROUP, **{k: cfg.kwargs[k] for k in ("BLOCK_N", "PARTS", "GROUPS", "DEPTH")}, "RED": red,
-             "XQ": True, "ASM": True, **extra, **({} if l2_ahead is None else {"L2_AHEAD": l2_ahead})}
+             "XQ": True, "ASM": True, **extra}
     ks = {"gemv": _compile_sm90(im._int4_gemv1_kernel, sig, const, cfg.num_warps,
                                 ["x_ptr", "xf_ptr", "xc_ptr", "w_ptr", "s_ptr", "part_ptr", "y_ptr", "cnt_ptr",
                                  "stride_ww"]),
@@ -399,7 +393,7 @@ def shapes_31b() -> dict:
 
 
 def main(argv=None) -> int:
-    global VARIANTS  # --variants / --l2-ahead choose them
+    global VARIANTS  # --variants chooses them
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("gemv1_pdl_variants.json"))
     ap.add_argument("--budget", type=float, default=90.0, help="seconds; what is left when it runs out is skipped")
@@ -411,9 +405,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sass", action="store_true", help="offline: compile for sm_90, hashes and the order of loads")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="of " + ", ".join(VARIANTS)
                     + " (comma-separated; off always runs; default all)")
-    ap.add_argument("--l2-ahead", default="", help="comma-separated step counts n: adds `after/l2a<n>` (default none)")
     a = ap.parse_args(argv)
-    VARIANTS = select_variants(a.variants, a.l2_ahead)
+    VARIANTS = select_variants(a.variants)
     if a.sass:
         return sass_report(a.out)
     if a.smoke and not _INTERPRET:

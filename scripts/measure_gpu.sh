@@ -254,13 +254,6 @@ attn_skip)  # decode attention: the combine reading only its first chunk where t
   timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention.py 2>&1 | tail -2
   timeout 230 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
   ;;
-gemv_l2)  # the M == 1 GEMV asking the L2 for its words 1-3 steps ahead (L2_AHEAD) against today's launches, a sliding
-  # and a full layer's four projections as CUDA graphs and each projection alone (~4 min); first the cuda tests of
-  # the residual add in the small weights' GEMV (`gemma4::int4_add_linear`, ~1 min)
-  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k "residual_op" 2>&1 | tail -2
-  timeout 330 python -m scripts.gemv1_pdl_variants --variants off,both/after --l2-ahead 1,2,3 --layers sliding,full \
-      --budget 290 --prewarm 12 --reps 32 --out "$OUT/gemv1_l2_ahead.json" 2>&1 | tail -30
-  ;;
 small_shares)  # the small variants' decode attention with forced share counts (one share: no combine launch)
   # against the default, every variant's full and sliding layer (~3 min); then the tiny preset's cuda tests, whose
   # sliding rings take the one-share path
@@ -272,5 +265,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty|gemv_l2|attn_skip|e2b_check" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty|attn_skip|e2b_check" >&2; exit 2 ;;
 esac

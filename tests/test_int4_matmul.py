@@ -516,7 +516,7 @@ _RES_COMPILE_SCRIPT = textwrap.dedent("""
         for arch in (89, 90, 120):
             const = {"GROUP": G, **plan.cfg.kwargs, "RED": 0, "XQ": plan.xq, "ASM": True,
                      "PDL": 2 if arch >= 90 else 0, "LEVELS": 2, "GLU": 0, "NORM": 0,
-                     "NORM_STEPS": im.norm_steps(k // 2), "L2_AHEAD": 0, "RES": 1}
+                     "NORM_STEPS": im.norm_steps(k // 2), "RES": 1}
             src = ASTSource(im._int4_gemv1_kernel, {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
                             constexprs=const)
             kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
@@ -592,7 +592,6 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
                         GLU=glu, NORM=int(not xq and not glu), eps=1e-6,
                         NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0,
-                        L2_AHEAD=2 if xq and pdl else 0,  # the L2 requests' inline PTX read too
                         r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     # bf16 x with the residual add (RES: the small weights' GEMV writes h)
@@ -603,7 +602,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     s_ptr=bf(N2, K2 // G), part_ptr=torch.empty(1, 1), y_ptr=bf(1, N2),
                     cnt_ptr=torch.empty(1, dtype=torch.int32), N=N2, KW=K2 // 8, GPS=K2 // G, SPLITS=1,
                     stride_ww=K2 // 8, stride_sn=K2 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
-                    LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), L2_AHEAD=0, r_ptr=bf(K2),
+                    LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), r_ptr=bf(K2),
                     wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, **im.gemv1_plan(N2, K2, G).cfg.kwargs)
         print("gemv1-res False 1", sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),

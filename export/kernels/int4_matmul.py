@@ -126,11 +126,6 @@ GEMV1_LEVELS = 2
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
 PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
-# M == 1, the per-lane loop: each step asks the L2 for the words this many steps past the ones it loads (0: off).
-# Nsight Compute on the H200 (scripts/measurements/gemv1_ncu_31b.json): the mid shapes' GEMV waits 6 of every
-# 10 cycles on its loads with 10 of 16 warps an SM resident, its registers holding ~2 tiles a thread: a
-# candidate for bytes in flight past the registers (one request per 128-byte line), not yet timed
-GEMV1_L2_AHEAD = 0
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -560,28 +555,15 @@ def _gemv1_scale(p, ok, ASM: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch(ptrs, mask):
-    """Asks the L2 for the 128-byte line at each pointer where mask holds (`prefetch.global.L2`: fire and
-    forget, no register waits for it) and returns int32 zeros of ptrs' shape. The block is pure (torch's
-    mutation analysis: no inline PTX with a side effect in an op's kernel), so only a use of its result
-    keeps it: the caller adds it to a value it uses."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .pred q; setp.ne.b32 q, $2, 0; @q prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, stride_ww, stride_sn,
                   WORDS: tl.constexpr, STEP: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
-                  LEVELS: tl.constexpr = 2, L2_AHEAD: tl.constexpr = 0):
+                  LEVELS: tl.constexpr = 2):
     """The XQ kernel's sums [BLOCK_N] over its columns (`_int4_gemv1_kernel`: start / hi [1, C, 1]
     the first and end words of each column's run) with `_gemv1_tile_lanes`: each step's words
     and scales load one step ahead, x's levels too; no masked load (rows past N read row N - 1,
     words past a run the row's last group, and the scale of such a group is 0), the scales
     through PTX (`_ld_u16`): nothing in the loop takes another layout than the words'.
-    PDL: the first words and scales (constants) load before `pdl_wait`, x's levels after it.
-    L2_AHEAD k: each step also asks the L2 (`_l2_prefetch`) for the words k steps past the ones it
-    loads, one request per 128-byte line: bytes in flight beyond what the registers hold."""
+    PDL: the first words and scales (constants) load before `pdl_wait`, x's levels after it."""
     L: tl.constexpr = WORDS // 4
     XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`): 16-byte aligned
     lane = tl.arange(0, WORDS)[None, None, :]
@@ -598,15 +580,9 @@ def _gemv1_loop_q(xq, xf, xc, w_ptr, s_ptr, offs_n, N, KW, start, hi, gpp, strid
         xq, xf, xc = xq + z, xf + z, xc + z
     he, ho, le, lo, c, f = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL, LEVELS)
     acc = tl.zeros((offs_n.shape[0], start.shape[1], L), dtype=tl.float32)
-    # the columns that open a 128-byte line of a step's words (column c: group c % GROUPS of its part's step)
-    col = tl.arange(0, start.shape[1])[None, :, None]
-    line = ((col % (STEP // WORDS)) * WORDS * 4) % 128 == 0  # [1, C, 1]
     for tg in range(0, gpp, STEP // WORDS):
         g1 = start + tg * WORDS + STEP
         gc = tl.minimum(g1 // WORDS, last) * WORDS
-        if L2_AHEAD and ASM:
-            ga = g1 + L2_AHEAD * STEP
-            acc += _l2_prefetch(rows + ga, n_ok & line & (ga < hi)).to(tl.float32)  # + 0: keeps the request
         w1 = tl.load(rows + (gc + lane))
         s1 = _gemv1_scale(srows + gc // WORDS, n_ok & (g1 < hi), ASM)
         he1, ho1, le1, lo1, c1, f1 = _gemv1_x_planes(xq, xf, xc, XP, gc, lane, L, ASM, PDL, LEVELS)
@@ -823,8 +799,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, L2_AHEAD: tl.constexpr = 0,
-                       r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0):
+                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -857,8 +832,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     with RES (bf16 x, not with GLU / NORM) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the
     residual add before a small weight), which the first program also writes to h_ptr.
     LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
-    x's planes, x to within max|x| / 254 per group). L2_AHEAD (the per-lane loop): the L2 asked for
-    the words that many steps ahead (`_gemv1_loop_q`; GEMV1_L2_AHEAD).
+    x's planes, x to within max|x| / 254 per group).
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -879,7 +853,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     if XQ and (PARTS == 1 or DEPTH == 0):  # one step ahead, summed per lane (`_gemv1_loop_q`; DEPTH 0 asks
         # for it with K parts too, where DEPTH >= 1 takes `_gemv1_tile_q`)
         val = _gemv1_loop_q(x_ptr.to(tl.pointer_type(tl.int32)), xf_ptr, xc_ptr, w_ptr, s_ptr, offs_n, N, KW, start,
-                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS, L2_AHEAD)
+                            hi, gpp, stride_ww, stride_sn, WORDS, STEP, ASM, PDL, LEVELS)
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         tl.static_assert(not ((GLU or NORM or RES) and XQ), "with x as levels the quantize kernel computes them")
@@ -1356,7 +1330,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-               res: tuple | None = None, l2_ahead: int | None = None):
+               res: tuple | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1370,8 +1344,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
     norm and x as levels: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel also
     writes to h; res (r, wr, h, eps) with bf16 x and neither up nor norm: the input is h (r's norm with
-    that eps), computed by the GEMV as it loads x, its first program writing h. l2_ahead: the per-lane
-    loop asking the L2 for the words that many steps ahead (GEMV1_L2_AHEAD by default)."""
+    that eps), computed by the GEMV as it loads x, its first program writing h."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1396,7 +1369,6 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         GLU=int(up is not None and not xq), NORM=int(norm is not None and not xq),
         eps=float(norm[1]) if norm is not None and not xq else float(res[3]) if res is not None and not xq else 0.0,
         NORM_STEPS=norm_steps(K // 2) if (norm is not None or res is not None) and not xq else 0,
-        L2_AHEAD=GEMV1_L2_AHEAD if l2_ahead is None else l2_ahead,
         r_ptr=res[0] if res is not None and not xq else x2, wr_ptr=res[1] if res is not None and not xq else x2,
         h_ptr=res[2] if res is not None and not xq else x2, RES=int(res is not None and not xq),
         **_pdl_args(pdl_gemv, pdl_attr))
