@@ -34,12 +34,11 @@ merges up to 264 mostly empty shares. `all+pdl` / `act+pdl`: the combine reading
 (EAGER) / only those of the shares holding positions (`DECODE_ACTIVE_MIN_SPLITS` picks per layer); shares of
 at least 2 or 4 blocks at a small fill (fewer, longer shares) were measured slower and dropped
 (decode_active_shares.json). `hfast+pdl` / `sslow+pdl`: the split kernel's grid with the KV heads / the
-shares as its slowest axis (`DECODE_SHARES_SLOWEST`). `exit+pdl`: a share past the fill writing its l = 0 and
-returning before it loads q (the `EMPTY_EXIT` knob); `skip+pdl` / `noskip+pdl`: the combine reading only its
-first chunk of shares where the used ones fit it, or not (`DECODE_COMBINE_SKIP`); `exit+skip+pdl` both.
+shares as its slowest axis (`DECODE_SHARES_SLOWEST`). `skip+pdl` / `noskip+pdl`: the combine reading only its
+first chunk of shares where the used ones fit it, or not (`DECODE_COMBINE_SKIP`).
 
 Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`, `all+pdl`,
-`act+pdl`, `hfast+pdl`, `sslow+pdl`, `exit+pdl`, `skip+pdl`, `noskip+pdl`, `exit+skip+pdl`
+`act+pdl`, `hfast+pdl`, `sslow+pdl`, `skip+pdl`, `noskip+pdl`
 (`--variants`: a subset; `--models`, `--fills`, `--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
@@ -75,10 +74,8 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "act+pdl": dict(part16=False, pdl_attr=True, active=True),
             "hfast+pdl": dict(part16=False, pdl_attr=True, shares_slowest=False),
             "sslow+pdl": dict(part16=False, pdl_attr=True, shares_slowest=True),
-            "exit+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1}),
             "skip+pdl": dict(part16=False, pdl_attr=True, combine_skip=True),
-            "noskip+pdl": dict(part16=False, pdl_attr=True, combine_skip=False),
-            "exit+skip+pdl": dict(part16=False, pdl_attr=True, knobs={"EMPTY_EXIT": 1}, combine_skip=True)}
+            "noskip+pdl": dict(part16=False, pdl_attr=True, combine_skip=False)}
 SHARE_KEYS = {"splits", "active", "shares_slowest", "knobs", "combine_skip"}  # what the smoke run checks without PDL
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)

@@ -213,25 +213,6 @@ shares_active)  # decode attention's combine over the used shares only (all / ac
 tiny_parity)  # the tiny preset's CUDA artifact (fp32) against the eager model, through the runner (~4 min)
   timeout 285 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
   ;;
-attn_empty)  # decode attention at small fills: empty shares returning early (exit), the combine's unused chunks
-  # skipped (skip), both, against the default and 16 shares a KV head, the 31B's, E2B's and E4B's layers (~4 min),
-  # then Nsight Compute on E2B's full layer (264 shares, one KV head) int4 at fill 1k
-  timeout 270 python -m scripts.decode_combine_variants --models 31b,e2b,e4b \
-      --variants pdl,exit+pdl,skip+pdl,exit+skip+pdl,s16+pdl \
-      --fills 1024,8192,32768 --kv-dtypes int4,int8,bf16 --rounds 3 --out "$OUT/decode_empty_exit.json" \
-      > "$OUT/decode_empty_exit.log" 2>&1
-  tail -30 "$OUT/decode_empty_exit.log"
-  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  [ -n "$ncu_bin" ] || { echo "no ncu on this machine" >&2; exit 1; }
-  timeout 200 "$ncu_bin" --profile-from-start off --set full --clock-control none --import-source no -o "$OUT/attn" -f \
-      python -m scripts.decode_combine_variants --models e2b --variants pdl,exit+skip+pdl,s16+pdl --fills 1024 \
-      --kv-dtypes int4 --profile-once 2>&1 | tail -4
-  "$ncu_bin" -i "$OUT/attn.ncu-rep" --page details --csv > "$OUT/attn_details.csv"
-  "$ncu_bin" -i "$OUT/attn.ncu-rep" --page source --csv --print-source sass > "$OUT/attn_sass.csv" 2>&1
-  "$ncu_bin" -i "$OUT/attn.ncu-rep" --page details --print-details all > "$OUT/attn_details.txt" 2>&1
-  python -m scripts.ncu_gemv1 --labels pdl,exit+skip+pdl,s16+pdl --summarize "$OUT/attn_details.csv" \
-      "$OUT/attn_details.txt" "$OUT/attn_sass.csv" --out "$OUT/decode_attn_ncu_e2b_1k.json"
-  ;;
 e2b_check)  # E2B with the 24 GB recipe end to end: its 2-layer slice's logits against the eager model (beside the
   # whole model's export: the export's time and host figures are taken with the slice running), then the whole
   # model's runtime alone on the GPU; every stage merges into a copy of variants.json (~8 min)
@@ -245,9 +226,9 @@ e2b_check)  # E2B with the 24 GB recipe end to end: its 2-layer slice's logits a
       --json "$OUT/variants.json" 2>&1 | tail -4
   ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
-  # default, `pdl`) against reading every chunk (`noskip`), with empty shares returning early (`exit`) and 16
-  # shares a KV head, the 31B's, E2B's and E4B's layers (~3 min); then the attention and tiny-artifact cuda tests
-  timeout 240 python -m scripts.decode_combine_variants --models 31b,e2b,e4b --variants pdl,noskip+pdl,exit+pdl,s16+pdl \
+  # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
+  # layers (~3 min); then the attention and tiny-artifact cuda tests
+  timeout 240 python -m scripts.decode_combine_variants --models 31b,e2b,e4b --variants pdl,noskip+pdl,s16+pdl \
       --fills 1024,8192,32768,131072 --kv-dtypes int4,int8,bf16 --rounds 3 --out "$OUT/decode_combine_skip.json" \
       > "$OUT/decode_combine_skip.log" 2>&1
   echo "variants rc=$?"; tail -40 "$OUT/decode_combine_skip.log"
@@ -265,5 +246,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_empty|attn_skip|e2b_check" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_check" >&2; exit 2 ;;
 esac

@@ -266,15 +266,11 @@ worst = {}
 # a flat cache filled to a few positions (most shares empty) and further, a wrapped ring, every KV format
 for q, args, p, window, kv, want in decode_cases([(8, 2, 32, 300, 0, 5), (8, 2, 32, 300, 0, 40),
                                                   (8, 2, 32, 300, 0, 290), (4, 1, 16, 24, 24, 70)], gen):
-    knobs = A.DECODE_KNOBS.setdefault((q.shape[-1], A.kv_format(args[0], args[2])), {})
-    for active, slowest, empty_exit in ((False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0),
-                                        (False, True, 1), (True, True, 1)):
-        knobs["EMPTY_EXIT"] = empty_exit
-        got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest,
-                       combine_skip=empty_exit == 1)
-        key = (active, slowest, empty_exit, kv)
+    for active, slowest, skip in ((False, False, False), (True, False, False), (False, True, False),
+                                  (True, True, False), (True, False, True), (True, True, True)):
+        got = A.launch(q, *args, p, window, True, active=active, shares_slowest=slowest, combine_skip=skip)
+        key = (active, slowest, skip, kv)
         worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
-    knobs.pop("EMPTY_EXIT")
 print(worst)
 assert max(worst.values()) <= 2e-5, worst
 
@@ -315,8 +311,8 @@ for chunk, skip in ((8, 0), (4, 1), (2, 1)):
 
 def test_decode_combine_reads_only_the_shares_holding_positions():
     """Decode's combine with ACTIVE reads only the shares the position fills (their count computed as the
-    split kernel cuts them): with and without it, with either grid order and with empty shares returning
-    early (EMPTY_EXIT) and the combine's unused chunks skipped (SKIP), the output matches the reference
+    split kernel cuts them): with and without it, with either grid order and with the combine reading only
+    its first chunk where the used shares fit it (SKIP) or not, the output matches the reference
     (flat cache at small and large fills, a wrapped ring, every KV format); and the combine alone ignores
     garbage partials past that count with ACTIVE (its chunks past them run or not), not without, and with
     every share used sums them all in any chunking (Triton interpreter)."""

@@ -82,8 +82,9 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # int4 K and V as 16-bit words of four codes (four column planes); PTX the int8 / int4 code
 # conversions in inline PTX; TAIL 1 the share's whole blocks unmasked and the last one masked,
 # 2 (quantized) every block's tiles read whole and only its scores masked; KQ8 (int8) q . k as an int8
-# dot of q's codes (1: one level a row, 2: two) with K's; EMPTY_EXIT a share past the fill writes its l = 0 and
-# returns before loading q (a candidate, off: at fill 1k ~200 of the 31B full layer's 264 programs are empty).
+# dot of q's codes (1: one level a row, 2: two) with K's. A share past the fill returning before it loads q
+# (decode_empty_exit.json, decode_combine_skip.json) was faster for E2B's int4 cache up to 32k and slower
+# elsewhere (the 31B's int4 full layer at 128k 134.6 -> 178.5 us): dropped.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
 # int8 76 / 257 us at first, 62 / 200 with four q . k chains, biased K and the scales ahead, 50 / 150
 # with V as code pairs and the conversions in PTX, one q . k chain, whole tiles (0.63 / 0.85 of the
@@ -272,7 +273,7 @@ def _cfg(bm, bn, warps, stages):
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
-                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "EMPTY_EXIT": 0}
+                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
@@ -656,8 +657,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
-               PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0,
-               EMPTY_EXIT: tl.constexpr = 0):
+               PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
@@ -684,13 +684,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     share = _decode_share(n, NUM_SPLITS, SHARE_UNIT)
     start = lo + pid_s * share
     end = tl.minimum(start + share, hi + 1)
-    if EMPTY_EXIT and SPLIT:  # a share past the fill: l = 0 for the combine, and nothing else (no q, no setup)
-        if start >= end:
-            ok0 = (g < G) & row_ok
-            base0 = kvh * NUM_SPLITS * G + pid_s * G + g
-            tl.store(MP + base0, tl.full([BLOCK_M], -1.0e30, tl.float32), mask=ok0)
-            tl.store(LP + base0, tl.zeros([BLOCK_M], tl.float32), mask=ok0)
-            return
 
     dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
