@@ -213,6 +213,16 @@ shares_active)  # decode attention's combine over the used shares only (all / ac
 tiny_parity)  # the tiny preset's CUDA artifact (fp32) against the eager model, through the runner (~4 min)
   timeout 285 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
   ;;
+e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's device memory outside the caching
+  # allocator goes, stage by stage (scripts/memory_outside.py), then the runtime stage of variants.json (~7 min)
+  cp scripts/measurements/variants.json "$OUT/variants.json"
+  timeout 420 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
+      --json "$OUT/variants.json" > "$OUT/e2b_export.log" 2>&1
+  echo "export rc=$?"
+  timeout 90 python -m scripts.memory_outside --model /tmp/var/e2b --json "$OUT/memory_outside_e2b.json" 2>&1 | tail -16
+  timeout 90 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
+      --json "$OUT/variants.json" 2>&1 | tail -3
+  ;;
 e2b_check)  # E2B with the 24 GB recipe end to end: its 2-layer slice's logits against the eager model (beside the
   # whole model's export: the export's time and host figures are taken with the slice running), then the whole
   # model's runtime alone on the GPU; every stage merges into a copy of variants.json (~8 min)
@@ -246,5 +256,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_check" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_check|e2b_memory" >&2; exit 2 ;;
 esac
