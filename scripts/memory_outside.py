@@ -61,9 +61,6 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16, help="decode steps after the first")
     ap.add_argument("--json", type=Path, default=None, help="write the stages here")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("memory_outside: needs a CUDA device", file=sys.stderr)
-        return 2
     from runtime.aoti import load_method
     from runtime.artifact import Artifact, ArtifactError
     from runtime.runner import Runner
@@ -72,6 +69,9 @@ def main(argv=None) -> int:
         artifact = Artifact.open(a.model)
     except ArtifactError as e:
         print(f"memory_outside: --model {a.model}: {e}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("memory_outside: needs a CUDA device (the figures are NVML's and the CUDA allocator's)", file=sys.stderr)
         return 2
     probe = Probe()
     torch.zeros(1, device="cuda")

@@ -171,6 +171,7 @@ def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
     (["scripts.bench_runtime", "--ctx", "-1"], "argument --ctx: must be a positive integer"),
     (["scripts.bench_host_memory", "--checkpoint", "nope"], "--checkpoint nope: no such directory"),
     (["scripts.bench_export_memory", "--parallel", "0"], "argument --parallel: must be a positive integer"),
+    (["scripts.memory_outside", "--model", "nope"], "--model nope: nope is not a directory"),
 ])
 def test_benchmark_arguments(argv, message, tmp_path):
     assert_refused(cli(*argv, cwd=tmp_path), message)
