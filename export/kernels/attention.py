@@ -125,8 +125,8 @@ DECODE_ACTIVE_MIN_SPLITS = 64
 # (`_combine`'s SKIP), else every share in one round, as without it: E2B's full layer pads 264 shares to 512,
 # 8 chunks of 64, 17 used at fill 1k. H200 (decode_combine_skip.json, against SKIP off): E2B's full layer at
 # 1k 11.5 -> 7.4 us (bf16), 12.8 -> 8.8 (int8), 25.4 -> 13.4 (int4), E4B's 1.5-3.3 us less, the 31B's 1.2-2.3
-# us less at 1k-32k; from 8k on E2B int4 1.7-3.5 us less, bf16 / int8 1.6-2.0 more, E4B 0.3-0.6 more (the
-# larger kernel: the branch's path is the same code as without SKIP). An earlier form that ran the first chunk
+# us less at 1k-32k; from 8k on E2B int4 1.7-3.5 us less, bf16 / int8 1.6-2.0 more, E4B 0.3-0.6 more (not
+# explained: the branch taken there runs the code without SKIP's). An earlier form that ran the first chunk
 # and then the rest in a second round cost those ~1 us more (decode_empty_exit.json)
 DECODE_COMBINE_SKIP = True
 # decode's grid with the shares as its slowest axis (program ids: every KV head's first share, then the
