@@ -223,18 +223,6 @@ e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's dev
   timeout 90 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
       --json "$OUT/variants.json" 2>&1 | tail -3
   ;;
-e2b_check)  # E2B with the 24 GB recipe end to end: its 2-layer slice's logits against the eager model (beside the
-  # whole model's export: the export's time and host figures are taken with the slice running), then the whole
-  # model's runtime alone on the GPU; every stage merges into a copy of variants.json (~8 min)
-  cp scripts/measurements/variants.json "$OUT/variants.json"
-  timeout 420 python -m scripts.bench_variants --variant e2b --stages slice --workdir /tmp/vs \
-      --json "$OUT/variants.json" > "$OUT/slice_e2b.log" 2>&1 &
-  timeout 420 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
-      --json "$OUT/variants.json" > "$OUT/e2b_export.log" 2>&1
-  echo "export rc=$?"; wait; tail -2 "$OUT/slice_e2b.log"
-  timeout 150 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
-      --json "$OUT/variants.json" 2>&1 | tail -4
-  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests
@@ -256,5 +244,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_check|e2b_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory" >&2; exit 2 ;;
 esac
