@@ -274,6 +274,19 @@ for q, args, p, window, kv, want in decode_cases([(8, 2, 32, 300, 0, 5), (8, 2, 
 print(worst)
 assert max(worst.values()) <= 2e-5, worst
 
+# more shares than the combine's first chunk (100, padded to 128, chunks of 64 at D 64): at fill 40 the used
+# shares fit the first chunk (SKIP reads only it), at 4900 they do not (77 shares of 64 positions: every share
+# in one round)
+A.decode_splits = lambda *a: 100
+worst = {}
+for q, args, p, window, kv, want in decode_cases([(4, 2, 64, 5000, 0, 40), (4, 2, 64, 5000, 0, 4900)], gen):
+    for skip in (False, True):
+        got = A.launch(q, *args, p, window, True, active=True, shares_slowest=True, combine_skip=skip)
+        key = (int(p), skip, kv)
+        worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item())
+print(worst)
+assert max(worst.values()) <= 2e-5, worst
+
 # the combine alone: shares past the count the position gives hold garbage partials (l = 1, a large m, acc
 # 1e4); read only with ACTIVE 0
 G, D, NS, unit = 2, 16, 6, 4
@@ -313,7 +326,8 @@ def test_decode_combine_reads_only_the_shares_holding_positions():
     """Decode's combine with ACTIVE reads only the shares the position fills (their count computed as the
     split kernel cuts them): with and without it, with either grid order and with the combine reading only
     its first chunk where the used shares fit it (SKIP) or not, the output matches the reference
-    (flat cache at small and large fills, a wrapped ring, every KV format); and the combine alone ignores
+    (flat cache at small and large fills, a wrapped ring, every KV format; with more shares than the
+    combine's first chunk, used shares that fit it and that do not); and the combine alone ignores
     garbage partials past that count with ACTIVE (its chunks past them run or not), not without, and with
     every share used sums them all in any chunking (Triton interpreter)."""
     run_interpreted(INTERPRETED_ACTIVE_SHARES)
