@@ -82,7 +82,10 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # int4 K and V as 16-bit words of four codes (four column planes); PTX the int8 / int4 code
 # conversions in inline PTX; TAIL 1 the share's whole blocks unmasked and the last one masked,
 # 2 (quantized) every block's tiles read whole and only its scores masked; KQ8 (int8) q . k as an int8
-# dot of q's codes (1: one level a row, 2: two) with K's. A share past the fill returning before it loads q
+# dot of q's codes (1: one level a row, 2: two) with K's (for int4 K, its nibbles split from the stored bytes
+# as int8 dots' operand, exact against q rounded to int8 in the interpreter: the sm_90 loop per 64-position
+# block 1511 -> 2053 instructions, the transposed 8-bit operand read from shared memory byte by byte; not
+# kept). A share past the fill returning before it loads q
 # (decode_empty_exit.json, decode_combine_skip.json) was faster for E2B's int4 cache up to 32k and slower
 # elsewhere (the 31B's int4 full layer at 128k 134.6 -> 178.5 us): dropped.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
