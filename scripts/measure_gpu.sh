@@ -229,7 +229,8 @@ e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's dev
       --json "$OUT/profile_e2b_whole.json" 2>&1 | tail -26
   ;;
 attn_vbias)  # decode attention over the int4 cache with V's codes biased in the fp16 operand (VBIAS: the sm_90 loop
-  # per 64-position block 1511 -> 1415 instructions) against today's, every full layer of the 31B, E2B and E4B
+  # per 64-position block 1241 -> 1160 instructions) against today's (whose int4 codes take one lop3 since 1511
+  # -> 1241: compare its `pdl` rows with decode_combine_skip.json's), every full layer of the 31B, E2B and E4B
   # (~2 min); then the attention cuda tests
   timeout 200 python -m scripts.decode_combine_variants --models 31b,e2b,e4b --variants pdl,vbias+pdl \
       --fills 1024,8192,32768,131072 --kv-dtypes int4 --rounds 3 --out "$OUT/decode_vbias.json" \

@@ -87,8 +87,8 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # block 1511 -> 2053 instructions, the transposed 8-bit operand read from shared memory byte by byte; not
 # kept). VBIAS (int4 with NIBWORDS): V's codes as 1032 + value in the fp16 operand (no packed subtract), the
 # block's 1032 * sum(p) taken off in the accumulators' rescale (an FFMA where the FMUL was): a candidate, off,
-# the sm_90 loop per 64-position block 1511 -> 1415 instructions, registers unchanged, not yet timed
-# (measure_gpu.sh attn_vbias). A share past the fill returning before it loads q
+# the sm_90 loop per 64-position block 1241 -> 1160 instructions (with `_plane`'s one lop3), registers
+# unchanged, not yet timed (measure_gpu.sh attn_vbias). A share past the fill returning before it loads q
 # (decode_empty_exit.json, decode_combine_skip.json) was faster for E2B's int4 cache up to 32k and slower
 # elsewhere (the 31B's int4 full layer at 128k 134.6 -> 178.5 us): dropped.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
@@ -446,14 +446,16 @@ def _plane(w, R: tl.constexpr, BIASED: tl.constexpr, dtype: tl.constexpr, PTX: t
     """[N, C] int16 words of four int4 codes (nibble r = column 4c + r, each the value + 8) ->
     nibble R's values as an [N, C] dot operand; BIASED: fp16 1024 + code = value + 1032 (the
     caller takes 1032 * sum(q) off). PTX (fp16): on 32-bit registers of two words, a shift and
-    one LOP3 per two values (and a packed subtract unless BIASED)."""
+    one LOP3 per two values (and a packed subtract unless BIASED): the mask and the 0x6400 as one
+    lop3 ((t & 0x000F000F) | 0x64006400), which ptxas kept as two LOP3 when written as and / or (the
+    sm_90 loop per 64-position block of the 31B full layer 1511 -> 1241 instructions, the same bits)."""
     if PTX and dtype == tl.float16:
         if BIASED:
             return tl.inline_asm_elementwise(
-                f"{{ .reg .b32 t; shr.b32 t, $1, {4 * R}; and.b32 t, t, 0x000F000F; or.b32 $0, t, 0x64006400; }}",
+                f"{{ .reg .b32 t; shr.b32 t, $1, {4 * R}; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }}",
                 "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
         return tl.inline_asm_elementwise(
-            f"{{ .reg .b32 t, c; shr.b32 t, $1, {4 * R}; and.b32 t, t, 0x000F000F; or.b32 t, t, 0x64006400;"
+            f"{{ .reg .b32 t, c; shr.b32 t, $1, {4 * R}; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;"
             " mov.b32 c, 0x64086408; sub.rn.f16x2 $0, t, c; }",
             "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
     n = (w >> (4 * R)) & 15
