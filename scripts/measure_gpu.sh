@@ -228,11 +228,12 @@ e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's dev
   GEMMA4_PDL_OFF=1 timeout 80 python -m scripts.profile_decode --model /tmp/var/e2b --fill 2048 --steps 16 \
       --json "$OUT/profile_e2b_whole.json" 2>&1 | tail -26
   ;;
-attn_vbias)  # decode attention over the int4 cache with V's codes biased in the fp16 operand (VBIAS: the sm_90 loop
-  # per 64-position block 1241 -> 1160 instructions) against today's (whose int4 codes take one lop3 since 1511
-  # -> 1241: compare its `pdl` rows with decode_combine_skip.json's), every full layer of the 31B, E2B and E4B
-  # (~2 min); then the attention cuda tests
-  timeout 200 python -m scripts.decode_combine_variants --models 31b,e2b,e4b --variants pdl,vbias+pdl \
+attn_vbias)  # decode attention over the int4 cache: V's codes biased in the fp16 operand (VBIAS), nibbles 1 / 3 in
+  # place (NIB16), both (the sm_90 loop per 64-position block 1241 -> 1160 / 1126 / 1039 instructions) against
+  # today's (whose codes take one lop3 since, 1511 -> 1241: compare its `pdl` rows with
+  # decode_combine_skip.json's), every full layer of the 31B, E2B and E4B (~3 min); then the attention cuda tests
+  timeout 240 python -m scripts.decode_combine_variants --models 31b,e2b,e4b \
+      --variants pdl,vbias+pdl,nib16+pdl,vbias+nib16+pdl \
       --fills 1024,8192,32768,131072 --kv-dtypes int4 --rounds 3 --out "$OUT/decode_vbias.json" \
       > "$OUT/decode_vbias.log" 2>&1
   echo "variants rc=$?"; tail -16 "$OUT/decode_vbias.log"

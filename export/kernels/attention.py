@@ -88,7 +88,9 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # kept). VBIAS (int4 with NIBWORDS): V's codes as 1032 + value in the fp16 operand (no packed subtract), the
 # block's 1032 * sum(p) taken off in the accumulators' rescale (an FFMA where the FMUL was): a candidate, off,
 # the sm_90 loop per 64-position block 1241 -> 1160 instructions (with `_plane`'s one lop3), registers
-# unchanged, not yet timed (measure_gpu.sh attn_vbias). A share past the fill returning before it loads q
+# unchanged; NIB16 (int4 with NIBWORDS): nibbles 1 / 3 taken in place as 16 * code, one shift for planes 2 / 3
+# (`_plane`), q's planes 1 / 3 divided by 16 and V's outputs there: 1241 -> 1126, both 1039.
+# Candidates, off, not yet timed (measure_gpu.sh attn_vbias). A share past the fill returning before it loads q
 # (decode_empty_exit.json, decode_combine_skip.json) was faster for E2B's int4 cache up to 32k and slower
 # elsewhere (the 31B's int4 full layer at 128k 134.6 -> 178.5 us): dropped.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
@@ -279,7 +281,8 @@ def _cfg(bm, bn, warps, stages):
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
-                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "VBIAS": 0}
+                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "VBIAS": 0,
+                 "NIB16": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
@@ -297,7 +300,7 @@ def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config
     if kv_format == 2 and not knobs["NIBWORDS"]:
         knobs["KBIAS"] = 0  # int4 bytes: nibble planes unbiased
     if not (kv_format == 2 and knobs["NIBWORDS"]):
-        knobs["VBIAS"] = 0  # int4 V as 16-bit words only
+        knobs["VBIAS"] = knobs["NIB16"] = 0  # int4 as 16-bit words only
     if knobs["VPAIRS"] or knobs["NIBWORDS"]:
         knobs["VWORDS"], knobs["VSPLIT"] = 0, 1
     if kv_format == 0 and knobs["TAIL"] == 2:
@@ -442,27 +445,34 @@ def _pairs(w, dtype: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
-def _plane(w, R: tl.constexpr, BIASED: tl.constexpr, dtype: tl.constexpr, PTX: tl.constexpr):
+def _plane(w, R: tl.constexpr, BIASED: tl.constexpr, dtype: tl.constexpr, PTX: tl.constexpr, N16: tl.constexpr = 0):
     """[N, C] int16 words of four int4 codes (nibble r = column 4c + r, each the value + 8) ->
     nibble R's values as an [N, C] dot operand; BIASED: fp16 1024 + code = value + 1032 (the
     caller takes 1032 * sum(q) off). PTX (fp16): on 32-bit registers of two words, a shift and
     one LOP3 per two values (and a packed subtract unless BIASED): the mask and the 0x6400 as one
     lop3 ((t & 0x000F000F) | 0x64006400), which ptxas kept as two LOP3 when written as and / or (the
-    sm_90 loop per 64-position block of the 31B full layer 1511 -> 1241 instructions, the same bits)."""
+    sm_90 loop per 64-position block of the 31B full layer 1511 -> 1241 instructions, the same bits).
+    N16 (fp16): nibbles 1 and 3 taken where they lie, bits 4-7 of the word (of the word shifted by 8
+    for 2 and 3: one shift for two planes), so their operand holds 16 * code (1024 + 16 * code biased,
+    16 * value otherwise; exact in fp16): the caller divides their q by 16, or their outputs."""
+    SHIFT: tl.constexpr = (R // 2) * 8 if N16 else 4 * R
+    MASK: tl.constexpr = (0xF0 if R % 2 else 0x0F) if N16 else 0x0F
+    SUB: tl.constexpr = 0x6480 if N16 and R % 2 else 0x6408  # 1152 = 1024 + 16 * 8, or 1032
     if PTX and dtype == tl.float16:
         if BIASED:
             return tl.inline_asm_elementwise(
-                f"{{ .reg .b32 t; shr.b32 t, $1, {4 * R}; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }}",
+                f"{{ .reg .b32 t; shr.b32 t, $1, {SHIFT}; lop3.b32 $0, t, {MASK * 65537}, 0x64006400, 0xEA; }}",
                 "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
         return tl.inline_asm_elementwise(
-            f"{{ .reg .b32 t, c; shr.b32 t, $1, {4 * R}; lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;"
-            " mov.b32 c, 0x64086408; sub.rn.f16x2 $0, t, c; }",
+            f"{{ .reg .b32 t, c; shr.b32 t, $1, {SHIFT}; lop3.b32 t, t, {MASK * 65537}, 0x64006400, 0xEA;"
+            f" mov.b32 c, {SUB * 65537}; sub.rn.f16x2 $0, t, c; }}",
             "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
-    n = (w >> (4 * R)) & 15
     if dtype == tl.float16:
+        x = ((w >> SHIFT) & MASK) | 0x6400
         if BIASED:
-            return (n | 0x6400).to(tl.float16, bitcast=True)
-        return _nibble(n, dtype)
+            return x.to(tl.float16, bitcast=True)
+        return x.to(tl.float16, bitcast=True) - (1152.0 if N16 and R % 2 else 1032.0)
+    n = (w >> (4 * R)) & 15
     return (n.to(tl.int32) - 8).to(dtype)
 
 
@@ -517,7 +527,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
            BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
            KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
            NIBWORDS: tl.constexpr, MASK: tl.constexpr, TMASK: tl.constexpr, K8: tl.constexpr = 0,
-           VBIAS: tl.constexpr = 0):
+           VBIAS: tl.constexpr = 0, N16: tl.constexpr = 0):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
     float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
     output columns (acc2 the second half when VSPLIT = 2; acc / acc2 the even / odd ones when
@@ -554,10 +564,10 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
             s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX)), input_precision="ieee")
             s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX)), input_precision="ieee")
         else:
-            s = tl.dot(q0, tl.trans(_plane(kw, 0, KBIAS, q0.dtype, PTX)))
-            s += tl.dot(q1, tl.trans(_plane(kw, 1, KBIAS, q0.dtype, PTX)))
-            s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX)))
-            s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX)))
+            s = tl.dot(q0, tl.trans(_plane(kw, 0, KBIAS, q0.dtype, PTX, N16)))
+            s += tl.dot(q1, tl.trans(_plane(kw, 1, KBIAS, q0.dtype, PTX, N16)))
+            s += tl.dot(q2, tl.trans(_plane(kw, 2, KBIAS, q0.dtype, PTX, N16)))
+            s += tl.dot(q3, tl.trans(_plane(kw, 3, KBIAS, q0.dtype, PTX, N16)))
         if KBIAS:
             s = s - qbias[:, None]
     elif KV_FMT == 2:
@@ -620,16 +630,18 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
             acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, fdt, PTX), input_precision="ieee")
         elif VBIAS:  # V's codes as 1032 + value (no subtract a pair): this block's 1032 * sum(p) taken off
             # in the accumulators' rescale (one FFMA where the FMUL was)
-            off = (1032.0 * tl.sum(p.to(tl.float32), 1))[:, None]
-            acc = (acc * alpha[:, None] - off) + tl.dot(p, _plane(vw, 0, True, fdt, PTX))
-            acc2 = (acc2 * alpha[:, None] - off) + tl.dot(p, _plane(vw, 1, True, fdt, PTX))
-            acc3 = (acc3 * alpha[:, None] - off) + tl.dot(p, _plane(vw, 2, True, fdt, PTX))
-            acc4 = (acc4 * alpha[:, None] - off) + tl.dot(p, _plane(vw, 3, True, fdt, PTX))
+            psum = tl.sum(p.to(tl.float32), 1)[:, None]
+            off = 1032.0 * psum
+            off16 = (1152.0 if N16 else 1032.0) * psum  # nibbles 1 / 3 with N16: 1024 + 16 * code
+            acc = (acc * alpha[:, None] - off) + tl.dot(p, _plane(vw, 0, True, fdt, PTX, N16))
+            acc2 = (acc2 * alpha[:, None] - off16) + tl.dot(p, _plane(vw, 1, True, fdt, PTX, N16))
+            acc3 = (acc3 * alpha[:, None] - off) + tl.dot(p, _plane(vw, 2, True, fdt, PTX, N16))
+            acc4 = (acc4 * alpha[:, None] - off16) + tl.dot(p, _plane(vw, 3, True, fdt, PTX, N16))
         else:
-            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, fdt, PTX))
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, fdt, PTX))
-            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, fdt, PTX))
-            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, fdt, PTX))
+            acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, fdt, PTX, N16))
+            acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, fdt, PTX, N16))
+            acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, fdt, PTX, N16))
+            acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, fdt, PTX, N16))
     elif KV_FMT == 2 and not VWORDS:
         vb = _tile(V + kvh * svh + slot[:, None] * svs + dh[None, :], kmask, TMASK, 136)
         va = _nibble(vb & 15, fdt)
@@ -676,7 +688,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
                PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0,
-               VBIAS: tl.constexpr = 0):
+               VBIAS: tl.constexpr = 0, NIB16: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
@@ -710,13 +722,19 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     PLANES: tl.constexpr = (KV_FMT == 2 and not VWORDS and not NIBWORDS) or (KV_FMT == 1 and VPAIRS)
     ASM: tl.constexpr = PTX and not INTERPRET and not FP32  # inline PTX: compiled fp16 dots only
     QUADS: tl.constexpr = KV_FMT == 2 and NIBWORDS  # int4 as 16-bit words: four column planes 4c + r
+    N16: tl.constexpr = NIB16 and QUADS and not FP32  # planes 1 / 3 as 16 * code (`_plane`)
     K8: tl.constexpr = KQ8 if KV_FMT == 1 else 0  # q . k as int8 dots (1 or 2 levels of q)
     if QUADS:
         c4 = 4 * tl.arange(0, D // 4)
         q0 = tl.load(qrow + c4[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
-        q1 = tl.load(qrow + c4[None, :] + 1, mask=row_ok[:, None], other=0.0).to(dtype)
+        q1 = tl.load(qrow + c4[None, :] + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(qrow + c4[None, :] + 2, mask=row_ok[:, None], other=0.0).to(dtype)
-        q3 = tl.load(qrow + c4[None, :] + 3, mask=row_ok[:, None], other=0.0).to(dtype)
+        q3 = tl.load(qrow + c4[None, :] + 3, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if N16:  # their K planes hold 16 * code: q / 16 (a power of two, exact in fp16's normal range)
+            q1 = q1 * 0.0625
+            q3 = q3 * 0.0625
+        q1 = q1.to(dtype)
+        q3 = q3.to(dtype)
     elif KV_FMT == 2:  # K's nibble planes: q's even / odd columns
         ca = 2 * tl.arange(0, D // 2)
         q0 = tl.load(qrow + ca[None, :], mask=row_ok[:, None], other=0.0).to(dtype)
@@ -767,9 +785,10 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     qbias = tl.zeros([BLOCK_M], tl.float32)
     if K8:
         qbias = q8s
-    elif KB and QUADS:  # int4 K codes as value + 1032: the scores carry 1032 * sum(q)
-        qbias = 1032.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
-                          + tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
+    elif KB and QUADS:  # int4 K codes as value + 1032: the scores carry 1032 * sum(q); with N16 planes 1 / 3
+        # as 1024 + 16 * code against q / 16: 1152 * the sum of their q as loaded
+        qbias = 1032.0 * (tl.sum(q0.to(tl.float32), 1) + tl.sum(q2.to(tl.float32), 1))
+        qbias += (1152.0 if N16 else 1032.0) * (tl.sum(q1.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1))
     elif KB:  # int8 K codes as c + 1152: the scores carry 1152 * sum(q) (q as the dot sees it)
         qbias = 1152.0 * tl.sum(q0.to(tl.float32), 1)
         if KSPLIT >= 2:
@@ -798,21 +817,24 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS,
                 VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, VB)
+                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, VB, N16)
             k0 += BLOCK_N
     else:
         for k0 in range(start, loop_end, BLOCK_N):
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS,
                 VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, VB)
+                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, VB, N16)
     if TAIL == 1:
         if loop_end < end:
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, loop_end, end, qpos, kvh, K, V,
                 KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8, VB)
+                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8, VB, N16)
 
+    if N16:  # V's planes 1 / 3 summed 16 * value
+        acc2 = acc2 * 0.0625
+        acc4 = acc4 * 0.0625
     # output columns of acc / acc2: even / odd (int4 planes, int8 pairs), first / second half (VSPLIT 2),
     # or all; acc..acc4 the columns 4c + r (int4 words)
     if QUADS:
