@@ -1,0 +1,72 @@
+"""Decode attention over the int4 cache compiled offline for sm_90 (no GPU): the split kernel is bound by
+its instructions, so the loop's count per 64-position block is the figure its code changes are made for.
+The measured config (D 512, the 31B / E2B / E4B full layers): one lop3 per register of codes for the mask
+and the fp16 exponent (as and / or with two immediates ptxas kept two), and the VBIAS / NIB16 knobs each
+taking instructions off without registers or spills."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="offline compiles need Triton's compiler, not its interpreter")
+
+SIG = {"Q": "*bf16", "K": "*u8", "V": "*u8", "KS": "*fp16", "VS": "*fp16", "POS": "*i64", "O": "*bf16",
+       "MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "T": "i32", "S": "i32", "H": "i32", "WINDOW": "i32",
+       "NUM_SPLITS": "i32", "sqt": "i32", "sqh": "i32", "skh": "i32", "sks": "i32", "svh": "i32", "svs": "i32",
+       "ssh": "i32", "sot": "i32", "soh": "i32"}
+ALIGNED = ("S", "H", "skh", "sks", "svh", "svs", "ssh", "sqh", "soh")
+
+
+def loop_of(extra: dict) -> tuple[dict, str]:
+    """The int4 split kernel at D 512 (DECODE_KNOBS' knobs, then `extra`) compiled for sm_90: its main
+    loop's opcode counts and cuobjdump's resource line."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from export.kernels import attention as A
+    from scripts.gemv1_tile_variants import _sass_loop
+
+    saved = dict(A.DECODE_KNOBS.get((512, 2), {}))
+    A.DECODE_KNOBS[512, 2] = {**saved, **extra}
+    try:
+        cfg = A.with_knobs(A.decode_config(512, 2), 512, 2)
+    finally:
+        A.DECODE_KNOBS[512, 2] = saved
+    const = dict(cfg.kwargs, G=8, D=512, KV_FMT=2, SPLIT=True, FP32=False, INTERPRET=False,
+                 SHARE_UNIT=cfg.kwargs["BLOCK_N"], SHARES_SLOWEST=1, PDL=2)
+    names = list(A._attn_body.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in SIG.items() if t.startswith("*") or a in ALIGNED}
+    src = ASTSource(A._attn_body, {**{a: "constexpr" for a in const}, **SIG}, const, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return _sass_loop(k.asm["cubin"])
+
+
+@pytest.fixture(scope="module")
+def loops() -> dict:
+    return {name: loop_of(extra) for name, extra in
+            {"default": {}, "vbias": {"VBIAS": 1}, "nib16": {"NIB16": 1}, "both": {"VBIAS": 1, "NIB16": 1}}.items()}
+
+
+def test_int4_codes_take_one_lop3_a_register(loops):
+    counts, res = loops["default"]
+    total = sum(counts.values())
+    # 64 x 512 codes of K and of V, two a register over 128 threads: 128 registers each a block and
+    # thread, one LOP3 each; the rest (masks, addresses) ~15
+    assert counts["LOP3.LUT"] <= 256 + 32, counts
+    assert total <= 1300, (total, counts)  # 1511 with the mask and the exponent as two LOP3
+    assert "STACK:0" in res, res
+
+
+def test_vbias_and_nib16_take_instructions_off(loops):
+    total = {name: sum(c.values()) for name, (c, _) in loops.items()}
+    assert total["vbias"] <= total["default"] - 64, total  # no packed subtract of V's 128 registers
+    assert total["nib16"] <= total["default"] - 96, total  # one shift for two planes, none for plane 1
+    assert total["both"] < min(total["vbias"], total["nib16"]), total
+    assert "HADD2" not in loops["vbias"][0], loops["vbias"][0]
+    regs = {name: res.split()[0] for name, (_, res) in loops.items()}
+    assert len(set(regs.values())) == 1 and all("STACK:0" in res for _, res in loops.values()), regs
