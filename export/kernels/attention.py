@@ -281,8 +281,7 @@ def _cfg(bm, bn, warps, stages):
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
-                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "VBIAS": 0,
-                 "NIB16": 0}
+                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "VBIAS": 0, "NIB16": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
