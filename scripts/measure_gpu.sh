@@ -214,19 +214,14 @@ tiny_parity)  # the tiny preset's CUDA artifact (fp32) against the eager model, 
   timeout 285 python -m pytest -q -p no:cacheprovider -m cuda tests/test_runtime_cuda.py -k logits_match_eager 2>&1 | tail -2
   ;;
 e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's device memory outside the caching
-  # allocator goes, stage by stage (scripts/memory_outside.py), the runtime stage of variants.json, and the
-  # decode step's kernels (~9 min)
+  # allocator goes, stage by stage and within the first prefill program by program (scripts/memory_outside.py),
+  # with the context's stack limit, and every compiled kernel's stack / local memory (~6 min)
   cp scripts/measurements/variants.json "$OUT/variants.json"
-  timeout 420 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
+  timeout 360 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
       --json "$OUT/variants.json" > "$OUT/e2b_export.log" 2>&1
   echo "export rc=$?"
-  timeout 90 python -m scripts.memory_outside --model /tmp/var/e2b --json "$OUT/memory_outside_e2b.json" 2>&1 | tail -16
-  timeout 90 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
-      --json "$OUT/variants.json" 2>&1 | tail -3
-  # where the whole model's step goes (each kernel's own time): its decode did not move with the attention
-  # and launch savings measured alone (variants.json e2b notes)
-  GEMMA4_PDL_OFF=1 timeout 80 python -m scripts.profile_decode --model /tmp/var/e2b --fill 2048 --steps 16 \
-      --json "$OUT/profile_e2b_whole.json" 2>&1 | tail -26
+  timeout 120 python -m scripts.memory_outside --model /tmp/var/e2b --kernels \
+      --json "$OUT/memory_outside_e2b.json" 2>&1 | grep -v "^open "
   ;;
 attn_vbias)  # decode attention over the int4 cache: V's codes biased in the fp16 operand (VBIAS), nibbles 1 / 3 in
   # place (NIB16), both (the sm_90 loop per 64-position block 1241 -> 1160 / 1126 / 1039 instructions) against

@@ -3,9 +3,14 @@
 A measuring tool, CUDA only: the CUDA context, each program's `.so` opened alone (an AOTInductor
 container allocates its own constants blob with cudaMalloc where its `.so` says it holds
 constants), then the runner's load, first prefill, first decode (the CUDA graph's capture) and
-the steps after. "outside" is this process's NVML figure minus `torch.cuda.memory_reserved()`.
+the steps after; within the first prefill, each program's first run. "outside" is this process's NVML
+figure minus `torch.cuda.memory_reserved()`. Beside it, the context's stack size limit (the driver
+raises it, and reserves that much local memory for every thread the device can hold, when a kernel
+needs more than it: on an H200 ~264 MiB per KiB a thread), and with --kernels the register / stack /
+local figures of every kernel compiled into the artifact's programs (cubins found in each `.so`,
+read by cuobjdump), those with a stack first.
 
-    python -m scripts.memory_outside --model /tmp/var/e2b [--prompt 2048] [--json out.json]
+    python -m scripts.memory_outside --model /tmp/var/e2b [--prompt 2048] [--kernels] [--json out.json]
 
 Why: E2B's whole-model runtime measured 5.62 GiB (NVML, the process) on 2026-12-03 against 5.05 on
 2026-12-02 with the allocator's peak and reserve unchanged to 0.01 GiB (variants.json)."""
@@ -13,14 +18,84 @@ Why: E2B's whole-model runtime measured 5.62 GiB (NVML, the process) on 2026-12-
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import re
+import struct
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 GIB = 2**30
+CU_LIMIT_STACK_SIZE = 0
+EM_CUDA = 190
+
+
+def stack_limit() -> int | None:
+    """The current context's stack size a thread (driver API), None where it cannot be read."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    value = ctypes.c_size_t()
+    return value.value if lib.cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_STACK_SIZE) == 0 else None
+
+
+def cubins(blob: bytes) -> list[bytes]:
+    """The CUDA ELF images (cubins) stored whole inside `blob` (a `.so` that embeds its kernels):
+    each from its ELF magic to the furthest of its section data and header tables."""
+    found, at = [], blob.find(b"\x7fELF", 1)
+    while at > 0:
+        head = blob[at:at + 64]
+        if len(head) == 64 and head[4] == 2 and struct.unpack_from("<H", head, 0x12)[0] == EM_CUDA:
+            phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+            size = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            for i in range(shnum if at + shoff + shentsize * shnum <= len(blob) else 0):
+                kind, = struct.unpack_from("<I", blob, at + shoff + i * shentsize + 4)
+                offset, length = struct.unpack_from("<QQ", blob, at + shoff + i * shentsize + 0x18)
+                if kind != 8:  # SHT_NOBITS takes no bytes in the file
+                    size = max(size, offset + length)
+            if shoff and at + size <= len(blob):
+                found.append(blob[at:at + size])
+        at = blob.find(b"\x7fELF", at + 4)
+    return found
+
+
+def kernel_resources(cubin: bytes) -> list[dict]:
+    """cuobjdump's resource line of each function in one cubin: name, REG, STACK, LOCAL, SHARED."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    rows, name = [], None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        r = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if r and name:
+            rows.append({"kernel": name, "reg": int(r.group(1)), "stack": int(r.group(2)),
+                         "shared": int(r.group(3)), "local": int(r.group(4))})
+            name = None
+    return rows
+
+
+def artifact_kernels(artifact) -> list[dict]:
+    """Every kernel of every program's `.so`, with its program, the largest stack first."""
+    rows = []
+    for program in artifact.metadata.programs():
+        for cubin in cubins(artifact.so_blob(program)):
+            rows += [{"program": program, **r} for r in kernel_resources(cubin)]
+    return sorted(rows, key=lambda r: (-max(r["stack"], r["local"]), r["program"], r["kernel"]))
 
 
 class Probe:
@@ -46,11 +121,11 @@ class Probe:
         reserved = torch.cuda.memory_reserved()
         row = {"stage": name, "nvml_process_gib": None if used is None else used / GIB,
                "reserved_gib": reserved / GIB, "allocated_gib": torch.cuda.memory_allocated() / GIB,
-               "outside_gib": None if used is None else (used - reserved) / GIB}
+               "outside_gib": None if used is None else (used - reserved) / GIB, "stack_bytes": stack_limit()}
         self.rows.append(row)
         fmt = lambda v: "   n/a" if v is None else f"{v:6.3f}"  # noqa: E731
-        print(f"{name:34s} process {fmt(row['nvml_process_gib'])}  reserved {fmt(row['reserved_gib'])}  "
-              f"outside {fmt(row['outside_gib'])} GiB", flush=True)
+        print(f"{name:40s} process {fmt(row['nvml_process_gib'])}  reserved {fmt(row['reserved_gib'])}  "
+              f"outside {fmt(row['outside_gib'])} GiB  stack {row['stack_bytes']} B", flush=True)
         return row
 
 
@@ -59,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, required=True, help="an export's output directory (CUDA artifact)")
     ap.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the timed-like prefill")
     ap.add_argument("--steps", type=int, default=16, help="decode steps after the first")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list every compiled kernel's registers / stack / local memory (cuobjdump)")
     ap.add_argument("--json", type=Path, default=None, help="write the stages here")
     a = ap.parse_args(argv)
     from runtime.aoti import load_method
@@ -85,6 +162,13 @@ def main(argv=None) -> int:
     probe.stage("runner loaded")
     meta = artifact.metadata
     ids = torch.randint(3, meta.vocab_size, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    for program in runner.methods["prefill"].programs:  # each program's first run, then as it was
+        def first_run(inputs, _program=program, _run=program.run):
+            out = _run(inputs)
+            del _program.run
+            probe.stage(f"prefill: {_program.name} first run")
+            return out
+        program.run = first_run
     token = int(runner.prefill(ids).argmax())
     probe.stage("first prefill")
     token = int(runner.decode(token).argmax())
@@ -95,9 +179,15 @@ def main(argv=None) -> int:
     runner.reset()
     token = int(runner.prefill(ids).argmax())
     probe.stage("second prefill")
+    kernels = artifact_kernels(artifact) if a.kernels else []
+    if a.kernels:
+        print(f"{len(kernels)} kernels in the programs' .so; the largest stacks / local memory:")
+        for r in kernels[:12]:
+            print(f"  {r['program']:18s} {r['kernel'][:60]:60s} reg {r['reg']:3d} stack {r['stack']:6d} "
+                  f"local {r['local']:6d}")
     if a.json:
         a.json.write_text(json.dumps({"model": str(a.model), "device": torch.cuda.get_device_name(),
-                                      "stages": probe.rows}, indent=1))
+                                      "stages": probe.rows, "kernels": kernels}, indent=1))
     return 0
 
 
