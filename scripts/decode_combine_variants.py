@@ -35,13 +35,12 @@ merges up to 264 mostly empty shares. `all+pdl` / `act+pdl`: the combine reading
 at least 2 or 4 blocks at a small fill (fewer, longer shares) were measured slower and dropped
 (decode_active_shares.json). `hfast+pdl` / `sslow+pdl`: the split kernel's grid with the KV heads / the
 shares as its slowest axis (`DECODE_SHARES_SLOWEST`). `skip+pdl` / `noskip+pdl`: the combine reading only its
-first chunk of shares where the used ones fit it, or not (`DECODE_COMBINE_SKIP`). `vbias+pdl`: int4 V's codes
-as 1032 + value in the fp16 operand, the bias taken off in the accumulators' rescale (the `VBIAS` knob);
-`nib16+pdl`: int4 nibbles 1 / 3 read in place as 16 * code (`NIB16`); `vbias+nib16+pdl` both.
+first chunk of shares where the used ones fit it, or not (`DECODE_COMBINE_SKIP`). `nonib16+pdl`: int4 nibbles
+1 / 3 shifted down before their conversion (the `NIB16` knob off; on, today's, they are read in place as
+16 * code).
 
 Variants `op` (today's launch), `pdl`, `h16`, `h16+pdl`, `kq8`, `kq8+pdl`, `s1+pdl` .. `s64+pdl`, `all+pdl`,
-`act+pdl`, `hfast+pdl`, `sslow+pdl`, `skip+pdl`, `noskip+pdl`, `vbias+pdl`, `nib16+pdl`,
-`vbias+nib16+pdl`
+`act+pdl`, `hfast+pdl`, `sslow+pdl`, `skip+pdl`, `noskip+pdl`, `nonib16+pdl`
 (`--variants`: a subset; `--models`, `--fills`, `--kv-dtypes`: a subset of the rows): each timed as a CUDA
 graph of back-to-back calls (`triton.testing.do_bench_cudagraph`, median), the variants alternated over
 `--rounds` rounds (the median of the rounds is the row's figure), at fills 1k, 8k, 32k and 128k for the full layer's bf16, int8 and
@@ -79,9 +78,7 @@ VARIANTS = {"op": dict(part16=False, pdl_attr=False),
             "sslow+pdl": dict(part16=False, pdl_attr=True, shares_slowest=True),
             "skip+pdl": dict(part16=False, pdl_attr=True, combine_skip=True),
             "noskip+pdl": dict(part16=False, pdl_attr=True, combine_skip=False),
-            "vbias+pdl": dict(part16=False, pdl_attr=True, knobs={"VBIAS": 1}),
-            "nib16+pdl": dict(part16=False, pdl_attr=True, knobs={"NIB16": 1}),
-            "vbias+nib16+pdl": dict(part16=False, pdl_attr=True, knobs={"VBIAS": 1, "NIB16": 1})}
+            "nonib16+pdl": dict(part16=False, pdl_attr=True, knobs={"NIB16": 0})}
 SHARE_KEYS = {"splits", "active", "shares_slowest", "knobs", "combine_skip"}  # what the smoke run checks without PDL
 FULL_FILLS = (1024, 8192, 32768, 131072)
 SLIDING_FILLS = (1024, 32768)

@@ -223,17 +223,6 @@ e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's dev
   timeout 120 python -m scripts.memory_outside --model /tmp/var/e2b --kernels \
       --json "$OUT/memory_outside_e2b.json" 2>&1 | grep -v "^open "
   ;;
-attn_vbias)  # decode attention over the int4 cache: V's codes biased in the fp16 operand (VBIAS), nibbles 1 / 3 in
-  # place (NIB16), both (the sm_90 loop per 64-position block 1241 -> 1160 / 1126 / 1039 instructions) against
-  # today's (whose codes take one lop3 since, 1511 -> 1241: compare its `pdl` rows with
-  # decode_combine_skip.json's), every full layer of the 31B, E2B and E4B (~3 min); then the attention cuda tests
-  timeout 240 python -m scripts.decode_combine_variants --models 31b,e2b,e4b \
-      --variants pdl,vbias+pdl,nib16+pdl,vbias+nib16+pdl \
-      --fills 1024,8192,32768,131072 --kv-dtypes int4 --rounds 3 --out "$OUT/decode_vbias.json" \
-      > "$OUT/decode_vbias.log" 2>&1
-  echo "variants rc=$?"; tail -16 "$OUT/decode_vbias.log"
-  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention.py 2>&1 | tail -2
-  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests
@@ -255,5 +244,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|attn_vbias" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory" >&2; exit 2 ;;
 esac

@@ -368,8 +368,8 @@ KNOBS = [dict(KSPLIT=2, SCALES_AHEAD=1), dict(VWORDS=1, VSPLIT=2, KBIAS=1),
          dict(KSPLIT=4, KBIAS=1, SCALES_AHEAD=1, VPAIRS=1, NIBWORDS=1, PTX=1, TAIL=1),
          dict(VPAIRS=1, NIBWORDS=1, KBIAS=1, TAIL=2), dict(KQ8=1, SCALES_AHEAD=1, VPAIRS=1, PTX=1, TAIL=2),
          dict(KQ8=1, TAIL=1), dict(KQ8=2, VPAIRS=1, PTX=1, SCALES_AHEAD=1, TAIL=2),
-         dict(NIBWORDS=1, KBIAS=1, VBIAS=1, SCALES_AHEAD=1, PTX=1, TAIL=2),
-         dict(NIBWORDS=1, KBIAS=1, VBIAS=1, NIB16=1, TAIL=2), dict(NIBWORDS=1, NIB16=1, TAIL=1)]
+         dict(NIBWORDS=1, KBIAS=1, NIB16=1, SCALES_AHEAD=1, PTX=1, TAIL=2),
+         dict(NIBWORDS=1, KBIAS=1, NIB16=1, TAIL=2), dict(NIBWORDS=1, NIB16=1, TAIL=1)]
 worst = {}
 # a flat cache and a wrapped ring; fp32 q (exact dots) and bf16 q (fp16 dots, integer codes by their bits)
 for H, Hkv, D, S, window, pos in [(8, 2, 64, 300, 0, 290), (8, 2, 64, 40, 24, 70)]:
@@ -399,7 +399,7 @@ for (kv, dt, knobs), err in worst.items():
 
 
 def test_decode_code_knobs_match_reference_in_the_interpreter():
-    """Every decode knob (q . k chains, V from words, V in parts, biased int8 K, biased int4 V, int4 nibbles
+    """Every decode knob (q . k chains, V from words, V in parts, biased int8 K, int4 nibbles
     1 / 3 in place, scales a block ahead, int8 q . k against the reference fed q's int8 levels) against the
     reference, fp32 and 16-bit dots, flat cache and wrapped ring, on CPU."""
     run_interpreted(INTERPRETED_KNOBS)

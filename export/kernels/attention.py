@@ -85,12 +85,13 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # dot of q's codes (1: one level a row, 2: two) with K's (for int4 K, its nibbles split from the stored bytes
 # as int8 dots' operand, exact against q rounded to int8 in the interpreter: the sm_90 loop per 64-position
 # block 1511 -> 2053 instructions, the transposed 8-bit operand read from shared memory byte by byte; not
-# kept). VBIAS (int4 with NIBWORDS): V's codes as 1032 + value in the fp16 operand (no packed subtract), the
-# block's 1032 * sum(p) taken off in the accumulators' rescale (an FFMA where the FMUL was): a candidate, off,
-# the sm_90 loop per 64-position block 1241 -> 1160 instructions (with `_plane`'s one lop3), registers
-# unchanged; NIB16 (int4 with NIBWORDS): nibbles 1 / 3 taken in place as 16 * code, one shift for planes 2 / 3
-# (`_plane`), q's planes 1 / 3 divided by 16 and V's outputs there: 1241 -> 1126, both 1039.
-# Candidates, off, not yet timed (measure_gpu.sh attn_vbias). A share past the fill returning before it loads q
+# kept). NIB16 (int4 with NIBWORDS): nibbles 1 / 3 taken in place as 16 * code, one shift for planes 2 / 3
+# (`_plane`), q's planes 1 / 3 divided by 16 and V's outputs there: the sm_90 loop per 64-position block
+# 1241 -> 1126 instructions (1511 before `_plane` made the mask and the fp16 exponent one lop3); 31B full
+# layer at 1k / 32k / 128k 15.7 / 47.0 / 134.6 us -> 15.3 / 44.3 / 122.3 with the lop3 -> 15.0 / 44.2 / 121.5
+# with NIB16 (decode_vbias.json), the default. V's codes biased by 1032 in the fp16 operand (the bias taken
+# off in the rescale, 1126 -> 1039 with NIB16) was slower on every 31B fill (128k 128.0 us alone, 124.2 with
+# NIB16) and dropped. A share past the fill returning before it loads q
 # (decode_empty_exit.json, decode_combine_skip.json) was faster for E2B's int4 cache up to 32k and slower
 # elsewhere (the 31B's int4 full layer at 128k 134.6 -> 178.5 us): dropped.
 # H200, 31B full layer, fill 32k / 128k (scripts/measurements/decode_kv8_variants.json, copy 4256 GB/s):
@@ -111,7 +112,7 @@ DECODE_CONFIG = {(512, 0): (32, 4, 2), (512, 1): (32, 4, 3), (512, 2): (64, 4, 2
 # the op over the int8 cache 47.5 / 159.6 -> 45.9 / 143.3 us at 32k / 128k (decode_kq8_default.json).
 DECODE_KNOBS: dict = {(512, 0): {"KSPLIT": 2},
                       (512, 1): {"KSPLIT": 1, "SCALES_AHEAD": 1, "VPAIRS": 1, "PTX": 1, "TAIL": 2, "KQ8": 1},
-                      (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2}}
+                      (512, 2): {"NIBWORDS": 1, "KBIAS": 1, "SCALES_AHEAD": 1, "PTX": 1, "TAIL": 2, "NIB16": 1}}
 DECODE_TARGET: dict = {}  # (head_dim, KV format) -> programs per layer, where not TARGET_PROGRAMS
 # decode's two kernels wait on the grid before them (export/kernels/pdl.py) on sm_90+: the artifact's
 # launcher gives these the programmatic-stream-serialization attribute (export/backends/cuda.py)
@@ -281,7 +282,7 @@ def _cfg(bm, bn, warps, stages):
 # every tile and KV format on the H200)
 _DECODE_ALL = [_cfg(16, bn, 4, s) for bn in (16, 32, 64) for s in (2, 3, 4)]
 KNOB_DEFAULTS = {"KSPLIT": 1, "VWORDS": 0, "VSPLIT": 1, "KBIAS": 0, "SCALES_AHEAD": 0, "VPAIRS": 0, "PTX": 0,
-                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "VBIAS": 0, "NIB16": 0}
+                 "TAIL": 0, "NIBWORDS": 0, "KQ8": 0, "NIB16": 0}
 
 
 def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config:
@@ -299,7 +300,7 @@ def with_knobs(c: triton.Config, head_dim: int, kv_format: int) -> triton.Config
     if kv_format == 2 and not knobs["NIBWORDS"]:
         knobs["KBIAS"] = 0  # int4 bytes: nibble planes unbiased
     if not (kv_format == 2 and knobs["NIBWORDS"]):
-        knobs["VBIAS"] = knobs["NIB16"] = 0  # int4 as 16-bit words only
+        knobs["NIB16"] = 0  # int4 as 16-bit words only
     if knobs["VPAIRS"] or knobs["NIBWORDS"]:
         knobs["VWORDS"], knobs["VSPLIT"] = 0, 1
     if kv_format == 0 and knobs["TAIL"] == 2:
@@ -526,7 +527,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
            BLOCK_N: tl.constexpr, KSPLIT: tl.constexpr, VWORDS: tl.constexpr, VSPLIT: tl.constexpr,
            KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
            NIBWORDS: tl.constexpr, MASK: tl.constexpr, TMASK: tl.constexpr, K8: tl.constexpr = 0,
-           VBIAS: tl.constexpr = 0, N16: tl.constexpr = 0):
+           N16: tl.constexpr = 0):
     """One K/V block of positions k0 .. k0 + BLOCK_N - 1 (< end) folded into the online softmax.
     float / int8: q0..q3 are q's KSPLIT column parts (independent dot chains); acc holds the
     output columns (acc2 the second half when VSPLIT = 2; acc / acc2 the even / odd ones when
@@ -627,15 +628,6 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
             acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, fdt, PTX), input_precision="ieee")
             acc3 = acc3 * alpha[:, None] + tl.dot(p, _plane(vw, 2, False, fdt, PTX), input_precision="ieee")
             acc4 = acc4 * alpha[:, None] + tl.dot(p, _plane(vw, 3, False, fdt, PTX), input_precision="ieee")
-        elif VBIAS:  # V's codes as 1032 + value (no subtract a pair): this block's 1032 * sum(p) taken off
-            # in the accumulators' rescale (one FFMA where the FMUL was)
-            psum = tl.sum(p.to(tl.float32), 1)[:, None]
-            off = 1032.0 * psum
-            off16 = (1152.0 if N16 else 1032.0) * psum  # nibbles 1 / 3 with N16: 1024 + 16 * code
-            acc = (acc * alpha[:, None] - off) + tl.dot(p, _plane(vw, 0, True, fdt, PTX, N16))
-            acc2 = (acc2 * alpha[:, None] - off16) + tl.dot(p, _plane(vw, 1, True, fdt, PTX, N16))
-            acc3 = (acc3 * alpha[:, None] - off) + tl.dot(p, _plane(vw, 2, True, fdt, PTX, N16))
-            acc4 = (acc4 * alpha[:, None] - off16) + tl.dot(p, _plane(vw, 3, True, fdt, PTX, N16))
         else:
             acc = acc * alpha[:, None] + tl.dot(p, _plane(vw, 0, False, fdt, PTX, N16))
             acc2 = acc2 * alpha[:, None] + tl.dot(p, _plane(vw, 1, False, fdt, PTX, N16))
@@ -687,7 +679,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
                PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0,
-               VBIAS: tl.constexpr = 0, NIB16: tl.constexpr = 0):
+               NIB16: tl.constexpr = 0):
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
@@ -780,7 +772,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         acc2 = tl.zeros([BLOCK_M, 1], tl.float32)
     KB: tl.constexpr = KBIAS and not FP32  # fp32 dots take the codes as they are
-    VB: tl.constexpr = VBIAS and QUADS and not FP32
     qbias = tl.zeros([BLOCK_M], tl.float32)
     if K8:
         qbias = q8s
@@ -816,20 +807,20 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS,
                 VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, VB, N16)
+                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, N16)
             k0 += BLOCK_N
     else:
         for k0 in range(start, loop_end, BLOCK_N):
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS,
                 VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, VB, N16)
+                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, N16)
     if TAIL == 1:
         if loop_end < end:
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, loop_end, end, qpos, kvh, K, V,
                 KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
-                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8, VB, N16)
+                SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8, N16)
 
     if N16:  # V's planes 1 / 3 summed 16 * value
         acc2 = acc2 * 0.0625
