@@ -68,6 +68,11 @@ class Chain:
         """The ExecuTorch method (and `.so`) compiled from `unit` for `method`."""
         return method if unit == WHOLE else f"{method}_{unit}"
 
+    @staticmethod
+    def method_of(program: str) -> str:
+        """The method a program (`program`'s result) was compiled for."""
+        return program.split("_", 1)[0]
+
     def programs(self, method: str) -> list[str]:
         """`method`'s programs in step order, each once."""
         return list(dict.fromkeys(self.program(method, s.unit) for s in self.steps))

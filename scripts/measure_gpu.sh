@@ -215,13 +215,16 @@ tiny_parity)  # the tiny preset's CUDA artifact (fp32) against the eager model, 
   ;;
 e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's device memory outside the caching
   # allocator goes, stage by stage and within the first prefill program by program (scripts/memory_outside.py),
-  # with the context's stack limit, and every compiled kernel's stack / local memory (~6 min)
+  # with the context's stack limit and every compiled kernel's stack; then the runtime stage of variants.json
+  # (its NVML peak against the plan; ~9 min: the export took 252-323 s)
   cp scripts/measurements/variants.json "$OUT/variants.json"
-  timeout 360 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
+  timeout 400 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
       --json "$OUT/variants.json" > "$OUT/e2b_export.log" 2>&1
   echo "export rc=$?"
-  timeout 120 python -m scripts.memory_outside --model /tmp/var/e2b --kernels \
+  timeout 80 python -m scripts.memory_outside --model /tmp/var/e2b --kernels \
       --json "$OUT/memory_outside_e2b.json" 2>&1 | grep -v "^open "
+  timeout 90 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
+      --json "$OUT/variants.json" 2>&1 | tail -3
   ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's

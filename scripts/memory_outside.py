@@ -21,18 +21,13 @@ import argparse
 import ctypes
 import json
 import os
-import re
-import struct
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 GIB = 2**30
 CU_LIMIT_STACK_SIZE = 0
-EM_CUDA = 190
 
 
 def stack_limit() -> int | None:
@@ -45,52 +40,10 @@ def stack_limit() -> int | None:
     return value.value if lib.cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_STACK_SIZE) == 0 else None
 
 
-def cubins(blob: bytes) -> list[bytes]:
-    """The CUDA ELF images (cubins) stored whole inside `blob` (a `.so` that embeds its kernels):
-    each from its ELF magic to the furthest of its section data and header tables."""
-    found, at = [], blob.find(b"\x7fELF", 1)
-    while at > 0:
-        head = blob[at:at + 64]
-        if len(head) == 64 and head[4] == 2 and struct.unpack_from("<H", head, 0x12)[0] == EM_CUDA:
-            phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
-            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
-            size = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
-            for i in range(shnum if at + shoff + shentsize * shnum <= len(blob) else 0):
-                kind, = struct.unpack_from("<I", blob, at + shoff + i * shentsize + 4)
-                offset, length = struct.unpack_from("<QQ", blob, at + shoff + i * shentsize + 0x18)
-                if kind != 8:  # SHT_NOBITS takes no bytes in the file
-                    size = max(size, offset + length)
-            if shoff and at + size <= len(blob):
-                found.append(blob[at:at + size])
-        at = blob.find(b"\x7fELF", at + 4)
-    return found
-
-
-def kernel_resources(cubin: bytes) -> list[dict]:
-    """cuobjdump's resource line of each function in one cubin: name, REG, STACK, LOCAL, SHARED."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-    rows, name = [], None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            name = m.group(1)
-            continue
-        r = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-        if r and name:
-            rows.append({"kernel": name, "reg": int(r.group(1)), "stack": int(r.group(2)),
-                         "shared": int(r.group(3)), "local": int(r.group(4))})
-            name = None
-    return rows
-
-
 def artifact_kernels(artifact) -> list[dict]:
     """Every kernel of every program's `.so`, with its program, the largest stack first."""
+    from export.cubins import cubins, kernel_resources
+
     rows = []
     for program in artifact.metadata.programs():
         for cubin in cubins(artifact.so_blob(program)):

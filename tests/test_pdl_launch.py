@@ -130,13 +130,15 @@ def test_inductor_kernels_wait_as_if_first():
 
 
 def test_cuda_compiles_launch_independent_kernels_as_one():
-    """Every CUDA compile has Inductor's combo kernels (a decode layer's q / k / v paths as one launch),
-    and their pointwise-only form (`triton_for_*`) is among the kernels that wait on the grid."""
+    """Every decode program's CUDA compile has Inductor's combo kernels (a decode layer's q / k / v paths as
+    one launch), no prefill program's (E2B's spilled to a 3264-byte stack a thread), and their pointwise-only
+    form (`triton_for_*`) is among the kernels that wait on the grid."""
     from export.backends.options import BackendOptions
 
     for autotune in (True, False):
-        options = backend.Gemma4CudaBackend.compile_options(BackendOptions("decode", autotune=autotune))
-        assert options["combo_kernels"] is True
+        for method in ("decode", "decode_layer4", "decode_embed", "prefill", "prefill_layer4"):
+            options = backend.Gemma4CudaBackend.compile_options(BackendOptions(method, autotune=autotune))
+            assert options.get("combo_kernels") is (True if method.startswith("decode") else None), method
     assert any("triton_for_fused_0".startswith(n) for n in backend.waiting_kernels())
 
 

@@ -122,6 +122,10 @@ class Gemma4AotiBackend(AotiBackend):
         return {}
 
     @classmethod
+    def check_compiled(cls, method: str, so_data: bytes) -> None:
+        """Look over a compiled `.so` before it is stored (notes for the user; nothing by default)."""
+
+    @classmethod
     @contextlib.contextmanager
     def check_fallback_kernels(cls, missing: set[str], options: BackendOptions) -> Iterator[None]:
         """ExecuTorch's `collect_unsupported_fallback_kernels`, asking
@@ -193,6 +197,7 @@ class Gemma4AotiBackend(AotiBackend):
         with open(so_path, "rb") as f:
             so_data = f.read()
         os.remove(so_path)
+        cls.check_compiled(method, so_data)
         store = NamedDataStore()
         store.add_named_data(so_blob_key(method), so_data, 1, None)
         info = CompiledMethod(method=method, device=TargetDevice(cls.get_device_name()),

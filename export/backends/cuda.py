@@ -35,7 +35,10 @@ from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
 from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
+from export import stages
 from export.backends.options import BackendOptions, TargetDevice
+from export.chain import Chain
+from export.cubins import DEFAULT_STACK_BYTES, deep_stacks
 from export.kernels import int4_matmul
 from export.kernels.pdl import op_pdl_mode
 from export.patches import patched
@@ -88,7 +91,13 @@ INDUCTOR_PDL_PREFIXES = ("triton_poi_", "triton_per_", "triton_red_", "triton_fo
 # fill 1k / 32k (-3 to -5%), the 2-layer slice's logits as close to the eager model as before (0.72%),
 # and the combo artifact bitwise equal with and without PDL (scripts/measurements/combo_kernels_31b.json).
 # Foreach combos (pointwise only) are named triton_for_*; reduction combos take triton_per_* / triton_red_*.
+# Decode programs only: E2B's prefill program of a KV-writing full layer compiled its combo (triton_red_fused_2,
+# the same paths over a chunk of rows) with 64 registers and 3264 bytes of stack a thread, and running it made
+# the CUDA context reserve that stack for every thread the GPU holds: +0.56 GiB outside the allocator for the
+# rest of the process on the H200 (scripts/memory_outside.py; the sliding layers' prefill combos 1024-1032
+# bytes). A prefill chunk's launches are few against its GEMMs' time: nothing to gain there.
 COMBO_KERNELS = True
+COMBO_KERNEL_METHODS = ("decode",)
 
 
 def _waits_on_grid_source(prefixes: tuple[str, ...]) -> str:
@@ -301,9 +310,28 @@ class Gemma4CudaBackend(Gemma4AotiBackend, BackendDetails):
         return CudaBackend.get_custom_passes(_executorch_specs(options))  # cond predicate to CPU
 
     @classmethod
+    def check_compiled(cls, method: str, so_data: bytes) -> None:
+        """A note for each program with a kernel whose stack a thread is over the CUDA context's default:
+        running it raises the context's stack size and its reserve for every thread the GPU holds, device
+        memory outside the allocator and the plan (export/cubins.py)."""
+        deep = deep_stacks(so_data)
+        if not deep:
+            return
+        worst = deep[0]
+        cost = ""
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(torch.cuda.current_device())
+            threads = p.multi_processor_count * p.max_threads_per_multi_processor
+            cost = f", {(worst['stack'] - DEFAULT_STACK_BYTES) * threads / 2**30:.2f} GiB on this GPU"
+        more = f" (and {len(deep) - 1} more kernels over {DEFAULT_STACK_BYTES})" if len(deep) > 1 else ""
+        stages.note(stages.LOWER, f"{method}: kernel {worst['kernel']} needs {worst['stack']} bytes of stack a "
+                    f"thread{more}: the CUDA context will reserve the difference from {DEFAULT_STACK_BYTES} for "
+                    f"every thread the GPU holds, outside the memory plan{cost}")
+
+    @classmethod
     def compile_options(cls, options: BackendOptions) -> dict[str, Any]:
         inductor = CudaBackend.get_aoti_compile_options(_executorch_specs(options))
-        if COMBO_KERNELS:
+        if COMBO_KERNELS and Chain.method_of(options.method) in COMBO_KERNEL_METHODS:
             inductor["combo_kernels"] = True
         if not options.multi_arch:
             # ExecuTorch asks for fatbins: one `nvcc -fatbin` per kernel, run serially after

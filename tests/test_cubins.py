@@ -1,4 +1,4 @@
-"""scripts/memory_outside.py's kernel report without a GPU: cubins compiled offline for sm_90 and stored
+"""export/cubins.py without a GPU: cubins compiled offline for sm_90 and stored
 inside other bytes (as a `.so` embeds its kernels) are found whole, and cuobjdump's resource line of each
 function is read: a kernel with a per-thread local array shows its stack."""
 
@@ -10,7 +10,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from scripts.memory_outside import cubins, kernel_resources
+from export.cubins import cubins, deep_stacks, kernel_resources
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="offline compiles need Triton's compiler, not its interpreter")
@@ -54,9 +54,37 @@ def test_embedded_cubins_are_found_whole_and_read():
 
 def test_a_kernel_with_a_local_array_shows_it():
     rows = kernel_resources(_compile(_spilled, {"x": "*i32", "y": "*i32"}, {"B": 128}))
-    assert len(rows) == 1 and max(rows[0]["stack"], rows[0]["local"]) >= 2048, rows
+    assert len(rows) == 1 and rows[0]["stack"] >= 2048, rows
 
 
 def test_a_host_elf_is_not_taken_for_a_cubin():
     host = open("/bin/true", "rb").read()
     assert cubins(b"x" + host) == []
+
+
+def test_deep_stacks_names_the_kernels_over_the_context_default():
+    deep = _compile(_spilled, {"x": "*i32", "y": "*i32"}, {"B": 128})
+    shallow = _compile(_double, {"x": "*fp32", "y": "*fp32"}, {"B": 128})
+    so = b"\x7fELF host" + shallow + b"\x00" * 16 + deep
+    found = deep_stacks(so)
+    assert [r["kernel"] for r in found] == [kernel_resources(deep)[0]["kernel"]], found
+    assert found[0]["stack"] > 1024
+    assert deep_stacks(so, limit=found[0]["stack"]) == []
+
+
+def test_the_cuda_backend_notes_a_program_with_a_kernel_over_the_context_stack():
+    """The export says which kernel will make the context reserve more device memory than the plan has."""
+    from export import stages
+    from export.backends.cuda import Gemma4CudaBackend
+
+    deep = _compile(_spilled, {"x": "*i32", "y": "*i32"}, {"B": 128})
+    shallow = _compile(_double, {"x": "*fp32", "y": "*fp32"}, {"B": 128})
+    events = []
+    with stages.Stages(events.append).active():
+        Gemma4CudaBackend.check_compiled("prefill_layer4", b"\x7fELF host" + shallow)
+        assert events == []
+        Gemma4CudaBackend.check_compiled("prefill_layer4", b"\x7fELF host" + shallow + deep)
+    notes = [e.detail for e in events if e.kind == stages.NOTE]
+    name = kernel_resources(deep)[0]["kernel"]
+    assert len(notes) == 1 and notes[0].startswith(f"prefill_layer4: kernel {name} needs "), notes
+
