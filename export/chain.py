@@ -70,7 +70,7 @@ class Chain:
 
     @staticmethod
     def method_of(program: str) -> str:
-        """The method a program (`program`'s result) was compiled for."""
+        """The method a program was compiled for (the inverse of `program`; method names hold no "_")."""
         return program.split("_", 1)[0]
 
     def programs(self, method: str) -> list[str]:

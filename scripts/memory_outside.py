@@ -13,7 +13,8 @@ read by cuobjdump), those with a stack first.
     python -m scripts.memory_outside --model /tmp/var/e2b [--prompt 2048] [--kernels] [--json out.json]
 
 Why: E2B's whole-model runtime measured 5.62 GiB (NVML, the process) on 2026-12-03 against 5.05 on
-2026-12-02 with the allocator's peak and reserve unchanged to 0.01 GiB (variants.json)."""
+2026-12-02 with the allocator's peak and reserve unchanged to 0.01 GiB (variants.json). It was the context's
+stack reserve, raised by one prefill kernel (scripts/measurements/memory_outside_e2b.json)."""
 
 from __future__ import annotations
 

@@ -34,8 +34,8 @@ from executorch.backends.cuda.cuda_backend import CudaBackend
 from executorch.exir.backend.backend_details import BackendDetails
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 
-from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
 from export import stages
+from export.backends.aoti_base import Gemma4AotiBackend, Gemma4AotiPartitioner
 from export.backends.options import BackendOptions, TargetDevice
 from export.chain import Chain
 from export.cubins import DEFAULT_STACK_BYTES, deep_stacks
@@ -94,8 +94,8 @@ INDUCTOR_PDL_PREFIXES = ("triton_poi_", "triton_per_", "triton_red_", "triton_fo
 # Decode programs only: E2B's prefill program of a KV-writing full layer compiled its combo (triton_red_fused_2,
 # the same paths over a chunk of rows) with 64 registers and 3264 bytes of stack a thread, and running it made
 # the CUDA context reserve that stack for every thread the GPU holds: +0.56 GiB outside the allocator for the
-# rest of the process on the H200 (scripts/memory_outside.py; the sliding layers' prefill combos 1024-1032
-# bytes). A prefill chunk's launches are few against its GEMMs' time: nothing to gain there.
+# rest of the process on the H200 (scripts/measurements/memory_outside_e2b.json; the sliding layers' prefill
+# combos 1024-1032 bytes). A prefill chunk's launches are few against its GEMMs' time: nothing to gain there.
 COMBO_KERNELS = True
 COMBO_KERNEL_METHODS = ("decode",)
 
