@@ -88,3 +88,42 @@ def test_graph_generate_gives_the_container_tokens(cuda_runner, eager_runner):
     cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=5)
     sampled = list(eager_runner.generate(prompt, 24, cfg, stop_ids=()))
     assert list(cuda_runner.generate(prompt, 24, cfg, stop_ids=())) == sampled
+
+
+
+STACK_AFTER_RUN = r"""
+import sys
+from runtime.runner import Runner
+from scripts.memory_outside import stack_limit
+from tests.test_runtime_runner import _prompt
+runner = Runner.load(sys.argv[1])
+token = int(runner.prefill(_prompt(2 * runner.meta.prefill_chunk + 1, runner.meta.vocab_size, seed=5)).argmax())
+for _ in range(4):
+    token = int(runner.decode(token).argmax())
+print(stack_limit())
+"""
+
+
+def test_no_kernel_raises_the_context_stack(tiny_cuda):
+    """Every kernel compiled into the artifact fits the CUDA context's default stack a thread, and a fresh
+    process that prefills and decodes still has that default: a deeper kernel would make the context reserve
+    the difference for every thread the GPU holds, outside the memory plan (export/cubins.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from export.cubins import DEFAULT_STACK_BYTES, cubins, deep_stacks, kernel_resources
+    from runtime.artifact import Artifact
+
+    artifact = Artifact.open(tiny_cuda[0])
+    blobs = {p: artifact.so_blob(p) for p in artifact.metadata.programs()}
+    kernels = [r for blob in blobs.values() for c in cubins(blob) for r in kernel_resources(c)]
+    assert kernels, "no kernel found in the programs' .so"  # the scan reads what AOTInductor embeds
+    assert {p: deep_stacks(b) for p, b in blobs.items() if deep_stacks(b)} == {}
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", STACK_AFTER_RUN, str(tiny_cuda[0])], cwd=repo, capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) == DEFAULT_STACK_BYTES, r.stdout
