@@ -120,7 +120,8 @@ def test_no_kernel_raises_the_context_stack(tiny_cuda):
     blobs = {p: artifact.so_blob(p) for p in artifact.metadata.programs()}
     kernels = [r for blob in blobs.values() for c in cubins(blob) for r in kernel_resources(c)]
     assert kernels, "no kernel found in the programs' .so"  # the scan reads what AOTInductor embeds
-    assert {p: deep_stacks(b) for p, b in blobs.items() if deep_stacks(b)} == {}
+    deep = {p: deep_stacks(b) for p, b in blobs.items()}
+    assert {p: rows for p, rows in deep.items() if rows} == {}
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, "-c", STACK_AFTER_RUN, str(tiny_cuda[0])], cwd=repo, capture_output=True,
