@@ -87,4 +87,3 @@ def test_the_cuda_backend_notes_a_program_with_a_kernel_over_the_context_stack()
     notes = [e.detail for e in events if e.kind == stages.NOTE]
     name = kernel_resources(deep)[0]["kernel"]
     assert len(notes) == 1 and notes[0].startswith(f"prefill_layer4: kernel {name} needs "), notes
-

@@ -90,7 +90,6 @@ def test_graph_generate_gives_the_container_tokens(cuda_runner, eager_runner):
     assert list(cuda_runner.generate(prompt, 24, cfg, stop_ids=())) == sampled
 
 
-
 STACK_AFTER_RUN = r"""
 import sys
 from runtime.runner import Runner
@@ -113,15 +112,14 @@ def test_no_kernel_raises_the_context_stack(tiny_cuda):
     import sys
     from pathlib import Path
 
-    from export.cubins import DEFAULT_STACK_BYTES, cubins, deep_stacks, kernel_resources
+    from export.cubins import DEFAULT_STACK_BYTES, cubins, kernel_resources
     from runtime.artifact import Artifact
 
     artifact = Artifact.open(tiny_cuda[0])
-    blobs = {p: artifact.so_blob(p) for p in artifact.metadata.programs()}
-    kernels = [r for blob in blobs.values() for c in cubins(blob) for r in kernel_resources(c)]
+    kernels = [{"program": p, **r} for p in artifact.metadata.programs() for c in cubins(artifact.so_blob(p))
+               for r in kernel_resources(c)]
     assert kernels, "no kernel found in the programs' .so"  # the scan reads what AOTInductor embeds
-    deep = {p: deep_stacks(b) for p, b in blobs.items()}
-    assert {p: rows for p, rows in deep.items() if rows} == {}
+    assert [r for r in kernels if r["stack"] > DEFAULT_STACK_BYTES] == []
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([sys.executable, "-c", STACK_AFTER_RUN, str(tiny_cuda[0])], cwd=repo, capture_output=True,
