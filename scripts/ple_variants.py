@@ -98,6 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=50, help="graph replays timed per variant (median)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args(argv)
+    names = args.models.split(",")
+    bad = [n for n in names if n not in PRESETS or not PRESETS[n].has_ple]
+    if bad:
+        ple_presets = ",".join(n for n, c in PRESETS.items() if c.has_ple)
+        print(f"ple_variants: --models {args.models!r}: {','.join(bad)} has no per-layer inputs or is no preset "
+              f"(these have them: {ple_presets})", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("ple_variants: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
     print(f"copy {gbps:.0f} GB/s")
     print(f"{'model':6} {'H':>5} {'layers':>6} {'variant':8} {'us/block':>9} {'kernels/block':>13} "
           f"{'rel err fp64':>12} {'vs ops':>8}")
-    for name in args.models.split(","):
+    for name in names:
         cfg = PRESETS[name]
         H, P, L = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
         ws = layer_weights(H, P, L, seed=len(name) + H)
