@@ -227,19 +227,6 @@ e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's dev
   timeout 90 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
       --json "$OUT/variants.json" 2>&1 | tail -3
   ;;
-ple)  # the per-layer-input block as one op (gemma4::int4_ple): E2B's whole model exported in the background
-  # while the op's cuda tests and scripts.ple_variants (the block chained over E2B's and E4B's layers, one op
-  # against the ops it replaced) run, then the runtime stage of variants.json (~8 min)
-  cp scripts/measurements/variants.json "$OUT/variants.json"
-  timeout 380 python -m scripts.bench_variants --variant e2b --stages export --workdir /tmp/var \
-      --json "$OUT/variants.json" > "$OUT/e2b_export.log" 2>&1 &
-  exp=$!
-  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_ple.py 2>&1 | tail -3
-  timeout 120 python -m scripts.ple_variants --json "$OUT/ple_variants.json" 2>&1 | tail -8
-  wait $exp; echo "export rc=$?"; tail -2 "$OUT/e2b_export.log"
-  timeout 100 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
-      --json "$OUT/variants.json" 2>&1 | tail -3
-  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests

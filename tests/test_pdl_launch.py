@@ -94,11 +94,11 @@ def test_the_op_compiles_waits_only_for_a_gpu_that_has_them(monkeypatch):
 
 
 def test_the_waiting_kernels_are_the_families_and_inductor_s_own(monkeypatch):
-    from export.kernels import attention, hadamard, moe_int4, ple
+    from export.kernels import attention, hadamard, moe_int4
 
     names = backend.waiting_kernels()
     for family in (im.PDL_KERNELS, attention.PDL_KERNELS, hadamard.PDL_KERNELS, moe_int4.PDL_KERNELS,
-                   ple.PDL_KERNELS, backend.INDUCTOR_PDL_PREFIXES):
+                   backend.INDUCTOR_PDL_PREFIXES):
         assert set(family) <= set(names)
     # kernels compiled without a wait must match no prefix: Inductor's templates, prefill attention, the
     # other int4 kernels and the MoE prefill's

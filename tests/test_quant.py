@@ -188,12 +188,10 @@ def test_packed_down_projection_takes_the_activation_in_one_op():
     assert "gemma4.int4_glu_linear.default" in seen and seen.count("gemma4.int4_linear.default") == 1
 
 
-def test_packed_per_layer_block_is_one_op():
-    """A per-layer-embedding layer (E2B / E4B) hands its packed int4 gate and projection the residual
-    stream, the MLP's output, every layer's per-layer inputs and its norms and scalar in one op
-    (gemma4::int4_ple): on CPU the op's reference, so the layer computes exactly what the ops one by one
-    do with the same weights (the add with the gate, gemma4::int4_add_linear; the projection with the
-    activation, gemma4::int4_glu_linear; the norm, the add and the scalar in aten)."""
+def test_packed_per_layer_projection_takes_the_activation_in_one_op():
+    """A per-layer-embedding layer (E2B / E4B) hands its packed int4 projection the gate and the
+    per-layer input (gemma4::int4_glu_linear): on CPU the op's reference, so the layer computes what
+    the float path does with the same weights, exactly."""
     import dataclasses
 
     from export.gemma4.quant import PackedInt4Linear
@@ -204,24 +202,18 @@ def test_packed_per_layer_block_is_one_op():
     quantize_(model, QuantRecipe(group_size=32), TargetDevice.CUDA)
     layer = model.layers[0]
     assert isinstance(layer.per_layer_projection, PackedInt4Linear)
-    assert isinstance(layer.per_layer_input_gate, PackedInt4Linear)
     tok = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(3))
     seen = []
     with torch.no_grad(), _Ops(seen):
         fused = model(tok, torch.tensor([0])).float()
-    L = cfg.num_hidden_layers
-    assert seen.count("gemma4.int4_ple.default") == L
-    assert seen.count("gemma4.int4_glu_linear.default") == L  # the MLP's
-    assert seen.count("gemma4.int4_add_linear.default") == 0
-    for lyr in model.layers:  # the same weights without the fused block
-        object.__setattr__(lyr.per_layer_input_gate, "forward_ple", None)
+    assert seen.count("gemma4.int4_glu_linear.default") == 2 * cfg.num_hidden_layers  # the MLP's and the PLE's
+    for lyr in model.layers:  # the same weights without the fused path
+        object.__setattr__(lyr.per_layer_projection, "forward_glu", None)
     model.reset_cache()
     seen = []
     with torch.no_grad(), _Ops(seen):
         plain = model(tok, torch.tensor([0])).float()
-    assert seen.count("gemma4.int4_ple.default") == 0
-    assert seen.count("gemma4.int4_glu_linear.default") == 2 * L  # the MLP's and the PLE's
-    assert seen.count("gemma4.int4_add_linear.default") == L
+    assert seen.count("gemma4.int4_glu_linear.default") == cfg.num_hidden_layers
     assert torch.equal(fused, plain)
 
 
@@ -250,9 +242,7 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
     assert seen.count("gemma4.int4_rms_linear.default") == n
     assert seen.count("gemma4.int4_add_rms_linear.default") == n
     assert isinstance(model.layers[0].per_layer_input_gate, PackedInt4Linear)  # the preset has per-layer inputs
-    # the MLP's output added, then the gate (the preset's 8-wide projection stays float: no int4_ple)
-    assert not isinstance(model.layers[0].per_layer_projection, PackedInt4Linear)
-    assert seen.count("gemma4.int4_add_linear.default") == n and "gemma4.int4_ple.default" not in seen
+    assert seen.count("gemma4.int4_add_linear.default") == n  # the MLP's output added, then the gate
     monkeypatch.setenv("GEMMA4_FUSED_NORMS", "0")  # the A/B switch: aten norms, the same logits
     model.reset_cache()
     seen = []
@@ -267,7 +257,6 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
         object.__setattr__(layer.mlp.gate_up_proj, "forward_add_rms", None)
         object.__setattr__(layer.mlp.gate_up_proj, "forward_rms", None)
         object.__setattr__(layer.per_layer_input_gate, "forward_add", None)
-        object.__setattr__(layer.per_layer_input_gate, "forward_ple", None)
     model.reset_cache()
     seen = []
     with torch.no_grad(), _Ops(seen):

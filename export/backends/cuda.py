@@ -208,10 +208,9 @@ def inductor_waits_first(original):
 def waiting_kernels() -> tuple[str, ...]:
     """The name prefixes of the kernels compiled to wait on the grid before them: the op families'
     PDL_KERNELS and, with INDUCTOR_PDL, Inductor's pointwise and reduction kernels."""
-    from export.kernels import attention, hadamard, moe_int4, ple
+    from export.kernels import attention, hadamard, moe_int4
 
-    ours = (int4_matmul.PDL_KERNELS + attention.PDL_KERNELS + hadamard.PDL_KERNELS + moe_int4.PDL_KERNELS
-            + ple.PDL_KERNELS)
+    ours = int4_matmul.PDL_KERNELS + attention.PDL_KERNELS + hadamard.PDL_KERNELS + moe_int4.PDL_KERNELS
     return ours + (INDUCTOR_PDL_PREFIXES if INDUCTOR_PDL else ())
 
 

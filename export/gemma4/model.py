@@ -241,23 +241,6 @@ def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor,
     return h, linear(h)
 
 
-def per_layer_block(layer: "DecoderLayer", x: torch.Tensor, r: torch.Tensor, ple: torch.Tensor) -> torch.Tensor:
-    """A PLE layer's end: h = x + post_feedforward_layernorm(r) (the MLP's output into the residual stream),
-    its per-layer input (the layer's slice of `ple` (1, T, layers, P), at `ple_index`) gated by h and
-    projected back, normed and added, times the layer's scalar. A packed int4 gate takes it all in one op
-    (quant.PackedInt4Linear.forward_ple: at decode one kernel where there were four)."""
-    fused = getattr(layer.per_layer_input_gate, "forward_ple", None)
-    norm, post = layer.post_feedforward_layernorm, layer.post_per_layer_input_norm
-    if fused is not None and norm.weight is not None:
-        y = fused(x, r, norm.weight, norm.eps, ple, layer.ple_index, layer.per_layer_projection, post.weight,
-                  layer.layer_scalar)
-        if y is not None:
-            return y
-    h, gate = add_linear(layer.per_layer_input_gate, x, r, norm)
-    p = glu_linear(layer.per_layer_projection, gate, ple.index_select(2, layer.ple_index).squeeze(2))
-    return (h + post(p)) * layer.layer_scalar
-
-
 def glu_linear(linear: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """linear(gelu_tanh(gate) * up). A packed int4 linear takes gate and up in one op with the
     activation (quant.PackedInt4Linear.forward_glu): at decode the kernel that reads x computes it."""
@@ -366,9 +349,8 @@ class DecoderLayer(nn.Module):
             # init_buffers), so one compiled layer reads every layer's slice
             self.register_buffer("ple_index", torch.tensor([i]), persistent=False)
 
-    def forward(self, x, cos, sin, positions, cache, ple, fresh=None):
-        """-> (x, fresh): see Attention.forward. ple: every layer's per-layer inputs (1, T, layers, P), this
-        layer's at `ple_index` (None without them)."""
+    def forward(self, x, cos, sin, positions, cache, per_layer_input, fresh=None):
+        """-> (x, fresh): see Attention.forward."""
         attn, fresh = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm)
         h, out = self.mlp.after_residual(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
@@ -376,9 +358,13 @@ class DecoderLayer(nn.Module):
             w, idx = self.router(flat)
             moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(h.shape)
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
-        if self.ple:  # the residual add, the per-layer input after it, the scalar
-            return per_layer_block(self, h, out, ple), fresh
-        return (h + self.post_feedforward_layernorm(out)) * self.layer_scalar, fresh
+        if self.ple:  # the residual add and the per-layer-input gate after it
+            h, gate = add_linear(self.per_layer_input_gate, h, out, self.post_feedforward_layernorm)
+            p = glu_linear(self.per_layer_projection, gate, per_layer_input)
+            h = h + self.post_per_layer_input_norm(p)
+        else:
+            h = h + self.post_feedforward_layernorm(out)
+        return h * self.layer_scalar, fresh
 
 
 class Gemma4Model(nn.Module):
@@ -480,7 +466,8 @@ class Gemma4Model(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = rope[cfg.is_sliding(i)]
             src = cfg.kv_source_layer(i)
-            x, kv = layer(x, cos, sin, positions, caches[i], ple, fresh.get(src))
+            x, kv = layer(x, cos, sin, positions, caches[i], ple[:, :, i] if ple is not None else None,
+                          fresh.get(src))
             if kv is not None:
                 fresh[src] = kv
             if last_reader[src] == i and src in fresh:
@@ -604,8 +591,9 @@ class LayerUnit(_CarriesHidden):
         cos, sin = rope_tables(positions, getattr(self, self.rope_name), x.dtype)
         layer = self.layers[self.index]
         cache = getattr(self, self.SOURCE) if self.shared else layer.self_attn.kv_cache
+        per_layer = ple.index_select(2, layer.ple_index).squeeze(2) if ple is not None else None
         chunk = cache.ring and not (isinstance(T, int) and T == 1)  # a prefill chunk beside a ring
-        x, fresh = layer(x, cos, sin, positions, cache, ple, cache.chunk(T) if chunk and self.shared else None)
+        x, fresh = layer(x, cos, sin, positions, cache, per_layer, cache.chunk(T) if chunk and self.shared else None)
         if fresh is not None and self.last_reader:
             cache.write_window(positions, *fresh)
         elif fresh is not None and not self.shared:

@@ -276,20 +276,6 @@ class PackedInt4Linear(nn.Module):
             return h, self.forward(h)
         return torch.ops.gemma4.int4_add_linear(x, r, weight_r, eps, self.qweight, self.scales)
 
-    def forward_ple(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, eps: float, table: torch.Tensor,
-                    index: torch.Tensor, proj: nn.Module, weight_p: torch.Tensor,
-                    scalar: torch.Tensor) -> torch.Tensor | None:
-        """A per-layer-input block with this linear as its gate and `proj` as its projection, as one op
-        (gemma4::int4_ple, export/kernels/ple.py): (h + rms_norm(proj(gelu_tanh(self(h)) * table[..., index,
-        :]), weight_p)) * scalar, h = x + rms_norm(r, weight_r). At M == 1 on CUDA one kernel where there
-        were four. None where it does not apply (`proj` not packed int4, or without `fused_norms()`): the
-        caller takes the ops one by one."""
-        if not isinstance(proj, PackedInt4Linear) or not fused_norms():
-            return None
-        import export.kernels.ple  # noqa: F401  (registers torch.ops.gemma4.int4_ple)
-        return torch.ops.gemma4.int4_ple(x, r, weight_r, eps, table, index, self.qweight, self.scales, proj.qweight,
-                                         proj.scales, weight_p, scalar)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 

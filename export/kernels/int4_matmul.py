@@ -347,14 +347,13 @@ def _residual_pair(xp, rp, wp, inv_r):
 
 @triton.jit
 def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr = 0,
-                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0, XCG: tl.constexpr = 0):
+                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0):
     """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
     words `w` whose groups start at words `g0` ([1, C, 1]). GLU: x is gelu_tanh(g) * u of the
     bf16 pairs at xw (g) and uw (u), in fp32 and rounded to bf16 once (as `_quant_x_kernel`'s GLU).
     NORM: x is (x inv) w, uw the norm weight's bf16 pairs, rounded to bf16 once (the model's norm).
     RES: x is x + rms_norm(r) wr, r and wr bf16 pairs at rw / wrw, inv_r r's norm factor, each step
-    rounded to bf16 as the model's ops leave it (`_residual`). XCG: x loaded from the L2 (`.cg`, past
-    this SM's L1), for an x that other programs of the same kernel wrote.
+    rounded to bf16 as the model's ops leave it (`_residual`).
 
     Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
     in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
@@ -363,10 +362,7 @@ def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr
     corr = tl.zeros(g0.shape, dtype=tl.float32)
     xs = []
     for p in tl.static_range(4):  # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load
-        if XCG:
-            xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0, cache_modifier=".cg")
-        else:
-            xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
+        xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
         lo = (xp << 16).to(tl.float32, bitcast=True)
         hi = (xp & -65536).to(tl.float32, bitcast=True)
         if RES:
