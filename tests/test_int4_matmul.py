@@ -382,6 +382,16 @@ _GLU_SCRIPT = textwrap.dedent("""
             d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
             e = ((fused.double() - ref).norm() / ref.norm()).item()
             print("glu", N, K, splits, xq, d, e)
+        # the bf16-x GEMV reading up as row 3 of a table of 5 (E2B / E4B's per-layer inputs): the same bits as
+        # the row passed alone
+        N, K = 48, 256
+        qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+        gate, table = (torch.randn(1, K) * 2).bfloat16(), torch.randn(5, K).bfloat16()
+        kern = im._gemv1_kernel(im.gemv1_plan(N, K, 128).cfg)
+        row = im.int4_gemv1(gate, qweight, scales, 1, kernel=kern, xq=False, up=table, up_index=torch.tensor([3]))
+        alone = im.int4_gemv1(gate, qweight, scales, 1, kernel=kern, xq=False, up=table[3:4].clone())
+        print("table", torch.equal(row, alone), torch.equal(row, im.int4_gemv1(gate, qweight, scales, 1, kernel=kern,
+                                                                          xq=False, up=table[2:3].clone())))
 """)
 
 
@@ -389,10 +399,11 @@ def test_glu_in_the_quantize_kernel_through_the_interpreter():
     """The down projection's activation computed by the quantize kernel as it reads x, or with bf16 x by
     the GEMV itself (`int4_gemv1`'s up, the op `int4_glu_linear` at M == 1), gives the GEMV of the
     activation computed first (to the rounding of its tanh, written with exp), within 1e-2 of fp64."""
-    rows = _script_rows(_GLU_SCRIPT, "glu")
+    rows, table = _script_rows(_GLU_SCRIPT, "glu", "table")
     assert len(rows) == 3, rows
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-4 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
+    assert table == [["True", "False"]]  # the table's row read in place: that row's bits, not its neighbour's
 
 
 def test_glu_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -403,6 +414,12 @@ def test_glu_op_on_cpu_is_the_reference_and_checks_shapes():
     assert torch.equal(y, torch.ops.gemma4.int4_linear(im.glu_reference(gate, up), qweight, scales))
     with pytest.raises(ValueError, match="differ"):
         torch.ops.gemma4.int4_glu_linear(gate, up[..., :128], qweight, scales)
+    # up as a table of rows [..., rows, K] and one index: the row's activation
+    table = torch.randn(2, 3, 5, 256).bfloat16()
+    y = torch.ops.gemma4.int4_glu_linear(gate, table, qweight, scales, torch.tensor([2]))
+    assert torch.equal(y, torch.ops.gemma4.int4_glu_linear(gate, table[:, :, 2], qweight, scales))
+    with pytest.raises(ValueError, match="no table of rows"):
+        torch.ops.gemma4.int4_glu_linear(gate, table[:, :2], qweight, scales, torch.tensor([2]))
 
 
 _NORM_SCRIPT = textwrap.dedent("""
@@ -592,7 +609,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         stride_ps=N, GROUP=G, RED=red if splits > 1 else 0, XQ=xq, ASM=True, PDL=pdl, LEVELS=levels,
                         GLU=glu, NORM=int(not xq and not glu), eps=1e-6,
                         NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0,
-                        r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, **cfg.kwargs)
+                        r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, ui_ptr=torch.empty(1, dtype=torch.int64), UI=glu,
+                        **cfg.kwargs)
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     # bf16 x with the residual add (RES: the small weights' GEMV writes h)
     N2, K2 = 256, 1536
@@ -603,7 +621,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     cnt_ptr=torch.empty(1, dtype=torch.int32), N=N2, KW=K2 // 8, GPS=K2 // G, SPLITS=1,
                     stride_ww=K2 // 8, stride_sn=K2 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
                     LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), r_ptr=bf(K2),
-                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, **im.gemv1_plan(N2, K2, G).cfg.kwargs)
+                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, ui_ptr=x, UI=0, **im.gemv1_plan(N2, K2, G).cfg.kwargs)
         print("gemv1-res False 1", sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),
                                         (2, 2, 0, 1, 0), (1, 0, 0, 1, 0), (2, 2, 0, 1, 1), (2, 0, 0, 1, 1)):
@@ -639,6 +657,7 @@ def test_op_kernels_write_only_their_outputs():
         written = " ".join(ln[3:] if ln[0] == "gemv1" else ln[1:])
         assert "w_ptr" not in written and "s_ptr" not in written and "x_ptr'" not in written.replace("xq_ptr", ""), ln
         assert "u_ptr" not in written and (ln[0] == "quant" or "xf_ptr" not in written), ln  # gemv1 reads x's
+        assert "ui_ptr" not in written, ln  # (and the table's row index, with the activation)
     assert any(ln[0] == "gemv1" and ln[2] == "8" and "'part_ptr'" in " ".join(ln[3:]) for ln in lines), lines
     assert im.GEMV1_RED_XQ in (0, 2) and im.GEMV1_RED in (0, 2)  # the modes read here
 
@@ -706,6 +725,11 @@ def test_cuda_glu_op_is_the_linear_of_the_activation(m, n, k):
     up = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16)
     got = torch.ops.gemma4.int4_glu_linear(gate, up, qweight, scales)
     _matches_the_unfused_op(got, im.glu_reference(gate, up), qweight, scales)
+    # up as row 3 of a table of 7 rows (the per-layer inputs): the row's result, bitwise
+    table = torch.randn(1, m, 7, k, device="cuda", dtype=torch.bfloat16)
+    table[:, :, 3] = up
+    got_row = torch.ops.gemma4.int4_glu_linear(gate, table, qweight, scales, torch.tensor([3], device="cuda"))
+    assert torch.equal(got_row, got)
 
 
 @pytest.mark.cuda

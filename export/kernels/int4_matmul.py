@@ -45,10 +45,11 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
 `config_smem_bytes`; `CONSUMER_ONLY` (env `GEMMA4_INT4_CONSUMER=1`) restricts autotuning to the
 configs marked for those cards even on an H200, which is what the tests force.
 
-`gemma4::int4_glu_linear(gate, up, qweight, scales)` is the MLP's down projection with its
+`gemma4::int4_glu_linear(gate, up, qweight, scales[, up_index])` is the MLP's down projection with its
 activation, (gelu_tanh(gate) * up) @ dequant(W).T: at M == 1 the quantize kernel computes the
 activation as it reads x (one launch less a layer), other M take the activation in aten ops and
-`int4_linear`'s path.
+`int4_linear`'s path. With up_index, up is a table of rows and its row up_index is the up (E2B / E4B's
+per-layer projection: the layer's row of the per-layer inputs), read in place by the small weights' GEMV.
 
 `gemma4::int4_rms_linear(x, weight, eps, qweight, scales)` is a layer's input norm with its q / k / v
 projection, (rms_norm(x) * weight) @ dequant(W).T: at M == 1 (weight in x's dtype) the kernel that reads
@@ -799,7 +800,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0):
+                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0,
+                       ui_ptr=None, UI: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -826,7 +828,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     a word, per-lane sums (no sum across lanes until the end); with K parts it does so at DEPTH 0
     (each part a column of its own), at DEPTH >= 1 `_gemv1_tile_q` sums each step across lanes;
     else x is bf16 and xf_ptr / xc_ptr are unused, or with GLU xf_ptr is u and x is
-    gelu_tanh(x) * u (`_gemv1_tile`: the activation before a small weight takes no launch of its own), or
+    gelu_tanh(x) * u (`_gemv1_tile`: the activation before a small weight takes no launch of its own; with
+    UI u is row ui_ptr[0] of a table of such rows, read in place: no gather's launch either), or
     with NORM xf_ptr is the RMSNorm's weight (bf16) and x is rms_norm(x) * w (each program sums the
     squares of the whole row first, `_inv_rms`; the norm before a small weight takes no launch either), or
     with RES (bf16 x, not with GLU / NORM) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the
@@ -868,6 +871,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
         xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
         uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs; NORM: the norm weight's
+        if UI:  # u: the table's row ui_ptr[0] (K / 2 pairs a row)
+            uw = uw + tl.load(ui_ptr) * (KW * 4)
         inv = 1.0
         if NORM:
             inv = _inv_rms(xw, KW * 8, eps, 1, NORM_STEPS)
@@ -1330,7 +1335,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-               res: tuple | None = None):
+               res: tuple | None = None, up_index: torch.Tensor | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1344,7 +1349,9 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
     norm and x as levels: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel also
     writes to h; res (r, wr, h, eps) with bf16 x and neither up nor norm: the input is h (r's norm with
-    that eps), computed by the GEMV as it loads x, its first program writing h."""
+    that eps), computed by the GEMV as it loads x, its first program writing h. up_index (one int64, bf16 x
+    only): up is a table of rows of K, contiguous, and the input is gelu_tanh(x2) * up[up_index] (the GEMV
+    reads that row in place)."""
     N, K, G = _check(x2, qweight, scales)
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
@@ -1354,6 +1361,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # res: with x as levels the quantize kernel's RES (with the norm after the add); with bf16 x the GEMV's
     # own (the add alone)
     assert res is None or ((norm is not None) if xq else (norm is None and up is None))
+    assert up_index is None or (up is not None and not xq)
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
@@ -1371,7 +1379,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         NORM_STEPS=norm_steps(K // 2) if (norm is not None or res is not None) and not xq else 0,
         r_ptr=res[0] if res is not None and not xq else x2, wr_ptr=res[1] if res is not None and not xq else x2,
         h_ptr=res[2] if res is not None and not xq else x2, RES=int(res is not None and not xq),
-        **_pdl_args(pdl_gemv, pdl_attr))
+        ui_ptr=up_index if up_index is not None else x2, UI=int(up_index is not None), **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
@@ -1481,14 +1489,14 @@ def _m1(x: torch.Tensor, G: int) -> bool:
 
 
 def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
-           norm: tuple | None = None, res: tuple | None = None):
+           norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None):
     """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode."""
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
                       levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm,
-                      res=res)
+                      res=res, up_index=up_index)
 
 
 @triton_op("gemma4::int4_linear", mutates_args={})
@@ -1538,25 +1546,42 @@ def _(x, qweight, scales):
     return int4_linear_reference(x, qweight, scales)
 
 
-def _check_glu(gate, up, qweight, scales):
-    if gate.shape != up.shape:
+def _check_glu(gate, up, qweight, scales, up_index=None):
+    if up_index is None and gate.shape != up.shape:
         raise ValueError(f"int4_glu_linear: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    if up_index is not None and (up.dim() < 2 or (*up.shape[:-2], up.shape[-1]) != tuple(gate.shape)
+                                 or up_index.numel() != 1):
+        raise ValueError(f"int4_glu_linear: up {tuple(up.shape)} is no table of rows for gate {tuple(gate.shape)} "
+                         f"([..., rows, K]) or up_index {tuple(up_index.shape)} is not one index")
     return _check(gate, qweight, scales)
 
 
+def _rows_of(up: torch.Tensor, up_index: torch.Tensor | None) -> torch.Tensor:
+    """up itself, or its row up_index of dim -2 (a table of rows)."""
+    return up if up_index is None else up.index_select(-2, up_index.reshape(1)).squeeze(-2)
+
+
 def int4_glu_linear_reference(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
-                              scales: torch.Tensor) -> torch.Tensor:
-    return int4_linear_reference(glu_reference(gate, up), qweight, scales)
+                              scales: torch.Tensor, up_index: torch.Tensor | None = None) -> torch.Tensor:
+    return int4_linear_reference(glu_reference(gate, _rows_of(up, up_index)), qweight, scales)
 
 
 @triton_op("gemma4::int4_glu_linear", mutates_args={})
-def int4_glu_linear(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int4_glu_linear(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    up_index: torch.Tensor | None = None) -> torch.Tensor:
     """(gelu_tanh(gate) * up) [..., K] @ dequant(qweight, scales).T -> [..., N]: the MLP's down
     projection with its activation. At M == 1 the quantize kernel computes the activation as it
     reads x (`_quant_x_kernel`'s GLU): one launch less a layer than the activation's own kernel
-    before `int4_linear`. Other M: the activation in aten ops (Inductor fuses it) and `int4_linear`."""
-    N, K, G = _check_glu(gate, up, qweight, scales)
+    before `int4_linear`. Other M: the activation in aten ops (Inductor fuses it) and `int4_linear`.
+    up_index (int64, one element): up is a table [..., rows, K] and its row up_index is the up (the
+    per-layer projection of E2B / E4B: every layer's per-layer inputs, this layer's row); at M == 1 where
+    the GEMV takes bf16 x (small weights) it reads that row in place, no gather's kernel before it."""
+    N, K, G = _check_glu(gate, up, qweight, scales, up_index)
     g2 = gate.reshape(-1, K).contiguous()
+    if _m1(g2, G) and up_index is not None and not gemv1_plan(N, K, G).xq and up.dtype == g2.dtype:
+        table = up.reshape(-1, K).contiguous()  # M == 1: the rows of the table, one after another
+        return _gemv1(g2, qweight, scales, up=table, up_index=up_index.reshape(1)).reshape(*gate.shape[:-1], N)
+    up = _rows_of(up, up_index)
     if _m1(g2, G):
         # the kernels read up as gate's dtype (bf16 pairs)
         return _gemv1(g2, qweight, scales, up=up.reshape(-1, K).to(g2.dtype).contiguous()).reshape(*gate.shape[:-1], N)
@@ -1564,15 +1589,15 @@ def int4_glu_linear(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
 
 
 @int4_glu_linear.register_fake
-def _(gate, up, qweight, scales):
-    N, _, _ = _check_glu(gate, up, qweight, scales)
+def _(gate, up, qweight, scales, up_index=None):
+    N, _, _ = _check_glu(gate, up, qweight, scales, up_index)
     return gate.new_empty((*gate.shape[:-1], N))
 
 
 @int4_glu_linear.register_kernel("cpu")
-def _(gate, up, qweight, scales):
-    _check_glu(gate, up, qweight, scales)
-    return int4_glu_linear_reference(gate, up, qweight, scales)
+def _(gate, up, qweight, scales, up_index=None):
+    _check_glu(gate, up, qweight, scales, up_index)
+    return int4_glu_linear_reference(gate, up, qweight, scales, up_index)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
