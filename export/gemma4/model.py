@@ -241,12 +241,17 @@ def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor,
     return h, linear(h)
 
 
-def glu_linear(linear: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """linear(gelu_tanh(gate) * up). A packed int4 linear takes gate and up in one op with the
-    activation (quant.PackedInt4Linear.forward_glu): at decode the kernel that reads x computes it."""
+def glu_linear(linear: nn.Module, gate: torch.Tensor, up: torch.Tensor,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(gelu_tanh(gate) * up); with index, up is a table [..., rows, K] and its row index is the up.
+    A packed int4 linear takes gate and up (and the index) in one op with the activation
+    (quant.PackedInt4Linear.forward_glu): at decode the kernel that reads x computes it (and reads the
+    table's row in place)."""
     fused = getattr(linear, "forward_glu", None)
     if fused is not None:
-        return fused(gate, up)
+        return fused(gate, up) if index is None else fused(gate, up, index)
+    if index is not None:
+        up = up.index_select(-2, index).squeeze(-2)
     return linear(F.gelu(gate, approximate="tanh") * up)
 
 
@@ -349,8 +354,9 @@ class DecoderLayer(nn.Module):
             # init_buffers), so one compiled layer reads every layer's slice
             self.register_buffer("ple_index", torch.tensor([i]), persistent=False)
 
-    def forward(self, x, cos, sin, positions, cache, per_layer_input, fresh=None):
-        """-> (x, fresh): see Attention.forward."""
+    def forward(self, x, cos, sin, positions, cache, ple, fresh=None):
+        """-> (x, fresh): see Attention.forward. ple: every layer's per-layer inputs (1, T, layers, P), this
+        layer's at `ple_index` (None without them)."""
         attn, fresh = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm)
         h, out = self.mlp.after_residual(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
@@ -360,7 +366,7 @@ class DecoderLayer(nn.Module):
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
         if self.ple:  # the residual add and the per-layer-input gate after it
             h, gate = add_linear(self.per_layer_input_gate, h, out, self.post_feedforward_layernorm)
-            p = glu_linear(self.per_layer_projection, gate, per_layer_input)
+            p = glu_linear(self.per_layer_projection, gate, ple, self.ple_index)
             h = h + self.post_per_layer_input_norm(p)
         else:
             h = h + self.post_feedforward_layernorm(out)
@@ -466,8 +472,7 @@ class Gemma4Model(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = rope[cfg.is_sliding(i)]
             src = cfg.kv_source_layer(i)
-            x, kv = layer(x, cos, sin, positions, caches[i], ple[:, :, i] if ple is not None else None,
-                          fresh.get(src))
+            x, kv = layer(x, cos, sin, positions, caches[i], ple, fresh.get(src))
             if kv is not None:
                 fresh[src] = kv
             if last_reader[src] == i and src in fresh:
@@ -591,9 +596,8 @@ class LayerUnit(_CarriesHidden):
         cos, sin = rope_tables(positions, getattr(self, self.rope_name), x.dtype)
         layer = self.layers[self.index]
         cache = getattr(self, self.SOURCE) if self.shared else layer.self_attn.kv_cache
-        per_layer = ple.index_select(2, layer.ple_index).squeeze(2) if ple is not None else None
         chunk = cache.ring and not (isinstance(T, int) and T == 1)  # a prefill chunk beside a ring
-        x, fresh = layer(x, cos, sin, positions, cache, per_layer, cache.chunk(T) if chunk and self.shared else None)
+        x, fresh = layer(x, cos, sin, positions, cache, ple, cache.chunk(T) if chunk and self.shared else None)
         if fresh is not None and self.last_reader:
             cache.write_window(positions, *fresh)
         elif fresh is not None and not self.shared:

@@ -239,11 +239,13 @@ class PackedInt4Linear(nn.Module):
         import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_linear)
         return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
 
-    def forward_glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward_glu(self, gate: torch.Tensor, up: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """forward(gelu_tanh(gate) * up) as one op (the MLP's down projection): at M == 1 on CUDA the
-        activation is computed by the kernel that reads x, not by a kernel of its own."""
+        activation is computed by the kernel that reads x, not by a kernel of its own. index: up is a table
+        [..., rows, K] and its row index the up (the per-layer projection: read in place at M == 1, no
+        gather's kernel)."""
         import export.kernels.int4_matmul  # noqa: F401  (registers torch.ops.gemma4.int4_glu_linear)
-        return torch.ops.gemma4.int4_glu_linear(gate, up, self.qweight, self.scales)
+        return torch.ops.gemma4.int4_glu_linear(gate, up, self.qweight, self.scales, index)
 
     def forward_rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """forward(rms_norm(x) * weight) as one op (a layer's input norm and its q / k / v projection):
