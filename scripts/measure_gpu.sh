@@ -227,6 +227,11 @@ e2b_memory)  # E2B's whole model (24 GB recipe): where its runtime process's dev
   timeout 90 python -m scripts.bench_variants --variant e2b --stages runtime --workdir /tmp/var \
       --json "$OUT/variants.json" 2>&1 | tail -3
   ;;
+ple_fold)  # E2B / E4B's per-layer projection reading its row of the per-layer inputs in place (int4_glu_linear's
+  # up_index) against a gather first: the GLU op's cuda tests, then scripts.ple_variants alone (~2 min)
+  timeout 200 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k glu 2>&1 | tail -3
+  timeout 150 python -m scripts.ple_variants --json "$OUT/ple_fold_variants.json" 2>&1 | grep -v -i warn | tail -8
+  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests
