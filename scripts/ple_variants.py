@@ -45,8 +45,8 @@ def replay_us(g: torch.cuda.CUDAGraph, reps: int) -> float:
     return statistics.median(times)
 
 
-def graph_us(fn, reps: int) -> tuple[float, torch.cuda.CUDAGraph]:
-    """Median microseconds of one replay of a CUDA graph holding fn (warmed up on a side stream first)."""
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph holding fn, warmed up on a side stream first (its compiles and allocations)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -56,22 +56,13 @@ def graph_us(fn, reps: int) -> tuple[float, torch.cuda.CUDAGraph]:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times), g
+    return g
 
 
 def copy_gbps(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    us, _ = graph_us(lambda: dst.copy_(src), reps=20)
-    return 2 * nbytes / us / 1e3
+    return 2 * nbytes / replay_us(capture(lambda: dst.copy_(src)), reps=20) / 1e3
 
 
 def kernels_per_replay(g: torch.cuda.CUDAGraph) -> int:
@@ -160,7 +151,7 @@ def main(argv=None) -> int:
                     x = block(x, i, fold)
                 res["y"] = x
 
-            _, g = graph_us(chain, 1)
+            g = capture(chain)
             g.replay()
             torch.cuda.synchronize()
             outs[variant], graphs[variant] = res["y"].clone(), g
