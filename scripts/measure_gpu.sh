@@ -232,6 +232,12 @@ ple_fold)  # E2B / E4B's per-layer projection reading its row of the per-layer i
   timeout 200 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k glu 2>&1 | tail -3
   timeout 150 python -m scripts.ple_variants --json "$OUT/ple_fold_variants.json" 2>&1 | grep -v -i warn | tail -8
   ;;
+e2b_slice)  # E2B's 2-layer slice exported in-process and run through the runner against the eager model (the
+  # slice stage of variants.json: slice_rel_err; ~4 min, the export ~160-215 s)
+  cp scripts/measurements/variants.json "$OUT/variants.json"
+  timeout 280 python -m scripts.bench_variants --variant e2b --stages slice --workdir /tmp/var \
+      --json "$OUT/variants.json" 2>&1 | tail -4
+  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests
