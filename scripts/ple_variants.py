@@ -96,7 +96,8 @@ def fp64_block(x, r, w, table, index, eps):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="e2b,e4b", help="presets with per-layer inputs (default e2b,e4b)")
     ap.add_argument("--reps", type=int, default=50, help="graph replays timed per variant and round (median)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, the variants alternating (median of rounds)")

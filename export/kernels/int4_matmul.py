@@ -800,8 +800,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, GROUPS: tl.constexpr,
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
-                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0,
-                       ui_ptr=None, UI: tl.constexpr = 0):
+                       NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None,
+                       h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
