@@ -179,6 +179,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             wk, ik = mo.launch_route(x, scale, pw, pes, K, 1e-6)
             same_ids &= torch.equal(ik, idx)
             worst = max(worst, rel(wk, w))
+            for gemv1 in (False, True):  # a decode token through the slices kernel and through the GEMV's
+                w1, i1 = mo.launch_route(x[:1], scale, pw, pes, K, 1e-6, gemv1=gemv1)
+                same_ids &= torch.equal(i1, idx[:1])
+                worst = max(worst, rel(w1, w[:1]))
             stacks = (*mo.quantize_experts(torch.randn(E, 2 * I, H), g1),
                       *mo.quantize_experts(torch.randn(E, H, I), g2))
             ref = mo.moe_experts_reference(x, w, idx, *stacks)
@@ -207,7 +211,7 @@ def test_triton_kernels_through_the_interpreter():
 @pytest.mark.cuda
 @pytest.mark.parametrize("n", [1, 7, 128])
 @pytest.mark.parametrize("e,h,i,k,group", [(128, 2816, 704, 8, 128), (8, 64, 32, 2, 32)])
-def test_cuda_kernels_match_reference(n, e, h, i, k, group):
+def test_cuda_kernels_match_reference(monkeypatch, n, e, h, i, k, group):
     from export.kernels.int4_matmul import group_size_for
     torch.manual_seed(n)
     x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16)
@@ -217,10 +221,12 @@ def test_cuda_kernels_match_reference(n, e, h, i, k, group):
     stacks = (*mo.quantize_experts(torch.randn(e, 2 * i, h, device="cuda") * 0.05, group_size_for(h, group)),
               *mo.quantize_experts(torch.randn(e, h, i, device="cuda") * 0.05, group_size_for(i, group)))
     torch.full((1 << 24,), float("nan"), device="cuda")  # poison the allocator's free blocks
-    w, idx = torch.ops.gemma4.moe_route(x, scale, pw, pes, k, 1e-6)
     w_ref, idx_ref = mo.moe_route_reference(x.float(), scale.float(), pw.float(), pes.float(), k, 1e-6)
-    # fp32 routing in the kernel vs the fp32 reference: the same experts but for near ties
-    assert (idx == idx_ref).float().mean() > 0.98 and _rel(w[idx == idx_ref], w_ref[idx == idx_ref]) < 1e-3
+    for gemv1 in ("0", "1"):  # a decode token's logits through the slices kernel or the GEMV's
+        monkeypatch.setenv(mo.ROUTE_GEMV1_ENV, gemv1)
+        w, idx = torch.ops.gemma4.moe_route(x, scale, pw, pes, k, 1e-6)
+        # fp32 routing in the kernel vs the fp32 reference: the same experts but for near ties
+        assert (idx == idx_ref).float().mean() > 0.98 and _rel(w[idx == idx_ref], w_ref[idx == idx_ref]) < 1e-3
     y = torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     want = mo.moe_experts_reference(x.float(), w, idx, *stacks)  # fp32 with the dequantized weights
@@ -482,3 +488,40 @@ def test_kernels_compile_for_consumer_cards_within_shared_memory():
     lines = [line.split() for line in r.stdout.strip().splitlines()]
     assert len(lines) == 16 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
     assert all(int(shared) <= mo.SMEM_LIMIT_BYTES for _, _, shared in lines), r.stdout
+
+
+_ROUTE_GEMV1_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from export.cubins import kernel_resources
+from export.kernels import moe_int4 as mo
+
+fn = mo._route_gemv1_kernel
+sig = dict(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", ss_ptr="*fp32", H="i32", E="i32",
+           stride_wn="i32")
+for arch in map(int, sys.argv[1:]):
+    consts = dict(BLOCK_E=mo.ROUTE_GEMV1_BLOCK_E, BLOCK_H=mo.ROUTE_GEMV1_BLOCK_H, STEPS=triton.cdiv(2816, 512),
+                  PDL=2 if arch >= 90 else 0)
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": 4})
+    res = kernel_resources(k.asm["cubin"])[0]
+    print(arch, k.metadata.shared, res["stack"], res["local"])
+"""
+
+
+def test_route_gemv1_compiles_for_consumer_cards_without_a_stack():
+    """The decode routing GEMV at 26B-A4B width, compiled by Triton + ptxas for sm_89, sm_90 (its PDL wait) and
+    sm_120 with no GPU present: shared memory within the consumer cards' limit, no stack or local memory."""
+    from export.cubins import cuobjdump
+    if cuobjdump() is None:
+        pytest.skip("no cuobjdump in this Triton install")
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", _ROUTE_GEMV1_COMPILE, "89", "90", "120"], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.strip().splitlines()]
+    assert len(rows) == 3 and all(int(shared) <= mo.SMEM_LIMIT_BYTES and stack == "0" and local == "0"
+                                  for _, shared, stack, local in rows), r.stdout

@@ -20,7 +20,9 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
 - routing: `_route_logits_kernel` (token blocks x expert blocks x slices of H, so one decode
   token still spreads over 44-88 programs at 26B-A4B width; the RMS norm is one scale per
   row, applied later) and `_route_topk_kernel` (sums the slices, softmax, top-k by repeated
-  argmax, renormalize, per-expert scale), all in fp32.
+  argmax, renormalize, per-expert scale), all in fp32. With `route_gemv1()` a decode token's
+  logits come from `_route_gemv1_kernel` instead (a few experts a program over all of H, plain
+  FMAs: no 16-row dot tile padded from one token, one slice for the top-k kernel).
 - decode (N == 1): `_gemv_words_gate_up_kernel`, grid (I blocks, top_k), reads the expert id
   on the device and only that expert's rows of gate and up, and writes gelu(gate) * up (fp32,
   in the down kernel's word order); `_gemv_words_down_kernel`, grid (H blocks, slices), runs
@@ -50,6 +52,7 @@ float model's math: a reference, not a fast path).
 
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +77,16 @@ ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOC
 # for the two routing kernels (the whole model 2.74 -> 3.79 ms a token with the attribute for all five);
 # scripts/measurements/pdl_ab_26b_sets.json. A name listed here gets the attribute.
 PDL_KERNELS: tuple[str, ...] = ()
+# A decode token's routing logits through `_route_gemv1_kernel` (ROUTE_GEMV1_ENV "1") or the slices
+# kernel (default until the H200 says which: scripts/bench_moe.py times both, `route` and `route_gemv1`)
+ROUTE_GEMV1_ENV = "GEMMA4_ROUTE_GEMV1"
+ROUTE_GEMV1_BLOCK_E, ROUTE_GEMV1_BLOCK_H = 2, 512  # experts a program (64 programs at E = 128), H a step
+
+
+def route_gemv1() -> bool:
+    """Whether a decode token's routing logits take `_route_gemv1_kernel` (env ROUTE_GEMV1_ENV, read at
+    each launch so that scripts/export_ab.py can switch it per export)."""
+    return os.environ.get(ROUTE_GEMV1_ENV, "0") == "1"
 
 
 # ---- layout helpers -------------------------------------------------------------------------
@@ -248,6 +261,33 @@ def _route_logits_kernel(x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr, N, H, E, H_S
         acc = tl.dot(x * s[None, :], tl.trans(w), acc, input_precision="ieee")
     tl.store(part_ptr + (pid_s * N + offs_t[:, None]) * E + offs_e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
     tl.store(ss_ptr + pid_s * N + offs_t, ss, mask=t_ok & (pid_e == 0))
+
+
+@triton.jit
+def _route_gemv1_kernel(x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr, H, E, stride_wn, BLOCK_E: tl.constexpr,
+                        BLOCK_H: tl.constexpr, STEPS: tl.constexpr, PDL: tl.constexpr = 0):
+    """One token (decode): part[0, 0, e] = (x * scale) . w[e] over all of H for BLOCK_E experts a
+    program, and (program 0) ss[0, 0] = the sum of x^2: what `_route_logits_kernel` writes with one
+    slice, for `_route_topk_kernel`. H in STEPS steps of BLOCK_H, unrolled (their loads in flight
+    together); fp32 FMAs, one sum across the row at the end. PDL: it waits first thing."""
+    if PDL:
+        z = pdl_wait(PDL, True)
+        x_ptr, scale_ptr, w_ptr, part_ptr, ss_ptr = x_ptr + z, scale_ptr + z, w_ptr + z, part_ptr + z, ss_ptr + z
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    acc = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for i in tl.static_range(STEPS):
+        offs_h = i * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        x = tl.load(x_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_e[:, None] * stride_wn + offs_h[None, :], mask=e_ok[:, None] & h_ok[None, :],
+                    other=0.0).to(tl.float32)
+        ss += x * x
+        acc += w * (x * s)[None, :]
+    tl.store(part_ptr + offs_e, tl.sum(acc, axis=1), mask=e_ok)
+    tl.store(ss_ptr, tl.sum(ss, axis=0), mask=tl.program_id(0) == 0)
 
 
 @triton.jit
@@ -656,16 +696,27 @@ def _identity(f):
     return f
 
 
-def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float, wrap=_identity):
+def launch_route(x, scale, proj_weight, per_expert_scale, top_k: int, eps: float, wrap=_identity,
+                 gemv1: bool | None = None):
+    """The routing's two kernels; gemv1: a decode token's logits through `_route_gemv1_kernel` (None:
+    `route_gemv1()`; a token count other than a concrete 1 takes the slices kernel either way)."""
     N, H = x.shape
     E = proj_weight.shape[0]
-    splits = triton.cdiv(H, ROUTE_H_SLICE)
-    part = torch.empty((splits, N, E), device=x.device, dtype=torch.float32)
-    ss = torch.empty((splits, N), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]), splits)  # noqa: E731
     pdl = op_pdl_mode(x.device)  # the attribute comes from the artifact's launcher (PDL_KERNELS)
-    wrap(_autotuned("route"))[grid](x, scale, proj_weight, part, ss, N, H, E, ROUTE_H_SLICE, x.stride(0),
-                                    proj_weight.stride(0), PDL=pdl)
+    if isinstance(N, int) and N == 1 and (route_gemv1() if gemv1 is None else gemv1):
+        splits = 1
+        part = torch.empty((1, 1, E), device=x.device, dtype=torch.float32)
+        ss = torch.empty((1, 1), device=x.device, dtype=torch.float32)
+        wrap(_route_gemv1_kernel)[(triton.cdiv(E, ROUTE_GEMV1_BLOCK_E),)](
+            x, scale, proj_weight, part, ss, H, E, proj_weight.stride(0), BLOCK_E=ROUTE_GEMV1_BLOCK_E,
+            BLOCK_H=ROUTE_GEMV1_BLOCK_H, STEPS=triton.cdiv(H, ROUTE_GEMV1_BLOCK_H), PDL=pdl, num_warps=4)
+    else:
+        splits = triton.cdiv(H, ROUTE_H_SLICE)
+        part = torch.empty((splits, N, E), device=x.device, dtype=torch.float32)
+        ss = torch.empty((splits, N), device=x.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_T"]), triton.cdiv(E, meta["BLOCK_E"]), splits)  # noqa: E731
+        wrap(_autotuned("route"))[grid](x, scale, proj_weight, part, ss, N, H, E, ROUTE_H_SLICE, x.stride(0),
+                                        proj_weight.stride(0), PDL=pdl)
     weights = torch.empty((N, top_k), device=x.device, dtype=torch.float32)
     idx = torch.empty((N, top_k), device=x.device, dtype=torch.int64)
     # one warp: its 2 * TOP_K + 2 reductions are shuffles, no barriers
