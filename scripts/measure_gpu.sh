@@ -238,6 +238,13 @@ e2b_slice)  # E2B's 2-layer slice exported in-process and run through the runner
   timeout 280 python -m scripts.bench_variants --variant e2b --stages slice --workdir /tmp/var \
       --json "$OUT/variants.json" 2>&1 | tail -4
   ;;
+route_ab)  # the 26B-A4B's decode routing logits through `_route_gemv1_kernel` (GEMMA4_ROUTE_GEMV1=1) or the slices
+  # kernel: bench_moe's `route` / `route_gemv1` rows at M = 1, then its 2-layer slice exported both ways side by side,
+  # decode timed alternately (scripts/export_ab.py; ~7 min)
+  timeout 150 python -m scripts.bench_moe --ms 1 --out "$OUT/moe_route_gemv1.json" 2>&1 | grep -E "route|FAIL" | tail -6
+  timeout 400 python -m scripts.export_ab --switch GEMMA4_ROUTE_GEMV1 --a 0 --b 1 --preset 26b-a4b --layers 2 \
+      --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/route_ab_26b_2l.json" 2>&1 | tail -12
+  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests
