@@ -245,6 +245,20 @@ route_ab)  # the 26B-A4B's decode routing logits through `_route_gemv1_kernel` (
   timeout 400 python -m scripts.export_ab --switch GEMMA4_ROUTE_GEMV1 --a 0 --b 1 --preset 26b-a4b --layers 2 \
       --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/route_ab_26b_2l.json" 2>&1 | tail -12
   ;;
+e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (their own caches), then each runtime
+  # stage alone; each into its own copy of variants.json (variants_e2b.json, variants_e4b.json; ~8 min)
+  for v in e2b e4b; do
+    cp scripts/measurements/variants.json "$OUT/variants_$v.json"
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v timeout 420 python -m scripts.bench_variants \
+        --variant $v --stages export --workdir /tmp/var_$v --json "$OUT/variants_$v.json" > "$OUT/${v}_export.log" 2>&1 &
+    sleep 1
+  done
+  wait
+  for v in e2b e4b; do
+    timeout 100 python -m scripts.bench_variants --variant $v --stages runtime --workdir /tmp/var_$v \
+        --json "$OUT/variants_$v.json" 2>&1 | tail -2
+  done
+  ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
   # layers (~3 min); then the attention and tiny-artifact cuda tests
