@@ -1,5 +1,6 @@
-"""scripts/ple_variants.py (the per-layer projection reading its row in place) without a GPU: its help, a clear refusal of a preset without per-layer inputs, and
-of a machine without CUDA (its measurement runs on the GPU machine: `bash scripts/measure_gpu.sh ple`)."""
+"""scripts/ple_variants.py (the per-layer projection reading its row in place) without a GPU: its help, a
+clear refusal of a preset without per-layer inputs, and of a machine without CUDA (its measurement runs on the
+GPU machine: `bash scripts/measure_gpu.sh ple_fold`)."""
 
 from __future__ import annotations
 
