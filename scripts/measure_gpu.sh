@@ -249,7 +249,8 @@ e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (thei
   # stage alone; each into its own copy of variants.json (variants_e2b.json, variants_e4b.json; ~8 min)
   for v in e2b e4b; do
     cp scripts/measurements/variants.json "$OUT/variants_$v.json"
-    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v timeout 420 python -m scripts.bench_variants \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$v TRITON_CACHE_DIR=/tmp/tri_$v TORCHINDUCTOR_COMPILE_THREADS=8 \
+    timeout 420 python -m scripts.bench_variants \
         --variant $v --stages export --workdir /tmp/var_$v --json "$OUT/variants_$v.json" > "$OUT/${v}_export.log" 2>&1 &
     sleep 1
   done
