@@ -30,6 +30,7 @@ import torch
 
 from export.gemma4.config import PRESETS
 from export.kernels import int4_matmul as im
+from scripts.bench_int4 import copy_gbps  # the int4 benchmark's measure (do_bench of a 2 GiB copy), for one figure
 
 
 def replay_us(g: torch.cuda.CUDAGraph, reps: int) -> float:
@@ -57,12 +58,6 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(g):
         fn()
     return g
-
-
-def copy_gbps(nbytes: int = 1 << 30) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / replay_us(capture(lambda: dst.copy_(src)), reps=20) / 1e3
 
 
 def kernels_per_replay(g: torch.cuda.CUDAGraph) -> int:
