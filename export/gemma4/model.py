@@ -249,7 +249,7 @@ def glu_linear(linear: nn.Module, gate: torch.Tensor, up: torch.Tensor,
     table's row in place)."""
     fused = getattr(linear, "forward_glu", None)
     if fused is not None:
-        return fused(gate, up) if index is None else fused(gate, up, index)
+        return fused(gate, up, index)
     if index is not None:
         up = up.index_select(-2, index).squeeze(-2)
     return linear(F.gelu(gate, approximate="tanh") * up)
