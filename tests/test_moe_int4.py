@@ -1,6 +1,7 @@
 """gemma4::moe_route and gemma4::moe_experts_int4: references vs the float model's Router and
 Experts, the Triton kernels through the interpreter (CPU) and on CUDA, shared memory of every config."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -67,10 +68,12 @@ def _float_router(router, x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_route_reference_is_the_router_math(dtype):
+    """In fp32 from the inputs' values whatever their dtype (as the CUDA kernels route): a bf16
+    router's logits are not rounded to bf16 first."""
     router = _router().to(dtype)
     x = torch.randn(7, H).to(dtype)
     w, idx = _route(router, x)
-    w_ref, idx_ref = _float_router(router, x)
+    w_ref, idx_ref = _float_router(copy.deepcopy(router).float(), x.float())
     assert w.dtype == torch.float32 and idx.dtype == torch.int64 and w.shape == (7, TOP_K)
     assert torch.equal(idx, idx_ref) and torch.equal(w, w_ref)
     assert torch.equal(router(x)[1], idx)  # the model's Router calls the op

@@ -119,12 +119,14 @@ def experts_int4_bytes(experts: int, n: int, k: int, group_size: int) -> int:
 
 def moe_route_reference(x: torch.Tensor, scale: torch.Tensor, proj_weight: torch.Tensor,
                         per_expert_scale: torch.Tensor, top_k: int, eps: float):
-    """Gemma 4's router in aten ops, op for op as transformers computes it (norm and scale in
-    x.dtype, the projection in x.dtype, softmax in fp32)."""
+    """Gemma 4's router in aten ops, in fp32 from x's values as the CUDA kernels compute it
+    (transformers' math; its bf16 model rounds the normed x and the logits to bf16, where a near
+    tie between the k-th and the next expert can then pick another expert than the kernels and
+    the fp32 model do: a CPU artifact and a CUDA one route alike)."""
     xf = x.float()
-    y = (xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)).type_as(x)
-    y = y * scale * x.shape[-1] ** -0.5
-    probs = F.softmax(F.linear(y, proj_weight), dim=-1, dtype=torch.float32)
+    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    y = y * scale.float() * x.shape[-1] ** -0.5
+    probs = F.softmax(F.linear(y, proj_weight.float()), dim=-1, dtype=torch.float32)
     w, idx = torch.topk(probs, top_k, dim=-1)
     w = w / w.sum(dim=-1, keepdim=True)
     return w * per_expert_scale[idx], idx
