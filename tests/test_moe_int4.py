@@ -107,6 +107,16 @@ def test_experts_reference_equals_per_token_loop():
     assert _rel(torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks), want) < 1e-5
 
 
+def test_decode_routing_takes_the_gemv_unless_switched_off(monkeypatch):
+    """The routing GEMV is the default for a decode token; GEMMA4_ROUTE_GEMV1=0 asks for the slices kernel."""
+    monkeypatch.delenv(mo.ROUTE_GEMV1_ENV, raising=False)
+    assert mo.route_gemv1()
+    monkeypatch.setenv(mo.ROUTE_GEMV1_ENV, "0")
+    assert not mo.route_gemv1()
+    monkeypatch.setenv(mo.ROUTE_GEMV1_ENV, "1")
+    assert mo.route_gemv1()
+
+
 def test_fake_shapes_and_shape_check():
     from torch._subclasses.fake_tensor import FakeTensorMode
     stacks, _ = _stacks()
