@@ -257,8 +257,25 @@ e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (thei
   wait
   for v in e2b e4b; do
     timeout 100 python -m scripts.bench_variants --variant $v --stages runtime --workdir /tmp/var_$v \
-        --json "$OUT/variants_$v.json" 2>&1 | tail -2
+        --json "$OUT/variants_$v.json" > "$OUT/${v}_runtime.log" 2>&1
+    echo "$v runtime rc=$?"; tail -3 "$OUT/${v}_runtime.log"
   done
+  ;;
+moe_whole)  # the 26B-A4B whole model (24 GB recipe): export, then its runtime alone; beside them its 2-layer slice's
+  # parity (own caches; ~7 min). Into variants_26b.json and variants_26b_slice.json: merge the records by hand
+  cp scripts/measurements/variants.json "$OUT/variants_26b.json"
+  cp scripts/measurements/variants.json "$OUT/variants_26b_slice.json"
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_slice TRITON_CACHE_DIR=/tmp/tri_slice TORCHINDUCTOR_COMPILE_THREADS=4 \
+  timeout 420 python -m scripts.bench_variants --variant 26b-a4b --stages slice --workdir /tmp/var_slice \
+      --json "$OUT/variants_26b_slice.json" > "$OUT/26b_slice.log" 2>&1 &
+  TORCHINDUCTOR_COMPILE_THREADS=12 timeout 380 python -m scripts.bench_variants --variant 26b-a4b --stages export \
+      --workdir /tmp/var_26b --json "$OUT/variants_26b.json" > "$OUT/26b_export.log" 2>&1
+  echo "export rc=$?"; tail -2 "$OUT/26b_export.log"
+  timeout 100 python -m scripts.bench_variants --variant 26b-a4b --stages runtime --workdir /tmp/var_26b \
+      --json "$OUT/variants_26b.json" > "$OUT/26b_runtime.log" 2>&1
+  echo "runtime rc=$?"; tail -3 "$OUT/26b_runtime.log"
+  wait
+  tail -3 "$OUT/26b_slice.log"
   ;;
 attn_skip)  # decode attention: the combine reading only its first chunk where the used shares fit it (today's
   # default, `pdl`) against reading every chunk (`noskip`) and 16 shares a KV head, the 31B's, E2B's and E4B's
@@ -281,5 +298,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole" >&2; exit 2 ;;
 esac
