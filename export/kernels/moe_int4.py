@@ -123,7 +123,7 @@ def moe_route_reference(x: torch.Tensor, scale: torch.Tensor, proj_weight: torch
     """Gemma 4's router in aten ops, in fp32 from x's values as the CUDA kernels compute it
     (transformers' math; its bf16 model rounds the normed x and the logits to bf16, where a near
     tie between the k-th and the next expert can then pick another expert than the kernels and
-    the fp32 model do: a CPU artifact and a CUDA one route alike)."""
+    the fp32 model do; from the same x a CPU artifact and a CUDA one route alike)."""
     xf = x.float()
     y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     y = y * scale.float() * x.shape[-1] ** -0.5
