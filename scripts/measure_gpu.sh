@@ -245,18 +245,6 @@ route_ab)  # the 26B-A4B's decode routing logits through `_route_gemv1_kernel` (
   timeout 400 python -m scripts.export_ab --switch GEMMA4_ROUTE_GEMV1 --a 0 --b 1 --preset 26b-a4b --layers 2 \
       --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/route_ab_26b_2l.json" 2>&1 | tail -12
   ;;
-carry_ab)  # each layer's end (its last residual add, norm and scalar) in the next layer's first kernel (the chain
-  # carrying (h, r), GEMMA4_CARRY_PAIR=1) or in a kernel of its own (0): the int4 ops' residual cuda tests (the layer
-  # scalar too), then the 31B 12-layer slice exported both ways side by side, decode timed alternately (~7 min)
-  timeout 170 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k residual 2>&1 | tail -3
-  timeout 400 python -m scripts.export_ab --switch GEMMA4_CARRY_PAIR --a 0 --b 1 --preset 31b --layers 12 \
-      --ctx 131072 --fills 1024,32768 --workdir /tmp/ab --json "$OUT/carry_ab_31b.json" 2>&1 | tail -14
-  ;;
-carry_ab_small)  # the same A/B on E2B's 6-layer slice (4 sliding, full, sliding), ctx 8192 (~6 min: its two
-  # exports take ~225 s side by side)
-  timeout 560 python -m scripts.export_ab --switch GEMMA4_CARRY_PAIR --a 0 --b 1 --preset e2b --layers 6 \
-      --ctx 8192 --fills 1024 --rounds 2 --workdir /tmp/ab_e2b --json "$OUT/carry_ab_e2b.json" 2>&1 | tail -12
-  ;;
 e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (their own caches), then each runtime
   # stage alone; each into its own copy of variants.json (variants_e2b.json, variants_e4b.json; ~8 min)
   for v in e2b e4b; do
@@ -310,5 +298,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|carry_ab|carry_ab_small" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole" >&2; exit 2 ;;
 esac

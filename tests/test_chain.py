@@ -18,7 +18,7 @@ import torch
 
 from export.chain import WHOLE, Chain, Step, advance, run_units
 from export.gemma4.config import PRESETS, _pattern
-from export.gemma4.model import EmbedUnit, Gemma4Model, HeadUnit, LayerUnit, carry_pair
+from export.gemma4.model import EmbedUnit, Gemma4Model, HeadUnit, LayerUnit
 from tests.helpers import randomize_, tiny_31b_like
 
 LAYERS = 8  # 5 sliding, full, sliding, full (the last layer is full): two layer units
@@ -56,7 +56,7 @@ def test_chain_names_its_programs_and_checks_its_units():
 
 def test_31b_like_model_splits_into_one_unit_per_layer_kind():
     model = Gemma4Model(config(14), ctx=64, prefill_chunk=8)
-    chain = model.chain(pair=False)
+    chain = model.chain()
     assert list(chain.units) == ["embed", "layer0", "layer5", "head"]
     assert isinstance(chain.units["embed"], EmbedUnit) and isinstance(chain.units["head"], HeadUnit)
     kinds = ["layer0" if model.cfg.is_sliding(i) else "layer5" for i in range(14)]
@@ -68,35 +68,12 @@ def test_31b_like_model_splits_into_one_unit_per_layer_kind():
     assert unit.get_parameter("layers.5.mlp.down_proj.weight") is model.layers[5].mlp.down_proj.weight
 
 
-def test_a_chain_carrying_pairs_takes_each_layers_end_into_the_next_unit():
-    """pair: every layer after the first reads the layer before's end norm and scalar as `prev.`, so
-    the first layer (no layer before it) runs code of its own; the head reads the last layer's."""
-    model = Gemma4Model(config(14), ctx=64, prefill_chunk=8)
-    chain = model.chain(pair=True)
-    assert list(chain.units) == ["embed", "layer0", "layer1", "layer5", "head"]
-    kinds = ["layer1" if model.cfg.is_sliding(i) else "layer5" for i in range(14)]
-    assert [s.unit for s in chain.steps] == ["embed", "layer0"] + kinds[1:] + ["head"]
-    assert chain.steps[12].rename == (("layers.5.", "layers.11."), ("prev.", "layers.10."))
-    assert chain.steps[-1].rename == (("prev.", "layers.13."),)
-    assert chain.steps[12].model_key("prev.post_feedforward_layernorm.weight") == (
-        "layers.10.post_feedforward_layernorm.weight")
-    unit = chain.units["layer5"]
-    assert unit.get_buffer("prev.layer_scalar") is model.layers[4].layer_scalar
-    assert unit.get_parameter("prev.post_feedforward_layernorm.weight") is (
-        model.layers[4].post_feedforward_layernorm.weight)
-    assert not hasattr(chain.units["layer0"], "prev")
-    # with per-layer inputs the end is the per-layer input's norm
-    e2b = Gemma4Model(e2b_like(), ctx=32, prefill_chunk=4).chain(pair=True)
-    assert e2b.steps[-1].model_key("prev.post_per_layer_input_norm.weight") == (
-        "layers.9.post_per_layer_input_norm.weight")
-
-
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_tiny_presets_split_into_a_unit_per_layer_role(preset):
     """4 layers: a sliding source whose ring layer 2 reads, a full source layer 3 reads: four
     roles, four units; the readers' steps map `kv_source.` to their source's cache."""
     model = Gemma4Model(PRESETS[preset], ctx=32, prefill_chunk=4)
-    chain = model.chain(pair=False)
+    chain = model.chain()
     assert list(chain.units) == ["embed", "layer0", "layer1", "layer2", "layer3", "head"]
     assert chain.steps[3].rename == (("layers.2.", "layers.2."), ("kv_source.", "layers.0.self_attn.kv_cache."))
     assert chain.steps[4].rename[1] == ("kv_source.", "layers.1.self_attn.kv_cache.")
@@ -115,7 +92,7 @@ def e2b_like(preset: str = "tiny"):
 
 
 def test_shared_kv_layers_of_one_role_share_a_unit():
-    chain = Gemma4Model(e2b_like(), ctx=32, prefill_chunk=4).chain(pair=False)
+    chain = Gemma4Model(e2b_like(), ctx=32, prefill_chunk=4).chain()
     assert list(chain.units) == ["embed", "layer0", "layer3", "layer4", "layer5", "layer8", "layer9", "head"]
     assert [s.unit for s in chain.steps[1:-1]] == ["layer0"] * 3 + ["layer3", "layer4"] + ["layer5"] * 3 + [
         "layer8", "layer9"]
@@ -129,24 +106,20 @@ def moe_config():
                    num_kv_shared_layers=0, hidden_size_per_layer_input=0, use_double_wide_mlp=False)
 
 
-@pytest.mark.parametrize("pair", [False, True], ids=["x", "pair"])
 @pytest.mark.parametrize("kv_dtype,moe", [(None, False), ("int8", False), (None, True)])
 @torch.no_grad()
-def test_units_in_chain_order_give_the_models_logits(kv_dtype, moe, pair):
+def test_units_in_chain_order_give_the_models_logits(kv_dtype, moe):
     """Each layer as its own LayerUnit (the code a compiled unit runs), prefill chunks past the
-    sliding window and decode steps: bitwise the whole forward's logits, whether the carry is x or
-    each layer's pair (h, r) with its end in the next unit."""
+    sliding window and decode steps: bitwise the whole forward's logits."""
     cfg = moe_config() if moe else config()
-    assert list(Gemma4Model(cfg, ctx=64, prefill_chunk=12).chain(pair=False).units) == [
-        "embed", "layer0", "layer5", "head"]
+    assert list(Gemma4Model(cfg, ctx=64, prefill_chunk=12).chain().units) == ["embed", "layer0", "layer5", "head"]
     whole = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=12, kv_dtype=kv_dtype), seed=1).eval()
     parts = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=12, kv_dtype=kv_dtype), seed=1).eval()
-    _assert_units_give_the_whole_logits(cfg, whole, parts, pair)
+    _assert_units_give_the_whole_logits(cfg, whole, parts)
 
 
-def _assert_units_give_the_whole_logits(cfg, whole, parts, pair=False):
-    units = ([EmbedUnit(parts, pair)] + [LayerUnit(parts, i, pair) for i in range(cfg.num_hidden_layers)]
-             + [HeadUnit(parts, pair)])
+def _assert_units_give_the_whole_logits(cfg, whole, parts):
+    units = [EmbedUnit(parts)] + [LayerUnit(parts, i) for i in range(cfg.num_hidden_layers)] + [HeadUnit(parts)]
     ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     pos = 0
     for n in (12, 12, 5, 1, 1, 1):  # 3 chunks (the ring wraps: window 8), then decode
@@ -155,15 +128,14 @@ def _assert_units_give_the_whole_logits(cfg, whole, parts, pair=False):
         pos += n
 
 
-@pytest.mark.parametrize("pair", [False, True], ids=["x", "pair"])
 @pytest.mark.parametrize("cfg", [PRESETS["tiny"], PRESETS["tiny-moe"], e2b_like()], ids=["tiny", "tiny-moe", "e2b"])
 @torch.no_grad()
-def test_units_with_per_layer_inputs_and_shared_kv_give_the_models_logits(cfg, pair):
+def test_units_with_per_layer_inputs_and_shared_kv_give_the_models_logits(cfg):
     """Per-layer embeddings in the carry, KV-shared readers of a ring through its chunk
     buffers (prefill) or the ring itself (decode): bitwise the whole forward."""
     whole = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=12), seed=1).eval()
     parts = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=12), seed=1).eval()
-    _assert_units_give_the_whole_logits(cfg, whole, parts, pair)
+    _assert_units_give_the_whole_logits(cfg, whole, parts)
     for a, b in zip(whole.caches(), parts.caches()):  # the rings and caches end up the same too
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
 
@@ -215,25 +187,17 @@ def _logits(out, ids: list[int]) -> list[torch.Tensor]:
 
 
 def test_artifact_steps_bind_each_layers_own_tensors(chain_artifact):
-    """Each step binds its layer's own tensors; carrying pairs (the default), a layer's unit also binds the
-    layer before's end (its norm and scalar: the first layer has its own unit) and the head the last's."""
-    meta, pair = chain_artifact.metadata, carry_pair()
+    meta = chain_artifact.metadata
     for method in ("prefill", "decode"):
         steps = meta["methods"][method]["steps"]
-        kinds = [0, 1, 1, 1, 1, 5, 1, 5] if pair else [0, 0, 0, 0, 0, 5, 0, 5]
+        kinds = [0, 0, 0, 0, 0, 5, 0, 5]
         assert [s["program"] for s in steps] == ([f"{method}_embed"] + [f"{method}_layer{k}" for k in kinds]
                                                  + [f"{method}_head"])
-        assert steps[0]["inputs"] == [0]  # the embedding reads no position
-        assert steps[1]["inputs"] == ([0, 2] if pair else [0, 1])  # the first layer reads x (not r) and pos
+        assert steps[0]["inputs"] == [0] and steps[1]["inputs"] == [0, 1]  # the embedding reads no position
         for i, step in enumerate(steps[1:-1]):
             keys = {k for k in step["constants"].values() if k.startswith("layers.")}
-            end = {f"layers.{i - 1}.post_feedforward_layernorm.weight", f"layers.{i - 1}.layer_scalar"}
-            own = {k for k in keys if k.startswith(f"layers.{i}.")}
-            assert own and keys - own == (end if pair and i > 0 else set()), (i, sorted(keys - own))
-            # a per-layer scalar is bound, not baked into the code: by its own step, or carrying pairs the next
-            assert (f"layers.{i}.layer_scalar" in keys) != pair
-        head = set(steps[-1]["constants"].values())
-        assert ({"layers.7.layer_scalar", "layers.7.post_feedforward_layernorm.weight"} <= head) == pair
+            assert keys and all(k.startswith(f"layers.{i}.") for k in keys), (i, sorted(keys)[:3])
+            assert f"layers.{i}.layer_scalar" in keys  # a per-layer scalar is bound, not baked into the code
 
 
 def _assert_matches_eager(out, model):
@@ -255,17 +219,13 @@ def test_artifact_chain_matches_its_eager_model(chain_artifact):
 @torch.no_grad()
 def test_tiny_artifact_runs_as_a_chain_with_per_layer_inputs_and_shared_kv(tiny_artifact):
     """`tiny` (per-layer embeddings, KV shared across layers; int4, fp32) as a chain: the carry
-    is (x[, r], per-layer inputs), the shared layers bind their source's cache (and, in prefill, the
+    is (x, per-layer inputs), the shared layers bind their source's cache (and, in prefill, the
     ring's chunk buffers); through the runner within 1e-4 of its eager model."""
     for method in ("prefill", "decode"):
         steps = tiny_artifact.metadata["methods"][method]["steps"]
         assert [s["program"] for s in steps] == [f"{method}_{u}" for u in
                                                  ("embed", "layer0", "layer1", "layer2", "layer3", "head")]
-        if carry_pair():  # (x, r, ple, pos): the first layer reads x alone, the others the pair; the head the pair
-            # (in the order the lowered program takes them)
-            assert [sorted(s["inputs"]) for s in steps[1:]] == [[0, 2, 3]] + [[0, 1, 2, 3]] * 3 + [[0, 1]]
-        else:  # (x, ple, pos); the head reads x
-            assert [s["inputs"] for s in steps[1:]] == [[0, 1, 2]] * 4 + [[0]]
+        assert [s["inputs"] for s in steps[1:]] == [[0, 1, 2]] * 4 + [[0]]  # (x, ple, pos); the head reads x
         kv = {k for s in steps for k in s["constants"].values() if ".kv_cache." in k}
         reads = {k for k in steps[3]["constants"].values() if ".kv_cache." in k}
         assert reads and all(k.startswith("layers.0.self_attn.kv_cache.") for k in reads)
@@ -323,8 +283,6 @@ def test_e2b_e4b_split_into_six_layer_units(name, units):
     last (writing the ring); shared full layers. On the meta device: no bytes."""
     with torch.device("meta"):
         model = Gemma4Model(PRESETS[name], ctx=4096, prefill_chunk=128, dtype=torch.bfloat16)
-    chain = model.chain(pair=False)
+    chain = model.chain()
     assert list(chain.units) == ["embed", *units, "head"]
-    # carrying pairs, the first layer runs code of its own (no layer end before it)
-    assert list(model.chain(pair=True).units) == ["embed", units[0], "layer1", *units[1:], "head"]
     assert len(chain.steps) == PRESETS[name].num_hidden_layers + 2

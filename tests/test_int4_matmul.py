@@ -465,16 +465,6 @@ _NORM_SCRIPT = textwrap.dedent("""
             d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
             e = ((fused.double() - ref).norm() / ref.norm()).item()
             print("res", N, K, splits, dh, d, e)
-            # and times a layer's scalar (a layer's last residual add, taken by the next layer's first kernel)
-            sc = torch.tensor([0.625])
-            hs_ref = h_ref * sc
-            fused = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=True, levels=levels, norm=(w, 1e-6),
-                                  res=(r, wr, h), res_scale=sc)
-            normed = im.rms_norm_reference(hs_ref, w, 1e-6)
-            ref = normed.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
-            dh = ((h - hs_ref).norm() / hs_ref.norm()).item()
-            e = ((fused.double() - ref).norm() / ref.norm()).item()
-            print("ress", N, K, splits, dh, e)
         # bf16 x: the residual add alone, in the small weights' GEMV (the op `int4_add_linear` at M == 1)
         for N, K, cfg in [(40, 512, im._cfg1(8, 2, 4)), (24, 2560, im._cfg1(4, 8, 4))]:
             qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
@@ -490,17 +480,6 @@ _NORM_SCRIPT = textwrap.dedent("""
             d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
             e = ((fused.double() - ref).norm() / ref.norm()).item()
             print("resb", N, K, dh, d, e)
-            # the add, the scalar and the next norm in the GEMV (`int4_add_rms_linear` on a small weight)
-            w, sc = (torch.rand(K) + 0.5).bfloat16(), torch.tensor([0.625]).bfloat16()
-            hs_ref = (x + im.rms_norm_reference(r, wr, 1e-6)) * sc
-            h = torch.full_like(x, float("nan"))
-            fused = im.int4_gemv1(x, qweight, scales, 1, kernel=kern, xq=False, norm=(w, 1e-6), res=(r, wr, h, 1e-6),
-                                  res_scale=sc)
-            normed = im.rms_norm_reference(hs_ref, w, 1e-6)
-            ref = normed.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
-            dh = ((h.double() - hs_ref.double()).norm() / hs_ref.double().norm()).item()
-            e = ((fused.double() - ref).norm() / ref.norm()).item()
-            print("resn", N, K, dh, e)
 """)
 
 
@@ -510,16 +489,9 @@ def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
     computed first (to an ulp of its factor: the sum of squares runs in another order), within 1e-2 of
     fp64; so does the quantize kernel's residual add before the norm (`int4_add_rms_linear`), whose h
     (written over NaNs) is the add computed first, and the bf16-x GEMV's residual add alone
-    (`int4_add_linear`), its h within bf16 roundings of the add computed first; and both residual adds
-    times a layer's scalar with the norm after them (`int4_add_rms_linear`'s scale: a layer's end taken
-    by the next layer's first kernel, through the quantize kernel or the bf16-x GEMV)."""
-    rows, res, resb, ress, resn = _script_rows(_NORM_SCRIPT, "norm", "res", "resb", "ress", "resn")
-    assert len(rows) == 4 and len(res) == 2 and len(resb) == 2 and len(ress) == 2 and len(resn) == 2, (
-        rows, res, resb, ress, resn)
-    for n, k, splits, dh, e in ress:  # the residual add times a scalar, then the norm (quantize kernel)
-        assert float(dh) <= 1e-6 and float(e) <= 1e-2, (n, k, splits, dh, e)
-    for n, k, dh, e in resn:  # the same in the bf16-x GEMV: h within bf16 roundings
-        assert float(dh) <= 4e-3 and float(e) <= 1e-2, (n, k, dh, e)
+    (`int4_add_linear`), its h within bf16 roundings of the add computed first."""
+    rows, res, resb = _script_rows(_NORM_SCRIPT, "norm", "res", "resb")
+    assert len(rows) == 4 and len(res) == 2 and len(resb) == 2, (rows, res, resb)
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
     for n, k, splits, dh, d, e in res:  # with the residual add (h too)
@@ -544,13 +516,6 @@ def test_residual_norm_op_on_cpu_is_the_reference_and_checks_shapes():
     assert torch.equal(y, torch.ops.gemma4.int4_linear(pre(x + post(r)), qweight, scales))
     with pytest.raises(ValueError, match="int4_add_rms_linear"):
         torch.ops.gemma4.int4_add_rms_linear(x, r[..., :128], wr, w, 1e-6, qweight, scales)
-    # with a layer's scalar: h = (x + post(r)) * scalar, each step in bf16 as the model's ops
-    scalar = torch.tensor([0.8]).bfloat16()
-    h, y = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales, scalar)
-    assert torch.equal(h, (x + post(r)) * scalar)
-    assert torch.equal(y, torch.ops.gemma4.int4_linear(pre((x + post(r)) * scalar), qweight, scales))
-    with pytest.raises(ValueError, match="not one element"):
-        torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales, scalar.repeat(2))
 
 
 _RES_COMPILE_SCRIPT = textwrap.dedent("""
@@ -562,16 +527,13 @@ _RES_COMPILE_SCRIPT = textwrap.dedent("""
     sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
            "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
            "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
-           "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16", "hs_ptr": "*bf16"}
-    # E2B / E4B per-layer-input gates (the add alone); E2B's q / k / v and q (the layer before's end, its
-    # scalar and the input norm: `int4_add_rms_linear` with a scale on a small weight)
-    for n, k, norm in ((256, 1536, 0), (256, 2560, 0), (2560, 1536, 1), (2048, 1536, 1)):
+           "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16"}
+    for n, k in ((256, 1536), (256, 2560)):  # E2B / E4B per-layer-input gates
         plan = im.gemv1_plan(n, k, G)
-        assert not plan.xq
         for arch in (89, 90, 120):
             const = {"GROUP": G, **plan.cfg.kwargs, "RED": 0, "XQ": plan.xq, "ASM": True,
-                     "PDL": 2 if arch >= 90 else 0, "LEVELS": 2, "GLU": 0, "NORM": norm,
-                     "NORM_STEPS": im.norm_steps(k // 2), "RES": 1, "SCALED": norm}
+                     "PDL": 2 if arch >= 90 else 0, "LEVELS": 2, "GLU": 0, "NORM": 0,
+                     "NORM_STEPS": im.norm_steps(k // 2), "RES": 1}
             src = ASTSource(im._int4_gemv1_kernel, {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
                             constexprs=const)
             kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
@@ -583,7 +545,7 @@ def test_residual_gemv_compiles_for_the_consumer_cards_and_the_h200():
     """The small weights' GEMV with the residual add (RES, as `int4_add_linear` launches it: bf16 x, eps typed
     fp64 as AOTInductor passes a float) compiled by Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU."""
     rows = _script_rows(_RES_COMPILE_SCRIPT, "res")
-    assert len(rows) == 12 and all(int(shared) <= im.SMEM_LIMIT_BYTES for *_, shared in rows), rows
+    assert len(rows) == 6 and all(int(shared) <= im.SMEM_LIMIT_BYTES for *_, shared in rows), rows
 
 
 def test_residual_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -787,24 +749,20 @@ def test_cuda_norm_op_is_the_linear_of_the_norm(m, n, k):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("scaled", [False, True], ids=["add", "add_scalar"])
 @pytest.mark.parametrize("m", [1, 5])
-# 31B, E2B and 26B-A4B gate / up (x as int8 levels: the quantize kernel's residual add and norms); 31B and
-# E2B q / k / v (the layer before's end and scalar: levels, and bf16 x in the small weight's GEMV)
-@pytest.mark.parametrize("n,k", [(43008, 5376), (12288, 1536), (4224, 2816), (16384, 5376), (2560, 1536)])
-def test_cuda_residual_norm_op_is_the_add_and_the_linear_of_the_norm(m, n, k, scaled):
-    """`int4_add_rms_linear` on the GPU (M == 1: the residual add (times a layer's scalar) and both norms in
-    the kernel that reads x; M > 1: aten, then the int4 path): h against the add computed first (to an ulp
-    of the norm's factor), y against the norm of that h fed to `int4_linear` and against fp32, on fresh
-    random inputs."""
+# 31B, E2B and 26B-A4B gate / up (x as int8 levels: the quantize kernel's residual add and norms)
+@pytest.mark.parametrize("n,k", [(43008, 5376), (12288, 1536), (4224, 2816)])
+def test_cuda_residual_norm_op_is_the_add_and_the_linear_of_the_norm(m, n, k):
+    """`int4_add_rms_linear` on the GPU (M == 1: the residual add and both norms in the quantize kernel;
+    M > 1: aten, then the int4 path): h against the add computed first (to an ulp of the norm's factor),
+    y against the norm of that h fed to `int4_linear` and against fp32, on fresh random inputs."""
     torch.manual_seed(n + m)
     qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 32)
     x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 3
     r = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 9
     wr, w = (torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
-    scalar = torch.tensor([0.7], device="cuda", dtype=torch.bfloat16) if scaled else None
-    h, y = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales, scalar)
-    h_ref = im.residual_reference(x, r, wr, 1e-6, scalar)
+    h, y = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, qweight, scales)
+    h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
     assert ((h.float() - h_ref.float()).norm() / h_ref.float().norm()).item() <= 1e-3
     _matches_the_unfused_op(y, im.rms_norm_reference(h_ref, w, 1e-6), qweight, scales)
 

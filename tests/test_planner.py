@@ -14,7 +14,6 @@ import pytest
 
 from export.gemma4 import planner as P
 from export.gemma4.config import PRESETS
-from export.gemma4.model import carry_pair
 
 GiB = 1024**3
 V = 262144  # every real config
@@ -560,16 +559,14 @@ def test_larger_chunk_costs_its_scratch_and_activations_not_its_rings():
     acts = lambda p: sum(i.bytes for i in p.runtime_gpu.items if i.name.startswith("activations"))  # noqa: E731
     # widest moment at 1024: a full layer's attention buffers (q, k, v, out + rotated q, out), kept
     # into its MLP, and the joined gate/up's mm: its weight in bf16 and its output [T, 2 x 21504],
-    # which is the MLP's gate and up (not counted again); hidden states carried (with the layer before's
-    # pair: one more [T, H])
+    # which is the MLP's gate and up (not counted again); hidden states carried
     attention = 1024 * (2 * 32 * 512 + 2 * 4 * 512) * 2 + 1024 * 2 * 32 * 512 * 2
-    hidden = 5376 * (8 + (2 if carry_pair() else 0))
-    assert acts(big) == 1024 * hidden + attention + 2 * 21504 * 5376 * 2 + 1024 * 2 * 21504 * 2
+    assert acts(big) == 1024 * 5376 * 8 + attention + 2 * 21504 * 5376 * 2 + 1024 * 2 * 21504 * 2
     # below DEQUANT_MIN_M the int4 GEMM reads nibbles: the MLP holds its three widths, no scratch;
     # a sliding layer is the widest there (its chunk's window is written through ring-sized K, V)
     sliding = sum(P.attention_block(small.inputs, 0, 128).values())
     assert sliding > attention // 8
-    assert acts(small) == 128 * hidden + sliding + 128 * 3 * 21504 * 2
+    assert acts(small) == 128 * 5376 * 8 + sliding + 128 * 3 * 21504 * 2
     reserve = item(big.runtime_gpu.items, "allocator reserve")  # none at 128: no weight dequantized
     assert reserve > 0 and item(small.runtime_gpu.items, "allocator reserve") == 0
     assert big.runtime_gpu.total_bytes - small.runtime_gpu.total_bytes == acts(big) - acts(small) + reserve

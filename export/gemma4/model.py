@@ -17,8 +17,6 @@ to an identity key map.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,23 +171,6 @@ def project(module: nn.Module, x: torch.Tensor, joined: str, norm: nn.Module | N
     return list(ys[0].split(fused.split_sizes, dim=-1)) if fused is not None else ys
 
 
-def project_after(module: nn.Module, pair: tuple[torch.Tensor, torch.Tensor], prev: "LayerEnd", joined: str,
-                  norm: nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(x, project(module, x, joined, norm)) with x = prev(*pair), the layer before's last residual add and
-    scalar. A packed int4 linear (one, or the joined one) takes that add into its op as well
-    (quant.PackedInt4Linear.forward_add_rms with the scalar: at decode the kernel that reads x computes the
-    add, the scalar and both norms and writes x), so a layer's end takes no launch of its own."""
-    h, r = pair
-    fused = getattr(module, joined, None)
-    linears = [fused] if fused is not None else [getattr(module, n) for n in module.JOINABLE[joined] if hasattr(module, n)]
-    with_add = getattr(linears[0], "forward_add_rms", None) if len(linears) == 1 else None
-    if with_add is not None and norm.weight is not None and prev.norm.eps == norm.eps:
-        x, y = with_add(h, r, prev.norm.weight, norm.weight, norm.eps, prev.layer_scalar)
-        return x, (list(y.split(fused.split_sizes, dim=-1)) if fused is not None else [y])
-    x = prev(h, r)
-    return x, project(module, x, joined, norm)
-
-
 class Attention(nn.Module):
     JOINABLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}  # linears of one input (see `project`)
 
@@ -216,20 +197,15 @@ class Attention(nn.Module):
                                     chunk_slots=chunk_slots)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None, norm: nn.Module | None = None,
-                prev: "LayerEnd | None" = None):
-        """-> (out, fresh, x): attention of norm(x) (of x without a norm). For a sliding layer's prefill
+    def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None, norm: nn.Module | None = None):
+        """-> (out, fresh): attention of norm(x) (of x without a norm). For a sliding layer's prefill
         chunk, `fresh` is the chunk's own K/V (1, Hkv, T, D) each, attended here beside the ring; the
         model writes them into the ring afterwards (a KV-shared layer gets its source layer's).
-        Otherwise None (written already). With `prev` (and a norm), x is the layer before's pair (h, r)
-        and the input prev(h, r) (`project_after`), returned as the third output (x itself without)."""
-        if prev is not None:
-            x, rows = project_after(self, x, prev, "qkv_proj", norm)  # q[, k[, v]]
-        else:
-            rows = project(self, x, "qkv_proj", norm)
+        Otherwise None (written already)."""
         B, T, _ = x.shape
         D = self.head_dim
         chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
+        rows = project(self, x, "qkv_proj", norm)  # q[, k[, v]]
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
             raw_k = rows[1].view(B, T, -1, D)
@@ -251,7 +227,7 @@ class Attention(nn.Module):
         if cache.quant:
             out = hadamard_rotate(out)
         out = out.reshape(B, T, self.n_heads * D)
-        return self.o_proj(out), fresh, x
+        return self.o_proj(out), fresh
 
 
 def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor,
@@ -378,27 +354,10 @@ class DecoderLayer(nn.Module):
             # init_buffers), so one compiled layer reads every layer's slice
             self.register_buffer("ple_index", torch.tensor([i]), persistent=False)
 
-    @property
-    def end_norm(self) -> RMSNorm:
-        """The norm of the layer's last residual add (`end`)."""
-        return self.post_per_layer_input_norm if self.ple else self.post_feedforward_layernorm
-
-    def end(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """The layer's output from `body`'s pair: (h + end_norm(r)) * layer_scalar."""
-        return (h + self.end_norm(r)) * self.layer_scalar
-
     def forward(self, x, cos, sin, positions, cache, ple, fresh=None):
         """-> (x, fresh): see Attention.forward. ple: every layer's per-layer inputs (1, T, layers, P), this
         layer's at `ple_index` (None without them)."""
-        (h, r), fresh = self.body(x, cos, sin, positions, cache, ple, fresh)
-        return self.end(h, r), fresh
-
-    def body(self, x, cos, sin, positions, cache, ple, fresh=None, prev: "LayerEnd | None" = None):
-        """-> ((h, r), fresh): the layer up to its last residual add, its output being `end(h, r)`. With
-        `prev`, x is the layer before's pair and its output prev(*x) is this layer's input (computed by the
-        first projection's op, `project_after`): a chain of units that carries the pair (`Gemma4Model.chain`)
-        takes each layer's end into the next layer's first kernel."""
-        attn, fresh, x = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm, prev=prev)
+        attn, fresh = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm)
         h, out = self.mlp.after_residual(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
             flat = h.reshape(-1, h.shape[-1])
@@ -407,28 +366,11 @@ class DecoderLayer(nn.Module):
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
         if self.ple:  # the residual add and the per-layer-input gate after it
             h, gate = add_linear(self.per_layer_input_gate, h, out, self.post_feedforward_layernorm)
-            out = glu_linear(self.per_layer_projection, gate, ple, self.ple_index)
-        return (h, out), fresh
-
-
-class LayerEnd(nn.Module):
-    """A layer's last residual add, x = (h + norm(r)) * layer_scalar (`DecoderLayer.end`), holding that
-    layer's norm and scalar under their names in the layer (the next layer's unit, or the head, has it as
-    `prev`, read as `layers.{i}.`). Built from the layer as it stands (the chain is made after the model's
-    placement)."""
-
-    def __init__(self, layer: DecoderLayer):
-        super().__init__()
-        self.norm_name = "post_per_layer_input_norm" if layer.ple else "post_feedforward_layernorm"
-        setattr(self, self.norm_name, layer.end_norm)
-        self.register_buffer("layer_scalar", layer.layer_scalar)
-
-    @property
-    def norm(self) -> RMSNorm:
-        return getattr(self, self.norm_name)
-
-    def forward(self, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return (h + self.norm(r)) * self.layer_scalar
+            p = glu_linear(self.per_layer_projection, gate, ple, self.ple_index)
+            h = h + self.post_per_layer_input_norm(p)
+        else:
+            h = h + self.post_feedforward_layernorm(out)
+        return h * self.layer_scalar, fresh
 
 
 class Gemma4Model(nn.Module):
@@ -537,38 +479,28 @@ class Gemma4Model(nn.Module):
                 caches[i].write_window(positions, *fresh.pop(src))
         return head_logits(self.norm, self.lm_head, cfg.final_logit_softcapping, x)
 
-    def chain(self, pair: bool | None = None) -> Chain:
+    def chain(self) -> Chain:
         """The model as compiled units (export/chain.py): the embedding, one unit per distinct
-        layer (same kind, role and tensor shapes and dtypes: the 31B's 60 layers are 3 units, the
-        first layer apart) and the head. A KV-shared layer's unit reads its source's cache under
-        `kv_source.`, renamed per step.
-
-        pair (default `carry_pair()`): the carry between layers is a layer's pair (h, r), its output
-        being (h + norm(r)) * scalar (`DecoderLayer.body`), and each later unit (a layer's, the head's)
-        computes the layer before's end in its first op, with that layer's tensors as `prev.` (renamed
-        per step): one launch less a layer at decode. The embedding then returns (x, zeros) for the
-        first layer, which reads x alone. Without: the carry is x. With per-layer embeddings they
-        follow, (x[, r], per-layer inputs)."""
+        layer (same kind, role and tensor shapes and dtypes: the 31B's 60 layers are 2 units)
+        and the head. With per-layer embeddings the carry is (x, per-layer inputs); a KV-shared
+        layer's unit reads its source's cache under `kv_source.`, renamed per step."""
         cfg = self.cfg
-        pair = carry_pair() if pair is None else pair
-        units: dict[str, nn.Module] = {"embed": EmbedUnit(self, pair)}
+        units: dict[str, nn.Module] = {"embed": EmbedUnit(self)}
         steps = [Step("embed")]
         seen: dict[tuple, int] = {}
         for i in range(cfg.num_hidden_layers):
-            rep = seen.setdefault(self._layer_signature(i, pair), i)
+            rep = seen.setdefault(self._layer_signature(i), i)
             if rep == i:
-                units[f"layer{i}"] = LayerUnit(self, i, pair)
+                units[f"layer{i}"] = LayerUnit(self, i)
             rename = ((f"layers.{rep}.", f"layers.{i}."),)
             if cfg.is_kv_shared(i):
                 rename += ((LayerUnit.SOURCE + ".", f"layers.{cfg.kv_source_layer(i)}.self_attn.kv_cache."),)
-            if pair and i > 0:
-                rename += ((PREV + ".", f"layers.{i - 1}."),)
             steps.append(Step(f"layer{rep}", rename))
-        units["head"] = HeadUnit(self, pair)
-        steps.append(Step("head", ((PREV + ".", f"layers.{cfg.num_hidden_layers - 1}."),) if pair else ()))
+        units["head"] = HeadUnit(self)
+        steps.append(Step("head"))
         return Chain(units, tuple(steps))
 
-    def _layer_signature(self, i: int, pair: bool = False) -> tuple:
+    def _layer_signature(self, i: int) -> tuple:
         """Layers with equal signatures run the same compiled code on their own tensors: same
         kind, structure, tensor shapes and dtypes, and role towards a shared ring (its source
         passing a chunk on, a reader, the last reader writing the ring). A full cache is written
@@ -578,10 +510,7 @@ class Gemma4Model(nn.Module):
         tensors = [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False),
                    *(("cache." + n, t) for n, t in cache.named_buffers())]
         role = (self.passes_chunk(i), cfg.is_kv_shared(i), cfg.is_sliding(i) and self.last_reader(i) == i)
-        if pair and i > 0:  # it takes the layer before's end (`LayerEnd`): the first layer runs code of its own
-            tensors += [(PREV + "." + n, t) for n, t in LayerEnd(self.layers[i - 1]).named_buffers()]
-            tensors += [(PREV + "." + n, t) for n, t in LayerEnd(self.layers[i - 1]).named_parameters()]
-        return (cfg.is_sliding(i), role, pair and i > 0, tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+        return (cfg.is_sliding(i), role, tuple((n, type(m).__name__) for n, m in layer.named_modules()),
                 tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
 
 
@@ -597,19 +526,9 @@ def per_layer_inputs(m: nn.Module, tokens: torch.Tensor, x: torch.Tensor) -> tor
     return (proj + ident) * 2.0**-0.5
 
 
-def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x,
-                prev: LayerEnd | None = None) -> torch.Tensor:
-    """fp32 logits (1, vocab) of the last position of x (1, T, H); with `prev`, x is the last layer's pair
-    (h, r) and its output prev(h, r), taken into the lm_head's op where it can (`project_after`)."""
-    if prev is None:
-        logits = lm_head(norm(x[:, -1, :])).float()  # only the last position's logits are needed
-    else:
-        h, r = (t[:, -1, :] for t in x)
-        with_add = getattr(lm_head, "forward_add_rms", None)
-        if with_add is not None and norm.weight is not None and prev.norm.eps == norm.eps:
-            logits = with_add(h, r, prev.norm.weight, norm.weight, norm.eps, prev.layer_scalar)[1].float()
-        else:
-            logits = lm_head(norm(prev(h, r))).float()
+def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x: torch.Tensor) -> torch.Tensor:
+    """fp32 logits (1, vocab) of the last position of x (1, T, H)."""
+    logits = lm_head(norm(x[:, -1, :])).float()  # only the last position's logits are needed
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
@@ -617,13 +536,11 @@ def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x,
 
 class EmbedUnit(nn.Module):
     """(tokens (1, T), pos) -> x (1, T, H), and with per-layer embeddings (x, ple (1, T, layers,
-    P)): the chain's first unit. pair (`Gemma4Model.chain`): x is followed by zeros like it, the r of the
-    pair the later layers carry (the first layer reads x alone)."""
+    P)): the chain's first unit."""
 
-    def __init__(self, model: Gemma4Model, pair: bool = False):
+    def __init__(self, model: Gemma4Model):
         super().__init__()
         self.cfg = model.cfg
-        self.pair = pair
         self.embed_tokens = model.embed_tokens
         self.embed_scale = model.embed_scale
         if model.cfg.has_ple:
@@ -634,18 +551,14 @@ class EmbedUnit(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor):
         x = self.embed_tokens(tokens) * self.embed_scale
-        out = (x, torch.zeros_like(x)) if self.pair else (x,)
-        if self.cfg.has_ple:
-            out += (per_layer_inputs(self, tokens, x),)
-        return out if len(out) > 1 else x
+        return (x, per_layer_inputs(self, tokens, x)) if self.cfg.has_ple else x
 
 
 class _CarriesHidden(nn.Module):
-    """A unit whose carry is the hidden state x (1, T, H), or with `pair` a layer's pair (h, r), and with
-    PLE the per-layer inputs after them."""
+    """A unit whose carry is the hidden state x (1, T, H), and with PLE the per-layer inputs."""
 
-    def _carry_of(self, cfg: Gemma4Config, like: torch.Tensor, pair: bool = False) -> None:
-        self.carry_shapes = [(cfg.hidden_size,)] * (2 if pair else 1)
+    def _carry_of(self, cfg: Gemma4Config, like: torch.Tensor) -> None:
+        self.carry_shapes = [(cfg.hidden_size,)]
         if cfg.has_ple:
             self.carry_shapes.append((cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
         self.carry_dtype = like.dtype
@@ -654,94 +567,56 @@ class _CarriesHidden(nn.Module):
         device = next(self.parameters()).device
         return tuple(torch.zeros(1, T, *s, dtype=self.carry_dtype, device=device) for s in self.carry_shapes)
 
-    def _split(self, args: tuple) -> tuple:
-        """(hidden, ple, pos) from (*carry, pos): hidden the carry's x, or its pair (h, r); ple None without."""
-        n = len(self.carry_shapes) - (1 if self.pair else 0)  # x or the pair as one, then ple
-        hidden = (args[0], args[1]) if self.pair else args[0]
-        rest = args[2:] if self.pair else args[1:]
-        return hidden, (rest[0] if n == 2 else None), rest[-1]
-
-
-PREV = "prev"  # a unit's FQN prefix for the layer before's end (`LayerEnd`), renamed per step
-
 
 class LayerUnit(_CarriesHidden):
     """(x (1, T, H)[, ple], pos) -> x: decoder layer `i` as in `Gemma4Model.forward`, held under
     the model's name `layers.{i}`. Its cache: its own, or a KV-shared layer's source cache under
     `kv_source`. A prefill chunk's K/V of a sliding cache goes into the ring after the last
-    layer reading it has attended; until then it waits in the cache's chunk buffers.
-
-    pair: (h, r[, ple], pos) -> (h, r), the layer's `body`; its input is the layer before's end of the
-    carried pair (that layer's `LayerEnd` as `prev`), or for the first layer the carry's x (r unread)."""
+    layer reading it has attended; until then it waits in the cache's chunk buffers."""
 
     SOURCE = "kv_source"
 
-    def __init__(self, model: Gemma4Model, i: int, pair: bool = False):
+    def __init__(self, model: Gemma4Model, i: int):
         super().__init__()
         cfg = model.cfg
         self.index = str(i)
-        self.pair = pair
         self.layers = nn.ModuleDict({self.index: model.layers[i]})
-        if pair and i > 0:
-            setattr(self, PREV, LayerEnd(model.layers[i - 1]))
         self.shared = cfg.is_kv_shared(i)
         if self.shared:
             setattr(self, self.SOURCE, model.caches()[i])
         self.last_reader = model.last_reader(i) == i  # writes the ring's window after a chunk
         self.rope_name = "inv_freq_sliding" if cfg.is_sliding(i) else "inv_freq_full"
         self.register_buffer(self.rope_name, getattr(model, self.rope_name), persistent=False)
-        self._carry_of(cfg, model.layers[i].input_layernorm.weight, pair)
+        self._carry_of(cfg, model.layers[i].input_layernorm.weight)
 
-    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None, c: torch.Tensor | None = None):
-        x, ple, pos = self._split(tuple(t for t in (x, a, b, c) if t is not None))
-        prev = getattr(self, PREV, None)
-        if self.pair and prev is None:
-            x = x[0]  # the first layer: the embedding's x
-        T = (x[0] if prev is not None else x).shape[1]
-        positions = pos + torch.arange(T, device=pos.device)
-        cos, sin = rope_tables(positions, getattr(self, self.rope_name), self.carry_dtype)
+    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        ple, pos = (None, a) if b is None else (a, b)  # (x, pos) or (x, ple, pos)
+        T = x.shape[1]
+        positions = pos + torch.arange(T, device=x.device)
+        cos, sin = rope_tables(positions, getattr(self, self.rope_name), x.dtype)
         layer = self.layers[self.index]
         cache = getattr(self, self.SOURCE) if self.shared else layer.self_attn.kv_cache
         chunk = cache.ring and not (isinstance(T, int) and T == 1)  # a prefill chunk beside a ring
-        fresh = cache.chunk(T) if chunk and self.shared else None
-        if self.pair:
-            out, fresh = layer.body(x, cos, sin, positions, cache, ple, fresh, prev)
-        else:
-            out, fresh = layer(x, cos, sin, positions, cache, ple, fresh)
+        x, fresh = layer(x, cos, sin, positions, cache, ple, cache.chunk(T) if chunk and self.shared else None)
         if fresh is not None and self.last_reader:
             cache.write_window(positions, *fresh)
         elif fresh is not None and not self.shared:
             cache.write_chunk(*fresh)
-        return out
+        return x
 
 
 class HeadUnit(_CarriesHidden):
-    """(x (1, T, H)[, ple], pos) -> fp32 logits (1, vocab) of the last position: the chain's last unit.
-    pair: (h, r[, ple], pos), the last layer's pair, its end taken with the final norm (`head_logits`)."""
+    """(x (1, T, H)[, ple], pos) -> fp32 logits (1, vocab) of the last position: the chain's last unit."""
 
-    def __init__(self, model: Gemma4Model, pair: bool = False):
+    def __init__(self, model: Gemma4Model):
         super().__init__()
-        self.pair = pair
         self.norm, self.lm_head = model.norm, model.lm_head
         self.softcap = model.cfg.final_logit_softcapping
-        if pair:
-            setattr(self, PREV, LayerEnd(model.layers[-1]))
-        self._carry_of(model.cfg, self.norm.weight, pair)
+        self._carry_of(model.cfg, self.norm.weight)
 
-    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
-                c: torch.Tensor | None = None) -> torch.Tensor:
-        """Reads x (or the pair) only."""
-        x, _, _ = self._split(tuple(t for t in (x, a, b, c) if t is not None))
-        return head_logits(self.norm, self.lm_head, self.softcap, x, getattr(self, PREV, None))
-
-
-CARRY_PAIR_ENV = "GEMMA4_CARRY_PAIR"  # "0" in an exporting process: the chain carries x (an A/B switch)
-
-
-def carry_pair() -> bool:
-    """Whether `Gemma4Model.chain` carries each layer's pair (h, r): yes unless CARRY_PAIR_ENV is "0"
-    (scripts/export_ab.py measures one against the other); the logits are the same either way."""
-    return os.environ.get(CARRY_PAIR_ENV, "1") != "0"
+    def forward(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """(x, pos) or (x, ple, pos): reads x only."""
+        return head_logits(self.norm, self.lm_head, self.softcap, x)
 
 
 def _round_to(x: float, dtype: torch.dtype) -> float:

@@ -48,7 +48,6 @@ from enum import Enum
 import torch
 
 from export.gemma4.config import PRESETS, Gemma4Config
-from export.gemma4.model import carry_pair
 from export.gemma4.inventory import StoredTensor, inventory, meta_model
 from export.gemma4.options import KvDtype
 from export.gemma4.quant import GROUP_SIZES, EmbeddingQuant, LinearQuant, QuantRecipe
@@ -506,8 +505,6 @@ def step_activations(inp: PlanInputs, T: int) -> tuple[str, dict[str, int]]:
     the sum is carried."""
     c, a = inp.config, inp.dtype.bytes
     carried = {"hidden states": T * c.hidden_size * (2 * a + 4)}  # residual, normed, fp32 norm temp
-    if carry_pair():  # a chain of units carries the layer before's pair (h, r), one more than x (model.py)
-        carried["the layer before's pair"] = T * c.hidden_size * a
     ple = T * c.num_hidden_layers * c.hidden_size_per_layer_input * a
     if c.has_ple:
         carried["per-layer inputs"] = ple

@@ -257,18 +257,15 @@ class PackedInt4Linear(nn.Module):
         return torch.ops.gemma4.int4_rms_linear(x, weight, eps, self.qweight, self.scales)
 
     def forward_add_rms(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, weight: torch.Tensor,
-                        eps: float, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, forward(rms_norm(h) * weight)) with h = x + rms_norm(r) * weight_r (times scale, one element, if
-        given), as one op (the residual add after attention and the MLP's norm; or a layer's last add and
-        scalar, and the next layer's input norm): at M == 1 on CUDA the kernel that reads x computes both
-        norms and the add and writes h, no kernel of their own (without `fused_norms()`: aten ops, then
-        forward)."""
-        from export.kernels.int4_matmul import residual_reference  # registers torch.ops.gemma4.int4_add_rms_linear
-        from export.kernels.int4_matmul import rms_norm_reference
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, forward(rms_norm(h) * weight)) with h = x + rms_norm(r) * weight_r, as one op (the residual add
+        after attention and the MLP's norm): at M == 1 on CUDA the quantize kernel computes both norms and
+        the add and writes h, no kernel of their own (without `fused_norms()`: aten ops, then forward)."""
+        from export.kernels.int4_matmul import rms_norm_reference  # registers torch.ops.gemma4.int4_add_rms_linear
         if not fused_norms():
-            h = residual_reference(x, r, weight_r, eps, scale)
+            h = x + rms_norm_reference(r, weight_r, eps)
             return h, self.forward(rms_norm_reference(h, weight, eps))
-        return torch.ops.gemma4.int4_add_rms_linear(x, r, weight_r, weight, eps, self.qweight, self.scales, scale)
+        return torch.ops.gemma4.int4_add_rms_linear(x, r, weight_r, weight, eps, self.qweight, self.scales)
 
     def forward_add(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,13 +56,10 @@ projection, (rms_norm(x) * weight) @ dequant(W).T: at M == 1 (weight in x's dtyp
 x computes the norm, each program summing the squares of the whole row (`_inv_rms`, from the L2) before
 it scales its own part: the quantize kernel's NORM, or with bf16 x the GEMV's own. One launch less a
 layer (the norm's kernel). Other M take the norm in aten ops and `int4_linear`'s path.
-`gemma4::int4_add_rms_linear(x, r, weight_r, weight, eps, qweight, scales[, scale]) -> (h, y)` goes one
-step further for the MLP's gate / up: h = x + rms_norm(r) * weight_r (the attention output into the
-residual stream) and y = (rms_norm(h) * weight) @ dequant(W).T; at M == 1 with x as levels the quantize
-kernel computes both norms and the add and writes h (its RES), one more launch less a layer, and with bf16
-x the GEMV does (its RES and NORM). With scale (one element) h is that sum times it: a layer's last
-residual add and its scalar, taken by the next layer's first projection (or the head's) when the model is
-compiled as a chain that carries (h, r) between layers (export/gemma4/model.py `LayerEnd`).
+`gemma4::int4_add_rms_linear(x, r, weight_r, weight, eps, qweight, scales) -> (h, y)` goes one step
+further for the MLP's gate / up: h = x + rms_norm(r) * weight_r (the attention output into the residual
+stream) and y = (rms_norm(h) * weight) @ dequant(W).T; at M == 1 with x as levels the quantize kernel
+computes both norms and the add and writes h (its RES), one more launch less a layer.
 `gemma4::int4_add_linear(x, r, weight_r, eps, qweight, scales) -> (h, y)` is the add alone before a small
 weight: h = x + rms_norm(r) * weight_r (the MLP's output into the residual stream) and y = h @ dequant(W).T
 (the per-layer-input gate of E2B / E4B); at M == 1 the bf16-x GEMV computes the add as it loads x and its
@@ -338,30 +335,26 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _residual_pair(xp, rp, wp, inv_r, s=1.0, SCALED: tl.constexpr = 0):
+def _residual_pair(xp, rp, wp, inv_r):
     """(lo, hi) fp32 of the bf16 pair x + rms_norm(r) * wr, from the pairs' 32-bit words (inv_r r's norm
     factor): each step rounded to bf16 as the model's ops leave it (`_residual`), by bit arithmetic
-    (`_round_bf16`: the same in the interpreter). SCALED: times s, rounded again."""
+    (`_round_bf16`: the same in the interpreter)."""
     lo = _round_bf16((xp << 16).to(tl.float32, bitcast=True) + _round_bf16(
         ((rp << 16).to(tl.float32, bitcast=True) * inv_r) * (wp << 16).to(tl.float32, bitcast=True)))
     hi = _round_bf16((xp & -65536).to(tl.float32, bitcast=True) + _round_bf16(
         ((rp & -65536).to(tl.float32, bitcast=True) * inv_r) * (wp & -65536).to(tl.float32, bitcast=True)))
-    if SCALED:
-        lo = _round_bf16(lo * s)
-        hi = _round_bf16(hi * s)
     return lo, hi
 
 
 @triton.jit
 def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr = 0,
-                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0, s_res=1.0, SCALED: tl.constexpr = 0):
+                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0):
     """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
     words `w` whose groups start at words `g0` ([1, C, 1]). GLU: x is gelu_tanh(g) * u of the
     bf16 pairs at xw (g) and uw (u), in fp32 and rounded to bf16 once (as `_quant_x_kernel`'s GLU).
     NORM: x is (x inv) w, uw the norm weight's bf16 pairs, rounded to bf16 once (the model's norm).
     RES: x is x + rms_norm(r) wr, r and wr bf16 pairs at rw / wrw, inv_r r's norm factor, each step
-    rounded to bf16 as the model's ops leave it (`_residual`; SCALED: times s_res, rounded again), before
-    the NORM if both are set (inv then h's factor).
+    rounded to bf16 as the model's ops leave it (`_residual`).
 
     Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
     in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
@@ -375,7 +368,7 @@ def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr
         hi = (xp & -65536).to(tl.float32, bitcast=True)
         if RES:
             lo, hi = _residual_pair(xp, tl.load(rw + ((g0 + lane) * 4 + p), mask=ok, other=0),
-                                    tl.load(wrw + ((g0 + lane) * 4 + p), mask=ok, other=0), inv_r, s_res, SCALED)
+                                    tl.load(wrw + ((g0 + lane) * 4 + p), mask=ok, other=0), inv_r)
         if GLU:
             up = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
             lo = _round_bf16(gelu_tanh(lo) * (up << 16).to(tl.float32, bitcast=True))
@@ -649,93 +642,71 @@ def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0, STEPS: tl.constexpr = 0):
 
 
 @triton.jit
-def _residual(x, r, wr, inv_r, DT_R: tl.constexpr, DT: tl.constexpr, s=1.0, SCALED: tl.constexpr = 0):
+def _residual(x, r, wr, inv_r, DT_R: tl.constexpr, DT: tl.constexpr):
     """x + rms_norm(r) * wr in fp32 (inv_r the norm's factor), each step rounded as the model's ops leave
-    it: the norm to r's dtype, the sum to x's. SCALED: that sum times s (a layer's scalar, fp32), rounded
-    to x's dtype again."""
-    h = (x + ((r * inv_r) * wr).to(DT_R).to(tl.float32)).to(DT).to(tl.float32)
-    if SCALED:
-        h = (h * s).to(DT).to(tl.float32)
-    return h
+    it: the norm to r's dtype, the sum to x's."""
+    return (x + ((r * inv_r) * wr).to(DT_R).to(tl.float32)).to(DT).to(tl.float32)
 
 
 @triton.jit
-def _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, o, K, s=1.0, SCALED: tl.constexpr = 0):
-    """h^2 at offsets o (< K), h = x + rms_norm(r) * wr (`_residual`, times s with SCALED)."""
+def _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, o, K):
+    """h^2 at offsets o (< K), h = x + rms_norm(r) * wr (`_residual`)."""
     m = o < K
     h = _residual(tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32),
                   tl.load(r_ptr + o, mask=m, other=0.0).to(tl.float32),
                   tl.load(wr_ptr + o, mask=m, other=0.0).to(tl.float32), inv_r,
-                  r_ptr.dtype.element_ty, x_ptr.dtype.element_ty, s, SCALED)
+                  r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
     return h * h
 
 
 @triton.jit
-def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps, STEPS: tl.constexpr = 0, s=1.0,
-                      SCALED: tl.constexpr = 0):
-    """`_inv_rms` of h = x + rms_norm(r) * wr over [0:K] (`_residual`, times s with SCALED), h computed on
-    the way."""
+def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps, STEPS: tl.constexpr = 0):
+    """`_inv_rms` of h = x + rms_norm(r) * wr over [0:K] (`_residual`), h computed on the way."""
     ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
     if STEPS:
         for i in tl.static_range(STEPS):
-            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i * NORM_BLOCK + tl.arange(0, NORM_BLOCK), K,
-                                    s, SCALED)
+            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i * NORM_BLOCK + tl.arange(0, NORM_BLOCK), K)
     else:
         for i in range(0, K, NORM_BLOCK):
-            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i + tl.arange(0, NORM_BLOCK), K, s, SCALED)
+            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i + tl.arange(0, NORM_BLOCK), K)
     return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + tl.cast(eps, tl.float32))
 
 
 @triton.jit
-def _inv_rms_pair(x_ptr, r_ptr, wr_ptr, K, eps, STEPS: tl.constexpr, s=1.0, SCALED: tl.constexpr = 0,
-                  PAIRS: tl.constexpr = 0):
-    """(inv_r, inv_h): `_inv_rms` of r and of h = x + rms_norm(r) * wr (`_residual`, times s with SCALED), over
-    [0:K] in STEPS NORM_BLOCK-wide steps, with x, r and wr loaded once, all in flight together, and kept in
-    registers for h's squares (one trip to the L2, not two); the same sums in the same order as `_inv_rms` and
-    `_inv_rms_residual`. PAIRS: the pointers are bf16 pairs as int32 words (K / 2 of them; `_residual_pair`)."""
-    n = K // 2 if PAIRS else K
+def _inv_rms_pair(x_ptr, r_ptr, wr_ptr, K, eps, STEPS: tl.constexpr):
+    """(inv_r, inv_h): `_inv_rms` of r and `_inv_rms_residual` of h = x + rms_norm(r) * wr over [0:K] in STEPS
+    NORM_BLOCK-wide steps, with x, r and wr loaded once, all in flight together, and kept in registers for h's
+    squares: one trip to the L2, not two (the same sums in the same order: bitwise their factors; the 31B's
+    residual quantize kernel 3.69 -> 3.11 us, scripts/measurements/res_prologue_variants.json)."""
     xs = []
     rs = []
     ws = []
     ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
     for i in tl.static_range(STEPS):
         o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
-        m = o < n
-        if PAIRS:
-            rp = tl.load(r_ptr + o, mask=m, other=0)
-            lo = (rp << 16).to(tl.float32, bitcast=True)
-            hi = (rp & -65536).to(tl.float32, bitcast=True)
-            ss += lo * lo + hi * hi
-            rs = rs + [rp]
-            xs = xs + [tl.load(x_ptr + o, mask=m, other=0)]
-            ws = ws + [tl.load(wr_ptr + o, mask=m, other=0)]
-        else:
-            rv = tl.load(r_ptr + o, mask=m, other=0.0)
-            rf = rv.to(tl.float32)
-            ss += rf * rf
-            rs = rs + [rv]
-            xs = xs + [tl.load(x_ptr + o, mask=m, other=0.0)]
-            ws = ws + [tl.load(wr_ptr + o, mask=m, other=0.0)]
+        m = o < K
+        rv = tl.load(r_ptr + o, mask=m, other=0.0)
+        rf = rv.to(tl.float32)
+        ss += rf * rf
+        rs = rs + [rv]
+        xs = xs + [tl.load(x_ptr + o, mask=m, other=0.0)]
+        ws = ws + [tl.load(wr_ptr + o, mask=m, other=0.0)]
     inv_r = 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + tl.cast(eps, tl.float32))
     sh = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
     for i in tl.static_range(STEPS):
-        if PAIRS:
-            lo, hi = _residual_pair(xs[i], rs[i], ws[i], inv_r, s, SCALED)
-            sh += lo * lo + hi * hi
-        else:
-            h = _residual(xs[i].to(tl.float32), rs[i].to(tl.float32), ws[i].to(tl.float32), inv_r,
-                          r_ptr.dtype.element_ty, x_ptr.dtype.element_ty, s, SCALED)
-            sh += h * h
+        h = _residual(xs[i].to(tl.float32), rs[i].to(tl.float32), ws[i].to(tl.float32), inv_r,
+                      r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
+        sh += h * h
     return inv_r, 1.0 / tl.sqrt_rn(tl.sum(sh, 0) / K + tl.cast(eps, tl.float32))
 
 
 @triton.jit
 def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g, NG, eps, GROUP: tl.constexpr,
                   GB: tl.constexpr, LEVELS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
-                  NORM_STEPS: tl.constexpr, hs_ptr=None, SCALED: tl.constexpr = 0, ONE_PASS: tl.constexpr = 1):
+                  NORM_STEPS: tl.constexpr):
     """`_quant_x_kernel`'s work for the GB groups g (int32 [GB], those >= NG skipped): x's levels into the planes
     (and the factors and corrections) of those groups, with the GLU / norm / residual as the kernel's flags say
-    (RES: h of those groups written too; SCALED: h times hs_ptr[0])."""
+    (RES: h of those groups written too)."""
     W: tl.constexpr = GROUP // 8
     g4 = g[:, None, None, None]
     j = tl.arange(0, W)[None, :, None, None]
@@ -746,23 +717,20 @@ def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g,
     if RES:
         tl.static_assert(NORM == 1, "the residual's sum goes into the norm")
         idx = g4 * GROUP + j * 8 + t * 2 + e
-        hs = 1.0
-        if SCALED:
-            hs = tl.load(hs_ptr).to(tl.float32)
-        if NORM_STEPS and ONE_PASS:  # both factors from one trip to the L2
-            inv_r, inv_h = _inv_rms_pair(x_ptr, r_ptr, wr_ptr, NG * GROUP, eps, NORM_STEPS, hs, SCALED)
+        if NORM_STEPS:  # both factors from one trip to the L2
+            inv_r, inv_h = _inv_rms_pair(x_ptr, r_ptr, wr_ptr, NG * GROUP, eps, NORM_STEPS)
         else:
             inv_r = _inv_rms(r_ptr, NG * GROUP, eps, 0, NORM_STEPS)
         x = _residual(x, tl.load(r_ptr + idx, mask=ok, other=0.0).to(tl.float32),
                       tl.load(wr_ptr + idx, mask=ok, other=0.0).to(tl.float32), inv_r,
-                      r_ptr.dtype.element_ty, x_ptr.dtype.element_ty, hs, SCALED)
+                      r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
         tl.store(h_ptr + idx, x.to(h_ptr.dtype.element_ty), mask=ok)
     if NORM:
         if RES:
-            if NORM_STEPS and ONE_PASS:
+            if NORM_STEPS:
                 inv = inv_h
             else:
-                inv = _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, NG * GROUP, eps, NORM_STEPS, hs, SCALED)
+                inv = _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, NG * GROUP, eps, NORM_STEPS)
         else:
             inv = _inv_rms(x_ptr, NG * GROUP, eps, 0, NORM_STEPS)
         wn = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
@@ -805,8 +773,7 @@ def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g,
 def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GROUP: tl.constexpr, GB: tl.constexpr,
                     PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0, NORM: tl.constexpr = 0,
                     eps=0.0, r_ptr=None, wr_ptr=None, h_ptr=None, RES: tl.constexpr = 0,
-                    NORM_STEPS: tl.constexpr = 0, hs_ptr=None, SCALED: tl.constexpr = 0,
-                    ONE_PASS: tl.constexpr = 1):
+                    NORM_STEPS: tl.constexpr = 0):
     """x [NG * GROUP] (bf16) -> two int8 levels per element for `_gemv1_tile_lanes`, GB groups a
     program. Per group s = max|x| / 127, t = x / s, h = round(t), l = round(254 (t - h)):
     x ~= s (h + l / 254) to within max|x| / 64516. xq holds 4 planes of int32 words, one word per
@@ -825,23 +792,19 @@ def _quant_x_kernel(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, cnt_ptr, NG, NCNT, GRO
     elements, from the L2) and scales its own groups, so the norm before a linear takes no launch of its own.
     RES (with NORM): x_ptr is the residual stream, and the norm's input is h = x + rms_norm(r) * wr (r_ptr,
     wr_ptr, the same eps), which the kernel also writes to h_ptr (its own groups; `_residual`): the
-    residual add and both norms before the MLP take no launch of their own either. SCALED (with RES): h is
-    that sum times hs_ptr[0] (a layer's scalar, x's dtype), rounded again: a layer's last residual add, done
-    by the next layer's first quantize kernel. NORM_STEPS: `_inv_rms`'s STEPS (`norm_steps` of the row; 0
-    loops)."""
+    residual add and both norms before the MLP take no launch of their own either. NORM_STEPS: `_inv_rms`'s
+    STEPS (`norm_steps` of the row; 0 loops)."""
     if PDL:  # every read and write after the wait
         z = pdl_wait(PDL, _PTX)
         x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr = x_ptr + z, u_ptr + z, xq_ptr + z, xf_ptr + z, xc_ptr + z
         cnt_ptr = cnt_ptr + z
         if RES:
             r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
-        if SCALED:
-            hs_ptr = hs_ptr + z
     for i in range(tl.program_id(0) * 1024, NCNT, tl.num_programs(0) * 1024):
         offs = i + tl.arange(0, 1024)
         tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
     _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, tl.program_id(0) * GB + tl.arange(0, GB),
-                  NG, eps, GROUP, GB, LEVELS, GLU, NORM, RES, NORM_STEPS, hs_ptr, SCALED, ONE_PASS)
+                  NG, eps, GROUP, GB, LEVELS, GLU, NORM, RES, NORM_STEPS)
 
 
 @triton.jit
@@ -872,8 +835,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
                        NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None,
-                       h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0, hs_ptr=None,
-                       SCALED: tl.constexpr = 0):
+                       h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -904,10 +866,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     UI u is row ui_ptr[0] of a table of such rows, read in place: no gather's launch either), or
     with NORM xf_ptr is the RMSNorm's weight (bf16) and x is rms_norm(x) * w (each program sums the
     squares of the whole row first, `_inv_rms`; the norm before a small weight takes no launch either), or
-    with RES (bf16 x, not with GLU) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the residual
-    add before a small weight; SCALED: times hs_ptr[0], a layer's scalar), which the first program also
-    writes to h_ptr, and with NORM too x is rms_norm(h) * w (every program sums h's squares first: a
-    layer's last residual add and the next layer's input norm before its first projection).
+    with RES (bf16 x, not with GLU / NORM) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the
+    residual add before a small weight), which the first program also writes to h_ptr.
     LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
     x's planes, x to within max|x| / 254 per group).
 
@@ -934,14 +894,12 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         tl.static_assert(not ((GLU or NORM or RES) and XQ), "with x as levels the quantize kernel computes them")
-        tl.static_assert(not (RES and GLU), "RES: the residual add, with or without the norm after it")
+        tl.static_assert(not (RES and (GLU or NORM)), "RES: the residual add alone")
         if PDL:  # x (and x's factors) read after the wait; the weights may load before it
             z = pdl_wait(PDL, ASM)
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
             if RES:
                 r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
-            if SCALED:
-                hs_ptr = hs_ptr + z
         lane = tl.arange(0, WORDS)[None, None, :]
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
@@ -950,27 +908,21 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         if UI:  # u: the table's row ui_ptr[0] (K / 2 pairs a row)
             uw = uw + tl.load(ui_ptr) * (KW * 4)
         inv = 1.0
-        if NORM and not RES:
+        if NORM:
             inv = _inv_rms(xw, KW * 8, eps, 1, NORM_STEPS)
         inv_r = 1.0
-        hs = 1.0
         rw = xw
         wrw = uw
         if RES:
             rw = r_ptr.to(tl.pointer_type(tl.int32))
             wrw = wr_ptr.to(tl.pointer_type(tl.int32))
-            if SCALED:
-                hs = tl.load(hs_ptr).to(tl.float32)
-            if NORM:  # both factors from one trip to the L2
-                inv_r, inv = _inv_rms_pair(xw, rw, wrw, KW * 8, eps, NORM_STEPS, hs, SCALED, 1)
-            else:
-                inv_r = _inv_rms(rw, KW * 8, eps, 1, NORM_STEPS)
+            inv_r = _inv_rms(rw, KW * 8, eps, 1, NORM_STEPS)
             if (pid_n == 0) & (pid_k == 0):  # h for the model's next ops, once: the pairs the tiles compute
                 for i in range(0, KW * 4, NORM_BLOCK):  # (values bf16 holds exactly: the casts round nothing)
                     o = i + tl.arange(0, NORM_BLOCK)
                     m = o < KW * 4
                     h_lo, h_hi = _residual_pair(tl.load(xw + o, mask=m, other=0), tl.load(rw + o, mask=m, other=0),
-                                                tl.load(wrw + o, mask=m, other=0), inv_r, hs, SCALED)
+                                                tl.load(wrw + o, mask=m, other=0), inv_r)
                     tl.store(h_ptr + 2 * o, h_lo.to(h_ptr.dtype.element_ty), mask=m)
                     tl.store(h_ptr + 2 * o + 1, h_hi.to(h_ptr.dtype.element_ty), mask=m)
         if XQ:
@@ -998,8 +950,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, (KW + 15) // 16 * 16, g0, lane, g0 < hi, WORDS,
                                      ASM)
             else:
-                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv, RES, rw, wrw, inv_r, hs,
-                                   SCALED)
+                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv, RES, rw, wrw, inv_r)
             w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
         val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
@@ -1389,16 +1340,14 @@ def _gemv1_kernel(cfg: triton.Config):
 
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
              pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-             res: tuple | None = None, res_scale: torch.Tensor | None = None, one_pass: bool = True):
+             res: tuple | None = None):
     """x2 [1, K] as `_quant_x_kernel`'s planes (int32), factors and corrections (x as `levels` int8
     levels: per group at two, per 32 elements at one); the kernel also zeroes cnt[:ncnt], the
     following GEMV's split-sum counters. up [1, K]: x is gelu_tanh(x2) * up (the kernel's GLU).
     norm (weight [K], eps): x is rms_norm(x2) * weight (the kernel's NORM). res (r [1, K], wr [K], h [1, K]),
-    with norm: the norm's input is h = x2 + rms_norm(r) * wr, written to h (the kernel's RES); res_scale (one
-    element, x2's dtype), with res: h times it (SCALED)."""
+    with norm: the norm's input is h = x2 + rms_norm(r) * wr, written to h (the kernel's RES)."""
     assert up is None or norm is None
     assert res is None or norm is not None
-    assert res_scale is None or res is not None
     K = x2.shape[1]
     groups = K // G
     xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
@@ -1413,8 +1362,6 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
                                                      r_ptr=res[0] if res else x2, wr_ptr=res[1] if res else x2,
                                                      h_ptr=res[2] if res else x2, RES=int(res is not None),
                                                      NORM_STEPS=norm_steps(K) if norm else 0,
-                                                     hs_ptr=res_scale if res_scale is not None else x2,
-                                                     SCALED=int(res_scale is not None), ONE_PASS=int(one_pass),
                                                      num_warps=4, **_pdl_args(pdl, pdl_attr))
     return xin, xf, xc
 
@@ -1422,8 +1369,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-               res: tuple | None = None, up_index: torch.Tensor | None = None,
-               res_scale: torch.Tensor | None = None):
+               res: tuple | None = None, up_index: torch.Tensor | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1436,9 +1382,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     by the quantize kernel (with bf16 x, by the GEMV as it loads x). norm (weight [K] in x2's dtype, eps):
     the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
     norm and x as levels: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel also
-    writes to h; res (r, wr, h, eps) with bf16 x and no up: the input is h (r's norm with that eps), or
-    with norm rms_norm(h) * weight, computed by the GEMV as it loads x, its first program writing h.
-    res_scale (one element, x2's dtype), with res: h is that sum times it (a layer's scalar). up_index (one int64, bf16 x
+    writes to h; res (r, wr, h, eps) with bf16 x and neither up nor norm: the input is h (r's norm with
+    that eps), computed by the GEMV as it loads x, its first program writing h. up_index (one int64, bf16 x
     only): up is a table of rows of K, contiguous, and the input is gelu_tanh(x2) * up[up_index] (the GEMV
     reads that row in place)."""
     N, K, G = _check(x2, qweight, scales)
@@ -1449,8 +1394,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     xq = GEMV1_XQ if xq is None else xq
     # res: with x as levels the quantize kernel's RES (with the norm after the add); with bf16 x the GEMV's
     # own (the add alone)
-    assert res is None or ((norm is not None) if xq else up is None)
-    assert res_scale is None or res is not None
+    assert res is None or ((norm is not None) if xq else (norm is None and up is None))
     assert up_index is None or (up is not None and not xq)
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
@@ -1458,8 +1402,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up, norm, res,
-                            res_scale) if xq
+    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up, norm, res) if xq
                    else (x2, up if up is not None else norm[0] if norm is not None else x2, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
@@ -1470,9 +1413,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         NORM_STEPS=norm_steps(K // 2) if (norm is not None or res is not None) and not xq else 0,
         r_ptr=res[0] if res is not None and not xq else x2, wr_ptr=res[1] if res is not None and not xq else x2,
         h_ptr=res[2] if res is not None and not xq else x2, RES=int(res is not None and not xq),
-        ui_ptr=up_index if up_index is not None else x2, UI=int(up_index is not None),
-        hs_ptr=res_scale if res_scale is not None and not xq else x2, SCALED=int(res_scale is not None and not xq),
-        **_pdl_args(pdl_gemv, pdl_attr))
+        ui_ptr=up_index if up_index is not None else x2, UI=int(up_index is not None), **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
@@ -1582,15 +1523,14 @@ def _m1(x: torch.Tensor, G: int) -> bool:
 
 
 def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
-           norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None,
-           res_scale: torch.Tensor | None = None):
+           norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None):
     """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode."""
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
                       levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm,
-                      res=res, up_index=up_index, res_scale=res_scale)
+                      res=res, up_index=up_index)
 
 
 @triton_op("gemma4::int4_linear", mutates_args={})
@@ -1752,61 +1692,47 @@ def _check_r(op: str, x, r, weight_r, K: int) -> None:
         raise ValueError(f"{op}: r {tuple(r.shape)} / its norm weight {tuple(weight_r.shape)} for x {tuple(x.shape)}")
 
 
-def _check_residual(x, r, weight_r, weight, qweight, scales, scale=None):
+def _check_residual(x, r, weight_r, weight, qweight, scales):
     N, K, G = _check_norm(x, weight, qweight, scales)
     _check_r("int4_add_rms_linear", x, r, weight_r, K)
-    if scale is not None and scale.numel() != 1:
-        raise ValueError(f"int4_add_rms_linear: scale {tuple(scale.shape)} is not one element")
     return N, K, G
 
 
-def residual_reference(x, r, weight_r, eps: float, scale=None):
-    """x + rms_norm(r, weight_r, eps), times scale if given, each step in x's dtype (the model's ops)."""
+def int4_add_rms_linear_reference(x, r, weight_r, weight, eps: float, qweight, scales):
     h = x + rms_norm_reference(r, weight_r, eps)
-    return h if scale is None else h * scale
-
-
-def int4_add_rms_linear_reference(x, r, weight_r, weight, eps: float, qweight, scales, scale=None):
-    h = residual_reference(x, r, weight_r, eps, scale)
     return h, int4_rms_linear_reference(h, weight, eps, qweight, scales)
 
 
 @triton_op("gemma4::int4_add_rms_linear", mutates_args={})
 def int4_add_rms_linear(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, weight: torch.Tensor, eps: float,
-                        qweight: torch.Tensor, scales: torch.Tensor,
-                        scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, y): h = x + rms_norm(r, weight_r, eps) (a residual add after a norm; with scale, one element,
-    that sum times it: a layer's scalar), y = rms_norm(h, weight, eps) @ dequant(qweight, scales).T (the
-    next norm and a linear): a layer's attention output into the residual stream and its MLP's gate / up
-    projection, or a layer's last residual add and the next layer's input norm and first projection. At
-    M == 1 with the weights in x's dtype the kernel that reads x computes both norms and the add and writes
-    h (`_quant_x_kernel`'s RES with x as levels, the GEMV's own RES and NORM with bf16 x): no kernel of their
-    own. Otherwise aten ops for h (Inductor fuses them) and `int4_rms_linear`'s path."""
-    N, K, G = _check_residual(x, r, weight_r, weight, qweight, scales, scale)
+                        qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + rms_norm(r, weight_r, eps) (a residual add after a norm), y = rms_norm(h, weight,
+    eps) @ dequant(qweight, scales).T (the next norm and a linear): a layer's attention output into the
+    residual stream and its MLP's gate / up projection. At M == 1 with x as int8 levels and the weights in
+    x's dtype, the quantize kernel computes both norms and the add and writes h (`_quant_x_kernel`'s RES):
+    no kernel of their own. Otherwise aten ops for h (Inductor fuses them) and `int4_rms_linear`'s path."""
+    N, K, G = _check_residual(x, r, weight_r, weight, qweight, scales)
     x2 = x.reshape(-1, K).contiguous()
-    same = (weight.dtype == x.dtype and weight_r.dtype == x.dtype and r.dtype == x.dtype
-            and (scale is None or scale.dtype == x.dtype))
-    if _m1(x2, G) and same:
+    if (_m1(x2, G) and gemv1_plan(N, K, G).xq and weight.dtype == x.dtype and weight_r.dtype == x.dtype
+            and r.dtype == x.dtype):
         h = torch.empty_like(x2)
-        s = scale.reshape(1).contiguous() if scale is not None else None
-        rr, wr = r.reshape(-1, K).contiguous(), weight_r.contiguous()
-        res = (rr, wr, h) if gemv1_plan(N, K, G).xq else (rr, wr, h, eps)
-        y = _gemv1(x2, qweight, scales, norm=(weight.contiguous(), eps), res=res, res_scale=s)
+        y = _gemv1(x2, qweight, scales, norm=(weight.contiguous(), eps),
+                   res=(r.reshape(-1, K).contiguous(), weight_r.contiguous(), h))
         return h.reshape(x.shape), y.reshape(*x.shape[:-1], N)
-    h = residual_reference(x, r, weight_r, eps, scale)
+    h = x + rms_norm_reference(r, weight_r, eps)
     return h, _rms_linear(h, weight, eps, qweight, scales)
 
 
 @int4_add_rms_linear.register_fake
-def _(x, r, weight_r, weight, eps, qweight, scales, scale=None):
-    N, _, _ = _check_residual(x, r, weight_r, weight, qweight, scales, scale)
+def _(x, r, weight_r, weight, eps, qweight, scales):
+    N, _, _ = _check_residual(x, r, weight_r, weight, qweight, scales)
     return torch.empty_like(x), x.new_empty((*x.shape[:-1], N))
 
 
 @int4_add_rms_linear.register_kernel("cpu")
-def _(x, r, weight_r, weight, eps, qweight, scales, scale=None):
-    _check_residual(x, r, weight_r, weight, qweight, scales, scale)
-    return int4_add_rms_linear_reference(x, r, weight_r, weight, eps, qweight, scales, scale)
+def _(x, r, weight_r, weight, eps, qweight, scales):
+    _check_residual(x, r, weight_r, weight, qweight, scales)
+    return int4_add_rms_linear_reference(x, r, weight_r, weight, eps, qweight, scales)
 
 
 def _check_add(x, r, weight_r, qweight, scales):
