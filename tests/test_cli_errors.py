@@ -117,6 +117,45 @@ def test_export_bad_numbers_are_refused_by_flag(tmp_path):
     assert files_under(tmp_path) == []
 
 
+def test_export_out_that_cannot_be_written_is_refused_before_compiling(tmp_path):
+    """An --out under a file, or where nothing can be created, is refused at once (not after the compile),
+    and the write probe leaves nothing behind."""
+    (tmp_path / "f").write_text("x")
+    out = cli("export.gemma4", "--device", "cpu", "--out", str(tmp_path / "f" / "art"), cwd=tmp_path)
+    assert_refused(out, f"--out {tmp_path / 'f' / 'art'}: {tmp_path / 'f'} is not a directory")
+    out = cli("export.gemma4", "--device", "cpu", "--out", "/proc/no/art", cwd=tmp_path)
+    assert_refused(out, "--out /proc/no/art: cannot write in /proc")
+    assert files_under(tmp_path) == ["f"]
+
+
+def test_export_that_will_not_fit_its_disk_is_refused_with_the_sizes(tmp_path, monkeypatch):
+    """The disk check (before anything is loaded): the weights twice in low-memory mode (spool, then .ptd),
+    once in the stock export, the KV buffers too with --kv-in-ptd; against the free bytes where --out goes."""
+    import shutil
+    from collections import namedtuple
+
+    from export.gemma4.__main__ import build_parser, check_disk, resolve_plan
+    from export.gemma4.options import ExportConfigError
+
+    free = {"bytes": 1 << 20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("Usage", "total used free")(0, 0, free["bytes"]))
+
+    def need(*flags: str) -> float:
+        cfg = resolve_plan(build_parser().parse_args(["--preset", "31b", "--ctx", "8192", "--out",
+                                                      str(tmp_path / "a"), *flags]))
+        with pytest.raises(ExportConfigError, match=f"--out {tmp_path / 'a'}: this export writes") as e:
+            check_disk(cfg)
+        assert f"{tmp_path} has 0.0 GiB free; free space or pass --out on a larger disk" in str(e.value)
+        return float(str(e.value).split("~")[1].split(" GiB")[0])
+
+    low, stock, with_kv = need("--low-memory"), need(), need("--low-memory", "--kv-in-ptd")
+    assert 14 < stock < 20 and abs(low - 2 * stock) <= 0.2 and with_kv > low  # the 31B: ~17 GiB of weights
+    free["bytes"] = 64 << 30
+    check_disk(resolve_plan(build_parser().parse_args(["--preset", "31b", "--ctx", "8192", "--low-memory",
+                                                       "--out", str(tmp_path / "a")])))
+    assert files_under(tmp_path) == []
+
+
 # ---- python -m runtime ------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [

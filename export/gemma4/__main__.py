@@ -104,6 +104,33 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     return cfg
 
 
+DISK_MARGIN = 1.05  # on the disk check's estimate: the .pte, tokenizer files, the file system's own
+
+
+def check_disk(cfg: ExportConfig) -> None:
+    """Refuse an export that will not fit its disk, before it compiles for minutes: the .ptd holds the
+    quantized weights (and with --kv-in-ptd the KV buffers), and a low-memory export first parks those
+    weights in a spool file beside the output, which it copies into the .ptd at the end (both on disk then).
+    The estimate is the planner's tensor inventory (the .ptd's own sizes)."""
+    import shutil
+
+    from export.gemma4.options import existing_ancestor
+
+    from export.gemma4.planner import kv_items
+
+    inputs = _plan_inputs(cfg, cfg.ctx)
+    weights = sum(t.nbytes for t in inputs.inventory()[0])
+    kv = sum(i.bytes for i in kv_items(inputs) if not i.reference) if cfg.kv_in_ptd else 0
+    need = int((weights * (2 if cfg.low_memory else 1) + kv) * DISK_MARGIN)
+    where = existing_ancestor(cfg.out_dir.parent)
+    free = shutil.disk_usage(where).free
+    if need > free:
+        flag = f"--out {cfg.out}" if cfg.out is not None else f"the default --out ({cfg.out_dir})"
+        spool = " (the weights parked while compiling, then the .ptd)" if cfg.low_memory else " (the .ptd)"
+        raise ExportConfigError(f"{flag}: this export writes ~{need / 2**30:.1f} GiB{spool} and {where} has "
+                                f"{free / 2**30:.1f} GiB free; free space or pass --out on a larger disk")
+
+
 def _peaks() -> dict[str, float]:
     """Host peak RSS of this process, and the GPU allocator peak when CUDA was used."""
     import resource
@@ -129,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(render_table(plan(_plan_inputs(cfg, cfg.ctx))))
             return 0
         resolved = resolve(cfg)  # before anything is loaded or compiled
+        check_disk(cfg)
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
     print(f"exporting {cfg.name} for {resolved.device.value} ({str(resolved.dtype).removeprefix('torch.')}, "

@@ -8,6 +8,8 @@ every later step uses.
 from __future__ import annotations
 
 import enum
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +185,7 @@ def resolve(cfg: ExportConfig) -> ResolvedExport:
         _fail("--quant int4 on cuda runs bf16 int4 kernels: pass --dtype bfloat16 (or --quant none)")
     if cfg.out is not None and Path(cfg.out).is_file():
         _fail(f"--out {cfg.out} is a file; pass a directory path")
+    _check_out_writable(cfg)
     if cfg.checkpoint is None:
         _check_preset_fits(cfg, mcfg, dtype)
     try:
@@ -190,6 +193,29 @@ def resolve(cfg: ExportConfig) -> ResolvedExport:
     except ValueError as e:
         _fail(str(e))
     return ResolvedExport(cfg, mcfg, device, dtype, strategy_for(cfg.low_memory))
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The nearest directory or file at or above `path` that exists (absolute)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_out_writable(cfg: ExportConfig) -> None:
+    """The artifact's directory must be creatable: its nearest existing ancestor a directory this process can
+    write in (tried now, not after the minutes of compiling; the weights' spool and the artifact's temp dir
+    go there too)."""
+    out = cfg.out_dir
+    flag = f"--out {cfg.out}" if cfg.out is not None else f"the default --out ({out})"
+    base = existing_ancestor(out if not out.exists() else out.parent)
+    if not base.is_dir():
+        _fail(f"{flag}: {base} is not a directory; pass a directory path you can write")
+    try:  # a real write: permissions, a read-only mount, a pseudo file system
+        os.rmdir(tempfile.mkdtemp(prefix=".gemma4-write-probe-", dir=base))
+    except OSError as e:
+        _fail(f"{flag}: cannot write in {base} ({e.strerror or e}); pass a directory you can write")
 
 
 def _available_host_bytes() -> int:
