@@ -245,6 +245,11 @@ route_ab)  # the 26B-A4B's decode routing logits through `_route_gemv1_kernel` (
   timeout 400 python -m scripts.export_ab --switch GEMMA4_ROUTE_GEMV1 --a 0 --b 1 --preset 26b-a4b --layers 2 \
       --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/route_ab_26b_2l.json" 2>&1 | tail -12
   ;;
+gemv_early)  # the small weights' GEMV loading its first tiles before its PDL wait (EARLY) or after it, E2B / E4B's
+  # small projections chained in CUDA graphs (scripts/gemv1_early_variants.py, < 1 min), then the kernel tests
+  timeout 150 python -m scripts.gemv1_early_variants --out "$OUT/gemv1_early_variants.json" 2>&1 | tail -4
+  timeout 200 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k "small or residual" 2>&1 | tail -2
+  ;;
 e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (their own caches), then each runtime
   # stage alone; each into its own copy of variants.json (variants_e2b.json, variants_e4b.json; ~8 min)
   for v in e2b e4b; do
@@ -298,5 +303,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early" >&2; exit 2 ;;
 esac

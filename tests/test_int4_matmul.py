@@ -296,6 +296,10 @@ _STEP_SCRIPT = textwrap.dedent("""
             ref = x.float() @ im.dequantize_int4(qweight, scales, torch.float32).t()
             err = ((y.float() - ref).norm() / ref.norm()).item()
             print("step", N, K, G, plan.cfg.kwargs["BLOCK_N"], plan.cfg.kwargs["GROUPS"], y.dtype, err)
+            # the first tiles loaded before the PDL wait (EARLY; the interpreter has no wait): the same sums
+            early = im.int4_gemv1(x, qweight, scales, 1, kernel=im._gemv1_kernel(plan.cfg), xq=False, pdl_gemv=2,
+                                  pdl_attr=False, early=True)
+            print("early", N, K, torch.equal(early, y))
 """)
 
 
@@ -307,6 +311,8 @@ def test_small_weights_one_launch_through_the_interpreter():
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("step")]
     assert len(lines) == 5, r.stdout
+    early = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("early")]
+    assert len(early) == 5 and all(ln[3] == "True" for ln in early), early  # bitwise the op's
     assert {int(ln[4]) for ln in lines} == {2, 4, 8}  # every row count of the tile
     for ln in lines:
         assert ln[6] == "torch.bfloat16" and float(ln[7]) <= 1e-2, ln
@@ -539,6 +545,44 @@ _RES_COMPILE_SCRIPT = textwrap.dedent("""
             kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
             print("res", n, k, arch, kern.metadata.shared)
 """)
+
+
+_EARLY_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from export.kernels import int4_matmul as im
+    sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
+           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
+           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
+           "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16", "ui_ptr": "*i64"}
+    # E2B's q / k / v (with the norm), attention output, per-layer-input gate (residual add) and projection
+    for n, k, flags in ((2560, 1536, dict(NORM=1)), (1536, 2048, {}), (256, 1536, dict(RES=1)),
+                        (1536, 256, dict(GLU=1, UI=1))):
+        plan = im.gemv1_plan(n, k, 128)
+        for arch in (90, 120):
+            for early in (0, 1):
+                const = {"GROUP": 128, **plan.cfg.kwargs, "RED": 0, "XQ": False, "ASM": True, "PDL": 2, "LEVELS": 2,
+                         "GLU": 0, "NORM": 0, "RES": 0, "UI": 0, "NORM_STEPS": im.norm_steps(k // 2), "EARLY": early,
+                         **flags}
+                src = ASTSource(im._int4_gemv1_kernel,
+                                {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names}, constexprs=const)
+                kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
+                ptx = kern.asm["ptx"]
+                print("early", n, k, arch, early, ptx.find("ld.global") < ptx.find("griddepcontrol.wait"),
+                      kern.metadata.shared)
+""")
+
+
+def test_small_gemv_can_load_its_first_tiles_before_the_pdl_wait():
+    """EARLY (`GEMV1_EARLY`, a variant to measure: scripts/gemv1_early_variants.py): the small weights' GEMV
+    compiled for sm_90 and sm_120 asks for its first weight tiles before `griddepcontrol.wait`, and without
+    it after (the wait first thing), each config within the consumer cards' shared memory; no GPU."""
+    rows = _script_rows(_EARLY_COMPILE_SCRIPT, "early")
+    assert len(rows) == 16, rows
+    for n, k, arch, early, before, shared in rows:
+        assert before == ("True" if early == "1" else "False"), (n, k, arch, early, before)
+        assert int(shared) <= im.SMEM_LIMIT_BYTES
 
 
 def test_residual_gemv_compiles_for_the_consumer_cards_and_the_h200():

@@ -118,6 +118,7 @@ GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead o
 # model is to fp32 (0.67-0.73e-2); the E4B slice 1.29e-2 -> 1.00e-2. Two levels, at the price of ~5%
 # of the mid shapes' GEMV time.
 GEMV1_LEVELS = 2
+GEMV1_EARLY = False  # bf16-x M == 1 GEMVs (small weights): first tiles before the PDL wait (`_int4_gemv1_kernel`)
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
 # launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
@@ -828,6 +829,26 @@ def _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH: tl.constexpr):
     return w0, s0, w1, s1, w2, s2
 
 
+@triton.jit
+def _gemv1_first(rows, srows, start, lane, hi, n_ok, STEP: tl.constexpr, DEPTH: tl.constexpr):
+    """The first DEPTH tiles (words, scales) of `_int4_gemv1_kernel`'s bf16-x / tile-sum loop: its queue
+    (`_gemv1_ahead`), the unused places holding the first."""
+    WORDS: tl.constexpr = lane.shape[2]
+    w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
+    s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
+    w1 = w0
+    s1 = s0
+    w2 = w0
+    s2 = s0
+    if DEPTH >= 2:
+        w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
+        s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
+    if DEPTH >= 3:
+        w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
+        s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+    return w0, s0, w1, s1, w2, s2
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
 def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
@@ -835,7 +856,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        DEPTH: tl.constexpr, RED: tl.constexpr, XQ: tl.constexpr, ASM: tl.constexpr,
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
                        NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None,
-                       h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0):
+                       h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0,
+                       EARLY: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -873,7 +895,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
-    and reads x; the other paths wait first thing. Every global write comes after the wait."""
+    and reads x; the other paths wait first thing, or with EARLY after loading their first DEPTH tiles
+    (`_gemv1_first`). Every global write comes after the wait."""
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = PARTS * GROUPS
     STEP: tl.constexpr = GROUPS * WORDS
@@ -895,14 +918,16 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         tl.static_assert(not ((GLU or NORM or RES) and XQ), "with x as levels the quantize kernel computes them")
         tl.static_assert(not (RES and (GLU or NORM)), "RES: the residual add alone")
+        lane = tl.arange(0, WORDS)[None, None, :]
+        rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
+        srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
+        if EARLY:  # the first tiles (weights: constants) load before the wait, while the kernel before finishes
+            w0, s0, w1, s1, w2, s2 = _gemv1_first(rows, srows, start, lane, hi, n_ok, STEP, DEPTH)
         if PDL:  # x (and x's factors) read after the wait; the weights may load before it
             z = pdl_wait(PDL, ASM)
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
             if RES:
                 r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
-        lane = tl.arange(0, WORDS)[None, None, :]
-        rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
-        srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
         xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
         uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs; NORM: the norm weight's
         if UI:  # u: the table's row ui_ptr[0] (K / 2 pairs a row)
@@ -929,18 +954,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             acc = tl.zeros((BLOCK_N, C, 1), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_N, C, WORDS), dtype=tl.float32)
-        w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
-        s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
-        w1 = w0
-        s1 = s0
-        w2 = w0
-        s2 = s0
-        if DEPTH >= 2:
-            w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
-            s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
-        if DEPTH >= 3:
-            w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
-            s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+        if not EARLY:
+            w0, s0, w1, s1, w2, s2 = _gemv1_first(rows, srows, start, lane, hi, n_ok, STEP, DEPTH)
         for tg in range(0, gpp, GROUPS):
             g0 = start + tg * WORDS
             gn = g0 + DEPTH * STEP
@@ -1369,7 +1384,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-               res: tuple | None = None, up_index: torch.Tensor | None = None):
+               res: tuple | None = None, up_index: torch.Tensor | None = None, early: bool | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1385,8 +1400,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     writes to h; res (r, wr, h, eps) with bf16 x and neither up nor norm: the input is h (r's norm with
     that eps), computed by the GEMV as it loads x, its first program writing h. up_index (one int64, bf16 x
     only): up is a table of rows of K, contiguous, and the input is gelu_tanh(x2) * up[up_index] (the GEMV
-    reads that row in place)."""
+    reads that row in place). early (bf16 x; default GEMV1_EARLY): the first tiles load before the PDL wait.
+    """
     N, K, G = _check(x2, qweight, scales)
+    early = GEMV1_EARLY if early is None else early
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
@@ -1413,7 +1430,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         NORM_STEPS=norm_steps(K // 2) if (norm is not None or res is not None) and not xq else 0,
         r_ptr=res[0] if res is not None and not xq else x2, wr_ptr=res[1] if res is not None and not xq else x2,
         h_ptr=res[2] if res is not None and not xq else x2, RES=int(res is not None and not xq),
-        ui_ptr=up_index if up_index is not None else x2, UI=int(up_index is not None), **_pdl_args(pdl_gemv, pdl_attr))
+        ui_ptr=up_index if up_index is not None else x2, UI=int(up_index is not None),
+        EARLY=int(early and not xq and pdl_gemv > 0), **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)

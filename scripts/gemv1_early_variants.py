@@ -1,0 +1,140 @@
+"""The small weights' M == 1 GEMV (bf16 x, one launch: `gemv1_plan`'s small branch) loading its first weight
+tiles before its PDL wait (`_int4_gemv1_kernel`'s EARLY) or after it, on E2B / E4B's chain of small
+projections (E4B's q / k / v as the op runs it: x as levels), in one GPU call (a measuring tool).
+
+    python -m scripts.gemv1_early_variants [--out gemv1_early_variants.json] [--rounds 5] [--models e2b,e4b]
+
+Why: E2B's decode step is ~15 launches a layer, each a few us (scripts/measurements/profile_e2b_whole.json);
+its small GEMVs (q / k / v with the input norm, the attention output, the per-layer-input gate with the
+residual add, the per-layer projection with its activation) wait for the kernel before them first thing,
+then ask HBM for their weights: a DRAM latency after the wait that the XQ loop of the larger weights
+hides by loading its first tile before the wait. Here each variant runs a model's layer of those four
+projections, each reading the one before's output (the attention a slice of q / k / v), as a chain of
+`--layers` layers on rotated weight copies (more bytes than the L2) in one CUDA graph, launched directly
+with the PDL attribute (`pdl_args`), as the artifact's launcher does; replays timed with CUDA events,
+the variants alternated `--rounds` times (median per round). Correctness: both variants' outputs bitwise
+equal, and one layer's projections within 1e-2 of fp32 on the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from export.gemma4.config import PRESETS
+from export.kernels import int4_matmul as im
+
+G = 128
+
+
+def layer_weights(cfg, dev):
+    """A layer's four small projections (qweight, scales) and the norm weights / per-layer-input table."""
+    H, P, L = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+    D = cfg.layer_head_dim(0)
+    qkv_n = cfg.num_attention_heads * D + 2 * cfg.layer_kv_heads(0) * D
+    shapes = {"qkv": (qkv_n, H), "o": (H, cfg.num_attention_heads * D), "gate": (P, H), "proj": (H, P)}
+    w = {k: im.quantize_int4(torch.randn(n, k_, device=dev) / k_ ** 0.5, G) for k, (n, k_) in shapes.items()}
+    assert not any(im.gemv1_plan(n, k_, G).xq for k, (n, k_) in shapes.items() if k != "qkv")  # bf16 x, one launch
+    w["w_in"] = torch.rand(H, device=dev, dtype=torch.bfloat16) + 0.5
+    w["w_post"] = torch.rand(H, device=dev, dtype=torch.bfloat16) + 0.5
+    w["table"] = torch.randn(1, L, P, device=dev, dtype=torch.bfloat16)
+    w["index"] = torch.tensor([3], device=dev)
+    return w
+
+
+def gemv(x, qs, early, **kw):
+    """As the op runs the weight (`gemv1_plan`: E4B's q / k / v takes x as levels, a quantize kernel first,
+    which EARLY leaves as it is), launched directly with the PDL attribute."""
+    q, s = qs
+    plan = im.gemv1_plan(q.shape[0], x.shape[1], G)
+    return im.int4_gemv1(x, q, s, plan.splits, kernel=im._gemv1_kernel(plan.cfg), xq=plan.xq, levels=plan.levels,
+                         pdl_quant=2 if plan.xq else 0, pdl_gemv=2, pdl_attr=True, early=early, **kw)
+
+
+def layer(x, w, early):
+    """x [1, H] -> the next layer's x: q / k / v (norm), o of the attention stand-in, the gate (residual
+    add), the per-layer projection (activation, its table row read in place)."""
+    qkv = gemv(x, w["qkv"], early, norm=(w["w_in"], 1e-6))
+    o = gemv(qkv[:, :w["o"][0].shape[1] * 2], w["o"], early)
+    h = torch.empty_like(x)
+    gate = gemv(x, w["gate"], early, res=(o, w["w_post"], h, 1e-6))
+    table = w["table"].reshape(-1, w["table"].shape[-1])
+    return gemv(gate, w["proj"], early, up=table, up_index=w["index"]), (qkv, o, h, gate)
+
+
+def fp32_layer(x, w):
+    deq = lambda k: im.dequantize_int4(*w[k], torch.float32)  # noqa: E731
+    qkv = im.rms_norm_reference(x.float(), w["w_in"].float(), 1e-6) @ deq("qkv").t()
+    return qkv
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("gemv1_early_variants.json"))
+    ap.add_argument("--models", default="e2b,e4b")
+    ap.add_argument("--layers", type=int, default=24, help="layers a graph, each on its own weight copy")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--replays", type=int, default=50)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    assert torch.cuda.get_device_capability()[0] >= 9, "PDL needs sm_90+"
+    torch.manual_seed(0)
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    import triton
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50)
+    doc = {"copy_gbps": 2 * src.numel() / copy_ms / 1e6, "layers": args.layers, "models": {}}
+    print(f"copy {doc['copy_gbps']:.0f} GB/s")
+    for name in args.models.split(","):
+        cfg = PRESETS[name]
+        ws = [layer_weights(cfg, dev) for _ in range(args.layers)]
+        x0 = torch.randn(1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+        outs, graphs = {}, {}
+        for early in (False, True):
+            x = x0.clone()
+            got = []
+            for w in ws:  # eager, then the graph
+                x, parts = layer(x, w, early)
+                got += [t.clone() for t in parts] + [x.clone()]
+            outs[early] = got
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                x = x0
+                for w in ws:
+                    x, _ = layer(x, w, early)
+            graphs[early] = g
+        bitwise = all(torch.equal(a, b) for a, b in zip(outs[False], outs[True]))
+        ref = fp32_layer(x0, ws[0])
+        err = ((outs[True][0].float() - ref).norm() / ref.norm()).item()
+        times = {False: [], True: []}
+        for _ in range(args.rounds):
+            for early in (False, True):
+                g = graphs[early]
+                for _ in range(5):
+                    g.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ts = []
+                for _ in range(args.replays):
+                    start.record()
+                    g.replay()
+                    end.record()
+                    end.synchronize()
+                    ts.append(start.elapsed_time(end) * 1e3 / args.layers)
+                times[early].append(statistics.median(ts))
+        row = {"us_per_layer_after_wait": times[False], "us_per_layer_early": times[True],
+               "bitwise_equal": bitwise, "qkv_rel_err_fp32": err}
+        doc["models"][name] = row
+        print(f"{name}: a layer's four small projections {statistics.median(times[False]):.2f} -> "
+              f"{statistics.median(times[True]):.2f} us (first tiles before the wait); bitwise {bitwise}, "
+              f"q/k/v vs fp32 {err:.1e}")
+    args.out.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
