@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-ids", type=_token_ids,
                         help="the prompt as comma-separated token ids (BOS included); works without a tokenizer.json")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128; fewer where the context ends first)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in a user turn (the checkpoint's chat template, else Gemma's turn format)")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -112,12 +112,18 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     if max(ids, default=0) >= meta.vocab_size:
         raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {meta.vocab_size}")
     stops = set(meta.eos_token_ids) | (tok.end_of_turn_ids() if args.chat else set())
-    check_fits(meta.ctx, len(ids), args.max_new_tokens)
+    max_new = args.max_new_tokens
+    if 0 < meta.ctx - len(ids) < max_new:  # the prompt fits: generate until the context is full
+        max_new = meta.ctx - len(ids)
+        print(f"note: the artifact's context holds {meta.ctx} tokens: after the {len(ids)}-token prompt, at most "
+              f"{max_new} new tokens (not {args.max_new_tokens}); re-export with a larger --ctx for more",
+              file=sys.stderr)
+    check_fits(meta.ctx, len(ids), max_new)
     with PeakSampler(resolve_device(meta.device, args.device)) as mem:
         runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         load_s = time.perf_counter() - t0
         stream = tok.stream() if tok is not None else None
-        for token in runner.generate(ids, args.max_new_tokens, sampling, stops):
+        for token in runner.generate(ids, max_new, sampling, stops):
             text = stream.step(tok.tokenizer, token) if tok is not None else f"{token} "
             if text:
                 sys.stdout.write(text)

@@ -268,6 +268,22 @@ def test_cli_reports_errors_without_a_traceback(art, tmp_path, capsys):
     assert rc == 2 and err.startswith("python -m runtime: error: ") and "exported context" in err
 
 
+def test_cli_stops_at_the_end_of_the_context(art, tmp_path, capsys):
+    """A prompt that fits with fewer new tokens than asked: the reply runs to the context's end, with a
+    note saying so (a prompt that does not fit at all is refused, above)."""
+    from runtime.artifact import Artifact
+
+    d = _copy_artifact(art[0], tmp_path / "a")
+    ctx = Artifact.open(d).metadata.ctx
+    ids = ",".join(["2"] + ["17"] * (ctx - 4))  # ctx - 3 tokens: room for 3
+    rc = cli_main(["--model", str(d), "--prompt-ids", ids, "--max-new-tokens", "10"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"at most 3 new tokens (not 10)" in captured.err
+    first = captured.out.strip().splitlines()[0]
+    assert len([] if first.startswith("[load") else first.split()) <= 3, captured.out  # an EOS may end it sooner
+
+
 def test_cli_runs_on_token_ids_without_a_tokenizer(art, tmp_path, capsys):
     d = _copy_artifact(art[0], tmp_path / "a")
     (d / "tokenizer.json").unlink(missing_ok=True)
