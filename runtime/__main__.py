@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-ids", type=_token_ids,
                         help="the prompt as comma-separated token ids (BOS included); works without a tokenizer.json")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to generate at most (default 128; fewer where the context ends first)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens to generate at most (default 128; fewer where the context ends first)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in a user turn (the checkpoint's chat template, else Gemma's turn format)")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
