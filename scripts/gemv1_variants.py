@@ -108,18 +108,7 @@ def _gemv1x_kernel(x_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, GP
             s = tl.load(srows + g0 // WORDS, mask=n_ok & ok, other=0.0)
             acc += _tile_dot(w, s, xw, g0, lane, ok, ASM, LOADONLY)
     else:
-        w0 = tl.load(rows + (start + lane), mask=n_ok & (start < hi), other=0)
-        s0 = tl.load(srows + start // WORDS, mask=n_ok & (start < hi), other=0.0)
-        w1 = w0
-        s1 = s0
-        w2 = w0
-        s2 = s0
-        if DEPTH >= 2:
-            w1 = tl.load(rows + (start + STEP + lane), mask=n_ok & (start + STEP < hi), other=0)
-            s1 = tl.load(srows + (start + STEP) // WORDS, mask=n_ok & (start + STEP < hi), other=0.0)
-        if DEPTH >= 3:
-            w2 = tl.load(rows + (start + 2 * STEP + lane), mask=n_ok & (start + 2 * STEP < hi), other=0)
-            s2 = tl.load(srows + (start + 2 * STEP) // WORDS, mask=n_ok & (start + 2 * STEP < hi), other=0.0)
+        w0, s0, w1, s1, w2, s2 = im._gemv1_first(rows, srows, start, lane, hi, n_ok, STEP, DEPTH)
         for tg in range(0, GPP, GROUPS):
             g0 = start + tg * WORDS
             gn = g0 + DEPTH * STEP
