@@ -115,7 +115,6 @@ def check_disk(cfg: ExportConfig) -> None:
     import shutil
 
     from export.gemma4.options import existing_ancestor
-
     from export.gemma4.planner import kv_items
 
     inputs = _plan_inputs(cfg, cfg.ctx)
