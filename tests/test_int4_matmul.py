@@ -654,7 +654,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         GLU=glu, NORM=int(not xq and not glu), eps=1e-6,
                         NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0,
                         r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, ui_ptr=torch.empty(1, dtype=torch.int64), UI=glu,
-                        **cfg.kwargs)
+                        EARLY=int(not xq and pdl > 0), **cfg.kwargs)  # bf16 x in PDL 2: first tiles before the wait
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     # bf16 x with the residual add (RES: the small weights' GEMV writes h)
     N2, K2 = 256, 1536
@@ -665,7 +665,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     cnt_ptr=torch.empty(1, dtype=torch.int32), N=N2, KW=K2 // 8, GPS=K2 // G, SPLITS=1,
                     stride_ww=K2 // 8, stride_sn=K2 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
                     LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), r_ptr=bf(K2),
-                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, ui_ptr=x, UI=0, **im.gemv1_plan(N2, K2, G).cfg.kwargs)
+                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, ui_ptr=x, UI=0, EARLY=int(pdl > 0),
+                    **im.gemv1_plan(N2, K2, G).cfg.kwargs)
         print("gemv1-res False 1", sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),
                                         (2, 2, 0, 1, 0), (1, 0, 0, 1, 0), (2, 2, 0, 1, 1), (2, 0, 0, 1, 1)):
@@ -687,7 +688,9 @@ def test_op_kernels_write_only_their_outputs():
     """torch's analysis of which arguments a wrapped Triton kernel writes must read the M == 1
     kernels as the op launches them: an op it cannot read (inline PTX with a side effect) makes it
     take every argument as written, and the compiled graph then clones the weight before each
-    call. The analysis runs on TTIR (no GPU), in each PDL mode the op launches (0, and 2 on sm_90+)."""
+    call. The analysis runs on TTIR (no GPU), in each PDL mode the op launches (0, and 2 on sm_90+; with bf16
+    x in mode 2 the first tiles loaded before the wait, EARLY). It takes every argument as passed (a kernel
+    argument left to its default makes it fail, and assume every one written): the op passes them all."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
