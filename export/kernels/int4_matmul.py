@@ -650,34 +650,10 @@ def _residual(x, r, wr, inv_r, DT_R: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, o, K):
-    """h^2 at offsets o (< K), h = x + rms_norm(r) * wr (`_residual`)."""
-    m = o < K
-    h = _residual(tl.load(x_ptr + o, mask=m, other=0.0).to(tl.float32),
-                  tl.load(r_ptr + o, mask=m, other=0.0).to(tl.float32),
-                  tl.load(wr_ptr + o, mask=m, other=0.0).to(tl.float32), inv_r,
-                  r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
-    return h * h
-
-
-@triton.jit
-def _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, K, eps, STEPS: tl.constexpr = 0):
-    """`_inv_rms` of h = x + rms_norm(r) * wr over [0:K] (`_residual`), h computed on the way."""
-    ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
-    if STEPS:
-        for i in tl.static_range(STEPS):
-            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i * NORM_BLOCK + tl.arange(0, NORM_BLOCK), K)
-    else:
-        for i in range(0, K, NORM_BLOCK):
-            ss += _residual_squares(x_ptr, r_ptr, wr_ptr, inv_r, i + tl.arange(0, NORM_BLOCK), K)
-    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + tl.cast(eps, tl.float32))
-
-
-@triton.jit
 def _inv_rms_pair(x_ptr, r_ptr, wr_ptr, K, eps, STEPS: tl.constexpr):
-    """(inv_r, inv_h): `_inv_rms` of r and `_inv_rms_residual` of h = x + rms_norm(r) * wr over [0:K] in STEPS
+    """(inv_r, inv_h): `_inv_rms` of r and of h = x + rms_norm(r) * wr (`_residual`) over [0:K] in STEPS
     NORM_BLOCK-wide steps, with x, r and wr loaded once, all in flight together, and kept in registers for h's
-    squares: one trip to the L2, not two (the same sums in the same order: bitwise their factors; the 31B's
+    squares: one trip to the L2, not two (bitwise the factors of a second pass over x, r and wr; the 31B's
     residual quantize kernel 3.69 -> 3.11 us, scripts/measurements/res_prologue_variants.json)."""
     xs = []
     rs = []
@@ -717,21 +693,16 @@ def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g,
     x = tl.load(x_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
     if RES:
         tl.static_assert(NORM == 1, "the residual's sum goes into the norm")
+        tl.static_assert(NORM_STEPS > 0, "the residual's norms in unrolled steps (`norm_steps`)")
         idx = g4 * GROUP + j * 8 + t * 2 + e
-        if NORM_STEPS:  # both factors from one trip to the L2
-            inv_r, inv_h = _inv_rms_pair(x_ptr, r_ptr, wr_ptr, NG * GROUP, eps, NORM_STEPS)
-        else:
-            inv_r = _inv_rms(r_ptr, NG * GROUP, eps, 0, NORM_STEPS)
+        inv_r, inv_h = _inv_rms_pair(x_ptr, r_ptr, wr_ptr, NG * GROUP, eps, NORM_STEPS)  # one trip to the L2
         x = _residual(x, tl.load(r_ptr + idx, mask=ok, other=0.0).to(tl.float32),
                       tl.load(wr_ptr + idx, mask=ok, other=0.0).to(tl.float32), inv_r,
                       r_ptr.dtype.element_ty, x_ptr.dtype.element_ty)
         tl.store(h_ptr + idx, x.to(h_ptr.dtype.element_ty), mask=ok)
     if NORM:
         if RES:
-            if NORM_STEPS:
-                inv = inv_h
-            else:
-                inv = _inv_rms_residual(x_ptr, r_ptr, wr_ptr, inv_r, NG * GROUP, eps, NORM_STEPS)
+            inv = inv_h
         else:
             inv = _inv_rms(x_ptr, NG * GROUP, eps, 0, NORM_STEPS)
         wn = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
