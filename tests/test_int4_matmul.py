@@ -575,7 +575,7 @@ _EARLY_COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_small_gemv_can_load_its_first_tiles_before_the_pdl_wait():
-    """EARLY (`GEMV1_EARLY`, a variant to measure: scripts/gemv1_early_variants.py): the small weights' GEMV
+    """EARLY (`GEMV1_EARLY`, the default: scripts/gemv1_early_variants.py): the small weights' GEMV
     compiled for sm_90 and sm_120 asks for its first weight tiles before `griddepcontrol.wait`, and without
     it after (the wait first thing), each config within the consumer cards' shared memory; no GPU."""
     rows = _script_rows(_EARLY_COMPILE_SCRIPT, "early")

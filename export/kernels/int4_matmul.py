@@ -118,7 +118,10 @@ GEMV1_XQ = True  # M == 1: x as int8 levels and dp4a (`_gemv1_loop_q`) instead o
 # model is to fp32 (0.67-0.73e-2); the E4B slice 1.29e-2 -> 1.00e-2. Two levels, at the price of ~5%
 # of the mid shapes' GEMV time.
 GEMV1_LEVELS = 2
-GEMV1_EARLY = False  # bf16-x M == 1 GEMVs (small weights): first tiles before the PDL wait (`_int4_gemv1_kernel`)
+# bf16-x M == 1 GEMVs (small weights): the first tiles load before the PDL wait (`_int4_gemv1_kernel`'s EARLY),
+# as the XQ loop's do. H200, E2B / E4B's four small projections a layer chained in CUDA graphs
+# (scripts/gemv1_early_variants.py, gemv1_early_variants.json): 16.9 -> 16.0 us, 19.8 -> 19.0 us, bitwise equal.
+GEMV1_EARLY = True
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
 # launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
