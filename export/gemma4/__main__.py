@@ -25,6 +25,7 @@ from export.gemma4.flags import add_export_arguments, export_fields
 from export.gemma4.options import ExportConfig, ExportConfigError, model_config, resolve
 from export.gemma4.planner import (
     DEFAULT_GPU_BUDGET,
+    Budget,
     DoesNotFit,
     PlanInputs,
     fit_prefill_chunk,
@@ -158,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         check_disk(cfg)
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
+    auto = f" (auto, for {Budget.of(args.gpu_budget)})" if str(args.ctx) == "auto" else ""
     print(f"exporting {cfg.name} for {resolved.device.value} ({str(resolved.dtype).removeprefix('torch.')}, "
-          f"quant {cfg.quant.value}) -> {cfg.out_dir}", file=sys.stderr)
+          f"quant {cfg.quant.value}, ctx {cfg.ctx}{auto}, prefill chunk {cfg.prefill_chunk}) -> {cfg.out_dir}",
+          file=sys.stderr)
     if cfg.checkpoint is not None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
         print(f"note: {cfg.checkpoint} has no tokenizer.json, so the artifact will not either: the runner "
               f"then takes token ids (python -m runtime --model {cfg.out_dir} --prompt-ids 2,...), or copy "
