@@ -121,7 +121,7 @@ GEMV1_LEVELS = 2
 # bf16-x M == 1 GEMVs (small weights): the first tiles load before the PDL wait (`_int4_gemv1_kernel`'s EARLY),
 # as the XQ loop's do. H200, E2B / E4B's four small projections a layer chained in CUDA graphs
 # (scripts/gemv1_early_variants.py, gemv1_early_variants.json): 16.9 -> 16.0 us, 19.8 -> 19.0 us, bitwise equal.
-GEMV1_EARLY = True
+GEMV1_EARLY = os.environ.get("GEMMA4_GEMV1_EARLY", "1") != "0"  # "0" in an exporting process: after the wait (A/B)
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
 # launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
