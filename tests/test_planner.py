@@ -304,7 +304,7 @@ MEASURED_H200 = {  # name: (config, ctx, kv dtype, NVML, allocator)
 # peak (what a sampler of the card sees) and the allocator's peak (GiB). The allocator peak fell
 # 0.21 GiB with int4 / int8 KV (a unit's graph frees the full layer's attention buffers before its
 # MLP; the plan still counts them there) and its reserve over it from 0.50 to 0.19 GiB; bf16 kept both.
-# As measured again on 2026-12-04 (runtime_31b.json, ninth run).
+# As measured again on 2026-12-04 (runtime_31b.json, ninth and tenth runs, the same to the MiB).
 MEASURED_H200_CHAIN = {  # name: (kv dtype, device NVML, allocator)
     "31b-12l-int4": ("int4", 7.732, 6.191),
     "31b-12l-int8": ("int8", 8.232, 6.691),
