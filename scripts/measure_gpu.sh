@@ -255,6 +255,11 @@ early_ab)  # the small weights' GEMV loading its first tiles before its PDL wait
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_EARLY --a 0 --b 1 --preset e4b --layers 6 --ctx 8192 \
       --fills 1024 --rounds 3 --workdir /tmp/ab --json "$OUT/early_ab_e4b.json" 2>&1 | tail -25
   ;;
+moe_prefill)  # the 26B-A4B's MoE prefill kernels (routing logits, counting sort, grouped int4 GEMMs) with fixed configs
+  # at M = 2048 / 512 (scripts/moe_prefill_variants.py, ~1 min), then the counting sort's BLOCK / warps alone
+  timeout 400 python -m scripts.moe_prefill_variants --ms 2048,512 --out "$OUT/moe_prefill_variants.json" 2>&1 | tail -60
+  timeout 120 python -m scripts.moe_prefill_variants --ms 2048,512 --align-only --out "$OUT/moe_align_variants.json" 2>&1 | tail -20
+  ;;
 e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (their own caches), then each runtime
   # stage alone; each into its own copy of variants.json (variants_e2b.json, variants_e4b.json; ~8 min)
   for v in e2b e4b; do
@@ -308,5 +313,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill" >&2; exit 2 ;;
 esac

@@ -465,8 +465,7 @@ gr_t = lambda out: sig(a_ptr="*bf16", sorted_ptr="*i32", row_off_ptr="*i32", q_p
                        s_ptr="*bf16", w_ptr="*fp32", out_ptr=out, N_OUT="i32", K="i32", E="i32", stride_am="i32",
                        **strides, stride_om="i32", NK_BUCKET="i32",
                        GATE_UP=C, TOP_K=C, FP32=C, GROUP=C, E_P2=C, TILE=C, BLOCK_N=C, BLOCK_K=C, JOIN=C)
-one = lambda pool, g=0: min([c for c in pool if not g or g % c.kwargs.get("BLOCK_K", 1) == 0],
-                            key=lambda c: c.num_warps)
+one = lambda pool, g=0: [c for c in pool if not g or g % c.kwargs.get("BLOCK_K", 1) == 0][0]  # what the op runs
 grouped = dict(TOP_K=8, FP32=False, E_P2=128)
 gemv1_t = sig(x_ptr="*bf16", scale_ptr="*bf16", w_ptr="*bf16", part_ptr="*fp32", ss_ptr="*fp32", H="i32", E="i32",
               stride_wn="i32", BLOCK_E=C, BLOCK_H=C, STEPS=C, PDL=C)

@@ -160,8 +160,17 @@ def _cfg(warps, stages, **blocks):
     return triton.Config(blocks, num_warps=warps, num_stages=stages)
 
 
-ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=16, BLOCK_E=be, BLOCK_H=bh) for be, bh, w, s in (
-    (16, 128, 4, 2), (32, 128, 4, 2), (16, 256, 4, 2), (32, 64, 4, 3))]
+# Each pool lists first the config an export without autotune runs (`_autotuned`'s one-config mode). The prefill
+# chunk's routing logits and grouped GEMMs at 26B-A4B width, H200, us at M = 2048 / 512
+# (scripts/moe_prefill_variants.py, scripts/measurements/moe_prefill_variants.json): routing 64 tokens x 128
+# experts a program 126.8 / 44.5 against 454.6 / 117.5 for 16 x 16 (the smallest, which the one-config mode ran
+# before); the grouped pair (gate / up, then down) with the weight tile interleaved back for one dot (JOIN), 64
+# rows x 128 columns, 1111 / 464 against 3718 / 1053 for 16-row tiles (BLOCK_K 64; the one-config mode ran 16 rows
+# at BLOCK_K 32 before, not timed there) and 3674 / 1165 for the best without JOIN. The counting sort before them
+# (`_align_kernel`, one program) took 776 / 195 us, 660 / 166 at best in BLOCK and warps (moe_align_variants.json).
+ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=bt, BLOCK_E=be, BLOCK_H=bh) for bt, be, bh, w, s in (
+    (64, 128, 32, 8, 3), (128, 128, 32, 8, 2), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3),
+    (16, 16, 128, 4, 2), (16, 32, 128, 4, 2), (16, 16, 256, 4, 2), (16, 32, 64, 4, 3))]
 # A thread holds 4 words (16 bytes) of a row; tiles with more rows than the threads lay out give
 # each thread several rows of the same words, which share the x loads and offsets (fewer
 # instructions per nibble) at the cost of fewer programs.
@@ -172,9 +181,9 @@ WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, 
 # the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.txt), one-config mode's pick
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
-    (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False), (64, 64, 64, 4, 3, False),
-    (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False),
-    (64, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
+    (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
+    (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False),
+    (64, 64, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
 # TILE: (token, slot) rows of one expert per program; JOIN: one dot over the interleaved tile
 
 
@@ -216,9 +225,8 @@ def _autotuned(kind: str, group: int = 0):
             "grouped_down": (GROUPED_CONFIGS, _grouped_kernel, ["N_OUT", "K", "GROUP", "NK_BUCKET"]),
         }[kind]
         configs = [c for c in pool if "BLOCK_K" not in c.kwargs or group % c.kwargs["BLOCK_K"] == 0]
-        if one:  # the word GEMVs' first config is the measured one; elsewhere the smallest
-            configs = configs[:1] if kind.startswith("words") else [
-                min(configs, key=lambda c: (config_smem_bytes(c, kind), c.num_warps))]
+        if one:  # each pool's first config (of those that suit the group) is the measured one
+            configs = configs[:1]
         _KERNELS[key] = triton.autotune(configs=configs, key=keys)(kernel)
     return _KERNELS[key]
 
