@@ -176,6 +176,7 @@ def compiled_smem() -> list[dict]:
     for fn in (moe_int4._route_logits_kernel, moe_int4._route_gemv1_kernel, moe_int4._route_topk_kernel,
                moe_int4._gemv_words_gate_up_kernel,
                moe_int4._gemv_words_down_kernel, moe_int4._sum_slices_kernel, moe_int4._align_kernel,
+               moe_int4._sort_count_kernel, moe_int4._sort_scan_kernel, moe_int4._sort_scatter_kernel,
                moe_int4._grouped_kernel):
         for cache in fn.device_caches.values():
             for kernel in cache[0].values():

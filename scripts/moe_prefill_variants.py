@@ -1,15 +1,15 @@
 """The 26B-A4B's MoE prefill kernels with fixed configs (a measuring tool, one GPU call): the routing logits
-(`_route_logits_kernel`), the counting sort (`_align_kernel`) and the grouped int4 GEMMs (`_grouped_kernel`,
-gate / up then down), each config launched directly, CUDA-graph timed (median), beside the configs the op's
-pools hold.
+(`_route_logits_kernel`), the counting sort (`_align_kernel`, one program, and `sort_entries`' three
+many-program kernels) and the grouped int4 GEMMs (`_grouped_kernel`, gate / up then down), each config
+launched directly, CUDA-graph timed (median), beside the configs the op's pools hold. CUDA only.
 
     python -m scripts.moe_prefill_variants [--ms 2048,512] [--out moe_prefill_variants.json]
-    TRITON_INTERPRET=1 python -m scripts.moe_prefill_variants --preset tiny-moe --ms 24 --out /tmp/m.json  # no GPU
+    python -m scripts.moe_prefill_variants --ms 2048,512 --align-only --out moe_align_variants.json
 
 Why: the 26B-A4B prefills a 2048-token prompt at ~8.8k tok/s where the dense 31B, eight times its active
 weights, does ~9k (scripts/measurements/variants.json, runtime_31b.json): its MoE block at M = 2048 took 4.5 ms a
 layer in scripts/measurements/moe_kernels.json (the grouped GEMMs ~50 TFLOP/s, the routing 464 us against 137 for
-the same routing in aten ops), and an export without autotune runs the smallest config of each pool.
+the same routing in aten ops), and an export without autotune ran the smallest config of each pool then.
 Correctness: each config's routing logits within 1e-5 of an fp32 matmul, each grouped pair's output within 1e-2
 of the fp32 reference on the dequantized weights (`moe_experts_reference`); a config Triton cannot fit is listed
 as skipped.
@@ -39,11 +39,6 @@ ALIGN = [(128, 4), (128, 8), (128, 16), (64, 4), (64, 8), (256, 8), (256, 16), (
 
 
 def _ms(fn) -> float:
-    if not torch.cuda.is_available():  # the Triton interpreter on a CPU: a check of the script, one run
-        import time
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
     from triton.testing import do_bench_cudagraph
     return do_bench_cudagraph(fn, rep=30)
 
@@ -85,22 +80,22 @@ def grouped_rows(layer, x, weights, idx, rows, only_align=False):
     srt = torch.empty((NK,), device=x.device, dtype=torch.int32)
     row_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
     align = lambda: mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=mi.ALIGN_BLOCK, E_P2=e_p2)  # noqa: E731
-    if torch.cuda.is_available():
-        align()
-        want_srt, want_off = srt.clone(), row_off.clone()
-        for block, w in ALIGN:
-            f = lambda: mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=block, E_P2=e_p2,  # noqa: E731
-                                               num_warps=w)
-            srt.zero_()
-            f()
-            assert torch.equal(srt, want_srt) and torch.equal(row_off, want_off), (block, w)
-            rows.append({"kernel": "align", "m": N, "config": f"block{block}w{w}", "us": _ms(f) * 1e3})
-        if only_align:
-            return
-    else:  # the counting sort does not run in the interpreter: its result from torch
-        flat = idx.flatten()
-        srt.copy_(torch.argsort(flat, stable=True).to(torch.int32))
-        row_off.copy_(torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=E).cumsum(0)]).to(torch.int32))
+    align()
+    want_srt, want_off = srt.clone(), row_off.clone()
+    for block, w in ALIGN:
+        f = lambda: mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=block, E_P2=e_p2,  # noqa: E731
+                                           num_warps=w)
+        srt.zero_()
+        f()
+        assert torch.equal(srt, want_srt) and torch.equal(row_off, want_off), (block, w)
+        rows.append({"kernel": "align", "m": N, "config": f"block{block}w{w}", "us": _ms(f) * 1e3})
+    par = lambda: mi.sort_entries(idx, srt, row_off, E, parallel=True)  # noqa: E731 (three many-program kernels)
+    srt.zero_()
+    par()
+    assert torch.equal(srt, want_srt) and torch.equal(row_off, want_off), "parallel sort"
+    rows.append({"kernel": "align", "m": N, "config": f"parallel{mi.SORT_BLOCK}", "us": _ms(par) * 1e3})
+    if only_align:
+        return
     want = mi.moe_experts_reference(x.float(), weights, idx, gu_q, gu_s, d_q, d_s).float()
     flops_gu, flops_d = 2 * NK * H * 2 * I, 2 * NK * I * H
     for t, bn, bk, w, s, j in GROUPED:
@@ -143,10 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("moe_prefill_variants.json"))
     ap.add_argument("--align-only", action="store_true", help="only the counting sort's variants")
     args = ap.parse_args(argv)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = torch.bfloat16
-    doc = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "preset": args.preset,
-           "copy_gbps": copy_gbps(dev),
+    dev, dt = "cuda", torch.bfloat16
+    doc = {"device": torch.cuda.get_device_name(), "preset": args.preset, "copy_gbps": copy_gbps(dev),
            "pools": {"route": [str(c) for c in mi.ROUTE_CONFIGS], "grouped": [str(c) for c in mi.GROUPED_CONFIGS]},
            "rows": []}
     layer = make_layer(args.preset, 128, dev, dt)

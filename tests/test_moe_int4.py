@@ -206,17 +206,27 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             for slices in (1, 3):  # the word GEMVs: fp32 x meets the nibble floats' offsets (~1e-4)
                 one = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices)
                 decode = max(decode, rel(one, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
-    print("same_ids", same_ids, "decode", decode, "worst", worst)
+    sorts_ok = True  # the prefill's counting sort, one program and many, against torch's stable argsort
+    for N, K, E in [(45, 3, 6), (700, 8, 128), (1, 8, 128), (300, 8, 5)]:  # 700 * 8: several scan steps
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)]) if E >= K else torch.randint(0, E, (N, K))
+        flat = idx.flatten()
+        want = torch.argsort(flat, stable=True).to(torch.int32)
+        want_off = torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=E).cumsum(0)]).to(torch.int32)
+        for parallel in (False, True):
+            srt, off = torch.full((N * K,), -7, dtype=torch.int32), torch.full((E + 1,), -7, dtype=torch.int32)
+            mo.sort_entries(idx, srt, off, E, parallel=parallel)
+            sorts_ok &= torch.equal(srt, want) and torch.equal(off, want_off)
+    print("sorts_ok", sorts_ok, "same_ids", same_ids, "decode", decode, "worst", worst)
 """)
 
 
 def test_triton_kernels_through_the_interpreter():
-    """Routing, the decode GEMVs and the prefill sort + grouped GEMMs at toy sizes, ~10 s."""
+    """Routing, the decode GEMVs and the prefill sort (both ways) + grouped GEMMs at toy sizes, ~10 s."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "same_ids True" in r.stdout, r.stdout
+    assert "same_ids True" in r.stdout and "sorts_ok True" in r.stdout, r.stdout
     assert float(r.stdout.split("worst")[-1]) < 1e-5
     assert float(r.stdout.split("decode")[-1].split()[0]) < 1e-3
 
@@ -414,6 +424,12 @@ _MUTATION_SCRIPT = textwrap.dedent("""
         "sum_slices": (mo._sum_slices_kernel, dict(part_ptr=z(2, H), out_ptr=x, N=H, SLICES=2, BLOCK=1024, PDL=2)),
         "align": (mo._align_kernel, dict(idx_ptr=idx, sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), NK=N * K, E=E,
                   BLOCK=128, E_P2=128)),
+        "sort_count": (mo._sort_count_kernel, dict(idx_ptr=idx, counts_ptr=i32(4 * 128), NK=N * K, BLOCK=64,
+                       E_P2=128)),
+        "sort_scan": (mo._sort_scan_kernel, dict(counts_ptr=i32(4 * 128), base_ptr=i32(4 * 128),
+                      row_off_ptr=i32(E + 1), NB=4, E=E, ROWS=32, E_P2=128)),
+        "sort_scatter": (mo._sort_scatter_kernel, dict(idx_ptr=idx, base_ptr=i32(4 * 128), row_off_ptr=i32(E + 1),
+                         sorted_ptr=i32(N * K), NK=N * K, E=E, BLOCK=64, E_P2=128)),
         "grouped_gate_up": (mo._autotuned("grouped_gate_up", 128), dict(a_ptr=x, q_ptr=guq, s_ptr=gus,
                             out_ptr=z(N * K, I, dtype=bf), N_OUT=I, K=H, stride_am=H, stride_om=I, GATE_UP=True,
                             GROUP=128, **grouped)),
@@ -437,6 +453,8 @@ def test_inductor_sees_only_the_outputs_written():
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     assert got == {"route": "['part_ptr', 'ss_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
                    "gemv_down": "['out_ptr']", "sum_slices": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr']",
+                   "sort_count": "['counts_ptr']", "sort_scan": "['base_ptr', 'row_off_ptr']",
+                   "sort_scatter": "['sorted_ptr']",
                    "grouped_gate_up": "['out_ptr']", "grouped_down": "['out_ptr']"}, r.stdout + r.stderr[-2000:]
 
 
@@ -479,6 +497,12 @@ cases = [
     (mo._gemv_words_down_kernel, dn_t, dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True), one(mo.WORDS_DOWN_CONFIGS)),
     (mo._sum_slices_kernel, sum_t, dict(SLICES=2, BLOCK=1024), None),
     (mo._align_kernel, al_t, dict(BLOCK=mo.ALIGN_BLOCK, E_P2=128), None),
+    (mo._sort_count_kernel, sig(idx_ptr="*i64", counts_ptr="*i32", NK="i32", BLOCK=C, E_P2=C),
+     dict(BLOCK=mo.SORT_BLOCK, E_P2=128), None),
+    (mo._sort_scan_kernel, sig(counts_ptr="*i32", base_ptr="*i32", row_off_ptr="*i32", NB="i32", E="i32", ROWS=C,
+                               E_P2=C), dict(ROWS=mo.SORT_SCAN_ROWS, E_P2=128), None),
+    (mo._sort_scatter_kernel, sig(idx_ptr="*i64", base_ptr="*i32", row_off_ptr="*i32", sorted_ptr="*i32", NK="i32",
+                                  E="i32", BLOCK=C, E_P2=C), dict(BLOCK=mo.SORT_BLOCK, E_P2=128), None),
     (mo._grouped_kernel, gr_t("*bf16"), dict(GATE_UP=True, GROUP=128, **grouped), one(mo.GROUPED_CONFIGS, 128)),
     (mo._grouped_kernel, gr_t("*fp32"), dict(GATE_UP=False, GROUP=64, **grouped), one(mo.GROUPED_CONFIGS, 64)),
 ]
@@ -502,6 +526,6 @@ def test_kernels_compile_for_consumer_cards_within_shared_memory():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.strip().splitlines()]
-    assert len(lines) == 18 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
+    assert len(lines) == 24 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
     assert all(int(shared) <= mo.SMEM_LIMIT_BYTES for _, _, shared in lines), r.stdout
 

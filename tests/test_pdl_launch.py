@@ -104,7 +104,7 @@ def test_the_waiting_kernels_are_the_families_and_inductor_s_own(monkeypatch):
     # other int4 kernels and the MoE prefill's
     no_wait = ("triton_tem_fused_mm_0", "_prefill_body", "_prefill_combine", "_int4_matmul_kernel",
                "_int4_dequant_kernel", "_sum_splits_kernel", "_int4_gemv_mma_kernel", "_align_kernel",
-               "_grouped_kernel")
+               "_sort_count_kernel", "_sort_scan_kernel", "_sort_scatter_kernel", "_grouped_kernel")
     assert not [k for k in no_wait for n in names if k.startswith(n)]
     monkeypatch.setattr(backend, "INDUCTOR_PDL", False)
     assert not any(n.startswith("triton_") for n in backend.waiting_kernels())

@@ -67,6 +67,13 @@ from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 ALIGN_BLOCK = 128  # entries per step of the counting sort
+# The prefill's counting sort as three launches of many programs (`_sort_count_kernel`, `_sort_scan_kernel`,
+# `_sort_scatter_kernel`: the same stable order) instead of `_align_kernel`'s one program, which took 776 us of a
+# 2048-token chunk's MoE block on the H200 (moe_align_variants.json). Off until measured: env SORT_PARALLEL_ENV
+# "1" in an exporting process asks for it (read at each launch, an A/B switch for scripts/export_ab.py).
+SORT_PARALLEL_ENV = "GEMMA4_MOE_SORT_PARALLEL"
+SORT_BLOCK = 64  # entries per program of the count and scatter kernels
+SORT_SCAN_ROWS = 32  # blocks per step of the scan
 ROUTE_H_SLICE = 256  # hidden dims per routing program (a multiple of every BLOCK_H): 11 slices at 2816
 # a decode step's MoE kernels are compiled to wait on the grid before them (export/kernels/pdl.py) on
 # sm_90+, first thing (the expert kernels' weight addresses come from the routing's idx), but the
@@ -82,6 +89,11 @@ PDL_KERNELS: tuple[str, ...] = ()
 # 2-layer slice's decode step from 0.287 to 0.277 ms (scripts/measurements/route_ab_26b_2l.json).
 ROUTE_GEMV1_ENV = "GEMMA4_ROUTE_GEMV1"
 ROUTE_GEMV1_BLOCK_E, ROUTE_GEMV1_BLOCK_H = 2, 512  # experts a program (64 programs at E = 128), H a step
+
+
+def sort_parallel() -> bool:
+    """Whether the prefill's counting sort takes the three many-program kernels (env SORT_PARALLEL_ENV "1")."""
+    return os.environ.get(SORT_PARALLEL_ENV, "0") == "1"
 
 
 def route_gemv1() -> bool:
@@ -619,6 +631,49 @@ def _align_kernel(idx_ptr, sorted_ptr, row_off_ptr, NK, E, BLOCK: tl.constexpr, 
 
 
 @triton.jit
+def _sort_count_kernel(idx_ptr, counts_ptr, NK, BLOCK: tl.constexpr, E_P2: tl.constexpr):
+    """counts[b, e]: the entries of expert e among block b's BLOCK (token, slot) entries."""
+    b = tl.program_id(0)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(idx_ptr + offs, mask=offs < NK, other=-1).to(tl.int32)
+    ex = tl.arange(0, E_P2)
+    tl.store(counts_ptr + b * E_P2 + ex, tl.sum((ids[:, None] == ex[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _sort_scan_kernel(counts_ptr, base_ptr, row_off_ptr, NB, E, ROWS: tl.constexpr, E_P2: tl.constexpr):
+    """One program over the NB blocks' counts: base[b, e] = expert e's entries in the blocks before b, and
+    row_off[e] .. row_off[e + 1] expert e's rows of the sorted order (as `_align_kernel` writes it)."""
+    ex = tl.arange(0, E_P2)
+    running = tl.zeros((E_P2,), dtype=tl.int32)
+    for b0 in range(0, NB, ROWS):
+        rows = b0 + tl.arange(0, ROWS)
+        ok = rows < NB
+        at = rows[:, None] * E_P2 + ex[None, :]
+        c = tl.load(counts_ptr + at, mask=ok[:, None], other=0)
+        tl.store(base_ptr + at, tl.cumsum(c, axis=0) - c + running[None, :], mask=ok[:, None])
+        running += tl.sum(c, axis=0)
+    running = tl.where(ex < E, running, 0)
+    tl.store(row_off_ptr + 1 + ex, tl.cumsum(running, axis=0), mask=ex < E)
+    tl.store(row_off_ptr + ex, tl.zeros((E_P2,), dtype=tl.int32), mask=ex == 0)
+
+
+@triton.jit
+def _sort_scatter_kernel(idx_ptr, base_ptr, row_off_ptr, sorted_ptr, NK, E, BLOCK: tl.constexpr, E_P2: tl.constexpr):
+    """Block b's entries to their places in the sorted order: their expert's first row, the expert's entries
+    in the blocks before (base) and the earlier ones of this block (stable, as `_align_kernel`)."""
+    b = tl.program_id(0)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NK
+    ids = tl.load(idx_ptr + offs, mask=ok, other=-1).to(tl.int32)
+    ex = tl.arange(0, E_P2)
+    hit = (ids[:, None] == ex[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hit, axis=0) * hit, axis=1) - 1
+    start = tl.load(row_off_ptr + ex, mask=ex < E, other=0) + tl.load(base_ptr + b * E_P2 + ex)
+    tl.store(sorted_ptr + tl.sum(hit * start[None, :], axis=1) + rank, offs, mask=ok & (ids >= 0) & (ids < E))
+
+
+@triton.jit
 def _grouped_step(acc, a_even, a_odd, w_rows, s_rows, k0, n_ok, offs_b, stride_qn, stride_sn, row0,
                   GROUP: tl.constexpr, FP32: tl.constexpr, JOIN: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr):
@@ -818,6 +873,24 @@ def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity,
     return launch_decode_down(act, w1, idx1, d_q, d_s, x.dtype, wrap, down_cfg, slices)
 
 
+def sort_entries(idx: torch.Tensor, sorted_entries: torch.Tensor, row_off: torch.Tensor, E: int, wrap=_identity,
+                 parallel: bool | None = None) -> None:
+    """The (token, slot) entries of idx [N, top_k] grouped by expert, stable, into sorted_entries [N * top_k]
+    and each expert's row range into row_off [E + 1]: `_align_kernel` (one program) or, with `parallel`
+    (None: `sort_parallel()`), the count / scan / scatter kernels over SORT_BLOCK entries a program."""
+    NK = idx.shape[0] * idx.shape[1]
+    e_p2 = triton.next_power_of_2(E)
+    if not (sort_parallel() if parallel is None else parallel):
+        wrap(_align_kernel)[(1,)](idx, sorted_entries, row_off, NK, E, BLOCK=ALIGN_BLOCK, E_P2=e_p2)
+        return
+    nb = (NK + SORT_BLOCK - 1) // SORT_BLOCK
+    counts = torch.empty((nb, e_p2), device=idx.device, dtype=torch.int32)
+    base = torch.empty((nb, e_p2), device=idx.device, dtype=torch.int32)
+    wrap(_sort_count_kernel)[(nb,)](idx, counts, NK, BLOCK=SORT_BLOCK, E_P2=e_p2)
+    wrap(_sort_scan_kernel)[(1,)](counts, base, row_off, nb, E, ROWS=SORT_SCAN_ROWS, E_P2=e_p2)
+    wrap(_sort_scatter_kernel)[(nb,)](idx, base, row_off, sorted_entries, NK, E, BLOCK=SORT_BLOCK, E_P2=e_p2)
+
+
 def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity):
     """Any number of tokens: sort the (token, slot) entries by expert, a grouped GEMM per
     projection over the experts' tiles, then each token sums its top_k weighted outputs."""
@@ -829,7 +902,7 @@ def launch_experts_grouped(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity
     sorted_entries = torch.empty((NK,), device=x.device, dtype=torch.int32)
     row_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
     e_p2 = triton.next_power_of_2(E)
-    wrap(_align_kernel)[(1,)](idx.contiguous(), sorted_entries, row_off, NK, E, BLOCK=ALIGN_BLOCK, E_P2=e_p2)
+    sort_entries(idx.contiguous(), sorted_entries, row_off, E, wrap)
     bucket = min(triton.next_power_of_2(NK), 16384) if isinstance(NK, int) else 16384  # the autotuner's key
     fp32 = x.dtype == torch.float32
     act = torch.empty((NK, I), device=x.device, dtype=x.dtype)  # grouped order
