@@ -34,7 +34,10 @@ GROUPED = [(16, 64, 64, 4, 3, 0), (64, 64, 64, 4, 3, 0), (64, 128, 64, 4, 3, 0),
            (128, 128, 64, 8, 2, 0), (64, 128, 64, 4, 3, 1), (128, 128, 64, 8, 2, 1),
            (128, 128, 64, 8, 3, 0), (128, 128, 128, 8, 2, 0), (128, 64, 128, 4, 3, 0), (64, 128, 128, 4, 2, 0),
            (128, 256, 64, 8, 2, 0), (64, 256, 64, 8, 3, 0), (128, 128, 128, 8, 2, 1), (128, 64, 128, 8, 3, 1),
-           (256, 64, 64, 8, 2, 0), (128, 128, 32, 8, 4, 0)]  # TILE, BLOCK_N, BLOCK_K, warps, stages, JOIN
+           (256, 64, 64, 8, 2, 0), (128, 128, 32, 8, 4, 0),
+           (64, 128, 128, 4, 3, 1), (64, 64, 128, 4, 3, 1), (128, 64, 64, 4, 3, 1), (64, 128, 64, 8, 3, 1),
+           (64, 128, 64, 4, 4, 1), (32, 128, 64, 4, 3, 1)]  # TILE, BLOCK_N, BLOCK_K, warps, stages, JOIN
+# (the op's pool, GROUPED_CONFIGS, lists its measured one first; BLOCK_K 128 fits gate / up's groups only)
 ALIGN = [(128, 4), (128, 8), (128, 16), (64, 4), (64, 8), (256, 8), (256, 16), (32, 4)]  # BLOCK, warps
 
 
@@ -100,12 +103,17 @@ def grouped_rows(layer, x, weights, idx, rows, only_align=False):
     flops_gu, flops_d = 2 * NK * H * 2 * I, 2 * NK * I * H
     for t, bn, bk, w, s, j in GROUPED:
         tag = f"t{t}n{bn}k{bk}w{w}s{s}" + ("j" if j else "")
-        if g_gu % bk or g_d % bk:
+        if g_gu % bk:
             continue
         act = torch.empty((NK, I), device=x.device, dtype=x.dtype)
         out = torch.empty((NK, H), device=x.device, dtype=torch.float32)
         kw = dict(TOP_K=K, FP32=False, E_P2=e_p2, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=bool(j), num_warps=w,
                   num_stages=s)
+        kw_d = kw  # down's group (64 at 26B-A4B's I = 704) may not take this BLOCK_K: then the op's config
+        if g_d % bk:
+            c = next(c for c in mi.GROUPED_CONFIGS if g_d % c.kwargs["BLOCK_K"] == 0)
+            kw_d = dict(kw, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            tag += "+opdown"
 
         def gate_up():
             mi._grouped_kernel[(triton.cdiv(NK, t) + E, triton.cdiv(I, bn))](
@@ -113,9 +121,9 @@ def grouped_rows(layer, x, weights, idx, rows, only_align=False):
                 gu_s.stride(0), gu_s.stride(1), act.stride(0), 16384, GATE_UP=True, GROUP=g_gu, **kw)
 
         def down():
-            mi._grouped_kernel[(triton.cdiv(NK, t) + E, triton.cdiv(H, bn))](
+            mi._grouped_kernel[(triton.cdiv(NK, kw_d["TILE"]) + E, triton.cdiv(H, kw_d["BLOCK_N"]))](
                 act, srt, row_off, d_q, d_s, weights, out, H, I, E, act.stride(0), d_q.stride(0), d_q.stride(1),
-                d_s.stride(0), d_s.stride(1), out.stride(0), 16384, GATE_UP=False, GROUP=g_d, **kw)
+                d_s.stride(0), d_s.stride(1), out.stride(0), 16384, GATE_UP=False, GROUP=g_d, **kw_d)
         try:
             gate_up()
             down()
