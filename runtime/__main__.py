@@ -32,6 +32,16 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give e.g. cuda, cuda:1 or cpu") from None
+    return text
+
+
 def _top_p(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:  # also refuses nan
@@ -70,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", type=_device, default=None,
                    help="device to run on, e.g. cuda:1 (default: the one the artifact was compiled for)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode through the compiled method's own calls instead of a replayed CUDA graph")
