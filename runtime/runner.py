@@ -361,6 +361,9 @@ def resolve_device(compiled_for: str, requested: str | None) -> str:
     """The artifact's .so runs only on the device type it was compiled for."""
     if requested is None:
         return "cuda:0" if compiled_for == "cuda" else "cpu"
+    if torch.device(requested).type not in ("cpu", "cuda"):
+        raise ArtifactError(f"--device {requested}: artifacts run on cpu or cuda (this one was compiled for "
+                            f"{compiled_for})")
     if torch.device(requested).type != compiled_for:
         raise ArtifactError(
             f"the artifact was compiled for {compiled_for}, not {requested}; re-export with --device "

@@ -216,3 +216,18 @@ def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
 def test_benchmark_arguments(argv, message, tmp_path):
     assert_refused(cli(*argv, cwd=tmp_path), message)
     assert files_under(tmp_path) == []
+
+
+def test_runtime_device_against_the_artifact():
+    """The runner's --device against what the artifact was compiled for: a device type no artifact runs on is
+    named as such (not "re-export with --device mps", which the exporter refuses); another type asks for a
+    re-export; cuda means the first GPU."""
+    from runtime.artifact import ArtifactError
+    from runtime.runner import resolve_device
+
+    assert resolve_device("cuda", None) == "cuda:0" and resolve_device("cuda", "cuda") == "cuda:0"
+    assert resolve_device("cuda", "cuda:1") == "cuda:1" and resolve_device("cpu", None) == "cpu"
+    with pytest.raises(ArtifactError, match="artifacts run on cpu or cuda"):
+        resolve_device("cpu", "mps")
+    with pytest.raises(ArtifactError, match="re-export with --device cuda"):
+        resolve_device("cpu", "cuda:1")
