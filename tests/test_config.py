@@ -51,6 +51,10 @@ def test_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(ConfigError, match="not valid JSON"):
         Gemma4Config.from_json(tmp_path)
+    for other in ("llama", "gemma3", "gemma3_text"):  # another model's config: named as such, not a missing field
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": other, "hidden_size": 64}))
+        with pytest.raises(ConfigError, match=f"model_type '{other}' is not Gemma 4"):
+            Gemma4Config.from_json(tmp_path)
 
 
 @pytest.mark.parametrize("hf_name", list(NAMES))

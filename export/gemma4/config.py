@@ -135,6 +135,10 @@ class Gemma4Config:
         """Parse a config.json dict: text-only `gemma4_text` or multimodal `gemma4` (whose
         text part sits under `text_config`), in either head-geometry form (module docstring)."""
         where = source
+        kind = raw.get("model_type")
+        if kind is not None and kind not in ("gemma4", "gemma4_text"):
+            raise ConfigError(f"{source}: model_type {kind!r} is not Gemma 4 (gemma4 or gemma4_text); this exporter "
+                              "reads Gemma 4 checkpoints only")
         if "text_config" in raw and raw.get("model_type") != "gemma4_text":
             if not isinstance(raw["text_config"], dict):
                 raise ConfigError(f"{source}: text_config is not an object")
