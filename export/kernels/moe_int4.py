@@ -33,9 +33,10 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe. On sm_90+ the
   routing's and the decode's kernels are compiled to wait on the grid before them, but launched
   without programmatic dependent launch (`PDL_KERNELS`: measured slower with it).
-- prefill (N dynamic): `_align_kernel` (one program) counts the N * top_k (token, slot)
-  entries per expert and writes them grouped by expert (a stable counting sort) and the
-  per-expert row offsets; `_grouped_kernel` runs one TILE-row tile of one expert per program
+- prefill (N dynamic): `sort_entries` counts the N * top_k (token, slot) entries per expert
+  and writes them grouped by expert (a stable counting sort) and the per-expert row offsets,
+  in one program (`_align_kernel`) or as count / scan / scatter kernels of many programs
+  (`SORT_PARALLEL_ENV`); `_grouped_kernel` runs one TILE-row tile of one expert per program
   (TILE is a config: the program finds its expert from the row offsets), a tensor-core dot
   over dequantized weight tiles: gate_up writes the activations in grouped order, down writes
   each entry's weighted output in place, and a sum over the top_k slots gives each token's
@@ -194,8 +195,8 @@ WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, 
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
     (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
-    (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False), (64, 64, 32, 4, 4, False),
-    (64, 64, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
+    (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False),
+    (64, 64, 32, 4, 4, False), (64, 64, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
 # TILE: (token, slot) rows of one expert per program; JOIN: one dot over the interleaved tile
 
 
