@@ -25,7 +25,7 @@ import torch
 import triton
 
 from export.kernels import moe_int4 as mi
-from scripts.bench_moe import copy_gbps, make_layer
+from scripts.bench_moe import _time_ms, copy_gbps, make_layer
 
 ROUTE = [(16, 16, 128, 4, 2), (16, 32, 128, 4, 2), (32, 32, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 64, 4, 3),
          (64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (128, 32, 64, 8, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 2),
@@ -42,8 +42,7 @@ ALIGN = [(128, 4), (128, 8), (128, 16), (64, 4), (64, 8), (256, 8), (256, 16), (
 
 
 def _ms(fn) -> float:
-    from triton.testing import do_bench_cudagraph
-    return do_bench_cudagraph(fn, rep=30)
+    return _time_ms(fn, "cuda")  # CUDA-graph replays, bench_moe's timing
 
 
 def route_rows(layer, x, rows):
