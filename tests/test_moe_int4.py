@@ -117,6 +117,15 @@ def test_decode_routing_takes_the_gemv_unless_switched_off(monkeypatch):
     assert mo.route_gemv1()
 
 
+def test_prefill_sort_is_one_program_unless_switched_on(monkeypatch):
+    """The one-program counting sort is the default (the parallel one is not measured yet);
+    GEMMA4_MOE_SORT_PARALLEL=1 asks for the count / scan / scatter kernels."""
+    monkeypatch.delenv(mo.SORT_PARALLEL_ENV, raising=False)
+    assert not mo.sort_parallel()
+    monkeypatch.setenv(mo.SORT_PARALLEL_ENV, "1")
+    assert mo.sort_parallel()
+
+
 def test_fake_shapes_and_shape_check():
     from torch._subclasses.fake_tensor import FakeTensorMode
     stacks, _ = _stacks()
