@@ -72,32 +72,33 @@ def route_rows(layer, x, rows):
                      "tflops": 2 * N * H * E / us / 1e6})
 
 
-def grouped_rows(layer, x, weights, idx, rows, only_align=False):
+def sort_rows(idx, E, rows):
+    """The counting sort at each BLOCK / warps (`_align_kernel`, one program) and as `sort_entries`' three
+    many-program kernels, each bitwise the first's: -> (sorted entries, row offsets)."""
+    N, K = idx.shape
+    NK, e_p2 = N * K, triton.next_power_of_2(E)
+    srt = torch.empty((NK,), device=idx.device, dtype=torch.int32)
+    row_off = torch.empty((E + 1,), device=idx.device, dtype=torch.int32)
+    mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=mi.ALIGN_BLOCK, E_P2=e_p2)
+    want_srt, want_off = srt.clone(), row_off.clone()
+    runs = {f"block{b}w{w}": (lambda b=b, w=w: mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=b, E_P2=e_p2,
+                                                                        num_warps=w)) for b, w in ALIGN}
+    runs[f"parallel{mi.SORT_BLOCK}"] = lambda: mi.sort_entries(idx, srt, row_off, E, parallel=True)
+    for tag, f in runs.items():
+        srt.zero_()
+        f()
+        assert torch.equal(srt, want_srt) and torch.equal(row_off, want_off), tag
+        rows.append({"kernel": "align", "m": N, "config": tag, "us": _ms(f) * 1e3})
+    return srt, row_off
+
+
+def grouped_rows(layer, x, weights, idx, srt, row_off, rows):
     N, H = x.shape
     E, I, K = layer["E"], layer["I"], layer["top_k"]
     gu_q, gu_s, d_q, d_s = layer["stacks"]
     g_gu, g_d = mi._groups(gu_s, d_s, H, I)
     NK = N * K
     e_p2 = triton.next_power_of_2(E)
-    srt = torch.empty((NK,), device=x.device, dtype=torch.int32)
-    row_off = torch.empty((E + 1,), device=x.device, dtype=torch.int32)
-    align = lambda: mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=mi.ALIGN_BLOCK, E_P2=e_p2)  # noqa: E731
-    align()
-    want_srt, want_off = srt.clone(), row_off.clone()
-    for block, w in ALIGN:
-        f = lambda: mi._align_kernel[(1,)](idx, srt, row_off, NK, E, BLOCK=block, E_P2=e_p2,  # noqa: E731
-                                           num_warps=w)
-        srt.zero_()
-        f()
-        assert torch.equal(srt, want_srt) and torch.equal(row_off, want_off), (block, w)
-        rows.append({"kernel": "align", "m": N, "config": f"block{block}w{w}", "us": _ms(f) * 1e3})
-    par = lambda: mi.sort_entries(idx, srt, row_off, E, parallel=True)  # noqa: E731 (three many-program kernels)
-    srt.zero_()
-    par()
-    assert torch.equal(srt, want_srt) and torch.equal(row_off, want_off), "parallel sort"
-    rows.append({"kernel": "align", "m": N, "config": f"parallel{mi.SORT_BLOCK}", "us": _ms(par) * 1e3})
-    if only_align:
-        return
     want = mi.moe_experts_reference(x.float(), weights, idx, gu_q, gu_s, d_q, d_s).float()
     flops_gu, flops_d = 2 * NK * H * 2 * I, 2 * NK * I * H
     for t, bn, bk, w, s, j in GROUPED:
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
         weights, idx = weights.float().contiguous(), idx.contiguous()
         if not args.align_only:
             route_rows(layer, x, doc["rows"])
-        grouped_rows(layer, x, weights, idx, doc["rows"], args.align_only)
+        srt, row_off = sort_rows(idx, layer["E"], doc["rows"])
+        if not args.align_only:
+            grouped_rows(layer, x, weights, idx, srt, row_off, doc["rows"])
         for r in doc["rows"]:
             if r["m"] == m:
                 print(f"m {m:5d} {r['kernel']:13s} {r['config']:18s} "
