@@ -35,8 +35,8 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   without programmatic dependent launch (`PDL_KERNELS`: measured slower with it).
 - prefill (N dynamic): `sort_entries` counts the N * top_k (token, slot) entries per expert
   and writes them grouped by expert (a stable counting sort) and the per-expert row offsets,
-  in one program (`_align_kernel`) or as count / scan / scatter kernels of many programs
-  (`SORT_PARALLEL_ENV`); `_grouped_kernel` runs one TILE-row tile of one expert per program
+  as count / scan / scatter kernels of many programs (or, with `SORT_PARALLEL_ENV` "0", in one
+  program: `_align_kernel`); `_grouped_kernel` runs one TILE-row tile of one expert per program
   (TILE is a config: the program finds its expert from the row offsets), a tensor-core dot
   over dequantized weight tiles: gate_up writes the activations in grouped order, down writes
   each entry's weighted output in place, and a sum over the top_k slots gives each token's
@@ -69,9 +69,11 @@ from export.kernels.pdl import op_pdl_mode, pdl_wait
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
 ALIGN_BLOCK = 128  # entries per step of the counting sort
 # The prefill's counting sort as three launches of many programs (`_sort_count_kernel`, `_sort_scan_kernel`,
-# `_sort_scatter_kernel`: the same stable order) instead of `_align_kernel`'s one program, which took 776 us of a
-# 2048-token chunk's MoE block on the H200 (moe_align_variants.json). Off until measured: env SORT_PARALLEL_ENV
-# "1" in an exporting process asks for it (read at each launch, an A/B switch for scripts/export_ab.py).
+# `_sort_scatter_kernel`: the same stable order) instead of `_align_kernel`'s one program. H200, the 26B-A4B's
+# chunk (moe_align_variants.json, bitwise the one program's order): 775.8 -> 19.6 us at 2048 tokens (the one
+# program's best BLOCK / warps 659.7), 194.7 -> 11.0 at 512; the whole model's prefill 18472 -> 23338 tok/s
+# (variants.json). Env SORT_PARALLEL_ENV "0" in an exporting process takes the one program (read at each launch,
+# an A/B switch for scripts/export_ab.py).
 SORT_PARALLEL_ENV = "GEMMA4_MOE_SORT_PARALLEL"
 SORT_BLOCK = 64  # entries per program of the count and scatter kernels
 SORT_SCAN_ROWS = 32  # blocks per step of the scan
@@ -93,8 +95,9 @@ ROUTE_GEMV1_BLOCK_E, ROUTE_GEMV1_BLOCK_H = 2, 512  # experts a program (64 progr
 
 
 def sort_parallel() -> bool:
-    """Whether the prefill's counting sort takes the three many-program kernels (env SORT_PARALLEL_ENV "1")."""
-    return os.environ.get(SORT_PARALLEL_ENV, "0") == "1"
+    """Whether the prefill's counting sort takes the three many-program kernels (yes unless env SORT_PARALLEL_ENV
+    is "0")."""
+    return os.environ.get(SORT_PARALLEL_ENV, "1") != "0"
 
 
 def route_gemv1() -> bool:
@@ -177,10 +180,11 @@ def _cfg(warps, stages, **blocks):
 # chunk's routing logits and grouped GEMMs at 26B-A4B width, H200, us at M = 2048 / 512
 # (scripts/moe_prefill_variants.py, scripts/measurements/moe_prefill_variants.json): routing 64 tokens x 128
 # experts a program 126.8 / 44.5 against 454.6 / 117.5 for 16 x 16 (the smallest, which the one-config mode ran
-# before); the grouped pair (gate / up, then down) with the weight tile interleaved back for one dot (JOIN), 64
-# rows x 128 columns, 1111 / 464 against 3718 / 1053 for 16-row tiles (BLOCK_K 64; the one-config mode ran 16 rows
-# at BLOCK_K 32 before, not timed there) and 3674 / 1165 for the best without JOIN. The counting sort before them
-# (`_align_kernel`, one program) took 776 / 195 us, 660 / 166 at best in BLOCK and warps (moe_align_variants.json).
+# before); the grouped pair (gate / up, then down) with the weight tile interleaved back for one dot (JOIN): 128
+# rows x 64 columns 919 / 642, 64 x 128 1107 / 464, against 3719 / 1047 for 16-row tiles (BLOCK_K 64; the
+# one-config mode ran 16 rows at BLOCK_K 32 before, not timed there) and 3667 / 1167 for the best without JOIN;
+# the first is the fastest at the 2048-token chunk the 24 GB recipe fits (gate / up's BLOCK_K 128, a down config
+# of its own: 1055 / 446 at best). The counting sort before them: moe_align_variants.json (SORT_PARALLEL_ENV).
 ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=bt, BLOCK_E=be, BLOCK_H=bh) for bt, be, bh, w, s in (
     (64, 128, 32, 8, 3), (128, 128, 32, 8, 2), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3),
     (16, 16, 128, 4, 2), (16, 32, 128, 4, 2), (16, 16, 256, 4, 2), (16, 32, 64, 4, 3))]
@@ -194,7 +198,7 @@ WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, 
 # the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.txt), one-config mode's pick
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
-    (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
+    (128, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
     (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False),
     (64, 64, 32, 4, 4, False), (64, 64, 64, 4, 3, True), (128, 128, 64, 8, 2, True))]
 # TILE: (token, slot) rows of one expert per program; JOIN: one dot over the interleaved tile
