@@ -12,6 +12,7 @@ import pytest
 
 from export.gemma4.__main__ import build_parser, main, resolve_plan
 from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig
+from export.gemma4.options import ExportConfigError
 from export.gemma4.quant import EmbeddingQuant, LinearQuant
 
 
@@ -130,6 +131,35 @@ def test_cuda_prefill_chunk_is_fitted_to_the_budget(capsys):
     assert (cfg.ctx, cfg.prefill_chunk) == (262144, 256)
     cfg = resolve_plan(build_parser().parse_args([*recipe, "--ctx", "131072", "--prefill-chunk", "128"]))
     assert cfg.prefill_chunk == 128
+
+
+def test_cuda_kv_auto_is_the_most_precise_cache_that_fits(capsys):
+    """--kv-dtype auto on a GPU: the model dtype's cache where it fits the budget, else int8, else int4; the
+    ctx is fitted first (with the most compact cache). An explicit --kv-dtype and a cpu export are kept."""
+    from export.gemma4.options import KvDtype
+
+    def resolved(*argv):
+        cfg = resolve_plan(build_parser().parse_args(["--device", "cuda", "--low-memory", "--embedding-quant", "int8",
+                                                      *argv]))
+        return cfg.ctx, cfg.kv_dtype, capsys.readouterr().err
+
+    ctx, kv, err = resolved("--preset", "e2b", "--ctx", "131072")  # 5.3 GiB with a bf16 cache
+    assert (ctx, kv) == (131072, KvDtype.AUTO) and "kv cache bfloat16, fitted to the default budget" in err
+    ctx, kv, err = resolved("--preset", "31b", "--ctx", "131072")  # bf16 28.0, int8 23.0, int4 20.5 GiB
+    assert (ctx, kv) == (131072, KvDtype.INT4)
+    assert "kv cache int4" in err and "bfloat16 would need 27.99 GiB, int8 would need 23.01 GiB" in err
+    ctx, kv, err = resolved("--preset", "31b", "--ctx", "131072", "--gpu-budget", "32607MiB")
+    assert (ctx, kv) == (131072, KvDtype.AUTO) and "fitted to --gpu-budget" in err
+    ctx, kv, err = resolved("--preset", "31b", "--ctx", "81920", "--gpu-budget", "24GiB")
+    assert (ctx, kv) == (81920, KvDtype.INT8)
+    ctx, kv, _ = resolved("--preset", "31b", "--ctx", "auto", "--gpu-budget", "24564MiB")
+    assert (ctx, kv) == (262144, KvDtype.INT4)  # the model's limit, reached with the int4 cache only
+    ctx, kv, err = resolved("--preset", "31b", "--ctx", "131072", "--kv-dtype", "int8")
+    assert (ctx, kv) == (131072, KvDtype.INT8) and "kv cache" not in err
+    with pytest.raises(ExportConfigError, match="ctx 131072 does not fit 16.00 GiB"):  # not even with int4
+        resolved("--preset", "31b", "--ctx", "131072", "--gpu-budget", "16GiB")
+    cpu = resolve_plan(build_parser().parse_args(["--device", "cpu", "--ctx", "64"]))
+    assert cpu.kv_dtype is KvDtype.AUTO and "kv cache" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ctx, advice", [(1, "give --ctx 2 or more"), (5000, "lower --ctx")])

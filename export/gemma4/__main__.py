@@ -22,7 +22,7 @@ from export.backends.options import TargetDevice
 from export.cli import quiet_internal_warnings, run
 from export.gemma4.export import export_model
 from export.gemma4.flags import add_export_arguments, export_fields
-from export.gemma4.options import ExportConfig, ExportConfigError, model_config, resolve
+from export.gemma4.options import ExportConfig, ExportConfigError, KvDtype, check_ctx, model_config, resolve
 from export.gemma4.planner import (
     DEFAULT_GPU_BUDGET,
     Budget,
@@ -32,7 +32,7 @@ from export.gemma4.planner import (
     inputs_for,
     plan,
     render_table,
-    resolve_ctx,
+    resolve_ctx_and_kv,
     size_arg,
 )
 from export.pipeline import lowering_phase
@@ -88,18 +88,26 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     if ctx < 2:  # --plan too: no plan for a context an export refuses
         raise ExportConfigError(f"--ctx {ctx} is below 2; give --ctx 2 or more")
     cfg = ExportConfig(**{**export_fields(args), "ctx": ctx})  # flags and fields match one-to-one
-    if ctx_arg == "auto" or args.gpu_budget is not None:
-        if ctx_arg == "auto" and args.gpu_budget is None:
-            raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
+    if ctx_arg == "auto" and args.gpu_budget is None:
+        raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
+    cuda = cfg.device.resolve() is TargetDevice.CUDA
+    given = "--gpu-budget" if args.gpu_budget else "the default budget (a 24 GB card; set --gpu-budget)"
+    # --kv-dtype auto on a GPU (or against a given budget): the most precise cache that fits, after the ctx
+    fit_kv = cfg.kv_dtype is KvDtype.AUTO and (cuda or args.gpu_budget is not None)
+    kv = None
+    if ctx_arg == "auto" or args.gpu_budget is not None or fit_kv:
+        if ctx_arg != "auto":
+            check_ctx(cfg, model_config(cfg))  # the plan needs a ctx the model takes
         try:
-            ctx = resolve_ctx(_plan_inputs(cfg, ctx), ctx_arg, args.gpu_budget)
+            ctx, kv = resolve_ctx_and_kv(_plan_inputs(cfg, ctx), ctx_arg, args.gpu_budget, fit_kv)
         except DoesNotFit as e:
             raise ExportConfigError(str(e)) from None
         cfg = replace(cfg, ctx=ctx, prefill_chunk=args.prefill_chunk)  # None: re-fit the new ctx
-    if args.prefill_chunk is None and cfg.device.resolve() is TargetDevice.CUDA:
-        budget = args.gpu_budget or DEFAULT_GPU_BUDGET
-        fit = fit_prefill_chunk(_plan_inputs(cfg, ctx), budget)
-        given = "--gpu-budget" if args.gpu_budget else "the default budget (a 24 GB card; set --gpu-budget)"
+    if kv is not None:
+        print(f"kv cache {kv.name}, fitted to {given}: {kv.reason}", file=sys.stderr)
+        cfg = replace(cfg, kv_dtype=kv.kv_dtype)
+    if args.prefill_chunk is None and cuda:
+        fit = fit_prefill_chunk(_plan_inputs(cfg, ctx), args.gpu_budget or DEFAULT_GPU_BUDGET)
         print(f"prefill chunk {fit.chunk}, fitted to {given}: {fit.reason}", file=sys.stderr)
         cfg = replace(cfg, prefill_chunk=fit.chunk)
     return cfg
@@ -160,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExportConfigError as e:
         parser.error(str(e))  # exits 2 with usage + message
     auto = f" (auto, for {Budget.of(args.gpu_budget)})" if str(args.ctx) == "auto" else ""
-    print(f"exporting {cfg.name} for {resolved.device.value} ({str(resolved.dtype).removeprefix('torch.')}, "
-          f"quant {cfg.quant.value}, ctx {cfg.ctx}{auto}, prefill chunk {cfg.prefill_chunk}) -> {cfg.out_dir}",
-          file=sys.stderr)
+    dtype = str(resolved.dtype).removeprefix('torch.')
+    kv = dtype if cfg.kv_dtype is KvDtype.AUTO else cfg.kv_dtype.value
+    print(f"exporting {cfg.name} for {resolved.device.value} ({dtype}, quant {cfg.quant.value}, kv cache {kv}, "
+          f"ctx {cfg.ctx}{auto}, prefill chunk {cfg.prefill_chunk}) -> {cfg.out_dir}", file=sys.stderr)
     if cfg.checkpoint is not None and not (Path(cfg.checkpoint) / "tokenizer.json").is_file():
         print(f"note: {cfg.checkpoint} has no tokenizer.json, so the artifact will not either: the runner "
               f"then takes token ids (python -m runtime --model {cfg.out_dir} --prompt-ids 2,...), or copy "

@@ -69,7 +69,9 @@ def _flags(d: ExportConfig) -> dict[str, dict]:
                       help="activations and unquantized weights; auto = bfloat16 on cuda, float32 on cpu"),
         "kv_dtype": dict(type=_enum(KvDtype), choices=list(KvDtype), default=d.kv_dtype,
                          help="KV cache of the full-attention layers: int8 / int4 (fp16 scale per token and head, "
-                              "quantized on write) or bf16; auto = the model dtype. Sliding rings keep the model dtype"),
+                              "quantized on write) or bf16; auto (default) = on cuda the most precise of the model "
+                              "dtype, int8 and int4 whose planned memory fits --gpu-budget (22 GiB without one) at "
+                              "--ctx, on cpu the model dtype. Sliding rings keep the model dtype"),
         "autotune": dict(action=argparse.BooleanOptionalAction, default=d.autotune,
                          help="Inductor max_autotune on cuda (Triton GEMMs only, as ExecuTorch's CUDA backend); "
                               "--no-autotune compiles minutes faster and lets GEMMs call cuBLAS (default on)"),

@@ -13,7 +13,7 @@ from torch import nn
 
 from export.backends.options import TargetDevice
 from export.gemma4.config import Gemma4Config
-from export.gemma4.options import ResolvedExport
+from export.gemma4.options import KvDtype, ResolvedExport
 from export.gemma4.quant import QuantReport
 from runtime.artifact import FORMAT_VERSION
 
@@ -55,7 +55,8 @@ def build_metadata(r: ResolvedExport, model: nn.Module, report: QuantReport,
         "quant": {**cfg.recipe().summary(), "int4_modules": len(report.int4),
                   "float_linears": sorted(report.skipped)},
         "kv_in_ptd": cfg.kv_in_ptd,
-        "kv_dtype": cfg.kv_dtype.value,  # full layers' cache; "kv" lists every buffer's dtype and shape
+        # full layers' cache (auto: the model dtype's); "kv" lists every buffer's dtype and shape
+        "kv_dtype": str(r.dtype).removeprefix("torch.") if cfg.kv_dtype is KvDtype.AUTO else cfg.kv_dtype.value,
         "kv": model.kv_cache_specs(),
         "methods": {m: {"steps": s} for m, s in steps.items()},
     }

@@ -55,7 +55,7 @@ class DTypeChoice(str, enum.Enum):
 class KvDtype(str, enum.Enum):
     """Storage of the full-attention layers' KV cache (sliding rings keep the model dtype)."""
 
-    AUTO = "auto"  # the model dtype
+    AUTO = "auto"  # the model dtype (the export CLI on cuda: the most precise cache that fits its budget)
     BF16 = "bf16"
     INT8 = "int8"  # symmetric, fp16 scale per token and head
     INT4 = "int4"  # two codes per byte, fp16 scale per token and head
@@ -164,15 +164,20 @@ def model_config(cfg: ExportConfig) -> Gemma4Config:
         _fail(f"--checkpoint: {e}")
 
 
+def check_ctx(cfg: ExportConfig, mcfg: Gemma4Config) -> None:
+    """--ctx within 2..the model's max_position_embeddings; raises ExportConfigError."""
+    if not 2 <= cfg.ctx <= mcfg.max_position_embeddings:
+        fix = "lower --ctx" if cfg.ctx > mcfg.max_position_embeddings else "give --ctx 2 or more"
+        _fail(f"--ctx {cfg.ctx} is outside 2..{mcfg.max_position_embeddings} "
+              f"(the model's max_position_embeddings); {fix}")
+
+
 def resolve(cfg: ExportConfig) -> ResolvedExport:
     """Every check that can fail without loading weights; raises ExportConfigError."""
     from export.pipeline import use_packaged_flatc
 
     mcfg = model_config(cfg)
-    if not 2 <= cfg.ctx <= mcfg.max_position_embeddings:
-        fix = "lower --ctx" if cfg.ctx > mcfg.max_position_embeddings else "give --ctx 2 or more"
-        _fail(f"--ctx {cfg.ctx} is outside 2..{mcfg.max_position_embeddings} "
-              f"(the model's max_position_embeddings); {fix}")
+    check_ctx(cfg, mcfg)
     if not 2 <= cfg.prefill_chunk <= cfg.ctx:
         _fail(f"--prefill-chunk {cfg.prefill_chunk} must be in 2..ctx ({cfg.ctx}); decode covers T = 1")
     if cfg.group_size not in GROUP_SIZES:

@@ -30,7 +30,8 @@ The export CLI wires it as (PlanInputs' defaults are the exporter's):
     inputs = PlanInputs(config, ctx=1024, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant,
                         group_size=cfg.group_size, embedding=cfg.embedding_quant,
                         dtype="bfloat16", low_memory=cfg.low_memory)
-    ctx = resolve_ctx(inputs, args.ctx, Budget(gpu_bytes))  # "auto" or an int; DoesNotFit
+    ctx, kv = resolve_ctx_and_kv(inputs, args.ctx, Budget(gpu_bytes), fit_kv)  # "auto" or an int; DoesNotFit
+    inputs = replace(inputs, kv_dtype=kv.kv_dtype) if kv else inputs  # --kv-dtype auto on cuda: fitted
     chunk = fit_prefill_chunk(replace(inputs, ctx=ctx), gpu_bytes or DEFAULT_GPU_BUDGET).chunk  # no --prefill-chunk
     print(render_table(plan(replace(inputs, ctx=ctx, prefill_chunk=chunk))))  # --plan
 """
@@ -783,6 +784,47 @@ DEFAULT_GPU_BUDGET = 22 * GiB
 MiB) less about 2 GiB that a desktop session, other processes and fragmentation take."""
 
 
+KV_CHOICES = (KvDtype.AUTO, KvDtype.INT8, KvDtype.INT4)
+"""What `--kv-dtype auto` picks from, most precise first: the model dtype's cache, then int8, then int4."""
+
+
+@dataclass(frozen=True)
+class KvFit:
+    kv_dtype: KvDtype  # AUTO: the model dtype's cache
+    name: str  # what the cache holds: bfloat16 / float32 / int8 / int4
+    reason: str  # one line: why this one
+
+
+def fit_kv_dtype(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUDGET) -> KvFit:
+    """The most precise full-attention cache of KV_CHOICES whose runtime and export peaks fit the
+    budget at inputs.ctx; int4 when none does (the caller's ctx check then names what is over). Every
+    step down costs error in the attention output and saves memory and, at long fills, decode time."""
+    b = Budget.of(budget)
+    over: list[str] = []
+    for kv in KV_CHOICES:
+        p = plan(replace(inputs, kv_dtype=kv))
+        name = p.inputs.kv_dtype.value
+        but = f" ({', '.join(over)})" if over else ""
+        if not violations(p, b):
+            return KvFit(kv, name, f"the most precise that fits: runtime plan {_gib(p.runtime_gpu.total_bytes)} "
+                                   f"of {_gib(b.gpu)}{but}")
+        over.append(f"{name} would need {_gib(p.runtime_gpu.total_bytes)}")
+    return KvFit(KvDtype.INT4, KvDtype.INT4.value, f"the smallest: none fits {_gib(b.gpu)} ({', '.join(over)})")
+
+
+def resolve_ctx_and_kv(inputs: PlanInputs, requested: int | str, budget: Budget | int | None,
+                       fit_kv: bool) -> tuple[int, KvFit | None]:
+    """The ctx (`resolve_ctx`) and, with `fit_kv` (`--kv-dtype auto` on a GPU), the cache: the context
+    first, fitted with the most compact cache (it is what the card must hold), then the most precise
+    cache that fits at that context (`fit_kv_dtype`, against the budget or DEFAULT_GPU_BUDGET). Without
+    `fit_kv` the cache is the one asked for and the second item None."""
+    probe = replace(inputs, kv_dtype=KvDtype.INT4) if fit_kv else inputs
+    ctx = resolve_ctx(probe, requested, budget) if str(requested) == "auto" or budget is not None else int(requested)
+    if not fit_kv:
+        return ctx, None
+    return ctx, fit_kv_dtype(replace(inputs, ctx=ctx), budget if budget is not None else DEFAULT_GPU_BUDGET)
+
+
 @dataclass(frozen=True)
 class ChunkFit:
     chunk: int
@@ -963,10 +1005,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = budget_from_args(args)
     try:
         inputs = inputs_from_args(args, config)
-        ctx = resolve_ctx(inputs, args.ctx, budget)
+        # as the exporter on a GPU: --kv-dtype auto takes the most precise cache that fits, after the ctx
+        ctx, kv = resolve_ctx_and_kv(inputs, args.ctx, budget, str(args.kv_dtype) == KvDtype.AUTO.value)
     except (DoesNotFit, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
+    if kv is not None:
+        print(f"kv cache {kv.name}: {kv.reason}", file=sys.stderr)
+        inputs = replace(inputs, kv_dtype=kv.kv_dtype)
     if args.prefill_chunk is None:  # as the exporter picks it (ctx first, then the chunk)
         fit = fit_prefill_chunk(replace(inputs, ctx=ctx), budget or DEFAULT_GPU_BUDGET)
         inputs = replace(inputs, prefill_chunk=fit.chunk)
