@@ -260,12 +260,9 @@ moe_prefill)  # the 26B-A4B's MoE prefill kernels (routing logits, counting sort
   timeout 400 python -m scripts.moe_prefill_variants --ms 2048,512 --out "$OUT/moe_prefill_variants.json" 2>&1 | tail -60
   timeout 120 python -m scripts.moe_prefill_variants --ms 2048,512 --align-only --out "$OUT/moe_align_variants.json" 2>&1 | tail -20
   ;;
-moe_sort)  # the MoE prefill's counting sort in one program or as count / scan / scatter kernels: both timed and checked
-  # (scripts/moe_prefill_variants.py --align-only, ~20 s), then the whole 26B-A4B exported with the parallel sort
-  # (GEMMA4_MOE_SORT_PARALLEL=1) and its runtime stage alone, into variants_26b.json (~6 min)
-  timeout 120 python -m scripts.moe_prefill_variants --ms 2048,512 --align-only --out "$OUT/moe_align_variants.json" 2>&1 | tail -20
+moe_26b)  # the 26B-A4B whole model (24 GB recipe): export, then its runtime stage alone, into variants_26b.json (~5 min)
   cp scripts/measurements/variants.json "$OUT/variants_26b.json"
-  GEMMA4_MOE_SORT_PARALLEL=1 TORCHINDUCTOR_COMPILE_THREADS=16 timeout 320 python -m scripts.bench_variants \
+  TORCHINDUCTOR_COMPILE_THREADS=16 timeout 320 python -m scripts.bench_variants \
       --variant 26b-a4b --stages export --workdir /tmp/var_26b --json "$OUT/variants_26b.json" > "$OUT/26b_export.log" 2>&1
   echo "export rc=$?"; tail -3 "$OUT/26b_export.log"
   timeout 90 python -m scripts.bench_variants --variant 26b-a4b --stages runtime --workdir /tmp/var_26b \
@@ -325,5 +322,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_sort" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b" >&2; exit 2 ;;
 esac
