@@ -63,6 +63,7 @@ def test_runtime_stage_runs_the_artifact_and_its_floor_reads_the_chosen_experts(
           "--new-tokens", "4", "--workdir", str(work), "--json", str(path)])
     rec = json.loads(path.read_text())["tiny-moe"]
     assert rec["prompt"] == 20 and rec["prefill_tok_s"] > 0 and rec["decode_tok_s"] > 0 and rec["ctx"] == 64
+    assert rec["kv_dtype"] == tiny_moe_artifact.metadata["kv_dtype"]  # the cache the export took
     runner = Runner.load(tiny_moe_artifact.out_dir)
     window = tiny_moe_artifact.metadata["sliding_window"]
     share = expert_fraction("tiny-moe")

@@ -96,6 +96,7 @@ def test_metadata_contract(tiny_artifact, mini):
     meta = tiny_artifact.metadata
     assert mini.meta == meta
     assert meta["format_version"] == 2 and meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert meta["kv_dtype"] == "float32"  # --kv-dtype auto on cpu: the model dtype's cache, named
     assert (meta["ctx"], meta["prefill_chunk"], meta["sliding_window"]) == (64, 12, 8)
     assert meta["ring_size"] == 8  # the window, whatever the chunk
     assert meta["quant"]["linear"] == "int4" and meta["quant"]["group_size"] == 32

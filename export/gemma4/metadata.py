@@ -55,8 +55,9 @@ def build_metadata(r: ResolvedExport, model: nn.Module, report: QuantReport,
         "quant": {**cfg.recipe().summary(), "int4_modules": len(report.int4),
                   "float_linears": sorted(report.skipped)},
         "kv_in_ptd": cfg.kv_in_ptd,
-        # full layers' cache (auto: the model dtype's); "kv" lists every buffer's dtype and shape
-        "kv_dtype": str(r.dtype).removeprefix("torch.") if cfg.kv_dtype is KvDtype.AUTO else cfg.kv_dtype.value,
+        # full layers' cache: int8 / int4, or the model dtype's name; "kv" lists every buffer's dtype and shape
+        "kv_dtype": (cfg.kv_dtype.value if cfg.kv_dtype in (KvDtype.INT8, KvDtype.INT4)
+                     else str(r.dtype).removeprefix("torch.")),
         "kv": model.kv_cache_specs(),
         "methods": {m: {"steps": s} for m, s in steps.items()},
     }
