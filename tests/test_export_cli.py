@@ -158,6 +158,10 @@ def test_cuda_kv_auto_is_the_most_precise_cache_that_fits(capsys):
     assert (ctx, kv) == (131072, KvDtype.INT8) and "kv cache" not in err
     with pytest.raises(ExportConfigError, match="ctx 131072 does not fit 16.00 GiB"):  # not even with int4
         resolved("--preset", "31b", "--ctx", "131072", "--gpu-budget", "16GiB")
+    # without a budget only the runtime is fitted: a stock export's compile-time peak (65 GiB for the 31B)
+    # is the exporting machine's, not the card's
+    stock = resolve_plan(build_parser().parse_args(["--preset", "31b", "--device", "cuda", "--ctx", "8192"]))
+    assert stock.kv_dtype is KvDtype.AUTO and "kv cache bfloat16" in capsys.readouterr().err
     cpu = resolve_plan(build_parser().parse_args(["--device", "cpu", "--ctx", "64"]))
     assert cpu.kv_dtype is KvDtype.AUTO and "kv cache" not in capsys.readouterr().err
 

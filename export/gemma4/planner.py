@@ -795,17 +795,17 @@ class KvFit:
     reason: str  # one line: why this one
 
 
-def fit_kv_dtype(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUDGET) -> KvFit:
-    """The most precise full-attention cache of KV_CHOICES whose runtime and export peaks fit the
-    budget at inputs.ctx; int4 when none does (the caller's ctx check then names what is over). Every
-    step down costs error in the attention output and saves memory and, at long fills, decode time."""
+def fit_kv_dtype(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUDGET, runtime_only: bool = False) -> KvFit:
+    """The most precise full-attention cache of KV_CHOICES whose runtime and export peaks (`runtime_only`: the
+    runtime peak, as the prefill chunk is fitted without a budget) fit the budget at inputs.ctx; int4 when none
+    does. Every step down costs error in the attention output and saves memory and, at long fills, decode time."""
     b = Budget.of(budget)
     over: list[str] = []
     for kv in KV_CHOICES:
         p = plan(replace(inputs, kv_dtype=kv))
         name = p.inputs.kv_dtype.value
         but = f" ({', '.join(over)})" if over else ""
-        if not violations(p, b):
+        if (p.runtime_gpu.total_bytes <= b.gpu) if runtime_only else not violations(p, b):
             return KvFit(kv, name, f"the most precise that fits: runtime plan {_gib(p.runtime_gpu.total_bytes)} "
                                    f"of {_gib(b.gpu)}{but}")
         over.append(f"{name} would need {_gib(p.runtime_gpu.total_bytes)}")
@@ -816,13 +816,16 @@ def resolve_ctx_and_kv(inputs: PlanInputs, requested: int | str, budget: Budget 
                        fit_kv: bool) -> tuple[int, KvFit | None]:
     """The ctx (`resolve_ctx`) and, with `fit_kv` (`--kv-dtype auto` on a GPU), the cache: the context
     first, fitted with the most compact cache (it is what the card must hold), then the most precise
-    cache that fits at that context (`fit_kv_dtype`, against the budget or DEFAULT_GPU_BUDGET). Without
-    `fit_kv` the cache is the one asked for and the second item None."""
+    cache that fits at that context (`fit_kv_dtype`: against the budget, or without one the runtime peak
+    against DEFAULT_GPU_BUDGET, a stock export's compile-time peak being the exporting machine's business).
+    Without `fit_kv` the cache is the one asked for and the second item None."""
     probe = replace(inputs, kv_dtype=KvDtype.INT4) if fit_kv else inputs
     ctx = resolve_ctx(probe, requested, budget) if str(requested) == "auto" or budget is not None else int(requested)
     if not fit_kv:
         return ctx, None
-    return ctx, fit_kv_dtype(replace(inputs, ctx=ctx), budget if budget is not None else DEFAULT_GPU_BUDGET)
+    if budget is None:
+        return ctx, fit_kv_dtype(replace(inputs, ctx=ctx), DEFAULT_GPU_BUDGET, runtime_only=True)
+    return ctx, fit_kv_dtype(replace(inputs, ctx=ctx), budget)
 
 
 @dataclass(frozen=True)
