@@ -58,6 +58,8 @@ def test_help_explains_the_artifact():
     (["--prefill-chunk", "1"], "--prefill-chunk 1 must be in 2..ctx"),
     (["--layers", "99"], "--layers 99 is outside 1..4"),
     (["--preset", "31b"], "builds a"),  # 31B float would not fit in CI's RAM: refused up front
+    (["--kv-dtype", "bf16"], "--kv-dtype bf16 with a float32 model (--dtype auto on cpu): pass --dtype bfloat16"),
+    (["--kv-dtype", "bf16", "--plan"], "--kv-dtype bf16 with a float32 model"),
 ])
 def test_bad_input_fails_before_compiling(argv, message, capsys, tmp_path):
     out = tmp_path / "never"

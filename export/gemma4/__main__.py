@@ -22,7 +22,7 @@ from export.backends.options import TargetDevice
 from export.cli import quiet_internal_warnings, run
 from export.gemma4.export import export_model
 from export.gemma4.flags import add_export_arguments, export_fields
-from export.gemma4.options import ExportConfig, ExportConfigError, KvDtype, check_ctx, model_config, resolve
+from export.gemma4.options import ExportConfig, ExportConfigError, KvDtype, check_ctx, check_kv_dtype, model_config, resolve
 from export.gemma4.planner import (
     DEFAULT_GPU_BUDGET,
     Budget,
@@ -88,6 +88,7 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     if ctx < 2:  # --plan too: no plan for a context an export refuses
         raise ExportConfigError(f"--ctx {ctx} is below 2; give --ctx 2 or more")
     cfg = ExportConfig(**{**export_fields(args), "ctx": ctx})  # flags and fields match one-to-one
+    check_kv_dtype(cfg)  # before any plan: the planner takes no bf16 cache beside a float32 model
     if ctx_arg == "auto" and args.gpu_budget is None:
         raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
     cuda = cfg.device.resolve() is TargetDevice.CUDA

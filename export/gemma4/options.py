@@ -172,12 +172,21 @@ def check_ctx(cfg: ExportConfig, mcfg: Gemma4Config) -> None:
               f"(the model's max_position_embeddings); {fix}")
 
 
+def check_kv_dtype(cfg: ExportConfig) -> None:
+    """--kv-dtype bf16 is the model dtype's cache: it needs a bfloat16 model; raises ExportConfigError."""
+    dtype = cfg.dtype.resolve(cfg.device.resolve())
+    if cfg.kv_dtype is KvDtype.BF16 and dtype != torch.bfloat16:
+        _fail(f"--kv-dtype bf16 with a {str(dtype).removeprefix('torch.')} model (--dtype {cfg.dtype.value} on "
+              f"{cfg.device.resolve().value}): pass --dtype bfloat16, or --kv-dtype auto (the model's dtype), int8 or int4")
+
+
 def resolve(cfg: ExportConfig) -> ResolvedExport:
     """Every check that can fail without loading weights; raises ExportConfigError."""
     from export.pipeline import use_packaged_flatc
 
     mcfg = model_config(cfg)
     check_ctx(cfg, mcfg)
+    check_kv_dtype(cfg)
     if not 2 <= cfg.prefill_chunk <= cfg.ctx:
         _fail(f"--prefill-chunk {cfg.prefill_chunk} must be in 2..ctx ({cfg.ctx}); decode covers T = 1")
     if cfg.group_size not in GROUP_SIZES:
