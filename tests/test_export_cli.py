@@ -70,6 +70,14 @@ def test_bad_input_fails_before_compiling(argv, message, capsys, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_checkpoint_given_as_a_file_names_its_directory(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path / "config.json"), "--device", "cpu"])
+    assert f"a file, not a directory (pass the Hugging Face model directory that holds it: --checkpoint {tmp_path})" \
+        in capsys.readouterr().err
+
+
 def test_checkpoint_dir_without_weights_is_named(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit):

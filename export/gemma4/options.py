@@ -132,6 +132,9 @@ def _fail(msg: str) -> None:
 
 
 def _check_checkpoint_dir(path: Path) -> None:
+    if path.is_file():  # e.g. the config.json or a shard itself
+        _fail(f"--checkpoint {path}: a file, not a directory (pass the Hugging Face model directory that holds "
+              f"it: --checkpoint {path.parent})")
     if not path.is_dir():
         _fail(f"--checkpoint {path}: no such directory (pass a Hugging Face model directory)")
     if not (path / "config.json").is_file():
