@@ -101,3 +101,35 @@ def test_every_prompt_position_as_the_end_of_a_prefill_chunk(saved):
             start += n
         errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
     assert len(errs) == 16 and max(errs) <= 1e-4, errs
+
+
+@torch.no_grad()
+def test_moe_checkpoint_saved_by_transformers_matches_it(tmp_path):
+    """The 26B-A4B's form (a dense MLP beside routed experts, k_eq_v full layers) as transformers' own
+    Gemma4ForCausalLM writes it (`model.layers.*`, the experts as stacked `experts.gate_up_proj` /
+    `experts.down_proj`, the router's `proj`, `scale` and `per_expert_scale`): loaded, it gives
+    transformers' logits through chunked prefill and decode."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, layer_types=[SLIDING, SLIDING, SLIDING, FULL], sliding_window=8,
+        max_position_embeddings=4096, final_logit_softcapping=30.0, enable_moe_block=True, num_experts=8,
+        top_k_experts=2, moe_intermediate_size=32, hidden_size_per_layer_input=0)
+    cfg._attn_implementation = "eager"
+    hf = Gemma4ForCausalLM(cfg).eval()
+    _randomize_hf_(hf, seed=5)
+    hf.save_pretrained(tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.experts.gate_up_proj" in index and "model.layers.0.router.per_expert_scale" in index
+    model = load_model(tmp_path, ctx=96, prefill_chunk=5, dtype=torch.float32).eval()
+    assert model.cfg.enable_moe_block and model.cfg.num_experts == 8
+    steps = [5, 3] + [1] * 12
+    tokens = torch.randint(0, 384, (1, sum(steps)), generator=torch.Generator().manual_seed(6))
+    errs, start = [], 0
+    for n, ref in zip(steps, hf_logits_stream(hf, tokens, steps)):
+        ours = model(tokens[:, start:start + n], torch.tensor([start]))
+        start += n
+        errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
+    assert max(errs) <= 1e-4, errs
