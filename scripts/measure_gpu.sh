@@ -269,6 +269,10 @@ moe_26b)  # the 26B-A4B whole model (24 GB recipe): export, then its runtime sta
       --json "$OUT/variants_26b.json" > "$OUT/26b_runtime.log" 2>&1
   echo "runtime rc=$?"; tail -3 "$OUT/26b_runtime.log"
   ;;
+launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's
+  # share of weights or none (scripts/launch_floor.py, < 1 min)
+  timeout 200 python -m scripts.launch_floor --out "$OUT/launch_floor.json" 2>&1 | tail -40
+  ;;
 e_models)  # E2B and E4B whole models (24 GB recipe): both exports at once (their own caches), then each runtime
   # stage alone; each into its own copy of variants.json (variants_e2b.json, variants_e4b.json; ~8 min)
   for v in e2b e4b; do
@@ -322,5 +326,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b|launch_floor" >&2; exit 2 ;;
 esac
