@@ -1,4 +1,4 @@
-"""The M == 1 int4 op's kernels on the 31B's decode shapes, for Nsight Compute's counters.
+"""The M == 1 int4 op's kernels on the 31B's (and E2B's) decode shapes, for Nsight Compute's counters.
 
     ncu --profile-from-start off --set full --clock-control none -o REPORT \\
         python -m scripts.ncu_gemv1 [--shapes o,qkv,down,gate_up,lm_head]
@@ -32,6 +32,8 @@ METRICS = ("Duration", "DRAM Throughput", "Memory Throughput", "Elapsed Cycles",
 SHAPES = {  # name: (N, K), the 31B's joined M == 1 linears (scripts/bench_int4.py names them)
     "o": (5376, 8192), "o_full": (5376, 16384), "qkv": (16384, 5376), "qk_full": (18432, 5376),
     "down": (5376, 21504), "gate_up": (43008, 5376), "lm_head": (262144, 5376),
+    # E2B's: small weights through the one-launch bf16-x path (q / k / v joined, o), larger through the quantize kernel
+    "e2b_qkv": (2560, 1536), "e2b_o": (1536, 2048), "e2b_gate_up": (12288, 1536), "e2b_down": (1536, 6144),
 }
 
 
@@ -101,17 +103,22 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", default=None,
                     help="with --summarize: comma-separated labels of the profiled calls in order (default: "
                          "--shapes), each --per-label kernels long (another script's report: decode attention's)")
-    ap.add_argument("--per-label", type=int, default=2, help="kernels per label (default 2: quantize + GEMV)")
+    ap.add_argument("--per-label", type=int, default=2, help="with --labels: kernels per label (default 2)")
     args = ap.parse_args(argv)
     if args.summarize:
         missing = [str(p) for p in args.summarize if not p.is_file()]
         if missing or not args.out:
             ap.error(f"--summarize: no such file {', '.join(missing)}" if missing else "--summarize needs --out")
         kernels = summarize(*args.summarize)
-        names = (args.labels or args.shapes).split(",")  # the profiled calls: a quantize kernel and a GEMV each
+        names = (args.labels or args.shapes).split(",")  # the profiled calls
         per = max(1, args.per_label)
+        call = 0
         for i, k in enumerate(kernels):
-            k["shape"] = names[i // per] if i // per < len(names) else None
+            if args.labels:  # another script's calls: --per-label kernels each
+                call = i // per
+            k["shape"] = names[call] if call < len(names) else None
+            if not args.labels and "gemv1" in k["kernel"]:  # a call of the op ends with its GEMV (small weights:
+                call += 1  # the GEMV alone; others the quantize kernel first)
         source = "ncu --set full --clock-control none" + ("" if args.labels else ", `python -m scripts.ncu_gemv1`")
         doc = {"source": source, "shapes": {n: SHAPES.get(n) for n in names}, "kernels": kernels}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
