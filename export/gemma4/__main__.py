@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-budget", type=size_arg, default=None,
                    help="GPU memory of the card, e.g. 24GiB: the export stops before any compile if the "
                         "planned runtime or export peak exceeds it (with the breakdown and the largest ctx that fits); "
-                        "the default --prefill-chunk is fitted to it")
+                        "the default --prefill-chunk and --kv-dtype auto are fitted to it")
     p.add_argument("--plan", action="store_true",
                    help="print the memory plan (runtime and export peaks, by item) and exit without exporting")
     p.add_argument("--debug", action="store_true", help="show the Python traceback when the export fails")
