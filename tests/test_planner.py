@@ -427,6 +427,27 @@ def test_resolve_ctx():
         P.resolve_ctx(inputs, "auto", None)
 
 
+def test_fit_kv_dtype_takes_the_most_precise_cache_that_fits():
+    from export.gemma4.options import KvDtype
+
+    inputs = P.PlanInputs(PRESETS["31b"], ctx=131072, group_size=128, embedding="int8", low_memory=True)
+    sizes = {kv: P.plan(replace(inputs, kv_dtype=kv)).runtime_gpu.total_bytes for kv in P.KV_CHOICES}
+    assert sizes[KvDtype.AUTO] > sizes[KvDtype.INT8] > sizes[KvDtype.INT4]  # most precise first, largest first
+    for budget, want in ((sizes[KvDtype.AUTO], KvDtype.AUTO), (sizes[KvDtype.AUTO] - 1, KvDtype.INT8),
+                         (sizes[KvDtype.INT8] - 1, KvDtype.INT4)):
+        fit = P.fit_kv_dtype(inputs, P.Budget(budget))
+        assert fit.kv_dtype is want and fit.name == P.plan(replace(inputs, kv_dtype=want)).inputs.kv_dtype.value
+    none = P.fit_kv_dtype(inputs, P.Budget(sizes[KvDtype.INT4] - 1))
+    assert none.kv_dtype is KvDtype.INT4 and none.reason.startswith("the smallest: none fits")
+    # a stock export's compile-time peak counts against a budget given, not the runtime-only default
+    stock = replace(inputs, ctx=8192, low_memory=False)
+    assert P.fit_kv_dtype(stock, P.Budget(22 * GiB)).reason.startswith("the smallest")
+    assert P.fit_kv_dtype(stock, 22 * GiB, runtime_only=True).kv_dtype is KvDtype.AUTO
+    ctx, kv = P.resolve_ctx_and_kv(inputs, "auto", P.Budget(24564 * 2**20), fit_kv=True)
+    assert (ctx, kv.kv_dtype) == (262144, KvDtype.INT4)  # the context first, with the most compact cache
+    assert P.resolve_ctx_and_kv(inputs, 8192, None, fit_kv=False) == (8192, None)
+
+
 def test_check_fits_message():
     ok, msg = P.check_fits(P.PlanInputs(PRESETS["e2b"], ctx=8192, low_memory=True), 16 * GiB)
     assert ok and "fits" in msg

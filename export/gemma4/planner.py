@@ -820,7 +820,7 @@ def resolve_ctx_and_kv(inputs: PlanInputs, requested: int | str, budget: Budget 
     against DEFAULT_GPU_BUDGET, a stock export's compile-time peak being the exporting machine's business).
     Without `fit_kv` the cache is the one asked for and the second item None."""
     probe = replace(inputs, kv_dtype=KvDtype.INT4) if fit_kv else inputs
-    ctx = resolve_ctx(probe, requested, budget) if str(requested) == "auto" or budget is not None else int(requested)
+    ctx = resolve_ctx(probe, requested, budget)
     if not fit_kv:
         return ctx, None
     if budget is None:
