@@ -28,6 +28,18 @@ def _randomize_hf_(model: torch.nn.Module, seed: int) -> None:
                 b.copy_(torch.empty(b.shape).uniform_(0.5, 1.5, generator=g))
 
 
+def _stream_errors(model, hf, steps: list[int], seed: int) -> list[float]:
+    """Random tokens fed to both in chunks of `steps` (prefill chunks, then decode steps): each chunk's
+    last-position logits, max abs difference over transformers' max."""
+    tokens = torch.randint(0, 384, (1, sum(steps)), generator=torch.Generator().manual_seed(seed))
+    errs, start = [], 0
+    for n, ref in zip(steps, hf_logits_stream(hf, tokens, steps)):
+        ours = model(tokens[:, start:start + n], torch.tensor([start]))
+        start += n
+        errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
+    return errs
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
@@ -75,12 +87,7 @@ def test_loads_without_towers_and_matches_transformers(saved, monkeypatch):
     assert model.cfg.layer_head_dim(2) == 48 and model.cfg.layer_kv_heads(2) == 1
 
     steps = [5, 3, 5, 1] + [1] * (3 * model.ring_size + 4)  # prefill chunks, then decode past each ring
-    tokens = torch.randint(0, 384, (1, sum(steps)), generator=torch.Generator().manual_seed(4))
-    errs, start = [], 0
-    for n, ref in zip(steps, hf_logits_stream(hf, tokens, steps)):
-        ours = model(tokens[:, start:start + n], torch.tensor([start]))
-        start += n
-        errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
+    errs = _stream_errors(model, hf, steps, seed=4)
     assert max(errs) <= 1e-4, errs
 
 
@@ -125,11 +132,5 @@ def test_moe_checkpoint_saved_by_transformers_matches_it(tmp_path):
     assert "model.layers.0.experts.gate_up_proj" in index and "model.layers.0.router.per_expert_scale" in index
     model = load_model(tmp_path, ctx=96, prefill_chunk=5, dtype=torch.float32).eval()
     assert model.cfg.enable_moe_block and model.cfg.num_experts == 8
-    steps = [5, 3] + [1] * 12
-    tokens = torch.randint(0, 384, (1, sum(steps)), generator=torch.Generator().manual_seed(6))
-    errs, start = [], 0
-    for n, ref in zip(steps, hf_logits_stream(hf, tokens, steps)):
-        ours = model(tokens[:, start:start + n], torch.tensor([start]))
-        start += n
-        errs.append(((ours - ref).abs().max() / ref.abs().max()).item())
+    errs = _stream_errors(model, hf, [5, 3] + [1] * 12, seed=6)
     assert max(errs) <= 1e-4, errs
