@@ -269,6 +269,12 @@ moe_26b)  # the 26B-A4B whole model (24 GB recipe): export, then its runtime sta
       --json "$OUT/variants_26b.json" > "$OUT/26b_runtime.log" 2>&1
   echo "runtime rc=$?"; tail -3 "$OUT/26b_runtime.log"
   ;;
+selfq_small)  # E2B's small projections: the op's bf16-x GEMV against the dp4a GEMV at small tiles, with x quantized by
+  # its own prologue (one launch) or the quantize kernel (two) (scripts/gemv1_selfq_variants.py --tiles, ~1.5 min)
+  timeout 200 python -m scripts.gemv1_selfq_variants \
+      --shapes e2b.qkv:2560:1536,e2b.o:1536:2048,e2b.ple_gate:256:1536,e2b.ple_proj:1536:256,e4b.qkv:3072:2560,e4b.o:2560:2048 \
+      --tiles 8:2:2,16:2:4,8:4:4,32:2:8,16:4:8 --qb 4,16 --rounds 2 --out "$OUT/gemv1_selfq_small.json" 2>&1 | tail -12
+  ;;
 launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's
   # share of weights or none (scripts/launch_floor.py, < 1 min)
   timeout 200 python -m scripts.launch_floor --out "$OUT/launch_floor.json" 2>&1 | tail -40
@@ -326,5 +332,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b|launch_floor" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small" >&2; exit 2 ;;
 esac
