@@ -12,9 +12,9 @@ put ~3-4 us of a mid-size projection's op path in the quantize kernel and its bo
 GEMV does that work itself in its prologue: it turns all of x into the same planes (the same bits into one
 scratch, QB groups a step), a CTA barrier, then the op's per-lane loop (`_gemv1_loop_q`, x read coherently as after
 a PDL wait). Programs that share a K slice write identical bits, so the races are benign; the work is redundant
-across the row blocks (x is 5376 elements, a weight row block 64 KB or more). Only one-slice plans (gate/up, the
-lm_heads: N >= GEMV1_LARGE_N): with K split, the quantize kernel also zeroes the split sum's counters, which a
-kernel without it would need kept zeroed elsewhere.
+across the row blocks (x is 5376 elements, a weight row block 64 KB or more). Every variant runs one slice of K (the
+default shapes are the one-slice plans: gate/up, the lm_heads, N >= GEMV1_LARGE_N): with K split, the quantize
+kernel also zeroes the split sum's counters, which a kernel without it would need kept zeroed elsewhere.
 
 Small weights (E2B / E4B's q / k / v, o, the per-layer gate and projection: K 256-2048, 0.1-2 MB) take the op's
 other path today, one launch with bf16 x (`plan`), whose nibble arithmetic is ~82 instructions a word against the
@@ -22,11 +22,11 @@ dp4a loop's ~18 (scripts/measurements/gemv1_ncu_e2b.json): there the prologue is
 `--tiles` runs `op` / `op-kernel` / `selfq` at each given tile (BLOCK_N rows x GROUPS groups a step, WARPS warps; one
 slice of K), so that small weights get many programs; `plan` (the op itself, whatever path it takes) is timed beside.
 
-Per shape: `plan` (the op's M == 1 path as it runs today, `int4_matmul._gemv1`), and at each tile T: `op@T` (the quantize kernel and the GEMV at T),
-`op-kernel@T` (the GEMV alone on x already quantized: the bound), `selfq/QB@T` for QB in --qb (one launch); the
-default tile's names carry no `@T`. Each a CUDA graph over rotated
-weight copies (>= 256 MB, from HBM; `gemv1_variants.bench_graph`, median us per call), the variants alternated over
---rounds; correctness: each selfq output bitwise `op@T`'s (same planes, same loop), `op@T` and `plan` against an
+Per shape: `plan` (the op's M == 1 path as it runs today, `int4_matmul._gemv1`; not in the interpreter, whose x is
+fp32), and at each tile T: `op@T` (the quantize kernel and the GEMV at T), `op-kernel@T` (the GEMV alone on x already
+quantized: the bound), `selfq/QB@T` for QB in --qb (one launch; every program writes all of x's planes, so at many
+programs those writes grow); without --tiles the names carry no `@T`. Each a CUDA graph over rotated weight copies
+(>= 256 MB, from HBM; `gemv1_variants.bench_graph`, median us per call), the variants alternated over --rounds; correctness: each selfq output bitwise `op@T`'s (same planes, same loop), `op@T` and `plan` against an
 fp32 matmul on the dequantized weight. The copy bandwidth is measured in the same run. Table on stdout, JSON with
 `copy_gbps` and `rows` (`shape`, `n`, `k`, `bytes`, per variant `us` and `fraction_of_copy_bw`, `bitwise`,
 `rel_err`).
