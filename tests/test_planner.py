@@ -441,7 +441,8 @@ def test_fit_kv_dtype_takes_the_most_precise_cache_that_fits():
     assert none.kv_dtype is KvDtype.INT4 and none.reason.startswith("the smallest: none fits")
     # a stock export's compile-time peak counts against a budget given, not the runtime-only default
     stock = replace(inputs, ctx=8192, low_memory=False)
-    assert P.fit_kv_dtype(stock, P.Budget(22 * GiB)).reason.startswith("the smallest")
+    reason = P.fit_kv_dtype(stock, P.Budget(22 * GiB)).reason
+    assert reason.startswith("the smallest") and "bfloat16: export GPU, stock" in reason  # the peak that is over
     assert P.fit_kv_dtype(stock, 22 * GiB, runtime_only=True).kv_dtype is KvDtype.AUTO
     ctx, kv = P.resolve_ctx_and_kv(inputs, "auto", P.Budget(24564 * 2**20), fit_kv=True)
     assert (ctx, kv.kv_dtype) == (262144, KvDtype.INT4)  # the context first, with the most compact cache

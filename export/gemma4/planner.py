@@ -30,6 +30,7 @@ The export CLI wires it as (PlanInputs' defaults are the exporter's):
     inputs = PlanInputs(config, ctx=1024, prefill_chunk=cfg.prefill_chunk, linear=cfg.quant,
                         group_size=cfg.group_size, embedding=cfg.embedding_quant,
                         dtype="bfloat16", low_memory=cfg.low_memory)
+    fit_kv = cfg.kv_dtype is KvDtype.AUTO  # on a GPU: the cache fitted too
     ctx, kv = resolve_ctx_and_kv(inputs, args.ctx, Budget(gpu_bytes), fit_kv)  # "auto" or an int; DoesNotFit
     inputs = replace(inputs, kv_dtype=kv.kv_dtype) if kv else inputs  # --kv-dtype auto on cuda: fitted
     chunk = fit_prefill_chunk(replace(inputs, ctx=ctx), gpu_bytes or DEFAULT_GPU_BUDGET).chunk  # no --prefill-chunk
@@ -803,12 +804,14 @@ def fit_kv_dtype(inputs: PlanInputs, budget: Budget | int = DEFAULT_GPU_BUDGET, 
     over: list[str] = []
     for kv in KV_CHOICES:
         p = plan(replace(inputs, kv_dtype=kv))
-        name = p.inputs.kv_dtype.value
-        but = f" ({', '.join(over)})" if over else ""
-        if (p.runtime_gpu.total_bytes <= b.gpu) if runtime_only else not violations(p, b):
-            return KvFit(kv, name, f"the most precise that fits: runtime plan {_gib(p.runtime_gpu.total_bytes)} "
-                                   f"of {_gib(b.gpu)}{but}")
-        over.append(f"{name} would need {_gib(p.runtime_gpu.total_bytes)}")
+        name, runtime = p.inputs.kv_dtype.value, p.runtime_gpu.total_bytes
+        bad = (runtime > b.gpu) if runtime_only else violations(p, b)
+        if not bad:
+            but = f" ({', '.join(over)})" if over else ""
+            return KvFit(kv, name, f"the most precise that fits: runtime plan {_gib(runtime)} of {_gib(b.gpu)}{but}")
+        # the runtime over the budget, or else the export peak that is (a stock export's)
+        over.append(f"{name} would need {_gib(runtime)}" if runtime_only or runtime > b.gpu
+                    else f"{name}: {bad[0].split(' (largest')[0]}")
     return KvFit(KvDtype.INT4, KvDtype.INT4.value, f"the smallest: none fits {_gib(b.gpu)} ({', '.join(over)})")
 
 
