@@ -3,7 +3,12 @@
 Streams the reply to stdout as it is generated and ends with one summary line (time to
 first token, prefill and decode speed, peak GPU memory). Needs only the export directory
 (model.pte, model.ptd, tokenizer.json): no C++ build, no model code. Without a tokenizer.json,
-`--prompt-ids` feeds token ids and the reply is printed as ids.
+`--prompt-ids` feeds token ids and the reply is printed as ids. `--prompt-file` reads a long
+prompt (a document) from a file, or from stdin with `-`.
+
+`--interactive` is a chat: each line on stdin is a user turn, each reply streams back followed by
+its summary line; the cache keeps the conversation, so a turn prefills only itself (not every
+turn before it). `/reset` starts a new conversation, `/exit` or end of input ends.
 
 Bad input ends in one line naming the flag or file and exit code 2; `--debug` shows the
 traceback instead.
@@ -68,14 +73,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="example: python -m runtime --model out/tiny --prompt 'Hello' --max-new-tokens 32 --chat",
     )
     p.add_argument("--model", required=True, help="export directory holding model.pte, model.ptd and tokenizer.json")
-    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, metavar="FILE",
+                        help="read the prompt text from FILE (- for stdin), e.g. a long document")
     prompt.add_argument("--prompt-ids", type=_token_ids,
                         help="the prompt as comma-separated token ids (BOS included); works without a tokenizer.json")
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="tokens to generate at most (default 128; fewer where the context ends first)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in a user turn (the checkpoint's chat template, else Gemma's turn format)")
+    p.add_argument("--interactive", action="store_true",
+                   help="chat: each line on stdin is a user turn (--prompt / --prompt-file, if given, the first), "
+                   "the cache keeps the conversation; /reset starts a new one, /exit or end of input ends; "
+                   "--max-new-tokens applies to each reply")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
@@ -88,7 +99,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.chat and args.prompt_ids is not None:
         p.error("--chat wraps prompt text; with --prompt-ids give the turn tokens yourself")
+    if args.interactive and args.prompt_ids is not None:
+        p.error("--interactive chats in text: give --prompt or --prompt-file (or neither), not --prompt-ids")
+    if args.interactive and args.prompt_file == Path("-"):
+        p.error("--interactive reads the turns from stdin: give --prompt-file a file, not -")
+    if not args.interactive and args.prompt is None and args.prompt_file is None and args.prompt_ids is None:
+        p.error("give the prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids IDS (or chat with --interactive)")
     return args
+
+
+def _read_prompt_file(path: Path) -> str:
+    """--prompt-file's text: the file's, or stdin's for -."""
+    if path == Path("-"):
+        return sys.stdin.read()
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--prompt-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--prompt-file {path}: is a directory; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +150,10 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     tok = None  # fail before loading weights
     if args.prompt_ids is None or (Path(args.model) / "tokenizer.json").is_file():
         tok = TextTokenizer.from_dir(args.model, meta.bos_token_id)
-    ids = args.prompt_ids if args.prompt_ids is not None else tok.encode(args.prompt, chat=args.chat)
+    text = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
+    if args.interactive:
+        return _chat(args, sampling, artifact, tok, text, t0)
+    ids = args.prompt_ids if args.prompt_ids is not None else tok.encode(text, chat=args.chat)
     if max(ids, default=0) >= meta.vocab_size:
         raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {meta.vocab_size}")
     stops = set(meta.eos_token_ids) | (tok.end_of_turn_ids() if args.chat else set())
@@ -142,6 +176,61 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     stats = runner.last_stats
     stats.memory = mem.peak
     print(f"\n[load {load_s:.2f} s | {stats.summary()}]")
+    return 0
+
+
+def _turns(first: str | None):
+    """The user's turns: `first`, then stdin's lines (a prompt on stderr where stdin is a terminal)."""
+    if first is not None:
+        yield first
+    while True:
+        if sys.stdin.isatty():
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact, tok: TextTokenizer,
+          first: str | None, t0: float) -> int:
+    """--interactive: a conversation through `Runner.generate(..., reuse=True)`; each turn's summary on a line
+    of its own. A turn that would not fit the context is refused (the conversation goes on; /reset empties it)."""
+    meta = artifact.metadata
+    stops = set(meta.eos_token_ids) | tok.end_of_turn_ids()
+    with PeakSampler(resolve_device(meta.device, args.device)) as mem:
+        runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
+        print(f"[load {time.perf_counter() - t0:.2f} s | context {meta.ctx} tokens | /reset: a new conversation, "
+              "/exit or end of input: quit]", file=sys.stderr)
+        turns: list[tuple[str, str | list[int]]] = []
+        for text in _turns(first):
+            command = text.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                turns.clear()
+                print("[a new conversation]", file=sys.stderr)
+                continue
+            if not command:
+                continue
+            ids = tok.encode_conversation(turns + [("user", text)])
+            room = meta.ctx - len(ids)
+            if room < 1:
+                print(f"[this turn would take the conversation to {len(ids)} tokens, past the context of {meta.ctx}: "
+                      "send a shorter one, or /reset]", file=sys.stderr)
+                continue
+            stream, reply = tok.stream(), []
+            for token in runner.generate(ids, min(args.max_new_tokens, room), sampling, stops, reuse=True):
+                reply.append(token)
+                piece = stream.step(tok.tokenizer, token)
+                if piece:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            turns += [("user", text), ("assistant", reply[:-1] if reply and reply[-1] in stops else reply)]
+            stats = runner.last_stats
+            stats.memory = mem.peak
+            print(f"\n[{stats.summary()} | conversation {runner.pos} of {meta.ctx} tokens]")
     return 0
 
 

@@ -6,6 +6,9 @@ chunks, decode and sample.
     for token in runner.generate(prompt_ids, max_new_tokens=32, sampling=SamplingConfig()):
         ...
     print(runner.last_stats.summary())
+    # a conversation's next turn: the cache keeps the prefix it shares with what it holds
+    for token in runner.generate(prompt_ids + reply_ids + next_turn_ids, 32, reuse=True):
+        ...
 
 Memory model (the point of this file):
 - weights: read from the .ptd's memory map tensor by tensor. On CPU the mapped tensors are
@@ -26,6 +29,10 @@ stop check). `generate` queues each step before it reads the token the step is f
 token's copy to the host goes first in the stream), so the GPU runs step i + 1 while the host
 reads token i, hands it to the caller and checks it; a step queued past a stop is taken back
 (its position is rewritten before anything reads it).
+
+The runner knows which token ids its cache holds (`history`), so `generate(..., reuse=True)`
+prefills only what a new prompt adds to them (a chat's next turn), as long as the positions it
+takes back are ones the sliding layers' rings still hold (`rewind_limit`); else it starts over.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ class ContextOverflowError(ValueError):
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled by this call
+    reused_tokens: int = 0  # the prompt's first tokens, already in the cache (`generate(..., reuse=True)`)
     new_tokens: int = 0
     prefill_s: float = 0.0  # prefill calls only
     ttft_s: float = 0.0  # start of prefill -> first token id on the host
@@ -70,8 +78,9 @@ class GenerationStats:
 
     def summary(self) -> str:
         mem = self.memory.describe() if self.memory else "GPU peak n/a"
+        reused = f" ({self.reused_tokens} more reused)" if self.reused_tokens else ""
         return (
-            f"TTFT {self.ttft_s * 1e3:.1f} ms | prefill {self.prompt_tokens} tok at "
+            f"TTFT {self.ttft_s * 1e3:.1f} ms | prefill {self.prompt_tokens} tok{reused} at "
             f"{self.prefill_tok_s:.1f} tok/s | decode {self.new_tokens} tok at "
             f"{self.decode_tok_s:.1f} tok/s | {mem}"
         )
@@ -106,7 +115,8 @@ class Runner:
         self._inputs: dict[int, torch.Tensor] = {}  # T -> static token buffer [1, T]
         self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.pos = 0  # next position to write
-        self._sequence = 0  # counts reset() calls
+        self.history: list[int | None] = []  # the token id at each position < pos (None: not read yet)
+        self._sequence = 0  # counts new sequences (reset, or a generate that rewinds)
         self.last_stats = GenerationStats()
         self.graph: DecodeGraph | None = None  # set: the decode chain's containers are replay-only
         if graphed:
@@ -147,6 +157,18 @@ class Runner:
     @property
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._bound.weights.values())
+
+    @property
+    def rewind_limit(self) -> int:
+        """How many of the newest positions a new sequence may take back and write again. A sliding
+        layer's ring of S slots holds the S newest positions; resuming at c reads the window W
+        before it, still held after k positions are taken back while k <= S - W + 1 (the slots of
+        the positions taken back then read as older than the window: masked). Without a ring
+        smaller than the context, any."""
+        window = self.meta.raw.get("sliding_window") or 0
+        rings = [b.shape[2] for b in self.meta.kv if b.kind == "sliding" and len(b.shape) == 4]
+        short = [s for s in rings if s < self.ctx]
+        return min(s - window + 1 for s in short) if short and window else self.ctx
 
     # ---- loading ---------------------------------------------------------------------------
     def _allocate_kv(self) -> None:
@@ -206,7 +228,32 @@ class Runner:
         for t in self._bound.kv.values():
             t.zero_()
         self.pos = 0
+        self.history = []
         self._sequence += 1  # a generator of an earlier sequence no longer moves the position
+
+    def reusable(self, ids: Sequence[int]) -> int:
+        """How many of `ids`' first tokens the cache holds and `generate(ids, reuse=True)` keeps:
+        the prefix shared with `history`, less one where that is all of `ids` (the last token is
+        fed again for its logits), or 0 where keeping it would take back more than
+        `rewind_limit` positions."""
+        common = 0
+        for held, want in zip(self.history, ids):
+            if held is None or held != want:
+                break
+            common += 1
+        keep = min(common, len(ids) - 1)
+        return keep if keep > 0 and self.pos - keep <= self.rewind_limit else 0
+
+    def rewind(self, keep: int) -> None:
+        """Continue from position `keep` (the cache's first `keep` positions stay): the positions
+        after it are written again before anything reads them, or read as masked. At most
+        `rewind_limit` positions back."""
+        if not (0 <= keep <= self.pos and self.pos - keep <= self.rewind_limit):
+            raise ValueError(f"cannot rewind from position {self.pos} to {keep}: at most {self.rewind_limit} "
+                             "back (the sliding layers' rings hold no more); reset() and prefill instead")
+        self.pos = keep
+        del self.history[keep:]
+        self._sequence += 1
 
     def check_fits(self, n_prompt: int, max_new_tokens: int = 0, start: int | None = None) -> None:
         check_fits(self.ctx, n_prompt, max_new_tokens, self.pos if start is None else start)
@@ -230,6 +277,7 @@ class Runner:
         self._pos.fill_(self.pos)
         (logits,) = self.methods["prefill"].run([tokens, self._pos])
         self.pos += len(piece)
+        self.history.extend(int(t) for t in piece)
         return logits.view(-1)
 
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
@@ -252,6 +300,7 @@ class Runner:
         else:
             (logits,) = self.methods["decode"].run([buf, self._pos])
         self.pos += 1
+        self.history.append(None if isinstance(token, torch.Tensor) else int(token))  # `generate` fills it in
         return logits.view(-1)
 
     def _token_buffer(self, T: int) -> torch.Tensor:
@@ -266,23 +315,31 @@ class Runner:
         max_new_tokens: int,
         sampling: SamplingConfig = SamplingConfig(),
         stop_ids: Iterable[int] | None = None,
+        reuse: bool = False,
     ) -> Iterator[int]:
         """Yield up to `max_new_tokens` token ids, stopping after a stop id (eos by
-        default; the stop token is yielded). Starts a fresh sequence. Timings land in
-        `self.last_stats` (final once the iterator is exhausted)."""
+        default; the stop token is yielded). Starts a fresh sequence; with `reuse`, one that
+        keeps the cache's positions `prompt_ids` starts with (`reusable`: a conversation's next
+        turn prefills only the turn). Timings land in `self.last_stats` (final once the iterator
+        is exhausted)."""
         self.check_fits(len(prompt_ids), max_new_tokens, start=0)
         stops = set(self.meta.eos_token_ids if stop_ids is None else stop_ids)
-        self.reset()
+        keep = self.reusable(prompt_ids) if reuse else 0
+        if keep:
+            self.rewind(keep)
+        else:
+            self.reset()
         gen = make_generator(sampling, self.device)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids) - keep, reused_tokens=keep)
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids)
+        logits = self.prefill(prompt_ids[keep:])
         _sync(self.device)
         stats.prefill_s = time.perf_counter() - t0
         token = sample(logits, sampling, gen)
         token_id = int(token.item())
         stats.ttft_s = time.perf_counter() - t0
         reader, sequence = TokenReader(self.device), self._sequence
+        first = self.pos  # where the new tokens go
         ahead = None  # the next token on the device: its step is queued before this token is read
         try:
             for i in range(max_new_tokens):
@@ -294,6 +351,8 @@ class Runner:
                 if i:
                     token_id = reader.value()
                     stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
+                if self._sequence == sequence and first + i < self.pos:
+                    self.history[first + i] = token_id  # fed from the device: its id is known now
                 stats.new_tokens += 1
                 yield token_id
                 if token_id in stops:
@@ -301,6 +360,7 @@ class Runner:
         finally:  # a step queued past the caller's last token is not part of the sequence
             if ahead is not None and self._sequence == sequence:
                 self.pos -= 1
+                self.history.pop()
 
 
 class TokenReader:

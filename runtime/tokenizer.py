@@ -5,18 +5,28 @@ BOS comes from the artifact's metadata, not the tokenizer's post-processor, so t
 adds exactly one BOS whatever the tokenizer.json says. Chat mode renders the checkpoint's
 own chat template when there is one (jinja2, as transformers does) and otherwise the plain
 Gemma turn format.
+
+A conversation (`encode_conversation`) is rendered whole each turn, the model's earlier replies
+as the token ids it generated, not their text encoded again (which may split differently): the
+ids then start with every id of the turns before, and the runner's cache keeps them
+(`Runner.generate(..., reuse=True)`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-GEMMA_TURN_FORMAT = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+GEMMA_TURN = {"user": "<start_of_turn>user\n{}<end_of_turn>\n", "assistant": "<start_of_turn>model\n{}<end_of_turn>\n"}
+GEMMA_REPLY_PROMPT = "<start_of_turn>model\n"
+# a reply's place in the rendered conversation: private-use characters no template or text produces
+_REPLY_MARK = "\ue000{}\ue001"
+_REPLY_MARKS = re.compile("\ue000(\\d+)\ue001")
 # Tokens that end a model turn in Gemma chat formats; added to the stop set when present.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<turn|>")
 
@@ -49,8 +59,38 @@ class TextTokenizer:
 
     def render_chat(self, prompt: str) -> str:
         if self.chat_template is None:
-            return GEMMA_TURN_FORMAT.format(prompt=prompt)
-        return _render_jinja(self.chat_template, prompt, self._token_text(self.bos_token_id))
+            return GEMMA_TURN["user"].format(prompt) + GEMMA_REPLY_PROMPT
+        return _render_jinja(self.chat_template, [{"role": "user", "content": prompt}],
+                             self._token_text(self.bos_token_id))
+
+    def encode_conversation(self, turns: list[tuple[str, str | list[int]]]) -> list[int]:
+        """Token ids of a conversation ready for the model's next reply: `turns` are (role, content)
+        with role "user" (text) or "assistant" (the reply's generated ids, its stop token left out), the
+        last one the user's. Rendered by the chat template (else the Gemma turn format) with each reply
+        in its place as its own ids; one BOS."""
+        roles = [r for r, _ in turns]
+        if not turns or roles[-1] != "user" or any(r not in ("user", "assistant") for r in roles):
+            raise ValueError(f"a conversation is user / assistant turns ending with the user's, got {roles}")
+        replies = [c for r, c in turns if r == "assistant"]
+        messages, n = [], 0
+        for role, content in turns:
+            if role == "assistant":
+                content, n = _REPLY_MARK.format(n), n + 1
+            messages.append({"role": role, "content": content})
+        if self.chat_template is None:
+            text = "".join(GEMMA_TURN[m["role"]].format(m["content"]) for m in messages) + GEMMA_REPLY_PROMPT
+        else:
+            text = _render_jinja(self.chat_template, messages, self._token_text(self.bos_token_id))
+        pieces = _REPLY_MARKS.split(text)  # text, reply index, text, ...
+        if sorted(int(i) for i in pieces[1::2]) != list(range(n)):
+            raise ValueError("the chat template does not render each earlier reply once: cannot continue the "
+                             "conversation from its tokens")
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            ids += list(replies[int(piece)]) if k % 2 else self.tokenizer.encode(piece, add_special_tokens=False).ids
+        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -86,8 +126,8 @@ def _find_chat_template(directory: Path) -> str | None:
     return template
 
 
-def _render_jinja(template: str, prompt: str, bos_token: str) -> str:
-    """Render a HF chat template for a single user message, ready for the model's reply."""
+def _render_jinja(template: str, messages: list[dict], bos_token: str) -> str:
+    """Render a HF chat template for `messages`, ready for the model's reply."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
@@ -96,7 +136,7 @@ def _render_jinja(template: str, prompt: str, bos_token: str) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(
-        messages=[{"role": "user", "content": prompt}],
+        messages=messages,
         add_generation_prompt=True,
         bos_token=bos_token,
     )

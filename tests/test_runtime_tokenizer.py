@@ -77,3 +77,43 @@ def test_stream_decode_matches_batch_decode(tok_dir):
 def test_missing_tokenizer_json_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
         TextTokenizer.from_dir(tmp_path, 2)
+
+
+def test_conversation_holds_each_reply_as_its_ids_and_extends_the_turn_before(tok_dir):
+    """Each reply goes in as the ids the model generated (here ids no text encodes to: filler words
+    with no spaces between), so the next turn's ids start with the last turn's prompt and reply."""
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    first = tok.encode_conversation([("user", "hello")])
+    assert first == tok.encode("hello", chat=True)
+    reply = [_id(tok, "the"), _id(tok, "\n"), _id(tok, "<pad>"), _id(tok, "cat")]
+    turns = [("user", "hello"), ("assistant", reply), ("user", "world")]
+    ids = tok.encode_conversation(turns)
+    assert ids[:len(first) + len(reply)] == first + reply
+    rest = ["<end_of_turn>", "\n", "<start_of_turn>", "user", "\n", "world", "<end_of_turn>", "\n",
+            "<start_of_turn>", "model", "\n"]
+    assert ids[len(first) + len(reply):] == [_id(tok, t) for t in rest]
+
+
+def test_conversation_through_a_checkpoint_template(tok_dir):
+    template = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}" \
+               " {{ m.content | trim }}<end_of_turn>{% endfor %}{% if add_generation_prompt %}<start_of_turn>model{% endif %}"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    reply = [_id(tok, "sat")]
+    ids = tok.encode_conversation([("user", "the cat"), ("assistant", reply), ("user", "hello")])
+    expect = ["<bos>", "<start_of_turn>", "user", "the", "cat", "<end_of_turn>", "<start_of_turn>", "model", "sat",
+              "<end_of_turn>", "<start_of_turn>", "user", "hello", "<end_of_turn>", "<start_of_turn>", "model"]
+    assert ids == [_id(tok, t) for t in expect]
+
+
+def test_conversation_refuses_what_it_cannot_continue(tok_dir):
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    with pytest.raises(ValueError, match="ending with the user's"):
+        tok.encode_conversation([("user", "hello"), ("assistant", [5])])
+    with pytest.raises(ValueError, match="user / assistant turns"):
+        tok.encode_conversation([("system", "be brief"), ("user", "hello")])
+    (tok_dir / "chat_template.jinja").write_text(  # renders the last message only: the reply is dropped
+        "{{ messages[-1].content }}{% if add_generation_prompt %}<start_of_turn>model{% endif %}")
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    with pytest.raises(ValueError, match="does not render each earlier reply once"):
+        tok.encode_conversation([("user", "hello"), ("assistant", [5]), ("user", "world")])

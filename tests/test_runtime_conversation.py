@@ -1,0 +1,184 @@
+"""A conversation on the real exported tiny artifact (CPU): the runner keeps the cache's positions a new
+prompt shares with what it holds (`generate(..., reuse=True)`, `rewind`), with the logits of a fresh
+prefill, and no further back than its sliding rings hold; `python -m runtime --interactive` and
+`--prompt-file`.
+
+Uses the session-scoped `tiny_artifact` fixture (tests/conftest.py): ctx 64, sliding window 8 (rings of
+8 slots), prefill chunk 12.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.__main__ import main as cli_main
+from runtime.runner import Runner
+
+pytestmark = pytest.mark.slow
+
+REL_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def art(tiny_artifact) -> tuple[Path, torch.nn.Module]:
+    return Path(tiny_artifact.out_dir), tiny_artifact.model
+
+
+@pytest.fixture(scope="module")
+def runner(art) -> Runner:
+    return Runner.load(art[0])
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float().view(-1), want.float().view(-1)
+    return ((got - want).norm() / want.norm()).item()
+
+
+def test_rewind_limit_is_what_the_rings_hold(runner):
+    """Rings of exactly the window (8 slots, window 8): one position may be taken back, no more."""
+    assert runner.meta.raw["ring_size"] == runner.meta.raw["sliding_window"] == 8
+    assert runner.rewind_limit == 1
+    runner.reset()
+    runner.prefill(_ids(20, runner.meta.vocab_size, 1))
+    with pytest.raises(ValueError, match="at most 1 back"):
+        runner.rewind(18)
+    runner.rewind(19)
+    assert runner.pos == 19 and len(runner.history) == 19
+
+
+@torch.no_grad()
+def test_rewound_prefill_is_a_fresh_one_and_the_eager_models(runner, art):
+    """The cache holds A + [x] past the rings' wrap; rewound to A, a prefill of B (two chunks and a lone
+    token) gives the logits of a fresh prefill of A + B, and of the eager model."""
+    vocab, model = runner.meta.vocab_size, art[1]
+    a, b = _ids(21, vocab, 2), _ids(25, vocab, 3)
+    runner.reset()
+    runner.prefill(a + [5])
+    assert runner.history == a + [5]
+    runner.rewind(len(a))
+    got = runner.prefill(b)
+    assert runner.pos == len(a + b) and runner.history == a + b
+    runner.reset()
+    fresh = runner.prefill(a + b)
+    model.reset_cache()
+    for s in range(0, len(a + b), 12):
+        piece = (a + b)[s:s + 12]
+        want = model(torch.tensor([piece]), torch.tensor([s]))
+    assert _rel_err(got, fresh) <= REL_TOL and _rel_err(got, want) <= REL_TOL
+
+
+def test_generate_reuses_the_turns_before_and_gives_a_fresh_runs_tokens(runner):
+    """A reply of 6 tokens (its last never fed back), then the conversation's next prompt: the turns
+    before are kept (`reused_tokens`), only the new ones prefilled, the greedy tokens those of a fresh
+    sequence. A prompt that departs from the cache further back than the rings hold starts over."""
+    vocab = runner.meta.vocab_size
+    a = _ids(20, vocab, 4)
+    reply = list(runner.generate(a, 6, stop_ids=(), reuse=True))
+    assert runner.history == a + reply[:-1]
+    turn = a + reply + _ids(9, vocab, 5)
+    assert runner.reusable(turn) == len(a) + 5
+    again = list(runner.generate(turn, 8, stop_ids=(), reuse=True))
+    stats = runner.last_stats
+    assert (stats.reused_tokens, stats.prompt_tokens) == (len(a) + 5, 10) and "(25 more reused)" in stats.summary()
+    assert again == list(runner.generate(turn, 8, stop_ids=()))
+    assert runner.last_stats.reused_tokens == 0
+    other = turn[:-3] + [7, 8, 9]  # departs 3 + 7 positions back: more than one
+    assert runner.reusable(other) == 0
+    list(runner.generate(other, 2, stop_ids=(), reuse=True))
+    assert runner.last_stats.reused_tokens == 0 and runner.last_stats.prompt_tokens == len(other)
+
+
+def test_a_stop_token_is_taken_back_and_the_next_turn_rewrites_its_slot(runner):
+    """A reply ending at a stop: the stop's step was fed (queued) and taken back, so the cache holds
+    the prompt and the reply before it; a next prompt with the stop in its place reuses all of that."""
+    vocab = runner.meta.vocab_size
+    a = _ids(15, vocab, 6)
+    greedy = list(runner.generate(a, 5, stop_ids=()))
+    stop = greedy[2]
+    cut = list(runner.generate(a, 5, stop_ids={stop}, reuse=True))
+    assert cut[-1] == stop and runner.history == a + cut[:-1]
+    turn = a + cut + _ids(4, vocab, 7)
+    reused = list(runner.generate(turn, 4, stop_ids=(), reuse=True))
+    assert runner.last_stats.reused_tokens == len(a + cut) - 1
+    assert reused == list(runner.generate(turn, 4, stop_ids=()))
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+
+def _artifact_with_tokenizer(src: Path, dst: Path) -> Path:
+    from runtime.artifact import Artifact
+    from tests.test_runtime_tokenizer import make_tokenizer_json
+
+    dst.mkdir()
+    for name in ("model.pte", "model.ptd"):
+        shutil.copyfile(src / name, dst / name)
+    make_tokenizer_json(dst, Artifact.open(dst).metadata.vocab_size)
+    return dst
+
+
+def test_interactive_chat_streams_each_reply_and_keeps_the_conversation(art, tmp_path, monkeypatch, capsys):
+    d = _artifact_with_tokenizer(art[0], tmp_path / "a")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello the cat\n\nthe cat sat\n/reset\nworld\n"))
+    rc = cli_main(["--model", str(d), "--interactive", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summaries = [line for line in captured.out.splitlines() if line.startswith("[TTFT")]
+    assert len(summaries) == 3, captured.out  # the empty line is no turn
+    assert "reused" not in summaries[0] and "reused" in summaries[1], summaries  # turn 2 prefills itself alone
+    assert "conversation" in summaries[1] and "a new conversation" in captured.err
+    assert "[load" in captured.err and "Traceback" not in captured.err
+
+
+def test_interactive_first_turn_from_a_prompt_file_and_a_turn_past_the_context(art, tmp_path, monkeypatch, capsys):
+    d = _artifact_with_tokenizer(art[0], tmp_path / "a")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the cat sat " * 3)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello " * 80 + "\n/exit\nworld\n"))
+    rc = cli_main(["--model", str(d), "--interactive", "--prompt-file", str(doc), "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert sum(line.startswith("[TTFT") for line in captured.out.splitlines()) == 1  # /exit: "world" never runs
+    assert "past the context of 64" in captured.err
+
+
+def test_prompt_file_runs_like_prompt_and_bad_ones_are_named(art, tmp_path, monkeypatch, capsys):
+    d = _artifact_with_tokenizer(art[0], tmp_path / "a")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello the cat")
+    assert cli_main(["--model", str(d), "--prompt", "hello the cat", "--max-new-tokens", "4"]) == 0
+    by_flag = capsys.readouterr().out.splitlines()[0]
+    assert cli_main(["--model", str(d), "--prompt-file", str(doc), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == by_flag
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello the cat"))
+    assert cli_main(["--model", str(d), "--prompt-file", "-", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == by_flag
+    for bad, message in ((tmp_path / "none.txt", "no such file"), (tmp_path, "is a directory")):
+        assert cli_main(["--model", str(d), "--prompt-file", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"--prompt-file {bad}: {message}" in err and "Traceback" not in err, err
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
+    assert cli_main(["--model", str(d), "--prompt-file", str(tmp_path / "bin.txt")]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--interactive", "--prompt-ids", "2,3"], "--interactive chats in text"),
+    (["--interactive", "--prompt-file", "-"], "reads the turns from stdin"),
+    ([], "give the prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids IDS"),
+    (["--prompt", "a", "--prompt-file", "b"], "not allowed with argument"),
+])
+def test_conflicting_or_missing_prompt_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--model", "out/none", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
