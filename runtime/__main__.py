@@ -10,6 +10,9 @@ prompt (a document) from a file, or from stdin with `-`.
 its summary line; the cache keeps the conversation, so a turn prefills only itself (not every
 turn before it). `/reset` starts a new conversation, `/exit` or end of input ends.
 
+A prompt of more than PROGRESS_CHUNKS prefill chunks shows a progress bar on stderr while it is read
+(a 128k-token prompt takes tens of seconds on the 31B).
+
 Bad input ends in one line naming the flag or file and exit code 2; `--debug` shows the
 traceback instead.
 """
@@ -52,6 +55,27 @@ def _top_p(text: str) -> float:
     if not 0 < value <= 1:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
     return value
+
+
+PROGRESS_CHUNKS = 4  # prompts of more chunks than this show a prefill progress bar
+
+
+def prefill_progress(tokens: int, chunk: int):
+    """A tqdm bar on stderr over a long prompt's prefill, as `Runner.generate`'s `progress` (it closes once
+    the prompt is in, before the reply streams); None for a prompt of PROGRESS_CHUNKS chunks or fewer (no
+    wait per chunk either)."""
+    if tokens <= PROGRESS_CHUNKS * chunk:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def advance(n: int) -> None:
+        bar.update(n)
+        if bar.n >= bar.total:
+            bar.close()
+
+    return advance
 
 
 def _token_ids(text: str) -> list[int]:
@@ -168,7 +192,8 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
         runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         load_s = time.perf_counter() - t0
         stream = tok.stream() if tok is not None else None
-        for token in runner.generate(ids, max_new, sampling, stops):
+        progress = prefill_progress(len(ids), meta.prefill_chunk)
+        for token in runner.generate(ids, max_new, sampling, stops, progress=progress):
             text = stream.step(tok.tokenizer, token) if tok is not None else f"{token} "
             if text:
                 sys.stdout.write(text)
@@ -221,7 +246,9 @@ def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact
                       "send a shorter one, or /reset]", file=sys.stderr)
                 continue
             stream, reply = tok.stream(), []
-            for token in runner.generate(ids, min(args.max_new_tokens, room), sampling, stops, reuse=True):
+            progress = prefill_progress(len(ids) - runner.reusable(ids), meta.prefill_chunk)
+            for token in runner.generate(ids, min(args.max_new_tokens, room), sampling, stops, reuse=True,
+                                         progress=progress):
                 reply.append(token)
                 piece = stream.step(tok.tokenizer, token)
                 if piece:

@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -258,9 +258,10 @@ class Runner:
     def check_fits(self, n_prompt: int, max_new_tokens: int = 0, start: int | None = None) -> None:
         check_fits(self.ctx, n_prompt, max_new_tokens, self.pos if start is None else start)
 
-    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+    def prefill(self, ids: Sequence[int], progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Feed `ids` from the current position in chunks of `prefill_chunk`; returns the
-        fp32 logits [vocab] of the last token."""
+        fp32 logits [vocab] of the last token. `progress(n)`: called after each chunk with the
+        tokens it fed, once the device has run it (a wait per chunk; without it the chunks queue)."""
         self.check_fits(len(ids))
         chunk = self.meta.prefill_chunk
         logits = None
@@ -269,6 +270,9 @@ class Runner:
             # a lone token goes through decode: same computation, and prefill's dynamic T
             # may have been exported with a lower bound of 2
             logits = self.decode(piece[0]) if len(piece) == 1 else self._prefill_chunk(piece)
+            if progress is not None:
+                _sync(self.device)
+                progress(len(piece))
         return logits
 
     def _prefill_chunk(self, piece: Sequence[int]) -> torch.Tensor:
@@ -316,12 +320,13 @@ class Runner:
         sampling: SamplingConfig = SamplingConfig(),
         stop_ids: Iterable[int] | None = None,
         reuse: bool = False,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[int]:
         """Yield up to `max_new_tokens` token ids, stopping after a stop id (eos by
         default; the stop token is yielded). Starts a fresh sequence; with `reuse`, one that
         keeps the cache's positions `prompt_ids` starts with (`reusable`: a conversation's next
-        turn prefills only the turn). Timings land in `self.last_stats` (final once the iterator
-        is exhausted)."""
+        turn prefills only the turn). `progress`: `prefill`'s, for the prompt. Timings land in
+        `self.last_stats` (final once the iterator is exhausted)."""
         self.check_fits(len(prompt_ids), max_new_tokens, start=0)
         stops = set(self.meta.eos_token_ids if stop_ids is None else stop_ids)
         keep = self.reusable(prompt_ids) if reuse else 0
@@ -332,7 +337,7 @@ class Runner:
         gen = make_generator(sampling, self.device)
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids) - keep, reused_tokens=keep)
         t0 = time.perf_counter()
-        logits = self.prefill(prompt_ids[keep:])
+        logits = self.prefill(prompt_ids[keep:], progress)
         _sync(self.device)
         stats.prefill_s = time.perf_counter() - t0
         token = sample(logits, sampling, gen)

@@ -182,3 +182,23 @@ def test_conflicting_or_missing_prompt_flags_are_refused(argv, message, capsys):
         cli_main(["--model", "out/none", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_prefill_reports_each_chunk_and_the_cli_shows_a_long_prompts_progress(runner, art, tmp_path, capsys):
+    """`progress` hears of every chunk once it has run (a lone last token too); the CLI draws a bar for a
+    prompt of more than PROGRESS_CHUNKS chunks on stderr, none for a short one, and the reply is the same."""
+    from runtime.__main__ import PROGRESS_CHUNKS
+
+    chunk = runner.meta.prefill_chunk
+    prompt = _ids(PROGRESS_CHUNKS * chunk + 1, runner.meta.vocab_size, 8)  # 4 whole chunks and a lone token
+    seen = []
+    runner.reset()
+    runner.prefill(prompt, progress=seen.append)
+    assert seen == [chunk] * PROGRESS_CHUNKS + [1]
+    d = _artifact_with_tokenizer(art[0], tmp_path / "a")
+    ids = ",".join(map(str, prompt))
+    assert cli_main(["--model", str(d), "--prompt-ids", ids, "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "prefill" in captured.err and "tok" in captured.err, captured.err
+    assert cli_main(["--model", str(d), "--prompt-ids", ids[:-len(str(prompt[-1])) - 1], "--max-new-tokens", "3"]) == 0
+    assert "prefill" not in capsys.readouterr().err
