@@ -107,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens to generate at most (default 128; fewer where the context ends first)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in a user turn (the checkpoint's chat template, else Gemma's turn format)")
+    p.add_argument("--system", metavar="TEXT",
+                   help="a system prompt before the first user turn (with --chat or --interactive)")
     p.add_argument("--interactive", action="store_true",
                    help="chat: each line on stdin is a user turn (--prompt / --prompt-file, if given, the first), "
                    "the cache keeps the conversation; /reset starts a new one, /exit or end of input ends; "
@@ -127,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--interactive chats in text: give --prompt or --prompt-file (or neither), not --prompt-ids")
     if args.interactive and args.prompt_file == Path("-"):
         p.error("--interactive reads the turns from stdin: give --prompt-file a file, not -")
+    if args.system is not None and not (args.chat or args.interactive):
+        p.error("--system goes with chat turns: add --chat (or --interactive)")
     if not args.interactive and args.prompt is None and args.prompt_file is None and args.prompt_ids is None:
         p.error("give the prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids IDS (or chat with --interactive)")
     return args
@@ -177,7 +181,7 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     text = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
     if args.interactive:
         return _chat(args, sampling, artifact, tok, text, t0)
-    ids = args.prompt_ids if args.prompt_ids is not None else tok.encode(text, chat=args.chat)
+    ids = args.prompt_ids if args.prompt_ids is not None else tok.encode(text, chat=args.chat, system=args.system)
     if max(ids, default=0) >= meta.vocab_size:
         raise ValueError(f"--prompt-ids: token id {max(ids)} is outside the model's vocabulary of {meta.vocab_size}")
     stops = set(meta.eos_token_ids) | (tok.end_of_turn_ids() if args.chat else set())
@@ -228,13 +232,14 @@ def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact
         runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         print(f"[load {time.perf_counter() - t0:.2f} s | context {meta.ctx} tokens | /reset: a new conversation, "
               "/exit or end of input: quit]", file=sys.stderr)
-        turns: list[tuple[str, str | list[int]]] = []
+        opening = [("system", args.system)] if args.system else []
+        turns: list[tuple[str, str | list[int]]] = list(opening)
         for text in _turns(first):
             command = text.strip()
             if command in ("/exit", "/quit"):
                 break
             if command == "/reset":
-                turns.clear()
+                turns = list(opening)
                 print("[a new conversation]", file=sys.stderr)
                 continue
             if not command:
@@ -256,7 +261,7 @@ def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact
                     sys.stdout.flush()
             turns += [("user", text), ("assistant", reply[:-1] if reply and reply[-1] in stops else reply)]
             stats = runner.last_stats
-            stats.memory = mem.peak
+            stats.memory = mem.snapshot()
             print(f"\n[{stats.summary()} | conversation {runner.pos} of {meta.ctx} tokens]")
     return 0
 

@@ -61,11 +61,16 @@ class PeakSampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self.snapshot()
+
+    def snapshot(self) -> MemoryPeak:
+        """The peaks so far (also while sampling: a chat's summary after each reply), into `peak`."""
         self._sample_once()
         if self.device.startswith("cuda"):
             self.peak.allocator_bytes = torch.cuda.max_memory_allocated(self.device)
             self.peak.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         self.peak.host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self.peak
 
     def _sample_loop(self) -> None:
         while not self._stop.wait(self.period_s):

@@ -48,46 +48,56 @@ class TextTokenizer:
             )
         return TextTokenizer(Tokenizer.from_file(str(path)), bos_token_id, _find_chat_template(directory))
 
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        """Token ids of `text` (wrapped in a user turn when `chat`), with exactly one BOS."""
+    def encode(self, text: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Token ids of `text` (a user turn when `chat`, after a `system` turn if given), with exactly
+        one BOS."""
         if chat:
-            text = self.render_chat(text)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id] + ids
-        return ids
+            return self.encode_conversation(([("system", system)] if system else []) + [("user", text)])
+        if system:
+            raise ValueError("a system prompt goes with chat turns: encode(..., chat=True)")
+        return self._with_bos(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def render_chat(self, prompt: str) -> str:
-        if self.chat_template is None:
-            return GEMMA_TURN["user"].format(prompt) + GEMMA_REPLY_PROMPT
-        return _render_jinja(self.chat_template, [{"role": "user", "content": prompt}],
-                             self._token_text(self.bos_token_id))
+    def render_chat(self, prompt: str, system: str | None = None) -> str:
+        """The text of a one-turn chat (`system`, if given, first), ready for the model's reply."""
+        return self._render(([{"role": "system", "content": system}] if system else [])
+                            + [{"role": "user", "content": prompt}])
 
     def encode_conversation(self, turns: list[tuple[str, str | list[int]]]) -> list[int]:
         """Token ids of a conversation ready for the model's next reply: `turns` are (role, content)
         with role "user" (text) or "assistant" (the reply's generated ids, its stop token left out), the
-        last one the user's. Rendered by the chat template (else the Gemma turn format) with each reply
-        in its place as its own ids; one BOS."""
+        last one the user's, and optionally a "system" turn first (text). Rendered by the chat template
+        (else the Gemma turn format) with each reply in its place as its own ids; one BOS."""
         roles = [r for r, _ in turns]
-        if not turns or roles[-1] != "user" or any(r not in ("user", "assistant") for r in roles):
-            raise ValueError(f"a conversation is user / assistant turns ending with the user's, got {roles}")
+        body = roles[1:] if roles[:1] == ["system"] else roles
+        if not body or body[0] != "user" or body[-1] != "user" or any(r not in ("user", "assistant") for r in body):
+            raise ValueError(f"a conversation is user / assistant turns from the user's to the user's (a system "
+                             f"turn before them, if any), got {roles}")
         replies = [c for r, c in turns if r == "assistant"]
         messages, n = [], 0
         for role, content in turns:
             if role == "assistant":
                 content, n = _REPLY_MARK.format(n), n + 1
             messages.append({"role": role, "content": content})
-        if self.chat_template is None:
-            text = "".join(GEMMA_TURN[m["role"]].format(m["content"]) for m in messages) + GEMMA_REPLY_PROMPT
-        else:
-            text = _render_jinja(self.chat_template, messages, self._token_text(self.bos_token_id))
-        pieces = _REPLY_MARKS.split(text)  # text, reply index, text, ...
+        pieces = _REPLY_MARKS.split(self._render(messages))  # text, reply index, text, ...
         if sorted(int(i) for i in pieces[1::2]) != list(range(n)):
             raise ValueError("the chat template does not render each earlier reply once: cannot continue the "
                              "conversation from its tokens")
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             ids += list(replies[int(piece)]) if k % 2 else self.tokenizer.encode(piece, add_special_tokens=False).ids
+        return self._with_bos(ids)
+
+    def _render(self, messages: list[dict]) -> str:
+        """`messages` as the chat template renders them, ready for the model's reply. The Gemma turn
+        format has no system turn: its text opens the first user turn, as Gemma's own templates do."""
+        if self.chat_template is not None:
+            return _render_jinja(self.chat_template, messages, self._token_text(self.bos_token_id))
+        if messages[0]["role"] == "system":
+            system, first, *rest = messages
+            messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+        return "".join(GEMMA_TURN[m["role"]].format(m["content"]) for m in messages) + GEMMA_REPLY_PROMPT
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids

@@ -17,30 +17,9 @@ import pytest
 import torch
 
 from runtime.__main__ import main as cli_main
-from runtime.runner import Runner
+from tests.test_runtime_runner import REL_TOL, _prompt, _rel_err, art, runner  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
-
-REL_TOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def art(tiny_artifact) -> tuple[Path, torch.nn.Module]:
-    return Path(tiny_artifact.out_dir), tiny_artifact.model
-
-
-@pytest.fixture(scope="module")
-def runner(art) -> Runner:
-    return Runner.load(art[0])
-
-
-def _ids(n: int, vocab: int, seed: int) -> list[int]:
-    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.float().view(-1), want.float().view(-1)
-    return ((got - want).norm() / want.norm()).item()
 
 
 def test_rewind_limit_is_what_the_rings_hold(runner):
@@ -48,7 +27,7 @@ def test_rewind_limit_is_what_the_rings_hold(runner):
     assert runner.meta.raw["ring_size"] == runner.meta.raw["sliding_window"] == 8
     assert runner.rewind_limit == 1
     runner.reset()
-    runner.prefill(_ids(20, runner.meta.vocab_size, 1))
+    runner.prefill(_prompt(20, runner.meta.vocab_size, 1))
     with pytest.raises(ValueError, match="at most 1 back"):
         runner.rewind(18)
     runner.rewind(19)
@@ -60,7 +39,7 @@ def test_rewound_prefill_is_a_fresh_one_and_the_eager_models(runner, art):
     """The cache holds A + [x] past the rings' wrap; rewound to A, a prefill of B (two chunks and a lone
     token) gives the logits of a fresh prefill of A + B, and of the eager model."""
     vocab, model = runner.meta.vocab_size, art[1]
-    a, b = _ids(21, vocab, 2), _ids(25, vocab, 3)
+    a, b = _prompt(21, vocab, 2), _prompt(25, vocab, 3)
     runner.reset()
     runner.prefill(a + [5])
     assert runner.history == a + [5]
@@ -81,10 +60,10 @@ def test_generate_reuses_the_turns_before_and_gives_a_fresh_runs_tokens(runner):
     before are kept (`reused_tokens`), only the new ones prefilled, the greedy tokens those of a fresh
     sequence. A prompt that departs from the cache further back than the rings hold starts over."""
     vocab = runner.meta.vocab_size
-    a = _ids(20, vocab, 4)
+    a = _prompt(20, vocab, 4)
     reply = list(runner.generate(a, 6, stop_ids=(), reuse=True))
     assert runner.history == a + reply[:-1]
-    turn = a + reply + _ids(9, vocab, 5)
+    turn = a + reply + _prompt(9, vocab, 5)
     assert runner.reusable(turn) == len(a) + 5
     again = list(runner.generate(turn, 8, stop_ids=(), reuse=True))
     stats = runner.last_stats
@@ -101,12 +80,12 @@ def test_a_stop_token_is_taken_back_and_the_next_turn_rewrites_its_slot(runner):
     """A reply ending at a stop: the stop's step was fed (queued) and taken back, so the cache holds
     the prompt and the reply before it; a next prompt with the stop in its place reuses all of that."""
     vocab = runner.meta.vocab_size
-    a = _ids(15, vocab, 6)
+    a = _prompt(15, vocab, 6)
     greedy = list(runner.generate(a, 5, stop_ids=()))
     stop = greedy[2]
     cut = list(runner.generate(a, 5, stop_ids={stop}, reuse=True))
     assert cut[-1] == stop and runner.history == a + cut[:-1]
-    turn = a + cut + _ids(4, vocab, 7)
+    turn = a + cut + _prompt(4, vocab, 7)
     reused = list(runner.generate(turn, 4, stop_ids=(), reuse=True))
     assert runner.last_stats.reused_tokens == len(a + cut) - 1
     assert reused == list(runner.generate(turn, 4, stop_ids=()))
@@ -129,13 +108,14 @@ def _artifact_with_tokenizer(src: Path, dst: Path) -> Path:
 def test_interactive_chat_streams_each_reply_and_keeps_the_conversation(art, tmp_path, monkeypatch, capsys):
     d = _artifact_with_tokenizer(art[0], tmp_path / "a")
     monkeypatch.setattr("sys.stdin", io.StringIO("hello the cat\n\nthe cat sat\n/reset\nworld\n"))
-    rc = cli_main(["--model", str(d), "--interactive", "--max-new-tokens", "4"])
+    rc = cli_main(["--model", str(d), "--interactive", "--max-new-tokens", "4", "--system", "the cat"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summaries = [line for line in captured.out.splitlines() if line.startswith("[TTFT")]
     assert len(summaries) == 3, captured.out  # the empty line is no turn
     assert "reused" not in summaries[0] and "reused" in summaries[1], summaries  # turn 2 prefills itself alone
     assert "conversation" in summaries[1] and "a new conversation" in captured.err
+    assert all("host peak RSS" in line and "RSS 0.00 GiB" not in line for line in summaries), summaries  # each turn's
     assert "[load" in captured.err and "Traceback" not in captured.err
 
 
@@ -176,6 +156,7 @@ def test_prompt_file_runs_like_prompt_and_bad_ones_are_named(art, tmp_path, monk
     (["--interactive", "--prompt-file", "-"], "reads the turns from stdin"),
     ([], "give the prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids IDS"),
     (["--prompt", "a", "--prompt-file", "b"], "not allowed with argument"),
+    (["--prompt", "a", "--system", "be brief"], "--system goes with chat turns"),
 ])
 def test_conflicting_or_missing_prompt_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -190,7 +171,7 @@ def test_prefill_reports_each_chunk_and_the_cli_shows_a_long_prompts_progress(ru
     from runtime.__main__ import PROGRESS_CHUNKS
 
     chunk = runner.meta.prefill_chunk
-    prompt = _ids(PROGRESS_CHUNKS * chunk + 1, runner.meta.vocab_size, 8)  # 4 whole chunks and a lone token
+    prompt = _prompt(PROGRESS_CHUNKS * chunk + 1, runner.meta.vocab_size, 8)  # 4 whole chunks and a lone token
     seen = []
     runner.reset()
     runner.prefill(prompt, progress=seen.append)

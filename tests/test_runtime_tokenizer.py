@@ -108,12 +108,30 @@ def test_conversation_through_a_checkpoint_template(tok_dir):
 
 def test_conversation_refuses_what_it_cannot_continue(tok_dir):
     tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
-    with pytest.raises(ValueError, match="ending with the user's"):
-        tok.encode_conversation([("user", "hello"), ("assistant", [5])])
-    with pytest.raises(ValueError, match="user / assistant turns"):
-        tok.encode_conversation([("system", "be brief"), ("user", "hello")])
+    for turns in ([("user", "hello"), ("assistant", [5])], [("assistant", [5]), ("user", "hello")],
+                  [("user", "hello"), ("system", "be brief"), ("user", "world")], [("system", "be brief")]):
+        with pytest.raises(ValueError, match="from the user's to the user's"):
+            tok.encode_conversation(turns)
+    with pytest.raises(ValueError, match="goes with chat turns"):
+        tok.encode("hello", system="be brief")
     (tok_dir / "chat_template.jinja").write_text(  # renders the last message only: the reply is dropped
         "{{ messages[-1].content }}{% if add_generation_prompt %}<start_of_turn>model{% endif %}")
     tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
     with pytest.raises(ValueError, match="does not render each earlier reply once"):
         tok.encode_conversation([("user", "hello"), ("assistant", [5]), ("user", "world")])
+
+
+def test_system_turn_opens_the_first_user_turn_or_goes_to_the_template(tok_dir):
+    """The Gemma turn format has no system turn: its text opens the first user turn (as Gemma's templates
+    do); a checkpoint's template gets it as a message of its own."""
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    ids = tok.encode("the cat", chat=True, system="hello world")
+    expect = ["<bos>", "<start_of_turn>", "user", "\n", "hello", "world", "\n", "\n", "the", "cat", "<end_of_turn>",
+              "\n", "<start_of_turn>", "model", "\n"]
+    assert ids == [_id(tok, t) for t in expect]
+    later = tok.encode_conversation([("system", "hello world"), ("user", "the cat"), ("assistant", [5]), ("user", "sat")])
+    assert later[:len(ids) + 1] == ids + [5]
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+    (tok_dir / "chat_template.jinja").write_text(template)
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    assert tok.render_chat("cat", system="sat") == "[system] sat[user] cat"
