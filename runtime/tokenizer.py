@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from tokenizers.decoders import DecodeStream
 
 GEMMA_TURN = {"user": "<start_of_turn>user\n{}<end_of_turn>\n", "assistant": "<start_of_turn>model\n{}<end_of_turn>\n"}
 GEMMA_REPLY_PROMPT = "<start_of_turn>model\n"
-# a reply's place in the rendered conversation: private-use characters no template or text produces
-_REPLY_MARK = "\ue000{}\ue001"
-_REPLY_MARKS = re.compile("\ue000(\\d+)\ue001")
+# a reply's place in the rendered conversation: private-use characters around a tag that no text of the
+# conversation holds, and the reply's index
+_REPLY_MARK = "\ue000{tag}:{index}\ue001"
 # Tokens that end a model turn in Gemma chat formats; added to the stop set when present.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<turn|>")
 
@@ -73,12 +74,15 @@ class TextTokenizer:
             raise ValueError(f"a conversation is user / assistant turns from the user's to the user's (a system "
                              f"turn before them, if any), got {roles}")
         replies = [c for r, c in turns if r == "assistant"]
+        texts = [c for r, c in turns if r != "assistant"]
+        tag = next(t for t in iter(lambda: secrets.token_hex(4), None) if not any(t in x for x in texts))
         messages, n = [], 0
         for role, content in turns:
             if role == "assistant":
-                content, n = _REPLY_MARK.format(n), n + 1
+                content, n = _REPLY_MARK.format(tag=tag, index=n), n + 1
             messages.append({"role": role, "content": content})
-        pieces = _REPLY_MARKS.split(self._render(messages))  # text, reply index, text, ...
+        marks = re.compile(re.escape(_REPLY_MARK.format(tag=tag, index="@")).replace("@", "(\\d+)"))
+        pieces = marks.split(self._render(messages))  # text, reply index, text, ...
         if sorted(int(i) for i in pieces[1::2]) != list(range(n)):
             raise ValueError("the chat template does not render each earlier reply once: cannot continue the "
                              "conversation from its tokens")

@@ -135,3 +135,14 @@ def test_system_turn_opens_the_first_user_turn_or_goes_to_the_template(tok_dir):
     (tok_dir / "chat_template.jinja").write_text(template)
     tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
     assert tok.render_chat("cat", system="sat") == "[system] sat[user] cat"
+
+
+def test_text_that_looks_like_a_reply_mark_stays_text(tok_dir):
+    """Replies are placed by marks no text of the conversation holds: a user's text with private-use
+    characters and digits is encoded as text, not taken for a reply."""
+    tok = TextTokenizer.from_dir(tok_dir, bos_token_id=2)
+    odd = "\ue0000\ue001 \ue000ab:0\ue001"
+    sat = _id(tok, "sat")
+    ids = tok.encode_conversation([("user", odd), ("assistant", [sat]), ("user", "hello")])
+    assert ids.count(sat) == 1 and ids.count(_id(tok, "<unk>")) == 2
+    assert tok.encode(odd, chat=True) == ids[:len(tok.encode(odd, chat=True))]
