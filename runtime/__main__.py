@@ -6,7 +6,8 @@ first token, prefill and decode speed, peak GPU memory). Needs only the export d
 `--prompt-ids` feeds token ids and the reply is printed as ids. `--prompt-file` reads a long
 prompt (a document) from a file, or from stdin with `-`.
 
-`--interactive` is a chat: each line on stdin is a user turn, each reply streams back followed by
+`--interactive` is a chat: each line on stdin is a user turn (a line ending in a backslash goes on
+with the next), each reply streams back followed by
 its summary line; the cache keeps the conversation, so a turn prefills only itself (not every
 turn before it). `/reset` starts a new conversation, `/exit` or end of input ends.
 
@@ -110,9 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--system", metavar="TEXT",
                    help="a system prompt before the first user turn (with --chat or --interactive)")
     p.add_argument("--interactive", action="store_true",
-                   help="chat: each line on stdin is a user turn (--prompt / --prompt-file, if given, the first), "
-                   "the cache keeps the conversation; /reset starts a new one, /exit or end of input ends; "
-                   "--max-new-tokens applies to each reply")
+                   help="chat: each line on stdin is a user turn (--prompt / --prompt-file, if given, the first; "
+                   "end a line with \\ to go on with the next), the cache keeps the conversation; /reset starts a "
+                   "new one, /exit or end of input ends; --max-new-tokens applies to each reply")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
@@ -209,17 +210,26 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
 
 
 def _turns(first: str | None):
-    """The user's turns: `first`, then stdin's lines (a prompt on stderr where stdin is a terminal)."""
+    """The user's turns: `first`, then stdin's lines, a line ending in a backslash going on with the next
+    (a prompt on stderr where stdin is a terminal)."""
     if first is not None:
         yield first
+    lines: list[str] = []
     while True:
         if sys.stdin.isatty():
-            sys.stderr.write("> ")
+            sys.stderr.write("... " if lines else "> ")
             sys.stderr.flush()
         line = sys.stdin.readline()
         if not line:
+            if lines:
+                yield "\n".join(lines)
             return
-        yield line.rstrip("\n")
+        line = line.rstrip("\n")
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        yield "\n".join(lines + [line])
+        lines = []
 
 
 def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact, tok: TextTokenizer,

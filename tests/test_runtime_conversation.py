@@ -183,3 +183,10 @@ def test_prefill_reports_each_chunk_and_the_cli_shows_a_long_prompts_progress(ru
     assert "prefill" in captured.err and "tok" in captured.err, captured.err
     assert cli_main(["--model", str(d), "--prompt-ids", ids[:-len(str(prompt[-1])) - 1], "--max-new-tokens", "3"]) == 0
     assert "prefill" not in capsys.readouterr().err
+
+
+def test_a_turn_goes_on_past_a_line_ending_in_a_backslash(monkeypatch):
+    from runtime.__main__ import _turns
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\\\nb\\\nc\nd\ne\\\n"))
+    assert list(_turns("first")) == ["first", "a\nb\nc", "d", "e"]
