@@ -137,10 +137,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _utf8(text: str, source: str) -> str:
+    """`text` (from argv or stdin, where Python keeps undecodable bytes as lone surrogates) if it is
+    UTF-8 text, else a ValueError naming `source`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{source}: not UTF-8 text (an undecodable byte at character {e.start})") from None
+    return text
+
+
+def _stdin_keeps_bad_bytes() -> None:
+    """Undecodable bytes on stdin become lone surrogates (`_utf8` names them) instead of an exception
+    mid-read, whatever the locale's error handler."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+
 def _read_prompt_file(path: Path) -> str:
     """--prompt-file's text: the file's, or stdin's for -."""
     if path == Path("-"):
-        return sys.stdin.read()
+        _stdin_keeps_bad_bytes()
+        return _utf8(sys.stdin.read(), "--prompt-file - (stdin)")
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -180,6 +199,9 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
     if args.prompt_ids is None or (Path(args.model) / "tokenizer.json").is_file():
         tok = TextTokenizer.from_dir(args.model, meta.bos_token_id)
     text = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else args.prompt
+    text = _utf8(text, "--prompt") if args.prompt is not None else text
+    if args.system is not None:
+        _utf8(args.system, "--system")
     if args.interactive:
         return _chat(args, sampling, artifact, tok, text, t0)
     ids = args.prompt_ids if args.prompt_ids is not None else tok.encode(text, chat=args.chat, system=args.system)
@@ -214,6 +236,7 @@ def _turns(first: str | None):
     (a prompt on stderr where stdin is a terminal)."""
     if first is not None:
         yield first
+    _stdin_keeps_bad_bytes()
     lines: list[str] = []
     while True:
         if sys.stdin.isatty():
@@ -253,6 +276,11 @@ def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact
                 print("[a new conversation]", file=sys.stderr)
                 continue
             if not command:
+                continue
+            try:
+                _utf8(text, "this turn")
+            except ValueError as e:
+                print(f"[{e}: skipped]", file=sys.stderr)
                 continue
             ids = tok.encode_conversation(turns + [("user", text)])
             room = meta.ctx - len(ids)

@@ -149,6 +149,17 @@ def test_prompt_file_runs_like_prompt_and_bad_ones_are_named(art, tmp_path, monk
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
     assert cli_main(["--model", str(d), "--prompt-file", str(tmp_path / "bin.txt")]) == 2
     assert "not UTF-8 text" in capsys.readouterr().err
+    # argv's undecodable bytes reach Python as lone surrogates (the tokenizer would raise a TypeError)
+    for argv, source in ((["--prompt", "\udcff hi"], "--prompt"), (["--chat", "--prompt", "hi", "--system", "\udcff"],
+                                                                   "--system")):
+        assert cli_main(["--model", str(d), *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {source}: not UTF-8 text" in err and "internal error" not in err, err
+    monkeypatch.setattr("sys.stdin", io.StringIO("ab\udcffcd\nhello\n"))
+    assert cli_main(["--model", str(d), "--interactive", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "[this turn: not UTF-8 text" in captured.err and "skipped]" in captured.err
+    assert sum(line.startswith("[TTFT") for line in captured.out.splitlines()) == 1  # the next line still runs
 
 
 @pytest.mark.parametrize("argv, message", [
