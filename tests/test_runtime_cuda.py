@@ -90,6 +90,20 @@ def test_graph_generate_gives_the_container_tokens(cuda_runner, eager_runner):
     assert list(cuda_runner.generate(prompt, 24, cfg, stop_ids=())) == sampled
 
 
+def test_graph_generate_reuses_a_conversations_turns(cuda_runner, eager_runner):
+    """generate(..., reuse=True) with the graph: a reply's tokens (the last never fed back), then the next
+    prompt holding them: only the new turn is prefilled, and the greedy tokens are the container's fresh run's;
+    the graph's history holds the ids it fed from the device."""
+    vocab = cuda_runner.meta.vocab_size
+    first = _prompt(20, vocab, seed=6)
+    reply = list(cuda_runner.generate(first, 6, stop_ids=(), reuse=True))
+    assert cuda_runner.history == first + reply[:-1]
+    turn = first + reply + _prompt(9, vocab, seed=7)
+    again = list(cuda_runner.generate(turn, 8, stop_ids=(), reuse=True))
+    assert cuda_runner.last_stats.reused_tokens == len(first) + 5
+    assert again == list(eager_runner.generate(turn, 8, stop_ids=()))
+
+
 STACK_AFTER_RUN = r"""
 import sys
 from runtime.runner import Runner
