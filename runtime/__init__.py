@@ -4,11 +4,12 @@ Depends on the artifact alone: never imports export/, the model, or ExecuTorch.
 """
 
 from runtime.artifact import Artifact, ArtifactError, Metadata
+from runtime.conversation import Conversation
 from runtime.runner import ContextOverflowError, GenerationStats, Runner
 from runtime.sampling import SamplingConfig
 from runtime.tokenizer import TextTokenizer
 
 __all__ = [
-    "Artifact", "ArtifactError", "Metadata", "ContextOverflowError", "GenerationStats", "Runner",
+    "Artifact", "ArtifactError", "Metadata", "Conversation", "ContextOverflowError", "GenerationStats", "Runner",
     "SamplingConfig", "TextTokenizer",
 ]

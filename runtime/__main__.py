@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from runtime.artifact import Artifact, ArtifactError
+from runtime.conversation import Conversation
 from runtime.cli_types import non_negative_int, positive_int
 from runtime.memory import PeakSampler
 from runtime.runner import ContextOverflowError, Runner, check_fits, resolve_device
@@ -257,47 +258,36 @@ def _turns(first: str | None):
 
 def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact, tok: TextTokenizer,
           first: str | None, t0: float) -> int:
-    """--interactive: a conversation through `Runner.generate(..., reuse=True)`; each turn's summary on a line
-    of its own. A turn that would not fit the context is refused (the conversation goes on; /reset empties it)."""
+    """--interactive: a `Conversation` on stdin's turns; each reply's summary on a line of its own. A turn
+    that would not fit the context, or is not UTF-8 text, is refused with a note and the chat goes on."""
     meta = artifact.metadata
-    stops = set(meta.eos_token_ids) | tok.end_of_turn_ids()
     with PeakSampler(resolve_device(meta.device, args.device)) as mem:
         runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         print(f"[load {time.perf_counter() - t0:.2f} s | context {meta.ctx} tokens | /reset: a new conversation, "
               "/exit or end of input: quit]", file=sys.stderr)
-        opening = [("system", args.system)] if args.system else []
-        turns: list[tuple[str, str | list[int]]] = list(opening)
+        chat = Conversation(runner, tok, system=args.system)
         for text in _turns(first):
             command = text.strip()
             if command in ("/exit", "/quit"):
                 break
             if command == "/reset":
-                turns = list(opening)
+                chat.reset()
                 print("[a new conversation]", file=sys.stderr)
                 continue
             if not command:
                 continue
             try:
                 _utf8(text, "this turn")
-            except ValueError as e:
-                print(f"[{e}: skipped]", file=sys.stderr)
+                progress = prefill_progress(chat.new_tokens(text), meta.prefill_chunk)
+                stream = tok.stream()
+                for token in chat.reply(text, args.max_new_tokens, sampling, progress):
+                    piece = stream.step(tok.tokenizer, token)
+                    if piece:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+            except ValueError as e:  # not UTF-8, past the context (ContextOverflowError), a template's refusal
+                print(f"[{e}: skipped; /reset starts a new conversation]", file=sys.stderr)
                 continue
-            ids = tok.encode_conversation(turns + [("user", text)])
-            room = meta.ctx - len(ids)
-            if room < 1:
-                print(f"[this turn would take the conversation to {len(ids)} tokens, past the context of {meta.ctx}: "
-                      "send a shorter one, or /reset]", file=sys.stderr)
-                continue
-            stream, reply = tok.stream(), []
-            progress = prefill_progress(len(ids) - runner.reusable(ids), meta.prefill_chunk)
-            for token in runner.generate(ids, min(args.max_new_tokens, room), sampling, stops, reuse=True,
-                                         progress=progress):
-                reply.append(token)
-                piece = stream.step(tok.tokenizer, token)
-                if piece:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            turns += [("user", text), ("assistant", reply[:-1] if reply and reply[-1] in stops else reply)]
             stats = runner.last_stats
             stats.memory = mem.snapshot()
             print(f"\n[{stats.summary()} | conversation {runner.pos} of {meta.ctx} tokens]")

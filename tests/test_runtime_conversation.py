@@ -91,6 +91,29 @@ def test_a_stop_token_is_taken_back_and_the_next_turn_rewrites_its_slot(runner):
     assert reused == list(runner.generate(turn, 4, stop_ids=()))
 
 
+def test_conversation_keeps_its_turns_and_refuses_one_past_the_context(runner, art, tmp_path):
+    """`Conversation`: the second reply prefills its own turn only; its turns hold the replies without their
+    stop token; a turn past the context raises before any work and leaves the conversation as it was."""
+    from runtime import Conversation, TextTokenizer
+    from runtime.runner import ContextOverflowError
+
+    d = _artifact_with_tokenizer(art[0], tmp_path / "a")
+    chat = Conversation(runner, TextTokenizer.from_dir(d, runner.meta.bos_token_id), system="the cat")
+    first = list(chat.reply("hello the cat", 5))
+    reply = chat.turns[-1][1]
+    assert chat.turns[:2] == [("system", "the cat"), ("user", "hello the cat")]
+    assert reply == (first[:-1] if first[-1] in chat.stops else first)
+    assert chat.new_tokens("the cat sat") < len(chat.ids("the cat sat")) - len(reply)
+    list(chat.reply("the cat sat", 5))
+    assert runner.last_stats.reused_tokens > len(reply) and len(chat.turns) == 5
+    before = list(chat.turns)
+    with pytest.raises(ContextOverflowError, match="past the context of 64"):
+        next(chat.reply("hello " * 60, 5))
+    assert chat.turns == before
+    chat.reset()
+    assert chat.turns == [("system", "the cat")]
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 
@@ -158,7 +181,7 @@ def test_prompt_file_runs_like_prompt_and_bad_ones_are_named(art, tmp_path, monk
     monkeypatch.setattr("sys.stdin", io.StringIO("ab\udcffcd\nhello\n"))
     assert cli_main(["--model", str(d), "--interactive", "--max-new-tokens", "2"]) == 0
     captured = capsys.readouterr()
-    assert "[this turn: not UTF-8 text" in captured.err and "skipped]" in captured.err
+    assert "[this turn: not UTF-8 text" in captured.err and "skipped; /reset" in captured.err
     assert sum(line.startswith("[TTFT") for line in captured.out.splitlines()) == 1  # the next line still runs
 
 
