@@ -38,19 +38,23 @@ class Conversation:
     def reply(self, text: str, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
               progress: Callable[[int], None] | None = None) -> Iterator[int]:
         """Stream the reply to the user's `text` (up to `max_new_tokens`, fewer where the context ends first),
-        then keep both turns. A turn that leaves no room for a reply raises ContextOverflowError before any
-        work, and the conversation stays as it was. `progress`: `Runner.prefill`'s, for the new tokens."""
+        then keep both turns (a reply the caller leaves early as far as it went). A turn that leaves no room
+        for a reply raises ContextOverflowError before any work, and the conversation stays as it was.
+        `progress`: `Runner.prefill`'s, for the new tokens."""
         ids = self.ids(text)
         room = self.runner.ctx - len(ids)
         if room < 1:
             raise ContextOverflowError(f"this turn would take the conversation to {len(ids)} tokens, past the "
                                        f"context of {self.runner.ctx} (a shorter turn or a new conversation fits)")
         reply: list[int] = []
-        for token in self.runner.generate(ids, min(max_new_tokens, room), sampling, self.stops, reuse=True,
-                                          progress=progress):
-            reply.append(token)
-            yield token
-        self.turns += [("user", text), ("assistant", reply[:-1] if reply and reply[-1] in self.stops else reply)]
+        try:
+            for token in self.runner.generate(ids, min(max_new_tokens, room), sampling, self.stops, reuse=True,
+                                              progress=progress):
+                reply.append(token)
+                yield token
+        finally:  # a reply left early is kept as far as it went: the cache holds it
+            if reply:
+                self.turns += [("user", text), ("assistant", reply[:-1] if reply[-1] in self.stops else reply)]
 
     def new_tokens(self, text: str) -> int:
         """How many tokens `reply(text, ...)` would prefill (the rest are in the cache already)."""

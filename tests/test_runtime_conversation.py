@@ -106,6 +106,13 @@ def test_conversation_keeps_its_turns_and_refuses_one_past_the_context(runner, a
     assert chat.new_tokens("the cat sat") < len(chat.ids("the cat sat")) - len(reply)
     list(chat.reply("the cat sat", 5))
     assert runner.last_stats.reused_tokens > len(reply) and len(chat.turns) == 5
+    for token in chat.reply("hello", 5):
+        break  # left after the first token: the turn is kept as far as it went, and the next reuses it
+    assert chat.turns[-1] == ("assistant", [] if token in chat.stops else [token])
+    ids = chat.ids("world")
+    list(chat.reply("world", 2))
+    stats = runner.last_stats
+    assert stats.reused_tokens + stats.prompt_tokens == len(ids) and stats.reused_tokens > 40, (stats, len(ids))
     before = list(chat.turns)
     with pytest.raises(ContextOverflowError, match="past the context of 64"):
         next(chat.reply("hello " * 60, 5))
