@@ -62,20 +62,23 @@ def _top_p(text: str) -> float:
 PROGRESS_CHUNKS = 4  # prompts of more chunks than this show a prefill progress bar
 
 
-def prefill_progress(tokens: int, chunk: int):
-    """A tqdm bar on stderr over a long prompt's prefill, as `Runner.generate`'s `progress` (it closes once
-    the prompt is in, before the reply streams); None for a prompt of PROGRESS_CHUNKS chunks or fewer (no
-    wait per chunk either)."""
-    if tokens <= PROGRESS_CHUNKS * chunk:
-        return None
-    from tqdm import tqdm
+def prefill_progress(chunk: int):
+    """`Runner.prefill`'s `progress`: a tqdm bar on stderr over a prompt of more than PROGRESS_CHUNKS chunks (made
+    at its first chunk, closed once the prompt is in, before the reply streams); nothing for a shorter one."""
+    bar = None
 
-    bar = tqdm(total=tokens, desc="prefill", unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True)
+    def advance(done: int, total: int) -> None:
+        nonlocal bar
+        if total <= PROGRESS_CHUNKS * chunk:
+            return
+        if bar is None:
+            from tqdm import tqdm
 
-    def advance(n: int) -> None:
-        bar.update(n)
-        if bar.n >= bar.total:
+            bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
             bar.close()
+            bar = None
 
     return advance
 
@@ -220,8 +223,7 @@ def _run(args: argparse.Namespace, sampling: SamplingConfig) -> int:
         runner = Runner(artifact, args.device, cuda_graph=not args.no_cuda_graph)
         load_s = time.perf_counter() - t0
         stream = tok.stream() if tok is not None else None
-        progress = prefill_progress(len(ids), meta.prefill_chunk)
-        for token in runner.generate(ids, max_new, sampling, stops, progress=progress):
+        for token in runner.generate(ids, max_new, sampling, stops, progress=prefill_progress(meta.prefill_chunk)):
             text = stream.step(tok.tokenizer, token) if tok is not None else f"{token} "
             if text:
                 sys.stdout.write(text)
@@ -278,9 +280,8 @@ def _chat(args: argparse.Namespace, sampling: SamplingConfig, artifact: Artifact
                 continue
             try:
                 _utf8(text, "this turn")
-                progress = prefill_progress(chat.new_tokens(text), meta.prefill_chunk)
                 stream = tok.stream()
-                for token in chat.reply(text, args.max_new_tokens, sampling, progress):
+                for token in chat.reply(text, args.max_new_tokens, sampling, prefill_progress(meta.prefill_chunk)):
                     piece = stream.step(tok.tokenizer, token)
                     if piece:
                         sys.stdout.write(piece)

@@ -36,11 +36,11 @@ class Conversation:
         return self.tokenizer.encode_conversation(self.turns + [("user", text)])
 
     def reply(self, text: str, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-              progress: Callable[[int], None] | None = None) -> Iterator[int]:
+              progress: Callable[[int, int], None] | None = None) -> Iterator[int]:
         """Stream the reply to the user's `text` (up to `max_new_tokens`, fewer where the context ends first),
         then keep both turns (a reply the caller leaves early as far as it went). A turn that leaves no room
         for a reply raises ContextOverflowError before any work, and the conversation stays as it was.
-        `progress`: `Runner.prefill`'s, for the new tokens."""
+        `progress`: `Runner.prefill`'s, for the tokens not in the cache yet."""
         ids = self.ids(text)
         room = self.runner.ctx - len(ids)
         if room < 1:
@@ -55,8 +55,3 @@ class Conversation:
         finally:  # a reply left early is kept as far as it went: the cache holds it
             if reply:
                 self.turns += [("user", text), ("assistant", reply[:-1] if reply[-1] in self.stops else reply)]
-
-    def new_tokens(self, text: str) -> int:
-        """How many tokens `reply(text, ...)` would prefill (the rest are in the cache already)."""
-        ids = self.ids(text)
-        return len(ids) - self.runner.reusable(ids)

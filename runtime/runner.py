@@ -258,21 +258,27 @@ class Runner:
     def check_fits(self, n_prompt: int, max_new_tokens: int = 0, start: int | None = None) -> None:
         check_fits(self.ctx, n_prompt, max_new_tokens, self.pos if start is None else start)
 
-    def prefill(self, ids: Sequence[int], progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    def prefill(self, ids: Sequence[int], progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Feed `ids` from the current position in chunks of `prefill_chunk`; returns the
-        fp32 logits [vocab] of the last token. `progress(n)`: called after each chunk with the
-        tokens it fed, once the device has run it (a wait per chunk; without it the chunks queue)."""
+        fp32 logits [vocab] of the last token. `progress(done, total)`: the tokens of `ids` the
+        device has run so far, after each chunk (waited for once the next one is queued, so the
+        device is never idle for it)."""
         self.check_fits(len(ids))
         chunk = self.meta.prefill_chunk
-        logits = None
+        logits, queued = None, None  # queued: (a wait for the chunk before, the tokens through it)
         for start in range(0, len(ids), chunk):
             piece = ids[start : start + chunk]
             # a lone token goes through decode: same computation, and prefill's dynamic T
             # may have been exported with a lower bound of 2
             logits = self.decode(piece[0]) if len(piece) == 1 else self._prefill_chunk(piece)
             if progress is not None:
-                _sync(self.device)
-                progress(len(piece))
+                if queued is not None:
+                    queued[0]()
+                    progress(queued[1], len(ids))
+                queued = (_done_waiter(self.device), start + len(piece))
+        if queued is not None:
+            queued[0]()
+            progress(queued[1], len(ids))
         return logits
 
     def _prefill_chunk(self, piece: Sequence[int]) -> torch.Tensor:
@@ -320,12 +326,12 @@ class Runner:
         sampling: SamplingConfig = SamplingConfig(),
         stop_ids: Iterable[int] | None = None,
         reuse: bool = False,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Iterator[int]:
         """Yield up to `max_new_tokens` token ids, stopping after a stop id (eos by
         default; the stop token is yielded). Starts a fresh sequence; with `reuse`, one that
         keeps the cache's positions `prompt_ids` starts with (`reusable`: a conversation's next
-        turn prefills only the turn). `progress`: `prefill`'s, for the prompt. Timings land in
+        turn prefills only the turn). `progress`: `prefill`'s, for what it prefills. Timings land in
         `self.last_stats` (final once the iterator is exhausted)."""
         self.check_fits(len(prompt_ids), max_new_tokens, start=0)
         stops = set(self.meta.eos_token_ids if stop_ids is None else stop_ids)
@@ -409,6 +415,15 @@ def check_fits(ctx: int, n_prompt: int, max_new_tokens: int = 0, start: int = 0)
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def _done_waiter(device: str) -> Callable[[], None]:
+    """A call that returns once the work queued so far on `device` has run (an event recorded now)."""
+    if not device.startswith("cuda"):
+        return lambda: None  # CPU methods run as they are called
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    return done.synchronize
 
 
 def check_cuda_arch(meta: dict, device: str) -> None:

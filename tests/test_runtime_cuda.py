@@ -104,6 +104,20 @@ def test_graph_generate_reuses_a_conversations_turns(cuda_runner, eager_runner):
     assert again == list(eager_runner.generate(turn, 8, stop_ids=()))
 
 
+def test_prefill_progress_follows_the_device(cuda_runner):
+    """`progress` on CUDA: each chunk reported once the device has run it (an event waited for after the next
+    chunk is queued), in order, the last with the whole prompt."""
+    chunk = cuda_runner.meta.prefill_chunk
+    prompt = _prompt(3 * chunk + 5, cuda_runner.meta.vocab_size, seed=8)
+    seen = []
+    cuda_runner.reset()
+    want = cuda_runner.prefill(prompt).clone()
+    cuda_runner.reset()
+    got = cuda_runner.prefill(prompt, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(chunk, len(prompt)), (2 * chunk, len(prompt)), (3 * chunk, len(prompt)), (len(prompt), len(prompt))]
+    assert torch.equal(got, want)
+
+
 STACK_AFTER_RUN = r"""
 import sys
 from runtime.runner import Runner
