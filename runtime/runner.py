@@ -114,8 +114,7 @@ class Runner:
             for m in METHODS}
         self._inputs: dict[int, torch.Tensor] = {}  # T -> static token buffer [1, T]
         self._pos = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.pos = 0  # next position to write
-        self.history: list[int | None] = []  # the token id at each position < pos (None: not read yet)
+        self.history: list[int | None] = []  # the token id at each position < pos (None: not known)
         self._sequence = 0  # counts new sequences (reset, or a generate that rewinds)
         self.last_stats = GenerationStats()
         self.graph: DecodeGraph | None = None  # set: the decode chain's containers are replay-only
@@ -157,6 +156,18 @@ class Runner:
     @property
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._bound.weights.values())
+
+    @property
+    def pos(self) -> int:
+        """The next position to write: one past the last the cache holds (`history`'s length)."""
+        return len(self.history)
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        """Move the position by hand (a benchmark timing decode at a fill over a zeroed cache): the ids of
+        positions skipped over are not known."""
+        del self.history[value:]
+        self.history.extend([None] * (value - len(self.history)))
 
     @property
     def rewind_limit(self) -> int:
@@ -227,7 +238,6 @@ class Runner:
         position, but zeros keep a masked 0 * garbage from turning into NaN)."""
         for t in self._bound.kv.values():
             t.zero_()
-        self.pos = 0
         self.history = []
         self._sequence += 1  # a generator of an earlier sequence no longer moves the position
 
@@ -251,7 +261,6 @@ class Runner:
         if not (0 <= keep <= self.pos and self.pos - keep <= self.rewind_limit):
             raise ValueError(f"cannot rewind from position {self.pos} to {keep}: at most {self.rewind_limit} "
                              "back (the sliding layers' rings hold no more); reset() and prefill instead")
-        self.pos = keep
         del self.history[keep:]
         self._sequence += 1
 
@@ -286,7 +295,6 @@ class Runner:
         tokens.copy_(torch.tensor(piece, dtype=torch.int64).view(1, -1))
         self._pos.fill_(self.pos)
         (logits,) = self.methods["prefill"].run([tokens, self._pos])
-        self.pos += len(piece)
         self.history.extend(int(t) for t in piece)
         return logits.view(-1)
 
@@ -309,7 +317,6 @@ class Runner:
             logits = self.graph.replay()
         else:
             (logits,) = self.methods["decode"].run([buf, self._pos])
-        self.pos += 1
         self.history.append(None if isinstance(token, torch.Tensor) else int(token))  # `generate` fills it in
         return logits.view(-1)
 
@@ -370,7 +377,6 @@ class Runner:
                     return
         finally:  # a step queued past the caller's last token is not part of the sequence
             if ahead is not None and self._sequence == sequence:
-                self.pos -= 1
                 self.history.pop()
 
 

@@ -32,6 +32,11 @@ def test_rewind_limit_is_what_the_rings_hold(runner):
         runner.rewind(18)
     runner.rewind(19)
     assert runner.pos == 19 and len(runner.history) == 19
+    held = list(runner.history)
+    runner.pos = 23  # moved by hand (bench_runtime over a zeroed cache): the ids skipped over are unknown
+    assert runner.history == held + [None] * 4 and runner.reusable(held + [7] * 5) == 0  # 23 - 19 > 1 back
+    runner.pos = 10
+    assert runner.history == held[:10] and runner.reusable(held + [7]) == 10  # the 10 it holds, none past them
 
 
 @torch.no_grad()
