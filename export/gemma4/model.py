@@ -623,6 +623,3 @@ def _round_to(x: float, dtype: torch.dtype) -> float:
     """x as the model dtype would hold it (built on cpu: works under a meta device context)."""
     return float(torch.tensor(x, dtype=dtype, device="cpu"))
 
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

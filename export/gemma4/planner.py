@@ -392,11 +392,6 @@ def kv_items(inp: PlanInputs) -> tuple[Item, ...]:
 # ---- activations -------------------------------------------------------------------------
 
 
-def layer_slots(inp: PlanInputs, i: int) -> int:
-    c = inp.config
-    return c.ring_slots(inp.ctx) if c.is_sliding(i) else inp.ctx
-
-
 def attention_block(inp: PlanInputs, i: int, T: int) -> dict[str, int]:
     """Live buffers of layer i's attention for T tokens: `gemma4::attention` reads the cache
     in place and keeps scores on chip, so only q, k, v and the output are buffers; a quantized

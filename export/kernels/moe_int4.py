@@ -63,7 +63,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
 from export.kernels import int4_matmul
-from export.kernels.int4_matmul import dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
+from export.kernels.int4_matmul import _nibble_as_float, dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
 from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
@@ -358,62 +358,32 @@ def _route_topk_kernel(part_ptr, ss_ptr, pes_ptr, w_out_ptr, idx_out_ptr, N, E, 
 
 
 @triton.jit
-def _nib(h, S: tl.constexpr, ASM: tl.constexpr):
-    """The nibble v at bits S .. S + 3 of each int32 word as the float 2^(23 - S) + v: masked into
-    the mantissa of a float whose exponent gives bit S the weight 1 (one lop3 with ASM). S 12 or
-    16 keeps the float under 2^12, so its products with bf16 x are exact and the word's sum stays
-    small next to the offset that is taken off."""
-    if ASM:
-        if S == 12:
-            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000F000, 0x45000000, 0xEA;", "=r,r", [h],
-                                          dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [h],
-                                          dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        f = (h & (0xF << S)) | ((150 - S) << 23)
-    return f.to(tl.float32, bitcast=True)
+def _word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
+    """sum_i (2^(23 - S_i) + nibble_i(w)) * x_i per int32 word: the nibble pairs shifted to bits 12 and
+    16 (w << 12, w << 4, w >> 4, w >> 12), one lop3 and one FMA per nibble (`_nibble_as_float`), the
+    offsets still in (`_word_dot` takes them off; the down kernel reads them precomputed beside act)."""
+    a = w << 12
+    b = w << 4
+    c = w >> 4
+    d = w >> 12
+    part = _nibble_as_float(a, 12, ASM) * x0
+    part += _nibble_as_float(a, 16, ASM) * x1
+    part += _nibble_as_float(b, 12, ASM) * x2
+    part += _nibble_as_float(b, 16, ASM) * x3
+    part += _nibble_as_float(c, 12, ASM) * x4
+    part += _nibble_as_float(c, 16, ASM) * x5
+    part += _nibble_as_float(d, 12, ASM) * x6
+    part += _nibble_as_float(d, 16, ASM) * x7
+    return part
 
 
 @triton.jit
 def _word_dot(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
-    """sum_i (nibble_i(w) - 8) * x_i per int32 word (k = 8j + i in bits 4i .. 4i + 3): the
-    nibble pairs shifted to bits 12 and 16 (w << 12, w << 4, w >> 4, w >> 12), one lop3 and one
-    FMA per nibble; the offsets (2^(23 - S) + 8: 2056 and 136) are taken off once per word
-    against x alone, which broadcasts over the rows (no per-row cost)."""
-    a = w << 12
-    b = w << 4
-    c = w >> 4
-    d = w >> 12
-    part = _nib(a, 12, ASM) * x0
-    part += _nib(a, 16, ASM) * x1
-    part += _nib(b, 12, ASM) * x2
-    part += _nib(b, 16, ASM) * x3
-    part += _nib(c, 12, ASM) * x4
-    part += _nib(c, 16, ASM) * x5
-    part += _nib(d, 12, ASM) * x6
-    part += _nib(d, 16, ASM) * x7
+    """sum_i (nibble_i(w) - 8) * x_i per int32 word (k = 8j + i in bits 4i .. 4i + 3): `_word_part`
+    with the offsets (2^(23 - S) + 8: 2056 and 136) taken off once per word against x alone, which
+    broadcasts over the rows (no per-row cost)."""
     corr = 2056.0 * (x0 + x2 + x4 + x6) + 136.0 * (x1 + x3 + x5 + x7)
-    return part - corr
-
-
-@triton.jit
-def _word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM: tl.constexpr):
-    """`_word_dot` before the offsets are taken off (the caller has them: the down kernel reads
-    them precomputed beside act)."""
-    a = w << 12
-    b = w << 4
-    c = w >> 4
-    d = w >> 12
-    part = _nib(a, 12, ASM) * x0
-    part += _nib(a, 16, ASM) * x1
-    part += _nib(b, 12, ASM) * x2
-    part += _nib(b, 16, ASM) * x3
-    part += _nib(c, 12, ASM) * x4
-    part += _nib(c, 16, ASM) * x5
-    part += _nib(d, 12, ASM) * x6
-    part += _nib(d, 16, ASM) * x7
-    return part
+    return _word_part(w, x0, x1, x2, x3, x4, x5, x6, x7, ASM) - corr
 
 
 @triton.jit
