@@ -357,6 +357,15 @@ PREFILL_CANDIDATES = [(bm, bn, w, s, dv) for bm in (32, 64) for bn in (16, 32, 6
 # ---- kernels -------------------------------------------------------------------------------------
 
 @triton.jit
+def _dot(a, b, FP32: tl.constexpr):
+    """a @ b, fp32 accumulation; with FP32 (an fp32 model) as IEEE fp32 products, not TF32, so that the
+    model matches its fp32 reference."""
+    if FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _codes(x, dtype: tl.constexpr):
     """Cache tile -> dot operand. int8 codes to fp16 without a conversion instruction (those
     issue at a quarter of the integer rate and bound the int8 kernel): the fp16 with bits
@@ -497,9 +506,7 @@ def _qk(q, K, kvh, slot, kmask, skh, sks, c0, DK: tl.constexpr, KBIAS: tl.conste
         kt = (kt.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
     else:
         kt = _codes(kt, q.dtype)
-    if FP32:
-        return tl.dot(q, tl.trans(kt), input_precision="ieee")
-    return tl.dot(q, tl.trans(kt))
+    return _dot(q, tl.trans(kt), FP32)
 
 
 @triton.jit
@@ -516,9 +523,7 @@ def _pv(p, V, kvh, slot, kmask, svh, svs, c0, DP: tl.constexpr, KV_FMT: tl.const
     else:
         d = c0 + tl.arange(0, DP)
         vt = _codes(_tile(V + kvh * svh + slot[:, None] * svs + d[None, :], kmask, MASK, 0), p.dtype)
-    if FP32:
-        return tl.dot(p, vt, input_precision="ieee")
-    return tl.dot(p, vt)
+    return _dot(p, vt, FP32)
 
 
 @triton.jit
@@ -575,10 +580,7 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
         kb = _tile(K + kvh * skh + slot[:, None] * sks + dh[None, :], kmask, TMASK, 136)
         ka = _nibble(kb & 15, q0.dtype)
         kz = _nibble(kb >> 4, q0.dtype)
-        if FP32:
-            s = tl.dot(q0, tl.trans(ka), input_precision="ieee") + tl.dot(q1, tl.trans(kz), input_precision="ieee")
-        else:
-            s = tl.dot(q0, tl.trans(ka)) + tl.dot(q1, tl.trans(kz))
+        s = _dot(q0, tl.trans(ka), FP32) + _dot(q1, tl.trans(kz), FP32)
     elif K8:
         dk8 = tl.arange(0, D)
         kt = _tile(K + kvh * skh + slot[:, None] * sks + dk8[None, :], kmask, TMASK, 0)
@@ -637,23 +639,15 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
         vb = _tile(V + kvh * svh + slot[:, None] * svs + dh[None, :], kmask, TMASK, 136)
         va = _nibble(vb & 15, fdt)
         vz = _nibble(vb >> 4, fdt)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, va)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
+        acc = acc * alpha[:, None] + _dot(p, va, FP32)
+        acc2 = acc2 * alpha[:, None] + _dot(p, vz, FP32)
     elif VPAIRS:  # int8 V as 16-bit words of code pairs: the dot operand loads are ldmatrix.trans
         W = V.to(tl.pointer_type(tl.int16))
         dw = tl.arange(0, D // 2)
         ve, vo = _pairs(_tile(W + kvh * (svh // 2) + slot[:, None] * (svs // 2) + dw[None, :], kmask, TMASK, 0),
                         fdt, PTX)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, ve, input_precision="ieee")
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, ve)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, vo)
+        acc = acc * alpha[:, None] + _dot(p, ve, FP32)
+        acc2 = acc2 * alpha[:, None] + _dot(p, vo, FP32)
     else:
         DV: tl.constexpr = D // VSPLIT
         acc = acc * alpha[:, None] + _pv(p, V, kvh, slot, kmask, svh, svs, 0, DV, KV_FMT, VWORDS, FP32, TMASK)
@@ -918,10 +912,7 @@ def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, 
             kb = tl.load(kptr)
         ka = _nibble(kb & 15, q.dtype)
         kz = _nibble(kb >> 4, q.dtype)
-        if FP32:
-            s = tl.dot(q, tl.trans(ka), input_precision="ieee") + tl.dot(qb, tl.trans(kz), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(ka)) + tl.dot(qb, tl.trans(kz))
+        s = _dot(q, tl.trans(ka), FP32) + _dot(qb, tl.trans(kz), FP32)
     else:
         d = tl.arange(0, D)
         kptr = K + kvh * skh + slot[:, None] * sks + d[None, :]
@@ -929,10 +920,7 @@ def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, 
             kt = _codes(tl.load(kptr, mask=kmask[:, None], other=0), q.dtype)
         else:
             kt = _codes(tl.load(kptr), q.dtype)
-        if FP32:
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kt))
+        s = _dot(q, tl.trans(kt), FP32)
     p, m_new, alpha, l_i = _pf_softmax(s, m_i, l_i, kp, kp < end, qpos, KS, kvh, ssh, slot, WINDOW, KV_FMT, MASK)
     if KV_FMT != 0:
         vs = tl.load(VS + kvh * ssh + slot).to(tl.float32)
@@ -947,21 +935,14 @@ def _pf_block(q, qb, m_i, l_i, acc, acc2, k0, end, qpos, kvh, vc, K, V, KS, VS, 
             vb = tl.load(vptr)
         va = _nibble(vb & 15, q.dtype)
         vz = _nibble(vb >> 4, q.dtype)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, va, input_precision="ieee")
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, va)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p, vz)
+        acc = acc * alpha[:, None] + _dot(p, va, FP32)
+        acc2 = acc2 * alpha[:, None] + _dot(p, vz, FP32)
     else:
         if MASK:
             vt = _codes(tl.load(vptr, mask=kmask[:, None], other=0), q.dtype)
         else:
             vt = _codes(tl.load(vptr), q.dtype)
-        if FP32:
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, vt)
+        acc = acc * alpha[:, None] + _dot(p, vt, FP32)
     return m_new, l_i, acc, acc2
 
 
@@ -1046,10 +1027,7 @@ def _pfk_block(qrow, row_ok, m_i, l_i, acc, k0, end, qpos, kvh, vc, K, V, KS, VS
         vt = _nibble_cols(vraw, dt)
     else:
         vt = _codes(vraw, dt)
-    if FP32:
-        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), vt)
+    acc = acc * alpha[:, None] + _dot(p.to(dt), vt, FP32)  # dt is fp32 with FP32: p as it is
     return m_new, l_i, acc
 
 
