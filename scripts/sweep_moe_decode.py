@@ -9,7 +9,8 @@ decode across layers does). Each variant runs the R calls in one CUDA graph; the
 is the median replay over R. Bytes per call: the picked experts' int4 rows and scales (gate_up
 and down), x, act written and read, y. Every variant is checked first against the fp32
 reference with dequantized weights on every routing, outputs poisoned with NaN.
-Then each gate_up config alone, each down config alone (slices 1, 2, 4), the best pair end to
+Then each gate_up config alone, each down config alone (slices 1, 2, 4; act loaded with one row or as
+a tile of equal rows, `moe_int4.DOWN_XTILE`), the best pair end to
 end, and (with --bench-out) scripts/bench_moe.py's table with the winners installed as the op's
 path (DOWN_SLICES set from the sweep; the autotuner picks the configs).
 """
@@ -151,18 +152,22 @@ def main(argv=None) -> int:
             break
         cfg = (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps, c.kwargs["DEPTH"])
         for slices in (1, 2, 4):
-            run = lambda r, cfg=cfg, sl=slices: mo.launch_decode_down(  # noqa: E731
-                acts[r], ws[r], idxs[r], d_q, d_s, dtype, cfg=cfg, slices=sl)
-            row = record("down", cfg, slices, run, dn_bytes, check(run))
-            if row["rel_err"] <= REL_TOL and (best_dn is None or row["us"] < best_dn["us"]):
-                best_dn = row
+            for xtile in (0, 1):  # act in the weight tile's layout or not (`moe_int4.DOWN_XTILE`)
+                run = lambda r, cfg=cfg, sl=slices, xt=xtile: mo.launch_decode_down(  # noqa: E731
+                    acts[r], ws[r], idxs[r], d_q, d_s, dtype, cfg=cfg, slices=sl, xtile=xt)
+                row = record("down/xt" if xtile else "down", cfg, slices, run, dn_bytes, check(run))
+                row["xtile"] = xtile
+                if row["rel_err"] <= REL_TOL and (best_dn is None or row["us"] < best_dn["us"]):
+                    best_dn = row
     if best_gu is None or best_dn is None:
         print("FAIL: no word config passed the check", file=sys.stderr)
         return 1
+    mo.DOWN_XTILE = best_dn["xtile"]  # the pair and the op's path below with the winner's
     run = lambda r: mo.launch_experts_decode(xs[r], ws[r], idxs[r], *stacks, gate_up_cfg=best_gu["cfg"],  # noqa: E731
                                              down_cfg=best_dn["cfg"], slices=best_dn["slices"])
     best = record("words", [best_gu["cfg"], best_dn["cfg"]], best_dn["slices"], run, all_bytes, check(run))
-    doc["best"] = {"gate_up": best_gu["cfg"], "down": best_dn["cfg"], "slices": best_dn["slices"], "us": best["us"]}
+    doc["best"] = {"gate_up": best_gu["cfg"], "down": best_dn["cfg"], "slices": best_dn["slices"],
+                   "down_xtile": best_dn["xtile"], "us": best["us"]}
     mo.DOWN_SLICES = best_dn["slices"]
     if dev == "cuda":  # the op's path: the autotuner picks the configs (the interpreter cannot time them)
         run = lambda r: mo.launch_experts_decode(xs[r], ws[r], idxs[r], *stacks)  # noqa: E731

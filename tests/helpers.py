@@ -72,9 +72,10 @@ def hf_logits_stream(hf, tokens: torch.Tensor, chunks: list[int]):
         yield out.logits[:, -1].float()
 
 
-def run_script(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m module args` from the repository root (the repository on PYTHONPATH), output captured."""
+def run_script(module: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root (the repository on PYTHONPATH, `env` added to the
+    environment), output captured."""
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -217,6 +217,9 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             for slices in (1, 3):  # the word GEMVs: fp32 x meets the nibble floats' offsets (~1e-4)
                 one = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices)
                 decode = max(decode, rel(one, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
+                mo.DOWN_XTILE = 1  # act loaded in the weight tile's layout: the same sums
+                same_ids &= torch.equal(mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices), one)
+                mo.DOWN_XTILE = 0
     sorts_ok = True  # the prefill's counting sort, one program and many, against torch's stable argsort
     for N, K, E in [(45, 3, 6), (700, 8, 128), (1, 8, 128), (300, 8, 5)]:  # 700 * 8: several scan steps
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)]) if E >= K else torch.randint(0, E, (N, K))
@@ -232,7 +235,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_through_the_interpreter():
-    """Routing, the decode GEMVs and the prefill sort (both ways) + grouped GEMMs at toy sizes, ~10 s."""
+    """Routing, the decode GEMVs (the down kernel's act both ways) and the prefill sort (both ways) + grouped
+    GEMMs at toy sizes, ~10 s."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
                        timeout=300)
@@ -540,3 +544,30 @@ def test_kernels_compile_for_consumer_cards_within_shared_memory():
     assert len(lines) == 24 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
     assert all(int(shared) <= mo.SMEM_LIMIT_BYTES for _, _, shared in lines), r.stdout
 
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
+def test_down_act_in_the_weight_tiles_layout_takes_no_shared_memory_trips():
+    """The decode down kernel compiled for sm_90 offline (the 26B-A4B's shapes and first config): with act loaded as
+    one row of the tile, every nibble product of a step is converted to act's layout through shared memory (barriers
+    in the main loop); with DOWN_XTILE's tile of equal rows none is (the step's [rows, groups, 1] factor still is:
+    two barriers), and act's loads are 16 bytes wide."""
+    from scripts.gemv1_tile_variants import _compile_sm90, _sass_loop
+
+    sig = {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "out_ptr": "*bf16",
+           "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", "stride_qe": "i32", "stride_qn": "i32",
+           "stride_se": "i32", "stride_sn": "i32", "stride_os": "i32"}
+    c = mo.WORDS_DOWN_CONFIGS[0]
+    # ints as the launch specializes them: 2816 rows, act rows of decode_act_stride(704) = 800, whole-expert strides
+    aligned = ["act_ptr", "w_ptr", "idx_ptr", "q_ptr", "s_ptr", "out_ptr", "N_OUT", "ACT_STRIDE", "stride_qe",
+               "stride_se", "stride_os"]
+    loops = {}
+    for xtile in (0, 1):
+        const = dict(TOP_K=8, NGROUPS=11, GROUP=64, BLOCK_N=c.kwargs["BLOCK_N"], GROUPS=c.kwargs["GROUPS"],
+                     DEPTH=c.kwargs["DEPTH"], ASM=True, PDL=0, XTILE=xtile)
+        k = _compile_sm90(mo._gemv_words_down_kernel, sig, const, c.num_warps, aligned)
+        loops[xtile] = _sass_loop(k.asm["cubin"])[0]
+    bars = {x: sum(n for op, n in loops[x].items() if op.startswith("BAR")) for x in (0, 1)}
+    assert bars[0] >= 8 and loops[0].get("STS.128", 0) >= 8, loops[0]
+    assert bars[1] <= 2 and loops[1].get("STS.128", 0) == 0, loops[1]
+    assert loops[1].get("LDG.E.128", 0) >= 9, loops[1]  # the weight tile and act's nine runs, 16 bytes a load

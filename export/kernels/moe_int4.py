@@ -197,6 +197,12 @@ WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, 
     (8, 16, 4, 1), (8, 16, 4, 2), (4, 16, 2, 2), (4, 16, 2, 1), (8, 8, 4, 2), (8, 32, 4, 1))]
 # the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.txt), one-config mode's pick
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
+# The down GEMV's act loads as [BLOCK_N, GROUPS, WORDS] tiles (every row of the tile the same addresses) instead of
+# [1, GROUPS, WORDS]: loaded with one row, Triton gives x another layout than the weight tile's and each of a step's
+# eight nibble products goes through shared memory on its way into the sum (sm_90, 26B-A4B's (8, 16, 4) config,
+# compiled offline: 342 SASS instructions a step with 17 barriers, 16 STS.128 and 16 LDSM; with the row tile 350
+# with 2 barriers (the scales' factor), x's loads 16 bytes wide). Not timed yet: scripts/sweep_moe_decode.py times both.
+DOWN_XTILE = 0
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
     (128, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
     (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False),
@@ -503,14 +509,15 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
 def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OUT, ACT_STRIDE, C_PER_SPLIT, stride_qe,
                             stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
                             NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                            GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
+                            GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
+                            XTILE: tl.constexpr = 0):
     """out[pid_s, n] = sum over one slice of the (slot, group) columns of weight[slot] * the
     down rows of expert idx[slot] . act[slot] (one token). The top_k experts' groups form one
     axis of TOP_K * NGROUPS columns, so a step of GROUPS columns can span two experts and one
     program keeps the whole (slot, k) stream in flight (tiles loaded DEPTH steps ahead); the
     routing weight rides on the scale.
     With one slice the sum goes straight to the output (its dtype), else to fp32 partials. PDL: it
-    waits first thing."""
+    waits first thing. XTILE: act loaded as a tile of BLOCK_N equal rows (`DOWN_XTILE`)."""
     if PDL:
         z = pdl_wait(PDL, ASM)
         act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr = (act_ptr + z, w_ptr + z, idx_ptr + z, q_ptr + z, s_ptr + z,
@@ -544,6 +551,8 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
         grp = c - slot * NGROUPS
         x_ok = c_ok[None, :, None]
         ak = act_ptr + (slot * ACT_STRIDE + grp * (9 * WORDS))[None, :, None] + wd  # run i: x_i of the words
+        if XTILE:  # the weight tile's shape, so the weight tile's layout
+            ak = ak + (offs_n * 0)[:, None, None]
         rw = tl.load(w_ptr + slot, mask=c_ok, other=0.0)[None, :, None]
         x0 = tl.load(ak, mask=x_ok, other=0.0)
         x1 = tl.load(ak + 1 * WORDS, mask=x_ok, other=0.0)
@@ -812,10 +821,11 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     return act
 
 
-def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None):
+def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None, xtile=None):
     """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act as
     `decode_act_pack` lays it out), the (slot, group) columns in `slices` slices (fp32 partials
-    and one sum kernel when > 1). `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning."""
+    and one sum kernel when > 1). `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning.
+    xtile: the kernel's XTILE (None: DOWN_XTILE)."""
     H, I, top_k = d_q.shape[1], d_q.shape[2] * 2, idx.shape[1]
     G = I // d_s.shape[-1]
     slices = DOWN_SLICES if slices is None else slices
@@ -824,7 +834,8 @@ def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=N
     args = (act, weights, idx, d_q, d_s, out, H, act.stride(0), c_per, d_q.stride(0) // 16, d_q.stride(1) // 16,
             d_s.stride(0), d_s.stride(1), out.stride(0))
     pdl = op_pdl_mode(act.device)
-    meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda", PDL=pdl)
+    meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda", PDL=pdl,
+                XTILE=int(DOWN_XTILE if xtile is None else xtile))
     if cfg:
         bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
