@@ -435,7 +435,10 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                          X_BF16=True, ASM=True, PDL=2, **strides)),
         "gemv_down": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
                       out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K, NGROUPS=I // 64,
-                      GROUP=64, ASM=True, stride_os=H, PDL=2, **strides)),
+                      GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=0, **strides)),
+        "gemv_down_xt": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq,
+                         s_ptr=ds, out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K,
+                         NGROUPS=I // 64, GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=1, **strides)),
         "sum_slices": (mo._sum_slices_kernel, dict(part_ptr=z(2, H), out_ptr=x, N=H, SLICES=2, BLOCK=1024, PDL=2)),
         "align": (mo._align_kernel, dict(idx_ptr=idx, sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), NK=N * K, E=E,
                   BLOCK=128, E_P2=128)),
@@ -467,7 +470,8 @@ def test_inductor_sees_only_the_outputs_written():
     assert r.returncode == 0, r.stderr[-3000:]
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     assert got == {"route": "['part_ptr', 'ss_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
-                   "gemv_down": "['out_ptr']", "sum_slices": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr']",
+                   "gemv_down": "['out_ptr']", "gemv_down_xt": "['out_ptr']",
+                   "sum_slices": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr']",
                    "sort_count": "['counts_ptr']", "sort_scan": "['base_ptr', 'row_off_ptr']",
                    "sort_scatter": "['sorted_ptr']",
                    "grouped_gate_up": "['out_ptr']", "grouped_down": "['out_ptr']"}, r.stdout + r.stderr[-2000:]
