@@ -191,7 +191,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     from export.kernels import int4_matmul, moe_int4 as mo
     torch.manual_seed(0)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-    worst, decode, same_ids = 0.0, 0.0, True
+    worst, decode, same_ids, xtile_same = 0.0, 0.0, True, True
     # E not a power of two, top_k 3, more entries than one counting-sort step (N * top_k > 128),
     # routing over two slices of H (the second one partial), groups of 64 and 32; fp32: the
     # interpreter's bf16 casts are wrong for negative values
@@ -218,7 +218,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                 one = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices)
                 decode = max(decode, rel(one, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
                 mo.DOWN_XTILE = 1  # act loaded in the weight tile's layout: the same sums
-                same_ids &= torch.equal(mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices), one)
+                xtile_same &= torch.equal(mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices), one)
                 mo.DOWN_XTILE = 0
     sorts_ok = True  # the prefill's counting sort, one program and many, against torch's stable argsort
     for N, K, E in [(45, 3, 6), (700, 8, 128), (1, 8, 128), (300, 8, 5)]:  # 700 * 8: several scan steps
@@ -230,7 +230,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             srt, off = torch.full((N * K,), -7, dtype=torch.int32), torch.full((E + 1,), -7, dtype=torch.int32)
             mo.sort_entries(idx, srt, off, E, parallel=parallel)
             sorts_ok &= torch.equal(srt, want) and torch.equal(off, want_off)
-    print("sorts_ok", sorts_ok, "same_ids", same_ids, "decode", decode, "worst", worst)
+    print("sorts_ok", sorts_ok, "same_ids", same_ids, "xtile_same", xtile_same, "decode", decode, "worst", worst)
 """)
 
 
@@ -241,7 +241,7 @@ def test_triton_kernels_through_the_interpreter():
     r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "same_ids True" in r.stdout and "sorts_ok True" in r.stdout, r.stdout
+    assert "same_ids True" in r.stdout and "sorts_ok True" in r.stdout and "xtile_same True" in r.stdout, r.stdout
     assert float(r.stdout.split("worst")[-1]) < 1e-5
     assert float(r.stdout.split("decode")[-1].split()[0]) < 1e-3
 
