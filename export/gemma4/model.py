@@ -197,11 +197,11 @@ class Attention(nn.Module):
                                     chunk_slots=chunk_slots)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache, fresh=None, norm: nn.Module | None = None):
-        """-> (out, fresh): attention of norm(x) (of x without a norm). For a sliding layer's prefill
-        chunk, `fresh` is the chunk's own K/V (1, Hkv, T, D) each, attended here beside the ring; the
-        model writes them into the ring afterwards (a KV-shared layer gets its source layer's).
-        Otherwise None (written already)."""
+    def forward(self, x, cos, sin, pos, cache: KVCache, fresh=None, norm: nn.Module | None = None):
+        """-> (out, fresh): attention of norm(x) (of x without a norm) for the chunk's positions pos ..
+        pos + T - 1 (pos (1,) int64). For a sliding layer's prefill chunk, `fresh` is the chunk's own K/V
+        (1, Hkv, T, D) each, attended here beside the ring; the model writes them into the ring afterwards
+        (a KV-shared layer gets its source layer's). Otherwise None (written already)."""
         B, T, _ = x.shape
         D = self.head_dim
         chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
@@ -215,14 +215,16 @@ class Attention(nn.Module):
             if chunk_beside_ring:  # the ring still holds the window before pos: not overwritten yet
                 fresh = (k.transpose(1, 2), v.transpose(1, 2))
             else:
-                cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
-        # one op reads the cache: causal / window rule from the absolute positions, GQA inside.
+                cache.update(pos + torch.arange(T, device=x.device), k.transpose(1, 2), v.transpose(1, 2))
+        # one op reads the cache: causal / window rule from the absolute positions, GQA inside. It takes pos
+        # as the method got it: a value computed from it (positions[:1]) is a buffer Inductor fills with a
+        # kernel of its own, a launch a layer at decode.
         # A quantized cache holds K, V rotated (Hadamard H, orthonormal, symmetric): q.k = (qH).(kH),
         # and sum p (vH) = (sum p v) H, so q is rotated and the output rotated back.
         if cache.quant:
             q = hadamard_rotate(q)
         k_new, v_new = fresh if fresh is not None else (None, None)
-        out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, positions[:1],
+        out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos,
                                          self.window if self.sliding else 0, k_new, v_new)  # (B, T, H, D)
         if cache.quant:
             out = hadamard_rotate(out)
@@ -354,10 +356,10 @@ class DecoderLayer(nn.Module):
             # init_buffers), so one compiled layer reads every layer's slice
             self.register_buffer("ple_index", torch.tensor([i]), persistent=False)
 
-    def forward(self, x, cos, sin, positions, cache, ple, fresh=None):
+    def forward(self, x, cos, sin, pos, cache, ple, fresh=None):
         """-> (x, fresh): see Attention.forward. ple: every layer's per-layer inputs (1, T, layers, P), this
         layer's at `ple_index` (None without them)."""
-        attn, fresh = self.self_attn(x, cos, sin, positions, cache, fresh, norm=self.input_layernorm)
+        attn, fresh = self.self_attn(x, cos, sin, pos, cache, fresh, norm=self.input_layernorm)
         h, out = self.mlp.after_residual(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
             flat = h.reshape(-1, h.shape[-1])
@@ -472,7 +474,7 @@ class Gemma4Model(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = rope[cfg.is_sliding(i)]
             src = cfg.kv_source_layer(i)
-            x, kv = layer(x, cos, sin, positions, caches[i], ple, fresh.get(src))
+            x, kv = layer(x, cos, sin, pos, caches[i], ple, fresh.get(src))
             if kv is not None:
                 fresh[src] = kv
             if last_reader[src] == i and src in fresh:
@@ -597,7 +599,7 @@ class LayerUnit(_CarriesHidden):
         layer = self.layers[self.index]
         cache = getattr(self, self.SOURCE) if self.shared else layer.self_attn.kv_cache
         chunk = cache.ring and not (isinstance(T, int) and T == 1)  # a prefill chunk beside a ring
-        x, fresh = layer(x, cos, sin, positions, cache, ple, cache.chunk(T) if chunk and self.shared else None)
+        x, fresh = layer(x, cos, sin, pos, cache, ple, cache.chunk(T) if chunk and self.shared else None)
         if fresh is not None and self.last_reader:
             cache.write_window(positions, *fresh)
         elif fresh is not None and not self.shared:
