@@ -1,0 +1,269 @@
+"""The kernels a decode step launches, from Inductor's CUDA code for each unit, on a machine without a GPU.
+
+    python -m scripts.count_decode_kernels --preset e2b[,31b:int4,...] [--layers 5] [--kv-dtype bf16] [--out counts.json]
+
+Why: at decode every launch costs ~1.4-3 us on the H200 whatever it does (scripts/launch_floor.py), and the
+small variants' steps are bound by their count (E2B: 434 a step). This counts them without a GPU: the
+model built as an export builds it (random weights, the int4 recipe's CUDA layout, int8 embedding), each unit of
+its chain (export/chain.py) traced for one token on fake CUDA tensors and compiled by Inductor with the decode
+method's options (combo kernels, one config a pointwise kernel, deterministic, decode's row reductions) for an
+sm_90 target, up to the generated code, whose launches are listed in order. Our ops' Triton kernels appear under
+their own names (`_int4_gemv1_kernel`, `_attn_body`, ...), Inductor's as `triton_*`. It is Inductor's Python
+wrapper, not the AOTInductor `.so`: the same scheduler and fusions, not the same launcher (nor PDL, which changes
+no count). A decode step is the embed unit, each layer's unit and the head (units serve several layers), plus
+what the runner adds (sampling: an argmax, a copy of the token id).
+
+Making Inductor generate CUDA code with no driver takes patches of torch's device queries (an H200's
+properties), of Python indexing on CUDA tensors (a device guard in C++ otherwise calls the driver; basic
+indexing goes through aten ops instead), of the pattern-matcher's init (it builds real CUDA tensors) and of
+Triton's active driver (an sm_90 target); `cuda_without_gpu()` applies them for the block and undoes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from collections import namedtuple
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+H200 = namedtuple("H200", "name major minor total_memory multi_processor_count regs_per_multiprocessor "
+                          "max_threads_per_multi_processor warp_size gcnArchName L2_cache_size "
+                          "shared_memory_per_block_optin shared_memory_per_multiprocessor max_threads_per_block")(
+    "NVIDIA H200", 9, 0, 140 << 30, 132, 65536, 2048, 32, "", 50 << 20, 232448, 233472, 1024)
+
+
+class _Sm90Driver:
+    """Triton's active driver, answering for one sm_90 GPU (compiles only: nothing launches)."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cuda", 0)
+
+    def get_current_device(self):
+        return 0
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def is_active(self):
+        return True
+
+
+def _basic_getitem(original):
+    """Tensor indexing with None / slices / ints / Ellipsis / index tensors as aten ops on a CUDA tensor
+    (the C++ `__getitem__` takes a device guard, which asks the driver)."""
+    def getitem(self, idx):
+        if self.device.type != "cuda":
+            return original(self, idx)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if any(i is Ellipsis for i in idx):
+            k = idx.index(Ellipsis)
+            real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+            idx = idx[:k] + (slice(None),) * (self.dim() - real) + idx[k + 1:]
+        out, d, gathers = self, 0, {}
+        for i in idx:
+            if i is None:
+                out = torch.ops.aten.unsqueeze.default(out, d)
+                d += 1
+            elif isinstance(i, slice):
+                if i != slice(None):
+                    stop = out.shape[d] if i.stop is None else i.stop
+                    out = torch.ops.aten.slice.Tensor(out, d, i.start or 0, stop, i.step or 1)
+                d += 1
+            elif isinstance(i, (int, torch.SymInt)):
+                out = torch.ops.aten.select.int(out, d, i)
+            elif isinstance(i, torch.Tensor):
+                gathers[d] = i
+                d += 1
+            else:
+                raise NotImplementedError(f"index {i!r} of a CUDA tensor without a GPU")
+        if gathers:
+            out = torch.ops.aten.index.Tensor(out, [gathers.get(k) for k in range(max(gathers) + 1)])
+        return out
+    return getitem
+
+
+_INHERITED = object()
+
+
+@contextlib.contextmanager
+def cuda_without_gpu() -> Iterator[None]:
+    """torch and Triton answering as one H200 for the block (see the module docstring); restored after."""
+    import triton
+    import torch._dynamo.device_interface as di
+    import torch._inductor.fx_passes.joint_graph as jg
+    import torch._subclasses.fake_tensor as ft
+    from torch._inductor import config
+
+    cuda = di.CudaInterface
+    saved: list[tuple[object, str, object]] = []
+
+    def put(owner, name, value):  # a class's own entry (a staticmethod stays one), or none: inherited
+        saved.append((owner, name, vars(owner).get(name, _INHERITED) if isinstance(owner, type) else getattr(owner, name)))
+        setattr(owner, name, value)
+
+    put(torch.cuda, "is_available", lambda: True)
+    put(torch.cuda, "device_count", lambda: 1)
+    put(torch.cuda, "current_device", lambda: 0)
+    put(torch.cuda, "get_device_properties", lambda d=None: H200)
+    put(torch.cuda, "get_device_capability", lambda d=None: (H200.major, H200.minor))
+    put(torch.cuda, "get_device_name", lambda d=None: H200.name)
+    put(torch.cuda, "get_rng_state", lambda *a, **k: torch.zeros(16, dtype=torch.uint8))
+    put(torch.cuda, "set_rng_state", lambda *a, **k: None)
+    put(torch.cuda, "synchronize", lambda *a, **k: None)
+    put(torch.cuda, "set_device", lambda *a, **k: None)
+    put(torch.cuda, "_exchange_device", lambda idx: 0)
+    put(torch.cuda, "_maybe_exchange_device", lambda idx: 0)
+    put(torch.cuda.random, "current_device", lambda: 0)
+    put(cuda, "get_device_properties", staticmethod(lambda d=None: H200))
+    put(cuda, "current_device", staticmethod(lambda: 0))
+    put(cuda, "device_count", staticmethod(lambda: 1))
+    put(cuda, "is_available", staticmethod(lambda: True))
+    put(cuda, "get_compute_capability", staticmethod(lambda d=None: 90))
+    put(cuda.Worker, "get_device_properties", staticmethod(lambda d=None: H200))
+    put(cuda.Worker, "current_device", staticmethod(lambda: 0))
+    put(ft, "init_gpu_context", lambda d: None)
+    put(jg, "lazy_init", lambda *a, **k: None)
+    put(torch.Tensor, "__getitem__", _basic_getitem(torch.Tensor.__getitem__))
+    put(torch.Tensor, "copy_", lambda self, src, non_blocking=False: torch.ops.aten.copy_.default(self, src,
+                                                                                                  non_blocking))
+    driver = triton.runtime.driver._active  # None until asked: asking would create the real one (no libcuda here)
+    triton.runtime.driver.set_active(_Sm90Driver())
+    try:
+        with config.patch({"pattern_matcher": False}):
+            yield
+    finally:
+        triton.runtime.driver._active = driver
+        for owner, name, value in reversed(saved):
+            if value is _INHERITED:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+def generated_code(gm: torch.fx.GraphModule, inputs: list, options: dict) -> str:
+    """Inductor's wrapper code for `gm` (its kernels' sources included), stopped before it is loaded."""
+    import torch._inductor.codecache as cc
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+
+    class Generated(Exception):
+        pass
+
+    code: list[str] = []
+
+    def keep(key, path, *args, **kwargs):
+        code.append(Path(path).read_text())
+        raise Generated
+
+    load = cc.PyCodeCache.load_by_key_path
+    cc.PyCodeCache.load_by_key_path = keep
+    try:
+        with config.patch(options):
+            compile_fx(gm, inputs)
+    except Generated:
+        pass
+    except Exception as e:  # Inductor wraps what its lowering raises
+        if not isinstance(e.__cause__ or e.__context__, Generated) and "Generated" not in repr(e):
+            raise
+    finally:
+        cc.PyCodeCache.load_by_key_path = load
+    if not code:
+        raise RuntimeError("Inductor generated no code")
+    return code[-1]
+
+
+def launches(code: str) -> list[str]:
+    """The kernels the wrapper launches, in order (`name.run(` calls)."""
+    return re.findall(r"^\s+(\w+)\.run\(", code, re.M)
+
+
+DECODE_OPTIONS = {"combo_kernels": True, "triton.autotune_pointwise": False, "deterministic": True,
+                  "max_autotune": False, "compile_threads": 1}
+
+
+def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path | None = None) -> dict:
+    """{"units": [{unit, steps, launches, kernels}], "step": launches of one decode step (units by their steps)}."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from export.backends.cuda import row_reductions_in_registers
+    from export.backends.options import TargetDevice
+    from export.chain import example_inputs
+    from export.gemma4.config import PRESETS
+    from export.gemma4.model import Gemma4Model
+    from export.gemma4.options import EmbeddingQuant
+    from export.gemma4.quant import QuantRecipe, quantize_
+    from export.kernels import int4_matmul
+
+    cfg = PRESETS[preset]
+    cfg = cfg.with_layers(layers) if layers else cfg
+    torch.set_grad_enabled(False)
+    with torch.device("meta"):  # shapes and dtypes are what the count depends on, not values
+        model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=min(128, ctx), dtype=torch.bfloat16, kv_dtype=kv_dtype)
+        model = model.to(torch.bfloat16).eval().requires_grad_(False)
+        quantize_(model, QuantRecipe(group_size=128, embedding=EmbeddingQuant.INT8), TargetDevice.CUDA)
+    rows = []
+    with cuda_without_gpu():
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            model._apply(lambda t: torch.empty_like(t, device="cuda"))
+            chain = model.chain()
+        steps = [s.unit for s in chain.steps]
+        for name, unit in chain.units.items():
+            with mode, int4_matmul.one_config():
+                args = [torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1)]
+                gm = make_fx(lambda *a: unit(*a), tracing_mode="fake")(*args)
+            with mode, int4_matmul.one_config(), row_reductions_in_registers():
+                code = generated_code(gm, args, DECODE_OPTIONS)
+            if source:
+                source.mkdir(parents=True, exist_ok=True)
+                (source / f"{preset}_{name}.py").write_text(code)
+            kernels = launches(code)
+            rows.append({"unit": name, "steps": steps.count(name), "launches": len(kernels), "kernels": kernels})
+    return {"preset": preset, "layers": cfg.num_hidden_layers, "kv_dtype": kv_dtype, "ctx": ctx, "units": rows,
+            "step": sum(r["launches"] * r["steps"] for r in rows)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="e2b", help="comma-separated presets, each optionally PRESET:KV_DTYPE")
+    ap.add_argument("--layers", type=int, default=None, help="the first N layers (default: all)")
+    ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "int8", "int4"], help="unless a preset names one")
+    ap.add_argument("--ctx", type=int, default=1024, help="cache length (the count does not depend on it)")
+    ap.add_argument("--out", type=Path, default=None, help="write the counts as JSON")
+    ap.add_argument("--source", type=Path, default=None, help="write each unit's generated code into this folder")
+    a = ap.parse_args(argv)
+    from export.gemma4.config import PRESETS
+    runs = [(p.partition(":")[0], p.partition(":")[2] or a.kv_dtype) for p in a.preset.split(",")]
+    for preset, kv in runs:
+        if preset not in PRESETS or kv not in ("bf16", "int8", "int4"):
+            print(f"--preset {preset!r}{':' + kv if kv != a.kv_dtype else ''}: a preset of {', '.join(PRESETS)}, "
+                  f"optionally :bf16 / :int8 / :int4", file=sys.stderr)
+            return 2
+    docs = []
+    for preset, kv in runs:
+        doc = count(preset, a.layers, kv, a.ctx, a.source)
+        docs.append(doc)
+        print(f"{preset}, {doc['layers']} layers, {kv} cache: the kernels each unit launches for one token")
+        print(f"{'unit':12} {'steps':>5} {'launches':>8}  kernels")
+        for r in doc["units"]:
+            names = " ".join(re.sub(r"_\d+$", "", k) for k in r["kernels"])
+            print(f"{r['unit']:12} {r['steps']:5} {r['launches']:8}  {names}")
+        print(f"a decode step: {doc['step']} launches (and the runner's sampling)\n")
+    if a.out:
+        a.out.write_text(json.dumps({"models": docs}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""scripts/count_decode_kernels.py: Inductor's CUDA code for each decode unit, generated on this machine (no GPU),
+and the launches a decode step makes. The counts are the decode's launch budget: a change that adds a kernel to
+every layer shows here (at ~1.4-3 us a launch it costs E2B 3-5% of its step), and one that saves one must lower
+them. The figures come from the generated code (`--source` writes it)."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import run_script
+
+
+def _counts(tmp_path, *args) -> dict:
+    out = tmp_path / "counts.json"
+    r = run_script("scripts.count_decode_kernels", *args, "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (doc,) = json.loads(out.read_text())["models"]
+    return {u["unit"]: u for u in doc["units"]} | {"step": doc["step"]}
+
+
+def test_e2b_units(tmp_path):
+    """E2B's first five layers (four sliding, one full), bf16 cache: a sliding layer is 12 launches (q / k / v
+    with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the
+    quantize kernel and GEMV of gate / up and of down, the per-layer gate and projection, the closing norm),
+    the full layer one more (its o projection's K of 4096 takes the quantize kernel); no launch copies the
+    position (the attention op reads the method's pos)."""
+    u = _counts(tmp_path, "--preset", "e2b", "--layers", "5")
+    assert (u["embed"]["launches"], u["layer0"]["launches"], u["layer4"]["launches"], u["head"]["launches"]) == \
+        (3, 12, 13, 4), u
+    sliding = u["layer0"]["kernels"]
+    assert sum(k.startswith("_int4_gemv1_kernel") for k in sliding) == 6, sliding
+    assert sum(k.startswith(("_attn_body", "_combine")) for k in sliding) == 2, sliding
+    assert not any(k.startswith("triton_poi") for k in sliding), sliding
+    assert u["step"] == 3 + 4 * 12 + 13 + 4
+
+
+def test_31b_units_int4_cache(tmp_path):
+    """The 31B's sliding layer is 12 launches, its full layer with the int4 cache 18: four Hadamard rotations (k,
+    v and q, the output back) and two more of Inductor's kernels (the rotated K / V quantized and written into
+    the cache)."""
+    u = _counts(tmp_path, "--preset", "31b:int4", "--layers", "6")
+    assert (u["layer0"]["steps"], u["layer5"]["steps"]) == (5, 1), u
+    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (12, 18), u
+    assert sum(k.startswith("_hadamard_kernel") for k in u["layer5"]["kernels"]) == 4, u["layer5"]["kernels"]
+
+
+def test_bad_preset():
+    r = run_script("scripts.count_decode_kernels", "--preset", "nope", timeout=300)
+    assert r.returncode == 2 and "--preset 'nope'" in r.stderr and "Traceback" not in r.stderr, r.stderr
