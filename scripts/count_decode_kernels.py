@@ -156,7 +156,7 @@ def generated_code(gm: torch.fx.GraphModule, inputs: list, options: dict) -> str
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
 
-    class Generated(Exception):
+    class Generated(BaseException):  # not an Exception: Inductor wraps those on their way out
         pass
 
     code: list[str] = []
@@ -172,9 +172,6 @@ def generated_code(gm: torch.fx.GraphModule, inputs: list, options: dict) -> str
             compile_fx(gm, inputs)
     except Generated:
         pass
-    except Exception as e:  # Inductor wraps what its lowering raises
-        if not isinstance(e.__cause__ or e.__context__, Generated) and "Generated" not in repr(e):
-            raise
     finally:
         cc.PyCodeCache.load_by_key_path = load
     if not code:
