@@ -1,12 +1,12 @@
 """The kernels a decode step launches, from Inductor's CUDA code for each unit, on a machine without a GPU.
 
-    python -m scripts.count_decode_kernels --preset e2b[,31b:int4,...] [--layers 5] [--kv-dtype bf16] [--out counts.json]
+    python -m scripts.count_decode_kernels --preset e2b[,31b:int4,...] [--layers 5] [--out counts.json]
 
 Why: at decode every launch costs ~1.4-3 us on the H200 whatever it does (scripts/launch_floor.py), and the
 small variants' steps are bound by their count (E2B: 434 a step). This counts them without a GPU: the
-model built as an export builds it (random weights, the int4 recipe's CUDA layout, int8 embedding), each unit of
-its chain (export/chain.py) traced for one token on fake CUDA tensors and compiled by Inductor with the decode
-method's options (combo kernels, one config a pointwise kernel, deterministic, decode's row reductions) for an
+model built as an export builds it, shapes only (the meta device: the int4 recipe's CUDA layout, int8 embedding),
+each unit of its chain (export/chain.py) traced for one token on fake CUDA tensors and compiled by Inductor with
+the decode method's options (the CUDA backend's with `--no-autotune`; decode's row reductions) for an
 sm_90 target, up to the generated code, whose launches are listed in order. Our ops' Triton kernels appear under
 their own names (`_int4_gemv1_kernel`, `_attn_body`, ...), Inductor's as `triton_*`. It is Inductor's Python
 wrapper, not the AOTInductor `.so`: the same scheduler and fusions, not the same launcher (nor PDL, which changes
@@ -108,7 +108,8 @@ def cuda_without_gpu() -> Iterator[None]:
     saved: list[tuple[object, str, object]] = []
 
     def put(owner, name, value):  # a class's own entry (a staticmethod stays one), or none: inherited
-        saved.append((owner, name, vars(owner).get(name, _INHERITED) if isinstance(owner, type) else getattr(owner, name)))
+        old = vars(owner).get(name, _INHERITED) if isinstance(owner, type) else getattr(owner, name)
+        saved.append((owner, name, old))
         setattr(owner, name, value)
 
     put(torch.cuda, "is_available", lambda: True)
@@ -184,10 +185,17 @@ def launches(code: str) -> list[str]:
     return re.findall(r"^\s+(\w+)\.run\(", code, re.M)
 
 
-DECODE_OPTIONS = {"combo_kernels": True, "triton.autotune_pointwise": False, "deterministic": True,
-                  "max_autotune": False, "compile_threads": 1}
+def decode_options() -> dict:
+    """The Inductor options the CUDA backend compiles the decode method with (`--no-autotune`), less
+    AOTInductor's own (this generates Inductor's Python wrapper), on one compile thread."""
+    from export.backends.cuda import Gemma4CudaBackend
+    from export.backends.options import BackendOptions
+
+    options = Gemma4CudaBackend.compile_options(BackendOptions(method="decode", autotune=False))
+    return {k: v for k, v in options.items() if not k.startswith("aot_inductor.")} | {"compile_threads": 1}
 
 
+@torch.no_grad()
 def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path | None = None) -> dict:
     """{"units": [{unit, steps, launches, kernels}], "step": launches of one decode step (units by their steps)}."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -204,7 +212,6 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
 
     cfg = PRESETS[preset]
     cfg = cfg.with_layers(layers) if layers else cfg
-    torch.set_grad_enabled(False)
     with torch.device("meta"):  # shapes and dtypes are what the count depends on, not values
         model = Gemma4Model(cfg, ctx=ctx, prefill_chunk=min(128, ctx), dtype=torch.bfloat16, kv_dtype=kv_dtype)
         model = model.to(torch.bfloat16).eval().requires_grad_(False)
@@ -221,7 +228,7 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
                 args = [torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1)]
                 gm = make_fx(lambda *a: unit(*a), tracing_mode="fake")(*args)
             with mode, int4_matmul.one_config(), row_reductions_in_registers():
-                code = generated_code(gm, args, DECODE_OPTIONS)
+                code = generated_code(gm, args, decode_options())
             if source:
                 source.mkdir(parents=True, exist_ok=True)
                 (source / f"{preset}_{name}.py").write_text(code)

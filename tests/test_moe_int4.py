@@ -558,8 +558,8 @@ def test_down_act_in_the_weight_tiles_layout_takes_no_shared_memory_trips():
     two barriers), and act's loads are 16 bytes wide."""
     from scripts.gemv1_tile_variants import _compile_sm90, _sass_loop
 
-    sig = {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "out_ptr": "*bf16",
-           "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", "stride_qe": "i32", "stride_qn": "i32",
+    sig = {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16",
+           "out_ptr": "*bf16", "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", "stride_qe": "i32", "stride_qn": "i32",
            "stride_se": "i32", "stride_sn": "i32", "stride_os": "i32"}
     c = mo.WORDS_DOWN_CONFIGS[0]
     # ints as the launch specializes them: 2816 rows, act rows of decode_act_stride(704) = 800, whole-expert strides
