@@ -1,6 +1,6 @@
 """`gemma4::hadamard`: the reference is the orthonormal matrix, the Triton kernel is the reference
 (bitwise in fp32 under the interpreter and on CUDA), the kernel compiles for the consumer cards,
-and a quantized-KV model's graph carries one op per rotation."""
+and a quantized-KV model's graph carries one op per rotation (q, k and v joined at decode)."""
 
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ def test_kernel_compiles_for_consumer_cards_within_shared_memory():
 
 
 def test_quantized_kv_model_rotates_through_the_op():
-    """The exported graph of a model with an int8 cache holds gemma4::hadamard for q, k, v and the
-    output of each full layer, and no butterfly stacks; a bf16 cache holds none."""
+    """The exported graph of a model with an int8 cache holds gemma4::hadamard for each full layer and no
+    butterfly stacks: at decode two calls (q, k and v joined, `rotate_rows`; the output back), for a prefill
+    chunk four (q, k, v, the output) and two in a KV-shared layer (q, the output); a bf16 cache holds none."""
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
     from export.pipeline import EXPORT_KW
@@ -115,14 +116,24 @@ def test_quantized_kv_model_rotates_through_the_op():
     counts = {}
     for kv in ("int8", None):
         model = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=8, kv_dtype=kv), seed=3).eval()
-        with torch.no_grad():
-            ep = torch.export.export(model, (torch.zeros(1, 1, dtype=torch.long), torch.tensor([3])), **EXPORT_KW)
-        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-        counts[kv] = (targets.count("gemma4.hadamard.default"), sum("stack" in t for t in targets))
+        for T in (1, 4):
+            with torch.no_grad():
+                ep = torch.export.export(model, (torch.zeros(1, T, dtype=torch.long), torch.tensor([3])), **EXPORT_KW)
+            targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+            counts[kv, T] = (targets.count("gemma4.hadamard.default"), sum("stack" in t for t in targets))
     full = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i))
     shared_full = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_sliding(i) and cfg.is_kv_shared(i))
-    assert counts["int8"] == (4 * full - 2 * shared_full, 0)
-    assert counts[None] == (0, 0)
+    assert counts["int8", 1] == (2 * full, 0)
+    assert counts["int8", 4] == (4 * full - 2 * shared_full, 0)
+    assert counts[None, 1] == counts[None, 4] == (0, 0)
+
+
+def test_rotate_rows_is_each_tensor_rotated():
+    """`rotate_rows` (one op call for several tensors) gives each tensor's own rotation bitwise, in its shape."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, h, 64, generator=g).to(torch.bfloat16) for h in (8, 2, 2))
+    for got, x in zip(Hd.rotate_rows(q, k, v), (q, k, v)):
+        assert got.shape == x.shape and torch.equal(got, Hd.hadamard_rotate(x))
 
 
 @pytest.mark.cuda

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.attention import quantize_kv  # importing it registers torch.ops.gemma4.attention
-from ..kernels.hadamard import hadamard_rotate  # registers torch.ops.gemma4.hadamard
+from ..kernels.hadamard import hadamard_rotate, rotate_rows  # registers torch.ops.gemma4.hadamard
 from ..kernels import moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_route / moe_experts_int4)
 from ..chain import Chain, Step
 from .config import Gemma4Config
@@ -130,11 +130,13 @@ class KVCache(nn.Module):
         """The K/V (1, Hkv, T, D) `write_chunk` left for a chunk of T tokens."""
         return self.chunk_k.narrow(1, 0, T).transpose(1, 2), self.chunk_v.narrow(1, 0, T).transpose(1, 2)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (1, Hkv, T, D) for `positions` (T,): quantized (if so configured) and written."""
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotated: bool = False) -> None:
+        """k, v (1, Hkv, T, D) for `positions` (T,): quantized (if so configured) and written. A quantized
+        cache rotates them first unless `rotated` says the caller has (Attention, with q, at decode)."""
         slots = positions % self.slots if self.ring else positions
         if self.quant:  # rotated first: spreads outlier channels over all of them before rounding
-            k, v = hadamard_rotate(k), hadamard_rotate(v)
+            if not rotated:
+                k, v = hadamard_rotate(k), hadamard_rotate(v)
             (k, ks), (v, vs) = quantize_kv(k, self.quant), quantize_kv(v, self.quant)
             self.k_scale.index_copy_(2, slots, ks)
             self.v_scale.index_copy_(2, slots, vs)
@@ -206,6 +208,7 @@ class Attention(nn.Module):
         D = self.head_dim
         chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
         rows = project(self, x, "qkv_proj", norm)  # q[, k[, v]]
+        q_rotated = False
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
             raw_k = rows[1].view(B, T, -1, D)
@@ -215,13 +218,19 @@ class Attention(nn.Module):
             if chunk_beside_ring:  # the ring still holds the window before pos: not overwritten yet
                 fresh = (k.transpose(1, 2), v.transpose(1, 2))
             else:
-                cache.update(pos + torch.arange(T, device=x.device), k.transpose(1, 2), v.transpose(1, 2))
+                # a decode step into a quantized cache rotates q, k and v in one launch (`rotate_rows`);
+                # a prefill chunk keeps three (the joined rows would be one more chunk-sized buffer)
+                q_rotated = cache.quant is not None and isinstance(T, int) and T == 1
+                if q_rotated:
+                    q, k, v = rotate_rows(q, k, v)
+                cache.update(pos + torch.arange(T, device=x.device), k.transpose(1, 2), v.transpose(1, 2),
+                             rotated=q_rotated)
         # one op reads the cache: causal / window rule from the absolute positions, GQA inside. It takes pos
         # as the method got it: a value computed from it (positions[:1]) is a buffer Inductor fills with a
         # kernel of its own, a launch a layer at decode.
         # A quantized cache holds K, V rotated (Hadamard H, orthonormal, symmetric): q.k = (qH).(kH),
         # and sum p (vH) = (sum p v) H, so q is rotated and the output rotated back.
-        if cache.quant:
+        if cache.quant and not q_rotated:
             q = hadamard_rotate(q)
         k_new, v_new = fresh if fresh is not None else (None, None)
         out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos,

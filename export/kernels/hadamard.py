@@ -126,3 +126,13 @@ def _(x):
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """x @ hadamard(D) along the last dim: the op (one kernel on CUDA)."""
     return torch.ops.gemma4.hadamard(x)
+
+
+def rotate_rows(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`hadamard_rotate` of tensors with the same last dim in one op call (one launch on CUDA): their rows
+    joined, rotated, and split back into each one's shape. Row by row the same values as one call each."""
+    D = xs[0].shape[-1]
+    rows = [x.reshape(-1, D) for x in xs]
+    out = hadamard_rotate(torch.cat(rows))
+    return tuple(o.view(x.shape) for o, x in zip(out.split([r.shape[0] for r in rows]), xs))
+
