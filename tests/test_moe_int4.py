@@ -217,9 +217,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             for slices in (1, 3):  # the word GEMVs: fp32 x meets the nibble floats' offsets (~1e-4)
                 one = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices)
                 decode = max(decode, rel(one, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
-                mo.DOWN_XTILE = 1  # act loaded in the weight tile's layout: the same sums
-                xtile_same &= torch.equal(mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices), one)
-                mo.DOWN_XTILE = 0
+                default, mo.DOWN_XTILE = mo.DOWN_XTILE, 1 - mo.DOWN_XTILE  # act loaded as one row or as the
+                try:  # weight tile's rows: the same sums
+                    xtile_same &= torch.equal(
+                        mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices), one)
+                finally:
+                    mo.DOWN_XTILE = default
     sorts_ok = True  # the prefill's counting sort, one program and many, against torch's stable argsort
     for N, K, E in [(45, 3, 6), (700, 8, 128), (1, 8, 128), (300, 8, 5)]:  # 700 * 8: several scan steps
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)]) if E >= K else torch.randint(0, E, (N, K))

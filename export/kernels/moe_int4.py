@@ -194,15 +194,19 @@ ROUTE_CONFIGS = [_cfg(w, s, BLOCK_T=bt, BLOCK_E=be, BLOCK_H=bh) for bt, be, bh, 
 WORDS_GATE_UP_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, d in (  # GROUP / 8 words a group
     (16, 4, 4, 1), (16, 4, 4, 2), (8, 4, 4, 2), (8, 4, 4, 1), (8, 2, 2, 2), (8, 2, 4, 2))]
 WORDS_DOWN_CONFIGS = [_cfg(w, 1, BLOCK_N=bn, GROUPS=gr, DEPTH=d) for bn, gr, w, d in (  # BLOCK_N: whole words of act
-    (8, 16, 4, 1), (8, 16, 4, 2), (4, 16, 2, 2), (4, 16, 2, 1), (8, 8, 4, 2), (8, 32, 4, 1))]
-# the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.txt), one-config mode's pick
+    (8, 16, 4, 2), (8, 16, 4, 1), (4, 16, 2, 2), (4, 16, 2, 1), (8, 8, 4, 2), (8, 32, 4, 1))]
+# the first of each: the fastest on an H200 (scripts/measurements/moe_decode_sweep.json; down with DOWN_XTILE's
+# act tiles), one-config mode's pick
 DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp32 partials and a sum kernel
 # The down GEMV's act loads as [BLOCK_N, GROUPS, WORDS] tiles (every row of the tile the same addresses) instead of
 # [1, GROUPS, WORDS]: loaded with one row, Triton gives x another layout than the weight tile's and each of a step's
 # eight nibble products goes through shared memory on its way into the sum (sm_90, 26B-A4B's (8, 16, 4) config,
 # compiled offline: 342 SASS instructions a step with 17 barriers, 16 STS.128 and 16 LDSM; with the row tile 350
-# with 2 barriers (the scales' factor), x's loads 16 bytes wide). Not timed yet: scripts/sweep_moe_decode.py times both.
-DOWN_XTILE = 0
+# with 2 barriers (the scales' factor), x's loads 16 bytes wide). H200, every down config both ways in CUDA graphs
+# (scripts/sweep_moe_decode.py, scripts/measurements/moe_decode_sweep.json): the best, (8, 16, 4) two tiles ahead,
+# 11.47 -> 9.80 us against the op's config before ((8, 16, 4) one ahead, row-loaded act), as close to fp32 (1.7e-3);
+# with one tile ahead the row tile loses (21.0 us), so the pool leads with the two-ahead config.
+DOWN_XTILE = 1
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
     (128, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
     (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False),
