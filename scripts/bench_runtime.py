@@ -32,6 +32,9 @@ layers), valid when the slice holds the model's sliding:full pattern (the 31B's 
 layers: 10 + 2 of 50 + 10). What would not fit --time-budget is skipped and listed; a long
 fill that would not fit is reached by moving the position over a zeroed cache instead
 (decode time depends on the position, not the cache's values; the row says `position`).
+Beside the copy bandwidth, `chain_us_per_kernel` times a chain of small dependent kernels on the
+same GPU (`chain_reference_us`): the machine's state for latency-bound work, so that two calls'
+decode figures can be told apart from their machines'.
 """
 
 from __future__ import annotations
@@ -126,6 +129,21 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, reps: int = 10) -> float:
         dst.copy_(src)
     _sync(device)
     return 2 * nbytes * reps / (time.perf_counter() - t)
+
+
+def chain_reference_us(device: str) -> float | None:
+    """The machine's cost of one dependent kernel (CUDA only; None elsewhere): us a kernel of a replayed graph of
+    400 chained launches, each of 132 programs reading 16 KiB of its own from HBM after waiting on the one before,
+    launched as the artifact launches its kernels (programmatic dependent launch on sm_90+; scripts/launch_floor.py).
+    A decode step is hundreds of such kernels: a reference for comparing calls, which the copy bandwidth is not
+    (two calls a few percent apart in decode time measured the same copy bandwidth within 0.5%)."""
+    if not device.startswith("cuda"):
+        return None
+    from scripts.launch_floor import time_chain  # CUDA only: its kernels run on the current device
+
+    pdl = 2 if torch.cuda.get_device_capability()[0] >= 9 else 0
+    us, ok = time_chain(400, 132, "late", pdl, reps=7)
+    return us if ok else None
 
 
 def bytes_per_decode_step(runner) -> dict:
@@ -881,7 +899,7 @@ def device_figures(s: "Sweep", device: str) -> dict:
         ms, error = non_layer_ms(non_layer_model(s), device), None
     except Exception as e:  # noqa: BLE001 (recorded by the sweep)
         ms, error = None, f"non-layer part: {type(e).__name__}: {e}"
-    return {"copy_bps": bw, "device": name, "non_layer_ms": ms, "error": error}
+    return {"copy_bps": bw, "device": name, "non_layer_ms": ms, "error": error, "chain_us": chain_reference_us(device)}
 
 
 # ---- the sweep -------------------------------------------------------------------------------
@@ -933,6 +951,7 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
     rec["copy_gbps"] = bw / 1e9
     rec["device"] = figures["device"]
     rec["non_layer_ms"] = figures["non_layer_ms"]
+    rec["chain_us_per_kernel"] = figures["chain_us"]  # `chain_reference_us`: the machine's state, for comparing calls
     save()
     ours_logits, base_est, hf_pending = {}, 40.0 if cuda else 120.0, s.hf
     todo = [kv for kv in s.kv_dtypes if rec["exports"][kv]["ok"]]

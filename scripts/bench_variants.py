@@ -86,7 +86,7 @@ def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: flo
     from runtime.artifact import Artifact
     from runtime.memory import PeakSampler
     from runtime.runner import Runner, resolve_device
-    from scripts.bench_runtime import copy_bandwidth, decode_read_bytes, decode_steps, timed_prefill
+    from scripts.bench_runtime import chain_reference_us, copy_bandwidth, decode_read_bytes, decode_steps, timed_prefill
 
     artifact = Artifact.open(model_dir)
     meta = artifact.metadata
@@ -119,7 +119,7 @@ def measure_runtime(model_dir: Path, prompt: int, new_tokens: int, fraction: flo
         "prefill_chunk": meta.prefill_chunk, "load_s": load_s, "prompt": prompt, "new_tokens": new_tokens,
         "prefill_tok_s": prompt / seconds, "decode_ms": dec["ms_per_token"], "decode_median_ms": dec["median_ms"],
         "decode_tok_s": 1e3 / dec["ms_per_token"], "copy_gbps": bw / 1e9, "bytes_read_per_token": read,
-        "floor_tok_s": bw / step_bytes,
+        "floor_tok_s": bw / step_bytes, "chain_us_per_kernel": chain_reference_us(device),
         "runtime_peak_gib": (mem.peak.nvml_process_bytes or mem.peak.allocator_bytes) / gib,
         "runtime_allocator_peak_gib": mem.peak.allocator_bytes / gib,
         "runtime_reserved_peak_gib": mem.peak.reserved_bytes / gib,

@@ -103,3 +103,18 @@ def test_in_child_returns_tensors_and_reports_errors():
     assert out["ids"] == [3, 4] and torch.equal(out["logits"], torch.arange(3, dtype=torch.float32))
     with pytest.raises(RuntimeError, match="ValueError: negative"):
         in_child(_pair, -1)
+
+
+def test_chain_reference_is_cuda_only():
+    from scripts.bench_runtime import chain_reference_us
+
+    assert chain_reference_us("cpu") is None
+
+
+@pytest.mark.cuda
+def test_chain_reference_times_a_checked_chain_on_cuda():
+    """A replayed chain of 400 dependent kernels, every replay's sums checked: a figure of a few us a kernel."""
+    from scripts.bench_runtime import chain_reference_us
+
+    us = chain_reference_us("cuda")
+    assert us is not None and 0.2 < us < 50, us

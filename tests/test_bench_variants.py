@@ -71,3 +71,4 @@ def test_runtime_stage_runs_the_artifact_and_its_floor_reads_the_chosen_experts(
     assert rec["bytes_read_per_token"] == decode_read_bytes(runner, 22, window, share)
     assert rec["bytes_read_per_token"] != decode_read_bytes(runner, 22, window)  # the stacks' other experts
     assert rec["floor_tok_s"] == pytest.approx(rec["copy_gbps"] * 1e9 / sum(rec["bytes_read_per_token"].values()))
+    assert rec["chain_us_per_kernel"] is None  # the dependent-kernel chain is timed on CUDA only
