@@ -135,4 +135,3 @@ def rotate_rows(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     rows = [x.reshape(-1, D) for x in xs]
     out = hadamard_rotate(torch.cat(rows))
     return tuple(o.view(x.shape) for o, x in zip(out.split([r.shape[0] for r in rows]), xs))
-
