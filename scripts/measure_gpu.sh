@@ -275,8 +275,9 @@ selfq_small)  # E2B's small projections: the op's bf16-x GEMV against the dp4a G
       --shapes e2b.qkv:2560:1536,e2b.o:1536:2048,e2b.ple_gate:256:1536,e2b.ple_proj:1536:256,e4b.qkv:3072:2560,e4b.o:2560:2048 \
       --tiles 8:2:2,16:2:4,8:4:4,32:2:8,16:4:8 --qb 4,16 --rounds 2 --out "$OUT/gemv1_selfq_small.json" 2>&1 | tail -12
   ;;
-moe_decode)  # the 26B-A4B's MoE decode word GEMVs: every config, the down kernel with act loaded as one row or as the
-  # weight tile's rows (moe_int4.DOWN_XTILE), checked vs fp32 and timed in CUDA graphs (~1 min); then the MoE cuda tests
+moe_decode)  # the 26B-A4B's MoE decode word GEMVs: every config, gate / up from x's int8 levels too (moe_int4.GATE_UP_Q),
+  # the down kernel with act loaded as one row or as the weight tile's rows (moe_int4.DOWN_XTILE), checked vs fp32
+  # and timed in CUDA graphs (~1 min); then the MoE cuda tests (both gate / up paths)
   timeout 200 python -m scripts.sweep_moe_decode --out "$OUT/moe_decode_sweep.json" --budget-s 90 2>&1 | tail -60
   timeout 240 python -m pytest -q -m cuda tests/test_moe_int4.py 2>&1 | tail -3
   ;;

@@ -9,7 +9,8 @@ decode across layers does). Each variant runs the R calls in one CUDA graph; the
 is the median replay over R. Bytes per call: the picked experts' int4 rows and scales (gate_up
 and down), x, act written and read, y. Every variant is checked first against the fp32
 reference with dequantized weights on every routing, outputs poisoned with NaN.
-Then each gate_up config alone, each down config alone (slices 1, 2, 4; act loaded with one row or as
+Then each gate_up config alone, gate_up from x's int8 levels (`moe_int4.GATE_UP_Q`: the quantize kernel and
+the dp4a kernel, GATE_UP_Q_CONFIGS), each down config alone (slices 1, 2, 4; act loaded with one row or as
 a tile of equal rows, `moe_int4.DOWN_XTILE`), the best pair end to
 end, and (with --bench-out) scripts/bench_moe.py's table with the winners installed as the op's
 path (DOWN_SLICES set from the sweep; the autotuner picks the configs).
@@ -27,6 +28,8 @@ from pathlib import Path
 import torch
 
 REL_TOL = 1e-2
+GATE_UP_Q_CONFIGS = [(16, 2, 4), (32, 2, 4), (16, 2, 2), (8, 2, 2), (32, 2, 8)]  # (BLOCK_N, GROUPS, warps): no
+# barrier in the loop, 14-20 SASS instructions a word (sm_90 offline) against the words kernel's 37.7
 
 
 def _interpreter_index_patch() -> None:
@@ -144,6 +147,23 @@ def main(argv=None) -> int:
         row = record("gate_up", cfg, 1, run, gu_bytes, err)
         if err <= REL_TOL and (best_gu is None or row["us"] < best_gu["us"]):
             best_gu = row
+    # gate_up from x's int8 levels (`moe_int4.GATE_UP_Q`): the quantize kernel and the dp4a kernel, two launches
+    # against the words kernel's one (in a model the quantize kernel would take the experts' input norm's place)
+    best_q = None
+    for cfg in GATE_UP_Q_CONFIGS:
+        run = lambda r, cfg=cfg: mo.launch_decode_gate_up_q(xs[r], idxs[r], gu_q, gu_s, g_d, cfg=cfg)  # noqa: E731
+        err = 0.0
+        for r in range(R):
+            poison()
+            act = run(r)
+            used = I * 9 // 8
+            e = ((act[:, :used] - act_refs[r][:, :used]).norm() / act_refs[r][:, :used].norm()).item()
+            err = max(err, e if e == e else float("inf"))
+        row = record("gate_up/q", cfg, 1, run, gu_bytes, err)
+        if err <= REL_TOL and (best_q is None or row["us"] < best_q["us"]):
+            best_q = row
+    if best_q is not None:
+        doc["best_gate_up_q"] = {"cfg": best_q["cfg"], "us": best_q["us"]}
     acts = [act_refs[r].contiguous() for r in range(R)]
     best_dn = None
     for c in mo.WORDS_DOWN_CONFIGS:

@@ -191,7 +191,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
     from export.kernels import int4_matmul, moe_int4 as mo
     torch.manual_seed(0)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
-    worst, decode, same_ids, xtile_same = 0.0, 0.0, True, True
+    worst, decode, qdecode, same_ids, xtile_same = 0.0, 0.0, 0.0, True, True
     # E not a power of two, top_k 3, more entries than one counting-sort step (N * top_k > 128),
     # routing over two slices of H (the second one partial), groups of 64 and 32; fp32: the
     # interpreter's bf16 casts are wrong for negative values
@@ -223,6 +223,12 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                         mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices), one)
                 finally:
                     mo.DOWN_XTILE = default
+                mo.GATE_UP_Q = not mo.GATE_UP_Q  # gate / up from x's int8 levels (dp4a) or from x itself
+                try:
+                    other = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices)
+                finally:
+                    mo.GATE_UP_Q = not mo.GATE_UP_Q
+                qdecode = max(qdecode, rel(other, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
     sorts_ok = True  # the prefill's counting sort, one program and many, against torch's stable argsort
     for N, K, E in [(45, 3, 6), (700, 8, 128), (1, 8, 128), (300, 8, 5)]:  # 700 * 8: several scan steps
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)]) if E >= K else torch.randint(0, E, (N, K))
@@ -233,20 +239,22 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             srt, off = torch.full((N * K,), -7, dtype=torch.int32), torch.full((E + 1,), -7, dtype=torch.int32)
             mo.sort_entries(idx, srt, off, E, parallel=parallel)
             sorts_ok &= torch.equal(srt, want) and torch.equal(off, want_off)
-    print("sorts_ok", sorts_ok, "same_ids", same_ids, "xtile_same", xtile_same, "decode", decode, "worst", worst)
+    print("sorts_ok", sorts_ok, "same_ids", same_ids, "xtile_same", xtile_same, "qdecode", qdecode, "decode", decode,
+          "worst", worst)
 """)
 
 
 def test_triton_kernels_through_the_interpreter():
-    """Routing, the decode GEMVs (the down kernel's act both ways) and the prefill sort (both ways) + grouped
-    GEMMs at toy sizes, ~10 s."""
+    """Routing, the decode GEMVs (the down kernel's act both ways, gate / up from bf16 x or x's int8 levels) and
+    the prefill sort (both ways) + grouped GEMMs at toy sizes, ~10 s."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "same_ids True" in r.stdout and "sorts_ok True" in r.stdout and "xtile_same True" in r.stdout, r.stdout
     assert float(r.stdout.split("worst")[-1]) < 1e-5
-    assert float(r.stdout.split("decode")[-1].split()[0]) < 1e-3
+    assert float(r.stdout.split(" decode")[-1].split()[0]) < 1e-3
+    assert float(r.stdout.split("qdecode")[-1].split()[0]) < 1e-3  # the other gate / up (`GATE_UP_Q`)
 
 
 @pytest.mark.cuda
@@ -268,10 +276,12 @@ def test_cuda_kernels_match_reference(monkeypatch, n, e, h, i, k, group):
         w, idx = torch.ops.gemma4.moe_route(x, scale, pw, pes, k, 1e-6)
         # fp32 routing in the kernel vs the fp32 reference: the same experts but for near ties
         assert (idx == idx_ref).float().mean() > 0.98 and _rel(w[idx == idx_ref], w_ref[idx == idx_ref]) < 1e-3
-    y = torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks)
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     want = mo.moe_experts_reference(x.float(), w, idx, *stacks)  # fp32 with the dequantized weights
-    assert _rel(y, want) <= 1e-2
+    for q in (False, True):  # decode's gate / up from bf16 x or from x's int8 levels (`GATE_UP_Q`)
+        monkeypatch.setattr(mo, "GATE_UP_Q", q)
+        y = torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks)
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+        assert _rel(y, want) <= 1e-2
 
 
 # ---- the recipe: Experts -> PackedInt4Experts ----------------------------------------------
@@ -442,6 +452,9 @@ _MUTATION_SCRIPT = textwrap.dedent("""
         "gemv_down_xt": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq,
                          s_ptr=ds, out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K,
                          NGROUPS=I // 64, GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=1, **strides)),
+        "gemv_gate_up_q": (mo._gemv_q_gate_up_kernel, dict(xq_ptr=i32(4 * 48), xf_ptr=z(22), xc_ptr=i32(22),
+                           idx_ptr=idx, q_ptr=guq, s_ptr=gus, act_ptr=z(K, 800), I=I, KW=H // 8, ACT_STRIDE=800,
+                           GROUP=128, DOWN_GROUP=64, BLOCK_N=16, GROUPS=2, ASM=True, PDL=2, **strides)),
         "sum_slices": (mo._sum_slices_kernel, dict(part_ptr=z(2, H), out_ptr=x, N=H, SLICES=2, BLOCK=1024, PDL=2)),
         "align": (mo._align_kernel, dict(idx_ptr=idx, sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), NK=N * K, E=E,
                   BLOCK=128, E_P2=128)),
@@ -473,7 +486,7 @@ def test_inductor_sees_only_the_outputs_written():
     assert r.returncode == 0, r.stderr[-3000:]
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     assert got == {"route": "['part_ptr', 'ss_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
-                   "gemv_down": "['out_ptr']", "gemv_down_xt": "['out_ptr']",
+                   "gemv_gate_up_q": "['act_ptr']", "gemv_down": "['out_ptr']", "gemv_down_xt": "['out_ptr']",
                    "sum_slices": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr']",
                    "sort_count": "['counts_ptr']", "sort_scan": "['base_ptr', 'row_off_ptr']",
                    "sort_scatter": "['sorted_ptr']",
@@ -499,6 +512,8 @@ gu_t = sig(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*
 dn_t = sig(act_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", out_ptr="*bf16", N_OUT="i32",
            ACT_STRIDE="i32", C_PER_SPLIT="i32", **strides, stride_os="i32", TOP_K=C, NGROUPS=C, GROUP=C, BLOCK_N=C,
            GROUPS=C, ASM=C, PDL=C)
+gq_t = sig(xq_ptr="*i32", xf_ptr="*fp32", xc_ptr="*i32", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32",
+           I="i32", KW="i32", ACT_STRIDE="i32", **strides, GROUP=C, DOWN_GROUP=C, BLOCK_N=C, GROUPS=C, ASM=C, PDL=C)
 sum_t = sig(part_ptr="*fp32", out_ptr="*bf16", N="i32", SLICES=C, BLOCK=C, PDL=C)
 al_t = sig(idx_ptr="*i64", sorted_ptr="*i32", row_off_ptr="*i32", NK="i32", E="i32", BLOCK=C, E_P2=C)
 gr_t = lambda out: sig(a_ptr="*bf16", sorted_ptr="*i32", row_off_ptr="*i32", q_ptr="*u8",
@@ -517,6 +532,8 @@ cases = [
     (mo._gemv_words_gate_up_kernel, gu_t, dict(NGROUPS=22, GROUP=128, DOWN_GROUP=64, X_BF16=True, ASM=True),
      one(mo.WORDS_GATE_UP_CONFIGS)),
     (mo._gemv_words_down_kernel, dn_t, dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True), one(mo.WORDS_DOWN_CONFIGS)),
+    (mo._gemv_q_gate_up_kernel, gq_t, dict(GROUP=128, DOWN_GROUP=64, ASM=True, BLOCK_N=mo.GATE_UP_Q_CONFIG[0],
+                                          GROUPS=mo.GATE_UP_Q_CONFIG[1]), None),
     (mo._sum_slices_kernel, sum_t, dict(SLICES=2, BLOCK=1024), None),
     (mo._align_kernel, al_t, dict(BLOCK=mo.ALIGN_BLOCK, E_P2=128), None),
     (mo._sort_count_kernel, sig(idx_ptr="*i64", counts_ptr="*i32", NK="i32", BLOCK=C, E_P2=C),
@@ -548,7 +565,7 @@ def test_kernels_compile_for_consumer_cards_within_shared_memory():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.strip().splitlines()]
-    assert len(lines) == 24 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
+    assert len(lines) == 26 and {a for a, _, _ in lines} == {"89", "120"}, r.stdout
     assert all(int(shared) <= mo.SMEM_LIMIT_BYTES for _, _, shared in lines), r.stdout
 
 
@@ -578,3 +595,30 @@ def test_down_act_in_the_weight_tiles_layout_takes_no_shared_memory_trips():
     assert bars[0] >= 8 and loops[0].get("STS.128", 0) >= 8, loops[0]
     assert bars[1] <= 2 and loops[1].get("STS.128", 0) == 0, loops[1]
     assert loops[1].get("LDG.E.128", 0) >= 9, loops[1]  # the weight tile and act's nine runs, 16 bytes a load
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
+def test_gate_up_from_x_levels_takes_half_the_instructions_a_word():
+    """The decode gate / up compiled for sm_90 offline (the 26B-A4B's shapes): the words kernel (bf16 x, a lop3 and an
+    FMA a nibble) runs ~38 SASS instructions a word of 8 nibbles in its loop; from x's int8 levels
+    (`GATE_UP_Q`, the int4 op's per-lane dp4a loop) under 21, with no barrier in the loop."""
+    from scripts.gemv1_tile_variants import _compile_sm90, _sass_loop
+
+    common = {"idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "act_ptr": "*fp32", "I": "i32"}
+    strides = {"ACT_STRIDE": "i32", "stride_qe": "i32", "stride_qn": "i32", "stride_se": "i32", "stride_sn": "i32"}
+    aligned = ["idx_ptr", "q_ptr", "s_ptr", "act_ptr", "I", *strides]
+    c = mo.WORDS_GATE_UP_CONFIGS[0]
+    k = _compile_sm90(mo._gemv_words_gate_up_kernel, {"x_ptr": "*bf16", **common, **strides},
+                      dict(NGROUPS=22, GROUP=128, DOWN_GROUP=64, X_BF16=True, ASM=True, PDL=0, **c.kwargs),
+                      c.num_warps, ["x_ptr", *aligned])
+    loop = _sass_loop(k.asm["cubin"])[0]
+    words = sum(loop.values()) * c.num_warps * 32 / (2 * c.kwargs["BLOCK_N"] * c.kwargs["GROUPS"] * 16)
+    bn, gr, warps = mo.GATE_UP_Q_CONFIG
+    k = _compile_sm90(mo._gemv_q_gate_up_kernel,
+                      {"xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", **common, "KW": "i32", **strides},
+                      dict(GROUP=128, DOWN_GROUP=64, BLOCK_N=bn, GROUPS=gr, ASM=True, PDL=0), warps,
+                      ["xq_ptr", "xf_ptr", "xc_ptr", "KW", *aligned])
+    loop_q = _sass_loop(k.asm["cubin"])[0]
+    words_q = sum(loop_q.values()) * warps * 32 / (2 * bn * gr * 16)
+    assert words > 30 and words_q < 21, (words, words_q)
+    assert not any(op.startswith("BAR") for op in loop_q), loop_q

@@ -123,6 +123,11 @@ _SCRIPT = textwrap.dedent("""
            {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "out_ptr": "*fp32",
             "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", **moe_strides, "stride_os": "i32"},
            dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True, **cfg.kwargs), cfg.num_warps)
+    bn, gr, warps = mo.GATE_UP_Q_CONFIG
+    report("moe_gate_up_q", mo._gemv_q_gate_up_kernel,
+           {"xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16",
+            "act_ptr": "*fp32", "I": "i32", "KW": "i32", "ACT_STRIDE": "i32", **moe_strides},
+           dict(GROUP=128, DOWN_GROUP=64, BLOCK_N=bn, GROUPS=gr, ASM=True), warps)
     report("moe_sum_slices", mo._sum_slices_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "N": "i32"},
            dict(SLICES=2, BLOCK=1024), 4)
 
@@ -148,7 +153,7 @@ def test_waiting_kernels_keep_their_memory_instructions():
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
                          "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-norm", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
-                         "moe_sum_slices"}, r.stdout
+                         "moe_gate_up_q", "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither
         assert int(ln[2]) >= 1 and int(ln[4]) >= 1 and ln[6] == "0", ln

@@ -1,6 +1,6 @@
 """scripts/sweep_moe_decode.py on the CPU (Triton's interpreter, the tiny MoE preset, no timing): every word config
-checked against the fp32 reference, the down kernel's act loaded both ways (`moe_int4.DOWN_XTILE`) with the same
-sums, and the pair end to end."""
+checked against the fp32 reference, gate / up from x's int8 levels too (`moe_int4.GATE_UP_Q`), the down kernel's
+act loaded both ways (`moe_int4.DOWN_XTILE`) with the same sums, and the pair end to end."""
 
 from __future__ import annotations
 
@@ -22,3 +22,5 @@ def test_interpreter_rows(tmp_path):
     assert all(err[c, s, 0] == err[c, s, 1] <= 1e-2 for c, s, _ in err), err
     assert all(row["rel_err"] <= 1e-2 for row in doc["rows"]), doc["rows"]
     assert doc["best"]["down_xtile"] in (0, 1) and [row["kind"] for row in doc["rows"]][-1] == "words"
+    q = [row for row in doc["rows"] if row["kind"] == "gate_up/q"]
+    assert len(q) == 5 and doc["best_gate_up_q"]["cfg"] in [row["cfg"] for row in q]

@@ -207,6 +207,12 @@ DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp3
 # 11.47 -> 9.80 us against the op's config before ((8, 16, 4) one ahead, row-loaded act), as close to fp32 (1.7e-3);
 # with one tile ahead the row tile loses (21.0 us), so the pool leads with the two-ahead config.
 DOWN_XTILE = 1
+# The decode gate / up with x as two int8 levels and dp4a (`_gemv_q_gate_up_kernel`, the int4 op's per-lane loop)
+# instead of bf16 x and an FMA a nibble (37.7 SASS instructions a word in the words kernel's loop, sm_90 offline):
+# one launch more (x's quantize kernel), which a model would pay for by folding the experts' input norm into it.
+# Off until timed (scripts/sweep_moe_decode.py times both); GATE_UP_Q_CONFIG: (BLOCK_N, GROUPS, num_warps).
+GATE_UP_Q = False
+GATE_UP_Q_CONFIG = (16, 2, 4)
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
     (128, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
     (64, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False), (128, 128, 64, 8, 2, False),
@@ -494,19 +500,53 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
             wg1, wu1, sg1, su1 = wg_n, wu_n, sg_n, su_n
     gate = tl.sum(tl.sum(acc_g, axis=2), axis=1)
     up = tl.sum(tl.sum(acc_u, axis=2), axis=1)
-    act = gelu_tanh(gate) * up
-    # act in the down kernel's word order (`decode_act_pack`): group g of DOWN_GROUP k's takes 9
-    # runs of DOWN_GROUP / 8, x_i of its words (k = 8j + i) in run i and their offsets in run 8
+    _store_act(act_ptr + slot * ACT_STRIDE, gelu_tanh(gate) * up, pid_n, I, BLOCK_N, DOWN_GROUP)
+
+
+@triton.jit
+def _store_act(row_ptr, act, pid_n, I, BLOCK_N: tl.constexpr, DOWN_GROUP: tl.constexpr):
+    """act [BLOCK_N] (rows pid_n * BLOCK_N .. of I) into its slot's row in the down kernel's word order
+    (`decode_act_pack`): group g of DOWN_GROUP k's takes 9 runs of DOWN_GROUP / 8, x_i of its words
+    (k = 8j + i) in run i and their offsets in run 8."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     DW: tl.constexpr = DOWN_GROUP // 8
     g = offs_n // DOWN_GROUP
     r = offs_n - g * DOWN_GROUP
-    tl.store(act_ptr + slot * ACT_STRIDE + g * (9 * DW) + (r % 8) * DW + r // 8, act, mask=offs_n < I)
+    tl.store(row_ptr + g * (9 * DW) + (r % 8) * DW + r // 8, act, mask=offs_n < I)
     a8 = tl.reshape(act, (BLOCK_N // 8, 8))
     i8 = tl.arange(0, 8)
     corr = tl.sum(a8 * tl.where(i8 % 2 == 0, 2056.0, 136.0)[None, :], axis=1)
     kw = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # word index along I
     gw = kw // DW
-    tl.store(act_ptr + slot * ACT_STRIDE + gw * (9 * DW) + 8 * DW + (kw - gw * DW), corr, mask=kw * 8 < I)
+    tl.store(row_ptr + gw * (9 * DW) + 8 * DW + (kw - gw * DW), corr, mask=kw * 8 < I)
+
+
+@triton.jit
+def _gemv_q_gate_up_kernel(xq_ptr, xf_ptr, xc_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, KW, ACT_STRIDE, stride_qe,
+                           stride_qn, stride_se, stride_sn, GROUP: tl.constexpr, DOWN_GROUP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
+    """`_gemv_words_gate_up_kernel`'s act with x as `_quant_x_kernel`'s two int8 levels (xq_ptr its planes,
+    xf_ptr / xc_ptr its per-group factor and correction) and dp4a: the int4 op's per-lane loop
+    (`int4_matmul._gemv1_loop_q`) over BLOCK_N gate rows and the same up rows of expert idx[slot] as one
+    tile of 2 BLOCK_N rows (the stack's rows 0..I-1 gate, I..2I-1 up), GROUPS whole groups a step. Strides
+    count int32 words (q) and elements (s). PDL: it waits first thing (the rows follow idx), and the loop's
+    own wait then returns at once (x's levels through its coherent loads)."""
+    if PDL:
+        z = pdl_wait(PDL, ASM)
+        xq_ptr, xf_ptr, xc_ptr, idx_ptr, act_ptr = xq_ptr + z, xf_ptr + z, xc_ptr + z, idx_ptr + z, act_ptr + z
+    WORDS: tl.constexpr = GROUP // 8
+    pid_n, slot = tl.program_id(0), tl.program_id(1)
+    e = tl.load(idx_ptr + slot).to(tl.int64)
+    j = tl.arange(0, 2 * BLOCK_N)
+    n = pid_n * BLOCK_N + j % BLOCK_N
+    rows = tl.where(j < BLOCK_N, tl.minimum(n, I - 1), I + n)  # a gate row past I reads the last gate row
+    w_ptr = q_ptr.to(tl.pointer_type(tl.int32)) + e * stride_qe
+    start = (tl.arange(0, GROUPS) * WORDS)[None, :, None]
+    hi = tl.full((1, GROUPS, 1), 0, tl.int32) + KW
+    val = int4_matmul._gemv1_loop_q(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr + e * stride_se, rows, 2 * I, KW, start,
+                                    hi, KW // WORDS, stride_qn, stride_sn, WORDS, GROUPS * WORDS, ASM, PDL, 2)
+    gate, up = tl.split(tl.permute(tl.reshape(val, (2, BLOCK_N)), (1, 0)))
+    _store_act(act_ptr + slot * ACT_STRIDE, gelu_tanh(gate) * up, pid_n, I, BLOCK_N, DOWN_GROUP)
 
 
 @triton.jit
@@ -825,6 +865,24 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     return act
 
 
+def launch_decode_gate_up_q(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
+    """`launch_decode_gate_up`'s act through `_gemv_q_gate_up_kernel`: x quantized first (`_quant_x_kernel`, two
+    int8 levels a group: one launch more), then dp4a. `cfg` (BLOCK_N, GROUPS, num_warps); default
+    GATE_UP_Q_CONFIG."""
+    H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
+    G = H // gu_s.shape[-1]
+    bn, gr, warps = cfg or GATE_UP_Q_CONFIG
+    cnt = torch.empty((1,), device=x.device, dtype=torch.int32)  # no split sum: no counters to zero
+    xq, xf, xc = int4_matmul._quant_x(x.contiguous(), G, cnt, 0)
+    act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
+    words = gu_q.view(torch.int32)
+    wrap(_gemv_q_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](
+        xq, xf, xc, idx, words, gu_s, act, I, H // 8, act.stride(0), words.stride(0), words.stride(1),
+        gu_s.stride(0), gu_s.stride(1), GROUP=G, DOWN_GROUP=down_group, BLOCK_N=bn, GROUPS=gr,
+        ASM=x.device.type == "cuda", PDL=op_pdl_mode(x.device), num_warps=warps, num_stages=1)
+    return act
+
+
 def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None, xtile=None):
     """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act as
     `decode_act_pack` lays it out), the (slot, group) columns in `slices` slices (fp32 partials
@@ -859,7 +917,8 @@ def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity,
     """One token (x [1, H]): the word GEMVs over the top_k experts named by idx (on the device):
     static shapes, no host sync, CUDA-graph safe."""
     x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
-    act = launch_decode_gate_up(x1, idx1, gu_q, gu_s, d_q.shape[2] * 2 // d_s.shape[2], wrap, gate_up_cfg)
+    gate_up = launch_decode_gate_up_q if GATE_UP_Q else launch_decode_gate_up
+    act = gate_up(x1, idx1, gu_q, gu_s, d_q.shape[2] * 2 // d_s.shape[2], wrap, gate_up_cfg)
     return launch_decode_down(act, w1, idx1, d_q, d_s, x.dtype, wrap, down_cfg, slices)
 
 
