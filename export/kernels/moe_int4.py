@@ -30,7 +30,9 @@ Kernels (Triton, through `wrap_triton`: AOTInductor compiles them into the `.so`
   the scale (`DOWN_SLICES` > 1: fp32 partials summed by `_sum_slices_kernel`). Both read the
   packed rows as int32 words (16-byte loads, GROUPS whole groups per step, the next step's
   tiles loaded before this one is used) and turn each nibble into a float with one lop3 and
-  meet x in one FMA (`_word_dot`). Static shapes, no host sync: CUDA-graph safe. On sm_90+ the
+  meet x in one FMA (`_word_dot`). With `GATE_UP_Q` the gate / up runs from x's two int8 levels instead
+  (`_gemv_q_gate_up_kernel`: int4_matmul's quantize kernel first, then its per-lane dp4a loop over the
+  expert's gate and up rows as one tile; off until timed). Static shapes, no host sync: CUDA-graph safe. On sm_90+ the
   routing's and the decode's kernels are compiled to wait on the grid before them, but launched
   without programmatic dependent launch (`PDL_KERNELS`: measured slower with it).
 - prefill (N dynamic): `sort_entries` counts the N * top_k (token, slot) entries per expert
