@@ -229,6 +229,14 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
                 finally:
                     mo.GATE_UP_Q = not mo.GATE_UP_Q
                 qdecode = max(qdecode, rel(other, mo.moe_experts_reference(x[:1], w[:1], idx[:1], *stacks)))
+                nw = torch.rand(H) + 0.5  # the experts' input norm in x's quantize kernel (GATE_UP_Q only)
+                saved, mo.GATE_UP_Q = mo.GATE_UP_Q, True
+                try:
+                    normed = mo.launch_experts_decode(x[:1], w[:1], idx[:1], *stacks, slices=slices, norm=(nw, 1e-6))
+                finally:
+                    mo.GATE_UP_Q = saved
+                qdecode = max(qdecode, rel(normed, mo.moe_rms_experts_reference(x[:1], nw, 1e-6, w[:1], idx[:1],
+                                                                                *stacks)))
     sorts_ok = True  # the prefill's counting sort, one program and many, against torch's stable argsort
     for N, K, E in [(45, 3, 6), (700, 8, 128), (1, 8, 128), (300, 8, 5)]:  # 700 * 8: several scan steps
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(N)]) if E >= K else torch.randint(0, E, (N, K))
@@ -277,11 +285,15 @@ def test_cuda_kernels_match_reference(monkeypatch, n, e, h, i, k, group):
         # fp32 routing in the kernel vs the fp32 reference: the same experts but for near ties
         assert (idx == idx_ref).float().mean() > 0.98 and _rel(w[idx == idx_ref], w_ref[idx == idx_ref]) < 1e-3
     want = mo.moe_experts_reference(x.float(), w, idx, *stacks)  # fp32 with the dequantized weights
+    nw = (torch.rand(h, device="cuda") + 0.5).bfloat16()
+    want_n = mo.moe_rms_experts_reference(x.float(), nw.float(), 1e-6, w, idx, *stacks)
     for q in (False, True):  # decode's gate / up from bf16 x or from x's int8 levels (`GATE_UP_Q`)
         monkeypatch.setattr(mo, "GATE_UP_Q", q)
         y = torch.ops.gemma4.moe_experts_int4(x, w, idx, *stacks)
         assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
         assert _rel(y, want) <= 1e-2
+        y = torch.ops.gemma4.moe_rms_experts_int4(x, nw, 1e-6, w, idx, *stacks)  # the norm in the op
+        assert y.dtype == torch.bfloat16 and _rel(y, want_n) <= 1e-2
 
 
 # ---- the recipe: Experts -> PackedInt4Experts ----------------------------------------------
@@ -336,6 +348,58 @@ def test_quantized_layer_matches_float_layer_with_dequantized_experts():
         tok = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(1))
         assert _rel(model(tok, torch.tensor([0])), ref(tok, torch.tensor([0]))) < 1e-5  # prefill
         assert _rel(model(tok[:, :1], torch.tensor([4])), ref(tok[:, :1], torch.tensor([4]))) < 1e-5  # decode
+
+
+def test_packed_experts_take_their_input_norm_in_the_op(monkeypatch):
+    """A MoE layer hands its packed experts x and their input norm (gemma4::moe_rms_experts_int4): on CPU the op's
+    reference, so the logits are exactly those of the norm's module then gemma4::moe_experts_int4, with the
+    fused-norms switch off too; a wrong norm width is refused."""
+    from export.backends import TargetDevice
+    from export.gemma4.quant import QuantRecipe, quantize_
+
+    model = _tiny_moe(torch.bfloat16)
+    quantize_(model, QuantRecipe(group_size=32, linears=()), TargetDevice.CPU)
+    with torch.no_grad():
+        for layer in model.layers:  # a norm that is not all ones
+            layer.pre_feedforward_layernorm_2.weight.uniform_(0.5, 1.5)
+    tok = torch.randint(0, 512, (1, 4), generator=torch.Generator().manual_seed(2))
+
+    def run(seen):
+        model.reset_cache()
+        with torch.no_grad(), _Ops(seen):
+            return model(tok, torch.tensor([0])).float(), model(tok[:, :1], torch.tensor([4])).float()
+
+    seen = []
+    fused = run(seen)
+    assert seen.count("gemma4.moe_rms_experts_int4.default") == 2 * len(model.layers)
+    assert "gemma4.moe_experts_int4.default" not in seen
+    monkeypatch.setenv("GEMMA4_FUSED_NORMS", "0")
+    seen = []
+    switched = run(seen)
+    assert "gemma4.moe_rms_experts_int4.default" not in seen and all(map(torch.equal, switched, fused))
+    monkeypatch.delenv("GEMMA4_FUSED_NORMS")
+    for layer in model.layers:
+        object.__setattr__(layer.experts, "forward_rms", None)
+    seen = []
+    plain = run(seen)
+    assert seen.count("gemma4.moe_experts_int4.default") == 2 * len(model.layers)
+    assert all(map(torch.equal, plain, fused))
+    stacks, _ = _stacks()
+    with pytest.raises(ValueError, match="norm weight"):
+        torch.ops.gemma4.moe_rms_experts_int4(torch.zeros(1, H), torch.ones(H - 32), 1e-6, torch.zeros(1, 2),
+                                              torch.zeros(1, 2, dtype=torch.long), *stacks)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a block dispatches."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("group", [32, 128])

@@ -7,7 +7,7 @@ fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls 
 `aoti_torch_cpu_addmm_out`. No custom passes; the decompositions turn the project's custom ops
 (export/kernels/: `gemma4::int4_linear`, `gemma4::int4_glu_linear`, `gemma4::int4_rms_linear`,
 `gemma4::int4_add_rms_linear`, `gemma4::int4_add_linear`, `gemma4::attention`, `gemma4::hadamard`, `gemma4::moe_route`,
-`gemma4::moe_experts_int4`) into their plain-torch references, so the .so needs no Python op.
+`gemma4::moe_experts_int4`, `gemma4::moe_rms_experts_int4`) into their plain-torch references, so the .so needs no Python op.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
         from export.kernels.int4_matmul import (int4_add_linear_reference, int4_add_rms_linear_reference,
                                                 int4_glu_linear_reference, int4_linear_reference,
                                                 int4_rms_linear_reference)
-        from export.kernels.moe_int4 import moe_experts_reference, moe_route_reference
+        from export.kernels.moe_int4 import moe_experts_reference, moe_rms_experts_reference, moe_route_reference
 
         return {torch.ops.gemma4.int4_linear.default: int4_linear_reference,
                 torch.ops.gemma4.int4_glu_linear.default: int4_glu_linear_reference,
@@ -48,7 +48,8 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
                 torch.ops.gemma4.attention.default: attention_reference,
                 torch.ops.gemma4.hadamard.default: hadamard_reference,
                 torch.ops.gemma4.moe_route.default: moe_route_reference,
-                torch.ops.gemma4.moe_experts_int4.default: moe_experts_reference}
+                torch.ops.gemma4.moe_experts_int4.default: moe_experts_reference,
+                torch.ops.gemma4.moe_rms_experts_int4.default: moe_rms_experts_reference}
 
     @classmethod
     def compile_options(cls, options: BackendOptions) -> dict[str, Any]:

@@ -295,6 +295,16 @@ class MLP(nn.Module):
         return h, self(h, norm)
 
 
+def experts_of_norm(experts: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
+                    norm: nn.Module) -> torch.Tensor:
+    """experts(norm(x), w, idx). Packed int4 experts take the norm into their op (quant.PackedInt4Experts.forward_rms),
+    where a decode token's quantize kernel may compute it."""
+    fused = getattr(experts, "forward_rms", None)
+    if fused is not None and norm.weight is not None:
+        return fused(x, w, idx, norm.weight, norm.eps)
+    return experts(norm(x), w, idx)
+
+
 class Router(nn.Module):
     def __init__(self, cfg: Gemma4Config):
         super().__init__()
@@ -373,7 +383,7 @@ class DecoderLayer(nn.Module):
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
             flat = h.reshape(-1, h.shape[-1])
             w, idx = self.router(flat)
-            moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).view(h.shape)
+            moe = experts_of_norm(self.experts, flat, w, idx, self.pre_feedforward_layernorm_2).view(h.shape)
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
         if self.ple:  # the residual add and the per-layer-input gate after it
             h, gate = add_linear(self.per_layer_input_gate, h, out, self.post_feedforward_layernorm)

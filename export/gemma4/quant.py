@@ -14,7 +14,7 @@ Linears (the lm_head included) become int4 weight-only, group-wise along K:
 MoE expert stacks (`model.Experts`, 3-D [E, N, K]) follow `linear`: with int4 they become
 `PackedInt4Experts` on either target, each expert in the CUDA layout above, run by
 `gemma4::moe_experts_int4` (export/kernels/moe_int4.py; the CPU backend decomposes it into
-its aten reference).
+its aten reference), or with the experts' input norm `gemma4::moe_rms_experts_int4` (`forward_rms`).
 
 The lm_head is tied to `embed_tokens` in the model; quantizing it unties it (the embedding
 keeps its own tensor, bf16 or int8, for the gather). Optional int8 embedding: per-row
@@ -338,6 +338,18 @@ class PackedInt4Experts(nn.Module):
         import export.kernels.moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_experts_int4)
         gu, down = self.gate_up_proj, self.down_proj
         return torch.ops.gemma4.moe_experts_int4(x, w, idx, gu.qweight, gu.scales, down.qweight, down.scales)
+
+    def forward_rms(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+        """forward(rms_norm(x) * weight) as one op (gemma4::moe_rms_experts_int4: with `moe_int4.GATE_UP_Q` a decode
+        token's norm is computed by x's quantize kernel, not by a kernel of its own); without `fused_norms()`: the
+        norm in aten ops, then forward."""
+        from export.kernels.int4_matmul import rms_norm_reference
+        if not fused_norms():
+            return self.forward(rms_norm_reference(x, weight, eps), w, idx)
+        gu, down = self.gate_up_proj, self.down_proj
+        return torch.ops.gemma4.moe_rms_experts_int4(x, weight, eps, w, idx, gu.qweight, gu.scales, down.qweight,
+                                                     down.scales)
 
 
 class Int8Embedding(nn.Module):

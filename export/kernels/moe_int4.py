@@ -171,6 +171,13 @@ def moe_experts_reference(x, weights, idx, gate_up_qweight, gate_up_scales, down
     return torch.einsum("ne,neh->nh", dense_w, y.float()).to(dt)
 
 
+def moe_rms_experts_reference(x, norm_weight, eps, weights, idx, gate_up_qweight, gate_up_scales, down_qweight,
+                              down_scales):
+    """`moe_experts_reference` of rms_norm(x) * norm_weight (Gemma 4's RMSNorm: `int4_matmul.rms_norm_reference`)."""
+    return moe_experts_reference(int4_matmul.rms_norm_reference(x, norm_weight, eps), weights, idx, gate_up_qweight,
+                                 gate_up_scales, down_qweight, down_scales)
+
+
 # ---- configs (every one within SMEM_LIMIT_BYTES; tests assert it) --------------------------
 
 
@@ -867,15 +874,16 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     return act
 
 
-def launch_decode_gate_up_q(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
+def launch_decode_gate_up_q(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None, norm=None):
     """`launch_decode_gate_up`'s act through `_gemv_q_gate_up_kernel`: x quantized first (`_quant_x_kernel`, two
-    int8 levels a group: one launch more), then dp4a. `cfg` (BLOCK_N, GROUPS, num_warps); default
+    int8 levels a group; with norm (weight [H] in x's dtype, eps) rms_norm(x) * weight, the norm computed by that
+    kernel: the experts' input norm's launch), then dp4a. `cfg` (BLOCK_N, GROUPS, num_warps); default
     GATE_UP_Q_CONFIG."""
     H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
     G = H // gu_s.shape[-1]
     bn, gr, warps = cfg or GATE_UP_Q_CONFIG
     cnt = torch.empty((1,), device=x.device, dtype=torch.int32)  # no split sum: no counters to zero
-    xq, xf, xc = int4_matmul._quant_x(x.contiguous(), G, cnt, 0)
+    xq, xf, xc = int4_matmul._quant_x(x.contiguous(), G, cnt, 0, norm=norm)
     act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
     words = gu_q.view(torch.int32)
     wrap(_gemv_q_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](
@@ -915,12 +923,17 @@ def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=N
 
 
 def launch_experts_decode(x, weights, idx, gu_q, gu_s, d_q, d_s, wrap=_identity, gate_up_cfg=None, down_cfg=None,
-                          slices=None):
+                          slices=None, norm=None):
     """One token (x [1, H]): the word GEMVs over the top_k experts named by idx (on the device):
-    static shapes, no host sync, CUDA-graph safe."""
+    static shapes, no host sync, CUDA-graph safe. norm (weight, eps), with GATE_UP_Q only: the experts
+    take rms_norm(x) * weight, computed by x's quantize kernel."""
+    assert norm is None or GATE_UP_Q, "the norm goes with x's quantize kernel (GATE_UP_Q)"
     x1, w1, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
-    gate_up = launch_decode_gate_up_q if GATE_UP_Q else launch_decode_gate_up
-    act = gate_up(x1, idx1, gu_q, gu_s, d_q.shape[2] * 2 // d_s.shape[2], wrap, gate_up_cfg)
+    down_group = d_q.shape[2] * 2 // d_s.shape[2]
+    if GATE_UP_Q:
+        act = launch_decode_gate_up_q(x1, idx1, gu_q, gu_s, down_group, wrap, gate_up_cfg, norm)
+    else:
+        act = launch_decode_gate_up(x1, idx1, gu_q, gu_s, down_group, wrap, gate_up_cfg)
     return launch_decode_down(act, w1, idx1, d_q, d_s, x.dtype, wrap, down_cfg, slices)
 
 
@@ -1019,4 +1032,36 @@ def moe_experts_int4(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, 
 @moe_experts_int4.register_fake
 def _(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales):
     _check_experts(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    return torch.empty_like(x)
+
+
+@triton_op("gemma4::moe_rms_experts_int4", mutates_args={})
+def moe_rms_experts_int4(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: torch.Tensor,
+                         idx: torch.Tensor, gate_up_qweight: torch.Tensor, gate_up_scales: torch.Tensor,
+                         down_qweight: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+    """`moe_experts_int4` of rms_norm(x) * norm_weight (the experts' input norm). A decode token with GATE_UP_Q
+    and the weight in x's dtype: the norm is computed by x's quantize kernel (no launch of its own). Else: the
+    norm in aten ops (Inductor fuses them), then `moe_experts_int4`'s path."""
+    stacks = (gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    _check_experts(x, weights, idx, *stacks)
+    _check_norm_weight(x, norm_weight)
+    if x.device.type != "cuda":
+        return moe_rms_experts_reference(x, norm_weight, eps, weights, idx, *stacks)
+    if GATE_UP_Q and norm_weight.dtype == x.dtype and guard_or_false(x.shape[0] == 1):
+        return launch_experts_decode(x, weights, idx, *stacks, wrap=wrap_triton, norm=(norm_weight.contiguous(), eps))
+    xn = int4_matmul.rms_norm_reference(x, norm_weight, eps)
+    if guard_or_false(x.shape[0] == 1):
+        return launch_experts_decode(xn, weights, idx, *stacks, wrap=wrap_triton)
+    return launch_experts_grouped(xn, weights, idx, *stacks, wrap=wrap_triton)
+
+
+def _check_norm_weight(x, norm_weight):
+    if tuple(norm_weight.shape) != (x.shape[1],):
+        raise ValueError(f"moe_rms_experts_int4: norm weight {tuple(norm_weight.shape)} for x of width {x.shape[1]}")
+
+
+@moe_rms_experts_int4.register_fake
+def _(x, norm_weight, eps, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales):
+    _check_experts(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    _check_norm_weight(x, norm_weight)
     return torch.empty_like(x)
