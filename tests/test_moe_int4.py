@@ -128,6 +128,17 @@ def test_prefill_sort_is_parallel_unless_switched_off(monkeypatch):
     assert mo.sort_parallel()
 
 
+def test_gate_up_from_x_levels_is_off_unless_switched_on():
+    """The dp4a decode gate / up (`GATE_UP_Q`) is off until timed; GEMMA4_MOE_GATE_UP_Q=1 in a process (an exporting
+    one: scripts/export_ab.py --switch) turns it on."""
+    code = "from export.kernels import moe_int4 as mo; print(mo.GATE_UP_Q)"
+    env = {k: v for k, v in os.environ.items() if k != mo.GATE_UP_Q_ENV}
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
+    outs = [subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120).stdout
+            for e in (env, {**env, mo.GATE_UP_Q_ENV: "1"})]
+    assert [o.strip() for o in outs] == ["False", "True"], outs
+
+
 def test_fake_shapes_and_shape_check():
     from torch._subclasses.fake_tensor import FakeTensorMode
     stacks, _ = _stacks()

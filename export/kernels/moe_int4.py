@@ -219,8 +219,10 @@ DOWN_XTILE = 1
 # The decode gate / up with x as two int8 levels and dp4a (`_gemv_q_gate_up_kernel`, the int4 op's per-lane loop)
 # instead of bf16 x and an FMA a nibble (37.7 SASS instructions a word in the words kernel's loop, sm_90 offline):
 # one launch more (x's quantize kernel), which a model would pay for by folding the experts' input norm into it.
-# Off until timed (scripts/sweep_moe_decode.py times both); GATE_UP_Q_CONFIG: (BLOCK_N, GROUPS, num_warps).
-GATE_UP_Q = False
+# Off until timed (scripts/sweep_moe_decode.py times both; GATE_UP_Q_ENV "1" in an exporting process turns it on:
+# scripts/export_ab.py --switch); GATE_UP_Q_CONFIG: (BLOCK_N, GROUPS, num_warps).
+GATE_UP_Q_ENV = "GEMMA4_MOE_GATE_UP_Q"
+GATE_UP_Q = os.environ.get(GATE_UP_Q_ENV, "0") == "1"
 GATE_UP_Q_CONFIG = (16, 2, 4)
 GROUPED_CONFIGS = [_cfg(w, s, TILE=t, BLOCK_N=bn, BLOCK_K=bk, JOIN=j) for t, bn, bk, w, s, j in (
     (128, 64, 64, 4, 3, True), (64, 128, 64, 4, 3, True), (16, 64, 64, 4, 3, False), (16, 128, 64, 4, 3, False), (16, 64, 32, 4, 4, False),
