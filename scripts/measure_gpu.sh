@@ -281,6 +281,12 @@ moe_decode)  # the 26B-A4B's MoE decode word GEMVs: every config, gate / up from
   timeout 200 python -m scripts.sweep_moe_decode --out "$OUT/moe_decode_sweep.json" --budget-s 90 2>&1 | tail -60
   timeout 240 python -m pytest -q -m cuda tests/test_moe_int4.py 2>&1 | tail -3
   ;;
+gate_up_q_ab)  # the 26B-A4B's MoE decode gate / up from x's int8 levels (GEMMA4_MOE_GATE_UP_Q=1: its quantize kernel in
+  # the experts' input norm's place) or from bf16 x: its 2-layer slice exported both ways side by side, decode timed
+  # alternately (scripts/export_ab.py, ~7 min)
+  timeout 500 python -m scripts.export_ab --switch GEMMA4_MOE_GATE_UP_Q --a 0 --b 1 --preset 26b-a4b --layers 2 \
+      --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/gate_up_q_ab_26b_2l.json" 2>&1 | tail -12
+  ;;
 launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's
   # share of weights or none (scripts/launch_floor.py, < 1 min)
   timeout 200 python -m scripts.launch_floor --out "$OUT/launch_floor.json" 2>&1 | tail -40
@@ -338,5 +344,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small|moe_decode|gate_up_q_ab" >&2; exit 2 ;;
 esac
