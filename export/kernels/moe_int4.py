@@ -218,7 +218,7 @@ DOWN_SLICES = 1  # slices of the down GEMV's (slot, group) columns: > 1 adds fp3
 DOWN_XTILE = 1
 # The decode gate / up with x as two int8 levels and dp4a (`_gemv_q_gate_up_kernel`, the int4 op's per-lane loop)
 # instead of bf16 x and an FMA a nibble (37.7 SASS instructions a word in the words kernel's loop, sm_90 offline):
-# one launch more (x's quantize kernel), which a model would pay for by folding the experts' input norm into it.
+# one launch more (x's quantize kernel), which takes the experts' input norm's place (`moe_rms_experts_int4`).
 # Off until timed (scripts/sweep_moe_decode.py times both; GATE_UP_Q_ENV "1" in an exporting process turns it on:
 # scripts/export_ab.py --switch); GATE_UP_Q_CONFIG: (BLOCK_N, GROUPS, num_warps).
 GATE_UP_Q_ENV = "GEMMA4_MOE_GATE_UP_Q"
@@ -1025,8 +1025,13 @@ def moe_experts_int4(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, 
     _check_experts(*args)
     if x.device.type != "cuda":
         return moe_experts_reference(*args)
-    # decode's static N == 1 takes the GEMVs; a symbolic N (the prefill method) the grouped path
-    if guard_or_false(x.shape[0] == 1):
+    return _experts_cuda(*args)
+
+
+def _experts_cuda(*args):
+    """`moe_experts_int4` on CUDA: decode's static N == 1 takes the GEMVs; a symbolic N (the prefill method)
+    the grouped path."""
+    if guard_or_false(args[0].shape[0] == 1):
         return launch_experts_decode(*args, wrap=wrap_triton)
     return launch_experts_grouped(*args, wrap=wrap_triton)
 
@@ -1051,10 +1056,7 @@ def moe_rms_experts_int4(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         return moe_rms_experts_reference(x, norm_weight, eps, weights, idx, *stacks)
     if GATE_UP_Q and norm_weight.dtype == x.dtype and guard_or_false(x.shape[0] == 1):
         return launch_experts_decode(x, weights, idx, *stacks, wrap=wrap_triton, norm=(norm_weight.contiguous(), eps))
-    xn = int4_matmul.rms_norm_reference(x, norm_weight, eps)
-    if guard_or_false(x.shape[0] == 1):
-        return launch_experts_decode(xn, weights, idx, *stacks, wrap=wrap_triton)
-    return launch_experts_grouped(xn, weights, idx, *stacks, wrap=wrap_triton)
+    return _experts_cuda(int4_matmul.rms_norm_reference(x, norm_weight, eps), weights, idx, *stacks)
 
 
 def _check_norm_weight(x, norm_weight):
