@@ -45,6 +45,24 @@ def test_31b_units_int4_cache(tmp_path):
     assert sum(k.startswith("_hadamard_kernel") for k in u["layer5"]["kernels"]) == 2, u["layer5"]["kernels"]
 
 
+def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
+    """The 26B-A4B's layer is 17 launches with the MoE gate / up from x's int8 levels too (GEMMA4_MOE_GATE_UP_Q=1):
+    x's quantize kernel computes the experts' input norm, in place of the norm's own kernel."""
+    def layer(switch):
+        out = tmp_path / f"counts_{switch}.json"
+        r = run_script("scripts.count_decode_kernels", "--preset", "26b-a4b", "--layers", "1", "--out", str(out),
+                       timeout=900, env={"GEMMA4_MOE_GATE_UP_Q": switch})
+        assert r.returncode == 0, r.stderr[-3000:]
+        (doc,) = json.loads(out.read_text())["models"]
+        return next(u for u in doc["units"] if u["unit"] == "layer0")["kernels"]
+
+    words, q = layer("0"), layer("1")
+    assert len(words) == len(q) == 17, (words, q)
+    i = next(n for n, k in enumerate(words) if k.startswith("_gemv_words_gate_up_kernel"))
+    assert words[i - 1].startswith("triton_per_fused") and q[i - 1].startswith("_quant_x_kernel"), (words, q)
+    assert q[i].startswith("_gemv_q_gate_up_kernel"), q
+
+
 def test_bad_preset():
     r = run_script("scripts.count_decode_kernels", "--preset", "nope", timeout=300)
     assert r.returncode == 2 and "--preset 'nope'" in r.stderr and "Traceback" not in r.stderr, r.stderr
