@@ -79,3 +79,15 @@ def run_script(module: str, *args: str, timeout: int = 600, env: dict | None = N
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a block dispatches (their names into `seen`) and runs them."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))

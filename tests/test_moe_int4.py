@@ -14,6 +14,7 @@ from export.gemma4.config import Gemma4Config
 from export.gemma4.model import Experts, Router
 from export.kernels import moe_int4 as mo
 from export.kernels import int4_matmul
+from tests.helpers import RecordOps
 
 E, H, I, TOP_K = 8, 64, 32, 2
 
@@ -377,7 +378,7 @@ def test_packed_experts_take_their_input_norm_in_the_op(monkeypatch):
 
     def run(seen):
         model.reset_cache()
-        with torch.no_grad(), _Ops(seen):
+        with torch.no_grad(), RecordOps(seen):
             return model(tok, torch.tensor([0])).float(), model(tok[:, :1], torch.tensor([4])).float()
 
     seen = []
@@ -399,18 +400,6 @@ def test_packed_experts_take_their_input_norm_in_the_op(monkeypatch):
     with pytest.raises(ValueError, match="norm weight"):
         torch.ops.gemma4.moe_rms_experts_int4(torch.zeros(1, H), torch.ones(H - 32), 1e-6, torch.zeros(1, 2),
                                               torch.zeros(1, 2, dtype=torch.long), *stacks)
-
-
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops a block dispatches."""
-
-    def __init__(self, seen: list):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("group", [32, 128])

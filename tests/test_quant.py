@@ -18,7 +18,7 @@ from export.gemma4.quant import (
     QuantRecipe,
     quantize_,
 )
-from tests.helpers import randomize_
+from tests.helpers import RecordOps, randomize_
 
 
 def _weight(n=48, k=64, seed=0):
@@ -183,7 +183,7 @@ def test_packed_down_projection_takes_the_activation_in_one_op():
     with torch.no_grad():
         assert torch.equal(mlp(x), mlp.down_proj(F.gelu(gate, approximate="tanh") * up))
     seen = []
-    with torch.no_grad(), _Ops(seen):
+    with torch.no_grad(), RecordOps(seen):
         mlp(x)
     assert "gemma4.int4_glu_linear.default" in seen and seen.count("gemma4.int4_linear.default") == 1
 
@@ -204,14 +204,14 @@ def test_packed_per_layer_projection_takes_the_activation_in_one_op():
     assert isinstance(layer.per_layer_projection, PackedInt4Linear)
     tok = torch.randint(0, cfg.vocab_size, (1, 3), generator=torch.Generator().manual_seed(3))
     seen = []
-    with torch.no_grad(), _Ops(seen):
+    with torch.no_grad(), RecordOps(seen):
         fused = model(tok, torch.tensor([0])).float()
     assert seen.count("gemma4.int4_glu_linear.default") == 2 * cfg.num_hidden_layers  # the MLP's and the PLE's
     for lyr in model.layers:  # the same weights without the fused path
         object.__setattr__(lyr.per_layer_projection, "forward_glu", None)
     model.reset_cache()
     seen = []
-    with torch.no_grad(), _Ops(seen):
+    with torch.no_grad(), RecordOps(seen):
         plain = model(tok, torch.tensor([0])).float()
     assert seen.count("gemma4.int4_glu_linear.default") == cfg.num_hidden_layers
     assert torch.equal(fused, plain)
@@ -236,7 +236,7 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
                 norm.weight.uniform_(0.5, 1.5)
     tok = torch.randint(0, 512, (1, 3), generator=torch.Generator().manual_seed(4))
     seen = []
-    with torch.no_grad(), _Ops(seen):
+    with torch.no_grad(), RecordOps(seen):
         fused = model(tok, torch.tensor([0])).float()
     n = len(model.layers)
     assert seen.count("gemma4.int4_rms_linear.default") == n
@@ -246,7 +246,7 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
     monkeypatch.setenv("GEMMA4_FUSED_NORMS", "0")  # the A/B switch: aten norms, the same logits
     model.reset_cache()
     seen = []
-    with torch.no_grad(), _Ops(seen):
+    with torch.no_grad(), RecordOps(seen):
         switched = model(tok, torch.tensor([0])).float()
     assert not [op for op in seen if "rms_linear" in op or "add_linear" in op] and torch.equal(switched, fused)
     monkeypatch.delenv("GEMMA4_FUSED_NORMS")
@@ -259,24 +259,12 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
         object.__setattr__(layer.per_layer_input_gate, "forward_add", None)
     model.reset_cache()
     seen = []
-    with torch.no_grad(), _Ops(seen):
+    with torch.no_grad(), RecordOps(seen):
         plain = model(tok, torch.tensor([0])).float()
     assert seen.count("gemma4.int4_rms_linear.default") == 0
     assert seen.count("gemma4.int4_add_rms_linear.default") == 0
     assert seen.count("gemma4.int4_add_linear.default") == 0
     assert torch.equal(fused, plain)
-
-
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops a block dispatches."""
-
-    def __init__(self, seen: list):
-        super().__init__()
-        self.seen = seen
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _one_shot(weight: torch.Tensor, group: int):
