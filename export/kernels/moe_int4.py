@@ -1,9 +1,11 @@
-"""Mixture-of-experts over int4 expert stacks: routing and the expert MLPs as two ops.
+"""Mixture-of-experts over int4 expert stacks: routing and the expert MLPs as ops.
 
     gemma4::moe_route(x[N, H], scale[H], proj_weight[E, H], per_expert_scale[E], top_k, eps)
         -> (weights fp32 [N, top_k], idx int64 [N, top_k])
     gemma4::moe_experts_int4(x[N, H], weights, idx, gate_up_qweight, gate_up_scales,
                              down_qweight, down_scales) -> y[N, H] in x.dtype
+    gemma4::moe_rms_experts_int4(x, norm_weight[H], eps, weights, idx, ...stacks) -> the same of
+                             rms_norm(x) * norm_weight (the experts' input norm, see GATE_UP_Q)
 
 Routing (Gemma 4's router): x / rms(x) * scale * H^-0.5, logits = that @ proj_weight.T,
 softmax over the E experts, the top_k largest, renormalized to sum 1, times
