@@ -67,7 +67,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
 from export.kernels import int4_matmul
-from export.kernels.int4_matmul import _nibble_as_float, dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
+from export.kernels.int4_matmul import _gemv1_loop_q, _nibble_as_float, dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
 from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
@@ -556,7 +556,7 @@ def _gemv_q_gate_up_kernel(xq_ptr, xf_ptr, xc_ptr, idx_ptr, q_ptr, s_ptr, act_pt
     w_ptr = q_ptr.to(tl.pointer_type(tl.int32)) + e * stride_qe
     start = (tl.arange(0, GROUPS) * WORDS)[None, :, None]
     hi = tl.full((1, GROUPS, 1), 0, tl.int32) + KW
-    val = int4_matmul._gemv1_loop_q(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr + e * stride_se, rows, 2 * I, KW, start,
+    val = _gemv1_loop_q(xq_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr + e * stride_se, rows, 2 * I, KW, start,
                                     hi, KW // WORDS, stride_qn, stride_sn, WORDS, GROUPS * WORDS, ASM, PDL, 2)
     gate, up = tl.split(tl.permute(tl.reshape(val, (2, BLOCK_N)), (1, 0)))
     _store_act(act_ptr + slot * ACT_STRIDE, gelu_tanh(gate) * up, pid_n, I, BLOCK_N, DOWN_GROUP)
