@@ -681,6 +681,44 @@ def _inv_rms_pair(x_ptr, r_ptr, wr_ptr, K, eps, STEPS: tl.constexpr):
 
 
 @triton.jit
+def _store_levels(x, g, xq_ptr, xf_ptr, xc_ptr, NG, GROUP: tl.constexpr, GB: tl.constexpr, LEVELS: tl.constexpr):
+    """x [GB, GROUP // 8, 4, 2] (fp32: element 8j + 2t + e of group g[i] at [i, j, t, e]) as `_quant_x_kernel`'s
+    levels of the groups g (int32 [GB], those >= NG skipped): the planes' words, the factors and the
+    corrections. Any kernel that computes whole groups of a GEMV's x can write them for it this way."""
+    W: tl.constexpr = GROUP // 8
+    t = tl.arange(0, 4)[None, None, :, None]
+    SUB: tl.constexpr = W // 4 if LEVELS == 1 else 1  # factors per group: per 32 elements at LEVELS 1
+    amax = tl.max(tl.reshape(tl.max(tl.max(tl.abs(x), axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
+    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+    inv_w = tl.reshape(tl.broadcast_to(inv[:, :, None], (GB, SUB, W // SUB)), (GB, W))  # each word's
+    tt = x * inv_w[:, :, None, None]
+    h = tl.floor(tt + 0.5)
+    l = tl.floor((tt - h) * 254.0 + 0.5)
+    hi = h.to(tl.int32)
+    li = l.to(tl.int32)
+    hw = tl.sum((hi & 0xFF) << (t * 8), axis=2)  # [GB, W, 2]: disjoint bytes, so the sum is an or
+    lw = tl.sum((li & 0xFF) << (t * 8), axis=2)
+    g3 = g[:, None, None]
+    j3 = tl.arange(0, W)[None, :, None]
+    e3 = tl.arange(0, 2)[None, None, :]
+    XP = (NG * W + 15) // 16 * 16  # the planes' stride in words (16-byte aligned planes)
+    out = xq_ptr + e3 * XP + g3 * W + j3
+    tl.store(out, hw, mask=g3 < NG)
+    if LEVELS == 1:
+        hs = tl.sum(tl.reshape(tl.sum(tl.sum(hi, axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
+        b = g[:, None] * SUB + tl.arange(0, SUB)[None, :]
+        tl.store(xf_ptr + b, amax / 127.0, mask=g[:, None] < NG)
+        tl.store(xc_ptr + b, 8 * hs, mask=g[:, None] < NG)
+    else:
+        amax = tl.max(amax, axis=1)
+        hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
+        tl.store(out + 2 * XP, lw, mask=g3 < NG)
+        ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
+        tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
+        tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
+
+
+@triton.jit
 def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g, NG, eps, GROUP: tl.constexpr,
                   GB: tl.constexpr, LEVELS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
                   NORM_STEPS: tl.constexpr):
@@ -713,35 +751,7 @@ def _quant_groups(x_ptr, u_ptr, xq_ptr, xf_ptr, xc_ptr, r_ptr, wr_ptr, h_ptr, g,
     if GLU:
         u = tl.load(u_ptr + g4 * GROUP + j * 8 + t * 2 + e, mask=ok, other=0.0).to(tl.float32)
         x = (gelu_tanh(x) * u).to(u_ptr.dtype.element_ty).to(tl.float32)
-    SUB: tl.constexpr = W // 4 if LEVELS == 1 else 1  # factors per group: per 32 elements at LEVELS 1
-    amax = tl.max(tl.reshape(tl.max(tl.max(tl.abs(x), axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
-    inv = tl.where(amax > 0, 127.0 / amax, 0.0)
-    inv_w = tl.reshape(tl.broadcast_to(inv[:, :, None], (GB, SUB, W // SUB)), (GB, W))  # each word's
-    tt = x * inv_w[:, :, None, None]
-    h = tl.floor(tt + 0.5)
-    l = tl.floor((tt - h) * 254.0 + 0.5)
-    hi = h.to(tl.int32)
-    li = l.to(tl.int32)
-    hw = tl.sum((hi & 0xFF) << (t * 8), axis=2)  # [GB, W, 2]: disjoint bytes, so the sum is an or
-    lw = tl.sum((li & 0xFF) << (t * 8), axis=2)
-    g3 = g[:, None, None]
-    j3 = tl.arange(0, W)[None, :, None]
-    e3 = tl.arange(0, 2)[None, None, :]
-    XP = (NG * W + 15) // 16 * 16  # the planes' stride in words (16-byte aligned planes)
-    out = xq_ptr + e3 * XP + g3 * W + j3
-    tl.store(out, hw, mask=g3 < NG)
-    if LEVELS == 1:
-        hs = tl.sum(tl.reshape(tl.sum(tl.sum(hi, axis=3), axis=2), (GB, SUB, W // SUB)), axis=2)  # [GB, SUB]
-        b = g[:, None] * SUB + tl.arange(0, SUB)[None, :]
-        tl.store(xf_ptr + b, amax / 127.0, mask=g[:, None] < NG)
-        tl.store(xc_ptr + b, 8 * hs, mask=g[:, None] < NG)
-    else:
-        amax = tl.max(amax, axis=1)
-        hs = tl.sum(tl.sum(tl.sum(hi, axis=3), axis=2), axis=1)
-        tl.store(out + 2 * XP, lw, mask=g3 < NG)
-        ls = tl.sum(tl.sum(tl.sum(li, axis=3), axis=2), axis=1)
-        tl.store(xf_ptr + g, amax / (127.0 * 254.0), mask=g < NG)
-        tl.store(xc_ptr + g, 8 * (254 * hs + ls), mask=g < NG)
+    _store_levels(x, g, xq_ptr, xf_ptr, xc_ptr, NG, GROUP, GB, LEVELS)
 
 
 @triton.jit
@@ -1327,6 +1337,16 @@ def _gemv1_kernel(cfg: triton.Config):
     return _GEMV1_KERNELS[key]
 
 
+def levels_buffers(K: int, G: int, levels: int, device: torch.device):
+    """Empty (planes int32, factors fp32, corrections int32) for x [1, K] as `levels` int8 levels, group G
+    (`_quant_x_kernel`'s layout)."""
+    xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=device, dtype=torch.int32)  # planes
+    blocks = K // G * (G // 32 if levels == 1 else 1)  # one level: a factor per 32 elements
+    xf = torch.empty((blocks,), device=device, dtype=torch.float32)
+    xc = torch.empty((blocks,), device=device, dtype=torch.int32)
+    return xin, xf, xc
+
+
 def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 0, levels: int = 2,
              pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
              res: tuple | None = None):
@@ -1339,10 +1359,7 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
     assert res is None or norm is not None
     K = x2.shape[1]
     groups = K // G
-    xin = torch.empty((2 * levels * triton.cdiv(K // 8, 16) * 16,), device=x2.device, dtype=torch.int32)  # planes
-    blocks = groups * (G // 32 if levels == 1 else 1)  # one level: a factor per 32 elements
-    xf = torch.empty((blocks,), device=x2.device, dtype=torch.float32)
-    xc = torch.empty((blocks,), device=x2.device, dtype=torch.int32)
+    xin, xf, xc = levels_buffers(K, G, levels, x2.device)
     launch = _quant_x_kernel if _INTERPRET else wrap_triton(_quant_x_kernel)
     u = up if up is not None else norm[0] if norm is not None else x2
     launch[(triton.cdiv(groups, QUANT_X_GROUPS),)](x2, u, xin, xf, xc, cnt, groups, ncnt,
@@ -1358,7 +1375,8 @@ def _quant_x(x2: torch.Tensor, G: int, cnt: torch.Tensor, ncnt: int, pdl: int = 
 def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int, kernel=None,
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
-               res: tuple | None = None, up_index: torch.Tensor | None = None, early: bool | None = None):
+               res: tuple | None = None, up_index: torch.Tensor | None = None, early: bool | None = None,
+               quantize=None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1375,6 +1393,9 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     that eps), computed by the GEMV as it loads x, its first program writing h. up_index (one int64, bf16 x
     only): up is a table of rows of K, contiguous, and the input is gelu_tanh(x2) * up[up_index] (the GEMV
     reads that row in place). early (bf16 x; default GEMV1_EARLY): the first tiles load before the PDL wait.
+    quantize (x as levels, no up / norm / res): a callable (cnt, ncnt) -> (planes, factors, corrections)
+    launching a kernel of its own that computes x, writes its levels as `_quant_x_kernel` does
+    (`_store_levels`) and zeroes cnt[:ncnt]; then x2 is not read (only its shape, dtype and device).
     """
     N, K, G = _check(x2, qweight, scales)
     early = GEMV1_EARLY if early is None else early
@@ -1393,7 +1414,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
     cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
         (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
-    xin, xf, xc = (_quant_x(x2, G, cnt, cnt.numel() if red == 2 else 0, pdl_quant, levels, pdl_attr, up, norm, res) if xq
+    assert quantize is None or (xq and up is None and norm is None and res is None)
+    ncnt = cnt.numel() if red == 2 else 0
+    xin, xf, xc = ((quantize(cnt, ncnt) if quantize is not None
+                    else _quant_x(x2, G, cnt, ncnt, pdl_quant, levels, pdl_attr, up, norm, res)) if xq
                    else (x2, up if up is not None else norm[0] if norm is not None else x2, x2))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
     wrap_triton(kernel or _kernel("gemv1", G))[grid](
@@ -1515,14 +1539,16 @@ def _m1(x: torch.Tensor, G: int) -> bool:
 
 
 def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
-           norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None):
-    """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode."""
+           norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None,
+           quantize=None):
+    """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode. quantize:
+    `int4_gemv1`'s (where the plan takes x as levels)."""
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
                       levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm,
-                      res=res, up_index=up_index)
+                      res=res, up_index=up_index, quantize=quantize)
 
 
 @triton_op("gemma4::int4_linear", mutates_args={})
