@@ -287,6 +287,14 @@ gate_up_q_ab)  # the 26B-A4B's MoE decode gate / up from x's int8 levels (GEMMA4
   timeout 500 python -m scripts.export_ab --switch GEMMA4_MOE_GATE_UP_Q --a 0 --b 1 --preset 26b-a4b --layers 2 \
       --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/gate_up_q_ab_26b_2l.json" 2>&1 | tail -12
   ;;
+fused_attention_ab)  # the 31B's attention combine writing its o_proj's x levels (GEMMA4_FUSED_ATTENTION=1: no
+  # quantize kernel between them) or attention then o_proj: the op's CUDA test (bit for bit against the two ops),
+  # then a 6-layer slice (5 sliding + 1 full) exported both ways side by side, decode timed alternately, logits
+  # compared (scripts/export_ab.py, ~6 min)
+  timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_linear.py 2>&1 | tail -2
+  timeout 470 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION --a 0 --b 1 --preset 31b --layers 6 \
+      --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/fused_attention_ab_31b_6l.json" 2>&1 | tail -14
+  ;;
 launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's
   # share of weights or none (scripts/launch_floor.py, < 1 min)
   timeout 200 python -m scripts.launch_floor --out "$OUT/launch_floor.json" 2>&1 | tail -40

@@ -63,6 +63,25 @@ def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
     assert q[i].startswith("_gemv_q_gate_up_kernel"), q
 
 
+def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path):
+    """With GEMMA4_FUSED_ATTENTION=1 the attention's combine writes the o projection's x levels: the 31B's sliding
+    layer is 11 launches (the GEMV right after the combine), its full layer with the int4 cache keeps 16 (its
+    output is rotated back first), and the 26B-A4B's layer is 16."""
+    def units(preset, layers):
+        out = tmp_path / f"counts_{preset}.json"
+        r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
+                       timeout=900, env={"GEMMA4_FUSED_ATTENTION": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        (doc,) = json.loads(out.read_text())["models"]
+        return {u["unit"]: u for u in doc["units"]}
+
+    u = units("31b:int4", "6")
+    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (11, 16), u
+    sliding = u["layer0"]["kernels"]
+    assert sliding[next(n for n, k in enumerate(sliding) if k.startswith("_combine")) + 1].startswith("_int4_gemv1")
+    assert units("26b-a4b", "1")["layer0"]["launches"] == 16
+
+
 def test_bad_preset():
     r = run_script("scripts.count_decode_kernels", "--preset", "nope", timeout=300)
     assert r.returncode == 2 and "--preset 'nope'" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -265,10 +265,10 @@ def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
 
 
 @torch.no_grad()
-def test_reference_ops_run_every_custom_op_as_its_reference():
-    """Under ReferenceOps each gemma4 op of a model step (int4 linears, with the norms before them too,
-    attention over an int8 cache, the Hadamard rotations) goes to its plain-torch reference, with the same
-    logits."""
+def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
+    """Under ReferenceOps each gemma4 op of a prefill chunk and a decode step (int4 linears, with the norms before
+    them too, attention over an int8 cache, the Hadamard rotations, a bf16 ring's attention into its o_proj at
+    decode) goes to its plain-torch reference, with the same logits."""
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
     from export.gemma4.quant import QuantRecipe, quantize_
@@ -276,6 +276,7 @@ def test_reference_ops_run_every_custom_op_as_its_reference():
     from tests.helpers import randomize_
 
     seen = []
+    monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", "1")  # the attention into its o_proj at decode too
 
     class Recording(ReferenceOps):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -287,14 +288,15 @@ def test_reference_ops_run_every_custom_op_as_its_reference():
     model = randomize_(model, seed=2).to(torch.bfloat16).eval()
     report = quantize_(model, QuantRecipe(group_size=32), TargetDevice.CUDA)  # the CUDA layout: gemma4::int4_linear
     assert report.int4
-    tokens, pos = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8)), torch.tensor([0])
-    want = model(tokens, pos)
+    tokens, pos = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 9)), torch.tensor([0])
+    want = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]  # a prefill chunk, a decode step
     model.reset_cache()
     with Recording():
-        got = model(tokens, pos)
-    assert torch.equal(got, want)
+        got = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert {"gemma4.int4_linear.default", "gemma4.int4_glu_linear.default", "gemma4.int4_rms_linear.default",
-            "gemma4.int4_add_rms_linear.default", "gemma4.attention.default", "gemma4.hadamard.default"} <= set(seen)
+            "gemma4.int4_add_rms_linear.default", "gemma4.attention.default", "gemma4.hadamard.default",
+            "gemma4.attention_int4_linear.default"} <= set(seen)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,12 @@ _SCRIPT = textwrap.dedent("""
     report("combine-512", A._combine, {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32",
                                        "NUM_SPLITS": "i32", "POS": "*i64", "WINDOW": "i32"},
            dict(G=8, D=512, SPLITS_P2=128, CHUNK=64, BLOCK_D=64, EAGER=1, ACTIVE=1, SHARE_UNIT=32, SKIP=1), 4)
+    # the combine writing the o projection's x levels (the 31B's sliding layer: 16 shares, a group of 128)
+    report("combine-xq", A._combine, {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32",
+                                      "NUM_SPLITS": "i32", "POS": "*i64", "WINDOW": "i32", "xq_ptr": "*i32",
+                                      "xf_ptr": "*fp32", "xc_ptr": "*i32", "cnt_ptr": "*i32", "NCNT": "i32"},
+           dict(G=2, D=256, SPLITS_P2=16, CHUNK=16, BLOCK_D=128, EAGER=1, ACTIVE=0, SHARE_UNIT=32, SKIP=0, XQ=1,
+                LEVELS=2), 4)
     report("hadamard-512", Hd._hadamard_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "scale": "fp32"},
            dict(D=512, LOG2D=9, BLOCK_R=Hd.block_rows(512)), 4)
     cfg = im.gemv1_plan(5376, 8192, 128).cfg
@@ -152,8 +158,9 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-norm", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down",
-                         "moe_gate_up_q", "moe_sum_slices"}, r.stdout
+                         "combine-xq", "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-norm",
+                         "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_gate_up_q",
+                         "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither
         assert int(ln[2]) >= 1 and int(ln[4]) >= 1 and ln[6] == "0", ln

@@ -267,6 +267,41 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
     assert torch.equal(fused, plain)
 
 
+def test_packed_o_proj_takes_the_attention_into_its_op_at_decode(monkeypatch):
+    """With GEMMA4_FUSED_ATTENTION=1, at a decode step a layer over a float cache hands its packed o_proj the
+    attention's inputs (gemma4::attention_int4_linear: on CUDA the combine writes the GEMV's x levels); a
+    prefill chunk and a quantized cache (its output rotated back first) keep `gemma4::attention` then the
+    linear, and so does every layer with the switch unset (the default) or "0". On CPU the op is the
+    references of the two, so the logits are the unfused ones exactly."""
+    tok = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(6))
+
+    def run(kv_dtype=None):
+        model = randomize_(Gemma4Model(PRESETS["tiny"], ctx=32, prefill_chunk=4, kv_dtype=kv_dtype), seed=0).eval()
+        quantize_(model.to(torch.bfloat16), QuantRecipe(group_size=32), TargetDevice.CUDA)
+        seen, logits = [], []
+        with torch.no_grad():
+            logits.append(model(tok[:, :4], torch.tensor([0])).float())
+            with RecordOps(seen):
+                logits.append(model(tok[:, 4:], torch.tensor([4])).float())
+        return seen, torch.cat(logits, 1)
+
+    n = PRESETS["tiny"].num_hidden_layers
+    monkeypatch.delenv("GEMMA4_FUSED_ATTENTION", raising=False)
+    for switch in (None, "0"):
+        if switch is not None:
+            monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", switch)
+        seen, plain = run()
+        assert seen.count("gemma4.attention.default") == n and "gemma4.attention_int4_linear.default" not in seen
+    monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", "1")
+    seen, fused = run()
+    assert seen.count("gemma4.attention_int4_linear.default") == n and "gemma4.attention.default" not in seen
+    assert torch.equal(fused, plain)
+    seen, _ = run("int8")  # the full layers' caches are int8 (the sliding rings stay bf16)
+    quantized = seen.count("gemma4.attention.default")
+    assert 1 <= quantized < n and seen.count("gemma4.attention_int4_linear.default") == n - quantized
+    assert seen.count("gemma4.hadamard.default") >= quantized  # each rotates its output back
+
+
 def _one_shot(weight: torch.Tensor, group: int):
     from export.kernels.int4_matmul import quantize_int4
     return quantize_int4(weight, group)

@@ -233,8 +233,14 @@ class Attention(nn.Module):
         if cache.quant and not q_rotated:
             q = hadamard_rotate(q)
         k_new, v_new = fresh if fresh is not None else (None, None)
-        out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos,
-                                         self.window if self.sliding else 0, k_new, v_new)  # (B, T, H, D)
+        window = self.window if self.sliding else 0
+        fused = getattr(self.o_proj, "forward_attention", None)
+        if fused is not None and not cache.quant and k_new is None and isinstance(T, int) and T == 1:
+            # a packed o_proj takes the attention (quant.PackedInt4Linear.forward_attention: with its switch on,
+            # one op whose decode combine writes the GEMV's x levels, no quantize kernel of its own)
+            return fused(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos, window), fresh
+        out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos, window,
+                                         k_new, v_new)  # (B, T, H, D)
         if cache.quant:
             out = hadamard_rotate(out)
         out = out.reshape(B, T, self.n_heads * D)

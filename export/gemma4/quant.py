@@ -179,6 +179,10 @@ def _rows(K: int, work: torch.device | None) -> int:
     return max(1, ((128 if work is not None else 16) << 20) // (4 * K))
 
 
+# "1" in an exporting process: the decode combine writes the o_proj's x levels (built and checked on CPU and
+# offline for sm_90, bit for bit the unfused pair; on by default once the GPU A/B, measure_gpu.sh
+# fused_attention_ab, shows it faster); "0" or unset: attention, then o_proj
+FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
 FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms stay aten ops (an A/B switch)
 
 
@@ -277,6 +281,19 @@ class PackedInt4Linear(nn.Module):
             h = x + rms_norm_reference(r, weight_r, eps)
             return h, self.forward(h)
         return torch.ops.gemma4.int4_add_linear(x, r, weight_r, eps, self.qweight, self.scales)
+
+    def forward_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None,
+                          v_scale: torch.Tensor | None, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """forward(attention(q, k, v, ...)) (q [1, T, H, D] over the cache k, v; `gemma4::attention`) as one op
+        (a layer's attention and its o_proj): at a decode step on CUDA the attention's combine writes the
+        GEMV's x as its int8 levels, no quantize kernel of its own (export/kernels/attention_linear.py), where
+        FUSED_ATTENTION_ENV is "1"; else the two ops."""
+        import export.kernels.attention_linear  # noqa: F401  (registers torch.ops.gemma4.attention_int4_linear)
+        if os.environ.get(FUSED_ATTENTION_ENV, "0") != "1":
+            out = torch.ops.gemma4.attention(q, k, v, k_scale, v_scale, pos, window)
+            return self.forward(out.reshape(*out.shape[:2], -1))
+        return torch.ops.gemma4.attention_int4_linear(q, k, v, k_scale, v_scale, pos, window, self.qweight,
+                                                      self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

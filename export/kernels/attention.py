@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from export.kernels.int4_matmul import _store_levels, levels_buffers
 from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
@@ -1236,7 +1237,8 @@ def _kernel(decode: bool, head_dim: int, fmt: int):
 def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0,
              PART16: tl.constexpr = 0, POS=None, WINDOW=0, ACTIVE: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16,
-             SKIP: tl.constexpr = 0):
+             SKIP: tl.constexpr = 0, XQ: tl.constexpr = 0, xq_ptr=None, xf_ptr=None, xc_ptr=None, cnt_ptr=None,
+             NCNT=0, LEVELS: tl.constexpr = 2):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
     of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
     every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
@@ -1249,12 +1251,19 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
     shared-memory round; so do the l and m of all SPLITS_P2 shares); else all of them, as without SKIP,
     in one memory round trip.
     PART16: AP holds each share's acc_s / l_s in fp16 (half the bytes), weighted by exp(m_s - m) l_s.
-    PDL: it waits first thing (export/kernels/pdl.py)."""
+    PDL: it waits first thing (export/kernels/pdl.py).
+    XQ: the output is the x of an int4 GEMV that takes x as int8 levels (export/kernels/int4_matmul.py): each
+    program's BLOCK_D values, rounded to O's dtype as the output would be, are one group of that x and go
+    out as its levels (`_store_levels`: xq_ptr, xf_ptr, xc_ptr; LEVELS), O is not written, and the programs
+    zero the GEMV's NCNT split-sum counters (cnt_ptr) as its quantize kernel would: that kernel's launch
+    is gone."""
     if PDL:
         z = pdl_wait(PDL, True)
         MP, LP, AP, O = MP + z, LP + z, AP + z, O + z
         if ACTIVE:
             POS = POS + z
+        if XQ:
+            xq_ptr, xf_ptr, xc_ptr, cnt_ptr = xq_ptr + z, xf_ptr + z, xc_ptr + z, cnt_ptr + z
     h = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     base = (h // G) * NUM_SPLITS * G + h % G
@@ -1271,7 +1280,16 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
             acc, l_sum = _combine_range(LP, MP, AP, base, G, D, d, used, SPLITS_P2, CHUNK, EAGER, PART16)
     else:
         acc, l_sum = _combine_range(LP, MP, AP, base, G, D, d, used, SPLITS_P2, CHUNK, EAGER, PART16)
-    tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
+    if XQ:
+        pid = h * tl.num_programs(1) + tl.program_id(1)
+        for i in range(pid * 1024, NCNT, tl.num_programs(0) * tl.num_programs(1) * 1024):
+            offs = i + tl.arange(0, 1024)
+            tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
+        x = (acc / l_sum).to(O.dtype.element_ty).to(tl.float32)
+        _store_levels(tl.reshape(x, (1, BLOCK_D // 8, 4, 2)), tl.zeros((1,), tl.int32) + pid, xq_ptr, xf_ptr, xc_ptr,
+                      tl.num_programs(0) * tl.num_programs(1), BLOCK_D, 1, LEVELS)
+    else:
+        tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
 
 
 @triton.jit
@@ -1332,7 +1350,7 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
            part16: Optional[bool] = None, pdl_attr: bool = False, active: Optional[bool] = None,
-           shares_slowest: Optional[bool] = None, combine_skip: Optional[bool] = None):
+           shares_slowest: Optional[bool] = None, combine_skip: Optional[bool] = None, levels: Optional[tuple] = None):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
@@ -1341,7 +1359,10 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     launches only: benchmarks). active: decode's combine reading only the shares that hold positions
     (by default where DECODE_ACTIVE_MIN_SPLITS says); shares_slowest: decode's grid order
     (DECODE_SHARES_SLOWEST by default); combine_skip: the combine's chunks past the shares used not run
-    (DECODE_COMBINE_SKIP by default; with active only)."""
+    (DECODE_COMBINE_SKIP by default; with active only). levels (decode with more than one share per KV
+    head, `decode_splits`): (group, counters, count, levels): the combine writes the output as the x of an
+    int4 GEMV taking x as int8 levels (`_combine`'s XQ; group a divisor of D) and zeroes counters[:count],
+    and the call returns that x's (planes, factors, corrections) (int4_matmul.levels_buffers), not the output."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1373,16 +1394,24 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                                           SPLIT=splits > 1, PDL=pdl, PART16=int(part16), SHARE_UNIT=unit,
                                           SHARES_SLOWEST=int(slowest), **common, **attr)
         if splits == 1:  # one share per KV head: the kernel wrote the output itself
+            assert levels is None, "the output as levels comes from the combine: more than one share"
             return out
         p2 = triton.next_power_of_2(splits)
-        block_d = min(D, DECODE_COMBINE_BLOCK_D)
+        block_d = min(D, DECODE_COMBINE_BLOCK_D) if levels is None else levels[0]
+        assert D % block_d == 0, (D, block_d)
         act = splits >= DECODE_ACTIVE_MIN_SPLITS if active is None else active
+        xq = levels_buffers(H * D, block_d, levels[3], q.device) if levels is not None else (out, out, out)
+        cnt, ncnt = (levels[1], levels[2]) if levels is not None else (out, 0)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER,
                                           PDL=pdl, PART16=int(part16), POS=pos, WINDOW=window, ACTIVE=int(act),
                                           SHARE_UNIT=unit,
                                           SKIP=int(DECODE_COMBINE_SKIP if combine_skip is None else combine_skip),
+                                          XQ=int(levels is not None), xq_ptr=xq[0], xf_ptr=xq[1], xc_ptr=xq[2],
+                                          cnt_ptr=cnt, NCNT=ncnt, LEVELS=levels[3] if levels is not None else 2,
                                           **attr)
+        if levels is not None:
+            return xq
     else:
         bm, bn, warps, stages, dv, dk, dloop, vearly = (*prefill_config(D, fmt), 0, 0, 0)[:8]
         dv, splits = prefill_parts(T, G, Hkv, D, bm, dv, dk)
