@@ -1,6 +1,6 @@
 """The kernels a decode step launches, from Inductor's CUDA code for each unit, on a machine without a GPU.
 
-    python -m scripts.count_decode_kernels --preset e2b[,31b:int4,...] [--layers 5] [--out counts.json]
+    python -m scripts.count_decode_kernels --preset e2b[,31b:int4,...] [--layers 5] [--out counts.json] [--compile]
 
 Why: at decode every launch costs ~1.4-3 us on the H200 whatever it does (scripts/launch_floor.py), and the
 small variants' steps are bound by their count (E2B: 434 a step). This counts them without a GPU: the
@@ -12,6 +12,10 @@ their own names (`_int4_gemv1_kernel`, `_attn_body`, ...), Inductor's as `triton
 wrapper, not the AOTInductor `.so`: the same scheduler and fusions, not the same launcher (nor PDL, which changes
 no count). A decode step is the embed unit, each layer's unit and the head (units serve several layers), plus
 what the runner adds (sampling: an argmax, a copy of the token id).
+
+`--compile` also compiles our ops' Triton kernels for sm_90 as the generated code holds them (the source
+Inductor splices together for each, which AOTInductor compiles into the `.so`): a kernel calling a helper
+Inductor does not copy fails here, on the CPU, as it would minutes into an export on the GPU.
 
 Making Inductor generate CUDA code with no driver takes patches of torch's device queries (an H200's
 properties), of Python indexing on CUDA tensors (a device guard in C++ otherwise calls the driver; basic
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -185,6 +190,56 @@ def launches(code: str) -> list[str]:
     return re.findall(r"^\s+(\w+)\.run\(", code, re.M)
 
 
+_USER_KERNEL = re.compile(r"^(\w+) = async_compile\.triton\('(\w+)', '''(.*?)''', device_str='cuda'\)", re.S | re.M)
+
+
+def compile_user_kernels(code: str) -> tuple[int, list[str]]:
+    """Compile for sm_90 each of our ops' Triton kernels (`custom_kernel=True`) as the generated code holds it:
+    the source Inductor spliced together (the kernel and the jit functions it calls, found by name), which is
+    what AOTInductor compiles into the `.so`. A kernel reaching a helper Inductor did not copy (through a
+    module attribute, say) fails here as it would in an export on the GPU. -> (compiled, ["name: error"])."""
+    import tempfile
+    import types
+    from unittest import mock
+
+    import triton
+    from torch._inductor.runtime import triton_heuristics
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    done, failed = 0, []
+    folder = Path(tempfile.mkdtemp(prefix="gemma4_kernels_"))  # Triton reads a jit function's source from its file
+    for var, name, src in _USER_KERNEL.findall(code):
+        if "custom_kernel=True" not in src:
+            continue
+        seen: dict = {}
+
+        def user_autotune(configs, triton_meta, **_):
+            def keep(fn):
+                seen.update(fn=fn, meta=triton_meta, config=dict(configs[0]) if configs else {})
+                return fn
+            return keep
+
+        module = types.ModuleType(f"generated_{var}")
+        module.__file__ = str(folder / f"{var}.py")
+        Path(module.__file__).write_text(src)
+        try:
+            with mock.patch.object(triton_heuristics, "user_autotune", user_autotune):
+                exec(compile(src, module.__file__, "exec"), module.__dict__)
+            cfg, meta = seen["config"], seen["meta"]
+            options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+            cfg = {k: v for k, v in cfg.items() if k not in ("num_ctas", "maxnreg")}  # the rest: its constexprs
+            signature = {a: "constexpr" if a in cfg else t for a, t in meta["signature"].items()}
+            attrs = meta["configs"][0] if meta.get("configs") else {}
+            triton.compile(ASTSource(seen["fn"], signature, {**meta["constants"], **cfg}, attrs),
+                           target=GPUTarget("cuda", 90, 32), options=options)
+            done += 1
+        except Exception as e:  # noqa: BLE001  (each failure is reported with its kernel)
+            failed.append(f"{var}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return done, failed
+
+
 def decode_options() -> dict:
     """The Inductor options the CUDA backend compiles the decode method with (`--no-autotune`), less
     AOTInductor's own (this generates Inductor's Python wrapper), on one compile thread."""
@@ -196,8 +251,10 @@ def decode_options() -> dict:
 
 
 @torch.no_grad()
-def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path | None = None) -> dict:
-    """{"units": [{unit, steps, launches, kernels}], "step": launches of one decode step (units by their steps)}."""
+def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path | None = None,
+          compile_kernels: bool = False) -> dict:
+    """{"units": [{unit, steps, launches, kernels}], "step": launches of one decode step (units by their steps)};
+    with `compile_kernels` each unit also holds `compiled` and `compile_failures` (`compile_user_kernels`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -234,6 +291,8 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
                 (source / f"{preset}_{name}.py").write_text(code)
             kernels = launches(code)
             rows.append({"unit": name, "steps": steps.count(name), "launches": len(kernels), "kernels": kernels})
+            if compile_kernels:
+                rows[-1]["compiled"], rows[-1]["compile_failures"] = compile_user_kernels(code)
     return {"preset": preset, "layers": cfg.num_hidden_layers, "kv_dtype": kv_dtype, "ctx": ctx, "units": rows,
             "step": sum(r["launches"] * r["steps"] for r in rows)}
 
@@ -246,6 +305,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=1024, help="cache length (the count does not depend on it)")
     ap.add_argument("--out", type=Path, default=None, help="write the counts as JSON")
     ap.add_argument("--source", type=Path, default=None, help="write each unit's generated code into this folder")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile our ops' Triton kernels as the generated code holds them, for sm_90 (what an "
+                         "export compiles into the .so); exit 1 if any fails")
     a = ap.parse_args(argv)
     from export.gemma4.config import PRESETS
     runs = [(p.partition(":")[0], p.partition(":")[2] or a.kv_dtype) for p in a.preset.split(",")]
@@ -254,19 +316,26 @@ def main(argv=None) -> int:
             print(f"--preset {preset!r}{':' + kv if kv != a.kv_dtype else ''}: a preset of {', '.join(PRESETS)}, "
                   f"optionally :bf16 / :int8 / :int4", file=sys.stderr)
             return 2
-    docs = []
+    docs, failures = [], []
     for preset, kv in runs:
-        doc = count(preset, a.layers, kv, a.ctx, a.source)
+        doc = count(preset, a.layers, kv, a.ctx, a.source, a.compile)
         docs.append(doc)
         print(f"{preset}, {doc['layers']} layers, {kv} cache: the kernels each unit launches for one token")
         print(f"{'unit':12} {'steps':>5} {'launches':>8}  kernels")
         for r in doc["units"]:
             names = " ".join(re.sub(r"_\d+$", "", k) for k in r["kernels"])
             print(f"{r['unit']:12} {r['steps']:5} {r['launches']:8}  {names}")
-        print(f"a decode step: {doc['step']} launches (and the runner's sampling)\n")
+        print(f"a decode step: {doc['step']} launches (and the runner's sampling)")
+        if a.compile:
+            bad = [f"{preset} {r['unit']} {f}" for r in doc["units"] for f in r["compile_failures"]]
+            failures += bad
+            print(f"our kernels compiled for sm_90: {sum(r['compiled'] for r in doc['units'])}, failed: {len(bad)}")
+            for f in bad:
+                print(f"  FAILED {f}")
+        print()
     if a.out:
         a.out.write_text(json.dumps({"models": docs}, indent=1) + "\n")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,49 @@ def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path
     assert units("26b-a4b", "1")["layer0"]["launches"] == 16
 
 
+def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):
+    """Every Triton kernel of our ops, as Inductor splices it into the decode code (with the jit functions it
+    calls), compiles for sm_90: the 26B-A4B with the MoE's dp4a gate / up and the 31B with its int4 cache, both
+    with the attention's combine writing the o projection's levels (the switches an export can turn on)."""
+    r = run_script("scripts.count_decode_kernels", "--preset", "26b-a4b,31b:int4", "--layers", "6", "--compile",
+                   "--out", str(tmp_path / "c.json"), timeout=900,
+                   env={"GEMMA4_MOE_GATE_UP_Q": "1", "GEMMA4_FUSED_ATTENTION": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for doc in json.loads((tmp_path / "c.json").read_text())["models"]:
+        assert all(u["compile_failures"] == [] for u in doc["units"]), doc
+        assert sum(u["compiled"] for u in doc["units"]) >= 20, doc  # each layer's GEMVs, attention, ...
+
+
+_GENERATED = """
+{var} = async_compile.triton('k', '''
+import triton
+import triton.language as tl
+from torch._inductor.runtime import triton_helpers, triton_heuristics
+
+@triton_heuristics.user_autotune(
+    configs=[{{'num_warps': 4, 'num_stages': 1}}],
+    triton_meta={{'signature': {{'x': '*fp32', 'B': 'constexpr'}}, 'constants': {{'B': 64}}, 'configs': []}},
+    filename=__file__,
+    custom_kernel=True,
+)
+@triton.jit
+def k(x, B: tl.constexpr):
+    i = tl.arange(0, B)
+    tl.store(x + i, {value})
+''', device_str='cuda')
+"""
+
+
+def test_compile_check_reports_a_helper_the_code_lacks():
+    """A kernel that reaches a helper Inductor did not copy (a module attribute: `helpers.f`) fails the check
+    with the NameError an export on the GPU met; the same kernel without it compiles."""
+    from scripts.count_decode_kernels import compile_user_kernels
+
+    code = _GENERATED.format(var="k_0", value="i * 2.0") + _GENERATED.format(var="k_1", value="helpers.f(i)")
+    done, failed = compile_user_kernels(code)
+    assert done == 1 and len(failed) == 1 and failed[0].startswith("k_1: ") and "helpers" in failed[0], failed
+
+
 def test_bad_preset():
     r = run_script("scripts.count_decode_kernels", "--preset", "nope", timeout=300)
     assert r.returncode == 2 and "--preset 'nope'" in r.stderr and "Traceback" not in r.stderr, r.stderr
