@@ -268,7 +268,7 @@ def test_tiny_moe_cuda_int4_experts_export_matches_eager(tmp_path):
 def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
     """Under ReferenceOps each gemma4 op of a prefill chunk and a decode step (int4 linears, with the norms before
     them too, attention over an int8 cache, the Hadamard rotations, a bf16 ring's attention into its o_proj at
-    decode) goes to its plain-torch reference, with the same logits."""
+    decode, the MLP as one op) goes to its plain-torch reference, with the same logits."""
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
     from export.gemma4.quant import QuantRecipe, quantize_
@@ -276,7 +276,6 @@ def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
     from tests.helpers import randomize_
 
     seen = []
-    monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", "1")  # the attention into its o_proj at decode too
 
     class Recording(ReferenceOps):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -289,14 +288,18 @@ def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
     report = quantize_(model, QuantRecipe(group_size=32), TargetDevice.CUDA)  # the CUDA layout: gemma4::int4_linear
     assert report.int4
     tokens, pos = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 9)), torch.tensor([0])
-    want = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]  # a prefill chunk, a decode step
-    model.reset_cache()
-    with Recording():
-        got = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    for switch in ("0", "1"):  # the attention into its o_proj at decode and the MLP as one op, or not
+        monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", switch)
+        monkeypatch.setenv("GEMMA4_FUSED_MLP", switch)
+        model.reset_cache()
+        want = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]  # a prefill chunk, a decode step
+        model.reset_cache()
+        with Recording():
+            got = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert {"gemma4.int4_linear.default", "gemma4.int4_glu_linear.default", "gemma4.int4_rms_linear.default",
             "gemma4.int4_add_rms_linear.default", "gemma4.attention.default", "gemma4.hadamard.default",
-            "gemma4.attention_int4_linear.default"} <= set(seen)
+            "gemma4.attention_int4_linear.default", "gemma4.int4_add_rms_mlp.default"} <= set(seen)
 
 
 if __name__ == "__main__":

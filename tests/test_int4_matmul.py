@@ -637,6 +637,10 @@ _MUTATION_SCRIPT = textwrap.dedent("""
 
     triton.runtime.driver.set_active(Target())
     N, K, G = 16384, 5376, 128
+    # GLUQ off, its pointers passed as the op passes them (x) (tests/test_int4_mlp.py reads it on)
+    NO_GLUQ = dict(GLUQ=0, HALF=0, GOFF=0, lq_ptr=torch.empty(1, dtype=torch.int32), lf_ptr=torch.empty(1),
+                   lc_ptr=torch.empty(1, dtype=torch.int32), dcnt_ptr=torch.empty(1, dtype=torch.int32), DNCNT=0,
+                   DGROUP=128, DLEVELS=2)
     # PDL 0 and 2 (the op's mode on sm_90+: its wait is pure inline PTX, which the analysis reads)
     # bf16 x with the activation (GLU: xf_ptr is u) or with the norm (NORM: xf_ptr is its weight)
     cases = [(xq, lv, pdl, glu) for xq, lv, glu in ((True, 2, 0), (True, 1, 0), (False, 2, 1), (False, 2, 0))
@@ -654,7 +658,8 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         GLU=glu, NORM=int(not xq and not glu), eps=1e-6,
                         NORM_STEPS=im.norm_steps(K // 2) if not xq and not glu else 0,
                         r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, ui_ptr=torch.empty(1, dtype=torch.int64), UI=glu,
-                        EARLY=int(not xq and pdl > 0), **cfg.kwargs)  # bf16 x in PDL 2: first tiles before the wait
+                        EARLY=int(not xq and pdl > 0), **NO_GLUQ, **cfg.kwargs)  # bf16 x in PDL 2: first tiles
+            # before the wait
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     # bf16 x with the residual add (RES: the small weights' GEMV writes h)
     N2, K2 = 256, 1536
@@ -665,7 +670,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     cnt_ptr=torch.empty(1, dtype=torch.int32), N=N2, KW=K2 // 8, GPS=K2 // G, SPLITS=1,
                     stride_ww=K2 // 8, stride_sn=K2 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
                     LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), r_ptr=bf(K2),
-                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, ui_ptr=x, UI=0, EARLY=int(pdl > 0),
+                    wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, ui_ptr=x, UI=0, EARLY=int(pdl > 0), **NO_GLUQ,
                     **im.gemv1_plan(N2, K2, G).cfg.kwargs)
         print("gemv1-res False 1", sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     for levels, pdl, glu, norm, res in ((2, 0, 0, 0, 0), (1, 0, 1, 0, 0), (2, 2, 0, 0, 0), (1, 2, 1, 0, 0),

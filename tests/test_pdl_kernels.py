@@ -87,6 +87,14 @@ _SCRIPT = textwrap.dedent("""
             "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32"},
            dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=1, **cfg.kwargs), cfg.num_warps)
+    cfg = im.gemv1_plan(12288, 1536, 128).cfg  # E2B's gate / up in two slices writing the down GEMV's levels
+    report("gemv1-gluq", im._int4_gemv1_kernel,
+           {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "HALF": "i32", "GOFF": "i32",
+            "lq_ptr": "*i32", "lf_ptr": "*fp32", "lc_ptr": "*i32", "dcnt_ptr": "*i32", "DNCNT": "i32"},
+           dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=2, GLUQ=1, DGROUP=128, DLEVELS=2, **cfg.kwargs),
+           cfg.num_warps)
     cfg = im.gemv1_plan(1536, 256, 128).cfg  # a small weight (the per-layer projection): bf16 x, the activation
     report("gemv1-glu", im._int4_gemv1_kernel,
            {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
@@ -158,7 +166,8 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "combine-xq", "hadamard-512", "gemv1", "gemv1-glu", "gemv1-norm", "quant_x", "quant_x-norm",
+                         "combine-xq", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu", "gemv1-norm", "quant_x",
+                         "quant_x-norm",
                          "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_gate_up_q",
                          "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():

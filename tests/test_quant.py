@@ -302,6 +302,32 @@ def test_packed_o_proj_takes_the_attention_into_its_op_at_decode(monkeypatch):
     assert seen.count("gemma4.hadamard.default") >= quantized  # each rotates its output back
 
 
+def test_packed_mlp_after_the_residual_add_is_one_op_with_its_switch(monkeypatch):
+    """With GEMMA4_FUSED_MLP=1 a layer hands its packed gate / up and down projections the residual add, both
+    norms and the activation as one op (gemma4::int4_add_rms_mlp: at decode on CUDA the gate / up GEMV writes
+    the down GEMV's x levels), at prefill and decode alike; unset (the default) or "0", the two ops. On CPU
+    the op is the references of the two, so the logits are the same exactly."""
+    tok = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(7))
+
+    def run():
+        model = randomize_(Gemma4Model(PRESETS["tiny"], ctx=32, prefill_chunk=4), seed=0).eval()
+        quantize_(model.to(torch.bfloat16), QuantRecipe(group_size=32), TargetDevice.CUDA)
+        seen = []
+        with torch.no_grad(), RecordOps(seen):
+            logits = torch.cat([model(tok[:, :4], torch.tensor([0])), model(tok[:, 4:], torch.tensor([4]))], 1)
+        return seen, logits.float()
+
+    n = PRESETS["tiny"].num_hidden_layers
+    monkeypatch.delenv("GEMMA4_FUSED_MLP", raising=False)
+    seen, plain = run()
+    assert "gemma4.int4_add_rms_mlp.default" not in seen and seen.count("gemma4.int4_glu_linear.default") == 2 * n
+    monkeypatch.setenv("GEMMA4_FUSED_MLP", "1")
+    seen, fused = run()
+    assert seen.count("gemma4.int4_add_rms_mlp.default") == 2 * n
+    assert "gemma4.int4_glu_linear.default" not in seen and "gemma4.int4_add_rms_linear.default" not in seen
+    assert torch.equal(fused, plain)
+
+
 def _one_shot(weight: torch.Tensor, group: int):
     from export.kernels.int4_matmul import quantize_int4
     return quantize_int4(weight, group)

@@ -294,6 +294,9 @@ class MLP(nn.Module):
         with_add = getattr(fused, "forward_add_rms", None)
         if (with_add is not None and post_norm.weight is not None and norm.weight is not None
                 and post_norm.eps == norm.eps):
+            with_mlp = getattr(fused, "forward_add_rms_mlp", None)  # with its switch on, the whole MLP as one op
+            if with_mlp is not None and getattr(self.down_proj, "forward_glu", None) is not None:
+                return with_mlp(self.down_proj, x, r, post_norm.weight, norm.weight, norm.eps)
             h, y = with_add(x, r, post_norm.weight, norm.weight, norm.eps)
             gate, up = y.split(fused.split_sizes, dim=-1)
             return h, glu_linear(self.down_proj, gate, up)

@@ -183,6 +183,9 @@ def _rows(K: int, work: torch.device | None) -> int:
 # offline for sm_90, bit for bit the unfused pair; on by default once the GPU A/B, measure_gpu.sh
 # fused_attention_ab, shows it faster); "0" or unset: attention, then o_proj
 FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
+# "1" in an exporting process: a layer's gate / up GEMV also writes the down GEMV's x levels (one op for the MLP
+# after its residual add; checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh fused_mlp_ab); else two ops
+FUSED_MLP_ENV = "GEMMA4_FUSED_MLP"
 FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms stay aten ops (an A/B switch)
 
 
@@ -270,6 +273,20 @@ class PackedInt4Linear(nn.Module):
             h = x + rms_norm_reference(r, weight_r, eps)
             return h, self.forward(rms_norm_reference(h, weight, eps))
         return torch.ops.gemma4.int4_add_rms_linear(x, r, weight_r, weight, eps, self.qweight, self.scales)
+
+    def forward_add_rms_mlp(self, down: "PackedInt4Linear", x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor,
+                            weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, down.forward_glu(gate, up)) with (h, [gate, up]) = forward_add_rms(...): this joined gate / up
+        projection, the activation and the down projection after the residual add, as one op where
+        FUSED_MLP_ENV is "1" (export/kernels/int4_mlp.py: at decode on CUDA the gate / up GEMV writes the down
+        GEMV's x levels, no quantize kernel of its own); else forward_add_rms then down.forward_glu."""
+        import export.kernels.int4_mlp  # noqa: F401  (registers torch.ops.gemma4.int4_add_rms_mlp)
+        if os.environ.get(FUSED_MLP_ENV, "0") != "1" or not fused_norms():
+            h, y = self.forward_add_rms(x, r, weight_r, weight, eps)
+            gate, up = y.split(self.split_sizes, dim=-1)
+            return h, down.forward_glu(gate, up)
+        return torch.ops.gemma4.int4_add_rms_mlp(x, r, weight_r, weight, eps, self.qweight, self.scales, down.qweight,
+                                                 down.scales)
 
     def forward_add(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,6 +65,12 @@ weight: h = x + rms_norm(r) * weight_r (the MLP's output into the residual strea
 (the per-layer-input gate of E2B / E4B); at M == 1 the bf16-x GEMV computes the add as it loads x and its
 first program writes h (its RES), the add's kernel gone.
 
+Two ops elsewhere feed the M == 1 GEMV x's levels from a kernel that computes x anyway, one launch less:
+`gemma4::attention_int4_linear` (export/kernels/attention_linear.py: the decode combine writes the o_proj's)
+and `gemma4::int4_add_rms_mlp` (export/kernels/int4_mlp.py: the gate / up GEMV writes the down GEMV's, its
+GLUQ epilogue `_glu_levels`, `int4_gemv1`'s glu_out); both write through `_store_levels`, and the GEMV takes
+them through `int4_gemv1`'s quantize.
+
 The CPU kernels of the ops are `int4_linear_reference`, `int4_glu_linear_reference`,
 `int4_rms_linear_reference`, `int4_add_rms_linear_reference` and `int4_add_linear_reference` (plain aten ops,
 any float dtype); the CPU backend decomposes the ops into them.
@@ -833,6 +839,33 @@ def _gemv1_first(rows, srows, start, lane, hi, n_ok, STEP: tl.constexpr, DEPTH: 
     return w0, s0, w1, s1, w2, s2
 
 
+@triton.jit
+def _glu_levels(y_ptr, gcnt_ptr, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, pid_n, BLOCK_N: tl.constexpr,
+                DGROUP: tl.constexpr, DLEVELS: tl.constexpr):
+    """`_int4_gemv1_kernel`'s GLUQ epilogue, run by the program that wrote row block pid_n of y (gate rows
+    [0, HALF), up rows [HALF, 2 HALF)): the down GEMV's counters zeroed (the row blocks' writers share the
+    work), then the counter of the block's unit bumped (UNIT rows of gate and the same rows of up: the
+    larger of BLOCK_N and DGROUP), and the last of the unit's row blocks writes the levels of
+    gelu_tanh(gate) * up for those rows. (With PDL every pointer here comes offset by the wait's 0.)"""
+    for i in range(pid_n * 1024, DNCNT, tl.num_programs(0) * 1024):
+        offs = i + tl.arange(0, 1024)
+        tl.store(dcnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < DNCNT)
+    UNIT: tl.constexpr = BLOCK_N if BLOCK_N >= DGROUP else DGROUP
+    unit = (pid_n * BLOCK_N % HALF) // UNIT
+    tl.debug_barrier()  # every thread's rows stored; one thread's gpu-scope acq_rel atomic releases them
+    arrived = tl.atomic_add(gcnt_ptr + unit, 1, sem="acq_rel", scope="gpu")
+    if arrived == 2 * (UNIT // BLOCK_N) - 1:
+        rows = unit * UNIT + tl.arange(0, UNIT)
+        gate = tl.load(y_ptr + rows, cache_modifier=".cg").to(tl.float32)
+        up = tl.load(y_ptr + HALF + rows, cache_modifier=".cg").to(tl.float32)
+        act = (gelu_tanh(gate) * up).to(y_ptr.dtype.element_ty).to(tl.float32)
+        GB: tl.constexpr = UNIT // DGROUP
+        g = unit * GB + tl.arange(0, GB)
+        _store_levels(tl.reshape(act, (GB, DGROUP // 8, 4, 2)), g, lq_ptr, lf_ptr, lc_ptr, HALF // DGROUP, DGROUP,
+                      GB, DLEVELS)
+        tl.store(gcnt_ptr + unit, 0)
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
 def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
@@ -841,7 +874,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        PDL: tl.constexpr = 0, LEVELS: tl.constexpr = 2, GLU: tl.constexpr = 0,
                        NORM: tl.constexpr = 0, eps=0.0, NORM_STEPS: tl.constexpr = 0, r_ptr=None, wr_ptr=None,
                        h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0,
-                       EARLY: tl.constexpr = 0):
+                       EARLY: tl.constexpr = 0, GLUQ: tl.constexpr = 0, HALF=0, GOFF=0, lq_ptr=None,
+                       lf_ptr=None, lc_ptr=None, dcnt_ptr=None, DNCNT=0, DGROUP: tl.constexpr = 128,
+                       DLEVELS: tl.constexpr = 2):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -876,6 +911,14 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     residual add before a small weight), which the first program also writes to h_ptr.
     LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
     x's planes, x to within max|x| / 254 per group).
+    GLUQ (one slice, or RED 2): W is the MLP's gate rows then as many up rows (HALF each, a multiple of
+    BLOCK_N and of DGROUP), and the kernel also writes the down projection's x, gelu_tanh(gate) * up (rounded
+    to y's dtype, as `_quant_x_kernel`'s GLU), as that GEMV's int8 levels (`_store_levels`: lq_ptr / lf_ptr /
+    lc_ptr, group DGROUP, DLEVELS): the program that writes a row block of y bumps its unit's counter
+    (cnt_ptr's from GOFF on, after RED 2's; zeroed before the launch; the release as RED 2's) and the last of
+    the unit reads its gate and
+    up rows back and writes their groups (`_glu_levels`); those programs also zero the down GEMV's DNCNT
+    counters (dcnt_ptr). The activation's quantize kernel takes no launch.
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -956,8 +999,13 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     if PDL:  # the writes after the wait (their values follow it already; the counter's address too)
         zw = pdl_wait(PDL, ASM)
         y_ptr, part_ptr, cnt_ptr = y_ptr + zw, part_ptr + zw, cnt_ptr + zw
+        if GLUQ:
+            lq_ptr, lf_ptr, lc_ptr, dcnt_ptr = lq_ptr + zw, lf_ptr + zw, lc_ptr + zw, dcnt_ptr + zw
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
+        if GLUQ:
+            _glu_levels(y_ptr, cnt_ptr + GOFF, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, pid_n, BLOCK_N, DGROUP,
+                        DLEVELS)
     elif RED == 0:
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
     else:
@@ -970,6 +1018,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
             tl.store(cnt_ptr + pid_n, 0)
+            if GLUQ:
+                _glu_levels(y_ptr, cnt_ptr + GOFF, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, pid_n, BLOCK_N,
+                            DGROUP, DLEVELS)
 
 
 @triton.jit
@@ -1376,7 +1427,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
                res: tuple | None = None, up_index: torch.Tensor | None = None, early: bool | None = None,
-               quantize=None):
+               quantize=None, glu_out: tuple | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1396,6 +1447,9 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     quantize (x as levels, no up / norm / res): a callable (cnt, ncnt) -> (planes, factors, corrections)
     launching a kernel of its own that computes x, writes its levels as `_quant_x_kernel` does
     (`_store_levels`) and zeroes cnt[:ncnt]; then x2 is not read (only its shape, dtype and device).
+    glu_out (a kernel of one config; one slice or red 2; W the gate rows then the up rows): ((planes, factors,
+    corrections), group, levels, counters, count): the kernel also writes the levels of gelu_tanh(gate) * up
+    for a GEMV of that group and levels, and zeroes that GEMV's counters[:count] (`_int4_gemv1_kernel`'s GLUQ).
     """
     N, K, G = _check(x2, qweight, scales)
     early = GEMV1_EARLY if early is None else early
@@ -1411,11 +1465,19 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
     part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
-    # a counter for each row block of >= 4 rows, zeroed by the quantize kernel where there is one
-    cnt = (torch.zeros if red == 2 and not xq else torch.empty)(
-        (triton.cdiv(N, 4) if red == 2 else 1,), device=x2.device, dtype=torch.int32)
+    # a counter for each row block of >= 4 rows (with glu_out, each gate / up pair of row blocks), zeroed by the
+    # quantize kernel where there is one
+    ncnt = nsplit = triton.cdiv(N, 4) if red == 2 else 0
+    if glu_out is not None:  # a counter for each unit of gate / up rows after the row blocks' (`_glu_levels`)
+        configs = getattr(kernel, "configs", ())
+        block_n = configs[0].kwargs["BLOCK_N"] if len(configs) == 1 else 0
+        unit = max(block_n, glu_out[1])
+        if (splits > 1 and red != 2) or not block_n or N % (2 * unit) or unit % min(block_n, glu_out[1]):
+            raise ValueError(f"int4_gemv1 glu_out: one slice or red 2 (got {splits}, {red}) and one config whose "
+                             f"BLOCK_N and the group {glu_out[1]} divide N / 2 = {N // 2}, one the other")
+        ncnt += N // 2 // unit
+    cnt = (torch.zeros if ncnt and not xq else torch.empty)((max(ncnt, 1),), device=x2.device, dtype=torch.int32)
     assert quantize is None or (xq and up is None and norm is None and res is None)
-    ncnt = cnt.numel() if red == 2 else 0
     xin, xf, xc = ((quantize(cnt, ncnt) if quantize is not None
                     else _quant_x(x2, G, cnt, ncnt, pdl_quant, levels, pdl_attr, up, norm, res)) if xq
                    else (x2, up if up is not None else norm[0] if norm is not None else x2, x2))
@@ -1429,7 +1491,11 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         r_ptr=res[0] if res is not None and not xq else x2, wr_ptr=res[1] if res is not None and not xq else x2,
         h_ptr=res[2] if res is not None and not xq else x2, RES=int(res is not None and not xq),
         ui_ptr=up_index if up_index is not None else x2, UI=int(up_index is not None),
-        EARLY=int(early and not xq and pdl_gemv > 0), **_pdl_args(pdl_gemv, pdl_attr))
+        EARLY=int(early and not xq and pdl_gemv > 0), GLUQ=int(glu_out is not None), HALF=N // 2,
+        GOFF=nsplit, lq_ptr=glu_out[0][0] if glu_out else x2, lf_ptr=glu_out[0][1] if glu_out else x2,
+        lc_ptr=glu_out[0][2] if glu_out else x2, dcnt_ptr=glu_out[3] if glu_out else x2,
+        DNCNT=glu_out[4] if glu_out else 0, DGROUP=glu_out[1] if glu_out else 128,
+        DLEVELS=glu_out[2] if glu_out else 2, **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
@@ -1628,6 +1694,11 @@ def int4_glu_linear(gate: torch.Tensor, up: torch.Tensor, qweight: torch.Tensor,
     up_index (int64, one element): up is a table [..., rows, K] and its row up_index is the up (the
     per-layer projection of E2B / E4B: every layer's per-layer inputs, this layer's row); at M == 1 where
     the GEMV takes bf16 x (small weights) it reads that row in place, no gather's kernel before it."""
+    return _glu_linear(gate, up, qweight, scales, up_index)
+
+
+def _glu_linear(gate, up, qweight, scales, up_index=None):
+    """`int4_glu_linear`'s body (the ops' shared implementation)."""
     N, K, G = _check_glu(gate, up, qweight, scales, up_index)
     g2 = gate.reshape(-1, K).contiguous()
     if _m1(g2, G) and up_index is not None and not gemv1_plan(N, K, G).xq and up.dtype == g2.dtype:
@@ -1729,6 +1800,11 @@ def int4_add_rms_linear(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor
     residual stream and its MLP's gate / up projection. At M == 1 with x as int8 levels and the weights in
     x's dtype, the quantize kernel computes both norms and the add and writes h (`_quant_x_kernel`'s RES):
     no kernel of their own. Otherwise aten ops for h (Inductor fuses them) and `int4_rms_linear`'s path."""
+    return _add_rms_linear(x, r, weight_r, weight, eps, qweight, scales)
+
+
+def _add_rms_linear(x, r, weight_r, weight, eps: float, qweight, scales):
+    """`int4_add_rms_linear`'s body (the ops' shared implementation)."""
     N, K, G = _check_residual(x, r, weight_r, weight, qweight, scales)
     x2 = x.reshape(-1, K).contiguous()
     if (_m1(x2, G) and gemv1_plan(N, K, G).xq and weight.dtype == x.dtype and weight_r.dtype == x.dtype

@@ -1,0 +1,162 @@
+"""`gemma4::int4_add_rms_mlp` (export/kernels/int4_mlp.py): the MLP after its residual add as one op, the gate /
+up GEMV writing the down GEMV's x as int8 levels (`_int4_gemv1_kernel`'s GLUQ). The kernel against the quantize
+kernel's levels (the interpreter, CPU: bit for bit), the op's CPU kernel against the references, where the fusion
+applies, what torch's mutation analysis reads of the kernel, and on CUDA the op against the two ops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from export.kernels import int4_matmul as im
+from export.kernels import int4_mlp as mlp
+
+
+def _run(script: str, timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+_INTERPRETED = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+    torch.manual_seed(0)
+    # fp32 x (the interpreter's bf16 casts are wrong for negative values); (I, K, gate / up config, slices, the
+    # down group, its levels): row blocks of half a group (two pairs a unit), of a whole one, of a quarter
+    # with three slices summed in-kernel (RED 2), and of two groups of 64 with one level
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        for I, K, cfg, splits, dG, dlev in [(256, 512, (64, 2, 4), 1, 128, 2), (256, 512, (128, 2, 4), 1, 64, 1),
+                                            (256, 768, (64, 2, 4), 2, 128, 2), (384, 512, (32, 1, 4), 3, 64, 2)]:
+            qweight, scales = im.quantize_int4(torch.randn(2 * I, K), 128)
+            x = torch.randn(1, K)
+            kern = im._gemv1_kernel(im._cfg1(*cfg))
+            levels = im.levels_buffers(I, dG, dlev, x.device)
+            dcnt = torch.full((20,), 5, dtype=torch.int32)
+            y = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=True, red=2,
+                              glu_out=(levels, dG, dlev, dcnt, 13))
+            y_first = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=True, red=2)
+            first = im._quant_x(y_first[:, :I].contiguous(), dG, torch.zeros(1, dtype=torch.int32), 0, levels=dlev,
+                                up=y_first[:, I:].contiguous())
+            same = all(torch.equal(a, b) for a, b in zip(levels, first))
+            print("case", I, splits, dG, dlev, torch.equal(y, y_first), same, int(dcnt[:13].abs().sum()),
+                  int(dcnt[13:].sum()))
+""")
+
+
+def test_gate_up_writes_the_levels_the_quantize_kernel_would_in_the_interpreter():
+    """The gate / up GEMV with GLUQ writes its output as before and the down GEMV's x levels bit for bit as the
+    activation's quantize kernel writes them from that output, and zeroes the down GEMV's counters (no more):
+    row blocks of half a unit, a whole one, a quarter with the K slices summed in-kernel; one and two levels
+    (Triton interpreter, ~30 s)."""
+    rows = [ln.split()[1:] for ln in _run(_INTERPRETED).splitlines() if ln.startswith("case")]
+    assert len(rows) == 4, rows
+    for I, splits, dG, dlev, y_same, same, zeroed, kept in rows:
+        assert y_same == "True" and same == "True", (I, splits, dG, dlev)
+        assert zeroed == "0" and kept == str(5 * 7), (I, splits, zeroed, kept)
+
+
+def _weights(H=256, I=512, gen=None):
+    gen = gen or torch.Generator().manual_seed(0)
+    gu = im.quantize_int4(torch.randn(2 * I, H, generator=gen), 128)
+    down = im.quantize_int4(torch.randn(H, I, generator=gen), 128)
+    return gu, down
+
+
+def test_cpu_kernel_is_the_add_rms_linear_then_the_glu_linear():
+    """On CPU the op is `int4_add_rms_linear`'s reference, its output's halves as gate and up, then
+    `int4_glu_linear`'s; weights that do not make an MLP of x are refused with their shapes named."""
+    gen = torch.Generator().manual_seed(1)
+    (guq, gus), (dq, ds) = _weights(gen=gen)
+    x, r = torch.randn(1, 1, 256, generator=gen), torch.randn(1, 1, 256, generator=gen)
+    wr, w = torch.rand(256, generator=gen) + 0.5, torch.rand(256, generator=gen) + 0.5
+    h, y = torch.ops.gemma4.int4_add_rms_mlp(x, r, wr, w, 1e-6, guq, gus, dq, ds)
+    h_ref, gu = im.int4_add_rms_linear_reference(x, r, wr, w, 1e-6, guq, gus)
+    want = im.int4_glu_linear_reference(gu[..., :512], gu[..., 512:], dq, ds)
+    assert torch.equal(h, h_ref) and torch.equal(y, want)
+    with pytest.raises(ValueError, match=r"int4_add_rms_mlp: gate / up \(1024, 128\)"):
+        torch.ops.gemma4.int4_add_rms_mlp(x, r, wr, w, 1e-6, guq, gus, dq[:, :128], ds[:, :2])
+
+
+@pytest.mark.parametrize("H,I,fused", [(5376, 21504, True), (1536, 6144, True), (1536, 12288, True),
+                                       (2560, 10240, True), (256, 512, False)])
+def test_where_the_gate_up_writes_the_levels(H, I, fused):
+    """The 31B's, E2B's (both widths) and E4B's MLPs at M == 1 in bf16 take the fusion (both plans take x as
+    levels); a small MLP whose GEMVs take bf16 x does not, nor any M > 1 or fp32 x."""
+    with torch.device("meta"):
+        x = torch.empty(1, 1, H, dtype=torch.bfloat16)
+        guq, gus = torch.empty(2 * I, H // 2, dtype=torch.uint8), torch.empty(2 * I, H // 128, dtype=torch.bfloat16)
+        dq, ds = torch.empty(H, I // 2, dtype=torch.uint8), torch.empty(H, I // 128, dtype=torch.bfloat16)
+        w = torch.empty(H, dtype=torch.bfloat16)
+        assert mlp.fused_at_decode(x, x, w, w, guq, gus, dq, ds) == fused
+        x3 = torch.empty(1, 3, H, dtype=torch.bfloat16)
+        assert not mlp.fused_at_decode(x3, x3, w, w, guq, gus, dq, ds)
+        xf, wf = x.float(), w.float()
+        assert not mlp.fused_at_decode(xf, xf, wf, wf, guq, gus, dq, ds)
+
+
+_MUTATION = textwrap.dedent("""
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
+    from export.kernels import int4_matmul as im
+
+    class Target:  # TTIR needs a target only, no GPU
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Target())
+    I, K, G = 21504, 5376, 128
+    N = 2 * I
+    cfg = im.gemv1_plan(N, K, G).cfg
+    for pdl in (0, 2):
+        for splits, red in ((1, 0), (2, 2)):
+            i32 = lambda *s: torch.empty(*s, dtype=torch.int32)
+            x = i32(K // 2)
+            args = dict(x_ptr=x, xf_ptr=torch.empty(K // G), xc_ptr=i32(K // G), w_ptr=i32(N, K // 8),
+                        s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
+                        y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=i32(N // 4 + 168), N=N, KW=K // 8,
+                        GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G, stride_ps=N, GROUP=G,
+                        RED=red, XQ=True, ASM=True, PDL=pdl, LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=0,
+                        r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, ui_ptr=torch.empty(1, dtype=torch.int64), UI=0, EARLY=0,
+                        GLUQ=1, HALF=I, GOFF=N // 4 if red else 0, lq_ptr=i32(4 * I // 8), lf_ptr=torch.empty(I // G),
+                        lc_ptr=i32(I // G), dcnt_ptr=i32(1344), DNCNT=1344, DGROUP=G, DLEVELS=2, **cfg.kwargs)
+            print("gluq", pdl, splits, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
+""")
+
+
+def test_gate_up_kernel_writes_only_its_outputs():
+    """torch's mutation analysis (TTIR, no GPU) reads the GLUQ kernel as writing y, the counters, the levels and
+    the down GEMV's counters (and with K slices the partials): never x, the weights or the scales."""
+    rows = [ln.split()[1:] for ln in _run(_MUTATION, timeout=300).splitlines() if ln.startswith("gluq")]
+    assert len(rows) == 4, rows
+    for pdl, splits, *written in rows:
+        want = {"cnt_ptr", "dcnt_ptr", "lc_ptr", "lf_ptr", "lq_ptr", "y_ptr"} | ({"part_ptr"} if splits == "2" else set())
+        assert set(written) == want, (pdl, splits, written)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_op_matches_the_two_ops_on_cuda():
+    """The 31B's MLP (5376 -> 2 x 21504 -> 5376: one slice of 128-row blocks) and E2B's (1536 -> 2 x 6144: two
+    slices of 64-row blocks, half a group each), bf16 at M == 1: the op (the gate / up GEMV writing the down
+    GEMV's levels) gives `int4_add_rms_linear` then `int4_glu_linear` bit for bit, h too."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for H, I in ((5376, 21504), (1536, 6144)):
+        guq, gus = im.quantize_int4(torch.randn(2 * I, H, device="cuda", generator=gen), 128)
+        dq, ds = im.quantize_int4(torch.randn(H, I, device="cuda", generator=gen), 128)
+        for _ in range(3):
+            x, r = (torch.randn(1, 1, H, device="cuda", generator=gen).bfloat16() for _ in range(2))
+            wr, w = ((torch.rand(H, device="cuda", generator=gen) + 0.5).bfloat16() for _ in range(2))
+            assert mlp.fused_at_decode(x, r, wr, w, guq, gus, dq, ds)
+            h, y = torch.ops.gemma4.int4_add_rms_mlp(x, r, wr, w, 1e-6, guq, gus, dq, ds)
+            h_two, gu = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, guq, gus)
+            want = torch.ops.gemma4.int4_glu_linear(gu[..., :I], gu[..., I:], dq, ds)
+            assert torch.equal(h, h_two) and torch.equal(y, want), (H, I, (y.float() - want.float()).abs().max())
