@@ -81,6 +81,17 @@ def run_script(module: str, *args: str, timeout: int = 600, env: dict | None = N
                           timeout=timeout)
 
 
+def run_code(script: str, timeout: int = 600) -> str:
+    """`python -c script` from the repository root (the repository on PYTHONPATH); its stdout, or the test fails
+    with the end of its output."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
 class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops a block dispatches (their names into `seen`) and runs them."""
 

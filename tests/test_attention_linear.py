@@ -6,9 +6,6 @@ ops at the 31B's sliding layer."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,14 +14,8 @@ import torch
 from export.kernels import attention as A
 from export.kernels import attention_linear as AL
 from export.kernels import int4_matmul as im
+from tests.helpers import run_code
 from tests.test_attention import filled_cache
-
-
-def _run(script: str, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
 
 
 _INTERPRETED = textwrap.dedent("""
@@ -64,7 +55,7 @@ def test_combine_writes_the_levels_the_quantize_kernel_would_in_the_interpreter(
     writes from the combine's output, zeroes the GEMV's counters (and no more of them), and the GEMV on them
     gives the unfused pair's output bit for bit: groups of 32 and 64 within D = 64, one and two levels, every
     KV format, a flat cache and a wrapped ring (Triton interpreter, ~30 s)."""
-    rows = [ln.split()[1:] for ln in _run(_INTERPRETED).splitlines() if ln.startswith("case")]
+    rows = [ln.split()[1:] for ln in run_code(_INTERPRETED).splitlines() if ln.startswith("case")]
     assert len(rows) == 3 * 2 * 3, rows
     for G, levels, kv, same, y_same, zeroed, kept, err in rows:
         assert same == "True" and y_same == "True", (G, levels, kv)
@@ -139,7 +130,7 @@ _MUTATION = textwrap.dedent("""
 def test_combine_writes_only_its_outputs():
     """torch's mutation analysis (TTIR, no GPU) reads the combine as writing the output alone, or with XQ the
     levels and the counters alone: never its partials (a read taken as a write would clone them)."""
-    rows = [ln.split()[1:] for ln in _run(_MUTATION, timeout=300).splitlines() if ln.startswith("combine")]
+    rows = [ln.split()[1:] for ln in run_code(_MUTATION, timeout=300).splitlines() if ln.startswith("combine")]
     assert len(rows) == 4, rows
     for pdl, xq, *written in rows:
         assert written == (["cnt_ptr", "xc_ptr", "xf_ptr", "xq_ptr"] if xq == "1" else ["O"]), (pdl, xq, written)

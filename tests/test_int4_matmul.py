@@ -686,6 +686,23 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     h_ptr=torch.empty(K, dtype=torch.bfloat16) if res else x, RES=res,
                     NORM_STEPS=im.norm_steps(K) if norm else 0)
         print("quant" + ("-res" if res else ""), sorted(identify_mutated_tensors(im._quant_x_kernel, args, {})))
+    # the 31B's gate / up writing the down GEMV's levels (GLUQ), in one slice and in two summed in-kernel
+    I = 21504
+    cfg = im.gemv1_plan(2 * I, K, G).cfg
+    for pdl in (0, 2):
+        for splits, red in ((1, 0), (2, 2)):
+            i32 = lambda *s: torch.empty(*s, dtype=torch.int32)
+            x = i32(K // 2)
+            args = dict(x_ptr=x, xf_ptr=torch.empty(K // G), xc_ptr=i32(K // G), w_ptr=i32(2 * I, K // 8),
+                        s_ptr=torch.empty(2 * I, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, 2 * I),
+                        y_ptr=torch.empty(1, 2 * I, dtype=torch.bfloat16), cnt_ptr=i32(I // 2 + 168), N=2 * I,
+                        KW=K // 8, GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G,
+                        stride_ps=2 * I, GROUP=G, RED=red, XQ=True, ASM=True, PDL=pdl, LEVELS=2, GLU=0, NORM=0,
+                        eps=1e-6, NORM_STEPS=0, r_ptr=x, wr_ptr=x, h_ptr=x, RES=0,
+                        ui_ptr=torch.empty(1, dtype=torch.int64), UI=0, EARLY=0, GLUQ=1, HALF=I,
+                        GOFF=I // 2 if red else 0, lq_ptr=i32(I // 2), lf_ptr=torch.empty(I // G), lc_ptr=i32(I // G),
+                        dcnt_ptr=i32(1344), DNCNT=1344, DGROUP=G, DLEVELS=2, **cfg.kwargs)
+            print("gluq", pdl, splits, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
 """)
 
 
@@ -712,6 +729,13 @@ def test_op_kernels_write_only_their_outputs():
         assert "ui_ptr" not in written, ln  # (and the table's row index, with the activation)
     assert any(ln[0] == "gemv1" and ln[2] == "8" and "'part_ptr'" in " ".join(ln[3:]) for ln in lines), lines
     assert im.GEMV1_RED_XQ in (0, 2) and im.GEMV1_RED in (0, 2)  # the modes read here
+    # the gate / up writing the down GEMV's levels (GLUQ): y, the counters, the levels and the down's counters
+    # (with K slices the partials), never x, the weights or the scales
+    gluq = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("gluq")]
+    assert len(gluq) == 4, r.stdout
+    for pdl, splits, *written in gluq:
+        want = {"cnt_ptr", "dcnt_ptr", "lc_ptr", "lf_ptr", "lq_ptr", "y_ptr"} | ({"part_ptr"} if splits == "2" else set())
+        assert set(written) == want, (pdl, splits, written)
 
 
 _SM90_LAYOUT_SCRIPT = textwrap.dedent("""

@@ -1,13 +1,11 @@
 """`gemma4::int4_add_rms_mlp` (export/kernels/int4_mlp.py): the MLP after its residual add as one op, the gate /
 up GEMV writing the down GEMV's x as int8 levels (`_int4_gemv1_kernel`'s GLUQ). The kernel against the quantize
 kernel's levels (the interpreter, CPU: bit for bit), the op's CPU kernel against the references, where the fusion
-applies, what torch's mutation analysis reads of the kernel, and on CUDA the op against the two ops."""
+applies, and on CUDA the op against the two ops (what torch's mutation analysis reads of the kernel:
+tests/test_int4_matmul.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,13 +13,7 @@ import torch
 
 from export.kernels import int4_matmul as im
 from export.kernels import int4_mlp as mlp
-
-
-def _run(script: str, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r.stdout
+from tests.helpers import run_code
 
 
 _INTERPRETED = textwrap.dedent("""
@@ -56,7 +48,7 @@ def test_gate_up_writes_the_levels_the_quantize_kernel_would_in_the_interpreter(
     activation's quantize kernel writes them from that output, and zeroes the down GEMV's counters (no more):
     row blocks of half a unit, a whole one, a quarter with the K slices summed in-kernel; one and two levels
     (Triton interpreter, ~30 s)."""
-    rows = [ln.split()[1:] for ln in _run(_INTERPRETED).splitlines() if ln.startswith("case")]
+    rows = [ln.split()[1:] for ln in run_code(_INTERPRETED).splitlines() if ln.startswith("case")]
     assert len(rows) == 4, rows
     for I, splits, dG, dlev, y_same, same, zeroed, kept in rows:
         assert y_same == "True" and same == "True", (I, splits, dG, dlev)
@@ -100,46 +92,6 @@ def test_where_the_gate_up_writes_the_levels(H, I, fused):
         assert not mlp.fused_at_decode(x3, x3, w, w, guq, gus, dq, ds)
         xf, wf = x.float(), w.float()
         assert not mlp.fused_at_decode(xf, xf, wf, wf, guq, gus, dq, ds)
-
-
-_MUTATION = textwrap.dedent("""
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from torch._higher_order_ops.triton_kernel_wrap import identify_mutated_tensors
-    from export.kernels import int4_matmul as im
-
-    class Target:  # TTIR needs a target only, no GPU
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    triton.runtime.driver.set_active(Target())
-    I, K, G = 21504, 5376, 128
-    N = 2 * I
-    cfg = im.gemv1_plan(N, K, G).cfg
-    for pdl in (0, 2):
-        for splits, red in ((1, 0), (2, 2)):
-            i32 = lambda *s: torch.empty(*s, dtype=torch.int32)
-            x = i32(K // 2)
-            args = dict(x_ptr=x, xf_ptr=torch.empty(K // G), xc_ptr=i32(K // G), w_ptr=i32(N, K // 8),
-                        s_ptr=torch.empty(N, K // G, dtype=torch.bfloat16), part_ptr=torch.empty(splits, N),
-                        y_ptr=torch.empty(1, N, dtype=torch.bfloat16), cnt_ptr=i32(N // 4 + 168), N=N, KW=K // 8,
-                        GPS=K // G // splits, SPLITS=splits, stride_ww=K // 8, stride_sn=K // G, stride_ps=N, GROUP=G,
-                        RED=red, XQ=True, ASM=True, PDL=pdl, LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=0,
-                        r_ptr=x, wr_ptr=x, h_ptr=x, RES=0, ui_ptr=torch.empty(1, dtype=torch.int64), UI=0, EARLY=0,
-                        GLUQ=1, HALF=I, GOFF=N // 4 if red else 0, lq_ptr=i32(4 * I // 8), lf_ptr=torch.empty(I // G),
-                        lc_ptr=i32(I // G), dcnt_ptr=i32(1344), DNCNT=1344, DGROUP=G, DLEVELS=2, **cfg.kwargs)
-            print("gluq", pdl, splits, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
-""")
-
-
-def test_gate_up_kernel_writes_only_its_outputs():
-    """torch's mutation analysis (TTIR, no GPU) reads the GLUQ kernel as writing y, the counters, the levels and
-    the down GEMV's counters (and with K slices the partials): never x, the weights or the scales."""
-    rows = [ln.split()[1:] for ln in _run(_MUTATION, timeout=300).splitlines() if ln.startswith("gluq")]
-    assert len(rows) == 4, rows
-    for pdl, splits, *written in rows:
-        want = {"cnt_ptr", "dcnt_ptr", "lc_ptr", "lf_ptr", "lq_ptr", "y_ptr"} | ({"part_ptr"} if splits == "2" else set())
-        assert set(written) == want, (pdl, splits, written)
 
 
 @pytest.mark.cuda
