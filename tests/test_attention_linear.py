@@ -22,6 +22,7 @@ _INTERPRETED = textwrap.dedent("""
     import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
     import torch
     from export.kernels import attention as A
+    from export.kernels import hadamard as Hd
     from export.kernels import int4_matmul as im
     from tests.test_attention import decode_cases
     A.use_configs(A.smallest).__enter__()
@@ -29,35 +30,39 @@ _INTERPRETED = textwrap.dedent("""
     A.decode_splits = lambda *a: 3
     # fp32 q (the interpreter's bf16 casts are wrong for negative values); a flat cache and a wrapped ring
     with torch._library.triton.set_wrap_triton_enabled(False):
-        for G, levels in ((32, 2), (64, 1), (64, 2)):
+        for G, levels, rot in ((32, 2, False), (64, 1, False), (64, 2, False), (32, 2, True), (64, 1, True)):
             for q, args, p, window, kv, want in decode_cases([(8, 2, 64, 300, 0, 290), (4, 1, 64, 24, 24, 70)], gen):
                 K = q.shape[2] * q.shape[3]
                 cnt_a = torch.full((10,), 7, dtype=torch.int32)
                 cnt_b = cnt_a.clone()
-                fused = A.launch(q, *args, p, window, True, levels=(G, cnt_a, 6, levels))
+                fused = A.launch(q, *args, p, window, True, levels=(G, cnt_a, 6, levels, rot))
                 out = A.launch(q, *args, p, window, True)
+                if rot:  # the output rotated back (a quantized cache holds V rotated)
+                    out = Hd.launch(out)
+                    want = Hd.hadamard_reference(want)
                 first = im._quant_x(out.reshape(1, K), G, cnt_b, 6, levels=levels)
                 same = all(torch.equal(a, b) for a, b in zip(fused, first)) and torch.equal(cnt_a, cnt_b)
                 qweight, scales = im.quantize_int4(torch.randn(40, K), G)
                 kern = im._gemv1_kernel(im.GEMV1_CONFIGS[2])
-                quantize = lambda cnt, ncnt: A.launch(q, *args, p, window, True, levels=(G, cnt, ncnt, levels))
+                quantize = lambda cnt, ncnt: A.launch(q, *args, p, window, True, levels=(G, cnt, ncnt, levels, rot))
                 y = im.int4_gemv1(q.reshape(1, K), qweight, scales, 2, kernel=kern, xq=True, levels=levels,
                                   quantize=quantize)
                 y_first = im.int4_gemv1(out.reshape(1, K), qweight, scales, 2, kernel=kern, xq=True, levels=levels)
                 err = (out - want).abs().max().item()
-                print("case", G, levels, kv, same, torch.equal(y, y_first), int(cnt_a[:6].abs().sum()),
+                print("case", G, levels, int(rot), kv, same, torch.equal(y, y_first), int(cnt_a[:6].abs().sum()),
                       int(cnt_a[6:].sum()), err)
 """)
 
 
 def test_combine_writes_the_levels_the_quantize_kernel_would_in_the_interpreter():
     """The decode combine with XQ writes bit for bit the planes, factors and corrections the quantize kernel
-    writes from the combine's output, zeroes the GEMV's counters (and no more of them), and the GEMV on them
-    gives the unfused pair's output bit for bit: groups of 32 and 64 within D = 64, one and two levels, every
-    KV format, a flat cache and a wrapped ring (Triton interpreter, ~30 s)."""
+    writes from the combine's output (with ROT from the Hadamard kernel's rotation of it), zeroes the GEMV's
+    counters (and no more of them), and the GEMV on them gives the unfused ops' output bit for bit: groups of
+    32 and 64 within D = 64, one and two levels, every KV format, a flat cache and a wrapped ring (Triton
+    interpreter, ~50 s)."""
     rows = [ln.split()[1:] for ln in run_code(_INTERPRETED).splitlines() if ln.startswith("case")]
-    assert len(rows) == 3 * 2 * 3, rows
-    for G, levels, kv, same, y_same, zeroed, kept, err in rows:
+    assert len(rows) == 5 * 2 * 3, rows
+    for G, levels, rot, kv, same, y_same, zeroed, kept, err in rows:
         assert same == "True" and y_same == "True", (G, levels, kv)
         assert zeroed == "0" and kept == str(7 * 4), (G, levels, kv, zeroed, kept)
         assert float(err) <= 2e-5, (G, levels, kv, err)
@@ -72,13 +77,17 @@ def _case(H=8, Hkv=2, D=64, S=48, pos=40, N=24, G=32, dtype=torch.float32, seed=
 
 
 def test_cpu_kernel_is_attention_then_int4_linear():
-    """On CPU the op is the attention reference, its output's heads joined, then the int4 linear's reference;
-    a weight that q's heads do not feed is refused with both shapes named."""
+    """On CPU the op is the attention reference (rotated back with rotate), its output's heads joined, then the
+    int4 linear's reference; a weight that q's heads do not feed is refused with both shapes named."""
+    from export.kernels.hadamard import hadamard_reference
+
     q, k, v, pos, qweight, scales = _case()
     y = torch.ops.gemma4.attention_int4_linear(q, k, v, None, None, pos, 0, qweight, scales)
     out = A.attention_reference(q, k, v, None, None, pos, 0)
     want = im.int4_linear_reference(out.reshape(1, 1, -1), qweight, scales)
     assert y.shape == (1, 1, 24) and torch.equal(y, want)
+    y = torch.ops.gemma4.attention_int4_linear(q, k, v, None, None, pos, 0, qweight, scales, True)
+    assert torch.equal(y, im.int4_linear_reference(hadamard_reference(out).reshape(1, 1, -1), qweight, scales))
     with pytest.raises(ValueError, match=r"attention_int4_linear: q \(1, 1, 8, 64\)"):
         torch.ops.gemma4.attention_int4_linear(q, k, v, None, None, pos, 0, qweight[:, :128], scales[:, :8])
 
@@ -115,23 +124,23 @@ _MUTATION = textwrap.dedent("""
     triton.runtime.driver.set_active(Target())
     H, G, D, NS = 32, 2, 256, 16
     for pdl in (0, 2):
-        for xq in (0, 1):
+        for xq, rot in ((0, 0), (1, 0), (1, 1)):
             f = lambda *s, dtype=torch.float32: torch.empty(*s, dtype=dtype)
             args = dict(MP=f(H * NS), LP=f(H * NS), AP=f(H * NS * D), O=f(1, 1, H, D, dtype=torch.bfloat16), soh=D,
-                        NUM_SPLITS=NS, G=G, D=D, SPLITS_P2=NS, CHUNK=NS, BLOCK_D=128, EAGER=1, PDL=pdl, PART16=0,
-                        POS=f(1, dtype=torch.int64), WINDOW=1024, ACTIVE=0, SHARE_UNIT=32, SKIP=0, XQ=xq,
+                        NUM_SPLITS=NS, G=G, D=D, SPLITS_P2=NS, CHUNK=NS, BLOCK_D=D if rot else 128, EAGER=1, PDL=pdl,
+                        PART16=0, POS=f(1, dtype=torch.int64), WINDOW=1024, ACTIVE=0, SHARE_UNIT=32, SKIP=0, XQ=xq,
                         xq_ptr=f(4 * H * D // 8, dtype=torch.int32), xf_ptr=f(H * D // 128),
                         xc_ptr=f(H * D // 128, dtype=torch.int32), cnt_ptr=f(1344, dtype=torch.int32), NCNT=1344,
-                        LEVELS=2)
+                        LEVELS=2, XGROUP=128, ROT=rot, rscale=D ** -0.5, LOG2D=8)
             print("combine", pdl, xq, " ".join(sorted(identify_mutated_tensors(A._combine, args, {}))))
 """)
 
 
 def test_combine_writes_only_its_outputs():
-    """torch's mutation analysis (TTIR, no GPU) reads the combine as writing the output alone, or with XQ the
-    levels and the counters alone: never its partials (a read taken as a write would clone them)."""
+    """torch's mutation analysis (TTIR, no GPU) reads the combine as writing the output alone, or with XQ (and
+    ROT) the levels and the counters alone: never its partials (a read taken as a write would clone them)."""
     rows = [ln.split()[1:] for ln in run_code(_MUTATION, timeout=300).splitlines() if ln.startswith("combine")]
-    assert len(rows) == 4, rows
+    assert len(rows) == 6, rows
     for pdl, xq, *written in rows:
         assert written == (["cnt_ptr", "xc_ptr", "xf_ptr", "xq_ptr"] if xq == "1" else ["O"]), (pdl, xq, written)
 
@@ -140,18 +149,30 @@ def test_combine_writes_only_its_outputs():
 @torch.no_grad()
 def test_op_matches_attention_then_int4_linear_on_cuda():
     """At the 31B's sliding layer (32 heads over 16 KV heads of 256, a ring of 1024, o_proj 5376 x 8192) and its
-    full layer at a small fill (4 KV heads of 512), bf16: the op's decode (the combine writing the levels, the
-    GEMV) gives `gemma4::attention` then `gemma4::int4_linear` bit for bit, at fills in several shares."""
+    full layer at small and large fills (4 KV heads of 512; bf16, and the 24 GB recipe's int4 cache with the
+    output rotated back), bf16 q: the op's decode (the combine writing the levels, the GEMV) gives
+    `gemma4::attention` (then `gemma4::hadamard`) then `gemma4::int4_linear` bit for bit."""
+    from export.kernels.hadamard import hadamard_rotate
+
     gen = torch.Generator(device="cuda").manual_seed(3)
-    for H, Hkv, D, S, window, fills in ((32, 16, 256, 1024, 1024, (5, 700, 3000)), (32, 4, 512, 8192, 0, (40, 5000))):
+    for H, Hkv, D, S, window, kv, fills in ((32, 16, 256, 1024, 1024, "float", (5, 700, 3000)),
+                                            (32, 4, 512, 8192, 0, "float", (40, 5000)),
+                                            (32, 4, 512, 8192, 0, "int4", (40, 5000))):
         qweight, scales = im.quantize_int4(torch.randn(5376, H * D, device="cuda", generator=gen), 128)
         k = torch.randn(1, Hkv, S, D, device="cuda", generator=gen).bfloat16()
         v = torch.randn(1, Hkv, S, D, device="cuda", generator=gen).bfloat16()
+        cache = (k, v, None, None)
+        if kv != "float":
+            (kq, ks), (vq, vs) = A.quantize_kv(k, kv), A.quantize_kv(v, kv)
+            cache = (kq, vq, ks, vs)
+        rotate = kv != "float"
         for fill in fills:
             q = torch.randn(1, 1, H, D, device="cuda", generator=gen).bfloat16()
             pos = torch.tensor([fill], device="cuda")
-            assert AL.fused_at_decode(q, k, None, qweight, scales)
-            y = torch.ops.gemma4.attention_int4_linear(q, k, v, None, None, pos, window, qweight, scales)
-            out = torch.ops.gemma4.attention(q, k, v, None, None, pos, window)
+            assert AL.fused_at_decode(q, cache[0], cache[2], qweight, scales, rotate)
+            y = torch.ops.gemma4.attention_int4_linear(q, *cache, pos, window, qweight, scales, rotate)
+            out = torch.ops.gemma4.attention(q, *cache, pos, window)
+            if rotate:
+                out = hadamard_rotate(out)
             want = torch.ops.gemma4.int4_linear(out.reshape(1, 1, -1), qweight, scales)
-            assert torch.equal(y, want), (H, Hkv, D, fill, (y.float() - want.float()).abs().max().item())
+            assert torch.equal(y, want), (H, Hkv, D, kv, fill, (y.float() - want.float()).abs().max().item())

@@ -65,8 +65,8 @@ def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
 
 def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path):
     """With GEMMA4_FUSED_ATTENTION=1 the attention's combine writes the o projection's x levels: the 31B's sliding
-    layer is 11 launches (the GEMV right after the combine), its full layer with the int4 cache keeps 16 (its
-    output is rotated back first), and the 26B-A4B's layer is 16."""
+    layer is 11 launches (the GEMV right after the combine), its full layer with the int4 cache 14 (the output's
+    rotation back in the combine too), and the 26B-A4B's layer is 16."""
     def units(preset, layers):
         out = tmp_path / f"counts_{preset}.json"
         r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
@@ -76,9 +76,10 @@ def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path
         return {u["unit"]: u for u in doc["units"]}
 
     u = units("31b:int4", "6")
-    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (11, 16), u
-    sliding = u["layer0"]["kernels"]
-    assert sliding[next(n for n, k in enumerate(sliding) if k.startswith("_combine")) + 1].startswith("_int4_gemv1")
+    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (11, 14), u
+    for kernels in (u["layer0"]["kernels"], u["layer5"]["kernels"]):
+        assert kernels[next(n for n, k in enumerate(kernels) if k.startswith("_combine")) + 1].startswith("_int4_gemv1")
+    assert sum(k.startswith("_hadamard_kernel") for k in u["layer5"]["kernels"]) == 1  # q / k / v's alone
     assert units("26b-a4b", "1")["layer0"]["launches"] == 16
 
 
@@ -114,7 +115,7 @@ def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for doc in json.loads((tmp_path / "c.json").read_text())["models"]:
         assert all(u["compile_failures"] == [] for u in doc["units"]), doc
-        assert sum(u["compiled"] for u in doc["units"]) >= 20, doc  # each layer's GEMVs, attention, ...
+        assert sum(u["compiled"] for u in doc["units"]) >= 15, doc  # each layer's GEMVs, attention, ...
 
 
 _GENERATED = """

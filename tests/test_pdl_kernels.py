@@ -78,7 +78,14 @@ _SCRIPT = textwrap.dedent("""
                                       "NUM_SPLITS": "i32", "POS": "*i64", "WINDOW": "i32", "xq_ptr": "*i32",
                                       "xf_ptr": "*fp32", "xc_ptr": "*i32", "cnt_ptr": "*i32", "NCNT": "i32"},
            dict(G=2, D=256, SPLITS_P2=16, CHUNK=16, BLOCK_D=128, EAGER=1, ACTIVE=0, SHARE_UNIT=32, SKIP=0, XQ=1,
-                LEVELS=2), 4)
+                LEVELS=2, XGROUP=128, ROT=0, LOG2D=8), 4)
+    # and the full layer's over an int4 cache, its output rotated back first (a whole head of 512 a program)
+    report("combine-xq-rot", A._combine, {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32",
+                                          "NUM_SPLITS": "i32", "POS": "*i64", "WINDOW": "i32", "xq_ptr": "*i32",
+                                          "xf_ptr": "*fp32", "xc_ptr": "*i32", "cnt_ptr": "*i32", "NCNT": "i32",
+                                          "rscale": "fp32"},
+           dict(G=8, D=512, SPLITS_P2=128, CHUNK=8, BLOCK_D=512, EAGER=1, ACTIVE=1, SHARE_UNIT=64, SKIP=1, XQ=1,
+                LEVELS=2, XGROUP=128, ROT=1, LOG2D=9), 4)
     report("hadamard-512", Hd._hadamard_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n_rows": "i32", "scale": "fp32"},
            dict(D=512, LOG2D=9, BLOCK_R=Hd.block_rows(512)), 4)
     cfg = im.gemv1_plan(5376, 8192, 128).cfg
@@ -166,7 +173,7 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "combine-xq", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu", "gemv1-norm", "quant_x",
+                         "combine-xq", "combine-xq-rot", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu", "gemv1-norm", "quant_x",
                          "quant_x-norm",
                          "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_gate_up_q",
                          "moe_sum_slices"}, r.stdout

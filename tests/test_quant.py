@@ -268,11 +268,11 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
 
 
 def test_packed_o_proj_takes_the_attention_into_its_op_at_decode(monkeypatch):
-    """With GEMMA4_FUSED_ATTENTION=1, at a decode step a layer over a float cache hands its packed o_proj the
-    attention's inputs (gemma4::attention_int4_linear: on CUDA the combine writes the GEMV's x levels); a
-    prefill chunk and a quantized cache (its output rotated back first) keep `gemma4::attention` then the
-    linear, and so does every layer with the switch unset (the default) or "0". On CPU the op is the
-    references of the two, so the logits are the unfused ones exactly."""
+    """With GEMMA4_FUSED_ATTENTION=1, at a decode step a layer hands its packed o_proj the attention's inputs
+    (gemma4::attention_int4_linear: on CUDA the combine writes the GEMV's x levels), over a quantized cache
+    with the output's rotation back too; a prefill chunk keeps `gemma4::attention` then the linear, and so
+    does every step with the switch unset (the default) or "0". On CPU the op is the references of the ops,
+    so the logits are the unfused ones exactly."""
     tok = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(6))
 
     def run(kv_dtype=None):
@@ -286,20 +286,21 @@ def test_packed_o_proj_takes_the_attention_into_its_op_at_decode(monkeypatch):
         return seen, torch.cat(logits, 1)
 
     n = PRESETS["tiny"].num_hidden_layers
-    monkeypatch.delenv("GEMMA4_FUSED_ATTENTION", raising=False)
-    for switch in (None, "0"):
-        if switch is not None:
-            monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", switch)
-        seen, plain = run()
-        assert seen.count("gemma4.attention.default") == n and "gemma4.attention_int4_linear.default" not in seen
-    monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", "1")
-    seen, fused = run()
-    assert seen.count("gemma4.attention_int4_linear.default") == n and "gemma4.attention.default" not in seen
-    assert torch.equal(fused, plain)
-    seen, _ = run("int8")  # the full layers' caches are int8 (the sliding rings stay bf16)
-    quantized = seen.count("gemma4.attention.default")
-    assert 1 <= quantized < n and seen.count("gemma4.attention_int4_linear.default") == n - quantized
-    assert seen.count("gemma4.hadamard.default") >= quantized  # each rotates its output back
+    for kv_dtype in (None, "int8"):  # a bf16 cache; int8 caches in the full layers (the sliding rings stay bf16)
+        monkeypatch.delenv("GEMMA4_FUSED_ATTENTION", raising=False)
+        for switch in (None, "0"):
+            if switch is not None:
+                monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", switch)
+            seen, plain = run(kv_dtype)
+            assert seen.count("gemma4.attention.default") == n and "gemma4.attention_int4_linear.default" not in seen
+            rotations = seen.count("gemma4.hadamard.default")
+            assert (rotations > 0) == (kv_dtype is not None)
+        monkeypatch.setenv("GEMMA4_FUSED_ATTENTION", "1")
+        seen, fused = run(kv_dtype)
+        assert seen.count("gemma4.attention_int4_linear.default") == n and "gemma4.attention.default" not in seen
+        quantized = rotations - seen.count("gemma4.hadamard.default")  # each output's rotation back is in the op
+        assert (quantized > 0) == (kv_dtype is not None) and quantized < n
+        assert torch.equal(fused, plain)
 
 
 def test_packed_mlp_after_the_residual_add_is_one_op_with_its_switch(monkeypatch):

@@ -235,10 +235,10 @@ class Attention(nn.Module):
         k_new, v_new = fresh if fresh is not None else (None, None)
         window = self.window if self.sliding else 0
         fused = getattr(self.o_proj, "forward_attention", None)
-        if fused is not None and not cache.quant and k_new is None and isinstance(T, int) and T == 1:
-            # a packed o_proj takes the attention (quant.PackedInt4Linear.forward_attention: with its switch on,
-            # one op whose decode combine writes the GEMV's x levels, no quantize kernel of its own)
-            return fused(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos, window), fresh
+        if fused is not None and k_new is None and isinstance(T, int) and T == 1:
+            # a packed o_proj takes the attention and the output's rotation (quant.PackedInt4Linear.forward_attention:
+            # with its switch on, one op whose decode combine writes the GEMV's x levels, no quantize kernel of its own)
+            return fused(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos, window, bool(cache.quant)), fresh
         out = torch.ops.gemma4.attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, pos, window,
                                          k_new, v_new)  # (B, T, H, D)
         if cache.quant:

@@ -300,17 +300,21 @@ class PackedInt4Linear(nn.Module):
         return torch.ops.gemma4.int4_add_linear(x, r, weight_r, eps, self.qweight, self.scales)
 
     def forward_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None,
-                          v_scale: torch.Tensor | None, pos: torch.Tensor, window: int) -> torch.Tensor:
-        """forward(attention(q, k, v, ...)) (q [1, T, H, D] over the cache k, v; `gemma4::attention`) as one op
-        (a layer's attention and its o_proj): at a decode step on CUDA the attention's combine writes the
-        GEMV's x as its int8 levels, no quantize kernel of its own (export/kernels/attention_linear.py), where
-        FUSED_ATTENTION_ENV is "1"; else the two ops."""
+                          v_scale: torch.Tensor | None, pos: torch.Tensor, window: int,
+                          rotate: bool = False) -> torch.Tensor:
+        """forward(R(attention(q, k, v, ...))) (q [1, T, H, D] over the cache k, v; `gemma4::attention`; R the
+        Hadamard rotation back with rotate) as one op (a layer's attention and its o_proj): at a decode step on
+        CUDA the attention's combine writes the GEMV's x as its int8 levels, no quantize kernel (nor rotation)
+        of its own (export/kernels/attention_linear.py), where FUSED_ATTENTION_ENV is "1"; else the ops."""
         import export.kernels.attention_linear  # noqa: F401  (registers torch.ops.gemma4.attention_int4_linear)
+        from export.kernels.hadamard import hadamard_rotate
         if os.environ.get(FUSED_ATTENTION_ENV, "0") != "1":
             out = torch.ops.gemma4.attention(q, k, v, k_scale, v_scale, pos, window)
+            if rotate:
+                out = hadamard_rotate(out)
             return self.forward(out.reshape(*out.shape[:2], -1))
         return torch.ops.gemma4.attention_int4_linear(q, k, v, k_scale, v_scale, pos, window, self.qweight,
-                                                      self.scales)
+                                                      self.scales, rotate)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

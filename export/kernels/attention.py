@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from export.kernels.hadamard import fwht
 from export.kernels.int4_matmul import _store_levels, levels_buffers
 from export.kernels.pdl import op_pdl_mode, pdl_wait
 
@@ -1238,7 +1239,8 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, EAGER: tl.constexpr, PDL: tl.constexpr = 0,
              PART16: tl.constexpr = 0, POS=None, WINDOW=0, ACTIVE: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16,
              SKIP: tl.constexpr = 0, XQ: tl.constexpr = 0, xq_ptr=None, xf_ptr=None, xc_ptr=None, cnt_ptr=None,
-             NCNT=0, LEVELS: tl.constexpr = 2):
+             NCNT=0, LEVELS: tl.constexpr = 2, XGROUP: tl.constexpr = 128, ROT: tl.constexpr = 0, rscale=1.0,
+             LOG2D: tl.constexpr = 0):
     """out[h, d0:d0+BLOCK_D] = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s over the shares
     of head h; grid (H, D / BLOCK_D) so the partials are read by many programs at once. EAGER:
     every share's acc is loaded at once with its l and m (an empty share's unwritten acc is
@@ -1253,10 +1255,12 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
     PART16: AP holds each share's acc_s / l_s in fp16 (half the bytes), weighted by exp(m_s - m) l_s.
     PDL: it waits first thing (export/kernels/pdl.py).
     XQ: the output is the x of an int4 GEMV that takes x as int8 levels (export/kernels/int4_matmul.py): each
-    program's BLOCK_D values, rounded to O's dtype as the output would be, are one group of that x and go
-    out as its levels (`_store_levels`: xq_ptr, xf_ptr, xc_ptr; LEVELS), O is not written, and the programs
-    zero the GEMV's NCNT split-sum counters (cnt_ptr) as its quantize kernel would: that kernel's launch
-    is gone."""
+    program's BLOCK_D values, rounded to O's dtype as the output would be, are whole groups of XGROUP of that
+    x and go out as its levels (`_store_levels`: xq_ptr, xf_ptr, xc_ptr; LEVELS), O is not written, and the
+    programs zero the GEMV's NCNT split-sum counters (cnt_ptr) as its quantize kernel would: that kernel's
+    launch is gone. ROT (XQ, BLOCK_D = D = 2^LOG2D): the head's output is rotated back first (a quantized
+    cache holds V rotated; hadamard.fwht times rscale = D^-1/2, rounded to O's dtype as the Hadamard op's
+    output would be): the rotation's launch is gone too."""
     if PDL:
         z = pdl_wait(PDL, True)
         MP, LP, AP, O = MP + z, LP + z, AP + z, O + z
@@ -1286,8 +1290,13 @@ def _combine(MP, LP, AP, O, soh, NUM_SPLITS, G: tl.constexpr, D: tl.constexpr, S
             offs = i + tl.arange(0, 1024)
             tl.store(cnt_ptr + offs, tl.zeros((1024,), dtype=tl.int32), mask=offs < NCNT)
         x = (acc / l_sum).to(O.dtype.element_ty).to(tl.float32)
-        _store_levels(tl.reshape(x, (1, BLOCK_D // 8, 4, 2)), tl.zeros((1,), tl.int32) + pid, xq_ptr, xf_ptr, xc_ptr,
-                      tl.num_programs(0) * tl.num_programs(1), BLOCK_D, 1, LEVELS)
+        if ROT:
+            tl.static_assert(BLOCK_D == D and (1 << LOG2D) == D, "the rotation takes the whole head")
+            x = fwht(tl.reshape(x, (1, D)), 1, D, LOG2D) * tl.cast(rscale, tl.float32)  # fp32: AOTI passes fp64
+            x = x.to(O.dtype.element_ty).to(tl.float32)
+        GB: tl.constexpr = BLOCK_D // XGROUP
+        _store_levels(tl.reshape(x, (GB, XGROUP // 8, 4, 2)), pid * GB + tl.arange(0, GB), xq_ptr, xf_ptr, xc_ptr,
+                      tl.num_programs(0) * tl.num_programs(1) * GB, XGROUP, GB, LEVELS)
     else:
         tl.store(O + h * soh + d, (acc / l_sum).to(O.dtype.element_ty))
 
@@ -1360,9 +1369,10 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     (by default where DECODE_ACTIVE_MIN_SPLITS says); shares_slowest: decode's grid order
     (DECODE_SHARES_SLOWEST by default); combine_skip: the combine's chunks past the shares used not run
     (DECODE_COMBINE_SKIP by default; with active only). levels (decode with more than one share per KV
-    head, `decode_splits`): (group, counters, count, levels): the combine writes the output as the x of an
-    int4 GEMV taking x as int8 levels (`_combine`'s XQ; group a divisor of D) and zeroes counters[:count],
-    and the call returns that x's (planes, factors, corrections) (int4_matmul.levels_buffers), not the output."""
+    head, `decode_splits`): (group, counters, count, levels, rotate): the combine writes the output (rotated
+    back by the Hadamard op's arithmetic first with rotate; `_combine`'s ROT) as the x of an int4 GEMV taking x
+    as int8 levels (`_combine`'s XQ; group a divisor of D) and zeroes counters[:count], and the call returns
+    that x's (planes, factors, corrections) (int4_matmul.levels_buffers), not the output."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -1397,10 +1407,10 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
             assert levels is None, "the output as levels comes from the combine: more than one share"
             return out
         p2 = triton.next_power_of_2(splits)
-        block_d = min(D, DECODE_COMBINE_BLOCK_D) if levels is None else levels[0]
+        block_d = min(D, DECODE_COMBINE_BLOCK_D) if levels is None else D if levels[4] else levels[0]
         assert D % block_d == 0, (D, block_d)
         act = splits >= DECODE_ACTIVE_MIN_SPLITS if active is None else active
-        xq = levels_buffers(H * D, block_d, levels[3], q.device) if levels is not None else (out, out, out)
+        xq = levels_buffers(H * D, levels[0], levels[3], q.device) if levels is not None else (out, out, out)
         cnt, ncnt = (levels[1], levels[2]) if levels is not None else (out, 0)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
                                           CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d, EAGER=COMBINE_EAGER,
@@ -1409,7 +1419,9 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                                           SKIP=int(DECODE_COMBINE_SKIP if combine_skip is None else combine_skip),
                                           XQ=int(levels is not None), xq_ptr=xq[0], xf_ptr=xq[1], xc_ptr=xq[2],
                                           cnt_ptr=cnt, NCNT=ncnt, LEVELS=levels[3] if levels is not None else 2,
-                                          **attr)
+                                          XGROUP=levels[0] if levels is not None else 128,
+                                          ROT=int(levels is not None and levels[4]), rscale=D**-0.5,
+                                          LOG2D=D.bit_length() - 1, **attr)
         if levels is not None:
             return xq
     else:
