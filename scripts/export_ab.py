@@ -7,7 +7,7 @@ fresh processes, their kernels counted and their logits compared (a measuring to
 
 Why: a change to what the export builds (a fusion, a kernel choice) is best measured on the same slice
 exported both ways from one tree, side by side: `--switch` names an environment variable the export
-reads (GEMMA4_FUSED_NORMS: the norms in the int4 op's kernels or in aten ops, export/gemma4/quant.py), set
+reads (or several, comma-separated, each set to the same value: fusions measured together) (GEMMA4_FUSED_NORMS: the norms in the int4 op's kernels or in aten ops, export/gemma4/quant.py), set
 to `--a` for one export and `--b` for the other. Both run at once (their own Inductor and Triton
 caches), `python -m export.gemma4 --preset P --layers L --ctx C --kv-dtype int4 --embedding-quant int8
 --low-memory --no-autotune --prefill-chunk 2048 --seed 0` (the 24 GB recipe on a slice).
@@ -46,9 +46,9 @@ def export_both(args: argparse.Namespace) -> tuple[dict, dict]:
     for name, value in (("a", args.a), ("b", args.b)):
         out = args.workdir / name
         log = args.workdir / f"export_{name}.log"
-        env = dict(os.environ, **{args.switch: value,
-                                  "TORCHINDUCTOR_CACHE_DIR": str(args.workdir / f"inductor_{name}"),
-                                  "TRITON_CACHE_DIR": str(args.workdir / f"triton_{name}")})
+        env = dict(os.environ, **{var: value for var in args.switch.split(",")},
+                   TORCHINDUCTOR_CACHE_DIR=str(args.workdir / f"inductor_{name}"),
+                   TRITON_CACHE_DIR=str(args.workdir / f"triton_{name}"))
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
         procs[name] = (subprocess.Popen(export_cmd(args, out), env=env, stdout=log.open("w"), stderr=subprocess.STDOUT),
                        log)
@@ -88,7 +88,8 @@ def timed_run(model: Path, fills: str, steps: int, out: Path) -> tuple[dict, dic
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--switch", default="GEMMA4_FUSED_NORMS", help="the environment variable the two exports differ in")
+    p.add_argument("--switch", default="GEMMA4_FUSED_NORMS",
+                   help="the environment variable the two exports differ in (comma-separated: several, set alike)")
     p.add_argument("--a", default="0", help="its value for export a (default %(default)s)")
     p.add_argument("--b", default="1", help="its value for export b (default %(default)s)")
     p.add_argument("--model-a", type=Path, help="an artifact for a (no export)")

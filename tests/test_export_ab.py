@@ -28,3 +28,29 @@ def test_export_ab_wants_both_artifacts_or_none(tmp_path):
     r = subprocess.run([sys.executable, "-m", "scripts.export_ab", "--model-a", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--model-a and --model-b go together" in r.stderr
+
+
+def test_several_switches_are_set_alike_in_each_export(tmp_path, monkeypatch):
+    """`--switch A,B` sets both variables to --a in one export's environment and to --b in the other's (fusions
+    measured together), each export with caches of its own."""
+    import argparse
+
+    from scripts import export_ab
+
+    envs = {}
+
+    class Done:
+        def __init__(self, cmd, env, **_):
+            envs[cmd[cmd.index("--out") + 1]] = env
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(export_ab.subprocess, "Popen", Done)
+    args = argparse.Namespace(switch="GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP", a="0", b="1", workdir=tmp_path,
+                              preset="tiny", layers=1, ctx=64)
+    export_ab.export_both(args)
+    a, b = envs[str(tmp_path / "a")], envs[str(tmp_path / "b")]
+    assert (a["GEMMA4_FUSED_ATTENTION"], a["GEMMA4_FUSED_MLP"], b["GEMMA4_FUSED_ATTENTION"], b["GEMMA4_FUSED_MLP"]) \
+        == ("0", "0", "1", "1")
+    assert a["TRITON_CACHE_DIR"] != b["TRITON_CACHE_DIR"] and a["TORCHINDUCTOR_CACHE_DIR"].endswith("inductor_a")
