@@ -289,11 +289,12 @@ gate_up_q_ab)  # the 26B-A4B's MoE decode gate / up from x's int8 levels (GEMMA4
   ;;
 fused_attention_ab)  # the 31B's attention combine writing its o_proj's x levels (GEMMA4_FUSED_ATTENTION=1: no
   # quantize kernel between them) or attention then o_proj: the op's CUDA test (bit for bit against the two ops),
-  # then a 6-layer slice (5 sliding + 1 full) exported both ways side by side, decode timed alternately, logits
-  # compared (scripts/export_ab.py, ~6 min)
+  # then a 6-layer slice (5 sliding + 1 full) at 131072 exported both ways side by side, decode at fill 1k and
+  # 128k timed alternately (the full layer's combine holds a whole head when it rotates: few programs at a long
+  # fill), logits compared (scripts/export_ab.py, ~8 min)
   timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_linear.py 2>&1 | tail -2
   timeout 470 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION --a 0 --b 1 --preset 31b --layers 6 \
-      --ctx 8192 --fills 1024 --workdir /tmp/ab --json "$OUT/fused_attention_ab_31b_6l.json" 2>&1 | tail -14
+      --ctx 131072 --fills 1024,131000 --workdir /tmp/ab --json "$OUT/fused_attention_ab_31b_6l.json" 2>&1 | tail -14
   ;;
 fused_mlp_ab)  # the gate / up GEMV writing the down GEMV's x levels (GEMMA4_FUSED_MLP=1: no activation quantize
   # kernel) or the two ops: the op's CUDA test (bit for bit), then the 31B's 6-layer slice and E2B's 2-layer slice
@@ -307,9 +308,9 @@ fused_mlp_ab)  # the gate / up GEMV writing the down GEMV's x levels (GEMMA4_FUS
 fusions_ab)  # both launch fusions at once (GEMMA4_FUSED_ATTENTION and GEMMA4_FUSED_MLP 0 / 1): the two ops' CUDA tests
   # (bit for bit against the unfused ops), then the 31B's 6-layer slice and E2B's 2-layer slice exported both ways,
   # decode timed alternately, logits compared (scripts/export_ab.py, ~9 min); a win here is then split by the modes above
-  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_linear.py tests/test_int4_mlp.py 2>&1 | tail -2
-  timeout 300 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP --a 0 --b 1 --preset 31b \
-      --layers 6 --ctx 8192 --fills 1024 --workdir /tmp/ab_f31 --json "$OUT/fusions_ab_31b_6l.json" 2>&1 | tail -8
+  timeout 100 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_linear.py tests/test_int4_mlp.py 2>&1 | tail -2
+  timeout 330 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP --a 0 --b 1 --preset 31b \
+      --layers 6 --ctx 131072 --fills 1024,131000 --workdir /tmp/ab_f31 --json "$OUT/fusions_ab_31b_6l.json" 2>&1 | tail -8
   timeout 150 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP --a 0 --b 1 --preset e2b \
       --layers 2 --ctx 8192 --fills 1024 --workdir /tmp/ab_fe2b --json "$OUT/fusions_ab_e2b_2l.json" 2>&1 | tail -8
   ;;
