@@ -125,6 +125,9 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 # 64 columns with EAGER took 1.5 us off it, 256 columns, or EAGER at 128, did not (H200)
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
+# warps of the decode combine holding a whole head of 512 to rotate it back (`_combine`'s ROT): with 4 its fp32
+# head, the chunk's partials and the butterflies took 255 registers and 424 bytes of stack (sm_90, ptxas); 8: 111, none
+COMBINE_ROT_WARPS = 8
 # decode's combine where a layer has at least this many shares a KV head: it reads only the shares holding
 # positions (their count from the position, `_decode_share`), where EAGER reads every share's partials. H200
 # (scripts/decode_combine_variants.py, decode_active_shares.json): E2B's full layer (264 shares) at fill 1k
@@ -1410,6 +1413,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         block_d = min(D, DECODE_COMBINE_BLOCK_D) if levels is None else D if levels[4] else levels[0]
         assert D % block_d == 0, (D, block_d)
         act = splits >= DECODE_ACTIVE_MIN_SPLITS if active is None else active
+        rot = levels is not None and levels[4]
         xq = levels_buffers(H * D, levels[0], levels[3], q.device) if levels is not None else (out, out, out)
         cnt, ncnt = (levels[1], levels[2]) if levels is not None else (out, 0)
         wrap(_combine)[(H, D // block_d)](mp, lp, ap, out, out.stride(2), splits, G=G, D=D, SPLITS_P2=p2,
@@ -1420,8 +1424,9 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                                           XQ=int(levels is not None), xq_ptr=xq[0], xf_ptr=xq[1], xc_ptr=xq[2],
                                           cnt_ptr=cnt, NCNT=ncnt, LEVELS=levels[3] if levels is not None else 2,
                                           XGROUP=levels[0] if levels is not None else 128,
-                                          ROT=int(levels is not None and levels[4]), rscale=D**-0.5,
-                                          LOG2D=D.bit_length() - 1, **attr)
+                                          ROT=int(rot), rscale=D**-0.5,
+                                          LOG2D=D.bit_length() - 1, num_warps=COMBINE_ROT_WARPS if rot else 4,
+                                          **attr)
         if levels is not None:
             return xq
     else:
