@@ -6,6 +6,7 @@ tests/test_int4_matmul.py)."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -112,3 +113,34 @@ def test_op_matches_the_two_ops_on_cuda():
             h_two, gu = torch.ops.gemma4.int4_add_rms_linear(x, r, wr, w, 1e-6, guq, gus)
             want = torch.ops.gemma4.int4_glu_linear(gu[..., :I], gu[..., I:], dq, ds)
             assert torch.equal(h, h_two) and torch.equal(y, want), (H, I, (y.float() - want.float()).abs().max())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
+@pytest.mark.parametrize("n,k", [(43008, 5376), (12288, 1536)])
+def test_epilogue_leaves_the_main_loop_as_it_was(n, k):
+    """The gate / up GEMV with GLUQ compiled for sm_90 (no GPU) at the 31B's and E2B's plans: no more registers
+    (or the GEMV would hold fewer programs an SM) and the same main loop as without it, no spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from scripts.gemv1_tile_variants import _sass_loop
+
+    sig = {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16",
+           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
+           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "HALF": "i32", "GOFF": "i32",
+           "lq_ptr": "*i32", "lf_ptr": "*fp32", "lc_ptr": "*i32", "dcnt_ptr": "*i32", "DNCNT": "i32"}
+    plan = im.gemv1_plan(n, k, 128)
+    got = []
+    for gluq in (0, 1):
+        const = dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=plan.levels, GLUQ=gluq, DGROUP=128, DLEVELS=2,
+                     PDL=2, **plan.cfg.kwargs)
+        kern = triton.compile(ASTSource(im._int4_gemv1_kernel, {**{a: "constexpr" for a in const}, **sig}, const),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": plan.cfg.num_warps})
+        ops, res = _sass_loop(kern.asm["cubin"])
+        got.append((ops, int(res.split("REG:")[1].split()[0])))
+        assert "STACK:0 " in res and "LOCAL:0" in res, res
+    (loop0, reg0), (loop1, reg1) = got
+    work = lambda ops: {o: c for o, c in ops.items() if o.split(".")[0] in ("LDG", "IDP", "I2F", "FFMA", "LOP3")}  # noqa
+    # the same loads, dp4a, conversions and FMAs (ptxas may pick a move's form otherwise), no more instructions
+    assert work(loop0) and work(loop0) == work(loop1) and sum(loop1.values()) <= sum(loop0.values()) + 2 and reg1 <= reg0, got
