@@ -6,11 +6,10 @@
 R is `gemma4::hadamard` with rotate (a quantized cache holds V rotated, export/gemma4/model.py), else nothing.
 
 The two ops one after the other (`gemma4::attention` over the static cache, no chunk K/V; then
-`gemma4::int4_linear`, with the rotation between), with fewer launches at decode: where the projection's M == 1
-plan takes x as
-int8 levels (int4_matmul.gemv1_plan: the 31B's and the 26B-A4B's o_proj) and the decode step has more
-than one share per KV head (attention.decode_splits), attention's combine writes its output as those
-levels (`attention._combine`'s XQ, one group of the weight a program: the group divides D; with rotate a
+`gemma4::int4_linear`, with the rotation between), with fewer launches at decode: where the projection's
+M == 1 plan takes x as int8 levels (int4_matmul.gemv1_plan: the 31B's and the 26B-A4B's o_proj, E2B's and
+E4B's in their full layers) and the decode step has more than one share per KV head
+(attention.decode_splits), attention's combine writes its output as those levels (`attention._combine`'s XQ, one group of the weight a program: the group divides D; with rotate a
 whole head a program, rotated back first, `_combine`'s ROT) and zeroes the GEMV's split-sum counters, which
 is what the quantize kernel before the GEMV did (`int4_matmul._quant_x_kernel`); the GEMV reads them: the
 quantize kernel's launch is gone, and the rotation's. Its output is the unfused ops' bit for bit: the
