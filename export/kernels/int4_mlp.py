@@ -44,11 +44,16 @@ def _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_sca
     return N // 2, K
 
 
-def fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales) -> bool:
-    """Whether the op on CUDA at M == 1 has the gate / up GEMV write the down GEMV's x levels."""
+def _plans(gu_qweight, gu_scales, down_qweight, down_scales):
+    """(I, K, G, Gd, the gate / up GEMV's plan, the down GEMV's plan): the MLP's sizes, groups and M == 1 plans."""
     I, K = down_qweight.shape[1] * 2, gu_qweight.shape[1] * 2
     G, Gd = K // gu_scales.shape[1], I // down_scales.shape[1]
-    gu, down = gemv1_plan(2 * I, K, G), gemv1_plan(K, I, Gd)
+    return I, K, G, Gd, gemv1_plan(2 * I, K, G), gemv1_plan(K, I, Gd)
+
+
+def fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales) -> bool:
+    """Whether the op on CUDA at M == 1 has the gate / up GEMV write the down GEMV's x levels."""
+    I, K, G, Gd, gu, down = _plans(gu_qweight, gu_scales, down_qweight, down_scales)
     block_n = gu.cfg.kwargs["BLOCK_N"]
     unit = max(block_n, Gd)
     return (_m1(x.reshape(-1, K), G) and gu.xq and down.xq and (gu.splits == 1 or GEMV1_RED_XQ == 2) and I % unit == 0
@@ -60,15 +65,14 @@ def int4_add_rms_mlp(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, w
                      gu_qweight: torch.Tensor, gu_scales: torch.Tensor, down_qweight: torch.Tensor,
                      down_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, the MLP's output) of the residual add and the MLP after it (module doc)."""
-    I, K = _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
+    _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
     if not fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales):
         h, y = _add_rms_linear(x, r, weight_r, weight, eps, gu_qweight, gu_scales)
         gate, up = y.chunk(2, dim=-1)
         return h, _glu_linear(gate, up, down_qweight, down_scales)
+    I, K, _, Gd, gu, down = _plans(gu_qweight, gu_scales, down_qweight, down_scales)
     x2 = x.reshape(1, K)
     h = torch.empty_like(x2)
-    G, Gd = K // gu_scales.shape[1], I // down_scales.shape[1]
-    gu, down = gemv1_plan(2 * I, K, G), gemv1_plan(K, I, Gd)
     pdl = op_pdl_mode(x.device)  # the attribute comes from the artifact's launcher, not from here
 
     def quantize(cnt, ncnt):  # the gate / up GEMV writes the down GEMV's x levels and zeroes its counters
