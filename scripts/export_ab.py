@@ -18,7 +18,8 @@ the launches a step; `--profile-fill 0` skips it, as on a CPU artifact), and `--
 greedy decode steps, each step's CUDA-graph replay timed by CUDA events, median). The logits of a's and
 b's first runs are compared step by step (an export that changes the arithmetic changes them; a pure
 launch change keeps them bitwise). Table on stdout, JSON with `--json`: `exports`, `profile`, and per
-fill `a_ms` / `b_ms` (one median a round), `max_abs_logit_diff`, `bitwise_equal`.
+fill `a_ms` / `b_ms` (one median a round), `max_abs_logit_diff`, `rel_logit_diff` (the difference's norm over
+a's), `bitwise_equal`.
 """
 
 from __future__ import annotations
@@ -134,12 +135,13 @@ def main(argv=None) -> int:
     for f in fills:
         la, lb = logits["a"][f], logits["b"][f]
         diff = float((la - lb).abs().max())
-        row = {"a_ms": times["a"][f], "b_ms": times["b"][f], "max_abs_logit_diff": diff,
+        rel = float((la.float() - lb.float()).norm() / la.float().norm().clamp(min=1e-30))
+        row = {"a_ms": times["a"][f], "b_ms": times["b"][f], "max_abs_logit_diff": diff, "rel_logit_diff": rel,
                "bitwise_equal": bool((la == lb).all())}
         doc["fills"][f] = row
         best_a, best_b = min(row["a_ms"]), min(row["b_ms"])
         print(f"{f:>7} {best_a:8.3f} {best_b:8.3f} {best_b - best_a:+8.3f}  "
-              f"{'bitwise equal' if row['bitwise_equal'] else f'max |diff| {diff:.3g}'}")
+              f"{'bitwise equal' if row['bitwise_equal'] else f'max |diff| {diff:.3g}, rel {rel:.2e}'}")
     for n, pr in prof.items():
         print(f"{n}: {pr['kernel_ms']:.3f} ms of kernels, {pr['launches_per_step']:.0f} launches a step (PDL off)")
     if a.json:

@@ -104,14 +104,35 @@ def test_fused_mlp_switch_takes_the_activations_quantize_kernel(tmp_path):
     assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 10
 
 
+def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
+    """With GEMMA4_FUSED_CLOSE=1 a layer's last GEMV writes the layer's output (the closing add): E2B's sliding layer
+    is 11 launches and its full one 12, each ending in the per-layer projection's GEMV; the 31B's sliding layer 10
+    (its MLP op is the fused one, no activation quantize either), 9 with GEMMA4_FUSED_ATTENTION=1 too."""
+    def units(preset, layers, **env):
+        out = tmp_path / f"counts_{preset}.json"
+        r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
+                       timeout=900, env={"GEMMA4_FUSED_CLOSE": "1", **env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        (doc,) = json.loads(out.read_text())["models"]
+        return {u["unit"]: u for u in doc["units"]}
+
+    u = units("e2b", "5")
+    assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (11, 12), u
+    assert all(u[n]["kernels"][-1].startswith("_int4_gemv1_kernel") for n in ("layer0", "layer4")), u
+    u = units("31b:int4", "6")
+    assert u["layer0"]["launches"] == 10 and u["layer0"]["kernels"][-1].startswith("_int4_gemv1_kernel"), u
+    assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 9
+
+
 def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):
     """Every Triton kernel of our ops, as Inductor splices it into the decode code (with the jit functions it
     calls), compiles for sm_90: the 26B-A4B with the MoE's dp4a gate / up, the 31B with its int4 cache and E2B,
-    all with the attention's combine writing the o projection's levels and the gate / up GEMV the down's (the
-    switches an export can turn on)."""
+    all with the attention's combine writing the o projection's levels, the gate / up GEMV the down's and the layer's
+    last GEMV its closing add (the switches an export can turn on)."""
     r = run_script("scripts.count_decode_kernels", "--preset", "26b-a4b,31b:int4,e2b", "--layers", "6", "--compile",
                    "--out", str(tmp_path / "c.json"), timeout=900,
-                   env={"GEMMA4_MOE_GATE_UP_Q": "1", "GEMMA4_FUSED_ATTENTION": "1", "GEMMA4_FUSED_MLP": "1"})
+                   env={"GEMMA4_MOE_GATE_UP_Q": "1", "GEMMA4_FUSED_ATTENTION": "1", "GEMMA4_FUSED_MLP": "1",
+                        "GEMMA4_FUSED_CLOSE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for doc in json.loads((tmp_path / "c.json").read_text())["models"]:
         assert all(u["compile_failures"] == [] for u in doc["units"]), doc

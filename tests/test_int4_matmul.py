@@ -641,6 +641,12 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     NO_GLUQ = dict(GLUQ=0, HALF=0, GOFF=0, lq_ptr=torch.empty(1, dtype=torch.int32), lf_ptr=torch.empty(1),
                    lc_ptr=torch.empty(1, dtype=torch.int32), dcnt_ptr=torch.empty(1, dtype=torch.int32), DNCNT=0,
                    DGROUP=128, DLEVELS=2)
+    # CLOSE and ZC off, their pointers passed as the op passes them (x / the counters)
+    NO_CLOSE = dict(CLOSE=0, COFF=0, ch_ptr=torch.empty(1, dtype=torch.bfloat16),
+                    cw_ptr=torch.empty(1, dtype=torch.bfloat16), cs_ptr=torch.empty(1, dtype=torch.bfloat16),
+                    co_ptr=torch.empty(1, dtype=torch.bfloat16), ceps=0.0, CSTEPS=0,
+                    zc_ptr=torch.empty(1, dtype=torch.int32), ZC=0)
+    NO_GLUQ = {**NO_GLUQ, **NO_CLOSE}
     # PDL 0 and 2 (the op's mode on sm_90+: its wait is pure inline PTX, which the analysis reads)
     # bf16 x with the activation (GLU: xf_ptr is u) or with the norm (NORM: xf_ptr is its weight)
     cases = [(xq, lv, pdl, glu) for xq, lv, glu in ((True, 2, 0), (True, 1, 0), (False, 2, 1), (False, 2, 0))
@@ -701,8 +707,36 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         eps=1e-6, NORM_STEPS=0, r_ptr=x, wr_ptr=x, h_ptr=x, RES=0,
                         ui_ptr=torch.empty(1, dtype=torch.int64), UI=0, EARLY=0, GLUQ=1, HALF=I,
                         GOFF=I // 2 if red else 0, lq_ptr=i32(I // 2), lf_ptr=torch.empty(I // G), lc_ptr=i32(I // G),
-                        dcnt_ptr=i32(1344), DNCNT=1344, DGROUP=G, DLEVELS=2, **cfg.kwargs)
+                        dcnt_ptr=i32(1344), DNCNT=1344, DGROUP=G, DLEVELS=2, **NO_CLOSE, **cfg.kwargs)
             print("gluq", pdl, splits, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
+    # the layer's closing add (CLOSE): the 31B's down projection in one slice and in eight summed in-kernel (x as
+    # levels), E2B's per-layer projection (bf16 x, the table's row as the activation's up); and E2B's per-layer
+    # gate zeroing the projection's counter (ZC, with its residual add)
+    bf = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+    i32 = lambda *s: torch.empty(*s, dtype=torch.int32)
+    for pdl in (0, 2):
+        for n, k, splits, xq in ((5376, 21504, 1, True), (5376, 21504, 8, True), (1536, 256, 1, False)):
+            cfg = im.gemv1_plan(n, k, G).cfg
+            x = i32(k // 2) if xq else bf(k)
+            args = dict(x_ptr=x, xf_ptr=torch.empty(k // G) if xq else bf(4, k), xc_ptr=i32(k // G) if xq else x,
+                        w_ptr=i32(n, k // 8), s_ptr=bf(n, k // G), part_ptr=torch.empty(splits, n), y_ptr=bf(1, n),
+                        cnt_ptr=i32(n // 4 + 1), N=n, KW=k // 8, GPS=k // G // splits, SPLITS=splits,
+                        stride_ww=k // 8, stride_sn=k // G, stride_ps=n, GROUP=G, RED=2 if splits > 1 else 0, XQ=xq,
+                        ASM=True, PDL=pdl, LEVELS=2, GLU=int(not xq), NORM=0, eps=0.0, NORM_STEPS=0, r_ptr=x,
+                        wr_ptr=x, h_ptr=x, RES=0, ui_ptr=torch.empty(1, dtype=torch.int64), UI=int(not xq),
+                        EARLY=int(not xq and pdl > 0), **NO_GLUQ, **cfg.kwargs)
+            args.update(CLOSE=1, COFF=n // 4 if splits > 1 else 0, ch_ptr=bf(n), cw_ptr=bf(n), cs_ptr=bf(1),
+                        co_ptr=bf(1, n), ceps=1e-6, CSTEPS=im.norm_steps(n))
+            print("close", pdl, splits, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
+        n, k = 256, 1536
+        args = dict(x_ptr=bf(k), xf_ptr=bf(k), xc_ptr=bf(k), w_ptr=i32(n, k // 8), s_ptr=bf(n, k // G),
+                    part_ptr=torch.empty(1, 1), y_ptr=bf(1, n), cnt_ptr=i32(1), N=n, KW=k // 8, GPS=k // G, SPLITS=1,
+                    stride_ww=k // 8, stride_sn=k // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
+                    LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(k // 2), r_ptr=bf(k), wr_ptr=bf(k),
+                    h_ptr=bf(k), RES=1, ui_ptr=i32(1), UI=0, EARLY=int(pdl > 0), **NO_GLUQ,
+                    **im.gemv1_plan(n, k, G).cfg.kwargs)
+        args.update(zc_ptr=i32(1), ZC=1)
+        print("zc", pdl, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
 """)
 
 
@@ -736,6 +770,13 @@ def test_op_kernels_write_only_their_outputs():
     for pdl, splits, *written in gluq:
         want = {"cnt_ptr", "dcnt_ptr", "lc_ptr", "lf_ptr", "lq_ptr", "y_ptr"} | ({"part_ptr"} if splits == "2" else set())
         assert set(written) == want, (pdl, splits, written)
+    # the closing add (CLOSE): y, the counters and the output (with K slices the partials); ZC: h, y and the counter
+    close = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("close")]
+    assert len(close) == 6, r.stdout
+    for pdl, splits, *written in close:
+        assert set(written) == {"cnt_ptr", "co_ptr", "y_ptr"} | ({"part_ptr"} if splits == "8" else set()), written
+    zc = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("zc")]
+    assert len(zc) == 2 and all(set(w) == {"h_ptr", "y_ptr", "zc_ptr"} for _, *w in zc), zc
 
 
 _SM90_LAYOUT_SCRIPT = textwrap.dedent("""

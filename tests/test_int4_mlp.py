@@ -2,7 +2,8 @@
 up GEMV writing the down GEMV's x as int8 levels (`_int4_gemv1_kernel`'s GLUQ). The kernel against the quantize
 kernel's levels (the interpreter, CPU: bit for bit), the op's CPU kernel against the references, where the fusion
 applies, and on CUDA the op against the two ops (what torch's mutation analysis reads of the kernel:
-tests/test_int4_matmul.py)."""
+tests/test_int4_matmul.py). Then `gemma4::int4_add_rms_mlp_close`, the same with the layer's closing add written
+by the down GEMV (its CLOSE): the same four checks."""
 
 from __future__ import annotations
 
@@ -144,3 +145,127 @@ def test_epilogue_leaves_the_main_loop_as_it_was(n, k):
     work = lambda ops: {o: c for o, c in ops.items() if o.split(".")[0] in ("LDG", "IDP", "I2F", "FFMA", "LOP3")}  # noqa
     # the same loads, dp4a, conversions and FMAs (ptxas may pick a move's form otherwise), no more instructions
     assert work(loop0) and work(loop0) == work(loop1) and sum(loop1.values()) <= sum(loop0.values()) + 2 and reg1 <= reg0, got
+
+
+_CLOSE_INTERPRETED = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+    torch.manual_seed(0)
+    # fp32 (the interpreter's bf16 casts truncate): (N, K, config, slices): one slice, three and two summed in-kernel
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        for N, K, cfg, splits in [(256, 512, (64, 2, 4), 1), (1200, 768, (128, 2, 4), 3), (96, 512, (32, 1, 4), 2)]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x = torch.randn(1, K)
+            h, w, s = torch.randn(1, N) * 3, torch.rand(N) + 0.5, torch.rand(1) + 0.5
+            out = torch.full((1, N), float("nan"))
+            kern = im._gemv1_kernel(im._cfg1(*cfg))
+            seen = {}
+
+            def quantize(cnt, ncnt):
+                seen.update(cnt=cnt, n=ncnt)
+                return im._quant_x(x, 128, cnt, ncnt, levels=2)
+
+            y = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=True, red=2, quantize=quantize,
+                              close=(h, w, 1e-6, s, out))
+            y_first = im.int4_gemv1(x, qweight, scales, splits, kernel=kern, xq=True, red=2)
+            want = im.close_reference(h, y, w, 1e-6, s)
+            err = ((out - want).abs() / want.abs().clamp(min=1e-3)).max().item()
+            print("close", N, splits, torch.equal(y, y_first), err, seen["n"], int(seen["cnt"][:seen["n"]].abs().sum()))
+""")
+
+
+def test_down_gemv_writes_the_closing_add_in_the_interpreter():
+    """The GEMV with CLOSE writes y as without it and, from its last row block, (h + rms_norm(y) * w) * s over the
+    whole row (written over NaNs) as `close_reference` computes it from that y (fp32: to an ulp of the norm's
+    factor), in one slice and with the slices summed in-kernel; its counters, the row's among them, end at 0
+    (Triton interpreter, ~15 s)."""
+    rows = [ln.split()[1:] for ln in run_code(_CLOSE_INTERPRETED).splitlines() if ln.startswith("close")]
+    assert len(rows) == 3, rows
+    for n, splits, y_same, err, ncnt, left in rows:
+        assert y_same == "True" and float(err) <= 1e-5, (n, splits, err)
+        assert int(ncnt) == (1 if splits == "1" else int(n) // 4 + 1) and left == "0", (n, splits, ncnt, left)
+
+
+def test_cpu_close_kernel_is_the_mlp_then_the_closing_add():
+    """On CPU `int4_add_rms_mlp_close` is the MLP op's reference, then (h + rms_norm(y) * w) * s, in bf16 as the model's
+    ops round it; a closing weight of another width or a scalar of two elements is refused, both named."""
+    gen = torch.Generator().manual_seed(3)
+    (guq, gus), (dq, ds) = _weights(gen=gen)
+    x, r = (torch.randn(1, 1, 256, generator=gen).bfloat16() for _ in range(2))
+    wr, w, wc = ((torch.rand(256, generator=gen) + 0.5).bfloat16() for _ in range(3))
+    s = (torch.rand(1, generator=gen) + 0.5).bfloat16()
+    out = torch.ops.gemma4.int4_add_rms_mlp_close(x, r, wr, w, 1e-6, guq, gus, dq, ds, wc, s)
+    h, y = mlp.int4_add_rms_mlp_reference(x, r, wr, w, 1e-6, guq, gus, dq, ds)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, (h + im.rms_norm_reference(y, wc, 1e-6)) * s)
+    with pytest.raises(ValueError, match=r"int4_add_rms_mlp_close: the closing norm's weight \(128,\)"):
+        torch.ops.gemma4.int4_add_rms_mlp_close(x, r, wr, w, 1e-6, guq, gus, dq, ds, wc[:128], s)
+    with pytest.raises(ValueError, match=r"layer scalar \(2,\)"):
+        torch.ops.gemma4.int4_add_rms_mlp_close(x, r, wr, w, 1e-6, guq, gus, dq, ds, wc, s.repeat(2))
+
+
+@pytest.mark.parametrize("H,I,fused", [(5376, 21504, True), (1536, 6144, True), (256, 512, False)])
+def test_where_the_down_gemv_writes_the_closing_add(H, I, fused):
+    """The 31B's MLP at M == 1 in bf16 (its down GEMV sums eight slices in-kernel) and E2B's (one slice) take it; a
+    small MLP without the MLP fusion does not, nor a closing weight or scalar in another dtype."""
+    with torch.device("meta"):
+        x = torch.empty(1, 1, H, dtype=torch.bfloat16)
+        guq, gus = torch.empty(2 * I, H // 2, dtype=torch.uint8), torch.empty(2 * I, H // 128, dtype=torch.bfloat16)
+        dq, ds = torch.empty(H, I // 2, dtype=torch.uint8), torch.empty(H, I // 128, dtype=torch.bfloat16)
+        w, s = torch.empty(H, dtype=torch.bfloat16), torch.empty(1, dtype=torch.bfloat16)
+        assert mlp.fused_close_at_decode(x, x, w, w, guq, gus, dq, ds, w, s) == fused
+        assert not mlp.fused_close_at_decode(x, x, w, w, guq, gus, dq, ds, w.float(), s)
+        assert not mlp.fused_close_at_decode(x, x, w, w, guq, gus, dq, ds, w, s.float())
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_close_op_matches_the_mlp_op_and_the_add_on_cuda():
+    """The 31B's and E2B's MLPs, bf16 at M == 1: the op's output (the down GEMV's last row block writing the closing
+    add) is `int4_add_rms_mlp` then the add in torch, within an ulp or two of bf16 where the norm's factor (summed in
+    another order) rounds otherwise: 1e-2 of the output's largest element, 2e-3 over the row."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for H, I in ((5376, 21504), (1536, 6144)):
+        guq, gus = im.quantize_int4(torch.randn(2 * I, H, device="cuda", generator=gen), 128)
+        dq, ds = im.quantize_int4(torch.randn(H, I, device="cuda", generator=gen), 128)
+        for _ in range(3):
+            x, r = (torch.randn(1, 1, H, device="cuda", generator=gen).bfloat16() for _ in range(2))
+            wr, w, wc = ((torch.rand(H, device="cuda", generator=gen) + 0.5).bfloat16() for _ in range(3))
+            s = (torch.rand(1, device="cuda", generator=gen) + 0.5).bfloat16()
+            assert mlp.fused_close_at_decode(x, r, wr, w, guq, gus, dq, ds, wc, s)
+            out = torch.ops.gemma4.int4_add_rms_mlp_close(x, r, wr, w, 1e-6, guq, gus, dq, ds, wc, s).float()
+            h, y = torch.ops.gemma4.int4_add_rms_mlp(x, r, wr, w, 1e-6, guq, gus, dq, ds)
+            want = ((h + im.rms_norm_reference(y, wc, 1e-6)) * s).float()
+            assert (out - want).abs().max() <= 1e-2 * want.abs().max(), (H, I)
+            assert (out - want).norm() <= 2e-3 * want.norm(), (H, I, ((out - want).norm() / want.norm()).item())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
+def test_close_epilogue_leaves_the_down_gemv_as_it_was():
+    """The 31B's down GEMV (x as levels, eight slices summed in-kernel) with CLOSE compiled for sm_90 (no GPU): the
+    same main loop's work, no spills, and registers in the same allocation unit of 8 (so as many programs an SM)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from scripts.gemv1_tile_variants import _sass_loop
+
+    sig = {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16",
+           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
+           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "COFF": "i32",
+           "ch_ptr": "*bf16", "cw_ptr": "*bf16", "cs_ptr": "*bf16", "co_ptr": "*bf16", "ceps": "fp64"}
+    plan = im.gemv1_plan(5376, 21504, 128)
+    got = []
+    for close in (0, 1):
+        const = dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=plan.levels, GLUQ=0, CLOSE=close,
+                     CSTEPS=im.norm_steps(5376), PDL=2, **plan.cfg.kwargs)
+        kern = triton.compile(ASTSource(im._int4_gemv1_kernel, {**{a: "constexpr" for a in const}, **sig}, const),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": plan.cfg.num_warps})
+        ops, res = _sass_loop(kern.asm["cubin"])
+        got.append((ops, int(res.split("REG:")[1].split()[0])))
+        assert "STACK:0 " in res and "LOCAL:0" in res, res
+    (loop0, reg0), (loop1, reg1) = got
+    work = lambda ops: {o: c for o, c in ops.items() if o.split(".")[0] in ("LDG", "IDP", "I2F", "FFMA", "LOP3")}  # noqa
+    # the same loads, dp4a, conversions and FMAs (ptxas may pick a move's form otherwise), no more instructions
+    assert work(loop0) and work(loop0) == work(loop1) and sum(loop1.values()) <= sum(loop0.values()) + 2, got
+    assert -(-reg1 // 8) == -(-reg0 // 8), (reg0, reg1)

@@ -114,6 +114,32 @@ _SCRIPT = textwrap.dedent("""
             "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp32"},
            dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=0, NORM=1, NORM_STEPS=im.norm_steps(768),
                 **cfg.kwargs), cfg.num_warps)
+    # the layer's closing add in the last GEMV (CLOSE): the 31B's down projection (x as levels, eight slices summed
+    # in-kernel), E2B's per-layer projection (bf16 x, the table's row as up); E2B's per-layer gate zeroing the
+    # projection's counter (ZC, with its residual add)
+    close = {"COFF": "i32", "ch_ptr": "*bf16", "cw_ptr": "*bf16", "cs_ptr": "*bf16", "co_ptr": "*bf16", "ceps": "fp32"}
+    cfg = im.gemv1_plan(5376, 21504, 128).cfg
+    report("gemv1-close", im._int4_gemv1_kernel,
+           {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", **close},
+           dict(GROUP=128, RED=2, XQ=True, ASM=True, LEVELS=2, CLOSE=1, CSTEPS=im.norm_steps(5376), **cfg.kwargs),
+           cfg.num_warps)
+    cfg = im.gemv1_plan(1536, 256, 128).cfg
+    report("gemv1-glu-close", im._int4_gemv1_kernel,
+           {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "ui_ptr": "*i64", **close},
+           dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, GLU=1, UI=1, EARLY=1, CLOSE=1,
+                CSTEPS=im.norm_steps(1536), **cfg.kwargs), cfg.num_warps)
+    cfg = im.gemv1_plan(256, 1536, 128).cfg
+    report("gemv1-res-zc", im._int4_gemv1_kernel,
+           {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "part_ptr": "*fp32",
+            "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32", "SPLITS": "i32",
+            "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp32", "r_ptr": "*bf16",
+            "wr_ptr": "*bf16", "h_ptr": "*bf16", "zc_ptr": "*i32"},
+           dict(GROUP=128, RED=0, XQ=False, ASM=True, LEVELS=2, RES=1, EARLY=1, ZC=1, NORM_STEPS=im.norm_steps(768),
+                **cfg.kwargs), cfg.num_warps)
     quant = {"x_ptr": "*bf16", "u_ptr": "*bf16", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32",
              "cnt_ptr": "*i32", "NG": "i32", "NCNT": "i32"}
     report("quant_x", im._quant_x_kernel, quant, dict(GROUP=128, GB=im.QUANT_X_GROUPS, LEVELS=1, GLU=1), 4)
@@ -173,9 +199,8 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "combine-xq", "combine-xq-rot", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu", "gemv1-norm", "quant_x",
-                         "quant_x-norm",
-                         "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_gate_up_q",
+                         "combine-xq", "combine-xq-rot", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu", "gemv1-norm",
+                         "gemv1-close", "gemv1-glu-close", "gemv1-res-zc", "quant_x", "quant_x-norm", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_gate_up_q",
                          "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither

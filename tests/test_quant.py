@@ -329,6 +329,41 @@ def test_packed_mlp_after_the_residual_add_is_one_op_with_its_switch(monkeypatch
     assert torch.equal(fused, plain)
 
 
+def test_packed_layer_end_is_one_op_with_its_switch(monkeypatch):
+    """With GEMMA4_FUSED_CLOSE=1 a layer hands its packed linears its closing residual add too: a layer without
+    per-layer inputs its MLP half as one op (gemma4::int4_add_rms_mlp_close: at decode on CUDA the down GEMV writes the
+    layer's output), one with them (E2B / E4B) the per-layer gate, projection and add (gemma4::int4_add_ple_close);
+    at prefill and decode alike. Unset (the default) or "0": the ops before, the add in aten ops. On CPU the ops are
+    the references, so the logits are the same exactly."""
+    import dataclasses
+
+    tok = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(8))
+
+    def run(cfg):
+        model = randomize_(Gemma4Model(cfg, ctx=32, prefill_chunk=4), seed=0).eval()
+        quantize_(model.to(torch.bfloat16), QuantRecipe(group_size=32), TargetDevice.CUDA)
+        seen = []
+        with torch.no_grad(), RecordOps(seen):
+            logits = torch.cat([model(tok[:, :4], torch.tensor([0])), model(tok[:, 4:], torch.tensor([4]))], 1)
+        return seen, logits.float()
+
+    # per-layer inputs 32 wide: the projection packed too (8, the tiny preset's, is below the group)
+    tiny = PRESETS["tiny"]
+    n = tiny.num_hidden_layers
+    for cfg, op in ((dataclasses.replace(tiny, hidden_size_per_layer_input=32), "int4_add_ple_close"),
+                    (dataclasses.replace(tiny, hidden_size_per_layer_input=0), "int4_add_rms_mlp_close")):
+        monkeypatch.delenv("GEMMA4_FUSED_CLOSE", raising=False)
+        for switch in (None, "0"):
+            if switch is not None:
+                monkeypatch.setenv("GEMMA4_FUSED_CLOSE", switch)
+            seen, plain = run(cfg)
+            assert not any(s.endswith("_close.default") for s in seen), op
+        monkeypatch.setenv("GEMMA4_FUSED_CLOSE", "1")
+        seen, fused = run(cfg)
+        assert seen.count(f"gemma4.{op}.default") == 2 * n and sum(s.endswith("_close.default") for s in seen) == 2 * n
+        assert torch.equal(fused, plain), op
+
+
 def _one_shot(weight: torch.Tensor, group: int):
     from export.kernels.int4_matmul import quantize_int4
     return quantize_int4(weight, group)

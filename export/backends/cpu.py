@@ -6,7 +6,8 @@ RTLD_GLOBAL). Every `aoti_torch_cpu_*` shim exists there, so unlike the CUDA bac
 fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls such as
 `aoti_torch_cpu_addmm_out`. No custom passes; the decompositions turn the project's custom ops
 (export/kernels/: `gemma4::int4_linear`, `gemma4::int4_glu_linear`, `gemma4::int4_rms_linear`,
-`gemma4::int4_add_rms_linear`, `gemma4::int4_add_linear`, `gemma4::int4_add_rms_mlp`, `gemma4::attention`,
+`gemma4::int4_add_rms_linear`, `gemma4::int4_add_linear`, `gemma4::int4_add_rms_mlp`,
+`gemma4::int4_add_rms_mlp_close`, `gemma4::int4_add_ple_close`, `gemma4::attention`,
 `gemma4::attention_int4_linear`, `gemma4::hadamard`, `gemma4::moe_route`, `gemma4::moe_experts_int4`,
 `gemma4::moe_rms_experts_int4`) into their plain-torch references, so the .so needs no Python op.
 """
@@ -36,7 +37,8 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
     def get_decomposition_table(cls) -> dict[Any, Any]:
         from export.kernels.attention import attention_reference
         from export.kernels.attention_linear import attention_int4_linear_reference
-        from export.kernels.int4_mlp import int4_add_rms_mlp_reference
+        from export.kernels.int4_mlp import int4_add_rms_mlp_close_reference, int4_add_rms_mlp_reference
+        from export.kernels.int4_ple import int4_add_ple_close_reference
         from export.kernels.hadamard import hadamard_reference
         from export.kernels.int4_matmul import (int4_add_linear_reference, int4_add_rms_linear_reference,
                                                 int4_glu_linear_reference, int4_linear_reference,
@@ -49,6 +51,8 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
                 torch.ops.gemma4.int4_add_rms_linear.default: int4_add_rms_linear_reference,
                 torch.ops.gemma4.int4_add_linear.default: int4_add_linear_reference,
                 torch.ops.gemma4.int4_add_rms_mlp.default: int4_add_rms_mlp_reference,
+                torch.ops.gemma4.int4_add_rms_mlp_close.default: int4_add_rms_mlp_close_reference,
+                torch.ops.gemma4.int4_add_ple_close.default: int4_add_ple_close_reference,
                 torch.ops.gemma4.attention.default: attention_reference,
                 torch.ops.gemma4.attention_int4_linear.default: attention_int4_linear_reference,
                 torch.ops.gemma4.hadamard.default: hadamard_reference,

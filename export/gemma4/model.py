@@ -303,6 +303,35 @@ class MLP(nn.Module):
         h = x + post_norm(r)
         return h, self(h, norm)
 
+    def closing(self, x, r, post_norm: nn.Module, norm: nn.Module, close_norm: nn.Module, scalar: torch.Tensor):
+        """(h + close_norm(self(norm(h)))) * scalar with h = x + post_norm(r): a layer's MLP half and its closing
+        residual add (a layer without per-layer inputs or experts). A packed int4 gate / up takes it all into one
+        op (quant.PackedInt4Linear.forward_add_rms_mlp_close: with its switch on, at decode on CUDA the down
+        GEMV's last row block writes the layer's output, no kernel of its own for the add)."""
+        fused = getattr(self, "gate_up_proj", None)
+        with_close = getattr(fused, "forward_add_rms_mlp_close", None)
+        if (with_close is not None and getattr(self.down_proj, "forward_glu", None) is not None
+                and all(n.weight is not None for n in (post_norm, norm, close_norm))
+                and post_norm.eps == norm.eps == close_norm.eps):
+            return with_close(self.down_proj, x, r, post_norm.weight, norm.weight, norm.eps, close_norm.weight, scalar)
+        h, out = self.after_residual(x, r, post_norm, norm)
+        return (h + close_norm(out)) * scalar
+
+
+def ple_closing(gate: nn.Module, proj: nn.Module, x: torch.Tensor, r: torch.Tensor, norm: nn.Module,
+                table: torch.Tensor, index: torch.Tensor, close_norm: nn.Module, scalar: torch.Tensor) -> torch.Tensor:
+    """(h + close_norm(proj(gelu_tanh(gate(h)) * table[index]))) * scalar with h = x + norm(r): the MLP's output
+    into the residual stream, the per-layer-input gate and projection (E2B / E4B) and the closing residual add.
+    Packed int4 linears take it all into one op (quant.PackedInt4Linear.forward_add_ple_close: with its switch
+    on, at decode on CUDA the projection's GEMV writes the layer's output, no kernel of its own for the add)."""
+    with_close = getattr(gate, "forward_add_ple_close", None)
+    if (with_close is not None and getattr(proj, "forward_glu", None) is not None and norm.weight is not None
+            and close_norm.weight is not None and norm.eps == close_norm.eps):
+        return with_close(proj, x, r, norm.weight, norm.eps, table, index, close_norm.weight, scalar)
+    h, g = add_linear(gate, x, r, norm)
+    p = glu_linear(proj, g, table, index)
+    return (h + close_norm(p)) * scalar
+
 
 def experts_of_norm(experts: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor,
                     norm: nn.Module) -> torch.Tensor:
@@ -388,18 +417,20 @@ class DecoderLayer(nn.Module):
         """-> (x, fresh): see Attention.forward. ple: every layer's per-layer inputs (1, T, layers, P), this
         layer's at `ple_index` (None without them)."""
         attn, fresh = self.self_attn(x, cos, sin, pos, cache, fresh, norm=self.input_layernorm)
+        if not self.moe and not self.ple:  # the MLP half and the closing add (one op for packed linears)
+            return self.mlp.closing(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                                    self.post_feedforward_layernorm, self.layer_scalar), fresh
         h, out = self.mlp.after_residual(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm)
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
             flat = h.reshape(-1, h.shape[-1])
             w, idx = self.router(flat)
             moe = experts_of_norm(self.experts, flat, w, idx, self.pre_feedforward_layernorm_2).view(h.shape)
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
-        if self.ple:  # the residual add and the per-layer-input gate after it
-            h, gate = add_linear(self.per_layer_input_gate, h, out, self.post_feedforward_layernorm)
-            p = glu_linear(self.per_layer_projection, gate, ple, self.ple_index)
-            h = h + self.post_per_layer_input_norm(p)
-        else:
-            h = h + self.post_feedforward_layernorm(out)
+        if self.ple:  # the residual add, the per-layer-input gate and projection, the closing add
+            return ple_closing(self.per_layer_input_gate, self.per_layer_projection, h, out,
+                               self.post_feedforward_layernorm, ple, self.ple_index, self.post_per_layer_input_norm,
+                               self.layer_scalar), fresh
+        h = h + self.post_feedforward_layernorm(out)
         return h * self.layer_scalar, fresh
 
 

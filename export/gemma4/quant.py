@@ -186,6 +186,10 @@ FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
 # "1" in an exporting process: a layer's gate / up GEMV also writes the down GEMV's x levels (one op for the MLP
 # after its residual add; checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh fused_mlp_ab); else two ops
 FUSED_MLP_ENV = "GEMMA4_FUSED_MLP"
+# "1" in an exporting process: a layer's last GEMV also writes the layer's output, its closing residual add (the
+# down projection's with the MLP as one op, which FUSED_MLP_ENV's fusion is then part of; E2B / E4B's per-layer
+# projection's); checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh fused_close_ab; else the add's kernel
+FUSED_CLOSE_ENV = "GEMMA4_FUSED_CLOSE"
 FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms stay aten ops (an A/B switch)
 
 
@@ -287,6 +291,34 @@ class PackedInt4Linear(nn.Module):
             return h, down.forward_glu(gate, up)
         return torch.ops.gemma4.int4_add_rms_mlp(x, r, weight_r, weight, eps, self.qweight, self.scales, down.qweight,
                                                  down.scales)
+
+    def forward_add_rms_mlp_close(self, down: "PackedInt4Linear", x: torch.Tensor, r: torch.Tensor,
+                                  weight_r: torch.Tensor, weight: torch.Tensor, eps: float, weight_c: torch.Tensor,
+                                  scalar: torch.Tensor) -> torch.Tensor:
+        """(h + rms_norm(y) * weight_c) * scalar with (h, y) = forward_add_rms_mlp(...): a layer's MLP half and its
+        closing residual add, as one op where FUSED_CLOSE_ENV is "1" (export/kernels/int4_mlp.py
+        `int4_add_rms_mlp_close`: at decode on CUDA the down GEMV's last row block writes it, no kernel of its own);
+        else forward_add_rms_mlp, then the add in aten ops."""
+        from export.kernels.int4_mlp import close_reference  # registers torch.ops.gemma4.int4_add_rms_mlp_close
+        if os.environ.get(FUSED_CLOSE_ENV, "0") != "1" or not fused_norms():
+            h, y = self.forward_add_rms_mlp(down, x, r, weight_r, weight, eps)
+            return close_reference(h, y, weight_c, eps, scalar)
+        return torch.ops.gemma4.int4_add_rms_mlp_close(x, r, weight_r, weight, eps, self.qweight, self.scales,
+                                                       down.qweight, down.scales, weight_c, scalar)
+
+    def forward_add_ple_close(self, proj: "PackedInt4Linear", x: torch.Tensor, r: torch.Tensor,
+                              weight_r: torch.Tensor, eps: float, table: torch.Tensor, index: torch.Tensor,
+                              weight_c: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+        """(h + rms_norm(p) * weight_c) * scalar with (h, g) = forward_add(x, r, weight_r, eps) (this linear the
+        per-layer-input gate) and p = proj.forward_glu(g, table, index): E2B / E4B's layer end as one op where
+        FUSED_CLOSE_ENV is "1" (export/kernels/int4_ple.py `int4_add_ple_close`: at decode on CUDA the
+        projection's GEMV writes it, no kernel of its own); else the two ops, then the add in aten ops."""
+        from export.kernels.int4_ple import close_reference  # registers torch.ops.gemma4.int4_add_ple_close
+        if os.environ.get(FUSED_CLOSE_ENV, "0") != "1" or not fused_norms():
+            h, g = self.forward_add(x, r, weight_r, eps)
+            return close_reference(h, proj.forward_glu(g, table, index), weight_c, eps, scalar)
+        return torch.ops.gemma4.int4_add_ple_close(x, r, weight_r, eps, self.qweight, self.scales, table, index,
+                                                   proj.qweight, proj.scales, weight_c, scalar)
 
     def forward_add(self, x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,7 +69,10 @@ Two ops elsewhere feed the M == 1 GEMV x's levels from a kernel that computes x 
 `gemma4::attention_int4_linear` (export/kernels/attention_linear.py: the decode combine writes the o_proj's)
 and `gemma4::int4_add_rms_mlp` (export/kernels/int4_mlp.py: the gate / up GEMV writes the down GEMV's, its
 GLUQ epilogue `_glu_levels`, `int4_gemv1`'s glu_out); both write through `_store_levels`, and the GEMV takes
-them through `int4_gemv1`'s quantize.
+them through `int4_gemv1`'s quantize. Two more end a decoder layer in its last GEMV, whose last row block
+writes the closing residual add (h + rms_norm(y) * w) * scalar (the CLOSE epilogue `_close_row`, `int4_gemv1`'s
+close; `close_reference`): `gemma4::int4_add_rms_mlp_close` (export/kernels/int4_mlp.py, the down GEMV) and
+`gemma4::int4_add_ple_close` (export/kernels/int4_ple.py, E2B / E4B's per-layer projection).
 
 The CPU kernels of the ops are `int4_linear_reference`, `int4_glu_linear_reference`,
 `int4_rms_linear_reference`, `int4_add_rms_linear_reference` and `int4_add_linear_reference` (plain aten ops,
@@ -866,6 +869,39 @@ def _glu_levels(y_ptr, gcnt_ptr, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, 
         tl.store(gcnt_ptr + unit, 0)
 
 
+@triton.jit
+def _close_row(y_ptr, ccnt_ptr, h_ptr, wc_ptr, sc_ptr, o_ptr, N, eps, CSTEPS: tl.constexpr):
+    """`_int4_gemv1_kernel`'s CLOSE epilogue, run by the program that wrote a row block of y: it bumps the
+    row's counter (zeroed before the launch; the release as RED 2's) and the last of the grid's row blocks
+    writes out = (h + rms_norm(y) * wc) * sc[0], each step rounded as the model's ops leave it (the norm to
+    y's dtype, the sum to h's, the product to out's): a layer's closing residual add after its last
+    projection (`close_reference`), in CSTEPS NORM_BLOCK-wide steps whose loads are in flight together. The
+    counter goes back to 0. (With PDL every pointer here comes offset by the wait's 0.)"""
+    tl.debug_barrier()  # every thread's rows stored; one thread's gpu-scope acq_rel atomic releases them
+    arrived = tl.atomic_add(ccnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        ys = []
+        hs = []
+        ws = []
+        ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(CSTEPS):
+            o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+            m = o < N
+            yv = tl.load(y_ptr + o, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+            ss += yv * yv
+            ys = ys + [yv]
+            hs = hs + [tl.load(h_ptr + o, mask=m, other=0.0)]
+            ws = ws + [tl.load(wc_ptr + o, mask=m, other=0.0)]
+        inv = 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / N + tl.cast(eps, tl.float32))
+        s = tl.load(sc_ptr).to(tl.float32)
+        for i in tl.static_range(CSTEPS):
+            o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+            hv = _residual(hs[i].to(tl.float32), ys[i], ws[i].to(tl.float32), inv, y_ptr.dtype.element_ty,
+                           h_ptr.dtype.element_ty)
+            tl.store(o_ptr + o, (hv * s).to(o_ptr.dtype.element_ty), mask=o < N)
+        tl.store(ccnt_ptr, 0)
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
 def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
@@ -876,7 +912,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        h_ptr=None, RES: tl.constexpr = 0, ui_ptr=None, UI: tl.constexpr = 0,
                        EARLY: tl.constexpr = 0, GLUQ: tl.constexpr = 0, HALF=0, GOFF=0, lq_ptr=None,
                        lf_ptr=None, lc_ptr=None, dcnt_ptr=None, DNCNT=0, DGROUP: tl.constexpr = 128,
-                       DLEVELS: tl.constexpr = 2):
+                       DLEVELS: tl.constexpr = 2, CLOSE: tl.constexpr = 0, COFF=0, ch_ptr=None, cw_ptr=None,
+                       cs_ptr=None, co_ptr=None, ceps=0.0, CSTEPS: tl.constexpr = 0, zc_ptr=None,
+                       ZC: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -919,6 +957,12 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     the unit reads its gate and
     up rows back and writes their groups (`_glu_levels`); those programs also zero the down GEMV's DNCNT
     counters (dcnt_ptr). The activation's quantize kernel takes no launch.
+    CLOSE (one slice, or RED 2; not with GLUQ): the kernel also writes the layer's output after its last
+    projection, co = (ch + rms_norm(y) * cw) * cs[0] (eps ceps; `close_reference`): each program that writes a
+    row block of y bumps the row's counter (cnt_ptr's at COFF, after RED 2's; zeroed before the launch) and
+    the last of them computes it (`_close_row`, CSTEPS `norm_steps(N)`). The closing add's kernel takes no
+    launch. ZC (with RES): the first program also zeroes zc_ptr[0] (a counter of the GEMV after this one, for
+    a bf16-x GEMV whose counters no quantize kernel zeroes).
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -955,6 +999,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             x_ptr, xf_ptr, xc_ptr = x_ptr + z, xf_ptr + z, xc_ptr + z
             if RES:
                 r_ptr, wr_ptr, h_ptr = r_ptr + z, wr_ptr + z, h_ptr + z
+            if ZC:
+                zc_ptr = zc_ptr + z
         xw = x_ptr.to(tl.pointer_type(tl.int32))  # bf16 pairs (x[2p], x[2p + 1]) as one word, or XQ's words
         uw = xf_ptr.to(tl.pointer_type(tl.int32))  # GLU: u's bf16 pairs; NORM: the norm weight's
         if UI:  # u: the table's row ui_ptr[0] (K / 2 pairs a row)
@@ -970,6 +1016,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             wrw = wr_ptr.to(tl.pointer_type(tl.int32))
             inv_r = _inv_rms(rw, KW * 8, eps, 1, NORM_STEPS)
             if (pid_n == 0) & (pid_k == 0):  # h for the model's next ops, once: the pairs the tiles compute
+                if ZC:  # the next GEMV's counter (its wait follows this kernel's end)
+                    tl.store(zc_ptr, 0)
                 for i in range(0, KW * 4, NORM_BLOCK):  # (values bf16 holds exactly: the casts round nothing)
                     o = i + tl.arange(0, NORM_BLOCK)
                     m = o < KW * 4
@@ -1001,11 +1049,16 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         y_ptr, part_ptr, cnt_ptr = y_ptr + zw, part_ptr + zw, cnt_ptr + zw
         if GLUQ:
             lq_ptr, lf_ptr, lc_ptr, dcnt_ptr = lq_ptr + zw, lf_ptr + zw, lc_ptr + zw, dcnt_ptr + zw
+        if CLOSE:
+            ch_ptr, cw_ptr, cs_ptr, co_ptr = ch_ptr + zw, cw_ptr + zw, cs_ptr + zw, co_ptr + zw
+    tl.static_assert(not (CLOSE and GLUQ), "CLOSE: the layer's last GEMV, not the gate / up")
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
         if GLUQ:
             _glu_levels(y_ptr, cnt_ptr + GOFF, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, pid_n, BLOCK_N, DGROUP,
                         DLEVELS)
+        if CLOSE:
+            _close_row(y_ptr, cnt_ptr + COFF, ch_ptr, cw_ptr, cs_ptr, co_ptr, N, ceps, CSTEPS)
     elif RED == 0:
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
     else:
@@ -1021,6 +1074,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             if GLUQ:
                 _glu_levels(y_ptr, cnt_ptr + GOFF, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, pid_n, BLOCK_N,
                             DGROUP, DLEVELS)
+            if CLOSE:
+                _close_row(y_ptr, cnt_ptr + COFF, ch_ptr, cw_ptr, cs_ptr, co_ptr, N, ceps, CSTEPS)
 
 
 @triton.jit
@@ -1427,7 +1482,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
                red: int | None = None, xq: bool | None = None, pdl_quant: int = 0, pdl_gemv: int = 0,
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
                res: tuple | None = None, up_index: torch.Tensor | None = None, early: bool | None = None,
-               quantize=None, glu_out: tuple | None = None):
+               quantize=None, glu_out: tuple | None = None, close: tuple | None = None,
+               cnt: torch.Tensor | None = None, zero: torch.Tensor | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1450,6 +1506,11 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     glu_out (a kernel of one config; one slice or red 2; W the gate rows then the up rows): ((planes, factors,
     corrections), group, levels, counters, count): the kernel also writes the levels of gelu_tanh(gate) * up
     for a GEMV of that group and levels, and zeroes that GEMV's counters[:count] (`_int4_gemv1_kernel`'s GLUQ).
+    close (one slice or red 2; not with glu_out): (h [1, N], weight [N], eps, scalar [1], out [1, N]): the kernel
+    also writes out = (h + rms_norm(y) * weight) * scalar (`close_reference`; its CLOSE), its counter the last
+    of the counters. cnt (bf16 x): the counters, zeroed by the caller's kernels before this one (at least
+    as many as the launch uses; else a torch.zeros of their own where it uses any). zero (bf16 x with res): an
+    int32 counter the GEMV's first program zeroes (`_int4_gemv1_kernel`'s ZC).
     """
     N, K, G = _check(x2, qweight, scales)
     early = GEMV1_EARLY if early is None else early
@@ -1476,7 +1537,17 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
             raise ValueError(f"int4_gemv1 glu_out: one slice or red 2 (got {splits}, {red}) and one config whose "
                              f"BLOCK_N and the group {glu_out[1]} divide N / 2 = {N // 2}, one the other")
         ncnt += N // 2 // unit
-    cnt = (torch.zeros if ncnt and not xq else torch.empty)((max(ncnt, 1),), device=x2.device, dtype=torch.int32)
+    coff = ncnt
+    if close is not None:  # the row's counter after the others (`_close_row`)
+        if (splits > 1 and red != 2) or glu_out is not None:
+            raise ValueError(f"int4_gemv1 close: one slice or red 2 (got {splits}, {red}), not with glu_out")
+        ncnt += 1
+    assert zero is None or (res is not None and not xq)
+    if cnt is None:
+        cnt = (torch.zeros if ncnt and not xq else torch.empty)((max(ncnt, 1),), device=x2.device, dtype=torch.int32)
+    elif xq or cnt.numel() < ncnt or cnt.dtype != torch.int32:
+        raise ValueError(f"int4_gemv1 cnt: {ncnt} int32 counters for a bf16-x launch (got {cnt.numel()} "
+                         f"{cnt.dtype}{', x as levels' if xq else ''})")
     assert quantize is None or (xq and up is None and norm is None and res is None)
     xin, xf, xc = ((quantize(cnt, ncnt) if quantize is not None
                     else _quant_x(x2, G, cnt, ncnt, pdl_quant, levels, pdl_attr, up, norm, res)) if xq
@@ -1495,7 +1566,11 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         GOFF=nsplit, lq_ptr=glu_out[0][0] if glu_out else x2, lf_ptr=glu_out[0][1] if glu_out else x2,
         lc_ptr=glu_out[0][2] if glu_out else x2, dcnt_ptr=glu_out[3] if glu_out else x2,
         DNCNT=glu_out[4] if glu_out else 0, DGROUP=glu_out[1] if glu_out else 128,
-        DLEVELS=glu_out[2] if glu_out else 2, **_pdl_args(pdl_gemv, pdl_attr))
+        DLEVELS=glu_out[2] if glu_out else 2, CLOSE=int(close is not None), COFF=coff,
+        ch_ptr=close[0] if close else x2, cw_ptr=close[1] if close else x2, cs_ptr=close[3] if close else x2,
+        co_ptr=close[4] if close else x2, ceps=float(close[2]) if close else 0.0,
+        CSTEPS=norm_steps(N) if close else 0, zc_ptr=zero if zero is not None else cnt,
+        ZC=int(zero is not None), **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
@@ -1730,6 +1805,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return (y * weight.float()).to(x.dtype)
 
 
+def close_reference(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                    scalar: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's closing residual add after its last projection y: (h + rms_norm(y) * weight) * scalar
+    (export/gemma4/model.py, DecoderLayer.forward's end)."""
+    return (h + rms_norm_reference(y, weight, eps)) * scalar
+
+
 def _check_norm(x, weight, qweight, scales):
     N, K, G = _check(x, qweight, scales)
     if tuple(weight.shape) != (K,):
@@ -1848,6 +1930,11 @@ def int4_add_linear(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, ep
     per-layer-input gate after it). At M == 1 where the GEMV takes bf16 x (small weights, `gemv1_plan`) and
     the weights are in x's dtype, the GEMV computes the add as it loads x and its first program writes h:
     no kernel of its own. Otherwise aten ops for h (Inductor fuses them) and `int4_linear`'s path."""
+    return _add_linear(x, r, weight_r, eps, qweight, scales)
+
+
+def _add_linear(x, r, weight_r, eps: float, qweight, scales):
+    """`int4_add_linear`'s body (the ops' shared implementation)."""
     N, K, G = _check_add(x, r, weight_r, qweight, scales)
     x2 = x.reshape(-1, K).contiguous()
     if _m1(x2, G) and not gemv1_plan(N, K, G).xq and weight_r.dtype == x.dtype and r.dtype == x.dtype:

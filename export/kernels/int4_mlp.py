@@ -14,7 +14,20 @@ unit of rows computes them) and zeroes that GEMV's counters, which is what the a
 did. Bit for bit the two ops: the activation is rounded to the gate / up output's dtype before it is
 quantized, as that kernel read it. Elsewhere (a prefill chunk, a plan with bf16 x, CPU) the two ops' paths.
 
-The CPU kernel and the CPU backend's decomposition is `int4_add_rms_mlp_reference`.
+    int4_add_rms_mlp_close(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales,
+                           weight_c, scalar) -> out
+        h, y = int4_add_rms_mlp(x, r, weight_r, weight, eps, ...)
+        out = (h + rms_norm(y, weight_c, eps)) * scalar
+
+is the layer's whole MLP half with its closing residual add (a layer without per-layer inputs or experts:
+the 31B's): where the fused op applies and the down GEMV runs one slice or sums its slices in-kernel, the
+down GEMV's last row block writes out (`int4_matmul._int4_gemv1_kernel`'s CLOSE, `_close_row`; its counter
+zeroed with the down GEMV's by the gate / up writers), the closing add's kernel gone. The norm's sum in
+another order than torch's (within an ulp or two of the factor, as the GEMVs' own norms). Elsewhere the MLP
+op's paths, then the add in aten ops.
+
+The CPU kernels and the CPU backend's decompositions are `int4_add_rms_mlp_reference` and
+`int4_add_rms_mlp_close_reference`.
 """
 
 from __future__ import annotations
@@ -23,8 +36,8 @@ import torch
 from torch.library import triton_op
 
 from export.kernels.int4_matmul import (_add_rms_linear, _check_residual, _gemv1_kernel, _glu_linear, _m1,
-                                        GEMV1_RED_XQ, gemv1_plan, int4_add_rms_linear_reference, int4_gemv1,
-                                        int4_glu_linear_reference, levels_buffers)
+                                        GEMV1_RED_XQ, close_reference, gemv1_plan, int4_add_rms_linear_reference,
+                                        int4_gemv1, int4_glu_linear_reference, levels_buffers)
 from export.kernels.pdl import op_pdl_mode
 
 
@@ -66,10 +79,21 @@ def int4_add_rms_mlp(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, w
                      down_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, the MLP's output) of the residual add and the MLP after it (module doc)."""
     _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
+    return _mlp(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales)
+
+
+def _mlp(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales):
+    """`int4_add_rms_mlp`'s body: the fused path where it applies, else the two ops'."""
     if not fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales):
         h, y = _add_rms_linear(x, r, weight_r, weight, eps, gu_qweight, gu_scales)
         gate, up = y.chunk(2, dim=-1)
         return h, _glu_linear(gate, up, down_qweight, down_scales)
+    return _fused(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales)
+
+
+def _fused(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales, close=None):
+    """(h, y) of the fused path (`fused_at_decode`); close (weight_c, scalar, out [1, K]): the down GEMV also
+    writes the closing add into out (`int4_gemv1`'s close)."""
     I, K, _, Gd, gu, down = _plans(gu_qweight, gu_scales, down_qweight, down_scales)
     x2 = x.reshape(1, K)
     h = torch.empty_like(x2)
@@ -84,8 +108,10 @@ def int4_add_rms_mlp(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, w
         return levels
 
     shape = x2.new_empty((1, I))  # the down GEMV's x: its shape and dtype (the levels are its values)
+    closing = None if close is None else (h, close[0].contiguous(), eps, close[1].reshape(1), close[2])
     y = int4_gemv1(shape, down_qweight, down_scales, down.splits, kernel=_gemv1_kernel(down.cfg), xq=True,
-                   levels=down.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, quantize=quantize)
+                   levels=down.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, quantize=quantize,
+                   close=closing)
     return h.reshape(x.shape), y.reshape(x.shape)
 
 
@@ -99,3 +125,55 @@ def _(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_sca
 def _(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales):
     _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
     return int4_add_rms_mlp_reference(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales)
+
+
+def int4_add_rms_mlp_close_reference(x, r, weight_r, weight, eps: float, gu_qweight, gu_scales, down_qweight,
+                                     down_scales, weight_c, scalar):
+    h, y = int4_add_rms_mlp_reference(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales)
+    return close_reference(h, y, weight_c, eps, scalar)
+
+
+def _check_close(x, weight_c, scalar, K: int) -> None:
+    if tuple(weight_c.shape) != (K,) or scalar.numel() != 1:
+        raise ValueError(f"int4_add_rms_mlp_close: the closing norm's weight {tuple(weight_c.shape)} and the layer "
+                         f"scalar {tuple(scalar.shape)} for x {tuple(x.shape)} ((K,) and one element)")
+
+
+def fused_close_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales, weight_c,
+                          scalar) -> bool:
+    """Whether the op on CUDA at M == 1 has the down GEMV write the closing add too (`fused_at_decode`, and the
+    down GEMV runs one slice or sums its slices in-kernel)."""
+    down = _plans(gu_qweight, gu_scales, down_qweight, down_scales)[5]
+    return (fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
+            and (down.splits == 1 or GEMV1_RED_XQ == 2) and weight_c.dtype == x.dtype and scalar.dtype == x.dtype)
+
+
+@triton_op("gemma4::int4_add_rms_mlp_close", mutates_args={})
+def int4_add_rms_mlp_close(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor, weight: torch.Tensor, eps: float,
+                           gu_qweight: torch.Tensor, gu_scales: torch.Tensor, down_qweight: torch.Tensor,
+                           down_scales: torch.Tensor, weight_c: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+    """The layer's output after its MLP: the residual add, the MLP and the closing add (module doc)."""
+    _, K = _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
+    _check_close(x, weight_c, scalar, K)
+    if not fused_close_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales, weight_c,
+                                 scalar):
+        h, y = _mlp(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales)
+        return close_reference(h, y, weight_c, eps, scalar)
+    out = torch.empty((1, K), device=x.device, dtype=x.dtype)
+    _fused(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales, (weight_c, scalar, out))
+    return out.reshape(x.shape)
+
+
+@int4_add_rms_mlp_close.register_fake
+def _(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales, weight_c, scalar):
+    _, K = _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
+    _check_close(x, weight_c, scalar, K)
+    return torch.empty_like(x)
+
+
+@int4_add_rms_mlp_close.register_kernel("cpu")
+def _(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight, down_scales, weight_c, scalar):
+    _, K = _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
+    _check_close(x, weight_c, scalar, K)
+    return int4_add_rms_mlp_close_reference(x, r, weight_r, weight, eps, gu_qweight, gu_scales, down_qweight,
+                                            down_scales, weight_c, scalar)
