@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -927,6 +928,8 @@ def run_sweep(s: Sweep, json_path: Path | None) -> dict:
 
     def save():
         rec["elapsed_s"] = round(clock.elapsed(), 1)
+        # the GEMMA4_* switches the exports ran with (fusions, kernel choices)
+        rec["switches"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GEMMA4_")}
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(rec, indent=1, default=str))

@@ -191,7 +191,9 @@ def merge_record(path: Path, preset: str, fields: dict) -> dict:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         recs = json.loads(path.read_text()) if path.is_file() else {}
-        recs[preset] = derived({**recs.get(preset, {}), "variant": preset, **fields})
+        # the process's GEMMA4_* switches (an export's fusions and kernel choices; the stages run with the same)
+        switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("GEMMA4_")}
+        recs[preset] = derived({**recs.get(preset, {}), "variant": preset, **fields, "switches": switches})
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(recs, indent=1))
         tmp.replace(path)  # a stage finished is never lost to a later one's failure

@@ -328,6 +328,12 @@ fusions_ab)  # the three launch fusions at once (GEMMA4_FUSED_ATTENTION, GEMMA4_
       --b 1 --preset e2b --layers 2 --ctx 8192 --fills 1024 --workdir /tmp/ab_fe2b \
       --json "$OUT/fusions_ab_e2b_2l.json" 2>&1 | tail -8
   ;;
+fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launch fusions switched on
+  # (GEMMA4_FUSED_ATTENTION / _MLP / _CLOSE=1; each record's `switches` says so), into variants_e2b.json /
+  # variants_e4b.json as e_models does (~8 min); the 31B slice with them: GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1
+  # GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh runtime_31b
+  GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1 GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh e_models
+  ;;
 launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's
   # share of weights or none (scripts/launch_floor.py, < 1 min)
   timeout 200 python -m scripts.launch_floor --out "$OUT/launch_floor.json" 2>&1 | tail -40
