@@ -92,6 +92,35 @@ def run_code(script: str, timeout: int = 600) -> str:
     return r.stdout
 
 
+def gemv1_sass_sm90(const: dict, sig: dict, warps: int) -> tuple[dict, int, str]:
+    """`_int4_gemv1_kernel` compiled for sm_90 with no GPU as a launch specializes it: `const` its constexprs,
+    `sig` the types of the arguments it reads (the rest constexpr: their defaults), every pointer and stride_ww
+    16-byte aligned (Triton's launch and AOTInductor's mark those; without the marks the kernel compiles to other
+    loads and other register counts). -> (the main loop's SASS opcode counts, registers, cuobjdump's resource
+    line)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from export.kernels import int4_matmul as im
+    from scripts.gemv1_tile_variants import _sass_loop
+
+    names = list(im._int4_gemv1_kernel.arg_names)
+    full = {a: sig.get(a, "constexpr") for a in names}
+    aligned = [a for a, t in full.items() if t.startswith("*") or a == "stride_ww"]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    kern = triton.compile(ASTSource(im._int4_gemv1_kernel, full, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+    ops, res = _sass_loop(kern.asm["cubin"])
+    return ops, int(res.split("REG:")[1].split()[0]), res
+
+
+def programs_an_sm(registers: int, warps: int) -> int:
+    """Programs of `warps` warps an sm_90 SM holds at `registers` a thread (allocated 8 at a time; 64K registers,
+    2048 threads)."""
+    return min(65536 // (-(-registers // 8) * 8 * 32 * warps), 2048 // (32 * warps))
+
+
 class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops a block dispatches (their names into `seen`) and runs them."""
 

@@ -14,7 +14,7 @@ import torch
 
 from export.kernels import int4_matmul as im
 from export.kernels import int4_ple as ple
-from tests.helpers import run_code
+from tests.helpers import gemv1_sass_sm90, programs_an_sm, run_code
 
 _INTERPRETED = textwrap.dedent("""
     import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
@@ -114,15 +114,10 @@ def test_where_the_projection_writes_the_closing_add(K, fused):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
 @pytest.mark.parametrize("K", [1536, 2560])
 def test_epilogues_leave_the_small_gemvs_main_loops(K):
-    """E2B's / E4B's per-layer projection with CLOSE and gate with ZC compiled for sm_90 (no GPU): the same main
-    loops' loads, conversions and FMAs, no more instructions, no spills; the gate's registers as they were; the projection's more (the row's y, h and w held for
-    the norm) but still as many programs an SM as its grid puts there, all resident at once."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from scripts.gemv1_tile_variants import _sass_loop
-
+    """E2B's / E4B's per-layer projection with CLOSE and gate with ZC compiled for sm_90 (no GPU), aligned as
+    launched: the same main loops' loads, conversions and FMAs, no more instructions, no spills; the gate's registers
+    as they were; the projection's more (the row's y, h and w held for the norm) but still as many programs an SM as
+    its grid puts there, all resident at once."""
     sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
            "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
            "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
@@ -138,18 +133,14 @@ def test_epilogues_leave_the_small_gemvs_main_loops(K):
                      "GLU": 0, "NORM": 0, "RES": 0, "UI": 0, "EARLY": 1, "GLUQ": 0, "DGROUP": 128, "DLEVELS": 2,
                      "NORM_STEPS": im.norm_steps(k // 2), "CLOSE": 0, "ZC": 0, "CSTEPS": im.norm_steps(n), **flags,
                      switch: on}
-            src = ASTSource(im._int4_gemv1_kernel, {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
-                            constexprs=const)
-            kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": plan.cfg.num_warps})
-            ops, res = _sass_loop(kern.asm["cubin"])
+            ops, reg, res = gemv1_sass_sm90(const, sig, plan.cfg.num_warps)
             assert "STACK:0 " in res and "LOCAL:0" in res, res
-            got.append((ops, int(res.split("REG:")[1].split()[0])))
+            got.append((ops, reg))
         (loop0, reg0), (loop1, reg1) = got
         assert work(loop0) and work(loop0) == work(loop1) and sum(loop1.values()) <= sum(loop0.values()) + 2, got
-        threads = plan.cfg.num_warps * 32
-        per_sm = 65536 // (-(-reg1 // 8) * 8 * threads)  # programs an SM's registers hold
         grid = -(-n // plan.cfg.kwargs["BLOCK_N"])
-        assert (reg1 == reg0) if switch == "ZC" else per_sm >= -(-grid // 132), (n, k, switch, reg0, reg1, grid)
+        assert (reg1 == reg0) if switch == "ZC" else programs_an_sm(reg1, plan.cfg.num_warps) >= -(-grid // 132), \
+            (n, k, switch, reg0, reg1, grid)
 
 
 @pytest.mark.cuda

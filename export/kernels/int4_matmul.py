@@ -880,15 +880,20 @@ def _close_row(y_ptr, ccnt_ptr, h_ptr, wc_ptr, sc_ptr, o_ptr, N, eps, CSTEPS: tl
     tl.debug_barrier()  # every thread's rows stored; one thread's gpu-scope acq_rel atomic releases them
     arrived = tl.atomic_add(ccnt_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == tl.num_programs(0) - 1:
+        # N a multiple of 8 (`int4_gemv1` checks): the masks hold for runs of 8, so the loads are 16 bytes wide
+        # (with N's factor unknown they were 2-byte loads, and the 31B's down GEMV took 239 registers for 128,
+        # two programs an SM for four), and the values stay in their dtype until used (packed pairs): 135, three
+        # an SM, as many as its 336 programs put there (sm_90, ptxas, its arguments aligned as launched)
+        n8 = N // 8 * 8  # = N; its factor 8 is what the compiler reads
         ys = []
         hs = []
         ws = []
         ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
-        for i in tl.static_range(CSTEPS):
+        for i in tl.static_range(CSTEPS):  # y, h and w loaded together: one trip to the L2
             o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
-            m = o < N
-            yv = tl.load(y_ptr + o, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-            ss += yv * yv
+            m = o < n8
+            yv = tl.load(y_ptr + o, mask=m, other=0.0, cache_modifier=".cg")
+            ss += yv.to(tl.float32) * yv.to(tl.float32)
             ys = ys + [yv]
             hs = hs + [tl.load(h_ptr + o, mask=m, other=0.0)]
             ws = ws + [tl.load(wc_ptr + o, mask=m, other=0.0)]
@@ -896,9 +901,9 @@ def _close_row(y_ptr, ccnt_ptr, h_ptr, wc_ptr, sc_ptr, o_ptr, N, eps, CSTEPS: tl
         s = tl.load(sc_ptr).to(tl.float32)
         for i in tl.static_range(CSTEPS):
             o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
-            hv = _residual(hs[i].to(tl.float32), ys[i], ws[i].to(tl.float32), inv, y_ptr.dtype.element_ty,
-                           h_ptr.dtype.element_ty)
-            tl.store(o_ptr + o, (hv * s).to(o_ptr.dtype.element_ty), mask=o < N)
+            hv = _residual(hs[i].to(tl.float32), ys[i].to(tl.float32), ws[i].to(tl.float32), inv,
+                           y_ptr.dtype.element_ty, h_ptr.dtype.element_ty)
+            tl.store(o_ptr + o, (hv * s).to(o_ptr.dtype.element_ty), mask=o < n8)
         tl.store(ccnt_ptr, 0)
 
 
@@ -1539,8 +1544,9 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         ncnt += N // 2 // unit
     coff = ncnt
     if close is not None:  # the row's counter after the others (`_close_row`)
-        if (splits > 1 and red != 2) or glu_out is not None:
-            raise ValueError(f"int4_gemv1 close: one slice or red 2 (got {splits}, {red}), not with glu_out")
+        if (splits > 1 and red != 2) or glu_out is not None or N % 8:
+            raise ValueError(f"int4_gemv1 close: one slice or red 2 (got {splits}, {red}), not with glu_out, "
+                             f"rows a multiple of 8 (got {N})")
         ncnt += 1
     assert zero is None or (res is not None and not xq)
     if cnt is None:

@@ -141,11 +141,12 @@ def _check_close(x, weight_c, scalar, K: int) -> None:
 
 def fused_close_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales, weight_c,
                           scalar) -> bool:
-    """Whether the op on CUDA at M == 1 has the down GEMV write the closing add too (`fused_at_decode`, and the
-    down GEMV runs one slice or sums its slices in-kernel)."""
+    """Whether the op on CUDA at M == 1 has the down GEMV write the closing add too (`fused_at_decode`, the down
+    GEMV runs one slice or sums its slices in-kernel, and the hidden size is a multiple of 8)."""
     down = _plans(gu_qweight, gu_scales, down_qweight, down_scales)[5]
     return (fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales)
-            and (down.splits == 1 or GEMV1_RED_XQ == 2) and weight_c.dtype == x.dtype and scalar.dtype == x.dtype)
+            and (down.splits == 1 or GEMV1_RED_XQ == 2) and x.shape[-1] % 8 == 0 and weight_c.dtype == x.dtype
+            and scalar.dtype == x.dtype)
 
 
 @triton_op("gemma4::int4_add_rms_mlp_close", mutates_args={})

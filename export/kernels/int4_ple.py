@@ -57,11 +57,11 @@ def _check(x, r, weight_r, gate_qweight, gate_scales, table, index, proj_qweight
 def fused_at_decode(x, r, weight_r, gate_qweight, gate_scales, table, index, proj_qweight, proj_scales, weight_c,
                     scalar) -> bool:
     """Whether the op on CUDA at M == 1 has the projection's GEMV write the closing add (both GEMVs on bf16 x,
-    the projection's in one slice, every tensor in x's dtype)."""
+    the projection's in one slice, the hidden size a multiple of 8, every tensor in x's dtype)."""
     P, K, G, Gp = _check(x, r, weight_r, gate_qweight, gate_scales, table, index, proj_qweight, proj_scales,
                          weight_c, scalar)
     gate, proj = gemv1_plan(P, K, G), gemv1_plan(K, P, Gp)
-    return (_m1(x.reshape(-1, K), G) and not gate.xq and not proj.xq and proj.splits == 1
+    return (_m1(x.reshape(-1, K), G) and not gate.xq and not proj.xq and proj.splits == 1 and K % 8 == 0
             and all(t.dtype == x.dtype for t in (r, weight_r, table, weight_c, scalar)))
 
 
