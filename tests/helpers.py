@@ -92,27 +92,33 @@ def run_code(script: str, timeout: int = 600) -> str:
     return r.stdout
 
 
-def gemv1_sass_sm90(const: dict, sig: dict, warps: int) -> tuple[dict, int, str]:
-    """`_int4_gemv1_kernel` compiled for sm_90 with no GPU as a launch specializes it: `const` its constexprs,
-    `sig` the types of the arguments it reads (the rest constexpr: their defaults), every pointer and stride_ww
-    16-byte aligned (Triton's launch and AOTInductor's mark those; without the marks the kernel compiles to other
-    loads and other register counts). -> (the main loop's SASS opcode counts, registers, cuobjdump's resource
-    line)."""
+def sass_sm90(fn, sig: dict, const: dict, warps: int, aligned_ints: tuple = (), whole: bool = False):
+    """A Triton kernel compiled for sm_90 with no GPU as a launch specializes it: `const` its constexprs, `sig` the
+    types of the arguments it reads (the rest constexpr: their defaults), every pointer and `aligned_ints` marked
+    16-byte aligned (Triton's launch and AOTInductor mark those; unmarked, a kernel compiles to other loads and other
+    register counts). -> (SASS opcode counts of its main loop, or of the whole kernel with `whole`; registers;
+    cuobjdump's resource line)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from export.kernels import int4_matmul as im
     from scripts.gemv1_tile_variants import _sass_loop
 
-    names = list(im._int4_gemv1_kernel.arg_names)
+    names = list(fn.arg_names)
     full = {a: sig.get(a, "constexpr") for a in names}
-    aligned = [a for a, t in full.items() if t.startswith("*") or a == "stride_ww"]
+    aligned = [a for a, t in full.items() if t.startswith("*") or a in aligned_ints]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    kern = triton.compile(ASTSource(im._int4_gemv1_kernel, full, const, attrs), target=GPUTarget("cuda", 90, 32),
+    kern = triton.compile(ASTSource(fn, full, const, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": warps})
-    ops, res = _sass_loop(kern.asm["cubin"])
+    ops, res = _sass_loop(kern.asm["cubin"], whole=whole)
     return ops, int(res.split("REG:")[1].split()[0]), res
+
+
+def gemv1_sass_sm90(const: dict, sig: dict, warps: int) -> tuple[dict, int, str]:
+    """`sass_sm90` of `_int4_gemv1_kernel`'s main loop (stride_ww aligned too, as the weights' rows are)."""
+    from export.kernels import int4_matmul as im
+
+    return sass_sm90(im._int4_gemv1_kernel, sig, const, warps, aligned_ints=("stride_ww",))
 
 
 def programs_an_sm(registers: int, warps: int) -> int:

@@ -182,14 +182,10 @@ def test_op_matches_attention_then_int4_linear_on_cuda():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
 @pytest.mark.parametrize("D,block_d,rot,warps", [(256, 128, 0, 4), (512, 512, 1, A.COMBINE_ROT_WARPS)])
 def test_level_writing_combine_compiles_without_spills(D, block_d, rot, warps):
-    """The combine writing the levels, compiled for sm_90 as the op launches it (no GPU): the 31B's sliding
-    layer (a group a program) and its full layer rotating a whole head of 512 back (COMBINE_ROT_WARPS, where 4
-    warps spilled 424 bytes to the stack) keep every value in registers."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from scripts.gemv1_tile_variants import _sass_loop
+    """The combine writing the levels, compiled for sm_90 as the op launches it (no GPU, its pointers aligned): the
+    31B's sliding layer (a group a program) and its full layer rotating a whole head of 512 back
+    (COMBINE_ROT_WARPS) keep every value in registers."""
+    from tests.helpers import sass_sm90
 
     sig = {"MP": "*fp32", "LP": "*fp32", "AP": "*fp32", "O": "*bf16", "soh": "i32", "NUM_SPLITS": "i32",
            "POS": "*i64", "WINDOW": "i32", "xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "cnt_ptr": "*i32",
@@ -198,7 +194,5 @@ def test_level_writing_combine_compiles_without_spills(D, block_d, rot, warps):
     const = dict(G=8 if D == 512 else 2, D=D, SPLITS_P2=p2, CHUNK=min(p2, 4096 // block_d), BLOCK_D=block_d,
                  EAGER=1, ACTIVE=1, SHARE_UNIT=32, SKIP=1, XQ=1, LEVELS=2, XGROUP=128, ROT=rot,
                  LOG2D=D.bit_length() - 1, PDL=2, PART16=0)
-    k = triton.compile(ASTSource(A._combine, {**{a: "constexpr" for a in const}, **sig}, const),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    _, res = _sass_loop(k.asm["cubin"], whole=True)
+    _, _, res = sass_sm90(A._combine, sig, const, warps, whole=True)
     assert "STACK:0 " in res and "LOCAL:0" in res, res

@@ -126,7 +126,8 @@ COMBINE_BLOCK_D = 128  # head-dim columns per prefill combine program
 DECODE_COMBINE_BLOCK_D = 64
 COMBINE_EAGER = 1
 # warps of the decode combine holding a whole head of 512 to rotate it back (`_combine`'s ROT): with 4 its fp32
-# head, the chunk's partials and the butterflies took 255 registers and 424 bytes of stack (sm_90, ptxas); 8: 111, none
+# head, the chunk's partials and the butterflies take 247 registers (sm_90, ptxas, pointers aligned as launched;
+# unaligned 255 and 424 bytes of stack); 8: 80, more threads for the head's butterflies
 COMBINE_ROT_WARPS = 8
 # decode's combine where a layer has at least this many shares a KV head: it reads only the shares holding
 # positions (their count from the position, `_decode_share`), where EAGER reads every share's partials. H200
