@@ -36,8 +36,9 @@ import torch
 from torch.library import triton_op
 
 from export.kernels.int4_matmul import (_add_rms_linear, _check_residual, _gemv1_kernel, _glu_linear, _m1,
-                                        GEMV1_RED_XQ, close_reference, gemv1_plan, int4_add_rms_linear_reference,
-                                        int4_gemv1, int4_glu_linear_reference, levels_buffers)
+                                        _xq_plan, GEMV1_CONFIGS, GEMV1_RED_XQ, close_reference, gemv1_plan,
+                                        int4_add_rms_linear_reference, int4_gemv1, int4_glu_linear_reference,
+                                        levels_buffers)
 from export.kernels.pdl import op_pdl_mode
 
 
@@ -58,10 +59,17 @@ def _check(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_sca
 
 
 def _plans(gu_qweight, gu_scales, down_qweight, down_scales):
-    """(I, K, G, Gd, the gate / up GEMV's plan, the down GEMV's plan): the MLP's sizes, groups and M == 1 plans."""
+    """(I, K, G, Gd, the gate / up GEMV's plan, the down GEMV's plan): the MLP's sizes, groups and M == 1 plans.
+    Where the gate / up plan's row blocks make units (max(BLOCK_N, Gd) rows) that do not divide I and 64-row
+    blocks would (the 26B-A4B: I 2112, 16.5 blocks of 128), the gate / up GEMV runs 64-row blocks
+    (GEMV1_CONFIGS[2]: twice the programs, the same slices) so that it can write the down GEMV's levels."""
     I, K = down_qweight.shape[1] * 2, gu_qweight.shape[1] * 2
     G, Gd = K // gu_scales.shape[1], I // down_scales.shape[1]
-    return I, K, G, Gd, gemv1_plan(2 * I, K, G), gemv1_plan(K, I, Gd)
+    gu = gemv1_plan(2 * I, K, G)
+    rows = gu.cfg.kwargs["BLOCK_N"]
+    if gu.xq and rows > 64 and I % max(rows, Gd) and not I % max(64, Gd) and max(64, Gd) % min(64, Gd) == 0:
+        gu = _xq_plan(GEMV1_CONFIGS[2], gu.splits)
+    return I, K, G, Gd, gu, gemv1_plan(K, I, Gd)
 
 
 def fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales) -> bool:
