@@ -309,17 +309,24 @@ fused_close_ab)  # a layer's last GEMV writing its closing add (GEMMA4_FUSED_CLO
   # as one op, E2B / E4B's per-layer projection) or the add's own kernel: the ops' CUDA tests (against the unfused ops
   # and the add, within an ulp of the norm's factor), then the 31B's 6-layer slice and E2B's 2-layer slice exported
   # both ways, decode timed alternately, logits compared (not bitwise: the closing norm sums in another order; ~8 min)
-  timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_mlp.py tests/test_int4_ple.py 2>&1 | tail -2
+  timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_mlp.py tests/test_int4_ple.py \
+      tests/test_moe_int4.py -k "close or matches_the_two" 2>&1 | tail -2
   timeout 300 python -m scripts.export_ab --switch GEMMA4_FUSED_CLOSE --a 0 --b 1 --preset 31b --layers 6 \
       --ctx 8192 --fills 1024 --workdir /tmp/ab_close31 --json "$OUT/fused_close_ab_31b_6l.json" 2>&1 | tail -8
   timeout 160 python -m scripts.export_ab --switch GEMMA4_FUSED_CLOSE --a 0 --b 1 --preset e2b --layers 2 \
       --ctx 8192 --fills 1024 --workdir /tmp/ab_closee2b --json "$OUT/fused_close_ab_e2b_2l.json" 2>&1 | tail -8
   ;;
+fusions_ab_26b)  # the 26B-A4B's 2-layer slice with the three launch fusions (its dense MLP's, the attention's, the
+  # experts' down kernel writing the closing add) 0 / 1, decode timed alternately, logits compared (~6 min)
+  timeout 500 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE --a 0 \
+      --b 1 --preset 26b-a4b --layers 2 --ctx 8192 --fills 1024 --workdir /tmp/ab_f26 \
+      --json "$OUT/fusions_ab_26b_2l.json" 2>&1 | tail -8
+  ;;
 fusions_ab)  # the three launch fusions at once (GEMMA4_FUSED_ATTENTION, GEMMA4_FUSED_MLP and GEMMA4_FUSED_CLOSE 0 / 1):
   # the three ops' CUDA tests, then the 31B's 6-layer slice and E2B's 2-layer slice exported both ways, decode timed
   # alternately, logits compared (within the closing norm's rounding; scripts/export_ab.py, ~9 min); a win here is
   # then split by the modes above
-  timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_linear.py tests/test_int4_mlp.py \
+  timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_attention_linear.py tests/test_int4_mlp.py \
       tests/test_int4_ple.py 2>&1 | tail -2
   timeout 330 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE --a 0 \
       --b 1 --preset 31b --layers 6 --ctx 131072 --fills 1024,131000 --workdir /tmp/ab_f31 \

@@ -107,7 +107,8 @@ def test_fused_mlp_switch_takes_the_activations_quantize_kernel(tmp_path):
 def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
     """With GEMMA4_FUSED_CLOSE=1 a layer's last GEMV writes the layer's output (the closing add): E2B's sliding layer
     is 11 launches and its full one 12, each ending in the per-layer projection's GEMV; the 31B's sliding layer 10
-    (its MLP op is the fused one, no activation quantize either), 9 with GEMMA4_FUSED_ATTENTION=1 too."""
+    (its MLP op is the fused one, no activation quantize either), 9 with GEMMA4_FUSED_ATTENTION=1 too; the
+    26B-A4B's 16."""
     def units(preset, layers, **env):
         out = tmp_path / f"counts_{preset}.json"
         r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
@@ -122,6 +123,11 @@ def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
     u = units("31b:int4", "6")
     assert u["layer0"]["launches"] == 10 and u["layer0"]["kernels"][-1].startswith("_int4_gemv1_kernel"), u
     assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 9
+    # the 26B-A4B: the experts' down kernel writes it (16 launches, the last of them that kernel); 14 with the MLP's
+    # and the attention's fusions too
+    u = units("26b-a4b", "1")
+    assert u["layer0"]["launches"] == 16 and u["layer0"]["kernels"][-1].startswith("_gemv_words_down_kernel"), u
+    assert units("26b-a4b", "1", GEMMA4_FUSED_ATTENTION="1", GEMMA4_FUSED_MLP="1")["layer0"]["launches"] == 14
 
 
 def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):

@@ -306,7 +306,7 @@ def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
 @torch.no_grad()
 def test_reference_ops_run_the_closing_ops_as_their_references(monkeypatch):
     """With GEMMA4_FUSED_CLOSE=1 a layer's end is one op (the MLP half with the closing add without per-layer inputs,
-    the per-layer gate, projection and add with them); under ReferenceOps each goes to its plain-torch reference, a
+    the per-layer gate, projection and add with them, the experts and the add beside a MoE block); under ReferenceOps each goes to its plain-torch reference, a
     prefill chunk's and a decode step's logits the same as without the switch."""
     import dataclasses
 
@@ -325,8 +325,8 @@ def test_reference_ops_run_the_closing_ops_as_their_references(monkeypatch):
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     tokens, pos = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 9)), torch.tensor([0])
-    for width in (32, 0):  # per-layer inputs wide enough for a packed projection, and none
-        cfg = dataclasses.replace(PRESETS["tiny"], hidden_size_per_layer_input=width)
+    for preset, width in (("tiny", 32), ("tiny", 0), ("tiny-moe", 0)):  # per-layer inputs (packed), none; experts
+        cfg = dataclasses.replace(PRESETS[preset], hidden_size_per_layer_input=width)
         model = randomize_(Gemma4Model(cfg, ctx=64, prefill_chunk=8, dtype=torch.bfloat16), seed=3).to(torch.bfloat16)
         quantize_(model.eval(), QuantRecipe(group_size=32), TargetDevice.CUDA)
         monkeypatch.setenv("GEMMA4_FUSED_CLOSE", "0")
@@ -337,7 +337,8 @@ def test_reference_ops_run_the_closing_ops_as_their_references(monkeypatch):
         with Recording():
             got = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
         assert all(torch.equal(g, w) for g, w in zip(got, want)), width
-    assert {"gemma4.int4_add_ple_close.default", "gemma4.int4_add_rms_mlp_close.default"} <= set(seen), set(seen)
+    assert {"gemma4.int4_add_ple_close.default", "gemma4.int4_add_rms_mlp_close.default",
+            "gemma4.moe_rms_experts_close.default"} <= set(seen), set(seen)
 
 
 if __name__ == "__main__":

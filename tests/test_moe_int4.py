@@ -12,9 +12,9 @@ import torch
 
 from export.gemma4.config import Gemma4Config
 from export.gemma4.model import Experts, Router
-from export.kernels import moe_int4 as mo
 from export.kernels import int4_matmul
-from tests.helpers import RecordOps
+from export.kernels import moe_int4 as mo
+from tests.helpers import RecordOps, run_code
 
 E, H, I, TOP_K = 8, 64, 32, 2
 
@@ -501,6 +501,9 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     strides = dict(stride_qe=1, stride_qn=1, stride_se=1, stride_sn=1)
     grouped = dict(sorted_ptr=i32(N * K), row_off_ptr=i32(E + 1), w_ptr=w, E=E, TOP_K=K, FP32=False, E_P2=128,
                    NK_BUCKET=128, **strides)
+    # the down kernel's close off, its pointers as the op passes them
+    no_close = dict(CLOSE=0, ccnt_ptr=idx, ym_ptr=x, ch_ptr=x, w1_ptr=x, w2_ptr=x, wc_ptr=x, cs_ptr=x, co_ptr=x,
+                    ceps=0.0, CSTEPS=0)
     cases = {
         "route": (mo._autotuned("route"), dict(x_ptr=x, scale_ptr=z(H, dtype=bf), w_ptr=z(E, H, dtype=bf),
                   part_ptr=z(11, N, E), ss_ptr=z(11, N), N=N, H=H, E=E, H_SLICE=256, stride_xn=H, stride_wn=H, PDL=2)),
@@ -509,13 +512,22 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                  TOP_K=K, BLOCK_E=128, K_P2=8, PDL=2)),
         "gemv_gate_up": (mo._autotuned("words_gate_up", 128), dict(x_ptr=x, idx_ptr=idx, q_ptr=guq, s_ptr=gus,
                          act_ptr=z(K, 800), I=I, ACT_STRIDE=800, NGROUPS=H // 128, GROUP=128, DOWN_GROUP=64,
-                         X_BF16=True, ASM=True, PDL=2, **strides)),
+                         X_BF16=True, ASM=True, PDL=2, zc_ptr=idx, ZC=0, **strides)),
+        "gemv_gate_up_zc": (mo._autotuned("words_gate_up", 128), dict(x_ptr=x, idx_ptr=idx, q_ptr=guq, s_ptr=gus,
+                            act_ptr=z(K, 800), I=I, ACT_STRIDE=800, NGROUPS=H // 128, GROUP=128, DOWN_GROUP=64,
+                            X_BF16=True, ASM=True, PDL=2, zc_ptr=i32(1), ZC=1, **strides)),
         "gemv_down": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq, s_ptr=ds,
                       out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K, NGROUPS=I // 64,
-                      GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=0, **strides)),
+                      GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=0, **no_close, **strides)),
         "gemv_down_xt": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq,
                          s_ptr=ds, out_ptr=z(2, H), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=44, TOP_K=K,
-                         NGROUPS=I // 64, GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=1, **strides)),
+                         NGROUPS=I // 64, GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=1, **no_close, **strides)),
+        "gemv_down_close": (mo._autotuned("words_down", 64), dict(act_ptr=z(K, 800), w_ptr=w, idx_ptr=idx, q_ptr=dq,
+                            s_ptr=ds, out_ptr=z(1, H, dtype=bf), N_OUT=H, ACT_STRIDE=800, C_PER_SPLIT=88, TOP_K=K,
+                            NGROUPS=I // 64, GROUP=64, ASM=True, stride_os=H, PDL=2, XTILE=1, CLOSE=1,
+                            ccnt_ptr=i32(1), ym_ptr=z(H, dtype=bf), ch_ptr=z(H, dtype=bf), w1_ptr=z(H, dtype=bf),
+                            w2_ptr=z(H, dtype=bf), wc_ptr=z(H, dtype=bf), cs_ptr=z(1, dtype=bf),
+                            co_ptr=z(H, dtype=bf), ceps=1e-6, CSTEPS=3, **strides)),
         "gemv_gate_up_q": (mo._gemv_q_gate_up_kernel, dict(xq_ptr=i32(4 * 48), xf_ptr=z(22), xc_ptr=i32(22),
                            idx_ptr=idx, q_ptr=guq, s_ptr=gus, act_ptr=z(K, 800), I=I, KW=H // 8, ACT_STRIDE=800,
                            GROUP=128, DOWN_GROUP=64, BLOCK_N=16, GROUPS=2, ASM=True, PDL=2, **strides)),
@@ -550,6 +562,7 @@ def test_inductor_sees_only_the_outputs_written():
     assert r.returncode == 0, r.stderr[-3000:]
     got = dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
     assert got == {"route": "['part_ptr', 'ss_ptr']", "topk": "['idx_out_ptr', 'w_out_ptr']", "gemv_gate_up": "['act_ptr']",
+                   "gemv_gate_up_zc": "['act_ptr', 'zc_ptr']", "gemv_down_close": "['ccnt_ptr', 'co_ptr', 'out_ptr']",
                    "gemv_gate_up_q": "['act_ptr']", "gemv_down": "['out_ptr']", "gemv_down_xt": "['out_ptr']",
                    "sum_slices": "['out_ptr']", "align": "['row_off_ptr', 'sorted_ptr']",
                    "sort_count": "['counts_ptr']", "sort_scan": "['base_ptr', 'row_off_ptr']",
@@ -686,3 +699,129 @@ def test_gate_up_from_x_levels_takes_half_the_instructions_a_word():
     words_q = sum(loop_q.values()) * warps * 32 / (2 * bn * gr * 16)
     assert words > 30 and words_q < 21, (words, words_q)
     assert not any(op.startswith("BAR") for op in loop_q), loop_q
+
+
+_CLOSE_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul, moe_int4 as mo
+    torch.manual_seed(0)
+    # fp32 (the interpreter's bf16 casts truncate): the experts' down kernel's close against moe_close_reference
+    # on the kernel's own y, the gate / up launch zeroing the counter (words kernel, and x's quantize kernel)
+    with int4_matmul.one_config():
+        for E, H, I, K, g1, g2 in [(6, 320, 64, 3, 64, 32), (8, 1152, 32, 2, 32, 32)]:
+            stacks = (*mo.quantize_experts(torch.randn(E, 2 * I, H), g1),
+                      *mo.quantize_experts(torch.randn(E, H, I), g2))
+            x, ym = torch.randn(1, H) * 3, torch.randn(1, H) * 5
+            scale, pw, pes = torch.rand(H) + 0.5, torch.randn(E, H) * 0.2, torch.rand(E) + 0.5
+            w, idx = mo.moe_route_reference(x, scale, pw, pes, K, 1e-6)
+            nw, w1, w2, wc = (torch.rand(H) + 0.5 for _ in range(4))
+            s = torch.rand(1) + 0.5
+            for q in (False, True):
+                cnt = torch.full((1,), 7, dtype=torch.int32)
+                down_group = I // stacks[3].shape[2]
+                if q:
+                    act = mo.launch_decode_gate_up_q(x, idx, stacks[0], stacks[1], down_group, norm=(nw, 1e-6),
+                                                     zero=cnt)
+                else:
+                    act = mo.launch_decode_gate_up(int4_matmul.rms_norm_reference(x, nw, 1e-6), idx, stacks[0],
+                                                   stacks[1], down_group, zero=cnt)
+                zeroed = int(cnt[0])
+                out = torch.full_like(x, float("nan"))
+                y = mo.launch_decode_down(act, w, idx, stacks[2], stacks[3], x.dtype, slices=1,
+                                          close=(cnt, ym, x, w1, w2, wc, s, 1e-6, out))
+                want = mo.moe_close_reference(x, y, ym, w1, w2, wc, 1e-6, s)
+                err = ((out - want).abs() / want.abs().clamp(min=1e-3)).max().item()
+                print("close", H, q, zeroed, int(cnt[0]), err)
+""")
+
+
+def test_experts_down_kernel_writes_the_closing_add_in_the_interpreter():
+    """The experts' down kernel with CLOSE writes, from its last program, the MoE layer's closing add over the row
+    (written over NaNs) as `moe_close_reference` computes it from the kernel's own y (fp32: to an ulp of the norms'
+    factors); the gate / up launch (the words kernel's ZC, or x's quantize kernel with GATE_UP_Q) zeroes the counter
+    (set to 7), which the close leaves at 0; widths of one and two norm steps (Triton interpreter)."""
+    rows = [ln.split()[1:] for ln in run_code(_CLOSE_SCRIPT).splitlines() if ln.startswith("close")]
+    assert len(rows) == 4, rows
+    for h, q, zeroed, left, err in rows:
+        assert zeroed == "0" and left == "0" and float(err) <= 1e-5, (h, q, zeroed, left, err)
+
+
+def test_close_op_on_cpu_is_the_experts_then_the_add():
+    """On CPU `moe_rms_experts_close` is `moe_rms_experts_reference` then `moe_close_reference` (bf16, as the
+    model's ops round it); a dense output of another shape or a scalar of two elements is refused, named."""
+    torch.manual_seed(2)
+    E, H, I, K = 8, 64, 32, 2
+    stacks = (*mo.quantize_experts(torch.randn(E, 2 * I, H), 32), *mo.quantize_experts(torch.randn(E, H, I), 32))
+    x, ym = torch.randn(1, H).bfloat16(), torch.randn(1, H).bfloat16()
+    w, idx = mo.moe_route_reference(x.float(), torch.rand(H) + 0.5, torch.randn(E, H), torch.rand(E) + 0.5, K, 1e-6)
+    nw, w1, w2, wc = ((torch.rand(H) + 0.5).bfloat16() for _ in range(4))
+    s = (torch.rand(1) + 0.5).bfloat16()
+    out = torch.ops.gemma4.moe_rms_experts_close(x, nw, 1e-6, w, idx, *stacks, ym, w1, w2, wc, s)
+    y = mo.moe_rms_experts_reference(x, nw, 1e-6, w, idx, *stacks)
+    rms = lambda t, wt: int4_matmul.rms_norm_reference(t, wt, 1e-6)  # noqa: E731
+    assert out.dtype == torch.bfloat16 and torch.equal(out, (x + rms(rms(ym, w1) + rms(y, w2), wc)) * s)
+    with pytest.raises(ValueError, match=r"moe_rms_experts_close: the dense MLP's output \(2, 64\)"):
+        torch.ops.gemma4.moe_rms_experts_close(x, nw, 1e-6, w, idx, *stacks, ym.repeat(2, 1), w1, w2, wc, s)
+    with pytest.raises(ValueError, match=r"layer scalar \(2,\)"):
+        torch.ops.gemma4.moe_rms_experts_close(x, nw, 1e-6, w, idx, *stacks, ym, w1, w2, wc, s.repeat(2))
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+@pytest.mark.parametrize("gate_up_q", [False, True])
+def test_close_op_matches_the_experts_and_the_add_on_cuda(monkeypatch, gate_up_q):
+    """The 26B-A4B's widths (2816, 128 experts of 704, top 8), one bf16 token: the op (the experts' down kernel writing
+    the closing add) against `moe_rms_experts_int4` and the add in torch, within an ulp or two of bf16 where the
+    norms' factors (summed in another order) round otherwise; gate / up from bf16 x and from its int8 levels."""
+    monkeypatch.setattr(mo, "GATE_UP_Q", gate_up_q)
+    torch.manual_seed(3)
+    E, H, I, K = 128, 2816, 704, 8
+    stacks = (*mo.quantize_experts(torch.randn(E, 2 * I, H, device="cuda") * 0.05, 128),
+              *mo.quantize_experts(torch.randn(E, H, I, device="cuda") * 0.05, 64))
+    for _ in range(3):
+        x, ym = (torch.randn(1, H, device="cuda").bfloat16() for _ in range(2))
+        w, idx = torch.ops.gemma4.moe_route(x, (torch.rand(H, device="cuda") + 0.5).bfloat16(),
+                                            (torch.randn(E, H, device="cuda") * 0.05).bfloat16(),
+                                            (torch.rand(E, device="cuda") + 0.5).bfloat16(), K, 1e-6)
+        nw, w1, w2, wc = ((torch.rand(H, device="cuda") + 0.5).bfloat16() for _ in range(4))
+        s = (torch.rand(1, device="cuda") + 0.5).bfloat16()
+        assert mo.close_fused_at_decode(x, nw, ym, w1, w2, wc, s)
+        out = torch.ops.gemma4.moe_rms_experts_close(x, nw, 1e-6, w, idx, *stacks, ym, w1, w2, wc, s).float()
+        y = torch.ops.gemma4.moe_rms_experts_int4(x, nw, 1e-6, w, idx, *stacks)
+        want = mo.moe_close_reference(x, y, ym, w1, w2, wc, 1e-6, s).float()
+        assert (out - want).abs().max() <= 1e-2 * want.abs().max()
+        assert (out - want).norm() <= 2e-3 * want.norm(), ((out - want).norm() / want.norm()).item()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="offline compiles need Triton's compiler")
+def test_close_leaves_the_experts_down_kernels_main_loop():
+    """The experts' down kernel with CLOSE at the 26B-A4B's widths compiled for sm_90 (no GPU), aligned as launched:
+    the same main loop's loads, conversions and FMAs, no spills, and registers for as many programs an SM as its
+    grid puts there (352 programs of 8 rows: 3 an SM); the gate / up kernel zeroing the counter (ZC) keeps its
+    registers."""
+    from tests.helpers import programs_an_sm, sass_sm90
+
+    work = lambda ops: {o: c for o, c in ops.items() if o.split(".")[0] in ("LDG", "I2F", "FFMA", "FMUL")}  # noqa
+    cfg = mo.WORDS_DOWN_CONFIGS[0]
+    sig = dict(act_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", out_ptr="*bf16",
+               N_OUT="i32", ACT_STRIDE="i32", C_PER_SPLIT="i32", stride_qe="i32", stride_qn="i32", stride_se="i32",
+               stride_sn="i32", stride_os="i32", ccnt_ptr="*i32", ym_ptr="*bf16", ch_ptr="*bf16", w1_ptr="*bf16",
+               w2_ptr="*bf16", wc_ptr="*bf16", cs_ptr="*bf16", co_ptr="*bf16", ceps="fp64")
+    got = []
+    for close in (0, 1):
+        const = dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True, PDL=2, XTILE=1, CLOSE=close, CSTEPS=3, **cfg.kwargs)
+        ops, reg, res = sass_sm90(mo._gemv_words_down_kernel, sig, const, cfg.num_warps)
+        assert "STACK:0 " in res and "LOCAL:0" in res, res
+        got.append((ops, reg))
+    (loop0, reg0), (loop1, reg1) = got
+    assert work(loop0) and work(loop0) == work(loop1) and sum(loop1.values()) <= sum(loop0.values()) + 2, got
+    grid = -(-2816 // cfg.kwargs["BLOCK_N"])
+    assert programs_an_sm(reg1, cfg.num_warps) >= -(-grid // 132), (reg0, reg1, grid)
+    cfg = mo.WORDS_GATE_UP_CONFIGS[0]
+    sig = dict(x_ptr="*bf16", idx_ptr="*i64", q_ptr="*u8", s_ptr="*bf16", act_ptr="*fp32", I="i32", ACT_STRIDE="i32",
+               stride_qe="i32", stride_qn="i32", stride_se="i32", stride_sn="i32", zc_ptr="*i32")
+    regs = [sass_sm90(mo._gemv_words_gate_up_kernel, sig, dict(NGROUPS=22, GROUP=128, DOWN_GROUP=64, X_BF16=True,
+                                                               ASM=True, PDL=2, ZC=zc, **cfg.kwargs),
+                      cfg.num_warps)[1] for zc in (0, 1)]
+    assert regs[1] <= regs[0], regs

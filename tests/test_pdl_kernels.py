@@ -170,6 +170,18 @@ _SCRIPT = textwrap.dedent("""
            {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "out_ptr": "*fp32",
             "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", **moe_strides, "stride_os": "i32"},
            dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True, **cfg.kwargs), cfg.num_warps)
+    cfg = mo.WORDS_DOWN_CONFIGS[0]  # with the MoE layer's closing add (CLOSE) and its counter's zeroing (ZC)
+    report("moe_down_close", mo._gemv_words_down_kernel,
+           {"act_ptr": "*fp32", "w_ptr": "*fp32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "out_ptr": "*bf16",
+            "N_OUT": "i32", "ACT_STRIDE": "i32", "C_PER_SPLIT": "i32", **moe_strides, "stride_os": "i32",
+            "ccnt_ptr": "*i32", "ym_ptr": "*bf16", "ch_ptr": "*bf16", "w1_ptr": "*bf16", "w2_ptr": "*bf16",
+            "wc_ptr": "*bf16", "cs_ptr": "*bf16", "co_ptr": "*bf16", "ceps": "fp32"},
+           dict(TOP_K=8, NGROUPS=11, GROUP=64, ASM=True, XTILE=1, CLOSE=1, CSTEPS=3, **cfg.kwargs), cfg.num_warps)
+    cfg = mo.WORDS_GATE_UP_CONFIGS[0]
+    report("moe_gate_up_zc", mo._gemv_words_gate_up_kernel,
+           {"x_ptr": "*bf16", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16", "act_ptr": "*fp32", "I": "i32",
+            "ACT_STRIDE": "i32", **moe_strides, "zc_ptr": "*i32"},
+           dict(NGROUPS=22, GROUP=128, DOWN_GROUP=64, X_BF16=True, ASM=True, ZC=1, **cfg.kwargs), cfg.num_warps)
     bn, gr, warps = mo.GATE_UP_Q_CONFIG
     report("moe_gate_up_q", mo._gemv_q_gate_up_kernel,
            {"xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "idx_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*bf16",
@@ -199,9 +211,10 @@ def test_waiting_kernels_keep_their_memory_instructions():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines() if " waits " in ln}
     assert set(rows) == {"attn_body-512-0", "attn_body-512-1", "attn_body-512-2", "attn_body-256-0", "combine-512",
-                         "combine-xq", "combine-xq-rot", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu", "gemv1-norm",
-                         "gemv1-close", "gemv1-glu-close", "gemv1-res-zc", "quant_x", "quant_x-norm", "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_gate_up_q",
-                         "moe_sum_slices"}, r.stdout
+                         "combine-xq", "combine-xq-rot", "hadamard-512", "gemv1", "gemv1-gluq", "gemv1-glu",
+                         "gemv1-norm", "gemv1-close", "gemv1-glu-close", "gemv1-res-zc", "quant_x", "quant_x-norm",
+                         "quant_x-res", "moe_route", "moe_topk", "moe_gate_up", "moe_down", "moe_down_close",
+                         "moe_gate_up_zc", "moe_gate_up_q", "moe_sum_slices"}, r.stdout
     for name, ln in rows.items():
         # mode 2 holds the wait and the trigger (the GEMV twice: before x and before its writes), mode 0 neither
         assert int(ln[2]) >= 1 and int(ln[4]) >= 1 and ln[6] == "0", ln

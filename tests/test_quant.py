@@ -332,8 +332,8 @@ def test_packed_mlp_after_the_residual_add_is_one_op_with_its_switch(monkeypatch
 def test_packed_layer_end_is_one_op_with_its_switch(monkeypatch):
     """With GEMMA4_FUSED_CLOSE=1 a layer hands its packed linears its closing residual add too: a layer without
     per-layer inputs its MLP half as one op (gemma4::int4_add_rms_mlp_close: at decode on CUDA the down GEMV writes the
-    layer's output), one with them (E2B / E4B) the per-layer gate, projection and add (gemma4::int4_add_ple_close);
-    at prefill and decode alike. Unset (the default) or "0": the ops before, the add in aten ops. On CPU the ops are
+    layer's output), one with them (E2B / E4B) the per-layer gate, projection and add (gemma4::int4_add_ple_close), one
+    with experts (26B-A4B) the experts and the add (gemma4::moe_rms_experts_close); at prefill and decode alike. Unset (the default) or "0": the ops before, the add in aten ops. On CPU the ops are
     the references, so the logits are the same exactly."""
     import dataclasses
 
@@ -350,8 +350,10 @@ def test_packed_layer_end_is_one_op_with_its_switch(monkeypatch):
     # per-layer inputs 32 wide: the projection packed too (8, the tiny preset's, is below the group)
     tiny = PRESETS["tiny"]
     n = tiny.num_hidden_layers
+    moe = dataclasses.replace(PRESETS["tiny-moe"], hidden_size_per_layer_input=0)
     for cfg, op in ((dataclasses.replace(tiny, hidden_size_per_layer_input=32), "int4_add_ple_close"),
-                    (dataclasses.replace(tiny, hidden_size_per_layer_input=0), "int4_add_rms_mlp_close")):
+                    (dataclasses.replace(tiny, hidden_size_per_layer_input=0), "int4_add_rms_mlp_close"),
+                    (moe, "moe_rms_experts_close")):
         monkeypatch.delenv("GEMMA4_FUSED_CLOSE", raising=False)
         for switch in (None, "0"):
             if switch is not None:

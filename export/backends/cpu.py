@@ -9,7 +9,8 @@ fallback kernel is rejected: ExecuTorch's check would refuse plain extern calls 
 `gemma4::int4_add_rms_linear`, `gemma4::int4_add_linear`, `gemma4::int4_add_rms_mlp`,
 `gemma4::int4_add_rms_mlp_close`, `gemma4::int4_add_ple_close`, `gemma4::attention`,
 `gemma4::attention_int4_linear`, `gemma4::hadamard`, `gemma4::moe_route`, `gemma4::moe_experts_int4`,
-`gemma4::moe_rms_experts_int4`) into their plain-torch references, so the .so needs no Python op.
+`gemma4::moe_rms_experts_int4`, `gemma4::moe_rms_experts_close`) into their plain-torch references, so the .so
+needs no Python op.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
         from export.kernels.int4_matmul import (int4_add_linear_reference, int4_add_rms_linear_reference,
                                                 int4_glu_linear_reference, int4_linear_reference,
                                                 int4_rms_linear_reference)
-        from export.kernels.moe_int4 import moe_experts_reference, moe_rms_experts_reference, moe_route_reference
+        from export.kernels.moe_int4 import (moe_experts_reference, moe_rms_experts_close_reference,
+                                             moe_rms_experts_reference, moe_route_reference)
 
         return {torch.ops.gemma4.int4_linear.default: int4_linear_reference,
                 torch.ops.gemma4.int4_glu_linear.default: int4_glu_linear_reference,
@@ -58,7 +60,8 @@ class Gemma4CpuBackend(Gemma4AotiBackend, BackendDetails):
                 torch.ops.gemma4.hadamard.default: hadamard_reference,
                 torch.ops.gemma4.moe_route.default: moe_route_reference,
                 torch.ops.gemma4.moe_experts_int4.default: moe_experts_reference,
-                torch.ops.gemma4.moe_rms_experts_int4.default: moe_rms_experts_reference}
+                torch.ops.gemma4.moe_rms_experts_int4.default: moe_rms_experts_reference,
+                torch.ops.gemma4.moe_rms_experts_close.default: moe_rms_experts_close_reference}
 
     @classmethod
     def compile_options(cls, options: BackendOptions) -> dict[str, Any]:

@@ -343,6 +343,22 @@ def experts_of_norm(experts: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: t
     return experts(norm(x), w, idx)
 
 
+def experts_closing(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, ym: torch.Tensor):
+    """A MoE layer's end from h = x (N, H) and the dense MLP's output ym: the experts of the norm of x, the two
+    outputs' norms summed, the closing add and the layer scalar. Packed experts take it all into one op
+    (quant.PackedInt4Experts.forward_rms_close: with its switch on, at decode on CUDA the experts' down kernel
+    writes the layer's output, no kernel of its own for the add)."""
+    norms = (layer.pre_feedforward_layernorm_2, layer.post_feedforward_layernorm_1,
+             layer.post_feedforward_layernorm_2, layer.post_feedforward_layernorm)
+    with_close = getattr(layer.experts, "forward_rms_close", None)
+    if with_close is not None and all(n.weight is not None and n.eps == norms[0].eps for n in norms):
+        return with_close(x, w, idx, norms[0].weight, norms[0].eps, ym, norms[1].weight, norms[2].weight,
+                          norms[3].weight, layer.layer_scalar)
+    moe = experts_of_norm(layer.experts, x, w, idx, norms[0])
+    out = norms[1](ym) + norms[2](moe)
+    return (x + norms[3](out)) * layer.layer_scalar
+
+
 class Router(nn.Module):
     def __init__(self, cfg: Gemma4Config):
         super().__init__()
@@ -424,6 +440,8 @@ class DecoderLayer(nn.Module):
         if self.moe:  # the MoE block runs beside the dense MLP, both from h
             flat = h.reshape(-1, h.shape[-1])
             w, idx = self.router(flat)
+            if not self.ple:  # the experts and the closing add (one op for packed experts)
+                return experts_closing(self, flat, w, idx, out.reshape(flat.shape)).view(h.shape), fresh
             moe = experts_of_norm(self.experts, flat, w, idx, self.pre_feedforward_layernorm_2).view(h.shape)
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
         if self.ple:  # the residual add, the per-layer-input gate and projection, the closing add

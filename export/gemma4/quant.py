@@ -188,7 +188,8 @@ FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
 FUSED_MLP_ENV = "GEMMA4_FUSED_MLP"
 # "1" in an exporting process: a layer's last GEMV also writes the layer's output, its closing residual add (the
 # down projection's with the MLP as one op, which FUSED_MLP_ENV's fusion is then part of; E2B / E4B's per-layer
-# projection's); checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh fused_close_ab; else the add's kernel
+# projection's; the 26B-A4B's experts' down kernel); checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh
+# fused_close_ab; else the add's kernel
 FUSED_CLOSE_ENV = "GEMMA4_FUSED_CLOSE"
 FUSED_NORMS_ENV = "GEMMA4_FUSED_NORMS"  # "0" in an exporting process: the norms stay aten ops (an A/B switch)
 
@@ -420,6 +421,20 @@ class PackedInt4Experts(nn.Module):
         gu, down = self.gate_up_proj, self.down_proj
         return torch.ops.gemma4.moe_rms_experts_int4(x, weight, eps, w, idx, gu.qweight, gu.scales, down.qweight,
                                                      down.scales)
+
+    def forward_rms_close(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, eps: float,
+                          ym: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wc: torch.Tensor,
+                          scalar: torch.Tensor) -> torch.Tensor:
+        """A MoE layer's end, (x + rms_norm(rms_norm(ym) * w1 + rms_norm(y) * w2) * wc) * scalar with y =
+        forward_rms(x, w, idx, weight, eps) and ym the dense MLP's output, as one op where FUSED_CLOSE_ENV is "1"
+        (gemma4::moe_rms_experts_close: at decode on CUDA the experts' down kernel writes it, no kernel of its own
+        for the add); else forward_rms, then the add in aten ops."""
+        from export.kernels.moe_int4 import moe_close_reference  # registers torch.ops.gemma4.moe_rms_experts_close
+        if os.environ.get(FUSED_CLOSE_ENV, "0") != "1" or not fused_norms():
+            return moe_close_reference(x, self.forward_rms(x, w, idx, weight, eps), ym, w1, w2, wc, eps, scalar)
+        gu, down = self.gate_up_proj, self.down_proj
+        return torch.ops.gemma4.moe_rms_experts_close(x, weight, eps, w, idx, gu.qweight, gu.scales, down.qweight,
+                                                      down.scales, ym, w1, w2, wc, scalar)
 
 
 class Int8Embedding(nn.Module):

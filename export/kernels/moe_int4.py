@@ -6,6 +6,10 @@
                              down_qweight, down_scales) -> y[N, H] in x.dtype
     gemma4::moe_rms_experts_int4(x, norm_weight[H], eps, weights, idx, ...stacks) -> the same of
                              rms_norm(x) * norm_weight (the experts' input norm, see GATE_UP_Q)
+    gemma4::moe_rms_experts_close(x, norm_weight, eps, weights, idx, ...stacks, ym, w1, w2, wc, scalar)
+        -> (x + rms_norm(rms_norm(ym) * w1 + rms_norm(y) * w2) * wc) * scalar, y the experts' output above
+                             (a MoE layer's end, ym its dense MLP's output; a decode token's written by the
+                             experts' down kernel, `_moe_close_row`)
 
 Routing (Gemma 4's router): x / rms(x) * scale * H^-0.5, logits = that @ proj_weight.T,
 softmax over the E experts, the top_k largest, renormalized to sum 1, times
@@ -67,7 +71,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.library import triton_op, wrap_triton
 
 from export.kernels import int4_matmul
-from export.kernels.int4_matmul import _gemv1_loop_q, _nibble_as_float, dequantize_int4, gelu_tanh, int4_bytes, quantize_int4
+from export.kernels.int4_matmul import (NORM_BLOCK, _gemv1_loop_q, _nibble_as_float, _residual, dequantize_int4,
+                                        gelu_tanh, int4_bytes, norm_steps, quantize_int4, rms_norm_reference)
 from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120
@@ -456,18 +461,24 @@ def _gemv_words_gate_up_kernel(x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr, I, ACT_STR
                                stride_se, stride_sn, NGROUPS: tl.constexpr, GROUP: tl.constexpr,
                                DOWN_GROUP: tl.constexpr,
                                X_BF16: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                               DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
+                               DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0, zc_ptr=None,
+                               ZC: tl.constexpr = 0):
     """act[slot, n] = gelu(gate[n]) * up[n] of expert idx[slot] for one token (fp32), the packed
     rows read as int32 words: a step reads GROUPS whole groups of BLOCK_N gate rows and the
     same of up rows ([BLOCK_N, GROUPS, GROUP / 8] tiles, 16-byte loads); the tiles of a step are
     loaded DEPTH steps ahead (a program's few steps would otherwise each wait out the memory
     latency: Triton pipelines no loads outside a dot). PDL: it waits first thing (the rows it reads
-    follow idx)."""
+    follow idx). ZC: the first program zeroes zc_ptr[0] (the down kernel's counter, `_moe_close_row`)."""
     if PDL:
         z = pdl_wait(PDL, ASM)
         x_ptr, idx_ptr, q_ptr, s_ptr, act_ptr = x_ptr + z, idx_ptr + z, q_ptr + z, s_ptr + z, act_ptr + z
+        if ZC:
+            zc_ptr = zc_ptr + z
     WORDS: tl.constexpr = GROUP // 8
     pid_n, slot = tl.program_id(0), tl.program_id(1)
+    if ZC:
+        if (pid_n == 0) & (slot == 0):
+            tl.store(zc_ptr, 0)
     e = tl.load(idx_ptr + slot).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = (offs_n < I)[:, None, None]
@@ -567,18 +578,23 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
                             stride_qn, stride_se, stride_sn, stride_os, TOP_K: tl.constexpr,
                             NGROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                             GROUPS: tl.constexpr, DEPTH: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
-                            XTILE: tl.constexpr = 0):
+                            XTILE: tl.constexpr = 0, CLOSE: tl.constexpr = 0, ccnt_ptr=None, ym_ptr=None, ch_ptr=None,
+                            w1_ptr=None, w2_ptr=None, wc_ptr=None, cs_ptr=None, co_ptr=None, ceps=0.0,
+                            CSTEPS: tl.constexpr = 0):
     """out[pid_s, n] = sum over one slice of the (slot, group) columns of weight[slot] * the
     down rows of expert idx[slot] . act[slot] (one token). The top_k experts' groups form one
     axis of TOP_K * NGROUPS columns, so a step of GROUPS columns can span two experts and one
     program keeps the whole (slot, k) stream in flight (tiles loaded DEPTH steps ahead); the
     routing weight rides on the scale.
     With one slice the sum goes straight to the output (its dtype), else to fp32 partials. PDL: it
-    waits first thing. XTILE: act loaded as a tile of BLOCK_N equal rows (`DOWN_XTILE`)."""
+    waits first thing. XTILE: act loaded as a tile of BLOCK_N equal rows (`DOWN_XTILE`). CLOSE (one slice):
+    the last program also writes the MoE layer's closing add into co_ptr (`_moe_close_row`)."""
     if PDL:
         z = pdl_wait(PDL, ASM)
         act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr = (act_ptr + z, w_ptr + z, idx_ptr + z, q_ptr + z, s_ptr + z,
                                                           out_ptr + z)
+        if CLOSE:
+            ccnt_ptr, ym_ptr, ch_ptr, co_ptr = ccnt_ptr + z, ym_ptr + z, ch_ptr + z, co_ptr + z
     WORDS: tl.constexpr = GROUP // 8
     C: tl.constexpr = TOP_K * NGROUPS
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
@@ -629,6 +645,63 @@ def _gemv_words_down_kernel(act_ptr, w_ptr, idx_ptr, q_ptr, s_ptr, out_ptr, N_OU
             w1, s1 = w_n, s_n
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N_OUT)
+    if CLOSE:
+        _moe_close_row(out_ptr, ccnt_ptr, ym_ptr, ch_ptr, w1_ptr, w2_ptr, wc_ptr, cs_ptr, co_ptr, N_OUT, ceps, CSTEPS)
+
+
+@triton.jit
+def _moe_close_row(y_ptr, ccnt_ptr, ym_ptr, h_ptr, w1_ptr, w2_ptr, wc_ptr, sc_ptr, o_ptr, N, eps,
+                   CSTEPS: tl.constexpr):
+    """The MoE layer's closing add (`moe_close_reference`), run by each program of the experts' down kernel
+    after it wrote its rows of y (the experts' sum): it bumps the row's counter (zeroed by the gate / up kernel
+    before; the release as the int4 GEMV's split sum) and the last of them writes, over the row of N,
+    o = (h + rms_norm(rms_norm(ym) * w1 + rms_norm(y) * w2) * wc) * sc[0] (ym the dense MLP's output), each
+    step rounded as the model's ops leave it, in CSTEPS NORM_BLOCK-wide steps whose loads are in flight
+    together (16-byte loads: N a multiple of 8). The counter goes back to 0."""
+    tl.debug_barrier()  # every thread's rows stored; one thread's gpu-scope acq_rel atomic releases them
+    arrived = tl.atomic_add(ccnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(0) - 1:
+        n8 = N // 8 * 8  # = N; its factor 8 is what the compiler reads (16-byte loads)
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        ys = []
+        ms = []
+        hs = []
+        w1s = []
+        w2s = []
+        wcs = []
+        sy = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+        sm = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(CSTEPS):
+            o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+            m = o < n8
+            yv = tl.load(y_ptr + o, mask=m, other=0.0, cache_modifier=".cg")
+            mv = tl.load(ym_ptr + o, mask=m, other=0.0)
+            sy += yv.to(tl.float32) * yv.to(tl.float32)
+            sm += mv.to(tl.float32) * mv.to(tl.float32)
+            ys = ys + [yv]
+            ms = ms + [mv]
+            hs = hs + [tl.load(h_ptr + o, mask=m, other=0.0)]
+            w1s = w1s + [tl.load(w1_ptr + o, mask=m, other=0.0)]
+            w2s = w2s + [tl.load(w2_ptr + o, mask=m, other=0.0)]
+            wcs = wcs + [tl.load(wc_ptr + o, mask=m, other=0.0)]
+        e32 = tl.cast(eps, tl.float32)
+        inv_y = 1.0 / tl.sqrt_rn(tl.sum(sy, 0) / N + e32)
+        inv_m = 1.0 / tl.sqrt_rn(tl.sum(sm, 0) / N + e32)
+        outs = []
+        so = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(CSTEPS):  # the two outputs' norms and their sum, each rounded as the model's
+            a = ((ms[i].to(tl.float32) * inv_m) * w1s[i].to(tl.float32)).to(DT).to(tl.float32)
+            b = ((ys[i].to(tl.float32) * inv_y) * w2s[i].to(tl.float32)).to(DT).to(tl.float32)
+            ov = (a + b).to(DT).to(tl.float32)
+            so += ov * ov
+            outs = outs + [ov]
+        inv_o = 1.0 / tl.sqrt_rn(tl.sum(so, 0) / N + e32)
+        s = tl.load(sc_ptr).to(tl.float32)
+        for i in tl.static_range(CSTEPS):
+            o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+            hv = _residual(hs[i].to(tl.float32), outs[i], wcs[i].to(tl.float32), inv_o, DT, h_ptr.dtype.element_ty)
+            tl.store(o_ptr + o, (hv * s).to(o_ptr.dtype.element_ty), mask=o < n8)
+        tl.store(ccnt_ptr, 0)
 
 
 @triton.jit
@@ -856,10 +929,11 @@ def decode_act_stride(I: int) -> int:
     return triton.cdiv(I * 9 // 8, 16) * 16
 
 
-def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None):
+def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None, zero=None):
     """gelu(gate) * up of each picked expert for one token (x [1, H]), fp32 in the down kernel's
     layout (`decode_act_pack`: words' x in runs, their offsets beside them). BLOCK_N a multiple of 8.
-    `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning."""
+    `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning. zero: an int32 counter the kernel
+    zeroes (its ZC: the down kernel's close)."""
     H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
     G = H // gu_s.shape[-1]
     act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
@@ -867,7 +941,8 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     args = (x, idx, gu_q, gu_s, act, I, act.stride(0), gu_q.stride(0) // 16, gu_q.stride(1) // 16, gu_s.stride(0),
             gu_s.stride(1))
     meta = dict(NGROUPS=H // G, GROUP=G, DOWN_GROUP=down_group, X_BF16=x.dtype == torch.bfloat16,
-                ASM=x.device.type == "cuda", PDL=op_pdl_mode(x.device))
+                ASM=x.device.type == "cuda", PDL=op_pdl_mode(x.device), zc_ptr=zero if zero is not None else idx,
+                ZC=int(zero is not None))
     if cfg:
         bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
@@ -878,16 +953,16 @@ def launch_decode_gate_up(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=No
     return act
 
 
-def launch_decode_gate_up_q(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None, norm=None):
+def launch_decode_gate_up_q(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=None, norm=None, zero=None):
     """`launch_decode_gate_up`'s act through `_gemv_q_gate_up_kernel`: x quantized first (`_quant_x_kernel`, two
     int8 levels a group; with norm (weight [H] in x's dtype, eps) rms_norm(x) * weight, the norm computed by that
     kernel: the experts' input norm's launch), then dp4a. `cfg` (BLOCK_N, GROUPS, num_warps); default
-    GATE_UP_Q_CONFIG."""
+    GATE_UP_Q_CONFIG. zero: an int32 counter x's quantize kernel zeroes (the down kernel's close)."""
     H, I, top_k = x.shape[1], gu_q.shape[1] // 2, idx.shape[1]
     G = H // gu_s.shape[-1]
     bn, gr, warps = cfg or GATE_UP_Q_CONFIG
-    cnt = torch.empty((1,), device=x.device, dtype=torch.int32)  # no split sum: no counters to zero
-    xq, xf, xc = int4_matmul._quant_x(x.contiguous(), G, cnt, 0, norm=norm)
+    cnt = zero if zero is not None else torch.empty((1,), device=x.device, dtype=torch.int32)  # no split sum
+    xq, xf, xc = int4_matmul._quant_x(x.contiguous(), G, cnt, int(zero is not None), norm=norm)
     act = torch.empty((top_k, decode_act_stride(I)), device=x.device, dtype=torch.float32)
     words = gu_q.view(torch.int32)
     wrap(_gemv_q_gate_up_kernel)[(triton.cdiv(I, bn), top_k)](
@@ -897,11 +972,14 @@ def launch_decode_gate_up_q(x, idx, gu_q, gu_s, down_group, wrap=_identity, cfg=
     return act
 
 
-def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None, xtile=None):
+def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=None, slices=None, xtile=None,
+                       close=None):
     """y [1, H] in `dtype` = sum over slots of weights[slot] * down(idx[slot]) @ act[slot] (act as
     `decode_act_pack` lays it out), the (slot, group) columns in `slices` slices (fp32 partials
     and one sum kernel when > 1). `cfg` (BLOCK_N, GROUPS, num_warps[, DEPTH]) bypasses autotuning.
-    xtile: the kernel's XTILE (None: DOWN_XTILE)."""
+    xtile: the kernel's XTILE (None: DOWN_XTILE). close (one slice): (counter, ym, h, w1, w2, wc, scalar, eps,
+    out [1, H]): the kernel also writes the MoE layer's closing add into out (its CLOSE, `_moe_close_row`; the
+    counter zeroed before)."""
     H, I, top_k = d_q.shape[1], d_q.shape[2] * 2, idx.shape[1]
     G = I // d_s.shape[-1]
     slices = DOWN_SLICES if slices is None else slices
@@ -912,6 +990,15 @@ def launch_decode_down(act, weights, idx, d_q, d_s, dtype, wrap=_identity, cfg=N
     pdl = op_pdl_mode(act.device)
     meta = dict(TOP_K=top_k, NGROUPS=I // G, GROUP=G, ASM=act.device.type == "cuda", PDL=pdl,
                 XTILE=int(DOWN_XTILE if xtile is None else xtile))
+    if close is not None:
+        if slices != 1 or H % 8:
+            raise ValueError(f"launch_decode_down close: one slice (got {slices}) and rows a multiple of 8 (got {H})")
+        cnt, ym, h, w1, w2, wc, scalar, eps, o = close
+        meta.update(CLOSE=1, ccnt_ptr=cnt, ym_ptr=ym, ch_ptr=h, w1_ptr=w1, w2_ptr=w2, wc_ptr=wc, cs_ptr=scalar,
+                    co_ptr=o, ceps=float(eps), CSTEPS=norm_steps(H))
+    else:
+        meta.update(CLOSE=0, ccnt_ptr=idx, ym_ptr=out, ch_ptr=out, w1_ptr=out, w2_ptr=out, wc_ptr=out, cs_ptr=out,
+                    co_ptr=out, ceps=0.0, CSTEPS=0)
     if cfg:
         bn, gr, warps, depth = (*cfg, 1)[:4]
         wrap(_gemv_words_down_kernel)[(triton.cdiv(H, bn), slices)](*args, **meta, BLOCK_N=bn, GROUPS=gr,
@@ -1070,4 +1157,81 @@ def _check_norm_weight(x, norm_weight):
 def _(x, norm_weight, eps, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales):
     _check_experts(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales)
     _check_norm_weight(x, norm_weight)
+    return torch.empty_like(x)
+
+
+def moe_close_reference(x, y, ym, w1, w2, wc, eps: float, scalar):
+    """The MoE layer's closing add (export/gemma4/model.py, DecoderLayer.forward with experts): the dense MLP's
+    output ym and the experts' y each normed, summed, normed again into the residual x, times the layer scalar:
+    (x + rms_norm(rms_norm(ym) * w1 + rms_norm(y) * w2) * wc) * scalar (Gemma 4's RMSNorm, one eps)."""
+    rms = int4_matmul.rms_norm_reference
+    return (x + rms(rms(ym, w1, eps) + rms(y, w2, eps), wc, eps)) * scalar
+
+
+def moe_rms_experts_close_reference(x, norm_weight, eps, weights, idx, gate_up_qweight, gate_up_scales, down_qweight,
+                                    down_scales, ym, w1, w2, wc, scalar):
+    y = moe_rms_experts_reference(x, norm_weight, eps, weights, idx, gate_up_qweight, gate_up_scales, down_qweight,
+                                  down_scales)
+    return moe_close_reference(x, y, ym, w1, w2, wc, eps, scalar)
+
+
+def _check_close(x, ym, w1, w2, wc, scalar):
+    H = x.shape[1]
+    if ym.shape != x.shape or any(tuple(w.shape) != (H,) for w in (w1, w2, wc)) or scalar.numel() != 1:
+        raise ValueError(f"moe_rms_experts_close: the dense MLP's output {tuple(ym.shape)} (as x {tuple(x.shape)}), "
+                         f"the norms' weights {tuple(w1.shape)} / {tuple(w2.shape)} / {tuple(wc.shape)} ({H},) or "
+                         f"the layer scalar {tuple(scalar.shape)} (one element) do not fit")
+
+
+def close_fused_at_decode(x, norm_weight, ym, w1, w2, wc, scalar) -> bool:
+    """Whether the op on CUDA has the experts' down kernel write the closing add: one token, the down GEMV in one
+    slice (DOWN_SLICES), the width a multiple of 8, every tensor in x's dtype."""
+    return (guard_or_false(x.shape[0] == 1) and DOWN_SLICES == 1 and x.shape[1] % 8 == 0
+            and all(t.dtype == x.dtype for t in (norm_weight, ym, w1, w2, wc, scalar)))
+
+
+@triton_op("gemma4::moe_rms_experts_close", mutates_args={})
+def moe_rms_experts_close(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: torch.Tensor,
+                          idx: torch.Tensor, gate_up_qweight: torch.Tensor, gate_up_scales: torch.Tensor,
+                          down_qweight: torch.Tensor, down_scales: torch.Tensor, ym: torch.Tensor, w1: torch.Tensor,
+                          w2: torch.Tensor, wc: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's end: `moe_rms_experts_int4` (the experts of rms_norm(x) * norm_weight), then
+    `moe_close_reference`'s add with the dense MLP's output ym. A decode token (`close_fused_at_decode`): the
+    experts' down kernel's last program writes it (`_moe_close_row`; its counter zeroed by the gate / up kernel,
+    or with GATE_UP_Q by x's quantize kernel), the add's kernel gone. Else the experts' path, then the add in
+    aten ops."""
+    stacks = (gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    _check_experts(x, weights, idx, *stacks)
+    _check_norm_weight(x, norm_weight)
+    _check_close(x, ym, w1, w2, wc, scalar)
+    if x.device.type != "cuda":
+        return moe_rms_experts_close_reference(x, norm_weight, eps, weights, idx, *stacks, ym, w1, w2, wc, scalar)
+    if not close_fused_at_decode(x, norm_weight, ym, w1, w2, wc, scalar):
+        if GATE_UP_Q and norm_weight.dtype == x.dtype and guard_or_false(x.shape[0] == 1):
+            y = launch_experts_decode(x, weights, idx, *stacks, wrap=wrap_triton, norm=(norm_weight.contiguous(), eps))
+        else:
+            y = _experts_cuda(rms_norm_reference(x, norm_weight, eps), weights, idx, *stacks)
+        return moe_close_reference(x, y, ym, w1, w2, wc, eps, scalar)
+    x1, wts, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
+    down_group = down_qweight.shape[2] * 2 // down_scales.shape[2]
+    cnt = torch.empty((1,), device=x.device, dtype=torch.int32)  # the close's counter, zeroed by the gate / up launch
+    if GATE_UP_Q:
+        act = launch_decode_gate_up_q(x1, idx1, gate_up_qweight, gate_up_scales, down_group, wrap_triton,
+                                      norm=(norm_weight.contiguous(), eps), zero=cnt)
+    else:
+        act = launch_decode_gate_up(rms_norm_reference(x1, norm_weight, eps), idx1, gate_up_qweight, gate_up_scales,
+                                    down_group, wrap_triton, zero=cnt)
+    out = torch.empty_like(x1)
+    launch_decode_down(act, wts, idx1, down_qweight, down_scales, x.dtype, wrap_triton,
+                       close=(cnt, ym.contiguous(), x1, w1.contiguous(), w2.contiguous(), wc.contiguous(),
+                              scalar.reshape(1), eps, out))
+    return out
+
+
+@moe_rms_experts_close.register_fake
+def _(x, norm_weight, eps, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales, ym, w1, w2, wc,
+      scalar):
+    _check_experts(x, weights, idx, gate_up_qweight, gate_up_scales, down_qweight, down_scales)
+    _check_norm_weight(x, norm_weight)
+    _check_close(x, ym, w1, w2, wc, scalar)
     return torch.empty_like(x)
