@@ -23,15 +23,17 @@ def test_e2b_units(tmp_path):
     with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the
     quantize kernel and GEMV of gate / up and of down, the per-layer gate and projection, the closing norm),
     the full layer one more (its o projection's K of 4096 takes the quantize kernel); no launch copies the
-    position (the attention op reads the method's pos)."""
+    position (the attention op reads the method's pos); the head is 3 (the lm_head's quantize kernel computing the
+    final norm, its GEMV, the soft cap)."""
     u = _counts(tmp_path, "--preset", "e2b", "--layers", "5")
     assert (u["embed"]["launches"], u["layer0"]["launches"], u["layer4"]["launches"], u["head"]["launches"]) == \
-        (3, 12, 13, 4), u
+        (3, 12, 13, 3), u
     sliding = u["layer0"]["kernels"]
     assert sum(k.startswith("_int4_gemv1_kernel") for k in sliding) == 6, sliding
     assert sum(k.startswith(("_attn_body", "_combine")) for k in sliding) == 2, sliding
     assert not any(k.startswith("triton_poi") for k in sliding), sliding
-    assert u["step"] == 3 + 4 * 12 + 13 + 4
+    assert u["step"] == 3 + 4 * 12 + 13 + 3
+    assert u["head"]["kernels"][0].startswith("_quant_x_kernel"), u  # the final norm in the lm_head's quantize kernel
 
 
 def test_31b_units_int4_cache(tmp_path):

@@ -218,12 +218,12 @@ def test_packed_per_layer_projection_takes_the_activation_in_one_op():
 
 
 def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch):
-    """A layer hands its packed int4 q / k / v projection x and the input norm (gemma4::int4_rms_linear),
-    its packed gate / up the residual stream, the attention output and the two norms between them
-    (gemma4::int4_add_rms_linear), and its packed per-layer-input gate the residual stream, the MLP's output
-    and its norm (gemma4::int4_add_linear): on CPU the ops' references, so the model computes what the float
-    path does with the same weights, exactly, with one op where there were a norm (and an add) and
-    `int4_linear`."""
+    """A layer hands its packed int4 q / k / v projection x and the input norm (gemma4::int4_rms_linear, as the
+    model hands its packed lm_head the final norm), its packed gate / up the residual stream, the attention output
+    and the two norms between them (gemma4::int4_add_rms_linear), and its packed per-layer-input gate the residual
+    stream, the MLP's output and its norm (gemma4::int4_add_linear): on CPU the ops' references, so the model
+    computes what the float path does with the same weights, exactly, with one op where there were a norm (and an
+    add) and `int4_linear`."""
     from export.gemma4.quant import PackedInt4Linear
 
     model = _tiny().to(torch.bfloat16)
@@ -239,7 +239,8 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
     with torch.no_grad(), RecordOps(seen):
         fused = model(tok, torch.tensor([0])).float()
     n = len(model.layers)
-    assert seen.count("gemma4.int4_rms_linear.default") == n
+    assert isinstance(model.lm_head, PackedInt4Linear)
+    assert seen.count("gemma4.int4_rms_linear.default") == n + 1  # and the lm_head with the final norm
     assert seen.count("gemma4.int4_add_rms_linear.default") == n
     assert isinstance(model.layers[0].per_layer_input_gate, PackedInt4Linear)  # the preset has per-layer inputs
     assert seen.count("gemma4.int4_add_linear.default") == n  # the MLP's output added, then the gate
@@ -257,6 +258,7 @@ def test_packed_projections_take_the_norms_before_them_in_their_ops(monkeypatch)
         object.__setattr__(layer.mlp.gate_up_proj, "forward_add_rms", None)
         object.__setattr__(layer.mlp.gate_up_proj, "forward_rms", None)
         object.__setattr__(layer.per_layer_input_gate, "forward_add", None)
+    object.__setattr__(model.lm_head, "forward_rms", None)
     model.reset_cache()
     seen = []
     with torch.no_grad(), RecordOps(seen):

@@ -606,8 +606,15 @@ def per_layer_inputs(m: nn.Module, tokens: torch.Tensor, x: torch.Tensor) -> tor
 
 
 def head_logits(norm: nn.Module, lm_head: nn.Module, softcap: float | None, x: torch.Tensor) -> torch.Tensor:
-    """fp32 logits (1, vocab) of the last position of x (1, T, H)."""
-    logits = lm_head(norm(x[:, -1, :])).float()  # only the last position's logits are needed
+    """fp32 logits (1, vocab) of the last position of x (1, T, H). A packed int4 lm_head takes the final norm into
+    its op (quant.PackedInt4Linear.forward_rms: at decode on CUDA x's quantize kernel computes it, as before a
+    layer's q / k / v)."""
+    last = x[:, -1, :]  # only the last position's logits are needed
+    fused = getattr(lm_head, "forward_rms", None)
+    if fused is not None and norm.weight is not None:
+        logits = fused(last, norm.weight, norm.eps).float()
+    else:
+        logits = lm_head(norm(last)).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
