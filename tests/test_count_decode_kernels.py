@@ -18,6 +18,16 @@ def _counts(tmp_path, *args) -> dict:
     return {u["unit"]: u for u in doc["units"]} | {"step": doc["step"]}
 
 
+def _switched_units(tmp_path, preset: str, layers: str, **env) -> dict:
+    """{unit: its record} of `preset`'s first `layers` layers counted with the environment switches `env` set."""
+    out = tmp_path / f"counts_{preset}_{len(env)}.json"
+    r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
+                   timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (doc,) = json.loads(out.read_text())["models"]
+    return {u["unit"]: u for u in doc["units"]}
+
+
 def test_e2b_units(tmp_path):
     """E2B's first five layers (four sliding, one full), bf16 cache: a sliding layer is 12 launches (q / k / v
     with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the
@@ -70,12 +80,7 @@ def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path
     layer is 11 launches (the GEMV right after the combine), its full layer with the int4 cache 14 (the output's
     rotation back in the combine too), and the 26B-A4B's layer is 16."""
     def units(preset, layers):
-        out = tmp_path / f"counts_{preset}.json"
-        r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
-                       timeout=900, env={"GEMMA4_FUSED_ATTENTION": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
-        (doc,) = json.loads(out.read_text())["models"]
-        return {u["unit"]: u for u in doc["units"]}
+        return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_ATTENTION="1")
 
     u = units("31b:int4", "6")
     assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (11, 14), u
@@ -90,12 +95,7 @@ def test_fused_mlp_switch_takes_the_activations_quantize_kernel(tmp_path):
     launches and its full one 12 (the down GEMV right after the gate / up's, no quantize kernel between),
     the 31B's sliding layer 11, and 10 with GEMMA4_FUSED_ATTENTION=1 too."""
     def units(preset, layers, **env):
-        out = tmp_path / f"counts_{preset}.json"
-        r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
-                       timeout=900, env={"GEMMA4_FUSED_MLP": "1", **env})
-        assert r.returncode == 0, r.stderr[-3000:]
-        (doc,) = json.loads(out.read_text())["models"]
-        return {u["unit"]: u for u in doc["units"]}
+        return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_MLP="1", **env)
 
     u = units("e2b", "5")
     assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (11, 12), u
@@ -112,12 +112,7 @@ def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
     (its MLP op is the fused one, no activation quantize either), 9 with GEMMA4_FUSED_ATTENTION=1 too; the
     26B-A4B's 16."""
     def units(preset, layers, **env):
-        out = tmp_path / f"counts_{preset}.json"
-        r = run_script("scripts.count_decode_kernels", "--preset", preset, "--layers", layers, "--out", str(out),
-                       timeout=900, env={"GEMMA4_FUSED_CLOSE": "1", **env})
-        assert r.returncode == 0, r.stderr[-3000:]
-        (doc,) = json.loads(out.read_text())["models"]
-        return {u["unit"]: u for u in doc["units"]}
+        return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_CLOSE="1", **env)
 
     u = units("e2b", "5")
     assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (11, 12), u

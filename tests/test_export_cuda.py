@@ -159,6 +159,19 @@ class ReferenceOps(TorchDispatchMode):
         return self.table.get(func, func)(*args, **(kwargs or {}))
 
 
+class RecordingReferenceOps(ReferenceOps):
+    """`ReferenceOps` that also records, into `seen`, the name of each custom op it runs as its reference."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.table:
+            self.seen.append(str(func))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 @torch.no_grad()
 def parity(out: Path, model: torch.nn.Module, n_decode: int = 6, fp32: bool = True,
            reference_ops: bool = False) -> dict[str, list[float]]:
@@ -277,12 +290,6 @@ def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
 
     seen = []
 
-    class Recording(ReferenceOps):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in self.table:
-                seen.append(str(func))
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
     model = Gemma4Model(PRESETS["tiny"], ctx=64, prefill_chunk=8, dtype=torch.bfloat16, kv_dtype="int8")
     model = randomize_(model, seed=2).to(torch.bfloat16).eval()
     report = quantize_(model, QuantRecipe(group_size=32), TargetDevice.CUDA)  # the CUDA layout: gemma4::int4_linear
@@ -294,7 +301,7 @@ def test_reference_ops_run_every_custom_op_as_its_reference(monkeypatch):
         model.reset_cache()
         want = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]  # a prefill chunk, a decode step
         model.reset_cache()
-        with Recording():
+        with RecordingReferenceOps(seen):
             got = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert {"gemma4.int4_linear.default", "gemma4.int4_glu_linear.default", "gemma4.int4_rms_linear.default",
@@ -318,12 +325,6 @@ def test_reference_ops_run_the_closing_ops_as_their_references(monkeypatch):
 
     seen = []
 
-    class Recording(ReferenceOps):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in self.table:
-                seen.append(str(func))
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
     tokens, pos = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 9)), torch.tensor([0])
     for preset, width in (("tiny", 32), ("tiny", 0), ("tiny-moe", 0)):  # per-layer inputs (packed), none; experts
         cfg = dataclasses.replace(PRESETS[preset], hidden_size_per_layer_input=width)
@@ -334,7 +335,7 @@ def test_reference_ops_run_the_closing_ops_as_their_references(monkeypatch):
         want = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
         monkeypatch.setenv("GEMMA4_FUSED_CLOSE", "1")
         model.reset_cache()
-        with Recording():
+        with RecordingReferenceOps(seen):
             got = [model(tokens[:, :8], pos), model(tokens[:, 8:], pos + 8)]
         assert all(torch.equal(g, w) for g, w in zip(got, want)), width
     assert {"gemma4.int4_add_ple_close.default", "gemma4.int4_add_rms_mlp_close.default",
