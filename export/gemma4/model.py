@@ -444,12 +444,10 @@ class DecoderLayer(nn.Module):
                 return experts_closing(self, flat, w, idx, out.reshape(flat.shape)).view(h.shape), fresh
             moe = experts_of_norm(self.experts, flat, w, idx, self.pre_feedforward_layernorm_2).view(h.shape)
             out = self.post_feedforward_layernorm_1(out) + self.post_feedforward_layernorm_2(moe)
-        if self.ple:  # the residual add, the per-layer-input gate and projection, the closing add
-            return ple_closing(self.per_layer_input_gate, self.per_layer_projection, h, out,
-                               self.post_feedforward_layernorm, ple, self.ple_index, self.post_per_layer_input_norm,
-                               self.layer_scalar), fresh
-        h = h + self.post_feedforward_layernorm(out)
-        return h * self.layer_scalar, fresh
+        # per-layer inputs (the layers without returned above): the residual add, the per-layer-input gate and
+        # projection, the closing add
+        return ple_closing(self.per_layer_input_gate, self.per_layer_projection, h, out, self.post_feedforward_layernorm,
+                           ple, self.ple_index, self.post_per_layer_input_norm, self.layer_scalar), fresh
 
 
 class Gemma4Model(nn.Module):

@@ -300,7 +300,8 @@ class PackedInt4Linear(nn.Module):
         closing residual add, as one op where FUSED_CLOSE_ENV is "1" (export/kernels/int4_mlp.py
         `int4_add_rms_mlp_close`: at decode on CUDA the down GEMV's last row block writes it, no kernel of its own);
         else forward_add_rms_mlp, then the add in aten ops."""
-        from export.kernels.int4_mlp import close_reference  # registers torch.ops.gemma4.int4_add_rms_mlp_close
+        import export.kernels.int4_mlp  # noqa: F401  (registers torch.ops.gemma4.int4_add_rms_mlp_close)
+        from export.kernels.int4_matmul import close_reference
         if os.environ.get(FUSED_CLOSE_ENV, "0") != "1" or not fused_norms():
             h, y = self.forward_add_rms_mlp(down, x, r, weight_r, weight, eps)
             return close_reference(h, y, weight_c, eps, scalar)
@@ -314,7 +315,8 @@ class PackedInt4Linear(nn.Module):
         per-layer-input gate) and p = proj.forward_glu(g, table, index): E2B / E4B's layer end as one op where
         FUSED_CLOSE_ENV is "1" (export/kernels/int4_ple.py `int4_add_ple_close`: at decode on CUDA the
         projection's GEMV writes it, no kernel of its own); else the two ops, then the add in aten ops."""
-        from export.kernels.int4_ple import close_reference  # registers torch.ops.gemma4.int4_add_ple_close
+        import export.kernels.int4_ple  # noqa: F401  (registers torch.ops.gemma4.int4_add_ple_close)
+        from export.kernels.int4_matmul import close_reference
         if os.environ.get(FUSED_CLOSE_ENV, "0") != "1" or not fused_norms():
             h, g = self.forward_add(x, r, weight_r, eps)
             return close_reference(h, proj.forward_glu(g, table, index), weight_c, eps, scalar)
