@@ -1143,9 +1143,15 @@ def moe_rms_experts_int4(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     _check_norm_weight(x, norm_weight)
     if x.device.type != "cuda":
         return moe_rms_experts_reference(x, norm_weight, eps, weights, idx, *stacks)
+    return _rms_experts_cuda(x, norm_weight, eps, weights, idx, *stacks)
+
+
+def _rms_experts_cuda(x, norm_weight, eps, weights, idx, *stacks):
+    """`moe_rms_experts_int4` on CUDA: a decode token with GATE_UP_Q (the norm in x's quantize kernel), else the
+    norm in aten ops and `_experts_cuda`."""
     if GATE_UP_Q and norm_weight.dtype == x.dtype and guard_or_false(x.shape[0] == 1):
         return launch_experts_decode(x, weights, idx, *stacks, wrap=wrap_triton, norm=(norm_weight.contiguous(), eps))
-    return _experts_cuda(int4_matmul.rms_norm_reference(x, norm_weight, eps), weights, idx, *stacks)
+    return _experts_cuda(rms_norm_reference(x, norm_weight, eps), weights, idx, *stacks)
 
 
 def _check_norm_weight(x, norm_weight):
@@ -1207,10 +1213,7 @@ def moe_rms_experts_close(x: torch.Tensor, norm_weight: torch.Tensor, eps: float
     if x.device.type != "cuda":
         return moe_rms_experts_close_reference(x, norm_weight, eps, weights, idx, *stacks, ym, w1, w2, wc, scalar)
     if not close_fused_at_decode(x, norm_weight, ym, w1, w2, wc, scalar):
-        if GATE_UP_Q and norm_weight.dtype == x.dtype and guard_or_false(x.shape[0] == 1):
-            y = launch_experts_decode(x, weights, idx, *stacks, wrap=wrap_triton, norm=(norm_weight.contiguous(), eps))
-        else:
-            y = _experts_cuda(rms_norm_reference(x, norm_weight, eps), weights, idx, *stacks)
+        y = _rms_experts_cuda(x, norm_weight, eps, weights, idx, *stacks)
         return moe_close_reference(x, y, ym, w1, w2, wc, eps, scalar)
     x1, wts, idx1 = x.contiguous(), weights.contiguous(), idx.contiguous()
     down_group = down_qweight.shape[2] * 2 // down_scales.shape[2]
