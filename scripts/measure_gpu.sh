@@ -341,6 +341,10 @@ fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launc
   # GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh runtime_31b
   GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1 GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh e_models
   ;;
+argmax)  # greedy decoding's last kernel: torch's argmax against the two-kernel rows variant
+  # (runtime.sampling.greedy_token; scripts/argmax_variants.py, seconds)
+  timeout 120 python -m scripts.argmax_variants --out "$OUT/argmax_variants.json" 2>&1 | tail -12
+  ;;
 launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's
   # share of weights or none (scripts/launch_floor.py, < 1 min)
   timeout 200 python -m scripts.launch_floor --out "$OUT/launch_floor.json" 2>&1 | tail -40
