@@ -179,9 +179,13 @@ def _rows(K: int, work: torch.device | None) -> int:
     return max(1, ((128 if work is not None else 16) << 20) // (4 * K))
 
 
-# "1" in an exporting process: the decode combine writes the o_proj's x levels (built and checked on CPU and
-# offline for sm_90, bit for bit the unfused pair; on by default once the GPU A/B, measure_gpu.sh
-# fused_attention_ab, shows it faster); "0" or unset: attention, then o_proj
+# Three launch fusions, each off unless its variable is "1" in the exporting process. Together they made the 31B's
+# 6-layer slice decode slower on the H200 (0.875 -> 0.914 ms at fill 1k, 85 -> 66 launches a step:
+# scripts/measurements/fusions_ab_31b_6l.json): with programmatic dependent launch the kernels they remove overlap
+# their neighbours, while their work, moved into a GEMV's last-arriving program or the few-program combine, runs in
+# series. One at a time they are untimed (measure_gpu.sh fused_attention_ab / fused_mlp_ab / fused_close_ab).
+# "1": the decode combine writes the o_proj's x levels (bit for bit the unfused pair); "0" or unset: attention,
+# then o_proj
 FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
 # "1" in an exporting process: a layer's gate / up GEMV also writes the down GEMV's x levels (one op for the MLP
 # after its residual add; checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh fused_mlp_ab); else two ops
