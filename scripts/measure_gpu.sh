@@ -335,6 +335,27 @@ fusions_ab)  # the three launch fusions at once (GEMMA4_FUSED_ATTENTION, GEMMA4_
       --b 1 --preset e2b --layers 2 --ctx 8192 --fills 1024 --workdir /tmp/ab_fe2b \
       --json "$OUT/fusions_ab_e2b_2l.json" 2>&1 | tail -8
   ;;
+fusions_split)  # the three launch fusions one at a time on the 31B's 6-layer slice at 131072: four exports at once
+  # (none; GEMMA4_FUSED_ATTENTION; GEMMA4_FUSED_MLP; GEMMA4_FUSED_MLP + GEMMA4_FUSED_CLOSE: the close op holds the
+  # MLP's fusion), then each fused artifact against the plain one (scripts/export_ab.py --model-a / --model-b: decode
+  # at fill 1k and 128k timed alternately; attention's and the MLP's logits bitwise the plain ones; ~8 min)
+  mkdir -p /tmp/fs
+  for v in none:x attn:GEMMA4_FUSED_ATTENTION mlp:GEMMA4_FUSED_MLP close:GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE; do
+    name=${v%%:*}; vars=${v#*:}
+    env_set=""; for var in ${vars//,/ }; do [ "$var" != x ] && env_set="$env_set $var=1"; done
+    env $env_set TORCHINDUCTOR_CACHE_DIR=/tmp/fs/ind_$name TRITON_CACHE_DIR=/tmp/fs/tri_$name \
+        TORCHINDUCTOR_COMPILE_THREADS=4 timeout 330 python -m export.gemma4 --preset 31b --layers 6 --ctx 131072 \
+        --kv-dtype int4 --embedding-quant int8 --low-memory --device cuda --seed 0 --no-autotune --prefill-chunk 2048 \
+        --out /tmp/fs/$name > /tmp/fs/export_$name.log 2>&1 &
+    sleep 1
+  done
+  wait
+  for name in attn mlp close; do
+    echo "== $name"
+    timeout 75 python -m scripts.export_ab --model-a /tmp/fs/none --model-b /tmp/fs/$name --fills 1024,131000 \
+        --profile-fill 0 --rounds 2 --workdir /tmp/fs/ab_$name --json "$OUT/fusions_split_$name.json" 2>&1 | tail -3
+  done
+  ;;
 fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launch fusions switched on
   # (GEMMA4_FUSED_ATTENTION / _MLP / _CLOSE=1; each record's `switches` says so), into variants_e2b.json /
   # variants_e4b.json as e_models does (~8 min); the 31B slice with them: GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1
