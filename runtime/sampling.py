@@ -73,8 +73,8 @@ def greedy_token(logits: torch.Tensor, rows: int = GREEDY_ROWS) -> torch.Tensor:
     if n % rows or n < 4 * rows:
         return logits.argmax().reshape(1)
     best, where = logits.view(rows, n // rows).max(dim=1)  # ties: the first index in the row
-    row = best.argmax()  # ties: the first row
-    return (row * (n // rows) + where[row]).reshape(1)
+    row = best.argmax().reshape(1)  # ties: the first row
+    return where.gather(0, row).add_(row, alpha=n // rows)  # on the device: no host sync
 
 
 def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
