@@ -51,7 +51,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """One token id from `logits` [vocab] or [1, vocab]; returns an int64 tensor of shape [1]."""
     logits = logits.reshape(-1).float()
     if cfg.greedy:
-        return greedy_token(logits)
+        return logits.argmax().reshape(1)
     logits = logits / cfg.temperature
     if cfg.top_k:
         logits = _keep_top_k(logits, cfg.top_k)
@@ -59,22 +59,6 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         logits = _keep_top_p(logits, cfg.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
-
-
-GREEDY_ROWS = 512  # rows of the two-kernel argmax (scripts/argmax_variants.py)
-
-
-def greedy_token(logits: torch.Tensor, rows: int = GREEDY_ROWS) -> torch.Tensor:
-    """The first index of the largest of `logits` [vocab] as an int64 tensor of shape [1], as `argmax` gives it,
-    in two kernels where `rows` divides the vocab: each row's max and its first index (the rows in parallel),
-    then the first row holding the largest. One `argmax` over the whole vocab is a reduction that parallelizes
-    poorly (scripts/argmax_variants.py)."""
-    n = logits.numel()
-    if n % rows or n < 4 * rows:
-        return logits.argmax().reshape(1)
-    best, where = logits.view(rows, n // rows).max(dim=1)  # ties: the first index in the row
-    row = best.argmax().reshape(1)  # ties: the first row
-    return where.gather(0, row).add_(row, alpha=n // rows)  # on the device: no host sync
 
 
 def _keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

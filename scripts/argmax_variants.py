@@ -9,9 +9,10 @@ logits, which the copy bandwidth reads in ~0.25 us. Variants, each timed as the 
 on the stream after the step) and as a CUDA graph of the same ops, CUDA events around `--iters` calls, median
 of 5 such runs, us a call:
 - `argmax`: `logits.argmax()`;
-- `rows<R>`: `runtime.sampling.greedy_token` with the logits viewed as [R, vocab / R]: each row's max and its
-  first index (one kernel, R rows in parallel), then the first row holding the largest (a second, small
-  kernel) and the index within it.
+- `rows<R>`: `greedy_token` with the logits viewed as [R, vocab / R]: each row's max and its first index (one
+  kernel, R rows in parallel), then the first row holding the largest (a second, small kernel) and the index
+  within it (a gather and an add: four launches). The runner's sampler (runtime/sampling.py) takes it if it
+  is faster here.
 Checks, on fresh random logits per variant (fp32, with ties planted: the maximum copied to a later index and a
 NaN-free row): every variant's token equals `argmax`'s, the first index of the maximum. Copy bandwidth in the
 same run. Table on stdout, JSON with `--out`.
@@ -28,7 +29,18 @@ from pathlib import Path
 
 import torch
 
-from runtime.sampling import greedy_token
+
+
+def greedy_token(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first index of the largest of `logits` [vocab] as an int64 tensor of shape [1], as `argmax` gives it,
+    in two reductions where `rows` divides the vocab: each row's max and its first index (the rows in parallel),
+    then the first row holding the largest; all on the device (no host sync)."""
+    n = logits.numel()
+    if n % rows:
+        return logits.argmax().reshape(1)
+    best, where = logits.view(rows, n // rows).max(dim=1)  # ties: the first index in the row
+    row = best.argmax().reshape(1)  # ties: the first row
+    return where.gather(0, row).add_(row, alpha=n // rows)
 
 
 def copy_gbps(n_bytes: int = 1 << 30) -> float:

@@ -362,8 +362,8 @@ fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launc
   # GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh runtime_31b
   GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1 GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh e_models
   ;;
-argmax)  # greedy decoding's last kernel: torch's argmax against the two-kernel rows variant
-  # (runtime.sampling.greedy_token; scripts/argmax_variants.py, seconds)
+argmax)  # greedy decoding's last kernel: torch's argmax against the two-reduction rows variant
+  # (scripts/argmax_variants.py, seconds)
   timeout 120 python -m scripts.argmax_variants --out "$OUT/argmax_variants.json" 2>&1 | tail -12
   ;;
 launch_floor)  # what one dependent kernel costs in a replayed CUDA graph, PDL off / on, with a small GEMV's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.sampling import SamplingConfig, greedy_token, make_generator, sample
+from runtime.sampling import SamplingConfig, make_generator, sample
 
 
 def _draws(logits, cfg, n=400):
@@ -19,24 +19,6 @@ def test_greedy_is_argmax_and_draws_nothing():
     assert make_generator(cfg, "cpu") is None
     out = sample(logits, cfg, None)
     assert out.dtype == torch.int64 and out.shape == (1,) and int(out) == 1
-
-
-@pytest.mark.parametrize("rows", [1, 8, 64, 512])
-def test_greedy_token_is_argmax_first_index(rows):
-    """The two-kernel argmax gives argmax's token: the first index of the largest, ties across and within rows,
-    -inf around it, a vocab the rows do not divide (argmax itself)."""
-    g = torch.Generator().manual_seed(rows)
-    for n in (4096, 4096 + 8, 262144):
-        x = torch.randn(n, generator=g) * 3
-        x[: n // 3] = float("-inf")
-        i = int(torch.randint(n // 3, n - 10, (1,), generator=g))
-        x[i] = x.max() + 1
-        for tie in (i + 1, n - 1, (i + n // 2) % n):  # within its row, at the end, maybe an earlier row
-            y = x.clone()
-            y[tie] = y[i]
-            got = greedy_token(y, rows=rows)
-            assert got.dtype == torch.int64 and got.shape == (1,)
-            assert int(got) == int(y.argmax()) == min(i, tie)
 
 
 def test_top_k_only_draws_the_k_best():
