@@ -362,6 +362,12 @@ fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launc
   # GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh runtime_31b
   GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1 GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh e_models
   ;;
+gemv1_tma)  # the M == 1 GEMV with its weight tiles brought in by TMA copies, STAGES in flight a program, against
+  # the op's plan on the 31B sliding layer's four projections, then the layer as one graph
+  # (scripts/gemv1_tma_variants.py, ~4 min)
+  timeout 290 python -m scripts.gemv1_tma_variants --budget 170 --prewarm 14 --out "$OUT/gemv1_tma_variants.json" \
+      2>&1 | tail -12
+  ;;
 argmax)  # greedy decoding's last kernel: torch's argmax against the two-reduction rows variant
   # (scripts/argmax_variants.py, seconds)
   timeout 120 python -m scripts.argmax_variants --out "$OUT/argmax_variants.json" 2>&1 | tail -12
