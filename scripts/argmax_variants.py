@@ -13,8 +13,9 @@ of 5 such runs, us a call:
   kernel, R rows in parallel), then the first row holding the largest (a second, small kernel) and the index
   within it (a gather and an add: four launches). The runner's sampler (runtime/sampling.py) takes it if it
   is faster here.
-Checks, on fresh random logits per variant (fp32, with ties planted: the maximum copied to a later index and a
-NaN-free row): every variant's token equals `argmax`'s, the first index of the maximum. Copy bandwidth in the
+Checks, on fresh random logits per variant (fp32, the maximum planted twice, the second copy at a later index):
+every variant's token equals `argmax`'s, the first index of the maximum. The eager figure includes the host's
+launches where they are slower than the GPU (the runner queues them ahead of the GPU); the graph's is the GPU's. Copy bandwidth in the
 same run. Table on stdout, JSON with `--out`.
 """
 
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
 
 
 def greedy_token(logits: torch.Tensor, rows: int) -> torch.Tensor:
