@@ -338,7 +338,8 @@ fusions_ab)  # the three launch fusions at once (GEMMA4_FUSED_ATTENTION, GEMMA4_
 fusions_split)  # the three launch fusions one at a time on the 31B's 6-layer slice at 131072: four exports at once
   # (none; GEMMA4_FUSED_ATTENTION; GEMMA4_FUSED_MLP; GEMMA4_FUSED_MLP + GEMMA4_FUSED_CLOSE: the close op holds the
   # MLP's fusion), then each fused artifact against the plain one (scripts/export_ab.py --model-a / --model-b: decode
-  # at fill 1k and 128k timed alternately; attention's and the MLP's logits bitwise the plain ones; ~8 min)
+  # at fill 1k timed alternately, the fusions' cost being per layer; attention's and the MLP's logits bitwise the
+  # plain ones; ~8 min)
   mkdir -p /tmp/fs
   for v in none:x attn:GEMMA4_FUSED_ATTENTION mlp:GEMMA4_FUSED_MLP close:GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE; do
     name=${v%%:*}; vars=${v#*:}
@@ -352,7 +353,7 @@ fusions_split)  # the three launch fusions one at a time on the 31B's 6-layer sl
   wait
   for name in attn mlp close; do
     echo "== $name"
-    timeout 75 python -m scripts.export_ab --model-a /tmp/fs/none --model-b /tmp/fs/$name --fills 1024,131000 \
+    timeout 80 python -m scripts.export_ab --model-a /tmp/fs/none --model-b /tmp/fs/$name --fills 1024 \
         --profile-fill 0 --rounds 2 --workdir /tmp/fs/ab_$name --json "$OUT/fusions_split_$name.json" 2>&1 | tail -3
   done
   ;;
