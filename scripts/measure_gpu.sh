@@ -351,9 +351,10 @@ fusions_split)  # the three launch fusions one at a time on the 31B's 6-layer sl
     sleep 1
   done
   wait
-  for name in attn mlp close; do
+  for v in attn:GEMMA4_FUSED_ATTENTION mlp:GEMMA4_FUSED_MLP close:GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE; do
+    name=${v%%:*}
     echo "== $name"
-    timeout 80 python -m scripts.export_ab --model-a /tmp/fs/none --model-b /tmp/fs/$name --fills 1024 \
+    timeout 80 python -m scripts.export_ab --model-a /tmp/fs/none --model-b /tmp/fs/$name --switch ${v#*:} --fills 1024 \
         --profile-fill 0 --rounds 2 --workdir /tmp/fs/ab_$name --json "$OUT/fusions_split_$name.json" 2>&1 | tail -3
   done
   ;;
