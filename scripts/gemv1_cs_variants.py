@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (bench_graph, check_vs_fp32, finish_sweep, launch_directly, layer_graph,
-                                    main_in_interpreter, rotated_weights, sweep_setup)
+from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, main_in_interpreter,
+                                    rotated_weights, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -217,23 +217,9 @@ def main(argv=None) -> int:
         vs = [Plan(), *candidates()]
         if _INTERPRET:
             vs = vs[:1] + [Variant(2, 2, 4, 4), Variant(4, 1, 4, 8), Variant(2, 2, 1, 4)]
-        res = []
-        for v in vs:
-            try:
-                err = check_vs_fp32(v, k, ws, ref_w)
-                x = torch.randn(1, k, device=DEVICE, dtype=XDT)
-                us = bench_graph(lambda: [v(x, q, s) for q, s in ws], len(ws)) if err <= 1e-2 else float("nan")
-            except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-                print(f"  {v.label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                continue
-            if not err <= 1e-2:
-                ok = False
-                print(f"  {v.label}: rel err {err:.2e} > 1e-2", flush=True)
-            sp = v.splits(k)[0] if isinstance(v, Variant) else None
-            rows.append({"shape": nm, "n": n, "k": k, "variant": v.label, "splits": sp, "us": us, "rel_err": err,
-                         "fraction_of_copy_bw": floor / us if us == us else None,
-                         **(asdict(v) if isinstance(v, Variant) else {})})
-            res.append((us, v))
+        passed, res = check_and_time(vs, nm, n, k, ws, ref_w, floor, rows,
+                                     extra=lambda v: {"splits": v.splits(k)[0] if isinstance(v, Variant) else None})
+        ok = ok and passed
         timed = [(us, v) for us, v in res if us == us]
         if not timed:
             continue

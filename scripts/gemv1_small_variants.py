@@ -30,14 +30,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (bench_graph, check_vs_fp32, finish_sweep, launch_directly, layer_graph,
+from scripts.gemv1_variants import (bench_graph, check_and_time, finish_sweep, launch_directly, layer_graph,
                                     main_in_interpreter, rotated_weights, stream_read_us, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -171,25 +171,12 @@ def main(argv=None) -> int:
         weights[(n, k)] = ws
         floor_us = nbytes / gbps / 1e3
         rd = stream_read_us([q.view(torch.int32).view(-1) for q, _ in ws], block=1024, warps=4)
-        res = []
         vs = [Plan(), *candidates(k)]
         if _INTERPRET:
             vs = vs[:3] + [v for v in vs if getattr(v, "xq", False)][:1]
-        for v in vs:
-            try:
-                err = check_vs_fp32(v, k, ws, ref_w)
-                us = time_calls(v, ws, k) if err <= 1e-2 else float("nan")
-            except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-                print(f"  {v.label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                continue
-            if not err <= 1e-2:
-                ok = False
-                print(f"  {v.label}: rel err {err:.2e} > 1e-2", flush=True)
-            row = {"shape": name, "n": n, "k": k, "variant": v.label, "us": us, "rel_err": err,
-                   "fraction_of_copy_bw": floor_us / us if us == us else None, "stream_read_us": rd,
-                   **(asdict(v) if isinstance(v, Variant) else {})}
-            rows.append(row)
-            res.append((us, v))
+        passed, res = check_and_time(vs, name, n, k, ws, ref_w, floor_us, rows, timer=lambda v: time_calls(v, ws, k),
+                                     extra=lambda v: {"stream_read_us": rd})
+        ok = ok and passed
         timed = [(us, v) for us, v in res if us == us]
         if timed:
             us, v = min(timed, key=lambda t: t[0])

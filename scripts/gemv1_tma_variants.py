@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,8 +41,8 @@ import triton.language as tl
 
 from export.kernels import int4_matmul as im
 from export.kernels.int4_matmul import _gemv1_scale, _gemv1_tile_lanes, _gemv1_x_planes
-from scripts.gemv1_variants import (bench_graph, check_vs_fp32, finish_sweep, launch_directly, layer_graph,
-                                    main_in_interpreter, rotated_weights, sweep_setup)
+from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, main_in_interpreter,
+                                    rotated_weights, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -243,24 +243,8 @@ def main(argv=None) -> int:
         vs = [Plan(), *candidates(n, k, sms)]
         if _INTERPRET:
             vs = vs[:1] + [v for v in vs[1:] if v.block_n == 32 and v.stages == 3 and v.warps == 4][:3]
-        res = []
-        for v in vs:
-            if time.time() - t0 > a.budget + 30:
-                break
-            try:
-                err = check_vs_fp32(v, k, ws, ref_w)
-                x = torch.randn(1, k, device=DEVICE, dtype=XDT)
-                us = bench_graph(lambda: [v(x, q, s) for q, s in ws], len(ws)) if err <= 1e-2 else float("nan")
-            except Exception as e:  # a variant that fails to compile or run is reported, not fatal
-                print(f"  {v.label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                continue
-            if not err <= 1e-2:
-                ok = False
-                print(f"  {v.label}: rel err {err:.2e} > 1e-2", flush=True)
-            rows.append({"shape": nm, "n": n, "k": k, "variant": v.label, "us": us, "rel_err": err,
-                         "fraction_of_copy_bw": floor / us if us == us else None,
-                         **(asdict(v) if isinstance(v, Variant) else {})})
-            res.append((us, v))
+        passed, res = check_and_time(vs, nm, n, k, ws, ref_w, floor, rows, deadline=t0 + a.budget + 30)
+        ok = ok and passed
         timed = [(us, v) for us, v in res if us == us]
         if not timed:
             ok = False

@@ -433,6 +433,41 @@ def check_vs_fp32(v, k: int, ws, ref_w, tries: int = 2) -> float:
     return worst
 
 
+def check_and_time(vs: list, shape: str, n: int, k: int, ws, ref_w, floor_us: float, rows: list, timer=None,
+                   extra=None, deadline: float | None = None) -> tuple[bool, list]:
+    """Each variant v(x, q, s) of an [n, k] weight checked against fp32 (`check_vs_fp32`, rel err <= 1e-2), then
+    timed where it passed: `timer(v)` or graph replays over the weight copies `ws` (us a call). A row per variant
+    into `rows` (shape, n, k, variant, us, rel_err, fraction_of_copy_bw against `floor_us`, `extra(v)`'s keys and a
+    dataclass variant's fields); a variant that fails to compile or run is reported and left out; none is started
+    past `deadline` (time.time()). -> (every check passed, [(us, variant)], us nan where it failed)."""
+    from dataclasses import asdict, is_dataclass
+
+    ok, res = True, []
+    for v in vs:
+        if deadline is not None and time.time() > deadline:
+            break
+        try:
+            err = check_vs_fp32(v, k, ws, ref_w)
+            if err <= 1e-2 and timer is not None:
+                us = timer(v)
+            elif err <= 1e-2:
+                x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+                us = bench_graph(lambda: [v(x, q, s) for q, s in ws], len(ws))
+            else:
+                us = float("nan")
+        except Exception as e:  # a variant that fails to compile or run is reported, not fatal
+            print(f"  {v.label}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            continue
+        if not err <= 1e-2:
+            ok = False
+            print(f"  {v.label}: rel err {err:.2e} > 1e-2", flush=True)
+        rows.append({"shape": shape, "n": n, "k": k, "variant": v.label, **(extra(v) if extra else {}), "us": us,
+                     "rel_err": err, "fraction_of_copy_bw": floor_us / us if us == us else None,
+                     **(asdict(v) if is_dataclass(v) else {})})
+        res.append((us, v))
+    return ok, res
+
+
 def layer_graph(calls: list, copies: int) -> float:
     """us of one pass over a layer's projections as CUDA-graph replays: calls holds (variant,
     weight copies, x) per projection, in the order a decode step runs them."""
