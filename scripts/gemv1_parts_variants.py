@@ -29,20 +29,18 @@ same run. Table on stdout, one JSON (`--out`) with `copy_gbps`, `rows`, `best`, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, main_in_interpreter,
-                                    rotated_weights, sweep_setup)
+from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, rotated_weights,
+                                    sweep_args, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -145,19 +143,10 @@ def shapes() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("gemv1_parts_variants.json"))
-    ap.add_argument("--budget", type=float, default=170.0, help="seconds; shapes left when it runs out are skipped")
-    ap.add_argument("--prewarm", type=int, default=14, help="processes compiling the variants first (0: none)")
-    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: all six)")
-    ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
-    a = ap.parse_args(argv)
-    if a.interpret and not _INTERPRET:
-        return main_in_interpreter("scripts.gemv1_parts_variants",
-                                   [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--interpret"])
+    a = sweep_args("scripts.gemv1_parts_variants", __doc__, 170.0, argv, shapes_help='all six')
+    if isinstance(a, int):
+        return a
     t0 = time.time()
-    if not launch_directly("gemv1_parts_variants"):
-        return 2
     gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 75)
     print(f"copy {gbps:.0f} GB/s ({dev}); {time.time() - t0:.0f} s", flush=True)
     rows: list[dict] = []

@@ -27,13 +27,11 @@ shape's best. Copy bandwidth measured in the same run. Table on stdout, one JSON
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import triton
@@ -41,8 +39,8 @@ import triton.language as tl
 
 from export.kernels import int4_matmul as im
 from export.kernels.int4_matmul import _gemv1_scale, _gemv1_tile_lanes, _gemv1_x_planes
-from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, main_in_interpreter,
-                                    rotated_weights, sweep_setup)
+from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, rotated_weights,
+                                    sweep_args, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -207,19 +205,10 @@ def shapes() -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("gemv1_tma_variants.json"))
-    ap.add_argument("--budget", type=float, default=150.0, help="seconds; shapes left when it runs out are skipped")
-    ap.add_argument("--prewarm", type=int, default=14, help="processes compiling the variants first (0: none)")
-    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: the sliding layer's four)")
-    ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
-    a = ap.parse_args(argv)
-    if a.interpret and not _INTERPRET:
-        return main_in_interpreter("scripts.gemv1_tma_variants",
-                                   [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--interpret"])
+    a = sweep_args("scripts.gemv1_tma_variants", __doc__, 150.0, argv, shapes_help="the sliding layer's four")
+    if isinstance(a, int):
+        return a
     t0 = time.time()
-    if not launch_directly("gemv1_tma_variants"):
-        return 2
     triton.set_allocator(_allocator)
     gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 75)
     sms = 4 if _INTERPRET else torch.cuda.get_device_properties(0).multi_processor_count

@@ -197,6 +197,27 @@ def main_in_interpreter(module: str, argv: list[str]) -> int:
     return subprocess.run([sys.executable, "-c", code], env=env).returncode
 
 
+def sweep_args(module: str, doc: str, budget: float, argv, shapes_help: str | None = None):
+    """A GEMV sweep's command line (--out, --budget, --prewarm, --interpret and, with shapes_help, --shapes) parsed
+    for `module` (its docstring `doc`), then its start: under --interpret the sweep re-run in a subprocess under
+    Triton's interpreter, else launches made direct (`launch_directly`). -> the arguments, or the exit code to
+    return (the interpreter run's, or 2 with neither a GPU nor the interpreter)."""
+    name = module.rsplit(".", 1)[-1]
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(f"{name}.json"))
+    ap.add_argument("--budget", type=float, default=budget, help="seconds; shapes left when it runs out are skipped")
+    ap.add_argument("--prewarm", type=int, default=14, help="processes compiling the variants first (0: none)")
+    if shapes_help:
+        ap.add_argument("--shapes", default="", help=f"comma-separated shape names (default: {shapes_help})")
+    ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
+    a = ap.parse_args(argv)
+    if a.interpret and not _INTERPRET:
+        return main_in_interpreter(module, [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--interpret"])
+    if not launch_directly(name):
+        return 2
+    return a
+
+
 def launch_directly(name: str) -> bool:
     """False (with a message) where there is neither a CUDA GPU nor the interpreter; else True,
     with torch's wrap_triton off from here on (kernels launch directly: no HOP dispatch)."""
