@@ -731,7 +731,7 @@ _CLOSE_SCRIPT = textwrap.dedent("""
                 y = mo.launch_decode_down(act, w, idx, stacks[2], stacks[3], x.dtype, slices=1,
                                           close=(cnt, ym, x, w1, w2, wc, s, 1e-6, out))
                 want = mo.moe_close_reference(x, y, ym, w1, w2, wc, 1e-6, s)
-                err = ((out - want).abs() / want.abs().clamp(min=1e-3)).max().item()
+                err = ((out - want).abs().max() / want.abs().max()).item()  # elements near 0 have no own scale
                 print("close", H, q, zeroed, int(cnt[0]), err)
 """)
 
@@ -739,7 +739,7 @@ _CLOSE_SCRIPT = textwrap.dedent("""
 def test_experts_down_kernel_writes_the_closing_add_in_the_interpreter():
     """The experts' down kernel with CLOSE writes, from its last program, the MoE layer's closing add over the row
     (written over NaNs) as `moe_close_reference` computes it from the kernel's own y (fp32: to an ulp of the norms'
-    factors); the gate / up launch (the words kernel's ZC, or x's quantize kernel with GATE_UP_Q) zeroes the counter
+    factors, measured against the row's largest element); the gate / up launch (the words kernel's ZC, or x's quantize kernel with GATE_UP_Q) zeroes the counter
     (set to 7), which the close leaves at 0; widths of one and two norm steps (Triton interpreter)."""
     rows = [ln.split()[1:] for ln in run_code(_CLOSE_SCRIPT).splitlines() if ln.startswith("close")]
     assert len(rows) == 4, rows
