@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, rotated_weights,
-                                    sweep_args, sweep_setup)
+from scripts.gemv1_variants import (check_and_time, compare_layer, finish_sweep, launch_directly, layer_shapes_31b,
+                                    rotated_weights, sweep_args, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -157,16 +157,7 @@ def candidates() -> list[Variant]:
 
 
 def shapes() -> dict:
-    if _INTERPRET:
-        return dict(TINY)
-    from export.gemma4.config import PRESETS
-    from scripts.bench_int4 import linear_shapes
-    out = {}
-    for (n, k), (names, _) in linear_shapes(PRESETS["31b"]).items():
-        nm = names if isinstance(names, str) else "+".join(names)
-        if nm in LAYERS["sliding"] + LAYERS["full"]:
-            out[nm] = (n, k)
-    return out
+    return dict(TINY) if _INTERPRET else layer_shapes_31b(LAYERS["sliding"] + LAYERS["full"])
 
 
 def _prewarm_worker(idx, count):
@@ -225,13 +216,9 @@ def main(argv=None) -> int:
     for lname, names in LAYERS.items():
         if _INTERPRET or not all(nm in weights for nm in names):
             continue
-        copies = min(len(weights[nm]) for nm in names)
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in names}
-        rec = {"layer": lname, "projections": names, "best_variants": [best[nm].label for nm in names]}
-        for _ in range(3):
-            for key, pick in (("plan", lambda nm: Plan()), ("best", lambda nm: best[nm])):
-                rec.setdefault(f"{key}_us", []).append(
-                    layer_graph([(pick(nm), weights[nm], xs[nm]) for nm in names], copies))
+        rec = compare_layer(lname, names, weights, xs, {"plan": lambda nm: Plan(), "best": lambda nm: best[nm]})
+        rec["best_variants"] = [best[nm].label for nm in names]
         doc["layers"].append(rec)
         print(f"{lname} layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, best per shape "
               f"{min(rec['best_us']):.1f} us ({', '.join(rec['best_variants'])})", flush=True)

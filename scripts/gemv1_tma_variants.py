@@ -39,8 +39,8 @@ import triton.language as tl
 
 from export.kernels import int4_matmul as im
 from export.kernels.int4_matmul import _gemv1_scale, _gemv1_tile_lanes, _gemv1_x_planes
-from scripts.gemv1_variants import (check_and_time, finish_sweep, launch_directly, layer_graph, rotated_weights,
-                                    sweep_args, sweep_setup)
+from scripts.gemv1_variants import (check_and_time, compare_layer, finish_sweep, launch_directly, layer_shapes_31b,
+                                    rotated_weights, sweep_args, sweep_setup)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -192,16 +192,7 @@ def _prewarm_worker(idx, count):
 
 
 def shapes() -> dict:
-    if _INTERPRET:
-        return dict(TINY)
-    from export.gemma4.config import PRESETS
-    from scripts.bench_int4 import linear_shapes
-    out = {}
-    for (n, k), (names, _) in linear_shapes(PRESETS["31b"]).items():
-        nm = names if isinstance(names, str) else "+".join(names)
-        if nm in LAYER:
-            out[nm] = (n, k)
-    return out
+    return dict(TINY) if _INTERPRET else layer_shapes_31b(LAYER)
 
 
 def main(argv=None) -> int:
@@ -246,13 +237,9 @@ def main(argv=None) -> int:
               f"{floor / us:4.0%}", flush=True)
         save()
     if not _INTERPRET and all(nm in weights for nm in LAYER):
-        copies = min(len(weights[nm]) for nm in LAYER)
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in LAYER}
-        rec = {"layer": "sliding", "projections": LAYER, "best_variants": [best[nm].label for nm in LAYER]}
-        for _ in range(3):  # alternated
-            for key, pick in (("plan", lambda nm: Plan()), ("best", lambda nm: best[nm])):
-                rec.setdefault(f"{key}_us", []).append(
-                    layer_graph([(pick(nm), weights[nm], xs[nm]) for nm in LAYER], copies))
+        rec = compare_layer("sliding", LAYER, weights, xs, {"plan": lambda nm: Plan(), "best": lambda nm: best[nm]})
+        rec["best_variants"] = [best[nm].label for nm in LAYER]
         doc["layers"].append(rec)
         print(f"sliding layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, best per shape "
               f"{min(rec['best_us']):.1f} us ({', '.join(rec['best_variants'])})", flush=True)

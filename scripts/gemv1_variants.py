@@ -489,6 +489,32 @@ def check_and_time(vs: list, shape: str, n: int, k: int, ws, ref_w, floor_us: fl
     return ok, res
 
 
+def layer_shapes_31b(names) -> dict:
+    """{name: (N, K)} of the 31B's M == 1 linears named in `names` (bench_int4's names, joined ones with "+")."""
+    from export.gemma4.config import PRESETS
+    from scripts.bench_int4 import linear_shapes
+
+    out = {}
+    for (n, k), (nms, _) in linear_shapes(PRESETS["31b"]).items():
+        nm = nms if isinstance(nms, str) else "+".join(nms)
+        if nm in names:
+            out[nm] = (n, k)
+    return out
+
+
+def compare_layer(layer: str, names: list, weights: dict, xs: dict, picks: dict, rounds: int = 3) -> dict:
+    """A layer's projections `names` in order as one graph (`layer_graph` over their weight copies `weights` and
+    inputs `xs`), once per pick {key: name -> variant} in each of `rounds` alternated rounds: {layer, projections,
+    <key>_us: [us a round]}."""
+    copies = min(len(weights[nm]) for nm in names)
+    rec = {"layer": layer, "projections": names}
+    for _ in range(rounds):
+        for key, pick in picks.items():
+            rec.setdefault(f"{key}_us", []).append(
+                layer_graph([(pick(nm), weights[nm], xs[nm]) for nm in names], copies))
+    return rec
+
+
 def layer_graph(calls: list, copies: int) -> float:
     """us of one pass over a layer's projections as CUDA-graph replays: calls holds (variant,
     weight copies, x) per projection, in the order a decode step runs them."""
