@@ -107,6 +107,8 @@ def smem_bytes(block_n: int, groups: int, stages: int) -> int:
 
 
 def _allocator(size: int, alignment: int, stream):
+    """Triton's global scratch, should a kernel ask for one (`triton.set_allocator`; host-side descriptors, as
+    here, need none): a byte tensor on the sweep's device."""
     return torch.empty(size, device=DEVICE, dtype=torch.int8)
 
 
