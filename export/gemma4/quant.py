@@ -183,7 +183,7 @@ def _rows(K: int, work: torch.device | None) -> int:
 # 6-layer slice decode slower on the H200 (0.875 -> 0.914 ms at fill 1k, 85 -> 66 launches a step:
 # scripts/measurements/fusions_ab_31b_6l.json): with programmatic dependent launch the kernels they remove overlap
 # their neighbours, while their work, moved into a GEMV's last-arriving program or the few-program combine, runs in
-# series. One at a time they are untimed (measure_gpu.sh fused_attention_ab / fused_mlp_ab / fused_close_ab).
+# series. One at a time they are untimed (measure_gpu.sh fusions_split: each against the same plain export).
 # "1": the decode combine writes the o_proj's x levels (bit for bit the unfused pair); "0" or unset: attention,
 # then o_proj
 FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
