@@ -52,6 +52,10 @@ PATCHES: dict[str, Patch] = {p.target.split(":")[1]: p for p in (
           "Triton launches at compile time get zero-filled storage for zero-byte arguments"),
     Patch("torch._inductor.graph:GraphLowering.compile_to_module", "torch",
           "extern ops of the GPU first pass get temporary storage for zero-byte arguments"),
+    # wrapped Triton kernels' host-side TMA descriptors through non-strict export (export/host_tma.py)
+    Patch("torch._higher_order_ops.triton_kernel_wrap:TracingTritonHOPifier.call_HOP", "torch",
+          "a TensorDescriptor argument reaches the graph as its tensor and block shape, as under dynamo "
+          "(torch's non-dynamo tracer drops the metadata and files the descriptor as a constant)"),
     # retraces that change nothing are skipped (export/retrace.py)
     Patch("torch.export.exported_program:ExportedProgram.run_decompositions", "torch",
           "a decomposition matching no op of a program it already produced returns that program"),

@@ -26,6 +26,7 @@ from export import stages
 from export.backends import BackendOptions, TargetDevice, compile_workers, partitioner_for
 from export.chain import Chain, example_inputs
 from export.constants import CompiledMethod
+from export.host_tma import host_tma_descriptors
 from export.retrace import skip_identity_decompositions
 from export.strategy import ExportStrategy
 from runtime.artifact import METADATA_KEY, METHODS
@@ -86,7 +87,8 @@ def lower(programs: dict, device: TargetDevice, strategy: ExportStrategy, *, aut
         if waited is not None:
             stages.emit(stages.StageEvent("isa_probe_wait", stages.END, seconds=waited))
         s.detail("to_edge: tracing to the edge dialect")
-        with strategy.lowering(), skip_identity_decompositions():
+        # the ops' Triton kernels traced in the retraces may take TMA descriptors (export/host_tma.py)
+        with strategy.lowering(), skip_identity_decompositions(), host_tma_descriptors():
             return to_edge_transform_and_lower(programs, partitioner=partitioners, compile_config=edge_config(),
                                                constant_methods={"metadata": "{}"})
 

@@ -322,6 +322,16 @@ fusions_ab_26b)  # the 26B-A4B's 2-layer slice with the three launch fusions (it
       --b 1 --preset 26b-a4b --layers 2 --ctx 8192 --fills 1024 --workdir /tmp/ab_f26 \
       --json "$OUT/fusions_ab_26b_2l.json" 2>&1 | tail -8
   ;;
+tma_ab)  # the TMA-fed M == 1 GEMV (GEMMA4_GEMV1_TMA 0 / 1): its CUDA tests (eager, CUDA graph, AOTInductor .so)
+  # beside the 31B's 6-layer slice exported both ways side by side, then decode timed alternately at fill 1k,
+  # logits compared (scripts/export_ab.py; ~7 min)
+  timeout 300 python -m pytest -q -p no:cacheprovider -m cuda \
+      tests/test_int4_matmul.py::test_cuda_mid_size_weights_take_the_tma_gemv \
+      tests/test_int4_matmul.py::test_cuda_aoti_builds_the_tma_gemv_into_the_so > "$OUT/tma_tests.log" 2>&1 &
+  timeout 420 python -m scripts.export_ab --switch GEMMA4_GEMV1_TMA --a 0 --b 1 --preset 31b --layers 6 \
+      --ctx 131072 --fills 1024 --profile-fill 0 --workdir /tmp/ab_tma --json "$OUT/tma_ab_31b_6l.json" 2>&1 | tail -10
+  wait; grep -E "^E |passed|failed" "$OUT/tma_tests.log" | tail -8
+  ;;
 fusions_ab)  # the three launch fusions at once (GEMMA4_FUSED_ATTENTION, GEMMA4_FUSED_MLP and GEMMA4_FUSED_CLOSE 0 / 1):
   # the three ops' CUDA tests, then the 31B's 6-layer slice and E2B's 2-layer slice exported both ways, decode timed
   # alternately, logits compared (within the closing norm's rounding; scripts/export_ab.py, ~9 min); a win here is

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+from export.host_tma import host_tma_descriptors
 from export.kernels import int4_matmul as im
 from runtime.aoti import promote_libtorch
 
@@ -361,6 +362,79 @@ def test_one_level_x_through_the_interpreter():
     assert got[(1, 200, 0)][0] <= 1e-2 and got[(1, 72, 0)][0] <= 1e-2  # Gaussian x: the op's bar
     # a channel 41x the others: 1.3e-2 here, where a factor per 128 elements gives 2.5e-2 (the same x, in fp64)
     assert got[(1, 200, 1)][0] <= 2e-2
+
+
+_TMA_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+
+    def register_kernel(*args, **kwargs):
+        raise AssertionError("a mid-size weight took the register kernel")
+
+    # tiny mid-size weights, so that the op's TMA path runs on shapes the interpreter takes in seconds: more
+    # than GEMV1_SMALL_N rows (and GEMV1_THIN_N), ~GEMV1_TMA_PROGRAMS programs
+    im.GEMV1_SMALL_N, im.GEMV1_THIN_N, im.GEMV1_TMA_PROGRAMS = 64, 16, 8
+    im.GEMV1_TMA = True  # the switch, off by default
+    im.int4_gemv1 = register_kernel
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    torch.manual_seed(0)
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        # 20 groups in 2 slices of 10 (a step of 4 past each slice's end), 24 in 3 slices of 8, 18 in one slice
+        # of 5 steps (the last past K) with rows past N (200 rows in blocks of 32)
+        for N, K in ((100, 2560), (72, 3072), (200, 2304)):
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            w = im.dequantize_int4(qweight, scales, torch.float64)
+            x = (torch.randn(1, K) * 3).bfloat16()
+            x[0, :128] = 0
+            y = im.int4_linear._init_fn(x, qweight, scales)
+            print("tma", N, K, im.gemv1_tma_splits(N, K, 128), rel(y, x.double() @ w.t()))
+            # the norm computed by the quantize kernel before it (`int4_rms_linear` at M == 1)
+            nw = torch.rand(K).bfloat16() + 0.5
+            y = im._gemv1(x, qweight, scales, norm=(nw, 1e-6))
+            print("tma-norm", N, K, rel(y, im.rms_norm_reference(x, nw, 1e-6).double() @ w.t()))
+""")
+
+
+def test_tma_gemv_through_the_interpreter():
+    """With GEMV1_TMA on, mid-size weights take `_int4_gemv1_tma_kernel` (the register kernel made to fail):
+    ragged slices and rows, the norm's quantize kernel before it, within 1e-2 of fp64 (the int4 weight
+    dequantized)."""
+    rows, norm = _script_rows(_TMA_SCRIPT, "tma", "tma-norm")
+    assert len(rows) == 3 and len(norm) == 3, (rows, norm)
+    assert [int(r[2]) for r in rows] == [2, 3, 1]
+    assert all(float(r[3]) <= 1e-2 for r in rows) and all(float(r[2]) <= 1e-2 for r in norm), (rows, norm)
+
+
+def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():
+    """sm_90: the tiles come as cp.async.bulk.tensor copies, the first one issued before the PDL wait (weights
+    while the kernel before finishes), in 64 registers a thread; sm_89 (no TMA) compiles too."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = im._int4_gemv1_tma_kernel
+    names = list(fn.arg_names)
+    bn, step, stages, warps = im.GEMV1_TMA_TILE
+    copy = min(step, 2)  # groups a copy: 128 bytes of a row
+    sig = {"x_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_desc": f"tensordesc<i32[{bn}, {copy * 16}]>",
+           "s_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32",
+           "GPS": "i32", "SPLITS": "i32", "stride_sn": "i32", "stride_ps": "i32"}
+    full = {a: sig.get(a, "constexpr") for a in names}
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in full.items() if t.startswith("*")}
+    for arch in (90, 89):
+        const = dict(GROUP=128, BLOCK_N=bn, GROUPS=step, STAGES=stages, ASM=True, PDL=2 if arch >= 90 else 0,
+                     LEVELS=im.GEMV1_LEVELS)
+        k = triton.compile(ASTSource(fn, full, const, attrs), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        assert k.metadata.shared <= im.SMEM_LIMIT_BYTES
+        if arch == 89:
+            assert "cp.async.bulk.tensor" not in ptx and "griddepcontrol" not in ptx
+            continue
+        first_copy, first_wait = ptx.find("cp.async.bulk.tensor"), ptx.find("griddepcontrol.wait")
+        assert 0 <= first_copy < first_wait, (first_copy, first_wait)
+        assert k.n_regs <= 64 if hasattr(k, "n_regs") else True
 
 
 _GLU_SCRIPT = textwrap.dedent("""
@@ -737,6 +811,22 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                     **im.gemv1_plan(n, k, G).cfg.kwargs)
         args.update(zc_ptr=i32(1), ZC=1)
         print("zc", pdl, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {}))))
+    # the TMA kernel: its weight comes as a tensor descriptor (in the graph: the tensor and the block shape), which
+    # torch reads as one only where it believes the GPU has TMA (here: no GPU)
+    import torch.utils._triton as torch_triton
+    torch_triton._device_supports_tma = lambda: True
+    for f in (torch_triton.has_triton_tensor_descriptor_host_tma, torch_triton.has_triton_tma):
+        getattr(f, "cache_clear", lambda: None)()
+    bn, step, stages, warps = im.GEMV1_TMA_TILE
+    for pdl in (0, 2):
+        for n, k, splits in ((5376, 21504, 3), (16384, 5376, 1)):
+            args = dict(x_ptr=i32(k // 2), xf_ptr=torch.empty(k // G), xc_ptr=i32(k // G), w_desc=i32(n, k // 8),
+                        s_ptr=bf(n, k // G), part_ptr=torch.empty(splits, n), y_ptr=bf(1, n), cnt_ptr=i32(n // bn),
+                        N=n, KW=k // 8, GPS=k // G // splits, SPLITS=splits, stride_sn=k // G, stride_ps=n, GROUP=G,
+                        BLOCK_N=bn, GROUPS=step, STAGES=stages, ASM=True, PDL=pdl, LEVELS=2)
+            meta = {"w_desc": ("stable", ([bn, min(step, 2) * G // 8],))}  # 128 bytes of a row a copy
+            print("tma", pdl, splits, " ".join(sorted(identify_mutated_tensors(im._int4_gemv1_tma_kernel, args,
+                                                                                meta))))
 """)
 
 
@@ -777,6 +867,12 @@ def test_op_kernels_write_only_their_outputs():
         assert set(written) == {"cnt_ptr", "co_ptr", "y_ptr"} | ({"part_ptr"} if splits == "8" else set()), written
     zc = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("zc")]
     assert len(zc) == 2 and all(set(w) == {"h_ptr", "y_ptr", "zc_ptr"} for _, *w in zc), zc
+    # the TMA kernel: y, with K slices the partials and the counters too (its descriptor's weight read only)
+    tma = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("tma")]
+    assert len(tma) == 4, r.stdout
+    for pdl, splits, *written in tma:
+        assert set(written) == ({"cnt_ptr", "part_ptr", "y_ptr"} if splits != "1" else {"y_ptr"}), (pdl, splits,
+                                                                                                 written)
 
 
 _SM90_LAYOUT_SCRIPT = textwrap.dedent("""
@@ -939,6 +1035,40 @@ def test_cuda_m1_bf16_and_two_level_x(monkeypatch, xq, n, k, group):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(16384, 5376), (5376, 21504), (5376, 8192), (4608, 2560)])
+def test_cuda_mid_size_weights_take_the_tma_gemv(monkeypatch, n, k):
+    """On sm_90+ with GEMV1_TMA on the op's mid-size weights go through `int4_gemv1_tma` (counted), within 1e-2 of
+    fp32 and 2e-3 of the register kernel (the switch off), eager and replayed in a CUDA graph, fresh x, poisoned
+    outputs."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA: sm_90+")
+    monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch, off by default
+    calls = []
+    tma = im.int4_gemv1_tma
+    monkeypatch.setattr(im, "int4_gemv1_tma", lambda *a, **kw: calls.append(1) or tma(*a, **kw))
+    torch.manual_seed(n + k)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 128)
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(3)]
+    x = xs[0].clone()
+    torch.full((1 << 24,), float("nan"), device="cuda")
+    torch.full((1 << 14,), 7, dtype=torch.int32, device="cuda")  # the split sum's counters (small pool)
+    torch.ops.gemma4.int4_linear(x, qweight, scales)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = torch.ops.gemma4.int4_linear(x, qweight, scales)
+    for xi in xs:
+        y = torch.ops.gemma4.int4_linear(xi, qweight, scales)
+        x.copy_(xi)
+        graph.replay()
+        with monkeypatch.context() as m:
+            m.setattr(im, "GEMV1_TMA", False)
+            y_reg = torch.ops.gemma4.int4_linear(xi, qweight, scales)
+        assert torch.isfinite(y).all() and _rel(y, _fp32_ref(xi, qweight, scales)) <= 1e-2
+        assert _rel(y, y_reg) <= 2e-3 and torch.equal(y, y_graph)
+    assert len(calls) == 5 and im.gemv1_tma_splits(n, k, 128) >= 1
+
+
+@pytest.mark.cuda
 def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
     """AOTInductor builds the Triton kernels into the package (no fallback op) for every path:
     M == 1, the fused GEMM (a chunk of 256) and dequant + mm (a chunk of 1024)."""
@@ -969,6 +1099,37 @@ def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
             x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
             (y,) = runner.run([x])
             assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2, rows
+
+
+@pytest.mark.cuda
+def test_cuda_aoti_builds_the_tma_gemv_into_the_so(monkeypatch, tmp_path):
+    """A mid-size weight at M == 1 on sm_90+: AOTInductor's wrapper builds the weight's tensor descriptor and
+    launches `_int4_gemv1_tma_kernel` from the .so, within 1e-2 of fp32."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA: sm_90+")
+
+    class Lin(torch.nn.Module):
+        def __init__(self, qweight, scales):
+            super().__init__()
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+
+        def forward(self, x):
+            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+    monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch, off by default
+    qweight, scales = im.quantize_int4(torch.randn(5376, 8192, device="cuda"), 128)
+    x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
+    ep = torch.export.export(Lin(qweight, scales), (x,))
+    with im.one_config(), host_tma_descriptors():  # as export/pipeline.py lowers
+        so = torch._inductor.aot_compile(ep.module(), (x,), options={"aot_inductor.output_path": str(tmp_path / "t.so")})
+    assert b"_int4_gemv1_tma_kernel" in open(so, "rb").read()
+    promote_libtorch("cuda")
+    runner = torch._C._aoti.AOTIModelContainerRunnerCuda(so, 1, "cuda:0")
+    for _ in range(3):
+        x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
+        (y,) = runner.run([x])
+        assert _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
 
 
 def test_cpu_backend_decomposes_the_op_into_aten():

@@ -35,6 +35,7 @@ from executorch.exir.backend.compile_spec_schema import CompileSpec
 from export import stages
 from export.backends.options import BackendOptions, TargetDevice
 from export.constants import CompiledMethod, ConstantInfo, ConstantKind
+from export.host_tma import host_tma_descriptors
 from export.passes.make_constants_zero_byte import SMALL_CONSTANT_BYTES
 from export.passes.pipeline import PipelineContext, run_pipeline
 from export.retrace import drop_provenance
@@ -192,8 +193,9 @@ class Gemma4AotiBackend(AotiBackend):
         options = BackendOptions.from_specs(compile_specs)
         method = options.method
         stages.emit(stages.StageEvent(stages.LOWER, stages.ADVANCE, detail=f"{method}: AOTInductor compile"))
-        program = cls._prepare(edge_program, options)
-        so_path, constants = cls._compile(program, options)
+        with host_tma_descriptors():  # the ops' Triton kernels traced here may take TMA descriptors
+            program = cls._prepare(edge_program, options)
+            so_path, constants = cls._compile(program, options)
         with open(so_path, "rb") as f:
             so_data = f.read()
         os.remove(so_path)

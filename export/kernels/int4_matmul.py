@@ -30,6 +30,9 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   compiles them in mode 2 on sm_90+ (`op_pdl_mode`), where the artifact's launcher sets the
   attribute (export/backends/cuda.py): each may start while the kernel before it finishes, the
   GEMV loading its first weight tile then (scripts/gemv1_pdl_variants.py, scripts/pdl_ab.py).
+  With GEMV1_TMA (off: no faster in the artifact) mid-size weights on sm_90+ take `_int4_gemv1_tma_kernel`
+  instead, its weight tiles copied by TMA through a tensor descriptor (`int4_gemv1_tma`; export/host_tma.py
+  carries the descriptor through the export's tracing).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
   split over programs, fp32 partials [SPLIT_K, M, N] summed by the caller's graph.
 - M that cannot reach DEQUANT_MIN_M (a concrete M below it, or a symbolic M whose value range
@@ -93,7 +96,7 @@ from torch.library import triton_op, wrap_triton
 
 from export.kernels.pdl import op_pdl_mode
 from export.kernels.pdl import pdl_args as _pdl_args
-from export.kernels.pdl import pdl_wait
+from export.kernels.pdl import pdl_wait, pdl_wait_at
 
 SMEM_LIMIT_BYTES = 101376  # per block on sm_89 / sm_120 (the H200 allows 232448)
 GEMV_MAX_M = 8
@@ -139,7 +142,7 @@ GEMV1_EARLY = os.environ.get("GEMMA4_GEMV1_EARLY", "1") != "0"  # "0" in an expo
 # 3.5 us faster (sliding / full); the 31B 12-layer slice's artifact with and without it
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
-PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
+PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel", "_int4_gemv1_tma_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -1083,6 +1086,73 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 _close_row(y_ptr, cnt_ptr + COFF, ch_ptr, cw_ptr, cs_ptr, co_ptr, N, ceps, CSTEPS)
 
 
+
+@triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
+def _int4_gemv1_tma_kernel(x_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
+                           stride_sn, stride_ps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                           GROUPS: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
+                           LEVELS: tl.constexpr = 2):
+    """M == 1 with x as `_quant_x_kernel`'s levels, the weight tiles brought in by the tensor memory accelerator:
+    y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows over one slice of GPS groups of K (program axis 1).
+
+    w_desc is a tensor descriptor over the [N, KW] int32 words with a [BLOCK_N, COPY * GROUP / 8] block, COPY
+    groups a copy (past N or KW the copy fills zeros; at most 128 bytes of a row, the widest swizzle, which
+    AOTInductor's wrapper takes for the descriptor as given: a wider block is an invalid argument there).
+    Each step takes GROUPS / COPY copies; its tiles come through a `tl.range(num_stages=STAGES)` loop, which
+    Triton pipelines as TMA copies into STAGES shared-memory buffers with mbarriers on sm_90+ (STAGES - 1
+    copies in flight, no register held by them; on sm_89, which has no TMA, Triton's own copies), and is
+    multiplied with `_int4_gemv1_kernel`'s per-lane arithmetic (`_gemv1_tile_lanes`); a group past the slice
+    has its scale masked to 0. The K slices are summed as RED 2 (the last program of a row block sums the fp32
+    partials in slice order; cnt_ptr's counter per row block, zeroed by the quantize kernel, left at 0).
+
+    PDL (1 or 2, `pdl_wait_at`): the wait sits in the loop's step, after the step's tile copy: the pipeliner's
+    copies ahead of the loop (weights: constants) go out before it, x's levels are read after it, as are the
+    writes (a second wait before them)."""
+    WORDS: tl.constexpr = GROUP // 8
+    L: tl.constexpr = WORDS // 4
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    r0 = pid_n * BLOCK_N
+    offs_n = r0 + tl.arange(0, BLOCK_N)
+    n_ok = (offs_n < N)[:, None, None]
+    rn = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None]
+    srows = s_ptr.to(tl.pointer_type(tl.int16)) + rn * stride_sn
+    XP = (KW + 15) // 16 * 16  # the planes' stride (`_quant_x_kernel`)
+    xw = x_ptr.to(tl.pointer_type(tl.int32))
+    lane = tl.arange(0, WORDS)[None, None, :]
+    COPY: tl.constexpr = w_desc.block_shape[1] // WORDS  # groups a copy (128 bytes of a row at most: one swizzle)
+    col = tl.arange(0, COPY)[None, :, None]
+    ng = KW // WORDS
+    g_lo = pid_k * GPS
+    g_hi = tl.minimum(g_lo + GPS, ng)
+    acc = tl.zeros((BLOCK_N, COPY, L), dtype=tl.float32)
+    for t in tl.range(0, tl.cdiv(g_hi - g_lo, GROUPS), num_stages=STAGES):
+        for h in tl.static_range(GROUPS // COPY):
+            g = g_lo + t * GROUPS + h * COPY
+            w = tl.reshape(w_desc.load([r0, g * WORDS]), (BLOCK_N, COPY, L, 4))
+            gc = g + col
+            gl = tl.minimum(gc, ng - 1)
+            s = _gemv1_scale(srows + gl, n_ok & (gc < g_hi), ASM)
+            z = pdl_wait_at(t, PDL, ASM)
+            he, ho, le, lo, c, f = _gemv1_x_planes(xw + z, xf_ptr + z, xc_ptr + z, XP, gl * WORDS, lane, L, ASM, PDL,
+                                                   LEVELS)
+            acc += _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM, LEVELS)
+    val = tl.sum(tl.sum(acc, axis=2), axis=1)
+    nm = offs_n < N
+    zw = pdl_wait(PDL, ASM)  # the writes after the wait (the loop's wait returned already)
+    y_ptr, part_ptr, cnt_ptr = y_ptr + zw, part_ptr + zw, cnt_ptr + zw
+    if SPLITS == 1:
+        tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
+    else:
+        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
+        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for i in range(SPLITS):
+                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
+            tl.store(cnt_ptr + pid_n, 0)
+
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.constexpr):
     """out[n] = sum_s part[s, n] in out's dtype: the K slices' fp32 partials, one launch."""
@@ -1327,6 +1397,7 @@ AUTOTUNE_KWARGS: dict = {}  # e.g. a faster `do_bench` for benchmarks sweeping m
 def _autotuned(configs, kernel=_int4_matmul_kernel):
     # keyed on M's launch bucket (not M itself) so a dynamic prefill length does not re-tune
     key = ["M_BUCKET", "N", "K", "GROUP"] if kernel is _int4_matmul_kernel else ["N", "KW", "GPS", "RED", "GROUP"]
+    key = [a for a in key if a in kernel.arg_names]
     return triton.autotune(configs=configs, key=key, **AUTOTUNE_KWARGS)(kernel)
 
 
@@ -1377,6 +1448,22 @@ GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, o
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
 GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
+# Mid-size weights (more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, group 128, x as levels) on sm_90+:
+# `_int4_gemv1_tma_kernel`, its tiles brought in by TMA, 32 rows x 4 groups a step (256 bytes of a row), 3
+# stages (two copies in flight, 48 KB of shared memory), 4 warps (64 registers a thread where the register
+# kernel takes 128), K in slices for ~GEMV1_TMA_PROGRAMS programs. H100, the 31B's sliding layer
+# (scripts/gemv1_tma_variants.py, ~300 variants, gemv1_tma_variants.json): qkv 16384 x 5376 24.2 -> 21.6 us,
+# down 5376 x 21504 31.8 -> 27.5, o 5376 x 8192 14.1 -> 14.1 (13.9 at 2 slices); gate / up (43008 rows) stays
+# on the register kernel (50.5 against 49.9 at best). The four projections as one graph 120.2 -> 112.5 us.
+# In the artifact it gained nothing: the 31B's 6-layer slice (ctx 131072) exported both ways, decode step at fill
+# 1k 1.107 / 1.107 ms -> 1.110 / 1.107 (H100, scripts/export_ab.py, tma_ab_31b_6l.json; logits rel 1.02e-2 apart,
+# the order of the sums). There the register kernel runs with PDL, its first tile loaded while the kernel before
+# finishes, which the sweep's graphs (no PDL) did not show; and AOTInductor encodes the descriptor with the
+# block as given, so a copy is 128 bytes of a row (two copies a step), where the sweep's was 256.
+# "1" in an exporting process: the TMA kernel for these (an A/B switch, off).
+GEMV1_TMA = os.environ.get("GEMMA4_GEMV1_TMA") == "1"
+GEMV1_TMA_TILE = (32, 4, 3, 4)  # rows, groups a step, stages, warps
+GEMV1_TMA_PROGRAMS = 512
 
 
 class Gemv1Plan(NamedTuple):
@@ -1432,6 +1519,26 @@ def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
     return _xq_plan(GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size))))
 
 
+def gemv1_tma_splits(n: int, k: int, group_size: int) -> int:
+    """K slices of `_int4_gemv1_tma_kernel` for an [n, k] weight where the op takes it (GEMV1_TMA's mid-size
+    weights: more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, group 128, at least a step of groups, not a
+    small weight), else 0: ~GEMV1_TMA_PROGRAMS programs, a slice at least a step."""
+    rows, step = GEMV1_TMA_TILE[0], GEMV1_TMA_TILE[1]
+    groups = k // group_size
+    if not (GEMV1_TMA and GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and groups >= step
+            and gemv1_plan(n, k, group_size).xq):
+        return 0
+    return max(1, min(groups // step, round(GEMV1_TMA_PROGRAMS / triton.cdiv(n, rows))))
+
+
+def tma_ok(device: torch.device) -> bool:
+    """Whether the op may take `_int4_gemv1_tma_kernel` on `device`: a CUDA GPU with TMA (sm_90+: the H200, the
+    RTX 5090; the RTX 4090 keeps the register kernel). The interpreter (CPU) runs it too."""
+    if _INTERPRET:
+        return True
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def gemv1_splits(n: int, k: int, group_size: int) -> int:
     """K slices of the M == 1 kernel for an [n, k] weight (`gemv1_plan`)."""
     return gemv1_plan(n, k, group_size).splits
@@ -1446,6 +1553,19 @@ def _gemv1_kernel(cfg: triton.Config):
     if key not in _GEMV1_KERNELS:
         _GEMV1_KERNELS[key] = _autotuned([cfg], _int4_gemv1_kernel)
     return _GEMV1_KERNELS[key]
+
+
+_TMA_KERNELS: dict[tuple, object] = {}
+
+
+def _gemv1_tma_kernel(block_n: int, groups: int, stages: int, warps: int):
+    """`_int4_gemv1_tma_kernel` with one config (no timing run)."""
+    key = (block_n, groups, stages, warps)
+    if key not in _TMA_KERNELS:
+        cfg = triton.Config({"BLOCK_N": block_n, "GROUPS": groups, "STAGES": stages}, num_warps=warps,
+                            num_stages=stages)
+        _TMA_KERNELS[key] = _autotuned([cfg], _int4_gemv1_tma_kernel)
+    return _TMA_KERNELS[key]
 
 
 def levels_buffers(K: int, G: int, levels: int, device: torch.device):
@@ -1583,6 +1703,40 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     return y
 
 
+def int4_gemv1_tma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
+                   tile: tuple = GEMV1_TMA_TILE, levels: int = 2, pdl: int = 0, pdl_attr: bool = True,
+                   up: torch.Tensor | None = None, norm: tuple | None = None, res: tuple | None = None,
+                   quantize=None) -> torch.Tensor:
+    """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_tma_kernel` (tile: rows, groups a
+    step, stages, warps): x as `levels` int8 levels first (`_quant_x_kernel`, or quantize's kernel, which also
+    zero the split sum's counters), K in `splits` slices of whole groups summed in-kernel (RED 2). up, norm, res,
+    quantize, pdl, pdl_attr: as `int4_gemv1`'s with x as levels (pdl both kernels' mode)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    N, K, G = _check(x2, qweight, scales)
+    block_n, step, stages, warps = tile
+    words = qweight.view(torch.int32)  # [N, K / 8]
+    groups = K // G
+    gps = triton.cdiv(groups, splits)
+    splits = triton.cdiv(groups, gps)
+    y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
+    part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
+    ncnt = triton.cdiv(N, block_n) if splits > 1 else 0  # a counter a row block, zeroed by the quantize kernel
+    cnt = torch.empty((max(ncnt, 1),), device=x2.device, dtype=torch.int32)
+    xin, xf, xc = (quantize(cnt, ncnt) if quantize is not None
+                   else _quant_x(x2, G, cnt, ncnt, pdl, levels, pdl_attr, up, norm, res))
+    copy = max(1, min(step, 128 // (G // 2)))  # groups a copy: a row's G / 2 bytes each, 128 bytes at most
+    if step % copy:
+        raise ValueError(f"int4_gemv1_tma: {step} groups a step in copies of {copy}")
+    desc = TensorDescriptor.from_tensor(words, [block_n, copy * (G // 8)])
+    kernel = _gemv1_tma_kernel(block_n, step, stages, warps)
+    launch = kernel if _INTERPRET else wrap_triton(kernel)
+    launch[(triton.cdiv(N, block_n), splits)](xin, xf, xc, desc, scales, part, y, cnt, N, K // 8, gps, splits,
+                                              scales.stride(0), part.stride(0), GROUP=G, ASM=not _INTERPRET,
+                                              LEVELS=levels, **_pdl_args(pdl, pdl_attr))
+    return y
+
+
 def int4_gemv_mma(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, splits: int,
                   block_n: int = 64, num_warps: int = 4, parts: int = 1) -> torch.Tensor:
     """x2 [M <= 8, K] bf16 @ dequant(W).T (group 128) -> [M, N] through `_int4_gemv_mma_kernel`:
@@ -1693,6 +1847,10 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
+    tma = gemv1_tma_splits(N, K, G) if tma_ok(x2.device) else 0
+    if tma and up_index is None:
+        return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=False, up=up,
+                              norm=norm, res=res, quantize=quantize)
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
                       levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm,
                       res=res, up_index=up_index, quantize=quantize)

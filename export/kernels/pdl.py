@@ -61,6 +61,23 @@ def pdl_wait(PDL: tl.constexpr, ASM: tl.constexpr):
     return zero
 
 
+@triton.jit
+def pdl_wait_at(dep, PDL: tl.constexpr, ASM: tl.constexpr):
+    """`pdl_wait` tied to the int32 `dep` (a loop's step): the same PTX with dep as an operand it ignores,
+    so the compiler neither hoists it out of the loop it sits in nor moves it ahead of what comes before it
+    there. In a pipelined loop (`tl.range(num_stages=...)`) the copies the pipeliner issues ahead of the
+    loop (its prologue: constants such as weights) then go out before the first wait; every later step's
+    wait returns at once. Returns an int32 0 (a multiple of 64) as `pdl_wait` does."""
+    zero = dep * 0
+    if PDL and ASM:
+        if PDL == 1:
+            ptx: tl.constexpr = "griddepcontrol.launch_dependents; griddepcontrol.wait; mov.b32 $0, 0;"
+        else:
+            ptx: tl.constexpr = "griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, 0;"
+        zero = tl.inline_asm_elementwise(ptx, "=r,r", [dep], dtype=tl.int32, is_pure=True, pack=1) * 64
+    return zero
+
+
 def pdl_args(pdl: int, attr: bool = True) -> dict:
     """A launch's PDL arguments (`pdl_wait`): the constexpr, always (torch's analysis of a wrapped
     kernel and AOTInductor take the arguments as passed, not the kernel's defaults: without it every
