@@ -1,28 +1,26 @@
-"""The M == 1 int4 GEMV with its weight tiles brought in by the tensor memory accelerator (TMA), several in
-flight per program, against the op's plan on the 31B's mid-size weights (a tuning tool, one GPU call).
+"""The op's TMA-fed M == 1 int4 GEMV (`int4_matmul.int4_gemv1_tma`) in its tiles against the op's plan (the register
+kernel) on the 31B's mid-size weights, alone and as a layer's projections with and without programmatic dependent
+launch (a tuning tool, one GPU call).
 
     python -m scripts.gemv1_tma_variants [--out gemv1_tma_variants.json] [--budget 150] [--prewarm 14]
     python -m scripts.gemv1_tma_variants --interpret [--out smoke.json]   # CPU: Triton's interpreter
 
-Why: Nsight Compute has the op's GEMV on the o projection (5376 x 8192, 336 programs of 4 warps) waiting on
-its loads (long scoreboard the first stall, issue slots 19% busy, 10 warps an SM: gemv1_ncu_31b.json) at 40%
-of the DRAM bandwidth; a read of the same bytes with four 16-byte loads a thread in flight and ~1000
-programs reaches 75% (read_ceiling.json). The op holds its next tile in registers (128 a thread: three
-programs an SM), so its bytes in flight are ~2-4 loads a thread; deeper register staging cost registers and
-programs and measured no faster, and Triton's cp.async staging neither (gemv1_variants.py). A TMA copy
-holds no register while in flight and takes one instruction a tile: here each program streams its rows'
-[BLOCK_N, GROUPS groups] tiles through STAGES shared-memory buffers (a tensor descriptor's loads in a
-`tl.range(num_stages=STAGES)` loop, which Triton 3.6 pipelines as TMA copies with mbarriers on sm_90+),
-and multiplies each with the op's own arithmetic (`int4_matmul._gemv1_tile_lanes`: x as int8 levels from
-`_quant_x_kernel`, two masks and two or four dp4a a word); K slices summed in-kernel by the last program of
-a row block, as the op's RED 2 (the counters zeroed by the quantize kernel). Every config fits 101376 bytes
-of shared memory (RTX 4090 / 5090); the 4090 (sm_89) has no TMA, where Triton loads the tiles itself.
+Why: Nsight Compute has the register kernel on the o projection (5376 x 8192, 336 programs of 4 warps) waiting on
+its loads (long scoreboard the first stall, issue slots 19% busy, 10 warps an SM: gemv1_ncu_31b.json) at 40% of
+the DRAM bandwidth, its next tile held in registers (128 a thread). `_int4_gemv1_tma_kernel` streams each
+program's [BLOCK_N, GROUPS groups] tiles through STAGES shared-memory buffers as TMA copies (no register held
+while in flight; two groups, 128 bytes of a row, a copy: AOTInductor encodes the descriptor with the block as
+given). Alone, in graphs without PDL, it beat the plan on the sliding layer's four (H100, 120.2 -> 112.5 us);
+in the artifact, where the register kernel runs with PDL (its first tile loaded while the kernel before
+finishes), it did not (tma_ab_31b_6l.json). So the layer is timed both ways here: each projection's quantize
+kernel and GEMV launched with the PDL attribute (sm_90+; captured into the graph as programmatic edges) as the
+artifact's launcher launches them, and without.
 
 Per shape: each variant checked against an fp32 matmul on the dequantized weight on two fresh x (rel err
 <= 1e-2), then timed as CUDA-graph replays over rotated weight copies (>= 256 MB: from HBM; median), the
-quantize kernel included; then a sliding layer's four projections as one graph, the plan against each
-shape's best. Copy bandwidth measured in the same run. Table on stdout, one JSON (`--out`) with
-`copy_gbps`, `rows`, `best`, `layers`.
+quantize kernel included, no PDL; then a sliding layer's four projections as one graph: the plan, each shape's
+best and the op's TMA choice (GEMV1_TMA_TILE, `gemv1_tma_splits`), without PDL and with it. Copy bandwidth
+measured in the same run. Table on stdout, one JSON (`--out`) with `copy_gbps`, `rows`, `best`, `layers`.
 """
 
 from __future__ import annotations
@@ -31,14 +29,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
-import triton.language as tl
 
 from export.kernels import int4_matmul as im
-from export.kernels.int4_matmul import _gemv1_scale, _gemv1_tile_lanes, _gemv1_x_planes
 from scripts.gemv1_variants import (check_and_time, compare_layer, finish_sweep, launch_directly, layer_shapes_31b,
                                     rotated_weights, sweep_args, sweep_setup)
 
@@ -52,58 +48,10 @@ TINY = {"qkv_proj.sliding": (48, 1024), "o_proj.sliding": (40, 2048), "mlp.gate_
         "mlp.down_proj": (40, 2048)}
 
 
-@triton.jit
-def _gemv1_tma_kernel(xq_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
-                      stride_sn, stride_ps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                      STAGES: tl.constexpr, LEVELS: tl.constexpr, ASM: tl.constexpr):
-    """y = x @ dequant(W).T at M == 1 for BLOCK_N rows over one slice of GPS groups of K (program axis 1): the
-    words [BLOCK_N, GROUPS * GROUP / 8] a step from the tensor descriptor w_desc over the [N, K / 8] int32 words
-    (past N or K it fills zeros; a group past the slice has its scale masked to 0), x as `_quant_x_kernel`'s
-    levels. One slice writes y; several write fp32 partials and the last program of a row block sums them in
-    slice order into y (cnt_ptr's counter per row block, zeroed before the launch, left at 0)."""
-    WORDS: tl.constexpr = GROUP // 8
-    L: tl.constexpr = WORDS // 4
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    r0 = pid_n * BLOCK_N
-    offs_n = r0 + tl.arange(0, BLOCK_N)
-    n_ok = (offs_n < N)[:, None, None]
-    rn = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None, None]
-    srows = s_ptr.to(tl.pointer_type(tl.int16)) + rn * stride_sn
-    XP = (KW + 15) // 16 * 16
-    lane = tl.arange(0, WORDS)[None, None, :]
-    col = tl.arange(0, GROUPS)[None, :, None]
-    ng = KW // WORDS
-    g_lo = pid_k * GPS
-    g_hi = tl.minimum(g_lo + GPS, ng)
-    acc = tl.zeros((BLOCK_N, GROUPS, L), dtype=tl.float32)
-    for t in tl.range(0, tl.cdiv(g_hi - g_lo, GROUPS), num_stages=STAGES):
-        g = g_lo + t * GROUPS
-        w = tl.reshape(w_desc.load([r0, g * WORDS]), (BLOCK_N, GROUPS, L, 4))
-        gc = g + col
-        gl = tl.minimum(gc, ng - 1)
-        s = _gemv1_scale(srows + gl, n_ok & (gc < g_hi), ASM)
-        he, ho, le, lo, c, f = _gemv1_x_planes(xq_ptr, xf_ptr, xc_ptr, XP, gl * WORDS, lane, L, ASM, 0, LEVELS)
-        acc += _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM, LEVELS)
-    val = tl.sum(tl.sum(acc, axis=2), axis=1)
-    nm = offs_n < N
-    if SPLITS == 1:
-        tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
-    else:
-        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
-        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in range(SPLITS):
-                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
-            tl.store(cnt_ptr + pid_n, 0)
-
-
 def smem_bytes(block_n: int, groups: int, stages: int) -> int:
     """The TMA buffers' bytes (Triton allocates STAGES - 1 of them for the loads in flight and one more for the
-    tile in use: at most STAGES), plus their barriers."""
-    return stages * block_n * groups * (GROUP // 8) * 4 + 8 * stages
+    tile in use: at most STAGES), plus their barriers (one a copy)."""
+    return stages * block_n * groups * (GROUP // 8) * 4 + 8 * stages * max(1, groups // 2)
 
 
 def _allocator(size: int, alignment: int, stream):
@@ -119,41 +67,40 @@ class Variant:
     stages: int
     warps: int
     splits: int
+    pdl: int = 0  # both kernels launched with PDL in this mode (sm_90+), the attribute set as the artifact sets it
 
     @property
     def label(self) -> str:
-        return f"tma{self.block_n}r{self.groups}g{self.stages}s{self.warps}w/{self.splits}"
+        return f"tma{self.block_n}r{self.groups}g{self.stages}s{self.warps}w/{self.splits}" + ("p" if self.pdl else "")
 
     def __call__(self, x2, q, s):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        N, K = q.shape[0], q.shape[1] * 2
-        words = q.view(torch.int32)
-        groups = K // GROUP
-        gps = triton.cdiv(groups, self.splits)
-        splits = triton.cdiv(groups, gps)
-        ncnt = triton.cdiv(N, 4) if splits > 1 else 0
-        cnt = torch.empty((max(ncnt, 1),), device=x2.device, dtype=torch.int32)
-        xin, xf, xc = im._quant_x(x2, GROUP, cnt, ncnt, 0, im.GEMV1_LEVELS)
-        y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
-        part = torch.empty((splits, N) if splits > 1 else (1, 1), device=x2.device, dtype=torch.float32)
-        desc = TensorDescriptor.from_tensor(words, [self.block_n, self.groups * GROUP // 8])
-        _gemv1_tma_kernel[(triton.cdiv(N, self.block_n), splits)](
-            xin, xf, xc, desc, s, part, y, cnt, N, K // 8, gps, splits, s.stride(0), part.stride(0), GROUP=GROUP,
-            BLOCK_N=self.block_n, GROUPS=self.groups, STAGES=self.stages, LEVELS=im.GEMV1_LEVELS,
-            ASM=not _INTERPRET, num_warps=self.warps, num_stages=self.stages)
-        return y
+        return im.int4_gemv1_tma(x2, q, s, self.splits, tile=(self.block_n, self.groups, self.stages, self.warps),
+                                 levels=im.GEMV1_LEVELS, pdl=self.pdl, pdl_attr=True)
 
 
 class Plan:
-    """The op's M == 1 path as it stands (`gemv1_plan`)."""
+    """The op's M == 1 path on the register kernel (`gemv1_plan`), PDL as `pdl` (0: none)."""
 
-    label = "plan"
+    def __init__(self, pdl: int = 0):
+        self.pdl = pdl
+        self.label = "plan" + ("p" if pdl else "")
 
     def __call__(self, x2, q, s):
         n, k = q.shape[0], q.shape[1] * 2
         p = im.gemv1_plan(n, k, GROUP)
-        return im.int4_gemv1(x2, q, s, p.splits, kernel=im._gemv1_kernel(p.cfg), xq=p.xq, levels=p.levels)
+        return im.int4_gemv1(x2, q, s, p.splits, kernel=im._gemv1_kernel(p.cfg), xq=p.xq, levels=p.levels,
+                             pdl_quant=self.pdl, pdl_gemv=self.pdl, pdl_attr=True)
+
+
+def op_choice(n: int, k: int, pdl: int = 0) -> Variant | Plan:
+    """What the op runs for an [n, k] weight with GEMV1_TMA on: the TMA kernel at GEMV1_TMA_TILE and
+    `gemv1_tma_splits`, or the plan where that takes none (gate / up)."""
+    saved, im.GEMV1_TMA = im.GEMV1_TMA, True
+    try:
+        splits = im.gemv1_tma_splits(n, k, GROUP)
+    finally:
+        im.GEMV1_TMA = saved
+    return Variant(*im.GEMV1_TMA_TILE, splits, pdl) if splits else Plan(pdl)
 
 
 def candidates(n: int, k: int, sms: int) -> list[Variant]:
@@ -240,13 +187,40 @@ def main(argv=None) -> int:
         save()
     if not _INTERPRET and all(nm in weights for nm in LAYER):
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in LAYER}
-        rec = compare_layer("sliding", LAYER, weights, xs, {"plan": lambda nm: Plan(), "best": lambda nm: best[nm]})
+        rec = compare_layer("sliding", LAYER, weights, xs, layer_picks(best, todo, pdl_mode(torch.device(DEVICE))))
         rec["best_variants"] = [best[nm].label for nm in LAYER]
+        rec["op_variants"] = [op_choice(*todo[nm]).label for nm in LAYER]
         doc["layers"].append(rec)
-        print(f"sliding layer's four projections as one graph: plan {min(rec['plan_us']):.1f} us, best per shape "
-              f"{min(rec['best_us']):.1f} us ({', '.join(rec['best_variants'])})", flush=True)
+        print("sliding layer's four projections as one graph (us):", flush=True)
+        for key in ("plan", "best", "op"):
+            line = f"  {key:5} {min(rec[key + '_us']):6.1f} without PDL"
+            if key + "_pdl_us" in rec:
+                line += f", {min(rec[key + '_pdl_us']):6.1f} with"
+            print(line, flush=True)
+        print(f"  best: {', '.join(rec['best_variants'])}; op: {', '.join(rec['op_variants'])}", flush=True)
         save()
     return finish_sweep(doc, ok, t0, save)
+
+
+def pdl_mode(device: torch.device) -> int:
+    """The PDL mode the artifact launches its GEMVs in on `device` (2 on sm_90+, else 0: `pdl.op_pdl_mode`)."""
+    from export.kernels.pdl import op_pdl_mode
+
+    return op_pdl_mode(device)
+
+
+def with_pdl(v, pdl: int):
+    """The variant v (a Variant or a Plan) launched in PDL mode pdl."""
+    return Plan(pdl) if isinstance(v, Plan) else replace(v, pdl=pdl)
+
+
+def layer_picks(best: dict, todo: dict, pdl: int) -> dict:
+    """The layer graph's picks {key: name -> variant}: the plan, each shape's best and the op's TMA choice
+    (`op_choice`), and with pdl (sm_90+) each of them in that PDL mode too (keys + "_pdl")."""
+    picks = {"plan": lambda nm: Plan(), "best": lambda nm: best[nm], "op": lambda nm: op_choice(*todo[nm])}
+    if pdl:
+        picks.update({key + "_pdl": (lambda nm, f=f: with_pdl(f(nm), pdl)) for key, f in list(picks.items())})
+    return picks
 
 
 if __name__ == "__main__":

@@ -374,8 +374,8 @@ fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launc
   # GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh runtime_31b
   GEMMA4_FUSED_ATTENTION=1 GEMMA4_FUSED_MLP=1 GEMMA4_FUSED_CLOSE=1 bash scripts/measure_gpu.sh e_models
   ;;
-gemv1_tma)  # the M == 1 GEMV with its weight tiles brought in by TMA copies, STAGES in flight a program, against
-  # the op's plan on the 31B sliding layer's four projections, then the layer as one graph
+gemv1_tma)  # the op's TMA-fed M == 1 GEMV in its tiles against the plan (the register kernel) on the 31B sliding
+  # layer's four projections, then the layer as one graph (plan, best, the op's choice) without PDL and with it
   # (scripts/gemv1_tma_variants.py, ~4 min)
   timeout 290 python -m scripts.gemv1_tma_variants --budget 170 --prewarm 14 --out "$OUT/gemv1_tma_variants.json" \
       2>&1 | tail -12

@@ -1,10 +1,10 @@
 """scripts/gemv1_tma_variants.py without a GPU: its configs fit the consumer cards' shared memory and TMA's
-box rules, the kernel compiles to TMA copies for sm_90 (and without them for sm_89), and under Triton's
-interpreter every kind of launch (one slice, K slices summed in-kernel, a slice that is no whole number of
-steps, rows past N) agrees with an fp32 matmul on the dequantized weight and with the op's plan."""
+box rules, its layer graph holds the picks it names, and under Triton's interpreter every kind of launch of the
+op's TMA kernel (one slice, K slices summed in-kernel, a slice that is no whole number of steps, rows past N)
+agrees with an fp32 matmul on the dequantized weight and with the op's plan. (The kernel's compiles:
+tests/test_int4_matmul.py.)"""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,36 +21,26 @@ def test_candidates_fit_the_consumer_cards_and_tma_boxes():
         cands = tv.candidates(n, k, 132)
         assert {v.stages for v in cands} == {3, 4, 6} and {v.block_n for v in cands} == {32, 64, 128}
         for v in cands:
-            step = v.groups * tv.GROUP // 8  # words of a row a step: the box's inner extent
+            copy = min(v.groups, 2) * tv.GROUP // 8  # words of a row a copy: the box's inner extent, 128 bytes at most
             assert tv.smem_bytes(v.block_n, v.groups, v.stages) <= tv.SMEM
-            assert step * 4 % 16 == 0 and step <= 256 and v.block_n <= 256
-            assert v.block_n * step >= 4 * 32 * v.warps
+            assert copy * 4 % 16 == 0 and copy * 4 <= 128 and v.block_n <= 256
+            assert v.block_n * v.groups * tv.GROUP // 8 >= 4 * 32 * v.warps
             assert 1 <= v.splits <= k // tv.GROUP // v.groups
 
 
-def _compile(arch: int, bn: int = 64, groups: int = 2, stages: int = 4, warps: int = 4):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = tv._gemv1_tma_kernel
-    names = list(fn.arg_names)
-    sig = {"xq_ptr": "*i32", "xf_ptr": "*fp32", "xc_ptr": "*i32", "w_desc": f"tensordesc<i32[{bn}, {groups * 16}]>",
-           "s_ptr": "*bf16", "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32",
-           "GPS": "i32", "SPLITS": "i32", "stride_sn": "i32", "stride_ps": "i32"}
-    full = {a: sig.get(a, "constexpr") for a in names}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in full.items() if t.startswith("*")}
-    const = dict(GROUP=128, BLOCK_N=bn, GROUPS=groups, STAGES=stages, LEVELS=2, ASM=True)
-    return triton.compile(ASTSource(fn, full, const, attrs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps, "num_stages": stages})
-
-
-def test_kernel_streams_its_tiles_through_tma_on_sm_90():
-    k = _compile(90)
-    assert re.search(r"cp\.async\.bulk\.tensor", k.asm["ptx"]) and "mbarrier" in k.asm["ptx"]
-    assert k.metadata.shared <= tv.smem_bytes(64, 2, 4) <= tv.SMEM
-    k89 = _compile(89)  # the RTX 4090: no TMA, Triton's own loads through shared memory
-    assert not re.search(r"cp\.async\.bulk\.tensor", k89.asm["ptx"]) and k89.metadata.shared <= tv.SMEM
+def test_layer_picks_hold_the_plan_the_best_and_the_op_choice_with_and_without_pdl():
+    """The layer graph compares the plan, each shape's best and what the op runs with GEMV1_TMA on (its tile and
+    splits; the plan where it takes no TMA kernel), each also in the artifact's PDL mode on sm_90+."""
+    assert tv.op_choice(5376, 21504) == tv.Variant(*tv.im.GEMV1_TMA_TILE, 3)  # 168 row blocks: ~512 programs
+    assert isinstance(tv.op_choice(43008, 5376), tv.Plan) and not tv.im.GEMV1_TMA  # the switch left as it was
+    best = {"a": tv.Variant(32, 4, 3, 4, 2), "b": tv.Plan()}
+    todo = {"a": (5376, 8192), "b": (43008, 5376)}
+    assert set(tv.layer_picks(best, todo, 0)) == {"plan", "best", "op"}
+    picks = tv.layer_picks(best, todo, 2)
+    assert set(picks) == {"plan", "best", "op", "plan_pdl", "best_pdl", "op_pdl"}
+    assert picks["best_pdl"]("a") == tv.Variant(32, 4, 3, 4, 2, 2) and picks["best_pdl"]("a").label.endswith("p")
+    assert picks["plan_pdl"]("b").pdl == 2 and picks["op_pdl"]("b").label == "planp"
+    assert picks["op"]("a").splits == 3 and picks["op_pdl"]("a").pdl == 2  # 168 row blocks: ~512 programs
 
 
 _CHECK = """
