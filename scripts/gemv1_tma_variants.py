@@ -104,12 +104,12 @@ def op_choice(n: int, k: int, pdl: int = 0) -> Variant | Plan:
 
 
 def candidates(n: int, k: int, sms: int) -> list[Variant]:
-    """Row blocks of 32-128 rows x 1-4 groups a step (64 B-256 B of each row), 3-6 stages within the consumer
-    shared memory, 4 warps (8 with 128 rows), K slices for ~1, 2 or 4 programs an SM; each thread at least 4
-    words a step."""
+    """Row blocks of 32-128 rows x 1-8 groups a step (64-512 bytes of each row, in copies of 128 at most), 3-6
+    stages within the consumer shared memory, 4 warps (8 with 128 rows), K slices for ~1, 2 or 4 programs an SM;
+    each thread at least 4 words a step."""
     out = []
     for bn in (32, 64, 128):
-        for groups in (1, 2, 4):
+        for groups in (1, 2, 4, 8):
             for stages in (3, 4, 6):
                 if smem_bytes(bn, groups, stages) > SMEM or groups > k // GROUP:
                     continue

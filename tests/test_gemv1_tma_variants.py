@@ -20,6 +20,7 @@ def test_candidates_fit_the_consumer_cards_and_tma_boxes():
     for n, k in ((5376, 8192), (16384, 5376), (43008, 5376), (5376, 21504)):
         cands = tv.candidates(n, k, 132)
         assert {v.stages for v in cands} == {3, 4, 6} and {v.block_n for v in cands} == {32, 64, 128}
+        assert 8 in {v.groups for v in cands}  # four copies a step: 16 KB of a 32-row program before the PDL wait
         for v in cands:
             copy = min(v.groups, 2) * tv.GROUP // 8  # words of a row a copy: the box's inner extent, 128 bytes at most
             assert tv.smem_bytes(v.block_n, v.groups, v.stages) <= tv.SMEM

@@ -407,8 +407,8 @@ def test_tma_gemv_through_the_interpreter():
 
 
 def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():
-    """sm_90: the tiles come as cp.async.bulk.tensor copies, the first one issued before the PDL wait (weights
-    while the kernel before finishes), in 64 registers a thread; sm_89 (no TMA) compiles too."""
+    """sm_90: the tiles come as cp.async.bulk.tensor copies, the first step's issued before the PDL wait (weights
+    while the kernel before finishes); sm_89 (no TMA) compiles too; both within the consumer shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -432,9 +432,8 @@ def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():
         if arch == 89:
             assert "cp.async.bulk.tensor" not in ptx and "griddepcontrol" not in ptx
             continue
-        first_copy, first_wait = ptx.find("cp.async.bulk.tensor"), ptx.find("griddepcontrol.wait")
-        assert 0 <= first_copy < first_wait, (first_copy, first_wait)
-        assert k.n_regs <= 64 if hasattr(k, "n_regs") else True
+        first_wait = ptx.find("griddepcontrol.wait")
+        assert ptx[:first_wait].count("cp.async.bulk.tensor") == step // copy, first_wait  # the first step's copies
 
 
 _GLU_SCRIPT = textwrap.dedent("""

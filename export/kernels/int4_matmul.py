@@ -1105,9 +1105,9 @@ def _int4_gemv1_tma_kernel(x_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr
     has its scale masked to 0. The K slices are summed as RED 2 (the last program of a row block sums the fp32
     partials in slice order; cnt_ptr's counter per row block, zeroed by the quantize kernel, left at 0).
 
-    PDL (1 or 2, `pdl_wait_at`): the wait sits in the loop's step, after the step's tile copy: the pipeliner's
-    copies ahead of the loop (weights: constants) go out before it, x's levels are read after it, as are the
-    writes (a second wait before them)."""
+    PDL (1 or 2, `pdl_wait_at`): the wait sits in the loop's step, after the step's copies: the first step's
+    copies (weights: constants; the pipeliner issues them ahead of the loop, with x's levels after the wait) go
+    out before it, x's levels are read after it, as are the writes (a second wait before them)."""
     WORDS: tl.constexpr = GROUP // 8
     L: tl.constexpr = WORDS // 4
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -1126,16 +1126,17 @@ def _int4_gemv1_tma_kernel(x_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr
     g_hi = tl.minimum(g_lo + GPS, ng)
     acc = tl.zeros((BLOCK_N, COPY, L), dtype=tl.float32)
     for t in tl.range(0, tl.cdiv(g_hi - g_lo, GROUPS), num_stages=STAGES):
+        ws = []
+        for h in tl.static_range(GROUPS // COPY):  # the step's copies first: all of the first step's go out
+            ws = ws + [w_desc.load([r0, (g_lo + t * GROUPS + h * COPY) * WORDS])]  # before the PDL wait
+        z = pdl_wait_at(t, PDL, ASM)
         for h in tl.static_range(GROUPS // COPY):
-            g = g_lo + t * GROUPS + h * COPY
-            w = tl.reshape(w_desc.load([r0, g * WORDS]), (BLOCK_N, COPY, L, 4))
-            gc = g + col
+            gc = g_lo + t * GROUPS + h * COPY + col
             gl = tl.minimum(gc, ng - 1)
             s = _gemv1_scale(srows + gl, n_ok & (gc < g_hi), ASM)
-            z = pdl_wait_at(t, PDL, ASM)
             he, ho, le, lo, c, f = _gemv1_x_planes(xw + z, xf_ptr + z, xc_ptr + z, XP, gl * WORDS, lane, L, ASM, PDL,
                                                    LEVELS)
-            acc += _gemv1_tile_lanes(w, s, he, ho, le, lo, c, f, ASM, LEVELS)
+            acc += _gemv1_tile_lanes(tl.reshape(ws[h], (BLOCK_N, COPY, L, 4)), s, he, ho, le, lo, c, f, ASM, LEVELS)
     val = tl.sum(tl.sum(acc, axis=2), axis=1)
     nm = offs_n < N
     zw = pdl_wait(PDL, ASM)  # the writes after the wait (the loop's wait returned already)
