@@ -1451,8 +1451,8 @@ GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
 GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
 # Mid-size weights (more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, group 128, x as levels) on sm_90+:
 # `_int4_gemv1_tma_kernel`, its tiles brought in by TMA, 32 rows x 4 groups a step (256 bytes of a row), 3
-# stages (two copies in flight, 48 KB of shared memory), 4 warps (64 registers a thread where the register
-# kernel takes 128), K in slices for ~GEMV1_TMA_PROGRAMS programs. H100, the 31B's sliding layer
+# stages (two steps in flight, ~18 KB of shared memory), 4 warps (56 registers a thread for sm_90 where the
+# register kernel takes 128), K in slices for ~GEMV1_TMA_PROGRAMS programs. H100, the 31B's sliding layer
 # (scripts/gemv1_tma_variants.py, ~300 variants, gemv1_tma_variants.json): qkv 16384 x 5376 24.2 -> 21.6 us,
 # down 5376 x 21504 31.8 -> 27.5, o 5376 x 8192 14.1 -> 14.1 (13.9 at 2 slices); gate / up (43008 rows) stays
 # on the register kernel (50.5 against 49.9 at best). The four projections as one graph 120.2 -> 112.5 us.
