@@ -910,6 +910,28 @@ def _close_row(y_ptr, ccnt_ptr, h_ptr, wc_ptr, sc_ptr, o_ptr, N, eps, CSTEPS: tl
         tl.store(ccnt_ptr, 0)
 
 
+@triton.jit
+def _red2_sum(val, part_ptr, y_ptr, cnt_ptr, pid_n, pid_k, offs_n, SPLITS, stride_ps, N):
+    """RED 2, the K slices' sum in-kernel: this program's fp32 partials val [BLOCK_N] (rows offs_n, slice pid_k)
+    stored, its row block's counter bumped, and the program that arrives last sums the partials in slice order
+    (deterministic: RED 0's bits) into y (y's dtype) and puts the counter back to 0. The release is the pattern
+    of CUTLASS's semaphore, a barrier (every thread's partials stored) and then one thread's gpu-scope acq_rel
+    atomic, with no fence in inline PTX (torch's mutation analysis cannot read such an op). -> whether this
+    program was the last (it may go on to the row block's epilogues)."""
+    nm = offs_n < N
+    tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
+    tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLITS - 1
+    if last:
+        tot = tl.zeros(val.shape, dtype=tl.float32)
+        for i in range(SPLITS):
+            tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
+        tl.store(cnt_ptr + pid_n, 0)
+    return last
+
+
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
 def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                        stride_ww, stride_sn, stride_ps,
@@ -1070,15 +1092,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     elif RED == 0:
         tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
     else:
-        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
-        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in range(SPLITS):
-                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
-            tl.store(cnt_ptr + pid_n, 0)
+        if _red2_sum(val, part_ptr, y_ptr, cnt_ptr, pid_n, pid_k, offs_n, SPLITS, stride_ps, N):
             if GLUQ:
                 _glu_levels(y_ptr, cnt_ptr + GOFF, lq_ptr, lf_ptr, lc_ptr, dcnt_ptr, DNCNT, HALF, pid_n, BLOCK_N,
                             DGROUP, DLEVELS)
@@ -1144,15 +1158,7 @@ def _int4_gemv1_tma_kernel(x_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr
     if SPLITS == 1:
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
     else:
-        tl.store(part_ptr + pid_k * stride_ps + offs_n, val, mask=nm)
-        tl.debug_barrier()  # every thread's partials stored; one thread's gpu-scope acq_rel atomic releases them
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tot = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for i in range(SPLITS):
-                tot += tl.load(part_ptr + i * stride_ps + offs_n, mask=nm, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_n, tot.to(y_ptr.dtype.element_ty), mask=nm)
-            tl.store(cnt_ptr + pid_n, 0)
+        _red2_sum(val, part_ptr, y_ptr, cnt_ptr, pid_n, pid_k, offs_n, SPLITS, stride_ps, N)
 
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.constexpr):
