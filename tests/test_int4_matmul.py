@@ -1067,21 +1067,24 @@ def test_cuda_mid_size_weights_take_the_tma_gemv(monkeypatch, n, k):
     assert len(calls) == 5 and im.gemv1_tma_splits(n, k, 128) >= 1
 
 
+class _Lin(torch.nn.Module):
+    """One int4 linear, its weight and scales buffers (what the AOTInductor tests export)."""
+
+    def __init__(self, qweight, scales):
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x):
+        return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
+
+
 @pytest.mark.cuda
 def test_cuda_aoti_compiles_the_kernels_into_the_so(tmp_path):
     """AOTInductor builds the Triton kernels into the package (no fallback op) for every path:
     M == 1, the fused GEMM (a chunk of 256) and dequant + mm (a chunk of 1024)."""
-    class Lin(torch.nn.Module):
-        def __init__(self, qweight, scales):
-            super().__init__()
-            self.register_buffer("qweight", qweight)
-            self.register_buffer("scales", scales)
-
-        def forward(self, x):
-            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
-
     qweight, scales = im.quantize_int4(torch.randn(640, 1024, device="cuda"), 128)
-    mod = Lin(qweight, scales)
+    mod = _Lin(qweight, scales)
     M = torch.export.Dim("M", min=2, max=256)  # a prefill chunk's dynamic length: the GEMM path
     M_big = torch.export.Dim("M", min=2, max=1024)  # a chunk that reaches DEQUANT_MIN_M: dequant + mm
     for m, shapes in ((1, None), (64, ({0: M},)), (1024, ({0: M_big},))):
@@ -1107,19 +1110,10 @@ def test_cuda_aoti_builds_the_tma_gemv_into_the_so(monkeypatch, tmp_path):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA: sm_90+")
 
-    class Lin(torch.nn.Module):
-        def __init__(self, qweight, scales):
-            super().__init__()
-            self.register_buffer("qweight", qweight)
-            self.register_buffer("scales", scales)
-
-        def forward(self, x):
-            return torch.ops.gemma4.int4_linear(x, self.qweight, self.scales)
-
     monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch, off by default
     qweight, scales = im.quantize_int4(torch.randn(5376, 8192, device="cuda"), 128)
     x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
-    ep = torch.export.export(Lin(qweight, scales), (x,))
+    ep = torch.export.export(_Lin(qweight, scales), (x,))
     with im.one_config(), host_tma_descriptors():  # as export/pipeline.py lowers
         so = torch._inductor.aot_compile(ep.module(), (x,), options={"aot_inductor.output_path": str(tmp_path / "t.so")})
     assert b"_int4_gemv1_tma_kernel" in open(so, "rb").read()
