@@ -142,7 +142,8 @@ GEMV1_EARLY = os.environ.get("GEMMA4_GEMV1_EARLY", "1") != "0"  # "0" in an expo
 # 3.5 us faster (sliding / full); the 31B 12-layer slice's artifact with and without it
 # (scripts/pdl_ab.py, pdl_ab_31b.json), a decode step 1.81 -> 1.67 ms at fill 1k and 1.84 -> 1.76 at
 # 32k, bitwise the same logits. Launched without the attribute the wait returns at once.
-PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel", "_int4_gemv1_tma_kernel")  # every one waits (`pdl_wait`) where pdl.OP_PDL holds
+# every one waits (`pdl_wait`) where pdl.OP_PDL holds
+PDL_KERNELS = ("_quant_x_kernel", "_int4_gemv1_kernel", "_int4_gemv1_tma_kernel")
 QUANT_X_GROUPS = 8  # groups of x per `_quant_x_kernel` program
 HI_NIBBLES = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: a word's high nibbles in place
 M1_ON_TENSOR_CORES = False  # M == 1 (group 128) through `int4_gemv_mma` too; bench_int4 times both
@@ -1100,7 +1101,6 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                 _close_row(y_ptr, cnt_ptr + COFF, ch_ptr, cw_ptr, cs_ptr, co_ptr, N, ceps, CSTEPS)
 
 
-
 @triton.jit(do_not_specialize=["N", "KW", "GPS", "SPLITS", "stride_sn", "stride_ps"])
 def _int4_gemv1_tma_kernel(x_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr, cnt_ptr, N, KW, GPS, SPLITS,
                            stride_sn, stride_ps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -1159,6 +1159,7 @@ def _int4_gemv1_tma_kernel(x_ptr, xf_ptr, xc_ptr, w_desc, s_ptr, part_ptr, y_ptr
         tl.store(y_ptr + offs_n, val.to(y_ptr.dtype.element_ty), mask=nm)
     else:
         _red2_sum(val, part_ptr, y_ptr, cnt_ptr, pid_n, pid_k, offs_n, SPLITS, stride_ps, N)
+
 
 @triton.jit
 def _sum_splits_kernel(part_ptr, out_ptr, N, SPLITS, stride_ps, BLOCK: tl.constexpr):
