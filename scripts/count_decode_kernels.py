@@ -265,6 +265,7 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
     from export.gemma4.model import Gemma4Model
     from export.gemma4.options import EmbeddingQuant
     from export.gemma4.quant import QuantRecipe, quantize_
+    from export.host_tma import host_tma_descriptors
     from export.kernels import int4_matmul
 
     cfg = PRESETS[preset]
@@ -281,10 +282,10 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
             chain = model.chain()
         steps = [s.unit for s in chain.steps]
         for name, unit in chain.units.items():
-            with mode, int4_matmul.one_config():
+            with mode, int4_matmul.one_config(), host_tma_descriptors():  # as the export traces and lowers
                 args = [torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1)]
                 gm = make_fx(lambda *a: unit(*a), tracing_mode="fake")(*args)
-            with mode, int4_matmul.one_config(), row_reductions_in_registers():
+            with mode, int4_matmul.one_config(), row_reductions_in_registers(), host_tma_descriptors():
                 code = generated_code(gm, args, decode_options())
             if source:
                 source.mkdir(parents=True, exist_ok=True)
