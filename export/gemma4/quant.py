@@ -187,8 +187,8 @@ def _rows(K: int, work: torch.device | None) -> int:
 # 1.106 -> 1.111 ms (attention), 1.105 -> 1.112 (MLP), 1.105 -> 1.109 (MLP and close).
 # "1": the decode combine writes the o_proj's x levels (bit for bit the unfused pair in the op's cuda test; the 31B
 # slice's logits came out rel 9.3e-3 from the plain export's: where it rotates the output back (a quantized cache)
-# its sums run in another order than the Hadamard kernel's, and the interpreter has shown a group's factor one ulp
-# apart at D 512 with 16 shares); "0" or unset: attention, then o_proj
+# its sums run in another order than the Hadamard kernel's: the interpreter has shown a group's factor one ulp
+# apart at D 512 with 16 shares, fp32, on a rotated float cache); "0" or unset: attention, then o_proj
 FUSED_ATTENTION_ENV = "GEMMA4_FUSED_ATTENTION"
 # "1" in an exporting process: a layer's gate / up GEMV also writes the down GEMV's x levels (one op for the MLP
 # after its residual add; checked as FUSED_ATTENTION_ENV is, its GPU A/B measure_gpu.sh fused_mlp_ab); else two ops
