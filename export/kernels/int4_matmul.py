@@ -1855,8 +1855,8 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
-    tma = gemv1_tma_splits(N, K, G) if tma_ok(x2.device) else 0
-    if tma and up_index is None:
+    tma = gemv1_tma_splits(N, K, G)  # 0 unless GEMV1_TMA is on and the weight is mid-size
+    if tma and up_index is None and tma_ok(x2.device):
         return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=False, up=up,
                               norm=norm, res=res, quantize=quantize)
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
