@@ -54,12 +54,6 @@ def smem_bytes(block_n: int, groups: int, stages: int) -> int:
     return stages * block_n * groups * (GROUP // 8) * 4 + 8 * stages * max(1, groups // 2)
 
 
-def _allocator(size: int, alignment: int, stream):
-    """Triton's global scratch, should a kernel ask for one (`triton.set_allocator`; host-side descriptors, as
-    here, need none): a byte tensor on the sweep's device."""
-    return torch.empty(size, device=DEVICE, dtype=torch.int8)
-
-
 @dataclass(frozen=True)
 class Variant:
     block_n: int
@@ -129,7 +123,6 @@ def _prewarm_worker(idx, count):
     """Compiles every variant (Triton's disk cache) in one of `count` processes."""
     import scripts.gemv1_tma_variants as me
     launch_directly("prewarm")
-    triton.set_allocator(me._allocator)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     todo = [(v, n, k) for nm, (n, k) in me.shapes().items() for v in me.candidates(n, k, sms)]
     for v, n, k in todo[idx::count]:
@@ -149,7 +142,6 @@ def main(argv=None) -> int:
     if isinstance(a, int):
         return a
     t0 = time.time()
-    triton.set_allocator(_allocator)
     gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 75)
     sms = 4 if _INTERPRET else torch.cuda.get_device_properties(0).multi_processor_count
     print(f"copy {gbps:.0f} GB/s ({dev}); {time.time() - t0:.0f} s", flush=True)

@@ -45,12 +45,11 @@ def test_layer_picks_hold_the_plan_the_best_and_the_op_choice_with_and_without_p
 
 
 _CHECK = """
-import torch, triton
+import torch
 from export.kernels import int4_matmul as im
 from scripts import gemv1_tma_variants as tv
 from scripts.gemv1_variants import launch_directly
 launch_directly("test")
-triton.set_allocator(tv._allocator)
 torch.manual_seed(0)
 cases = [((40, 1024), tv.Variant(32, 2, 3, 4, 3)),   # 8 groups in slices of 3: a step past the slice's end
          ((40, 1024), tv.Variant(32, 4, 3, 4, 1)),   # one slice, rows past N
