@@ -149,15 +149,14 @@ def test_combine_writes_only_its_outputs():
 @pytest.mark.cuda
 @torch.no_grad()
 def test_op_matches_attention_then_int4_linear_on_cuda():
-    """At the 31B's sliding layer (32 heads over 16 KV heads of 256, a ring of 1024, o_proj 5376 x 8192) and its
-    full layer at small and large fills (4 KV heads of 512), each with a bf16 cache and the 24 GB recipe's int4
-    cache (the output rotated back), bf16 q: the op's decode (the combine writing the levels, the GEMV) gives
+    """At the 31B's sliding layer (32 heads over 16 KV heads of 256, a ring of 1024 in the model dtype, o_proj
+    5376 x 8192) and its full layer at small and large fills (4 KV heads of 512; bf16, and the 24 GB recipe's
+    int4 cache with the output rotated back), bf16 q: the op's decode (the combine writing the levels, the GEMV) gives
     `gemma4::attention` (then `gemma4::hadamard`) then `gemma4::int4_linear` bit for bit."""
     from export.kernels.hadamard import hadamard_rotate
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     for H, Hkv, D, S, window, kv, fills in ((32, 16, 256, 1024, 1024, "float", (5, 700, 3000)),
-                                            (32, 16, 256, 1024, 1024, "int4", (5, 700, 3000)),
                                             (32, 4, 512, 8192, 0, "float", (40, 5000)),
                                             (32, 4, 512, 8192, 0, "int4", (40, 5000))):
         qweight, scales = im.quantize_int4(torch.randn(5376, H * D, device="cuda", generator=gen), 128)
