@@ -35,6 +35,7 @@ import torch
 import triton
 
 from export.kernels import int4_matmul as im
+from export.kernels.pdl import op_pdl_mode
 from scripts.gemv1_variants import (check_and_time, compare_layer, finish_sweep, launch_directly, layer_shapes_31b,
                                     rotated_weights, sweep_args, sweep_setup)
 
@@ -89,11 +90,7 @@ class Plan:
 def op_choice(n: int, k: int, pdl: int = 0) -> Variant | Plan:
     """What the op runs for an [n, k] weight with GEMV1_TMA on: the TMA kernel at GEMV1_TMA_TILE and
     `gemv1_tma_splits`, or the plan where that takes none (gate / up)."""
-    saved, im.GEMV1_TMA = im.GEMV1_TMA, True
-    try:
-        splits = im.gemv1_tma_splits(n, k, GROUP)
-    finally:
-        im.GEMV1_TMA = saved
+    splits = im.gemv1_tma_splits(n, k, GROUP)
     return Variant(*im.GEMV1_TMA_TILE, splits, pdl) if splits else Plan(pdl)
 
 
@@ -179,7 +176,7 @@ def main(argv=None) -> int:
         save()
     if not _INTERPRET and all(nm in weights for nm in LAYER):
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in LAYER}
-        rec = compare_layer("sliding", LAYER, weights, xs, layer_picks(best, todo, pdl_mode(torch.device(DEVICE))))
+        rec = compare_layer("sliding", LAYER, weights, xs, layer_picks(best, todo, op_pdl_mode(torch.device(DEVICE))))
         rec["best_variants"] = [best[nm].label for nm in LAYER]
         rec["op_variants"] = [op_choice(*todo[nm]).label for nm in LAYER]
         doc["layers"].append(rec)
@@ -192,13 +189,6 @@ def main(argv=None) -> int:
         print(f"  best: {', '.join(rec['best_variants'])}; op: {', '.join(rec['op_variants'])}", flush=True)
         save()
     return finish_sweep(doc, ok, t0, save)
-
-
-def pdl_mode(device: torch.device) -> int:
-    """The PDL mode the artifact launches its GEMVs in on `device` (2 on sm_90+, else 0: `pdl.op_pdl_mode`)."""
-    from export.kernels.pdl import op_pdl_mode
-
-    return op_pdl_mode(device)
 
 
 def with_pdl(v, pdl: int):

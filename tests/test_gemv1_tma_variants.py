@@ -33,7 +33,7 @@ def test_layer_picks_hold_the_plan_the_best_and_the_op_choice_with_and_without_p
     """The layer graph compares the plan, each shape's best and what the op runs with GEMV1_TMA on (its tile and
     splits; the plan where it takes no TMA kernel), each also in the artifact's PDL mode on sm_90+."""
     assert tv.op_choice(5376, 21504) == tv.Variant(*tv.im.GEMV1_TMA_TILE, 3)  # 168 row blocks: ~512 programs
-    assert isinstance(tv.op_choice(43008, 5376), tv.Plan) and not tv.im.GEMV1_TMA  # the switch left as it was
+    assert isinstance(tv.op_choice(43008, 5376), tv.Plan)  # gate / up: no TMA kernel
     best = {"a": tv.Variant(32, 4, 3, 4, 2), "b": tv.Plan()}
     todo = {"a": (5376, 8192), "b": (43008, 5376)}
     assert set(tv.layer_picks(best, todo, 0)) == {"plan", "best", "op"}

@@ -1528,12 +1528,12 @@ def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
 
 
 def gemv1_tma_splits(n: int, k: int, group_size: int) -> int:
-    """K slices of `_int4_gemv1_tma_kernel` for an [n, k] weight where the op takes it (GEMV1_TMA's mid-size
-    weights: more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, group 128, at least a step of groups, not a
-    small weight), else 0: ~GEMV1_TMA_PROGRAMS programs, a slice at least a step."""
+    """K slices of `_int4_gemv1_tma_kernel` for an [n, k] weight it serves with GEMV1_TMA on (mid-size weights:
+    more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, group 128, at least a step of groups, not a small
+    weight), else 0: ~GEMV1_TMA_PROGRAMS programs, a slice at least a step."""
     rows, step = GEMV1_TMA_TILE[0], GEMV1_TMA_TILE[1]
     groups = k // group_size
-    if not (GEMV1_TMA and GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and groups >= step
+    if not (GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and groups >= step
             and gemv1_plan(n, k, group_size).xq):
         return 0
     return max(1, min(groups // step, round(GEMV1_TMA_PROGRAMS / triton.cdiv(n, rows))))
@@ -1855,7 +1855,7 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
-    tma = gemv1_tma_splits(N, K, G)  # 0 unless GEMV1_TMA is on and the weight is mid-size
+    tma = gemv1_tma_splits(N, K, G) if GEMV1_TMA else 0  # 0 but for mid-size weights
     if tma and up_index is None and tma_ok(x2.device):
         return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=False, up=up,
                               norm=norm, res=res, quantize=quantize)
