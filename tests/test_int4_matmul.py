@@ -433,7 +433,7 @@ def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():
             assert "cp.async.bulk.tensor" not in ptx and "griddepcontrol" not in ptx
             continue
         first_wait = ptx.find("griddepcontrol.wait")
-        assert ptx[:first_wait].count("cp.async.bulk.tensor") == step // copy, first_wait  # the first step's copies
+        assert first_wait > 0 and ptx[:first_wait].count("cp.async.bulk.tensor") == step // copy  # first step's copies
 
 
 _GLU_SCRIPT = textwrap.dedent("""
