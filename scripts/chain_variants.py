@@ -278,9 +278,7 @@ def resident_programs(c: Chain, x, wn, w: Weights) -> int:
     barriers pass at once) an SM holds (registers, shared memory, warps), times the SMs."""
     if _INTERPRET:
         return 1
-    yd = torch.empty((1, w.wd[0].shape[0]), dtype=x.dtype, device=x.device)
-    k = c.launch(x, wn, w, yd, 0, 2 if c.persist else 0, 0, programs=1)
-    torch.cuda.synchronize()
+    k = compile_on_one_program(c, x, wn, w)
     props = torch.cuda.get_device_properties(0)
     regs = max(1, k.n_regs) * 32
     regs = (regs + 255) // 256 * 256 * c.warps  # per warp in units of 256
@@ -289,6 +287,39 @@ def resident_programs(c: Chain, x, wn, w: Weights) -> int:
     by_smem = props.shared_memory_per_multiprocessor // smem if smem else 32
     by_warps = props.max_threads_per_multi_processor // (32 * c.warps)
     return min(by_regs, by_smem, by_warps, 32) * props.multi_processor_count
+
+
+def compile_on_one_program(c: Chain, x, wn, w: Weights):
+    """c's launches (each phase's, or the whole chain's) run once on one program: compiled, and a barrier passes
+    at once there (one program is the whole grid), whatever else shares the GPU. -> the last compiled kernel."""
+    yd = torch.empty((1, w.wd[0].shape[0]), dtype=x.dtype, device=x.device)
+    pdl = 0 if _INTERPRET or torch.cuda.get_device_capability()[0] < 9 else 2
+    for first, last in ([(0, 2)] if c.persist else [(0, 0), (1, 1), (2, 2)]):
+        k = c.launch(x, wn, w, yd, first, last, pdl, programs=1)
+    torch.cuda.synchronize()
+    return k
+
+
+def _prewarm_worker(idx, count):
+    """Compiles its share of the chain variants (Triton's disk cache) in one of `count` processes."""
+    from scripts.gemv1_variants import launch_directly
+    launch_directly("prewarm")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    w, _ = make_weights(SHAPES["31b"])
+    h = SHAPES["31b"][0]
+    x = torch.randn(1, SHAPES["31b"][1], device=DEVICE, dtype=torch.bfloat16)
+    wn = torch.ones(h, device=DEVICE, dtype=torch.bfloat16)
+    seen = set()
+    todo = []
+    for v in variants(sms):
+        if isinstance(v, Chain) and (v.block_n, v.groups, v.warps, v.persist) not in seen:
+            seen.add((v.block_n, v.groups, v.warps, v.persist))
+            todo.append(v)
+    for v in todo[idx::count]:
+        try:
+            compile_on_one_program(v, x, wn, w)
+        except Exception:
+            pass
 
 
 def variants(sms: int) -> list:
@@ -313,6 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=200.0, help="seconds; variants left when it runs out are skipped")
     ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
     ap.add_argument("--sets", type=int, default=2, help="weight sets the timed graph rotates through")
+    ap.add_argument("--prewarm", type=int, default=8, help="processes compiling the variants first (0: none)")
     ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
     a = ap.parse_args(argv)
     from scripts.gemv1_variants import launch_directly, main_in_interpreter, rel
@@ -322,6 +354,9 @@ def main(argv=None) -> int:
     if not launch_directly("chain_variants"):
         return 2
     t0 = time.time()
+    if a.prewarm and not _INTERPRET:
+        from scripts.gemv1_variants import spawn_prewarm
+        spawn_prewarm(_prewarm_worker, a.prewarm, 150)
     torch.manual_seed(0)
     shape = SHAPES["tiny" if _INTERPRET else "31b"]
     sms = 1 if _INTERPRET else torch.cuda.get_device_properties(0).multi_processor_count
