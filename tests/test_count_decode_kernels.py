@@ -142,20 +142,24 @@ def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):
         assert sum(u["compiled"] for u in doc["units"]) >= 15, doc  # each layer's GEMVs, attention, ...
 
 
-def test_tma_gemv_switch_goes_through_inductor_and_compiles(tmp_path):
-    """With GEMMA4_GEMV1_TMA=1 the 31B's mid-size weights (q / k / v, o, down) launch the TMA-fed GEMV, its weight
-    as a tensor descriptor through the trace and Inductor's code (export/host_tma.py; without it Inductor failed on
-    the descriptor), gate / up the register kernel; every kernel compiles for sm_90 as the generated code holds it."""
+def test_tma_gemv_goes_through_inductor_and_compiles(tmp_path):
+    """On sm_90+ (the count answers as an H200) the 31B's mid-size weights (q / k / v, o, down) launch the TMA-fed
+    GEMV, its weight as a tensor descriptor through the trace and Inductor's code (export/host_tma.py; without it
+    Inductor failed on the descriptor), gate / up the register kernel; every kernel compiles for sm_90 as the
+    generated code holds it. GEMMA4_GEMV1_TMA=0 puts the register kernel back on all four, as many launches."""
     out = tmp_path / "tma.json"
     r = run_script("scripts.count_decode_kernels", "--preset", "31b:int4", "--layers", "2", "--compile", "--out",
-                   str(out), timeout=900, env={"GEMMA4_GEMV1_TMA": "1"})
+                   str(out), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (doc,) = json.loads(out.read_text())["models"]
     units = {u["unit"]: u for u in doc["units"]}
+    off = _switched_units(tmp_path, "31b:int4", "2", GEMMA4_GEMV1_TMA="0")
     for name in ("layer0", "layer1"):
         kernels = units[name]["kernels"]
         assert sum(k.startswith("_int4_gemv1_tma_kernel") for k in kernels) == 3, kernels
         assert sum(k.startswith("_int4_gemv1_kernel") for k in kernels) == 1, kernels
+        assert sum(k.startswith("_int4_gemv1_kernel") for k in off[name]["kernels"]) == 4, off[name]["kernels"]
+        assert off[name]["launches"] == units[name]["launches"], (off[name], units[name])
     assert all(u["compile_failures"] == [] for u in doc["units"]) and sum(u["compiled"] for u in doc["units"]) >= 10
 
 

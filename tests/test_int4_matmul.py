@@ -374,8 +374,8 @@ _TMA_SCRIPT = textwrap.dedent("""
 
     # tiny mid-size weights, so that the op's TMA path runs on shapes the interpreter takes in seconds: more
     # than GEMV1_SMALL_N rows (and GEMV1_THIN_N), ~GEMV1_TMA_PROGRAMS programs
-    im.GEMV1_SMALL_N, im.GEMV1_THIN_N, im.GEMV1_TMA_PROGRAMS = 64, 16, 8
-    im.GEMV1_TMA = True  # the switch, off by default
+    im.GEMV1_SMALL_N, im.GEMV1_THIN_N, im.GEMV1_TMA_PROGRAMS, im.GEMV1_TMA_MIN_K = 64, 16, 8, 0
+    im.GEMV1_TMA = True  # the switch (on by default; GEMMA4_GEMV1_TMA=0 in the environment turns it off)
     im.int4_gemv1 = register_kernel
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
     torch.manual_seed(0)
@@ -404,6 +404,17 @@ def test_tma_gemv_through_the_interpreter():
     assert len(rows) == 3 and len(norm) == 3, (rows, norm)
     assert [int(r[2]) for r in rows] == [2, 3, 1]
     assert all(float(r[3]) <= 1e-2 for r in rows) and all(float(r[2]) <= 1e-2 for r in norm), (rows, norm)
+
+
+def test_tma_gemv_serves_the_31b_mid_size_weights_only():
+    """The TMA-fed GEMV's shapes: the 31B's mid-size weights (q / k / v, o, down: K from 5376), not its gate / up or
+    lm_head (the register kernel's one-slice programs), nor the small models' mid-size weights (K 1536-2816), nor
+    small ones."""
+    for n, k in ((16384, 5376), (18432, 5376), (5376, 8192), (5376, 16384), (5376, 21504)):
+        assert im.gemv1_tma_splits(n, k, 128) >= 1, (n, k)
+    for n, k in ((43008, 5376), (262144, 5376), (12288, 1536), (20480, 2560), (10752, 2560), (9216, 2816),
+                 (2048, 1536), (4096, 8192)):
+        assert im.gemv1_tma_splits(n, k, 128) == 0, (n, k)
 
 
 def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():
@@ -1034,14 +1045,14 @@ def test_cuda_m1_bf16_and_two_level_x(monkeypatch, xq, n, k, group):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n,k", [(16384, 5376), (5376, 21504), (5376, 8192), (4608, 2560)])
+@pytest.mark.parametrize("n,k", [(16384, 5376), (5376, 21504), (5376, 8192), (4608, 5376)])
 def test_cuda_mid_size_weights_take_the_tma_gemv(monkeypatch, n, k):
     """On sm_90+ with GEMV1_TMA on the op's mid-size weights go through `int4_gemv1_tma` (counted), within 1e-2 of
     fp32 and 2e-3 of the register kernel (the switch off), eager and replayed in a CUDA graph, fresh x, poisoned
     outputs."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA: sm_90+")
-    monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch, off by default
+    monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch (on unless GEMMA4_GEMV1_TMA=0)
     calls = []
     tma = im.int4_gemv1_tma
     monkeypatch.setattr(im, "int4_gemv1_tma", lambda *a, **kw: calls.append(1) or tma(*a, **kw))
@@ -1110,7 +1121,7 @@ def test_cuda_aoti_builds_the_tma_gemv_into_the_so(monkeypatch, tmp_path):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA: sm_90+")
 
-    monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch, off by default
+    monkeypatch.setattr(im, "GEMV1_TMA", True)  # the switch (on unless GEMMA4_GEMV1_TMA=0)
     qweight, scales = im.quantize_int4(torch.randn(5376, 8192, device="cuda"), 128)
     x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
     ep = torch.export.export(_Lin(qweight, scales), (x,))

@@ -30,7 +30,7 @@ word j), which is how the M == 1 kernel and the dequant kernel read it (16-byte 
   compiles them in mode 2 on sm_90+ (`op_pdl_mode`), where the artifact's launcher sets the
   attribute (export/backends/cuda.py): each may start while the kernel before it finishes, the
   GEMV loading its first weight tile then (scripts/gemv1_pdl_variants.py, scripts/pdl_ab.py).
-  With GEMV1_TMA (off: no faster in the artifact) mid-size weights on sm_90+ take `_int4_gemv1_tma_kernel`
+  With GEMV1_TMA (on; GEMMA4_GEMV1_TMA=0 turns it off) mid-size weights on sm_90+ take `_int4_gemv1_tma_kernel`
   instead, its weight tiles copied by TMA through a tensor descriptor (`int4_gemv1_tma`; export/host_tma.py
   carries the descriptor through the export's tracing).
 - 2 <= M <= GEMV_MAX_M (and M == 1 in another dtype): the GEMM body with M padded to 16, K
@@ -1463,15 +1463,18 @@ GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
 # (scripts/gemv1_tma_variants.py, ~300 variants, gemv1_tma_variants.json): qkv 16384 x 5376 24.2 -> 21.6 us,
 # down 5376 x 21504 31.8 -> 27.5, o 5376 x 8192 14.1 -> 14.1 (13.9 at 2 slices); gate / up (43008 rows) stays
 # on the register kernel (50.5 against 49.9 at best). The four projections as one graph 120.2 -> 112.5 us.
-# In the artifact it gained nothing: the 31B's 6-layer slice (ctx 131072) exported both ways, decode step at fill
-# 1k 1.107 / 1.107 ms -> 1.110 / 1.107 (H100, scripts/export_ab.py, tma_ab_31b_6l.json; logits rel 1.02e-2 apart,
-# the order of the sums). There the register kernel runs with PDL, its first tile loaded while the kernel before
-# finishes, which the sweep's graphs (no PDL) did not show; and AOTInductor encodes the descriptor with the
-# block as given, so a copy is 128 bytes of a row (two copies a step), where the sweep's was 256.
-# "1" in an exporting process: the TMA kernel for these (an A/B switch, off).
-GEMV1_TMA = os.environ.get("GEMMA4_GEMV1_TMA") == "1"
+# In the artifact: the 31B's 6-layer slice (ctx 131072) exported both ways (scripts/export_ab.py), decode step at
+# fill 1k 1.107 / 1.107 ms -> 1.110 / 1.107 while a step's copies went out one at a time around the PDL wait, and
+# 1.106 / 1.107 -> 1.096 / 1.095 (-1.0%, H100, tma_ab_31b_6l.json; logits rel 1.02e-2 apart, the sums' order)
+# once all of the first step's copies go out before it. AOTInductor encodes the descriptor with the block as given,
+# so a copy is 128 bytes of a row (two copies a step). On the H200 the sliding layer's four as one graph with PDL:
+# register kernel 90.1 us, this 87.2 (gemv1_tma_variants.json). Compiles for sm_120 (TMA copies, 18 KB shared).
+# "0" in an exporting process: the register kernel for these too (an A/B switch).
+GEMV1_TMA = os.environ.get("GEMMA4_GEMV1_TMA", "1") != "0"
 GEMV1_TMA_TILE = (32, 4, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_PROGRAMS = 512
+GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size weights (K 1536-2816: 3-6 steps a
+# row) were not measured with it and keep the register kernel
 
 
 class Gemv1Plan(NamedTuple):
@@ -1529,11 +1532,11 @@ def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
 
 def gemv1_tma_splits(n: int, k: int, group_size: int) -> int:
     """K slices of `_int4_gemv1_tma_kernel` for an [n, k] weight it serves with GEMV1_TMA on (mid-size weights:
-    more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, group 128, at least a step of groups, not a small
-    weight), else 0: ~GEMV1_TMA_PROGRAMS programs, a slice at least a step."""
+    more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, K at least GEMV1_TMA_MIN_K, group 128, at least a step
+    of groups, not a small weight), else 0: ~GEMV1_TMA_PROGRAMS programs, a slice at least a step."""
     rows, step = GEMV1_TMA_TILE[0], GEMV1_TMA_TILE[1]
     groups = k // group_size
-    if not (GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and groups >= step
+    if not (GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and k >= GEMV1_TMA_MIN_K and groups >= step
             and gemv1_plan(n, k, group_size).xq):
         return 0
     return max(1, min(groups // step, round(GEMV1_TMA_PROGRAMS / triton.cdiv(n, rows))))
