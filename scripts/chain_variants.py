@@ -29,6 +29,11 @@ NaN-filled first) and timed as CUDA-graph replays over weight sets rotated so th
 - `persist<BN>r<G>g<W>w/<P>`: the whole chain in one launch of P programs.
 The floor: the three weights' bytes over the copy bandwidth measured in the same run. Table on stdout, one JSON
 (`--out`) with `copy_gbps`, `floor_us`, `rows` (variant, us, rel_err, fraction_of_copy_bw).
+
+What the first runs said (H100, scripts/measurements/chain_variants.json): the op 93.2 us with PDL (72% of the
+copy bandwidth); load-only, the persistent kernel within +-5% of the same kernel launched once a phase at every
+tile (best 84.5 us one launch a phase, 87.1 persistent: 79%). The boundaries cost little under PDL; what a
+one-step-ahead register pipeline streams is the bound, and the op is within ~10% of it. No gain to chase here.
 """
 
 from __future__ import annotations
