@@ -380,6 +380,10 @@ gemv1_tma)  # the op's TMA-fed M == 1 GEMV in its tiles against the plan (the re
   timeout 290 python -m scripts.gemv1_tma_variants --budget 170 --prewarm 14 --out "$OUT/gemv1_tma_variants.json" \
       2>&1 | tail -12
   ;;
+chain)  # a sliding layer's o -> norm -> gate / up -> GLU -> down as one persistent kernel against one launch a phase
+  # and the op's launches, with the product and load-only (scripts/chain_variants.py, < 1 min)
+  timeout 500 python -m scripts.chain_variants --budget 330 --prewarm 14 --out "$OUT/chain_variants.json" 2>&1 | tail -70
+  ;;
 argmax)  # greedy decoding's last kernel: torch's argmax against the two-reduction rows variant
   # (scripts/argmax_variants.py, seconds)
   timeout 120 python -m scripts.argmax_variants --out "$OUT/argmax_variants.json" 2>&1 | tail -12
