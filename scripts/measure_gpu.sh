@@ -107,6 +107,12 @@ int4)  # int4 linears: the kernels' cuda tests (consumer configs forced), then b
   timeout 300 python -m scripts.bench_int4 --out "$OUT/int4_kernels.json" > "$OUT/bench_int4.txt" 2>&1
   echo "bench rc=$?"; grep -E "copy|GiB|^31b|FAIL|compiled" "$OUT/bench_int4.txt"
   ;;
+int4_m1)  # the M == 1 rows of every model re-measured into a copy of the committed int4_kernels.json (the other
+  # rows kept: --merge); on an H200 that copy replaces the record, elsewhere keep its rows apart (~1 min)
+  cp scripts/measurements/int4_kernels.json "$OUT/int4_kernels.json"
+  timeout 200 python -m scripts.bench_int4 --ms 1 --merge --out "$OUT/int4_kernels.json" > "$OUT/bench_int4_m1.txt" 2>&1
+  echo "bench rc=$?"; grep -E "copy|^31b|^26b|^e4b|FAIL" "$OUT/bench_int4_m1.txt"
+  ;;
 int4_slice)  # int4 g128 31B 2-layer slice, low-memory export: allocator/NVML peaks, .so logits vs eager
   timeout 560 python -m tests.test_export_cuda 31b-2l-int4 "$OUT/int4_slice.json" 2>&1 | tail -3
   ;;
