@@ -65,7 +65,7 @@ SHAPES = {"31b": (5376, 8192, 21504), "tiny": (256, 512, 384)}
 
 @triton.jit
 def _tile_at(w_ptr, s_ptr, u, t, N, KW, stride_sn, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-    """Step t of unit u (rows u * BLOCK_N ...; words t * GROUPS * WORDS ...): words [BLOCK_N, GROUPS, WORDS]
+    """Step t of unit u (rows u * BLOCK_N ...; words t * GROUPS * 16 ...): words [BLOCK_N, GROUPS, 16]
     and scales [BLOCK_N, GROUPS, 1]; nothing read past K (the scales 0 there and past N, where rows are clamped:
     no masked word load on the rows)."""
     WD: tl.constexpr = 16  # int32 words of nibbles a group (of 128)
@@ -193,7 +193,8 @@ def make_weights(shape: tuple, device=DEVICE) -> tuple[Weights, dict]:
 
 
 def chain_bytes(w: Weights) -> int:
-    return sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in (w.wo, w.wgu, w.wd))
+    """The chain's weight bytes (packed nibbles and scales), what the floor is taken on."""
+    return sum(im.int4_bytes(q.shape[0], q.shape[1] * 2, GROUP) for q, _ in (w.wo, w.wgu, w.wd))
 
 
 def reference(x: torch.Tensor, wn: torch.Tensor, ref: dict) -> torch.Tensor:
