@@ -256,6 +256,18 @@ gemv_early)  # the small weights' GEMV loading its first tiles before its PDL wa
   timeout 150 python -m scripts.gemv1_early_variants --out "$OUT/gemv1_early_variants.json" 2>&1 | tail -4
   timeout 200 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py -k "small or residual" 2>&1 | tail -2
   ;;
+gemv_stage)  # the small weights' GEMV with each step's x computed once a program (STAGE) or once a row of threads, E2B /
+  # E4B's small projections chained in CUDA graphs (scripts/gemv1_early_variants.py --switch stage, < 1 min), then the
+  # kernel tests with the switch on (GEMMA4_GEMV1_STAGE=1: the op's default in that process)
+  timeout 150 python -m scripts.gemv1_early_variants --switch stage --out "$OUT/gemv1_stage_variants.json" 2>&1 | tail -4
+  GEMMA4_GEMV1_STAGE=1 timeout 300 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py \
+      tests/test_int4_ple.py -k "small or residual or norm or glu or ple" 2>&1 | tail -2
+  ;;
+stage_ab)  # the same switch in the artifact (GEMMA4_GEMV1_STAGE): the E2B 6-layer slice (ctx 8192) exported both ways side
+  # by side, decode timed alternately (scripts/export_ab.py; ~6 min)
+  timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STAGE --a 0 --b 1 --preset e2b --layers 6 --ctx 8192 \
+      --fills 1024 --rounds 3 --workdir /tmp/ab --json "$OUT/stage_ab_e2b.json" 2>&1 | tail -25
+  ;;
 early_ab)  # the small weights' GEMV loading its first tiles before its PDL wait or after it (GEMMA4_GEMV1_EARLY), the E4B
   # 6-layer slice (ctx 8192) exported both ways side by side, decode timed alternately (scripts/export_ab.py; ~6 min)
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_EARLY --a 0 --b 1 --preset e4b --layers 6 --ctx 8192 \
@@ -451,5 +463,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small|moe_decode|gate_up_q_ab" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|gemv_stage|stage_ab|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small|moe_decode|gate_up_q_ab" >&2; exit 2 ;;
 esac

@@ -130,12 +130,13 @@ def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
 def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):
     """Every Triton kernel of our ops, as Inductor splices it into the decode code (with the jit functions it
     calls), compiles for sm_90: the 26B-A4B with the MoE's dp4a gate / up, the 31B with its int4 cache and E2B,
-    all with the attention's combine writing the o projection's levels, the gate / up GEMV the down's and the layer's
-    last GEMV its closing add (the switches an export can turn on)."""
+    all with the attention's combine writing the o projection's levels, the gate / up GEMV the down's, the layer's
+    last GEMV its closing add and the small weights' GEMVs computing x once a program (the switches an export can
+    turn on)."""
     r = run_script("scripts.count_decode_kernels", "--preset", "26b-a4b,31b:int4,e2b", "--layers", "6", "--compile",
                    "--out", str(tmp_path / "c.json"), timeout=900,
                    env={"GEMMA4_MOE_GATE_UP_Q": "1", "GEMMA4_FUSED_ATTENTION": "1", "GEMMA4_FUSED_MLP": "1",
-                        "GEMMA4_FUSED_CLOSE": "1"})
+                        "GEMMA4_FUSED_CLOSE": "1", "GEMMA4_GEMV1_STAGE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for doc in json.loads((tmp_path / "c.json").read_text())["models"]:
         assert all(u["compile_failures"] == [] for u in doc["units"]), doc

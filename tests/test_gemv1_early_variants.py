@@ -1,6 +1,6 @@
 """scripts/gemv1_early_variants.py (a GPU measuring tool): the chain it times is E2B / E4B's small
-projections, those after q / k / v on the small weights' branch (bf16 x, one launch), which EARLY changes
-(E2B's q / k / v too)."""
+projections, those after q / k / v on the small weights' branch (bf16 x, one launch), which its switches (EARLY,
+STAGE) change (E2B's q / k / v too)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,41 @@ def test_the_export_switch_turns_the_early_tiles_off():
     run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
                                    timeout=120).stdout.strip()
     assert run(env) == "True" and run({**env, "GEMMA4_GEMV1_EARLY": "0"}) == "False"
+
+
+def test_the_export_switch_turns_the_staged_x_on():
+    """GEMMA4_GEMV1_STAGE=1 in an exporting process compiles the small weights' GEMV with x computed once a program;
+    unset (not timed yet), each row of threads computes it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from export.kernels import int4_matmul as im; print(im.GEMV1_STAGE)"
+    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_GEMV1_STAGE"}
+    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
+                                   timeout=120).stdout.strip()
+    assert run(env) == "False" and run({**env, "GEMMA4_GEMV1_STAGE": "1"}) == "True"
+
+
+def test_the_script_takes_either_switch():
+    """--switch names an `int4_gemv1` argument: the layer passes it to every GEMV of the chain."""
+    from scripts import gemv1_early_variants as ev
+
+    seen = []
+    real = im.int4_gemv1
+
+    def spy(*args, **kw):
+        seen.append({k: kw[k] for k in ("early", "stage") if k in kw})
+        return real(*args, **kw)
+
+    cfg = PRESETS["e2b"]
+    w = ev.layer_weights(cfg, torch.device("cpu"))
+    im.int4_gemv1 = spy
+    try:
+        with pytest.raises(Exception):  # no GPU: the first launch fails, after the call is made
+            ev.layer(torch.randn(1, cfg.hidden_size).bfloat16(), w, {"stage": True})
+    finally:
+        im.int4_gemv1 = real
+    assert seen and seen[0] == {"stage": True}, seen
+    assert set(ev.KEYS) == {"early", "stage"}

@@ -669,6 +669,97 @@ def test_small_gemv_can_load_its_first_tiles_before_the_pdl_wait():
         assert int(shared) <= im.SMEM_LIMIT_BYTES
 
 
+_STAGE_SCRIPT = textwrap.dedent("""
+    import scripts.triton_interpreter  # noqa: F401  (before any kernel module)
+    import torch
+    from export.kernels import int4_matmul as im
+
+    torch.manual_seed(0)
+    with torch._library.triton.set_wrap_triton_enabled(False):
+        # 8 and 4 rows (N ragged to the tile), K in one step or two (the second ragged), every x the small weights'
+        # GEMV computes: plain, the norm, the activation with its table row, the residual add (bf16 bit patterns)
+        for N, K, cfg in [(40, 512, im._cfg1(8, 2, 4)), (22, 1280, im._cfg1(4, 8, 4)), (36, 384, im._cfg1(8, 2, 2))]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            wref = im.dequantize_int4(qweight, scales, torch.float64)
+            kern = im._gemv1_kernel(cfg)
+            x = (torch.randn(1, K) * 3).bfloat16()
+            w = (torch.rand(K) + 0.5).bfloat16()
+            up = torch.randn(3, K).bfloat16()
+            r = (torch.randn(1, K) * 7).bfloat16()
+            ins = {"plain": ({}, x), "norm": (dict(norm=(w, 1e-6)), im.rms_norm_reference(x, w, 1e-6)),
+                   "glu": (dict(up=up, up_index=torch.tensor([1])),
+                           (torch.nn.functional.gelu(x.float(), approximate="tanh") * up[1].float()).bfloat16()),
+                   "res": (None, x + im.rms_norm_reference(r, w, 1e-6))}
+            for mode, (kw, xin) in ins.items():
+                ys = []
+                for stage in (False, True):
+                    h = torch.full_like(x, float("nan"))
+                    ys.append(im.int4_gemv1(x, qweight, scales, 1, kernel=kern, xq=False, stage=stage,
+                                            **(kw if kw is not None else dict(res=(r, w, h, 1e-6)))).double())
+                ref = xin.double() @ wref.t()
+                e = [((y - ref).norm() / ref.norm()).item() for y in ys]
+                d = ((ys[1] - ys[0]).norm() / ys[0].norm()).item()
+                print("stage", mode, N, K, e[0], e[1], d)
+""")
+
+
+def test_staged_x_through_the_interpreter():
+    """STAGE (`GEMV1_STAGE`): the small weights' GEMV computing each step's x once for the program (plain, with the
+    norm, the activation of a table row, the residual add) gives the default within bf16 roundings of the output
+    (the sums in another order), both within 1e-2 of fp64; ~15 s."""
+    rows = _script_rows(_STAGE_SCRIPT, "stage")
+    assert len(rows) == 12, rows
+    for mode, n, k, e_off, e_on, d in rows:
+        assert float(e_off) <= 1e-2 and float(e_on) <= 1e-2 and float(d) <= 4e-3, (mode, n, k, e_off, e_on, d)
+
+
+_STAGE_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from export.kernels import int4_matmul as im
+    from tests.helpers import sass_sm90
+    sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
+           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
+           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp32",
+           "ui_ptr": "*i64"}
+    # E2B's q / k / v (with the norm), attention output and per-layer projection (activation, table row)
+    for n, k, flags in ((2560, 1536, dict(NORM=1)), (1536, 2048, {}), (1536, 256, dict(GLU=1, UI=1))):
+        plan = im.gemv1_plan(n, k, 128)
+        for stage in (0, 1):
+            const = {"GROUP": 128, **plan.cfg.kwargs, "RED": 0, "XQ": False, "ASM": True, "PDL": 2, "LEVELS": 2,
+                     "NORM_STEPS": im.norm_steps(k // 2), "EARLY": 1, "STAGE": stage, **flags}
+            loop, regs, res = sass_sm90(im._int4_gemv1_kernel, sig, const, plan.cfg.num_warps,
+                                        aligned_ints=("stride_ww",))
+            shared = []
+            for arch in (89, 120):
+                src = ASTSource(im._int4_gemv1_kernel,
+                                {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
+                                constexprs={**const, "PDL": 2 if arch >= 90 else 0})
+                kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
+                shared.append(kern.metadata.shared)
+            print("stage", n, k, stage, sum(loop.values()), sum(v for o, v in loop.items() if o.startswith("BAR")),
+                  regs, max(shared))
+""")
+
+
+def test_staged_x_takes_instructions_off_the_small_gemvs_loop():
+    """Compiled for sm_90 with no GPU (as the op launches them: PDL, early tiles), STAGE hands x to the tile through
+    shared memory (barriers in the loop) and takes a third or more of the loop's instructions off E2B's q / k / v
+    with the norm (most of them x's: 451 -> 171), its attention output and its per-layer projection with the
+    activation; it compiles for the RTX 4090 and 5090 within their shared memory."""
+    rows = _script_rows(_STAGE_COMPILE_SCRIPT, "stage")
+    assert len(rows) == 6, rows
+    by = {(int(n), int(k), st): (int(ins), int(bar), int(regs), int(shared))
+          for n, k, st, ins, bar, regs, shared in rows}
+    for n, k in ((2560, 1536), (1536, 2048), (1536, 256)):
+        off, on = by[n, k, "0"], by[n, k, "1"]
+        assert off[1] == 0 and on[1] > 0, (n, k, off, on)  # the hand-over's barriers: staged only
+        assert on[0] <= 0.8 * off[0], (n, k, off, on)
+        assert on[2] <= 128 and on[3] <= im.SMEM_LIMIT_BYTES, (n, k, on)
+    assert by[2560, 1536, "1"][0] <= 0.5 * by[2560, 1536, "0"][0], by  # with the norm: most of the loop was x
+
+
 def test_residual_gemv_compiles_for_the_consumer_cards_and_the_h200():
     """The small weights' GEMV with the residual add (RES, as `int4_add_linear` launches it: bf16 x, eps typed
     fp64 as AOTInductor passes a float) compiled by Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU."""
@@ -729,7 +820,7 @@ _MUTATION_SCRIPT = textwrap.dedent("""
     NO_CLOSE = dict(CLOSE=0, COFF=0, ch_ptr=torch.empty(1, dtype=torch.bfloat16),
                     cw_ptr=torch.empty(1, dtype=torch.bfloat16), cs_ptr=torch.empty(1, dtype=torch.bfloat16),
                     co_ptr=torch.empty(1, dtype=torch.bfloat16), ceps=0.0, CSTEPS=0,
-                    zc_ptr=torch.empty(1, dtype=torch.int32), ZC=0)
+                    zc_ptr=torch.empty(1, dtype=torch.int32), ZC=0, STAGE=0)
     NO_GLUQ = {**NO_GLUQ, **NO_CLOSE}
     # PDL 0 and 2 (the op's mode on sm_90+: its wait is pure inline PTX, which the analysis reads)
     # bf16 x with the activation (GLU: xf_ptr is u) or with the norm (NORM: xf_ptr is its weight)
@@ -751,6 +842,19 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         EARLY=int(not xq and pdl > 0), **NO_GLUQ, **cfg.kwargs)  # bf16 x in PDL 2: first tiles
             # before the wait
             print("gemv1", xq, splits, sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
+    # bf16 x with x computed once a program (STAGE), plain, with the norm, with the activation of a table row
+    N3, K3 = 2560, 1536
+    for pdl in (0, 2):
+        for norm, glu in ((0, 0), (1, 0), (0, 1)):
+            bf = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
+            args = dict(x_ptr=bf(K3), xf_ptr=bf(K3), xc_ptr=bf(K3), w_ptr=torch.empty(N3, K3 // 8, dtype=torch.int32),
+                        s_ptr=bf(N3, K3 // G), part_ptr=torch.empty(1, 1), y_ptr=bf(1, N3),
+                        cnt_ptr=torch.empty(1, dtype=torch.int32), N=N3, KW=K3 // 8, GPS=K3 // G, SPLITS=1,
+                        stride_ww=K3 // 8, stride_sn=K3 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True,
+                        PDL=pdl, LEVELS=2, GLU=glu, NORM=norm, eps=1e-6, NORM_STEPS=im.norm_steps(K3 // 2),
+                        r_ptr=bf(K3), wr_ptr=bf(K3), h_ptr=bf(K3), RES=0, ui_ptr=torch.empty(1, dtype=torch.int64),
+                        UI=glu, EARLY=int(pdl > 0), **{**NO_GLUQ, "STAGE": 1}, **im.gemv1_plan(N3, K3, G).cfg.kwargs)
+            print("stage", pdl, norm, glu, *sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
     # bf16 x with the residual add (RES: the small weights' GEMV writes h)
     N2, K2 = 256, 1536
     for pdl in (0, 2):
@@ -877,6 +981,9 @@ def test_op_kernels_write_only_their_outputs():
         assert set(written) == {"cnt_ptr", "co_ptr", "y_ptr"} | ({"part_ptr"} if splits == "8" else set()), written
     zc = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("zc")]
     assert len(zc) == 2 and all(set(w) == {"h_ptr", "y_ptr", "zc_ptr"} for _, *w in zc), zc
+    # the staged x (STAGE): y alone
+    staged = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("stage")]
+    assert len(staged) == 6 and all(w == ["y_ptr"] for *_, w in ((*ln[:3], ln[3:]) for ln in staged)), staged
     # the TMA kernel: y, with K slices the partials and the counters too (its descriptor's weight read only)
     tma = [ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("tma")]
     assert len(tma) == 4, r.stdout

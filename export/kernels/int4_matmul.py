@@ -134,6 +134,13 @@ GEMV1_LEVELS = 2
 # as the XQ loop's do. H200, E2B / E4B's four small projections a layer chained in CUDA graphs
 # (scripts/gemv1_early_variants.py, gemv1_early_variants.json): 16.9 -> 16.0 us, 19.8 -> 19.0 us, bitwise equal.
 GEMV1_EARLY = os.environ.get("GEMMA4_GEMV1_EARLY", "1") != "0"  # "0" in an exporting process: after the wait (A/B)
+# bf16-x M == 1 GEMVs (small weights): each step's x (with the norm, the activation or the residual add the model
+# puts before the weight) computed once for the program and handed to the tile through shared memory, not once
+# for each row of threads (`_gemv1_tile`'s STAGE). sm_90 SASS, instructions in the loop of a thread (offline
+# compiles, tests/test_int4_matmul.py's staged tests): E2B q / k / v with the norm 451 -> 171 (4 words), o 117 -> 91
+# (2 words), the per-layer projection with its activation 280 -> 127 (1 word). Not timed yet: off unless
+# GEMMA4_GEMV1_STAGE=1 in the exporting process (scripts/gemv1_early_variants.py --switch stage, export_ab.py).
+GEMV1_STAGE = os.environ.get("GEMMA4_GEMV1_STAGE", "0") == "1"
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
 # launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
@@ -364,8 +371,43 @@ def _residual_pair(xp, rp, wp, inv_r):
 
 
 @triton.jit
+def _x_pair(xw, uw, rw, wrw, idx, ok, GLU: tl.constexpr, NORM: tl.constexpr, inv, RES: tl.constexpr, inv_r):
+    """(lo, hi) fp32 of the bf16 pairs of x at word indices idx (any shape) as `_gemv1_tile` takes them: plain,
+    or GLU / NORM / RES (see there)."""
+    xp = tl.load(xw + idx, mask=ok, other=0)
+    lo = (xp << 16).to(tl.float32, bitcast=True)
+    hi = (xp & -65536).to(tl.float32, bitcast=True)
+    if RES:
+        lo, hi = _residual_pair(xp, tl.load(rw + idx, mask=ok, other=0), tl.load(wrw + idx, mask=ok, other=0), inv_r)
+    if GLU:
+        up = tl.load(uw + idx, mask=ok, other=0)
+        lo = _round_bf16(gelu_tanh(lo) * (up << 16).to(tl.float32, bitcast=True))
+        hi = _round_bf16(gelu_tanh(hi) * (up & -65536).to(tl.float32, bitcast=True))
+    if NORM:
+        wp = tl.load(uw + idx, mask=ok, other=0)
+        lo = _round_bf16((lo * inv) * (wp << 16).to(tl.float32, bitcast=True))
+        hi = _round_bf16((hi * inv) * (wp & -65536).to(tl.float32, bitcast=True))
+    return lo, hi
+
+
+@triton.jit
+def _split8(xv):
+    """[C, W, 8] -> its 8 columns, each [C, W] (column i: x[8j + i] of word j)."""
+    t = tl.reshape(xv, (xv.shape[0], xv.shape[1], 2, 2, 2))  # i = 4a + 2b + e
+    a0, a1 = tl.split(tl.permute(t, (0, 1, 3, 4, 2)))
+    b00, b01 = tl.split(tl.permute(a0, (0, 1, 3, 2)))
+    b10, b11 = tl.split(tl.permute(a1, (0, 1, 3, 2)))
+    x0, x1 = tl.split(b00)
+    x2, x3 = tl.split(b01)
+    x4, x5 = tl.split(b10)
+    x6, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr = 0,
-                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0):
+                inv=1.0, RES: tl.constexpr = 0, rw=None, wrw=None, inv_r=1.0, wd=None, okc=None,
+                STAGE: tl.constexpr = 0):
     """(sum over each word's 8 nibbles of (v - 8) x) * scale for a [BLOCK_N, C, WORDS] tile of
     words `w` whose groups start at words `g0` ([1, C, 1]). GLU: x is gelu_tanh(g) * u of the
     bf16 pairs at xw (g) and uw (u), in fp32 and rounded to bf16 once (as `_quant_x_kernel`'s GLU).
@@ -376,25 +418,30 @@ def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr
     Each nibble v becomes the float 2^E + v with one lop3 (`_nibble_as_float`) and meets its x
     in one FMA; the sum over the word of (2^E + 8) x, the same for every row, is taken off once
     per word, leaving dot(v - 8, x). x comes as bf16 pairs in 32-bit loads, turned into floats
-    by a shift or a mask."""
-    corr = tl.zeros(g0.shape, dtype=tl.float32)
-    xs = []
-    for p in tl.static_range(4):  # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load
-        xp = tl.load(xw + ((g0 + lane) * 4 + p), mask=ok, other=0)
-        lo = (xp << 16).to(tl.float32, bitcast=True)
-        hi = (xp & -65536).to(tl.float32, bitcast=True)
-        if RES:
-            lo, hi = _residual_pair(xp, tl.load(rw + ((g0 + lane) * 4 + p), mask=ok, other=0),
-                                    tl.load(wrw + ((g0 + lane) * 4 + p), mask=ok, other=0), inv_r)
-        if GLU:
-            up = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
-            lo = _round_bf16(gelu_tanh(lo) * (up << 16).to(tl.float32, bitcast=True))
-            hi = _round_bf16(gelu_tanh(hi) * (up & -65536).to(tl.float32, bitcast=True))
-        if NORM:
-            wp = tl.load(uw + ((g0 + lane) * 4 + p), mask=ok, other=0)
-            lo = _round_bf16((lo * inv) * (wp << 16).to(tl.float32, bitcast=True))
-            hi = _round_bf16((hi * inv) * (wp & -65536).to(tl.float32, bitcast=True))
-        xs = xs + [lo, hi]
+    by a shift or a mask.
+
+    x is computed where the tile's layout puts it: each thread its own words' x, so every thread on
+    another row of the same words computes it again (with NORM / GLU / RES that is most of the loop's
+    instructions: sm_90 SASS of E2B's q / k / v, 113 a word of which 18 are the weight's). STAGE: x and
+    the per-word sum of (2^E + 8) x are computed once for the step on [C, WORDS] (wd: the words' indices,
+    okc: their mask), in a layout of their own that Triton hands to the tile's through shared memory
+    (43 a word there; the sums in another order: within fp32 roundings of the default)."""
+    if STAGE:
+        idx = wd[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]  # [C, WORDS, 4]: pair p of word j
+        lo, hi = _x_pair(xw, uw, rw, wrw, idx, okc[:, :, None], GLU, NORM, inv, RES, inv_r)
+        xv = tl.reshape(tl.join(lo, hi), (wd.shape[0], wd.shape[1], 8))  # x[8j + 2p + e]
+        i8 = tl.arange(0, 8)[None, None, :]
+        off = tl.where(i8 < 2, (1 << (15 - 4 * i8)) + 8,
+                       tl.where(i8 < 5, (1 << (23 - 4 * i8)) + 8, (1 << (35 - 4 * i8)) + 8)).to(tl.float32)
+        corr = tl.sum(xv * off, axis=2)[None]  # [1, C, WORDS]
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xv)
+        xs = [x0[None], x1[None], x2[None], x3[None], x4[None], x5[None], x6[None], x7[None]]
+    else:
+        corr = tl.zeros(g0.shape, dtype=tl.float32)
+        xs = []
+        for p in tl.static_range(4):  # x[8j + 2p], x[8j + 2p + 1]: one bf16 pair, one 32-bit load
+            lo, hi = _x_pair(xw, uw, rw, wrw, (g0 + lane) * 4 + p, ok, GLU, NORM, inv, RES, inv_r)
+            xs = xs + [lo, hi]
     part = tl.zeros(w.shape, dtype=tl.float32)
     # nibble i of a word, shifted to bit 8, 12 or 16: 0, 1 from w << 8; 2, 3, 4 from w;
     # 5, 6, 7 from w >> 12 (two shifts per word)
@@ -409,7 +456,8 @@ def _gemv1_tile(w, s, xw, uw, g0, lane, ok, ASM: tl.constexpr, GLU: tl.constexpr
             f = _nibble_as_float(w >> 12, 4 * i - 12, ASM)
             c = (1 << (35 - 4 * i)) + 8
         part += f * xs[i]
-        corr += c * xs[i]
+        if not STAGE:  # (staged: the word's sum, once)
+            corr += c * xs[i]
     return (part - corr) * s.to(tl.float32)
 
 
@@ -945,7 +993,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
                        lf_ptr=None, lc_ptr=None, dcnt_ptr=None, DNCNT=0, DGROUP: tl.constexpr = 128,
                        DLEVELS: tl.constexpr = 2, CLOSE: tl.constexpr = 0, COFF=0, ch_ptr=None, cw_ptr=None,
                        cs_ptr=None, co_ptr=None, ceps=0.0, CSTEPS: tl.constexpr = 0, zc_ptr=None,
-                       ZC: tl.constexpr = 0):
+                       ZC: tl.constexpr = 0, STAGE: tl.constexpr = 0):
     """M == 1: y[n] = sum over k of x[k] * W[n, k] for BLOCK_N rows, over one slice of GPS
     groups of K (program axis 1; K counted in words of 8 nibbles: KW = K / 8).
 
@@ -993,7 +1041,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     row block of y bumps the row's counter (cnt_ptr's at COFF, after RED 2's; zeroed before the launch) and
     the last of them computes it (`_close_row`, CSTEPS `norm_steps(N)`). The closing add's kernel takes no
     launch. ZC (with RES): the first program also zeroes zc_ptr[0] (a counter of the GEMV after this one, for
-    a bf16-x GEMV whose counters no quantize kernel zeroes).
+    a bf16-x GEMV whose counters no quantize kernel zeroes). STAGE (bf16 x, one K part, 4 rows or more): each
+    step's x once for the program rather than once a row of threads (`_gemv1_tile`'s STAGE; on 2-row tiles the
+    shared-memory hand-over costs what it saves: E2B's per-layer gate 192 -> 196 instructions a word).
 
     PDL (1 or 2; launched with `launch_pdl=True` after `_quant_x_kernel`, sm_90+, `pdl_wait`): the
     XQ loop loads its first weight tile and scales while the kernel before it finishes, then waits
@@ -1070,6 +1120,10 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             if XQ:
                 acc += _gemv1_tile_q(w0, s0, xw, xf_ptr, xc_ptr, (KW + 15) // 16 * 16, g0, lane, g0 < hi, WORDS,
                                      ASM)
+            elif STAGE and PARTS == 1 and BLOCK_N >= 4:  # x's step once for the program (g0 + lane as [C, WORDS])
+                wd = w_lo + tg * WORDS + tl.arange(0, C)[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+                acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv, RES, rw, wrw, inv_r, wd,
+                                   wd < w_hi, 1)
             else:
                 acc += _gemv1_tile(w0, s0, xw, uw, g0, lane, g0 < hi, ASM, GLU, NORM, inv, RES, rw, wrw, inv_r)
             w0, s0, w1, s1, w2, s2 = _gemv1_ahead(w0, s0, w1, s1, w2, s2, wn, sn, DEPTH)
@@ -1619,7 +1673,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
                levels: int = 2, pdl_attr: bool = True, up: torch.Tensor | None = None, norm: tuple | None = None,
                res: tuple | None = None, up_index: torch.Tensor | None = None, early: bool | None = None,
                quantize=None, glu_out: tuple | None = None, close: tuple | None = None,
-               cnt: torch.Tensor | None = None, zero: torch.Tensor | None = None):
+               cnt: torch.Tensor | None = None, zero: torch.Tensor | None = None, stage: bool | None = None):
     """x2 [1, K] @ dequant(W).T -> [1, N] in x2.dtype through `_int4_gemv1_kernel`: straight
     into the output with one slice of K; with more, fp32 partials summed by `_sum_splits_kernel`
     (red 0) or by the last program of each row block (red 2; its counters zeroed by the quantize
@@ -1646,10 +1700,12 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     also writes out = (h + rms_norm(y) * weight) * scalar (`close_reference`; its CLOSE), its counter the last
     of the counters. cnt (bf16 x): the counters, zeroed by the caller's kernels before this one (at least
     as many as the launch uses; else a torch.zeros of their own where it uses any). zero (bf16 x with res): an
-    int32 counter the GEMV's first program zeroes (`_int4_gemv1_kernel`'s ZC).
+    int32 counter the GEMV's first program zeroes (`_int4_gemv1_kernel`'s ZC). stage (bf16 x; default
+    GEMV1_STAGE): each step's x computed once for the program (the kernel's STAGE; configs of one K part).
     """
     N, K, G = _check(x2, qweight, scales)
     early = GEMV1_EARLY if early is None else early
+    stage = GEMV1_STAGE if stage is None else stage
     words = qweight.view(torch.int32)  # [N, K / 8]: 8 nibbles a word
     groups = K // G
     gps = triton.cdiv(groups, splits)  # whole groups per slice
@@ -1707,7 +1763,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
         ch_ptr=close[0] if close else x2, cw_ptr=close[1] if close else x2, cs_ptr=close[3] if close else x2,
         co_ptr=close[4] if close else x2, ceps=float(close[2]) if close else 0.0,
         CSTEPS=norm_steps(N) if close else 0, zc_ptr=zero if zero is not None else cnt,
-        ZC=int(zero is not None), **_pdl_args(pdl_gemv, pdl_attr))
+        ZC=int(zero is not None), STAGE=int(stage and not xq), **_pdl_args(pdl_gemv, pdl_attr))
     if red == 0 and splits > 1:
         launch = _sum_splits_kernel if _INTERPRET else wrap_triton(_sum_splits_kernel)
         launch[(triton.cdiv(N, 1024),)](part, y, N, splits, part.stride(0), BLOCK=1024, num_warps=4)
