@@ -12,7 +12,8 @@ then the GEMV, whose programs walk K in dependent steps (8 rows x 8 K parts, a t
 variants here are `_int4_gemv1_kernel` itself (no new kernel) with bf16 x (`XQ` off: one launch,
 the nibble arithmetic on the FMA units, which only binds on large weights) and GROUPS wide enough
 that a program reads its rows' whole K in one step (or two), BLOCK_N 1-8 rows, 4 or 8 warps,
-beside the same tiles with x quantized (two launches) and the op's plan.
+beside the same tiles with x quantized (two launches), 4-32-row tiles with x computed once a program
+(STAGE: labels `s...`), and the op's plan.
 
 Per shape (the layers' projections below first, then every M == 1 linear of E2B, E4B and 26B-A4B up
 to 12288 x 12288 and the experts' two shapes): each variant checked against an fp32 matmul on the dequantized weight on two fresh x
@@ -76,17 +77,18 @@ class Variant:
     groups: int  # adjacent groups a step (a power of two)
     warps: int
     xq: bool  # x as two int8 levels (`_quant_x_kernel` first: two launches)
+    stage: bool = False  # bf16 x computed once a program (`_int4_gemv1_kernel`'s STAGE; 4 rows or more)
 
     @property
     def label(self) -> str:
-        return f"{'q' if self.xq else 'b'}{self.block_n}r{self.groups}g{self.warps}w"
+        return f"{'q' if self.xq else 's' if self.stage else 'b'}{self.block_n}r{self.groups}g{self.warps}w"
 
     def config(self) -> triton.Config:
         return im._cfg1(self.block_n, self.groups, self.warps, parts=1, depth=1)
 
     def __call__(self, x2, q, s):
         cfg = self.config()
-        return im.int4_gemv1(x2, q, s, 1, kernel=im._gemv1_kernel(cfg), xq=self.xq)
+        return im.int4_gemv1(x2, q, s, 1, kernel=im._gemv1_kernel(cfg), xq=self.xq, stage=self.stage)
 
 
 class Plan:
@@ -102,21 +104,25 @@ class Plan:
 
 def candidates(k: int) -> list[Variant]:
     """Tiles whose step covers K in one or two steps, within the register budget: 1-8 rows, 4 or
-    8 warps, bf16 x; the one-step 4-warp tiles with x quantized too."""
+    8 warps, bf16 x; the one-step 4-warp tiles with x quantized too; and with x computed once a program
+    (STAGE), 4-32 rows (x's cost no longer grows with the rows a program holds)."""
     g = im.group_size_for(k, 128)
     words = g // 8
     full = triton.next_power_of_2(k // g)
     out = []
     for steps in (1, 2):
         groups = max(1, full // steps)
-        for block_n in (1, 2, 4, 8):
+        for block_n in (1, 2, 4, 8, 16, 32):
             for warps in (4, 8):
                 per_thread = block_n * groups * words / (32 * warps)
                 if per_thread > MAX_WORDS_A_THREAD or per_thread < 1:
                     continue
-                out.append(Variant(block_n, groups, warps, xq=False))
-                if steps == 1 and warps == 4:
-                    out.append(Variant(block_n, groups, warps, xq=True))
+                if block_n <= 8:
+                    out.append(Variant(block_n, groups, warps, xq=False))
+                    if steps == 1 and warps == 4:
+                        out.append(Variant(block_n, groups, warps, xq=True))
+                if block_n >= 4:
+                    out.append(Variant(block_n, groups, warps, xq=False, stage=True))
     return out
 
 
@@ -173,7 +179,8 @@ def main(argv=None) -> int:
         rd = stream_read_us([q.view(torch.int32).view(-1) for q, _ in ws], block=1024, warps=4)
         vs = [Plan(), *candidates(k)]
         if _INTERPRET:
-            vs = vs[:3] + [v for v in vs if getattr(v, "xq", False)][:1]
+            vs = (vs[:3] + [v for v in vs if getattr(v, "xq", False)][:1]
+                  + [v for v in vs if getattr(v, "stage", False)][:1])
         passed, res = check_and_time(vs, name, n, k, ws, ref_w, floor_us, rows, timer=lambda v: time_calls(v, ws, k),
                                      extra=lambda v: {"stream_read_us": rd})
         ok = ok and passed

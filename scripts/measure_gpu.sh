@@ -262,6 +262,9 @@ gemv_stage)  # the small weights' GEMV with each step's x computed once a progra
   timeout 150 python -m scripts.gemv1_early_variants --switch stage --out "$OUT/gemv1_stage_variants.json" 2>&1 | tail -4
   GEMMA4_GEMV1_STAGE=1 timeout 300 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py \
       tests/test_int4_ple.py -k "small or residual or norm or glu or ple" 2>&1 | tail -2
+  # the small weights' tiles with it (4-32 rows a program) against the plan, each shape and a layer's (~3 min)
+  timeout 240 python -m scripts.gemv1_small_variants --budget 150 --prewarm 14 \
+      --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
 stage_ab)  # the same switch in the artifact (GEMMA4_GEMV1_STAGE): the E2B 6-layer slice (ctx 8192) exported both ways side
   # by side, decode timed alternately (scripts/export_ab.py; ~6 min)

@@ -28,7 +28,8 @@ def test_candidates_cover_k_in_few_steps_within_the_register_budget():
         g = sv.im.group_size_for(k, 128)
         groups = k // g
         cands = sv.candidates(k)
-        assert cands and any(v.xq for v in cands) and any(not v.xq for v in cands)
+        assert cands and any(v.xq for v in cands) and any(not v.xq for v in cands) and any(v.stage for v in cands)
+        assert all(v.block_n >= 4 and not v.xq for v in cands if v.stage)  # (the kernel stages 4 rows or more)
         for v in cands:
             assert v.groups & (v.groups - 1) == 0 and -(-groups // v.groups) <= 2
             assert v.block_n * v.groups * (g // 8) <= sv.MAX_WORDS_A_THREAD * 32 * v.warps
@@ -44,4 +45,5 @@ def test_sweep_runs_and_checks_in_the_interpreter(tmp_path):
     assert doc["checks_passed"] and doc["rows"]
     variants = {row["variant"] for row in doc["rows"]}
     assert "plan" in variants and any(v.startswith("b") for v in variants) and any(v.startswith("q") for v in variants)
+    assert any(v.startswith("s") for v in variants)  # x computed once a program (STAGE)
     assert all(row["rel_err"] <= 1e-2 for row in doc["rows"])
