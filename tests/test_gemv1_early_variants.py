@@ -23,34 +23,21 @@ def test_the_timed_layer_is_the_models_small_projections(name):
     assert w["table"].shape == (1, cfg.num_hidden_layers, P)
 
 
-def test_the_export_switch_turns_the_early_tiles_off():
+@pytest.mark.parametrize("name,unset,flipped", [("EARLY", "True", ("0", "False")), ("STAGE", "False", ("1", "True"))])
+def test_the_export_switches(name, unset, flipped):
     """GEMMA4_GEMV1_EARLY=0 in an exporting process (scripts/export_ab.py's A/B) compiles the small weights' GEMV
-    waiting first; unset, the early tiles are the default."""
+    waiting first (unset, the early tiles are the default); GEMMA4_GEMV1_STAGE=1 computes x once a program (unset,
+    not timed yet, each row of threads computes it)."""
     import os
     import subprocess
     import sys
 
-    code = "from export.kernels import int4_matmul as im; print(im.GEMV1_EARLY)"
-    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_GEMV1_EARLY"}
+    code = f"from export.kernels import int4_matmul as im; print(im.GEMV1_{name})"
+    env = {k: v for k, v in os.environ.items() if k != f"GEMMA4_GEMV1_{name}"}
     env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
     run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
                                    timeout=120).stdout.strip()
-    assert run(env) == "True" and run({**env, "GEMMA4_GEMV1_EARLY": "0"}) == "False"
-
-
-def test_the_export_switch_turns_the_staged_x_on():
-    """GEMMA4_GEMV1_STAGE=1 in an exporting process compiles the small weights' GEMV with x computed once a program;
-    unset (not timed yet), each row of threads computes it."""
-    import os
-    import subprocess
-    import sys
-
-    code = "from export.kernels import int4_matmul as im; print(im.GEMV1_STAGE)"
-    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_GEMV1_STAGE"}
-    env["PYTHONPATH"] = os.getcwd() + os.pathsep + env.get("PYTHONPATH", "")
-    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
-                                   timeout=120).stdout.strip()
-    assert run(env) == "False" and run({**env, "GEMMA4_GEMV1_STAGE": "1"}) == "True"
+    assert run(env) == unset and run({**env, f"GEMMA4_GEMV1_{name}": flipped[0]}) == flipped[1]
 
 
 def test_the_script_takes_either_switch():
