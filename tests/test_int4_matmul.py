@@ -676,10 +676,12 @@ _STAGE_SCRIPT = textwrap.dedent("""
 
     torch.manual_seed(0)
     with torch._library.triton.set_wrap_triton_enabled(False):
-        # 8 and 4 rows (N ragged to the tile), K in one step or two (the second ragged), every x the small weights'
-        # GEMV computes: plain, the norm, the activation with its table row, the residual add (bf16 bit patterns)
-        for N, K, cfg in [(40, 512, im._cfg1(8, 2, 4)), (22, 1280, im._cfg1(4, 8, 4)), (36, 384, im._cfg1(8, 2, 2))]:
-            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+        # 8 and 4 rows (N ragged to the tile), K in one step or two (the second ragged), groups of 128 and of 32,
+        # every x the small weights' GEMV computes: plain, the norm, the activation with its table row, the residual
+        # add (bf16 bit patterns)
+        for N, K, G, cfg in [(40, 512, 128, im._cfg1(8, 2, 4)), (22, 1280, 128, im._cfg1(4, 8, 4)),
+                             (36, 384, 128, im._cfg1(8, 2, 2)), (24, 352, 32, im._cfg1(8, 8, 4))]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), G)
             wref = im.dequantize_int4(qweight, scales, torch.float64)
             kern = im._gemv1_kernel(cfg)
             x = (torch.randn(1, K) * 3).bfloat16()
@@ -708,7 +710,7 @@ def test_staged_x_through_the_interpreter():
     norm, the activation of a table row, the residual add) gives the default within bf16 roundings of the output
     (the sums in another order), both within 1e-2 of fp64; ~15 s."""
     rows = _script_rows(_STAGE_SCRIPT, "stage")
-    assert len(rows) == 12, rows
+    assert len(rows) == 16, rows
     for mode, n, k, e_off, e_on, d in rows:
         assert float(e_off) <= 1e-2 and float(e_on) <= 1e-2 and float(d) <= 4e-3, (mode, n, k, e_off, e_on, d)
 
