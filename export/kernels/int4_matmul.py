@@ -392,7 +392,9 @@ def _x_pair(xw, uw, rw, wrw, idx, ok, GLU: tl.constexpr, NORM: tl.constexpr, inv
 
 @triton.jit
 def _split8(xv):
-    """[C, W, 8] -> its 8 columns, each [C, W] (column i: x[8j + i] of word j)."""
+    """[C, W, 8] -> its 8 columns, each [C, W] (column i: x[8j + i] of word j). Joining the pairs into one
+    [C, W, 8] and splitting it here compiles to fewer instructions and barriers than splitting the pairs'
+    [1, C, W, 4] tensors as `_split4` does (E2B's q / k / v loop on sm_90: 171 against 253, 4 barriers against 10)."""
     t = tl.reshape(xv, (xv.shape[0], xv.shape[1], 2, 2, 2))  # i = 4a + 2b + e
     a0, a1 = tl.split(tl.permute(t, (0, 1, 3, 4, 2)))
     b00, b01 = tl.split(tl.permute(a0, (0, 1, 3, 2)))
