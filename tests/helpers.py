@@ -92,6 +92,14 @@ def run_code(script: str, timeout: int = 600) -> str:
     return r.stdout
 
 
+# `_int4_gemv1_kernel`'s argument types as the bf16-x op launches it through AOTInductor (eps a Python float: fp64
+# there); the rest of its arguments are constexprs or left to their defaults
+GEMV1_BF16_SIG = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
+                  "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
+                  "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
+                  "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16", "ui_ptr": "*i64"}
+
+
 def sass_sm90(fn, sig: dict, const: dict, warps: int, aligned_ints: tuple = (), whole: bool = False):
     """A Triton kernel compiled for sm_90 with no GPU as a launch specializes it: `const` its constexprs, `sig` the
     types of the arguments it reads (the rest constexpr: their defaults), every pointer and `aligned_ints` marked

@@ -614,10 +614,7 @@ _RES_COMPILE_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from export.kernels import int4_matmul as im
     G = 128
-    sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
-           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
-           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
-           "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16"}
+    from tests.helpers import GEMV1_BF16_SIG as sig
     for n, k in ((256, 1536), (256, 2560)):  # E2B / E4B per-layer-input gates
         plan = im.gemv1_plan(n, k, G)
         for arch in (89, 90, 120):
@@ -636,10 +633,7 @@ _EARLY_COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from export.kernels import int4_matmul as im
-    sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
-           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
-           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp64",
-           "r_ptr": "*bf16", "wr_ptr": "*bf16", "h_ptr": "*bf16", "ui_ptr": "*i64"}
+    from tests.helpers import GEMV1_BF16_SIG as sig
     # E2B's q / k / v (with the norm), attention output, per-layer-input gate (residual add) and projection
     for n, k, flags in ((2560, 1536, dict(NORM=1)), (1536, 2048, {}), (256, 1536, dict(RES=1)),
                         (1536, 256, dict(GLU=1, UI=1))):
@@ -720,11 +714,7 @@ _STAGE_COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from export.kernels import int4_matmul as im
-    from tests.helpers import sass_sm90
-    sig = {"x_ptr": "*bf16", "xf_ptr": "*bf16", "xc_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16",
-           "part_ptr": "*fp32", "y_ptr": "*bf16", "cnt_ptr": "*i32", "N": "i32", "KW": "i32", "GPS": "i32",
-           "SPLITS": "i32", "stride_ww": "i32", "stride_sn": "i32", "stride_ps": "i32", "eps": "fp32",
-           "ui_ptr": "*i64"}
+    from tests.helpers import GEMV1_BF16_SIG as sig, sass_sm90
     # E2B's q / k / v (with the norm), attention output and per-layer projection (activation, table row)
     for n, k, flags in ((2560, 1536, dict(NORM=1)), (1536, 2048, {}), (1536, 256, dict(GLU=1, UI=1))):
         plan = im.gemv1_plan(n, k, 128)
