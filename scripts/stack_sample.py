@@ -39,12 +39,34 @@ def sample_forever(out, period: float, main_id: int) -> None:
         out.flush()
 
 
+USAGE = "usage: python -m scripts.stack_sample OUT.txt PERIOD_S -m MODULE [ARGS...]"
+
+
+def _refuse(msg: str) -> None:
+    """Bad arguments: the message on stderr, exit status 2 (as argparse's)."""
+    print(msg, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
-    out_path, period, flag, module, *rest = sys.argv[1:]
-    if flag != "-m":
-        raise SystemExit("usage: python -m scripts.stack_sample OUT.txt PERIOD_S -m MODULE [ARGS...]")
-    out = open(out_path, "w")
-    threading.Thread(target=sample_forever, args=(out, float(period), threading.get_ident()), daemon=True).start()
+    args = sys.argv[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
+    if len(args) < 4 or args[2] != "-m":
+        _refuse(f"{USAGE}\n(got {' '.join(args) or 'no arguments'}; --help explains)")
+    out_path, period, _, module, *rest = args
+    try:
+        period_s = float(period)
+    except ValueError:
+        period_s = -1.0
+    if not period_s > 0:
+        _refuse(f"{USAGE}\nPERIOD_S: a number of seconds > 0, got {period!r}")
+    try:
+        out = open(out_path, "w")
+    except OSError as e:
+        _refuse(f"OUT.txt {out_path!r}: cannot be written ({e.strerror})")
+    threading.Thread(target=sample_forever, args=(out, period_s, threading.get_ident()), daemon=True).start()
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
