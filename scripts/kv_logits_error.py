@@ -20,7 +20,7 @@ import torch
 
 from export.gemma4.checkpoint import random_model
 from export.gemma4.flags import add_export_arguments
-from export.gemma4.options import ExportConfig, model_config
+from export.gemma4.options import ExportConfig, ExportConfigError, model_config
 
 
 @torch.no_grad()
@@ -51,7 +51,10 @@ def main(argv=None) -> int:
         from export.kernels import attention as A
         for D in {d for d, _ in A.DECODE_CONFIG} | {d for d, _ in A.DECODE_KNOBS}:
             A.DECODE_KNOBS.setdefault((D, 1), {})["KQ8"] = args.kq8
-    mcfg = model_config(ExportConfig(preset=args.preset, layers=args.layers))
+    try:
+        mcfg = model_config(ExportConfig(preset=args.preset, layers=args.layers))
+    except ExportConfigError as e:
+        ap.error(str(e))
     ctx = args.fill + args.decode
     dtype = torch.bfloat16
     tokens = torch.randint(3, mcfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(1)).to(args.device)

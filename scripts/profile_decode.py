@@ -19,6 +19,7 @@ import argparse
 import collections
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -60,9 +61,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
+    from runtime.artifact import ArtifactError
     from runtime.runner import Runner
 
-    runner = Runner.load(args.model, cuda_graph=False)
+    try:
+        runner = Runner.load(args.model, cuda_graph=False)
+    except ArtifactError as e:
+        print(f"profile_decode: --model {args.model}: {e}", file=sys.stderr)
+        return 2
     ids = torch.randint(3, 1000, (args.fill,)).tolist()
     logits = runner.prefill(ids)
     tok = int(logits.argmax())

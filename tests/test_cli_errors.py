@@ -213,6 +213,8 @@ def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
     (["scripts.bench_export_memory", "--parallel", "0"], "argument --parallel: must be a positive integer"),
     (["scripts.memory_outside", "--model", "nope"], "--model nope: nope is not a directory"),
     (["scripts.stack_sample"], "usage: python -m scripts.stack_sample OUT.txt PERIOD_S -m MODULE"),
+    (["scripts.profile_decode", "--model", "nope"], "--model nope: nope is not a directory"),
+    (["scripts.kv_logits_error", "--preset", "nope"], "--preset 'nope' is unknown"),
     (["scripts.stack_sample", "s.txt", "soon", "-m", "json.tool"], "PERIOD_S: a number of seconds > 0, got 'soon'"),
 ])
 def test_benchmark_arguments(argv, message, tmp_path):
