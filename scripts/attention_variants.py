@@ -20,8 +20,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
 import triton
 import triton.language as tl
+
+from scripts import needs_cuda
 
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
 SLIDING = ("31b-sliding", 16, 2, 256, 1024, 1024)  # the ring holds the window
@@ -171,6 +174,8 @@ def main(argv=None) -> int:
                     help="where to write the chosen TARGET_PROGRAMS and DECODE_CONFIG (bench_attention.py --choice)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args(argv)
+    if not args.smoke and not needs_cuda("attention_variants", "--smoke runs tiny shapes on the CPU"):
+        return 2
     global DEV, DTYPE, SCALE, FULL, SLIDING, TARGETS
     if args.smoke:
         DEV, DTYPE, SCALE, TARGETS = "cpu", torch.float32, 256, (132, 2112)

@@ -37,6 +37,7 @@ import torch
 from export.gemma4.config import PRESETS
 from export.kernels import attention as A
 from export.kernels.hadamard import hadamard
+from scripts import needs_cuda
 
 FILLS = (1024, 8192, 32768, 131072)
 CTX = 131072
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hadamard-only", action="store_true",
                     help="only the 4-bit Hadamard accuracy section (plain torch; runs on CPU too)")
     args = ap.parse_args(argv)
+    if not (args.smoke or args.hadamard_only) and not needs_cuda(
+            "bench_attention", "--smoke runs tiny shapes on the CPU, --hadamard-only the accuracy section"):
+        return 2
     global DEV, DT, FILLS, CTX, CHUNK, PREFILL_CHUNKS, PREFILL_FILLS
     if args.smoke:
         DEV, DT, FILLS, CTX, CHUNK = "cpu", torch.float32, (16, 64), 256, 4

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from export.kernels import attention as A
+from scripts import needs_cuda
 from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
 
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
@@ -612,6 +613,8 @@ def main(argv=None) -> int:
                     help="2: the knobs the module took (decode_kv8_variants.json); 3: q . k as an int8 dot "
                          "(decode_kq8_variants.json); 4: q in two int8 levels (decode_kq8_round4.json)")
     args = ap.parse_args(argv)
+    if not args.smoke and not needs_cuda("decode_kv8_variants", "--smoke runs tiny shapes on the CPU"):
+        return 2
     if args.round == 3:
         VARIANTS, SLIDING_VARIANTS = ROUND3, ROUND3_SLIDING
     elif args.round == 4:

@@ -25,6 +25,7 @@ import torch
 import triton
 
 from export.kernels import moe_int4 as mi
+from scripts import needs_cuda
 from scripts.bench_moe import _time_ms, copy_gbps, make_layer
 
 ROUTE = [(16, 16, 128, 4, 2), (16, 32, 128, 4, 2), (32, 32, 64, 4, 3), (64, 32, 64, 4, 3), (64, 64, 64, 4, 3),
@@ -146,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("moe_prefill_variants.json"))
     ap.add_argument("--align-only", action="store_true", help="only the counting sort's variants")
     args = ap.parse_args(argv)
+    if not needs_cuda("moe_prefill_variants"):
+        return 2
     dev, dt = "cuda", torch.bfloat16
     doc = {"device": torch.cuda.get_device_name(), "preset": args.preset, "copy_gbps": copy_gbps(dev),
            "pools": {"route": [str(c) for c in mi.ROUTE_CONFIGS], "grouped": [str(c) for c in mi.GROUPED_CONFIGS]},

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from scripts import needs_cuda
 from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
 
 FULL = ("31b-full", 4, 8, 512, 131072, 0)  # name, Hkv, G, D, slots, window
@@ -253,6 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dk-defaults", action="store_true",
                     help="--dk: the previous default and PREFILL_CONFIG's (and DK_REFINE at the largest chunk)")
     args = ap.parse_args(argv)
+    if not args.smoke and not needs_cuda("prefill_variants", "--smoke runs tiny shapes on the CPU"):
+        return 2
     if args.smoke:
         DEV, DTYPE = "cpu", torch.float32
         FULL, SLIDING = ("31b-full", 2, 8, 32, 512, 0), ("31b-sliding", 4, 2, 16, 16, 16)

@@ -30,6 +30,7 @@ from dataclasses import replace
 
 import torch
 
+from scripts import needs_cuda
 from scripts.attention_variants import _Poisoned  # empty buffers come back NaN
 
 H, HKV, D, W = 32, 16, 256, 1024  # the 31B sliding layer
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also torch.compile the tiny model (Inductor) vs eager")
     ap.add_argument("--compile-after-s", type=float, default=80.0, help="skip --compile when later than this")
     args = ap.parse_args(argv)
+    if not args.smoke and not needs_cuda("sliding_prefill", "--smoke runs tiny shapes on the CPU"):
+        return 2
     if args.smoke:
         DEV, DTYPE = "cpu", torch.float32
         H, HKV, D, W, CHUNKS, FILLS = 4, 2, 16, 8, (20, 5), (0, 5, 37)

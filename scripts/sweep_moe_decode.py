@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from scripts import needs_cuda
+
+
 REL_TOL = 1e-2
 GATE_UP_Q_CONFIGS = [(16, 2, 4), (32, 2, 4), (16, 2, 2), (8, 2, 2), (32, 2, 8)]  # (BLOCK_N, GROUPS, warps): no
 # barrier in the loop, 14-20 SASS instructions a word (sm_90 offline) against the words kernel's 37.7
@@ -54,6 +57,9 @@ def main(argv=None) -> int:
                     help="seconds for the word configs: the rest skipped past it")
     ap.add_argument("--bench-ms", default="1,128,2048")
     a = ap.parse_args(argv)
+    if a.device == "cuda" and not needs_cuda("sweep_moe_decode",
+                                             "TRITON_INTERPRET=1 with --device cpu runs the script itself"):
+        return 2
     t_start = time.time()
     if os.environ.get("TRITON_INTERPRET") == "1":
         _interpreter_index_patch()
