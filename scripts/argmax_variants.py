@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from scripts import needs_cuda
+
 
 def greedy_token(logits: torch.Tensor, rows: int) -> torch.Tensor:
     """The first index of the largest of `logits` [vocab] as an int64 tensor of shape [1], as `argmax` gives it,
@@ -120,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"argmax_variants: --rows {r} does not divide --vocab {args.vocab}", file=sys.stderr)
             return 2
         variants[f"rows{r}"] = lambda x, r=r: greedy_token(x, rows=r)
-    if not torch.cuda.is_available():
-        print("argmax_variants: needs a CUDA GPU (it times kernels)", file=sys.stderr)
+    if not needs_cuda("argmax_variants"):
         return 2
     gbps = copy_gbps()
     results = []

@@ -27,7 +27,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from export.gemma4.config import PRESETS, Gemma4Config
+from scripts import needs_cuda
 
 REL_TOL = 1e-2
 
@@ -237,8 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("scripts/measurements/int4_kernels.json"))
     ap.add_argument("--merge", action="store_true", help="keep --out's rows for the models and M values not run here")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_int4: needs a CUDA GPU", file=sys.stderr)
+    if not needs_cuda("bench_int4"):
         return 2
     import triton.testing
 

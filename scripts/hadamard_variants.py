@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from export.kernels import hadamard as Hd
+from scripts import needs_cuda
 
 SHAPES = {  # name: shapes rotated together (one graph)
     "decode q": [(1, 1, 32, 512)],
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="hadamard_variants.json", help="JSON written here")
     ap.add_argument("--reps", type=int, default=200, help="graph replays per timing (median)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("hadamard_variants: needs a CUDA GPU (the Triton kernel and its timing)", file=sys.stderr)
+    if not needs_cuda("hadamard_variants"):
         return 2
     t0 = time.perf_counter()
     doc = run(args.reps)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from scripts import needs_cuda
+
 
 def _rel(y, ref):
     return ((y.float() - ref).norm() / ref.norm()).item()
@@ -230,8 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv1-shapes", default="", help="names of the M == 1 shapes (default: every 31B shape)")
     ap.add_argument("--splits", default="1,2,4,8", help="K split counts the M == 1 sweep tries")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("int4_variants: needs a CUDA GPU", file=sys.stderr)
+    if not needs_cuda("int4_variants"):
         return 2
     import triton.testing
 

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from export.kernels.pdl import pdl_args, pdl_wait
+from scripts import needs_cuda
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -142,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rest = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--interpret"]
         return main_in_interpreter("scripts.launch_floor", rest + ["--chain", "3", "--programs", "1,2", "--reps", "1"])
-    if not _INTERPRET and not torch.cuda.is_available():
-        print("launch_floor: needs a CUDA GPU (or --interpret)", file=sys.stderr)
+    if not _INTERPRET and not needs_cuda("launch_floor", "--interpret runs it on the CPU"):
         return 2
     pdl_ok = _INTERPRET or torch.cuda.get_device_capability()[0] >= 9
     rows = []

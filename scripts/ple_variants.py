@@ -30,6 +30,7 @@ import torch
 
 from export.gemma4.config import PRESETS
 from export.kernels import int4_matmul as im
+from scripts import needs_cuda
 from scripts.bench_int4 import copy_gbps  # the int4 benchmark's measure (do_bench of a 2 GiB copy), for one figure
 
 
@@ -105,8 +106,7 @@ def main(argv=None) -> int:
         print(f"ple_variants: --models {args.models!r}: {','.join(bad)} has no per-layer inputs or is no preset "
               f"(these have them: {ple_presets})", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        print("ple_variants: needs a CUDA GPU", file=sys.stderr)
+    if not needs_cuda("ple_variants"):
         return 2
     eps = 1e-6
     gbps = copy_gbps()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from scripts import needs_cuda
+
 
 def rms(x, w, eps=1e-6):
     xf = x.float()
@@ -41,8 +43,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("row_norm_variants.json"))
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("row_norm_variants: needs a CUDA GPU", file=sys.stderr)
+    if not needs_cuda("row_norm_variants"):
         return 2
     from torch import _dynamo
     from torch._inductor import config as ic
