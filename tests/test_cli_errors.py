@@ -235,3 +235,21 @@ def test_runtime_device_against_the_artifact():
         resolve_device("cpu", "mps")
     with pytest.raises(ArtifactError, match="re-export with --device cuda"):
         resolve_device("cpu", "cuda:1")
+
+
+GPU_SCRIPTS = ("argmax_variants", "attention_variants", "bench_attention", "bench_int4", "decode_kv8_variants",
+               "gemv1_early_variants", "hadamard_variants", "int4_variants", "launch_floor", "moe_prefill_variants",
+               "ple_variants", "prefill_variants", "row_norm_variants", "sliding_prefill", "sweep_moe_decode")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU: the scripts would run")
+def test_gpu_scripts_without_a_gpu_say_so(capsys):
+    """Each GPU measuring script run on a machine without one stops with one line naming itself and what it needs
+    (exit status 2), before it touches CUDA."""
+    import importlib
+
+    for name in GPU_SCRIPTS:
+        mod = importlib.import_module(f"scripts.{name}")
+        assert mod.main([]) == 2, name
+        err = capsys.readouterr().err
+        assert f"{name}: needs a CUDA GPU" in err and "Traceback" not in err, (name, err)
