@@ -570,6 +570,25 @@ _NORM_SCRIPT = textwrap.dedent("""
             d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
             e = ((fused.double() - ref).norm() / ref.norm()).item()
             print("resb", N, K, dh, d, e)
+        # bf16 x: the residual add and the norm after it, both in the small weights' GEMV (`int4_add_rms_linear`
+        # at M == 1 on a small weight), with x computed once a row of threads and once a program (STAGE)
+        for N, K, cfg in [(40, 512, im._cfg1(8, 2, 4)), (24, 2560, im._cfg1(4, 8, 4))]:
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            x, r = (torch.randn(1, K) * 3).bfloat16(), (torch.randn(1, K) * 7).bfloat16()
+            wr, w = (torch.rand(K) + 0.5).bfloat16(), (torch.rand(K) + 0.5).bfloat16()
+            h_ref = x + im.rms_norm_reference(r, wr, 1e-6)
+            normed = im.rms_norm_reference(h_ref, w, 1e-6)
+            kern = im._gemv1_kernel(cfg)
+            first = im.int4_gemv1(normed, qweight, scales, 1, kernel=kern, xq=False)
+            ref = normed.double() @ im.dequantize_int4(qweight, scales, torch.float64).t()
+            for stage in (False, True):
+                h = torch.full_like(x, float("nan"))
+                fused = im.int4_gemv1(x, qweight, scales, 1, kernel=kern, xq=False, norm=(w, 1e-6),
+                                      res=(r, wr, h, 1e-6), stage=stage)
+                dh = ((h.double() - h_ref.double()).norm() / h_ref.double().norm()).item()
+                d = ((fused.double() - first.double()).norm() / first.double().norm()).item()
+                e = ((fused.double() - ref).norm() / ref.norm()).item()
+                print("resnormb", N, K, stage, dh, d, e)
 """)
 
 
@@ -578,16 +597,19 @@ def test_norm_in_the_kernel_that_reads_x_through_the_interpreter():
     GEMV itself (`int4_gemv1`'s norm, the op `int4_rms_linear` at M == 1), gives the GEMV of the norm
     computed first (to an ulp of its factor: the sum of squares runs in another order), within 1e-2 of
     fp64; so does the quantize kernel's residual add before the norm (`int4_add_rms_linear`), whose h
-    (written over NaNs) is the add computed first, and the bf16-x GEMV's residual add alone
-    (`int4_add_linear`), its h within bf16 roundings of the add computed first."""
-    rows, res, resb = _script_rows(_NORM_SCRIPT, "norm", "res", "resb")
-    assert len(rows) == 4 and len(res) == 2 and len(resb) == 2, (rows, res, resb)
+    (written over NaNs) is the add computed first, the bf16-x GEMV's residual add alone
+    (`int4_add_linear`), its h within bf16 roundings of the add computed first, and the bf16-x GEMV's add and
+    norm together (`int4_add_rms_linear` on a small weight), x once a row of threads or once a program."""
+    rows, res, resb, resnormb = _script_rows(_NORM_SCRIPT, "norm", "res", "resb", "resnormb")
+    assert len(rows) == 4 and len(res) == 2 and len(resb) == 2 and len(resnormb) == 4, (rows, res, resb, resnormb)
     for n, k, splits, xq, d, e in rows:
         assert float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
     for n, k, splits, dh, d, e in res:  # with the residual add (h too)
         assert float(dh) <= 1e-6 and float(d) <= 1e-3 and float(e) <= 1e-2, (n, k, splits, dh, d, e)
     for n, k, dh, d, e in resb:  # bf16 x, the add alone in the GEMV: h within a bf16 rounding here and there
         assert float(dh) <= 2e-3 and float(d) <= 2e-3 and float(e) <= 1e-2, (n, k, dh, d, e)
+    for n, k, stage, dh, d, e in resnormb:  # bf16 x, the add and the norm of h in the GEMV
+        assert float(dh) <= 2e-3 and float(d) <= 2e-3 and float(e) <= 1e-2, (n, k, stage, dh, d, e)
 
 
 def test_residual_norm_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -615,11 +637,12 @@ _RES_COMPILE_SCRIPT = textwrap.dedent("""
     from export.kernels import int4_matmul as im
     G = 128
     from tests.helpers import GEMV1_BF16_SIG as sig
-    for n, k in ((256, 1536), (256, 2560)):  # E2B / E4B per-layer-input gates
+    # E2B / E4B per-layer-input gates (the add alone), a small weight with the add and the norm after it
+    for n, k, norm in ((256, 1536, 0), (256, 2560, 0), (2560, 1536, 1)):
         plan = im.gemv1_plan(n, k, G)
         for arch in (89, 90, 120):
             const = {"GROUP": G, **plan.cfg.kwargs, "RED": 0, "XQ": plan.xq, "ASM": True,
-                     "PDL": 2 if arch >= 90 else 0, "LEVELS": 2, "GLU": 0, "NORM": 0,
+                     "PDL": 2 if arch >= 90 else 0, "LEVELS": 2, "GLU": 0, "NORM": norm,
                      "NORM_STEPS": im.norm_steps(k // 2), "RES": 1}
             src = ASTSource(im._int4_gemv1_kernel, {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
                             constexprs=const)
@@ -754,9 +777,10 @@ def test_staged_x_takes_instructions_off_the_small_gemvs_loop():
 
 def test_residual_gemv_compiles_for_the_consumer_cards_and_the_h200():
     """The small weights' GEMV with the residual add (RES, as `int4_add_linear` launches it: bf16 x, eps typed
-    fp64 as AOTInductor passes a float) compiled by Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU."""
+    fp64 as AOTInductor passes a float), and with the norm of h after it (`int4_add_rms_linear` on a small weight),
+    compiled by Triton + ptxas for sm_89, sm_90 and sm_120 with no GPU."""
     rows = _script_rows(_RES_COMPILE_SCRIPT, "res")
-    assert len(rows) == 6 and all(int(shared) <= im.SMEM_LIMIT_BYTES for *_, shared in rows), rows
+    assert len(rows) == 9 and all(int(shared) <= im.SMEM_LIMIT_BYTES for *_, shared in rows), rows
 
 
 def test_residual_op_on_cpu_is_the_reference_and_checks_shapes():
@@ -847,15 +871,15 @@ _MUTATION_SCRIPT = textwrap.dedent("""
                         r_ptr=bf(K3), wr_ptr=bf(K3), h_ptr=bf(K3), RES=0, ui_ptr=torch.empty(1, dtype=torch.int64),
                         UI=glu, EARLY=int(pdl > 0), **{**NO_GLUQ, "STAGE": 1}, **im.gemv1_plan(N3, K3, G).cfg.kwargs)
             print("stage", pdl, norm, glu, *sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
-    # bf16 x with the residual add (RES: the small weights' GEMV writes h)
+    # bf16 x with the residual add (RES: the small weights' GEMV writes h), alone and before the norm
     N2, K2 = 256, 1536
-    for pdl in (0, 2):
+    for pdl, norm in ((0, 0), (2, 0), (2, 1)):
         bf = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16)
         args = dict(x_ptr=bf(K2), xf_ptr=bf(K2), xc_ptr=bf(K2), w_ptr=torch.empty(N2, K2 // 8, dtype=torch.int32),
                     s_ptr=bf(N2, K2 // G), part_ptr=torch.empty(1, 1), y_ptr=bf(1, N2),
                     cnt_ptr=torch.empty(1, dtype=torch.int32), N=N2, KW=K2 // 8, GPS=K2 // G, SPLITS=1,
                     stride_ww=K2 // 8, stride_sn=K2 // G, stride_ps=1, GROUP=G, RED=0, XQ=False, ASM=True, PDL=pdl,
-                    LEVELS=2, GLU=0, NORM=0, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), r_ptr=bf(K2),
+                    LEVELS=2, GLU=0, NORM=norm, eps=1e-6, NORM_STEPS=im.norm_steps(K2 // 2), r_ptr=bf(K2),
                     wr_ptr=bf(K2), h_ptr=bf(K2), RES=1, ui_ptr=x, UI=0, EARLY=int(pdl > 0), **NO_GLUQ,
                     **im.gemv1_plan(N2, K2, G).cfg.kwargs)
         print("gemv1-res False 1", sorted(identify_mutated_tensors(im._int4_gemv1_kernel, args, {})))
@@ -947,9 +971,9 @@ def test_op_kernels_write_only_their_outputs():
     r = subprocess.run([sys.executable, "-c", _MUTATION_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("gemv1", "quant"))]
-    assert len(lines) == 34, r.stdout
+    assert len(lines) == 35, r.stdout
     res = [" ".join(ln[1:]) for ln in lines if ln[0] in ("quant-res", "gemv1-res")]
-    assert len(res) == 4 and all("'h_ptr'" in w and "r_ptr" not in w for w in res), res  # h written, r / wr read
+    assert len(res) == 5 and all("'h_ptr'" in w and "r_ptr" not in w for w in res), res  # h written, r / wr read
     for ln in lines:
         ln = [{"quant-res": "quant", "gemv1-res": "gemv1"}.get(ln[0], ln[0])] + [w for w in ln[1:]
                                                                                 if w.strip("[],'") != "h_ptr"]
@@ -1072,12 +1096,14 @@ def test_cuda_norm_op_is_the_linear_of_the_norm(m, n, k):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5])
-# 31B, E2B and 26B-A4B gate / up (x as int8 levels: the quantize kernel's residual add and norms)
-@pytest.mark.parametrize("n,k", [(43008, 5376), (12288, 1536), (4224, 2816)])
+# 31B, E2B and 26B-A4B gate / up (x as int8 levels: the quantize kernel's residual add and norms), and a small
+# weight (bf16 x: the GEMV's own add and norms)
+@pytest.mark.parametrize("n,k", [(43008, 5376), (12288, 1536), (4224, 2816), (2560, 1536)])
 def test_cuda_residual_norm_op_is_the_add_and_the_linear_of_the_norm(m, n, k):
-    """`int4_add_rms_linear` on the GPU (M == 1: the residual add and both norms in the quantize kernel;
-    M > 1: aten, then the int4 path): h against the add computed first (to an ulp of the norm's factor),
-    y against the norm of that h fed to `int4_linear` and against fp32, on fresh random inputs."""
+    """`int4_add_rms_linear` on the GPU (M == 1: the residual add and both norms in the quantize kernel, or in the
+    small weights' bf16-x GEMV; M > 1: aten, then the int4 path): h against the add computed first (to an ulp of
+    the norm's factor), y against the norm of that h fed to `int4_linear` and against fp32, on fresh random
+    inputs."""
     torch.manual_seed(n + m)
     qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 32)
     x = torch.randn(1, m, k, device="cuda", dtype=torch.bfloat16) * 3

@@ -709,6 +709,22 @@ def _inv_rms(x_ptr, K, eps, PAIRS: tl.constexpr = 0, STEPS: tl.constexpr = 0):
 
 
 @triton.jit
+def _inv_rms_h(xw, rw, wrw, K, eps, inv_r, STEPS: tl.constexpr):
+    """`_inv_rms` of h = x + rms_norm(r) * wr over [0:K], x, r and wr bf16 pairs as int32 words at xw / rw / wrw
+    (inv_r r's norm factor), h as `_residual_pair` rounds it: the h that the bf16-x GEMV's tiles and its write of h
+    compute. STEPS: `norm_steps(K // 2)`."""
+    n = K // 2
+    ss = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(STEPS):
+        o = i * NORM_BLOCK + tl.arange(0, NORM_BLOCK)
+        m = o < n
+        lo, hi = _residual_pair(tl.load(xw + o, mask=m, other=0), tl.load(rw + o, mask=m, other=0),
+                                tl.load(wrw + o, mask=m, other=0), inv_r)
+        ss += lo * lo + hi * hi
+    return 1.0 / tl.sqrt_rn(tl.sum(ss, 0) / K + tl.cast(eps, tl.float32))
+
+
+@triton.jit
 def _residual(x, r, wr, inv_r, DT_R: tl.constexpr, DT: tl.constexpr):
     """x + rms_norm(r) * wr in fp32 (inv_r the norm's factor), each step rounded as the model's ops leave
     it: the norm to r's dtype, the sum to x's."""
@@ -1026,8 +1042,9 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     UI u is row ui_ptr[0] of a table of such rows, read in place: no gather's launch either), or
     with NORM xf_ptr is the RMSNorm's weight (bf16) and x is rms_norm(x) * w (each program sums the
     squares of the whole row first, `_inv_rms`; the norm before a small weight takes no launch either), or
-    with RES (bf16 x, not with GLU / NORM) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the
-    residual add before a small weight), which the first program also writes to h_ptr.
+    with RES (bf16 x, not with GLU) x is h = x + rms_norm(r_ptr) * wr_ptr (eps its norm's; the residual add
+    before a small weight), which the first program also writes to h_ptr; with NORM too, x is rms_norm(h) * w
+    (one eps for both norms; h's factor from a second pass over x, r and wr, `_inv_rms_h`).
     LEVELS (the per-lane loop): x as two int8 levels (2, the op's) or one (1: half the dp4a and
     x's planes, x to within max|x| / 254 per group).
     GLUQ (one slice, or RED 2): W is the MLP's gate rows then as many up rows (HALF each, a multiple of
@@ -1071,7 +1088,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
     else:
         tl.static_assert(LEVELS == 2 or not XQ, "x as one level: the per-lane loop only")
         tl.static_assert(not ((GLU or NORM or RES) and XQ), "with x as levels the quantize kernel computes them")
-        tl.static_assert(not (RES and (GLU or NORM)), "RES: the residual add alone")
+        tl.static_assert(not (RES and GLU), "RES: the residual add, alone or before the norm")
         lane = tl.arange(0, WORDS)[None, None, :]
         rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_ww
         srows = s_ptr + offs_n.to(tl.int64)[:, None, None] * stride_sn
@@ -1089,7 +1106,7 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
         if UI:  # u: the table's row ui_ptr[0] (K / 2 pairs a row)
             uw = uw + tl.load(ui_ptr) * (KW * 4)
         inv = 1.0
-        if NORM:
+        if NORM and not RES:
             inv = _inv_rms(xw, KW * 8, eps, 1, NORM_STEPS)
         inv_r = 1.0
         rw = xw
@@ -1098,6 +1115,8 @@ def _int4_gemv1_kernel(x_ptr, xf_ptr, xc_ptr, w_ptr, s_ptr, part_ptr, y_ptr, cnt
             rw = r_ptr.to(tl.pointer_type(tl.int32))
             wrw = wr_ptr.to(tl.pointer_type(tl.int32))
             inv_r = _inv_rms(rw, KW * 8, eps, 1, NORM_STEPS)
+            if NORM:  # the norm is h's
+                inv = _inv_rms_h(xw, rw, wrw, KW * 8, eps, inv_r, NORM_STEPS)
             if (pid_n == 0) & (pid_k == 0):  # h for the model's next ops, once: the pairs the tiles compute
                 if ZC:  # the next GEMV's counter (its wait follows this kernel's end)
                     tl.store(zc_ptr, 0)
@@ -1688,8 +1707,9 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     by the quantize kernel (with bf16 x, by the GEMV as it loads x). norm (weight [K] in x2's dtype, eps):
     the input is rms_norm(x2) * weight (`rms_norm_reference`), computed the same way. res (r, wr, h), with
     norm and x as levels: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel also
-    writes to h; res (r, wr, h, eps) with bf16 x and neither up nor norm: the input is h (r's norm with
-    that eps), computed by the GEMV as it loads x, its first program writing h. up_index (one int64, bf16 x
+    writes to h; res (r, wr, h, eps) with bf16 x and no up: the input is h (r's norm with that eps), or with
+    norm (the same eps) rms_norm(h) * weight, computed by the GEMV as it loads x, its first program writing h.
+    up_index (one int64, bf16 x
     only): up is a table of rows of K, contiguous, and the input is gelu_tanh(x2) * up[up_index] (the GEMV
     reads that row in place). early (bf16 x; default GEMV1_EARLY): the first tiles load before the PDL wait.
     quantize (x as levels, no up / norm / res): a callable (cnt, ncnt) -> (planes, factors, corrections)
@@ -1715,7 +1735,10 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     xq = GEMV1_XQ if xq is None else xq
     # res: with x as levels the quantize kernel's RES (with the norm after the add); with bf16 x the GEMV's
     # own (the add alone)
-    assert res is None or ((norm is not None) if xq else (norm is None and up is None))
+    assert res is None or ((norm is not None) if xq else up is None)
+    if res is not None and norm is not None and not xq and float(res[3]) != float(norm[1]):
+        raise ValueError(f"int4_gemv1: bf16 x with res and norm takes one eps for both norms (got {res[3]}, "
+                         f"{norm[1]})")
     assert up_index is None or (up is not None and not xq)
     red = ((GEMV1_RED_XQ if xq else GEMV1_RED) if red is None else red) if splits > 1 else 0
     y = torch.empty((1, N), device=x2.device, dtype=x2.dtype)
@@ -2122,11 +2145,12 @@ def _add_rms_linear(x, r, weight_r, weight, eps: float, qweight, scales):
     """`int4_add_rms_linear`'s body (the ops' shared implementation)."""
     N, K, G = _check_residual(x, r, weight_r, weight, qweight, scales)
     x2 = x.reshape(-1, K).contiguous()
-    if (_m1(x2, G) and gemv1_plan(N, K, G).xq and weight.dtype == x.dtype and weight_r.dtype == x.dtype
-            and r.dtype == x.dtype):
+    if _m1(x2, G) and weight.dtype == x.dtype and weight_r.dtype == x.dtype and r.dtype == x.dtype:
+        # x as levels: the quantize kernel computes the add and both norms; bf16 x: the GEMV itself
         h = torch.empty_like(x2)
+        res = (r.reshape(-1, K).contiguous(), weight_r.contiguous(), h)
         y = _gemv1(x2, qweight, scales, norm=(weight.contiguous(), eps),
-                   res=(r.reshape(-1, K).contiguous(), weight_r.contiguous(), h))
+                   res=res if gemv1_plan(N, K, G).xq else (*res, eps))
         return h.reshape(x.shape), y.reshape(*x.shape[:-1], N)
     h = x + rms_norm_reference(r, weight_r, eps)
     return h, _rms_linear(h, weight, eps, qweight, scales)
