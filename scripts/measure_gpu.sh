@@ -266,6 +266,10 @@ gemv_stage)  # the small weights' GEMV with each step's x computed once a progra
   timeout 240 python -m scripts.gemv1_small_variants --budget 150 --prewarm 14 \
       --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
+small_mlp)  # the small models' MLP as the op runs it (quantize kernels + dp4a) against one bf16-x launch a projection
+  # with x once a program (scripts/small_mlp_variants.py, E2B / E4B / 26B-A4B, 24 layers a graph; ~2 min)
+  timeout 240 python -m scripts.small_mlp_variants --out "$OUT/small_mlp_variants.json" 2>&1 | tail -24
+  ;;
 stage_ab)  # the same switch in the artifact (GEMMA4_GEMV1_STAGE): the E2B 6-layer slice (ctx 8192) exported both ways side
   # by side, decode timed alternately (scripts/export_ab.py; ~6 min)
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STAGE --a 0 --b 1 --preset e2b --layers 6 --ctx 8192 \
@@ -466,5 +470,5 @@ small_shares)  # the small variants' decode attention with forced share counts (
 host_memory)  # host memory of loads and whole exports (run last as `host_reads`, after the loader stopped memory-mapping shards)
   host_memory_runs
   ;;
-*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|gemv_stage|stage_ab|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small|moe_decode|gate_up_q_ab" >&2; exit 2 ;;
+*) echo "usage: $0 runtime|slice_8k_cli|tiny_diag|pair_128k|ctx_sweep|host_plan|cuda_tests|defaults|tiny_cuda|export_128k|host_memory|int4|int4_slice|slice_kernels|runtime_31b|variant_slices|variant_e2b|moe|moe_slice|fused_norms|slice_profiles|pdl_sets|prefetch_overlap|selfq|small_shares|ncu_gemv1|shares_active|tiny_parity|attn_skip|e2b_memory|ple_fold|e2b_slice|route_ab|e_models|moe_whole|gemv_early|gemv_stage|small_mlp|stage_ab|early_ab|moe_prefill|moe_26b|launch_floor|selfq_small|moe_decode|gate_up_q_ab" >&2; exit 2 ;;
 esac

@@ -239,7 +239,8 @@ def test_runtime_device_against_the_artifact():
 
 GPU_SCRIPTS = ("argmax_variants", "attention_variants", "bench_attention", "bench_int4", "decode_kv8_variants",
                "gemv1_early_variants", "hadamard_variants", "int4_variants", "launch_floor", "moe_prefill_variants",
-               "ple_variants", "prefill_variants", "row_norm_variants", "sliding_prefill", "sweep_moe_decode")
+               "ple_variants", "prefill_variants", "row_norm_variants", "sliding_prefill", "small_mlp_variants",
+               "sweep_moe_decode")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU: the scripts would run")

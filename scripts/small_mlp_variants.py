@@ -1,0 +1,206 @@
+"""The small models' MLP at M == 1 as the op runs it (x as int8 levels: a quantize kernel before each GEMV) against
+one launch a projection with bf16 x computed once a program, in one GPU call (a design probe).
+
+    python -m scripts.small_mlp_variants [--out small_mlp_variants.json] [--models e2b,e4b,26b-a4b] [--layers 24]
+    python -m scripts.small_mlp_variants --interpret [--out smoke.json]   # CPU: Triton's interpreter, tiny shapes
+
+Why: E2B / E4B / 26B-A4B decode at 16-24% of their floor, bound by a dependent chain of ~12-17 kernels a layer
+(scripts/measurements/variants.json, launch_floor.json). Their MLP is four of them: the quantize kernel (the
+residual add, both norms, x's levels), the gate / up dp4a GEMV, the quantize kernel (the activation), the down
+dp4a GEMV. The bf16-x GEMV takes the add and the norms (`int4_gemv1`'s res with norm) and the activation (up) in
+the kernel that reads x, so the MLP is two launches; its arithmetic per word was ~2.5x dp4a's while each row of
+threads computed x again, and with x computed once a program (STAGE) the difference is smaller (sm_90 SASS, E2B's
+q / k / v with the norm 113 -> 43 instructions a word against dp4a's ~18). Whether the saved launches pay for the
+FMA arithmetic and for every program's prologue (the norms read the whole row of x, r and wr) is this measurement.
+
+Variants per model: `op` (`gemv1_plan`'s configs and the op's quantize kernels) and `bf16/<gate_up>/<down>` (the
+bf16-x kernel with STAGE on, one K slice, each tile BLOCK_N rows x GROUPS groups a step x warps). A layer is
+h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up); the next layer takes (h, d) as
+(x, r). The chain of --layers layers (own weights: more bytes than the L2) is one CUDA graph, every kernel launched
+with the PDL attribute as the artifact's launcher sets it; median us a layer over alternated rounds, beside the
+weights' bytes over the copy bandwidth measured in the same run. Correctness: each variant's first layer, h and each
+projection against fp32 on the dequantized weights from its own input (the model's bf16 roundings), rel err <= 1e-2.
+Table on stdout, one JSON (`--out`) with `copy_gbps` and `models` ({model: {floor_us, rows: [variant,
+us_per_layer, h_err, gu_err, d_err]}}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from export.kernels import int4_matmul as im
+from scripts import needs_cuda
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if _INTERPRET else "cuda"
+EPS = 1e-6
+# (hidden, intermediate) a dense MLP; tiny: the interpreter's (K in two steps at 8 groups, ragged down K)
+SHAPES = {"e2b": (1536, 6144), "e4b": (2560, 10240), "26b-a4b": (2816, 2112), "tiny": (256, 384)}
+# (gate / up tile, down tile), each (BLOCK_N, GROUPS, warps)
+TILES = [((8, 8, 8), (8, 16, 8)), ((16, 8, 8), (16, 16, 8)), ((32, 8, 8), (16, 32, 8)), ((16, 16, 8), (8, 32, 8))]
+TINY_TILES = [((8, 2, 2), (8, 4, 2))]
+
+
+def weights(h: int, inter: int, dev) -> dict:
+    """One layer's MLP: the gate / up rows (gate then up) and down in the int4 layout, the two norm weights."""
+    w = {}
+    for name, (n, k) in (("gu", (2 * inter, h)), ("down", (h, inter))):
+        w[name] = im.quantize_int4(torch.randn(n, k, device=dev) / k ** 0.5, im.group_size_for(k, 128))
+    w["w_post"] = (torch.rand(h, device=dev) + 0.5).to(torch.bfloat16)
+    w["w_pre"] = (torch.rand(h, device=dev) + 0.5).to(torch.bfloat16)
+    return w
+
+
+def weight_bytes(w: dict) -> int:
+    return sum(q.numel() + s.numel() * s.element_size() for q, s in (w["gu"], w["down"]))
+
+
+class Op:
+    """The op's M == 1 path (`gemv1_plan`), launched directly with the PDL attribute."""
+
+    label = "op"
+
+    def gemv(self, x, qs, **kw):
+        q, s = qs
+        plan = im.gemv1_plan(q.shape[0], x.shape[1], x.shape[1] // s.shape[1])
+        pdl = 0 if _INTERPRET else 2
+        if not plan.xq and "res" in kw:
+            kw["res"] = (*kw["res"], EPS)
+        return im.int4_gemv1(x, q, s, plan.splits, kernel=im._gemv1_kernel(plan.cfg), xq=plan.xq, levels=plan.levels,
+                             pdl_quant=pdl if plan.xq else 0, pdl_gemv=pdl, pdl_attr=True, **kw)
+
+
+class Bf16:
+    """bf16 x computed once a program (STAGE), one launch a projection: gate / up with the add and both norms,
+    down with the activation."""
+
+    def __init__(self, gu_tile, down_tile):
+        self.tiles = {"gu": gu_tile, "down": down_tile}
+        self.label = "bf16/" + "/".join("x".join(map(str, t)) for t in (gu_tile, down_tile))
+
+    def gemv(self, x, qs, which, **kw):
+        q, s = qs
+        bn, groups, warps = self.tiles[which]
+        if "res" in kw:
+            kw["res"] = (*kw["res"], EPS)
+        pdl = 0 if _INTERPRET else 2
+        return im.int4_gemv1(x, q, s, 1, kernel=im._gemv1_kernel(im._cfg1(bn, groups, warps)), xq=False,
+                             stage=True, pdl_gemv=pdl, pdl_attr=True, **kw)
+
+
+def layer(v, x, r, w):
+    """(x, r) -> (h, gu, d): h = x + rms_norm(r) w_post, gu = gate / up of rms_norm(h) w_pre, d = down(gelu(gate)
+    up)."""
+    h = torch.empty_like(x)
+    inter = w["down"][0].shape[1] * 2
+    if isinstance(v, Op):
+        gu = v.gemv(x, w["gu"], norm=(w["w_pre"], EPS), res=(r, w["w_post"], h))
+        d = v.gemv(gu[:, :inter].contiguous(), w["down"], up=gu[:, inter:].contiguous())
+    else:
+        gu = v.gemv(x, w["gu"], "gu", norm=(w["w_pre"], EPS), res=(r, w["w_post"], h))
+        d = v.gemv(gu[:, :inter].contiguous(), w["down"], "down", up=gu[:, inter:].contiguous())
+    return h, gu, d
+
+
+def reference(x, r, w, gu) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each projection in fp32 on the dequantized weights from its own input, rounded to bf16 where the model's ops
+    round: h and gate / up from (x, r); down from the activation of the variant's own gate / up `gu` (the error of
+    one projection is not charged to the next: through the activation it roughly doubles)."""
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    h = bf(x.float() + bf(im.rms_norm_reference(r.float(), w["w_post"].float(), EPS)))
+    xn = bf(im.rms_norm_reference(h, w["w_pre"].float(), EPS))
+    g, u = gu.float().chunk(2, dim=-1)
+    act = bf(torch.nn.functional.gelu(g, approximate="tanh") * u)
+    return (h, xn @ im.dequantize_int4(*w["gu"], torch.float32).t(),
+            act @ im.dequantize_int4(*w["down"], torch.float32).t())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("small_mlp_variants.json"))
+    ap.add_argument("--models", default="e2b,e4b,26b-a4b", help=f"of {', '.join(m for m in SHAPES if m != 'tiny')}")
+    ap.add_argument("--layers", type=int, default=24, help="layers a graph, each on its own weights")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
+    ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
+    a = ap.parse_args(argv)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    bad = [m for m in models if m not in SHAPES or m == "tiny"]
+    if bad:
+        ap.error(f"--models: {', '.join(bad)} unknown; choose from {', '.join(m for m in SHAPES if m != 'tiny')}")
+    from scripts.gemv1_variants import bench_graph, launch_directly, main_in_interpreter, rel
+    if a.interpret and not _INTERPRET:
+        return main_in_interpreter("scripts.small_mlp_variants",
+                                   [v for v in (argv if argv is not None else sys.argv[1:]) if v != "--interpret"])
+    if not _INTERPRET and not needs_cuda("small_mlp_variants", "--interpret runs it on the CPU"):
+        return 2
+    launch_directly("small_mlp_variants")
+    torch.manual_seed(0)
+    if _INTERPRET:
+        models, layers, gbps, dev_name = ["tiny"], 2, 1000.0, "cpu (interpreter)"
+        variants = [Bf16(*t) for t in TINY_TILES]  # the quantize kernel reads bf16 x wrongly in the interpreter
+    else:
+        from scripts.bench_int4 import copy_gbps
+        layers, gbps, dev_name = a.layers, copy_gbps(), torch.cuda.get_device_name()
+        variants = [Op()] + [Bf16(*t) for t in TILES]
+    doc = {"device": dev_name, "copy_gbps": gbps, "layers": layers, "models": {}}
+    ok = True
+    for model in models:
+        hid, inter = SHAPES[model]
+        ws = [weights(hid, inter, DEVICE) for _ in range(layers)]
+        floor = weight_bytes(ws[0]) / gbps / 1e3
+        rec = {"hidden": hid, "intermediate": inter, "floor_us": floor, "rows": []}
+        x0 = torch.randn(1, hid, device=DEVICE).to(torch.bfloat16)
+        r0 = (torch.randn(1, hid, device=DEVICE) * 4).to(torch.bfloat16)
+        timed = []
+        for v in variants:
+            row = {"variant": v.label}
+            try:
+                h, gu, d = layer(v, x0, r0, ws[0])
+                refs = reference(x0, r0, ws[0], gu)
+                row["h_err"], row["gu_err"], row["d_err"] = (rel(t, ref) for t, ref in zip((h, gu, d), refs))
+            except Exception as e:  # a variant that fails to compile or run is reported, not fatal
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(f"  {model} {v.label}: {row['error']}", flush=True)
+                rec["rows"].append(row)
+                continue
+            if not all(row[k] <= 1e-2 for k in ("h_err", "gu_err", "d_err")):
+                ok = False
+                print(f"  {model} {v.label}: h {row['h_err']:.2e}, gate / up {row['gu_err']:.2e}, down "
+                      f"{row['d_err']:.2e}: over 1e-2", flush=True)
+            else:
+                timed.append((v, row))
+            rec["rows"].append(row)
+
+        def chain(v):
+            x, r = x0, r0
+            for w in ws:
+                x, _, r = layer(v, x, r, w)
+
+        for _ in range(a.rounds):
+            for v, row in timed:
+                row.setdefault("us_rounds", []).append(bench_graph(lambda v=v: chain(v), layers))
+        for _, row in timed:
+            row["us_per_layer"] = statistics.median(row["us_rounds"])
+            row["fraction_of_copy_bw"] = floor / row["us_per_layer"]
+        doc["models"][model] = rec
+        print(f"{model}: MLP {hid} x {inter}, {weight_bytes(ws[0]) / 1e6:.1f} MB a layer, floor {floor:.2f} us "
+              f"(copy {gbps:.0f} GB/s)", flush=True)
+        for row in rec["rows"]:
+            us = row.get("us_per_layer", float("nan"))
+            print(f"  {row['variant']:28} {us:8.2f} us  h {row.get('h_err', float('nan')):.1e}  gate / up "
+                  f"{row.get('gu_err', float('nan')):.1e}  down {row.get('d_err', float('nan')):.1e}", flush=True)
+    doc["checks_passed"] = ok
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"checks {'passed' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

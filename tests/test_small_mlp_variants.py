@@ -1,0 +1,51 @@
+"""scripts/small_mlp_variants.py (a GPU design probe) without a GPU: its MLP shapes are the models' dense MLPs, its
+tiles fit the register budget and the consumer cards, and its run under Triton's interpreter checks the one-launch
+bf16 variant's h, gate / up and down against fp32."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from export.gemma4.config import PRESETS
+from export.kernels import int4_matmul as im
+from scripts import small_mlp_variants as sm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shapes_are_the_models_dense_mlps():
+    for m in ("e2b", "e4b", "26b-a4b"):
+        cfg = PRESETS[m]
+        assert sm.SHAPES[m][0] == cfg.hidden_size
+        assert sm.SHAPES[m][1] == cfg.intermediate_size, (m, cfg.intermediate_size)
+
+
+def test_tiles_hold_a_few_words_a_thread_and_the_op_takes_levels_there():
+    for gu, down in sm.TILES:
+        for bn, groups, warps in (gu, down):
+            assert groups & (groups - 1) == 0 and bn >= 4  # (STAGE needs 4 rows or more)
+            assert bn * groups * 16 <= 64 * 32 * warps
+    for m in ("e2b", "e4b", "26b-a4b"):  # the op's side of the comparison: x as levels (two launches each)
+        h, inter = sm.SHAPES[m]
+        assert im.gemv1_plan(2 * inter, h, 128).xq and im.gemv1_plan(h, inter, im.group_size_for(inter, 128)).xq
+
+
+def test_probe_runs_and_checks_in_the_interpreter(tmp_path):
+    out = tmp_path / "mlp.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "scripts.small_mlp_variants", "--interpret", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    (row,) = doc["models"]["tiny"]["rows"]
+    assert doc["checks_passed"] and row["variant"].startswith("bf16/")
+    assert row["h_err"] <= 1e-3 and row["gu_err"] <= 1e-2 and row["d_err"] <= 1e-2, row
+
+
+def test_unknown_model_is_refused(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "scripts.small_mlp_variants", "--models", "e2b,nope"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--models: nope unknown" in r.stderr and "Traceback" not in r.stderr, r.stderr
