@@ -87,8 +87,8 @@ def fp32_qkv(x, w):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--switch", choices=("early", "stage"), default="early", help="int4_gemv1's switch to turn "
-                    "off and on (both: the other at the op's default)")
+    ap.add_argument("--switch", choices=("early", "stage"), default="early", help="the int4_gemv1 switch turned "
+                    "off and on (the other one stays at its default)")
     ap.add_argument("--out", type=Path, default=Path("gemv1_early_variants.json"))
     ap.add_argument("--models", default="e2b,e4b")
     ap.add_argument("--layers", type=int, default=24, help="layers a graph, each on its own weight copy")
