@@ -1709,9 +1709,8 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     norm and x as levels: the norm's input is h = x2 + rms_norm(r) * wr, which the quantize kernel also
     writes to h; res (r, wr, h, eps) with bf16 x and no up: the input is h (r's norm with that eps), or with
     norm (the same eps) rms_norm(h) * weight, computed by the GEMV as it loads x, its first program writing h.
-    up_index (one int64, bf16 x
-    only): up is a table of rows of K, contiguous, and the input is gelu_tanh(x2) * up[up_index] (the GEMV
-    reads that row in place). early (bf16 x; default GEMV1_EARLY): the first tiles load before the PDL wait.
+    up_index (one int64, bf16 x only): up is a table of rows of K, contiguous, and the input is
+    gelu_tanh(x2) * up[up_index] (the GEMV reads that row in place). early (bf16 x; default GEMV1_EARLY): the first tiles load before the PDL wait.
     quantize (x as levels, no up / norm / res): a callable (cnt, ncnt) -> (planes, factors, corrections)
     launching a kernel of its own that computes x, writes its levels as `_quant_x_kernel` does
     (`_store_levels`) and zeroes cnt[:ncnt]; then x2 is not read (only its shape, dtype and device).
@@ -1734,7 +1733,7 @@ def int4_gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, sp
     splits = triton.cdiv(groups, gps)
     xq = GEMV1_XQ if xq is None else xq
     # res: with x as levels the quantize kernel's RES (with the norm after the add); with bf16 x the GEMV's
-    # own (the add alone)
+    # own (the add alone, or with norm the add and the norm of h)
     assert res is None or ((norm is not None) if xq else up is None)
     if res is not None and norm is not None and not xq and float(res[3]) != float(norm[1]):
         raise ValueError(f"int4_gemv1: bf16 x with res and norm takes one eps for both norms (got {res[3]}, "
