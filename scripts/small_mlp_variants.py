@@ -59,7 +59,8 @@ def weights(h: int, inter: int, dev) -> dict:
 
 
 def weight_bytes(w: dict) -> int:
-    return sum(q.numel() + s.numel() * s.element_size() for q, s in (w["gu"], w["down"]))
+    """The layer's MLP weight bytes (the layout's own count), what the floor is taken on."""
+    return sum(im.int4_bytes(q.shape[0], q.shape[1] * 2, q.shape[1] * 2 // s.shape[1]) for q, s in (w["gu"], w["down"]))
 
 
 class Op:
