@@ -68,7 +68,7 @@ class Op:
 
     label = "op"
 
-    def gemv(self, x, qs, **kw):
+    def gemv(self, x, qs, which, **kw):  # (which: the plan picks the config)
         q, s = qs
         plan = im.gemv1_plan(q.shape[0], x.shape[1], x.shape[1] // s.shape[1])
         pdl = 0 if _INTERPRET else 2
@@ -101,12 +101,8 @@ def layer(v, x, r, w):
     up)."""
     h = torch.empty_like(x)
     inter = w["down"][0].shape[1] * 2
-    if isinstance(v, Op):
-        gu = v.gemv(x, w["gu"], norm=(w["w_pre"], EPS), res=(r, w["w_post"], h))
-        d = v.gemv(gu[:, :inter].contiguous(), w["down"], up=gu[:, inter:].contiguous())
-    else:
-        gu = v.gemv(x, w["gu"], "gu", norm=(w["w_pre"], EPS), res=(r, w["w_post"], h))
-        d = v.gemv(gu[:, :inter].contiguous(), w["down"], "down", up=gu[:, inter:].contiguous())
+    gu = v.gemv(x, w["gu"], "gu", norm=(w["w_pre"], EPS), res=(r, w["w_post"], h))
+    d = v.gemv(gu[:, :inter], w["down"], "down", up=gu[:, inter:])  # (each half of the row: contiguous views)
     return h, gu, d
 
 
