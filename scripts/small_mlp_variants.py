@@ -12,6 +12,8 @@ the kernel that reads x, so the MLP is two launches; its arithmetic per word was
 threads computed x again, and with x computed once a program (STAGE) the difference is smaller (sm_90 SASS, E2B's
 q / k / v with the norm 113 -> 43 instructions a word against dp4a's ~18). Whether the saved launches pay for the
 FMA arithmetic and for every program's prologue (the norms read the whole row of x, r and wr) is this measurement.
+H100 (scripts/measurements/small_mlp_variants_h100.json): they do not, E2B 16.85 us a layer as the op runs it
+against 22.5 at best as the bf16 pair, E4B 28.3 against 45.1.
 
 Variants per model: `op` (`gemv1_plan`'s configs and the op's quantize kernels) and `bf16/<gate_up>/<down>` (the
 bf16-x kernel with STAGE on, one K slice, each tile BLOCK_N rows x GROUPS groups a step x warps). A layer is

@@ -23,11 +23,11 @@ def test_the_timed_layer_is_the_models_small_projections(name):
     assert w["table"].shape == (1, cfg.num_hidden_layers, P)
 
 
-@pytest.mark.parametrize("name,unset,flipped", [("EARLY", "True", ("0", "False")), ("STAGE", "False", ("1", "True"))])
+@pytest.mark.parametrize("name,unset,flipped", [("EARLY", "True", ("0", "False")), ("STAGE", "True", ("0", "False"))])
 def test_the_export_switches(name, unset, flipped):
     """GEMMA4_GEMV1_EARLY=0 in an exporting process (scripts/export_ab.py's A/B) compiles the small weights' GEMV
-    waiting first (unset, the early tiles are the default); GEMMA4_GEMV1_STAGE=1 computes x once a program (unset,
-    not timed yet, each row of threads computes it)."""
+    waiting first (unset, the early tiles are the default); GEMMA4_GEMV1_STAGE=0 has each row of threads compute x
+    (unset, x once a program is the default)."""
     import os
     import subprocess
     import sys

@@ -492,7 +492,11 @@ def test_glu_in_the_quantize_kernel_through_the_interpreter():
     rows, table = _script_rows(_GLU_SCRIPT, "glu", "table")
     assert len(rows) == 3, rows
     for n, k, splits, xq, d, e in rows:
-        assert float(d) <= 1e-4 and float(e) <= 1e-2, (n, k, splits, xq, d, e)
+        # fp32 x (the quantize kernel's): the tanh's rounding alone; bf16 x: an activation rounded to the other
+        # bf16 neighbour moves an output across a bf16 rounding boundary now and then (one ulp, 2^-8, of a few of
+        # the 40 outputs: ~4e-4 of the norm with x computed once a program, 7.8e-4 once a row of threads, on draws
+        # where it happens)
+        assert float(d) <= (1e-4 if xq == "True" else 2e-3) and float(e) <= 1e-2, (n, k, splits, xq, d, e)
     assert table == [["True", "False"]]  # the table's row read in place: that row's bits, not its neighbour's
 
 

@@ -138,9 +138,12 @@ GEMV1_EARLY = os.environ.get("GEMMA4_GEMV1_EARLY", "1") != "0"  # "0" in an expo
 # puts before the weight) computed once for the program and handed to the tile through shared memory, not once
 # for each row of threads (`_gemv1_tile`'s STAGE). sm_90 SASS, instructions in the loop of a thread (offline
 # compiles, tests/test_int4_matmul.py's staged tests): E2B q / k / v with the norm 451 -> 171 (4 words), o 117 -> 91
-# (2 words), the per-layer projection with its activation 280 -> 127 (1 word). Not timed yet: off unless
-# GEMMA4_GEMV1_STAGE=1 in the exporting process (scripts/gemv1_early_variants.py --switch stage, export_ab.py).
-GEMV1_STAGE = os.environ.get("GEMMA4_GEMV1_STAGE", "0") == "1"
+# (2 words), the per-layer projection with its activation 280 -> 127 (1 word). H100, a layer's four small
+# projections chained in CUDA graphs with PDL (scripts/gemv1_early_variants.py --switch stage,
+# gemv1_stage_variants_h100.json): E2B 15.99 -> 13.25 us, E4B 19.02 -> 18.65; q / k / v 2.4e-3 from fp32 either
+# way; the E2B 2-layer slice's artifact with it 1.05e-2 from the eager model (1.11e-2 without). The default;
+# "0" in an exporting process: x once a row of threads (an A/B switch, scripts/export_ab.py).
+GEMV1_STAGE = os.environ.get("GEMMA4_GEMV1_STAGE", "1") != "0"
 # M == 1 on sm_90+: the quantize kernel and the GEMV compiled in PDL mode 2 (`pdl_wait`, export/kernels/pdl.py):
 # launched with the programmatic-stream-serialization attribute (the artifact's launcher sets it for the kernels
 # named in PDL_KERNELS, export/backends/cuda.py), each may start while the kernel before it finishes,
