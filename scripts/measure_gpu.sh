@@ -258,7 +258,7 @@ gemv_early)  # the small weights' GEMV loading its first tiles before its PDL wa
   ;;
 gemv_stage)  # the small weights' GEMV with each step's x computed once a program (STAGE) or once a row of threads, E2B /
   # E4B's small projections chained in CUDA graphs (scripts/gemv1_early_variants.py --switch stage, < 1 min), then the
-  # kernel tests with the switch on (GEMMA4_GEMV1_STAGE=1: the op's default in that process)
+  # kernel tests with the switch on (GEMMA4_GEMV1_STAGE=1, as it ran before the switch became the default)
   timeout 150 python -m scripts.gemv1_early_variants --switch stage --out "$OUT/gemv1_stage_variants.json" 2>&1 | tail -4
   GEMMA4_GEMV1_STAGE=1 timeout 300 python -m pytest -q -p no:cacheprovider -m cuda tests/test_int4_matmul.py \
       tests/test_int4_ple.py -k "small or residual or norm or glu or ple" 2>&1 | tail -2
