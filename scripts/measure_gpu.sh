@@ -266,11 +266,6 @@ gemv_stage)  # the small weights' GEMV with each step's x computed once a progra
   timeout 240 python -m scripts.gemv1_small_variants --budget 150 --prewarm 14 \
       --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
-stage_mlp)  # gemv_stage's chain (STAGE off / on, < 1 min) and then small_mlp, in one call (the two answers the
-  # small models' next defaults wait on; ~4-6 min)
-  timeout 150 python -m scripts.gemv1_early_variants --switch stage --out "$OUT/gemv1_stage_variants.json" 2>&1 | tail -4
-  timeout 400 python -m scripts.small_mlp_variants --out "$OUT/small_mlp_variants.json" 2>&1 | tail -24
-  ;;
 small_mlp)  # the small models' MLP as the op runs it (quantize kernels + dp4a) against one bf16-x launch a projection
   # with x once a program (scripts/small_mlp_variants.py, E2B / E4B / 26B-A4B, 24 layers a graph; 2-5 min)
   timeout 330 python -m scripts.small_mlp_variants --out "$OUT/small_mlp_variants.json" 2>&1 | tail -24
