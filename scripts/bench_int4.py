@@ -15,8 +15,8 @@ TFLOP/s beside torch's bf16 matmul of the same shape and tinygemm (`_weight_int4
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph): the eager op paid ~70 us of
 Python dispatch per call on the H200, which the AOTInductor-compiled artifact does not. For
 M <= 8 the int4 op cycles through copies of its weight (`weight_copies`, >= 256 MB together)
-so that it reads the weight from device memory as decode does, not from L2; bf16 and tinygemm
-run on one copy.
+so that it reads the weight from device memory as decode does, not from L2, and so does tinygemm
+(copies of its packed weight); bf16 runs on one copy.
 Every kernel result is checked first against an fp32 matmul with the dequantized weight on fresh
 random inputs, with the allocator's free memory poisoned with NaN; a relative error over 1e-2
 stops the run (exit 1).
@@ -127,8 +127,9 @@ def _poison(*nbytes: int) -> None:
     del blocks
 
 
-def _tinygemm(w: torch.Tensor, group: int):
-    """(x -> y) with torch core's tinygemm int4 on w, or None where its packing refuses."""
+def _tinygemm(w: torch.Tensor, group: int, copies: int):
+    """[x -> y] with torch core's tinygemm int4 on w, one callable a copy of its packed weight (the same
+    rotation the int4 op reads from device memory), or None where its packing refuses."""
     try:
         N, K = w.shape
         g = w.float().reshape(N, K // group, group)
@@ -138,7 +139,8 @@ def _tinygemm(w: torch.Tensor, group: int):
         packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
         zeros = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
         sz = torch.stack([scale.t(), zeros.t()], -1).contiguous().bfloat16()
-        return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+        rot = [(packed.clone(), sz.clone()) for _ in range(copies - 1)] + [(packed, sz)]
+        return [lambda x, p=p, z=z: torch.ops.aten._weight_int4pack_mm(x, p, group, z) for p, z in rot]
     except RuntimeError as e:
         print(f"  tinygemm refuses [{w.shape[0]} x {w.shape[1]}]: {str(e).splitlines()[0][:100]}", file=sys.stderr)
         return None
@@ -157,7 +159,7 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
     copies = max(1, -(-(256 << 20) // int4_bytes(n, k, group)))
     rotation = [(qweight.clone(), scales.clone()) for _ in range(copies - 1)] + [(qweight, scales)]
     ref_w = dequantize_int4(qweight, scales, torch.float32)
-    tiny = _tinygemm(w, group)
+    tiny = _tinygemm(w, group, copies)
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         int4_linear(x, qweight, scales)  # autotune first: its trial runs write the output
@@ -177,7 +179,8 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
         rot = rotation if m <= GEMV_MAX_M else rotation[-1:]
         us = bench(lambda: [int4_linear(x, q, s) for q, s in rot]) * 1e3 / len(rot)
         bf16_us = bench(lambda: x @ w.t()) * 1e3
-        tiny_us = bench(lambda: tiny(x)) * 1e3 if tiny is not None else None
+        tiny_rot = (tiny if m <= GEMV_MAX_M else tiny[-1:]) if tiny is not None else None
+        tiny_us = bench(lambda: [t(x) for t in tiny_rot]) * 1e3 / len(tiny_rot) if tiny is not None else None
         nbytes = int4_bytes(n, k, group) + 2 * m * (k + n)
         flops = 2 * m * n * k
         alt = {}
