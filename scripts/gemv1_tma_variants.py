@@ -3,6 +3,7 @@ kernel) on the 31B's mid-size weights, alone and as a layer's projections with a
 launch (a tuning tool, one GPU call).
 
     python -m scripts.gemv1_tma_variants [--out gemv1_tma_variants.json] [--budget 150] [--prewarm 14]
+    python -m scripts.gemv1_tma_variants --layer-only --layer-tiles 32x4x3,32x4x4,32x4x6,32x8x3
     python -m scripts.gemv1_tma_variants --interpret [--out smoke.json]   # CPU: Triton's interpreter
 
 Why: Nsight Compute has the register kernel on the o projection (5376 x 8192, 336 programs of 4 warps) waiting on
@@ -21,10 +22,18 @@ Per shape: each variant checked against an fp32 matmul on the dequantized weight
 quantize kernel included, no PDL; then a sliding layer's four projections as one graph: the plan, each shape's
 best and the op's TMA choice (GEMV1_TMA_TILE, `gemv1_tma_splits`), without PDL and with it. Copy bandwidth
 measured in the same run. Table on stdout, one JSON (`--out`) with `copy_gbps`, `rows`, `best`, `layers`.
+
+--layer-tiles ROWSxGROUPSxSTAGES,...: the layer graph also runs the op's choice with each of these tiles in place
+of GEMV1_TMA_TILE (its warps, K slices for ~GEMV1_TMA_PROGRAMS programs), keys `tile<R>x<G>x<S>` (`_pdl` with PDL).
+The pipeliner issues STAGES - 1 steps of copies ahead of its loop, so with PDL the stages say how much of each
+program's weight is asked for before the wait, while the kernel before it still runs (2 steps, 16 KB, at the
+default; 5 steps at 6 stages, nearly all of an o projection program's ~44 KB). --layer-only: each shape checked
+and timed at the op's choice and these tiles only (no sweep of candidates), then the layer graph (~1 minute).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -134,10 +143,51 @@ def shapes() -> dict:
     return dict(TINY) if _INTERPRET else layer_shapes_31b(LAYER)
 
 
+def parse_tiles(text: str) -> list[tuple[int, int, int]]:
+    """'32x4x3,32x4x6' -> [(rows, groups a step, stages), ...]; ValueError naming the bad entry."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"{item!r} is not ROWSxGROUPSxSTAGES (e.g. 32x4x6)")
+        bn, groups, stages = map(int, parts)
+        if stages < 2 or groups & (groups - 1) or bn & (bn - 1) or smem_bytes(bn, groups, stages) > SMEM:
+            raise ValueError(f"{item!r}: rows and groups powers of two, stages >= 2, within "
+                             f"{SMEM} bytes of shared memory ({smem_bytes(bn, groups, stages)} asked)")
+        out.append((bn, groups, stages))
+    return out
+
+
+def tile_variant(bn: int, groups: int, stages: int, n: int, k: int, pdl: int = 0) -> Variant | Plan:
+    """The op's choice for an [n, k] weight with the tile (bn rows, groups a step, stages) in place of
+    GEMV1_TMA_TILE: the plan where the op takes no TMA kernel, else GEMV1_TMA_TILE's warps and K slices for
+    ~GEMV1_TMA_PROGRAMS programs (`gemv1_tma_splits`' rule)."""
+    if not im.gemv1_tma_splits(n, k, GROUP):
+        return Plan(pdl)
+    splits = max(1, min(k // GROUP // groups, round(im.GEMV1_TMA_PROGRAMS / triton.cdiv(n, bn))))
+    return Variant(bn, groups, stages, im.GEMV1_TMA_TILE[3], splits, pdl)
+
+
+def _tiles_arg(text: str) -> list[tuple[int, int, int]]:
+    try:
+        return parse_tiles(text)
+    except ValueError as e:  # argparse prints this one's message after the option's name
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _options(ap):
+    ap.add_argument("--layer-tiles", default=[], type=_tiles_arg, metavar="RxGxS,...",
+                    help="tiles (rows x groups a step x stages) the layer graph also runs in place of the op's")
+    ap.add_argument("--layer-only", action="store_true",
+                    help="no sweep: each shape at the op's choice and the --layer-tiles only, then the layer graph")
+
+
 def main(argv=None) -> int:
-    a = sweep_args("scripts.gemv1_tma_variants", __doc__, 150.0, argv, shapes_help="the sliding layer's four")
+    a = sweep_args("scripts.gemv1_tma_variants", __doc__, 150.0, argv, shapes_help="the sliding layer's four",
+                   extra=_options)
     if isinstance(a, int):
         return a
+    tiles = a.layer_tiles
     t0 = time.time()
     gbps, dev = sweep_setup(_prewarm_worker, a.prewarm, 75)
     sms = 4 if _INTERPRET else torch.cuda.get_device_properties(0).multi_processor_count
@@ -158,8 +208,12 @@ def main(argv=None) -> int:
         nbytes, ws, ref_w = rotated_weights(n, k, GROUP)
         weights[nm] = ws
         floor = nbytes / gbps / 1e3
-        vs = [Plan(), *candidates(n, k, sms)]
-        if _INTERPRET:
+        if a.layer_only:
+            vs = [Plan(), op_choice(n, k)] + [tile_variant(*t, n, k) for t in tiles]
+            vs = [v for i, v in enumerate(vs) if v.label not in {w.label for w in vs[:i]}]
+        else:
+            vs = [Plan(), *candidates(n, k, sms)]
+        if _INTERPRET and not a.layer_only:
             vs = vs[:1] + [v for v in vs[1:] if v.block_n == 32 and v.stages == 3 and v.warps == 4][:3]
         passed, res = check_and_time(vs, nm, n, k, ws, ref_w, floor, rows, deadline=t0 + a.budget + 30)
         ok = ok and passed
@@ -176,13 +230,14 @@ def main(argv=None) -> int:
         save()
     if not _INTERPRET and all(nm in weights for nm in LAYER):
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in LAYER}
-        rec = compare_layer("sliding", LAYER, weights, xs, layer_picks(best, todo, op_pdl_mode(torch.device(DEVICE))))
+        rec = compare_layer("sliding", LAYER, weights, xs,
+                            layer_picks(best, todo, op_pdl_mode(torch.device(DEVICE)), tiles))
         rec["best_variants"] = [best[nm].label for nm in LAYER]
         rec["op_variants"] = [op_choice(*todo[nm]).label for nm in LAYER]
         doc["layers"].append(rec)
         print("sliding layer's four projections as one graph (us):", flush=True)
-        for key in ("plan", "best", "op"):
-            line = f"  {key:5} {min(rec[key + '_us']):6.1f} without PDL"
+        for key in ("plan", "best", "op", *(tile_key(t) for t in tiles)):
+            line = f"  {key:12} {min(rec[key + '_us']):6.1f} without PDL"
             if key + "_pdl_us" in rec:
                 line += f", {min(rec[key + '_pdl_us']):6.1f} with"
             print(line, flush=True)
@@ -196,10 +251,17 @@ def with_pdl(v, pdl: int):
     return Plan(pdl) if isinstance(v, Plan) else replace(v, pdl=pdl)
 
 
-def layer_picks(best: dict, todo: dict, pdl: int) -> dict:
-    """The layer graph's picks {key: name -> variant}: the plan, each shape's best and the op's TMA choice
-    (`op_choice`), and with pdl (sm_90+) each of them in that PDL mode too (keys + "_pdl")."""
+def tile_key(tile: tuple[int, int, int]) -> str:
+    return "tile{}x{}x{}".format(*tile)
+
+
+def layer_picks(best: dict, todo: dict, pdl: int, tiles: list = ()) -> dict:
+    """The layer graph's picks {key: name -> variant}: the plan, each shape's best, the op's TMA choice
+    (`op_choice`) and the op's choice at each of `tiles` (`tile_variant`, key `tile_key`), and with pdl (sm_90+)
+    each of them in that PDL mode too (keys + "_pdl")."""
     picks = {"plan": lambda nm: Plan(), "best": lambda nm: best[nm], "op": lambda nm: op_choice(*todo[nm])}
+    for t in tiles:
+        picks[tile_key(t)] = lambda nm, t=t: tile_variant(*t, *todo[nm])
     if pdl:
         picks.update({key + "_pdl": (lambda nm, f=f: with_pdl(f(nm), pdl)) for key, f in list(picks.items())})
     return picks

@@ -197,11 +197,12 @@ def main_in_interpreter(module: str, argv: list[str]) -> int:
     return subprocess.run([sys.executable, "-c", code], env=env).returncode
 
 
-def sweep_args(module: str, doc: str, budget: float, argv, shapes_help: str | None = None):
-    """A GEMV sweep's command line (--out, --budget, --prewarm, --interpret and, with shapes_help, --shapes) parsed
-    for `module` (its docstring `doc`), then its start: under --interpret the sweep re-run in a subprocess under
-    Triton's interpreter, else launches made direct (`launch_directly`). -> the arguments, or the exit code to
-    return (the interpreter run's, or 2 with neither a GPU nor the interpreter)."""
+def sweep_args(module: str, doc: str, budget: float, argv, shapes_help: str | None = None, extra=None):
+    """A GEMV sweep's command line (--out, --budget, --prewarm, --interpret and, with shapes_help, --shapes; extra:
+    a function adding the sweep's own options to the parser) parsed for `module` (its docstring `doc`), then its
+    start: under --interpret the sweep re-run in a subprocess under Triton's interpreter, else launches made direct
+    (`launch_directly`). -> the arguments, or the exit code to return (the interpreter run's, or 2 with neither a
+    GPU nor the interpreter)."""
     name = module.rsplit(".", 1)[-1]
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(f"{name}.json"))
@@ -210,6 +211,8 @@ def sweep_args(module: str, doc: str, budget: float, argv, shapes_help: str | No
     if shapes_help:
         ap.add_argument("--shapes", default="", help=f"comma-separated shape names (default: {shapes_help})")
     ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
+    if extra is not None:
+        extra(ap)
     a = ap.parse_args(argv)
     if a.interpret and not _INTERPRET:
         return main_in_interpreter(module, [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--interpret"])

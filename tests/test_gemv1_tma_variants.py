@@ -44,6 +44,25 @@ def test_layer_picks_hold_the_plan_the_best_and_the_op_choice_with_and_without_p
     assert picks["op"]("a").splits == 3 and picks["op_pdl"]("a").pdl == 2  # 168 row blocks: ~512 programs
 
 
+def test_layer_tiles_run_the_op_choice_at_each_tile_and_refuse_bad_ones():
+    """--layer-tiles: each tile in place of GEMV1_TMA_TILE where the op takes the TMA kernel (its warps, ~512
+    programs), the plan elsewhere, with and without PDL; a malformed or oversized tile is named."""
+    assert tv.parse_tiles("32x4x3, 32x4x6,64X2x4") == [(32, 4, 3), (32, 4, 6), (64, 2, 4)]
+    assert tv.parse_tiles("") == []
+    for bad in ("32x4", "32x4x1", "32x3x3", "axbxc", "128x8x6"):  # 128 x 8 x 6: 384 KB of shared memory
+        with pytest.raises(ValueError, match=bad):
+            tv.parse_tiles(bad)
+    todo = {"o": (5376, 8192), "gu": (43008, 5376)}
+    picks = tv.layer_picks({}, todo, 2, [(32, 4, 6), (64, 2, 3)])
+    assert {"tile32x4x6", "tile32x4x6_pdl", "tile64x2x3", "tile64x2x3_pdl"} <= set(picks)
+    assert picks["tile32x4x6"]("o") == tv.Variant(32, 4, 6, tv.im.GEMV1_TMA_TILE[3], 3)  # 168 row blocks x 3
+    assert picks["tile64x2x3_pdl"]("o") == tv.Variant(64, 2, 3, tv.im.GEMV1_TMA_TILE[3], 6, 2)  # 84 x 6
+    assert isinstance(picks["tile32x4x6"]("gu"), tv.Plan) and picks["tile32x4x6_pdl"]("gu").pdl == 2
+    r = subprocess.run([sys.executable, "-m", "scripts.gemv1_tma_variants", "--layer-tiles", "32x4"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--layer-tiles: '32x4' is not" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 _CHECK = """
 import torch
 from export.kernels import int4_matmul as im
