@@ -407,9 +407,9 @@ gemv1_tma)  # the op's TMA-fed M == 1 GEMV in its tiles against the plan (the re
   ;;
 tma_stages)  # how much of each TMA GEMV program's weight goes out before its PDL wait: the 31B sliding layer's four as
   # one graph with the op's tile (32 rows x 4 groups, 3 stages: 2 steps ahead) against more stages / wider steps,
-  # without PDL and with it (`gemv1_tma_variants --layer-only`, ~1-2 min)
+  # without PDL and with it (`gemv1_tma_variants --layer-only`; no prewarm: the few kernels compile inline; ~1-2 min)
   timeout 280 python -m scripts.gemv1_tma_variants --layer-only --layer-tiles 32x4x4,32x4x6,32x8x3,32x8x4 \
-      --budget 150 --prewarm 8 --out "$OUT/gemv1_tma_stages.json" 2>&1 | tail -16
+      --budget 150 --prewarm 0 --out "$OUT/gemv1_tma_stages.json" 2>&1 | tail -16
   ;;
 chain)  # a sliding layer's o -> norm -> gate / up -> GLU -> down as one persistent kernel against one launch a phase
   # and the op's launches, with the product and load-only (scripts/chain_variants.py, < 1 min)
