@@ -105,19 +105,22 @@ class Plan:
 def candidates(k: int) -> list[Variant]:
     """Tiles whose step covers K in one or two steps, within the register budget: 1-8 rows, 4 or
     8 warps, bf16 x; the one-step 4-warp tiles with x quantized too; and with x computed once a program
-    (STAGE), 4-32 rows (x's cost no longer grows with the rows a program holds)."""
+    (STAGE), 4-32 rows (x's cost no longer grows with the rows a program holds), also at a quarter of the
+    row's groups a step (3 steps of 4 for E2B's 12 groups, where a step of 8 runs a second step half masked:
+    16 groups' arithmetic for 12; compiled for sm_90, E2B's q / k / v loop at 16 rows x 4 groups is ~39 SASS
+    instructions a word of the row against the plan's 57)."""
     g = im.group_size_for(k, 128)
     words = g // 8
     full = triton.next_power_of_2(k // g)
     out = []
-    for steps in (1, 2):
+    for steps in (1, 2, 4):
         groups = max(1, full // steps)
         for block_n in (1, 2, 4, 8, 16, 32):
             for warps in (4, 8):
                 per_thread = block_n * groups * words / (32 * warps)
                 if per_thread > MAX_WORDS_A_THREAD or per_thread < 1:
                     continue
-                if block_n <= 8:
+                if block_n <= 8 and steps < 4:
                     out.append(Variant(block_n, groups, warps, xq=False))
                     if steps == 1 and warps == 4:
                         out.append(Variant(block_n, groups, warps, xq=True))
