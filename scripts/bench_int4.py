@@ -16,7 +16,11 @@ Times are CUDA-graph replays (triton.testing.do_bench_cudagraph): the eager op p
 Python dispatch per call on the H200, which the AOTInductor-compiled artifact does not. For
 M <= 8 the int4 op cycles through copies of its weight (`weight_copies`, >= 256 MB together)
 so that it reads the weight from device memory as decode does, not from L2, and so does tinygemm
-(copies of its packed weight); bf16 runs on one copy.
+(copies of its packed weight); bf16 runs on one copy. The op launches its kernels without the programmatic
+dependent launch attribute (as torch and AOTInductor's stock launcher do), so each call starts after the one
+before has ended; the artifact's launcher sets it, and a decode step's kernels overlap (the next GEMV's first
+weight tiles load while the kernel before it finishes). On sm_90+ the M == 1 rows also time the op's kernels
+launched that way (`pdl_us`, `pdl_fraction_of_copy_bw`: the same calls over the same copies, one graph).
 Every kernel result is checked first against an fp32 matmul with the dequantized weight on fresh
 random inputs, with the allocator's free memory poisoned with NaN; a relative error over 1e-2
 stops the run (exit 1).
@@ -149,8 +153,9 @@ def _tinygemm(w: torch.Tensor, group: int, copies: int):
 def bench_shape(model, name, n, k, ms, group, gbps, rows):
     from triton.testing import do_bench_cudagraph
 
-    from export.kernels.int4_matmul import (GEMV_MAX_M, dequantize_int4, gemv1_splits, gemv_mma_plan, gemv_splits,
-                                            group_size_for, int4_bytes, int4_linear, quantize_int4)
+    from export.kernels.int4_matmul import (GEMV_MAX_M, _gemv1, _m1, dequantize_int4, gemv1_splits, gemv_mma_plan,
+                                            gemv_splits, group_size_for, int4_bytes, int4_linear, quantize_int4)
+    from export.kernels.pdl import op_pdl_mode
     group = group_size_for(k, group)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     qweight, scales = quantize_int4(w, group)
@@ -197,6 +202,15 @@ def bench_shape(model, name, n, k, ms, group, gbps, rows):
             alt_us = bench(lambda: [f_alt(x, q, s) for q, s in rot]) * 1e3 / len(rot)
             alt = {f"{name_alt}_us": alt_us, f"{name_alt}_fraction_of_copy_bw": nbytes / alt_us / 1e3 / gbps,
                    f"{name_alt}_rel_err": err_alt}
+        if m == 1 and _m1(x, group) and op_pdl_mode(x.device):  # the op's M == 1 path as the artifact launches it
+            _poison(*(b for b in (parts, m * n * 2) if b))
+            y_pdl = _gemv1(x, qweight, scales, pdl_attr=True)
+            err_pdl = ((y_pdl.float() - ref).norm() / ref.norm()).item()
+            if not math.isfinite(err_pdl) or err_pdl > REL_TOL:
+                raise SystemExit(f"FAIL {model} {name} [{n} x {k}] m=1 with PDL: rel err {err_pdl:.3e} > {REL_TOL}")
+            pdl_us = bench(lambda: [_gemv1(x, q, s, pdl_attr=True) for q, s in rot]) * 1e3 / len(rot)
+            alt.update({"pdl_us": pdl_us, "pdl_fraction_of_copy_bw": nbytes / pdl_us / 1e3 / gbps,
+                        "pdl_rel_err": err_pdl})
         rows.append({"model": model, "name": name, "n": n, "k": k, "m": m, "us": us, "bytes": nbytes,
                      "floor_us": nbytes / gbps / 1e3, "flops": flops,
                      "gbps": nbytes / us / 1e3, "fraction_of_copy_bw": nbytes / us / 1e3 / gbps,

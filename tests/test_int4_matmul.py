@@ -92,6 +92,22 @@ def test_31b_linears_and_lm_head_fit_the_byte_budget_at_g128():
     assert total(128) <= 15.0 * 2**30 < total(32)  # g128: 14.74 GiB; g32: 16.08 GiB
 
 
+def test_m1_path_passes_the_pdl_attribute_only_when_asked(monkeypatch):
+    """The op launches its M == 1 kernels without the PDL attribute (the artifact's launcher sets it);
+    `_gemv1(..., pdl_attr=True)` (bench_int4's `pdl_us`) hands it to whichever kernel the plan takes."""
+    seen = []
+    monkeypatch.setattr(im, "int4_gemv1", lambda *a, **kw: seen.append(("reg", kw["pdl_attr"])))
+    monkeypatch.setattr(im, "int4_gemv1_tma", lambda *a, **kw: seen.append(("tma", kw["pdl_attr"])))
+    monkeypatch.setattr(im, "tma_ok", lambda device: True)
+    for n, k in ((1536, 2048), (5376, 8192)):  # a small weight (register kernel), a 31B mid-size one (TMA)
+        q, s = im.quantize_int4(torch.randn(n, k), 128)
+        x = torch.randn(1, k).bfloat16()
+        im._gemv1(x, q, s)
+        im._gemv1(x, q, s, pdl_attr=True)
+    tma = "tma" if im.GEMV1_TMA else "reg"
+    assert seen == [("reg", False), ("reg", True), (tma, False), (tma, True)], seen
+
+
 def test_gemv1_plan_takes_pool_configs_and_whole_groups():
     for n, k in [(2048, 5376), (4096, 5376), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
                  (262144, 5376), (1000, 4608), (12288, 1536), (100000, 256)]:

@@ -1935,18 +1935,19 @@ def _m1(x: torch.Tensor, G: int) -> bool:
 
 def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
            norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None,
-           quantize=None):
+           quantize=None, pdl_attr: bool = False):
     """The op's M == 1 path: `gemv1_plan`'s config (one per shape, no timing run) and PDL mode. quantize:
-    `int4_gemv1`'s (where the plan takes x as levels)."""
+    `int4_gemv1`'s (where the plan takes x as levels). pdl_attr: the kernels launched with the PDL attribute too,
+    as the artifact's launcher launches them (benchmarks: calls in a CUDA graph overlapping as a decode step's)."""
     N, K, G = _check(x2, qweight, scales)
     plan = gemv1_plan(N, K, G)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
     tma = gemv1_tma_splits(N, K, G) if GEMV1_TMA else 0  # 0 but for mid-size weights
     if tma and up_index is None and tma_ok(x2.device):
-        return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=False, up=up,
+        return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=pdl_attr, up=up,
                               norm=norm, res=res, quantize=quantize)
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
-                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=False, up=up, norm=norm,
+                      levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=pdl_attr, up=up, norm=norm,
                       res=res, up_index=up_index, quantize=quantize)
 
 
