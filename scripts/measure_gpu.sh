@@ -280,6 +280,12 @@ stage_ab)  # the same switch in the artifact (GEMMA4_GEMV1_STAGE): the E2B 6-lay
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STAGE --a 0 --b 1 --preset e2b --layers 6 --ctx 8192 \
       --fills 1024 --rounds 3 --workdir /tmp/ab --json "$OUT/stage_ab_e2b.json" 2>&1 | tail -25
   ;;
+step_fit_ab)  # the small weights' staged tiles with steps that leave no group masked (GEMMA4_GEMV1_STEP_FIT: E2B's q / k / v
+  # in 3 steps of 4 groups, not 2 of 8) in the artifact: the E2B 6-layer slice (ctx 8192) exported both ways side by
+  # side, decode timed alternately (scripts/export_ab.py; ~6 min)
+  timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STEP_FIT --a 0 --b 1 --preset e2b --layers 6 \
+      --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fit --json "$OUT/step_fit_ab_e2b.json" 2>&1 | tail -25
+  ;;
 early_ab)  # the small weights' GEMV loading its first tiles before its PDL wait or after it (GEMMA4_GEMV1_EARLY), the E4B
   # 6-layer slice (ctx 8192) exported both ways side by side, decode timed alternately (scripts/export_ab.py; ~6 min)
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_EARLY --a 0 --b 1 --preset e4b --layers 6 --ctx 8192 \

@@ -108,6 +108,22 @@ def test_m1_path_passes_the_pdl_attribute_only_when_asked(monkeypatch):
     assert seen == [("reg", False), ("reg", True), (tma, False), (tma, True)], seen
 
 
+def test_step_fit_takes_masked_groups_off_the_staged_small_tiles(monkeypatch):
+    """GEMV1_STEP_FIT (an A/B switch, off by default): E2B's q / k / v (12 groups a row) in three steps of 4 rather
+    than two of 8 (the second half masked), 4 warps; weights whose steps leave nothing masked, 2-row tiles (x not
+    staged) and x not staged at all keep the plan's tile."""
+    cfg = lambda n, k: (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(im.gemv1_step_config(n, k, 128))
+    shapes = ((2560, 1536), (2048, 1536), (1536, 2048), (256, 1536), (2560, 256))
+    off = {nk: cfg(*nk) for nk in shapes}
+    assert off[2560, 1536] == (8, 8, 8) and off[1536, 2048] == (4, 8, 8)  # the default plan
+    monkeypatch.setattr(im, "GEMV1_STEP_FIT", True)
+    on = {nk: cfg(*nk) for nk in shapes}
+    assert on[2560, 1536] == on[2048, 1536] == (8, 4, 4)
+    assert all(on[nk] == off[nk] for nk in ((1536, 2048), (256, 1536), (2560, 256))), on
+    monkeypatch.setattr(im, "GEMV1_STAGE", False)
+    assert all(cfg(*nk) == off[nk] for nk in shapes)
+
+
 def test_gemv1_plan_takes_pool_configs_and_whole_groups():
     for n, k in [(2048, 5376), (4096, 5376), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
                  (262144, 5376), (1000, 4608), (12288, 1536), (100000, 256)]:
@@ -713,11 +729,12 @@ _STAGE_SCRIPT = textwrap.dedent("""
 
     torch.manual_seed(0)
     with torch._library.triton.set_wrap_triton_enabled(False):
-        # 8 and 4 rows (N ragged to the tile), K in one step or two (the second ragged), groups of 128 and of 32,
+        # 8 and 4 rows (N ragged to the tile), K in one step, two (the second ragged) or three, groups of 128 and 32,
         # every x the small weights' GEMV computes: plain, the norm, the activation with its table row, the residual
         # add (bf16 bit patterns)
         for N, K, G, cfg in [(40, 512, 128, im._cfg1(8, 2, 4)), (22, 1280, 128, im._cfg1(4, 8, 4)),
-                             (36, 384, 128, im._cfg1(8, 2, 2)), (24, 352, 32, im._cfg1(8, 8, 4))]:
+                             (36, 384, 128, im._cfg1(8, 2, 2)), (24, 352, 32, im._cfg1(8, 8, 4)),
+                             (20, 1536, 128, im._cfg1(8, 4, 4))]:  # (the last: GEMV1_STEP_FIT's E2B q / k / v tile)
             qweight, scales = im.quantize_int4(torch.randn(N, K), G)
             wref = im.dequantize_int4(qweight, scales, torch.float64)
             kern = im._gemv1_kernel(cfg)
@@ -747,7 +764,7 @@ def test_staged_x_through_the_interpreter():
     norm, the activation of a table row, the residual add) gives the default within bf16 roundings of the output
     (the sums in another order), both within 1e-2 of fp64; ~15 s."""
     rows = _script_rows(_STAGE_SCRIPT, "stage")
-    assert len(rows) == 16, rows
+    assert len(rows) == 20, rows
     for mode, n, k, e_off, e_on, d in rows:
         assert float(e_off) <= 1e-2 and float(e_on) <= 1e-2 and float(d) <= 4e-3, (mode, n, k, e_off, e_on, d)
 

@@ -1530,6 +1530,13 @@ GEMV1_STEP_MAX_K = 2048  # M == 1 with K up to this and N up to GEMV1_STEP_MAX_N
 GEMV1_STEP_MAX_N = 9216
 GEMV1_THIN_N = 512  # and with N up to this for K up to GEMV1_THIN_MAX_K (the per-layer gates)
 GEMV1_THIN_MAX_K = 4096
+# With x staged (GEMV1_STAGE) a step that leaves groups masked still runs their arithmetic: E2B's 12 groups in steps
+# of 8 compute 16 (sm_90 SASS of its q / k / v loop, 8 rows: ~57 instructions a word of the row at 8 groups a step,
+# ~42 at 4 in three steps, no group masked). STEP_FIT: where half the row's groups (rounded up to a power of two)
+# leaves groups masked, a quarter or an eighth if that computes fewer within 4 steps (tiles of 4 rows or more: the
+# staged ones). Not timed yet (scripts/gemv1_small_variants.py's staged tiles: measure_gpu.sh small_stage; in the
+# artifact: step_fit_ab). "1" in an exporting process: on (an A/B switch, scripts/export_ab.py).
+GEMV1_STEP_FIT = os.environ.get("GEMMA4_GEMV1_STEP_FIT", "0") == "1"
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
@@ -1574,12 +1581,18 @@ def _xq_plan(cfg: triton.Config, splits: int) -> Gemv1Plan:
 
 def gemv1_step_config(n: int, k: int, group_size: int) -> triton.Config:
     """The small weights' tile: 8 rows from 2048, 4 from 1024, else 2; a step of half the row's
-    groups rounded up to a power of two (all of them up to 2: K in one or two steps); 8 warps from
-    8 groups a step, else 4, fewer where the tile has under a word a thread (tiny weights)."""
+    groups rounded up to a power of two (all of them up to 2: K in one or two steps; with GEMV1_STEP_FIT
+    a smaller step where that computes fewer masked groups); 8 warps from 8 groups a step, else 4, fewer
+    where the tile has under a word a thread (tiny weights)."""
     row_groups = k // group_size
     groups = triton.next_power_of_2(row_groups)
     groups = groups if row_groups <= 2 else groups // 2
     block_n = 8 if n >= 2048 else 4 if n >= 1024 else 2
+    if GEMV1_STEP_FIT and GEMV1_STAGE and block_n >= 4:  # staged tiles: fewer groups computed (masked ones
+        # count), within 4 steps (2-row tiles compute x a row of threads: fewer warps cost them more, 256 -> 354
+        # instructions a word for E2B's per-layer gate)
+        fits = [g for g in (groups, groups // 2, groups // 4) if g >= 1 and -(-row_groups // g) <= 4]
+        groups = min(fits, key=lambda g: (-(-row_groups // g) * g, -g))
     warps = 8 if groups >= 8 else 4
     while warps > 1 and block_n * groups * (group_size // 8) < 32 * warps:
         warps //= 2
