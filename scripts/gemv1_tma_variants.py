@@ -24,11 +24,12 @@ best and the op's TMA choice (GEMV1_TMA_TILE, `gemv1_tma_splits`), without PDL a
 measured in the same run. Table on stdout, one JSON (`--out`) with `copy_gbps`, `rows`, `best`, `layers`.
 
 --layer-tiles ROWSxGROUPSxSTAGES,...: the layer graph also runs the op's choice with each of these tiles in place
-of GEMV1_TMA_TILE (its warps, K slices for ~GEMV1_TMA_PROGRAMS programs), keys `tile<R>x<G>x<S>` (`_pdl` with PDL).
-The pipeliner issues STAGES - 1 steps of copies ahead of its loop, so with PDL the stages say how much of each
-program's weight is asked for before the wait, while the kernel before it still runs (2 steps, 16 KB, at the
-default; 5 steps at 6 stages, nearly all of an o projection program's ~44 KB). --layer-only: each shape checked
-and timed at the op's choice and these tiles only (no sweep of candidates), then the layer graph (~1 minute).
+of GEMV1_TMA_TILE (its warps, K slices for ~GEMV1_TMA_PROGRAMS programs), keys `tile<R>x<G>x<S>` (`_pdl` with PDL):
+the per-shape sweep times its tiles without PDL only. With PDL the stages set the copies in flight inside the loop,
+not what goes out before the wait: compiled for sm_90, the pipeliner's prologue puts the wait (x's level loads
+follow it, in the loads' stage) after the first step's copies at 3, 4 and 6 stages alike; a step's groups set that
+(4 groups, 8 KB of a 32-row program; 8 groups, 16 KB). --layer-only: each shape checked and timed at the op's choice
+and these tiles only (no sweep of candidates), then the layer graph (~1 minute).
 """
 
 from __future__ import annotations

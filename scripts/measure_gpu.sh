@@ -416,9 +416,10 @@ gemv1_tma)  # the op's TMA-fed M == 1 GEMV in its tiles against the plan (the re
   timeout 290 python -m scripts.gemv1_tma_variants --budget 170 --prewarm 14 --out "$OUT/gemv1_tma_variants.json" \
       2>&1 | tail -12
   ;;
-tma_stages)  # how much of each TMA GEMV program's weight goes out before its PDL wait: the 31B sliding layer's four as
-  # one graph with the op's tile (32 rows x 4 groups, 3 stages: 2 steps ahead) against more stages / wider steps,
-  # without PDL and with it (`gemv1_tma_variants --layer-only`; no prewarm: the few kernels compile inline; ~1-2 min)
+tma_stages)  # the TMA GEMV's tile in the 31B sliding layer's four as one graph with PDL (the sweep timed tiles without
+  # it): the op's (32 rows x 4 groups, 3 stages) against more stages (copies in flight in the loop) and 8-group steps
+  # (16 KB of a program before the wait, not 8) (`gemv1_tma_variants --layer-only`; no prewarm: the few kernels
+  # compile inline; ~1-2 min)
   timeout 280 python -m scripts.gemv1_tma_variants --layer-only --layer-tiles 32x4x4,32x4x6,32x8x3,32x8x4 \
       --budget 150 --prewarm 0 --out "$OUT/gemv1_tma_stages.json" 2>&1 | tail -16
   ;;
