@@ -275,6 +275,13 @@ small_mlp)  # the small models' MLP as the op runs it (quantize kernels + dp4a) 
   # with x once a program (scripts/small_mlp_variants.py, E2B / E4B / 26B-A4B, 24 layers a graph; 2-5 min)
   timeout 330 python -m scripts.small_mlp_variants --out "$OUT/small_mlp_variants.json" 2>&1 | tail -24
   ;;
+fusions_ab_e2b)  # the three launch fusions in a small model, where launches weigh most (E2B's step 433 -> 356 launches,
+  # decode_kernel_counts_fused.json; on the 31B they lost: fusions_ab_31b_6l.json): the E2B 6-layer slice (ctx 8192)
+  # exported both ways side by side, decode timed alternately, logits compared (~6 min)
+  timeout 500 python -m scripts.export_ab --switch GEMMA4_FUSED_ATTENTION,GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE --a 0 \
+      --b 1 --preset e2b --layers 6 --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fe2b \
+      --json "$OUT/fusions_ab_e2b_6l.json" 2>&1 | tail -25
+  ;;
 stage_ab)  # the same switch in the artifact (GEMMA4_GEMV1_STAGE): the E2B 6-layer slice (ctx 8192) exported both ways side
   # by side, decode timed alternately (scripts/export_ab.py; ~6 min)
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STAGE --a 0 --b 1 --preset e2b --layers 6 --ctx 8192 \
