@@ -267,8 +267,8 @@ gemv_stage)  # the small weights' GEMV with each step's x computed once a progra
       --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
 small_stage)  # the small weights' tiles with x once a program (STAGE, now the default): 4-32 rows, K in 1, 2 or 4 steps
-  # (E2B's 12 groups in 3 steps of 4, none masked) against the plan, each shape and a layer's as one graph (~3 min)
-  timeout 280 python -m scripts.gemv1_small_variants --budget 170 --prewarm 14 \
+  # (E2B's 12 groups in 3 steps of 4, none masked) against the plan, each shape and a layer's as one graph (~4-5 min)
+  timeout 360 python -m scripts.gemv1_small_variants --budget 170 --prewarm 14 \
       --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
 small_mlp)  # the small models' MLP as the op runs it (quantize kernels + dp4a) against one bf16-x launch a projection
