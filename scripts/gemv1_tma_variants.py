@@ -165,8 +165,7 @@ def tile_variant(bn: int, groups: int, stages: int, n: int, k: int, pdl: int = 0
     ~GEMV1_TMA_PROGRAMS programs (`gemv1_tma_splits`' rule)."""
     if not im.gemv1_tma_splits(n, k, GROUP):
         return Plan(pdl)
-    splits = max(1, min(k // GROUP // groups, round(im.GEMV1_TMA_PROGRAMS / triton.cdiv(n, bn))))
-    return Variant(bn, groups, stages, im.GEMV1_TMA_TILE[3], splits, pdl)
+    return Variant(bn, groups, stages, im.GEMV1_TMA_TILE[3], im.gemv1_tma_splits(n, k, GROUP, (bn, groups)), pdl)
 
 
 def _tiles_arg(text: str) -> list[tuple[int, int, int]]:

@@ -1621,11 +1621,12 @@ def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
     return _xq_plan(GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size))))
 
 
-def gemv1_tma_splits(n: int, k: int, group_size: int) -> int:
-    """K slices of `_int4_gemv1_tma_kernel` for an [n, k] weight it serves with GEMV1_TMA on (mid-size weights:
-    more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, K at least GEMV1_TMA_MIN_K, group 128, at least a step
-    of groups, not a small weight), else 0: ~GEMV1_TMA_PROGRAMS programs, a slice at least a step."""
-    rows, step = GEMV1_TMA_TILE[0], GEMV1_TMA_TILE[1]
+def gemv1_tma_splits(n: int, k: int, group_size: int, tile: tuple = GEMV1_TMA_TILE) -> int:
+    """K slices of `_int4_gemv1_tma_kernel` at `tile` (rows, groups a step, ...) for an [n, k] weight it serves
+    with GEMV1_TMA on (mid-size weights: more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, K at least
+    GEMV1_TMA_MIN_K, group 128, at least a step of groups, not a small weight), else 0: ~GEMV1_TMA_PROGRAMS
+    programs, a slice at least a step."""
+    rows, step = tile[0], tile[1]
     groups = k // group_size
     if not (GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and k >= GEMV1_TMA_MIN_K and groups >= step
             and gemv1_plan(n, k, group_size).xq):
