@@ -163,9 +163,8 @@ def tile_variant(bn: int, groups: int, stages: int, n: int, k: int, pdl: int = 0
     """The op's choice for an [n, k] weight with the tile (bn rows, groups a step, stages) in place of
     GEMV1_TMA_TILE: the plan where the op takes no TMA kernel, else GEMV1_TMA_TILE's warps and K slices for
     ~GEMV1_TMA_PROGRAMS programs (`gemv1_tma_splits`' rule)."""
-    if not im.gemv1_tma_splits(n, k, GROUP):
-        return Plan(pdl)
-    return Variant(bn, groups, stages, im.GEMV1_TMA_TILE[3], im.gemv1_tma_splits(n, k, GROUP, (bn, groups)), pdl)
+    splits = im.gemv1_tma_splits(n, k, GROUP, (bn, groups))
+    return Variant(bn, groups, stages, im.GEMV1_TMA_TILE[3], splits, pdl) if splits else Plan(pdl)
 
 
 def _tiles_arg(text: str) -> list[tuple[int, int, int]]:
