@@ -60,11 +60,11 @@ def layer_weights(cfg, dev):
 
 
 def gemv(x, qs, switch, **kw):
-    """As the op runs the weight (`gemv1_plan`: E4B's q / k / v takes x as levels, a quantize kernel first,
-    which the switches leave as it is), launched directly with the PDL attribute; `switch` ({name: bool}) the
-    `int4_gemv1` switch of the variant."""
+    """As the op runs the weight (`gemv1_plan` with the prologue the arguments make: where it takes x as levels, as
+    E4B's q / k / v did before the fitted staged tiles, a quantize kernel first, which the switches leave as it is),
+    launched directly with the PDL attribute; `switch` ({name: bool}) the `int4_gemv1` switch of the variant."""
     q, s = qs
-    plan = im.gemv1_plan(q.shape[0], x.shape[1], G)
+    plan = im.gemv1_plan(q.shape[0], x.shape[1], G, im.prologue_of(kw.get("up"), kw.get("norm"), kw.get("res")))
     return im.int4_gemv1(x, q, s, plan.splits, kernel=im._gemv1_kernel(plan.cfg), xq=plan.xq, levels=plan.levels,
                          pdl_quant=2 if plan.xq else 0, pdl_gemv=2, pdl_attr=True, **switch, **kw)
 

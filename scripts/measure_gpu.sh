@@ -272,8 +272,9 @@ small_stage)  # the small weights' tiles with x once a program (STAGE, now the d
       --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
 small_mlp)  # the small models' MLP as the op runs it (quantize kernels + dp4a) against one bf16-x launch a projection
-  # with x once a program (scripts/small_mlp_variants.py, E2B / E4B / 26B-A4B, 24 layers a graph; 2-5 min)
-  timeout 330 python -m scripts.small_mlp_variants --out "$OUT/small_mlp_variants.json" 2>&1 | tail -24
+  # with x once a program, the fitted staged tiles each alone and both (scripts/small_mlp_variants.py, E2B / E4B /
+  # 26B-A4B, 16 layers a graph; 3-5 min)
+  timeout 400 python -m scripts.small_mlp_variants --layers 16 --out "$OUT/small_mlp_variants.json" 2>&1 | tail -32
   ;;
 fusions_ab_e2b)  # the three launch fusions in a small model, where launches weigh most (E2B's step 433 -> 356 launches,
   # decode_kernel_counts_fused.json; on the 31B they lost: fusions_ab_31b_6l.json): the E2B 6-layer slice (ctx 8192)
@@ -287,11 +288,13 @@ stage_ab)  # the same switch in the artifact (GEMMA4_GEMV1_STAGE): the E2B 6-lay
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STAGE --a 0 --b 1 --preset e2b --layers 6 --ctx 8192 \
       --fills 1024 --rounds 3 --workdir /tmp/ab --json "$OUT/stage_ab_e2b.json" 2>&1 | tail -25
   ;;
-step_fit_ab)  # the small weights' staged tiles with steps that leave no group masked (GEMMA4_GEMV1_STEP_FIT: E2B's q / k / v
-  # in 3 steps of 4 groups, not 2 of 8) in the artifact: the E2B 6-layer slice (ctx 8192) exported both ways side by
-  # side, decode timed alternately (scripts/export_ab.py; ~6 min)
-  timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STEP_FIT --a 0 --b 1 --preset e2b --layers 6 \
-      --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fit --json "$OUT/step_fit_ab_e2b.json" 2>&1 | tail -25
+step_fit_ab)  # the small weights' fitted staged tiles (GEMMA4_GEMV1_STEP_FIT: steps that leave no group masked, 4-16
+  # rows, and one bf16-x launch up to K 6144 for the o and q / k / v projections) in the artifact: a 6-layer slice
+  # (ctx 8192; $2: e2b (default), e4b or 26b-a4b) exported both ways side by side, decode timed alternately
+  # (scripts/export_ab.py; ~6 min)
+  v=${2:-e2b}
+  timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STEP_FIT --a 0 --b 1 --preset "$v" --layers 6 \
+      --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fit --json "$OUT/step_fit_ab_$v.json" 2>&1 | tail -25
   ;;
 early_ab)  # the small weights' GEMV loading its first tiles before its PDL wait or after it (GEMMA4_GEMV1_EARLY), the E4B
   # 6-layer slice (ctx 8192) exported both ways side by side, decode timed alternately (scripts/export_ab.py; ~6 min)

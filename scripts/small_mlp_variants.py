@@ -16,7 +16,9 @@ H100 (scripts/measurements/small_mlp_variants_h100.json): they do not, E2B 16.85
 against 22.5 at best as the bf16 pair, E4B 28.3 against 45.1.
 
 Variants per model: `op` (`gemv1_plan`'s configs and the op's quantize kernels) and `bf16/<gate_up>/<down>` (the
-bf16-x kernel with STAGE on, one K slice, each tile BLOCK_N rows x GROUPS groups a step x warps). A layer is
+bf16-x kernel with STAGE on, one K slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side:
+that projection as the op runs it), the staged tiles `gemv1_step_config` fits to the two weights among them (each
+alone, then both). A layer is
 h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up); the next layer takes (h, d) as
 (x, r). The chain of --layers layers (own weights: more bytes than the L2) is one CUDA graph, every kernel launched
 with the PDL attribute as the artifact's launcher sets it; median us a layer over alternated rounds, beside the
@@ -72,7 +74,8 @@ class Op:
 
     def gemv(self, x, qs, which, **kw):  # (which: the plan picks the config)
         q, s = qs
-        plan = im.gemv1_plan(q.shape[0], x.shape[1], x.shape[1] // s.shape[1])
+        plan = im.gemv1_plan(q.shape[0], x.shape[1], x.shape[1] // s.shape[1],
+                             im.prologue_of(kw.get("up"), kw.get("norm"), kw.get("res")))
         pdl = 0 if _INTERPRET else 2
         if not plan.xq and "res" in kw:
             kw["res"] = (*kw["res"], EPS)
@@ -82,13 +85,15 @@ class Op:
 
 class Bf16:
     """bf16 x computed once a program (STAGE), one launch a projection: gate / up with the add and both norms,
-    down with the activation."""
+    down with the activation. A tile of None: that projection as the op runs it (`Op`; label `op`)."""
 
     def __init__(self, gu_tile, down_tile):
         self.tiles = {"gu": gu_tile, "down": down_tile}
-        self.label = "bf16/" + "/".join("x".join(map(str, t)) for t in (gu_tile, down_tile))
+        self.label = "bf16/" + "/".join("x".join(map(str, t)) if t else "op" for t in (gu_tile, down_tile))
 
     def gemv(self, x, qs, which, **kw):
+        if self.tiles[which] is None:
+            return Op().gemv(x, qs, which, **kw)
         q, s = qs
         bn, groups, warps = self.tiles[which]
         if "res" in kw:
@@ -96,6 +101,17 @@ class Bf16:
         pdl = 0 if _INTERPRET else 2
         return im.int4_gemv1(x, q, s, 1, kernel=im._gemv1_kernel(im._cfg1(bn, groups, warps)), xq=False,
                              stage=True, pdl_gemv=pdl, pdl_attr=True, **kw)
+
+
+def fitted(hid: int, inter: int) -> list[Bf16]:
+    """The staged tiles `gemv1_step_config` fits to the MLP's two weights (GEMV1_STEP_FIT's rule), each alone
+    beside the op's other projection, then both: whether the rule's one bf16-x launch pays where x is the residual
+    add with both norms (gate / up) or the activation (down), which `gemv1_plan` does not give it yet beyond K
+    2048."""
+    tile = lambda n, k: (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(  # noqa: E731
+        im.gemv1_step_config(n, k, im.group_size_for(k, 128)))
+    gu, down = tile(2 * inter, hid), tile(hid, inter)
+    return [Bf16(gu, None), Bf16(None, down), Bf16(gu, down)]
 
 
 def layer(v, x, r, w):
@@ -152,13 +168,15 @@ def main(argv=None) -> int:
     ok = True
     for model in models:
         hid, inter = SHAPES[model]
+        model_variants = variants if _INTERPRET else variants + [v for v in fitted(hid, inter)
+                                                                 if v.label not in {u.label for u in variants}]
         ws = [weights(hid, inter, DEVICE) for _ in range(layers)]
         floor = weight_bytes(ws[0]) / gbps / 1e3
         rec = {"hidden": hid, "intermediate": inter, "floor_us": floor, "rows": []}
         x0 = torch.randn(1, hid, device=DEVICE).to(torch.bfloat16)
         r0 = (torch.randn(1, hid, device=DEVICE) * 4).to(torch.bfloat16)
         timed = []
-        for v in variants:
+        for v in model_variants:
             row = {"variant": v.label}
             try:
                 h, gu, d = layer(v, x0, r0, ws[0])

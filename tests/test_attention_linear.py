@@ -93,23 +93,27 @@ def test_cpu_kernel_is_attention_then_int4_linear():
         torch.ops.gemma4.attention_int4_linear(q, k, v, None, None, pos, 0, qweight[:, :128], scales[:, :8])
 
 
-@pytest.mark.parametrize("shape,kv,fused", [
-    ((32, 16, 256, 1024, 5376), "float", True),  # 31B sliding layer (ring of the window): 16 shares a KV head
-    ((32, 4, 512, 131072, 5376), "float", True),  # 31B full layer, bf16 cache
-    ((16, 8, 256, 1024, 2816), "float", True),  # 26B-A4B sliding layer
-    ((8, 1, 256, 1024, 1536), "float", False),  # E2B sliding: o_proj's K of 2048 takes bf16 x (no levels)
-    ((8, 1, 512, 131072, 1536), "float", True),  # E2B full: K 4096 takes x as levels
+@pytest.mark.parametrize("shape,kv,fused,fused_unfitted", [
+    ((32, 16, 256, 1024, 5376), "float", True, True),  # 31B sliding layer (ring of the window): 16 shares a KV head
+    ((32, 4, 512, 131072, 5376), "float", True, True),  # 31B full layer, bf16 cache
+    ((16, 8, 256, 1024, 2816), "float", False, True),  # 26B-A4B sliding layer: o_proj 2816 x 4096
+    ((8, 1, 256, 1024, 1536), "float", False, False),  # E2B sliding: o_proj's K of 2048 takes bf16 x (no levels)
+    ((8, 1, 512, 131072, 1536), "float", False, True),  # E2B full: o_proj 1536 x 4096
 ])
-def test_where_the_combine_writes_the_levels(shape, kv, fused):
-    """The fusion applies where the o_proj's M == 1 plan takes x as int8 levels and decode has a combine."""
+def test_where_the_combine_writes_the_levels(shape, kv, fused, fused_unfitted, monkeypatch):
+    """The fusion applies where the o_proj's M == 1 plan takes x as int8 levels and decode has a combine: with the
+    fitted staged tiles (the default) the small models' o_proj up to K 6144 takes one bf16-x launch instead; without
+    them (GEMV1_STEP_FIT off) K 4096 took levels."""
     H, Hkv, D, S, N = shape
     with torch.device("meta"):
         q = torch.empty(1, 1, H, D, dtype=torch.bfloat16)
         k = torch.empty(1, Hkv, S, D, dtype=torch.bfloat16)
         qweight = torch.empty(N, H * D // 2, dtype=torch.uint8)
         scales = torch.empty(N, H * D // 128, dtype=torch.bfloat16)
-    assert AL.fused_at_decode(q, k, None, qweight, scales) == fused
-    assert not AL.fused_at_decode(q.float(), k, None, qweight, scales)  # the M == 1 kernels take bf16 x
+    for fit, want in ((True, fused), (False, fused_unfitted)):
+        monkeypatch.setattr(im, "GEMV1_STEP_FIT", fit)
+        assert AL.fused_at_decode(q, k, None, qweight, scales) == want
+        assert not AL.fused_at_decode(q.float(), k, None, qweight, scales)  # the M == 1 kernels take bf16 x
 
 
 _MUTATION = textwrap.dedent("""

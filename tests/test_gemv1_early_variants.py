@@ -16,7 +16,8 @@ from scripts.gemv1_early_variants import layer_weights
 def test_the_timed_layer_is_the_models_small_projections(name):
     cfg = PRESETS[name]
     w = layer_weights(cfg, torch.device("cpu"))  # asserts the small branch after q / k / v
-    assert im.gemv1_plan(im.unpack_int4(w["qkv"][0]).shape[0], cfg.hidden_size, 128).xq == (name == "e4b")
+    # E4B's q / k / v (3072 x 2560) takes the staged tiles' one bf16-x launch too; without them x as levels
+    assert not im.gemv1_plan(im.unpack_int4(w["qkv"][0]).shape[0], cfg.hidden_size, 128).xq
     H, P = cfg.hidden_size, cfg.hidden_size_per_layer_input
     assert im.unpack_int4(w["gate"][0]).shape == (P, H) and im.unpack_int4(w["proj"][0]).shape == (H, P)
     assert im.unpack_int4(w["o"][0]).shape == (H, cfg.num_attention_heads * cfg.layer_head_dim(0))

@@ -109,23 +109,49 @@ def test_m1_path_passes_the_pdl_attribute_only_when_asked(monkeypatch):
 
 
 def test_step_fit_takes_masked_groups_off_the_staged_small_tiles(monkeypatch):
-    """GEMV1_STEP_FIT (an A/B switch, off by default): E2B's q / k / v (12 groups a row) in three steps of 4 rather
-    than two of 8 (the second half masked), 4 warps; weights whose steps leave nothing masked, 2-row tiles (x not
-    staged) and x not staged at all keep the plan's tile."""
-    cfg = lambda n, k: (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(im.gemv1_step_config(n, k, 128))
+    """GEMV1_STEP_FIT (the default; off is an A/B switch): E2B's q / k / v (12 groups a row) in three steps of 4
+    rather than two of 8 (the second half masked), 4 warps; 20 or 22 groups in three steps of 8; ties (32 groups)
+    to 8 groups a step; 16 rows from 6144. Off, or x not staged, or 2-row tiles: half the row's groups a step."""
+    cfg = lambda n, k, g=128: (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(
+        im.gemv1_step_config(n, k, g))
     shapes = ((2560, 1536), (2048, 1536), (1536, 2048), (256, 1536), (2560, 256))
-    off = {nk: cfg(*nk) for nk in shapes}
-    assert off[2560, 1536] == (8, 8, 8) and off[1536, 2048] == (4, 8, 8)  # the default plan
-    monkeypatch.setattr(im, "GEMV1_STEP_FIT", True)
     on = {nk: cfg(*nk) for nk in shapes}
     assert on[2560, 1536] == on[2048, 1536] == (8, 4, 4)
+    assert on[1536, 2048] == (4, 8, 8) and on[2560, 256] == (8, 2, 4) and on[256, 1536] == (2, 8, 8)
+    assert cfg(3072, 2560) == (8, 8, 8) and cfg(8192, 2816) == (16, 8, 4) and cfg(1536, 4096) == (4, 8, 8)
+    assert cfg(1536, 6144) == (4, 16, 8) and cfg(2816, 2112, 64) == (8, 16, 8) and cfg(8960, 1536) == (16, 4, 4)
+    monkeypatch.setattr(im, "GEMV1_STEP_FIT", False)
+    off = {nk: cfg(*nk) for nk in shapes}
+    assert off[2560, 1536] == (8, 8, 8) and off[1536, 2048] == (4, 8, 8)
     assert all(on[nk] == off[nk] for nk in ((1536, 2048), (256, 1536), (2560, 256))), on
+    monkeypatch.setattr(im, "GEMV1_STEP_FIT", True)
     monkeypatch.setattr(im, "GEMV1_STAGE", False)
     assert all(cfg(*nk) == off[nk] for nk in shapes)
 
 
+def test_staged_tiles_take_mid_k_weights_in_one_launch(monkeypatch):
+    """With the staged, fitted tiles, weights of K up to GEMV1_STAGED_MAX_K and 1024 to GEMV1_STAGED_MAX_N rows (the
+    small models' mid-size projections) whose x is plain or a norm run as one bf16-x launch; with the residual add
+    or the activation computed into x, more rows or K, fewer than 1024 rows, or the switch off they keep the pool's
+    two launches (x as levels). K up to 2048 takes one launch whatever the prologue."""
+    inside = ((1536, 6144), (8192, 2816), (2816, 4096), (4224, 2816), (2048, 2560))
+    outside = ((9216, 2816), (2816, 8192), (10752, 2560), (1000, 4608), (5376, 21504), (16384, 5376))
+    for pro in ("plain", "norm"):
+        assert not any(im.gemv1_plan(n, k, 128, pro).xq for n, k in inside)
+        assert all(im.gemv1_plan(n, k, 128, pro).xq == im.GEMV1_XQ for n, k in outside)
+    for pro in ("res", "glu"):
+        assert all(im.gemv1_plan(n, k, 128, pro).xq == im.GEMV1_XQ for n, k in inside + outside)
+        assert not im.gemv1_plan(2560, 1536, 128, pro).xq
+    assert im.prologue_of() == "plain" and im.prologue_of(norm=1) == "norm"
+    assert im.prologue_of(norm=1, res=1) == "res" and im.prologue_of(up=1) == "glu"
+    with pytest.raises(AssertionError):
+        im.gemv1_plan(2560, 1536, 128, "gelu")
+    monkeypatch.setattr(im, "GEMV1_STEP_FIT", False)
+    assert all(im.gemv1_plan(n, k, 128).xq == im.GEMV1_XQ for n, k in inside)
+
+
 def test_gemv1_plan_takes_pool_configs_and_whole_groups():
-    for n, k in [(2048, 5376), (4096, 5376), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
+    for n, k in [(2048, 8192), (4096, 6400), (5376, 8192), (5376, 21504), (16384, 5376), (21504, 5376),
                  (262144, 5376), (1000, 4608), (12288, 1536), (100000, 256)]:
         g = im.group_size_for(k, 128)
         cfg, splits, xq, levels = im.gemv1_plan(n, k, g)
@@ -135,15 +161,14 @@ def test_gemv1_plan_takes_pool_configs_and_whole_groups():
         lane = cfg.kwargs["PARTS"] == 1 or cfg.kwargs["DEPTH"] == 0
         assert levels == (im.GEMV1_LEVELS if lane else 2)
     xq, one = im.GEMV1_XQ, im.GEMV1_LEVELS
-    assert im.gemv1_plan(2048, 5376, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)  # K parts, no second kernel
+    assert im.gemv1_plan(2048, 8192, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)  # K parts, no second kernel
     assert im.gemv1_plan(262144, 5376, 128) == (im.GEMV1_CONFIGS[0], 1, xq, one)  # 128-row tiles, one slice
     # 42 row blocks of 128 x 8 slices; from 8192 rows 64-row tiles x 2 slices
     assert im.gemv1_plan(5376, 21504, 128) == (im.GEMV1_CONFIGS[0], 8, xq, one)
     assert im.gemv1_plan(16384, 5376, 128) == (im.GEMV1_CONFIGS[2], 2, xq, one)
     # where the one-launch tiles lost on the H200 (scripts/measurements/gemv1_small_variants.json)
     assert im.gemv1_plan(12288, 1536, 128) == (im.GEMV1_CONFIGS[2], 2, xq, one)
-    assert im.gemv1_plan(3072, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)
-    assert im.gemv1_plan(2048, 2560, 128) == (im.GEMV1_CONFIGS[1], 1, xq, 2)
+    assert im.gemv1_plan(10752, 2560, 128) == (im.GEMV1_CONFIGS[2], 2, xq, one)  # and the staged ones too (H100)
 
 
 def _step_label(plan):
@@ -155,9 +180,11 @@ def _step_label(plan):
     (2560, 2048, "b8r8g8w"), (1536, 2048, "b4r8g8w"), (2560, 1536, "b8r8g8w"), (2048, 1536, "b8r8g8w"),
     (5120, 1536, "b8r8g8w"), (8960, 1536, "b8r8g8w"), (256, 2560, "b2r16g8w"), (256, 1536, "b2r8g8w"),
     (2560, 256, "b8r2g4w"), (1536, 256, "b4r2g4w"), (2816, 704, "b8r8g8w")])
-def test_gemv1_plan_runs_small_weights_in_one_bf16_launch(n, k, label):
-    """The small models' small weights: bf16 x (no quantize launch), one slice, a step of half
-    or all of the row's groups: the H200 sweep's best tile or within 0.1 us of it."""
+def test_gemv1_plan_runs_small_weights_in_one_bf16_launch(n, k, label, monkeypatch):
+    """The small models' small weights with the step of half the row's groups (GEMV1_STEP_FIT off): bf16 x (no
+    quantize launch), one slice, a step of half or all of the row's groups: the H200 sweep's best tile (x once a
+    row of threads) or within 0.1 us of it."""
+    monkeypatch.setattr(im, "GEMV1_STEP_FIT", False)
     g = im.group_size_for(k, 128)
     plan = im.gemv1_plan(n, k, g)
     assert _step_label(plan) == f"{label}/1/1"
@@ -168,19 +195,41 @@ def test_gemv1_plan_runs_small_weights_in_one_bf16_launch(n, k, label):
     assert im.config_smem_bytes(plan.cfg, g) <= im.SMEM_LIMIT_BYTES
 
 
-def test_gemv1_step_config_is_sane_for_any_small_shape():
-    """Every shape of the small branch, tiny ones too: power-of-two tiles, K in one or two steps,
-    at most 64 words a thread, and no more warps than the tile has words for (down to one)."""
-    for n in (1, 7, 40, 512, 1024, 2048, 9216):
-        for k in (32, 64, 96, 704, 1536, 2048):
-            for group in (32, 128):
+@pytest.mark.parametrize("n,k,label", [
+    (2560, 1536, "b8r4g4w"), (5120, 1536, "b8r4g4w"), (8960, 1536, "b16r4g4w"), (1536, 6144, "b4r16g8w"),
+    (8192, 2816, "b16r8g4w"), (2816, 4096, "b8r8g8w"), (6144, 2560, "b16r8g4w"), (2048, 2560, "b8r8g8w"),
+    (2560, 4096, "b8r8g8w"), (1536, 4096, "b4r8g8w")])
+def test_gemv1_plan_takes_the_staged_sweeps_tiles(n, k, label):
+    """With the staged, fitted tiles (the default): the H100 sweep's best tile (x once a program,
+    gemv1_small_stage_h100.json) or within 0.2 us of it (1536 x 4096: 5.24 against 5.07), one launch, one slice."""
+    g = im.group_size_for(k, 128)
+    assert _step_label(im.gemv1_plan(n, k, g)) == f"{label}/1/1"
+
+
+@pytest.mark.parametrize("fit", [False, True])
+def test_gemv1_step_config_is_sane_for_any_small_shape(fit, monkeypatch):
+    """Every shape of the small branch, tiny ones too: power-of-two tiles, K in one or two steps (up to four
+    with the staged, fitted tiles, whose K reaches GEMV1_STAGED_MAX_K), at most 64 words a thread, no more
+    warps than the tile has words for (down to one), and the fp32 scratch within the card's shared memory."""
+    monkeypatch.setattr(im, "GEMV1_STEP_FIT", fit)
+    for n in (1, 7, 40, 512, 1024, 2048, 6144, 8192, 9216):
+        for k in (32, 64, 96, 704, 1536, 2048, 2112, 2816, 4096, 5376, 6144):
+            for group in (32, 64, 128):
                 g = im.group_size_for(k, group)
                 plan = im.gemv1_plan(n, k, g)
-                assert plan.splits == 1 and not plan.xq
+                if k > im.GEMV1_STEP_MAX_K and not (fit and 1024 <= n <= im.GEMV1_STAGED_MAX_N):
+                    if n > im.GEMV1_THIN_N:
+                        assert plan.xq == im.GEMV1_XQ
+                    continue
+                if n > im.GEMV1_STEP_MAX_N:
+                    continue
+                assert plan.splits == 1 and not plan.xq, (n, k, g)
                 bn, groups, warps = plan.cfg.kwargs["BLOCK_N"], plan.cfg.kwargs["GROUPS"], plan.cfg.num_warps
-                assert bn & (bn - 1) == 0 and groups & (groups - 1) == 0 and 1 <= -(-(k // g) // groups) <= 2
+                steps = -(-(k // g) // groups)
+                assert bn & (bn - 1) == 0 and groups & (groups - 1) == 0 and 1 <= steps <= (4 if fit else 2)
                 tile = bn * groups * (g // 8)
                 assert tile <= 64 * 32 * warps and (warps == 1 or tile >= 32 * warps), (n, k, g)
+                assert im.config_smem_bytes(plan.cfg, g) <= im.SMEM_LIMIT_BYTES
 
 
 def test_group_size_for_k_not_a_multiple():

@@ -29,7 +29,8 @@ def test_tiles_hold_a_few_words_a_thread_and_the_op_takes_levels_there():
             assert bn * groups * 16 <= 64 * 32 * warps
     for m in ("e2b", "e4b", "26b-a4b"):  # the op's side of the comparison: x as levels (two launches each)
         h, inter = sm.SHAPES[m]
-        assert im.gemv1_plan(2 * inter, h, 128).xq and im.gemv1_plan(h, inter, im.group_size_for(inter, 128)).xq
+        assert im.gemv1_plan(2 * inter, h, 128, "res").xq
+        assert im.gemv1_plan(h, inter, im.group_size_for(inter, 128), "glu").xq
 
 
 def test_probe_runs_and_checks_in_the_interpreter(tmp_path):

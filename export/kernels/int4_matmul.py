@@ -1530,13 +1530,28 @@ GEMV1_STEP_MAX_K = 2048  # M == 1 with K up to this and N up to GEMV1_STEP_MAX_N
 GEMV1_STEP_MAX_N = 9216
 GEMV1_THIN_N = 512  # and with N up to this for K up to GEMV1_THIN_MAX_K (the per-layer gates)
 GEMV1_THIN_MAX_K = 4096
-# With x staged (GEMV1_STAGE) a step that leaves groups masked still runs their arithmetic: E2B's 12 groups in steps
-# of 8 compute 16 (sm_90 SASS of its q / k / v loop, 8 rows: ~57 instructions a word of the row at 8 groups a step,
-# ~42 at 4 in three steps, no group masked). STEP_FIT: where half the row's groups (rounded up to a power of two)
-# leaves groups masked, a quarter or an eighth if that computes fewer within 4 steps (tiles of 4 rows or more: the
-# staged ones). Not timed yet (scripts/gemv1_small_variants.py's staged tiles: measure_gpu.sh small_stage; in the
-# artifact: step_fit_ab). "1" in an exporting process: on (an A/B switch, scripts/export_ab.py).
-GEMV1_STEP_FIT = os.environ.get("GEMMA4_GEMV1_STEP_FIT", "0") == "1"
+# Staged tiles fitted to the row (STEP_FIT, with x staged: GEMV1_STAGE). A step that leaves groups masked still runs
+# their arithmetic: E2B's 12 groups in steps of 8 compute 16 (sm_90 SASS of its q / k / v loop, 8 rows: ~57
+# instructions a word of the row at 8 groups a step, ~42 at 4 in three steps). So the step is the power of two
+# that computes the fewest groups within 4 steps, ties to ~128 words of a row a step (8 groups of 128); 4 rows up
+# to 2047, 8 up to 6143, then 16; 8 warps from 128 words a row-step on up to 8 rows, else 4. Since x is computed
+# once a program, K up to GEMV1_STAGED_MAX_K takes such a tile too (bf16 x, one launch), from 1024 up to
+# GEMV1_STAGED_MAX_N rows, where x is plain or a norm of it (`gemv1_plan`'s prologue "plain" / "norm": the o and
+# q / k / v projections). H100, us per call with plain x (scripts/gemv1_small_variants.py,
+# gemv1_small_stage_h100.json): E2B q / k / v 2560 x 1536 4.06 -> 3.75, full 5120 x 1536 6.54 -> 4.63, 8960 x
+# 1536 8.81 -> 6.62, o 1536 x 4096 6.49 -> 5.07 (the pool's two launches before); E4B q 2048 x 2560 5.82 -> 4.36,
+# 6144 x 2560 9.29 -> 8.18, o 2560 x 4096 7.00 -> 6.28; 26B-A4B q / k / v 8192 x 2816 11.30 -> 10.23, o 2816 x 4096
+# 7.16 -> 6.45. The pool stays ahead with more rows or K (E4B 10752 x 2560 11.3 against 13.8, 26B-A4B 9216 x 2816
+# 11.8 / 12.7, 2560 x 10240 11.7 / 17.4). Not yet where x would be the residual add with both norms ("res": gate /
+# up) or the activation ("glu": down), though with plain x the sweep had E2B down 1536 x 6144 7.88 -> 6.31 and the
+# 26B-A4B's gate / up 9.00 -> 6.48, down 7.35 -> 5.71: the small models' MLP as two bf16-x launches with those
+# prologues took E2B 22.5 us a layer against the op's four launches' 16.85 (H100, small_mlp_variants_h100.json),
+# so they keep x as levels beyond K 2048 until measured. In the artifact, E2B's 6-layer slice with the fitted step
+# alone (step_fit_ab_e2b_h100.json): decode step 0.369 -> 0.363 ms. "0" in an exporting process: the step of half
+# the row's groups, K up to GEMV1_STEP_MAX_K (an A/B switch, scripts/export_ab.py).
+GEMV1_STEP_FIT = os.environ.get("GEMMA4_GEMV1_STEP_FIT", "1") != "0"
+GEMV1_STAGED_MAX_K = 6144
+GEMV1_STAGED_MAX_N = 8192
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
@@ -1579,38 +1594,53 @@ def _xq_plan(cfg: triton.Config, splits: int) -> Gemv1Plan:
     return Gemv1Plan(cfg, splits, GEMV1_XQ, GEMV1_LEVELS if GEMV1_XQ and lane else 2)
 
 
+def _staged(n: int) -> bool:
+    """Whether a small weight of n rows takes a staged tile (4 rows or more, x staged and fitted)."""
+    return GEMV1_STEP_FIT and GEMV1_STAGE and n >= 1024
+
+
 def gemv1_step_config(n: int, k: int, group_size: int) -> triton.Config:
-    """The small weights' tile: 8 rows from 2048, 4 from 1024, else 2; a step of half the row's
-    groups rounded up to a power of two (all of them up to 2: K in one or two steps; with GEMV1_STEP_FIT
-    a smaller step where that computes fewer masked groups); 8 warps from 8 groups a step, else 4, fewer
-    where the tile has under a word a thread (tiny weights)."""
+    """The small weights' tile. Staged (`_staged`): see the notes above GEMV1_STEP_FIT. Else 8 rows from 2048, 4
+    from 1024, else 2; a step of half the row's groups rounded up to a power of two (all of them up to 2: K in one
+    or two steps); 8 warps from 8 groups a step, else 4. Either way fewer warps where the tile has under a word a
+    thread (tiny weights)."""
     row_groups = k // group_size
-    groups = triton.next_power_of_2(row_groups)
-    groups = groups if row_groups <= 2 else groups // 2
-    block_n = 8 if n >= 2048 else 4 if n >= 1024 else 2
-    if GEMV1_STEP_FIT and GEMV1_STAGE and block_n >= 4:  # staged tiles: fewer groups computed (masked ones
-        # count), within 4 steps (2-row tiles compute x a row of threads: fewer warps cost them more, 256 -> 354
-        # instructions a word for E2B's per-layer gate)
-        fits = [g for g in (groups, groups // 2, groups // 4) if g >= 1 and -(-row_groups // g) <= 4]
-        groups = min(fits, key=lambda g: (-(-row_groups // g) * g, -g))
-    warps = 8 if groups >= 8 else 4
-    while warps > 1 and block_n * groups * (group_size // 8) < 32 * warps:
+    words = group_size // 8  # a group's words of a row
+    if _staged(n):
+        fits = [1 << i for i in range(row_groups.bit_length() + 1) if -(-row_groups // (1 << i)) <= 4]
+        groups = min(fits, key=lambda g: (-(-row_groups // g) * g, abs((g * words).bit_length() - 8)))
+        block_n = 4 if n < 2048 else 8 if n < 6144 else 16
+        warps = 8 if groups * words >= 128 and block_n <= 8 else 4
+    else:
+        groups = triton.next_power_of_2(row_groups)
+        groups = groups if row_groups <= 2 else groups // 2
+        block_n = 8 if n >= 2048 else 4 if n >= 1024 else 2
+        warps = 8 if groups >= 8 else 4
+    while warps > 1 and block_n * groups * words < 32 * warps:
         warps //= 2
     return _cfg1(block_n, groups, warps)
 
 
-def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
+PROLOGUES = ("plain", "norm", "res", "glu")  # what a GEMV computes its x from (`gemv1_plan`)
+
+
+def gemv1_plan(n: int, k: int, group_size: int, prologue: str = "plain") -> Gemv1Plan:
     """(config, K slices, x quantized) of the M == 1 kernel for an [n, k] weight (see
     GEMV1_CONFIGS and the notes above GEMV1_STEP_MAX_K).
 
     Small weights (K <= GEMV1_STEP_MAX_K and N <= GEMV1_STEP_MAX_N, or N <= GEMV1_THIN_N and
-    K <= GEMV1_THIN_MAX_K): `gemv1_step_config`, one slice, bf16 x (one launch). Else x as
+    K <= GEMV1_THIN_MAX_K, or staged tiles' K <= GEMV1_STAGED_MAX_K and N <= GEMV1_STAGED_MAX_N where the
+    prologue is "plain" or "norm"): `gemv1_step_config`, one slice, bf16 x (one launch). prologue (PROLOGUES):
+    what x is computed from, x itself, its norm, the residual add with both norms, the activation. Else x as
     GEMV1_XQ says and the pool's configs: few rows, 8-row programs that read K in 8 parts, one
     slice. Many (gate/up, the lm_head): 128-row programs, one slice (no partials, no second
     kernel). Between: 128-row programs, K in GEMV1_MID_SPLITS slices (each >= 512 of K) summed by
     the last program of each row block (GEMV1_RED_XQ; 5376 rows make only 42 row blocks for the
     H200's 132 SMs); from GEMV1_WIDE_N rows 64-row programs and 2 slices."""
-    if (k <= GEMV1_STEP_MAX_K and n <= GEMV1_STEP_MAX_N) or (n <= GEMV1_THIN_N and k <= GEMV1_THIN_MAX_K):
+    assert prologue in PROLOGUES, prologue
+    if ((k <= GEMV1_STEP_MAX_K and n <= GEMV1_STEP_MAX_N) or (n <= GEMV1_THIN_N and k <= GEMV1_THIN_MAX_K)
+            or (_staged(n) and prologue in ("plain", "norm") and k <= GEMV1_STAGED_MAX_K
+                and n <= GEMV1_STAGED_MAX_N)):
         return Gemv1Plan(gemv1_step_config(n, k, group_size), 1, False)
     if n <= GEMV1_SMALL_N:
         return _xq_plan(GEMV1_CONFIGS[1], 1)
@@ -1621,7 +1651,7 @@ def gemv1_plan(n: int, k: int, group_size: int) -> Gemv1Plan:
     return _xq_plan(GEMV1_CONFIGS[0], max(1, min(GEMV1_MID_SPLITS, k // max(512, group_size))))
 
 
-def gemv1_tma_splits(n: int, k: int, group_size: int, tile: tuple = GEMV1_TMA_TILE) -> int:
+def gemv1_tma_splits(n: int, k: int, group_size: int, tile: tuple = GEMV1_TMA_TILE, prologue: str = "plain") -> int:
     """K slices of `_int4_gemv1_tma_kernel` at `tile` (rows, groups a step, ...) for an [n, k] weight it serves
     with GEMV1_TMA on (mid-size weights: more than GEMV1_SMALL_N rows, fewer than GEMV1_LARGE_N, K at least
     GEMV1_TMA_MIN_K, group 128, at least a step of groups, not a small weight), else 0: ~GEMV1_TMA_PROGRAMS
@@ -1629,7 +1659,7 @@ def gemv1_tma_splits(n: int, k: int, group_size: int, tile: tuple = GEMV1_TMA_TI
     rows, step = tile[0], tile[1]
     groups = k // group_size
     if not (GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and k >= GEMV1_TMA_MIN_K and groups >= step
-            and gemv1_plan(n, k, group_size).xq):
+            and gemv1_plan(n, k, group_size, prologue).xq):
         return 0
     return max(1, min(groups // step, round(GEMV1_TMA_PROGRAMS / triton.cdiv(n, rows))))
 
@@ -1947,6 +1977,12 @@ def _m1(x: torch.Tensor, G: int) -> bool:
     return guard_or_false(x.shape[0] == 1) and x.dtype == torch.bfloat16 and not (M1_ON_TENSOR_CORES and G == 128)
 
 
+def prologue_of(up=None, norm=None, res=None) -> str:
+    """`gemv1_plan`'s prologue for `_gemv1`'s arguments: the activation (up), the residual add (res, with or
+    without the norm after it), the norm, or x itself."""
+    return "glu" if up is not None else "res" if res is not None else "norm" if norm is not None else "plain"
+
+
 def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None,
            norm: tuple | None = None, res: tuple | None = None, up_index: torch.Tensor | None = None,
            quantize=None, pdl_attr: bool = False):
@@ -1954,9 +1990,10 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     `int4_gemv1`'s (where the plan takes x as levels). pdl_attr: the kernels launched with the PDL attribute too,
     as the artifact's launcher launches them (benchmarks: calls in a CUDA graph overlapping as a decode step's)."""
     N, K, G = _check(x2, qweight, scales)
-    plan = gemv1_plan(N, K, G)
+    pro = prologue_of(up, norm, res)
+    plan = gemv1_plan(N, K, G, pro)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
-    tma = gemv1_tma_splits(N, K, G) if GEMV1_TMA else 0  # 0 but for mid-size weights
+    tma = gemv1_tma_splits(N, K, G, prologue=pro) if GEMV1_TMA else 0  # 0 but for mid-size weights
     if tma and up_index is None and tma_ok(x2.device):
         return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=pdl_attr, up=up,
                               norm=norm, res=res, quantize=quantize)
@@ -2049,7 +2086,7 @@ def _glu_linear(gate, up, qweight, scales, up_index=None):
     """`int4_glu_linear`'s body (the ops' shared implementation)."""
     N, K, G = _check_glu(gate, up, qweight, scales, up_index)
     g2 = gate.reshape(-1, K).contiguous()
-    if _m1(g2, G) and up_index is not None and not gemv1_plan(N, K, G).xq and up.dtype == g2.dtype:
+    if _m1(g2, G) and up_index is not None and not gemv1_plan(N, K, G, "glu").xq and up.dtype == g2.dtype:
         table = up.reshape(-1, K).contiguous()  # M == 1: the rows of the table, one after another
         return _gemv1(g2, qweight, scales, up=table, up_index=up_index.reshape(1)).reshape(*gate.shape[:-1], N)
     up = _rows_of(up, up_index)
@@ -2167,7 +2204,7 @@ def _add_rms_linear(x, r, weight_r, weight, eps: float, qweight, scales):
         h = torch.empty_like(x2)
         res = (r.reshape(-1, K).contiguous(), weight_r.contiguous(), h)
         y = _gemv1(x2, qweight, scales, norm=(weight.contiguous(), eps),
-                   res=res if gemv1_plan(N, K, G).xq else (*res, eps))
+                   res=res if gemv1_plan(N, K, G, "res").xq else (*res, eps))
         return h.reshape(x.shape), y.reshape(*x.shape[:-1], N)
     h = x + rms_norm_reference(r, weight_r, eps)
     return h, _rms_linear(h, weight, eps, qweight, scales)
@@ -2211,7 +2248,7 @@ def _add_linear(x, r, weight_r, eps: float, qweight, scales):
     """`int4_add_linear`'s body (the ops' shared implementation)."""
     N, K, G = _check_add(x, r, weight_r, qweight, scales)
     x2 = x.reshape(-1, K).contiguous()
-    if _m1(x2, G) and not gemv1_plan(N, K, G).xq and weight_r.dtype == x.dtype and r.dtype == x.dtype:
+    if _m1(x2, G) and not gemv1_plan(N, K, G, "res").xq and weight_r.dtype == x.dtype and r.dtype == x.dtype:
         h = torch.empty_like(x2)
         y = _gemv1(x2, qweight, scales, res=(r.reshape(-1, K).contiguous(), weight_r.contiguous(), h, eps))
         return h.reshape(x.shape), y.reshape(*x.shape[:-1], N)

@@ -65,11 +65,11 @@ def _plans(gu_qweight, gu_scales, down_qweight, down_scales):
     (GEMV1_CONFIGS[2]: twice the programs, the same slices) so that it can write the down GEMV's levels."""
     I, K = down_qweight.shape[1] * 2, gu_qweight.shape[1] * 2
     G, Gd = K // gu_scales.shape[1], I // down_scales.shape[1]
-    gu = gemv1_plan(2 * I, K, G)
+    gu = gemv1_plan(2 * I, K, G, "res")
     rows = gu.cfg.kwargs["BLOCK_N"]
     if gu.xq and rows > 64 and I % max(rows, Gd) and not I % max(64, Gd) and max(64, Gd) % min(64, Gd) == 0:
         gu = _xq_plan(GEMV1_CONFIGS[2], gu.splits)
-    return I, K, G, Gd, gu, gemv1_plan(K, I, Gd)
+    return I, K, G, Gd, gu, gemv1_plan(K, I, Gd, "glu")
 
 
 def fused_at_decode(x, r, weight_r, weight, gu_qweight, gu_scales, down_qweight, down_scales) -> bool:

@@ -60,7 +60,7 @@ def fused_at_decode(x, r, weight_r, gate_qweight, gate_scales, table, index, pro
     the projection's in one slice, the hidden size a multiple of 8, every tensor in x's dtype)."""
     P, K, G, Gp = _check(x, r, weight_r, gate_qweight, gate_scales, table, index, proj_qweight, proj_scales,
                          weight_c, scalar)
-    gate, proj = gemv1_plan(P, K, G), gemv1_plan(K, P, Gp)
+    gate, proj = gemv1_plan(P, K, G, "res"), gemv1_plan(K, P, Gp, "glu")
     return (_m1(x.reshape(-1, K), G) and not gate.xq and not proj.xq and proj.splits == 1 and K % 8 == 0
             and all(t.dtype == x.dtype for t in (r, weight_r, table, weight_c, scalar)))
 
@@ -78,7 +78,7 @@ def int4_add_ple_close(x: torch.Tensor, r: torch.Tensor, weight_r: torch.Tensor,
         h, gate = _add_linear(x, r, weight_r, eps, gate_qweight, gate_scales)
         p = _glu_linear(gate, table, proj_qweight, proj_scales, index)
         return close_reference(h, p, weight_c, eps, scalar)
-    gp, pp = gemv1_plan(P, K, G), gemv1_plan(K, P, Gp)
+    gp, pp = gemv1_plan(P, K, G, "res"), gemv1_plan(K, P, Gp, "glu")
     x2 = x.reshape(1, K)
     h = torch.empty_like(x2)
     cnt = torch.empty((1,), device=x.device, dtype=torch.int32)  # the closing add's counter: the gate's GEMV zeroes it
