@@ -297,13 +297,14 @@ step_fit_ab)  # the small weights' fitted staged tiles (GEMMA4_GEMV1_STEP_FIT: s
       --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fit --json "$OUT/step_fit_ab_$v.json" 2>&1 | tail -25
   ;;
 fit_ab_small)  # the fitted staged tiles (GEMMA4_GEMV1_STEP_FIT 0 / 1) in the E4B and 26B-A4B artifacts, where they take
-  # the o and q / k / v projections up to K 6144 (E4B 560 -> 511 launches a step, 26B-A4B 514 -> 464): four 6-layer
-  # slices (ctx 8192, export_ab.py's recipe) exported at once, then each pair's decode timed alternately
-  # (scripts/export_ab.py --model-a / --model-b; ~8 min)
+  # the o and q / k / v projections up to K 6144 (E4B 560 -> 511 launches a step, 26B-A4B 514 -> 464): four slices
+  # (E4B 6 layers, 26B-A4B 4; ctx 8192, export_ab.py's recipe) exported at once, then each pair's decode timed
+  # alternately (scripts/export_ab.py --model-a / --model-b; ~8 min)
   for v in e4b 26b-a4b; do
+    layers=$([ $v = e4b ] && echo 6 || echo 4)
     for s in 0 1; do
       GEMMA4_GEMV1_STEP_FIT=$s TORCHINDUCTOR_CACHE_DIR=/tmp/ind_fit_${v}_$s TRITON_CACHE_DIR=/tmp/tri_fit_${v}_$s \
-      TORCHINDUCTOR_COMPILE_THREADS=4 timeout 380 python -m export.gemma4 --preset $v --layers 6 --ctx 8192 \
+      TORCHINDUCTOR_COMPILE_THREADS=4 timeout 400 python -m export.gemma4 --preset $v --layers $layers --ctx 8192 \
           --kv-dtype int4 --embedding-quant int8 --low-memory --device cuda --seed 0 --no-autotune \
           --prefill-chunk 2048 --out /tmp/fit_${v}_$s > "$OUT/export_fit_${v}_$s.log" 2>&1 &
       sleep 1
@@ -311,7 +312,7 @@ fit_ab_small)  # the fitted staged tiles (GEMMA4_GEMV1_STEP_FIT 0 / 1) in the E4
   done
   wait
   for v in e4b 26b-a4b; do
-    timeout 100 python -m scripts.export_ab --model-a /tmp/fit_${v}_0 --model-b /tmp/fit_${v}_1 \
+    timeout 90 python -m scripts.export_ab --model-a /tmp/fit_${v}_0 --model-b /tmp/fit_${v}_1 \
         --switch GEMMA4_GEMV1_STEP_FIT --a 0 --b 1 --fills 1024 --rounds 3 --workdir /tmp/ab_fit_$v \
         --json "$OUT/step_fit_ab_$v.json" 2>&1 | tail -6
   done
