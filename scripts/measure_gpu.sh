@@ -412,17 +412,21 @@ fusions_ab)  # the three launch fusions at once (GEMMA4_FUSED_ATTENTION, GEMMA4_
       --b 1 --preset e2b --layers 2 --ctx 8192 --fills 1024 --workdir /tmp/ab_fe2b \
       --json "$OUT/fusions_ab_e2b_2l.json" 2>&1 | tail -8
   ;;
-fusions_split)  # the three launch fusions one at a time on the 31B's 6-layer slice at 131072: four exports at once
-  # (none; GEMMA4_FUSED_ATTENTION; GEMMA4_FUSED_MLP; GEMMA4_FUSED_MLP + GEMMA4_FUSED_CLOSE: the close op holds the
-  # MLP's fusion), then each fused artifact against the plain one (scripts/export_ab.py --model-a / --model-b: decode
-  # at fill 1k timed alternately, the fusions' cost being per layer; attention's and the MLP's logits bitwise the
-  # plain ones; ~8 min)
+fusions_split)  # the three launch fusions one at a time on a 6-layer slice ($2: 31b (default, ctx 131072) or a small
+  # model at ctx 8192, where launches weigh most; all three at once lost on E2B, fusions_ab_e2b_6l_h100.json): four
+  # exports at once (none; GEMMA4_FUSED_ATTENTION; GEMMA4_FUSED_MLP; GEMMA4_FUSED_MLP + GEMMA4_FUSED_CLOSE: the close
+  # op holds the MLP's fusion), then each fused artifact against the plain one (scripts/export_ab.py --model-a /
+  # --model-b: decode at fill 1k timed alternately, the fusions' cost being per layer; attention's and the MLP's
+  # logits bitwise the plain ones; ~8 min). JSON: fusions_split_<name>.json (31b), fusions_split_<preset>_<name>.json
+  preset=${2:-31b}
+  ctx=$([ "$preset" = 31b ] && echo 131072 || echo 8192)
+  tag=$([ "$preset" = 31b ] && echo "" || echo "${preset}_")
   mkdir -p /tmp/fs
   for v in none:x attn:GEMMA4_FUSED_ATTENTION mlp:GEMMA4_FUSED_MLP close:GEMMA4_FUSED_MLP,GEMMA4_FUSED_CLOSE; do
     name=${v%%:*}; vars=${v#*:}
     env_set=""; for var in ${vars//,/ }; do [ "$var" != x ] && env_set="$env_set $var=1"; done
     env $env_set TORCHINDUCTOR_CACHE_DIR=/tmp/fs/ind_$name TRITON_CACHE_DIR=/tmp/fs/tri_$name \
-        TORCHINDUCTOR_COMPILE_THREADS=4 timeout 330 python -m export.gemma4 --preset 31b --layers 6 --ctx 131072 \
+        TORCHINDUCTOR_COMPILE_THREADS=4 timeout 330 python -m export.gemma4 --preset "$preset" --layers 6 --ctx $ctx \
         --kv-dtype int4 --embedding-quant int8 --low-memory --device cuda --seed 0 --no-autotune --prefill-chunk 2048 \
         --out /tmp/fs/$name > /tmp/fs/export_$name.log 2>&1 &
     sleep 1
@@ -432,7 +436,7 @@ fusions_split)  # the three launch fusions one at a time on the 31B's 6-layer sl
     name=${v%%:*}
     echo "== $name"
     timeout 80 python -m scripts.export_ab --model-a /tmp/fs/none --model-b /tmp/fs/$name --switch ${v#*:} --fills 1024 \
-        --profile-fill 0 --rounds 2 --workdir /tmp/fs/ab_$name --json "$OUT/fusions_split_$name.json" 2>&1 | tail -3
+        --profile-fill 0 --rounds 2 --workdir /tmp/fs/ab_$name --json "$OUT/fusions_split_$tag$name.json" 2>&1 | tail -3
   done
   ;;
 fused_whole)  # E2B and E4B whole models (e_models' stages) with the three launch fusions switched on
