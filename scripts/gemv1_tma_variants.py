@@ -4,6 +4,7 @@ launch (a tuning tool, one GPU call).
 
     python -m scripts.gemv1_tma_variants [--out gemv1_tma_variants.json] [--budget 150] [--prewarm 14]
     python -m scripts.gemv1_tma_variants --layer-only --layer-tiles 32x4x3,32x4x4,32x4x6,32x8x3
+    python -m scripts.gemv1_tma_variants --small [--out gemv1_tma_small.json]   # the small models' pool shapes
     python -m scripts.gemv1_tma_variants --interpret [--out smoke.json]   # CPU: Triton's interpreter
 
 Why: Nsight Compute has the register kernel on the o projection (5376 x 8192, 336 programs of 4 warps) waiting on
@@ -30,6 +31,10 @@ not what goes out before the wait: compiled for sm_90, the pipeliner's prologue 
 follow it, in the loads' stage) after the first step's copies at 3, 4 and 6 stages alike; a step's groups set that
 (4 groups, 8 KB of a 32-row program; 8 groups, 16 KB). --layer-only: each shape checked and timed at the op's choice
 and these tiles only (no sweep of candidates), then the layer graph (~1 minute).
+
+--small: the same sweep on the small models' weights that keep the pool's plan (x as levels, the register kernel:
+K beyond the staged tiles' reach, or many rows), whose fractions of the copy bandwidth are the lowest of the op's
+(E4B's down 2560 x 10240 at 38% on the H100, int4_kernels_m1_h100.json); no layer graph.
 """
 
 from __future__ import annotations
@@ -84,15 +89,16 @@ class Variant:
 
 
 class Plan:
-    """The op's M == 1 path on the register kernel (`gemv1_plan`), PDL as `pdl` (0: none)."""
+    """The op's M == 1 path on the register kernel (`gemv1_plan` for the weight's prologue), PDL as `pdl` (0:
+    none). x is plain here whatever the prologue (the quantize kernel's or the staged tile's work on it aside)."""
 
-    def __init__(self, pdl: int = 0):
-        self.pdl = pdl
+    def __init__(self, pdl: int = 0, prologue: str = "plain"):
+        self.pdl, self.prologue = pdl, prologue
         self.label = "plan" + ("p" if pdl else "")
 
     def __call__(self, x2, q, s):
         n, k = q.shape[0], q.shape[1] * 2
-        p = im.gemv1_plan(n, k, GROUP)
+        p = im.gemv1_plan(n, k, GROUP, self.prologue)
         return im.int4_gemv1(x2, q, s, p.splits, kernel=im._gemv1_kernel(p.cfg), xq=p.xq, levels=p.levels,
                              pdl_quant=self.pdl, pdl_gemv=self.pdl, pdl_attr=True)
 
@@ -144,6 +150,34 @@ def shapes() -> dict:
     return dict(TINY) if _INTERPRET else layer_shapes_31b(LAYER)
 
 
+SMALL = ("e4b.mlp.down_proj", "e4b.mlp.gate_up_proj", "e4b.per_layer_model_projection", "e2b.mlp.down_proj",
+         "e2b.mlp.down_proj.wide", "e2b.mlp.gate_up_proj", "26b-a4b.o_proj.full", "26b-a4b.qk_proj.full",
+         "26b-a4b.mlp.gate_up_proj")  # (the 26B-A4B's down, K 2112, has groups of 64: the TMA kernel takes 128)
+
+
+def prologue_for(name: str) -> str:
+    """The prologue the op plans a weight with (`gemv1_plan`): gate / up's the residual add, down's the activation,
+    q / k's the norm, else plain."""
+    return "res" if "gate_up" in name else "glu" if "down" in name else "norm" if "qk" in name else "plain"
+
+
+def small_shapes() -> dict:
+    """{name: (N, K)} of SMALL: the small models' M == 1 weights on the pool's plan (E2B's down of its wide MLP,
+    K 12288, named `.wide`; the MLPs' as the op plans them, their x the residual add or the activation)."""
+    from export.gemma4.config import PRESETS
+    from scripts.bench_int4 import linear_shapes
+
+    out = {}
+    for m in ("e2b", "e4b", "26b-a4b"):
+        for (n, k), (nms, _) in linear_shapes(PRESETS[m]).items():
+            nm = f"{m}.{nms if isinstance(nms, str) else '+'.join(nms)}"
+            if nm == "e2b.mlp.down_proj" and k > 6144:
+                nm += ".wide"
+            if nm in SMALL and nm not in out:
+                out[nm] = (n, k)
+    return out
+
+
 def parse_tiles(text: str) -> list[tuple[int, int, int]]:
     """'32x4x3,32x4x6' -> [(rows, groups a step, stages), ...]; ValueError naming the bad entry."""
     out = []
@@ -179,6 +213,8 @@ def _options(ap):
                     help="tiles (rows x groups a step x stages) the layer graph also runs in place of the op's")
     ap.add_argument("--layer-only", action="store_true",
                     help="no sweep: each shape at the op's choice and the --layer-tiles only, then the layer graph")
+    ap.add_argument("--small", action="store_true",
+                    help="the small models' weights on the pool's plan instead of the 31B's layer (no layer graph)")
 
 
 def main(argv=None) -> int:
@@ -195,10 +231,10 @@ def main(argv=None) -> int:
     doc = {"device": dev, "copy_gbps": gbps, "rows": rows, "best": {}, "layers": []}
     save = lambda: a.out.write_text(json.dumps(doc, indent=1, default=str) + "\n")  # noqa: E731
     ok, weights, best = True, {}, {}
-    todo = shapes()
-    order = [nm for nm in ["o_proj.sliding", "qkv_proj.sliding", "mlp.down_proj", "mlp.gate_up_proj"]
-             if not a.shapes or nm in a.shapes.split(",")]
-    print(f"{'shape':18} {'N x K':>12} {'floor':>6} | {'plan':>6} {'%':>4} | {'best':24} {'us':>6} {'%':>4}", flush=True)
+    todo = small_shapes() if a.small and not _INTERPRET else shapes()
+    names = list(todo) if a.small else ["o_proj.sliding", "qkv_proj.sliding", "mlp.down_proj", "mlp.gate_up_proj"]
+    order = [nm for nm in names if nm in todo and (not a.shapes or nm in a.shapes.split(","))]
+    print(f"{'shape':30} {'N x K':>12} {'floor':>6} | {'plan':>6} {'%':>4} | {'best':24} {'us':>6} {'%':>4}", flush=True)
     for nm in order:
         if time.time() - t0 > a.budget:
             print(f"budget spent: {nm} skipped", flush=True)
@@ -211,7 +247,7 @@ def main(argv=None) -> int:
             vs = [Plan(), op_choice(n, k)] + [tile_variant(*t, n, k) for t in tiles]
             vs = [v for i, v in enumerate(vs) if v.label not in {w.label for w in vs[:i]}]
         else:
-            vs = [Plan(), *candidates(n, k, sms)]
+            vs = [Plan(prologue=prologue_for(nm) if a.small else "plain"), *candidates(n, k, sms)]
         if _INTERPRET and not a.layer_only:
             vs = vs[:1] + [v for v in vs[1:] if v.block_n == 32 and v.stages == 3 and v.warps == 4][:3]
         passed, res = check_and_time(vs, nm, n, k, ws, ref_w, floor, rows, deadline=t0 + a.budget + 30)
@@ -224,10 +260,10 @@ def main(argv=None) -> int:
         us, v = min(timed, key=lambda t: t[0])
         best[nm] = v
         doc["best"][nm] = {"variant": v.label, "us": us, "plan_us": plan_us, "floor_us": floor}
-        print(f"{nm:18} {n:6}x{k:<5} {floor:6.1f} | {plan_us:6.1f} {floor / plan_us:4.0%} | {v.label:24} {us:6.1f} "
+        print(f"{nm:30} {n:6}x{k:<5} {floor:6.1f} | {plan_us:6.1f} {floor / plan_us:4.0%} | {v.label:24} {us:6.1f} "
               f"{floor / us:4.0%}", flush=True)
         save()
-    if not _INTERPRET and all(nm in weights for nm in LAYER):
+    if not _INTERPRET and not a.small and all(nm in weights for nm in LAYER):
         xs = {nm: torch.randn(1, todo[nm][1], device=DEVICE, dtype=XDT) for nm in LAYER}
         rec = compare_layer("sliding", LAYER, weights, xs,
                             layer_picks(best, todo, op_pdl_mode(torch.device(DEVICE)), tiles))

@@ -451,6 +451,12 @@ gemv1_tma)  # the op's TMA-fed M == 1 GEMV in its tiles against the plan (the re
   timeout 290 python -m scripts.gemv1_tma_variants --budget 170 --prewarm 14 --out "$OUT/gemv1_tma_variants.json" \
       2>&1 | tail -12
   ;;
+tma_small)  # the TMA-fed GEMV's tiles on the small models' weights that keep the pool's plan (E4B's down 2560 x 10240 at
+  # 38% of copy, gate / up, E2B's downs, the 26B-A4B's o / q / k full and gate / up) against that plan, each checked
+  # against fp32 (scripts/gemv1_tma_variants.py --small; ~4 min)
+  timeout 330 python -m scripts.gemv1_tma_variants --small --budget 220 --prewarm 14 \
+      --out "$OUT/gemv1_tma_small.json" 2>&1 | tail -14
+  ;;
 tma_stages)  # the TMA GEMV's tile in the 31B sliding layer's four as one graph with PDL (the sweep timed tiles without
   # it): the op's (32 rows x 4 groups, 3 stages) against more stages (copies in flight in the loop) and 8-group steps
   # (16 KB of a program before the wait, not 8) (`gemv1_tma_variants --layer-only`; no prewarm: the few kernels

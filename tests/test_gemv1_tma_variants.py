@@ -94,3 +94,15 @@ def test_variants_match_fp32_and_the_plan_in_the_interpreter():
     code = "import scripts.triton_interpreter\n" + _CHECK
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_small_shapes_are_the_small_models_weights_on_the_pools_plan():
+    """--small sweeps the small models' M == 1 weights that the op still runs on the pool's plan (x as levels) with
+    the prologue it plans them with, each K whole groups of 128 (the TMA kernel's group)."""
+    todo = tv.small_shapes()
+    assert set(todo) == set(tv.SMALL) and todo["e4b.mlp.down_proj"] == (2560, 10240)
+    assert todo["e2b.mlp.down_proj"] == (1536, 6144) and todo["e2b.mlp.down_proj.wide"] == (1536, 12288)
+    for nm, (n, k) in todo.items():
+        assert k % 128 == 0 and tv.im.gemv1_plan(n, k, 128, tv.prologue_for(nm)).xq, nm
+    assert [tv.prologue_for(nm) for nm in ("e2b.mlp.gate_up_proj", "e2b.mlp.down_proj", "26b-a4b.qk_proj.full",
+                                           "26b-a4b.o_proj.full")] == ["res", "glu", "norm", "plain"]
