@@ -783,7 +783,9 @@ _STAGE_SCRIPT = textwrap.dedent("""
         # add (bf16 bit patterns)
         for N, K, G, cfg in [(40, 512, 128, im._cfg1(8, 2, 4)), (22, 1280, 128, im._cfg1(4, 8, 4)),
                              (36, 384, 128, im._cfg1(8, 2, 2)), (24, 352, 32, im._cfg1(8, 8, 4)),
-                             (20, 1536, 128, im._cfg1(8, 4, 4))]:  # (the last: GEMV1_STEP_FIT's E2B q / k / v tile)
+                             (20, 1536, 128, im._cfg1(8, 4, 4)),  # GEMV1_STEP_FIT's E2B q / k / v tile
+                             (40, 2816, 128, im._cfg1(16, 8, 4)),  # 16 rows, 22 groups in 3 steps of 8 (26B-A4B)
+                             (12, 6144, 128, im._cfg1(4, 16, 8))]:  # K 6144 in 3 steps of 16 (E2B's down's shape)
             qweight, scales = im.quantize_int4(torch.randn(N, K), G)
             wref = im.dequantize_int4(qweight, scales, torch.float64)
             kern = im._gemv1_kernel(cfg)
@@ -811,9 +813,10 @@ _STAGE_SCRIPT = textwrap.dedent("""
 def test_staged_x_through_the_interpreter():
     """STAGE (`GEMV1_STAGE`): the small weights' GEMV computing each step's x once for the program (plain, with the
     norm, the activation of a table row, the residual add) gives the default within bf16 roundings of the output
-    (the sums in another order), both within 1e-2 of fp64; ~15 s."""
+    (the sums in another order), both within 1e-2 of fp64, the fitted staged tiles of 16 rows and of K 6144 too;
+    ~20 s."""
     rows = _script_rows(_STAGE_SCRIPT, "stage")
-    assert len(rows) == 20, rows
+    assert len(rows) == 28, rows
     for mode, n, k, e_off, e_on, d in rows:
         assert float(e_off) <= 1e-2 and float(e_on) <= 1e-2 and float(d) <= 4e-3, (mode, n, k, e_off, e_on, d)
 
@@ -1166,7 +1169,7 @@ def test_cuda_glu_op_is_the_linear_of_the_activation(m, n, k):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("m", [1, 5])
-# 31B and E4B q / k / v (x as int8 levels: the quantize kernel's norm), E2B's (bf16 x: the GEMV's own)
+# 31B q / k / v (x as int8 levels: the quantize kernel's norm), E4B's and E2B's (bf16 x: the GEMV's own)
 @pytest.mark.parametrize("n,k", [(16384, 5376), (3072, 2560), (3072, 1536)])
 def test_cuda_norm_op_is_the_linear_of_the_norm(m, n, k):
     """`int4_rms_linear` on the GPU (M == 1: the norm in the kernel that reads x; M > 1: aten, then the int4
