@@ -18,9 +18,9 @@ against 22.5 at best as the bf16 pair, E4B 28.3 against 45.1.
 Variants per model: `op` (`gemv1_plan`'s configs and the op's quantize kernels) and `bf16/<gate_up>/<down>` (the
 bf16-x kernel with STAGE on, one K slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side:
 that projection as the op runs it), the staged tiles `gemv1_step_config` fits to the two weights among them (each
-alone, then both). A layer is
-h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up); the next layer takes (h, d) as
-(x, r). The chain of --layers layers (own weights: more bytes than the L2) is one CUDA graph, every kernel launched
+alone, then both). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up);
+the next layer takes (h, d) as (x, r). The chain of --layers layers (own weights: more bytes than the L2) is one
+CUDA graph, every kernel launched
 with the PDL attribute as the artifact's launcher sets it; median us a layer over alternated rounds, beside the
 weights' bytes over the copy bandwidth measured in the same run. Correctness: each variant's first layer, h and each
 projection against fp32 on the dequantized weights from its own input (the model's bf16 roundings), rel err <= 1e-2.
