@@ -33,9 +33,8 @@ def test_e2b_units(tmp_path):
     with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the
     quantize kernel and GEMV of gate / up and of down, the per-layer gate and projection, the closing norm),
     the full layer as many (its o projection's K of 4096 takes the staged tiles' one bf16-x launch, no quantize
-    kernel); no launch copies the
-    position (the attention op reads the method's pos); the head is 3 (the lm_head's quantize kernel computing the
-    final norm, its GEMV, the soft cap)."""
+    kernel); no launch copies the position (the attention op reads the method's pos); the head is 3 (the lm_head's
+    quantize kernel computing the final norm, its GEMV, the soft cap)."""
     u = _counts(tmp_path, "--preset", "e2b", "--layers", "5")
     assert (u["embed"]["launches"], u["layer0"]["launches"], u["layer4"]["launches"], u["head"]["launches"]) == \
         (3, 12, 12, 3), u
