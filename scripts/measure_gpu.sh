@@ -296,25 +296,28 @@ step_fit_ab)  # the small weights' fitted staged tiles (GEMMA4_GEMV1_STEP_FIT: s
   timeout 500 python -m scripts.export_ab --switch GEMMA4_GEMV1_STEP_FIT --a 0 --b 1 --preset "$v" --layers 6 \
       --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fit --json "$OUT/step_fit_ab_$v.json" 2>&1 | tail -25
   ;;
-fit_ab_small)  # the fitted staged tiles (GEMMA4_GEMV1_STEP_FIT 0 / 1) in the E4B and 26B-A4B artifacts, where they take
-  # the o and q / k / v projections up to K 6144 (E4B 560 -> 511 launches a step, 26B-A4B 514 -> 464): four slices
-  # (E4B 6 layers, 26B-A4B 4; ctx 8192, export_ab.py's recipe) exported at once, then each pair's decode timed
-  # alternately (scripts/export_ab.py --model-a / --model-b; ~8 min)
-  for v in e4b 26b-a4b; do
-    layers=$([ $v = e4b ] && echo 6 || echo 4)
+ab_small)  # an export switch ($2, default GEMMA4_GEMV1_STEP_FIT) at 0 / 1 in small variants' slices ($3, default
+  # "e4b 26b-a4b"; E2B / E4B at 6 layers, the 26B-A4B at 4; ctx 8192, export_ab.py's recipe): every slice exported
+  # at once, then each pair's decode timed alternately (scripts/export_ab.py --model-a / --model-b). Two presets
+  # take ~9 min: ~5.5 for the exports, ~1.5 for each pair. GEMMA4_GEMV1_STEP_FIT (the fitted staged tiles, the o
+  # and q / k / v projections up to K 6144): step_fit_ab_e4b_6l_h100.json, step_fit_ab_26b_4l_h100.json.
+  # GEMMA4_GEMV1_STAGED_MLP "e2b 26b-a4b" (the dense MLP's gate / up and down staged with their prologues)
+  sw=${2:-GEMMA4_GEMV1_STEP_FIT}; presets=${3:-e4b 26b-a4b}
+  for v in $presets; do
+    layers=$([ $v = 26b-a4b ] && echo 4 || echo 6)
     for s in 0 1; do
-      GEMMA4_GEMV1_STEP_FIT=$s TORCHINDUCTOR_CACHE_DIR=/tmp/ind_fit_${v}_$s TRITON_CACHE_DIR=/tmp/tri_fit_${v}_$s \
+      env "$sw=$s" TORCHINDUCTOR_CACHE_DIR=/tmp/ind_ab_${v}_$s TRITON_CACHE_DIR=/tmp/tri_ab_${v}_$s \
       TORCHINDUCTOR_COMPILE_THREADS=4 timeout 400 python -m export.gemma4 --preset $v --layers $layers --ctx 8192 \
           --kv-dtype int4 --embedding-quant int8 --low-memory --device cuda --seed 0 --no-autotune \
-          --prefill-chunk 2048 --out /tmp/fit_${v}_$s > "$OUT/export_fit_${v}_$s.log" 2>&1 &
+          --prefill-chunk 2048 --out /tmp/ab_${v}_$s > "$OUT/export_ab_${v}_$s.log" 2>&1 &
       sleep 1
     done
   done
   wait
-  for v in e4b 26b-a4b; do
-    timeout 90 python -m scripts.export_ab --model-a /tmp/fit_${v}_0 --model-b /tmp/fit_${v}_1 \
-        --switch GEMMA4_GEMV1_STEP_FIT --a 0 --b 1 --fills 1024 --rounds 3 --workdir /tmp/ab_fit_$v \
-        --json "$OUT/step_fit_ab_$v.json" 2>&1 | tail -6
+  for v in $presets; do
+    timeout 240 python -m scripts.export_ab --model-a /tmp/ab_${v}_0 --model-b /tmp/ab_${v}_1 \
+        --switch "$sw" --a 0 --b 1 --fills 1024 --rounds 3 --workdir /tmp/ab_run_$v \
+        --json "$OUT/ab_${sw#GEMMA4_}_$v.json" 2>&1 | tail -6
   done
   ;;
 early_ab)  # the small weights' GEMV loading its first tiles before its PDL wait or after it (GEMMA4_GEMV1_EARLY), the E4B
