@@ -12,13 +12,15 @@ the kernel that reads x, so the MLP is two launches; its arithmetic per word was
 threads computed x again, and with x computed once a program (STAGE) the difference is smaller (sm_90 SASS, E2B's
 q / k / v with the norm 113 -> 43 instructions a word against dp4a's ~18). Whether the saved launches pay for the
 FMA arithmetic and for every program's prologue (the norms read the whole row of x, r and wr) is this measurement.
-H100 (scripts/measurements/small_mlp_variants_h100.json): they do not, E2B 16.85 us a layer as the op runs it
-against 22.5 at best as the bf16 pair, E4B 28.3 against 45.1.
+H100 (scripts/measurements/small_mlp_variants_h100.json): at 8 rows they did not (E2B 16.91 us a layer on levels
+against 22.6 at best as the bf16 pair, E4B 28.7 against 45.1); at 16 rows the 26B-A4B's pair did (15.81 -> 13.36),
+and E2B's gate / up alone (16.91 -> 16.21), which `gemv1_plan` now gives them (GEMV1_STAGED_MLP).
 
-Variants per model: `op` (`gemv1_plan`'s configs and the op's quantize kernels) and `bf16/<gate_up>/<down>` (the
-bf16-x kernel with STAGE on, one K slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side:
-that projection as the op runs it), the staged tiles `gemv1_step_config` fits to the two weights among them (each
-alone, then both). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up);
+Variants per model: `levels` (`gemv1_plan`'s configs with GEMV1_STAGED_MLP off: x as levels beyond K 2048, the op's
+quantize kernels), `op` (the plan as it is) and `bf16/<gate_up>/<down>` (the bf16-x kernel with STAGE on, one K
+slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side: that projection as the op runs it),
+the staged tiles `gemv1_step_config` fits to the two weights with their prologues among them (each alone, then
+both). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up);
 the next layer takes (h, d) as (x, r). The chain of --layers layers (own weights: more bytes than the L2) is one
 CUDA graph, every kernel launched
 with the PDL attribute as the artifact's launcher sets it; median us a layer over alternated rounds, beside the
@@ -68,14 +70,25 @@ def weight_bytes(w: dict) -> int:
 
 
 class Op:
-    """The op's M == 1 path (`gemv1_plan`), launched directly with the PDL attribute."""
+    """The op's M == 1 path (`gemv1_plan`), launched directly with the PDL attribute. levels: the plan with the
+    staged MLP tiles off (GEMV1_STAGED_MLP), x as levels beyond K 2048 (label `levels`)."""
 
-    label = "op"
+    def __init__(self, levels: bool = False):
+        self.levels = levels
+        self.label = "levels" if levels else "op"
+
+    def plan(self, n: int, k: int, group: int, prologue: str) -> im.Gemv1Plan:
+        saved = im.GEMV1_STAGED_MLP
+        im.GEMV1_STAGED_MLP = saved and not self.levels
+        try:
+            return im.gemv1_plan(n, k, group, prologue)
+        finally:
+            im.GEMV1_STAGED_MLP = saved
 
     def gemv(self, x, qs, which, **kw):  # (which: the plan picks the config)
         q, s = qs
-        plan = im.gemv1_plan(q.shape[0], x.shape[1], x.shape[1] // s.shape[1],
-                             im.prologue_of(kw.get("up"), kw.get("norm"), kw.get("res")))
+        plan = self.plan(q.shape[0], x.shape[1], x.shape[1] // s.shape[1],
+                         im.prologue_of(kw.get("up"), kw.get("norm"), kw.get("res")))
         pdl = 0 if _INTERPRET else 2
         if not plan.xq and "res" in kw:
             kw["res"] = (*kw["res"], EPS)
@@ -104,13 +117,12 @@ class Bf16:
 
 
 def fitted(hid: int, inter: int) -> list[Bf16]:
-    """The staged tiles `gemv1_step_config` fits to the MLP's two weights (GEMV1_STEP_FIT's rule), each alone
-    beside the op's other projection, then both: whether the rule's one bf16-x launch pays where x is the residual
-    add with both norms (gate / up) or the activation (down), which `gemv1_plan` does not give it yet beyond K
-    2048."""
-    tile = lambda n, k: (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(  # noqa: E731
-        im.gemv1_step_config(n, k, im.group_size_for(k, 128)))
-    gu, down = tile(2 * inter, hid), tile(hid, inter)
+    """The staged tiles `gemv1_step_config` fits to the MLP's two weights with their prologues (the residual add
+    with both norms for gate / up, the activation for down), each alone beside the op's other projection, then
+    both: whether the rule's one bf16-x launch pays there, also where `gemv1_plan` keeps x as levels."""
+    tile = lambda n, k, pro: (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(  # noqa: E731
+        im.gemv1_step_config(n, k, im.group_size_for(k, 128), pro))
+    gu, down = tile(2 * inter, hid, "res"), tile(hid, inter, "glu")
     return [Bf16(gu, None), Bf16(None, down), Bf16(gu, down)]
 
 
@@ -163,7 +175,7 @@ def main(argv=None) -> int:
     else:
         from scripts.bench_int4 import copy_gbps
         layers, gbps, dev_name = a.layers, copy_gbps(), torch.cuda.get_device_name()
-        variants = [Op()] + [Bf16(*t) for t in TILES]
+        variants = [Op(levels=True), Op()] + [Bf16(*t) for t in TILES]
     doc = {"device": dev_name, "copy_gbps": gbps, "layers": layers, "models": {}}
     ok = True
     for model in models:

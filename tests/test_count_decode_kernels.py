@@ -29,20 +29,22 @@ def _switched_units(tmp_path, preset: str, layers: str, **env) -> dict:
 
 
 def test_e2b_units(tmp_path):
-    """E2B's first five layers (four sliding, one full), bf16 cache: a sliding layer is 12 launches (q / k / v
-    with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the
-    quantize kernel and GEMV of gate / up and of down, the per-layer gate and projection, the closing norm),
-    the full layer as many (its o projection's K of 4096 takes the staged tiles' one bf16-x launch, no quantize
-    kernel); no launch copies the position (the attention op reads the method's pos); the head is 3 (the lm_head's
-    quantize kernel computing the final norm, its GEMV, the soft cap)."""
+    """E2B's first five layers (four sliding, one full), bf16 cache: a sliding layer is 11 launches (q / k / v
+    with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the GEMV of
+    gate / up computing the residual add and both norms itself (a staged tile, bf16 x), the quantize kernel and
+    GEMV of down, the per-layer gate and projection, the closing norm), the full layer as many (its o projection's
+    K of 4096 takes the staged tiles' one bf16-x launch, no quantize kernel); no launch copies the position (the
+    attention op reads the method's pos); the head is 3 (the lm_head's quantize kernel computing the final norm,
+    its GEMV, the soft cap)."""
     u = _counts(tmp_path, "--preset", "e2b", "--layers", "5")
     assert (u["embed"]["launches"], u["layer0"]["launches"], u["layer4"]["launches"], u["head"]["launches"]) == \
-        (3, 12, 12, 3), u
+        (3, 11, 11, 3), u
     sliding = u["layer0"]["kernels"]
     assert sum(k.startswith("_int4_gemv1_kernel") for k in sliding) == 6, sliding
     assert sum(k.startswith(("_attn_body", "_combine")) for k in sliding) == 2, sliding
     assert not any(k.startswith("triton_poi") for k in sliding), sliding
-    assert u["step"] == 3 + 5 * 12 + 3
+    assert sum(k.startswith("_quant_x_kernel") for k in sliding) == 1, sliding  # down's
+    assert u["step"] == 3 + 5 * 11 + 3
     assert u["head"]["kernels"][0].startswith("_quant_x_kernel"), u  # the final norm in the lm_head's quantize kernel
 
 
@@ -58,7 +60,7 @@ def test_31b_units_int4_cache(tmp_path):
 
 
 def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
-    """The 26B-A4B's layer is 17 launches with the MoE gate / up from x's int8 levels too (GEMMA4_MOE_GATE_UP_Q=1):
+    """The 26B-A4B's (full) layer is 15 launches with the MoE gate / up from x's int8 levels too (GEMMA4_MOE_GATE_UP_Q=1):
     x's quantize kernel computes the experts' input norm, in place of the norm's own kernel."""
     def layer(switch):
         out = tmp_path / f"counts_{switch}.json"
@@ -69,7 +71,7 @@ def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
         return next(u for u in doc["units"] if u["unit"] == "layer0")["kernels"]
 
     words, q = layer("0"), layer("1")
-    assert len(words) == len(q) == 17, (words, q)
+    assert len(words) == len(q) == 15, (words, q)
     i = next(n for n, k in enumerate(words) if k.startswith("_gemv_words_gate_up_kernel"))
     assert words[i - 1].startswith("triton_per_fused") and q[i - 1].startswith("_quant_x_kernel"), (words, q)
     assert q[i].startswith("_gemv_q_gate_up_kernel"), q
@@ -78,7 +80,7 @@ def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
 def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path):
     """With GEMMA4_FUSED_ATTENTION=1 the attention's combine writes the o projection's x levels: the 31B's sliding
     layer is 11 launches (the GEMV right after the combine), its full layer with the int4 cache 14 (the output's
-    rotation back in the combine too), and the 26B-A4B's layer is 16."""
+    rotation back in the combine too), and the 26B-A4B's (full) layer is 14."""
     def units(preset, layers):
         return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_ATTENTION="1")
 
@@ -87,44 +89,49 @@ def test_fused_attention_switch_takes_the_o_projections_quantize_kernel(tmp_path
     for kernels in (u["layer0"]["kernels"], u["layer5"]["kernels"]):
         assert kernels[next(n for n, k in enumerate(kernels) if k.startswith("_combine")) + 1].startswith("_int4_gemv1")
     assert sum(k.startswith("_hadamard_kernel") for k in u["layer5"]["kernels"]) == 1  # q / k / v's alone
-    assert units("26b-a4b", "1")["layer0"]["launches"] == 16
+    assert units("26b-a4b", "1")["layer0"]["launches"] == 14
 
 
 def test_fused_mlp_switch_takes_the_activations_quantize_kernel(tmp_path):
-    """With GEMMA4_FUSED_MLP=1 the gate / up GEMV writes the down GEMV's x levels: E2B's layers are 11 launches
-    (the down GEMV right after the gate / up's, no quantize kernel between),
-    the 31B's sliding layer 11, and 10 with GEMMA4_FUSED_ATTENTION=1 too."""
+    """With GEMMA4_FUSED_MLP=1 the gate / up GEMV writes the down GEMV's x levels where both take levels: E2B's
+    layers with the staged MLP tiles off (GEMMA4_GEMV1_STAGED_MLP=0; 12 launches unfused) are 11 launches (the down
+    GEMV right after the gate / up's, no quantize kernel between); with them (the default) its gate / up takes bf16
+    x, the quantize kernel before down stays and the switch changes nothing (11). The 31B's sliding layer 11, and
+    10 with GEMMA4_FUSED_ATTENTION=1 too."""
     def units(preset, layers, **env):
         return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_MLP="1", **env)
 
-    u = units("e2b", "5")
+    u = units("e2b", "5", GEMMA4_GEMV1_STAGED_MLP="0")
     assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (11, 11), u
     for kernels in (u["layer0"]["kernels"], u["layer4"]["kernels"]):  # qkv, o, gate / up, down, ... GEMVs
         gemvs = [i for i, k in enumerate(kernels) if k.startswith("_int4_gemv1_kernel")]
         assert gemvs[3] == gemvs[2] + 1, kernels
+    staged = units("e2b", "5")["layer0"]["kernels"]
+    gemvs = [i for i, k in enumerate(staged) if k.startswith("_int4_gemv1_kernel")]
+    assert len(staged) == 11 and staged[gemvs[2] + 1].startswith("_quant_x_kernel"), staged
     assert units("31b:int4", "6")["layer0"]["launches"] == 11  # (a one-layer slice's layer is a full one)
     assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 10
 
 
 def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
     """With GEMMA4_FUSED_CLOSE=1 a layer's last GEMV writes the layer's output (the closing add): E2B's sliding layer
-    is 11 launches and its full one too, each ending in the per-layer projection's GEMV; the 31B's sliding layer 10
+    is 10 launches and its full one too, each ending in the per-layer projection's GEMV; the 31B's sliding layer 10
     (its MLP op is the fused one, no activation quantize either), 9 with GEMMA4_FUSED_ATTENTION=1 too; the
-    26B-A4B's 16."""
+    26B-A4B's (full) layer 14."""
     def units(preset, layers, **env):
         return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_CLOSE="1", **env)
 
     u = units("e2b", "5")
-    assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (11, 11), u
+    assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (10, 10), u
     assert all(u[n]["kernels"][-1].startswith("_int4_gemv1_kernel") for n in ("layer0", "layer4")), u
     u = units("31b:int4", "6")
     assert u["layer0"]["launches"] == 10 and u["layer0"]["kernels"][-1].startswith("_int4_gemv1_kernel"), u
     assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 9
-    # the 26B-A4B: the experts' down kernel writes it (16 launches, the last of them that kernel); 14 with the MLP's
-    # and the attention's fusions too
+    # the 26B-A4B: the experts' down kernel writes it (14 launches, the last of them that kernel); 13 with the
+    # attention's fusion too (its dense MLP's GEMVs take bf16 x: the MLP's fusion has no quantize kernel to take)
     u = units("26b-a4b", "1")
-    assert u["layer0"]["launches"] == 16 and u["layer0"]["kernels"][-1].startswith("_gemv_words_down_kernel"), u
-    assert units("26b-a4b", "1", GEMMA4_FUSED_ATTENTION="1", GEMMA4_FUSED_MLP="1")["layer0"]["launches"] == 14
+    assert u["layer0"]["launches"] == 14 and u["layer0"]["kernels"][-1].startswith("_gemv_words_down_kernel"), u
+    assert units("26b-a4b", "1", GEMMA4_FUSED_ATTENTION="1", GEMMA4_FUSED_MLP="1")["layer0"]["launches"] == 13
 
 
 def test_our_kernels_compile_as_the_generated_code_holds_them(tmp_path):

@@ -1,5 +1,6 @@
 """gemma4::int4_linear: layout, CPU reference, Triton kernels (interpreter on CPU, real on CUDA)."""
 
+import itertools
 import os
 import re
 import subprocess
@@ -120,6 +121,14 @@ def test_step_fit_takes_masked_groups_off_the_staged_small_tiles(monkeypatch):
     assert on[1536, 2048] == (4, 8, 8) and on[2560, 256] == (8, 2, 4) and on[256, 1536] == (2, 8, 8)
     assert cfg(3072, 2560) == (8, 8, 8) and cfg(8192, 2816) == (16, 8, 4) and cfg(1536, 4096) == (4, 8, 8)
     assert cfg(1536, 6144) == (4, 16, 8) and cfg(2816, 2112, 64) == (8, 16, 8) and cfg(8960, 1536) == (16, 4, 4)
+    # x from the residual add or the activation (every program computes it over the row): 16 rows from 2048, 8 warps
+    # from 128 words a row-step; under 2048 rows as with plain x
+    mlp = lambda n, k, g=128, pro="res": (lambda c: (c.kwargs["BLOCK_N"], c.kwargs["GROUPS"], c.num_warps))(
+        im.gemv1_step_config(n, k, g, pro))
+    assert mlp(4224, 2816) == (16, 8, 8) and mlp(2816, 2112, 64, "glu") == (16, 16, 8) and mlp(12288, 1536) == (16, 4, 4)
+    assert mlp(1536, 2048, 128, "glu") == on[1536, 2048] and mlp(8192, 2816, 128, "norm") == (16, 8, 4)
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", False)
+    assert mlp(4224, 2816) == cfg(4224, 2816) == (8, 8, 8)
     monkeypatch.setattr(im, "GEMV1_STEP_FIT", False)
     off = {nk: cfg(*nk) for nk in shapes}
     assert off[2560, 1536] == (8, 8, 8) and off[1536, 2048] == (4, 8, 8)
@@ -132,16 +141,26 @@ def test_step_fit_takes_masked_groups_off_the_staged_small_tiles(monkeypatch):
 def test_staged_tiles_take_mid_k_weights_in_one_launch(monkeypatch):
     """With the staged, fitted tiles, weights of K up to GEMV1_STAGED_MAX_K and 1024 to GEMV1_STAGED_MAX_N rows (the
     small models' mid-size projections) whose x is plain or a norm run as one bf16-x launch; with the residual add
-    or the activation computed into x, more rows or K, fewer than 1024 rows, or the switch off they keep the pool's
-    two launches (x as levels). K up to 2048 takes one launch whatever the prologue."""
+    or the activation computed into x (a dense MLP's gate / up and down), K up to GEMV1_STAGED_MLP_MAX_K and up to
+    GEMV1_STAGED_MLP_MAX_N rows. More rows or K, fewer than 1024 rows, or the switches off: the pool's two launches
+    (x as levels). K up to 2048 takes one launch whatever the prologue."""
     inside = ((1536, 6144), (8192, 2816), (2816, 4096), (4224, 2816), (2048, 2560))
     outside = ((9216, 2816), (2816, 8192), (10752, 2560), (1000, 4608), (5376, 21504), (16384, 5376))
     for pro in ("plain", "norm"):
         assert not any(im.gemv1_plan(n, k, 128, pro).xq for n, k in inside)
         assert all(im.gemv1_plan(n, k, 128, pro).xq == im.GEMV1_XQ for n, k in outside)
+    # E2B's gate / up, the 26B-A4B's gate / up and down, and shapes no model has with these prologues
+    mlp_inside = ((12288, 1536), (4224, 2816), (2816, 2112), (8192, 2816), (2048, 2560), (9216, 2816), (10752, 2560))
+    mlp_outside = ((1536, 6144), (2816, 4096), (20480, 2560), (2560, 10240), (12800, 1536), (43008, 5376))
     for pro in ("res", "glu"):
-        assert all(im.gemv1_plan(n, k, 128, pro).xq == im.GEMV1_XQ for n, k in inside + outside)
+        assert not any(im.gemv1_plan(n, k, 128, pro).xq for n, k in mlp_inside)
+        assert all(im.gemv1_plan(n, k, 128, pro).xq == im.GEMV1_XQ for n, k in mlp_outside
+                   + tuple(nk for nk in outside if nk not in mlp_inside))
         assert not im.gemv1_plan(2560, 1536, 128, pro).xq
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", False)
+    for pro in ("res", "glu"):
+        assert all(im.gemv1_plan(n, k, 128, pro).xq == im.GEMV1_XQ for n, k in mlp_inside if k > 2048 or n > 9216)
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", True)
     assert im.prologue_of() == "plain" and im.prologue_of(norm=1) == "norm"
     assert im.prologue_of(norm=1, res=1) == "res" and im.prologue_of(up=1) == "glu"
     with pytest.raises(AssertionError):
@@ -208,28 +227,31 @@ def test_gemv1_plan_takes_the_staged_sweeps_tiles(n, k, label):
 
 @pytest.mark.parametrize("fit", [False, True])
 def test_gemv1_step_config_is_sane_for_any_small_shape(fit, monkeypatch):
-    """Every shape of the small branch, tiny ones too: power-of-two tiles, K in one or two steps (up to four
-    with the staged, fitted tiles, whose K reaches GEMV1_STAGED_MAX_K), at most 64 words a thread, no more
-    warps than the tile has words for (down to one), and the fp32 scratch within the card's shared memory."""
+    """Every shape of the small branch, tiny ones too, x plain or the residual add: power-of-two tiles, K in one or
+    two steps (up to four with the staged, fitted tiles, whose K reaches GEMV1_STAGED_MAX_K, or
+    GEMV1_STAGED_MLP_MAX_K with the add), at most 64 words a thread, no more warps than the tile has words for
+    (down to one), and the fp32 scratch within the card's shared memory."""
     monkeypatch.setattr(im, "GEMV1_STEP_FIT", fit)
-    for n in (1, 7, 40, 512, 1024, 2048, 6144, 8192, 9216):
-        for k in (32, 64, 96, 704, 1536, 2048, 2112, 2816, 4096, 5376, 6144):
-            for group in (32, 64, 128):
-                g = im.group_size_for(k, group)
-                plan = im.gemv1_plan(n, k, g)
-                if k > im.GEMV1_STEP_MAX_K and not (fit and 1024 <= n <= im.GEMV1_STAGED_MAX_N):
-                    if n > im.GEMV1_THIN_N:
-                        assert plan.xq == im.GEMV1_XQ
-                    continue
-                if n > im.GEMV1_STEP_MAX_N:
-                    continue
-                assert plan.splits == 1 and not plan.xq, (n, k, g)
-                bn, groups, warps = plan.cfg.kwargs["BLOCK_N"], plan.cfg.kwargs["GROUPS"], plan.cfg.num_warps
-                steps = -(-(k // g) // groups)
-                assert bn & (bn - 1) == 0 and groups & (groups - 1) == 0 and 1 <= steps <= (4 if fit else 2)
-                tile = bn * groups * (g // 8)
-                assert tile <= 64 * 32 * warps and (warps == 1 or tile >= 32 * warps), (n, k, g)
-                assert im.config_smem_bytes(plan.cfg, g) <= im.SMEM_LIMIT_BYTES
+    staged_region = {"plain": (im.GEMV1_STAGED_MAX_K, im.GEMV1_STAGED_MAX_N),
+                     "res": (im.GEMV1_STAGED_MLP_MAX_K, im.GEMV1_STAGED_MLP_MAX_N)}
+    for n, k, group, pro in itertools.product((1, 7, 40, 512, 1024, 2048, 6144, 8192, 9216, 12288),
+                                              (32, 64, 96, 704, 1536, 2048, 2112, 2816, 4096, 5376, 6144),
+                                              (32, 64, 128), ("plain", "res")):
+        g = im.group_size_for(k, group)
+        plan = im.gemv1_plan(n, k, g, pro)
+        max_k, max_n = staged_region[pro]
+        staged = fit and 1024 <= n <= max_n and k <= max_k
+        if (k > im.GEMV1_STEP_MAX_K or n > im.GEMV1_STEP_MAX_N) and not staged:
+            if n > im.GEMV1_THIN_N:
+                assert plan.xq == im.GEMV1_XQ, (n, k, g, pro)
+            continue
+        assert plan.splits == 1 and not plan.xq, (n, k, g, pro)
+        bn, groups, warps = plan.cfg.kwargs["BLOCK_N"], plan.cfg.kwargs["GROUPS"], plan.cfg.num_warps
+        steps = -(-(k // g) // groups)
+        assert bn & (bn - 1) == 0 and groups & (groups - 1) == 0 and 1 <= steps <= (4 if fit else 2)
+        tile = bn * groups * (g // 8)
+        assert tile <= 64 * 32 * warps and (warps == 1 or tile >= 32 * warps), (n, k, g, pro)
+        assert im.config_smem_bytes(plan.cfg, g) <= im.SMEM_LIMIT_BYTES
 
 
 def test_group_size_for_k_not_a_multiple():
@@ -785,7 +807,9 @@ _STAGE_SCRIPT = textwrap.dedent("""
                              (36, 384, 128, im._cfg1(8, 2, 2)), (24, 352, 32, im._cfg1(8, 8, 4)),
                              (20, 1536, 128, im._cfg1(8, 4, 4)),  # GEMV1_STEP_FIT's E2B q / k / v tile
                              (40, 2816, 128, im._cfg1(16, 8, 4)),  # 16 rows, 22 groups in 3 steps of 8 (26B-A4B)
-                             (12, 6144, 128, im._cfg1(4, 16, 8))]:  # K 6144 in 3 steps of 16 (E2B's down's shape)
+                             (12, 6144, 128, im._cfg1(4, 16, 8)),  # K 6144 in 3 steps of 16 (E2B's down's shape)
+                             (40, 2816, 128, im._cfg1(16, 8, 8)),  # the staged MLP tiles: the 26B-A4B's gate / up
+                             (36, 2112, 64, im._cfg1(16, 16, 8))]:  # and down (33 groups of 64 in 3 steps of 16)
             qweight, scales = im.quantize_int4(torch.randn(N, K), G)
             wref = im.dequantize_int4(qweight, scales, torch.float64)
             kern = im._gemv1_kernel(cfg)
@@ -813,10 +837,10 @@ _STAGE_SCRIPT = textwrap.dedent("""
 def test_staged_x_through_the_interpreter():
     """STAGE (`GEMV1_STAGE`): the small weights' GEMV computing each step's x once for the program (plain, with the
     norm, the activation of a table row, the residual add) gives the default within bf16 roundings of the output
-    (the sums in another order), both within 1e-2 of fp64, the fitted staged tiles of 16 rows and of K 6144 too;
-    ~20 s."""
+    (the sums in another order), both within 1e-2 of fp64, the fitted staged tiles of 16 rows and of K 6144 too,
+    and the staged MLP tiles (16 rows, 8 warps); ~30 s."""
     rows = _script_rows(_STAGE_SCRIPT, "stage")
-    assert len(rows) == 28, rows
+    assert len(rows) == 36, rows
     for mode, n, k, e_off, e_on, d in rows:
         assert float(e_off) <= 1e-2 and float(e_on) <= 1e-2 and float(d) <= 4e-3, (mode, n, k, e_off, e_on, d)
 
@@ -862,6 +886,44 @@ def test_staged_x_takes_instructions_off_the_small_gemvs_loop():
         assert on[0] <= 0.8 * off[0], (n, k, off, on)
         assert on[2] <= 128 and on[3] <= im.SMEM_LIMIT_BYTES, (n, k, on)
     assert by[2560, 1536, "1"][0] <= 0.5 * by[2560, 1536, "0"][0], by  # with the norm: most of the loop was x
+
+
+_STAGED_MLP_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from export.kernels import int4_matmul as im
+    from tests.helpers import GEMV1_BF16_SIG as sig, sass_sm90
+    # the staged MLP tiles as the op launches them (STAGE, PDL, early tiles): E2B's gate / up and the 26B-A4B's
+    # (the residual add with both norms), the 26B-A4B's down (the activation; groups of 64)
+    for n, k, pro in ((12288, 1536, "res"), (4224, 2816, "res"), (2816, 2112, "glu")):
+        g = im.group_size_for(k, 128)
+        plan = im.gemv1_plan(n, k, g, pro)
+        flags = dict(RES=1, NORM=1) if pro == "res" else dict(GLU=1)
+        const = {"GROUP": g, **plan.cfg.kwargs, "RED": 0, "XQ": False, "ASM": True, "PDL": 2, "LEVELS": 2,
+                 "NORM_STEPS": im.norm_steps(k // 2) if pro == "res" else 0, "EARLY": 1, "STAGE": 1, **flags}
+        _, regs, res = sass_sm90(im._int4_gemv1_kernel, sig, const, plan.cfg.num_warps, aligned_ints=("stride_ww",))
+        shared = []
+        for arch in (89, 120):
+            src = ASTSource(im._int4_gemv1_kernel,
+                            {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
+                            constexprs={**const, "PDL": 2 if arch >= 90 else 0})
+            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
+            shared.append(kern.metadata.shared)
+        spills = "STACK:0 " not in res or "LOCAL:0" not in res
+        print("mlp", n, k, int(plan.xq), plan.cfg.kwargs["BLOCK_N"], regs, int(spills), max(shared))
+""")
+
+
+def test_staged_mlp_tiles_compile_without_spills_for_every_card():
+    """The staged MLP tiles (GEMV1_STAGED_MLP: 16 rows, bf16 x with the residual add and both norms, or the
+    activation) compiled for sm_90 with no GPU: no spills, registers for two 8-warp programs an SM or more; for
+    the RTX 4090 and 5090 within their shared memory."""
+    rows = _script_rows(_STAGED_MLP_COMPILE_SCRIPT, "mlp")
+    assert len(rows) == 3, rows
+    for n, k, xq, rows_, regs, spills, shared in rows:
+        assert xq == "0" and rows_ == "16" and spills == "0", (n, k, xq, rows_, spills)
+        assert int(regs) <= 128 and int(shared) <= im.SMEM_LIMIT_BYTES, (n, k, regs, shared)
 
 
 def test_residual_gemv_compiles_for_the_consumer_cards_and_the_h200():

@@ -81,10 +81,13 @@ def test_cpu_kernel_is_the_add_rms_linear_then_the_glu_linear():
 
 @pytest.mark.parametrize("H,I,fused", [(5376, 21504, True), (1536, 6144, True), (1536, 12288, True),
                                        (2560, 10240, True), (2816, 2112, True), (256, 512, False)])
-def test_where_the_gate_up_writes_the_levels(H, I, fused):
-    """The 31B's, E2B's (both widths), E4B's and the 26B-A4B's dense MLPs at M == 1 in bf16 take the fusion (both
-    plans take x as levels; the 26B-A4B's gate / up in 64-row blocks, whose units divide its I of 2112 where 128
-    rows do not); a small MLP whose GEMVs take bf16 x does not, nor any M > 1 or fp32 x."""
+def test_where_the_gate_up_writes_the_levels(H, I, fused, monkeypatch):
+    """The 31B's, E2B's (both widths), E4B's and the 26B-A4B's dense MLPs at M == 1 in bf16 take the fusion where
+    both plans take x as levels (the 26B-A4B's gate / up in 64-row blocks, whose units divide its I of 2112 where
+    128 rows do not); a small MLP whose GEMVs take bf16 x does not, nor any M > 1 or fp32 x. With the staged MLP
+    tiles (GEMV1_STAGED_MLP, the default) E2B's narrow MLP's gate / up and the 26B-A4B's take bf16 x, so those
+    two MLPs do not."""
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", False)
     with torch.device("meta"):
         x = torch.empty(1, 1, H, dtype=torch.bfloat16)
         guq, gus = torch.empty(2 * I, H // 2, dtype=torch.uint8), torch.empty(2 * I, H // 128, dtype=torch.bfloat16)
@@ -99,16 +102,21 @@ def test_where_the_gate_up_writes_the_levels(H, I, fused):
         assert not mlp.fused_at_decode(x3, x3, w, w, guq, gus, dq, ds)
         xf, wf = x.float(), w.float()
         assert not mlp.fused_at_decode(xf, xf, wf, wf, guq, gus, dq, ds)
+        monkeypatch.setattr(im, "GEMV1_STAGED_MLP", True)
+        staged = (H, I) in ((1536, 6144), (2816, 2112))
+        assert mlp.fused_at_decode(x, x, w, w, guq, gus, dq, ds) == (fused and not staged)
 
 
 @pytest.mark.cuda
 @torch.no_grad()
-def test_op_matches_the_two_ops_on_cuda():
+def test_op_matches_the_two_ops_on_cuda(monkeypatch):
     """The 31B's MLP (5376 -> 2 x 21504 -> 5376: one slice of 128-row blocks) and E2B's (1536 -> 2 x 6144: two
-    slices of 64-row blocks, half a group each), bf16 at M == 1: the op (the gate / up GEMV writing the down
-    GEMV's levels) gives `int4_add_rms_linear` then `int4_glu_linear` bit for bit, h too. The 26B-A4B's
-    (2816 -> 2 x 2112, the down's groups of 64): its fused gate / up runs 64-row blocks where the op alone runs
-    128 (each row's sum across lanes may then round otherwise): h bit for bit, y within 1e-3."""
+    slices of 64-row blocks, half a group each), bf16 at M == 1, both GEMVs on x levels (GEMV1_STAGED_MLP off: E2B's
+    gate / up takes bf16 x by default): the op (the gate / up GEMV writing the down GEMV's levels) gives
+    `int4_add_rms_linear` then `int4_glu_linear` bit for bit, h too. The 26B-A4B's (2816 -> 2 x 2112, the down's
+    groups of 64): its fused gate / up runs 64-row blocks where the op alone runs 128 (each row's sum across lanes
+    may then round otherwise): h bit for bit, y within 1e-3."""
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", False)
     gen = torch.Generator(device="cuda").manual_seed(2)
     for H, I in ((5376, 21504), (1536, 6144), (2816, 2112)):
         guq, gus = im.quantize_int4(torch.randn(2 * I, H, device="cuda", generator=gen), 128)
@@ -209,9 +217,11 @@ def test_cpu_close_kernel_is_the_mlp_then_the_closing_add():
 
 
 @pytest.mark.parametrize("H,I,fused", [(5376, 21504, True), (1536, 6144, True), (256, 512, False)])
-def test_where_the_down_gemv_writes_the_closing_add(H, I, fused):
-    """The 31B's MLP at M == 1 in bf16 (its down GEMV sums eight slices in-kernel) and E2B's (one slice) take it; a
-    small MLP without the MLP fusion does not, nor a closing weight or scalar in another dtype."""
+def test_where_the_down_gemv_writes_the_closing_add(H, I, fused, monkeypatch):
+    """The 31B's MLP at M == 1 in bf16 (its down GEMV sums eight slices in-kernel) and E2B's (one slice, with
+    GEMV1_STAGED_MLP off: its gate / up on x levels) take it; a small MLP without the MLP fusion does not, nor a
+    closing weight or scalar in another dtype."""
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", False)
     with torch.device("meta"):
         x = torch.empty(1, 1, H, dtype=torch.bfloat16)
         guq, gus = torch.empty(2 * I, H // 2, dtype=torch.uint8), torch.empty(2 * I, H // 128, dtype=torch.bfloat16)
@@ -224,10 +234,12 @@ def test_where_the_down_gemv_writes_the_closing_add(H, I, fused):
 
 @pytest.mark.cuda
 @torch.no_grad()
-def test_close_op_matches_the_mlp_op_and_the_add_on_cuda():
-    """The 31B's and E2B's MLPs, bf16 at M == 1: the op's output (the down GEMV's last row block writing the closing
-    add) is `int4_add_rms_mlp` then the add in torch, within an ulp or two of bf16 where the norm's factor (summed in
-    another order) rounds otherwise: 1e-2 of the output's largest element, 2e-3 over the row."""
+def test_close_op_matches_the_mlp_op_and_the_add_on_cuda(monkeypatch):
+    """The 31B's and E2B's MLPs (both GEMVs on x levels: GEMV1_STAGED_MLP off), bf16 at M == 1: the op's output (the
+    down GEMV's last row block writing the closing add) is `int4_add_rms_mlp` then the add in torch, within an ulp
+    or two of bf16 where the norm's factor (summed in another order) rounds otherwise: 1e-2 of the output's
+    largest element, 2e-3 over the row."""
+    monkeypatch.setattr(im, "GEMV1_STAGED_MLP", False)
     gen = torch.Generator(device="cuda").manual_seed(4)
     for H, I in ((5376, 21504), (1536, 6144)):
         guq, gus = im.quantize_int4(torch.randn(2 * I, H, device="cuda", generator=gen), 128)

@@ -27,10 +27,15 @@ def test_tiles_hold_a_few_words_a_thread_and_the_op_takes_levels_there():
         for bn, groups, warps in (gu, down):
             assert groups & (groups - 1) == 0 and bn >= 4  # (STAGE needs 4 rows or more)
             assert bn * groups * 16 <= 64 * 32 * warps
-    for m in ("e2b", "e4b", "26b-a4b"):  # the op's side of the comparison: x as levels (two launches each)
+    for m in ("e2b", "e4b", "26b-a4b"):  # the levels side of the comparison: x as levels (two launches each)
         h, inter = sm.SHAPES[m]
-        assert im.gemv1_plan(2 * inter, h, 128, "res").xq
-        assert im.gemv1_plan(h, inter, im.group_size_for(inter, 128), "glu").xq
+        gd = im.group_size_for(inter, 128)
+        assert sm.Op(levels=True).plan(2 * inter, h, 128, "res").xq
+        assert sm.Op(levels=True).plan(h, inter, gd, "glu").xq
+        # the op's side: the plan as it is (E2B's gate / up and the 26B-A4B's pair staged), the switch left on
+        staged = sm.Op().plan(2 * inter, h, 128, "res"), sm.Op().plan(h, inter, gd, "glu")
+        assert [p.xq for p in staged] == {"e2b": [False, True], "e4b": [True, True], "26b-a4b": [False, False]}[m]
+        assert im.GEMV1_STAGED_MLP
 
 
 def test_probe_runs_and_checks_in_the_interpreter(tmp_path):

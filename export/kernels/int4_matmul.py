@@ -1542,16 +1542,28 @@ GEMV1_THIN_MAX_K = 4096
 # 1536 8.81 -> 6.62, o 1536 x 4096 6.49 -> 5.07 (the pool's two launches before); E4B q 2048 x 2560 5.82 -> 4.36,
 # 6144 x 2560 9.29 -> 8.18, o 2560 x 4096 7.00 -> 6.28; 26B-A4B q / k / v 8192 x 2816 11.30 -> 10.23, o 2816 x 4096
 # 7.16 -> 6.45. The pool stays ahead with more rows or K (E4B 10752 x 2560 11.3 against 13.8, 26B-A4B 9216 x 2816
-# 11.8 / 12.7, 2560 x 10240 11.7 / 17.4). Not yet where x would be the residual add with both norms ("res": gate /
-# up) or the activation ("glu": down), though with plain x the sweep had E2B down 1536 x 6144 7.88 -> 6.31 and the
-# 26B-A4B's gate / up 9.00 -> 6.48, down 7.35 -> 5.71: the small models' MLP as two bf16-x launches with those
-# prologues took E2B 22.5 us a layer against the op's four launches' 16.85 (H100, small_mlp_variants_h100.json),
-# so they keep x as levels beyond K 2048 until measured. In the artifact, E2B's 6-layer slice with the fitted step
-# alone (step_fit_ab_e2b_h100.json): decode step 0.369 -> 0.363 ms. "0" in an exporting process: the step of half
-# the row's groups, K up to GEMV1_STEP_MAX_K (an A/B switch, scripts/export_ab.py).
+# 11.8 / 12.7, 2560 x 10240 11.7 / 17.4). In the artifact, E2B's 6-layer slice with the fitted step alone
+# (step_fit_ab_e2b_h100.json): decode step 0.369 -> 0.363 ms; E4B's 6 layers and the 26B-A4B's 4 with the tiles
+# reaching K 6144 (step_fit_ab_e4b_6l_h100.json, step_fit_ab_26b_4l_h100.json): 95 -> 87 and 81 -> 75 launches a
+# step, the step 0.487 -> 0.485 and 0.473 -> 0.471 ms. "0" in an exporting process: the step of half the row's
+# groups, K up to GEMV1_STEP_MAX_K (an A/B switch, scripts/export_ab.py).
 GEMV1_STEP_FIT = os.environ.get("GEMMA4_GEMV1_STEP_FIT", "1") != "0"
 GEMV1_STAGED_MAX_K = 6144
 GEMV1_STAGED_MAX_N = 8192
+# Where x is the residual add with both norms ("res": gate / up) or the activation ("glu": down), every program
+# computes that prologue over the whole row of x, so the staged tiles there are narrower in K and wider in rows:
+# K up to GEMV1_STAGED_MLP_MAX_K and N up to GEMV1_STAGED_MLP_MAX_N, 16 rows from 2048, 8 warps from 128 words a
+# row-step. H100, a dense MLP layer's us with PDL in a graph of 16 (scripts/small_mlp_variants.py,
+# small_mlp_variants_h100.json), the op's four launches (two quantize kernels, two dp4a GEMVs) against these:
+# 26B-A4B 2816 x 2112, both halves 16 x 8 x 8 / 16 x 16 x 8 (rows x groups a step x warps), 15.81 -> 13.36 (at 8
+# rows 15.17); E2B 1536 x 6144, gate / up 16 x 4 x 4 with the op's down 16.91 -> 16.21, its down staged too 17.00.
+# E4B's (2560 x 10240) lost every way (28.7 against 37.1 at best) and stays on levels. In the artifact (H100, decode
+# step at fill 1k, scripts/export_ab.py): E2B's 6-layer slice 0.358 -> 0.354 ms, the 26B-A4B's 4-layer slice 0.473
+# -> 0.460 (ab_staged_mlp_e2b_6l_h100.json, ab_staged_mlp_26b_4l_h100.json). "0" in an exporting process: x as
+# levels beyond GEMV1_STEP_MAX_K there (an A/B switch).
+GEMV1_STAGED_MLP = os.environ.get("GEMMA4_GEMV1_STAGED_MLP", "1") != "0"
+GEMV1_STAGED_MLP_MAX_K = 3072
+GEMV1_STAGED_MLP_MAX_N = 12288
 GEMV1_SMALL_N = 4096  # M == 1 up to this many rows: K parts inside a program, one slice
 GEMV1_LARGE_N = 32768  # and from this many (gate/up, the lm_head): enough programs without a split
 GEMV1_MID_SPLITS = 8  # K slices between the two, below GEMV1_WIDE_N rows
@@ -1599,18 +1611,19 @@ def _staged(n: int) -> bool:
     return GEMV1_STEP_FIT and GEMV1_STAGE and n >= 1024
 
 
-def gemv1_step_config(n: int, k: int, group_size: int) -> triton.Config:
-    """The small weights' tile. Staged (`_staged`): see the notes above GEMV1_STEP_FIT. Else 8 rows from 2048, 4
-    from 1024, else 2; a step of half the row's groups rounded up to a power of two (all of them up to 2: K in one
-    or two steps); 8 warps from 8 groups a step, else 4. Either way fewer warps where the tile has under a word a
-    thread (tiny weights)."""
+def gemv1_step_config(n: int, k: int, group_size: int, prologue: str = "plain") -> triton.Config:
+    """The small weights' tile. Staged (`_staged`): see the notes above GEMV1_STEP_FIT (prologue "res" / "glu":
+    above GEMV1_STAGED_MLP). Else 8 rows from 2048, 4 from 1024, else 2; a step of half the row's groups rounded up
+    to a power of two (all of them up to 2: K in one or two steps); 8 warps from 8 groups a step, else 4. Either
+    way fewer warps where the tile has under a word a thread (tiny weights)."""
     row_groups = k // group_size
     words = group_size // 8  # a group's words of a row
     if _staged(n):
         fits = [1 << i for i in range(row_groups.bit_length() + 1) if -(-row_groups // (1 << i)) <= 4]
         groups = min(fits, key=lambda g: (-(-row_groups // g) * g, abs((g * words).bit_length() - 8)))
-        block_n = 4 if n < 2048 else 8 if n < 6144 else 16
-        warps = 8 if groups * words >= 128 and block_n <= 8 else 4
+        mlp = GEMV1_STAGED_MLP and prologue in ("res", "glu")
+        block_n = 4 if n < 2048 else 16 if mlp or n >= 6144 else 8
+        warps = 8 if groups * words >= 128 and (block_n <= 8 or mlp) else 4
     else:
         groups = triton.next_power_of_2(row_groups)
         groups = groups if row_groups <= 2 else groups // 2
@@ -1630,7 +1643,8 @@ def gemv1_plan(n: int, k: int, group_size: int, prologue: str = "plain") -> Gemv
 
     Small weights (K <= GEMV1_STEP_MAX_K and N <= GEMV1_STEP_MAX_N, or N <= GEMV1_THIN_N and
     K <= GEMV1_THIN_MAX_K, or staged tiles' K <= GEMV1_STAGED_MAX_K and N <= GEMV1_STAGED_MAX_N where the
-    prologue is "plain" or "norm"): `gemv1_step_config`, one slice, bf16 x (one launch). prologue (PROLOGUES):
+    prologue is "plain" or "norm", K <= GEMV1_STAGED_MLP_MAX_K and N <= GEMV1_STAGED_MLP_MAX_N where it is "res" or
+    "glu"): `gemv1_step_config`, one slice, bf16 x (one launch). prologue (PROLOGUES):
     what x is computed from, x itself, its norm, the residual add with both norms, the activation. Else x as
     GEMV1_XQ says and the pool's configs: few rows, 8-row programs that read K in 8 parts, one
     slice. Many (gate/up, the lm_head): 128-row programs, one slice (no partials, no second
@@ -1640,8 +1654,10 @@ def gemv1_plan(n: int, k: int, group_size: int, prologue: str = "plain") -> Gemv
     assert prologue in PROLOGUES, prologue
     if ((k <= GEMV1_STEP_MAX_K and n <= GEMV1_STEP_MAX_N) or (n <= GEMV1_THIN_N and k <= GEMV1_THIN_MAX_K)
             or (_staged(n) and prologue in ("plain", "norm") and k <= GEMV1_STAGED_MAX_K
-                and n <= GEMV1_STAGED_MAX_N)):
-        return Gemv1Plan(gemv1_step_config(n, k, group_size), 1, False)
+                and n <= GEMV1_STAGED_MAX_N)
+            or (_staged(n) and GEMV1_STAGED_MLP and prologue in ("res", "glu") and k <= GEMV1_STAGED_MLP_MAX_K
+                and n <= GEMV1_STAGED_MLP_MAX_N)):
+        return Gemv1Plan(gemv1_step_config(n, k, group_size, prologue), 1, False)
     if n <= GEMV1_SMALL_N:
         return _xq_plan(GEMV1_CONFIGS[1], 1)
     if n >= GEMV1_LARGE_N:

@@ -8,7 +8,7 @@
 `gemma4::int4_add_rms_linear` (the attention output into the residual stream, the MLP's norm and its
 joined gate / up projection) and `gemma4::int4_glu_linear` (the activation and the down projection) one
 after the other, with one launch less at decode: where both M == 1 plans take x as int8 levels
-(int4_matmul.gemv1_plan: the 31B's, E2B's and E4B's MLPs) the gate / up GEMV also writes the down GEMV's x,
+(int4_matmul.gemv1_plan: the 31B's and E4B's MLPs, E2B's wide ones) the gate / up GEMV also writes the down GEMV's x,
 gelu_tanh(gate) * up, as its levels (`int4_matmul._int4_gemv1_kernel`'s GLUQ: the last row block of each
 unit of rows computes them) and zeroes that GEMV's counters, which is what the activation's quantize kernel
 did. Bit for bit the two ops: the activation is rounded to the gate / up output's dtype before it is
