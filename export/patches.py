@@ -34,6 +34,10 @@ PATCHES: dict[str, Patch] = {p.target.split(":")[1]: p for p in (
           "collect fallback kernels the target runtime lacks (ExecuTorch's check, asking the backend)"),
     Patch("torch._inductor.codegen.cpp_wrapper_cpu:CppWrapperCpu.generate_fallback_kernel_with_runtime_lookup_aot",
           "torch", "the same check for kernels looked up at run time"),
+    Patch("torch._inductor.codegen.cpp_wrapper_cpu:CppWrapperCpu.codegen_int_array_var", "torch",
+          "its cache of size / stride array declarations is keyed by the buffer's writeline, not by id() of a "
+          "temporary bound method: two buffers' writelines share that id, so a view in the final code could "
+          "name an array declared only in another buffer (a flaky 'int_array_0 was not declared' C++ error)"),
     Patch("torch._inductor.codecache:convert_cubin_to_obj", "torch",
           "one object file per kernel name: two names sharing one cubin were linked twice"),
     Patch("torch._inductor.codegen.cuda.device_op_overrides:CUDADeviceOpOverrides.kernel_driver", "torch",

@@ -163,3 +163,35 @@ def test_kernels_sharing_one_cubin_get_an_object_each(tmp_path):
         symbols = subprocess.run(["nm", obj], capture_output=True, text=True, check=True).stdout
         assert f"__{name}_start" in symbols and f"__{name}_end" in symbols
     assert codecache.convert_cubin_to_obj.__module__ == "torch._inductor.cpp_builder"  # restored
+
+
+def test_int_array_declarations_stay_with_the_buffer_that_uses_them():
+    """The C++ wrapper's size / stride arrays: Inductor's own cache (keyed by id() of a temporary bound method) hands
+    a second buffer the variable it declared in a first one, leaving the second without its declaration (the
+    undeclared `int_array_0` of a flaky C++ compile); under the backend's patch each buffer declares what it uses,
+    a buffer asking again gets its own variable back, and the method is restored after the block."""
+    from itertools import count
+
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.utils import IndentedBuffer
+    from torch.utils._ordered_set import OrderedSet
+
+    from export.backends.aoti_base import int_arrays_per_buffer
+
+    def declare(patched_in: bool) -> tuple[list[str], list[str]]:
+        w = object.__new__(CppWrapperCpu)  # the state codegen_int_array_var reads, no graph
+        w.codegen_int_array_var_cache, w.int_array_id, w.declared_int_array_vars = {}, count(), OrderedSet()
+        first, second = IndentedBuffer(), IndentedBuffer()
+        with int_arrays_per_buffer() if patched_in else contextlib.nullcontext():
+            names = [w.codegen_int_array_var("{1L, 2816L}", buf.writeline, known_statically=True)
+                     for buf in (first, second, first)]
+        return names, [first.getvalue(), second.getvalue()]
+
+    names, (first, second) = declare(False)
+    if names[0] == names[1]:  # the temporaries' ids met (CPython reuses the freed one): the bug
+        assert names[0] not in second
+    names, (first, second) = declare(True)
+    assert names[0] != names[1] and names[2] == names[0], names
+    assert f"{names[0]}[] = {{1L, 2816L}}" in first and f"{names[1]}[] = {{1L, 2816L}}" in second
+    assert names[1] not in first and names[0] not in second
+    assert CppWrapperCpu.codegen_int_array_var.__module__ == "torch._inductor.codegen.cpp_wrapper_cpu"  # restored

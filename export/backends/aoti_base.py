@@ -13,8 +13,9 @@ state dict, keyed by FQN (see export/artifact.py and export/ARTIFACT.md).
 Preprocess (one method at a time): read `BackendOptions` back from the compile specs, run
 the pass pipeline (export/passes/pipeline.py: the low-memory passes when asked, the device
 move, the target's passes and decompositions), then `torch._inductor.aot_compile` inside the
-fallback-kernel check, no_grad, the target's compile context, the low-memory Inductor
-patches when asked, and the constant-table capture. Progress goes out as stage events
+fallback-kernel check, no_grad, the C++ wrapper's int arrays declared per buffer
+(`int_arrays_per_buffer`, an Inductor bug), the target's compile context, the low-memory
+Inductor patches when asked, and the constant-table capture. Progress goes out as stage events
 (export/stages.py). Every patch of torch internals is registered in export/patches.py.
 """
 
@@ -78,6 +79,28 @@ def capture_constants(sink: list[ConstantInfo]) -> Iterator[None]:
         yield
 
 
+
+
+@contextlib.contextmanager
+def int_arrays_per_buffer() -> Iterator[None]:
+    """The C++ wrapper's size / stride arrays declared in the buffer that uses them. Inductor caches each
+    array's variable under (array, id(writeline), ...), where writeline is a temporary bound method: the
+    next temporary, of another buffer (the first and second codegen passes write to different ones),
+    takes the freed one's id and so its variable, declared only in the other buffer. The final code then
+    names an undeclared `int_array_N` and the C++ compile fails, depending on allocation order (seen on
+    one of seven 26B-A4B slice exports). The bound method itself is the key here: equal only for the
+    same buffer, and it keeps that buffer alive, so no id is reused."""
+    def per_buffer(original):
+        def codegen_int_array_var(self, int_array, writeline, known_statically=False, graph=None):
+            cache = self.__dict__.setdefault("_int_arrays_per_buffer", {})
+            key = (int_array, writeline, known_statically, graph)
+            if key not in cache:
+                cache[key] = self._codegen_int_array_var_impl(int_array, writeline, known_statically)
+            return cache[key]
+        return codegen_int_array_var
+
+    with patched("CppWrapperCpu.codegen_int_array_var", per_buffer):
+        yield
 
 
 class Gemma4AotiBackend(AotiBackend):
@@ -176,7 +199,7 @@ class Gemma4AotiBackend(AotiBackend):
             lm_patches = low_memory_inductor_patches(options.low_memory)
         else:
             lm_patches = contextlib.nullcontext()
-        with cls.check_fallback_kernels(missing, options), torch.no_grad(), \
+        with cls.check_fallback_kernels(missing, options), torch.no_grad(), int_arrays_per_buffer(), \
                 cls.compile_context(options), lm_patches, capture_constants(constants):
             paths = torch._inductor.aot_compile(program.module(), inputs, options=inductor_options)
         if missing:
