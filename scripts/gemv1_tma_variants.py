@@ -151,8 +151,9 @@ def shapes() -> dict:
 
 
 SMALL = ("e4b.mlp.down_proj", "e4b.mlp.gate_up_proj", "e4b.per_layer_model_projection", "e2b.mlp.down_proj",
-         "e2b.mlp.down_proj.wide", "e2b.mlp.gate_up_proj", "26b-a4b.o_proj.full", "26b-a4b.qk_proj.full",
-         "26b-a4b.mlp.gate_up_proj")  # (the 26B-A4B's down, K 2112, has groups of 64: the TMA kernel takes 128)
+         "e2b.mlp.down_proj.wide", "26b-a4b.o_proj.full", "26b-a4b.qk_proj.full")
+# (E2B's gate / up and the 26B-A4B's take staged bf16-x tiles since GEMV1_STAGED_MLP; the 26B-A4B's down, K 2112,
+# has groups of 64: the TMA kernel takes 128)
 
 
 def prologue_for(name: str) -> str:

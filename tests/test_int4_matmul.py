@@ -496,6 +496,20 @@ _TMA_SCRIPT = textwrap.dedent("""
             nw = torch.rand(K).bfloat16() + 0.5
             y = im._gemv1(x, qweight, scales, norm=(nw, 1e-6))
             print("tma-norm", N, K, rel(y, im.rms_norm_reference(x, nw, 1e-6).double() @ w.t()))
+        # GEMV1_TMA_SMALL: K under GEMV1_TMA_MIN_K at GEMV1_TMA_SMALL_TILE, one slice (20 groups in 10 steps, rows
+        # past N), plain and with the residual add and both norms (`int4_add_rms_linear`, E4B's gate / up)
+        im.GEMV1_TMA_MIN_K, im.GEMV1_TMA_SMALL = 4096, True
+        for N, K in ((100, 2560),):
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            w = im.dequantize_int4(qweight, scales, torch.float64)
+            x, r = (torch.randn(1, K) * 3).bfloat16(), (torch.randn(1, K) * 5).bfloat16()
+            wr, nw = torch.rand(K).bfloat16() + 0.5, torch.rand(K).bfloat16() + 0.5
+            tile, splits = im.gemv1_tma_tile(N, K, 128, "res")
+            y = im.int4_linear._init_fn(x, qweight, scales)
+            h, y_res = im._add_rms_linear(x, r, wr, nw, 1e-6, qweight, scales)
+            want_h = x + im.rms_norm_reference(r, wr, 1e-6)
+            print("tma-small", N, K, "x".join(map(str, tile)), splits, rel(y, x.double() @ w.t()),
+                  rel(y_res, im.rms_norm_reference(want_h, nw, 1e-6).double() @ w.t()), rel(h, want_h))
 """)
 
 
@@ -503,21 +517,37 @@ def test_tma_gemv_through_the_interpreter():
     """With GEMV1_TMA on, mid-size weights take `_int4_gemv1_tma_kernel` (the register kernel made to fail):
     ragged slices and rows, the norm's quantize kernel before it, within 1e-2 of fp64 (the int4 weight
     dequantized)."""
-    rows, norm = _script_rows(_TMA_SCRIPT, "tma", "tma-norm")
+    rows, norm, small = _script_rows(_TMA_SCRIPT, "tma", "tma-norm", "tma-small")
     assert len(rows) == 3 and len(norm) == 3, (rows, norm)
     assert [int(r[2]) for r in rows] == [2, 3, 1]
     assert all(float(r[3]) <= 1e-2 for r in rows) and all(float(r[2]) <= 1e-2 for r in norm), (rows, norm)
+    # GEMV1_TMA_SMALL's tile on K under GEMV1_TMA_MIN_K, plain and with the residual add and both norms
+    assert [r[:4] for r in small] == [["100", "2560", "32x2x3x4", "1"]], small
+    # (h: the quantize kernel's add, within the interpreter's truncating bf16 casts of torch's)
+    assert float(small[0][4]) <= 1e-2 and float(small[0][5]) <= 1e-2 and float(small[0][6]) <= 4e-3, small
 
 
-def test_tma_gemv_serves_the_31b_mid_size_weights_only():
+def test_tma_gemv_serves_the_31b_mid_size_weights_only(monkeypatch):
     """The TMA-fed GEMV's shapes: the 31B's mid-size weights (q / k / v, o, down: K from 5376), not its gate / up or
     lm_head (the register kernel's one-slice programs), nor the small models' mid-size weights (K 1536-2816), nor
-    small ones."""
+    small ones. With GEMV1_TMA_SMALL (off by default) the small models' mid-size weights on x levels take
+    GEMV1_TMA_SMALL_TILE in one slice: E4B's gate / up and per-layer projection, the 26B-A4B's full q / k, not
+    E2B's gate / up (a staged tile) nor E2B's or E4B's down (1536 / 2560 rows)."""
     for n, k in ((16384, 5376), (18432, 5376), (5376, 8192), (5376, 16384), (5376, 21504)):
         assert im.gemv1_tma_splits(n, k, 128) >= 1, (n, k)
-    for n, k in ((43008, 5376), (262144, 5376), (12288, 1536), (20480, 2560), (10752, 2560), (9216, 2816),
-                 (2048, 1536), (4096, 8192)):
+        assert im.gemv1_tma_tile(n, k, 128) == (im.GEMV1_TMA_TILE, im.gemv1_tma_splits(n, k, 128))
+    small = {(20480, 2560): "res", (10752, 2560): "plain", (9216, 2816): "norm"}
+    for n, k in ((43008, 5376), (262144, 5376), (12288, 1536), *small, (2048, 1536), (4096, 8192)):
         assert im.gemv1_tma_splits(n, k, 128) == 0, (n, k)
+        assert im.gemv1_tma_tile(n, k, 128, small.get((n, k), "plain")) is None, (n, k)
+    monkeypatch.setattr(im, "GEMV1_TMA_SMALL", True)
+    for (n, k), pro in small.items():
+        assert im.gemv1_tma_tile(n, k, 128, pro) == (im.GEMV1_TMA_SMALL_TILE, 1), (n, k)
+    for n, k, pro in ((12288, 1536, "res"), (1536, 6144, "glu"), (2560, 10240, "glu"), (43008, 5376, "res"),
+                      (262144, 5376, "plain"), (8192, 2816, "norm")):
+        assert im.gemv1_tma_tile(n, k, 128, pro) is None or k >= im.GEMV1_TMA_MIN_K, (n, k)
+        assert im.gemv1_tma_tile(n, k, 128, pro) == (None if im.gemv1_tma_splits(n, k, 128) == 0 else
+                                                      (im.GEMV1_TMA_TILE, im.gemv1_tma_splits(n, k, 128)))
 
 
 def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():

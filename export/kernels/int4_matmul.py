@@ -1585,8 +1585,16 @@ GEMV1_WIDE_N = 8192  # from here to GEMV1_LARGE_N: 64-row tiles, 2 slices
 GEMV1_TMA = os.environ.get("GEMMA4_GEMV1_TMA", "1") != "0"
 GEMV1_TMA_TILE = (32, 4, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_PROGRAMS = 512
-GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size weights (K 1536-2816: 3-6 steps a
-# row) were not measured with it and keep the register kernel
+GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size weights (K 1536-2816) see below
+# The small models' mid-size weights with K under GEMV1_TMA_MIN_K (E4B's gate / up 20480 x 2560 and per-layer
+# projection 10752 x 2560, the 26B-A4B's full q / k 9216 x 2816; those staged tiles do not take): a step of 2
+# groups (one 128-byte copy a row), 3 stages, 4 warps, one slice. H100, each alone without PDL, us, the plan (the
+# register kernel) -> this (scripts/gemv1_tma_variants.py --small, gemv1_tma_small_h100.json): 15.68 -> 14.38,
+# 11.34 -> 10.36, 11.80 -> 10.39; GEMV1_TMA_TILE there 14.98, 10.48, 11.00, and 2 slices 11.03 / 11.16. Not timed
+# in an artifact yet, so off: "1" in an exporting process takes it (an A/B switch, `measure_gpu.sh ab_small`).
+GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "0") == "1"
+GEMV1_TMA_SMALL_TILE = (32, 2, 3, 4)  # rows, groups a step, stages, warps
+GEMV1_TMA_SMALL_MIN_K = 2048
 
 
 class Gemv1Plan(NamedTuple):
@@ -1678,6 +1686,20 @@ def gemv1_tma_splits(n: int, k: int, group_size: int, tile: tuple = GEMV1_TMA_TI
             and gemv1_plan(n, k, group_size, prologue).xq):
         return 0
     return max(1, min(groups // step, round(GEMV1_TMA_PROGRAMS / triton.cdiv(n, rows))))
+
+
+def gemv1_tma_tile(n: int, k: int, group_size: int, prologue: str = "plain") -> tuple[tuple, int] | None:
+    """(tile, K slices) of `_int4_gemv1_tma_kernel` for an [n, k] weight the op serves with it (GEMV1_TMA on):
+    GEMV1_TMA_TILE and `gemv1_tma_splits` from K GEMV1_TMA_MIN_K; below it, with GEMV1_TMA_SMALL, the small
+    models' mid-size weights on x levels (GEMV1_SMALL_N < n < GEMV1_LARGE_N, group 128, K from
+    GEMV1_TMA_SMALL_MIN_K) at GEMV1_TMA_SMALL_TILE, one slice. Else None (the register kernel)."""
+    if k >= GEMV1_TMA_MIN_K:
+        splits = gemv1_tma_splits(n, k, group_size, prologue=prologue)
+        return (GEMV1_TMA_TILE, splits) if splits else None
+    if (GEMV1_TMA_SMALL and GEMV1_SMALL_N < n < GEMV1_LARGE_N and group_size == 128 and k >= GEMV1_TMA_SMALL_MIN_K
+            and gemv1_plan(n, k, group_size, prologue).xq):
+        return GEMV1_TMA_SMALL_TILE, 1
+    return None
 
 
 def tma_ok(device: torch.device) -> bool:
@@ -2009,9 +2031,10 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     pro = prologue_of(up, norm, res)
     plan = gemv1_plan(N, K, G, pro)
     pdl = op_pdl_mode(x2.device)  # the attribute comes from the artifact's launcher, not from here
-    tma = gemv1_tma_splits(N, K, G, prologue=pro) if GEMV1_TMA else 0  # 0 but for mid-size weights
+    tma = gemv1_tma_tile(N, K, G, pro) if GEMV1_TMA else None  # None but for mid-size weights
     if tma and up_index is None and tma_ok(x2.device):
-        return int4_gemv1_tma(x2, qweight, scales, tma, levels=plan.levels, pdl=pdl, pdl_attr=pdl_attr, up=up,
+        return int4_gemv1_tma(x2, qweight, scales, tma[1], tile=tma[0], levels=plan.levels, pdl=pdl,
+                              pdl_attr=pdl_attr, up=up,
                               norm=norm, res=res, quantize=quantize)
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
                       levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=pdl_attr, up=up, norm=norm,
