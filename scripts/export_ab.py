@@ -119,8 +119,12 @@ def main(argv=None) -> int:
         models, exports = export_both(a)
         print(f"exports done in {max(e['seconds'] for e in exports.values()):.0f} s", flush=True)
     prof = {}
+    t0 = time.perf_counter()
     if a.profile_fill:
-        prof = {n: profile(m, a.profile_fill, a.workdir / f"profile_{n}.json") for n, m in models.items()}
+        for n, m in models.items():
+            prof[n] = profile(m, a.profile_fill, a.workdir / f"profile_{n}.json")
+            print(f"[{time.perf_counter() - t0:5.0f} s] profile {n}: {prof[n]['kernel_ms']:.3f} ms of kernels",
+                  flush=True)
     times = {n: {f: [] for f in fills} for n in models}
     logits = {}
     for rnd in range(a.rounds):
@@ -129,6 +133,8 @@ def main(argv=None) -> int:
             for f in fills:
                 times[n][f].append(ms[f])
             logits.setdefault(n, lg)
+            print(f"[{time.perf_counter() - t0:5.0f} s] round {rnd + 1} {n}: "
+                  + ", ".join(f"fill {f} {ms[f]:.3f} ms" for f in fills), flush=True)
     doc = {"switch": a.switch, "a": a.a, "b": a.b, "models": {n: str(m) for n, m in models.items()},
            "exports": exports, "profile": prof, "steps": a.steps, "fills": {}}
     print(f"{'fill':>7} {'a ms':>8} {'b ms':>8} {'change':>8}  logits")

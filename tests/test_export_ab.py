@@ -22,6 +22,9 @@ def test_export_ab_times_both_and_compares_their_logits(tiny_artifact, tmp_path)
         assert len(row["a_ms"]) == len(row["b_ms"]) == 2
         assert row["bitwise_equal"] is True and row["max_abs_logit_diff"] == 0.0
     assert "bitwise equal" in r.stdout
+    # each run reported as it ends (a timeout still leaves the rounds done)
+    assert [ln.split("] ")[1].split(":")[0] for ln in r.stdout.splitlines() if "] round" in ln] == \
+        ["round 1 a", "round 1 b", "round 2 a", "round 2 b"], r.stdout
 
 
 def test_export_ab_wants_both_artifacts_or_none(tmp_path):
