@@ -122,6 +122,25 @@ def sass_sm90(fn, sig: dict, const: dict, warps: int, aligned_ints: tuple = (), 
     return ops, int(res.split("REG:")[1].split()[0]), res
 
 
+def gemv1_consumer_shared(const: dict, warps: int, sig: dict = GEMV1_BF16_SIG) -> int:
+    """The most shared memory `_int4_gemv1_kernel` at `const` takes compiled with no GPU for the consumer cards: the
+    RTX 4090 (sm_89, no PDL) and the RTX 5090 (sm_120)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from export.kernels import int4_matmul as im
+
+    fn = im._int4_gemv1_kernel
+    shared = []
+    for arch in (89, 120):
+        src = ASTSource(fn, {a: sig.get(a, "constexpr") for a in fn.arg_names},
+                        constexprs={**const, "PDL": const.get("PDL", 0) if arch >= 90 else 0})
+        shared.append(triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                      .metadata.shared)
+    return max(shared)
+
+
 def gemv1_sass_sm90(const: dict, sig: dict, warps: int) -> tuple[dict, int, str]:
     """`sass_sm90` of `_int4_gemv1_kernel`'s main loop (stride_ww aligned too, as the weights' rows are)."""
     from export.kernels import int4_matmul as im

@@ -876,11 +876,8 @@ def test_staged_x_through_the_interpreter():
 
 
 _STAGE_COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from export.kernels import int4_matmul as im
-    from tests.helpers import GEMV1_BF16_SIG as sig, sass_sm90
+    from tests.helpers import GEMV1_BF16_SIG as sig, gemv1_consumer_shared, sass_sm90
     # E2B's q / k / v (with the norm), attention output and per-layer projection (activation, table row)
     for n, k, flags in ((2560, 1536, dict(NORM=1)), (1536, 2048, {}), (1536, 256, dict(GLU=1, UI=1))):
         plan = im.gemv1_plan(n, k, 128)
@@ -889,15 +886,9 @@ _STAGE_COMPILE_SCRIPT = textwrap.dedent("""
                      "NORM_STEPS": im.norm_steps(k // 2), "EARLY": 1, "STAGE": stage, **flags}
             loop, regs, res = sass_sm90(im._int4_gemv1_kernel, sig, const, plan.cfg.num_warps,
                                         aligned_ints=("stride_ww",))
-            shared = []
-            for arch in (89, 120):
-                src = ASTSource(im._int4_gemv1_kernel,
-                                {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
-                                constexprs={**const, "PDL": 2 if arch >= 90 else 0})
-                kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
-                shared.append(kern.metadata.shared)
+            shared = gemv1_consumer_shared(const, plan.cfg.num_warps)
             print("stage", n, k, stage, sum(loop.values()), sum(v for o, v in loop.items() if o.startswith("BAR")),
-                  regs, max(shared))
+                  regs, shared)
 """)
 
 
@@ -919,11 +910,8 @@ def test_staged_x_takes_instructions_off_the_small_gemvs_loop():
 
 
 _STAGED_MLP_COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from export.kernels import int4_matmul as im
-    from tests.helpers import GEMV1_BF16_SIG as sig, sass_sm90
+    from tests.helpers import GEMV1_BF16_SIG as sig, gemv1_consumer_shared, sass_sm90
     # the staged MLP tiles as the op launches them (STAGE, PDL, early tiles): E2B's gate / up and the 26B-A4B's
     # (the residual add with both norms), the 26B-A4B's down (the activation; groups of 64)
     for n, k, pro in ((12288, 1536, "res"), (4224, 2816, "res"), (2816, 2112, "glu")):
@@ -933,15 +921,9 @@ _STAGED_MLP_COMPILE_SCRIPT = textwrap.dedent("""
         const = {"GROUP": g, **plan.cfg.kwargs, "RED": 0, "XQ": False, "ASM": True, "PDL": 2, "LEVELS": 2,
                  "NORM_STEPS": im.norm_steps(k // 2) if pro == "res" else 0, "EARLY": 1, "STAGE": 1, **flags}
         _, regs, res = sass_sm90(im._int4_gemv1_kernel, sig, const, plan.cfg.num_warps, aligned_ints=("stride_ww",))
-        shared = []
-        for arch in (89, 120):
-            src = ASTSource(im._int4_gemv1_kernel,
-                            {a: sig.get(a, "constexpr") for a in im._int4_gemv1_kernel.arg_names},
-                            constexprs={**const, "PDL": 2 if arch >= 90 else 0})
-            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": plan.cfg.num_warps})
-            shared.append(kern.metadata.shared)
         spills = "STACK:0 " not in res or "LOCAL:0" not in res
-        print("mlp", n, k, int(plan.xq), plan.cfg.kwargs["BLOCK_N"], regs, int(spills), max(shared))
+        print("mlp", n, k, int(plan.xq), plan.cfg.kwargs["BLOCK_N"], regs, int(spills),
+              gemv1_consumer_shared(const, plan.cfg.num_warps))
 """)
 
 
