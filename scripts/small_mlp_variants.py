@@ -48,7 +48,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
 EPS = 1e-6
 # (hidden, intermediate) a dense MLP; tiny: the interpreter's (K in two steps at 8 groups, ragged down K)
-SHAPES = {"e2b": (1536, 6144), "e4b": (2560, 10240), "26b-a4b": (2816, 2112), "tiny": (256, 384)}
+SHAPES = {"e2b": (1536, 6144), "e2b-wide": (1536, 12288), "e4b": (2560, 10240), "26b-a4b": (2816, 2112),
+          "tiny": (256, 384)}  # (e2b-wide: the double-wide MLP of E2B's KV-shared layers, 20 of its 35)
 # (gate / up tile, down tile), each (BLOCK_N, GROUPS, warps)
 TILES = [((8, 8, 8), (8, 16, 8)), ((16, 8, 8), (16, 16, 8)), ((32, 8, 8), (16, 32, 8)), ((16, 16, 8), (8, 32, 8))]
 TINY_TILES = [((8, 2, 2), (8, 4, 2))]
@@ -152,7 +153,8 @@ def reference(x, r, w, gu) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("small_mlp_variants.json"))
-    ap.add_argument("--models", default="e2b,e4b,26b-a4b", help=f"of {', '.join(m for m in SHAPES if m != 'tiny')}")
+    ap.add_argument("--models", default="e2b,e2b-wide,e4b,26b-a4b",
+                    help=f"of {', '.join(m for m in SHAPES if m != 'tiny')}")
     ap.add_argument("--layers", type=int, default=24, help="layers a graph, each on its own weights")
     ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
     ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")

@@ -20,6 +20,9 @@ def test_shapes_are_the_models_dense_mlps():
         cfg = PRESETS[m]
         assert sm.SHAPES[m][0] == cfg.hidden_size
         assert sm.SHAPES[m][1] == cfg.intermediate_size, (m, cfg.intermediate_size)
+    e2b = PRESETS["e2b"]  # the KV-shared layers' double-wide MLP
+    wide = {e2b.layer_intermediate_size(i) for i in range(e2b.num_hidden_layers)} - {e2b.intermediate_size}
+    assert sm.SHAPES["e2b-wide"] == (e2b.hidden_size, *wide), wide
 
 
 def test_tiles_hold_a_few_words_a_thread_and_the_op_takes_levels_there():
@@ -27,14 +30,15 @@ def test_tiles_hold_a_few_words_a_thread_and_the_op_takes_levels_there():
         for bn, groups, warps in (gu, down):
             assert groups & (groups - 1) == 0 and bn >= 4  # (STAGE needs 4 rows or more)
             assert bn * groups * 16 <= 64 * 32 * warps
-    for m in ("e2b", "e4b", "26b-a4b"):  # the levels side of the comparison: x as levels (two launches each)
+    for m in ("e2b", "e2b-wide", "e4b", "26b-a4b"):  # the levels side: x as levels (two launches each)
         h, inter = sm.SHAPES[m]
         gd = im.group_size_for(inter, 128)
         assert sm.Op(levels=True).plan(2 * inter, h, 128, "res").xq
         assert sm.Op(levels=True).plan(h, inter, gd, "glu").xq
         # the op's side: the plan as it is (E2B's gate / up and the 26B-A4B's pair staged), the switch left on
         staged = sm.Op().plan(2 * inter, h, 128, "res"), sm.Op().plan(h, inter, gd, "glu")
-        assert [p.xq for p in staged] == {"e2b": [False, True], "e4b": [True, True], "26b-a4b": [False, False]}[m]
+        want = {"e2b": [False, True], "e2b-wide": [True, True], "e4b": [True, True], "26b-a4b": [False, False]}
+        assert [p.xq for p in staged] == want[m], m
         assert im.GEMV1_STAGED_MLP
 
 
