@@ -60,8 +60,9 @@ def test_31b_units_int4_cache(tmp_path):
 
 
 def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
-    """The 26B-A4B's (full) layer is 15 launches with the MoE gate / up from x's int8 levels too (GEMMA4_MOE_GATE_UP_Q=1):
-    x's quantize kernel computes the experts' input norm, in place of the norm's own kernel."""
+    """The 26B-A4B's (full) layer is 15 launches with the MoE gate / up from x's int8 levels too
+    (GEMMA4_MOE_GATE_UP_Q=1): x's quantize kernel computes the experts' input norm, in place of the norm's own
+    kernel."""
     def layer(switch):
         out = tmp_path / f"counts_{switch}.json"
         r = run_script("scripts.count_decode_kernels", "--preset", "26b-a4b", "--layers", "1", "--out", str(out),

@@ -1587,8 +1587,8 @@ GEMV1_TMA_TILE = (32, 4, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_PROGRAMS = 512
 GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size weights (K 1536-2816) see below
 # The small models' mid-size weights with K under GEMV1_TMA_MIN_K (E4B's gate / up 20480 x 2560 and per-layer
-# projection 10752 x 2560, the 26B-A4B's full q / k 9216 x 2816; those staged tiles do not take): a step of 2
-# groups (one 128-byte copy a row), 3 stages, 4 warps, one slice. H100, each alone without PDL, us, the plan (the
+# projection 10752 x 2560, the 26B-A4B's full q / k 9216 x 2816: the staged tiles leave them on levels): a step
+# of 2 groups (one 128-byte copy a row), 3 stages, 4 warps, one slice. H100, each alone without PDL, us, the plan (the
 # register kernel) -> this (scripts/gemv1_tma_variants.py --small, gemv1_tma_small_h100.json): 15.68 -> 14.38,
 # 11.34 -> 10.36, 11.80 -> 10.39; GEMV1_TMA_TILE there 14.98, 10.48, 11.00, and 2 slices 11.03 / 11.16. Not timed
 # in an artifact yet, so off: "1" in an exporting process takes it (an A/B switch, `measure_gpu.sh ab_small`).
@@ -2034,8 +2034,7 @@ def _gemv1(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, up: to
     tma = gemv1_tma_tile(N, K, G, pro) if GEMV1_TMA else None  # None but for mid-size weights
     if tma and up_index is None and tma_ok(x2.device):
         return int4_gemv1_tma(x2, qweight, scales, tma[1], tile=tma[0], levels=plan.levels, pdl=pdl,
-                              pdl_attr=pdl_attr, up=up,
-                              norm=norm, res=res, quantize=quantize)
+                              pdl_attr=pdl_attr, up=up, norm=norm, res=res, quantize=quantize)
     return int4_gemv1(x2, qweight, scales, plan.splits, kernel=_gemv1_kernel(plan.cfg), xq=plan.xq,
                       levels=plan.levels, pdl_quant=pdl, pdl_gemv=pdl, pdl_attr=pdl_attr, up=up, norm=norm,
                       res=res, up_index=up_index, quantize=quantize)
