@@ -303,7 +303,7 @@ ab_small)  # an export switch ($2, default GEMMA4_GEMV1_STEP_FIT) at 0 / 1 in sm
   # and q / k / v projections up to K 6144): step_fit_ab_e4b_6l_h100.json, step_fit_ab_26b_4l_h100.json.
   # GEMMA4_GEMV1_STAGED_MLP "e2b 26b-a4b" (the dense MLP's gate / up and down staged with their prologues):
   # ab_staged_mlp_*_h100.json. GEMMA4_GEMV1_TMA_SMALL "e4b 26b-a4b" (the TMA GEMV on E4B's gate / up and the
-  # 26B-A4B's full q / k, off until this A/B says)
+  # 26B-A4B's full q / k): ab_tma_small_*_h100.json (the JSON this writes is ab_<switch>_<preset>.json)
   sw=${2:-GEMMA4_GEMV1_STEP_FIT}; presets=${3:-e4b 26b-a4b}
   for v in $presets; do
     layers=$([ $v = 26b-a4b ] && echo 4 || echo 6)

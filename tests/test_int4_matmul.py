@@ -528,16 +528,18 @@ def test_tma_gemv_through_the_interpreter():
     assert float(small[0][4]) <= 1e-2 and float(small[0][5]) <= 1e-2 and float(small[0][6]) <= 4e-3, small
 
 
-def test_tma_gemv_serves_the_31b_mid_size_weights_only(monkeypatch):
+def test_tma_gemv_serves_the_mid_size_weights_on_levels(monkeypatch):
     """The TMA-fed GEMV's shapes: the 31B's mid-size weights (q / k / v, o, down: K from 5376), not its gate / up or
-    lm_head (the register kernel's one-slice programs), nor the small models' mid-size weights (K 1536-2816), nor
-    small ones. With GEMV1_TMA_SMALL (off by default) the small models' mid-size weights on x levels take
-    GEMV1_TMA_SMALL_TILE in one slice: E4B's gate / up and per-layer projection, the 26B-A4B's full q / k, not
-    E2B's gate / up (a staged tile) nor E2B's or E4B's down (1536 / 2560 rows)."""
+    lm_head (the register kernel's one-slice programs), nor small weights; without GEMV1_TMA_SMALL not the small
+    models' mid-size weights (K 1536-2816) either. With it (on by default) the small models' mid-size weights on x
+    levels take GEMV1_TMA_SMALL_TILE in one slice: E4B's gate / up and per-layer projection, the 26B-A4B's full
+    q / k, not E2B's gate / up (a staged tile) nor E2B's or E4B's down (1536 / 2560 rows)."""
     for n, k in ((16384, 5376), (18432, 5376), (5376, 8192), (5376, 16384), (5376, 21504)):
         assert im.gemv1_tma_splits(n, k, 128) >= 1, (n, k)
         assert im.gemv1_tma_tile(n, k, 128) == (im.GEMV1_TMA_TILE, im.gemv1_tma_splits(n, k, 128))
     small = {(20480, 2560): "res", (10752, 2560): "plain", (9216, 2816): "norm"}
+    assert im.GEMV1_TMA_SMALL
+    monkeypatch.setattr(im, "GEMV1_TMA_SMALL", False)
     for n, k in ((43008, 5376), (262144, 5376), (12288, 1536), *small, (2048, 1536), (4096, 8192)):
         assert im.gemv1_tma_splits(n, k, 128) == 0, (n, k)
         assert im.gemv1_tma_tile(n, k, 128, small.get((n, k), "plain")) is None, (n, k)

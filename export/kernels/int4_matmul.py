@@ -1590,9 +1590,10 @@ GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size 
 # projection 10752 x 2560, the 26B-A4B's full q / k 9216 x 2816: the staged tiles leave them on levels): a step
 # of 2 groups (one 128-byte copy a row), 3 stages, 4 warps, one slice. H100, each alone without PDL, us, the plan (the
 # register kernel) -> this (scripts/gemv1_tma_variants.py --small, gemv1_tma_small_h100.json): 15.68 -> 14.38,
-# 11.34 -> 10.36, 11.80 -> 10.39; GEMV1_TMA_TILE there 14.98, 10.48, 11.00, and 2 slices 11.03 / 11.16. Not timed
-# in an artifact yet, so off: "1" in an exporting process takes it (an A/B switch, `measure_gpu.sh ab_small`).
-GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "0") == "1"
+# 11.34 -> 10.36, 11.80 -> 10.39; GEMV1_TMA_TILE there 14.98, 10.48, 11.00, and 2 slices 11.03 / 11.16. In an artifact
+# (`measure_gpu.sh ab_small`, H100, decode step at fill 1k): E4B's 6-layer slice 0.478 -> 0.469 ms, the 26B-A4B's
+# 4-layer slice 0.453 -> 0.451 (ab_tma_small_*_h100.json). "0" in an exporting process keeps the register kernel.
+GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "1") != "0"
 GEMV1_TMA_SMALL_TILE = (32, 2, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_SMALL_MIN_K = 2048
 
@@ -1690,7 +1691,7 @@ def gemv1_tma_splits(n: int, k: int, group_size: int, tile: tuple = GEMV1_TMA_TI
 
 def gemv1_tma_tile(n: int, k: int, group_size: int, prologue: str = "plain") -> tuple[tuple, int] | None:
     """(tile, K slices) of `_int4_gemv1_tma_kernel` for an [n, k] weight the op serves with it (GEMV1_TMA on):
-    GEMV1_TMA_TILE and `gemv1_tma_splits` from K GEMV1_TMA_MIN_K; below it, with GEMV1_TMA_SMALL, the small
+    GEMV1_TMA_TILE and `gemv1_tma_splits` from K GEMV1_TMA_MIN_K; below it, with GEMV1_TMA_SMALL (on), the small
     models' mid-size weights on x levels (GEMV1_SMALL_N < n < GEMV1_LARGE_N, group 128, K from
     GEMV1_TMA_SMALL_MIN_K) at GEMV1_TMA_SMALL_TILE, one slice. Else None (the register kernel)."""
     if k >= GEMV1_TMA_MIN_K:
