@@ -297,16 +297,18 @@ step_fit_ab)  # the small weights' fitted staged tiles (GEMMA4_GEMV1_STEP_FIT: s
       --ctx 8192 --fills 1024 --rounds 3 --workdir /tmp/ab_fit --json "$OUT/step_fit_ab_$v.json" 2>&1 | tail -25
   ;;
 ab_small)  # an export switch ($2, default GEMMA4_GEMV1_STEP_FIT) at 0 / 1 in small variants' slices ($3, default
-  # "e4b 26b-a4b"; E2B / E4B at 6 layers, the 26B-A4B at 4; ctx 8192, export_ab.py's recipe): every slice exported
+  # "e4b 26b-a4b"; E2B / E4B at 6 layers, the 26B-A4B at 4, or $4 layers each; ctx 8192, export_ab.py's recipe;
+  # E2B's double-wide MLP is in its KV-shared layers, from layer 15 of 35): every slice exported
   # at once, then each pair's decode timed alternately (scripts/export_ab.py --model-a / --model-b). Two presets
   # take ~9 min: ~5.5 for the exports, ~1.5 for each pair. GEMMA4_GEMV1_STEP_FIT (the fitted staged tiles, the o
   # and q / k / v projections up to K 6144): step_fit_ab_e4b_6l_h100.json, step_fit_ab_26b_4l_h100.json.
   # GEMMA4_GEMV1_STAGED_MLP "e2b 26b-a4b" (the dense MLP's gate / up and down staged with their prologues):
   # ab_staged_mlp_*_h100.json. GEMMA4_GEMV1_TMA_SMALL "e4b 26b-a4b" (the TMA GEMV on E4B's gate / up and the
-  # 26B-A4B's full q / k): ab_tma_small_*_h100.json (the JSON this writes is ab_<switch>_<preset>.json)
+  # 26B-A4B's full q / k): ab_tma_small_*_h100.json (the JSON this writes is ab_<switch>_<preset>.json).
+  # GEMMA4_GEMV1_TMA_DEEP e2b 35 (the TMA GEMV in slices on E2B's double-wide down, the whole model; ~8 min)
   sw=${2:-GEMMA4_GEMV1_STEP_FIT}; presets=${3:-e4b 26b-a4b}
   for v in $presets; do
-    layers=$([ $v = 26b-a4b ] && echo 4 || echo 6)
+    layers=${4:-$([ $v = 26b-a4b ] && echo 4 || echo 6)}
     for s in 0 1; do
       env "$sw=$s" TORCHINDUCTOR_CACHE_DIR=/tmp/ind_ab_${v}_$s TRITON_CACHE_DIR=/tmp/tri_ab_${v}_$s \
       TORCHINDUCTOR_COMPILE_THREADS=4 timeout 400 python -m export.gemma4 --preset $v --layers $layers --ctx 8192 \

@@ -511,6 +511,17 @@ _TMA_SCRIPT = textwrap.dedent("""
             want_h = x + im.rms_norm_reference(r, wr, 1e-6)
             print("tma-small", N, K, "x".join(map(str, tile)), splits, rel(y, x.double() @ w.t()),
                   rel(y_res, im.rms_norm_reference(want_h, nw, 1e-6).double() @ w.t()), rel(h, want_h))
+        # GEMV1_TMA_DEEP: a small weight deep in K (40 rows, 25 groups) with the activation, at
+        # GEMV1_TMA_SMALL_TILE in slices of 3 steps (4 slices of 7 groups, the last 4; rows past N)
+        im.GEMV1_TMA_DEEP, im.GEMV1_TMA_DEEP_STEPS = True, 3
+        for N, K in ((40, 3200),):
+            qweight, scales = im.quantize_int4(torch.randn(N, K), 128)
+            w = im.dequantize_int4(qweight, scales, torch.float64)
+            gate, up = (torch.randn(1, K) * 2).bfloat16(), (torch.randn(1, K) * 2).bfloat16()
+            tile, splits = im.gemv1_tma_tile(N, K, 128, "glu")
+            y = im._gemv1(gate, qweight, scales, up=up)
+            print("tma-deep", N, K, "x".join(map(str, tile)), splits,
+                  rel(y, im.glu_reference(gate, up).double() @ w.t()))
 """)
 
 
@@ -518,7 +529,7 @@ def test_tma_gemv_through_the_interpreter():
     """With GEMV1_TMA on, mid-size weights take `_int4_gemv1_tma_kernel` (the register kernel made to fail):
     ragged slices and rows, the norm's quantize kernel before it, within 1e-2 of fp64 (the int4 weight
     dequantized)."""
-    rows, norm, small = _script_rows(_TMA_SCRIPT, "tma", "tma-norm", "tma-small")
+    rows, norm, small, deep = _script_rows(_TMA_SCRIPT, "tma", "tma-norm", "tma-small", "tma-deep")
     assert len(rows) == 3 and len(norm) == 3, (rows, norm)
     assert [int(r[2]) for r in rows] == [2, 3, 1]
     assert all(float(r[3]) <= 1e-2 for r in rows) and all(float(r[2]) <= 1e-2 for r in norm), (rows, norm)
@@ -526,6 +537,8 @@ def test_tma_gemv_through_the_interpreter():
     assert [r[:4] for r in small] == [["100", "2560", "32x2x3x4", "1"]], small
     # (h: the quantize kernel's add, within the interpreter's truncating bf16 casts of torch's)
     assert float(small[0][4]) <= 1e-2 and float(small[0][5]) <= 1e-2 and float(small[0][6]) <= 4e-3, small
+    # GEMV1_TMA_DEEP's slices of a small weight, x the activation of gate and up
+    assert [r[:4] for r in deep] == [["40", "3200", "32x2x3x4", "4"]] and float(deep[0][4]) <= 1e-2, deep
 
 
 def test_tma_gemv_serves_the_mid_size_weights_on_levels(monkeypatch):
@@ -549,8 +562,23 @@ def test_tma_gemv_serves_the_mid_size_weights_on_levels(monkeypatch):
     for n, k, pro in ((12288, 1536, "res"), (1536, 6144, "glu"), (2560, 10240, "glu"), (43008, 5376, "res"),
                       (262144, 5376, "plain"), (8192, 2816, "norm")):
         assert im.gemv1_tma_tile(n, k, 128, pro) is None or k >= im.GEMV1_TMA_MIN_K, (n, k)
-        assert im.gemv1_tma_tile(n, k, 128, pro) == (None if im.gemv1_tma_splits(n, k, 128) == 0 else
-                                                      (im.GEMV1_TMA_TILE, im.gemv1_tma_splits(n, k, 128)))
+        assert im.gemv1_tma_splits(n, k, 128) == 0, (n, k)
+        assert im.gemv1_tma_tile(n, k, 128, pro) is None, (n, k)
+
+
+def test_tma_gemv_serves_small_weights_deep_in_k_behind_its_switch(monkeypatch):
+    """GEMV1_TMA_DEEP (off by default): small weights on x levels with K from GEMV1_TMA_DEEP_RATIO times their
+    rows (E2B's double-wide down, 96 groups) take GEMV1_TMA_SMALL_TILE in slices of GEMV1_TMA_DEEP_STEPS steps;
+    E2B's and E4B's down, the 26B-A4B's full o and the staged or bf16-x small weights do not."""
+    wide = (1536, 12288, "glu")
+    others = ((1536, 6144, "glu"), (2560, 10240, "glu"), (2816, 8192, "plain"), (256, 1536, "plain"),
+              (512, 4096, "plain"), (1536, 2048, "norm"))
+    assert not im.GEMV1_TMA_DEEP and im.gemv1_tma_tile(*wide[:2], 128, wide[2]) is None
+    monkeypatch.setattr(im, "GEMV1_TMA_DEEP", True)
+    assert im.gemv1_tma_tile(*wide[:2], 128, wide[2]) == (im.GEMV1_TMA_SMALL_TILE, 6)
+    for n, k, pro in others:
+        assert im.gemv1_tma_tile(n, k, 128, pro) is None, (n, k)
+    assert im.gemv1_tma_tile(1536, 12288, 32, "glu") is None  # group 32: the TMA kernel takes group 128 only
 
 
 def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():

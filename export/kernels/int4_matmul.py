@@ -1596,6 +1596,14 @@ GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size 
 GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "1") != "0"
 GEMV1_TMA_SMALL_TILE = (32, 2, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_SMALL_MIN_K = 2048
+# Small weights deep in K (N up to GEMV1_SMALL_N, K from GEMV1_TMA_DEEP_RATIO * N, x as levels: E2B's double-wide
+# down 1536 x 12288) at GEMV1_TMA_SMALL_TILE, in K slices of GEMV1_TMA_DEEP_STEPS steps. H100, each alone, us
+# (gemv1_tma_small_h100.json): E2B's wide down 12.09 (the register kernel's K parts) -> 10.04 at 6 slices. Not
+# taken below the ratio: E2B's down (1536 x 6144) 7.87 -> 7.98, the 26B-A4B's full o (2816 x 8192) 10.39 -> 10.99,
+# E4B's down (2560 x 10240) 11.68 -> 11.32 at best. "1" in an exporting process takes it (an A/B switch).
+GEMV1_TMA_DEEP = os.environ.get("GEMMA4_GEMV1_TMA_DEEP", "0") == "1"
+GEMV1_TMA_DEEP_RATIO = 8
+GEMV1_TMA_DEEP_STEPS = 8
 
 
 class Gemv1Plan(NamedTuple):
@@ -1693,7 +1701,13 @@ def gemv1_tma_tile(n: int, k: int, group_size: int, prologue: str = "plain") -> 
     """(tile, K slices) of `_int4_gemv1_tma_kernel` for an [n, k] weight the op serves with it (GEMV1_TMA on):
     GEMV1_TMA_TILE and `gemv1_tma_splits` from K GEMV1_TMA_MIN_K; below it, with GEMV1_TMA_SMALL (on), the small
     models' mid-size weights on x levels (GEMV1_SMALL_N < n < GEMV1_LARGE_N, group 128, K from
-    GEMV1_TMA_SMALL_MIN_K) at GEMV1_TMA_SMALL_TILE, one slice. Else None (the register kernel)."""
+    GEMV1_TMA_SMALL_MIN_K) at GEMV1_TMA_SMALL_TILE, one slice. With GEMV1_TMA_DEEP, small weights on x levels with
+    K from GEMV1_TMA_DEEP_RATIO * n at GEMV1_TMA_SMALL_TILE, slices of GEMV1_TMA_DEEP_STEPS steps. Else None (the
+    register kernel)."""
+    step = GEMV1_TMA_SMALL_TILE[1]
+    if (GEMV1_TMA_DEEP and n <= GEMV1_SMALL_N and group_size == 128 and k >= GEMV1_TMA_DEEP_RATIO * n
+            and k // group_size >= step and gemv1_plan(n, k, group_size, prologue).xq):
+        return GEMV1_TMA_SMALL_TILE, max(1, k // group_size // (step * GEMV1_TMA_DEEP_STEPS))
     if k >= GEMV1_TMA_MIN_K:
         splits = gemv1_tma_splits(n, k, group_size, prologue=prologue)
         return (GEMV1_TMA_TILE, splits) if splits else None
