@@ -20,7 +20,8 @@ Variants per model: `levels` (`gemv1_plan`'s configs with GEMV1_STAGED_MLP off: 
 quantize kernels), `op` (the plan as it is) and `bf16/<gate_up>/<down>` (the bf16-x kernel with STAGE on, one K
 slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side: that projection as the op runs it),
 the staged tiles `gemv1_step_config` fits to the two weights with their prologues among them (each alone, then
-both). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up); the next
+both), and on sm_90+ `op/tma-down[/S]` (the plan with the down projection on the TMA GEMV at GEMV1_TMA_SMALL_TILE,
+in S K slices or GEMV1_TMA_DEEP's; where x is levels). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up); the next
 layer takes (h, d) as (x, r). The chain of --layers layers (own weights: more bytes than the L2) is one CUDA graph,
 every kernel launched with the PDL attribute as the artifact's launcher sets it; median us a layer over alternated
 rounds, beside the weights' bytes over the copy bandwidth measured in the same run. Correctness: each variant's first layer, h and each
@@ -94,6 +95,38 @@ class Op:
             kw["res"] = (*kw["res"], EPS)
         return im.int4_gemv1(x, q, s, plan.splits, kernel=im._gemv1_kernel(plan.cfg), xq=plan.xq, levels=plan.levels,
                              pdl_quant=pdl if plan.xq else 0, pdl_gemv=pdl, pdl_attr=True, **kw)
+
+
+class TmaDown(Op):
+    """The op's plan with the down projection on the TMA GEMV (`int4_gemv1_tma`, x as levels with the activation in
+    its quantize kernel) at GEMV1_TMA_SMALL_TILE in `splits` K slices, or where None GEMV1_TMA_DEEP's rule's
+    (`gemv1_tma_tile` with the switch on; `usable` False where it takes none)."""
+
+    def __init__(self, splits: int | None = None):
+        super().__init__()
+        self.splits = splits
+        self.label = "op/tma-down" + (f"/{splits}" if splits else "")
+
+    def down_tile(self, n: int, k: int):
+        saved = im.GEMV1_TMA_DEEP
+        im.GEMV1_TMA_DEEP = True
+        try:
+            tma = im.gemv1_tma_tile(n, k, 128, "glu")
+        finally:
+            im.GEMV1_TMA_DEEP = saved
+        return tma if self.splits is None else (im.GEMV1_TMA_SMALL_TILE, self.splits)
+
+    def usable(self, hid: int, inter: int) -> bool:
+        return self.down_tile(hid, inter) is not None and self.plan(hid, inter, 128, "glu").xq
+
+    def gemv(self, x, qs, which, **kw):
+        q, s = qs
+        if which != "down":
+            return super().gemv(x, qs, which, **kw)
+        n, k = q.shape[0], x.shape[1]
+        tile, splits = self.down_tile(n, k)
+        return im.int4_gemv1_tma(x, q, s, splits, tile=tile, levels=self.plan(n, k, 128, "glu").levels,
+                                 pdl=0 if _INTERPRET else 2, pdl_attr=True, **kw)
 
 
 class Bf16:
@@ -183,6 +216,8 @@ def main(argv=None) -> int:
         hid, inter = SHAPES[model]
         model_variants = variants if _INTERPRET else variants + [v for v in fitted(hid, inter)
                                                                  if v.label not in {u.label for u in variants}]
+        if not _INTERPRET and im.tma_ok(torch.device(DEVICE)):  # the down projection on the TMA GEMV (sm_90+)
+            model_variants += [v for v in (TmaDown(), TmaDown(5), TmaDown(7)) if v.usable(hid, inter)]
         ws = [weights(hid, inter, DEVICE) for _ in range(layers)]
         floor = weight_bytes(ws[0]) / gbps / 1e3
         rec = {"hidden": hid, "intermediate": inter, "floor_us": floor, "rows": []}
