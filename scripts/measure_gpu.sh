@@ -272,8 +272,8 @@ small_stage)  # the small weights' tiles with x once a program (STAGE, now the d
       --out "$OUT/gemv1_small_stage.json" 2>&1 | tail -30
   ;;
 small_mlp)  # the small models' MLP as the op runs it (quantize kernels + dp4a) against one bf16-x launch a projection
-  # with x once a program, the fitted staged tiles each alone and both (scripts/small_mlp_variants.py, E2B (both
-  # widths) / E4B / 26B-A4B, 16 layers a graph; 3-5 min)
+  # with x once a program, the fitted staged tiles each alone and both, the down projection on the TMA GEMV in K
+  # slices (scripts/small_mlp_variants.py, E2B (both widths) / E4B / 26B-A4B, 16 layers a graph; ~30 s warm)
   timeout 400 python -m scripts.small_mlp_variants --layers 16 --out "$OUT/small_mlp_variants.json" 2>&1 | tail -32
   ;;
 fusions_ab_e2b)  # the three launch fusions in a small model, where launches weigh most (E2B's step 433 -> 356 launches,
