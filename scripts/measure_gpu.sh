@@ -307,11 +307,12 @@ ab_small)  # an export switch ($2, default GEMMA4_GEMV1_STEP_FIT) at 0 / 1 in sm
   # 26B-A4B's full q / k): ab_tma_small_*_h100.json (the JSON this writes is ab_<switch>_<preset>.json).
   # GEMMA4_GEMV1_TMA_DEEP e2b 35 (the TMA GEMV in slices on E2B's double-wide down, the whole model; ~8 min)
   sw=${2:-GEMMA4_GEMV1_STEP_FIT}; presets=${3:-e4b 26b-a4b}
+  threads=$((16 / (2 * $(echo $presets | wc -w))))  # the 16 cores shared by the exports running at once
   for v in $presets; do
     layers=${4:-$([ $v = 26b-a4b ] && echo 4 || echo 6)}
     for s in 0 1; do
       env "$sw=$s" TORCHINDUCTOR_CACHE_DIR=/tmp/ind_ab_${v}_$s TRITON_CACHE_DIR=/tmp/tri_ab_${v}_$s \
-      TORCHINDUCTOR_COMPILE_THREADS=4 timeout 400 python -m export.gemma4 --preset $v --layers $layers --ctx 8192 \
+      TORCHINDUCTOR_COMPILE_THREADS=$threads timeout 400 python -m export.gemma4 --preset $v --layers $layers --ctx 8192 \
           --kv-dtype int4 --embedding-quant int8 --low-memory --device cuda --seed 0 --no-autotune \
           --prefill-chunk 2048 --out /tmp/ab_${v}_$s > "$OUT/export_ab_${v}_$s.log" 2>&1 &
       sleep 1
