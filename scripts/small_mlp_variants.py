@@ -19,13 +19,14 @@ and E2B's gate / up alone (16.91 -> 16.21), which `gemv1_plan` now gives them (G
 Variants per model: `levels` (`gemv1_plan`'s configs with GEMV1_STAGED_MLP off: x as levels beyond K 2048, the op's
 quantize kernels), `op` (the plan as it is) and `bf16/<gate_up>/<down>` (the bf16-x kernel with STAGE on, one K
 slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side: that projection as the op runs it),
-the staged tiles `gemv1_step_config` fits to the two weights with their prologues among them (each alone, then
-both), and on sm_90+ `op/tma-down[/S]` (the plan with the down projection on the TMA GEMV at GEMV1_TMA_SMALL_TILE,
-in S K slices or GEMV1_TMA_DEEP's; where x is levels). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre), d = down(gelu(gate) up); the next
-layer takes (h, d) as (x, r). The chain of --layers layers (own weights: more bytes than the L2) is one CUDA graph,
-every kernel launched with the PDL attribute as the artifact's launcher sets it; median us a layer over alternated
-rounds, beside the weights' bytes over the copy bandwidth measured in the same run. Correctness: each variant's first layer, h and each
-projection against fp32 on the dequantized weights from its own input (the model's bf16 roundings), rel err <= 1e-2.
+the staged tiles `gemv1_step_config` fits to the two weights with their prologues among them (each alone, then both),
+and on sm_90+ `op/tma-down[/S]` (the plan with the down projection on the TMA GEMV at GEMV1_TMA_SMALL_TILE, in S K
+slices or GEMV1_TMA_DEEP's; where x is levels). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre),
+d = down(gelu(gate) up); the next layer takes (h, d) as (x, r). The chain of --layers layers (own weights: more bytes
+than the L2) is one CUDA graph, every kernel launched with the PDL attribute as the artifact's launcher sets it;
+median us a layer over alternated rounds, beside the weights' bytes over the copy bandwidth measured in the same run.
+Correctness: each variant's first layer, h and each projection against fp32 on the dequantized weights from its own
+input (the model's bf16 roundings), rel err <= 1e-2.
 Table on stdout, one JSON (`--out`) with `copy_gbps` and `models` ({model: {floor_us, rows: [variant,
 us_per_layer, h_err, gu_err, d_err]}}).
 """
