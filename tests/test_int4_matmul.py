@@ -1397,6 +1397,40 @@ def test_cuda_mid_size_weights_take_the_tma_gemv(monkeypatch, n, k):
     assert len(calls) == 5 and im.gemv1_tma_splits(n, k, 128) >= 1
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k,switch", [(10752, 2560, "GEMV1_TMA_SMALL"), (9216, 2816, "GEMV1_TMA_SMALL"),
+                                        (1536, 12288, "GEMV1_TMA_DEEP")])
+def test_cuda_small_models_weights_take_the_tma_gemv_at_the_small_tile(monkeypatch, n, k, switch):
+    """On sm_90+ the small models' mid-size weights (GEMV1_TMA_SMALL: E4B's per-layer projection, the 26B-A4B's
+    full q / k, plain x here) and E2B's double-wide down (GEMV1_TMA_DEEP, x the activation of gate and up) go
+    through `int4_gemv1_tma` at GEMV1_TMA_SMALL_TILE, within 1e-2 of fp32 and 2e-3 of the register kernel (the
+    switch off), fresh inputs, poisoned pools."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA: sm_90+")
+    monkeypatch.setattr(im, "GEMV1_TMA", True)
+    monkeypatch.setattr(im, switch, True)
+    tiles = []
+    tma = im.int4_gemv1_tma
+    monkeypatch.setattr(im, "int4_gemv1_tma", lambda *a, **kw: tiles.append((kw["tile"], a[3])) or tma(*a, **kw))
+    glu = switch == "GEMV1_TMA_DEEP"
+    torch.manual_seed(n + k)
+    qweight, scales = im.quantize_int4(torch.randn(n, k, device="cuda"), 128)
+    torch.full((1 << 24,), float("nan"), device="cuda")
+    torch.full((1 << 14,), 7, dtype=torch.int32, device="cuda")  # the split sum's counters (small pool)
+    op = torch.ops.gemma4.int4_glu_linear if glu else torch.ops.gemma4.int4_linear
+    for _ in range(3):
+        ins = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) * 2 for _ in range(2 if glu else 1)]
+        x = im.glu_reference(*ins) if glu else ins[0]
+        y = op(*ins, qweight, scales)
+        with monkeypatch.context() as m:
+            m.setattr(im, switch, False)
+            y_reg = op(*ins, qweight, scales)
+        assert torch.isfinite(y).all() and _rel(y, _fp32_ref(x, qweight, scales)) <= 1e-2
+        assert _rel(y, y_reg) <= 2e-3
+    want = im.gemv1_tma_tile(n, k, 128, "glu" if glu else "plain")
+    assert want[0] == im.GEMV1_TMA_SMALL_TILE and tiles == [want] * 3
+
+
 class _Lin(torch.nn.Module):
     """One int4 linear, its weight and scales buffers (what the AOTInductor tests export)."""
 
