@@ -1591,8 +1591,9 @@ GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size 
 # of 2 groups (one 128-byte copy a row), 3 stages, 4 warps, one slice. H100, each alone without PDL, us, the plan (the
 # register kernel) -> this (scripts/gemv1_tma_variants.py --small, gemv1_tma_small_h100.json): 15.68 -> 14.38,
 # 11.34 -> 10.36, 11.80 -> 10.39; GEMV1_TMA_TILE there 14.98, 10.48, 11.00, and 2 slices 11.03 / 11.16. In an artifact
-# (`measure_gpu.sh ab_small`, H100, decode step at fill 1k): E4B's 6-layer slice 0.478 -> 0.469 ms, the 26B-A4B's
-# 4-layer slice 0.453 -> 0.451 (ab_tma_small_*_h100.json). "0" in an exporting process keeps the register kernel.
+# (`measure_gpu.sh ab_small`, H100, decode step at fill 1k, best of 3 rounds): E4B's 6-layer slice 0.478 -> 0.469 ms,
+# the 26B-A4B's 4-layer slice 0.453 -> 0.450 (ab_tma_small_*_h100.json). "0" in an exporting process keeps the
+# register kernel.
 GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "1") != "0"
 GEMV1_TMA_SMALL_TILE = (32, 2, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_SMALL_MIN_K = 2048
