@@ -109,13 +109,14 @@ class TmaDown(Op):
         self.label = "op/tma-down" + (f"/{splits}" if splits else "")
 
     def down_tile(self, n: int, k: int):
+        if self.splits is not None:
+            return im.GEMV1_TMA_SMALL_TILE, self.splits
         saved = im.GEMV1_TMA_DEEP
         im.GEMV1_TMA_DEEP = True
         try:
-            tma = im.gemv1_tma_tile(n, k, 128, "glu")
+            return im.gemv1_tma_tile(n, k, 128, "glu")
         finally:
             im.GEMV1_TMA_DEEP = saved
-        return tma if self.splits is None else (im.GEMV1_TMA_SMALL_TILE, self.splits)
 
     def usable(self, hid: int, inter: int) -> bool:
         return self.down_tile(hid, inter) is not None and self.plan(hid, inter, 128, "glu").xq
