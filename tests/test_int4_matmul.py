@@ -546,7 +546,9 @@ def test_tma_gemv_serves_the_mid_size_weights_on_levels(monkeypatch):
     lm_head (the register kernel's one-slice programs), nor small weights; without GEMV1_TMA_SMALL not the small
     models' mid-size weights (K 1536-2816) either. With it (on by default) the small models' mid-size weights on x
     levels take GEMV1_TMA_SMALL_TILE in one slice: E4B's gate / up and per-layer projection, the 26B-A4B's full
-    q / k, not E2B's gate / up (a staged tile) nor E2B's or E4B's down (1536 / 2560 rows)."""
+    q / k, not E2B's gate / up (a staged tile) nor E2B's or E4B's down (1536 / 2560 rows: GEMV1_TMA_DEEP's, off
+    here)."""
+    monkeypatch.setattr(im, "GEMV1_TMA_DEEP", False)
     for n, k in ((16384, 5376), (18432, 5376), (5376, 8192), (5376, 16384), (5376, 21504)):
         assert im.gemv1_tma_splits(n, k, 128) >= 1, (n, k)
         assert im.gemv1_tma_tile(n, k, 128) == (im.GEMV1_TMA_TILE, im.gemv1_tma_splits(n, k, 128))
@@ -566,19 +568,21 @@ def test_tma_gemv_serves_the_mid_size_weights_on_levels(monkeypatch):
         assert im.gemv1_tma_tile(n, k, 128, pro) is None, (n, k)
 
 
-def test_tma_gemv_serves_small_weights_deep_in_k_behind_its_switch(monkeypatch):
-    """GEMV1_TMA_DEEP (off by default): small weights on x levels with K from GEMV1_TMA_DEEP_RATIO times their
-    rows (E2B's double-wide down, 96 groups) take GEMV1_TMA_SMALL_TILE in slices of GEMV1_TMA_DEEP_STEPS steps;
-    E2B's and E4B's down, the 26B-A4B's full o and the staged or bf16-x small weights do not."""
-    wide = (1536, 12288, "glu")
-    others = ((1536, 6144, "glu"), (2560, 10240, "glu"), (2816, 8192, "plain"), (256, 1536, "plain"),
-              (512, 4096, "plain"), (1536, 2048, "norm"))
-    assert not im.GEMV1_TMA_DEEP and im.gemv1_tma_tile(*wide[:2], 128, wide[2]) is None
-    monkeypatch.setattr(im, "GEMV1_TMA_DEEP", True)
-    assert im.gemv1_tma_tile(*wide[:2], 128, wide[2]) == (im.GEMV1_TMA_SMALL_TILE, 6)
+def test_tma_gemv_serves_small_weights_deep_in_k(monkeypatch):
+    """GEMV1_TMA_DEEP (on by default): small weights on x levels with K from GEMV1_TMA_DEEP_RATIO times their rows
+    (E2B's down and double-wide down, E4B's down) take GEMV1_TMA_SMALL_TILE in slices of GEMV1_TMA_DEEP_STEPS steps;
+    the 26B-A4B's full o and the staged or bf16-x small weights do not, nor any with the switch off."""
+    deep = {(1536, 12288, "glu"): 6, (1536, 6144, "glu"): 3, (2560, 10240, "glu"): 5}
+    others = ((2816, 8192, "plain"), (256, 1536, "plain"), (512, 4096, "plain"), (1536, 2048, "norm"))
+    assert im.GEMV1_TMA_DEEP
+    for (n, k, pro), slices in deep.items():
+        assert im.gemv1_tma_tile(n, k, 128, pro) == (im.GEMV1_TMA_SMALL_TILE, slices), (n, k)
     for n, k, pro in others:
         assert im.gemv1_tma_tile(n, k, 128, pro) is None, (n, k)
     assert im.gemv1_tma_tile(1536, 12288, 32, "glu") is None  # group 32: the TMA kernel takes group 128 only
+    monkeypatch.setattr(im, "GEMV1_TMA_DEEP", False)
+    for n, k, pro in deep:
+        assert im.gemv1_tma_tile(n, k, 128, pro) is None, (n, k)
 
 
 def test_tma_gemv_compiles_to_tma_copies_within_the_consumer_shared_memory():

@@ -1597,13 +1597,17 @@ GEMV1_TMA_MIN_K = 4096  # the 31B's (K 5376 and up); the small models' mid-size 
 GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "1") != "0"
 GEMV1_TMA_SMALL_TILE = (32, 2, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_SMALL_MIN_K = 2048
-# Small weights deep in K (N up to GEMV1_SMALL_N, K from GEMV1_TMA_DEEP_RATIO * N, x as levels: E2B's double-wide
-# down 1536 x 12288) at GEMV1_TMA_SMALL_TILE, in K slices of GEMV1_TMA_DEEP_STEPS steps. H100, each alone, us
-# (gemv1_tma_small_h100.json): E2B's wide down 12.09 (the register kernel's K parts) -> 10.04 at 6 slices. Not
-# taken below the ratio: E2B's down (1536 x 6144) 7.87 -> 7.98, the 26B-A4B's full o (2816 x 8192) 10.39 -> 10.99,
-# E4B's down (2560 x 10240) 11.68 -> 11.32 at best. "1" in an exporting process takes it (an A/B switch).
-GEMV1_TMA_DEEP = os.environ.get("GEMMA4_GEMV1_TMA_DEEP", "0") == "1"
-GEMV1_TMA_DEEP_RATIO = 8
+# Small weights deep in K (N up to GEMV1_SMALL_N, K from GEMV1_TMA_DEEP_RATIO * N, x as levels: E2B's down 1536 x
+# 6144 and double-wide down 1536 x 12288, E4B's down 2560 x 10240) at GEMV1_TMA_SMALL_TILE, in K slices of
+# GEMV1_TMA_DEEP_STEPS steps. H100, each alone, us (gemv1_tma_small_h100.json): E2B's wide down 12.09 (the register
+# kernel's K parts) -> 10.04 at 6 slices; E2B's down 7.87 -> 7.98 and E4B's 11.68 -> 11.32 at best. In the layer's
+# MLP graph with PDL (scripts/small_mlp_variants.py, 16 layers, us a layer, small_mlp_variants_h100.json): E2B
+# 16.09 -> 15.83 (5 slices), its wide MLP 26.73 -> 23.95 (7), E4B 28.27 -> 24.96 (7); the rule's slices 3 / 6 / 5.
+# In an artifact (`measure_gpu.sh ab_small GEMMA4_GEMV1_TMA_DEEP e2b 35`, H100, the whole E2B at the ratio 8 then:
+# its wide down only): decode step at fill 1k 1.719 -> 1.633 ms (ab_GEMV1_TMA_DEEP_e2b_h100.json). Not taken: the
+# 26B-A4B's full o (2816 x 8192) 10.39 -> 10.99 alone. "0" in an exporting process keeps the register kernel there.
+GEMV1_TMA_DEEP = os.environ.get("GEMMA4_GEMV1_TMA_DEEP", "1") != "0"
+GEMV1_TMA_DEEP_RATIO = 4
 GEMV1_TMA_DEEP_STEPS = 8
 
 
