@@ -85,6 +85,128 @@ def test_reference_with_the_chunks_own_kv_matches_one_ring_holding_everything(T)
 CASES = [(4, 2, 16, 15, 8), (4, 1, 32, 64, 0), (8, 2, 64, 40, 24), (32, 4, 512, 48, 0), (32, 16, 256, 23, 16)]
 
 
+def inv_freq(D: int, fraction: float = 1.0) -> torch.Tensor:
+    """RoPE inverse frequencies as the model builds them (model.rope_inv_freq), theta 10000."""
+    from export.gemma4.model import rope_inv_freq
+
+    return rope_inv_freq(D, 10000.0, fraction)
+
+
+def raw_rows(H: int, Hkv: int, D: int, case: str, gen, **kw) -> tuple:
+    """(q_raw, k_raw, v_raw, q_w, k_w) of `attention_rows` for `case`: "qkv" (all three), "keqv" (V from K's
+    rows) or "q" (a KV-shared layer: q only); norm weights away from 1."""
+    q = torch.randn(1, 1, H * D, generator=gen, **kw) * 3
+    k = torch.randn(1, 1, Hkv * D, generator=gen, **kw) * 2
+    v = torch.randn(1, 1, Hkv * D, generator=gen, **kw)
+    qw, kw_ = (torch.rand(D, generator=gen, **kw) + 0.5 for _ in range(2))
+    return {"qkv": (q, k, v, qw, kw_), "keqv": (q, k, None, qw, kw_), "q": (q, None, None, qw, None)}[case]
+
+
+INTERPRETED_ROWS = r"""
+import torch
+from export.kernels import attention as A
+from tests.test_attention import filled_cache, inv_freq, raw_rows
+cm = A.use_configs(A.smallest); cm.__enter__()
+gen = torch.Generator().manual_seed(0)
+worst = {}
+# (H, Hkv, D, S, window, pos, rotary fraction): rings before / after wrap, flat caches at fill 1 and further
+for H, Hkv, D, S, window, pos, frac in [(4, 2, 16, 15, 8, 3, 1.0), (4, 2, 16, 15, 8, 37, 1.0),
+                                        (8, 2, 32, 300, 0, 290, 0.25), (8, 1, 32, 40, 24, 70, 1.0),
+                                        (8, 2, 32, 300, 0, 0, 1.0), (4, 1, 16, 24, 24, 9, 1.0)]:
+    for splits in (1, 3, 7):
+        A.decode_splits = lambda *a, s=splits: s
+        for case in ("qkv", "keqv", "q"):
+            k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
+            args = raw_rows(H, Hkv, D, case, gen)
+            p = torch.tensor([pos])
+            k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+            want = A.rows_reference(*args, inv_freq(D, frac), k1, v1, p, window, 1e-6)
+            got = A.rows_launch(*args, inv_freq(D, frac), k2, v2, p, window, 1e-6)
+            assert (k1 != k).any() == (case != "q")  # the step's K written, or nothing
+            key = (case, splits)
+            worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item(), (k1 - k2).abs().max().item(),
+                             (v1 - v2).abs().max().item())
+print(worst)
+assert max(worst.values()) <= 2e-5, worst
+"""
+
+
+def test_decode_from_the_raw_rows_matches_the_model_ops_in_the_interpreter():
+    """`attention_rows`' kernels (q / k norms and RoPE, v's norm, the step's K / V written at pos's slot and taken
+    from the rows by the share holding pos) against the model's ops then `attention` (rows_reference): outputs and
+    both caches, one to seven shares, rings and flat caches, K / V / q rows, V from K's rows, q's alone."""
+    run_interpreted(INTERPRETED_ROWS)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monkeypatch):
+    """The model with the rows' switch on (its CPU kernel: the same aten ops; the switch, CUDA's only, taken on the
+    CPU here) decodes to the same logits as with it off, bit for bit, through every layer kind the preset has
+    (sliding, full, V from K, KV-shared)."""
+    from export.gemma4 import model as M
+    from export.gemma4.config import PRESETS
+    from export.gemma4.model import Gemma4Model
+
+    monkeypatch.setattr(M, "attention_rows_on", lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1")
+
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    model = Gemma4Model(cfg, ctx=48, prefill_chunk=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        for layer in model.layers:
+            layer.layer_scalar.fill_(0.7)
+    model.init_buffers()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 30))
+    calls = []
+    real = A.rows_reference
+    monkeypatch.setattr(A, "rows_reference", lambda *a: calls.append(a[1] is None) or real(*a))
+    logits = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv(A.ATTENTION_ROWS_ENV, on)
+        model.reset_cache()
+        with torch.no_grad():
+            steps = [model(tokens[:, :8], torch.tensor([0]))]
+            steps += [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(8, 30)]
+        logits[on] = torch.stack(steps)
+    assert len(calls) == 22 * cfg.num_hidden_layers and any(calls) == any(map(cfg.is_kv_shared, range(
+        cfg.num_hidden_layers)))
+    assert torch.equal(logits["0"], logits["1"])
+
+
+@pytest.mark.cuda
+def test_cuda_decode_from_the_raw_rows_in_bf16():
+    """`attention_rows` on the GPU in bf16 at the real layers' shapes (E2B's sliding and full layers, the 31B's
+    sliding one), small and large fills, against the model's ops in fp32 on the same bf16 rows; the step's K / V
+    in the cache as the model's bf16 ops write them."""
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for H, Hkv, D, S, window, frac in [(8, 1, 256, 512, 512, 1.0), (8, 1, 512, 8192, 0, 0.25),
+                                       (32, 16, 256, 1024, 1024, 1.0)]:
+        for pos in (0, 40, 3000):
+            for case in ("qkv", "keqv", "q"):
+                k = torch.randn(1, Hkv, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
+                v = torch.randn(1, Hkv, S, D, device=dev, generator=gen, dtype=torch.bfloat16)
+                args = raw_rows(H, Hkv, D, case, gen, device=dev, dtype=torch.bfloat16)
+                p = torch.tensor([pos], device=dev)
+                inv = inv_freq(D, frac).to(dev)
+                k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+                want = A.rows_reference(*[a.float() if a is not None else None for a in args], inv, k1.float(),
+                                        v1.float(), p, window, 1e-6)
+                ref_k, ref_v = k.clone(), v.clone()
+                A.rows_reference(*args, inv, ref_k, ref_v, p, window, 1e-6)  # bf16 ops: the cache as written
+                got = A.rows_launch(*args, inv, k2, v2, p, window, 1e-6)
+                err = ((got.float() - want).norm() / want.norm()).item()
+                assert err <= 1e-2, (H, D, pos, case, err)
+                slot = pos % S
+                for c2, ref in ((k2, ref_k), (v2, ref_v)):
+                    d = (c2.float() - ref.float()).abs()
+                    assert d[:, :, slot].max().item() <= 0.02 * ref[:, :, slot].float().abs().max().item()
+                    d[:, :, slot] = 0
+                    assert d.max().item() == 0.0  # no other slot touched
+
+
 @pytest.mark.parametrize("H,Hkv,D,S,window", CASES)
 def test_reference_matches_masked_sdpa_through_ring_wraparound(H, Hkv, D, S, window):
     gen = torch.Generator().manual_seed(D + S)
@@ -603,12 +725,16 @@ for arch in map(int, sys.argv[1:]):
         c = A.decode_config(D, fmt)
         ptrs = dict(Q="*bf16", K=elt[fmt], V=elt[fmt], KS="*fp16", VS="*fp16", POS="*i64", O="*bf16", MP="*fp32",
                     LP="*fp32", AP="*fp32")
-        consts = dict(G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False, **c.kwargs,
-                      PDL=2 if arch >= 90 else 0)  # its wait where the card has griddepcontrol (pdl.op_pdl_mode)
-        sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
-        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": c.num_warps, "num_stages": c.num_stages})
-        print(arch, D, fmt, k.metadata.shared)
+        # the raw rows' variant (norms, RoPE and the step's K / V in the split kernel) where the cache is float
+        for rows in ((0, 1) if fmt == 0 else (0,)):
+            consts = dict(G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False,
+                          **c.kwargs, PDL=2 if arch >= 90 else 0,  # its wait where the card has griddepcontrol
+                          ROWS=rows, FRESH=rows, KEQV=0)
+            ptrs.update(QW="*bf16", INV="*fp32", KR="*bf16", VR="*bf16", KW="*bf16", eps="fp32")
+            sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+            print(arch, D, fmt, rows, k.metadata.shared)
 """
 
 
@@ -621,7 +747,8 @@ def test_decode_kernels_compile_for_consumer_cards_within_shared_memory():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line.split() for line in r.stdout.strip().splitlines()]
-    assert len(lines) == 2 * len(A.DECODE_CONFIG), r.stdout
+    floats = sum(fmt == 0 for _, fmt in A.DECODE_CONFIG)
+    assert len(lines) == 2 * (len(A.DECODE_CONFIG) + floats), r.stdout
     assert all(int(shared) <= A.SMEM_LIMIT for *_, shared in lines), r.stdout
 
 

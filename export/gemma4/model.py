@@ -17,11 +17,13 @@ to an identity key map.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.attention import quantize_kv  # importing it registers torch.ops.gemma4.attention
+from ..kernels.attention import attention_rows_on, quantize_kv  # registers torch.ops.gemma4.attention*
 from ..kernels.hadamard import hadamard_rotate, rotate_rows  # registers torch.ops.gemma4.hadamard
 from ..kernels import moe_int4  # noqa: F401  (registers torch.ops.gemma4.moe_route / moe_experts_int4)
 from ..chain import Chain, Step
@@ -199,15 +201,19 @@ class Attention(nn.Module):
                                     chunk_slots=chunk_slots)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
 
-    def forward(self, x, cos, sin, pos, cache: KVCache, fresh=None, norm: nn.Module | None = None):
+    def forward(self, x, cos, sin, pos, cache: KVCache, fresh=None, norm: nn.Module | None = None,
+                inv_freq: torch.Tensor | None = None):
         """-> (out, fresh): attention of norm(x) (of x without a norm) for the chunk's positions pos ..
         pos + T - 1 (pos (1,) int64). For a sliding layer's prefill chunk, `fresh` is the chunk's own K/V
         (1, Hkv, T, D) each, attended here beside the ring; the model writes them into the ring afterwards
-        (a KV-shared layer gets its source layer's). Otherwise None (written already)."""
+        (a KV-shared layer gets its source layer's). Otherwise None (written already). inv_freq: the RoPE
+        frequencies cos / sin come from, for a decode step that hands attention the raw rows (`_rows_step`)."""
         B, T, _ = x.shape
         D = self.head_dim
         chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
         rows = project(self, x, "qkv_proj", norm)  # q[, k[, v]]
+        if inv_freq is not None and self._takes_rows(T, cache, x.device):
+            return self.o_proj(self._rows_step(rows, inv_freq, pos, cache).reshape(B, T, self.n_heads * D)), fresh
         q_rotated = False
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
         if not self.shared:
@@ -245,6 +251,28 @@ class Attention(nn.Module):
             out = hadamard_rotate(out)
         out = out.reshape(B, T, self.n_heads * D)
         return self.o_proj(out), fresh
+
+    def _takes_rows(self, T, cache: KVCache, device: torch.device) -> bool:
+        """Whether this step hands attention the raw rows: a decode step (T == 1) over a float cache on CUDA, with
+        the switch on (attention.ATTENTION_ROWS_ENV) and the combined attention / o_proj op's off."""
+        from .quant import FUSED_ATTENTION_ENV  # quant imports this module
+
+        eps_ok = self.shared or self.k_norm.eps == self.q_norm.eps == self.v_norm.eps
+        return (isinstance(T, int) and T == 1 and cache.quant is None and attention_rows_on(device) and eps_ok
+                and os.environ.get(FUSED_ATTENTION_ENV, "0") != "1")
+
+    def _rows_step(self, rows: list[torch.Tensor], inv_freq: torch.Tensor, pos: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        """A decode step's attention (1, 1, H, D) from the projection's raw rows: the op norms and rotates q (and
+        k, v, which it writes into the cache) itself (`gemma4::attention_rows`; a KV-shared layer
+        `attention_q_rows`), the same values as the norms, RoPE and `KVCache.update` before `attention`."""
+        window = self.window if self.sliding else 0
+        eps = self.q_norm.eps
+        if self.shared:
+            return torch.ops.gemma4.attention_q_rows(rows[0], self.q_norm.weight, inv_freq, cache.k, cache.v, pos,
+                                                     window, eps)
+        return torch.ops.gemma4.attention_rows(rows[0], rows[1], None if self.k_eq_v else rows[2], self.q_norm.weight,
+                                               self.k_norm.weight, inv_freq, cache.k, cache.v, pos, window, eps)
 
 
 def add_linear(linear: nn.Module, x: torch.Tensor, r: torch.Tensor,
@@ -429,10 +457,10 @@ class DecoderLayer(nn.Module):
             # init_buffers), so one compiled layer reads every layer's slice
             self.register_buffer("ple_index", torch.tensor([i]), persistent=False)
 
-    def forward(self, x, cos, sin, pos, cache, ple, fresh=None):
+    def forward(self, x, cos, sin, pos, cache, ple, fresh=None, inv_freq=None):
         """-> (x, fresh): see Attention.forward. ple: every layer's per-layer inputs (1, T, layers, P), this
         layer's at `ple_index` (None without them)."""
-        attn, fresh = self.self_attn(x, cos, sin, pos, cache, fresh, norm=self.input_layernorm)
+        attn, fresh = self.self_attn(x, cos, sin, pos, cache, fresh, norm=self.input_layernorm, inv_freq=inv_freq)
         if not self.moe and not self.ple:  # the MLP half and the closing add (one op for packed linears)
             return self.mlp.closing(x, attn, self.post_attention_layernorm, self.pre_feedforward_layernorm,
                                     self.post_feedforward_layernorm, self.layer_scalar), fresh
@@ -549,7 +577,8 @@ class Gemma4Model(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = rope[cfg.is_sliding(i)]
             src = cfg.kv_source_layer(i)
-            x, kv = layer(x, cos, sin, pos, caches[i], ple, fresh.get(src))
+            inv_freq = self.inv_freq_sliding if cfg.is_sliding(i) else self.inv_freq_full
+            x, kv = layer(x, cos, sin, pos, caches[i], ple, fresh.get(src), inv_freq)
             if kv is not None:
                 fresh[src] = kv
             if last_reader[src] == i and src in fresh:
@@ -681,7 +710,8 @@ class LayerUnit(_CarriesHidden):
         layer = self.layers[self.index]
         cache = getattr(self, self.SOURCE) if self.shared else layer.self_attn.kv_cache
         chunk = cache.ring and not (isinstance(T, int) and T == 1)  # a prefill chunk beside a ring
-        x, fresh = layer(x, cos, sin, pos, cache, ple, cache.chunk(T) if chunk and self.shared else None)
+        x, fresh = layer(x, cos, sin, pos, cache, ple, cache.chunk(T) if chunk and self.shared else None,
+                         getattr(self, self.rope_name))
         if fresh is not None and self.last_reader:
             cache.write_window(positions, *fresh)
         elif fresh is not None and not self.shared:

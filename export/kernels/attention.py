@@ -663,6 +663,87 @@ def _block(q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k
 
 
 @triton.jit
+def _rms_inv(row, ok, D: tl.constexpr, eps):
+    """1 / rms of the rows at `row` [R, 1] (D values each, fp32), as RMSNorm computes it: (mean(x^2) + eps)^-1/2."""
+    x = tl.load(row + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt_rn(tl.sum(x * x, 1) / D + tl.cast(eps, tl.float32))
+
+
+@triton.jit
+def _normed_part(row, W, r, ok, cols, dtype: tl.constexpr, HAS_W: tl.constexpr):
+    """Columns `cols` of the rows at `row` [R, 1] normed (times 1 / rms `r`, times W[cols] with HAS_W), rounded to
+    `dtype` as the norm's output is, back in fp32."""
+    x = tl.load(row + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32) * r[:, None]
+    if HAS_W:
+        x = x * tl.load(W + cols).to(tl.float32)[None, :]
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _roped_part(row, W, INV, r, ok, pos, c0, DK: tl.constexpr, D: tl.constexpr, dtype: tl.constexpr):
+    """Columns c0 .. c0 + DK - 1 of norm(rows) * W with RoPE at position `pos` (rotate-half pairs i, i + D / 2;
+    cos / sin of pos * INV[i mod D / 2] rounded to `dtype`, as the model's tables are), fp32."""
+    HALF: tl.constexpr = D // 2
+    cols = c0 + tl.arange(0, DK)
+    mate = tl.where(cols < HALF, cols + HALF, cols - HALF)
+    x = _normed_part(row, W, r, ok, cols, dtype, True)
+    xm = _normed_part(row, W, r, ok, mate, dtype, True)
+    f = pos.to(tl.float32) * tl.load(INV + tl.where(cols < HALF, cols, cols - HALF))
+    c = tl.cos(f).to(dtype).to(tl.float32)
+    sn = tl.sin(f).to(dtype).to(tl.float32)
+    sign = tl.where(cols < HALF, -1.0, 1.0)
+    return x * c[None, :] + (sign * sn)[None, :] * xm
+
+
+@triton.jit
+def _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR, VR, KW, INV, pos, eps, KOUT, VOUT, WRITE,
+              D: tl.constexpr, KSPLIT: tl.constexpr, VSPLIT: tl.constexpr, KEQV: tl.constexpr):
+    """The step's own position folded into a decode share's online softmax (float cache): k = RoPE(norm(KR) * KW),
+    v = norm(VR) (no scale; KEQV: of KR's raw values), both rounded to the cache's dtype, as the cache would hold
+    them; with WRITE they go to KOUT / VOUT (pos's slot). q0..q3 and acc / acc2 as `_block` holds them."""
+    cdt: tl.constexpr = KOUT.dtype.element_ty
+    DK: tl.constexpr = D // KSPLIT
+    DV: tl.constexpr = D // VSPLIT
+    one = tl.full([1], 1, tl.int1)
+    krow = KR + tl.zeros([1, 1], tl.int32)
+    rk = _rms_inv(krow, one, D, eps)
+    vrow = krow if KEQV else VR + tl.zeros([1, 1], tl.int32)
+    rv = rk if KEQV else _rms_inv(vrow, one, D, eps)
+    k0 = _roped_part(krow, KW, INV, rk, one, pos, 0, DK, D, cdt).to(cdt)
+    s = tl.sum(q0.to(tl.float32) * k0.to(tl.float32), 1)
+    if WRITE:
+        tl.store(KOUT + tl.arange(0, DK)[None, :], k0)
+    if KSPLIT >= 2:
+        k1 = _roped_part(krow, KW, INV, rk, one, pos, DK, DK, D, cdt).to(cdt)
+        s += tl.sum(q1.to(tl.float32) * k1.to(tl.float32), 1)
+        if WRITE:
+            tl.store(KOUT + DK + tl.arange(0, DK)[None, :], k1)
+    if KSPLIT >= 4:
+        k2 = _roped_part(krow, KW, INV, rk, one, pos, 2 * DK, DK, D, cdt).to(cdt)
+        k3 = _roped_part(krow, KW, INV, rk, one, pos, 3 * DK, DK, D, cdt).to(cdt)
+        s += tl.sum(q2.to(tl.float32) * k2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32) * k3.to(tl.float32), 1)
+        if WRITE:
+            tl.store(KOUT + 2 * DK + tl.arange(0, DK)[None, :], k2)
+            tl.store(KOUT + 3 * DK + tl.arange(0, DK)[None, :], k3)
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new)
+    l_i = l_i * alpha + p
+    p = p.to(q0.dtype).to(tl.float32)[:, None]  # as the blocks' p @ V takes it
+    cv = tl.arange(0, DV)
+    v0 = _normed_part(vrow, KW, rv, one, cv, cdt, False)
+    acc = acc * alpha[:, None] + p * v0
+    if WRITE:
+        tl.store(VOUT + cv[None, :], v0.to(cdt))
+    if VSPLIT == 2:
+        v1 = _normed_part(vrow, KW, rv, one, DV + cv, cdt, False)
+        acc2 = acc2 * alpha[:, None] + p * v1
+        if WRITE:
+            tl.store(VOUT + DV + cv[None, :], v1.to(cdt))
+    return m_new, l_i, acc, acc2
+
+
+@triton.jit
 def _decode_share(n, NUM_SPLITS, UNIT: tl.constexpr):
     """Positions per decode share for n filled positions: n spread over NUM_SPLITS shares in whole
     UNITs (the kernel's BLOCK_N); shares past the fill are empty. The split kernel and the combine
@@ -679,11 +760,19 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                KBIAS: tl.constexpr, SCALES_AHEAD: tl.constexpr, VPAIRS: tl.constexpr, PTX: tl.constexpr,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
                PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0,
-               NIB16: tl.constexpr = 0):
+               NIB16: tl.constexpr = 0, ROWS: tl.constexpr = 0, QW=None, INV=None, eps=0.0, KR=None, VR=None, KW=None,
+               FRESH: tl.constexpr = 0, KEQV: tl.constexpr = 0):
+    """ROWS (decode, float cache): Q holds the projection's raw rows (head h at h * D, sqh = D), and each program
+    norms (QW) and rotates (RoPE, INV the inverse frequencies) its own q (`_roped_part`). FRESH: KR / VR hold the
+    step's raw K / V rows (KEQV: V from K's raw rows, VR unused), normed (KW; V without a scale) and rotated (K) by
+    the share holding position pos, which writes them into the cache at pos's slot and folds them into its softmax
+    in place of that slot (its loop stops before pos): no other share reads the slot."""
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
         O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
+        if FRESH:
+            KR, VR = KR + z, VR + z
     if SHARES_SLOWEST:  # grid (Hkv, row blocks, shares), else (shares, row blocks, Hkv)
         pid_s = tl.program_id(2)
         kvh = tl.program_id(0)
@@ -743,6 +832,19 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
             q1 = tl.where(qr >= 0, qr + 0.5, qr - 0.5).to(tl.int8)
         q2 = q0
         q3 = q0
+    elif ROWS:  # q from the raw rows: normed and rotated here, in KSPLIT column parts
+        tl.static_assert(KV_FMT == 0, "ROWS: a float cache")
+        DK: tl.constexpr = D // KSPLIT
+        rq = _rms_inv(qrow, row_ok, D, eps)
+        q0 = _roped_part(qrow, QW, INV, rq, row_ok, pos0, 0, DK, D, dtype).to(dtype)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if KSPLIT >= 2:
+            q1 = _roped_part(qrow, QW, INV, rq, row_ok, pos0, DK, DK, D, dtype).to(dtype)
+        if KSPLIT >= 4:
+            q2 = _roped_part(qrow, QW, INV, rq, row_ok, pos0, 2 * DK, DK, D, dtype).to(dtype)
+            q3 = _roped_part(qrow, QW, INV, rq, row_ok, pos0, 3 * DK, DK, D, dtype).to(dtype)
     else:
         DK: tl.constexpr = D // KSPLIT
         dk = tl.arange(0, DK)
@@ -798,6 +900,10 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     # TAIL 1 (T = 1: every position of the share is visible): the whole blocks unmasked, then the
     # partial last one, if any, masked. TAIL 2 (quantized): every block's tiles read whole, the
     # scores masked
+    share_end = end
+    if FRESH:  # pos itself comes from the step's rows (below), not from the cache
+        tl.static_assert(KV_FMT == 0, "FRESH: a float cache")
+        end = tl.minimum(end, pos0)
     loop_end = end
     if TAIL == 1:
         loop_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
@@ -822,6 +928,11 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                 KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
                 SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8, N16)
 
+    if FRESH:
+        if (start <= pos0) & (pos0 < share_end):  # this share holds pos: its K / V from the step's rows
+            m_i, l_i, acc, acc2 = _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR + kvh * D, VR + kvh * D, KW, INV,
+                                            pos0, eps, K + kvh * skh + (pos0 % S) * sks,
+                                            V + kvh * svh + (pos0 % S) * svs, pid_m == 0, D, KSPLIT, VSPLIT, KEQV)
     if N16:  # V's planes 1 / 3 summed 16 * value
         acc2 = acc2 * 0.0625
         acc4 = acc4 * 0.0625
@@ -845,7 +956,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         ok = (g < G) & row_ok
         tl.store(MP + base, m_i, mask=ok)
         tl.store(LP + base, l_i, mask=ok)
-        ok = ok & (start < end)
+        ok = ok & (start < share_end)
         if PART16:  # the share's output acc / l in fp16 (AP is fp16): |acc / l| <= max |V|
             inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
             acc = acc * inv_l[:, None]
@@ -1361,9 +1472,16 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
     return max(1, min(target // kv_heads, triton.cdiv(slots, 16)))
 
 
+def _no_rows(q: torch.Tensor) -> dict:
+    """The split kernel's ROWS / FRESH arguments switched off, every one passed (Inductor's analysis of what a
+    Triton kernel writes needs all its arguments; unused pointers point at q)."""
+    return dict(ROWS=0, QW=q, INV=q, eps=0.0, KR=q, VR=q, KW=q, FRESH=0, KEQV=0)
+
+
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
            part16: Optional[bool] = None, pdl_attr: bool = False, active: Optional[bool] = None,
-           shares_slowest: Optional[bool] = None, combine_skip: Optional[bool] = None, levels: Optional[tuple] = None):
+           shares_slowest: Optional[bool] = None, combine_skip: Optional[bool] = None, levels: Optional[tuple] = None,
+           rows: Optional[dict] = None):
     """Run the Triton kernels (`wrap` = wrap_triton inside the custom op; identity for the
     Triton interpreter in tests). `decode` needs T == 1; k_new / v_new (prefill, float cache):
     the chunk's own K/V, the cache holding the positions before it. part16: decode's partials in
@@ -1376,14 +1494,16 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     head, `decode_splits`): (group, counters, count, levels, rotate): the combine writes the output (rotated
     back by the Hadamard op's arithmetic first with rotate; `_combine`'s ROT) as the x of an int4 GEMV taking x
     as int8 levels (`_combine`'s XQ; group a divisor of D) and zeroes counters[:count], and the call returns
-    that x's (planes, factors, corrections) (int4_matmul.levels_buffers), not the output."""
+    that x's (planes, factors, corrections) (int4_matmul.levels_buffers), not the output. rows (decode, float
+    cache): q is the projection's raw rows (1, 1, H, D) and `rows` the split kernel's ROWS / FRESH arguments
+    (`attention_rows`)."""
     _, T, H, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
     fmt = kv_format(k, k_scale)
     ks = k_scale if k_scale is not None else q  # unused pointers when float
     vs = v_scale if v_scale is not None else q
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     common = dict(G=G, D=D, KV_FMT=fmt, FP32=q.dtype == torch.float32, INTERPRET=_interpreting())
     strides = (q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
                ks.stride(1) if k_scale is not None else 0, out.stride(1), out.stride(2))
@@ -1406,7 +1526,7 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
         unit = decode_config(D, fmt).kwargs["BLOCK_N"]  # the shares' unit, whatever config runs
         wrap(_kernel(True, D, fmt))[grid](q, k, v, ks, vs, pos, out, mp, lp, ap, T, S, H, window, splits, *strides,
                                           SPLIT=splits > 1, PDL=pdl, PART16=int(part16), SHARE_UNIT=unit,
-                                          SHARES_SLOWEST=int(slowest), **common, **attr)
+                                          SHARES_SLOWEST=int(slowest), **common, **(rows or _no_rows(q)), **attr)
         if splits == 1:  # one share per KV head: the kernel wrote the output itself
             assert levels is None, "the output as levels comes from the combine: more than one share"
             return out
@@ -1454,6 +1574,98 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
                 mp, lp, ap, out, T, out.stride(1), out.stride(2), NUM_SPLITS=splits, G=G, D=D, BLOCK_R=16,
                 BLOCK_D=block_d)
     return out
+
+
+# "1" in an exporting process: a decode step over a float cache (every sliding ring; full layers with a bf16 cache)
+# hands attention the projection's raw q / k / v rows (`attention_rows`): its split kernel norms and rotates them
+# and writes the step's K / V into the cache, no kernel of their own between the projection and attention; else
+# the model's norm / RoPE / cache write, then `gemma4::attention`
+ATTENTION_ROWS_ENV = "GEMMA4_ATTENTION_ROWS"
+
+
+def attention_rows_on(device: torch.device) -> bool:
+    """The rows' switch for a model on `device`: CUDA only (the CPU backend's decompositions take no op that writes
+    its arguments; its .so would call the op through a proxy executor it does not have)."""
+    import os
+
+    return os.environ.get(ATTENTION_ROWS_ENV, "0") == "1" and device.type == "cuda"
+
+
+def _rms(x: torch.Tensor, w: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    y = x.float()
+    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return (y * w.float() if w is not None else y).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x (1, 1, h, D) rotated at position pos (rotate-half pairs; cos / sin in x's dtype), as the model does."""
+    f = pos.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((f, f), dim=-1)
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None, :] + torch.cat((-x2, x1), dim=-1) * sin[:, None, :]
+
+
+def rows_reference(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window: int, eps: float) -> torch.Tensor:
+    """`attention_rows` in aten ops (the CPU kernel): q = RoPE(norm(q_raw) * q_w); with k_raw, the step's
+    k = RoPE(norm(k_raw) * k_w) and v = norm(v_raw) (of k_raw without v_raw) written at slot pos % S; then
+    `attention` over the cache."""
+    D = k.shape[-1]
+    q = _rope(_rms(q_raw.reshape(1, 1, -1, D), q_w, eps), inv_freq, pos)
+    if k_raw is not None:
+        rk = k_raw.reshape(1, 1, -1, D)
+        kk = _rope(_rms(rk, k_w, eps), inv_freq, pos)
+        vv = _rms(v_raw.reshape(1, 1, -1, D) if v_raw is not None else rk, None, eps)
+        slot = pos % k.shape[2]
+        k.index_copy_(2, slot, kk.transpose(1, 2).to(k.dtype))
+        v.index_copy_(2, slot, vv.transpose(1, 2).to(v.dtype))
+    return attention_reference(q, k, v, None, None, pos, window)
+
+
+def rows_launch(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window: int, eps: float, wrap=lambda f: f,
+                **kw) -> torch.Tensor:
+    """The decode kernels of `attention_rows` (`launch` with the split kernel's ROWS / FRESH; `wrap` and `kw` as
+    `launch` takes them)."""
+    D = k.shape[-1]
+    assert k.dtype.is_floating_point, "the rows' path reads a float cache"
+    q = q_raw.view(1, 1, -1, D)
+    fresh = k_raw is not None
+    rows = dict(ROWS=1, QW=q_w, INV=inv_freq, eps=eps, KR=k_raw if fresh else q_raw,
+                VR=v_raw if v_raw is not None else (k_raw if fresh else q_raw), KW=k_w if k_w is not None else q_w,
+                FRESH=int(fresh), KEQV=int(fresh and v_raw is None))
+    return launch(q, k, v, None, None, pos, window, True, wrap=wrap, rows=rows, **kw)
+
+
+@triton_op("gemma4::attention_rows", mutates_args={"k", "v"})
+def attention_rows(q_raw: torch.Tensor, k_raw: torch.Tensor, v_raw: Optional[torch.Tensor], q_w: torch.Tensor,
+                   k_w: torch.Tensor, inv_freq: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                   window: int, eps: float) -> torch.Tensor:
+    """A decode step's attention from the projection's raw rows q_raw (1, 1, H * D), k_raw / v_raw (1, 1, Hkv * D;
+    v_raw None: V from k_raw's values) over the float cache k, v (1, Hkv, S, D), which takes the step's K / V at
+    slot pos % S: q and k normed (q_w, k_w) and rotated (RoPE of inv_freq (D / 2,) at pos), v normed without a
+    scale, as the model's Attention does before `attention`. -> (1, 1, H, D)."""
+    if q_raw.device.type != "cuda":
+        return rows_reference(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window, eps)
+    return rows_launch(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window, eps, wrap=wrap_triton)
+
+
+@attention_rows.register_fake
+def _attention_rows_fake(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window, eps):
+    return q_raw.new_empty(1, 1, q_raw.shape[-1] // k.shape[-1], k.shape[-1])
+
+
+@triton_op("gemma4::attention_q_rows", mutates_args={})
+def attention_q_rows(q_raw: torch.Tensor, q_w: torch.Tensor, inv_freq: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, pos: torch.Tensor, window: int, eps: float) -> torch.Tensor:
+    """`attention_rows` of a layer that reads another layer's cache (KV sharing): q's rows only, nothing written."""
+    if q_raw.device.type != "cuda":
+        return rows_reference(q_raw, None, None, q_w, None, inv_freq, k, v, pos, window, eps)
+    return rows_launch(q_raw, None, None, q_w, None, inv_freq, k, v, pos, window, eps, wrap=wrap_triton)
+
+
+@attention_q_rows.register_fake
+def _attention_q_rows_fake(q_raw, q_w, inv_freq, k, v, pos, window, eps):
+    return q_raw.new_empty(1, 1, q_raw.shape[-1] // k.shape[-1], k.shape[-1])
 
 
 def prefill_config(head_dim: int, fmt: int) -> tuple:
