@@ -113,7 +113,7 @@ worst = {}
 for H, Hkv, D, S, window, pos, frac in [(4, 2, 16, 15, 8, 3, 1.0), (4, 2, 16, 15, 8, 37, 1.0),
                                         (8, 2, 32, 300, 0, 290, 0.25), (8, 1, 32, 40, 24, 70, 1.0),
                                         (8, 2, 32, 300, 0, 0, 1.0), (4, 1, 16, 24, 24, 9, 1.0)]:
-    for splits in (1, 3, 7):
+    for splits in (1, 3, 7, 100):  # 100: the combine reads the used shares only (ACTIVE, SKIP)
         A.decode_splits = lambda *a, s=splits: s
         for case in ("qkv", "keqv", "q"):
             k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
