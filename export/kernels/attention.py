@@ -901,8 +901,13 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     # partial last one, if any, masked. TAIL 2 (quantized): every block's tiles read whole, the
     # scores masked
     share_end = end
-    if FRESH:  # pos itself comes from the step's rows (below), not from the cache
+    if FRESH:  # pos itself comes from the step's rows, not from the cache: folded in first (nothing of it is
+        # held through the loop), the loop stopping before it
         tl.static_assert(KV_FMT == 0, "FRESH: a float cache")
+        if (start <= pos0) & (pos0 < share_end):
+            m_i, l_i, acc, acc2 = _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR + kvh * D, VR + kvh * D, KW, INV,
+                                            pos0, eps, K + kvh * skh + (pos0 % S) * sks,
+                                            V + kvh * svh + (pos0 % S) * svs, pid_m == 0, D, KSPLIT, VSPLIT, KEQV)
         end = tl.minimum(end, pos0)
     loop_end = end
     if TAIL == 1:
@@ -928,11 +933,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                 KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
                 SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, True, True, K8, N16)
 
-    if FRESH:
-        if (start <= pos0) & (pos0 < share_end):  # this share holds pos: its K / V from the step's rows
-            m_i, l_i, acc, acc2 = _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR + kvh * D, VR + kvh * D, KW, INV,
-                                            pos0, eps, K + kvh * skh + (pos0 % S) * sks,
-                                            V + kvh * svh + (pos0 % S) * svs, pid_m == 0, D, KSPLIT, VSPLIT, KEQV)
     if N16:  # V's planes 1 / 3 summed 16 * value
         acc2 = acc2 * 0.0625
         acc4 = acc4 * 0.0625
