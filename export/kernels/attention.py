@@ -767,6 +767,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     step's raw K / V rows (KEQV: V from K's raw rows, VR unused), normed (KW; V without a scale) and rotated (K) by
     the share holding position pos, which writes them into the cache at pos's slot and folds them into its softmax
     in place of that slot (its loop stops before pos): no other share reads the slot."""
+    if ROWS:  # pos: the method's input, which no kernel of the step writes, read before the wait
+        pos_in = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
@@ -785,7 +787,10 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     g = rows % G
     row_ok = t < T
     head = kvh * G + g
-    pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
+    if ROWS:
+        pos0 = pos_in
+    else:
+        pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
     qpos = pos0 + t
     t_lo = (pid_m * BLOCK_M) // G
     t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
