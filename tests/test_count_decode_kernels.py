@@ -32,7 +32,8 @@ def test_e2b_units(tmp_path):
     """E2B's first five layers (four sliding, one full), bf16 cache: a sliding layer is 11 launches (q / k / v
     with the norm, their norms + RoPE + cache write as one combo kernel, attention and its combine, o, the GEMV of
     gate / up computing the residual add and both norms itself (a staged tile, bf16 x), the quantize kernel and
-    GEMV of down, the per-layer gate and projection, the closing norm), the full layer as many (its o projection's
+    GEMV of down (the TMA GEMV in K slices), the per-layer gate and projection, the closing norm), the full layer as
+    many (its o projection's
     K of 4096 takes the staged tiles' one bf16-x launch, no quantize kernel); no launch copies the position (the
     attention op reads the method's pos); the head is 3 (the lm_head's quantize kernel computing the final norm,
     its GEMV, the soft cap)."""
@@ -40,7 +41,8 @@ def test_e2b_units(tmp_path):
     assert (u["embed"]["launches"], u["layer0"]["launches"], u["layer4"]["launches"], u["head"]["launches"]) == \
         (3, 11, 11, 3), u
     sliding = u["layer0"]["kernels"]
-    assert sum(k.startswith("_int4_gemv1_kernel") for k in sliding) == 6, sliding
+    assert sum(k.startswith("_int4_gemv1") for k in sliding) == 6, sliding
+    assert [k.startswith("_int4_gemv1_tma_kernel") for k in sliding].count(True) == 1, sliding  # down's
     assert sum(k.startswith(("_attn_body", "_combine")) for k in sliding) == 2, sliding
     assert not any(k.startswith("triton_poi") for k in sliding), sliding
     assert sum(k.startswith("_quant_x_kernel") for k in sliding) == 1, sliding  # down's
@@ -57,6 +59,20 @@ def test_31b_units_int4_cache(tmp_path):
     assert (u["layer0"]["steps"], u["layer5"]["steps"]) == (5, 1), u
     assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (12, 16), u
     assert sum(k.startswith("_hadamard_kernel") for k in u["layer5"]["kernels"]) == 2, u["layer5"]["kernels"]
+
+
+def test_attention_rows_switch_takes_the_norms_kernel(tmp_path):
+    """With GEMMA4_ATTENTION_ROWS=1 decode attention takes the projection's raw rows (its kernel norms, rotates and
+    writes the step's K / V): E2B's sliding and full layers (bf16 cache) are 10 launches, attention right after the
+    q / k / v GEMV; the 31B's sliding layer 11 while its full layer with the int4 cache keeps 16 (a quantized cache
+    takes the model's ops)."""
+    u = _switched_units(tmp_path, "e2b", "5", GEMMA4_ATTENTION_ROWS="1")
+    assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (10, 10), u
+    for n in ("layer0", "layer4"):
+        kernels = u[n]["kernels"]
+        assert kernels[0].startswith("_int4_gemv1") and kernels[1].startswith("_attn_body"), kernels
+    u = _switched_units(tmp_path, "31b:int4", "6", GEMMA4_ATTENTION_ROWS="1")
+    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (11, 16), u
 
 
 def test_26b_dp4a_gate_up_takes_the_norm_kernels_place(tmp_path):
