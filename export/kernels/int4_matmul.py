@@ -1602,13 +1602,15 @@ GEMV1_TMA_SMALL_MIN_K = 2048
 # GEMV1_TMA_DEEP_STEPS steps. H100, each alone, us (gemv1_tma_small_h100.json): E2B's wide down 12.09 (the register
 # kernel's K parts) -> 10.04 at 6 slices; E2B's down 7.87 -> 7.98 and E4B's 11.68 -> 11.32 at best. In the layer's
 # MLP graph with PDL (scripts/small_mlp_variants.py, 16 layers, us a layer, small_mlp_variants_h100.json): E2B
-# 16.09 -> 15.83 (5 slices), its wide MLP 26.73 -> 23.95 (7), E4B 28.27 -> 24.96 (7); the rule's slices 3 / 6 / 5.
+# 16.09 -> 15.83 (5 slices), its wide MLP 26.73 -> 24.00 (6; 23.95 at 7), E4B 28.27 -> 25.17 (5; 24.96 at 7): the
+# slices give at least ~GEMV1_TMA_DEEP_PROGRAMS programs and at most GEMV1_TMA_DEEP_STEPS steps each (5, 6, 5).
 # In an artifact (`measure_gpu.sh ab_small GEMMA4_GEMV1_TMA_DEEP e2b 35`, H100, the whole E2B at the ratio 8 then:
 # its wide down only): decode step at fill 1k 1.719 -> 1.633 ms (ab_GEMV1_TMA_DEEP_e2b_h100.json). Not taken: the
 # 26B-A4B's full o (2816 x 8192) 10.39 -> 10.99 alone. "0" in an exporting process keeps the register kernel there.
 GEMV1_TMA_DEEP = os.environ.get("GEMMA4_GEMV1_TMA_DEEP", "1") != "0"
 GEMV1_TMA_DEEP_RATIO = 4
 GEMV1_TMA_DEEP_STEPS = 8
+GEMV1_TMA_DEEP_PROGRAMS = 240
 
 
 class Gemv1Plan(NamedTuple):
@@ -1707,12 +1709,14 @@ def gemv1_tma_tile(n: int, k: int, group_size: int, prologue: str = "plain") -> 
     GEMV1_TMA_TILE and `gemv1_tma_splits` from K GEMV1_TMA_MIN_K; below it, with GEMV1_TMA_SMALL (on), the small
     models' mid-size weights on x levels (GEMV1_SMALL_N < n < GEMV1_LARGE_N, group 128, K from
     GEMV1_TMA_SMALL_MIN_K) at GEMV1_TMA_SMALL_TILE, one slice. With GEMV1_TMA_DEEP, small weights on x levels with
-    K from GEMV1_TMA_DEEP_RATIO * n at GEMV1_TMA_SMALL_TILE, slices of GEMV1_TMA_DEEP_STEPS steps. Else None (the
-    register kernel)."""
-    step = GEMV1_TMA_SMALL_TILE[1]
+    K from GEMV1_TMA_DEEP_RATIO * n at GEMV1_TMA_SMALL_TILE, in slices for ~GEMV1_TMA_DEEP_PROGRAMS programs or more,
+    of at most GEMV1_TMA_DEEP_STEPS steps (at least one). Else None (the register kernel)."""
+    rows, step = GEMV1_TMA_SMALL_TILE[:2]
     if (GEMV1_TMA_DEEP and n <= GEMV1_SMALL_N and group_size == 128 and k >= GEMV1_TMA_DEEP_RATIO * n
             and k // group_size >= step and gemv1_plan(n, k, group_size, prologue).xq):
-        return GEMV1_TMA_SMALL_TILE, max(1, k // group_size // (step * GEMV1_TMA_DEEP_STEPS))
+        steps = k // group_size // step
+        slices = max(round(GEMV1_TMA_DEEP_PROGRAMS / triton.cdiv(n, rows)), steps // GEMV1_TMA_DEEP_STEPS)
+        return GEMV1_TMA_SMALL_TILE, max(1, min(steps, slices))
     if k >= GEMV1_TMA_MIN_K:
         splits = gemv1_tma_splits(n, k, group_size, prologue=prologue)
         return (GEMV1_TMA_TILE, splits) if splits else None
