@@ -12,7 +12,12 @@ from them and the cache holds those before pos: a sliding ring of the window the
 chunk of any length. Scale 1.0, no softcap (Gemma 4). GQA: the G = H / Hkv query heads of one
 KV head share each K/V block.
 
-KV formats (the cache WRITE is the model's, in plain aten ops; this op only reads):
+A decode step may instead hand attention the projection's raw rows (`gemma4::attention_rows`, behind
+ATTENTION_ROWS_ENV; float caches): the split kernel norms and rotates q itself, and the share holding the step's
+position norms and rotates its K, norms its V, writes both into the cache and folds them into its softmax in place
+of that slot (`gemma4::attention_q_rows` for a layer reading another's cache: q only, nothing written).
+
+KV formats (the cache WRITE is the model's, in plain aten ops, but for `attention_rows`; `attention` only reads):
   float  k, v (1, Hkv, S, D) in the model dtype; scales None
   int8   k, v int8 (1, Hkv, S, D), symmetric, k_scale / v_scale fp16 (1, Hkv, S) per token and head
   int4   k, v uint8 (1, Hkv, S, D / 2): byte j holds d = 2j (low nibble) and 2j + 1 (high), each
