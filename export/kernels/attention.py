@@ -71,7 +71,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from export.kernels.hadamard import fwht
-from export.kernels.int4_matmul import _store_levels, levels_buffers
+from export.kernels.int4_matmul import _store_levels, levels_buffers, rms_norm_reference
 from export.kernels.pdl import op_pdl_mode, pdl_wait
 
 SMEM_LIMIT = 101376  # bytes of shared memory per block on sm_89 / sm_120 (RTX 4090 / 5090)
@@ -1601,14 +1601,9 @@ def attention_rows_on(device: torch.device) -> bool:
     return os.environ.get(ATTENTION_ROWS_ENV, "0") == "1" and device.type == "cuda"
 
 
-def _rms(x: torch.Tensor, w: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    y = x.float()
-    y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    return (y * w.float() if w is not None else y).to(x.dtype)
-
-
 def _rope(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x (1, 1, h, D) rotated at position pos (rotate-half pairs; cos / sin in x's dtype), as the model does."""
+    """x (1, 1, h, D) rotated at position pos (rotate-half pairs; cos / sin in x's dtype), as the model's
+    rope_tables / apply_rope do (export/gemma4/model.py, which the kernels do not import)."""
     f = pos.float()[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((f, f), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -1621,11 +1616,11 @@ def rows_reference(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window: i
     k = RoPE(norm(k_raw) * k_w) and v = norm(v_raw) (of k_raw without v_raw) written at slot pos % S; then
     `attention` over the cache."""
     D = k.shape[-1]
-    q = _rope(_rms(q_raw.reshape(1, 1, -1, D), q_w, eps), inv_freq, pos)
+    q = _rope(rms_norm_reference(q_raw.reshape(1, 1, -1, D), q_w, eps), inv_freq, pos)
     if k_raw is not None:
         rk = k_raw.reshape(1, 1, -1, D)
-        kk = _rope(_rms(rk, k_w, eps), inv_freq, pos)
-        vv = _rms(v_raw.reshape(1, 1, -1, D) if v_raw is not None else rk, None, eps)
+        kk = _rope(rms_norm_reference(rk, k_w, eps), inv_freq, pos)
+        vv = rms_norm_reference(v_raw.reshape(1, 1, -1, D) if v_raw is not None else rk, None, eps)
         slot = pos % k.shape[2]
         k.index_copy_(2, slot, kk.transpose(1, 2).to(k.dtype))
         v.index_copy_(2, slot, vv.transpose(1, 2).to(v.dtype))

@@ -2170,11 +2170,12 @@ def _(gate, up, qweight, scales, up_index=None):
     return int4_glu_linear_reference(gate, up, qweight, scales, up_index)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gemma 4's RMSNorm (export/gemma4/model.py `RMSNorm`): x / rms(x) * weight in fp32, back in x's dtype."""
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma 4's RMSNorm (export/gemma4/model.py `RMSNorm`): x / rms(x) * weight (None: no scale) in fp32, back in
+    x's dtype."""
     y = x.float()
     y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.float() if weight is not None else y).to(x.dtype)
 
 
 def close_reference(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
