@@ -1598,8 +1598,8 @@ GEMV1_TMA_SMALL = os.environ.get("GEMMA4_GEMV1_TMA_SMALL", "1") != "0"
 GEMV1_TMA_SMALL_TILE = (32, 2, 3, 4)  # rows, groups a step, stages, warps
 GEMV1_TMA_SMALL_MIN_K = 2048
 # Small weights deep in K (N up to GEMV1_SMALL_N, K from GEMV1_TMA_DEEP_RATIO * N, x as levels: E2B's down 1536 x
-# 6144 and double-wide down 1536 x 12288, E4B's down 2560 x 10240) at GEMV1_TMA_SMALL_TILE, in K slices of
-# GEMV1_TMA_DEEP_STEPS steps. H100, each alone, us (gemv1_tma_small_h100.json): E2B's wide down 12.09 (the register
+# 6144 and double-wide down 1536 x 12288, E4B's down 2560 x 10240) at GEMV1_TMA_SMALL_TILE, in K slices (see
+# below). H100, each alone, us (gemv1_tma_small_h100.json): E2B's wide down 12.09 (the register
 # kernel's K parts) -> 10.04 at 6 slices; E2B's down 7.87 -> 7.98 and E4B's 11.68 -> 11.32 at best. In the layer's
 # MLP graph with PDL (scripts/small_mlp_variants.py, 16 layers, us a layer, small_mlp_variants_h100.json): E2B
 # 16.09 -> 15.83 (5 slices), its wide MLP 26.73 -> 24.00 (6; 23.95 at 7), E4B 28.27 -> 25.17 (5; 24.96 at 7): the
