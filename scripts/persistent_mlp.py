@@ -37,10 +37,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _spin_until(cnt_ptr, target):
     """Until the counter at cnt_ptr reaches target: volatile loads, then one acquire atomic (what the producers
-    released is visible from here on), then a barrier (for every thread of the program)."""
+    released is visible from here on), then a barrier (for every thread of the program). A probe's guard: after
+    2^24 loads (well over a second) it goes on, and the outputs' checks fail instead of the GPU hanging."""
     seen = tl.load(cnt_ptr, volatile=True)
-    while seen < target:
+    n = 0
+    while (seen < target) & (n < 16777216):
         seen = tl.load(cnt_ptr, volatile=True)
+        n += 1
     tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
