@@ -49,9 +49,36 @@ def test_probe_runs_and_checks_in_the_interpreter(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     doc = json.loads(out.read_text())
-    (row,) = doc["models"]["tiny"]["rows"]
-    assert doc["checks_passed"] and row["variant"].startswith("bf16/")
-    assert row["h_err"] <= 1e-3 and row["gu_err"] <= 1e-2 and row["d_err"] <= 1e-2, row
+    rows = doc["models"]["tiny"]["rows"]
+    assert doc["checks_passed"]
+    assert [r["variant"].split("/")[0] for r in rows] == ["bf16"] + ["pc"] * len(sm.TINY_PC), rows
+    for row in rows:
+        assert row["h_err"] <= 1e-3 and row["gu_err"] <= 1e-2 and row["d_err"] <= 1e-2, row
+        assert row["repeat_equal"], row  # (the one-launch MLP: its counters back at 0 after the replays)
+    # the one-launch MLP's producers loop over several row blocks there (P = PF x the interpreter's 4 "SMs")
+    assert all(384 // (c[0] // 2) > c[7] * 4 for c in sm.TINY_PC)
+
+
+def test_one_launch_mlp_fits_the_registers_without_spilling():
+    """The probe's first configuration for E2B compiled for sm_90 as launched: no stack (no spills), and at most
+    128 registers a thread (its 8 warps: two programs an SM at least, producers beside consumers)."""
+    import triton
+
+    from scripts import persistent_mlp as pm
+    from tests.helpers import sass_sm90
+
+    sig = {a: "*bf16" for a in ("x_ptr", "r_ptr", "wr_ptr", "wn_ptr", "h_ptr", "gu_ptr", "act_ptr", "y_ptr",
+                                "gus_ptr", "ds_ptr")}
+    sig.update({"guw_ptr": "*i32", "dw_ptr": "*i32", "cnt_ptr": "*i32", "eps": "fp32"})
+    sig.update({a: "i32" for a in ("K", "I", "P", "Q", "stride_gw", "stride_gs", "stride_dw", "stride_ds")})
+    hid, inter = sm.SHAPES["e2b"]
+    bn, groups, depth, bnd, dgroups, warps, stage, _ = sm.PC_CONFIGS[0]
+    const = dict(GROUP=128, BN=bn, GROUPS=groups, DEPTH=depth, DGROUP=128, BND=bnd, DGROUPS=dgroups,
+                 DSTEPS=triton.cdiv(inter // 128, dgroups), NORM_STEPS=im.norm_steps(hid // 2), STAGE=stage, ASM=True,
+                 PDL=2)
+    _, regs, res = sass_sm90(pm._mlp_pc_kernel, sig, const, warps, aligned_ints=("stride_gw", "stride_dw", "K", "I"),
+                             whole=True)
+    assert "STACK:0" in res and regs <= 128, res
 
 
 def test_unknown_model_is_refused(tmp_path):
