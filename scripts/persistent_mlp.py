@@ -35,17 +35,23 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _spin_until(cnt_ptr, target):
+def _spin_until(cnt_ptr, target, ASM: tl.constexpr):
     """Until the counter at cnt_ptr reaches target: volatile loads, then one acquire atomic (what the producers
-    released is visible from here on), then a barrier (for every thread of the program). A probe's guard: after
+    released is visible from here on), then a barrier (for every thread of the program); -> 0 from the atomic's
+    value, which the reads after it add to their pointers. A probe's guard: after
     2^24 loads (well over a second) it goes on, and the outputs' checks fail instead of the GPU hanging."""
     seen = tl.load(cnt_ptr, volatile=True)
     n = 0
     while (seen < target) & (n < 16777216):
         seen = tl.load(cnt_ptr, volatile=True)
         n += 1
-    tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    if ASM:  # 0 through an opaque move: the atomic's value stays used (folded to a constant, the atomic was dropped)
+        zero = tl.inline_asm_elementwise("mov.b32 $0, 0;", "=r,r", [seen], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        zero = seen * 0
     tl.debug_barrier()
+    return zero * 64  # a multiple of 64: the reads of what the producers wrote add it (ordered after the atomic)
 
 
 @triton.jit
@@ -148,8 +154,8 @@ def _consume(c, act_ptr, dw_ptr, ds_ptr, y_ptr, cnt_ptr, K, I, P, Q, stride_dw, 
         ws = ws + [tl.load(rows + (g * DW + lane), mask=ok, other=0)]
         ss = ss + [tl.load(srows + g, mask=ok, other=0.0)]
     z = pdl_wait(PDL, ASM)
-    _spin_until(cnt_ptr + z, P)
-    xw = (act_ptr + z).to(tl.pointer_type(tl.int32))
+    za = _spin_until(cnt_ptr + z, P, ASM)
+    xw = (act_ptr + z + za).to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BND, DGROUPS, DW), dtype=tl.float32)
     for i in tl.static_range(DSTEPS):
         g0 = (i * DGROUPS + tl.arange(0, DGROUPS))[None, :, None] * DW
