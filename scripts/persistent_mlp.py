@@ -137,8 +137,8 @@ def _produce(pid, x_ptr, r_ptr, wr_ptr, wn_ptr, h_ptr, guw_ptr, gus_ptr, gu_ptr,
 @triton.jit
 def _consume(c, act_ptr, dw_ptr, ds_ptr, y_ptr, cnt_ptr, K, I, P, Q, stride_dw, stride_ds,
              DGROUP: tl.constexpr, BND: tl.constexpr, DGROUPS: tl.constexpr, DSTEPS: tl.constexpr,
-             ASM: tl.constexpr, PDL: tl.constexpr):
-    """Down rows c * BND ... (module doc)."""
+             PRELOAD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Down rows c * BND ... (module doc). PRELOAD 0: the rows load after the spin (what preloading them saves)."""
     DW: tl.constexpr = DGROUP // 8
     IW = I // 8
     offs_m = c * BND + tl.arange(0, BND)
@@ -146,15 +146,21 @@ def _consume(c, act_ptr, dw_ptr, ds_ptr, y_ptr, cnt_ptr, K, I, P, Q, stride_dw, 
     lane = tl.arange(0, DW)[None, None, :]
     rows = dw_ptr + offs_m.to(tl.int64)[:, None, None] * stride_dw
     srows = ds_ptr + offs_m.to(tl.int64)[:, None, None] * stride_ds
+    z = 0
+    za = 0
+    if not PRELOAD:
+        z = pdl_wait(PDL, ASM)
+        za = _spin_until(cnt_ptr + z, P, ASM)
     ws = []
     ss = []
     for i in tl.static_range(DSTEPS):  # every tile of the rows, before the wait (weights: constants)
         g = (i * DGROUPS + tl.arange(0, DGROUPS))[None, :, None]
         ok = m_ok & (g * DW < IW)
-        ws = ws + [tl.load(rows + (g * DW + lane), mask=ok, other=0)]
-        ss = ss + [tl.load(srows + g, mask=ok, other=0.0)]
-    z = pdl_wait(PDL, ASM)
-    za = _spin_until(cnt_ptr + z, P, ASM)
+        ws = ws + [tl.load(rows + za + (g * DW + lane), mask=ok, other=0)]
+        ss = ss + [tl.load(srows + za + g, mask=ok, other=0.0)]
+    if PRELOAD:
+        z = pdl_wait(PDL, ASM)
+        za = _spin_until(cnt_ptr + z, P, ASM)
     xw = (act_ptr + z + za).to(tl.pointer_type(tl.int32))
     acc = tl.zeros((BND, DGROUPS, DW), dtype=tl.float32)
     for i in tl.static_range(DSTEPS):
@@ -174,7 +180,8 @@ def _mlp_pc_kernel(x_ptr, r_ptr, wr_ptr, wn_ptr, h_ptr, guw_ptr, gus_ptr, gu_ptr
                    cnt_ptr, K, I, eps, P, Q, stride_gw, stride_gs, stride_dw, stride_ds,
                    GROUP: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, DEPTH: tl.constexpr,
                    DGROUP: tl.constexpr, BND: tl.constexpr, DGROUPS: tl.constexpr, DSTEPS: tl.constexpr,
-                   NORM_STEPS: tl.constexpr, STAGE: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0):
+                   NORM_STEPS: tl.constexpr, STAGE: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
+                   PRELOAD: tl.constexpr = 1):
     """The MLP (module doc): programs [0, P) produce, [P, P + Q) consume."""
     pid = tl.program_id(0)
     if pid < P:
@@ -182,28 +189,30 @@ def _mlp_pc_kernel(x_ptr, r_ptr, wr_ptr, wn_ptr, h_ptr, guw_ptr, gus_ptr, gu_ptr
                  stride_gw, stride_gs, GROUP, BN, GROUPS, DEPTH, NORM_STEPS, STAGE, ASM, PDL)
     else:
         _consume(pid - P, act_ptr, dw_ptr, ds_ptr, y_ptr, cnt_ptr, K, I, P, Q, stride_dw, stride_ds, DGROUP, BND,
-                 DGROUPS, DSTEPS, ASM, PDL)
+                 DGROUPS, DSTEPS, PRELOAD, ASM, PDL)
 
 
 class PcConfig(tuple):
-    """(BN, GROUPS, DEPTH, BND, DGROUPS, warps, STAGE, PF): producer rows a block (half gate, half up), groups a step
-    and tiles ahead (1 or 2); consumer rows and groups a tile; warps; the producer's x once a program (STAGE); PF
-    producers an SM (P = PF x the SMs, at most one a block)."""
+    """(BN, GROUPS, DEPTH, BND, DGROUPS, warps, STAGE, PF, PRELOAD): producer rows a block (half gate, half up),
+    groups a step and tiles ahead (1 or 2); consumer rows and groups a tile; warps; the producer's x once a program
+    (STAGE); PF producers an SM (P = PF x the SMs, at most one a block); the consumers' rows loaded before their wait
+    (PRELOAD 1) or after their spin (0)."""
 
-    def __new__(cls, bn, groups, depth, bnd, dgroups, warps, stage, pf):
-        return super().__new__(cls, (bn, groups, depth, bnd, dgroups, warps, stage, pf))
+    def __new__(cls, bn, groups, depth, bnd, dgroups, warps, stage, pf, preload=1):
+        return super().__new__(cls, (bn, groups, depth, bnd, dgroups, warps, stage, pf, preload))
 
     @property
     def label(self) -> str:
-        bn, groups, depth, bnd, dgroups, warps, stage, pf = self
-        return f"pc/{bn}x{groups}d{depth}p{pf}/{bnd}x{dgroups}/w{warps}{'s' if stage else ''}"
+        bn, groups, depth, bnd, dgroups, warps, stage, pf, preload = self
+        return (f"pc/{bn}x{groups}d{depth}p{pf}/{bnd}x{dgroups}/w{warps}{'s' if stage else ''}"
+                f"{'' if preload else '/late'}")
 
 
 def mlp_pc(x, r, w_post, w_pre, eps, gu, down, cnt, cfg: PcConfig, pdl: int):
     """(h, gate / up [1, 2 I], y) of x, r [1, K] (bf16) through `_mlp_pc_kernel`. gu, down: (qweight, scales) in the
     int4 layout (gate rows then up rows; down [K, I]). cnt: two int32 counters, zero (left zero)."""
     (guq, gus), (dq, ds) = gu, down
-    bn, groups, depth, bnd, dgroups, warps, stage, pf = cfg
+    bn, groups, depth, bnd, dgroups, warps, stage, pf, preload = cfg
     K, I = x.shape[1], dq.shape[1] * 2
     G, Gd = K // gus.shape[1], I // ds.shape[1]
     if I % (bn // 2) or (K // G) % groups or depth not in (1, 2):
@@ -219,7 +228,8 @@ def mlp_pc(x, r, w_post, w_pre, eps, gu, down, cnt, cfg: PcConfig, pdl: int):
     _mlp_pc_kernel[(P + Q,)](x, r, w_post, w_pre, h, guw, gus, gu_out, act, dw, ds, y, cnt, K, I, eps, P, Q,
                              guw.stride(0), gus.stride(0), dw.stride(0), ds.stride(0), GROUP=G, BN=bn, GROUPS=groups,
                              DEPTH=depth, DGROUP=Gd, BND=bnd, DGROUPS=dgroups, DSTEPS=triton.cdiv(I // Gd, dgroups),
-                             NORM_STEPS=norm_steps(K // 2), STAGE=stage, ASM=not _INTERPRET, num_warps=warps,
+                             NORM_STEPS=norm_steps(K // 2), STAGE=stage, ASM=not _INTERPRET, PRELOAD=preload,
+                             num_warps=warps,
                              **pdl_args(pdl))
     return h, gu_out, y
 

@@ -72,7 +72,7 @@ def test_one_launch_mlp_fits_the_registers_without_spilling():
     sig.update({"guw_ptr": "*i32", "dw_ptr": "*i32", "cnt_ptr": "*i32", "eps": "fp32"})
     sig.update({a: "i32" for a in ("K", "I", "P", "Q", "stride_gw", "stride_gs", "stride_dw", "stride_ds")})
     hid, inter = sm.SHAPES["e2b"]
-    bn, groups, depth, bnd, dgroups, warps, stage, _ = sm.PC_CONFIGS[0]
+    bn, groups, depth, bnd, dgroups, warps, stage = sm.PC_CONFIGS[0][:7]
     const = dict(GROUP=128, BN=bn, GROUPS=groups, DEPTH=depth, DGROUP=128, BND=bnd, DGROUPS=dgroups,
                  DSTEPS=triton.cdiv(inter // 128, dgroups), NORM_STEPS=im.norm_steps(hid // 2), STAGE=stage, ASM=True,
                  PDL=2)
