@@ -16,7 +16,9 @@ its first P programs the producers (gate / up rows), the rest the consumers (dow
 
 Roles go by program id. A consumer spins only on producers, whose ids are lower: the GPU dispatches a 1-D grid's
 programs in id order, so every producer is resident or done before a consumer can wait, and the grid needs no
-co-residency (a probe's assumption; a ticket from an atomic counter would make it a guarantee).
+co-residency. That order is what GPUs do, not a documented guarantee; with TICKET each program takes its role from
+an atomic counter (counter 2) first thing, so a consumer waits only on producers that have started, whatever the
+order (one atomic's round trip before its first loads, under the kernel before it with PDL).
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def _consume(c, act_ptr, dw_ptr, ds_ptr, y_ptr, cnt_ptr, K, I, P, Q, stride_dw, 
     if done == Q - 1:  # the last consumer: every program has passed its counters; zeroed for the next call
         tl.store(cnt_ptr + z, 0)
         tl.store(cnt_ptr + z + 1, 0)
+        tl.store(cnt_ptr + z + 2, 0)  # (the tickets: every program has taken one)
 
 
 @triton.jit
@@ -181,9 +184,12 @@ def _mlp_pc_kernel(x_ptr, r_ptr, wr_ptr, wn_ptr, h_ptr, guw_ptr, gus_ptr, gu_ptr
                    GROUP: tl.constexpr, BN: tl.constexpr, GROUPS: tl.constexpr, DEPTH: tl.constexpr,
                    DGROUP: tl.constexpr, BND: tl.constexpr, DGROUPS: tl.constexpr, DSTEPS: tl.constexpr,
                    NORM_STEPS: tl.constexpr, STAGE: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = 0,
-                   PRELOAD: tl.constexpr = 1):
-    """The MLP (module doc): programs [0, P) produce, [P, P + Q) consume."""
-    pid = tl.program_id(0)
+                   PRELOAD: tl.constexpr = 1, TICKET: tl.constexpr = 0):
+    """The MLP (module doc): programs (or tickets) [0, P) produce, [P, P + Q) consume."""
+    if TICKET:  # the role by arrival: a program waits only on programs that took their tickets before it
+        pid = tl.atomic_add(cnt_ptr + 2, 1, sem="relaxed", scope="gpu")
+    else:
+        pid = tl.program_id(0)
     if pid < P:
         _produce(pid, x_ptr, r_ptr, wr_ptr, wn_ptr, h_ptr, guw_ptr, gus_ptr, gu_ptr, act_ptr, cnt_ptr, K, I, eps, P,
                  stride_gw, stride_gs, GROUP, BN, GROUPS, DEPTH, NORM_STEPS, STAGE, ASM, PDL)
@@ -196,23 +202,24 @@ class PcConfig(tuple):
     """(BN, GROUPS, DEPTH, BND, DGROUPS, warps, STAGE, PF, PRELOAD): producer rows a block (half gate, half up),
     groups a step and tiles ahead (1 or 2); consumer rows and groups a tile; warps; the producer's x once a program
     (STAGE); PF producers an SM (P = PF x the SMs, at most one a block); the consumers' rows loaded before their wait
-    (PRELOAD 1) or after their spin (0)."""
+    (PRELOAD 1) or after their spin (0); TICKET 1: each program's role by a ticket (an atomic counter) taken first
+    thing, not by its id (no reliance on the order programs are dispatched in)."""
 
-    def __new__(cls, bn, groups, depth, bnd, dgroups, warps, stage, pf, preload=1):
-        return super().__new__(cls, (bn, groups, depth, bnd, dgroups, warps, stage, pf, preload))
+    def __new__(cls, bn, groups, depth, bnd, dgroups, warps, stage, pf, preload=1, ticket=0):
+        return super().__new__(cls, (bn, groups, depth, bnd, dgroups, warps, stage, pf, preload, ticket))
 
     @property
     def label(self) -> str:
-        bn, groups, depth, bnd, dgroups, warps, stage, pf, preload = self
+        bn, groups, depth, bnd, dgroups, warps, stage, pf, preload, ticket = self
         return (f"pc/{bn}x{groups}d{depth}p{pf}/{bnd}x{dgroups}/w{warps}{'s' if stage else ''}"
-                f"{'' if preload else '/late'}")
+                f"{'' if preload else '/late'}{'/ticket' if ticket else ''}")
 
 
 def mlp_pc(x, r, w_post, w_pre, eps, gu, down, cnt, cfg: PcConfig, pdl: int):
     """(h, gate / up [1, 2 I], y) of x, r [1, K] (bf16) through `_mlp_pc_kernel`. gu, down: (qweight, scales) in the
-    int4 layout (gate rows then up rows; down [K, I]). cnt: two int32 counters, zero (left zero)."""
+    int4 layout (gate rows then up rows; down [K, I]). cnt: three int32 counters, zero (left zero)."""
     (guq, gus), (dq, ds) = gu, down
-    bn, groups, depth, bnd, dgroups, warps, stage, pf, preload = cfg
+    bn, groups, depth, bnd, dgroups, warps, stage, pf, preload, ticket = cfg
     K, I = x.shape[1], dq.shape[1] * 2
     G, Gd = K // gus.shape[1], I // ds.shape[1]
     if I % (bn // 2) or (K // G) % groups or depth not in (1, 2):
@@ -229,7 +236,7 @@ def mlp_pc(x, r, w_post, w_pre, eps, gu, down, cnt, cfg: PcConfig, pdl: int):
                              guw.stride(0), gus.stride(0), dw.stride(0), ds.stride(0), GROUP=G, BN=bn, GROUPS=groups,
                              DEPTH=depth, DGROUP=Gd, BND=bnd, DGROUPS=dgroups, DSTEPS=triton.cdiv(I // Gd, dgroups),
                              NORM_STEPS=norm_steps(K // 2), STAGE=stage, ASM=not _INTERPRET, PRELOAD=preload,
-                             num_warps=warps,
+                             TICKET=ticket, num_warps=warps,
                              **pdl_args(pdl))
     return h, gu_out, y
 
@@ -252,6 +259,6 @@ class Persistent:
         return all(not c.any() for c in self._cnt.values())
 
     def mlp(self, x, r, w, eps):
-        cnt = self._cnt.setdefault(id(w), torch.zeros(2, device=x.device, dtype=torch.int32))
+        cnt = self._cnt.setdefault(id(w), torch.zeros(3, device=x.device, dtype=torch.int32))
         return mlp_pc(x, r, w["w_post"], w["w_pre"], eps, w["gu"], w["down"], cnt, self.cfg,
                       0 if _INTERPRET else 2)

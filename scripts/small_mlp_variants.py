@@ -58,8 +58,9 @@ TINY_TILES = [((8, 2, 2), (8, 4, 2))]
 # the one-launch MLP's configs (scripts/persistent_mlp.py's PcConfig: BN, GROUPS, DEPTH, BND, DGROUPS, warps, STAGE)
 PC_CONFIGS = [(16, 4, 1, 4, 4, 8, 1, 2), (16, 4, 1, 2, 8, 8, 1, 2), (32, 4, 1, 4, 4, 8, 1, 2), (16, 4, 2, 4, 4, 8, 1, 2),
               (16, 4, 1, 4, 8, 8, 1, 1), (16, 4, 1, 2, 8, 8, 1, 4), (16, 4, 1, 4, 4, 8, 0, 2),
-              (16, 4, 1, 4, 4, 8, 1, 2, 0)]  # (the last: its first's down rows loaded after the spin)
-TINY_PC = [(16, 2, 2, 8, 2, 2, 1, 2), (8, 2, 1, 8, 2, 2, 0, 3, 0)]
+              (16, 4, 1, 4, 4, 8, 1, 2, 0), (16, 4, 1, 4, 4, 8, 1, 2, 1, 1)]
+# (the last two: the first's down rows loaded after the spin; the first with roles by ticket)
+TINY_PC = [(16, 2, 2, 8, 2, 2, 1, 2), (8, 2, 1, 8, 2, 2, 0, 3, 0), (16, 2, 1, 8, 2, 2, 1, 2, 1, 1)]
 
 
 def weights(h: int, inter: int, dev) -> dict:
