@@ -6,6 +6,16 @@ gate / up GEMV, the activation's quantize kernel and the down GEMV, each waiting
 kernel load only its first tiles early). Here the down weights load while the gate / up weights stream: one grid,
 its first P programs the producers (gate / up rows), the rest the consumers (down rows).
 
+Measured (H100, `python -m scripts.small_mlp_variants --layers 16 --models e2b,e4b --only op,pc/`, 16 layers a CUDA
+graph with PDL; scripts/measurements/small_mlp_pc_h100.json): it loses. E2B 16.26 us a layer as the op runs it
+(15.95 with the TMA down) against 21.39 at best here (pc/32x4d1p2/4x4/w8s), E4B 28.33 (24.97) against 40.62. The
+consumers' preload is worth 0.7 us (E2B 24.20 preloaded, 24.92 loaded after the spin), the ticket costs 0.9
+(25.09). Where the time goes is the producers: without STAGE 39.76, with 32-row blocks 21.39, with two tiles ahead
+22.93 (16-row blocks, one ahead: 24.20). A few programs an SM looping over row blocks keep fewer bytes in flight
+than the op's gate / up GEMV, whose 768 programs each take one block. What one launch could save is bounded by
+the down GEMV's own start and tail and the activation's launch; the preload's 0.7 us says the down weights' stream
+was mostly hidden already (the op's down GEMV loads its first tiles before its wait).
+
 - A producer takes the residual add and both norms (as the bf16-x GEMV's RES with NORM: x + rms_norm(r) w_post,
   then rms_norm(h) w_pre), computes BN / 2 gate rows and the same up rows, stores them (bf16) and the activation
   gelu_tanh(gate) * up (rounded to bf16, as the model's ops leave it), then bumps counter 0 (a barrier, then one
