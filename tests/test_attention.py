@@ -178,8 +178,11 @@ def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monk
 @pytest.mark.cuda
 def test_cuda_decode_from_the_raw_rows_in_bf16():
     """`attention_rows` on the GPU in bf16 at the real layers' shapes (E2B's sliding and full layers, the 31B's
-    sliding one), small and large fills, against the model's ops in fp32 on the same bf16 rows; the step's K / V
-    in the cache as the model's bf16 ops write them."""
+    sliding one), small and large fills, against the model's ops in fp32 on the same bf16 rows, within 1e-2 of the
+    distance the model's own bf16 ops are from them (random q / k give scores of std ~sqrt(D): a sharp softmax, and
+    bf16 alone is up to ~3% off there; H100, 2026-12-06: the kernel at most 0.023 where the bf16 ops are 0.028, and
+    0.0096 where they are 0.0025); the step's K / V in the cache as the model's bf16 ops write them (within an ulp
+    of K), no other slot touched."""
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     for H, Hkv, D, S, window, frac in [(8, 1, 256, 512, 512, 1.0), (8, 1, 512, 8192, 0, 0.25),
@@ -194,11 +197,11 @@ def test_cuda_decode_from_the_raw_rows_in_bf16():
                 k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
                 want = A.rows_reference(*[a.float() if a is not None else None for a in args], inv, k1.float(),
                                         v1.float(), p, window, 1e-6)
-                ref_k, ref_v = k.clone(), v.clone()
-                A.rows_reference(*args, inv, ref_k, ref_v, p, window, 1e-6)  # bf16 ops: the cache as written
+                ref_k, ref_v = k.clone(), v.clone()  # (bf16 ops: the cache as they write it)
+                base = A.rows_reference(*args, inv, ref_k, ref_v, p, window, 1e-6)  # the model's bf16 ops
                 got = A.rows_launch(*args, inv, k2, v2, p, window, 1e-6)
-                err = ((got.float() - want).norm() / want.norm()).item()
-                assert err <= 1e-2, (H, D, pos, case, err)
+                err, base_err = (((t.float() - want).norm() / want.norm()).item() for t in (got, base))
+                assert err <= base_err + 1e-2, (H, D, pos, case, err, base_err)
                 slot = pos % S
                 for c2, ref in ((k2, ref_k), (v2, ref_v)):
                     d = (c2.float() - ref.float()).abs()
