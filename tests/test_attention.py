@@ -175,6 +175,50 @@ def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monk
     assert torch.equal(logits["0"], logits["1"])
 
 
+INTERPRETED_MODEL_ROWS = r"""
+import os
+import torch
+from export.kernels import attention as A
+from export.gemma4 import model as M
+from export.gemma4.config import PRESETS
+from export.gemma4.model import Gemma4Model
+
+M.attention_rows_on = lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1"
+A.rows_reference = lambda *a: A.rows_launch(*a)  # the ops' CPU kernel runs the CUDA path's launch instead
+cm = A.use_configs(A.smallest); cm.__enter__()
+for preset in ("tiny", "tiny-moe"):
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    model = Gemma4Model(cfg, ctx=48, prefill_chunk=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        for layer in model.layers:
+            layer.layer_scalar.fill_(0.7)
+    model.init_buffers()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 30))
+    logits = {}
+    for on in ("0", "1"):
+        os.environ[A.ATTENTION_ROWS_ENV] = on
+        model.reset_cache()
+        with torch.no_grad():
+            steps = [model(tokens[:, :8], torch.tensor([0]))]
+            steps += [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(8, 30)]
+        logits[on] = torch.stack(steps)
+    rel = ((logits["0"] - logits["1"]).norm() / logits["0"].norm()).item()
+    print(preset, rel)
+    assert rel <= 1e-5, (preset, rel)
+"""
+
+
+def test_model_decode_through_the_rows_kernels_in_the_interpreter():
+    """The tiny models (every layer kind: sliding rings past their wrap, full, V from K, KV-shared) decoding with the
+    rows' switch on, the ops running the CUDA path's kernels (`rows_launch`) in the interpreter, in the model's own
+    context (its views and strides of the projection's rows, partial RoPE, its caches), against the switch off:
+    logits within fp32 roundings (2e-6 when written)."""
+    run_interpreted(INTERPRETED_MODEL_ROWS)
+
+
 @pytest.mark.cuda
 def test_cuda_decode_from_the_raw_rows_in_bf16():
     """`attention_rows` on the GPU in bf16 at the real layers' shapes (E2B's sliding and full layers, the 31B's
