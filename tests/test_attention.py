@@ -138,55 +138,13 @@ def test_decode_from_the_raw_rows_matches_the_model_ops_in_the_interpreter():
     run_interpreted(INTERPRETED_ROWS)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monkeypatch):
-    """The model with the rows' switch on (its CPU kernel: the same aten ops; the switch, CUDA's only, taken on the
-    CPU here) decodes to the same logits as with it off, bit for bit, through every layer kind the preset has
-    (sliding, full, V from K, KV-shared)."""
-    from export.gemma4 import model as M
+def rows_switch_logits(preset: str) -> dict:
+    """{"0", "1"}: a tiny preset's logits (random weights, norms and layer scalars perturbed) over a chunk of 8 and
+    22 decode steps, with the rows' switch (GEMMA4_ATTENTION_ROWS) off and on; the switch read on the CPU too (the
+    caller points model.attention_rows_on at the environment)."""
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
 
-    monkeypatch.setattr(M, "attention_rows_on", lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1")
-
-    torch.manual_seed(0)
-    cfg = PRESETS[preset]
-    model = Gemma4Model(cfg, ctx=48, prefill_chunk=8)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-        for layer in model.layers:
-            layer.layer_scalar.fill_(0.7)
-    model.init_buffers()
-    tokens = torch.randint(0, cfg.vocab_size, (1, 30))
-    calls = []
-    real = A.rows_reference
-    monkeypatch.setattr(A, "rows_reference", lambda *a: calls.append(a[1] is None) or real(*a))
-    logits = {}
-    for on in ("0", "1"):
-        monkeypatch.setenv(A.ATTENTION_ROWS_ENV, on)
-        model.reset_cache()
-        with torch.no_grad():
-            steps = [model(tokens[:, :8], torch.tensor([0]))]
-            steps += [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(8, 30)]
-        logits[on] = torch.stack(steps)
-    assert len(calls) == 22 * cfg.num_hidden_layers and any(calls) == any(map(cfg.is_kv_shared, range(
-        cfg.num_hidden_layers)))
-    assert torch.equal(logits["0"], logits["1"])
-
-
-INTERPRETED_MODEL_ROWS = r"""
-import os
-import torch
-from export.kernels import attention as A
-from export.gemma4 import model as M
-from export.gemma4.config import PRESETS
-from export.gemma4.model import Gemma4Model
-
-M.attention_rows_on = lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1"
-A.rows_reference = lambda *a: A.rows_launch(*a)  # the ops' CPU kernel runs the CUDA path's launch instead
-cm = A.use_configs(A.smallest); cm.__enter__()
-for preset in ("tiny", "tiny-moe"):
     torch.manual_seed(0)
     cfg = PRESETS[preset]
     model = Gemma4Model(cfg, ctx=48, prefill_chunk=8)
@@ -205,6 +163,40 @@ for preset in ("tiny", "tiny-moe"):
             steps = [model(tokens[:, :8], torch.tensor([0]))]
             steps += [model(tokens[:, t:t + 1], torch.tensor([t])) for t in range(8, 30)]
         logits[on] = torch.stack(steps)
+    return logits
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monkeypatch):
+    """The model with the rows' switch on (its CPU kernel: the same aten ops; the switch, CUDA's only, taken on the
+    CPU here) decodes to the same logits as with it off, bit for bit, through every layer kind the preset has
+    (sliding, full, V from K, KV-shared)."""
+    from export.gemma4 import model as M
+    from export.gemma4.config import PRESETS
+
+    monkeypatch.setattr(M, "attention_rows_on", lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1")
+    monkeypatch.setenv(A.ATTENTION_ROWS_ENV, "0")  # (restored after the test: the helper sets it)
+    cfg = PRESETS[preset]
+    calls = []
+    real = A.rows_reference
+    monkeypatch.setattr(A, "rows_reference", lambda *a: calls.append(a[1] is None) or real(*a))
+    logits = rows_switch_logits(preset)
+    assert len(calls) == 22 * cfg.num_hidden_layers and any(calls) == any(map(cfg.is_kv_shared, range(
+        cfg.num_hidden_layers)))
+    assert torch.equal(logits["0"], logits["1"])
+
+
+INTERPRETED_MODEL_ROWS = r"""
+import os
+from export.kernels import attention as A
+from export.gemma4 import model as M
+from tests.test_attention import rows_switch_logits
+
+M.attention_rows_on = lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1"
+A.rows_reference = lambda *a: A.rows_launch(*a)  # the ops' CPU kernel runs the CUDA path's launch instead
+cm = A.use_configs(A.smallest); cm.__enter__()
+for preset in ("tiny", "tiny-moe"):
+    logits = rows_switch_logits(preset)
     rel = ((logits["0"] - logits["1"]).norm() / logits["0"].norm()).item()
     print(preset, rel)
     assert rel <= 1e-5, (preset, rel)
