@@ -22,7 +22,7 @@ was mostly hidden already (the op's down GEMV loads its first tiles before its w
   thread's gpu-scope release atomic). Program 0 also writes h.
 - A consumer loads all of its BND down rows (words and scales: registers) before its PDL wait, waits for counter 0
   to reach P (volatile loads, then an acquire atomic, then a barrier), and computes its rows from the activation.
-  The last consumer to finish (counter 1) puts both counters back to 0: the next call finds them zeroed.
+  The last consumer to finish (counter 1) puts the counters back to 0: the next call finds them zeroed.
 
 Roles go by program id. A consumer spins only on producers, whose ids are lower: the GPU dispatches a 1-D grid's
 programs in id order, so every producer is resident or done before a consumer can wait, and the grid needs no
