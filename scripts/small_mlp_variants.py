@@ -2,6 +2,7 @@
 one launch a projection with bf16 x computed once a program, in one GPU call (a design probe).
 
     python -m scripts.small_mlp_variants [--out small_mlp_variants.json] [--models e2b,e4b,26b-a4b] [--layers 24]
+                                         [--only op,pc/]   # only the variants whose labels start so
     python -m scripts.small_mlp_variants --interpret [--out smoke.json]   # CPU: Triton's interpreter, tiny shapes
 
 Why: E2B / E4B / 26B-A4B decode at 16-24% of their floor, bound by a dependent chain of ~12-17 kernels a layer
@@ -21,7 +22,8 @@ quantize kernels), `op` (the plan as it is) and `bf16/<gate_up>/<down>` (the bf1
 slice, each tile BLOCK_N rows x GROUPS groups a step x warps; `op` on one side: that projection as the op runs it),
 the staged tiles `gemv1_step_config` fits to the two weights with their prologues among them (each alone, then both),
 and on sm_90+ `op/tma-down[/S]` (the plan with the down projection on the TMA GEMV at GEMV1_TMA_SMALL_TILE, in S K
-slices or GEMV1_TMA_DEEP's; where x is levels). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre),
+slices or GEMV1_TMA_DEEP's; where x is levels), and `pc/...` (the whole MLP as one launch of producers and consumers,
+scripts/persistent_mlp.py; small_mlp_pc_h100.json: it loses). A layer is h, gu = gate_up(rms_norm(x + rms_norm(r) w_post) w_pre),
 d = down(gelu(gate) up); the next layer takes (h, d) as (x, r). The chain of --layers layers (own weights: more bytes
 than the L2) is one CUDA graph, every kernel launched with the PDL attribute as the artifact's launcher sets it;
 median us a layer over alternated rounds, beside the weights' bytes over the copy bandwidth measured in the same run.
@@ -55,7 +57,8 @@ SHAPES = {"e2b": (1536, 6144), "e2b-wide": (1536, 12288), "e4b": (2560, 10240), 
 # (gate / up tile, down tile), each (BLOCK_N, GROUPS, warps)
 TILES = [((8, 8, 8), (8, 16, 8)), ((16, 8, 8), (16, 16, 8)), ((32, 8, 8), (16, 32, 8)), ((16, 16, 8), (8, 32, 8))]
 TINY_TILES = [((8, 2, 2), (8, 4, 2))]
-# the one-launch MLP's configs (scripts/persistent_mlp.py's PcConfig: BN, GROUPS, DEPTH, BND, DGROUPS, warps, STAGE)
+# the one-launch MLP's configs (scripts/persistent_mlp.py's PcConfig: BN, GROUPS, DEPTH, BND, DGROUPS, warps, STAGE,
+# PF[, PRELOAD, TICKET])
 PC_CONFIGS = [(16, 4, 1, 4, 4, 8, 1, 2), (16, 4, 1, 2, 8, 8, 1, 2), (32, 4, 1, 4, 4, 8, 1, 2), (16, 4, 2, 4, 4, 8, 1, 2),
               (16, 4, 1, 4, 8, 8, 1, 1), (16, 4, 1, 2, 8, 8, 1, 4), (16, 4, 1, 4, 4, 8, 0, 2),
               (16, 4, 1, 4, 4, 8, 1, 2, 0), (16, 4, 1, 4, 4, 8, 1, 2, 1, 1)]
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     if _INTERPRET:
         models, layers, gbps, dev_name = ["tiny"], 2, 1000.0, "cpu (interpreter)"
-        # the quantize kernel reads bf16 x wrongly in the interpreter
+        # (no `Op` rows: the quantize kernel reads bf16 x wrongly in the interpreter)
         variants = [Bf16(*t) for t in TINY_TILES] + [Persistent(PcConfig(*c)) for c in TINY_PC]
     else:
         from scripts.bench_int4 import copy_gbps
@@ -235,6 +238,9 @@ def main(argv=None) -> int:
         prefixes = tuple(p.strip() for p in a.only.split(",") if p.strip())
         if prefixes:
             model_variants = [v for v in model_variants if v.label.startswith(prefixes)]
+            if not model_variants:
+                ap.error(f"--only {a.only}: no variant of {model} has a label starting so (labels: op, levels, bf16/, "
+                         f"pc/, op/tma-down)")
         ws = [weights(hid, inter, DEVICE) for _ in range(layers)]
         floor = weight_bytes(ws[0]) / gbps / 1e3
         rec = {"hidden": hid, "intermediate": inter, "floor_us": floor, "rows": []}
