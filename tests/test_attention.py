@@ -188,17 +188,21 @@ def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monk
 
 INTERPRETED_MODEL_ROWS = r"""
 import os
+from export.gemma4.config import PRESETS
 from export.kernels import attention as A
 from export.gemma4 import model as M
 from tests.test_attention import rows_switch_logits
 
 M.attention_rows_on = lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1"
-A.rows_reference = lambda *a: A.rows_launch(*a)  # the ops' CPU kernel runs the CUDA path's launch instead
+launches = []
+A.rows_reference = lambda *a: launches.append(1) or A.rows_launch(*a)  # the ops' CPU kernel: the CUDA path's launch
 cm = A.use_configs(A.smallest); cm.__enter__()
 for preset in ("tiny", "tiny-moe"):
+    launches.clear()
     logits = rows_switch_logits(preset)
     rel = ((logits["0"] - logits["1"]).norm() / logits["0"].norm()).item()
     print(preset, rel)
+    assert len(launches) == 22 * PRESETS[preset].num_hidden_layers, (preset, len(launches))  # every layer, every step
     assert rel <= 1e-5, (preset, rel)
 """
 
