@@ -201,7 +201,7 @@ class Gemma4AotiBackend(AotiBackend):
             lm_patches = contextlib.nullcontext()
         with cls.check_fallback_kernels(missing, options), torch.no_grad(), int_arrays_per_buffer(), \
                 cls.compile_context(options), lm_patches, capture_constants(constants):
-            paths = torch._inductor.aot_compile(program.module(), inputs, options=inductor_options)
+            paths = torch._inductor.aot_compile(_inductor_module(program), inputs, options=inductor_options)
         if missing:
             raise RuntimeError(f"method {options.method}: kernels the {cls.get_device_name()} runtime lacks: "
                                + ", ".join(sorted(missing)))
@@ -231,6 +231,16 @@ class Gemma4AotiBackend(AotiBackend):
         return PreprocessResult(processed_bytes=b"", debug_handle_map={},
                                 data_store_output=store.get_named_data_store_output(),
                                 _delegate_info_meta=info)
+
+
+def _inductor_module(program: ExportedProgram) -> torch.fx.GraphModule:
+    """The module Inductor compiles: the program unlifted, our Triton ops that write their arguments called in
+    place again (export/passes/inplace_triton_ops.py)."""
+    from export.passes.inplace_triton_ops import inplace_triton_ops
+
+    module = program.module()
+    inplace_triton_ops(module)
+    return module
 
 
 class Gemma4AotiPartitioner(AotiPartitioner):

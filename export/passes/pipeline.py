@@ -15,6 +15,9 @@ place in this order and nowhere else:
 6. decompose                  the target's decomposition table (skipped when it matches no op)
 7. replace_split_copy_with_split  last: split is a preserved view op the verifier rejects
 
+Then, on the module `aot_compile` takes (not a step here: the program stays functional), inplace_triton_ops.py
+calls our Triton ops that write their arguments in place again (export/backends/aoti_base.py).
+
 Order and invariants: README.md here.
 """
 
