@@ -5,10 +5,12 @@
 Why: at decode every launch costs ~1.4-3 us on the H200 whatever it does (scripts/launch_floor.py), and the
 small variants' steps are bound by their count (E2B: 434 a step). This counts them without a GPU: the
 model built as an export builds it, shapes only (the meta device: the int4 recipe's CUDA layout, int8 embedding),
-each unit of its chain (export/chain.py) traced for one token on fake CUDA tensors and compiled by Inductor with
-the decode method's options (the CUDA backend's with `--no-autotune`; decode's row reductions) for an
+each unit of its chain (export/chain.py) exported for one token on fake CUDA tensors as the backend receives it
+(torch.export, run_decompositions, the module with our ops that write their arguments called in place again:
+export/passes/inplace_triton_ops.py) and compiled by Inductor with the decode method's options (the CUDA backend's with `--no-autotune`; decode's row reductions) for an
 sm_90 target, up to the generated code, whose launches are listed in order. Our ops' Triton kernels appear under
-their own names (`_int4_gemv1_kernel`, `_attn_body`, ...), Inductor's as `triton_*`. It is Inductor's Python
+their own names (`_int4_gemv1_kernel`, `_attn_body`, ...), Inductor's as `triton_*`; one of our ops left as a
+fallback call (`torch.ops.gemma4.*`, which the `.so` cannot make) is listed and fails the run. It is Inductor's Python
 wrapper, not the AOTInductor `.so`: the same scheduler and fusions, not the same launcher (nor PDL, which changes
 no count). A decode step is the embed unit, each layer's unit and the head (units serve several layers), plus
 what the runner adds (sampling: an argmax, a copy of the token id).
@@ -190,6 +192,12 @@ def launches(code: str) -> list[str]:
     return re.findall(r"^\s+(\w+)\.run\(", code, re.M)
 
 
+def fallbacks(code: str) -> list[str]:
+    """Our ops the wrapper calls as fallbacks (`torch.ops.gemma4.<op>.<overload>(`), in order: an AOTInductor
+    `.so` would need a proxy executor to call them, which the runtime does not have."""
+    return re.findall(r"torch\.ops\.gemma4\.(\w+)\.\w+\(", code)
+
+
 _USER_KERNEL = re.compile(r"^(\w+) = async_compile\.triton\('(\w+)', '''(.*?)''', device_str='cuda'\)", re.S | re.M)
 
 
@@ -256,7 +264,6 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
     """{"units": [{unit, steps, launches, kernels}], "step": launches of one decode step (units by their steps)};
     with `compile_kernels` each unit also holds `compiled` and `compile_failures` (`compile_user_kernels`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     from export.backends.cuda import row_reductions_in_registers
     from export.backends.options import TargetDevice
@@ -267,6 +274,7 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
     from export.gemma4.quant import QuantRecipe, quantize_
     from export.host_tma import host_tma_descriptors
     from export.kernels import int4_matmul
+    from export.passes.inplace_triton_ops import inplace_triton_ops
 
     cfg = PRESETS[preset]
     cfg = cfg.with_layers(layers) if layers else cfg
@@ -284,14 +292,16 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
         for name, unit in chain.units.items():
             with mode, int4_matmul.one_config(), host_tma_descriptors():  # as the export traces and lowers
                 args = [torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1)]
-                gm = make_fx(lambda *a: unit(*a), tracing_mode="fake")(*args)
+                gm = torch.export.export(unit, tuple(args)).run_decompositions({}).module()
+                inplace_triton_ops(gm)
             with mode, int4_matmul.one_config(), row_reductions_in_registers(), host_tma_descriptors():
                 code = generated_code(gm, args, decode_options())
             if source:
                 source.mkdir(parents=True, exist_ok=True)
                 (source / f"{preset}_{name}.py").write_text(code)
             kernels = launches(code)
-            rows.append({"unit": name, "steps": steps.count(name), "launches": len(kernels), "kernels": kernels})
+            rows.append({"unit": name, "steps": steps.count(name), "launches": len(kernels), "kernels": kernels,
+                         "fallbacks": fallbacks(code)})
             if compile_kernels:
                 rows[-1]["compiled"], rows[-1]["compile_failures"] = compile_user_kernels(code)
     return {"preset": preset, "layers": cfg.num_hidden_layers, "kv_dtype": kv_dtype, "ctx": ctx, "units": rows,
@@ -308,7 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", type=Path, default=None, help="write each unit's generated code into this folder")
     ap.add_argument("--compile", action="store_true",
                     help="also compile our ops' Triton kernels as the generated code holds them, for sm_90 (what an "
-                         "export compiles into the .so); exit 1 if any fails")
+                         "export compiles into the .so); exit 1 if any fails (as for a fallback call of our ops)")
     a = ap.parse_args(argv)
     from export.gemma4.config import PRESETS
     runs = [(p.partition(":")[0], p.partition(":")[2] or a.kv_dtype) for p in a.preset.split(",")]
@@ -327,6 +337,10 @@ def main(argv=None) -> int:
             names = " ".join(re.sub(r"_\d+$", "", k) for k in r["kernels"])
             print(f"{r['unit']:12} {r['steps']:5} {r['launches']:8}  {names}")
         print(f"a decode step: {doc['step']} launches (and the runner's sampling)")
+        calls = [f"{preset} {r['unit']} {op}" for r in doc["units"] for op in r["fallbacks"]]
+        failures += calls
+        for c in calls:
+            print(f"  FALLBACK (the .so cannot call it) {c}")
         if a.compile:
             bad = [f"{preset} {r['unit']} {f}" for r in doc["units"] for f in r["compile_failures"]]
             failures += bad
