@@ -75,7 +75,7 @@ def test_a_view_of_the_cache_is_left_functional():
     assert sum(n.target is auto_functionalized_v2 for n in gm.graph.nodes) == 1
 
 
-def test_exported_rows_layers_compile_to_the_attention_kernel():
+def test_exported_rows_layers_compile_to_the_attention_kernel(monkeypatch):
     """The tiny preset's decode layers exported with GEMMA4_ATTENTION_ROWS=1 as ExecuTorch hands them to the backend
     (torch.export, run_decompositions, the module), then compiled by Inductor for CUDA on this machine (no GPU):
     each layer launches the split attention kernel and nothing calls `attention_rows` as a fallback; without the
@@ -93,25 +93,21 @@ def test_exported_rows_layers_compile_to_the_attention_kernel():
         model = M.Gemma4Model(cfg, ctx=64, prefill_chunk=12, dtype=torch.float32, kv_dtype=None)
         model = model.eval().requires_grad_(False)
     seen = {}
-    switch = M.attention_rows_on
-    M.attention_rows_on = lambda device: device.type == "cuda"
-    try:
-        with cuda_without_gpu():
-            mode = FakeTensorMode(allow_non_fake_inputs=True)
-            with mode:
-                model._apply(lambda t: torch.empty_like(t, device="cuda"))
-                chain = model.chain()
-            for name in ("layer0", "layer3"):  # a cache writer, a KV-shared reader
-                unit = chain.units[name]
-                for rewrite in (False, True):
-                    with mode, host_tma_descriptors():
-                        args = tuple(torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1))
-                        gm = torch.export.export(unit, args).run_decompositions({}).module()
-                        rewritten = inplace_triton_ops(gm) if rewrite else 0
-                        code = generated_code(gm, list(args), decode_options())
-                    seen[name, rewrite] = (rewritten, launches(code), fallbacks(code).count("attention_rows"))
-    finally:
-        M.attention_rows_on = switch
+    monkeypatch.setattr(M, "attention_rows_on", lambda device: device.type == "cuda")
+    with cuda_without_gpu():
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            model._apply(lambda t: torch.empty_like(t, device="cuda"))
+            chain = model.chain()
+        for name in ("layer0", "layer3"):  # a cache writer, a KV-shared reader
+            unit = chain.units[name]
+            for rewrite in (False, True):
+                with mode, host_tma_descriptors():
+                    args = tuple(torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1))
+                    gm = torch.export.export(unit, args).run_decompositions({}).module()
+                    rewritten = inplace_triton_ops(gm) if rewrite else 0
+                    code = generated_code(gm, list(args), decode_options())
+                seen[name, rewrite] = (rewritten, launches(code), fallbacks(code).count("attention_rows"))
     assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
     rewritten, kernels, calls = seen["layer0", False]
     assert calls > 0 and not any(k.startswith("_attn_body") for k in kernels), seen
