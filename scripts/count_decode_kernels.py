@@ -6,13 +6,13 @@ Why: at decode every launch costs ~1.4-3 us on the H200 whatever it does (script
 small variants' steps are bound by their count (E2B: 434 a step). This counts them without a GPU: the
 model built as an export builds it, shapes only (the meta device: the int4 recipe's CUDA layout, int8 embedding),
 each unit of its chain (export/chain.py) exported for one token on fake CUDA tensors as the backend receives it
-(torch.export, run_decompositions, the module with our ops that write their arguments called in place again:
-export/passes/inplace_triton_ops.py) and compiled by Inductor with the decode method's options (the CUDA backend's with `--no-autotune`; decode's row reductions) for an
-sm_90 target, up to the generated code, whose launches are listed in order. Our ops' Triton kernels appear under
-their own names (`_int4_gemv1_kernel`, `_attn_body`, ...), Inductor's as `triton_*`; one of our ops left as a
-fallback call (`torch.ops.gemma4.*`, which the `.so` cannot make) is listed and fails the run. It is Inductor's Python
-wrapper, not the AOTInductor `.so`: the same scheduler and fusions, not the same launcher (nor PDL, which changes
-no count). A decode step is the embed unit, each layer's unit and the head (units serve several layers), plus
+(torch.export, run_decompositions, then the module with our ops that write their arguments called in place again:
+export/passes/inplace_triton_ops.py) and compiled by Inductor with the decode method's options (the CUDA backend's
+with `--no-autotune`; decode's row reductions) for an sm_90 target, up to the generated code, whose launches are
+listed in order. Our ops' Triton kernels appear under their own names (`_int4_gemv1_kernel`, `_attn_body`, ...),
+Inductor's as `triton_*`. One of our ops left as a fallback call (`torch.ops.gemma4.*`, which the `.so` cannot
+make) is listed and fails the run (exit 1). It is Inductor's Python wrapper, not the AOTInductor `.so`: the same
+scheduler and fusions, not the same launcher (nor PDL, which changes no count). A decode step is the embed unit, each layer's unit and the head (units serve several layers), plus
 what the runner adds (sampling: an argmax, a copy of the token id).
 
 `--compile` also compiles our ops' Triton kernels for sm_90 as the generated code holds them (the source
@@ -261,8 +261,8 @@ def decode_options() -> dict:
 @torch.no_grad()
 def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path | None = None,
           compile_kernels: bool = False) -> dict:
-    """{"units": [{unit, steps, launches, kernels}], "step": launches of one decode step (units by their steps)};
-    with `compile_kernels` each unit also holds `compiled` and `compile_failures` (`compile_user_kernels`)."""
+    """{"units": [{unit, steps, launches, kernels, fallbacks}], "step": launches of one decode step (units by their
+    steps)}; with `compile_kernels` each unit also holds `compiled` and `compile_failures` (`compile_user_kernels`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from export.backends.cuda import row_reductions_in_registers
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     ap.add_argument("--source", type=Path, default=None, help="write each unit's generated code into this folder")
     ap.add_argument("--compile", action="store_true",
                     help="also compile our ops' Triton kernels as the generated code holds them, for sm_90 (what an "
-                         "export compiles into the .so); exit 1 if any fails (as for a fallback call of our ops)")
+                         "export compiles into the .so); exit 1 if any fails")
     a = ap.parse_args(argv)
     from export.gemma4.config import PRESETS
     runs = [(p.partition(":")[0], p.partition(":")[2] or a.kv_dtype) for p in a.preset.split(",")]
