@@ -12,8 +12,9 @@ with `--no-autotune`; decode's row reductions) for an sm_90 target, up to the ge
 listed in order. Our ops' Triton kernels appear under their own names (`_int4_gemv1_kernel`, `_attn_body`, ...),
 Inductor's as `triton_*`. One of our ops left as a fallback call (`torch.ops.gemma4.*`, which the `.so` cannot
 make) is listed and fails the run (exit 1). It is Inductor's Python wrapper, not the AOTInductor `.so`: the same
-scheduler and fusions, not the same launcher (nor PDL, which changes no count). A decode step is the embed unit, each layer's unit and the head (units serve several layers), plus
-what the runner adds (sampling: an argmax, a copy of the token id).
+scheduler and fusions, not the same launcher (nor PDL, which changes no count). A decode step is the embed unit,
+each layer's unit and the head (units serve several layers), plus what the runner adds (sampling: an argmax, a copy
+of the token id).
 
 `--compile` also compiles our ops' Triton kernels for sm_90 as the generated code holds them (the source
 Inductor splices together for each, which AOTInductor compiles into the `.so`): a kernel calling a helper
