@@ -79,8 +79,10 @@ def test_exported_rows_layers_compile_to_the_attention_kernel(monkeypatch):
     """The tiny preset's decode layers exported with GEMMA4_ATTENTION_ROWS=1 as ExecuTorch hands them to the backend
     (torch.export, run_decompositions, the module), then compiled by Inductor for CUDA on this machine (no GPU):
     each layer launches the split attention kernel and nothing calls `attention_rows` as a fallback; without the
-    pass the writer layers hold that fallback and no attention kernel (what the `.so` could not run)."""
-    from scripts.count_decode_kernels import cuda_without_gpu, decode_options, fallbacks, generated_code, launches
+    pass the writer layers hold that fallback and no attention kernel (what the `.so` could not run). The rows'
+    kernels, as Inductor splices them into the code, compile for sm_90."""
+    from scripts.count_decode_kernels import (compile_user_kernels, cuda_without_gpu, decode_options, fallbacks,
+                                              generated_code, launches)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from export.chain import example_inputs
@@ -92,7 +94,7 @@ def test_exported_rows_layers_compile_to_the_attention_kernel(monkeypatch):
     with torch.device("meta"):
         model = M.Gemma4Model(cfg, ctx=64, prefill_chunk=12, dtype=torch.float32, kv_dtype=None)
         model = model.eval().requires_grad_(False)
-    seen = {}
+    seen, codes = {}, {}
     monkeypatch.setattr(M, "attention_rows_on", lambda device: device.type == "cuda")
     with cuda_without_gpu():
         mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -108,6 +110,10 @@ def test_exported_rows_layers_compile_to_the_attention_kernel(monkeypatch):
                     rewritten = inplace_triton_ops(gm) if rewrite else 0
                     code = generated_code(gm, list(args), decode_options())
                 seen[name, rewrite] = (rewritten, launches(code), fallbacks(code).count("attention_rows"))
+                codes[name, rewrite] = code
+        for name in ("layer0", "layer3"):  # the writer's and the reader's kernels, as Inductor spliced them
+            compiled, failed = compile_user_kernels(codes[name, True])
+            assert compiled >= 1 and failed == [], (name, failed)
     assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
     rewritten, kernels, calls = seen["layer0", False]
     assert calls > 0 and not any(k.startswith("_attn_body") for k in kernels), seen
