@@ -259,6 +259,26 @@ def decode_options() -> dict:
     return {k: v for k, v in options.items() if not k.startswith("aot_inductor.")} | {"compile_threads": 1}
 
 
+def unit_code(unit: torch.nn.Module, mode, in_place: bool = True) -> str:
+    """Inductor's CUDA code for one unit decoding one token, under `cuda_without_gpu()` and the fake mode `mode`
+    that holds the unit's tensors: exported as the backend receives it (torch.export, run_decompositions, the
+    module), our ops that write their arguments called in place again unless `in_place` is False (the program
+    as Inductor got it before export/passes/inplace_triton_ops.py), compiled with the decode method's options."""
+    from export.backends.cuda import row_reductions_in_registers
+    from export.chain import example_inputs
+    from export.host_tma import host_tma_descriptors
+    from export.kernels import int4_matmul
+    from export.passes.inplace_triton_ops import inplace_triton_ops
+
+    with mode, int4_matmul.one_config(), host_tma_descriptors():  # as the export traces and lowers
+        args = [torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1)]
+        gm = torch.export.export(unit, tuple(args)).run_decompositions({}).module()
+        if in_place:
+            inplace_triton_ops(gm)
+    with mode, int4_matmul.one_config(), row_reductions_in_registers(), host_tma_descriptors():
+        return generated_code(gm, args, decode_options())
+
+
 @torch.no_grad()
 def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path | None = None,
           compile_kernels: bool = False) -> dict:
@@ -266,16 +286,11 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
     steps)}; with `compile_kernels` each unit also holds `compiled` and `compile_failures` (`compile_user_kernels`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from export.backends.cuda import row_reductions_in_registers
     from export.backends.options import TargetDevice
-    from export.chain import example_inputs
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
     from export.gemma4.options import EmbeddingQuant
     from export.gemma4.quant import QuantRecipe, quantize_
-    from export.host_tma import host_tma_descriptors
-    from export.kernels import int4_matmul
-    from export.passes.inplace_triton_ops import inplace_triton_ops
 
     cfg = PRESETS[preset]
     cfg = cfg.with_layers(layers) if layers else cfg
@@ -291,12 +306,7 @@ def count(preset: str, layers: int | None, kv_dtype: str, ctx: int, source: Path
             chain = model.chain()
         steps = [s.unit for s in chain.steps]
         for name, unit in chain.units.items():
-            with mode, int4_matmul.one_config(), host_tma_descriptors():  # as the export traces and lowers
-                args = [torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1)]
-                gm = torch.export.export(unit, tuple(args)).run_decompositions({}).module()
-                inplace_triton_ops(gm)
-            with mode, int4_matmul.one_config(), row_reductions_in_registers(), host_tma_descriptors():
-                code = generated_code(gm, args, decode_options())
+            code = unit_code(unit, mode)
             if source:
                 source.mkdir(parents=True, exist_ok=True)
                 (source / f"{preset}_{name}.py").write_text(code)

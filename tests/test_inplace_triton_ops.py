@@ -81,43 +81,33 @@ def test_exported_rows_layers_compile_to_the_attention_kernel(monkeypatch):
     each layer launches the split attention kernel and nothing calls `attention_rows` as a fallback; without the
     pass the writer layers hold that fallback and no attention kernel (what the `.so` could not run). The rows'
     kernels, as Inductor splices them into the code, compile for sm_90."""
-    from scripts.count_decode_kernels import (compile_user_kernels, cuda_without_gpu, decode_options, fallbacks,
-                                              generated_code, launches)
+    from scripts.count_decode_kernels import compile_user_kernels, cuda_without_gpu, fallbacks, launches, unit_code
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from export.chain import example_inputs
     from export.gemma4 import model as M
     from export.gemma4.config import PRESETS
-    from export.host_tma import host_tma_descriptors
 
     cfg = PRESETS["tiny"]
+    assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
     with torch.device("meta"):
         model = M.Gemma4Model(cfg, ctx=64, prefill_chunk=12, dtype=torch.float32, kv_dtype=None)
         model = model.eval().requires_grad_(False)
-    seen, codes = {}, {}
     monkeypatch.setattr(M, "attention_rows_on", lambda device: device.type == "cuda")
+    codes = {}
     with cuda_without_gpu():
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
             model._apply(lambda t: torch.empty_like(t, device="cuda"))
             chain = model.chain()
         for name in ("layer0", "layer3"):  # a cache writer, a KV-shared reader
-            unit = chain.units[name]
-            for rewrite in (False, True):
-                with mode, host_tma_descriptors():
-                    args = tuple(torch.empty_like(a, device="cuda") for a in example_inputs(unit, 1))
-                    gm = torch.export.export(unit, args).run_decompositions({}).module()
-                    rewritten = inplace_triton_ops(gm) if rewrite else 0
-                    code = generated_code(gm, list(args), decode_options())
-                seen[name, rewrite] = (rewritten, launches(code), fallbacks(code).count("attention_rows"))
-                codes[name, rewrite] = code
+            for in_place in (False, True):
+                codes[name, in_place] = unit_code(chain.units[name], mode, in_place)
         for name in ("layer0", "layer3"):  # the writer's and the reader's kernels, as Inductor spliced them
             compiled, failed = compile_user_kernels(codes[name, True])
             assert compiled >= 1 and failed == [], (name, failed)
-    assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
-    rewritten, kernels, calls = seen["layer0", False]
+    seen = {key: (launches(code), fallbacks(code).count("attention_rows")) for key, code in codes.items()}
+    kernels, calls = seen["layer0", False]
     assert calls > 0 and not any(k.startswith("_attn_body") for k in kernels), seen
     for name in ("layer0", "layer3"):
-        rewritten, kernels, calls = seen[name, True]
-        assert rewritten == (name == "layer0") and calls == 0, seen
-        assert sum(k.startswith("_attn_body") for k in kernels) == 1, seen
+        kernels, calls = seen[name, True]
+        assert calls == 0 and sum(k.startswith("_attn_body") for k in kernels) == 1, seen
