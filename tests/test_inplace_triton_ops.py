@@ -4,6 +4,7 @@ Inductor as its own kernels writing the buffers in place, not as a fallback the 
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from torch import nn
@@ -11,6 +12,7 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
 from export.kernels import attention as A  # noqa: F401  (registers the gemma4 ops)
 from export.passes.inplace_triton_ops import inplace_triton_ops
+from tests.helpers import run_code
 
 H, HKV, D, S = 4, 2, 32, 16
 
@@ -75,39 +77,48 @@ def test_a_view_of_the_cache_is_left_functional():
     assert sum(n.target is auto_functionalized_v2 for n in gm.graph.nodes) == 1
 
 
-def test_exported_rows_layers_compile_to_the_attention_kernel(monkeypatch):
+ROWS_LAYERS_CODE = r"""
+import json
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from export.gemma4 import model as M
+from export.gemma4.config import PRESETS
+from scripts.count_decode_kernels import compile_user_kernels, cuda_without_gpu, fallbacks, launches, unit_code
+
+cfg = PRESETS["tiny"]
+assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
+with torch.device("meta"):
+    model = M.Gemma4Model(cfg, ctx=64, prefill_chunk=12, dtype=torch.float32, kv_dtype=None)
+    model = model.eval().requires_grad_(False)
+M.attention_rows_on = lambda device: device.type == "cuda"
+out = {}
+with cuda_without_gpu():
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model._apply(lambda t: torch.empty_like(t, device="cuda"))
+        chain = model.chain()
+    for name in ("layer0", "layer3"):  # a cache writer, a KV-shared reader
+        for in_place in (False, True):
+            code = unit_code(chain.units[name], mode, in_place)
+            out[f"{name} {in_place}"] = {"kernels": launches(code), "calls": fallbacks(code).count("attention_rows")}
+            if in_place:  # the writer's and the reader's kernels, as Inductor spliced them
+                out[f"{name} {in_place}"]["compiled"] = compile_user_kernels(code)
+print(json.dumps(out))
+"""
+
+
+def test_exported_rows_layers_compile_to_the_attention_kernel():
     """The tiny preset's decode layers exported with GEMMA4_ATTENTION_ROWS=1 as ExecuTorch hands them to the backend
-    (torch.export, run_decompositions, the module), then compiled by Inductor for CUDA on this machine (no GPU):
-    each layer launches the split attention kernel and nothing calls `attention_rows` as a fallback; without the
-    pass the writer layers hold that fallback and no attention kernel (what the `.so` could not run). The rows'
-    kernels, as Inductor splices them into the code, compile for sm_90."""
-    from scripts.count_decode_kernels import compile_user_kernels, cuda_without_gpu, fallbacks, launches, unit_code
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from export.gemma4 import model as M
-    from export.gemma4.config import PRESETS
-
-    cfg = PRESETS["tiny"]
-    assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
-    with torch.device("meta"):
-        model = M.Gemma4Model(cfg, ctx=64, prefill_chunk=12, dtype=torch.float32, kv_dtype=None)
-        model = model.eval().requires_grad_(False)
-    monkeypatch.setattr(M, "attention_rows_on", lambda device: device.type == "cuda")
-    codes = {}
-    with cuda_without_gpu():
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode:
-            model._apply(lambda t: torch.empty_like(t, device="cuda"))
-            chain = model.chain()
-        for name in ("layer0", "layer3"):  # a cache writer, a KV-shared reader
-            for in_place in (False, True):
-                codes[name, in_place] = unit_code(chain.units[name], mode, in_place)
-        for name in ("layer0", "layer3"):  # the writer's and the reader's kernels, as Inductor spliced them
-            compiled, failed = compile_user_kernels(codes[name, True])
-            assert compiled >= 1 and failed == [], (name, failed)
-    seen = {key: (launches(code), fallbacks(code).count("attention_rows")) for key, code in codes.items()}
-    kernels, calls = seen["layer0", False]
-    assert calls > 0 and not any(k.startswith("_attn_body") for k in kernels), seen
+    (torch.export, run_decompositions, the module), then compiled by Inductor for CUDA on this machine (no GPU; in
+    a process of its own, as count_decode_kernels runs): each layer launches the split attention kernel and nothing
+    calls `attention_rows` as a fallback; without the pass the writer layers hold that fallback and no attention
+    kernel (what the `.so` could not run). The rows' kernels, as Inductor splices them into the code, compile for
+    sm_90."""
+    seen = json.loads(run_code(ROWS_LAYERS_CODE, timeout=900).splitlines()[-1])
+    before = seen["layer0 False"]
+    assert before["calls"] > 0 and not any(k.startswith("_attn_body") for k in before["kernels"]), seen
     for name in ("layer0", "layer3"):
-        kernels, calls = seen[name, True]
-        assert calls == 0 and sum(k.startswith("_attn_body") for k in kernels) == 1, seen
+        after = seen[f"{name} True"]
+        assert after["calls"] == 0 and sum(k.startswith("_attn_body") for k in after["kernels"]) == 1, seen
+        compiled, failed = after["compiled"]
+        assert compiled >= 1 and failed == [], (name, failed)
