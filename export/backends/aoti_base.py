@@ -12,8 +12,9 @@ state dict, keyed by FQN (see export/artifact.py and export/ARTIFACT.md).
 
 Preprocess (one method at a time): read `BackendOptions` back from the compile specs, run
 the pass pipeline (export/passes/pipeline.py: the low-memory passes when asked, the device
-move, the target's passes and decompositions), then `torch._inductor.aot_compile` inside the
-fallback-kernel check, no_grad, the C++ wrapper's int arrays declared per buffer
+move, the target's passes and decompositions), then `torch._inductor.aot_compile` of the program's
+module (our Triton ops that write their arguments called in place again: export/passes/inplace_triton_ops.py) inside
+the fallback-kernel check, no_grad, the C++ wrapper's int arrays declared per buffer
 (`int_arrays_per_buffer`, an Inductor bug), the target's compile context, the low-memory
 Inductor patches when asked, and the constant-table capture. Progress goes out as stage events
 (export/stages.py). Every patch of torch internals is registered in export/patches.py.
