@@ -103,6 +103,8 @@ def raw_rows(H: int, Hkv: int, D: int, case: str, gen, **kw) -> tuple:
 
 
 INTERPRETED_ROWS = r"""
+import itertools
+import os
 import torch
 from export.kernels import attention as A
 from tests.test_attention import filled_cache, inv_freq, raw_rows
@@ -113,19 +115,22 @@ worst = {}
 for H, Hkv, D, S, window, pos, frac in [(4, 2, 16, 15, 8, 3, 1.0), (4, 2, 16, 15, 8, 37, 1.0),
                                         (8, 2, 32, 300, 0, 290, 0.25), (8, 1, 32, 40, 24, 70, 1.0),
                                         (8, 2, 32, 300, 0, 0, 1.0), (4, 1, 16, 24, 24, 9, 1.0)]:
-    for splits in (1, 3, 7, 100):  # 100: the combine reads the used shares only (ACTIVE, SKIP)
+    for splits, early, case in itertools.product((1, 3, 7, 100), "01", ("qkv", "keqv", "q")):
+        # splits 100: the combine reads the used shares only (ACTIVE, SKIP); early: the first block's tiles
+        # loaded before the wait (EARLY)
         A.decode_splits = lambda *a, s=splits: s
-        for case in ("qkv", "keqv", "q"):
-            k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
-            args = raw_rows(H, Hkv, D, case, gen)
-            p = torch.tensor([pos])
-            k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
-            want = A.rows_reference(*args, inv_freq(D, frac), k1, v1, p, window, 1e-6)
-            got = A.rows_launch(*args, inv_freq(D, frac), k2, v2, p, window, 1e-6)
-            assert (k1 != k).any() == (case != "q")  # the step's K written, or nothing
-            key = (case, splits)
-            worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item(), (k1 - k2).abs().max().item(),
-                             (v1 - v2).abs().max().item())
+        os.environ[A.ROWS_EARLY_ENV] = early
+        assert A.rows_early(D) == (early == "1")
+        k, v = filled_cache(Hkv, S, D, pos + 1, window > 0, gen)
+        args = raw_rows(H, Hkv, D, case, gen)
+        p = torch.tensor([pos])
+        k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+        want = A.rows_reference(*args, inv_freq(D, frac), k1, v1, p, window, 1e-6)
+        got = A.rows_launch(*args, inv_freq(D, frac), k2, v2, p, window, 1e-6)
+        assert (k1 != k).any() == (case != "q")  # the step's K written, or nothing
+        key = (case, splits, early)
+        worst[key] = max(worst.get(key, 0.0), (got - want).abs().max().item(), (k1 - k2).abs().max().item(),
+                         (v1 - v2).abs().max().item())
 print(worst)
 assert max(worst.values()) <= 2e-5, worst
 """

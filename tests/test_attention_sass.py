@@ -67,3 +67,49 @@ def test_nib16_takes_instructions_off(loops):
     assert total["default"] <= total["nonib16"] - 96, total  # one shift for two planes, none for plane 1
     regs = {name: res.split()[0] for name, (_, res) in loops.items()}
     assert len(set(regs.values())) == 1 and all("STACK:0" in res for _, res in loops.values()), regs
+
+
+ROWS_SIG = {**SIG, "K": "*bf16", "V": "*bf16", "KS": "*bf16", "VS": "*bf16", "AP": "*fp16", "QW": "*bf16",
+            "INV": "*fp32", "eps": "fp32", "KR": "*bf16", "VR": "*bf16", "KW": "*bf16"}
+
+
+def rows_order(D: int, early: int) -> list[str]:
+    """The rows' split kernel (bf16 cache, the step's K / V rows, PDL) at head dim D compiled for sm_90: its global
+    loads, stores and grid-dependency ops in order (gemv1_pdl_variants.sass_order's tags)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from export.kernels import attention as A
+    from scripts.gemv1_pdl_variants import sass_order
+
+    cfg = A.with_knobs(A.decode_config(D, 0), D, 0)
+    const = dict(cfg.kwargs, G=8, D=D, KV_FMT=0, SPLIT=True, FP32=False, INTERPRET=False, PDL=2, PART16=1,
+                 SHARE_UNIT=cfg.kwargs["BLOCK_N"], SHARES_SLOWEST=0, ROWS=1, FRESH=1, KEQV=0, EARLY=early)
+    names = list(A._attn_body.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in ROWS_SIG.items()
+             if t.startswith("*") or a in ALIGNED}
+    src = ASTSource(A._attn_body, {**{a: "constexpr" for a in const}, **ROWS_SIG}, const, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        return sass_order(subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True).stdout)
+
+
+def test_rows_early_tiles_load_before_the_wait():
+    """EARLY's point is the first K / V block read while the projection before runs: the compiled sm_90 kernel
+    (the sliding layers' D 256) issues both tiles (2 x 32 x 256 bf16 over 128 threads: 16 loads of 16 bytes a
+    thread) before griddepcontrol.wait, where without it only pos is read before the wait."""
+    from export.kernels import attention as A
+
+    assert A.decode_config(256, 0).kwargs["BLOCK_N"] == 32 and A.decode_config(256, 0).num_warps == 4
+    before = {early: (order := rows_order(256, early))[:order.index("wait")] for early in (0, 1)}
+    assert before[0] == ["ldg32"], before[0]  # pos
+    assert before[1].count("ldg128") == 16 and before[1].count("ldg32") == 1, before[1]

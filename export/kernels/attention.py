@@ -757,6 +757,45 @@ def _decode_share(n, NUM_SPLITS, UNIT: tl.constexpr):
 
 
 @triton.jit
+def _share_bounds(pos0, pid_m, pid_s, T, WINDOW, NUM_SPLITS, G: tl.constexpr, BLOCK_M: tl.constexpr,
+                  UNIT: tl.constexpr):
+    """(start, end) of a decode program's share: positions start .. end - 1 of those its row block sees."""
+    t_lo = (pid_m * BLOCK_M) // G
+    t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+    hi = pos0 + t_hi
+    lo = tl.where(WINDOW > 0, tl.maximum(pos0 + t_lo - WINDOW + 1, 0), 0)
+    share = _decode_share(hi - lo + 1, NUM_SPLITS, UNIT)
+    start = lo + pid_s * share
+    return start, tl.minimum(start + share, hi + 1)
+
+
+@triton.jit
+def _early_tile(C, kvh, sch, scs, start, end, S, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """The float cache's [BLOCK_N, D] tile of positions start .. start + BLOCK_N - 1 (those from end on read as
+    0), loaded through L2 only (.cg): the tile `_attn_body`'s EARLY loads before its wait."""
+    kp = start + tl.arange(0, BLOCK_N)
+    slot = start % S + tl.arange(0, BLOCK_N)
+    slot = tl.where(slot >= S, slot - S, slot)
+    ptrs = C + kvh * sch + slot[:, None] * scs + tl.arange(0, D)[None, :]
+    return tl.load(ptrs, mask=(kp < end)[:, None], other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _early_block(q0, kt, vt, m_i, l_i, acc, start, end, FP32: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_block` of a float cache's first block (positions start .. end - 1 of it, every one visible: a decode
+    share) from the tiles kt / vt `_early_tile` loaded."""
+    kmask = start + tl.arange(0, BLOCK_N) < end
+    s = _dot(q0, tl.trans(_codes(kt, q0.dtype)), FP32)
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(q0.dtype), _codes(vt, q0.dtype), FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                sqt, sqh, skh, sks, svh, svs, ssh, sot, soh,
                G: tl.constexpr, D: tl.constexpr, KV_FMT: tl.constexpr,
@@ -766,14 +805,27 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                TAIL: tl.constexpr, NIBWORDS: tl.constexpr, KQ8: tl.constexpr = 0, PDL: tl.constexpr = 0,
                PART16: tl.constexpr = 0, SHARE_UNIT: tl.constexpr = 16, SHARES_SLOWEST: tl.constexpr = 0,
                NIB16: tl.constexpr = 0, ROWS: tl.constexpr = 0, QW=None, INV=None, eps=0.0, KR=None, VR=None, KW=None,
-               FRESH: tl.constexpr = 0, KEQV: tl.constexpr = 0):
+               FRESH: tl.constexpr = 0, KEQV: tl.constexpr = 0, EARLY: tl.constexpr = 0):
     """ROWS (decode, float cache): Q holds the projection's raw rows (head h at h * D, sqh = D), and each program
     norms (QW) and rotates (RoPE, INV the inverse frequencies) its own q (`_roped_part`). FRESH: KR / VR hold the
     step's raw K / V rows (KEQV: V from K's raw rows, VR unused), normed (KW; V without a scale) and rotated (K) by
     the share holding position pos, which writes them into the cache at pos's slot and folds them into its softmax
-    in place of that slot (its loop stops before pos): no other share reads the slot."""
+    in place of that slot (its loop stops before pos): no other share reads the slot.
+    EARLY (with ROWS, KSPLIT 1, VSPLIT 1): the share's first block of K and V loaded before the wait. Its
+    positions precede pos (FRESH), or pos's slot was written by the writer layer's attention, kernels before the
+    one this waits for (a KV-shared layer's q alone): no kernel this one overlaps writes them."""
     if ROWS:  # pos: the method's input, which no kernel of the step writes, read before the wait
         pos_in = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
+    if EARLY:
+        tl.static_assert(ROWS and KV_FMT == 0 and KSPLIT == 1 and VSPLIT == 1, "EARLY: the rows, one K / V part")
+        e_s = tl.program_id(2) if SHARES_SLOWEST else tl.program_id(0)
+        e_h = tl.program_id(0) if SHARES_SLOWEST else tl.program_id(2)
+        e_start, e_end = _share_bounds(pos_in, tl.program_id(1), e_s, T, WINDOW, NUM_SPLITS, G, BLOCK_M,
+                                       SHARE_UNIT)
+        if FRESH:
+            e_end = tl.minimum(e_end, pos_in)
+        k_early = _early_tile(K, e_h, skh, sks, e_start, e_end, S, BLOCK_N, D)
+        v_early = _early_tile(V, e_h, svh, svs, e_start, e_end, S, BLOCK_N, D)
     if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
         z = pdl_wait(PDL, not INTERPRET)
         Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
@@ -797,14 +849,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     else:
         pos0 = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)  # a 0-d scalar (also in the interpreter)
     qpos = pos0 + t
-    t_lo = (pid_m * BLOCK_M) // G
-    t_hi = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // G, T - 1)
-    hi = pos0 + t_hi  # last position any row of this block sees (inclusive)
-    lo = tl.where(WINDOW > 0, tl.maximum(pos0 + t_lo - WINDOW + 1, 0), 0)
-    n = hi - lo + 1
-    share = _decode_share(n, NUM_SPLITS, SHARE_UNIT)
-    start = lo + pid_s * share
-    end = tl.minimum(start + share, hi + 1)
+    start, end = _share_bounds(pos0, pid_m, pid_s, T, WINDOW, NUM_SPLITS, G, BLOCK_M, SHARE_UNIT)
 
     dtype: tl.constexpr = tl.float32 if FP32 else (tl.float16 if KV_FMT != 0 else Q.dtype.element_ty)
     qrow = Q + t[:, None] * sqt + head[:, None] * sqh
@@ -922,8 +967,13 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     loop_end = end
     if TAIL == 1:
         loop_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    first = start
+    if EARLY:  # the first block from the tiles loaded before the wait; the loop and the tail from the next one
+        if start < end:
+            m_i, l_i, acc = _early_block(q0, k_early, v_early, m_i, l_i, acc, start, end, FP32, BLOCK_N)
+        first = start + BLOCK_N
     if INTERPRET:  # the interpreter's scalars are 1-element arrays, which range() refuses
-        k0 = start
+        k0 = first
         while k0 < loop_end:
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS,
@@ -931,13 +981,13 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
                 SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, N16)
             k0 += BLOCK_N
     else:
-        for k0 in range(start, loop_end, BLOCK_N):
+        for k0 in range(first, loop_end, BLOCK_N):
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, k0, end, qpos, kvh, K, V, KS,
                 VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
                 SCALES_AHEAD, VPAIRS, ASM, NIBWORDS, TAIL != 1, TAIL == 0, K8, N16)
     if TAIL == 1:
-        if loop_end < end:
+        if (loop_end < end) & (loop_end >= first):
             m_i, l_i, acc, acc2, acc3, acc4, ks_c, vs_c = _block(
                 q0, q1, q2, q3, qbias, ks_c, vs_c, m_i, l_i, acc, acc2, acc3, acc4, loop_end, end, qpos, kvh, K, V,
                 KS, VS, S, WINDOW, skh, sks, svh, svs, ssh, D, KV_FMT, FP32, BLOCK_N, KSPLIT, VWORDS, VSPLIT, KB,
@@ -1485,7 +1535,7 @@ def decode_splits(slots: int, kv_heads: int, head_dim: int = 0, fmt: int = 0) ->
 def _no_rows(q: torch.Tensor) -> dict:
     """The split kernel's ROWS / FRESH arguments switched off, every one passed (Inductor's analysis of what a
     Triton kernel writes needs all its arguments; unused pointers point at q)."""
-    return dict(ROWS=0, QW=q, INV=q, eps=0.0, KR=q, VR=q, KW=q, FRESH=0, KEQV=0)
+    return dict(ROWS=0, QW=q, INV=q, eps=0.0, KR=q, VR=q, KW=q, FRESH=0, KEQV=0, EARLY=0)
 
 
 def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambda f: f, k_new=None, v_new=None,
@@ -1601,6 +1651,22 @@ def attention_rows_on(device: torch.device) -> bool:
     return os.environ.get(ATTENTION_ROWS_ENV, "0") == "1" and device.type == "cuda"
 
 
+# "1" in an exporting process: the rows' split kernel loads its share's first K / V block before its PDL wait (while
+# the projection before it runs), where the head dim's knobs keep K and V in one part each (`rows_early`)
+ROWS_EARLY_ENV = "GEMMA4_ATTENTION_EARLY"
+ROWS_EARLY_MAX_D = 256  # the two [BLOCK_N, D] tiles held through the wait: 64 registers a thread at D 256
+
+
+def rows_early(head_dim: int) -> bool:
+    """Whether the rows' split kernel takes EARLY at `head_dim` (ROWS_EARLY_ENV, read at each launch: an export
+    bakes it into the kernel it compiles)."""
+    import os
+
+    knobs = with_knobs(decode_config(head_dim, 0), head_dim, 0).kwargs
+    return (os.environ.get(ROWS_EARLY_ENV, "0") == "1" and head_dim <= ROWS_EARLY_MAX_D
+            and knobs["KSPLIT"] == 1 and knobs["VSPLIT"] == 1)
+
+
 def _rope(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x (1, 1, h, D) rotated at position pos (rotate-half pairs; cos / sin in x's dtype), as the model's
     rope_tables / apply_rope do (export/gemma4/model.py, which the kernels do not import)."""
@@ -1637,7 +1703,7 @@ def rows_launch(q_raw, k_raw, v_raw, q_w, k_w, inv_freq, k, v, pos, window: int,
     fresh = k_raw is not None
     rows = dict(ROWS=1, QW=q_w, INV=inv_freq, eps=eps, KR=k_raw if fresh else q_raw,
                 VR=v_raw if v_raw is not None else (k_raw if fresh else q_raw), KW=k_w if k_w is not None else q_w,
-                FRESH=int(fresh), KEQV=int(fresh and v_raw is None))
+                FRESH=int(fresh), KEQV=int(fresh and v_raw is None), EARLY=int(rows_early(D)))
     return launch(q, k, v, None, None, pos, window, True, wrap=wrap, rows=rows, **kw)
 
 
