@@ -773,11 +773,12 @@ for arch in map(int, sys.argv[1:]):
         c = A.decode_config(D, fmt)
         ptrs = dict(Q="*bf16", K=elt[fmt], V=elt[fmt], KS="*fp16", VS="*fp16", POS="*i64", O="*bf16", MP="*fp32",
                     LP="*fp32", AP="*fp32")
-        # the raw rows' variant (norms, RoPE and the step's K / V in the split kernel) where the cache is float
+        # the raw rows' variant (norms, RoPE and the step's K / V in the split kernel) where the cache is float,
+        # with its first K / V block loaded before the wait where it takes that (EARLY)
         for rows in ((0, 1) if fmt == 0 else (0,)):
             consts = dict(G=8 if D == 512 else 2, D=D, KV_FMT=fmt, SPLIT=True, FP32=False, INTERPRET=False,
                           **c.kwargs, PDL=2 if arch >= 90 else 0,  # its wait where the card has griddepcontrol
-                          ROWS=rows, FRESH=rows, KEQV=0)
+                          ROWS=rows, FRESH=rows, KEQV=0, EARLY=int(rows and D <= A.ROWS_EARLY_MAX_D))
             ptrs.update(QW="*bf16", INV="*fp32", KR="*bf16", VR="*bf16", KW="*bf16", eps="fp32")
             sig = {n: ptrs.get(n, "i32") for n in fn.arg_names if n not in consts}
             k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
