@@ -15,7 +15,8 @@ KV head share each K/V block.
 A decode step may instead hand attention the projection's raw rows (`gemma4::attention_rows`, behind
 ATTENTION_ROWS_ENV; float caches): the split kernel norms and rotates q itself, and the share holding the step's
 position norms and rotates its K, norms its V, writes both into the cache and folds them into its softmax in place
-of that slot (`gemma4::attention_q_rows` for a layer reading another's cache: q only, nothing written).
+of that slot (`gemma4::attention_q_rows` for a layer reading another's cache: q only, nothing written). Behind
+ROWS_EARLY_ENV as well, its programs load their share's first K / V block before their PDL wait (`rows_early`).
 
 KV formats (the cache WRITE is the model's, in plain aten ops, but for `attention_rows`; `attention` only reads):
   float  k, v (1, Hkv, S, D) in the model dtype; scales None
