@@ -1,6 +1,6 @@
 """The CUDA kernels compiled into a program's `.so`, read without a GPU: their cubins (AOTInductor embeds
 each kernel's image whole) and each kernel's registers, stack and local memory as cuobjdump reports them
-(Triton ships cuobjdump beside ptxas).
+(Triton ships cuobjdump beside ptxas); a cubin's SASS for the tests that read a kernel's instructions.
 
 Why the stack matters: the CUDA context reserves `stack size x every thread the GPU can hold` of device
 memory, outside any allocator, and raises the stack size for the rest of the process when it launches a
@@ -51,16 +51,28 @@ def cuobjdump() -> Path | None:
     return tool if tool.is_file() else None
 
 
-def kernel_resources(cubin: bytes) -> list[dict]:
-    """cuobjdump's resource line of each function in one cubin: kernel, reg, stack, shared, local
-    (bytes a thread for stack and local); [] without cuobjdump."""
+def _dump(cubin: bytes, flag: str) -> str | None:
+    """cuobjdump's `flag` output for one cubin; None without cuobjdump."""
     tool = cuobjdump()
     if tool is None:
-        return []
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass(cubin: bytes) -> str:
+    """The SASS of one cubin as cuobjdump prints it; "" without cuobjdump."""
+    return _dump(cubin, "-sass") or ""
+
+
+def kernel_resources(cubin: bytes) -> list[dict]:
+    """cuobjdump's resource line of each function in one cubin: kernel, reg, stack, shared, local
+    (bytes a thread for stack and local); [] without cuobjdump."""
+    text = _dump(cubin, "-res-usage")
+    if text is None:
+        return []
     rows, name = [], None
     for line in text.splitlines():
         m = re.match(r"\s*Function (\S+):", line)

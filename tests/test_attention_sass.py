@@ -76,14 +76,11 @@ ROWS_SIG = {**SIG, "K": "*bf16", "V": "*bf16", "KS": "*bf16", "VS": "*bf16", "AP
 def rows_order(D: int, early: int) -> list[str]:
     """The rows' split kernel (bf16 cache, the step's K / V rows, PDL) at head dim D compiled for sm_90: its global
     loads, stores and grid-dependency ops in order (gemv1_pdl_variants.sass_order's tags)."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from export.cubins import sass
     from export.kernels import attention as A
     from scripts.gemv1_pdl_variants import sass_order
 
@@ -96,11 +93,7 @@ def rows_order(D: int, early: int) -> list[str]:
     src = ASTSource(A._attn_body, {**{a: "constexpr" for a in const}, **ROWS_SIG}, const, attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        return sass_order(subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True).stdout)
+    return sass_order(sass(k.asm["cubin"]))
 
 
 def test_rows_early_tiles_load_before_the_wait():
