@@ -20,13 +20,26 @@ SIG = {"Q": "*bf16", "K": "*u8", "V": "*u8", "KS": "*fp16", "VS": "*fp16", "POS"
 ALIGNED = ("S", "H", "skh", "sks", "svh", "svs", "ssh", "sqh", "soh")
 
 
-def loop_of(extra: dict) -> tuple[dict, str]:
-    """The int4 split kernel at D 512 (DECODE_KNOBS' knobs, then `extra`) compiled for sm_90: its main
-    loop's opcode counts and cuobjdump's resource line."""
+def split_kernel_sm90(const: dict, sig: dict, cfg) -> bytes:
+    """The decode split kernel `_attn_body` with the constexprs `const` and the argument types `sig` (pointers and
+    ALIGNED strides taken as multiples of 16) compiled for sm_90 under `cfg`'s warps and stages: its cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from export.kernels import attention as A
+
+    names = list(A._attn_body.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*") or a in ALIGNED}
+    src = ASTSource(A._attn_body, {**{a: "constexpr" for a in const}, **sig}, const, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return k.asm["cubin"]
+
+
+def loop_of(extra: dict) -> tuple[dict, str]:
+    """The int4 split kernel at D 512 (DECODE_KNOBS' knobs, then `extra`) compiled for sm_90: its main
+    loop's opcode counts and cuobjdump's resource line."""
     from export.kernels import attention as A
     from scripts.gemv1_tile_variants import _sass_loop
 
@@ -38,12 +51,7 @@ def loop_of(extra: dict) -> tuple[dict, str]:
         A.DECODE_KNOBS[512, 2] = saved
     const = dict(cfg.kwargs, G=8, D=512, KV_FMT=2, SPLIT=True, FP32=False, INTERPRET=False,
                  SHARE_UNIT=cfg.kwargs["BLOCK_N"], SHARES_SLOWEST=1, PDL=2)
-    names = list(A._attn_body.arg_names)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in SIG.items() if t.startswith("*") or a in ALIGNED}
-    src = ASTSource(A._attn_body, {**{a: "constexpr" for a in const}, **SIG}, const, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return _sass_loop(k.asm["cubin"])
+    return _sass_loop(split_kernel_sm90(const, SIG, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +84,6 @@ ROWS_SIG = {**SIG, "K": "*bf16", "V": "*bf16", "KS": "*bf16", "VS": "*bf16", "AP
 def rows_order(D: int, early: int) -> list[str]:
     """The rows' split kernel (bf16 cache, the step's K / V rows, PDL) at head dim D compiled for sm_90: its global
     loads, stores and grid-dependency ops in order (gemv1_pdl_variants.sass_order's tags)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from export.cubins import sass
     from export.kernels import attention as A
     from scripts.gemv1_pdl_variants import sass_order
@@ -87,13 +91,7 @@ def rows_order(D: int, early: int) -> list[str]:
     cfg = A.with_knobs(A.decode_config(D, 0), D, 0)
     const = dict(cfg.kwargs, G=8, D=D, KV_FMT=0, SPLIT=True, FP32=False, INTERPRET=False, PDL=2, PART16=1,
                  SHARE_UNIT=cfg.kwargs["BLOCK_N"], SHARES_SLOWEST=0, ROWS=1, FRESH=1, KEQV=0, EARLY=early)
-    names = list(A._attn_body.arg_names)
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in ROWS_SIG.items()
-             if t.startswith("*") or a in ALIGNED}
-    src = ASTSource(A._attn_body, {**{a: "constexpr" for a in const}, **ROWS_SIG}, const, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return sass_order(sass(k.asm["cubin"]))
+    return sass_order(sass(split_kernel_sm90(const, ROWS_SIG, cfg)))
 
 
 def test_rows_early_tiles_load_before_the_wait():

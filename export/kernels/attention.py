@@ -815,24 +815,6 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
     EARLY (with ROWS, KSPLIT 1, VSPLIT 1): the share's first block of K and V loaded before the wait. Its
     positions precede pos (FRESH), or pos's slot was written by the writer layer's attention, kernels before the
     one this waits for (a KV-shared layer's q alone): no kernel this one overlaps writes them."""
-    if ROWS:  # pos: the method's input, which no kernel of the step writes, read before the wait
-        pos_in = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
-    if EARLY:
-        tl.static_assert(ROWS and KV_FMT == 0 and KSPLIT == 1 and VSPLIT == 1, "EARLY: the rows, one K / V part")
-        e_s = tl.program_id(2) if SHARES_SLOWEST else tl.program_id(0)
-        e_h = tl.program_id(0) if SHARES_SLOWEST else tl.program_id(2)
-        e_start, e_end = _share_bounds(pos_in, tl.program_id(1), e_s, T, WINDOW, NUM_SPLITS, G, BLOCK_M,
-                                       SHARE_UNIT)
-        if FRESH:
-            e_end = tl.minimum(e_end, pos_in)
-        k_early = _early_tile(K, e_h, skh, sks, e_start, e_end, S, BLOCK_N, D)
-        v_early = _early_tile(V, e_h, svh, svs, e_start, e_end, S, BLOCK_N, D)
-    if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
-        z = pdl_wait(PDL, not INTERPRET)
-        Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
-        O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
-        if FRESH:
-            KR, VR = KR + z, VR + z
     if SHARES_SLOWEST:  # grid (Hkv, row blocks, shares), else (shares, row blocks, Hkv)
         pid_s = tl.program_id(2)
         kvh = tl.program_id(0)
@@ -840,6 +822,21 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         pid_s = tl.program_id(0)
         kvh = tl.program_id(2)
     pid_m = tl.program_id(1)
+    if ROWS:  # pos: the method's input, which no kernel of the step writes, read before the wait
+        pos_in = tl.sum(tl.load(POS + tl.arange(0, 1)), 0).to(tl.int32)
+    if EARLY:
+        tl.static_assert(ROWS and KV_FMT == 0 and KSPLIT == 1 and VSPLIT == 1, "EARLY: the rows, one K / V part")
+        e_start, e_end = _share_bounds(pos_in, pid_m, pid_s, T, WINDOW, NUM_SPLITS, G, BLOCK_M, SHARE_UNIT)
+        if FRESH:
+            e_end = tl.minimum(e_end, pos_in)
+        k_early = _early_tile(K, kvh, skh, sks, e_start, e_end, S, BLOCK_N, D)
+        v_early = _early_tile(V, kvh, svh, svs, e_start, e_end, S, BLOCK_N, D)
+    if PDL:  # decode on sm_90+ (pdl.op_pdl_mode): every read and write after the wait (export/kernels/pdl.py)
+        z = pdl_wait(PDL, not INTERPRET)
+        Q, K, V, KS, VS, POS = Q + z, K + z, V + z, KS + z, VS + z, POS + z
+        O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
+        if FRESH:
+            KR, VR = KR + z, VR + z
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
     g = rows % G
