@@ -145,8 +145,8 @@ def test_decode_from_the_raw_rows_matches_the_model_ops_in_the_interpreter():
 
 def rows_switch_logits(preset: str) -> dict:
     """{"0", "1"}: a tiny preset's logits (random weights, norms and layer scalars perturbed) over a chunk of 8 and
-    22 decode steps, with the rows' switch (GEMMA4_ATTENTION_ROWS) off and on; the switch read on the CPU too (the
-    caller points model.attention_rows_on at the environment)."""
+    22 decode steps, with the rows' switch (GEMMA4_ATTENTION_ROWS) off and on; the model set to CUDA's ops
+    (`set_target`: the switch is CUDA's only) while it runs on the CPU, as a low-memory export traces it."""
     from export.gemma4.config import PRESETS
     from export.gemma4.model import Gemma4Model
 
@@ -159,6 +159,7 @@ def rows_switch_logits(preset: str) -> dict:
         for layer in model.layers:
             layer.layer_scalar.fill_(0.7)
     model.init_buffers()
+    model.set_target("cuda")
     tokens = torch.randint(0, cfg.vocab_size, (1, 30))
     logits = {}
     for on in ("0", "1"):
@@ -173,13 +174,11 @@ def rows_switch_logits(preset: str) -> dict:
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monkeypatch):
-    """The model with the rows' switch on (its CPU kernel: the same aten ops; the switch, CUDA's only, taken on the
-    CPU here) decodes to the same logits as with it off, bit for bit, through every layer kind the preset has
+    """The model with the rows' switch on (its CPU kernel: the same aten ops; the model set to CUDA's ops, traced on
+    the CPU as a low-memory export does) decodes to the same logits as with it off, bit for bit, through every layer kind the preset has
     (sliding, full, V from K, KV-shared)."""
-    from export.gemma4 import model as M
     from export.gemma4.config import PRESETS
 
-    monkeypatch.setattr(M, "attention_rows_on", lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1")
     monkeypatch.setenv(A.ATTENTION_ROWS_ENV, "0")  # (restored after the test: the helper sets it)
     cfg = PRESETS[preset]
     calls = []
@@ -192,13 +191,10 @@ def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monk
 
 
 INTERPRETED_MODEL_ROWS = r"""
-import os
 from export.gemma4.config import PRESETS
 from export.kernels import attention as A
-from export.gemma4 import model as M
 from tests.test_attention import rows_switch_logits
 
-M.attention_rows_on = lambda device: os.environ.get(A.ATTENTION_ROWS_ENV) == "1"
 launches = []
 A.rows_reference = lambda *a: launches.append(1) or A.rows_launch(*a)  # the ops' CPU kernel: the CUDA path's launch
 cm = A.use_configs(A.smallest); cm.__enter__()

@@ -156,12 +156,14 @@ def test_no_kernel_raises_the_context_stack(tiny_cuda):
     assert int(r.stdout.split()[-1]) == DEFAULT_STACK_BYTES, r.stdout
 
 
-def test_raw_rows_attention_artifact_matches_the_eager_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_raw_rows_attention_artifact_matches_the_eager_model(tmp_path, monkeypatch, low_memory):
     """The tiny preset exported for CUDA with decode attention taking the raw q / k / v rows (GEMMA4_ATTENTION_ROWS=1:
     the split kernel norms, rotates and writes the step's K / V; the KV-shared layers' q-only op) decodes through the
     CUDA graph, and without it, within REL_TOL of the eager model running the model's own ops (the switch off). Both
     runs' errors step by step in the message: the graphed run alone off points at the capture (static inputs, the
-    warm-up's writes), both off at the compiled program."""
+    warm-up's writes), both off at the compiled program. Low-memory mode traces a CPU copy of the model: the rows
+    are taken for the target all the same."""
     from export.gemma4.export import DeviceChoice, DTypeChoice, ExportConfig, export_model, prepare_model
     from export.gemma4.quant import LinearQuant
     from export.kernels import attention as A
@@ -171,7 +173,7 @@ def test_raw_rows_attention_artifact_matches_the_eager_model(tmp_path, monkeypat
     monkeypatch.setattr(A, "rows_launch", lambda *a, **kw: traced.append(a[1] is None) or launch(*a, **kw))
     monkeypatch.setenv(A.ATTENTION_ROWS_ENV, "1")
     cfg = ExportConfig(preset="tiny", device=DeviceChoice.CUDA, dtype=DTypeChoice.FP32, quant=LinearQuant.NONE,
-                       ctx=64, prefill_chunk=12, autotune=False, out=tmp_path / "tiny")
+                       ctx=64, prefill_chunk=12, autotune=False, out=tmp_path / "tiny", low_memory=low_memory)
     export_model(cfg)
     assert any(traced) and not all(traced), traced  # both ops in the decode units (a KV-shared layer: q only)
     monkeypatch.delenv(A.ATTENTION_ROWS_ENV)

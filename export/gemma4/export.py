@@ -97,6 +97,7 @@ def prepare_model(cfg: ExportConfig | ResolvedExport, spool=None) -> tuple[nn.Mo
             spool.park_module_(model.get_submodule(unit))
 
     model = build_model(r, on_unit_loaded=quantize_unit)
+    model.set_target(r.device.value)  # the ops it traces are the target's, wherever the eager copy sits
     place = r.strategy.eager_model_device(r.device)
     if place != "cpu":
         model.to(place)

@@ -200,6 +200,9 @@ class Attention(nn.Module):
             self.kv_cache = KVCache(self.n_kv, cache_slots, D, ring=self.sliding, dtype=dtype, kv_dtype=kv_dtype,
                                     chunk_slots=chunk_slots)
         self.o_proj = nn.Linear(self.n_heads * D, H, bias=False)
+        # the device the exported program runs on, where the model is traced on another (a low-memory export traces
+        # a CPU model for CUDA; `Gemma4Model.set_target`): which ops a decode step takes depends on it. None: x's
+        self.target: torch.device | None = None
 
     def forward(self, x, cos, sin, pos, cache: KVCache, fresh=None, norm: nn.Module | None = None,
                 inv_freq: torch.Tensor | None = None):
@@ -212,7 +215,7 @@ class Attention(nn.Module):
         D = self.head_dim
         chunk_beside_ring = self.sliding and not (isinstance(T, int) and T == 1)
         rows = project(self, x, "qkv_proj", norm)  # q[, k[, v]]
-        if inv_freq is not None and self._takes_rows(T, cache, x.device):
+        if inv_freq is not None and self._takes_rows(T, cache, self.target or x.device):
             return self.o_proj(self._rows_step(rows, inv_freq, pos, cache).reshape(B, T, self.n_heads * D)), fresh
         q_rotated = False
         q = apply_rope(self.q_norm(rows[0].view(B, T, -1, D)), cos, sin)
@@ -513,6 +516,14 @@ class Gemma4Model(nn.Module):
         self.register_buffer("inv_freq_sliding", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_full", torch.empty(cfg.global_head_dim // 2), persistent=False)
         self.init_buffers()
+
+    def set_target(self, device: str | torch.device) -> None:
+        """The device the exported program will run on, for a model traced on another one (a low-memory export traces
+        its CPU copy for CUDA): the attention layers pick their decode ops for it (`Attention._takes_rows`), not for
+        the device their inputs happen to be on."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.target = torch.device(device)
 
     @torch.no_grad()
     def init_buffers(self, zero_kv: bool = True):
