@@ -702,19 +702,19 @@ def _roped_part(row, W, INV, r, ok, pos, c0, DK: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR, VR, KW, INV, pos, eps, KOUT, VOUT, WRITE,
+def _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR, VR, KW, INV, pos, rk, rv, KOUT, VOUT, WRITE,
               D: tl.constexpr, KSPLIT: tl.constexpr, VSPLIT: tl.constexpr, KEQV: tl.constexpr):
     """The step's own position folded into a decode share's online softmax (float cache): k = RoPE(norm(KR) * KW),
     v = norm(VR) (no scale; KEQV: of KR's raw values), both rounded to the cache's dtype, as the cache would hold
-    them; with WRITE they go to KOUT / VOUT (pos's slot). q0..q3 and acc / acc2 as `_block` holds them."""
+    them; with WRITE they go to KOUT / VOUT (pos's slot). q0..q3 and acc / acc2 as `_block` holds them. rk / rv:
+    1 / rms of KR's and VR's rows (`_fresh_rms`, computed by the caller right after its wait, so that their loads
+    share q's trip to the L2 and the columns here come from the L1)."""
     cdt: tl.constexpr = KOUT.dtype.element_ty
     DK: tl.constexpr = D // KSPLIT
     DV: tl.constexpr = D // VSPLIT
     one = tl.full([1], 1, tl.int1)
     krow = KR + tl.zeros([1, 1], tl.int32)
-    rk = _rms_inv(krow, one, D, eps)
     vrow = krow if KEQV else VR + tl.zeros([1, 1], tl.int32)
-    rv = rk if KEQV else _rms_inv(vrow, one, D, eps)
     k0 = _roped_part(krow, KW, INV, rk, one, pos, 0, DK, D, cdt).to(cdt)
     s = tl.sum(q0.to(tl.float32) * k0.to(tl.float32), 1)
     if WRITE:
@@ -747,6 +747,16 @@ def _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR, VR, KW, INV, pos, eps, KO
         if WRITE:
             tl.store(VOUT + DV + cv[None, :], v1.to(cdt))
     return m_new, l_i, acc, acc2
+
+
+@triton.jit
+def _fresh_rms(KR, VR, eps, D: tl.constexpr, KEQV: tl.constexpr):
+    """(rk, rv): 1 / rms of the step's raw K row at KR and V row at VR (KEQV: V is K's raw row), [1] each."""
+    one = tl.full([1], 1, tl.int1)
+    krow = KR + tl.zeros([1, 1], tl.int32)
+    rk = _rms_inv(krow, one, D, eps)
+    rv = rk if KEQV else _rms_inv(VR + tl.zeros([1, 1], tl.int32), one, D, eps)
+    return rk, rv
 
 
 @triton.jit
@@ -837,6 +847,8 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         O, MP, LP, AP = O + z, MP + z, LP + z, AP + z
         if FRESH:
             KR, VR = KR + z, VR + z
+    if FRESH:  # every program: the raw K / V rows' norms, their loads beside q's (the share holding pos uses them)
+        rk_fresh, rv_fresh = _fresh_rms(KR + kvh * D, VR + kvh * D, eps, D, KEQV)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
     g = rows % G
@@ -959,7 +971,7 @@ def _attn_body(Q, K, V, KS, VS, POS, O, MP, LP, AP, T, S, H, WINDOW, NUM_SPLITS,
         tl.static_assert(KV_FMT == 0, "FRESH: a float cache")
         if (start <= pos0) & (pos0 < share_end):
             m_i, l_i, acc, acc2 = _fresh_kv(q0, q1, q2, q3, m_i, l_i, acc, acc2, KR + kvh * D, VR + kvh * D, KW, INV,
-                                            pos0, eps, K + kvh * skh + (pos0 % S) * sks,
+                                            pos0, rk_fresh, rv_fresh, K + kvh * skh + (pos0 % S) * sks,
                                             V + kvh * svh + (pos0 % S) * svs, pid_m == 0, D, KSPLIT, VSPLIT, KEQV)
         end = tl.minimum(end, pos0)
     loop_end = end
