@@ -175,8 +175,8 @@ def rows_switch_logits(preset: str) -> dict:
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monkeypatch):
     """The model with the rows' switch on (its CPU kernel: the same aten ops; the model set to CUDA's ops, traced on
-    the CPU as a low-memory export does) decodes to the same logits as with it off, bit for bit, through every layer kind the preset has
-    (sliding, full, V from K, KV-shared)."""
+    the CPU as a low-memory export does) decodes to the same logits as with it off, bit for bit, through every layer
+    kind the preset has (sliding, full, V from K, KV-shared)."""
     from export.gemma4.config import PRESETS
 
     monkeypatch.setenv(A.ATTENTION_ROWS_ENV, "0")  # (restored after the test: the helper sets it)
