@@ -172,6 +172,37 @@ def rows_switch_logits(preset: str) -> dict:
     return logits
 
 
+def test_rows_switch_picks_layers_by_their_q_prologue(monkeypatch):
+    """Unset (or "auto"), the rows go to a CUDA layer whose programs norm and rotate at most ROWS_AUTO_MAX_Q q
+    elements (q heads per KV head x head dim: the 31B's and 26B-A4B's sliding layers, 2 x 256), not to E2B's /
+    E4B's (8 / 4 x 256) nor to full layers (x 512); "1" and "0" decide for every layer; never on the CPU. Through
+    the model: the 31B's sliding layer takes them, its full layer (bf16 cache) and E2B's sliding layer do not."""
+    from export.gemma4.config import PRESETS
+    from export.gemma4.model import Gemma4Model
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for switch in (None, "auto"):
+        monkeypatch.delenv(A.ATTENTION_ROWS_ENV, raising=False) if switch is None else \
+            monkeypatch.setenv(A.ATTENTION_ROWS_ENV, switch)
+        assert A.attention_rows_on(cuda, A.ROWS_AUTO_MAX_Q) and not A.attention_rows_on(cuda, A.ROWS_AUTO_MAX_Q + 1)
+        assert not A.attention_rows_on(cuda, None) and not A.attention_rows_on(cpu, 32)
+        taken = {}
+        for preset in ("31b", "e2b"):
+            cfg = PRESETS[preset]
+            with torch.device("meta"):
+                model = Gemma4Model(cfg, ctx=64, prefill_chunk=8, dtype=torch.bfloat16, kv_dtype="bf16")
+            model.set_target("cuda")
+            for i in (0, cfg.layer_types.index("full_attention")):
+                attn = model.layers[i].self_attn
+                cache = model.caches()[i]
+                taken[preset, cfg.is_sliding(i)] = attn._takes_rows(1, cache, cuda)
+        assert taken == {("31b", True): True, ("31b", False): False, ("e2b", True): False, ("e2b", False): False}
+    for switch, want in (("1", True), ("0", False)):
+        monkeypatch.setenv(A.ATTENTION_ROWS_ENV, switch)
+        assert A.attention_rows_on(cuda, 4096) is want and A.attention_rows_on(cuda, 32) is want
+        assert not A.attention_rows_on(cpu, 32)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_model_decode_through_the_raw_rows_op_gives_the_same_logits(preset, monkeypatch):
     """The model with the rows' switch on (its CPU kernel: the same aten ops; the model set to CUDA's ops, traced on

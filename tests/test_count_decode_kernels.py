@@ -51,13 +51,16 @@ def test_e2b_units(tmp_path):
 
 
 def test_31b_units_int4_cache(tmp_path):
-    """The 31B's sliding layer is 12 launches, its full layer with the int4 cache 16: two Hadamard rotations (q, k
-    and v joined in one launch, the output back) and two more of Inductor's kernels (the rotated K / V quantized
-    and written into the cache); the rows the joint rotation reads are written in place by the norms' kernel (no
-    copy joins them)."""
+    """The 31B's sliding layer is 11 launches (decode attention takes the projection's raw rows: its 2 q heads per
+    KV head x 256 are within the rows' default), its full layer with the int4 cache 16: the norms' kernel, two
+    Hadamard rotations (q, k and v joined in one launch, the output back) and two more of Inductor's kernels (the
+    rotated K / V quantized and written into the cache); the rows the joint rotation reads are written in place by
+    the norms' kernel (no copy joins them)."""
     u = _counts(tmp_path, "--preset", "31b:int4", "--layers", "6")
     assert (u["layer0"]["steps"], u["layer5"]["steps"]) == (5, 1), u
-    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (12, 16), u
+    assert (u["layer0"]["launches"], u["layer5"]["launches"]) == (11, 16), u
+    sliding = u["layer0"]["kernels"]
+    assert sliding[1].startswith("_int4_gemv1") and sliding[2].startswith("_attn_body"), sliding
     assert sum(k.startswith("_hadamard_kernel") for k in u["layer5"]["kernels"]) == 2, u["layer5"]["kernels"]
 
 
@@ -113,8 +116,9 @@ def test_fused_mlp_switch_takes_the_activations_quantize_kernel(tmp_path):
     """With GEMMA4_FUSED_MLP=1 the gate / up GEMV writes the down GEMV's x levels where both take levels: E2B's
     layers with the staged MLP tiles off (GEMMA4_GEMV1_STAGED_MLP=0; 12 launches unfused) are 11 launches (the down
     GEMV right after the gate / up's, no quantize kernel between); with them (the default) its gate / up takes bf16
-    x, the quantize kernel before down stays and the switch changes nothing (11). The 31B's sliding layer 11, and
-    10 with GEMMA4_FUSED_ATTENTION=1 too."""
+    x, the quantize kernel before down stays and the switch changes nothing (11). The 31B's sliding layer 10 (its
+    attention on the raw rows), and 10 with GEMMA4_FUSED_ATTENTION=1 too (the combine writing the o projection's
+    levels in place of the rows, which that switch turns off)."""
     def units(preset, layers, **env):
         return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_MLP="1", **env)
 
@@ -126,15 +130,15 @@ def test_fused_mlp_switch_takes_the_activations_quantize_kernel(tmp_path):
     staged = units("e2b", "5")["layer0"]["kernels"]
     gemvs = [i for i, k in enumerate(staged) if k.startswith("_int4_gemv1_kernel")]
     assert len(staged) == 11 and staged[gemvs[2] + 1].startswith("_quant_x_kernel"), staged
-    assert units("31b:int4", "6")["layer0"]["launches"] == 11  # (a one-layer slice's layer is a full one)
+    assert units("31b:int4", "6")["layer0"]["launches"] == 10  # (a one-layer slice's layer is a full one)
     assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 10
 
 
 def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
     """With GEMMA4_FUSED_CLOSE=1 a layer's last GEMV writes the layer's output (the closing add): E2B's sliding layer
-    is 10 launches and its full one too, each ending in the per-layer projection's GEMV; the 31B's sliding layer 10
-    (its MLP op is the fused one, no activation quantize either), 9 with GEMMA4_FUSED_ATTENTION=1 too; the
-    26B-A4B's (full) layer 14."""
+    is 10 launches and its full one too, each ending in the per-layer projection's GEMV; the 31B's sliding layer 9
+    (its MLP op is the fused one, no activation quantize either; its attention on the raw rows), 9 with
+    GEMMA4_FUSED_ATTENTION=1 too (in place of the rows); the 26B-A4B's (full) layer 14."""
     def units(preset, layers, **env):
         return _switched_units(tmp_path, preset, layers, GEMMA4_FUSED_CLOSE="1", **env)
 
@@ -142,7 +146,7 @@ def test_fused_close_switch_takes_the_closing_adds_kernel(tmp_path):
     assert (u["layer0"]["launches"], u["layer4"]["launches"]) == (10, 10), u
     assert all(u[n]["kernels"][-1].startswith("_int4_gemv1_kernel") for n in ("layer0", "layer4")), u
     u = units("31b:int4", "6")
-    assert u["layer0"]["launches"] == 10 and u["layer0"]["kernels"][-1].startswith("_int4_gemv1_kernel"), u
+    assert u["layer0"]["launches"] == 9 and u["layer0"]["kernels"][-1].startswith("_int4_gemv1_kernel"), u
     assert units("31b:int4", "6", GEMMA4_FUSED_ATTENTION="1")["layer0"]["launches"] == 9
     # the 26B-A4B: the experts' down kernel writes it (14 launches, the last of them that kernel); 13 with the
     # attention's fusion too (its dense MLP's GEMVs take bf16 x: the MLP's fusion has no quantize kernel to take)

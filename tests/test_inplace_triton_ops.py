@@ -90,7 +90,7 @@ assert cfg.is_kv_shared(3) and not cfg.is_kv_shared(0)
 with torch.device("meta"):
     model = M.Gemma4Model(cfg, ctx=64, prefill_chunk=12, dtype=torch.float32, kv_dtype=None)
     model = model.eval().requires_grad_(False)
-M.attention_rows_on = lambda device: device.type == "cuda"
+M.attention_rows_on = lambda device, q_per_program=None: device.type == "cuda"
 out = {}
 with cuda_without_gpu():
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -256,12 +256,14 @@ class Attention(nn.Module):
         return self.o_proj(out), fresh
 
     def _takes_rows(self, T, cache: KVCache, device: torch.device) -> bool:
-        """Whether this step hands attention the raw rows: a decode step (T == 1) over a float cache on CUDA, with
-        the switch on (attention.ATTENTION_ROWS_ENV) and the combined attention / o_proj op's off."""
+        """Whether this step hands attention the raw rows: a decode step (T == 1) over a float cache on CUDA where
+        the rows' switch takes them for this layer's q heads per KV head and head dim (attention.ATTENTION_ROWS_ENV)
+        and the combined attention / o_proj op's switch is off."""
         from .quant import FUSED_ATTENTION_ENV  # quant imports this module
 
         eps_ok = self.shared or self.k_norm.eps == self.q_norm.eps == self.v_norm.eps
-        return (isinstance(T, int) and T == 1 and cache.quant is None and attention_rows_on(device) and eps_ok
+        return (isinstance(T, int) and T == 1 and cache.quant is None and eps_ok
+                and attention_rows_on(device, self.n_heads // self.n_kv * self.head_dim)
                 and os.environ.get(FUSED_ATTENTION_ENV, "0") != "1")
 
     def _rows_step(self, rows: list[torch.Tensor], inv_freq: torch.Tensor, pos: torch.Tensor,

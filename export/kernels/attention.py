@@ -12,10 +12,10 @@ from them and the cache holds those before pos: a sliding ring of the window the
 chunk of any length. Scale 1.0, no softcap (Gemma 4). GQA: the G = H / Hkv query heads of one
 KV head share each K/V block.
 
-A decode step may instead hand attention the projection's raw rows (`gemma4::attention_rows`, behind
-ATTENTION_ROWS_ENV; float caches): the split kernel norms and rotates q itself, and the share holding the step's
-position norms and rotates its K, norms its V, writes both into the cache and folds them into its softmax in place
-of that slot (`gemma4::attention_q_rows` for a layer reading another's cache: q only, nothing written). Behind
+A decode step may instead hand attention the projection's raw rows (`gemma4::attention_rows`, in the layers
+ATTENTION_ROWS_ENV picks; float caches): the split kernel norms and rotates q itself, and the share holding the
+step's position norms and rotates its K, norms its V, writes both into the cache and folds them into its softmax
+in place of that slot (`gemma4::attention_q_rows` for a layer reading another's cache: q only, nothing written). Behind
 ROWS_EARLY_ENV as well, its programs load their share's first K / V block before their PDL wait (`rows_early`).
 
 KV formats (the cache WRITE is the model's, in plain aten ops, but for `attention_rows`; `attention` only reads):
@@ -1646,19 +1646,32 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
     return out
 
 
-# "1" in an exporting process: a decode step over a float cache (every sliding ring; full layers with a bf16 cache)
-# hands attention the projection's raw q / k / v rows (`attention_rows`): its split kernel norms and rotates them
-# and writes the step's K / V into the cache, no kernel of their own between the projection and attention; else
-# the model's norm / RoPE / cache write, then `gemma4::attention`
+# A decode step over a float cache (every sliding ring; full layers with a bf16 cache) can hand attention the
+# projection's raw q / k / v rows (`attention_rows`): its split kernel norms and rotates them and writes the step's
+# K / V into the cache, no kernel of their own between the projection and attention; else the model's norm / RoPE /
+# cache write, then `gemma4::attention`. Every program of the split kernel norms and rotates its KV head's q heads
+# before its first dot, so the rows pay where that prologue is short: by default (unset, or "auto" in the exporting
+# process) a layer takes them when its q heads per KV head times the head dim is at most ROWS_AUTO_MAX_Q (on the H100
+# the 31B's 6-layer slice, sliding layers 2 x 256, stepped 1.094 -> 1.083 ms at fill 1k; E2B's, 8 x 256, 0.340 ->
+# 0.353: scripts/measurements/ab_attention_rows_kvfirst_*_6l_h100.json). "1" takes them on every float-cache
+# layer, "0" on none (the A/B's two sides).
 ATTENTION_ROWS_ENV = "GEMMA4_ATTENTION_ROWS"
+ROWS_AUTO_MAX_Q = 512  # q elements a program norms and rotates (q heads per KV head x head dim)
 
 
-def attention_rows_on(device: torch.device) -> bool:
-    """The rows' switch for a model on `device`: CUDA only (the CPU backend's decompositions take no op that writes
-    its arguments; its .so would call the op through a proxy executor it does not have)."""
+def attention_rows_on(device: torch.device, q_per_program: int | None = None) -> bool:
+    """Whether a layer whose split-kernel programs each norm and rotate `q_per_program` q elements (q heads per KV
+    head x head dim; None: unknown, taken as too many) takes the raw rows on `device` (see ATTENTION_ROWS_ENV):
+    CUDA only (the CPU backend's decompositions take no op that writes its arguments; its .so would call the op
+    through a proxy executor it does not have)."""
     import os
 
-    return os.environ.get(ATTENTION_ROWS_ENV, "0") == "1" and device.type == "cuda"
+    if device.type != "cuda":
+        return False
+    switch = os.environ.get(ATTENTION_ROWS_ENV, "auto")
+    if switch in ("0", "1"):
+        return switch == "1"
+    return q_per_program is not None and q_per_program <= ROWS_AUTO_MAX_Q
 
 
 # "1" in an exporting process: the rows' split kernel loads its share's first K / V block before its PDL wait (while
