@@ -182,7 +182,9 @@ def test_rows_switch_picks_layers_by_their_q_prologue(monkeypatch):
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for switch in (None, "auto"):
-        monkeypatch.delenv(A.ATTENTION_ROWS_ENV, raising=False) if switch is None else \
+        if switch is None:
+            monkeypatch.delenv(A.ATTENTION_ROWS_ENV, raising=False)
+        else:
             monkeypatch.setenv(A.ATTENTION_ROWS_ENV, switch)
         assert A.attention_rows_on(cuda, A.ROWS_AUTO_MAX_Q) and not A.attention_rows_on(cuda, A.ROWS_AUTO_MAX_Q + 1)
         assert not A.attention_rows_on(cuda, None) and not A.attention_rows_on(cpu, 32)
