@@ -1,7 +1,27 @@
-"""Shared test plumbing: the `cuda` marker skips cleanly on machines without a GPU."""
+"""Shared test plumbing: the `cuda` marker skips cleanly on machines without a GPU; on a machine without one the
+suite runs on its cores through pytest-xdist where that is installed."""
+
+import os
 
 import pytest
 import torch
+
+MAX_WORKERS = 4  # each worker compiles the session's tiny artifacts it needs: a few GB of memory apiece
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Without a GPU, with pytest-xdist installed (the `test` extra) and no -n given, one worker a core (at most
+    MAX_WORKERS), a test file to one worker (its module fixtures compile once): most of the suite's time is one core
+    busy (the Triton interpreter, Inductor's code generation, a C++ compile), so two cores take about half as long.
+    A GPU machine keeps one process (its tests share the device); `-n 0` or `-p no:xdist` turn it off."""
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.option.numprocesses is not None or config.getoption("usepdb", False) or torch.cuda.is_available():
+        return
+    n = min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    if n > 1:
+        config.option.numprocesses, config.option.dist, config.option.tx = n, "loadfile", ["popen"] * n
 
 
 def pytest_collection_modifyitems(config, items):
