@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="e2b,e2b-wide,e4b,26b-a4b",
                     help=f"of {', '.join(m for m in SHAPES if m != 'tiny')}")
     ap.add_argument("--layers", type=int, default=24, help="layers a graph, each on its own weights")
-    ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated timing rounds (one with --interpret)")
     ap.add_argument("--interpret", action="store_true", help="run under Triton's interpreter on the CPU (a smoke run)")
     ap.add_argument("--only", default="", help="comma-separated label prefixes (e.g. op,pc/): only those variants")
     a = ap.parse_args(argv)
