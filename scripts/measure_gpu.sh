@@ -308,7 +308,8 @@ ab_small)  # an export switch ($2, default GEMMA4_GEMV1_STEP_FIT) at 0 / 1 in sm
   # GEMMA4_GEMV1_TMA_DEEP e2b 35 (the TMA GEMV in slices on E2B's down projections, the whole model; ~7 min):
   # ab_GEMV1_TMA_DEEP_e2b_h100.json. GEMMA4_ATTENTION_ROWS "e2b 31b" (decode attention from the raw q / k / v
   # rows, 0: in no layer, 1: in every float-cache layer; unset, the default picks layers by their q prologue):
-  # ab_attention_rows_*_6l_h100.json, ab_attention_rows_kvfirst_*_6l_h100.json.
+  # ab_attention_rows_*_6l_h100.json, ab_attention_rows_kvfirst_*_6l_h100.json; "26b-a4b":
+  # ab_attention_rows_26b_4l_h100.json.
   # The exports inherit the caller's environment: `GEMMA4_ATTENTION_ROWS=1 bash scripts/measure_gpu.sh ab_small
   # GEMMA4_ATTENTION_EARLY "e2b 31b"` times the rows' first K / V block loaded before the wait, the rows on both sides
   # (ab_attention_early_*_6l_h100.json)

@@ -1653,7 +1653,8 @@ def launch(q, k, v, k_scale, v_scale, pos, window: int, decode: bool, wrap=lambd
 # before its first dot, so the rows pay where that prologue is short: by default (unset, or "auto" in the exporting
 # process) a layer takes them when its q heads per KV head times the head dim is at most ROWS_AUTO_MAX_Q (on the H100
 # the 31B's 6-layer slice, sliding layers 2 x 256, stepped 1.094 -> 1.083 ms at fill 1k; E2B's, 8 x 256, 0.340 ->
-# 0.353: scripts/measurements/ab_attention_rows_kvfirst_*_6l_h100.json). "1" takes them on every float-cache
+# 0.353: scripts/measurements/ab_attention_rows_kvfirst_*_6l_h100.json; the 26B-A4B's 4-layer slice, 2 x 256, even at
+# 0.449 ms, three launches fewer: ab_attention_rows_26b_4l_h100.json). "1" takes them on every float-cache
 # layer, "0" on none (the A/B's two sides).
 ATTENTION_ROWS_ENV = "GEMMA4_ATTENTION_ROWS"
 ROWS_AUTO_MAX_Q = 512  # q elements a program norms and rotates (q heads per KV head x head dim)
