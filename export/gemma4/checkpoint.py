@@ -245,14 +245,16 @@ def _fill_units(model: Gemma4Model, read: Callable[[str, torch.Tensor], torch.Te
                 after_unit: Callable[[], None] = lambda: None) -> None:
     """The unit loop of both sources: fill each unit's persistent tensors with
     `read(key, meta)`, run `after_unit`, then the hook. A tied head shares the embedding's
-    tensor (no read, no copy) unless the hook has replaced the embedding since it was filled
-    (e.g. int8): then the table is read again for the head."""
-    unit_list = list(units(model))
+    tensor (no read, no copy) unless the hook has replaced the embedding (e.g. int8): then the
+    float table is let go at once (held to the head it would stay in host memory through every
+    layer, 2.6 GiB on the 31B) and read again for the head."""
+    unit_names = [name for name, _ in units(model)]  # names, not modules: a replaced unit is let go
     loaded_embedding = None
-    with stages.stage(desc, total=len(unit_list), unit="unit") as progress:
-        for unit_name, unit in unit_list:
+    with stages.stage(desc, total=len(unit_names), unit="unit") as progress:
+        for unit_name in unit_names:
+            unit = model.get_submodule(unit_name)
             if unit_name == "lm_head" and model.cfg.tie_word_embeddings:
-                if loaded_embedding is not None and getattr(model.embed_tokens, "weight", None) is loaded_embedding:
+                if loaded_embedding is not None:
                     model.lm_head.weight = loaded_embedding
                 else:
                     mod_attr_set(model.lm_head, "weight", read("embed_tokens.weight", model.lm_head.weight))
@@ -264,6 +266,8 @@ def _fill_units(model: Gemma4Model, read: Callable[[str, torch.Tensor], torch.Te
             after_unit()
             if on_unit_loaded is not None:
                 on_unit_loaded(model, unit_name)
+            if loaded_embedding is not None and getattr(model.embed_tokens, "weight", None) is not loaded_embedding:
+                loaded_embedding = None
             progress.advance(1)
 
 
