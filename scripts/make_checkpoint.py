@@ -39,18 +39,33 @@ def expected_shapes(cfg: Gemma4Config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def random_tensor(key: str, shape: tuple[int, ...], seed: int, std: float = 0.02) -> torch.Tensor:
-    """Deterministic per key. 1-D weights and layer_scalar (identity at init) land in
-    [0.5, 1.5) so that a forgotten multiply changes the output."""
+DRAW_VALUES = 1 << 24  # float32 values drawn at a time for a large tensor
+
+
+def random_tensor(key: str, shape: tuple[int, ...], seed: int, std: float = 0.02,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Deterministic per key, the same values in any `dtype` (drawn in float32, then cast). 1-D weights and
+    layer_scalar (identity at init) land in [0.5, 1.5) so that a forgotten multiply changes the output.
+    A large tensor is drawn in blocks of rows straight into its dtype (E2B's per-layer table is 2.3e9 values:
+    9 GB at once in float32); the CPU generator turns its stream into normals 16 at a time, so blocks of a
+    multiple of 16 values give the values of one draw."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
     if len(shape) <= 1:
-        return torch.empty(shape).uniform_(0.5, 1.5, generator=g)
-    return torch.randn(shape, generator=g) * std
+        return torch.empty(shape).uniform_(0.5, 1.5, generator=g).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    rows = out.view(shape[0], -1)
+    step = max(1, DRAW_VALUES // rows.shape[1])
+    if step * rows.shape[1] % 16:
+        step = shape[0]
+    for r in range(0, shape[0], step):
+        block = rows[r:r + step]
+        block.copy_(torch.randn(block.shape, generator=g).mul_(std))
+    return out
 
 
-def random_tensors(cfg: Gemma4Config, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def random_tensors(cfg: Gemma4Config, seed: int, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     for key, shape in expected_shapes(cfg).items():
-        yield key, random_tensor(key, shape, seed)
+        yield key, random_tensor(key, shape, seed, dtype=dtype)
 
 
 def write_checkpoint(out: str | Path, cfg: Gemma4Config, tensors: Iterable[tuple[str, torch.Tensor]],
@@ -119,7 +134,7 @@ def main(argv=None):
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file; pass a directory path")
     with atomic_output_dir(Path(args.out)) as tmp:  # an interrupted write leaves nothing behind
-        write_checkpoint(tmp, cfg, random_tensors(cfg, args.seed), DTYPES[args.dtype],
+        write_checkpoint(tmp, cfg, random_tensors(cfg, args.seed, DTYPES[args.dtype]), DTYPES[args.dtype],
                          multimodal=args.multimodal, shard_bytes=int(args.shard_gib * (1 << 30)))
     print(f"wrote {args.out} ({cfg.num_hidden_layers} layers, {args.dtype})")
 

@@ -138,6 +138,21 @@ def test_a_replaced_embedding_table_is_let_go_before_the_layers_load(tmp_path, s
     assert torch.equal(loaded.lm_head.weight, source_model.embed_tokens.weight)
 
 
+@pytest.mark.parametrize("shape", [(1001, 40), (7, 3), (5, 4, 48)])
+def test_random_tensor_drawn_in_blocks_gives_one_draws_values(shape, monkeypatch):
+    """make_checkpoint draws a large tensor in blocks of rows straight into its dtype: the values
+    are those of one float32 draw, cast (blocks of 160 values here; 7 x 3 falls back to one draw)."""
+    import zlib
+
+    import scripts.make_checkpoint as mc
+
+    g = torch.Generator().manual_seed(zlib.crc32(b"3:w"))
+    whole = torch.randn(shape, generator=g) * 0.02
+    monkeypatch.setattr(mc, "DRAW_VALUES", 160)
+    assert torch.equal(mc.random_tensor("w", shape, 3), whole)
+    assert torch.equal(mc.random_tensor("w", shape, 3, dtype=torch.bfloat16), whole.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("head_dim", [16, 256, 512])
 def test_random_q_k_norm_weights_carry_the_score_scale(head_dim):
     """Presets' random q_norm / k_norm weights are drawn at head_dim^-1/4 of the other norms' U[0.5, 1.5)
