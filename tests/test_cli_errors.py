@@ -128,6 +128,27 @@ def test_export_out_that_cannot_be_written_is_refused_before_compiling(tmp_path)
     assert files_under(tmp_path) == ["f"]
 
 
+def test_export_out_that_is_not_an_export_is_refused_before_compiling(checkpoint, tmp_path):
+    """The artifact replaces its whole --out directory: one holding other files (the checkpoint itself, notes)
+    is refused at once and kept; an earlier export's directory (model.pte) or an empty one is taken."""
+    from export.gemma4.options import DeviceChoice, ExportConfig, resolve
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    out = cli("export.gemma4", "--device", "cpu", "--out", str(notes), cwd=tmp_path)
+    assert_refused(out, f"--out {notes}: {notes} holds files but no export (model.pte)")
+    assert (notes / "notes.txt").read_text() == "mine"
+    out = cli("export.gemma4", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(checkpoint), cwd=tmp_path)
+    assert_refused(out, "holds files but no export")
+    assert (checkpoint / "config.json").is_file()
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "model.pte").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for d in ("earlier", "empty"):
+        resolve(ExportConfig(ctx=64, device=DeviceChoice.CPU, out=tmp_path / d))
+
+
 def test_export_that_will_not_fit_its_disk_is_refused_with_the_sizes(tmp_path, monkeypatch):
     """The disk check (before anything is loaded): the weights twice in low-memory mode (spool, then .ptd),
     once in the stock export, the KV buffers too with --kv-in-ptd; against the free bytes where --out goes."""

@@ -202,6 +202,7 @@ def resolve(cfg: ExportConfig) -> ResolvedExport:
         _fail("--quant int4 on cuda runs bf16 int4 kernels: pass --dtype bfloat16 (or --quant none)")
     if cfg.out is not None and Path(cfg.out).is_file():
         _fail(f"--out {cfg.out} is a file; pass a directory path")
+    _check_out_replaceable(cfg)
     _check_out_writable(cfg)
     if cfg.checkpoint is None:
         _check_preset_fits(cfg, mcfg, dtype)
@@ -218,6 +219,18 @@ def existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def _check_out_replaceable(cfg: ExportConfig) -> None:
+    """The artifact replaces its whole directory (export/artifact.py: `atomic_output_dir`), so an existing --out
+    must be empty or an earlier export (its model.pte): never a checkpoint, a home or a project directory."""
+    from runtime.artifact import PTE_NAME
+
+    out = cfg.out_dir
+    if out.is_dir() and any(out.iterdir()) and not (out / PTE_NAME).is_file():
+        flag = f"--out {cfg.out}" if cfg.out is not None else f"the default --out ({out})"
+        _fail(f"{flag}: {out} holds files but no export ({PTE_NAME}), and the export replaces the whole "
+              "directory; pass a new or empty directory (or an earlier export's, to replace it)")
 
 
 def _check_out_writable(cfg: ExportConfig) -> None:
