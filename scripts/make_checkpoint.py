@@ -133,6 +133,9 @@ def main(argv=None):
         ap.error(f"--shard-gib must be > 0, got {args.shard_gib}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         ap.error(f"--out {args.out} is a file; pass a directory path")
+    if Path(args.out).is_dir() and any(Path(args.out).iterdir()):  # the write replaces the whole directory
+        ap.error(f"--out {args.out} is not empty (the checkpoint replaces the whole directory); pass a new or "
+                 "empty directory")
     with atomic_output_dir(Path(args.out)) as tmp:  # an interrupted write leaves nothing behind
         write_checkpoint(tmp, cfg, random_tensors(cfg, args.seed, DTYPES[args.dtype]), DTYPES[args.dtype],
                          multimodal=args.multimodal, shard_bytes=int(args.shard_gib * (1 << 30)))

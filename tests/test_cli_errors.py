@@ -217,6 +217,15 @@ def test_planner_bad_config(checkpoint, tmp_path):
     assert_refused(cli("export.gemma4.planner", "--preset", "tiny", "--layers", "9", cwd=tmp_path), "--layers", "1..4")
 
 
+def test_make_checkpoint_keeps_a_directory_that_is_not_empty(tmp_path):
+    """The checkpoint replaces its whole --out: a directory holding anything (a real checkpoint, notes) is refused."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    out = cli("scripts.make_checkpoint", "--preset", "tiny", "--layers", "1", "--out", str(tmp_path / "c"), cwd=tmp_path)
+    assert_refused(out, f"--out {tmp_path / 'c'} is not empty")
+    assert files_under(tmp_path) == ["c", "c/notes.txt"]
+
+
 def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
     out = cli("scripts.make_checkpoint", "--preset", "tiny", "--layers", "0", "--out", str(tmp_path / "c"), cwd=tmp_path)
     assert_refused(out, "argument --layers: must be a positive integer")
