@@ -103,6 +103,14 @@ def test_export_short_ctx_fits_the_default_prefill_chunk(tmp_path):
     assert "Traceback" not in out.stderr and files_under(tmp_path) == []
 
 
+def test_export_plan_refuses_a_ctx_past_the_model_as_the_export_does(tmp_path):
+    """--plan on the CPU (no budget to fit) names --ctx and the model's limit, as the export itself does, instead
+    of the planner's bare "ctx 5000 exceeds max_position_embeddings 4096"."""
+    out = cli("export.gemma4", "--ctx", "5000", "--device", "cpu", "--plan", cwd=tmp_path)
+    assert_refused(out, "--ctx 5000 is outside 2..4096 (the model's max_position_embeddings); lower --ctx")
+    assert files_under(tmp_path) == []
+
+
 def test_export_bad_numbers_are_refused_by_flag(tmp_path):
     out = cli("export.gemma4", "--layers", "-1", "--device", "cpu", cwd=tmp_path)
     assert_refused(out, "argument --layers: must be a positive integer")

@@ -91,14 +91,14 @@ def resolve_plan(args: argparse.Namespace) -> ExportConfig:
     check_kv_dtype(cfg)  # before any plan: the planner takes no bf16 cache beside a float32 model
     if ctx_arg == "auto" and args.gpu_budget is None:
         raise ExportConfigError("--ctx auto needs --gpu-budget (e.g. --gpu-budget 24GiB)")
+    if ctx_arg != "auto":
+        check_ctx(cfg, model_config(cfg))  # the plan needs a ctx the model takes (--plan too)
     cuda = cfg.device.resolve() is TargetDevice.CUDA
     given = "--gpu-budget" if args.gpu_budget else "the default budget (a 24 GB card; set --gpu-budget)"
     # --kv-dtype auto on a GPU (or against a given budget): the most precise cache that fits, after the ctx
     fit_kv = cfg.kv_dtype is KvDtype.AUTO and (cuda or args.gpu_budget is not None)
     kv = None
     if ctx_arg == "auto" or args.gpu_budget is not None or fit_kv:
-        if ctx_arg != "auto":
-            check_ctx(cfg, model_config(cfg))  # the plan needs a ctx the model takes
         try:
             ctx, kv = resolve_ctx_and_kv(_plan_inputs(cfg, ctx), ctx_arg, args.gpu_budget, fit_kv)
         except DoesNotFit as e:
