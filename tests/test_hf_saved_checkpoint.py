@@ -134,3 +134,31 @@ def test_moe_checkpoint_saved_by_transformers_matches_it(tmp_path):
     assert model.cfg.enable_moe_block and model.cfg.num_experts == 8
     errs = _stream_errors(model, hf, [5, 3] + [1] * 12, seed=6)
     assert max(errs) <= 1e-4, errs
+
+
+@torch.no_grad()
+def test_untied_head_saved_by_transformers_loads(tmp_path):
+    """A fine-tune with its own lm_head (tie_word_embeddings false): transformers' Gemma4ForCausalLM writes the head
+    at the top level (`lm_head.weight`, beside `model.*`); it loads and gives transformers' logits."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, layer_types=[SLIDING, FULL], sliding_window=8,
+        max_position_embeddings=4096, hidden_size_per_layer_input=0, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    hf = Gemma4ForCausalLM(cfg).eval()
+    _randomize_hf_(hf, seed=7)
+    hf.save_pretrained(tmp_path)
+    assert "lm_head.weight" in _saved_keys(tmp_path)
+    model = load_model(tmp_path, ctx=96, prefill_chunk=5, dtype=torch.float32).eval()
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+    errs = _stream_errors(model, hf, [5, 1, 1], seed=8)
+    assert max(errs) <= 1e-4, errs
+
+
+def _saved_keys(path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return set(f.keys())

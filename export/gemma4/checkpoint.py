@@ -77,6 +77,14 @@ class ShardIndex:
             raise CheckpointError(f"{root}: no decoder layers found under {' or '.join(TEXT_PREFIXES)}")
         return cls(root, weight_map, prefix)
 
+    def full_key(self, key: str) -> str:
+        """The checkpoint's name of our `key`: under the text prefix, but for an untied head, which
+        transformers' `save_pretrained` keeps at the top level (`lm_head.weight`, beside `model.`)."""
+        name = self.prefix + key
+        if key == "lm_head.weight" and name not in self.key_to_shard and key in self.key_to_shard:
+            return key
+        return name
+
     def text_keys(self) -> set[str]:
         """Our names (prefix stripped) of every text-model tensor in the checkpoint."""
         p = self.prefix
@@ -84,6 +92,8 @@ class ShardIndex:
         if p == "model.":  # the multimodal towers live under model.* too: not ours
             keys = {k for k in keys if not k.startswith(("language_model.", "vision_tower.", "audio_tower.",
                                                          "embed_vision.", "embed_audio."))}
+        if "lm_head.weight" in self.key_to_shard:  # an untied head as transformers writes it
+            keys.add("lm_head.weight")
         return keys
 
 
@@ -105,7 +115,7 @@ class ShardReader:
         self._open: dict[str, tuple[object, int, dict]] = {}  # shard -> (file, data start, header)
 
     def shard_of(self, key: str) -> str:
-        return self.index.key_to_shard[self.index.prefix + key]
+        return self.index.key_to_shard[self.index.full_key(key)]
 
     def _shard(self, shard: str) -> tuple[object, int, dict]:
         if shard not in self._open:
@@ -123,9 +133,9 @@ class ShardReader:
     def read(self, key: str) -> torch.Tensor:
         shard = self.shard_of(key)
         f, start, header = self._shard(shard)
-        entry = header.get(self.index.prefix + key)
+        entry = header.get(self.index.full_key(key))
         if entry is None:
-            raise CheckpointError(f"{self.index.root / shard}: {self.index.prefix + key} is listed in the index "
+            raise CheckpointError(f"{self.index.root / shard}: {self.index.full_key(key)} is listed in the index "
                                   "but not in this shard; the index does not match the shards")
         dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
@@ -137,7 +147,7 @@ class ShardReader:
             buf = out.view(-1).view(torch.uint8).numpy()
             f.seek(start + begin)
             if f.readinto(memoryview(buf)) != end - begin:
-                raise CheckpointError(f"{self.index.root / shard}: {self.index.prefix + key} is cut short "
+                raise CheckpointError(f"{self.index.root / shard}: {self.index.full_key(key)} is cut short "
                                       "(truncated shard?); download or save it again")
         return out
 
@@ -294,8 +304,8 @@ def load_model(root: str | Path, ctx: int, prefill_chunk: int, dtype: torch.dtyp
         reader.close()
     extra = sorted(k for k in available - used if not _ignorable(cfg, k))
     if extra:
-        shard = index.key_to_shard[index.prefix + extra[0]]
-        raise CheckpointError(f"{index.root}/{shard}: unexpected tensor {index.prefix + extra[0]}"
+        shard = index.key_to_shard[index.full_key(extra[0])]
+        raise CheckpointError(f"{index.root}/{shard}: unexpected tensor {index.full_key(extra[0])}"
                               f" ({len(extra)} unexpected in all); does config.json match these weights?")
     _materialize_runtime_buffers(model)
     return model
@@ -305,11 +315,11 @@ def _read_checked(reader: ShardReader, available: set[str], key: str, meta: torc
                   dtype: torch.dtype) -> torch.Tensor:
     index = reader.index
     if key not in available:
-        raise CheckpointError(f"{index.root}: tensor {index.prefix + key} is missing from the checkpoint"
+        raise CheckpointError(f"{index.root}: tensor {index.full_key(key)} is missing from the checkpoint"
                               " (is config.json for a different model size?)")
     t = reader.read(key)
     if tuple(t.shape) != tuple(meta.shape):
-        raise CheckpointError(f"{index.root}/{reader.shard_of(key)}: {index.prefix + key} has shape "
+        raise CheckpointError(f"{index.root}/{reader.shard_of(key)}: {index.full_key(key)} has shape "
                               f"{tuple(t.shape)}, the config implies {tuple(meta.shape)}")
     # `t` is already the reader's own tensor (no shard mapping behind it): cast only if needed
     return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
