@@ -52,6 +52,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _seed(text: str) -> int:
+    """An int torch's generator takes (a larger one failed only after the model loaded, naming no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in -2**63..2**64-1, got {text}")
+    return value
+
+
 def _top_p(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:  # also refuses nan
@@ -121,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (same seed, same text)")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for sampling (same seed, same text)")
     p.add_argument("--device", type=_device, default=None,
                    help="device to run on, e.g. cuda:1 (default: the one the artifact was compiled for)")
     p.add_argument("--no-cuda-graph", action="store_true",

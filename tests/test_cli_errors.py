@@ -195,6 +195,7 @@ def test_export_that_will_not_fit_its_disk_is_refused_with_the_sizes(tmp_path, m
     (["--top-p", "nan"], "argument --top-p: must be in (0, 1]"),
     (["--top-k", "-2"], "argument --top-k: must be 0 or more"),
     (["--seed", "x"], "argument --seed: invalid int value"),
+    (["--seed", str(2**64)], f"argument --seed: must be in -2**63..2**64-1, got {2**64}"),
     (["--device", "banana"], "argument --device: 'banana' is not a device: give e.g. cuda, cuda:1 or cpu"),
 ])
 def test_runtime_sampling_args(argv, message, tmp_path):
