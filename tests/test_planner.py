@@ -6,6 +6,7 @@ file disagree, one of them has the geometry wrong. Model coefficients (the fitte
 factors) are imported by name: the tests check how they are applied, not their values.
 """
 
+import argparse
 import json
 import math
 from dataclasses import replace
@@ -482,6 +483,16 @@ def test_parse_size(text, expected):
 def test_parse_size_errors_are_clear(text):
     with pytest.raises(ValueError, match="24GiB|positive"):
         P.parse_size(text)
+
+
+@pytest.mark.parametrize("text, hint", [("24", "give a unit, e.g. 24GiB"), ("0.4", "give a unit, e.g. 0.4GiB"),
+                                        ("1000KB", "give at least 1MiB")])
+def test_a_budget_without_its_unit_is_refused(text, hint):
+    """--gpu-budget 24 was read as 24 bytes and planned against a card of nothing; a budget under 1 MiB is refused,
+    naming the missing unit."""
+    with pytest.raises(argparse.ArgumentTypeError, match=f"less than any card or host: {hint}$"):
+        P.size_arg(text)
+    assert P.size_arg("24GiB") == 24 * GiB
 
 
 def test_inputs_validate():

@@ -925,13 +925,22 @@ def parse_size(text: str | int) -> int:
     return int(n)
 
 
+MIN_BUDGET_BYTES = 1 << 20  # a memory budget under this is a missing unit ("24" is 24 bytes), not a card
+
+
 def size_arg(text: str) -> int:
-    """`parse_size` as an argparse type: a bad size is refused with parse_size's own message
-    (argparse turns a plain ValueError into "invalid value", dropping what a size looks like)."""
+    """`parse_size` as an argparse type for a memory budget: a bad size is refused with parse_size's own
+    message (argparse turns a plain ValueError into "invalid value", dropping what a size looks like), and
+    so is one under MIN_BUDGET_BYTES, which is a number given without its unit."""
     try:
-        return parse_size(text)
+        n = parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if n < MIN_BUDGET_BYTES:
+        bare = re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text)
+        hint = f"give a unit, e.g. {text.strip()}GiB" if bare else "give at least 1MiB"
+        raise argparse.ArgumentTypeError(f"{text!r} is {n} bytes, less than any card or host: {hint}")
+    return n
 
 
 # ---- command line ------------------------------------------------------------------------
