@@ -416,8 +416,10 @@ class Artifact:
     @staticmethod
     def open(directory: str | os.PathLike) -> "Artifact":
         directory = Path(directory)
+        if not directory.exists():
+            raise ArtifactError(f"{directory} does not exist; pass the export's output directory (its --out)")
         if not directory.is_dir():
-            raise ArtifactError(f"{directory} is not a directory; pass the export output directory")
+            raise ArtifactError(f"{directory} is not a directory; pass the export's output directory (its --out)")
         pte = PteFile.open(directory / PTE_NAME)
         meta = Metadata.parse(pte.metadata_json(), pte.path)
         ptd_path = directory / PTD_NAME

@@ -208,7 +208,11 @@ def test_runtime_bad_prompt_ids_and_model_dir(tmp_path):
     out = cli("runtime", "--model", str(tmp_path), "--prompt-ids", "2,x", cwd=tmp_path)
     assert_refused(out, "argument --prompt-ids: give comma-separated token ids")
     out = cli("runtime", "--model", str(tmp_path / "nope"), "--prompt", "hi", cwd=tmp_path)
-    assert_refused(out, str(tmp_path / "nope"), "pass the export output directory")
+    assert_refused(out, f"{tmp_path / 'nope'} does not exist; pass the export's output directory (its --out)")
+    (tmp_path / "f").write_text("x")
+    out = cli("runtime", "--model", str(tmp_path / "f"), "--prompt", "hi", cwd=tmp_path)
+    assert_refused(out, f"{tmp_path / 'f'} is not a directory; pass the export's output directory")
+    (tmp_path / "f").unlink()
     out = cli("runtime", "--model", str(tmp_path), "--prompt", "hi", cwd=tmp_path)  # no model.pte
     assert_refused(out, "model.pte")
     assert files_under(tmp_path) == []
@@ -250,9 +254,9 @@ def test_make_checkpoint_bad_args_leave_nothing(tmp_path):
     (["scripts.bench_runtime", "--ctx", "-1"], "argument --ctx: must be a positive integer"),
     (["scripts.bench_host_memory", "--checkpoint", "nope"], "--checkpoint nope: no such directory"),
     (["scripts.bench_export_memory", "--parallel", "0"], "argument --parallel: must be a positive integer"),
-    (["scripts.memory_outside", "--model", "nope"], "--model nope: nope is not a directory"),
+    (["scripts.memory_outside", "--model", "nope"], "--model nope: nope does not exist"),
     (["scripts.stack_sample"], "usage: python -m scripts.stack_sample OUT.txt PERIOD_S -m MODULE"),
-    (["scripts.profile_decode", "--model", "nope"], "--model nope: nope is not a directory"),
+    (["scripts.profile_decode", "--model", "nope"], "--model nope: nope does not exist"),
     (["scripts.kv_logits_error", "--preset", "nope"], "--preset 'nope' is unknown"),
     (["scripts.stack_sample", "s.txt", "soon", "-m", "json.tool"], "PERIOD_S: a number of seconds > 0, got 'soon'"),
 ])
