@@ -89,7 +89,8 @@ def write_checkpoint(out: str | Path, cfg: Gemma4Config, tensors: Iterable[tuple
             shard, size = {}, 0
 
     extra = _vision_stand_in() if multimodal else []
-    for key, t in list(extra) + [(prefix + k, v) for k, v in tensors]:
+    # an untied head sits at the top level, as transformers' save_pretrained writes it
+    for key, t in list(extra) + [(k if k == "lm_head.weight" else prefix + k, v) for k, v in tensors]:
         t = t.to(dtype).contiguous()
         if size and size + t.nbytes > shard_bytes:
             flush()

@@ -138,6 +138,24 @@ def test_a_replaced_embedding_table_is_let_go_before_the_layers_load(tmp_path, s
     assert torch.equal(loaded.lm_head.weight, source_model.embed_tokens.weight)
 
 
+def test_untied_head_is_written_and_read_where_transformers_puts_it(tmp_path):
+    """make_checkpoint writes an untied head at the top level (`lm_head.weight`, beside `model.*`), as
+    transformers' save_pretrained does, and the loader reads it there."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    cfg = dataclasses.replace(CFG, tie_word_embeddings=False)
+    write_checkpoint(tmp_path, cfg, random_tensors(cfg, seed=2), torch.float32)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" in index and "model.lm_head.weight" not in index
+    with safe_open(tmp_path / index["lm_head.weight"], "pt") as f:
+        head = f.get_tensor("lm_head.weight")
+    loaded = load_model(tmp_path, ctx=64, prefill_chunk=4, dtype=torch.float32)
+    assert torch.equal(loaded.lm_head.weight, head)
+    assert not torch.equal(loaded.lm_head.weight, loaded.embed_tokens.weight)
+
+
 @pytest.mark.parametrize("shape", [(1001, 40), (7, 3), (5, 4, 48)])
 def test_random_tensor_drawn_in_blocks_gives_one_draws_values(shape, monkeypatch):
     """make_checkpoint draws a large tensor in blocks of rows straight into its dtype: the values
