@@ -368,8 +368,20 @@ def test_host_peaks_31b():
     assert round(30_697_345_280 * 2 / GiB) == 57  # gemma4.md: ~57 GiB of bf16 weights
     s = p.export_host_streaming  # one unit: the bf16 table
     assert s.total_bytes == P.HOST_BASE_BYTES + p.weights_bytes + V * 5376 * 2
-    low = plan("31b", low_memory=True).export_host_streaming  # weights parked: the table read is the peak
-    assert low.total_bytes == P.HOST_BASE_BYTES + round(V * 5376 * 2 * P.LOW_MEMORY_UNIT_READ_FACTOR) < 20 * GiB
+    low = plan("31b", low_memory=True).export_host_streaming  # weights parked: the table's read to int8 is the peak
+    assert low.total_bytes == P.HOST_BASE_BYTES + round(V * 5376 * 2 * P.LOW_MEMORY_INT8_TABLE_READ_FACTOR) < 20 * GiB
+    low = plan("31b", low_memory=True, embedding="none").export_host_streaming  # bf16 table: its read for the head
+    assert low.total_bytes == P.HOST_BASE_BYTES + round(V * 5376 * 2 * P.LOW_MEMORY_UNIT_READ_FACTOR)
+
+
+def test_int8_table_read_is_the_low_memory_host_peak():
+    """With --embedding-quant int8 the largest table is read and held beside its int8 copy: the 31B's
+    embedding, E2B's per-layer table."""
+    for preset, table in (("31b", V * 5376 * 2), ("e2b", V * 35 * 256 * 2)):
+        p = P.plan(P.PlanInputs(PRESETS[preset], ctx=8192, low_memory=True, loader="streaming", embedding="int8"))
+        assert p.export_host.total_bytes == P.HOST_BASE_BYTES + round(table * P.LOW_MEMORY_INT8_TABLE_READ_FACTOR)
+        bf16 = P.plan(P.PlanInputs(PRESETS[preset], ctx=8192, low_memory=True, loader="streaming"))
+        assert bf16.export_host.total_bytes < p.export_host.total_bytes
 
 
 def test_low_memory_host_peak_matches_the_h100_exports():

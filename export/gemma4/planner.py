@@ -135,6 +135,12 @@ checkpoint (4895686656 B peak RSS, the 2.625 GiB embedding); the 6-layer export 
 is the check (H100, 2026-11-23, after the loader stopped memory-mapping shards: 5.92 and
 5.94 GiB before)."""
 
+LOW_MEMORY_INT8_TABLE_READ_FACTOR = (7.78 - 0.60) / (262144 * 8960 * 2 / GiB)
+"""The same with `--embedding-quant int8` where the largest unit is an embedding table (1.64): the table and its
+int8 copy with their scales side by side while it is quantized. Fitted on E2B's whole bf16 checkpoint (its 4.38 GiB
+per-layer table) loaded, quantized and parked as a low-memory export does, on a CPU (7.78 GiB peak RSS over a
+0.60 GiB base, 2026-12-07); the 31B's 1-layer checkpoint (its 2.625 GiB table) gave 1.55 the same way."""
+
 LOGITS_BUFFERS = 3
 """[1, vocab]: lm_head output, its fp32 copy, the softcapped result."""
 
@@ -150,7 +156,7 @@ def model_terms() -> dict[str, float | int | bool]:
              "STOCK_KV_FACTOR",
              "STOCK_RESERVED_SLACK", "STOCK_METHODS_RESIDENT", "LOWMEM_WORKSPACE_BYTES", "LOWMEM_RESERVED_SLACK_BYTES",
              "EXPORT_EAGER_MODEL_ON_GPU", "HOST_BASE_BYTES", "COMPILE_HOST_BYTES", "LOW_MEMORY_UNIT_READ_FACTOR",
-             "LOGITS_BUFFERS", "MLP_LIVE_WIDTHS")
+             "LOW_MEMORY_INT8_TABLE_READ_FACTOR", "LOGITS_BUFFERS", "MLP_LIVE_WIDTHS")
     return {n: globals()[n] for n in names}
 
 
@@ -629,10 +635,12 @@ def host_peaks(inp: PlanInputs, weights: int) -> tuple[Peak, Peak]:
     if not inp.low_memory:
         return naive, Peak("export host, streaming", (
             base, Item("quantized weights", weights), Item(f"one unit in {inp.dtype.value}", unit, unit_name)))
-    reading = round(unit * LOW_MEMORY_UNIT_READ_FACTOR)
+    int8_table = inp.embedding is EmbeddingQuant.INT8 and unit_name.startswith("embed_tokens")
+    factor = LOW_MEMORY_INT8_TABLE_READ_FACTOR if int8_table else LOW_MEMORY_UNIT_READ_FACTOR
+    reading = round(unit * factor)
     if reading >= COMPILE_HOST_BYTES:
         top = Item(f"reading one unit in {inp.dtype.value}", reading,
-                   f"{unit_name}, x{LOW_MEMORY_UNIT_READ_FACTOR:.2f} (fitted)")
+                   f"{unit_name}{' to int8' if int8_table else ''}, x{factor:.2f} (fitted)")
     else:
         top = Item("lowering (graphs, compile state)", COMPILE_HOST_BYTES, "measured on the 31B slice")
     return naive, Peak("export host, streaming", (
