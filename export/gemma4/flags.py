@@ -87,7 +87,9 @@ def _flags(d: ExportConfig) -> dict[str, dict]:
                                         "runs on the exporting GPU's architecture only"),
         "kv_in_ptd": dict(action="store_true", default=d.kv_in_ptd,
                           help="also store the KV buffers (zeros) in model.ptd; by default the runner allocates them"),
-        "out": dict(type=Path, default=d.out, help="artifact directory (default out/<preset or checkpoint dir name>)"),
+        "out": dict(type=Path, default=d.out,
+                    help="artifact directory (default out/<preset or checkpoint dir name>): new, empty or an earlier "
+                    "export's, which the export replaces whole; a directory holding other files is refused"),
         "seed": dict(type=non_negative_int, default=d.seed, help="seed of a preset's random weights (default %(default)s)"),
     }
 
