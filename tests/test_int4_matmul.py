@@ -354,10 +354,11 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_through_the_interpreter():
-    """GEMV (M == 1 and padded dot, split-K) and GEMM paths on tiny shapes, ~10 s."""
+    """GEMV (M == 1 and padded dot, split-K) and GEMM paths on tiny shapes: ~110 s on an idle core (the timeout
+    is a hang guard: 300 s ran out on a two-core machine shared with other work)."""
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env,
-                       timeout=300)
+                       timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert float(r.stdout.split("worst")[-1]) < 1e-5
     assert float(r.stdout.split("bf16")[-1].split()[0]) < 5e-3  # bf16 output rounding
